@@ -1,0 +1,63 @@
+"""`sequencer` command line: one sub-command per workflow.
+
+Each sub-command lives in its own module exposing ``add_arguments(parser)`` and ``run(args) -> int``; modules are
+imported only when their command runs, so ``sequencer --help`` stays fast.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import os
+import sys
+
+from .errors import SequencerError
+
+# name -> (module, one-line help)
+COMMANDS = {
+    "models": ("sequencer.models.listing", "list registered models with parameters and GMACs"),
+    "train": ("sequencer.engine.train", "train or fine-tune a model (timm-compatible flags)"),
+    "validate": ("sequencer.engine.validate", "evaluate a model on a dataset split"),
+    "predict": ("sequencer.tools.predict", "classify images"),
+    "erf": ("sequencer.tools.erf", "effective receptive field heat-maps"),
+    "robustness": ("sequencer.tools.robustness", "ImageNet-C corruption errors and mCE"),
+    "resolution-sweep": ("sequencer.tools.resolution", "accuracy across input resolutions"),
+    "export": ("sequencer.tools.export", "export to ONNX, TorchScript or safetensors"),
+    "checkpoint": ("sequencer.tools.checkpoints", "average or clean checkpoints"),
+    "benchmark": ("sequencer.tools.benchmark", "throughput, memory and GMACs (optionally vs timm)"),
+}
+
+
+def build_parser(argv_command: str | None = None) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="sequencer", description="Sequencer (deep LSTM) vision backbones")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name, (module_name, help_text) in COMMANDS.items():
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        if name == argv_command:  # only the chosen command's module is imported
+            importlib.import_module(module_name).add_arguments(p)
+            p.set_defaults(_module=module_name)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    command = next((a for a in argv if not a.startswith("-")), None)
+    parser = build_parser(command if command in COMMANDS else None)
+    args = parser.parse_args(argv)
+    if not getattr(args, "_module", None):
+        parser.print_help()
+        return 0 if not argv or argv[0] in ("-h", "--help") else 2
+    try:
+        return int(importlib.import_module(args._module).run(args) or 0)
+    except SequencerError as e:
+        print(f"sequencer {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"sequencer {args.command}: interrupted", file=sys.stderr)
+        return 130
+    except BrokenPipeError:  # e.g. `sequencer models | head`
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

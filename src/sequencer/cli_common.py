@@ -1,0 +1,105 @@
+"""Options shared by the commands that load a model (validate, predict, erf, robustness, export, ...).
+
+A checkpoint written by ``sequencer train`` stores the model name (``arch``), its constructor arguments
+(``model_kwargs``), the class names and the data config, so ``--checkpoint PATH`` alone rebuilds the model.
+"""
+from __future__ import annotations
+
+import argparse
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from .errors import SequencerError
+from .models import create_model, get_model_entry
+from .models.loading import extract_state_dict, load_state_dict_into, read_checkpoint
+
+
+def positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value
+
+
+def add_model_args(parser: argparse.ArgumentParser) -> None:
+    g = parser.add_argument_group("model")
+    g.add_argument("--model", "-m", default=None, help="model name (default: the checkpoint's own)")
+    g.add_argument("--checkpoint", default="", metavar="PATH", help="weights: ours, release, timm or .safetensors")
+    g.add_argument("--pretrained", action="store_true", help="use the released ImageNet weights")
+    g.add_argument("--num-classes", type=positive_int, default=None, help="classifier size (default: checkpoint's)")
+    g.add_argument("--img-size", type=positive_int, default=None, help="square input size")
+    g.add_argument("--input-size", type=positive_int, nargs=3, default=None, metavar=("C", "H", "W"),
+                   help="input size C H W (overrides --img-size)")
+    g.add_argument("--no-ema", dest="use_ema", action="store_false",
+                   help="load a checkpoint's raw weights even when it has EMA weights")
+
+
+@dataclass
+class LoadedModel:
+    model: nn.Module
+    name: str
+    class_names: list[str] | None
+    input_size: tuple[int, int, int]
+    data_config: dict = field(default_factory=dict)  # mean, std, crop_pct, interpolation
+    checkpoint: dict | None = None
+
+    @property
+    def num_params(self) -> int:
+        return sum(p.numel() for p in self.model.parameters())
+
+
+def load_model_from_args(args: argparse.Namespace, device: torch.device | str = "cpu") -> LoadedModel:
+    """Build the model the options describe, in eval mode on ``device``; raises SequencerError on bad input."""
+    checkpoint = read_checkpoint(args.checkpoint) if args.checkpoint else None
+    meta = checkpoint or {}
+    name = args.model or meta.get("arch")
+    if not name:
+        raise SequencerError("no model given", hint="pass --model NAME, or a --checkpoint written by `sequencer train`")
+    get_model_entry(name)  # unknown names fail here with suggestions
+    kwargs = dict(meta.get("model_kwargs") or {}) if meta.get("arch") == name else {}
+    for k in ("drop_rate", "drop_path_rate"):
+        kwargs.pop(k, None)
+    class_names = list(meta["class_names"]) if meta.get("class_names") else None
+    if args.num_classes:
+        kwargs["num_classes"] = args.num_classes
+    elif class_names and "num_classes" not in kwargs:
+        kwargs["num_classes"] = len(class_names)
+    elif checkpoint is not None and "num_classes" not in kwargs:
+        head = extract_state_dict(checkpoint).get("head.fc.weight", extract_state_dict(checkpoint).get("head.weight"))
+        if head is not None:
+            kwargs["num_classes"] = head.shape[0]
+    input_size = getattr(args, "input_size", None)
+    img_size = input_size[1] if input_size else getattr(args, "img_size", None)
+    if input_size and input_size[1] != input_size[2]:
+        raise SequencerError(f"--input-size {' '.join(map(str, input_size))}: only square inputs are supported")
+    if input_size:
+        kwargs["in_chans"] = input_size[0]
+    if img_size:
+        kwargs["img_size"] = img_size
+    model = create_model(name, pretrained=bool(args.pretrained and checkpoint is None), **kwargs)
+    if checkpoint is not None:
+        state = extract_state_dict(checkpoint, use_ema=getattr(args, "use_ema", True))
+        if not state:
+            raise SequencerError(f"checkpoint {args.checkpoint!r} holds no weights")
+        head = state.get("head.fc.weight", state.get("head.weight"))
+        n_model = getattr(model, "num_classes", None)
+        if head is not None and n_model is not None and head.shape[0] != n_model:
+            raise SequencerError(
+                f"checkpoint {args.checkpoint!r} has a {head.shape[0]}-class head but --num-classes is {n_model}",
+                hint=f"drop --num-classes or set it to {head.shape[0]}")
+        load_state_dict_into(model, state, source=f"checkpoint {args.checkpoint!r}")
+    cfg = dict(model.pretrained_cfg)
+    data_config = dict(mean=cfg["mean"], std=cfg["std"], crop_pct=cfg["crop_pct"],
+                       interpolation=cfg["interpolation"])
+    data_config.update(meta.get("data_config") or {})
+    size = img_size or (meta.get("data_config") or {}).get("img_size") or cfg["input_size"][-1]
+    if class_names is None and getattr(model, "num_classes", 0) == 1000:
+        from .data.imagenet_classes import IMAGENET_CLASSES
+        class_names = list(IMAGENET_CLASSES)
+    model.eval().to(device)
+    return LoadedModel(model, name, class_names, (model.in_chans, size, size), data_config, checkpoint)

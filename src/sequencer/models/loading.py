@@ -1,0 +1,230 @@
+"""Reading checkpoints safely and mapping foreign layouts onto ours.
+
+Supported files: the authors' release (``blocks.<stage>.<i>...``, ``head.weight``), timm's port
+(``stages.<s>...``, ``head.fc``), our own training checkpoints (a dict with ``state_dict`` and maybe
+``state_dict_ema``), and ``.safetensors``. Pickles are only ever read with ``weights_only=True``.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+import pickle
+import re
+import urllib.error
+import urllib.parse
+import warnings
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from ..errors import SequencerError
+
+_HEAD_KEYS = ("head.fc.weight", "head.fc.bias")
+
+
+def read_checkpoint(path: str | os.PathLike) -> dict:
+    """Load a checkpoint file into a dict without executing any code it may carry.
+
+    Raises SequencerError for a missing, unreadable or unsafe file.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise SequencerError(f"checkpoint {str(path)!r} does not exist or is not a file")
+    if path.suffix == ".safetensors":
+        from safetensors import safe_open
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                out = {k: f.get_tensor(k) for k in f.keys()}
+                meta = f.metadata() or {}
+        except Exception as e:  # safetensors raises its own error types for corrupt headers
+            raise SequencerError(f"checkpoint {str(path)!r} is not a valid safetensors file ({e})") from None
+        if meta:
+            out["__metadata__"] = meta
+        return out
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else "unsupported content"
+        raise SequencerError(
+            f"refusing to load checkpoint {str(path)!r}: it contains Python objects that are not plain weights "
+            f"and loading them could run code ({first[:160]})",
+            hint="only load checkpoints you trust; re-save the weights as a plain state_dict or safetensors") from None
+    except (RuntimeError, EOFError, OSError, ValueError) as e:
+        raise SequencerError(f"checkpoint {str(path)!r} is corrupt or not a PyTorch file "
+                             f"({str(e).splitlines()[0][:160] if str(e) else type(e).__name__})") from None
+    if not isinstance(obj, dict):
+        raise SequencerError(f"checkpoint {str(path)!r} holds a {type(obj).__name__}, not a state dict")
+    return obj
+
+
+def extract_state_dict(checkpoint: dict, use_ema: bool = True) -> dict[str, torch.Tensor]:
+    """The weights of a checkpoint dict: EMA weights first (if asked and present), then ``state_dict``/``model``."""
+    for key in (("state_dict_ema", "model_ema") if use_ema else ()) + ("state_dict", "model"):
+        if isinstance(checkpoint.get(key), dict) and checkpoint[key]:
+            checkpoint = checkpoint[key]
+            break
+    state = {}
+    for k, v in checkpoint.items():
+        if not isinstance(v, torch.Tensor):
+            continue
+        for prefix in ("module.", "_orig_mod."):  # DDP and torch.compile wrappers
+            if k.startswith(prefix):
+                k = k[len(prefix):]
+        state[k] = v
+    return state
+
+
+def checkpoint_filter_fn(state_dict: dict[str, torch.Tensor], model: nn.Module | None = None
+                         ) -> dict[str, torch.Tensor]:
+    """Map the authors' release layout onto ours (timm's); other layouts pass through.
+
+    Release: ``blocks.<s>.<i>.*`` are blocks, ``blocks.<s>.<layers[s]>.down`` is the downsample *after* stage s,
+    which in our layout opens stage s+1; ``head.*`` is the linear head (``head.fc.*`` here).
+    """
+    if not any(k.startswith("blocks.") for k in state_dict):
+        return dict(state_dict)
+    # A downsample entry is the one index in its stage whose keys contain ".down."
+    down_at = {}
+    for k in state_dict:
+        m = re.match(r"blocks\.(\d+)\.(\d+)\.down\.", k)
+        if m:
+            down_at[int(m.group(1))] = int(m.group(2))
+    out = {}
+    for k, v in state_dict.items():
+        m = re.match(r"blocks\.(\d+)\.(\d+)\.(.*)", k)
+        if m:
+            s, i, rest = int(m.group(1)), int(m.group(2)), m.group(3)
+            if down_at.get(s) == i:
+                k = f"stages.{s + 1}.downsample.{rest}"
+            else:
+                k = f"stages.{s}.blocks.{i}.{rest}"
+        elif k.startswith("head.") and not k.startswith("head.fc."):
+            k = "head.fc." + k[len("head."):]
+        out[k] = v
+    return out
+
+
+def to_release_layout(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Inverse of :func:`checkpoint_filter_fn`: our/timm keys -> the authors' release keys."""
+    depth: dict[int, int] = {}
+    for k in state_dict:
+        m = re.match(r"stages\.(\d+)\.blocks\.(\d+)\.", k)
+        if m:
+            s, i = int(m.group(1)), int(m.group(2))
+            depth[s] = max(depth.get(s, 0), i + 1)
+    out = {}
+    for k, v in state_dict.items():
+        m = re.match(r"stages\.(\d+)\.downsample\.(.*)", k)
+        if m:
+            s = int(m.group(1))
+            k = f"blocks.{s - 1}.{depth[s - 1]}.{m.group(2)}"
+        else:
+            k = re.sub(r"^stages\.(\d+)\.blocks\.", r"blocks.\1.", k)
+            k = re.sub(r"^head\.fc\.", "head.", k)
+        out[k] = v
+    return out
+
+
+def _describe(keys, limit: int = 6) -> str:
+    keys = sorted(keys)
+    more = f" ... (+{len(keys) - limit} more)" if len(keys) > limit else ""
+    return ", ".join(keys[:limit]) + more
+
+
+def load_state_dict_into(model: nn.Module, state_dict: dict[str, torch.Tensor], source: str = "checkpoint") -> None:
+    """Load weights in any supported layout; re-initialise a head of another class count (with a warning).
+
+    Any other mismatch raises SequencerError naming the offending keys.
+    """
+    state_dict = checkpoint_filter_fn(state_dict, model)
+    own = model.state_dict()
+    head_shape = tuple(own["head.fc.weight"].shape) if "head.fc.weight" in own else None
+    ckpt_head = tuple(state_dict["head.fc.weight"].shape) if "head.fc.weight" in state_dict else None
+    if ckpt_head is not None and ckpt_head != head_shape:
+        warnings.warn(f"{source}: classifier head has shape {ckpt_head}, the model's is {head_shape}; "
+                      f"the head is re-initialised (transfer learning)", stacklevel=3)
+        for k in _HEAD_KEYS:
+            state_dict.pop(k, None)
+    pos = state_dict.get("absolute_pos_embed")
+    if pos is not None and "absolute_pos_embed" in own and pos.shape != own["absolute_pos_embed"].shape:
+        state_dict["absolute_pos_embed"] = torch.nn.functional.interpolate(
+            pos.permute(0, 3, 1, 2), size=own["absolute_pos_embed"].shape[1:3], mode="bicubic",
+            align_corners=False).permute(0, 2, 3, 1)
+    missing = set(own) - set(state_dict)
+    if ckpt_head is not None and ckpt_head != head_shape:
+        missing -= set(_HEAD_KEYS)
+    unexpected = set(state_dict) - set(own)
+    wrong_shape = {k for k in set(own) & set(state_dict) if own[k].shape != state_dict[k].shape}
+    if missing or unexpected or wrong_shape:
+        arch = getattr(model, "model_name", type(model).__name__)
+        parts = []
+        if wrong_shape:
+            parts.append("shape mismatch: " + _describe(
+                f"{k} {tuple(state_dict[k].shape)} vs {tuple(own[k].shape)}" for k in wrong_shape))
+        if missing:
+            parts.append("missing: " + _describe(missing))
+        if unexpected:
+            parts.append("unexpected: " + _describe(unexpected))
+        raise SequencerError(f"{source} does not fit model {arch!r}: " + "; ".join(parts),
+                             hint="check --model matches the architecture the checkpoint was trained with")
+    model.load_state_dict(state_dict, strict=False)
+
+
+def load_checkpoint(model: nn.Module, path: str | os.PathLike, use_ema: bool = True) -> dict:
+    """Load the weights of ``path`` into ``model``; returns the raw checkpoint dict (for its metadata)."""
+    checkpoint = read_checkpoint(path)
+    state = extract_state_dict(checkpoint, use_ema=use_ema)
+    if not state:
+        raise SequencerError(f"checkpoint {str(path)!r} holds no weights")
+    load_state_dict_into(model, state, source=f"checkpoint {str(path)!r}")
+    return checkpoint
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def download_weights(url: str, sha256: str | None = None, progress: bool = True) -> Path:
+    """Download ``url`` once into ``<torch hub dir>/checkpoints`` (atomically) and return the local path.
+
+    ``file://`` URLs are copied the same way. A known ``sha256`` is checked; a file that fails is deleted.
+    """
+    filename = os.path.basename(urllib.parse.urlparse(url).path) or "weights.pth"
+    cache_dir = Path(torch.hub.get_dir()) / "checkpoints"
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    dest = cache_dir / filename
+    if not dest.exists():
+        try:
+            torch.hub.download_url_to_file(url, str(dest), hash_prefix=None, progress=progress)
+        except (urllib.error.URLError, OSError, ValueError) as e:
+            reason = getattr(e, "reason", None) or e
+            raise SequencerError(f"could not download pretrained weights from {url} ({reason})",
+                                 hint="download the file by other means and pass it with --checkpoint / "
+                                      "checkpoint_path=") from None
+    if sha256 and _sha256(dest) != sha256:
+        dest.unlink(missing_ok=True)
+        raise SequencerError(f"pretrained weights from {url} failed their sha256 check; the file was removed",
+                             hint="retry, or pass a verified file with --checkpoint")
+    return dest
+
+
+def load_pretrained(model: nn.Module, pretrained_cfg: dict) -> None:
+    """Fetch (once) and load the released weights named by ``pretrained_cfg['url']``."""
+    url = pretrained_cfg.get("url")
+    name = pretrained_cfg.get("architecture", type(model).__name__)
+    if not url:
+        raise SequencerError(f"no pretrained weights are published for {name!r}",
+                             hint="train it, or pass checkpoint_path= / --checkpoint")
+    path = download_weights(url, sha256=pretrained_cfg.get("sha256"))
+    try:
+        checkpoint = read_checkpoint(path)
+    except SequencerError as e:
+        # a truncated or foreign download must not stay cached and poison every later run
+        path.unlink(missing_ok=True)
+        raise SequencerError(f"downloaded weights {path} from {url} are unusable and were removed: {e}") from None
+    load_state_dict_into(model, extract_state_dict(checkpoint), source=f"pretrained weights {url}")

@@ -1,0 +1,97 @@
+"""Model registry: ``create_model(name, ...)`` and ``list_models(pattern)``."""
+from __future__ import annotations
+
+import copy
+import difflib
+import fnmatch
+from dataclasses import dataclass
+
+from torch import nn
+
+from ..errors import SequencerError
+
+
+@dataclass(frozen=True)
+class ModelEntry:
+    name: str
+    cls: type
+    kwargs: dict
+    pretrained_cfg: dict
+
+
+_REGISTRY: dict[str, ModelEntry] = {}
+
+
+def register_model(name: str, cls: type, kwargs: dict, pretrained_cfg: dict) -> None:
+    if name in _REGISTRY:
+        raise ValueError(f"model {name!r} registered twice")
+    _REGISTRY[name] = ModelEntry(name, cls, dict(kwargs), dict(pretrained_cfg, architecture=name))
+
+
+def list_models(pattern: str = "*", pretrained: bool = False) -> list[str]:
+    """Sorted registered names matching the shell-style ``pattern``; ``pretrained`` keeps those with weights."""
+    return sorted(n for n, e in _REGISTRY.items()
+                  if fnmatch.fnmatch(n, pattern) and (not pretrained or e.pretrained_cfg.get("url")))
+
+
+def get_model_entry(name: str) -> ModelEntry:
+    try:
+        return _REGISTRY[name]
+    except KeyError:
+        close = difflib.get_close_matches(name, list(_REGISTRY), n=3, cutoff=0.5)
+        hint = f"did you mean {', '.join(close)}?" if close else "run `sequencer models` for the list"
+        raise SequencerError(f"unknown model {name!r}", hint=hint) from None
+
+
+def create_model(
+        name: str,
+        pretrained: bool = False,
+        checkpoint_path: str | None = None,
+        num_classes: int | None = None,
+        img_size: int | None = None,
+        in_chans: int = 3,
+        drop_rate: float = 0.0,
+        drop_path_rate: float = 0.0,
+        features_only: bool = False,
+        out_indices=None,
+        pretrained_cfg_overlay: dict | None = None,
+        use_ema: bool = True,
+        **overrides,
+) -> nn.Module:
+    """Build a registered model, optionally loading weights.
+
+    ``pretrained`` loads the released ImageNet weights (downloaded once into the torch hub cache);
+    ``checkpoint_path`` loads a file in any supported layout (release, timm, our training checkpoints,
+    safetensors). A head trained for another class count is dropped and re-initialised with a warning.
+    ``features_only`` returns a module giving per-stage NCHW feature maps.
+    ``overrides`` replace architecture arguments (e.g. ``union="add"``, ``proj_drop_rate=0.1``).
+    """
+    from .loading import load_checkpoint, load_pretrained  # loading imports this module
+
+    entry = get_model_entry(name)
+    cfg = copy.deepcopy(entry.pretrained_cfg)
+    cfg.update(pretrained_cfg_overlay or {})
+    user_kwargs = dict(overrides, in_chans=in_chans, drop_rate=drop_rate, drop_path_rate=drop_path_rate)
+    if num_classes is not None:
+        user_kwargs["num_classes"] = num_classes
+    if img_size is not None:
+        user_kwargs["img_size"] = int(img_size)
+        cfg["input_size"] = (in_chans, int(img_size), int(img_size))
+    kwargs = dict(entry.kwargs, **user_kwargs)
+    try:
+        model = entry.cls(**kwargs)
+    except TypeError as e:
+        raise SequencerError(f"bad argument for model {name!r}: {e}") from None
+    if num_classes is not None:
+        cfg["num_classes"] = num_classes
+    model.pretrained_cfg = model.default_cfg = cfg
+    model.model_name = name
+    model.model_kwargs = user_kwargs  # create_model(model.model_name, **model.model_kwargs) rebuilds it
+    if pretrained and not checkpoint_path:
+        load_pretrained(model, cfg)
+    if checkpoint_path:
+        load_checkpoint(model, checkpoint_path, use_ema=use_ema)
+    if features_only:
+        from .sequencer2d import FeatureExtractor
+        model = FeatureExtractor(model, out_indices)
+    return model

@@ -1,0 +1,465 @@
+"""Sequencer2D (Tatsunami & Taki, "Sequencer: Deep LSTM for Image Classification", NeurIPS 2022).
+
+Layout of the parameters follows timm's port (``stem.proj``, ``stages.<s>.downsample.down``,
+``stages.<s>.blocks.<i>``, ``norm``, ``head.fc``); the authors' release layout (``blocks.<stage>.<i>``,
+``head``) is translated by :func:`sequencer.models.loading.checkpoint_filter_fn`.
+
+Tensors inside the network are channels-last: (B, H, W, C).
+"""
+from __future__ import annotations
+
+import math
+from functools import partial
+from typing import Callable, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from .registry import register_model
+
+IMAGENET_DEFAULT_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_DEFAULT_STD = (0.229, 0.224, 0.225)
+RELEASE_URL = "https://github.com/okojoalg/sequencer/releases/download/weights/{}.pth"
+
+RNN_TYPES = {"lstm": nn.LSTM, "gru": nn.GRU, "rnn": nn.RNN}
+UNIONS = ("cat", "add", "vertical", "horizontal")
+
+
+def lecun_normal_(tensor: torch.Tensor) -> torch.Tensor:
+    """LeCun normal: truncated normal (at 2 std) with variance 1/fan_in, as the paper's code (via timm)."""
+    fan_in = tensor.shape[1] * math.prod(tensor.shape[2:])
+    # 0.8796 is the std of a unit normal truncated to [-2, 2]; dividing restores the intended variance.
+    std = math.sqrt(1.0 / fan_in) / 0.87962566103423978
+    with torch.no_grad():
+        return nn.init.trunc_normal_(tensor, std=std, a=-2 * std, b=2 * std)
+
+
+def init_weights(module: nn.Module, name: str = "", head_bias: float = 0.0) -> None:
+    """The paper's init: xavier-uniform linears, LeCun-normal convs, RNN uniform(+-1/sqrt(hidden)), zero head."""
+    if isinstance(module, nn.Linear):
+        if name.startswith("head"):
+            nn.init.zeros_(module.weight)
+            nn.init.constant_(module.bias, head_bias)
+        else:
+            nn.init.xavier_uniform_(module.weight)
+            if module.bias is not None:
+                if "mlp" in name:
+                    nn.init.normal_(module.bias, std=1e-6)
+                else:
+                    nn.init.zeros_(module.bias)
+    elif isinstance(module, nn.Conv2d):
+        lecun_normal_(module.weight)
+        if module.bias is not None:
+            nn.init.zeros_(module.bias)
+    elif isinstance(module, nn.LayerNorm):
+        nn.init.ones_(module.weight)
+        nn.init.zeros_(module.bias)
+    elif isinstance(module, nn.RNNBase):
+        stdv = 1.0 / math.sqrt(module.hidden_size)
+        for weight in module.parameters():
+            nn.init.uniform_(weight, -stdv, stdv)
+
+
+def named_apply(fn: Callable, module: nn.Module, name: str = "") -> None:
+    """Depth-first ``fn(module, name)`` over the tree, children before parents (as timm's helper)."""
+    for child_name, child in module.named_children():
+        named_apply(fn, child, f"{name}.{child_name}" if name else child_name)
+    fn(module, name)
+
+
+class DropPath(nn.Module):
+    """Stochastic depth per sample (drops the whole residual branch with probability ``p``)."""
+
+    def __init__(self, p: float = 0.0):
+        super().__init__()
+        self.p = p
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.p == 0.0 or not self.training:
+            return x
+        keep = 1.0 - self.p
+        mask = x.new_empty((x.shape[0],) + (1,) * (x.ndim - 1)).bernoulli_(keep)
+        return x * mask.div_(keep)
+
+    def extra_repr(self) -> str:
+        return f"p={self.p}"
+
+
+class Mlp(nn.Module):
+    """Linear -> GELU -> dropout -> Linear -> dropout over the last dim."""
+
+    def __init__(self, dim: int, hidden_dim: int, drop: float = 0.0):
+        super().__init__()
+        self.fc1 = nn.Linear(dim, hidden_dim)
+        self.act = nn.GELU()
+        self.drop1 = nn.Dropout(drop)
+        self.fc2 = nn.Linear(hidden_dim, dim)
+        self.drop2 = nn.Dropout(drop)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.drop2(self.fc2(self.drop1(self.act(self.fc1(x)))))
+
+
+class RNN2d(nn.Module):
+    """BiLSTM2D token mixer (or its GRU / plain-RNN / one-direction / add / no-fc ablations).
+
+    A recurrent layer runs down every column (``rnn_v``) and another along every row (``rnn_h``); their outputs
+    are concatenated (``union="cat"``), added (``"add"``) or only one is used (``"vertical"``/``"horizontal"``),
+    then mixed back to ``dim`` channels by ``fc`` (absent when ``with_fc=False``).
+
+    Shapes: (B, H, W, dim) -> (B, H, W, dim).
+    """
+
+    def __init__(self, dim: int, hidden_size: int, rnn_type: str = "lstm", num_layers: int = 1,
+                 bias: bool = True, bidirectional: bool = True, union: str = "cat", with_fc: bool = True):
+        super().__init__()
+        if union not in UNIONS:
+            raise ValueError(f"union must be one of {UNIONS}, got {union!r}")
+        if rnn_type not in RNN_TYPES:
+            raise ValueError(f"rnn_type must be one of {sorted(RNN_TYPES)}, got {rnn_type!r}")
+        self.dim = dim
+        self.hidden_size = hidden_size
+        self.union = union
+        self.with_vertical = union != "horizontal"
+        self.with_horizontal = union != "vertical"
+        out_per_axis = hidden_size * (2 if bidirectional else 1)
+        mixed = 2 * out_per_axis if union == "cat" else out_per_axis
+        rnn_cls = RNN_TYPES[rnn_type]
+        make_rnn = partial(rnn_cls, dim, hidden_size, num_layers, batch_first=True, bias=bias,
+                           bidirectional=bidirectional)
+        self.rnn_v = make_rnn() if self.with_vertical else None
+        self.rnn_h = make_rnn() if self.with_horizontal else None
+        if with_fc:
+            self.fc = nn.Linear(mixed, dim)
+        else:
+            if mixed != dim:
+                raise ValueError(f"without fc the mixed RNN output ({mixed} channels) must equal dim ({dim})")
+            self.fc = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, H, W, C = x.shape
+        v = h = None
+        if self.rnn_v is not None:
+            # columns become sequences: (B*W, H, C)
+            v, _ = self.rnn_v(x.transpose(1, 2).reshape(B * W, H, C))
+            v = v.reshape(B, W, H, -1).transpose(1, 2)
+        if self.rnn_h is not None:
+            h, _ = self.rnn_h(x.reshape(B * H, W, C))
+            h = h.reshape(B, H, W, -1)
+        if v is not None and h is not None:
+            if self.union == "cat":
+                if self.fc is not None:
+                    # fc(cat(v, h)) == v @ Wv^T + h @ Wh^T + b, without materialising the concatenation
+                    n = v.shape[-1]
+                    return torch.addmm(self.fc.bias, v.reshape(-1, n), self.fc.weight[:, :n].t()).view(B, H, W, -1) \
+                        .add_(F.linear(h, self.fc.weight[:, n:]))
+                x = torch.cat([v, h], dim=-1)
+            else:
+                x = v + h
+        else:
+            x = v if v is not None else h
+        return self.fc(x) if self.fc is not None else x
+
+
+class SequencerBlock(nn.Module):
+    """LN -> token mixer -> residual; LN -> MLP -> residual, both with stochastic depth. (B, H, W, C) in and out."""
+
+    def __init__(self, dim: int, token_mixer: nn.Module, mlp_ratio: float = 3.0, drop: float = 0.0,
+                 drop_path: float = 0.0, norm_layer: Callable = partial(nn.LayerNorm, eps=1e-6)):
+        super().__init__()
+        self.norm1 = norm_layer(dim)
+        self.rnn_tokens = token_mixer
+        self.drop_path = DropPath(drop_path) if drop_path > 0.0 else nn.Identity()
+        self.norm2 = norm_layer(dim)
+        self.mlp_channels = Mlp(dim, int(mlp_ratio * dim), drop=drop)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.drop_path(self.rnn_tokens(self.norm1(x)))
+        x = x + self.drop_path(self.mlp_channels(self.norm2(x)))
+        return x
+
+
+class PatchEmbed(nn.Module):
+    """Non-overlapping conv patch embedding: (B, C, H, W) -> (B, H/p, W/p, dim)."""
+
+    def __init__(self, patch_size: int, in_chans: int, dim: int, norm_layer: Callable | None = None):
+        super().__init__()
+        self.patch_size = patch_size
+        self.proj = nn.Conv2d(in_chans, dim, kernel_size=patch_size, stride=patch_size)
+        self.norm = norm_layer(dim) if norm_layer else nn.Identity()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.norm(self.proj(x).permute(0, 2, 3, 1))
+
+
+class Downsample2d(nn.Module):
+    """Strided conv between stages: (B, H, W, C_in) -> (B, H/p, W/p, C_out)."""
+
+    def __init__(self, dim: int, dim_out: int, patch_size: int):
+        super().__init__()
+        self.down = nn.Conv2d(dim, dim_out, kernel_size=patch_size, stride=patch_size)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down(x.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
+
+
+class SequencerStage(nn.Module):
+    def __init__(self, downsample: nn.Module, blocks: Sequence[nn.Module]):
+        super().__init__()
+        self.downsample = downsample
+        self.blocks = nn.Sequential(*blocks)
+        self.grad_checkpointing = False
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.downsample(x)
+        if self.grad_checkpointing and torch.is_grad_enabled() and not torch.jit.is_scripting():
+            for block in self.blocks:
+                x = checkpoint(block, x, use_reentrant=False)
+            return x
+        return self.blocks(x)
+
+
+class ClassifierHead(nn.Module):
+    """Global average pool over (H, W) -> dropout -> linear. (B, H, W, C) -> (B, num_classes)."""
+
+    def __init__(self, dim: int, num_classes: int, global_pool: str = "avg", drop_rate: float = 0.0):
+        super().__init__()
+        if global_pool not in ("avg", ""):
+            raise ValueError(f"global_pool must be 'avg' or '', got {global_pool!r}")
+        self.global_pool = global_pool
+        self.drop = nn.Dropout(drop_rate)
+        self.fc = nn.Linear(dim, num_classes) if num_classes > 0 else nn.Identity()
+
+    def forward(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        if self.global_pool == "avg":
+            x = x.mean(dim=(1, 2))
+        x = self.drop(x)
+        return x if pre_logits else self.fc(x)
+
+
+class Sequencer2d(nn.Module):
+    """Sequencer2D: conv stem, stages of Sequencer blocks with conv downsampling, final LN, GAP, linear head.
+
+    Any input size whose side is divisible by the total patch reduction works with the same weights.
+    Input (B, in_chans, H, W); ``forward_features`` gives (B, H', W', C); ``forward`` gives (B, num_classes).
+    """
+
+    def __init__(
+            self,
+            num_classes: int = 1000,
+            img_size: int = 224,
+            in_chans: int = 3,
+            global_pool: str = "avg",
+            layers: Sequence[int] = (4, 3, 8, 3),
+            patch_sizes: Sequence[int] = (7, 2, 1, 1),
+            embed_dims: Sequence[int] = (192, 384, 384, 384),
+            hidden_sizes: Sequence[int] = (48, 96, 96, 96),
+            mlp_ratios: Sequence[float] = (3.0, 3.0, 3.0, 3.0),
+            rnn_type: str = "lstm",
+            num_rnn_layers: int = 1,
+            bidirectional: bool = True,
+            union: str = "cat",
+            with_fc: bool = True,
+            drop_rate: float = 0.0,
+            proj_drop_rate: float = 0.0,
+            drop_path_rate: float = 0.0,
+            nlhb: bool = False,
+            stem_norm: bool = False,
+    ):
+        super().__init__()
+        if not len(layers) == len(patch_sizes) == len(embed_dims) == len(hidden_sizes) == len(mlp_ratios):
+            raise ValueError("layers, patch_sizes, embed_dims, hidden_sizes and mlp_ratios need one entry per stage")
+        norm_layer = partial(nn.LayerNorm, eps=1e-6)
+        self.num_classes = num_classes
+        self.img_size = img_size
+        self.in_chans = in_chans
+        self.drop_rate = drop_rate
+        self.patch_sizes = tuple(patch_sizes)
+        self.num_features = self.head_hidden_size = embed_dims[-1]
+        self.stem = PatchEmbed(patch_sizes[0], in_chans, embed_dims[0], norm_layer if stem_norm else None)
+
+        dpr = [drop_path_rate * i / max(sum(layers) - 1, 1) for i in range(sum(layers))]  # linear over all blocks
+        stages, self.feature_info, reduction, block_idx, prev_dim = [], [], 1, 0, embed_dims[0]
+        for i, depth in enumerate(layers):
+            reduction *= patch_sizes[i]
+            blocks = [
+                SequencerBlock(
+                    embed_dims[i],
+                    self._token_mixer(embed_dims[i], hidden_sizes[i], rnn_type=rnn_type, num_layers=num_rnn_layers,
+                                      bidirectional=bidirectional, union=union, with_fc=with_fc),
+                    mlp_ratio=mlp_ratios[i], drop=proj_drop_rate, drop_path=dpr[block_idx + j], norm_layer=norm_layer)
+                for j in range(depth)
+            ]
+            block_idx += depth
+            down = Downsample2d(prev_dim, embed_dims[i], patch_sizes[i]) if i > 0 else nn.Identity()
+            stages.append(SequencerStage(down, blocks))
+            self.feature_info.append(dict(num_chs=embed_dims[i], reduction=reduction, module=f"stages.{i}"))
+            prev_dim = embed_dims[i]
+        self.stages = nn.Sequential(*stages)
+        self.norm = norm_layer(embed_dims[-1])
+        self.head = ClassifierHead(embed_dims[-1], num_classes, global_pool, drop_rate)
+        self.init_weights(nlhb=nlhb)
+
+    @staticmethod
+    def _token_mixer(dim: int, hidden_size: int, **kwargs) -> nn.Module:
+        return RNN2d(dim, hidden_size, **kwargs)
+
+    def init_weights(self, nlhb: bool = False) -> None:
+        head_bias = -math.log(self.num_classes) if nlhb and self.num_classes > 0 else 0.0
+        named_apply(partial(init_weights, head_bias=head_bias), self)
+
+    @property
+    def reduction(self) -> int:
+        """Total spatial down-sampling factor; input sides must be multiples of it."""
+        return math.prod(self.patch_sizes)
+
+    @torch.jit.ignore
+    def group_matcher(self, coarse: bool = False) -> dict:
+        return dict(stem=r"^stem", blocks=[(r"^stages\.(\d+)", None) if coarse else
+                                          (r"^stages\.(\d+)\.blocks\.(\d+)", None),
+                                          (r"^stages\.(\d+)\.downsample", (0,)), (r"^norm", (99999,))])
+
+    @torch.jit.ignore
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        for stage in self.stages:
+            stage.grad_checkpointing = enable
+
+    @torch.jit.ignore
+    def get_classifier(self) -> nn.Module:
+        return self.head.fc
+
+    def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
+        """Replace the head with a zero-initialised one for ``num_classes`` (0 gives pooled features)."""
+        self.num_classes = num_classes
+        pool = self.head.global_pool if global_pool is None else global_pool
+        ref = next(self.parameters())
+        self.head = ClassifierHead(self.num_features, num_classes, pool, self.drop_rate).to(ref.device, ref.dtype)
+        named_apply(init_weights, self.head, "head")
+
+    def check_input_size(self, height: int, width: int) -> None:
+        r = self.reduction
+        if height % r or width % r or height < r or width < r:
+            raise ValueError(f"input size {height}x{width} is not a positive multiple of the model's total "
+                             f"patch reduction {r}")
+
+    def _embed(self, x: torch.Tensor) -> torch.Tensor:
+        return self.stem(x)
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, C, H, W) -> (B, H/r, W/r, num_features), final LayerNorm applied."""
+        x = self._embed(x)
+        x = self.stages(x)
+        return self.norm(x)
+
+    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        return self.head(x, pre_logits=pre_logits)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_head(self.forward_features(x))
+
+    def forward_intermediates(self, x: torch.Tensor, indices: int | Sequence[int] | None = None,
+                              norm: bool = False, stop_early: bool = False, output_fmt: str = "NCHW",
+                              intermediates_only: bool = False):
+        """Per-stage feature maps, as timm's ``forward_intermediates``.
+
+        ``indices``: stage indices to return (an int n takes the last n stages; None takes all).
+        Returns a list of (B, C_s, H_s, W_s) maps ("NCHW") or (B, H_s, W_s, C_s) ("NHWC"), plus the final
+        normed features unless ``intermediates_only``.
+        """
+        if output_fmt not in ("NCHW", "NHWC"):
+            raise ValueError("output_fmt must be 'NCHW' or 'NHWC'")
+        n = len(self.stages)
+        if indices is None:
+            take = list(range(n))
+        elif isinstance(indices, int):
+            take = list(range(n - indices, n))
+        else:
+            take = [i % n for i in indices]
+        last = max(take) if stop_early or intermediates_only else n - 1
+        intermediates = []
+        x = self._embed(x)
+        for i, stage in enumerate(self.stages[:last + 1]):
+            x = stage(x)
+            if i in take:
+                y = self.norm(x) if norm and i == n - 1 else x
+                intermediates.append(y.permute(0, 3, 1, 2) if output_fmt == "NCHW" else y)
+        if intermediates_only:
+            return intermediates
+        return self.norm(x), intermediates
+
+
+class FeatureExtractor(nn.Module):
+    """``features_only=True`` wrapper: returns a list of NCHW stage maps; ``feature_info`` lists their shapes."""
+
+    def __init__(self, model: Sequencer2d, out_indices: Sequence[int] | None = None):
+        super().__init__()
+        n = len(model.stages)
+        self.out_indices = tuple(range(n) if out_indices is None else (i % n for i in out_indices))
+        model.reset_classifier(0)
+        self.model = model
+        self.feature_info = [model.feature_info[i] for i in self.out_indices]
+
+    def channels(self) -> list[int]:
+        return [f["num_chs"] for f in self.feature_info]
+
+    def reduction(self) -> list[int]:
+        return [f["reduction"] for f in self.feature_info]
+
+    def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
+        return self.model.forward_intermediates(x, indices=self.out_indices, intermediates_only=True)
+
+
+def _cfg(url: str = "", **kwargs) -> dict:
+    return {
+        "url": url, "num_classes": 1000, "input_size": (3, 224, 224), "pool_size": None,
+        "crop_pct": 0.875, "interpolation": "bicubic", "fixed_input_size": False,
+        "mean": IMAGENET_DEFAULT_MEAN, "std": IMAGENET_DEFAULT_STD,
+        "first_conv": "stem.proj", "classifier": "head.fc", **kwargs,
+    }
+
+
+_S = dict(layers=(4, 3, 8, 3), patch_sizes=(7, 2, 1, 1), embed_dims=(192, 384, 384, 384),
+          hidden_sizes=(48, 96, 96, 96), mlp_ratios=(3.0, 3.0, 3.0, 3.0))
+_M = dict(_S, layers=(4, 3, 14, 3))
+_L = dict(_S, layers=(8, 8, 16, 4))
+_H2X = dict(hidden_sizes=(96, 192, 192, 192))
+
+# Release files carry no checksum of their own; the sha256 prefixes here were recorded from the authors' release.
+_RELEASE = {
+    "sequencer2d_s": RELEASE_URL.format("sequencer2d_s"),
+    "sequencer2d_m": RELEASE_URL.format("sequencer2d_m"),
+    "sequencer2d_l": RELEASE_URL.format("sequencer2d_l"),
+}
+
+# name -> (model kwargs, pretrained cfg)
+MODEL_CONFIGS: dict[str, tuple[dict, dict]] = {
+    "sequencer2d_s": (_S, _cfg(_RELEASE["sequencer2d_s"])),
+    "sequencer2d_m": (_M, _cfg(_RELEASE["sequencer2d_m"])),
+    "sequencer2d_l": (_L, _cfg(_RELEASE["sequencer2d_l"])),
+    # 392 px fine-tuned variants: same weights shape; the released 224 weights are their starting point.
+    "sequencer2d_s_392": (dict(_S, img_size=392), _cfg(_RELEASE["sequencer2d_s"], input_size=(3, 392, 392),
+                                                      crop_pct=1.0)),
+    "sequencer2d_m_392": (dict(_M, img_size=392), _cfg(_RELEASE["sequencer2d_m"], input_size=(3, 392, 392),
+                                                      crop_pct=1.0)),
+    "sequencer2d_l_392": (dict(_L, img_size=392), _cfg(_RELEASE["sequencer2d_l"], input_size=(3, 392, 392),
+                                                      crop_pct=1.0)),
+    # ablations of the paper
+    "sequencer2d_s_unidirectional": (dict(_S, bidirectional=False), _cfg()),
+    "sequencer2d_s_add": (dict(_S, union="add"), _cfg()),
+    "sequencer2d_s_h2x": (dict(_S, **_H2X), _cfg()),
+    "sequencer2d_s_without_fc": (dict(_S, with_fc=False), _cfg()),
+    "sequencer2d_vertical": (dict(_S, **_H2X, union="vertical", with_fc=False), _cfg()),
+    "sequencer2d_s_horizontal": (dict(_S, **_H2X, union="horizontal", with_fc=False), _cfg()),
+    "gru_sequencer2d_s": (dict(_S, rnn_type="gru"), _cfg()),
+    "rnn_sequencer2d_s": (dict(_S, rnn_type="rnn"), _cfg()),
+    "sequencer2d_l_d4_3x": (dict(_L, embed_dims=(256, 512, 512, 512), hidden_sizes=(64, 128, 128, 128)), _cfg()),
+    # ours: < 2M parameters for 16-64 px inputs; patch 2 keeps an 8x8 token grid at 16 px.
+    "sequencer2d_nano": (dict(layers=(2, 2, 2), patch_sizes=(2, 1, 1), embed_dims=(96, 128, 128),
+                              hidden_sizes=(24, 32, 32), mlp_ratios=(3.0, 3.0, 3.0), img_size=32),
+                         _cfg(input_size=(3, 32, 32), crop_pct=1.0, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5))),
+}
+
+for _name, (_kwargs, _pcfg) in MODEL_CONFIGS.items():
+    register_model(_name, Sequencer2d, _kwargs, _pcfg)

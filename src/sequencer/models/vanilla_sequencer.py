@@ -1,0 +1,74 @@
+"""Vanilla (1D) Sequencer of the paper's appendix: one BiLSTM over all tokens in raster order.
+
+``v_sequencer_s`` is ViT-like (14 px patches, one resolution); ``v_sequencer_s_h`` is hierarchical like
+Sequencer2D-S; ``v_sequencer_s_pe`` adds absolute position embeddings, bicubically interpolated when the token
+grid differs from the one at ``img_size``.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .registry import register_model
+from .sequencer2d import RNN_TYPES, Sequencer2d, _cfg
+
+
+class RNN1d(nn.Module):
+    """A (bi)directional RNN over the H*W tokens in raster order, no output projection.
+
+    Shapes: (B, H, W, dim) -> (B, H, W, hidden_size * num_directions).
+    """
+
+    def __init__(self, dim: int, hidden_size: int, rnn_type: str = "lstm", num_layers: int = 1,
+                 bias: bool = True, bidirectional: bool = True):
+        super().__init__()
+        self.rnn = RNN_TYPES[rnn_type](dim, hidden_size, num_layers, batch_first=True, bias=bias,
+                                       bidirectional=bidirectional)
+        out = hidden_size * (2 if bidirectional else 1)
+        if out != dim:
+            raise ValueError(f"RNN output ({out} channels) must equal dim ({dim})")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, H, W, C = x.shape
+        y, _ = self.rnn(x.reshape(B, H * W, C))
+        return y.reshape(B, H, W, -1)
+
+
+class VanillaSequencer(Sequencer2d):
+    """Sequencer with 1D token mixing; optional absolute position embedding ``absolute_pos_embed`` (1, Gh, Gw, C)."""
+
+    def __init__(self, *args, ape: bool = False, **kwargs):
+        kwargs.pop("union", None)
+        kwargs.pop("with_fc", None)
+        super().__init__(*args, **kwargs)
+        self.ape = ape
+        if ape:
+            grid = self.img_size // self.patch_sizes[0]
+            self.absolute_pos_embed = nn.Parameter(torch.zeros(1, grid, grid, self.stem.proj.out_channels))
+            nn.init.trunc_normal_(self.absolute_pos_embed, std=0.02, a=-2.0, b=2.0)
+
+    @staticmethod
+    def _token_mixer(dim: int, hidden_size: int, rnn_type: str = "lstm", num_layers: int = 1,
+                     bidirectional: bool = True, **_ignored) -> nn.Module:
+        return RNN1d(dim, hidden_size, rnn_type=rnn_type, num_layers=num_layers, bidirectional=bidirectional)
+
+    def _embed(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.stem(x)
+        if self.ape:
+            pos = self.absolute_pos_embed
+            if pos.shape[1:3] != x.shape[1:3]:
+                pos = F.interpolate(pos.permute(0, 3, 1, 2), size=x.shape[1:3], mode="bicubic",
+                                    align_corners=False).permute(0, 2, 3, 1)
+            x = x + pos
+        return x
+
+
+_V = dict(layers=(4, 3, 8, 3), patch_sizes=(14, 1, 1, 1), embed_dims=(384, 384, 384, 384),
+          hidden_sizes=(192, 192, 192, 192), mlp_ratios=(3.0, 3.0, 3.0, 3.0))
+
+register_model("v_sequencer_s", VanillaSequencer, dict(_V), _cfg())
+register_model("v_sequencer_s_h", VanillaSequencer,
+               dict(_V, patch_sizes=(7, 2, 1, 1), embed_dims=(192, 384, 384, 384), hidden_sizes=(96, 192, 192, 192)),
+               _cfg())
+register_model("v_sequencer_s_pe", VanillaSequencer, dict(_V, ape=True), _cfg())
