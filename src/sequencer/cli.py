@@ -27,8 +27,15 @@ COMMANDS = {
 }
 
 
+class OneLineErrorParser(argparse.ArgumentParser):
+    """argparse, but a bad flag gives one line (no usage dump) and exit status 2."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see `{self.prog} --help`)\n")
+
+
 def build_parser(argv_command: str | None = None) -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="sequencer", description="Sequencer (deep LSTM) vision backbones")
+    parser = OneLineErrorParser(prog="sequencer", description="Sequencer (deep LSTM) vision backbones")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name, (module_name, help_text) in COMMANDS.items():
         p = sub.add_parser(name, help=help_text, description=help_text)

@@ -6,6 +6,7 @@ A checkpoint written by ``sequencer train`` stores the model name (``arch``), it
 from __future__ import annotations
 
 import argparse
+import json
 from dataclasses import dataclass, field
 
 import torch
@@ -39,6 +40,27 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
                    help="load a checkpoint's raw weights even when it has EMA weights")
 
 
+def checkpoint_metadata(checkpoint: dict | None) -> dict:
+    """The model config (arch, model_kwargs, class_names, data_config) a checkpoint carries.
+
+    Training checkpoints hold them as plain entries; our ``.safetensors`` files (``sequencer export``,
+    ``sequencer checkpoint clean``) keep them as JSON strings in the file's metadata.
+    """
+    if not checkpoint:
+        return {}
+    meta = checkpoint.get("__metadata__")
+    if not isinstance(meta, dict):
+        return checkpoint
+    out = {}
+    for key in ("arch", "model_kwargs", "class_names", "data_config"):
+        if key in meta:
+            try:
+                out[key] = meta[key] if key == "arch" else json.loads(meta[key])
+            except ValueError:
+                raise SequencerError(f"safetensors metadata entry {key!r} is not valid JSON") from None
+    return out
+
+
 @dataclass
 class LoadedModel:
     model: nn.Module
@@ -56,7 +78,7 @@ class LoadedModel:
 def load_model_from_args(args: argparse.Namespace, device: torch.device | str = "cpu") -> LoadedModel:
     """Build the model the options describe, in eval mode on ``device``; raises SequencerError on bad input."""
     checkpoint = read_checkpoint(args.checkpoint) if args.checkpoint else None
-    meta = checkpoint or {}
+    meta = checkpoint_metadata(checkpoint)
     name = args.model or meta.get("arch")
     if not name:
         raise SequencerError("no model given", hint="pass --model NAME, or a --checkpoint written by `sequencer train`")

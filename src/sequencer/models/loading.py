@@ -7,20 +7,35 @@ Supported files: the authors' release (``blocks.<stage>.<i>...``, ``head.weight`
 from __future__ import annotations
 
 import hashlib
+import http.client
 import os
-import pickle
 import re
 import urllib.error
 import urllib.parse
+import urllib.request
+import uuid
 import warnings
 from pathlib import Path
 
 import torch
 from torch import nn
+from tqdm import tqdm
 
 from ..errors import SequencerError
 
 _HEAD_KEYS = ("head.fc.weight", "head.fc.bias")
+DOWNLOAD_TIMEOUT_S = 60.0
+
+
+def _safe_metadata_globals() -> list:
+    """Harmless non-tensor types found in checkpoints written by timm's train.py (``args`` is an
+    ``argparse.Namespace``, metrics may be numpy scalars); allow-listed so such files load with weights_only."""
+    import argparse
+
+    import numpy as np
+    np_core = np._core if hasattr(np, "_core") else np.core
+    dtypes = [type(np.dtype(t)) for t in (np.float64, np.float32, np.float16, np.int64, np.int32, np.bool_)]
+    return [argparse.Namespace, np_core.multiarray.scalar, np.dtype, *dtypes]
 
 
 def read_checkpoint(path: str | os.PathLike) -> dict:
@@ -43,16 +58,18 @@ def read_checkpoint(path: str | os.PathLike) -> dict:
             out["__metadata__"] = meta
         return out
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else "unsupported content"
-        raise SequencerError(
-            f"refusing to load checkpoint {str(path)!r}: it contains Python objects that are not plain weights "
-            f"and loading them could run code ({first[:160]})",
-            hint="only load checkpoints you trust; re-save the weights as a plain state_dict or safetensors") from None
-    except (RuntimeError, EOFError, OSError, ValueError) as e:
-        raise SequencerError(f"checkpoint {str(path)!r} is corrupt or not a PyTorch file "
-                             f"({str(e).splitlines()[0][:160] if str(e) else type(e).__name__})") from None
+        with torch.serialization.safe_globals(_safe_metadata_globals()):
+            obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # torch raises UnpicklingError, RuntimeError, KeyError, ... for foreign content
+        blocked = re.search(r"GLOBAL ([\w.]+)", str(e))
+        if blocked:
+            raise SequencerError(
+                f"refusing to load checkpoint {str(path)!r}: it contains the Python object {blocked.group(1)}, "
+                f"which is not plain weights, and loading it could run code",
+                hint="only load checkpoints you trust; re-save the weights as a plain state_dict or safetensors"
+            ) from None
+        first = str(e).strip().splitlines()[0][:160] if str(e).strip() else type(e).__name__
+        raise SequencerError(f"checkpoint {str(path)!r} is corrupt or not a PyTorch file ({first})") from None
     if not isinstance(obj, dict):
         raise SequencerError(f"checkpoint {str(path)!r} holds a {type(obj).__name__}, not a state dict")
     return obj
@@ -142,8 +159,9 @@ def load_state_dict_into(model: nn.Module, state_dict: dict[str, torch.Tensor], 
     head_shape = tuple(own["head.fc.weight"].shape) if "head.fc.weight" in own else None
     ckpt_head = tuple(state_dict["head.fc.weight"].shape) if "head.fc.weight" in state_dict else None
     if ckpt_head is not None and ckpt_head != head_shape:
-        warnings.warn(f"{source}: classifier head has shape {ckpt_head}, the model's is {head_shape}; "
-                      f"the head is re-initialised (transfer learning)", stacklevel=3)
+        if head_shape is not None:  # a model built without a classifier (num_classes=0) just ignores it
+            warnings.warn(f"{source}: classifier head has shape {ckpt_head}, the model's is {head_shape}; "
+                          f"the head is re-initialised (transfer learning)", stacklevel=3)
         for k in _HEAD_KEYS:
             state_dict.pop(k, None)
     pos = state_dict.get("absolute_pos_embed")
@@ -189,27 +207,61 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def download_weights(url: str, sha256: str | None = None, progress: bool = True) -> Path:
-    """Download ``url`` once into ``<torch hub dir>/checkpoints`` (atomically) and return the local path.
+def _fetch(url: str, dest: Path, sha256: str | None, progress: bool, timeout: float) -> None:
+    """Stream ``url`` into a unique ``.partial`` file next to ``dest``; rename it only once complete and verified."""
+    partial = dest.with_name(f"{dest.name}.{uuid.uuid4().hex}.partial")
+    digest, size = hashlib.sha256(), 0
+    try:
+        request = urllib.request.Request(url, headers={"User-Agent": "sequencer"})
+        with urllib.request.urlopen(request, timeout=timeout) as response, open(partial, "wb") as f:
+            length = response.headers.get("Content-Length")
+            expected = int(length) if length and length.isdigit() else None
+            with tqdm(total=expected, unit="B", unit_scale=True, unit_divisor=1024, desc=dest.name,
+                      disable=not progress) as bar:
+                while chunk := response.read(1 << 20):
+                    f.write(chunk)
+                    digest.update(chunk)
+                    size += len(chunk)
+                    bar.update(len(chunk))
+        if expected is not None and size != expected:
+            raise SequencerError(f"download of {url} was cut short ({size} of {expected} bytes)",
+                                 hint="retry, or download the file by other means and pass it with checkpoint_path=")
+        if sha256 and digest.hexdigest() != sha256:
+            raise SequencerError(f"pretrained weights from {url} failed their sha256 check "
+                                 f"(got {digest.hexdigest()}, expected {sha256}); nothing was cached",
+                                 hint="retry, or pass a verified file with checkpoint_path= / --checkpoint")
+        os.replace(partial, dest)  # atomic: readers see no file or the whole file
+    except (urllib.error.URLError, http.client.HTTPException, OSError, ValueError) as e:
+        if isinstance(e, urllib.error.HTTPError):
+            reason = f"HTTP {e.code} {e.reason}"
+        else:
+            reason = getattr(e, "reason", None) or str(e) or type(e).__name__
+        raise SequencerError(f"could not download pretrained weights from {url} ({reason})",
+                             hint="with no network, download the file by other means and pass it with "
+                                  "checkpoint_path= (CLI: --checkpoint)") from None
+    finally:
+        partial.unlink(missing_ok=True)
 
-    ``file://`` URLs are copied the same way. A known ``sha256`` is checked; a file that fails is deleted.
+
+def download_weights(url: str, sha256: str | None = None, progress: bool = True,
+                     timeout: float = DOWNLOAD_TIMEOUT_S) -> Path:
+    """Download ``url`` once into ``<torch hub dir>/checkpoints`` and return the local path.
+
+    The file is streamed to a temporary name in that folder and renamed only when complete (its length matches
+    ``Content-Length``) and, if ``sha256`` is given, when its digest matches; a cached file that fails a known
+    ``sha256`` is deleted. ``file://`` URLs take the same path. Network failures raise SequencerError naming the
+    URL; ``timeout`` (seconds per network operation) keeps an unreachable host from hanging forever.
     """
     filename = os.path.basename(urllib.parse.urlparse(url).path) or "weights.pth"
     cache_dir = Path(torch.hub.get_dir()) / "checkpoints"
     cache_dir.mkdir(parents=True, exist_ok=True)
     dest = cache_dir / filename
     if not dest.exists():
-        try:
-            torch.hub.download_url_to_file(url, str(dest), hash_prefix=None, progress=progress)
-        except (urllib.error.URLError, OSError, ValueError) as e:
-            reason = getattr(e, "reason", None) or e
-            raise SequencerError(f"could not download pretrained weights from {url} ({reason})",
-                                 hint="download the file by other means and pass it with --checkpoint / "
-                                      "checkpoint_path=") from None
-    if sha256 and _sha256(dest) != sha256:
+        _fetch(url, dest, sha256, progress, timeout)
+    elif sha256 and _sha256(dest) != sha256:
         dest.unlink(missing_ok=True)
-        raise SequencerError(f"pretrained weights from {url} failed their sha256 check; the file was removed",
-                             hint="retry, or pass a verified file with --checkpoint")
+        raise SequencerError(f"cached weights {dest} from {url} failed their sha256 check and were removed",
+                             hint="run again to download them afresh")
     return dest
 
 

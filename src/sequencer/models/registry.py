@@ -77,10 +77,12 @@ def create_model(
     if img_size is not None:
         user_kwargs["img_size"] = int(img_size)
         cfg["input_size"] = (in_chans, int(img_size), int(img_size))
+    else:
+        cfg["input_size"] = (in_chans, *cfg["input_size"][1:])
     kwargs = dict(entry.kwargs, **user_kwargs)
     try:
         model = entry.cls(**kwargs)
-    except TypeError as e:
+    except (TypeError, ValueError) as e:  # unknown argument, or an inconsistent architecture override
         raise SequencerError(f"bad argument for model {name!r}: {e}") from None
     if num_classes is not None:
         cfg["num_classes"] = num_classes

@@ -1,0 +1,19 @@
+#!/usr/bin/env bash
+# Create or update the project's virtual environment in .venv at the repo root. Idempotent: a second run with an
+# unchanged pyproject.toml returns at once.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PYTHON="${PYTHON:-python3}"
+if [ ! -x .venv/bin/python ]; then
+    "$PYTHON" -m venv .venv
+fi
+stamp=.venv/.sequencer-setup
+want="$(sha256sum pyproject.toml scripts/setup.sh | sha256sum | cut -d' ' -f1)"
+if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ] && .venv/bin/python -c "import sequencer" 2>/dev/null; then
+    exit 0
+fi
+echo "setting up .venv (first run installs torch; this takes a few minutes)" >&2
+# torch/torchvision first, pinned to the builds that install from this machine's local wheel cache.
+.venv/bin/python -m pip install -q --disable-pip-version-check "torch==2.14.1" "torchvision==0.29.1"
+.venv/bin/python -m pip install -q --disable-pip-version-check -e ".[test]"
+echo "$want" > "$stamp"

@@ -1,0 +1,487 @@
+"""Image-classification datasets: image folders, timm tar files, torchvision datasets and the embedded digits.
+
+Every dataset made by `create_dataset` has ``.class_names`` (index -> name), ``len()``, items ``(image, target)``
+(a PIL RGB image before ``.transform`` is set) and ``.skipped`` (the unreadable files found so far; the loader fills
+it in the main process). Reading an unreadable file raises `UnreadableImageError` naming it; `create_loader` turns
+that into a skip with a warning.
+"""
+from __future__ import annotations
+
+import io
+import json
+import logging
+import os
+import tarfile
+from typing import Callable
+
+import numpy as np
+import torch.utils.data
+from PIL import Image
+
+from ..errors import SequencerError
+
+_logger = logging.getLogger(__name__)
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm", ".pbm")
+
+# folder names (lower case) that hold a split, grouped by meaning; the first of a group is the canonical name
+SPLIT_SYNONYMS = {
+    "train": ("train", "training"),
+    "val": ("val", "valid", "validation", "eval", "evaluation"),
+    "test": ("test", "testing"),
+}
+
+# what PIL and file reading raise for corrupt, empty, truncated or non-image files
+READ_ERRORS = (OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError)
+
+
+class UnreadableImageError(OSError):
+    """A sample's image could not be read or decoded; ``.path`` names it."""
+
+    def __init__(self, path: str, reason: object):
+        super().__init__(f"unreadable image {path}: {reason}")
+        self.path = path
+
+
+def split_aliases(split: str) -> tuple[str, ...]:
+    """``split`` followed by its synonyms, e.g. "validation" -> ("validation", "val", "valid", "eval", ...)."""
+    key = split.lower()
+    for names in SPLIT_SYNONYMS.values():
+        if key in names:
+            return (split,) + tuple(n for n in names if n != key)
+    return (split,)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# pixels
+
+def to_rgb(img: Image.Image) -> Image.Image:
+    """8-bit RGB version of a decoded ``img`` of any PIL mode.
+
+    Grayscale, CMYK and YCbCr convert directly; images with transparency (RGBA, LA, palette with a transparent index)
+    are composited onto white, as a viewer shows them; 16/32-bit integer and float images are rescaled to 8 bits
+    instead of being clipped (PIL's own ``convert`` turns most of a 16-bit image white).
+    """
+    mode = img.mode
+    if mode == "RGB":
+        return img
+    if mode.startswith("I") or mode == "F":  # I;16, I;16B, I;16L, I (32-bit int), F (float)
+        a = np.asarray(img, dtype=np.float64)
+        peak = float(a.max()) if a.size else 0.0
+        if mode.startswith("I;16") or peak > 255:
+            a = a / 257.0  # 65535 -> 255
+        elif mode == "F" and peak <= 1.0:
+            a = a * 255.0  # float images in [0, 1]
+        a = np.clip(np.rint(a), 0, 255).astype(np.uint8)
+        return Image.fromarray(a, "L").convert("RGB")
+    if mode == "P" and "transparency" in img.info:
+        img, mode = img.convert("RGBA"), "RGBA"
+    if mode in ("RGBA", "LA", "PA", "RGBa", "La"):
+        rgba = img.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    return img.convert("RGB")
+
+
+def load_image(source: str | os.PathLike | io.IOBase) -> Image.Image:
+    """Fully decode an image file (path or binary file object) to RGB; raises PIL/OS errors for bad files."""
+    if isinstance(source, (str, os.PathLike)):
+        with open(source, "rb") as f:
+            return load_image(f)
+    img = Image.open(source)
+    img.load()  # decode now, so corrupt and truncated files fail here and not inside a transform
+    return to_rgb(img)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# datasets
+
+class ClassificationDataset(torch.utils.data.Dataset):
+    """Base class: subclasses implement ``__len__``, ``load(index) -> (PIL image, int)`` and ``describe(index)``.
+
+    ``augment_defaults`` holds this dataset's preferred training augmentation where it differs from timm's
+    (e.g. no horizontal flip for digits); `create_loader` uses it for the options it is not given.
+    """
+
+    def __init__(self, class_names, description: str, transform: Callable | None = None,
+                 target_transform: Callable | None = None, augment_defaults: dict | None = None):
+        self.class_names: list[str] = [str(c) for c in class_names]
+        self.description = description
+        self.transform = transform
+        self.target_transform = target_transform
+        self.augment_defaults = dict(augment_defaults or {})
+        self.skipped: set[str] = set()
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+    def load(self, index: int) -> tuple[Image.Image, int]:
+        raise NotImplementedError
+
+    def describe(self, index: int) -> str:
+        """The file (or dataset item) behind ``index``, as named in warnings."""
+        return f"{self.description}[{index}]"
+
+    def __getitem__(self, index: int):
+        try:
+            img, target = self.load(index)
+        except READ_ERRORS as e:
+            raise UnreadableImageError(self.describe(index), e) from e
+        if self.transform is not None:
+            img = self.transform(img)
+        if self.target_transform is not None:
+            target = self.target_transform(target)
+        return img, target
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.description}, {len(self)} images, {self.num_classes} classes)"
+
+
+class ImageFileDataset(ClassificationDataset):
+    """Image files in class sub-folders (the leaf folder names the class, as in timm and torchvision)."""
+
+    def __init__(self, root: str, samples: list[tuple[str, int]], class_names, **kwargs):
+        super().__init__(class_names, description=root, **kwargs)
+        self.root = root
+        self.samples = samples
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def load(self, index):
+        path, target = self.samples[index]
+        return load_image(path), target
+
+    def describe(self, index):
+        return self.samples[index][0]
+
+    def filename(self, index: int, basename: bool = False, absolute: bool = False) -> str:
+        path = self.samples[index][0]
+        if basename:
+            return os.path.basename(path)
+        return os.path.abspath(path) if absolute else os.path.relpath(path, self.root)
+
+
+class TarDataset(ClassificationDataset):
+    """Images inside a tar file (or a folder of per-class tars), read through timm's tar reader."""
+
+    def __init__(self, root: str, class_to_idx: dict | None = None, **kwargs):
+        from timm.data.readers.reader_image_in_tar import ReaderImageInTar
+        try:
+            self.reader = ReaderImageInTar(root, class_map=class_to_idx or "")
+        except (AssertionError, OSError, EOFError, tarfile.TarError) as e:  # missing, empty or not a tar
+            raise SequencerError(f"cannot read tar dataset {root!r}: {e}") from None
+        if len(self.reader) == 0:
+            raise SequencerError(f"no images in {root!r}", hint="supported extensions in tars: .png, .jpg, .jpeg")
+        names = sorted(self.reader.class_name_to_idx, key=self.reader.class_name_to_idx.get)
+        super().__init__(names, description=root, **kwargs)
+        self.root = root
+
+    def __len__(self):
+        return len(self.reader)
+
+    def load(self, index):
+        fileobj, target = self.reader[index]
+        return load_image(fileobj), target
+
+    def describe(self, index):
+        return f"{self.root}:{self.reader.filename(index)}"
+
+    def filename(self, index: int, basename: bool = False, absolute: bool = False) -> str:
+        return self.reader.filename(index, basename=basename, absolute=absolute)
+
+
+class TorchvisionDataset(ClassificationDataset):
+    """A torchvision dataset whose items are ``(PIL image or array, int)``."""
+
+    def __init__(self, dataset, class_names, description: str, **kwargs):
+        super().__init__(class_names, description=description, **kwargs)
+        self.dataset = dataset
+
+    def __len__(self):
+        return len(self.dataset)
+
+    def load(self, index):
+        img, target = self.dataset[index]
+        if not isinstance(img, Image.Image):
+            img = Image.fromarray(np.asarray(img))
+        return to_rgb(img), int(target)
+
+    def describe(self, index):
+        files = None
+        for attr in ("_image_files", "samples", "_samples"):  # where torchvision datasets keep their file list
+            files = files or getattr(self.dataset, attr, None)
+        if files is not None and index < len(files):
+            item = files[index]
+            return str(item[0] if isinstance(item, (tuple, list)) else item)
+        return super().describe(index)
+
+
+class DigitsDataset(ClassificationDataset):
+    """scikit-learn's bundled 8x8 handwritten digits (1797 images, shipped inside scikit-learn: nothing downloaded).
+
+    Images are upsampled (bilinear) to ``IMG_SIZE`` px RGB, white strokes on black, classes "0".."9". The split is a
+    fixed stratified 80/20 train/val split (1437/360 images), identical on every machine.
+    """
+
+    IMG_SIZE = 32
+    SPLITS = ("train", "val")
+
+    def __init__(self, split: str = "train", **kwargs):
+        from sklearn.datasets import load_digits
+        from sklearn.model_selection import train_test_split
+
+        canonical = next((s for s in self.SPLITS if split.lower() in SPLIT_SYNONYMS[s]), None)
+        if canonical is None:
+            raise SequencerError(f"the digits dataset has no split {split!r}", hint="splits: train, val")
+        digits = load_digits()
+        train_idx, val_idx = train_test_split(np.arange(len(digits.target)), test_size=0.2,
+                                              stratify=digits.target, random_state=0)
+        idx = np.sort(train_idx if canonical == "train" else val_idx)
+        self.indices = idx  # positions in sklearn's load_digits()
+        pixels = np.rint(digits.images[idx] * (255.0 / 16.0)).astype(np.uint8)  # 0..16 -> 0..255
+        size = (self.IMG_SIZE, self.IMG_SIZE)
+        self.images = np.stack([np.asarray(Image.fromarray(p, "L").resize(size, Image.BILINEAR)) for p in pixels])
+        self.targets = digits.target[idx].astype(np.int64)
+        # digits are not mirror-symmetric and already centred: no flips, only mild crops, no colour jitter
+        defaults = dict(hflip=0.0, scale=(0.75, 1.0), ratio=(0.9, 1.1), color_jitter=0.0)
+        defaults.update(kwargs.pop("augment_defaults", None) or {})
+        super().__init__([str(i) for i in range(10)], description=f"digits/{canonical}",
+                         augment_defaults=defaults, **kwargs)
+        self.split = canonical
+
+    def __len__(self):
+        return len(self.targets)
+
+    def load(self, index):
+        return Image.fromarray(self.images[index], "L").convert("RGB"), int(self.targets[index])
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# class maps
+
+def load_class_map(path: str, root: str | None = None) -> dict[str, int]:
+    """Parse a class map file into ``{class name: index}`` (never unpickles anything).
+
+    Text files hold one class name per line (index = line order, blank lines ignored), or "name index" on every
+    line. ``.json`` files hold a list of names or a ``{name: index}`` object. Indices must be 0..K-1, each once.
+    """
+    if not os.path.isfile(path) and root and os.path.isfile(os.path.join(root, path)):
+        path = os.path.join(root, path)
+    if not os.path.isfile(path):
+        raise SequencerError(f"class map {path!r} does not exist")
+    ext = os.path.splitext(path)[1].lower()
+    if ext in (".pkl", ".pickle"):
+        raise SequencerError(f"class map {path!r}: pickle files are refused (loading one can run code)",
+                             hint="write one class name per line in a .txt file")
+    try:
+        with open(path, encoding="utf-8") as f:
+            text = f.read()
+    except UnicodeDecodeError:
+        raise SequencerError(f"class map {path!r} is not a UTF-8 text file",
+                             hint="write one class name per line") from None
+    if ext == ".json":
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise SequencerError(f"class map {path!r} is not valid JSON: {e}") from None
+        if isinstance(data, list) and all(isinstance(n, str) for n in data):
+            pairs = [(n, i) for i, n in enumerate(data)]
+        elif isinstance(data, dict) and all(isinstance(v, int) and not isinstance(v, bool) for v in data.values()):
+            pairs = [(str(k), v) for k, v in data.items()]
+        else:
+            raise SequencerError(f"class map {path!r}: expected a JSON list of names or a {{name: index}} object")
+    else:
+        lines = [line.strip() for line in text.splitlines() if line.strip()]
+        split = [line.rsplit(None, 1) for line in lines]
+        if lines and all(len(p) == 2 and p[1].lstrip("-").isdigit() for p in split):
+            pairs = [(p[0], int(p[1])) for p in split]
+        else:
+            pairs = [(line, i) for i, line in enumerate(lines)]
+    if not pairs:
+        raise SequencerError(f"class map {path!r} is empty", hint="write one class name per line")
+    names = [n for n, _ in pairs]
+    dupes = sorted({n for n in names if names.count(n) > 1})
+    if dupes:
+        raise SequencerError(f"class map {path!r} lists {', '.join(map(repr, dupes[:5]))} more than once")
+    indices = sorted(i for _, i in pairs)
+    if indices != list(range(len(pairs))):
+        raise SequencerError(f"class map {path!r}: indices must be 0..{len(pairs) - 1}, each used once")
+    return dict(pairs)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# factory
+
+# torchvision datasets: name -> (class name, splits it has; None = a train=True/False flag, number of classes when the
+# class has no `.classes`)
+_TORCHVISION = {
+    "cifar10": ("CIFAR10", None, None),
+    "cifar100": ("CIFAR100", None, None),
+    "mnist": ("MNIST", None, None),
+    "fashion_mnist": ("FashionMNIST", None, None),
+    "kmnist": ("KMNIST", None, None),
+    "qmnist": ("QMNIST", None, None),
+    "flowers102": ("Flowers102", ("train", "val", "test"), None),
+    "stanford_cars": ("StanfordCars", ("train", "test"), None),
+    "food101": ("Food101", ("train", "test"), None),
+    "oxford_iiit_pet": ("OxfordIIITPet", ("trainval", "test"), None),
+    "dtd": ("DTD", ("train", "val", "test"), None),
+    "fgvc_aircraft": ("FGVCAircraft", ("train", "val", "trainval", "test"), None),
+    "country211": ("Country211", ("train", "valid", "test"), None),
+    "gtsrb": ("GTSRB", ("train", "test"), 43),
+    "svhn": ("SVHN", ("train", "test", "extra"), 10),
+    "stl10": ("STL10", ("train", "test"), None),
+}
+
+
+def _torchvision_split(name: str, split: str, splits: tuple[str, ...] | None):
+    """Map a user split onto what the torchvision class takes: a ``train`` flag or one of its ``splits``."""
+    key = split.lower()
+    if splits is None:
+        if key in SPLIT_SYNONYMS["train"]:
+            return {"train": True}
+        if key in SPLIT_SYNONYMS["val"] + SPLIT_SYNONYMS["test"]:
+            return {"train": False}  # these datasets only have train/test
+        raise SequencerError(f"torch/{name} has no split {split!r}", hint="splits: train, test")
+    if key in splits:
+        return {"split": key}
+    for group in ("train", "val", "test"):
+        if key in SPLIT_SYNONYMS[group]:
+            # nearest split this dataset has: val falls back to test, train to trainval
+            order = {"train": ("train", "trainval"), "val": ("val", "valid", "test"), "test": ("test",)}[group]
+            for candidate in order:
+                if candidate in splits:
+                    return {"split": candidate}
+    raise SequencerError(f"torch/{name} has no split {split!r}", hint=f"splits: {', '.join(splits)}")
+
+
+def _create_torchvision(name: str, root: str | None, split: str, download: bool, **kwargs):
+    import torchvision.datasets
+
+    key = name.lower()
+    if key not in _TORCHVISION:
+        raise SequencerError(f"unknown torchvision dataset 'torch/{name}'",
+                             hint=f"known: {', '.join('torch/' + k for k in _TORCHVISION)}")
+    cls_name, splits, num_classes = _TORCHVISION[key]
+    cls = getattr(torchvision.datasets, cls_name)
+    root = root or os.path.join(os.path.expanduser("~"), ".cache", "torchvision", key)
+    try:
+        ds = cls(root=root, download=download, **_torchvision_split(key, split, splits))
+    except RuntimeError as e:  # torchvision's "Dataset not found or corrupted"
+        raise SequencerError(f"torch/{name} not found in {root!r}: {e}",
+                             hint="pass --dataset-download to fetch it, or point DATA at its folder") from None
+    classes = getattr(ds, "classes", None)
+    if not classes:
+        classes = [str(i) for i in range(num_classes)] if num_classes else None
+    if not classes:
+        targets = getattr(ds, "targets", None) or getattr(ds, "_labels", None) or getattr(ds, "labels", None)
+        classes = [str(i) for i in range(int(max(targets)) + 1)]
+    return TorchvisionDataset(ds, list(classes), description=f"torch/{key}[{split}]", **kwargs)
+
+
+def _find_split_folder(root: str, split: str) -> str:
+    """The sub-folder (or ``.tar``) of ``root`` that holds ``split``, or ``root`` itself when it has no split folders."""
+    entries = {e.lower(): e for e in os.listdir(root)}
+    for alias in split_aliases(split):
+        for candidate in (alias.lower(), alias.lower() + ".tar"):
+            if candidate in entries:
+                return os.path.join(root, entries[candidate])
+    split_names = {n for names in SPLIT_SYNONYMS.values() for n in names}
+    found = sorted(e for low, e in entries.items()
+                   if low in split_names or (low.endswith(".tar") and low[:-4] in split_names))
+    if found:
+        raise SequencerError(f"split {split!r} not found in {root!r}", hint=f"splits found: {', '.join(found)}")
+    return root  # class folders directly
+
+
+def _scan_image_folder(folder: str, class_to_idx: dict | None):
+    """[(path, target)] sorted by path, and class_to_idx; the leaf folder of each image names its class."""
+    from timm.utils.misc import natural_key
+
+    paths, labels, loose = [], [], []
+    for dirpath, _, files in os.walk(folder, followlinks=True):
+        for f in files:
+            if os.path.splitext(f)[1].lower() not in IMAGE_EXTENSIONS:
+                continue
+            path = os.path.join(dirpath, f)
+            if os.path.normpath(dirpath) == os.path.normpath(folder):
+                loose.append(path)
+            else:
+                paths.append(path)
+                labels.append(os.path.basename(dirpath))
+    if not paths and loose:
+        raise SequencerError(f"the images in {folder!r} are not in class sub-folders",
+                             hint="put them in one sub-folder per class (DATA/CLASS/IMAGE.jpg)")
+    if not paths:
+        raise SequencerError(f"no images found in {folder!r}",
+                             hint=f"expected DATA[/SPLIT]/CLASS/IMAGE with an extension among "
+                                  f"{', '.join(IMAGE_EXTENSIONS)}")
+    if loose:
+        _logger.warning("ignoring %d image(s) directly in %s (not in a class folder), e.g. %s",
+                        len(loose), folder, loose[0])
+    if class_to_idx is None:
+        class_to_idx = {c: i for i, c in enumerate(sorted(set(labels), key=natural_key))}
+    else:
+        unmapped = sorted(set(labels) - set(class_to_idx))
+        if unmapped and len(unmapped) == len(set(labels)):
+            raise SequencerError(f"none of the class folders in {folder!r} is in the class map",
+                                 hint=f"folders: {', '.join(unmapped[:5])}{', ...' if len(unmapped) > 5 else ''}")
+        if unmapped:
+            _logger.warning("ignoring %d class folder(s) of %s not in the class map: %s", len(unmapped), folder,
+                            ", ".join(unmapped[:10]))
+    samples = sorted(((p, class_to_idx[c]) for p, c in zip(paths, labels) if c in class_to_idx),
+                     key=lambda s: natural_key(s[0]))
+    return samples, class_to_idx
+
+
+def create_dataset(name: str = "", root: str | None = None, split: str = "train", is_training: bool = False,
+                   class_map: str | None = None, download: bool = False, **kwargs) -> ClassificationDataset:
+    """Create a dataset by name.
+
+    - ``name`` "" (or "folder"): an ImageNet-style folder ``root/SPLIT/CLASS/IMAGE``; the split folder is found by
+      name and synonym (train/training, val/valid/validation/eval, test), or ``root`` holds class folders directly.
+      A ``root/SPLIT.tar`` is read as a timm tar.
+    - "tar" or a ``root`` ending in ``.tar``: timm's tar dataset (class = folder inside the tar).
+    - "torch/NAME": a torchvision dataset (cifar10, cifar100, flowers102, stanford_cars, ...); ``download`` passes
+      through, otherwise the files must already be in ``root``.
+    - "digits": the embedded scikit-learn digits (splits train, val; ``root`` is ignored).
+
+    ``is_training`` is accepted for timm compatibility; augmentation is chosen by `create_loader`.
+    ``kwargs`` may carry ``transform``/``target_transform``.
+    """
+    del is_training  # map-style datasets behave the same either way
+    kwargs = {k: v for k, v in kwargs.items() if k in ("transform", "target_transform", "augment_defaults")}
+    name = name or ""
+    if name.lower() == "digits":
+        if class_map:
+            raise SequencerError("--class-map is not supported with the digits dataset")
+        return DigitsDataset(split, **kwargs)
+    if name.lower().startswith("torch/"):
+        if class_map:
+            raise SequencerError(f"--class-map is not supported with {name}")
+        return _create_torchvision(name.split("/", 1)[1], root, split, download, **kwargs)
+    if name.lower() not in ("", "folder", "image_folder", "tar"):
+        raise SequencerError(f"unknown dataset {name!r}",
+                             hint="use '' (image folders), 'tar', 'digits' or 'torch/NAME' (e.g. torch/cifar10)")
+    if not root:
+        raise SequencerError("no data folder given", hint="pass DATA, or --dataset digits for the embedded set")
+    root = os.path.expanduser(str(root))
+    if not os.path.exists(root):
+        raise SequencerError(f"data folder {root!r} does not exist")
+    class_to_idx = load_class_map(class_map, root) if class_map else None
+    path = _find_split_folder(root, split) if os.path.isdir(root) else root
+    if os.path.isfile(path):
+        if not path.lower().endswith(".tar"):
+            raise SequencerError(f"{path!r} is a file, not a data folder or .tar")
+        dataset = TarDataset(path, class_to_idx, **kwargs)
+    elif name.lower() == "tar":
+        dataset = TarDataset(path, class_to_idx, **kwargs)
+    else:
+        samples, class_to_idx = _scan_image_folder(path, class_to_idx)
+        names = sorted(class_to_idx, key=class_to_idx.get)
+        dataset = ImageFileDataset(path, samples, names, **kwargs)
+    if path == root and os.path.isdir(root):
+        _logger.info("%s has no split folders: using all of it as split %r", root, split)
+    return dataset

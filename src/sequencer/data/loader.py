@@ -1,0 +1,267 @@
+"""Transforms, data config and the loader that feeds batches to a device.
+
+Transforms are timm's (`timm.data.create_transform`: RandomResizedCrop, RandAugment, colour jitter, random
+erasing, ...); the eval transform is resize to ``size / crop_pct`` then centre-crop ``size``. Training and
+`sequencer validate` both build their eval loader here, so a checkpoint validates to the accuracy training logged.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+
+import torch
+import torch.utils.data
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+from timm.data import create_transform as timm_create_transform
+from torch.utils.data import DataLoader, default_collate
+
+from ..errors import SequencerError
+from .datasets import UnreadableImageError
+
+_logger = logging.getLogger(__name__)
+
+INTERPOLATIONS = ("bilinear", "bicubic", "nearest", "lanczos", "box", "hamming", "random")
+
+# timm's training-augmentation defaults, used unless the caller or the dataset (``augment_defaults``) says otherwise
+TIMM_AUGMENT_DEFAULTS = dict(hflip=0.5, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3), color_jitter=0.4)
+
+
+def resolve_data_config(args_or_dict=None, model: torch.nn.Module | None = None) -> dict:
+    """Input size and preprocessing: explicit options first, then the model's ``pretrained_cfg``, then defaults.
+
+    ``args_or_dict`` (argparse.Namespace or dict) may hold ``input_size`` (C, H, W), ``img_size``, ``mean``,
+    ``std``, ``crop_pct`` and ``interpolation``; None values are ignored. A checkpoint's ``data_config`` works too.
+    Returns dict(input_size=(C, H, W), mean, std, crop_pct, interpolation).
+    """
+    if isinstance(args_or_dict, argparse.Namespace):
+        args = vars(args_or_dict)
+    else:
+        args = dict(args_or_dict or {})
+    args = {k: v for k, v in args.items() if v is not None}
+    cfg = dict(getattr(model, "pretrained_cfg", None) or {}) if model is not None else {}
+    in_chans = int(getattr(model, "in_chans", 0) or (cfg.get("input_size") or (3,))[0])
+
+    if args.get("input_size"):
+        input_size = tuple(int(v) for v in args["input_size"])
+        if len(input_size) != 3:
+            raise SequencerError(f"input size {args['input_size']} must be C H W")
+    elif args.get("img_size"):
+        size = args["img_size"]
+        h, w = (size, size) if isinstance(size, int) else tuple(size)[-2:]
+        input_size = (in_chans, int(h), int(w))
+    elif cfg.get("input_size"):
+        input_size = tuple(int(v) for v in cfg["input_size"])
+    else:
+        input_size = (in_chans, 224, 224)
+    if min(input_size) <= 0:
+        raise SequencerError(f"input size {' '.join(map(str, input_size))} must be positive")
+
+    def per_channel(key, default):
+        value = args.get(key, cfg.get(key, default))
+        value = (value,) if isinstance(value, (int, float)) else tuple(float(v) for v in value)
+        if len(value) == 1:
+            value = value * input_size[0]
+        if len(value) != input_size[0]:
+            raise SequencerError(f"--{key} has {len(value)} values for {input_size[0]} input channels")
+        return tuple(float(v) for v in value)
+
+    mean = per_channel("mean", IMAGENET_DEFAULT_MEAN)
+    std = per_channel("std", IMAGENET_DEFAULT_STD)
+    if any(s <= 0 for s in std):
+        raise SequencerError(f"--std {' '.join(map(str, std))} must be positive")
+    crop_pct = float(args.get("crop_pct", cfg.get("crop_pct", 0.875)))
+    if not 0 < crop_pct <= 2:
+        raise SequencerError(f"--crop-pct {crop_pct} must be in (0, 2] (1.0 = no crop)")
+    interpolation = str(args.get("interpolation", cfg.get("interpolation", "bicubic"))) or "bicubic"
+    if interpolation not in INTERPOLATIONS:
+        raise SequencerError(f"unknown --interpolation {interpolation!r}", hint=f"one of {', '.join(INTERPOLATIONS)}")
+    return dict(input_size=input_size, mean=mean, std=std, crop_pct=crop_pct, interpolation=interpolation)
+
+
+def create_transform(input_size, is_training: bool = False, *, mean=IMAGENET_DEFAULT_MEAN,
+                     std=IMAGENET_DEFAULT_STD, crop_pct: float | None = None, interpolation: str = "bicubic",
+                     hflip: float = 0.5, vflip: float = 0.0, scale=None, ratio=None, color_jitter: float = 0.4,
+                     auto_augment: str | None = None, re_prob: float = 0.0, re_mode: str = "pixel",
+                     re_count: int = 1):
+    """PIL RGB image -> normalised float tensor (C, H, W) via timm's transform factory.
+
+    ``input_size`` is an int or (C, H, W); a 1-channel size converts to grayscale first.
+    """
+    from torchvision import transforms
+
+    if isinstance(input_size, int):
+        input_size = (3, input_size, input_size)
+    input_size = tuple(input_size)
+    if input_size[0] not in (1, 3):
+        raise SequencerError(f"images have 3 (or 1) channels, not {input_size[0]}")
+    kwargs = dict(input_size=input_size, is_training=is_training, mean=tuple(mean), std=tuple(std),
+                  interpolation=interpolation, crop_pct=crop_pct)
+    if is_training:
+        kwargs.update(hflip=hflip, vflip=vflip, scale=tuple(scale) if scale else None,
+                      ratio=tuple(ratio) if ratio else None, color_jitter=color_jitter, auto_augment=auto_augment,
+                      re_prob=re_prob, re_mode=re_mode, re_count=re_count)
+    transform = timm_create_transform(**kwargs)
+    if input_size[0] == 1:
+        transform = transforms.Compose([transforms.Grayscale(1), transform])
+    return transform
+
+
+class _SkippingView(torch.utils.data.Dataset):
+    """What the DataLoader indexes: items ``(image, target, unreadable files)``.
+
+    For training an unreadable image is replaced by the next readable one (batches keep their size, as Mixup
+    needs); for evaluation it is dropped (image None), so metrics cover exactly the readable images.
+    """
+
+    MAX_REPLACEMENTS = 16
+
+    def __init__(self, dataset, replace: bool):
+        self.dataset = dataset
+        self.replace = replace
+
+    def __len__(self):
+        return len(self.dataset)
+
+    def __getattr__(self, name):  # loader.dataset.class_names etc. reach the real dataset
+        if name == "dataset":
+            raise AttributeError(name)
+        return getattr(self.dataset, name)
+
+    def __getitem__(self, index):
+        failed = []
+        for attempt in range(self.MAX_REPLACEMENTS if self.replace else 1):
+            try:
+                img, target = self.dataset[(index + attempt) % len(self.dataset)]
+                return img, target, failed
+            except UnreadableImageError as e:
+                failed.append(e.path)
+        return None, -1, failed
+
+
+def _collate(batch):
+    """Default collate of the readable samples, plus the unreadable files: (images | None, targets | None, files)."""
+    failed = [path for _, _, paths in batch for path in paths]
+    good = [(img, target) for img, target, _ in batch if img is not None]
+    if not good:
+        return None, None, failed
+    images, targets = default_collate(good)
+    return images, targets, failed
+
+
+class _ShardSampler(torch.utils.data.Sampler):
+    """Rank ``r`` of ``w`` gets indices r, r+w, r+2w, ...: every sample exactly once, no padding (exact eval)."""
+
+    def __init__(self, num_samples: int, rank: int, world_size: int):
+        self.indices = range(rank, num_samples, world_size)
+
+    def __len__(self):
+        return len(self.indices)
+
+    def __iter__(self):
+        return iter(self.indices)
+
+
+class ImageLoader(DataLoader):
+    """A DataLoader yielding ``(images (N, C, H, W) float, targets (N,) long)`` already on ``device``.
+
+    Unreadable images are skipped with a warning naming each file (once per file); ``loader.skipped`` lists the
+    files skipped in the current/latest pass (for the epoch log) and ``loader.dataset.skipped`` all seen so far.
+    More than ``max_unreadable`` (a fraction) of a pass unreadable aborts with a SequencerError listing them.
+    Shuffling is seeded by ``seed`` and the epoch (`set_epoch`, else the pass count), so a resumed run sees the
+    same order.
+    """
+
+    def __init__(self, dataset, *, device, max_unreadable: float, seed: int, **kwargs):
+        super().__init__(dataset, **kwargs)
+        self.device = torch.device(device)
+        self.max_unreadable = max_unreadable
+        self.seed = seed
+        self.skipped: list[str] = []
+        self._epoch: int | None = None
+        self._passes = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        """Fix the shuffle order (and the distributed sampler's) for ``epoch``; call before iterating."""
+        self._epoch = int(epoch)
+
+    def __iter__(self):
+        epoch = self._epoch if self._epoch is not None else self._passes
+        self._epoch = None
+        self._passes += 1
+        if self.generator is not None:
+            self.generator.manual_seed(self.seed + epoch)
+        if hasattr(self.sampler, "set_epoch"):
+            self.sampler.set_epoch(epoch)
+        self.skipped = []
+        total = len(self.sampler)
+        non_blocking = self.device.type == "cuda"
+        for images, targets, failed in super().__iter__():
+            if failed:
+                self._note_unreadable(failed, total)
+            if images is None:
+                continue
+            yield images.to(self.device, non_blocking=non_blocking), targets.to(self.device, non_blocking=non_blocking)
+
+    def _note_unreadable(self, failed: list[str], total: int) -> None:
+        seen = getattr(self.dataset.dataset, "skipped", None)
+        for path in failed:
+            if path not in self.skipped:
+                self.skipped.append(path)
+            if seen is not None and path not in seen:
+                seen.add(path)
+                _logger.warning("skipped unreadable image %s", path)
+        if len(self.skipped) > self.max_unreadable * total:
+            shown = ", ".join(self.skipped[:20]) + (", ..." if len(self.skipped) > 20 else "")
+            raise SequencerError(
+                f"{len(self.skipped)} of {total} images are unreadable (more than {self.max_unreadable:.0%}): {shown}",
+                hint="remove or replace the broken files")
+
+
+def create_loader(dataset, input_size, batch_size: int, is_training: bool = False, *,
+                  mean=IMAGENET_DEFAULT_MEAN, std=IMAGENET_DEFAULT_STD, crop_pct: float | None = None,
+                  interpolation: str = "bicubic", num_workers: int = 0, distributed: bool = False,
+                  device: torch.device | str = "cpu", auto_augment: str | None = None, re_prob: float = 0.0,
+                  re_mode: str = "pixel", re_count: int = 1, hflip: float | None = None, vflip: float = 0.0,
+                  scale=None, ratio=None, color_jitter: float | None = None, drop_last: bool | None = None,
+                  seed: int = 0, max_unreadable: float = 0.01, pin_memory: bool | None = None) -> ImageLoader:
+    """Set ``dataset.transform`` (timm's train or eval transform) and wrap it in an `ImageLoader`.
+
+    ``hflip``/``scale``/``ratio``/``color_jitter`` left as None take the dataset's ``augment_defaults`` (digits: no
+    flip, mild crops) and then timm's defaults. ``drop_last`` defaults to ``is_training``. With ``distributed``
+    (an initialised process group) training shuffles with a DistributedSampler and evaluation gives each rank a
+    disjoint, unpadded share. Raises SequencerError when the batch size leaves no batch at all.
+    """
+    if batch_size <= 0:
+        raise SequencerError(f"batch size {batch_size} must be positive")
+    augment = dict(TIMM_AUGMENT_DEFAULTS)
+    augment.update(getattr(dataset, "augment_defaults", None) or {})
+    given = dict(hflip=hflip, scale=scale, ratio=ratio, color_jitter=color_jitter)
+    augment.update({k: v for k, v in given.items() if v is not None})
+    dataset.transform = create_transform(
+        input_size, is_training, mean=mean, std=std, crop_pct=crop_pct, interpolation=interpolation,
+        vflip=vflip, auto_augment=auto_augment, re_prob=re_prob, re_mode=re_mode, re_count=re_count, **augment)
+
+    drop_last = is_training if drop_last is None else drop_last
+    generator = torch.Generator()
+    generator.manual_seed(seed)
+    if distributed and torch.distributed.is_available() and torch.distributed.is_initialized():
+        rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
+        if is_training:
+            sampler = torch.utils.data.DistributedSampler(dataset, world, rank, shuffle=True, seed=seed)
+        else:
+            sampler = _ShardSampler(len(dataset), rank, world)
+    elif is_training:
+        sampler = torch.utils.data.RandomSampler(dataset, generator=generator)
+    else:
+        sampler = torch.utils.data.SequentialSampler(dataset)
+    if drop_last and len(sampler) < batch_size:
+        name = getattr(dataset, "description", type(dataset).__name__)
+        per = " per process" if len(sampler) != len(dataset) else ""
+        raise SequencerError(f"batch size {batch_size} is larger than the {len(sampler)} images{per} of {name}",
+                             hint=f"use -b {max(1, len(sampler))} or less")
+    device = torch.device(device)
+    return ImageLoader(
+        _SkippingView(dataset, replace=is_training), device=device, max_unreadable=max_unreadable, seed=seed,
+        batch_size=batch_size, sampler=sampler, num_workers=num_workers, collate_fn=_collate,
+        pin_memory=device.type == "cuda" if pin_memory is None else pin_memory, drop_last=drop_last,
+        generator=generator)

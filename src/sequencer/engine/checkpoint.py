@@ -1,0 +1,216 @@
+"""Training checkpoints: atomic writes, the best-N history, recovery files and resuming.
+
+Every file is written to a temporary name in the destination folder, flushed, fsync'ed and then renamed over
+the target with ``os.replace`` (atomic on POSIX and Windows), so a kill or a full disk at any moment leaves the
+previous file intact and no half-written file behind.
+
+Files in an experiment folder (as timm's ``CheckpointSaver`` names them):
+  ``last.pth.tar``            end of the latest finished epoch
+  ``model_best.pth.tar``      the epoch with the best ``--eval-metric`` so far
+  ``checkpoint-<E>.pth.tar``  the best ``--checkpoint-hist`` epochs
+  ``recovery.pth.tar``        written on SIGTERM/SIGINT in the middle of an epoch (removed once the epoch ends)
+
+Checkpoint dict (contract shared with validate/predict/...; every value is ``weights_only``-loadable):
+``version, arch, model_kwargs, class_names, data_config, state_dict, [state_dict_ema], optimizer, scheduler,
+scaler, epoch, metric, args, rng_state`` plus our own bookkeeping: ``epoch_complete`` (False for a recovery
+file: the epoch is re-run on resume), ``step``, ``best_metric``, ``best_epoch``, ``checkpoint_history``.
+"""
+from __future__ import annotations
+
+import errno
+import os
+import random
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..errors import SequencerError
+from ..models.loading import read_checkpoint
+
+CHECKPOINT_VERSION = 1
+LAST, BEST, RECOVERY = "last.pth.tar", "model_best.pth.tar", "recovery.pth.tar"
+
+
+def _fsync_dir(folder: Path) -> None:
+    # makes the rename itself durable; not possible on every platform/filesystem, hence best effort
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def atomic_save(obj, path: str | os.PathLike) -> None:
+    """``torch.save(obj, path)`` that either fully replaces ``path`` or leaves it (and the folder) untouched.
+
+    Raises SequencerError naming the file when the write fails (full disk, no permission, ...).
+    """
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        reason = "the disk is full" if e.errno == errno.ENOSPC else (e.strerror or str(e))
+        raise SequencerError(f"could not write checkpoint {str(path)!r}: {reason}; nothing was half-written and "
+                             f"the previous checkpoint is unchanged",
+                             hint="free some space or pass another --output") from None
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    _fsync_dir(path.parent)
+
+
+def atomic_link_or_copy(src: Path, dst: Path) -> None:
+    """Make ``dst`` hold the bytes of ``src`` atomically: a hard link when the filesystem allows, else a copy."""
+    tmp = dst.with_name(f".{dst.name}.tmp-{os.getpid()}")
+    tmp.unlink(missing_ok=True)
+    try:
+        try:
+            os.link(src, tmp)  # later os.replace of src keeps this inode alive, so dst stays valid
+        except OSError:
+            with open(src, "rb") as fi, open(tmp, "wb") as fo:
+                while chunk := fi.read(1 << 22):
+                    fo.write(chunk)
+                fo.flush()
+                os.fsync(fo.fileno())
+        os.replace(tmp, dst)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        reason = "the disk is full" if e.errno == errno.ENOSPC else (e.strerror or str(e))
+        raise SequencerError(f"could not write checkpoint {str(dst)!r}: {reason}; nothing was half-written",
+                             hint="free some space or pass another --output") from None
+    _fsync_dir(dst.parent)
+
+
+# ---------------------------------------------------------------------------------------------------- RNG state
+def get_rng_state() -> dict:
+    """Python, numpy, torch (and CUDA) generator states as weights_only-safe values (lists, ints, tensors)."""
+    version, py_state, gauss = random.getstate()
+    np_state = np.random.get_state()
+    state = {
+        "python": [version, list(py_state), gauss],
+        "numpy": [np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), int(np_state[2]),
+                  int(np_state[3]), float(np_state[4])],
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    version, py_state, gauss = state["python"]
+    random.setstate((version, tuple(py_state), gauss))
+    name, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        cuda_states = state["cuda"]
+        if len(cuda_states) == torch.cuda.device_count():
+            torch.cuda.set_rng_state_all(cuda_states)
+
+
+# ------------------------------------------------------------------------------------------------- history
+class CheckpointManager:
+    """Writes last/best/history/recovery checkpoints of one experiment folder (rank 0 only).
+
+    ``decreasing``: lower metric is better (``--eval-metric loss``).
+    """
+
+    def __init__(self, folder: str | os.PathLike, max_history: int = 10, decreasing: bool = False):
+        self.folder = Path(folder)
+        self.max_history = max_history
+        self.decreasing = decreasing
+        self.history: list[tuple[int, float]] = []  # (epoch, metric), best first
+        self.best_metric: float | None = None
+        self.best_epoch: int | None = None
+
+    def _better(self, a: float, b: float | None) -> bool:
+        return b is None or (a < b if self.decreasing else a > b)
+
+    def restore(self, checkpoint: dict) -> None:
+        """Take over best metric and history from a checkpoint being resumed (files that vanished are dropped)."""
+        self.best_metric = checkpoint.get("best_metric")
+        self.best_epoch = checkpoint.get("best_epoch")
+        self.history = [(int(e), float(m)) for e, m in checkpoint.get("checkpoint_history") or []
+                        if (self.folder / f"checkpoint-{int(e)}.pth.tar").exists()]
+
+    def bookkeeping(self) -> dict:
+        return {"best_metric": self.best_metric, "best_epoch": self.best_epoch,
+                "checkpoint_history": [[e, m] for e, m in self.history]}
+
+    def save_epoch(self, state: dict, epoch: int, metric: float | None) -> bool:
+        """Write ``last``; update ``model_best`` and the history when ``metric`` is finite and good enough.
+
+        ``state`` is the checkpoint dict without the bookkeeping keys. Returns True when this epoch is the new best.
+        A non-finite metric never becomes best, so a diverged model cannot overwrite ``model_best``.
+        """
+        usable = metric is not None and np.isfinite(metric)
+        is_best = usable and self._better(metric, self.best_metric)
+        if is_best:
+            self.best_metric, self.best_epoch = float(metric), epoch
+        keep = False
+        if usable and self.max_history > 0:
+            worst = self.history[-1][1] if len(self.history) >= self.max_history else None
+            keep = len(self.history) < self.max_history or self._better(metric, worst)
+            if keep:
+                self.history.append((epoch, float(metric)))
+                self.history.sort(key=lambda em: em[1], reverse=not self.decreasing)
+        dropped = self.history[self.max_history:] if self.max_history > 0 else []
+        self.history = self.history[:self.max_history] if self.max_history > 0 else []
+        state = dict(state, **self.bookkeeping())
+        last = self.folder / LAST
+        atomic_save(state, last)
+        if is_best:
+            atomic_link_or_copy(last, self.folder / BEST)
+        if keep and any(e == epoch for e, _ in self.history):
+            atomic_link_or_copy(last, self.folder / f"checkpoint-{epoch}.pth.tar")
+        for e, _ in dropped:
+            (self.folder / f"checkpoint-{e}.pth.tar").unlink(missing_ok=True)
+        (self.folder / RECOVERY).unlink(missing_ok=True)  # the finished epoch supersedes it
+        return is_best
+
+    def save_recovery(self, state: dict) -> Path:
+        path = self.folder / RECOVERY
+        atomic_save(dict(state, **self.bookkeeping()), path)
+        return path
+
+
+def resume_position(checkpoint: dict) -> int:
+    """The epoch to start at when resuming ``checkpoint``: the next one, or the same one for a recovery file."""
+    epoch = int(checkpoint.get("epoch", -1))
+    return epoch + 1 if checkpoint.get("epoch_complete", True) else epoch
+
+
+def find_auto_resume(folder: str | os.PathLike) -> Path | None:
+    """The most advanced loadable checkpoint of an experiment folder (recovery or last), or None.
+
+    Used by ``--resume auto`` so that torchrun ``--max-restarts`` continues where the killed run stopped.
+    """
+    folder = Path(folder)
+    best, best_pos = None, None
+    for name in (LAST, RECOVERY):
+        path = folder / name
+        if not path.is_file():
+            continue
+        try:
+            ckpt = read_checkpoint(path)
+        except SequencerError as e:  # cannot happen with atomic writes, but a copied-in file might be broken
+            warnings.warn(f"--resume auto: skipping {path}: {e}")
+            continue
+        pos = (resume_position(ckpt), int(ckpt.get("step", 0)))
+        if best_pos is None or pos > best_pos:
+            best, best_pos = path, pos
+    return best

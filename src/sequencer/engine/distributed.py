@@ -1,0 +1,99 @@
+"""Process-group helpers for ``torchrun`` launches (DDP: NCCL on GPUs, gloo on CPU).
+
+A run is distributed when torchrun's ``WORLD_SIZE`` environment variable is above 1. Multi-node training uses
+torchrun's rendezvous (``--nnodes``, ``--rdzv-backend c10d``, ``--rdzv-endpoint HOST:PORT``); nothing here differs
+between one node and many. Rank 0 is the only process that writes files.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass
+class DistInfo:
+    distributed: bool = False
+    rank: int = 0
+    local_rank: int = 0
+    world_size: int = 1
+    device: torch.device = torch.device("cpu")
+
+    @property
+    def is_primary(self) -> bool:
+        return self.rank == 0
+
+
+def init_distributed(device: str | None = None) -> DistInfo:
+    """Join the process group torchrun describes (if any) and pick this process's device.
+
+    ``device`` is "cpu", "cuda" or "cuda:N"; None picks CUDA when available. Under torchrun each process uses
+    ``cuda:LOCAL_RANK``.
+    """
+    if device is None:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    dev = torch.device(device)
+    if world_size <= 1:
+        if dev.type == "cuda" and dev.index is None:
+            dev = torch.device("cuda", 0)
+        return DistInfo(device=dev)
+    if dev.type == "cuda":
+        dev = torch.device("cuda", local_rank)
+        torch.cuda.set_device(dev)
+    if not dist.is_initialized():
+        backend = "nccl" if dev.type == "cuda" else "gloo"
+        # env:// reads MASTER_ADDR/MASTER_PORT (or the rendezvous torchrun set up)
+        dist.init_process_group(backend=backend, timeout=timedelta(minutes=30))
+    return DistInfo(True, dist.get_rank(), local_rank, dist.get_world_size(), dev)
+
+
+def cleanup(info: DistInfo) -> None:
+    if info.distributed and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def barrier(info: DistInfo) -> None:
+    if info.distributed:
+        dist.barrier()
+
+
+def all_reduce_max(values: list[float], info: DistInfo) -> list[float]:
+    """Element-wise max over ranks (used to agree on stop flags); a no-op outside DDP."""
+    if not info.distributed:
+        return values
+    t = torch.tensor(values, dtype=torch.float64, device=info.device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return t.tolist()
+
+
+def all_reduce_mean(values: list[float], info: DistInfo) -> list[float]:
+    """Mean over ranks; a no-op outside DDP."""
+    if not info.distributed:
+        return values
+    t = torch.tensor(values, dtype=torch.float64, device=info.device)
+    dist.all_reduce(t, op=dist.ReduceOp.SUM)
+    return (t / info.world_size).tolist()
+
+
+def broadcast_object(obj, info: DistInfo):
+    """Rank 0's ``obj`` on every rank (e.g. the experiment folder name, which holds a timestamp)."""
+    if not info.distributed:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def all_gather_object(obj, info: DistInfo) -> list:
+    """``[obj of rank 0, obj of rank 1, ...]`` on every rank."""
+    if not info.distributed:
+        return [obj]
+    out = [None] * info.world_size
+    dist.all_gather_object(out, obj)
+    return out

@@ -1,0 +1,53 @@
+"""Top-1/top-5 accuracy and loss of a classifier over a loader; the one eval loop of `train` and `validate`."""
+from __future__ import annotations
+
+import time
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+@torch.inference_mode()
+def evaluate(model: nn.Module, loader, device: torch.device | str, amp_dtype: torch.dtype | str | None = None,
+             distributed: bool = False) -> dict:
+    """Evaluate ``model`` on every batch of ``loader`` (``(images (N, C, H, W), targets (N,))``).
+
+    Returns dict(top1, top5 (percent), loss (mean cross-entropy), images_per_sec, count). Sums are accumulated in
+    float64 and, with ``distributed``, all-reduced over ranks, so the result is exact when each rank sees a disjoint
+    share of the data (the eval loader of `sequencer.data.create_loader` gives each rank such a share, unpadded).
+    Top-5 counts a hit within the top min(5, classes). ``amp_dtype`` (e.g. torch.bfloat16) runs the forward pass
+    under autocast; the loss is computed in float32. The model is put in eval mode and left there.
+    """
+    device = torch.device(device)
+    if isinstance(amp_dtype, str):
+        amp_dtype = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": None}[amp_dtype]
+    model.eval()
+    sums = torch.zeros(4, dtype=torch.float64, device=device)  # loss, top1 hits, top5 hits, count
+    start = time.perf_counter()
+    for images, targets in loader:
+        images = images.to(device, non_blocking=True)
+        targets = targets.to(device, non_blocking=True)
+        with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
+            logits = model(images)
+        logits = logits.float()
+        k = min(5, logits.shape[-1])
+        top = logits.topk(k, dim=-1).indices
+        hits = top.eq(targets[:, None])
+        sums += torch.stack([
+            F.cross_entropy(logits, targets, reduction="sum").double(),
+            hits[:, 0].sum().double(),
+            hits.any(dim=-1).sum().double(),
+            torch.tensor(float(targets.numel()), dtype=torch.float64, device=device),
+        ])
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    elapsed = torch.tensor([time.perf_counter() - start], dtype=torch.float64, device=device)
+    if distributed and torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.all_reduce(sums)
+        torch.distributed.all_reduce(elapsed, op=torch.distributed.ReduceOp.MAX)
+    loss_sum, top1, top5, count = sums.tolist()
+    if count == 0:
+        return dict(top1=0.0, top5=0.0, loss=float("nan"), images_per_sec=0.0, count=0)
+    return dict(top1=100.0 * top1 / count, top5=100.0 * top5 / count, loss=loss_sum / count,
+                images_per_sec=count / max(elapsed.item(), 1e-9), count=int(count))

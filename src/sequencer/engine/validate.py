@@ -1,0 +1,169 @@
+"""`sequencer validate`: top-1/top-5 accuracy, loss and throughput of a model on a dataset split.
+
+The paper's ``python validate.py /path/to/imagenet --model sequencer2d_s -b 16 --input-size 3 224 224 --amp`` is
+``sequencer validate /path/to/imagenet --model sequencer2d_s -b 16 --input-size 3 224 224 --amp``. With no DATA it
+validates on the embedded digits val split. A checkpoint written by ``sequencer train`` carries its model name,
+class names and preprocessing, and is evaluated with the same loader and loop as training's eval phase, so it
+reproduces the eval_top1 training logged. Under ``torchrun`` each process evaluates a disjoint share.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+
+import torch
+
+from ..cli_common import add_model_args, load_model_from_args, positive_int
+from ..data import create_dataset, create_loader, resolve_data_config
+from ..data.loader import INTERPOLATIONS
+from ..errors import SequencerError
+from .distributed import cleanup, init_distributed
+from .evaluate import evaluate
+
+RESULT_FORMATS = (".json", ".csv")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("data", nargs="?", default=None, metavar="DATA",
+                        help="dataset folder (DATA/SPLIT/CLASS/IMAGE), .tar, or torchvision root "
+                             "(default: the embedded digits)")
+    g = parser.add_argument_group("data")
+    g.add_argument("--dataset", default="", metavar="NAME",
+                   help="'' image folders or tar, 'digits', or torch/NAME (torch/cifar10, torch/flowers102, ...)")
+    g.add_argument("--split", default="validation", help="split to evaluate (val/validation/test/train...)")
+    g.add_argument("--class-map", default="", metavar="FILE", help="class names, one per line (or 'name index')")
+    g.add_argument("--dataset-download", action="store_true", help="let torchvision datasets download themselves")
+    g.add_argument("-b", "--batch-size", type=positive_int, default=256, metavar="N")
+    g.add_argument("-j", "--workers", type=int, default=None, metavar="N",
+                   help="data loading processes (default: 0 for digits, else min(4, CPUs))")
+    g.add_argument("--crop-pct", type=float, default=None, help="centre-crop fraction (default: the model's)")
+    g.add_argument("--mean", type=float, nargs="+", default=None, metavar="MEAN")
+    g.add_argument("--std", type=float, nargs="+", default=None, metavar="STD")
+    g.add_argument("--interpolation", default=None, choices=INTERPOLATIONS)
+    add_model_args(parser)
+    g = parser.add_argument_group("run")
+    g.add_argument("--amp", "--native-amp", dest="amp", action="store_true",
+                   help="mixed precision (float16 on CUDA, bfloat16 on CPU unless --amp-dtype)")
+    g.add_argument("--amp-dtype", default=None, choices=("float16", "bfloat16"), help="autocast dtype (implies --amp)")
+    g.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda when available)")
+    g.add_argument("--results-file", default="", metavar="FILE", help="write the results as .json or .csv")
+
+
+def _check_results_file(path: str) -> None:
+    if not path:
+        return
+    if os.path.splitext(path)[1].lower() not in RESULT_FORMATS:
+        raise SequencerError(f"--results-file {path!r}: unknown format", hint="use a .json or .csv file name")
+    folder = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(folder):
+        raise SequencerError(f"--results-file {path!r}: folder {folder!r} does not exist")
+    if not os.access(folder, os.W_OK) or (os.path.exists(path) and not os.access(path, os.W_OK)):
+        raise SequencerError(f"--results-file {path!r} is not writable")
+
+
+def write_results(path: str, results: dict) -> None:
+    """Write ``results`` as JSON (an object) or CSV (a header row and one value row)."""
+    try:
+        with open(path, "w", newline="") as f:
+            if path.lower().endswith(".csv"):
+                writer = csv.DictWriter(f, fieldnames=list(results))
+                writer.writeheader()
+                writer.writerow(results)
+            else:
+                json.dump(results, f, indent=2)
+                f.write("\n")
+    except OSError as e:
+        raise SequencerError(f"cannot write --results-file {path!r}: {e.strerror or e}") from None
+
+
+def _target_mapping(dataset, loaded) -> list[int] | None:
+    """Dataset class index -> model output index, or None when they already agree; raises on a head mismatch.
+
+    A checkpoint's own class names map a dataset holding some of its classes by name; ImageNet synset folders
+    (n01440764, ...) map onto a 1000-class model's outputs; otherwise the class counts must match.
+    """
+    num_outputs = getattr(loaded.model, "num_classes", None)
+    names = list(dataset.class_names)
+    ckpt_names = list((loaded.checkpoint or {}).get("class_names") or [])
+    if ckpt_names and names != ckpt_names and set(names) <= set(ckpt_names):
+        index = {n: i for i, n in enumerate(ckpt_names)}
+        return [index[n] for n in names]
+    if num_outputs == 1000 and len(names) < 1000 and all(n.startswith("n") and n[1:].isdigit() for n in names):
+        from timm.data import ImageNetInfo
+        info = ImageNetInfo()
+        synsets = {info.index_to_label_name(i): i for i in range(1000)}
+        if all(n in synsets for n in names):
+            return [synsets[n] for n in names]
+    if num_outputs is not None and num_outputs != len(names):
+        raise SequencerError(
+            f"model {loaded.name} has a {num_outputs}-class head but {dataset.description} has {len(names)} classes",
+            hint="validate a checkpoint trained on this data, or pass --class-map / --num-classes to match")
+    return None
+
+
+def run(args: argparse.Namespace) -> int:
+    _check_results_file(args.results_file)
+    dataset_name = args.dataset or ("" if args.data else "digits")
+    dist_info = init_distributed(args.device)
+    try:
+        return _run(args, dataset_name, dist_info)
+    finally:
+        cleanup(dist_info)
+
+
+def _run(args, dataset_name: str, dist_info) -> int:
+    device = dist_info.device
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise SequencerError(f"--device {args.device}: CUDA is not available", hint="use --device cpu")
+    loaded = load_model_from_args(args, device)
+    config = resolve_data_config(dict(loaded.data_config, input_size=loaded.input_size, mean=args.mean,
+                                      std=args.std, crop_pct=args.crop_pct, interpolation=args.interpolation),
+                                 loaded.model)
+    dataset = create_dataset(dataset_name, root=args.data, split=args.split, class_map=args.class_map or None,
+                             download=args.dataset_download)
+    mapping = _target_mapping(dataset, loaded)
+    if mapping is not None:
+        dataset.target_transform = mapping.__getitem__
+    workers = args.workers
+    if workers is None:
+        workers = 0 if dataset_name == "digits" else min(4, os.cpu_count() or 1)
+    loader = create_loader(dataset, config["input_size"], args.batch_size, is_training=False,
+                           mean=config["mean"], std=config["std"], crop_pct=config["crop_pct"],
+                           interpolation=config["interpolation"], num_workers=workers,
+                           distributed=dist_info.distributed, device=device)
+    amp_dtype = None
+    if args.amp or args.amp_dtype:
+        amp_dtype = {"float16": torch.float16, "bfloat16": torch.bfloat16}[
+            args.amp_dtype or ("float16" if device.type == "cuda" else "bfloat16")]
+    metrics = evaluate(loaded.model, loader, device, amp_dtype=amp_dtype, distributed=dist_info.distributed)
+
+    results = dict(
+        model=loaded.name,
+        checkpoint=args.checkpoint or ("pretrained" if args.pretrained else ""),
+        dataset=dataset.description,
+        top1=round(metrics["top1"], 3), top1_err=round(100 - metrics["top1"], 3),
+        top5=round(metrics["top5"], 3), top5_err=round(100 - metrics["top5"], 3),
+        loss=round(metrics["loss"], 5),
+        images_per_sec=round(metrics["images_per_sec"], 1),
+        param_count=loaded.num_params,
+        img_size=config["input_size"][-1],
+        crop_pct=config["crop_pct"],
+        interpolation=config["interpolation"],
+        count=metrics["count"],
+        unreadable=len(loader.skipped),
+        amp=str(amp_dtype).replace("torch.", "") if amp_dtype else "",
+        device=str(device),
+    )
+    if dist_info.is_primary:
+        print(f" * Acc@1 {results['top1']:.3f} ({results['top1_err']:.3f}) "
+              f"Acc@5 {results['top5']:.3f} ({results['top5_err']:.3f})")
+        print(f"model {results['model']} ({results['param_count'] / 1e6:.2f}M params) at "
+              f"{results['img_size']}px on {results['dataset']}: {results['count']} images, "
+              f"loss {results['loss']:.4f}, {results['images_per_sec']:.1f} images/s"
+              + (f", {results['unreadable']} unreadable skipped" if results["unreadable"] else ""))
+        if args.results_file:
+            write_results(args.results_file, results)
+            print(f"results written to {args.results_file}")
+    return 0

@@ -1,0 +1,126 @@
+"""Analytic multiply-accumulate (MAC) counts for Sequencer models.
+
+``count_macs`` runs one batch-1 forward with hooks that read the real tensor shapes at every ``nn.Conv2d``,
+``nn.Linear`` and recurrent layer (``nn.LSTM``/``nn.GRU``/``nn.RNN``) and adds up their multiply-adds:
+
+* Conv2d: ``out_elements * in_channels / groups * kh * kw``
+* Linear: ``tokens * in_features * out_features``
+* RNN2d's mixing ``fc``: counted as a Linear on the block's tokens also when the fused forward applies its
+  weight with functional ops instead of calling the module (so no Linear hook fires)
+* RNN: per time step, per direction, per sequence and per layer ``gates * hidden * (input + hidden)`` (gates: 4 for
+  LSTM, 3 for GRU, 1 for a plain RNN), i.e. the input and the recurrent matrix products.
+
+Not counted (as in the paper's and ptflops' convention of counting only the matrix products): biases, norms,
+activations, the element-wise gate math of the RNN cells (sigmoid/tanh, cell update), pooling, residual adds and
+position embeddings. The count depends only on shapes, so the recurrent layers are replaced during the count by
+stubs that return zeros of the right shape: this keeps the count fast on CPU and makes it work on a model built on
+the ``meta`` device (``with torch.device("meta"): create_model(...)``), which skips weight init as well.
+"""
+from __future__ import annotations
+
+import math
+import types
+from typing import Sequence
+
+import torch
+from torch import nn
+
+from .sequencer2d import RNN2d
+
+RNN_GATES = {nn.LSTM: 4, nn.GRU: 3, nn.RNN: 1}
+
+
+def _rnn_gates(module: nn.RNNBase) -> int:
+    for cls, gates in RNN_GATES.items():
+        if isinstance(module, cls):
+            return gates
+    raise TypeError(f"unsupported recurrent layer {type(module).__name__}")
+
+
+def rnn_macs(module: nn.RNNBase, seq_len: int, num_seqs: int) -> int:
+    """MACs of ``module`` over ``num_seqs`` sequences of ``seq_len`` steps (all layers and directions)."""
+    gates = _rnn_gates(module)
+    directions = 2 if module.bidirectional else 1
+    total = 0
+    input_size = module.input_size
+    for _ in range(module.num_layers):
+        total += gates * module.hidden_size * (input_size + module.hidden_size)
+        input_size = module.hidden_size * directions  # deeper layers read both directions' outputs
+    return total * directions * seq_len * num_seqs
+
+
+def _shape_only_rnn_forward(module: nn.RNNBase, x: torch.Tensor, hx=None):
+    """Stand-in for an RNN's forward that returns zeros of the real output shapes (nothing is computed)."""
+    directions = 2 if module.bidirectional else 1
+    if x.dim() == 2:  # unbatched (T, C)
+        out = x.new_zeros(x.shape[0], directions * module.hidden_size)
+        h = x.new_zeros(directions * module.num_layers, module.hidden_size)
+    else:
+        out = x.new_zeros(*x.shape[:2], directions * module.hidden_size)
+        batch = x.shape[0] if module.batch_first else x.shape[1]
+        h = x.new_zeros(directions * module.num_layers, batch, module.hidden_size)
+    return out, ((h, h) if isinstance(module, nn.LSTM) else h)
+
+
+def count_macs(model: nn.Module, input_size: Sequence[int] = (3, 224, 224)) -> int:
+    """Multiply-adds of one forward pass of ``model`` on a single (C, H, W) image; see the module docstring.
+
+    Works for models on any device, including ``meta``. The model's weights, mode and forward are left unchanged.
+    """
+    counts: list[int] = []
+    linear_calls: dict[nn.Linear, int] = {}
+    fc_calls_before: dict[RNN2d, int] = {}
+
+    def conv_hook(m: nn.Conv2d, inputs, output):
+        counts.append(output.numel() * (m.in_channels // m.groups) * math.prod(m.kernel_size))
+
+    def linear_hook(m: nn.Linear, inputs, output):
+        linear_calls[m] = linear_calls.get(m, 0) + 1
+        counts.append(inputs[0].numel() // m.in_features * m.in_features * m.out_features)
+
+    def rnn_hook(m: nn.RNNBase, inputs, output):
+        x = inputs[0]
+        if x.dim() == 2:
+            seq_len, num_seqs = x.shape[0], 1
+        elif m.batch_first:
+            num_seqs, seq_len = x.shape[:2]
+        else:
+            seq_len, num_seqs = x.shape[:2]
+        counts.append(rnn_macs(m, seq_len, num_seqs))
+
+    def mixer_pre_hook(m: RNN2d, inputs):
+        fc_calls_before[m] = linear_calls.get(m.fc, 0)
+
+    def mixer_hook(m: RNN2d, inputs, output):
+        if m.fc is not None and linear_calls.get(m.fc, 0) == fc_calls_before[m]:  # fc applied functionally
+            counts.append(output.numel() // m.fc.out_features * m.fc.in_features * m.fc.out_features)
+
+    handles, stubbed = [], []
+    for m in model.modules():
+        if isinstance(m, RNN2d):
+            handles.append(m.register_forward_pre_hook(mixer_pre_hook))
+            handles.append(m.register_forward_hook(mixer_hook))
+        if isinstance(m, nn.Conv2d):
+            handles.append(m.register_forward_hook(conv_hook))
+        elif isinstance(m, nn.Linear):
+            handles.append(m.register_forward_hook(linear_hook))
+        elif isinstance(m, nn.RNNBase):
+            _rnn_gates(m)  # fail early on an RNN type we cannot count
+            handles.append(m.register_forward_hook(rnn_hook))
+            m.forward = types.MethodType(_shape_only_rnn_forward, m)  # instance attribute shadows the class's
+            stubbed.append(m)
+    param = next(model.parameters(), None)
+    x = torch.zeros(1, *input_size, device=param.device if param is not None else "cpu",
+                    dtype=param.dtype if param is not None and param.is_floating_point() else torch.float32)
+    was_training = model.training
+    try:
+        model.eval()
+        with torch.no_grad():
+            model(x)
+    finally:
+        model.train(was_training)
+        for h in handles:
+            h.remove()
+        for m in stubbed:
+            del m.forward
+    return int(sum(counts))

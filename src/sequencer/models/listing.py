@@ -1,0 +1,74 @@
+"""`sequencer models`: a table of the registered models with parameters, GMACs, input size and weights.
+
+Models are built on the ``meta`` device (no memory, no weight init) and their multiply-adds counted from shapes
+(:func:`sequencer.models.flops.count_macs`), so listing all of them takes a few seconds on a CPU.
+"""
+from __future__ import annotations
+
+import argparse
+import warnings
+
+import torch
+
+from ..cli_common import positive_int
+from ..errors import SequencerError
+from .flops import count_macs
+from .registry import create_model, get_model_entry, list_models
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("pattern", nargs="?", default="*",
+                        help="shell-style name filter, e.g. 'sequencer2d_*' or '*392' (default: all)")
+    parser.add_argument("--sizes", type=positive_int, nargs="+", default=None, metavar="PX",
+                        help="also give GMACs at these square input sizes (e.g. --sizes 160 392 448)")
+    parser.add_argument("--pretrained", action="store_true", help="only models with released weights")
+
+
+def model_summary(name: str, sizes: tuple[int, ...] = ()) -> dict:
+    """Params, GMACs at the default input size (and at each of ``sizes`` px) of a registered model.
+
+    The model is built on the meta device, so this is cheap even for the large models.
+    """
+    entry = get_model_entry(name)
+    with torch.device("meta"), warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # init on meta tensors may warn; nothing is computed
+        model = create_model(name)
+    input_size = tuple(model.pretrained_cfg["input_size"])
+    gmacs_at = {px: count_macs(model, (input_size[0], px, px)) / 1e9 for px in sizes}
+    return dict(
+        name=name,
+        params=sum(p.numel() for p in model.parameters()),
+        gmacs=count_macs(model, input_size) / 1e9,
+        input_size=input_size,
+        pretrained=bool(entry.pretrained_cfg.get("url")),
+        gmacs_at=gmacs_at,
+    )
+
+
+def format_table(rows: list[dict], sizes: tuple[int, ...] = ()) -> str:
+    header = ["model", "params (M)", "GMACs", "input size", "pretrained"] + [f"GMACs@{px}" for px in sizes]
+    lines = [header]
+    for r in rows:
+        lines.append([r["name"], f"{r['params'] / 1e6:.2f}", f"{r['gmacs']:.2f}",
+                      "x".join(str(s) for s in r["input_size"]), "yes" if r["pretrained"] else "no"]
+                     + [f"{r['gmacs_at'][px]:.2f}" for px in sizes])
+    widths = [max(len(line[i]) for line in lines) for i in range(len(header))]
+    # name left-aligned, numbers right-aligned
+    out = ["  ".join(c.ljust(w) if i == 0 or i == 4 else c.rjust(w) for i, (c, w) in enumerate(zip(line, widths)))
+           .rstrip() for line in lines]
+    out.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(out)
+
+
+def run(args: argparse.Namespace) -> int:
+    names = list_models(args.pattern, pretrained=args.pretrained)
+    if not names:
+        raise SequencerError(f"no model matches {args.pattern!r}" + (" with released weights" if args.pretrained
+                                                                      else ""),
+                             hint="run `sequencer models` for the full list")
+    sizes = tuple(args.sizes or ())
+    rows = [model_summary(n, sizes) for n in names]
+    print(format_table(rows, sizes))
+    if any(r["pretrained"] and r["input_size"][-1] != 224 for r in rows):
+        print("\npretrained *_392 models start from the 224 px release weights (no 392 px weights were released).")
+    return 0

@@ -1,0 +1,1 @@
+"""Analysis and deployment commands: ERF, ImageNet-C robustness, resolution sweeps, export, predict, checkpoints."""

@@ -1,0 +1,200 @@
+"""`sequencer checkpoint average|clean`: the paper's checkpoint averaging and release-ready weight files.
+
+``average`` takes the mean of the weights of N checkpoints (their EMA weights where present, as the paper's
+``avg_checkpoints.py``); ``clean`` strips optimizer/scheduler/scaler state and keeps one set of weights. Both write
+a file the loaders understand: a ``.pth`` holding ``{"version", "arch", "model_kwargs", "class_names",
+"data_config", "state_dict"}`` or a ``.safetensors`` whose metadata carries the same model config as JSON strings.
+Every file is written atomically (temporary file, fsync, rename), so an interrupted run leaves no partial output.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from ..errors import SequencerError
+from ..models.loading import extract_state_dict, read_checkpoint
+
+# The model config a checkpoint carries besides its weights (training contract); all JSON-serialisable.
+CONFIG_KEYS = ("arch", "model_kwargs", "class_names", "data_config")
+
+
+def write_atomically(path: str | os.PathLike, write: Callable[[str], None]) -> Path:
+    """Call ``write(tmp_path)``, fsync the file and rename it onto ``path``: readers never see a partial file.
+
+    Raises SequencerError naming ``path`` when the folder is missing or not writable or the disk is full.
+    """
+    path = Path(path)
+    parent = path.parent if str(path.parent) else Path(".")
+    if not parent.is_dir():
+        raise SequencerError(f"output folder {str(parent)!r} does not exist", hint="create it first")
+    try:
+        fd, tmp = tempfile.mkstemp(dir=parent, prefix=f".{path.name}.", suffix=".tmp")
+    except OSError as e:
+        raise SequencerError(f"cannot write to output folder {str(parent)!r} ({e.strerror or e})") from None
+    os.close(fd)
+    try:
+        write(tmp)
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except OSError as e:
+        Path(tmp).unlink(missing_ok=True)
+        raise SequencerError(f"could not write {str(path)!r} ({e.strerror or e})") from None
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    try:  # make the rename itself durable
+        dir_fd = os.open(parent, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
+    except OSError:
+        pass  # some filesystems (and Windows) cannot fsync a directory
+    return path
+
+
+def model_config(checkpoint: dict) -> dict:
+    """The ``arch``/``model_kwargs``/``class_names``/``data_config`` entries a checkpoint has (JSON-safe)."""
+    if isinstance(checkpoint.get("__metadata__"), dict):  # a safetensors file of ours
+        from ..cli_common import checkpoint_metadata
+        return {k: v for k, v in checkpoint_metadata(checkpoint).items() if k in CONFIG_KEYS}
+    return {k: checkpoint[k] for k in CONFIG_KEYS if checkpoint.get(k) is not None}
+
+
+def _jsonable(value):
+    """Tuples -> lists, recursively, so a config reads back the same from JSON and from a .pth."""
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    return value
+
+
+def save_weights(state_dict: dict[str, torch.Tensor], path: str | os.PathLike, config: dict | None = None,
+                 safetensors: bool | None = None, extra: dict | None = None) -> Path:
+    """Write weights plus model config atomically as ``.pth`` (dict) or ``.safetensors`` (config in metadata).
+
+    ``safetensors=None`` picks the format from the file suffix.
+    """
+    path = Path(path)
+    config = {k: v for k, v in (config or {}).items() if k in CONFIG_KEYS and v is not None}
+    if safetensors is None:
+        safetensors = path.suffix == ".safetensors"
+    # contiguous, storage-independent CPU copies: safetensors refuses shared or strided tensors
+    tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in state_dict.items()}
+    if safetensors:
+        from safetensors.torch import save_file
+        metadata = {"format": "pt"}
+        for key, value in config.items():
+            metadata[key] = value if key == "arch" else json.dumps(_jsonable(value))
+        for key, value in (extra or {}).items():
+            metadata[key] = value if isinstance(value, str) else json.dumps(_jsonable(value))
+        return write_atomically(path, lambda tmp: save_file(tensors, tmp, metadata=metadata))
+    obj = {"version": 1, **config, **(extra or {}), "state_dict": tensors}
+    return write_atomically(path, lambda tmp: torch.save(obj, tmp))
+
+
+def _weights(path: str, use_ema: bool) -> tuple[dict, dict[str, torch.Tensor], bool]:
+    checkpoint = read_checkpoint(path)
+    has_ema = use_ema and any(isinstance(checkpoint.get(k), dict) and checkpoint[k]
+                              for k in ("state_dict_ema", "model_ema"))
+    state = extract_state_dict(checkpoint, use_ema=use_ema)
+    if not state:
+        raise SequencerError(f"checkpoint {path!r} holds no weights")
+    return checkpoint, state, has_ema
+
+
+def average_state_dicts(state_dicts: list[dict[str, torch.Tensor]], names: list[str] | None = None
+                        ) -> dict[str, torch.Tensor]:
+    """Element-wise mean of floating-point tensors (accumulated in float64); other tensors come from the first.
+
+    All state dicts must have the same keys and shapes; a mismatch raises SequencerError naming the file and key.
+    """
+    if not state_dicts:
+        raise SequencerError("no checkpoints to average")
+    names = names or [f"#{i}" for i in range(len(state_dicts))]
+    first = state_dicts[0]
+    for name, state in zip(names[1:], state_dicts[1:]):
+        missing, extra = sorted(set(first) - set(state)), sorted(set(state) - set(first))
+        if missing or extra:
+            what = (f"lacks {', '.join(missing[:3])}" if missing else "") + \
+                   ("; " if missing and extra else "") + (f"has extra {', '.join(extra[:3])}" if extra else "")
+            raise SequencerError(f"cannot average: {name!r} does not have the same weights as {names[0]!r} "
+                                 f"({what})", hint="average checkpoints of one training run / architecture")
+        for k, v in first.items():
+            if state[k].shape != v.shape:
+                raise SequencerError(f"cannot average: {k} has shape {tuple(state[k].shape)} in {name!r} but "
+                                     f"{tuple(v.shape)} in {names[0]!r}",
+                                     hint="average checkpoints of one training run / architecture")
+    out = {}
+    for k, v in first.items():
+        if v.is_floating_point():
+            total = torch.zeros(v.shape, dtype=torch.float64)
+            for state in state_dicts:
+                total += state[k].to(torch.float64)
+            out[k] = (total / len(state_dicts)).to(v.dtype)
+        else:  # counters such as num_batches_tracked cannot be averaged meaningfully
+            out[k] = v.clone()
+    return out
+
+
+def _check_output(path: str, inputs: list[str]) -> None:
+    if any(os.path.abspath(path) == os.path.abspath(p) for p in inputs):
+        raise SequencerError(f"--output {path!r} is also an input; refusing to overwrite it")
+
+
+def cmd_average(args: argparse.Namespace) -> int:
+    _check_output(args.output, args.checkpoints)
+    configs, states = [], []
+    for path in args.checkpoints:
+        checkpoint, state, used_ema = _weights(path, args.use_ema)
+        configs.append(model_config(checkpoint))
+        states.append(state)
+        print(f"{path}: {len(state)} tensors ({'EMA' if used_ema else 'model'} weights)")
+    archs = {c.get("arch") for c in configs if c.get("arch")}
+    if len(archs) > 1:
+        raise SequencerError(f"cannot average checkpoints of different architectures: {', '.join(sorted(archs))}")
+    averaged = average_state_dicts(states, list(args.checkpoints))
+    out = save_weights(averaged, args.output, configs[0], safetensors=args.safetensors or None,
+                       extra={"averaged_from": [str(p) for p in args.checkpoints]})
+    print(f"averaged {len(states)} checkpoints -> {out}")
+    return 0
+
+
+def cmd_clean(args: argparse.Namespace) -> int:
+    _check_output(args.output, [args.checkpoint])
+    checkpoint, state, used_ema = _weights(args.checkpoint, args.use_ema)
+    out = save_weights(state, args.output, model_config(checkpoint), safetensors=args.safetensors or None)
+    size_in, size_out = os.path.getsize(args.checkpoint), os.path.getsize(out)
+    print(f"{args.checkpoint} ({size_in / 2**20:.1f} MiB) -> {out} ({size_out / 2**20:.1f} MiB), "
+          f"{'EMA' if used_ema else 'model'} weights, {len(state)} tensors")
+    return 0
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    sub = parser.add_subparsers(dest="action", metavar="ACTION", required=True)
+    avg = sub.add_parser("average", help="average the weights of several checkpoints (EMA weights where present)",
+                         description="Average the weights of several checkpoints (EMA weights where present).")
+    avg.add_argument("checkpoints", nargs="+", metavar="CKPT", help="checkpoint files (same architecture)")
+    clean = sub.add_parser("clean", help="strip optimizer state, keep EMA or model weights",
+                           description="Strip optimizer/scheduler state and keep only one set of weights.")
+    clean.add_argument("checkpoint", metavar="CKPT", help="checkpoint file")
+    for p in (avg, clean):
+        p.add_argument("--output", "-o", required=True, metavar="PATH",
+                       help="output file (.pth, or .safetensors)")
+        p.add_argument("--safetensors", action="store_true", help="write safetensors whatever the suffix")
+        ema = p.add_mutually_exclusive_group()
+        ema.add_argument("--use-ema", dest="use_ema", action="store_true", default=True,
+                         help="take the EMA weights where a checkpoint has them (default)")
+        ema.add_argument("--no-ema", dest="use_ema", action="store_false", help="take the raw model weights")
+
+
+def run(args: argparse.Namespace) -> int:
+    return cmd_average(args) if args.action == "average" else cmd_clean(args)

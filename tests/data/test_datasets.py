@@ -1,0 +1,248 @@
+import json
+import os
+import pickle
+import tarfile
+
+import numpy as np
+import pytest
+import torchvision.datasets
+from PIL import Image
+
+from sequencer.data import DigitsDataset, create_dataset, load_class_map, load_image, to_rgb
+from sequencer.data.imagenet_classes import IMAGENET_CLASSES
+from sequencer.errors import SequencerError
+
+from .conftest import write_images
+
+
+# --- image folders ---------------------------------------------------------------------------------------------------
+
+def test_split_folders_found_by_name_and_synonym(image_folder):
+    train = create_dataset("", root=str(image_folder), split="train")
+    val = create_dataset("", root=str(image_folder), split="val")  # finds validation/
+    assert (len(train), len(val)) == (6, 4)
+    assert train.class_names == val.class_names == ["a", "b"]
+    assert os.path.basename(val.root) == "validation"
+    img, target = val[3]
+    assert img.mode == "RGB" and img.size == (8, 8) and target == 1
+    assert val.filename(0) == os.path.join("a", "a_0.png")
+
+
+def test_test_split_and_missing_split_lists_found_splits(tmp_path):
+    write_images(tmp_path / "train")
+    write_images(tmp_path / "test", per_class=1)
+    assert len(create_dataset("", root=str(tmp_path), split="test")) == 2
+    with pytest.raises(SequencerError, match=r"split 'val' not found .*splits found: test, train"):
+        create_dataset("", root=str(tmp_path), split="val")
+
+
+def test_class_folders_directly_serve_any_split(tmp_path):
+    write_images(tmp_path, classes=("cat", "dog", "emu"), per_class=1)
+    ds = create_dataset("", root=str(tmp_path), split="validation")
+    assert ds.class_names == ["cat", "dog", "emu"] and [t for _, t in ds.samples] == [0, 1, 2]
+
+
+def test_missing_empty_and_unsorted_folders_are_clear_errors(tmp_path):
+    with pytest.raises(SequencerError, match="does not exist"):
+        create_dataset("", root=str(tmp_path / "nope"))
+    (tmp_path / "empty" / "a").mkdir(parents=True)
+    (tmp_path / "empty" / "a" / "notes.txt").write_text("not an image")
+    with pytest.raises(SequencerError, match="no images found"):
+        create_dataset("", root=str(tmp_path / "empty"))
+    loose = tmp_path / "loose"
+    loose.mkdir()
+    Image.new("RGB", (4, 4)).save(loose / "x.png")
+    with pytest.raises(SequencerError, match="not in class sub-folders"):
+        create_dataset("", root=str(loose))
+    with pytest.raises(SequencerError, match="no data folder"):
+        create_dataset("", root=None)
+    with pytest.raises(SequencerError, match="unknown dataset"):
+        create_dataset("hfds/imagenet", root=str(tmp_path))
+
+
+# --- class maps ------------------------------------------------------------------------------------------------------
+
+def test_class_map_orders_classes_and_filters_folders(image_folder, tmp_path):
+    names = tmp_path / "map.txt"
+    names.write_text("b\n\na\n")  # reversed order, blank line ignored
+    ds = create_dataset("", root=str(image_folder), split="train", class_map=str(names))
+    assert ds.class_names == ["b", "a"]
+    assert [t for p, t in ds.samples if "/a/" in p] == [1, 1, 1]
+    pairs = tmp_path / "pairs.txt"
+    pairs.write_text("a 1\nb 0\n")
+    assert load_class_map(str(pairs)) == {"a": 1, "b": 0}
+    as_json = tmp_path / "map.json"
+    as_json.write_text(json.dumps(["b", "a"]))
+    assert load_class_map(str(as_json)) == {"b": 0, "a": 1}
+    only_b = tmp_path / "only_b.txt"
+    only_b.write_text("b\n")
+    assert len(create_dataset("", root=str(image_folder), split="train", class_map=str(only_b))) == 3
+    none = tmp_path / "none.txt"
+    none.write_text("zebra\n")
+    with pytest.raises(SequencerError, match="none of the class folders"):
+        create_dataset("", root=str(image_folder), split="train", class_map=str(none))
+
+
+@pytest.mark.parametrize("content, message", [
+    ("", "is empty"),
+    ("a\nb\na\n", "more than once"),
+    ("a 0\nb 2\n", "indices must be"),
+])
+def test_bad_class_maps_are_refused(tmp_path, content, message):
+    path = tmp_path / "map.txt"
+    path.write_text(content)
+    with pytest.raises(SequencerError, match=message):
+        load_class_map(str(path))
+
+
+def test_pickled_class_map_is_refused_without_running_it(tmp_path):
+    marker = tmp_path / "pwned"
+
+    class Exploit:
+        def __reduce__(self):
+            return (open, (str(marker), "w"))
+
+    path = tmp_path / "map.pkl"
+    path.write_bytes(pickle.dumps(Exploit()))
+    with pytest.raises(SequencerError, match="pickle files are refused"):
+        load_class_map(str(path))
+    assert not marker.exists()
+    with pytest.raises(SequencerError, match="does not exist"):
+        load_class_map(str(tmp_path / "missing.txt"))
+    binary = tmp_path / "map.txt"
+    binary.write_bytes(b"\xff\xfe\x00\x81")
+    with pytest.raises(SequencerError, match="not a UTF-8 text file"):
+        load_class_map(str(binary))
+
+
+# --- tar -------------------------------------------------------------------------------------------------------------
+
+def test_tar_dataset_file_and_split_tar(image_folder, tmp_path):
+    root = tmp_path / "tars"
+    root.mkdir()
+    with tarfile.open(root / "val.tar", "w") as tf:
+        tf.add(image_folder / "validation", arcname=".")
+    ds = create_dataset("", root=str(root / "val.tar"))
+    assert len(ds) == 4 and ds.class_names == ["a", "b"]
+    img, target = ds[2]
+    expected = np.asarray(Image.open(image_folder / "validation" / "b" / "b_0.png").convert("RGB"))
+    assert target == 1 and np.array_equal(np.asarray(img), expected)
+    assert len(create_dataset("", root=str(root), split="validation")) == 4  # root/val.tar found as the split
+    bad = tmp_path / "bad.tar"
+    bad.write_bytes(b"this is not a tar file at all" * 30)
+    with pytest.raises(SequencerError, match="cannot read tar dataset"):
+        create_dataset("", root=str(bad))
+
+
+# --- torchvision -----------------------------------------------------------------------------------------------------
+
+class _FakeTorchvision:
+    calls = []
+    classes = [f"class{i}" for i in range(4)]
+
+    def __init__(self, root, download=False, **kwargs):
+        type(self).calls.append(dict(root=root, download=download, **kwargs))
+        self.data = [np.full((4, 4), 10 * i, dtype=np.uint8) for i in range(4)]
+
+    def __len__(self):
+        return len(self.data)
+
+    def __getitem__(self, i):
+        return Image.fromarray(self.data[i], "L"), i
+
+
+def test_torchvision_routing_flags_splits_and_download(monkeypatch, tmp_path):
+    monkeypatch.setattr(torchvision.datasets, "CIFAR10", _FakeTorchvision)
+    monkeypatch.setattr(torchvision.datasets, "Flowers102", _FakeTorchvision)
+    monkeypatch.setattr(torchvision.datasets, "StanfordCars", _FakeTorchvision)
+    _FakeTorchvision.calls = []
+    train = create_dataset("torch/cifar10", root=str(tmp_path), split="train", download=True)
+    create_dataset("torch/CIFAR10", root=str(tmp_path), split="validation")
+    create_dataset("torch/flowers102", root=str(tmp_path), split="validation")
+    create_dataset("torch/stanford_cars", root=str(tmp_path), split="val")
+    assert _FakeTorchvision.calls == [
+        dict(root=str(tmp_path), download=True, train=True),
+        dict(root=str(tmp_path), download=False, train=False),
+        dict(root=str(tmp_path), download=False, split="val"),
+        dict(root=str(tmp_path), download=False, split="test"),  # cars have no val split
+    ]
+    assert train.class_names == _FakeTorchvision.classes
+    img, target = train[2]
+    assert img.mode == "RGB" and np.asarray(img)[0, 0].tolist() == [20, 20, 20] and target == 2
+    with pytest.raises(SequencerError, match="has no split 'extra'"):
+        create_dataset("torch/flowers102", root=str(tmp_path), split="extra")
+    with pytest.raises(SequencerError, match="unknown torchvision dataset"):
+        create_dataset("torch/nonexistent", root=str(tmp_path))
+
+
+def test_torchvision_missing_files_suggest_download(tmp_path):
+    with pytest.raises(SequencerError, match="torch/country211 not found.*--dataset-download"):
+        create_dataset("torch/country211", root=str(tmp_path), split="val")
+
+
+def test_torchvision_dataset_reading_real_files(tmp_path):
+    """Country211 reads plain image folders, so a tiny fake copy exercises the real torchvision class offline."""
+    write_images(tmp_path / "country211" / "valid", classes=("AD", "AE"), per_class=2)
+    ds = create_dataset("torch/country211", root=str(tmp_path), split="validation")
+    assert len(ds) == 4 and ds.class_names == ["AD", "AE"]
+    assert ds[3][1] == 1 and ds[3][0].mode == "RGB"
+    assert ds.describe(0).endswith(os.path.join("AD", "AD_0.png"))
+
+
+# --- digits ----------------------------------------------------------------------------------------------------------
+
+def test_digits_split_is_fixed_stratified_and_disjoint():
+    train, val = DigitsDataset("train"), create_dataset("digits", split="validation")
+    assert (len(train), len(val)) == (1437, 360)
+    assert not set(train.indices) & set(val.indices)
+    assert np.array_equal(DigitsDataset("val").indices, val.indices)  # same split every time
+    counts = np.bincount(val.targets, minlength=10)
+    assert counts.min() >= 35 and counts.max() <= 37  # ~20% of each class's ~180 images
+    assert val.class_names == [str(i) for i in range(10)]
+    img, target = val[0]
+    assert img.mode == "RGB" and img.size == (32, 32) and 0 <= target <= 9
+    assert val.augment_defaults["hflip"] == 0.0
+    with pytest.raises(SequencerError, match="splits: train, val"):
+        create_dataset("digits", split="test")
+
+
+def test_digits_pixels_match_sklearn():
+    from sklearn.datasets import load_digits
+    val = DigitsDataset("val")
+    raw = load_digits().images[val.indices[5]]  # 8x8, 0..16
+    img = np.asarray(val[5][0])[:, :, 0].astype(float)
+    pooled = img.reshape(8, 4, 8, 4).mean(axis=(1, 3)) * 16 / 255  # undo the 4x upsampling roughly
+    assert np.abs(pooled - raw).mean() < 1.5
+    assert int(val[5][1]) == int(load_digits().target[val.indices[5]])
+
+
+# --- pixels ----------------------------------------------------------------------------------------------------------
+
+def test_mode_conversions_to_rgb(tmp_path):
+    gray = Image.fromarray(np.array([[0, 128], [255, 7]], dtype=np.uint8), "L")
+    assert np.asarray(to_rgb(gray))[0, 1].tolist() == [128, 128, 128]
+    cmyk = Image.new("CMYK", (2, 2), (0, 0, 0, 0))
+    assert np.asarray(to_rgb(cmyk))[0, 0].tolist() == [255, 255, 255]
+    wide = Image.fromarray(np.array([[65535, 32896], [0, 257]], dtype=np.uint16))
+    assert wide.mode.startswith("I;16")
+    assert np.asarray(to_rgb(wide))[:, :, 0].tolist() == [[255, 128], [0, 1]]  # rescaled, not clipped
+    rgba = Image.new("RGBA", (1, 1), (0, 0, 0, 0))
+    assert np.asarray(to_rgb(rgba))[0, 0].tolist() == [255, 255, 255]  # transparent -> white
+
+    palette = Image.new("P", (2, 1))
+    palette.putpalette([255, 0, 0, 0, 0, 255] + [0] * 762)
+    palette.putpixel((0, 0), 0)
+    palette.putpixel((1, 0), 1)
+    palette.info["transparency"] = 0
+    palette.save(tmp_path / "p.png")
+    wide.save(tmp_path / "w.png")
+    cmyk.save(tmp_path / "c.jpg")
+    assert np.asarray(load_image(tmp_path / "p.png")).tolist() == [[[255, 255, 255], [0, 0, 255]]]
+    assert np.asarray(load_image(tmp_path / "w.png"))[0, :, 0].tolist() == [255, 128]
+    c = np.asarray(load_image(str(tmp_path / "c.jpg")))
+    assert c.shape == (2, 2, 3) and c.min() > 240
+
+
+def test_imagenet_class_names_are_readable_and_unique():
+    assert len(IMAGENET_CLASSES) == 1000 == len(set(IMAGENET_CLASSES))
+    assert IMAGENET_CLASSES[:2] == ("tench", "goldfish") and IMAGENET_CLASSES[999] == "toilet tissue"

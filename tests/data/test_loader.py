@@ -1,0 +1,149 @@
+import argparse
+import logging
+
+import numpy as np
+import pytest
+import torch
+import torchvision.transforms.functional as TF
+from PIL import Image
+
+from sequencer.data import create_dataset, create_loader, resolve_data_config
+from sequencer.data.loader import _ShardSampler
+from sequencer.errors import SequencerError
+from sequencer.models import create_model
+
+from .conftest import write_images
+
+
+def _loader(ds, batch_size, is_training=False, **kw):
+    kw.setdefault("mean", (0.5, 0.5, 0.5))
+    kw.setdefault("std", (0.5, 0.5, 0.5))
+    return create_loader(ds, (3, 8, 8), batch_size, is_training, crop_pct=1.0, **kw)
+
+
+def test_resolve_data_config_layers_args_over_model_defaults():
+    model = create_model("sequencer2d_nano", layers=(1, 1, 1), embed_dims=(8, 8, 8), hidden_sizes=(2, 2, 2))
+    assert resolve_data_config({}, model) == dict(input_size=(3, 32, 32), mean=(0.5,) * 3, std=(0.5,) * 3,
+                                                  crop_pct=1.0, interpolation="bicubic")
+    args = argparse.Namespace(img_size=16, input_size=None, mean=[0.2], std=None, crop_pct=0.9,
+                              interpolation="bilinear")
+    cfg = resolve_data_config(args, model)
+    assert cfg == dict(input_size=(3, 16, 16), mean=(0.2,) * 3, std=(0.5,) * 3, crop_pct=0.9,
+                       interpolation="bilinear")
+    assert resolve_data_config({"input_size": (3, 24, 24), "img_size": 16}, model)["input_size"] == (3, 24, 24)
+    with pytest.raises(SequencerError, match="interpolation"):
+        resolve_data_config({"interpolation": "cubic-ish"}, model)
+    with pytest.raises(SequencerError, match="crop-pct"):
+        resolve_data_config({"crop_pct": 0}, model)
+    with pytest.raises(SequencerError, match="2 values for 3"):
+        resolve_data_config({"mean": (0.1, 0.2)}, model)
+
+
+def test_eval_transform_matches_resize_then_center_crop(tmp_path):
+    rng = np.random.default_rng(0)
+    (tmp_path / "c").mkdir()
+    pixels = rng.integers(0, 256, (30, 40, 3), dtype=np.uint8)
+    Image.fromarray(pixels).save(tmp_path / "c" / "x.png")
+    ds = create_dataset("", root=str(tmp_path))
+    loader = create_loader(ds, (3, 16, 16), 1, False, mean=(0.1, 0.2, 0.3), std=(0.5, 0.6, 0.7), crop_pct=0.8,
+                           interpolation="bilinear")
+    images, targets = next(iter(loader))
+    ref = TF.resize(Image.fromarray(pixels), 20, interpolation=TF.InterpolationMode.BILINEAR)  # 16 / 0.8
+    ref = TF.normalize(TF.to_tensor(TF.center_crop(ref, 16)), (0.1, 0.2, 0.3), (0.5, 0.6, 0.7))
+    assert images.shape == (1, 3, 16, 16) and images.dtype == torch.float32 and targets.dtype == torch.int64
+    torch.testing.assert_close(images[0], ref)
+
+
+def test_batches_drop_last_and_batch_size_errors(image_folder):
+    train = create_dataset("", root=str(image_folder), split="train")
+    loader = _loader(train, 4, is_training=True)
+    batches = list(loader)
+    assert len(loader) == len(batches) == 1 and batches[0][0].shape == (4, 3, 8, 8)  # 6 images, last 2 dropped
+    val = _loader(create_dataset("", root=str(image_folder), split="val"), 64)  # bigger than data: fine for eval
+    assert [len(t) for _, t in val] == [4]
+    with pytest.raises(SequencerError, match=r"batch size 7 is larger than the 6 images.*-b 6"):
+        _loader(train, 7, is_training=True)
+
+
+def test_digits_augmentation_defaults_have_no_flip():
+    ds = create_dataset("digits", split="train")
+    names = [type(t).__name__ for t in _loader(ds, 8, is_training=True).dataset.transform.transforms]
+    assert "RandomHorizontalFlip" not in names
+    crop = _loader(ds, 8, is_training=True).dataset.transform.transforms[0]
+    assert crop.scale == (0.75, 1.0)
+    flipped = _loader(ds, 8, is_training=True, hflip=0.5).dataset.transform.transforms
+    assert "RandomHorizontalFlip" in [type(t).__name__ for t in flipped]
+
+
+def test_shuffle_is_seeded_per_epoch(image_folder):
+    ds = create_dataset("", root=str(image_folder), split="train")
+
+    def order(loader, epoch):
+        loader.set_epoch(epoch)
+        return torch.cat([t for _, t in loader]).tolist()
+
+    a, b = _loader(ds, 1, is_training=True, seed=3), _loader(ds, 1, is_training=True, seed=3)
+    epochs_a = [order(a, e) for e in range(4)]
+    assert epochs_a == [order(b, e) for e in range(4)]  # a resumed run sees the same order
+    assert len({tuple(o) for o in epochs_a}) > 1  # and the order changes between epochs
+
+
+def test_shard_sampler_covers_every_sample_once():
+    shards = [list(_ShardSampler(10, rank, 3)) for rank in range(3)]
+    assert sorted(i for s in shards for i in s) == list(range(10))
+    assert [len(s) for s in shards] == [4, 3, 3]
+
+
+def _folder_with_broken_files(root, good_per_class, bad):
+    write_images(root, classes=("a", "b"), per_class=good_per_class, size=4)
+    broken = []
+    for i in range(bad):
+        path = root / "a" / f"broken_{i}.png"
+        if i % 3 == 0:
+            path.write_bytes(b"")  # empty
+        elif i % 3 == 1:
+            path.write_bytes(b"<html>not an image</html>")  # wrong format
+        else:  # truncated
+            data = (root / "b" / "b_0.png").read_bytes()
+            path.write_bytes(data[: len(data) // 2])
+        broken.append(str(path))
+    return broken
+
+
+@pytest.mark.parametrize("workers", [0, 1])
+def test_unreadable_images_are_skipped_named_and_counted(tmp_path, caplog, workers):
+    broken = _folder_with_broken_files(tmp_path, good_per_class=100, bad=2)  # 2 of 202: under 1%
+    ds = create_dataset("", root=str(tmp_path))
+    loader = _loader(ds, 50, num_workers=workers)
+    with caplog.at_level(logging.WARNING):
+        targets = torch.cat([t for _, t in loader])
+    assert len(targets) == 200 and targets.tolist() == [0] * 100 + [1] * 100  # dropped, not replaced
+    assert sorted(loader.skipped) == sorted(broken) and ds.skipped == set(broken)
+    for path in broken:
+        assert path in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        list(loader)
+    assert len(loader.skipped) == 2 and "broken" not in caplog.text  # counted every pass, warned once
+
+
+def test_unreadable_images_in_training_keep_batches_full(tmp_path):
+    broken = _folder_with_broken_files(tmp_path, good_per_class=100, bad=2)
+    loader = _loader(create_dataset("", root=str(tmp_path)), 40, is_training=True)
+    sizes = [len(t) for _, t in loader]
+    assert sizes == [40] * 5 and sorted(loader.skipped) == sorted(broken)
+
+
+def test_more_than_one_percent_unreadable_aborts_with_the_list(tmp_path):
+    broken = _folder_with_broken_files(tmp_path, good_per_class=20, bad=3)  # 3 of 43
+    loader = _loader(create_dataset("", root=str(tmp_path)), 8)
+    with pytest.raises(SequencerError, match=r"3 of 43 images are unreadable") as e:
+        list(loader)
+    for path in broken:
+        assert path in str(e.value)
+
+
+def test_grayscale_one_channel_input(image_folder):
+    ds = create_dataset("", root=str(image_folder), split="val")
+    images, _ = next(iter(create_loader(ds, (1, 8, 8), 4, False, mean=(0.5,), std=(0.5,), crop_pct=1.0)))
+    assert images.shape == (4, 1, 8, 8)

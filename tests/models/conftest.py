@@ -1,0 +1,35 @@
+"""Shared helpers for the model-library tests: tiny architectures and non-trivial random weights."""
+import pytest
+import torch
+
+# A Sequencer2d-S-shaped network small enough for millisecond forwards: same patch sizes (7, 2, 1, 1), so 28 px
+# inputs give a 4x4 then 2x2 token grid; uneven depths exercise the release layout's downsample indices.
+TINY = dict(layers=(2, 1, 2, 1), embed_dims=(16, 32, 32, 32), hidden_sizes=(4, 8, 8, 8))
+
+
+@torch.no_grad()
+def randomize_(model: torch.nn.Module, seed: int = 0, scale: float = 0.05) -> torch.nn.Module:
+    """Perturb every parameter (incl. the zero-initialised head) so outputs depend on all of them."""
+    g = torch.Generator().manual_seed(seed)
+    for p in model.parameters():
+        p.add_(torch.randn(p.shape, generator=g).to(p) * scale)
+    return model
+
+
+@pytest.fixture
+def tiny_kwargs():
+    return dict(TINY)
+
+
+@pytest.fixture
+def hub_dir(tmp_path):
+    """A private torch hub cache for download tests; the previous location is restored afterwards."""
+    old = torch.hub.get_dir()
+    torch.hub.set_dir(str(tmp_path / "hub"))
+    yield tmp_path / "hub"
+    torch.hub.set_dir(old)
+
+
+@pytest.fixture
+def randomize():
+    return randomize_

@@ -1,0 +1,151 @@
+"""checkpoint_path in every supported form, the head rule, clear mismatches, and refusal of code-carrying pickles."""
+import argparse
+import os
+import pickle
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+import sequencer
+from sequencer import SequencerError
+from sequencer.models.loading import extract_state_dict, read_checkpoint, to_release_layout
+
+
+@pytest.fixture
+def source(tiny_kwargs, randomize):
+    """A trained-looking tiny model and a fresh input; loading its weights must reproduce its logits."""
+    torch.manual_seed(0)
+    model = randomize(sequencer.create_model("sequencer2d_s", num_classes=5, **tiny_kwargs), seed=3).eval()
+    return model, torch.randn(2, 3, 28, 28)
+
+
+def _load(path, tiny_kwargs, **kwargs):
+    return sequencer.create_model("sequencer2d_s", checkpoint_path=str(path), **tiny_kwargs,
+                                  **{"num_classes": 5, **kwargs}).eval()
+
+
+def _assert_same_logits(model, source):
+    ref, x = source
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), ref(x), rtol=0, atol=0)
+
+
+def test_timm_layout_state_dict(tmp_path, source, tiny_kwargs):
+    torch.save(source[0].state_dict(), tmp_path / "timm.pth")
+    _assert_same_logits(_load(tmp_path / "timm.pth", tiny_kwargs), source)
+
+
+def test_release_layout_state_dict(tmp_path, source, tiny_kwargs):
+    torch.save(to_release_layout(source[0].state_dict()), tmp_path / "release.pth")
+    _assert_same_logits(_load(tmp_path / "release.pth", tiny_kwargs), source)
+
+
+def test_release_layout_under_model_key(tmp_path, source, tiny_kwargs):
+    torch.save({"model": to_release_layout(source[0].state_dict())}, tmp_path / "release_model.pth")
+    _assert_same_logits(_load(tmp_path / "release_model.pth", tiny_kwargs), source)
+
+
+def test_training_checkpoint_prefers_ema(tmp_path, source, tiny_kwargs, randomize):
+    ema_model, x = source
+    raw = randomize(sequencer.create_model("sequencer2d_s", num_classes=5, **tiny_kwargs), seed=9).eval()
+    torch.save({"version": 1, "arch": "sequencer2d_s", "model_kwargs": dict(tiny_kwargs, num_classes=5),
+                "class_names": list("abcde"), "state_dict": raw.state_dict(), "state_dict_ema": ema_model.state_dict(),
+                "optimizer": {}, "epoch": 3, "metric": 0.5, "args": {"lr": 0.1}}, tmp_path / "train.pth")
+    _assert_same_logits(_load(tmp_path / "train.pth", tiny_kwargs), source)
+    _assert_same_logits(_load(tmp_path / "train.pth", tiny_kwargs, use_ema=False), (raw, x))
+
+
+def test_timm_train_checkpoint_with_namespace_args_and_module_prefix(tmp_path, source, tiny_kwargs):
+    # timm's train.py saves `args` as an argparse.Namespace; DDP weights carry a `module.` prefix
+    state = {f"module.{k}": v for k, v in source[0].state_dict().items()}
+    torch.save({"epoch": 1, "arch": "sequencer2d_s", "state_dict": state, "args": argparse.Namespace(lr=0.1)},
+               tmp_path / "ddp.pth.tar")
+    assert isinstance(read_checkpoint(tmp_path / "ddp.pth.tar")["args"], argparse.Namespace)
+    _assert_same_logits(_load(tmp_path / "ddp.pth.tar", tiny_kwargs), source)
+
+
+def test_safetensors(tmp_path, source, tiny_kwargs):
+    save_file({k: v.contiguous() for k, v in source[0].state_dict().items()}, str(tmp_path / "w.safetensors"),
+              metadata={"arch": "sequencer2d_s"})
+    _assert_same_logits(_load(tmp_path / "w.safetensors", tiny_kwargs), source)
+
+
+def test_head_of_another_class_count_is_reinitialised_with_a_warning(tmp_path, source, tiny_kwargs):
+    torch.save(source[0].state_dict(), tmp_path / "five.pth")
+    with pytest.warns(UserWarning, match=r"classifier head has shape \(5, 32\).*re-initialised"):
+        model = _load(tmp_path / "five.pth", tiny_kwargs, num_classes=3)
+    assert torch.count_nonzero(model.get_classifier().weight) == 0
+    torch.testing.assert_close(model.forward_features(source[1]), source[0].forward_features(source[1]))
+
+
+def test_other_mismatch_lists_the_offending_keys(tmp_path, source, tiny_kwargs):
+    state = source[0].state_dict()
+    del state["norm.weight"]
+    state["extra.weight"] = torch.zeros(1)
+    torch.save(state, tmp_path / "broken.pth")
+    with pytest.raises(SequencerError, match=r"does not fit model 'sequencer2d_s'.*missing: norm\.weight"
+                                             r".*unexpected: extra\.weight"):
+        _load(tmp_path / "broken.pth", tiny_kwargs)
+    with pytest.raises(SequencerError, match=r"shape mismatch: stages\.0\.blocks\.0\.mlp_channels\.fc1\.bias \(48,\) vs \(24,\).*more"):
+        sequencer.create_model("sequencer2d_s", checkpoint_path=str(tmp_path / "broken.pth"), num_classes=5,
+                               **dict(tiny_kwargs, embed_dims=(8, 32, 32, 32)))
+
+
+class _RunsCode:
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return os.system, (f"touch {self.marker}",)
+
+
+@pytest.mark.parametrize("writer", ["torch.save", "pickle"])
+def test_pickle_that_carries_code_is_refused(tmp_path, tiny_kwargs, writer):
+    marker = tmp_path / "pwned"
+    path = tmp_path / "evil.pth"
+    payload = {"state_dict": {"w": torch.zeros(1)}, "extra": _RunsCode(marker)}
+    if writer == "torch.save":
+        torch.save(payload, path)
+    else:
+        with open(path, "wb") as f:
+            pickle.dump(payload, f)
+    with pytest.raises(SequencerError, match=r"refusing to load checkpoint .*evil\.pth.*(system|posix)"):
+        _load(path, tiny_kwargs)
+    assert not marker.exists()
+
+
+@pytest.mark.parametrize("content", [b"", b"hello world\n", bytes(range(256)) * 4])
+def test_corrupt_or_foreign_file_is_a_clear_error(tmp_path, tiny_kwargs, content):
+    path = tmp_path / "bad.pth"
+    path.write_bytes(content)
+    with pytest.raises(SequencerError, match=r"bad\.pth"):
+        _load(path, tiny_kwargs)
+
+
+def test_truncated_file_is_a_clear_error(tmp_path, source, tiny_kwargs):
+    torch.save(source[0].state_dict(), tmp_path / "ok.pth")
+    data = (tmp_path / "ok.pth").read_bytes()
+    (tmp_path / "cut.pth").write_bytes(data[: len(data) // 2])
+    with pytest.raises(SequencerError, match=r"cut\.pth.* corrupt"):
+        _load(tmp_path / "cut.pth", tiny_kwargs)
+    (tmp_path / "cut.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json")
+    with pytest.raises(SequencerError, match=r"not a valid safetensors"):
+        _load(tmp_path / "cut.safetensors", tiny_kwargs)
+
+
+def test_missing_file_and_empty_checkpoint(tmp_path, tiny_kwargs):
+    with pytest.raises(SequencerError, match="does not exist"):
+        _load(tmp_path / "nope.pth", tiny_kwargs)
+    torch.save({"epoch": 1}, tmp_path / "empty.pth")
+    with pytest.raises(SequencerError, match="holds no weights"):
+        _load(tmp_path / "empty.pth", tiny_kwargs)
+    torch.save([torch.zeros(1)], tmp_path / "list.pth")
+    with pytest.raises(SequencerError, match="holds a list"):
+        _load(tmp_path / "list.pth", tiny_kwargs)
+
+
+def test_extract_state_dict_strips_wrapper_prefixes():
+    w = torch.zeros(1)
+    out = extract_state_dict({"state_dict": {"module.a": w, "_orig_mod.b": w, "module._orig_mod.c": w, "n": 1}})
+    assert sorted(out) == ["a", "b", "c"]

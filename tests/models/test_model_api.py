@@ -1,0 +1,175 @@
+"""The timm-style model API: features, heads, checkpointing, multi-scale outputs, resolutions, init, drop path."""
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import sequencer
+from sequencer.models.loading import load_state_dict_into
+
+
+@pytest.fixture
+def tiny(tiny_kwargs, randomize):
+    torch.manual_seed(0)
+    return randomize(sequencer.create_model("sequencer2d_s", num_classes=5, **tiny_kwargs)).eval()
+
+
+def test_forward_features_and_head(tiny):
+    x = torch.randn(2, 3, 56, 56)
+    feats = tiny.forward_features(x)
+    assert feats.shape == (2, 4, 4, 32)  # (B, H/14, W/14, C), channels-last
+    pooled = tiny.forward_head(feats, pre_logits=True)
+    assert pooled.shape == (2, 32)
+    torch.testing.assert_close(pooled, feats.mean(dim=(1, 2)))
+    logits = tiny.forward_head(feats)
+    torch.testing.assert_close(logits, tiny.get_classifier()(pooled))
+    torch.testing.assert_close(tiny(x), logits)
+
+
+def test_reset_classifier(tiny):
+    tiny.reset_classifier(3)
+    assert tiny.num_classes == 3 and tiny.get_classifier().out_features == 3
+    assert torch.count_nonzero(tiny.get_classifier().weight) == 0  # zero-initialised, as the paper's head
+    assert tiny(torch.randn(1, 3, 28, 28)).shape == (1, 3)
+    tiny.reset_classifier(0)
+    assert tiny(torch.randn(1, 3, 28, 28)).shape == (1, 32)  # pooled features
+
+
+def test_grad_checkpointing_gives_identical_grads(tiny):
+    tiny.train()  # dropout/drop path are 0: training mode is deterministic here
+    x = torch.randn(2, 3, 28, 28)
+
+    def grads():
+        tiny.zero_grad()
+        tiny(x).square().sum().backward()
+        return {n: p.grad.clone() for n, p in tiny.named_parameters()}
+
+    plain = grads()
+    tiny.set_grad_checkpointing(True)
+    assert all(stage.grad_checkpointing for stage in tiny.stages)
+    checkpointed = grads()
+    assert plain.keys() == checkpointed.keys()
+    for name in plain:
+        torch.testing.assert_close(checkpointed[name], plain[name], rtol=1e-5, atol=1e-7, msg=name)
+    assert any(g.abs().sum() > 0 for g in plain.values())
+
+
+def test_forward_intermediates(tiny):
+    x = torch.randn(1, 3, 56, 56)
+    final, maps = tiny.forward_intermediates(x)
+    assert [tuple(m.shape) for m in maps] == [(1, 16, 8, 8), (1, 32, 4, 4), (1, 32, 4, 4), (1, 32, 4, 4)]
+    torch.testing.assert_close(final, tiny.forward_features(x))
+    nhwc = tiny.forward_intermediates(x, indices=2, output_fmt="NHWC", intermediates_only=True)
+    assert len(nhwc) == 2
+    torch.testing.assert_close(nhwc[0], maps[2].permute(0, 2, 3, 1))
+    first = tiny.forward_intermediates(x, indices=[0], stop_early=True, intermediates_only=True)
+    torch.testing.assert_close(first[0], maps[0])
+    normed = tiny.forward_intermediates(x, indices=[-1], norm=True, intermediates_only=True)
+    torch.testing.assert_close(normed[0], final.permute(0, 3, 1, 2))
+
+
+def test_features_only(tiny_kwargs):
+    backbone = sequencer.create_model("sequencer2d_s", features_only=True, out_indices=(0, 1, 3), **tiny_kwargs)
+    assert backbone.channels() == [16, 32, 32]
+    assert backbone.reduction() == [7, 14, 14]
+    maps = backbone(torch.randn(2, 3, 56, 56))
+    assert [tuple(m.shape) for m in maps] == [(2, 16, 8, 8), (2, 32, 4, 4), (2, 32, 4, 4)]
+    full = sequencer.create_model("sequencer2d_s", features_only=True)
+    assert full.channels() == [192, 384, 384, 384] and full.reduction() == [7, 14, 14, 14]
+
+
+@pytest.mark.parametrize("px, grid", [(160, 11), (448, 32)])
+def test_any_input_resolution_with_the_same_weights(tiny, px, grid):
+    # 160 is no multiple of 14: the strided convs drop the remainder, as timm's port does
+    x = torch.randn(1, 3, px, px)
+    assert tiny.forward_features(x).shape == (1, grid, grid, 32)
+    assert torch.isfinite(tiny(x)).all()
+
+
+@pytest.mark.slow
+def test_sequencer2d_s_matches_timm_at_a_size_that_is_no_multiple_of_the_patches(randomize):
+    timm = pytest.importorskip("timm")
+    reference = randomize(timm.create_model("sequencer2d_s"), seed=2).eval()
+    ours = sequencer.create_model("sequencer2d_s").eval()
+    load_state_dict_into(ours, reference.state_dict())
+    x = torch.randn(1, 3, 160, 160)
+    with torch.no_grad():
+        expected = reference(x)
+        assert ((ours(x) - expected).abs().max() / expected.abs().max()).item() <= 1e-5
+
+
+PE_TINY = dict(layers=(1, 1, 1, 1), embed_dims=(32, 32, 32, 32), hidden_sizes=(16, 16, 16, 16))
+
+
+def test_position_embedding_is_interpolated_for_other_inputs(randomize):
+    model = randomize(sequencer.create_model("v_sequencer_s_pe", num_classes=4, **PE_TINY)).eval()
+    pos = model.absolute_pos_embed
+    assert pos.shape == (1, 16, 16, 32)  # 224 / 14
+    x = torch.randn(1, 3, 112, 112)
+    expected = model.stem(x) + F.interpolate(pos.permute(0, 3, 1, 2), size=(8, 8), mode="bicubic",
+                                             align_corners=False).permute(0, 2, 3, 1)
+    torch.testing.assert_close(model._embed(x), expected)
+    native = torch.randn(1, 3, 224, 224)
+    torch.testing.assert_close(model._embed(native), model.stem(native) + pos)
+    assert model(x).shape == (1, 4)
+
+
+def test_position_embedding_checkpoint_from_another_grid(tmp_path, randomize):
+    source = randomize(sequencer.create_model("v_sequencer_s_pe", num_classes=4, **PE_TINY))
+    torch.save(source.state_dict(), tmp_path / "pe224.pth")
+    model = sequencer.create_model("v_sequencer_s_pe", num_classes=4, img_size=112,
+                                   checkpoint_path=str(tmp_path / "pe224.pth"), **PE_TINY)
+    assert model.absolute_pos_embed.shape == (1, 8, 8, 32)
+    expected = F.interpolate(source.absolute_pos_embed.detach().permute(0, 3, 1, 2), size=(8, 8), mode="bicubic",
+                             align_corners=False).permute(0, 2, 3, 1)
+    torch.testing.assert_close(model.absolute_pos_embed.detach(), expected)
+    torch.testing.assert_close(model.stem.proj.weight, source.stem.proj.weight)
+
+
+def test_weight_init_follows_the_paper():
+    torch.manual_seed(0)
+    model = sequencer.create_model("sequencer2d_s")
+    head = model.get_classifier()
+    assert torch.count_nonzero(head.weight) == 0 and torch.count_nonzero(head.bias) == 0
+    for name, m in model.named_modules():
+        if isinstance(m, nn.LSTM):
+            bound = 1 / math.sqrt(m.hidden_size)
+            for p in m.parameters():
+                assert p.abs().max() <= bound and p.abs().max() > 0.9 * bound, name  # uniform(+-1/sqrt(hidden))
+        elif isinstance(m, nn.Conv2d):  # LeCun normal: std 1/sqrt(fan_in), zero bias
+            fan_in = m.weight[0].numel()
+            assert m.weight.std().item() == pytest.approx(1 / math.sqrt(fan_in), rel=0.1), name
+            assert torch.count_nonzero(m.bias) == 0
+        elif isinstance(m, nn.Linear) and not name.startswith("head"):  # xavier uniform
+            fan_out, fan_in = m.weight.shape
+            bound = math.sqrt(6 / (fan_in + fan_out))
+            assert m.weight.abs().max() <= bound and m.weight.std().item() == pytest.approx(bound / math.sqrt(3),
+                                                                                            rel=0.05), name
+            if "mlp" in name:
+                assert 0 < m.bias.abs().max() < 1e-4, name  # normal(std=1e-6)
+            else:
+                assert torch.count_nonzero(m.bias) == 0, name
+        elif isinstance(m, nn.LayerNorm):
+            assert torch.all(m.weight == 1) and torch.all(m.bias == 0), name
+
+
+def test_drop_path_increases_linearly_over_all_blocks():
+    model = sequencer.create_model("sequencer2d_s", drop_path_rate=0.1)
+    rates = [getattr(block.drop_path, "p", 0.0) for stage in model.stages for block in stage.blocks]
+    assert len(rates) == 18
+    assert rates == pytest.approx([0.1 * i / 17 for i in range(18)])
+    assert isinstance(model.stages[0].blocks[0].drop_path, nn.Identity)  # rate 0: no module at all
+
+
+def test_drop_path_is_active_only_in_training(tiny_kwargs):
+    model = sequencer.create_model("sequencer2d_s", drop_path_rate=0.5, **tiny_kwargs)
+    x = torch.randn(4, 3, 28, 28)
+    model.eval()
+    torch.testing.assert_close(model(x), model(x))
+    model.train()
+    torch.manual_seed(0)
+    a = model.forward_features(x)
+    torch.manual_seed(1)
+    assert not torch.allclose(a, model.forward_features(x))

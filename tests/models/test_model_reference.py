@@ -1,0 +1,48 @@
+"""Our Sequencer2d gives the same logits as timm's port (the public reference) for the same weights."""
+import pytest
+import torch
+
+import sequencer
+from sequencer.models.loading import load_state_dict_into, to_release_layout
+
+timm = pytest.importorskip("timm")
+
+REL_TOL = 1e-5
+
+
+def rel_max_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a - b).abs().max() / b.abs().max()).item()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["sequencer2d_s", "sequencer2d_m", "sequencer2d_l"])
+def test_logits_match_timm_in_both_layouts(name, randomize):
+    torch.manual_seed(0)
+    reference = randomize(timm.create_model(name, pretrained=False), seed=1).eval()
+    timm_state = reference.state_dict()
+    release_state = to_release_layout(timm_state)
+    assert "head.weight" in release_state and not any(k.startswith("stages.") for k in release_state)
+
+    ours_timm_layout = sequencer.create_model(name).eval()
+    load_state_dict_into(ours_timm_layout, timm_state)
+    ours_release_layout = sequencer.create_model(name).eval()
+    load_state_dict_into(ours_release_layout, release_state)
+
+    with torch.no_grad():
+        for px in (224, 392):
+            x = torch.randn(1, 3, px, px)
+            expected = reference(x)
+            assert expected.abs().max() > 1e-2  # the comparison is not between near-zero logits
+            for model in (ours_timm_layout, ours_release_layout):
+                assert rel_max_err(model(x), expected) <= REL_TOL, (name, px)
+
+
+def test_release_layout_round_trip(tiny_kwargs, randomize):
+    model = randomize(sequencer.create_model("sequencer2d_s", num_classes=5, **tiny_kwargs))
+    release = to_release_layout(model.state_dict())
+    # layers (2, 1, 2, 1): the downsample into stage s+1 sits after the blocks of stage s
+    assert "blocks.0.2.down.weight" in release and "blocks.1.1.down.weight" in release
+    assert "blocks.2.2.down.weight" in release and "head.weight" in release
+    back = sequencer.models.checkpoint_filter_fn(release)
+    assert back.keys() == model.state_dict().keys()
+    assert all(torch.equal(back[k], v) for k, v in model.state_dict().items())

@@ -1,0 +1,112 @@
+"""Registry: names, errors, parameter counts, configs, and every registered model building and training."""
+import math
+
+import pytest
+import torch
+
+import sequencer
+from sequencer import SequencerError
+from sequencer.models import get_model_entry
+
+PAPER_MODELS = [
+    "sequencer2d_s", "sequencer2d_m", "sequencer2d_l", "sequencer2d_s_392", "sequencer2d_m_392", "sequencer2d_l_392",
+    "sequencer2d_s_unidirectional", "sequencer2d_s_add", "sequencer2d_s_h2x", "sequencer2d_s_without_fc",
+    "sequencer2d_vertical", "sequencer2d_s_horizontal", "gru_sequencer2d_s", "rnn_sequencer2d_s",
+    "sequencer2d_l_d4_3x", "v_sequencer_s", "v_sequencer_s_h", "v_sequencer_s_pe",
+]
+
+
+def test_every_paper_model_and_nano_is_registered():
+    names = sequencer.list_models()
+    assert names == sorted(names)
+    assert set(names) == set(PAPER_MODELS) | {"sequencer2d_nano"}
+
+
+def test_list_models_pattern_and_pretrained_filter():
+    assert sequencer.list_models("*392") == ["sequencer2d_l_392", "sequencer2d_m_392", "sequencer2d_s_392"]
+    assert sequencer.list_models("v_*") == ["v_sequencer_s", "v_sequencer_s_h", "v_sequencer_s_pe"]
+    assert sequencer.list_models("nothing*") == []
+    with_weights = sequencer.list_models(pretrained=True)
+    assert {"sequencer2d_s", "sequencer2d_m", "sequencer2d_l"} <= set(with_weights)
+    assert "sequencer2d_s_add" not in with_weights
+
+
+def test_unknown_name_suggests_close_names():
+    with pytest.raises(SequencerError, match="unknown model 'sequencer2d_ss'") as e:
+        sequencer.create_model("sequencer2d_ss")
+    assert "sequencer2d_s" in str(e.value) and "did you mean" in str(e.value)
+    with pytest.raises(SequencerError, match="sequencer models"):  # nothing close: point at the list
+        sequencer.create_model("resnet50")
+
+
+def test_bad_architecture_argument_is_a_user_error():
+    with pytest.raises(SequencerError, match="bad argument.*no_such_option"):
+        sequencer.create_model("sequencer2d_nano", no_such_option=1)
+    with pytest.raises(SequencerError, match="union"):
+        sequencer.create_model("sequencer2d_nano", union="diagonal")
+
+
+@pytest.mark.parametrize("name, expected", [
+    ("sequencer2d_s", 27_651_688), ("sequencer2d_m", 38_307_688), ("sequencer2d_l", 54_298_216),
+])
+def test_parameter_counts_match_the_paper(name, expected):
+    with torch.device("meta"):  # counting needs no memory or init
+        model = sequencer.create_model(name)
+    assert sum(p.numel() for p in model.parameters()) == expected
+
+
+def test_nano_is_small():
+    model = sequencer.create_model("sequencer2d_nano")
+    assert sum(p.numel() for p in model.parameters()) < 2_000_000
+    # a 16 px image still gives an 8x8 token grid
+    assert model.forward_features(torch.randn(1, 3, 16, 16)).shape[1:3] == (8, 8)
+
+
+@pytest.mark.parametrize("name", ["sequencer2d_s", "sequencer2d_m_392", "v_sequencer_s_pe", "sequencer2d_nano"])
+def test_pretrained_cfg(name):
+    model = sequencer.create_model(name)
+    cfg = model.pretrained_cfg
+    side = {"sequencer2d_m_392": 392, "sequencer2d_nano": 32}.get(name, 224)
+    assert cfg["input_size"] == (3, side, side)
+    assert cfg["interpolation"] == "bicubic"
+    assert cfg["crop_pct"] == (0.875 if side == 224 else 1.0)
+    if name != "sequencer2d_nano":
+        assert cfg["mean"] == (0.485, 0.456, 0.406) and cfg["std"] == (0.229, 0.224, 0.225)
+    assert cfg["num_classes"] == 1000 and cfg["architecture"] == name
+    assert cfg["first_conv"] == "stem.proj" and cfg["classifier"] == "head.fc"
+    assert cfg["url"].endswith(".pth") == (name in ("sequencer2d_s", "sequencer2d_m_392"))
+
+
+def test_pretrained_cfg_follows_arguments():
+    model = sequencer.create_model("sequencer2d_nano", num_classes=10, img_size=48, in_chans=1)
+    assert model.pretrained_cfg["input_size"] == (1, 48, 48)
+    assert model.pretrained_cfg["num_classes"] == 10
+    assert get_model_entry("sequencer2d_nano").pretrained_cfg["input_size"] == (3, 32, 32)  # registry untouched
+
+
+def test_model_name_and_kwargs_rebuild_the_model(tiny_kwargs):
+    model = sequencer.create_model("sequencer2d_s", num_classes=7, drop_path_rate=0.2, union="add", **tiny_kwargs)
+    rebuilt = sequencer.create_model(model.model_name, **model.model_kwargs)
+    assert model.model_name == "sequencer2d_s"
+    assert {k: v.shape for k, v in rebuilt.state_dict().items()} == {k: v.shape for k, v in model.state_dict().items()}
+    assert rebuilt.stages[0].blocks[0].rnn_tokens.union == "add"
+
+
+def _smallest_input(model) -> int:
+    # two tokens per side at the last stage, so the recurrent (hidden-to-hidden) weights take part too
+    return 2 * math.prod(model.patch_sizes)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", PAPER_MODELS + ["sequencer2d_nano"])
+def test_every_registered_model_runs_forward_and_backward(name):
+    torch.manual_seed(0)
+    model = sequencer.create_model(name)  # the real configuration, not a shrunken one
+    torch.nn.init.normal_(model.head.fc.weight, std=0.1)  # the zero head would stop every gradient below it
+    side = _smallest_input(model)
+    x = torch.randn(1, 3, side, side)
+    out = model(x)
+    assert out.shape == (1, 1000) and torch.isfinite(out).all()
+    out.logsumexp(-1).sum().backward()
+    no_grad = [n for n, p in model.named_parameters() if p.grad is None or not p.grad.abs().sum() > 0]
+    assert not no_grad, f"{name}: parameters without gradient: {no_grad[:5]}"

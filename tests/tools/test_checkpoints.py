@@ -1,0 +1,145 @@
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from sequencer.cli import main
+from sequencer.errors import SequencerError
+from sequencer.models import create_model, read_checkpoint
+from sequencer.tools.checkpoints import average_state_dicts, write_atomically
+
+from .conftest import TINY_ARCH, TINY_KWARGS, save_training_checkpoint, tiny_model
+
+
+@pytest.fixture
+def three_checkpoints(tmp_path):
+    paths = []
+    for seed in range(3):
+        ema = tiny_model(seed=10 + seed) if seed != 1 else None  # the second one has no EMA weights
+        paths.append(save_training_checkpoint(tmp_path / f"ckpt{seed}.pth.tar", tiny_model(seed), ema=ema))
+    return paths
+
+
+def _weights(path, use_ema=True):
+    ckpt = torch.load(path, weights_only=True)
+    return ckpt["state_dict_ema"] if use_ema and "state_dict_ema" in ckpt else ckpt["state_dict"]
+
+
+def test_average_equals_mean_of_ema_or_model_weights(three_checkpoints, tmp_path, capsys):
+    out = tmp_path / "avg.pth"
+    assert main(["checkpoint", "average", *map(str, three_checkpoints), "--output", str(out)]) == 0
+    sources = [_weights(p) for p in three_checkpoints]  # EMA, model (no EMA), EMA
+    averaged = torch.load(out, weights_only=True)
+    assert averaged["arch"] == TINY_ARCH and averaged["class_names"] == ["cat", "dog"]
+    assert "optimizer" not in averaged
+    for k, v in averaged["state_dict"].items():
+        expected = (sources[0][k].double() + sources[1][k].double() + sources[2][k].double()) / 3
+        torch.testing.assert_close(v, expected.float(), rtol=0, atol=1e-6)
+    assert "model weights" in capsys.readouterr().out
+    # the averaged file loads back through the usual model options
+    model = create_model(TINY_ARCH, checkpoint_path=str(out), **TINY_KWARGS)
+    torch.testing.assert_close(model.state_dict()["head.fc.weight"], averaged["state_dict"]["head.fc.weight"])
+
+
+def test_average_no_ema_uses_model_weights(three_checkpoints, tmp_path):
+    out = tmp_path / "avg.pth"
+    assert main(["checkpoint", "average", *map(str, three_checkpoints), "--no-ema", "--output", str(out)]) == 0
+    sources = [_weights(p, use_ema=False) for p in three_checkpoints]
+    k = "head.fc.weight"
+    torch.testing.assert_close(torch.load(out, weights_only=True)["state_dict"][k],
+                               (sources[0][k] + sources[1][k] + sources[2][k]) / 3)
+
+
+def test_average_keeps_non_float_tensors_from_first():
+    a = {"w": torch.ones(2), "n": torch.tensor(5)}
+    b = {"w": torch.zeros(2), "n": torch.tensor(9)}
+    out = average_state_dicts([a, b])
+    assert out["n"].item() == 5 and out["n"].dtype == torch.int64
+    torch.testing.assert_close(out["w"], torch.full((2,), 0.5))
+
+
+def test_average_refuses_mismatched_shapes_and_keys(tmp_path, three_checkpoints):
+    torch.manual_seed(0)
+    other = create_model(TINY_ARCH, **dict(TINY_KWARGS, embed_dims=(16, 32, 32)))
+    odd = save_training_checkpoint(tmp_path / "odd.pth", other)
+    with pytest.raises(SequencerError, match=r"shape .* in '.*odd.pth'"):
+        main_run(["checkpoint", "average", str(three_checkpoints[0]), str(odd), "--output", str(tmp_path / "x.pth")])
+    with pytest.raises(SequencerError, match="does not have the same weights"):
+        average_state_dicts([{"a": torch.ones(1)}, {"b": torch.ones(1)}], ["one", "two"])
+    assert not (tmp_path / "x.pth").exists()
+
+
+def main_run(argv):
+    """Run a command like the CLI does but let SequencerError propagate (to check its message)."""
+    from sequencer.cli import build_parser
+    import importlib
+    args = build_parser(argv[0]).parse_args(argv)
+    return importlib.import_module(args._module).run(args)
+
+
+@pytest.mark.parametrize("suffix", [".pth", ".safetensors"])
+def test_clean_strips_training_state(tiny_checkpoint, tmp_path, suffix):
+    out = tmp_path / f"clean{suffix}"
+    assert main(["checkpoint", "clean", str(tiny_checkpoint), "--output", str(out)]) == 0
+    cleaned = read_checkpoint(out)
+    ema = _weights(tiny_checkpoint)
+    if suffix == ".pth":
+        assert set(cleaned) == {"version", "arch", "model_kwargs", "class_names", "data_config", "state_dict"}
+        weights = cleaned["state_dict"]
+    else:
+        weights = {k: v for k, v in cleaned.items() if k != "__metadata__"}
+        assert cleaned["__metadata__"]["arch"] == TINY_ARCH
+    assert weights.keys() == ema.keys()
+    for k in ema:
+        torch.testing.assert_close(weights[k], ema[k], rtol=0, atol=0)
+    assert out.stat().st_size < tiny_checkpoint.stat().st_size / 2  # no optimizer state, one set of weights
+    # `--checkpoint clean.*` alone rebuilds the model (arch, kwargs and class names come from the file)
+    from types import SimpleNamespace
+
+    from sequencer.cli_common import load_model_from_args
+    args = SimpleNamespace(model=None, checkpoint=str(out), pretrained=False, num_classes=None, img_size=None,
+                           input_size=None, use_ema=True)
+    loaded = load_model_from_args(args)
+    assert loaded.class_names == ["cat", "dog"] and loaded.input_size == (3, 32, 32)
+    torch.testing.assert_close(loaded.model.state_dict()["head.fc.bias"], ema["head.fc.bias"])
+
+
+def test_clean_no_ema_and_safetensors_flag(tiny_checkpoint, tmp_path):
+    out = tmp_path / "clean.bin"
+    assert main(["checkpoint", "clean", str(tiny_checkpoint), "--no-ema", "--safetensors", "-o", str(out)]) == 0
+    cleaned = read_checkpoint(out.rename(tmp_path / "clean.safetensors"))
+    torch.testing.assert_close(cleaned["head.fc.weight"], _weights(tiny_checkpoint, use_ema=False)["head.fc.weight"])
+
+
+def test_bad_inputs_give_one_line_errors(tmp_path, tiny_checkpoint, capsys):
+    assert main(["checkpoint", "clean", str(tmp_path / "missing.pth"), "-o", str(tmp_path / "o.pth")]) == 2
+    assert "missing.pth" in capsys.readouterr().err
+    assert main(["checkpoint", "clean", str(tiny_checkpoint), "-o", str(tmp_path / "no" / "dir" / "o.pth")]) == 2
+    err = capsys.readouterr().err
+    assert "does not exist" in err and err.count("\n") == 1
+    assert main(["checkpoint", "clean", str(tiny_checkpoint), "-o", str(tiny_checkpoint)]) == 2
+    assert "also an input" in capsys.readouterr().err
+
+
+def test_write_atomically_leaves_previous_file_on_failure(tmp_path):
+    target = tmp_path / "weights.pth"
+    target.write_bytes(b"old")
+
+    def fail(tmp):
+        with open(tmp, "wb") as f:
+            f.write(b"half")
+        raise OSError(28, "No space left on device")
+
+    with pytest.raises(SequencerError, match="No space left"):
+        write_atomically(target, fail)
+    assert target.read_bytes() == b"old"
+    assert [p.name for p in tmp_path.iterdir()] == ["weights.pth"]  # no temporary file left behind
+
+
+def test_cli_entry_point_runs(tiny_checkpoint, tmp_path):
+    out = tmp_path / "c.pth"
+    r = subprocess.run([sys.executable, "-m", "sequencer", "checkpoint", "clean", str(tiny_checkpoint),
+                        "-o", str(out)], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert out.is_file()

@@ -1,0 +1,122 @@
+import json
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from sequencer.cli import main
+from sequencer.cli_common import load_model_from_args
+from sequencer.errors import SequencerError
+from sequencer.models import create_model, read_checkpoint
+from sequencer.tools.export import export_onnx, relative_error
+
+from .conftest import TINY_ARCH, TINY_KWARGS, make_image
+
+
+def _model_args(checkpoint):
+    return SimpleNamespace(model=None, checkpoint=str(checkpoint), pretrained=False, num_classes=None,
+                           img_size=None, input_size=None, use_ema=True)
+
+
+def _reference(checkpoint, x):
+    model = load_model_from_args(_model_args(checkpoint)).model
+    with torch.no_grad():
+        return model(x)
+
+
+def test_onnx_cli_dynamic_batch_matches_pytorch(tiny_checkpoint, tmp_path, capsys):
+    import onnx
+    import onnxruntime as ort
+
+    out = tmp_path / "tiny.onnx"
+    assert main(["export", "--checkpoint", str(tiny_checkpoint), "--format", "onnx", "--output", str(out),
+                 "--dynamic-batch"]) == 0
+    assert "onnxruntime logits match" in capsys.readouterr().out
+    props = {p.key: p.value for p in onnx.load(str(out)).metadata_props}
+    assert props["arch"] == TINY_ARCH and json.loads(props["class_names"]) == ["cat", "dog"]
+    session = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
+    x = torch.randn(5, 3, 32, 32)
+    got = session.run(None, {"input": x.numpy()})[0]
+    ref = _reference(tiny_checkpoint, x)
+    assert got.shape == (5, 2)
+    assert relative_error(torch.from_numpy(got), ref) < 1e-4
+    assert ref.std() > 0  # a real comparison: the logits vary
+
+
+def test_onnx_check_fails_loudly_on_mismatch(tmp_path, monkeypatch):
+    """The command's own check must reject an export whose logits differ from PyTorch's."""
+    import onnxruntime as ort
+
+    model = create_model(TINY_ARCH, **TINY_KWARGS).eval()
+    torch.nn.init.normal_(model.head.fc.weight)
+    real_run = ort.InferenceSession.run
+    monkeypatch.setattr(ort.InferenceSession, "run", lambda self, *a, **k: [o * 1.01 for o in real_run(self, *a, **k)])
+    with pytest.raises(SequencerError, match="does not match PyTorch"):
+        export_onnx(model, tmp_path / "bad.onnx", (3, 32, 32))
+
+
+def test_torchscript_cli(tiny_checkpoint, tmp_path):
+    out = tmp_path / "tiny.pt"
+    assert main(["export", "--checkpoint", str(tiny_checkpoint), "--output", str(out), "--dynamic-batch"]) == 0
+    extra = {"config.json": ""}
+    loaded = torch.jit.load(str(out), _extra_files=extra)
+    assert json.loads(extra["config.json"])["class_names"] == ["cat", "dog"]
+    x = torch.randn(3, 3, 32, 32)
+    assert relative_error(loaded(x), _reference(tiny_checkpoint, x)) < 1e-4
+
+
+def test_safetensors_round_trip(tiny_checkpoint, tmp_path):
+    out = tmp_path / "tiny.safetensors"
+    assert main(["export", "--checkpoint", str(tiny_checkpoint), "--format", "safetensors", "--output", str(out)]) == 0
+    meta = read_checkpoint(out)["__metadata__"]
+    assert meta["arch"] == TINY_ARCH and json.loads(meta["class_names"]) == ["cat", "dog"]
+    assert json.loads(meta["data_config"])["img_size"] == 32
+    x = torch.randn(2, 3, 32, 32)
+    ref = _reference(tiny_checkpoint, x)
+    # 1. `--checkpoint x.safetensors` alone (arch, kwargs, class names from the metadata)
+    loaded = load_model_from_args(_model_args(out))
+    assert loaded.class_names == ["cat", "dog"] and loaded.name == TINY_ARCH
+    with torch.no_grad():
+        torch.testing.assert_close(loaded.model(x), ref)
+    # 2. create_model(..., checkpoint_path=x.safetensors) with the stored kwargs
+    model = create_model(meta["arch"], checkpoint_path=str(out), **json.loads(meta["model_kwargs"])).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), ref)
+
+
+def test_export_errors(tmp_path, tiny_checkpoint, capsys):
+    assert main(["export", "--output", str(tmp_path / "m.onnx")]) == 2
+    assert "no model given" in capsys.readouterr().err
+    assert main(["export", "--checkpoint", str(tiny_checkpoint), "--output", str(tmp_path / "m.xyz")]) == 2
+    assert "--format" in capsys.readouterr().err
+    assert main(["export", "--checkpoint", str(tmp_path / "nope.pth"), "-o", str(tmp_path / "m.onnx")]) == 2
+    assert "nope.pth" in capsys.readouterr().err
+    assert main(["export", "--checkpoint", str(tiny_checkpoint), "-o", str(tmp_path / "m.onnx"),
+                 "--img-size", "33"]) == 2
+    assert "33" in capsys.readouterr().err
+    assert main(["export", "--checkpoint", str(tiny_checkpoint), "-o", str(tmp_path / "missing" / "m.onnx")]) == 2
+    assert "does not exist" in capsys.readouterr().err
+    assert not list(tmp_path.glob("*.onnx"))
+
+
+@pytest.mark.slow
+def test_sequencer2d_s_onnx_matches_pytorch_on_a_224_image(tmp_path):
+    """Full-size Sequencer2D-S (random weights, random head) on one real 224x224 image under onnxruntime."""
+    torch.manual_seed(0)
+    model = create_model("sequencer2d_s").eval()
+    torch.nn.init.normal_(model.head.fc.weight, std=0.05)
+    image = make_image(np.random.default_rng(0), 0, size=224)
+    Image.Image.save(image, tmp_path / "img.png")
+    pixels = np.asarray(Image.open(tmp_path / "img.png").convert("RGB"), dtype=np.float32) / 255
+    x = ((torch.from_numpy(pixels).permute(2, 0, 1) - 0.45) / 0.225).unsqueeze(0)
+    err = export_onnx(model, tmp_path / "s.onnx", (3, 224, 224), sample=x)
+    assert err < 1e-4
+    import onnxruntime as ort
+    got = ort.InferenceSession(str(tmp_path / "s.onnx"), providers=["CPUExecutionProvider"]).run(
+        None, {"input": x.numpy()})[0]
+    with torch.no_grad():
+        ref = model(x)
+    assert got.shape == (1, 1000) and ref.std() > 0
+    np.testing.assert_allclose(got, ref.numpy(), rtol=0, atol=1e-4 * ref.abs().max().item())
