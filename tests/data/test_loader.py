@@ -84,8 +84,15 @@ def test_shuffle_is_seeded_per_epoch(image_folder):
 
     a, b = _loader(ds, 1, is_training=True, seed=3), _loader(ds, 1, is_training=True, seed=3)
     epochs_a = [order(a, e) for e in range(4)]
-    assert epochs_a == [order(b, e) for e in range(4)]  # a resumed run sees the same order
-    assert len({tuple(o) for o in epochs_a}) > 1  # and the order changes between epochs
+    assert epochs_a == [order(b, e) for e in (0, 1, 2, 3)]
+    assert len({tuple(o) for o in epochs_a}) > 1  # the order changes between epochs
+    resumed = _loader(ds, 1, is_training=True, seed=3)
+    resumed.sampler.set_epoch(2)  # as a trainer resuming at epoch 2 does
+    assert torch.cat([t for _, t in resumed]).tolist() == epochs_a[2]
+    assert torch.cat([t for _, t in resumed]).tolist() == epochs_a[3]  # no set_epoch: the next epoch
+    fresh = _loader(ds, 1, is_training=True, seed=3)
+    assert [torch.cat([t for _, t in fresh]).tolist() for _ in range(2)] == epochs_a[:2]
+    assert order(_loader(ds, 1, is_training=True, seed=4), 0) != epochs_a[0]
 
 
 def test_shard_sampler_covers_every_sample_once():

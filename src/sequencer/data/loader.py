@@ -161,14 +161,33 @@ class _ShardSampler(torch.utils.data.Sampler):
         return iter(self.indices)
 
 
+class _EpochRandomSampler(torch.utils.data.Sampler):
+    """A random permutation that depends only on ``seed`` and the epoch (``set_epoch``, like DistributedSampler)."""
+
+    def __init__(self, num_samples: int, seed: int = 0):
+        self.num_samples, self.seed, self.epoch = num_samples, seed, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+
+    def __len__(self):
+        return self.num_samples
+
+    def __iter__(self):
+        g = torch.Generator()
+        g.manual_seed(self.seed + self.epoch)
+        return iter(torch.randperm(self.num_samples, generator=g).tolist())
+
+
 class ImageLoader(DataLoader):
     """A DataLoader yielding ``(images (N, C, H, W) float, targets (N,) long)`` already on ``device``.
 
     Unreadable images are skipped with a warning naming each file (once per file); ``loader.skipped`` lists the
     files skipped in the current/latest pass (for the epoch log) and ``loader.dataset.skipped`` all seen so far.
     More than ``max_unreadable`` (a fraction) of a pass unreadable aborts with a SequencerError listing them.
-    Shuffling is seeded by ``seed`` and the epoch (`set_epoch`, else the pass count), so a resumed run sees the
-    same order.
+    Shuffling and the workers' random seeds depend only on ``seed`` and the epoch, so a resumed run sees the same
+    order: the epoch is what ``loader.set_epoch(e)`` or ``loader.sampler.set_epoch(e)`` set before the pass,
+    otherwise one more than the previous pass's.
     """
 
     def __init__(self, dataset, *, device, max_unreadable: float, seed: int, **kwargs):
@@ -177,21 +196,30 @@ class ImageLoader(DataLoader):
         self.max_unreadable = max_unreadable
         self.seed = seed
         self.skipped: list[str] = []
-        self._epoch: int | None = None
-        self._passes = 0
+        self._last_epoch: int | None = None
+        self._explicit_epoch: int | None = None
 
     def set_epoch(self, epoch: int) -> None:
         """Fix the shuffle order (and the distributed sampler's) for ``epoch``; call before iterating."""
-        self._epoch = int(epoch)
+        if hasattr(self.sampler, "set_epoch"):
+            self.sampler.set_epoch(int(epoch))
+        self._explicit_epoch = int(epoch)
+
+    def _pass_epoch(self) -> int:
+        explicit, self._explicit_epoch = self._explicit_epoch, None
+        current = getattr(self.sampler, "epoch", None)
+        if explicit is not None:
+            return explicit
+        if current is not None and current != self._last_epoch:
+            return current  # the caller used sampler.set_epoch
+        return 0 if self._last_epoch is None else self._last_epoch + 1
 
     def __iter__(self):
-        epoch = self._epoch if self._epoch is not None else self._passes
-        self._epoch = None
-        self._passes += 1
-        if self.generator is not None:
-            self.generator.manual_seed(self.seed + epoch)
+        epoch = self._last_epoch = self._pass_epoch()
         if hasattr(self.sampler, "set_epoch"):
             self.sampler.set_epoch(epoch)
+        if self.generator is not None:
+            self.generator.manual_seed(self.seed + epoch)  # the base seed of the workers' RNGs
         self.skipped = []
         total = len(self.sampler)
         non_blocking = self.device.type == "cuda"
@@ -251,7 +279,7 @@ def create_loader(dataset, input_size, batch_size: int, is_training: bool = Fals
         else:
             sampler = _ShardSampler(len(dataset), rank, world)
     elif is_training:
-        sampler = torch.utils.data.RandomSampler(dataset, generator=generator)
+        sampler = _EpochRandomSampler(len(dataset), seed)
     else:
         sampler = torch.utils.data.SequentialSampler(dataset)
     if drop_last and len(sampler) < batch_size:

@@ -1,7 +1,8 @@
 """`sequencer validate`: top-1/top-5 accuracy, loss and throughput of a model on a dataset split.
 
 The paper's ``python validate.py /path/to/imagenet --model sequencer2d_s -b 16 --input-size 3 224 224 --amp`` is
-``sequencer validate /path/to/imagenet --model sequencer2d_s -b 16 --input-size 3 224 224 --amp``. With no DATA it
+``sequencer validate /path/to/imagenet --model sequencer2d_s -b 16 --input-size 3 224 224 --amp``; as in timm, a
+model name without ``--checkpoint`` evaluates its released weights. With no DATA it
 validates on the embedded digits val split. A checkpoint written by ``sequencer train`` carries its model name,
 class names and preprocessing, and is evaluated with the same loader and loop as training's eval phase, so it
 reproduces the eval_top1 training logged. Under ``torchrun`` each process evaluates a disjoint share.
@@ -19,6 +20,7 @@ from ..cli_common import add_model_args, load_model_from_args, positive_int
 from ..data import create_dataset, create_loader, resolve_data_config
 from ..data.loader import INTERPOLATIONS
 from ..errors import SequencerError
+from ..models import get_model_entry
 from .distributed import cleanup, init_distributed
 from .evaluate import evaluate
 
@@ -41,7 +43,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--crop-pct", type=float, default=None, help="centre-crop fraction (default: the model's)")
     g.add_argument("--mean", type=float, nargs="+", default=None, metavar="MEAN")
     g.add_argument("--std", type=float, nargs="+", default=None, metavar="STD")
-    g.add_argument("--interpolation", default=None, choices=INTERPOLATIONS)
+    g.add_argument("--interpolation", default=None, choices=[i for i in INTERPOLATIONS if i != "random"])
     add_model_args(parser)
     g = parser.add_argument_group("run")
     g.add_argument("--amp", "--native-amp", dest="amp", action="store_true",
@@ -106,6 +108,11 @@ def _target_mapping(dataset, loaded) -> list[int] | None:
 def run(args: argparse.Namespace) -> int:
     _check_results_file(args.results_file)
     dataset_name = args.dataset or ("" if args.data else "digits")
+    if args.device:
+        try:
+            torch.device(args.device)
+        except RuntimeError:
+            raise SequencerError(f"--device {args.device!r} is not a device", hint="use cpu, cuda or cuda:N") from None
     dist_info = init_distributed(args.device)
     try:
         return _run(args, dataset_name, dist_info)
@@ -117,10 +124,26 @@ def _run(args, dataset_name: str, dist_info) -> int:
     device = dist_info.device
     if device.type == "cuda" and not torch.cuda.is_available():
         raise SequencerError(f"--device {args.device}: CUDA is not available", hint="use --device cpu")
+    if args.model and not args.checkpoint and not args.pretrained:
+        # as timm's validate.py: a model name alone means its released weights (random ones prove nothing)
+        if get_model_entry(args.model).pretrained_cfg.get("url"):
+            args.pretrained = True
+        elif dist_info.is_primary:
+            print(f"note: {args.model} has no released weights and no --checkpoint was given: "
+                  f"evaluating randomly initialised weights")
     loaded = load_model_from_args(args, device)
-    config = resolve_data_config(dict(loaded.data_config, input_size=loaded.input_size, mean=args.mean,
-                                      std=args.std, crop_pct=args.crop_pct, interpolation=args.interpolation),
-                                 loaded.model)
+    # the checkpoint's preprocessing (what training evaluated with), then explicit flags
+    overrides = dict(mean=args.mean, std=args.std, crop_pct=args.crop_pct, interpolation=args.interpolation)
+    config = dict(loaded.data_config, input_size=loaded.input_size)
+    config.update({k: v for k, v in overrides.items() if v is not None})
+    config = resolve_data_config(config, loaded.model)
+    height, width = config["input_size"][1:]
+    if hasattr(loaded.model, "check_input_size"):
+        try:
+            loaded.model.check_input_size(height, width)
+        except ValueError as e:
+            raise SequencerError(f"image size {height}x{width}: {e}",
+                                 hint=f"use a multiple of {getattr(loaded.model, 'reduction', '?')}") from None
     dataset = create_dataset(dataset_name, root=args.data, split=args.split, class_map=args.class_map or None,
                              download=args.dataset_download)
     mapping = _target_mapping(dataset, loaded)

@@ -38,6 +38,37 @@ def _safe_metadata_globals() -> list:
     return [argparse.Namespace, np_core.multiarray.scalar, np.dtype, *dtypes]
 
 
+def _pickled_global(path: Path) -> str | None:
+    """The first class/function a plain (non-zip) pickle file would import, found by scanning its opcodes with
+    ``pickletools`` (nothing is executed); None for zip checkpoints and unreadable files.
+
+    torch's weights-only unpickler rejects some pickles (e.g. protocol 4 frames) before it reaches their imports;
+    this names the object so the refusal says why the file is unsafe rather than calling it corrupt.
+    """
+    import pickletools
+    import zipfile
+
+    if zipfile.is_zipfile(path):
+        return None
+    strings: list[str] = []
+    try:
+        with open(path, "rb") as f:
+            for opcode, arg, _ in pickletools.genops(f):
+                found = None
+                if opcode.name == "GLOBAL":
+                    found = str(arg).replace(" ", ".")
+                elif opcode.name == "STACK_GLOBAL" and len(strings) >= 2:
+                    found = f"{strings[-2]}.{strings[-1]}"
+                elif isinstance(arg, str):
+                    strings.append(arg)
+                # tensor rebuilders and OrderedDict are what plain weights use; name the first other object
+                if found and not found.startswith(("torch.", "collections.OrderedDict")):
+                    return found
+    except Exception:  # not a pickle at all
+        return None
+    return None
+
+
 def read_checkpoint(path: str | os.PathLike) -> dict:
     """Load a checkpoint file into a dict without executing any code it may carry.
 
@@ -58,18 +89,22 @@ def read_checkpoint(path: str | os.PathLike) -> dict:
             out["__metadata__"] = meta
         return out
     try:
-        with torch.serialization.safe_globals(_safe_metadata_globals()):
+        with torch.serialization.safe_globals(_safe_metadata_globals()), warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="Detected pickle protocol")  # refused below if unsafe
             obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # torch raises UnpicklingError, RuntimeError, KeyError, ... for foreign content
         blocked = re.search(r"GLOBAL ([\w.]+)", str(e))
+        blocked = blocked.group(1) if blocked else _pickled_global(path)
         if blocked:
             raise SequencerError(
-                f"refusing to load checkpoint {str(path)!r}: it contains the Python object {blocked.group(1)}, "
+                f"refusing to load checkpoint {str(path)!r}: it contains the Python object {blocked}, "
                 f"which is not plain weights, and loading it could run code",
                 hint="only load checkpoints you trust; re-save the weights as a plain state_dict or safetensors"
             ) from None
-        first = str(e).strip().splitlines()[0][:160] if str(e).strip() else type(e).__name__
-        raise SequencerError(f"checkpoint {str(path)!r} is corrupt or not a PyTorch file ({first})") from None
+        # torch's message opens with generic advice; the specific reason follows "WeightsUnpickler error:"
+        text = str(e).split("WeightsUnpickler error:")[-1].strip()
+        reason = text.splitlines()[0][:160] if text and not isinstance(e, LookupError) else "unrecognised content"
+        raise SequencerError(f"checkpoint {str(path)!r} is corrupt or not a PyTorch file ({reason})") from None
     if not isinstance(obj, dict):
         raise SequencerError(f"checkpoint {str(path)!r} holds a {type(obj).__name__}, not a state dict")
     return obj

@@ -1,0 +1,120 @@
+import math
+import os
+import socket
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+from torch import nn
+
+from sequencer.engine.evaluate import evaluate
+
+
+@pytest.fixture(autouse=True)
+def single_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def _reference(logits: torch.Tensor, targets: torch.Tensor) -> dict:
+    """Top-1/top-5/loss by explicit per-sample loops."""
+    top1 = top5 = loss = 0.0
+    for row, t in zip(logits.tolist(), targets.tolist()):
+        ranked = sorted(range(len(row)), key=lambda j: -row[j])
+        top1 += ranked[0] == t
+        top5 += t in ranked[:5]
+        loss += -(row[t] - math.log(sum(math.exp(v) for v in row)))
+    n = len(targets)
+    return dict(top1=100 * top1 / n, top5=100 * top5 / n, loss=loss / n, count=n)
+
+
+def _batches(n=23, classes=7, features=6, batch=5, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, features, 1, 1, generator=g)
+    y = torch.randint(0, classes, (n,), generator=g)
+    return [(x[i:i + batch], y[i:i + batch]) for i in range(0, n, batch)], x, y
+
+
+def _model(features=6, classes=7):
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Flatten(), nn.Linear(features, classes))
+
+
+def test_evaluate_matches_per_sample_reference():
+    batches, x, y = _batches()
+    model = _model()
+    metrics = evaluate(model, batches, "cpu")
+    with torch.no_grad():
+        ref = _reference(model(x), y)
+    assert metrics["count"] == ref["count"] == 23
+    assert metrics["top1"] == pytest.approx(ref["top1"]) and metrics["top5"] == pytest.approx(ref["top5"])
+    assert metrics["loss"] == pytest.approx(ref["loss"], rel=1e-6)
+    assert 0 < ref["top1"] < ref["top5"] < 100  # the reference is not trivially 0 or 100
+    assert metrics["images_per_sec"] > 0 and not model.training
+
+
+def test_top5_with_fewer_than_five_classes_and_empty_loader():
+    batches, _, _ = _batches(classes=3)
+    assert evaluate(_model(classes=3), batches, "cpu")["top5"] == 100.0
+    empty = evaluate(_model(), [], "cpu")
+    assert empty["count"] == 0 and math.isnan(empty["loss"])
+
+
+def test_bfloat16_autocast_stays_close():
+    batches, _, _ = _batches(n=40)
+    model = _model()
+    full = evaluate(model, batches, "cpu")
+    half = evaluate(model, batches, "cpu", amp_dtype=torch.bfloat16)
+    assert half["count"] == 40 and abs(half["loss"] - full["loss"]) < 0.05
+    assert evaluate(model, batches, "cpu", amp_dtype="bfloat16")["loss"] == pytest.approx(half["loss"])
+
+
+def _rank_main(rank, world, port, root, out):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    torch.distributed.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        from sequencer.data import create_dataset, create_loader
+        ds = create_dataset("", root=root)
+        loader = create_loader(ds, (3, 4, 4), 2, False, mean=(0.5,) * 3, std=(0.5,) * 3, crop_pct=1.0,
+                               distributed=True)
+        metrics = evaluate(_image_model(), loader, "cpu", distributed=True)
+        torch.save(metrics, os.path.join(out, f"rank{rank}.pt"))
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+def _image_model():
+    torch.manual_seed(1)
+    return nn.Sequential(nn.Flatten(), nn.Linear(48, 3))
+
+
+@pytest.mark.slow
+def test_distributed_evaluation_is_exact(tmp_path):
+    """Two gloo ranks over 7 images (uneven shares, no padding) give the single-process numbers."""
+    import numpy as np
+    from PIL import Image
+
+    from sequencer.data import create_dataset, create_loader
+
+    rng = np.random.default_rng(0)
+    for i in range(7):
+        folder = tmp_path / "data" / "abc"[i % 3]
+        folder.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(rng.integers(0, 256, (4, 4, 3), dtype=np.uint8)).save(folder / f"{i}.png")
+    loader = create_loader(create_dataset("", root=str(tmp_path / "data")), (3, 4, 4), 2, False,
+                           mean=(0.5,) * 3, std=(0.5,) * 3, crop_pct=1.0)
+    single = evaluate(_image_model(), loader, "cpu")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    # fork: no re-import of torch per rank (CPU-only processes, so forking is safe)
+    mp.start_processes(_rank_main, args=(2, port, str(tmp_path / "data"), str(tmp_path)), nprocs=2,
+                       start_method="fork")
+    for rank in range(2):
+        got = torch.load(tmp_path / f"rank{rank}.pt", weights_only=True)
+        assert got["count"] == single["count"] == 7
+        assert (got["top1"], got["top5"]) == (single["top1"], single["top5"])
+        assert got["loss"] == pytest.approx(single["loss"], rel=1e-6)  # float32 logits, other batching

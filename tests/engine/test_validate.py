@@ -1,0 +1,161 @@
+import csv
+import json
+
+import numpy as np
+import pytest
+import torch
+import torchvision.transforms.functional as TF
+from PIL import Image
+
+from sequencer.cli import main
+from sequencer.data import create_dataset, create_loader
+from sequencer.engine.evaluate import evaluate
+from sequencer.models import create_model
+
+TINY = dict(layers=(1, 1, 1), embed_dims=(16, 16, 16), hidden_sizes=(4, 4, 4))
+MEAN, STD = (0.4, 0.5, 0.6), (0.3, 0.2, 0.25)
+
+
+@pytest.fixture(autouse=True)
+def single_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def _write_checkpoint(path, class_names, img_size=8, seed=0):
+    """A checkpoint as `sequencer train` writes it (contract 1), with a random (not zero-initialised) head."""
+    torch.manual_seed(seed)
+    model = create_model("sequencer2d_nano", num_classes=len(class_names), img_size=img_size, **TINY)
+    torch.nn.init.normal_(model.head.fc.weight, std=2.0)
+    torch.nn.init.normal_(model.head.fc.bias, std=0.5)
+    torch.save({
+        "version": 1, "arch": model.model_name, "model_kwargs": model.model_kwargs,
+        "class_names": list(class_names),
+        "data_config": {"mean": list(MEAN), "std": list(STD), "crop_pct": 1.0, "interpolation": "bilinear",
+                        "img_size": img_size},
+        "state_dict": model.state_dict(), "epoch": 3, "metric": None, "args": {},
+    }, path)
+    return model.eval()
+
+
+def _write_folder(root, classes=("a", "b", "c"), per_class=4, size=8):
+    rng = np.random.default_rng(0)
+    for c in classes:
+        (root / c).mkdir(parents=True, exist_ok=True)
+        for i in range(per_class):
+            Image.fromarray(rng.integers(0, 256, (size, size, 3), dtype=np.uint8)).save(root / c / f"{i}.png")
+
+
+def _reference(model, root, class_index):
+    """Top-1 and mean cross-entropy computed by hand: read each PNG, normalise, one image at a time."""
+    hits = total = loss = 0
+    for folder in sorted(p for p in root.iterdir() if p.is_dir()):
+        for png in sorted(folder.glob("*.png")):
+            x = TF.normalize(TF.to_tensor(Image.open(png).convert("RGB")), MEAN, STD)
+            target = class_index[folder.name]
+            with torch.no_grad():
+                logits = model(x[None])[0]
+            hits += int(logits.argmax().item() == target)
+            loss += float(torch.logsumexp(logits, 0) - logits[target])
+            total += 1
+    return 100.0 * hits / total, loss / total, total
+
+
+def test_validate_checkpoint_on_folder_matches_reference(tmp_path, capsys):
+    _write_folder(tmp_path / "data" / "val")
+    _write_folder(tmp_path / "data" / "train", per_class=1)
+    model = _write_checkpoint(tmp_path / "ckpt.pth.tar", ["a", "b", "c"])
+    results = tmp_path / "r.json"
+    rc = main(["validate", str(tmp_path / "data"), "--checkpoint", str(tmp_path / "ckpt.pth.tar"), "-b", "5",
+               "-j", "0", "--results-file", str(results)])
+    assert rc == 0
+    got = json.loads(results.read_text())
+    ref_top1, ref_loss, count = _reference(model, tmp_path / "data" / "val", {"a": 0, "b": 1, "c": 2})
+    assert got["count"] == count == 12
+    assert got["top1"] == pytest.approx(ref_top1, abs=1e-3) and 0 < ref_top1 < 100
+    assert got["loss"] == pytest.approx(ref_loss, abs=1e-4)  # same preprocessing as the checkpoint's
+    assert got["model"] == "sequencer2d_nano" and got["img_size"] == 8 and got["dataset"].endswith("val")
+    assert got["param_count"] == sum(p.numel() for p in model.parameters())
+    assert got["images_per_sec"] > 0 and got["top5"] == 100.0  # 3 classes
+    out = capsys.readouterr().out
+    assert f"Acc@1 {got['top1']:.3f}" in out and "sequencer2d_nano" in out
+
+    # the training engine's eval path (same loader + evaluate) gives the same number
+    ds = create_dataset("", root=str(tmp_path / "data"), split="validation")
+    loader = create_loader(ds, (3, 8, 8), 4, False, mean=MEAN, std=STD, crop_pct=1.0, interpolation="bilinear")
+    assert evaluate(model, loader, "cpu")["top1"] == pytest.approx(got["top1"], abs=1e-3)
+
+
+def test_paper_style_flags_and_csv_results(tmp_path):
+    _write_folder(tmp_path / "data" / "val")
+    _write_checkpoint(tmp_path / "ckpt.pth.tar", ["a", "b", "c"])
+    results = tmp_path / "r.csv"
+    rc = main(["validate", str(tmp_path / "data"), "--checkpoint", str(tmp_path / "ckpt.pth.tar"), "-b", "16",
+               "--input-size", "3", "8", "8", "--amp", "--crop-pct", "1.0", "--split", "val", "-j", "1",
+               "--results-file", str(results)])
+    assert rc == 0
+    rows = list(csv.DictReader(results.open()))
+    assert len(rows) == 1 and rows[0]["count"] == "12" and rows[0]["amp"] == "bfloat16"
+    assert 0 <= float(rows[0]["top1"]) <= 100
+
+
+def test_validate_defaults_to_embedded_digits(tmp_path):
+    _write_checkpoint(tmp_path / "digits.pth.tar", [str(i) for i in range(10)])
+    results = tmp_path / "r.json"
+    assert main(["validate", "--checkpoint", str(tmp_path / "digits.pth.tar"), "-b", "120",
+                 "--results-file", str(results)]) == 0
+    got = json.loads(results.read_text())
+    assert got["dataset"] == "digits/val" and got["count"] == 360
+
+
+def test_dataset_with_some_of_the_checkpoint_classes_is_mapped_by_name(tmp_path):
+    _write_folder(tmp_path / "data", classes=("c",))
+    model = _write_checkpoint(tmp_path / "ckpt.pth.tar", ["a", "b", "c"])
+    results = tmp_path / "r.json"
+    assert main(["validate", str(tmp_path / "data"), "--checkpoint", str(tmp_path / "ckpt.pth.tar"),
+                 "--results-file", str(results), "-j", "0"]) == 0
+    ref_top1, ref_loss, _ = _reference(model, tmp_path / "data", {"c": 2})
+    got = json.loads(results.read_text())
+    assert got["top1"] == pytest.approx(ref_top1, abs=1e-3) and got["loss"] == pytest.approx(ref_loss, abs=1e-4)
+
+
+@pytest.mark.parametrize("extra, message", [
+    ([], "has a 3-class head but digits/val has 10 classes"),
+    (["--results-file", "out.txt"], "unknown format"),
+    (["{tmp}/missing"], "does not exist"),
+    (["{tmp}/data", "--split", "test"], "splits found: train"),
+    (["--batch-size", "0"], "expected a positive integer"),
+    (["{tmp}/data", "--img-size", "9"], "image size 9x9"),
+    (["{tmp}/data", "--mean", "0.1", "0.2"], "--mean has 2 values"),
+    (["{tmp}/data", "--device", "nope"], "--device 'nope' is not a device"),
+])
+def test_user_errors_are_one_line(tmp_path, capsys, extra, message):
+    _write_folder(tmp_path / "data" / "train", per_class=1)
+    _write_checkpoint(tmp_path / "ckpt.pth.tar", ["a", "b", "c"])
+    argv = ["validate", "--checkpoint", str(tmp_path / "ckpt.pth.tar")] + [a.format(tmp=tmp_path) for a in extra]
+    try:
+        rc = main(argv)
+    except SystemExit as e:  # argparse rejects bad flag values itself
+        rc = e.code
+    err = capsys.readouterr().err
+    assert rc == 2 and message in err and "Traceback" not in err
+
+
+def test_paper_command_uses_released_weights(monkeypatch, tmp_path):
+    """`validate DATA --model sequencer2d_s ...` with no --checkpoint means the released weights, as in timm."""
+    import sequencer.engine.validate as validate
+    from sequencer.errors import SequencerError
+
+    seen = {}
+
+    def fake_load(args, device):
+        seen.update(model=args.model, pretrained=args.pretrained, input_size=args.input_size)
+        raise SequencerError("stop here: no download in tests")
+
+    monkeypatch.setattr(validate, "load_model_from_args", fake_load)
+    _write_folder(tmp_path / "imagenet" / "val")
+    rc = main(["validate", str(tmp_path / "imagenet"), "--model", "sequencer2d_s", "-b", "16",
+               "--input-size", "3", "224", "224", "--amp"])
+    assert rc == 2 and seen == dict(model="sequencer2d_s", pretrained=True, input_size=[3, 224, 224])

@@ -1,0 +1,77 @@
+"""count_macs: the paper's GMACs, the RNN formula, agreement with torch's FLOP counter, and no side effects."""
+import pytest
+import torch
+from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
+
+import sequencer
+from sequencer.models.flops import count_macs, rnn_macs
+
+
+@pytest.mark.parametrize("name, paper_gmacs", [("sequencer2d_s", 8.4), ("sequencer2d_m", 11.1),
+                                               ("sequencer2d_l", 16.6)])
+def test_gmacs_at_224_within_3_percent_of_the_paper(name, paper_gmacs):
+    with torch.device("meta"):
+        model = sequencer.create_model(name)
+    assert count_macs(model, (3, 224, 224)) / 1e9 == pytest.approx(paper_gmacs, rel=0.03)
+
+
+@pytest.mark.parametrize("cls, gates", [(nn.LSTM, 4), (nn.GRU, 3), (nn.RNN, 1)])
+def test_rnn_formula(cls, gates):
+    rnn = cls(10, 6, num_layers=2, bidirectional=True, batch_first=True)
+    # per step, direction and sequence: gates * hidden * (input + hidden); layer 2 reads both directions (12)
+    per_step = gates * 6 * (10 + 6) + gates * 6 * (12 + 6)
+    assert rnn_macs(rnn, seq_len=5, num_seqs=3) == per_step * 2 * 5 * 3
+
+
+def test_tiny_model_by_hand(tiny_kwargs):
+    # one stage, 28 px input, patch 7: a 4x4 grid of 16-channel tokens, BiLSTM2D hidden 4, MLP ratio 3
+    model = sequencer.create_model("sequencer2d_s", num_classes=5, layers=(1,), patch_sizes=(7,), embed_dims=(16,),
+                                   hidden_sizes=(4,), mlp_ratios=(3.0,))
+    tokens, c, h = 16, 16, 4
+    stem = tokens * c * 3 * 7 * 7
+    lstm = 2 * 2 * 4 * h * (c + h) * tokens  # 2 axes x 2 directions, 4 gates, one step per token
+    fc = tokens * (4 * h) * c
+    mlp = 2 * tokens * c * 3 * c
+    head = c * 5
+    assert count_macs(model, (3, 28, 28)) == stem + lstm + fc + mlp + head
+
+
+@pytest.mark.filterwarnings("ignore:TF32")
+@pytest.mark.parametrize("name, hidden", [("sequencer2d_s", 8), ("sequencer2d_s_without_fc", 8),
+                                          ("gru_sequencer2d_s", 8), ("v_sequencer_s", 16),
+                                          ("sequencer2d_s_horizontal", 16)])
+def test_agrees_with_torch_flop_counter(name, hidden):
+    # FlopCounterMode counts 2 FLOPs per multiply-add of the matrix products, incl. those inside the RNN kernels
+    # once oneDNN is off; it needs a real forward, so the model is small: 2x2 tokens at the last stage
+    model = sequencer.create_model(name, layers=(1, 1, 2, 1), embed_dims=(32,) * 4, hidden_sizes=(hidden,) * 4)
+    side = 28
+    with torch.backends.mkldnn.flags(enabled=False), FlopCounterMode(display=False) as counter, torch.no_grad():
+        model(torch.randn(1, 3, side, side))
+    assert count_macs(model, (3, side, side)) == pytest.approx(counter.get_total_flops() / 2, rel=1e-3)
+
+
+def test_count_has_no_side_effects(tiny_kwargs, randomize):
+    model = randomize(sequencer.create_model("sequencer2d_s", **tiny_kwargs)).train()
+    x = torch.randn(1, 3, 28, 28)
+    model.eval()
+    with torch.no_grad():
+        before = model(x)
+    model.train()
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    count_macs(model, (3, 28, 28))
+    assert model.training
+    assert all(torch.equal(state[k], v) for k, v in model.state_dict().items())
+    assert not any(m._forward_hooks or m._forward_pre_hooks or "forward" in vars(m) for m in model.modules())
+    with torch.no_grad():
+        torch.testing.assert_close(model.eval()(x), before)  # the real recurrent layers run again
+
+
+def test_gmacs_grow_with_resolution_and_meta_equals_real(tiny_kwargs):
+    model = sequencer.create_model("sequencer2d_s", **tiny_kwargs)
+    with torch.device("meta"):
+        meta = sequencer.create_model("sequencer2d_s", **tiny_kwargs)
+    assert count_macs(meta, (3, 56, 56)) == count_macs(model, (3, 56, 56))
+    # every layer is per token here, so MACs scale with the token count (4x the pixels, 4x the tokens)
+    head = 32 * 1000
+    assert count_macs(model, (3, 112, 112)) - head == 4 * (count_macs(model, (3, 56, 56)) - head)
