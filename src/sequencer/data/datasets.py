@@ -382,7 +382,7 @@ def _create_torchvision(name: str, root: str | None, split: str, download: bool,
 
 
 def _find_split_folder(root: str, split: str) -> str:
-    """The sub-folder (or ``.tar``) of ``root`` that holds ``split``, or ``root`` itself when it has no split folders."""
+    """The sub-folder (or ``.tar``) of ``root`` holding ``split``; ``root`` itself when it has no split folders."""
     entries = {e.lower(): e for e in os.listdir(root)}
     for alias in split_aliases(split):
         for candidate in (alias.lower(), alias.lower() + ".tar"):

@@ -124,6 +124,9 @@ def _run(args, dataset_name: str, dist_info) -> int:
     device = dist_info.device
     if device.type == "cuda" and not torch.cuda.is_available():
         raise SequencerError(f"--device {args.device}: CUDA is not available", hint="use --device cpu")
+    # the data first: a missing folder should not wait for (or download) the model's weights
+    dataset = create_dataset(dataset_name, root=args.data, split=args.split, class_map=args.class_map or None,
+                             download=args.dataset_download)
     if args.model and not args.checkpoint and not args.pretrained:
         # as timm's validate.py: a model name alone means its released weights (random ones prove nothing)
         if get_model_entry(args.model).pretrained_cfg.get("url"):
@@ -144,8 +147,6 @@ def _run(args, dataset_name: str, dist_info) -> int:
         except ValueError as e:
             raise SequencerError(f"image size {height}x{width}: {e}",
                                  hint=f"use a multiple of {getattr(loaded.model, 'reduction', '?')}") from None
-    dataset = create_dataset(dataset_name, root=args.data, split=args.split, class_map=args.class_map or None,
-                             download=args.dataset_download)
     mapping = _target_mapping(dataset, loaded)
     if mapping is not None:
         dataset.target_transform = mapping.__getitem__

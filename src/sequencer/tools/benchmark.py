@@ -1,0 +1,368 @@
+"""`sequencer benchmark`: throughput, step time, peak memory, parameters, GMACs and GEMM-rate fraction.
+
+Every implementation measured in one run (ours eager, ``--optimized``, and timm's ``Sequencer2d`` with
+``--compare-timm``) runs in this process with the same weights, timed *interleaved*: each iteration runs every
+implementation once, in alternating order, and the median per implementation is reported. On a shared machine
+this keeps the ratios honest even when the absolute numbers move with the load.
+
+Peak memory: on CUDA, ``torch.cuda.max_memory_allocated`` minus the memory held before the work (weights,
+optimizer state of a warmed-up step and inputs stay in the baseline; what is reported is what the work itself
+allocates on top). On CPU there is no allocator statistic, so each implementation runs ``--memory-iter`` steps in a
+fresh subprocess and the increase of the process' peak resident set size (``ru_maxrss``) over its value just
+before the first step is reported: it includes the activations, autograd buffers, optimizer state and oneDNN/MKL
+workspaces the work creates, measured the same way for every implementation.
+
+GEMM rate: a square matrix product of ``--gemm-size`` in the benchmark's dtype, timed in the same run; on CPU the
+faster of PyTorch's default (MKL for fp32) and oneDNN is taken as the machine's rate. The fraction reached is
+``2 * MACs * images/s / rate`` (training counts 3x the forward MACs: forward, input and weight gradients).
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..cli_common import add_model_args, load_model_from_args, positive_int
+from ..errors import SequencerError
+
+AMP_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+TIMM_MODELS = ("sequencer2d_s", "sequencer2d_m", "sequencer2d_l")
+
+
+@dataclass
+class Result:
+    impl: str  # "ours" (eager create_model), "ours-optimized" (optimize_for_inference), "timm"
+    mode: str  # "infer" or "train"
+    dtype: str
+    batch_size: int
+    img_size: int
+    img_per_s: float
+    step_ms: float
+    step_ms_all: list = field(default_factory=list)
+    peak_memory_mb: float | None = None
+    params_m: float = 0.0
+    gmacs: float | None = None  # per image, forward
+    achieved_gflops: float | None = None
+    gemm_fraction: float | None = None
+    speedup_vs_timm: float | None = None
+    max_rel_diff_vs_timm: float | None = None
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "cuda" and not torch.cuda.is_available():
+        raise SequencerError("--device cuda: no CUDA device is available", hint="use --device cpu")
+    if name not in ("cpu", "cuda"):
+        raise SequencerError(f"--device {name!r}: expected cpu or cuda")
+    return torch.device(name)
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def autocast_ctx(device: torch.device, dtype: torch.dtype):
+    """Autocast in ``dtype`` (a no-op context for float32)."""
+    return torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
+
+
+def gemm_rate(dtype: torch.dtype, device: torch.device, size: int = 2048, iters: int = 5) -> float:
+    """The machine's matrix-multiply rate in GFLOP/s for ``dtype``: median of ``iters`` size^3 products."""
+    a = torch.randn(size, size, device=device).to(dtype)
+    b = torch.randn(size, size, device=device).to(dtype)
+    candidates: dict[str, Callable] = {"torch.mm": lambda: torch.mm(a, b)}
+    if device.type == "cpu" and torch.backends.mkldnn.is_available() and dtype != torch.float16:
+        bt = b.t()  # a linear with weight b^T is a @ b
+        candidates["onednn"] = lambda: torch.ops.mkldnn._linear_pointwise(a, bt, None, "none", [], "")
+    best = 0.0
+    with torch.inference_mode():
+        for fn in candidates.values():
+            fn()
+            synchronize(device)
+            times = []
+            for _ in range(iters):
+                t0 = time.perf_counter()
+                fn()
+                synchronize(device)
+                times.append(time.perf_counter() - t0)
+            best = max(best, 2 * size ** 3 / statistics.median(times) / 1e9)
+    return best
+
+
+def build_timm_twin(model: nn.Module, name: str) -> nn.Module:
+    """timm's ``Sequencer2d`` with ``model``'s architecture and weights (our layout is timm's)."""
+    import timm
+
+    if name not in TIMM_MODELS:
+        raise SequencerError(f"--compare-timm: timm has no {name!r}", hint=f"use one of {', '.join(TIMM_MODELS)}")
+    kwargs = {k: v for k, v in getattr(model, "model_kwargs", {}).items()
+              if k in ("num_classes", "in_chans", "img_size") or k in ("layers", "embed_dims", "hidden_sizes",
+                                                                     "patch_sizes", "mlp_ratios")}
+    try:
+        twin = timm.create_model(name, pretrained=False, **kwargs)
+        twin.load_state_dict(model.state_dict())
+    except (RuntimeError, TypeError) as e:
+        raise SequencerError(f"--compare-timm: timm's {name} does not take these weights: {str(e)[:200]}") from None
+    return twin
+
+
+def make_infer_step(model: nn.Module, x: torch.Tensor, amp: torch.dtype, device: torch.device) -> Callable:
+    def step():
+        with torch.inference_mode(), autocast_ctx(device, amp):
+            return model(x)
+    return step
+
+
+def make_train_step(model: nn.Module, x: torch.Tensor, target: torch.Tensor, amp: torch.dtype,
+                    device: torch.device) -> Callable:
+    """One AdamW training step (forward, cross-entropy, backward, update) under autocast in ``amp``."""
+    model.train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5, weight_decay=0.05)
+    scaler = torch.amp.GradScaler(device.type, enabled=amp == torch.float16)
+
+    def step():
+        optimizer.zero_grad(set_to_none=True)
+        with autocast_ctx(device, amp):
+            loss = F.cross_entropy(model(x), target)
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
+        return loss
+    return step
+
+
+def time_interleaved(steps: dict[str, Callable], device: torch.device, num_warmup: int,
+                     num_iter: int) -> dict[str, list[float]]:
+    """Seconds per call of each step; every iteration runs all steps, alternating their order."""
+    for _ in range(num_warmup):
+        for fn in steps.values():
+            fn()
+    synchronize(device)
+    names = list(steps)
+    times: dict[str, list[float]] = {n: [] for n in names}
+    for i in range(num_iter):
+        for n in (names if i % 2 == 0 else names[::-1]):
+            synchronize(device)
+            t0 = time.perf_counter()
+            steps[n]()
+            synchronize(device)
+            times[n].append(time.perf_counter() - t0)
+    return times
+
+
+# ---- peak memory -------------------------------------------------------------------------------------------------
+
+def _probe_model(spec: dict) -> nn.Module:
+    from ..models import create_model
+
+    model = create_model(spec["name"], **spec["model_kwargs"])
+    if spec["impl"] == "timm":
+        model = build_timm_twin(model, spec["name"])
+    return model
+
+
+def memory_probe(spec: dict) -> float:
+    """Peak memory in MiB that ``spec``'s work allocates on top of weights and inputs (see module docstring)."""
+    device = torch.device(spec["device"])
+    amp = AMP_DTYPES[spec["dtype"]]
+    torch.manual_seed(0)
+    model = _probe_model(spec).to(device)
+    x = torch.randn(spec["batch_size"], *spec["input_size"], device=device)
+    if spec["mode"] == "train":
+        target = torch.randint(0, max(getattr(model, "num_classes", 1), 1), (spec["batch_size"],), device=device)
+        step = make_train_step(model, x, target, amp, device)
+    else:
+        model.eval()
+        if spec["impl"] == "ours-optimized":
+            from .optimize import optimize_for_inference
+            model = optimize_for_inference(model, amp)
+            step = make_infer_step(model, x, torch.float32, device)
+        else:
+            step = make_infer_step(model, x, amp, device)
+    if device.type == "cuda":
+        if spec["mode"] == "train":
+            step()  # optimizer state belongs to the baseline, as on CPU below
+        synchronize(device)
+        base = torch.cuda.memory_allocated(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        for _ in range(spec["iters"]):
+            step()
+        synchronize(device)
+        return (torch.cuda.max_memory_allocated(device) - base) / 2 ** 20
+    # ru_maxrss is a high-water mark (KiB on Linux): the probe runs in a fresh process, so its increase during the
+    # work is the work's own peak, including optimizer state created by the first step.
+    base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    for _ in range(spec["iters"]):
+        step()
+    scale = 1 if sys.platform == "darwin" else 1024
+    return (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base) * scale / 2 ** 20
+
+
+def measure_peak_memory(spec: dict, timeout: float = 900) -> float | None:
+    """Run :func:`memory_probe` in a fresh Python process (CPU) or in this one (CUDA)."""
+    if spec["device"] == "cuda":
+        return memory_probe(spec)
+    code = "import json,sys; from sequencer.tools.benchmark import memory_probe; " \
+           "print(json.dumps(memory_probe(json.loads(sys.argv[1]))))"
+    try:
+        proc = subprocess.run([sys.executable, "-c", code, json.dumps(spec)], capture_output=True, text=True,
+                              timeout=timeout, env=dict(os.environ, OMP_NUM_THREADS=str(torch.get_num_threads())))
+    except subprocess.TimeoutExpired:
+        return None
+    if proc.returncode != 0:
+        print(f"warning: memory probe for {spec['impl']} failed: {proc.stderr.strip().splitlines()[-1:]}",
+              file=sys.stderr)
+        return None
+    return float(proc.stdout.strip().splitlines()[-1])
+
+
+# ---- the command -------------------------------------------------------------------------------------------------
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    add_model_args(parser)
+    parser.add_argument("-b", "--batch-size", type=positive_int, default=16, help="images per step (default 16)")
+    parser.add_argument("--mode", choices=("infer", "train", "both"), default="infer")
+    parser.add_argument("--amp-dtype", choices=tuple(AMP_DTYPES), default="float32",
+                        help="compute dtype: autocast for eager models, weight dtype for --optimized on CPU")
+    parser.add_argument("--compare-timm", action="store_true",
+                        help="also run timm's Sequencer2d, same weights, interleaved in this process")
+    parser.add_argument("--optimized", action="store_true",
+                        help="also run sequencer.optimize_for_inference(model, dtype) (inference only)")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu or cuda")
+    parser.add_argument("--num-warmup", type=int, default=2, help="untimed steps per implementation (default 2)")
+    parser.add_argument("--num-iter", type=positive_int, default=10, help="timed steps per implementation")
+    parser.add_argument("--memory-iter", type=int, default=2,
+                        help="steps per peak-memory probe; 0 skips the memory measurement (default 2)")
+    parser.add_argument("--gemm-size", type=positive_int, default=2048, help="side of the GEMM-rate probe")
+    parser.add_argument("--results-file", default="", metavar="R.json", help="write the results as JSON")
+    parser.add_argument("--seed", type=int, default=0)
+
+
+def _rel_diff(a: torch.Tensor, b: torch.Tensor) -> float:
+    a, b = a.float(), b.float()
+    return ((a - b).abs().max() / b.abs().max().clamp_min(1e-12)).item()
+
+
+def run_benchmark(args: argparse.Namespace) -> dict:
+    device = resolve_device(args.device)
+    amp = AMP_DTYPES[args.amp_dtype]
+    if amp == torch.float16 and device.type == "cpu":
+        raise SequencerError("--amp-dtype float16 is CUDA only", hint="use bfloat16 on CPU")
+    if args.num_warmup < 0 or args.memory_iter < 0:
+        raise SequencerError("--num-warmup and --memory-iter must be >= 0")
+    torch.manual_seed(args.seed)
+    loaded = load_model_from_args(args, device)
+    model, name = loaded.model, loaded.name
+    if args.compare_timm and name not in TIMM_MODELS:
+        raise SequencerError(f"--compare-timm: timm has no {name!r}", hint=f"use one of {', '.join(TIMM_MODELS)}")
+    input_size = tuple(loaded.input_size)
+    img_size = input_size[-1]
+    getattr(model, "check_input_size", lambda h, w: None)(img_size, img_size)
+    try:
+        from ..models.flops import count_macs
+        macs = count_macs(model, input_size)
+    except (ImportError, RuntimeError, ValueError):
+        macs = None
+    params = sum(p.numel() for p in model.parameters())
+    rate = gemm_rate(amp, device, args.gemm_size)
+
+    gen = torch.Generator().manual_seed(args.seed)
+    x = torch.randn(args.batch_size, *input_size, generator=gen).to(device)
+    num_classes = getattr(model, "num_classes", 0) or 1
+    target = torch.randint(0, num_classes, (args.batch_size,), generator=gen).to(device)
+    twin = build_timm_twin(model, name).to(device).eval() if args.compare_timm else None
+
+    modes = ("infer", "train") if args.mode == "both" else (args.mode,)
+    results: list[Result] = []
+    for mode in modes:
+        impls: dict[str, nn.Module] = {"ours": model}
+        if mode == "infer" and args.optimized:
+            from .optimize import optimize_for_inference
+            impls["ours-optimized"] = optimize_for_inference(model, amp)
+        if twin is not None:
+            impls["timm"] = twin
+        steps, outputs = {}, {}
+        for impl, m in impls.items():
+            if mode == "infer":
+                # the optimized model applies its dtype itself; eager models run under autocast
+                steps[impl] = make_infer_step(m, x, torch.float32 if impl == "ours-optimized" else amp, device)
+                outputs[impl] = steps[impl]()
+            else:
+                # each implementation trains its own copy from the same weights
+                m = copy.deepcopy(m)
+                steps[impl] = make_train_step(m, x, target, amp, device)
+        times = time_interleaved(steps, device, args.num_warmup, args.num_iter)
+        for impl, ts in times.items():
+            step_s = statistics.median(ts)
+            r = Result(impl=impl, mode=mode, dtype=args.amp_dtype, batch_size=args.batch_size, img_size=img_size,
+                       img_per_s=args.batch_size / step_s, step_ms=step_s * 1e3,
+                       step_ms_all=[round(t * 1e3, 2) for t in ts], params_m=params / 1e6,
+                       gmacs=macs / 1e9 if macs is not None else None)
+            if macs is not None:
+                r.achieved_gflops = 2 * macs * (3 if mode == "train" else 1) * r.img_per_s / 1e9
+                r.gemm_fraction = r.achieved_gflops / rate
+            if args.memory_iter:
+                spec = dict(impl=impl, name=name, model_kwargs=dict(getattr(model, "model_kwargs", {})),
+                            mode=mode, dtype=args.amp_dtype, batch_size=args.batch_size, input_size=input_size,
+                            device=device.type, iters=args.memory_iter)
+                r.peak_memory_mb = measure_peak_memory(spec)
+            results.append(r)
+        if "timm" in times:
+            timm_ms = statistics.median(times["timm"])
+            for r in results:
+                if r.mode == mode:
+                    r.speedup_vs_timm = timm_ms / (r.step_ms / 1e3)
+                    if mode == "infer":
+                        r.max_rel_diff_vs_timm = _rel_diff(outputs[r.impl], outputs["timm"])
+    return dict(
+        model=name, input_size=list(input_size), batch_size=args.batch_size, amp_dtype=args.amp_dtype,
+        device=device.type, device_name=torch.cuda.get_device_name(device) if device.type == "cuda" else
+        platform.processor() or platform.machine(),
+        threads=torch.get_num_threads(), load_average=list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
+        torch=torch.__version__, gemm_gflops=rate, num_iter=args.num_iter, num_warmup=args.num_warmup,
+        results=[asdict(r) for r in results])
+
+
+def format_results(report: dict) -> str:
+    head = f"{'impl':<15} {'mode':<6} {'dtype':<9} {'img/s':>8} {'step ms':>9} {'vs timm':>8} {'peak MiB':>9} " \
+           f"{'GEMM %':>7} {'rel diff':>9}"
+    lines = [f"{report['model']} {'x'.join(map(str, report['input_size']))} batch {report['batch_size']} on "
+             f"{report['device']} ({report['threads']} threads); params "
+             f"{report['results'][0]['params_m']:.2f}M, GMACs/img "
+             f"{report['results'][0]['gmacs'] if report['results'][0]['gmacs'] is None else round(report['results'][0]['gmacs'], 3)}"
+             f", GEMM rate {report['gemm_gflops']:.0f} GFLOP/s", head]
+
+    def fmt(v, spec):
+        return "-" if v is None else format(v, spec)
+    for r in report["results"]:
+        lines.append(f"{r['impl']:<15} {r['mode']:<6} {r['dtype']:<9} {r['img_per_s']:>8.2f} {r['step_ms']:>9.1f} "
+                     f"{fmt(r['speedup_vs_timm'], '>7.2f') + ('x' if r['speedup_vs_timm'] else ''):>8} "
+                     f"{fmt(r['peak_memory_mb'], '>9.0f'):>9} "
+                     f"{fmt(None if r['gemm_fraction'] is None else 100 * r['gemm_fraction'], '>6.1f'):>7} "
+                     f"{fmt(r['max_rel_diff_vs_timm'], '>9.1e'):>9}")
+    return "\n".join(lines)
+
+
+def run(args: argparse.Namespace) -> int:
+    report = run_benchmark(args)
+    print(format_results(report))
+    if args.results_file:
+        try:
+            with open(args.results_file, "w") as f:
+                json.dump(report, f, indent=2)
+        except OSError as e:
+            raise SequencerError(f"--results-file {args.results_file!r}: {e.strerror}") from None
+    return 0

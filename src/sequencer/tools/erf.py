@@ -1,0 +1,194 @@
+"""`sequencer erf`: effective receptive field heat maps (Luo et al. 2016; the analysis of the Sequencer paper).
+
+For each of N real images, the gradient of the centre position of a stage's output (summed over channels) with
+respect to the input pixels is taken; its absolute value is summed over the input channels and averaged over the
+images. The raw map is saved as ``.npy``; the picture shows it log-scaled and normalised,
+``log10(1 + 1000 * map / max) / log10(1001)`` (three decades of dynamic range, as ERF figures usually show), with a
+colour bar. By default the final features (``forward_features``) are analysed; ``--stage K`` picks stage K
+(1-based), ``--stage all`` draws one panel per stage.
+
+Also printed: the high-contribution area ratio (RepLKNet, Ding et al. 2022), the fraction of the input that holds
+t of the total gradient mass, for t = 20%, 30%, 50% and 99%.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import io
+import random
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..cli_common import add_model_args, load_model_from_args, positive_int
+from ..errors import SequencerError
+from .checkpoints import write_atomically
+from .predict import check_input_size, eval_transform, find_images, read_images, resolve_device
+
+PANEL_IN, COLORBAR_IN, HEIGHT_IN, DPI = 3.6, 1.0, 3.6, 100  # figure of n panels: (3.6 n + 1) x 3.6 in at 100 dpi
+AREA_THRESHOLDS = (0.2, 0.3, 0.5, 0.99)
+
+
+def figure_size_px(panels: int) -> tuple[int, int]:
+    """(width, height) in pixels of the PNG for ``panels`` panels."""
+    return round((PANEL_IN * panels + COLORBAR_IN) * DPI), round(HEIGHT_IN * DPI)
+
+
+def stage_features(model: torch.nn.Module, x: torch.Tensor, stages: list[int]) -> list[torch.Tensor]:
+    """(B, C_s, H_s, W_s) maps of the given 0-based stages; the last stage includes the final norm, i.e. it is
+    ``forward_features``. Models without ``forward_intermediates`` give their final features only."""
+    if hasattr(model, "forward_intermediates"):
+        return model.forward_intermediates(x, indices=stages, norm=True, intermediates_only=True)
+    feats = model.forward_features(x)
+    if feats.ndim == 4 and feats.shape[1] == feats.shape[2] and feats.shape[-1] != feats.shape[1]:
+        feats = feats.permute(0, 3, 1, 2)  # channels-last (B, H, W, C) -> NCHW
+    return [feats]
+
+
+def erf_maps(model: torch.nn.Module, batches, stages: list[int], device) -> tuple[np.ndarray, int]:
+    """Sum over images of |d centre(stage s) / d input| summed over input channels.
+
+    ``batches`` yields (B, C, H, W) tensors. Returns (maps (S, H, W) float64 averaged over images, image count).
+    """
+    total, count = None, 0
+    # cuDNN's RNN kernels cannot run backward in eval mode; the native ones can (and eval keeps dropout off)
+    cudnn_off = torch.backends.cudnn.flags(enabled=False) if torch.device(device).type == "cuda" \
+        else contextlib.nullcontext()
+    model.eval()
+    for images in batches:
+        x = images.to(device).requires_grad_(True)
+        with cudnn_off, torch.enable_grad():
+            feats = stage_features(model, x, stages)
+            grads = []
+            for i, f in enumerate(feats):
+                h, w = f.shape[-2:]
+                # images of a batch do not interact (no batch norm), so one backward gives every image's gradient
+                centre = f[:, :, h // 2, w // 2].sum()
+                (g,) = torch.autograd.grad(centre, x, retain_graph=i < len(feats) - 1)
+                grads.append(g.abs().sum(dim=1).sum(dim=0).double().cpu())
+        batch_maps = torch.stack(grads).numpy()
+        total = batch_maps if total is None else total + batch_maps
+        count += x.shape[0]
+    return total / count, count
+
+
+def log_scale(raw: np.ndarray, decades: float = 3.0) -> np.ndarray:
+    """Normalise a map to max 1 and compress it logarithmically to [0, 1]."""
+    peak = raw.max()
+    if not peak > 0:
+        return np.zeros_like(raw)
+    k = 10.0 ** decades
+    return np.log10(1.0 + k * raw / peak) / np.log10(1.0 + k)
+
+
+def area_ratios(raw: np.ndarray, thresholds=AREA_THRESHOLDS) -> dict[float, float]:
+    """Fraction of the pixels (largest first) needed to hold t of the total contribution, per threshold t."""
+    flat = np.sort(raw.ravel())[::-1]
+    total = flat.sum()
+    if not total > 0:
+        return {t: float("nan") for t in thresholds}
+    cum = np.cumsum(flat) / total
+    return {t: float((np.searchsorted(cum, t) + 1) / flat.size) for t in thresholds}
+
+
+def plot_erf(maps: np.ndarray, titles: list[str], path: Path, suptitle: str) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    n = len(maps)
+    width, height = figure_size_px(n)
+    fig = plt.figure(figsize=(width / DPI, height / DPI), dpi=DPI)
+    # panels on the left, one shared colour bar at the right
+    axes = [fig.add_axes([(0.1 + PANEL_IN * i) / (width / DPI), 0.06, (PANEL_IN - 0.2) / (width / DPI), 0.8])
+            for i in range(n)]
+    cax = fig.add_axes([(PANEL_IN * n + 0.1) / (width / DPI), 0.1, 0.15 / (width / DPI), 0.72])
+    for ax, m, title in zip(axes, maps, titles):
+        im = ax.imshow(log_scale(m), cmap="inferno", vmin=0.0, vmax=1.0, interpolation="nearest")
+        ax.set_title(title, fontsize=9)
+        ax.set_xticks([])
+        ax.set_yticks([])
+    fig.colorbar(im, cax=cax).set_label("log-scaled contribution", fontsize=8)
+    fig.suptitle(suptitle, fontsize=9)
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=DPI)
+    plt.close(fig)
+    write_atomically(path, lambda tmp: Path(tmp).write_bytes(buf.getvalue()))
+
+
+def _parse_stage(text: str) -> str | int:
+    if text == "all":
+        return text
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a stage number (1, 2, ...) or 'all', got {text!r}") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"stages are numbered from 1, got {value}")
+    return value
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("data", metavar="DATA", help="folder of images (searched recursively) or image files")
+    parser.add_argument("--num-images", "-n", type=positive_int, default=50, metavar="N",
+                        help="images to average over (a seeded random sample of DATA)")
+    parser.add_argument("--output", "-o", default="erf.png", metavar="PNG", help="heat map; the raw map goes to .npy")
+    parser.add_argument("--stage", type=_parse_stage, default=None, metavar="K|all",
+                        help="stage K (1-based) or 'all' (one panel each); default: the final features")
+    parser.add_argument("-b", "--batch-size", type=positive_int, default=8, metavar="N")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the image sample")
+    parser.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda when available)")
+    add_model_args(parser)
+
+
+def run(args: argparse.Namespace) -> int:
+    output = Path(args.output)
+    if output.suffix.lower() != ".png":
+        raise SequencerError(f"--output {args.output!r} must be a .png file")
+    if not output.parent.is_dir():
+        raise SequencerError(f"output folder {str(output.parent)!r} does not exist")
+    files = find_images([args.data])
+    device = resolve_device(args.device)
+    loaded = load_model_from_args(args, device)
+    check_input_size(loaded, *loaded.input_size[1:])
+    num_stages = len(getattr(loaded.model, "stages", [None]))
+    if args.stage == "all":
+        stages = list(range(num_stages))
+    elif args.stage is not None:
+        if args.stage > num_stages:
+            raise SequencerError(f"--stage {args.stage}: model {loaded.name!r} has {num_stages} stages")
+        stages = [args.stage - 1]
+    else:
+        stages = [num_stages - 1]
+    if len(files) > args.num_images:
+        files = sorted(random.Random(args.seed).sample(files, args.num_images))
+    elif len(files) < args.num_images:
+        print(f"note: {args.data} holds {len(files)} image(s), fewer than --num-images {args.num_images}")
+    transform = eval_transform(loaded)
+
+    def batches():
+        for start in range(0, len(files), args.batch_size):
+            _, tensors, _ = read_images(files[start:start + args.batch_size], transform)
+            if tensors:
+                yield torch.stack(tensors)
+
+    maps, count = erf_maps(loaded.model, batches(), stages, device)
+    if count == 0:
+        raise SequencerError(f"none of the images in {args.data!r} could be read")
+    final = args.stage is None
+    titles = ["final features" if final else f"stage {s + 1}" for s in stages]
+    size = "x".join(map(str, loaded.input_size[1:]))
+    plot_erf(maps, titles, output, f"ERF of {loaded.name} at {size} px, {count} images")
+    npy = output.with_suffix(".npy")
+    def write_npy(tmp: str) -> None:
+        with open(tmp, "wb") as f:  # a file object: np.save would append ".npy" to a path
+            np.save(f, maps[0] if len(maps) == 1 else maps)
+
+    write_atomically(npy, write_npy)
+    for title, m in zip(titles, maps):
+        ratios = area_ratios(m)
+        print(f"{title}: high-contribution area ratio " +
+              "  ".join(f"{int(t * 100)}%: {r:.4f}" for t, r in ratios.items()))
+    print(f"wrote {output} and {npy} ({count} images)")
+    return 0

@@ -1,0 +1,92 @@
+"""Inference-only fast path: ``sequencer.optimize_for_inference(model, dtype)``.
+
+What it does, and why (measured on a 2-core AVX-512/BF16 CPU, see BENCHMARKS.md):
+
+* The eager model already runs its Linear layers on oneDNN (``sequencer.models.sequencer2d.linear``), which is
+  about twice MKL's fp32 GEMM rate on AMD CPUs, fuses the MLP's GELU into the first matmul when no gradient is
+  needed, and feeds the recurrent kernels sequence-first memory without extra copies. The copy made here is put
+  in eval mode with gradients off, so every Linear takes the fused inference path.
+* ``dtype=torch.bfloat16`` on CPU casts the weights once (rather than on every call, as autocast does) so the
+  matmuls and the oneDNN LSTM run in bf16 end to end; logits come back in float32.
+* On CUDA the copy runs under ``torch.autocast`` in ``dtype`` (cuDNN LSTM, tensor-core GEMMs) with fp32 weights.
+
+Not done, on purpose: merging the four LSTM directions' input projections into one GEMM. oneDNN's LSTM (and
+cuDNN's) computes the input projection of all time steps as one large GEMM inside the recurrent kernel already;
+taking it out would need a hand-written recurrence, which measured slower than the fused kernel here.
+"""
+from __future__ import annotations
+
+import copy
+
+import torch
+from torch import nn
+
+from ..errors import SequencerError
+
+SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+class InferenceModel(nn.Module):
+    """A frozen, eval-mode copy of a model for fast inference.
+
+    ``forward(x)``: x (B, C, H, W) in any float dtype -> the wrapped model's output (logits (B, num_classes), or
+    a list of feature maps for ``features_only`` models), in float32.
+    """
+
+    def __init__(self, model: nn.Module, dtype: torch.dtype = torch.float32):
+        super().__init__()
+        if dtype not in SUPPORTED_DTYPES:
+            raise SequencerError(f"optimize_for_inference: unsupported dtype {dtype}",
+                                 hint="use torch.float32 or torch.bfloat16 (float16: CUDA only)")
+        device = next(model.parameters()).device
+        if dtype == torch.float16 and device.type != "cuda":
+            raise SequencerError("optimize_for_inference: float16 needs a CUDA model", hint="use torch.bfloat16")
+        self.dtype = dtype
+        self.device_type = device.type
+        # CPU: cast the weights once. CUDA: autocast keeps fp32 master weights and picks cuDNN/tensor-core kernels.
+        self.cast_weights = device.type == "cpu" and dtype != torch.float32
+        model = copy.deepcopy(model).eval()
+        for p in model.parameters():
+            p.requires_grad_(False)
+        if self.cast_weights:
+            model = model.to(dtype)
+        self.model = model
+        for attr in ("pretrained_cfg", "default_cfg", "model_name", "model_kwargs", "num_classes", "feature_info"):
+            if hasattr(model, attr):
+                setattr(self, attr, getattr(model, attr))
+
+    def train(self, mode: bool = True) -> "InferenceModel":
+        return super().train(False)  # inference only: dropout / drop-path stay off
+
+    @staticmethod
+    def _to_float32(out):
+        if isinstance(out, torch.Tensor):
+            return out.float()
+        if isinstance(out, (list, tuple)):
+            return type(out)(InferenceModel._to_float32(o) for o in out)
+        return out
+
+    def forward(self, x: torch.Tensor):
+        with torch.inference_mode():
+            if self.cast_weights:
+                out = self.model(x.to(self.dtype))
+            elif self.dtype != torch.float32:
+                with torch.autocast(self.device_type, dtype=self.dtype):
+                    out = self.model(x)
+            else:
+                out = self.model(x.float())
+            return self._to_float32(out)
+
+
+def optimize_for_inference(model: nn.Module, dtype: torch.dtype = torch.float32) -> InferenceModel:
+    """Return a fast inference-only copy of ``model`` with the same outputs; ``model`` itself is not changed.
+
+    ``dtype``: ``torch.float32`` (logits equal to the eager model's within float rounding), ``torch.bfloat16``
+    (bf16 weights and activations on CPU, bf16 autocast on CUDA; logits within ~5e-2 relative) or
+    ``torch.float16`` (CUDA only). Works for any model of the library, including ``features_only`` ones.
+    """
+    if not isinstance(model, nn.Module):
+        raise SequencerError(f"optimize_for_inference expects an nn.Module, got {type(model).__name__}")
+    if next(model.parameters(), None) is None:
+        raise SequencerError("optimize_for_inference: the model has no parameters")
+    return InferenceModel(model, dtype)

@@ -1,0 +1,121 @@
+"""`sequencer resolution-sweep`: top-1/top-5 at several input sizes with the same weights.
+
+The paper's resolution-adaptability study: Sequencer2D has no position embedding, so one set of weights runs at any
+input size that is a multiple of the model's patch reduction. Each size uses the model's eval preprocessing
+(resize to size / crop_pct, centre crop). Results go to ``DIR/resolution.csv`` and ``DIR/resolution.png``.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import io
+import os
+from pathlib import Path
+
+from ..cli_common import add_model_args, load_model_from_args, positive_int
+from ..data import create_dataset, create_loader
+from ..engine.evaluate import evaluate
+from ..engine.validate import _target_mapping
+from ..errors import SequencerError
+from .checkpoints import write_atomically
+from .predict import check_input_size, resolve_device
+
+PLOT_SIZE_IN, PLOT_DPI = (6.4, 4.0), 100  # -> 640 x 400 px
+
+
+def eval_loader(root: str, split: str, loaded, input_size, batch_size: int, workers: int, device):
+    """Eval loader over ``root``'s ``split`` (or its class folders) with the model's preprocessing at
+    ``input_size``; dataset class indices are mapped onto the model's outputs (by name where needed)."""
+    dataset = create_dataset("", root=root, split=split)
+    mapping = _target_mapping(dataset, loaded)
+    if mapping is not None:
+        dataset.target_transform = mapping.__getitem__
+    cfg = loaded.data_config
+    return create_loader(dataset, tuple(input_size), batch_size, is_training=False, mean=cfg["mean"], std=cfg["std"],
+                         crop_pct=cfg["crop_pct"], interpolation=cfg["interpolation"], num_workers=workers,
+                         device=device)
+
+
+def default_workers() -> int:
+    return min(4, os.cpu_count() or 1)
+
+
+def prepare_output_dir(path: str) -> Path:
+    out = Path(path)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise SequencerError(f"cannot create output folder {str(out)!r} ({e.strerror or e})") from None
+    if not os.access(out, os.W_OK):
+        raise SequencerError(f"output folder {str(out)!r} is not writable")
+    return out
+
+
+def plot_resolution(rows: list[dict], path: Path, title: str, train_size: int | None = None) -> None:
+    """Top-1/top-5 (%) against input size, a dashed line at the size the model was trained at."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    sizes = [r["img_size"] for r in rows]
+    fig, ax = plt.subplots(figsize=PLOT_SIZE_IN, dpi=PLOT_DPI)
+    ax.plot(sizes, [r["top1"] for r in rows], "o-", color="tab:blue", label="top-1")
+    ax.plot(sizes, [r["top5"] for r in rows], "s--", color="tab:orange", label="top-5")
+    if train_size:
+        ax.axvline(train_size, color="gray", linestyle=":", label=f"train size {train_size}")
+    ax.set_xlabel("input resolution (px)")
+    ax.set_ylabel("accuracy (%)")
+    ax.set_title(title)
+    ax.set_xticks(sizes)
+    ax.grid(alpha=0.3)
+    ax.legend(loc="best")
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=PLOT_DPI)
+    plt.close(fig)
+    write_atomically(path, lambda tmp: Path(tmp).write_bytes(buf.getvalue()))
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("data", metavar="DATA", help="dataset folder (DATA/SPLIT/CLASS/IMAGE or DATA/CLASS/IMAGE)")
+    parser.add_argument("--split", default="val", help="split folder to evaluate (default: val)")
+    parser.add_argument("--sizes", type=positive_int, nargs="+", default=[160, 192, 224, 256, 288, 320],
+                        metavar="PX", help="input sizes to evaluate")
+    parser.add_argument("--output", "-o", required=True, metavar="DIR", help="folder for resolution.csv/.png")
+    parser.add_argument("-b", "--batch-size", type=positive_int, default=64, metavar="N")
+    parser.add_argument("-j", "--workers", type=int, default=None, metavar="N", help="data loading processes")
+    parser.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda when available)")
+    add_model_args(parser)
+
+
+def run(args: argparse.Namespace) -> int:
+    if not os.path.isdir(args.data):
+        raise SequencerError(f"data folder {args.data!r} does not exist")
+    device = resolve_device(args.device)
+    loaded = load_model_from_args(args, device)
+    sizes = sorted(set(args.sizes))
+    for size in sizes:  # fail before any evaluation
+        check_input_size(loaded, size, size)
+    out = prepare_output_dir(args.output)
+    workers = default_workers() if args.workers is None else args.workers
+    rows = []
+    for size in sizes:
+        loader = eval_loader(args.data, args.split, loaded, (loaded.input_size[0], size, size), args.batch_size,
+                             workers, device)
+        m = evaluate(loaded.model, loader, device)
+        rows.append(dict(img_size=size, top1=round(m["top1"], 3), top5=round(m["top5"], 3),
+                         loss=round(m["loss"], 5), count=m["count"]))
+        print(f"{size:>5} px: top-1 {m['top1']:6.2f}  top-5 {m['top5']:6.2f}  loss {m['loss']:.4f}  "
+              f"({m['count']} images)")
+
+    def write_csv(tmp: str) -> None:
+        with open(tmp, "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+            writer.writeheader()
+            writer.writerows(rows)
+
+    write_atomically(out / "resolution.csv", write_csv)
+    plot_resolution(rows, out / "resolution.png", f"{loaded.name}: accuracy vs input resolution",
+                    train_size=loaded.input_size[-1])
+    print(f"wrote {out / 'resolution.csv'} and {out / 'resolution.png'}")
+    return 0

@@ -1,0 +1,170 @@
+"""`sequencer robustness`: ImageNet-C corruption errors, CE and mCE (Hendrycks & Dietterich, ICLR 2019).
+
+Layout: ``DATA_C/<corruption>/<severity 1-5>/<class>/<image>`` (a grouping folder such as ``noise/`` above the
+corruptions is allowed). For each corruption c and severity s the top-1 error E(s, c) is measured; the corruption's
+error is the mean over severities and its corruption error is
+
+    CE_c = mean_s E(s, c) / mean_s E_AlexNet(s, c)
+
+(the paper's ratio of sums over the five severities), ``mCE`` is the mean CE over the corruptions present, as a
+fraction. With ``--clean`` the relative CE is (E_c - E_clean) / (E_AlexNet,c - E_AlexNet,clean) and its mean the
+relative mCE. Corruptions without an AlexNet reference are reported without CE.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import warnings
+from pathlib import Path
+
+from ..cli_common import add_model_args, load_model_from_args, positive_int
+from ..engine.evaluate import evaluate
+from ..errors import SequencerError
+from .checkpoints import write_atomically
+from .predict import check_input_size, resolve_device
+from .resolution import default_workers, eval_loader
+
+# AlexNet's top-1 error on each ImageNet-C corruption, averaged over severities 1-5: the normalisers of CE.
+# Source: Hendrycks & Dietterich, "Benchmarking Neural Network Robustness to Common Corruptions and Perturbations",
+# ICLR 2019, as published in https://github.com/hendrycks/robustness (README, "Use these values to normalize raw
+# corruption error to calculate mCE"). The first 15 are the standard benchmark, the last 4 the extra corruptions.
+ALEXNET_ERRORS = {
+    "gaussian_noise": 0.886428,
+    "shot_noise": 0.894468,
+    "impulse_noise": 0.922640,
+    "defocus_blur": 0.819880,
+    "glass_blur": 0.826268,
+    "motion_blur": 0.785948,
+    "zoom_blur": 0.798360,
+    "snow": 0.866816,
+    "frost": 0.826572,
+    "fog": 0.819324,
+    "brightness": 0.564592,
+    "contrast": 0.853204,
+    "elastic_transform": 0.646056,
+    "pixelate": 0.717840,
+    "jpeg_compression": 0.606500,
+    # extra corruptions
+    "speckle_noise": 0.845388,
+    "gaussian_blur": 0.787108,
+    "spatter": 0.717512,
+    "saturate": 0.658248,
+}
+STANDARD_CORRUPTIONS = tuple(list(ALEXNET_ERRORS)[:15])
+# AlexNet's clean ImageNet top-1 error, the reference of relative mCE: torchvision's AlexNet (the model whose
+# ImageNet-C errors are tabulated above) has 56.522% top-1 accuracy, i.e. 43.48% error (torchvision model docs).
+ALEXNET_CLEAN_ERROR = 0.43478
+SEVERITIES = ("1", "2", "3", "4", "5")
+
+
+def find_corruptions(root: str) -> dict[str, Path]:
+    """Corruption name -> folder, for every folder under ``root`` (depth <= 2) holding severity folders 1-5."""
+    base = Path(root)
+    if not base.is_dir():
+        raise SequencerError(f"ImageNet-C folder {root!r} does not exist")
+    found: dict[str, Path] = {}
+    for level1 in sorted(p for p in base.iterdir() if p.is_dir()):
+        candidates = [level1] + sorted(p for p in level1.iterdir() if p.is_dir())
+        for folder in candidates:
+            if any((folder / s).is_dir() for s in SEVERITIES):
+                if folder.name in found:
+                    raise SequencerError(f"corruption {folder.name!r} found twice: {found[folder.name]} and {folder}")
+                found[folder.name] = folder
+    if not found:
+        raise SequencerError(f"no corruption folders in {root!r}",
+                             hint="expected DATA_C/CORRUPTION/SEVERITY(1-5)/CLASS/IMAGE, e.g. gaussian_noise/3/...")
+    return found
+
+
+def corruption_summary(severity_errors: dict[str, float], name: str, clean_error: float | None = None) -> dict:
+    """error (mean over severities), ce and relative_ce (when AlexNet has a reference) for one corruption."""
+    error = sum(severity_errors.values()) / len(severity_errors)
+    out = {"errors": dict(severity_errors), "error": error}
+    ref = ALEXNET_ERRORS.get(name)
+    if ref is not None:
+        out["ce"] = error / ref
+        if clean_error is not None:
+            out["relative_ce"] = (error - clean_error) / (ref - ALEXNET_CLEAN_ERROR)
+    return out
+
+
+def summarize(per_corruption: dict[str, dict], clean_error: float | None = None) -> dict:
+    """The results object: ``corruptions``, ``mCE`` (mean CE over corruptions with a reference) and friends."""
+    ces = [c["ce"] for c in per_corruption.values() if "ce" in c]
+    standard = [per_corruption[n]["ce"] for n in STANDARD_CORRUPTIONS if n in per_corruption]
+    results = {
+        "corruptions": per_corruption,
+        "mCE": sum(ces) / len(ces) if ces else None,
+        "mCE_standard15": sum(standard) / len(standard) if len(standard) == len(STANDARD_CORRUPTIONS) else None,
+        "mean_error": sum(c["error"] for c in per_corruption.values()) / len(per_corruption),
+        "without_ce": sorted(n for n, c in per_corruption.items() if "ce" not in c),
+    }
+    if clean_error is not None:
+        rel = [c["relative_ce"] for c in per_corruption.values() if "relative_ce" in c]
+        results["clean_error"] = clean_error
+        results["relative_mCE"] = sum(rel) / len(rel) if rel else None
+    return results
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("data", metavar="DATA_C", help="ImageNet-C folder: CORRUPTION/SEVERITY/CLASS/IMAGE")
+    parser.add_argument("--results-file", required=True, metavar="R.json", help="where to write the results (JSON)")
+    parser.add_argument("--clean", default=None, metavar="DATA", help="clean dataset, for the relative mCE")
+    parser.add_argument("--clean-split", default="val", help="split of --clean to evaluate (default: val)")
+    parser.add_argument("--corruptions", nargs="+", default=None, metavar="NAME", help="only these corruptions")
+    parser.add_argument("-b", "--batch-size", type=positive_int, default=64, metavar="N")
+    parser.add_argument("-j", "--workers", type=int, default=None, metavar="N", help="data loading processes")
+    parser.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda when available)")
+    add_model_args(parser)
+
+
+def run(args: argparse.Namespace) -> int:
+    corruptions = find_corruptions(args.data)
+    if args.corruptions:
+        unknown = sorted(set(args.corruptions) - set(corruptions))
+        if unknown:
+            raise SequencerError(f"corruption(s) {', '.join(unknown)} not found in {args.data!r}",
+                                 hint=f"found: {', '.join(corruptions)}")
+        corruptions = {n: corruptions[n] for n in args.corruptions}
+    if args.clean and not os.path.isdir(args.clean):
+        raise SequencerError(f"clean data folder {args.clean!r} does not exist")
+    results_dir = os.path.dirname(os.path.abspath(args.results_file))
+    if not os.path.isdir(results_dir):
+        raise SequencerError(f"--results-file {args.results_file!r}: folder {results_dir!r} does not exist")
+    device = resolve_device(args.device)
+    loaded = load_model_from_args(args, device)
+    check_input_size(loaded, *loaded.input_size[1:])
+    workers = default_workers() if args.workers is None else args.workers
+
+    def error_of(folder: str, split: str) -> float:
+        loader = eval_loader(folder, split, loaded, loaded.input_size, args.batch_size, workers, device)
+        metrics = evaluate(loaded.model, loader, device)
+        if metrics["count"] == 0:
+            raise SequencerError(f"no readable images in {folder!r}")
+        return 1.0 - metrics["top1"] / 100.0
+
+    clean_error = None
+    if args.clean:
+        clean_error = error_of(args.clean, args.clean_split)
+        print(f"clean: error {clean_error:.4f}")
+    per_corruption = {}
+    for name, folder in corruptions.items():
+        severity_errors = {s: error_of(str(folder / s), s) for s in SEVERITIES if (folder / s).is_dir()}
+        if len(severity_errors) < len(SEVERITIES):
+            warnings.warn(f"{name}: only severities {', '.join(severity_errors)} present; its CE is not comparable "
+                          f"to published ones (AlexNet's reference averages all five)", stacklevel=1)
+        per_corruption[name] = corruption_summary(severity_errors, name, clean_error)
+        c = per_corruption[name]
+        print(f"{name:>18}: error {c['error']:.4f}" + (f"  CE {c['ce']:.4f}" if "ce" in c else "  (no AlexNet CE)")
+              + "  per severity " + " ".join(f"{e:.3f}" for e in severity_errors.values()))
+    results = dict(model=loaded.name, checkpoint=args.checkpoint or ("pretrained" if args.pretrained else ""),
+                   img_size=loaded.input_size[-1], **summarize(per_corruption, clean_error))
+    if results["mCE"] is not None:
+        n_ce = len(per_corruption) - len(results["without_ce"])
+        print(f"mCE {results['mCE']:.4f} ({100 * results['mCE']:.2f}%) over {n_ce} corruption(s)" + (f", relative mCE {results['relative_mCE']:.4f}"
+                                   if results.get("relative_mCE") is not None else ""))
+    text = json.dumps(results, indent=2) + "\n"
+    write_atomically(args.results_file, lambda tmp: Path(tmp).write_text(text))
+    print(f"results written to {args.results_file}")
+    return 0

@@ -1,0 +1,84 @@
+import json
+
+import pytest
+import torch
+from PIL import Image
+
+from sequencer.cli import main
+from sequencer.data import create_transform, load_image
+from sequencer.models import create_model
+
+from .conftest import TINY_ARCH, TINY_KWARGS, TINY_DATA_CONFIG
+
+
+def _expected_probs(checkpoint, path):
+    """Independent reference: rebuild the model from the checkpoint dict and run the eval transform by hand."""
+    ckpt = torch.load(checkpoint, weights_only=True)
+    model = create_model(ckpt["arch"], **ckpt["model_kwargs"]).eval()
+    model.load_state_dict(ckpt["state_dict_ema"])
+    cfg = TINY_DATA_CONFIG
+    x = create_transform((3, 32, 32), False, mean=cfg["mean"], std=cfg["std"], crop_pct=cfg["crop_pct"],
+                         interpolation=cfg["interpolation"])(load_image(path))
+    with torch.no_grad():
+        return model(x[None]).softmax(-1)[0]
+
+
+def test_predict_json_files_and_folders(image_folder, tiny_checkpoint, capsys):
+    single = image_folder / "val" / "cat" / "cat_0.png"
+    assert main(["predict", str(single), str(image_folder / "val"), "--checkpoint", str(tiny_checkpoint),
+                 "--json", "--topk", "5"]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    records = [json.loads(line) for line in lines]
+    assert len(records) == 6  # cat_0.png given twice counts once
+    assert {r["image"] for r in records} == {str(p) for p in (image_folder / "val").rglob("*.png")}
+    for r in records:
+        preds = r["predictions"]
+        assert len(preds) == 2  # topk is capped at the class count
+        assert {p["label"] for p in preds} == {"cat", "dog"}
+        assert preds[0]["prob"] >= preds[1]["prob"]
+        assert sum(p["prob"] for p in preds) == pytest.approx(1.0, abs=1e-5)
+        expected = _expected_probs(tiny_checkpoint, r["image"])
+        for p in preds:
+            assert p["label"] == ["cat", "dog"][p["index"]]
+            assert p["prob"] == pytest.approx(expected[p["index"]].item(), abs=1e-5)
+
+
+def test_predict_imagenet_names_for_1000_class_model(tmp_path, capsys):
+    from sequencer.data.imagenet_classes import IMAGENET_CLASSES
+
+    torch.manual_seed(0)
+    model = create_model(TINY_ARCH, **dict(TINY_KWARGS, num_classes=1000))
+    torch.nn.init.normal_(model.head.fc.weight)
+    torch.save({"arch": TINY_ARCH, "model_kwargs": model.model_kwargs, "state_dict": model.state_dict()},
+               tmp_path / "in1k.pth")
+    Image.new("RGB", (40, 40), (200, 30, 30)).save(tmp_path / "red.png")
+    assert main(["predict", str(tmp_path / "red.png"), "--checkpoint", str(tmp_path / "in1k.pth"), "--topk", "3"]) == 0
+    out = capsys.readouterr().out
+    lines = out.strip().splitlines()
+    assert lines[0] == f"{tmp_path / 'red.png'}:" and len(lines) == 4
+    for line in lines[1:]:
+        index = int(line.split("(")[-1].split(")")[0])
+        assert IMAGENET_CLASSES[index] in line
+
+
+def test_predict_unreadable_image_warns_and_continues(image_folder, tiny_checkpoint, tmp_path, capsys):
+    bad = tmp_path / "broken.png"
+    bad.write_bytes(b"not a png at all")
+    good = image_folder / "val" / "dog" / "dog_1.png"
+    assert main(["predict", str(bad), str(good), "--checkpoint", str(tiny_checkpoint), "--json"]) == 1
+    captured = capsys.readouterr()
+    assert str(bad) in captured.err and "warning" in captured.err
+    records = [json.loads(line) for line in captured.out.strip().splitlines()]
+    assert [r["image"] for r in records] == [str(good)]
+
+
+def test_predict_errors(tmp_path, tiny_checkpoint, capsys):
+    assert main(["predict", str(tmp_path / "missing.png"), "--checkpoint", str(tiny_checkpoint)]) == 2
+    assert "missing.png" in capsys.readouterr().err
+    (tmp_path / "empty").mkdir()
+    assert main(["predict", str(tmp_path / "empty"), "--checkpoint", str(tiny_checkpoint)]) == 2
+    assert "no image files" in capsys.readouterr().err
+    Image.new("RGB", (8, 8)).save(tmp_path / "x.png")
+    assert main(["predict", str(tmp_path / "x.png")]) == 2
+    err = capsys.readouterr().err
+    assert "no model given" in err and err.count("\n") == 1
