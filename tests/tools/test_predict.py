@@ -11,16 +11,20 @@ from sequencer.models import create_model
 from .conftest import TINY_ARCH, TINY_KWARGS, TINY_DATA_CONFIG
 
 
-def _expected_probs(checkpoint, path):
-    """Independent reference: rebuild the model from the checkpoint dict and run the eval transform by hand."""
+def reference_model(checkpoint):
+    """Independent reference: the model rebuilt from the checkpoint dict by hand (EMA weights)."""
     ckpt = torch.load(checkpoint, weights_only=True)
     model = create_model(ckpt["arch"], **ckpt["model_kwargs"]).eval()
     model.load_state_dict(ckpt["state_dict_ema"])
+    return model
+
+
+def reference_inputs(paths, size=32):
+    """(N, 3, size, size): the eval transform of the tiny data config applied by hand."""
     cfg = TINY_DATA_CONFIG
-    x = create_transform((3, 32, 32), False, mean=cfg["mean"], std=cfg["std"], crop_pct=cfg["crop_pct"],
-                         interpolation=cfg["interpolation"])(load_image(path))
-    with torch.no_grad():
-        return model(x[None]).softmax(-1)[0]
+    transform = create_transform((3, size, size), False, mean=cfg["mean"], std=cfg["std"],
+                                 crop_pct=cfg["crop_pct"], interpolation=cfg["interpolation"])
+    return torch.stack([transform(load_image(p)) for p in paths])
 
 
 def test_predict_json_files_and_folders(image_folder, tiny_checkpoint, capsys):
@@ -31,16 +35,17 @@ def test_predict_json_files_and_folders(image_folder, tiny_checkpoint, capsys):
     records = [json.loads(line) for line in lines]
     assert len(records) == 6  # cat_0.png given twice counts once
     assert {r["image"] for r in records} == {str(p) for p in (image_folder / "val").rglob("*.png")}
-    for r in records:
+    with torch.no_grad():
+        expected = reference_model(tiny_checkpoint)(reference_inputs([r["image"] for r in records])).softmax(-1)
+    for r, exp in zip(records, expected):
         preds = r["predictions"]
         assert len(preds) == 2  # topk is capped at the class count
         assert {p["label"] for p in preds} == {"cat", "dog"}
         assert preds[0]["prob"] >= preds[1]["prob"]
         assert sum(p["prob"] for p in preds) == pytest.approx(1.0, abs=1e-5)
-        expected = _expected_probs(tiny_checkpoint, r["image"])
         for p in preds:
             assert p["label"] == ["cat", "dog"][p["index"]]
-            assert p["prob"] == pytest.approx(expected[p["index"]].item(), abs=1e-5)
+            assert p["prob"] == pytest.approx(exp[p["index"]].item(), abs=1e-5)
 
 
 def test_predict_imagenet_names_for_1000_class_model(tmp_path, capsys):

@@ -303,6 +303,8 @@ def check_config(cfg: argparse.Namespace) -> None:
     if cfg.resume == "auto" and not cfg.experiment:
         raise SequencerError("--resume auto needs --experiment NAME to know which folder to continue",
                              hint="use the same --output/--experiment for every (re)start")
+    if cfg.model:
+        get_model_entry(cfg.model)  # unknown names fail before any data is read, with suggestions
     if cfg.initial_checkpoint and not Path(cfg.initial_checkpoint).is_file():
         raise SequencerError(f"--initial-checkpoint {cfg.initial_checkpoint!r}: no such file")
 
@@ -399,6 +401,8 @@ def _make_output_dir(cfg, info: dist_utils.DistInfo) -> Path:
             folder.mkdir(parents=True, exist_ok=True)
             with tempfile.NamedTemporaryFile(dir=folder, prefix=".write-test-"):
                 pass
+            for stale in folder.glob(".*.tmp-*"):  # temporaries of a run that was killed mid-write
+                stale.unlink(missing_ok=True)
         except OSError as e:
             raise SequencerError(f"output folder {str(folder)!r} is not writable ({e.strerror or e})",
                                  hint="pass --output DIR somewhere you can write") from None
@@ -712,7 +716,10 @@ def _train(cfg, info: dist_utils.DistInfo) -> int:
     epoch = start_epoch
     with StopRequest() as stop:
         for epoch in range(start_epoch, num_epochs):
-            if hasattr(train_loader.sampler, "set_epoch"):
+            # shuffling and augmentation seeds depend on the epoch only, so a resumed epoch sees the same batches
+            if hasattr(train_loader, "set_epoch"):
+                train_loader.set_epoch(epoch)
+            elif hasattr(train_loader.sampler, "set_epoch"):
                 train_loader.sampler.set_epoch(epoch)
             if mixup_fn is not None and cfg.mixup_off_epoch and epoch >= cfg.mixup_off_epoch:
                 mixup_fn.mixup_enabled = False
@@ -811,6 +818,8 @@ def _train(cfg, info: dist_utils.DistInfo) -> int:
                 except Exception as e:  # a plotting problem must never stop training
                     warnings.warn(f"could not draw summary.png: {e}")
                 ema_note = f" (raw model {raw_top1:.2f})" if model_ema is not None else ""
+                skipped = len(getattr(train_loader, "skipped", []) or [])
+                ema_note += f" skipped {skipped} unreadable images" if skipped else ""
                 print(f"epoch {epoch}: train_loss {train_loss:.4f} eval_loss {eval_metrics['loss']:.4f} "
                       f"top1 {eval_metrics['top1']:.2f}{ema_note} top5 {eval_metrics['top5']:.2f} "
                       f"lr {lr:.2e} {seconds:.1f}s{' *best*' if is_best else ''}", flush=True)

@@ -116,10 +116,12 @@ class _OneDnnLinearFunction(torch.autograd.Function):
         grad_x = grad_w = grad_b = None
         g2 = grad.reshape(-1, grad.shape[-1])  # (N, out)
         if ctx.needs_input_grad[0]:
-            # dL/dx = g @ W: a linear with weight W^T (in, out); oneDNN reads the transposed view without a copy
-            grad_x = torch.ops.mkldnn._linear_pointwise(grad, weight.t(), None, "none", [], "")
+            # dL/dx = g @ W: a linear with weight W^T (in, out). oneDNN needs it dense (strided weights take a
+            # reference path that is ~100x slower); the copy is weight-sized, not activation-sized.
+            grad_x = torch.ops.mkldnn._linear_pointwise(grad.contiguous(), weight.t().contiguous(), None, "none",
+                                                        [], "")
         if ctx.needs_input_grad[1]:
-            grad_w = torch.ops.mkldnn._linear_pointwise(g2.t(), x.reshape(-1, x.shape[-1]).t(), None, "none", [], "")
+            grad_w = torch.mm(g2.t(), x.reshape(-1, x.shape[-1]))  # (out, in); oneDNN is no faster on this shape
         if ctx.has_bias and ctx.needs_input_grad[2]:
             grad_b = g2.sum(0)
         return grad_x, grad_w, grad_b
@@ -132,6 +134,7 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     ``activation="gelu"`` fuses the GELU into the matmul when no gradient is needed. (..., in) -> (..., out).
     """
     if _onednn_linear_ok(x, weight):
+        x, weight = x.contiguous(), weight.contiguous()
         if not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)):
             if activation == "gelu":
                 return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "gelu", [], "none")
@@ -219,9 +222,10 @@ class RNN2d(nn.Module):
         if self.union == "cat" and self.fc is not None and v_seq is not None and h_seq is not None:
             # fc(cat(v, h)) == v @ Wv^T + b + h @ Wh^T: no concatenation, each half in its own layout, then one add
             # that also returns to (B, H, W, C)
-            n = v_seq.shape[-1]
-            out_v = linear(v_seq, self.fc.weight[:, :n], self.fc.bias).permute(1, 0, 2, 3)
-            out_h = linear(h_seq, self.fc.weight[:, n:]).permute(1, 2, 0, 3)
+            # (the weight halves are made dense: oneDNN's path for strided weights is ~100x slower)
+            w_v, w_h = self.fc.weight.split(v_seq.shape[-1], dim=1)
+            out_v = linear(v_seq, w_v.contiguous(), self.fc.bias).permute(1, 0, 2, 3)
+            out_h = linear(h_seq, w_h.contiguous()).permute(1, 2, 0, 3)
             return torch.add(out_v, out_h).contiguous()
         v = v_seq.permute(1, 0, 2, 3) if v_seq is not None else None
         h = h_seq.permute(1, 2, 0, 3) if h_seq is not None else None

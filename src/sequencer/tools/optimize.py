@@ -54,6 +54,7 @@ class InferenceModel(nn.Module):
         for attr in ("pretrained_cfg", "default_cfg", "model_name", "model_kwargs", "num_classes", "feature_info"):
             if hasattr(model, attr):
                 setattr(self, attr, getattr(model, attr))
+        self.eval()
 
     def train(self, mode: bool = True) -> "InferenceModel":
         return super().train(False)  # inference only: dropout / drop-path stay off

@@ -52,7 +52,7 @@ def prepare_output_dir(path: str) -> Path:
 
 
 def plot_resolution(rows: list[dict], path: Path, title: str, train_size: int | None = None) -> None:
-    """Top-1/top-5 (%) against input size, a dashed line at the size the model was trained at."""
+    """Top-1/top-5 (%) against input size, a dotted line at the model's native (training) size."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -62,7 +62,7 @@ def plot_resolution(rows: list[dict], path: Path, title: str, train_size: int | 
     ax.plot(sizes, [r["top1"] for r in rows], "o-", color="tab:blue", label="top-1")
     ax.plot(sizes, [r["top5"] for r in rows], "s--", color="tab:orange", label="top-5")
     if train_size:
-        ax.axvline(train_size, color="gray", linestyle=":", label=f"train size {train_size}")
+        ax.axvline(train_size, color="gray", linestyle=":", label=f"native size {train_size}")
     ax.set_xlabel("input resolution (px)")
     ax.set_ylabel("accuracy (%)")
     ax.set_title(title)
@@ -116,6 +116,6 @@ def run(args: argparse.Namespace) -> int:
 
     write_atomically(out / "resolution.csv", write_csv)
     plot_resolution(rows, out / "resolution.png", f"{loaded.name}: accuracy vs input resolution",
-                    train_size=loaded.input_size[-1])
+                    train_size=(loaded.model.pretrained_cfg.get("input_size") or loaded.input_size)[-1])
     print(f"wrote {out / 'resolution.csv'} and {out / 'resolution.png'}")
     return 0

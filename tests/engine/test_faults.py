@@ -1,0 +1,128 @@
+"""Training under faults: SIGKILL mid-epoch, SIGTERM preemption, non-finite loss, full disk."""
+from __future__ import annotations
+
+import errno
+import os
+import signal
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import TINY_RUN, start_train, summary_epochs, train_cli
+from sequencer.models import create_model
+from sequencer.models.loading import read_checkpoint
+
+# slower steps than TINY_RUN (the full sequencer2d_nano, batch 2) so a signal can land in the middle of an epoch
+SLOW_RUN = ["--model", "sequencer2d_nano", "--img-size", "16", "-b", "2", "-j", "0", "--log-interval", "1",
+            "--device", "cpu", "--opt", "adamw", "--lr", "1e-3", "--warmup-epochs", "0", "--hflip", "0"]
+
+
+def wait_for(log: Path, text: str, proc, timeout: float = 240) -> None:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if log.exists() and text in log.read_text():
+            return
+        if proc.poll() is not None:
+            pytest.fail(f"training ended (rc {proc.returncode}) before {text!r}:\n{log.read_text()[-3000:]}")
+        time.sleep(0.05)
+    proc.kill()
+    pytest.fail(f"timed out waiting for {text!r}:\n{log.read_text()[-3000:]}")
+
+
+def assert_loads(path: Path) -> dict:
+    ckpt = read_checkpoint(path)
+    model = create_model(ckpt["arch"], **ckpt["model_kwargs"])
+    model.load_state_dict(ckpt["state_dict"])
+    return ckpt
+
+
+@pytest.mark.slow
+def test_sigkill_mid_epoch_then_resume_keeps_every_epoch_once(image_folder, tmp_path):
+    args = [image_folder, *SLOW_RUN, "--output", tmp_path, "--experiment", "run", "--epochs", "3"]
+    log = tmp_path / "log.txt"
+    proc = start_train(args, log)
+    wait_for(log, "train: epoch 1 [   3/", proc)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=30)
+    folder = tmp_path / "run"
+    assert assert_loads(folder / "last.pth.tar")["epoch"] == 0  # the previous checkpoint survived the kill
+    assert summary_epochs(folder) == [0]
+
+    assert train_cli([*args, "--resume", "auto"]) == 0
+    assert summary_epochs(folder) == [0, 1, 2]
+    ckpt = assert_loads(folder / "last.pth.tar")
+    assert ckpt["epoch"] == 2 and ckpt["epoch_complete"]
+    assert not list(folder.glob(".*tmp*"))
+
+
+@pytest.mark.slow
+def test_sigterm_saves_recovery_and_auto_resume_finishes(image_folder, tmp_path):
+    args = [image_folder, *SLOW_RUN, "--output", tmp_path, "--experiment", "run", "--epochs", "2"]
+    log = tmp_path / "log.txt"
+    proc = start_train(args, log)
+    wait_for(log, "train: epoch 0 [   3/", proc)
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=120) == 128 + signal.SIGTERM
+    text = log.read_text()
+    assert "recovery checkpoint" in text and "Traceback" not in text
+    folder = tmp_path / "run"
+    recovery = assert_loads(folder / "recovery.pth.tar")
+    assert recovery["epoch"] == 0 and recovery["epoch_complete"] is False and recovery["step"] >= 3
+    assert recovery["optimizer"]["state"], "optimizer state must be saved"
+    assert not (folder / "last.pth.tar").exists()
+
+    assert train_cli([*args, "--resume", "auto"]) == 0
+    assert summary_epochs(folder) == [0, 1]
+    assert not (folder / "recovery.pth.tar").exists()  # superseded by the finished epochs
+    assert assert_loads(folder / "last.pth.tar")["epoch"] == 1
+
+
+def test_nonfinite_loss_stops_and_keeps_last_good_checkpoint(image_folder, tmp_path, monkeypatch, capsys):
+    from timm.loss import LabelSmoothingCrossEntropy
+    real_forward = LabelSmoothingCrossEntropy.forward
+    calls = []
+
+    def forward(self, x, target):  # 6 steps per epoch: the loss diverges at epoch 1, step 2
+        calls.append(1)
+        loss = real_forward(self, x, target)
+        return loss * float("nan") if len(calls) == 9 else loss
+
+    monkeypatch.setattr(LabelSmoothingCrossEntropy, "forward", forward)
+    args = [image_folder, *TINY_RUN, "--output", tmp_path, "--experiment", "nan", "--epochs", "3"]
+    assert train_cli(args) == 2
+    err = capsys.readouterr().err
+    assert "not finite" in err and "epoch 1 step 2" in err and "last good checkpoint" in err
+    folder = tmp_path / "nan"
+    assert summary_epochs(folder) == [0]
+    assert assert_loads(folder / "last.pth.tar")["epoch"] == 0
+    assert assert_loads(folder / "model_best.pth.tar")["epoch"] == 0
+
+
+def test_huge_lr_diverges_with_a_clear_error(image_folder, tmp_path, capsys):
+    rc = train_cli([image_folder, *TINY_RUN, "--opt", "sgd", "--lr", "1e30", "--output", tmp_path, "--epochs", "2"])
+    assert rc == 2
+    err = capsys.readouterr().err
+    assert "not finite" in err and "epoch 0 step" in err and "Traceback" not in err
+
+
+def test_full_disk_during_training_keeps_previous_checkpoint(image_folder, tmp_path, monkeypatch, capsys):
+    real_save = torch.save
+    saves = []
+
+    def save(obj, f, *a, **kw):
+        saves.append(1)
+        if len(saves) == 2:  # epoch 1's last.pth.tar
+            f.write(b"partial")
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_save(obj, f, *a, **kw)
+
+    monkeypatch.setattr(torch, "save", save)
+    assert train_cli([image_folder, *TINY_RUN, "--output", tmp_path, "--experiment", "full", "--epochs", "3"]) == 2
+    monkeypatch.setattr(torch, "save", real_save)
+    err = capsys.readouterr().err
+    assert "disk is full" in err and "last.pth.tar" in err
+    folder = tmp_path / "full"
+    assert assert_loads(folder / "last.pth.tar")["epoch"] == 0
+    assert not [p for p in os.listdir(folder) if "tmp" in p]

@@ -1,0 +1,110 @@
+"""`sequencer benchmark`: results are produced, consistent and written; bad options fail cleanly.
+
+Timings are never asserted (the machine is shared); what is checked is the structure, the arithmetic that ties the
+numbers together, the side-by-side equality with timm and the error handling.
+"""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from sequencer.cli import main
+from sequencer.models import create_model
+from sequencer.models.flops import count_macs
+from sequencer.tools import benchmark
+
+TINY_S = dict(layers=(1, 1, 1, 1), embed_dims=(16, 32, 32, 32), hidden_sizes=(4, 8, 8, 8), num_classes=3)
+
+
+@pytest.fixture(scope="module")
+def tiny_s_checkpoint(tmp_path_factory):
+    """A training-format checkpoint of a tiny sequencer2d_s (so --compare-timm applies to it)."""
+    torch.manual_seed(0)
+    model = create_model("sequencer2d_s", **TINY_S)
+    torch.nn.init.normal_(model.head.fc.weight, std=0.5)
+    path = tmp_path_factory.mktemp("ckpt") / "tiny_s.pth"
+    torch.save({"version": 1, "arch": "sequencer2d_s", "model_kwargs": dict(model.model_kwargs),
+                "class_names": ["a", "b", "c"], "state_dict": model.state_dict()}, path)
+    return path
+
+
+def test_time_interleaved_alternates_order_and_counts():
+    calls = []
+    steps = {"a": lambda: calls.append("a"), "b": lambda: calls.append("b")}
+    times = benchmark.time_interleaved(steps, torch.device("cpu"), num_warmup=1, num_iter=3)
+    assert calls == ["a", "b", "a", "b", "b", "a", "a", "b"]
+    assert {k: len(v) for k, v in times.items()} == {"a": 3, "b": 3}
+    assert all(t >= 0 for v in times.values() for t in v)
+
+
+def test_gemm_rate_is_a_plausible_rate():
+    rate = benchmark.gemm_rate(torch.float32, torch.device("cpu"), size=256, iters=2)
+    assert 0.1 < rate < 1e6  # GFLOP/s
+
+
+def test_memory_probe_reports_training_above_inference():
+    spec = dict(impl="ours", name="sequencer2d_nano", model_kwargs=dict(num_classes=4), dtype="float32",
+                batch_size=8, input_size=(3, 32, 32), device="cpu", iters=1)
+    infer = benchmark.measure_peak_memory(dict(spec, mode="infer"))
+    train = benchmark.measure_peak_memory(dict(spec, mode="train"))
+    assert infer is not None and train is not None
+    assert 0 <= infer < train  # training keeps activations, gradients and AdamW state
+
+
+@pytest.mark.slow
+def test_benchmark_cli_compare_timm_writes_consistent_results(tiny_s_checkpoint, tmp_path, capsys):
+    out = tmp_path / "r.json"
+    rc = main(["benchmark", "--checkpoint", str(tiny_s_checkpoint), "-b", "2", "--img-size", "56",
+               "--mode", "both", "--compare-timm", "--optimized", "--num-warmup", "1", "--num-iter", "2",
+               "--memory-iter", "0", "--gemm-size", "256", "--device", "cpu", "--results-file", str(out)])
+    assert rc == 0
+    printed = capsys.readouterr().out
+    assert "ours-optimized" in printed and "timm" in printed
+    report = json.loads(out.read_text())
+    assert report["model"] == "sequencer2d_s" and report["input_size"] == [3, 56, 56]
+    rows = {(r["impl"], r["mode"]): r for r in report["results"]}
+    assert set(rows) == {("ours", "infer"), ("ours-optimized", "infer"), ("timm", "infer"),
+                         ("ours", "train"), ("timm", "train")}
+    model = create_model("sequencer2d_s", **TINY_S)
+    macs = count_macs(model, (3, 56, 56))
+    for (impl, mode), r in rows.items():
+        assert r["params_m"] == pytest.approx(sum(p.numel() for p in model.parameters()) / 1e6)
+        assert r["gmacs"] == pytest.approx(macs / 1e9)
+        assert r["img_per_s"] == pytest.approx(2 / (r["step_ms"] / 1e3))
+        assert len(r["step_ms_all"]) == 2
+        flops = 2 * macs * (3 if mode == "train" else 1) * r["img_per_s"]
+        assert r["gemm_fraction"] == pytest.approx(flops / 1e9 / report["gemm_gflops"])
+        assert r["speedup_vs_timm"] > 0
+    assert rows[("timm", "infer")]["speedup_vs_timm"] == pytest.approx(1.0)
+    # same weights: logits agree with timm's
+    assert rows[("ours", "infer")]["max_rel_diff_vs_timm"] < 1e-5
+    assert rows[("ours-optimized", "infer")]["max_rel_diff_vs_timm"] < 1e-4
+
+
+@pytest.mark.slow
+def test_benchmark_cli_memory_and_bfloat16(tmp_path, capsys):
+    out = tmp_path / "r.json"
+    rc = main(["benchmark", "--model", "sequencer2d_nano", "-b", "4", "--img-size", "32", "--mode", "infer",
+               "--amp-dtype", "bfloat16", "--optimized", "--num-warmup", "0", "--num-iter", "1",
+               "--memory-iter", "1", "--gemm-size", "128", "--device", "cpu", "--results-file", str(out)])
+    assert rc == 0
+    rows = json.loads(out.read_text())["results"]
+    assert [r["impl"] for r in rows] == ["ours", "ours-optimized"]
+    assert all(r["dtype"] == "bfloat16" and r["peak_memory_mb"] is not None and r["peak_memory_mb"] >= 0
+               for r in rows)
+    assert all(r["speedup_vs_timm"] is None for r in rows)
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--model", "sequencer2d_nano", "--compare-timm"], "timm has no 'sequencer2d_nano'"),
+    (["--model", "sequencer2d_nano", "--device", "cuda"] if not torch.cuda.is_available() else
+     ["--model", "sequencer2d_nano", "--device", "tpu"], "--device"),
+    (["--model", "sequencer2d_nano", "--device", "cpu", "--amp-dtype", "float16"], "float16 is CUDA only"),
+    (["--model", "no_such_model", "--device", "cpu"], "unknown model"),
+])
+def test_benchmark_cli_errors(argv, message, capsys):
+    assert main(["benchmark", *argv]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("sequencer benchmark: error:") and message in err and "Traceback" not in err

@@ -1,0 +1,76 @@
+import numpy as np
+import pytest
+import torch
+
+from sequencer.cli import main
+from sequencer.tools.erf import area_ratios, figure_size_px, log_scale
+
+from .png_checks import assert_real_png
+from .test_predict import reference_inputs, reference_model
+
+
+def test_erf_all_stages_panels_and_cross_shape(image_folder, tiny_checkpoint, tmp_path, capsys):
+    out = tmp_path / "erf.png"
+    assert main(["erf", str(image_folder / "val"), "--num-images", "4", "--stage", "all", "--output", str(out),
+                 "--checkpoint", str(tiny_checkpoint), "-b", "2"]) == 0
+    assert "high-contribution area ratio" in capsys.readouterr().out
+    assert_real_png(out, figure_size_px(3))
+    maps = np.load(tmp_path / "erf.npy")
+    assert maps.shape == (3, 32, 32) and np.isfinite(maps).all()
+    # Stage 1 is one BiLSTM2D block (patch 2, 16x16 tokens): its centre token sees only its own row and column
+    # of tokens, so the receptive field is exactly a 2-pixel-wide cross through pixels 16-17.
+    cross = np.zeros((32, 32), bool)
+    cross[16:18, :] = cross[:, 16:18] = True
+    assert (maps[0][~cross] == 0).all()
+    assert (maps[0][cross] > 0).all()
+    # the next block mixes rows and columns again: the whole image contributes
+    assert (maps[1][~cross] > 0).mean() > 0.9
+    assert area_ratios(maps[0])[0.99] < area_ratios(maps[2])[0.99]
+
+
+def test_erf_default_is_final_features_gradient(image_folder, tiny_checkpoint, tmp_path):
+    """The raw map equals |d sum_c feat[centre] / d input| summed over channels, averaged over images, by hand."""
+    out = tmp_path / "final.png"
+    files = sorted((image_folder / "val" / "cat").glob("*.png"))[:2]
+    for f in files:
+        (tmp_path / "imgs").mkdir(exist_ok=True)
+        (tmp_path / "imgs" / f.name).write_bytes(f.read_bytes())
+    assert main(["erf", str(tmp_path / "imgs"), "-n", "2", "-o", str(out), "--checkpoint", str(tiny_checkpoint)]) == 0
+    assert_real_png(out, figure_size_px(1))
+    raw = np.load(tmp_path / "final.npy")
+    model = reference_model(tiny_checkpoint)
+    expected = np.zeros((32, 32))
+    for x in reference_inputs(sorted((tmp_path / "imgs").glob("*.png"))):
+        x = x[None].requires_grad_(True)
+        feats = model.forward_features(x)  # (1, H, W, C), channels last
+        feats[0, feats.shape[1] // 2, feats.shape[2] // 2].sum().backward()
+        expected += x.grad.abs().sum(1)[0].numpy() / 2
+    # batched vs one-image float32 arithmetic: compare relative to the peak
+    np.testing.assert_allclose(raw, expected, rtol=0, atol=1e-4 * expected.max())
+
+
+def test_log_scale_and_area_ratio():
+    m = np.zeros((10, 10))
+    m[5, 5] = 1.0
+    m[5, 6] = 1e-3
+    scaled = log_scale(m)
+    assert scaled.max() == pytest.approx(1.0) and scaled.min() == 0.0
+    assert 0 < scaled[5, 6] < 0.5
+    assert area_ratios(m)[0.5] == pytest.approx(0.01)
+    assert log_scale(np.zeros((2, 2))).max() == 0
+
+
+def test_erf_errors(tmp_path, tiny_checkpoint, image_folder, capsys):
+    ck = ["--checkpoint", str(tiny_checkpoint)]
+    assert main(["erf", str(tmp_path / "nope"), "-o", str(tmp_path / "e.png"), *ck]) == 2
+    assert "nope" in capsys.readouterr().err
+    (tmp_path / "empty").mkdir()
+    assert main(["erf", str(tmp_path / "empty"), "-o", str(tmp_path / "e.png"), *ck]) == 2
+    assert "no image files" in capsys.readouterr().err
+    assert main(["erf", str(image_folder), "-o", str(tmp_path / "e.png"), "--stage", "9", *ck]) == 2
+    assert "3 stages" in capsys.readouterr().err
+    assert main(["erf", str(image_folder), "-o", str(tmp_path / "e.jpg"), *ck]) == 2
+    assert ".png" in capsys.readouterr().err
+    assert main(["erf", str(image_folder), "-o", str(tmp_path / "e.png")]) == 2
+    assert "no model given" in capsys.readouterr().err
+    assert not list(tmp_path.glob("e.*"))

@@ -1,0 +1,187 @@
+"""Equality of the fast paths: oneDNN linear, the re-laid-out RNN2d forward, and optimize_for_inference."""
+from __future__ import annotations
+
+import copy
+from functools import partial
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import sequencer
+from sequencer.errors import SequencerError
+from sequencer.models import create_model
+from sequencer.models.sequencer2d import RNN2d, linear
+
+TINY_S = dict(layers=(1, 1, 1, 1), embed_dims=(16, 32, 32, 32), hidden_sizes=(4, 8, 8, 8), num_classes=5)
+
+
+def rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a.float() - b.float()).abs().max() / b.float().abs().max()).item()
+
+
+def tiny_s(seed: int = 0, **kw) -> nn.Module:
+    torch.manual_seed(seed)
+    model = create_model("sequencer2d_s", **dict(TINY_S, **kw))
+    nn.init.normal_(model.head.fc.weight, std=0.5)  # the zero-initialised head would make every logit 0
+    return model.eval()
+
+
+def reference_rnn2d(m: RNN2d, x: torch.Tensor) -> torch.Tensor:
+    """The textbook BiLSTM2D: per-axis nn.LSTM on batch-first sequences, concatenate / add, fc."""
+    B, H, W, C = x.shape
+    v = h = None
+    if m.rnn_v is not None:
+        v, _ = m.rnn_v(x.permute(0, 2, 1, 3).reshape(B * W, H, C))
+        v = v.reshape(B, W, H, -1).permute(0, 2, 1, 3)
+    if m.rnn_h is not None:
+        h, _ = m.rnn_h(x.reshape(B * H, W, C))
+        h = h.reshape(B, H, W, -1)
+    if v is not None and h is not None:
+        y = torch.cat([v, h], -1) if m.union == "cat" else v + h
+    else:
+        y = v if v is not None else h
+    return F.linear(y, m.fc.weight, m.fc.bias) if m.fc is not None else y
+
+
+@pytest.mark.parametrize("kw", [
+    dict(), dict(union="add"), dict(union="vertical", hidden_sizes=8, with_fc=False),
+    dict(union="horizontal", hidden_sizes=8, with_fc=False), dict(rnn_type="gru"), dict(rnn_type="rnn"),
+    dict(bidirectional=False), dict(with_fc=False, hidden_sizes=4),
+])
+def test_rnn2d_matches_textbook_forward_and_grads(kw):
+    torch.manual_seed(0)
+    hidden = kw.pop("hidden_sizes", 6)
+    m = RNN2d(16, hidden, **kw)
+    x = torch.randn(2, 5, 3, 16, requires_grad=True)  # H != W catches any axis mix-up
+    y = m(x)
+    assert y.shape == (2, 5, 3, 16) and y.is_contiguous()
+    x_ref = x.detach().clone().requires_grad_()
+    m_ref = copy.deepcopy(m)
+    y_ref = reference_rnn2d(m_ref, x_ref)
+    assert rel(y, y_ref) < 1e-5
+    w = torch.randn_like(y)
+    (y * w).sum().backward()
+    (y_ref * w).sum().backward()
+    assert rel(x.grad, x_ref.grad) < 1e-4
+    for (n, p), p_ref in zip(m.named_parameters(), m_ref.parameters()):
+        assert rel(p.grad, p_ref.grad) < 1e-4, n
+
+
+@pytest.mark.parametrize("shape", [(7, 12), (2, 3, 5, 12)])
+@pytest.mark.parametrize("activation", [None, "gelu"])
+def test_linear_matches_f_linear_with_grads(shape, activation):
+    torch.manual_seed(0)
+    x = torch.randn(*shape, requires_grad=True)
+    weight = torch.randn(10, 12, requires_grad=True)
+    bias = torch.randn(10, requires_grad=True)
+    with torch.no_grad():
+        fused = linear(x, weight, bias, activation)
+    y = linear(x, weight, bias, activation)
+    ref_act = F.gelu if activation else (lambda t: t)
+    xr, wr, br = (t.detach().clone().requires_grad_() for t in (x, weight, bias))
+    y_ref = ref_act(F.linear(xr, wr, br))
+    assert rel(fused, y_ref) < 1e-5 and rel(y, y_ref) < 1e-5
+    g = torch.randn_like(y)
+    (y * g).sum().backward()
+    (y_ref * g).sum().backward()
+    for a, b in ((x, xr), (weight, wr), (bias, br)):
+        assert rel(a.grad, b.grad) < 1e-5
+
+
+def test_linear_keeps_autocast_and_tracing_semantics():
+    x, w = torch.randn(4, 8), torch.randn(3, 8)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert linear(x, w).dtype == torch.bfloat16  # autocast still applies
+    traced = torch.jit.trace(lambda t: linear(t, w), (x,))
+    assert "mkldnn" not in str(traced.graph)  # exported graphs see plain aten.linear
+
+
+def test_eager_model_matches_timm_logits_and_grads():
+    timm = pytest.importorskip("timm")
+    ours = tiny_s()
+    ref = timm.create_model("sequencer2d_s", **TINY_S)
+    ref.load_state_dict(ours.state_dict())
+    ref.eval()
+    x = torch.randn(2, 3, 56, 56)
+    with torch.no_grad():
+        assert rel(ours(x), ref(x)) < 1e-5
+    ours.train(), ref.train()
+    target = torch.tensor([1, 3])
+    F.cross_entropy(ours(x), target).backward()
+    F.cross_entropy(ref(x), target).backward()
+    ref_params = dict(ref.named_parameters())
+    for name, p in ours.named_parameters():
+        assert rel(p.grad, ref_params[name].grad) < 1e-4, name
+
+
+@pytest.mark.slow
+def test_full_size_sequencer2d_s_matches_timm():
+    timm = pytest.importorskip("timm")
+    torch.manual_seed(0)
+    ours = create_model("sequencer2d_s").eval()
+    nn.init.normal_(ours.head.fc.weight, std=0.02)
+    ref = timm.create_model("sequencer2d_s").eval()
+    ref.load_state_dict(ours.state_dict())
+    x = torch.randn(1, 3, 112, 112)
+    with torch.no_grad():
+        expected = ref(x)
+        assert rel(ours(x), expected) < 1e-5
+        assert rel(sequencer.optimize_for_inference(ours)(x), expected) < 1e-4
+
+
+def test_optimize_float32_same_logits_and_model_untouched():
+    model = tiny_s().train()
+    model.stages[0].blocks[0].mlp_channels.fc1.weight.requires_grad_(False)
+    before = copy.deepcopy(model.state_dict())
+    grads = {n: p.requires_grad for n, p in model.named_parameters()}
+    fast = sequencer.optimize_for_inference(model, torch.float32)
+    x = torch.randn(3, 3, 32, 32)
+    out = fast(x)
+    model.eval()
+    with torch.no_grad():
+        expected = model(x)
+    assert out.dtype == torch.float32 and out.shape == (3, 5)
+    assert rel(out, expected) < 1e-5
+    assert fast.model is not model and not fast.training
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert grads == {n: p.requires_grad for n, p in model.named_parameters()}
+    assert fast.model_name == "sequencer2d_s"
+    fast.train()
+    assert not fast.training  # inference only
+
+
+def test_optimize_bfloat16_close_to_float32():
+    model = tiny_s()
+    fast = sequencer.optimize_for_inference(model, torch.bfloat16)
+    assert next(fast.model.parameters()).dtype == torch.bfloat16
+    assert next(model.parameters()).dtype == torch.float32
+    x = torch.randn(4, 3, 32, 32)
+    out = fast(x)
+    with torch.no_grad():
+        expected = model(x)
+    assert out.dtype == torch.float32
+    assert rel(out, expected) < 5e-2
+
+
+def test_optimize_features_only_and_other_models():
+    torch.manual_seed(0)
+    feats = create_model("sequencer2d_nano", features_only=True, layers=(1, 1, 1), embed_dims=(8, 16, 16),
+                         hidden_sizes=(2, 4, 4)).eval()
+    x = torch.randn(2, 3, 16, 16)
+    maps = sequencer.optimize_for_inference(feats)(x)
+    with torch.no_grad():
+        expected = feats(x)
+    assert len(maps) == len(expected) == 3
+    for a, b in zip(maps, expected):
+        assert a.shape == b.shape and rel(a, b) < 1e-5
+
+
+def test_optimize_rejects_bad_input():
+    with pytest.raises(SequencerError, match="dtype"):
+        sequencer.optimize_for_inference(tiny_s(), torch.int8)
+    with pytest.raises(SequencerError, match="float16"):
+        sequencer.optimize_for_inference(tiny_s(), torch.float16)
+    with pytest.raises(SequencerError, match="nn.Module"):
+        sequencer.optimize_for_inference(lambda x: x)

@@ -1,0 +1,44 @@
+import csv
+
+import pytest
+import torch
+
+from sequencer.cli import main
+
+from .png_checks import assert_real_png
+from .test_predict import reference_inputs, reference_model
+
+
+def test_resolution_sweep_csv_matches_hand_accuracy(image_folder, tiny_checkpoint, tmp_path, capsys):
+    out = tmp_path / "sweep"
+    assert main(["resolution-sweep", str(image_folder), "--split", "val", "--sizes", "32", "16", "48",
+                 "--output", str(out), "--checkpoint", str(tiny_checkpoint), "-j", "0", "-b", "4"]) == 0
+    with open(out / "resolution.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert [int(r["img_size"]) for r in rows] == [16, 32, 48]
+    model = reference_model(tiny_checkpoint)
+    files = sorted((image_folder / "val").rglob("*.png"))
+    labels = torch.tensor([0 if f.parent.name == "cat" else 1 for f in files])
+    for row in rows:
+        size = int(row["img_size"])
+        with torch.no_grad():
+            logits = model(reference_inputs(files, size))
+        assert float(row["top1"]) == pytest.approx(100 * (logits.argmax(-1) == labels).float().mean().item(), abs=1e-3)
+        assert float(row["top5"]) == pytest.approx(100.0)  # two classes: always in the top 5
+        assert int(row["count"]) == len(files)
+    assert_real_png(out / "resolution.png", (640, 400))
+
+
+def test_resolution_sweep_errors(image_folder, tiny_checkpoint, tmp_path, capsys):
+    ck = ["--checkpoint", str(tiny_checkpoint), "-o", str(tmp_path / "o")]
+    assert main(["resolution-sweep", str(image_folder), "--sizes", "32", "33", *ck]) == 2
+    err = capsys.readouterr().err
+    assert "33x33" in err and err.count("\n") == 1
+    assert main(["resolution-sweep", str(tmp_path / "missing"), "--sizes", "32", *ck]) == 2
+    assert "missing" in capsys.readouterr().err
+    assert main(["resolution-sweep", str(image_folder), "--split", "test", "--sizes", "32", *ck]) == 2
+    assert "split 'test' not found" in capsys.readouterr().err
+    (tmp_path / "empty").mkdir()
+    assert main(["resolution-sweep", str(tmp_path / "empty"), "--sizes", "32", *ck]) == 2
+    assert "no images" in capsys.readouterr().err
+    assert not (tmp_path / "o" / "resolution.csv").exists()
