@@ -1,4 +1,6 @@
 """Shared helpers for the model-library tests: tiny architectures and non-trivial random weights."""
+import warnings
+
 import pytest
 import torch
 
@@ -14,6 +16,23 @@ def randomize_(model: torch.nn.Module, seed: int = 0, scale: float = 0.05) -> to
     for p in model.parameters():
         p.add_(torch.randn(p.shape, generator=g).to(p) * scale)
     return model
+
+
+@pytest.fixture(autouse=True)
+def _native_cpu_kernels(request):
+    """Run these tests on PyTorch's native CPU kernels unless the test module sets ``USE_ONEDNN = True``.
+
+    oneDNN builds a kernel for every new RNN shape, which costs seconds of CPU per shape; these tests use dozens of
+    tiny shapes once each. The results are the same up to float rounding. The reference tests against timm keep
+    oneDNN on, so the default (fast) path is what is compared there.
+    """
+    if getattr(request.module, "USE_ONEDNN", False):
+        yield
+        return
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="TF32 acceleration on top of oneDNN")  # said on every switch
+        with torch.backends.mkldnn.flags(enabled=False):
+            yield
 
 
 @pytest.fixture

@@ -37,7 +37,6 @@ def test_tiny_model_by_hand(tiny_kwargs):
     assert count_macs(model, (3, 28, 28)) == stem + lstm + fc + mlp + head
 
 
-@pytest.mark.filterwarnings("ignore:TF32")
 @pytest.mark.parametrize("name, hidden", [("sequencer2d_s", 8), ("sequencer2d_s_without_fc", 8),
                                           ("gru_sequencer2d_s", 8), ("v_sequencer_s", 16),
                                           ("sequencer2d_s_horizontal", 16)])

@@ -8,6 +8,7 @@ from sequencer.models.loading import load_state_dict_into, to_release_layout
 timm = pytest.importorskip("timm")
 
 REL_TOL = 1e-5
+USE_ONEDNN = True  # compare the default CPU path (see conftest)
 
 
 def rel_max_err(a: torch.Tensor, b: torch.Tensor) -> float:

@@ -9,6 +9,7 @@ import pytest
 import torch
 from PIL import Image
 
+from sequencer.data import create_transform, load_image
 from sequencer.models import create_model
 
 CLASS_NAMES = ["cat", "dog"]
@@ -39,11 +40,14 @@ def write_class_folders(root: Path, per_class: int, seed: int = 0, size: int = 4
 
 
 def tiny_model(seed: int = 0) -> torch.nn.Module:
-    """The tiny test model with a random (not zero) head, so its predictions differ between images."""
+    """The tiny test model with a random (not zero) head and final norm, so its outputs differ between images."""
     torch.manual_seed(seed)
     model = create_model(TINY_ARCH, **TINY_KWARGS)
     torch.nn.init.normal_(model.head.fc.weight, std=1.0)
     torch.nn.init.normal_(model.head.fc.bias, std=0.1)
+    # a trained final LayerNorm has uneven channel weights; with all-ones weights the channel sum of the final
+    # features is identically zero and their ERF would be float noise
+    torch.nn.init.normal_(model.norm.weight, mean=1.0, std=0.5)
     return model.eval()
 
 
@@ -65,6 +69,22 @@ def save_training_checkpoint(path: Path, model: torch.nn.Module, ema: torch.nn.M
         checkpoint["state_dict_ema"] = ema.state_dict()
     torch.save(checkpoint, path)
     return path
+
+
+def reference_model(checkpoint):
+    """Independent reference: the model rebuilt from the checkpoint dict by hand (EMA weights)."""
+    ckpt = torch.load(checkpoint, weights_only=True)
+    model = create_model(ckpt["arch"], **ckpt["model_kwargs"]).eval()
+    model.load_state_dict(ckpt["state_dict_ema"])
+    return model
+
+
+def reference_inputs(paths, size=32):
+    """(N, 3, size, size): the eval transform of the tiny data config applied by hand."""
+    cfg = TINY_DATA_CONFIG
+    transform = create_transform((3, size, size), False, mean=cfg["mean"], std=cfg["std"],
+                                 crop_pct=cfg["crop_pct"], interpolation=cfg["interpolation"])
+    return torch.stack([transform(load_image(p)) for p in paths])
 
 
 @pytest.fixture(scope="session")

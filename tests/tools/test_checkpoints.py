@@ -12,8 +12,9 @@ from sequencer.tools.checkpoints import average_state_dicts, write_atomically
 from .conftest import TINY_ARCH, TINY_KWARGS, save_training_checkpoint, tiny_model
 
 
-@pytest.fixture
-def three_checkpoints(tmp_path):
+@pytest.fixture(scope="module")
+def three_checkpoints(tmp_path_factory):
+    tmp_path = tmp_path_factory.mktemp("three")
     paths = []
     for seed in range(3):
         ema = tiny_model(seed=10 + seed) if seed != 1 else None  # the second one has no EMA weights

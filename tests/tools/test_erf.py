@@ -1,12 +1,11 @@
 import numpy as np
 import pytest
-import torch
 
 from sequencer.cli import main
 from sequencer.tools.erf import area_ratios, figure_size_px, log_scale
 
+from .conftest import reference_inputs, reference_model
 from .png_checks import assert_real_png
-from .test_predict import reference_inputs, reference_model
 
 
 def test_erf_all_stages_panels_and_cross_shape(image_folder, tiny_checkpoint, tmp_path, capsys):

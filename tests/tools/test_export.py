@@ -57,6 +57,7 @@ def test_onnx_check_fails_loudly_on_mismatch(tmp_path, monkeypatch):
         export_onnx(model, tmp_path / "bad.onnx", (3, 32, 32))
 
 
+@pytest.mark.filterwarnings("ignore:`torch.jit.load` is deprecated")
 def test_torchscript_cli(tiny_checkpoint, tmp_path):
     out = tmp_path / "tiny.pt"
     assert main(["export", "--checkpoint", str(tiny_checkpoint), "--output", str(out), "--dynamic-batch"]) == 0

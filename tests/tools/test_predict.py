@@ -5,26 +5,9 @@ import torch
 from PIL import Image
 
 from sequencer.cli import main
-from sequencer.data import create_transform, load_image
 from sequencer.models import create_model
 
-from .conftest import TINY_ARCH, TINY_KWARGS, TINY_DATA_CONFIG
-
-
-def reference_model(checkpoint):
-    """Independent reference: the model rebuilt from the checkpoint dict by hand (EMA weights)."""
-    ckpt = torch.load(checkpoint, weights_only=True)
-    model = create_model(ckpt["arch"], **ckpt["model_kwargs"]).eval()
-    model.load_state_dict(ckpt["state_dict_ema"])
-    return model
-
-
-def reference_inputs(paths, size=32):
-    """(N, 3, size, size): the eval transform of the tiny data config applied by hand."""
-    cfg = TINY_DATA_CONFIG
-    transform = create_transform((3, size, size), False, mean=cfg["mean"], std=cfg["std"],
-                                 crop_pct=cfg["crop_pct"], interpolation=cfg["interpolation"])
-    return torch.stack([transform(load_image(p)) for p in paths])
+from .conftest import TINY_ARCH, TINY_KWARGS, reference_inputs, reference_model
 
 
 def test_predict_json_files_and_folders(image_folder, tiny_checkpoint, capsys):

@@ -5,8 +5,8 @@ import torch
 
 from sequencer.cli import main
 
+from .conftest import reference_inputs, reference_model
 from .png_checks import assert_real_png
-from .test_predict import reference_inputs, reference_model
 
 
 def test_resolution_sweep_csv_matches_hand_accuracy(image_folder, tiny_checkpoint, tmp_path, capsys):

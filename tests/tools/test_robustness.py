@@ -8,8 +8,7 @@ from PIL import Image
 from sequencer.cli import main
 from sequencer.tools.robustness import ALEXNET_ERRORS, summarize
 
-from .conftest import CLASS_NAMES, make_image
-from .test_predict import reference_inputs, reference_model
+from .conftest import CLASS_NAMES, make_image, reference_inputs, reference_model
 
 # AlexNet's mean errors, written out here from Hendrycks & Dietterich's table, independently of the module
 ALEXNET_GAUSSIAN_NOISE, ALEXNET_FOG, ALEXNET_CLEAN = 0.886428, 0.819324, 0.43478

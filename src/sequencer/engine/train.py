@@ -43,10 +43,10 @@ SUMMARY_FIELDS = ["epoch", "train_loss", "eval_loss", "eval_top1", "eval_top5", 
 # Used when no DATA is given (or --dataset digits): sequencer2d_nano on the 8x8 scikit-learn digits, upscaled.
 # Tuned to pass 96% top-1 on the held-out split in well under 2 minutes on 2 CPU cores.
 DIGITS_DEFAULTS = dict(
-    dataset="digits", model="sequencer2d_nano", img_size=16, epochs=10, batch_size=32, opt="adamw", lr=2e-3,
-    weight_decay=0.05, sched="cosine", warmup_epochs=1, warmup_lr=1e-4, min_lr=1e-5, hflip=0.0,
+    dataset="digits", model="sequencer2d_nano", img_size=16, epochs=10, batch_size=16, opt="adamw", lr=1e-3,
+    weight_decay=0.05, sched="cosine", sched_on_updates=True, warmup_epochs=0, min_lr=1e-5, hflip=0.0,
     scale=[0.75, 1.0], ratio=[0.9, 1.1], color_jitter=0.0, smoothing=0.1, workers=0,
-    train_interpolation="bilinear", interpolation="bilinear", log_interval=20, checkpoint_hist=2, val_split="val",
+    train_interpolation="bilinear", interpolation="bilinear", log_interval=30, checkpoint_hist=2, val_split="val",
 )
 
 
@@ -380,7 +380,7 @@ def plot_summary(rows: list[dict], path: Path) -> None:
         tmp.unlink(missing_ok=True)
 
 
-def _make_output_dir(cfg, info: dist_utils.DistInfo) -> Path:
+def _make_output_dir(cfg, info: dist_utils.DistInfo, model_name: str, img_size: int) -> Path:
     """Pick (rank 0) and create the experiment folder; every rank gets the same path."""
     folder = None
     if info.is_primary:
@@ -393,7 +393,7 @@ def _make_output_dir(cfg, info: dist_utils.DistInfo) -> Path:
         elif cfg.resume and cfg.resume != "auto" and (Path(cfg.resume).parent / "summary.csv").exists():
             folder = Path(cfg.resume).parent  # continue the resumed run's own folder
         else:
-            stem = "-".join([datetime.now().strftime("%Y%m%d-%H%M%S"), cfg.model, str(cfg.img_size)])
+            stem = "-".join([datetime.now().strftime("%Y%m%d-%H%M%S"), model_name, str(img_size)])
             folder, n = root / stem, 1
             while folder.exists():
                 folder, n = root / f"{stem}-{n}", n + 1
@@ -465,17 +465,16 @@ def _resolve_lr(cfg, world_size: int) -> None:
 def _build_model(cfg, resume_ckpt: dict | None, init_ckpt_meta: dict | None, num_classes: int):
     """The model to train; architecture from the resumed checkpoint, else --model (or an initial checkpoint's)."""
     base = resume_ckpt or init_ckpt_meta or {}
+    if resume_ckpt is not None and cfg.model and base.get("arch") and cfg.model != base["arch"]:
+        raise SequencerError(f"--model {cfg.model} does not match the resumed checkpoint's {base['arch']}",
+                             hint="drop --model when resuming")
     arch_kwargs = {}
     if base.get("arch") and (not cfg.model or cfg.model == base["arch"]):
-        if resume_ckpt is not None and cfg.model and cfg.model != base["arch"]:
-            raise SequencerError(f"--model {cfg.model} does not match the resumed checkpoint's {base['arch']}")
         cfg.model = base["arch"]
-        arch_kwargs = {k: v for k, v in (base.get("model_kwargs") or {}).items()
-                       if k not in ("num_classes", "img_size", "in_chans", "drop_rate", "drop_path_rate")}
-        if resume_ckpt is not None:  # a resumed run keeps its exact architecture
-            arch_kwargs = dict(base.get("model_kwargs") or {})
-    elif resume_ckpt is not None and cfg.model and base.get("arch") and cfg.model != base["arch"]:
-        raise SequencerError(f"--model {cfg.model} does not match the resumed checkpoint's {base['arch']}")
+        arch_kwargs = dict(base.get("model_kwargs") or {})
+        if resume_ckpt is None:  # a new run from these weights: size, classes and regularisation come from flags
+            for k in ("num_classes", "img_size", "in_chans", "drop_rate", "drop_path_rate"):
+                arch_kwargs.pop(k, None)
     cfg.model = cfg.model or "sequencer2d_s"
     get_model_entry(cfg.model)
     kwargs = dict(arch_kwargs, **cfg.model_kwargs)
@@ -564,13 +563,15 @@ def _train(cfg, info: dist_utils.DistInfo) -> int:
 
     # ---- resume / model
     resume_path = cfg.resume
-    output_dir = _make_output_dir(cfg, info)
+    init_meta = read_checkpoint(cfg.initial_checkpoint) if cfg.initial_checkpoint else None
+    name_for_folder = cfg.model or (init_meta or {}).get("arch") or "sequencer2d_s"
+    output_dir = _make_output_dir(cfg, info, name_for_folder, cfg.img_size or
+                                  get_model_entry(name_for_folder).pretrained_cfg["input_size"][-1])
     if cfg.resume == "auto":
         found = find_auto_resume(output_dir)
         resume_path = str(found) if found else ""
         _log(info, f"--resume auto: {'continuing from ' + resume_path if found else 'nothing to resume, starting'}")
     resume_ckpt = read_checkpoint(resume_path) if resume_path else None
-    init_meta = read_checkpoint(cfg.initial_checkpoint) if cfg.initial_checkpoint else None
     model = _build_model(cfg, resume_ckpt, init_meta if init_meta and init_meta.get("arch") else None, num_classes)
     if init_meta is not None and resume_ckpt is None:
         state = extract_state_dict(init_meta)

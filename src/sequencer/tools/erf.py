@@ -173,6 +173,12 @@ def run(args: argparse.Namespace) -> int:
             if tensors:
                 yield torch.stack(tensors)
 
+    norm = getattr(loaded.model, "norm", None)
+    weight = getattr(norm, "weight", None)
+    if num_stages - 1 in stages and weight is not None and bool((weight == weight.flatten()[0]).all()):
+        # sum_c LayerNorm(x)_c = sum_c w (x_c - mean) / std + b is constant when all w are equal (untrained norm)
+        print("note: the final LayerNorm has equal channel weights (untrained model?), so the channel sum of the last "
+              "stage's features is constant and its ERF is numerical noise; use an earlier --stage or trained weights")
     maps, count = erf_maps(loaded.model, batches(), stages, device)
     if count == 0:
         raise SequencerError(f"none of the images in {args.data!r} could be read")

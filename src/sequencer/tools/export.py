@@ -24,6 +24,7 @@ from torch import nn
 from ..cli_common import add_model_args, load_model_from_args, positive_int
 from ..errors import SequencerError
 from .checkpoints import save_weights, write_atomically
+from .predict import check_input_size
 
 FORMATS = {"onnx": (".onnx",), "torchscript": (".pt", ".ts", ".torchscript", ".jit"), "safetensors": (".safetensors",)}
 
@@ -50,8 +51,9 @@ def _check_close(name: str, actual: torch.Tensor, reference: torch.Tensor, rtol:
 def _quiet_export():
     """The exporters warn about things that do not apply here (legacy exporter, LSTM batch/length notes)."""
     with warnings.catch_warnings():
-        for pattern in ("legacy TorchScript-based ONNX", "The feature will be removed", "Converting a tensor to a Python",
-                        "Exporting a model to ONNX with a batch_size other than 1", r"`torch\.jit\."):
+        for pattern in ("legacy TorchScript-based ONNX", "The feature will be removed",
+                        "Converting a tensor to a Python", "Exporting a model to ONNX with a batch_size other than 1",
+                        r"`torch\.jit\."):
             warnings.filterwarnings("ignore", message=f".*{pattern}")
         warnings.filterwarnings("ignore", category=torch.jit.TracerWarning)
         yield
@@ -179,12 +181,7 @@ def run(args: argparse.Namespace) -> int:
         raise SequencerError(f"--opset {args.opset} is too old; LayerNormalization needs opset 17 or newer")
     loaded = load_model_from_args(args, "cpu")
     model, input_size = loaded.model, loaded.input_size
-    check = getattr(model, "check_input_size", None)
-    if check is not None:
-        try:
-            check(*input_size[1:])
-        except ValueError as e:
-            raise SequencerError(f"model {loaded.name!r}: {e}", hint="pick another --img-size") from None
+    check_input_size(loaded, *input_size[1:])
     data_config = dict(loaded.data_config, img_size=input_size[-1])
     config = {"arch": loaded.name, "model_kwargs": dict(getattr(model, "model_kwargs", {}) or {}),
               "class_names": loaded.class_names, "data_config": data_config}

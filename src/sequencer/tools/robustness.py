@@ -162,8 +162,9 @@ def run(args: argparse.Namespace) -> int:
                    img_size=loaded.input_size[-1], **summarize(per_corruption, clean_error))
     if results["mCE"] is not None:
         n_ce = len(per_corruption) - len(results["without_ce"])
-        print(f"mCE {results['mCE']:.4f} ({100 * results['mCE']:.2f}%) over {n_ce} corruption(s)" + (f", relative mCE {results['relative_mCE']:.4f}"
-                                   if results.get("relative_mCE") is not None else ""))
+        relative = results.get("relative_mCE")
+        print(f"mCE {results['mCE']:.4f} ({100 * results['mCE']:.2f}%) over {n_ce} corruption(s)"
+              + (f", relative mCE {relative:.4f}" if relative is not None else ""))
     text = json.dumps(results, indent=2) + "\n"
     write_atomically(args.results_file, lambda tmp: Path(tmp).write_text(text))
     print(f"results written to {args.results_file}")
