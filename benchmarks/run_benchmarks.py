@@ -54,8 +54,9 @@ def render(reports: list[dict], args: argparse.Namespace, load_before, load_afte
         "- Inference: `torch.inference_mode()`, batch as listed; eager models run under `torch.autocast` in the "
         "dtype (float32: none), *ours-optimized* holds bf16 weights instead.",
         "- Training: one AdamW step (forward, cross-entropy, backward, update), autocast in the dtype.",
-        "- Peak memory: CPU: increase of peak RSS (`ru_maxrss`) of a fresh subprocess over the steps, on top of "
-        "weights and inputs (activations, gradients, optimizer state, library workspaces); CUDA: "
+        "- Peak memory: CPU: peak resident set of a fresh subprocess during the steps (high-water mark reset "
+        "before them) minus its resident set before them, i.e. on top of weights and inputs (activations, "
+        "gradients, optimizer state, library workspaces); CUDA: "
         "`max_memory_allocated` over the baseline.",
         "- GEMM %: 2 x MACs x images/s (x3 for training) over the rate of a 2048^3 matrix product in the same dtype "
         "measured in the same run (fastest of PyTorch's default BLAS and oneDNN).",

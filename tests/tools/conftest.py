@@ -54,10 +54,10 @@ def tiny_model(seed: int = 0) -> torch.nn.Module:
 def save_training_checkpoint(path: Path, model: torch.nn.Module, ema: torch.nn.Module | None = None,
                              epoch: int = 3, class_names=CLASS_NAMES) -> Path:
     """A checkpoint dict in the training contract's format (every value weights_only-safe)."""
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.0, momentum=0.9)
     model(torch.randn(2, 3, 32, 32)).sum().backward()
-    optimizer.step()  # gives the optimizer a momentum buffer, as a real checkpoint has
-    optimizer.zero_grad()
+    optimizer.step()  # lr 0: gives the optimizer a momentum buffer, as a real checkpoint has, weights unchanged
+    model.zero_grad(set_to_none=True)
     checkpoint = {
         "version": 1, "arch": model.model_name, "model_kwargs": dict(model.model_kwargs),
         "class_names": list(class_names), "data_config": dict(TINY_DATA_CONFIG),
@@ -72,10 +72,10 @@ def save_training_checkpoint(path: Path, model: torch.nn.Module, ema: torch.nn.M
 
 
 def reference_model(checkpoint):
-    """Independent reference: the model rebuilt from the checkpoint dict by hand (EMA weights)."""
+    """Independent reference: the model rebuilt from the checkpoint dict by hand (EMA weights if any)."""
     ckpt = torch.load(checkpoint, weights_only=True)
     model = create_model(ckpt["arch"], **ckpt["model_kwargs"]).eval()
-    model.load_state_dict(ckpt["state_dict_ema"])
+    model.load_state_dict(ckpt.get("state_dict_ema") or ckpt["state_dict"])
     return model
 
 

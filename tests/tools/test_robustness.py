@@ -8,7 +8,8 @@ from PIL import Image
 from sequencer.cli import main
 from sequencer.tools.robustness import ALEXNET_ERRORS, summarize
 
-from .conftest import CLASS_NAMES, make_image, reference_inputs, reference_model
+from .conftest import CLASS_NAMES, make_image, reference_inputs, reference_model, save_training_checkpoint, \
+    tiny_model
 
 # AlexNet's mean errors, written out here from Hendrycks & Dietterich's table, independently of the module
 ALEXNET_GAUSSIAN_NOISE, ALEXNET_FOG, ALEXNET_CLEAN = 0.886428, 0.819324, 0.43478
@@ -16,7 +17,8 @@ ALEXNET_GAUSSIAN_NOISE, ALEXNET_FOG, ALEXNET_CLEAN = 0.886428, 0.819324, 0.43478
 
 @pytest.fixture(scope="module")
 def imagenet_c(tmp_path_factory):
-    """2 corruptions x 5 severities x 2 classes x 2 images, noisier with severity; fog sits under a group folder."""
+    """2 corruptions x 5 severities x 2 classes x 2 images, harder with severity; gaussian_noise sits under a
+    grouping folder."""
     root = tmp_path_factory.mktemp("imagenet_c")
     rng = np.random.default_rng(0)
     for corruption in ("noise/gaussian_noise", "fog"):
@@ -25,10 +27,20 @@ def imagenet_c(tmp_path_factory):
                 folder = root / corruption / str(severity) / name
                 folder.mkdir(parents=True)
                 for i in range(2):
-                    pixels = np.asarray(make_image(rng, label), dtype=np.float64)
-                    pixels += rng.normal(0, 30 * severity, pixels.shape)
+                    # the corruption blends in the other class's colours, more with each severity
+                    own = np.asarray(make_image(rng, label), dtype=np.float64)
+                    other = np.asarray(make_image(rng, 1 - label), dtype=np.float64)
+                    a = np.clip(0.2 * severity + rng.uniform(-0.2, 0.2), 0, 1)
+                    pixels = (1 - a) * own + a * other
                     Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8)).save(folder / f"{i}.png")
     return root
+
+
+@pytest.fixture(scope="module")
+def colour_checkpoint(tmp_path_factory):
+    """A tiny model (random weights, seed 0) that happens to tell the red cats from the blue dogs on clean images,
+    so its error grows with the noise of the severities instead of being constant."""
+    return save_training_checkpoint(tmp_path_factory.mktemp("colour") / "colour.pth", tiny_model(seed=0))
 
 
 def _hand_error(model, folder):
@@ -39,19 +51,21 @@ def _hand_error(model, folder):
     return (predictions != labels).float().mean().item()
 
 
-def test_mce_equals_hand_computation(imagenet_c, image_folder, tiny_checkpoint, tmp_path, capsys):
+def test_mce_equals_hand_computation(imagenet_c, image_folder, colour_checkpoint, tmp_path, capsys):
     results_file = tmp_path / "r.json"
     assert main(["robustness", str(imagenet_c), "--results-file", str(results_file), "--clean", str(image_folder),
-                 "--checkpoint", str(tiny_checkpoint), "-j", "0", "-b", "4"]) == 0
+                 "--checkpoint", str(colour_checkpoint), "-j", "0", "-b", "4"]) == 0
     results = json.loads(results_file.read_text())
     assert set(results["corruptions"]) == {"gaussian_noise", "fog"}
 
-    model = reference_model(tiny_checkpoint)
+    model = reference_model(colour_checkpoint)
     clean = _hand_error(model, image_folder / "val")
+    all_errors = [clean]
     ces, rel = [], []
     for name, alexnet, folder in (("gaussian_noise", ALEXNET_GAUSSIAN_NOISE, imagenet_c / "noise" / "gaussian_noise"),
                                   ("fog", ALEXNET_FOG, imagenet_c / "fog")):
         errors = [_hand_error(model, folder / str(s)) for s in range(1, 6)]
+        all_errors += errors
         got = results["corruptions"][name]
         assert [got["errors"][str(s)] for s in range(1, 6)] == pytest.approx(errors, abs=1e-9)
         mean = sum(errors) / 5
@@ -62,6 +76,7 @@ def test_mce_equals_hand_computation(imagenet_c, image_folder, tiny_checkpoint, 
     assert results["mCE"] == pytest.approx(sum(ces) / 2, abs=1e-9)
     assert results["clean_error"] == pytest.approx(clean, abs=1e-9)
     assert results["relative_mCE"] == pytest.approx(sum(rel) / 2, abs=1e-9)
+    assert len(set(all_errors)) > 2, all_errors  # the model's errors really vary: a meaningful check
     assert results["mCE_standard15"] is None  # only 2 of the 15 standard corruptions were run
     assert "mCE" in capsys.readouterr().out
 

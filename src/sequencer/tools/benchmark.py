@@ -8,9 +8,13 @@ this keeps the ratios honest even when the absolute numbers move with the load.
 Peak memory: on CUDA, ``torch.cuda.max_memory_allocated`` minus the memory held before the work (weights,
 optimizer state of a warmed-up step and inputs stay in the baseline; what is reported is what the work itself
 allocates on top). On CPU there is no allocator statistic, so each implementation runs ``--memory-iter`` steps in a
-fresh subprocess and the increase of the process' peak resident set size (``ru_maxrss``) over its value just
-before the first step is reported: it includes the activations, autograd buffers, optimizer state and oneDNN/MKL
-workspaces the work creates, measured the same way for every implementation.
+fresh subprocess whose resident-set high-water mark is reset just before the first step (Linux ``clear_refs``;
+``ru_maxrss`` elsewhere); the reported number is the peak resident set during the steps minus the resident set
+before them: the activations, autograd buffers, optimizer state and oneDNN/MKL workspaces the work creates,
+measured the same way for every implementation.
+
+Logits are compared with timm's on the same input; a freshly initialised model's zero head is first given small
+random weights (shared with timm), otherwise every logit would be 0 and the comparison vacuous.
 
 GEMM rate: a square matrix product of ``--gemm-size`` in the benchmark's dtype, timed in the same run; on CPU the
 faster of PyTorch's default (MKL for fp32) and oneDNN is taken as the machine's rate. The fraction reached is
@@ -202,13 +206,35 @@ def memory_probe(spec: dict) -> float:
             step()
         synchronize(device)
         return (torch.cuda.max_memory_allocated(device) - base) / 2 ** 20
-    # ru_maxrss is a high-water mark (KiB on Linux): the probe runs in a fresh process, so its increase during the
-    # work is the work's own peak, including optimizer state created by the first step.
+    # Linux: reset the resident-set high-water mark (VmHWM) so that model construction's own transient peak does
+    # not hide the work's; elsewhere ru_maxrss (never reset) is the fallback and can under-report small work.
+    if _reset_peak_rss():
+        base = _proc_status_kib("VmRSS")
+        for _ in range(spec["iters"]):
+            step()
+        return max(_proc_status_kib("VmHWM") - base, 0) / 1024
     base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     for _ in range(spec["iters"]):
         step()
     scale = 1 if sys.platform == "darwin" else 1024
     return (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base) * scale / 2 ** 20
+
+
+def _reset_peak_rss() -> bool:
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return _proc_status_kib("VmHWM") >= 0
+    except OSError:
+        return False
+
+
+def _proc_status_kib(field: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise OSError(f"{field} not in /proc/self/status")
 
 
 def measure_peak_memory(spec: dict, timeout: float = 900) -> float | None:
@@ -277,6 +303,11 @@ def run_benchmark(args: argparse.Namespace) -> dict:
     except (ImportError, RuntimeError, ValueError):
         macs = None
     params = sum(p.numel() for p in model.parameters())
+    head = getattr(getattr(model, "head", None), "fc", None)
+    if isinstance(head, nn.Linear) and not head.weight.any():
+        # a freshly initialised model has a zero head: every logit would be 0 and the comparison with timm vacuous
+        with torch.no_grad():
+            head.weight.normal_(std=0.02, generator=torch.Generator(head.weight.device).manual_seed(args.seed))
     rate = gemm_rate(amp, device, args.gemm_size)
 
     gen = torch.Generator().manual_seed(args.seed)
