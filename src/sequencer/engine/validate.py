@@ -16,7 +16,7 @@ import os
 
 import torch
 
-from ..cli_common import add_model_args, load_model_from_args, positive_int
+from ..cli_common import add_model_args, checkpoint_metadata, load_model_from_args, positive_int
 from ..data import create_dataset, create_loader, resolve_data_config
 from ..data.loader import INTERPOLATIONS
 from ..errors import SequencerError
@@ -80,7 +80,7 @@ def write_results(path: str, results: dict) -> None:
         raise SequencerError(f"cannot write --results-file {path!r}: {e.strerror or e}") from None
 
 
-def _target_mapping(dataset, loaded) -> list[int] | None:
+def target_mapping(dataset, loaded) -> list[int] | None:
     """Dataset class index -> model output index, or None when they already agree; raises on a head mismatch.
 
     A checkpoint's own class names map a dataset holding some of its classes by name; ImageNet synset folders
@@ -88,7 +88,7 @@ def _target_mapping(dataset, loaded) -> list[int] | None:
     """
     num_outputs = getattr(loaded.model, "num_classes", None)
     names = list(dataset.class_names)
-    ckpt_names = list((loaded.checkpoint or {}).get("class_names") or [])
+    ckpt_names = list(checkpoint_metadata(loaded.checkpoint).get("class_names") or [])
     if ckpt_names and names != ckpt_names and set(names) <= set(ckpt_names):
         index = {n: i for i, n in enumerate(ckpt_names)}
         return [index[n] for n in names]
@@ -147,7 +147,7 @@ def _run(args, dataset_name: str, dist_info) -> int:
         except ValueError as e:
             raise SequencerError(f"image size {height}x{width}: {e}",
                                  hint=f"use a multiple of {getattr(loaded.model, 'reduction', '?')}") from None
-    mapping = _target_mapping(dataset, loaded)
+    mapping = target_mapping(dataset, loaded)
     if mapping is not None:
         dataset.target_transform = mapping.__getitem__
     workers = args.workers

@@ -15,7 +15,7 @@ from pathlib import Path
 from ..cli_common import add_model_args, load_model_from_args, positive_int
 from ..data import create_dataset, create_loader
 from ..engine.evaluate import evaluate
-from ..engine.validate import _target_mapping
+from ..engine.validate import target_mapping
 from ..errors import SequencerError
 from .checkpoints import write_atomically
 from .predict import check_input_size, resolve_device
@@ -27,7 +27,7 @@ def eval_loader(root: str, split: str, loaded, input_size, batch_size: int, work
     """Eval loader over ``root``'s ``split`` (or its class folders) with the model's preprocessing at
     ``input_size``; dataset class indices are mapped onto the model's outputs (by name where needed)."""
     dataset = create_dataset("", root=root, split=split)
-    mapping = _target_mapping(dataset, loaded)
+    mapping = target_mapping(dataset, loaded)
     if mapping is not None:
         dataset.target_transform = mapping.__getitem__
     cfg = loaded.data_config
