@@ -87,7 +87,8 @@ def test_other_mismatch_lists_the_offending_keys(tmp_path, source, tiny_kwargs):
     with pytest.raises(SequencerError, match=r"does not fit model 'sequencer2d_s'.*missing: norm\.weight"
                                              r".*unexpected: extra\.weight"):
         _load(tmp_path / "broken.pth", tiny_kwargs)
-    with pytest.raises(SequencerError, match=r"shape mismatch: stages\.0\.blocks\.0\.mlp_channels\.fc1\.bias \(48,\) vs \(24,\).*more"):
+    with pytest.raises(SequencerError, match=r"shape mismatch: stages\.0\.blocks\.0\.mlp_channels\.fc1\.bias "
+                                             r"\(48,\) vs \(24,\).*\(\+\d+ more\)"):
         sequencer.create_model("sequencer2d_s", checkpoint_path=str(tmp_path / "broken.pth"), num_classes=5,
                                **dict(tiny_kwargs, embed_dims=(8, 32, 32, 32)))
 
@@ -149,3 +150,24 @@ def test_extract_state_dict_strips_wrapper_prefixes():
     w = torch.zeros(1)
     out = extract_state_dict({"state_dict": {"module.a": w, "_orig_mod.b": w, "module._orig_mod.c": w, "n": 1}})
     assert sorted(out) == ["a", "b", "c"]
+
+
+def test_checkpoint_without_head_keeps_the_models_head(tmp_path, source, tiny_kwargs):
+    state = {k: v for k, v in source[0].state_dict().items() if not k.startswith("head.")}
+    torch.save(state, tmp_path / "backbone.pth")
+    with pytest.warns(UserWarning, match="has no classifier head"):
+        model = _load(tmp_path / "backbone.pth", tiny_kwargs)
+    assert torch.count_nonzero(model.get_classifier().weight) == 0
+    headless = _load(tmp_path / "backbone.pth", tiny_kwargs, num_classes=0)  # nothing to warn about
+    torch.testing.assert_close(headless(source[1]), source[0].forward_head(source[0].forward_features(source[1]),
+                                                                           pre_logits=True))
+
+
+def test_rgb_stem_adapted_to_grayscale(tmp_path, source, tiny_kwargs):
+    torch.save(source[0].state_dict(), tmp_path / "rgb.pth")
+    with pytest.warns(UserWarning, match="3 input channels is adapted to 1"):
+        gray = _load(tmp_path / "rgb.pth", tiny_kwargs, in_chans=1)
+    # a gray image fed as 1 channel gives the logits the RGB model gives for the same image on all 3 channels
+    x = torch.randn(2, 1, 28, 28)
+    with torch.no_grad():
+        torch.testing.assert_close(gray(x), source[0](x.expand(-1, 3, -1, -1)), rtol=1e-5, atol=1e-6)

@@ -185,27 +185,43 @@ def _describe(keys, limit: int = 6) -> str:
 
 
 def load_state_dict_into(model: nn.Module, state_dict: dict[str, torch.Tensor], source: str = "checkpoint") -> None:
-    """Load weights in any supported layout; re-initialise a head of another class count (with a warning).
+    """Load weights in any supported layout into ``model``, adapting what transfer learning needs:
+
+    * a classifier head of another class count (or none in the checkpoint) keeps the model's fresh zero-initialised
+      head, with a warning; a model without a head (``num_classes=0``) ignores the checkpoint's;
+    * a stem for another number of input channels is adapted as timm does (summed for 1 channel, repeated and
+      rescaled otherwise), with a warning;
+    * a position embedding for another token grid is interpolated (bicubic).
 
     Any other mismatch raises SequencerError naming the offending keys.
     """
     state_dict = checkpoint_filter_fn(state_dict, model)
     own = model.state_dict()
-    head_shape = tuple(own["head.fc.weight"].shape) if "head.fc.weight" in own else None
+    model_head = tuple(own["head.fc.weight"].shape) if "head.fc.weight" in own else None
     ckpt_head = tuple(state_dict["head.fc.weight"].shape) if "head.fc.weight" in state_dict else None
-    if ckpt_head is not None and ckpt_head != head_shape:
-        if head_shape is not None:  # a model built without a classifier (num_classes=0) just ignores it
-            warnings.warn(f"{source}: classifier head has shape {ckpt_head}, the model's is {head_shape}; "
-                          f"the head is re-initialised (transfer learning)", stacklevel=3)
+    keep_model_head = ckpt_head != model_head
+    if keep_model_head:
+        if model_head is not None:
+            what = f"classifier head has shape {ckpt_head}" if ckpt_head else "has no classifier head"
+            warnings.warn(f"{source}: {what}, the model's is {model_head}; the head is re-initialised "
+                          f"(transfer learning)", stacklevel=3)
         for k in _HEAD_KEYS:
             state_dict.pop(k, None)
+    stem = "stem.proj.weight"
+    ckpt_stem, own_stem = state_dict.get(stem), own.get(stem)
+    if ckpt_stem is not None and own_stem is not None and ckpt_stem.shape[1] != own_stem.shape[1] \
+            and ckpt_stem.shape[:1] + ckpt_stem.shape[2:] == own_stem.shape[:1] + own_stem.shape[2:]:
+        from timm.models import adapt_input_conv
+        warnings.warn(f"{source}: the stem made for {ckpt_stem.shape[1]} input channels is adapted to "
+                      f"{own_stem.shape[1]}", stacklevel=3)
+        state_dict[stem] = adapt_input_conv(own_stem.shape[1], ckpt_stem, base_chans=ckpt_stem.shape[1])
     pos = state_dict.get("absolute_pos_embed")
     if pos is not None and "absolute_pos_embed" in own and pos.shape != own["absolute_pos_embed"].shape:
         state_dict["absolute_pos_embed"] = torch.nn.functional.interpolate(
             pos.permute(0, 3, 1, 2), size=own["absolute_pos_embed"].shape[1:3], mode="bicubic",
             align_corners=False).permute(0, 2, 3, 1)
     missing = set(own) - set(state_dict)
-    if ckpt_head is not None and ckpt_head != head_shape:
+    if keep_model_head:
         missing -= set(_HEAD_KEYS)
     unexpected = set(state_dict) - set(own)
     wrong_shape = {k for k in set(own) & set(state_dict) if own[k].shape != state_dict[k].shape}

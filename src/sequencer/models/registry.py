@@ -63,8 +63,11 @@ def create_model(
     ``pretrained`` loads the released ImageNet weights (downloaded once into the torch hub cache);
     ``checkpoint_path`` loads a file in any supported layout (release, timm, our training checkpoints,
     safetensors). A head trained for another class count is dropped and re-initialised with a warning.
-    ``features_only`` returns a module giving per-stage NCHW feature maps.
+    ``use_ema`` picks a training checkpoint's EMA weights when it has them.
+    ``features_only`` returns a module giving per-stage NCHW feature maps (``out_indices`` picks stages).
+    ``pretrained_cfg_overlay`` replaces fields of the model's ``pretrained_cfg`` (e.g. ``url``, ``sha256``).
     ``overrides`` replace architecture arguments (e.g. ``union="add"``, ``proj_drop_rate=0.1``).
+    Bad names and arguments raise SequencerError.
     """
     from .loading import load_checkpoint, load_pretrained  # loading imports this module
 
