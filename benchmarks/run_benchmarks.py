@@ -100,9 +100,10 @@ def main() -> int:
     p.add_argument("--results-dir", default=str(ROOT / "benchmarks" / "results"))
     p.add_argument("--output", default=str(ROOT / "BENCHMARKS.md"))
     p.add_argument("--render-only", action="store_true", help="only rebuild the markdown from --results-dir")
+    p.add_argument("--made-with", default="", help="text for the 'Made with' line (default: this command)")
     args = p.parse_args()
     Path(args.results_dir).mkdir(parents=True, exist_ok=True)
-    command = "python benchmarks/run_benchmarks.py " + " ".join(sys.argv[1:])
+    command = args.made_with or "python benchmarks/run_benchmarks.py " + " ".join(sys.argv[1:])
     load_before = tuple(round(v, 1) for v in os.getloadavg())
     files = []
     for model in args.models:
