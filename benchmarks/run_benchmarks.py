@@ -78,6 +78,8 @@ def render(reports: list[dict], args: argparse.Namespace, load_before, load_afte
                 f"{fmt(r['peak_memory_mb'], '.0f')} | {fmt(r['gmacs'], '.2f')} | "
                 f"{fmt(None if r['gemm_fraction'] is None else 100 * r['gemm_fraction'], '.1f')} | "
                 f"{fmt(r['max_rel_diff_vs_timm'], '.1e')} |")
+    if args.note:
+        lines += ["", args.note]
     lines += ["", "GEMM rate measured per run (GFLOP/s): " + ", ".join(
         f"{rep['model']} {rep['results'][0]['mode']} {rep['amp_dtype']}: {rep['gemm_gflops']:.0f}" for rep in reports),
         "", "## GPU", "",
@@ -101,6 +103,7 @@ def main() -> int:
     p.add_argument("--output", default=str(ROOT / "BENCHMARKS.md"))
     p.add_argument("--render-only", action="store_true", help="only rebuild the markdown from --results-dir")
     p.add_argument("--made-with", default="", help="text for the 'Made with' line (default: this command)")
+    p.add_argument("--note", default="", help="a paragraph added under the table (e.g. how loaded the machine was)")
     args = p.parse_args()
     Path(args.results_dir).mkdir(parents=True, exist_ok=True)
     command = args.made_with or "python benchmarks/run_benchmarks.py " + " ".join(sys.argv[1:])
