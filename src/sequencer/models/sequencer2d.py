@@ -530,9 +530,9 @@ MODEL_CONFIGS: dict[str, tuple[dict, dict]] = {
     "gru_sequencer2d_s": (dict(_S, rnn_type="gru"), _cfg()),
     "rnn_sequencer2d_s": (dict(_S, rnn_type="rnn"), _cfg()),
     "sequencer2d_l_d4_3x": (dict(_L, embed_dims=(256, 512, 512, 512), hidden_sizes=(64, 128, 128, 128)), _cfg()),
-    # ours: < 2M parameters for 16-64 px inputs; patch 2 keeps an 8x8 token grid at 16 px. One block per stage:
-    # on the digits demo it learns as well as two and twice as fast on a CPU.
-    "sequencer2d_nano": (dict(layers=(1, 1, 1), patch_sizes=(2, 1, 1), embed_dims=(96, 128, 128),
+    # ours: < 1M parameters for 16-64 px inputs. Patch 2 keeps an 8x8 token grid at 16 px; the 2x downsample
+    # before stage 2 and one block per stage make it learn much faster at 32 px (measured on the digits).
+    "sequencer2d_nano": (dict(layers=(1, 1, 1), patch_sizes=(2, 2, 1), embed_dims=(96, 128, 128),
                               hidden_sizes=(24, 32, 32), mlp_ratios=(3.0, 3.0, 3.0), img_size=32),
                          _cfg(input_size=(3, 32, 32), crop_pct=1.0, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5))),
 }
