@@ -27,24 +27,11 @@ import numpy as np
 import torch
 
 from ..errors import SequencerError
+from ..fileio import fsync_dir, write_atomically
 from ..models.loading import read_checkpoint
 
 CHECKPOINT_VERSION = 1
 LAST, BEST, RECOVERY = "last.pth.tar", "model_best.pth.tar", "recovery.pth.tar"
-
-
-def _fsync_dir(folder: Path) -> None:
-    # makes the rename itself durable; not possible on every platform/filesystem, hence best effort
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
 def atomic_save(obj, path: str | os.PathLike) -> None:
@@ -52,24 +39,11 @@ def atomic_save(obj, path: str | os.PathLike) -> None:
 
     Raises SequencerError naming the file when the write fails (full disk, no permission, ...).
     """
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
+    def save(tmp: str) -> None:
         with open(tmp, "wb") as f:
             torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except OSError as e:
-        tmp.unlink(missing_ok=True)
-        reason = "the disk is full" if e.errno == errno.ENOSPC else (e.strerror or str(e))
-        raise SequencerError(f"could not write checkpoint {str(path)!r}: {reason}; nothing was half-written and "
-                             f"the previous checkpoint is unchanged",
-                             hint="free some space or pass another --output") from None
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    _fsync_dir(path.parent)
+
+    write_atomically(path, save, what="checkpoint")
 
 
 def atomic_link_or_copy(src: Path, dst: Path) -> None:
@@ -91,7 +65,7 @@ def atomic_link_or_copy(src: Path, dst: Path) -> None:
         reason = "the disk is full" if e.errno == errno.ENOSPC else (e.strerror or str(e))
         raise SequencerError(f"could not write checkpoint {str(dst)!r}: {reason}; nothing was half-written",
                              hint="free some space or pass another --output") from None
-    _fsync_dir(dst.parent)
+    fsync_dir(dst.parent)
 
 
 # ---------------------------------------------------------------------------------------------------- RNG state

@@ -32,6 +32,7 @@ import yaml
 from torch import nn
 
 from ..errors import SequencerError
+from ..fileio import write_atomically
 from ..models import create_model, get_model_entry
 from ..models.loading import load_state_dict_into, read_checkpoint, extract_state_dict
 from . import distributed as dist_utils
@@ -321,16 +322,6 @@ def _plain(value):
     return str(value)
 
 
-def _atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        tmp.write_text(text)
-        os.replace(tmp, path)
-    except OSError as e:
-        tmp.unlink(missing_ok=True)
-        raise SequencerError(f"could not write {str(path)!r} ({e.strerror or e})") from None
-
-
 def read_summary(path: Path) -> list[dict]:
     if not path.is_file():
         return []
@@ -345,7 +336,7 @@ def write_summary(path: Path, rows: list[dict]) -> None:
     w = csv.DictWriter(buf, fieldnames=SUMMARY_FIELDS, extrasaction="ignore")
     w.writeheader()
     w.writerows(rows)
-    _atomic_write_text(path, buf.getvalue())
+    write_atomically(path, lambda tmp: Path(tmp).write_text(buf.getvalue()))
 
 
 def plot_summary(rows: list[dict], path: Path) -> None:
@@ -693,7 +684,8 @@ def _train(cfg, info: dist_utils.DistInfo) -> int:
     summary_path = output_dir / "summary.csv"
     rows = [r for r in read_summary(summary_path) if int(r["epoch"]) < start_epoch] if resume_ckpt else []
     if info.is_primary:
-        _atomic_write_text(output_dir / "args.yaml", yaml.safe_dump(_plain(vars(cfg)), sort_keys=False))
+        args_yaml = yaml.safe_dump(_plain(vars(cfg)), sort_keys=False)
+        write_atomically(output_dir / "args.yaml", lambda tmp: Path(tmp).write_text(args_yaml))
         if resume_ckpt is not None:
             write_summary(summary_path, rows)  # drop rows of epochs that will be re-run
 

@@ -11,53 +11,16 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import tempfile
 from pathlib import Path
-from typing import Callable
 
 import torch
 
 from ..errors import SequencerError
+from ..fileio import write_atomically
 from ..models.loading import extract_state_dict, read_checkpoint
 
 # The model config a checkpoint carries besides its weights (training contract); all JSON-serialisable.
 CONFIG_KEYS = ("arch", "model_kwargs", "class_names", "data_config")
-
-
-def write_atomically(path: str | os.PathLike, write: Callable[[str], None]) -> Path:
-    """Call ``write(tmp_path)``, fsync the file and rename it onto ``path``: readers never see a partial file.
-
-    Raises SequencerError naming ``path`` when the folder is missing or not writable or the disk is full.
-    """
-    path = Path(path)
-    parent = path.parent if str(path.parent) else Path(".")
-    if not parent.is_dir():
-        raise SequencerError(f"output folder {str(parent)!r} does not exist", hint="create it first")
-    try:
-        fd, tmp = tempfile.mkstemp(dir=parent, prefix=f".{path.name}.", suffix=".tmp")
-    except OSError as e:
-        raise SequencerError(f"cannot write to output folder {str(parent)!r} ({e.strerror or e})") from None
-    os.close(fd)
-    try:
-        write(tmp)
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except OSError as e:
-        Path(tmp).unlink(missing_ok=True)
-        raise SequencerError(f"could not write {str(path)!r} ({e.strerror or e})") from None
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    try:  # make the rename itself durable
-        dir_fd = os.open(parent, os.O_RDONLY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
-    except OSError:
-        pass  # some filesystems (and Windows) cannot fsync a directory
-    return path
 
 
 def model_config(checkpoint: dict) -> dict:
