@@ -13,7 +13,13 @@ if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ] && .venv/bin/python -c "im
     exit 0
 fi
 echo "setting up .venv (first run installs torch; this takes a few minutes)" >&2
+pip_install() {
+    # this environment's pip config names index folders that may not exist; pip warns once per package about them
+    .venv/bin/python -m pip install -q --disable-pip-version-check "$@" 2>&1 \
+        | { grep -v "^WARNING: Location '.*' is ignored" || true; }
+    return "${PIPESTATUS[0]}"
+}
 # torch/torchvision first, pinned to the builds that install from this machine's local wheel cache.
-.venv/bin/python -m pip install -q --disable-pip-version-check "torch==2.14.1" "torchvision==0.29.1"
-.venv/bin/python -m pip install -q --disable-pip-version-check -e ".[test]"
+pip_install "torch==2.14.1" "torchvision==0.29.1"
+pip_install -e ".[test]"
 echo "$want" > "$stamp"

@@ -58,8 +58,9 @@ def test_parameter_counts_match_the_paper(name, expected):
 def test_nano_is_small():
     model = sequencer.create_model("sequencer2d_nano")
     assert sum(p.numel() for p in model.parameters()) < 2_000_000
-    # a 16 px image still gives an 8x8 token grid
-    assert model.forward_features(torch.randn(1, 3, 16, 16)).shape[1:3] == (8, 8)
+    # a 16 px image still gives an 8x8 token grid in the first stage (4x4 after the 2x downsample)
+    maps = model.forward_intermediates(torch.randn(1, 3, 16, 16), intermediates_only=True)
+    assert [tuple(m.shape[2:]) for m in maps] == [(8, 8), (4, 4), (4, 4)]
 
 
 @pytest.mark.parametrize("name", ["sequencer2d_s", "sequencer2d_m_392", "v_sequencer_s_pe", "sequencer2d_nano"])

@@ -15,7 +15,8 @@ from sequencer.models import create_model
 CLASS_NAMES = ["cat", "dog"]
 # sequencer2d_nano with fewer/narrower layers: ~10k parameters, patch 2, any even input size.
 TINY_ARCH = "sequencer2d_nano"
-TINY_KWARGS = dict(layers=(1, 1, 1), embed_dims=(16, 24, 24), hidden_sizes=(4, 6, 6), num_classes=2)
+TINY_KWARGS = dict(layers=(1, 1, 1), patch_sizes=(2, 1, 1), embed_dims=(16, 24, 24), hidden_sizes=(4, 6, 6),
+                   num_classes=2)
 TINY_DATA_CONFIG = dict(mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5), crop_pct=1.0, interpolation="bicubic",
                         img_size=32)
 
