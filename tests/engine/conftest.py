@@ -9,7 +9,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 
 # sequencer2d_nano shrunk to a few thousand parameters: 16 px images, one block per stage
@@ -51,13 +50,6 @@ def image_folder_2cls(tmp_path_factory) -> Path:
                              12, 6, seed=1)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # the CI and dev machines have 2 shared cores: one intra-op thread avoids OpenMP spin contention
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def train_cli(args: list[str]) -> int:

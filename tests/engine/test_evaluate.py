@@ -10,14 +10,6 @@ from torch import nn
 from sequencer.engine.evaluate import evaluate
 
 
-@pytest.fixture(autouse=True)
-def single_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def _reference(logits: torch.Tensor, targets: torch.Tensor) -> dict:
     """Top-1/top-5/loss by explicit per-sample loops."""
     top1 = top5 = loss = 0.0

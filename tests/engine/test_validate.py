@@ -16,14 +16,6 @@ TINY = dict(layers=(1, 1, 1), embed_dims=(16, 16, 16), hidden_sizes=(4, 4, 4))
 MEAN, STD = (0.4, 0.5, 0.6), (0.3, 0.2, 0.25)
 
 
-@pytest.fixture(autouse=True)
-def single_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def _write_checkpoint(path, class_names, img_size=8, seed=0):
     """A checkpoint as `sequencer train` writes it (contract 1), with a random (not zero-initialised) head."""
     torch.manual_seed(seed)

@@ -20,25 +20,20 @@ def randomize_(model: torch.nn.Module, seed: int = 0, scale: float = 0.05) -> to
 
 @pytest.fixture(autouse=True)
 def _small_cpu_workload(request):
-    """One intra-op thread, and PyTorch's native CPU kernels unless the module sets ``USE_ONEDNN = True``.
+    """PyTorch's native CPU kernels unless the module sets ``USE_ONEDNN = True``.
 
     oneDNN builds a kernel for every new RNN shape, which costs seconds of CPU per shape, and these tests use dozens
     of tiny shapes once each; on a shared 2-core machine, intra-op threads on millisecond-sized ops mostly wait for
     each other (measured: 30x slower than one thread). Results are the same up to float rounding. The reference
     tests against timm keep oneDNN on, so the default CPU path is what is compared there.
     """
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        if getattr(request.module, "USE_ONEDNN", False):
-            yield
-        else:
-            with warnings.catch_warnings():
-                warnings.filterwarnings("ignore", message="TF32 acceleration on top of oneDNN")  # said per switch
-                with torch.backends.mkldnn.flags(enabled=False):
-                    yield
-    finally:
-        torch.set_num_threads(threads)
+    if getattr(request.module, "USE_ONEDNN", False):
+        yield
+    else:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="TF32 acceleration on top of oneDNN")  # said per switch
+            with torch.backends.mkldnn.flags(enabled=False):
+                yield
 
 
 @pytest.fixture
