@@ -9,6 +9,7 @@ import argparse
 import importlib
 import os
 import sys
+import warnings
 
 from .errors import SequencerError
 
@@ -50,6 +51,8 @@ def main(argv: list[str] | None = None) -> int:
     command = next((a for a in argv if not a.startswith("-")), None)
     parser = build_parser(command if command in COMMANDS else None)
     args = parser.parse_args(argv)
+    # warnings are messages for the user: one line, without the source line of the code that raised them
+    warnings.formatwarning = lambda message, category, *_args, **_kw: f"warning: {message}\n"
     if not getattr(args, "_module", None):
         parser.print_help()
         return 0 if not argv or argv[0] in ("-h", "--help") else 2

@@ -123,7 +123,9 @@ def test_config_replays_a_run_and_flags_override(scratch_run, image_folder, tmp_
     old = yaml.safe_load((scratch_run / "args.yaml").read_text())
     new = yaml.safe_load((tmp_path / "replay" / "args.yaml").read_text())
     differ = {k for k in old if old[k] != new.get(k)}
-    assert differ == {"epochs", "output", "experiment", "config"}
+    assert old["warmup_epochs"] >= 1  # so the 1-epoch replay must shorten it: warmup would fill the whole run
+    assert differ == {"epochs", "output", "experiment", "config", "warmup_epochs"}
+    assert new["warmup_epochs"] == 0
     assert summary_epochs(tmp_path / "replay") == [0]
 
 

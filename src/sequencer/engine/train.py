@@ -308,6 +308,12 @@ def check_config(cfg: argparse.Namespace) -> None:
         get_model_entry(cfg.model)  # unknown names fail before any data is read, with suggestions
     if cfg.initial_checkpoint and not Path(cfg.initial_checkpoint).is_file():
         raise SequencerError(f"--initial-checkpoint {cfg.initial_checkpoint!r}: no such file")
+    if cfg.warmup_epochs and cfg.warmup_epochs >= cfg.epochs:
+        # timm's default 5 warmup epochs would keep a short run at --warmup-lr for its whole length
+        shortened = cfg.epochs // 4
+        warnings.warn(f"--warmup-epochs {cfg.warmup_epochs} is not below --epochs {cfg.epochs}: the lr would never "
+                      f"leave warmup; using --warmup-epochs {shortened}")
+        cfg.warmup_epochs = shortened
 
 
 # ----------------------------------------------------------------------------------------------- outputs
