@@ -36,7 +36,6 @@ def init_distributed(device: str | None = None) -> DistInfo:
     if device is None:
         device = "cuda" if torch.cuda.is_available() else "cpu"
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     dev = torch.device(device)
     if world_size <= 1:
