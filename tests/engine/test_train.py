@@ -1,6 +1,7 @@
 """`sequencer train`: short versions of the paper's three recipes, config replay, flag checks, the digits demo."""
 from __future__ import annotations
 
+import argparse
 import json
 import subprocess
 import sys
@@ -176,3 +177,16 @@ def test_digits_demo_reaches_96_percent(tmp_path):
     assert top1 >= 96.0, proc.stdout[-3000:]
     assert "digits demo: eval top-1" in proc.stdout
     print(f"digits demo: {top1:.2f}% in {time.time() - t0:.0f}s")
+
+
+@pytest.mark.parametrize("epochs, warmup, on_updates, expected",
+                         [(4, 5, False, 0), (4, 5, True, 1), (8, 10, False, 2), (3, 5, True, 0)])
+def test_a_warmup_filling_the_run_is_shortened(epochs, warmup, on_updates, expected):
+    """timm's default 5 warmup epochs on a short run: a quarter of the run, never a lone per-epoch warmup epoch
+    (stepped per epoch, warmup's first epoch runs entirely at --warmup-lr)."""
+    from sequencer.engine.train import _parser_defaults, check_config
+    cfg = argparse.Namespace(**dict(_parser_defaults(), data="x", epochs=epochs, warmup_epochs=warmup,
+                                    sched_on_updates=on_updates))
+    with pytest.warns(UserWarning, match=f"using --warmup-epochs {expected}$"):
+        check_config(cfg)
+    assert cfg.warmup_epochs == expected

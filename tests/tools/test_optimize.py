@@ -11,7 +11,7 @@ from torch import nn
 import sequencer
 from sequencer.errors import SequencerError
 from sequencer.models import create_model
-from sequencer.models.sequencer2d import RNN2d, linear
+from sequencer.models.sequencer2d import Mlp, RNN2d, linear
 
 TINY_S = dict(layers=(1, 1, 1, 1), embed_dims=(16, 32, 32, 32), hidden_sizes=(4, 8, 8, 8), num_classes=5)
 
@@ -25,6 +25,16 @@ def tiny_s(seed: int = 0, **kw) -> nn.Module:
     model = create_model("sequencer2d_s", **dict(TINY_S, **kw))
     nn.init.normal_(model.head.fc.weight, std=0.5)  # the zero-initialised head would make every logit 0
     return model.eval()
+
+
+def assert_same_grads(y, y_ref, x, x_ref, m: nn.Module, m_ref: nn.Module, tol: float) -> None:
+    """Backpropagate one random cotangent through both; input and parameter gradients must agree within tol."""
+    g = torch.randn_like(y)
+    (y * g).float().sum().backward()
+    (y_ref * g).float().sum().backward()
+    assert x.grad.dtype == x_ref.grad.dtype and rel(x.grad, x_ref.grad) < tol
+    for (n, p), p_ref in zip(m.named_parameters(), m_ref.parameters()):
+        assert p.grad.dtype == p.dtype and rel(p.grad, p_ref.grad) < tol, n
 
 
 def reference_rnn2d(m: RNN2d, x: torch.Tensor) -> torch.Tensor:
@@ -60,12 +70,7 @@ def test_rnn2d_matches_textbook_forward_and_grads(kw):
     m_ref = copy.deepcopy(m)
     y_ref = reference_rnn2d(m_ref, x_ref)
     assert rel(y, y_ref) < 1e-5
-    w = torch.randn_like(y)
-    (y * w).sum().backward()
-    (y_ref * w).sum().backward()
-    assert rel(x.grad, x_ref.grad) < 1e-4
-    for (n, p), p_ref in zip(m.named_parameters(), m_ref.parameters()):
-        assert rel(p.grad, p_ref.grad) < 1e-4, n
+    assert_same_grads(y, y_ref, x, x_ref, m, m_ref, 1e-4)
 
 
 @pytest.mark.parametrize("shape", [(7, 12), (2, 3, 5, 12)])
@@ -87,6 +92,62 @@ def test_linear_matches_f_linear_with_grads(shape, activation):
     (y_ref * g).sum().backward()
     for a, b in ((x, xr), (weight, wr), (bias, br)):
         assert rel(a.grad, b.grad) < 1e-5
+
+
+def _saved_bytes(fn):
+    """Bytes autograd saves for backward while ``fn()`` runs (tensors stored by the graph, each counted once)."""
+    seen = {}
+
+    def pack(t):
+        seen[(t.data_ptr(), t.shape, t.stride())] = t.numel() * t.element_size()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = fn()
+    return out, sum(seen.values())
+
+
+def _textbook_mlp(m: Mlp, x: torch.Tensor) -> torch.Tensor:
+    return F.linear(F.gelu(F.linear(x, m.fc1.weight, m.fc1.bias)), m.fc2.weight, m.fc2.bias)
+
+
+@pytest.mark.parametrize("autocast", [False, True])
+def test_training_mlp_saves_one_hidden_activation_with_the_same_grads(autocast):
+    """fp32, and under CPU bf16 autocast (where it must give what autocast gives, with fp32 gradients)."""
+    torch.manual_seed(0)
+    m = Mlp(16, 48).train()
+    m_ref = copy.deepcopy(m)
+    x = torch.randn(2, 4, 5, 16, requires_grad=True)
+    x_ref = x.detach().clone().requires_grad_()
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        y, saved = _saved_bytes(lambda: m(x))
+        y_ref, saved_ref = _saved_bytes(lambda: _textbook_mlp(m_ref, x_ref))
+    assert y.dtype == y_ref.dtype == (torch.bfloat16 if autocast else torch.float32)
+    hidden_bytes = 2 * 4 * 5 * 48 * y.element_size()
+    assert saved <= saved_ref - hidden_bytes  # GELU's output is recomputed in backward, not kept
+    assert rel(y, y_ref) < (1e-2 if autocast else 1e-6)
+    assert_same_grads(y, y_ref, x, x_ref, m, m_ref, 2e-2 if autocast else 1e-5)
+
+
+def test_training_mlp_with_dropout_keeps_autograd_path():
+    torch.manual_seed(0)
+    m = Mlp(16, 48, drop=0.5).train()
+    x = torch.randn(2, 4, 5, 16, requires_grad=True)
+    _, saved = _saved_bytes(lambda: m(x))
+    _, saved_ref = _saved_bytes(lambda: m.drop2(m.fc2(m.drop1(m.act(m.fc1(x))))))
+    assert saved == saved_ref
+
+
+@pytest.mark.parametrize("activation", [None, "gelu"])
+def test_linear_under_bf16_autocast_inference_matches_autocast(activation):
+    torch.manual_seed(0)
+    x, w, b = torch.randn(2, 7, 64), torch.randn(96, 64) / 8, torch.randn(96)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        out = linear(x, w, b, activation)
+        expected = F.linear(x, w, b)
+        expected = F.gelu(expected) if activation else expected
+    assert out.dtype == expected.dtype == torch.bfloat16
+    assert rel(out, expected) < 1e-2  # GELU fused on the fp32 accumulator: rounded once instead of twice
 
 
 def test_linear_keeps_autocast_and_tracing_semantics():

@@ -47,8 +47,14 @@ def init_distributed(device: str | None = None) -> DistInfo:
         torch.cuda.set_device(dev)
     if not dist.is_initialized():
         backend = "nccl" if dev.type == "cuda" else "gloo"
-        # env:// reads MASTER_ADDR/MASTER_PORT (or the rendezvous torchrun set up)
-        dist.init_process_group(backend=backend, timeout=timedelta(minutes=30))
+        timeout = timedelta(minutes=30)
+        # env:// reads MASTER_ADDR/MASTER_PORT (or the rendezvous torchrun set up). After torchrun --max-restarts
+        # restarts the workers, the store can still hold the previous attempt's keys, and the new ranks then read
+        # each other's dead addresses (measured: gloo's connectFullMesh fails with "Connection refused"; NCCL
+        # reports the same, pytorch/pytorch#167288). A prefix per attempt gives every attempt its own keys.
+        store, rank, world = next(dist.rendezvous("env://", timeout=timeout))
+        store = dist.PrefixStore(f"sequencer/attempt_{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}", store)
+        dist.init_process_group(backend=backend, store=store, rank=rank, world_size=world, timeout=timeout)
     return DistInfo(True, dist.get_rank(), local_rank, dist.get_world_size(), dev)
 
 

@@ -5,13 +5,14 @@ Every implementation measured in one run (ours eager, ``--optimized``, and timm'
 implementation once, in alternating order, and the median per implementation is reported. On a shared machine
 this keeps the ratios honest even when the absolute numbers move with the load.
 
-Peak memory: on CUDA, ``torch.cuda.max_memory_allocated`` minus the memory held before the work (weights,
-optimizer state of a warmed-up step and inputs stay in the baseline; what is reported is what the work itself
-allocates on top). On CPU there is no allocator statistic, so each implementation runs ``--memory-iter`` steps in a
-fresh subprocess whose resident-set high-water mark is reset just before the first step (Linux ``clear_refs``;
-``ru_maxrss`` elsewhere); the reported number is the peak resident set during the steps minus the resident set
-before them: the activations, autograd buffers, optimizer state and oneDNN/MKL workspaces the work creates,
-measured the same way for every implementation.
+Peak memory: what one more step of the work allocates on top of a warmed-up state (weights, inputs, optimizer
+state, first-call library caches and JIT kernels of one untimed step stay in the baseline), measured the same way
+for every implementation. On CUDA, ``torch.cuda.max_memory_allocated`` over the memory held before the steps. On CPU
+there is no allocator statistic, so each implementation runs in a fresh subprocess whose resident-set high-water
+mark is reset after the untimed step (Linux ``clear_refs``; ``ru_maxrss`` elsewhere), and the number is the peak
+resident set during ``--memory-iter`` steps minus the resident set before them: activations, autograd buffers,
+gradients and oneDNN/MKL workspaces. The subprocess runs with a fixed glibc mmap threshold so that freed memory
+leaves the resident set at once and the number is repeatable (see ``GLIBC_EXACT_RSS``).
 
 Logits are compared with timm's on the same input; a freshly initialised model's zero head is first given small
 random weights (shared with timm), otherwise every logit would be 0 and the comparison vacuous.
@@ -44,6 +45,11 @@ from ..errors import SequencerError
 
 AMP_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 TIMM_MODELS = ("sequencer2d_s", "sequencer2d_m", "sequencer2d_l")
+# glibc otherwise raises its mmap threshold as blocks are freed and keeps freed heap memory mapped, so the resident
+# peak would depend on allocation history (measured: +-15 MiB between identical runs of a 100 MiB inference); with
+# a fixed threshold every block above 64 KiB is mapped on allocation and unmapped on free, and the resident set
+# follows the live memory (identical runs then agree within 0.3 MiB)
+GLIBC_EXACT_RSS = {"MALLOC_MMAP_THRESHOLD_": "65536"}
 
 
 @dataclass
@@ -196,9 +202,10 @@ def memory_probe(spec: dict) -> float:
             step = make_infer_step(model, x, torch.float32, device)
         else:
             step = make_infer_step(model, x, amp, device)
+    # one step first, on every device: optimizer state, first-call library caches and JIT-compiled kernels belong
+    # to the baseline, so what is reported is the steady-state cost of one more step of the work
+    step()
     if device.type == "cuda":
-        if spec["mode"] == "train":
-            step()  # optimizer state belongs to the baseline, as on CPU below
         synchronize(device)
         base = torch.cuda.memory_allocated(device)
         torch.cuda.reset_peak_memory_stats(device)
@@ -245,7 +252,8 @@ def measure_peak_memory(spec: dict, timeout: float = 900) -> float | None:
            "print(json.dumps(memory_probe(json.loads(sys.argv[1]))))"
     try:
         proc = subprocess.run([sys.executable, "-c", code, json.dumps(spec)], capture_output=True, text=True,
-                              timeout=timeout, env=dict(os.environ, OMP_NUM_THREADS=str(torch.get_num_threads())))
+                              timeout=timeout, env=dict(os.environ, OMP_NUM_THREADS=str(torch.get_num_threads()),
+                                                        **GLIBC_EXACT_RSS))
     except subprocess.TimeoutExpired:
         return None
     if proc.returncode != 0:
