@@ -190,3 +190,16 @@ def test_a_warmup_filling_the_run_is_shortened(epochs, warmup, on_updates, expec
     with pytest.warns(UserWarning, match=f"using --warmup-epochs {expected}$"):
         check_config(cfg)
     assert cfg.warmup_epochs == expected
+
+
+@pytest.mark.slow
+def test_torchcompile_run_saves_plain_weights(image_folder, tmp_path):
+    """--torchcompile wraps the training and evaluation models; checkpoints hold the plain module's keys.
+    (aot_eager traces and runs the compiled graphs without a C++ toolchain; inductor ran on a GPU, test_cuda.py.)"""
+    assert train_cli([image_folder, *TINY_RUN, "--output", tmp_path, "--experiment", "compiled", "--epochs", "1",
+                      "--torchcompile", "aot_eager"]) == 0
+    ckpt = read_checkpoint(tmp_path / "compiled" / "last.pth.tar")
+    assert not any(k.startswith("_orig_mod.") for k in ckpt["state_dict"])
+    model = create_model(ckpt["arch"], **ckpt["model_kwargs"])
+    model.load_state_dict(ckpt["state_dict"])
+    assert float(summary_rows(tmp_path / "compiled")[0]["eval_top1"]) >= 0
