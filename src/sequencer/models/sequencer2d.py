@@ -8,6 +8,7 @@ Tensors inside the network are channels-last: (B, H, W, C).
 """
 from __future__ import annotations
 
+import contextlib
 import math
 from functools import partial
 from typing import Callable, Sequence
@@ -206,6 +207,17 @@ class _OneDnnMlpFunction(torch.autograd.Function):
         return grad_x, grad_w1, grad_b1, grad_w2, grad_b2
 
 
+def _under_cpu_bf16_autocast(x: torch.Tensor) -> bool:
+    """Whether CPU autocast to bf16 applies to ``x`` (the case the oneDNN paths also serve, by casting first)."""
+    return (x.device.type == "cpu" and torch.is_autocast_enabled("cpu")
+            and torch.get_autocast_dtype("cpu") == torch.bfloat16 and x.dtype in (torch.float32, torch.bfloat16))
+
+
+def _autocast_bf16_copies(*tensors: torch.Tensor | None) -> list[torch.Tensor | None]:
+    """The bf16 casts autocast would make; differentiable, so fp32 weights still get fp32 gradients."""
+    return [t.to(torch.bfloat16) if t is not None else None for t in tensors]
+
+
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
            activation: str | None = None) -> torch.Tensor:
     """``F.linear`` (optionally followed by exact GELU) routed through oneDNN where that is the same math.
@@ -214,17 +226,11 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     autocast, whose casts are then made here). (..., in) -> (..., out).
     """
     needs_grad = torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)
-    if (not needs_grad and x.device.type == "cpu" and torch.is_autocast_enabled("cpu")
-            and torch.get_autocast_dtype("cpu") == torch.bfloat16 and x.dtype in (torch.float32, torch.bfloat16)):
-        # inference under CPU bf16 autocast: make autocast's casts here, so that GELU can be fused into the matmul
-        # as below (the matmul's and the activation's outputs never coexist: a third less peak memory in the MLP)
+    if not needs_grad and _under_cpu_bf16_autocast(x):
+        # make autocast's casts here, so that GELU is fused into the matmul below also under autocast (the matmul's
+        # and the activation's outputs never coexist: a third less peak memory in the MLP)
         with torch.autocast("cpu", enabled=False):
-            x_bf16, w_bf16 = x.to(torch.bfloat16).contiguous(), weight.to(torch.bfloat16).contiguous()
-            if _onednn_linear_ok(x_bf16, w_bf16):
-                b_bf16 = bias.to(torch.bfloat16) if bias is not None else None
-                if activation == "gelu":
-                    return torch.ops.mkldnn._linear_pointwise(x_bf16, w_bf16, b_bf16, "gelu", [], "none")
-                return torch.ops.mkldnn._linear_pointwise(x_bf16, w_bf16, b_bf16, "none", [], "")
+            return linear(*_autocast_bf16_copies(x, weight, bias), activation)
     if _onednn_linear_ok(x, weight):
         x, weight = x.contiguous(), weight.contiguous()
         if not needs_grad:
@@ -275,19 +281,16 @@ class Mlp(nn.Module):
         the fp32 weights get fp32 gradients) are made here, and the MLP runs in bf16 as autocast would run it.
         """
         params = [self.fc1.weight, self.fc1.bias, self.fc2.weight, self.fc2.bias]
+        no_autocast = contextlib.nullcontext()
         if x.device.type == "cpu" and torch.is_autocast_enabled("cpu"):
-            dtype = torch.get_autocast_dtype("cpu")
-            if dtype != torch.bfloat16 or x.dtype not in (torch.float32, torch.bfloat16):
+            if not _under_cpu_bf16_autocast(x):
                 return None
-            with torch.autocast("cpu", enabled=False):
-                x = x.to(dtype)
-                params = [p.to(dtype) if p is not None else None for p in params]
-                if not _onednn_linear_ok(x, params[0]):
-                    return None
-                return _OneDnnMlpFunction.apply(x.contiguous(), *params)
-        if not _onednn_linear_ok(x, params[0]):
-            return None
-        return _OneDnnMlpFunction.apply(x.contiguous(), *params)
+            x, *params = _autocast_bf16_copies(x, *params)
+            no_autocast = torch.autocast("cpu", enabled=False)
+        with no_autocast:
+            if not _onednn_linear_ok(x, params[0]):
+                return None
+            return _OneDnnMlpFunction.apply(x.contiguous(), *params)
 
 
 class RNN2d(nn.Module):
