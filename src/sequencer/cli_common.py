@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 from dataclasses import dataclass, field
 
 import torch
@@ -125,3 +126,16 @@ def load_model_from_args(args: argparse.Namespace, device: torch.device | str = 
         class_names = list(IMAGENET_CLASSES)
     model.eval().to(device)
     return LoadedModel(model, name, class_names, (model.in_chans, size, size), data_config, checkpoint)
+
+
+def check_results_file(path: str, formats: tuple[str, ...] = (".json",)) -> None:
+    """Refuse a ``--results-file`` that could not be written, before any work is done (one-line errors)."""
+    if not path:
+        return
+    if os.path.splitext(path)[1].lower() not in formats:
+        raise SequencerError(f"--results-file {path!r}: unknown format", hint=f"use a {' or '.join(formats)} file name")
+    folder = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(folder):
+        raise SequencerError(f"--results-file {path!r}: folder {folder!r} does not exist")
+    if not os.access(folder, os.W_OK) or (os.path.exists(path) and not os.access(path, os.W_OK)):
+        raise SequencerError(f"--results-file {path!r} is not writable")

@@ -103,6 +103,9 @@ def test_benchmark_cli_memory_and_bfloat16(tmp_path, capsys):
      ["--model", "sequencer2d_nano", "--device", "tpu"], "--device"),
     (["--model", "sequencer2d_nano", "--device", "cpu", "--amp-dtype", "float16"], "float16 is CUDA only"),
     (["--model", "no_such_model", "--device", "cpu"], "unknown model"),
+    # refused before any work: a long benchmark must not end in an unwritable results file
+    (["--model", "no_such_model", "--results-file", "/no/such/folder/r.json"], "does not exist"),
+    (["--model", "sequencer2d_nano", "--results-file", "r.txt"], "unknown format"),
 ])
 def test_benchmark_cli_errors(argv, message, capsys):
     assert main(["benchmark", *argv]) == 2

@@ -16,7 +16,7 @@ import os
 
 import torch
 
-from ..cli_common import add_model_args, checkpoint_metadata, load_model_from_args, positive_int
+from ..cli_common import add_model_args, check_results_file, checkpoint_metadata, load_model_from_args, positive_int
 from ..data import create_dataset, create_loader, resolve_data_config
 from ..data.loader import INTERPOLATIONS
 from ..errors import SequencerError
@@ -51,18 +51,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--amp-dtype", default=None, choices=("float16", "bfloat16"), help="autocast dtype (implies --amp)")
     g.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda when available)")
     g.add_argument("--results-file", default="", metavar="FILE", help="write the results as .json or .csv")
-
-
-def _check_results_file(path: str) -> None:
-    if not path:
-        return
-    if os.path.splitext(path)[1].lower() not in RESULT_FORMATS:
-        raise SequencerError(f"--results-file {path!r}: unknown format", hint="use a .json or .csv file name")
-    folder = os.path.dirname(os.path.abspath(path))
-    if not os.path.isdir(folder):
-        raise SequencerError(f"--results-file {path!r}: folder {folder!r} does not exist")
-    if not os.access(folder, os.W_OK) or (os.path.exists(path) and not os.access(path, os.W_OK)):
-        raise SequencerError(f"--results-file {path!r} is not writable")
 
 
 def write_results(path: str, results: dict) -> None:
@@ -106,7 +94,7 @@ def target_mapping(dataset, loaded) -> list[int] | None:
 
 
 def run(args: argparse.Namespace) -> int:
-    _check_results_file(args.results_file)
+    check_results_file(args.results_file, RESULT_FORMATS)
     dataset_name = args.dataset or ("" if args.data else "digits")
     if args.device:
         try:

@@ -40,7 +40,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..cli_common import add_model_args, load_model_from_args, positive_int
+from ..cli_common import add_model_args, check_results_file, load_model_from_args, positive_int
 from ..errors import SequencerError
 
 AMP_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -396,6 +396,7 @@ def format_results(report: dict) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
+    check_results_file(args.results_file)
     report = run_benchmark(args)
     print(format_results(report))
     if args.results_file:

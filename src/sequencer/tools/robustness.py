@@ -18,7 +18,7 @@ import os
 import warnings
 from pathlib import Path
 
-from ..cli_common import add_model_args, load_model_from_args, positive_int
+from ..cli_common import add_model_args, check_results_file, load_model_from_args, positive_int
 from ..engine.evaluate import evaluate
 from ..errors import SequencerError
 from .checkpoints import write_atomically
@@ -129,9 +129,7 @@ def run(args: argparse.Namespace) -> int:
         corruptions = {n: corruptions[n] for n in args.corruptions}
     if args.clean and not os.path.isdir(args.clean):
         raise SequencerError(f"clean data folder {args.clean!r} does not exist")
-    results_dir = os.path.dirname(os.path.abspath(args.results_file))
-    if not os.path.isdir(results_dir):
-        raise SequencerError(f"--results-file {args.results_file!r}: folder {results_dir!r} does not exist")
+    check_results_file(args.results_file)
     device = resolve_device(args.device)
     loaded = load_model_from_args(args, device)
     check_input_size(loaded, *loaded.input_size[1:])
