@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
+import shlex
 import subprocess
 import sys
 import time
@@ -184,7 +184,7 @@ def main() -> int:
                     t0 = time.time()
                     run_one(model, mode, dtype, batch, args, out_dir)
                     print(f"  {time.time() - t0:.0f} s", flush=True)
-        command = args.made_with or "python benchmarks/run_benchmarks.py " + " ".join(sys.argv[1:])
+        command = args.made_with or "python benchmarks/run_benchmarks.py " + shlex.join(sys.argv[1:])
         (out_dir / "made_with.json").write_text(json.dumps({"command": command, "note": args.note,
                                                             "models": args.models}, indent=1))
     sections = {device: section for device, d in dirs.items() if (section := load_section(d)) is not None}
