@@ -6,6 +6,7 @@ between one node and many. Rank 0 is the only process that writes files.
 """
 from __future__ import annotations
 
+import contextlib
 import os
 from dataclasses import dataclass
 from datetime import timedelta
@@ -48,19 +49,42 @@ def init_distributed(device: str | None = None) -> DistInfo:
     if not dist.is_initialized():
         backend = "nccl" if dev.type == "cuda" else "gloo"
         timeout = timedelta(minutes=30)
-        # env:// reads MASTER_ADDR/MASTER_PORT (or the rendezvous torchrun set up). After torchrun --max-restarts
-        # restarts the workers, the store can still hold the previous attempt's keys, and the new ranks then read
-        # each other's dead addresses (measured: gloo's connectFullMesh fails with "Connection refused"; NCCL
-        # reports the same, pytorch/pytorch#167288). A prefix per attempt gives every attempt its own keys.
-        store, rank, world = next(dist.rendezvous("env://", timeout=timeout))
-        store = dist.PrefixStore(f"sequencer/attempt_{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}", store)
-        dist.init_process_group(backend=backend, store=store, rank=rank, world_size=world, timeout=timeout)
+        # env:// reads MASTER_ADDR/MASTER_PORT (or the rendezvous torchrun set up)
+        attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+        if attempt == "0":
+            dist.init_process_group(backend=backend, timeout=timeout)
+        else:
+            # After torchrun --max-restarts restarts the workers, its store still holds the previous attempt's
+            # keys, and the new ranks read each other's dead addresses (measured: gloo's connectFullMesh fails
+            # with "Connection refused"; NCCL reports the same, pytorch/pytorch#167288). A prefix per attempt
+            # gives every attempt its own keys.
+            store, rank, world = next(dist.rendezvous("env://", timeout=timeout))
+            dist.init_process_group(backend=backend, store=dist.PrefixStore(f"sequencer/attempt_{attempt}", store),
+                                    rank=rank, world_size=world, timeout=timeout)
     return DistInfo(True, dist.get_rank(), local_rank, dist.get_world_size(), dev)
 
 
 def cleanup(info: DistInfo) -> None:
     if info.distributed and dist.is_initialized():
         dist.destroy_process_group()
+
+
+@contextlib.contextmanager
+def process_group(device: str | None = None):
+    """``with process_group(device) as info:`` :func:`init_distributed`, torn down on the way out.
+
+    On a normal exit every rank first waits for the others: a rank that destroyed the group while a peer still
+    used it made the peer's gloo threads abort at exit (seen once: SIGABRT, "terminate called without an active
+    exception"). On an exception there is no waiting, since a peer may be gone.
+    """
+    info = init_distributed(device)
+    try:
+        yield info
+    except BaseException:
+        cleanup(info)
+        raise
+    barrier(info)
+    cleanup(info)
 
 
 def barrier(info: DistInfo) -> None:

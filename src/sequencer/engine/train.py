@@ -518,11 +518,8 @@ def _checkpoint_state(cfg, model, model_ema, optimizer, scheduler, scaler, class
 def run(args: argparse.Namespace) -> int:
     cfg = resolve_config(args)
     check_config(cfg)
-    info = dist_utils.init_distributed(cfg.device)
-    try:
+    with dist_utils.process_group(cfg.device) as info:
         return _train(cfg, info)
-    finally:
-        dist_utils.cleanup(info)
 
 
 def _log(info, *msg):

@@ -21,7 +21,7 @@ from ..data import create_dataset, create_loader, resolve_data_config
 from ..data.loader import INTERPOLATIONS
 from ..errors import SequencerError
 from ..models import get_model_entry
-from .distributed import cleanup, init_distributed
+from .distributed import process_group
 from .evaluate import evaluate
 
 RESULT_FORMATS = (".json", ".csv")
@@ -101,11 +101,8 @@ def run(args: argparse.Namespace) -> int:
             torch.device(args.device)
         except RuntimeError:
             raise SequencerError(f"--device {args.device!r} is not a device", hint="use cpu, cuda or cuda:N") from None
-    dist_info = init_distributed(args.device)
-    try:
+    with process_group(args.device) as dist_info:
         return _run(args, dataset_name, dist_info)
-    finally:
-        cleanup(dist_info)
 
 
 def _run(args, dataset_name: str, dist_info) -> int:
