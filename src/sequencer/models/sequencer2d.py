@@ -92,14 +92,24 @@ def _onednn_linear_ok(x: torch.Tensor, weight: torch.Tensor) -> bool:
     """Whether oneDNN's matmul can replace ``F.linear`` here with the same math.
 
     On this project's AMD CPUs oneDNN's fp32 GEMM is 5-20% faster than PyTorch's default (MKL) on the model's
-    shapes (measured on 2 Zen 5 cores: 135-221 vs 132-192 GFLOP/s), and it can fuse GELU. The oneDNN path is taken only in plain eager CPU execution in the weights' own dtype:
-    under autocast, tracing, scripting, ``torch.compile`` or ONNX export the standard op is used, so exported and
-    compiled graphs see ordinary ``aten.linear``.
+    shapes (measured on 2 Zen 5 cores: 135-221 vs 132-192 GFLOP/s), and it can fuse GELU. The oneDNN path is taken
+    only in plain eager CPU execution in the weights' own dtype: under autocast, tracing, scripting,
+    ``torch.compile`` or ONNX export the standard op is used, so exported and compiled graphs see ordinary
+    ``aten.linear``.
     """
     return (x.device.type == "cpu" and x.dtype == weight.dtype and x.dtype in (torch.float32, torch.bfloat16)
             and x.dim() >= 2 and torch.backends.mkldnn.is_available() and torch.backends.mkldnn.enabled
             and not torch.is_autocast_enabled("cpu") and not torch.jit.is_scripting() and not torch.jit.is_tracing()
             and not torch.compiler.is_compiling() and not torch.onnx.is_in_onnx_export())
+
+
+def _onednn_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
+                   gelu: bool = False) -> torch.Tensor:
+    """oneDNN's ``x @ weight^T + bias`` (then exact GELU, fused, with ``gelu=True``). x: (..., in), weight: (out, in)
+    dense (oneDNN's path for strided weights is ~100x slower)."""
+    if gelu:
+        return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "gelu", [], "none")
+    return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
 
 
 class _OneDnnLinearFunction(torch.autograd.Function):
@@ -109,7 +119,7 @@ class _OneDnnLinearFunction(torch.autograd.Function):
     def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         ctx.save_for_backward(x, weight)
         ctx.has_bias = bias is not None
-        return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
+        return _onednn_linear(x, weight, bias)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
@@ -119,8 +129,7 @@ class _OneDnnLinearFunction(torch.autograd.Function):
         if ctx.needs_input_grad[0]:
             # dL/dx = g @ W: a linear with weight W^T (in, out). oneDNN needs it dense (strided weights take a
             # reference path that is ~100x slower); the copy is weight-sized, not activation-sized.
-            grad_x = torch.ops.mkldnn._linear_pointwise(grad.contiguous(), weight.t().contiguous(), None, "none",
-                                                        [], "")
+            grad_x = _onednn_linear(grad.contiguous(), weight.t().contiguous())
         if ctx.needs_input_grad[1]:
             grad_w = torch.mm(g2.t(), x.reshape(-1, x.shape[-1]))  # (out, in); oneDNN is no faster on this shape
         if ctx.has_bias and ctx.needs_input_grad[2]:
@@ -139,9 +148,9 @@ class _MixAxesFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, v: torch.Tensor, h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None):
         d_v = v.shape[-1]
-        w_v, w_h = weight[:, :d_v].contiguous(), weight[:, d_v:].contiguous()  # oneDNN needs dense weights
-        out_v = torch.ops.mkldnn._linear_pointwise(v, w_v, bias, "none", [], "")  # (H, B, W, C)
-        out_h = torch.ops.mkldnn._linear_pointwise(h, w_h, None, "none", [], "")  # (W, B, H, C)
+        w_v, w_h = weight[:, :d_v].contiguous(), weight[:, d_v:].contiguous()
+        out_v = _onednn_linear(v, w_v, bias)  # (H, B, W, C)
+        out_h = _onednn_linear(h, w_h)  # (W, B, H, C)
         H, B, W, C = out_v.shape
         out = out_v.new_empty((B, H, W, C))
         torch.add(out_v.permute(1, 0, 2, 3), out_h.permute(1, 2, 0, 3), out=out)
@@ -157,9 +166,9 @@ class _MixAxesFunction(torch.autograd.Function):
         g_h = grad.permute(2, 0, 1, 3).contiguous()  # (W, B, H, C)
         grad_v = grad_h = grad_w = grad_b = None
         if ctx.needs_input_grad[0]:
-            grad_v = torch.ops.mkldnn._linear_pointwise(g_v, weight[:, :d_v].t().contiguous(), None, "none", [], "")
+            grad_v = _onednn_linear(g_v, weight[:, :d_v].t().contiguous())
         if ctx.needs_input_grad[1]:
-            grad_h = torch.ops.mkldnn._linear_pointwise(g_h, weight[:, d_v:].t().contiguous(), None, "none", [], "")
+            grad_h = _onednn_linear(g_h, weight[:, d_v:].t().contiguous())
         if ctx.needs_input_grad[2]:
             grad_w = torch.cat([g_v.reshape(-1, C).t() @ v.reshape(-1, d_v),
                                 g_h.reshape(-1, C).t() @ h.reshape(-1, h.shape[-1])], dim=1)
@@ -179,8 +188,8 @@ class _OneDnnMlpFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, w1, b1, w2, b2):
-        y = torch.ops.mkldnn._linear_pointwise(x, w1, b1, "none", [], "")
-        out = torch.ops.mkldnn._linear_pointwise(F.gelu(y), w2, b2, "none", [], "")
+        y = _onednn_linear(x, w1, b1)
+        out = _onednn_linear(F.gelu(y), w2, b2)
         ctx.save_for_backward(x, y, w1, w2)
         ctx.has_bias = b1 is not None, b2 is not None
         return out
@@ -195,15 +204,14 @@ class _OneDnnMlpFunction(torch.autograd.Function):
             grad_w2 = torch.mm(g_out.t(), F.gelu(y).reshape(-1, y.shape[-1]))
         if ctx.has_bias[1] and ctx.needs_input_grad[4]:
             grad_b2 = g_out.sum(0)
-        grad_y = torch.ops.aten.gelu_backward(
-            torch.ops.mkldnn._linear_pointwise(grad, w2.t().contiguous(), None, "none", [], ""), y)
+        grad_y = torch.ops.aten.gelu_backward(_onednn_linear(grad, w2.t().contiguous()), y)
         g_y = grad_y.reshape(-1, grad_y.shape[-1])  # (N, 3C)
         if ctx.needs_input_grad[1]:
             grad_w1 = torch.mm(g_y.t(), x.reshape(-1, x.shape[-1]))
         if ctx.has_bias[0] and ctx.needs_input_grad[2]:
             grad_b1 = g_y.sum(0)
         if ctx.needs_input_grad[0]:
-            grad_x = torch.ops.mkldnn._linear_pointwise(grad_y, w1.t().contiguous(), None, "none", [], "")
+            grad_x = _onednn_linear(grad_y, w1.t().contiguous())
         return grad_x, grad_w1, grad_b1, grad_w2, grad_b2
 
 
@@ -234,9 +242,7 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     if _onednn_linear_ok(x, weight):
         x, weight = x.contiguous(), weight.contiguous()
         if not needs_grad:
-            if activation == "gelu":
-                return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "gelu", [], "none")
-            return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
+            return _onednn_linear(x, weight, bias, gelu=activation == "gelu")
         y = _OneDnnLinearFunction.apply(x, weight, bias)
     else:
         y = F.linear(x, weight, bias)

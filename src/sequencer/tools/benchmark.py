@@ -378,10 +378,10 @@ def run_benchmark(args: argparse.Namespace) -> dict:
 def format_results(report: dict) -> str:
     head = f"{'impl':<15} {'mode':<6} {'dtype':<9} {'img/s':>8} {'step ms':>9} {'vs timm':>8} {'peak MiB':>9} " \
            f"{'GEMM %':>7} {'rel diff':>9}"
+    gmacs = report['results'][0]['gmacs']
     lines = [f"{report['model']} {'x'.join(map(str, report['input_size']))} batch {report['batch_size']} on "
              f"{report['device']} ({report['threads']} threads); params "
-             f"{report['results'][0]['params_m']:.2f}M, GMACs/img "
-             f"{report['results'][0]['gmacs'] if report['results'][0]['gmacs'] is None else round(report['results'][0]['gmacs'], 3)}"
+             f"{report['results'][0]['params_m']:.2f}M, GMACs/img {gmacs if gmacs is None else round(gmacs, 3)}"
              f", GEMM rate {report['gemm_gflops']:.0f} GFLOP/s", head]
 
     def fmt(v, spec):
