@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from .data.datasets import map_classes_by_name
 from .errors import SequencerError
 from .models import create_model, get_model_entry
 from .models.loading import extract_state_dict, load_state_dict_into, read_checkpoint
@@ -126,6 +127,35 @@ def load_model_from_args(args: argparse.Namespace, device: torch.device | str = 
         class_names = list(IMAGENET_CLASSES)
     model.eval().to(device)
     return LoadedModel(model, name, class_names, (model.in_chans, size, size), data_config, checkpoint)
+
+
+def label_with_model_classes(dataset, loaded) -> None:
+    """Label ``dataset`` with the model's output indices; raises SequencerError when they cannot agree.
+
+    A checkpoint's own class names map the split by name (a class it was not trained on is an error, a missing
+    class is reported), exactly as training labelled its held-out split; ImageNet synset folders (n01440764, ...)
+    map onto a 1000-class model's outputs; otherwise the class counts must match.
+    """
+    num_outputs = getattr(loaded.model, "num_classes", None)
+    names = list(dataset.class_names)
+    ckpt_names = [str(n) for n in checkpoint_metadata(loaded.checkpoint).get("class_names") or []]
+    if ckpt_names:
+        missing = map_classes_by_name(dataset, ckpt_names, "the evaluated split")
+        if missing:
+            print(f"note: {dataset.description} has no images of {len(missing)} of the checkpoint's "
+                  f"{len(ckpt_names)} classes ({', '.join(missing[:5])}{', ...' if len(missing) > 5 else ''})")
+        return
+    if num_outputs == 1000 and len(names) < 1000 and all(n.startswith("n") and n[1:].isdigit() for n in names):
+        from timm.data import ImageNetInfo
+        info = ImageNetInfo()
+        synsets = {info.index_to_label_name(i): i for i in range(1000)}
+        if all(n in synsets for n in names):
+            dataset.target_transform = [synsets[n] for n in names].__getitem__
+            return
+    if num_outputs is not None and num_outputs != len(names):
+        raise SequencerError(
+            f"model {loaded.name} has a {num_outputs}-class head but {dataset.description} has {len(names)} classes",
+            hint="validate a checkpoint trained on this data, or pass --class-map / --num-classes to match")
 
 
 def check_results_file(path: str, formats: tuple[str, ...] = (".json",)) -> None:

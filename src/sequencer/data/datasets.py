@@ -485,3 +485,47 @@ def create_dataset(name: str = "", root: str | None = None, split: str = "train"
     if path == root and os.path.isdir(root):
         _logger.info("%s has no split folders: using all of it as split %r", root, split)
     return dataset
+
+
+def map_classes_by_name(dataset: ClassificationDataset, class_names: list[str], what: str) -> list[str]:
+    """Label ``dataset`` with indices into ``class_names`` (e.g. the training split's), matching classes by name.
+
+    A split is never labelled on its own: a split lacking one class would otherwise shift every later label.
+    Sets ``dataset.target_transform`` (kept in front of an existing one) and ``dataset.class_names``. Raises
+    SequencerError naming classes of ``dataset`` that ``class_names`` does not have; returns the names of
+    ``class_names`` that ``dataset`` lacks (fine: reported by the caller).
+    """
+    own = list(dataset.class_names)
+    if own == list(class_names):
+        return []
+    index = {name: i for i, name in enumerate(class_names)}
+    unknown = [name for name in own if name not in index]
+    if unknown:
+        shown = ", ".join(unknown[:5]) + (", ..." if len(unknown) > 5 else "")
+        raise SequencerError(f"{what} ({dataset.description}) has {len(unknown)} class(es) the model was not trained "
+                             f"on: {shown}", hint="remove those class folders, or pass a --class-map of the classes")
+    mapping = [index[name] for name in own]
+    after = dataset.target_transform
+    dataset.target_transform = (_RemapTargets(mapping) if after is None
+                                else _Chain(_RemapTargets(mapping), after))
+    dataset.class_names = list(class_names)
+    present = set(own)
+    return [name for name in class_names if name not in present]
+
+
+class _RemapTargets:
+    """Picklable ``target -> mapping[target]`` (DataLoader workers receive the dataset by pickling)."""
+
+    def __init__(self, mapping: list[int]):
+        self.mapping = mapping
+
+    def __call__(self, target: int) -> int:
+        return self.mapping[target]
+
+
+class _Chain:
+    def __init__(self, first, second):
+        self.first, self.second = first, second
+
+    def __call__(self, target):
+        return self.second(self.first(target))

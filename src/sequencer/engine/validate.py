@@ -16,7 +16,8 @@ import os
 
 import torch
 
-from ..cli_common import add_model_args, check_results_file, checkpoint_metadata, load_model_from_args, positive_int
+from ..cli_common import (add_model_args, check_results_file, label_with_model_classes, load_model_from_args,
+                          positive_int)
 from ..data import create_dataset, create_loader, resolve_data_config
 from ..data.loader import INTERPOLATIONS
 from ..errors import SequencerError
@@ -68,31 +69,6 @@ def write_results(path: str, results: dict) -> None:
         raise SequencerError(f"cannot write --results-file {path!r}: {e.strerror or e}") from None
 
 
-def target_mapping(dataset, loaded) -> list[int] | None:
-    """Dataset class index -> model output index, or None when they already agree; raises on a head mismatch.
-
-    A checkpoint's own class names map a dataset holding some of its classes by name; ImageNet synset folders
-    (n01440764, ...) map onto a 1000-class model's outputs; otherwise the class counts must match.
-    """
-    num_outputs = getattr(loaded.model, "num_classes", None)
-    names = list(dataset.class_names)
-    ckpt_names = list(checkpoint_metadata(loaded.checkpoint).get("class_names") or [])
-    if ckpt_names and names != ckpt_names and set(names) <= set(ckpt_names):
-        index = {n: i for i, n in enumerate(ckpt_names)}
-        return [index[n] for n in names]
-    if num_outputs == 1000 and len(names) < 1000 and all(n.startswith("n") and n[1:].isdigit() for n in names):
-        from timm.data import ImageNetInfo
-        info = ImageNetInfo()
-        synsets = {info.index_to_label_name(i): i for i in range(1000)}
-        if all(n in synsets for n in names):
-            return [synsets[n] for n in names]
-    if num_outputs is not None and num_outputs != len(names):
-        raise SequencerError(
-            f"model {loaded.name} has a {num_outputs}-class head but {dataset.description} has {len(names)} classes",
-            hint="validate a checkpoint trained on this data, or pass --class-map / --num-classes to match")
-    return None
-
-
 def run(args: argparse.Namespace) -> int:
     check_results_file(args.results_file, RESULT_FORMATS)
     dataset_name = args.dataset or ("" if args.data else "digits")
@@ -132,9 +108,7 @@ def _run(args, dataset_name: str, dist_info) -> int:
         except ValueError as e:
             raise SequencerError(f"image size {height}x{width}: {e}",
                                  hint=f"use a multiple of {getattr(loaded.model, 'reduction', '?')}") from None
-    mapping = target_mapping(dataset, loaded)
-    if mapping is not None:
-        dataset.target_transform = mapping.__getitem__
+    label_with_model_classes(dataset, loaded)
     workers = args.workers
     if workers is None:
         workers = 0 if dataset_name == "digits" else min(4, os.cpu_count() or 1)
