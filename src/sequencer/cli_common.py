@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import tempfile
 from dataclasses import dataclass, field
 
 import torch
@@ -129,6 +130,36 @@ def load_model_from_args(args: argparse.Namespace, device: torch.device | str = 
     return LoadedModel(model, name, class_names, (model.in_chans, size, size), data_config, checkpoint)
 
 
+def check_input_size(loaded: LoadedModel, height: int, width: int) -> None:
+    """SequencerError (one line) when the model cannot take a ``height`` x ``width`` input."""
+    check = getattr(loaded.model, "check_input_size", None)
+    if check is not None:
+        try:
+            check(height, width)
+        except ValueError as e:
+            raise SequencerError(f"model {loaded.name!r}: {e}",
+                                 hint=f"use a multiple of {getattr(loaded.model, 'reduction', '?')}") from None
+
+
+def check_device(text: str | None) -> None:
+    """SequencerError for a ``--device`` that is not a device, or names CUDA where there is none."""
+    if not text:
+        return
+    try:
+        device = torch.device(text)
+    except RuntimeError:
+        raise SequencerError(f"--device {text!r} is not a device", hint="use cpu, cuda or cuda:N") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise SequencerError(f"--device {text}: CUDA is not available on this machine", hint="use --device cpu")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise SequencerError(f"--device {text}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+
+
+def check_workers(workers: int | None) -> None:
+    if workers is not None and workers < 0:
+        raise SequencerError(f"-j/--workers {workers}: must not be negative", hint="0 loads data in the main process")
+
+
 def label_with_model_classes(dataset, loaded) -> None:
     """Label ``dataset`` with the model's output indices; raises SequencerError when they cannot agree.
 
@@ -167,5 +198,13 @@ def check_results_file(path: str, formats: tuple[str, ...] = (".json",)) -> None
     folder = os.path.dirname(os.path.abspath(path))
     if not os.path.isdir(folder):
         raise SequencerError(f"--results-file {path!r}: folder {folder!r} does not exist")
-    if not os.access(folder, os.W_OK) or (os.path.exists(path) and not os.access(path, os.W_OK)):
-        raise SequencerError(f"--results-file {path!r} is not writable")
+    if os.path.isdir(path):
+        raise SequencerError(f"--results-file {path!r} is a folder", hint="name a file inside it, e.g. results.json")
+    if os.path.exists(path) and not os.access(path, os.W_OK):
+        raise SequencerError(f"--results-file {path!r} is not writable (no permission)")
+    try:  # a real write probe: os.access cannot see read-only mounts, ACLs or quotas
+        with tempfile.NamedTemporaryFile(dir=folder, prefix=".results-probe-"):
+            pass
+    except OSError as e:
+        raise SequencerError(f"--results-file {path!r}: cannot write in folder {folder!r} ({e.strerror or e})"
+                             ) from None

@@ -396,6 +396,21 @@ def _find_split_folder(root: str, split: str) -> str:
     return root  # class folders directly
 
 
+def held_out_split(root: str | None, split: str) -> str:
+    """``split``, or "test" when the folder ``root`` has no ``split`` folder (nor a synonym's) but a test split.
+
+    A dataset shipped as train/ and test/ (CIFAR-style) then trains and validates without ``--val-split test``.
+    """
+    if not root or not os.path.isdir(os.path.expanduser(str(root))):
+        return split
+    entries = {e.lower() for e in os.listdir(os.path.expanduser(str(root)))}
+
+    def present(name: str) -> bool:
+        return any(a.lower() in entries or a.lower() + ".tar" in entries for a in split_aliases(name))
+
+    return "test" if not present(split) and present("test") else split
+
+
 def _scan_image_folder(folder: str, class_to_idx: dict | None):
     """[(path, target)] sorted by path, and class_to_idx; the leaf folder of each image names its class."""
     from timm.utils.misc import natural_key

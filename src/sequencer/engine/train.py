@@ -31,7 +31,8 @@ import torch
 import yaml
 from torch import nn
 
-from ..data.datasets import map_classes_by_name
+from ..cli_common import check_device
+from ..data.datasets import held_out_split, map_classes_by_name
 from ..errors import SequencerError
 from ..fileio import write_atomically
 from ..models import create_model, get_model_entry
@@ -256,6 +257,8 @@ def check_config(cfg: argparse.Namespace) -> None:
     def bad(flag, value, need):
         raise SequencerError(f"{flag} {value}: {need}")
 
+    check_device(cfg.device)
+
     if cfg.epochs <= 0:
         bad("--epochs", cfg.epochs, "must be at least 1")
     if cfg.batch_size <= 0:
@@ -311,6 +314,11 @@ def check_config(cfg: argparse.Namespace) -> None:
         get_model_entry(cfg.model)  # unknown names fail before any data is read, with suggestions
     if cfg.initial_checkpoint and not Path(cfg.initial_checkpoint).is_file():
         raise SequencerError(f"--initial-checkpoint {cfg.initial_checkpoint!r}: no such file")
+    if not cfg.resume:  # a resume checks it once the checkpoint's settings are known
+        shorten_warmup(cfg)
+
+
+def shorten_warmup(cfg: argparse.Namespace) -> None:
     if cfg.warmup_epochs and cfg.warmup_epochs >= cfg.epochs:
         # timm's default 5 warmup epochs would keep a short run below --lr for its whole length. A quarter of the
         # run instead; but stepped per epoch, warmup spends its whole first epoch at --warmup-lr, so a 1-epoch
@@ -549,6 +557,8 @@ def _checkpoint_state(cfg, model, model_ema, optimizer, scheduler, scaler, class
 def _eval_split(cfg, info, dataset_kw: dict, class_names: list[str]):
     """The held-out split, its labels mapped by name onto the training classes (a missing class is reported)."""
     from ..data import create_dataset
+    if "val_split" not in getattr(cfg, "_given", ()) and cfg.dataset.lower() in ("", "folder", "image_folder"):
+        cfg.val_split = held_out_split(cfg.data, cfg.val_split)
     eval_set = create_dataset(cfg.dataset, root=cfg.data, split=cfg.val_split, is_training=False, **dataset_kw)
     missing = map_classes_by_name(eval_set, class_names, f"split {cfg.val_split!r}")
     if missing:
@@ -653,6 +663,7 @@ def _train(cfg, info: dist_utils.DistInfo) -> int:
     class_names = list(train_set.class_names)
     if resume_ckpt is not None:
         class_names = apply_resume_contract(cfg, resume_ckpt, resume_path, class_names)
+        shorten_warmup(cfg)
         map_classes_by_name(train_set, class_names, "the training split")
     eval_set = _eval_split(cfg, info, dataset_kw, class_names)
     num_classes = cfg.num_classes or len(class_names)

@@ -16,9 +16,10 @@ import os
 
 import torch
 
-from ..cli_common import (add_model_args, check_results_file, label_with_model_classes, load_model_from_args,
-                          positive_int)
+from ..cli_common import (add_model_args, check_device, check_input_size, check_results_file, check_workers,
+                          label_with_model_classes, load_model_from_args, positive_int)
 from ..data import create_dataset, create_loader, resolve_data_config
+from ..data.datasets import held_out_split
 from ..data.loader import INTERPOLATIONS
 from ..errors import SequencerError
 from ..models import get_model_entry
@@ -72,11 +73,8 @@ def write_results(path: str, results: dict) -> None:
 def run(args: argparse.Namespace) -> int:
     check_results_file(args.results_file, RESULT_FORMATS)
     dataset_name = args.dataset or ("" if args.data else "digits")
-    if args.device:
-        try:
-            torch.device(args.device)
-        except RuntimeError:
-            raise SequencerError(f"--device {args.device!r} is not a device", hint="use cpu, cuda or cuda:N") from None
+    check_device(args.device)
+    check_workers(args.workers)
     with process_group(args.device) as dist_info:
         return _run(args, dataset_name, dist_info)
 
@@ -86,6 +84,8 @@ def _run(args, dataset_name: str, dist_info) -> int:
     if device.type == "cuda" and not torch.cuda.is_available():
         raise SequencerError(f"--device {args.device}: CUDA is not available", hint="use --device cpu")
     # the data first: a missing folder should not wait for (or download) the model's weights
+    if not dataset_name:  # as train: a folder with only train/ and test/ is evaluated on test/
+        args.split = held_out_split(args.data, args.split)
     dataset = create_dataset(dataset_name, root=args.data, split=args.split, class_map=args.class_map or None,
                              download=args.dataset_download)
     if args.model and not args.checkpoint and not args.pretrained:
@@ -102,12 +102,7 @@ def _run(args, dataset_name: str, dist_info) -> int:
     config.update({k: v for k, v in overrides.items() if v is not None})
     config = resolve_data_config(config, loaded.model)
     height, width = config["input_size"][1:]
-    if hasattr(loaded.model, "check_input_size"):
-        try:
-            loaded.model.check_input_size(height, width)
-        except ValueError as e:
-            raise SequencerError(f"image size {height}x{width}: {e}",
-                                 hint=f"use a multiple of {getattr(loaded.model, 'reduction', '?')}") from None
+    check_input_size(loaded, height, width)
     label_with_model_classes(dataset, loaded)
     workers = args.workers
     if workers is None:

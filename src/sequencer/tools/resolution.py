@@ -12,12 +12,13 @@ import io
 import os
 from pathlib import Path
 
-from ..cli_common import add_model_args, label_with_model_classes, load_model_from_args, positive_int
+from ..cli_common import (add_model_args, check_input_size, check_workers, label_with_model_classes,
+                          load_model_from_args, positive_int)
 from ..data import create_dataset, create_loader
 from ..engine.evaluate import evaluate
 from ..errors import SequencerError
 from .checkpoints import write_atomically
-from .predict import check_input_size, resolve_device
+from .predict import resolve_device
 
 PLOT_SIZE_IN, PLOT_DPI = (6.4, 4.0), 100  # -> 640 x 400 px
 
@@ -88,6 +89,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     if not os.path.isdir(args.data):
         raise SequencerError(f"data folder {args.data!r} does not exist")
+    check_workers(args.workers)
     device = resolve_device(args.device)
     loaded = load_model_from_args(args, device)
     sizes = sorted(set(args.sizes))
