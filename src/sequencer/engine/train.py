@@ -526,8 +526,16 @@ def _build_model(cfg, resume_ckpt: dict | None, init_ckpt_meta: dict | None, num
             kwargs["img_size"] = cfg.img_size
         if cfg.in_chans:
             kwargs["in_chans"] = cfg.in_chans
-    model = create_model(cfg.model, pretrained=cfg.pretrained and not resume_ckpt, **kwargs)
-    return model
+    try:
+        return create_model(cfg.model, pretrained=cfg.pretrained and not resume_ckpt, **kwargs)
+    except SequencerError as e:
+        if not cfg.pretrained or e.hint is None:
+            raise
+        # the library's hint names the other commands' --checkpoint; train takes the file as --initial-checkpoint
+        message = str(e)[:-len(f" (hint: {e.hint})")]
+        raise SequencerError(f"--pretrained: {message}",
+                             hint="download the file by other means and pass it with --initial-checkpoint FILE, "
+                                  "or drop --pretrained") from None
 
 
 def _checkpoint_state(cfg, model, model_ema, optimizer, scheduler, scaler, class_names, data_config,
@@ -565,6 +573,17 @@ def _eval_split(cfg, info, dataset_kw: dict, class_names: list[str]):
         _log(info, f"note: split {cfg.val_split!r} has no images of {len(missing)} of the {len(class_names)} "
                    f"training classes ({', '.join(missing[:5])}{', ...' if len(missing) > 5 else ''})")
     return eval_set
+
+
+def _skipped_note(loader) -> str:
+    """Unreadable training images of the epoch, for the end of its log line ("" when none)."""
+    skipped = len(getattr(loader, "skipped", None) or [])
+    return f"; skipped {skipped} unreadable training image{'s' if skipped != 1 else ''}" if skipped else ""
+
+
+def _unreadable_note(loader) -> str:
+    skipped = len(getattr(loader, "skipped", None) or [])
+    return f" ({skipped} unreadable skipped)" if skipped else ""
 
 
 def _current_lr(optimizer) -> float:
@@ -903,11 +922,10 @@ def _train(cfg, info: dist_utils.DistInfo) -> int:
                 except Exception as e:  # a plotting problem must never stop training
                     warnings.warn(f"could not draw summary.png: {e}")
                 ema_note = f" (raw model {raw_top1:.2f})" if model_ema is not None else ""
-                skipped = len(getattr(train_loader, "skipped", []) or [])
-                ema_note += f" skipped {skipped} unreadable images" if skipped else ""
                 print(f"epoch {epoch}: train_loss {train_loss:.4f} eval_loss {eval_metrics['loss']:.4f} "
                       f"top1 {eval_metrics['top1']:.2f}{ema_note} top5 {eval_metrics['top5']:.2f} "
-                      f"lr {lr:.2e} {seconds:.1f}s{' *best*' if is_best else ''}", flush=True)
+                      f"lr {lr:.2e} {seconds:.1f}s{' *best*' if is_best else ''}{_skipped_note(train_loader)}",
+                      flush=True)
             if stop.signum:  # signal arrived during evaluation: the epoch is saved, stop here
                 _log(info, f"stopped by {signal.Signals(stop.signum).name} after epoch {epoch}; resume with "
                            f"--resume {output_dir / 'last.pth.tar'}")
@@ -917,8 +935,8 @@ def _train(cfg, info: dist_utils.DistInfo) -> int:
                 if manager.best_metric is not None else "")
         what = "digits demo" if cfg.dataset == "digits" else "done"
         print(f"{what}: eval top-1 {eval_metrics['top1']:.2f}% top-5 {eval_metrics['top5']:.2f}% on "
-              f"{len(eval_set)} held-out images after {num_epochs} epochs in {time.time() - t_start:.0f}s{best}; "
-              f"checkpoints in {output_dir}", flush=True)
+              f"{eval_metrics['count']} held-out images{_unreadable_note(eval_loader)} after {num_epochs} epochs in "
+              f"{time.time() - t_start:.0f}s{best}; checkpoints in {output_dir}", flush=True)
     return 0
 
 
