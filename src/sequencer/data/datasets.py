@@ -397,7 +397,7 @@ def _find_split_folder(root: str, split: str) -> str:
 
 
 def held_out_split(root: str | None, split: str) -> str:
-    """``split``, or "test" when the folder ``root`` has no ``split`` folder (nor a synonym's) but a test split.
+    """``split``, or "test" when ``split`` means validation and ``root`` has no such folder but a test split.
 
     A dataset shipped as train/ and test/ (CIFAR-style) then trains and validates without ``--val-split test``.
     """
@@ -408,7 +408,8 @@ def held_out_split(root: str | None, split: str) -> str:
     def present(name: str) -> bool:
         return any(a.lower() in entries or a.lower() + ".tar" in entries for a in split_aliases(name))
 
-    return "test" if not present(split) and present("test") else split
+    is_val = split.lower() in SPLIT_SYNONYMS["val"]
+    return "test" if is_val and not present(split) and present("test") else split
 
 
 def _scan_image_folder(folder: str, class_to_idx: dict | None):
