@@ -14,7 +14,6 @@ experiment, a crashed resume) are in tests/engine/test_resume_contract.py.
 from __future__ import annotations
 
 import errno
-import os
 import urllib.error
 from pathlib import Path
 

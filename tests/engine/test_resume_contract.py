@@ -16,6 +16,7 @@ from sequencer.models.loading import read_checkpoint
 
 RUN = TINY_RUN  # adamw, lr 3e-3, no warmup, cosine per epoch
 LR = 3e-3
+TEST = ["--val-split", "test"]  # explicit, so that these tests also ran against the code before the fix
 
 
 @pytest.fixture(scope="module")
@@ -78,7 +79,8 @@ def test_extending_a_finished_run_rebuilds_the_schedule(finished, data, tmp_path
     """Item 1: `--epochs 4 --resume auto` after 2 continues on the 4-epoch cosine (lr 0 before)."""
     out, folder = _copy_run(finished, tmp_path)
     capsys.readouterr()
-    assert train_cli([data, "--val-split", "test", *RUN, "--epochs", "4", "--output", out, "--experiment", "x", "--resume", "auto"]) == 0
+    assert train_cli([data, *TEST, *RUN, "--epochs", "4", "--output", out, "--experiment", "x", "--resume",
+                      "auto"]) == 0
     banner = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("train:"))
     half = LR * 0.5 * (1 + math.cos(math.pi * 2 / 4))
     assert f"lr {half:.3g}," in banner  # the lr epoch 2 really runs at, not --lr
@@ -95,7 +97,7 @@ def test_a_resume_takes_unspecified_settings_from_the_checkpoint(finished, data,
     """Item 3: without --opt (default sgd) the run's adamw is kept (was KeyError: 'momentum' as a traceback);
     `--resume RUN/last.pth.tar` without --experiment continues in the run's own folder (item 4)."""
     out, folder = _copy_run(finished, tmp_path)
-    assert train_cli([data, "--val-split", "test", "--resume", folder / "last.pth.tar", "--epochs", "3", "-j", "0", "--device", "cpu",
+    assert train_cli([data, *TEST, "--resume", folder / "last.pth.tar", "--epochs", "3", "-j", "0", "--device", "cpu",
                       "--output", tmp_path / "elsewhere"]) == 0
     assert [int(r["epoch"]) for r in summary_rows(folder)] == [0, 1, 2]
     assert not (tmp_path / "elsewhere").exists()
@@ -113,7 +115,7 @@ def test_a_conflicting_flag_is_refused_before_anything_is_written(finished, data
     out, folder = _copy_run(finished, tmp_path)
     before = _snapshot(folder)
     capsys.readouterr()
-    assert train_cli([data, "--val-split", "test", *RUN, "--epochs", "4", "--output", out, "--experiment", "x", "--resume", "auto",
+    assert train_cli([data, *TEST, *RUN, "--epochs", "4", "--output", out, "--experiment", "x", "--resume", "auto",
                       *flags]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and culprit in err[0], err
@@ -135,7 +137,7 @@ def test_a_checkpoint_of_other_classes_is_refused(finished, tmp_path, capsys):
 def test_a_resume_into_a_new_experiment_keeps_its_own_best(finished, data, tmp_path, capsys):
     """Item 4: the old run's best metric used to carry over, so model_best was never written in the new folder."""
     out, folder = _copy_run(finished, tmp_path)
-    assert train_cli([data, "--val-split", "test", "--resume", folder / "last.pth.tar", "--epochs", "3", "-j", "0", "--device", "cpu",
+    assert train_cli([data, *TEST, "--resume", folder / "last.pth.tar", "--epochs", "3", "-j", "0", "--device", "cpu",
                       "--output", out, "--experiment", "y"]) == 0
     new = out / "y"
     assert (new / "model_best.pth.tar").is_file()
@@ -166,12 +168,12 @@ def test_a_crashed_resume_leaves_no_header_only_summary(finished, data, tmp_path
 
     monkeypatch.setattr(evaluate_module, "evaluate", broken)
     with pytest.raises(RuntimeError):
-        train_cli([data, "--val-split", "test", "--resume", folder / "last.pth.tar", "--epochs", "3", "-j", "0", "--device", "cpu",
+        train_cli([data, *TEST, "--resume", folder / "last.pth.tar", "--epochs", "3", "-j", "0", "--device", "cpu",
                    "--output", out, "--experiment", "crashed"])
     assert not (out / "crashed" / "summary.csv").exists()
     monkeypatch.undo()
     capsys.readouterr()
     # the name is free for a new run: it gets past the "already holds a run" check and fails on the next problem
-    assert train_cli([data, "--val-split", "test", *RUN, "--epochs", "1", "--output", out, "--experiment", "crashed", "--img-size",
+    assert train_cli([data, *TEST, *RUN, "--epochs", "1", "--output", out, "--experiment", "crashed", "--img-size",
                       "15"]) == 2
     assert "already holds a run" not in capsys.readouterr().err

@@ -812,7 +812,8 @@ def _train(cfg, info: dist_utils.DistInfo) -> int:
     where = f"{info.world_size} processes, " if info.distributed else ""
     _log(info, f"train: {cfg.model} ({n_params / 1e6:.2f}M params) on {len(train_set)} images of "
                f"{cfg.dataset or root}, {num_classes} classes, {img_size}px, {where}{device}; "
-               f"epochs {start_epoch}..{num_epochs - 1}, lr {_current_lr(optimizer):.3g}, batch {cfg.batch_size}; output {output_dir}")
+               f"epochs {start_epoch}..{num_epochs - 1}, lr {_current_lr(optimizer):.3g}, batch {cfg.batch_size}; "
+               f"output {output_dir}")
 
     use_tqdm = info.is_primary and sys.stderr.isatty()
     autocast = (lambda: torch.autocast(device.type, dtype=amp_dtype)) if amp_dtype else contextlib.nullcontext
