@@ -566,7 +566,10 @@ def _eval_split(cfg, info, dataset_kw: dict, class_names: list[str]):
     """The held-out split, its labels mapped by name onto the training classes (a missing class is reported)."""
     from ..data import create_dataset
     if "val_split" not in getattr(cfg, "_given", ()) and cfg.dataset.lower() in ("", "folder", "image_folder"):
-        cfg.val_split = held_out_split(cfg.data, cfg.val_split)
+        found = held_out_split(cfg.data, cfg.val_split)
+        if found != cfg.val_split:
+            _log(info, f"note: {cfg.data} has no {cfg.val_split!r} split: evaluating on {found!r}")
+        cfg.val_split = found
     eval_set = create_dataset(cfg.dataset, root=cfg.data, split=cfg.val_split, is_training=False, **dataset_kw)
     missing = map_classes_by_name(eval_set, class_names, f"split {cfg.val_split!r}")
     if missing:

@@ -85,7 +85,10 @@ def _run(args, dataset_name: str, dist_info) -> int:
         raise SequencerError(f"--device {args.device}: CUDA is not available", hint="use --device cpu")
     # the data first: a missing folder should not wait for (or download) the model's weights
     if not dataset_name:  # as train: a folder with only train/ and test/ is evaluated on test/
-        args.split = held_out_split(args.data, args.split)
+        found = held_out_split(args.data, args.split)
+        if found != args.split and dist_info.is_primary:
+            print(f"note: {args.data} has no {args.split!r} split: evaluating on {found!r}")
+        args.split = found
     dataset = create_dataset(dataset_name, root=args.data, split=args.split, class_map=args.class_map or None,
                              download=args.dataset_download)
     if args.model and not args.checkpoint and not args.pretrained:
