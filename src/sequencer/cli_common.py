@@ -170,7 +170,7 @@ def label_with_model_classes(dataset, loaded) -> None:
     num_outputs = getattr(loaded.model, "num_classes", None)
     names = list(dataset.class_names)
     ckpt_names = [str(n) for n in checkpoint_metadata(loaded.checkpoint).get("class_names") or []]
-    if ckpt_names:
+    if ckpt_names and (set(names) & set(ckpt_names) or len(names) == len(ckpt_names)):
         missing = map_classes_by_name(dataset, ckpt_names, "the evaluated split")
         if missing:
             print(f"note: {dataset.description} has no images of {len(missing)} of the checkpoint's "
