@@ -32,9 +32,11 @@ def write_atomically(path: str | os.PathLike, write: Callable[[str], None], what
         os.replace(tmp, path)
     except OSError as e:
         Path(tmp).unlink(missing_ok=True)
-        reason = "the disk is full" if e.errno == errno.ENOSPC else (e.strerror or str(e))
+        full = e.errno in (errno.ENOSPC, errno.EDQUOT)
+        reason = "the disk is full" if full else (e.strerror or str(e))
         raise SequencerError(f"could not write {what} {str(path)!r}: {reason}; nothing was half-written and any "
-                             f"previous {path.name} is unchanged", hint="free some space or choose another output"
+                             f"previous {path.name} is unchanged",
+                             hint="free some space or choose another output" if full else "choose another output"
                              ) from None
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

@@ -16,7 +16,7 @@ from timm.data import create_transform as timm_create_transform
 from torch.utils.data import DataLoader, default_collate
 
 from ..errors import SequencerError
-from .datasets import UnreadableImageError
+from .datasets import READ_ERRORS, UnreadableImageError
 
 _logger = logging.getLogger(__name__)
 
@@ -57,12 +57,17 @@ def resolve_data_config(args_or_dict=None, model: torch.nn.Module | None = None)
         raise SequencerError(f"input size {' '.join(map(str, input_size))} must be positive")
 
     def per_channel(key, default):
-        value = args.get(key, cfg.get(key, default))
+        given = key in args
+        value = args[key] if given else cfg.get(key, default)
         value = (value,) if isinstance(value, (int, float)) else tuple(float(v) for v in value)
         if len(value) == 1:
             value = value * input_size[0]
+        if len(value) != input_size[0] and not given and input_size[0] == 1:
+            value = (sum(value) / len(value),)  # a 1-channel (grayscale) input: the average of the RGB statistics
         if len(value) != input_size[0]:
-            raise SequencerError(f"--{key} has {len(value)} values for {input_size[0]} input channels")
+            source = f"--{key}" if given else f"the model's default {key}"
+            raise SequencerError(f"{source} has {len(value)} values for {input_size[0]} input channels",
+                                 hint=f"pass --{key} with {input_size[0]} values")
         return tuple(float(v) for v in value)
 
     mean = per_channel("mean", IMAGENET_DEFAULT_MEAN)
@@ -239,10 +244,29 @@ class ImageLoader(DataLoader):
                 seen.add(path)
                 _logger.warning("skipped unreadable image %s", path)
         if len(self.skipped) > self.max_unreadable * total:
-            shown = ", ".join(self.skipped[:20]) + (", ..." if len(self.skipped) > 20 else "")
+            broken, exact = self._all_unreadable()
+            shown = ", ".join(broken[:20]) + (f", ... ({len(broken) - 20} more)" if len(broken) > 20 else "")
+            count = f"{len(broken)}" if exact else f"at least {len(broken)}"
             raise SequencerError(
-                f"{len(self.skipped)} of {total} images are unreadable (more than {self.max_unreadable:.0%}): {shown}",
+                f"{count} of {total} images are unreadable (more than {self.max_unreadable:.0%}): {shown}",
                 hint="remove or replace the broken files")
+
+    SCAN_LIMIT = 20000  # images; a larger pass reports the broken files found before it stopped ("at least")
+
+    def _all_unreadable(self) -> tuple[list[str], bool]:
+        """Every unreadable file of this pass's indices (checked now, so the count and list are complete) and
+        True; or, for a pass too large to check quickly, the ones found so far and False."""
+        indices = list(self.sampler)
+        base = self.dataset.dataset
+        if len(indices) > self.SCAN_LIMIT or not hasattr(base, "load"):
+            return list(self.skipped), False
+        broken = []
+        for index in indices:
+            try:
+                base.load(index)
+            except READ_ERRORS:
+                broken.append(base.describe(index))
+        return broken, True
 
 
 def create_loader(dataset, input_size, batch_size: int, is_training: bool = False, *,

@@ -62,9 +62,10 @@ def atomic_link_or_copy(src: Path, dst: Path) -> None:
         os.replace(tmp, dst)
     except OSError as e:
         tmp.unlink(missing_ok=True)
-        reason = "the disk is full" if e.errno == errno.ENOSPC else (e.strerror or str(e))
+        full = e.errno in (errno.ENOSPC, errno.EDQUOT)
+        reason = "the disk is full" if full else (e.strerror or str(e))
         raise SequencerError(f"could not write checkpoint {str(dst)!r}: {reason}; nothing was half-written",
-                             hint="free some space or pass another --output") from None
+                             hint=("free some space or " if full else "") + "pass another --output") from None
     fsync_dir(dst.parent)
 
 

@@ -40,7 +40,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..cli_common import add_model_args, check_results_file, load_model_from_args, positive_int
+from ..cli_common import add_model_args, check_input_size, check_results_file, load_model_from_args, positive_int
 from ..errors import SequencerError
 
 AMP_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -304,7 +304,7 @@ def run_benchmark(args: argparse.Namespace) -> dict:
         raise SequencerError(f"--compare-timm: timm has no {name!r}", hint=f"use one of {', '.join(TIMM_MODELS)}")
     input_size = tuple(loaded.input_size)
     img_size = input_size[-1]
-    getattr(model, "check_input_size", lambda h, w: None)(img_size, img_size)
+    check_input_size(loaded, img_size, img_size)
     try:
         from ..models.flops import count_macs
         macs = count_macs(model, input_size)

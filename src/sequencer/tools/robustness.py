@@ -120,6 +120,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    check_results_file(args.results_file)  # first: it is cheap, the data scan is not
     corruptions = find_corruptions(args.data)
     if args.corruptions:
         unknown = sorted(set(args.corruptions) - set(corruptions))
@@ -129,7 +130,6 @@ def run(args: argparse.Namespace) -> int:
         corruptions = {n: corruptions[n] for n in args.corruptions}
     if args.clean and not os.path.isdir(args.clean):
         raise SequencerError(f"clean data folder {args.clean!r} does not exist")
-    check_results_file(args.results_file)
     device = resolve_device(args.device)
     loaded = load_model_from_args(args, device)
     check_input_size(loaded, *loaded.input_size[1:])
