@@ -4,6 +4,7 @@ from __future__ import annotations
 import copy
 
 import pytest
+import timm
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -159,7 +160,6 @@ def test_linear_keeps_autocast_and_tracing_semantics():
 
 
 def test_eager_model_matches_timm_logits_and_grads():
-    timm = pytest.importorskip("timm")
     ours = tiny_s()
     ref = timm.create_model("sequencer2d_s", **TINY_S)
     ref.load_state_dict(ours.state_dict())
@@ -178,7 +178,6 @@ def test_eager_model_matches_timm_logits_and_grads():
 
 @pytest.mark.slow
 def test_full_size_sequencer2d_s_matches_timm():
-    timm = pytest.importorskip("timm")
     torch.manual_seed(0)
     ours = create_model("sequencer2d_s").eval()
     nn.init.normal_(ours.head.fc.weight, std=0.02)
