@@ -634,13 +634,11 @@ MODEL_CONFIGS: dict[str, tuple[dict, dict]] = {
     "sequencer2d_s": (_S, _cfg(_RELEASE["sequencer2d_s"])),
     "sequencer2d_m": (_M, _cfg(_RELEASE["sequencer2d_m"])),
     "sequencer2d_l": (_L, _cfg(_RELEASE["sequencer2d_l"])),
-    # 392 px fine-tuned variants: same weights shape; the released 224 weights are their starting point.
-    "sequencer2d_s_392": (dict(_S, img_size=392), _cfg(_RELEASE["sequencer2d_s"], input_size=(3, 392, 392),
-                                                      crop_pct=1.0)),
-    "sequencer2d_m_392": (dict(_M, img_size=392), _cfg(_RELEASE["sequencer2d_m"], input_size=(3, 392, 392),
-                                                      crop_pct=1.0)),
-    "sequencer2d_l_392": (dict(_L, img_size=392), _cfg(_RELEASE["sequencer2d_l"], input_size=(3, 392, 392),
-                                                      crop_pct=1.0)),
+    # 392 px variants: no 392 px weights were released, so they have none (pretrained=True refuses); to start
+    # from the 224 px release at 392 px, use e.g. sequencer2d_l with --pretrained --img-size 392 --crop-pct 1.0
+    "sequencer2d_s_392": (dict(_S, img_size=392), _cfg(input_size=(3, 392, 392), crop_pct=1.0)),
+    "sequencer2d_m_392": (dict(_M, img_size=392), _cfg(input_size=(3, 392, 392), crop_pct=1.0)),
+    "sequencer2d_l_392": (dict(_L, img_size=392), _cfg(input_size=(3, 392, 392), crop_pct=1.0)),
     # ablations of the paper
     "sequencer2d_s_unidirectional": (dict(_S, bidirectional=False), _cfg()),
     "sequencer2d_s_add": (dict(_S, union="add"), _cfg()),
