@@ -23,16 +23,19 @@ from .predict import check_input_size, resolve_device
 PLOT_SIZE_IN, PLOT_DPI = (6.4, 4.0), 100  # -> 640 x 400 px
 
 
-def eval_loader(root: str, split: str, loaded, input_size, batch_size: int, workers: int, device):
+def eval_loader(root: str, split: str, loaded, input_size, batch_size: int, workers: int, device,
+                crop_pct: float | None = None):
     """Eval loader over ``root``'s ``split`` (or its class folders) with the model's preprocessing at
-    ``input_size``; dataset class indices are mapped onto the model's outputs (by name where needed)."""
+    ``input_size`` (``crop_pct`` replaces the model's); dataset class indices are mapped onto the model's outputs
+    (by name where needed)."""
     dataset = create_dataset("", root=root, split=split)
     mapping = target_mapping(dataset, loaded)
     if mapping is not None:
         dataset.target_transform = mapping.__getitem__
     cfg = loaded.data_config
     return create_loader(dataset, tuple(input_size), batch_size, is_training=False, mean=cfg["mean"], std=cfg["std"],
-                         crop_pct=cfg["crop_pct"], interpolation=cfg["interpolation"], num_workers=workers,
+                         crop_pct=cfg["crop_pct"] if crop_pct is None else crop_pct,
+                         interpolation=cfg["interpolation"], num_workers=workers,
                          device=device)
 
 
