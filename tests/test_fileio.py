@@ -67,3 +67,32 @@ def test_resuming_an_experiment_clears_a_killed_runs_temporary(tmp_path):
     cfg = argparse.Namespace(output=str(tmp_path / "out"), experiment="exp", resume="auto")
     assert _make_output_dir(cfg, distributed.DistInfo(), "sequencer2d_nano", 32) == folder
     assert not stale.exists() and (folder / "summary.csv").exists()
+
+
+def _replaced_by_rename(path: Path, write) -> None:
+    """``write()`` replaces ``path`` by a rename (a new inode, complete or absent), not by rewriting it in place."""
+    path.write_text("previous results\n")
+    before = os.stat(path).st_ino
+    write()
+    assert os.stat(path).st_ino != before and path.read_text() != "previous results\n"
+    assert not list(path.parent.glob(STALE_TEMP_GLOB))
+
+
+def test_validate_results_file_is_written_atomically(tmp_path):
+    from sequencer.engine.validate import write_results
+    results = {"model": "m", "top1": 50.0}
+    _replaced_by_rename(tmp_path / "r.json", lambda: write_results(str(tmp_path / "r.json"), results))
+    _replaced_by_rename(tmp_path / "r.csv", lambda: write_results(str(tmp_path / "r.csv"), results))
+    assert (tmp_path / "r.csv").read_text().splitlines() == ["model,top1", "m,50.0"]
+
+
+def test_benchmark_results_file_is_written_atomically(tmp_path, monkeypatch):
+    import json
+
+    from sequencer.tools import benchmark
+    report = {"results": [{"impl": "ours", "ms": 1.0}]}
+    monkeypatch.setattr(benchmark, "run_benchmark", lambda args: report)  # the measuring is tested elsewhere
+    monkeypatch.setattr(benchmark, "format_results", lambda r: "")
+    path = tmp_path / "b.json"
+    _replaced_by_rename(path, lambda: benchmark.run(argparse.Namespace(results_file=str(path))))
+    assert json.loads(path.read_text()) == report
