@@ -8,6 +8,8 @@ from torch import nn
 
 import sequencer
 
+USE_ONEDNN = "both"  # the default CPU path users get (oneDNN) as well as the native kernels (see conftest)
+
 
 @pytest.fixture
 def tiny(tiny_kwargs, randomize):
