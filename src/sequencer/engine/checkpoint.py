@@ -27,7 +27,7 @@ import numpy as np
 import torch
 
 from ..errors import SequencerError
-from ..fileio import fsync_dir, write_atomically
+from ..fileio import fsync_dir, temp_path, write_atomically
 from ..models.loading import read_checkpoint
 
 CHECKPOINT_VERSION = 1
@@ -48,7 +48,7 @@ def atomic_save(obj, path: str | os.PathLike) -> None:
 
 def atomic_link_or_copy(src: Path, dst: Path) -> None:
     """Make ``dst`` hold the bytes of ``src`` atomically: a hard link when the filesystem allows, else a copy."""
-    tmp = dst.with_name(f".{dst.name}.tmp-{os.getpid()}")
+    tmp = temp_path(dst)
     tmp.unlink(missing_ok=True)
     try:
         try:

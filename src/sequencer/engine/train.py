@@ -15,6 +15,7 @@ stops the run before the bad update, keeping the last good checkpoint.
 from __future__ import annotations
 
 import argparse
+import ast
 import contextlib
 import csv
 import math
@@ -34,7 +35,7 @@ from torch import nn
 from ..cli_common import check_device
 from ..data.datasets import held_out_split, map_classes_by_name
 from ..errors import SequencerError
-from ..fileio import write_atomically
+from ..fileio import remove_stale_temporaries, temp_path, write_atomically
 from ..models import create_model, get_model_entry
 from ..models.loading import load_state_dict_into, read_checkpoint, extract_state_dict
 from . import distributed as dist_utils
@@ -77,7 +78,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--model", "-m", default=None, metavar="NAME",
                    help="model name (default: sequencer2d_s; sequencer2d_nano for the demo; a resumed or "
                         "initial checkpoint's own)")
-    g.add_argument("--model-kwargs", nargs="*", default={}, action=_ParseKwargs, metavar="KEY=VALUE",
+    g.add_argument("--model-kwargs", nargs="*", default={}, type=_key_value, action=_KeyValues, metavar="KEY=VALUE",
                    help="architecture overrides, e.g. layers='(1,1,1)' union=add")
     g.add_argument("--pretrained", action="store_true", help="start from the released ImageNet weights")
     g.add_argument("--initial-checkpoint", default="", metavar="PATH", help="start from these weights")
@@ -198,21 +199,22 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.set_defaults(_train_defaults=defaults)
 
 
-class _ParseKwargs(argparse.Action):
-    """KEY=VALUE pairs, values read as Python literals (timm's ParseKwargs, but naming a malformed pair)."""
+def _key_value(text: str) -> tuple[str, object]:
+    """'depth=3' -> ('depth', 3): the value as a Python literal where it reads as one, else as text."""
+    key, equals, raw = text.partition("=")
+    if not equals or not key:
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
+    try:
+        return key, ast.literal_eval(raw)
+    except (ValueError, SyntaxError):
+        return key, raw
+
+
+class _KeyValues(argparse.Action):
+    """Collects the (key, value) pairs of :func:`_key_value` into one dict."""
 
     def __call__(self, parser, namespace, values, option_string=None):
-        import ast
-        kw = {}
-        for item in values:
-            if "=" not in item:
-                parser.error(f"{option_string}: expected KEY=VALUE, got {item!r}")
-            key, value = item.split("=", 1)
-            try:
-                kw[key] = ast.literal_eval(value)
-            except (ValueError, SyntaxError):
-                kw[key] = value
-        setattr(namespace, self.dest, kw)
+        setattr(namespace, self.dest, dict(values))
 
 
 # ------------------------------------------------------------------------------------------- configuration
@@ -232,10 +234,13 @@ def resolve_config(args: argparse.Namespace) -> argparse.Namespace:
             raise SequencerError(f"--config {config_path!r} is not valid YAML ({str(e).splitlines()[0]})") from None
         if not isinstance(from_yaml, dict):
             raise SequencerError(f"--config {config_path!r} must hold a mapping of flag names to values")
+        # keys may be spelled as the flags are (drop-path) or as args.yaml writes them (drop_path)
+        from_yaml = {str(k).lstrip("-").replace("-", "_"): v for k, v in from_yaml.items()}
         unknown = sorted(set(from_yaml) - set(defaults))
         if unknown:
-            warnings.warn(f"--config {config_path}: ignoring unknown keys {', '.join(map(str, unknown))}")
-        from_yaml = {k.replace("-", "_"): v for k, v in from_yaml.items() if k in defaults and k != "config"}
+            raise SequencerError(f"--config {config_path!r}: unknown key(s) {', '.join(unknown)}",
+                                 hint="keys are train's flag names, e.g. drop-path or drop_path")
+        from_yaml.pop("config", None)
     merged = {**defaults, **from_yaml, **explicit}
     data = merged.get("data") or merged.get("data_dir")
     if (not data and not merged.get("dataset")) or merged.get("dataset") == "digits":
@@ -388,9 +393,9 @@ def plot_summary(rows: list[dict], path: Path) -> None:
         ax.set_xlabel("epoch")
         ax.grid(alpha=0.3)
     fig.tight_layout()
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}.png")
+    tmp = temp_path(path)
     try:
-        fig.savefig(tmp, dpi=80)
+        fig.savefig(tmp, dpi=80, format="png")
         os.replace(tmp, path)
     finally:
         plt.close(fig)
@@ -431,8 +436,7 @@ def _make_output_dir(cfg, info: dist_utils.DistInfo, model_name: str, img_size: 
             folder.mkdir(parents=True, exist_ok=True)
             with tempfile.NamedTemporaryFile(dir=folder, prefix=".write-test-"):
                 pass
-            for stale in folder.glob(".*.tmp-*"):  # temporaries of a run that was killed mid-write
-                stale.unlink(missing_ok=True)
+            remove_stale_temporaries(folder)  # of a run that was killed mid-write
         except OSError as e:
             _remove_if_empty(cfg)
             raise SequencerError(f"output folder {str(folder)!r} is not writable ({e.strerror or e})",

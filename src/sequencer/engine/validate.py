@@ -22,6 +22,7 @@ from ..data import create_dataset, create_loader, resolve_data_config
 from ..data.datasets import held_out_split
 from ..data.loader import INTERPOLATIONS
 from ..errors import SequencerError
+from ..fileio import write_atomically
 from ..models import get_model_entry
 from .distributed import process_group
 from .evaluate import evaluate
@@ -56,9 +57,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def write_results(path: str, results: dict) -> None:
-    """Write ``results`` as JSON (an object) or CSV (a header row and one value row)."""
-    try:
-        with open(path, "w", newline="") as f:
+    """Write ``results`` atomically as JSON (an object) or CSV (a header row and one value row)."""
+    def write(tmp: str) -> None:
+        with open(tmp, "w", newline="") as f:
             if path.lower().endswith(".csv"):
                 writer = csv.DictWriter(f, fieldnames=list(results))
                 writer.writeheader()
@@ -66,8 +67,8 @@ def write_results(path: str, results: dict) -> None:
             else:
                 json.dump(results, f, indent=2)
                 f.write("\n")
-    except OSError as e:
-        raise SequencerError(f"cannot write --results-file {path!r}: {e.strerror or e}") from None
+
+    write_atomically(path, write, what="--results-file")
 
 
 def run(args: argparse.Namespace) -> int:

@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
+from timm.layers import DropPath, lecun_normal_
 
 from .registry import register_model
 
@@ -28,64 +29,47 @@ RNN_TYPES = {"lstm": nn.LSTM, "gru": nn.GRU, "rnn": nn.RNN}
 UNIONS = ("cat", "add", "vertical", "horizontal")
 
 
-def lecun_normal_(tensor: torch.Tensor) -> torch.Tensor:
-    """LeCun normal: truncated normal (at 2 std) with variance 1/fan_in, as the paper's code (via timm)."""
-    fan_in = tensor.shape[1] * math.prod(tensor.shape[2:])
-    # 0.8796 is the std of a unit normal truncated to [-2, 2]; dividing restores the intended variance.
-    std = math.sqrt(1.0 / fan_in) / 0.87962566103423978
-    with torch.no_grad():
-        return nn.init.trunc_normal_(tensor, std=std, a=-2 * std, b=2 * std)
+def _init_linear(module: nn.Linear, name: str, head_bias: float) -> None:
+    if name.startswith("head"):  # a zero head: every class starts equally likely
+        nn.init.zeros_(module.weight)
+        nn.init.constant_(module.bias, head_bias)
+        return
+    nn.init.xavier_uniform_(module.weight)
+    if module.bias is not None:
+        # the MLPs' biases get a tiny spread rather than exact zeros, as the paper's code (via timm) does
+        nn.init.normal_(module.bias, std=1e-6) if "mlp" in name else nn.init.zeros_(module.bias)
 
 
-def init_weights(module: nn.Module, name: str = "", head_bias: float = 0.0) -> None:
-    """The paper's init: xavier-uniform linears, LeCun-normal convs, RNN uniform(+-1/sqrt(hidden)), zero head."""
-    if isinstance(module, nn.Linear):
-        if name.startswith("head"):
-            nn.init.zeros_(module.weight)
-            nn.init.constant_(module.bias, head_bias)
-        else:
-            nn.init.xavier_uniform_(module.weight)
-            if module.bias is not None:
-                if "mlp" in name:
-                    nn.init.normal_(module.bias, std=1e-6)
-                else:
-                    nn.init.zeros_(module.bias)
-    elif isinstance(module, nn.Conv2d):
-        lecun_normal_(module.weight)
-        if module.bias is not None:
-            nn.init.zeros_(module.bias)
-    elif isinstance(module, nn.LayerNorm):
-        nn.init.ones_(module.weight)
+def _init_conv(module: nn.Conv2d, name: str, head_bias: float) -> None:
+    lecun_normal_(module.weight)
+    if module.bias is not None:
         nn.init.zeros_(module.bias)
-    elif isinstance(module, nn.RNNBase):
-        stdv = 1.0 / math.sqrt(module.hidden_size)
-        for weight in module.parameters():
-            nn.init.uniform_(weight, -stdv, stdv)
 
 
-def named_apply(fn: Callable, module: nn.Module, name: str = "") -> None:
-    """Depth-first ``fn(module, name)`` over the tree, children before parents (as timm's helper)."""
-    for child_name, child in module.named_children():
-        named_apply(fn, child, f"{name}.{child_name}" if name else child_name)
-    fn(module, name)
+def _init_layer_norm(module: nn.LayerNorm, name: str, head_bias: float) -> None:
+    nn.init.ones_(module.weight)
+    nn.init.zeros_(module.bias)
 
 
-class DropPath(nn.Module):
-    """Stochastic depth per sample (drops the whole residual branch with probability ``p``)."""
+def _init_rnn(module: nn.RNNBase, name: str, head_bias: float) -> None:
+    bound = module.hidden_size ** -0.5  # PyTorch's own RNN default, restated after the other inits
+    for weight in module.parameters():
+        nn.init.uniform_(weight, -bound, bound)
 
-    def __init__(self, p: float = 0.0):
-        super().__init__()
-        self.p = p
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.p == 0.0 or not self.training:
-            return x
-        keep = 1.0 - self.p
-        mask = x.new_empty((x.shape[0],) + (1,) * (x.ndim - 1)).bernoulli_(keep)
-        return x * mask.div_(keep)
+# the paper's initialisation, by module type: xavier-uniform linears, LeCun-normal convs, unit LayerNorms,
+# RNN weights uniform in +-1/sqrt(hidden), and a zero head (bias -log(classes) with ``nlhb``)
+_INITIALISERS = ((nn.Linear, _init_linear), (nn.Conv2d, _init_conv), (nn.LayerNorm, _init_layer_norm),
+                 (nn.RNNBase, _init_rnn))
 
-    def extra_repr(self) -> str:
-        return f"p={self.p}"
+
+def init_weights(root: nn.Module, prefix: str = "", head_bias: float = 0.0) -> None:
+    """Initialise every module under ``root`` (names relative to the model, hence ``prefix`` for a sub-tree)."""
+    for name, module in root.named_modules(prefix=prefix):
+        for kind, initialise in _INITIALISERS:
+            if isinstance(module, kind):
+                initialise(module, name, head_bias)
+                break
 
 
 def _onednn_linear_ok(x: torch.Tensor, weight: torch.Tensor) -> bool:
@@ -97,7 +81,8 @@ def _onednn_linear_ok(x: torch.Tensor, weight: torch.Tensor) -> bool:
     ``torch.compile`` or ONNX export the standard op is used, so exported and compiled graphs see ordinary
     ``aten.linear``.
     """
-    return (x.device.type == "cpu" and x.dtype == weight.dtype and x.dtype in (torch.float32, torch.bfloat16)
+    return (x.device.type == "cpu" and x.dtype == weight.dtype
+            and (x.dtype == torch.float32 or x.dtype == torch.bfloat16 and onednn_bf16_supported())
             and x.dim() >= 2 and torch.backends.mkldnn.is_available() and torch.backends.mkldnn.enabled
             and not torch.is_autocast_enabled("cpu") and not torch.jit.is_scripting() and not torch.jit.is_tracing()
             and not torch.compiler.is_compiling() and not torch.onnx.is_in_onnx_export())
@@ -215,10 +200,17 @@ class _OneDnnMlpFunction(torch.autograd.Function):
         return grad_x, grad_w1, grad_b1, grad_w2, grad_b2
 
 
+def onednn_bf16_supported() -> bool:
+    """Whether oneDNN has bf16 kernels on this CPU (AVX-512 BF16 or AMX); without them its bf16 matmuls fail, and
+    bf16 goes through PyTorch's own (slower, working) kernels instead."""
+    return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+
+
 def _under_cpu_bf16_autocast(x: torch.Tensor) -> bool:
-    """Whether CPU autocast to bf16 applies to ``x`` (the case the oneDNN paths also serve, by casting first)."""
+    """Whether CPU autocast to bf16 applies to ``x`` and oneDNN can serve it (its paths then make the casts)."""
     return (x.device.type == "cpu" and torch.is_autocast_enabled("cpu")
-            and torch.get_autocast_dtype("cpu") == torch.bfloat16 and x.dtype in (torch.float32, torch.bfloat16))
+            and torch.get_autocast_dtype("cpu") == torch.bfloat16 and x.dtype in (torch.float32, torch.bfloat16)
+            and onednn_bf16_supported())
 
 
 def _autocast_bf16_copies(*tensors: torch.Tensor | None) -> list[torch.Tensor | None]:
@@ -509,7 +501,7 @@ class Sequencer2d(nn.Module):
 
     def init_weights(self, nlhb: bool = False) -> None:
         head_bias = -math.log(self.num_classes) if nlhb and self.num_classes > 0 else 0.0
-        named_apply(partial(init_weights, head_bias=head_bias), self)
+        init_weights(self, head_bias=head_bias)
 
     @property
     def reduction(self) -> int:
@@ -537,7 +529,7 @@ class Sequencer2d(nn.Module):
         pool = self.head.global_pool if global_pool is None else global_pool
         ref = next(self.parameters())
         self.head = ClassifierHead(self.num_features, num_classes, pool, self.drop_rate).to(ref.device, ref.dtype)
-        named_apply(init_weights, self.head, "head")
+        init_weights(self.head, "head")
 
     def check_input_size(self, height: int, width: int) -> None:
         r = self.reduction
@@ -588,7 +580,8 @@ class Sequencer2d(nn.Module):
                 intermediates.append(y.permute(0, 3, 1, 2) if output_fmt == "NCHW" else y)
         if intermediates_only:
             return intermediates
-        return self.norm(x), intermediates
+        # after stop_early the last stage run may be an earlier one, whose width the final norm need not match
+        return (self.norm(x) if last == n - 1 else x), intermediates
 
 
 class FeatureExtractor(nn.Module):
@@ -641,13 +634,11 @@ MODEL_CONFIGS: dict[str, tuple[dict, dict]] = {
     "sequencer2d_s": (_S, _cfg(_RELEASE["sequencer2d_s"])),
     "sequencer2d_m": (_M, _cfg(_RELEASE["sequencer2d_m"])),
     "sequencer2d_l": (_L, _cfg(_RELEASE["sequencer2d_l"])),
-    # 392 px fine-tuned variants: same weights shape; the released 224 weights are their starting point.
-    "sequencer2d_s_392": (dict(_S, img_size=392), _cfg(_RELEASE["sequencer2d_s"], input_size=(3, 392, 392),
-                                                      crop_pct=1.0)),
-    "sequencer2d_m_392": (dict(_M, img_size=392), _cfg(_RELEASE["sequencer2d_m"], input_size=(3, 392, 392),
-                                                      crop_pct=1.0)),
-    "sequencer2d_l_392": (dict(_L, img_size=392), _cfg(_RELEASE["sequencer2d_l"], input_size=(3, 392, 392),
-                                                      crop_pct=1.0)),
+    # 392 px variants: no 392 px weights were released, so they have none (pretrained=True refuses); to start
+    # from the 224 px release at 392 px, use e.g. sequencer2d_l with --pretrained --img-size 392 --crop-pct 1.0
+    "sequencer2d_s_392": (dict(_S, img_size=392), _cfg(input_size=(3, 392, 392), crop_pct=1.0)),
+    "sequencer2d_m_392": (dict(_M, img_size=392), _cfg(input_size=(3, 392, 392), crop_pct=1.0)),
+    "sequencer2d_l_392": (dict(_L, img_size=392), _cfg(input_size=(3, 392, 392), crop_pct=1.0)),
     # ablations of the paper
     "sequencer2d_s_unidirectional": (dict(_S, bidirectional=False), _cfg()),
     "sequencer2d_s_add": (dict(_S, union="add"), _cfg()),

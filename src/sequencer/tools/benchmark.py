@@ -34,6 +34,7 @@ import subprocess
 import sys
 import time
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Callable
 
 import torch
@@ -42,6 +43,7 @@ from torch import nn
 
 from ..cli_common import add_model_args, check_input_size, check_results_file, load_model_from_args, positive_int
 from ..errors import SequencerError
+from ..fileio import write_atomically
 
 AMP_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 TIMM_MODELS = ("sequencer2d_s", "sequencer2d_m", "sequencer2d_l")
@@ -400,9 +402,6 @@ def run(args: argparse.Namespace) -> int:
     report = run_benchmark(args)
     print(format_results(report))
     if args.results_file:
-        try:
-            with open(args.results_file, "w") as f:
-                json.dump(report, f, indent=2)
-        except OSError as e:
-            raise SequencerError(f"--results-file {args.results_file!r}: {e.strerror}") from None
+        text = json.dumps(report, indent=2)
+        write_atomically(args.results_file, lambda tmp: Path(tmp).write_text(text), what="--results-file")
     return 0

@@ -23,14 +23,17 @@ from .predict import resolve_device
 PLOT_SIZE_IN, PLOT_DPI = (6.4, 4.0), 100  # -> 640 x 400 px
 
 
-def eval_loader(root: str, split: str, loaded, input_size, batch_size: int, workers: int, device):
+def eval_loader(root: str, split: str, loaded, input_size, batch_size: int, workers: int, device,
+                crop_pct: float | None = None):
     """Eval loader over ``root``'s ``split`` (or its class folders) with the model's preprocessing at
-    ``input_size``; the split is labelled with the model's classes (by name where the checkpoint has names)."""
+    ``input_size`` (``crop_pct`` replaces the model's); the split is labelled with the model's classes (by name where
+    the checkpoint has names)."""
     dataset = create_dataset("", root=root, split=split)
     label_with_model_classes(dataset, loaded)
     cfg = loaded.data_config
     return create_loader(dataset, tuple(input_size), batch_size, is_training=False, mean=cfg["mean"], std=cfg["std"],
-                         crop_pct=cfg["crop_pct"], interpolation=cfg["interpolation"], num_workers=workers,
+                         crop_pct=cfg["crop_pct"] if crop_pct is None else crop_pct,
+                         interpolation=cfg["interpolation"], num_workers=workers,
                          device=device)
 
 
