@@ -16,6 +16,7 @@ from timm.data import create_transform as timm_create_transform
 from torch.utils.data import DataLoader, default_collate
 
 from ..errors import SequencerError
+from .augment import keep_zero_bit_posterize
 from .datasets import UnreadableImageError
 
 _logger = logging.getLogger(__name__)
@@ -85,7 +86,8 @@ def create_transform(input_size, is_training: bool = False, *, mean=IMAGENET_DEF
                      re_count: int = 1):
     """PIL RGB image -> normalised float tensor (C, H, W) via timm's transform factory.
 
-    ``input_size`` is an int or (C, H, W); a 1-channel size converts to grayscale first.
+    ``input_size`` is an int or (C, H, W); a 1-channel size converts to grayscale first. A 0-bit posterize in the
+    ``auto_augment`` policy gives a black image, as on the Pillow the paper trained with (`augment`).
     """
     from torchvision import transforms
 
@@ -100,7 +102,7 @@ def create_transform(input_size, is_training: bool = False, *, mean=IMAGENET_DEF
         kwargs.update(hflip=hflip, vflip=vflip, scale=tuple(scale) if scale else None,
                       ratio=tuple(ratio) if ratio else None, color_jitter=color_jitter, auto_augment=auto_augment,
                       re_prob=re_prob, re_mode=re_mode, re_count=re_count)
-    transform = timm_create_transform(**kwargs)
+    transform = keep_zero_bit_posterize(timm_create_transform(**kwargs))
     if input_size[0] == 1:
         transform = transforms.Compose([transforms.Grayscale(1), transform])
     return transform
