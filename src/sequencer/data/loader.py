@@ -181,22 +181,30 @@ class _EpochRandomSampler(torch.utils.data.Sampler):
         return iter(torch.randperm(self.num_samples, generator=g).tolist())
 
 
+def augmentation_seed(seed: int, rank: int, epoch: int) -> int:
+    """A 63-bit seed for the data workers of process ``rank`` in ``epoch``, distinct per (seed, rank, epoch)."""
+    import numpy as np
+    return int(np.random.SeedSequence([seed, rank, epoch]).generate_state(2, np.uint64)[0] >> np.uint64(1))
+
+
 class ImageLoader(DataLoader):
     """A DataLoader yielding ``(images (N, C, H, W) float, targets (N,) long)`` already on ``device``.
 
     Unreadable images are skipped with a warning naming each file (once per file); ``loader.skipped`` lists the
     files skipped in the current/latest pass (for the epoch log) and ``loader.dataset.skipped`` all seen so far.
     More than ``max_unreadable`` (a fraction) of a pass unreadable aborts with a SequencerError listing them.
-    Shuffling and the workers' random seeds depend only on ``seed`` and the epoch, so a resumed run sees the same
-    order: the epoch is what ``loader.set_epoch(e)`` or ``loader.sampler.set_epoch(e)`` set before the pass,
+    Shuffling depends only on ``seed`` and the epoch, the workers' augmentation draws on ``seed``, the epoch, the
+    process's ``rank`` and the worker, so no two workers of a run draw alike and a resumed run sees the same
+    batches: the epoch is what ``loader.set_epoch(e)`` or ``loader.sampler.set_epoch(e)`` set before the pass,
     otherwise one more than the previous pass's.
     """
 
-    def __init__(self, dataset, *, device, max_unreadable: float, seed: int, **kwargs):
+    def __init__(self, dataset, *, device, max_unreadable: float, seed: int, rank: int = 0, **kwargs):
         super().__init__(dataset, **kwargs)
         self.device = torch.device(device)
         self.max_unreadable = max_unreadable
         self.seed = seed
+        self.rank = rank
         self.skipped: list[str] = []
         self._last_epoch: int | None = None
         self._explicit_epoch: int | None = None
@@ -221,7 +229,9 @@ class ImageLoader(DataLoader):
         if hasattr(self.sampler, "set_epoch"):
             self.sampler.set_epoch(epoch)
         if self.generator is not None:
-            self.generator.manual_seed(self.seed + epoch)  # the base seed of the workers' RNGs
+            # the DataLoader draws its base seed from this generator and gives worker k ``base + k``; the main
+            # process (num_workers=0) draws from it too. Mixing in the rank keeps the ranks' workers apart.
+            self.generator.manual_seed(augmentation_seed(self.seed, self.rank, epoch))
         self.skipped = []
         total = len(self.sampler)
         non_blocking = self.device.type == "cuda"
@@ -274,6 +284,7 @@ def create_loader(dataset, input_size, batch_size: int, is_training: bool = Fals
     drop_last = is_training if drop_last is None else drop_last
     generator = torch.Generator()
     generator.manual_seed(seed)
+    rank = 0
     if distributed and torch.distributed.is_available() and torch.distributed.is_initialized():
         rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
         if is_training:
@@ -292,6 +303,6 @@ def create_loader(dataset, input_size, batch_size: int, is_training: bool = Fals
     device = torch.device(device)
     return ImageLoader(
         _SkippingView(dataset, replace=is_training), device=device, max_unreadable=max_unreadable, seed=seed,
-        batch_size=batch_size, sampler=sampler, num_workers=num_workers, collate_fn=_collate,
+        rank=rank, batch_size=batch_size, sampler=sampler, num_workers=num_workers, collate_fn=_collate,
         pin_memory=device.type == "cuda" if pin_memory is None else pin_memory, drop_last=drop_last,
         generator=generator)
