@@ -9,6 +9,7 @@ Tensors inside the network are channels-last: (B, H, W, C).
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 from functools import partial
 from typing import Callable, Sequence
@@ -88,6 +89,13 @@ class DropPath(nn.Module):
         return f"p={self.p}"
 
 
+@functools.cache
+def _onednn_has_bf16() -> bool:
+    """Whether this CPU runs oneDNN's bf16 matmul (AVX512-BF16/AMX); without it oneDNN refuses the primitive
+    (\"could not create a primitive descriptor\") and bf16 autocast must take the standard op."""
+    return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+
+
 def _onednn_linear_ok(x: torch.Tensor, weight: torch.Tensor) -> bool:
     """Whether oneDNN's matmul can replace ``F.linear`` here with the same math.
 
@@ -97,7 +105,8 @@ def _onednn_linear_ok(x: torch.Tensor, weight: torch.Tensor) -> bool:
     ``torch.compile`` or ONNX export the standard op is used, so exported and compiled graphs see ordinary
     ``aten.linear``.
     """
-    return (x.device.type == "cpu" and x.dtype == weight.dtype and x.dtype in (torch.float32, torch.bfloat16)
+    return (x.device.type == "cpu" and x.dtype == weight.dtype
+            and (x.dtype == torch.float32 or (x.dtype == torch.bfloat16 and _onednn_has_bf16()))
             and x.dim() >= 2 and torch.backends.mkldnn.is_available() and torch.backends.mkldnn.enabled
             and not torch.is_autocast_enabled("cpu") and not torch.jit.is_scripting() and not torch.jit.is_tracing()
             and not torch.compiler.is_compiling() and not torch.onnx.is_in_onnx_export())
