@@ -124,8 +124,9 @@ def write_cifar10(root: Path, n_train=24, n_test=8) -> Path:
 # torchvision checks the md5 of each CIFAR file against the real release's; the test's files cannot match, so the
 # test (and only it) puts this sitecustomize on the children's PYTHONPATH to skip that check
 SKIP_CIFAR_MD5 = """
+import os
 import torchvision.datasets.cifar as cifar
-cifar.CIFAR10._check_integrity = lambda self: True
+cifar.check_integrity = lambda fpath, md5=None: os.path.isfile(fpath)
 """
 
 

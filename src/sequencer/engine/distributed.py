@@ -126,3 +126,33 @@ def all_gather_object(obj, info: DistInfo) -> list:
     out = [None] * info.world_size
     dist.all_gather_object(out, obj)
     return out
+
+
+def launch(argv: list[str] | None = None) -> int:
+    """torchrun (``torch.distributed.run``) as ``distributed_train.sh`` uses it, but failing the way one process does.
+
+    torchrun answers a failed worker with its own traceback and a report per rank, after each worker's own error
+    line, and a Ctrl-C with a traceback and exit status 1. Here a failed worker ends the launch with that worker's
+    exit status (the first failure's; a worker killed by signal N gives 128+N) and no launcher traceback, and a
+    signal to the launcher (Ctrl-C: SIGINT) ends it with 128+signal once torchrun has stopped the workers (which
+    save a recovery checkpoint on SIGINT/SIGTERM).
+    """
+    os.environ.setdefault("LOGLEVEL", "CRITICAL")  # torchrun's per-rank failure reports repeat the workers' lines
+    from torch.distributed import run as torchrun
+    from torch.distributed.elastic.multiprocessing.api import SignalException
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+
+    try:
+        torchrun.run(torchrun.parse_args(argv))
+    except ChildFailedError as e:
+        _, failure = e.get_first_failure()
+        code = failure.exitcode
+        return 128 - code if code < 0 else (code or 1)
+    except SignalException as e:
+        return 128 + int(e.sigval)
+    return 0
+
+
+if __name__ == "__main__":
+    import sys
+    sys.exit(launch())
