@@ -181,6 +181,23 @@ class _EpochRandomSampler(torch.utils.data.Sampler):
         return iter(torch.randperm(self.num_samples, generator=g).tolist())
 
 
+def _worker_errors_as_one_line(batches):
+    """``batches``, with an exception raised inside a data-loader worker re-raised as one SequencerError line.
+
+    The DataLoader re-raises a worker's exception with the worker's whole traceback in its message; under
+    torchrun every rank would print it. The last line of that traceback names the error.
+    """
+    try:
+        yield from batches
+    except Exception as e:
+        text = str(e)
+        if not text.startswith("Caught ") or "DataLoader worker" not in text:
+            raise
+        last = [line for line in text.splitlines() if line.strip()][-1].strip()
+        raise SequencerError(f"a data-loader worker failed: {last}",
+                             hint="run with -j 0 to see the full traceback") from None
+
+
 def augmentation_seed(seed: int, rank: int, epoch: int) -> int:
     """A 63-bit seed for the data workers of process ``rank`` in ``epoch``, distinct per (seed, rank, epoch)."""
     import numpy as np
@@ -235,7 +252,7 @@ class ImageLoader(DataLoader):
         self.skipped = []
         total = len(self.sampler)
         non_blocking = self.device.type == "cuda"
-        for images, targets, failed in super().__iter__():
+        for images, targets, failed in _worker_errors_as_one_line(super().__iter__()):
             if failed:
                 self._note_unreadable(failed, total)
             if images is None:
