@@ -565,9 +565,10 @@ def _train(cfg, info: dist_utils.DistInfo) -> int:
     name_for_folder = cfg.model or (init_meta or {}).get("arch") or "sequencer2d_s"
     output_dir = _make_output_dir(cfg, info, name_for_folder, cfg.img_size or
                                   get_model_entry(name_for_folder).pretrained_cfg["input_size"][-1])
-    if cfg.resume == "auto":
-        found = find_auto_resume(output_dir)
-        resume_path = str(found) if found else ""
+    if cfg.resume == "auto":  # rank 0 decides, so no two ranks can start from different checkpoints
+        found = find_auto_resume(output_dir) if info.is_primary else None
+        resume_path = dist_utils.broadcast_object(str(found) if found else "", info)
+        found = bool(resume_path)
         _log(info, f"--resume auto: {'continuing from ' + resume_path if found else 'nothing to resume, starting'}")
     resume_ckpt = read_checkpoint(resume_path) if resume_path else None
     model = _build_model(cfg, resume_ckpt, init_meta if init_meta and init_meta.get("arch") else None, num_classes)
@@ -796,7 +797,10 @@ def _train(cfg, info: dist_utils.DistInfo) -> int:
             eval_metrics = evaluate(eval_model, eval_loader, device, amp_dtype=amp_dtype,
                                     distributed=info.distributed)
             raw_top1 = eval_metrics["top1"]
-            if model_ema is not None:
+            # an EMA kept on the CPU (--model-ema-force-cpu) while training on a GPU is not evaluated, as in timm:
+            # the batches and the ranks' reductions live on the GPU
+            ema_evaluated = model_ema is not None and next(model_ema.module.parameters()).device == device
+            if ema_evaluated:
                 eval_metrics = evaluate(model_ema.module, eval_loader, device, amp_dtype=amp_dtype,
                                         distributed=info.distributed)
             metric = float(eval_metrics[cfg.eval_metric])
@@ -817,7 +821,7 @@ def _train(cfg, info: dist_utils.DistInfo) -> int:
                     plot_summary(rows, output_dir / "summary.png")
                 except Exception as e:  # a plotting problem must never stop training
                     warnings.warn(f"could not draw summary.png: {e}")
-                ema_note = f" (raw model {raw_top1:.2f})" if model_ema is not None else ""
+                ema_note = f" (raw model {raw_top1:.2f})" if ema_evaluated else ""
                 skipped = len(getattr(train_loader, "skipped", []) or [])
                 ema_note += f" skipped {skipped} unreadable images" if skipped else ""
                 print(f"epoch {epoch}: train_loss {train_loss:.4f} eval_loss {eval_metrics['loss']:.4f} "
