@@ -137,7 +137,7 @@ def test_cifar10_recipe_on_torchvisions_files(tmp_path):
     site.mkdir()
     (site / "sitecustomize.py").write_text(SKIP_CIFAR_MD5)
     env = subprocess_env()
-    folder, out, _ = run_recipe(write_cifar10(tmp_path / "cifar10"), CIFAR10 + SMALL + ["--val-split", "test"],
+    folder, out, _ = run_recipe(write_cifar10(tmp_path / "cifar10"), CIFAR10 + SMALL,
                                 tmp_path, dict(PYTHONPATH=f"{site}:{env['PYTHONPATH']}"))
     assert "10 classes" in out and "on 24 images of torch/cifar10" in out
     assert summary_epochs(folder) == [0, 1]
