@@ -11,6 +11,7 @@ import io
 import json
 import logging
 import os
+import shutil
 import tarfile
 from typing import Callable
 
@@ -367,11 +368,19 @@ def _create_torchvision(name: str, root: str | None, split: str, download: bool,
     cls_name, splits, num_classes = _TORCHVISION[key]
     cls = getattr(torchvision.datasets, cls_name)
     root = root or os.path.join(os.path.expanduser("~"), ".cache", "torchvision", key)
+    root_existed = os.path.exists(root)
     try:
         ds = cls(root=root, download=download, **_torchvision_split(key, split, splits))
     except RuntimeError as e:  # torchvision's "Dataset not found or corrupted"
         raise SequencerError(f"torch/{name} not found in {root!r}: {e}",
-                             hint="pass --dataset-download to fetch it, or point DATA at its folder") from None
+                             hint="pass --dataset-download to fetch it, or point DATA at torchvision's files for "
+                                  "it (not an image folder)") from None
+    except OSError as e:  # the download failed (offline, refused, cut short): leave no half-made folder behind
+        if not root_existed:
+            shutil.rmtree(root, ignore_errors=True)
+        reason = getattr(e, "reason", None) or e.strerror or e
+        raise SequencerError(f"could not download torch/{name} into {root!r} ({reason})",
+                             hint="without network, place torchvision's files for it in that folder") from None
     classes = getattr(ds, "classes", None)
     if not classes:
         classes = [str(i) for i in range(num_classes)] if num_classes else None

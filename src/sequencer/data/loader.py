@@ -16,6 +16,7 @@ from timm.data import create_transform as timm_create_transform
 from torch.utils.data import DataLoader, default_collate
 
 from ..errors import SequencerError
+from .augment import keep_zero_bit_posterize
 from .datasets import READ_ERRORS, UnreadableImageError
 
 _logger = logging.getLogger(__name__)
@@ -90,7 +91,8 @@ def create_transform(input_size, is_training: bool = False, *, mean=IMAGENET_DEF
                      re_count: int = 1):
     """PIL RGB image -> normalised float tensor (C, H, W) via timm's transform factory.
 
-    ``input_size`` is an int or (C, H, W); a 1-channel size converts to grayscale first.
+    ``input_size`` is an int or (C, H, W); a 1-channel size converts to grayscale first. A 0-bit posterize in the
+    ``auto_augment`` policy gives a black image, as on the Pillow the paper trained with (`augment`).
     """
     from torchvision import transforms
 
@@ -105,7 +107,7 @@ def create_transform(input_size, is_training: bool = False, *, mean=IMAGENET_DEF
         kwargs.update(hflip=hflip, vflip=vflip, scale=tuple(scale) if scale else None,
                       ratio=tuple(ratio) if ratio else None, color_jitter=color_jitter, auto_augment=auto_augment,
                       re_prob=re_prob, re_mode=re_mode, re_count=re_count)
-    transform = timm_create_transform(**kwargs)
+    transform = keep_zero_bit_posterize(timm_create_transform(**kwargs))
     if input_size[0] == 1:
         transform = transforms.Compose([transforms.Grayscale(1), transform])
     return transform
@@ -184,22 +186,47 @@ class _EpochRandomSampler(torch.utils.data.Sampler):
         return iter(torch.randperm(self.num_samples, generator=g).tolist())
 
 
+def _worker_errors_as_one_line(batches):
+    """``batches``, with an exception raised inside a data-loader worker re-raised as one SequencerError line.
+
+    The DataLoader re-raises a worker's exception with the worker's whole traceback in its message; under
+    torchrun every rank would print it. The last line of that traceback names the error.
+    """
+    try:
+        yield from batches
+    except Exception as e:
+        text = str(e)
+        if not text.startswith("Caught ") or "DataLoader worker" not in text:
+            raise
+        last = [line for line in text.splitlines() if line.strip()][-1].strip()
+        raise SequencerError(f"a data-loader worker failed: {last}",
+                             hint="run with -j 0 to see the full traceback") from None
+
+
+def augmentation_seed(seed: int, rank: int, epoch: int) -> int:
+    """A 63-bit seed for the data workers of process ``rank`` in ``epoch``, distinct per (seed, rank, epoch)."""
+    import numpy as np
+    return int(np.random.SeedSequence([seed, rank, epoch]).generate_state(2, np.uint64)[0] >> np.uint64(1))
+
+
 class ImageLoader(DataLoader):
     """A DataLoader yielding ``(images (N, C, H, W) float, targets (N,) long)`` already on ``device``.
 
     Unreadable images are skipped with a warning naming each file (once per file); ``loader.skipped`` lists the
     files skipped in the current/latest pass (for the epoch log) and ``loader.dataset.skipped`` all seen so far.
     More than ``max_unreadable`` (a fraction) of a pass unreadable aborts with a SequencerError listing them.
-    Shuffling and the workers' random seeds depend only on ``seed`` and the epoch, so a resumed run sees the same
-    order: the epoch is what ``loader.set_epoch(e)`` or ``loader.sampler.set_epoch(e)`` set before the pass,
+    Shuffling depends only on ``seed`` and the epoch, the workers' augmentation draws on ``seed``, the epoch, the
+    process's ``rank`` and the worker, so no two workers of a run draw alike and a resumed run sees the same
+    batches: the epoch is what ``loader.set_epoch(e)`` or ``loader.sampler.set_epoch(e)`` set before the pass,
     otherwise one more than the previous pass's.
     """
 
-    def __init__(self, dataset, *, device, max_unreadable: float, seed: int, **kwargs):
+    def __init__(self, dataset, *, device, max_unreadable: float, seed: int, rank: int = 0, **kwargs):
         super().__init__(dataset, **kwargs)
         self.device = torch.device(device)
         self.max_unreadable = max_unreadable
         self.seed = seed
+        self.rank = rank
         self.skipped: list[str] = []
         self._last_epoch: int | None = None
         self._explicit_epoch: int | None = None
@@ -224,11 +251,13 @@ class ImageLoader(DataLoader):
         if hasattr(self.sampler, "set_epoch"):
             self.sampler.set_epoch(epoch)
         if self.generator is not None:
-            self.generator.manual_seed(self.seed + epoch)  # the base seed of the workers' RNGs
+            # the DataLoader draws its base seed from this generator and gives worker k ``base + k``; the main
+            # process (num_workers=0) draws from it too. Mixing in the rank keeps the ranks' workers apart.
+            self.generator.manual_seed(augmentation_seed(self.seed, self.rank, epoch))
         self.skipped = []
         total = len(self.sampler)
         non_blocking = self.device.type == "cuda"
-        for images, targets, failed in super().__iter__():
+        for images, targets, failed in _worker_errors_as_one_line(super().__iter__()):
             if failed:
                 self._note_unreadable(failed, total)
             if images is None:
@@ -296,6 +325,7 @@ def create_loader(dataset, input_size, batch_size: int, is_training: bool = Fals
     drop_last = is_training if drop_last is None else drop_last
     generator = torch.Generator()
     generator.manual_seed(seed)
+    rank = 0
     if distributed and torch.distributed.is_available() and torch.distributed.is_initialized():
         rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
         if is_training:
@@ -314,6 +344,6 @@ def create_loader(dataset, input_size, batch_size: int, is_training: bool = Fals
     device = torch.device(device)
     return ImageLoader(
         _SkippingView(dataset, replace=is_training), device=device, max_unreadable=max_unreadable, seed=seed,
-        batch_size=batch_size, sampler=sampler, num_workers=num_workers, collate_fn=_collate,
+        rank=rank, batch_size=batch_size, sampler=sampler, num_workers=num_workers, collate_fn=_collate,
         pin_memory=device.type == "cuda" if pin_memory is None else pin_memory, drop_last=drop_last,
         generator=generator)

@@ -908,7 +908,10 @@ def _train(cfg, info: dist_utils.DistInfo) -> int:
             eval_metrics = evaluate(eval_model, eval_loader, device, amp_dtype=amp_dtype,
                                     distributed=info.distributed)
             raw_top1 = eval_metrics["top1"]
-            if model_ema is not None:
+            # an EMA kept on the CPU (--model-ema-force-cpu) while training on a GPU is not evaluated, as in timm:
+            # the batches and the ranks' reductions live on the GPU
+            ema_evaluated = model_ema is not None and next(model_ema.module.parameters()).device == device
+            if ema_evaluated:
                 eval_metrics = evaluate(model_ema.module, eval_loader, device, amp_dtype=amp_dtype,
                                         distributed=info.distributed)
             metric = float(eval_metrics[cfg.eval_metric])
@@ -929,7 +932,7 @@ def _train(cfg, info: dist_utils.DistInfo) -> int:
                     plot_summary(rows, output_dir / "summary.png")
                 except Exception as e:  # a plotting problem must never stop training
                     warnings.warn(f"could not draw summary.png: {e}")
-                ema_note = f" (raw model {raw_top1:.2f})" if model_ema is not None else ""
+                ema_note = f" (raw model {raw_top1:.2f})" if ema_evaluated else ""
                 print(f"epoch {epoch}: train_loss {train_loss:.4f} eval_loss {eval_metrics['loss']:.4f} "
                       f"top1 {eval_metrics['top1']:.2f}{ema_note} top5 {eval_metrics['top5']:.2f} "
                       f"lr {lr:.2e} {seconds:.1f}s{' *best*' if is_best else ''}{_skipped_note(train_loader)}",

@@ -9,6 +9,7 @@ Tensors inside the network are channels-last: (B, H, W, C).
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 from functools import partial
 from typing import Callable, Sequence

@@ -285,6 +285,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--gemm-size", type=positive_int, default=2048, help="side of the GEMM-rate probe")
     parser.add_argument("--results-file", default="", metavar="R.json", help="write the results as JSON")
     parser.add_argument("--seed", type=int, default=0)
+    g = parser.add_argument_group("input pipeline (--data)")
+    g.add_argument("--data", default="", metavar="DIR",
+                   help="measure the training input pipeline on DIR's train split instead of the model "
+                        "(with --compare-timm: beside timm's create_loader)")
+    g.add_argument("-j", "--workers", type=int, default=2, help="data-loader workers for --data (default 2)")
+    g.add_argument("--rounds", type=positive_int, default=3, help="alternating timed rounds for --data (default 3)")
 
 
 def _rel_diff(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -399,8 +405,14 @@ def format_results(report: dict) -> str:
 
 def run(args: argparse.Namespace) -> int:
     check_results_file(args.results_file)
-    report = run_benchmark(args)
-    print(format_results(report))
+    if args.data:
+        from .loader_benchmark import format_loader_results, run_loader_benchmark
+        img_size = args.img_size or 224
+        report = run_loader_benchmark(args, resolve_device(args.device), img_size)
+        print(format_loader_results(report))
+    else:
+        report = run_benchmark(args)
+        print(format_results(report))
     if args.results_file:
         text = json.dumps(report, indent=2)
         write_atomically(args.results_file, lambda tmp: Path(tmp).write_text(text), what="--results-file")
