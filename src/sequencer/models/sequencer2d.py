@@ -17,6 +17,7 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from .kernels.recurrence import fused_bilstm2d, resolve_backend, run_rnn, uses_fused_lstm
 from .kernels.onednn import (_autocast_bf16_copies, _MixAxesFunction, _onednn_linear_ok, _OneDnnMlpFunction,
                              _under_cpu_bf16_autocast, linear)
 from .registry import register_model
@@ -150,8 +151,10 @@ class RNN2d(nn.Module):
     """
 
     def __init__(self, dim: int, hidden_size: int, rnn_type: str = "lstm", num_layers: int = 1,
-                 bias: bool = True, bidirectional: bool = True, union: str = "cat", with_fc: bool = True):
+                 bias: bool = True, bidirectional: bool = True, union: str = "cat", with_fc: bool = True,
+                 lstm_backend: str | None = None):
         super().__init__()
+        self.lstm_backend = resolve_backend(lstm_backend)
         if union not in UNIONS:
             raise ValueError(f"union must be one of {UNIONS}, got {union!r}")
         if rnn_type not in RNN_TYPES:
@@ -176,17 +179,29 @@ class RNN2d(nn.Module):
             self.fc = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if any(uses_fused_lstm(r, self.lstm_backend, x) for r in (self.rnn_v, self.rnn_h) if r is not None):
+            v_seq, h_seq = fused_bilstm2d(self.rnn_v, self.rnn_h, x)
+        else:
+            v_seq, h_seq = self._scan_axes(x)
+        return self._mix(v_seq, h_seq)
+
+    def _scan_axes(self, x: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """The recurrences down the columns and along the rows: (B, H, W, C) -> (H, B, W, D) and (W, B, H, D)."""
         B, H, W, C = x.shape
         # The recurrent kernels (oneDNN on CPU, cuDNN on GPU) read sequence-first (T, N, C) memory. Each axis'
         # input is laid out that way with one copy and handed to the batch-first module as a transposed view, so
         # the module's own transpose lands on contiguous memory; outputs stay in that layout until the mixing fc.
         v_seq = h_seq = None  # (H, B, W, D) and (W, B, H, D)
         if self.rnn_v is not None:  # columns are sequences: T=H, N=B*W
-            v, _ = self.rnn_v(x.permute(1, 0, 2, 3).reshape(H, B * W, C).transpose(0, 1))
+            v = run_rnn(self.rnn_v, x.permute(1, 0, 2, 3).reshape(H, B * W, C).transpose(0, 1), self.lstm_backend)
             v_seq = v.transpose(0, 1).reshape(H, B, W, -1)
         if self.rnn_h is not None:  # rows are sequences: T=W, N=B*H
-            h, _ = self.rnn_h(x.permute(2, 0, 1, 3).reshape(W, B * H, C).transpose(0, 1))
+            h = run_rnn(self.rnn_h, x.permute(2, 0, 1, 3).reshape(W, B * H, C).transpose(0, 1), self.lstm_backend)
             h_seq = h.transpose(0, 1).reshape(W, B, H, -1)
+        return v_seq, h_seq
+
+    def _mix(self, v_seq: torch.Tensor | None, h_seq: torch.Tensor | None) -> torch.Tensor:
+        """Union of the axes' outputs, then ``fc``: (H, B, W, D) and (W, B, H, D) -> (B, H, W, dim)."""
         if (self.union == "cat" and self.fc is not None and v_seq is not None and h_seq is not None
                 and _onednn_linear_ok(v_seq, self.fc.weight)):
             # CPU: no concatenation, each half in its own layout (on a GPU the concatenation is cheap, one GEMM wins)
@@ -285,6 +300,8 @@ class Sequencer2d(nn.Module):
 
     Any input size whose side is divisible by the total patch reduction works with the same weights.
     Input (B, in_chans, H, W); ``forward_features`` gives (B, H', W', C); ``forward`` gives (B, num_classes).
+    ``lstm_backend`` ("auto", "triton", "native"; default ``$SEQUENCER_LSTM_BACKEND`` or "auto") picks the LSTM
+    kernels (:mod:`sequencer.models.kernels.recurrence`); parameters and results are the same for every choice.
     """
 
     def __init__(
@@ -308,6 +325,7 @@ class Sequencer2d(nn.Module):
             drop_path_rate: float = 0.0,
             nlhb: bool = False,
             stem_norm: bool = False,
+            lstm_backend: str | None = None,
     ):
         super().__init__()
         if not len(layers) == len(patch_sizes) == len(embed_dims) == len(hidden_sizes) == len(mlp_ratios):
@@ -329,7 +347,8 @@ class Sequencer2d(nn.Module):
                 SequencerBlock(
                     embed_dims[i],
                     self._token_mixer(embed_dims[i], hidden_sizes[i], rnn_type=rnn_type, num_layers=num_rnn_layers,
-                                      bidirectional=bidirectional, union=union, with_fc=with_fc),
+                                      bidirectional=bidirectional, union=union, with_fc=with_fc,
+                                      lstm_backend=lstm_backend),
                     mlp_ratio=mlp_ratios[i], drop=proj_drop_rate, drop_path=dpr[block_idx + j], norm_layer=norm_layer)
                 for j in range(depth)
             ]
