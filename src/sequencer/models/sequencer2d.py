@@ -17,16 +17,15 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from .kernels.recurrence import fused_bilstm2d, resolve_backend, run_rnn, uses_fused_lstm
 from .kernels.onednn import (_autocast_bf16_copies, _MixAxesFunction, _onednn_linear_ok, _OneDnnMlpFunction,
                              _under_cpu_bf16_autocast, linear)
+from .kernels.recurrence import RNN_TYPES, fused_bilstm2d, resolve_backend, run_rnn, uses_fused_lstm
 from .registry import register_model
 
 IMAGENET_DEFAULT_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_DEFAULT_STD = (0.229, 0.224, 0.225)
 RELEASE_URL = "https://github.com/okojoalg/sequencer/releases/download/weights/{}.pth"
 
-RNN_TYPES = {"lstm": nn.LSTM, "gru": nn.GRU, "rnn": nn.RNN}
 UNIONS = ("cat", "add", "vertical", "horizontal")
 
 

@@ -18,6 +18,8 @@ def _onednn_linear_ok(x: torch.Tensor, weight: torch.Tensor) -> bool:
     ``torch.compile`` or ONNX export the standard op is used, so exported and compiled graphs see ordinary
     ``aten.linear``.
     """
+    if torch.compiler.is_compiling():  # first: dynamo may not trace the checks below (torch.backends is skipped)
+        return False
     return (x.device.type == "cpu" and x.dtype == weight.dtype and x.dtype in (torch.float32, torch.bfloat16)
             and x.dim() >= 2 and torch.backends.mkldnn.is_available() and torch.backends.mkldnn.enabled
             and not torch.is_autocast_enabled("cpu") and not torch.jit.is_scripting() and not torch.jit.is_tracing()

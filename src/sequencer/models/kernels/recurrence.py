@@ -26,7 +26,43 @@ except ImportError:
 
 BACKENDS = ("auto", "triton", "native")
 BACKEND_ENV = "SEQUENCER_LSTM_BACKEND"
-_VF_MODES = {nn.LSTM: "lstm", nn.GRU: "gru", nn.RNN: "rnn"}
+_VF_MODES = {"LSTM": "lstm", "GRU": "gru", "RNN_TANH": "rnn"}
+
+
+# The layers below are torch's nn.LSTM / nn.GRU / nn.RNN (tanh) in every respect but their class: same parameters,
+# state_dict, initialisation and forward (torch's own, borrowed). dynamo refuses to trace anything that is an
+# instance of torch's three classes (a graph break at every layer), and :func:`run_rnn` needs only the weights.
+class LSTM(nn.RNNBase):
+    """``nn.LSTM(input_size, hidden_size, num_layers, ...)``; see the note above."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__("LSTM", *args, **kwargs)
+
+    get_expected_cell_size = nn.LSTM.get_expected_cell_size
+    check_forward_args = nn.LSTM.check_forward_args
+    permute_hidden = nn.LSTM.permute_hidden
+    forward = nn.LSTM.forward
+
+
+class GRU(nn.RNNBase):
+    """``nn.GRU(input_size, hidden_size, num_layers, ...)``; see the note above."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__("GRU", *args, **kwargs)
+
+    forward = nn.GRU.forward
+
+
+class RNN(nn.RNNBase):
+    """``nn.RNN(input_size, hidden_size, num_layers, ...)`` with tanh; see the note above."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__("RNN_TANH", *args, **kwargs)
+
+    forward = nn.RNN.forward
+
+
+RNN_TYPES = {"lstm": LSTM, "gru": GRU, "rnn": RNN}
 
 
 def resolve_backend(requested: str | None = None) -> str:
@@ -40,7 +76,7 @@ def resolve_backend(requested: str | None = None) -> str:
 
 def uses_fused_lstm(rnn: nn.Module, backend: str, x: torch.Tensor) -> bool:
     """Whether ``rnn`` runs the Triton kernel for input ``x`` under ``backend`` (``auto`` keeps cuDNN for now)."""
-    if backend != "triton" or type(rnn) is not nn.LSTM:
+    if backend != "triton" or rnn.mode != "LSTM":
         return False
     if torch.jit.is_scripting() or torch.jit.is_tracing() or torch.onnx.is_in_onnx_export():
         return False
@@ -122,7 +158,7 @@ def run_rnn(rnn: nn.Module, x: torch.Tensor, backend: str) -> torch.Tensor:
     if uses_fused_lstm(rnn, backend, x):
         return fused_lstm(rnn, x.unsqueeze(0)).squeeze(0)
     if torch.compiler.is_compiling() and not torch.onnx.is_in_onnx_export():
-        return rnn_native(x, list(rnn._flat_weights), _VF_MODES[type(rnn)], rnn.num_layers, rnn.bidirectional,
+        return rnn_native(x, list(rnn._flat_weights), _VF_MODES[rnn.mode], rnn.num_layers, rnn.bidirectional,
                           rnn.bias, rnn.training)
     return rnn(x)[0]
 
