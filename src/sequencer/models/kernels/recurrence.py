@@ -189,12 +189,17 @@ def _(x, weights, mode, num_layers, bidirectional, has_biases, train):
 @torch.library.custom_op("sequencer::rnn_native_backward", mutates_args=())
 def rnn_native_backward(grad: torch.Tensor, x: torch.Tensor, weights: list[torch.Tensor], mode: str,
                         num_layers: int, bidirectional: bool, has_biases: bool) -> list[torch.Tensor]:
-    """[dL/dx, dL/dw for each weight] of :func:`rnn_native`, by recomputing the layer under autograd."""
+    """[dL/dx, dL/dw for each weight] of :func:`rnn_native`, by recomputing the layer.
+
+    ``torch.func.vjp`` rather than ``torch.autograd.grad``: an op's implementation runs below the autograd
+    dispatch keys, where autograd records nothing, and functorch's transform brings its own autograd level.
+    """
+    def layer(x, *weights):
+        return _vf_rnn(x, list(weights), mode, num_layers, bidirectional, has_biases, True)
+
     with torch.enable_grad():
-        inputs = [t.detach().requires_grad_() for t in (x, *weights)]
-        out = _vf_rnn(inputs[0], inputs[1:], mode, num_layers, bidirectional, has_biases, True)
-        grads = torch.autograd.grad(out, inputs, grad, allow_unused=True)
-    return [g if g is not None else torch.zeros_like(t) for g, t in zip(grads, inputs)]
+        _, vjp = torch.func.vjp(layer, x, *weights)
+        return list(vjp(grad))
 
 
 @rnn_native_backward.register_fake
