@@ -1,5 +1,12 @@
+import os
+
 import pytest
 import torch
+
+# Without a GPU, Triton kernels run under Triton's CPU interpreter; it must be chosen before any kernel is defined
+# (sequencer.models.kernels), so here, before a test module imports the package. With CUDA they run on the GPU.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
 @pytest.fixture(autouse=True)

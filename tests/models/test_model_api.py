@@ -123,7 +123,7 @@ def test_weight_init_follows_the_paper():
     head = model.get_classifier()
     assert torch.count_nonzero(head.weight) == 0 and torch.count_nonzero(head.bias) == 0
     for name, m in model.named_modules():
-        if isinstance(m, nn.LSTM):
+        if isinstance(m, nn.RNNBase):
             bound = 1 / math.sqrt(m.hidden_size)
             for p in m.parameters():
                 assert p.abs().max() <= bound and p.abs().max() > 0.9 * bound, name  # uniform(+-1/sqrt(hidden))

@@ -12,7 +12,8 @@ from torch import nn
 import sequencer
 from sequencer.errors import SequencerError
 from sequencer.models import create_model
-from sequencer.models.sequencer2d import Mlp, RNN2d, linear, onednn_bf16_supported
+from sequencer.models.kernels.onednn import onednn_bf16_supported
+from sequencer.models.sequencer2d import Mlp, RNN2d, linear
 
 TINY_S = dict(layers=(1, 1, 1, 1), embed_dims=(16, 32, 32, 32), hidden_sizes=(4, 8, 8, 8), num_classes=5)
 

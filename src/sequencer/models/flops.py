@@ -27,14 +27,13 @@ from torch import nn
 
 from .sequencer2d import RNN2d
 
-RNN_GATES = {nn.LSTM: 4, nn.GRU: 3, nn.RNN: 1}
+RNN_GATES = {"LSTM": 4, "GRU": 3, "RNN_TANH": 1, "RNN_RELU": 1}  # by nn.RNNBase.mode
 
 
 def _rnn_gates(module: nn.RNNBase) -> int:
-    for cls, gates in RNN_GATES.items():
-        if isinstance(module, cls):
-            return gates
-    raise TypeError(f"unsupported recurrent layer {type(module).__name__}")
+    if module.mode not in RNN_GATES:
+        raise TypeError(f"unsupported recurrent layer {type(module).__name__}")
+    return RNN_GATES[module.mode]
 
 
 def rnn_macs(module: nn.RNNBase, seq_len: int, num_seqs: int) -> int:
@@ -59,7 +58,7 @@ def _shape_only_rnn_forward(module: nn.RNNBase, x: torch.Tensor, hx=None):
         out = x.new_zeros(*x.shape[:2], directions * module.hidden_size)
         batch = x.shape[0] if module.batch_first else x.shape[1]
         h = x.new_zeros(directions * module.num_layers, batch, module.hidden_size)
-    return out, ((h, h) if isinstance(module, nn.LSTM) else h)
+    return out, ((h, h) if module.mode == "LSTM" else h)
 
 
 def count_macs(model: nn.Module, input_size: Sequence[int] = (3, 224, 224)) -> int:

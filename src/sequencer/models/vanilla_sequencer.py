@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .kernels.recurrence import resolve_backend, run_rnn
 from .registry import register_model
 from .sequencer2d import RNN_TYPES, Sequencer2d, _cfg
 
@@ -21,8 +22,9 @@ class RNN1d(nn.Module):
     """
 
     def __init__(self, dim: int, hidden_size: int, rnn_type: str = "lstm", num_layers: int = 1,
-                 bias: bool = True, bidirectional: bool = True):
+                 bias: bool = True, bidirectional: bool = True, lstm_backend: str | None = None):
         super().__init__()
+        self.lstm_backend = resolve_backend(lstm_backend)
         self.rnn = RNN_TYPES[rnn_type](dim, hidden_size, num_layers, batch_first=True, bias=bias,
                                        bidirectional=bidirectional)
         out = hidden_size * (2 if bidirectional else 1)
@@ -31,7 +33,7 @@ class RNN1d(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         B, H, W, C = x.shape
-        y, _ = self.rnn(x.reshape(B, H * W, C))
+        y = run_rnn(self.rnn, x.reshape(B, H * W, C), self.lstm_backend)
         return y.reshape(B, H, W, -1)
 
 
@@ -50,8 +52,9 @@ class VanillaSequencer(Sequencer2d):
 
     @staticmethod
     def _token_mixer(dim: int, hidden_size: int, rnn_type: str = "lstm", num_layers: int = 1,
-                     bidirectional: bool = True, **_ignored) -> nn.Module:
-        return RNN1d(dim, hidden_size, rnn_type=rnn_type, num_layers=num_layers, bidirectional=bidirectional)
+                     bidirectional: bool = True, lstm_backend: str | None = None, **_ignored) -> nn.Module:
+        return RNN1d(dim, hidden_size, rnn_type=rnn_type, num_layers=num_layers, bidirectional=bidirectional,
+                     lstm_backend=lstm_backend)
 
     def _embed(self, x: torch.Tensor) -> torch.Tensor:
         x = self.stem(x)

@@ -1,0 +1,1 @@
+"""Device-specific implementations behind the model code: oneDNN matmuls (CPU), the LSTM backends."""

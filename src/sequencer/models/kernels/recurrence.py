@@ -1,0 +1,222 @@
+"""Running the token mixers' recurrent layers: backend choice, the fused-Triton LSTM, and a compile-friendly ATen op.
+
+Backends (model kwarg ``lstm_backend``, else the environment variable ``SEQUENCER_LSTM_BACKEND``):
+
+* ``native``: the ``nn.LSTM`` / ``nn.GRU`` / ``nn.RNN`` module's own kernels (cuDNN, oneDNN, ATen).
+* ``triton``: LSTMs run :mod:`.triton_lstm` (CUDA, or CPU tensors under ``TRITON_INTERPRET=1``); ATen's LSTM is
+  never called. GRU/RNN layers stay native.
+* ``auto`` (default): ``native`` until the fused kernel is measured faster on a GPU (BENCHMARKS.md).
+
+Under ``torch.compile`` the native layers run as the opaque custom op ``sequencer::rnn_native`` (dynamo cannot trace
+``nn.LSTM`` and would break the graph at each one); its backward recomputes the layer. TorchScript tracing and ONNX
+export always take the module itself, which their exporters map onto their own RNN ops.
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+try:  # registers the sequencer::lstm_scan ops; without Triton only the native backend exists
+    from . import triton_lstm
+except ImportError:
+    triton_lstm = None
+
+BACKENDS = ("auto", "triton", "native")
+BACKEND_ENV = "SEQUENCER_LSTM_BACKEND"
+_VF_MODES = {"LSTM": "lstm", "GRU": "gru", "RNN_TANH": "rnn"}
+
+
+# The layers below are torch's nn.LSTM / nn.GRU / nn.RNN (tanh) in every respect but their class: same parameters,
+# state_dict, initialisation and forward (torch's own, borrowed). dynamo refuses to trace anything that is an
+# instance of torch's three classes (a graph break at every layer), and :func:`run_rnn` needs only the weights.
+class LSTM(nn.RNNBase):
+    """``nn.LSTM(input_size, hidden_size, num_layers, ...)``; see the note above."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__("LSTM", *args, **kwargs)
+
+    get_expected_cell_size = nn.LSTM.get_expected_cell_size
+    check_forward_args = nn.LSTM.check_forward_args
+    permute_hidden = nn.LSTM.permute_hidden
+    forward = nn.LSTM.forward
+
+
+class GRU(nn.RNNBase):
+    """``nn.GRU(input_size, hidden_size, num_layers, ...)``; see the note above."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__("GRU", *args, **kwargs)
+
+    forward = nn.GRU.forward
+
+
+class RNN(nn.RNNBase):
+    """``nn.RNN(input_size, hidden_size, num_layers, ...)`` with tanh; see the note above."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__("RNN_TANH", *args, **kwargs)
+
+    forward = nn.RNN.forward
+
+
+RNN_TYPES = {"lstm": LSTM, "gru": GRU, "rnn": RNN}
+
+
+def resolve_backend(requested: str | None = None) -> str:
+    """``requested`` (a model kwarg) or else ``$SEQUENCER_LSTM_BACKEND`` or else "auto", checked."""
+    name = requested if requested is not None else os.environ.get(BACKEND_ENV, "auto")
+    if name not in BACKENDS:
+        source = "lstm_backend" if requested is not None else BACKEND_ENV
+        raise ValueError(f"{source} must be one of {', '.join(BACKENDS)}, got {name!r}")
+    return name
+
+
+def uses_fused_lstm(rnn: nn.Module, backend: str, x: torch.Tensor) -> bool:
+    """Whether ``rnn`` runs the Triton kernel for input ``x`` under ``backend`` (``auto`` keeps cuDNN for now)."""
+    if backend != "triton" or rnn.mode != "LSTM":
+        return False
+    if torch.jit.is_scripting() or torch.jit.is_tracing() or torch.onnx.is_in_onnx_export():
+        return False
+    if x.device.type != "cuda" and os.environ.get("TRITON_INTERPRET", "0") != "1":
+        raise RuntimeError(f"lstm_backend 'triton' needs a CUDA device or TRITON_INTERPRET=1, got {x.device.type} "
+                           f"tensors")
+    if rnn.proj_size or (rnn.dropout and rnn.training) or not rnn.batch_first:
+        raise RuntimeError("lstm_backend 'triton' supports batch_first LSTMs without proj_size or dropout")
+    return True
+
+
+def lstm_weights(rnn: nn.LSTM, layer: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One layer's parameters in the fused kernel's form: W_ih (D*4H, C), W_hh (D, 4H, H), bias (D*4H,) or None.
+
+    Built from the module's own parameters (differentiable), so the state_dict is nn.LSTM's.
+    """
+    suffixes = ("", "_reverse") if rnn.bidirectional else ("",)
+    names = [f"l{layer}{s}" for s in suffixes]
+    w_ih = torch.cat([getattr(rnn, f"weight_ih_{n}") for n in names]).to(dtype)
+    w_hh = torch.stack([getattr(rnn, f"weight_hh_{n}") for n in names]).to(dtype)
+    bias = None
+    if rnn.bias:
+        bias = torch.cat([getattr(rnn, f"bias_ih_{n}") + getattr(rnn, f"bias_hh_{n}") for n in names]).to(dtype)
+    return w_ih, w_hh, bias
+
+
+def compute_dtype(x: torch.Tensor, weight: torch.Tensor) -> torch.dtype:
+    """The dtype autocast would give a matmul of ``x`` and ``weight`` (else the input's)."""
+    if torch.is_autocast_enabled(x.device.type):
+        return torch.get_autocast_dtype(x.device.type)
+    return x.dtype
+
+
+def fused_lstm(rnn: nn.LSTM, x: torch.Tensor) -> torch.Tensor:
+    """All layers of ``rnn`` on the Triton kernel. x: (B, S, T, C), B*S sequences of T steps -> (B, S, T, D*H)."""
+    dtype = compute_dtype(x, rnn.weight_ih_l0)
+    x = x.to(dtype)
+    with torch.autocast(x.device.type, enabled=False):
+        for layer in range(rnn.num_layers):
+            x = triton_lstm.lstm_layer(x, *lstm_weights(rnn, layer, dtype))
+    return x
+
+
+def fused_bilstm2d(rnn_v: nn.LSTM | None, rnn_h: nn.LSTM | None, x: torch.Tensor):
+    """BiLSTM2D's two axes on the Triton kernel, with one GEMM for every direction's input projection.
+
+    x: (B, H, W, C). Returns the columns' output (H, B, W, D*Hd) and the rows' (W, B, H, D*Hd) (None for an absent
+    axis), the layouts of :meth:`RNN2d.forward`'s native path, as views of dense (B, W, H, .) / (B, H, W, .).
+    """
+    if any(r is not None and r.num_layers > 1 for r in (rnn_v, rnn_h)):
+        # deeper layers read the previous layer's output, so the axes share no projection
+        v = fused_lstm(rnn_v, x.transpose(1, 2)) if rnn_v is not None else None
+        h = fused_lstm(rnn_h, x) if rnn_h is not None else None
+    else:
+        v, h = _one_layer_bilstm2d(rnn_v, rnn_h, x)
+    return (v.permute(2, 0, 1, 3) if v is not None else None, h.permute(2, 0, 1, 3) if h is not None else None)
+
+
+def _one_layer_bilstm2d(rnn_v: nn.LSTM | None, rnn_h: nn.LSTM | None, x: torch.Tensor):
+    """(B, H, W, C) -> columns (B, W, H, D*Hd), rows (B, H, W, D*Hd): one GEMM, then one scan per axis."""
+    rnns = [r for r in (rnn_v, rnn_h) if r is not None]
+    dtype = compute_dtype(x, rnns[0].weight_ih_l0)
+    weights = [lstm_weights(r, 0, dtype) for r in rnns]
+    bias = torch.cat([w[2] for w in weights]) if rnns[0].bias else None
+    with torch.autocast(x.device.type, enabled=False):
+        xp = F.linear(x.to(dtype), torch.cat([w[0] for w in weights]), bias)  # (B, H, W, axes * D * 4Hd)
+        projections = list(xp.chunk(len(rnns), dim=-1))
+        if rnn_v is not None:  # columns are the sequences: (B, W) of H steps, a strided view
+            projections[0] = projections[0].transpose(1, 2)
+        outs = [triton_lstm.recurrence(p.unflatten(-1, (w[1].shape[0], -1)), w[1]).flatten(-2)
+                for p, w in zip(projections, weights)]
+    v = outs.pop(0) if rnn_v is not None else None
+    h = outs.pop(0) if rnn_h is not None else None
+    return v, h
+
+
+def run_rnn(rnn: nn.Module, x: torch.Tensor, backend: str) -> torch.Tensor:
+    """``rnn`` over (N, T, C) batch-first sequences -> (N, T, D*H), on the chosen backend."""
+    if uses_fused_lstm(rnn, backend, x):
+        return fused_lstm(rnn, x.unsqueeze(0)).squeeze(0)
+    if torch.compiler.is_compiling() and not torch.onnx.is_in_onnx_export():
+        return rnn_native(x, list(rnn._flat_weights), _VF_MODES[rnn.mode], rnn.num_layers, rnn.bidirectional,
+                          rnn.bias, rnn.training)
+    return rnn(x)[0]
+
+
+def _vf_rnn(x: torch.Tensor, weights: list[torch.Tensor], mode: str, num_layers: int, bidirectional: bool,
+            has_biases: bool, train: bool) -> torch.Tensor:
+    """ATen's recurrent op as nn.LSTM/GRU/RNN(tanh) call it: zero initial state, batch-first (N, T, C)."""
+    hidden = weights[1].shape[1]
+    h0 = x.new_zeros((num_layers * (2 if bidirectional else 1), x.shape[0], hidden))
+    fn = {"lstm": torch._VF.lstm, "gru": torch._VF.gru, "rnn": torch._VF.rnn_tanh}[mode]
+    hx = (h0, torch.zeros_like(h0)) if mode == "lstm" else h0
+    return fn(x, hx, weights, has_biases, num_layers, 0.0, train, bidirectional, True)[0]
+
+
+@torch.library.custom_op("sequencer::rnn_native", mutates_args=())
+def rnn_native(x: torch.Tensor, weights: list[torch.Tensor], mode: str, num_layers: int, bidirectional: bool,
+               has_biases: bool, train: bool) -> torch.Tensor:
+    """ATen's LSTM/GRU/RNN as one opaque op for ``torch.compile``. x: (N, T, C) -> (N, T, D*H)."""
+    return _vf_rnn(x, weights, mode, num_layers, bidirectional, has_biases, train)
+
+
+@rnn_native.register_fake
+def _(x, weights, mode, num_layers, bidirectional, has_biases, train):
+    hidden = weights[1].shape[1]
+    return x.new_empty((x.shape[0], x.shape[1], hidden * (2 if bidirectional else 1)))
+
+
+@torch.library.custom_op("sequencer::rnn_native_backward", mutates_args=())
+def rnn_native_backward(grad: torch.Tensor, x: torch.Tensor, weights: list[torch.Tensor], mode: str,
+                        num_layers: int, bidirectional: bool, has_biases: bool) -> list[torch.Tensor]:
+    """[dL/dx, dL/dw for each weight] of :func:`rnn_native`, by recomputing the layer.
+
+    ``torch.func.vjp`` rather than ``torch.autograd.grad``: an op's implementation runs below the autograd
+    dispatch keys, where autograd records nothing, and functorch's transform brings its own autograd level.
+    """
+    def layer(x, *weights):
+        return _vf_rnn(x, list(weights), mode, num_layers, bidirectional, has_biases, True)
+
+    with torch.enable_grad():
+        _, vjp = torch.func.vjp(layer, x, *weights)
+        return list(vjp(grad))
+
+
+@rnn_native_backward.register_fake
+def _(grad, x, weights, mode, num_layers, bidirectional, has_biases):
+    return [torch.empty_like(x)] + [torch.empty_like(w) for w in weights]
+
+
+def _save_inputs(ctx, inputs, output):
+    x, weights, mode, num_layers, bidirectional, has_biases, _train = inputs
+    ctx.save_for_backward(x, *weights)
+    ctx.config = (mode, num_layers, bidirectional, has_biases)
+
+
+def _rnn_native_grads(ctx, grad):
+    x, *weights = ctx.saved_tensors
+    grad_x, *grad_weights = rnn_native_backward(grad.contiguous(), x, weights, *ctx.config)
+    return grad_x, grad_weights, None, None, None, None, None
+
+
+rnn_native.register_autograd(_rnn_native_grads, setup_context=_save_inputs)

@@ -1,0 +1,159 @@
+"""The fused Triton LSTM against nn.LSTM: outputs, input and weight gradients; the backend switch.
+
+Without CUDA the kernels run under Triton's CPU interpreter (TRITON_INTERPRET=1, set in tests/conftest.py), which
+is slow per operation: the cases below cover the ranges (odd sequence counts, T 1..33, hidden 8..96, both
+directions, one and two layers) with small tensors. With CUDA the same tests run on the GPU.
+"""
+import os
+
+import pytest
+import torch
+from torch import nn
+
+pytest.importorskip("triton")
+
+from sequencer.errors import SequencerError  # noqa: E402
+from sequencer.models import create_model  # noqa: E402
+from sequencer.models.kernels import recurrence  # noqa: E402
+from sequencer.models.sequencer2d import RNN2d  # noqa: E402
+
+INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
+DEVICES = (["cpu"] if INTERPRETED else []) + (["cuda"] if torch.cuda.is_available() and not INTERPRETED else [])
+pytestmark = pytest.mark.skipif(not DEVICES, reason="needs CUDA or TRITON_INTERPRET=1")
+USE_ONEDNN = False  # reference on PyTorch's plain CPU kernels (see conftest)
+
+
+def rel_err(a: torch.Tensor, ref: torch.Tensor) -> float:
+    """Max error relative to the reference's largest magnitude."""
+    a, ref = a.double(), ref.double()
+    return ((a - ref).abs().max() / ref.abs().max().clamp_min(1e-30)).item()
+
+
+def lstm_case(n, t, c, hidden, bidirectional, num_layers, device, seed=0):
+    torch.manual_seed(seed)
+    lstm = nn.LSTM(c, hidden, num_layers, batch_first=True, bidirectional=bidirectional).to(device)
+    x = torch.randn(n, t, c, device=device)
+    grad = torch.randn(n, t, hidden * (2 if bidirectional else 1), device=device)
+    return lstm, x, grad
+
+
+def run(lstm, x, grad, backend, dtype=torch.float32):
+    """Output, dL/dx and dL/dparams (in nn.LSTM's parameter order) of ``lstm`` on ``backend``, in ``dtype``."""
+    layer = recurrence.LSTM(lstm.input_size, lstm.hidden_size, lstm.num_layers, batch_first=True,
+                            bidirectional=lstm.bidirectional).to(x.device)
+    layer.load_state_dict(lstm.state_dict())
+    layer.to(dtype)
+    x = x.to(dtype).requires_grad_()
+    out = recurrence.run_rnn(layer, x, backend)
+    out.backward(grad.to(dtype))
+    return [out, x.grad] + [p.grad for p in layer.parameters()]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("n, t, c, hidden, bidirectional, num_layers", [
+    (5, 1, 6, 8, True, 1),     # a single step
+    (3, 33, 4, 8, False, 1),   # the longest sequence, one direction
+    (7, 16, 12, 96, True, 1),  # the largest hidden size, odd sequence count
+    (17, 9, 10, 24, True, 2),  # two layers, hidden not a power of two, sequences over a block
+])
+def test_fp32_matches_nn_lstm(device, n, t, c, hidden, bidirectional, num_layers):
+    lstm, x, grad = lstm_case(n, t, c, hidden, bidirectional, num_layers, device)
+    want = run(lstm, x, grad, "native")
+    got = run(lstm, x, grad, "triton")
+    names = ["output", "grad input"] + [f"grad {n}" for n, _ in lstm.named_parameters()]
+    for name, a, b in zip(names, got, want):
+        if t == 1 and "weight_hh" in name:  # one step from a zero state: W_hh gets no gradient
+            assert a.abs().max() == 0 and b.abs().max() == 0
+            continue
+        assert rel_err(a, b) < 1e-5, name
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_bf16_error_no_worse_than_native(device):
+    """bf16 on both backends, each measured against the fp64 nn.LSTM; the fused one may not be less accurate."""
+    lstm, x, grad = lstm_case(9, 12, 16, 32, True, 1, device)
+    exact = run(lstm.double(), x.double(), grad.double(), "native", torch.float64)
+    native = run(lstm, x, grad, "native", torch.bfloat16)
+    fused = run(lstm, x, grad, "triton", torch.bfloat16)
+    for i, (f, n, e) in enumerate(zip(fused, native, exact)):
+        assert f.dtype == torch.bfloat16
+        assert rel_err(f, e) <= max(rel_err(n, e), 1e-2), i  # 1e-2: bf16's own rounding, if native is exact
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("kwargs", [{}, dict(union="add"), dict(bidirectional=False),
+                                    dict(union="vertical", with_fc=False),
+                                    dict(num_layers=2)], ids=["cat", "add", "unidirectional", "vertical", "2layers"])
+def test_bilstm2d_matches_native(device, kwargs):
+    """The model-level token mixer, one projection GEMM for both axes: output and every gradient."""
+    torch.manual_seed(0)
+    native = RNN2d(16, 8, lstm_backend="native", **kwargs).to(device)
+    fused = RNN2d(16, 8, lstm_backend="triton", **kwargs).to(device)
+    fused.load_state_dict(native.state_dict())
+    x = torch.randn(3, 5, 7, 16, device=device)  # H != W, odd batch
+    results = []
+    for module in (native, fused):
+        xi = x.clone().requires_grad_()
+        out = module(xi)
+        out.square().sum().backward()
+        results.append((out, xi.grad, {n: p.grad for n, p in module.named_parameters()}))
+    (out_n, dx_n, g_n), (out_f, dx_f, g_f) = results
+    assert rel_err(out_f, out_n) < 1e-5
+    assert rel_err(dx_f, dx_n) < 1e-5
+    for name, g in g_n.items():
+        assert rel_err(g_f[name], g) < 1e-5, name
+
+
+@pytest.fixture
+def no_aten_lstm(monkeypatch):
+    """ATen's LSTM raises when called."""
+    def refuse(*args, **kwargs):
+        raise AssertionError("ATen's LSTM was called")
+    monkeypatch.setattr(torch._VF, "lstm", refuse)
+    monkeypatch.setattr(torch, "lstm", refuse)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("device", DEVICES)
+def test_model_end_to_end_on_the_kernel(device, no_aten_lstm, monkeypatch):
+    """sequencer2d_nano forward + backward with the backend forced by the environment variable: never ATen's LSTM,
+    and the same logits and gradients as the native model (built before ATen's LSTM was refused)."""
+    torch.manual_seed(0)
+    monkeypatch.setenv(recurrence.BACKEND_ENV, "triton")
+    fused = create_model("sequencer2d_nano", num_classes=10).to(device)
+    assert {m.lstm_backend for m in fused.modules() if isinstance(m, RNN2d)} == {"triton"}
+    x = torch.randn(2, 3, 16, 16, device=device, requires_grad=True)
+    with torch.no_grad():
+        fused.head.fc.weight.normal_(std=0.1)
+    out = fused(x)
+    out.square().sum().backward()
+    grads = {n: p.grad for n, p in fused.named_parameters()}
+    monkeypatch.undo()  # ATen's LSTM back for the reference
+    native = create_model("sequencer2d_nano", num_classes=10, lstm_backend="native").to(device)
+    native.load_state_dict(fused.state_dict())
+    x_ref = x.detach().clone().requires_grad_()
+    ref = native(x_ref)
+    ref.square().sum().backward()
+    assert rel_err(out, ref) < 1e-5
+    assert rel_err(x.grad, x_ref.grad) < 1e-5
+    for name, p in native.named_parameters():
+        assert rel_err(grads[name], p.grad) < 1e-5, name
+
+
+def test_auto_keeps_aten_on_cpu(monkeypatch):
+    """``auto`` (the default) runs the native kernels on the CPU: the fused op is not called."""
+    def refuse(*args, **kwargs):
+        raise AssertionError("the fused kernel was called")
+    monkeypatch.delenv(recurrence.BACKEND_ENV, raising=False)
+    monkeypatch.setattr(recurrence.triton_lstm, "recurrence", refuse)
+    model = create_model("sequencer2d_nano")
+    assert {m.lstm_backend for m in model.modules() if isinstance(m, RNN2d)} == {"auto"}
+    model(torch.randn(1, 3, 16, 16))
+
+
+def test_invalid_backend_names_it(monkeypatch):
+    with pytest.raises(SequencerError, match="lstm_backend must be one of auto, triton, native, got 'cudnn'"):
+        create_model("sequencer2d_nano", lstm_backend="cudnn")
+    monkeypatch.setenv(recurrence.BACKEND_ENV, "fast")
+    with pytest.raises(SequencerError, match="SEQUENCER_LSTM_BACKEND must be one of auto, triton, native, got 'fast'"):
+        create_model("sequencer2d_nano")
