@@ -44,6 +44,7 @@ from torch import nn
 from ..cli_common import add_model_args, check_input_size, check_results_file, load_model_from_args, positive_int
 from ..errors import SequencerError
 from ..fileio import write_atomically
+from ..models.sequencer2d import onednn_bf16_supported
 
 AMP_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 TIMM_MODELS = ("sequencer2d_s", "sequencer2d_m", "sequencer2d_l")
@@ -96,7 +97,8 @@ def gemm_rate(dtype: torch.dtype, device: torch.device, size: int = 2048, iters:
     a = torch.randn(size, size, device=device).to(dtype)
     b = torch.randn(size, size, device=device).to(dtype)
     candidates: dict[str, Callable] = {"torch.mm": lambda: torch.mm(a, b)}
-    if device.type == "cpu" and torch.backends.mkldnn.is_available() and dtype != torch.float16:
+    onednn_has_dtype = dtype == torch.float32 or dtype == torch.bfloat16 and onednn_bf16_supported()
+    if device.type == "cpu" and torch.backends.mkldnn.is_available() and onednn_has_dtype:
         bt = b.t()  # a linear with weight b^T is a @ b
         candidates["onednn"] = lambda: torch.ops.mkldnn._linear_pointwise(a, bt, None, "none", [], "")
     best = 0.0
