@@ -94,13 +94,16 @@ def test_extending_a_finished_run_rebuilds_the_schedule(finished, data, tmp_path
 
 
 def test_a_resume_takes_unspecified_settings_from_the_checkpoint(finished, data, tmp_path, capsys):
-    """Item 3: without --opt (default sgd) the run's adamw is kept (was KeyError: 'momentum' as a traceback);
-    `--resume RUN/last.pth.tar` without --experiment continues in the run's own folder (item 4)."""
+    """Item 3: without --opt (default sgd) the run's adamw is kept (was KeyError: 'momentum' as a traceback).
+    Item 4: `--resume RUN/recovery.pth.tar` without --experiment continues in the run's own folder, also when the
+    run has no summary.csv yet (a stop in its first epoch); it went to a new folder named after sequencer2d_s."""
     out, folder = _copy_run(finished, tmp_path)
-    assert train_cli([data, *TEST, "--resume", folder / "last.pth.tar", "--epochs", "3", "-j", "0", "--device", "cpu",
-                      "--output", tmp_path / "elsewhere"]) == 0
-    assert [int(r["epoch"]) for r in summary_rows(folder)] == [0, 1, 2]
-    assert not (tmp_path / "elsewhere").exists()
+    (folder / "summary.csv").unlink()
+    (folder / "last.pth.tar").rename(folder / "recovery.pth.tar")
+    assert train_cli([data, *TEST, "--resume", folder / "recovery.pth.tar", "--epochs", "3", "-j", "0", "--device",
+                      "cpu", "--output", tmp_path / "elsewhere"]) == 0
+    assert [int(r["epoch"]) for r in summary_rows(folder)] == [2]
+    assert not (tmp_path / "elsewhere").exists() and sorted(p.name for p in out.iterdir()) == ["x"]
     args = yaml.safe_load((folder / "args.yaml").read_text())
     assert args["opt"] == "adamw" and args["model_kwargs"]["embed_dims"] == [16, 16] and args["epochs"] == 3
 
