@@ -14,6 +14,8 @@ import yaml
 from conftest import TINY_RUN, make_image_folder, summary_rows, train_cli
 from sequencer.models.loading import read_checkpoint
 
+pytestmark = pytest.mark.slow  # a few short training runs: about 45 s on 2 busy cores
+
 RUN = TINY_RUN  # adamw, lr 3e-3, no warmup, cosine per epoch
 LR = 3e-3
 TEST = ["--val-split", "test"]  # explicit, so that these tests also ran against the code before the fix
