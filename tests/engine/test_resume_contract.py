@@ -182,3 +182,18 @@ def test_a_crashed_resume_leaves_no_header_only_summary(finished, data, tmp_path
     assert train_cli([data, *TEST, *RUN, "--epochs", "1", "--output", out, "--experiment", "crashed", "--img-size",
                       "15"]) == 2
     assert "already holds a run" not in capsys.readouterr().err
+
+
+def test_log_lines_count_readable_images_and_keep_metrics_together(tmp_path, capsys):
+    """Item 9: the final line counted 101 held-out images where 100 were readable, and the epoch line printed
+    "top1 19.00 skipped 2 unreadable images top5 67.00"."""
+    root = make_image_folder(tmp_path / "d", {"red": (200, 30, 30), "green": (30, 200, 30), "blue": (30, 30, 200)},
+                             34, 34, size=16)
+    for split in ("train", "val"):
+        (root / split / "red" / "zz_broken.png").write_bytes(b"not an image")  # 1 of 103: under the 1% limit
+    assert train_cli([root, *RUN, "--epochs", "1", "-b", "16", "--output", tmp_path / "o", "--experiment", "e"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    epoch_line = next(line for line in lines if line.startswith("epoch 0:"))
+    assert " top5 " in epoch_line.split(" top1 ")[1].split("skipped")[0]  # no note between top1 and top5
+    assert epoch_line.endswith("; skipped 1 unreadable training image")
+    assert "on 102 held-out images (1 unreadable skipped)" in lines[-1]
