@@ -86,9 +86,10 @@ def create_transform(input_size, is_training: bool = False, *, mean=IMAGENET_DEF
                      re_count: int = 1, uint8_output: bool = False):
     """PIL RGB image -> normalised float tensor (C, H, W) via timm's transform factory.
 
-    ``input_size`` is an int or (C, H, W); a 1-channel size converts to grayscale first. ``uint8_output``: uint8
-    (C, H, W) instead, neither normalised nor erased (`DeviceNormalize` does both on the batch). A 0-bit posterize in the
-    ``auto_augment`` policy gives a black image, as on the Pillow the paper trained with (`augment`).
+    ``input_size`` is an int or (C, H, W); a 1-channel size converts to grayscale first. ``uint8_output``:
+    uint8 (C, H, W) instead, neither normalised nor erased (`DeviceNormalize` does both on the batch). A 0-bit
+    posterize in the ``auto_augment`` policy gives a black image, as on the Pillow the paper trained with
+    (`augment`).
     """
     from torchvision import transforms
 
