@@ -85,3 +85,13 @@ def test_compiled_native_layer_matches_eager():
     want = [ref, x.grad] + [p.grad for p in layer.parameters()]
     for a, b in zip(got, want):
         torch.testing.assert_close(a, b)
+
+
+@pytest.mark.parametrize("mode", ["lstm", "gru", "rnn"])
+def test_native_rnn_op_passes_opcheck(mode):
+    """Schema, autograd, fake implementation (strides included) and AOT dispatch of the op dynamo meets."""
+    torch.manual_seed(0)
+    layer = recurrence.RNN_TYPES[mode](6, 5, batch_first=True, bidirectional=True)
+    x = torch.randn(3, 4, 6, requires_grad=True)
+    torch.library.opcheck(torch.ops.sequencer.rnn_native.default,
+                          (x, list(layer._flat_weights), mode, 1, True, True, True))

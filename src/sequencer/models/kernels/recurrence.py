@@ -183,7 +183,8 @@ def rnn_native(x: torch.Tensor, weights: list[torch.Tensor], mode: str, num_laye
 @rnn_native.register_fake
 def _(x, weights, mode, num_layers, bidirectional, has_biases, train):
     hidden = weights[1].shape[1]
-    return x.new_empty((x.shape[0], x.shape[1], hidden * (2 if bidirectional else 1)))
+    # ATen runs batch-first input sequence-first and returns a transposed view: (N, T, D*H) with (T, N, D*H) memory
+    return x.new_empty((x.shape[1], x.shape[0], hidden * (2 if bidirectional else 1))).transpose(0, 1)
 
 
 @torch.library.custom_op("sequencer::rnn_native_backward", mutates_args=())
@@ -199,7 +200,14 @@ def rnn_native_backward(grad: torch.Tensor, x: torch.Tensor, weights: list[torch
 
     with torch.enable_grad():
         _, vjp = torch.func.vjp(layer, x, *weights)
-        return list(vjp(grad))
+        grads = list(vjp(grad))
+    # an op's outputs may not alias each other, and ATen hands out one tensor for both biases' gradients
+    seen = set()
+    for i, g in enumerate(grads):
+        if g.untyped_storage().data_ptr() in seen:
+            grads[i] = g.clone()
+        seen.add(g.untyped_storage().data_ptr())
+    return grads
 
 
 @rnn_native_backward.register_fake
