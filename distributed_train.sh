@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # Usage: ./distributed_train.sh NUM_PROC DATA [sequencer train flags...]
 # As the paper's script: one process per GPU on this node via torchrun (DDP, NCCL on GPUs, gloo on CPU).
+# Launched through sequencer.engine.distributed, torchrun without its launcher tracebacks: a failing process's
+# one-line error and exit status are the job's, and Ctrl-C exits 130 after the workers save a recovery checkpoint.
 # Multi-node: see docs/training.md (torchrun --nnodes/--rdzv-endpoint).
 set -euo pipefail
 if [ "$#" -lt 2 ]; then
@@ -10,9 +12,9 @@ fi
 NUM_PROC=$1
 DATA=$2
 shift 2
-if command -v torchrun >/dev/null 2>&1; then
-  LAUNCH=(torchrun)
-else
-  LAUNCH=("${PYTHON:-python3}" -m torch.distributed.run)
+PY=${PYTHON:-}
+if [ -z "$PY" ] && command -v torchrun >/dev/null 2>&1 && [ -x "$(dirname "$(command -v torchrun)")/python" ]; then
+  PY="$(dirname "$(command -v torchrun)")/python"  # the Python whose torch the torchrun on PATH belongs to
 fi
-exec "${LAUNCH[@]}" --standalone --nproc_per_node="$NUM_PROC" -m sequencer train "$DATA" "$@"
+exec "${PY:-python3}" -m sequencer.engine.distributed --standalone --nproc_per_node="$NUM_PROC" \
+  -m sequencer train "$DATA" "$@"

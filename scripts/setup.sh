@@ -21,5 +21,11 @@ pip_install() {
 }
 # torch/torchvision first, pinned to the builds that install from this machine's local wheel cache.
 pip_install "torch==2.14.1" "torchvision==0.29.1"
+# Up to 0.1.0 this project installed as the distribution "sequencer", a name that belongs to an unrelated PyPI
+# project which also ships a `sequencer` module. Either would shadow ours in this venv: remove it first.
+if .venv/bin/python -m pip show -q sequencer >/dev/null 2>&1; then
+    .venv/bin/python -m pip uninstall -q -y sequencer
+fi
+rm -rf src/sequencer.egg-info  # the old name's build metadata, found on sys.path through the editable src/
 pip_install -e ".[test]"
 echo "$want" > "$stamp"

@@ -8,11 +8,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import tempfile
 from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
+from .data.datasets import map_classes_by_name
 from .errors import SequencerError
 from .models import create_model, get_model_entry
 from .models.loading import extract_state_dict, load_state_dict_into, read_checkpoint
@@ -128,6 +130,65 @@ def load_model_from_args(args: argparse.Namespace, device: torch.device | str = 
     return LoadedModel(model, name, class_names, (model.in_chans, size, size), data_config, checkpoint)
 
 
+def check_input_size(loaded: LoadedModel, height: int, width: int) -> None:
+    """SequencerError (one line) when the model cannot take a ``height`` x ``width`` input."""
+    check = getattr(loaded.model, "check_input_size", None)
+    if check is not None:
+        try:
+            check(height, width)
+        except ValueError as e:
+            raise SequencerError(f"model {loaded.name!r}: {e}",
+                                 hint=f"use a multiple of {getattr(loaded.model, 'reduction', '?')}") from None
+
+
+def check_device(text: str | None) -> None:
+    """SequencerError for a ``--device`` that is not a device, or names CUDA where there is none."""
+    if not text:
+        return
+    try:
+        device = torch.device(text)
+    except RuntimeError:
+        raise SequencerError(f"--device {text!r} is not a device", hint="use cpu, cuda or cuda:N") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise SequencerError(f"--device {text}: CUDA is not available on this machine", hint="use --device cpu")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise SequencerError(f"--device {text}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+
+
+def check_workers(workers: int | None) -> None:
+    if workers is not None and workers < 0:
+        raise SequencerError(f"-j/--workers {workers}: must not be negative", hint="0 loads data in the main process")
+
+
+def label_with_model_classes(dataset, loaded) -> None:
+    """Label ``dataset`` with the model's output indices; raises SequencerError when they cannot agree.
+
+    A checkpoint's own class names map the split by name (a class it was not trained on is an error, a missing
+    class is reported), exactly as training labelled its held-out split; ImageNet synset folders (n01440764, ...)
+    map onto a 1000-class model's outputs; otherwise the class counts must match.
+    """
+    num_outputs = getattr(loaded.model, "num_classes", None)
+    names = list(dataset.class_names)
+    ckpt_names = [str(n) for n in checkpoint_metadata(loaded.checkpoint).get("class_names") or []]
+    if ckpt_names and (set(names) & set(ckpt_names) or len(names) == len(ckpt_names)):
+        missing = map_classes_by_name(dataset, ckpt_names, "the evaluated split")
+        if missing:
+            print(f"note: {dataset.description} has no images of {len(missing)} of the checkpoint's "
+                  f"{len(ckpt_names)} classes ({', '.join(missing[:5])}{', ...' if len(missing) > 5 else ''})")
+        return
+    if num_outputs == 1000 and len(names) < 1000 and all(n.startswith("n") and n[1:].isdigit() for n in names):
+        from timm.data import ImageNetInfo
+        info = ImageNetInfo()
+        synsets = {info.index_to_label_name(i): i for i in range(1000)}
+        if all(n in synsets for n in names):
+            dataset.target_transform = [synsets[n] for n in names].__getitem__
+            return
+    if num_outputs is not None and num_outputs != len(names):
+        raise SequencerError(
+            f"model {loaded.name} has a {num_outputs}-class head but {dataset.description} has {len(names)} classes",
+            hint="validate a checkpoint trained on this data, or pass --class-map / --num-classes to match")
+
+
 def check_results_file(path: str, formats: tuple[str, ...] = (".json",)) -> None:
     """Refuse a ``--results-file`` that could not be written, before any work is done (one-line errors)."""
     if not path:
@@ -137,5 +198,13 @@ def check_results_file(path: str, formats: tuple[str, ...] = (".json",)) -> None
     folder = os.path.dirname(os.path.abspath(path))
     if not os.path.isdir(folder):
         raise SequencerError(f"--results-file {path!r}: folder {folder!r} does not exist")
-    if not os.access(folder, os.W_OK) or (os.path.exists(path) and not os.access(path, os.W_OK)):
-        raise SequencerError(f"--results-file {path!r} is not writable")
+    if os.path.isdir(path):
+        raise SequencerError(f"--results-file {path!r} is a folder", hint="name a file inside it, e.g. results.json")
+    if os.path.exists(path) and not os.access(path, os.W_OK):
+        raise SequencerError(f"--results-file {path!r} is not writable (no permission)")
+    try:  # a real write probe: os.access cannot see read-only mounts, ACLs or quotas
+        with tempfile.NamedTemporaryFile(dir=folder, prefix=".results-probe-"):
+            pass
+    except OSError as e:
+        raise SequencerError(f"--results-file {path!r}: cannot write in folder {folder!r} ({e.strerror or e})"
+                             ) from None

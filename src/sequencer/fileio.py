@@ -9,6 +9,11 @@ from typing import Callable
 
 from .errors import SequencerError
 
+# Temporaries are ".<target name>.<anything>.tmp" in the target's folder: the names write_atomically (mkstemp) and
+# every other writer give them, and the one pattern remove_stale_temporaries clears after a kill.
+TEMP_SUFFIX = ".tmp"
+STALE_TEMP_GLOB = ".*" + TEMP_SUFFIX
+
 
 def write_atomically(path: str | os.PathLike, write: Callable[[str], None], what: str = "file") -> Path:
     """Call ``write(tmp_path)``, fsync the file and rename it onto ``path``: readers never see a partial file.
@@ -21,20 +26,23 @@ def write_atomically(path: str | os.PathLike, write: Callable[[str], None], what
     if not parent.is_dir():
         raise SequencerError(f"output folder {str(parent)!r} does not exist", hint="create it first")
     try:
-        fd, tmp = tempfile.mkstemp(dir=parent, prefix=f".{path.name}.", suffix=".tmp")
+        fd, tmp = tempfile.mkstemp(dir=parent, prefix=f".{path.name}.", suffix=TEMP_SUFFIX)
     except OSError as e:
         raise SequencerError(f"cannot write to output folder {str(parent)!r} ({e.strerror or e})") from None
     os.close(fd)
     try:
         write(tmp)
+        os.chmod(tmp, 0o666 & ~current_umask())  # mkstemp makes 0600; give the mode a plain open() would
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except OSError as e:
         Path(tmp).unlink(missing_ok=True)
-        reason = "the disk is full" if e.errno == errno.ENOSPC else (e.strerror or str(e))
+        full = e.errno in (errno.ENOSPC, errno.EDQUOT)
+        reason = "the disk is full" if full else (e.strerror or str(e))
         raise SequencerError(f"could not write {what} {str(path)!r}: {reason}; nothing was half-written and any "
-                             f"previous {path.name} is unchanged", hint="free some space or choose another output"
+                             f"previous {path.name} is unchanged",
+                             hint="free some space or choose another output" if full else "choose another output"
                              ) from None
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -53,3 +61,30 @@ def fsync_dir(folder: str | os.PathLike) -> None:
             os.close(dir_fd)
     except OSError:
         pass
+
+
+def temp_path(path: str | os.PathLike) -> Path:
+    """A temporary name next to ``path`` for writers that cannot use write_atomically (hard links, plots)."""
+    path = Path(path)
+    return path.with_name(f".{path.name}.{os.getpid()}{TEMP_SUFFIX}")
+
+
+def remove_stale_temporaries(folder: str | os.PathLike) -> None:
+    """Delete temporaries a killed run left in ``folder`` (they can be checkpoint-sized)."""
+    for stale in Path(folder).glob(STALE_TEMP_GLOB):
+        if stale.is_file():
+            stale.unlink(missing_ok=True)
+
+
+def current_umask() -> int:
+    """The process umask, read without changing it where the kernel reports it (Linux), else set and restored."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o022)  # no read-only query elsewhere: restore at once
+    os.umask(mask)
+    return mask

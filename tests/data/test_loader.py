@@ -1,4 +1,5 @@
 import argparse
+import os
 import logging
 
 import numpy as np
@@ -154,3 +155,49 @@ def test_grayscale_one_channel_input(image_folder):
     ds = create_dataset("", root=str(image_folder), split="val")
     images, _ = next(iter(create_loader(ds, (1, 8, 8), 4, False, mean=(0.5,), std=(0.5,), crop_pct=1.0)))
     assert images.shape == (4, 1, 8, 8)
+
+
+RANK_SCRIPT = '''
+import sys, torch, torch.distributed as dist
+from sequencer.data import create_dataset, create_loader
+dist.init_process_group("gloo")
+ds = create_dataset("", root=sys.argv[1], split="train")
+loader = create_loader(ds, (3, 8, 8), 2, True, num_workers=2, distributed=True, seed=int(sys.argv[3]),
+                       auto_augment="rand-m9-mstd0.5-inc1", re_prob=0.5, crop_pct=1.0)
+loader.set_epoch(1)
+torch.save(torch.cat([images for images, _ in loader]), f"{sys.argv[2]}/rank{dist.get_rank()}.pt")
+dist.destroy_process_group()
+'''
+
+
+def _rank_batches(tmp_path, root, seed: int, name: str) -> list:
+    import subprocess
+    import sys
+    from pathlib import Path
+    script, out = tmp_path / "ranks.py", tmp_path / name
+    script.write_text(RANK_SCRIPT)
+    out.mkdir()
+    env = dict(os.environ, OMP_NUM_THREADS="1",
+               PYTHONPATH=os.pathsep.join([str(Path(__file__).resolve().parents[2] / "src"),
+                                           os.environ.get("PYTHONPATH", "")]))
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                           str(script), str(root), str(out), str(seed)], capture_output=True, text=True, env=env,
+                          timeout=300)
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
+    return [torch.load(out / f"rank{r}.pt") for r in range(2)]
+
+
+@pytest.mark.slow
+def test_every_rank_and_worker_draws_its_own_augmentation_and_a_rerun_repeats(tmp_path):
+    """Every image is the same picture, so any difference between batches is the augmentation's."""
+    root = tmp_path / "same"
+    paths = write_images(root / "train", classes=("a",), per_class=8)
+    for path in paths[1:]:
+        path.write_bytes(paths[0].read_bytes())
+    rank0, rank1 = _rank_batches(tmp_path, root, 7, "first")
+    assert rank0.shape == rank1.shape == (4, 3, 8, 8)
+    for i in range(4):  # worker k of rank 0 and worker k of rank 1 (batches alternate between the 2 workers)
+        assert not torch.equal(rank0[i], rank1[i])
+    assert not torch.equal(rank0[:2], rank0[2:])  # the two workers of one rank differ too
+    again = _rank_batches(tmp_path, root, 7, "again")
+    assert torch.equal(again[0], rank0) and torch.equal(again[1], rank1)  # exactly repeatable from the seed

@@ -74,3 +74,79 @@ def test_torchrun_restarts_a_killed_worker_and_resumes(image_folder, tmp_path):
     assert summary_epochs(folder) == [0, 1]
     ckpt = read_checkpoint(folder / "last.pth.tar")
     assert ckpt["epoch"] == 1 and len(ckpt["rng_state"]) == 2
+
+
+def _launch(image_folder, tmp_path, extra: list[str], env=None, **kw):
+    tmp_path.mkdir(exist_ok=True)
+    return subprocess.run(
+        ["bash", str(REPO / "distributed_train.sh"), "2", str(image_folder), *map(str, TINY_RUN),
+         "--output", str(tmp_path), "--experiment", "ddp", "--epochs", "2", *extra],
+        capture_output=True, text=True, env=env or subprocess_env(), cwd=tmp_path, timeout=300, **kw)
+
+
+@pytest.mark.slow
+def test_an_error_on_rank_0_stops_the_job_with_one_line(image_folder, tmp_path):
+    (tmp_path / "ddp").mkdir()
+    (tmp_path / "ddp" / "summary.csv").write_text("epoch\n0\n")  # an existing run: rank 0 refuses, rank 1 waits
+    started = time.time()
+    proc = _launch(image_folder, tmp_path, [])
+    out = (proc.stdout + proc.stderr).strip()
+    assert proc.returncode == 2, out
+    assert "Traceback" not in out and len(out.splitlines()) == 1, out
+    assert "already holds a run" in out
+    assert time.time() - started < 120
+
+
+# a fault the test injects: every data-loader worker of rank 1 fails on its first image
+WORKER_FAULT = """
+import os
+import torch.utils.data
+from sequencer.data import datasets
+_get = datasets.ImageFileDataset.__getitem__
+def _failing(self, index):
+    if os.environ.get("RANK") == "1" and torch.utils.data.get_worker_info() is not None:
+        raise ValueError("injected fault")
+    return _get(self, index)
+datasets.ImageFileDataset.__getitem__ = _failing
+"""
+
+
+@pytest.mark.slow
+def test_an_exception_in_a_data_worker_stops_every_rank_with_one_line(image_folder, tmp_path):
+    site = tmp_path / "site"
+    site.mkdir()
+    (site / "sitecustomize.py").write_text(WORKER_FAULT)
+    env = subprocess_env()
+    env["PYTHONPATH"] = f"{site}{os.pathsep}{env['PYTHONPATH']}"
+    proc = _launch(image_folder, tmp_path / "out", ["-j", "1"], env=env)
+    out = (proc.stdout + proc.stderr).strip()
+    assert proc.returncode == 2, out
+    errors = [line for line in out.splitlines() if "error:" in line]
+    assert errors == ["sequencer train: error: a data-loader worker failed: ValueError: injected fault "
+                      "(hint: run with -j 0 to see the full traceback)"], out
+    assert "Traceback" not in out, out
+
+
+@pytest.mark.slow
+def test_ctrl_c_under_distributed_train_sh_saves_and_exits_130(image_folder, tmp_path):
+    slow = ["--model", "sequencer2d_nano", "--img-size", "16", "-b", "2", "-j", "0", "--log-interval", "1",
+            "--device", "cpu", "--opt", "adamw", "--lr", "1e-3", "--warmup-epochs", "0"]
+    log = tmp_path / "log.txt"
+    with open(log, "w") as out:
+        proc = subprocess.Popen(["bash", str(REPO / "distributed_train.sh"), "2", str(image_folder), *slow,
+                                 "--output", str(tmp_path), "--experiment", "run", "--epochs", "3"],
+                                stdout=out, stderr=subprocess.STDOUT, env=subprocess_env(), cwd=tmp_path,
+                                start_new_session=True)
+    try:
+        deadline = time.time() + 300
+        while "train: epoch 0 [   3/" not in log.read_text():
+            assert proc.poll() is None and time.time() < deadline, log.read_text()[-3000:]
+            time.sleep(0.05)
+        os.killpg(proc.pid, signal.SIGINT)  # what Ctrl-C in a terminal does: the whole foreground group
+        assert proc.wait(timeout=120) == 130, log.read_text()[-3000:]
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    text = log.read_text()
+    assert "Traceback" not in text, text[-3000:]
+    assert (tmp_path / "run" / "recovery.pth.tar").is_file(), text[-3000:]

@@ -119,7 +119,7 @@ def test_dataset_with_some_of_the_checkpoint_classes_is_mapped_by_name(tmp_path)
     (["{tmp}/missing"], "does not exist"),
     (["{tmp}/data", "--split", "test"], "splits found: train"),
     (["--batch-size", "0"], "expected a positive integer"),
-    (["{tmp}/data", "--split", "train", "--img-size", "9"], "image size 9x9"),
+    (["{tmp}/data", "--split", "train", "--img-size", "9"], "input size 9x9"),
     (["{tmp}/data", "--split", "train", "--mean", "0.1", "0.2"], "--mean has 2 values"),
     (["{tmp}/data", "--device", "nope"], "--device 'nope' is not a device"),
 ])

@@ -18,16 +18,27 @@ def randomize_(model: torch.nn.Module, seed: int = 0, scale: float = 0.05) -> to
     return model
 
 
+def pytest_generate_tests(metafunc):
+    """A module with ``USE_ONEDNN = "both"`` runs each test twice: on the native kernels and on oneDNN."""
+    if getattr(metafunc.module, "USE_ONEDNN", False) == "both":
+        metafunc.fixturenames.append("onednn")
+        metafunc.parametrize("onednn", [False, True], ids=["native", "onednn"])
+
+
 @pytest.fixture(autouse=True)
 def _small_cpu_workload(request):
-    """PyTorch's native CPU kernels unless the module sets ``USE_ONEDNN = True``.
+    """PyTorch's native CPU kernels unless the module sets ``USE_ONEDNN = True`` (or ``"both"``, see above).
 
     oneDNN builds a kernel for every new RNN shape, which costs seconds of CPU per shape, and these tests use dozens
     of tiny shapes once each; on a shared 2-core machine, intra-op threads on millisecond-sized ops mostly wait for
     each other (measured: 30x slower than one thread). Results are the same up to float rounding. The reference
     tests against timm keep oneDNN on, so the default CPU path is what is compared there.
     """
-    if getattr(request.module, "USE_ONEDNN", False):
+    use_onednn = getattr(request.module, "USE_ONEDNN", False)
+    if use_onednn == "both":
+        use_onednn = request.getfixturevalue("onednn")
+    if use_onednn:
+        assert torch.backends.mkldnn.enabled  # the default path users get
         yield
     else:
         with warnings.catch_warnings():

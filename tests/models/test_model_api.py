@@ -8,6 +8,8 @@ from torch import nn
 
 import sequencer
 
+USE_ONEDNN = "both"  # the default CPU path users get (oneDNN) as well as the native kernels (see conftest)
+
 
 @pytest.fixture
 def tiny(tiny_kwargs, randomize):
@@ -144,7 +146,7 @@ def test_weight_init_follows_the_paper():
 
 def test_drop_path_increases_linearly_over_all_blocks():
     model = sequencer.create_model("sequencer2d_s", drop_path_rate=0.1)
-    rates = [getattr(block.drop_path, "p", 0.0) for stage in model.stages for block in stage.blocks]
+    rates = [getattr(block.drop_path, "drop_prob", 0.0) for stage in model.stages for block in stage.blocks]
     assert len(rates) == 18
     assert rates == pytest.approx([0.1 * i / 17 for i in range(18)])
     assert isinstance(model.stages[0].blocks[0].drop_path, nn.Identity)  # rate 0: no module at all
@@ -160,3 +162,22 @@ def test_drop_path_is_active_only_in_training(tiny_kwargs):
     a = model.forward_features(x)
     torch.manual_seed(1)
     assert not torch.allclose(a, model.forward_features(x))
+
+
+def test_stop_early_returns_the_last_stage_run_without_the_final_norm(tiny):
+    x = torch.randn(2, 3, 28, 28)
+    final, maps = tiny.forward_intermediates(x, indices=[0], stop_early=True, output_fmt="NHWC")
+    stage0 = tiny.stages[0](tiny.stem(x))  # width 16, while the final norm is 32 wide
+    torch.testing.assert_close(final, stage0)
+    torch.testing.assert_close(maps[0], stage0)
+    full, _ = tiny.forward_intermediates(x, indices=[3], stop_early=True)
+    torch.testing.assert_close(full, tiny.forward_features(x))  # the last stage does get the final norm
+
+
+def test_drop_path_one_drops_every_sample_without_nan(tiny_kwargs):
+    model = sequencer.create_model("sequencer2d_s", drop_path_rate=1.0, **tiny_kwargs).train()
+    block = model.stages[-1].blocks[-1]  # the last block gets the full rate
+    x = torch.randn(2, 2, 2, 32)
+    out = block.drop_path(x)
+    assert torch.equal(out, torch.zeros_like(x))  # every residual branch dropped, no 0/0
+    assert torch.isfinite(model(torch.randn(2, 3, 28, 28))).all()

@@ -1,11 +1,11 @@
 """Our Sequencer2d gives the same logits as timm's port (the public reference) for the same weights."""
 import pytest
+import timm
 import torch
+from timm.models.sequencer import checkpoint_filter_fn as timm_release_filter
 
 import sequencer
 from sequencer.models.loading import load_state_dict_into, to_release_layout
-
-timm = pytest.importorskip("timm")
 
 REL_TOL = 1e-5
 USE_ONEDNN = True  # compare the default CPU path (see conftest)
@@ -23,6 +23,7 @@ def test_logits_match_timm_in_both_layouts(name, randomize):
     timm_state = reference.state_dict()
     release_state = to_release_layout(timm_state)
     assert "head.weight" in release_state and not any(k.startswith("stages.") for k in release_state)
+    _assert_same_state(timm_release_filter(release_state, reference), timm_state)  # timm's own reading agrees
 
     ours_timm_layout = sequencer.create_model(name).eval()
     load_state_dict_into(ours_timm_layout, timm_state)
@@ -44,6 +45,11 @@ def test_release_layout_round_trip(tiny_kwargs, randomize):
     # layers (2, 1, 2, 1): the downsample into stage s+1 sits after the blocks of stage s
     assert "blocks.0.2.down.weight" in release and "blocks.1.1.down.weight" in release
     assert "blocks.2.2.down.weight" in release and "head.weight" in release
-    back = sequencer.models.checkpoint_filter_fn(release)
-    assert back.keys() == model.state_dict().keys()
-    assert all(torch.equal(back[k], v) for k, v in model.state_dict().items())
+    # the oracle is timm's own release-layout filter, not our converter read backwards
+    _assert_same_state(timm_release_filter(dict(release), model), model.state_dict())
+    _assert_same_state(sequencer.models.checkpoint_filter_fn(release), model.state_dict())
+
+
+def _assert_same_state(got: dict, expected: dict) -> None:
+    assert got.keys() == expected.keys()
+    assert all(torch.equal(got[k], v) for k, v in expected.items())

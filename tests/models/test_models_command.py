@@ -28,15 +28,24 @@ def test_pattern_table(capsys):
 
 
 def test_sizes_and_pretrained_filter(capsys):
-    assert main(["models", "--pretrained", "*392", "--sizes", "224", "448"]) == 0
+    assert main(["models", "*392", "--sizes", "224", "448"]) == 0
     out = capsys.readouterr().out
     assert re.search(r"GMACs@224\s+GMACs@448", out)
     rows = _rows(out)
     assert list(rows) == ["sequencer2d_l_392", "sequencer2d_m_392", "sequencer2d_s_392"]
     s392 = rows["sequencer2d_s_392"]
-    assert s392[2] == "3x392x392" and s392[4] == "8.33"  # GMACs at 224 px equal sequencer2d_s's
+    assert s392[2] == "3x392x392" and s392[3] == "no"  # the 224 px release is not theirs: no weights claimed
+    assert s392[4] == "8.33"  # GMACs at 224 px equal sequencer2d_s's
     assert float(s392[5]) == pytest.approx(4 * 8.33, rel=0.01)  # 4x the tokens at 448 px
-    assert "224 px release weights" in out
+    assert main(["models", "--pretrained", "*"]) == 0
+    assert set(_rows(capsys.readouterr().out)) == {"sequencer2d_s", "sequencer2d_m", "sequencer2d_l"}
+
+
+def test_392_models_refuse_pretrained_weights(capsys):
+    # before: they silently loaded the 224 px release; validate --model NAME asks for pretrained weights too
+    assert main(["validate", "--model", "sequencer2d_s_392", "--pretrained"]) == 2
+    err = capsys.readouterr().err
+    assert "no pretrained weights" in err and "sequencer2d_s_392" in err and "Traceback" not in err
 
 
 @pytest.mark.slow

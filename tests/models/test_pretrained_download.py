@@ -6,6 +6,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 import torch
+from timm.models.sequencer import checkpoint_filter_fn as timm_release_filter
 
 import sequencer
 from sequencer import SequencerError
@@ -58,7 +59,12 @@ def release_file(tmp_path, tiny_kwargs, randomize):
     """A tiny model saved in the authors' release layout; returns (model, bytes)."""
     model = randomize(sequencer.create_model("sequencer2d_s", **tiny_kwargs), seed=5).eval()
     path = tmp_path / "release.pth"
-    torch.save(to_release_layout(model.state_dict()), path)
+    release = to_release_layout(model.state_dict())
+    # the file really is in the release layout: timm's own filter of that layout reads it back to the model
+    timm_view = timm_release_filter(dict(release), model)
+    assert timm_view.keys() == model.state_dict().keys()
+    assert all(torch.equal(timm_view[k], v) for k, v in model.state_dict().items())
+    torch.save(release, path)
     return model, path.read_bytes()
 
 

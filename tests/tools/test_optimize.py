@@ -4,6 +4,7 @@ from __future__ import annotations
 import copy
 
 import pytest
+import timm
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -11,6 +12,7 @@ from torch import nn
 import sequencer
 from sequencer.errors import SequencerError
 from sequencer.models import create_model
+from sequencer.models.kernels.onednn import onednn_bf16_supported
 from sequencer.models.sequencer2d import Mlp, RNN2d, linear
 
 TINY_S = dict(layers=(1, 1, 1, 1), embed_dims=(16, 32, 32, 32), hidden_sizes=(4, 8, 8, 8), num_classes=5)
@@ -124,7 +126,10 @@ def test_training_mlp_saves_one_hidden_activation_with_the_same_grads(autocast):
         y_ref, saved_ref = _saved_bytes(lambda: _textbook_mlp(m_ref, x_ref))
     assert y.dtype == y_ref.dtype == (torch.bfloat16 if autocast else torch.float32)
     hidden_bytes = 2 * 4 * 5 * 48 * y.element_size()
-    assert saved <= saved_ref - hidden_bytes  # GELU's output is recomputed in backward, not kept
+    if autocast and not onednn_bf16_supported():
+        assert saved == saved_ref  # no oneDNN bf16 kernels on this CPU: autocast's own path, unchanged
+    else:
+        assert saved <= saved_ref - hidden_bytes  # GELU's output is recomputed in backward, not kept
     assert rel(y, y_ref) < (1e-2 if autocast else 1e-6)
     assert_same_grads(y, y_ref, x, x_ref, m, m_ref, 2e-2 if autocast else 1e-5)
 
@@ -159,7 +164,6 @@ def test_linear_keeps_autocast_and_tracing_semantics():
 
 
 def test_eager_model_matches_timm_logits_and_grads():
-    timm = pytest.importorskip("timm")
     ours = tiny_s()
     ref = timm.create_model("sequencer2d_s", **TINY_S)
     ref.load_state_dict(ours.state_dict())
@@ -178,7 +182,6 @@ def test_eager_model_matches_timm_logits_and_grads():
 
 @pytest.mark.slow
 def test_full_size_sequencer2d_s_matches_timm():
-    timm = pytest.importorskip("timm")
     torch.manual_seed(0)
     ours = create_model("sequencer2d_s").eval()
     nn.init.normal_(ours.head.fc.weight, std=0.02)

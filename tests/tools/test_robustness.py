@@ -5,10 +5,12 @@ import pytest
 import torch
 from PIL import Image
 
+import sequencer.tools.robustness as robustness
 from sequencer.cli import main
+from sequencer.data import create_transform, load_image
 from sequencer.tools.robustness import ALEXNET_ERRORS, summarize
 
-from .conftest import CLASS_NAMES, make_image, reference_inputs, reference_model, save_training_checkpoint, \
+from .conftest import CLASS_NAMES, TINY_DATA_CONFIG, make_image, reference_model, save_training_checkpoint, \
     tiny_model
 
 # AlexNet's mean errors, written out here from Hendrycks & Dietterich's table, independently of the module
@@ -38,16 +40,38 @@ def imagenet_c(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def colour_checkpoint(tmp_path_factory):
-    """A tiny model (random weights, seed 0) that happens to tell the red cats from the blue dogs on clean images,
-    so its error grows with the noise of the severities instead of being constant."""
-    return save_training_checkpoint(tmp_path_factory.mktemp("colour") / "colour.pth", tiny_model(seed=0))
+    """A tiny model (random weights, seed 0) whose head bias is shifted to put the decision boundary halfway between
+    the red cats and the blue dogs, so its error grows with the blending of the severities instead of being
+    constant. Its own eval preprocessing crops (crop_pct 0.875), which the ImageNet-C protocol must not use."""
+    model = tiny_model(seed=0)
+    rng = np.random.default_rng(123)
+    probes = [[make_image(rng, label) for _ in range(4)] for label in (0, 1)]
+    with torch.no_grad():
+        margins = [(lambda z: (z[:, 1] - z[:, 0]).mean())(model(_inputs_of_images(images, 1.0))) for images in probes]
+        model.head.fc.bias[1] -= (margins[0] + margins[1]) / 2
+    path = save_training_checkpoint(tmp_path_factory.mktemp("colour") / "colour.pth", model)
+    checkpoint = torch.load(path, weights_only=True)
+    checkpoint["data_config"]["crop_pct"] = 0.875
+    torch.save(checkpoint, path)
+    return path
 
 
-def _hand_error(model, folder):
+def _inputs_of_images(images, crop_pct):
+    cfg = TINY_DATA_CONFIG
+    transform = create_transform((3, 32, 32), False, mean=cfg["mean"], std=cfg["std"], crop_pct=crop_pct,
+                                 interpolation=cfg["interpolation"])
+    return torch.stack([transform(image) for image in images])
+
+
+def _inputs(files, crop_pct):
+    return _inputs_of_images([load_image(p) for p in files], crop_pct)
+
+
+def _hand_error(model, folder, crop_pct=1.0):
     files = sorted(folder.rglob("*.png"))
     labels = torch.tensor([CLASS_NAMES.index(f.parent.name) for f in files])
     with torch.no_grad():
-        predictions = model(reference_inputs(files)).argmax(-1)
+        predictions = model(_inputs(files, crop_pct)).argmax(-1)
     return (predictions != labels).float().mean().item()
 
 
@@ -59,9 +83,9 @@ def test_mce_equals_hand_computation(imagenet_c, image_folder, colour_checkpoint
     assert set(results["corruptions"]) == {"gaussian_noise", "fog"}
 
     model = reference_model(colour_checkpoint)
-    clean = _hand_error(model, image_folder / "val")
+    clean = _hand_error(model, image_folder / "val", crop_pct=0.875)  # clean images: the model's own crop
     all_errors = [clean]
-    ces, rel = [], []
+    ces, rel, mean_errors = [], [], []
     for name, alexnet, folder in (("gaussian_noise", ALEXNET_GAUSSIAN_NOISE, imagenet_c / "noise" / "gaussian_noise"),
                                   ("fog", ALEXNET_FOG, imagenet_c / "fog")):
         errors = [_hand_error(model, folder / str(s)) for s in range(1, 6)]
@@ -72,8 +96,12 @@ def test_mce_equals_hand_computation(imagenet_c, image_folder, colour_checkpoint
         assert got["error"] == pytest.approx(mean, abs=1e-9)
         assert got["ce"] == pytest.approx(mean / alexnet, abs=1e-9)
         ces.append(mean / alexnet)
+        mean_errors.append(mean)
         rel.append((mean - clean) / (alexnet - ALEXNET_CLEAN))
     assert results["mCE"] == pytest.approx(sum(ces) / 2, abs=1e-9)
+    assert results["unnormalized_mCE"] == pytest.approx(sum(mean_errors) / 2, abs=1e-9)
+    assert results["protocol"] == {"crop_pct": 1.0, "corruptions": ["gaussian_noise", "fog"],
+                                   "severities": [1, 2, 3, 4, 5], "normaliser": "alexnet"}
     assert results["clean_error"] == pytest.approx(clean, abs=1e-9)
     assert results["relative_mCE"] == pytest.approx(sum(rel) / 2, abs=1e-9)
     assert len(set(all_errors)) > 2, all_errors  # the model's errors really vary: a meaningful check
@@ -106,3 +134,42 @@ def test_robustness_errors(tmp_path, tiny_checkpoint, imagenet_c, capsys):
     assert main(["robustness", str(imagenet_c), "--results-file", str(tmp_path / "r.json")]) == 2
     assert "no model given" in capsys.readouterr().err
     assert not (tmp_path / "r.json").exists()
+
+
+def test_corrupted_images_are_resized_not_cropped(tmp_path, colour_checkpoint, monkeypatch):
+    """A probe whose 4 px red border a 0.875 crop would cut reaches the model whole, resized to 32 px."""
+    pixels = np.full((40, 40, 3), 128, np.uint8)
+    pixels[:4], pixels[-4:], pixels[:, :4], pixels[:, -4:] = (255, 0, 0), (255, 0, 0), (255, 0, 0), (255, 0, 0)
+    for severity in range(1, 6):
+        (tmp_path / "c" / "fog" / str(severity) / "cat").mkdir(parents=True)
+        Image.fromarray(pixels).save(tmp_path / "c" / "fog" / str(severity) / "cat" / "probe.png")
+    seen = []
+
+    def record(model, loader, device):
+        seen.extend(images for images, _ in loader)
+        return {"count": 1, "top1": 0.0, "top5": 0.0, "loss": 0.0}
+
+    monkeypatch.setattr(robustness, "evaluate", record)
+    assert main(["robustness", str(tmp_path / "c"), "--results-file", str(tmp_path / "r.json"),
+                 "--checkpoint", str(colour_checkpoint), "-j", "0", "--device", "cpu"]) == 0
+    assert len(seen) == 5
+    # by hand: bicubic resize of the whole 40 px image to 32 px, then (x - 0.5) / 0.5
+    resized = np.asarray(Image.fromarray(pixels).resize((32, 32), Image.BICUBIC), dtype=np.float32) / 255.0
+    expected = torch.from_numpy((resized - 0.5) / 0.5).permute(2, 0, 1)
+    torch.testing.assert_close(seen[0][0], expected, atol=0.02, rtol=0)
+    assert seen[0][0, 0, 16, 0] > 0.9 and seen[0][0, 1, 16, 0] < -0.9  # the red border is there
+    assert json.loads((tmp_path / "r.json").read_text())["protocol"]["crop_pct"] == 1.0
+
+
+def test_only_the_standard_corruptions_by_default(tmp_path, colour_checkpoint, capsys):
+    for name in ("fog", "speckle_noise"):  # speckle_noise is one of ImageNet-C's 4 extra corruptions
+        for severity in range(1, 6):
+            folder = tmp_path / "c" / name / str(severity) / "cat"
+            folder.mkdir(parents=True)
+            make_image(np.random.default_rng(severity), 0).save(folder / "0.png")
+    args = ["robustness", str(tmp_path / "c"), "--checkpoint", str(colour_checkpoint), "-j", "0", "--device", "cpu"]
+    assert main([*args, "--results-file", str(tmp_path / "a.json")]) == 0
+    assert "skipping speckle_noise" in capsys.readouterr().out
+    assert list(json.loads((tmp_path / "a.json").read_text())["corruptions"]) == ["fog"]
+    assert main([*args, "--results-file", str(tmp_path / "b.json"), "--corruptions", "fog", "speckle_noise"]) == 0
+    assert json.loads((tmp_path / "b.json").read_text())["protocol"]["corruptions"] == ["fog", "speckle_noise"]

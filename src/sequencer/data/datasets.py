@@ -11,6 +11,7 @@ import io
 import json
 import logging
 import os
+import shutil
 import tarfile
 from typing import Callable
 
@@ -367,11 +368,19 @@ def _create_torchvision(name: str, root: str | None, split: str, download: bool,
     cls_name, splits, num_classes = _TORCHVISION[key]
     cls = getattr(torchvision.datasets, cls_name)
     root = root or os.path.join(os.path.expanduser("~"), ".cache", "torchvision", key)
+    root_existed = os.path.exists(root)
     try:
         ds = cls(root=root, download=download, **_torchvision_split(key, split, splits))
     except RuntimeError as e:  # torchvision's "Dataset not found or corrupted"
         raise SequencerError(f"torch/{name} not found in {root!r}: {e}",
-                             hint="pass --dataset-download to fetch it, or point DATA at its folder") from None
+                             hint="pass --dataset-download to fetch it, or point DATA at torchvision's files for "
+                                  "it (not an image folder)") from None
+    except OSError as e:  # the download failed (offline, refused, cut short): leave no half-made folder behind
+        if not root_existed:
+            shutil.rmtree(root, ignore_errors=True)
+        reason = getattr(e, "reason", None) or e.strerror or e
+        raise SequencerError(f"could not download torch/{name} into {root!r} ({reason})",
+                             hint="without network, place torchvision's files for it in that folder") from None
     classes = getattr(ds, "classes", None)
     if not classes:
         classes = [str(i) for i in range(num_classes)] if num_classes else None
@@ -394,6 +403,22 @@ def _find_split_folder(root: str, split: str) -> str:
     if found:
         raise SequencerError(f"split {split!r} not found in {root!r}", hint=f"splits found: {', '.join(found)}")
     return root  # class folders directly
+
+
+def held_out_split(root: str | None, split: str) -> str:
+    """``split``, or "test" when ``split`` means validation and ``root`` has no such folder but a test split.
+
+    A dataset shipped as train/ and test/ (CIFAR-style) then trains and validates without ``--val-split test``.
+    """
+    if not root or not os.path.isdir(os.path.expanduser(str(root))):
+        return split
+    entries = {e.lower() for e in os.listdir(os.path.expanduser(str(root)))}
+
+    def present(name: str) -> bool:
+        return any(a.lower() in entries or a.lower() + ".tar" in entries for a in split_aliases(name))
+
+    is_val = split.lower() in SPLIT_SYNONYMS["val"]
+    return "test" if is_val and not present(split) and present("test") else split
 
 
 def _scan_image_folder(folder: str, class_to_idx: dict | None):
@@ -485,3 +510,47 @@ def create_dataset(name: str = "", root: str | None = None, split: str = "train"
     if path == root and os.path.isdir(root):
         _logger.info("%s has no split folders: using all of it as split %r", root, split)
     return dataset
+
+
+def map_classes_by_name(dataset: ClassificationDataset, class_names: list[str], what: str) -> list[str]:
+    """Label ``dataset`` with indices into ``class_names`` (e.g. the training split's), matching classes by name.
+
+    A split is never labelled on its own: a split lacking one class would otherwise shift every later label.
+    Sets ``dataset.target_transform`` (kept in front of an existing one) and ``dataset.class_names``. Raises
+    SequencerError naming classes of ``dataset`` that ``class_names`` does not have; returns the names of
+    ``class_names`` that ``dataset`` lacks (fine: reported by the caller).
+    """
+    own = list(dataset.class_names)
+    if own == list(class_names):
+        return []
+    index = {name: i for i, name in enumerate(class_names)}
+    unknown = [name for name in own if name not in index]
+    if unknown:
+        shown = ", ".join(unknown[:5]) + (", ..." if len(unknown) > 5 else "")
+        raise SequencerError(f"{what} ({dataset.description}) has {len(unknown)} class(es) the model was not trained "
+                             f"on: {shown}", hint="remove those class folders, or pass a --class-map of the classes")
+    mapping = [index[name] for name in own]
+    after = dataset.target_transform
+    dataset.target_transform = (_RemapTargets(mapping) if after is None
+                                else _Chain(_RemapTargets(mapping), after))
+    dataset.class_names = list(class_names)
+    present = set(own)
+    return [name for name in class_names if name not in present]
+
+
+class _RemapTargets:
+    """Picklable ``target -> mapping[target]`` (DataLoader workers receive the dataset by pickling)."""
+
+    def __init__(self, mapping: list[int]):
+        self.mapping = mapping
+
+    def __call__(self, target: int) -> int:
+        return self.mapping[target]
+
+
+class _Chain:
+    def __init__(self, first, second):
+        self.first, self.second = first, second
+
+    def __call__(self, target):
+        return self.second(self.first(target))

@@ -16,7 +16,8 @@ from timm.data import create_transform as timm_create_transform
 from torch.utils.data import DataLoader, default_collate
 
 from ..errors import SequencerError
-from .datasets import UnreadableImageError
+from .augment import keep_zero_bit_posterize
+from .datasets import READ_ERRORS, UnreadableImageError
 
 _logger = logging.getLogger(__name__)
 
@@ -57,12 +58,17 @@ def resolve_data_config(args_or_dict=None, model: torch.nn.Module | None = None)
         raise SequencerError(f"input size {' '.join(map(str, input_size))} must be positive")
 
     def per_channel(key, default):
-        value = args.get(key, cfg.get(key, default))
+        given = key in args
+        value = args[key] if given else cfg.get(key, default)
         value = (value,) if isinstance(value, (int, float)) else tuple(float(v) for v in value)
         if len(value) == 1:
             value = value * input_size[0]
+        if len(value) != input_size[0] and not given and input_size[0] == 1:
+            value = (sum(value) / len(value),)  # a 1-channel (grayscale) input: the average of the RGB statistics
         if len(value) != input_size[0]:
-            raise SequencerError(f"--{key} has {len(value)} values for {input_size[0]} input channels")
+            source = f"--{key}" if given else f"the model's default {key}"
+            raise SequencerError(f"{source} has {len(value)} values for {input_size[0]} input channels",
+                                 hint=f"pass --{key} with {input_size[0]} values")
         return tuple(float(v) for v in value)
 
     mean = per_channel("mean", IMAGENET_DEFAULT_MEAN)
@@ -85,7 +91,8 @@ def create_transform(input_size, is_training: bool = False, *, mean=IMAGENET_DEF
                      re_count: int = 1):
     """PIL RGB image -> normalised float tensor (C, H, W) via timm's transform factory.
 
-    ``input_size`` is an int or (C, H, W); a 1-channel size converts to grayscale first.
+    ``input_size`` is an int or (C, H, W); a 1-channel size converts to grayscale first. A 0-bit posterize in the
+    ``auto_augment`` policy gives a black image, as on the Pillow the paper trained with (`augment`).
     """
     from torchvision import transforms
 
@@ -100,7 +107,7 @@ def create_transform(input_size, is_training: bool = False, *, mean=IMAGENET_DEF
         kwargs.update(hflip=hflip, vflip=vflip, scale=tuple(scale) if scale else None,
                       ratio=tuple(ratio) if ratio else None, color_jitter=color_jitter, auto_augment=auto_augment,
                       re_prob=re_prob, re_mode=re_mode, re_count=re_count)
-    transform = timm_create_transform(**kwargs)
+    transform = keep_zero_bit_posterize(timm_create_transform(**kwargs))
     if input_size[0] == 1:
         transform = transforms.Compose([transforms.Grayscale(1), transform])
     return transform
@@ -179,22 +186,47 @@ class _EpochRandomSampler(torch.utils.data.Sampler):
         return iter(torch.randperm(self.num_samples, generator=g).tolist())
 
 
+def _worker_errors_as_one_line(batches):
+    """``batches``, with an exception raised inside a data-loader worker re-raised as one SequencerError line.
+
+    The DataLoader re-raises a worker's exception with the worker's whole traceback in its message; under
+    torchrun every rank would print it. The last line of that traceback names the error.
+    """
+    try:
+        yield from batches
+    except Exception as e:
+        text = str(e)
+        if not text.startswith("Caught ") or "DataLoader worker" not in text:
+            raise
+        last = [line for line in text.splitlines() if line.strip()][-1].strip()
+        raise SequencerError(f"a data-loader worker failed: {last}",
+                             hint="run with -j 0 to see the full traceback") from None
+
+
+def augmentation_seed(seed: int, rank: int, epoch: int) -> int:
+    """A 63-bit seed for the data workers of process ``rank`` in ``epoch``, distinct per (seed, rank, epoch)."""
+    import numpy as np
+    return int(np.random.SeedSequence([seed, rank, epoch]).generate_state(2, np.uint64)[0] >> np.uint64(1))
+
+
 class ImageLoader(DataLoader):
     """A DataLoader yielding ``(images (N, C, H, W) float, targets (N,) long)`` already on ``device``.
 
     Unreadable images are skipped with a warning naming each file (once per file); ``loader.skipped`` lists the
     files skipped in the current/latest pass (for the epoch log) and ``loader.dataset.skipped`` all seen so far.
     More than ``max_unreadable`` (a fraction) of a pass unreadable aborts with a SequencerError listing them.
-    Shuffling and the workers' random seeds depend only on ``seed`` and the epoch, so a resumed run sees the same
-    order: the epoch is what ``loader.set_epoch(e)`` or ``loader.sampler.set_epoch(e)`` set before the pass,
+    Shuffling depends only on ``seed`` and the epoch, the workers' augmentation draws on ``seed``, the epoch, the
+    process's ``rank`` and the worker, so no two workers of a run draw alike and a resumed run sees the same
+    batches: the epoch is what ``loader.set_epoch(e)`` or ``loader.sampler.set_epoch(e)`` set before the pass,
     otherwise one more than the previous pass's.
     """
 
-    def __init__(self, dataset, *, device, max_unreadable: float, seed: int, **kwargs):
+    def __init__(self, dataset, *, device, max_unreadable: float, seed: int, rank: int = 0, **kwargs):
         super().__init__(dataset, **kwargs)
         self.device = torch.device(device)
         self.max_unreadable = max_unreadable
         self.seed = seed
+        self.rank = rank
         self.skipped: list[str] = []
         self._last_epoch: int | None = None
         self._explicit_epoch: int | None = None
@@ -219,11 +251,13 @@ class ImageLoader(DataLoader):
         if hasattr(self.sampler, "set_epoch"):
             self.sampler.set_epoch(epoch)
         if self.generator is not None:
-            self.generator.manual_seed(self.seed + epoch)  # the base seed of the workers' RNGs
+            # the DataLoader draws its base seed from this generator and gives worker k ``base + k``; the main
+            # process (num_workers=0) draws from it too. Mixing in the rank keeps the ranks' workers apart.
+            self.generator.manual_seed(augmentation_seed(self.seed, self.rank, epoch))
         self.skipped = []
         total = len(self.sampler)
         non_blocking = self.device.type == "cuda"
-        for images, targets, failed in super().__iter__():
+        for images, targets, failed in _worker_errors_as_one_line(super().__iter__()):
             if failed:
                 self._note_unreadable(failed, total)
             if images is None:
@@ -239,10 +273,29 @@ class ImageLoader(DataLoader):
                 seen.add(path)
                 _logger.warning("skipped unreadable image %s", path)
         if len(self.skipped) > self.max_unreadable * total:
-            shown = ", ".join(self.skipped[:20]) + (", ..." if len(self.skipped) > 20 else "")
+            broken, exact = self._all_unreadable()
+            shown = ", ".join(broken[:20]) + (f", ... ({len(broken) - 20} more)" if len(broken) > 20 else "")
+            count = f"{len(broken)}" if exact else f"at least {len(broken)}"
             raise SequencerError(
-                f"{len(self.skipped)} of {total} images are unreadable (more than {self.max_unreadable:.0%}): {shown}",
+                f"{count} of {total} images are unreadable (more than {self.max_unreadable:.0%}): {shown}",
                 hint="remove or replace the broken files")
+
+    SCAN_LIMIT = 20000  # images; a larger pass reports the broken files found before it stopped ("at least")
+
+    def _all_unreadable(self) -> tuple[list[str], bool]:
+        """Every unreadable file of this pass's indices (checked now, so the count and list are complete) and
+        True; or, for a pass too large to check quickly, the ones found so far and False."""
+        indices = list(self.sampler)
+        base = self.dataset.dataset
+        if len(indices) > self.SCAN_LIMIT or not hasattr(base, "load"):
+            return list(self.skipped), False
+        broken = []
+        for index in indices:
+            try:
+                base.load(index)
+            except READ_ERRORS:
+                broken.append(base.describe(index))
+        return broken, True
 
 
 def create_loader(dataset, input_size, batch_size: int, is_training: bool = False, *,
@@ -272,6 +325,7 @@ def create_loader(dataset, input_size, batch_size: int, is_training: bool = Fals
     drop_last = is_training if drop_last is None else drop_last
     generator = torch.Generator()
     generator.manual_seed(seed)
+    rank = 0
     if distributed and torch.distributed.is_available() and torch.distributed.is_initialized():
         rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
         if is_training:
@@ -290,6 +344,6 @@ def create_loader(dataset, input_size, batch_size: int, is_training: bool = Fals
     device = torch.device(device)
     return ImageLoader(
         _SkippingView(dataset, replace=is_training), device=device, max_unreadable=max_unreadable, seed=seed,
-        batch_size=batch_size, sampler=sampler, num_workers=num_workers, collate_fn=_collate,
+        rank=rank, batch_size=batch_size, sampler=sampler, num_workers=num_workers, collate_fn=_collate,
         pin_memory=device.type == "cuda" if pin_memory is None else pin_memory, drop_last=drop_last,
         generator=generator)

@@ -27,7 +27,7 @@ import numpy as np
 import torch
 
 from ..errors import SequencerError
-from ..fileio import fsync_dir, write_atomically
+from ..fileio import fsync_dir, temp_path, write_atomically
 from ..models.loading import read_checkpoint
 
 CHECKPOINT_VERSION = 1
@@ -48,7 +48,7 @@ def atomic_save(obj, path: str | os.PathLike) -> None:
 
 def atomic_link_or_copy(src: Path, dst: Path) -> None:
     """Make ``dst`` hold the bytes of ``src`` atomically: a hard link when the filesystem allows, else a copy."""
-    tmp = dst.with_name(f".{dst.name}.tmp-{os.getpid()}")
+    tmp = temp_path(dst)
     tmp.unlink(missing_ok=True)
     try:
         try:
@@ -62,9 +62,10 @@ def atomic_link_or_copy(src: Path, dst: Path) -> None:
         os.replace(tmp, dst)
     except OSError as e:
         tmp.unlink(missing_ok=True)
-        reason = "the disk is full" if e.errno == errno.ENOSPC else (e.strerror or str(e))
+        full = e.errno in (errno.ENOSPC, errno.EDQUOT)
+        reason = "the disk is full" if full else (e.strerror or str(e))
         raise SequencerError(f"could not write checkpoint {str(dst)!r}: {reason}; nothing was half-written",
-                             hint="free some space or pass another --output") from None
+                             hint=("free some space or " if full else "") + "pass another --output") from None
     fsync_dir(dst.parent)
 
 

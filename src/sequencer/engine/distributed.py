@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import signal
 from dataclasses import dataclass
 from datetime import timedelta
 
@@ -80,11 +81,25 @@ def process_group(device: str | None = None):
     info = init_distributed(device)
     try:
         yield info
-    except BaseException:
+    except BaseException as e:
         cleanup(info)
+        if info.distributed and _peer_is_gone(e):
+            # another rank failed and has said why on its own line; torchrun ends this one. Exit without a
+            # traceback of our own, whichever of the two comes first.
+            raise SystemExit(PEER_GONE_EXIT) from None
         raise
     barrier(info)
     cleanup(info)
+
+
+# the exit status of a rank that stopped because another failed: the launch reports the other's status
+PEER_GONE_EXIT = 1
+# what gloo (and NCCL) say when the rank at the other end of a collective has exited
+_PEER_GONE = ("Connection closed by peer", "Connection reset by peer", "Broken pipe", "Connection refused")
+
+
+def _peer_is_gone(error: BaseException) -> bool:
+    return isinstance(error, (RuntimeError, dist.DistError)) and any(m in str(error) for m in _PEER_GONE)
 
 
 def barrier(info: DistInfo) -> None:
@@ -126,3 +141,40 @@ def all_gather_object(obj, info: DistInfo) -> list:
     out = [None] * info.world_size
     dist.all_gather_object(out, obj)
     return out
+
+
+def launch(argv: list[str] | None = None) -> int:
+    """torchrun (``torch.distributed.run``) as ``distributed_train.sh`` uses it, but failing the way one process does.
+
+    torchrun answers a failed worker with its own traceback and a report per rank, after each worker's own error
+    line, and a Ctrl-C with a traceback and exit status 1. Here a failed worker ends the launch with that worker's
+    exit status (the first failure's; a worker killed by signal N gives 128+N) and no launcher traceback, and a
+    signal to the launcher (Ctrl-C: SIGINT) ends it with 128+signal once torchrun has stopped the workers (which
+    save a recovery checkpoint on SIGINT/SIGTERM).
+    """
+    import logging
+
+    from torch.distributed import run as torchrun
+    from torch.distributed.elastic.multiprocessing.api import SignalException
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+
+    for name in list(logging.root.manager.loggerDict):  # its per-rank failure reports repeat the workers' lines
+        if name.startswith("torch.distributed.elastic") and os.environ.get("LOGLEVEL") is None:
+            logging.getLogger(name).setLevel(logging.CRITICAL)
+
+    try:
+        torchrun.run(torchrun.parse_args(argv))
+    except ChildFailedError as e:
+        failures = sorted(e.failures.values(), key=lambda f: f.timestamp)
+        # the rank that failed first in its own right, not one that merely lost its peer or was stopped by torchrun
+        own = [f.exitcode for f in failures if f.exitcode not in (PEER_GONE_EXIT, -signal.SIGTERM)]
+        code = (own or [f.exitcode for f in failures])[0]
+        return 128 - code if code < 0 else (code or 1)
+    except SignalException as e:
+        return 128 + int(e.sigval)
+    return 0
+
+
+if __name__ == "__main__":
+    import sys
+    sys.exit(launch())

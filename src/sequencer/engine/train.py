@@ -15,6 +15,7 @@ stops the run before the bad update, keeping the last good checkpoint.
 from __future__ import annotations
 
 import argparse
+import ast
 import contextlib
 import csv
 import math
@@ -31,13 +32,15 @@ import torch
 import yaml
 from torch import nn
 
+from ..cli_common import check_device
+from ..data.datasets import held_out_split, map_classes_by_name
 from ..errors import SequencerError
-from ..fileio import write_atomically
+from ..fileio import remove_stale_temporaries, temp_path, write_atomically
 from ..models import create_model, get_model_entry
 from ..models.loading import load_state_dict_into, read_checkpoint, extract_state_dict
 from . import distributed as dist_utils
-from .checkpoint import (CHECKPOINT_VERSION, CheckpointManager, find_auto_resume, get_rng_state,
-                         resume_position, set_rng_state)
+from .checkpoint import CHECKPOINT_VERSION, CheckpointManager, get_rng_state, resume_position, set_rng_state
+from .resume import apply_resume_contract, experiment_folder, locate_resume, read_resume_checkpoint
 
 SUMMARY_FIELDS = ["epoch", "train_loss", "eval_loss", "eval_top1", "eval_top5", "lr", "epoch_seconds"]
 
@@ -75,7 +78,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--model", "-m", default=None, metavar="NAME",
                    help="model name (default: sequencer2d_s; sequencer2d_nano for the demo; a resumed or "
                         "initial checkpoint's own)")
-    g.add_argument("--model-kwargs", nargs="*", default={}, action=_ParseKwargs, metavar="KEY=VALUE",
+    g.add_argument("--model-kwargs", nargs="*", default={}, type=_key_value, action=_KeyValues, metavar="KEY=VALUE",
                    help="architecture overrides, e.g. layers='(1,1,1)' union=add")
     g.add_argument("--pretrained", action="store_true", help="start from the released ImageNet weights")
     g.add_argument("--initial-checkpoint", default="", metavar="PATH", help="start from these weights")
@@ -196,21 +199,22 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.set_defaults(_train_defaults=defaults)
 
 
-class _ParseKwargs(argparse.Action):
-    """KEY=VALUE pairs, values read as Python literals (timm's ParseKwargs, but naming a malformed pair)."""
+def _key_value(text: str) -> tuple[str, object]:
+    """'depth=3' -> ('depth', 3): the value as a Python literal where it reads as one, else as text."""
+    key, equals, raw = text.partition("=")
+    if not equals or not key:
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
+    try:
+        return key, ast.literal_eval(raw)
+    except (ValueError, SyntaxError):
+        return key, raw
+
+
+class _KeyValues(argparse.Action):
+    """Collects the (key, value) pairs of :func:`_key_value` into one dict."""
 
     def __call__(self, parser, namespace, values, option_string=None):
-        import ast
-        kw = {}
-        for item in values:
-            if "=" not in item:
-                parser.error(f"{option_string}: expected KEY=VALUE, got {item!r}")
-            key, value = item.split("=", 1)
-            try:
-                kw[key] = ast.literal_eval(value)
-            except (ValueError, SyntaxError):
-                kw[key] = value
-        setattr(namespace, self.dest, kw)
+        setattr(namespace, self.dest, dict(values))
 
 
 # ------------------------------------------------------------------------------------------- configuration
@@ -230,15 +234,20 @@ def resolve_config(args: argparse.Namespace) -> argparse.Namespace:
             raise SequencerError(f"--config {config_path!r} is not valid YAML ({str(e).splitlines()[0]})") from None
         if not isinstance(from_yaml, dict):
             raise SequencerError(f"--config {config_path!r} must hold a mapping of flag names to values")
+        # keys may be spelled as the flags are (drop-path) or as args.yaml writes them (drop_path)
+        from_yaml = {str(k).lstrip("-").replace("-", "_"): v for k, v in from_yaml.items()}
         unknown = sorted(set(from_yaml) - set(defaults))
         if unknown:
-            warnings.warn(f"--config {config_path}: ignoring unknown keys {', '.join(map(str, unknown))}")
-        from_yaml = {k.replace("-", "_"): v for k, v in from_yaml.items() if k in defaults and k != "config"}
+            raise SequencerError(f"--config {config_path!r}: unknown key(s) {', '.join(unknown)}",
+                                 hint="keys are train's flag names, e.g. drop-path or drop_path")
+        from_yaml.pop("config", None)
     merged = {**defaults, **from_yaml, **explicit}
     data = merged.get("data") or merged.get("data_dir")
     if (not data and not merged.get("dataset")) or merged.get("dataset") == "digits":
         merged = {**defaults, **DIGITS_DEFAULTS, **from_yaml, **explicit}
     merged["data"] = merged.get("data") or merged.get("data_dir")
+    # which settings the user chose (flags or --config): a resume takes every other one from its checkpoint
+    merged["_given"] = sorted(set(explicit) | set(from_yaml))
     return argparse.Namespace(**merged)
 
 
@@ -252,6 +261,8 @@ def check_config(cfg: argparse.Namespace) -> None:
     """Refuse values that cannot work, naming the flag."""
     def bad(flag, value, need):
         raise SequencerError(f"{flag} {value}: {need}")
+
+    check_device(cfg.device)
 
     if cfg.epochs <= 0:
         bad("--epochs", cfg.epochs, "must be at least 1")
@@ -308,6 +319,11 @@ def check_config(cfg: argparse.Namespace) -> None:
         get_model_entry(cfg.model)  # unknown names fail before any data is read, with suggestions
     if cfg.initial_checkpoint and not Path(cfg.initial_checkpoint).is_file():
         raise SequencerError(f"--initial-checkpoint {cfg.initial_checkpoint!r}: no such file")
+    if not cfg.resume:  # a resume checks it once the checkpoint's settings are known
+        shorten_warmup(cfg)
+
+
+def shorten_warmup(cfg: argparse.Namespace) -> None:
     if cfg.warmup_epochs and cfg.warmup_epochs >= cfg.epochs:
         # timm's default 5 warmup epochs would keep a short run below --lr for its whole length. A quarter of the
         # run instead; but stepped per epoch, warmup spends its whole first epoch at --warmup-lr, so a 1-epoch
@@ -321,6 +337,11 @@ def check_config(cfg: argparse.Namespace) -> None:
 
 
 # ----------------------------------------------------------------------------------------------- outputs
+def _run_args(cfg) -> dict:
+    """The run's settings as written to args.yaml and into checkpoints (without private bookkeeping)."""
+    return _plain({k: v for k, v in vars(cfg).items() if not k.startswith("_")})
+
+
 def _plain(value):
     """A YAML/weights_only-safe copy of an argument value."""
     if isinstance(value, (list, tuple)):
@@ -372,43 +393,65 @@ def plot_summary(rows: list[dict], path: Path) -> None:
         ax.set_xlabel("epoch")
         ax.grid(alpha=0.3)
     fig.tight_layout()
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}.png")
+    tmp = temp_path(path)
     try:
-        fig.savefig(tmp, dpi=80)
+        fig.savefig(tmp, dpi=80, format="png")
         os.replace(tmp, path)
     finally:
         plt.close(fig)
         tmp.unlink(missing_ok=True)
 
 
+def _holds_a_run(folder: Path) -> bool:
+    """A folder with a checkpoint or a summary row of a run (a header-only summary.csv is not a run)."""
+    if any((folder / name).exists() for name in ("last.pth.tar", "recovery.pth.tar")):
+        return True
+    return bool(read_summary(folder / "summary.csv"))
+
+
 def _make_output_dir(cfg, info: dist_utils.DistInfo, model_name: str, img_size: int) -> Path:
-    """Pick (rank 0) and create the experiment folder; every rank gets the same path."""
+    """Pick (rank 0) and create the experiment folder; every rank gets the same path.
+
+    ``cfg._created_dirs`` lists the folders this call created (innermost first), so that a start that fails later
+    can remove them again while they are empty.
+    """
     folder = None
     if info.is_primary:
         root = Path(cfg.output or "./output/train")
         if cfg.experiment:
-            folder = root / cfg.experiment
-            if not cfg.resume and (folder / "summary.csv").exists():
+            folder = experiment_folder(cfg)
+            if not cfg.resume and _holds_a_run(folder):
                 raise SequencerError(f"experiment folder {str(folder)!r} already holds a run",
                                      hint="pass --resume auto to continue it, or another --experiment")
-        elif cfg.resume and cfg.resume != "auto" and (Path(cfg.resume).parent / "summary.csv").exists():
-            folder = Path(cfg.resume).parent  # continue the resumed run's own folder
+        elif cfg.resume and cfg.resume != "auto":
+            folder = Path(cfg.resume).parent  # continue the resumed run's own folder (docs/training.md)
         else:
             stem = "-".join([datetime.now().strftime("%Y%m%d-%H%M%S"), model_name, str(img_size)])
             folder, n = root / stem, 1
             while folder.exists():
                 folder, n = root / f"{stem}-{n}", n + 1
+        created = [folder, *folder.parents]
+        cfg._created_dirs = [str(f) for f in created[:next(i for i, f in enumerate(created) if f.exists())]]
         try:
             folder.mkdir(parents=True, exist_ok=True)
             with tempfile.NamedTemporaryFile(dir=folder, prefix=".write-test-"):
                 pass
-            for stale in folder.glob(".*.tmp-*"):  # temporaries of a run that was killed mid-write
-                stale.unlink(missing_ok=True)
+            remove_stale_temporaries(folder)  # of a run that was killed mid-write
         except OSError as e:
+            _remove_if_empty(cfg)
             raise SequencerError(f"output folder {str(folder)!r} is not writable ({e.strerror or e})",
                                  hint="pass --output DIR somewhere you can write") from None
         folder = str(folder)
     return Path(dist_utils.broadcast_object(folder, info))
+
+
+def _remove_if_empty(cfg) -> None:
+    """Remove the folders this start created when a failure left them empty (no debris)."""
+    for folder in getattr(cfg, "_created_dirs", None) or []:
+        try:
+            os.rmdir(folder)  # fails, as it should, when anything was written there
+        except OSError:
+            return
 
 
 # ------------------------------------------------------------------------------------------ stop requests
@@ -487,8 +530,16 @@ def _build_model(cfg, resume_ckpt: dict | None, init_ckpt_meta: dict | None, num
             kwargs["img_size"] = cfg.img_size
         if cfg.in_chans:
             kwargs["in_chans"] = cfg.in_chans
-    model = create_model(cfg.model, pretrained=cfg.pretrained and not resume_ckpt, **kwargs)
-    return model
+    try:
+        return create_model(cfg.model, pretrained=cfg.pretrained and not resume_ckpt, **kwargs)
+    except SequencerError as e:
+        if not cfg.pretrained or e.hint is None:
+            raise
+        # the library's hint names the other commands' --checkpoint; train takes the file as --initial-checkpoint
+        message = str(e)[:-len(f" (hint: {e.hint})")]
+        raise SequencerError(f"--pretrained: {message}",
+                             hint="download the file by other means and pass it with --initial-checkpoint FILE, "
+                                  "or drop --pretrained") from None
 
 
 def _checkpoint_state(cfg, model, model_ema, optimizer, scheduler, scaler, class_names, data_config,
@@ -507,7 +558,7 @@ def _checkpoint_state(cfg, model, model_ema, optimizer, scheduler, scaler, class
         "epoch_complete": complete,
         "step": step,
         "metric": metric,
-        "args": _plain(vars(cfg)),
+        "args": _run_args(cfg),
         "rng_state": rng_states,
     }
     if model_ema is not None:
@@ -515,11 +566,97 @@ def _checkpoint_state(cfg, model, model_ema, optimizer, scheduler, scaler, class
     return state
 
 
+def _eval_split(cfg, info, dataset_kw: dict, class_names: list[str]):
+    """The held-out split, its labels mapped by name onto the training classes (a missing class is reported)."""
+    from ..data import create_dataset
+    if "val_split" not in getattr(cfg, "_given", ()) and cfg.dataset.lower() in ("", "folder", "image_folder"):
+        found = held_out_split(cfg.data, cfg.val_split)
+        if found != cfg.val_split:
+            _log(info, f"note: {cfg.data} has no {cfg.val_split!r} split: evaluating on {found!r}")
+        cfg.val_split = found
+    eval_set = create_dataset(cfg.dataset, root=cfg.data, split=cfg.val_split, is_training=False, **dataset_kw)
+    missing = map_classes_by_name(eval_set, class_names, f"split {cfg.val_split!r}")
+    if missing:
+        _log(info, f"note: split {cfg.val_split!r} has no images of {len(missing)} of the {len(class_names)} "
+                   f"training classes ({', '.join(missing[:5])}{', ...' if len(missing) > 5 else ''})")
+    return eval_set
+
+
+def _skipped_note(loader) -> str:
+    """Unreadable training images of the epoch, for the end of its log line ("" when none)."""
+    skipped = len(getattr(loader, "skipped", None) or [])
+    return f"; skipped {skipped} unreadable training image{'s' if skipped != 1 else ''}" if skipped else ""
+
+
+def _unreadable_note(loader) -> str:
+    skipped = len(getattr(loader, "skipped", None) or [])
+    return f" ({skipped} unreadable skipped)" if skipped else ""
+
+
+def _current_lr(optimizer) -> float:
+    return sum(g["lr"] for g in optimizer.param_groups) / len(optimizer.param_groups)
+
+
+def _load_optimizer_state(optimizer, state: dict, cfg) -> None:
+    """Load a resumed optimizer state; another optimizer kind's state is refused instead of failing later."""
+    saved_keys = {k for g in state.get("param_groups", []) for k in g if k != "params"}
+    own_keys = {k for g in optimizer.param_groups for k in g if k != "params"}
+    if len(state.get("param_groups", [])) != len(optimizer.param_groups) or not own_keys <= saved_keys:
+        raise SequencerError(f"--resume: the checkpoint's optimizer state is not one of --opt {cfg.opt}",
+                             hint="pass the run's --opt, or --no-resume-opt to start a fresh optimizer")
+    optimizer.load_state_dict(state)
+
+
+def _restore_training_state(cfg, info, checkpoint, optimizer, scaler, scheduler, model_ema, updates_per_epoch: int,
+                            random_seed) -> int:
+    """Restore optimizer, scaler, EMA and RNG from ``checkpoint`` (if any); step the schedule to the start epoch.
+
+    The schedule itself is rebuilt from the (possibly new) settings, never restored: a longer ``--epochs`` or a
+    new ``--lr`` then continues from the current position instead of replaying the old length (which ends at
+    ``--min-lr``). Only the plateau scheduler keeps state (its best metric and patience), which is restored.
+    Returns the epoch to start at.
+    """
+    start_epoch = 0
+    if checkpoint is not None:
+        start_epoch = resume_position(checkpoint)
+        if not cfg.no_resume_opt:
+            if checkpoint.get("optimizer"):
+                _load_optimizer_state(optimizer, checkpoint["optimizer"], cfg)
+            if checkpoint.get("scaler"):
+                scaler.load_state_dict(checkpoint["scaler"])
+            if scheduler is not None and cfg.sched == "plateau" and checkpoint.get("scheduler"):
+                scheduler.load_state_dict(checkpoint["scheduler"])
+        if model_ema is not None:
+            ema_state = checkpoint.get("state_dict_ema")
+            if ema_state:
+                model_ema.module.load_state_dict(ema_state)
+            else:
+                warnings.warn("--resume: the checkpoint has no EMA weights; the EMA restarts from the model")
+        rng = checkpoint.get("rng_state")
+        if isinstance(rng, list) and len(rng) == info.world_size:
+            set_rng_state(rng[info.rank])
+        else:
+            warnings.warn("--resume: RNG state missing or from another number of processes; reseeding")
+            random_seed(cfg.seed + start_epoch, info.rank)
+    if cfg.start_epoch is not None:
+        start_epoch = cfg.start_epoch
+    if scheduler is not None and start_epoch > 0:
+        if scheduler.t_in_epochs:
+            scheduler.step(start_epoch)
+        else:
+            scheduler.step_update(start_epoch * updates_per_epoch)
+    return start_epoch
+
+
 def run(args: argparse.Namespace) -> int:
     cfg = resolve_config(args)
     check_config(cfg)
-    with dist_utils.process_group(cfg.device) as info:
-        return _train(cfg, info)
+    try:
+        with dist_utils.process_group(cfg.device) as info:
+            return _train(cfg, info)
+    except BaseException:
+        _remove_if_empty(cfg)
+        raise
 
 
 def _log(info, *msg):
@@ -543,12 +680,18 @@ def _train(cfg, info: dist_utils.DistInfo) -> int:
     if cfg.input_size:
         cfg.in_chans, cfg.img_size = cfg.input_size[0], cfg.input_size[1]
 
-    # ---- data
+    # ---- data and resume: everything is checked before a file or folder is written
     root = cfg.data
     dataset_kw = dict(class_map=cfg.class_map or None, download=cfg.dataset_download)
     train_set = create_dataset(cfg.dataset, root=root, split=cfg.train_split, is_training=True, **dataset_kw)
-    eval_set = create_dataset(cfg.dataset, root=root, split=cfg.val_split, is_training=False, **dataset_kw)
+    resume_path = locate_resume(cfg, info)
+    resume_ckpt = read_resume_checkpoint(resume_path) if resume_path else None
     class_names = list(train_set.class_names)
+    if resume_ckpt is not None:
+        class_names = apply_resume_contract(cfg, resume_ckpt, resume_path, class_names)
+        shorten_warmup(cfg)
+        map_classes_by_name(train_set, class_names, "the training split")
+    eval_set = _eval_split(cfg, info, dataset_kw, class_names)
     num_classes = cfg.num_classes or len(class_names)
     if num_classes < len(class_names):
         raise SequencerError(f"--num-classes {num_classes} is smaller than the {len(class_names)} classes of the "
@@ -559,17 +702,8 @@ def _train(cfg, info: dist_utils.DistInfo) -> int:
             f"{f' over {info.world_size} processes' if info.distributed else ''})",
             hint=f"use --batch-size {max(1, len(train_set) // info.world_size // 2 * 2)} or less")
 
-    # ---- resume / model
-    resume_path = cfg.resume
+    # ---- model
     init_meta = read_checkpoint(cfg.initial_checkpoint) if cfg.initial_checkpoint else None
-    name_for_folder = cfg.model or (init_meta or {}).get("arch") or "sequencer2d_s"
-    output_dir = _make_output_dir(cfg, info, name_for_folder, cfg.img_size or
-                                  get_model_entry(name_for_folder).pretrained_cfg["input_size"][-1])
-    if cfg.resume == "auto":
-        found = find_auto_resume(output_dir)
-        resume_path = str(found) if found else ""
-        _log(info, f"--resume auto: {'continuing from ' + resume_path if found else 'nothing to resume, starting'}")
-    resume_ckpt = read_checkpoint(resume_path) if resume_path else None
     model = _build_model(cfg, resume_ckpt, init_meta if init_meta and init_meta.get("arch") else None, num_classes)
     if init_meta is not None and resume_ckpt is None:
         state = extract_state_dict(init_meta)
@@ -654,47 +788,24 @@ def _train(cfg, info: dist_utils.DistInfo) -> int:
         train_loss_fn = nn.CrossEntropyLoss()
     train_loss_fn = train_loss_fn.to(device)
 
-    # ---- resume state
+    # ---- resume state, then the output folder (nothing is written before this point)
+    start_epoch = _restore_training_state(cfg, info, resume_ckpt, optimizer, scaler, scheduler, model_ema,
+                                          updates_per_epoch, random_seed)
+    if start_epoch >= num_epochs:
+        _log(info, f"--resume {resume_path}: the run already finished its {num_epochs} epochs; nothing to do "
+                   f"(pass a larger --epochs to extend it)")
+        return 0
+    output_dir = _make_output_dir(cfg, info, cfg.model, img_size)
     manager = CheckpointManager(output_dir, max_history=cfg.checkpoint_hist, decreasing=cfg.eval_metric == "loss")
-    start_epoch = 0
-    if resume_ckpt is not None:
-        start_epoch = resume_position(resume_ckpt)
-        if not cfg.no_resume_opt:
-            if resume_ckpt.get("optimizer"):
-                optimizer.load_state_dict(resume_ckpt["optimizer"])
-            if resume_ckpt.get("scaler"):
-                scaler.load_state_dict(resume_ckpt["scaler"])
-            if scheduler is not None and resume_ckpt.get("scheduler"):
-                scheduler.load_state_dict(resume_ckpt["scheduler"])
-        if model_ema is not None:
-            ema_state = resume_ckpt.get("state_dict_ema")
-            if ema_state:
-                model_ema.module.load_state_dict(ema_state)
-            else:
-                warnings.warn("--resume: the checkpoint has no EMA weights; the EMA restarts from the model")
-        rng = resume_ckpt.get("rng_state")
-        if isinstance(rng, list) and len(rng) == info.world_size:
-            set_rng_state(rng[info.rank])
-        else:
-            warnings.warn("--resume: RNG state missing or from another number of processes; reseeding")
-            random_seed(cfg.seed + start_epoch, info.rank)
+    if resume_ckpt is not None and Path(resume_path).resolve().parent == output_dir.resolve():
+        # best metric and history belong to this folder's files; a resume into a new folder starts its own
         manager.restore(resume_ckpt)
         manager.history = [(e, m) for e, m in manager.history if e < start_epoch]
-    if cfg.start_epoch is not None:
-        start_epoch = cfg.start_epoch
-    if scheduler is not None and start_epoch > 0:
-        if scheduler.t_in_epochs:
-            scheduler.step(start_epoch)
-        else:
-            scheduler.step_update(start_epoch * updates_per_epoch)
-
     summary_path = output_dir / "summary.csv"
     rows = [r for r in read_summary(summary_path) if int(r["epoch"]) < start_epoch] if resume_ckpt else []
     if info.is_primary:
-        args_yaml = yaml.safe_dump(_plain(vars(cfg)), sort_keys=False)
+        args_yaml = yaml.safe_dump(_run_args(cfg), sort_keys=False)
         write_atomically(output_dir / "args.yaml", lambda tmp: Path(tmp).write_text(args_yaml))
-        if resume_ckpt is not None:
-            write_summary(summary_path, rows)  # drop rows of epochs that will be re-run
 
     # ---- DDP / compile
     model_raw = model
@@ -708,7 +819,8 @@ def _train(cfg, info: dist_utils.DistInfo) -> int:
     where = f"{info.world_size} processes, " if info.distributed else ""
     _log(info, f"train: {cfg.model} ({n_params / 1e6:.2f}M params) on {len(train_set)} images of "
                f"{cfg.dataset or root}, {num_classes} classes, {img_size}px, {where}{device}; "
-               f"epochs {start_epoch}..{num_epochs - 1}, lr {cfg.lr:.3g}, batch {cfg.batch_size}; output {output_dir}")
+               f"epochs {start_epoch}..{num_epochs - 1}, lr {_current_lr(optimizer):.3g}, batch {cfg.batch_size}; "
+               f"output {output_dir}")
 
     use_tqdm = info.is_primary and sys.stderr.isatty()
     autocast = (lambda: torch.autocast(device.type, dtype=amp_dtype)) if amp_dtype else contextlib.nullcontext
@@ -796,7 +908,10 @@ def _train(cfg, info: dist_utils.DistInfo) -> int:
             eval_metrics = evaluate(eval_model, eval_loader, device, amp_dtype=amp_dtype,
                                     distributed=info.distributed)
             raw_top1 = eval_metrics["top1"]
-            if model_ema is not None:
+            # an EMA kept on the CPU (--model-ema-force-cpu) while training on a GPU is not evaluated, as in timm:
+            # the batches and the ranks' reductions live on the GPU
+            ema_evaluated = model_ema is not None and next(model_ema.module.parameters()).device == device
+            if ema_evaluated:
                 eval_metrics = evaluate(model_ema.module, eval_loader, device, amp_dtype=amp_dtype,
                                         distributed=info.distributed)
             metric = float(eval_metrics[cfg.eval_metric])
@@ -817,12 +932,11 @@ def _train(cfg, info: dist_utils.DistInfo) -> int:
                     plot_summary(rows, output_dir / "summary.png")
                 except Exception as e:  # a plotting problem must never stop training
                     warnings.warn(f"could not draw summary.png: {e}")
-                ema_note = f" (raw model {raw_top1:.2f})" if model_ema is not None else ""
-                skipped = len(getattr(train_loader, "skipped", []) or [])
-                ema_note += f" skipped {skipped} unreadable images" if skipped else ""
+                ema_note = f" (raw model {raw_top1:.2f})" if ema_evaluated else ""
                 print(f"epoch {epoch}: train_loss {train_loss:.4f} eval_loss {eval_metrics['loss']:.4f} "
                       f"top1 {eval_metrics['top1']:.2f}{ema_note} top5 {eval_metrics['top5']:.2f} "
-                      f"lr {lr:.2e} {seconds:.1f}s{' *best*' if is_best else ''}", flush=True)
+                      f"lr {lr:.2e} {seconds:.1f}s{' *best*' if is_best else ''}{_skipped_note(train_loader)}",
+                      flush=True)
             if stop.signum:  # signal arrived during evaluation: the epoch is saved, stop here
                 _log(info, f"stopped by {signal.Signals(stop.signum).name} after epoch {epoch}; resume with "
                            f"--resume {output_dir / 'last.pth.tar'}")
@@ -832,8 +946,8 @@ def _train(cfg, info: dist_utils.DistInfo) -> int:
                 if manager.best_metric is not None else "")
         what = "digits demo" if cfg.dataset == "digits" else "done"
         print(f"{what}: eval top-1 {eval_metrics['top1']:.2f}% top-5 {eval_metrics['top5']:.2f}% on "
-              f"{len(eval_set)} held-out images after {num_epochs} epochs in {time.time() - t_start:.0f}s{best}; "
-              f"checkpoints in {output_dir}", flush=True)
+              f"{eval_metrics['count']} held-out images{_unreadable_note(eval_loader)} after {num_epochs} epochs in "
+              f"{time.time() - t_start:.0f}s{best}; checkpoints in {output_dir}", flush=True)
     return 0
 
 

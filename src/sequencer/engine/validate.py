@@ -16,10 +16,13 @@ import os
 
 import torch
 
-from ..cli_common import add_model_args, check_results_file, checkpoint_metadata, load_model_from_args, positive_int
+from ..cli_common import (add_model_args, check_device, check_input_size, check_results_file, check_workers,
+                          label_with_model_classes, load_model_from_args, positive_int)
 from ..data import create_dataset, create_loader, resolve_data_config
+from ..data.datasets import held_out_split
 from ..data.loader import INTERPOLATIONS
 from ..errors import SequencerError
+from ..fileio import write_atomically
 from ..models import get_model_entry
 from .distributed import process_group
 from .evaluate import evaluate
@@ -54,9 +57,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def write_results(path: str, results: dict) -> None:
-    """Write ``results`` as JSON (an object) or CSV (a header row and one value row)."""
-    try:
-        with open(path, "w", newline="") as f:
+    """Write ``results`` atomically as JSON (an object) or CSV (a header row and one value row)."""
+    def write(tmp: str) -> None:
+        with open(tmp, "w", newline="") as f:
             if path.lower().endswith(".csv"):
                 writer = csv.DictWriter(f, fieldnames=list(results))
                 writer.writeheader()
@@ -64,43 +67,15 @@ def write_results(path: str, results: dict) -> None:
             else:
                 json.dump(results, f, indent=2)
                 f.write("\n")
-    except OSError as e:
-        raise SequencerError(f"cannot write --results-file {path!r}: {e.strerror or e}") from None
 
-
-def target_mapping(dataset, loaded) -> list[int] | None:
-    """Dataset class index -> model output index, or None when they already agree; raises on a head mismatch.
-
-    A checkpoint's own class names map a dataset holding some of its classes by name; ImageNet synset folders
-    (n01440764, ...) map onto a 1000-class model's outputs; otherwise the class counts must match.
-    """
-    num_outputs = getattr(loaded.model, "num_classes", None)
-    names = list(dataset.class_names)
-    ckpt_names = list(checkpoint_metadata(loaded.checkpoint).get("class_names") or [])
-    if ckpt_names and names != ckpt_names and set(names) <= set(ckpt_names):
-        index = {n: i for i, n in enumerate(ckpt_names)}
-        return [index[n] for n in names]
-    if num_outputs == 1000 and len(names) < 1000 and all(n.startswith("n") and n[1:].isdigit() for n in names):
-        from timm.data import ImageNetInfo
-        info = ImageNetInfo()
-        synsets = {info.index_to_label_name(i): i for i in range(1000)}
-        if all(n in synsets for n in names):
-            return [synsets[n] for n in names]
-    if num_outputs is not None and num_outputs != len(names):
-        raise SequencerError(
-            f"model {loaded.name} has a {num_outputs}-class head but {dataset.description} has {len(names)} classes",
-            hint="validate a checkpoint trained on this data, or pass --class-map / --num-classes to match")
-    return None
+    write_atomically(path, write, what="--results-file")
 
 
 def run(args: argparse.Namespace) -> int:
     check_results_file(args.results_file, RESULT_FORMATS)
     dataset_name = args.dataset or ("" if args.data else "digits")
-    if args.device:
-        try:
-            torch.device(args.device)
-        except RuntimeError:
-            raise SequencerError(f"--device {args.device!r} is not a device", hint="use cpu, cuda or cuda:N") from None
+    check_device(args.device)
+    check_workers(args.workers)
     with process_group(args.device) as dist_info:
         return _run(args, dataset_name, dist_info)
 
@@ -110,6 +85,11 @@ def _run(args, dataset_name: str, dist_info) -> int:
     if device.type == "cuda" and not torch.cuda.is_available():
         raise SequencerError(f"--device {args.device}: CUDA is not available", hint="use --device cpu")
     # the data first: a missing folder should not wait for (or download) the model's weights
+    if not dataset_name:  # as train: a folder with only train/ and test/ is evaluated on test/
+        found = held_out_split(args.data, args.split)
+        if found != args.split and dist_info.is_primary:
+            print(f"note: {args.data} has no {args.split!r} split: evaluating on {found!r}")
+        args.split = found
     dataset = create_dataset(dataset_name, root=args.data, split=args.split, class_map=args.class_map or None,
                              download=args.dataset_download)
     if args.model and not args.checkpoint and not args.pretrained:
@@ -126,15 +106,8 @@ def _run(args, dataset_name: str, dist_info) -> int:
     config.update({k: v for k, v in overrides.items() if v is not None})
     config = resolve_data_config(config, loaded.model)
     height, width = config["input_size"][1:]
-    if hasattr(loaded.model, "check_input_size"):
-        try:
-            loaded.model.check_input_size(height, width)
-        except ValueError as e:
-            raise SequencerError(f"image size {height}x{width}: {e}",
-                                 hint=f"use a multiple of {getattr(loaded.model, 'reduction', '?')}") from None
-    mapping = target_mapping(dataset, loaded)
-    if mapping is not None:
-        dataset.target_transform = mapping.__getitem__
+    check_input_size(loaded, height, width)
+    label_with_model_classes(dataset, loaded)
     workers = args.workers
     if workers is None:
         workers = 0 if dataset_name == "digits" else min(4, os.cpu_count() or 1)

@@ -69,6 +69,4 @@ def run(args: argparse.Namespace) -> int:
     sizes = tuple(args.sizes or ())
     rows = [model_summary(n, sizes) for n in names]
     print(format_table(rows, sizes))
-    if any(r["pretrained"] and r["input_size"][-1] != 224 for r in rows):
-        print("\npretrained *_392 models start from the 224 px release weights (no 392 px weights were released).")
     return 0

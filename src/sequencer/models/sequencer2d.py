@@ -16,6 +16,7 @@ from typing import Callable, Sequence
 import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
+from timm.layers import DropPath, lecun_normal_
 
 from .kernels.onednn import (_autocast_bf16_copies, _MixAxesFunction, _onednn_linear_ok, _OneDnnMlpFunction,
                              _under_cpu_bf16_autocast, linear)
@@ -29,64 +30,47 @@ RELEASE_URL = "https://github.com/okojoalg/sequencer/releases/download/weights/{
 UNIONS = ("cat", "add", "vertical", "horizontal")
 
 
-def lecun_normal_(tensor: torch.Tensor) -> torch.Tensor:
-    """LeCun normal: truncated normal (at 2 std) with variance 1/fan_in, as the paper's code (via timm)."""
-    fan_in = tensor.shape[1] * math.prod(tensor.shape[2:])
-    # 0.8796 is the std of a unit normal truncated to [-2, 2]; dividing restores the intended variance.
-    std = math.sqrt(1.0 / fan_in) / 0.87962566103423978
-    with torch.no_grad():
-        return nn.init.trunc_normal_(tensor, std=std, a=-2 * std, b=2 * std)
+def _init_linear(module: nn.Linear, name: str, head_bias: float) -> None:
+    if name.startswith("head"):  # a zero head: every class starts equally likely
+        nn.init.zeros_(module.weight)
+        nn.init.constant_(module.bias, head_bias)
+        return
+    nn.init.xavier_uniform_(module.weight)
+    if module.bias is not None:
+        # the MLPs' biases get a tiny spread rather than exact zeros, as the paper's code (via timm) does
+        nn.init.normal_(module.bias, std=1e-6) if "mlp" in name else nn.init.zeros_(module.bias)
 
 
-def init_weights(module: nn.Module, name: str = "", head_bias: float = 0.0) -> None:
-    """The paper's init: xavier-uniform linears, LeCun-normal convs, RNN uniform(+-1/sqrt(hidden)), zero head."""
-    if isinstance(module, nn.Linear):
-        if name.startswith("head"):
-            nn.init.zeros_(module.weight)
-            nn.init.constant_(module.bias, head_bias)
-        else:
-            nn.init.xavier_uniform_(module.weight)
-            if module.bias is not None:
-                if "mlp" in name:
-                    nn.init.normal_(module.bias, std=1e-6)
-                else:
-                    nn.init.zeros_(module.bias)
-    elif isinstance(module, nn.Conv2d):
-        lecun_normal_(module.weight)
-        if module.bias is not None:
-            nn.init.zeros_(module.bias)
-    elif isinstance(module, nn.LayerNorm):
-        nn.init.ones_(module.weight)
+def _init_conv(module: nn.Conv2d, name: str, head_bias: float) -> None:
+    lecun_normal_(module.weight)
+    if module.bias is not None:
         nn.init.zeros_(module.bias)
-    elif isinstance(module, nn.RNNBase):
-        stdv = 1.0 / math.sqrt(module.hidden_size)
-        for weight in module.parameters():
-            nn.init.uniform_(weight, -stdv, stdv)
 
 
-def named_apply(fn: Callable, module: nn.Module, name: str = "") -> None:
-    """Depth-first ``fn(module, name)`` over the tree, children before parents (as timm's helper)."""
-    for child_name, child in module.named_children():
-        named_apply(fn, child, f"{name}.{child_name}" if name else child_name)
-    fn(module, name)
+def _init_layer_norm(module: nn.LayerNorm, name: str, head_bias: float) -> None:
+    nn.init.ones_(module.weight)
+    nn.init.zeros_(module.bias)
 
 
-class DropPath(nn.Module):
-    """Stochastic depth per sample (drops the whole residual branch with probability ``p``)."""
+def _init_rnn(module: nn.RNNBase, name: str, head_bias: float) -> None:
+    bound = module.hidden_size ** -0.5  # PyTorch's own RNN default, restated after the other inits
+    for weight in module.parameters():
+        nn.init.uniform_(weight, -bound, bound)
 
-    def __init__(self, p: float = 0.0):
-        super().__init__()
-        self.p = p
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.p == 0.0 or not self.training:
-            return x
-        keep = 1.0 - self.p
-        mask = x.new_empty((x.shape[0],) + (1,) * (x.ndim - 1)).bernoulli_(keep)
-        return x * mask.div_(keep)
+# the paper's initialisation, by module type: xavier-uniform linears, LeCun-normal convs, unit LayerNorms,
+# RNN weights uniform in +-1/sqrt(hidden), and a zero head (bias -log(classes) with ``nlhb``)
+_INITIALISERS = ((nn.Linear, _init_linear), (nn.Conv2d, _init_conv), (nn.LayerNorm, _init_layer_norm),
+                 (nn.RNNBase, _init_rnn))
 
-    def extra_repr(self) -> str:
-        return f"p={self.p}"
+
+def init_weights(root: nn.Module, prefix: str = "", head_bias: float = 0.0) -> None:
+    """Initialise every module under ``root`` (names relative to the model, hence ``prefix`` for a sub-tree)."""
+    for name, module in root.named_modules(prefix=prefix):
+        for kind, initialise in _INITIALISERS:
+            if isinstance(module, kind):
+                initialise(module, name, head_bias)
+                break
 
 
 class Linear(nn.Linear):
@@ -367,7 +351,7 @@ class Sequencer2d(nn.Module):
 
     def init_weights(self, nlhb: bool = False) -> None:
         head_bias = -math.log(self.num_classes) if nlhb and self.num_classes > 0 else 0.0
-        named_apply(partial(init_weights, head_bias=head_bias), self)
+        init_weights(self, head_bias=head_bias)
 
     @property
     def reduction(self) -> int:
@@ -395,7 +379,7 @@ class Sequencer2d(nn.Module):
         pool = self.head.global_pool if global_pool is None else global_pool
         ref = next(self.parameters())
         self.head = ClassifierHead(self.num_features, num_classes, pool, self.drop_rate).to(ref.device, ref.dtype)
-        named_apply(init_weights, self.head, "head")
+        init_weights(self.head, "head")
 
     def check_input_size(self, height: int, width: int) -> None:
         r = self.reduction
@@ -446,7 +430,8 @@ class Sequencer2d(nn.Module):
                 intermediates.append(y.permute(0, 3, 1, 2) if output_fmt == "NCHW" else y)
         if intermediates_only:
             return intermediates
-        return self.norm(x), intermediates
+        # after stop_early the last stage run may be an earlier one, whose width the final norm need not match
+        return (self.norm(x) if last == n - 1 else x), intermediates
 
 
 class FeatureExtractor(nn.Module):
@@ -499,13 +484,11 @@ MODEL_CONFIGS: dict[str, tuple[dict, dict]] = {
     "sequencer2d_s": (_S, _cfg(_RELEASE["sequencer2d_s"])),
     "sequencer2d_m": (_M, _cfg(_RELEASE["sequencer2d_m"])),
     "sequencer2d_l": (_L, _cfg(_RELEASE["sequencer2d_l"])),
-    # 392 px fine-tuned variants: same weights shape; the released 224 weights are their starting point.
-    "sequencer2d_s_392": (dict(_S, img_size=392), _cfg(_RELEASE["sequencer2d_s"], input_size=(3, 392, 392),
-                                                      crop_pct=1.0)),
-    "sequencer2d_m_392": (dict(_M, img_size=392), _cfg(_RELEASE["sequencer2d_m"], input_size=(3, 392, 392),
-                                                      crop_pct=1.0)),
-    "sequencer2d_l_392": (dict(_L, img_size=392), _cfg(_RELEASE["sequencer2d_l"], input_size=(3, 392, 392),
-                                                      crop_pct=1.0)),
+    # 392 px variants: no 392 px weights were released, so they have none (pretrained=True refuses); to start
+    # from the 224 px release at 392 px, use e.g. sequencer2d_l with --pretrained --img-size 392 --crop-pct 1.0
+    "sequencer2d_s_392": (dict(_S, img_size=392), _cfg(input_size=(3, 392, 392), crop_pct=1.0)),
+    "sequencer2d_m_392": (dict(_M, img_size=392), _cfg(input_size=(3, 392, 392), crop_pct=1.0)),
+    "sequencer2d_l_392": (dict(_L, img_size=392), _cfg(input_size=(3, 392, 392), crop_pct=1.0)),
     # ablations of the paper
     "sequencer2d_s_unidirectional": (dict(_S, bidirectional=False), _cfg()),
     "sequencer2d_s_add": (dict(_S, union="add"), _cfg()),

@@ -34,14 +34,17 @@ import subprocess
 import sys
 import time
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Callable
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..cli_common import add_model_args, check_results_file, load_model_from_args, positive_int
+from ..cli_common import add_model_args, check_input_size, check_results_file, load_model_from_args, positive_int
 from ..errors import SequencerError
+from ..fileio import write_atomically
+from ..models.sequencer2d import onednn_bf16_supported
 
 AMP_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 TIMM_MODELS = ("sequencer2d_s", "sequencer2d_m", "sequencer2d_l")
@@ -94,7 +97,8 @@ def gemm_rate(dtype: torch.dtype, device: torch.device, size: int = 2048, iters:
     a = torch.randn(size, size, device=device).to(dtype)
     b = torch.randn(size, size, device=device).to(dtype)
     candidates: dict[str, Callable] = {"torch.mm": lambda: torch.mm(a, b)}
-    if device.type == "cpu" and torch.backends.mkldnn.is_available() and dtype != torch.float16:
+    onednn_has_dtype = dtype == torch.float32 or dtype == torch.bfloat16 and onednn_bf16_supported()
+    if device.type == "cpu" and torch.backends.mkldnn.is_available() and onednn_has_dtype:
         bt = b.t()  # a linear with weight b^T is a @ b
         candidates["onednn"] = lambda: torch.ops.mkldnn._linear_pointwise(a, bt, None, "none", [], "")
     best = 0.0
@@ -325,6 +329,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--gemm-size", type=positive_int, default=2048, help="side of the GEMM-rate probe")
     parser.add_argument("--results-file", default="", metavar="R.json", help="write the results as JSON")
     parser.add_argument("--seed", type=int, default=0)
+    g = parser.add_argument_group("input pipeline (--data)")
+    g.add_argument("--data", default="", metavar="DIR",
+                   help="measure the training input pipeline on DIR's train split instead of the model "
+                        "(with --compare-timm: beside timm's create_loader)")
+    g.add_argument("-j", "--workers", type=int, default=2, help="data-loader workers for --data (default 2)")
+    g.add_argument("--rounds", type=positive_int, default=3, help="alternating timed rounds for --data (default 3)")
 
 
 def _rel_diff(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -346,7 +356,7 @@ def run_benchmark(args: argparse.Namespace) -> dict:
         raise SequencerError(f"--compare-timm: timm has no {name!r}", hint=f"use one of {', '.join(TIMM_MODELS)}")
     input_size = tuple(loaded.input_size)
     img_size = input_size[-1]
-    getattr(model, "check_input_size", lambda h, w: None)(img_size, img_size)
+    check_input_size(loaded, img_size, img_size)
     try:
         from ..models.flops import count_macs
         macs = count_macs(model, input_size)
@@ -441,12 +451,15 @@ def format_results(report: dict) -> str:
 
 def run(args: argparse.Namespace) -> int:
     check_results_file(args.results_file)
-    report = run_benchmark(args)
-    print(format_results(report))
+    if args.data:
+        from .loader_benchmark import format_loader_results, run_loader_benchmark
+        img_size = args.img_size or 224
+        report = run_loader_benchmark(args, resolve_device(args.device), img_size)
+        print(format_loader_results(report))
+    else:
+        report = run_benchmark(args)
+        print(format_results(report))
     if args.results_file:
-        try:
-            with open(args.results_file, "w") as f:
-                json.dump(report, f, indent=2)
-        except OSError as e:
-            raise SequencerError(f"--results-file {args.results_file!r}: {e.strerror}") from None
+        text = json.dumps(report, indent=2)
+        write_atomically(args.results_file, lambda tmp: Path(tmp).write_text(text), what="--results-file")
     return 0

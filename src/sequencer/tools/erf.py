@@ -1,14 +1,17 @@
-"""`sequencer erf`: effective receptive field heat maps (Luo et al. 2016; the analysis of the Sequencer paper).
+"""`sequencer erf`: effective receptive field heat maps (Luo et al. 2016), as the Sequencer paper computes them.
 
-For each of N real images, the gradient of the centre position of a stage's output (summed over channels) with
-respect to the input pixels is taken; its absolute value is summed over the input channels and averaged over the
-images. The raw map is saved as ``.npy``; the picture shows it log-scaled and normalised,
-``log10(1 + 1000 * map / max) / log10(1001)`` (three decades of dynamic range, as ERF figures usually show), with a
-colour bar. By default the final features (``forward_features``) are analysed; ``--stage K`` picks stage K
-(1-based), ``--stage all`` draws one panel per stage.
+The paper's map (the default, ``--mode paper``), following the authors' analysis: for a chosen layer's output
+(B, C, H, W), take the unit at the centre (H // 2, W // 2), pass its C channels through ReLU and sum them; take the
+gradient of that with respect to the input images, keep its positive part (ReLU), and sum it over the images and
+the input channels. The raw (H_in, W_in) sum is saved as ``.npy``; the picture shows ``log10(sum + 1)`` min-max
+scaled to [0, 1].
 
-Also printed: the high-contribution area ratio (RepLKNet, Ding et al. 2022), the fraction of the input that holds
-t of the total gradient mass, for t = 20%, 30%, 50% and 99%.
+``--mode magnitude`` (not the paper's): the gradient of the centre's plain channel sum, its absolute value summed
+over input channels and averaged over images, shown as ``log10(1 + 1000 * map / max) / log10(1001)``.
+
+By default the final features (``forward_features``, after the final norm) are analysed; ``--stage K`` picks stage K
+(1-based), ``--stage all`` draws one panel per stage. Also printed: the high-contribution area ratio (RepLKNet,
+Ding et al. 2022), the fraction of the input that holds t of the raw map's total, for t = 20%, 30%, 50% and 99%.
 """
 from __future__ import annotations
 
@@ -23,11 +26,12 @@ import torch
 
 from ..cli_common import add_model_args, load_model_from_args, positive_int
 from ..errors import SequencerError
-from .checkpoints import write_atomically
+from ..fileio import write_atomically
 from .predict import check_input_size, eval_transform, find_images, read_images, resolve_device
 
 PANEL_IN, COLORBAR_IN, HEIGHT_IN, DPI = 3.6, 1.0, 3.6, 100  # figure of n panels: (3.6 n + 1) x 3.6 in at 100 dpi
 AREA_THRESHOLDS = (0.2, 0.3, 0.5, 0.99)
+MODES = ("paper", "magnitude")
 
 
 def figure_size_px(panels: int) -> tuple[int, int]:
@@ -46,10 +50,21 @@ def stage_features(model: torch.nn.Module, x: torch.Tensor, stages: list[int]) -
     return [feats]
 
 
-def erf_maps(model: torch.nn.Module, batches, stages: list[int], device) -> tuple[np.ndarray, int]:
-    """Sum over images of |d centre(stage s) / d input| summed over input channels.
+def centre_objective(features: torch.Tensor, mode: str) -> torch.Tensor:
+    """The scalar whose input gradient is the ERF: the centre unit of (B, C, H, W) ``features``, its channels
+    ReLU'd then summed (paper) or summed as they are (magnitude), summed over the batch (images do not interact)."""
+    h, w = features.shape[-2:]
+    centre = features[:, :, h // 2, w // 2]
+    return (torch.relu(centre) if mode == "paper" else centre).sum()
 
-    ``batches`` yields (B, C, H, W) tensors. Returns (maps (S, H, W) float64 averaged over images, image count).
+
+def erf_maps(model: torch.nn.Module, batches, stages: list[int], device,
+             mode: str = "paper") -> tuple[np.ndarray | None, int]:
+    """The raw ERF of each of ``stages``: per batch the input gradient of :func:`centre_objective`, reduced over
+    images and input channels as ``mode`` says (paper: positive part summed; magnitude: |.| averaged over images).
+
+    ``batches`` yields (B, C, H, W) tensors. Returns (maps (S, H, W) float64, image count); (None, 0) when there
+    were no images.
     """
     total, count = None, 0
     # cuDNN's RNN kernels cannot run backward in eval mode; the native ones can (and eval keeps dropout off)
@@ -62,19 +77,28 @@ def erf_maps(model: torch.nn.Module, batches, stages: list[int], device) -> tupl
             feats = stage_features(model, x, stages)
             grads = []
             for i, f in enumerate(feats):
-                h, w = f.shape[-2:]
-                # images of a batch do not interact (no batch norm), so one backward gives every image's gradient
-                centre = f[:, :, h // 2, w // 2].sum()
-                (g,) = torch.autograd.grad(centre, x, retain_graph=i < len(feats) - 1)
-                grads.append(g.abs().sum(dim=1).sum(dim=0).double().cpu())
+                (g,) = torch.autograd.grad(centre_objective(f, mode), x, retain_graph=i < len(feats) - 1)
+                g = torch.relu(g) if mode == "paper" else g.abs()
+                grads.append(g.sum(dim=(0, 1)).double().cpu())
         batch_maps = torch.stack(grads).numpy()
         total = batch_maps if total is None else total + batch_maps
         count += x.shape[0]
-    return total / count, count
+    if total is None:
+        return None, 0
+    return (total if mode == "paper" else total / count), count
+
+
+def display_scale(raw: np.ndarray, mode: str = "paper") -> np.ndarray:
+    """The picture's values in [0, 1]: log10(raw + 1) min-max scaled (paper), else :func:`log_scale`."""
+    if mode != "paper":
+        return log_scale(raw)
+    logged = np.log10(raw + 1.0)
+    low, high = logged.min(), logged.max()
+    return (logged - low) / (high - low) if high > low else np.zeros_like(logged)
 
 
 def log_scale(raw: np.ndarray, decades: float = 3.0) -> np.ndarray:
-    """Normalise a map to max 1 and compress it logarithmically to [0, 1]."""
+    """Normalise a map to max 1 and compress it logarithmically to [0, 1] (the magnitude mode's picture)."""
     peak = raw.max()
     if not peak > 0:
         return np.zeros_like(raw)
@@ -92,7 +116,7 @@ def area_ratios(raw: np.ndarray, thresholds=AREA_THRESHOLDS) -> dict[float, floa
     return {t: float((np.searchsorted(cum, t) + 1) / flat.size) for t in thresholds}
 
 
-def plot_erf(maps: np.ndarray, titles: list[str], path: Path, suptitle: str) -> None:
+def plot_erf(maps: np.ndarray, titles: list[str], path: Path, suptitle: str, mode: str = "paper") -> None:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -105,11 +129,12 @@ def plot_erf(maps: np.ndarray, titles: list[str], path: Path, suptitle: str) -> 
             for i in range(n)]
     cax = fig.add_axes([(PANEL_IN * n + 0.1) / (width / DPI), 0.1, 0.15 / (width / DPI), 0.72])
     for ax, m, title in zip(axes, maps, titles):
-        im = ax.imshow(log_scale(m), cmap="inferno", vmin=0.0, vmax=1.0, interpolation="nearest")
+        im = ax.imshow(display_scale(m, mode), cmap="inferno", vmin=0.0, vmax=1.0, interpolation="nearest")
         ax.set_title(title, fontsize=9)
         ax.set_xticks([])
         ax.set_yticks([])
-    fig.colorbar(im, cax=cax).set_label("log-scaled contribution", fontsize=8)
+    label = "log10(gradient sum + 1), min-max scaled" if mode == "paper" else "log-scaled |gradient|"
+    fig.colorbar(im, cax=cax).set_label(label, fontsize=8)
     fig.suptitle(suptitle, fontsize=9)
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=DPI)
@@ -136,6 +161,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--output", "-o", default="erf.png", metavar="PNG", help="heat map; the raw map goes to .npy")
     parser.add_argument("--stage", type=_parse_stage, default=None, metavar="K|all",
                         help="stage K (1-based) or 'all' (one panel each); default: the final features")
+    parser.add_argument("--mode", choices=MODES, default="paper",
+                        help="paper: the Sequencer paper's ERF (ReLU'd centre, positive gradient summed, log10(x+1) "
+                             "min-max scaled); magnitude: |gradient| of the plain centre sum, averaged (not the "
+                             "paper's)")
     parser.add_argument("-b", "--batch-size", type=positive_int, default=8, metavar="N")
     parser.add_argument("--seed", type=int, default=0, help="seed of the image sample")
     parser.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda when available)")
@@ -173,19 +202,15 @@ def run(args: argparse.Namespace) -> int:
             if tensors:
                 yield torch.stack(tensors)
 
-    norm = getattr(loaded.model, "norm", None)
-    weight = getattr(norm, "weight", None)
-    if num_stages - 1 in stages and weight is not None and bool((weight == weight.flatten()[0]).all()):
-        # sum_c LayerNorm(x)_c = sum_c w (x_c - mean) / std + b is constant when all w are equal (untrained norm)
-        print("note: the final LayerNorm has equal channel weights (untrained model?), so the channel sum of the last "
-              "stage's features is constant and its ERF is numerical noise; use an earlier --stage or trained weights")
-    maps, count = erf_maps(loaded.model, batches(), stages, device)
+    if args.mode == "magnitude" and num_stages - 1 in stages:
+        _warn_if_untrained_norm(loaded.model)
+    maps, count = erf_maps(loaded.model, batches(), stages, device, args.mode)
     if count == 0:
-        raise SequencerError(f"none of the images in {args.data!r} could be read")
+        raise SequencerError(f"none of the {len(files)} image(s) in {args.data!r} could be read")
     final = args.stage is None
     titles = ["final features" if final else f"stage {s + 1}" for s in stages]
     size = "x".join(map(str, loaded.input_size[1:]))
-    plot_erf(maps, titles, output, f"ERF of {loaded.name} at {size} px, {count} images")
+    plot_erf(maps, titles, output, f"ERF ({args.mode}) of {loaded.name} at {size} px, {count} images", args.mode)
     npy = output.with_suffix(".npy")
     def write_npy(tmp: str) -> None:
         with open(tmp, "wb") as f:  # a file object: np.save would append ".npy" to a path
@@ -198,3 +223,11 @@ def run(args: argparse.Namespace) -> int:
               "  ".join(f"{int(t * 100)}%: {r:.4f}" for t, r in ratios.items()))
     print(f"wrote {output} and {npy} ({count} images)")
     return 0
+
+
+def _warn_if_untrained_norm(model: torch.nn.Module) -> None:
+    weight = getattr(getattr(model, "norm", None), "weight", None)
+    if weight is not None and bool((weight == weight.flatten()[0]).all()):
+        # sum_c LayerNorm(x)_c = sum_c w (x_c - mean) / std + b is constant when all w are equal (untrained norm)
+        print("note: the final LayerNorm has equal channel weights (untrained model?), so the channel sum of the last "
+              "stage's features is constant and its ERF is numerical noise; use an earlier --stage or trained weights")

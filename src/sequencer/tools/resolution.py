@@ -12,27 +12,28 @@ import io
 import os
 from pathlib import Path
 
-from ..cli_common import add_model_args, load_model_from_args, positive_int
+from ..cli_common import (add_model_args, check_input_size, check_workers, label_with_model_classes,
+                          load_model_from_args, positive_int)
 from ..data import create_dataset, create_loader
 from ..engine.evaluate import evaluate
-from ..engine.validate import target_mapping
 from ..errors import SequencerError
 from .checkpoints import write_atomically
-from .predict import check_input_size, resolve_device
+from .predict import resolve_device
 
 PLOT_SIZE_IN, PLOT_DPI = (6.4, 4.0), 100  # -> 640 x 400 px
 
 
-def eval_loader(root: str, split: str, loaded, input_size, batch_size: int, workers: int, device):
+def eval_loader(root: str, split: str, loaded, input_size, batch_size: int, workers: int, device,
+                crop_pct: float | None = None):
     """Eval loader over ``root``'s ``split`` (or its class folders) with the model's preprocessing at
-    ``input_size``; dataset class indices are mapped onto the model's outputs (by name where needed)."""
+    ``input_size`` (``crop_pct`` replaces the model's); the split is labelled with the model's classes (by name where
+    the checkpoint has names)."""
     dataset = create_dataset("", root=root, split=split)
-    mapping = target_mapping(dataset, loaded)
-    if mapping is not None:
-        dataset.target_transform = mapping.__getitem__
+    label_with_model_classes(dataset, loaded)
     cfg = loaded.data_config
     return create_loader(dataset, tuple(input_size), batch_size, is_training=False, mean=cfg["mean"], std=cfg["std"],
-                         crop_pct=cfg["crop_pct"], interpolation=cfg["interpolation"], num_workers=workers,
+                         crop_pct=cfg["crop_pct"] if crop_pct is None else crop_pct,
+                         interpolation=cfg["interpolation"], num_workers=workers,
                          device=device)
 
 
@@ -91,11 +92,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     if not os.path.isdir(args.data):
         raise SequencerError(f"data folder {args.data!r} does not exist")
+    check_workers(args.workers)
     device = resolve_device(args.device)
     loaded = load_model_from_args(args, device)
     sizes = sorted(set(args.sizes))
     for size in sizes:  # fail before any evaluation
         check_input_size(loaded, size, size)
+    # the data is checked before the output folder is made
+    label_with_model_classes(create_dataset("", root=args.data, split=args.split), loaded)
     out = prepare_output_dir(args.output)
     workers = default_workers() if args.workers is None else args.workers
     rows = []

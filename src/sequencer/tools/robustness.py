@@ -1,14 +1,19 @@
-"""`sequencer robustness`: ImageNet-C corruption errors, CE and mCE (Hendrycks & Dietterich, ICLR 2019).
+"""`sequencer robustness`: ImageNet-C corruption errors, CE and mCE (Hendrycks & Dietterich, ICLR 2019), by the
+protocol of the Sequencer paper's evaluation.
 
 Layout: ``DATA_C/<corruption>/<severity 1-5>/<class>/<image>`` (a grouping folder such as ``noise/`` above the
-corruptions is allowed). For each corruption c and severity s the top-1 error E(s, c) is measured; the corruption's
-error is the mean over severities and its corruption error is
+corruptions is allowed). The protocol:
 
-    CE_c = mean_s E(s, c) / mean_s E_AlexNet(s, c)
+* the corrupted images are already 224 px crops, so they are resized to the model's input size and not cropped
+  again (``crop_pct`` 1.0, whatever the model's own eval crop);
+* the 15 standard corruptions (the 4 extra ones, or folders of other names, only when named by ``--corruptions``);
+* for each corruption c the top-1 error E(s, c) at severities s = 1..5, averaged: E_c = mean_s E(s, c);
+* ``CE_c = E_c / E_AlexNet,c`` (the paper's ratio of sums over the five severities) and ``mCE`` = mean CE over the
+  corruptions with an AlexNet reference; ``unnormalized_mCE`` = the mean of E_c over the same corruptions.
 
-(the paper's ratio of sums over the five severities), ``mCE`` is the mean CE over the corruptions present, as a
-fraction. With ``--clean`` the relative CE is (E_c - E_clean) / (E_AlexNet,c - E_AlexNet,clean) and its mean the
-relative mCE. Corruptions without an AlexNet reference are reported without CE.
+All figures are fractions. With ``--clean`` (evaluated with the model's own preprocessing, as the clean ImageNet
+numbers are) the relative CE is (E_c - E_clean) / (E_AlexNet,c - E_AlexNet,clean) and its mean the relative mCE.
+Corruptions without an AlexNet reference are reported without CE. The JSON records the protocol it followed.
 """
 from __future__ import annotations
 
@@ -21,7 +26,7 @@ from pathlib import Path
 from ..cli_common import add_model_args, check_results_file, load_model_from_args, positive_int
 from ..engine.evaluate import evaluate
 from ..errors import SequencerError
-from .checkpoints import write_atomically
+from ..fileio import write_atomically
 from .predict import check_input_size, resolve_device
 from .resolution import default_workers, eval_loader
 
@@ -56,6 +61,8 @@ STANDARD_CORRUPTIONS = tuple(list(ALEXNET_ERRORS)[:15])
 # ImageNet-C errors are tabulated above) has 56.522% top-1 accuracy, i.e. 43.48% error (torchvision model docs).
 ALEXNET_CLEAN_ERROR = 0.43478
 SEVERITIES = ("1", "2", "3", "4", "5")
+# ImageNet-C's images are 224 px centre crops already: the protocol resizes them without cropping
+PROTOCOL_CROP_PCT = 1.0
 
 
 def find_corruptions(root: str) -> dict[str, Path]:
@@ -90,21 +97,48 @@ def corruption_summary(severity_errors: dict[str, float], name: str, clean_error
 
 
 def summarize(per_corruption: dict[str, dict], clean_error: float | None = None) -> dict:
-    """The results object: ``corruptions``, ``mCE`` (mean CE over corruptions with a reference) and friends."""
-    ces = [c["ce"] for c in per_corruption.values() if "ce" in c]
+    """The results object: ``corruptions``, ``mCE`` and ``unnormalized_mCE`` (means over the corruptions with an
+    AlexNet reference), the protocol followed, and friends."""
+    referenced = [c for c in per_corruption.values() if "ce" in c]
     standard = [per_corruption[n]["ce"] for n in STANDARD_CORRUPTIONS if n in per_corruption]
     results = {
         "corruptions": per_corruption,
-        "mCE": sum(ces) / len(ces) if ces else None,
+        "mCE": _mean(c["ce"] for c in referenced),
+        "unnormalized_mCE": _mean(c["error"] for c in referenced),
         "mCE_standard15": sum(standard) / len(standard) if len(standard) == len(STANDARD_CORRUPTIONS) else None,
-        "mean_error": sum(c["error"] for c in per_corruption.values()) / len(per_corruption),
+        "mean_error": _mean(c["error"] for c in per_corruption.values()),
         "without_ce": sorted(n for n, c in per_corruption.items() if "ce" not in c),
+        "protocol": {"crop_pct": PROTOCOL_CROP_PCT, "corruptions": list(per_corruption),
+                     "severities": [int(s) for s in SEVERITIES], "normaliser": "alexnet"},
     }
     if clean_error is not None:
-        rel = [c["relative_ce"] for c in per_corruption.values() if "relative_ce" in c]
         results["clean_error"] = clean_error
-        results["relative_mCE"] = sum(rel) / len(rel) if rel else None
+        results["relative_mCE"] = _mean(c["relative_ce"] for c in per_corruption.values() if "relative_ce" in c)
     return results
+
+
+def _mean(values) -> float | None:
+    values = list(values)
+    return sum(values) / len(values) if values else None
+
+
+def select_corruptions(found: dict[str, Path], requested: list[str] | None, root: str) -> dict[str, Path]:
+    """The protocol's 15 standard corruptions present in ``found``, or exactly the ``requested`` ones."""
+    if requested:
+        unknown = sorted(set(requested) - set(found))
+        if unknown:
+            raise SequencerError(f"corruption(s) {', '.join(unknown)} not found in {root!r}",
+                                 hint=f"found: {', '.join(found)}")
+        return {n: found[n] for n in requested}
+    standard = {n: found[n] for n in STANDARD_CORRUPTIONS if n in found}
+    if not standard:
+        raise SequencerError(f"none of the 15 standard ImageNet-C corruptions in {root!r}",
+                             hint=f"found: {', '.join(found)}; name others with --corruptions")
+    others = sorted(set(found) - set(standard))
+    if others:
+        print(f"note: skipping {', '.join(others)} (not among the 15 standard corruptions; name them with "
+              f"--corruptions to include them)")
+    return standard
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -112,7 +146,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--results-file", required=True, metavar="R.json", help="where to write the results (JSON)")
     parser.add_argument("--clean", default=None, metavar="DATA", help="clean dataset, for the relative mCE")
     parser.add_argument("--clean-split", default="val", help="split of --clean to evaluate (default: val)")
-    parser.add_argument("--corruptions", nargs="+", default=None, metavar="NAME", help="only these corruptions")
+    parser.add_argument("--corruptions", nargs="+", default=None, metavar="NAME",
+                        help="exactly these corruptions (default: the 15 standard ones present)")
     parser.add_argument("-b", "--batch-size", type=positive_int, default=64, metavar="N")
     parser.add_argument("-j", "--workers", type=int, default=None, metavar="N", help="data loading processes")
     parser.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda when available)")
@@ -120,23 +155,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    corruptions = find_corruptions(args.data)
-    if args.corruptions:
-        unknown = sorted(set(args.corruptions) - set(corruptions))
-        if unknown:
-            raise SequencerError(f"corruption(s) {', '.join(unknown)} not found in {args.data!r}",
-                                 hint=f"found: {', '.join(corruptions)}")
-        corruptions = {n: corruptions[n] for n in args.corruptions}
+    check_results_file(args.results_file)  # first: it is cheap, the data scan is not
+    corruptions = select_corruptions(find_corruptions(args.data), args.corruptions, args.data)
     if args.clean and not os.path.isdir(args.clean):
         raise SequencerError(f"clean data folder {args.clean!r} does not exist")
-    check_results_file(args.results_file)
     device = resolve_device(args.device)
     loaded = load_model_from_args(args, device)
     check_input_size(loaded, *loaded.input_size[1:])
     workers = default_workers() if args.workers is None else args.workers
 
-    def error_of(folder: str, split: str) -> float:
-        loader = eval_loader(folder, split, loaded, loaded.input_size, args.batch_size, workers, device)
+    def error_of(folder: str, split: str, crop_pct: float | None) -> float:
+        loader = eval_loader(folder, split, loaded, loaded.input_size, args.batch_size, workers, device, crop_pct)
         metrics = evaluate(loaded.model, loader, device)
         if metrics["count"] == 0:
             raise SequencerError(f"no readable images in {folder!r}")
@@ -144,11 +173,12 @@ def run(args: argparse.Namespace) -> int:
 
     clean_error = None
     if args.clean:
-        clean_error = error_of(args.clean, args.clean_split)
+        clean_error = error_of(args.clean, args.clean_split, None)  # clean images: the model's own preprocessing
         print(f"clean: error {clean_error:.4f}")
     per_corruption = {}
     for name, folder in corruptions.items():
-        severity_errors = {s: error_of(str(folder / s), s) for s in SEVERITIES if (folder / s).is_dir()}
+        severity_errors = {s: error_of(str(folder / s), s, PROTOCOL_CROP_PCT) for s in SEVERITIES
+                           if (folder / s).is_dir()}
         if len(severity_errors) < len(SEVERITIES):
             warnings.warn(f"{name}: only severities {', '.join(severity_errors)} present; its CE is not comparable "
                           f"to published ones (AlexNet's reference averages all five)", stacklevel=1)
@@ -158,12 +188,17 @@ def run(args: argparse.Namespace) -> int:
               + "  per severity " + " ".join(f"{e:.3f}" for e in severity_errors.values()))
     results = dict(model=loaded.name, checkpoint=args.checkpoint or ("pretrained" if args.pretrained else ""),
                    img_size=loaded.input_size[-1], **summarize(per_corruption, clean_error))
-    if results["mCE"] is not None:
-        n_ce = len(per_corruption) - len(results["without_ce"])
-        relative = results.get("relative_mCE")
-        print(f"mCE {results['mCE']:.4f} ({100 * results['mCE']:.2f}%) over {n_ce} corruption(s)"
-              + (f", relative mCE {relative:.4f}" if relative is not None else ""))
+    _print_summary(results, len(per_corruption) - len(results["without_ce"]))
     text = json.dumps(results, indent=2) + "\n"
     write_atomically(args.results_file, lambda tmp: Path(tmp).write_text(text))
     print(f"results written to {args.results_file}")
     return 0
+
+
+def _print_summary(results: dict, n_ce: int) -> None:
+    if results["mCE"] is None:
+        return
+    relative = results.get("relative_mCE")
+    print(f"mCE {results['mCE']:.4f} ({100 * results['mCE']:.2f}%), unnormalized "
+          f"{results['unnormalized_mCE']:.4f}, over {n_ce} corruption(s)"
+          + (f", relative mCE {relative:.4f}" if relative is not None else ""))

@@ -20,7 +20,8 @@ def _onednn_linear_ok(x: torch.Tensor, weight: torch.Tensor) -> bool:
     """
     if torch.compiler.is_compiling():  # first: dynamo may not trace the checks below (torch.backends is skipped)
         return False
-    return (x.device.type == "cpu" and x.dtype == weight.dtype and x.dtype in (torch.float32, torch.bfloat16)
+    return (x.device.type == "cpu" and x.dtype == weight.dtype
+            and (x.dtype == torch.float32 or x.dtype == torch.bfloat16 and onednn_bf16_supported())
             and x.dim() >= 2 and torch.backends.mkldnn.is_available() and torch.backends.mkldnn.enabled
             and not torch.is_autocast_enabled("cpu") and not torch.jit.is_scripting() and not torch.jit.is_tracing()
             and not torch.compiler.is_compiling() and not torch.onnx.is_in_onnx_export())
@@ -138,10 +139,17 @@ class _OneDnnMlpFunction(torch.autograd.Function):
         return grad_x, grad_w1, grad_b1, grad_w2, grad_b2
 
 
+def onednn_bf16_supported() -> bool:
+    """Whether oneDNN has bf16 kernels on this CPU (AVX-512 BF16 or AMX); without them its bf16 matmuls fail, and
+    bf16 goes through PyTorch's own (slower, working) kernels instead."""
+    return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+
+
 def _under_cpu_bf16_autocast(x: torch.Tensor) -> bool:
-    """Whether CPU autocast to bf16 applies to ``x`` (the case the oneDNN paths also serve, by casting first)."""
+    """Whether CPU autocast to bf16 applies to ``x`` and oneDNN can serve it (its paths then make the casts)."""
     return (x.device.type == "cpu" and torch.is_autocast_enabled("cpu")
-            and torch.get_autocast_dtype("cpu") == torch.bfloat16 and x.dtype in (torch.float32, torch.bfloat16))
+            and torch.get_autocast_dtype("cpu") == torch.bfloat16 and x.dtype in (torch.float32, torch.bfloat16)
+            and onednn_bf16_supported())
 
 
 def _autocast_bf16_copies(*tensors: torch.Tensor | None) -> list[torch.Tensor | None]:

@@ -1,0 +1,114 @@
+"""The resume contract of ``sequencer train`` (docs/training.md, "What a resume keeps"):
+
+- **From the checkpoint, never changed by a flag:** the model (``--model``, ``--model-kwargs``, ``--in-chans``,
+  the head size ``--num-classes``), the classes and their names (the training split must hold the same classes),
+  the optimizer and scheduler kind (``--opt``, ``--sched``; both may change with ``--no-resume-opt``), the
+  ``--eval-metric`` that picks the best epoch. A flag that names another value is refused with one line naming both.
+- **From the checkpoint unless a flag (or ``--config``) says otherwise:** every other training setting (epochs,
+  lr and schedule shape, batch size, augmentation, EMA, seed, ...). A larger ``--epochs`` extends the run: the
+  schedule is rebuilt for the new length and continues from the checkpoint's position.
+- **Never from the checkpoint (this machine's and this start's business):** the data and its splits, the output
+  folder and experiment name, the device, ``--workers``, ``--log-interval``, ``--start-epoch``, ``--pretrained`` and
+  ``--initial-checkpoint``.
+"""
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from ..errors import SequencerError
+from ..models.loading import read_checkpoint
+from . import distributed as dist_utils
+from .checkpoint import find_auto_resume
+
+# settings a resume keeps from its checkpoint: (args key, flag); the first three only with the optimizer state
+KEPT_WITH_STATE = (("opt", "--opt"), ("sched", "--sched"))
+KEPT = (("model_kwargs", "--model-kwargs"), ("in_chans", "--in-chans"), ("eval_metric", "--eval-metric"))
+NOT_INHERITED = {"data", "data_dir", "dataset", "train_split", "val_split", "class_map", "dataset_download", "config",
+                 "resume", "experiment", "output", "device", "workers", "log_interval", "start_epoch", "local_rank",
+                 "pretrained", "initial_checkpoint", "no_resume_opt"}
+
+
+def experiment_folder(cfg: argparse.Namespace) -> Path:
+    """``OUTPUT/EXPERIMENT`` for a run with ``--experiment``."""
+    return Path(cfg.output or "./output/train") / cfg.experiment
+
+
+def locate_resume(cfg: argparse.Namespace, info: dist_utils.DistInfo) -> str:
+    """The checkpoint to resume ("" for none), found without creating anything; rank 0 decides for ``auto``."""
+    if cfg.resume != "auto":
+        return cfg.resume or ""
+    found = None
+    if info.is_primary:
+        folder = experiment_folder(cfg)
+        found = find_auto_resume(folder) if folder.is_dir() else None
+        print(f"--resume auto: {'continuing from ' + str(found) if found else 'nothing to resume, starting'}",
+              flush=True)
+    found = dist_utils.broadcast_object(str(found) if found else "", info)
+    return found
+
+
+def _names(names: list[str]) -> str:
+    shown = ", ".join(names[:5])
+    return shown + (", ..." if len(names) > 5 else "")
+
+
+def apply_resume_contract(cfg: argparse.Namespace, checkpoint: dict, path: str, train_classes: list[str]) -> list[str]:
+    """Check the flags against the checkpoint, take the settings it keeps, and return the run's class names.
+
+    Raises SequencerError (one line naming both values) for a flag or training split that contradicts it.
+    """
+    given = set(getattr(cfg, "_given", ()))
+    saved = checkpoint.get("args") if isinstance(checkpoint.get("args"), dict) else {}
+    arch = checkpoint.get("arch") or saved.get("model")
+    if cfg.model and "model" in given and arch and cfg.model != arch:
+        raise SequencerError(f"--resume {path}: --model {cfg.model} vs the checkpoint's {arch}",
+                             hint="drop --model when resuming (a resume keeps its model)")
+    kept = KEPT + (() if cfg.no_resume_opt else KEPT_WITH_STATE)
+    for key, flag in kept:
+        if key in given and key in saved and _differs(getattr(cfg, key), saved[key]):
+            extra = " or pass --no-resume-opt to start a fresh optimizer" if key in ("opt", "sched") else ""
+            raise SequencerError(f"--resume {path}: {flag} {_show(getattr(cfg, key))} vs the checkpoint's "
+                                 f"{_show(saved[key])}", hint=f"drop {flag} when resuming{extra}")
+    head = (checkpoint.get("model_kwargs") or {}).get("num_classes")
+    if "num_classes" in given and cfg.num_classes is not None and head is not None and cfg.num_classes != head:
+        raise SequencerError(f"--resume {path}: --num-classes {cfg.num_classes} vs the checkpoint's {head}-class head",
+                             hint="drop --num-classes when resuming")
+    class_names = [str(c) for c in checkpoint.get("class_names") or train_classes]
+    if set(class_names) != set(train_classes):
+        raise SequencerError(
+            f"--resume {path}: the checkpoint's {len(class_names)} classes ({_names(class_names)}) vs the training "
+            f"split's {len(train_classes)} ({_names(train_classes)})",
+            hint="resume on the data the run was trained on, or start a new run with --initial-checkpoint")
+    for key, value in saved.items():
+        if key not in given and key not in NOT_INHERITED and not key.startswith("_") and hasattr(cfg, key):
+            setattr(cfg, key, value)
+    if arch:
+        cfg.model = arch
+    return class_names
+
+
+def _differs(a, b) -> bool:
+    return _normal(a) != _normal(b)
+
+
+def _normal(value):
+    """Compare flags as YAML stores them: tuples as lists, names case-insensitively."""
+    if isinstance(value, (list, tuple)):
+        return [_normal(v) for v in value]
+    if isinstance(value, dict):
+        return {str(k): _normal(v) for k, v in value.items()}
+    return value.lower() if isinstance(value, str) else value
+
+
+def _show(value) -> str:
+    return " ".join(map(str, value)) if isinstance(value, (list, tuple)) else str(value)
+
+
+def read_resume_checkpoint(path: str) -> dict:
+    """The checkpoint to resume; SequencerError for a file that is not a training checkpoint of ours."""
+    checkpoint = read_checkpoint(path)
+    if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint or "epoch" not in checkpoint:
+        raise SequencerError(f"--resume {path}: not a training checkpoint written by `sequencer train`",
+                             hint="use --initial-checkpoint to start a new run from these weights")
+    return checkpoint

@@ -1,0 +1,38 @@
+"""train --config: keys spelled as the flags are (drop-path) or as args.yaml writes them (drop_path); unknown keys
+are one clear error; --model-kwargs KEY=VALUE pairs."""
+import argparse
+
+import pytest
+
+from sequencer.cli import main
+from sequencer.engine.train import add_arguments, resolve_config
+
+
+def _parse(argv):
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    return parser.parse_args([str(a) for a in argv])
+
+
+def test_hyphenated_and_underscored_keys_both_apply(tmp_path):
+    config = tmp_path / "c.yaml"
+    config.write_text("drop-path: 0.2\nwarmup_epochs: 3\nmodel-kwargs: {union: add}\nlr: 0.01\n")
+    cfg = resolve_config(_parse(["--config", config, "--lr", "0.5"]))
+    assert cfg.drop_path == 0.2 and cfg.warmup_epochs == 3 and cfg.model_kwargs == {"union": "add"}
+    assert cfg.lr == 0.5  # an explicit flag still wins over the file
+
+
+def test_unknown_config_key_is_one_line_error(tmp_path, capsys):
+    config = tmp_path / "c.yaml"
+    config.write_text("drop-paht: 0.2\n")
+    assert main(["train", "--config", str(config), "--output", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert "drop_paht" in err and "Traceback" not in err
+    assert not (tmp_path / "out").exists()
+
+
+def test_model_kwargs_pairs():
+    assert _parse(["--model-kwargs", "layers=(1,1)", "union=add", "note=a=b"]).model_kwargs == \
+        {"layers": (1, 1), "union": "add", "note": "a=b"}
+    with pytest.raises(SystemExit):
+        _parse(["--model-kwargs", "layers"])
