@@ -44,7 +44,7 @@ from torch import nn
 from ..cli_common import add_model_args, check_input_size, check_results_file, load_model_from_args, positive_int
 from ..errors import SequencerError
 from ..fileio import write_atomically
-from ..models.sequencer2d import onednn_bf16_supported
+from ..models.kernels.onednn import onednn_bf16_supported
 
 AMP_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 TIMM_MODELS = ("sequencer2d_s", "sequencer2d_m", "sequencer2d_l")
