@@ -169,3 +169,10 @@ def test_lstm_scan_passes_opcheck(device):
     if not INTERPRETED:
         checks += ("test_aot_dispatch_dynamic",)
     torch.library.opcheck(torch.ops.sequencer.lstm_scan.default, (xp, w_hh, True), test_utils=checks)
+
+
+def test_triton_on_cpu_without_the_interpreter_is_one_line(monkeypatch):
+    model = create_model("sequencer2d_nano", lstm_backend="triton")
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    with pytest.raises(SequencerError, match="needs a CUDA device or TRITON_INTERPRET=1, got cpu tensors"):
+        model(torch.randn(1, 3, 16, 16))

@@ -19,6 +19,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ...errors import SequencerError
+
 try:  # registers the sequencer::lstm_scan ops; without Triton only the native backend exists
     from . import triton_lstm
 except ImportError:
@@ -80,11 +82,13 @@ def uses_fused_lstm(rnn: nn.Module, backend: str, x: torch.Tensor) -> bool:
         return False
     if torch.jit.is_scripting() or torch.jit.is_tracing() or torch.onnx.is_in_onnx_export():
         return False
+    if triton_lstm is None:
+        raise SequencerError("lstm_backend 'triton' needs the triton package", hint="pip install triton")
     if x.device.type != "cuda" and os.environ.get("TRITON_INTERPRET", "0") != "1":
-        raise RuntimeError(f"lstm_backend 'triton' needs a CUDA device or TRITON_INTERPRET=1, got {x.device.type} "
-                           f"tensors")
+        raise SequencerError(f"lstm_backend 'triton' needs a CUDA device or TRITON_INTERPRET=1, got "
+                             f"{x.device.type} tensors", hint=f"use {BACKEND_ENV}=native on this device")
     if rnn.proj_size or (rnn.dropout and rnn.training) or not rnn.batch_first:
-        raise RuntimeError("lstm_backend 'triton' supports batch_first LSTMs without proj_size or dropout")
+        raise SequencerError("lstm_backend 'triton' supports batch_first LSTMs without proj_size or dropout")
     return True
 
 
