@@ -137,3 +137,22 @@ def test_benchmark_cli_errors(argv, message, capsys):
     assert main(["benchmark", *argv]) == 2
     err = capsys.readouterr().err
     assert err.startswith("sequencer benchmark: error:") and message in err and "Traceback" not in err
+
+
+def test_loader_benchmark_measures_ours_beside_timms_create_loader(tmp_path, capsys):
+    import numpy as np
+    from PIL import Image
+    for cls in ("a", "b"):
+        (tmp_path / "data" / "train" / cls).mkdir(parents=True)
+        for i in range(6):
+            pixels = np.random.default_rng(i).integers(0, 256, (20, 20, 3), dtype=np.uint8)
+            Image.fromarray(pixels).save(tmp_path / "data" / "train" / cls / f"{i}.jpg")
+    results = tmp_path / "r.json"
+    assert main(["benchmark", "--data", str(tmp_path / "data"), "--compare-timm", "--img-size", "16", "-b", "2",
+                 "-j", "1", "--num-iter", "2", "--rounds", "2", "--device", "cpu",
+                 "--results-file", str(results)]) == 0
+    report = json.loads(results.read_text())
+    assert set(report["rounds"]) == {"ours", "timm"}
+    assert all(len(r) == 2 and min(r) > 0 for r in report["rounds"].values())
+    out = capsys.readouterr().out
+    assert "training input pipeline" in out and "timm" in out
