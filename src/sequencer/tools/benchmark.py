@@ -57,7 +57,7 @@ GLIBC_EXACT_RSS = {"MALLOC_MMAP_THRESHOLD_": "65536"}
 
 @dataclass
 class Result:
-    impl: str  # "ours" (eager create_model), "ours-optimized" (optimize_for_inference), "timm"
+    impl: str  # "ours" (eager), "ours-optimized", "timm", "ours-triton", "<impl>-compiled", "ref-<timm name>"
     mode: str  # "infer" or "train"
     dtype: str
     batch_size: int
@@ -133,6 +133,36 @@ def build_timm_twin(model: nn.Module, name: str) -> nn.Module:
     return twin
 
 
+def with_lstm_backend(model: nn.Module, backend: str) -> nn.Module:
+    """A copy of ``model`` whose token mixers run their LSTMs on ``backend`` (same weights)."""
+    model = copy.deepcopy(model)
+    for module in model.modules():
+        if hasattr(module, "lstm_backend"):
+            module.lstm_backend = backend
+    return model
+
+
+def extra_impls(impls: dict[str, nn.Module], args: argparse.Namespace, device: torch.device) -> dict[str, nn.Module]:
+    """``--lstm-backend triton``: ours on the fused kernel; ``--torchcompile``: a compiled twin of each eager
+    implementation (named ``<impl>-compiled``); ``--reference-model``: timm's model of that name, own weights."""
+    extra = {}
+    if args.lstm_backend != "native":
+        extra[f"ours-{args.lstm_backend}"] = with_lstm_backend(impls["ours"], args.lstm_backend)
+    if args.torchcompile:
+        extra.update({f"{n}-compiled": m for n, m in {**impls, **extra}.items() if n != "ours-optimized"})
+    if args.reference_model:
+        import timm
+        ref = timm.create_model(args.reference_model, pretrained=False).to(device)
+        extra[f"ref-{args.reference_model}"] = ref
+        if args.torchcompile:
+            extra[f"ref-{args.reference_model}-compiled"] = ref
+    return extra
+
+
+def compiled_if_named(model: nn.Module, impl: str) -> nn.Module:
+    return torch.compile(model) if impl.endswith("-compiled") else model
+
+
 def make_infer_step(model: nn.Module, x: torch.Tensor, amp: torch.dtype, device: torch.device) -> Callable:
     def step():
         with torch.inference_mode(), autocast_ctx(device, amp):
@@ -182,10 +212,16 @@ def time_interleaved(steps: dict[str, Callable], device: torch.device, num_warmu
 def _probe_model(spec: dict) -> nn.Module:
     from ..models import create_model
 
+    impl = spec["impl"].removesuffix("-compiled")
+    if impl.startswith("ref-"):
+        import timm
+        return compiled_if_named(timm.create_model(impl[4:], pretrained=False), spec["impl"])
     model = create_model(spec["name"], **spec["model_kwargs"])
-    if spec["impl"] == "timm":
+    if impl == "timm":
         model = build_timm_twin(model, spec["name"])
-    return model
+    elif impl.startswith("ours-") and impl != "ours-optimized":
+        model = with_lstm_backend(model, impl[len("ours-"):])
+    return compiled_if_named(model, spec["impl"])
 
 
 def memory_probe(spec: dict) -> float:
@@ -279,6 +315,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="also run timm's Sequencer2d, same weights, interleaved in this process")
     parser.add_argument("--optimized", action="store_true",
                         help="also run sequencer.optimize_for_inference(model, dtype) (inference only)")
+    parser.add_argument("--torchcompile", action="store_true",
+                        help="also run each implementation under torch.compile (rows named <impl>-compiled)")
+    parser.add_argument("--lstm-backend", choices=("native", "auto", "triton"), default="native",
+                        help="also run ours with this LSTM backend (row ours-<backend>; default: native only)")
+    parser.add_argument("--reference-model", default="", metavar="TIMM_NAME",
+                        help="also run this timm model (its own weights) as a reference row, e.g. convnext_tiny")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu or cuda")
     parser.add_argument("--num-warmup", type=int, default=2, help="untimed steps per implementation (default 2)")
     parser.add_argument("--num-iter", type=positive_int, default=10, help="timed steps per implementation")
@@ -343,16 +385,18 @@ def run_benchmark(args: argparse.Namespace) -> dict:
             impls["ours-optimized"] = optimize_for_inference(model, amp)
         if twin is not None:
             impls["timm"] = twin
+        impls.update(extra_impls(impls, args, device))
         steps, outputs = {}, {}
         for impl, m in impls.items():
             if mode == "infer":
                 # the optimized model applies its dtype itself; eager models run under autocast
-                steps[impl] = make_infer_step(m, x, torch.float32 if impl == "ours-optimized" else amp, device)
+                steps[impl] = make_infer_step(compiled_if_named(m, impl), x,
+                                              torch.float32 if impl == "ours-optimized" else amp, device)
                 outputs[impl] = steps[impl]()
             else:
                 # each implementation trains its own copy from the same weights
                 m = copy.deepcopy(m)
-                steps[impl] = make_train_step(m, x, target, amp, device)
+                steps[impl] = make_train_step(compiled_if_named(m, impl), x, target, amp, device)
         times = time_interleaved(steps, device, args.num_warmup, args.num_iter)
         for impl, ts in times.items():
             step_s = statistics.median(ts)
@@ -360,7 +404,7 @@ def run_benchmark(args: argparse.Namespace) -> dict:
                        img_per_s=args.batch_size / step_s, step_ms=step_s * 1e3,
                        step_ms_all=[round(t * 1e3, 2) for t in ts], params_m=params / 1e6,
                        gmacs=macs / 1e9 if macs is not None else None)
-            if macs is not None:
+            if macs is not None and not impl.startswith("ref-"):  # a reference model has other MACs
                 r.achieved_gflops = 2 * macs * (3 if mode == "train" else 1) * r.img_per_s / 1e9
                 r.gemm_fraction = r.achieved_gflops / rate
             if args.memory_iter:
@@ -374,7 +418,7 @@ def run_benchmark(args: argparse.Namespace) -> dict:
             for r in results:
                 if r.mode == mode:
                     r.speedup_vs_timm = timm_ms / (r.step_ms / 1e3)
-                    if mode == "infer":
+                    if mode == "infer" and not r.impl.startswith("ref-"):
                         r.max_rel_diff_vs_timm = _rel_diff(outputs[r.impl], outputs["timm"])
     return dict(
         model=name, input_size=list(input_size), batch_size=args.batch_size, amp_dtype=args.amp_dtype,
