@@ -7,7 +7,7 @@ images whose top-1 class equals ours-fp32's, on the scikit-learn digits (real im
 input size). The s/m/l weights here are random (a normal-initialised head): their agreement says how often
 quantisation flips a near-tie on a model that was never trained, not what a trained model loses.
 
-    python benchmarks/deployment.py --models sequencer2d_s sequencer2d_m sequencer2d_l --results benchmarks/results/deployment.json
+    python benchmarks/deployment.py --models sequencer2d_s sequencer2d_m sequencer2d_l --batches 16
 """
 from __future__ import annotations
 

@@ -5,8 +5,8 @@ The paper's ``python validate.py /path/to/imagenet --model sequencer2d_s -b 16 -
 model name without ``--checkpoint`` evaluates its released weights. With no DATA it
 validates on the embedded digits val split. A checkpoint written by ``sequencer train`` carries its model name,
 class names and preprocessing, and is evaluated with the same loader and loop as training's eval phase, so it
-reproduces the eval_top1 training logged. ``--onnx PATH`` evaluates an exported ONNX file (fp32 or int8) under
-onnxruntime with the preprocessing and class names stored in it. Under ``torchrun`` each process evaluates a disjoint share.
+reproduces the eval_top1 training logged. Under ``torchrun`` each process evaluates a disjoint share. ``--onnx PATH``
+evaluates an exported ONNX file (fp32 or int8) under onnxruntime with the preprocessing and class names it stores.
 """
 from __future__ import annotations
 

@@ -6,6 +6,9 @@
   class names, data config) is stored in the ONNX metadata properties.
 * TorchScript is a trace (``torch.jit.trace``), reloaded and checked the same way; the config rides along as the
   extra file ``config.json``.
+* ``--quantize int8`` (ONNX): the verified fp32 export quantised dynamically by onnxruntime (:func:`quantize_int8`);
+  ``--verify DIR`` runs both files on DIR's images and writes the int8 file only when their top-1 agree on at least
+  ``--min-agreement`` of them. Every file is checked under a temporary name and renamed onto --output only then.
 * safetensors holds the weights with arch / model_kwargs / class_names / data_config (JSON) in its metadata, so
   ``--checkpoint model.safetensors`` or ``create_model(arch, checkpoint_path=..., **model_kwargs)`` rebuilds it.
 """
@@ -184,15 +187,19 @@ def export_safetensors(model: nn.Module, path: str | os.PathLike, config: dict, 
     return errors[0]
 
 
+INT8_SETTINGS = dict(per_channel=False, reduce_range=True)
+INT8_DESCRIPTION = "dynamic int8 (onnxruntime quantize_dynamic: QInt8 weights per tensor in a 7-bit range, " \
+                   "uint8 activations quantised at run time)"
+
+
 def quantize_int8(fp32_path: str | os.PathLike, out_path: str | os.PathLike, metadata: dict) -> None:
     """Dynamic int8 quantisation of an fp32 export: int8 weights, activations quantised per batch at run time.
 
-    Settings chosen by measurement (BENCHMARKS.md, CPU deployment): every op type onnxruntime quantises
-    dynamically (the MatMuls of the MLPs, projections and head, and the LSTMs' input and recurrent weights) with
-    per-tensor weight scales in a 7-bit range (``reduce_range``: on sequencer2d_s it cut the largest logit error
-    from 15% to 3% at the same speed, since u8 x s8 products cannot saturate the CPU's 16-bit accumulation);
-    quantising only the MatMuls or only the LSTMs was slower at no accuracy gain. LayerNormalization, the
-    residual adds and GELU stay float (onnxruntime has no int8 kernel for them).
+    Settings chosen by measurement (docs/tools.md has the table): every op type onnxruntime quantises dynamically
+    (the MatMuls of the token mixing, channel MLPs and head, and the LSTMs' input and recurrent weights), per-tensor
+    weight scales in a 7-bit range (``reduce_range``: on sequencer2d_s the largest logit error fell from 15% to 3%
+    at the same speed). Quantising only the MatMuls kept slightly more answers on a tiny model but cut the speed-up
+    from 1.78x to 1.42x. LayerNormalization, the residual adds and GELU stay float.
     """
     import logging
 
@@ -208,11 +215,6 @@ def quantize_int8(fp32_path: str | os.PathLike, out_path: str | os.PathLike, met
     proto = onnx.load(str(out_path))
     set_onnx_metadata(proto, dict(metadata, quantization=INT8_DESCRIPTION))
     onnx.save(proto, str(out_path))
-
-
-INT8_SETTINGS = dict(per_channel=False, reduce_range=True)
-INT8_DESCRIPTION = "dynamic int8 (onnxruntime quantize_dynamic: QInt8 weights per tensor in a 7-bit range, " \
-                   "uint8 activations quantised at run time)"
 
 
 def top1_agreement(fp32_path: Path, int8_path: Path, folder: str) -> dict:
