@@ -17,7 +17,7 @@ import os
 
 import torch
 
-from ..cli_common import add_model_args, check_results_file, checkpoint_metadata, positive_int
+from ..cli_common import add_model_args, check_results_file, checkpoint_metadata, load_model_from_args, positive_int
 from ..data import create_dataset, create_loader, resolve_data_config
 from ..data.loader import INTERPOLATIONS
 from ..errors import SequencerError
@@ -124,7 +124,7 @@ def _run(args, dataset_name: str, dist_info) -> int:
                   f"evaluating randomly initialised weights")
     if args.onnx and (args.amp or args.amp_dtype):
         raise SequencerError("--amp does not apply to --onnx: the file runs in the precision it was exported in")
-    loaded = load_model_or_onnx(args, device)
+    loaded = load_model_or_onnx(args, device) if args.onnx else load_model_from_args(args, device)
     # the checkpoint's preprocessing (what training evaluated with), then explicit flags
     overrides = dict(mean=args.mean, std=args.std, crop_pct=args.crop_pct, interpolation=args.interpolation)
     config = dict(loaded.data_config, input_size=loaded.input_size)
