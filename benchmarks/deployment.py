@@ -104,6 +104,21 @@ def measure(name: str, args: argparse.Namespace) -> dict:
         return report
 
 
+def render(reports: list[dict]) -> str:
+    """The markdown table of BENCHMARKS.md's CPU deployment section."""
+    lines = ["| model | path | img/s (batch 16) | vs ours fp32 | peak MiB | file / weights MiB | top-1 agreement |",
+             "|---|---|---|---|---|---|---|"]
+    for rep in reports:
+        base = rep["rows"]["ours-fp32"]["img_per_s_b16"]
+        for impl, row in rep["rows"].items():
+            peak = row.get("peak_mib")
+            speed = row["img_per_s_b16"]
+            lines.append(f"| {rep['model']} | {impl} | {speed:.2f} | {speed / base:.2f}x | "
+                         f"{'-' if peak is None else format(peak, '.0f')} | {row['file_mib']:.1f} | "
+                         f"{100 * row['agreement']:.1f}% |")
+    return "\n".join(lines)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", nargs="+", default=["sequencer2d_s", "sequencer2d_m", "sequencer2d_l"])
@@ -112,7 +127,11 @@ def main() -> None:
     parser.add_argument("--memory-iter", type=int, default=1)
     parser.add_argument("--agreement-images", type=int, default=64)
     parser.add_argument("--results", default="benchmarks/results/deployment.json")
+    parser.add_argument("--render-only", action="store_true", help="print the table of --results")
     args = parser.parse_args()
+    if args.render_only:
+        print(render(json.loads(Path(args.results).read_text())))
+        return
     reports = []
     for name in args.models:
         start = time.time()

@@ -19,9 +19,11 @@ import contextlib
 import json
 import os
 import sys
+import tempfile
 import warnings
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -29,6 +31,7 @@ from ..cli_common import add_model_args, load_model_from_args, positive_int, war
 from ..errors import SequencerError
 from ..fileio import write_atomically
 from .checkpoints import save_weights
+from .onnx_runtime import OnnxModel, load_onnx
 from .predict import check_input_size
 
 FORMATS = {"onnx": (".onnx",), "torchscript": (".pt", ".ts", ".torchscript", ".jit"), "safetensors": (".safetensors",)}
@@ -223,7 +226,6 @@ def top1_agreement(fp32_path: Path, int8_path: Path, folder: str) -> dict:
     Returns dict(count, agreement, fp32_top1, int8_top1); the top-1s (fractions) are None unless ``folder`` holds
     class subfolders named like the model's classes.
     """
-    from .onnx_runtime import load_onnx
     from .predict import eval_transform, find_images, read_images
 
     fp32, int8 = load_onnx(fp32_path), load_onnx(int8_path)
@@ -255,8 +257,6 @@ def export_onnx_int8(model: nn.Module, path: str | os.PathLike, input_size: tupl
     agrees with the fp32 file's on at least ``min_agreement`` of them (SequencerError otherwise, nothing written).
     Returns the :func:`top1_agreement` dict (None entries without ``verify``) plus ``rel_error`` of the fp32 export.
     """
-    import tempfile
-
     path = Path(path)
     result = {}
 
@@ -265,8 +265,9 @@ def export_onnx_int8(model: nn.Module, path: str | os.PathLike, input_size: tupl
             fp32 = Path(scratch) / "fp32.onnx"
             result["rel_error"] = export_onnx(model, fp32, input_size, metadata=metadata, **onnx_kwargs)
             quantize_int8(fp32, tmp, metadata or {})
-            from .onnx_runtime import OnnxModel
-            OnnxModel(tmp).run_numpy(onnx_kwargs.get("sample", torch.zeros(1, *input_size)).numpy())
+            logits = OnnxModel(tmp).run_numpy(np.zeros((onnx_kwargs.get("batch_size", 1), *input_size), np.float32))
+            if not np.isfinite(logits).all():
+                raise SequencerError(f"int8 model {str(path)!r} gives non-finite logits; nothing written")
             if verify:
                 result.update(top1_agreement(fp32, Path(tmp), verify))
                 if result["agreement"] < min_agreement:
