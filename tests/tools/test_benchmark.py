@@ -156,3 +156,31 @@ def test_loader_benchmark_measures_ours_beside_timms_create_loader(tmp_path, cap
     assert all(len(r) == 2 and min(r) > 0 for r in report["rounds"].values())
     out = capsys.readouterr().out
     assert "training input pipeline" in out and "timm" in out
+
+
+def test_benchmark_onnx_fp32_and_int8_side_by_side(tiny_s_checkpoint, tmp_path):
+    """--onnx files are timed in the same run as ours, with their logits' agreement and their own memory probe."""
+    for name, extra in (("fp32", []), ("int8", ["--quantize", "int8"])):
+        assert main(["export", "--checkpoint", str(tiny_s_checkpoint), "--img-size", "28", "--dynamic-batch",
+                     "-o", str(tmp_path / f"{name}.onnx"), *extra]) == 0
+    out = tmp_path / "r.json"
+    assert main(["benchmark", "--checkpoint", str(tiny_s_checkpoint), "--img-size", "28", "-b", "4", "--device", "cpu",
+                 "--num-iter", "2", "--memory-iter", "1", "--gemm-size", "64", "--compare-timm",
+                 "--onnx", str(tmp_path / "fp32.onnx"), "--onnx", str(tmp_path / "int8.onnx"),
+                 "--results-file", str(out)]) == 0
+    rows = {r["impl"]: r for r in json.loads(out.read_text())["results"]}
+    assert set(rows) == {"ours", "timm", "ort-fp32", "ort-int8"}
+    assert rows["ort-fp32"]["max_rel_diff_vs_timm"] < 1e-4  # the same weights: the file matches timm and ours
+    assert rows["ort-fp32"]["top1_agreement_vs_ours"] == 1.0
+    assert 0 < rows["ort-int8"]["max_rel_diff_vs_timm"] < 0.5
+    assert all(r["img_per_s"] > 0 and r["peak_memory_mb"] is not None for r in rows.values())
+
+
+def test_benchmark_onnx_of_another_size_is_refused(tiny_s_checkpoint, tmp_path, capsys):
+    assert main(["export", "--checkpoint", str(tiny_s_checkpoint), "--img-size", "28", "-o",
+                 str(tmp_path / "m.onnx")]) == 0
+    capsys.readouterr()
+    assert main(["benchmark", "--checkpoint", str(tiny_s_checkpoint), "--img-size", "56", "--device", "cpu",
+                 "--onnx", str(tmp_path / "m.onnx")]) == 2
+    err = capsys.readouterr().err
+    assert "exported for 28x28 inputs, not 56x56" in err and err.count("\n") == 1

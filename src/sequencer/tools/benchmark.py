@@ -57,7 +57,9 @@ GLIBC_EXACT_RSS = {"MALLOC_MMAP_THRESHOLD_": "65536"}
 
 @dataclass
 class Result:
-    impl: str  # "ours" (eager), "ours-optimized", "timm", "ours-triton", "<impl>-compiled", "ref-<timm name>"
+    # "ours" (eager), "ours-optimized", "timm", "ours-triton", "<impl>-compiled", "ref-<timm name>",
+    # "ort-fp32" / "ort-int8" (--onnx)
+    impl: str
     mode: str  # "infer" or "train"
     dtype: str
     batch_size: int
@@ -72,6 +74,7 @@ class Result:
     gemm_fraction: float | None = None
     speedup_vs_timm: float | None = None
     max_rel_diff_vs_timm: float | None = None
+    top1_agreement_vs_ours: float | None = None  # inference: share of the batch whose argmax equals ours' (eager)
 
 
 def resolve_device(name: str) -> torch.device:
@@ -229,13 +232,19 @@ def memory_probe(spec: dict) -> float:
     device = torch.device(spec["device"])
     amp = AMP_DTYPES[spec["dtype"]]
     torch.manual_seed(0)
-    model = _probe_model(spec).to(device)
     x = torch.randn(spec["batch_size"], *spec["input_size"], device=device)
-    if spec["mode"] == "train":
+    if spec.get("onnx"):
+        from .onnx_runtime import OnnxModel
+        # no memory arena: the resident set then follows onnxruntime's live memory, as glibc's for PyTorch
+        session = OnnxModel(spec["onnx"], threads=torch.get_num_threads(), memory_arena=False)
+        images = x.numpy()
+        step = lambda: session.run_numpy(images)  # noqa: E731
+    elif spec["mode"] == "train":
+        model = _probe_model(spec).to(device)
         target = torch.randint(0, max(getattr(model, "num_classes", 1), 1), (spec["batch_size"],), device=device)
         step = make_train_step(model, x, target, amp, device)
     else:
-        model.eval()
+        model = _probe_model(spec).to(device).eval()
         if spec["impl"] == "ours-optimized":
             from .optimize import optimize_for_inference
             model = optimize_for_inference(model, amp)
@@ -335,6 +344,28 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         "(with --compare-timm: beside timm's create_loader)")
     g.add_argument("-j", "--workers", type=int, default=2, help="data-loader workers for --data (default 2)")
     g.add_argument("--rounds", type=positive_int, default=3, help="alternating timed rounds for --data (default 3)")
+    parser.add_argument("--onnx", action="append", default=[], metavar="PATH",
+                        help="also time this `sequencer export` ONNX file (fp32 or int8) under onnxruntime, "
+                             "interleaved with the PyTorch paths (inference; repeatable; the model defaults to "
+                             "the file's)")
+
+
+def load_onnx_impls(args: argparse.Namespace) -> dict[str, nn.Module]:
+    """The --onnx files as ``{"ort-fp32" / "ort-int8": OnnxModel}``; the model options default to the first file's."""
+    from .onnx_runtime import OnnxModel
+
+    impls = {}
+    for path in args.onnx:
+        onnx_model = OnnxModel(path, threads=torch.get_num_threads())
+        impl = "ort-int8" if onnx_model.quantized else "ort-fp32"
+        impls[impl if impl not in impls else f"{impl}-{len(impls)}"] = onnx_model
+    if impls and not args.model and not args.checkpoint:
+        first = next(iter(impls.values()))
+        args.model = first.metadata.get("arch")
+        if not args.model:
+            raise SequencerError(f"--onnx {args.onnx[0]!r} names no model", hint="pass --model")
+        args.img_size = args.img_size or first.input_shape[-1]
+    return impls
 
 
 def _rel_diff(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -350,6 +381,7 @@ def run_benchmark(args: argparse.Namespace) -> dict:
     if args.num_warmup < 0 or args.memory_iter < 0:
         raise SequencerError("--num-warmup and --memory-iter must be >= 0")
     torch.manual_seed(args.seed)
+    onnx_models = load_onnx_impls(args)
     loaded = load_model_from_args(args, device)
     model, name = loaded.model, loaded.name
     if args.compare_timm and name not in TIMM_MODELS:
@@ -357,6 +389,11 @@ def run_benchmark(args: argparse.Namespace) -> dict:
     input_size = tuple(loaded.input_size)
     img_size = input_size[-1]
     check_input_size(loaded, img_size, img_size)
+    for impl, onnx_model in onnx_models.items():
+        try:
+            onnx_model.check_input_size(img_size, img_size)
+        except ValueError as e:
+            raise SequencerError(f"--onnx: {e}", hint="benchmark at the file's size (--img-size)") from None
     try:
         from ..models.flops import count_macs
         macs = count_macs(model, input_size)
@@ -386,6 +423,8 @@ def run_benchmark(args: argparse.Namespace) -> dict:
         if twin is not None:
             impls["timm"] = twin
         impls.update(extra_impls(impls, args, device))
+        if mode == "infer":
+            impls.update(onnx_models)
         steps, outputs = {}, {}
         for impl, m in impls.items():
             if mode == "infer":
@@ -410,9 +449,15 @@ def run_benchmark(args: argparse.Namespace) -> dict:
             if args.memory_iter:
                 spec = dict(impl=impl, name=name, model_kwargs=dict(getattr(model, "model_kwargs", {})),
                             mode=mode, dtype=args.amp_dtype, batch_size=args.batch_size, input_size=input_size,
-                            device=device.type, iters=args.memory_iter)
+                            device=device.type, iters=args.memory_iter,
+                            onnx=str(onnx_models[impl].path) if impl in onnx_models else None)
                 r.peak_memory_mb = measure_peak_memory(spec)
             results.append(r)
+        if mode == "infer":
+            for r in results:
+                if r.mode == mode:
+                    r.top1_agreement_vs_ours = (outputs[r.impl].float().argmax(-1) == outputs["ours"].float().argmax(
+                        -1)).double().mean().item()
         if "timm" in times:
             timm_ms = statistics.median(times["timm"])
             for r in results:

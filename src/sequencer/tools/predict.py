@@ -1,7 +1,8 @@
 """`sequencer predict`: top-k classes and probabilities for image files and folders.
 
 Labels are the checkpoint's own class names, ImageNet's readable names for a 1000-class model without them, else
-the class index. Folders are searched recursively for image files. An unreadable image is reported on stderr
+the class index. ``--onnx PATH`` classifies with an exported ONNX file (fp32 or int8) under onnxruntime instead,
+with the preprocessing and class names stored in the file. Folders are searched recursively for image files. An unreadable image is reported on stderr
 (naming the file) and skipped; the command then exits with status 1 after classifying the rest.
 """
 from __future__ import annotations
@@ -13,10 +14,11 @@ from pathlib import Path
 
 import torch
 
-from ..cli_common import add_model_args, load_model_from_args, positive_int
+from ..cli_common import add_model_args, positive_int, warn_if_random_weights
 from ..data import create_transform, load_image
 from ..data.datasets import IMAGE_EXTENSIONS, READ_ERRORS
 from ..errors import SequencerError
+from .onnx_runtime import add_onnx_argument, load_model_or_onnx
 
 
 def find_images(paths: list[str]) -> list[Path]:
@@ -98,12 +100,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("-b", "--batch-size", type=positive_int, default=32, metavar="N")
     parser.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda when available)")
     add_model_args(parser)
+    add_onnx_argument(parser)
 
 
 def run(args: argparse.Namespace) -> int:
     files = find_images(args.inputs)
     device = resolve_device(args.device)
-    loaded = load_model_from_args(args, device)
+    warn_if_random_weights(args)
+    loaded = load_model_or_onnx(args, device)
     check_input_size(loaded, *loaded.input_size[1:])
     transform = eval_transform(loaded)
     names = loaded.class_names
