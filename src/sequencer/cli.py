@@ -60,6 +60,8 @@ def main(argv: list[str] | None = None) -> int:
         return int(importlib.import_module(args._module).run(args) or 0)
     except SequencerError as e:
         print(f"sequencer {args.command}: error: {e}", file=sys.stderr)
+        from .engine.distributed import record_own_failure  # for distributed_train.sh's exit status
+        record_own_failure(2)
         return 2
     except KeyboardInterrupt:
         print(f"sequencer {args.command}: interrupted", file=sys.stderr)

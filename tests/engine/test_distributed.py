@@ -150,3 +150,23 @@ def test_ctrl_c_under_distributed_train_sh_saves_and_exits_130(image_folder, tmp
     text = log.read_text()
     assert "Traceback" not in text, text[-3000:]
     assert (tmp_path / "run" / "recovery.pth.tar").is_file(), text[-3000:]
+
+
+def test_launch_reports_the_rank_that_failed_in_its_own_right(monkeypatch):
+    """torchrun may see the peer that lost the failing rank exit first (status 1), and stop the failing rank with
+    SIGTERM while it exits: the launch still ends with the failing rank's own status, which that rank recorded."""
+    from torch.distributed import run as torchrun
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError, ProcessFailure
+
+    from sequencer.cli import main
+    from sequencer.engine import distributed
+
+    def run_two_ranks(_args):
+        assert main(["validate", "--model", "no_such_model"]) == 2  # rank 1 fails in its own right ...
+        failures = {0: ProcessFailure(local_rank=0, pid=1, exitcode=distributed.PEER_GONE_EXIT, error_file=""),
+                    1: ProcessFailure(local_rank=1, pid=2, exitcode=-signal.SIGTERM, error_file="")}
+        raise ChildFailedError("sequencer", failures)  # ... but torchrun saw only its peer's status and a SIGTERM
+
+    monkeypatch.setattr(torchrun, "run", run_two_ranks)
+    assert distributed.launch(["--nproc_per_node", "2", "-m", "sequencer", "train"]) == 2
+    assert distributed.FAILURE_FILE_ENV not in os.environ

@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import signal
+import tempfile
 from dataclasses import dataclass
 from datetime import timedelta
 
@@ -143,6 +145,42 @@ def all_gather_object(obj, info: DistInfo) -> list:
     return out
 
 
+# Set by launch() for its workers. The first rank to fail in its own right writes its exit status there: torchrun
+# may see a peer that merely lost that rank exit first, and stop the failing rank with SIGTERM while it is exiting.
+FAILURE_FILE_ENV = "SEQUENCER_LAUNCH_FAILURE_FILE"
+
+
+def record_own_failure(exit_status: int) -> None:
+    """Tell launch() this rank's exit status, unless another rank of this node already failed first."""
+    path = os.environ.get(FAILURE_FILE_ENV)
+    if not path:
+        return
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except OSError:  # another rank was first (or the launcher is gone): its status stands
+        return
+    with os.fdopen(fd, "w") as f:
+        f.write(str(exit_status))
+
+
+def _recorded_failure(path: str) -> int | None:
+    try:
+        return int(open(path).read())
+    except (OSError, ValueError):
+        return None
+
+
+def _launch_exit_status(error, failure_file: str) -> int:
+    recorded = _recorded_failure(failure_file)
+    if recorded is not None:
+        return recorded
+    failures = sorted(error.failures.values(), key=lambda f: f.timestamp)
+    # the rank that failed first in its own right, not one that merely lost its peer or was stopped by torchrun
+    own = [f.exitcode for f in failures if f.exitcode not in (PEER_GONE_EXIT, -signal.SIGTERM)]
+    code = (own or [f.exitcode for f in failures])[0]
+    return 128 - code if code < 0 else (code or 1)
+
+
 def launch(argv: list[str] | None = None) -> int:
     """torchrun (``torch.distributed.run``) as ``distributed_train.sh`` uses it, but failing the way one process does.
 
@@ -162,16 +200,17 @@ def launch(argv: list[str] | None = None) -> int:
         if name.startswith("torch.distributed.elastic") and os.environ.get("LOGLEVEL") is None:
             logging.getLogger(name).setLevel(logging.CRITICAL)
 
+    status_dir = tempfile.mkdtemp(prefix="sequencer-launch-")
+    os.environ[FAILURE_FILE_ENV] = os.path.join(status_dir, "exit-status")  # the workers inherit it
     try:
         torchrun.run(torchrun.parse_args(argv))
     except ChildFailedError as e:
-        failures = sorted(e.failures.values(), key=lambda f: f.timestamp)
-        # the rank that failed first in its own right, not one that merely lost its peer or was stopped by torchrun
-        own = [f.exitcode for f in failures if f.exitcode not in (PEER_GONE_EXIT, -signal.SIGTERM)]
-        code = (own or [f.exitcode for f in failures])[0]
-        return 128 - code if code < 0 else (code or 1)
+        return _launch_exit_status(e, os.environ[FAILURE_FILE_ENV])
     except SignalException as e:
         return 128 + int(e.sigval)
+    finally:
+        os.environ.pop(FAILURE_FILE_ENV, None)
+        shutil.rmtree(status_dir, ignore_errors=True)
     return 0
 
 
