@@ -8,7 +8,7 @@ import pytest
 
 from sequencer.engine import distributed
 from sequencer.engine.checkpoint import atomic_link_or_copy
-from sequencer.engine.train import _make_output_dir
+from sequencer.engine.outputs import make_output_dir as _make_output_dir
 from sequencer.fileio import STALE_TEMP_GLOB, current_umask, remove_stale_temporaries, write_atomically
 
 

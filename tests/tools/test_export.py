@@ -10,7 +10,8 @@ from sequencer.cli import main
 from sequencer.cli_common import load_model_from_args
 from sequencer.errors import SequencerError
 from sequencer.models import create_model, read_checkpoint
-from sequencer.tools.export import export_onnx, relative_error
+from sequencer.cli_common import relative_error
+from sequencer.tools.export import export_onnx
 
 from .conftest import TINY_ARCH, TINY_KWARGS, make_image
 

@@ -21,7 +21,6 @@ from ..cli_common import (add_model_args, check_device, check_input_size, check_
 from ..data import create_dataset, create_loader, resolve_data_config
 from ..data.datasets import held_out_split
 from ..data.loader import INTERPOLATIONS
-from ..errors import SequencerError
 from ..fileio import write_atomically
 from ..models import get_model_entry
 from .distributed import process_group
@@ -82,8 +81,6 @@ def run(args: argparse.Namespace) -> int:
 
 def _run(args, dataset_name: str, dist_info) -> int:
     device = dist_info.device
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise SequencerError(f"--device {args.device}: CUDA is not available", hint="use --device cpu")
     # the data first: a missing folder should not wait for (or download) the model's weights
     if not dataset_name:  # as train: a folder with only train/ and test/ is evaluated on test/
         found = held_out_split(args.data, args.split)

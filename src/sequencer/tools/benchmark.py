@@ -41,7 +41,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..cli_common import add_model_args, check_input_size, check_results_file, load_model_from_args, positive_int
+from ..cli_common import (add_model_args, check_input_size, check_results_file, load_model_from_args, positive_int,
+                          relative_error, resolve_device)
 from ..errors import SequencerError
 from ..fileio import write_atomically
 
@@ -71,14 +72,6 @@ class Result:
     gemm_fraction: float | None = None
     speedup_vs_timm: float | None = None
     max_rel_diff_vs_timm: float | None = None
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "cuda" and not torch.cuda.is_available():
-        raise SequencerError("--device cuda: no CUDA device is available", hint="use --device cpu")
-    if name not in ("cpu", "cuda"):
-        raise SequencerError(f"--device {name!r}: expected cpu or cuda")
-    return torch.device(name)
 
 
 def synchronize(device: torch.device) -> None:
@@ -293,11 +286,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--rounds", type=positive_int, default=3, help="alternating timed rounds for --data (default 3)")
 
 
-def _rel_diff(a: torch.Tensor, b: torch.Tensor) -> float:
-    a, b = a.float(), b.float()
-    return ((a - b).abs().max() / b.abs().max().clamp_min(1e-12)).item()
-
-
 def run_benchmark(args: argparse.Namespace) -> dict:
     device = resolve_device(args.device)
     amp = AMP_DTYPES[args.amp_dtype]
@@ -373,7 +361,7 @@ def run_benchmark(args: argparse.Namespace) -> dict:
                 if r.mode == mode:
                     r.speedup_vs_timm = timm_ms / (r.step_ms / 1e3)
                     if mode == "infer":
-                        r.max_rel_diff_vs_timm = _rel_diff(outputs[r.impl], outputs["timm"])
+                        r.max_rel_diff_vs_timm = relative_error(outputs[r.impl], outputs["timm"])
     return dict(
         model=name, input_size=list(input_size), batch_size=args.batch_size, amp_dtype=args.amp_dtype,
         device=device.type, device_name=torch.cuda.get_device_name(device) if device.type == "cuda" else

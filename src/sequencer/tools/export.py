@@ -21,19 +21,12 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..cli_common import add_model_args, load_model_from_args, positive_int
+from ..cli_common import add_model_args, check_input_size, load_model_from_args, positive_int, relative_error
 from ..errors import SequencerError
-from .checkpoints import save_weights, write_atomically
-from .predict import check_input_size
+from ..fileio import write_atomically
+from ..models.loading import save_weights
 
 FORMATS = {"onnx": (".onnx",), "torchscript": (".pt", ".ts", ".torchscript", ".jit"), "safetensors": (".safetensors",)}
-
-
-def relative_error(actual: torch.Tensor, reference: torch.Tensor) -> float:
-    """max |actual - reference| / max |reference| (0 when both are all-zero)."""
-    diff = (actual.double() - reference.double()).abs().max().item()
-    scale = reference.double().abs().max().item()
-    return diff / scale if scale > 0 else diff
 
 
 def _check_close(name: str, actual: torch.Tensor, reference: torch.Tensor, rtol: float, path: Path) -> float:
@@ -136,8 +129,7 @@ def export_torchscript(model: nn.Module, path: str | os.PathLike, input_size: tu
 def export_safetensors(model: nn.Module, path: str | os.PathLike, config: dict, rtol: float = 1e-6) -> float:
     """Write the weights and model config; rebuild the model from the file alone and compare logits."""
     from ..models import create_model
-    from ..models.loading import load_state_dict_into, read_checkpoint
-    from .checkpoints import model_config
+    from ..models.loading import load_state_dict_into, model_config, read_checkpoint
 
     path = Path(path)
     model = model.eval().cpu()
