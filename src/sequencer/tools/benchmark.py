@@ -286,7 +286,38 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--rounds", type=positive_int, default=3, help="alternating timed rounds for --data (default 3)")
 
 
+@dataclass
+class _Setup:
+    """What every implementation measured in one run shares: the model, its inputs and the machine's GEMM rate."""
+    args: argparse.Namespace
+    device: torch.device
+    amp: torch.dtype
+    name: str
+    model: nn.Module
+    input_size: tuple[int, int, int]
+    macs: float | None  # per image, forward
+    gemm_gflops: float
+    x: torch.Tensor  # (B, C, H, W)
+    target: torch.Tensor  # (B,) class indices
+    twin: nn.Module | None  # timm's Sequencer2d with the same weights (--compare-timm)
+
+
 def run_benchmark(args: argparse.Namespace) -> dict:
+    setup = _prepare(args)
+    modes = ("infer", "train") if args.mode == "both" else (args.mode,)
+    results = [r for mode in modes for r in _measure_mode(setup, mode)]
+    device = setup.device
+    return dict(
+        model=setup.name, input_size=list(setup.input_size), batch_size=args.batch_size, amp_dtype=args.amp_dtype,
+        device=device.type, device_name=torch.cuda.get_device_name(device) if device.type == "cuda" else
+        platform.processor() or platform.machine(),
+        threads=torch.get_num_threads(), load_average=list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
+        torch=torch.__version__, gemm_gflops=setup.gemm_gflops, num_iter=args.num_iter, num_warmup=args.num_warmup,
+        results=[asdict(r) for r in results])
+
+
+def _prepare(args: argparse.Namespace) -> _Setup:
+    """Check the options, load the model, count its MACs, measure the GEMM rate and draw the inputs."""
     device = resolve_device(args.device)
     amp = AMP_DTYPES[args.amp_dtype]
     if amp == torch.float16 and device.type == "cpu":
@@ -299,76 +330,80 @@ def run_benchmark(args: argparse.Namespace) -> dict:
     if args.compare_timm and name not in TIMM_MODELS:
         raise SequencerError(f"--compare-timm: timm has no {name!r}", hint=f"use one of {', '.join(TIMM_MODELS)}")
     input_size = tuple(loaded.input_size)
-    img_size = input_size[-1]
-    check_input_size(loaded, img_size, img_size)
+    check_input_size(loaded, input_size[-1], input_size[-1])
     try:
         from ..models.flops import count_macs
         macs = count_macs(model, input_size)
     except (ImportError, RuntimeError, ValueError):
         macs = None
-    params = sum(p.numel() for p in model.parameters())
     head = getattr(getattr(model, "head", None), "fc", None)
     if isinstance(head, nn.Linear) and not head.weight.any():
         # a freshly initialised model has a zero head: every logit would be 0 and the comparison with timm vacuous
         with torch.no_grad():
             head.weight.normal_(std=0.02, generator=torch.Generator(head.weight.device).manual_seed(args.seed))
     rate = gemm_rate(amp, device, args.gemm_size)
-
     gen = torch.Generator().manual_seed(args.seed)
     x = torch.randn(args.batch_size, *input_size, generator=gen).to(device)
     num_classes = getattr(model, "num_classes", 0) or 1
     target = torch.randint(0, num_classes, (args.batch_size,), generator=gen).to(device)
     twin = build_timm_twin(model, name).to(device).eval() if args.compare_timm else None
+    return _Setup(args, device, amp, name, model, input_size, macs, rate, x, target, twin)
 
-    modes = ("infer", "train") if args.mode == "both" else (args.mode,)
-    results: list[Result] = []
-    for mode in modes:
-        impls: dict[str, nn.Module] = {"ours": model}
-        if mode == "infer" and args.optimized:
-            from .optimize import optimize_for_inference
-            impls["ours-optimized"] = optimize_for_inference(model, amp)
-        if twin is not None:
-            impls["timm"] = twin
-        steps, outputs = {}, {}
-        for impl, m in impls.items():
+
+def _measure_mode(setup: _Setup, mode: str) -> list[Result]:
+    """Time every implementation in ``mode`` ("infer" or "train") interleaved, and compare each with timm's."""
+    args = setup.args
+    steps, outputs = _steps(setup, mode)
+    times = time_interleaved(steps, setup.device, args.num_warmup, args.num_iter)
+    results = [_result(setup, mode, impl, ts) for impl, ts in times.items()]
+    if "timm" in times:
+        timm_ms = statistics.median(times["timm"])
+        for r in results:
+            r.speedup_vs_timm = timm_ms / (r.step_ms / 1e3)
             if mode == "infer":
-                # the optimized model applies its dtype itself; eager models run under autocast
-                steps[impl] = make_infer_step(m, x, torch.float32 if impl == "ours-optimized" else amp, device)
-                outputs[impl] = steps[impl]()
-            else:
-                # each implementation trains its own copy from the same weights
-                m = copy.deepcopy(m)
-                steps[impl] = make_train_step(m, x, target, amp, device)
-        times = time_interleaved(steps, device, args.num_warmup, args.num_iter)
-        for impl, ts in times.items():
-            step_s = statistics.median(ts)
-            r = Result(impl=impl, mode=mode, dtype=args.amp_dtype, batch_size=args.batch_size, img_size=img_size,
-                       img_per_s=args.batch_size / step_s, step_ms=step_s * 1e3,
-                       step_ms_all=[round(t * 1e3, 2) for t in ts], params_m=params / 1e6,
-                       gmacs=macs / 1e9 if macs is not None else None)
-            if macs is not None:
-                r.achieved_gflops = 2 * macs * (3 if mode == "train" else 1) * r.img_per_s / 1e9
-                r.gemm_fraction = r.achieved_gflops / rate
-            if args.memory_iter:
-                spec = dict(impl=impl, name=name, model_kwargs=dict(getattr(model, "model_kwargs", {})),
-                            mode=mode, dtype=args.amp_dtype, batch_size=args.batch_size, input_size=input_size,
-                            device=device.type, iters=args.memory_iter)
-                r.peak_memory_mb = measure_peak_memory(spec)
-            results.append(r)
-        if "timm" in times:
-            timm_ms = statistics.median(times["timm"])
-            for r in results:
-                if r.mode == mode:
-                    r.speedup_vs_timm = timm_ms / (r.step_ms / 1e3)
-                    if mode == "infer":
-                        r.max_rel_diff_vs_timm = relative_error(outputs[r.impl], outputs["timm"])
-    return dict(
-        model=name, input_size=list(input_size), batch_size=args.batch_size, amp_dtype=args.amp_dtype,
-        device=device.type, device_name=torch.cuda.get_device_name(device) if device.type == "cuda" else
-        platform.processor() or platform.machine(),
-        threads=torch.get_num_threads(), load_average=list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
-        torch=torch.__version__, gemm_gflops=rate, num_iter=args.num_iter, num_warmup=args.num_warmup,
-        results=[asdict(r) for r in results])
+                r.max_rel_diff_vs_timm = relative_error(outputs[r.impl], outputs["timm"])
+    return results
+
+
+def _steps(setup: _Setup, mode: str) -> tuple[dict[str, Callable], dict[str, torch.Tensor]]:
+    """({implementation: one step of the work}, {implementation: its logits} for inference)."""
+    impls: dict[str, nn.Module] = {"ours": setup.model}
+    if mode == "infer" and setup.args.optimized:
+        from .optimize import optimize_for_inference
+        impls["ours-optimized"] = optimize_for_inference(setup.model, setup.amp)
+    if setup.twin is not None:
+        impls["timm"] = setup.twin
+    steps, outputs = {}, {}
+    for impl, m in impls.items():
+        if mode == "infer":
+            # the optimized model applies its dtype itself; eager models run under autocast
+            amp = torch.float32 if impl == "ours-optimized" else setup.amp
+            steps[impl] = make_infer_step(m, setup.x, amp, setup.device)
+            outputs[impl] = steps[impl]()
+        else:
+            # each implementation trains its own copy from the same weights
+            steps[impl] = make_train_step(copy.deepcopy(m), setup.x, setup.target, setup.amp, setup.device)
+    return steps, outputs
+
+
+def _result(setup: _Setup, mode: str, impl: str, times: list[float]) -> Result:
+    """The figures of one implementation from its step times (and its peak memory, measured now)."""
+    args, macs = setup.args, setup.macs
+    step_s = statistics.median(times)
+    r = Result(impl=impl, mode=mode, dtype=args.amp_dtype, batch_size=args.batch_size, img_size=setup.input_size[-1],
+               img_per_s=args.batch_size / step_s, step_ms=step_s * 1e3,
+               step_ms_all=[round(t * 1e3, 2) for t in times],
+               params_m=sum(p.numel() for p in setup.model.parameters()) / 1e6,
+               gmacs=macs / 1e9 if macs is not None else None)
+    if macs is not None:
+        r.achieved_gflops = 2 * macs * (3 if mode == "train" else 1) * r.img_per_s / 1e9
+        r.gemm_fraction = r.achieved_gflops / setup.gemm_gflops
+    if args.memory_iter:
+        spec = dict(impl=impl, name=setup.name, model_kwargs=dict(getattr(setup.model, "model_kwargs", {})),
+                    mode=mode, dtype=args.amp_dtype, batch_size=args.batch_size, input_size=setup.input_size,
+                    device=setup.device.type, iters=args.memory_iter)
+        r.peak_memory_mb = measure_peak_memory(spec)
+    return r
 
 
 def format_results(report: dict) -> str:
