@@ -11,6 +11,10 @@ last.pth.tar, model_best.pth.tar, checkpoint-<epoch>.pth.tar}``. Epochs are numb
 Faults: checkpoints are written atomically; SIGTERM/SIGINT save ``recovery.pth.tar`` at the next step and exit with
 128+signal (so torchrun ``--max-restarts`` restarts the worker, and ``--resume auto`` continues); a non-finite loss
 stops the run before the bad update, keeping the last good checkpoint.
+
+:func:`_train` reads top to bottom: ``build_data``, ``build_model``, ``build_loaders``, ``build_optimization``,
+``restore``, ``prepare_outputs``, then per epoch ``train_one_epoch``, ``evaluate_epoch`` and ``save_epoch``
+(``engine/loop.py``; the run's files are ``engine/outputs.py``'s).
 """
 from __future__ import annotations
 
@@ -365,26 +369,26 @@ def _train(cfg, info: dist_utils.DistInfo) -> int:
         return 0
     out = prepare_outputs(cfg, info, data.resume_path, data.resume_ckpt, start_epoch, loaders.img_size)
     train_model, eval_model = wrap_model(cfg, info, model)
-    run = TrainingRun(cfg, info, model, train_model, eval_model, data.class_names, loaders, opt, out)
-    _log_start(run, data, start_epoch)
+    training = TrainingRun(cfg, info, model, train_model, eval_model, data.class_names, loaders, opt, out)
+    _log_start(training, data, start_epoch)
 
     metrics = None
     with StopRequest() as stop:
         for epoch in range(start_epoch, opt.num_epochs):
-            result = train_one_epoch(run, epoch, stop)
+            result = train_one_epoch(training, epoch, stop)
             if result.stopped_at is not None:
-                return save_recovery(run, epoch, result.stopped_at, stop.signum)
-            metrics, raw_top1 = evaluate_epoch(run)
+                return save_recovery(training, epoch, result.stopped_at, stop.signum)
+            metrics, raw_top1 = evaluate_epoch(training)
             metric = float(metrics[cfg.eval_metric])
             if opt.scheduler is not None:
                 opt.scheduler.step(epoch + 1, metric)
-            save_epoch(run, epoch, result, metrics, metric, raw_top1)
+            save_epoch(training, epoch, result, metrics, metric, raw_top1)
             if stop.signum:  # the signal arrived during evaluation: the epoch is saved, stop here
                 _log(info, f"stopped by {signal.Signals(stop.signum).name} after epoch {epoch}; resume with "
                            f"--resume {out.folder / 'last.pth.tar'}")
                 return 128 + stop.signum
     if metrics is not None:
-        _log_finish(run, metrics, started)
+        _log_finish(training, metrics, started)
     return 0
 
 
@@ -685,25 +689,25 @@ def _log(info: dist_utils.DistInfo, *msg) -> None:
         print(*msg, flush=True)
 
 
-def _log_start(run: TrainingRun, data: TrainData, start_epoch: int) -> None:
-    cfg, info = run.cfg, run.info
-    n_params = sum(p.numel() for p in run.model.parameters())
+def _log_start(training: TrainingRun, data: TrainData, start_epoch: int) -> None:
+    cfg, info = training.cfg, training.info
+    n_params = sum(p.numel() for p in training.model.parameters())
     where = f"{info.world_size} processes, " if info.distributed else ""
     _log(info, f"train: {cfg.model} ({n_params / 1e6:.2f}M params) on {len(data.train_set)} images of "
-               f"{cfg.dataset or cfg.data}, {data.num_classes} classes, {run.loaders.img_size}px, {where}{info.device}; "
-               f"epochs {start_epoch}..{run.opt.num_epochs - 1}, lr {current_lr(run.opt.optimizer):.3g}, "
-               f"batch {cfg.batch_size}; output {run.out.folder}")
+               f"{cfg.dataset or cfg.data}, {data.num_classes} classes, {training.loaders.img_size}px, "
+               f"{where}{info.device}; epochs {start_epoch}..{training.opt.num_epochs - 1}, "
+               f"lr {current_lr(training.opt.optimizer):.3g}, batch {cfg.batch_size}; output {training.out.folder}")
 
 
-def _log_finish(run: TrainingRun, metrics: dict, started: float) -> None:
-    cfg, manager = run.cfg, run.out.manager
-    if not run.info.is_primary:
+def _log_finish(training: TrainingRun, metrics: dict, started: float) -> None:
+    cfg, manager = training.cfg, training.out.manager
+    if not training.info.is_primary:
         return
     best = (f"; best {cfg.eval_metric} {manager.best_metric:.2f} at epoch {manager.best_epoch}"
             if manager.best_metric is not None else "")
     what = "digits demo" if cfg.dataset == "digits" else "done"
-    skipped = len(getattr(run.loaders.eval, "skipped", None) or [])
+    skipped = len(getattr(training.loaders.eval, "skipped", None) or [])
     unreadable = f" ({skipped} unreadable skipped)" if skipped else ""
     print(f"{what}: eval top-1 {metrics['top1']:.2f}% top-5 {metrics['top5']:.2f}% on {metrics['count']} held-out "
-          f"images{unreadable} after {run.opt.num_epochs} epochs in {time.time() - started:.0f}s{best}; "
-          f"checkpoints in {run.out.folder}", flush=True)
+          f"images{unreadable} after {training.opt.num_epochs} epochs in {time.time() - started:.0f}s{best}; "
+          f"checkpoints in {training.out.folder}", flush=True)
