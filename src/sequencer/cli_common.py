@@ -47,6 +47,15 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
                    help="load a checkpoint's raw weights even when it has EMA weights")
 
 
+def warn_if_random_weights(args: argparse.Namespace) -> None:
+    """One warning line when a model name alone (no --checkpoint, no --pretrained) means random weights."""
+    if getattr(args, "model", None) and not args.checkpoint and not args.pretrained:
+        released = get_model_entry(args.model).pretrained_cfg.get("url")
+        print(f"warning: {args.model} runs with randomly initialised weights (no --checkpoint given"
+              + ("; --pretrained loads the released ones)" if released else ", and it has no released ones)"),
+              file=sys.stderr)
+
+
 @dataclass
 class LoadedModel:
     model: nn.Module

@@ -1,4 +1,4 @@
-"""timm's auto-augment policies on Pillow 13 behave as on the Pillow the paper trained with (0-bit posterize = black)."""
+"""timm's auto-augment policies on Pillow 13 draw as on the Pillow of the paper's time (0-bit posterize: black)."""
 import pickle
 import random
 

@@ -201,3 +201,30 @@ def test_every_rank_and_worker_draws_its_own_augmentation_and_a_rerun_repeats(tm
     assert not torch.equal(rank0[:2], rank0[2:])  # the two workers of one rank differ too
     again = _rank_batches(tmp_path, root, 7, "again")
     assert torch.equal(again[0], rank0) and torch.equal(again[1], rank1)  # exactly repeatable from the seed
+
+
+def test_persistent_workers_repeat_each_epochs_augmentation_on_resume(image_folder):
+    """Workers live across epochs; epoch 2 still draws what a run resumed at epoch 2 draws."""
+    ds = create_dataset("", root=str(image_folder), split="train")
+
+    def batches(loader, epoch):
+        loader.set_epoch(epoch)
+        return torch.cat([images for images, _ in loader])
+
+    kw = dict(num_workers=2, seed=5, auto_augment="rand-m9-mstd0.5-inc1", re_prob=0.5)
+    run = _loader(ds, 2, is_training=True, **kw)
+    assert run.persistent_workers
+    epochs = [batches(run, e) for e in range(3)]
+    resumed = _loader(ds, 2, is_training=True, **kw)
+    assert torch.equal(batches(resumed, 2), epochs[2])
+    assert not torch.equal(epochs[1], epochs[2])
+
+
+def test_uint8_batches_normalised_on_the_device_match_the_cpu_transform(image_folder):
+    ds = create_dataset("", root=str(image_folder), split="validation")
+    on_cpu = torch.cat([images for images, _ in _loader(ds, 2, normalize_on_device=False)])
+    uint8 = _loader(ds, 2, normalize_on_device=True)
+    assert uint8.dataset.dataset.transform(Image.new("RGB", (8, 8))).dtype == torch.uint8  # workers send uint8
+    on_device = torch.cat([images for images, _ in uint8])
+    assert on_device.dtype == torch.float32
+    torch.testing.assert_close(on_device, on_cpu, atol=1e-5, rtol=1e-5)

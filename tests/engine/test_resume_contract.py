@@ -14,6 +14,8 @@ import yaml
 from conftest import TINY_RUN, make_image_folder, summary_rows, train_cli
 from sequencer.models.loading import read_checkpoint
 
+pytestmark = pytest.mark.slow  # a few short training runs: about 45 s on 2 busy cores
+
 RUN = TINY_RUN  # adamw, lr 3e-3, no warmup, cosine per epoch
 LR = 3e-3
 TEST = ["--val-split", "test"]  # explicit, so that these tests also ran against the code before the fix
@@ -94,13 +96,16 @@ def test_extending_a_finished_run_rebuilds_the_schedule(finished, data, tmp_path
 
 
 def test_a_resume_takes_unspecified_settings_from_the_checkpoint(finished, data, tmp_path, capsys):
-    """Item 3: without --opt (default sgd) the run's adamw is kept (was KeyError: 'momentum' as a traceback);
-    `--resume RUN/last.pth.tar` without --experiment continues in the run's own folder (item 4)."""
+    """Item 3: without --opt (default sgd) the run's adamw is kept (was KeyError: 'momentum' as a traceback).
+    Item 4: `--resume RUN/recovery.pth.tar` without --experiment continues in the run's own folder, also when the
+    run has no summary.csv yet (a stop in its first epoch); it went to a new folder named after sequencer2d_s."""
     out, folder = _copy_run(finished, tmp_path)
-    assert train_cli([data, *TEST, "--resume", folder / "last.pth.tar", "--epochs", "3", "-j", "0", "--device", "cpu",
-                      "--output", tmp_path / "elsewhere"]) == 0
-    assert [int(r["epoch"]) for r in summary_rows(folder)] == [0, 1, 2]
-    assert not (tmp_path / "elsewhere").exists()
+    (folder / "summary.csv").unlink()
+    (folder / "last.pth.tar").rename(folder / "recovery.pth.tar")
+    assert train_cli([data, *TEST, "--resume", folder / "recovery.pth.tar", "--epochs", "3", "-j", "0", "--device",
+                      "cpu", "--output", tmp_path / "elsewhere"]) == 0
+    assert [int(r["epoch"]) for r in summary_rows(folder)] == [2]
+    assert not (tmp_path / "elsewhere").exists() and sorted(p.name for p in out.iterdir()) == ["x"]
     args = yaml.safe_load((folder / "args.yaml").read_text())
     assert args["opt"] == "adamw" and args["model_kwargs"]["embed_dims"] == [16, 16] and args["epochs"] == 3
 
@@ -177,3 +182,18 @@ def test_a_crashed_resume_leaves_no_header_only_summary(finished, data, tmp_path
     assert train_cli([data, *TEST, *RUN, "--epochs", "1", "--output", out, "--experiment", "crashed", "--img-size",
                       "15"]) == 2
     assert "already holds a run" not in capsys.readouterr().err
+
+
+def test_log_lines_count_readable_images_and_keep_metrics_together(tmp_path, capsys):
+    """Item 9: the final line counted 101 held-out images where 100 were readable, and the epoch line printed
+    "top1 19.00 skipped 2 unreadable images top5 67.00"."""
+    root = make_image_folder(tmp_path / "d", {"red": (200, 30, 30), "green": (30, 200, 30), "blue": (30, 30, 200)},
+                             34, 34, size=16)
+    for split in ("train", "val"):
+        (root / split / "red" / "zz_broken.png").write_bytes(b"not an image")  # 1 of 103: under the 1% limit
+    assert train_cli([root, *RUN, "--epochs", "1", "-b", "16", "--output", tmp_path / "o", "--experiment", "e"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    epoch_line = next(line for line in lines if line.startswith("epoch 0:"))
+    assert " top5 " in epoch_line.split(" top1 ")[1].split("skipped")[0]  # no note between top1 and top5
+    assert epoch_line.endswith("; skipped 1 unreadable training image")
+    assert "on 102 held-out images (1 unreadable skipped)" in lines[-1]

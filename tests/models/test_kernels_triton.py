@@ -157,3 +157,22 @@ def test_invalid_backend_names_it(monkeypatch):
     monkeypatch.setenv(recurrence.BACKEND_ENV, "fast")
     with pytest.raises(SequencerError, match="SEQUENCER_LSTM_BACKEND must be one of auto, triton, native, got 'fast'"):
         create_model("sequencer2d_nano")
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_lstm_scan_passes_opcheck(device):
+    """Schema, autograd registration and the fake implementation agree with the kernel (on CUDA also AOT dispatch;
+    the interpreter cannot be traced with fake tensors)."""
+    xp = torch.randn(2, 3, 4, 2, 32, device=device, requires_grad=True)
+    w_hh = torch.randn(2, 32, 8, device=device, requires_grad=True)
+    checks = ("test_schema", "test_autograd_registration", "test_faketensor")
+    if not INTERPRETED:
+        checks += ("test_aot_dispatch_dynamic",)
+    torch.library.opcheck(torch.ops.sequencer.lstm_scan.default, (xp, w_hh, True), test_utils=checks)
+
+
+def test_triton_on_cpu_without_the_interpreter_is_one_line(monkeypatch):
+    model = create_model("sequencer2d_nano", lstm_backend="triton")
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    with pytest.raises(SequencerError, match="needs a CUDA device or TRITON_INTERPRET=1, got cpu tensors"):
+        model(torch.randn(1, 3, 16, 16))

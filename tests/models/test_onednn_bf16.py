@@ -58,3 +58,8 @@ def test_bf16_inference_and_training_step_fall_back(no_onednn_bf16):
             assert (model(x).float() - expected).abs().max() < 0.1 * expected.abs().max()
         fast = sequencer.optimize_for_inference(model, torch.bfloat16)
         assert (fast(x).float() - expected).abs().max() < 0.1 * expected.abs().max()
+
+
+def test_benchmark_gemm_rate_skips_onednn_bf16(no_onednn_bf16):
+    from sequencer.tools.benchmark import gemm_rate
+    assert gemm_rate(torch.bfloat16, torch.device("cpu"), size=64, iters=1) > 0

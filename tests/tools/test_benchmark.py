@@ -5,7 +5,9 @@ numbers together, the side-by-side equality with timm and the error handling.
 """
 from __future__ import annotations
 
+import argparse
 import json
+import os
 
 import pytest
 import torch
@@ -97,6 +99,30 @@ def test_benchmark_cli_memory_and_bfloat16(tmp_path, capsys):
     assert all(r["speedup_vs_timm"] is None for r in rows)
 
 
+@pytest.mark.skipif(not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1",
+                    reason="the fused kernel needs CUDA or Triton's interpreter")
+def test_benchmark_cli_lstm_backend_and_reference_rows(tiny_s_checkpoint, tmp_path):
+    """--lstm-backend triton adds ours on the fused kernel (timm's logits), --reference-model a timm model's row."""
+    out = tmp_path / "r.json"
+    rc = main(["benchmark", "--checkpoint", str(tiny_s_checkpoint), "-b", "2", "--img-size", "28", "--compare-timm",
+               "--lstm-backend", "triton", "--reference-model", "resnet10t", "--num-warmup", "0", "--num-iter", "1",
+               "--memory-iter", "0", "--gemm-size", "64", "--device", "cpu", "--results-file", str(out)])
+    assert rc == 0
+    rows = {r["impl"]: r for r in json.loads(out.read_text())["results"]}
+    assert sorted(rows) == ["ours", "ours-triton", "ref-resnet10t", "timm"]
+    assert rows["ours-triton"]["max_rel_diff_vs_timm"] < 1e-5
+    assert rows["ref-resnet10t"]["gemm_fraction"] is None and rows["ref-resnet10t"]["max_rel_diff_vs_timm"] is None
+
+
+def test_benchmark_torchcompile_adds_a_compiled_twin_of_each_row():
+    model = create_model("sequencer2d_s", **TINY_S)
+    args = argparse.Namespace(lstm_backend="triton", torchcompile=True, reference_model="")
+    impls = benchmark.extra_impls({"ours": model, "timm": model}, args, torch.device("cpu"))
+    assert sorted(impls) == ["ours-compiled", "ours-triton", "ours-triton-compiled", "timm-compiled"]
+    assert {m.lstm_backend for m in impls["ours-triton"].modules() if hasattr(m, "lstm_backend")} == {"triton"}
+    assert model.stages[0].blocks[0].rnn_tokens.lstm_backend == "auto"  # the original is left as it was
+
+
 @pytest.mark.parametrize("argv, message", [
     (["--model", "sequencer2d_nano", "--compare-timm"], "timm has no 'sequencer2d_nano'"),
     (["--model", "sequencer2d_nano", "--device", "cuda"] if not torch.cuda.is_available() else
@@ -111,3 +137,50 @@ def test_benchmark_cli_errors(argv, message, capsys):
     assert main(["benchmark", *argv]) == 2
     err = capsys.readouterr().err
     assert err.startswith("sequencer benchmark: error:") and message in err and "Traceback" not in err
+
+
+def test_loader_benchmark_measures_ours_beside_timms_create_loader(tmp_path, capsys):
+    import numpy as np
+    from PIL import Image
+    for cls in ("a", "b"):
+        (tmp_path / "data" / "train" / cls).mkdir(parents=True)
+        for i in range(6):
+            pixels = np.random.default_rng(i).integers(0, 256, (20, 20, 3), dtype=np.uint8)
+            Image.fromarray(pixels).save(tmp_path / "data" / "train" / cls / f"{i}.jpg")
+    results = tmp_path / "r.json"
+    assert main(["benchmark", "--data", str(tmp_path / "data"), "--compare-timm", "--img-size", "16", "-b", "2",
+                 "-j", "1", "--num-iter", "2", "--rounds", "2", "--device", "cpu",
+                 "--results-file", str(results)]) == 0
+    report = json.loads(results.read_text())
+    assert set(report["rounds"]) == {"ours", "timm"}
+    assert all(len(r) == 2 and min(r) > 0 for r in report["rounds"].values())
+    out = capsys.readouterr().out
+    assert "training input pipeline" in out and "timm" in out
+
+
+def test_benchmark_onnx_fp32_and_int8_side_by_side(tiny_s_checkpoint, tmp_path):
+    """--onnx files are timed in the same run as ours, with their logits' agreement and their own memory probe."""
+    for name, extra in (("fp32", []), ("int8", ["--quantize", "int8"])):
+        assert main(["export", "--checkpoint", str(tiny_s_checkpoint), "--img-size", "28", "--dynamic-batch",
+                     "-o", str(tmp_path / f"{name}.onnx"), *extra]) == 0
+    out = tmp_path / "r.json"
+    assert main(["benchmark", "--checkpoint", str(tiny_s_checkpoint), "--img-size", "28", "-b", "4", "--device", "cpu",
+                 "--num-iter", "2", "--memory-iter", "1", "--gemm-size", "64", "--compare-timm",
+                 "--onnx", str(tmp_path / "fp32.onnx"), "--onnx", str(tmp_path / "int8.onnx"),
+                 "--results-file", str(out)]) == 0
+    rows = {r["impl"]: r for r in json.loads(out.read_text())["results"]}
+    assert set(rows) == {"ours", "timm", "ort-fp32", "ort-int8"}
+    assert rows["ort-fp32"]["max_rel_diff_vs_timm"] < 1e-4  # the same weights: the file matches timm and ours
+    assert rows["ort-fp32"]["top1_agreement_vs_ours"] == 1.0
+    assert 0 < rows["ort-int8"]["max_rel_diff_vs_timm"] < 0.5
+    assert all(r["img_per_s"] > 0 and r["peak_memory_mb"] is not None for r in rows.values())
+
+
+def test_benchmark_onnx_of_another_size_is_refused(tiny_s_checkpoint, tmp_path, capsys):
+    assert main(["export", "--checkpoint", str(tiny_s_checkpoint), "--img-size", "28", "-o",
+                 str(tmp_path / "m.onnx")]) == 0
+    capsys.readouterr()
+    assert main(["benchmark", "--checkpoint", str(tiny_s_checkpoint), "--img-size", "56", "--device", "cpu",
+                 "--onnx", str(tmp_path / "m.onnx")]) == 2
+    err = capsys.readouterr().err
+    assert "exported for 28x28 inputs, not 56x56" in err and err.count("\n") == 1

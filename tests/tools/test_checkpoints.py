@@ -108,9 +108,9 @@ def test_clean_strips_training_state(tiny_checkpoint, tmp_path, suffix):
 
 
 def test_clean_no_ema_and_safetensors_flag(tiny_checkpoint, tmp_path):
-    out = tmp_path / "clean.bin"
+    out = tmp_path / "clean.safetensors"  # a --safetensors file must say so (tests/tools/test_export.py)
     assert main(["checkpoint", "clean", str(tiny_checkpoint), "--no-ema", "--safetensors", "-o", str(out)]) == 0
-    cleaned = read_checkpoint(out.rename(tmp_path / "clean.safetensors"))
+    cleaned = read_checkpoint(out)
     torch.testing.assert_close(cleaned["head.fc.weight"], _weights(tiny_checkpoint, use_ema=False)["head.fc.weight"])
 
 

@@ -7,11 +7,10 @@ import torch
 from PIL import Image
 
 from sequencer.cli import main
-from sequencer.cli_common import load_model_from_args
+from sequencer.cli_common import load_model_from_args, relative_error
 from sequencer.errors import SequencerError
 from sequencer.models import create_model, read_checkpoint
-from sequencer.cli_common import relative_error
-from sequencer.tools.export import export_onnx
+from sequencer.tools.export import export_onnx, export_torchscript
 
 from .conftest import TINY_ARCH, TINY_KWARGS, make_image
 
@@ -47,15 +46,61 @@ def test_onnx_cli_dynamic_batch_matches_pytorch(tiny_checkpoint, tmp_path, capsy
 
 
 def test_onnx_check_fails_loudly_on_mismatch(tmp_path, monkeypatch):
-    """The command's own check must reject an export whose logits differ from PyTorch's."""
+    """The command's own check must reject an export whose logits differ from PyTorch's, before the file appears
+    at the output (a previous file there stays as it was, no temporary file is left)."""
     import onnxruntime as ort
 
     model = create_model(TINY_ARCH, **TINY_KWARGS).eval()
     torch.nn.init.normal_(model.head.fc.weight)
+    (tmp_path / "bad.onnx").write_bytes(b"previous")
     real_run = ort.InferenceSession.run
     monkeypatch.setattr(ort.InferenceSession, "run", lambda self, *a, **k: [o * 1.01 for o in real_run(self, *a, **k)])
     with pytest.raises(SequencerError, match="does not match PyTorch"):
         export_onnx(model, tmp_path / "bad.onnx", (3, 32, 32))
+    assert (tmp_path / "bad.onnx").read_bytes() == b"previous" and len(list(tmp_path.iterdir())) == 1
+
+
+@pytest.mark.filterwarnings("ignore:`torch.jit.load` is deprecated")
+def test_torchscript_check_fails_before_the_file_appears(tmp_path, monkeypatch):
+    model = create_model(TINY_ARCH, **TINY_KWARGS).eval()
+    torch.nn.init.normal_(model.head.fc.weight)
+    real_load = torch.jit.load
+
+    def skewed_load(*a, **k):  # a reloaded trace whose logits are off by 1%
+        loaded = real_load(*a, **k)
+        return lambda x: loaded(x) * 1.01
+    monkeypatch.setattr(torch.jit, "load", skewed_load)
+    with pytest.raises(SequencerError, match="does not match PyTorch"):
+        export_torchscript(model, tmp_path / "bad.pt", (3, 32, 32))
+    assert not list(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--format", "safetensors", "-o", "m.bin"], "does not end in .safetensors"),
+    (["--format", "safetensors", "-o", "m.onnx"], "does not end in .safetensors"),
+    (["--format", "torchscript", "-o", "m.onnx"], "does not end in .pt or .ts"),
+    (["--format", "onnx", "-o", "m.pt"], "does not end in .onnx"),
+    (["-o", "m.onnx", "--opset", "99"], "--opset 99 is not supported: the exporter writes opsets 17 to"),
+    (["-o", "m.onnx", "--opset", "16"], "--opset 16 is not supported"),
+])
+def test_export_refuses_before_writing(argv, message, tiny_checkpoint, tmp_path, monkeypatch, capsys):
+    """A suffix that does not match --format, or an opset the exporter cannot write: one line, nothing touched."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "m.onnx").write_bytes(b"an existing export")
+    assert main(["export", "--checkpoint", str(tiny_checkpoint), *argv]) == 2
+    captured = capsys.readouterr()
+    assert message in captured.err and captured.err.count("\n") == 1 and not captured.out
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.onnx"]
+    assert (tmp_path / "m.onnx").read_bytes() == b"an existing export"
+
+
+def test_checkpoint_clean_safetensors_needs_its_suffix(tiny_checkpoint, tmp_path, capsys):
+    """`checkpoint clean --safetensors -o rel.bin` used to write a file validate and predict then rejected."""
+    assert main(["checkpoint", "clean", str(tiny_checkpoint), "--safetensors", "-o", str(tmp_path / "rel.bin")]) == 2
+    assert "must end in .safetensors" in capsys.readouterr().err and not list(tmp_path.iterdir())
+    assert main(["checkpoint", "clean", str(tiny_checkpoint), "--safetensors",
+                 "-o", str(tmp_path / "rel.safetensors")]) == 0
+    assert load_model_from_args(_model_args(tmp_path / "rel.safetensors")).class_names == ["cat", "dog"]
 
 
 @pytest.mark.filterwarnings("ignore:`torch.jit.load` is deprecated")
@@ -92,7 +137,7 @@ def test_export_errors(tmp_path, tiny_checkpoint, capsys):
     assert main(["export", "--output", str(tmp_path / "m.onnx")]) == 2
     assert "no model given" in capsys.readouterr().err
     assert main(["export", "--checkpoint", str(tiny_checkpoint), "--output", str(tmp_path / "m.xyz")]) == 2
-    assert "--format" in capsys.readouterr().err
+    assert "end --output in .onnx" in capsys.readouterr().err
     assert main(["export", "--checkpoint", str(tmp_path / "nope.pth"), "-o", str(tmp_path / "m.onnx")]) == 2
     assert "nope.pth" in capsys.readouterr().err
     assert main(["export", "--checkpoint", str(tiny_checkpoint), "-o", str(tmp_path / "m.onnx"),

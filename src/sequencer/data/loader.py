@@ -88,11 +88,13 @@ def create_transform(input_size, is_training: bool = False, *, mean=IMAGENET_DEF
                      std=IMAGENET_DEFAULT_STD, crop_pct: float | None = None, interpolation: str = "bicubic",
                      hflip: float = 0.5, vflip: float = 0.0, scale=None, ratio=None, color_jitter: float = 0.4,
                      auto_augment: str | None = None, re_prob: float = 0.0, re_mode: str = "pixel",
-                     re_count: int = 1):
+                     re_count: int = 1, uint8_output: bool = False):
     """PIL RGB image -> normalised float tensor (C, H, W) via timm's transform factory.
 
-    ``input_size`` is an int or (C, H, W); a 1-channel size converts to grayscale first. A 0-bit posterize in the
-    ``auto_augment`` policy gives a black image, as on the Pillow the paper trained with (`augment`).
+    ``input_size`` is an int or (C, H, W); a 1-channel size converts to grayscale first. ``uint8_output``:
+    uint8 (C, H, W) instead, neither normalised nor erased (`DeviceNormalize` does both on the batch). A 0-bit
+    posterize in the ``auto_augment`` policy gives a black image, as on the Pillow the paper trained with
+    (`augment`).
     """
     from torchvision import transforms
 
@@ -102,7 +104,7 @@ def create_transform(input_size, is_training: bool = False, *, mean=IMAGENET_DEF
     if input_size[0] not in (1, 3):
         raise SequencerError(f"images have 3 (or 1) channels, not {input_size[0]}")
     kwargs = dict(input_size=input_size, is_training=is_training, mean=tuple(mean), std=tuple(std),
-                  interpolation=interpolation, crop_pct=crop_pct)
+                  interpolation=interpolation, crop_pct=crop_pct, use_prefetcher=uint8_output)
     if is_training:
         kwargs.update(hflip=hflip, vflip=vflip, scale=tuple(scale) if scale else None,
                       ratio=tuple(ratio) if ratio else None, color_jitter=color_jitter, auto_augment=auto_augment,
@@ -111,6 +113,24 @@ def create_transform(input_size, is_training: bool = False, *, mean=IMAGENET_DEF
     if input_size[0] == 1:
         transform = transforms.Compose([transforms.Grayscale(1), transform])
     return transform
+
+
+class DeviceNormalize:
+    """uint8 batch (N, C, H, W) on the device -> float, normalised by ``mean``/``std`` (0-1 scale), then timm's
+    random erasing (``re_prob`` > 0) on the device: the work timm's CUDA prefetcher takes off the CPU workers."""
+
+    def __init__(self, mean, std, device, re_prob: float = 0.0, re_mode: str = "pixel", re_count: int = 1):
+        shape = (1, len(mean), 1, 1)
+        self.mean = torch.tensor([255.0 * m for m in mean], device=device).view(shape)
+        self.std = torch.tensor([255.0 * v for v in std], device=device).view(shape)
+        self.erase = None
+        if re_prob > 0:
+            from timm.data.random_erasing import RandomErasing
+            self.erase = RandomErasing(re_prob, mode=re_mode, max_count=re_count, device=device)
+
+    def __call__(self, images: torch.Tensor) -> torch.Tensor:
+        images = images.float().sub_(self.mean).div_(self.std)
+        return self.erase(images) if self.erase is not None else images
 
 
 class _SkippingView(torch.utils.data.Dataset):
@@ -134,7 +154,11 @@ class _SkippingView(torch.utils.data.Dataset):
             raise AttributeError(name)
         return getattr(self.dataset, name)
 
-    def __getitem__(self, index):
+    def __getitem__(self, key):
+        """``key`` is an index, or ``(index, pass seed, pass number)`` from a `_PassSeededSampler`."""
+        index, *pass_key = key if isinstance(key, tuple) else (key,)
+        if pass_key:
+            _seed_worker_for_pass(*pass_key)
         failed = []
         for attempt in range(self.MAX_REPLACEMENTS if self.replace else 1):
             try:
@@ -143,6 +167,46 @@ class _SkippingView(torch.utils.data.Dataset):
             except UnreadableImageError as e:
                 failed.append(e.path)
         return None, -1, failed
+
+
+_worker_pass: tuple | None = None  # in a worker process: the pass it was last seeded for
+
+
+def _seed_worker_for_pass(pass_seed: int, pass_number: int) -> None:
+    """In a data-loader worker, seed random, numpy and torch with ``pass_seed + worker id`` on its first item of
+    a pass. Persistent workers live across epochs, so the DataLoader seeds them only once; this gives each epoch the
+    draws a fresh worker of that epoch would make, so a resumed run repeats them. No-op in the main process."""
+    import random
+
+    import numpy as np
+    global _worker_pass
+    info = torch.utils.data.get_worker_info()
+    if info is None or _worker_pass == (pass_seed, pass_number):
+        return
+    _worker_pass = (pass_seed, pass_number)
+    seed = (pass_seed + info.id) % 2 ** 63
+    random.seed(seed)
+    np.random.seed(seed % 2 ** 32)
+    torch.manual_seed(seed)
+
+
+class _PassSeededSampler(torch.utils.data.Sampler):
+    """``base``'s indices as ``(index, pass_seed, pass_number)``; the loader sets both before each pass."""
+
+    def __init__(self, base):
+        self.base = base
+        self.pass_seed = self.pass_number = 0
+
+    def __len__(self):
+        return len(self.base)
+
+    def __getattr__(self, name):  # set_epoch, epoch, ... of the wrapped sampler
+        if name == "base":
+            raise AttributeError(name)
+        return getattr(self.base, name)
+
+    def __iter__(self):
+        return ((index, self.pass_seed, self.pass_number) for index in self.base)
 
 
 def _collate(batch):
@@ -221,8 +285,10 @@ class ImageLoader(DataLoader):
     otherwise one more than the previous pass's.
     """
 
-    def __init__(self, dataset, *, device, max_unreadable: float, seed: int, rank: int = 0, **kwargs):
+    def __init__(self, dataset, *, device, max_unreadable: float, seed: int, rank: int = 0, on_device=None,
+                 **kwargs):
         super().__init__(dataset, **kwargs)
+        self.on_device = on_device  # uint8 batch -> normalised (and erased) float batch, on the device
         self.device = torch.device(device)
         self.max_unreadable = max_unreadable
         self.seed = seed
@@ -250,10 +316,14 @@ class ImageLoader(DataLoader):
         epoch = self._last_epoch = self._pass_epoch()
         if hasattr(self.sampler, "set_epoch"):
             self.sampler.set_epoch(epoch)
+        pass_seed = augmentation_seed(self.seed, self.rank, epoch)
         if self.generator is not None:
             # the DataLoader draws its base seed from this generator and gives worker k ``base + k``; the main
             # process (num_workers=0) draws from it too. Mixing in the rank keeps the ranks' workers apart.
-            self.generator.manual_seed(augmentation_seed(self.seed, self.rank, epoch))
+            self.generator.manual_seed(pass_seed)
+        if isinstance(self.sampler, _PassSeededSampler):
+            self.sampler.pass_seed = pass_seed  # persistent workers reseed from it (_seed_worker_for_pass)
+            self.sampler.pass_number += 1
         self.skipped = []
         total = len(self.sampler)
         non_blocking = self.device.type == "cuda"
@@ -262,7 +332,10 @@ class ImageLoader(DataLoader):
                 self._note_unreadable(failed, total)
             if images is None:
                 continue
-            yield images.to(self.device, non_blocking=non_blocking), targets.to(self.device, non_blocking=non_blocking)
+            images = images.to(self.device, non_blocking=non_blocking)
+            if self.on_device is not None:
+                images = self.on_device(images)
+            yield images, targets.to(self.device, non_blocking=non_blocking)
 
     def _note_unreadable(self, failed: list[str], total: int) -> None:
         seen = getattr(self.dataset.dataset, "skipped", None)
@@ -304,14 +377,19 @@ def create_loader(dataset, input_size, batch_size: int, is_training: bool = Fals
                   device: torch.device | str = "cpu", auto_augment: str | None = None, re_prob: float = 0.0,
                   re_mode: str = "pixel", re_count: int = 1, hflip: float | None = None, vflip: float = 0.0,
                   scale=None, ratio=None, color_jitter: float | None = None, drop_last: bool | None = None,
-                  seed: int = 0, max_unreadable: float = 0.01, pin_memory: bool | None = None) -> ImageLoader:
+                  seed: int = 0, max_unreadable: float = 0.01, pin_memory: bool | None = None,
+                  normalize_on_device: bool | None = None) -> ImageLoader:
     """Set ``dataset.transform`` (timm's train or eval transform) and wrap it in an `ImageLoader`.
 
     ``hflip``/``scale``/``ratio``/``color_jitter`` left as None take the dataset's ``augment_defaults`` (digits: no
     flip, mild crops) and then timm's defaults. ``drop_last`` defaults to ``is_training``. With ``distributed``
     (an initialised process group) training shuffles with a DistributedSampler and evaluation gives each rank a
     disjoint, unpadded share. Raises SequencerError when the batch size leaves no batch at all.
+    ``normalize_on_device`` (default: on CUDA) sends uint8 batches and normalises and erases them on ``device``
+    (`DeviceNormalize`), leaving the CPU workers only decoding and augmenting. Workers persist across passes.
     """
+    device = torch.device(device)
+    on_device = device.type == "cuda" if normalize_on_device is None else normalize_on_device
     if batch_size <= 0:
         raise SequencerError(f"batch size {batch_size} must be positive")
     augment = dict(TIMM_AUGMENT_DEFAULTS)
@@ -320,7 +398,8 @@ def create_loader(dataset, input_size, batch_size: int, is_training: bool = Fals
     augment.update({k: v for k, v in given.items() if v is not None})
     dataset.transform = create_transform(
         input_size, is_training, mean=mean, std=std, crop_pct=crop_pct, interpolation=interpolation,
-        vflip=vflip, auto_augment=auto_augment, re_prob=re_prob, re_mode=re_mode, re_count=re_count, **augment)
+        vflip=vflip, auto_augment=auto_augment, re_prob=re_prob, re_mode=re_mode, re_count=re_count,
+        uint8_output=on_device, **augment)
 
     drop_last = is_training if drop_last is None else drop_last
     generator = torch.Generator()
@@ -341,9 +420,13 @@ def create_loader(dataset, input_size, batch_size: int, is_training: bool = Fals
         per = " per process" if len(sampler) != len(dataset) else ""
         raise SequencerError(f"batch size {batch_size} is larger than the {len(sampler)} images{per} of {name}",
                              hint=f"use -b {max(1, len(sampler))} or less")
-    device = torch.device(device)
+    normalize = None
+    if on_device:
+        normalize = DeviceNormalize(mean, std, device, re_prob=re_prob if is_training else 0.0, re_mode=re_mode,
+                                    re_count=re_count)
     return ImageLoader(
         _SkippingView(dataset, replace=is_training), device=device, max_unreadable=max_unreadable, seed=seed,
-        rank=rank, batch_size=batch_size, sampler=sampler, num_workers=num_workers, collate_fn=_collate,
-        pin_memory=device.type == "cuda" if pin_memory is None else pin_memory, drop_last=drop_last,
-        generator=generator)
+        rank=rank, on_device=normalize, batch_size=batch_size,
+        sampler=_PassSeededSampler(sampler) if num_workers > 0 else sampler, num_workers=num_workers,
+        collate_fn=_collate, pin_memory=device.type == "cuda" if pin_memory is None else pin_memory,
+        drop_last=drop_last, generator=generator, persistent_workers=num_workers > 0)

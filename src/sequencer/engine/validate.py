@@ -5,7 +5,8 @@ The paper's ``python validate.py /path/to/imagenet --model sequencer2d_s -b 16 -
 model name without ``--checkpoint`` evaluates its released weights. With no DATA it
 validates on the embedded digits val split. A checkpoint written by ``sequencer train`` carries its model name,
 class names and preprocessing, and is evaluated with the same loader and loop as training's eval phase, so it
-reproduces the eval_top1 training logged. Under ``torchrun`` each process evaluates a disjoint share.
+reproduces the eval_top1 training logged. Under ``torchrun`` each process evaluates a disjoint share. ``--onnx PATH``
+evaluates an exported ONNX file (fp32 or int8) under onnxruntime with the preprocessing and class names it stores.
 """
 from __future__ import annotations
 
@@ -21,8 +22,10 @@ from ..cli_common import (add_model_args, check_device, check_input_size, check_
 from ..data import create_dataset, create_loader, resolve_data_config
 from ..data.datasets import held_out_split
 from ..data.loader import INTERPOLATIONS
+from ..errors import SequencerError
 from ..fileio import write_atomically
 from ..models import get_model_entry
+from ..tools.onnx_runtime import add_onnx_argument, load_model_or_onnx
 from .distributed import process_group
 from .evaluate import evaluate
 
@@ -47,6 +50,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--std", type=float, nargs="+", default=None, metavar="STD")
     g.add_argument("--interpolation", default=None, choices=[i for i in INTERPOLATIONS if i != "random"])
     add_model_args(parser)
+    add_onnx_argument(parser)
     g = parser.add_argument_group("run")
     g.add_argument("--amp", "--native-amp", dest="amp", action="store_true",
                    help="mixed precision (float16 on CUDA, bfloat16 on CPU unless --amp-dtype)")
@@ -96,7 +100,9 @@ def _run(args, dataset_name: str, dist_info) -> int:
         elif dist_info.is_primary:
             print(f"note: {args.model} has no released weights and no --checkpoint was given: "
                   f"evaluating randomly initialised weights")
-    loaded = load_model_from_args(args, device)
+    if args.onnx and (args.amp or args.amp_dtype):
+        raise SequencerError("--amp does not apply to --onnx: the file runs in the precision it was exported in")
+    loaded = load_model_or_onnx(args, device) if args.onnx else load_model_from_args(args, device)
     # the checkpoint's preprocessing (what training evaluated with), then explicit flags
     overrides = dict(mean=args.mean, std=args.std, crop_pct=args.crop_pct, interpolation=args.interpolation)
     config = dict(loaded.data_config, input_size=loaded.input_size)
@@ -121,6 +127,7 @@ def _run(args, dataset_name: str, dist_info) -> int:
     results = dict(
         model=loaded.name,
         checkpoint=args.checkpoint or ("pretrained" if args.pretrained else ""),
+        **({"onnx": args.onnx} if args.onnx else {}),
         dataset=dataset.description,
         top1=round(metrics["top1"], 3), top1_err=round(100 - metrics["top1"], 3),
         top5=round(metrics["top5"], 3), top5_err=round(100 - metrics["top5"], 3),

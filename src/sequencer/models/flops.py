@@ -25,7 +25,7 @@ from typing import Sequence
 import torch
 from torch import nn
 
-from .sequencer2d import RNN2d
+from .sequencer2d import Downsample2d, RNN2d
 
 RNN_GATES = {"LSTM": 4, "GRU": 3, "RNN_TANH": 1, "RNN_RELU": 1}  # by nn.RNNBase.mode
 
@@ -61,21 +61,27 @@ def _shape_only_rnn_forward(module: nn.RNNBase, x: torch.Tensor, hx=None):
     return out, ((h, h) if module.mode == "LSTM" else h)
 
 
+def _functional_child(m: RNN2d | Downsample2d) -> nn.Module | None:
+    return m.fc if isinstance(m, RNN2d) else m.down
+
+
 def count_macs(model: nn.Module, input_size: Sequence[int] = (3, 224, 224)) -> int:
     """Multiply-adds of one forward pass of ``model`` on a single (C, H, W) image; see the module docstring.
 
     Works for models on any device, including ``meta``. The model's weights, mode and forward are left unchanged.
     """
     counts: list[int] = []
-    linear_calls: dict[nn.Linear, int] = {}
-    fc_calls_before: dict[RNN2d, int] = {}
+    calls: dict[nn.Module, int] = {}
+    calls_before: dict[nn.Module, int] = {}
 
-    def conv_hook(m: nn.Conv2d, inputs, output):
-        counts.append(output.numel() * (m.in_channels // m.groups) * math.prod(m.kernel_size))
+    def layer_macs(m: nn.Conv2d | nn.Linear, output: torch.Tensor) -> int:
+        if isinstance(m, nn.Conv2d):
+            return output.numel() * (m.in_channels // m.groups) * math.prod(m.kernel_size)
+        return output.numel() // m.out_features * m.in_features * m.out_features
 
-    def linear_hook(m: nn.Linear, inputs, output):
-        linear_calls[m] = linear_calls.get(m, 0) + 1
-        counts.append(inputs[0].numel() // m.in_features * m.in_features * m.out_features)
+    def layer_hook(m: nn.Conv2d | nn.Linear, inputs, output):
+        calls[m] = calls.get(m, 0) + 1
+        counts.append(layer_macs(m, output))
 
     def rnn_hook(m: nn.RNNBase, inputs, output):
         x = inputs[0]
@@ -87,22 +93,23 @@ def count_macs(model: nn.Module, input_size: Sequence[int] = (3, 224, 224)) -> i
             seq_len, num_seqs = x.shape[:2]
         counts.append(rnn_macs(m, seq_len, num_seqs))
 
-    def mixer_pre_hook(m: RNN2d, inputs):
-        fc_calls_before[m] = linear_calls.get(m.fc, 0)
+    # BiLSTM2D's mixing fc and a 1x1 downsample conv may run functionally on their weights, bypassing their own
+    # hooks; their parent's output then has the layer's output size, so the parent counts them
+    def parent_pre_hook(m: RNN2d | Downsample2d, inputs):
+        calls_before[m] = calls.get(_functional_child(m), 0)
 
-    def mixer_hook(m: RNN2d, inputs, output):
-        if m.fc is not None and linear_calls.get(m.fc, 0) == fc_calls_before[m]:  # fc applied functionally
-            counts.append(output.numel() // m.fc.out_features * m.fc.in_features * m.fc.out_features)
+    def parent_hook(m: RNN2d | Downsample2d, inputs, output):
+        child = _functional_child(m)
+        if child is not None and calls.get(child, 0) == calls_before[m]:
+            counts.append(layer_macs(child, output))
 
     handles, stubbed = [], []
     for m in model.modules():
-        if isinstance(m, RNN2d):
-            handles.append(m.register_forward_pre_hook(mixer_pre_hook))
-            handles.append(m.register_forward_hook(mixer_hook))
-        if isinstance(m, nn.Conv2d):
-            handles.append(m.register_forward_hook(conv_hook))
-        elif isinstance(m, nn.Linear):
-            handles.append(m.register_forward_hook(linear_hook))
+        if isinstance(m, (RNN2d, Downsample2d)):
+            handles.append(m.register_forward_pre_hook(parent_pre_hook))
+            handles.append(m.register_forward_hook(parent_hook))
+        if isinstance(m, (nn.Conv2d, nn.Linear)):
+            handles.append(m.register_forward_hook(layer_hook))
         elif isinstance(m, nn.RNNBase):
             _rnn_gates(m)  # fail early on an RNN type we cannot count
             handles.append(m.register_forward_hook(rnn_hook))

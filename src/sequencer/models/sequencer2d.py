@@ -14,6 +14,7 @@ from functools import partial
 from typing import Callable, Sequence
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 from timm.layers import DropPath, lecun_normal_
@@ -239,6 +240,11 @@ class Downsample2d(nn.Module):
         self.down = nn.Conv2d(dim, dim_out, kernel_size=patch_size, stride=patch_size)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.down.kernel_size == (1, 1):
+            # A 1x1 conv over (B, H, W, C) is a matmul over C. Run as a conv on the channels-last view, its weight
+            # gradient comes back with channels-last strides the (O, I, 1, 1) weight lacks, and DDP then copies it
+            # into its bucket every step ("Grad strides do not match bucket view strides").
+            return F.linear(x, self.down.weight.flatten(1), self.down.bias)
         # a dense (B, H, W, C) input is a channels-last NCHW tensor, so the conv writes channels-last and the
         # permute back is dense again (contiguous() is then free)
         return self.down(x.permute(0, 3, 1, 2)).permute(0, 2, 3, 1).contiguous()

@@ -45,6 +45,7 @@ from ..cli_common import (add_model_args, check_input_size, check_results_file, 
                           relative_error, resolve_device)
 from ..errors import SequencerError
 from ..fileio import write_atomically
+from ..models.kernels.onednn import onednn_bf16_supported
 
 AMP_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 TIMM_MODELS = ("sequencer2d_s", "sequencer2d_m", "sequencer2d_l")
@@ -57,7 +58,9 @@ GLIBC_EXACT_RSS = {"MALLOC_MMAP_THRESHOLD_": "65536"}
 
 @dataclass
 class Result:
-    impl: str  # "ours" (eager create_model), "ours-optimized" (optimize_for_inference), "timm"
+    # "ours" (eager), "ours-optimized", "timm", "ours-triton", "<impl>-compiled", "ref-<timm name>",
+    # "ort-fp32" / "ort-int8" (--onnx)
+    impl: str
     mode: str  # "infer" or "train"
     dtype: str
     batch_size: int
@@ -72,6 +75,7 @@ class Result:
     gemm_fraction: float | None = None
     speedup_vs_timm: float | None = None
     max_rel_diff_vs_timm: float | None = None
+    top1_agreement_vs_ours: float | None = None  # inference: share of the batch whose argmax equals ours' (eager)
 
 
 def synchronize(device: torch.device) -> None:
@@ -89,7 +93,8 @@ def gemm_rate(dtype: torch.dtype, device: torch.device, size: int = 2048, iters:
     a = torch.randn(size, size, device=device).to(dtype)
     b = torch.randn(size, size, device=device).to(dtype)
     candidates: dict[str, Callable] = {"torch.mm": lambda: torch.mm(a, b)}
-    if device.type == "cpu" and torch.backends.mkldnn.is_available() and dtype != torch.float16:
+    onednn_has_dtype = dtype == torch.float32 or dtype == torch.bfloat16 and onednn_bf16_supported()
+    if device.type == "cpu" and torch.backends.mkldnn.is_available() and onednn_has_dtype:
         bt = b.t()  # a linear with weight b^T is a @ b
         candidates["onednn"] = lambda: torch.ops.mkldnn._linear_pointwise(a, bt, None, "none", [], "")
     best = 0.0
@@ -122,6 +127,36 @@ def build_timm_twin(model: nn.Module, name: str) -> nn.Module:
     except (RuntimeError, TypeError) as e:
         raise SequencerError(f"--compare-timm: timm's {name} does not take these weights: {str(e)[:200]}") from None
     return twin
+
+
+def with_lstm_backend(model: nn.Module, backend: str) -> nn.Module:
+    """A copy of ``model`` whose token mixers run their LSTMs on ``backend`` (same weights)."""
+    model = copy.deepcopy(model)
+    for module in model.modules():
+        if hasattr(module, "lstm_backend"):
+            module.lstm_backend = backend
+    return model
+
+
+def extra_impls(impls: dict[str, nn.Module], args: argparse.Namespace, device: torch.device) -> dict[str, nn.Module]:
+    """``--lstm-backend triton``: ours on the fused kernel; ``--torchcompile``: a compiled twin of each eager
+    implementation (named ``<impl>-compiled``); ``--reference-model``: timm's model of that name, own weights."""
+    extra = {}
+    if args.lstm_backend != "native":
+        extra[f"ours-{args.lstm_backend}"] = with_lstm_backend(impls["ours"], args.lstm_backend)
+    if args.torchcompile:
+        extra.update({f"{n}-compiled": m for n, m in {**impls, **extra}.items() if n != "ours-optimized"})
+    if args.reference_model:
+        import timm
+        ref = timm.create_model(args.reference_model, pretrained=False).to(device)
+        extra[f"ref-{args.reference_model}"] = ref
+        if args.torchcompile:
+            extra[f"ref-{args.reference_model}-compiled"] = ref
+    return extra
+
+
+def compiled_if_named(model: nn.Module, impl: str) -> nn.Module:
+    return torch.compile(model) if impl.endswith("-compiled") else model
 
 
 def make_infer_step(model: nn.Module, x: torch.Tensor, amp: torch.dtype, device: torch.device) -> Callable:
@@ -173,10 +208,16 @@ def time_interleaved(steps: dict[str, Callable], device: torch.device, num_warmu
 def _probe_model(spec: dict) -> nn.Module:
     from ..models import create_model
 
+    impl = spec["impl"].removesuffix("-compiled")
+    if impl.startswith("ref-"):
+        import timm
+        return compiled_if_named(timm.create_model(impl[4:], pretrained=False), spec["impl"])
     model = create_model(spec["name"], **spec["model_kwargs"])
-    if spec["impl"] == "timm":
+    if impl == "timm":
         model = build_timm_twin(model, spec["name"])
-    return model
+    elif impl.startswith("ours-") and impl != "ours-optimized":
+        model = with_lstm_backend(model, impl[len("ours-"):])
+    return compiled_if_named(model, spec["impl"])
 
 
 def memory_probe(spec: dict) -> float:
@@ -184,13 +225,19 @@ def memory_probe(spec: dict) -> float:
     device = torch.device(spec["device"])
     amp = AMP_DTYPES[spec["dtype"]]
     torch.manual_seed(0)
-    model = _probe_model(spec).to(device)
     x = torch.randn(spec["batch_size"], *spec["input_size"], device=device)
-    if spec["mode"] == "train":
+    if spec.get("onnx"):
+        from .onnx_runtime import OnnxModel
+        # no memory arena: the resident set then follows onnxruntime's live memory, as glibc's for PyTorch
+        session = OnnxModel(spec["onnx"], threads=torch.get_num_threads(), memory_arena=False)
+        images = x.numpy()
+        step = lambda: session.run_numpy(images)  # noqa: E731
+    elif spec["mode"] == "train":
+        model = _probe_model(spec).to(device)
         target = torch.randint(0, max(getattr(model, "num_classes", 1), 1), (spec["batch_size"],), device=device)
         step = make_train_step(model, x, target, amp, device)
     else:
-        model.eval()
+        model = _probe_model(spec).to(device).eval()
         if spec["impl"] == "ours-optimized":
             from .optimize import optimize_for_inference
             model = optimize_for_inference(model, amp)
@@ -270,6 +317,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="also run timm's Sequencer2d, same weights, interleaved in this process")
     parser.add_argument("--optimized", action="store_true",
                         help="also run sequencer.optimize_for_inference(model, dtype) (inference only)")
+    parser.add_argument("--torchcompile", action="store_true",
+                        help="also run each implementation under torch.compile (rows named <impl>-compiled)")
+    parser.add_argument("--lstm-backend", choices=("native", "auto", "triton"), default="native",
+                        help="also run ours with this LSTM backend (row ours-<backend>; default: native only)")
+    parser.add_argument("--reference-model", default="", metavar="TIMM_NAME",
+                        help="also run this timm model (its own weights) as a reference row, e.g. convnext_tiny")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu or cuda")
     parser.add_argument("--num-warmup", type=int, default=2, help="untimed steps per implementation (default 2)")
     parser.add_argument("--num-iter", type=positive_int, default=10, help="timed steps per implementation")
@@ -284,6 +337,28 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         "(with --compare-timm: beside timm's create_loader)")
     g.add_argument("-j", "--workers", type=int, default=2, help="data-loader workers for --data (default 2)")
     g.add_argument("--rounds", type=positive_int, default=3, help="alternating timed rounds for --data (default 3)")
+    parser.add_argument("--onnx", action="append", default=[], metavar="PATH",
+                        help="also time this `sequencer export` ONNX file (fp32 or int8) under onnxruntime, "
+                             "interleaved with the PyTorch paths (inference; repeatable; the model defaults to "
+                             "the file's)")
+
+
+def load_onnx_impls(args: argparse.Namespace) -> dict[str, nn.Module]:
+    """The --onnx files as ``{"ort-fp32" / "ort-int8": OnnxModel}``; the model options default to the first file's."""
+    from .onnx_runtime import OnnxModel
+
+    impls = {}
+    for path in args.onnx:
+        onnx_model = OnnxModel(path, threads=torch.get_num_threads())
+        impl = "ort-int8" if onnx_model.quantized else "ort-fp32"
+        impls[impl if impl not in impls else f"{impl}-{len(impls)}"] = onnx_model
+    if impls and not args.model and not args.checkpoint:
+        first = next(iter(impls.values()))
+        args.model = first.metadata.get("arch")
+        if not args.model:
+            raise SequencerError(f"--onnx {args.onnx[0]!r} names no model", hint="pass --model")
+        args.img_size = args.img_size or first.input_shape[-1]
+    return impls
 
 
 @dataclass
@@ -300,6 +375,7 @@ class _Setup:
     x: torch.Tensor  # (B, C, H, W)
     target: torch.Tensor  # (B,) class indices
     twin: nn.Module | None  # timm's Sequencer2d with the same weights (--compare-timm)
+    onnx_models: dict[str, nn.Module]  # --onnx files, {"ort-fp32" / "ort-int8": OnnxModel}
 
 
 def run_benchmark(args: argparse.Namespace) -> dict:
@@ -325,12 +401,18 @@ def _prepare(args: argparse.Namespace) -> _Setup:
     if args.num_warmup < 0 or args.memory_iter < 0:
         raise SequencerError("--num-warmup and --memory-iter must be >= 0")
     torch.manual_seed(args.seed)
+    onnx_models = load_onnx_impls(args)
     loaded = load_model_from_args(args, device)
     model, name = loaded.model, loaded.name
     if args.compare_timm and name not in TIMM_MODELS:
         raise SequencerError(f"--compare-timm: timm has no {name!r}", hint=f"use one of {', '.join(TIMM_MODELS)}")
     input_size = tuple(loaded.input_size)
     check_input_size(loaded, input_size[-1], input_size[-1])
+    for impl, onnx_model in onnx_models.items():
+        try:
+            onnx_model.check_input_size(input_size[-1], input_size[-1])
+        except ValueError as e:
+            raise SequencerError(f"--onnx: {e}", hint="benchmark at the file's size (--img-size)") from None
     try:
         from ..models.flops import count_macs
         macs = count_macs(model, input_size)
@@ -347,7 +429,7 @@ def _prepare(args: argparse.Namespace) -> _Setup:
     num_classes = getattr(model, "num_classes", 0) or 1
     target = torch.randint(0, num_classes, (args.batch_size,), generator=gen).to(device)
     twin = build_timm_twin(model, name).to(device).eval() if args.compare_timm else None
-    return _Setup(args, device, amp, name, model, input_size, macs, rate, x, target, twin)
+    return _Setup(args, device, amp, name, model, input_size, macs, rate, x, target, twin, onnx_models)
 
 
 def _measure_mode(setup: _Setup, mode: str) -> list[Result]:
@@ -356,11 +438,15 @@ def _measure_mode(setup: _Setup, mode: str) -> list[Result]:
     steps, outputs = _steps(setup, mode)
     times = time_interleaved(steps, setup.device, args.num_warmup, args.num_iter)
     results = [_result(setup, mode, impl, ts) for impl, ts in times.items()]
+    if mode == "infer":
+        for r in results:
+            r.top1_agreement_vs_ours = (outputs[r.impl].float().argmax(-1) == outputs["ours"].float().argmax(-1)
+                                        ).double().mean().item()
     if "timm" in times:
         timm_ms = statistics.median(times["timm"])
         for r in results:
             r.speedup_vs_timm = timm_ms / (r.step_ms / 1e3)
-            if mode == "infer":
+            if mode == "infer" and not r.impl.startswith("ref-"):
                 r.max_rel_diff_vs_timm = relative_error(outputs[r.impl], outputs["timm"])
     return results
 
@@ -373,16 +459,20 @@ def _steps(setup: _Setup, mode: str) -> tuple[dict[str, Callable], dict[str, tor
         impls["ours-optimized"] = optimize_for_inference(setup.model, setup.amp)
     if setup.twin is not None:
         impls["timm"] = setup.twin
+    impls.update(extra_impls(impls, setup.args, setup.device))
+    if mode == "infer":
+        impls.update(setup.onnx_models)
     steps, outputs = {}, {}
     for impl, m in impls.items():
         if mode == "infer":
             # the optimized model applies its dtype itself; eager models run under autocast
             amp = torch.float32 if impl == "ours-optimized" else setup.amp
-            steps[impl] = make_infer_step(m, setup.x, amp, setup.device)
+            steps[impl] = make_infer_step(compiled_if_named(m, impl), setup.x, amp, setup.device)
             outputs[impl] = steps[impl]()
         else:
             # each implementation trains its own copy from the same weights
-            steps[impl] = make_train_step(copy.deepcopy(m), setup.x, setup.target, setup.amp, setup.device)
+            m = compiled_if_named(copy.deepcopy(m), impl)
+            steps[impl] = make_train_step(m, setup.x, setup.target, setup.amp, setup.device)
     return steps, outputs
 
 
@@ -395,13 +485,14 @@ def _result(setup: _Setup, mode: str, impl: str, times: list[float]) -> Result:
                step_ms_all=[round(t * 1e3, 2) for t in times],
                params_m=sum(p.numel() for p in setup.model.parameters()) / 1e6,
                gmacs=macs / 1e9 if macs is not None else None)
-    if macs is not None:
+    if macs is not None and not impl.startswith("ref-"):  # a reference model has other MACs
         r.achieved_gflops = 2 * macs * (3 if mode == "train" else 1) * r.img_per_s / 1e9
         r.gemm_fraction = r.achieved_gflops / setup.gemm_gflops
     if args.memory_iter:
         spec = dict(impl=impl, name=setup.name, model_kwargs=dict(getattr(setup.model, "model_kwargs", {})),
                     mode=mode, dtype=args.amp_dtype, batch_size=args.batch_size, input_size=setup.input_size,
-                    device=setup.device.type, iters=args.memory_iter)
+                    device=setup.device.type, iters=args.memory_iter,
+                    onnx=str(setup.onnx_models[impl].path) if impl in setup.onnx_models else None)
         r.peak_memory_mb = measure_peak_memory(spec)
     return r
 

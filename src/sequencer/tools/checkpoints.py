@@ -60,13 +60,16 @@ def average_state_dicts(state_dicts: list[dict[str, torch.Tensor]], names: list[
     return out
 
 
-def _check_output(path: str, inputs: list[str]) -> None:
+def _check_output(path: str, inputs: list[str], safetensors: bool) -> None:
+    # the loaders tell safetensors from a pickle by the suffix, so the name must say what the file is
+    if safetensors and not path.endswith(".safetensors"):
+        raise SequencerError(f"--output {path!r}: a --safetensors file must end in .safetensors")
     if any(os.path.abspath(path) == os.path.abspath(p) for p in inputs):
         raise SequencerError(f"--output {path!r} is also an input; refusing to overwrite it")
 
 
 def cmd_average(args: argparse.Namespace) -> int:
-    _check_output(args.output, args.checkpoints)
+    _check_output(args.output, args.checkpoints, args.safetensors)
     configs, states = [], []
     for path in args.checkpoints:
         checkpoint, state, used_ema = _weights(path, args.use_ema)
@@ -84,7 +87,7 @@ def cmd_average(args: argparse.Namespace) -> int:
 
 
 def cmd_clean(args: argparse.Namespace) -> int:
-    _check_output(args.output, [args.checkpoint])
+    _check_output(args.output, [args.checkpoint], args.safetensors)
     checkpoint, state, used_ema = _weights(args.checkpoint, args.use_ema)
     out = save_weights(state, args.output, model_config(checkpoint), safetensors=args.safetensors or None)
     size_in, size_out = os.path.getsize(args.checkpoint), os.path.getsize(out)
@@ -104,7 +107,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     for p in (avg, clean):
         p.add_argument("--output", "-o", required=True, metavar="PATH",
                        help="output file (.pth, or .safetensors)")
-        p.add_argument("--safetensors", action="store_true", help="write safetensors whatever the suffix")
+        p.add_argument("--safetensors", action="store_true",
+                       help="write safetensors (the output must end in .safetensors)")
         ema = p.add_mutually_exclusive_group()
         ema.add_argument("--use-ema", dest="use_ema", action="store_true", default=True,
                          help="take the EMA weights where a checkpoint has them (default)")

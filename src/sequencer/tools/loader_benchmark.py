@@ -34,7 +34,7 @@ def _timms(root: str, img_size: int, batch_size: int, workers: int, device: torc
     loader = create_loader(dataset, (3, img_size, img_size), batch_size, is_training=True,
                            use_prefetcher=device.type == "cuda", no_aug=False, num_workers=workers, device=device,
                            re_prob=0.25, re_mode="pixel", auto_augment="rand-m9-mstd0.5-inc1",
-                           interpolation="random", persistent_workers=False)
+                           interpolation="random", persistent_workers=workers > 0)
     # Pillow 13 refuses timm's 0-bit posterize (sequencer.data.augment): without this its workers crash
     keep_zero_bit_posterize(dataset.transform)
     return loader

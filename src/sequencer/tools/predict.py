@@ -1,7 +1,8 @@
 """`sequencer predict`: top-k classes and probabilities for image files and folders.
 
 Labels are the checkpoint's own class names, ImageNet's readable names for a 1000-class model without them, else
-the class index. Folders are searched recursively for image files. An unreadable image is reported on stderr
+the class index. ``--onnx PATH`` classifies with an exported ONNX file (fp32 or int8) under onnxruntime instead,
+with the preprocessing and class names stored in the file. Folders are searched recursively for image files. An unreadable image is reported on stderr
 (naming the file) and skipped; the command then exits with status 1 after classifying the rest.
 """
 from __future__ import annotations
@@ -12,8 +13,9 @@ import sys
 
 import torch
 
-from ..cli_common import (add_model_args, check_input_size, eval_transform, find_images, load_model_from_args,
-                          positive_int, read_images, resolve_device)
+from ..cli_common import (add_model_args, check_input_size, eval_transform, find_images, positive_int, read_images,
+                          resolve_device, warn_if_random_weights)
+from .onnx_runtime import add_onnx_argument, load_model_or_onnx
 
 
 @torch.inference_mode()
@@ -31,12 +33,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("-b", "--batch-size", type=positive_int, default=32, metavar="N")
     parser.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda when available)")
     add_model_args(parser)
+    add_onnx_argument(parser)
 
 
 def run(args: argparse.Namespace) -> int:
     files = find_images(args.inputs)
     device = resolve_device(args.device)
-    loaded = load_model_from_args(args, device)
+    warn_if_random_weights(args)
+    loaded = load_model_or_onnx(args, device)
     check_input_size(loaded, *loaded.input_size[1:])
     transform = eval_transform(loaded)
     names = loaded.class_names

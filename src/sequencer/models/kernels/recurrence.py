@@ -19,6 +19,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ...errors import SequencerError
+
 try:  # registers the sequencer::lstm_scan ops; without Triton only the native backend exists
     from . import triton_lstm
 except ImportError:
@@ -80,11 +82,13 @@ def uses_fused_lstm(rnn: nn.Module, backend: str, x: torch.Tensor) -> bool:
         return False
     if torch.jit.is_scripting() or torch.jit.is_tracing() or torch.onnx.is_in_onnx_export():
         return False
+    if triton_lstm is None:
+        raise SequencerError("lstm_backend 'triton' needs the triton package", hint="pip install triton")
     if x.device.type != "cuda" and os.environ.get("TRITON_INTERPRET", "0") != "1":
-        raise RuntimeError(f"lstm_backend 'triton' needs a CUDA device or TRITON_INTERPRET=1, got {x.device.type} "
-                           f"tensors")
+        raise SequencerError(f"lstm_backend 'triton' needs a CUDA device or TRITON_INTERPRET=1, got "
+                             f"{x.device.type} tensors", hint=f"use {BACKEND_ENV}=native on this device")
     if rnn.proj_size or (rnn.dropout and rnn.training) or not rnn.batch_first:
-        raise RuntimeError("lstm_backend 'triton' supports batch_first LSTMs without proj_size or dropout")
+        raise SequencerError("lstm_backend 'triton' supports batch_first LSTMs without proj_size or dropout")
     return True
 
 
@@ -183,7 +187,8 @@ def rnn_native(x: torch.Tensor, weights: list[torch.Tensor], mode: str, num_laye
 @rnn_native.register_fake
 def _(x, weights, mode, num_layers, bidirectional, has_biases, train):
     hidden = weights[1].shape[1]
-    return x.new_empty((x.shape[0], x.shape[1], hidden * (2 if bidirectional else 1)))
+    # ATen runs batch-first input sequence-first and returns a transposed view: (N, T, D*H) with (T, N, D*H) memory
+    return x.new_empty((x.shape[1], x.shape[0], hidden * (2 if bidirectional else 1))).transpose(0, 1)
 
 
 @torch.library.custom_op("sequencer::rnn_native_backward", mutates_args=())
@@ -199,7 +204,14 @@ def rnn_native_backward(grad: torch.Tensor, x: torch.Tensor, weights: list[torch
 
     with torch.enable_grad():
         _, vjp = torch.func.vjp(layer, x, *weights)
-        return list(vjp(grad))
+        grads = list(vjp(grad))
+    # an op's outputs may not alias each other, and ATen hands out one tensor for both biases' gradients
+    seen = set()
+    for i, g in enumerate(grads):
+        if g.untyped_storage().data_ptr() in seen:
+            grads[i] = g.clone()
+        seen.add(g.untyped_storage().data_ptr())
+    return grads
 
 
 @rnn_native_backward.register_fake

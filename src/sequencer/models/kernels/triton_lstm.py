@@ -149,8 +149,9 @@ def _launch_config(num_seqs: int, hidden: int, dtype: torch.dtype) -> dict:
     # the interpreter pays per program, a GPU per register: bigger blocks there, smaller here
     block_n = min(128 if INTERPRETED else 32, max(16, triton.next_power_of_2(num_seqs)))
     upcast = INTERPRETED or dtype == torch.float32
+    # four (BLOCK_H, BLOCK_H) weight tiles stay in registers: more warps to hold them at hidden 64-128 (untuned)
     return dict(BLOCK_N=block_n, BLOCK_H=block_h, UPCAST=upcast,
-                PRECISION="ieee" if dtype == torch.float32 else "tf32")
+                PRECISION="ieee" if dtype == torch.float32 else "tf32", num_warps=8 if block_h >= 64 else 4)
 
 
 @torch.library.triton_op("sequencer::lstm_scan", mutates_args=())

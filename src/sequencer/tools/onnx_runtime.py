@@ -1,0 +1,137 @@
+"""An exported ONNX classifier (``sequencer export``, fp32 or int8) run under onnxruntime on CPU.
+
+The one ONNX-runtime wrapper of the package, shared by ``export --verify``, ``validate --onnx``, ``predict --onnx``
+and ``benchmark --onnx``. The file's metadata properties (written by ``sequencer export``) give the model name,
+class names, input size and preprocessing, so ``load_onnx(path)`` returns the same ``LoadedModel`` a checkpoint
+gives and the commands run it through their usual code.
+"""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from ..cli_common import LoadedModel
+from ..errors import SequencerError
+
+METADATA_KEYS = ("arch", "class_names", "data_config", "input_size")
+
+
+def ort_session(path: str | os.PathLike, threads: int | None = None, memory_arena: bool = True):
+    """A CPU onnxruntime InferenceSession for ``path``; SequencerError naming the file when it is not ONNX."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.enable_cpu_mem_arena = memory_arena
+    if threads:
+        options.intra_op_num_threads = threads
+    options.log_severity_level = 3  # onnxruntime's own warnings are not for the user
+    try:
+        return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    except Exception as e:  # onnxruntime raises its own Fail/InvalidProtobuf/... types
+        first = str(e).strip().splitlines()[0][:160] if str(e).strip() else type(e).__name__
+        raise SequencerError(f"{str(path)!r} is not an ONNX model onnxruntime can run ({first})",
+                             hint="pass a file written by `sequencer export --format onnx`") from None
+
+
+class OnnxModel(nn.Module):
+    """(B, C, H, W) float32 images -> (B, num_classes) logits through onnxruntime (CPU, no parameters).
+
+    An ``nn.Module`` so the shared evaluation and prediction loops run it unchanged; the input is moved to the CPU.
+    """
+
+    def __init__(self, path: str | os.PathLike, threads: int | None = None, memory_arena: bool = True):
+        super().__init__()
+        self.path = Path(path)
+        self.session = ort_session(path, threads, memory_arena)
+        self.input_name = self.session.get_inputs()[0].name
+        self.input_shape = list(self.session.get_inputs()[0].shape)  # [batch or "batch", C, H, W]
+        self.num_classes = self.session.get_outputs()[0].shape[-1]
+        self.metadata = self.session.get_modelmeta().custom_metadata_map
+        self.quantized = self.metadata.get("quantization", "")
+
+    def check_input_size(self, height: int, width: int) -> None:
+        """ValueError when the file was exported for another input size."""
+        expected = self.input_shape[2:]
+        if all(isinstance(d, int) for d in expected) and [height, width] != expected:
+            raise ValueError(f"{str(self.path)!r} was exported for {expected[0]}x{expected[1]} inputs, "
+                             f"not {height}x{width}")
+
+    def run_numpy(self, images: np.ndarray) -> np.ndarray:
+        """(B, C, H, W) float32 -> (B, num_classes) float32 logits; a fixed export batch runs in chunks."""
+        fixed = self.input_shape[0] if isinstance(self.input_shape[0], int) else None
+        if fixed is None or images.shape[0] == fixed:
+            return self.session.run(None, {self.input_name: images})[0]
+        if images.shape[0] % fixed:
+            raise SequencerError(f"{str(self.path)!r} was exported for batches of exactly {fixed} and cannot take "
+                                 f"{images.shape[0]} images", hint=f"re-export with --dynamic-batch or use -b {fixed}")
+        return np.concatenate([self.session.run(None, {self.input_name: images[i:i + fixed]})[0]
+                               for i in range(0, images.shape[0], fixed)])
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        self.check_input_size(*images.shape[-2:])
+        array = np.ascontiguousarray(images.detach().to("cpu", torch.float32).numpy())
+        return torch.from_numpy(self.run_numpy(array)).to(images.device)
+
+
+def _metadata_json(model: OnnxModel, key: str):
+    try:
+        return json.loads(model.metadata[key]) if key in model.metadata else None
+    except ValueError:
+        raise SequencerError(f"{str(model.path)!r}: ONNX metadata entry {key!r} is not valid JSON") from None
+
+
+def load_onnx(path: str | os.PathLike, threads: int | None = None) -> LoadedModel:
+    """The exported model at ``path`` with its name, class names, input size and preprocessing from its metadata.
+
+    Files without our metadata fall back to ImageNet preprocessing at the graph's input size.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise SequencerError(f"--onnx {str(path)!r} does not exist or is not a file")
+    model = OnnxModel(path, threads)
+    data_config = dict(mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225), crop_pct=0.875,
+                       interpolation="bicubic")
+    data_config.update(_metadata_json(model, "data_config") or {})
+    input_size = _metadata_json(model, "input_size") or model.input_shape[1:]
+    if not all(isinstance(d, int) for d in input_size):
+        raise SequencerError(f"{str(path)!r} has no fixed input size", hint="export it with `sequencer export`")
+    class_names = _metadata_json(model, "class_names") or None
+    if class_names is None and model.num_classes == 1000:
+        from ..data.imagenet_classes import IMAGENET_CLASSES
+        class_names = list(IMAGENET_CLASSES)
+    name = model.metadata.get("arch") or path.stem
+    # the class names stand in for a checkpoint's, so validate maps a dataset's class folders onto them
+    return LoadedModel(model, name, class_names, tuple(input_size), data_config,
+                       {"class_names": class_names} if class_names else None)
+
+
+def add_onnx_argument(parser) -> None:
+    parser.add_argument("--onnx", default=None, metavar="PATH",
+                        help="run this `sequencer export` ONNX file (fp32 or int8) through onnxruntime instead of a "
+                             "PyTorch model; preprocessing and class names come from the file")
+
+
+def load_model_or_onnx(args, device: torch.device | str = "cpu") -> LoadedModel:
+    """``--onnx PATH`` when given (no model options allowed beside it), else the PyTorch model the options name."""
+    from ..cli_common import load_model_from_args
+
+    if not getattr(args, "onnx", None):
+        return load_model_from_args(args, device)
+    given = [flag for flag, value in (("--model", args.model), ("--checkpoint", args.checkpoint),
+                                      ("--pretrained", args.pretrained), ("--num-classes", args.num_classes))
+             if value]
+    if given:
+        raise SequencerError(f"--onnx {args.onnx!r} carries its own model and weights; drop {', '.join(given)}")
+    loaded = load_onnx(args.onnx)
+    size = args.input_size[1:] if args.input_size else (args.img_size,) * 2 if args.img_size else None
+    if size:
+        try:
+            loaded.model.check_input_size(*size)
+        except ValueError as e:
+            raise SequencerError(str(e), hint="drop --img-size/--input-size, or export at that size") from None
+    return loaded
