@@ -2,8 +2,9 @@
 
 Labels are the checkpoint's own class names, ImageNet's readable names for a 1000-class model without them, else
 the class index. ``--onnx PATH`` classifies with an exported ONNX file (fp32 or int8) under onnxruntime instead,
-with the preprocessing and class names stored in the file. Folders are searched recursively for image files. An unreadable image is reported on stderr
-(naming the file) and skipped; the command then exits with status 1 after classifying the rest.
+with the preprocessing and class names stored in the file. Folders are searched recursively for image files. An
+unreadable image is reported on stderr (naming the file) and skipped; the command then exits with status 1 after
+classifying the rest.
 """
 from __future__ import annotations
 
