@@ -8,7 +8,7 @@ import pytest
 
 from sequencer.engine import distributed
 from sequencer.engine.checkpoint import atomic_link_or_copy
-from sequencer.engine.train import _make_output_dir
+from sequencer.engine.outputs import make_output_dir as _make_output_dir
 from sequencer.fileio import STALE_TEMP_GLOB, current_umask, remove_stale_temporaries, write_atomically
 
 
@@ -94,5 +94,5 @@ def test_benchmark_results_file_is_written_atomically(tmp_path, monkeypatch):
     monkeypatch.setattr(benchmark, "run_benchmark", lambda args: report)  # the measuring is tested elsewhere
     monkeypatch.setattr(benchmark, "format_results", lambda r: "")
     path = tmp_path / "b.json"
-    _replaced_by_rename(path, lambda: benchmark.run(argparse.Namespace(results_file=str(path))))
+    _replaced_by_rename(path, lambda: benchmark.run(argparse.Namespace(results_file=str(path), data="")))
     assert json.loads(path.read_text()) == report

@@ -1,4 +1,6 @@
-"""Options shared by the commands that load a model (validate, predict, erf, robustness, export, ...).
+"""The one home of what several commands share: model options and loading, ``--device``, input checks, image
+files and evaluation loaders, and the relative error exports and benchmarks report. Commands import these from
+here, never from one another.
 
 A checkpoint written by ``sequencer train`` stores the model name (``arch``), its constructor arguments
 (``model_kwargs``), the class names and the data config, so ``--checkpoint PATH`` alone rebuilds the model.
@@ -6,19 +8,20 @@ A checkpoint written by ``sequencer train`` stores the model name (``arch``), it
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import tempfile
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 from torch import nn
 
-from .data.datasets import map_classes_by_name
+from .data import create_dataset, create_loader, create_transform, load_image
+from .data.datasets import IMAGE_EXTENSIONS, READ_ERRORS, map_classes_by_name
 from .errors import SequencerError
 from .models import create_model, get_model_entry
-from .models.loading import extract_state_dict, load_state_dict_into, read_checkpoint
+from .models.loading import checkpoint_metadata, extract_state_dict, load_state_dict_into, read_checkpoint
 
 
 def positive_int(text: str) -> int:
@@ -51,27 +54,6 @@ def warn_if_random_weights(args: argparse.Namespace) -> None:
         print(f"warning: {args.model} runs with randomly initialised weights (no --checkpoint given"
               + ("; --pretrained loads the released ones)" if released else ", and it has no released ones)"),
               file=sys.stderr)
-
-
-def checkpoint_metadata(checkpoint: dict | None) -> dict:
-    """The model config (arch, model_kwargs, class_names, data_config) a checkpoint carries.
-
-    Training checkpoints hold them as plain entries; our ``.safetensors`` files (``sequencer export``,
-    ``sequencer checkpoint clean``) keep them as JSON strings in the file's metadata.
-    """
-    if not checkpoint:
-        return {}
-    meta = checkpoint.get("__metadata__")
-    if not isinstance(meta, dict):
-        return checkpoint
-    out = {}
-    for key in ("arch", "model_kwargs", "class_names", "data_config"):
-        if key in meta:
-            try:
-                out[key] = meta[key] if key == "arch" else json.loads(meta[key])
-            except ValueError:
-                raise SequencerError(f"safetensors metadata entry {key!r} is not valid JSON") from None
-    return out
 
 
 @dataclass
@@ -153,8 +135,14 @@ def check_input_size(loaded: LoadedModel, height: int, width: int) -> None:
 
 def check_device(text: str | None) -> None:
     """SequencerError for a ``--device`` that is not a device, or names CUDA where there is none."""
+    resolve_device(text)
+
+
+def resolve_device(text: str | None) -> torch.device:
+    """The device a ``--device`` names (None or "": CUDA when available, else the CPU); SequencerError (one line)
+    when it is not a device or names CUDA where there is none."""
     if not text:
-        return
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
         device = torch.device(text)
     except RuntimeError:
@@ -163,6 +151,12 @@ def check_device(text: str | None) -> None:
         raise SequencerError(f"--device {text}: CUDA is not available on this machine", hint="use --device cpu")
     if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
         raise SequencerError(f"--device {text}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    return device
+
+
+def default_workers() -> int:
+    """Data-loading processes when ``--workers`` is not given."""
+    return min(4, os.cpu_count() or 1)
 
 
 def check_workers(workers: int | None) -> None:
@@ -218,3 +212,66 @@ def check_results_file(path: str, formats: tuple[str, ...] = (".json",)) -> None
     except OSError as e:
         raise SequencerError(f"--results-file {path!r}: cannot write in folder {folder!r} ({e.strerror or e})"
                              ) from None
+
+
+# ------------------------------------------------------------------------------------- images and evaluation data
+def find_images(paths: list[str]) -> list[Path]:
+    """The files named plus the image files under the folders named (recursively, sorted); duplicates dropped.
+
+    Raises SequencerError for a path that does not exist or when no image is found at all.
+    """
+    found: dict[Path, None] = {}
+    for p in map(Path, paths):
+        if p.is_file():
+            found[p] = None
+        elif p.is_dir():
+            for f in sorted(p.rglob("*")):
+                if f.is_file() and f.suffix.lower() in IMAGE_EXTENSIONS:
+                    found[f] = None
+        else:
+            raise SequencerError(f"{str(p)!r} does not exist")
+    if not found:
+        raise SequencerError(f"no image files found in {', '.join(map(repr, paths))}",
+                             hint=f"expected files ending in {', '.join(IMAGE_EXTENSIONS)}")
+    return list(found)
+
+
+def eval_transform(loaded: LoadedModel, input_size=None):
+    """The model's eval preprocessing (resize to size/crop_pct, centre crop, normalise) as a PIL -> tensor callable."""
+    cfg = loaded.data_config
+    return create_transform(tuple(input_size or loaded.input_size), False, mean=cfg["mean"], std=cfg["std"],
+                            crop_pct=cfg["crop_pct"], interpolation=cfg["interpolation"])
+
+
+def read_images(files: list[Path], transform) -> tuple[list[Path], list[torch.Tensor], list[Path]]:
+    """(readable files, their tensors (C, H, W), unreadable files); each unreadable one is warned about on stderr."""
+    ok, tensors, failed = [], [], []
+    for f in files:
+        try:
+            tensors.append(transform(load_image(f)))
+            ok.append(f)
+        except READ_ERRORS as e:
+            print(f"warning: skipped unreadable image {f} ({type(e).__name__}: {e})", file=sys.stderr)
+            failed.append(f)
+    return ok, tensors, failed
+
+
+def eval_loader(root: str, split: str, loaded: LoadedModel, input_size, batch_size: int, workers: int, device,
+                crop_pct: float | None = None):
+    """Eval loader over ``root``'s ``split`` (or its class folders) with the model's preprocessing at
+    ``input_size`` (``crop_pct`` replaces the model's); the split is labelled with the model's classes (by name where
+    the checkpoint has names)."""
+    dataset = create_dataset("", root=root, split=split)
+    label_with_model_classes(dataset, loaded)
+    cfg = loaded.data_config
+    return create_loader(dataset, tuple(input_size), batch_size, is_training=False, mean=cfg["mean"], std=cfg["std"],
+                         crop_pct=cfg["crop_pct"] if crop_pct is None else crop_pct,
+                         interpolation=cfg["interpolation"], num_workers=workers,
+                         device=device)
+
+
+def relative_error(actual: torch.Tensor, reference: torch.Tensor) -> float:
+    """max |actual - reference| / max |reference| (0 when both are all-zero), in float64."""
+    diff = (actual.double() - reference.double()).abs().max().item()
+    scale = reference.double().abs().max().item()
+    return diff / scale if scale > 0 else diff

@@ -7,7 +7,8 @@ import torch
 from sequencer.cli import main
 from sequencer.errors import SequencerError
 from sequencer.models import create_model, read_checkpoint
-from sequencer.tools.checkpoints import average_state_dicts, write_atomically
+from sequencer.fileio import write_atomically
+from sequencer.tools.checkpoints import average_state_dicts
 
 from .conftest import TINY_ARCH, TINY_KWARGS, save_training_checkpoint, tiny_model
 

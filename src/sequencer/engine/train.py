@@ -11,22 +11,22 @@ last.pth.tar, model_best.pth.tar, checkpoint-<epoch>.pth.tar}``. Epochs are numb
 Faults: checkpoints are written atomically; SIGTERM/SIGINT save ``recovery.pth.tar`` at the next step and exit with
 128+signal (so torchrun ``--max-restarts`` restarts the worker, and ``--resume auto`` continues); a non-finite loss
 stops the run before the bad update, keeping the last good checkpoint.
+
+:func:`_train` reads top to bottom: ``build_data``, ``build_model``, ``build_loaders``, ``build_optimization``,
+``restore``, ``prepare_outputs``, then per epoch ``train_one_epoch``, ``evaluate_epoch`` and ``save_epoch``
+(``engine/loop.py``; the run's files are ``engine/outputs.py``'s).
 """
 from __future__ import annotations
 
 import argparse
 import ast
-import contextlib
-import csv
 import math
-import os
 import signal
-import sys
-import tempfile
 import time
 import warnings
-from datetime import datetime
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 import yaml
@@ -35,12 +35,14 @@ from torch import nn
 from ..cli_common import check_device
 from ..data.datasets import held_out_split, map_classes_by_name
 from ..errors import SequencerError
-from ..fileio import remove_stale_temporaries, temp_path, write_atomically
 from ..models import create_model, get_model_entry
-from ..models.loading import load_state_dict_into, read_checkpoint, extract_state_dict
+from ..models.loading import extract_state_dict, load_state_dict_into, read_checkpoint
 from . import distributed as dist_utils
-from .checkpoint import CHECKPOINT_VERSION, CheckpointManager, get_rng_state, resume_position, set_rng_state
-from .resume import apply_resume_contract, experiment_folder, locate_resume, read_resume_checkpoint
+from .checkpoint import resume_position, set_rng_state
+from .loop import (Loaders, Optimization, StopRequest, TrainingRun, current_lr, evaluate_epoch, save_epoch,
+                   save_recovery, train_one_epoch)
+from .outputs import prepare_outputs, remove_if_empty
+from .resume import apply_resume_contract, locate_resume, read_resume_checkpoint
 
 SUMMARY_FIELDS = ["epoch", "train_loss", "eval_loss", "eval_top1", "eval_top5", "lr", "epoch_seconds"]
 
@@ -336,177 +338,146 @@ def shorten_warmup(cfg: argparse.Namespace) -> None:
         cfg.warmup_epochs = shortened
 
 
-# ----------------------------------------------------------------------------------------------- outputs
-def _run_args(cfg) -> dict:
-    """The run's settings as written to args.yaml and into checkpoints (without private bookkeeping)."""
-    return _plain({k: v for k, v in vars(cfg).items() if not k.startswith("_")})
-
-
-def _plain(value):
-    """A YAML/weights_only-safe copy of an argument value."""
-    if isinstance(value, (list, tuple)):
-        return [_plain(v) for v in value]
-    if isinstance(value, dict):
-        return {str(k): _plain(v) for k, v in value.items()}
-    if value is None or isinstance(value, (bool, int, float, str)):
-        return value
-    return str(value)
-
-
-def read_summary(path: Path) -> list[dict]:
-    if not path.is_file():
-        return []
-    with open(path, newline="") as f:
-        return list(csv.DictReader(f))
-
-
-def write_summary(path: Path, rows: list[dict]) -> None:
-    """Rewrite summary.csv in full (atomically), so a kill never leaves a partial row."""
-    import io
-    buf = io.StringIO()
-    w = csv.DictWriter(buf, fieldnames=SUMMARY_FIELDS, extrasaction="ignore")
-    w.writeheader()
-    w.writerows(rows)
-    write_atomically(path, lambda tmp: Path(tmp).write_text(buf.getvalue()))
-
-
-def plot_summary(rows: list[dict], path: Path) -> None:
-    """Loss, top-1 and lr per epoch as a PNG beside summary.csv."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    def col(name):
-        return [float(r[name]) if r.get(name) not in (None, "", "nan") else float("nan") for r in rows]
-
-    epochs = [int(r["epoch"]) for r in rows]
-    fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
-    axes[0].plot(epochs, col("train_loss"), "o-", label="train")
-    axes[0].plot(epochs, col("eval_loss"), "o-", label="eval")
-    axes[0].set_title("loss")
-    axes[0].legend()
-    axes[1].plot(epochs, col("eval_top1"), "o-", color="C2")
-    axes[1].set_title("eval top-1 (%)")
-    axes[2].plot(epochs, col("lr"), "o-", color="C3")
-    axes[2].set_title("learning rate")
-    for ax in axes:
-        ax.set_xlabel("epoch")
-        ax.grid(alpha=0.3)
-    fig.tight_layout()
-    tmp = temp_path(path)
+# ------------------------------------------------------------------------------------------------ the command
+def run(args: argparse.Namespace) -> int:
+    cfg = resolve_config(args)
+    check_config(cfg)
     try:
-        fig.savefig(tmp, dpi=80, format="png")
-        os.replace(tmp, path)
-    finally:
-        plt.close(fig)
-        tmp.unlink(missing_ok=True)
+        with dist_utils.process_group(cfg.device) as info:
+            return _train(cfg, info)
+    except BaseException:
+        remove_if_empty(cfg)
+        raise
 
 
-def _holds_a_run(folder: Path) -> bool:
-    """A folder with a checkpoint or a summary row of a run (a header-only summary.csv is not a run)."""
-    if any((folder / name).exists() for name in ("last.pth.tar", "recovery.pth.tar")):
-        return True
-    return bool(read_summary(folder / "summary.csv"))
+def _train(cfg, info: dist_utils.DistInfo) -> int:
+    """The run, step by step. Data, model and settings are all checked before a file or folder is written."""
+    from timm.utils import random_seed
+
+    started = time.time()
+    random_seed(cfg.seed, info.rank)
+    if cfg.input_size:
+        cfg.in_chans, cfg.img_size = cfg.input_size[0], cfg.input_size[1]
+    data = build_data(cfg, info)
+    model = build_model(cfg, data, info.device)
+    loaders = build_loaders(cfg, info, model, data)
+    opt = build_optimization(cfg, info, model, loaders, data.num_classes)
+    start_epoch = restore(cfg, info, data.resume_ckpt, opt, loaders.updates_per_epoch)
+    if start_epoch >= opt.num_epochs:
+        _log(info, f"--resume {data.resume_path}: the run already finished its {opt.num_epochs} epochs; nothing to "
+                   f"do (pass a larger --epochs to extend it)")
+        return 0
+    out = prepare_outputs(cfg, info, data.resume_path, data.resume_ckpt, start_epoch, loaders.img_size)
+    train_model, eval_model = wrap_model(cfg, info, model)
+    training = TrainingRun(cfg, info, model, train_model, eval_model, data.class_names, loaders, opt, out)
+    _log_start(training, data, start_epoch)
+
+    metrics = None
+    with StopRequest() as stop:
+        for epoch in range(start_epoch, opt.num_epochs):
+            result = train_one_epoch(training, epoch, stop)
+            if result.stopped_at is not None:
+                return save_recovery(training, epoch, result.stopped_at, stop.signum)
+            metrics, raw_top1 = evaluate_epoch(training)
+            metric = float(metrics[cfg.eval_metric])
+            if opt.scheduler is not None:
+                opt.scheduler.step(epoch + 1, metric)
+            save_epoch(training, epoch, result, metrics, metric, raw_top1)
+            if stop.signum:  # the signal arrived during evaluation: the epoch is saved, stop here
+                _log(info, f"stopped by {signal.Signals(stop.signum).name} after epoch {epoch}; resume with "
+                           f"--resume {out.folder / 'last.pth.tar'}")
+                return 128 + stop.signum
+    if metrics is not None:
+        _log_finish(training, metrics, started)
+    return 0
 
 
-def _make_output_dir(cfg, info: dist_utils.DistInfo, model_name: str, img_size: int) -> Path:
-    """Pick (rank 0) and create the experiment folder; every rank gets the same path.
-
-    ``cfg._created_dirs`` lists the folders this call created (innermost first), so that a start that fails later
-    can remove them again while they are empty.
-    """
-    folder = None
-    if info.is_primary:
-        root = Path(cfg.output or "./output/train")
-        if cfg.experiment:
-            folder = experiment_folder(cfg)
-            if not cfg.resume and _holds_a_run(folder):
-                raise SequencerError(f"experiment folder {str(folder)!r} already holds a run",
-                                     hint="pass --resume auto to continue it, or another --experiment")
-        elif cfg.resume and cfg.resume != "auto":
-            folder = Path(cfg.resume).parent  # continue the resumed run's own folder (docs/training.md)
-        else:
-            stem = "-".join([datetime.now().strftime("%Y%m%d-%H%M%S"), model_name, str(img_size)])
-            folder, n = root / stem, 1
-            while folder.exists():
-                folder, n = root / f"{stem}-{n}", n + 1
-        created = [folder, *folder.parents]
-        cfg._created_dirs = [str(f) for f in created[:next(i for i, f in enumerate(created) if f.exists())]]
-        try:
-            folder.mkdir(parents=True, exist_ok=True)
-            with tempfile.NamedTemporaryFile(dir=folder, prefix=".write-test-"):
-                pass
-            remove_stale_temporaries(folder)  # of a run that was killed mid-write
-        except OSError as e:
-            _remove_if_empty(cfg)
-            raise SequencerError(f"output folder {str(folder)!r} is not writable ({e.strerror or e})",
-                                 hint="pass --output DIR somewhere you can write") from None
-        folder = str(folder)
-    return Path(dist_utils.broadcast_object(folder, info))
+# ------------------------------------------------------------------------------------------------------ data
+@dataclass
+class TrainData:
+    train_set: Any
+    eval_set: Any
+    class_names: list[str]
+    num_classes: int  # the head's size: --num-classes, else the number of classes (a resumed model's own)
+    resume_path: str = ""
+    resume_ckpt: dict | None = None
 
 
-def _remove_if_empty(cfg) -> None:
-    """Remove the folders this start created when a failure left them empty (no debris)."""
-    for folder in getattr(cfg, "_created_dirs", None) or []:
-        try:
-            os.rmdir(folder)  # fails, as it should, when anything was written there
-        except OSError:
-            return
+def build_data(cfg, info: dist_utils.DistInfo) -> TrainData:
+    """The training and held-out splits, labelled by the class names (a resumed run's own), and the checkpoint
+    to resume, if any."""
+    from ..data import create_dataset
+
+    dataset_kw = dict(class_map=cfg.class_map or None, download=cfg.dataset_download)
+    train_set = create_dataset(cfg.dataset, root=cfg.data, split=cfg.train_split, is_training=True, **dataset_kw)
+    resume_path = locate_resume(cfg, info)
+    resume_ckpt = read_resume_checkpoint(resume_path) if resume_path else None
+    class_names = list(train_set.class_names)
+    if resume_ckpt is not None:
+        class_names = apply_resume_contract(cfg, resume_ckpt, resume_path, class_names)
+        shorten_warmup(cfg)
+        map_classes_by_name(train_set, class_names, "the training split")
+    eval_set = _eval_split(cfg, info, dataset_kw, class_names)
+    num_classes = cfg.num_classes or len(class_names)
+    if num_classes < len(class_names):
+        raise SequencerError(f"--num-classes {num_classes} is smaller than the {len(class_names)} classes of the "
+                             f"training data", hint=f"use --num-classes {len(class_names)} or drop it")
+    if len(train_set) < cfg.batch_size * info.world_size:
+        raise SequencerError(
+            f"--batch-size {cfg.batch_size} is larger than the training split ({len(train_set)} images"
+            f"{f' over {info.world_size} processes' if info.distributed else ''})",
+            hint=f"use --batch-size {max(1, len(train_set) // info.world_size // 2 * 2)} or less")
+    return TrainData(train_set, eval_set, class_names, num_classes, resume_path, resume_ckpt)
 
 
-# ------------------------------------------------------------------------------------------ stop requests
-class StopRequest:
-    """SIGTERM/SIGINT set a flag; the training loop saves a recovery checkpoint at the next step and exits.
-
-    A second SIGINT while stopping raises KeyboardInterrupt as usual (atomic writes keep files intact).
-    """
-
-    def __init__(self):
-        self.signum = 0
-        self._previous = {}
-
-    def _handler(self, signum, frame):
-        if self.signum and signum == signal.SIGINT:
-            raise KeyboardInterrupt
-        self.signum = signum
-        print(f"received {signal.Signals(signum).name}: stopping at the next step with a recovery checkpoint",
-              file=sys.stderr, flush=True)
-
-    def __enter__(self):
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            try:
-                self._previous[sig] = signal.signal(sig, self._handler)
-            except ValueError:  # not the main thread (e.g. called from a worker thread): no handler
-                pass
-        return self
-
-    def __exit__(self, *exc):
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
+def _eval_split(cfg, info, dataset_kw: dict, class_names: list[str]):
+    """The held-out split, its labels mapped by name onto the training classes (a missing class is reported)."""
+    from ..data import create_dataset
+    if "val_split" not in getattr(cfg, "_given", ()) and cfg.dataset.lower() in ("", "folder", "image_folder"):
+        found = held_out_split(cfg.data, cfg.val_split)
+        if found != cfg.val_split:
+            _log(info, f"note: {cfg.data} has no {cfg.val_split!r} split: evaluating on {found!r}")
+        cfg.val_split = found
+    eval_set = create_dataset(cfg.dataset, root=cfg.data, split=cfg.val_split, is_training=False, **dataset_kw)
+    missing = map_classes_by_name(eval_set, class_names, f"split {cfg.val_split!r}")
+    if missing:
+        _log(info, f"note: split {cfg.val_split!r} has no images of {len(missing)} of the {len(class_names)} "
+                   f"training classes ({', '.join(missing[:5])}{', ...' if len(missing) > 5 else ''})")
+    return eval_set
 
 
-# ---------------------------------------------------------------------------------------------- training
-def _amp_setup(cfg, device: torch.device):
-    """(autocast dtype or None, GradScaler) for the flags; float16 scaling only happens on CUDA."""
-    if not cfg.amp:
-        return None, torch.amp.GradScaler("cuda", enabled=False)
-    dtype = torch.bfloat16 if cfg.amp_dtype == "bfloat16" else torch.float16
-    if device.type == "cpu" and dtype == torch.float16:
-        dtype = torch.bfloat16  # CPU autocast is a bfloat16 feature; float16 needs a GPU
-    scaler = torch.amp.GradScaler(device.type, enabled=(dtype == torch.float16 and device.type == "cuda"))
-    return dtype, scaler
+# ----------------------------------------------------------------------------------------------------- model
+def build_model(cfg, data: TrainData, device: torch.device) -> nn.Module:
+    """The model on ``device``, with the resumed or initial checkpoint's weights, checked against --img-size."""
+    init_meta = read_checkpoint(cfg.initial_checkpoint) if cfg.initial_checkpoint else None
+    model = _create_model(cfg, data.resume_ckpt, init_meta if init_meta and init_meta.get("arch") else None,
+                          data.num_classes)
+    if init_meta is not None and data.resume_ckpt is None:
+        state = extract_state_dict(init_meta)
+        if not state:
+            raise SequencerError(f"--initial-checkpoint {cfg.initial_checkpoint!r} holds no weights")
+        load_state_dict_into(model, state, source=f"--initial-checkpoint {cfg.initial_checkpoint!r}")
+    if data.resume_ckpt is not None:
+        load_state_dict_into(model, extract_state_dict(data.resume_ckpt, use_ema=False),
+                             source=f"--resume {data.resume_path!r}")
+        data.num_classes = model.num_classes
+        if cfg.img_size is None:
+            cfg.img_size = model.img_size
+    cfg.img_size = cfg.img_size or model.pretrained_cfg["input_size"][-1]
+    try:
+        model.check_input_size(cfg.img_size, cfg.img_size)
+    except ValueError as e:
+        raise SequencerError(f"--img-size {cfg.img_size}: {e}",
+                             hint=f"use a multiple of {model.reduction}") from None
+    if cfg.grad_checkpointing:
+        model.set_grad_checkpointing(True)
+    model.to(device)
+    if cfg.channels_last:
+        model.to(memory_format=torch.channels_last)
+    return model
 
 
-def _resolve_lr(cfg, world_size: int) -> None:
-    if cfg.lr is not None:
-        return
-    global_batch = cfg.batch_size * world_size * cfg.grad_accum_steps
-    ratio = global_batch / cfg.lr_base_size
-    scale = cfg.lr_base_scale or ("sqrt" if any(o in cfg.opt.lower() for o in ("ada", "lamb")) else "linear")
-    cfg.lr = cfg.lr_base * (ratio ** 0.5 if scale == "sqrt" else ratio)
-
-
-def _build_model(cfg, resume_ckpt: dict | None, init_ckpt_meta: dict | None, num_classes: int):
+def _create_model(cfg, resume_ckpt: dict | None, init_ckpt_meta: dict | None, num_classes: int):
     """The model to train; architecture from the resumed checkpoint, else --model (or an initial checkpoint's)."""
     base = resume_ckpt or init_ckpt_meta or {}
     if resume_ckpt is not None and cfg.model and base.get("arch") and cfg.model != base["arch"]:
@@ -542,73 +513,124 @@ def _build_model(cfg, resume_ckpt: dict | None, init_ckpt_meta: dict | None, num
                                   "or drop --pretrained") from None
 
 
-def _checkpoint_state(cfg, model, model_ema, optimizer, scheduler, scaler, class_names, data_config,
-                      epoch: int, complete: bool, step: int, metric, rng_states) -> dict:
-    state = {
-        "version": CHECKPOINT_VERSION,
-        "arch": model.model_name,
-        "model_kwargs": _plain(model.model_kwargs),
-        "class_names": list(class_names),
-        "data_config": _plain(data_config),
-        "state_dict": model.state_dict(),
-        "optimizer": optimizer.state_dict(),
-        "scheduler": scheduler.state_dict() if scheduler is not None else None,
-        "scaler": scaler.state_dict(),
-        "epoch": epoch,
-        "epoch_complete": complete,
-        "step": step,
-        "metric": metric,
-        "args": _run_args(cfg),
-        "rng_state": rng_states,
-    }
-    if model_ema is not None:
-        state["state_dict_ema"] = model_ema.module.state_dict()
-    return state
+def wrap_model(cfg, info: dist_utils.DistInfo, model: nn.Module) -> tuple[nn.Module, nn.Module]:
+    """(the model to train: DDP across processes, compiled with --torchcompile; the model to evaluate)."""
+    train_model = model
+    if info.distributed:
+        device = info.device
+        train_model = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda"
+                                                          else None)
+    if cfg.torchcompile:
+        train_model = torch.compile(train_model, backend=cfg.torchcompile)
+    eval_model = torch.compile(model, backend=cfg.torchcompile) if cfg.torchcompile else model
+    return train_model, eval_model
 
 
-def _eval_split(cfg, info, dataset_kw: dict, class_names: list[str]):
-    """The held-out split, its labels mapped by name onto the training classes (a missing class is reported)."""
-    from ..data import create_dataset
-    if "val_split" not in getattr(cfg, "_given", ()) and cfg.dataset.lower() in ("", "folder", "image_folder"):
-        found = held_out_split(cfg.data, cfg.val_split)
-        if found != cfg.val_split:
-            _log(info, f"note: {cfg.data} has no {cfg.val_split!r} split: evaluating on {found!r}")
-        cfg.val_split = found
-    eval_set = create_dataset(cfg.dataset, root=cfg.data, split=cfg.val_split, is_training=False, **dataset_kw)
-    missing = map_classes_by_name(eval_set, class_names, f"split {cfg.val_split!r}")
-    if missing:
-        _log(info, f"note: split {cfg.val_split!r} has no images of {len(missing)} of the {len(class_names)} "
-                   f"training classes ({', '.join(missing[:5])}{', ...' if len(missing) > 5 else ''})")
-    return eval_set
+# --------------------------------------------------------------------------------------------------- loaders
+def build_loaders(cfg, info: dist_utils.DistInfo, model: nn.Module, data: TrainData) -> Loaders:
+    """The training loader (augmented, shuffled, full batches only) and the held-out loader, with the model's
+    preprocessing unless flags override it."""
+    from ..data import create_loader, resolve_data_config
+
+    data_config = resolve_data_config(
+        dict(input_size=(model.in_chans, cfg.img_size, cfg.img_size), mean=cfg.mean, std=cfg.std,
+             crop_pct=cfg.crop_pct, interpolation=cfg.interpolation or None), model)
+    img_size = int(data_config["input_size"][-1])
+    recorded = dict(mean=list(data_config["mean"]), std=list(data_config["std"]),
+                    crop_pct=float(data_config["crop_pct"]), interpolation=data_config["interpolation"],
+                    img_size=img_size)
+    loader_kw = dict(mean=data_config["mean"], std=data_config["std"], crop_pct=data_config["crop_pct"],
+                     num_workers=cfg.workers, distributed=info.distributed, device=info.device, seed=cfg.seed)
+    aug = not cfg.no_aug
+    train_loader = create_loader(
+        data.train_set, data_config["input_size"], cfg.batch_size, True,
+        interpolation=cfg.train_interpolation, auto_augment=cfg.aa if aug else None,
+        re_prob=cfg.reprob if aug else 0.0, re_mode=cfg.remode, re_count=cfg.recount,
+        hflip=cfg.hflip if aug else 0.0, scale=cfg.scale if aug else [1.0, 1.0],
+        ratio=cfg.ratio if aug else [1.0, 1.0], color_jitter=cfg.color_jitter if aug else 0.0,
+        drop_last=True, **loader_kw)
+    eval_loader = create_loader(data.eval_set, data_config["input_size"], cfg.validation_batch_size or cfg.batch_size,
+                                False, interpolation=data_config["interpolation"], **loader_kw)
+    steps_per_epoch = len(train_loader)
+    if steps_per_epoch == 0:
+        raise SequencerError(f"--batch-size {cfg.batch_size} leaves no full batch of training data")
+    updates_per_epoch = (steps_per_epoch + cfg.grad_accum_steps - 1) // cfg.grad_accum_steps
+    return Loaders(train_loader, eval_loader, recorded, img_size, steps_per_epoch, updates_per_epoch)
 
 
-def _skipped_note(loader) -> str:
-    """Unreadable training images of the epoch, for the end of its log line ("" when none)."""
-    skipped = len(getattr(loader, "skipped", None) or [])
-    return f"; skipped {skipped} unreadable training image{'s' if skipped != 1 else ''}" if skipped else ""
+# ---------------------------------------------------------------------------------------------- optimization
+def build_optimization(cfg, info: dist_utils.DistInfo, model: nn.Module, loaders: Loaders,
+                       num_classes: int) -> Optimization:
+    """Optimizer, lr schedule, AMP, EMA, Mixup/CutMix and the loss, from timm's factories."""
+    from timm.optim import create_optimizer_v2, optimizer_kwargs
+    from timm.scheduler import create_scheduler_v2, scheduler_kwargs
+    from timm.utils import ModelEmaV3
+
+    _resolve_lr(cfg, info.world_size)
+    try:
+        optimizer = create_optimizer_v2(model, **optimizer_kwargs(cfg))
+    except (ValueError, AssertionError, KeyError) as e:
+        raise SequencerError(f"--opt {cfg.opt}: {e}", hint="see timm.optim.list_optimizers()") from None
+    amp_dtype, scaler = _amp_setup(cfg, info.device)
+    model_ema = None
+    if cfg.model_ema:
+        model_ema = ModelEmaV3(model, decay=cfg.model_ema_decay, use_warmup=cfg.model_ema_warmup,
+                               device="cpu" if cfg.model_ema_force_cpu else None)
+    try:
+        scheduler, num_epochs = create_scheduler_v2(
+            optimizer, **scheduler_kwargs(cfg, decreasing_metric=cfg.eval_metric == "loss"),
+            updates_per_epoch=loaders.updates_per_epoch)
+    except ValueError as e:
+        raise SequencerError(f"--sched {cfg.sched}: {e}") from None
+    mixup_fn, loss_fn = _build_loss(cfg, num_classes, info.device)
+    return Optimization(optimizer, scheduler, num_epochs, scaler, amp_dtype, model_ema, mixup_fn, loss_fn)
 
 
-def _unreadable_note(loader) -> str:
-    skipped = len(getattr(loader, "skipped", None) or [])
-    return f" ({skipped} unreadable skipped)" if skipped else ""
+def _build_loss(cfg, num_classes: int, device: torch.device):
+    """(Mixup/CutMix or None, the training loss): soft targets with mixing, else label smoothing or plain CE."""
+    from timm.data import Mixup
+    from timm.loss import BinaryCrossEntropy, LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
+
+    mixup_fn = None
+    mixup_on = not cfg.no_aug and (cfg.mixup > 0 or cfg.cutmix > 0 or cfg.cutmix_minmax is not None)
+    if mixup_on:
+        mixup_fn = Mixup(mixup_alpha=cfg.mixup, cutmix_alpha=cfg.cutmix, cutmix_minmax=cfg.cutmix_minmax,
+                         prob=cfg.mixup_prob, switch_prob=cfg.mixup_switch_prob, mode=cfg.mixup_mode,
+                         label_smoothing=cfg.smoothing, num_classes=num_classes)
+    if cfg.bce_loss:
+        loss_fn = BinaryCrossEntropy(smoothing=0.0 if mixup_on else cfg.smoothing,
+                                     target_threshold=cfg.bce_target_thresh)
+    elif mixup_on:
+        loss_fn = SoftTargetCrossEntropy()
+    elif cfg.smoothing:
+        loss_fn = LabelSmoothingCrossEntropy(smoothing=cfg.smoothing)
+    else:
+        loss_fn = nn.CrossEntropyLoss()
+    return mixup_fn, loss_fn.to(device)
 
 
-def _current_lr(optimizer) -> float:
-    return sum(g["lr"] for g in optimizer.param_groups) / len(optimizer.param_groups)
+def _amp_setup(cfg, device: torch.device):
+    """(autocast dtype or None, GradScaler) for the flags; float16 scaling only happens on CUDA."""
+    if not cfg.amp:
+        return None, torch.amp.GradScaler("cuda", enabled=False)
+    dtype = torch.bfloat16 if cfg.amp_dtype == "bfloat16" else torch.float16
+    if device.type == "cpu" and dtype == torch.float16:
+        dtype = torch.bfloat16  # CPU autocast is a bfloat16 feature; float16 needs a GPU
+    scaler = torch.amp.GradScaler(device.type, enabled=(dtype == torch.float16 and device.type == "cuda"))
+    return dtype, scaler
 
 
-def _load_optimizer_state(optimizer, state: dict, cfg) -> None:
-    """Load a resumed optimizer state; another optimizer kind's state is refused instead of failing later."""
-    saved_keys = {k for g in state.get("param_groups", []) for k in g if k != "params"}
-    own_keys = {k for g in optimizer.param_groups for k in g if k != "params"}
-    if len(state.get("param_groups", [])) != len(optimizer.param_groups) or not own_keys <= saved_keys:
-        raise SequencerError(f"--resume: the checkpoint's optimizer state is not one of --opt {cfg.opt}",
-                             hint="pass the run's --opt, or --no-resume-opt to start a fresh optimizer")
-    optimizer.load_state_dict(state)
+def _resolve_lr(cfg, world_size: int) -> None:
+    if cfg.lr is not None:
+        return
+    global_batch = cfg.batch_size * world_size * cfg.grad_accum_steps
+    ratio = global_batch / cfg.lr_base_size
+    scale = cfg.lr_base_scale or ("sqrt" if any(o in cfg.opt.lower() for o in ("ada", "lamb")) else "linear")
+    cfg.lr = cfg.lr_base * (ratio ** 0.5 if scale == "sqrt" else ratio)
 
 
-def _restore_training_state(cfg, info, checkpoint, optimizer, scaler, scheduler, model_ema, updates_per_epoch: int,
-                            random_seed) -> int:
+# --------------------------------------------------------------------------------------------------- restore
+def restore(cfg, info: dist_utils.DistInfo, checkpoint: dict | None, opt: Optimization, updates_per_epoch: int) -> int:
     """Restore optimizer, scaler, EMA and RNG from ``checkpoint`` (if any); step the schedule to the start epoch.
 
     The schedule itself is rebuilt from the (possibly new) settings, never restored: a longer ``--epochs`` or a
@@ -616,6 +638,9 @@ def _restore_training_state(cfg, info, checkpoint, optimizer, scaler, scheduler,
     ``--min-lr``). Only the plateau scheduler keeps state (its best metric and patience), which is restored.
     Returns the epoch to start at.
     """
+    from timm.utils import random_seed
+
+    optimizer, scaler, scheduler, model_ema = opt.optimizer, opt.scaler, opt.scheduler, opt.model_ema
     start_epoch = 0
     if checkpoint is not None:
         start_epoch = resume_position(checkpoint)
@@ -648,320 +673,41 @@ def _restore_training_state(cfg, info, checkpoint, optimizer, scaler, scheduler,
     return start_epoch
 
 
-def run(args: argparse.Namespace) -> int:
-    cfg = resolve_config(args)
-    check_config(cfg)
-    try:
-        with dist_utils.process_group(cfg.device) as info:
-            return _train(cfg, info)
-    except BaseException:
-        _remove_if_empty(cfg)
-        raise
+def _load_optimizer_state(optimizer, state: dict, cfg) -> None:
+    """Load a resumed optimizer state; another optimizer kind's state is refused instead of failing later."""
+    saved_keys = {k for g in state.get("param_groups", []) for k in g if k != "params"}
+    own_keys = {k for g in optimizer.param_groups for k in g if k != "params"}
+    if len(state.get("param_groups", [])) != len(optimizer.param_groups) or not own_keys <= saved_keys:
+        raise SequencerError(f"--resume: the checkpoint's optimizer state is not one of --opt {cfg.opt}",
+                             hint="pass the run's --opt, or --no-resume-opt to start a fresh optimizer")
+    optimizer.load_state_dict(state)
 
 
-def _log(info, *msg):
+# ------------------------------------------------------------------------------------------------------- log
+def _log(info: dist_utils.DistInfo, *msg) -> None:
     if info.is_primary:
         print(*msg, flush=True)
 
 
-def _train(cfg, info: dist_utils.DistInfo) -> int:
-    from timm.data import Mixup
-    from timm.loss import BinaryCrossEntropy, LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
-    from timm.optim import create_optimizer_v2, optimizer_kwargs
-    from timm.scheduler import create_scheduler_v2, scheduler_kwargs
-    from timm.utils import ModelEmaV3, dispatch_clip_grad, random_seed
-
-    from ..data import create_dataset, create_loader, resolve_data_config
-    from .evaluate import evaluate
-
-    device = info.device
-    t_start = time.time()
-    random_seed(cfg.seed, info.rank)
-    if cfg.input_size:
-        cfg.in_chans, cfg.img_size = cfg.input_size[0], cfg.input_size[1]
-
-    # ---- data and resume: everything is checked before a file or folder is written
-    root = cfg.data
-    dataset_kw = dict(class_map=cfg.class_map or None, download=cfg.dataset_download)
-    train_set = create_dataset(cfg.dataset, root=root, split=cfg.train_split, is_training=True, **dataset_kw)
-    resume_path = locate_resume(cfg, info)
-    resume_ckpt = read_resume_checkpoint(resume_path) if resume_path else None
-    class_names = list(train_set.class_names)
-    if resume_ckpt is not None:
-        class_names = apply_resume_contract(cfg, resume_ckpt, resume_path, class_names)
-        shorten_warmup(cfg)
-        map_classes_by_name(train_set, class_names, "the training split")
-    eval_set = _eval_split(cfg, info, dataset_kw, class_names)
-    num_classes = cfg.num_classes or len(class_names)
-    if num_classes < len(class_names):
-        raise SequencerError(f"--num-classes {num_classes} is smaller than the {len(class_names)} classes of the "
-                             f"training data", hint=f"use --num-classes {len(class_names)} or drop it")
-    if len(train_set) < cfg.batch_size * info.world_size:
-        raise SequencerError(
-            f"--batch-size {cfg.batch_size} is larger than the training split ({len(train_set)} images"
-            f"{f' over {info.world_size} processes' if info.distributed else ''})",
-            hint=f"use --batch-size {max(1, len(train_set) // info.world_size // 2 * 2)} or less")
-
-    # ---- model
-    init_meta = read_checkpoint(cfg.initial_checkpoint) if cfg.initial_checkpoint else None
-    model = _build_model(cfg, resume_ckpt, init_meta if init_meta and init_meta.get("arch") else None, num_classes)
-    if init_meta is not None and resume_ckpt is None:
-        state = extract_state_dict(init_meta)
-        if not state:
-            raise SequencerError(f"--initial-checkpoint {cfg.initial_checkpoint!r} holds no weights")
-        load_state_dict_into(model, state, source=f"--initial-checkpoint {cfg.initial_checkpoint!r}")
-    if resume_ckpt is not None:
-        load_state_dict_into(model, extract_state_dict(resume_ckpt, use_ema=False), source=f"--resume {resume_path!r}")
-        num_classes = model.num_classes
-        if cfg.img_size is None:
-            cfg.img_size = model.img_size
-    cfg.img_size = cfg.img_size or model.pretrained_cfg["input_size"][-1]
-    try:
-        model.check_input_size(cfg.img_size, cfg.img_size)
-    except ValueError as e:
-        raise SequencerError(f"--img-size {cfg.img_size}: {e}",
-                             hint=f"use a multiple of {model.reduction}") from None
-    if cfg.grad_checkpointing:
-        model.set_grad_checkpointing(True)
-    model.to(device)
-    if cfg.channels_last:
-        model.to(memory_format=torch.channels_last)
-    n_params = sum(p.numel() for p in model.parameters())
-
-    data_config = resolve_data_config(
-        dict(input_size=(model.in_chans, cfg.img_size, cfg.img_size), mean=cfg.mean, std=cfg.std,
-             crop_pct=cfg.crop_pct, interpolation=cfg.interpolation or None), model)
-    img_size = int(data_config["input_size"][-1])
-    ckpt_data_config = dict(mean=list(data_config["mean"]), std=list(data_config["std"]),
-                            crop_pct=float(data_config["crop_pct"]), interpolation=data_config["interpolation"],
-                            img_size=img_size)
-
-    # ---- optimisation
-    _resolve_lr(cfg, info.world_size)
-    try:
-        optimizer = create_optimizer_v2(model, **optimizer_kwargs(cfg))
-    except (ValueError, AssertionError, KeyError) as e:
-        raise SequencerError(f"--opt {cfg.opt}: {e}", hint="see timm.optim.list_optimizers()") from None
-    amp_dtype, scaler = _amp_setup(cfg, device)
-    model_ema = None
-    if cfg.model_ema:
-        model_ema = ModelEmaV3(model, decay=cfg.model_ema_decay, use_warmup=cfg.model_ema_warmup,
-                               device="cpu" if cfg.model_ema_force_cpu else None)
-
-    loader_kw = dict(mean=data_config["mean"], std=data_config["std"], crop_pct=data_config["crop_pct"],
-                     num_workers=cfg.workers, distributed=info.distributed, device=device, seed=cfg.seed)
-    train_loader = create_loader(
-        train_set, data_config["input_size"], cfg.batch_size, True,
-        interpolation=cfg.train_interpolation, auto_augment=None if cfg.no_aug else cfg.aa,
-        re_prob=0.0 if cfg.no_aug else cfg.reprob, re_mode=cfg.remode, re_count=cfg.recount,
-        hflip=0.0 if cfg.no_aug else cfg.hflip, scale=[1.0, 1.0] if cfg.no_aug else cfg.scale,
-        ratio=[1.0, 1.0] if cfg.no_aug else cfg.ratio, color_jitter=0.0 if cfg.no_aug else cfg.color_jitter,
-        drop_last=True, **loader_kw)
-    eval_loader = create_loader(eval_set, data_config["input_size"], cfg.validation_batch_size or cfg.batch_size,
-                                False, interpolation=data_config["interpolation"], **loader_kw)
-    steps_per_epoch = len(train_loader)
-    if steps_per_epoch == 0:
-        raise SequencerError(f"--batch-size {cfg.batch_size} leaves no full batch of training data")
-    updates_per_epoch = (steps_per_epoch + cfg.grad_accum_steps - 1) // cfg.grad_accum_steps
-
-    try:
-        scheduler, num_epochs = create_scheduler_v2(
-            optimizer, **scheduler_kwargs(cfg, decreasing_metric=cfg.eval_metric == "loss"),
-            updates_per_epoch=updates_per_epoch)
-    except ValueError as e:
-        raise SequencerError(f"--sched {cfg.sched}: {e}") from None
-
-    mixup_fn = None
-    mixup_on = not cfg.no_aug and (cfg.mixup > 0 or cfg.cutmix > 0 or cfg.cutmix_minmax is not None)
-    if mixup_on:
-        mixup_fn = Mixup(mixup_alpha=cfg.mixup, cutmix_alpha=cfg.cutmix, cutmix_minmax=cfg.cutmix_minmax,
-                         prob=cfg.mixup_prob, switch_prob=cfg.mixup_switch_prob, mode=cfg.mixup_mode,
-                         label_smoothing=cfg.smoothing, num_classes=num_classes)
-    if cfg.bce_loss:
-        train_loss_fn = BinaryCrossEntropy(smoothing=0.0 if mixup_on else cfg.smoothing,
-                                           target_threshold=cfg.bce_target_thresh)
-    elif mixup_on:
-        train_loss_fn = SoftTargetCrossEntropy()
-    elif cfg.smoothing:
-        train_loss_fn = LabelSmoothingCrossEntropy(smoothing=cfg.smoothing)
-    else:
-        train_loss_fn = nn.CrossEntropyLoss()
-    train_loss_fn = train_loss_fn.to(device)
-
-    # ---- resume state, then the output folder (nothing is written before this point)
-    start_epoch = _restore_training_state(cfg, info, resume_ckpt, optimizer, scaler, scheduler, model_ema,
-                                          updates_per_epoch, random_seed)
-    if start_epoch >= num_epochs:
-        _log(info, f"--resume {resume_path}: the run already finished its {num_epochs} epochs; nothing to do "
-                   f"(pass a larger --epochs to extend it)")
-        return 0
-    output_dir = _make_output_dir(cfg, info, cfg.model, img_size)
-    manager = CheckpointManager(output_dir, max_history=cfg.checkpoint_hist, decreasing=cfg.eval_metric == "loss")
-    if resume_ckpt is not None and Path(resume_path).resolve().parent == output_dir.resolve():
-        # best metric and history belong to this folder's files; a resume into a new folder starts its own
-        manager.restore(resume_ckpt)
-        manager.history = [(e, m) for e, m in manager.history if e < start_epoch]
-    summary_path = output_dir / "summary.csv"
-    rows = [r for r in read_summary(summary_path) if int(r["epoch"]) < start_epoch] if resume_ckpt else []
-    if info.is_primary:
-        args_yaml = yaml.safe_dump(_run_args(cfg), sort_keys=False)
-        write_atomically(output_dir / "args.yaml", lambda tmp: Path(tmp).write_text(args_yaml))
-
-    # ---- DDP / compile
-    model_raw = model
-    if info.distributed:
-        model = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda"
-                                                    else None)
-    if cfg.torchcompile:
-        model = torch.compile(model, backend=cfg.torchcompile)
-    eval_model = torch.compile(model_raw, backend=cfg.torchcompile) if cfg.torchcompile else model_raw
-
+def _log_start(training: TrainingRun, data: TrainData, start_epoch: int) -> None:
+    cfg, info = training.cfg, training.info
+    n_params = sum(p.numel() for p in training.model.parameters())
     where = f"{info.world_size} processes, " if info.distributed else ""
-    _log(info, f"train: {cfg.model} ({n_params / 1e6:.2f}M params) on {len(train_set)} images of "
-               f"{cfg.dataset or root}, {num_classes} classes, {img_size}px, {where}{device}; "
-               f"epochs {start_epoch}..{num_epochs - 1}, lr {_current_lr(optimizer):.3g}, batch {cfg.batch_size}; "
-               f"output {output_dir}")
-
-    use_tqdm = info.is_primary and sys.stderr.isatty()
-    autocast = (lambda: torch.autocast(device.type, dtype=amp_dtype)) if amp_dtype else contextlib.nullcontext
-    eval_metrics = None
-    epoch = start_epoch
-    with StopRequest() as stop:
-        for epoch in range(start_epoch, num_epochs):
-            # shuffling and augmentation seeds depend on the epoch only, so a resumed epoch sees the same batches
-            if hasattr(train_loader, "set_epoch"):
-                train_loader.set_epoch(epoch)
-            elif hasattr(train_loader.sampler, "set_epoch"):
-                train_loader.sampler.set_epoch(epoch)
-            if mixup_fn is not None and cfg.mixup_off_epoch and epoch >= cfg.mixup_off_epoch:
-                mixup_fn.mixup_enabled = False
-            t_epoch = time.time()
-            model.train()
-            loss_sum, loss_count, seen = 0.0, 0, 0
-            last_idx = steps_per_epoch - 1
-            last_accum = steps_per_epoch % cfg.grad_accum_steps or cfg.grad_accum_steps
-            last_accum_start = steps_per_epoch - last_accum
-            num_updates = epoch * updates_per_epoch
-            optimizer.zero_grad(set_to_none=True)
-            bar = None
-            if use_tqdm:
-                from tqdm import tqdm
-                bar = tqdm(total=steps_per_epoch, desc=f"epoch {epoch}/{num_epochs - 1}", leave=False,
-                           dynamic_ncols=True)
-            for step, (images, targets) in enumerate(train_loader):
-                accum = last_accum if step >= last_accum_start else cfg.grad_accum_steps
-                need_update = step == last_idx or (step + 1) % cfg.grad_accum_steps == 0
-                images, targets = images.to(device, non_blocking=True), targets.to(device, non_blocking=True)
-                if mixup_fn is not None:
-                    images, targets = mixup_fn(images, targets)
-                if cfg.channels_last:
-                    images = images.contiguous(memory_format=torch.channels_last)
-                sync = model.no_sync if info.distributed and not need_update else contextlib.nullcontext
-                with sync():
-                    with autocast():
-                        loss = train_loss_fn(model(images), targets)
-                    loss_value = loss.item()
-                    # all ranks agree before any backward, so a stop never leaves DDP waiting on a peer
-                    stop_flag, bad_flag = dist_utils.all_reduce_max(
-                        [float(stop.signum), float(not math.isfinite(loss_value))], info)
-                    if bad_flag:
-                        last = output_dir / "last.pth.tar"
-                        kept = f"the last good checkpoint is {last}" if last.exists() else "no epoch had finished"
-                        raise SequencerError(
-                            f"loss is not finite ({loss_value}) at epoch {epoch} step {step}; training stopped "
-                            f"before that update and {kept}",
-                            hint="lower --lr, add --clip-grad, or use --amp-dtype bfloat16")
-                    if stop_flag:
-                        stop.signum = stop.signum or int(stop_flag)
-                        return _save_recovery_and_exit(cfg, info, manager, model_raw, model_ema, optimizer,
-                                                       scheduler, scaler, class_names, ckpt_data_config, epoch,
-                                                       step, stop.signum, bar)
-                    scaler.scale(loss / accum).backward()
-                if need_update:
-                    if cfg.clip_grad is not None:
-                        scaler.unscale_(optimizer)
-                        dispatch_clip_grad(model_raw.parameters(), value=cfg.clip_grad, mode=cfg.clip_mode)
-                    scaler.step(optimizer)
-                    scaler.update()
-                    optimizer.zero_grad(set_to_none=True)
-                    num_updates += 1
-                    if model_ema is not None:
-                        model_ema.update(model_raw, step=num_updates)
-                    if scheduler is not None:
-                        scheduler.step_update(num_updates=num_updates, metric=loss_sum / max(loss_count, 1))
-                loss_sum += loss_value * images.shape[0]
-                loss_count += images.shape[0]
-                seen += images.shape[0]
-                lr = sum(g["lr"] for g in optimizer.param_groups) / len(optimizer.param_groups)
-                rate = seen * info.world_size / max(time.time() - t_epoch, 1e-9)
-                if bar is not None:
-                    bar.update(1)
-                    bar.set_postfix(loss=f"{loss_sum / loss_count:.4f}", lr=f"{lr:.2e}", img_s=f"{rate:.0f}")
-                elif info.is_primary and (step % cfg.log_interval == 0 or step == last_idx):
-                    print(f"train: epoch {epoch} [{step + 1:>4d}/{steps_per_epoch} "
-                          f"{100 * (step + 1) / steps_per_epoch:3.0f}%] loss {loss_value:.4f} "
-                          f"({loss_sum / loss_count:.4f}) lr {lr:.2e} {rate:.0f} img/s", flush=True)
-            if bar is not None:
-                bar.close()
-            train_loss = dist_utils.all_reduce_mean([loss_sum / max(loss_count, 1)], info)[0]
-
-            eval_metrics = evaluate(eval_model, eval_loader, device, amp_dtype=amp_dtype,
-                                    distributed=info.distributed)
-            raw_top1 = eval_metrics["top1"]
-            # an EMA kept on the CPU (--model-ema-force-cpu) while training on a GPU is not evaluated, as in timm:
-            # the batches and the ranks' reductions live on the GPU
-            ema_evaluated = model_ema is not None and next(model_ema.module.parameters()).device == device
-            if ema_evaluated:
-                eval_metrics = evaluate(model_ema.module, eval_loader, device, amp_dtype=amp_dtype,
-                                        distributed=info.distributed)
-            metric = float(eval_metrics[cfg.eval_metric])
-            if scheduler is not None:
-                scheduler.step(epoch + 1, metric)
-            seconds = time.time() - t_epoch
-            rows.append(dict(epoch=epoch, train_loss=f"{train_loss:.6f}", eval_loss=f"{eval_metrics['loss']:.6f}",
-                             eval_top1=f"{eval_metrics['top1']:.4f}", eval_top5=f"{eval_metrics['top5']:.4f}",
-                             lr=f"{lr:.6e}", epoch_seconds=f"{seconds:.2f}"))
-            rng_states = dist_utils.all_gather_object(get_rng_state(), info)
-            if info.is_primary:
-                # summary first: a kill between the two writes re-runs this epoch and rewrites its row once
-                write_summary(summary_path, rows)
-                state = _checkpoint_state(cfg, model_raw, model_ema, optimizer, scheduler, scaler, class_names,
-                                          ckpt_data_config, epoch, True, 0, metric, rng_states)
-                is_best = manager.save_epoch(state, epoch, metric if math.isfinite(train_loss) else None)
-                try:
-                    plot_summary(rows, output_dir / "summary.png")
-                except Exception as e:  # a plotting problem must never stop training
-                    warnings.warn(f"could not draw summary.png: {e}")
-                ema_note = f" (raw model {raw_top1:.2f})" if ema_evaluated else ""
-                print(f"epoch {epoch}: train_loss {train_loss:.4f} eval_loss {eval_metrics['loss']:.4f} "
-                      f"top1 {eval_metrics['top1']:.2f}{ema_note} top5 {eval_metrics['top5']:.2f} "
-                      f"lr {lr:.2e} {seconds:.1f}s{' *best*' if is_best else ''}{_skipped_note(train_loader)}",
-                      flush=True)
-            if stop.signum:  # signal arrived during evaluation: the epoch is saved, stop here
-                _log(info, f"stopped by {signal.Signals(stop.signum).name} after epoch {epoch}; resume with "
-                           f"--resume {output_dir / 'last.pth.tar'}")
-                return 128 + stop.signum
-    if info.is_primary and eval_metrics is not None:
-        best = (f"; best {cfg.eval_metric} {manager.best_metric:.2f} at epoch {manager.best_epoch}"
-                if manager.best_metric is not None else "")
-        what = "digits demo" if cfg.dataset == "digits" else "done"
-        print(f"{what}: eval top-1 {eval_metrics['top1']:.2f}% top-5 {eval_metrics['top5']:.2f}% on "
-              f"{eval_metrics['count']} held-out images{_unreadable_note(eval_loader)} after {num_epochs} epochs in "
-              f"{time.time() - t_start:.0f}s{best}; checkpoints in {output_dir}", flush=True)
-    return 0
+    _log(info, f"train: {cfg.model} ({n_params / 1e6:.2f}M params) on {len(data.train_set)} images of "
+               f"{cfg.dataset or cfg.data}, {data.num_classes} classes, {training.loaders.img_size}px, "
+               f"{where}{info.device}; epochs {start_epoch}..{training.opt.num_epochs - 1}, "
+               f"lr {current_lr(training.opt.optimizer):.3g}, batch {cfg.batch_size}; output {training.out.folder}")
 
 
-def _save_recovery_and_exit(cfg, info, manager, model, model_ema, optimizer, scheduler, scaler, class_names,
-                            data_config, epoch, step, signum, bar) -> int:
-    if bar is not None:
-        bar.close()
-    rng_states = dist_utils.all_gather_object(get_rng_state(), info)
-    if info.is_primary:
-        state = _checkpoint_state(cfg, model, model_ema, optimizer, scheduler, scaler, class_names, data_config,
-                                  epoch, False, step, None, rng_states)
-        path = manager.save_recovery(state)
-        name = signal.Signals(signum).name if signum in signal.Signals._value2member_map_ else str(signum)
-        print(f"stopped by {name} at epoch {epoch} step {step}; recovery checkpoint {path} (the epoch re-runs "
-              f"on resume: --resume {path} or --resume auto)", file=sys.stderr, flush=True)
-    dist_utils.barrier(info)
-    return 128 + signum
+def _log_finish(training: TrainingRun, metrics: dict, started: float) -> None:
+    cfg, manager = training.cfg, training.out.manager
+    if not training.info.is_primary:
+        return
+    best = (f"; best {cfg.eval_metric} {manager.best_metric:.2f} at epoch {manager.best_epoch}"
+            if manager.best_metric is not None else "")
+    what = "digits demo" if cfg.dataset == "digits" else "done"
+    skipped = len(getattr(training.loaders.eval, "skipped", None) or [])
+    unreadable = f" ({skipped} unreadable skipped)" if skipped else ""
+    print(f"{what}: eval top-1 {metrics['top1']:.2f}% top-5 {metrics['top5']:.2f}% on {metrics['count']} held-out "
+          f"images{unreadable} after {training.opt.num_epochs} epochs in {time.time() - started:.0f}s{best}; "
+          f"checkpoints in {training.out.folder}", flush=True)

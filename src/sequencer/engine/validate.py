@@ -85,8 +85,6 @@ def run(args: argparse.Namespace) -> int:
 
 def _run(args, dataset_name: str, dist_info) -> int:
     device = dist_info.device
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise SequencerError(f"--device {args.device}: CUDA is not available", hint="use --device cpu")
     # the data first: a missing folder should not wait for (or download) the model's weights
     if not dataset_name:  # as train: a folder with only train/ and test/ is evaluated on test/
         found = held_out_split(args.data, args.split)

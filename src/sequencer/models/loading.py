@@ -1,4 +1,4 @@
-"""Reading checkpoints safely and mapping foreign layouts onto ours.
+"""Reading checkpoints safely, mapping foreign layouts onto ours, and writing release-ready weight files.
 
 Supported files: the authors' release (``blocks.<stage>.<i>...``, ``head.weight``), timm's port
 (``stages.<s>...``, ``head.fc``), our own training checkpoints (a dict with ``state_dict`` and maybe
@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import http.client
+import json
 import os
 import re
 import urllib.error
@@ -22,6 +23,7 @@ from torch import nn
 from tqdm import tqdm
 
 from ..errors import SequencerError
+from ..fileio import write_atomically
 
 _HEAD_KEYS = ("head.fc.weight", "head.fc.bias")
 DOWNLOAD_TIMEOUT_S = 60.0
@@ -125,6 +127,69 @@ def extract_state_dict(checkpoint: dict, use_ema: bool = True) -> dict[str, torc
                 k = k[len(prefix):]
         state[k] = v
     return state
+
+
+# The model config a checkpoint carries besides its weights (training contract); all JSON-serialisable.
+CONFIG_KEYS = ("arch", "model_kwargs", "class_names", "data_config")
+
+
+def checkpoint_metadata(checkpoint: dict | None) -> dict:
+    """The model config (arch, model_kwargs, class_names, data_config) a checkpoint carries.
+
+    Training checkpoints hold them as plain entries; our ``.safetensors`` files (``sequencer export``,
+    ``sequencer checkpoint clean``) keep them as JSON strings in the file's metadata.
+    """
+    if not checkpoint:
+        return {}
+    meta = checkpoint.get("__metadata__")
+    if not isinstance(meta, dict):
+        return checkpoint
+    out = {}
+    for key in CONFIG_KEYS:
+        if key in meta:
+            try:
+                out[key] = meta[key] if key == "arch" else json.loads(meta[key])
+            except ValueError:
+                raise SequencerError(f"safetensors metadata entry {key!r} is not valid JSON") from None
+    return out
+
+
+def model_config(checkpoint: dict) -> dict:
+    """The ``arch``/``model_kwargs``/``class_names``/``data_config`` entries a checkpoint has (JSON-safe)."""
+    return {k: v for k, v in checkpoint_metadata(checkpoint).items() if k in CONFIG_KEYS and v is not None}
+
+
+def _jsonable(value):
+    """Tuples -> lists, recursively, so a config reads back the same from JSON and from a .pth."""
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    return value
+
+
+def save_weights(state_dict: dict[str, torch.Tensor], path: str | os.PathLike, config: dict | None = None,
+                 safetensors: bool | None = None, extra: dict | None = None) -> Path:
+    """Write weights plus model config atomically as ``.pth`` (dict) or ``.safetensors`` (config in metadata).
+
+    ``safetensors=None`` picks the format from the file suffix.
+    """
+    path = Path(path)
+    config = {k: v for k, v in (config or {}).items() if k in CONFIG_KEYS and v is not None}
+    if safetensors is None:
+        safetensors = path.suffix == ".safetensors"
+    # contiguous, storage-independent CPU copies: safetensors refuses shared or strided tensors
+    tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in state_dict.items()}
+    if safetensors:
+        from safetensors.torch import save_file
+        metadata = {"format": "pt"}
+        for key, value in config.items():
+            metadata[key] = value if key == "arch" else json.dumps(_jsonable(value))
+        for key, value in (extra or {}).items():
+            metadata[key] = value if isinstance(value, str) else json.dumps(_jsonable(value))
+        return write_atomically(path, lambda tmp: save_file(tensors, tmp, metadata=metadata))
+    obj = {"version": 1, **config, **(extra or {}), "state_dict": tensors}
+    return write_atomically(path, lambda tmp: torch.save(obj, tmp))
 
 
 def checkpoint_filter_fn(state_dict: dict[str, torch.Tensor], model: nn.Module | None = None

@@ -41,7 +41,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..cli_common import add_model_args, check_input_size, check_results_file, load_model_from_args, positive_int
+from ..cli_common import (add_model_args, check_input_size, check_results_file, load_model_from_args, positive_int,
+                          relative_error, resolve_device)
 from ..errors import SequencerError
 from ..fileio import write_atomically
 from ..models.kernels.onednn import onednn_bf16_supported
@@ -75,14 +76,6 @@ class Result:
     speedup_vs_timm: float | None = None
     max_rel_diff_vs_timm: float | None = None
     top1_agreement_vs_ours: float | None = None  # inference: share of the batch whose argmax equals ours' (eager)
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "cuda" and not torch.cuda.is_available():
-        raise SequencerError("--device cuda: no CUDA device is available", hint="use --device cpu")
-    if name not in ("cpu", "cuda"):
-        raise SequencerError(f"--device {name!r}: expected cpu or cuda")
-    return torch.device(name)
 
 
 def synchronize(device: torch.device) -> None:
@@ -368,12 +361,39 @@ def load_onnx_impls(args: argparse.Namespace) -> dict[str, nn.Module]:
     return impls
 
 
-def _rel_diff(a: torch.Tensor, b: torch.Tensor) -> float:
-    a, b = a.float(), b.float()
-    return ((a - b).abs().max() / b.abs().max().clamp_min(1e-12)).item()
+@dataclass
+class _Setup:
+    """What every implementation measured in one run shares: the model, its inputs and the machine's GEMM rate."""
+    args: argparse.Namespace
+    device: torch.device
+    amp: torch.dtype
+    name: str
+    model: nn.Module
+    input_size: tuple[int, int, int]
+    macs: float | None  # per image, forward
+    gemm_gflops: float
+    x: torch.Tensor  # (B, C, H, W)
+    target: torch.Tensor  # (B,) class indices
+    twin: nn.Module | None  # timm's Sequencer2d with the same weights (--compare-timm)
+    onnx_models: dict[str, nn.Module]  # --onnx files, {"ort-fp32" / "ort-int8": OnnxModel}
 
 
 def run_benchmark(args: argparse.Namespace) -> dict:
+    setup = _prepare(args)
+    modes = ("infer", "train") if args.mode == "both" else (args.mode,)
+    results = [r for mode in modes for r in _measure_mode(setup, mode)]
+    device = setup.device
+    return dict(
+        model=setup.name, input_size=list(setup.input_size), batch_size=args.batch_size, amp_dtype=args.amp_dtype,
+        device=device.type, device_name=torch.cuda.get_device_name(device) if device.type == "cuda" else
+        platform.processor() or platform.machine(),
+        threads=torch.get_num_threads(), load_average=list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
+        torch=torch.__version__, gemm_gflops=setup.gemm_gflops, num_iter=args.num_iter, num_warmup=args.num_warmup,
+        results=[asdict(r) for r in results])
+
+
+def _prepare(args: argparse.Namespace) -> _Setup:
+    """Check the options, load the model, count its MACs, measure the GEMM rate and draw the inputs."""
     device = resolve_device(args.device)
     amp = AMP_DTYPES[args.amp_dtype]
     if amp == torch.float16 and device.type == "cpu":
@@ -387,11 +407,10 @@ def run_benchmark(args: argparse.Namespace) -> dict:
     if args.compare_timm and name not in TIMM_MODELS:
         raise SequencerError(f"--compare-timm: timm has no {name!r}", hint=f"use one of {', '.join(TIMM_MODELS)}")
     input_size = tuple(loaded.input_size)
-    img_size = input_size[-1]
-    check_input_size(loaded, img_size, img_size)
+    check_input_size(loaded, input_size[-1], input_size[-1])
     for impl, onnx_model in onnx_models.items():
         try:
-            onnx_model.check_input_size(img_size, img_size)
+            onnx_model.check_input_size(input_size[-1], input_size[-1])
         except ValueError as e:
             raise SequencerError(f"--onnx: {e}", hint="benchmark at the file's size (--img-size)") from None
     try:
@@ -399,79 +418,83 @@ def run_benchmark(args: argparse.Namespace) -> dict:
         macs = count_macs(model, input_size)
     except (ImportError, RuntimeError, ValueError):
         macs = None
-    params = sum(p.numel() for p in model.parameters())
     head = getattr(getattr(model, "head", None), "fc", None)
     if isinstance(head, nn.Linear) and not head.weight.any():
         # a freshly initialised model has a zero head: every logit would be 0 and the comparison with timm vacuous
         with torch.no_grad():
             head.weight.normal_(std=0.02, generator=torch.Generator(head.weight.device).manual_seed(args.seed))
     rate = gemm_rate(amp, device, args.gemm_size)
-
     gen = torch.Generator().manual_seed(args.seed)
     x = torch.randn(args.batch_size, *input_size, generator=gen).to(device)
     num_classes = getattr(model, "num_classes", 0) or 1
     target = torch.randint(0, num_classes, (args.batch_size,), generator=gen).to(device)
     twin = build_timm_twin(model, name).to(device).eval() if args.compare_timm else None
+    return _Setup(args, device, amp, name, model, input_size, macs, rate, x, target, twin, onnx_models)
 
-    modes = ("infer", "train") if args.mode == "both" else (args.mode,)
-    results: list[Result] = []
-    for mode in modes:
-        impls: dict[str, nn.Module] = {"ours": model}
-        if mode == "infer" and args.optimized:
-            from .optimize import optimize_for_inference
-            impls["ours-optimized"] = optimize_for_inference(model, amp)
-        if twin is not None:
-            impls["timm"] = twin
-        impls.update(extra_impls(impls, args, device))
+
+def _measure_mode(setup: _Setup, mode: str) -> list[Result]:
+    """Time every implementation in ``mode`` ("infer" or "train") interleaved, and compare each with timm's."""
+    args = setup.args
+    steps, outputs = _steps(setup, mode)
+    times = time_interleaved(steps, setup.device, args.num_warmup, args.num_iter)
+    results = [_result(setup, mode, impl, ts) for impl, ts in times.items()]
+    if mode == "infer":
+        for r in results:
+            r.top1_agreement_vs_ours = (outputs[r.impl].float().argmax(-1) == outputs["ours"].float().argmax(-1)
+                                        ).double().mean().item()
+    if "timm" in times:
+        timm_ms = statistics.median(times["timm"])
+        for r in results:
+            r.speedup_vs_timm = timm_ms / (r.step_ms / 1e3)
+            if mode == "infer" and not r.impl.startswith("ref-"):
+                r.max_rel_diff_vs_timm = relative_error(outputs[r.impl], outputs["timm"])
+    return results
+
+
+def _steps(setup: _Setup, mode: str) -> tuple[dict[str, Callable], dict[str, torch.Tensor]]:
+    """({implementation: one step of the work}, {implementation: its logits} for inference)."""
+    impls: dict[str, nn.Module] = {"ours": setup.model}
+    if mode == "infer" and setup.args.optimized:
+        from .optimize import optimize_for_inference
+        impls["ours-optimized"] = optimize_for_inference(setup.model, setup.amp)
+    if setup.twin is not None:
+        impls["timm"] = setup.twin
+    impls.update(extra_impls(impls, setup.args, setup.device))
+    if mode == "infer":
+        impls.update(setup.onnx_models)
+    steps, outputs = {}, {}
+    for impl, m in impls.items():
         if mode == "infer":
-            impls.update(onnx_models)
-        steps, outputs = {}, {}
-        for impl, m in impls.items():
-            if mode == "infer":
-                # the optimized model applies its dtype itself; eager models run under autocast
-                steps[impl] = make_infer_step(compiled_if_named(m, impl), x,
-                                              torch.float32 if impl == "ours-optimized" else amp, device)
-                outputs[impl] = steps[impl]()
-            else:
-                # each implementation trains its own copy from the same weights
-                m = copy.deepcopy(m)
-                steps[impl] = make_train_step(compiled_if_named(m, impl), x, target, amp, device)
-        times = time_interleaved(steps, device, args.num_warmup, args.num_iter)
-        for impl, ts in times.items():
-            step_s = statistics.median(ts)
-            r = Result(impl=impl, mode=mode, dtype=args.amp_dtype, batch_size=args.batch_size, img_size=img_size,
-                       img_per_s=args.batch_size / step_s, step_ms=step_s * 1e3,
-                       step_ms_all=[round(t * 1e3, 2) for t in ts], params_m=params / 1e6,
-                       gmacs=macs / 1e9 if macs is not None else None)
-            if macs is not None and not impl.startswith("ref-"):  # a reference model has other MACs
-                r.achieved_gflops = 2 * macs * (3 if mode == "train" else 1) * r.img_per_s / 1e9
-                r.gemm_fraction = r.achieved_gflops / rate
-            if args.memory_iter:
-                spec = dict(impl=impl, name=name, model_kwargs=dict(getattr(model, "model_kwargs", {})),
-                            mode=mode, dtype=args.amp_dtype, batch_size=args.batch_size, input_size=input_size,
-                            device=device.type, iters=args.memory_iter,
-                            onnx=str(onnx_models[impl].path) if impl in onnx_models else None)
-                r.peak_memory_mb = measure_peak_memory(spec)
-            results.append(r)
-        if mode == "infer":
-            for r in results:
-                if r.mode == mode:
-                    r.top1_agreement_vs_ours = (outputs[r.impl].float().argmax(-1) == outputs["ours"].float().argmax(
-                        -1)).double().mean().item()
-        if "timm" in times:
-            timm_ms = statistics.median(times["timm"])
-            for r in results:
-                if r.mode == mode:
-                    r.speedup_vs_timm = timm_ms / (r.step_ms / 1e3)
-                    if mode == "infer" and not r.impl.startswith("ref-"):
-                        r.max_rel_diff_vs_timm = _rel_diff(outputs[r.impl], outputs["timm"])
-    return dict(
-        model=name, input_size=list(input_size), batch_size=args.batch_size, amp_dtype=args.amp_dtype,
-        device=device.type, device_name=torch.cuda.get_device_name(device) if device.type == "cuda" else
-        platform.processor() or platform.machine(),
-        threads=torch.get_num_threads(), load_average=list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
-        torch=torch.__version__, gemm_gflops=rate, num_iter=args.num_iter, num_warmup=args.num_warmup,
-        results=[asdict(r) for r in results])
+            # the optimized model applies its dtype itself; eager models run under autocast
+            amp = torch.float32 if impl == "ours-optimized" else setup.amp
+            steps[impl] = make_infer_step(compiled_if_named(m, impl), setup.x, amp, setup.device)
+            outputs[impl] = steps[impl]()
+        else:
+            # each implementation trains its own copy from the same weights
+            m = compiled_if_named(copy.deepcopy(m), impl)
+            steps[impl] = make_train_step(m, setup.x, setup.target, setup.amp, setup.device)
+    return steps, outputs
+
+
+def _result(setup: _Setup, mode: str, impl: str, times: list[float]) -> Result:
+    """The figures of one implementation from its step times (and its peak memory, measured now)."""
+    args, macs = setup.args, setup.macs
+    step_s = statistics.median(times)
+    r = Result(impl=impl, mode=mode, dtype=args.amp_dtype, batch_size=args.batch_size, img_size=setup.input_size[-1],
+               img_per_s=args.batch_size / step_s, step_ms=step_s * 1e3,
+               step_ms_all=[round(t * 1e3, 2) for t in times],
+               params_m=sum(p.numel() for p in setup.model.parameters()) / 1e6,
+               gmacs=macs / 1e9 if macs is not None else None)
+    if macs is not None and not impl.startswith("ref-"):  # a reference model has other MACs
+        r.achieved_gflops = 2 * macs * (3 if mode == "train" else 1) * r.img_per_s / 1e9
+        r.gemm_fraction = r.achieved_gflops / setup.gemm_gflops
+    if args.memory_iter:
+        spec = dict(impl=impl, name=setup.name, model_kwargs=dict(getattr(setup.model, "model_kwargs", {})),
+                    mode=mode, dtype=args.amp_dtype, batch_size=args.batch_size, input_size=setup.input_size,
+                    device=setup.device.type, iters=args.memory_iter,
+                    onnx=str(setup.onnx_models[impl].path) if impl in setup.onnx_models else None)
+        r.peak_memory_mb = measure_peak_memory(spec)
+    return r
 
 
 def format_results(report: dict) -> str:

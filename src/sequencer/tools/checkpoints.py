@@ -9,60 +9,12 @@ Every file is written atomically (temporary file, fsync, rename), so an interrup
 from __future__ import annotations
 
 import argparse
-import json
 import os
-from pathlib import Path
 
 import torch
 
 from ..errors import SequencerError
-from ..fileio import write_atomically
-from ..models.loading import extract_state_dict, read_checkpoint
-
-# The model config a checkpoint carries besides its weights (training contract); all JSON-serialisable.
-CONFIG_KEYS = ("arch", "model_kwargs", "class_names", "data_config")
-
-
-def model_config(checkpoint: dict) -> dict:
-    """The ``arch``/``model_kwargs``/``class_names``/``data_config`` entries a checkpoint has (JSON-safe)."""
-    if isinstance(checkpoint.get("__metadata__"), dict):  # a safetensors file of ours
-        from ..cli_common import checkpoint_metadata
-        return {k: v for k, v in checkpoint_metadata(checkpoint).items() if k in CONFIG_KEYS}
-    return {k: checkpoint[k] for k in CONFIG_KEYS if checkpoint.get(k) is not None}
-
-
-def _jsonable(value):
-    """Tuples -> lists, recursively, so a config reads back the same from JSON and from a .pth."""
-    if isinstance(value, dict):
-        return {str(k): _jsonable(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_jsonable(v) for v in value]
-    return value
-
-
-def save_weights(state_dict: dict[str, torch.Tensor], path: str | os.PathLike, config: dict | None = None,
-                 safetensors: bool | None = None, extra: dict | None = None) -> Path:
-    """Write weights plus model config atomically as ``.pth`` (dict) or ``.safetensors`` (config in metadata).
-
-    ``safetensors=None`` picks the format from the file suffix.
-    """
-    path = Path(path)
-    config = {k: v for k, v in (config or {}).items() if k in CONFIG_KEYS and v is not None}
-    if safetensors is None:
-        safetensors = path.suffix == ".safetensors"
-    # contiguous, storage-independent CPU copies: safetensors refuses shared or strided tensors
-    tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in state_dict.items()}
-    if safetensors:
-        from safetensors.torch import save_file
-        metadata = {"format": "pt"}
-        for key, value in config.items():
-            metadata[key] = value if key == "arch" else json.dumps(_jsonable(value))
-        for key, value in (extra or {}).items():
-            metadata[key] = value if isinstance(value, str) else json.dumps(_jsonable(value))
-        return write_atomically(path, lambda tmp: save_file(tensors, tmp, metadata=metadata))
-    obj = {"version": 1, **config, **(extra or {}), "state_dict": tensors}
-    return write_atomically(path, lambda tmp: torch.save(obj, tmp))
-
+from ..models.loading import extract_state_dict, model_config, read_checkpoint, save_weights
 
 def _weights(path: str, use_ema: bool) -> tuple[dict, dict[str, torch.Tensor], bool]:
     checkpoint = read_checkpoint(path)

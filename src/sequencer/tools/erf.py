@@ -24,10 +24,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..cli_common import add_model_args, load_model_from_args, positive_int
+from ..cli_common import (add_model_args, check_input_size, eval_transform, find_images, load_model_from_args,
+                          positive_int, read_images, resolve_device)
 from ..errors import SequencerError
 from ..fileio import write_atomically
-from .predict import check_input_size, eval_transform, find_images, read_images, resolve_device
 
 PANEL_IN, COLORBAR_IN, HEIGHT_IN, DPI = 3.6, 1.0, 3.6, 100  # figure of n panels: (3.6 n + 1) x 3.6 in at 100 dpi
 AREA_THRESHOLDS = (0.2, 0.3, 0.5, 0.99)

@@ -27,12 +27,12 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..cli_common import add_model_args, load_model_from_args, positive_int, warn_if_random_weights
+from ..cli_common import (add_model_args, check_input_size, load_model_from_args, positive_int, relative_error,
+                          warn_if_random_weights)
 from ..errors import SequencerError
 from ..fileio import write_atomically
-from .checkpoints import save_weights
+from ..models.loading import save_weights
 from .onnx_runtime import OnnxModel, load_onnx
-from .predict import check_input_size
 
 FORMATS = {"onnx": (".onnx",), "torchscript": (".pt", ".ts", ".torchscript", ".jit"), "safetensors": (".safetensors",)}
 MIN_OPSET = 17  # LayerNormalization
@@ -40,13 +40,6 @@ try:  # the newest opset the TorchScript-based exporter writes
     from torch.onnx._constants import ONNX_TORCHSCRIPT_EXPORTER_MAX_OPSET as MAX_OPSET
 except ImportError:
     MAX_OPSET = 20
-
-
-def relative_error(actual: torch.Tensor, reference: torch.Tensor) -> float:
-    """max |actual - reference| / max |reference| (0 when both are all-zero)."""
-    diff = (actual.double() - reference.double()).abs().max().item()
-    scale = reference.double().abs().max().item()
-    return diff / scale if scale > 0 else diff
 
 
 def _check_close(name: str, actual: torch.Tensor, reference: torch.Tensor, rtol: float, path: Path) -> float:
@@ -164,8 +157,7 @@ def export_torchscript(model: nn.Module, path: str | os.PathLike, input_size: tu
 def export_safetensors(model: nn.Module, path: str | os.PathLike, config: dict, rtol: float = 1e-6) -> float:
     """Write the weights and model config; rebuild the model from the file alone and compare logits."""
     from ..models import create_model
-    from ..models.loading import load_state_dict_into
-    from .checkpoints import model_config
+    from ..models.loading import load_state_dict_into, model_config
 
     from safetensors import safe_open
 
@@ -226,7 +218,7 @@ def top1_agreement(fp32_path: Path, int8_path: Path, folder: str) -> dict:
     Returns dict(count, agreement, fp32_top1, int8_top1); the top-1s (fractions) are None unless ``folder`` holds
     class subfolders named like the model's classes.
     """
-    from .predict import eval_transform, find_images, read_images
+    from ..cli_common import eval_transform, find_images, read_images
 
     fp32, int8 = load_onnx(fp32_path), load_onnx(int8_path)
     files = find_images([folder])

@@ -2,87 +2,21 @@
 
 Labels are the checkpoint's own class names, ImageNet's readable names for a 1000-class model without them, else
 the class index. ``--onnx PATH`` classifies with an exported ONNX file (fp32 or int8) under onnxruntime instead,
-with the preprocessing and class names stored in the file. Folders are searched recursively for image files. An unreadable image is reported on stderr
-(naming the file) and skipped; the command then exits with status 1 after classifying the rest.
+with the preprocessing and class names stored in the file. Folders are searched recursively for image files. An
+unreadable image is reported on stderr (naming the file) and skipped; the command then exits with status 1 after
+classifying the rest.
 """
 from __future__ import annotations
 
 import argparse
 import json
 import sys
-from pathlib import Path
 
 import torch
 
-from ..cli_common import add_model_args, positive_int, warn_if_random_weights
-from ..data import create_transform, load_image
-from ..data.datasets import IMAGE_EXTENSIONS, READ_ERRORS
-from ..errors import SequencerError
+from ..cli_common import (add_model_args, check_input_size, eval_transform, find_images, positive_int, read_images,
+                          resolve_device, warn_if_random_weights)
 from .onnx_runtime import add_onnx_argument, load_model_or_onnx
-
-
-def find_images(paths: list[str]) -> list[Path]:
-    """The files named plus the image files under the folders named (recursively, sorted); duplicates dropped.
-
-    Raises SequencerError for a path that does not exist or when no image is found at all.
-    """
-    found: dict[Path, None] = {}
-    for p in map(Path, paths):
-        if p.is_file():
-            found[p] = None
-        elif p.is_dir():
-            for f in sorted(p.rglob("*")):
-                if f.is_file() and f.suffix.lower() in IMAGE_EXTENSIONS:
-                    found[f] = None
-        else:
-            raise SequencerError(f"{str(p)!r} does not exist")
-    if not found:
-        raise SequencerError(f"no image files found in {', '.join(map(repr, paths))}",
-                             hint=f"expected files ending in {', '.join(IMAGE_EXTENSIONS)}")
-    return list(found)
-
-
-def resolve_device(name: str | None) -> torch.device:
-    if not name:
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise SequencerError(f"--device {name!r} is not a device", hint="use cpu, cuda or cuda:N") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise SequencerError(f"--device {name}: CUDA is not available", hint="use --device cpu")
-    return device
-
-
-def check_input_size(loaded, height: int, width: int) -> None:
-    """SequencerError when the model cannot take a ``height`` x ``width`` input."""
-    check = getattr(loaded.model, "check_input_size", None)
-    if check is not None:
-        try:
-            check(height, width)
-        except ValueError as e:
-            raise SequencerError(f"model {loaded.name!r}: {e}",
-                                 hint=f"use a multiple of {getattr(loaded.model, 'reduction', '?')}") from None
-
-
-def eval_transform(loaded, input_size=None):
-    """The model's eval preprocessing (resize to size/crop_pct, centre crop, normalise) as a PIL -> tensor callable."""
-    cfg = loaded.data_config
-    return create_transform(tuple(input_size or loaded.input_size), False, mean=cfg["mean"], std=cfg["std"],
-                            crop_pct=cfg["crop_pct"], interpolation=cfg["interpolation"])
-
-
-def read_images(files: list[Path], transform) -> tuple[list[Path], list[torch.Tensor], list[Path]]:
-    """(readable files, their tensors (C, H, W), unreadable files); each unreadable one is warned about on stderr."""
-    ok, tensors, failed = [], [], []
-    for f in files:
-        try:
-            tensors.append(transform(load_image(f)))
-            ok.append(f)
-        except READ_ERRORS as e:
-            print(f"warning: skipped unreadable image {f} ({type(e).__name__}: {e})", file=sys.stderr)
-            failed.append(f)
-    return ok, tensors, failed
 
 
 @torch.inference_mode()

@@ -12,33 +12,14 @@ import io
 import os
 from pathlib import Path
 
-from ..cli_common import (add_model_args, check_input_size, check_workers, label_with_model_classes,
-                          load_model_from_args, positive_int)
-from ..data import create_dataset, create_loader
+from ..cli_common import (add_model_args, check_input_size, check_workers, default_workers, eval_loader,
+                          label_with_model_classes, load_model_from_args, positive_int, resolve_device)
+from ..data import create_dataset
 from ..engine.evaluate import evaluate
 from ..errors import SequencerError
-from .checkpoints import write_atomically
-from .predict import resolve_device
+from ..fileio import write_atomically
 
 PLOT_SIZE_IN, PLOT_DPI = (6.4, 4.0), 100  # -> 640 x 400 px
-
-
-def eval_loader(root: str, split: str, loaded, input_size, batch_size: int, workers: int, device,
-                crop_pct: float | None = None):
-    """Eval loader over ``root``'s ``split`` (or its class folders) with the model's preprocessing at
-    ``input_size`` (``crop_pct`` replaces the model's); the split is labelled with the model's classes (by name where
-    the checkpoint has names)."""
-    dataset = create_dataset("", root=root, split=split)
-    label_with_model_classes(dataset, loaded)
-    cfg = loaded.data_config
-    return create_loader(dataset, tuple(input_size), batch_size, is_training=False, mean=cfg["mean"], std=cfg["std"],
-                         crop_pct=cfg["crop_pct"] if crop_pct is None else crop_pct,
-                         interpolation=cfg["interpolation"], num_workers=workers,
-                         device=device)
-
-
-def default_workers() -> int:
-    return min(4, os.cpu_count() or 1)
 
 
 def prepare_output_dir(path: str) -> Path:

@@ -23,12 +23,11 @@ import os
 import warnings
 from pathlib import Path
 
-from ..cli_common import add_model_args, check_results_file, load_model_from_args, positive_int
+from ..cli_common import (add_model_args, check_input_size, check_results_file, default_workers, eval_loader,
+                          load_model_from_args, positive_int, resolve_device)
 from ..engine.evaluate import evaluate
 from ..errors import SequencerError
 from ..fileio import write_atomically
-from .predict import check_input_size, resolve_device
-from .resolution import default_workers, eval_loader
 
 # AlexNet's top-1 error on each ImageNet-C corruption, averaged over severities 1-5: the normalisers of CE.
 # Source: Hendrycks & Dietterich, "Benchmarking Neural Network Robustness to Common Corruptions and Perturbations",

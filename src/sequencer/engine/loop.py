@@ -1,0 +1,321 @@
+"""The epoch loop of ``sequencer train``: one epoch of training, its evaluation, and what is saved after it.
+
+``train.py`` builds a :class:`TrainingRun` step by step; the functions here only use it.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import math
+import signal
+import sys
+import time
+import warnings
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..errors import SequencerError
+from . import distributed as dist_utils
+from .checkpoint import CHECKPOINT_VERSION, get_rng_state
+from .outputs import Outputs, plain, plot_summary, run_args, write_summary
+
+
+# ------------------------------------------------------------------------------------------- the run's state
+@dataclass
+class Loaders:
+    train: Any
+    eval: Any
+    data_config: dict  # what checkpoints record: mean, std, crop_pct, interpolation, img_size
+    img_size: int
+    steps_per_epoch: int
+    updates_per_epoch: int
+
+
+@dataclass
+class Optimization:
+    optimizer: torch.optim.Optimizer
+    scheduler: Any  # a timm scheduler, or None
+    num_epochs: int
+    scaler: torch.amp.GradScaler
+    amp_dtype: torch.dtype | None  # autocast dtype, None without --amp
+    model_ema: Any  # timm ModelEmaV3, or None
+    mixup_fn: Any  # timm Mixup, or None
+    loss_fn: nn.Module
+
+
+@dataclass
+class TrainingRun:
+    cfg: argparse.Namespace
+    info: dist_utils.DistInfo
+    model: nn.Module  # the plain model: checkpoints, EMA updates and gradient clipping use it
+    train_model: nn.Module  # the model as trained: DDP and/or torch.compile around ``model``
+    eval_model: nn.Module
+    class_names: list[str]
+    loaders: Loaders
+    opt: Optimization
+    out: Outputs
+
+
+@dataclass
+class EpochResult:
+    train_loss: float
+    lr: float
+    started: float  # time.time() at the start of the epoch
+    stopped_at: int | None = None  # the step at which a stop request (SIGTERM/SIGINT) ended the epoch
+
+
+# ------------------------------------------------------------------------------------------ stop requests
+class StopRequest:
+    """SIGTERM/SIGINT set a flag; the training loop saves a recovery checkpoint at the next step and exits.
+
+    A second SIGINT while stopping raises KeyboardInterrupt as usual (atomic writes keep files intact).
+    """
+
+    def __init__(self):
+        self.signum = 0
+        self._previous = {}
+
+    def _handler(self, signum, frame):
+        if self.signum and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.signum = signum
+        print(f"received {signal.Signals(signum).name}: stopping at the next step with a recovery checkpoint",
+              file=sys.stderr, flush=True)
+
+    def __enter__(self):
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            try:
+                self._previous[sig] = signal.signal(sig, self._handler)
+            except ValueError:  # not the main thread (e.g. called from a worker thread): no handler
+                pass
+        return self
+
+    def __exit__(self, *exc):
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+
+# ------------------------------------------------------------------------------------------------ training
+def train_one_epoch(run: TrainingRun, epoch: int, stop: StopRequest) -> EpochResult:
+    """One pass over the training data: forward, backward and, every ``--grad-accum-steps`` batches, an update.
+
+    Returns early (``stopped_at`` set) when any rank was asked to stop; raises SequencerError on a non-finite loss,
+    before that loss is used for an update.
+    """
+    cfg, info, loaders = run.cfg, run.info, run.loaders
+    _set_epoch(run, epoch)
+    started = time.time()
+    run.train_model.train()
+    steps = loaders.steps_per_epoch
+    last_accum = steps % cfg.grad_accum_steps or cfg.grad_accum_steps  # the last, possibly shorter, accumulation
+    num_updates = epoch * loaders.updates_per_epoch
+    loss_sum, seen = 0.0, 0
+    progress = _Progress(run, epoch, started)
+    run.opt.optimizer.zero_grad(set_to_none=True)
+    for step, (images, targets) in enumerate(loaders.train):
+        accum = last_accum if step >= steps - last_accum else cfg.grad_accum_steps
+        need_update = step == steps - 1 or (step + 1) % cfg.grad_accum_steps == 0
+        images, targets = _prepare_batch(run, images, targets)
+        sync = run.train_model.no_sync if info.distributed and not need_update else contextlib.nullcontext
+        with sync():
+            loss = _forward(run, images, targets)
+            loss_value = loss.item()
+            if _must_stop(run, stop, loss_value, epoch, step):
+                progress.close()
+                return EpochResult(float("nan"), current_lr(run.opt.optimizer), started, stopped_at=step)
+            run.opt.scaler.scale(loss / accum).backward()
+        if need_update:
+            num_updates += 1
+            _update(run, num_updates, loss_sum / max(seen, 1))
+        loss_sum += loss_value * images.shape[0]
+        seen += images.shape[0]
+        progress.step(step, loss_value, loss_sum / seen, seen)
+    progress.close()
+    train_loss = dist_utils.all_reduce_mean([loss_sum / max(seen, 1)], info)[0]
+    return EpochResult(train_loss, current_lr(run.opt.optimizer), started)
+
+
+def _set_epoch(run: TrainingRun, epoch: int) -> None:
+    # shuffling and augmentation seeds depend on the epoch only, so a resumed epoch sees the same batches
+    loader = run.loaders.train
+    if hasattr(loader, "set_epoch"):
+        loader.set_epoch(epoch)
+    elif hasattr(loader.sampler, "set_epoch"):
+        loader.sampler.set_epoch(epoch)
+    mixup_fn = run.opt.mixup_fn
+    if mixup_fn is not None and run.cfg.mixup_off_epoch and epoch >= run.cfg.mixup_off_epoch:
+        mixup_fn.mixup_enabled = False
+
+
+def _prepare_batch(run: TrainingRun, images: torch.Tensor, targets: torch.Tensor):
+    """(images, targets) on the device, mixed (--mixup/--cutmix) and in the model's memory format."""
+    device = run.info.device
+    images, targets = images.to(device, non_blocking=True), targets.to(device, non_blocking=True)
+    if run.opt.mixup_fn is not None:
+        images, targets = run.opt.mixup_fn(images, targets)
+    if run.cfg.channels_last:
+        images = images.contiguous(memory_format=torch.channels_last)
+    return images, targets
+
+
+def _forward(run: TrainingRun, images: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    amp_dtype = run.opt.amp_dtype
+    autocast = torch.autocast(run.info.device.type, dtype=amp_dtype) if amp_dtype else contextlib.nullcontext()
+    with autocast:
+        return run.opt.loss_fn(run.train_model(images), targets)
+
+
+def _must_stop(run: TrainingRun, stop: StopRequest, loss_value: float, epoch: int, step: int) -> bool:
+    """True when any rank was asked to stop; SequencerError when any rank's loss is not finite."""
+    # all ranks agree before any backward, so a stop never leaves DDP waiting on a peer
+    stop_flag, bad_flag = dist_utils.all_reduce_max([float(stop.signum), float(not math.isfinite(loss_value))],
+                                                    run.info)
+    if bad_flag:
+        last = run.out.folder / "last.pth.tar"
+        kept = f"the last good checkpoint is {last}" if last.exists() else "no epoch had finished"
+        raise SequencerError(f"loss is not finite ({loss_value}) at epoch {epoch} step {step}; training stopped "
+                             f"before that update and {kept}",
+                             hint="lower --lr, add --clip-grad, or use --amp-dtype bfloat16")
+    if stop_flag:
+        stop.signum = stop.signum or int(stop_flag)
+    return bool(stop_flag)
+
+
+def _update(run: TrainingRun, num_updates: int, mean_loss: float) -> None:
+    """Clip, step the optimizer (through the scaler), then the EMA and the per-update schedule."""
+    from timm.utils import dispatch_clip_grad
+
+    cfg, opt = run.cfg, run.opt
+    if cfg.clip_grad is not None:
+        opt.scaler.unscale_(opt.optimizer)
+        dispatch_clip_grad(run.model.parameters(), value=cfg.clip_grad, mode=cfg.clip_mode)
+    opt.scaler.step(opt.optimizer)
+    opt.scaler.update()
+    opt.optimizer.zero_grad(set_to_none=True)
+    if opt.model_ema is not None:
+        opt.model_ema.update(run.model, step=num_updates)
+    if opt.scheduler is not None:
+        opt.scheduler.step_update(num_updates=num_updates, metric=mean_loss)
+
+
+class _Progress:
+    """A tqdm bar on rank 0's terminal, else a log line every ``--log-interval`` steps (and at the last)."""
+
+    def __init__(self, run: TrainingRun, epoch: int, started: float):
+        self.run, self.epoch, self.started = run, epoch, started
+        self.bar = None
+        if run.info.is_primary and sys.stderr.isatty():
+            from tqdm import tqdm
+            self.bar = tqdm(total=run.loaders.steps_per_epoch, desc=f"epoch {epoch}/{run.opt.num_epochs - 1}",
+                            leave=False, dynamic_ncols=True)
+
+    def step(self, step: int, loss_value: float, mean_loss: float, seen: int) -> None:
+        run, steps = self.run, self.run.loaders.steps_per_epoch
+        lr = current_lr(run.opt.optimizer)
+        rate = seen * run.info.world_size / max(time.time() - self.started, 1e-9)
+        if self.bar is not None:
+            self.bar.update(1)
+            self.bar.set_postfix(loss=f"{mean_loss:.4f}", lr=f"{lr:.2e}", img_s=f"{rate:.0f}")
+        elif run.info.is_primary and (step % run.cfg.log_interval == 0 or step == steps - 1):
+            print(f"train: epoch {self.epoch} [{step + 1:>4d}/{steps} {100 * (step + 1) / steps:3.0f}%] "
+                  f"loss {loss_value:.4f} ({mean_loss:.4f}) lr {lr:.2e} {rate:.0f} img/s", flush=True)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def current_lr(optimizer) -> float:
+    return sum(g["lr"] for g in optimizer.param_groups) / len(optimizer.param_groups)
+
+
+# ---------------------------------------------------------------------------------------------- evaluation
+def evaluate_epoch(run: TrainingRun) -> tuple[dict, float | None]:
+    """(metrics of the held-out split, the raw model's top-1 when the metrics are the EMA's, else None)."""
+    from .evaluate import evaluate
+
+    device, opt = run.info.device, run.opt
+    metrics = evaluate(run.eval_model, run.loaders.eval, device, amp_dtype=opt.amp_dtype,
+                       distributed=run.info.distributed)
+    # an EMA kept on the CPU (--model-ema-force-cpu) while training on a GPU is not evaluated, as in timm:
+    # the batches and the ranks' reductions live on the GPU
+    ema = opt.model_ema
+    if ema is None or next(ema.module.parameters()).device != device:
+        return metrics, None
+    raw_top1 = metrics["top1"]
+    metrics = evaluate(ema.module, run.loaders.eval, device, amp_dtype=opt.amp_dtype,
+                       distributed=run.info.distributed)
+    return metrics, raw_top1
+
+
+# ------------------------------------------------------------------------------------------------- saving
+def save_epoch(run: TrainingRun, epoch: int, result: EpochResult, metrics: dict, metric: float,
+               raw_top1: float | None) -> None:
+    """Append the epoch's summary row, write summary.csv, the checkpoints and summary.png, and log the epoch."""
+    seconds = time.time() - result.started
+    rows = run.out.rows
+    rows.append(dict(epoch=epoch, train_loss=f"{result.train_loss:.6f}", eval_loss=f"{metrics['loss']:.6f}",
+                     eval_top1=f"{metrics['top1']:.4f}", eval_top5=f"{metrics['top5']:.4f}",
+                     lr=f"{result.lr:.6e}", epoch_seconds=f"{seconds:.2f}"))
+    rng_states = dist_utils.all_gather_object(get_rng_state(), run.info)
+    if not run.info.is_primary:
+        return
+    # summary first: a kill between the two writes re-runs this epoch and rewrites its row once
+    write_summary(run.out.summary_path, rows)
+    state = checkpoint_state(run, epoch, True, 0, metric, rng_states)
+    is_best = run.out.manager.save_epoch(state, epoch, metric if math.isfinite(result.train_loss) else None)
+    try:
+        plot_summary(rows, run.out.folder / "summary.png")
+    except Exception as e:  # a plotting problem must never stop training
+        warnings.warn(f"could not draw summary.png: {e}")
+    ema_note = f" (raw model {raw_top1:.2f})" if raw_top1 is not None else ""
+    print(f"epoch {epoch}: train_loss {result.train_loss:.4f} eval_loss {metrics['loss']:.4f} "
+          f"top1 {metrics['top1']:.2f}{ema_note} top5 {metrics['top5']:.2f} "
+          f"lr {result.lr:.2e} {seconds:.1f}s{' *best*' if is_best else ''}{skipped_note(run.loaders.train)}",
+          flush=True)
+
+
+def save_recovery(run: TrainingRun, epoch: int, step: int, signum: int) -> int:
+    """Write ``recovery.pth.tar`` (the epoch re-runs on resume) and return the exit status 128 + signal."""
+    rng_states = dist_utils.all_gather_object(get_rng_state(), run.info)
+    if run.info.is_primary:
+        state = checkpoint_state(run, epoch, False, step, None, rng_states)
+        path = run.out.manager.save_recovery(state)
+        name = signal.Signals(signum).name if signum in signal.Signals._value2member_map_ else str(signum)
+        print(f"stopped by {name} at epoch {epoch} step {step}; recovery checkpoint {path} (the epoch re-runs "
+              f"on resume: --resume {path} or --resume auto)", file=sys.stderr, flush=True)
+    dist_utils.barrier(run.info)
+    return 128 + signum
+
+
+def checkpoint_state(run: TrainingRun, epoch: int, complete: bool, step: int, metric, rng_states) -> dict:
+    model, opt = run.model, run.opt
+    state = {
+        "version": CHECKPOINT_VERSION,
+        "arch": model.model_name,
+        "model_kwargs": plain(model.model_kwargs),
+        "class_names": list(run.class_names),
+        "data_config": plain(run.loaders.data_config),
+        "state_dict": model.state_dict(),
+        "optimizer": opt.optimizer.state_dict(),
+        "scheduler": opt.scheduler.state_dict() if opt.scheduler is not None else None,
+        "scaler": opt.scaler.state_dict(),
+        "epoch": epoch,
+        "epoch_complete": complete,
+        "step": step,
+        "metric": metric,
+        "args": run_args(run.cfg),
+        "rng_state": rng_states,
+    }
+    if opt.model_ema is not None:
+        state["state_dict_ema"] = opt.model_ema.module.state_dict()
+    return state
+
+
+def skipped_note(loader) -> str:
+    """Unreadable training images of the epoch, for the end of its log line ("" when none)."""
+    skipped = len(getattr(loader, "skipped", None) or [])
+    return f"; skipped {skipped} unreadable training image{'s' if skipped != 1 else ''}" if skipped else ""

@@ -1,0 +1,170 @@
+"""The files of a training run: the experiment folder, ``args.yaml``, ``summary.csv`` and ``summary.png``.
+
+Everything is written atomically; a start that fails before its first write removes the folders it created.
+"""
+from __future__ import annotations
+
+import csv
+import io
+import os
+import tempfile
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+
+import yaml
+
+from ..errors import SequencerError
+from ..fileio import remove_stale_temporaries, temp_path, write_atomically
+from . import distributed as dist_utils
+from .checkpoint import CheckpointManager
+from .resume import experiment_folder
+
+SUMMARY_FIELDS = ["epoch", "train_loss", "eval_loss", "eval_top1", "eval_top5", "lr", "epoch_seconds"]
+
+
+@dataclass
+class Outputs:
+    """The experiment folder, the checkpoint manager that writes into it and the summary rows so far."""
+    folder: Path
+    manager: CheckpointManager
+    rows: list[dict]
+
+    @property
+    def summary_path(self) -> Path:
+        return self.folder / "summary.csv"
+
+
+def prepare_outputs(cfg, info: dist_utils.DistInfo, resume_path: str | None, resume_ckpt: dict | None,
+                    start_epoch: int, img_size: int) -> Outputs:
+    """Create the experiment folder (nothing is written before this point), take over the resumed run's best
+    checkpoints and summary rows when it continues in the same folder, and write ``args.yaml``."""
+    folder = make_output_dir(cfg, info, cfg.model, img_size)
+    manager = CheckpointManager(folder, max_history=cfg.checkpoint_hist, decreasing=cfg.eval_metric == "loss")
+    if resume_ckpt is not None and Path(resume_path).resolve().parent == folder.resolve():
+        # best metric and history belong to this folder's files; a resume into a new folder starts its own
+        manager.restore(resume_ckpt)
+        manager.history = [(e, m) for e, m in manager.history if e < start_epoch]
+    outputs = Outputs(folder, manager, rows=[])
+    if resume_ckpt is not None:
+        outputs.rows = [r for r in read_summary(outputs.summary_path) if int(r["epoch"]) < start_epoch]
+    if info.is_primary:
+        args_yaml = yaml.safe_dump(run_args(cfg), sort_keys=False)
+        write_atomically(folder / "args.yaml", lambda tmp: Path(tmp).write_text(args_yaml))
+    return outputs
+
+
+def run_args(cfg) -> dict:
+    """The run's settings as written to args.yaml and into checkpoints (without private bookkeeping)."""
+    return plain({k: v for k, v in vars(cfg).items() if not k.startswith("_")})
+
+
+def plain(value):
+    """A YAML/weights_only-safe copy of an argument value."""
+    if isinstance(value, (list, tuple)):
+        return [plain(v) for v in value]
+    if isinstance(value, dict):
+        return {str(k): plain(v) for k, v in value.items()}
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    return str(value)
+
+
+def read_summary(path: Path) -> list[dict]:
+    if not path.is_file():
+        return []
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def write_summary(path: Path, rows: list[dict]) -> None:
+    """Rewrite summary.csv in full (atomically), so a kill never leaves a partial row."""
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=SUMMARY_FIELDS, extrasaction="ignore")
+    w.writeheader()
+    w.writerows(rows)
+    write_atomically(path, lambda tmp: Path(tmp).write_text(buf.getvalue()))
+
+
+def plot_summary(rows: list[dict], path: Path) -> None:
+    """Loss, top-1 and lr per epoch as a PNG beside summary.csv."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    def col(name):
+        return [float(r[name]) if r.get(name) not in (None, "", "nan") else float("nan") for r in rows]
+
+    epochs = [int(r["epoch"]) for r in rows]
+    fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
+    axes[0].plot(epochs, col("train_loss"), "o-", label="train")
+    axes[0].plot(epochs, col("eval_loss"), "o-", label="eval")
+    axes[0].set_title("loss")
+    axes[0].legend()
+    axes[1].plot(epochs, col("eval_top1"), "o-", color="C2")
+    axes[1].set_title("eval top-1 (%)")
+    axes[2].plot(epochs, col("lr"), "o-", color="C3")
+    axes[2].set_title("learning rate")
+    for ax in axes:
+        ax.set_xlabel("epoch")
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    tmp = temp_path(path)
+    try:
+        fig.savefig(tmp, dpi=80, format="png")
+        os.replace(tmp, path)
+    finally:
+        plt.close(fig)
+        tmp.unlink(missing_ok=True)
+
+
+def _holds_a_run(folder: Path) -> bool:
+    """A folder with a checkpoint or a summary row of a run (a header-only summary.csv is not a run)."""
+    if any((folder / name).exists() for name in ("last.pth.tar", "recovery.pth.tar")):
+        return True
+    return bool(read_summary(folder / "summary.csv"))
+
+
+def make_output_dir(cfg, info: dist_utils.DistInfo, model_name: str, img_size: int) -> Path:
+    """Pick (rank 0) and create the experiment folder; every rank gets the same path.
+
+    ``cfg._created_dirs`` lists the folders this call created (innermost first), so that a start that fails later
+    can remove them again while they are empty.
+    """
+    folder = None
+    if info.is_primary:
+        root = Path(cfg.output or "./output/train")
+        if cfg.experiment:
+            folder = experiment_folder(cfg)
+            if not cfg.resume and _holds_a_run(folder):
+                raise SequencerError(f"experiment folder {str(folder)!r} already holds a run",
+                                     hint="pass --resume auto to continue it, or another --experiment")
+        elif cfg.resume and cfg.resume != "auto":
+            folder = Path(cfg.resume).parent  # continue the resumed run's own folder (docs/training.md)
+        else:
+            stem = "-".join([datetime.now().strftime("%Y%m%d-%H%M%S"), model_name, str(img_size)])
+            folder, n = root / stem, 1
+            while folder.exists():
+                folder, n = root / f"{stem}-{n}", n + 1
+        created = [folder, *folder.parents]
+        cfg._created_dirs = [str(f) for f in created[:next(i for i, f in enumerate(created) if f.exists())]]
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            with tempfile.NamedTemporaryFile(dir=folder, prefix=".write-test-"):
+                pass
+            remove_stale_temporaries(folder)  # of a run that was killed mid-write
+        except OSError as e:
+            remove_if_empty(cfg)
+            raise SequencerError(f"output folder {str(folder)!r} is not writable ({e.strerror or e})",
+                                 hint="pass --output DIR somewhere you can write") from None
+        folder = str(folder)
+    return Path(dist_utils.broadcast_object(folder, info))
+
+
+def remove_if_empty(cfg) -> None:
+    """Remove the folders this start created when a failure left them empty (no debris)."""
+    for folder in getattr(cfg, "_created_dirs", None) or []:
+        try:
+            os.rmdir(folder)  # fails, as it should, when anything was written there
+        except OSError:
+            return
