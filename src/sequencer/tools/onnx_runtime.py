@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..cli_common import LoadedModel
+from ..cli_common import LoadedModel, load_model_from_args
 from ..errors import SequencerError
 
 METADATA_KEYS = ("arch", "class_names", "data_config", "input_size")
@@ -118,8 +118,6 @@ def add_onnx_argument(parser) -> None:
 
 def load_model_or_onnx(args, device: torch.device | str = "cpu") -> LoadedModel:
     """``--onnx PATH`` when given (no model options allowed beside it), else the PyTorch model the options name."""
-    from ..cli_common import load_model_from_args
-
     if not getattr(args, "onnx", None):
         return load_model_from_args(args, device)
     given = [flag for flag, value in (("--model", args.model), ("--checkpoint", args.checkpoint),
