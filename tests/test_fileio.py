@@ -79,7 +79,7 @@ def _replaced_by_rename(path: Path, write) -> None:
 
 
 def test_validate_results_file_is_written_atomically(tmp_path):
-    from sequencer.engine.validate import write_results
+    from sequencer.commands.validate import write_results
     results = {"model": "m", "top1": 50.0}
     _replaced_by_rename(tmp_path / "r.json", lambda: write_results(str(tmp_path / "r.json"), results))
     _replaced_by_rename(tmp_path / "r.csv", lambda: write_results(str(tmp_path / "r.csv"), results))

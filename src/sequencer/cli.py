@@ -15,10 +15,10 @@ from .errors import SequencerError
 
 # name -> (module, one-line help)
 COMMANDS = {
-    "models": ("sequencer.models.listing", "list registered models with parameters and GMACs"),
+    "models": ("sequencer.commands.models", "list registered models with parameters and GMACs"),
     "train": ("sequencer.engine.train", "train or fine-tune a model (timm-compatible flags)"),
-    "validate": ("sequencer.engine.validate", "evaluate a model on a dataset split"),
-    "predict": ("sequencer.tools.predict", "classify images"),
+    "validate": ("sequencer.commands.validate", "evaluate a model on a dataset split"),
+    "predict": ("sequencer.commands.predict", "classify images"),
     "erf": ("sequencer.tools.erf", "effective receptive field heat-maps (the paper's, or --mode magnitude)"),
     "robustness": ("sequencer.tools.robustness", "ImageNet-C errors and mCE by the paper's protocol"),
     "resolution-sweep": ("sequencer.tools.resolution", "accuracy across input resolutions"),

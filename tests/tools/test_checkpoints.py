@@ -99,7 +99,7 @@ def test_clean_strips_training_state(tiny_checkpoint, tmp_path, suffix):
     # `--checkpoint clean.*` alone rebuilds the model (arch, kwargs and class names come from the file)
     from types import SimpleNamespace
 
-    from sequencer.cli_common import load_model_from_args
+    from sequencer.engine.inference import load_model_from_args
     args = SimpleNamespace(model=None, checkpoint=str(out), pretrained=False, num_classes=None, img_size=None,
                            input_size=None, use_ema=True)
     loaded = load_model_from_args(args)

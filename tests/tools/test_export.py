@@ -7,7 +7,7 @@ import torch
 from PIL import Image
 
 from sequencer.cli import main
-from sequencer.cli_common import load_model_from_args, relative_error
+from sequencer.engine.inference import load_model_from_args, relative_error
 from sequencer.errors import SequencerError
 from sequencer.models import create_model, read_checkpoint
 from sequencer.tools.export import export_onnx, export_torchscript

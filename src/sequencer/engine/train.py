@@ -32,7 +32,7 @@ import torch
 import yaml
 from torch import nn
 
-from ..cli_common import check_device
+from .inference import check_device
 from ..data.datasets import held_out_split, map_classes_by_name
 from ..errors import SequencerError
 from ..models import create_model, get_model_entry

@@ -41,7 +41,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..cli_common import (add_model_args, check_input_size, check_results_file, load_model_from_args, positive_int,
+from ..engine.inference import (add_model_args, check_input_size, check_results_file, load_model_from_args, positive_int,
                           relative_error, resolve_device)
 from ..errors import SequencerError
 from ..fileio import write_atomically

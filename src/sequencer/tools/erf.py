@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..cli_common import (add_model_args, check_input_size, eval_transform, find_images, load_model_from_args,
+from ..engine.inference import (add_model_args, check_input_size, eval_transform, find_images, load_model_from_args,
                           positive_int, read_images, resolve_device)
 from ..errors import SequencerError
 from ..fileio import write_atomically

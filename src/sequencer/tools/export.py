@@ -27,7 +27,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..cli_common import (add_model_args, check_input_size, load_model_from_args, positive_int, relative_error,
+from ..engine.inference import (add_model_args, check_input_size, load_model_from_args, positive_int, relative_error,
                           warn_if_random_weights)
 from ..errors import SequencerError
 from ..fileio import write_atomically
@@ -218,7 +218,7 @@ def top1_agreement(fp32_path: Path, int8_path: Path, folder: str) -> dict:
     Returns dict(count, agreement, fp32_top1, int8_top1); the top-1s (fractions) are None unless ``folder`` holds
     class subfolders named like the model's classes.
     """
-    from ..cli_common import eval_transform, find_images, read_images
+    from ..engine.inference import eval_transform, find_images, read_images
 
     fp32, int8 = load_onnx(fp32_path), load_onnx(int8_path)
     files = find_images([folder])

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..cli_common import LoadedModel, load_model_from_args
+from ..engine.inference import LoadedModel, load_model_from_args
 from ..errors import SequencerError
 
 METADATA_KEYS = ("arch", "class_names", "data_config", "input_size")

@@ -12,7 +12,7 @@ import io
 import os
 from pathlib import Path
 
-from ..cli_common import (add_model_args, check_input_size, check_workers, default_workers, eval_loader,
+from ..engine.inference import (add_model_args, check_input_size, check_workers, default_workers, eval_loader,
                           label_with_model_classes, load_model_from_args, positive_int, resolve_device)
 from ..data import create_dataset
 from ..engine.evaluate import evaluate

@@ -23,7 +23,7 @@ import os
 import warnings
 from pathlib import Path
 
-from ..cli_common import (add_model_args, check_input_size, check_results_file, default_workers, eval_loader,
+from ..engine.inference import (add_model_args, check_input_size, check_results_file, default_workers, eval_loader,
                           load_model_from_args, positive_int, resolve_device)
 from ..engine.evaluate import evaluate
 from ..errors import SequencerError

@@ -14,9 +14,9 @@ import sys
 
 import torch
 
-from ..cli_common import (add_model_args, check_input_size, eval_transform, find_images, positive_int, read_images,
+from ..engine.inference import (add_model_args, check_input_size, eval_transform, find_images, positive_int, read_images,
                           resolve_device, warn_if_random_weights)
-from .onnx_runtime import add_onnx_argument, load_model_or_onnx
+from ..tools.onnx_runtime import add_onnx_argument, load_model_or_onnx
 
 
 @torch.inference_mode()

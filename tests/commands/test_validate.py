@@ -137,7 +137,7 @@ def test_user_errors_are_one_line(tmp_path, capsys, extra, message):
 
 def test_paper_command_uses_released_weights(monkeypatch, tmp_path):
     """`validate DATA --model sequencer2d_s ...` with no --checkpoint means the released weights, as in timm."""
-    import sequencer.engine.validate as validate
+    import sequencer.commands.validate as validate
     from sequencer.errors import SequencerError
 
     seen = {}

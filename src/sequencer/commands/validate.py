@@ -17,7 +17,7 @@ import os
 
 import torch
 
-from ..cli_common import (add_model_args, check_device, check_input_size, check_results_file, check_workers,
+from ..engine.inference import (add_model_args, check_device, check_input_size, check_results_file, check_workers,
                           label_with_model_classes, load_model_from_args, positive_int)
 from ..data import create_dataset, create_loader, resolve_data_config
 from ..data.datasets import held_out_split
@@ -26,8 +26,8 @@ from ..errors import SequencerError
 from ..fileio import write_atomically
 from ..models import get_model_entry
 from ..tools.onnx_runtime import add_onnx_argument, load_model_or_onnx
-from .distributed import process_group
-from .evaluate import evaluate
+from ..engine.distributed import process_group
+from ..engine.evaluate import evaluate
 
 RESULT_FORMATS = (".json", ".csv")
 

@@ -7,7 +7,7 @@ from PIL import Image
 from sequencer.cli import main
 from sequencer.models import create_model
 
-from .conftest import TINY_ARCH, TINY_KWARGS, reference_inputs, reference_model
+from tools.conftest import TINY_ARCH, TINY_KWARGS, reference_inputs, reference_model
 
 
 def test_predict_json_files_and_folders(image_folder, tiny_checkpoint, capsys):

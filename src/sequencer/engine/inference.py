@@ -17,11 +17,11 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .data import create_dataset, create_loader, create_transform, load_image
-from .data.datasets import IMAGE_EXTENSIONS, READ_ERRORS, map_classes_by_name
-from .errors import SequencerError
-from .models import create_model, get_model_entry
-from .models.loading import checkpoint_metadata, extract_state_dict, load_state_dict_into, read_checkpoint
+from ..data import create_dataset, create_loader, create_transform, load_image
+from ..data.datasets import IMAGE_EXTENSIONS, READ_ERRORS, map_classes_by_name
+from ..errors import SequencerError
+from ..models import create_model, get_model_entry
+from ..models.loading import checkpoint_metadata, extract_state_dict, load_state_dict_into, read_checkpoint
 
 
 def positive_int(text: str) -> int:
@@ -116,7 +116,7 @@ def load_model_from_args(args: argparse.Namespace, device: torch.device | str = 
     data_config.update(meta.get("data_config") or {})
     size = img_size or (meta.get("data_config") or {}).get("img_size") or cfg["input_size"][-1]
     if class_names is None and getattr(model, "num_classes", 0) == 1000:
-        from .data.imagenet_classes import IMAGENET_CLASSES
+        from ..data.imagenet_classes import IMAGENET_CLASSES
         class_names = list(IMAGENET_CLASSES)
     model.eval().to(device)
     return LoadedModel(model, name, class_names, (model.in_chans, size, size), data_config, checkpoint)
