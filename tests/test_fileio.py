@@ -89,10 +89,12 @@ def test_validate_results_file_is_written_atomically(tmp_path):
 def test_benchmark_results_file_is_written_atomically(tmp_path, monkeypatch):
     import json
 
-    from sequencer.tools import benchmark
+    from sequencer.commands import benchmark
     report = {"results": [{"impl": "ours", "ms": 1.0}]}
     monkeypatch.setattr(benchmark, "run_benchmark", lambda args: report)  # the measuring is tested elsewhere
     monkeypatch.setattr(benchmark, "format_results", lambda r: "")
     path = tmp_path / "b.json"
-    _replaced_by_rename(path, lambda: benchmark.run(argparse.Namespace(results_file=str(path), data="")))
+    parser = argparse.ArgumentParser()
+    benchmark.add_arguments(parser)
+    _replaced_by_rename(path, lambda: benchmark.run(parser.parse_args(["--results-file", str(path)])))
     assert json.loads(path.read_text()) == report

@@ -1,13 +1,28 @@
-"""Sequencer: deep-LSTM vision backbones (Tatsunami & Taki, NeurIPS 2022)."""
+"""Sequencer: deep-LSTM vision backbones (Tatsunami & Taki, NeurIPS 2022).
+
+The library under the ``sequencer`` command: :func:`create_model` builds a model, :func:`train` trains one as
+``sequencer train`` does and :func:`validate` evaluates one as ``sequencer validate`` does.
+"""
 from .errors import SequencerError
 from .models import create_model, list_models
 
 __version__ = "0.1.0"
-__all__ = ["create_model", "list_models", "optimize_for_inference", "SequencerError", "__version__"]
+__all__ = ["create_model", "list_models", "train", "validate", "TrainResult", "TrainConfig", "optimize_for_inference",
+           "SequencerError", "__version__"]
+
+# imported on first use: they pull in the training, evaluation and inference tooling
+_LAZY = {
+    "train": ("sequencer.engine.train", "train"),
+    "TrainResult": ("sequencer.engine.train", "TrainResult"),
+    "TrainConfig": ("sequencer.engine.config", "TrainConfig"),
+    "validate": ("sequencer.engine.validation", "validate"),
+    "optimize_for_inference": ("sequencer.tools.optimize", "optimize_for_inference"),
+}
 
 
 def __getattr__(name):
-    if name == "optimize_for_inference":  # imported lazily: it pulls in the inference tooling
-        from .tools.optimize import optimize_for_inference
-        return optimize_for_inference
+    if name in _LAZY:
+        import importlib
+        module, attr = _LAZY[name]
+        return getattr(importlib.import_module(module), attr)
     raise AttributeError(name)

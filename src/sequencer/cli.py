@@ -1,6 +1,6 @@
 """`sequencer` command line: one sub-command per workflow.
 
-Each sub-command lives in its own module exposing ``add_arguments(parser)`` and ``run(args) -> int``; modules are
+Each sub-command lives in its own module of :mod:`sequencer.commands`, exposing ``add_arguments(parser)`` and ``run(args) -> int``; modules are
 imported only when their command runs, so ``sequencer --help`` stays fast.
 """
 from __future__ import annotations
@@ -16,15 +16,15 @@ from .errors import SequencerError
 # name -> (module, one-line help)
 COMMANDS = {
     "models": ("sequencer.commands.models", "list registered models with parameters and GMACs"),
-    "train": ("sequencer.engine.train", "train or fine-tune a model (timm-compatible flags)"),
+    "train": ("sequencer.commands.train", "train or fine-tune a model (timm-compatible flags)"),
     "validate": ("sequencer.commands.validate", "evaluate a model on a dataset split"),
     "predict": ("sequencer.commands.predict", "classify images"),
-    "erf": ("sequencer.tools.erf", "effective receptive field heat-maps (the paper's, or --mode magnitude)"),
-    "robustness": ("sequencer.tools.robustness", "ImageNet-C errors and mCE by the paper's protocol"),
-    "resolution-sweep": ("sequencer.tools.resolution", "accuracy across input resolutions"),
-    "export": ("sequencer.tools.export", "export to ONNX, TorchScript or safetensors"),
-    "checkpoint": ("sequencer.tools.checkpoints", "average or clean checkpoints"),
-    "benchmark": ("sequencer.tools.benchmark", "throughput, memory and GMACs (optionally vs timm)"),
+    "erf": ("sequencer.commands.erf", "effective receptive field heat-maps (the paper's, or --mode magnitude)"),
+    "robustness": ("sequencer.commands.robustness", "ImageNet-C errors and mCE by the paper's protocol"),
+    "resolution-sweep": ("sequencer.commands.resolution", "accuracy across input resolutions"),
+    "export": ("sequencer.commands.export", "export to ONNX, TorchScript or safetensors"),
+    "checkpoint": ("sequencer.commands.checkpoint", "average or clean checkpoints"),
+    "benchmark": ("sequencer.commands.benchmark", "throughput, memory and GMACs (optionally vs timm)"),
 }
 
 
@@ -60,8 +60,6 @@ def main(argv: list[str] | None = None) -> int:
         return int(importlib.import_module(args._module).run(args) or 0)
     except SequencerError as e:
         print(f"sequencer {args.command}: error: {e}", file=sys.stderr)
-        from .engine.distributed import record_own_failure  # for distributed_train.sh's exit status
-        record_own_failure(2)
         return 2
     except KeyboardInterrupt:
         print(f"sequencer {args.command}: interrupted", file=sys.stderr)

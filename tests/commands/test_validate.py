@@ -137,16 +137,16 @@ def test_user_errors_are_one_line(tmp_path, capsys, extra, message):
 
 def test_paper_command_uses_released_weights(monkeypatch, tmp_path):
     """`validate DATA --model sequencer2d_s ...` with no --checkpoint means the released weights, as in timm."""
-    import sequencer.commands.validate as validate
+    import sequencer.engine.validation as validation
     from sequencer.errors import SequencerError
 
     seen = {}
 
-    def fake_load(args, device):
-        seen.update(model=args.model, pretrained=args.pretrained, input_size=args.input_size)
+    def fake_load(checkpoint, model, pretrained, input_size, **kwargs):
+        seen.update(model=model, pretrained=pretrained, input_size=input_size)
         raise SequencerError("stop here: no download in tests")
 
-    monkeypatch.setattr(validate, "load_model_from_args", fake_load)
+    monkeypatch.setattr(validation, "load_model", fake_load)
     _write_folder(tmp_path / "imagenet" / "val")
     rc = main(["validate", str(tmp_path / "imagenet"), "--model", "sequencer2d_s", "-b", "16",
                "--input-size", "3", "224", "224", "--amp"])

@@ -5,7 +5,8 @@ import argparse
 import pytest
 
 from sequencer.cli import main
-from sequencer.engine.train import add_arguments, resolve_config
+from sequencer.commands.train import add_arguments
+from sequencer.engine.config import resolve_config
 
 
 def _parse(argv):
@@ -17,7 +18,7 @@ def _parse(argv):
 def test_hyphenated_and_underscored_keys_both_apply(tmp_path):
     config = tmp_path / "c.yaml"
     config.write_text("drop-path: 0.2\nwarmup_epochs: 3\nmodel-kwargs: {union: add}\nlr: 0.01\n")
-    cfg = resolve_config(_parse(["--config", config, "--lr", "0.5"]))
+    cfg = resolve_config(vars(_parse(["--config", config, "--lr", "0.5"])))
     assert cfg.drop_path == 0.2 and cfg.warmup_epochs == 3 and cfg.model_kwargs == {"union": "add"}
     assert cfg.lr == 0.5  # an explicit flag still wins over the file
 

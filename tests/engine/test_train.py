@@ -1,7 +1,6 @@
 """`sequencer train`: short versions of the paper's three recipes, config replay, flag checks, the digits demo."""
 from __future__ import annotations
 
-import argparse
 import json
 import subprocess
 import sys
@@ -184,9 +183,8 @@ def test_digits_demo_reaches_96_percent(tmp_path):
 def test_a_warmup_filling_the_run_is_shortened(epochs, warmup, on_updates, expected):
     """timm's default 5 warmup epochs on a short run: a quarter of the run, never a lone per-epoch warmup epoch
     (stepped per epoch, warmup's first epoch runs entirely at --warmup-lr)."""
-    from sequencer.engine.train import _parser_defaults, check_config
-    cfg = argparse.Namespace(**dict(_parser_defaults(), data="x", epochs=epochs, warmup_epochs=warmup,
-                                    sched_on_updates=on_updates))
+    from sequencer.engine.config import TrainConfig, check_config
+    cfg = TrainConfig(data="x", epochs=epochs, warmup_epochs=warmup, sched_on_updates=on_updates)
     with pytest.warns(UserWarning, match=f"using --warmup-epochs {expected}$"):
         check_config(cfg)
     assert cfg.warmup_epochs == expected

@@ -111,3 +111,10 @@ def test_every_registered_model_runs_forward_and_backward(name):
     out.logsumexp(-1).sum().backward()
     no_grad = [n for n, p in model.named_parameters() if p.grad is None or not p.grad.abs().sum() > 0]
     assert not no_grad, f"{name}: parameters without gradient: {no_grad[:5]}"
+
+
+@pytest.mark.parametrize("override", [dict(union="add"), dict(with_fc=False)])
+def test_vanilla_sequencer_refuses_bilstm2d_only_options(override):
+    """One LSTM over the tokens has no union or fusing layer: the option is an error, not silently dropped."""
+    with pytest.raises(SequencerError, match=next(iter(override))):
+        sequencer.create_model("v_sequencer_s", **override)

@@ -10,7 +10,8 @@ from timm.models.sequencer import checkpoint_filter_fn as timm_release_filter
 
 import sequencer
 from sequencer import SequencerError
-from sequencer.models.loading import download_weights, to_release_layout
+from sequencer.models.hub import download_weights
+from sequencer.models.loading import to_release_layout
 
 
 class _Server:

@@ -5,7 +5,6 @@ numbers together, the side-by-side equality with timm and the error handling.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import os
 
@@ -116,7 +115,7 @@ def test_benchmark_cli_lstm_backend_and_reference_rows(tiny_s_checkpoint, tmp_pa
 
 def test_benchmark_torchcompile_adds_a_compiled_twin_of_each_row():
     model = create_model("sequencer2d_s", **TINY_S)
-    args = argparse.Namespace(lstm_backend="triton", torchcompile=True, reference_model="")
+    args = benchmark.BenchmarkSettings(lstm_backend="triton", torchcompile=True)
     impls = benchmark.extra_impls({"ours": model, "timm": model}, args, torch.device("cpu"))
     assert sorted(impls) == ["ours-compiled", "ours-triton", "ours-triton-compiled", "timm-compiled"]
     assert {m.lstm_backend for m in impls["ours-triton"].modules() if hasattr(m, "lstm_backend")} == {"triton"}

@@ -97,12 +97,8 @@ def test_clean_strips_training_state(tiny_checkpoint, tmp_path, suffix):
         torch.testing.assert_close(weights[k], ema[k], rtol=0, atol=0)
     assert out.stat().st_size < tiny_checkpoint.stat().st_size / 2  # no optimizer state, one set of weights
     # `--checkpoint clean.*` alone rebuilds the model (arch, kwargs and class names come from the file)
-    from types import SimpleNamespace
-
-    from sequencer.engine.inference import load_model_from_args
-    args = SimpleNamespace(model=None, checkpoint=str(out), pretrained=False, num_classes=None, img_size=None,
-                           input_size=None, use_ema=True)
-    loaded = load_model_from_args(args)
+    from sequencer.engine.inference import load_model
+    loaded = load_model(str(out))
     assert loaded.class_names == ["cat", "dog"] and loaded.input_size == (3, 32, 32)
     torch.testing.assert_close(loaded.model.state_dict()["head.fc.bias"], ema["head.fc.bias"])
 

@@ -1,5 +1,4 @@
 import json
-from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -7,7 +6,7 @@ import torch
 from PIL import Image
 
 from sequencer.cli import main
-from sequencer.engine.inference import load_model_from_args, relative_error
+from sequencer.engine.inference import load_model, relative_error
 from sequencer.errors import SequencerError
 from sequencer.models import create_model, read_checkpoint
 from sequencer.tools.export import export_onnx, export_torchscript
@@ -16,12 +15,11 @@ from .conftest import TINY_ARCH, TINY_KWARGS, make_image
 
 
 def _model_args(checkpoint):
-    return SimpleNamespace(model=None, checkpoint=str(checkpoint), pretrained=False, num_classes=None,
-                           img_size=None, input_size=None, use_ema=True)
+    return dict(checkpoint=str(checkpoint))
 
 
 def _reference(checkpoint, x):
-    model = load_model_from_args(_model_args(checkpoint)).model
+    model = load_model(**_model_args(checkpoint)).model
     with torch.no_grad():
         return model(x)
 
@@ -100,7 +98,7 @@ def test_checkpoint_clean_safetensors_needs_its_suffix(tiny_checkpoint, tmp_path
     assert "must end in .safetensors" in capsys.readouterr().err and not list(tmp_path.iterdir())
     assert main(["checkpoint", "clean", str(tiny_checkpoint), "--safetensors",
                  "-o", str(tmp_path / "rel.safetensors")]) == 0
-    assert load_model_from_args(_model_args(tmp_path / "rel.safetensors")).class_names == ["cat", "dog"]
+    assert load_model(**_model_args(tmp_path / "rel.safetensors")).class_names == ["cat", "dog"]
 
 
 @pytest.mark.filterwarnings("ignore:`torch.jit.load` is deprecated")
@@ -123,7 +121,7 @@ def test_safetensors_round_trip(tiny_checkpoint, tmp_path):
     x = torch.randn(2, 3, 32, 32)
     ref = _reference(tiny_checkpoint, x)
     # 1. `--checkpoint x.safetensors` alone (arch, kwargs, class names from the metadata)
-    loaded = load_model_from_args(_model_args(out))
+    loaded = load_model(**_model_args(out))
     assert loaded.class_names == ["cat", "dog"] and loaded.name == TINY_ARCH
     with torch.no_grad():
         torch.testing.assert_close(loaded.model(x), ref)

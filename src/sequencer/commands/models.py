@@ -10,10 +10,10 @@ import warnings
 
 import torch
 
-from ..engine.inference import positive_int
 from ..errors import SequencerError
 from ..models.flops import count_macs
 from ..models.registry import create_model, get_model_entry, list_models
+from .common import positive_int
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -14,9 +14,8 @@ import sys
 
 import torch
 
-from ..engine.inference import (add_model_args, check_input_size, eval_transform, find_images, positive_int, read_images,
-                          resolve_device, warn_if_random_weights)
-from ..tools.onnx_runtime import add_onnx_argument, load_model_or_onnx
+from ..engine.inference import check_input_size, eval_transform, find_images, read_images, resolve_device
+from .common import add_model_args, add_onnx_argument, load_model_or_onnx, positive_int, warn_if_random_weights
 
 
 @torch.inference_mode()

@@ -1,4 +1,5 @@
-"""`sequencer validate`: top-1/top-5 accuracy, loss and throughput of a model on a dataset split.
+"""`sequencer validate`: top-1/top-5 accuracy, loss and throughput of a model on a dataset split
+(:func:`sequencer.validate` underneath).
 
 The paper's ``python validate.py /path/to/imagenet --model sequencer2d_s -b 16 --input-size 3 224 224 --amp`` is
 ``sequencer validate /path/to/imagenet --model sequencer2d_s -b 16 --input-size 3 224 224 --amp``; as in timm, a
@@ -15,19 +16,12 @@ import csv
 import json
 import os
 
-import torch
-
-from ..engine.inference import (add_model_args, check_device, check_input_size, check_results_file, check_workers,
-                          label_with_model_classes, load_model_from_args, positive_int)
-from ..data import create_dataset, create_loader, resolve_data_config
-from ..data.datasets import held_out_split
 from ..data.loader import INTERPOLATIONS
+from ..engine.validation import validate
 from ..errors import SequencerError
 from ..fileio import write_atomically
-from ..models import get_model_entry
-from ..tools.onnx_runtime import add_onnx_argument, load_model_or_onnx
-from ..engine.distributed import process_group
-from ..engine.evaluate import evaluate
+from .common import (add_model_args, add_onnx_argument, check_device, check_results_file, check_workers,
+                     failure_reported_to_launcher, load_model_or_onnx, positive_int)
 
 RESULT_FORMATS = (".json", ".csv")
 
@@ -76,80 +70,22 @@ def write_results(path: str, results: dict) -> None:
 
 def run(args: argparse.Namespace) -> int:
     check_results_file(args.results_file, RESULT_FORMATS)
-    dataset_name = args.dataset or ("" if args.data else "digits")
     check_device(args.device)
     check_workers(args.workers)
-    with process_group(args.device) as dist_info:
-        return _run(args, dataset_name, dist_info)
-
-
-def _run(args, dataset_name: str, dist_info) -> int:
-    device = dist_info.device
-    # the data first: a missing folder should not wait for (or download) the model's weights
-    if not dataset_name:  # as train: a folder with only train/ and test/ is evaluated on test/
-        found = held_out_split(args.data, args.split)
-        if found != args.split and dist_info.is_primary:
-            print(f"note: {args.data} has no {args.split!r} split: evaluating on {found!r}")
-        args.split = found
-    dataset = create_dataset(dataset_name, root=args.data, split=args.split, class_map=args.class_map or None,
-                             download=args.dataset_download)
-    if args.model and not args.checkpoint and not args.pretrained:
-        # as timm's validate.py: a model name alone means its released weights (random ones prove nothing)
-        if get_model_entry(args.model).pretrained_cfg.get("url"):
-            args.pretrained = True
-        elif dist_info.is_primary:
-            print(f"note: {args.model} has no released weights and no --checkpoint was given: "
-                  f"evaluating randomly initialised weights")
     if args.onnx and (args.amp or args.amp_dtype):
         raise SequencerError("--amp does not apply to --onnx: the file runs in the precision it was exported in")
-    loaded = load_model_or_onnx(args, device) if args.onnx else load_model_from_args(args, device)
-    # the checkpoint's preprocessing (what training evaluated with), then explicit flags
-    overrides = dict(mean=args.mean, std=args.std, crop_pct=args.crop_pct, interpolation=args.interpolation)
-    config = dict(loaded.data_config, input_size=loaded.input_size)
-    config.update({k: v for k, v in overrides.items() if v is not None})
-    config = resolve_data_config(config, loaded.model)
-    height, width = config["input_size"][1:]
-    check_input_size(loaded, height, width)
-    label_with_model_classes(dataset, loaded)
-    workers = args.workers
-    if workers is None:
-        workers = 0 if dataset_name == "digits" else min(4, os.cpu_count() or 1)
-    loader = create_loader(dataset, config["input_size"], args.batch_size, is_training=False,
-                           mean=config["mean"], std=config["std"], crop_pct=config["crop_pct"],
-                           interpolation=config["interpolation"], num_workers=workers,
-                           distributed=dist_info.distributed, device=device)
-    amp_dtype = None
-    if args.amp or args.amp_dtype:
-        amp_dtype = {"float16": torch.float16, "bfloat16": torch.bfloat16}[
-            args.amp_dtype or ("float16" if device.type == "cuda" else "bfloat16")]
-    metrics = evaluate(loaded.model, loader, device, amp_dtype=amp_dtype, distributed=dist_info.distributed)
-
-    results = dict(
-        model=loaded.name,
-        checkpoint=args.checkpoint or ("pretrained" if args.pretrained else ""),
-        **({"onnx": args.onnx} if args.onnx else {}),
-        dataset=dataset.description,
-        top1=round(metrics["top1"], 3), top1_err=round(100 - metrics["top1"], 3),
-        top5=round(metrics["top5"], 3), top5_err=round(100 - metrics["top5"], 3),
-        loss=round(metrics["loss"], 5),
-        images_per_sec=round(metrics["images_per_sec"], 1),
-        param_count=loaded.num_params,
-        img_size=config["input_size"][-1],
-        crop_pct=config["crop_pct"],
-        interpolation=config["interpolation"],
-        count=metrics["count"],
-        unreadable=len(loader.skipped),
-        amp=str(amp_dtype).replace("torch.", "") if amp_dtype else "",
-        device=str(device),
-    )
-    if dist_info.is_primary:
-        print(f" * Acc@1 {results['top1']:.3f} ({results['top1_err']:.3f}) "
-              f"Acc@5 {results['top5']:.3f} ({results['top5_err']:.3f})")
-        print(f"model {results['model']} ({results['param_count'] / 1e6:.2f}M params) at "
-              f"{results['img_size']}px on {results['dataset']}: {results['count']} images, "
-              f"loss {results['loss']:.4f}, {results['images_per_sec']:.1f} images/s"
-              + (f", {results['unreadable']} unreadable skipped" if results["unreadable"] else ""))
-        if args.results_file:
-            write_results(args.results_file, results)
-            print(f"results written to {args.results_file}")
+    with failure_reported_to_launcher():
+        results = validate(
+            args.checkpoint, args.data, model=args.model, pretrained=args.pretrained, dataset=args.dataset,
+            split=args.split, class_map=args.class_map, dataset_download=args.dataset_download,
+            batch_size=args.batch_size, workers=args.workers, crop_pct=args.crop_pct, mean=args.mean, std=args.std,
+            interpolation=args.interpolation, num_classes=args.num_classes, img_size=args.img_size,
+            input_size=args.input_size, use_ema=args.use_ema, amp=args.amp, amp_dtype=args.amp_dtype,
+            device=args.device, load=(lambda device: load_model_or_onnx(args, device)) if args.onnx else None)
+    if args.onnx:  # the file's path goes after the checkpoint entry
+        results = {"model": results.pop("model"), "checkpoint": results.pop("checkpoint"), "onnx": args.onnx,
+                   **results}
+    if args.results_file and os.environ.get("RANK", "0") == "0":  # under torchrun, rank 0 writes it
+        write_results(args.results_file, results)
+        print(f"results written to {args.results_file}")
     return 0

@@ -1,14 +1,7 @@
 """Data: datasets (image folders, timm tar, torchvision, embedded digits), timm transforms and device loaders."""
-from .datasets import (
-    ClassificationDataset,
-    DigitsDataset,
-    ImageFileDataset,
-    UnreadableImageError,
-    create_dataset,
-    load_class_map,
-    load_image,
-    to_rgb,
-)
+from .class_map import load_class_map
+from .datasets import ClassificationDataset, DigitsDataset, ImageFileDataset, create_dataset
+from .images import UnreadableImageError, load_image, to_rgb
 from .loader import ImageLoader, create_loader, create_transform, resolve_data_config
 
 __all__ = [

@@ -7,8 +7,6 @@ that into a skip with a warning.
 """
 from __future__ import annotations
 
-import io
-import json
 import logging
 import os
 import shutil
@@ -20,6 +18,8 @@ import torch.utils.data
 from PIL import Image
 
 from ..errors import SequencerError
+from .class_map import load_class_map  # noqa: F401  (re-exported)
+from .images import READ_ERRORS, UnreadableImageError, load_image, to_rgb  # noqa: F401  (re-exported)
 
 _logger = logging.getLogger(__name__)
 
@@ -33,17 +33,6 @@ SPLIT_SYNONYMS = {
 }
 
 # what PIL and file reading raise for corrupt, empty, truncated or non-image files
-READ_ERRORS = (OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError)
-
-
-class UnreadableImageError(OSError):
-    """A sample's image could not be read or decoded; ``.path`` names it."""
-
-    def __init__(self, path: str, reason: object):
-        super().__init__(f"unreadable image {path}: {reason}")
-        self.path = path
-
-
 def split_aliases(split: str) -> tuple[str, ...]:
     """``split`` followed by its synonyms, e.g. "validation" -> ("validation", "val", "valid", "eval", ...)."""
     key = split.lower()
@@ -51,47 +40,6 @@ def split_aliases(split: str) -> tuple[str, ...]:
         if key in names:
             return (split,) + tuple(n for n in names if n != key)
     return (split,)
-
-
-# ---------------------------------------------------------------------------------------------------------------------
-# pixels
-
-def to_rgb(img: Image.Image) -> Image.Image:
-    """8-bit RGB version of a decoded ``img`` of any PIL mode.
-
-    Grayscale, CMYK and YCbCr convert directly; images with transparency (RGBA, LA, palette with a transparent index)
-    are composited onto white, as a viewer shows them; 16/32-bit integer and float images are rescaled to 8 bits
-    instead of being clipped (PIL's own ``convert`` turns most of a 16-bit image white).
-    """
-    mode = img.mode
-    if mode == "RGB":
-        return img
-    if mode.startswith("I") or mode == "F":  # I;16, I;16B, I;16L, I (32-bit int), F (float)
-        a = np.asarray(img, dtype=np.float64)
-        peak = float(a.max()) if a.size else 0.0
-        if mode.startswith("I;16") or peak > 255:
-            a = a / 257.0  # 65535 -> 255
-        elif mode == "F" and peak <= 1.0:
-            a = a * 255.0  # float images in [0, 1]
-        a = np.clip(np.rint(a), 0, 255).astype(np.uint8)
-        return Image.fromarray(a, "L").convert("RGB")
-    if mode == "P" and "transparency" in img.info:
-        img, mode = img.convert("RGBA"), "RGBA"
-    if mode in ("RGBA", "LA", "PA", "RGBa", "La"):
-        rgba = img.convert("RGBA")
-        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-        return Image.alpha_composite(background, rgba).convert("RGB")
-    return img.convert("RGB")
-
-
-def load_image(source: str | os.PathLike | io.IOBase) -> Image.Image:
-    """Fully decode an image file (path or binary file object) to RGB; raises PIL/OS errors for bad files."""
-    if isinstance(source, (str, os.PathLike)):
-        with open(source, "rb") as f:
-            return load_image(f)
-    img = Image.open(source)
-    img.load()  # decode now, so corrupt and truncated files fail here and not inside a transform
-    return to_rgb(img)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -261,56 +209,6 @@ class DigitsDataset(ClassificationDataset):
 
 # ---------------------------------------------------------------------------------------------------------------------
 # class maps
-
-def load_class_map(path: str, root: str | None = None) -> dict[str, int]:
-    """Parse a class map file into ``{class name: index}`` (never unpickles anything).
-
-    Text files hold one class name per line (index = line order, blank lines ignored), or "name index" on every
-    line. ``.json`` files hold a list of names or a ``{name: index}`` object. Indices must be 0..K-1, each once.
-    """
-    if not os.path.isfile(path) and root and os.path.isfile(os.path.join(root, path)):
-        path = os.path.join(root, path)
-    if not os.path.isfile(path):
-        raise SequencerError(f"class map {path!r} does not exist")
-    ext = os.path.splitext(path)[1].lower()
-    if ext in (".pkl", ".pickle"):
-        raise SequencerError(f"class map {path!r}: pickle files are refused (loading one can run code)",
-                             hint="write one class name per line in a .txt file")
-    try:
-        with open(path, encoding="utf-8") as f:
-            text = f.read()
-    except UnicodeDecodeError:
-        raise SequencerError(f"class map {path!r} is not a UTF-8 text file",
-                             hint="write one class name per line") from None
-    if ext == ".json":
-        try:
-            data = json.loads(text)
-        except json.JSONDecodeError as e:
-            raise SequencerError(f"class map {path!r} is not valid JSON: {e}") from None
-        if isinstance(data, list) and all(isinstance(n, str) for n in data):
-            pairs = [(n, i) for i, n in enumerate(data)]
-        elif isinstance(data, dict) and all(isinstance(v, int) and not isinstance(v, bool) for v in data.values()):
-            pairs = [(str(k), v) for k, v in data.items()]
-        else:
-            raise SequencerError(f"class map {path!r}: expected a JSON list of names or a {{name: index}} object")
-    else:
-        lines = [line.strip() for line in text.splitlines() if line.strip()]
-        split = [line.rsplit(None, 1) for line in lines]
-        if lines and all(len(p) == 2 and p[1].lstrip("-").isdigit() for p in split):
-            pairs = [(p[0], int(p[1])) for p in split]
-        else:
-            pairs = [(line, i) for i, line in enumerate(lines)]
-    if not pairs:
-        raise SequencerError(f"class map {path!r} is empty", hint="write one class name per line")
-    names = [n for n, _ in pairs]
-    dupes = sorted({n for n in names if names.count(n) > 1})
-    if dupes:
-        raise SequencerError(f"class map {path!r} lists {', '.join(map(repr, dupes[:5]))} more than once")
-    indices = sorted(i for _, i in pairs)
-    if indices != list(range(len(pairs))):
-        raise SequencerError(f"class map {path!r}: indices must be 0..{len(pairs) - 1}, each used once")
-    return dict(pairs)
-
 
 # ---------------------------------------------------------------------------------------------------------------------
 # factory

@@ -6,8 +6,8 @@ erasing, ...); the eval transform is resize to ``size / crop_pct`` then centre-c
 """
 from __future__ import annotations
 
-import argparse
 import logging
+from collections.abc import Mapping
 
 import torch
 import torch.utils.data
@@ -30,14 +30,14 @@ TIMM_AUGMENT_DEFAULTS = dict(hflip=0.5, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3),
 def resolve_data_config(args_or_dict=None, model: torch.nn.Module | None = None) -> dict:
     """Input size and preprocessing: explicit options first, then the model's ``pretrained_cfg``, then defaults.
 
-    ``args_or_dict`` (argparse.Namespace or dict) may hold ``input_size`` (C, H, W), ``img_size``, ``mean``,
+    ``args_or_dict`` (a dict, or an object whose attributes are the options) may hold ``input_size`` (C, H, W), ``img_size``, ``mean``,
     ``std``, ``crop_pct`` and ``interpolation``; None values are ignored. A checkpoint's ``data_config`` works too.
     Returns dict(input_size=(C, H, W), mean, std, crop_pct, interpolation).
     """
-    if isinstance(args_or_dict, argparse.Namespace):
-        args = vars(args_or_dict)
-    else:
+    if args_or_dict is None or isinstance(args_or_dict, Mapping):
         args = dict(args_or_dict or {})
+    else:
+        args = vars(args_or_dict)
     args = {k: v for k, v in args.items() if v is not None}
     cfg = dict(getattr(model, "pretrained_cfg", None) or {}) if model is not None else {}
     in_chans = int(getattr(model, "in_chans", 0) or (cfg.get("input_size") or (3,))[0])

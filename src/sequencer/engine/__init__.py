@@ -1,5 +1,7 @@
-"""Training and evaluation engine: ``train`` (the ``sequencer train`` command), ``checkpoint`` (atomic writes,
-history, resume), ``distributed`` (torchrun/DDP helpers) and ``evaluate``.
+"""Training and evaluation as a library: ``train`` (:func:`~sequencer.engine.train.train`, ``TrainResult``),
+``config`` (``TrainConfig``: the train flags with their defaults and checks), ``validation``
+(:func:`~sequencer.engine.validation.validate`), ``evaluate`` (the one eval loop), ``inference`` (models with their
+class names and preprocessing), ``checkpoint`` (atomic writes, history, resume), ``distributed`` (torchrun/DDP).
 
 Sub-modules are imported on use so that ``import sequencer`` stays light.
 """

@@ -1,16 +1,14 @@
-"""The one home of what several commands share: model options and loading, ``--device``, input checks, image
-files and evaluation loaders, and the relative error exports and benchmarks report. Commands import these from
-here, never from one another.
+"""Inference plumbing that validation, the tools and the commands share: loading a model with its class names and
+preprocessing, devices, input checks, image files and evaluation loaders, and the relative error exports and
+benchmarks report.
 
 A checkpoint written by ``sequencer train`` stores the model name (``arch``), its constructor arguments
 (``model_kwargs``), the class names and the data config, so ``--checkpoint PATH`` alone rebuilds the model.
 """
 from __future__ import annotations
 
-import argparse
 import os
 import sys
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -22,38 +20,6 @@ from ..data.datasets import IMAGE_EXTENSIONS, READ_ERRORS, map_classes_by_name
 from ..errors import SequencerError
 from ..models import create_model, get_model_entry
 from ..models.loading import checkpoint_metadata, extract_state_dict, load_state_dict_into, read_checkpoint
-
-
-def positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
-    return value
-
-
-def add_model_args(parser: argparse.ArgumentParser) -> None:
-    g = parser.add_argument_group("model")
-    g.add_argument("--model", "-m", default=None, help="model name (default: the checkpoint's own)")
-    g.add_argument("--checkpoint", default="", metavar="PATH", help="weights: ours, release, timm or .safetensors")
-    g.add_argument("--pretrained", action="store_true", help="use the released ImageNet weights")
-    g.add_argument("--num-classes", type=positive_int, default=None, help="classifier size (default: checkpoint's)")
-    g.add_argument("--img-size", type=positive_int, default=None, help="square input size")
-    g.add_argument("--input-size", type=positive_int, nargs=3, default=None, metavar=("C", "H", "W"),
-                   help="input size C H W (overrides --img-size)")
-    g.add_argument("--no-ema", dest="use_ema", action="store_false",
-                   help="load a checkpoint's raw weights even when it has EMA weights")
-
-
-def warn_if_random_weights(args: argparse.Namespace) -> None:
-    """One warning line when a model name alone (no --checkpoint, no --pretrained) means random weights."""
-    if getattr(args, "model", None) and not args.checkpoint and not args.pretrained:
-        released = get_model_entry(args.model).pretrained_cfg.get("url")
-        print(f"warning: {args.model} runs with randomly initialised weights (no --checkpoint given"
-              + ("; --pretrained loads the released ones)" if released else ", and it has no released ones)"),
-              file=sys.stderr)
 
 
 @dataclass
@@ -70,11 +36,18 @@ class LoadedModel:
         return sum(p.numel() for p in self.model.parameters())
 
 
-def load_model_from_args(args: argparse.Namespace, device: torch.device | str = "cpu") -> LoadedModel:
-    """Build the model the options describe, in eval mode on ``device``; raises SequencerError on bad input."""
-    checkpoint = read_checkpoint(args.checkpoint) if args.checkpoint else None
+def load_model(checkpoint: str = "", model: str | None = None, pretrained: bool = False,
+               num_classes: int | None = None, img_size: int | None = None,
+               input_size: tuple[int, int, int] | None = None, use_ema: bool = True,
+               device: torch.device | str = "cpu") -> LoadedModel:
+    """The model a checkpoint (ours, the release's, timm's or .safetensors) and/or a model name describe, in eval
+    mode on ``device``, with its class names and preprocessing; SequencerError (one line) on bad input. The
+    arguments are the model flags of ``sequencer validate``, ``predict``, ``export``... (``--no-ema`` is
+    ``use_ema=False``)."""
+    path = str(checkpoint or "")
+    checkpoint = read_checkpoint(path) if path else None
     meta = checkpoint_metadata(checkpoint)
-    name = args.model or meta.get("arch")
+    name = model or meta.get("arch")
     if not name:
         raise SequencerError("no model given", hint="pass --model NAME, or a --checkpoint written by `sequencer train`")
     get_model_entry(name)  # unknown names fail here with suggestions
@@ -82,34 +55,33 @@ def load_model_from_args(args: argparse.Namespace, device: torch.device | str = 
     for k in ("drop_rate", "drop_path_rate"):
         kwargs.pop(k, None)
     class_names = list(meta["class_names"]) if meta.get("class_names") else None
-    if args.num_classes:
-        kwargs["num_classes"] = args.num_classes
+    if num_classes:
+        kwargs["num_classes"] = num_classes
     elif class_names and "num_classes" not in kwargs:
         kwargs["num_classes"] = len(class_names)
     elif checkpoint is not None and "num_classes" not in kwargs:
         head = extract_state_dict(checkpoint).get("head.fc.weight", extract_state_dict(checkpoint).get("head.weight"))
         if head is not None:
             kwargs["num_classes"] = head.shape[0]
-    input_size = getattr(args, "input_size", None)
-    img_size = input_size[1] if input_size else getattr(args, "img_size", None)
+    img_size = input_size[1] if input_size else img_size
     if input_size and input_size[1] != input_size[2]:
         raise SequencerError(f"--input-size {' '.join(map(str, input_size))}: only square inputs are supported")
     if input_size:
         kwargs["in_chans"] = input_size[0]
     if img_size:
         kwargs["img_size"] = img_size
-    model = create_model(name, pretrained=bool(args.pretrained and checkpoint is None), **kwargs)
+    model = create_model(name, pretrained=bool(pretrained and checkpoint is None), **kwargs)
     if checkpoint is not None:
-        state = extract_state_dict(checkpoint, use_ema=getattr(args, "use_ema", True))
+        state = extract_state_dict(checkpoint, use_ema=use_ema)
         if not state:
-            raise SequencerError(f"checkpoint {args.checkpoint!r} holds no weights")
+            raise SequencerError(f"checkpoint {path!r} holds no weights")
         head = state.get("head.fc.weight", state.get("head.weight"))
         n_model = getattr(model, "num_classes", None)
         if head is not None and n_model is not None and head.shape[0] != n_model:
             raise SequencerError(
-                f"checkpoint {args.checkpoint!r} has a {head.shape[0]}-class head but --num-classes is {n_model}",
+                f"checkpoint {path!r} has a {head.shape[0]}-class head but --num-classes is {n_model}",
                 hint=f"drop --num-classes or set it to {head.shape[0]}")
-        load_state_dict_into(model, state, source=f"checkpoint {args.checkpoint!r}")
+        load_state_dict_into(model, state, source=f"checkpoint {path!r}")
     cfg = dict(model.pretrained_cfg)
     data_config = dict(mean=cfg["mean"], std=cfg["std"], crop_pct=cfg["crop_pct"],
                        interpolation=cfg["interpolation"])
@@ -133,11 +105,6 @@ def check_input_size(loaded: LoadedModel, height: int, width: int) -> None:
                                  hint=f"use a multiple of {getattr(loaded.model, 'reduction', '?')}") from None
 
 
-def check_device(text: str | None) -> None:
-    """SequencerError for a ``--device`` that is not a device, or names CUDA where there is none."""
-    resolve_device(text)
-
-
 def resolve_device(text: str | None) -> torch.device:
     """The device a ``--device`` names (None or "": CUDA when available, else the CPU); SequencerError (one line)
     when it is not a device or names CUDA where there is none."""
@@ -157,11 +124,6 @@ def resolve_device(text: str | None) -> torch.device:
 def default_workers() -> int:
     """Data-loading processes when ``--workers`` is not given."""
     return min(4, os.cpu_count() or 1)
-
-
-def check_workers(workers: int | None) -> None:
-    if workers is not None and workers < 0:
-        raise SequencerError(f"-j/--workers {workers}: must not be negative", hint="0 loads data in the main process")
 
 
 def label_with_model_classes(dataset, loaded) -> None:
@@ -191,27 +153,6 @@ def label_with_model_classes(dataset, loaded) -> None:
         raise SequencerError(
             f"model {loaded.name} has a {num_outputs}-class head but {dataset.description} has {len(names)} classes",
             hint="validate a checkpoint trained on this data, or pass --class-map / --num-classes to match")
-
-
-def check_results_file(path: str, formats: tuple[str, ...] = (".json",)) -> None:
-    """Refuse a ``--results-file`` that could not be written, before any work is done (one-line errors)."""
-    if not path:
-        return
-    if os.path.splitext(path)[1].lower() not in formats:
-        raise SequencerError(f"--results-file {path!r}: unknown format", hint=f"use a {' or '.join(formats)} file name")
-    folder = os.path.dirname(os.path.abspath(path))
-    if not os.path.isdir(folder):
-        raise SequencerError(f"--results-file {path!r}: folder {folder!r} does not exist")
-    if os.path.isdir(path):
-        raise SequencerError(f"--results-file {path!r} is a folder", hint="name a file inside it, e.g. results.json")
-    if os.path.exists(path) and not os.access(path, os.W_OK):
-        raise SequencerError(f"--results-file {path!r} is not writable (no permission)")
-    try:  # a real write probe: os.access cannot see read-only mounts, ACLs or quotas
-        with tempfile.NamedTemporaryFile(dir=folder, prefix=".results-probe-"):
-            pass
-    except OSError as e:
-        raise SequencerError(f"--results-file {path!r}: cannot write in folder {folder!r} ({e.strerror or e})"
-                             ) from None
 
 
 # ------------------------------------------------------------------------------------- images and evaluation data

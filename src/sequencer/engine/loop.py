@@ -4,7 +4,6 @@
 """
 from __future__ import annotations
 
-import argparse
 import contextlib
 import math
 import signal
@@ -20,6 +19,7 @@ from torch import nn
 from ..errors import SequencerError
 from . import distributed as dist_utils
 from .checkpoint import CHECKPOINT_VERSION, get_rng_state
+from .config import TrainConfig
 from .outputs import Outputs, plain, plot_summary, run_args, write_summary
 
 
@@ -48,7 +48,7 @@ class Optimization:
 
 @dataclass
 class TrainingRun:
-    cfg: argparse.Namespace
+    cfg: TrainConfig
     info: dist_utils.DistInfo
     model: nn.Module  # the plain model: checkpoints, EMA updates and gradient clipping use it
     train_model: nn.Module  # the model as trained: DDP and/or torch.compile around ``model``
@@ -127,11 +127,11 @@ def train_one_epoch(run: TrainingRun, epoch: int, stop: StopRequest) -> EpochRes
                 progress.close()
                 return EpochResult(float("nan"), current_lr(run.opt.optimizer), started, stopped_at=step)
             run.opt.scaler.scale(loss / accum).backward()
-        if need_update:
-            num_updates += 1
-            _update(run, num_updates, loss_sum / max(seen, 1))
         loss_sum += loss_value * images.shape[0]
         seen += images.shape[0]
+        if need_update:
+            num_updates += 1
+            _update(run, num_updates, loss_sum / seen)
         progress.step(step, loss_value, loss_sum / seen, seen)
     progress.close()
     train_loss = dist_utils.all_reduce_mean([loss_sum / max(seen, 1)], info)[0]
@@ -207,7 +207,7 @@ class _Progress:
     def __init__(self, run: TrainingRun, epoch: int, started: float):
         self.run, self.epoch, self.started = run, epoch, started
         self.bar = None
-        if run.info.is_primary and sys.stderr.isatty():
+        if run.info.is_primary and sys.stderr.isatty() and not getattr(run.cfg, "_quiet", False):
             from tqdm import tqdm
             self.bar = tqdm(total=run.loaders.steps_per_epoch, desc=f"epoch {epoch}/{run.opt.num_epochs - 1}",
                             leave=False, dynamic_ncols=True)

@@ -13,13 +13,13 @@
 """
 from __future__ import annotations
 
-import argparse
 from pathlib import Path
 
 from ..errors import SequencerError
 from ..models.loading import read_checkpoint
 from . import distributed as dist_utils
 from .checkpoint import find_auto_resume
+from .config import TrainConfig
 
 # settings a resume keeps from its checkpoint: (args key, flag); the first three only with the optimizer state
 KEPT_WITH_STATE = (("opt", "--opt"), ("sched", "--sched"))
@@ -29,12 +29,12 @@ NOT_INHERITED = {"data", "data_dir", "dataset", "train_split", "val_split", "cla
                  "pretrained", "initial_checkpoint", "no_resume_opt"}
 
 
-def experiment_folder(cfg: argparse.Namespace) -> Path:
+def experiment_folder(cfg: TrainConfig) -> Path:
     """``OUTPUT/EXPERIMENT`` for a run with ``--experiment``."""
     return Path(cfg.output or "./output/train") / cfg.experiment
 
 
-def locate_resume(cfg: argparse.Namespace, info: dist_utils.DistInfo) -> str:
+def locate_resume(cfg: TrainConfig, info: dist_utils.DistInfo) -> str:
     """The checkpoint to resume ("" for none), found without creating anything; rank 0 decides for ``auto``."""
     if cfg.resume != "auto":
         return cfg.resume or ""
@@ -53,7 +53,7 @@ def _names(names: list[str]) -> str:
     return shown + (", ..." if len(names) > 5 else "")
 
 
-def apply_resume_contract(cfg: argparse.Namespace, checkpoint: dict, path: str, train_classes: list[str]) -> list[str]:
+def apply_resume_contract(cfg: TrainConfig, checkpoint: dict, path: str, train_classes: list[str]) -> list[str]:
     """Check the flags against the checkpoint, take the settings it keeps, and return the run's class names.
 
     Raises SequencerError (one line naming both values) for a flag or training split that contradicts it.

@@ -1,6 +1,7 @@
-"""``sequencer train``: timm-compatible training, fine-tuning and transfer of Sequencer models.
+"""Training as a library: :func:`train` (what ``sequencer train`` runs), timm-compatible training, fine-tuning and
+transfer of Sequencer models.
 
-Flags keep the names and meaning of timm's ``train.py`` (the paper's recipes run unchanged); the library pieces
+Settings (:class:`~sequencer.engine.config.TrainConfig`, the command's flags) keep the names and meaning of timm's ``train.py`` (the paper's recipes run unchanged); the library pieces
 are timm's (optimizer/scheduler factories, Mixup/CutMix, RandAugment and random erasing in the data pipeline,
 ModelEmaV3, losses). With no DATA argument it trains ``sequencer2d_nano`` on the scikit-learn digits (embedded,
 nothing downloaded) with defaults tuned for a couple of CPU cores.
@@ -18,329 +19,66 @@ stops the run before the bad update, keeping the last good checkpoint.
 """
 from __future__ import annotations
 
-import argparse
-import ast
-import math
+import contextlib
+import io
+import os
 import signal
 import time
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
-import yaml
 from torch import nn
 
-from .inference import check_device
 from ..data.datasets import held_out_split, map_classes_by_name
 from ..errors import SequencerError
 from ..models import create_model, get_model_entry
 from ..models.loading import extract_state_dict, load_state_dict_into, read_checkpoint
 from . import distributed as dist_utils
 from .checkpoint import resume_position, set_rng_state
+from .config import TrainConfig, check_config, resolve_config, shorten_warmup
 from .loop import (Loaders, Optimization, StopRequest, TrainingRun, current_lr, evaluate_epoch, save_epoch,
                    save_recovery, train_one_epoch)
-from .outputs import prepare_outputs, remove_if_empty
+from .outputs import prepare_outputs, read_summary, remove_if_empty
 from .resume import apply_resume_contract, locate_resume, read_resume_checkpoint
 
-SUMMARY_FIELDS = ["epoch", "train_loss", "eval_loss", "eval_top1", "eval_top5", "lr", "epoch_seconds"]
 
-# Used when no DATA is given (or --dataset digits): sequencer2d_nano on the 8x8 scikit-learn digits, upscaled.
-# Tuned to pass 96% top-1 on the held-out split in well under 2 minutes on 2 CPU cores.
-DIGITS_DEFAULTS = dict(
-    dataset="digits", model="sequencer2d_nano", img_size=16, epochs=15, batch_size=32, opt="adamw", lr=2e-3,
-    weight_decay=0.05, sched="cosine", sched_on_updates=True, warmup_epochs=0, min_lr=1e-5, hflip=0.0,
-    scale=[0.75, 1.0], ratio=[0.9, 1.1], color_jitter=0.0, smoothing=0.1, workers=0,
-    train_interpolation="bilinear", interpolation="bilinear", log_interval=30, checkpoint_hist=2, val_split="val",
-)
-
-
-def _float_list(n):
-    return dict(type=float, nargs=n, metavar="F")
+@dataclass
+class TrainResult:
+    """What a training run left: the best epoch by ``eval_metric`` and its top-1 (percent), the path of
+    ``model_best.pth.tar``, the experiment folder, the summary rows (as ``summary.csv`` holds them, as text) and
+    the command's exit status (0, or 128 + signal when a signal stopped the run)."""
+    best_top1: float | None
+    best_epoch: int | None
+    checkpoint: Path | None
+    output_dir: Path | None
+    summary: list[dict] = field(default_factory=list)
+    exit_code: int = 0
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("data", nargs="?", default=None, metavar="DATA",
-                        help="dataset root (image folders, a .tar, or the torchvision download folder); "
-                             "none = the embedded digits demo")
-    parser.add_argument("-c", "--config", default="", metavar="FILE",
-                        help="YAML of flag values (e.g. a run's args.yaml); command-line flags override it")
+def train(data: str | os.PathLike | None = None, *, progress: bool = True, **config) -> TrainResult:
+    """Train a model as ``sequencer train DATA --flag value ...`` does; returns the run's :class:`TrainResult`.
 
-    g = parser.add_argument_group("dataset")
-    g.add_argument("--data-dir", default=None, metavar="DIR", help="same as DATA")
-    g.add_argument("--dataset", "-d", default="", metavar="NAME",
-                   help='"" image folders, "tar", "torch/cifar10", "torch/flowers102", ..., "digits"')
-    g.add_argument("--train-split", default="train", help="training split (folder name)")
-    g.add_argument("--val-split", default="validation", help="validation split (val/validation/test found by name)")
-    g.add_argument("--dataset-download", action="store_true", help="let torchvision datasets download")
-    g.add_argument("--class-map", default="", metavar="FILE", help="class name -> index map file")
-
-    g = parser.add_argument_group("model")
-    g.add_argument("--model", "-m", default=None, metavar="NAME",
-                   help="model name (default: sequencer2d_s; sequencer2d_nano for the demo; a resumed or "
-                        "initial checkpoint's own)")
-    g.add_argument("--model-kwargs", nargs="*", default={}, type=_key_value, action=_KeyValues, metavar="KEY=VALUE",
-                   help="architecture overrides, e.g. layers='(1,1,1)' union=add")
-    g.add_argument("--pretrained", action="store_true", help="start from the released ImageNet weights")
-    g.add_argument("--initial-checkpoint", default="", metavar="PATH", help="start from these weights")
-    g.add_argument("--resume", default="", metavar="PATH|auto",
-                   help="resume model, optimizer, scheduler, EMA, scaler, epoch and RNG state; 'auto' = the "
-                        "experiment folder's recovery/last checkpoint if any (needs --experiment)")
-    g.add_argument("--no-resume-opt", action="store_true", help="do not restore optimizer/scheduler/scaler state")
-    g.add_argument("--num-classes", type=int, default=None, help="classifier size (default: the dataset's)")
-    g.add_argument("--img-size", type=int, default=None, help="square image size (default: the model's)")
-    g.add_argument("--in-chans", type=int, default=None, help="input channels")
-    g.add_argument("--input-size", type=int, nargs=3, default=None, metavar=("C", "H", "W"),
-                   help="input size C H W (overrides --img-size)")
-    g.add_argument("--crop-pct", type=float, default=None, help="validation centre-crop fraction")
-    g.add_argument("--mean", type=float, nargs="+", default=None, metavar="M", help="normalisation mean")
-    g.add_argument("--std", type=float, nargs="+", default=None, metavar="S", help="normalisation std")
-    g.add_argument("--interpolation", default="", help="validation resize interpolation")
-    g.add_argument("-b", "--batch-size", type=int, default=128, help="batch size per process")
-    g.add_argument("-vb", "--validation-batch-size", type=int, default=None, help="validation batch size")
-    g.add_argument("--channels-last", action="store_true", help="channels-last memory layout")
-    g.add_argument("--grad-accum-steps", type=int, default=1, help="micro-batches per optimizer step")
-    g.add_argument("--grad-checkpointing", action="store_true", help="activation checkpointing per block")
-    g.add_argument("--torchcompile", nargs="?", const="inductor", default=None, metavar="BACKEND",
-                   help="torch.compile the model (backend, default inductor)")
-    g.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda if available)")
-
-    g = parser.add_argument_group("optimizer")
-    g.add_argument("--opt", default="sgd", help="timm optimizer name (adamw, sgd, lamb, ...)")
-    g.add_argument("--opt-eps", type=float, default=None, help="optimizer epsilon")
-    g.add_argument("--opt-betas", type=float, nargs="+", default=None, metavar="B", help="optimizer betas")
-    g.add_argument("--momentum", type=float, default=0.9, help="SGD momentum")
-    g.add_argument("--weight-decay", type=float, default=2e-5, help="weight decay")
-    g.add_argument("--clip-grad", type=float, default=None, help="gradient clipping value (off by default)")
-    g.add_argument("--clip-mode", default="norm", choices=("norm", "value", "agc"), help="gradient clipping mode")
-    g.add_argument("--layer-decay", type=float, default=None, help="layer-wise lr decay")
-
-    g = parser.add_argument_group("learning-rate schedule")
-    g.add_argument("--sched", default="cosine", help="cosine, tanh, step, multistep, plateau, poly or none")
-    g.add_argument("--sched-on-updates", action="store_true", help="step the schedule every update")
-    g.add_argument("--lr", type=float, default=None,
-                   help="learning rate (default: --lr-base scaled by the global batch size)")
-    g.add_argument("--lr-base", type=float, default=0.1, help="lr for a global batch of --lr-base-size")
-    g.add_argument("--lr-base-size", type=int, default=256, help="batch size --lr-base refers to")
-    g.add_argument("--lr-base-scale", default="", help="linear or sqrt (default: sqrt for ada*/lamb)")
-    g.add_argument("--lr-noise", type=float, nargs="+", default=None, metavar="PCT", help="lr noise on/off epochs")
-    g.add_argument("--lr-noise-pct", type=float, default=0.67, help="lr noise limit")
-    g.add_argument("--lr-noise-std", type=float, default=1.0, help="lr noise std")
-    g.add_argument("--lr-cycle-mul", type=float, default=1.0, help="cycle length multiplier")
-    g.add_argument("--lr-cycle-decay", type=float, default=0.5, help="lr decay per cycle")
-    g.add_argument("--lr-cycle-limit", type=int, default=1, help="number of cycles")
-    g.add_argument("--lr-k-decay", type=float, default=1.0, help="k-decay for cosine/poly")
-    g.add_argument("--warmup-lr", type=float, default=1e-5, help="warmup start lr")
-    g.add_argument("--min-lr", type=float, default=0.0, help="lower lr bound of cyclic schedules")
-    g.add_argument("--epochs", type=int, default=300, help="epochs to train")
-    g.add_argument("--start-epoch", type=int, default=None, help="override the start epoch")
-    g.add_argument("--decay-milestones", type=int, nargs="+", default=[90, 180, 270], metavar="E",
-                   help="multistep milestones")
-    g.add_argument("--decay-epochs", type=float, default=90, help="epochs between step decays")
-    g.add_argument("--warmup-epochs", type=int, default=5, help="warmup epochs")
-    g.add_argument("--warmup-prefix", action="store_true", help="warmup is not part of the decay length")
-    g.add_argument("--cooldown-epochs", type=int, default=0, help="epochs at --min-lr after the schedule")
-    g.add_argument("--patience-epochs", type=int, default=10, help="plateau patience")
-    g.add_argument("--decay-rate", "--dr", type=float, default=0.1, help="step/plateau decay factor")
-
-    g = parser.add_argument_group("augmentation and regularisation")
-    g.add_argument("--no-aug", action="store_true", help="no training augmentation")
-    g.add_argument("--scale", **_float_list(2), default=[0.08, 1.0], help="random-resized-crop area range")
-    g.add_argument("--ratio", **_float_list(2), default=[3 / 4, 4 / 3], help="random-resized-crop aspect range")
-    g.add_argument("--hflip", type=float, default=0.5, help="horizontal flip probability")
-    g.add_argument("--color-jitter", type=float, default=0.4, help="colour jitter factor")
-    g.add_argument("--aa", default=None, metavar="POLICY", help="auto-augment policy, e.g. rand-m9-mstd0.5-inc1")
-    g.add_argument("--reprob", type=float, default=0.0, help="random erasing probability")
-    g.add_argument("--remode", default="pixel", help="random erasing mode (const, rand, pixel)")
-    g.add_argument("--recount", type=int, default=1, help="random erasing count")
-    g.add_argument("--mixup", type=float, default=0.0, help="mixup alpha (on when > 0)")
-    g.add_argument("--cutmix", type=float, default=0.0, help="cutmix alpha (on when > 0)")
-    g.add_argument("--cutmix-minmax", type=float, nargs=2, default=None, metavar="F",
-                   help="cutmix box ratio range (overrides alpha)")
-    g.add_argument("--mixup-prob", type=float, default=1.0, help="probability of mixup or cutmix per batch")
-    g.add_argument("--mixup-switch-prob", type=float, default=0.5, help="probability of cutmix instead of mixup")
-    g.add_argument("--mixup-mode", default="batch", choices=("batch", "pair", "elem"), help="mixup granularity")
-    g.add_argument("--mixup-off-epoch", type=int, default=0, help="turn mixup off from this epoch (0 = never)")
-    g.add_argument("--smoothing", type=float, default=0.1, help="label smoothing")
-    g.add_argument("--bce-loss", action="store_true", help="binary cross-entropy loss")
-    g.add_argument("--bce-target-thresh", type=float, default=None, help="BCE target binarisation threshold")
-    g.add_argument("--train-interpolation", default="random", help="training resize interpolation")
-    g.add_argument("--drop", type=float, default=0.0, help="dropout before the head")
-    g.add_argument("--drop-path", type=float, default=None, help="stochastic depth rate")
-
-    g = parser.add_argument_group("model EMA")
-    g.add_argument("--model-ema", action="store_true", help="keep an exponential moving average of the weights")
-    g.add_argument("--model-ema-force-cpu", action="store_true", help="keep the EMA on the CPU")
-    g.add_argument("--model-ema-decay", type=float, default=0.9998, help="EMA decay")
-    g.add_argument("--model-ema-warmup", action="store_true", help="EMA decay warmup")
-
-    g = parser.add_argument_group("run")
-    g.add_argument("--seed", type=int, default=42, help="random seed")
-    g.add_argument("--log-interval", type=int, default=50, help="batches between log lines")
-    g.add_argument("--checkpoint-hist", type=int, default=10, help="best epochs to keep as checkpoint-<E>.pth.tar")
-    g.add_argument("-j", "--workers", type=int, default=4, help="data loading processes per training process")
-    g.add_argument("--amp", "--native-amp", dest="amp", action="store_true", help="mixed precision (autocast)")
-    g.add_argument("--amp-dtype", default="float16", choices=("float16", "bfloat16"),
-                   help="AMP dtype (on the CPU bfloat16 is used)")
-    g.add_argument("--output", default="", metavar="DIR", help="output root (default ./output/train)")
-    g.add_argument("--experiment", default="", help="experiment folder name (default: timestamp-model-imgsize)")
-    g.add_argument("--eval-metric", default="top1", choices=("top1", "top5", "loss"), help="best-checkpoint metric")
-    g.add_argument("--local-rank", "--local_rank", type=int, default=0, help=argparse.SUPPRESS)
-
-    # Every flag defaults to "absent" so that run() can tell explicit flags from defaults: explicit flags beat
-    # --config, which beats the digits-demo defaults, which beat timm's defaults (shown in --help).
-    defaults = {}
-    for action in parser._actions:
-        if action.dest in ("help",) or action.default is argparse.SUPPRESS:
-            continue
-        defaults[action.dest] = action.default
-        if action.help and action.help is not argparse.SUPPRESS and action.default not in (None, "", False, {}):
-            action.help += f" (default: {action.default})"
-        action.default = argparse.SUPPRESS
-    parser.set_defaults(_train_defaults=defaults)
+    ``data=None`` trains on the embedded digits demo, as the command without DATA. Keywords are the command's
+    flags with underscores (``model``, ``epochs``, ``lr``, ``output``, ``experiment``, ``workers``, ``seed``,
+    ``resume``, ...; see :class:`~sequencer.engine.config.TrainConfig`), merged and checked exactly as the flags
+    are; an unknown keyword is a SequencerError naming it. ``progress=False`` silences the log lines the command
+    prints (warnings still show).
+    """
+    settings = {k: os.fspath(v) if isinstance(v, os.PathLike) else v for k, v in config.items()}
+    if data is not None:
+        settings["data"] = os.fspath(data)
+    cfg = resolve_config(settings)
+    cfg._quiet = not progress  # no progress bar either
+    with contextlib.nullcontext() if progress else contextlib.redirect_stdout(io.StringIO()):
+        return run_training(cfg)
 
 
-def _key_value(text: str) -> tuple[str, object]:
-    """'depth=3' -> ('depth', 3): the value as a Python literal where it reads as one, else as text."""
-    key, equals, raw = text.partition("=")
-    if not equals or not key:
-        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
-    try:
-        return key, ast.literal_eval(raw)
-    except (ValueError, SyntaxError):
-        return key, raw
-
-
-class _KeyValues(argparse.Action):
-    """Collects the (key, value) pairs of :func:`_key_value` into one dict."""
-
-    def __call__(self, parser, namespace, values, option_string=None):
-        setattr(namespace, self.dest, dict(values))
-
-
-# ------------------------------------------------------------------------------------------- configuration
-def resolve_config(args: argparse.Namespace) -> argparse.Namespace:
-    """timm defaults < digits-demo defaults < ``--config`` YAML < explicit flags, as one namespace."""
-    explicit = {k: v for k, v in vars(args).items() if k not in ("_train_defaults", "_module", "command")}
-    defaults = dict(getattr(args, "_train_defaults", None) or _parser_defaults())
-    from_yaml = {}
-    config_path = explicit.get("config") or ""
-    if config_path:
-        try:
-            with open(config_path) as f:
-                from_yaml = yaml.safe_load(f) or {}
-        except OSError as e:
-            raise SequencerError(f"--config {config_path!r}: cannot read it ({e.strerror})") from None
-        except yaml.YAMLError as e:
-            raise SequencerError(f"--config {config_path!r} is not valid YAML ({str(e).splitlines()[0]})") from None
-        if not isinstance(from_yaml, dict):
-            raise SequencerError(f"--config {config_path!r} must hold a mapping of flag names to values")
-        # keys may be spelled as the flags are (drop-path) or as args.yaml writes them (drop_path)
-        from_yaml = {str(k).lstrip("-").replace("-", "_"): v for k, v in from_yaml.items()}
-        unknown = sorted(set(from_yaml) - set(defaults))
-        if unknown:
-            raise SequencerError(f"--config {config_path!r}: unknown key(s) {', '.join(unknown)}",
-                                 hint="keys are train's flag names, e.g. drop-path or drop_path")
-        from_yaml.pop("config", None)
-    merged = {**defaults, **from_yaml, **explicit}
-    data = merged.get("data") or merged.get("data_dir")
-    if (not data and not merged.get("dataset")) or merged.get("dataset") == "digits":
-        merged = {**defaults, **DIGITS_DEFAULTS, **from_yaml, **explicit}
-    merged["data"] = merged.get("data") or merged.get("data_dir")
-    # which settings the user chose (flags or --config): a resume takes every other one from its checkpoint
-    merged["_given"] = sorted(set(explicit) | set(from_yaml))
-    return argparse.Namespace(**merged)
-
-
-def _parser_defaults() -> dict:
-    p = argparse.ArgumentParser()
-    add_arguments(p)
-    return p.get_default("_train_defaults")
-
-
-def check_config(cfg: argparse.Namespace) -> None:
-    """Refuse values that cannot work, naming the flag."""
-    def bad(flag, value, need):
-        raise SequencerError(f"{flag} {value}: {need}")
-
-    check_device(cfg.device)
-
-    if cfg.epochs <= 0:
-        bad("--epochs", cfg.epochs, "must be at least 1")
-    if cfg.batch_size <= 0:
-        bad("--batch-size", cfg.batch_size, "must be at least 1")
-    if cfg.validation_batch_size is not None and cfg.validation_batch_size <= 0:
-        bad("--validation-batch-size", cfg.validation_batch_size, "must be at least 1")
-    if cfg.lr is not None and not (cfg.lr > 0 and math.isfinite(cfg.lr)):
-        bad("--lr", cfg.lr, "must be a positive number")
-    for flag, value in (("--lr-base", cfg.lr_base), ("--warmup-lr", cfg.warmup_lr), ("--min-lr", cfg.min_lr),
-                        ("--weight-decay", cfg.weight_decay), ("--momentum", cfg.momentum),
-                        ("--mixup", cfg.mixup), ("--cutmix", cfg.cutmix), ("--color-jitter", cfg.color_jitter),
-                        ("--warmup-epochs", cfg.warmup_epochs), ("--cooldown-epochs", cfg.cooldown_epochs),
-                        ("--workers", cfg.workers), ("--checkpoint-hist", cfg.checkpoint_hist)):
-        if not value >= 0:
-            bad(flag, value, "must not be negative")
-    for flag, value in (("--reprob", cfg.reprob), ("--hflip", cfg.hflip), ("--mixup-prob", cfg.mixup_prob),
-                        ("--mixup-switch-prob", cfg.mixup_switch_prob)):
-        if not 0 <= value <= 1:
-            bad(flag, value, "must be a probability in [0, 1]")
-    for flag, value in (("--smoothing", cfg.smoothing), ("--drop", cfg.drop), ("--drop-path", cfg.drop_path or 0)):
-        if not 0 <= value < 1:
-            bad(flag, value, "must be in [0, 1)")
-    if cfg.clip_grad is not None and not cfg.clip_grad > 0:
-        bad("--clip-grad", cfg.clip_grad, "must be positive")
-    if not 0 < cfg.model_ema_decay < 1:
-        bad("--model-ema-decay", cfg.model_ema_decay, "must be in (0, 1)")
-    if cfg.grad_accum_steps < 1:
-        bad("--grad-accum-steps", cfg.grad_accum_steps, "must be at least 1")
-    if cfg.log_interval < 1:
-        bad("--log-interval", cfg.log_interval, "must be at least 1")
-    if cfg.recount < 1:
-        bad("--recount", cfg.recount, "must be at least 1")
-    for flag, value in (("--img-size", cfg.img_size), ("--num-classes", cfg.num_classes),
-                        ("--in-chans", cfg.in_chans)):
-        if value is not None and value <= 0:
-            bad(flag, value, "must be positive")
-    if cfg.input_size is not None and (min(cfg.input_size) <= 0 or cfg.input_size[1] != cfg.input_size[2]):
-        bad("--input-size", " ".join(map(str, cfg.input_size)), "needs positive sides and a square image")
-    if cfg.scale[0] > cfg.scale[1] or not 0 < cfg.scale[1] <= 1 or cfg.scale[0] <= 0:
-        bad("--scale", " ".join(map(str, cfg.scale)), "needs 0 < MIN <= MAX <= 1")
-    if cfg.ratio[0] > cfg.ratio[1] or cfg.ratio[0] <= 0:
-        bad("--ratio", " ".join(map(str, cfg.ratio)), "needs 0 < MIN <= MAX")
-    mixup_on = cfg.mixup > 0 or cfg.cutmix > 0 or cfg.cutmix_minmax is not None
-    if mixup_on and cfg.batch_size % 2:
-        bad("--batch-size", cfg.batch_size, "must be even with --mixup/--cutmix (images are mixed in pairs)")
-    if cfg.resume and cfg.resume != "auto" and not Path(cfg.resume).is_file():
-        raise SequencerError(f"--resume {cfg.resume!r}: no such file",
-                             hint="pass a checkpoint written by `sequencer train`, or --resume auto")
-    if cfg.resume == "auto" and not cfg.experiment:
-        raise SequencerError("--resume auto needs --experiment NAME to know which folder to continue",
-                             hint="use the same --output/--experiment for every (re)start")
-    if cfg.model:
-        get_model_entry(cfg.model)  # unknown names fail before any data is read, with suggestions
-    if cfg.initial_checkpoint and not Path(cfg.initial_checkpoint).is_file():
-        raise SequencerError(f"--initial-checkpoint {cfg.initial_checkpoint!r}: no such file")
-    if not cfg.resume:  # a resume checks it once the checkpoint's settings are known
-        shorten_warmup(cfg)
-
-
-def shorten_warmup(cfg: argparse.Namespace) -> None:
-    if cfg.warmup_epochs and cfg.warmup_epochs >= cfg.epochs:
-        # timm's default 5 warmup epochs would keep a short run below --lr for its whole length. A quarter of the
-        # run instead; but stepped per epoch, warmup spends its whole first epoch at --warmup-lr, so a 1-epoch
-        # warmup would only waste an epoch (measured: 50% instead of 76% top-1 after 4 epochs, docs/training.md)
-        shortened = cfg.epochs // 4
-        if shortened < 2 and not cfg.sched_on_updates:
-            shortened = 0
-        warnings.warn(f"--warmup-epochs {cfg.warmup_epochs} is not below --epochs {cfg.epochs}: the lr would never "
-                      f"leave warmup; using --warmup-epochs {shortened}")
-        cfg.warmup_epochs = shortened
-
-
-# ------------------------------------------------------------------------------------------------ the command
-def run(args: argparse.Namespace) -> int:
-    cfg = resolve_config(args)
+def run_training(cfg: TrainConfig) -> TrainResult:
+    """Check ``cfg``, then run it in this process or as one rank of a torchrun launch; a failed run leaves no
+    empty experiment folder behind."""
     check_config(cfg)
     try:
         with dist_utils.process_group(cfg.device) as info:
@@ -350,7 +88,7 @@ def run(args: argparse.Namespace) -> int:
         raise
 
 
-def _train(cfg, info: dist_utils.DistInfo) -> int:
+def _train(cfg, info: dist_utils.DistInfo) -> TrainResult:
     """The run, step by step. Data, model and settings are all checked before a file or folder is written."""
     from timm.utils import random_seed
 
@@ -366,7 +104,7 @@ def _train(cfg, info: dist_utils.DistInfo) -> int:
     if start_epoch >= opt.num_epochs:
         _log(info, f"--resume {data.resume_path}: the run already finished its {opt.num_epochs} epochs; nothing to "
                    f"do (pass a larger --epochs to extend it)")
-        return 0
+        return _result(cfg, Path(data.resume_path).parent, None, 0)
     out = prepare_outputs(cfg, info, data.resume_path, data.resume_ckpt, start_epoch, loaders.img_size)
     train_model, eval_model = wrap_model(cfg, info, model)
     training = TrainingRun(cfg, info, model, train_model, eval_model, data.class_names, loaders, opt, out)
@@ -377,7 +115,8 @@ def _train(cfg, info: dist_utils.DistInfo) -> int:
         for epoch in range(start_epoch, opt.num_epochs):
             result = train_one_epoch(training, epoch, stop)
             if result.stopped_at is not None:
-                return save_recovery(training, epoch, result.stopped_at, stop.signum)
+                return _result(cfg, out.folder, out.manager,
+                               save_recovery(training, epoch, result.stopped_at, stop.signum))
             metrics, raw_top1 = evaluate_epoch(training)
             metric = float(metrics[cfg.eval_metric])
             if opt.scheduler is not None:
@@ -386,10 +125,24 @@ def _train(cfg, info: dist_utils.DistInfo) -> int:
             if stop.signum:  # the signal arrived during evaluation: the epoch is saved, stop here
                 _log(info, f"stopped by {signal.Signals(stop.signum).name} after epoch {epoch}; resume with "
                            f"--resume {out.folder / 'last.pth.tar'}")
-                return 128 + stop.signum
+                return _result(cfg, out.folder, out.manager, 128 + stop.signum)
     if metrics is not None:
         _log_finish(training, metrics, started)
-    return 0
+    return _result(cfg, out.folder, out.manager, 0)
+
+
+def _result(cfg, folder: Path, manager, exit_code: int) -> TrainResult:
+    """The run's :class:`TrainResult`, read back from what it wrote (``summary.csv``, ``model_best.pth.tar``)."""
+    rows = read_summary(folder / "summary.csv") if (folder / "summary.csv").is_file() else []
+    best_epoch = manager.best_epoch if manager is not None else None
+    if manager is None and rows:  # a finished run resumed: its best row by the metric it was run with
+        column, sign = {"top1": ("eval_top1", 1), "top5": ("eval_top5", 1), "loss": ("eval_loss", -1)}[cfg.eval_metric]
+        best_epoch = int(max(rows, key=lambda r: (sign * float(r[column]), -int(r["epoch"])))["epoch"])
+    best_row = next((r for r in rows if int(r["epoch"]) == best_epoch), None)
+    best = folder / "model_best.pth.tar"
+    return TrainResult(best_top1=float(best_row["eval_top1"]) if best_row else None, best_epoch=best_epoch,
+                       checkpoint=best if best.is_file() else None, output_dir=folder, summary=rows,
+                       exit_code=exit_code)
 
 
 # ------------------------------------------------------------------------------------------------------ data

@@ -65,6 +65,22 @@ def _functional_child(m: RNN2d | Downsample2d) -> nn.Module | None:
     return m.fc if isinstance(m, RNN2d) else m.down
 
 
+def layer_macs(m: nn.Conv2d | nn.Linear, output: torch.Tensor) -> int:
+    """Multiply-adds of a conv or linear layer that produced ``output``."""
+    if isinstance(m, nn.Conv2d):
+        return output.numel() * (m.in_channels // m.groups) * math.prod(m.kernel_size)
+    return output.numel() // m.out_features * m.in_features * m.out_features
+
+
+def _sequence_shape(m: nn.RNNBase, x: torch.Tensor) -> tuple[int, int]:
+    """(sequence length, number of sequences) of an RNN's input ``x``."""
+    if x.dim() == 2:
+        return x.shape[0], 1
+    if m.batch_first:
+        return x.shape[1], x.shape[0]
+    return x.shape[0], x.shape[1]
+
+
 def count_macs(model: nn.Module, input_size: Sequence[int] = (3, 224, 224)) -> int:
     """Multiply-adds of one forward pass of ``model`` on a single (C, H, W) image; see the module docstring.
 
@@ -74,24 +90,12 @@ def count_macs(model: nn.Module, input_size: Sequence[int] = (3, 224, 224)) -> i
     calls: dict[nn.Module, int] = {}
     calls_before: dict[nn.Module, int] = {}
 
-    def layer_macs(m: nn.Conv2d | nn.Linear, output: torch.Tensor) -> int:
-        if isinstance(m, nn.Conv2d):
-            return output.numel() * (m.in_channels // m.groups) * math.prod(m.kernel_size)
-        return output.numel() // m.out_features * m.in_features * m.out_features
-
     def layer_hook(m: nn.Conv2d | nn.Linear, inputs, output):
         calls[m] = calls.get(m, 0) + 1
         counts.append(layer_macs(m, output))
 
     def rnn_hook(m: nn.RNNBase, inputs, output):
-        x = inputs[0]
-        if x.dim() == 2:
-            seq_len, num_seqs = x.shape[0], 1
-        elif m.batch_first:
-            num_seqs, seq_len = x.shape[:2]
-        else:
-            seq_len, num_seqs = x.shape[:2]
-        counts.append(rnn_macs(m, seq_len, num_seqs))
+        counts.append(rnn_macs(m, *_sequence_shape(m, inputs[0])))
 
     # BiLSTM2D's mixing fc and a 1x1 downsample conv may run functionally on their weights, bypassing their own
     # hooks; their parent's output then has the layer's output size, so the parent counts them

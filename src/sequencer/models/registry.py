@@ -1,4 +1,7 @@
-"""Model registry: ``create_model(name, ...)`` and ``list_models(pattern)``."""
+"""Model registry: ``create_model(name, ...)`` and ``list_models(pattern)``.
+
+Model files register their variants here (``register_model``); this module imports none of them, so the registry
+and the models import one way only (``models/__init__.py`` imports the model files to fill it)."""
 from __future__ import annotations
 
 import copy
@@ -9,6 +12,9 @@ from dataclasses import dataclass
 from torch import nn
 
 from ..errors import SequencerError
+from .features import FeatureExtractor
+from .hub import load_pretrained
+from .loading import load_checkpoint
 
 
 @dataclass(frozen=True)
@@ -69,8 +75,6 @@ def create_model(
     ``overrides`` replace architecture arguments (e.g. ``union="add"``, ``proj_drop_rate=0.1``).
     Bad names and arguments raise SequencerError.
     """
-    from .loading import load_checkpoint, load_pretrained  # loading imports this module
-
     entry = get_model_entry(name)
     cfg = copy.deepcopy(entry.pretrained_cfg)
     cfg.update(pretrained_cfg_overlay or {})
@@ -97,6 +101,5 @@ def create_model(
     if checkpoint_path:
         load_checkpoint(model, checkpoint_path, use_ema=use_ema)
     if features_only:
-        from .sequencer2d import FeatureExtractor
         model = FeatureExtractor(model, out_indices)
     return model

@@ -17,15 +17,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import DropPath, lecun_normal_
 
-from .kernels.onednn import (_autocast_bf16_copies, _MixAxesFunction, _onednn_linear_ok, _OneDnnMlpFunction,
-                             _under_cpu_bf16_autocast, linear)
-from .kernels.recurrence import RNN_TYPES, fused_bilstm2d, resolve_backend, run_rnn, uses_fused_lstm
+from .kernels import (RNN_TYPES, autocast_bf16_copies, fused_bilstm2d, linear, mix_axes, onednn_linear_ok, onednn_mlp,
+                      resolve_backend, run_rnn, under_cpu_bf16_autocast, uses_fused_lstm)
 from .registry import register_model
 
-IMAGENET_DEFAULT_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_DEFAULT_STD = (0.229, 0.224, 0.225)
 RELEASE_URL = "https://github.com/okojoalg/sequencer/releases/download/weights/{}.pth"
 
 UNIONS = ("cat", "add", "vertical", "horizontal")
@@ -106,7 +104,7 @@ class Mlp(nn.Module):
         return self.drop2(self.fc2(self.drop1(x)))
 
     def _train_on_onednn(self, x: torch.Tensor) -> torch.Tensor | None:
-        """The memory-saving :class:`_OneDnnMlpFunction`, also under CPU bf16 autocast; None where not applicable.
+        """The memory-saving :func:`~sequencer.models.kernels.onednn_mlp`, also under CPU bf16 autocast; None where not applicable.
 
         Under autocast the casts autocast would make (input and weights to bf16, via differentiable ``.to``, so
         the fp32 weights get fp32 gradients) are made here, and the MLP runs in bf16 as autocast would run it.
@@ -114,14 +112,14 @@ class Mlp(nn.Module):
         params = [self.fc1.weight, self.fc1.bias, self.fc2.weight, self.fc2.bias]
         no_autocast = contextlib.nullcontext()
         if x.device.type == "cpu" and torch.is_autocast_enabled("cpu"):
-            if not _under_cpu_bf16_autocast(x):
+            if not under_cpu_bf16_autocast(x):
                 return None
-            x, *params = _autocast_bf16_copies(x, *params)
+            x, *params = autocast_bf16_copies(x, *params)
             no_autocast = torch.autocast("cpu", enabled=False)
         with no_autocast:
-            if not _onednn_linear_ok(x, params[0]):
+            if not onednn_linear_ok(x, params[0]):
                 return None
-            return _OneDnnMlpFunction.apply(x.contiguous(), *params)
+            return onednn_mlp(x.contiguous(), *params)
 
 
 class RNN2d(nn.Module):
@@ -187,9 +185,9 @@ class RNN2d(nn.Module):
     def _mix(self, v_seq: torch.Tensor | None, h_seq: torch.Tensor | None) -> torch.Tensor:
         """Union of the axes' outputs, then ``fc``: (H, B, W, D) and (W, B, H, D) -> (B, H, W, dim)."""
         if (self.union == "cat" and self.fc is not None and v_seq is not None and h_seq is not None
-                and _onednn_linear_ok(v_seq, self.fc.weight)):
+                and onednn_linear_ok(v_seq, self.fc.weight)):
             # CPU: no concatenation, each half in its own layout (on a GPU the concatenation is cheap, one GEMM wins)
-            return _MixAxesFunction.apply(v_seq.contiguous(), h_seq.contiguous(), self.fc.weight, self.fc.bias)
+            return mix_axes(v_seq.contiguous(), h_seq.contiguous(), self.fc.weight, self.fc.bias)
         v = v_seq.permute(1, 0, 2, 3) if v_seq is not None else None
         h = h_seq.permute(1, 2, 0, 3) if h_seq is not None else None
         if v is not None and h is not None:
@@ -438,27 +436,6 @@ class Sequencer2d(nn.Module):
             return intermediates
         # after stop_early the last stage run may be an earlier one, whose width the final norm need not match
         return (self.norm(x) if last == n - 1 else x), intermediates
-
-
-class FeatureExtractor(nn.Module):
-    """``features_only=True`` wrapper: returns a list of NCHW stage maps; ``feature_info`` lists their shapes."""
-
-    def __init__(self, model: Sequencer2d, out_indices: Sequence[int] | None = None):
-        super().__init__()
-        n = len(model.stages)
-        self.out_indices = tuple(range(n) if out_indices is None else (i % n for i in out_indices))
-        model.reset_classifier(0)
-        self.model = model
-        self.feature_info = [model.feature_info[i] for i in self.out_indices]
-
-    def channels(self) -> list[int]:
-        return [f["num_chs"] for f in self.feature_info]
-
-    def reduction(self) -> list[int]:
-        return [f["reduction"] for f in self.feature_info]
-
-    def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
-        return self.model.forward_intermediates(x, indices=self.out_indices, intermediates_only=True)
 
 
 def _cfg(url: str = "", **kwargs) -> dict:

@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .kernels.recurrence import resolve_backend, run_rnn
+from .kernels import resolve_backend, run_rnn
 from .registry import register_model
 from .sequencer2d import RNN_TYPES, Sequencer2d, _cfg
 
@@ -41,8 +41,9 @@ class VanillaSequencer(Sequencer2d):
     """Sequencer with 1D token mixing; optional absolute position embedding ``absolute_pos_embed`` (1, Gh, Gw, C)."""
 
     def __init__(self, *args, ape: bool = False, **kwargs):
-        kwargs.pop("union", None)
-        kwargs.pop("with_fc", None)
+        for name in ("union", "with_fc"):  # BiLSTM2D's options: one LSTM over the tokens has neither
+            if name in kwargs:
+                raise ValueError(f"{name!r} does not apply to VanillaSequencer (it mixes tokens with one 1D LSTM)")
         super().__init__(*args, **kwargs)
         self.ape = ape
         if ape:

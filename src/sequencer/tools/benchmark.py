@@ -23,7 +23,6 @@ faster of PyTorch's default (MKL for fp32) and oneDNN is taken as the machine's 
 """
 from __future__ import annotations
 
-import argparse
 import copy
 import json
 import os
@@ -34,18 +33,15 @@ import subprocess
 import sys
 import time
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 from typing import Callable
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..engine.inference import (add_model_args, check_input_size, check_results_file, load_model_from_args, positive_int,
-                          relative_error, resolve_device)
+from ..engine.inference import check_input_size, load_model, relative_error, resolve_device
 from ..errors import SequencerError
-from ..fileio import write_atomically
-from ..models.kernels.onednn import onednn_bf16_supported
+from ..models.kernels import onednn_bf16_supported
 
 AMP_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 TIMM_MODELS = ("sequencer2d_s", "sequencer2d_m", "sequencer2d_l")
@@ -54,6 +50,37 @@ TIMM_MODELS = ("sequencer2d_s", "sequencer2d_m", "sequencer2d_l")
 # a fixed threshold every block above 64 KiB is mapped on allocation and unmapped on free, and the resident set
 # follows the live memory (identical runs then agree within 0.3 MiB)
 GLIBC_EXACT_RSS = {"MALLOC_MMAP_THRESHOLD_": "65536"}
+
+
+@dataclass
+class BenchmarkSettings:
+    """What one benchmark run measures; the fields are ``sequencer benchmark``'s flags (``device=None``: CUDA when
+    available). ``data`` switches to the data-loader benchmark (``workers``, ``rounds``)."""
+    model: str | None = None
+    checkpoint: str = ""
+    pretrained: bool = False
+    num_classes: int | None = None
+    img_size: int | None = None
+    input_size: tuple[int, int, int] | None = None
+    use_ema: bool = True
+    batch_size: int = 16
+    mode: str = "infer"  # infer, train or both
+    amp_dtype: str = "float32"
+    compare_timm: bool = False
+    optimized: bool = False
+    torchcompile: bool = False
+    lstm_backend: str = "native"
+    reference_model: str = ""
+    device: str | None = None
+    num_warmup: int = 2
+    num_iter: int = 10
+    memory_iter: int = 2
+    gemm_size: int = 2048
+    seed: int = 0
+    onnx: list[str] = field(default_factory=list)
+    data: str = ""
+    workers: int = 2
+    rounds: int = 3
 
 
 @dataclass
@@ -138,7 +165,7 @@ def with_lstm_backend(model: nn.Module, backend: str) -> nn.Module:
     return model
 
 
-def extra_impls(impls: dict[str, nn.Module], args: argparse.Namespace, device: torch.device) -> dict[str, nn.Module]:
+def extra_impls(impls: dict[str, nn.Module], args: BenchmarkSettings, device: torch.device) -> dict[str, nn.Module]:
     """``--lstm-backend triton``: ours on the fused kernel; ``--torchcompile``: a compiled twin of each eager
     implementation (named ``<impl>-compiled``); ``--reference-model``: timm's model of that name, own weights."""
     extra = {}
@@ -307,43 +334,7 @@ def measure_peak_memory(spec: dict, timeout: float = 900) -> float | None:
 
 # ---- the command -------------------------------------------------------------------------------------------------
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    add_model_args(parser)
-    parser.add_argument("-b", "--batch-size", type=positive_int, default=16, help="images per step (default 16)")
-    parser.add_argument("--mode", choices=("infer", "train", "both"), default="infer")
-    parser.add_argument("--amp-dtype", choices=tuple(AMP_DTYPES), default="float32",
-                        help="compute dtype: autocast for eager models, weight dtype for --optimized on CPU")
-    parser.add_argument("--compare-timm", action="store_true",
-                        help="also run timm's Sequencer2d, same weights, interleaved in this process")
-    parser.add_argument("--optimized", action="store_true",
-                        help="also run sequencer.optimize_for_inference(model, dtype) (inference only)")
-    parser.add_argument("--torchcompile", action="store_true",
-                        help="also run each implementation under torch.compile (rows named <impl>-compiled)")
-    parser.add_argument("--lstm-backend", choices=("native", "auto", "triton"), default="native",
-                        help="also run ours with this LSTM backend (row ours-<backend>; default: native only)")
-    parser.add_argument("--reference-model", default="", metavar="TIMM_NAME",
-                        help="also run this timm model (its own weights) as a reference row, e.g. convnext_tiny")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu or cuda")
-    parser.add_argument("--num-warmup", type=int, default=2, help="untimed steps per implementation (default 2)")
-    parser.add_argument("--num-iter", type=positive_int, default=10, help="timed steps per implementation")
-    parser.add_argument("--memory-iter", type=int, default=2,
-                        help="steps per peak-memory probe; 0 skips the memory measurement (default 2)")
-    parser.add_argument("--gemm-size", type=positive_int, default=2048, help="side of the GEMM-rate probe")
-    parser.add_argument("--results-file", default="", metavar="R.json", help="write the results as JSON")
-    parser.add_argument("--seed", type=int, default=0)
-    g = parser.add_argument_group("input pipeline (--data)")
-    g.add_argument("--data", default="", metavar="DIR",
-                   help="measure the training input pipeline on DIR's train split instead of the model "
-                        "(with --compare-timm: beside timm's create_loader)")
-    g.add_argument("-j", "--workers", type=int, default=2, help="data-loader workers for --data (default 2)")
-    g.add_argument("--rounds", type=positive_int, default=3, help="alternating timed rounds for --data (default 3)")
-    parser.add_argument("--onnx", action="append", default=[], metavar="PATH",
-                        help="also time this `sequencer export` ONNX file (fp32 or int8) under onnxruntime, "
-                             "interleaved with the PyTorch paths (inference; repeatable; the model defaults to "
-                             "the file's)")
-
-
-def load_onnx_impls(args: argparse.Namespace) -> dict[str, nn.Module]:
+def load_onnx_impls(args: BenchmarkSettings) -> dict[str, nn.Module]:
     """The --onnx files as ``{"ort-fp32" / "ort-int8": OnnxModel}``; the model options default to the first file's."""
     from .onnx_runtime import OnnxModel
 
@@ -364,7 +355,7 @@ def load_onnx_impls(args: argparse.Namespace) -> dict[str, nn.Module]:
 @dataclass
 class _Setup:
     """What every implementation measured in one run shares: the model, its inputs and the machine's GEMM rate."""
-    args: argparse.Namespace
+    args: BenchmarkSettings
     device: torch.device
     amp: torch.dtype
     name: str
@@ -378,7 +369,7 @@ class _Setup:
     onnx_models: dict[str, nn.Module]  # --onnx files, {"ort-fp32" / "ort-int8": OnnxModel}
 
 
-def run_benchmark(args: argparse.Namespace) -> dict:
+def run_benchmark(args: BenchmarkSettings) -> dict:
     setup = _prepare(args)
     modes = ("infer", "train") if args.mode == "both" else (args.mode,)
     results = [r for mode in modes for r in _measure_mode(setup, mode)]
@@ -392,7 +383,7 @@ def run_benchmark(args: argparse.Namespace) -> dict:
         results=[asdict(r) for r in results])
 
 
-def _prepare(args: argparse.Namespace) -> _Setup:
+def _prepare(args: BenchmarkSettings) -> _Setup:
     """Check the options, load the model, count its MACs, measure the GEMM rate and draw the inputs."""
     device = resolve_device(args.device)
     amp = AMP_DTYPES[args.amp_dtype]
@@ -402,7 +393,8 @@ def _prepare(args: argparse.Namespace) -> _Setup:
         raise SequencerError("--num-warmup and --memory-iter must be >= 0")
     torch.manual_seed(args.seed)
     onnx_models = load_onnx_impls(args)
-    loaded = load_model_from_args(args, device)
+    loaded = load_model(args.checkpoint, model=args.model, pretrained=args.pretrained, num_classes=args.num_classes,
+                        img_size=args.img_size, input_size=args.input_size, use_ema=args.use_ema, device=device)
     model, name = loaded.model, loaded.name
     if args.compare_timm and name not in TIMM_MODELS:
         raise SequencerError(f"--compare-timm: timm has no {name!r}", hint=f"use one of {', '.join(TIMM_MODELS)}")
@@ -495,39 +487,3 @@ def _result(setup: _Setup, mode: str, impl: str, times: list[float]) -> Result:
                     onnx=str(setup.onnx_models[impl].path) if impl in setup.onnx_models else None)
         r.peak_memory_mb = measure_peak_memory(spec)
     return r
-
-
-def format_results(report: dict) -> str:
-    head = f"{'impl':<15} {'mode':<6} {'dtype':<9} {'img/s':>8} {'step ms':>9} {'vs timm':>8} {'peak MiB':>9} " \
-           f"{'GEMM %':>7} {'rel diff':>9}"
-    gmacs = report['results'][0]['gmacs']
-    lines = [f"{report['model']} {'x'.join(map(str, report['input_size']))} batch {report['batch_size']} on "
-             f"{report['device']} ({report['threads']} threads); params "
-             f"{report['results'][0]['params_m']:.2f}M, GMACs/img {gmacs if gmacs is None else round(gmacs, 3)}"
-             f", GEMM rate {report['gemm_gflops']:.0f} GFLOP/s", head]
-
-    def fmt(v, spec):
-        return "-" if v is None else format(v, spec)
-    for r in report["results"]:
-        lines.append(f"{r['impl']:<15} {r['mode']:<6} {r['dtype']:<9} {r['img_per_s']:>8.2f} {r['step_ms']:>9.1f} "
-                     f"{fmt(r['speedup_vs_timm'], '>7.2f') + ('x' if r['speedup_vs_timm'] else ''):>8} "
-                     f"{fmt(r['peak_memory_mb'], '>9.0f'):>9} "
-                     f"{fmt(None if r['gemm_fraction'] is None else 100 * r['gemm_fraction'], '>6.1f'):>7} "
-                     f"{fmt(r['max_rel_diff_vs_timm'], '>9.1e'):>9}")
-    return "\n".join(lines)
-
-
-def run(args: argparse.Namespace) -> int:
-    check_results_file(args.results_file)
-    if args.data:
-        from .loader_benchmark import format_loader_results, run_loader_benchmark
-        img_size = args.img_size or 224
-        report = run_loader_benchmark(args, resolve_device(args.device), img_size)
-        print(format_loader_results(report))
-    else:
-        report = run_benchmark(args)
-        print(format_results(report))
-    if args.results_file:
-        text = json.dumps(report, indent=2)
-        write_atomically(args.results_file, lambda tmp: Path(tmp).write_text(text), what="--results-file")
-    return 0

@@ -15,18 +15,13 @@ Ding et al. 2022), the fraction of the input that holds t of the raw map's total
 """
 from __future__ import annotations
 
-import argparse
 import contextlib
 import io
-import random
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from ..engine.inference import (add_model_args, check_input_size, eval_transform, find_images, load_model_from_args,
-                          positive_int, read_images, resolve_device)
-from ..errors import SequencerError
 from ..fileio import write_atomically
 
 PANEL_IN, COLORBAR_IN, HEIGHT_IN, DPI = 3.6, 1.0, 3.6, 100  # figure of n panels: (3.6 n + 1) x 3.6 in at 100 dpi
@@ -142,90 +137,7 @@ def plot_erf(maps: np.ndarray, titles: list[str], path: Path, suptitle: str, mod
     write_atomically(path, lambda tmp: Path(tmp).write_bytes(buf.getvalue()))
 
 
-def _parse_stage(text: str) -> str | int:
-    if text == "all":
-        return text
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a stage number (1, 2, ...) or 'all', got {text!r}") from None
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"stages are numbered from 1, got {value}")
-    return value
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("data", metavar="DATA", help="folder of images (searched recursively) or image files")
-    parser.add_argument("--num-images", "-n", type=positive_int, default=50, metavar="N",
-                        help="images to average over (a seeded random sample of DATA)")
-    parser.add_argument("--output", "-o", default="erf.png", metavar="PNG", help="heat map; the raw map goes to .npy")
-    parser.add_argument("--stage", type=_parse_stage, default=None, metavar="K|all",
-                        help="stage K (1-based) or 'all' (one panel each); default: the final features")
-    parser.add_argument("--mode", choices=MODES, default="paper",
-                        help="paper: the Sequencer paper's ERF (ReLU'd centre, positive gradient summed, log10(x+1) "
-                             "min-max scaled); magnitude: |gradient| of the plain centre sum, averaged (not the "
-                             "paper's)")
-    parser.add_argument("-b", "--batch-size", type=positive_int, default=8, metavar="N")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the image sample")
-    parser.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda when available)")
-    add_model_args(parser)
-
-
-def run(args: argparse.Namespace) -> int:
-    output = Path(args.output)
-    if output.suffix.lower() != ".png":
-        raise SequencerError(f"--output {args.output!r} must be a .png file")
-    if not output.parent.is_dir():
-        raise SequencerError(f"output folder {str(output.parent)!r} does not exist")
-    files = find_images([args.data])
-    device = resolve_device(args.device)
-    loaded = load_model_from_args(args, device)
-    check_input_size(loaded, *loaded.input_size[1:])
-    num_stages = len(getattr(loaded.model, "stages", [None]))
-    if args.stage == "all":
-        stages = list(range(num_stages))
-    elif args.stage is not None:
-        if args.stage > num_stages:
-            raise SequencerError(f"--stage {args.stage}: model {loaded.name!r} has {num_stages} stages")
-        stages = [args.stage - 1]
-    else:
-        stages = [num_stages - 1]
-    if len(files) > args.num_images:
-        files = sorted(random.Random(args.seed).sample(files, args.num_images))
-    elif len(files) < args.num_images:
-        print(f"note: {args.data} holds {len(files)} image(s), fewer than --num-images {args.num_images}")
-    transform = eval_transform(loaded)
-
-    def batches():
-        for start in range(0, len(files), args.batch_size):
-            _, tensors, _ = read_images(files[start:start + args.batch_size], transform)
-            if tensors:
-                yield torch.stack(tensors)
-
-    if args.mode == "magnitude" and num_stages - 1 in stages:
-        _warn_if_untrained_norm(loaded.model)
-    maps, count = erf_maps(loaded.model, batches(), stages, device, args.mode)
-    if count == 0:
-        raise SequencerError(f"none of the {len(files)} image(s) in {args.data!r} could be read")
-    final = args.stage is None
-    titles = ["final features" if final else f"stage {s + 1}" for s in stages]
-    size = "x".join(map(str, loaded.input_size[1:]))
-    plot_erf(maps, titles, output, f"ERF ({args.mode}) of {loaded.name} at {size} px, {count} images", args.mode)
-    npy = output.with_suffix(".npy")
-    def write_npy(tmp: str) -> None:
-        with open(tmp, "wb") as f:  # a file object: np.save would append ".npy" to a path
-            np.save(f, maps[0] if len(maps) == 1 else maps)
-
-    write_atomically(npy, write_npy)
-    for title, m in zip(titles, maps):
-        ratios = area_ratios(m)
-        print(f"{title}: high-contribution area ratio " +
-              "  ".join(f"{int(t * 100)}%: {r:.4f}" for t, r in ratios.items()))
-    print(f"wrote {output} and {npy} ({count} images)")
-    return 0
-
-
-def _warn_if_untrained_norm(model: torch.nn.Module) -> None:
+def warn_if_untrained_norm(model: torch.nn.Module) -> None:
     weight = getattr(getattr(model, "norm", None), "weight", None)
     if weight is not None and bool((weight == weight.flatten()[0]).all()):
         # sum_c LayerNorm(x)_c = sum_c w (x_c - mean) / std + b is constant when all w are equal (untrained norm)

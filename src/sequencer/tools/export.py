@@ -14,11 +14,9 @@
 """
 from __future__ import annotations
 
-import argparse
 import contextlib
 import json
 import os
-import sys
 import tempfile
 import warnings
 from pathlib import Path
@@ -27,8 +25,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..engine.inference import (add_model_args, check_input_size, load_model_from_args, positive_int, relative_error,
-                          warn_if_random_weights)
+from ..engine.inference import relative_error
 from ..errors import SequencerError
 from ..fileio import write_atomically
 from ..models.loading import save_weights
@@ -276,100 +273,3 @@ def export_onnx_int8(model: nn.Module, path: str | os.PathLike, input_size: tupl
         raise SequencerError(f"int8 quantisation failed ({type(e).__name__}: {str(e).splitlines()[0][:200]})"
                              ) from None
     return result
-
-
-def check_output_format(args: argparse.Namespace) -> str:
-    """The export format; the --output suffix must be one of its suffixes (checked before anything is written)."""
-    suffix = Path(args.output).suffix.lower()
-    inferred = next((name for name, suffixes in FORMATS.items() if suffix in suffixes), None)
-    if args.format and inferred != args.format:
-        raise SequencerError(f"--output {args.output!r} does not end in {' or '.join(FORMATS[args.format])}, "
-                             f"the suffix of --format {args.format}", hint="name the file after its format")
-    if not args.format and inferred is None:
-        raise SequencerError(f"cannot tell the export format from {args.output!r}",
-                             hint="end --output in .onnx, .pt or .safetensors")
-    return args.format or inferred
-
-
-def check_export_options(args: argparse.Namespace, fmt: str) -> None:
-    """One-line errors for option combinations that cannot work, before the model is loaded."""
-    if fmt == "onnx" and not MIN_OPSET <= args.opset <= MAX_OPSET:
-        raise SequencerError(f"--opset {args.opset} is not supported: the exporter writes opsets {MIN_OPSET} to "
-                             f"{MAX_OPSET} (LayerNormalization needs {MIN_OPSET})")
-    if args.quantize and fmt != "onnx":
-        raise SequencerError(f"--quantize {args.quantize} is for ONNX exports, not {fmt}",
-                             hint="use --format onnx and an .onnx --output")
-    if (args.verify or args.min_agreement is not None) and not args.quantize:
-        raise SequencerError("--verify and --min-agreement check an int8 export", hint="add --quantize int8")
-    if args.min_agreement is not None and not 0 <= args.min_agreement <= 1:
-        raise SequencerError(f"--min-agreement {args.min_agreement:g} is not a fraction between 0 and 1")
-    if args.verify and not Path(args.verify).is_dir():
-        raise SequencerError(f"--verify {args.verify!r} is not a folder of images")
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    add_model_args(parser)
-    parser.add_argument("--format", "-f", choices=sorted(FORMATS), default=None,
-                        help="export format (default: from the --output suffix: .onnx, .pt/.ts, .safetensors); "
-                             "the suffix must match it")
-    parser.add_argument("--output", "-o", required=True, metavar="PATH", help="file to write")
-    parser.add_argument("--dynamic-batch", action="store_true", help="ONNX/TorchScript: variable batch size")
-    parser.add_argument("--batch-size", type=positive_int, default=1, help="batch size of the example input")
-    parser.add_argument("--opset", type=positive_int, default=17, help=f"ONNX opset ({MIN_OPSET} to {MAX_OPSET})")
-    parser.add_argument("--rtol", type=float, default=1e-4,
-                        help="allowed max |exported - PyTorch| / max |PyTorch| of the logits")
-    g = parser.add_argument_group("int8 (ONNX)")
-    g.add_argument("--quantize", choices=("int8",), default=None,
-                   help="dynamic int8 quantisation through onnxruntime (int8 weights, activations at run time)")
-    g.add_argument("--verify", default=None, metavar="DIR",
-                   help="run fp32 and int8 on the images under DIR; report top-1 agreement (and top-1 where DIR "
-                        "has class subfolders)")
-    g.add_argument("--min-agreement", type=float, default=None, metavar="FRACTION",
-                   help="with --verify: write nothing unless int8 agrees with fp32 on this fraction (default 0.99)")
-
-
-def _report_int8(result: dict, verify: str | None) -> str:
-    if not verify:
-        print("warning: int8 accuracy not checked; pass --verify DIR (a folder of images) to measure it",
-              file=sys.stderr)
-        return f"fp32 graph matches PyTorch (relative error {result['rel_error']:.1e}), quantised to int8"
-    text = f"int8 agrees with fp32 on {100 * result['agreement']:.2f}% of {result['count']} images"
-    if result["fp32_top1"] is not None:
-        text += f" (top-1 fp32 {100 * result['fp32_top1']:.2f}%, int8 {100 * result['int8_top1']:.2f}%)"
-    return text
-
-
-def run(args: argparse.Namespace) -> int:
-    fmt = check_output_format(args)
-    check_export_options(args, fmt)
-    warn_if_random_weights(args)
-    loaded = load_model_from_args(args, "cpu")
-    model, input_size = loaded.model, loaded.input_size
-    check_input_size(loaded, *input_size[1:])
-    data_config = dict(loaded.data_config, img_size=input_size[-1])
-    config = {"arch": loaded.name, "model_kwargs": dict(getattr(model, "model_kwargs", {}) or {}),
-              "class_names": loaded.class_names, "data_config": data_config}
-    meta = {"arch": loaded.name, "class_names": loaded.class_names or [], "data_config": data_config,
-            "input_size": list(input_size)}
-    out = Path(args.output)
-    onnx_kwargs = dict(batch_size=args.batch_size, dynamic_batch=args.dynamic_batch, opset=args.opset,
-                       rtol=args.rtol, metadata=meta)
-    if fmt == "onnx" and args.quantize:
-        result = export_onnx_int8(model, out, input_size, verify=args.verify,
-                                  min_agreement=0.99 if args.min_agreement is None else args.min_agreement,
-                                  **onnx_kwargs)
-        fmt, how = "onnx int8", _report_int8(result, args.verify)
-    elif fmt == "onnx":
-        err = export_onnx(model, out, input_size, **onnx_kwargs)
-        how = f"onnxruntime logits match PyTorch (relative error {err:.1e})"
-    elif fmt == "torchscript":
-        err = export_torchscript(model, out, input_size, batch_size=args.batch_size,
-                                 dynamic_batch=args.dynamic_batch, rtol=args.rtol, metadata=meta)
-        how = f"reloaded trace matches PyTorch (relative error {err:.1e})"
-    else:
-        err = export_safetensors(model, out, config)
-        how = f"model rebuilt from the file matches (relative error {err:.1e})"
-    size = out.stat().st_size / 2**20
-    print(f"exported {loaded.name} ({loaded.num_params / 1e6:.2f}M params, input {'x'.join(map(str, input_size))}) "
-          f"to {fmt}: {out} ({size:.1f} MiB); {how}")
-    return 0

@@ -10,12 +10,15 @@ workers' start-up).
 """
 from __future__ import annotations
 
-import argparse
 import time
+from typing import TYPE_CHECKING
 
 import torch
 
 from ..errors import SequencerError
+
+if TYPE_CHECKING:
+    from .benchmark import BenchmarkSettings
 
 PAPER_AUGMENT = dict(auto_augment="rand-m9-mstd0.5-inc1", re_prob=0.25, re_mode="pixel", interpolation="random")
 
@@ -61,7 +64,7 @@ def _round(loader, batches: int, device: torch.device) -> float:
     return count / elapsed
 
 
-def run_loader_benchmark(args: argparse.Namespace, device: torch.device, img_size: int) -> dict:
+def run_loader_benchmark(args: BenchmarkSettings, device: torch.device, img_size: int) -> dict:
     """{'ours': [img/s per round], 'timm': [...]} for ``args.data`` (timm only with ``--compare-timm``)."""
     makers = {"ours": _ours}
     if args.compare_timm:

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..engine.inference import LoadedModel, load_model_from_args
+from ..engine.inference import LoadedModel
 from ..errors import SequencerError
 
 METADATA_KEYS = ("arch", "class_names", "data_config", "input_size")
@@ -108,28 +108,3 @@ def load_onnx(path: str | os.PathLike, threads: int | None = None) -> LoadedMode
     # the class names stand in for a checkpoint's, so validate maps a dataset's class folders onto them
     return LoadedModel(model, name, class_names, tuple(input_size), data_config,
                        {"class_names": class_names} if class_names else None)
-
-
-def add_onnx_argument(parser) -> None:
-    parser.add_argument("--onnx", default=None, metavar="PATH",
-                        help="run this `sequencer export` ONNX file (fp32 or int8) through onnxruntime instead of a "
-                             "PyTorch model; preprocessing and class names come from the file")
-
-
-def load_model_or_onnx(args, device: torch.device | str = "cpu") -> LoadedModel:
-    """``--onnx PATH`` when given (no model options allowed beside it), else the PyTorch model the options name."""
-    if not getattr(args, "onnx", None):
-        return load_model_from_args(args, device)
-    given = [flag for flag, value in (("--model", args.model), ("--checkpoint", args.checkpoint),
-                                      ("--pretrained", args.pretrained), ("--num-classes", args.num_classes))
-             if value]
-    if given:
-        raise SequencerError(f"--onnx {args.onnx!r} carries its own model and weights; drop {', '.join(given)}")
-    loaded = load_onnx(args.onnx)
-    size = args.input_size[1:] if args.input_size else (args.img_size,) * 2 if args.img_size else None
-    if size:
-        try:
-            loaded.model.check_input_size(*size)
-        except ValueError as e:
-            raise SequencerError(str(e), hint="drop --img-size/--input-size, or export at that size") from None
-    return loaded

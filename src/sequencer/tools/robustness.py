@@ -17,17 +17,12 @@ Corruptions without an AlexNet reference are reported without CE. The JSON recor
 """
 from __future__ import annotations
 
-import argparse
-import json
-import os
 import warnings
 from pathlib import Path
 
-from ..engine.inference import (add_model_args, check_input_size, check_results_file, default_workers, eval_loader,
-                          load_model_from_args, positive_int, resolve_device)
 from ..engine.evaluate import evaluate
+from ..engine.inference import LoadedModel, eval_loader
 from ..errors import SequencerError
-from ..fileio import write_atomically
 
 # AlexNet's top-1 error on each ImageNet-C corruption, averaged over severities 1-5: the normalisers of CE.
 # Source: Hendrycks & Dietterich, "Benchmarking Neural Network Robustness to Common Corruptions and Perturbations",
@@ -140,39 +135,22 @@ def select_corruptions(found: dict[str, Path], requested: list[str] | None, root
     return standard
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("data", metavar="DATA_C", help="ImageNet-C folder: CORRUPTION/SEVERITY/CLASS/IMAGE")
-    parser.add_argument("--results-file", required=True, metavar="R.json", help="where to write the results (JSON)")
-    parser.add_argument("--clean", default=None, metavar="DATA", help="clean dataset, for the relative mCE")
-    parser.add_argument("--clean-split", default="val", help="split of --clean to evaluate (default: val)")
-    parser.add_argument("--corruptions", nargs="+", default=None, metavar="NAME",
-                        help="exactly these corruptions (default: the 15 standard ones present)")
-    parser.add_argument("-b", "--batch-size", type=positive_int, default=64, metavar="N")
-    parser.add_argument("-j", "--workers", type=int, default=None, metavar="N", help="data loading processes")
-    parser.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda when available)")
-    add_model_args(parser)
-
-
-def run(args: argparse.Namespace) -> int:
-    check_results_file(args.results_file)  # first: it is cheap, the data scan is not
-    corruptions = select_corruptions(find_corruptions(args.data), args.corruptions, args.data)
-    if args.clean and not os.path.isdir(args.clean):
-        raise SequencerError(f"clean data folder {args.clean!r} does not exist")
-    device = resolve_device(args.device)
-    loaded = load_model_from_args(args, device)
-    check_input_size(loaded, *loaded.input_size[1:])
-    workers = default_workers() if args.workers is None else args.workers
-
+def mean_corruption_error(loaded: LoadedModel, corruptions: dict[str, Path], batch_size: int = 64, workers: int = 0,
+                          device="cpu", clean: str | None = None, clean_split: str = "val") -> dict:
+    """Corruption errors, CEs and mCE of ``loaded`` on ``corruptions`` ({name: folder of severity folders}, e.g.
+    :func:`select_corruptions`), by the paper's protocol (resize, no crop); with ``clean`` (a dataset folder, its
+    ``clean_split`` evaluated with the model's own preprocessing) also the relative mCE. Prints one line per
+    corruption; returns :func:`summarize`'s dict."""
     def error_of(folder: str, split: str, crop_pct: float | None) -> float:
-        loader = eval_loader(folder, split, loaded, loaded.input_size, args.batch_size, workers, device, crop_pct)
+        loader = eval_loader(folder, split, loaded, loaded.input_size, batch_size, workers, device, crop_pct)
         metrics = evaluate(loaded.model, loader, device)
         if metrics["count"] == 0:
             raise SequencerError(f"no readable images in {folder!r}")
         return 1.0 - metrics["top1"] / 100.0
 
     clean_error = None
-    if args.clean:
-        clean_error = error_of(args.clean, args.clean_split, None)  # clean images: the model's own preprocessing
+    if clean:
+        clean_error = error_of(clean, clean_split, None)  # clean images: the model's own preprocessing
         print(f"clean: error {clean_error:.4f}")
     per_corruption = {}
     for name, folder in corruptions.items():
@@ -181,23 +159,7 @@ def run(args: argparse.Namespace) -> int:
         if len(severity_errors) < len(SEVERITIES):
             warnings.warn(f"{name}: only severities {', '.join(severity_errors)} present; its CE is not comparable "
                           f"to published ones (AlexNet's reference averages all five)", stacklevel=1)
-        per_corruption[name] = corruption_summary(severity_errors, name, clean_error)
-        c = per_corruption[name]
+        per_corruption[name] = c = corruption_summary(severity_errors, name, clean_error)
         print(f"{name:>18}: error {c['error']:.4f}" + (f"  CE {c['ce']:.4f}" if "ce" in c else "  (no AlexNet CE)")
               + "  per severity " + " ".join(f"{e:.3f}" for e in severity_errors.values()))
-    results = dict(model=loaded.name, checkpoint=args.checkpoint or ("pretrained" if args.pretrained else ""),
-                   img_size=loaded.input_size[-1], **summarize(per_corruption, clean_error))
-    _print_summary(results, len(per_corruption) - len(results["without_ce"]))
-    text = json.dumps(results, indent=2) + "\n"
-    write_atomically(args.results_file, lambda tmp: Path(tmp).write_text(text))
-    print(f"results written to {args.results_file}")
-    return 0
-
-
-def _print_summary(results: dict, n_ce: int) -> None:
-    if results["mCE"] is None:
-        return
-    relative = results.get("relative_mCE")
-    print(f"mCE {results['mCE']:.4f} ({100 * results['mCE']:.2f}%), unnormalized "
-          f"{results['unnormalized_mCE']:.4f}, over {n_ce} corruption(s)"
-          + (f", relative mCE {relative:.4f}" if relative is not None else ""))
+    return summarize(per_corruption, clean_error)

@@ -1,0 +1,125 @@
+"""The one home of what several commands share: the model flags and the model they load, ``--onnx``, flag types
+and the checks of ``--device``, ``--workers`` and ``--results-file``. Commands import these from here, never from
+one another; the work itself is the library's (``engine``, ``tools``).
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import sys
+import tempfile
+
+import torch
+
+from ..engine.distributed import record_own_failure
+from ..engine.inference import LoadedModel, load_model, resolve_device
+from ..errors import SequencerError
+from ..models import get_model_entry
+from ..tools.onnx_runtime import load_onnx
+
+
+def positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value
+
+
+def add_model_args(parser: argparse.ArgumentParser) -> None:
+    g = parser.add_argument_group("model")
+    g.add_argument("--model", "-m", default=None, help="model name (default: the checkpoint's own)")
+    g.add_argument("--checkpoint", default="", metavar="PATH", help="weights: ours, release, timm or .safetensors")
+    g.add_argument("--pretrained", action="store_true", help="use the released ImageNet weights")
+    g.add_argument("--num-classes", type=positive_int, default=None, help="classifier size (default: checkpoint's)")
+    g.add_argument("--img-size", type=positive_int, default=None, help="square input size")
+    g.add_argument("--input-size", type=positive_int, nargs=3, default=None, metavar=("C", "H", "W"),
+                   help="input size C H W (overrides --img-size)")
+    g.add_argument("--no-ema", dest="use_ema", action="store_false",
+                   help="load a checkpoint's raw weights even when it has EMA weights")
+
+
+def warn_if_random_weights(args: argparse.Namespace) -> None:
+    """One warning line when a model name alone (no --checkpoint, no --pretrained) means random weights."""
+    if getattr(args, "model", None) and not args.checkpoint and not args.pretrained:
+        released = get_model_entry(args.model).pretrained_cfg.get("url")
+        print(f"warning: {args.model} runs with randomly initialised weights (no --checkpoint given"
+              + ("; --pretrained loads the released ones)" if released else ", and it has no released ones)"),
+              file=sys.stderr)
+
+
+def load_model_from_args(args: argparse.Namespace, device: torch.device | str = "cpu") -> LoadedModel:
+    """The model the model flags (:func:`add_model_args`) describe, in eval mode on ``device``."""
+    return load_model(args.checkpoint, model=args.model, pretrained=args.pretrained, num_classes=args.num_classes,
+                      img_size=getattr(args, "img_size", None), input_size=getattr(args, "input_size", None),
+                      use_ema=getattr(args, "use_ema", True), device=device)
+
+
+def check_device(text: str | None) -> None:
+    """SequencerError for a ``--device`` that is not a device, or names CUDA where there is none."""
+    resolve_device(text)
+
+
+def check_workers(workers: int | None) -> None:
+    if workers is not None and workers < 0:
+        raise SequencerError(f"-j/--workers {workers}: must not be negative", hint="0 loads data in the main process")
+
+
+def check_results_file(path: str, formats: tuple[str, ...] = (".json",)) -> None:
+    """Refuse a ``--results-file`` that could not be written, before any work is done (one-line errors)."""
+    if not path:
+        return
+    if os.path.splitext(path)[1].lower() not in formats:
+        raise SequencerError(f"--results-file {path!r}: unknown format", hint=f"use a {' or '.join(formats)} file name")
+    folder = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(folder):
+        raise SequencerError(f"--results-file {path!r}: folder {folder!r} does not exist")
+    if os.path.isdir(path):
+        raise SequencerError(f"--results-file {path!r} is a folder", hint="name a file inside it, e.g. results.json")
+    if os.path.exists(path) and not os.access(path, os.W_OK):
+        raise SequencerError(f"--results-file {path!r} is not writable (no permission)")
+    try:  # a real write probe: os.access cannot see read-only mounts, ACLs or quotas
+        with tempfile.NamedTemporaryFile(dir=folder, prefix=".results-probe-"):
+            pass
+    except OSError as e:
+        raise SequencerError(f"--results-file {path!r}: cannot write in folder {folder!r} ({e.strerror or e})"
+                             ) from None
+
+
+def add_onnx_argument(parser) -> None:
+    parser.add_argument("--onnx", default=None, metavar="PATH",
+                        help="run this `sequencer export` ONNX file (fp32 or int8) through onnxruntime instead of a "
+                             "PyTorch model; preprocessing and class names come from the file")
+
+
+def load_model_or_onnx(args, device: torch.device | str = "cpu") -> LoadedModel:
+    """``--onnx PATH`` when given (no model options allowed beside it), else the PyTorch model the options name."""
+    if not getattr(args, "onnx", None):
+        return load_model_from_args(args, device)
+    given = [flag for flag, value in (("--model", args.model), ("--checkpoint", args.checkpoint),
+                                      ("--pretrained", args.pretrained), ("--num-classes", args.num_classes))
+             if value]
+    if given:
+        raise SequencerError(f"--onnx {args.onnx!r} carries its own model and weights; drop {', '.join(given)}")
+    loaded = load_onnx(args.onnx)
+    size = args.input_size[1:] if args.input_size else (args.img_size,) * 2 if args.img_size else None
+    if size:
+        try:
+            loaded.model.check_input_size(*size)
+        except ValueError as e:
+            raise SequencerError(str(e), hint="drop --img-size/--input-size, or export at that size") from None
+    return loaded
+
+
+@contextlib.contextmanager
+def failure_reported_to_launcher():
+    """Under ``distributed_train.sh``, a user error tells the launcher this rank's exit status (2), so the launch
+    ends with it; the commands that run under torchrun (train, validate) wrap their work in this."""
+    try:
+        yield
+    except SequencerError:
+        record_own_failure(2)
+        raise

@@ -1,0 +1,63 @@
+"""`sequencer resolution-sweep`: top-1/top-5 at several input sizes (:mod:`sequencer.tools.resolution`).
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import os
+
+from ..data import create_dataset
+from ..engine.evaluate import evaluate
+from ..engine.inference import check_input_size, default_workers, eval_loader, label_with_model_classes, resolve_device
+from ..errors import SequencerError
+from ..fileio import write_atomically
+from ..tools.resolution import plot_resolution, prepare_output_dir
+from .common import add_model_args, check_workers, load_model_from_args, positive_int
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("data", metavar="DATA", help="dataset folder (DATA/SPLIT/CLASS/IMAGE or DATA/CLASS/IMAGE)")
+    parser.add_argument("--split", default="val", help="split folder to evaluate (default: val)")
+    parser.add_argument("--sizes", type=positive_int, nargs="+", default=[160, 192, 224, 256, 288, 320],
+                        metavar="PX", help="input sizes to evaluate")
+    parser.add_argument("--output", "-o", required=True, metavar="DIR", help="folder for resolution.csv/.png")
+    parser.add_argument("-b", "--batch-size", type=positive_int, default=64, metavar="N")
+    parser.add_argument("-j", "--workers", type=int, default=None, metavar="N", help="data loading processes")
+    parser.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda when available)")
+    add_model_args(parser)
+
+
+def run(args: argparse.Namespace) -> int:
+    if not os.path.isdir(args.data):
+        raise SequencerError(f"data folder {args.data!r} does not exist")
+    check_workers(args.workers)
+    device = resolve_device(args.device)
+    loaded = load_model_from_args(args, device)
+    sizes = sorted(set(args.sizes))
+    for size in sizes:  # fail before any evaluation
+        check_input_size(loaded, size, size)
+    # the data is checked before the output folder is made
+    label_with_model_classes(create_dataset("", root=args.data, split=args.split), loaded)
+    out = prepare_output_dir(args.output)
+    workers = default_workers() if args.workers is None else args.workers
+    rows = []
+    for size in sizes:
+        loader = eval_loader(args.data, args.split, loaded, (loaded.input_size[0], size, size), args.batch_size,
+                             workers, device)
+        m = evaluate(loaded.model, loader, device)
+        rows.append(dict(img_size=size, top1=round(m["top1"], 3), top5=round(m["top5"], 3),
+                         loss=round(m["loss"], 5), count=m["count"]))
+        print(f"{size:>5} px: top-1 {m['top1']:6.2f}  top-5 {m['top5']:6.2f}  loss {m['loss']:.4f}  "
+              f"({m['count']} images)")
+
+    def write_csv(tmp: str) -> None:
+        with open(tmp, "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+            writer.writeheader()
+            writer.writerows(rows)
+
+    write_atomically(out / "resolution.csv", write_csv)
+    plot_resolution(rows, out / "resolution.png", f"{loaded.name}: accuracy vs input resolution",
+                    train_size=(loaded.model.pretrained_cfg.get("input_size") or loaded.input_size)[-1])
+    print(f"wrote {out / 'resolution.csv'} and {out / 'resolution.png'}")
+    return 0

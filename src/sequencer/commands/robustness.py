@@ -1,0 +1,57 @@
+"""`sequencer robustness`: ImageNet-C errors and mCE by the paper's protocol (:mod:`sequencer.tools.robustness`).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+from pathlib import Path
+
+from ..engine.inference import check_input_size, default_workers, resolve_device
+from ..errors import SequencerError
+from ..fileio import write_atomically
+
+from ..tools.robustness import find_corruptions, mean_corruption_error, select_corruptions
+from .common import add_model_args, check_results_file, load_model_from_args, positive_int
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("data", metavar="DATA_C", help="ImageNet-C folder: CORRUPTION/SEVERITY/CLASS/IMAGE")
+    parser.add_argument("--results-file", required=True, metavar="R.json", help="where to write the results (JSON)")
+    parser.add_argument("--clean", default=None, metavar="DATA", help="clean dataset, for the relative mCE")
+    parser.add_argument("--clean-split", default="val", help="split of --clean to evaluate (default: val)")
+    parser.add_argument("--corruptions", nargs="+", default=None, metavar="NAME",
+                        help="exactly these corruptions (default: the 15 standard ones present)")
+    parser.add_argument("-b", "--batch-size", type=positive_int, default=64, metavar="N")
+    parser.add_argument("-j", "--workers", type=int, default=None, metavar="N", help="data loading processes")
+    parser.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda when available)")
+    add_model_args(parser)
+
+
+def run(args: argparse.Namespace) -> int:
+    check_results_file(args.results_file)  # first: it is cheap, the data scan is not
+    corruptions = select_corruptions(find_corruptions(args.data), args.corruptions, args.data)
+    if args.clean and not os.path.isdir(args.clean):
+        raise SequencerError(f"clean data folder {args.clean!r} does not exist")
+    device = resolve_device(args.device)
+    loaded = load_model_from_args(args, device)
+    check_input_size(loaded, *loaded.input_size[1:])
+    workers = default_workers() if args.workers is None else args.workers
+    summary = mean_corruption_error(loaded, corruptions, batch_size=args.batch_size, workers=workers, device=device,
+                                    clean=args.clean, clean_split=args.clean_split)
+    results = dict(model=loaded.name, checkpoint=args.checkpoint or ("pretrained" if args.pretrained else ""),
+                   img_size=loaded.input_size[-1], **summary)
+    _print_summary(results, len(results["corruptions"]) - len(results["without_ce"]))
+    text = json.dumps(results, indent=2) + "\n"
+    write_atomically(args.results_file, lambda tmp: Path(tmp).write_text(text))
+    print(f"results written to {args.results_file}")
+    return 0
+
+
+def _print_summary(results: dict, n_ce: int) -> None:
+    if results["mCE"] is None:
+        return
+    relative = results.get("relative_mCE")
+    print(f"mCE {results['mCE']:.4f} ({100 * results['mCE']:.2f}%), unnormalized "
+          f"{results['unnormalized_mCE']:.4f}, over {n_ce} corruption(s)"
+          + (f", relative mCE {relative:.4f}" if relative is not None else ""))

@@ -1,0 +1,56 @@
+"""Reading image files: any PIL mode to 8-bit RGB, decoded at once so that a bad file fails where it is read."""
+from __future__ import annotations
+
+import io
+import os
+
+import numpy as np
+from PIL import Image
+
+READ_ERRORS = (OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError)
+
+
+class UnreadableImageError(OSError):
+    """A sample's image could not be read or decoded; ``.path`` names it."""
+
+    def __init__(self, path: str, reason: object):
+        super().__init__(f"unreadable image {path}: {reason}")
+        self.path = path
+
+
+def to_rgb(img: Image.Image) -> Image.Image:
+    """8-bit RGB version of a decoded ``img`` of any PIL mode.
+
+    Grayscale, CMYK and YCbCr convert directly; images with transparency (RGBA, LA, palette with a transparent index)
+    are composited onto white, as a viewer shows them; 16/32-bit integer and float images are rescaled to 8 bits
+    instead of being clipped (PIL's own ``convert`` turns most of a 16-bit image white).
+    """
+    mode = img.mode
+    if mode == "RGB":
+        return img
+    if mode.startswith("I") or mode == "F":  # I;16, I;16B, I;16L, I (32-bit int), F (float)
+        a = np.asarray(img, dtype=np.float64)
+        peak = float(a.max()) if a.size else 0.0
+        if mode.startswith("I;16") or peak > 255:
+            a = a / 257.0  # 65535 -> 255
+        elif mode == "F" and peak <= 1.0:
+            a = a * 255.0  # float images in [0, 1]
+        a = np.clip(np.rint(a), 0, 255).astype(np.uint8)
+        return Image.fromarray(a, "L").convert("RGB")
+    if mode == "P" and "transparency" in img.info:
+        img, mode = img.convert("RGBA"), "RGBA"
+    if mode in ("RGBA", "LA", "PA", "RGBa", "La"):
+        rgba = img.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    return img.convert("RGB")
+
+
+def load_image(source: str | os.PathLike | io.IOBase) -> Image.Image:
+    """Fully decode an image file (path or binary file object) to RGB; raises PIL/OS errors for bad files."""
+    if isinstance(source, (str, os.PathLike)):
+        with open(source, "rb") as f:
+            return load_image(f)
+    img = Image.open(source)
+    img.load()  # decode now, so corrupt and truncated files fail here and not inside a transform
+    return to_rgb(img)

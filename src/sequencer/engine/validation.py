@@ -1,0 +1,131 @@
+"""Validation as a library: :func:`validate`, what ``sequencer validate`` runs.
+
+A checkpoint written by ``sequencer train`` carries its model name, class names and preprocessing, and is evaluated
+with the same loader and loop as training's eval phase (:func:`~sequencer.engine.evaluate.evaluate`), so it
+reproduces the ``eval_top1`` training logged. Under ``torchrun`` each process evaluates a disjoint share.
+"""
+from __future__ import annotations
+
+import contextlib
+import io
+import os
+from typing import Callable
+
+import torch
+
+from ..data import create_dataset, create_loader, resolve_data_config
+from ..data.datasets import held_out_split
+from ..models import get_model_entry
+from .distributed import DistInfo, process_group
+from .evaluate import evaluate
+from .inference import LoadedModel, check_input_size, label_with_model_classes, load_model
+
+AMP_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def validate(checkpoint: str | os.PathLike = "", data: str | os.PathLike | None = None, *, model: str | None = None,
+             pretrained: bool = False, dataset: str = "", split: str = "validation", class_map: str = "",
+             dataset_download: bool = False, batch_size: int = 256, workers: int | None = None,
+             crop_pct: float | None = None, mean=None, std=None, interpolation: str | None = None,
+             num_classes: int | None = None, img_size: int | None = None, input_size=None, use_ema: bool = True,
+             amp: bool = False, amp_dtype: str | None = None, device: str | None = None, progress: bool = True,
+             load: Callable[[torch.device], LoadedModel] | None = None) -> dict:
+    """Top-1/top-5 accuracy (percent), errors, mean loss and throughput of a model on a dataset split, as
+    ``sequencer validate`` computes and prints them; returns the dict its ``--results-file`` holds.
+
+    Arguments are the command's flags with underscores. ``data=None`` (and no ``dataset``) is the embedded digits
+    val split; a folder without ``split`` is evaluated on its held-out split found by name, as training does. A
+    ``model`` name without a checkpoint evaluates its released weights (``pretrained``), as timm's validate.py.
+    ``progress=False`` prints nothing. ``load`` replaces how the model is built (the command's ``--onnx``).
+    """
+    data = os.fspath(data) if data is not None else None
+    dataset = dataset or ("" if data else "digits")
+    with process_group(device) as dist_info:
+        with contextlib.nullcontext() if progress else contextlib.redirect_stdout(io.StringIO()):
+            # the data first: a missing folder should not wait for (or download) the model's weights
+            split_set = _dataset(data, dataset, split, class_map, dataset_download, dist_info)
+            if load is None:
+                pretrained = _pretrained_by_default(model, checkpoint, pretrained, dist_info)
+                loaded = load_model(checkpoint, model=model, pretrained=pretrained, num_classes=num_classes,
+                                    img_size=img_size, input_size=input_size, use_ema=use_ema,
+                                    device=dist_info.device)
+            else:
+                loaded = load(dist_info.device)
+            overrides = dict(mean=mean, std=std, crop_pct=crop_pct, interpolation=interpolation)
+            dtype = _amp_dtype(amp, amp_dtype, dist_info.device)
+            metrics = _evaluate(loaded, split_set, overrides, batch_size, workers, dtype, dataset, dist_info)
+            results = dict(model=loaded.name,
+                           checkpoint=os.fspath(checkpoint) if checkpoint else ("pretrained" if pretrained else ""),
+                           **metrics)
+            if dist_info.is_primary:
+                print_results(results)
+    return results
+
+
+def _dataset(data, dataset: str, split: str, class_map: str, download: bool, dist_info: DistInfo):
+    if not dataset:  # as train: a folder with only train/ and test/ is evaluated on test/
+        found = held_out_split(data, split)
+        if found != split and dist_info.is_primary:
+            print(f"note: {data} has no {split!r} split: evaluating on {found!r}")
+        split = found
+    return create_dataset(dataset, root=data, split=split, class_map=class_map or None, download=download)
+
+
+def _pretrained_by_default(model, checkpoint, pretrained: bool, dist_info: DistInfo) -> bool:
+    """As timm's validate.py: a model name alone means its released weights (random ones prove nothing)."""
+    if model and not checkpoint and not pretrained:
+        if get_model_entry(model).pretrained_cfg.get("url"):
+            return True
+        if dist_info.is_primary:
+            print(f"note: {model} has no released weights and no --checkpoint was given: "
+                  f"evaluating randomly initialised weights")
+    return pretrained
+
+
+def _amp_dtype(amp: bool, amp_dtype: str | None, device: torch.device) -> torch.dtype | None:
+    if not (amp or amp_dtype):
+        return None
+    return AMP_DTYPES[amp_dtype or ("float16" if device.type == "cuda" else "bfloat16")]
+
+
+def _evaluate(loaded: LoadedModel, split_set, overrides: dict, batch_size: int, workers: int | None,
+              amp_dtype, dataset: str, dist_info: DistInfo) -> dict:
+    """Evaluate ``loaded`` on ``split_set`` with the checkpoint's preprocessing (what training evaluated with),
+    then the explicit overrides; the results from ``dataset`` on."""
+    device = dist_info.device
+    config = dict(loaded.data_config, input_size=loaded.input_size)
+    config.update({k: v for k, v in overrides.items() if v is not None})
+    config = resolve_data_config(config, loaded.model)
+    check_input_size(loaded, *config["input_size"][1:])
+    label_with_model_classes(split_set, loaded)
+    if workers is None:
+        workers = 0 if dataset == "digits" else min(4, os.cpu_count() or 1)
+    loader = create_loader(split_set, config["input_size"], batch_size, is_training=False,
+                           mean=config["mean"], std=config["std"], crop_pct=config["crop_pct"],
+                           interpolation=config["interpolation"], num_workers=workers,
+                           distributed=dist_info.distributed, device=device)
+    metrics = evaluate(loaded.model, loader, device, amp_dtype=amp_dtype, distributed=dist_info.distributed)
+    return dict(
+        dataset=split_set.description,
+        top1=round(metrics["top1"], 3), top1_err=round(100 - metrics["top1"], 3),
+        top5=round(metrics["top5"], 3), top5_err=round(100 - metrics["top5"], 3),
+        loss=round(metrics["loss"], 5),
+        images_per_sec=round(metrics["images_per_sec"], 1),
+        param_count=loaded.num_params,
+        img_size=config["input_size"][-1],
+        crop_pct=config["crop_pct"],
+        interpolation=config["interpolation"],
+        count=metrics["count"],
+        unreadable=len(loader.skipped),
+        amp=str(amp_dtype).replace("torch.", "") if amp_dtype else "",
+        device=str(device),
+    )
+
+
+def print_results(results: dict) -> None:
+    print(f" * Acc@1 {results['top1']:.3f} ({results['top1_err']:.3f}) "
+          f"Acc@5 {results['top5']:.3f} ({results['top5_err']:.3f})")
+    print(f"model {results['model']} ({results['param_count'] / 1e6:.2f}M params) at "
+          f"{results['img_size']}px on {results['dataset']}: {results['count']} images, "
+          f"loss {results['loss']:.4f}, {results['images_per_sec']:.1f} images/s"
+          + (f", {results['unreadable']} unreadable skipped" if results["unreadable"] else ""))
