@@ -6,13 +6,10 @@ import argparse
 import random
 from pathlib import Path
 
-import numpy as np
-import torch
 
-from ..engine.inference import check_input_size, eval_transform, find_images, read_images, resolve_device
+from ..engine.inference import check_input_size, find_images, resolve_device
 from ..errors import SequencerError
-from ..fileio import write_atomically
-from ..tools.erf import MODES, area_ratios, erf_maps, plot_erf, warn_if_untrained_norm
+from ..tools.erf import MODES, area_ratios, erf_map, plot_erf, save_raw_maps
 from .common import add_model_args, load_model_from_args, positive_int
 
 
@@ -68,17 +65,7 @@ def run(args: argparse.Namespace) -> int:
         files = sorted(random.Random(args.seed).sample(files, args.num_images))
     elif len(files) < args.num_images:
         print(f"note: {args.data} holds {len(files)} image(s), fewer than --num-images {args.num_images}")
-    transform = eval_transform(loaded)
-
-    def batches():
-        for start in range(0, len(files), args.batch_size):
-            _, tensors, _ = read_images(files[start:start + args.batch_size], transform)
-            if tensors:
-                yield torch.stack(tensors)
-
-    if args.mode == "magnitude" and num_stages - 1 in stages:
-        warn_if_untrained_norm(loaded.model)
-    maps, count = erf_maps(loaded.model, batches(), stages, device, args.mode)
+    maps, count = erf_map(loaded, files, stages, device, mode=args.mode, batch_size=args.batch_size)
     if count == 0:
         raise SequencerError(f"none of the {len(files)} image(s) in {args.data!r} could be read")
     final = args.stage is None
@@ -86,11 +73,7 @@ def run(args: argparse.Namespace) -> int:
     size = "x".join(map(str, loaded.input_size[1:]))
     plot_erf(maps, titles, output, f"ERF ({args.mode}) of {loaded.name} at {size} px, {count} images", args.mode)
     npy = output.with_suffix(".npy")
-    def write_npy(tmp: str) -> None:
-        with open(tmp, "wb") as f:  # a file object: np.save would append ".npy" to a path
-            np.save(f, maps[0] if len(maps) == 1 else maps)
-
-    write_atomically(npy, write_npy)
+    save_raw_maps(npy, maps)
     for title, m in zip(titles, maps):
         ratios = area_ratios(m)
         print(f"{title}: high-contribution area ratio " +

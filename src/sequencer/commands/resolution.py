@@ -3,15 +3,12 @@
 from __future__ import annotations
 
 import argparse
-import csv
 import os
 
 from ..data import create_dataset
-from ..engine.evaluate import evaluate
-from ..engine.inference import check_input_size, default_workers, eval_loader, label_with_model_classes, resolve_device
+from ..engine.inference import check_input_size, default_workers, label_with_model_classes, resolve_device
 from ..errors import SequencerError
-from ..fileio import write_atomically
-from ..tools.resolution import plot_resolution, prepare_output_dir
+from ..tools.resolution import plot_resolution, prepare_output_dir, resolution_sweep, write_resolution_csv
 from .common import add_model_args, check_workers, load_model_from_args, positive_int
 
 
@@ -40,23 +37,9 @@ def run(args: argparse.Namespace) -> int:
     label_with_model_classes(create_dataset("", root=args.data, split=args.split), loaded)
     out = prepare_output_dir(args.output)
     workers = default_workers() if args.workers is None else args.workers
-    rows = []
-    for size in sizes:
-        loader = eval_loader(args.data, args.split, loaded, (loaded.input_size[0], size, size), args.batch_size,
-                             workers, device)
-        m = evaluate(loaded.model, loader, device)
-        rows.append(dict(img_size=size, top1=round(m["top1"], 3), top5=round(m["top5"], 3),
-                         loss=round(m["loss"], 5), count=m["count"]))
-        print(f"{size:>5} px: top-1 {m['top1']:6.2f}  top-5 {m['top5']:6.2f}  loss {m['loss']:.4f}  "
-              f"({m['count']} images)")
-
-    def write_csv(tmp: str) -> None:
-        with open(tmp, "w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-            writer.writeheader()
-            writer.writerows(rows)
-
-    write_atomically(out / "resolution.csv", write_csv)
+    rows = resolution_sweep(loaded, args.data, args.split, sizes, batch_size=args.batch_size, workers=workers,
+                            device=device)
+    write_resolution_csv(rows, out / "resolution.csv")
     plot_resolution(rows, out / "resolution.png", f"{loaded.name}: accuracy vs input resolution",
                     train_size=(loaded.model.pretrained_cfg.get("input_size") or loaded.input_size)[-1])
     print(f"wrote {out / 'resolution.csv'} and {out / 'resolution.png'}")

@@ -22,6 +22,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..engine.inference import LoadedModel, eval_transform, read_images
 from ..fileio import write_atomically
 
 PANEL_IN, COLORBAR_IN, HEIGHT_IN, DPI = 3.6, 1.0, 3.6, 100  # figure of n panels: (3.6 n + 1) x 3.6 in at 100 dpi
@@ -137,9 +138,35 @@ def plot_erf(maps: np.ndarray, titles: list[str], path: Path, suptitle: str, mod
     write_atomically(path, lambda tmp: Path(tmp).write_bytes(buf.getvalue()))
 
 
-def warn_if_untrained_norm(model: torch.nn.Module) -> None:
+def _warn_if_untrained_norm(model: torch.nn.Module) -> None:
     weight = getattr(getattr(model, "norm", None), "weight", None)
     if weight is not None and bool((weight == weight.flatten()[0]).all()):
         # sum_c LayerNorm(x)_c = sum_c w (x_c - mean) / std + b is constant when all w are equal (untrained norm)
         print("note: the final LayerNorm has equal channel weights (untrained model?), so the channel sum of the last "
               "stage's features is constant and its ERF is numerical noise; use an earlier --stage or trained weights")
+
+
+def erf_map(loaded: LoadedModel, files: list[Path], stages: list[int], device, mode: str = "paper",
+            batch_size: int = 8) -> tuple[np.ndarray, int]:
+    """The raw ERF maps (S, H_in, W_in) of ``loaded`` at its 0-based ``stages``, over the image ``files`` read with
+    its eval preprocessing (unreadable ones warned about and skipped), and how many images were used."""
+    transform = eval_transform(loaded)
+
+    def batches():
+        for start in range(0, len(files), batch_size):
+            _, tensors, _ = read_images(files[start:start + batch_size], transform)
+            if tensors:
+                yield torch.stack(tensors)
+
+    if mode == "magnitude" and len(getattr(loaded.model, "stages", [None])) - 1 in stages:
+        _warn_if_untrained_norm(loaded.model)
+    return erf_maps(loaded.model, batches(), stages, device, mode)
+
+
+def save_raw_maps(path: Path, maps: np.ndarray) -> None:
+    """The raw map(s) as ``.npy``: (H, W) for one, (S, H, W) for several (atomically)."""
+    def write_npy(tmp: str) -> None:
+        with open(tmp, "wb") as f:  # a file object: np.save would append ".npy" to a path
+            np.save(f, maps[0] if len(maps) == 1 else maps)
+
+    write_atomically(path, write_npy)

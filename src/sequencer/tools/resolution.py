@@ -1,4 +1,4 @@
-"""`sequencer resolution-sweep`: top-1/top-5 at several input sizes with the same weights.
+"""Top-1/top-5 at several input sizes with the same weights (``sequencer resolution-sweep``).
 
 The paper's resolution-adaptability study: Sequencer2D has no position embedding, so one set of weights runs at any
 input size that is a multiple of the model's patch reduction. Each size uses the model's eval preprocessing
@@ -6,10 +6,13 @@ input size that is a multiple of the model's patch reduction. Each size uses the
 """
 from __future__ import annotations
 
+import csv
 import io
 import os
 from pathlib import Path
 
+from ..engine.evaluate import evaluate
+from ..engine.inference import LoadedModel, eval_loader
 from ..errors import SequencerError
 from ..fileio import write_atomically
 
@@ -50,3 +53,28 @@ def plot_resolution(rows: list[dict], path: Path, title: str, train_size: int | 
     fig.savefig(buf, format="png", dpi=PLOT_DPI)
     plt.close(fig)
     write_atomically(path, lambda tmp: Path(tmp).write_bytes(buf.getvalue()))
+
+
+def resolution_sweep(loaded: LoadedModel, data: str, split: str, sizes: list[int], batch_size: int = 64,
+                     workers: int = 0, device="cpu") -> list[dict]:
+    """One row per input size (img_size, top1, top5, loss, count) of ``loaded`` on ``data``'s ``split``, each with
+    the model's eval preprocessing at that size; prints a line per size."""
+    rows = []
+    for size in sizes:
+        loader = eval_loader(data, split, loaded, (loaded.input_size[0], size, size), batch_size, workers, device)
+        m = evaluate(loaded.model, loader, device)
+        rows.append(dict(img_size=size, top1=round(m["top1"], 3), top5=round(m["top5"], 3),
+                         loss=round(m["loss"], 5), count=m["count"]))
+        print(f"{size:>5} px: top-1 {m['top1']:6.2f}  top-5 {m['top5']:6.2f}  loss {m['loss']:.4f}  "
+              f"({m['count']} images)")
+    return rows
+
+
+def write_resolution_csv(rows: list[dict], path: Path) -> None:
+    def write_csv(tmp: str) -> None:
+        with open(tmp, "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+            writer.writeheader()
+            writer.writerows(rows)
+
+    write_atomically(path, write_csv)
