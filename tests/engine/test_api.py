@@ -48,6 +48,9 @@ def test_progress_is_the_commands_log(tmp_path, capsys):
                             resume="auto")
     assert "already finished" in capsys.readouterr().out
     assert again.output_dir == tmp_path / "p" and again.best_epoch == 0 and again.best_top1 is not None
+    quiet = sequencer.train(model="sequencer2d_nano", epochs=1, output=str(tmp_path), experiment="p", workers=0,
+                            resume="auto", progress=False)
+    assert capsys.readouterr().out == "" and quiet.best_top1 == again.best_top1
 
 
 @pytest.mark.parametrize("kwargs, culprit", [(dict(epoch=2), "epoch"), (dict(lr=0.1, drop_paht=0.1), "drop_paht")])
