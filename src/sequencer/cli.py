@@ -25,6 +25,7 @@ COMMANDS = {
     "export": ("sequencer.tools.export", "export to ONNX, TorchScript or safetensors"),
     "checkpoint": ("sequencer.tools.checkpoints", "average or clean checkpoints"),
     "benchmark": ("sequencer.tools.benchmark", "throughput, memory and GMACs (optionally vs timm)"),
+    "env": ("sequencer.tools.env", "versions, torch build, CPU and matrix ISA, threads, GPUs: for bug reports"),
 }
 
 
