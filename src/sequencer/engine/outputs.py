@@ -7,6 +7,7 @@ from __future__ import annotations
 import csv
 import io
 import os
+import socket
 import tempfile
 from dataclasses import dataclass
 from datetime import datetime
@@ -126,19 +127,17 @@ def _holds_a_run(folder: Path) -> bool:
 
 
 def make_output_dir(cfg, info: dist_utils.DistInfo, model_name: str, img_size: int) -> Path:
-    """Pick (rank 0) and create the experiment folder; every rank gets the same path.
+    """Pick (rank 0), create and claim the experiment folder; every rank gets the same path.
 
     ``cfg._created_dirs`` lists the folders this call created (innermost first), so that a start that fails later
-    can remove them again while they are empty.
+    can remove them again while they are empty. The claim (`claim_folder`) makes "is this folder free?" and "it is
+    mine now" one atomic step: of two runs started together into one folder, the second is refused.
     """
     folder = None
     if info.is_primary:
         root = Path(cfg.output or "./output/train")
         if cfg.experiment:
             folder = experiment_folder(cfg)
-            if not cfg.resume and _holds_a_run(folder):
-                raise SequencerError(f"experiment folder {str(folder)!r} already holds a run",
-                                     hint="pass --resume auto to continue it, or another --experiment")
         elif cfg.resume and cfg.resume != "auto":
             folder = Path(cfg.resume).parent  # continue the resumed run's own folder (docs/training.md)
         else:
@@ -152,13 +151,72 @@ def make_output_dir(cfg, info: dist_utils.DistInfo, model_name: str, img_size: i
             folder.mkdir(parents=True, exist_ok=True)
             with tempfile.NamedTemporaryFile(dir=folder, prefix=".write-test-"):
                 pass
-            remove_stale_temporaries(folder)  # of a run that was killed mid-write
         except OSError as e:
             remove_if_empty(cfg)
             raise SequencerError(f"output folder {str(folder)!r} is not writable ({e.strerror or e})",
                                  hint="pass --output DIR somewhere you can write") from None
+        claim_folder(cfg, folder)
+        remove_stale_temporaries(folder)  # of a run that was killed mid-write (only once the folder is ours)
+        if cfg.experiment and not cfg.resume and _holds_a_run(folder):  # checked under the claim: no race
+            raise SequencerError(f"experiment folder {str(folder)!r} already holds a run",
+                                 hint="pass --resume auto to continue it, or another --experiment")
         folder = str(folder)
     return Path(dist_utils.broadcast_object(folder, info))
+
+
+CLAIM_NAME = ".run.lock"  # "HOST PID" of the run writing into the folder; hidden, removed when the run ends
+
+
+def claim_folder(cfg, folder: Path) -> None:
+    """Make ``folder`` this run's (``cfg._claim``), atomically (O_EXCL); refuse it while another live run holds it.
+
+    A claim left by a run that was killed (its process is gone) is taken over, so ``--resume auto`` works after a
+    SIGKILL. A claim from another host cannot be checked and is refused with the file to remove.
+    """
+    path = folder / CLAIM_NAME
+    for _ in range(2):
+        try:
+            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            host, pid = _claim_owner(path)
+            if host != socket.gethostname() or pid is None or _process_alive(pid):
+                where = f"process {pid}" + ("" if host == socket.gethostname() else f" on {host}")
+                raise SequencerError(f"experiment folder {str(folder)!r} is in use by another run ({where})",
+                                     hint=f"wait for it, pass another --experiment, or remove {str(path)!r} if "
+                                          f"that run is gone") from None
+            path.unlink(missing_ok=True)  # stale: its run was killed
+            continue
+        with os.fdopen(fd, "w") as f:
+            f.write(f"{socket.gethostname()} {os.getpid()}\n")
+        cfg._claim = str(path)
+        return
+    raise SequencerError(f"experiment folder {str(folder)!r} is in use by another run starting now")
+
+
+def _claim_owner(path: Path) -> tuple[str, int | None]:
+    try:
+        host, pid = path.read_text().split()
+        return host, int(pid)
+    except (OSError, ValueError):  # being written this very instant (or garbage): held, by an unknown process
+        return socket.gethostname(), None
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by someone else
+        return True
+    return True
+
+
+def release_claim(cfg) -> None:
+    """Remove this run's claim (at the end of the run, however it ends)."""
+    claim = getattr(cfg, "_claim", None)
+    if claim:
+        Path(claim).unlink(missing_ok=True)
+        cfg._claim = None
 
 
 def remove_if_empty(cfg) -> None:

@@ -41,7 +41,7 @@ from . import distributed as dist_utils
 from .checkpoint import resume_position, set_rng_state
 from .loop import (Loaders, Optimization, StopRequest, TrainingRun, current_lr, evaluate_epoch, save_epoch,
                    save_recovery, train_one_epoch)
-from .outputs import prepare_outputs, remove_if_empty
+from .outputs import prepare_outputs, release_claim, remove_if_empty
 from .resume import apply_resume_contract, locate_resume, read_resume_checkpoint
 
 SUMMARY_FIELDS = ["epoch", "train_loss", "eval_loss", "eval_top1", "eval_top5", "lr", "epoch_seconds"]
@@ -346,8 +346,11 @@ def run(args: argparse.Namespace) -> int:
         with dist_utils.process_group(cfg.device) as info:
             return _train(cfg, info)
     except BaseException:
+        release_claim(cfg)
         remove_if_empty(cfg)
         raise
+    finally:
+        release_claim(cfg)
 
 
 def _train(cfg, info: dist_utils.DistInfo) -> int:
