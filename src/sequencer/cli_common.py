@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from .data import create_dataset, create_loader, create_transform, load_image
+from .data.class_folders import walk_images
 from .data.datasets import IMAGE_EXTENSIONS, READ_ERRORS, map_classes_by_name
 from .errors import SequencerError
 from .models import create_model, get_model_entry
@@ -225,9 +226,8 @@ def find_images(paths: list[str]) -> list[Path]:
         if p.is_file():
             found[p] = None
         elif p.is_dir():
-            for f in sorted(p.rglob("*")):
-                if f.is_file() and f.suffix.lower() in IMAGE_EXTENSIONS:
-                    found[f] = None
+            for rel in sorted(walk_images(str(p))):  # hidden entries below a folder are not data
+                found[p / rel] = None
         else:
             raise SequencerError(f"{str(p)!r} does not exist")
     if not found:
