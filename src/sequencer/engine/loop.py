@@ -263,10 +263,12 @@ def save_epoch(run: TrainingRun, epoch: int, result: EpochResult, metrics: dict,
     rng_states = dist_utils.all_gather_object(get_rng_state(), run.info)
     if not run.info.is_primary:
         return
-    # summary first: a kill between the two writes re-runs this epoch and rewrites its row once
-    write_summary(run.out.summary_path, rows)
+    # checkpoint first, holding the rows so far: a row never stands for a checkpoint that is not on disk, and a
+    # resume after a kill between the two writes takes the rows from the checkpoint (prepare_outputs)
     state = checkpoint_state(run, epoch, True, 0, metric, rng_states)
+    state["summary_rows"] = [{k: str(v) for k, v in r.items()} for r in rows]
     is_best = run.out.manager.save_epoch(state, epoch, metric if math.isfinite(result.train_loss) else None)
+    write_summary(run.out.summary_path, rows)
     try:
         plot_summary(rows, run.out.folder / "summary.png")
     except Exception as e:  # a plotting problem must never stop training

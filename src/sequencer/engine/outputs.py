@@ -49,6 +49,10 @@ def prepare_outputs(cfg, info: dist_utils.DistInfo, resume_path: str | None, res
     outputs = Outputs(folder, manager, rows=[])
     if resume_ckpt is not None:
         outputs.rows = [r for r in read_summary(outputs.summary_path) if int(r["epoch"]) < start_epoch]
+        saved = resume_ckpt.get("summary_rows") if manager.folder.resolve() == Path(resume_path).resolve().parent \
+            else None
+        if saved and len(saved) > len(outputs.rows):  # killed after the checkpoint, before summary.csv
+            outputs.rows = [dict(r) for r in saved if int(r["epoch"]) < start_epoch]
     if info.is_primary:
         args_yaml = yaml.safe_dump(run_args(cfg), sort_keys=False)
         write_atomically(folder / "args.yaml", lambda tmp: Path(tmp).write_text(args_yaml))
