@@ -264,3 +264,17 @@ def test_train_test_folder_is_validated_without_a_split_flag(data, finished_run,
 ])
 def test_every_command_refuses_bad_input_in_one_line(run_cli, data, args, expect):
     run_cli(*[str(data) if a == "DATA" else a for a in args], expect=expect)
+
+
+# ---------------------------------------------------------------------------------------- issue 19 item 4
+@pytest.mark.parametrize("flag, value", [("--torchcompile", "nosuch"), ("--torchcompile-mode", "fastest"),
+                                         ("--opt", "adamz"), ("--sched", "cosin"), ("--aa", "rand-augment-9"),
+                                         ("--remode", "constant"), ("--train-interpolation", "cubic")])
+def test_library_flag_typos_fail_before_anything_is_written(run_cli, data, flag, value):
+    line = run_cli("train", data, *TRAIN, "--output", "out", "--experiment", "e", flag, value, expect=flag)
+    assert value in line
+
+
+def test_library_flag_typo_in_a_config_file(run_cli, data, tmp_path):
+    (tmp_path / "c.yaml").write_text("torchcompile: nosuch\n")
+    run_cli("train", data, *TRAIN, "--config", tmp_path / "c.yaml", expect="--torchcompile nosuch")

@@ -39,6 +39,7 @@ from ..models import create_model, get_model_entry
 from ..models.loading import extract_state_dict, load_state_dict_into, read_checkpoint
 from . import distributed as dist_utils
 from .checkpoint import resume_position, set_rng_state
+from .library_flags import check_library_flags
 from .loop import (Loaders, Optimization, StopRequest, TrainingRun, current_lr, evaluate_epoch, save_epoch,
                    save_recovery, train_one_epoch)
 from .outputs import prepare_outputs, release_claim, remove_if_empty
@@ -104,6 +105,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--grad-checkpointing", action="store_true", help="activation checkpointing per block")
     g.add_argument("--torchcompile", nargs="?", const="inductor", default=None, metavar="BACKEND",
                    help="torch.compile the model (backend, default inductor)")
+    g.add_argument("--torchcompile-mode", default=None, metavar="MODE",
+                   help="torch.compile mode (default, reduce-overhead, max-autotune, ...)")
     g.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda if available)")
 
     g = parser.add_argument_group("optimizer")
@@ -319,6 +322,7 @@ def check_config(cfg: argparse.Namespace) -> None:
                              hint="use the same --output/--experiment for every (re)start")
     if cfg.model:
         get_model_entry(cfg.model)  # unknown names fail before any data is read, with suggestions
+    check_library_flags(cfg)
     if cfg.initial_checkpoint and not Path(cfg.initial_checkpoint).is_file():
         raise SequencerError(f"--initial-checkpoint {cfg.initial_checkpoint!r}: no such file")
     if not cfg.resume:  # a resume checks it once the checkpoint's settings are known
@@ -524,8 +528,9 @@ def wrap_model(cfg, info: dist_utils.DistInfo, model: nn.Module) -> tuple[nn.Mod
         train_model = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda"
                                                           else None)
     if cfg.torchcompile:
-        train_model = torch.compile(train_model, backend=cfg.torchcompile)
-    eval_model = torch.compile(model, backend=cfg.torchcompile) if cfg.torchcompile else model
+        train_model = torch.compile(train_model, backend=cfg.torchcompile, mode=cfg.torchcompile_mode)
+    eval_model = (torch.compile(model, backend=cfg.torchcompile, mode=cfg.torchcompile_mode) if cfg.torchcompile
+                  else model)
     return train_model, eval_model
 
 
