@@ -96,6 +96,7 @@ class ClassificationDataset(torch.utils.data.Dataset):
         self.target_transform = target_transform
         self.augment_defaults = dict(augment_defaults or {})
         self.skipped: set[str] = set()
+        self.ignored_classes: list[str] = []  # class folders left out because the class map does not name them
 
     @property
     def num_classes(self) -> int:
@@ -161,8 +162,9 @@ class TarDataset(ClassificationDataset):
             entries, where = _tar_folder_entries(root), root
         else:
             entries, where = _tar_file_entries(root, split)
-        samples, class_to_idx = _label_samples(entries, class_to_idx, where)
+        samples, class_to_idx, ignored = _label_samples(entries, class_to_idx, where)
         super().__init__(sorted(class_to_idx, key=class_to_idx.get), description=where, **kwargs)
+        self.ignored_classes = ignored
         self.root = root
         self.samples = samples  # [((tar path, member name, data offset, size), target)]
         self._files: dict = {}
@@ -443,14 +445,9 @@ def held_out_split(root: str | None, split: str) -> str:
     return "test" if is_val and not present(split) and present("test") else split
 
 
-def _scan_image_folder(folder: str, class_to_idx: dict | None):
-    """[(path, target)] sorted by path, and class_to_idx; classes are the top-level folders (`class_folders`)."""
-    entries = [(os.path.join(folder, *rel.split("/")), class_of(rel)) for rel in walk_images(folder)]
-    return _label_samples(entries, class_to_idx, folder)
-
-
 def _label_samples(entries: list, class_to_idx: dict | None, where: str):
-    """[(ref, target)] sorted by name, and class_to_idx, from [(ref, class)] (class "" = loose, None = not data)."""
+    """[(ref, target)] sorted by name, class_to_idx and the classes the map leaves out, from [(ref, class)]
+    (class "" = loose, None = not data)."""
     from timm.utils.misc import natural_key
 
     labelled = [(ref, c) for ref, c in entries if c]
@@ -466,6 +463,7 @@ def _label_samples(entries: list, class_to_idx: dict | None, where: str):
         _logger.warning("ignoring %d image(s) directly in %s (not in a class folder), e.g. %s",
                         len(loose), where, _ref_name(loose[0]))
     classes = {c for _, c in labelled}
+    unmapped = []
     if class_to_idx is None:
         class_to_idx = {c: i for i, c in enumerate(sorted(classes, key=natural_key))}
     else:
@@ -478,7 +476,7 @@ def _label_samples(entries: list, class_to_idx: dict | None, where: str):
                             ", ".join(unmapped[:10]))
     samples = sorted(((ref, class_to_idx[c]) for ref, c in labelled if c in class_to_idx),
                      key=lambda s: natural_key(_ref_name(s[0])))
-    return samples, class_to_idx
+    return samples, class_to_idx, unmapped
 
 
 def _ref_name(ref) -> str:
@@ -529,9 +527,10 @@ def create_dataset(name: str = "", root: str | None = None, split: str = "train"
     elif name.lower() == "tar":
         dataset = TarDataset(path, class_to_idx, split=split, **kwargs)
     else:
-        samples, class_to_idx = _scan_image_folder(path, class_to_idx)
-        names = sorted(class_to_idx, key=class_to_idx.get)
-        dataset = ImageFileDataset(path, samples, names, **kwargs)
+        entries = [(os.path.join(path, *rel.split("/")), class_of(rel)) for rel in walk_images(path)]
+        samples, class_to_idx, ignored = _label_samples(entries, class_to_idx, path)
+        dataset = ImageFileDataset(path, samples, sorted(class_to_idx, key=class_to_idx.get), **kwargs)
+        dataset.ignored_classes = ignored
     if path == root and os.path.isdir(root):
         _logger.info("%s has no split folders: using all of it as split %r", root, split)
     return dataset
@@ -579,3 +578,18 @@ class _Chain:
 
     def __call__(self, target):
         return self.second(self.first(target))
+
+
+def drop_classes(dataset: ClassificationDataset, names: set[str]) -> int:
+    """Remove the images of the classes ``names`` from a folder or tar dataset (as a ``--class-map`` training left
+    them out), renumbering the rest; returns how many images were removed."""
+    keep = [n for n in dataset.class_names if n not in names]
+    if len(keep) == len(dataset.class_names) or not hasattr(dataset, "samples"):
+        return 0
+    new_index = {old: keep.index(n) for old, n in enumerate(dataset.class_names) if n in keep}
+    dropped = [n for n in dataset.class_names if n in names]
+    before = len(dataset.samples)
+    dataset.samples = [(ref, new_index[t]) for ref, t in dataset.samples if t in new_index]
+    dataset.class_names = keep
+    dataset.ignored_classes = sorted(set(dataset.ignored_classes) | set(dropped))
+    return before - len(dataset.samples)

@@ -314,6 +314,8 @@ def checkpoint_state(run: TrainingRun, epoch: int, complete: bool, step: int, me
     }
     if opt.model_ema is not None:
         state["state_dict_ema"] = opt.model_ema.module.state_dict()
+    if getattr(run.cfg, "_ignored_classes", None):
+        state["ignored_classes"] = list(run.cfg._ignored_classes)
     return state
 
 

@@ -429,12 +429,39 @@ def build_data(cfg, info: dist_utils.DistInfo) -> TrainData:
     if num_classes < len(class_names):
         raise SequencerError(f"--num-classes {num_classes} is smaller than the {len(class_names)} classes of the "
                              f"training data", hint=f"use --num-classes {len(class_names)} or drop it")
+    check_classes(cfg, info, train_set, class_names, num_classes)
+    # the class folders a --class-map left out: checkpoints keep them, so validate leaves them out too
+    cfg._ignored_classes = sorted(set(train_set.ignored_classes) | set(eval_set.ignored_classes))
     if len(train_set) < cfg.batch_size * info.world_size:
         raise SequencerError(
             f"--batch-size {cfg.batch_size} is larger than the training split ({len(train_set)} images"
             f"{f' over {info.world_size} processes' if info.distributed else ''})",
             hint=f"use --batch-size {max(1, len(train_set) // info.world_size // 2 * 2)} or less")
     return TrainData(train_set, eval_set, class_names, num_classes, resume_path, resume_ckpt)
+
+
+def check_classes(cfg, info, train_set, class_names: list[str], num_classes: int) -> None:
+    """Refuse a one-class training set; warn about head outputs no image trains (a map naming classes without a
+    folder, --num-classes above the class count)."""
+    if len(class_names) < 2 and num_classes < 2:
+        raise SequencerError(f"the training split ({train_set.description}) has a single class "
+                             f"({', '.join(class_names)}): every image would be right",
+                             hint="point DATA at the folder holding one sub-folder per class")
+    if not info.is_primary:
+        return
+    present = {class_names[t] for t in _targets(train_set)} if hasattr(train_set, "samples") else set(class_names)
+    empty = [n for n in class_names if n not in present]
+    if empty:
+        warnings.warn(f"the training split has no images of {len(empty)} class(es) the class map names "
+                      f"({', '.join(empty[:5])}{', ...' if len(empty) > 5 else ''}): their outputs never train")
+    if num_classes > len(class_names):
+        warnings.warn(f"--num-classes {num_classes} is larger than the {len(class_names)} classes of the training "
+                      f"data: outputs {len(class_names)}..{num_classes - 1} never train")
+
+
+def _targets(dataset) -> list[int]:
+    transform = dataset.target_transform or (lambda t: t)
+    return [transform(t) for _, t in dataset.samples]
 
 
 def _eval_split(cfg, info, dataset_kw: dict, class_names: list[str]):

@@ -130,7 +130,7 @@ def extract_state_dict(checkpoint: dict, use_ema: bool = True) -> dict[str, torc
 
 
 # The model config a checkpoint carries besides its weights (training contract); all JSON-serialisable.
-CONFIG_KEYS = ("arch", "model_kwargs", "class_names", "data_config")
+CONFIG_KEYS = ("arch", "model_kwargs", "class_names", "data_config", "ignored_classes")
 
 
 def checkpoint_metadata(checkpoint: dict | None) -> dict:
