@@ -278,3 +278,14 @@ def test_library_flag_typos_fail_before_anything_is_written(run_cli, data, flag,
 def test_library_flag_typo_in_a_config_file(run_cli, data, tmp_path):
     (tmp_path / "c.yaml").write_text("torchcompile: nosuch\n")
     run_cli("train", data, *TRAIN, "--config", tmp_path / "c.yaml", expect="--torchcompile nosuch")
+
+
+# ---------------------------------------------------------------------------------------- issue 19 item 9
+def test_unknown_flag_points_to_the_subcommand_help(run_cli, data):
+    run_cli("predict", data, "--nosuch", expect="unrecognized arguments: --nosuch (see `sequencer predict --help`)")
+
+
+def test_warmup_note_does_not_precede_a_one_line_error(run_cli, data, recwarn):
+    # --warmup-epochs 5 >= --epochs 1 would be shortened with a warning; the batch larger than the data fails later
+    run_cli("train", data, *TRAIN, "--warmup-epochs", "5", "-b", "1000", expect="--batch-size 1000")
+    assert not [w for w in recwarn if "warmup" in str(w.message)]  # pytest keeps warnings off stderr: check here

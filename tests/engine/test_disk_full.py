@@ -44,3 +44,19 @@ def test_rows_come_back_from_the_checkpoint_after_a_kill_between_the_writes(imag
     (folder / "summary.csv").write_text("epoch,train_loss\n")  # as if killed before summary.csv was rewritten
     assert train_cli([*args, "--epochs", "2", "--resume", "auto"]) == 0
     assert summary_epochs(folder) == [0, 1]
+
+
+def test_finish_line_counts_every_invocation_and_says_1_epoch(image_folder, tmp_path, capsys):
+    """Issue 19 item 9: "after 1 epoch" (not "1 epochs"); after a resume, "in N s" includes the earlier epochs."""
+    folder = tmp_path / "out" / "x"
+    args = [image_folder, "--output", tmp_path / "out", "--experiment", "x", *TINY_RUN]
+    assert train_cli([*args, "--epochs", "1"]) == 0
+    assert " after 1 epoch in " in capsys.readouterr().out
+    text = (folder / "summary.csv").read_text().splitlines()
+    row = text[1].split(",")
+    row[-1] = "1000.00"  # epoch 0 took 1000 s in the first invocation
+    (folder / "summary.csv").write_text("\n".join([text[0], ",".join(row)]) + "\n")
+    assert train_cli([*args, "--epochs", "2", "--resume", "auto"]) == 0
+    finish = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("done:"))
+    seconds = int(finish.split(" after 2 epochs in ")[1].split("s")[0])
+    assert 1000 <= seconds < 1300, finish

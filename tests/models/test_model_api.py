@@ -202,3 +202,15 @@ def test_drop_path_one_drops_every_sample_without_nan(tiny_kwargs):
     out = block.drop_path(x)
     assert torch.equal(out, torch.zeros_like(x))  # every residual branch dropped, no 0/0
     assert torch.isfinite(model(torch.randn(2, 3, 28, 28))).all()
+
+
+@pytest.mark.filterwarnings("ignore:`torch.jit")
+def test_torch_jit_script_is_refused_in_one_line_and_trace_works(tiny):
+    """Issue 19 item 9: scripting failed with an assertion inside nn.LSTM; tracing is the supported TorchScript."""
+    from sequencer.errors import SequencerError
+    with pytest.raises(SequencerError, match="cannot be compiled with torch.jit.script.*torch.jit.trace") as e:
+        torch.jit.script(tiny)
+    assert "\n" not in str(e.value)
+    x = torch.randn(1, 3, 56, 56)
+    traced = torch.jit.trace(tiny.eval(), x)
+    torch.testing.assert_close(traced(x), tiny(x))

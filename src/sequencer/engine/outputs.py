@@ -30,6 +30,7 @@ class Outputs:
     folder: Path
     manager: CheckpointManager
     rows: list[dict]
+    resumed_rows: int = 0  # how many of ``rows`` earlier invocations wrote (a resume)
 
     @property
     def summary_path(self) -> Path:
@@ -53,10 +54,16 @@ def prepare_outputs(cfg, info: dist_utils.DistInfo, resume_path: str | None, res
             else None
         if saved and len(saved) > len(outputs.rows):  # killed after the checkpoint, before summary.csv
             outputs.rows = [dict(r) for r in saved if int(r["epoch"]) < start_epoch]
+        outputs.resumed_rows = len(outputs.rows)
     if info.is_primary:
         args_yaml = yaml.safe_dump(run_args(cfg), sort_keys=False)
         write_atomically(folder / "args.yaml", lambda tmp: Path(tmp).write_text(args_yaml))
     return outputs
+
+
+def plural(n: int, word: str) -> str:
+    """"1 epoch", "2 epochs"."""
+    return f"{n} {word}" if n == 1 else f"{n} {word}s"
 
 
 def run_args(cfg) -> dict:

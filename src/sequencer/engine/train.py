@@ -42,7 +42,7 @@ from .checkpoint import resume_position, set_rng_state
 from .library_flags import check_library_flags
 from .loop import (Loaders, Optimization, StopRequest, TrainingRun, current_lr, evaluate_epoch, save_epoch,
                    save_recovery, train_one_epoch)
-from .outputs import prepare_outputs, release_claim, remove_if_empty
+from .outputs import plural, prepare_outputs, release_claim, remove_if_empty
 from .resume import apply_resume_contract, locate_resume, read_resume_checkpoint
 
 SUMMARY_FIELDS = ["epoch", "train_loss", "eval_loss", "eval_top1", "eval_top5", "lr", "epoch_seconds"]
@@ -337,8 +337,10 @@ def shorten_warmup(cfg: argparse.Namespace) -> None:
         shortened = cfg.epochs // 4
         if shortened < 2 and not cfg.sched_on_updates:
             shortened = 0
-        warnings.warn(f"--warmup-epochs {cfg.warmup_epochs} is not below --epochs {cfg.epochs}: the lr would never "
-                      f"leave warmup; using --warmup-epochs {shortened}")
+        # said once the run starts: a later one-line error must stay the only line (issue 19)
+        cfg._start_warnings = [*getattr(cfg, "_start_warnings", []),
+                               f"--warmup-epochs {cfg.warmup_epochs} is not below --epochs {cfg.epochs}: the lr would "
+                               f"never leave warmup; using --warmup-epochs {shortened}"]
         cfg.warmup_epochs = shortened
 
 
@@ -375,6 +377,8 @@ def _train(cfg, info: dist_utils.DistInfo) -> int:
                    f"do (pass a larger --epochs to extend it)")
         return 0
     out = prepare_outputs(cfg, info, data.resume_path, data.resume_ckpt, start_epoch, loaders.img_size)
+    for message in getattr(cfg, "_start_warnings", []) if info.is_primary else []:
+        warnings.warn(message)
     train_model, eval_model = wrap_model(cfg, info, model)
     training = TrainingRun(cfg, info, model, train_model, eval_model, data.class_names, loaders, opt, out)
     _log_start(training, data, start_epoch)
@@ -729,7 +733,7 @@ def _log_start(training: TrainingRun, data: TrainData, start_epoch: int) -> None
     n_params = sum(p.numel() for p in training.model.parameters())
     where = f"{info.world_size} processes, " if info.distributed else ""
     _log(info, f"train: {cfg.model} ({n_params / 1e6:.2f}M params) on {len(data.train_set)} images of "
-               f"{cfg.dataset or cfg.data}, {data.num_classes} classes, {training.loaders.img_size}px, "
+               f"{cfg.dataset or cfg.data}, {plural(data.num_classes, 'class')}, {training.loaders.img_size}px, "
                f"{where}{info.device}; epochs {start_epoch}..{training.opt.num_epochs - 1}, "
                f"lr {current_lr(training.opt.optimizer):.3g}, batch {cfg.batch_size}; output {training.out.folder}")
 
@@ -743,6 +747,9 @@ def _log_finish(training: TrainingRun, metrics: dict, started: float) -> None:
     what = "digits demo" if cfg.dataset == "digits" else "done"
     skipped = len(getattr(training.loaders.eval, "skipped", None) or [])
     unreadable = f" ({skipped} unreadable skipped)" if skipped else ""
+    # the whole run's time: the epochs of earlier invocations (resumed) plus this one
+    earlier = sum(float(r.get("epoch_seconds") or 0) for r in training.out.rows[:training.out.resumed_rows])
+    elapsed = earlier + time.time() - started
     print(f"{what}: eval top-1 {metrics['top1']:.2f}% top-5 {metrics['top5']:.2f}% on {metrics['count']} held-out "
-          f"images{unreadable} after {training.opt.num_epochs} epochs in {time.time() - started:.0f}s{best}; "
+          f"images{unreadable} after {plural(training.opt.num_epochs, 'epoch')} in {elapsed:.0f}s{best}; "
           f"checkpoints in {training.out.folder}", flush=True)

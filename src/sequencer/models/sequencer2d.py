@@ -380,6 +380,12 @@ class Sequencer2d(nn.Module):
     def get_classifier(self) -> nn.Module:
         return self.head.fc
 
+    def __prepare_scriptable__(self):
+        # torch.jit.script calls this first: refuse in one line instead of an assertion deep inside nn.LSTM
+        raise SequencerError(f"{type(self).__name__} cannot be compiled with torch.jit.script (its LSTM kernels "
+                             f"are chosen at run time)", hint="use torch.jit.trace(model, example), torch.export, "
+                                                              "or `sequencer export --format torchscript` (traced)")
+
     def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
         """Replace the head with a zero-initialised one for ``num_classes`` (0 gives pooled features)."""
         self.num_classes = num_classes
