@@ -61,9 +61,9 @@ def prepare_outputs(cfg, info: dist_utils.DistInfo, resume_path: str | None, res
     return outputs
 
 
-def plural(n: int, word: str) -> str:
-    """"1 epoch", "2 epochs"."""
-    return f"{n} {word}" if n == 1 else f"{n} {word}s"
+def plural(n: int, word: str, words: str | None = None) -> str:
+    """"1 epoch", "2 epochs"; "1 class", "3 classes" (``words`` for an irregular plural)."""
+    return f"{n} {word}" if n == 1 else f"{n} {words or word + 's'}"
 
 
 def run_args(cfg) -> dict:

@@ -38,11 +38,12 @@ from ..errors import SequencerError
 from ..models import create_model, get_model_entry
 from ..models.loading import extract_state_dict, load_state_dict_into, read_checkpoint
 from . import distributed as dist_utils
+from . import timm_habits
 from .checkpoint import resume_position, set_rng_state
 from .library_flags import check_library_flags
 from .loop import (Loaders, Optimization, StopRequest, TrainingRun, current_lr, evaluate_epoch, save_epoch,
                    save_recovery, train_one_epoch)
-from .outputs import plural, prepare_outputs, release_claim, remove_if_empty
+from .outputs import plural, prepare_outputs, release_claim, remove_if_empty, run_args
 from .resume import apply_resume_contract, locate_resume, read_resume_checkpoint
 
 SUMMARY_FIELDS = ["epoch", "train_loss", "eval_loss", "eval_top1", "eval_top5", "lr", "epoch_seconds"]
@@ -190,6 +191,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--experiment", default="", help="experiment folder name (default: timestamp-model-imgsize)")
     g.add_argument("--eval-metric", default="top1", choices=("top1", "top5", "loss"), help="best-checkpoint metric")
     g.add_argument("--local-rank", "--local_rank", type=int, default=0, help=argparse.SUPPRESS)
+    timm_habits.add_arguments(parser)
 
     # Every flag defaults to "absent" so that run() can tell explicit flags from defaults: explicit flags beat
     # --config, which beats the digits-demo defaults, which beat timm's defaults (shown in --help).
@@ -323,6 +325,7 @@ def check_config(cfg: argparse.Namespace) -> None:
     if cfg.model:
         get_model_entry(cfg.model)  # unknown names fail before any data is read, with suggestions
     check_library_flags(cfg)
+    timm_habits.check(cfg)
     if cfg.initial_checkpoint and not Path(cfg.initial_checkpoint).is_file():
         raise SequencerError(f"--initial-checkpoint {cfg.initial_checkpoint!r}: no such file")
     if not cfg.resume:  # a resume checks it once the checkpoint's settings are known
@@ -357,6 +360,8 @@ def run(args: argparse.Namespace) -> int:
         raise
     finally:
         release_claim(cfg)
+        if getattr(cfg, "_wandb", None) is not None:
+            cfg._wandb.finish()
 
 
 def _train(cfg, info: dist_utils.DistInfo) -> int:
@@ -377,8 +382,10 @@ def _train(cfg, info: dist_utils.DistInfo) -> int:
                    f"do (pass a larger --epochs to extend it)")
         return 0
     out = prepare_outputs(cfg, info, data.resume_path, data.resume_ckpt, start_epoch, loaders.img_size)
-    for message in getattr(cfg, "_start_warnings", []) if info.is_primary else []:
-        warnings.warn(message)
+    for message in [*getattr(cfg, "_start_warnings", []), *timm_habits.notes(cfg, info.device)]:
+        if info.is_primary:
+            warnings.warn(message)
+    cfg._wandb = timm_habits.start_wandb(cfg, run_args(cfg)) if info.is_primary else None
     train_model, eval_model = wrap_model(cfg, info, model)
     training = TrainingRun(cfg, info, model, train_model, eval_model, data.class_names, loaders, opt, out)
     _log_start(training, data, start_epoch)
@@ -579,7 +586,8 @@ def build_loaders(cfg, info: dist_utils.DistInfo, model: nn.Module, data: TrainD
                     crop_pct=float(data_config["crop_pct"]), interpolation=data_config["interpolation"],
                     img_size=img_size)
     loader_kw = dict(mean=data_config["mean"], std=data_config["std"], crop_pct=data_config["crop_pct"],
-                     num_workers=cfg.workers, distributed=info.distributed, device=info.device, seed=cfg.seed)
+                     num_workers=cfg.workers, distributed=info.distributed, device=info.device, seed=cfg.seed,
+                     **timm_habits.loader_options(cfg, info.device))
     aug = not cfg.no_aug
     train_loader = create_loader(
         data.train_set, data_config["input_size"], cfg.batch_size, True,
@@ -733,7 +741,7 @@ def _log_start(training: TrainingRun, data: TrainData, start_epoch: int) -> None
     n_params = sum(p.numel() for p in training.model.parameters())
     where = f"{info.world_size} processes, " if info.distributed else ""
     _log(info, f"train: {cfg.model} ({n_params / 1e6:.2f}M params) on {len(data.train_set)} images of "
-               f"{cfg.dataset or cfg.data}, {plural(data.num_classes, 'class')}, {training.loaders.img_size}px, "
+               f"{cfg.dataset or cfg.data}, {plural(data.num_classes, 'class', 'classes')}, {training.loaders.img_size}px, "
                f"{where}{info.device}; epochs {start_epoch}..{training.opt.num_epochs - 1}, "
                f"lr {current_lr(training.opt.optimizer):.3g}, batch {cfg.batch_size}; output {training.out.folder}")
 
