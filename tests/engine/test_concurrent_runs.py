@@ -51,3 +51,25 @@ def test_claim_of_a_live_run_is_refused_in_one_line(image_folder, tmp_path, caps
     err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
     assert len(err) == 1 and "is in use by another run (process" in err[0], err
     assert sorted(p.name for p in folder.iterdir()) == before
+
+
+def test_runs_without_experiment_in_the_same_second_get_their_own_folders(tmp_path, monkeypatch):
+    from argparse import Namespace
+    from sequencer.engine import outputs
+    from sequencer.engine.distributed import DistInfo
+
+    class Frozen(outputs.datetime):
+        @classmethod
+        def now(cls, tz=None):
+            return outputs.datetime(2026, 1, 1, 12, 0, 0)
+
+    monkeypatch.setattr(outputs, "datetime", Frozen)
+    first = Namespace(output=str(tmp_path), experiment="", resume="")
+    folder = outputs.make_output_dir(first, DistInfo(), "m", 16)
+    # the second run saw the name free a moment earlier: it must not share the first one's folder
+    second = Namespace(output=str(tmp_path), experiment="", resume="")
+    monkeypatch.setattr(outputs.Path, "exists", lambda self: self != folder and os.path.exists(self))
+    other = outputs.make_output_dir(second, DistInfo(), "m", 16)
+    assert folder.name == "20260101-120000-m-16" and other.name == "20260101-120000-m-16-1"
+    outputs.release_claim(first)
+    outputs.release_claim(second)

@@ -156,23 +156,38 @@ def make_output_dir(cfg, info: dist_utils.DistInfo, model_name: str, img_size: i
             folder, n = root / stem, 1
             while folder.exists():
                 folder, n = root / f"{stem}-{n}", n + 1
-        created = [folder, *folder.parents]
-        cfg._created_dirs = [str(f) for f in created[:next(i for i, f in enumerate(created) if f.exists())]]
-        try:
-            folder.mkdir(parents=True, exist_ok=True)
-            with tempfile.NamedTemporaryFile(dir=folder, prefix=".write-test-"):
-                pass
-        except OSError as e:
-            remove_if_empty(cfg)
-            raise SequencerError(f"output folder {str(folder)!r} is not writable ({e.strerror or e})",
-                                 hint="pass --output DIR somewhere you can write") from None
-        claim_folder(cfg, folder)
+        while True:
+            try:
+                _create_and_claim(cfg, folder)
+                break
+            except FolderInUse:
+                if cfg.experiment or cfg.resume:
+                    raise
+                folder, n = root / f"{stem}-{n}", n + 1  # a run started in the same second took this name
         remove_stale_temporaries(folder)  # of a run that was killed mid-write (only once the folder is ours)
         if cfg.experiment and not cfg.resume and _holds_a_run(folder):  # checked under the claim: no race
             raise SequencerError(f"experiment folder {str(folder)!r} already holds a run",
                                  hint="pass --resume auto to continue it, or another --experiment")
         folder = str(folder)
     return Path(dist_utils.broadcast_object(folder, info))
+
+
+def _create_and_claim(cfg, folder: Path) -> None:
+    created = [folder, *folder.parents]
+    cfg._created_dirs = [str(f) for f in created[:next(i for i, f in enumerate(created) if f.exists())]]
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=folder, prefix=".write-test-"):
+            pass
+    except OSError as e:
+        remove_if_empty(cfg)
+        raise SequencerError(f"output folder {str(folder)!r} is not writable ({e.strerror or e})",
+                             hint="pass --output DIR somewhere you can write") from None
+    claim_folder(cfg, folder)
+
+
+class FolderInUse(SequencerError):
+    """Another live run holds the folder's claim."""
 
 
 CLAIM_NAME = ".run.lock"  # "HOST PID" of the run writing into the folder; hidden, removed when the run ends
@@ -192,7 +207,7 @@ def claim_folder(cfg, folder: Path) -> None:
             host, pid = _claim_owner(path)
             if host != socket.gethostname() or pid is None or _process_alive(pid):
                 where = f"process {pid}" + ("" if host == socket.gethostname() else f" on {host}")
-                raise SequencerError(f"experiment folder {str(folder)!r} is in use by another run ({where})",
+                raise FolderInUse(f"experiment folder {str(folder)!r} is in use by another run ({where})",
                                      hint=f"wait for it, pass another --experiment, or remove {str(path)!r} if "
                                           f"that run is gone") from None
             path.unlink(missing_ok=True)  # stale: its run was killed
@@ -201,7 +216,7 @@ def claim_folder(cfg, folder: Path) -> None:
             f.write(f"{socket.gethostname()} {os.getpid()}\n")
         cfg._claim = str(path)
         return
-    raise SequencerError(f"experiment folder {str(folder)!r} is in use by another run starting now")
+    raise FolderInUse(f"experiment folder {str(folder)!r} is in use by another run starting now")
 
 
 def _claim_owner(path: Path) -> tuple[str, int | None]:
