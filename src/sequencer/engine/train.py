@@ -463,7 +463,8 @@ def check_classes(cfg, info, train_set, class_names: list[str], num_classes: int
     present = {class_names[t] for t in _targets(train_set)} if hasattr(train_set, "samples") else set(class_names)
     empty = [n for n in class_names if n not in present]
     if empty:
-        warnings.warn(f"the training split has no images of {len(empty)} class(es) the class map names "
+        source = "the class map names" if cfg.class_map else "the model has"
+        warnings.warn(f"the training split has no images of {len(empty)} class(es) {source} "
                       f"({', '.join(empty[:5])}{', ...' if len(empty) > 5 else ''}): their outputs never train")
     if num_classes > len(class_names):
         warnings.warn(f"--num-classes {num_classes} is larger than the {len(class_names)} classes of the training "
