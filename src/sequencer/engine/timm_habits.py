@@ -51,8 +51,3 @@ def start_wandb(cfg, args: dict):
         return None
     return wandb.init(project=cfg.experiment or None, name=cfg.experiment or None, config=args)
 
-
-def check(cfg) -> None:
-    from ..errors import SequencerError
-    if cfg.recovery_interval < 0:
-        raise SequencerError(f"--recovery-interval {cfg.recovery_interval}: must not be negative")

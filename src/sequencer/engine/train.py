@@ -283,7 +283,8 @@ def check_config(cfg: argparse.Namespace) -> None:
                         ("--weight-decay", cfg.weight_decay), ("--momentum", cfg.momentum),
                         ("--mixup", cfg.mixup), ("--cutmix", cfg.cutmix), ("--color-jitter", cfg.color_jitter),
                         ("--warmup-epochs", cfg.warmup_epochs), ("--cooldown-epochs", cfg.cooldown_epochs),
-                        ("--workers", cfg.workers), ("--checkpoint-hist", cfg.checkpoint_hist)):
+                        ("--workers", cfg.workers), ("--checkpoint-hist", cfg.checkpoint_hist),
+                        ("--recovery-interval", cfg.recovery_interval)):
         if not value >= 0:
             bad(flag, value, "must not be negative")
     for flag, value in (("--reprob", cfg.reprob), ("--hflip", cfg.hflip), ("--mixup-prob", cfg.mixup_prob),
@@ -325,7 +326,6 @@ def check_config(cfg: argparse.Namespace) -> None:
     if cfg.model:
         get_model_entry(cfg.model)  # unknown names fail before any data is read, with suggestions
     check_library_flags(cfg)
-    timm_habits.check(cfg)
     if cfg.initial_checkpoint and not Path(cfg.initial_checkpoint).is_file():
         raise SequencerError(f"--initial-checkpoint {cfg.initial_checkpoint!r}: no such file")
     if not cfg.resume:  # a resume checks it once the checkpoint's settings are known
