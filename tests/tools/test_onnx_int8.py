@@ -162,6 +162,7 @@ def test_validate_onnx_equals_validate_checkpoint(digits_model, digits_onnx, tmp
     assert fp32["top1"] == ckpt["top1"] and fp32["top5"] == ckpt["top5"] and ckpt["top1"] > 60
     assert fp32["loss"] == pytest.approx(ckpt["loss"], abs=1e-4)
     assert abs(int8["top1"] - ckpt["top1"]) <= 1.0 and fp32["onnx"] == str(fp32_path)
+    assert fp32["param_count"] is None and ckpt["param_count"] > 0  # not "0.00M params" (issue 19)
 
 
 def test_predict_onnx_matches_checkpoint(digits_model, digits_onnx, capsys):

@@ -38,10 +38,12 @@ from ..errors import SequencerError
 from ..models import create_model, get_model_entry
 from ..models.loading import extract_state_dict, load_state_dict_into, read_checkpoint
 from . import distributed as dist_utils
+from . import timm_habits
 from .checkpoint import resume_position, set_rng_state
+from .library_flags import check_library_flags
 from .loop import (Loaders, Optimization, StopRequest, TrainingRun, current_lr, evaluate_epoch, save_epoch,
                    save_recovery, train_one_epoch)
-from .outputs import prepare_outputs, remove_if_empty
+from .outputs import plural, prepare_outputs, release_claim, remove_if_empty, run_args
 from .resume import apply_resume_contract, locate_resume, read_resume_checkpoint
 
 SUMMARY_FIELDS = ["epoch", "train_loss", "eval_loss", "eval_top1", "eval_top5", "lr", "epoch_seconds"]
@@ -104,6 +106,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--grad-checkpointing", action="store_true", help="activation checkpointing per block")
     g.add_argument("--torchcompile", nargs="?", const="inductor", default=None, metavar="BACKEND",
                    help="torch.compile the model (backend, default inductor)")
+    g.add_argument("--torchcompile-mode", default=None, metavar="MODE",
+                   help="torch.compile mode (default, reduce-overhead, max-autotune, ...)")
     g.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda if available)")
 
     g = parser.add_argument_group("optimizer")
@@ -187,6 +191,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--experiment", default="", help="experiment folder name (default: timestamp-model-imgsize)")
     g.add_argument("--eval-metric", default="top1", choices=("top1", "top5", "loss"), help="best-checkpoint metric")
     g.add_argument("--local-rank", "--local_rank", type=int, default=0, help=argparse.SUPPRESS)
+    timm_habits.add_arguments(parser)
 
     # Every flag defaults to "absent" so that run() can tell explicit flags from defaults: explicit flags beat
     # --config, which beats the digits-demo defaults, which beat timm's defaults (shown in --help).
@@ -278,7 +283,8 @@ def check_config(cfg: argparse.Namespace) -> None:
                         ("--weight-decay", cfg.weight_decay), ("--momentum", cfg.momentum),
                         ("--mixup", cfg.mixup), ("--cutmix", cfg.cutmix), ("--color-jitter", cfg.color_jitter),
                         ("--warmup-epochs", cfg.warmup_epochs), ("--cooldown-epochs", cfg.cooldown_epochs),
-                        ("--workers", cfg.workers), ("--checkpoint-hist", cfg.checkpoint_hist)):
+                        ("--workers", cfg.workers), ("--checkpoint-hist", cfg.checkpoint_hist),
+                        ("--recovery-interval", cfg.recovery_interval)):
         if not value >= 0:
             bad(flag, value, "must not be negative")
     for flag, value in (("--reprob", cfg.reprob), ("--hflip", cfg.hflip), ("--mixup-prob", cfg.mixup_prob),
@@ -319,6 +325,7 @@ def check_config(cfg: argparse.Namespace) -> None:
                              hint="use the same --output/--experiment for every (re)start")
     if cfg.model:
         get_model_entry(cfg.model)  # unknown names fail before any data is read, with suggestions
+    check_library_flags(cfg)
     if cfg.initial_checkpoint and not Path(cfg.initial_checkpoint).is_file():
         raise SequencerError(f"--initial-checkpoint {cfg.initial_checkpoint!r}: no such file")
     if not cfg.resume:  # a resume checks it once the checkpoint's settings are known
@@ -333,8 +340,10 @@ def shorten_warmup(cfg: argparse.Namespace) -> None:
         shortened = cfg.epochs // 4
         if shortened < 2 and not cfg.sched_on_updates:
             shortened = 0
-        warnings.warn(f"--warmup-epochs {cfg.warmup_epochs} is not below --epochs {cfg.epochs}: the lr would never "
-                      f"leave warmup; using --warmup-epochs {shortened}")
+        # said once the run starts: a later one-line error must stay the only line (issue 19)
+        cfg._start_warnings = [*getattr(cfg, "_start_warnings", []),
+                               f"--warmup-epochs {cfg.warmup_epochs} is not below --epochs {cfg.epochs}: the lr would "
+                               f"never leave warmup; using --warmup-epochs {shortened}"]
         cfg.warmup_epochs = shortened
 
 
@@ -346,8 +355,13 @@ def run(args: argparse.Namespace) -> int:
         with dist_utils.process_group(cfg.device) as info:
             return _train(cfg, info)
     except BaseException:
+        release_claim(cfg)
         remove_if_empty(cfg)
         raise
+    finally:
+        release_claim(cfg)
+        if getattr(cfg, "_wandb", None) is not None:
+            cfg._wandb.finish()
 
 
 def _train(cfg, info: dist_utils.DistInfo) -> int:
@@ -368,6 +382,10 @@ def _train(cfg, info: dist_utils.DistInfo) -> int:
                    f"do (pass a larger --epochs to extend it)")
         return 0
     out = prepare_outputs(cfg, info, data.resume_path, data.resume_ckpt, start_epoch, loaders.img_size)
+    for message in [*getattr(cfg, "_start_warnings", []), *timm_habits.notes(cfg, info.device)]:
+        if info.is_primary:
+            warnings.warn(message)
+    cfg._wandb = timm_habits.start_wandb(cfg, run_args(cfg)) if info.is_primary else None
     train_model, eval_model = wrap_model(cfg, info, model)
     training = TrainingRun(cfg, info, model, train_model, eval_model, data.class_names, loaders, opt, out)
     _log_start(training, data, start_epoch)
@@ -422,12 +440,40 @@ def build_data(cfg, info: dist_utils.DistInfo) -> TrainData:
     if num_classes < len(class_names):
         raise SequencerError(f"--num-classes {num_classes} is smaller than the {len(class_names)} classes of the "
                              f"training data", hint=f"use --num-classes {len(class_names)} or drop it")
+    check_classes(cfg, info, train_set, class_names, num_classes)
+    # the class folders a --class-map left out: checkpoints keep them, so validate leaves them out too
+    cfg._ignored_classes = sorted(set(train_set.ignored_classes) | set(eval_set.ignored_classes))
     if len(train_set) < cfg.batch_size * info.world_size:
         raise SequencerError(
             f"--batch-size {cfg.batch_size} is larger than the training split ({len(train_set)} images"
             f"{f' over {info.world_size} processes' if info.distributed else ''})",
             hint=f"use --batch-size {max(1, len(train_set) // info.world_size // 2 * 2)} or less")
     return TrainData(train_set, eval_set, class_names, num_classes, resume_path, resume_ckpt)
+
+
+def check_classes(cfg, info, train_set, class_names: list[str], num_classes: int) -> None:
+    """Refuse a one-class training set; warn about head outputs no image trains (a map naming classes without a
+    folder, --num-classes above the class count)."""
+    if len(class_names) < 2 and num_classes < 2:
+        raise SequencerError(f"the training split ({train_set.description}) has a single class "
+                             f"({', '.join(class_names)}): every image would be right",
+                             hint="point DATA at the folder holding one sub-folder per class")
+    if not info.is_primary:
+        return
+    present = {class_names[t] for t in _targets(train_set)} if hasattr(train_set, "samples") else set(class_names)
+    empty = [n for n in class_names if n not in present]
+    if empty:
+        source = "the class map names" if cfg.class_map else "the model has"
+        warnings.warn(f"the training split has no images of {len(empty)} class(es) {source} "
+                      f"({', '.join(empty[:5])}{', ...' if len(empty) > 5 else ''}): their outputs never train")
+    if num_classes > len(class_names):
+        warnings.warn(f"--num-classes {num_classes} is larger than the {len(class_names)} classes of the training "
+                      f"data: outputs {len(class_names)}..{num_classes - 1} never train")
+
+
+def _targets(dataset) -> list[int]:
+    transform = dataset.target_transform or (lambda t: t)
+    return [transform(t) for _, t in dataset.samples]
 
 
 def _eval_split(cfg, info, dataset_kw: dict, class_names: list[str]):
@@ -521,8 +567,9 @@ def wrap_model(cfg, info: dist_utils.DistInfo, model: nn.Module) -> tuple[nn.Mod
         train_model = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda"
                                                           else None)
     if cfg.torchcompile:
-        train_model = torch.compile(train_model, backend=cfg.torchcompile)
-    eval_model = torch.compile(model, backend=cfg.torchcompile) if cfg.torchcompile else model
+        train_model = torch.compile(train_model, backend=cfg.torchcompile, mode=cfg.torchcompile_mode)
+    eval_model = (torch.compile(model, backend=cfg.torchcompile, mode=cfg.torchcompile_mode) if cfg.torchcompile
+                  else model)
     return train_model, eval_model
 
 
@@ -540,7 +587,8 @@ def build_loaders(cfg, info: dist_utils.DistInfo, model: nn.Module, data: TrainD
                     crop_pct=float(data_config["crop_pct"]), interpolation=data_config["interpolation"],
                     img_size=img_size)
     loader_kw = dict(mean=data_config["mean"], std=data_config["std"], crop_pct=data_config["crop_pct"],
-                     num_workers=cfg.workers, distributed=info.distributed, device=info.device, seed=cfg.seed)
+                     num_workers=cfg.workers, distributed=info.distributed, device=info.device, seed=cfg.seed,
+                     **timm_habits.loader_options(cfg, info.device))
     aug = not cfg.no_aug
     train_loader = create_loader(
         data.train_set, data_config["input_size"], cfg.batch_size, True,
@@ -694,7 +742,7 @@ def _log_start(training: TrainingRun, data: TrainData, start_epoch: int) -> None
     n_params = sum(p.numel() for p in training.model.parameters())
     where = f"{info.world_size} processes, " if info.distributed else ""
     _log(info, f"train: {cfg.model} ({n_params / 1e6:.2f}M params) on {len(data.train_set)} images of "
-               f"{cfg.dataset or cfg.data}, {data.num_classes} classes, {training.loaders.img_size}px, "
+               f"{cfg.dataset or cfg.data}, {plural(data.num_classes, 'class', 'classes')}, {training.loaders.img_size}px, "
                f"{where}{info.device}; epochs {start_epoch}..{training.opt.num_epochs - 1}, "
                f"lr {current_lr(training.opt.optimizer):.3g}, batch {cfg.batch_size}; output {training.out.folder}")
 
@@ -708,6 +756,9 @@ def _log_finish(training: TrainingRun, metrics: dict, started: float) -> None:
     what = "digits demo" if cfg.dataset == "digits" else "done"
     skipped = len(getattr(training.loaders.eval, "skipped", None) or [])
     unreadable = f" ({skipped} unreadable skipped)" if skipped else ""
+    # the whole run's time: the epochs of earlier invocations (resumed) plus this one
+    earlier = sum(float(r.get("epoch_seconds") or 0) for r in training.out.rows[:training.out.resumed_rows])
+    elapsed = earlier + time.time() - started
     print(f"{what}: eval top-1 {metrics['top1']:.2f}% top-5 {metrics['top5']:.2f}% on {metrics['count']} held-out "
-          f"images{unreadable} after {training.opt.num_epochs} epochs in {time.time() - started:.0f}s{best}; "
+          f"images{unreadable} after {plural(training.opt.num_epochs, 'epoch')} in {elapsed:.0f}s{best}; "
           f"checkpoints in {training.out.folder}", flush=True)

@@ -133,7 +133,7 @@ def _run(args, dataset_name: str, dist_info) -> int:
         top5=round(metrics["top5"], 3), top5_err=round(100 - metrics["top5"], 3),
         loss=round(metrics["loss"], 5),
         images_per_sec=round(metrics["images_per_sec"], 1),
-        param_count=loaded.num_params,
+        param_count=loaded.num_params or None,  # None under --onnx: onnxruntime holds the weights
         img_size=config["input_size"][-1],
         crop_pct=config["crop_pct"],
         interpolation=config["interpolation"],
@@ -145,7 +145,8 @@ def _run(args, dataset_name: str, dist_info) -> int:
     if dist_info.is_primary:
         print(f" * Acc@1 {results['top1']:.3f} ({results['top1_err']:.3f}) "
               f"Acc@5 {results['top5']:.3f} ({results['top5_err']:.3f})")
-        print(f"model {results['model']} ({results['param_count'] / 1e6:.2f}M params) at "
+        size = f"{results['param_count'] / 1e6:.2f}M params" if results["param_count"] else "ONNX"
+        print(f"model {results['model']} ({size}) at "
               f"{results['img_size']}px on {results['dataset']}: {results['count']} images, "
               f"loss {results['loss']:.4f}, {results['images_per_sec']:.1f} images/s"
               + (f", {results['unreadable']} unreadable skipped" if results["unreadable"] else ""))

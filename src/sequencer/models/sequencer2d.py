@@ -19,6 +19,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 from timm.layers import DropPath, lecun_normal_
 
+from ..errors import SequencerError
 from .kernels.onednn import (_autocast_bf16_copies, _MixAxesFunction, _onednn_linear_ok, _OneDnnMlpFunction,
                              _under_cpu_bf16_autocast, linear)
 from .kernels.recurrence import RNN_TYPES, fused_bilstm2d, resolve_backend, run_rnn, uses_fused_lstm
@@ -379,6 +380,12 @@ class Sequencer2d(nn.Module):
     def get_classifier(self) -> nn.Module:
         return self.head.fc
 
+    def __prepare_scriptable__(self):
+        # torch.jit.script calls this first: refuse in one line instead of an assertion deep inside nn.LSTM
+        raise SequencerError(f"{type(self).__name__} cannot be compiled with torch.jit.script (its LSTM kernels "
+                             f"are chosen at run time)", hint="use torch.jit.trace(model, example), torch.export, "
+                                                              "or `sequencer export --format torchscript` (traced)")
+
     def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
         """Replace the head with a zero-initialised one for ``num_classes`` (0 gives pooled features)."""
         self.num_classes = num_classes
@@ -420,12 +427,7 @@ class Sequencer2d(nn.Module):
         if output_fmt not in ("NCHW", "NHWC"):
             raise ValueError("output_fmt must be 'NCHW' or 'NHWC'")
         n = len(self.stages)
-        if indices is None:
-            take = list(range(n))
-        elif isinstance(indices, int):
-            take = list(range(n - indices, n))
-        else:
-            take = [i % n for i in indices]
+        take = stage_indices(indices, n, "indices")
         last = max(take) if stop_early or intermediates_only else n - 1
         intermediates = []
         x = self._embed(x)
@@ -440,13 +442,36 @@ class Sequencer2d(nn.Module):
         return (self.norm(x) if last == n - 1 else x), intermediates
 
 
+def stage_indices(indices: int | Sequence[int] | None, n: int, what: str) -> list[int]:
+    """Stage positions 0..n-1 for ``indices`` (None: all; an int k: the last k; a list: those, -1 = the last).
+
+    Raises SequencerError (one line) for an index out of range, one listed twice or out of stage order: the model
+    returns its stages in order, once each, and ``feature_info`` must list exactly what it returns.
+    """
+    if indices is None:
+        return list(range(n))
+    if isinstance(indices, int):
+        if not 1 <= indices <= n:
+            raise SequencerError(f"{what}={indices}: the model has {n} stages (take the last 1..{n})")
+        return list(range(n - indices, n))
+    take = []
+    for i in indices:
+        if not -n <= int(i) < n:
+            raise SequencerError(f"{what}={tuple(indices)}: stage {i} is out of range for a model with {n} stages "
+                                 f"(0..{n - 1}, or -{n}..-1 from the end)")
+        take.append(int(i) % n)
+    if len(set(take)) != len(take) or take != sorted(take):
+        raise SequencerError(f"{what}={tuple(indices)}: list each stage once, in increasing order")
+    return take
+
+
 class FeatureExtractor(nn.Module):
     """``features_only=True`` wrapper: returns a list of NCHW stage maps; ``feature_info`` lists their shapes."""
 
     def __init__(self, model: Sequencer2d, out_indices: Sequence[int] | None = None):
         super().__init__()
         n = len(model.stages)
-        self.out_indices = tuple(range(n) if out_indices is None else (i % n for i in out_indices))
+        self.out_indices = tuple(stage_indices(out_indices, n, "out_indices"))
         model.reset_classifier(0)
         self.model = model
         self.feature_info = [model.feature_info[i] for i in self.out_indices]
