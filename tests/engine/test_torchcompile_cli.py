@@ -1,4 +1,5 @@
-"""`sequencer train --torchcompile` as a user runs it: a child process, inductor on the CPU, checked against eager.
+"""`sequencer train --torchcompile` and `validate --torchcompile` as a user runs them: inductor on the CPU, checked
+against eager.
 
 Inductor builds C++ kernels for the training graph (forward and backward) and for the evaluation graph: tens of
 seconds of compiler time on 2 cores even for the shrunk nano, hence ``slow``. The recurrent layers reach inductor
@@ -7,10 +8,13 @@ strides their fake kernels promised, which is how the first backward step once c
 """
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
 from conftest import TINY_RUN, start_train, summary_rows, train_cli
+from sequencer.cli import main
 from sequencer.models.loading import read_checkpoint
 
 # SGD, not AdamW: Adam divides by the gradients' running magnitude, which turns fp32 noise in near-zero gradients
@@ -23,7 +27,8 @@ SAME_RUN = [*TINY_RUN, "--opt", "sgd", "--lr", "0.2", "--drop-path", "0", "--see
 @pytest.mark.slow
 def test_train_torchcompile_cli_trains_like_eager(image_folder, tmp_path, monkeypatch):
     """One epoch compiled (inductor, in a child process) and eager from one seed: both finish and write their
-    checkpoints, with the same losses and weights to fp32 reordering (inductor fuses and reassociates)."""
+    checkpoints, with the same losses and weights to fp32 reordering (inductor fuses and reassociates). Then
+    ``validate --torchcompile`` on the compiled run's checkpoint reproduces the loss and top-1 training logged."""
     monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "inductor"))  # no kernels of another version
     log = tmp_path / "compiled.log"
     child = start_train([image_folder, *SAME_RUN, "--output", tmp_path, "--experiment", "compiled",
@@ -39,3 +44,10 @@ def test_train_torchcompile_cli_trains_like_eager(image_folder, tmp_path, monkey
     (got,), (want,) = summary_rows(tmp_path / "compiled"), summary_rows(tmp_path / "eager")
     for key in ("train_loss", "eval_loss", "eval_top1"):
         assert float(got[key]) == pytest.approx(float(want[key]), rel=1e-4, abs=1e-5), key
+
+    results = tmp_path / "validate.json"
+    assert main(["validate", str(image_folder), "--checkpoint", str(tmp_path / "compiled" / "last.pth.tar"),
+                 "-b", "8", "-j", "0", "--device", "cpu", "--torchcompile", "--results-file", str(results)]) == 0
+    validated = json.loads(results.read_text())
+    assert validated["loss"] == pytest.approx(float(got["eval_loss"]), rel=1e-4, abs=1e-5)
+    assert validated["top1"] == pytest.approx(float(got["eval_top1"]), abs=1e-3)
