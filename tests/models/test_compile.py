@@ -151,7 +151,7 @@ def test_compiled_training_steps_match_eager(channels_last, randomize, monkeypat
     layers (the custom op, whose backward recomputes the forward) and the partitioner's choice of what to save. So
     agreement to a few fp32 ulps is expected (measured: bit-equal); 1e-6 relative to each tensor's largest
     magnitude leaves room for ~10 ulps of reordering and none for a wrong gradient. (Inductor, which fuses and
-    reorders, is run end to end by tests/engine/test_train_compiled.py.)
+    reorders, is run end to end by tests/engine/test_torchcompile_cli.py.)
     """
     monkeypatch.delenv(recurrence.BACKEND_ENV, raising=False)
     torch._dynamo.reset()
@@ -173,7 +173,8 @@ def recorded_copy(value):
     if isinstance(value, (list, tuple)):
         return type(value)(recorded_copy(v) for v in value)
     if isinstance(value, torch.Tensor):
-        copy = torch.empty_strided(value.shape, value.stride(), dtype=value.dtype).copy_(value.detach())
+        copy = torch.empty_strided(value.shape, value.stride(), dtype=value.dtype, device=value.device)
+        copy.copy_(value.detach())
         return copy.requires_grad_(value.requires_grad and torch.is_grad_enabled())
     return value
 
@@ -202,7 +203,8 @@ def record_calls(monkeypatch, module, names: list[str], calls: dict) -> None:
 
 
 def training_steps(randomize, **model_kwargs) -> None:
-    """One forward and backward of nano in train mode as ``train`` runs them, without and with --channels-last."""
+    """One forward and backward of nano in train mode as ``train`` runs them, without and with --channels-last
+    (which, LayerNorm's output being dense either way, hands the recurrent layers the same layouts today)."""
     for channels_last in (False, True):
         model = nano_for_training(randomize, channels_last, **model_kwargs).train()
         x, y = fixed_batches(channels_last, steps=1)[0]
