@@ -48,6 +48,12 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
                    help="load a checkpoint's raw weights even when it has EMA weights")
 
 
+def add_torchcompile_argument(group) -> None:
+    """``--torchcompile [BACKEND]``, as timm's scripts have it (train and validate)."""
+    group.add_argument("--torchcompile", nargs="?", const="inductor", default=None, metavar="BACKEND",
+                       help="torch.compile the model (backend, default inductor)")
+
+
 def warn_if_random_weights(args: argparse.Namespace) -> None:
     """One warning line when a model name alone (no --checkpoint, no --pretrained) means random weights."""
     if getattr(args, "model", None) and not args.checkpoint and not args.pretrained:

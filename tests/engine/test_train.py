@@ -195,7 +195,7 @@ def test_a_warmup_filling_the_run_is_shortened(epochs, warmup, on_updates, expec
 @pytest.mark.slow
 def test_torchcompile_run_saves_plain_weights(image_folder, tmp_path):
     """--torchcompile wraps the training and evaluation models; checkpoints hold the plain module's keys.
-    (aot_eager traces and runs the compiled graphs without a C++ toolchain; inductor ran on a GPU, test_cuda.py.)"""
+    (aot_eager: quick; inductor on the CPU against eager in test_torchcompile_cli.py, on a GPU in test_cuda.py.)"""
     assert train_cli([image_folder, *TINY_RUN, "--output", tmp_path, "--experiment", "compiled", "--epochs", "1",
                       "--torchcompile", "aot_eager"]) == 0
     ckpt = read_checkpoint(tmp_path / "compiled" / "last.pth.tar")

@@ -32,7 +32,7 @@ import torch
 import yaml
 from torch import nn
 
-from ..cli_common import check_device
+from ..cli_common import add_torchcompile_argument, check_device
 from ..data.datasets import held_out_split, map_classes_by_name
 from ..errors import SequencerError
 from ..models import create_model, get_model_entry
@@ -104,8 +104,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--channels-last", action="store_true", help="channels-last memory layout")
     g.add_argument("--grad-accum-steps", type=int, default=1, help="micro-batches per optimizer step")
     g.add_argument("--grad-checkpointing", action="store_true", help="activation checkpointing per block")
-    g.add_argument("--torchcompile", nargs="?", const="inductor", default=None, metavar="BACKEND",
-                   help="torch.compile the model (backend, default inductor)")
+    add_torchcompile_argument(g)
     g.add_argument("--torchcompile-mode", default=None, metavar="MODE",
                    help="torch.compile mode (default, reduce-overhead, max-autotune, ...)")
     g.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda if available)")

@@ -17,8 +17,9 @@ import os
 
 import torch
 
-from ..cli_common import (add_model_args, check_device, check_input_size, check_results_file, check_workers,
-                          label_with_model_classes, load_model_from_args, positive_int)
+from ..cli_common import (add_model_args, add_torchcompile_argument, check_device, check_input_size,
+                          check_results_file, check_workers, label_with_model_classes, load_model_from_args,
+                          positive_int)
 from ..data import create_dataset, create_loader, resolve_data_config
 from ..data.datasets import held_out_split
 from ..data.loader import INTERPOLATIONS
@@ -56,6 +57,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                    help="mixed precision (float16 on CUDA, bfloat16 on CPU unless --amp-dtype)")
     g.add_argument("--amp-dtype", default=None, choices=("float16", "bfloat16"), help="autocast dtype (implies --amp)")
     g.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda when available)")
+    add_torchcompile_argument(g)
     g.add_argument("--results-file", default="", metavar="FILE", help="write the results as .json or .csv")
 
 
@@ -76,11 +78,20 @@ def write_results(path: str, results: dict) -> None:
 
 def run(args: argparse.Namespace) -> int:
     check_results_file(args.results_file, RESULT_FORMATS)
+    check_onnx_flags(args)
     dataset_name = args.dataset or ("" if args.data else "digits")
     check_device(args.device)
     check_workers(args.workers)
     with process_group(args.device) as dist_info:
         return _run(args, dataset_name, dist_info)
+
+
+def check_onnx_flags(args: argparse.Namespace) -> None:
+    """Flags about running the PyTorch model, refused with ``--onnx`` (onnxruntime runs the file as exported)."""
+    if args.onnx and (args.amp or args.amp_dtype):
+        raise SequencerError("--amp does not apply to --onnx: the file runs in the precision it was exported in")
+    if args.onnx and args.torchcompile:
+        raise SequencerError("--torchcompile does not apply to --onnx: onnxruntime runs the file")
 
 
 def _run(args, dataset_name: str, dist_info) -> int:
@@ -100,8 +111,6 @@ def _run(args, dataset_name: str, dist_info) -> int:
         elif dist_info.is_primary:
             print(f"note: {args.model} has no released weights and no --checkpoint was given: "
                   f"evaluating randomly initialised weights")
-    if args.onnx and (args.amp or args.amp_dtype):
-        raise SequencerError("--amp does not apply to --onnx: the file runs in the precision it was exported in")
     loaded = load_model_or_onnx(args, device) if args.onnx else load_model_from_args(args, device)
     # the checkpoint's preprocessing (what training evaluated with), then explicit flags
     overrides = dict(mean=args.mean, std=args.std, crop_pct=args.crop_pct, interpolation=args.interpolation)
@@ -122,7 +131,8 @@ def _run(args, dataset_name: str, dist_info) -> int:
     if args.amp or args.amp_dtype:
         amp_dtype = {"float16": torch.float16, "bfloat16": torch.bfloat16}[
             args.amp_dtype or ("float16" if device.type == "cuda" else "bfloat16")]
-    metrics = evaluate(loaded.model, loader, device, amp_dtype=amp_dtype, distributed=dist_info.distributed)
+    model = torch.compile(loaded.model, backend=args.torchcompile) if args.torchcompile else loaded.model
+    metrics = evaluate(model, loader, device, amp_dtype=amp_dtype, distributed=dist_info.distributed)
 
     results = dict(
         model=loaded.name,
