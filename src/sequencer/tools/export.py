@@ -6,9 +6,10 @@
   class names, data config) is stored in the ONNX metadata properties.
 * TorchScript is a trace (``torch.jit.trace``), reloaded and checked the same way; the config rides along as the
   extra file ``config.json``.
-* ``--quantize int8`` (ONNX): the verified fp32 export quantised dynamically by onnxruntime (:func:`quantize_int8`);
+* ``--quantize int8`` (ONNX): the verified fp32 export quantised by onnxruntime (:func:`quantize_int8`) with the
+  settings of this CPU's class or ``--target-cpu`` (:func:`int8_settings`), static QDQ with ``--calibration DIR``;
   ``--verify DIR`` runs both files on DIR's images and writes the int8 file only when their top-1 agree on at least
-  ``--min-agreement`` of them. Every file is checked under a temporary name and renamed onto --output only then.
+  ``--min-agreement`` of them (agreement < min-agreement refuses). Every file is checked under a temporary name and renamed onto --output only then.
 * safetensors holds the weights with arch / model_kwargs / class_names / data_config (JSON) in its metadata, so
   ``--checkpoint model.safetensors`` or ``create_model(arch, checkpoint_path=..., **model_kwargs)`` rebuilds it.
 """
@@ -274,20 +275,20 @@ def quantize_int8(fp32_path: str | os.PathLike, out_path: str | os.PathLike, met
 
 class ImageCalibration:
     """An onnxruntime ``CalibrationDataReader`` over the images under ``folder``, preprocessed as validate does
-    (the fp32 file's metadata), in batches of ``batch_size``."""
+    (the fp32 file's metadata), in batches of 32, or of exactly ``fixed_batch`` for a fixed-batch export (the
+    images beyond the last full batch unused)."""
 
-    def __init__(self, fp32_path: Path, folder: str, batch_size: int):
+    def __init__(self, fp32_path: Path, folder: str, fixed_batch: int | None = None):
         from ..cli_common import eval_transform, find_images, read_images
 
         loaded = load_onnx(fp32_path)
         ok, tensors, _ = read_images(find_images([folder]), eval_transform(loaded))
-        if not ok:
-            raise SequencerError(f"--calibration {folder!r}: no readable images")
-        usable = len(tensors) - len(tensors) % batch_size
+        batch = fixed_batch or 32
+        usable = len(tensors) - len(tensors) % batch if fixed_batch else len(tensors)
         if not usable:
-            raise SequencerError(f"--calibration {folder!r} has {len(tensors)} images, fewer than the export batch "
-                                 f"{batch_size}", hint="add images or export with --dynamic-batch")
-        self.batches = iter([torch.stack(tensors[i:i + batch_size]).numpy() for i in range(0, usable, batch_size)])
+            raise SequencerError(f"--calibration {folder!r} has {len(tensors)} readable images, fewer than the "
+                                 f"export batch {batch}", hint="add images or export with --dynamic-batch")
+        self.batches = iter([torch.stack(tensors[i:i + batch]).numpy() for i in range(0, usable, batch)])
         self.input_name = loaded.model.input_name
 
     def get_next(self):
@@ -344,8 +345,8 @@ def export_onnx_int8(model: nn.Module, path: str | os.PathLike, input_size: tupl
             result["rel_error"] = export_onnx(model, fp32, input_size, metadata=metadata, **onnx_kwargs)
             reader = None
             if settings["static"]:
-                batch = 32 if onnx_kwargs.get("dynamic_batch") else onnx_kwargs.get("batch_size", 1)
-                reader = ImageCalibration(fp32, calibration, batch)
+                fixed = None if onnx_kwargs.get("dynamic_batch") else onnx_kwargs.get("batch_size", 1)
+                reader = ImageCalibration(fp32, calibration, fixed)
             quantize_int8(fp32, tmp, metadata or {}, settings, reader)
             logits = OnnxModel(tmp).run_numpy(np.zeros((onnx_kwargs.get("batch_size", 1), *input_size), np.float32))
             if not np.isfinite(logits).all():
