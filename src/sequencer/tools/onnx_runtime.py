@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -110,6 +111,18 @@ def load_onnx(path: str | os.PathLike, threads: int | None = None) -> LoadedMode
                        {"class_names": class_names} if class_names else None)
 
 
+def note_other_cpu(model: OnnxModel) -> None:
+    """One line on stderr when an int8 file was quantised for another CPU class than this one's."""
+    from ..hardware import cpu_info
+
+    made_for = (_metadata_json(model, "int8_settings") or {}).get("cpu_class")
+    here = cpu_info().cpu_class
+    if made_for and made_for != here:
+        print(f"note: {model.path.name} was quantised for {made_for} CPUs, this one is {here}; re-export with "
+              f"`sequencer export --quantize int8` here (or --target-cpu {here}) for its int8 settings",
+              file=sys.stderr)
+
+
 def add_onnx_argument(parser) -> None:
     parser.add_argument("--onnx", default=None, metavar="PATH",
                         help="run this `sequencer export` ONNX file (fp32 or int8) through onnxruntime instead of a "
@@ -126,6 +139,7 @@ def load_model_or_onnx(args, device: torch.device | str = "cpu") -> LoadedModel:
     if given:
         raise SequencerError(f"--onnx {args.onnx!r} carries its own model and weights; drop {', '.join(given)}")
     loaded = load_onnx(args.onnx)
+    note_other_cpu(loaded.model)
     size = args.input_size[1:] if args.input_size else (args.img_size,) * 2 if args.img_size else None
     if size:
         try:
