@@ -49,7 +49,8 @@ def render_table(reports: list[dict], command: str, note: str = "") -> list[str]
     load_before = tuple(round(v, 1) for v in r0.get("load_average") or ())
     load_after = tuple(round(v, 1) for v in reports[-1].get("load_average") or ())
     lines = [f"Made with: `{command}`", "",
-             f"Machine: {r0['device_name'] or 'cpu'}, {r0['device']}, {r0['threads']} threads, torch {r0['torch']}. "
+             f"Machine: {r0['device_name'] or 'cpu'}, {r0['device']}, {r0['threads']} threads, torch {r0['torch']}"
+             f"{'; CPU ' + r0['cpu_description'] if r0.get('cpu_description') else ''}. "
              f"Load average (1/5/15 min) at the first run: {load_before}, at the last: {load_after}.", "",
              "| model | mode | dtype | batch | impl | img/s | step ms | vs timm | peak MiB | GMACs/img | GEMM % "
              "| rel diff |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]

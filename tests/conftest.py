@@ -8,6 +8,14 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+# Inductor's on-disk cache is keyed without custom ops' fake kernels (pytorch#160472): graphs a machine compiled
+# against an older kernel of ours would be reused. Each run of the suite compiles into its own folder, inherited by
+# the subprocesses the tests start, as a fresh CI machine would.
+if "TORCHINDUCTOR_CACHE_DIR" not in os.environ:
+    import tempfile
+
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = tempfile.mkdtemp(prefix="sequencer-tests-inductor-")
+
 
 @pytest.fixture(autouse=True)
 def one_intra_op_thread():

@@ -264,3 +264,28 @@ def test_train_test_folder_is_validated_without_a_split_flag(data, finished_run,
 ])
 def test_every_command_refuses_bad_input_in_one_line(run_cli, data, args, expect):
     run_cli(*[str(data) if a == "DATA" else a for a in args], expect=expect)
+
+
+# ---------------------------------------------------------------------------------------- issue 19 item 4
+@pytest.mark.parametrize("flag, value", [("--torchcompile", "nosuch"), ("--torchcompile-mode", "fastest"),
+                                         ("--opt", "adamz"), ("--sched", "cosin"), ("--aa", "rand-augment-9"),
+                                         ("--remode", "constant"), ("--train-interpolation", "cubic")])
+def test_library_flag_typos_fail_before_anything_is_written(run_cli, data, flag, value):
+    line = run_cli("train", data, *TRAIN, "--output", "out", "--experiment", "e", flag, value, expect=flag)
+    assert value in line
+
+
+def test_library_flag_typo_in_a_config_file(run_cli, data, tmp_path):
+    (tmp_path / "c.yaml").write_text("torchcompile: nosuch\n")
+    run_cli("train", data, *TRAIN, "--config", tmp_path / "c.yaml", expect="--torchcompile nosuch")
+
+
+# ---------------------------------------------------------------------------------------- issue 19 item 9
+def test_unknown_flag_points_to_the_subcommand_help(run_cli, data):
+    run_cli("predict", data, "--nosuch", expect="unrecognized arguments: --nosuch (see `sequencer predict --help`)")
+
+
+def test_warmup_note_does_not_precede_a_one_line_error(run_cli, data, recwarn):
+    # --warmup-epochs 5 >= --epochs 1 would be shortened with a warning; the batch larger than the data fails later
+    run_cli("train", data, *TRAIN, "--warmup-epochs", "5", "-b", "1000", expect="--batch-size 1000")
+    assert not [w for w in recwarn if "warmup" in str(w.message)]  # pytest keeps warnings off stderr: check here

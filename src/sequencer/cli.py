@@ -25,18 +25,23 @@ COMMANDS = {
     "export": ("sequencer.commands.export", "export to ONNX, TorchScript or safetensors"),
     "checkpoint": ("sequencer.commands.checkpoint", "average or clean checkpoints"),
     "benchmark": ("sequencer.commands.benchmark", "throughput, memory and GMACs (optionally vs timm)"),
+    "env": ("sequencer.commands.env", "versions, torch build, CPU and matrix ISA, threads, GPUs: for bug reports"),
 }
 
 
 class OneLineErrorParser(argparse.ArgumentParser):
     """argparse, but a bad flag gives one line (no usage dump) and exit status 2."""
 
+    command: str | None = None  # the subcommand on the command line, for the help an unknown flag points to
+
     def error(self, message: str):
-        self.exit(2, f"{self.prog}: error: {message} (see `{self.prog} --help`)\n")
+        prog = f"{self.prog} {self.command}" if self.command and self.prog == "sequencer" else self.prog
+        self.exit(2, f"{prog}: error: {message} (see `{prog} --help`)\n")
 
 
 def build_parser(argv_command: str | None = None) -> argparse.ArgumentParser:
     parser = OneLineErrorParser(prog="sequencer", description="Sequencer (deep LSTM) vision backbones")
+    parser.command = argv_command
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name, (module_name, help_text) in COMMANDS.items():
         p = sub.add_parser(name, help=help_text, description=help_text)

@@ -70,3 +70,18 @@ def test_predict_errors(tmp_path, tiny_checkpoint, capsys):
     assert main(["predict", str(tmp_path / "x.png")]) == 2
     err = capsys.readouterr().err
     assert "no model given" in err and err.count("\n") == 1
+
+
+@pytest.mark.filterwarnings("ignore:`torch.jit")
+@pytest.mark.parametrize("command", ["predict", "validate"])
+def test_our_torchscript_export_as_checkpoint_is_named(tiny_checkpoint, tmp_path, capsys, command):
+    """Issue 19 item 7: our own export passed as --checkpoint says what it is and what to pass instead."""
+    ts = tmp_path / "tiny.pt"
+    assert main(["export", "--checkpoint", str(tiny_checkpoint), "--output", str(ts)]) == 0
+    (tmp_path / "data" / "cat").mkdir(parents=True)
+    Image.new("RGB", (32, 32), "red").save(tmp_path / "data" / "cat" / "a.jpg")
+    capsys.readouterr()
+    target = [str(tmp_path / "data")] + (["--device", "cpu"] if command == "validate" else [])
+    assert main([command, *target, "--checkpoint", str(ts)]) == 2
+    err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert len(err) == 1 and "is a TorchScript export" in err[0] and ".pth.tar" in err[0], err

@@ -122,6 +122,7 @@ def test_dataset_with_some_of_the_checkpoint_classes_is_mapped_by_name(tmp_path)
     (["{tmp}/data", "--split", "train", "--img-size", "9"], "input size 9x9"),
     (["{tmp}/data", "--split", "train", "--mean", "0.1", "0.2"], "--mean has 2 values"),
     (["{tmp}/data", "--device", "nope"], "--device 'nope' is not a device"),
+    (["{tmp}/data", "--onnx", "{tmp}/m.onnx", "--torchcompile"], "--torchcompile does not apply to --onnx"),
 ])
 def test_user_errors_are_one_line(tmp_path, capsys, extra, message):
     _write_folder(tmp_path / "data" / "train", per_class=1)

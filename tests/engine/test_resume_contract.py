@@ -104,7 +104,8 @@ def test_a_resume_takes_unspecified_settings_from_the_checkpoint(finished, data,
     (folder / "last.pth.tar").rename(folder / "recovery.pth.tar")
     assert train_cli([data, *TEST, "--resume", folder / "recovery.pth.tar", "--epochs", "3", "-j", "0", "--device",
                       "cpu", "--output", tmp_path / "elsewhere"]) == 0
-    assert [int(r["epoch"]) for r in summary_rows(folder)] == [2]
+    # the rows of epochs 0-1 come back from the checkpoint (issue 19 item 5), epoch 2 is the resumed one
+    assert [int(r["epoch"]) for r in summary_rows(folder)] == [0, 1, 2]
     assert not (tmp_path / "elsewhere").exists() and sorted(p.name for p in out.iterdir()) == ["x"]
     args = yaml.safe_load((folder / "args.yaml").read_text())
     assert args["opt"] == "adamw" and args["model_kwargs"]["embed_dims"] == [16, 16] and args["epochs"] == 3

@@ -81,6 +81,27 @@ def test_features_only(tiny_kwargs):
     assert full.channels() == [192, 384, 384, 384] and full.reduction() == [7, 14, 14, 14]
 
 
+@pytest.mark.parametrize("out_indices, expect", [((0, 4), "stage 4 is out of range for a model with 4 stages"),
+                                                  ((-5,), "stage -5 is out of range"),
+                                                  ((1, 1), "list each stage once, in increasing order"),
+                                                  ((3, 0), "list each stage once, in increasing order")])
+def test_features_only_refuses_bad_out_indices_in_one_line(tiny_kwargs, out_indices, expect):
+    """Issue 19 item 8: as timm, an index out of range or a repeated one is an error (it used to wrap or merge)."""
+    from sequencer.errors import SequencerError
+    with pytest.raises(SequencerError, match=expect) as e:
+        sequencer.create_model("sequencer2d_s", features_only=True, out_indices=out_indices, **tiny_kwargs)
+    assert "\n" not in str(e.value)
+
+
+def test_negative_out_indices_count_from_the_end(tiny, tiny_kwargs):
+    from sequencer.errors import SequencerError
+    backbone = sequencer.create_model("sequencer2d_s", features_only=True, out_indices=(-3, -1), **tiny_kwargs)
+    maps = backbone(torch.randn(1, 3, 56, 56))
+    assert len(maps) == len(backbone.feature_info) == 2 and backbone.channels() == [32, 32]
+    with pytest.raises(SequencerError, match="indices=9: the model has 4 stages"):
+        tiny.forward_intermediates(torch.randn(1, 3, 56, 56), indices=9)
+
+
 @pytest.mark.parametrize("px, grid", [(160, 11), (448, 32)])
 def test_any_input_resolution_with_the_same_weights(tiny, px, grid):
     # 160 is no multiple of 14: the strided convs drop the remainder, as timm's port does
@@ -181,3 +202,15 @@ def test_drop_path_one_drops_every_sample_without_nan(tiny_kwargs):
     out = block.drop_path(x)
     assert torch.equal(out, torch.zeros_like(x))  # every residual branch dropped, no 0/0
     assert torch.isfinite(model(torch.randn(2, 3, 28, 28))).all()
+
+
+@pytest.mark.filterwarnings("ignore:`torch.jit")
+def test_torch_jit_script_is_refused_in_one_line_and_trace_works(tiny):
+    """Issue 19 item 9: scripting failed with an assertion inside nn.LSTM; tracing is the supported TorchScript."""
+    from sequencer.errors import SequencerError
+    with pytest.raises(SequencerError, match="cannot be compiled with torch.jit.script.*torch.jit.trace") as e:
+        torch.jit.script(tiny)
+    assert "\n" not in str(e.value)
+    x = torch.randn(1, 3, 56, 56)
+    traced = torch.jit.trace(tiny.eval(), x)
+    torch.testing.assert_close(traced(x), tiny(x))

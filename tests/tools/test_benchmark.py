@@ -183,3 +183,24 @@ def test_benchmark_onnx_of_another_size_is_refused(tiny_s_checkpoint, tmp_path, 
                  "--onnx", str(tmp_path / "m.onnx")]) == 2
     err = capsys.readouterr().err
     assert "exported for 28x28 inputs, not 56x56" in err and err.count("\n") == 1
+
+
+def test_benchmark_header_and_results_name_the_cpu_and_isa(tmp_path, capsys, monkeypatch):
+    """Figures mean little without the CPU they were measured on: the header and the JSON name it and its ISA."""
+    from sequencer import hardware
+
+    monkeypatch.setenv("SEQUENCER_CPU_FLAGS", "avx2 fma avx512f avx512bw avx512vl avx512_vnni")  # as hardware reads it
+    hardware.cpu_info.cache_clear()
+    try:
+        info = hardware.cpu_info()
+        out = tmp_path / "r.json"
+        assert main(["benchmark", "--model", "sequencer2d_nano", "-b", "1", "--img-size", "16", "--mode", "infer",
+                     "--num-warmup", "0", "--num-iter", "1", "--memory-iter", "0", "--gemm-size", "64",
+                     "--device", "cpu", "--results-file", str(out)]) == 0
+    finally:
+        hardware.cpu_info.cache_clear()
+    header = capsys.readouterr().out.splitlines()[1]
+    assert header == f"CPU {info.model} [AVX2, AVX-512, AVX512-VNNI; class avx512-vnni]"
+    report = json.loads(out.read_text())
+    assert (report["cpu"], report["cpu_isa"], report["cpu_class"]) == (info.model, info.matrix_isa, "avx512-vnni")
+    assert report["cpu_description"] == info.describe() and report["device_name"] == info.model

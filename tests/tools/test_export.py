@@ -162,3 +162,29 @@ def test_sequencer2d_s_onnx_matches_pytorch_on_a_224_image(tmp_path):
     got = ort.InferenceSession(str(tmp_path / "s.onnx"), providers=["CPUExecutionProvider"]).run(
         None, {"input": x.numpy()})[0]
     assert got.shape == (1, 1000) and got.std() > 0.01  # a real comparison: the logits vary
+
+
+@pytest.mark.parametrize("flags, cpu_class, seven_bit", [
+    ("avx2 fma", "avx2", True),
+    ("avx2 fma avx512f avx512bw avx512vl", "avx512", True),
+    ("avx2 fma avx512f avx512bw avx512vl avx512_vnni", "avx512-vnni", False),
+    ("avx2 fma avx512f avx512bw avx512vl avx512_vnni avx512_bf16", "avx512-bf16", False),
+    ("avx2 fma avx512f avx512bw avx512vl avx512_vnni avx512_bf16 amx_tile amx_bf16 amx_int8", "amx", False),
+])
+def test_int8_settings_follow_the_cpu_class(flags, cpu_class, seven_bit, monkeypatch):
+    """The 7-bit weight range only where onnxruntime's u8s8 kernels saturate (no VNNI); --target-cpu overrides."""
+    from sequencer import hardware
+    from sequencer.tools.export import int8_settings
+
+    monkeypatch.setenv("SEQUENCER_CPU_FLAGS", flags)
+    hardware.cpu_info.cache_clear()
+    try:
+        settings = int8_settings()
+        assert settings["cpu_class"] == cpu_class and settings["reduce_range"] is seven_bit
+        assert settings["per_channel"] and not settings["static"] and int8_settings(static=True)["static"]
+        other = "amx" if seven_bit else "avx2"
+        assert int8_settings(other)["cpu_class"] == other and int8_settings(other)["reduce_range"] is not seven_bit
+    finally:
+        hardware.cpu_info.cache_clear()
+    with pytest.raises(SequencerError, match="'sse2' is not a CPU class"):
+        int8_settings("sse2")

@@ -75,7 +75,8 @@ def format_results(report: dict) -> str:
     lines = [f"{report['model']} {'x'.join(map(str, report['input_size']))} batch {report['batch_size']} on "
              f"{report['device']} ({report['threads']} threads); params "
              f"{report['results'][0]['params_m']:.2f}M, GMACs/img {gmacs if gmacs is None else round(gmacs, 3)}"
-             f", GEMM rate {report['gemm_gflops']:.0f} GFLOP/s", head]
+             f", GEMM rate {report['gemm_gflops']:.0f} GFLOP/s",
+             f"CPU {report['cpu_description']}", head]
 
     def fmt(v, spec):
         return "-" if v is None else format(v, spec)

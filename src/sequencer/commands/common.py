@@ -16,7 +16,7 @@ from ..engine.distributed import record_own_failure
 from ..engine.inference import LoadedModel, load_model, resolve_device
 from ..errors import SequencerError
 from ..models import get_model_entry
-from ..tools.onnx_runtime import load_onnx
+from ..tools.onnx_runtime import load_onnx, note_other_cpu
 
 
 def positive_int(text: str) -> int:
@@ -40,6 +40,12 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
                    help="input size C H W (overrides --img-size)")
     g.add_argument("--no-ema", dest="use_ema", action="store_false",
                    help="load a checkpoint's raw weights even when it has EMA weights")
+
+
+def add_torchcompile_argument(group) -> None:
+    """``--torchcompile [BACKEND]``, as timm's scripts have it (train and validate)."""
+    group.add_argument("--torchcompile", nargs="?", const="inductor", default=None, metavar="BACKEND",
+                       help="torch.compile the model (backend, default inductor)")
 
 
 def warn_if_random_weights(args: argparse.Namespace) -> None:
@@ -111,6 +117,7 @@ def load_model_or_onnx(args, device: torch.device | str = "cpu") -> LoadedModel:
             loaded.model.check_input_size(*size)
         except ValueError as e:
             raise SequencerError(str(e), hint="drop --img-size/--input-size, or export at that size") from None
+    note_other_cpu(loaded.model)
     return loaded
 
 

@@ -7,9 +7,9 @@ import sys
 from pathlib import Path
 
 from ..errors import SequencerError
-from ..engine.inference import check_input_size
-from ..tools.export import (FORMATS, MAX_OPSET, MIN_OPSET, export_onnx, export_onnx_int8, export_safetensors,
-                            export_torchscript)
+from ..engine.inference import check_input_size, find_images
+from ..tools.export import (FORMATS, MAX_OPSET, MIN_OPSET, describe_int8, export_onnx, export_onnx_int8,
+                            export_safetensors, export_torchscript, int8_settings)
 from .common import add_model_args, load_model_from_args, positive_int, warn_if_random_weights
 
 
@@ -34,12 +34,28 @@ def check_export_options(args: argparse.Namespace, fmt: str) -> None:
     if args.quantize and fmt != "onnx":
         raise SequencerError(f"--quantize {args.quantize} is for ONNX exports, not {fmt}",
                              hint="use --format onnx and an .onnx --output")
-    if (args.verify or args.min_agreement is not None) and not args.quantize:
-        raise SequencerError("--verify and --min-agreement check an int8 export", hint="add --quantize int8")
+    int8_only = [flag for flag, given in (("--verify", args.verify), ("--min-agreement", args.min_agreement is not None),
+                                          ("--target-cpu", args.target_cpu), ("--calibration", args.calibration))
+                 if given]
+    if int8_only and not args.quantize:
+        raise SequencerError(f"{', '.join(int8_only)}: for an int8 export only", hint="add --quantize int8")
+    if args.target_cpu:
+        int8_settings(args.target_cpu)  # one line naming the classes when it is not one
+    if args.calibration:
+        _check_image_folder("--calibration", args.calibration)
     if args.min_agreement is not None and not 0 <= args.min_agreement <= 1:
         raise SequencerError(f"--min-agreement {args.min_agreement:g} is not a fraction between 0 and 1")
     if args.verify and not Path(args.verify).is_dir():
         raise SequencerError(f"--verify {args.verify!r} is not a folder of images")
+
+
+def _check_image_folder(flag: str, folder: str) -> None:
+    if not Path(folder).is_dir():
+        raise SequencerError(f"{flag} {folder!r} is not a folder of images")
+    try:
+        find_images([folder])
+    except SequencerError as e:
+        raise SequencerError(f"{flag} {folder!r}: {e}") from None
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -55,7 +71,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="allowed max |exported - PyTorch| / max |PyTorch| of the logits")
     g = parser.add_argument_group("int8 (ONNX)")
     g.add_argument("--quantize", choices=("int8",), default=None,
-                   help="dynamic int8 quantisation through onnxruntime (int8 weights, activations at run time)")
+                   help="int8 quantisation through onnxruntime, with settings for the CPU it will run on (dynamic: "
+                        "activations scaled at run time, unless --calibration)")
+    g.add_argument("--target-cpu", default=None, metavar="CLASS",
+                   help="quantise for this CPU class instead of this machine's: avx2, avx512, avx512-vnni, "
+                        "avx512-bf16 or amx (see `sequencer env`)")
+    g.add_argument("--calibration", default=None, metavar="DIR",
+                   help="static int8 (QDQ): fixed activation scales measured on the images under DIR")
     g.add_argument("--verify", default=None, metavar="DIR",
                    help="run fp32 and int8 on the images under DIR; report top-1 agreement (and top-1 where DIR "
                         "has class subfolders)")
@@ -64,11 +86,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _report_int8(result: dict, verify: str | None) -> str:
+    settings = describe_int8(result["settings"])
     if not verify:
         print("warning: int8 accuracy not checked; pass --verify DIR (a folder of images) to measure it",
               file=sys.stderr)
-        return f"fp32 graph matches PyTorch (relative error {result['rel_error']:.1e}), quantised to int8"
-    text = f"int8 agrees with fp32 on {100 * result['agreement']:.2f}% of {result['count']} images"
+        return f"fp32 graph matches PyTorch (relative error {result['rel_error']:.1e}), quantised: {settings}"
+    text = f"{settings}; int8 agrees with fp32 on {100 * result['agreement']:.2f}% of {result['count']} images"
     if result["fp32_top1"] is not None:
         text += f" (top-1 fp32 {100 * result['fp32_top1']:.2f}%, int8 {100 * result['int8_top1']:.2f}%)"
     return text
@@ -92,7 +115,8 @@ def run(args: argparse.Namespace) -> int:
     if fmt == "onnx" and args.quantize:
         result = export_onnx_int8(model, out, input_size, verify=args.verify,
                                   min_agreement=0.99 if args.min_agreement is None else args.min_agreement,
-                                  **onnx_kwargs)
+                                  settings=int8_settings(args.target_cpu, static=args.calibration is not None),
+                                  calibration=args.calibration, **onnx_kwargs)
         fmt, how = "onnx int8", _report_int8(result, args.verify)
     elif fmt == "onnx":
         err = export_onnx(model, out, input_size, **onnx_kwargs)

@@ -11,7 +11,7 @@ import ast
 
 from ..engine.config import config_defaults, resolve_config
 from ..engine.train import run_training
-from .common import failure_reported_to_launcher
+from .common import add_torchcompile_argument, failure_reported_to_launcher
 
 
 def _float_list(n):
@@ -60,8 +60,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--channels-last", action="store_true", help="channels-last memory layout")
     g.add_argument("--grad-accum-steps", type=int, help="micro-batches per optimizer step")
     g.add_argument("--grad-checkpointing", action="store_true", help="activation checkpointing per block")
-    g.add_argument("--torchcompile", nargs="?", const="inductor", metavar="BACKEND",
-                   help="torch.compile the model (backend, default inductor)")
+    add_torchcompile_argument(g)
+    g.add_argument("--torchcompile-mode", metavar="MODE",
+                   help="torch.compile mode (default, reduce-overhead, max-autotune, ...)")
     g.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda if available)")
 
     g = parser.add_argument_group("optimizer")
@@ -145,6 +146,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--experiment", help="experiment folder name (default: timestamp-model-imgsize)")
     g.add_argument("--eval-metric", choices=("top1", "top5", "loss"), help="best-checkpoint metric")
     g.add_argument("--local-rank", "--local_rank", type=int, help=argparse.SUPPRESS)
+
+    g = parser.add_argument_group("timm habits")
+    g.add_argument("--log-wandb", action="store_true",
+                   help="log args and every epoch's summary row to Weights & Biases (when wandb is installed)")
+    g.add_argument("--pin-mem", action="store_true", help="pin batches in page-locked memory (on by default on CUDA)")
+    g.add_argument("--no-prefetcher", action="store_true",
+                   help="normalise and erase on the CPU workers, not on the GPU (timm's prefetcher; CUDA only)")
+    g.add_argument("--dist-bn", help="timm's BatchNorm sync; Sequencer has no BatchNorm (a note)")
+    g.add_argument("--recovery-interval", type=int, metavar="N",
+                   help="also write recovery.pth.tar every N batches (0: only on SIGTERM/SIGINT)")
 
     # Every flag defaults to "absent" so that run() can tell explicit flags from defaults: explicit flags beat
     # --config, which beats the digits-demo defaults, which beat timm's defaults (TrainConfig's, shown in --help).

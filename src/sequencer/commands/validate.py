@@ -20,7 +20,7 @@ from ..data.loader import INTERPOLATIONS
 from ..engine.validation import validate
 from ..errors import SequencerError
 from ..fileio import write_atomically
-from .common import (add_model_args, add_onnx_argument, check_device, check_results_file, check_workers,
+from .common import (add_model_args, add_onnx_argument, add_torchcompile_argument, check_device, check_results_file, check_workers,
                      failure_reported_to_launcher, load_model_or_onnx, positive_int)
 
 RESULT_FORMATS = (".json", ".csv")
@@ -50,6 +50,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                    help="mixed precision (float16 on CUDA, bfloat16 on CPU unless --amp-dtype)")
     g.add_argument("--amp-dtype", default=None, choices=("float16", "bfloat16"), help="autocast dtype (implies --amp)")
     g.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda when available)")
+    add_torchcompile_argument(g)
     g.add_argument("--results-file", default="", metavar="FILE", help="write the results as .json or .csv")
 
 
@@ -68,12 +69,19 @@ def write_results(path: str, results: dict) -> None:
     write_atomically(path, write, what="--results-file")
 
 
+def check_onnx_flags(args: argparse.Namespace) -> None:
+    """Flags about running the PyTorch model, refused with ``--onnx`` (onnxruntime runs the file as exported)."""
+    if args.onnx and (args.amp or args.amp_dtype):
+        raise SequencerError("--amp does not apply to --onnx: the file runs in the precision it was exported in")
+    if args.onnx and args.torchcompile:
+        raise SequencerError("--torchcompile does not apply to --onnx: onnxruntime runs the file")
+
+
 def run(args: argparse.Namespace) -> int:
     check_results_file(args.results_file, RESULT_FORMATS)
     check_device(args.device)
     check_workers(args.workers)
-    if args.onnx and (args.amp or args.amp_dtype):
-        raise SequencerError("--amp does not apply to --onnx: the file runs in the precision it was exported in")
+    check_onnx_flags(args)
     with failure_reported_to_launcher():
         results = validate(
             args.checkpoint, args.data, model=args.model, pretrained=args.pretrained, dataset=args.dataset,
@@ -81,7 +89,7 @@ def run(args: argparse.Namespace) -> int:
             batch_size=args.batch_size, workers=args.workers, crop_pct=args.crop_pct, mean=args.mean, std=args.std,
             interpolation=args.interpolation, num_classes=args.num_classes, img_size=args.img_size,
             input_size=args.input_size, use_ema=args.use_ema, amp=args.amp, amp_dtype=args.amp_dtype,
-            device=args.device, load=(lambda device: load_model_or_onnx(args, device)) if args.onnx else None)
+            device=args.device, torchcompile=args.torchcompile, load=(lambda device: load_model_or_onnx(args, device)) if args.onnx else None)
     if args.onnx:  # the file's path goes after the checkpoint entry
         results = {"model": results.pop("model"), "checkpoint": results.pop("checkpoint"), "onnx": args.onnx,
                    **results}

@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 import os
 import shutil
-import tarfile
+import io
 from typing import Callable
 
 import numpy as np
@@ -18,29 +18,12 @@ import torch.utils.data
 from PIL import Image
 
 from ..errors import SequencerError
+from .class_folders import (IMAGE_EXTENSIONS, SPLIT_NAMES, SPLIT_SYNONYMS, class_of,  # noqa: F401  (re-exported)
+                            split_aliases, split_prefix_in_tar, tar_members, walk_images)
 from .class_map import load_class_map  # noqa: F401  (re-exported)
 from .images import READ_ERRORS, UnreadableImageError, load_image, to_rgb  # noqa: F401  (re-exported)
 
 _logger = logging.getLogger(__name__)
-
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm", ".pbm")
-
-# folder names (lower case) that hold a split, grouped by meaning; the first of a group is the canonical name
-SPLIT_SYNONYMS = {
-    "train": ("train", "training"),
-    "val": ("val", "valid", "validation", "eval", "evaluation"),
-    "test": ("test", "testing"),
-}
-
-# what PIL and file reading raise for corrupt, empty, truncated or non-image files
-def split_aliases(split: str) -> tuple[str, ...]:
-    """``split`` followed by its synonyms, e.g. "validation" -> ("validation", "val", "valid", "eval", ...)."""
-    key = split.lower()
-    for names in SPLIT_SYNONYMS.values():
-        if key in names:
-            return (split,) + tuple(n for n in names if n != key)
-    return (split,)
-
 
 # ---------------------------------------------------------------------------------------------------------------------
 # datasets
@@ -60,6 +43,7 @@ class ClassificationDataset(torch.utils.data.Dataset):
         self.target_transform = target_transform
         self.augment_defaults = dict(augment_defaults or {})
         self.skipped: set[str] = set()
+        self.ignored_classes: list[str] = []  # class folders left out because the class map does not name them
 
     @property
     def num_classes(self) -> int:
@@ -88,7 +72,8 @@ class ClassificationDataset(torch.utils.data.Dataset):
 
 
 class ImageFileDataset(ClassificationDataset):
-    """Image files in class sub-folders (the leaf folder names the class, as in timm and torchvision)."""
+    """Image files in class sub-folders: the split's top-level folders are the classes (as torchvision's
+    ImageFolder); images anywhere below one belong to it (`class_folders`)."""
 
     def __init__(self, root: str, samples: list[tuple[str, int]], class_names, **kwargs):
         super().__init__(class_names, description=root, **kwargs)
@@ -113,32 +98,71 @@ class ImageFileDataset(ClassificationDataset):
 
 
 class TarDataset(ClassificationDataset):
-    """Images inside a tar file (or a folder of per-class tars), read through timm's tar reader."""
+    """Images inside a tar file (``CLASS/...`` or ``SPLIT/CLASS/...`` inside), or a folder of per-class tars.
 
-    def __init__(self, root: str, class_to_idx: dict | None = None, **kwargs):
-        from timm.data.readers.reader_image_in_tar import ReaderImageInTar
-        try:
-            self.reader = ReaderImageInTar(root, class_map=class_to_idx or "")
-        except (AssertionError, OSError, EOFError, tarfile.TarError) as e:  # missing, empty or not a tar
-            raise SequencerError(f"cannot read tar dataset {root!r}: {e}") from None
-        if len(self.reader) == 0:
-            raise SequencerError(f"no images in {root!r}", hint="supported extensions in tars: .png, .jpg, .jpeg")
-        names = sorted(self.reader.class_name_to_idx, key=self.reader.class_name_to_idx.get)
-        super().__init__(names, description=root, **kwargs)
+    Labels follow `class_folders` (top-level class folder, hidden entries skipped); members are read by offset, so
+    no tar object crosses into DataLoader workers.
+    """
+
+    def __init__(self, root: str, class_to_idx: dict | None = None, split: str = "train", **kwargs):
+        if os.path.isdir(root):
+            entries, where = _tar_folder_entries(root), root
+        else:
+            entries, where = _tar_file_entries(root, split)
+        samples, class_to_idx, ignored = _label_samples(entries, class_to_idx, where)
+        super().__init__(sorted(class_to_idx, key=class_to_idx.get), description=where, **kwargs)
+        self.ignored_classes = ignored
         self.root = root
+        self.samples = samples  # [((tar path, member name, data offset, size), target)]
+        self._files: dict = {}
 
     def __len__(self):
-        return len(self.reader)
+        return len(self.samples)
+
+    def __getstate__(self):
+        return {**self.__dict__, "_files": {}}  # open files stay in the process that opened them
 
     def load(self, index):
-        fileobj, target = self.reader[index]
-        return load_image(fileobj), target
+        (tar, _, offset, size), target = self.samples[index]
+        key = (os.getpid(), tar)
+        if key not in self._files:
+            self._files[key] = open(tar, "rb")
+        f = self._files[key]
+        f.seek(offset)
+        return load_image(io.BytesIO(f.read(size))), target
 
     def describe(self, index):
-        return f"{self.root}:{self.reader.filename(index)}"
+        tar, name = self.samples[index][0][:2]
+        return f"{tar}:{name}"
 
     def filename(self, index: int, basename: bool = False, absolute: bool = False) -> str:
-        return self.reader.filename(index, basename=basename, absolute=absolute)
+        tar, name = self.samples[index][0][:2]
+        if basename:
+            return os.path.basename(name)
+        return f"{os.path.abspath(tar)}:{name}" if absolute else name
+
+
+def _tar_file_entries(path: str, split: str) -> tuple[list, str]:
+    """[(sample ref, class)] of one tar, restricted to its ``split`` folder when it has split folders."""
+    members = tar_members(path)
+    prefix = split_prefix_in_tar([m.name for m in members], split, path)
+    entries = [((path, m.name, m.offset_data, m.size), class_of(m.name[len(prefix):]))
+               for m in members if m.name.startswith(prefix)]
+    return entries, f"{path}:{prefix}" if prefix else path
+
+
+def _tar_folder_entries(folder: str) -> list:
+    """[(sample ref, class)] of a folder of per-class tars: the tar's name is the class."""
+    tars = sorted(f for f in os.listdir(folder) if f.lower().endswith(".tar") and not f.startswith("."))
+    if not tars:
+        raise SequencerError(f"no .tar files in {folder!r}", hint="one CLASS.tar per class, or pass a single .tar")
+    entries = []
+    for name in tars:
+        path = os.path.join(folder, name)
+        for m in tar_members(path):
+            if class_of("x/" + m.name) is not None:  # any image inside, hidden entries skipped
+                entries.append(((path, m.name, m.offset_data, m.size), name[:-4]))
+    return entries
 
 
 class TorchvisionDataset(ClassificationDataset):
@@ -295,9 +319,8 @@ def _find_split_folder(root: str, split: str) -> str:
         for candidate in (alias.lower(), alias.lower() + ".tar"):
             if candidate in entries:
                 return os.path.join(root, entries[candidate])
-    split_names = {n for names in SPLIT_SYNONYMS.values() for n in names}
     found = sorted(e for low, e in entries.items()
-                   if low in split_names or (low.endswith(".tar") and low[:-4] in split_names))
+                   if low in SPLIT_NAMES or (low.endswith(".tar") and low[:-4] in SPLIT_NAMES))
     if found:
         raise SequencerError(f"split {split!r} not found in {root!r}", hint=f"splits found: {', '.join(found)}")
     return root  # class folders directly
@@ -319,44 +342,42 @@ def held_out_split(root: str | None, split: str) -> str:
     return "test" if is_val and not present(split) and present("test") else split
 
 
-def _scan_image_folder(folder: str, class_to_idx: dict | None):
-    """[(path, target)] sorted by path, and class_to_idx; the leaf folder of each image names its class."""
+def _label_samples(entries: list, class_to_idx: dict | None, where: str):
+    """[(ref, target)] sorted by name, class_to_idx and the classes the map leaves out, from [(ref, class)]
+    (class "" = loose, None = not data)."""
     from timm.utils.misc import natural_key
 
-    paths, labels, loose = [], [], []
-    for dirpath, _, files in os.walk(folder, followlinks=True):
-        for f in files:
-            if os.path.splitext(f)[1].lower() not in IMAGE_EXTENSIONS:
-                continue
-            path = os.path.join(dirpath, f)
-            if os.path.normpath(dirpath) == os.path.normpath(folder):
-                loose.append(path)
-            else:
-                paths.append(path)
-                labels.append(os.path.basename(dirpath))
-    if not paths and loose:
-        raise SequencerError(f"the images in {folder!r} are not in class sub-folders",
+    labelled = [(ref, c) for ref, c in entries if c]
+    loose = [ref for ref, c in entries if c == ""]
+    if not labelled and loose:
+        raise SequencerError(f"the images in {where!r} are not in class sub-folders",
                              hint="put them in one sub-folder per class (DATA/CLASS/IMAGE.jpg)")
-    if not paths:
-        raise SequencerError(f"no images found in {folder!r}",
+    if not labelled:
+        raise SequencerError(f"no images found in {where!r}",
                              hint=f"expected DATA[/SPLIT]/CLASS/IMAGE with an extension among "
                                   f"{', '.join(IMAGE_EXTENSIONS)}")
     if loose:
         _logger.warning("ignoring %d image(s) directly in %s (not in a class folder), e.g. %s",
-                        len(loose), folder, loose[0])
+                        len(loose), where, _ref_name(loose[0]))
+    classes = {c for _, c in labelled}
+    unmapped = []
     if class_to_idx is None:
-        class_to_idx = {c: i for i, c in enumerate(sorted(set(labels), key=natural_key))}
+        class_to_idx = {c: i for i, c in enumerate(sorted(classes, key=natural_key))}
     else:
-        unmapped = sorted(set(labels) - set(class_to_idx))
-        if unmapped and len(unmapped) == len(set(labels)):
-            raise SequencerError(f"none of the class folders in {folder!r} is in the class map",
+        unmapped = sorted(classes - set(class_to_idx))
+        if unmapped and len(unmapped) == len(classes):
+            raise SequencerError(f"none of the class folders in {where!r} is in the class map",
                                  hint=f"folders: {', '.join(unmapped[:5])}{', ...' if len(unmapped) > 5 else ''}")
         if unmapped:
-            _logger.warning("ignoring %d class folder(s) of %s not in the class map: %s", len(unmapped), folder,
+            _logger.warning("ignoring %d class folder(s) of %s not in the class map: %s", len(unmapped), where,
                             ", ".join(unmapped[:10]))
-    samples = sorted(((p, class_to_idx[c]) for p, c in zip(paths, labels) if c in class_to_idx),
-                     key=lambda s: natural_key(s[0]))
-    return samples, class_to_idx
+    samples = sorted(((ref, class_to_idx[c]) for ref, c in labelled if c in class_to_idx),
+                     key=lambda s: natural_key(_ref_name(s[0])))
+    return samples, class_to_idx, unmapped
+
+
+def _ref_name(ref) -> str:
+    return ref if isinstance(ref, str) else ref[1]
 
 
 def create_dataset(name: str = "", root: str | None = None, split: str = "train", is_training: bool = False,
@@ -365,8 +386,9 @@ def create_dataset(name: str = "", root: str | None = None, split: str = "train"
 
     - ``name`` "" (or "folder"): an ImageNet-style folder ``root/SPLIT/CLASS/IMAGE``; the split folder is found by
       name and synonym (train/training, val/valid/validation/eval, test), or ``root`` holds class folders directly.
-      A ``root/SPLIT.tar`` is read as a timm tar.
-    - "tar" or a ``root`` ending in ``.tar``: timm's tar dataset (class = folder inside the tar).
+      A ``root/SPLIT.tar`` is read as a tar.
+    - "tar" or a ``root`` ending in ``.tar``: a tar holding class folders, or split folders holding class folders
+      (the split is picked as for a folder); with "tar", ``root`` may be a folder of per-class tars.
     - "torch/NAME": a torchvision dataset (cifar10, cifar100, flowers102, stanford_cars, ...); ``download`` passes
       through, otherwise the files must already be in ``root``.
     - "digits": the embedded scikit-learn digits (splits train, val; ``root`` is ignored).
@@ -398,13 +420,14 @@ def create_dataset(name: str = "", root: str | None = None, split: str = "train"
     if os.path.isfile(path):
         if not path.lower().endswith(".tar"):
             raise SequencerError(f"{path!r} is a file, not a data folder or .tar")
-        dataset = TarDataset(path, class_to_idx, **kwargs)
+        dataset = TarDataset(path, class_to_idx, split=split, **kwargs)
     elif name.lower() == "tar":
-        dataset = TarDataset(path, class_to_idx, **kwargs)
+        dataset = TarDataset(path, class_to_idx, split=split, **kwargs)
     else:
-        samples, class_to_idx = _scan_image_folder(path, class_to_idx)
-        names = sorted(class_to_idx, key=class_to_idx.get)
-        dataset = ImageFileDataset(path, samples, names, **kwargs)
+        entries = [(os.path.join(path, *rel.split("/")), class_of(rel)) for rel in walk_images(path)]
+        samples, class_to_idx, ignored = _label_samples(entries, class_to_idx, path)
+        dataset = ImageFileDataset(path, samples, sorted(class_to_idx, key=class_to_idx.get), **kwargs)
+        dataset.ignored_classes = ignored
     if path == root and os.path.isdir(root):
         _logger.info("%s has no split folders: using all of it as split %r", root, split)
     return dataset
@@ -452,3 +475,18 @@ class _Chain:
 
     def __call__(self, target):
         return self.second(self.first(target))
+
+
+def drop_classes(dataset: ClassificationDataset, names: set[str]) -> int:
+    """Remove the images of the classes ``names`` from a folder or tar dataset (as a ``--class-map`` training left
+    them out), renumbering the rest; returns how many images were removed."""
+    keep = [n for n in dataset.class_names if n not in names]
+    if len(keep) == len(dataset.class_names) or not hasattr(dataset, "samples"):
+        return 0
+    new_index = {old: keep.index(n) for old, n in enumerate(dataset.class_names) if n in keep}
+    dropped = [n for n in dataset.class_names if n in names]
+    before = len(dataset.samples)
+    dataset.samples = [(ref, new_index[t]) for ref, t in dataset.samples if t in new_index]
+    dataset.class_names = keep
+    dataset.ignored_classes = sorted(set(dataset.ignored_classes) | set(dropped))
+    return before - len(dataset.samples)

@@ -41,9 +41,32 @@ def atomic_save(obj, path: str | os.PathLike) -> None:
     """
     def save(tmp: str) -> None:
         with open(tmp, "wb") as f:
-            torch.save(obj, f)
+            writer = _WriteErrorKeeper(f)
+            try:
+                torch.save(obj, writer)
+            except RuntimeError:  # torch reports a failed write as "unexpected pos": give the real cause
+                if writer.error is not None:
+                    raise writer.error from None
+                raise
 
     write_atomically(path, save, what="checkpoint")
+
+
+class _WriteErrorKeeper:
+    """A binary file wrapper that remembers the first OSError of a write (ENOSPC, EFBIG), which torch.save hides."""
+
+    def __init__(self, f):
+        self.f, self.error = f, None
+
+    def write(self, data) -> int:
+        try:
+            return self.f.write(data)
+        except OSError as e:
+            self.error = self.error or e
+            raise
+
+    def flush(self) -> None:
+        self.f.flush()
 
 
 def atomic_link_or_copy(src: Path, dst: Path) -> None:

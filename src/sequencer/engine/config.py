@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -16,6 +15,7 @@ import yaml
 from ..errors import SequencerError
 from ..models import get_model_entry
 from .inference import resolve_device
+from .library_flags import check_library_flags
 
 
 @dataclass
@@ -52,6 +52,7 @@ class TrainConfig:
     grad_accum_steps: int = 1
     grad_checkpointing: bool = False
     torchcompile: str | None = None
+    torchcompile_mode: str | None = None
     device: str | None = None
     # optimizer
     opt: str = "sgd"
@@ -126,6 +127,12 @@ class TrainConfig:
     experiment: str = ""
     eval_metric: str = "top1"
     local_rank: int = 0
+    # timm flags typed by habit (engine/timm_habits.py)
+    log_wandb: bool = False
+    pin_mem: bool = False
+    no_prefetcher: bool = False
+    dist_bn: str = ""
+    recovery_interval: int = 0
 
 
 def config_defaults() -> dict:
@@ -211,7 +218,8 @@ def _check_numbers(cfg: TrainConfig) -> None:
                         ("--weight-decay", cfg.weight_decay), ("--momentum", cfg.momentum),
                         ("--mixup", cfg.mixup), ("--cutmix", cfg.cutmix), ("--color-jitter", cfg.color_jitter),
                         ("--warmup-epochs", cfg.warmup_epochs), ("--cooldown-epochs", cfg.cooldown_epochs),
-                        ("--workers", cfg.workers), ("--checkpoint-hist", cfg.checkpoint_hist)):
+                        ("--workers", cfg.workers), ("--checkpoint-hist", cfg.checkpoint_hist),
+                        ("--recovery-interval", cfg.recovery_interval)):
         if not value >= 0:
             bad(flag, value, "must not be negative")
     for flag, value in (("--reprob", cfg.reprob), ("--hflip", cfg.hflip), ("--mixup-prob", cfg.mixup_prob),
@@ -256,6 +264,7 @@ def _check_sizes_and_files(cfg: TrainConfig) -> None:
                              hint="use the same --output/--experiment for every (re)start")
     if cfg.model:
         get_model_entry(cfg.model)  # unknown names fail before any data is read, with suggestions
+    check_library_flags(cfg)
     if cfg.initial_checkpoint and not Path(cfg.initial_checkpoint).is_file():
         raise SequencerError(f"--initial-checkpoint {cfg.initial_checkpoint!r}: no such file")
 
@@ -268,6 +277,8 @@ def shorten_warmup(cfg: TrainConfig) -> None:
         shortened = cfg.epochs // 4
         if shortened < 2 and not cfg.sched_on_updates:
             shortened = 0
-        warnings.warn(f"--warmup-epochs {cfg.warmup_epochs} is not below --epochs {cfg.epochs}: the lr would never "
-                      f"leave warmup; using --warmup-epochs {shortened}")
+        # said once the run starts: a later one-line error must stay the only line (issue 19)
+        cfg._start_warnings = [*getattr(cfg, "_start_warnings", []),
+                               f"--warmup-epochs {cfg.warmup_epochs} is not below --epochs {cfg.epochs}: the lr would "
+                               f"never leave warmup; using --warmup-epochs {shortened}"]
         cfg.warmup_epochs = shortened

@@ -67,6 +67,12 @@ def init_distributed(device: str | None = None) -> DistInfo:
     return DistInfo(True, dist.get_rank(), local_rank, dist.get_world_size(), dev)
 
 
+def print_on_primary(info: DistInfo, *msg) -> None:
+    """``print`` on rank 0 only (flushed, so that launcher logs interleave in order)."""
+    if info.is_primary:
+        print(*msg, flush=True)
+
+
 def cleanup(info: DistInfo) -> None:
     if info.distributed and dist.is_initialized():
         dist.destroy_process_group()

@@ -16,7 +16,8 @@ import torch
 from torch import nn
 
 from ..data import create_dataset, create_loader, create_transform, load_image
-from ..data.datasets import IMAGE_EXTENSIONS, READ_ERRORS, map_classes_by_name
+from ..data.class_folders import walk_images
+from ..data.datasets import IMAGE_EXTENSIONS, READ_ERRORS, drop_classes, map_classes_by_name
 from ..errors import SequencerError
 from ..models import create_model, get_model_entry
 from ..models.loading import checkpoint_metadata, extract_state_dict, load_state_dict_into, read_checkpoint
@@ -136,6 +137,8 @@ def label_with_model_classes(dataset, loaded) -> None:
     num_outputs = getattr(loaded.model, "num_classes", None)
     names = list(dataset.class_names)
     ckpt_names = [str(n) for n in checkpoint_metadata(loaded.checkpoint).get("class_names") or []]
+    _leave_out_ignored_classes(dataset, loaded)
+    names = list(dataset.class_names)
     if ckpt_names and (set(names) & set(ckpt_names) or len(names) == len(ckpt_names)):
         missing = map_classes_by_name(dataset, ckpt_names, "the evaluated split")
         if missing:
@@ -155,6 +158,16 @@ def label_with_model_classes(dataset, loaded) -> None:
             hint="validate a checkpoint trained on this data, or pass --class-map / --num-classes to match")
 
 
+def _leave_out_ignored_classes(dataset, loaded) -> None:
+    """Drop the class folders the checkpoint's training left out (its --class-map), as training did."""
+    ignored = set(checkpoint_metadata(loaded.checkpoint).get("ignored_classes") or [])
+    removed = drop_classes(dataset, ignored) if ignored else 0
+    if removed:
+        left_out = sorted(ignored & set(dataset.ignored_classes))
+        print(f"note: leaving out {removed} image(s) of {', '.join(left_out[:5])}{', ...' if len(left_out) > 5 else ''}"
+              f": the checkpoint's training left these classes out (its --class-map)")
+
+
 # ------------------------------------------------------------------------------------- images and evaluation data
 def find_images(paths: list[str]) -> list[Path]:
     """The files named plus the image files under the folders named (recursively, sorted); duplicates dropped.
@@ -166,9 +179,8 @@ def find_images(paths: list[str]) -> list[Path]:
         if p.is_file():
             found[p] = None
         elif p.is_dir():
-            for f in sorted(p.rglob("*")):
-                if f.is_file() and f.suffix.lower() in IMAGE_EXTENSIONS:
-                    found[f] = None
+            for rel in sorted(walk_images(str(p))):  # hidden entries below a folder are not data
+                found[p / rel] = None
         else:
             raise SequencerError(f"{str(p)!r} does not exist")
     if not found:

@@ -132,6 +132,8 @@ def train_one_epoch(run: TrainingRun, epoch: int, stop: StopRequest) -> EpochRes
         if need_update:
             num_updates += 1
             _update(run, num_updates, loss_sum / seen)
+        if cfg.recovery_interval and (step + 1) % cfg.recovery_interval == 0 and step < steps - 1:
+            write_recovery(run, epoch, step)  # --recovery-interval: the epoch re-runs from these weights
         progress.step(step, loss_value, loss_sum / seen, seen)
     progress.close()
     train_loss = dist_utils.all_reduce_mean([loss_sum / max(seen, 1)], info)[0]
@@ -263,10 +265,14 @@ def save_epoch(run: TrainingRun, epoch: int, result: EpochResult, metrics: dict,
     rng_states = dist_utils.all_gather_object(get_rng_state(), run.info)
     if not run.info.is_primary:
         return
-    # summary first: a kill between the two writes re-runs this epoch and rewrites its row once
-    write_summary(run.out.summary_path, rows)
+    # checkpoint first, holding the rows so far: a row never stands for a checkpoint that is not on disk, and a
+    # resume after a kill between the two writes takes the rows from the checkpoint (prepare_outputs)
     state = checkpoint_state(run, epoch, True, 0, metric, rng_states)
+    state["summary_rows"] = [{k: str(v) for k, v in r.items()} for r in rows]
     is_best = run.out.manager.save_epoch(state, epoch, metric if math.isfinite(result.train_loss) else None)
+    write_summary(run.out.summary_path, rows)
+    if getattr(run.cfg, "_wandb", None) is not None:  # --log-wandb
+        run.cfg._wandb.log({k: float(v) for k, v in rows[-1].items()}, step=epoch)
     try:
         plot_summary(rows, run.out.folder / "summary.png")
     except Exception as e:  # a plotting problem must never stop training
@@ -278,12 +284,18 @@ def save_epoch(run: TrainingRun, epoch: int, result: EpochResult, metrics: dict,
           flush=True)
 
 
-def save_recovery(run: TrainingRun, epoch: int, step: int, signum: int) -> int:
-    """Write ``recovery.pth.tar`` (the epoch re-runs on resume) and return the exit status 128 + signal."""
+def write_recovery(run: TrainingRun, epoch: int, step: int):
+    """Write ``recovery.pth.tar`` after ``step`` of ``epoch`` (every rank calls; rank 0 writes and gets the path)."""
     rng_states = dist_utils.all_gather_object(get_rng_state(), run.info)
     if run.info.is_primary:
-        state = checkpoint_state(run, epoch, False, step, None, rng_states)
-        path = run.out.manager.save_recovery(state)
+        return run.out.manager.save_recovery(checkpoint_state(run, epoch, False, step, None, rng_states))
+    return None
+
+
+def save_recovery(run: TrainingRun, epoch: int, step: int, signum: int) -> int:
+    """Write ``recovery.pth.tar`` (the epoch re-runs on resume) and return the exit status 128 + signal."""
+    path = write_recovery(run, epoch, step)
+    if run.info.is_primary:
         name = signal.Signals(signum).name if signum in signal.Signals._value2member_map_ else str(signum)
         print(f"stopped by {name} at epoch {epoch} step {step}; recovery checkpoint {path} (the epoch re-runs "
               f"on resume: --resume {path} or --resume auto)", file=sys.stderr, flush=True)
@@ -312,6 +324,8 @@ def checkpoint_state(run: TrainingRun, epoch: int, complete: bool, step: int, me
     }
     if opt.model_ema is not None:
         state["state_dict_ema"] = opt.model_ema.module.state_dict()
+    if getattr(run.cfg, "_ignored_classes", None):
+        state["ignored_classes"] = list(run.cfg._ignored_classes)
     return state
 
 

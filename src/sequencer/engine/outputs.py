@@ -7,6 +7,7 @@ from __future__ import annotations
 import csv
 import io
 import os
+import socket
 import tempfile
 from dataclasses import dataclass
 from datetime import datetime
@@ -29,6 +30,7 @@ class Outputs:
     folder: Path
     manager: CheckpointManager
     rows: list[dict]
+    resumed_rows: int = 0  # how many of ``rows`` earlier invocations wrote (a resume)
 
     @property
     def summary_path(self) -> Path:
@@ -48,10 +50,20 @@ def prepare_outputs(cfg, info: dist_utils.DistInfo, resume_path: str | None, res
     outputs = Outputs(folder, manager, rows=[])
     if resume_ckpt is not None:
         outputs.rows = [r for r in read_summary(outputs.summary_path) if int(r["epoch"]) < start_epoch]
+        saved = resume_ckpt.get("summary_rows") if manager.folder.resolve() == Path(resume_path).resolve().parent \
+            else None
+        if saved and len(saved) > len(outputs.rows):  # killed after the checkpoint, before summary.csv
+            outputs.rows = [dict(r) for r in saved if int(r["epoch"]) < start_epoch]
+        outputs.resumed_rows = len(outputs.rows)
     if info.is_primary:
         args_yaml = yaml.safe_dump(run_args(cfg), sort_keys=False)
         write_atomically(folder / "args.yaml", lambda tmp: Path(tmp).write_text(args_yaml))
     return outputs
+
+
+def plural(n: int, word: str, words: str | None = None) -> str:
+    """"1 epoch", "2 epochs"; "1 class", "3 classes" (``words`` for an irregular plural)."""
+    return f"{n} {word}" if n == 1 else f"{n} {words or word + 's'}"
 
 
 def run_args(cfg) -> dict:
@@ -126,19 +138,17 @@ def _holds_a_run(folder: Path) -> bool:
 
 
 def make_output_dir(cfg, info: dist_utils.DistInfo, model_name: str, img_size: int) -> Path:
-    """Pick (rank 0) and create the experiment folder; every rank gets the same path.
+    """Pick (rank 0), create and claim the experiment folder; every rank gets the same path.
 
     ``cfg._created_dirs`` lists the folders this call created (innermost first), so that a start that fails later
-    can remove them again while they are empty.
+    can remove them again while they are empty. The claim (`claim_folder`) makes "is this folder free?" and "it is
+    mine now" one atomic step: of two runs started together into one folder, the second is refused.
     """
     folder = None
     if info.is_primary:
         root = Path(cfg.output or "./output/train")
         if cfg.experiment:
             folder = experiment_folder(cfg)
-            if not cfg.resume and _holds_a_run(folder):
-                raise SequencerError(f"experiment folder {str(folder)!r} already holds a run",
-                                     hint="pass --resume auto to continue it, or another --experiment")
         elif cfg.resume and cfg.resume != "auto":
             folder = Path(cfg.resume).parent  # continue the resumed run's own folder (docs/training.md)
         else:
@@ -146,19 +156,93 @@ def make_output_dir(cfg, info: dist_utils.DistInfo, model_name: str, img_size: i
             folder, n = root / stem, 1
             while folder.exists():
                 folder, n = root / f"{stem}-{n}", n + 1
-        created = [folder, *folder.parents]
-        cfg._created_dirs = [str(f) for f in created[:next(i for i, f in enumerate(created) if f.exists())]]
-        try:
-            folder.mkdir(parents=True, exist_ok=True)
-            with tempfile.NamedTemporaryFile(dir=folder, prefix=".write-test-"):
-                pass
-            remove_stale_temporaries(folder)  # of a run that was killed mid-write
-        except OSError as e:
-            remove_if_empty(cfg)
-            raise SequencerError(f"output folder {str(folder)!r} is not writable ({e.strerror or e})",
-                                 hint="pass --output DIR somewhere you can write") from None
+        while True:
+            try:
+                _create_and_claim(cfg, folder)
+                break
+            except FolderInUse:
+                if cfg.experiment or cfg.resume:
+                    raise
+                folder, n = root / f"{stem}-{n}", n + 1  # a run started in the same second took this name
+        remove_stale_temporaries(folder)  # of a run that was killed mid-write (only once the folder is ours)
+        if cfg.experiment and not cfg.resume and _holds_a_run(folder):  # checked under the claim: no race
+            raise SequencerError(f"experiment folder {str(folder)!r} already holds a run",
+                                 hint="pass --resume auto to continue it, or another --experiment")
         folder = str(folder)
     return Path(dist_utils.broadcast_object(folder, info))
+
+
+def _create_and_claim(cfg, folder: Path) -> None:
+    created = [folder, *folder.parents]
+    cfg._created_dirs = [str(f) for f in created[:next(i for i, f in enumerate(created) if f.exists())]]
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=folder, prefix=".write-test-"):
+            pass
+    except OSError as e:
+        remove_if_empty(cfg)
+        raise SequencerError(f"output folder {str(folder)!r} is not writable ({e.strerror or e})",
+                             hint="pass --output DIR somewhere you can write") from None
+    claim_folder(cfg, folder)
+
+
+class FolderInUse(SequencerError):
+    """Another live run holds the folder's claim."""
+
+
+CLAIM_NAME = ".run.lock"  # "HOST PID" of the run writing into the folder; hidden, removed when the run ends
+
+
+def claim_folder(cfg, folder: Path) -> None:
+    """Make ``folder`` this run's (``cfg._claim``), atomically (O_EXCL); refuse it while another live run holds it.
+
+    A claim left by a run that was killed (its process is gone) is taken over, so ``--resume auto`` works after a
+    SIGKILL. A claim from another host cannot be checked and is refused with the file to remove.
+    """
+    path = folder / CLAIM_NAME
+    for _ in range(2):
+        try:
+            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            host, pid = _claim_owner(path)
+            if host != socket.gethostname() or pid is None or _process_alive(pid):
+                where = f"process {pid}" + ("" if host == socket.gethostname() else f" on {host}")
+                raise FolderInUse(f"experiment folder {str(folder)!r} is in use by another run ({where})",
+                                     hint=f"wait for it, pass another --experiment, or remove {str(path)!r} if "
+                                          f"that run is gone") from None
+            path.unlink(missing_ok=True)  # stale: its run was killed
+            continue
+        with os.fdopen(fd, "w") as f:
+            f.write(f"{socket.gethostname()} {os.getpid()}\n")
+        cfg._claim = str(path)
+        return
+    raise FolderInUse(f"experiment folder {str(folder)!r} is in use by another run starting now")
+
+
+def _claim_owner(path: Path) -> tuple[str, int | None]:
+    try:
+        host, pid = path.read_text().split()
+        return host, int(pid)
+    except (OSError, ValueError):  # being written this very instant (or garbage): held, by an unknown process
+        return socket.gethostname(), None
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by someone else
+        return True
+    return True
+
+
+def release_claim(cfg) -> None:
+    """Remove this run's claim (at the end of the run, however it ends)."""
+    claim = getattr(cfg, "_claim", None)
+    if claim:
+        Path(claim).unlink(missing_ok=True)
+        cfg._claim = None
 
 
 def remove_if_empty(cfg) -> None:

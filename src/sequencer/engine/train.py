@@ -27,22 +27,22 @@ import time
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import torch
 from torch import nn
 
-from ..data.datasets import held_out_split, map_classes_by_name
 from ..errors import SequencerError
 from ..models import create_model, get_model_entry
 from ..models.loading import extract_state_dict, load_state_dict_into, read_checkpoint
 from . import distributed as dist_utils
+from .distributed import print_on_primary
+from . import timm_habits
 from .checkpoint import resume_position, set_rng_state
-from .config import TrainConfig, check_config, resolve_config, shorten_warmup
+from .train_data import TrainData, build_data
+from .config import TrainConfig, check_config, resolve_config
 from .loop import (Loaders, Optimization, StopRequest, TrainingRun, current_lr, evaluate_epoch, save_epoch,
                    save_recovery, train_one_epoch)
-from .outputs import prepare_outputs, read_summary, remove_if_empty
-from .resume import apply_resume_contract, locate_resume, read_resume_checkpoint
+from .outputs import plural, prepare_outputs, read_summary, release_claim, remove_if_empty, run_args
 
 
 @dataclass
@@ -84,8 +84,13 @@ def run_training(cfg: TrainConfig) -> TrainResult:
         with dist_utils.process_group(cfg.device) as info:
             return _train(cfg, info)
     except BaseException:
+        release_claim(cfg)
         remove_if_empty(cfg)
         raise
+    finally:
+        release_claim(cfg)
+        if getattr(cfg, "_wandb", None) is not None:
+            cfg._wandb.finish()
 
 
 def _train(cfg, info: dist_utils.DistInfo) -> TrainResult:
@@ -102,10 +107,14 @@ def _train(cfg, info: dist_utils.DistInfo) -> TrainResult:
     opt = build_optimization(cfg, info, model, loaders, data.num_classes)
     start_epoch = restore(cfg, info, data.resume_ckpt, opt, loaders.updates_per_epoch)
     if start_epoch >= opt.num_epochs:
-        _log(info, f"--resume {data.resume_path}: the run already finished its {opt.num_epochs} epochs; nothing to "
+        print_on_primary(info, f"--resume {data.resume_path}: the run already finished its {opt.num_epochs} epochs; nothing to "
                    f"do (pass a larger --epochs to extend it)")
         return _result(cfg, Path(data.resume_path).parent, None, 0)
     out = prepare_outputs(cfg, info, data.resume_path, data.resume_ckpt, start_epoch, loaders.img_size)
+    for message in [*getattr(cfg, "_start_warnings", []), *timm_habits.notes(cfg, info.device)]:
+        if info.is_primary:
+            warnings.warn(message)
+    cfg._wandb = timm_habits.start_wandb(cfg, run_args(cfg)) if info.is_primary else None
     train_model, eval_model = wrap_model(cfg, info, model)
     training = TrainingRun(cfg, info, model, train_model, eval_model, data.class_names, loaders, opt, out)
     _log_start(training, data, start_epoch)
@@ -123,7 +132,7 @@ def _train(cfg, info: dist_utils.DistInfo) -> TrainResult:
                 opt.scheduler.step(epoch + 1, metric)
             save_epoch(training, epoch, result, metrics, metric, raw_top1)
             if stop.signum:  # the signal arrived during evaluation: the epoch is saved, stop here
-                _log(info, f"stopped by {signal.Signals(stop.signum).name} after epoch {epoch}; resume with "
+                print_on_primary(info, f"stopped by {signal.Signals(stop.signum).name} after epoch {epoch}; resume with "
                            f"--resume {out.folder / 'last.pth.tar'}")
                 return _result(cfg, out.folder, out.manager, 128 + stop.signum)
     if metrics is not None:
@@ -143,60 +152,6 @@ def _result(cfg, folder: Path, manager, exit_code: int) -> TrainResult:
     return TrainResult(best_top1=float(best_row["eval_top1"]) if best_row else None, best_epoch=best_epoch,
                        checkpoint=best if best.is_file() else None, output_dir=folder, summary=rows,
                        exit_code=exit_code)
-
-
-# ------------------------------------------------------------------------------------------------------ data
-@dataclass
-class TrainData:
-    train_set: Any
-    eval_set: Any
-    class_names: list[str]
-    num_classes: int  # the head's size: --num-classes, else the number of classes (a resumed model's own)
-    resume_path: str = ""
-    resume_ckpt: dict | None = None
-
-
-def build_data(cfg, info: dist_utils.DistInfo) -> TrainData:
-    """The training and held-out splits, labelled by the class names (a resumed run's own), and the checkpoint
-    to resume, if any."""
-    from ..data import create_dataset
-
-    dataset_kw = dict(class_map=cfg.class_map or None, download=cfg.dataset_download)
-    train_set = create_dataset(cfg.dataset, root=cfg.data, split=cfg.train_split, is_training=True, **dataset_kw)
-    resume_path = locate_resume(cfg, info)
-    resume_ckpt = read_resume_checkpoint(resume_path) if resume_path else None
-    class_names = list(train_set.class_names)
-    if resume_ckpt is not None:
-        class_names = apply_resume_contract(cfg, resume_ckpt, resume_path, class_names)
-        shorten_warmup(cfg)
-        map_classes_by_name(train_set, class_names, "the training split")
-    eval_set = _eval_split(cfg, info, dataset_kw, class_names)
-    num_classes = cfg.num_classes or len(class_names)
-    if num_classes < len(class_names):
-        raise SequencerError(f"--num-classes {num_classes} is smaller than the {len(class_names)} classes of the "
-                             f"training data", hint=f"use --num-classes {len(class_names)} or drop it")
-    if len(train_set) < cfg.batch_size * info.world_size:
-        raise SequencerError(
-            f"--batch-size {cfg.batch_size} is larger than the training split ({len(train_set)} images"
-            f"{f' over {info.world_size} processes' if info.distributed else ''})",
-            hint=f"use --batch-size {max(1, len(train_set) // info.world_size // 2 * 2)} or less")
-    return TrainData(train_set, eval_set, class_names, num_classes, resume_path, resume_ckpt)
-
-
-def _eval_split(cfg, info, dataset_kw: dict, class_names: list[str]):
-    """The held-out split, its labels mapped by name onto the training classes (a missing class is reported)."""
-    from ..data import create_dataset
-    if "val_split" not in getattr(cfg, "_given", ()) and cfg.dataset.lower() in ("", "folder", "image_folder"):
-        found = held_out_split(cfg.data, cfg.val_split)
-        if found != cfg.val_split:
-            _log(info, f"note: {cfg.data} has no {cfg.val_split!r} split: evaluating on {found!r}")
-        cfg.val_split = found
-    eval_set = create_dataset(cfg.dataset, root=cfg.data, split=cfg.val_split, is_training=False, **dataset_kw)
-    missing = map_classes_by_name(eval_set, class_names, f"split {cfg.val_split!r}")
-    if missing:
-        _log(info, f"note: split {cfg.val_split!r} has no images of {len(missing)} of the {len(class_names)} "
-                   f"training classes ({', '.join(missing[:5])}{', ...' if len(missing) > 5 else ''})")
-    return eval_set
 
 
 # ----------------------------------------------------------------------------------------------------- model
@@ -274,8 +229,9 @@ def wrap_model(cfg, info: dist_utils.DistInfo, model: nn.Module) -> tuple[nn.Mod
         train_model = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda"
                                                           else None)
     if cfg.torchcompile:
-        train_model = torch.compile(train_model, backend=cfg.torchcompile)
-    eval_model = torch.compile(model, backend=cfg.torchcompile) if cfg.torchcompile else model
+        train_model = torch.compile(train_model, backend=cfg.torchcompile, mode=cfg.torchcompile_mode)
+    eval_model = (torch.compile(model, backend=cfg.torchcompile, mode=cfg.torchcompile_mode) if cfg.torchcompile
+                  else model)
     return train_model, eval_model
 
 
@@ -293,7 +249,8 @@ def build_loaders(cfg, info: dist_utils.DistInfo, model: nn.Module, data: TrainD
                     crop_pct=float(data_config["crop_pct"]), interpolation=data_config["interpolation"],
                     img_size=img_size)
     loader_kw = dict(mean=data_config["mean"], std=data_config["std"], crop_pct=data_config["crop_pct"],
-                     num_workers=cfg.workers, distributed=info.distributed, device=info.device, seed=cfg.seed)
+                     num_workers=cfg.workers, distributed=info.distributed, device=info.device, seed=cfg.seed,
+                     **timm_habits.loader_options(cfg, info.device))
     aug = not cfg.no_aug
     train_loader = create_loader(
         data.train_set, data_config["input_size"], cfg.batch_size, True,
@@ -437,17 +394,12 @@ def _load_optimizer_state(optimizer, state: dict, cfg) -> None:
 
 
 # ------------------------------------------------------------------------------------------------------- log
-def _log(info: dist_utils.DistInfo, *msg) -> None:
-    if info.is_primary:
-        print(*msg, flush=True)
-
-
 def _log_start(training: TrainingRun, data: TrainData, start_epoch: int) -> None:
     cfg, info = training.cfg, training.info
     n_params = sum(p.numel() for p in training.model.parameters())
     where = f"{info.world_size} processes, " if info.distributed else ""
-    _log(info, f"train: {cfg.model} ({n_params / 1e6:.2f}M params) on {len(data.train_set)} images of "
-               f"{cfg.dataset or cfg.data}, {data.num_classes} classes, {training.loaders.img_size}px, "
+    print_on_primary(info, f"train: {cfg.model} ({n_params / 1e6:.2f}M params) on {len(data.train_set)} images of "
+               f"{cfg.dataset or cfg.data}, {plural(data.num_classes, 'class', 'classes')}, {training.loaders.img_size}px, "
                f"{where}{info.device}; epochs {start_epoch}..{training.opt.num_epochs - 1}, "
                f"lr {current_lr(training.opt.optimizer):.3g}, batch {cfg.batch_size}; output {training.out.folder}")
 
@@ -461,6 +413,9 @@ def _log_finish(training: TrainingRun, metrics: dict, started: float) -> None:
     what = "digits demo" if cfg.dataset == "digits" else "done"
     skipped = len(getattr(training.loaders.eval, "skipped", None) or [])
     unreadable = f" ({skipped} unreadable skipped)" if skipped else ""
+    # the whole run's time: the epochs of earlier invocations (resumed) plus this one
+    earlier = sum(float(r.get("epoch_seconds") or 0) for r in training.out.rows[:training.out.resumed_rows])
+    elapsed = earlier + time.time() - started
     print(f"{what}: eval top-1 {metrics['top1']:.2f}% top-5 {metrics['top5']:.2f}% on {metrics['count']} held-out "
-          f"images{unreadable} after {training.opt.num_epochs} epochs in {time.time() - started:.0f}s{best}; "
+          f"images{unreadable} after {plural(training.opt.num_epochs, 'epoch')} in {elapsed:.0f}s{best}; "
           f"checkpoints in {training.out.folder}", flush=True)

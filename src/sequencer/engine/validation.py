@@ -28,15 +28,16 @@ def validate(checkpoint: str | os.PathLike = "", data: str | os.PathLike | None 
              dataset_download: bool = False, batch_size: int = 256, workers: int | None = None,
              crop_pct: float | None = None, mean=None, std=None, interpolation: str | None = None,
              num_classes: int | None = None, img_size: int | None = None, input_size=None, use_ema: bool = True,
-             amp: bool = False, amp_dtype: str | None = None, device: str | None = None, progress: bool = True,
-             load: Callable[[torch.device], LoadedModel] | None = None) -> dict:
+             amp: bool = False, amp_dtype: str | None = None, device: str | None = None,
+             torchcompile: str | None = None, progress: bool = True, load: Callable[[torch.device], LoadedModel] | None = None) -> dict:
     """Top-1/top-5 accuracy (percent), errors, mean loss and throughput of a model on a dataset split, as
     ``sequencer validate`` computes and prints them; returns the dict its ``--results-file`` holds.
 
     Arguments are the command's flags with underscores. ``data=None`` (and no ``dataset``) is the embedded digits
     val split; a folder without ``split`` is evaluated on its held-out split found by name, as training does. A
     ``model`` name without a checkpoint evaluates its released weights (``pretrained``), as timm's validate.py.
-    ``progress=False`` prints nothing. ``load`` replaces how the model is built (the command's ``--onnx``).
+    ``torchcompile`` names a torch.compile backend to run the model with. ``progress=False`` prints nothing. ``load``
+    replaces how the model is built (the command's ``--onnx``).
     """
     data = os.fspath(data) if data is not None else None
     dataset = dataset or ("" if data else "digits")
@@ -53,6 +54,8 @@ def validate(checkpoint: str | os.PathLike = "", data: str | os.PathLike | None 
                 loaded = load(dist_info.device)
             overrides = dict(mean=mean, std=std, crop_pct=crop_pct, interpolation=interpolation)
             dtype = _amp_dtype(amp, amp_dtype, dist_info.device)
+            if torchcompile:
+                loaded.model = torch.compile(loaded.model, backend=torchcompile)
             metrics = _evaluate(loaded, split_set, overrides, batch_size, workers, dtype, dataset, dist_info)
             results = dict(model=loaded.name,
                            checkpoint=os.fspath(checkpoint) if checkpoint else ("pretrained" if pretrained else ""),
@@ -111,7 +114,7 @@ def _evaluate(loaded: LoadedModel, split_set, overrides: dict, batch_size: int, 
         top5=round(metrics["top5"], 3), top5_err=round(100 - metrics["top5"], 3),
         loss=round(metrics["loss"], 5),
         images_per_sec=round(metrics["images_per_sec"], 1),
-        param_count=loaded.num_params,
+        param_count=loaded.num_params or None,  # None for an ONNX file: onnxruntime holds the weights
         img_size=config["input_size"][-1],
         crop_pct=config["crop_pct"],
         interpolation=config["interpolation"],
@@ -125,7 +128,8 @@ def _evaluate(loaded: LoadedModel, split_set, overrides: dict, batch_size: int, 
 def print_results(results: dict) -> None:
     print(f" * Acc@1 {results['top1']:.3f} ({results['top1_err']:.3f}) "
           f"Acc@5 {results['top5']:.3f} ({results['top5_err']:.3f})")
-    print(f"model {results['model']} ({results['param_count'] / 1e6:.2f}M params) at "
+    size = f"{results['param_count'] / 1e6:.2f}M params" if results["param_count"] else "ONNX"
+    print(f"model {results['model']} ({size}) at "
           f"{results['img_size']}px on {results['dataset']}: {results['count']} images, "
           f"loss {results['loss']:.4f}, {results['images_per_sec']:.1f} images/s"
           + (f", {results['unreadable']} unreadable skipped" if results["unreadable"] else ""))

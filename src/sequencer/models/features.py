@@ -6,6 +6,30 @@ from typing import Sequence
 import torch
 from torch import nn
 
+from ..errors import SequencerError
+
+
+def stage_indices(indices: int | Sequence[int] | None, n: int, what: str) -> list[int]:
+    """Stage positions 0..n-1 for ``indices`` (None: all; an int k: the last k; a list: those, -1 = the last).
+
+    Raises SequencerError (one line) for an index out of range, one listed twice or out of stage order: the model
+    returns its stages in order, once each, and ``feature_info`` must list exactly what it returns.
+    """
+    if indices is None:
+        return list(range(n))
+    if isinstance(indices, int):
+        if not 1 <= indices <= n:
+            raise SequencerError(f"{what}={indices}: the model has {n} stages (take the last 1..{n})")
+        return list(range(n - indices, n))
+    take = []
+    for i in indices:
+        if not -n <= int(i) < n:
+            raise SequencerError(f"{what}={tuple(indices)}: stage {i} is out of range for a model with {n} stages "
+                                 f"(0..{n - 1}, or -{n}..-1 from the end)")
+        take.append(int(i) % n)
+    if len(set(take)) != len(take) or take != sorted(take):
+        raise SequencerError(f"{what}={tuple(indices)}: list each stage once, in increasing order")
+    return take
 
 class FeatureExtractor(nn.Module):
     """``features_only=True`` wrapper: returns a list of NCHW stage maps; ``feature_info`` lists their shapes."""
@@ -13,7 +37,7 @@ class FeatureExtractor(nn.Module):
     def __init__(self, model: nn.Module, out_indices: Sequence[int] | None = None):
         super().__init__()
         n = len(model.stages)
-        self.out_indices = tuple(range(n) if out_indices is None else (i % n for i in out_indices))
+        self.out_indices = tuple(stage_indices(out_indices, n, "out_indices"))
         model.reset_classifier(0)
         self.model = model
         self.feature_info = [model.feature_info[i] for i in self.out_indices]

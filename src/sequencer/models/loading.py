@@ -10,6 +10,7 @@ import json
 import os
 import re
 import warnings
+import zipfile
 from pathlib import Path
 
 import torch
@@ -82,6 +83,7 @@ def read_checkpoint(path: str | os.PathLike) -> dict:
         if meta:
             out["__metadata__"] = meta
         return out
+    _refuse_exports(path)
     try:
         with torch.serialization.safe_globals(_safe_metadata_globals()), warnings.catch_warnings():
             warnings.filterwarnings("ignore", message="Detected pickle protocol")  # refused below if unsafe
@@ -104,6 +106,25 @@ def read_checkpoint(path: str | os.PathLike) -> dict:
     return obj
 
 
+def _refuse_exports(path: Path) -> None:
+    """Name our TorchScript and ONNX exports when one is passed where a checkpoint belongs (torch.load would call
+    a TorchScript file corrupt after a warning)."""
+    if path.suffix.lower() == ".onnx":
+        raise SequencerError(f"{str(path)!r} is an ONNX export, not a checkpoint",
+                             hint=f"pass it as --onnx {path}, or pass the .pth.tar / .safetensors it came from")
+    if not zipfile.is_zipfile(path):
+        return
+    try:
+        with zipfile.ZipFile(path) as z:
+            names = z.namelist()
+    except (OSError, zipfile.BadZipFile):
+        return
+    if any(n.endswith("/constants.pkl") or "/code/" in n for n in names):
+        raise SequencerError(f"{str(path)!r} is a TorchScript export (a compiled model), not a checkpoint",
+                             hint="run it with torch.jit.load(); for sequencer commands pass the training "
+                                  "checkpoint (.pth.tar) or a .safetensors export of it")
+
+
 def extract_state_dict(checkpoint: dict, use_ema: bool = True) -> dict[str, torch.Tensor]:
     """The weights of a checkpoint dict: EMA weights first (if asked and present), then ``state_dict``/``model``."""
     for key in (("state_dict_ema", "model_ema") if use_ema else ()) + ("state_dict", "model"):
@@ -122,7 +143,7 @@ def extract_state_dict(checkpoint: dict, use_ema: bool = True) -> dict[str, torc
 
 
 # The model config a checkpoint carries besides its weights (training contract); all JSON-serialisable.
-CONFIG_KEYS = ("arch", "model_kwargs", "class_names", "data_config")
+CONFIG_KEYS = ("arch", "model_kwargs", "class_names", "data_config", "ignored_classes")
 
 
 def checkpoint_metadata(checkpoint: dict | None) -> dict:

@@ -20,6 +20,8 @@ from torch.utils.checkpoint import checkpoint
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import DropPath, lecun_normal_
 
+from ..errors import SequencerError
+from .features import stage_indices
 from .kernels import (RNN_TYPES, autocast_bf16_copies, fused_bilstm2d, linear, mix_axes, onednn_linear_ok, onednn_mlp,
                       resolve_backend, run_rnn, under_cpu_bf16_autocast, uses_fused_lstm)
 from .registry import register_model
@@ -377,6 +379,12 @@ class Sequencer2d(nn.Module):
     def get_classifier(self) -> nn.Module:
         return self.head.fc
 
+    def __prepare_scriptable__(self):
+        # torch.jit.script calls this first: refuse in one line instead of an assertion deep inside nn.LSTM
+        raise SequencerError(f"{type(self).__name__} cannot be compiled with torch.jit.script (its LSTM kernels "
+                             f"are chosen at run time)", hint="use torch.jit.trace(model, example), torch.export, "
+                                                              "or `sequencer export --format torchscript` (traced)")
+
     def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
         """Replace the head with a zero-initialised one for ``num_classes`` (0 gives pooled features)."""
         self.num_classes = num_classes
@@ -418,12 +426,7 @@ class Sequencer2d(nn.Module):
         if output_fmt not in ("NCHW", "NHWC"):
             raise ValueError("output_fmt must be 'NCHW' or 'NHWC'")
         n = len(self.stages)
-        if indices is None:
-            take = list(range(n))
-        elif isinstance(indices, int):
-            take = list(range(n - indices, n))
-        else:
-            take = [i % n for i in indices]
+        take = stage_indices(indices, n, "indices")
         last = max(take) if stop_early or intermediates_only else n - 1
         intermediates = []
         x = self._embed(x)

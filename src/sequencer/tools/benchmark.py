@@ -26,7 +26,6 @@ from __future__ import annotations
 import copy
 import json
 import os
-import platform
 import resource
 import statistics
 import subprocess
@@ -41,6 +40,7 @@ from torch import nn
 
 from ..engine.inference import check_input_size, load_model, relative_error, resolve_device
 from ..errors import SequencerError
+from ..hardware import cpu_info
 from ..models.kernels import onednn_bf16_supported
 
 AMP_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -373,11 +373,12 @@ def run_benchmark(args: BenchmarkSettings) -> dict:
     setup = _prepare(args)
     modes = ("infer", "train") if args.mode == "both" else (args.mode,)
     results = [r for mode in modes for r in _measure_mode(setup, mode)]
-    device = setup.device
+    device, cpu = setup.device, cpu_info()
     return dict(
         model=setup.name, input_size=list(setup.input_size), batch_size=args.batch_size, amp_dtype=args.amp_dtype,
-        device=device.type, device_name=torch.cuda.get_device_name(device) if device.type == "cuda" else
-        platform.processor() or platform.machine(),
+        device=device.type, device_name=torch.cuda.get_device_name(device) if device.type == "cuda" else cpu.model,
+        # the host CPU and its matrix ISA, also for CUDA runs (it feeds the GPU)
+        cpu=cpu.model, cpu_isa=cpu.matrix_isa, cpu_class=cpu.cpu_class, cpu_description=cpu.describe(),
         threads=torch.get_num_threads(), load_average=list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
         torch=torch.__version__, gemm_gflops=setup.gemm_gflops, num_iter=args.num_iter, num_warmup=args.num_warmup,
         results=[asdict(r) for r in results])

@@ -6,9 +6,10 @@
   class names, data config) is stored in the ONNX metadata properties.
 * TorchScript is a trace (``torch.jit.trace``), reloaded and checked the same way; the config rides along as the
   extra file ``config.json``.
-* ``--quantize int8`` (ONNX): the verified fp32 export quantised dynamically by onnxruntime (:func:`quantize_int8`);
+* ``--quantize int8`` (ONNX): the verified fp32 export quantised by onnxruntime (:func:`quantize_int8`) with the
+  settings of this CPU's class or ``--target-cpu`` (:func:`int8_settings`), static QDQ with ``--calibration DIR``;
   ``--verify DIR`` runs both files on DIR's images and writes the int8 file only when their top-1 agree on at least
-  ``--min-agreement`` of them. Every file is checked under a temporary name and renamed onto --output only then.
+  ``--min-agreement`` of them (agreement < min-agreement refuses). Every file is checked under a temporary name and renamed onto --output only then.
 * safetensors holds the weights with arch / model_kwargs / class_names / data_config (JSON) in its metadata, so
   ``--checkpoint model.safetensors`` or ``create_model(arch, checkpoint_path=..., **model_kwargs)`` rebuilds it.
 """
@@ -25,9 +26,10 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..engine.inference import relative_error
+from ..engine.inference import eval_transform, find_images, read_images, relative_error
 from ..errors import SequencerError
 from ..fileio import write_atomically
+from ..hardware import CPU_CLASSES, cpu_info
 from ..models.loading import save_weights
 from .onnx_runtime import OnnxModel, load_onnx
 
@@ -179,34 +181,113 @@ def export_safetensors(model: nn.Module, path: str | os.PathLike, config: dict, 
     return errors[0]
 
 
-INT8_SETTINGS = dict(per_channel=False, reduce_range=True)
-INT8_DESCRIPTION = "dynamic int8 (onnxruntime quantize_dynamic: QInt8 weights per tensor in a 7-bit range, " \
-                   "uint8 activations quantised at run time)"
+# --quantize int8 settings per CPU class (see `int8_settings`; BENCHMARKS.md "int8 settings by CPU" has the numbers).
+#   reduce_range: weights in a 7-bit range. Without VNNI, onnxruntime's u8s8 kernels (vpmaddubsw) add pairs of
+#     int8 products into saturating int16 lanes; the 7-bit range keeps those sums from clipping. With VNNI (and AMX)
+#     the products accumulate in int32 and the full 8 bits are free accuracy.
+#   per_channel: one weight scale per output channel (LSTM gates and MLP rows differ in range).
+#   keep_float: parts left in float: "head" (the classifier Gemm/MatMul), "stem" (the patch-embedding Conv).
+#   static: with --calibration DIR, activations get fixed scales from DIR's images (QDQ MatMul/Gemm/Conv; the LSTMs
+#     stay dynamic int8, onnxruntime has no static LSTM).
+INT8_BY_CPU_CLASS = {
+    "baseline": dict(reduce_range=True, per_channel=True, keep_float=("head", "stem")),
+    "avx2": dict(reduce_range=True, per_channel=True, keep_float=("head", "stem")),
+    "avx512": dict(reduce_range=True, per_channel=True, keep_float=("head", "stem")),
+    "avx512-vnni": dict(reduce_range=False, per_channel=True, keep_float=("head", "stem")),
+    "avx512-bf16": dict(reduce_range=False, per_channel=True, keep_float=("head", "stem")),
+    "amx": dict(reduce_range=False, per_channel=True, keep_float=("head", "stem")),
+}
+STATIC_OPS = ("MatMul", "Gemm", "Conv")  # LayerNormalization, Add, GELU stay float; LSTM is quantised dynamically
 
 
-def quantize_int8(fp32_path: str | os.PathLike, out_path: str | os.PathLike, metadata: dict) -> None:
-    """Dynamic int8 quantisation of an fp32 export: int8 weights, activations quantised per batch at run time.
+def int8_settings(target_cpu: str | None = None, static: bool = False) -> dict:
+    """The --quantize int8 settings for ``target_cpu`` (a `hardware.CPU_CLASSES` name; None: this CPU's class).
 
-    Settings chosen by measurement (docs/tools.md has the table): every op type onnxruntime quantises dynamically
-    (the MatMuls of the token mixing, channel MLPs and head, and the LSTMs' input and recurrent weights), per-tensor
-    weight scales in a 7-bit range (``reduce_range``: on sequencer2d_s the largest logit error fell from 15% to 3%
-    at the same speed). Quantising only the MatMuls kept slightly more answers on a tiny model but cut the speed-up
-    from 1.78x to 1.42x. LayerNormalization, the residual adds and GELU stay float.
+    Returns dict(cpu_class, static, reduce_range, per_channel, keep_float) as stored in the file's metadata.
+    """
+    cpu_class = target_cpu or cpu_info().cpu_class
+    if cpu_class not in CPU_CLASSES:
+        raise SequencerError(f"--target-cpu {cpu_class!r} is not a CPU class",
+                             hint=f"one of {', '.join(CPU_CLASSES)}")
+    return dict(cpu_class=cpu_class, static=static, **INT8_BY_CPU_CLASS[cpu_class])
+
+
+def describe_int8(settings: dict) -> str:
+    """One phrase for the metadata's ``quantization`` entry and the command's report."""
+    kind = "static QDQ (calibrated activations)" if settings["static"] else "dynamic (activations scaled per batch)"
+    weights = ("per-channel" if settings["per_channel"] else "per-tensor") + \
+        (" 7-bit" if settings["reduce_range"] else " 8-bit")
+    kept = ", ".join(settings["keep_float"]) or "nothing"
+    return f"int8 {kind}, {weights} weights, float: {kept}; for {settings['cpu_class']} CPUs"
+
+
+def _float_node_names(proto, keep_float) -> list[str]:
+    """Names of the nodes ``keep_float`` names: "head" (the last Gemm/MatMul), "stem" (the first Conv)."""
+    nodes = list(proto.graph.node)
+    names = []
+    if "head" in keep_float:
+        names += [n.name for n in reversed(nodes) if n.op_type in ("Gemm", "MatMul")][:1]
+    if "stem" in keep_float:
+        names += [n.name for n in nodes if n.op_type == "Conv"][:1]
+    return names
+
+
+def quantize_int8(fp32_path: str | os.PathLike, out_path: str | os.PathLike, metadata: dict, settings: dict,
+                  calibration=None) -> None:
+    """int8 quantisation of an fp32 export with :func:`int8_settings`; ``calibration`` (an onnxruntime
+    ``CalibrationDataReader``) is required when ``settings["static"]``.
+
+    Dynamic: onnxruntime's ``quantize_dynamic`` on every op it quantises (MatMuls of token mixing, MLPs and head,
+    the LSTMs' input and recurrent weights, the stem Conv) except ``keep_float``. Static: ``quantize_static`` (QDQ)
+    on the MatMul/Gemm/Conv nodes with activation scales from the calibration images, then the LSTMs dynamically.
+    LayerNormalization, the residual adds and GELU stay float either way.
     """
     import logging
 
     import onnx
-    from onnxruntime.quantization import QuantType, quantize_dynamic
+    from onnxruntime.quantization import QuantFormat, QuantType, quantize_dynamic, quantize_static
 
+    exclude = _float_node_names(onnx.load(str(fp32_path)), settings["keep_float"])
+    common = dict(per_channel=settings["per_channel"], reduce_range=settings["reduce_range"],
+                  weight_type=QuantType.QInt8, nodes_to_exclude=exclude)
     quiet = logging.getLogger().level
     logging.getLogger().setLevel(logging.ERROR)  # "consider pre-processing": shape inference adds nothing here
     try:
-        quantize_dynamic(str(fp32_path), str(out_path), weight_type=QuantType.QInt8, **INT8_SETTINGS)
+        if settings["static"]:
+            staged = Path(out_path).with_name(Path(out_path).name + ".qdq")
+            quantize_static(str(fp32_path), str(staged), calibration, quant_format=QuantFormat.QDQ,
+                            op_types_to_quantize=list(STATIC_OPS), activation_type=QuantType.QUInt8,
+                            extra_options={"ActivationSymmetric": False}, **common)
+            quantize_dynamic(str(staged), str(out_path), op_types_to_quantize=["LSTM"], **common)
+            staged.unlink()
+        else:
+            quantize_dynamic(str(fp32_path), str(out_path), **common)
     finally:
         logging.getLogger().setLevel(quiet)
     proto = onnx.load(str(out_path))
-    set_onnx_metadata(proto, dict(metadata, quantization=INT8_DESCRIPTION))
+    set_onnx_metadata(proto, dict(metadata, quantization=describe_int8(settings), int8_settings=settings))
     onnx.save(proto, str(out_path))
+
+
+class ImageCalibration:
+    """An onnxruntime ``CalibrationDataReader`` over the images under ``folder``, preprocessed as validate does
+    (the fp32 file's metadata), in batches of 32, or of exactly ``fixed_batch`` for a fixed-batch export (the
+    images beyond the last full batch unused)."""
+
+    def __init__(self, fp32_path: Path, folder: str, fixed_batch: int | None = None):
+        loaded = load_onnx(fp32_path)
+        ok, tensors, _ = read_images(find_images([folder]), eval_transform(loaded))
+        batch = fixed_batch or 32
+        usable = len(tensors) - len(tensors) % batch if fixed_batch else len(tensors)
+        if not usable:
+            raise SequencerError(f"--calibration {folder!r} has {len(tensors)} readable images, fewer than the "
+                                 f"export batch {batch}", hint="add images or export with --dynamic-batch")
+        self.batches = iter([torch.stack(tensors[i:i + batch]).numpy() for i in range(0, usable, batch)])
+        self.input_name = loaded.model.input_name
+
+    def get_next(self):
+        batch = next(self.batches, None)
+        return None if batch is None else {self.input_name: batch}
 
 
 def top1_agreement(fp32_path: Path, int8_path: Path, folder: str) -> dict:
@@ -215,8 +296,6 @@ def top1_agreement(fp32_path: Path, int8_path: Path, folder: str) -> dict:
     Returns dict(count, agreement, fp32_top1, int8_top1); the top-1s (fractions) are None unless ``folder`` holds
     class subfolders named like the model's classes.
     """
-    from ..engine.inference import eval_transform, find_images, read_images
-
     fp32, int8 = load_onnx(fp32_path), load_onnx(int8_path)
     files = find_images([folder])
     ok, tensors, _ = read_images(files, eval_transform(fp32))
@@ -239,31 +318,34 @@ def top1_agreement(fp32_path: Path, int8_path: Path, folder: str) -> dict:
 
 def export_onnx_int8(model: nn.Module, path: str | os.PathLike, input_size: tuple[int, int, int], *,
                      verify: str | None = None, min_agreement: float = 0.99, metadata: dict | None = None,
-                     **onnx_kwargs) -> dict:
-    """fp32 ONNX export (checked against PyTorch), dynamic int8 quantisation, then the accuracy check.
+                     settings: dict | None = None, calibration: str | None = None, **onnx_kwargs) -> dict:
+    """fp32 ONNX export (checked against PyTorch), int8 quantisation with ``settings`` (default: :func:`int8_settings`
+    for this CPU, static when ``calibration`` names an image folder), then the accuracy check.
 
     With ``verify`` (an image folder) both files run on its images and the int8 file is written only when its top-1
-    agrees with the fp32 file's on at least ``min_agreement`` of them (SequencerError otherwise, nothing written).
-    Returns the :func:`top1_agreement` dict (None entries without ``verify``) plus ``rel_error`` of the fp32 export.
+    agrees with the fp32 file's on at least ``min_agreement`` of them, i.e. refused when agreement < min_agreement
+    (SequencerError, nothing written). Returns the :func:`top1_agreement` dict (None entries without ``verify``) plus
+    ``rel_error`` of the fp32 export and the ``settings`` used.
     """
     path = Path(path)
-    result = {}
+    settings = settings or int8_settings(static=calibration is not None)
+    result = {"settings": settings}
 
     def write(tmp: str) -> None:
         with tempfile.TemporaryDirectory(prefix=".sequencer-export-", dir=path.parent) as scratch:
             fp32 = Path(scratch) / "fp32.onnx"
             result["rel_error"] = export_onnx(model, fp32, input_size, metadata=metadata, **onnx_kwargs)
-            quantize_int8(fp32, tmp, metadata or {})
+            reader = None
+            if settings["static"]:
+                fixed = None if onnx_kwargs.get("dynamic_batch") else onnx_kwargs.get("batch_size", 1)
+                reader = ImageCalibration(fp32, calibration, fixed)
+            quantize_int8(fp32, tmp, metadata or {}, settings, reader)
             logits = OnnxModel(tmp).run_numpy(np.zeros((onnx_kwargs.get("batch_size", 1), *input_size), np.float32))
             if not np.isfinite(logits).all():
                 raise SequencerError(f"int8 model {str(path)!r} gives non-finite logits; nothing written")
             if verify:
                 result.update(top1_agreement(fp32, Path(tmp), verify))
-                if result["agreement"] < min_agreement:
-                    raise SequencerError(
-                        f"int8 model agrees with fp32 on {100 * result['agreement']:.1f}% of {result['count']} "
-                        f"images in {verify!r}, below --min-agreement {100 * min_agreement:g}%; nothing written",
-                        hint="export fp32 (drop --quantize) or lower --min-agreement")
+                _check_agreement(result, min_agreement, verify)
 
     try:
         write_atomically(path, write)
@@ -273,3 +355,11 @@ def export_onnx_int8(model: nn.Module, path: str | os.PathLike, input_size: tupl
         raise SequencerError(f"int8 quantisation failed ({type(e).__name__}: {str(e).splitlines()[0][:200]})"
                              ) from None
     return result
+
+
+def _check_agreement(result: dict, min_agreement: float, verify: str) -> None:
+    if result["agreement"] < min_agreement:
+        raise SequencerError(
+            f"int8 model agrees with fp32 on {100 * result['agreement']:.2f}% of {result['count']} "
+            f"images in {verify!r}, below --min-agreement {100 * min_agreement:g}%; nothing written",
+            hint="export fp32 (drop --quantize), add --calibration DIR, or lower --min-agreement")

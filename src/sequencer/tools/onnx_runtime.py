@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -17,6 +18,7 @@ from torch import nn
 
 from ..engine.inference import LoadedModel
 from ..errors import SequencerError
+from ..hardware import cpu_info
 
 METADATA_KEYS = ("arch", "class_names", "data_config", "input_size")
 
@@ -108,3 +110,13 @@ def load_onnx(path: str | os.PathLike, threads: int | None = None) -> LoadedMode
     # the class names stand in for a checkpoint's, so validate maps a dataset's class folders onto them
     return LoadedModel(model, name, class_names, tuple(input_size), data_config,
                        {"class_names": class_names} if class_names else None)
+
+
+def note_other_cpu(model: OnnxModel) -> None:
+    """One line on stderr when an int8 file was quantised for another CPU class than this one's."""
+    made_for = (_metadata_json(model, "int8_settings") or {}).get("cpu_class")
+    here = cpu_info().cpu_class
+    if made_for and made_for != here:
+        print(f"note: {model.path.name} was quantised for {made_for} CPUs, this one is {here}; re-export with "
+              f"`sequencer export --quantize int8` here (or --target-cpu {here}) for its int8 settings",
+              file=sys.stderr)

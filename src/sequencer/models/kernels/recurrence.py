@@ -180,15 +180,28 @@ def _vf_rnn(x: torch.Tensor, weights: list[torch.Tensor], mode: str, num_layers:
 @torch.library.custom_op("sequencer::rnn_native", mutates_args=())
 def rnn_native(x: torch.Tensor, weights: list[torch.Tensor], mode: str, num_layers: int, bidirectional: bool,
                has_biases: bool, train: bool) -> torch.Tensor:
-    """ATen's LSTM/GRU/RNN as one opaque op for ``torch.compile``. x: (N, T, C) -> (N, T, D*H)."""
-    return _vf_rnn(x, weights, mode, num_layers, bidirectional, has_biases, train)
+    """ATen's LSTM/GRU/RNN as one opaque op for ``torch.compile``. x: (N, T, C) -> (N, T, D*H).
+
+    The output always has the layout of :func:`_rnn_native_layout` (what ATen's kernels give in the common case, so
+    no copy there): compiled code is built for the fake kernel's strides and checks them at run time.
+    """
+    out = _vf_rnn(x, weights, mode, num_layers, bidirectional, has_biases, train)
+    expected = _rnn_native_layout(x, weights, bidirectional)
+    if out.stride() != expected.stride():
+        out = expected.copy_(out)
+    return out
+
+
+def _rnn_native_layout(x: torch.Tensor, weights: list[torch.Tensor], bidirectional: bool) -> torch.Tensor:
+    """An empty (N, T, D*H) tensor in (T, N, D*H) memory: ATen runs batch-first input sequence-first and hands back
+    a transposed view."""
+    hidden = weights[1].shape[1]
+    return x.new_empty((x.shape[1], x.shape[0], hidden * (2 if bidirectional else 1))).transpose(0, 1)
 
 
 @rnn_native.register_fake
 def _(x, weights, mode, num_layers, bidirectional, has_biases, train):
-    hidden = weights[1].shape[1]
-    # ATen runs batch-first input sequence-first and returns a transposed view: (N, T, D*H) with (T, N, D*H) memory
-    return x.new_empty((x.shape[1], x.shape[0], hidden * (2 if bidirectional else 1))).transpose(0, 1)
+    return _rnn_native_layout(x, weights, bidirectional)
 
 
 @torch.library.custom_op("sequencer::rnn_native_backward", mutates_args=())
@@ -205,18 +218,16 @@ def rnn_native_backward(grad: torch.Tensor, x: torch.Tensor, weights: list[torch
     with torch.enable_grad():
         _, vjp = torch.func.vjp(layer, x, *weights)
         grads = list(vjp(grad))
-    # an op's outputs may not alias each other, and ATen hands out one tensor for both biases' gradients
-    seen = set()
-    for i, g in enumerate(grads):
-        if g.untyped_storage().data_ptr() in seen:
-            grads[i] = g.clone()
-        seen.add(g.untyped_storage().data_ptr())
-    return grads
+    # Every gradient is returned dense, as the fake kernel promises (ATen's dL/dx of a strided x may come back
+    # dense or in x's layout), and no two share memory: an op's outputs may not alias each other, and ATen hands out
+    # one tensor for both biases' gradients. The weights' copies are weight-sized, negligible beside the recompute.
+    grad_x, *grad_weights = grads
+    return [grad_x.contiguous()] + [g.clone(memory_format=torch.contiguous_format) for g in grad_weights]
 
 
 @rnn_native_backward.register_fake
 def _(grad, x, weights, mode, num_layers, bidirectional, has_biases):
-    return [torch.empty_like(x)] + [torch.empty_like(w) for w in weights]
+    return [x.new_empty(x.shape)] + [w.new_empty(w.shape) for w in weights]
 
 
 def _save_inputs(ctx, inputs, output):

@@ -1,0 +1,55 @@
+"""Checks of the train flags whose values go straight to a library (torch.compile, timm's optimizers, schedulers,
+augmentation policies), run before anything is written: a typo is one line naming the flag, never a traceback
+from deep inside the library after the experiment folder was made."""
+from __future__ import annotations
+
+from ..errors import SequencerError
+
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+ERASING_MODES = ("const", "rand", "pixel")
+
+
+def check_library_flags(cfg) -> None:
+    """Raise SequencerError for a value of --torchcompile(-mode), --opt, --sched, --aa, --remode or
+    --train-interpolation that the library would refuse (or silently treat as something else)."""
+    _check_compile(cfg.torchcompile, getattr(cfg, "torchcompile_mode", None))
+    _check_optimizer(cfg.opt)
+    _check_augment(cfg)
+
+
+def _check_compile(backend: str | None, mode: str | None) -> None:
+    if mode is not None and mode not in COMPILE_MODES:
+        raise SequencerError(f"--torchcompile-mode {mode}: unknown mode", hint=f"modes: {', '.join(COMPILE_MODES)}")
+    if not backend:
+        return
+    import torch._dynamo
+    backends = torch._dynamo.list_backends(exclude_tags=())
+    if backend not in backends:
+        raise SequencerError(f"--torchcompile {backend}: unknown torch.compile backend",
+                             hint=f"backends: {', '.join(torch._dynamo.list_backends())}")
+
+
+def _check_optimizer(opt: str) -> None:
+    from timm.optim import list_optimizers
+    name = opt.lower()
+    for prefix in ("lookahead_",):  # timm's optimizer wrappers, spelled as a prefix
+        name = name.removeprefix(prefix)
+    if name not in list_optimizers():
+        raise SequencerError(f"--opt {opt}: unknown optimizer", hint="see timm.optim.list_optimizers()")
+
+
+def _check_augment(cfg) -> None:
+    from ..data.loader import INTERPOLATIONS
+    if cfg.remode not in ERASING_MODES:
+        raise SequencerError(f"--remode {cfg.remode}: unknown random erasing mode",
+                             hint=f"modes: {', '.join(ERASING_MODES)}")
+    if cfg.train_interpolation not in INTERPOLATIONS:
+        raise SequencerError(f"--train-interpolation {cfg.train_interpolation}: unknown interpolation",
+                             hint=f"choices: {', '.join(INTERPOLATIONS)}")
+    if cfg.aa:
+        from timm.data import create_transform
+        try:  # build the policy once, as the loader will: timm parses the string there
+            create_transform(32, is_training=True, auto_augment=cfg.aa)
+        except (AssertionError, ValueError, KeyError, IndexError, TypeError) as e:
+            raise SequencerError(f"--aa {cfg.aa}: not an augmentation policy timm knows ({e or type(e).__name__})",
+                                 hint="e.g. rand-m9-mstd0.5-inc1, augmix-m5-w4-d2, original, v0, 3a") from None

@@ -1,0 +1,40 @@
+"""What the timm train flags users type by habit do here: ``--log-wandb``, ``--pin-mem``, ``--no-prefetcher``,
+``--dist-bn`` and ``--recovery-interval``. Each does what it does in timm where that applies to us, or says in one
+line what we do instead; none stops a run. (The flags are defined in ``commands/train.py``.)"""
+from __future__ import annotations
+
+import warnings
+
+
+def notes(cfg, device) -> list[str]:
+    """One line per habit flag that has nothing to do on this run."""
+    out = []
+    if cfg.dist_bn:
+        out.append(f"--dist-bn {cfg.dist_bn}: Sequencer models have no BatchNorm (LayerNorm only), nothing to sync")
+    if device.type != "cuda":
+        if cfg.pin_mem:
+            out.append(f"--pin-mem: pinned memory only speeds copies to a GPU; ignored on {device.type}")
+        if cfg.no_prefetcher:
+            out.append(f"--no-prefetcher: on {device.type} batches are always normalised by the workers already")
+    return out
+
+
+def loader_options(cfg, device) -> dict:
+    """create_loader keywords for --pin-mem and --no-prefetcher (None keeps the loader's default)."""
+    cuda = device.type == "cuda"
+    return dict(pin_memory=True if cfg.pin_mem and cuda else None,
+                normalize_on_device=False if cfg.no_prefetcher else None)
+
+
+def start_wandb(cfg, args: dict):
+    """A wandb run logging ``args`` (or None, with a one-line warning, when wandb is not installed)."""
+    if not cfg.log_wandb:
+        return None
+    try:
+        import wandb
+    except ImportError:
+        warnings.warn("--log-wandb: wandb is not installed, not logging to Weights & Biases (pip install wandb); "
+                      "summary.csv has every epoch")
+        return None
+    return wandb.init(project=cfg.experiment or None, name=cfg.experiment or None, config=args)
+

@@ -1,0 +1,95 @@
+"""The data of a training run: the training and held-out splits labelled by the training classes (a resumed run's
+own), the head's size, and the checks that refuse or warn about class sets that cannot train as the user meant."""
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+from typing import Any
+
+from ..data.datasets import held_out_split, map_classes_by_name
+from ..errors import SequencerError
+from . import distributed as dist_utils
+from .config import shorten_warmup
+from .distributed import print_on_primary
+from .resume import apply_resume_contract, locate_resume, read_resume_checkpoint
+
+
+@dataclass
+class TrainData:
+    train_set: Any
+    eval_set: Any
+    class_names: list[str]
+    num_classes: int  # the head's size: --num-classes, else the number of classes (a resumed model's own)
+    resume_path: str = ""
+    resume_ckpt: dict | None = None
+
+
+def build_data(cfg, info: dist_utils.DistInfo) -> TrainData:
+    """The training and held-out splits, labelled by the class names (a resumed run's own), and the checkpoint
+    to resume, if any."""
+    from ..data import create_dataset
+
+    dataset_kw = dict(class_map=cfg.class_map or None, download=cfg.dataset_download)
+    train_set = create_dataset(cfg.dataset, root=cfg.data, split=cfg.train_split, is_training=True, **dataset_kw)
+    resume_path = locate_resume(cfg, info)
+    resume_ckpt = read_resume_checkpoint(resume_path) if resume_path else None
+    class_names = list(train_set.class_names)
+    if resume_ckpt is not None:
+        class_names = apply_resume_contract(cfg, resume_ckpt, resume_path, class_names)
+        shorten_warmup(cfg)
+        map_classes_by_name(train_set, class_names, "the training split")
+    eval_set = _eval_split(cfg, info, dataset_kw, class_names)
+    num_classes = cfg.num_classes or len(class_names)
+    if num_classes < len(class_names):
+        raise SequencerError(f"--num-classes {num_classes} is smaller than the {len(class_names)} classes of the "
+                             f"training data", hint=f"use --num-classes {len(class_names)} or drop it")
+    check_classes(cfg, info, train_set, class_names, num_classes)
+    # the class folders a --class-map left out: checkpoints keep them, so validate leaves them out too
+    cfg._ignored_classes = sorted(set(train_set.ignored_classes) | set(eval_set.ignored_classes))
+    if len(train_set) < cfg.batch_size * info.world_size:
+        raise SequencerError(
+            f"--batch-size {cfg.batch_size} is larger than the training split ({len(train_set)} images"
+            f"{f' over {info.world_size} processes' if info.distributed else ''})",
+            hint=f"use --batch-size {max(1, len(train_set) // info.world_size // 2 * 2)} or less")
+    return TrainData(train_set, eval_set, class_names, num_classes, resume_path, resume_ckpt)
+
+
+def check_classes(cfg, info, train_set, class_names: list[str], num_classes: int) -> None:
+    """Refuse a one-class training set; warn about head outputs no image trains (a map naming classes without a
+    folder, --num-classes above the class count)."""
+    if len(class_names) < 2 and num_classes < 2:
+        raise SequencerError(f"the training split ({train_set.description}) has a single class "
+                             f"({', '.join(class_names)}): every image would be right",
+                             hint="point DATA at the folder holding one sub-folder per class")
+    if not info.is_primary:
+        return
+    present = {class_names[t] for t in _targets(train_set)} if hasattr(train_set, "samples") else set(class_names)
+    empty = [n for n in class_names if n not in present]
+    if empty:
+        source = "the class map names" if cfg.class_map else "the model has"
+        warnings.warn(f"the training split has no images of {len(empty)} class(es) {source} "
+                      f"({', '.join(empty[:5])}{', ...' if len(empty) > 5 else ''}): their outputs never train")
+    if num_classes > len(class_names):
+        warnings.warn(f"--num-classes {num_classes} is larger than the {len(class_names)} classes of the training "
+                      f"data: outputs {len(class_names)}..{num_classes - 1} never train")
+
+
+def _targets(dataset) -> list[int]:
+    transform = dataset.target_transform or (lambda t: t)
+    return [transform(t) for _, t in dataset.samples]
+
+
+def _eval_split(cfg, info, dataset_kw: dict, class_names: list[str]):
+    """The held-out split, its labels mapped by name onto the training classes (a missing class is reported)."""
+    from ..data import create_dataset
+    if "val_split" not in getattr(cfg, "_given", ()) and cfg.dataset.lower() in ("", "folder", "image_folder"):
+        found = held_out_split(cfg.data, cfg.val_split)
+        if found != cfg.val_split:
+            print_on_primary(info, f"note: {cfg.data} has no {cfg.val_split!r} split: evaluating on {found!r}")
+        cfg.val_split = found
+    eval_set = create_dataset(cfg.dataset, root=cfg.data, split=cfg.val_split, is_training=False, **dataset_kw)
+    missing = map_classes_by_name(eval_set, class_names, f"split {cfg.val_split!r}")
+    if missing:
+        print_on_primary(info, f"note: split {cfg.val_split!r} has no images of {len(missing)} of the {len(class_names)} "
+                   f"training classes ({', '.join(missing[:5])}{', ...' if len(missing) > 5 else ''})")
+    return eval_set

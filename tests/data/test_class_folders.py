@@ -1,0 +1,125 @@
+"""Issue 19 items 2-3: the split's top-level folders are the classes, in folders, tars, validate and predict.
+
+Layouts as users keep them: classes sorted into year sub-folders, deeper nesting, Jupyter's .ipynb_checkpoints,
+macOS dot-files, and a tar holding train/ and val/. JPEGs are written with PIL; tars with `tarfile`.
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import tarfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from sequencer.data import create_dataset
+
+REPO = Path(__file__).resolve().parents[2]
+TINY = ["--model", "sequencer2d_nano", "--model-kwargs", "layers=(1,1)", "patch_sizes=(2,1)", "embed_dims=(16,16)",
+        "hidden_sizes=(4,4)", "mlp_ratios=(2,2)", "--img-size", "16", "--device", "cpu"]
+
+
+def jpeg(path: Path, seed: int) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    pixels = np.random.default_rng(seed).integers(0, 256, (20, 20, 3), dtype=np.uint8)
+    Image.fromarray(pixels).save(path, "JPEG")
+
+
+def nested_dataset(root: Path) -> Path:
+    """train: cat and dog sorted by year (4 each), ship 2 levels deep (2), plus hidden entries; val: 1 per class."""
+    seed = iter(range(1000))
+    for animal in ("cat", "dog"):
+        for year in ("2019", "2020"):
+            for i in range(2):
+                jpeg(root / "train" / animal / year / f"{i}.jpg", next(seed))
+    for i in range(2):
+        jpeg(root / "train" / "ship" / "sub" / "deeper" / f"{i}.JPG", next(seed))
+    jpeg(root / "train" / ".ipynb_checkpoints" / "0.jpg", next(seed))  # not a class
+    jpeg(root / "train" / "cat" / ".ipynb_checkpoints" / "0-checkpoint.jpg", next(seed))  # not data
+    jpeg(root / "train" / "dog" / "._0.jpg", next(seed))  # macOS AppleDouble: not data
+    (root / "train" / ".DS_Store").write_bytes(b"\0\0\0\1Bud1")
+    for animal in ("cat", "dog", "ship"):
+        jpeg(root / "val" / animal / "0.jpg", next(seed))
+    return root
+
+
+def as_tar(folder: Path, tar_path: Path) -> Path:
+    with tarfile.open(tar_path, "w") as tf:
+        for split in ("train", "val"):
+            tf.add(folder / split, arcname=split)
+    return tar_path
+
+
+def counts(ds) -> dict:
+    found = {name: 0 for name in ds.class_names}
+    for i in range(len(ds)):
+        found[ds.class_names[ds[i][1]]] += 1
+    return found
+
+
+@pytest.fixture
+def nested(tmp_path):
+    return nested_dataset(tmp_path / "pets")
+
+
+@pytest.mark.parametrize("form", ["folder", "tar"])
+def test_top_level_folders_are_the_classes(nested, tmp_path, form):
+    root = nested if form == "folder" else as_tar(nested, tmp_path / "pets.tar")
+    train = create_dataset("", root=str(root), split="train")
+    assert train.class_names == ["cat", "dog", "ship"]
+    assert counts(train) == {"cat": 4, "dog": 4, "ship": 2}
+    val = create_dataset("", root=str(root), split="validation")
+    assert counts(val) == {"cat": 1, "dog": 1, "ship": 1}
+
+
+def test_tar_of_a_whole_dataset_folder_and_folder_of_class_tars(nested, tmp_path):
+    wrapped = tmp_path / "wrapped.tar"
+    with tarfile.open(wrapped, "w") as tf:  # `tar cf wrapped.tar pets`
+        tf.add(nested, arcname="pets")
+    assert counts(create_dataset("", root=str(wrapped), split="train")) == {"cat": 4, "dog": 4, "ship": 2}
+    per_class = tmp_path / "per_class"
+    per_class.mkdir()
+    for name in ("cat", "dog", "ship"):
+        with tarfile.open(per_class / f"{name}.tar", "w") as tf:
+            tf.add(nested / "train" / name, arcname=name)
+    assert counts(create_dataset("tar", root=str(per_class))) == {"cat": 4, "dog": 4, "ship": 2}
+
+
+def test_tar_without_the_split_names_the_splits_it_has(nested, tmp_path):
+    from sequencer.errors import SequencerError
+    tar = as_tar(nested, tmp_path / "pets.tar")
+    with pytest.raises(SequencerError, match="split 'test' not found.*splits found: train, val"):
+        create_dataset("", root=str(tar), split="test")
+
+
+def run(*args, cwd) -> subprocess.CompletedProcess:
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO / "src"))
+    return subprocess.run([sys.executable, "-m", "sequencer", *map(str, args)], capture_output=True, text=True,
+                          env=env, cwd=cwd, timeout=600)
+
+
+@pytest.mark.slow
+def test_train_validate_predict_a_tar_with_splits(nested, tmp_path):
+    tar = as_tar(nested, tmp_path / "pets.tar")
+    done = run("train", tar, *TINY, "-b", "4", "-j", "0", "--epochs", "1", "--warmup-epochs", "0",
+               "--output", tmp_path / "out", "--experiment", "t", cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert "on 10 images" in done.stdout + done.stderr and "3 classes" in done.stdout + done.stderr
+    ckpt = torch.load(tmp_path / "out" / "t" / "last.pth.tar", map_location="cpu", weights_only=True)
+    assert ckpt["class_names"] == ["cat", "dog", "ship"]
+    done = run("validate", tar, "--checkpoint", tmp_path / "out" / "t" / "last.pth.tar", "--device", "cpu", "-j", "0",
+               "--results-file", tmp_path / "r.json", cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert json.loads((tmp_path / "r.json").read_text())["count"] == 3  # val/ only, not all 13 images
+    # predict on a class folder: the images of both years, none of the hidden ones
+    done = run("predict", nested / "train" / "cat", "--checkpoint", tmp_path / "out" / "t" / "last.pth.tar",
+               "--device", "cpu", "--json", cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    images = sorted(Path(json.loads(line)["image"]).relative_to(nested / "train" / "cat").as_posix()
+                    for line in done.stdout.splitlines())
+    assert images == ["2019/0.jpg", "2019/1.jpg", "2020/0.jpg", "2020/1.jpg"]

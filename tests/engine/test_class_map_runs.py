@@ -1,0 +1,57 @@
+"""Issue 19 item 6: a --class-map run is validated without the map and gives training's numbers; quiet class
+mistakes (a map naming a class with no folder, --num-classes above the folder count, one class) are said."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from conftest import REPO, make_image_folder, TINY_RUN, subprocess_env, summary_rows, train_cli
+
+
+def sequencer(*args) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "sequencer", *map(str, args)], capture_output=True, text=True,
+                          env=subprocess_env(), cwd=REPO, timeout=600)
+
+
+@pytest.mark.slow
+def test_class_map_run_validates_without_the_map(image_folder, tmp_path):
+    (tmp_path / "map.txt").write_text("red\nblue\n")  # green is left out
+    out = tmp_path / "out"
+    done = sequencer("train", image_folder, *TINY_RUN, "--epochs", "1", "--class-map", tmp_path / "map.txt",
+                     "--output", out, "--experiment", "m")
+    assert done.returncode == 0, done.stderr
+    ckpt = torch.load(out / "m" / "last.pth.tar", weights_only=True)
+    assert ckpt["class_names"] == ["red", "blue"] and ckpt["ignored_classes"] == ["green"]
+    done = sequencer("validate", image_folder, "--checkpoint", out / "m" / "last.pth.tar", "--device", "cpu",
+                     "-j", "0", "--results-file", tmp_path / "r.json")
+    assert done.returncode == 0, done.stderr
+    assert "leaving out 6 image(s) of green" in done.stdout
+    results = json.loads((tmp_path / "r.json").read_text())
+    assert results["count"] == 12  # red and blue val images, as training evaluated
+    assert results["top1"] == pytest.approx(float(summary_rows(out / "m")[-1]["eval_top1"]), abs=1e-3)
+
+
+def test_class_map_naming_a_class_without_a_folder_warns(image_folder, tmp_path):
+    (tmp_path / "map.txt").write_text("red\ngreen\nblue\npurple\n")
+    with pytest.warns(UserWarning, match=r"no images of 1 class\(es\) the class map names \(purple\)"):
+        assert train_cli([image_folder, *TINY_RUN, "--epochs", "1", "--class-map", tmp_path / "map.txt",
+                          "--output", tmp_path / "out", "--experiment", "p"]) == 0
+
+
+def test_num_classes_above_the_folder_count_warns(image_folder, tmp_path):
+    with pytest.warns(UserWarning, match=r"--num-classes 5 is larger than the 3 classes.*outputs 3\.\.4 never"):
+        assert train_cli([image_folder, *TINY_RUN, "--epochs", "1", "--num-classes", "5",
+                          "--output", tmp_path / "out", "--experiment", "n"]) == 0
+
+
+def test_single_class_training_set_is_refused(tmp_path, capsys):
+    data = make_image_folder(tmp_path / "one", {"cat": (200, 30, 30)}, 4, 2)
+    capsys.readouterr()
+    assert train_cli([data, *TINY_RUN, "--epochs", "1", "--output", tmp_path / "out"]) == 2
+    err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert len(err) == 1 and "has a single class" in err[0], err
+    assert not (tmp_path / "out").exists()

@@ -1,0 +1,69 @@
+"""Issue 19 item 10: timm flags typed by habit are accepted, with timm's meaning where it applies to us, or a note."""
+from __future__ import annotations
+
+import sys
+import types
+
+import pytest
+import torch
+
+from conftest import TINY_RUN, train_cli
+
+
+def run_args(image_folder, tmp_path, *extra):
+    return [image_folder, *TINY_RUN, "--epochs", "1", "--output", tmp_path / "out", "--experiment", "h", *extra]
+
+
+def test_log_wandb_logs_args_and_every_epoch(image_folder, tmp_path, monkeypatch):
+    calls = {"init": [], "log": [], "finish": 0}
+
+    class FakeRun:
+        def log(self, row, step=None):
+            calls["log"].append((step, row))
+
+        def finish(self):
+            calls["finish"] += 1
+
+    def init(**kwargs):
+        calls["init"].append(kwargs)
+        return FakeRun()
+
+    monkeypatch.setitem(sys.modules, "wandb", types.SimpleNamespace(init=init))
+    assert train_cli(run_args(image_folder, tmp_path, "--log-wandb")) == 0
+    (init_kwargs,) = calls["init"]
+    assert init_kwargs["config"]["lr"] == pytest.approx(3e-3) and init_kwargs["name"] == "h"
+    (step, row), = calls["log"]
+    assert step == 0 and 0 <= row["eval_top1"] <= 100 and row["train_loss"] > 0
+    assert calls["finish"] == 1
+
+
+def test_log_wandb_without_wandb_is_a_note_and_the_run_goes_on(image_folder, tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "wandb", None)  # import wandb -> ImportError
+    with pytest.warns(UserWarning, match="--log-wandb: wandb is not installed"):
+        assert train_cli(run_args(image_folder, tmp_path, "--log-wandb")) == 0
+    assert (tmp_path / "out" / "h" / "last.pth.tar").is_file()
+
+
+def test_gpu_only_and_batchnorm_flags_are_notes_on_cpu(image_folder, tmp_path, recwarn):
+    assert train_cli(run_args(image_folder, tmp_path, "--pin-mem", "--no-prefetcher", "--dist-bn", "reduce")) == 0
+    notes = [str(w.message) for w in recwarn]
+    for flag in ("--pin-mem", "--no-prefetcher", "--dist-bn reduce"):
+        assert sum(n.startswith(flag) for n in notes) == 1, notes
+
+
+def test_recovery_interval_writes_recovery_checkpoints_mid_epoch(image_folder, tmp_path, monkeypatch):
+    from sequencer.engine.checkpoint import CheckpointManager
+    written = []
+    save = CheckpointManager.save_recovery
+
+    def spy(self, state):
+        path = save(self, state)
+        on_disk = torch.load(path, weights_only=True)
+        written.append((on_disk["epoch"], on_disk["step"], on_disk["epoch_complete"]))
+        return path
+
+    monkeypatch.setattr(CheckpointManager, "save_recovery", spy)
+    # 48 images, batch 8: steps 0..5; every 2 batches -> after steps 1 and 3 (not after the last one)
+    assert train_cli(run_args(image_folder, tmp_path, "--recovery-interval", "2")) == 0
+    assert written == [(0, 1, False), (0, 3, False)]
+    assert not (tmp_path / "out" / "h" / "recovery.pth.tar").exists()  # the finished epoch supersedes it
