@@ -70,3 +70,19 @@ def test_predict_errors(tmp_path, tiny_checkpoint, capsys):
     assert main(["predict", str(tmp_path / "x.png")]) == 2
     err = capsys.readouterr().err
     assert "no model given" in err and err.count("\n") == 1
+
+
+def test_predict_fast_gives_the_same_answers(image_folder, tiny_checkpoint, capsys, monkeypatch):
+    """--fast on a CPU whose "auto" path is float32 (the bf16 check is made to say no): the same probabilities."""
+    monkeypatch.setattr("sequencer.models.kernels.onednn.onednn_bf16_supported", lambda: False)
+    argv = ["predict", str(image_folder / "val"), "--checkpoint", str(tiny_checkpoint), "--json"]
+    assert main(argv) == 0
+    plain = [json.loads(line) for line in capsys.readouterr().out.strip().splitlines()]
+    assert main(argv + ["--fast"]) == 0
+    fast = [json.loads(line) for line in capsys.readouterr().out.strip().splitlines()]
+    assert [r["image"] for r in fast] == [r["image"] for r in plain]
+    for a, b in zip(fast, plain):
+        assert [p["index"] for p in a["predictions"]] == [p["index"] for p in b["predictions"]]
+        assert [p["prob"] for p in a["predictions"]] == pytest.approx([p["prob"] for p in b["predictions"]], abs=1e-5)
+    assert main(argv + ["--fast", "--onnx", "x.onnx"]) == 2
+    assert "--fast does not apply to --onnx" in capsys.readouterr().err

@@ -25,7 +25,9 @@ from ..data.loader import INTERPOLATIONS
 from ..errors import SequencerError
 from ..fileio import write_atomically
 from ..models import get_model_entry
+from ..models.kernels.onednn import native_dtype
 from ..tools.onnx_runtime import add_onnx_argument, load_model_or_onnx
+from ..tools.optimize import FAST_HELP, optimize_for_inference
 from .distributed import process_group
 from .evaluate import evaluate
 
@@ -55,6 +57,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--amp", "--native-amp", dest="amp", action="store_true",
                    help="mixed precision (float16 on CUDA, bfloat16 on CPU unless --amp-dtype)")
     g.add_argument("--amp-dtype", default=None, choices=("float16", "bfloat16"), help="autocast dtype (implies --amp)")
+    g.add_argument("--fast", action="store_true", help=FAST_HELP)
     g.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda when available)")
     g.add_argument("--results-file", default="", metavar="FILE", help="write the results as .json or .csv")
 
@@ -102,6 +105,9 @@ def _run(args, dataset_name: str, dist_info) -> int:
                   f"evaluating randomly initialised weights")
     if args.onnx and (args.amp or args.amp_dtype):
         raise SequencerError("--amp does not apply to --onnx: the file runs in the precision it was exported in")
+    if args.fast and (args.onnx or args.amp or args.amp_dtype):
+        raise SequencerError("--fast picks the precision itself: drop --amp/--amp-dtype (and it does not apply to "
+                             "--onnx)")
     loaded = load_model_or_onnx(args, device) if args.onnx else load_model_from_args(args, device)
     # the checkpoint's preprocessing (what training evaluated with), then explicit flags
     overrides = dict(mean=args.mean, std=args.std, crop_pct=args.crop_pct, interpolation=args.interpolation)
@@ -122,6 +128,10 @@ def _run(args, dataset_name: str, dist_info) -> int:
     if args.amp or args.amp_dtype:
         amp_dtype = {"float16": torch.float16, "bfloat16": torch.bfloat16}[
             args.amp_dtype or ("float16" if device.type == "cuda" else "bfloat16")]
+        amp_dtype = native_dtype(amp_dtype, device, "--amp-dtype bfloat16")
+        amp_dtype = None if amp_dtype == torch.float32 else amp_dtype
+    if args.fast:
+        loaded.model = optimize_for_inference(loaded.model, "auto")
     metrics = evaluate(loaded.model, loader, device, amp_dtype=amp_dtype, distributed=dist_info.distributed)
 
     results = dict(
