@@ -14,7 +14,8 @@ What it does, and why (measured on a 2-core AVX-512/BF16 CPU, see BENCHMARKS.md)
 :func:`sequencer.hardware.cpu_info` (measured choices in BENCHMARKS.md, "CPU deployment"):
 
 * ``amx`` and ``avx512-bf16`` (Sapphire Rapids and later, Cooper Lake, AMD Zen 4/5): bf16 weights, native bf16
-  GEMMs and LSTM (1.4-3x fp32 at batch 16; top-1 agreement with fp32 on a trained model >= 99.5%);
+  GEMMs and LSTM (1.7-2.9x fp32 at batch 16; on the one trained model measured, top-1 unchanged and 99.44% of
+  answers equal to fp32's);
 * ``avx512-vnni``, ``avx512``, ``avx2``, ``baseline``: float32 (bf16 has no native kernels there and runs
   PyTorch's reference path at ~0.17x fp32);
 * CUDA: float32 (not measured here; pass ``torch.bfloat16`` or ``torch.float16`` for autocast).
@@ -23,7 +24,8 @@ What it does, and why (measured on a 2-core AVX-512/BF16 CPU, see BENCHMARKS.md)
 
 Not done, on purpose: merging the four LSTM directions' input projections into one GEMM. oneDNN's LSTM (and
 cuDNN's) computes the input projection of all time steps as one large GEMM inside the recurrent kernel already;
-taking it out would need a hand-written recurrence, which measured slower than the fused kernel here.
+taking it out is what ``lstm_backend="cpu"`` (:mod:`sequencer.models.kernels.cpu_lstm`) does, and it measured
+0.78-0.89x of the fused kernel on a Zen 5 CPU (BENCHMARKS.md, "CPU recurrence").
 """
 from __future__ import annotations
 
