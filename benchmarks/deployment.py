@@ -29,6 +29,7 @@ from sequencer.data import create_transform
 from sequencer.data.datasets import DigitsDataset
 from sequencer.hardware import cpu_info
 from sequencer.models.flops import count_macs
+from sequencer.models.kernels.onednn import onednn_bf16_supported
 from sequencer.models import create_model
 from sequencer.tools.benchmark import make_infer_step, measure_peak_memory, time_interleaved
 from sequencer.tools.export import export_onnx, quantize_int8
@@ -45,14 +46,19 @@ def digit_images(count: int, size: int, cfg: dict) -> torch.Tensor:
 
 
 def gemm_rate(dtype: torch.dtype, size: int = 2048, repeats: int = 5) -> float:
-    """GFLOP/s of a ``size``^3 ``torch.mm`` in ``dtype`` on the current threads (best of ``repeats``)."""
+    """GFLOP/s of a ``size``^3 matrix product in ``dtype`` on the current threads: the best of ``repeats`` runs of
+    PyTorch's default ``torch.mm`` and of oneDNN's matmul (the one our Linear layers use; MKL is slower on AMD)."""
     a, b = torch.randn(size, size).to(dtype), torch.randn(size, size).to(dtype)
-    torch.mm(a, b)
+    products = [lambda: torch.mm(a, b)]
+    if dtype == torch.float32 or onednn_bf16_supported():
+        products.append(lambda: torch.ops.mkldnn._linear_pointwise(a, b, None, "none", [], ""))
     best = float("inf")
-    for _ in range(repeats):
-        start = time.perf_counter()
-        torch.mm(a, b)
-        best = min(best, time.perf_counter() - start)
+    for product in products:
+        product()
+        for _ in range(repeats):
+            start = time.perf_counter()
+            product()
+            best = min(best, time.perf_counter() - start)
     return 2 * size ** 3 / best / 1e9
 
 
