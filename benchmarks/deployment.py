@@ -1,13 +1,17 @@
-"""The CPU deployment table of BENCHMARKS.md: ours fp32 / bf16 (``optimize_for_inference``) against onnxruntime on
-our fp32 export and on its dynamic int8 quantisation (``sequencer export --quantize int8``), side by side.
+"""The CPU deployment table of BENCHMARKS.md: ours fp32 / bf16 / fast (``optimize_for_inference`` with float32,
+bfloat16 and "auto") against onnxruntime on our fp32 export and on its dynamic int8 quantisation
+(``sequencer export --quantize int8``), side by side.
 
-All four paths of one model are timed interleaved in one process (``sequencer.tools.benchmark.time_interleaved``),
-at batch 16 and batch 1; peak memory comes from the benchmark's fresh-subprocess probe. Agreement is the share of
-images whose top-1 class equals ours-fp32's, on the scikit-learn digits (real images, upsampled to the model's
-input size). The s/m/l weights here are random (a normal-initialised head): their agreement says how often
+All five paths of one model are timed interleaved in one process (``sequencer.tools.benchmark.time_interleaved``),
+at batch 16 and batch 1, with ``--threads`` intra-op threads for torch and onnxruntime alike; the CPU (with its
+matrix ISA) and the fp32/bf16 GEMM rate of a 2048^3 ``torch.mm`` on the same threads are measured in the same
+process, so each path's share of the GEMM rate is reported. Each path's logits are checked against the eager fp32
+model (fp32 paths within 1e-4 relative); peak memory comes from the benchmark's fresh-subprocess probe. Agreement is
+the share of images whose top-1 class equals ours-fp32's, on the scikit-learn digits (real images, upsampled to the
+model's input size). The s/m/l weights here are random (a normal-initialised head): their agreement says how often
 quantisation flips a near-tie on a model that was never trained, not what a trained model loses.
 
-    python benchmarks/deployment.py --models sequencer2d_s sequencer2d_m sequencer2d_l --batches 16
+    python benchmarks/deployment.py --models sequencer2d_s --threads 2   # the BENCHMARKS.md table (one command)
 """
 from __future__ import annotations
 
@@ -23,9 +27,12 @@ import torch
 
 from sequencer.data import create_transform
 from sequencer.data.datasets import DigitsDataset
+from sequencer.hardware import cpu_info
+from sequencer.models.flops import count_macs
+from sequencer.models.kernels import onednn_bf16_supported
 from sequencer.models import create_model
 from sequencer.tools.benchmark import make_infer_step, measure_peak_memory, time_interleaved
-from sequencer.tools.export import export_onnx, quantize_int8
+from sequencer.tools.export import export_onnx, int8_settings, quantize_int8
 from sequencer.tools.onnx_runtime import OnnxModel
 from sequencer.tools.optimize import optimize_for_inference
 
@@ -38,100 +45,164 @@ def digit_images(count: int, size: int, cfg: dict) -> torch.Tensor:
     return torch.stack([transform(data.load(i)[0]) for i in range(count)])
 
 
-class BF16Autocast(torch.nn.Module):
-    """Ours in eager mode under CPU bf16 autocast (``optimize_for_inference``'s bf16 weights are tried first)."""
-
-    def __init__(self, model):
-        super().__init__()
-        self.model = model
-
-    def forward(self, x):
-        with torch.autocast("cpu", dtype=torch.bfloat16):
-            return self.model(x)
+def gemm_rate(dtype: torch.dtype, size: int = 2048, repeats: int = 5) -> float:
+    """GFLOP/s of a ``size``^3 matrix product in ``dtype`` on the current threads: the best of ``repeats`` runs of
+    PyTorch's default ``torch.mm`` and of oneDNN's matmul (the one our Linear layers use; MKL is slower on AMD)."""
+    a, b = torch.randn(size, size).to(dtype), torch.randn(size, size).to(dtype)
+    products = [lambda: torch.mm(a, b)]
+    if dtype == torch.float32 or onednn_bf16_supported():
+        products.append(lambda: torch.ops.mkldnn._linear_pointwise(a, b, None, "none", [], ""))
+    best = float("inf")
+    for product in products:
+        product()
+        for _ in range(repeats):
+            start = time.perf_counter()
+            product()
+            best = min(best, time.perf_counter() - start)
+    return 2 * size ** 3 / best / 1e9
 
 
 def build_paths(name: str, folder: Path, skip: tuple[str, ...] = ()) -> tuple[dict, dict, torch.nn.Module]:
-    """{impl: model} for the four paths, {impl: file or weight bytes}, and the eager fp32 reference."""
+    """{impl: model} for the five paths, {impl: file or weight bytes}, and the eager fp32 reference."""
     torch.manual_seed(0)
     model = create_model(name).eval()
     torch.nn.init.normal_(model.head.fc.weight, std=0.02)  # a zero head would make every logit 0
     size = model.pretrained_cfg["input_size"][-1]
     meta = {"arch": name, "input_size": [3, size, size]}
     export_onnx(model, folder / "fp32.onnx", (3, size, size), dynamic_batch=True, metadata=meta)
-    quantize_int8(folder / "fp32.onnx", folder / "int8.onnx", meta)
+    quantize_int8(folder / "fp32.onnx", folder / "int8.onnx", meta, int8_settings())  # the defaults for this CPU
     threads = torch.get_num_threads()
     paths = {"ours-fp32": optimize_for_inference(model, torch.float32),
-             "ours-bf16": BF16Autocast(model),
+             "ours-bf16": optimize_for_inference(model, torch.bfloat16),
+             "ours-fast": optimize_for_inference(model, "auto"),
              "ort-fp32": OnnxModel(folder / "fp32.onnx", threads), "ort-int8": OnnxModel(folder / "int8.onnx", threads)}
     paths = {impl: m for impl, m in paths.items() if impl not in skip}
     params = sum(p.numel() for p in model.parameters())
-    sizes = {"ours-fp32": params * 4, "ours-bf16": params * 2, "ort-fp32": os.path.getsize(folder / "fp32.onnx"),
-             "ort-int8": os.path.getsize(folder / "int8.onnx")}
+    fast_bytes = 2 if paths.get("ours-fast") is not None and paths["ours-fast"].dtype == torch.bfloat16 else 4
+    sizes = {"ours-fp32": params * 4, "ours-bf16": params * 2, "ours-fast": params * fast_bytes,
+             "ort-fp32": os.path.getsize(folder / "fp32.onnx"), "ort-int8": os.path.getsize(folder / "int8.onnx")}
     return paths, sizes, model
 
 
 def measure(name: str, args: argparse.Namespace) -> dict:
+    """One model's report: CPU, GEMM rates, and per path img/s, share of the GEMM rate, logit error, memory."""
     with tempfile.TemporaryDirectory() as tmp:
         paths, sizes, model = build_paths(name, Path(tmp), tuple(args.skip))
         size = model.pretrained_cfg["input_size"][-1]
-        report = {"model": name, "threads": torch.get_num_threads(), "load_before": os.getloadavg(), "rows": {}}
+        report = {"model": name, "cpu": cpu_info().describe(), "threads": torch.get_num_threads(),
+                  "gemm_gflops": {"float32": 0.0, "bfloat16": 0.0},
+                  "gmacs": count_macs(model, (3, size, size)) / 1e9, "load_before": os.getloadavg(), "rows": {}}
+        for impl in paths:
+            dtype = "int8" if impl == "ort-int8" else str(getattr(paths[impl], "dtype", torch.float32))
+            report["rows"][impl] = {"file_mib": sizes[impl] / 2**20, "dtype": dtype.replace("torch.", "")}
         for batch in args.batches:
-            x = torch.randn(batch, 3, size, size, generator=torch.Generator().manual_seed(0))
-            steps = {impl: make_infer_step(m, x, torch.float32, torch.device("cpu")) for impl, m in paths.items()}
-            for impl in list(steps):  # a path this machine cannot run is reported, not fatal
-                try:
-                    steps[impl]()
-                except RuntimeError as e:
-                    report.setdefault("failed", {})[impl] = str(e).splitlines()[0][:200]
-                    del steps[impl], paths[impl]
-            times = time_interleaved(steps, torch.device("cpu"), 1, args.num_iter)
-            for impl, ts in times.items():
-                row = report["rows"].setdefault(impl, {"file_mib": sizes[impl] / 2**20})
-                row[f"img_per_s_b{batch}"] = batch / statistics.median(ts)
-                row[f"step_ms_all_b{batch}"] = [round(t * 1e3, 1) for t in ts]
-                if batch == max(args.batches) and args.memory_iter:
-                    spec = dict(impl={"ours-fp32": "ours-optimized", "ours-bf16": "ours"}.get(impl, impl), name=name,
-                                model_kwargs={}, mode="infer", batch_size=batch, input_size=[3, size, size],
-                                dtype="bfloat16" if impl == "ours-bf16" else "float32", device="cpu",
-                                iters=args.memory_iter, onnx=str(paths[impl].path) if impl.startswith("ort") else None)
-                    row["peak_mib"] = measure_peak_memory(spec)
-        images = digit_images(args.agreement_images, size, model.pretrained_cfg)
-        with torch.inference_mode():
-            preds = {impl: torch.cat([m(b).float().argmax(-1) for b in images.split(16)]) for impl, m in paths.items()}
-        for impl, row in report["rows"].items():
-            if impl in preds:
-                row["agreement"] = (preds[impl] == preds["ours-fp32"]).double().mean().item()
+            _probe_gemm_rates(report)
+            _time_batch(report, paths, model, batch, size, args)
+        _probe_gemm_rates(report)
+        _add_gemm_shares(report)
+        _agreement(report, paths, model, size, args.agreement_images)
         report["load_after"] = os.getloadavg()
         return report
 
 
+def _probe_gemm_rates(report: dict) -> None:
+    """Keep the best GEMM rate seen: probed before, between and after the timings (the load moves)."""
+    for name, dtype in (("float32", torch.float32), ("bfloat16", torch.bfloat16)):
+        report["gemm_gflops"][name] = max(report["gemm_gflops"][name], gemm_rate(dtype))
+
+
+def _add_gemm_shares(report: dict) -> None:
+    """Each path's model FLOP/s over the GEMM rate of its dtype (not for int8)."""
+    for row in report["rows"].values():
+        for key in [k for k in row if k.startswith("img_per_s_b")]:
+            if row["dtype"] in report["gemm_gflops"]:
+                flops = 2 * report["gmacs"] * 1e9 * row[key]
+                row[key.replace("img_per_s", "gemm_share")] = flops / 1e9 / report["gemm_gflops"][row["dtype"]]
+
+
+def _time_batch(report: dict, paths: dict, model: torch.nn.Module, batch: int, size: int, args) -> None:
+    """Time every path at ``batch``, interleaved; check its logits against the eager fp32 model's."""
+    x = torch.randn(batch, 3, size, size, generator=torch.Generator().manual_seed(0))
+    with torch.inference_mode():
+        expected = model(x)
+    steps = {impl: make_infer_step(m, x, torch.float32, torch.device("cpu")) for impl, m in paths.items()}
+    for impl in list(steps):  # a path this machine cannot run is reported, not fatal
+        try:
+            logits = torch.as_tensor(steps[impl]()).float()
+        except RuntimeError as e:
+            report.setdefault("failed", {})[impl] = str(e).splitlines()[0][:200]
+            del steps[impl], paths[impl], report["rows"][impl]
+            continue
+        error = ((logits - expected).abs().max() / expected.abs().max()).item()
+        report["rows"][impl][f"logit_err_b{batch}"] = error
+        if report["rows"][impl]["dtype"] == "float32" and impl != "ort-int8" and error > 1e-4:
+            raise AssertionError(f"{impl}: fp32 logits differ from the eager model's by {error:.2e} (relative)")
+    times = time_interleaved(steps, torch.device("cpu"), 1, args.num_iter)
+    for impl, ts in times.items():
+        row = report["rows"][impl]
+        row[f"img_per_s_b{batch}"] = batch / statistics.median(ts)
+        row[f"step_ms_all_b{batch}"] = [round(t * 1e3, 1) for t in ts]
+        if batch == max(args.batches) and args.memory_iter:
+            ours = impl.startswith("ours")
+            spec = dict(impl="ours-optimized" if ours else impl, name=report["model"], model_kwargs={}, mode="infer",
+                        batch_size=batch, input_size=[3, size, size], dtype=row["dtype"] if ours else "float32",
+                        device="cpu", iters=args.memory_iter, onnx=None if ours else str(paths[impl].path))
+            row["peak_mib"] = measure_peak_memory(spec)
+
+
+def _agreement(report: dict, paths: dict, model: torch.nn.Module, size: int, count: int) -> None:
+    """Each path's top-1 agreement with ours-fp32 on ``count`` digits images."""
+    images = digit_images(count, size, model.pretrained_cfg)
+    with torch.inference_mode():
+        preds = {impl: torch.cat([torch.as_tensor(m(b)).float().argmax(-1) for b in images.split(16)])
+                 for impl, m in paths.items()}
+    reference = preds.get("ours-fp32", model(images).argmax(-1))
+    for impl, row in report["rows"].items():
+        row["agreement"] = (preds[impl] == reference).double().mean().item()
+
+
+def _cell(row: dict, key: str, fmt: str, scale: float = 1.0) -> str:
+    return format(row[key] * scale, fmt) if key in row else "-"
+
+
 def render(reports: list[dict]) -> str:
-    """The markdown table of BENCHMARKS.md's CPU deployment section."""
-    lines = ["| model | path | img/s (batch 16) | vs ours fp32 | peak MiB | file / weights MiB | top-1 agreement |",
-             "|---|---|---|---|---|---|---|"]
+    """The markdown table of BENCHMARKS.md's CPU deployment section, one header line per model's run."""
+    lines = []
     for rep in reports:
-        base = rep["rows"]["ours-fp32"]["img_per_s_b16"]
+        rates = rep.get("gemm_gflops", {})
+        lines += [f"{rep['model']} on {rep.get('cpu', '?')}, {rep['threads']} threads; GEMM rate fp32 "
+                  f"{rates.get('float32', 0):.0f} / bf16 {rates.get('bfloat16', 0):.0f} GFLOP/s; load average "
+                  f"{rep['load_before'][0]:.1f} -> {rep['load_after'][0]:.1f}", "",
+                  "| path | dtype | img/s b1 | vs ORT fp32 b1 | img/s b16 | vs ORT fp32 b16 | GEMM % b16 | "
+                  "logit err b16 | peak MiB | file MiB | top-1 agreement |", "|---|" + "---|" * 10]
+        base = rep["rows"].get("ort-fp32", {})
         for impl, row in rep["rows"].items():
-            peak = row.get("peak_mib")
-            speed = row["img_per_s_b16"]
-            lines.append(f"| {rep['model']} | {impl} | {speed:.2f} | {speed / base:.2f}x | "
-                         f"{'-' if peak is None else format(peak, '.0f')} | {row['file_mib']:.1f} | "
-                         f"{100 * row['agreement']:.1f}% |")
+            ratios = [format(row[k] / base[k], ".2f") + "x" if k in row and k in base else "-"
+                      for k in ("img_per_s_b1", "img_per_s_b16")]
+            lines.append(f"| {impl} | {row.get('dtype', '-')} | {_cell(row, 'img_per_s_b1', '.2f')} | {ratios[0]} | "
+                         f"{_cell(row, 'img_per_s_b16', '.2f')} | {ratios[1]} | "
+                         f"{_cell(row, 'gemm_share_b16', '.0f', 100)}% | {_cell(row, 'logit_err_b16', '.1e')} | "
+                         f"{_cell(row, 'peak_mib', '.0f')} | {row['file_mib']:.1f} | "
+                         f"{_cell(row, 'agreement', '.1f', 100)}% |")
+        lines.append("")
     return "\n".join(lines)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--models", nargs="+", default=["sequencer2d_s", "sequencer2d_m", "sequencer2d_l"])
+    parser.add_argument("--models", nargs="+", default=["sequencer2d_s"])
+    parser.add_argument("--threads", type=int, default=2, help="intra-op threads for torch and onnxruntime")
     parser.add_argument("--batches", nargs="+", type=int, default=[1, 16])
     parser.add_argument("--num-iter", type=int, default=3)
     parser.add_argument("--memory-iter", type=int, default=1)
     parser.add_argument("--agreement-images", type=int, default=64)
-    parser.add_argument("--results", default="benchmarks/results/deployment.json")
+    parser.add_argument("--results", default=f"benchmarks/results/deployment-{cpu_info().cpu_class}.json",
+                        help="JSON written (default: one file per CPU class)")
     parser.add_argument("--render-only", action="store_true", help="print the table of --results")
-    parser.add_argument("--skip", nargs="*", default=[], choices=["ours-bf16", "ort-fp32"],
+    parser.add_argument("--skip", nargs="*", default=[], choices=["ours-bf16", "ours-fast", "ort-fp32", "ort-int8"],
                         help="paths not to time (ours-bf16 takes most of the time on a CPU without bf16 kernels)")
     args = parser.parse_args()
+    torch.set_num_threads(args.threads)
     if args.render_only:
         print(render(json.loads(Path(args.results).read_text())))
         return
@@ -141,6 +212,7 @@ def main() -> None:
         reports.append(measure(name, args))
         print(json.dumps(reports[-1]), f"({time.time() - start:.0f} s)", flush=True)
         Path(args.results).write_text(json.dumps(reports, indent=1) + "\n")
+    print(render(reports))
 
 
 if __name__ == "__main__":

@@ -85,3 +85,19 @@ def test_our_torchscript_export_as_checkpoint_is_named(tiny_checkpoint, tmp_path
     assert main([command, *target, "--checkpoint", str(ts)]) == 2
     err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
     assert len(err) == 1 and "is a TorchScript export" in err[0] and ".pth.tar" in err[0], err
+
+
+def test_predict_fast_gives_the_same_answers(image_folder, tiny_checkpoint, capsys, monkeypatch):
+    """--fast on a CPU whose "auto" path is float32 (the bf16 check is made to say no): the same probabilities."""
+    monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: False)  # what every caller asks
+    argv = ["predict", str(image_folder / "val"), "--checkpoint", str(tiny_checkpoint), "--json"]
+    assert main(argv) == 0
+    plain = [json.loads(line) for line in capsys.readouterr().out.strip().splitlines()]
+    assert main(argv + ["--fast"]) == 0
+    fast = [json.loads(line) for line in capsys.readouterr().out.strip().splitlines()]
+    assert [r["image"] for r in fast] == [r["image"] for r in plain]
+    for a, b in zip(fast, plain):
+        assert [p["index"] for p in a["predictions"]] == [p["index"] for p in b["predictions"]]
+        assert [p["prob"] for p in a["predictions"]] == pytest.approx([p["prob"] for p in b["predictions"]], abs=1e-5)
+    assert main(argv + ["--fast", "--onnx", "x.onnx"]) == 2
+    assert "--fast does not apply to --onnx" in capsys.readouterr().err

@@ -123,6 +123,7 @@ def test_dataset_with_some_of_the_checkpoint_classes_is_mapped_by_name(tmp_path)
     (["{tmp}/data", "--split", "train", "--mean", "0.1", "0.2"], "--mean has 2 values"),
     (["{tmp}/data", "--device", "nope"], "--device 'nope' is not a device"),
     (["{tmp}/data", "--onnx", "{tmp}/m.onnx", "--torchcompile"], "--torchcompile does not apply to --onnx"),
+    (["{tmp}/data", "--split", "train", "--fast", "--amp"], "--fast picks the precision itself"),
 ])
 def test_user_errors_are_one_line(tmp_path, capsys, extra, message):
     _write_folder(tmp_path / "data" / "train", per_class=1)
@@ -152,3 +153,19 @@ def test_paper_command_uses_released_weights(monkeypatch, tmp_path):
     rc = main(["validate", str(tmp_path / "imagenet"), "--model", "sequencer2d_s", "-b", "16",
                "--input-size", "3", "224", "224", "--amp"])
     assert rc == 2 and seen == dict(model="sequencer2d_s", pretrained=True, input_size=[3, 224, 224])
+
+
+@pytest.mark.parametrize("flags", [["--fast"], ["--amp-dtype", "bfloat16"]], ids=["fast", "amp-bf16"])
+def test_without_native_bf16_fast_and_amp_bf16_run_float32(tmp_path, monkeypatch, capsys, flags):
+    """The bf16 check says no (as on AVX2 CPUs): --fast runs float32, --amp-dtype bfloat16 too, with a note."""
+    monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: False)  # what every caller asks
+    _write_folder(tmp_path / "data" / "val")
+    model = _write_checkpoint(tmp_path / "ckpt.pth.tar", ["a", "b", "c"])
+    results = tmp_path / "r.json"
+    assert main(["validate", str(tmp_path / "data"), "--checkpoint", str(tmp_path / "ckpt.pth.tar"), "-b", "5",
+                 "--results-file", str(results), "-j", "0"] + flags) == 0
+    ref_top1, ref_loss, _ = _reference(model, tmp_path / "data" / "val", {"a": 0, "b": 1, "c": 2})
+    got = json.loads(results.read_text())
+    assert got["top1"] == pytest.approx(ref_top1, abs=1e-3) and got["loss"] == pytest.approx(ref_loss, abs=1e-4)
+    notes = [line for line in capsys.readouterr().err.splitlines() if "no native bf16 kernels" in line]
+    assert len(notes) == (1 if "--amp-dtype" in flags else 0)

@@ -152,10 +152,10 @@ def test_auto_keeps_aten_on_cpu(monkeypatch):
 
 
 def test_invalid_backend_names_it(monkeypatch):
-    with pytest.raises(SequencerError, match="lstm_backend must be one of auto, triton, native, got 'cudnn'"):
+    with pytest.raises(SequencerError, match="lstm_backend must be one of auto, triton, native, cpu, got 'cudnn'"):
         create_model("sequencer2d_nano", lstm_backend="cudnn")
     monkeypatch.setenv(recurrence.BACKEND_ENV, "fast")
-    with pytest.raises(SequencerError, match="SEQUENCER_LSTM_BACKEND must be one of auto, triton, native, got 'fast'"):
+    with pytest.raises(SequencerError, match="SEQUENCER_LSTM_BACKEND must be one of auto, triton, native, cpu, got 'fast'"):
         create_model("sequencer2d_nano")
 
 

@@ -53,3 +53,19 @@ def test_release_layout_round_trip(tiny_kwargs, randomize):
 def _assert_same_state(got: dict, expected: dict) -> None:
     assert got.keys() == expected.keys()
     assert all(torch.equal(got[k], v) for k, v in expected.items())
+
+
+@pytest.mark.parametrize("backend", ["cpu", "native"])
+def test_tiny_logits_match_timm_on_each_cpu_backend(backend, tiny_kwargs, randomize):
+    """The CPU LSTM backends against timm's model, same weights (a tiny S-shaped network, square and not)."""
+    torch.manual_seed(0)
+    reference = randomize(timm.create_model("sequencer2d_s", pretrained=False, num_classes=5, **tiny_kwargs),
+                          seed=1, scale=0.2).eval()
+    ours = sequencer.create_model("sequencer2d_s", num_classes=5, lstm_backend=backend, **tiny_kwargs).eval()
+    load_state_dict_into(ours, reference.state_dict())
+    with torch.no_grad():
+        for height, width in ((28, 28), (28, 56)):
+            x = torch.randn(2, 3, height, width)
+            expected = reference(x)
+            assert expected.abs().max() > 1e-2
+            assert rel_max_err(ours(x), expected) <= REL_TOL, (height, width)

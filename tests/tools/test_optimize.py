@@ -248,3 +248,51 @@ def test_optimize_rejects_bad_input():
         sequencer.optimize_for_inference(tiny_s(), torch.float16)
     with pytest.raises(SequencerError, match="nn.Module"):
         sequencer.optimize_for_inference(lambda x: x)
+
+
+@pytest.fixture
+def cpu_flags(monkeypatch):
+    """Set this process's CPU flags (``SEQUENCER_CPU_FLAGS``) for one test; the real ones are read again after."""
+    from sequencer.hardware import cpu_info
+
+    def set_flags(flags: str) -> None:
+        monkeypatch.setenv("SEQUENCER_CPU_FLAGS", flags)
+        cpu_info.cache_clear()
+    yield set_flags
+    monkeypatch.delenv("SEQUENCER_CPU_FLAGS", raising=False)
+    cpu_info.cache_clear()
+
+
+AVX512 = "avx2 fma avx512f avx512bw avx512vl"
+
+
+@pytest.mark.parametrize("flags, expected", [
+    ("avx2 fma", torch.float32),
+    (AVX512 + " avx512_vnni", torch.float32),
+    (AVX512 + " avx512_vnni avx512_bf16", torch.bfloat16),
+    (AVX512 + " avx512_vnni avx512_bf16 amx_tile amx_bf16", torch.bfloat16),
+], ids=["avx2", "avx512-vnni", "avx512-bf16", "amx"])
+def test_auto_dtype_by_cpu_class(cpu_flags, monkeypatch, flags, expected):
+    cpu_flags(flags)
+    monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: True)  # what every caller asks
+    assert sequencer.optimize_for_inference(tiny_s(), "auto").dtype == expected
+
+
+def test_bf16_without_native_kernels_runs_fp32_with_a_note(cpu_flags, monkeypatch, capsys):
+    """No AVX512-BF16/AMX: bf16 would take PyTorch's slow reference kernels, so float32 runs, said in one line."""
+    cpu_flags(AVX512 + " avx512_vnni avx512_bf16")  # even a bf16 CPU class: oneDNN's own answer decides
+    monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: False)  # what every caller asks
+    model = tiny_s()
+    fast = sequencer.optimize_for_inference(model, torch.bfloat16)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert fast.dtype == torch.float32 and all(p.dtype == torch.float32 for p in fast.parameters())
+    assert len(err) == 1 and "no native bf16 kernels" in err[0] and "float32" in err[0]
+    assert sequencer.optimize_for_inference(model, "auto").dtype == torch.float32
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        assert rel(fast(x), model(x)) < 1e-5
+
+
+def test_unknown_dtype_name_is_refused():
+    with pytest.raises(SequencerError, match="dtype must be a torch.dtype or 'auto'"):
+        sequencer.optimize_for_inference(tiny_s(), "fastest")

@@ -48,6 +48,14 @@ def add_torchcompile_argument(group) -> None:
                        help="torch.compile the model (backend, default inductor)")
 
 
+def add_fast_argument(parser) -> None:
+    """``--fast`` of predict and validate: :func:`sequencer.optimize_for_inference` with ``dtype="auto"``."""
+    parser.add_argument("--fast", action="store_true",
+                        help="inference on the fastest path that keeps fp32's top-1 answers on this CPU "
+                             "(optimize_for_inference with dtype='auto': bf16 on AVX512-BF16/AMX CPUs, float32 "
+                             "elsewhere)")
+
+
 def warn_if_random_weights(args: argparse.Namespace) -> None:
     """One warning line when a model name alone (no --checkpoint, no --pretrained) means random weights."""
     if getattr(args, "model", None) and not args.checkpoint and not args.pretrained:

@@ -15,7 +15,10 @@ import sys
 import torch
 
 from ..engine.inference import check_input_size, eval_transform, find_images, read_images, resolve_device
-from .common import add_model_args, add_onnx_argument, load_model_or_onnx, positive_int, warn_if_random_weights
+from ..errors import SequencerError
+from ..tools.optimize import optimize_for_inference
+from .common import (add_fast_argument, add_model_args, add_onnx_argument, load_model_or_onnx, positive_int,
+                     warn_if_random_weights)
 
 
 @torch.inference_mode()
@@ -32,6 +35,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help='one JSON object per line: {"image", "predictions": [{"label", "index", "prob"}]}')
     parser.add_argument("-b", "--batch-size", type=positive_int, default=32, metavar="N")
     parser.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda when available)")
+    add_fast_argument(parser)
     add_model_args(parser)
     add_onnx_argument(parser)
 
@@ -40,8 +44,12 @@ def run(args: argparse.Namespace) -> int:
     files = find_images(args.inputs)
     device = resolve_device(args.device)
     warn_if_random_weights(args)
+    if args.fast and args.onnx:
+        raise SequencerError("--fast does not apply to --onnx: the file runs in the precision it was exported in")
     loaded = load_model_or_onnx(args, device)
     check_input_size(loaded, *loaded.input_size[1:])
+    if args.fast:
+        loaded.model = optimize_for_inference(loaded.model, "auto")
     transform = eval_transform(loaded)
     names = loaded.class_names
     failed_total = 0

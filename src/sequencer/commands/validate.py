@@ -20,7 +20,8 @@ from ..data.loader import INTERPOLATIONS
 from ..engine.validation import validate
 from ..errors import SequencerError
 from ..fileio import write_atomically
-from .common import (add_model_args, add_onnx_argument, add_torchcompile_argument, check_device, check_results_file, check_workers,
+from ..tools.optimize import optimize_for_inference
+from .common import (add_fast_argument, add_model_args, add_onnx_argument, add_torchcompile_argument, check_device, check_results_file, check_workers,
                      failure_reported_to_launcher, load_model_or_onnx, positive_int)
 
 RESULT_FORMATS = (".json", ".csv")
@@ -49,6 +50,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--amp", "--native-amp", dest="amp", action="store_true",
                    help="mixed precision (float16 on CUDA, bfloat16 on CPU unless --amp-dtype)")
     g.add_argument("--amp-dtype", default=None, choices=("float16", "bfloat16"), help="autocast dtype (implies --amp)")
+    add_fast_argument(g)
     g.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda when available)")
     add_torchcompile_argument(g)
     g.add_argument("--results-file", default="", metavar="FILE", help="write the results as .json or .csv")
@@ -75,6 +77,9 @@ def check_onnx_flags(args: argparse.Namespace) -> None:
         raise SequencerError("--amp does not apply to --onnx: the file runs in the precision it was exported in")
     if args.onnx and args.torchcompile:
         raise SequencerError("--torchcompile does not apply to --onnx: onnxruntime runs the file")
+    if args.fast and (args.onnx or args.amp or args.amp_dtype):
+        raise SequencerError("--fast picks the precision itself: drop --amp/--amp-dtype (and it does not apply to "
+                             "--onnx)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -89,7 +94,8 @@ def run(args: argparse.Namespace) -> int:
             batch_size=args.batch_size, workers=args.workers, crop_pct=args.crop_pct, mean=args.mean, std=args.std,
             interpolation=args.interpolation, num_classes=args.num_classes, img_size=args.img_size,
             input_size=args.input_size, use_ema=args.use_ema, amp=args.amp, amp_dtype=args.amp_dtype,
-            device=args.device, torchcompile=args.torchcompile, load=(lambda device: load_model_or_onnx(args, device)) if args.onnx else None)
+            device=args.device, torchcompile=args.torchcompile,
+            prepare=(lambda model: optimize_for_inference(model, "auto")) if args.fast else None, load=(lambda device: load_model_or_onnx(args, device)) if args.onnx else None)
     if args.onnx:  # the file's path goes after the checkpoint entry
         results = {"model": results.pop("model"), "checkpoint": results.pop("checkpoint"), "onnx": args.onnx,
                    **results}

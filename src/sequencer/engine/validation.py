@@ -16,6 +16,7 @@ import torch
 from ..data import create_dataset, create_loader, resolve_data_config
 from ..data.datasets import held_out_split
 from ..models import get_model_entry
+from ..models.kernels import native_dtype
 from .distributed import DistInfo, process_group
 from .evaluate import evaluate
 from .inference import LoadedModel, check_input_size, label_with_model_classes, load_model
@@ -29,15 +30,17 @@ def validate(checkpoint: str | os.PathLike = "", data: str | os.PathLike | None 
              crop_pct: float | None = None, mean=None, std=None, interpolation: str | None = None,
              num_classes: int | None = None, img_size: int | None = None, input_size=None, use_ema: bool = True,
              amp: bool = False, amp_dtype: str | None = None, device: str | None = None,
-             torchcompile: str | None = None, progress: bool = True, load: Callable[[torch.device], LoadedModel] | None = None) -> dict:
+             torchcompile: str | None = None, progress: bool = True,
+             prepare: Callable[[torch.nn.Module], torch.nn.Module] | None = None, load: Callable[[torch.device], LoadedModel] | None = None) -> dict:
     """Top-1/top-5 accuracy (percent), errors, mean loss and throughput of a model on a dataset split, as
     ``sequencer validate`` computes and prints them; returns the dict its ``--results-file`` holds.
 
     Arguments are the command's flags with underscores. ``data=None`` (and no ``dataset``) is the embedded digits
     val split; a folder without ``split`` is evaluated on its held-out split found by name, as training does. A
     ``model`` name without a checkpoint evaluates its released weights (``pretrained``), as timm's validate.py.
-    ``torchcompile`` names a torch.compile backend to run the model with. ``progress=False`` prints nothing. ``load``
-    replaces how the model is built (the command's ``--onnx``).
+    ``prepare`` transforms the loaded model before it runs (the command's ``--fast``:
+    ``sequencer.optimize_for_inference``); ``torchcompile`` names a torch.compile backend to run it with.
+    ``progress=False`` prints nothing. ``load`` replaces how the model is built (the command's ``--onnx``).
     """
     data = os.fspath(data) if data is not None else None
     dataset = dataset or ("" if data else "digits")
@@ -54,6 +57,8 @@ def validate(checkpoint: str | os.PathLike = "", data: str | os.PathLike | None 
                 loaded = load(dist_info.device)
             overrides = dict(mean=mean, std=std, crop_pct=crop_pct, interpolation=interpolation)
             dtype = _amp_dtype(amp, amp_dtype, dist_info.device)
+            if prepare is not None:
+                loaded.model = prepare(loaded.model)
             if torchcompile:
                 loaded.model = torch.compile(loaded.model, backend=torchcompile)
             metrics = _evaluate(loaded, split_set, overrides, batch_size, workers, dtype, dataset, dist_info)
@@ -88,7 +93,9 @@ def _pretrained_by_default(model, checkpoint, pretrained: bool, dist_info: DistI
 def _amp_dtype(amp: bool, amp_dtype: str | None, device: torch.device) -> torch.dtype | None:
     if not (amp or amp_dtype):
         return None
-    return AMP_DTYPES[amp_dtype or ("float16" if device.type == "cuda" else "bfloat16")]
+    dtype = native_dtype(AMP_DTYPES[amp_dtype or ("float16" if device.type == "cuda" else "bfloat16")], device,
+                         "--amp-dtype bfloat16")
+    return None if dtype == torch.float32 else dtype
 
 
 def _evaluate(loaded: LoadedModel, split_set, overrides: dict, batch_size: int, workers: int | None,

@@ -22,8 +22,9 @@ from timm.layers import DropPath, lecun_normal_
 
 from ..errors import SequencerError
 from .features import stage_indices
-from .kernels import (RNN_TYPES, autocast_bf16_copies, fused_bilstm2d, linear, mix_axes, onednn_linear_ok, onednn_mlp,
-                      resolve_backend, run_rnn, under_cpu_bf16_autocast, uses_fused_lstm)
+from .kernels import (RNN_TYPES, autocast_bf16_copies, cpu_bilstm2d, cpu_lstm_applies, fused_bilstm2d, linear,
+                      mix_axes, onednn_linear_ok, onednn_mlp, resolve_backend, run_rnn, under_cpu_bf16_autocast,
+                      uses_fused_lstm)
 from .registry import register_model
 
 RELEASE_URL = "https://github.com/okojoalg/sequencer/releases/download/weights/{}.pth"
@@ -165,6 +166,8 @@ class RNN2d(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if any(uses_fused_lstm(r, self.lstm_backend, x) for r in (self.rnn_v, self.rnn_h) if r is not None):
             v_seq, h_seq = fused_bilstm2d(self.rnn_v, self.rnn_h, x)
+        elif cpu_lstm_applies([r for r in (self.rnn_v, self.rnn_h) if r is not None], self.lstm_backend, x):
+            v_seq, h_seq = cpu_bilstm2d(self.rnn_v, self.rnn_h, x)
         else:
             v_seq, h_seq = self._scan_axes(x)
         return self._mix(v_seq, h_seq)
@@ -289,7 +292,7 @@ class Sequencer2d(nn.Module):
 
     Any input size whose side is divisible by the total patch reduction works with the same weights.
     Input (B, in_chans, H, W); ``forward_features`` gives (B, H', W', C); ``forward`` gives (B, num_classes).
-    ``lstm_backend`` ("auto", "triton", "native"; default ``$SEQUENCER_LSTM_BACKEND`` or "auto") picks the LSTM
+    ``lstm_backend`` ("auto", "triton", "native", "cpu"; default ``$SEQUENCER_LSTM_BACKEND`` or "auto") picks the LSTM
     kernels (:mod:`sequencer.models.kernels.recurrence`); parameters and results are the same for every choice.
     """
 

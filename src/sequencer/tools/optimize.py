@@ -10,9 +10,22 @@ What it does, and why (measured on a 2-core AVX-512/BF16 CPU, see BENCHMARKS.md)
   matmuls and the oneDNN LSTM run in bf16 end to end; logits come back in float32.
 * On CUDA the copy runs under ``torch.autocast`` in ``dtype`` (cuDNN LSTM, tensor-core GEMMs) with fp32 weights.
 
+``dtype="auto"`` (and ``--fast`` of ``predict`` / ``validate``) picks by the CPU class of
+:func:`sequencer.hardware.cpu_info` (measured choices in BENCHMARKS.md, "CPU deployment"):
+
+* ``amx`` and ``avx512-bf16`` (Sapphire Rapids and later, Cooper Lake, AMD Zen 4/5): bf16 weights, native bf16
+  GEMMs and LSTM (1.7-2.9x fp32 at batch 16; on the one trained model measured, top-1 unchanged and 99.44% of
+  answers equal to fp32's);
+* ``avx512-vnni``, ``avx512``, ``avx2``, ``baseline``: float32 (bf16 has no native kernels there and runs
+  PyTorch's reference path at ~0.17x fp32);
+* CUDA: float32 (not measured here; pass ``torch.bfloat16`` or ``torch.float16`` for autocast).
+
+``dtype=torch.bfloat16`` on a CPU without native bf16 kernels runs float32 with a one-line note.
+
 Not done, on purpose: merging the four LSTM directions' input projections into one GEMM. oneDNN's LSTM (and
 cuDNN's) computes the input projection of all time steps as one large GEMM inside the recurrent kernel already;
-taking it out would need a hand-written recurrence, which measured slower than the fused kernel here.
+taking it out is what ``lstm_backend="cpu"`` (:mod:`sequencer.models.kernels.cpu_lstm`) does, and it measured
+0.78-0.89x of the fused kernel on a Zen 5 CPU (BENCHMARKS.md, "CPU recurrence").
 """
 from __future__ import annotations
 
@@ -22,8 +35,16 @@ import torch
 from torch import nn
 
 from ..errors import SequencerError
+from ..hardware import cpu_info
+from ..models.kernels import native_dtype, onednn_bf16_supported
 
 SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+BF16_CPU_CLASSES = ("avx512-bf16", "amx")  # CPU classes whose "auto" path is bf16: native bf16 GEMMs and LSTM
+def auto_dtype(device: torch.device) -> torch.dtype:
+    """The dtype ``optimize_for_inference(model, "auto")`` runs on ``device`` (see the module docstring)."""
+    if device.type == "cpu" and cpu_info().cpu_class in BF16_CPU_CLASSES and onednn_bf16_supported():
+        return torch.bfloat16
+    return torch.float32
 
 
 class InferenceModel(nn.Module):
@@ -82,15 +103,22 @@ class InferenceModel(nn.Module):
             return self._to_float32(out)
 
 
-def optimize_for_inference(model: nn.Module, dtype: torch.dtype = torch.float32) -> InferenceModel:
+def optimize_for_inference(model: nn.Module, dtype: torch.dtype | str = torch.float32) -> InferenceModel:
     """Return a fast inference-only copy of ``model`` with the same outputs; ``model`` itself is not changed.
 
     ``dtype``: ``torch.float32`` (logits equal to the eager model's within float rounding), ``torch.bfloat16``
     (bf16 weights and activations on CPU, bf16 autocast on CUDA; logits within ~5e-2 relative) or
-    ``torch.float16`` (CUDA only). Works for any model of the library, including ``features_only`` ones.
+    ``torch.float16`` (CUDA only), or ``"auto"``: the fastest of these that keeps fp32's top-1 answers on this
+    device (module docstring). bf16 on a CPU without native bf16 kernels runs float32, with a one-line note.
+    Works for any model of the library, including ``features_only`` ones.
     """
     if not isinstance(model, nn.Module):
         raise SequencerError(f"optimize_for_inference expects an nn.Module, got {type(model).__name__}")
     if next(model.parameters(), None) is None:
         raise SequencerError("optimize_for_inference: the model has no parameters")
-    return InferenceModel(model, dtype)
+    device = next(model.parameters()).device
+    if dtype == "auto":
+        dtype = auto_dtype(device)
+    elif isinstance(dtype, str):
+        raise SequencerError(f"optimize_for_inference: dtype must be a torch.dtype or 'auto', got {dtype!r}")
+    return InferenceModel(model, native_dtype(dtype, device, "optimize_for_inference(dtype=torch.bfloat16)"))

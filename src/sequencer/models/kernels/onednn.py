@@ -5,6 +5,8 @@ weights' own dtype (see :func:`_onednn_linear_ok`); everywhere else the standard
 """
 from __future__ import annotations
 
+import sys
+
 import torch
 import torch.nn.functional as F
 
@@ -143,6 +145,20 @@ def onednn_bf16_supported() -> bool:
     """Whether oneDNN has bf16 kernels on this CPU (AVX-512 BF16 or AMX); without them its bf16 matmuls fail, and
     bf16 goes through PyTorch's own (slower, working) kernels instead."""
     return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+
+
+def native_dtype(dtype: torch.dtype | None, device: torch.device | str, what: str) -> torch.dtype | None:
+    """``dtype``, except bfloat16 on a CPU without native bf16 kernels, which becomes float32 with a one-line note.
+
+    Without AVX512-BF16 or AMX, PyTorch runs bf16 matmuls and LSTMs on its reference kernels, ~6x slower than fp32
+    (BENCHMARKS.md, CPU deployment): asking for bf16 there is never what a user wants. ``what`` names the request in
+    the note (e.g. "--amp-dtype bfloat16").
+    """
+    if dtype != torch.bfloat16 or torch.device(device).type != "cpu" or onednn_bf16_supported():
+        return dtype
+    print(f"note: {what}: this CPU has no native bf16 kernels (no AVX512-BF16/AMX), running float32 instead",
+          file=sys.stderr)
+    return torch.float32
 
 
 def _under_cpu_bf16_autocast(x: torch.Tensor) -> bool:

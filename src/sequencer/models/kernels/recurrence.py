@@ -5,7 +5,10 @@ Backends (model kwarg ``lstm_backend``, else the environment variable ``SEQUENCE
 * ``native``: the ``nn.LSTM`` / ``nn.GRU`` / ``nn.RNN`` module's own kernels (cuDNN, oneDNN, ATen).
 * ``triton``: LSTMs run :mod:`.triton_lstm` (CUDA, or CPU tensors under ``TRITON_INTERPRET=1``); ATen's LSTM is
   never called. GRU/RNN layers stay native.
-* ``auto`` (default): ``native`` until the fused kernel is measured faster on a GPU (BENCHMARKS.md).
+* ``cpu``: BiLSTM2D's LSTMs run :mod:`.cpu_lstm` (one GEMM for all directions' input projections, one batched
+  scan) in CPU inference; where a gradient is needed, or for GRU/RNN/multi-layer LSTMs, the ``native`` kernels run.
+* ``auto`` (default): ``native`` (on a Zen 5 CPU oneDNN's LSTM measured as fast as or faster than ``cpu``, see
+  BENCHMARKS.md "CPU recurrence"; on GPUs until the fused Triton kernel is measured faster there).
 
 Under ``torch.compile`` the native layers run as the opaque custom op ``sequencer::rnn_native`` (dynamo cannot trace
 ``nn.LSTM`` and would break the graph at each one); its backward recomputes the layer. TorchScript tracing and ONNX
@@ -26,7 +29,7 @@ try:  # registers the sequencer::lstm_scan ops; without Triton only the native b
 except ImportError:
     triton_lstm = None
 
-BACKENDS = ("auto", "triton", "native")
+BACKENDS = ("auto", "triton", "native", "cpu")
 BACKEND_ENV = "SEQUENCER_LSTM_BACKEND"
 _VF_MODES = {"LSTM": "lstm", "GRU": "gru", "RNN_TANH": "rnn"}
 
