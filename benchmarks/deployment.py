@@ -3,7 +3,8 @@ bfloat16 and "auto") against onnxruntime on our fp32 export and on its dynamic i
 (``sequencer export --quantize int8``), side by side.
 
 All five paths of one model are timed interleaved in one process (``sequencer.tools.benchmark.time_interleaved``),
-at batch 16 and batch 1, with ``--threads`` intra-op threads for torch and onnxruntime alike; the CPU (with its
+at batch 16 and batch 1, with ``--threads`` intra-op threads for torch and onnxruntime alike (onnxruntime's threads
+do not busy-wait between runs, so they leave the cores to the path timed next); the CPU (with its
 matrix ISA) and the fp32/bf16 GEMM rate of a 2048^3 ``torch.mm`` on the same threads are measured in the same
 process, so each path's share of the GEMM rate is reported. Each path's logits are checked against the eager fp32
 model (fp32 paths within 1e-4 relative); peak memory comes from the benchmark's fresh-subprocess probe. Agreement is
@@ -75,7 +76,8 @@ def build_paths(name: str, folder: Path, skip: tuple[str, ...] = ()) -> tuple[di
     paths = {"ours-fp32": optimize_for_inference(model, torch.float32),
              "ours-bf16": optimize_for_inference(model, torch.bfloat16),
              "ours-fast": optimize_for_inference(model, "auto"),
-             "ort-fp32": OnnxModel(folder / "fp32.onnx", threads), "ort-int8": OnnxModel(folder / "int8.onnx", threads)}
+             "ort-fp32": OnnxModel(folder / "fp32.onnx", threads, spin_wait=False),
+             "ort-int8": OnnxModel(folder / "int8.onnx", threads, spin_wait=False)}
     paths = {impl: m for impl, m in paths.items() if impl not in skip}
     params = sum(p.numel() for p in model.parameters())
     fast_bytes = 2 if paths.get("ours-fast") is not None and paths["ours-fast"].dtype == torch.bfloat16 else 4

@@ -185,6 +185,31 @@ def test_benchmark_onnx_of_another_size_is_refused(tiny_s_checkpoint, tmp_path, 
     assert "exported for 28x28 inputs, not 56x56" in err and err.count("\n") == 1
 
 
+def test_benchmark_onnx_sessions_do_not_spin_while_ours_runs(tiny_s_checkpoint, tmp_path):
+    """The --onnx sessions are timed interleaved with PyTorch in one process: their threads must not busy-wait
+    after a run (they held a core while our OpenMP threads ran: 0.55x instead of 0.88x at batch 1 on 2 cores), and
+    switching the spinning off changes no logit."""
+    from sequencer.tools.onnx_runtime import OnnxModel
+
+    path = tmp_path / "m.onnx"
+    assert main(["export", "--checkpoint", str(tiny_s_checkpoint), "--img-size", "28", "--dynamic-batch",
+                 "-o", str(path)]) == 0
+    settings = benchmark.BenchmarkSettings(checkpoint=str(tiny_s_checkpoint), onnx=[str(path)])
+    (impl, timed), = benchmark.load_onnx_impls(settings).items()
+    spinning = OnnxModel(path)
+    entry = "session.intra_op.allow_spinning"
+    assert impl == "ort-fp32" and timed.session.get_session_options().get_session_config_entry(entry) == "0"
+    with pytest.raises(RuntimeError, match="does not have configuration"):  # users' sessions keep the default
+        spinning.session.get_session_options().get_session_config_entry(entry)
+    x = torch.randn(3, 3, 28, 28)
+    model = create_model("sequencer2d_s", **TINY_S).eval()
+    model.load_state_dict(torch.load(tiny_s_checkpoint, weights_only=True)["state_dict"])
+    with torch.no_grad():
+        expected = model(x)
+    assert torch.equal(timed(x), spinning(x))
+    assert ((timed(x) - expected).abs().max() / expected.abs().max()).item() < 1e-5
+
+
 def test_benchmark_header_and_results_name_the_cpu_and_isa(tmp_path, capsys, monkeypatch):
     """Figures mean little without the CPU they were measured on: the header and the JSON name it and its ISA."""
     from sequencer import hardware

@@ -340,7 +340,8 @@ def load_onnx_impls(args: BenchmarkSettings) -> dict[str, nn.Module]:
 
     impls = {}
     for path in args.onnx:
-        onnx_model = OnnxModel(path, threads=torch.get_num_threads())
+        # timed interleaved with PyTorch paths in this process: no busy-waiting threads left behind (ort_session)
+        onnx_model = OnnxModel(path, threads=torch.get_num_threads(), spin_wait=False)
         impl = "ort-int8" if onnx_model.quantized else "ort-fp32"
         impls[impl if impl not in impls else f"{impl}-{len(impls)}"] = onnx_model
     if impls and not args.model and not args.checkpoint:

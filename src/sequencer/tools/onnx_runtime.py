@@ -23,14 +23,23 @@ from ..hardware import cpu_info
 METADATA_KEYS = ("arch", "class_names", "data_config", "input_size")
 
 
-def ort_session(path: str | os.PathLike, threads: int | None = None, memory_arena: bool = True):
-    """A CPU onnxruntime InferenceSession for ``path``; SequencerError naming the file when it is not ONNX."""
+def ort_session(path: str | os.PathLike, threads: int | None = None, memory_arena: bool = True,
+                spin_wait: bool = True):
+    """A CPU onnxruntime InferenceSession for ``path``; SequencerError naming the file when it is not ONNX.
+
+    ``spin_wait=False`` stops onnxruntime's intra-op threads from busy-waiting for work after a run. Benchmarks that
+    time it against PyTorch in one process need that: the spinning threads otherwise hold CPU cores while PyTorch's
+    OpenMP threads run (on 2 Zen 5 cores our batch-1 fp32 model ran at 0.55-0.56x onnxruntime beside a spinning
+    session and 0.88x beside a sleeping one, onnxruntime itself no slower; BENCHMARKS.md, issue 20).
+    """
     import onnxruntime as ort
 
     options = ort.SessionOptions()
     options.enable_cpu_mem_arena = memory_arena
     if threads:
         options.intra_op_num_threads = threads
+    if not spin_wait:
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     options.log_severity_level = 3  # onnxruntime's own warnings are not for the user
     try:
         return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
@@ -46,10 +55,11 @@ class OnnxModel(nn.Module):
     An ``nn.Module`` so the shared evaluation and prediction loops run it unchanged; the input is moved to the CPU.
     """
 
-    def __init__(self, path: str | os.PathLike, threads: int | None = None, memory_arena: bool = True):
+    def __init__(self, path: str | os.PathLike, threads: int | None = None, memory_arena: bool = True,
+                 spin_wait: bool = True):
         super().__init__()
         self.path = Path(path)
-        self.session = ort_session(path, threads, memory_arena)
+        self.session = ort_session(path, threads, memory_arena, spin_wait)
         self.input_name = self.session.get_inputs()[0].name
         self.input_shape = list(self.session.get_inputs()[0].shape)  # [batch or "batch", C, H, W]
         self.num_classes = self.session.get_outputs()[0].shape[-1]
