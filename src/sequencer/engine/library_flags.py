@@ -12,7 +12,7 @@ ERASING_MODES = ("const", "rand", "pixel")
 def check_library_flags(cfg) -> None:
     """Raise SequencerError for a value of --torchcompile(-mode), --opt, --sched, --aa, --remode or
     --train-interpolation that the library would refuse (or silently treat as something else)."""
-    _check_compile(cfg.torchcompile, getattr(cfg, "torchcompile_mode", None))
+    _check_compile(cfg.torchcompile, cfg.torchcompile_mode)
     _check_optimizer(cfg.opt)
     _check_augment(cfg)
 

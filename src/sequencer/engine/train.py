@@ -84,7 +84,7 @@ def run_training(cfg: TrainConfig) -> TrainResult:
         with dist_utils.process_group(cfg.device) as info:
             return _train(cfg, info)
     except BaseException:
-        release_claim(cfg)
+        release_claim(cfg)  # first: the claim file would keep a folder this start made from counting as empty
         remove_if_empty(cfg)
         raise
     finally:

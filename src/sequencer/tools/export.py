@@ -9,7 +9,8 @@
 * ``--quantize int8`` (ONNX): the verified fp32 export quantised by onnxruntime (:func:`quantize_int8`) with the
   settings of this CPU's class or ``--target-cpu`` (:func:`int8_settings`), static QDQ with ``--calibration DIR``;
   ``--verify DIR`` runs both files on DIR's images and writes the int8 file only when their top-1 agree on at least
-  ``--min-agreement`` of them (agreement < min-agreement refuses). Every file is checked under a temporary name and renamed onto --output only then.
+  ``--min-agreement`` of them (agreement < min-agreement refuses). Every file is checked under a temporary name and
+  renamed onto --output only then.
 * safetensors holds the weights with arch / model_kwargs / class_names / data_config (JSON) in its metadata, so
   ``--checkpoint model.safetensors`` or ``create_model(arch, checkpoint_path=..., **model_kwargs)`` rebuilds it.
 """
