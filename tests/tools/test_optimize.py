@@ -296,3 +296,90 @@ def test_bf16_without_native_kernels_runs_fp32_with_a_note(cpu_flags, monkeypatc
 def test_unknown_dtype_name_is_refused():
     with pytest.raises(SequencerError, match="dtype must be a torch.dtype or 'auto'"):
         sequencer.optimize_for_inference(tiny_s(), "fastest")
+
+
+class _Recorder(nn.Module):
+    """Records, per call, the thread it ran on and the intra-op threads that thread had; returns x * 2 (and a
+    second, pooled output to check list outputs are joined)."""
+
+    def __init__(self, fail: bool = False):
+        super().__init__()
+        self.scale = nn.Parameter(torch.tensor(2.0))
+        self.calls = []
+        self.fail = fail
+
+    def forward(self, x):
+        import threading
+        self.calls.append((threading.get_ident(), torch.get_num_threads(), x.shape[0],
+                           torch.is_inference_mode_enabled()))
+        if self.fail:
+            raise ValueError("boom in a stream")
+        return [x * self.scale, x.mean(dim=(1, 2, 3))]
+
+
+@pytest.fixture
+def two_threads():
+    torch.set_num_threads(2)
+    yield
+    torch.set_num_threads(1)
+
+
+def test_streams_split_the_batch_over_single_threaded_workers(two_threads):
+    """Batch 5 on 2 threads: chunks of 3 and 2, each on its own worker with one intra-op thread, in inference
+    mode, joined in order; this thread keeps its 2 threads and waits."""
+    import threading
+    fast = sequencer.optimize_for_inference(_Recorder(), torch.float32)
+    recorder = fast.model
+    x = torch.arange(5 * 3 * 2 * 2, dtype=torch.float32).reshape(5, 3, 2, 2)
+    doubled, means = fast(x)
+    assert torch.equal(doubled, x * 2) and torch.equal(means, x.mean(dim=(1, 2, 3)))
+    threads = {ident for ident, *_ in recorder.calls}
+    assert len(recorder.calls) == 2 and len(threads) == 2 and threading.get_ident() not in threads
+    assert sorted((n, b, inf) for _, n, b, inf in recorder.calls) == [(1, 2, True), (1, 3, True)]
+    assert torch.get_num_threads() == 2
+
+
+def test_streams_off_for_one_image_one_stream_or_one_thread(two_threads):
+    import threading
+    x = torch.randn(4, 3, 2, 2)
+    for streams, batch, threads in ((None, 1, 2), (1, 4, 2), (None, 4, 1)):
+        torch.set_num_threads(threads)
+        fast = sequencer.optimize_for_inference(_Recorder(), torch.float32, streams=streams)
+        fast(x[:batch])
+        assert [(ident, b) for ident, _, b, _ in fast.model.calls] == [(threading.get_ident(), batch)]
+
+
+def test_streams_more_than_threads_share_one_thread_each(two_threads):
+    fast = sequencer.optimize_for_inference(_Recorder(), torch.float32, streams=3)
+    fast(torch.randn(7, 3, 2, 2))
+    assert sorted((n, b) for _, n, b, _ in fast.model.calls) == [(1, 2), (1, 2), (1, 3)]
+
+
+def test_streams_give_the_models_logits_and_errors(two_threads):
+    """Real model, uneven chunks (3 images on 2 streams): the logits of the one-stream path; a stream's error
+    reaches the caller."""
+    model = tiny_s()
+    x = torch.randn(3, 3, 32, 32)
+    streamed = sequencer.optimize_for_inference(model, torch.float32)(x)
+    single = sequencer.optimize_for_inference(model, torch.float32, streams=1)(x)
+    with torch.no_grad():
+        expected = model(x)
+    assert rel(streamed, single) < 1e-6 and rel(streamed, expected) < 1e-5
+    with pytest.raises(ValueError, match="boom in a stream"):
+        sequencer.optimize_for_inference(_Recorder(fail=True), torch.float32)(torch.randn(2, 3, 2, 2))
+
+
+def test_stream_pool_is_made_again_after_a_fork(two_threads, monkeypatch):
+    from sequencer.tools import optimize
+    fast = sequencer.optimize_for_inference(_Recorder(), torch.float32)
+    fast(torch.randn(2, 3, 2, 2))
+    before = optimize._STREAMS._executor
+    monkeypatch.setattr(optimize._STREAMS, "_pid", -1)  # as in a child process: the parent's threads are gone
+    fast(torch.randn(2, 3, 2, 2))
+    assert optimize._STREAMS._executor is not before and len(fast.model.calls) == 4
+
+
+@pytest.mark.parametrize("streams", [0, -1, 1.5, True, "2"])
+def test_streams_must_be_a_positive_integer(streams):
+    with pytest.raises(SequencerError, match="streams must be a positive integer"):
+        sequencer.optimize_for_inference(tiny_s(), torch.float32, streams=streams)

@@ -22,6 +22,13 @@ What it does, and why (measured on a 2-core AVX-512/BF16 CPU, see BENCHMARKS.md)
 
 ``dtype=torch.bfloat16`` on a CPU without native bf16 kernels runs float32 with a one-line note.
 
+Batches of two or more images on the CPU run as *streams* (OpenVINO's word for it): the batch is cut into as many
+chunks as there are intra-op threads, and each chunk runs the whole model on its own Python thread with one
+intra-op thread (more where the batch is smaller than the thread count). The images are independent, so the logits
+are the same; what changes is that oneDNN's LSTM no longer meets its thread team at a barrier on every one of its
+14-32 time steps, which at batch 16 on 2 Zen 5 cores made fp32 6-14% and bf16 16% faster (BENCHMARKS.md, "CPU
+deployment"). ``streams=1`` turns it off; a single image always runs on all threads.
+
 Not done, on purpose: merging the four LSTM directions' input projections into one GEMM. oneDNN's LSTM (and
 cuDNN's) computes the input projection of all time steps as one large GEMM inside the recurrent kernel already;
 taking it out is what ``lstm_backend="cpu"`` (:mod:`sequencer.models.kernels.cpu_lstm`) does, and it measured
@@ -30,6 +37,9 @@ taking it out is what ``lstm_backend="cpu"`` (:mod:`sequencer.models.kernels.cpu
 from __future__ import annotations
 
 import copy
+import os
+import threading
+from concurrent.futures import Future, ThreadPoolExecutor
 
 import torch
 from torch import nn
@@ -47,6 +57,45 @@ def auto_dtype(device: torch.device) -> torch.dtype:
     return torch.float32
 
 
+class _StreamPool:
+    """Worker threads for :class:`InferenceModel`'s streams, shared by every model, made again after a fork (the
+    child process has none of the parent's threads)."""
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._executor: ThreadPoolExecutor | None = None
+        self._pid = None
+        self._size = 0
+
+    def submit(self, workers: int, fn, *args) -> Future:
+        with self._lock:
+            if self._executor is None or self._pid != os.getpid() or self._size < workers:
+                if self._executor is not None and self._pid == os.getpid():
+                    self._executor.shutdown(wait=False)  # a smaller pool: its idle threads exit
+                self._executor = ThreadPoolExecutor(workers, thread_name_prefix="sequencer-stream")
+                self._pid, self._size = os.getpid(), workers
+            return self._executor.submit(fn, *args)
+
+
+_STREAMS = _StreamPool()
+
+
+def _run_stream(model: nn.Module, x: torch.Tensor, threads: int):
+    """``model(x)`` on this worker thread with ``threads`` intra-op threads (the count is per thread)."""
+    if torch.get_num_threads() != threads:
+        torch.set_num_threads(threads)
+    with torch.inference_mode():
+        return model(x)
+
+
+def _concat(outputs: list):
+    """The streams' outputs joined along the batch: tensors, or lists / tuples of them (``features_only``)."""
+    first = outputs[0]
+    if isinstance(first, torch.Tensor):
+        return torch.cat(outputs)
+    return type(first)(torch.cat(parts) for parts in zip(*outputs))
+
+
 class InferenceModel(nn.Module):
     """A frozen, eval-mode copy of a model for fast inference.
 
@@ -54,8 +103,11 @@ class InferenceModel(nn.Module):
     a list of feature maps for ``features_only`` models), in float32.
     """
 
-    def __init__(self, model: nn.Module, dtype: torch.dtype = torch.float32):
+    def __init__(self, model: nn.Module, dtype: torch.dtype = torch.float32, streams: int | None = None):
         super().__init__()
+        if streams is not None and (isinstance(streams, bool) or not isinstance(streams, int) or streams < 1):
+            raise SequencerError(f"optimize_for_inference: streams must be a positive integer or None, got "
+                                 f"{streams!r}")
         if dtype not in SUPPORTED_DTYPES:
             raise SequencerError(f"optimize_for_inference: unsupported dtype {dtype}",
                                  hint="use torch.float32 or torch.bfloat16 (float16: CUDA only)")
@@ -63,6 +115,7 @@ class InferenceModel(nn.Module):
         if dtype == torch.float16 and device.type != "cuda":
             raise SequencerError("optimize_for_inference: float16 needs a CUDA model", hint="use torch.bfloat16")
         self.dtype = dtype
+        self.streams = streams
         self.device_type = device.type
         # CPU: cast the weights once. CUDA: autocast keeps fp32 master weights and picks cuDNN/tensor-core kernels.
         self.cast_weights = device.type == "cpu" and dtype != torch.float32
@@ -91,26 +144,50 @@ class InferenceModel(nn.Module):
             return type(out)(InferenceModel._to_float32(o) for o in out)
         return out
 
+    def stream_count(self, batch: int) -> int:
+        """How many streams a batch of ``batch`` images runs as (1: the plain call on all intra-op threads)."""
+        if self.device_type != "cpu":
+            return 1
+        wanted = torch.get_num_threads() if self.streams is None else self.streams
+        return max(1, min(wanted, batch))
+
     def forward(self, x: torch.Tensor):
         with torch.inference_mode():
             if self.cast_weights:
-                out = self.model(x.to(self.dtype))
-            elif self.dtype != torch.float32:
+                x = x.to(self.dtype)
+            elif self.dtype == torch.float32:
+                x = x.float()
+            streams = self.stream_count(x.shape[0])
+            if streams > 1:
+                out = self._forward_streams(x, streams)
+            elif self.dtype != torch.float32 and not self.cast_weights:
                 with torch.autocast(self.device_type, dtype=self.dtype):
                     out = self.model(x)
             else:
-                out = self.model(x.float())
+                out = self.model(x)
             return self._to_float32(out)
 
+    def _forward_streams(self, x: torch.Tensor, streams: int):
+        """The batch cut into ``streams`` chunks, each run on a worker thread with its share of the intra-op
+        threads; this thread waits (its own thread team stays idle, so no core is taken twice)."""
+        threads = torch.get_num_threads()
+        chunks = x.tensor_split(streams)
+        shares = [max(1, threads // streams + (i < threads % streams)) for i in range(streams)]
+        futures = [_STREAMS.submit(streams, _run_stream, self.model, chunk, share)
+                   for chunk, share in zip(chunks, shares)]
+        return _concat([f.result() for f in futures])
 
-def optimize_for_inference(model: nn.Module, dtype: torch.dtype | str = torch.float32) -> InferenceModel:
+
+def optimize_for_inference(model: nn.Module, dtype: torch.dtype | str = torch.float32,
+                           streams: int | None = None) -> InferenceModel:
     """Return a fast inference-only copy of ``model`` with the same outputs; ``model`` itself is not changed.
 
     ``dtype``: ``torch.float32`` (logits equal to the eager model's within float rounding), ``torch.bfloat16``
     (bf16 weights and activations on CPU, bf16 autocast on CUDA; logits within ~5e-2 relative) or
     ``torch.float16`` (CUDA only), or ``"auto"``: the fastest of these that keeps fp32's top-1 answers on this
     device (module docstring). bf16 on a CPU without native bf16 kernels runs float32, with a one-line note.
-    Works for any model of the library, including ``features_only`` ones.
+    Works for any model of the library, including ``features_only`` ones. ``streams``: on the CPU, how many
+    chunks a batch runs as, each on its own thread (default: one per intra-op thread; 1: off; module docstring).
     """
     if not isinstance(model, nn.Module):
         raise SequencerError(f"optimize_for_inference expects an nn.Module, got {type(model).__name__}")
@@ -121,4 +198,5 @@ def optimize_for_inference(model: nn.Module, dtype: torch.dtype | str = torch.fl
         dtype = auto_dtype(device)
     elif isinstance(dtype, str):
         raise SequencerError(f"optimize_for_inference: dtype must be a torch.dtype or 'auto', got {dtype!r}")
-    return InferenceModel(model, native_dtype(dtype, device, "optimize_for_inference(dtype=torch.bfloat16)"))
+    dtype = native_dtype(dtype, device, "optimize_for_inference(dtype=torch.bfloat16)")
+    return InferenceModel(model, dtype, streams)
