@@ -12,11 +12,19 @@ the share of images whose top-1 class equals ours-fp32's, on the scikit-learn di
 model's input size). The s/m/l weights here are random (a normal-initialised head): their agreement says how often
 quantisation flips a near-tie on a model that was never trained, not what a trained model loses.
 
+``ours-fp32-1stream`` is ours fp32 with ``streams=1`` (one call on all threads), beside the default streams, so
+the table shows what streams change. Two more measurements ride along, both side by side in the same process:
+``--train-batch`` times AdamW training steps in fp32 and under bf16 autocast (issue 20's bf16 training goal), and
+``--trained-epochs`` trains sequencer2d_nano on the digits' train split (``int8_settings.train``) and counts how
+many of all 1,797 digits the fast path answers differently from fp32, with the fp32 top-1 margins of those that
+flip (the agreement of a trained model, which the random s weights cannot give).
+
     python benchmarks/deployment.py --models sequencer2d_s --threads 2   # the BENCHMARKS.md table (one command)
 """
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import os
 import statistics
@@ -25,6 +33,7 @@ import time
 from pathlib import Path
 
 import torch
+from int8_settings import digits, train  # this folder's sibling script: the digits model and its images
 
 from sequencer.data import create_transform
 from sequencer.data.datasets import DigitsDataset
@@ -32,7 +41,7 @@ from sequencer.hardware import cpu_info
 from sequencer.models.flops import count_macs
 from sequencer.models.kernels import onednn_bf16_supported
 from sequencer.models import create_model
-from sequencer.tools.benchmark import make_infer_step, measure_peak_memory, time_interleaved
+from sequencer.tools.benchmark import make_infer_step, make_train_step, measure_peak_memory, time_interleaved
 from sequencer.tools.export import export_onnx, int8_settings, quantize_int8
 from sequencer.tools.onnx_runtime import OnnxModel
 from sequencer.tools.optimize import optimize_for_inference
@@ -74,6 +83,7 @@ def build_paths(name: str, folder: Path, skip: tuple[str, ...] = ()) -> tuple[di
     quantize_int8(folder / "fp32.onnx", folder / "int8.onnx", meta, int8_settings())  # the defaults for this CPU
     threads = torch.get_num_threads()
     paths = {"ours-fp32": optimize_for_inference(model, torch.float32),
+             "ours-fp32-1stream": optimize_for_inference(model, torch.float32, streams=1),
              "ours-bf16": optimize_for_inference(model, torch.bfloat16),
              "ours-fast": optimize_for_inference(model, "auto"),
              "ort-fp32": OnnxModel(folder / "fp32.onnx", threads, spin_wait=False),
@@ -81,7 +91,8 @@ def build_paths(name: str, folder: Path, skip: tuple[str, ...] = ()) -> tuple[di
     paths = {impl: m for impl, m in paths.items() if impl not in skip}
     params = sum(p.numel() for p in model.parameters())
     fast_bytes = 2 if paths.get("ours-fast") is not None and paths["ours-fast"].dtype == torch.bfloat16 else 4
-    sizes = {"ours-fp32": params * 4, "ours-bf16": params * 2, "ours-fast": params * fast_bytes,
+    sizes = {"ours-fp32": params * 4, "ours-fp32-1stream": params * 4, "ours-bf16": params * 2,
+             "ours-fast": params * fast_bytes,
              "ort-fp32": os.path.getsize(folder / "fp32.onnx"), "ort-int8": os.path.getsize(folder / "int8.onnx")}
     return paths, sizes, model
 
@@ -103,6 +114,10 @@ def measure(name: str, args: argparse.Namespace) -> dict:
         _probe_gemm_rates(report)
         _add_gemm_shares(report)
         _agreement(report, paths, model, size, args.agreement_images)
+        if args.train_batch:
+            report["training"] = _training(model, args.train_batch, size, args.train_iter)
+        if args.trained_epochs:
+            report["trained_agreement"] = _trained_agreement(args.trained_epochs)
         report["load_after"] = os.getloadavg()
         return report
 
@@ -148,7 +163,8 @@ def _time_batch(report: dict, paths: dict, model: torch.nn.Module, batch: int, s
             ours = impl.startswith("ours")
             spec = dict(impl="ours-optimized" if ours else impl, name=report["model"], model_kwargs={}, mode="infer",
                         batch_size=batch, input_size=[3, size, size], dtype=row["dtype"] if ours else "float32",
-                        device="cpu", iters=args.memory_iter, onnx=None if ours else str(paths[impl].path))
+                        device="cpu", iters=args.memory_iter, onnx=None if ours else str(paths[impl].path),
+                        streams=getattr(paths[impl], "streams", None))
             row["peak_mib"] = measure_peak_memory(spec)
 
 
@@ -161,6 +177,36 @@ def _agreement(report: dict, paths: dict, model: torch.nn.Module, size: int, cou
     reference = preds.get("ours-fp32", model(images).argmax(-1))
     for impl, row in report["rows"].items():
         row["agreement"] = (preds[impl] == reference).double().mean().item()
+
+
+def _training(model: torch.nn.Module, batch: int, size: int, iters: int) -> dict:
+    """AdamW steps of fresh copies of ``model`` in fp32 and under bf16 autocast, interleaved: img/s of each."""
+    x = torch.randn(batch, 3, size, size, generator=torch.Generator().manual_seed(0))
+    target = torch.randint(0, model.num_classes, (batch,), generator=torch.Generator().manual_seed(1))
+    device = torch.device("cpu")
+    steps = {name: make_train_step(copy.deepcopy(model), x, target, dtype, device)
+             for name, dtype in (("float32", torch.float32), ("bfloat16", torch.bfloat16))}
+    times = time_interleaved(steps, device, 1, iters)
+    return {"batch": batch, **{f"img_per_s_{n}": batch / statistics.median(ts) for n, ts in times.items()},
+            **{f"step_s_all_{n}": [round(t, 3) for t in ts] for n, ts in times.items()}}
+
+
+def _trained_agreement(epochs: int) -> dict:
+    """The fast path against fp32 on a digits model trained for ``epochs``: answers changed among all 1,797."""
+    x_train, y_train = digits("train", 32)
+    x_val, y_val = digits("val", 32)
+    model = train(x_train, y_train, epochs).eval()
+    images = torch.cat([x_train, x_val])
+    fast = optimize_for_inference(model, "auto")
+    with torch.inference_mode():
+        reference = torch.cat([model(b) for b in images.split(64)])
+        answers = torch.cat([fast(b) for b in images.split(64)]).argmax(-1)
+    flips = answers != reference.argmax(-1)
+    top2 = reference.topk(2, dim=-1).values
+    return {"epochs": epochs, "fast_dtype": str(fast.dtype).replace("torch.", ""), "images": len(images),
+            "fp32_val_top1": (reference[-len(y_val):].argmax(-1) == y_val).double().mean().item(),
+            "agreement": 1 - flips.double().mean().item(), "flips": int(flips.sum()),
+            "flip_margins": [round(m, 4) for m in (top2[:, 0] - top2[:, 1])[flips].tolist()]}
 
 
 def _cell(row: dict, key: str, fmt: str, scale: float = 1.0) -> str:
@@ -186,8 +232,24 @@ def render(reports: list[dict]) -> str:
                          f"{_cell(row, 'gemm_share_b16', '.0f', 100)}% | {_cell(row, 'logit_err_b16', '.1e')} | "
                          f"{_cell(row, 'peak_mib', '.0f')} | {row['file_mib']:.1f} | "
                          f"{_cell(row, 'agreement', '.1f', 100)}% |")
-        lines.append("")
+        lines += [""] + _extra_lines(rep) + [""]
     return "\n".join(lines)
+
+
+def _extra_lines(rep: dict) -> list[str]:
+    """The training and trained-model agreement lines under a model's table (where measured)."""
+    lines = []
+    if "training" in rep:
+        t = rep["training"]
+        fp32, bf16 = t["img_per_s_float32"], t["img_per_s_bfloat16"]
+        lines.append(f"Training (AdamW, batch {t['batch']}): fp32 {fp32:.2f} img/s, bf16 autocast {bf16:.2f} img/s: "
+                     f"bf16 {bf16 / fp32:.2f}x fp32.")
+    if "trained_agreement" in rep:
+        a = rep["trained_agreement"]
+        lines.append(f"Fast path ({a['fast_dtype']}) on a digits nano trained {a['epochs']} epochs (fp32 val top-1 "
+                     f"{a['fp32_val_top1']:.1%}): {a['agreement']:.2%} of {a['images']} answers equal to fp32's "
+                     f"({a['flips']} flips; fp32 top-2 margins of the flips: {a['flip_margins']}).")
+    return lines
 
 
 def main() -> None:
@@ -201,7 +263,12 @@ def main() -> None:
     parser.add_argument("--results", default=f"benchmarks/results/deployment-{cpu_info().cpu_class}.json",
                         help="JSON written (default: one file per CPU class)")
     parser.add_argument("--render-only", action="store_true", help="print the table of --results")
-    parser.add_argument("--skip", nargs="*", default=[], choices=["ours-bf16", "ours-fast", "ort-fp32", "ort-int8"],
+    parser.add_argument("--train-batch", type=int, default=8, help="batch of the fp32-vs-bf16 training steps (0: skip)")
+    parser.add_argument("--train-iter", type=int, default=4)
+    parser.add_argument("--trained-epochs", type=int, default=6,
+                        help="epochs of the digits model whose fast-path agreement is measured (0: skip)")
+    parser.add_argument("--skip", nargs="*", default=[],
+                        choices=["ours-fp32-1stream", "ours-bf16", "ours-fast", "ort-fp32", "ort-int8"],
                         help="paths not to time (ours-bf16 takes most of the time on a CPU without bf16 kernels)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)

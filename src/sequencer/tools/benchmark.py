@@ -267,7 +267,7 @@ def memory_probe(spec: dict) -> float:
         model = _probe_model(spec).to(device).eval()
         if spec["impl"] == "ours-optimized":
             from .optimize import optimize_for_inference
-            model = optimize_for_inference(model, amp)
+            model = optimize_for_inference(model, amp, streams=spec.get("streams"))
             step = make_infer_step(model, x, torch.float32, device)
         else:
             step = make_infer_step(model, x, amp, device)

@@ -14,8 +14,8 @@ What it does, and why (measured on a 2-core AVX-512/BF16 CPU, see BENCHMARKS.md)
 :func:`sequencer.hardware.cpu_info` (measured choices in BENCHMARKS.md, "CPU deployment"):
 
 * ``amx`` and ``avx512-bf16`` (Sapphire Rapids and later, Cooper Lake, AMD Zen 4/5): bf16 weights, native bf16
-  GEMMs and LSTM (1.7-2.9x fp32 at batch 16; on the one trained model measured, top-1 unchanged and 99.44% of
-  answers equal to fp32's);
+  GEMMs and LSTM (1.7-2.9x fp32 at batch 16; on a trained digits model 99.78% of 1,797 answers equal to fp32's,
+  the 4 that changed all near ties);
 * ``avx512-vnni``, ``avx512``, ``avx2``, ``baseline``: float32 (bf16 has no native kernels there and runs
   PyTorch's reference path at ~0.17x fp32);
 * CUDA: float32 (not measured here; pass ``torch.bfloat16`` or ``torch.float16`` for autocast).
@@ -26,8 +26,8 @@ Batches of two or more images on the CPU run as *streams* (OpenVINO's word for i
 chunks as there are intra-op threads, and each chunk runs the whole model on its own Python thread with one
 intra-op thread (more where the batch is smaller than the thread count). The images are independent, so the logits
 are the same; what changes is that oneDNN's LSTM no longer meets its thread team at a barrier on every one of its
-14-32 time steps, which at batch 16 on 2 Zen 5 cores made fp32 6-14% and bf16 16% faster (BENCHMARKS.md, "CPU
-deployment"). ``streams=1`` turns it off; a single image always runs on all threads.
+14-32 time steps, which at batch 16 on 2 Zen 5 cores made fp32 6-14% and bf16 15% faster, and batch 4 fp32 ~20%
+(BENCHMARKS.md, "CPU deployment"). ``streams=1`` turns it off; a single image always runs on all threads.
 
 Not done, on purpose: merging the four LSTM directions' input projections into one GEMM. oneDNN's LSTM (and
 cuDNN's) computes the input projection of all time steps as one large GEMM inside the recurrent kernel already;
