@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import TINY_RUN, summary_rows, train_cli
+from run_helpers import TINY_RUN, summary_rows, train_cli
 from sequencer.engine import checkpoint as ck
 from sequencer.errors import SequencerError
 from sequencer.models.loading import read_checkpoint

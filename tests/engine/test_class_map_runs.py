@@ -9,7 +9,7 @@ import sys
 import pytest
 import torch
 
-from conftest import REPO, make_image_folder, TINY_RUN, subprocess_env, summary_rows, train_cli
+from run_helpers import REPO, make_image_folder, TINY_RUN, subprocess_env, summary_rows, train_cli
 
 
 def sequencer(*args) -> subprocess.CompletedProcess:

@@ -6,7 +6,7 @@ import os
 import pytest
 import yaml
 
-from conftest import TINY_RUN, start_train, summary_epochs, train_cli
+from run_helpers import TINY_RUN, start_train, summary_epochs, train_cli
 
 
 @pytest.mark.slow

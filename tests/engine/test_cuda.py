@@ -10,7 +10,7 @@ import subprocess
 import pytest
 import torch
 
-from conftest import REPO, TINY_MODEL, subprocess_env, summary_rows, train_cli
+from run_helpers import REPO, TINY_MODEL, subprocess_env, summary_rows, train_cli
 from sequencer import optimize_for_inference
 from sequencer.cli import main as cli_main
 from sequencer.models import create_model

@@ -10,7 +10,7 @@ import sys
 import pytest
 import torch
 
-from conftest import REPO, TINY_RUN, subprocess_env, summary_epochs, train_cli
+from run_helpers import REPO, TINY_RUN, subprocess_env, summary_epochs, train_cli
 from sequencer.engine.outputs import read_summary
 
 

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import REPO, TINY_RUN, subprocess_env, summary_epochs
+from run_helpers import REPO, TINY_RUN, subprocess_env, summary_epochs
 from sequencer.models.loading import read_checkpoint
 
 

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import TINY_RUN, start_train, summary_epochs, train_cli
+from run_helpers import TINY_RUN, start_train, summary_epochs, train_cli
 from sequencer.models import create_model
 from sequencer.models.loading import read_checkpoint
 

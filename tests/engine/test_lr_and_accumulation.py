@@ -11,7 +11,7 @@ import argparse
 import pytest
 import torch
 
-from conftest import TINY_MODEL, make_image_folder, summary_rows, train_cli
+from run_helpers import TINY_MODEL, make_image_folder, summary_rows, train_cli
 from sequencer.engine.config import TrainConfig
 from sequencer.engine.train import _resolve_lr
 from sequencer.models.loading import read_checkpoint

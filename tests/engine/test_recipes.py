@@ -17,7 +17,7 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import REPO, subprocess_env, summary_epochs
+from run_helpers import REPO, subprocess_env, summary_epochs
 from sequencer.models import create_model
 from sequencer.models.loading import read_checkpoint
 

@@ -11,7 +11,7 @@ import shutil
 import pytest
 import yaml
 
-from conftest import TINY_RUN, make_image_folder, summary_rows, train_cli
+from run_helpers import TINY_RUN, make_image_folder, summary_rows, train_cli
 from sequencer.models.loading import read_checkpoint
 
 pytestmark = pytest.mark.slow  # a few short training runs: about 45 s on 2 busy cores

@@ -7,7 +7,7 @@ import types
 import pytest
 import torch
 
-from conftest import TINY_RUN, train_cli
+from run_helpers import TINY_RUN, train_cli
 
 
 def run_args(image_folder, tmp_path, *extra):

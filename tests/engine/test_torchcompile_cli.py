@@ -13,7 +13,7 @@ import json
 import pytest
 import torch
 
-from conftest import TINY_RUN, start_train, summary_rows, train_cli
+from run_helpers import TINY_RUN, start_train, summary_rows, train_cli
 from sequencer.cli import main
 from sequencer.models.loading import read_checkpoint
 

@@ -11,7 +11,7 @@ import pytest
 import torch
 import yaml
 
-from conftest import REPO, TINY_RUN, subprocess_env, summary_epochs, summary_rows, train_cli
+from run_helpers import REPO, TINY_RUN, subprocess_env, summary_epochs, summary_rows, train_cli
 from sequencer.models import create_model
 from sequencer.models.loading import read_checkpoint
 

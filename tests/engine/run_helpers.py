@@ -1,0 +1,69 @@
+"""Helpers of the training tests (tiny model flags, image folders, CLI runners, summary readers).
+
+A module of its own rather than conftest.py: two conftest modules (tests/engine, tests/models) share the module name
+``conftest``, so importing names from one breaks when pytest collects both folders in one run.
+"""
+from __future__ import annotations
+
+import csv
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+# sequencer2d_nano shrunk to a few thousand parameters: 16 px images, one block per stage
+TINY_MODEL = ["--model", "sequencer2d_nano", "--model-kwargs", "layers=(1,1)", "patch_sizes=(2,1)",
+              "embed_dims=(16,16)", "hidden_sizes=(4,4)", "mlp_ratios=(2,2)"]
+# the common part of every test run: CPU, no workers, quiet logs
+TINY_RUN = TINY_MODEL + ["--img-size", "16", "-b", "8", "-j", "0", "--log-interval", "1000", "--device", "cpu",
+                         "--opt", "adamw", "--lr", "3e-3", "--warmup-epochs", "0", "--hflip", "0"]
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def make_image_folder(root: Path, classes: dict[str, tuple[int, int, int]], n_train: int, n_val: int,
+                      size: int = 20, seed: int = 0) -> Path:
+    """root/{train,val}/<class>/<i>.png: noisy images of one base colour per class (learnable in an epoch)."""
+    rng = np.random.default_rng(seed)
+    for split, n in (("train", n_train), ("val", n_val)):
+        for name, colour in classes.items():
+            folder = root / split / name
+            folder.mkdir(parents=True, exist_ok=True)
+            for i in range(n):
+                noise = rng.integers(-40, 40, size=(size, size, 3))
+                pixels = np.clip(np.array(colour)[None, None] + noise, 0, 255).astype(np.uint8)
+                Image.fromarray(pixels).save(folder / f"{i}.png")
+    return root
+
+
+def train_cli(args: list[str]) -> int:
+    """`sequencer train ARGS` in this process (fast); returns the exit code."""
+    from sequencer.cli import main
+    return main(["train", *map(str, args)])
+
+
+def subprocess_env() -> dict:
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    env["PYTHONPATH"] = os.pathsep.join([str(REPO / "src"), env.get("PYTHONPATH", "")])
+    env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
+    return env
+
+
+def start_train(args: list[str], log: Path) -> subprocess.Popen:
+    """`python -m sequencer train ARGS` as a child process, stdout+stderr into ``log``."""
+    out = open(log, "w")
+    return subprocess.Popen([sys.executable, "-m", "sequencer", "train", *map(str, args)], stdout=out,
+                            stderr=subprocess.STDOUT, env=subprocess_env(), cwd=REPO)
+
+
+def summary_epochs(folder: Path) -> list[int]:
+    with open(folder / "summary.csv", newline="") as f:
+        return [int(r["epoch"]) for r in csv.DictReader(f)]
+
+
+def summary_rows(folder: Path) -> list[dict]:
+    with open(folder / "summary.csv", newline="") as f:
+        return list(csv.DictReader(f))
