@@ -125,6 +125,8 @@ def measure(name: str, args: argparse.Namespace) -> dict:
 def _probe_gemm_rates(report: dict) -> None:
     """Keep the best GEMM rate seen: probed before, between and after the timings (the load moves)."""
     for name, dtype in (("float32", torch.float32), ("bfloat16", torch.bfloat16)):
+        if dtype == torch.bfloat16 and not onednn_bf16_supported():
+            continue  # PyTorch's reference bf16 GEMM: minutes per probe, and no path here runs it
         report["gemm_gflops"][name] = max(report["gemm_gflops"][name], gemm_rate(dtype))
 
 
@@ -132,7 +134,7 @@ def _add_gemm_shares(report: dict) -> None:
     """Each path's model FLOP/s over the GEMM rate of its dtype (not for int8)."""
     for row in report["rows"].values():
         for key in [k for k in row if k.startswith("img_per_s_b")]:
-            if row["dtype"] in report["gemm_gflops"]:
+            if report["gemm_gflops"].get(row["dtype"]):
                 flops = 2 * report["gmacs"] * 1e9 * row[key]
                 row[key.replace("img_per_s", "gemm_share")] = flops / 1e9 / report["gemm_gflops"][row["dtype"]]
 
