@@ -8,6 +8,7 @@ import pytest
 
 from sequencer.engine import distributed
 from sequencer.engine.checkpoint import atomic_link_or_copy
+from sequencer.engine.config import RunState
 from sequencer.engine.outputs import make_output_dir as _make_output_dir
 from sequencer.fileio import STALE_TEMP_GLOB, current_umask, remove_stale_temporaries, write_atomically
 
@@ -65,7 +66,7 @@ def test_resuming_an_experiment_clears_a_killed_runs_temporary(tmp_path):
     stale = folder / ".last.pth.tar.k3x9_q.tmp"  # the name write_atomically gives (mkstemp's random part)
     stale.write_bytes(b"\0" * 1024)
     cfg = argparse.Namespace(output=str(tmp_path / "out"), experiment="exp", resume="auto")
-    assert _make_output_dir(cfg, distributed.DistInfo(), "sequencer2d_nano", 32) == folder
+    assert _make_output_dir(cfg, RunState(), distributed.DistInfo(), "sequencer2d_nano", 32) == folder
     assert not stale.exists() and (folder / "summary.csv").exists()
 
 

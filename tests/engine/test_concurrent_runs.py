@@ -56,6 +56,7 @@ def test_claim_of_a_live_run_is_refused_in_one_line(image_folder, tmp_path, caps
 def test_runs_without_experiment_in_the_same_second_get_their_own_folders(tmp_path, monkeypatch):
     from argparse import Namespace
     from sequencer.engine import outputs
+    from sequencer.engine.config import RunState
     from sequencer.engine.distributed import DistInfo
 
     class Frozen(outputs.datetime):
@@ -65,11 +66,15 @@ def test_runs_without_experiment_in_the_same_second_get_their_own_folders(tmp_pa
 
     monkeypatch.setattr(outputs, "datetime", Frozen)
     first = Namespace(output=str(tmp_path), experiment="", resume="")
-    folder = outputs.make_output_dir(first, DistInfo(), "m", 16)
+    first_state, second_state = RunState(), RunState()
+    folder = outputs.make_output_dir(first, first_state, DistInfo(), "m", 16)
     # the second run saw the name free a moment earlier: it must not share the first one's folder
     second = Namespace(output=str(tmp_path), experiment="", resume="")
     monkeypatch.setattr(outputs.Path, "exists", lambda self: self != folder and os.path.exists(self))
-    other = outputs.make_output_dir(second, DistInfo(), "m", 16)
+    other = outputs.make_output_dir(second, second_state, DistInfo(), "m", 16)
     assert folder.name == "20260101-120000-m-16" and other.name == "20260101-120000-m-16-1"
-    outputs.release_claim(first)
-    outputs.release_claim(second)
+    assert first_state.claim == str(folder / outputs.CLAIM_NAME)
+    assert second_state.claim == str(other / outputs.CLAIM_NAME)
+    outputs.release_claim(first_state)
+    outputs.release_claim(second_state)
+    assert not (folder / outputs.CLAIM_NAME).exists() and not (other / outputs.CLAIM_NAME).exists()

@@ -183,10 +183,11 @@ def test_digits_demo_reaches_96_percent(tmp_path):
 def test_a_warmup_filling_the_run_is_shortened(epochs, warmup, on_updates, expected):
     """timm's default 5 warmup epochs on a short run: a quarter of the run, never a lone per-epoch warmup epoch
     (stepped per epoch, warmup's first epoch runs entirely at --warmup-lr)."""
-    from sequencer.engine.config import TrainConfig, check_config
+    from sequencer.engine.config import RunState, TrainConfig, check_config
     cfg = TrainConfig(data="x", epochs=epochs, warmup_epochs=warmup, sched_on_updates=on_updates)
-    check_config(cfg)  # the note is kept for the start of the run (issue 19: never before a one-line error)
-    assert cfg._start_warnings[-1].endswith(f"using --warmup-epochs {expected}")
+    state = RunState()
+    check_config(cfg, state)  # the note is kept for the start of the run (issue 19: never before a one-line error)
+    assert state.start_warnings[-1].endswith(f"using --warmup-epochs {expected}")
     assert cfg.warmup_epochs == expected
 
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 import argparse
 import ast
 
-from ..engine.config import config_defaults, resolve_config
+from ..engine.config import RunState, config_defaults, resolve_config
 from ..engine.train import run_training
 from .common import add_torchcompile_argument, failure_reported_to_launcher
 
@@ -190,4 +190,5 @@ class _KeyValues(argparse.Action):
 def run(args: argparse.Namespace) -> int:
     with failure_reported_to_launcher():
         explicit = {k: v for k, v in vars(args).items() if k not in ("_module", "command")}
-        return run_training(resolve_config(explicit)).exit_code
+        state = RunState()
+        return run_training(resolve_config(explicit, state), state).exit_code

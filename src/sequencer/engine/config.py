@@ -19,6 +19,24 @@ from .library_flags import check_library_flags
 
 
 @dataclass
+class RunState:
+    """What one training run keeps beside its settings (never written to args.yaml or checkpoints).
+
+    ``given``: the settings the user chose (flags, keywords or ``--config``); a resume takes every other one from its
+    checkpoint. ``start_warnings``: notes held until the run starts (a later one-line error stays the only line).
+    ``quiet``: no progress bar. ``created_dirs``: folders this start created, innermost first, removed again while
+    empty when it fails. ``claim``: the experiment folder's claim file while the run holds it. ``wandb``: the
+    ``--log-wandb`` run, if any.
+    """
+    given: frozenset[str] = frozenset()
+    start_warnings: list[str] = field(default_factory=list)
+    quiet: bool = False
+    created_dirs: list[str] = field(default_factory=list)
+    claim: str | None = None
+    wandb: object | None = None
+
+
+@dataclass
 class TrainConfig:
     """One training run's settings; each field is the ``sequencer train`` flag of that name (``--drop-path`` is
     ``drop_path``), with the flag's default."""
@@ -158,9 +176,9 @@ DIGITS_DEFAULTS = dict(
 )
 
 
-def resolve_config(explicit: dict) -> TrainConfig:
+def resolve_config(explicit: dict, state: RunState | None = None) -> TrainConfig:
     """timm defaults < digits-demo defaults < ``--config`` YAML < ``explicit`` settings (the flags given), as one
-    config; ``_given`` on it names the settings the user chose (a resume takes every other one from its
+    config; ``state.given`` is set to the settings the user chose (a resume takes every other one from its
     checkpoint)."""
     check_keys(explicit, "train", "settings are train's flag names with underscores, e.g. drop_path")
     defaults = config_defaults()
@@ -186,18 +204,19 @@ def resolve_config(explicit: dict) -> TrainConfig:
         merged = {**defaults, **DIGITS_DEFAULTS, **from_yaml, **explicit}
     merged["data"] = merged.get("data") or merged.get("data_dir")
     cfg = TrainConfig(**merged)
-    # which settings the user chose (flags or --config): a resume takes every other one from its checkpoint
-    cfg._given = sorted(set(explicit) | set(from_yaml))
+    if state is not None:
+        state.given = frozenset(explicit) | frozenset(from_yaml)
     return cfg
 
 
-def check_config(cfg: TrainConfig) -> None:
-    """Refuse values that cannot work, naming the flag; shorten a warmup that would fill the run."""
+def check_config(cfg: TrainConfig, state: RunState) -> None:
+    """Refuse values that cannot work, naming the flag; shorten a warmup that would fill the run (said at the
+    start, through ``state``)."""
     resolve_device(cfg.device)
     _check_numbers(cfg)
     _check_sizes_and_files(cfg)
     if not cfg.resume:  # a resume checks it once the checkpoint's settings are known
-        shorten_warmup(cfg)
+        shorten_warmup(cfg, state)
 
 
 def _bad(flag, value, need):
@@ -269,7 +288,7 @@ def _check_sizes_and_files(cfg: TrainConfig) -> None:
         raise SequencerError(f"--initial-checkpoint {cfg.initial_checkpoint!r}: no such file")
 
 
-def shorten_warmup(cfg: TrainConfig) -> None:
+def shorten_warmup(cfg: TrainConfig, state: RunState) -> None:
     if cfg.warmup_epochs and cfg.warmup_epochs >= cfg.epochs:
         # timm's default 5 warmup epochs would keep a short run below --lr for its whole length. A quarter of the
         # run instead; but stepped per epoch, warmup spends its whole first epoch at --warmup-lr, so a 1-epoch
@@ -278,7 +297,6 @@ def shorten_warmup(cfg: TrainConfig) -> None:
         if shortened < 2 and not cfg.sched_on_updates:
             shortened = 0
         # said once the run starts: a later one-line error must stay the only line (issue 19)
-        cfg._start_warnings = [*getattr(cfg, "_start_warnings", []),
-                               f"--warmup-epochs {cfg.warmup_epochs} is not below --epochs {cfg.epochs}: the lr would "
-                               f"never leave warmup; using --warmup-epochs {shortened}"]
+        state.start_warnings.append(f"--warmup-epochs {cfg.warmup_epochs} is not below --epochs {cfg.epochs}: the "
+                                    f"lr would never leave warmup; using --warmup-epochs {shortened}")
         cfg.warmup_epochs = shortened

@@ -10,7 +10,7 @@ import signal
 import sys
 import time
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -57,6 +57,9 @@ class TrainingRun:
     loaders: Loaders
     opt: Optimization
     out: Outputs
+    ignored_classes: list[str] = field(default_factory=list)  # kept in checkpoints: validate leaves them out too
+    quiet: bool = False  # no progress bar
+    wandb: Any = None  # the --log-wandb run (rank 0)
 
 
 @dataclass
@@ -209,7 +212,7 @@ class _Progress:
     def __init__(self, run: TrainingRun, epoch: int, started: float):
         self.run, self.epoch, self.started = run, epoch, started
         self.bar = None
-        if run.info.is_primary and sys.stderr.isatty() and not getattr(run.cfg, "_quiet", False):
+        if run.info.is_primary and sys.stderr.isatty() and not run.quiet:
             from tqdm import tqdm
             self.bar = tqdm(total=run.loaders.steps_per_epoch, desc=f"epoch {epoch}/{run.opt.num_epochs - 1}",
                             leave=False, dynamic_ncols=True)
@@ -271,8 +274,8 @@ def save_epoch(run: TrainingRun, epoch: int, result: EpochResult, metrics: dict,
     state["summary_rows"] = [{k: str(v) for k, v in r.items()} for r in rows]
     is_best = run.out.manager.save_epoch(state, epoch, metric if math.isfinite(result.train_loss) else None)
     write_summary(run.out.summary_path, rows)
-    if getattr(run.cfg, "_wandb", None) is not None:  # --log-wandb
-        run.cfg._wandb.log({k: float(v) for k, v in rows[-1].items()}, step=epoch)
+    if run.wandb is not None:  # --log-wandb
+        run.wandb.log({k: float(v) for k, v in rows[-1].items()}, step=epoch)
     try:
         plot_summary(rows, run.out.folder / "summary.png")
     except Exception as e:  # a plotting problem must never stop training
@@ -324,8 +327,8 @@ def checkpoint_state(run: TrainingRun, epoch: int, complete: bool, step: int, me
     }
     if opt.model_ema is not None:
         state["state_dict_ema"] = opt.model_ema.module.state_dict()
-    if getattr(run.cfg, "_ignored_classes", None):
-        state["ignored_classes"] = list(run.cfg._ignored_classes)
+    if run.ignored_classes:
+        state["ignored_classes"] = list(run.ignored_classes)
     return state
 
 

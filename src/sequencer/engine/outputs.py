@@ -37,11 +37,11 @@ class Outputs:
         return self.folder / "summary.csv"
 
 
-def prepare_outputs(cfg, info: dist_utils.DistInfo, resume_path: str | None, resume_ckpt: dict | None,
+def prepare_outputs(cfg, state, info: dist_utils.DistInfo, resume_path: str | None, resume_ckpt: dict | None,
                     start_epoch: int, img_size: int) -> Outputs:
     """Create the experiment folder (nothing is written before this point), take over the resumed run's best
     checkpoints and summary rows when it continues in the same folder, and write ``args.yaml``."""
-    folder = make_output_dir(cfg, info, cfg.model, img_size)
+    folder = make_output_dir(cfg, state, info, cfg.model, img_size)
     manager = CheckpointManager(folder, max_history=cfg.checkpoint_hist, decreasing=cfg.eval_metric == "loss")
     if resume_ckpt is not None and Path(resume_path).resolve().parent == folder.resolve():
         # best metric and history belong to this folder's files; a resume into a new folder starts its own
@@ -137,12 +137,13 @@ def _holds_a_run(folder: Path) -> bool:
     return bool(read_summary(folder / "summary.csv"))
 
 
-def make_output_dir(cfg, info: dist_utils.DistInfo, model_name: str, img_size: int) -> Path:
+def make_output_dir(cfg, state, info: dist_utils.DistInfo, model_name: str, img_size: int) -> Path:
     """Pick (rank 0), create and claim the experiment folder; every rank gets the same path.
 
-    ``cfg._created_dirs`` lists the folders this call created (innermost first), so that a start that fails later
-    can remove them again while they are empty. The claim (`claim_folder`) makes "is this folder free?" and "it is
-    mine now" one atomic step: of two runs started together into one folder, the second is refused.
+    ``state.created_dirs`` (a :class:`~sequencer.engine.config.RunState`) lists the folders this call created
+    (innermost first), so that a start that fails later can remove them again while they are empty. The claim
+    (`claim_folder`) makes "is this folder free?" and "it is mine now" one atomic step: of two runs started
+    together into one folder, the second is refused.
     """
     folder = None
     if info.is_primary:
@@ -158,7 +159,7 @@ def make_output_dir(cfg, info: dist_utils.DistInfo, model_name: str, img_size: i
                 folder, n = root / f"{stem}-{n}", n + 1
         while True:
             try:
-                _create_and_claim(cfg, folder)
+                _create_and_claim(state, folder)
                 break
             except FolderInUse:
                 if cfg.experiment or cfg.resume:
@@ -172,18 +173,18 @@ def make_output_dir(cfg, info: dist_utils.DistInfo, model_name: str, img_size: i
     return Path(dist_utils.broadcast_object(folder, info))
 
 
-def _create_and_claim(cfg, folder: Path) -> None:
+def _create_and_claim(state, folder: Path) -> None:
     created = [folder, *folder.parents]
-    cfg._created_dirs = [str(f) for f in created[:next(i for i, f in enumerate(created) if f.exists())]]
+    state.created_dirs = [str(f) for f in created[:next(i for i, f in enumerate(created) if f.exists())]]
     try:
         folder.mkdir(parents=True, exist_ok=True)
         with tempfile.NamedTemporaryFile(dir=folder, prefix=".write-test-"):
             pass
     except OSError as e:
-        remove_if_empty(cfg)
+        remove_if_empty(state)
         raise SequencerError(f"output folder {str(folder)!r} is not writable ({e.strerror or e})",
                              hint="pass --output DIR somewhere you can write") from None
-    claim_folder(cfg, folder)
+    claim_folder(state, folder)
 
 
 class FolderInUse(SequencerError):
@@ -193,8 +194,8 @@ class FolderInUse(SequencerError):
 CLAIM_NAME = ".run.lock"  # "HOST PID" of the run writing into the folder; hidden, removed when the run ends
 
 
-def claim_folder(cfg, folder: Path) -> None:
-    """Make ``folder`` this run's (``cfg._claim``), atomically (O_EXCL); refuse it while another live run holds it.
+def claim_folder(state, folder: Path) -> None:
+    """Make ``folder`` this run's (``state.claim``), atomically (O_EXCL); refuse it while another live run holds it.
 
     A claim left by a run that was killed (its process is gone) is taken over, so ``--resume auto`` works after a
     SIGKILL. A claim from another host cannot be checked and is refused with the file to remove.
@@ -214,7 +215,7 @@ def claim_folder(cfg, folder: Path) -> None:
             continue
         with os.fdopen(fd, "w") as f:
             f.write(f"{socket.gethostname()} {os.getpid()}\n")
-        cfg._claim = str(path)
+        state.claim = str(path)
         return
     raise FolderInUse(f"experiment folder {str(folder)!r} is in use by another run starting now")
 
@@ -237,17 +238,16 @@ def _process_alive(pid: int) -> bool:
     return True
 
 
-def release_claim(cfg) -> None:
+def release_claim(state) -> None:
     """Remove this run's claim (at the end of the run, however it ends)."""
-    claim = getattr(cfg, "_claim", None)
-    if claim:
-        Path(claim).unlink(missing_ok=True)
-        cfg._claim = None
+    if state.claim:
+        Path(state.claim).unlink(missing_ok=True)
+        state.claim = None
 
 
-def remove_if_empty(cfg) -> None:
+def remove_if_empty(state) -> None:
     """Remove the folders this start created when a failure left them empty (no debris)."""
-    for folder in getattr(cfg, "_created_dirs", None) or []:
+    for folder in state.created_dirs:
         try:
             os.rmdir(folder)  # fails, as it should, when anything was written there
         except OSError:

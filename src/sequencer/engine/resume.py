@@ -53,12 +53,13 @@ def _names(names: list[str]) -> str:
     return shown + (", ..." if len(names) > 5 else "")
 
 
-def apply_resume_contract(cfg: TrainConfig, checkpoint: dict, path: str, train_classes: list[str]) -> list[str]:
+def apply_resume_contract(cfg: TrainConfig, given: frozenset[str], checkpoint: dict, path: str,
+                          train_classes: list[str]) -> list[str]:
     """Check the flags against the checkpoint, take the settings it keeps, and return the run's class names.
+    ``given``: the settings the user chose (the others come from the checkpoint).
 
     Raises SequencerError (one line naming both values) for a flag or training split that contradicts it.
     """
-    given = set(getattr(cfg, "_given", ()))
     saved = checkpoint.get("args") if isinstance(checkpoint.get("args"), dict) else {}
     arch = checkpoint.get("arch") or saved.get("model")
     if cfg.model and "model" in given and arch and cfg.model != arch:

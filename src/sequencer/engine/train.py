@@ -39,7 +39,7 @@ from .distributed import print_on_primary
 from . import timm_habits
 from .checkpoint import resume_position, set_rng_state
 from .train_data import TrainData, build_data
-from .config import TrainConfig, check_config, resolve_config
+from .config import RunState, TrainConfig, check_config, resolve_config
 from .loop import (Loaders, Optimization, StopRequest, TrainingRun, current_lr, evaluate_epoch, save_epoch,
                    save_recovery, train_one_epoch)
 from .outputs import plural, prepare_outputs, read_summary, release_claim, remove_if_empty, run_args
@@ -70,30 +70,32 @@ def train(data: str | os.PathLike | None = None, *, progress: bool = True, **con
     settings = {k: os.fspath(v) if isinstance(v, os.PathLike) else v for k, v in config.items()}
     if data is not None:
         settings["data"] = os.fspath(data)
-    cfg = resolve_config(settings)
-    cfg._quiet = not progress  # no progress bar either
+    state = RunState(quiet=not progress)  # no progress bar either
+    cfg = resolve_config(settings, state)
     with contextlib.nullcontext() if progress else contextlib.redirect_stdout(io.StringIO()):
-        return run_training(cfg)
+        return run_training(cfg, state)
 
 
-def run_training(cfg: TrainConfig) -> TrainResult:
+def run_training(cfg: TrainConfig, state: RunState | None = None) -> TrainResult:
     """Check ``cfg``, then run it in this process or as one rank of a torchrun launch; a failed run leaves no
-    empty experiment folder behind."""
-    check_config(cfg)
+    empty experiment folder behind. ``state``: from :func:`resolve_config` (without it no setting counts as the
+    user's choice, so a resume takes all of them from its checkpoint)."""
+    state = state if state is not None else RunState()
+    check_config(cfg, state)
     try:
         with dist_utils.process_group(cfg.device) as info:
-            return _train(cfg, info)
+            return _train(cfg, state, info)
     except BaseException:
-        release_claim(cfg)  # first: the claim file would keep a folder this start made from counting as empty
-        remove_if_empty(cfg)
+        release_claim(state)  # first: the claim file would keep a folder this start made from counting as empty
+        remove_if_empty(state)
         raise
     finally:
-        release_claim(cfg)
-        if getattr(cfg, "_wandb", None) is not None:
-            cfg._wandb.finish()
+        release_claim(state)
+        if state.wandb is not None:
+            state.wandb.finish()
 
 
-def _train(cfg, info: dist_utils.DistInfo) -> TrainResult:
+def _train(cfg, state: RunState, info: dist_utils.DistInfo) -> TrainResult:
     """The run, step by step. Data, model and settings are all checked before a file or folder is written."""
     from timm.utils import random_seed
 
@@ -101,7 +103,7 @@ def _train(cfg, info: dist_utils.DistInfo) -> TrainResult:
     random_seed(cfg.seed, info.rank)
     if cfg.input_size:
         cfg.in_chans, cfg.img_size = cfg.input_size[0], cfg.input_size[1]
-    data = build_data(cfg, info)
+    data = build_data(cfg, state, info)
     model = build_model(cfg, data, info.device)
     loaders = build_loaders(cfg, info, model, data)
     opt = build_optimization(cfg, info, model, loaders, data.num_classes)
@@ -110,13 +112,14 @@ def _train(cfg, info: dist_utils.DistInfo) -> TrainResult:
         print_on_primary(info, f"--resume {data.resume_path}: the run already finished its {opt.num_epochs} epochs; nothing to "
                    f"do (pass a larger --epochs to extend it)")
         return _result(cfg, Path(data.resume_path).parent, None, 0)
-    out = prepare_outputs(cfg, info, data.resume_path, data.resume_ckpt, start_epoch, loaders.img_size)
-    for message in [*getattr(cfg, "_start_warnings", []), *timm_habits.notes(cfg, info.device)]:
+    out = prepare_outputs(cfg, state, info, data.resume_path, data.resume_ckpt, start_epoch, loaders.img_size)
+    for message in [*state.start_warnings, *timm_habits.notes(cfg, info.device)]:
         if info.is_primary:
             warnings.warn(message)
-    cfg._wandb = timm_habits.start_wandb(cfg, run_args(cfg)) if info.is_primary else None
+    state.wandb = timm_habits.start_wandb(cfg, run_args(cfg)) if info.is_primary else None
     train_model, eval_model = wrap_model(cfg, info, model)
-    training = TrainingRun(cfg, info, model, train_model, eval_model, data.class_names, loaders, opt, out)
+    training = TrainingRun(cfg, info, model, train_model, eval_model, data.class_names, loaders, opt, out,
+                           ignored_classes=data.ignored_classes, quiet=state.quiet, wandb=state.wandb)
     _log_start(training, data, start_epoch)
 
     metrics = None

@@ -3,7 +3,7 @@ own), the head's size, and the checks that refuse or warn about class sets that 
 from __future__ import annotations
 
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from ..data.datasets import held_out_split, map_classes_by_name
@@ -22,9 +22,10 @@ class TrainData:
     num_classes: int  # the head's size: --num-classes, else the number of classes (a resumed model's own)
     resume_path: str = ""
     resume_ckpt: dict | None = None
+    ignored_classes: list[str] = field(default_factory=list)  # class folders a --class-map left out
 
 
-def build_data(cfg, info: dist_utils.DistInfo) -> TrainData:
+def build_data(cfg, state, info: dist_utils.DistInfo) -> TrainData:
     """The training and held-out splits, labelled by the class names (a resumed run's own), and the checkpoint
     to resume, if any."""
     from ..data import create_dataset
@@ -35,23 +36,23 @@ def build_data(cfg, info: dist_utils.DistInfo) -> TrainData:
     resume_ckpt = read_resume_checkpoint(resume_path) if resume_path else None
     class_names = list(train_set.class_names)
     if resume_ckpt is not None:
-        class_names = apply_resume_contract(cfg, resume_ckpt, resume_path, class_names)
-        shorten_warmup(cfg)
+        class_names = apply_resume_contract(cfg, state.given, resume_ckpt, resume_path, class_names)
+        shorten_warmup(cfg, state)
         map_classes_by_name(train_set, class_names, "the training split")
-    eval_set = _eval_split(cfg, info, dataset_kw, class_names)
+    eval_set = _eval_split(cfg, state.given, info, dataset_kw, class_names)
     num_classes = cfg.num_classes or len(class_names)
     if num_classes < len(class_names):
         raise SequencerError(f"--num-classes {num_classes} is smaller than the {len(class_names)} classes of the "
                              f"training data", hint=f"use --num-classes {len(class_names)} or drop it")
     check_classes(cfg, info, train_set, class_names, num_classes)
     # the class folders a --class-map left out: checkpoints keep them, so validate leaves them out too
-    cfg._ignored_classes = sorted(set(train_set.ignored_classes) | set(eval_set.ignored_classes))
+    ignored = sorted(set(train_set.ignored_classes) | set(eval_set.ignored_classes))
     if len(train_set) < cfg.batch_size * info.world_size:
         raise SequencerError(
             f"--batch-size {cfg.batch_size} is larger than the training split ({len(train_set)} images"
             f"{f' over {info.world_size} processes' if info.distributed else ''})",
             hint=f"use --batch-size {max(1, len(train_set) // info.world_size // 2 * 2)} or less")
-    return TrainData(train_set, eval_set, class_names, num_classes, resume_path, resume_ckpt)
+    return TrainData(train_set, eval_set, class_names, num_classes, resume_path, resume_ckpt, ignored)
 
 
 def check_classes(cfg, info, train_set, class_names: list[str], num_classes: int) -> None:
@@ -79,10 +80,10 @@ def _targets(dataset) -> list[int]:
     return [transform(t) for _, t in dataset.samples]
 
 
-def _eval_split(cfg, info, dataset_kw: dict, class_names: list[str]):
+def _eval_split(cfg, given: frozenset[str], info, dataset_kw: dict, class_names: list[str]):
     """The held-out split, its labels mapped by name onto the training classes (a missing class is reported)."""
     from ..data import create_dataset
-    if "val_split" not in getattr(cfg, "_given", ()) and cfg.dataset.lower() in ("", "folder", "image_folder"):
+    if "val_split" not in given and cfg.dataset.lower() in ("", "folder", "image_folder"):
         found = held_out_split(cfg.data, cfg.val_split)
         if found != cfg.val_split:
             print_on_primary(info, f"note: {cfg.data} has no {cfg.val_split!r} split: evaluating on {found!r}")
