@@ -169,3 +169,27 @@ def test_without_native_bf16_fast_and_amp_bf16_run_float32(tmp_path, monkeypatch
     assert got["top1"] == pytest.approx(ref_top1, abs=1e-3) and got["loss"] == pytest.approx(ref_loss, abs=1e-4)
     notes = [line for line in capsys.readouterr().err.splitlines() if "no native bf16 kernels" in line]
     assert len(notes) == (1 if "--amp-dtype" in flags else 0)
+
+
+def test_fast_on_two_threads_runs_streams_with_the_same_numbers(tmp_path, monkeypatch):
+    """--fast with 2 intra-op threads: each batch of 5 runs as two streams (3 + 2 images), and top-1 and loss are
+    the plain float32 model's."""
+    from sequencer.tools import optimize
+    monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: False)  # fp32: exact numbers
+    chunks = []
+    run_stream = optimize._run_stream
+    monkeypatch.setattr(optimize, "_run_stream",
+                        lambda m, x, t: (chunks.append((x.shape[0], t)), run_stream(m, x, t))[1])
+    _write_folder(tmp_path / "data" / "val")
+    model = _write_checkpoint(tmp_path / "ckpt.pth.tar", ["a", "b", "c"])
+    results = tmp_path / "r.json"
+    torch.set_num_threads(2)
+    try:
+        assert main(["validate", str(tmp_path / "data"), "--checkpoint", str(tmp_path / "ckpt.pth.tar"), "-b", "5",
+                     "--results-file", str(results), "-j", "0", "--fast"]) == 0
+    finally:
+        torch.set_num_threads(1)
+    ref_top1, ref_loss, _ = _reference(model, tmp_path / "data" / "val", {"a": 0, "b": 1, "c": 2})
+    got = json.loads(results.read_text())
+    assert got["top1"] == pytest.approx(ref_top1, abs=1e-3) and got["loss"] == pytest.approx(ref_loss, abs=1e-4)
+    assert chunks and all(threads == 1 for _, threads in chunks) and (3, 1) in chunks
