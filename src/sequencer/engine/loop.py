@@ -19,7 +19,7 @@ from torch import nn
 from ..errors import SequencerError
 from . import distributed as dist_utils
 from .checkpoint import CHECKPOINT_VERSION, get_rng_state
-from .config import TrainConfig
+from .config import RunState, TrainConfig
 from .outputs import Outputs, plain, plot_summary, run_args, write_summary
 
 
@@ -58,8 +58,7 @@ class TrainingRun:
     opt: Optimization
     out: Outputs
     ignored_classes: list[str] = field(default_factory=list)  # kept in checkpoints: validate leaves them out too
-    quiet: bool = False  # no progress bar
-    wandb: Any = None  # the --log-wandb run (rank 0)
+    state: RunState = field(default_factory=RunState)  # the run's bookkeeping: quiet (no progress bar), wandb
 
 
 @dataclass
@@ -212,7 +211,7 @@ class _Progress:
     def __init__(self, run: TrainingRun, epoch: int, started: float):
         self.run, self.epoch, self.started = run, epoch, started
         self.bar = None
-        if run.info.is_primary and sys.stderr.isatty() and not run.quiet:
+        if run.info.is_primary and sys.stderr.isatty() and not run.state.quiet:
             from tqdm import tqdm
             self.bar = tqdm(total=run.loaders.steps_per_epoch, desc=f"epoch {epoch}/{run.opt.num_epochs - 1}",
                             leave=False, dynamic_ncols=True)
@@ -274,8 +273,8 @@ def save_epoch(run: TrainingRun, epoch: int, result: EpochResult, metrics: dict,
     state["summary_rows"] = [{k: str(v) for k, v in r.items()} for r in rows]
     is_best = run.out.manager.save_epoch(state, epoch, metric if math.isfinite(result.train_loss) else None)
     write_summary(run.out.summary_path, rows)
-    if run.wandb is not None:  # --log-wandb
-        run.wandb.log({k: float(v) for k, v in rows[-1].items()}, step=epoch)
+    if run.state.wandb is not None:  # --log-wandb
+        run.state.wandb.log({k: float(v) for k, v in rows[-1].items()}, step=epoch)
     try:
         plot_summary(rows, run.out.folder / "summary.png")
     except Exception as e:  # a plotting problem must never stop training

@@ -5,6 +5,7 @@ Everything is written atomically; a start that fails before its first write remo
 from __future__ import annotations
 
 import csv
+import dataclasses
 import io
 import os
 import socket
@@ -67,8 +68,8 @@ def plural(n: int, word: str, words: str | None = None) -> str:
 
 
 def run_args(cfg) -> dict:
-    """The run's settings as written to args.yaml and into checkpoints (without private bookkeeping)."""
-    return plain({k: v for k, v in vars(cfg).items() if not k.startswith("_")})
+    """The run's settings (a TrainConfig's fields) as written to args.yaml and into checkpoints."""
+    return plain({f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg)})
 
 
 def plain(value):

@@ -119,7 +119,7 @@ def _train(cfg, state: RunState, info: dist_utils.DistInfo) -> TrainResult:
     state.wandb = timm_habits.start_wandb(cfg, run_args(cfg)) if info.is_primary else None
     train_model, eval_model = wrap_model(cfg, info, model)
     training = TrainingRun(cfg, info, model, train_model, eval_model, data.class_names, loaders, opt, out,
-                           ignored_classes=data.ignored_classes, quiet=state.quiet, wandb=state.wandb)
+                           ignored_classes=data.ignored_classes, state=state)
     _log_start(training, data, start_epoch)
 
     metrics = None
