@@ -16,8 +16,9 @@ TINY = dict(layers=(1, 1, 1), embed_dims=(16, 16, 16), hidden_sizes=(4, 4, 4))
 MEAN, STD = (0.4, 0.5, 0.6), (0.3, 0.2, 0.25)
 
 
-def _write_checkpoint(path, class_names, img_size=8, seed=0):
-    """A checkpoint as `sequencer train` writes it (contract 1), with a random (not zero-initialised) head."""
+def _write_checkpoint(path, class_names, img_size=8, seed=0, data=None):
+    """A checkpoint as `sequencer train` writes it (contract 1), with a random (not zero-initialised) head;
+    ``data``: its record of the data it was trained on (none by default)."""
     torch.manual_seed(seed)
     model = create_model("sequencer2d_nano", num_classes=len(class_names), img_size=img_size, **TINY)
     torch.nn.init.normal_(model.head.fc.weight, std=2.0)
@@ -28,6 +29,7 @@ def _write_checkpoint(path, class_names, img_size=8, seed=0):
         "data_config": {"mean": list(MEAN), "std": list(STD), "crop_pct": 1.0, "interpolation": "bilinear",
                         "img_size": img_size},
         "state_dict": model.state_dict(), "epoch": 3, "metric": None, "args": {},
+        **({"data": data} if data else {}),
     }, path)
     return model.eval()
 
@@ -94,7 +96,9 @@ def test_paper_style_flags_and_csv_results(tmp_path):
 
 
 def test_validate_defaults_to_embedded_digits(tmp_path):
-    _write_checkpoint(tmp_path / "digits.pth.tar", [str(i) for i in range(10)])
+    """Without DATA, a digits checkpoint is evaluated on the digits' val split (a folder one: test_checkpoint_data)."""
+    _write_checkpoint(tmp_path / "digits.pth.tar", [str(i) for i in range(10)],
+                      data={"dataset": "digits", "root": None, "split": "validation"})
     results = tmp_path / "r.json"
     assert main(["validate", "--checkpoint", str(tmp_path / "digits.pth.tar"), "-b", "120",
                  "--results-file", str(results)]) == 0
@@ -114,7 +118,7 @@ def test_dataset_with_some_of_the_checkpoint_classes_is_mapped_by_name(tmp_path)
 
 
 @pytest.mark.parametrize("extra, message", [
-    ([], "has a 3-class head but digits/val has 10 classes"),
+    ([], "does not record the data it was trained on: DATA is needed"),
     (["--results-file", "out.txt"], "unknown format"),
     (["{tmp}/missing"], "does not exist"),
     (["{tmp}/data", "--split", "test"], "splits found: train"),

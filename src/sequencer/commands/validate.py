@@ -4,7 +4,8 @@
 The paper's ``python validate.py /path/to/imagenet --model sequencer2d_s -b 16 --input-size 3 224 224 --amp`` is
 ``sequencer validate /path/to/imagenet --model sequencer2d_s -b 16 --input-size 3 224 224 --amp``; as in timm, a
 model name without ``--checkpoint`` evaluates its released weights. With no DATA it
-validates on the embedded digits val split. A checkpoint written by ``sequencer train`` carries its model name,
+evaluates the held-out split the checkpoint records it was trained on (the digits for a digits run), and says in
+one line that DATA is needed where the checkpoint records none or that data is gone. A checkpoint written by ``sequencer train`` carries its model name,
 class names and preprocessing, and is evaluated with the same loader and loop as training's eval phase, so it
 reproduces the eval_top1 training logged. Under ``torchrun`` each process evaluates a disjoint share. ``--onnx PATH``
 evaluates an exported ONNX file (fp32 or int8) under onnxruntime with the preprocessing and class names it stores.
@@ -30,7 +31,7 @@ RESULT_FORMATS = (".json", ".csv")
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("data", nargs="?", default=None, metavar="DATA",
                         help="dataset folder (DATA/SPLIT/CLASS/IMAGE), .tar, or torchvision root "
-                             "(default: the embedded digits)")
+                             "(default: the data the checkpoint was trained on)")
     g = parser.add_argument_group("data")
     g.add_argument("--dataset", default="", metavar="NAME",
                    help="'' image folders or tar, 'digits', or torch/NAME (torch/cifar10, torch/flowers102, ...)")

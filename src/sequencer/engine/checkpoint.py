@@ -11,8 +11,8 @@ Files in an experiment folder (as timm's ``CheckpointSaver`` names them):
   ``recovery.pth.tar``        written on SIGTERM/SIGINT in the middle of an epoch (removed once the epoch ends)
 
 Checkpoint dict (contract shared with validate/predict/...; every value is ``weights_only``-loadable):
-``version, arch, model_kwargs, class_names, data_config, state_dict, [state_dict_ema], optimizer, scheduler,
-scaler, epoch, metric, args, rng_state`` plus our own bookkeeping: ``epoch_complete`` (False for a recovery
+``version, arch, model_kwargs, class_names, data_config, data, state_dict, [state_dict_ema], optimizer,
+scheduler, scaler, epoch, metric, args, rng_state`` (``data``: the dataset trained on, see data_record.py) plus our own bookkeeping: ``epoch_complete`` (False for a recovery
 file: the epoch is re-run on resume), ``step``, ``best_metric``, ``best_epoch``, ``checkpoint_history``.
 """
 from __future__ import annotations

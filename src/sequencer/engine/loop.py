@@ -20,6 +20,7 @@ from ..errors import SequencerError
 from . import distributed as dist_utils
 from .checkpoint import CHECKPOINT_VERSION, get_rng_state
 from .config import RunState, TrainConfig
+from .data_record import data_record
 from .outputs import Outputs, plain, plot_summary, run_args, write_summary
 
 
@@ -313,6 +314,7 @@ def checkpoint_state(run: TrainingRun, epoch: int, complete: bool, step: int, me
         "model_kwargs": plain(model.model_kwargs),
         "class_names": list(run.class_names),
         "data_config": plain(run.loaders.data_config),
+        "data": data_record(run.cfg),
         "state_dict": model.state_dict(),
         "optimizer": opt.optimizer.state_dict(),
         "scheduler": opt.scheduler.state_dict() if opt.scheduler is not None else None,

@@ -19,6 +19,7 @@ from ..models import get_model_entry
 from ..models.kernels import native_dtype
 from .distributed import DistInfo, process_group
 from .evaluate import evaluate
+from .data_record import recorded_data
 from .inference import LoadedModel, check_input_size, label_with_model_classes, load_model
 
 AMP_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -35,26 +36,33 @@ def validate(checkpoint: str | os.PathLike = "", data: str | os.PathLike | None 
     """Top-1/top-5 accuracy (percent), errors, mean loss and throughput of a model on a dataset split, as
     ``sequencer validate`` computes and prints them; returns the dict its ``--results-file`` holds.
 
-    Arguments are the command's flags with underscores. ``data=None`` (and no ``dataset``) is the embedded digits
-    val split; a folder without ``split`` is evaluated on its held-out split found by name, as training does. A
+    Arguments are the command's flags with underscores. ``data=None`` (and no ``dataset``) is the held-out split
+    the checkpoint records it was trained on (its ``data`` entry: the digits for a digits run; a one-line error
+    when it records none or its folder is gone); a folder without ``split`` is evaluated on its held-out split found by name, as training does. A
     ``model`` name without a checkpoint evaluates its released weights (``pretrained``), as timm's validate.py.
     ``prepare`` transforms the loaded model before it runs (the command's ``--fast``:
     ``sequencer.optimize_for_inference``); ``torchcompile`` names a torch.compile backend to run it with.
     ``progress=False`` prints nothing. ``load`` replaces how the model is built (the command's ``--onnx``).
     """
     data = os.fspath(data) if data is not None else None
-    dataset = dataset or ("" if data else "digits")
     with process_group(device) as dist_info:
         with contextlib.nullcontext() if progress else contextlib.redirect_stdout(io.StringIO()):
-            # the data first: a missing folder should not wait for (or download) the model's weights
-            split_set = _dataset(data, dataset, split, class_map, dataset_download, dist_info)
             if load is None:
                 pretrained = _pretrained_by_default(model, checkpoint, pretrained, dist_info)
-                loaded = load_model(checkpoint, model=model, pretrained=pretrained, num_classes=num_classes,
-                                    img_size=img_size, input_size=input_size, use_ema=use_ema,
-                                    device=dist_info.device)
-            else:
-                loaded = load(dist_info.device)
+
+            def load_the_model() -> LoadedModel:
+                if load is not None:
+                    return load(dist_info.device)
+                return load_model(checkpoint, model=model, pretrained=pretrained, num_classes=num_classes,
+                                  img_size=img_size, input_size=input_size, use_ema=use_ema, device=dist_info.device)
+
+            if data is None and not dataset:  # the data the checkpoint was trained on, known once it is read
+                loaded = load_the_model()
+                data, dataset, split = _checkpoint_data(loaded, checkpoint, split, dist_info)
+                split_set = _dataset(data, dataset, split, class_map, dataset_download, dist_info)
+            else:  # the data first: a missing folder should not wait for (or download) the model's weights
+                split_set = _dataset(data, dataset, split, class_map, dataset_download, dist_info)
+                loaded = load_the_model()
             overrides = dict(mean=mean, std=std, crop_pct=crop_pct, interpolation=interpolation)
             dtype = _amp_dtype(amp, amp_dtype, dist_info.device)
             if prepare is not None:
@@ -68,6 +76,18 @@ def validate(checkpoint: str | os.PathLike = "", data: str | os.PathLike | None 
             if dist_info.is_primary:
                 print_results(results)
     return results
+
+
+def _checkpoint_data(loaded: LoadedModel, checkpoint, split: str, dist_info: DistInfo) -> tuple:
+    """(DATA, --dataset, --split) of the data the loaded checkpoint records (its held-out split unless ``split``
+    names another)."""
+    source = f"checkpoint {os.fspath(checkpoint)!r}" if checkpoint else f"model {loaded.name}"
+    recorded = recorded_data(loaded.checkpoint, source)
+    split = recorded.split if split == "validation" else split
+    if dist_info.is_primary:
+        print(f"note: no DATA given: evaluating on the data {source} was trained on "
+              f"({recorded.root or recorded.dataset}, split {split!r})")
+    return recorded.root, recorded.dataset, split
 
 
 def _dataset(data, dataset: str, split: str, class_map: str, download: bool, dist_info: DistInfo):

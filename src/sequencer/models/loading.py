@@ -143,7 +143,8 @@ def extract_state_dict(checkpoint: dict, use_ema: bool = True) -> dict[str, torc
 
 
 # The model config a checkpoint carries besides its weights (training contract); all JSON-serialisable.
-CONFIG_KEYS = ("arch", "model_kwargs", "class_names", "data_config", "ignored_classes")
+# ``data``: the dataset it was trained and evaluated on (sequencer.engine.data_record).
+CONFIG_KEYS = ("arch", "model_kwargs", "class_names", "data_config", "ignored_classes", "data")
 
 
 def checkpoint_metadata(checkpoint: dict | None) -> dict:
