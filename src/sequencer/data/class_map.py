@@ -55,3 +55,10 @@ def load_class_map(path: str, root: str | None = None) -> dict[str, int]:
     if indices != list(range(len(pairs))):
         raise SequencerError(f"class map {path!r}: indices must be 0..{len(pairs) - 1}, each used once")
     return dict(pairs)
+
+
+def positions_by_name(names: list[str], into: list[str]) -> list[int | None]:
+    """For each of ``names``, its index in ``into`` (None where ``into`` lacks it): the one rule by which a split's
+    classes, or a classifier's rows, follow another list of class names."""
+    index = {name: i for i, name in enumerate(into)}
+    return [index.get(name) for name in names]

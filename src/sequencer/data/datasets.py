@@ -20,7 +20,7 @@ from PIL import Image
 from ..errors import SequencerError
 from .class_folders import (IMAGE_EXTENSIONS, SPLIT_NAMES, SPLIT_SYNONYMS, class_of,  # noqa: F401  (re-exported)
                             split_aliases, split_prefix_in_tar, tar_members, walk_images)
-from .class_map import load_class_map  # noqa: F401  (re-exported)
+from .class_map import load_class_map, positions_by_name  # noqa: F401  (load_class_map re-exported)
 from .images import READ_ERRORS, UnreadableImageError, load_image, to_rgb  # noqa: F401  (re-exported)
 
 _logger = logging.getLogger(__name__)
@@ -444,13 +444,12 @@ def map_classes_by_name(dataset: ClassificationDataset, class_names: list[str], 
     own = list(dataset.class_names)
     if own == list(class_names):
         return []
-    index = {name: i for i, name in enumerate(class_names)}
-    unknown = [name for name in own if name not in index]
+    mapping = positions_by_name(own, list(class_names))
+    unknown = [name for name, i in zip(own, mapping) if i is None]
     if unknown:
         shown = ", ".join(unknown[:5]) + (", ..." if len(unknown) > 5 else "")
         raise SequencerError(f"{what} ({dataset.description}) has {len(unknown)} class(es) the model was not trained "
                              f"on: {shown}", hint="remove those class folders, or pass a --class-map of the classes")
-    mapping = [index[name] for name in own]
     after = dataset.target_transform
     dataset.target_transform = (_RemapTargets(mapping) if after is None
                                 else _Chain(_RemapTargets(mapping), after))

@@ -33,11 +33,12 @@ from torch import nn
 
 from ..errors import SequencerError
 from ..models import create_model, get_model_entry
-from ..models.loading import extract_state_dict, load_state_dict_into, read_checkpoint
+from ..models.loading import checkpoint_metadata, extract_state_dict, load_state_dict_into, read_checkpoint
 from . import distributed as dist_utils
 from .distributed import print_on_primary
 from . import timm_habits
 from .checkpoint import resume_position, set_rng_state
+from .head_by_name import head_rows_by_name
 from .train_data import TrainData, build_data
 from .config import RunState, TrainConfig, check_config, resolve_config
 from .loop import (Loaders, Optimization, StopRequest, TrainingRun, current_lr, evaluate_epoch, save_epoch,
@@ -167,7 +168,10 @@ def build_model(cfg, data: TrainData, device: torch.device) -> nn.Module:
         state = extract_state_dict(init_meta)
         if not state:
             raise SequencerError(f"--initial-checkpoint {cfg.initial_checkpoint!r} holds no weights")
-        load_state_dict_into(model, state, source=f"--initial-checkpoint {cfg.initial_checkpoint!r}")
+        source = f"--initial-checkpoint {cfg.initial_checkpoint!r}"
+        state = head_rows_by_name(state, checkpoint_metadata(init_meta).get("class_names"), data.class_names,
+                                  model, source)
+        load_state_dict_into(model, state, source=source)
     if data.resume_ckpt is not None:
         load_state_dict_into(model, extract_state_dict(data.resume_ckpt, use_ema=False),
                              source=f"--resume {data.resume_path!r}")

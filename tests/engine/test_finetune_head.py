@@ -1,0 +1,51 @@
+"""Fine-tuning from a checkpoint with class names: the classifier's rows follow the names (issue 27, item 4)."""
+from __future__ import annotations
+
+import logging
+
+import torch
+from run_helpers import TINY_RUN, summary_rows, train_cli
+
+
+def _head(path):
+    state = torch.load(path, weights_only=True)["state_dict"]
+    return state["head.fc.weight"], state["head.fc.bias"]
+
+
+def test_initial_checkpoint_rows_follow_a_reordered_class_map(image_folder, tmp_path, caplog):
+    """`--initial-checkpoint` of a (blue, green, red) run with a --class-map listing red, green, blue at lr 1e-9:
+    each class keeps its own row, so the run scores what the checkpoint scored, with a WARNING saying so."""
+    first = [image_folder, *TINY_RUN, "--epochs", "1", "--output", tmp_path, "--experiment", "a"]
+    assert train_cli(first) == 0
+    source = tmp_path / "a" / "last.pth.tar"
+    (tmp_path / "map.txt").write_text("red\ngreen\nblue\n")
+    again = [image_folder, *TINY_RUN, "--epochs", "1", "--lr", "1e-9", "--weight-decay", "0", "-j", "2",
+             "--initial-checkpoint", source, "--class-map", tmp_path / "map.txt", "--output", tmp_path,
+             "--experiment", "b"]
+    with caplog.at_level(logging.WARNING, logger="sequencer"):
+        assert train_cli(again) == 0
+    assert "the classifier's rows follow the class names: 2 row(s) reordered" in caplog.text
+
+    weight, bias = _head(source)  # rows in folder order: blue, green, red
+    tuned_weight, tuned_bias = _head(tmp_path / "b" / "last.pth.tar")  # rows in map order: red, green, blue
+    torch.testing.assert_close(tuned_weight, weight[[2, 1, 0]], atol=1e-6, rtol=0)
+    torch.testing.assert_close(tuned_bias, bias[[2, 1, 0]], atol=1e-6, rtol=0)
+    assert summary_rows(tmp_path / "b")[0]["eval_top1"] == summary_rows(tmp_path / "a")[0]["eval_top1"]
+
+
+def test_rows_of_classes_the_run_lacks_are_dropped_with_a_warning(image_folder, tmp_path, caplog):
+    """A (blue, green, red) checkpoint fine-tuned on a map of (green, purple): green keeps its row, purple starts
+    fresh (the model's zero row), blue and red are dropped, and the warning names them."""
+    assert train_cli([image_folder, *TINY_RUN, "--epochs", "1", "--output", tmp_path, "--experiment", "a"]) == 0
+    source = tmp_path / "a" / "last.pth.tar"
+    (tmp_path / "map.txt").write_text("green\npurple\n")
+    again = [image_folder, *TINY_RUN, "--epochs", "1", "--lr", "1e-9", "--weight-decay", "0",
+             "--initial-checkpoint", source, "--class-map", tmp_path / "map.txt", "--output", tmp_path,
+             "--experiment", "b"]
+    with caplog.at_level(logging.WARNING, logger="sequencer"):
+        assert train_cli(again) == 0
+    assert "dropped the rows of blue, red" in caplog.text and "purple start(s) from a fresh row" in caplog.text
+    weight, _ = _head(source)
+    tuned_weight, _ = _head(tmp_path / "b" / "last.pth.tar")
+    torch.testing.assert_close(tuned_weight[0], weight[1], atol=1e-6, rtol=0)
+    assert tuned_weight[1].abs().max() < 1e-6  # purple: fresh, zero-initialised
