@@ -1,13 +1,14 @@
 """Sequencer: deep-LSTM vision backbones (Tatsunami & Taki, NeurIPS 2022).
 
 The library under the ``sequencer`` command: :func:`create_model` builds a model, :func:`train` trains one as
-``sequencer train`` does and :func:`validate` evaluates one as ``sequencer validate`` does.
+``sequencer train`` does and :func:`validate` evaluates one as ``sequencer validate`` does; :func:`create_backbone`
+builds a stride 4-32 feature pyramid for torchvision's detectors.
 """
 from .errors import SequencerError
 from .models import create_model, list_models
 
 __version__ = "0.1.0"
-__all__ = ["create_model", "list_models", "train", "validate", "TrainResult", "TrainConfig", "optimize_for_inference",
+__all__ = ["create_model", "create_backbone", "list_models", "train", "validate", "TrainResult", "TrainConfig", "optimize_for_inference",
            "SequencerError", "__version__"]
 
 # imported on first use: they pull in the training, evaluation and inference tooling
@@ -17,6 +18,7 @@ _LAZY = {
     "TrainConfig": ("sequencer.engine.config", "TrainConfig"),
     "validate": ("sequencer.engine.validation", "validate"),
     "optimize_for_inference": ("sequencer.tools.optimize", "optimize_for_inference"),
+    "create_backbone": ("sequencer.models.backbone", "create_backbone"),
 }
 
 

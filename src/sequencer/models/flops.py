@@ -4,6 +4,7 @@
 ``nn.Linear`` and recurrent layer (``nn.LSTM``/``nn.GRU``/``nn.RNN``) and adds up their multiply-adds:
 
 * Conv2d: ``out_elements * in_channels / groups * kh * kw``
+* ConvTranspose2d (the detection backbone's pyramid): ``in_elements * out_channels / groups * kh * kw``
 * Linear: ``tokens * in_features * out_features``
 * RNN2d's mixing ``fc``: counted as a Linear on the block's tokens also when the fused forward applies its
   weight with functional ops instead of calling the module (so no Linear hook fires)
@@ -94,6 +95,9 @@ def count_macs(model: nn.Module, input_size: Sequence[int] = (3, 224, 224)) -> i
         calls[m] = calls.get(m, 0) + 1
         counts.append(layer_macs(m, output))
 
+    def transposed_conv_hook(m: nn.ConvTranspose2d, inputs, output):  # each input element meets the whole kernel
+        counts.append(inputs[0].numel() * (m.out_channels // m.groups) * math.prod(m.kernel_size))
+
     def rnn_hook(m: nn.RNNBase, inputs, output):
         counts.append(rnn_macs(m, *_sequence_shape(m, inputs[0])))
 
@@ -114,6 +118,8 @@ def count_macs(model: nn.Module, input_size: Sequence[int] = (3, 224, 224)) -> i
             handles.append(m.register_forward_hook(parent_hook))
         if isinstance(m, (nn.Conv2d, nn.Linear)):
             handles.append(m.register_forward_hook(layer_hook))
+        elif isinstance(m, nn.ConvTranspose2d):
+            handles.append(m.register_forward_hook(transposed_conv_hook))
         elif isinstance(m, nn.RNNBase):
             _rnn_gates(m)  # fail early on an RNN type we cannot count
             handles.append(m.register_forward_hook(rnn_hook))

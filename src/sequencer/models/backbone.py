@@ -1,0 +1,165 @@
+"""``create_backbone``: a Sequencer as a detection/segmentation backbone giving maps at strides 4, 8, 16 and 32.
+
+Sequencer2D's stages run at strides 7, 14, 14, 14 (S/M/L): after the first stage the network is *plain*, one
+resolution, like a ViT. So the pyramid is a simple feature pyramid in the manner of ViTDet (Li et al., "Exploring
+Plain Vision Transformer Backbones for Object Detection", 2022), built from the last stage alone:
+
+1. the input is zero-padded on the right and bottom to a multiple of the trunk's stride ``r`` (14), far enough that
+   the coarsest level covers the image (as torchvision's GeneralizedRCNNTransform pads to multiples of 32);
+2. the trunk's final, LayerNormed map (stride ``r``) is resampled bilinearly by ``r / b`` onto the nearest
+   power-of-two stride ``b`` (14 -> 16: a 0.875x resize; the sampling grid is exact, cell centres at (i + 1/2) * b
+   pixels); a trunk whose stride is already a power of two (``sequencer2d_nano``: 4) is not resampled;
+3. each level rescales that map by a power of two, up with 2x2 stride-2 transposed convolutions (halving the
+   channels, LayerNorm + GELU between two of them), down with 2x2 max pooling, is cropped to ceil(side / stride)
+   cells (ResNet's sizes for any input) and projected to ``out_channels`` by a 1x1 and a 3x3 convolution, each
+   followed by a channel LayerNorm.
+
+Why this design: an FPN over the stages would have only two distinct resolutions to merge (7 and 14), and ViTDet
+showed that for a plain backbone a simple pyramid from the last map matches an FPN. Strides 4/8/16/32 cannot be
+reached from 14 by padding (14 divides no power of two) and resizing the *input* by 7/8 would throw away an eighth
+of the image's resolution before the trunk sees it; resampling the feature map keeps the trunk at full resolution
+and costs one cheap interpolation. Measured cost: docs/detection.md.
+
+``forward`` returns an ``OrderedDict`` ``"0".."n-1"`` (one per ``strides`` entry) plus what ``extra_blocks`` adds:
+``"pool"`` (stride 64, torchvision's LastLevelMaxPool, what FasterRCNN/MaskRCNN's default anchors expect) by default.
+"""
+from __future__ import annotations
+
+import math
+from collections import OrderedDict
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..errors import SequencerError
+from .registry import create_model
+
+
+def _layer_norm_2d(channels: int) -> nn.Module:
+    from timm.layers import LayerNorm2d  # LayerNorm over the channels of an NCHW map
+    return LayerNorm2d(channels, eps=1e-6)
+
+
+def _rescale(channels: int, factor: float) -> tuple[nn.Module, int]:
+    """(module, output channels) resizing an NCHW map by ``factor`` (a power of two): transposed convolutions up,
+    max pooling down."""
+    if factor <= 1:
+        return (nn.MaxPool2d(round(1 / factor), round(1 / factor)) if factor < 1 else nn.Identity()), channels
+    layers = []
+    for i in range(round(math.log2(factor))):
+        if i:
+            layers += [_layer_norm_2d(channels), nn.GELU()]
+        layers.append(nn.ConvTranspose2d(channels, max(channels // 2, 1), 2, 2))
+        channels = max(channels // 2, 1)
+    return nn.Sequential(*layers), channels
+
+
+class PyramidLevel(nn.Module):
+    """One output level: rescale the base map by ``factor``, crop to ``size``, project to ``out_channels``.
+
+    (B, C, h, w) -> (B, out_channels, size[0], size[1]).
+    """
+
+    def __init__(self, in_channels: int, out_channels: int, factor: float):
+        super().__init__()
+        self.rescale, channels = _rescale(in_channels, factor)
+        self.project = nn.Sequential(
+            nn.Conv2d(channels, out_channels, 1, bias=False), _layer_norm_2d(out_channels),
+            nn.Conv2d(out_channels, out_channels, 3, padding=1, bias=False), _layer_norm_2d(out_channels))
+
+    def forward(self, x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+        x = self.rescale(x)[:, :, :size[0], :size[1]]
+        return self.project(x)
+
+
+def _check_strides(strides: Sequence[int]) -> tuple[int, ...]:
+    strides = tuple(int(s) for s in strides)
+    if not strides or any(s < 1 or s & (s - 1) for s in strides) or list(strides) != sorted(set(strides)):
+        raise SequencerError(f"strides={strides}: give increasing powers of two, e.g. (4, 8, 16, 32)")
+    return strides
+
+
+class SequencerBackbone(nn.Module):
+    """A Sequencer trunk with a simple feature pyramid (see the module docstring), torchvision's backbone convention.
+
+    Input (B, 3, H, W), any H and W. Output: ``OrderedDict`` of (B, out_channels, ceil(H/s), ceil(W/s)) for each
+    ``s`` in ``strides`` under keys "0", "1", ..., then the ``extra_blocks`` levels. ``out_channels`` and ``strides``
+    are attributes; ``trunk`` is the headless classification model.
+    """
+
+    def __init__(self, trunk: nn.Module, out_channels: int = 256, strides: Sequence[int] = (4, 8, 16, 32),
+                 extra_blocks: nn.Module | str | None = "pool"):
+        super().__init__()
+        self.strides = _check_strides(strides)
+        self.trunk = trunk
+        self.trunk_stride = trunk.reduction
+        self.base_stride = 2 ** round(math.log2(self.trunk_stride))
+        self.out_channels = out_channels
+        self.levels = nn.ModuleList(PyramidLevel(trunk.num_features, out_channels, self.base_stride / s)
+                                    for s in self.strides)
+        if extra_blocks == "pool":
+            from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
+            extra_blocks = LastLevelMaxPool()
+        elif isinstance(extra_blocks, str):
+            raise SequencerError(f"extra_blocks={extra_blocks!r}: use 'pool', None or a torchvision ExtraFPNBlock")
+        self.extra_blocks = extra_blocks
+        self._init_pyramid()
+
+    def _init_pyramid(self) -> None:
+        for m in self.levels.modules():  # as torchvision's FPN
+            if isinstance(m, (nn.Conv2d, nn.ConvTranspose2d)):
+                nn.init.kaiming_uniform_(m.weight, a=1)
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
+
+    @torch.jit.ignore
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        self.trunk.set_grad_checkpointing(enable)
+
+    def padded_size(self, side: int) -> int:
+        """The side the trunk runs at for an input ``side``: a multiple of the trunk's stride covering the coarsest
+        level's grid (``max(strides)`` times ceil(side / max(strides)))."""
+        coarsest = max(self.strides[-1], self.base_stride)
+        covered = coarsest * -(-side // coarsest)
+        return self.trunk_stride * -(-covered // self.trunk_stride)
+
+    def forward_base(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, 3, H, W) -> the trunk's last map resampled to ``base_stride``: (B, C, >= H/b, >= W/b)."""
+        h, w = x.shape[-2:]
+        x = F.pad(x, (0, self.padded_size(w) - w, 0, self.padded_size(h) - h))
+        y = self.trunk.forward_features(x).permute(0, 3, 1, 2)
+        if self.trunk_stride != self.base_stride:
+            y = F.interpolate(y, scale_factor=self.trunk_stride / self.base_stride, mode="bilinear",
+                              align_corners=False, recompute_scale_factor=False)
+        return y
+
+    def forward(self, x: torch.Tensor) -> OrderedDict[str, torch.Tensor]:
+        h, w = x.shape[-2:]
+        base = self.forward_base(x)
+        maps = [level(base, (-(-h // s), -(-w // s))) for s, level in zip(self.strides, self.levels)]
+        names = [str(i) for i in range(len(maps))]
+        if self.extra_blocks is not None:
+            maps, names = self.extra_blocks(maps, list(maps), names)
+        return OrderedDict(zip(names, maps))
+
+
+def create_backbone(name: str, pretrained: bool = False, checkpoint_path: str | None = None,
+                    out_channels: int = 256, strides: Sequence[int] = (4, 8, 16, 32),
+                    extra_blocks: nn.Module | str | None = "pool", **kwargs) -> SequencerBackbone:
+    """A registered Sequencer as a multi-scale backbone for torchvision's detectors, UperNet and the like.
+
+    ``pretrained`` / ``checkpoint_path`` load the trunk as :func:`create_model` does (the authors' release, timm's
+    layout, our checkpoints, safetensors); a classifier head in the file is dropped silently. ``strides``: the
+    pyramid levels, returned as "0", "1", ...; ``extra_blocks``: "pool" adds torchvision's stride-64 "pool" level
+    (FasterRCNN/MaskRCNN defaults), None returns the levels only, a torchvision ``ExtraFPNBlock`` adds its levels
+    (RetinaNet: ``strides=(8, 16, 32), extra_blocks=LastLevelP6P7(out_channels, out_channels)``).
+    ``kwargs`` go to :func:`create_model` (``drop_path_rate``, ``use_ema``, architecture overrides).
+    """
+    for key in ("num_classes", "features_only", "out_indices"):
+        if key in kwargs:
+            raise SequencerError(f"create_backbone does not take {key}= (the backbone has no head and returns "
+                                 f"its pyramid levels; pick them with strides=)")
+    trunk = create_model(name, pretrained=pretrained, checkpoint_path=checkpoint_path, num_classes=0, **kwargs)
+    return SequencerBackbone(trunk, out_channels=out_channels, strides=strides, extra_blocks=extra_blocks)
