@@ -1,3 +1,4 @@
+import re
 import subprocess
 import sys
 
@@ -65,11 +66,40 @@ def test_average_refuses_mismatched_shapes_and_keys(tmp_path, three_checkpoints)
     torch.manual_seed(0)
     other = create_model(TINY_ARCH, **dict(TINY_KWARGS, embed_dims=(16, 32, 32)))
     odd = save_training_checkpoint(tmp_path / "odd.pth", other)
-    with pytest.raises(SequencerError, match=r"shape .* in '.*odd.pth'"):
+    with pytest.raises(SequencerError, match=r"'.*odd.pth' has model arguments"):
         main_run(["checkpoint", "average", str(three_checkpoints[0]), str(odd), "--output", str(tmp_path / "x.pth")])
+    with pytest.raises(SequencerError, match=r"shape \(2,\) in 'two'"):
+        average_state_dicts([{"a": torch.ones(1)}, {"a": torch.ones(2)}], ["one", "two"])
     with pytest.raises(SequencerError, match="does not have the same weights"):
         average_state_dicts([{"a": torch.ones(1)}, {"b": torch.ones(1)}], ["one", "two"])
     assert not (tmp_path / "x.pth").exists()
+
+
+def _three_class_checkpoint(path, class_names, img_size=32):
+    """A 3-class tiny checkpoint (same architecture and shapes whatever the names) trained at ``img_size``."""
+    model = tiny_model()
+    model.reset_classifier(3)
+    save_training_checkpoint(path, model, class_names=class_names)
+    checkpoint = torch.load(path, weights_only=True)
+    checkpoint["data_config"]["img_size"] = img_size
+    torch.save(checkpoint, path)
+    return path
+
+
+@pytest.mark.parametrize("other_names, other_size, message", [
+    (["1", "2", "10"], 32, r"'.*other.pth' has class names \(1, 2, 10\) but '.*birds.pth' has \(bird, cat, dog\)"),
+    (["bird", "cat", "dog"], 16, r"'.*other.pth' has data config .*'img_size': 16.* but '.*birds.pth' has"),
+])
+def test_average_refuses_checkpoints_of_other_classes_or_data(tmp_path, capsys, other_names, other_size, message):
+    """Runs of other classes or image sizes (same architecture and shapes) are not averaged into one file carrying
+    the first one's names and data config: a one-line error names the file, and nothing is written."""
+    birds = _three_class_checkpoint(tmp_path / "birds.pth", ["bird", "cat", "dog"])
+    other = _three_class_checkpoint(tmp_path / "other.pth", other_names, other_size)
+    out = tmp_path / "avg.pth"
+    assert main(["checkpoint", "average", str(birds), str(other), "--output", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert re.search(message, err) and "Traceback" not in err and len(err.strip().splitlines()) == 1
+    assert not out.exists()
 
 
 def main_run(argv):

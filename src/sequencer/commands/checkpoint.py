@@ -7,7 +7,7 @@ import os
 
 from ..errors import SequencerError
 from ..models.loading import model_config, save_weights
-from ..tools.checkpoints import average_state_dicts, read_weights
+from ..tools.checkpoints import average_state_dicts, check_same_model, read_weights
 
 
 def _check_output(path: str, inputs: list[str], safetensors: bool) -> None:
@@ -26,11 +26,13 @@ def cmd_average(args: argparse.Namespace) -> int:
         configs.append(model_config(checkpoint))
         states.append(state)
         print(f"{path}: {len(state)} tensors ({'EMA' if used_ema else 'model'} weights)")
-    archs = {c.get("arch") for c in configs if c.get("arch")}
-    if len(archs) > 1:
-        raise SequencerError(f"cannot average checkpoints of different architectures: {', '.join(sorted(archs))}")
+    check_same_model(configs, list(args.checkpoints))
     averaged = average_state_dicts(states, list(args.checkpoints))
-    out = save_weights(averaged, args.output, configs[0], safetensors=args.safetensors or None,
+    config = dict(configs[0])
+    if any(c.get("data") != config.get("data") for c in configs) and config.pop("data", None):
+        print("note: the checkpoints record different training data: the average records none "
+              "(validate it with DATA)")
+    out = save_weights(averaged, args.output, config, safetensors=args.safetensors or None,
                        extra={"averaged_from": [str(p) for p in args.checkpoints]})
     print(f"averaged {len(states)} checkpoints -> {out}")
     return 0

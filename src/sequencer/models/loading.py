@@ -173,12 +173,12 @@ def model_config(checkpoint: dict) -> dict:
     return {k: v for k, v in checkpoint_metadata(checkpoint).items() if k in CONFIG_KEYS and v is not None}
 
 
-def _jsonable(value):
+def jsonable(value):
     """Tuples -> lists, recursively, so a config reads back the same from JSON and from a .pth."""
     if isinstance(value, dict):
-        return {str(k): _jsonable(v) for k, v in value.items()}
+        return {str(k): jsonable(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
-        return [_jsonable(v) for v in value]
+        return [jsonable(v) for v in value]
     return value
 
 
@@ -198,9 +198,9 @@ def save_weights(state_dict: dict[str, torch.Tensor], path: str | os.PathLike, c
         from safetensors.torch import save_file
         metadata = {"format": "pt"}
         for key, value in config.items():
-            metadata[key] = value if key == "arch" else json.dumps(_jsonable(value))
+            metadata[key] = value if key == "arch" else json.dumps(jsonable(value))
         for key, value in (extra or {}).items():
-            metadata[key] = value if isinstance(value, str) else json.dumps(_jsonable(value))
+            metadata[key] = value if isinstance(value, str) else json.dumps(jsonable(value))
         return write_atomically(path, lambda tmp: save_file(tensors, tmp, metadata=metadata))
     obj = {"version": 1, **config, **(extra or {}), "state_dict": tensors}
     return write_atomically(path, lambda tmp: torch.save(obj, tmp))

@@ -12,7 +12,8 @@ from __future__ import annotations
 import torch
 
 from ..errors import SequencerError
-from ..models.loading import extract_state_dict, read_checkpoint
+from ..models.loading import extract_state_dict, jsonable, read_checkpoint
+
 
 def read_weights(path: str, use_ema: bool) -> tuple[dict, dict[str, torch.Tensor], bool]:
     checkpoint = read_checkpoint(path)
@@ -22,6 +23,37 @@ def read_weights(path: str, use_ema: bool) -> tuple[dict, dict[str, torch.Tensor
     if not state:
         raise SequencerError(f"checkpoint {path!r} holds no weights")
     return checkpoint, state, has_ema
+
+
+# what must agree for an average to be one model: the architecture and its shape, the classes its rows stand for,
+# the preprocessing (image size included) it was trained with; regularisation (drop rates) may differ
+_SAME_FOR_AVERAGE = (("arch", "model"), ("model_kwargs", "model arguments"), ("class_names", "class names"),
+                     ("data_config", "data config"))
+_REGULARISATION = ("drop_rate", "drop_path_rate")
+
+
+def check_same_model(configs: list[dict], names: list[str]) -> None:
+    """SequencerError (one line, naming the file) unless the model configs (``model_config`` of each checkpoint)
+    agree on model, model arguments, class names and data config; a key no file has is not compared."""
+    def comparable(config: dict, key: str):
+        value = config.get(key)
+        if key == "model_kwargs" and isinstance(value, dict):
+            value = {k: v for k, v in value.items() if k not in _REGULARISATION}
+        return jsonable(value)
+
+    for key, what in _SAME_FOR_AVERAGE:
+        first = comparable(configs[0], key)
+        for name, config in zip(names[1:], configs[1:]):
+            other = comparable(config, key)
+            if other != first:
+                raise SequencerError(f"cannot average: {name!r} has {what} {_shown(other)} but {names[0]!r} has "
+                                     f"{_shown(first)}", hint="average checkpoints of one training run")
+
+
+def _shown(value) -> str:
+    if isinstance(value, list) and all(isinstance(v, str) for v in value):
+        return "(" + ", ".join(value[:6]) + (", ..." if len(value) > 6 else "") + ")"
+    return "none" if value is None else str(value)
 
 
 def average_state_dicts(state_dicts: list[dict[str, torch.Tensor]], names: list[str] | None = None
