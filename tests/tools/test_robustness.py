@@ -1,4 +1,5 @@
 import json
+import shutil
 
 import numpy as np
 import pytest
@@ -101,12 +102,35 @@ def test_mce_equals_hand_computation(imagenet_c, image_folder, colour_checkpoint
     assert results["mCE"] == pytest.approx(sum(ces) / 2, abs=1e-9)
     assert results["unnormalized_mCE"] == pytest.approx(sum(mean_errors) / 2, abs=1e-9)
     assert results["protocol"] == {"crop_pct": 1.0, "corruptions": ["gaussian_noise", "fog"],
-                                   "severities": [1, 2, 3, 4, 5], "normaliser": "alexnet"}
+                                   "severities": [1, 2, 3, 4, 5], "missing_severities": {},
+                                   "normaliser": "alexnet"}
     assert results["clean_error"] == pytest.approx(clean, abs=1e-9)
     assert results["relative_mCE"] == pytest.approx(sum(rel) / 2, abs=1e-9)
     assert len(set(all_errors)) > 2, all_errors  # the model's errors really vary: a meaningful check
     assert results["mCE_standard15"] is None  # only 2 of the 15 standard corruptions were run
     assert "mCE" in capsys.readouterr().out
+
+
+def test_a_missing_severity_is_recorded_and_the_printed_errors_are_labelled(imagenet_c, colour_checkpoint,
+                                                                            tmp_path, capsys):
+    """fog without severity 4 (the default data-loader workers): the JSON says fog used 1, 2, 3, 5 and lacks 4,
+    and the printed line labels each error with its severity and names the missing one."""
+    data = tmp_path / "c"
+    shutil.copytree(imagenet_c, data)
+    shutil.rmtree(data / "fog" / "4")
+    results_file = tmp_path / "r.json"
+    with pytest.warns(UserWarning, match="fog: only severities 1, 2, 3, 5 present"):
+        assert main(["robustness", str(data), "--results-file", str(results_file),
+                     "--checkpoint", str(colour_checkpoint), "-b", "4"]) == 0
+    results = json.loads(results_file.read_text())
+    fog = results["corruptions"]["fog"]
+    assert fog["severities"] == [1, 2, 3, 5] and sorted(fog["errors"]) == ["1", "2", "3", "5"]
+    assert results["corruptions"]["gaussian_noise"]["severities"] == [1, 2, 3, 4, 5]
+    assert results["protocol"]["missing_severities"] == {"fog": [4]}
+    assert results["protocol"]["severities"] == [1, 2, 3, 4, 5]  # gaussian_noise used all five
+    line = next(line for line in capsys.readouterr().out.splitlines() if line.strip().startswith("fog:"))
+    expected = " ".join(f"s{s} {fog['errors'][s]:.3f}" for s in ("1", "2", "3", "5"))
+    assert line.endswith(f"errors by severity {expected} (no s4)")
 
 
 def test_alexnet_table_and_corruptions_without_reference():

@@ -10,6 +10,8 @@ corruptions is allowed). The protocol:
 * for each corruption c the top-1 error E(s, c) at severities s = 1..5, averaged: E_c = mean_s E(s, c);
 * ``CE_c = E_c / E_AlexNet,c`` (the paper's ratio of sums over the five severities) and ``mCE`` = mean CE over the
   corruptions with an AlexNet reference; ``unnormalized_mCE`` = the mean of E_c over the same corruptions.
+* a corruption lacking a severity folder is averaged over the ones present, with a warning; the JSON records the
+  severities each corruption used (``severities``) and those missing (``protocol.missing_severities``).
 
 All figures are fractions. With ``--clean`` (evaluated with the model's own preprocessing, as the clean ImageNet
 numbers are) the relative CE is (E_c - E_clean) / (E_AlexNet,c - E_AlexNet,clean) and its mean the relative mCE.
@@ -79,9 +81,10 @@ def find_corruptions(root: str) -> dict[str, Path]:
 
 
 def corruption_summary(severity_errors: dict[str, float], name: str, clean_error: float | None = None) -> dict:
-    """error (mean over severities), ce and relative_ce (when AlexNet has a reference) for one corruption."""
+    """error (mean over the severities evaluated: ``severities``), ce and relative_ce (when AlexNet has a
+    reference) for one corruption."""
     error = sum(severity_errors.values()) / len(severity_errors)
-    out = {"errors": dict(severity_errors), "error": error}
+    out = {"errors": dict(severity_errors), "severities": sorted(int(s) for s in severity_errors), "error": error}
     ref = ALEXNET_ERRORS.get(name)
     if ref is not None:
         out["ce"] = error / ref
@@ -103,12 +106,31 @@ def summarize(per_corruption: dict[str, dict], clean_error: float | None = None)
         "mean_error": _mean(c["error"] for c in per_corruption.values()),
         "without_ce": sorted(n for n, c in per_corruption.items() if "ce" not in c),
         "protocol": {"crop_pct": PROTOCOL_CROP_PCT, "corruptions": list(per_corruption),
-                     "severities": [int(s) for s in SEVERITIES], "normaliser": "alexnet"},
+                     "severities": sorted({s for c in per_corruption.values() for s in _severities(c)}),
+                     "missing_severities": _missing_severities(per_corruption), "normaliser": "alexnet"},
     }
     if clean_error is not None:
         results["clean_error"] = clean_error
         results["relative_mCE"] = _mean(c["relative_ce"] for c in per_corruption.values() if "relative_ce" in c)
     return results
+
+
+def _severities(corruption: dict) -> list[int]:
+    return corruption.get("severities") or sorted(int(s) for s in corruption["errors"])
+
+
+def _missing_severities(per_corruption: dict[str, dict]) -> dict[str, list[int]]:
+    """{corruption: the severities 1-5 it lacks}, for the corruptions evaluated on fewer than five."""
+    every = [int(s) for s in SEVERITIES]
+    missing = {name: [s for s in every if s not in _severities(c)] for name, c in per_corruption.items()}
+    return {name: m for name, m in missing.items() if m}
+
+
+def severity_line(severity_errors: dict[str, float]) -> str:
+    """The per-severity errors labelled by severity, with the missing ones named: ``s1 0.100 s2 0.200 ... (no s4)``."""
+    missing = [s for s in SEVERITIES if s not in severity_errors]
+    return " ".join(f"s{s} {e:.3f}" for s, e in severity_errors.items()) + \
+        (f" (no {', '.join('s' + s for s in missing)})" if missing else "")
 
 
 def _mean(values) -> float | None:
@@ -161,5 +183,5 @@ def mean_corruption_error(loaded: LoadedModel, corruptions: dict[str, Path], bat
                           f"to published ones (AlexNet's reference averages all five)", stacklevel=1)
         per_corruption[name] = c = corruption_summary(severity_errors, name, clean_error)
         print(f"{name:>18}: error {c['error']:.4f}" + (f"  CE {c['ce']:.4f}" if "ce" in c else "  (no AlexNet CE)")
-              + "  per severity " + " ".join(f"{e:.3f}" for e in severity_errors.values()))
+              + "  errors by severity " + severity_line(severity_errors))
     return summarize(per_corruption, clean_error)
