@@ -211,8 +211,25 @@ def test_optimize_float32_same_logits_and_model_untouched():
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
     assert grads == {n: p.requires_grad for n, p in model.named_parameters()}
     assert fast.model_name == "sequencer2d_s"
-    fast.train()
-    assert not fast.training  # inference only
+    assert fast.eval() is fast and not fast.training
+
+
+@pytest.mark.parametrize("call, what", [
+    (lambda fast: fast.train(), "train the original module"),
+    (lambda fast: fast.train(True), "train the original module"),
+    (lambda fast: fast.state_dict(), "take state_dict() from the original module"),
+    (lambda fast: fast.load_state_dict({}), "load_state_dict() into the original module"),
+])
+def test_the_optimized_model_says_it_is_inference_only(call, what):
+    """train(), state_dict() and load_state_dict() on optimize_for_inference's result raise one line pointing at
+    the original module (before: train() did nothing, state_dict() keys gained a ``model.`` prefix); eval() and
+    train(False) still work and the model still runs."""
+    fast = sequencer.optimize_for_inference(tiny_s(), torch.float32)
+    with pytest.raises(SequencerError, match="is inference-only") as error:
+        call(fast)
+    assert what in str(error.value) and "\n" not in str(error.value)
+    assert fast.train(False) is fast and fast.eval() is fast and not fast.training
+    assert fast(torch.randn(2, 3, 32, 32)).shape == (2, 5)
 
 
 def test_optimize_bfloat16_close_to_float32():

@@ -96,11 +96,17 @@ def _concat(outputs: list):
     return type(first)(torch.cat(parts) for parts in zip(*outputs))
 
 
+_INFERENCE_ONLY = ("is inference-only (a frozen copy, its weights maybe cast to bf16, run without autograd): "
+                   "{what} the original module, and call optimize_for_inference on it again")
+
+
 class InferenceModel(nn.Module):
-    """A frozen, eval-mode copy of a model for fast inference.
+    """A frozen, eval-mode copy of a model for fast inference, and nothing else.
 
     ``forward(x)``: x (B, C, H, W) in any float dtype -> the wrapped model's output (logits (B, num_classes), or
-    a list of feature maps for ``features_only`` models), in float32.
+    a list of feature maps for ``features_only`` models), in float32, with no autograd graph. ``eval()`` /
+    ``train(False)`` work; ``train()``, ``state_dict()`` and ``load_state_dict()`` raise SequencerError (one
+    line) pointing at the original module, whose weights and modes this copy does not follow.
     """
 
     def __init__(self, model: nn.Module, dtype: torch.dtype = torch.float32, streams: int | None = None):
@@ -131,10 +137,20 @@ class InferenceModel(nn.Module):
         for attr in ("pretrained_cfg", "default_cfg", "model_name", "model_kwargs", "num_classes", "feature_info"):
             if hasattr(model, attr):
                 setattr(self, attr, getattr(model, attr))
-        self.eval()
+        super().train(False)
 
     def train(self, mode: bool = True) -> "InferenceModel":
-        return super().train(False)  # inference only: dropout / drop-path stay off
+        if mode:  # training it would silently do nothing: its forward runs under inference_mode
+            raise SequencerError("optimize_for_inference's model " + _INFERENCE_ONLY.format(what="train"))
+        return super().train(False)
+
+    def state_dict(self, *args, **kwargs):
+        raise SequencerError("optimize_for_inference's model " + _INFERENCE_ONLY.format(
+            what="take state_dict() from"))
+
+    def load_state_dict(self, *args, **kwargs):
+        raise SequencerError("optimize_for_inference's model " + _INFERENCE_ONLY.format(
+            what="load_state_dict() into"))
 
     @staticmethod
     def _to_float32(out):
