@@ -237,7 +237,7 @@ def test_one_channel_model_does_not_blame_an_absent_mean():
     model.pretrained_cfg = dict(model.pretrained_cfg, mean=(0.2, 0.4, 0.6), std=(0.1, 0.2, 0.3))
     config = resolve_data_config({}, model)
     assert config["mean"] == pytest.approx((0.4,)) and config["std"] == pytest.approx((0.2,))
-    with pytest.raises(SequencerError, match="--std has 3 values for 1 input channels"):
+    with pytest.raises(SequencerError, match="`std` has 3 values for 1 input channels"):
         resolve_data_config({"std": (0.2, 0.2, 0.2)}, model)
 
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import logging
 import os
 import sys
 import warnings
@@ -51,20 +52,50 @@ def build_parser(argv_command: str | None = None) -> argparse.ArgumentParser:
     return parser
 
 
+class ConsoleHandler(logging.Handler):
+    """The library's log as the command's output: INFO (progress, results, notes about the data) on stdout,
+    WARNING and above on stderr, each record one line as the library wrote it, with its parameter names written as
+    this command's flags. The stream is looked up per record, so a swapped ``sys.stdout`` is honoured."""
+
+    def __init__(self, as_flags):
+        super().__init__(logging.INFO)
+        self.as_flags = as_flags
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            stream = sys.stderr if record.levelno >= logging.WARNING else sys.stdout
+            stream.write(self.as_flags(record.getMessage()) + "\n")
+            stream.flush()
+        except Exception:  # noqa: BLE001 -- logging's contract: a failing handler reports and carries on
+            self.handleError(record)
+
+
+def install_console_logging(as_flags) -> None:
+    """The "sequencer" logger's output for this command (replacing an earlier call's handler, e.g. in tests)."""
+    logger = logging.getLogger("sequencer")
+    for handler in [h for h in logger.handlers if isinstance(h, ConsoleHandler)]:
+        logger.removeHandler(handler)
+    logger.addHandler(ConsoleHandler(as_flags))
+    logger.setLevel(logging.INFO)
+    logger.propagate = False  # the command's output is these lines, once, whatever the root logger does
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     command = next((a for a in argv if not a.startswith("-")), None)
     parser = build_parser(command if command in COMMANDS else None)
     args = parser.parse_args(argv)
-    # warnings are messages for the user: one line, without the source line of the code that raised them
-    warnings.formatwarning = lambda message, category, *_args, **_kw: f"warning: {message}\n"
     if not getattr(args, "_module", None):
         parser.print_help()
         return 0 if not argv or argv[0] in ("-h", "--help") else 2
+    from .commands.common import as_flags  # the library names parameters; the command line shows its flags
+    install_console_logging(as_flags)
+    # warnings are messages for the user: one line, without the source line of the code that raised them
+    warnings.formatwarning = lambda message, category, *_args, **_kw: f"warning: {as_flags(str(message))}\n"
     try:
         return int(importlib.import_module(args._module).run(args) or 0)
     except SequencerError as e:
-        print(f"sequencer {args.command}: error: {e}", file=sys.stderr)
+        print(f"sequencer {args.command}: error: {as_flags(str(e))}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"sequencer {args.command}: interrupted", file=sys.stderr)

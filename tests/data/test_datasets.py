@@ -176,7 +176,7 @@ def test_torchvision_routing_flags_splits_and_download(monkeypatch, tmp_path):
 
 
 def test_torchvision_missing_files_suggest_download(tmp_path):
-    with pytest.raises(SequencerError, match="torch/country211 not found.*--dataset-download"):
+    with pytest.raises(SequencerError, match="torch/country211 not found.*`download`"):
         create_dataset("torch/country211", root=str(tmp_path), split="val")
 
 

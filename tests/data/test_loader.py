@@ -34,7 +34,7 @@ def test_resolve_data_config_layers_args_over_model_defaults():
     assert resolve_data_config({"input_size": (3, 24, 24), "img_size": 16}, model)["input_size"] == (3, 24, 24)
     with pytest.raises(SequencerError, match="interpolation"):
         resolve_data_config({"interpolation": "cubic-ish"}, model)
-    with pytest.raises(SequencerError, match="crop-pct"):
+    with pytest.raises(SequencerError, match="`crop_pct=0.0` must be in"):
         resolve_data_config({"crop_pct": 0}, model)
     with pytest.raises(SequencerError, match="2 values for 3"):
         resolve_data_config({"mean": (0.1, 0.2)}, model)
@@ -62,7 +62,7 @@ def test_batches_drop_last_and_batch_size_errors(image_folder):
     assert len(loader) == len(batches) == 1 and batches[0][0].shape == (4, 3, 8, 8)  # 6 images, last 2 dropped
     val = _loader(create_dataset("", root=str(image_folder), split="val"), 64)  # bigger than data: fine for eval
     assert [len(t) for _, t in val] == [4]
-    with pytest.raises(SequencerError, match=r"batch size 7 is larger than the 6 images.*-b 6"):
+    with pytest.raises(SequencerError, match=r"`batch_size=7` is larger than the 6 images.*`batch_size=6` or less"):
         _loader(train, 7, is_training=True)
 
 

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import copy
+import logging
 
 import pytest
 import timm
@@ -295,15 +296,18 @@ def test_auto_dtype_by_cpu_class(cpu_flags, monkeypatch, flags, expected):
     assert sequencer.optimize_for_inference(tiny_s(), "auto").dtype == expected
 
 
-def test_bf16_without_native_kernels_runs_fp32_with_a_note(cpu_flags, monkeypatch, capsys):
-    """No AVX512-BF16/AMX: bf16 would take PyTorch's slow reference kernels, so float32 runs, said in one line."""
+def test_bf16_without_native_kernels_runs_fp32_with_a_note(cpu_flags, monkeypatch, caplog):
+    """No AVX512-BF16/AMX: bf16 would take PyTorch's slow reference kernels, so float32 runs, said in one logged
+    warning of the "sequencer" logger (the CLI shows it on stderr)."""
     cpu_flags(AVX512 + " avx512_vnni avx512_bf16")  # even a bf16 CPU class: oneDNN's own answer decides
     monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: False)  # what every caller asks
     model = tiny_s()
-    fast = sequencer.optimize_for_inference(model, torch.bfloat16)
-    err = capsys.readouterr().err.strip().splitlines()
+    with caplog.at_level(logging.WARNING, logger="sequencer"):
+        fast = sequencer.optimize_for_inference(model, torch.bfloat16)
+    notes = [r for r in caplog.records if r.name.startswith("sequencer.")]
     assert fast.dtype == torch.float32 and all(p.dtype == torch.float32 for p in fast.parameters())
-    assert len(err) == 1 and "no native bf16 kernels" in err[0] and "float32" in err[0]
+    assert len(notes) == 1 and notes[0].levelno == logging.WARNING
+    assert "no native bf16 kernels" in notes[0].getMessage() and "float32" in notes[0].getMessage()
     assert sequencer.optimize_for_inference(model, "auto").dtype == torch.float32
     x = torch.randn(2, 3, 32, 32)
     with torch.no_grad():

@@ -1,12 +1,14 @@
 """The one home of what several commands share: the model flags and the model they load, ``--onnx``, flag types
-and the checks of ``--device``, ``--workers`` and ``--results-file``. Commands import these from here, never from
-one another; the work itself is the library's (``engine``, ``tools``).
+and the checks of ``--device``, ``--workers`` and ``--results-file``, and the library's parameter names as the
+flags that set them (`as_flags`). Commands import these from here, never from one another; the work itself is the
+library's (``engine``, ``tools``).
 """
 from __future__ import annotations
 
 import argparse
 import contextlib
 import os
+import re
 import sys
 import tempfile
 
@@ -17,6 +19,28 @@ from ..engine.inference import LoadedModel, load_model, resolve_device
 from ..errors import SequencerError
 from ..models import get_model_entry
 from ..tools.onnx_runtime import load_onnx, note_other_cpu
+
+
+# The library's parameters that messages name (in backticks, errors.py) -> the flag that sets them on the command line
+PARAMETER_FLAGS = {
+    "batch_size": "--batch-size", "crop_pct": "--crop-pct", "class_map": "--class-map", "mean": "--mean",
+    "std": "--std", "interpolation": "--interpolation", "download": "--dataset-download", "name": "--dataset",
+    "root": "DATA", "checkpoint_path": "--checkpoint", "model": "--model", "onnx": "--onnx",
+    "num_classes": "--num-classes", "img_size": "--img-size", "input_size": "--input-size", "resume": "--resume",
+    "stages": "--stage", "target_cpu": "--target-cpu", "corruptions": "--corruptions",
+}
+_PARAMETER = re.compile(r"`(\w+)(?:=([^`]*))?`")
+
+
+def as_flags(text: str) -> str:
+    """``text`` with each backticked library parameter (`` `batch_size=8` ``, `` `class_map` ``) written as the flag
+    that sets it (``--batch-size 8``, ``--class-map``); other backticked text is left as it is."""
+    def flag(match: re.Match) -> str:
+        name, value = match.groups()
+        if name not in PARAMETER_FLAGS:
+            return match.group(0)
+        return PARAMETER_FLAGS[name] + ("" if value is None else f" {value}")
+    return _PARAMETER.sub(flag, text)
 
 
 def positive_int(text: str) -> int:

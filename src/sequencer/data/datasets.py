@@ -295,7 +295,7 @@ def _create_torchvision(name: str, root: str | None, split: str, download: bool,
         ds = cls(root=root, download=download, **_torchvision_split(key, split, splits))
     except RuntimeError as e:  # torchvision's "Dataset not found or corrupted"
         raise SequencerError(f"torch/{name} not found in {root!r}: {e}",
-                             hint="pass --dataset-download to fetch it, or point DATA at torchvision's files for "
+                             hint="pass `download` to fetch it, or point DATA at torchvision's files for "
                                   "it (not an image folder)") from None
     except OSError as e:  # the download failed (offline, refused, cut short): leave no half-made folder behind
         if not root_existed:
@@ -401,17 +401,17 @@ def create_dataset(name: str = "", root: str | None = None, split: str = "train"
     name = name or ""
     if name.lower() == "digits":
         if class_map:
-            raise SequencerError("--class-map is not supported with the digits dataset")
+            raise SequencerError("`class_map` is not supported with the digits dataset")
         return DigitsDataset(split, **kwargs)
     if name.lower().startswith("torch/"):
         if class_map:
-            raise SequencerError(f"--class-map is not supported with {name}")
+            raise SequencerError(f"`class_map` is not supported with {name}")
         return _create_torchvision(name.split("/", 1)[1], root, split, download, **kwargs)
     if name.lower() not in ("", "folder", "image_folder", "tar"):
         raise SequencerError(f"unknown dataset {name!r}",
                              hint="use '' (image folders), 'tar', 'digits' or 'torch/NAME' (e.g. torch/cifar10)")
     if not root:
-        raise SequencerError("no data folder given", hint="pass DATA, or --dataset digits for the embedded set")
+        raise SequencerError("no data folder given", hint="pass `root`, or `name=digits` for the embedded set")
     root = os.path.expanduser(str(root))
     if not os.path.exists(root):
         raise SequencerError(f"data folder {root!r} does not exist")
@@ -449,7 +449,7 @@ def map_classes_by_name(dataset: ClassificationDataset, class_names: list[str], 
     if unknown:
         shown = ", ".join(unknown[:5]) + (", ..." if len(unknown) > 5 else "")
         raise SequencerError(f"{what} ({dataset.description}) has {len(unknown)} class(es) the model was not trained "
-                             f"on: {shown}", hint="remove those class folders, or pass a --class-map of the classes")
+                             f"on: {shown}", hint="remove those class folders, or pass a `class_map` of the classes")
     after = dataset.target_transform
     dataset.target_transform = (_RemapTargets(mapping) if after is None
                                 else _Chain(_RemapTargets(mapping), after))

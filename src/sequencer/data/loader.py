@@ -66,21 +66,21 @@ def resolve_data_config(args_or_dict=None, model: torch.nn.Module | None = None)
         if len(value) != input_size[0] and not given and input_size[0] == 1:
             value = (sum(value) / len(value),)  # a 1-channel (grayscale) input: the average of the RGB statistics
         if len(value) != input_size[0]:
-            source = f"--{key}" if given else f"the model's default {key}"
+            source = f"`{key}`" if given else f"the model's default {key}"
             raise SequencerError(f"{source} has {len(value)} values for {input_size[0]} input channels",
-                                 hint=f"pass --{key} with {input_size[0]} values")
+                                 hint=f"pass `{key}` with {input_size[0]} values")
         return tuple(float(v) for v in value)
 
     mean = per_channel("mean", IMAGENET_DEFAULT_MEAN)
     std = per_channel("std", IMAGENET_DEFAULT_STD)
     if any(s <= 0 for s in std):
-        raise SequencerError(f"--std {' '.join(map(str, std))} must be positive")
+        raise SequencerError(f"`std={' '.join(map(str, std))}` must be positive")
     crop_pct = float(args.get("crop_pct", cfg.get("crop_pct", 0.875)))
     if not 0 < crop_pct <= 2:
-        raise SequencerError(f"--crop-pct {crop_pct} must be in (0, 2] (1.0 = no crop)")
+        raise SequencerError(f"`crop_pct={crop_pct}` must be in (0, 2] (1.0 = no crop)")
     interpolation = str(args.get("interpolation", cfg.get("interpolation", "bicubic"))) or "bicubic"
     if interpolation not in INTERPOLATIONS:
-        raise SequencerError(f"unknown --interpolation {interpolation!r}", hint=f"one of {', '.join(INTERPOLATIONS)}")
+        raise SequencerError(f"unknown `interpolation={interpolation}`", hint=f"one of {', '.join(INTERPOLATIONS)}")
     return dict(input_size=input_size, mean=mean, std=std, crop_pct=crop_pct, interpolation=interpolation)
 
 
@@ -391,7 +391,7 @@ def create_loader(dataset, input_size, batch_size: int, is_training: bool = Fals
     device = torch.device(device)
     on_device = device.type == "cuda" if normalize_on_device is None else normalize_on_device
     if batch_size <= 0:
-        raise SequencerError(f"batch size {batch_size} must be positive")
+        raise SequencerError(f"`batch_size={batch_size}` must be positive")
     augment = dict(TIMM_AUGMENT_DEFAULTS)
     augment.update(getattr(dataset, "augment_defaults", None) or {})
     given = dict(hflip=hflip, scale=scale, ratio=ratio, color_jitter=color_jitter)
@@ -418,8 +418,8 @@ def create_loader(dataset, input_size, batch_size: int, is_training: bool = Fals
     if drop_last and len(sampler) < batch_size:
         name = getattr(dataset, "description", type(dataset).__name__)
         per = " per process" if len(sampler) != len(dataset) else ""
-        raise SequencerError(f"batch size {batch_size} is larger than the {len(sampler)} images{per} of {name}",
-                             hint=f"use -b {max(1, len(sampler))} or less")
+        raise SequencerError(f"`batch_size={batch_size}` is larger than the {len(sampler)} images{per} of {name}",
+                             hint=f"use `batch_size={max(1, len(sampler))}` or less")
     normalize = None
     if on_device:
         normalize = DeviceNormalize(mean, std, device, re_prob=re_prob if is_training else 0.0, re_mode=re_mode,

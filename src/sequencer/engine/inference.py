@@ -7,8 +7,8 @@ A checkpoint written by ``sequencer train`` stores the model name (``arch``), it
 """
 from __future__ import annotations
 
+import logging
 import os
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -21,6 +21,8 @@ from ..data.datasets import IMAGE_EXTENSIONS, READ_ERRORS, drop_classes, map_cla
 from ..errors import SequencerError
 from ..models import create_model, get_model_entry
 from ..models.loading import checkpoint_metadata, extract_state_dict, load_state_dict_into, read_checkpoint
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -142,8 +144,8 @@ def label_with_model_classes(dataset, loaded) -> None:
     if ckpt_names and (set(names) & set(ckpt_names) or len(names) == len(ckpt_names)):
         missing = map_classes_by_name(dataset, ckpt_names, "the evaluated split")
         if missing:
-            print(f"note: {dataset.description} has no images of {len(missing)} of the checkpoint's "
-                  f"{len(ckpt_names)} classes ({', '.join(missing[:5])}{', ...' if len(missing) > 5 else ''})")
+            logger.info(f"note: {dataset.description} has no images of {len(missing)} of the checkpoint's "
+                        f"{len(ckpt_names)} classes ({', '.join(missing[:5])}{', ...' if len(missing) > 5 else ''})")
         return
     if num_outputs == 1000 and len(names) < 1000 and all(n.startswith("n") and n[1:].isdigit() for n in names):
         from timm.data import ImageNetInfo
@@ -164,8 +166,9 @@ def _leave_out_ignored_classes(dataset, loaded) -> None:
     removed = drop_classes(dataset, ignored) if ignored else 0
     if removed:
         left_out = sorted(ignored & set(dataset.ignored_classes))
-        print(f"note: leaving out {removed} image(s) of {', '.join(left_out[:5])}{', ...' if len(left_out) > 5 else ''}"
-              f": the checkpoint's training left these classes out (its --class-map)")
+        logger.info(f"note: leaving out {removed} image(s) of {', '.join(left_out[:5])}"
+                    f"{', ...' if len(left_out) > 5 else ''}: the checkpoint's training left these classes out "
+                    f"(its `class_map`)")
 
 
 # ------------------------------------------------------------------------------------- images and evaluation data
@@ -197,14 +200,14 @@ def eval_transform(loaded: LoadedModel, input_size=None):
 
 
 def read_images(files: list[Path], transform) -> tuple[list[Path], list[torch.Tensor], list[Path]]:
-    """(readable files, their tensors (C, H, W), unreadable files); each unreadable one is warned about on stderr."""
+    """(readable files, their tensors (C, H, W), unreadable files); each unreadable one is logged as a warning."""
     ok, tensors, failed = [], [], []
     for f in files:
         try:
             tensors.append(transform(load_image(f)))
             ok.append(f)
         except READ_ERRORS as e:
-            print(f"warning: skipped unreadable image {f} ({type(e).__name__}: {e})", file=sys.stderr)
+            logger.warning(f"warning: skipped unreadable image {f} ({type(e).__name__}: {e})")
             failed.append(f)
     return ok, tensors, failed
 

@@ -13,6 +13,7 @@
 """
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 from ..errors import SequencerError
@@ -20,6 +21,8 @@ from ..models.loading import read_checkpoint
 from . import distributed as dist_utils
 from .checkpoint import find_auto_resume
 from .config import TrainConfig
+
+logger = logging.getLogger(__name__)
 
 # settings a resume keeps from its checkpoint: (args key, flag); the first three only with the optimizer state
 KEPT_WITH_STATE = (("opt", "--opt"), ("sched", "--sched"))
@@ -42,8 +45,7 @@ def locate_resume(cfg: TrainConfig, info: dist_utils.DistInfo) -> str:
     if info.is_primary:
         folder = experiment_folder(cfg)
         found = find_auto_resume(folder) if folder.is_dir() else None
-        print(f"--resume auto: {'continuing from ' + str(found) if found else 'nothing to resume, starting'}",
-              flush=True)
+        logger.info(f"`resume=auto`: {'continuing from ' + str(found) if found else 'nothing to resume, starting'}")
     found = dist_utils.broadcast_object(str(found) if found else "", info)
     return found
 

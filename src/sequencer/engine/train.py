@@ -222,7 +222,7 @@ def _create_model(cfg, resume_ckpt: dict | None, init_ckpt_meta: dict | None, nu
         if not cfg.pretrained or e.hint is None:
             raise
         # the library's hint names the other commands' --checkpoint; train takes the file as --initial-checkpoint
-        message = str(e)[:-len(f" (hint: {e.hint})")]
+        message = e.message
         raise SequencerError(f"--pretrained: {message}",
                              hint="download the file by other means and pass it with --initial-checkpoint FILE, "
                                   "or drop --pretrained") from None

@@ -49,11 +49,11 @@ def _fetch(url: str, dest: Path, sha256: str | None, progress: bool, timeout: fl
                     bar.update(len(chunk))
         if expected is not None and size != expected:
             raise SequencerError(f"download of {url} was cut short ({size} of {expected} bytes)",
-                                 hint="retry, or download the file by other means and pass it with checkpoint_path=")
+                                 hint="retry, or download the file by other means and pass it with `checkpoint_path`")
         if sha256 and digest.hexdigest() != sha256:
             raise SequencerError(f"pretrained weights from {url} failed their sha256 check "
                                  f"(got {digest.hexdigest()}, expected {sha256}); nothing was cached",
-                                 hint="retry, or pass a verified file with checkpoint_path= / --checkpoint")
+                                 hint="retry, or pass a verified file with `checkpoint_path`")
         os.replace(partial, dest)  # atomic: readers see no file or the whole file
     except (urllib.error.URLError, http.client.HTTPException, OSError, ValueError) as e:
         if isinstance(e, urllib.error.HTTPError):
@@ -62,7 +62,7 @@ def _fetch(url: str, dest: Path, sha256: str | None, progress: bool, timeout: fl
             reason = getattr(e, "reason", None) or str(e) or type(e).__name__
         raise SequencerError(f"could not download pretrained weights from {url} ({reason})",
                              hint="with no network, download the file by other means and pass it with "
-                                  "checkpoint_path= (CLI: --checkpoint)") from None
+                                  "`checkpoint_path`") from None
     finally:
         partial.unlink(missing_ok=True)
 
@@ -95,7 +95,7 @@ def load_pretrained(model: nn.Module, pretrained_cfg: dict) -> None:
     name = pretrained_cfg.get("architecture", type(model).__name__)
     if not url:
         raise SequencerError(f"no pretrained weights are published for {name!r}",
-                             hint="train it, or pass checkpoint_path= / --checkpoint")
+                             hint="train it, or pass `checkpoint_path`")
     path = download_weights(url, sha256=pretrained_cfg.get("sha256"))
     try:
         checkpoint = read_checkpoint(path)

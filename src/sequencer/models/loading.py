@@ -111,7 +111,7 @@ def _refuse_exports(path: Path) -> None:
     a TorchScript file corrupt after a warning)."""
     if path.suffix.lower() == ".onnx":
         raise SequencerError(f"{str(path)!r} is an ONNX export, not a checkpoint",
-                             hint=f"pass it as --onnx {path}, or pass the .pth.tar / .safetensors it came from")
+                             hint=f"pass it as `onnx={path}`, or pass the .pth.tar / .safetensors it came from")
     if not zipfile.is_zipfile(path):
         return
     try:
@@ -314,7 +314,7 @@ def load_state_dict_into(model: nn.Module, state_dict: dict[str, torch.Tensor], 
         if unexpected:
             parts.append("unexpected: " + _describe(unexpected))
         raise SequencerError(f"{source} does not fit model {arch!r}: " + "; ".join(parts),
-                             hint="check --model matches the architecture the checkpoint was trained with")
+                             hint="check `model` matches the architecture the checkpoint was trained with")
     model.load_state_dict(state_dict, strict=False)
 
 

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import copy
 import json
+import logging
 import os
 import resource
 import statistics
@@ -42,6 +43,8 @@ from ..engine.inference import check_input_size, load_model, relative_error, res
 from ..errors import SequencerError
 from ..hardware import cpu_info
 from ..models.kernels import onednn_bf16_supported
+
+logger = logging.getLogger(__name__)
 
 AMP_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 TIMM_MODELS = ("sequencer2d_s", "sequencer2d_m", "sequencer2d_l")
@@ -326,8 +329,7 @@ def measure_peak_memory(spec: dict, timeout: float = 900) -> float | None:
     except subprocess.TimeoutExpired:
         return None
     if proc.returncode != 0:
-        print(f"warning: memory probe for {spec['impl']} failed: {proc.stderr.strip().splitlines()[-1:]}",
-              file=sys.stderr)
+        logger.warning(f"warning: memory probe for {spec['impl']} failed: {proc.stderr.strip().splitlines()[-1:]}")
         return None
     return float(proc.stdout.strip().splitlines()[-1])
 

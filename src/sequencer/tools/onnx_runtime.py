@@ -8,8 +8,8 @@ gives and the commands run it through their usual code.
 from __future__ import annotations
 
 import json
+import logging
 import os
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -19,6 +19,8 @@ from torch import nn
 from ..engine.inference import LoadedModel
 from ..errors import SequencerError
 from ..hardware import cpu_info
+
+logger = logging.getLogger(__name__)
 
 METADATA_KEYS = ("arch", "class_names", "data_config", "input_size")
 
@@ -123,10 +125,9 @@ def load_onnx(path: str | os.PathLike, threads: int | None = None) -> LoadedMode
 
 
 def note_other_cpu(model: OnnxModel) -> None:
-    """One line on stderr when an int8 file was quantised for another CPU class than this one's."""
+    """A logged warning when an int8 file was quantised for another CPU class than this one's."""
     made_for = (_metadata_json(model, "int8_settings") or {}).get("cpu_class")
     here = cpu_info().cpu_class
     if made_for and made_for != here:
-        print(f"note: {model.path.name} was quantised for {made_for} CPUs, this one is {here}; re-export with "
-              f"`sequencer export --quantize int8` here (or --target-cpu {here}) for its int8 settings",
-              file=sys.stderr)
+        logger.warning(f"note: {model.path.name} was quantised for {made_for} CPUs, this one is {here}; re-export "
+                       f"with `sequencer export --quantize int8` here (or `target_cpu={here}`) for its int8 settings")

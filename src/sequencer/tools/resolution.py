@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import csv
 import io
+import logging
 import os
 from pathlib import Path
 
@@ -15,6 +16,8 @@ from ..engine.evaluate import evaluate
 from ..engine.inference import LoadedModel, eval_loader
 from ..errors import SequencerError
 from ..fileio import write_atomically
+
+logger = logging.getLogger(__name__)
 
 PLOT_SIZE_IN, PLOT_DPI = (6.4, 4.0), 100  # -> 640 x 400 px
 
@@ -58,15 +61,15 @@ def plot_resolution(rows: list[dict], path: Path, title: str, train_size: int | 
 def resolution_sweep(loaded: LoadedModel, data: str, split: str, sizes: list[int], batch_size: int = 64,
                      workers: int = 0, device="cpu") -> list[dict]:
     """One row per input size (img_size, top1, top5, loss, count) of ``loaded`` on ``data``'s ``split``, each with
-    the model's eval preprocessing at that size; prints a line per size."""
+    the model's eval preprocessing at that size; logs a line per size (INFO)."""
     rows = []
     for size in sizes:
         loader = eval_loader(data, split, loaded, (loaded.input_size[0], size, size), batch_size, workers, device)
         m = evaluate(loaded.model, loader, device)
         rows.append(dict(img_size=size, top1=round(m["top1"], 3), top5=round(m["top5"], 3),
                          loss=round(m["loss"], 5), count=m["count"]))
-        print(f"{size:>5} px: top-1 {m['top1']:6.2f}  top-5 {m['top5']:6.2f}  loss {m['loss']:.4f}  "
-              f"({m['count']} images)")
+        logger.info(f"{size:>5} px: top-1 {m['top1']:6.2f}  top-5 {m['top5']:6.2f}  loss {m['loss']:.4f}  "
+                    f"({m['count']} images)")
     return rows
 
 

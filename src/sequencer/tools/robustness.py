@@ -19,12 +19,15 @@ Corruptions without an AlexNet reference are reported without CE. The JSON recor
 """
 from __future__ import annotations
 
+import logging
 import warnings
 from pathlib import Path
 
 from ..engine.evaluate import evaluate
 from ..engine.inference import LoadedModel, eval_loader
 from ..errors import SequencerError
+
+logger = logging.getLogger(__name__)
 
 # AlexNet's top-1 error on each ImageNet-C corruption, averaged over severities 1-5: the normalisers of CE.
 # Source: Hendrycks & Dietterich, "Benchmarking Neural Network Robustness to Common Corruptions and Perturbations",
@@ -149,11 +152,11 @@ def select_corruptions(found: dict[str, Path], requested: list[str] | None, root
     standard = {n: found[n] for n in STANDARD_CORRUPTIONS if n in found}
     if not standard:
         raise SequencerError(f"none of the 15 standard ImageNet-C corruptions in {root!r}",
-                             hint=f"found: {', '.join(found)}; name others with --corruptions")
+                             hint=f"found: {', '.join(found)}; name others with `corruptions`")
     others = sorted(set(found) - set(standard))
     if others:
-        print(f"note: skipping {', '.join(others)} (not among the 15 standard corruptions; name them with "
-              f"--corruptions to include them)")
+        logger.info(f"note: skipping {', '.join(others)} (not among the 15 standard corruptions; name them with "
+                    f"`corruptions` to include them)")
     return standard
 
 
@@ -161,8 +164,8 @@ def mean_corruption_error(loaded: LoadedModel, corruptions: dict[str, Path], bat
                           device="cpu", clean: str | None = None, clean_split: str = "val") -> dict:
     """Corruption errors, CEs and mCE of ``loaded`` on ``corruptions`` ({name: folder of severity folders}, e.g.
     :func:`select_corruptions`), by the paper's protocol (resize, no crop); with ``clean`` (a dataset folder, its
-    ``clean_split`` evaluated with the model's own preprocessing) also the relative mCE. Prints one line per
-    corruption; returns :func:`summarize`'s dict."""
+    ``clean_split`` evaluated with the model's own preprocessing) also the relative mCE. Logs one line per
+    corruption (INFO); returns :func:`summarize`'s dict."""
     def error_of(folder: str, split: str, crop_pct: float | None) -> float:
         loader = eval_loader(folder, split, loaded, loaded.input_size, batch_size, workers, device, crop_pct)
         metrics = evaluate(loaded.model, loader, device)
@@ -173,7 +176,7 @@ def mean_corruption_error(loaded: LoadedModel, corruptions: dict[str, Path], bat
     clean_error = None
     if clean:
         clean_error = error_of(clean, clean_split, None)  # clean images: the model's own preprocessing
-        print(f"clean: error {clean_error:.4f}")
+        logger.info(f"clean: error {clean_error:.4f}")
     per_corruption = {}
     for name, folder in corruptions.items():
         severity_errors = {s: error_of(str(folder / s), s, PROTOCOL_CROP_PCT) for s in SEVERITIES
@@ -182,6 +185,6 @@ def mean_corruption_error(loaded: LoadedModel, corruptions: dict[str, Path], bat
             warnings.warn(f"{name}: only severities {', '.join(severity_errors)} present; its CE is not comparable "
                           f"to published ones (AlexNet's reference averages all five)", stacklevel=1)
         per_corruption[name] = c = corruption_summary(severity_errors, name, clean_error)
-        print(f"{name:>18}: error {c['error']:.4f}" + (f"  CE {c['ce']:.4f}" if "ce" in c else "  (no AlexNet CE)")
-              + "  errors by severity " + severity_line(severity_errors))
+        logger.info(f"{name:>18}: error {c['error']:.4f}" + (f"  CE {c['ce']:.4f}" if "ce" in c else "  (no AlexNet CE)")
+                    + "  errors by severity " + severity_line(severity_errors))
     return summarize(per_corruption, clean_error)

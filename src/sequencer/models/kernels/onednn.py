@@ -5,10 +5,12 @@ weights' own dtype (see :func:`_onednn_linear_ok`); everywhere else the standard
 """
 from __future__ import annotations
 
-import sys
+import logging
 
 import torch
 import torch.nn.functional as F
+
+logger = logging.getLogger(__name__)
 
 
 def _onednn_linear_ok(x: torch.Tensor, weight: torch.Tensor) -> bool:
@@ -148,7 +150,7 @@ def onednn_bf16_supported() -> bool:
 
 
 def native_dtype(dtype: torch.dtype | None, device: torch.device | str, what: str) -> torch.dtype | None:
-    """``dtype``, except bfloat16 on a CPU without native bf16 kernels, which becomes float32 with a one-line note.
+    """``dtype``, except bfloat16 on a CPU without native bf16 kernels, which becomes float32 with a logged warning.
 
     Without AVX512-BF16 or AMX, PyTorch runs bf16 matmuls and LSTMs on its reference kernels, ~6x slower than fp32
     (BENCHMARKS.md, CPU deployment): asking for bf16 there is never what a user wants. ``what`` names the request in
@@ -156,8 +158,7 @@ def native_dtype(dtype: torch.dtype | None, device: torch.device | str, what: st
     """
     if dtype != torch.bfloat16 or torch.device(device).type != "cpu" or onednn_bf16_supported():
         return dtype
-    print(f"note: {what}: this CPU has no native bf16 kernels (no AVX512-BF16/AMX), running float32 instead",
-          file=sys.stderr)
+    logger.warning(f"note: {what}: this CPU has no native bf16 kernels (no AVX512-BF16/AMX), running float32 instead")
     return torch.float32
 
 
