@@ -100,3 +100,11 @@ def test_the_cli_shows_the_library_log_on_todays_streams(capsys):
         logger.propagate = True
     log.info("a library user's process: nothing")
     assert capsys.readouterr() == ("", "")
+
+
+def test_train_pretrained_failure_keeps_the_library_message_with_trains_own_hint(capsys, tmp_path):
+    assert cli.main(["train", "--pretrained", "--model", "sequencer2d_nano", "--epochs", "1", "-j", "0",
+                     "--output", str(tmp_path)]) == 2
+    assert capsys.readouterr().err.splitlines()[-1] == (
+        "sequencer train: error: --pretrained: no pretrained weights are published for 'sequencer2d_nano' (hint: "
+        "download the file by other means and pass it with --initial-checkpoint FILE, or drop --pretrained)")
