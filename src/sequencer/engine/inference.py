@@ -22,7 +22,7 @@ from ..errors import SequencerError
 from ..models import create_model, get_model_entry
 from ..models.loading import checkpoint_metadata, extract_state_dict, load_state_dict_into, read_checkpoint
 
-logger = logging.getLogger(__name__)
+_logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -144,7 +144,7 @@ def label_with_model_classes(dataset, loaded) -> None:
     if ckpt_names and (set(names) & set(ckpt_names) or len(names) == len(ckpt_names)):
         missing = map_classes_by_name(dataset, ckpt_names, "the evaluated split")
         if missing:
-            logger.info(f"note: {dataset.description} has no images of {len(missing)} of the checkpoint's "
+            _logger.info(f"note: {dataset.description} has no images of {len(missing)} of the checkpoint's "
                         f"{len(ckpt_names)} classes ({', '.join(missing[:5])}{', ...' if len(missing) > 5 else ''})")
         return
     if num_outputs == 1000 and len(names) < 1000 and all(n.startswith("n") and n[1:].isdigit() for n in names):
@@ -166,7 +166,7 @@ def _leave_out_ignored_classes(dataset, loaded) -> None:
     removed = drop_classes(dataset, ignored) if ignored else 0
     if removed:
         left_out = sorted(ignored & set(dataset.ignored_classes))
-        logger.info(f"note: leaving out {removed} image(s) of {', '.join(left_out[:5])}"
+        _logger.info(f"note: leaving out {removed} image(s) of {', '.join(left_out[:5])}"
                     f"{', ...' if len(left_out) > 5 else ''}: the checkpoint's training left these classes out "
                     f"(its `class_map`)")
 
@@ -207,7 +207,7 @@ def read_images(files: list[Path], transform) -> tuple[list[Path], list[torch.Te
             tensors.append(transform(load_image(f)))
             ok.append(f)
         except READ_ERRORS as e:
-            logger.warning(f"warning: skipped unreadable image {f} ({type(e).__name__}: {e})")
+            _logger.warning(f"warning: skipped unreadable image {f} ({type(e).__name__}: {e})")
             failed.append(f)
     return ok, tensors, failed
 

@@ -22,7 +22,7 @@ from . import distributed as dist_utils
 from .checkpoint import find_auto_resume
 from .config import TrainConfig
 
-logger = logging.getLogger(__name__)
+_logger = logging.getLogger(__name__)
 
 # settings a resume keeps from its checkpoint: (args key, flag); the first three only with the optimizer state
 KEPT_WITH_STATE = (("opt", "--opt"), ("sched", "--sched"))
@@ -45,7 +45,7 @@ def locate_resume(cfg: TrainConfig, info: dist_utils.DistInfo) -> str:
     if info.is_primary:
         folder = experiment_folder(cfg)
         found = find_auto_resume(folder) if folder.is_dir() else None
-        logger.info(f"`resume=auto`: {'continuing from ' + str(found) if found else 'nothing to resume, starting'}")
+        _logger.info(f"`resume=auto`: {'continuing from ' + str(found) if found else 'nothing to resume, starting'}")
     found = dist_utils.broadcast_object(str(found) if found else "", info)
     return found
 

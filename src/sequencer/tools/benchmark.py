@@ -44,7 +44,7 @@ from ..errors import SequencerError
 from ..hardware import cpu_info
 from ..models.kernels import onednn_bf16_supported
 
-logger = logging.getLogger(__name__)
+_logger = logging.getLogger(__name__)
 
 AMP_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 TIMM_MODELS = ("sequencer2d_s", "sequencer2d_m", "sequencer2d_l")
@@ -329,7 +329,7 @@ def measure_peak_memory(spec: dict, timeout: float = 900) -> float | None:
     except subprocess.TimeoutExpired:
         return None
     if proc.returncode != 0:
-        logger.warning(f"warning: memory probe for {spec['impl']} failed: {proc.stderr.strip().splitlines()[-1:]}")
+        _logger.warning(f"warning: memory probe for {spec['impl']} failed: {proc.stderr.strip().splitlines()[-1:]}")
         return None
     return float(proc.stdout.strip().splitlines()[-1])
 

@@ -26,7 +26,7 @@ import torch
 from ..engine.inference import LoadedModel, eval_transform, read_images
 from ..fileio import write_atomically
 
-logger = logging.getLogger(__name__)
+_logger = logging.getLogger(__name__)
 
 PANEL_IN, COLORBAR_IN, HEIGHT_IN, DPI = 3.6, 1.0, 3.6, 100  # figure of n panels: (3.6 n + 1) x 3.6 in at 100 dpi
 AREA_THRESHOLDS = (0.2, 0.3, 0.5, 0.99)
@@ -145,7 +145,7 @@ def _warn_if_untrained_norm(model: torch.nn.Module) -> None:
     weight = getattr(getattr(model, "norm", None), "weight", None)
     if weight is not None and bool((weight == weight.flatten()[0]).all()):
         # sum_c LayerNorm(x)_c = sum_c w (x_c - mean) / std + b is constant when all w are equal (untrained norm)
-        logger.info("note: the final LayerNorm has equal channel weights (untrained model?), so the channel sum of the "
+        _logger.info("note: the final LayerNorm has equal channel weights (untrained model?), so the channel sum of the "
                     "last stage's features is constant and its ERF is numerical noise; use an earlier `stages` or "
                     "trained weights")
 

@@ -20,7 +20,7 @@ from ..engine.inference import LoadedModel
 from ..errors import SequencerError
 from ..hardware import cpu_info
 
-logger = logging.getLogger(__name__)
+_logger = logging.getLogger(__name__)
 
 METADATA_KEYS = ("arch", "class_names", "data_config", "input_size")
 
@@ -129,5 +129,5 @@ def note_other_cpu(model: OnnxModel) -> None:
     made_for = (_metadata_json(model, "int8_settings") or {}).get("cpu_class")
     here = cpu_info().cpu_class
     if made_for and made_for != here:
-        logger.warning(f"note: {model.path.name} was quantised for {made_for} CPUs, this one is {here}; re-export "
+        _logger.warning(f"note: {model.path.name} was quantised for {made_for} CPUs, this one is {here}; re-export "
                        f"with `sequencer export --quantize int8` here (or `target_cpu={here}`) for its int8 settings")

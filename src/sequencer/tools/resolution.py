@@ -17,7 +17,7 @@ from ..engine.inference import LoadedModel, eval_loader
 from ..errors import SequencerError
 from ..fileio import write_atomically
 
-logger = logging.getLogger(__name__)
+_logger = logging.getLogger(__name__)
 
 PLOT_SIZE_IN, PLOT_DPI = (6.4, 4.0), 100  # -> 640 x 400 px
 
@@ -68,7 +68,7 @@ def resolution_sweep(loaded: LoadedModel, data: str, split: str, sizes: list[int
         m = evaluate(loaded.model, loader, device)
         rows.append(dict(img_size=size, top1=round(m["top1"], 3), top5=round(m["top5"], 3),
                          loss=round(m["loss"], 5), count=m["count"]))
-        logger.info(f"{size:>5} px: top-1 {m['top1']:6.2f}  top-5 {m['top5']:6.2f}  loss {m['loss']:.4f}  "
+        _logger.info(f"{size:>5} px: top-1 {m['top1']:6.2f}  top-5 {m['top5']:6.2f}  loss {m['loss']:.4f}  "
                     f"({m['count']} images)")
     return rows
 

@@ -27,7 +27,7 @@ from ..engine.evaluate import evaluate
 from ..engine.inference import LoadedModel, eval_loader
 from ..errors import SequencerError
 
-logger = logging.getLogger(__name__)
+_logger = logging.getLogger(__name__)
 
 # AlexNet's top-1 error on each ImageNet-C corruption, averaged over severities 1-5: the normalisers of CE.
 # Source: Hendrycks & Dietterich, "Benchmarking Neural Network Robustness to Common Corruptions and Perturbations",
@@ -155,7 +155,7 @@ def select_corruptions(found: dict[str, Path], requested: list[str] | None, root
                              hint=f"found: {', '.join(found)}; name others with `corruptions`")
     others = sorted(set(found) - set(standard))
     if others:
-        logger.info(f"note: skipping {', '.join(others)} (not among the 15 standard corruptions; name them with "
+        _logger.info(f"note: skipping {', '.join(others)} (not among the 15 standard corruptions; name them with "
                     f"`corruptions` to include them)")
     return standard
 
@@ -176,7 +176,7 @@ def mean_corruption_error(loaded: LoadedModel, corruptions: dict[str, Path], bat
     clean_error = None
     if clean:
         clean_error = error_of(clean, clean_split, None)  # clean images: the model's own preprocessing
-        logger.info(f"clean: error {clean_error:.4f}")
+        _logger.info(f"clean: error {clean_error:.4f}")
     per_corruption = {}
     for name, folder in corruptions.items():
         severity_errors = {s: error_of(str(folder / s), s, PROTOCOL_CROP_PCT) for s in SEVERITIES
@@ -185,6 +185,6 @@ def mean_corruption_error(loaded: LoadedModel, corruptions: dict[str, Path], bat
             warnings.warn(f"{name}: only severities {', '.join(severity_errors)} present; its CE is not comparable "
                           f"to published ones (AlexNet's reference averages all five)", stacklevel=1)
         per_corruption[name] = c = corruption_summary(severity_errors, name, clean_error)
-        logger.info(f"{name:>18}: error {c['error']:.4f}" + (f"  CE {c['ce']:.4f}" if "ce" in c else "  (no AlexNet CE)")
+        _logger.info(f"{name:>18}: error {c['error']:.4f}" + (f"  CE {c['ce']:.4f}" if "ce" in c else "  (no AlexNet CE)")
                     + "  errors by severity " + severity_line(severity_errors))
     return summarize(per_corruption, clean_error)

@@ -10,7 +10,7 @@ import logging
 import torch
 import torch.nn.functional as F
 
-logger = logging.getLogger(__name__)
+_logger = logging.getLogger(__name__)
 
 
 def _onednn_linear_ok(x: torch.Tensor, weight: torch.Tensor) -> bool:
@@ -158,7 +158,7 @@ def native_dtype(dtype: torch.dtype | None, device: torch.device | str, what: st
     """
     if dtype != torch.bfloat16 or torch.device(device).type != "cpu" or onednn_bf16_supported():
         return dtype
-    logger.warning(f"note: {what}: this CPU has no native bf16 kernels (no AVX512-BF16/AMX), running float32 instead")
+    _logger.warning(f"note: {what}: this CPU has no native bf16 kernels (no AVX512-BF16/AMX), running float32 instead")
     return torch.float32
 
 
