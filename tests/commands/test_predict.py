@@ -101,3 +101,29 @@ def test_predict_fast_gives_the_same_answers(image_folder, tiny_checkpoint, caps
         assert [p["prob"] for p in a["predictions"]] == pytest.approx([p["prob"] for p in b["predictions"]], abs=1e-5)
     assert main(argv + ["--fast", "--onnx", "x.onnx"]) == 2
     assert "--fast does not apply to --onnx" in capsys.readouterr().err
+
+
+def test_outputs_without_a_class_are_labelled_as_such(image_folder, tmp_path, capsys):
+    """A 5-output checkpoint trained on 3 classes (train --num-classes 5): `predict --num-classes 5` labels outputs
+    3 and 4 '(no class: output N)' with one warning, not "3" and "4" as if they were class names; and
+    --num-classes 5 on a 3-output checkpoint is refused in one line."""
+    from tools.conftest import save_training_checkpoint, tiny_model
+    model = tiny_model()
+    model.reset_classifier(5)
+    with torch.no_grad():
+        model.head.fc.bias.copy_(torch.tensor([0.0, 0.0, 0.0, 0.0, 50.0]))  # output 4 wins every image
+    five = save_training_checkpoint(tmp_path / "five.pth", model, class_names=["a", "b", "c"])
+    image = image_folder / "val" / "cat" / "cat_0.png"
+    assert main(["predict", str(image), "--checkpoint", str(five), "--num-classes", "5", "--json"]) == 0
+    captured = capsys.readouterr()
+    predictions = json.loads(captured.out)["predictions"]
+    assert predictions[0] == {"label": "(no class: output 4)", "index": 4, "prob": pytest.approx(1.0, abs=1e-6)}
+    assert {p["label"] for p in predictions} == {"a", "b", "c", "(no class: output 3)", "(no class: output 4)"}
+    assert "the model has 5 outputs but 3 class names: outputs 3..4 belong to no class" in captured.err
+
+    three = tiny_model()
+    three.reset_classifier(3)
+    save_training_checkpoint(tmp_path / "three.pth", three, class_names=["a", "b", "c"])
+    assert main(["predict", str(image), "--checkpoint", str(tmp_path / "three.pth"), "--num-classes", "5"]) == 2
+    err = capsys.readouterr().err
+    assert "has a 3-class head but --num-classes is 5" in err and len(err.strip().splitlines()) == 1

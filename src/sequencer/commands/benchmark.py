@@ -68,13 +68,19 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _with_head(classes: int | None) -> str:
+    """What a parameter count includes: the classifier's size differs between runs (1000 for ImageNet, 10 for the
+    digits demo)."""
+    return f" with a {classes}-class head" if classes else (" without a classifier head" if classes == 0 else "")
+
+
 def format_results(report: dict) -> str:
     head = f"{'impl':<15} {'mode':<6} {'dtype':<9} {'img/s':>8} {'step ms':>9} {'vs timm':>8} {'peak MiB':>9} " \
            f"{'GEMM %':>7} {'rel diff':>9}"
     gmacs = report['results'][0]['gmacs']
     lines = [f"{report['model']} {'x'.join(map(str, report['input_size']))} batch {report['batch_size']} on "
              f"{report['device']} ({report['threads']} threads); params "
-             f"{report['results'][0]['params_m']:.2f}M, GMACs/img {gmacs if gmacs is None else round(gmacs, 3)}"
+             f"{report['results'][0]['params_m']:.2f}M{_with_head(report.get('head_classes'))}, GMACs/img {gmacs if gmacs is None else round(gmacs, 3)}"
              f", GEMM rate {report['gemm_gflops']:.0f} GFLOP/s",
              f"CPU {report['cpu_description']}", head]
 

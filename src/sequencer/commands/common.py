@@ -80,6 +80,12 @@ def add_fast_argument(parser) -> None:
                              "elsewhere)")
 
 
+def check_fast_flags(args: argparse.Namespace) -> None:
+    """``--fast`` runs a PyTorch model: refused beside ``--onnx`` (onnxruntime runs the file as exported)."""
+    if args.fast and args.onnx:
+        raise SequencerError("--fast does not apply to --onnx: the file runs in the precision it was exported in")
+
+
 def warn_if_random_weights(args: argparse.Namespace) -> None:
     """One warning line when a model name alone (no --checkpoint, no --pretrained) means random weights."""
     if getattr(args, "model", None) and not args.checkpoint and not args.pretrained:

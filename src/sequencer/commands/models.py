@@ -38,6 +38,7 @@ def model_summary(name: str, sizes: tuple[int, ...] = ()) -> dict:
     return dict(
         name=name,
         params=sum(p.numel() for p in model.parameters()),
+        head_classes=getattr(model, "num_classes", None),  # the params include this classifier
         gmacs=count_macs(model, input_size) / 1e9,
         input_size=input_size,
         pretrained=bool(entry.pretrained_cfg.get("url")),
@@ -46,10 +47,14 @@ def model_summary(name: str, sizes: tuple[int, ...] = ()) -> dict:
 
 
 def format_table(rows: list[dict], sizes: tuple[int, ...] = ()) -> str:
-    header = ["model", "params (M)", "GMACs", "input size", "pretrained"] + [f"GMACs@{px}" for px in sizes]
+    heads = {r["head_classes"] for r in rows}
+    one_head = heads.pop() if len(heads) == 1 else None  # the params include the classifier: name its size
+    params = f"params (M, {one_head}-class head)" if one_head else "params (M, head classes)"
+    header = ["model", params, "GMACs", "input size", "pretrained"] + [f"GMACs@{px}" for px in sizes]
     lines = [header]
     for r in rows:
-        lines.append([r["name"], f"{r['params'] / 1e6:.2f}", f"{r['gmacs']:.2f}",
+        count = f"{r['params'] / 1e6:.2f}" + ("" if one_head else f" ({r['head_classes']})")
+        lines.append([r["name"], count, f"{r['gmacs']:.2f}",
                       "x".join(str(s) for s in r["input_size"]), "yes" if r["pretrained"] else "no"]
                      + [f"{r['gmacs_at'][px]:.2f}" for px in sizes])
     widths = [max(len(line[i]) for line in lines) for i in range(len(header))]

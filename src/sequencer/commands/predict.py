@@ -15,9 +15,8 @@ import sys
 import torch
 
 from ..engine.inference import check_input_size, eval_transform, find_images, read_images, resolve_device
-from ..errors import SequencerError
 from ..tools.optimize import optimize_for_inference
-from .common import (add_fast_argument, add_model_args, add_onnx_argument, load_model_or_onnx, positive_int,
+from .common import (add_fast_argument, check_fast_flags, add_model_args, add_onnx_argument, load_model_or_onnx, positive_int,
                      warn_if_random_weights)
 
 
@@ -40,18 +39,33 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_onnx_argument(parser)
 
 
+def output_label(names: list[str] | None, index: int) -> str:
+    """Output ``index``'s label: its class name; past the names (a head with more outputs than the classes it was
+    trained on, e.g. --num-classes above them) it says so rather than pass the index for a class name."""
+    if not names:
+        return str(index)
+    return names[index] if index < len(names) else f"(no class: output {index})"
+
+
+def _warn_of_unnamed_outputs(names: list[str] | None, num_outputs: int | None) -> None:
+    if names and num_outputs and num_outputs > len(names):
+        print(f"warning: the model has {num_outputs} outputs but {len(names)} class names: outputs "
+              f"{len(names)}..{num_outputs - 1} belong to no class (no image trained them); they are labelled "
+              f"'(no class: output N)'", file=sys.stderr)
+
+
 def run(args: argparse.Namespace) -> int:
     files = find_images(args.inputs)
     device = resolve_device(args.device)
     warn_if_random_weights(args)
-    if args.fast and args.onnx:
-        raise SequencerError("--fast does not apply to --onnx: the file runs in the precision it was exported in")
+    check_fast_flags(args)
     loaded = load_model_or_onnx(args, device)
     check_input_size(loaded, *loaded.input_size[1:])
     if args.fast:
         loaded.model = optimize_for_inference(loaded.model, "auto")
     transform = eval_transform(loaded)
     names = loaded.class_names
+    _warn_of_unnamed_outputs(names, getattr(loaded.model, "num_classes", None))
     failed_total = 0
     for start in range(0, len(files), args.batch_size):
         ok, tensors, failed = read_images(files[start:start + args.batch_size], transform)
@@ -60,7 +74,7 @@ def run(args: argparse.Namespace) -> int:
             continue
         probs, indices = predict(loaded.model, torch.stack(tensors).to(device), args.topk)
         for f, p_row, i_row in zip(ok, probs.tolist(), indices.tolist()):
-            preds = [{"label": names[i] if names and i < len(names) else str(i), "index": i, "prob": round(p, 6)}
+            preds = [{"label": output_label(names, i), "index": i, "prob": round(p, 6)}
                      for p, i in zip(p_row, i_row)]
             if args.json:
                 print(json.dumps({"image": str(f), "predictions": preds}))

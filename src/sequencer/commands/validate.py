@@ -22,7 +22,7 @@ from ..engine.validation import validate
 from ..errors import SequencerError
 from ..fileio import write_atomically
 from ..tools.optimize import optimize_for_inference
-from .common import (add_fast_argument, add_model_args, add_onnx_argument, add_torchcompile_argument, check_device, check_results_file, check_workers,
+from .common import (add_fast_argument, check_fast_flags, add_model_args, add_onnx_argument, add_torchcompile_argument, check_device, check_results_file, check_workers,
                      failure_reported_to_launcher, load_model_or_onnx, positive_int)
 
 RESULT_FORMATS = (".json", ".csv")
@@ -78,9 +78,9 @@ def check_onnx_flags(args: argparse.Namespace) -> None:
         raise SequencerError("--amp does not apply to --onnx: the file runs in the precision it was exported in")
     if args.onnx and args.torchcompile:
         raise SequencerError("--torchcompile does not apply to --onnx: onnxruntime runs the file")
-    if args.fast and (args.onnx or args.amp or args.amp_dtype):
-        raise SequencerError("--fast picks the precision itself: drop --amp/--amp-dtype (and it does not apply to "
-                             "--onnx)")
+    check_fast_flags(args)
+    if args.fast and (args.amp or args.amp_dtype):
+        raise SequencerError("--fast picks the precision itself: drop --amp/--amp-dtype")
 
 
 def run(args: argparse.Namespace) -> int:

@@ -110,8 +110,9 @@ def _train(cfg, state: RunState, info: dist_utils.DistInfo) -> TrainResult:
     opt = build_optimization(cfg, info, model, loaders, data.num_classes)
     start_epoch = restore(cfg, info, data.resume_ckpt, opt, loaders.updates_per_epoch)
     if start_epoch >= opt.num_epochs:
-        print_on_primary(info, f"--resume {data.resume_path}: the run already finished its {opt.num_epochs} epochs; nothing to "
-                   f"do (pass a larger --epochs to extend it)")
+        print_on_primary(info, f"--resume {data.resume_path}: the run already finished: it ran "
+                               f"{plural(start_epoch, 'epoch')} and this schedule has {plural(opt.num_epochs, 'epoch')}"
+                               f"; nothing to do (pass a larger --epochs to extend it)")
         return _result(cfg, Path(data.resume_path).parent, None, 0)
     out = prepare_outputs(cfg, state, info, data.resume_path, data.resume_ckpt, start_epoch, loaders.img_size)
     for message in [*state.start_warnings, *timm_habits.notes(cfg, info.device)]:
@@ -405,7 +406,7 @@ def _log_start(training: TrainingRun, data: TrainData, start_epoch: int) -> None
     cfg, info = training.cfg, training.info
     n_params = sum(p.numel() for p in training.model.parameters())
     where = f"{info.world_size} processes, " if info.distributed else ""
-    print_on_primary(info, f"train: {cfg.model} ({n_params / 1e6:.2f}M params) on {len(data.train_set)} images of "
+    print_on_primary(info, f"train: {cfg.model} ({n_params / 1e6:.2f}M params with a {data.num_classes}-class head) on {len(data.train_set)} images of "
                f"{cfg.dataset or cfg.data}, {plural(data.num_classes, 'class', 'classes')}, {training.loaders.img_size}px, "
                f"{where}{info.device}; epochs {start_epoch}..{training.opt.num_epochs - 1}, "
                f"lr {current_lr(training.opt.optimizer):.3g}, batch {cfg.batch_size}; output {training.out.folder}")

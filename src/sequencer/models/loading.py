@@ -111,7 +111,8 @@ def _refuse_exports(path: Path) -> None:
     a TorchScript file corrupt after a warning)."""
     if path.suffix.lower() == ".onnx":
         raise SequencerError(f"{str(path)!r} is an ONNX export, not a checkpoint",
-                             hint=f"pass it as `onnx={path}`, or pass the .pth.tar / .safetensors it came from")
+                             hint=f"pass the .pth.tar / .safetensors it came from (validate, predict and benchmark "
+                                  f"also run the file itself: `onnx={path}`)")
     if not zipfile.is_zipfile(path):
         return
     try:

@@ -379,6 +379,7 @@ def run_benchmark(args: BenchmarkSettings) -> dict:
     device, cpu = setup.device, cpu_info()
     return dict(
         model=setup.name, input_size=list(setup.input_size), batch_size=args.batch_size, amp_dtype=args.amp_dtype,
+        head_classes=getattr(setup.model, "num_classes", None),  # the parameter count includes this head
         device=device.type, device_name=torch.cuda.get_device_name(device) if device.type == "cuda" else cpu.model,
         # the host CPU and its matrix ISA, also for CUDA runs (it feeds the GPU)
         cpu=cpu.model, cpu_isa=cpu.matrix_isa, cpu_class=cpu.cpu_class, cpu_description=cpu.describe(),
