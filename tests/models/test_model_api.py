@@ -81,6 +81,25 @@ def test_features_only(tiny_kwargs):
     assert full.channels() == [192, 384, 384, 384] and full.reduction() == [7, 14, 14, 14]
 
 
+def test_feature_info_is_timms_object_and_still_lists_the_returned_maps(tiny_kwargs):
+    """Issue 26 item 3: code written for timm calls feature_info.channels() / reduction() / module_name()."""
+    from timm.models import FeatureInfo
+    backbone = sequencer.create_model("sequencer2d_s", features_only=True, out_indices=(0, 1, 3), **tiny_kwargs)
+    info = backbone.feature_info
+    assert isinstance(info, FeatureInfo)
+    assert info.channels() == [16, 32, 32] and info.reduction() == [7, 14, 14]
+    assert info.module_name() == ["stages.0", "stages.1", "stages.3"]
+    # each name is the module whose output the map is
+    assert all(backbone.model.get_submodule(name) is backbone.model.stages[i]
+               for name, i in zip(info.module_name(), (0, 1, 3)))
+    assert info.get_dicts(keys=["num_chs", "index"]) == [{"num_chs": 16, "index": 0}, {"num_chs": 32, "index": 1},
+                                                          {"num_chs": 32, "index": 3}]
+    # list-like access, as before: one dict per returned map
+    assert len(info) == 3 and info[2]["reduction"] == 14 and [f["num_chs"] for f in info] == [16, 32, 32]
+    # the model's own list is not touched (a later features_only model of it must see every stage unnumbered)
+    assert "index" not in backbone.model.feature_info[3]
+
+
 @pytest.mark.parametrize("out_indices, expect", [((0, 4), "stage 4 is out of range for a model with 4 stages"),
                                                   ((-5,), "stage -5 is out of range"),
                                                   ((1, 1), "list each stage once, in increasing order"),

@@ -4,6 +4,7 @@ from __future__ import annotations
 from typing import Sequence
 
 import torch
+from timm.models import FeatureInfo
 from torch import nn
 
 from ..errors import SequencerError
@@ -31,8 +32,21 @@ def stage_indices(indices: int | Sequence[int] | None, n: int, what: str) -> lis
         raise SequencerError(f"{what}={tuple(indices)}: list each stage once, in increasing order")
     return take
 
+def returned_feature_info(stage_info: Sequence[dict], out_indices: Sequence[int]) -> FeatureInfo:
+    """timm's ``FeatureInfo`` for the returned maps, what code written for timm reads (``channels()``,
+    ``reduction()``, ``module_name()``, ``get_dicts()``).
+
+    It holds the returned stages only (timm's holds every stage and selects with ``out_indices``), so that
+    ``len()``, indexing and iteration still give one dict per returned map, as the plain list this replaced did;
+    an ``idx`` passed to its accessors counts returned maps. Each dict's ``index`` is its stage's position.
+    """
+    info = [dict(stage_info[i], index=i) for i in out_indices]
+    return FeatureInfo(info, tuple(range(len(info))))
+
+
 class FeatureExtractor(nn.Module):
-    """``features_only=True`` wrapper: returns a list of NCHW stage maps; ``feature_info`` lists their shapes."""
+    """``features_only=True`` wrapper: returns a list of NCHW stage maps; ``feature_info`` (timm's FeatureInfo)
+    describes them."""
 
     def __init__(self, model: nn.Module, out_indices: Sequence[int] | None = None):
         super().__init__()
@@ -40,13 +54,13 @@ class FeatureExtractor(nn.Module):
         self.out_indices = tuple(stage_indices(out_indices, n, "out_indices"))
         model.reset_classifier(0)
         self.model = model
-        self.feature_info = [model.feature_info[i] for i in self.out_indices]
+        self.feature_info = returned_feature_info(model.feature_info, self.out_indices)
 
     def channels(self) -> list[int]:
-        return [f["num_chs"] for f in self.feature_info]
+        return self.feature_info.channels()
 
     def reduction(self) -> list[int]:
-        return [f["reduction"] for f in self.feature_info]
+        return self.feature_info.reduction()
 
     def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
         return self.model.forward_intermediates(x, indices=self.out_indices, intermediates_only=True)
