@@ -45,6 +45,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         "(with --compare-timm: beside timm's create_loader)")
     g.add_argument("-j", "--workers", type=int, default=2, help="data-loader workers for --data (default 2)")
     g.add_argument("--rounds", type=positive_int, default=3, help="alternating timed rounds for --data (default 3)")
+    g = parser.add_argument_group("detection backbone (--backbone)")
+    g.add_argument("--backbone", action="store_true",
+                   help="measure create_backbone(--model) (trunk + stride 4-32 pyramid) beside the trunk alone and "
+                        "--reference-model (default convnext_tiny) with features_only, bare and under torchvision's "
+                        "FPN; --img-size defaults to 512")
     parser.add_argument("--onnx", action="append", default=[], metavar="PATH",
                         help="also time this `sequencer export` ONNX file (fp32 or int8) under onnxruntime, "
                              "interleaved with the PyTorch paths (inference; repeatable; the model defaults to "
@@ -59,6 +64,10 @@ def run(args: argparse.Namespace) -> int:
         img_size = args.img_size or 224
         report = run_loader_benchmark(settings, resolve_device(args.device), img_size)
         print(format_loader_results(report))
+    elif args.backbone:
+        from ..tools.backbone_benchmark import format_backbone_results, run_backbone_benchmark
+        report = run_backbone_benchmark(settings)
+        print(format_backbone_results(report))
     else:
         report = run_benchmark(settings)
         print(format_results(report))

@@ -84,6 +84,7 @@ class BenchmarkSettings:
     data: str = ""
     workers: int = 2
     rounds: int = 3
+    backbone: bool = False  # sequencer.tools.backbone_benchmark
 
 
 @dataclass
@@ -274,6 +275,11 @@ def memory_probe(spec: dict) -> float:
             step = make_infer_step(model, x, torch.float32, device)
         else:
             step = make_infer_step(model, x, amp, device)
+    return step_peak_memory(step, device, spec["iters"])
+
+
+def step_peak_memory(step: Callable, device: torch.device, iters: int) -> float:
+    """MiB that ``iters`` calls of ``step`` allocate on top of the state one untimed call leaves (this process)."""
     # one step first, on every device: optimizer state, first-call library caches and JIT-compiled kernels belong
     # to the baseline, so what is reported is the steady-state cost of one more step of the work
     step()
@@ -281,7 +287,7 @@ def memory_probe(spec: dict) -> float:
         synchronize(device)
         base = torch.cuda.memory_allocated(device)
         torch.cuda.reset_peak_memory_stats(device)
-        for _ in range(spec["iters"]):
+        for _ in range(iters):
             step()
         synchronize(device)
         return (torch.cuda.max_memory_allocated(device) - base) / 2 ** 20
@@ -289,11 +295,11 @@ def memory_probe(spec: dict) -> float:
     # not hide the work's; elsewhere ru_maxrss (never reset) is the fallback and can under-report small work.
     if _reset_peak_rss():
         base = _proc_status_kib("VmRSS")
-        for _ in range(spec["iters"]):
+        for _ in range(iters):
             step()
         return max(_proc_status_kib("VmHWM") - base, 0) / 1024
     base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    for _ in range(spec["iters"]):
+    for _ in range(iters):
         step()
     scale = 1 if sys.platform == "darwin" else 1024
     return (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base) * scale / 2 ** 20
@@ -316,12 +322,14 @@ def _proc_status_kib(field: str) -> int:
     raise OSError(f"{field} not in /proc/self/status")
 
 
-def measure_peak_memory(spec: dict, timeout: float = 900) -> float | None:
-    """Run :func:`memory_probe` in a fresh Python process (CPU) or in this one (CUDA)."""
+def measure_peak_memory(spec: dict, timeout: float = 900, probe: Callable[[dict], float] = memory_probe
+                        ) -> float | None:
+    """Run ``probe(spec)`` (:func:`memory_probe`, or another module-level probe) in a fresh Python process (CPU) or
+    in this one (CUDA)."""
     if spec["device"] == "cuda":
-        return memory_probe(spec)
-    code = "import json,sys; from sequencer.tools.benchmark import memory_probe; " \
-           "print(json.dumps(memory_probe(json.loads(sys.argv[1]))))"
+        return probe(spec)
+    code = f"import json,sys; from {probe.__module__} import {probe.__name__} as probe; " \
+           "print(json.dumps(probe(json.loads(sys.argv[1]))))"
     try:
         proc = subprocess.run([sys.executable, "-c", code, json.dumps(spec)], capture_output=True, text=True,
                               timeout=timeout, env=dict(os.environ, OMP_NUM_THREADS=str(torch.get_num_threads()),

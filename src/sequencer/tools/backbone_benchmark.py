@@ -1,0 +1,171 @@
+"""``sequencer benchmark --backbone``: a detection backbone's images/s, peak memory and GMACs at detection sizes.
+
+Rows, all timed interleaved in one process (:func:`sequencer.tools.benchmark.time_interleaved`, so machine noise hits
+them alike and their ratios hold on a loaded machine better than their absolute numbers):
+
+* ``backbone``: ``create_backbone(--model)``, the trunk and its stride 4-32 pyramid (what a detector runs);
+* ``trunk``: ``create_model(--model, features_only=True)``, the trunk's stage maps without the pyramid (on the
+  input as given: its strided stem drops a remainder the backbone pads instead, 512 -> 504 px against 518 px);
+* ``ref-<name>``: timm's ``--reference-model`` (default ``convnext_tiny``) with ``features_only=True``;
+* ``ref-<name>-fpn``: the same under torchvision's ``FeaturePyramidNetwork`` to 256 channels with its stride-64
+  max-pool level (``BackboneWithFPN``'s neck), the like-for-like partner of ``backbone``;
+* with ``--torchcompile``, a ``-compiled`` twin of each.
+
+Weights are freshly initialised (speed and memory do not depend on them). Inference is a forward; training is a
+forward, the sum of the maps' mean squares as a stand-in loss, a backward and an AdamW step. GMACs per image are
+:func:`sequencer.models.flops.count_macs`'s (convolution, linear and recurrent multiply-adds; ConvNeXt counted the
+same way). Peak memory is measured as the classification benchmark measures it (a fresh process per row on CPU).
+"""
+from __future__ import annotations
+
+import copy
+import os
+import statistics
+from collections import OrderedDict
+
+import torch
+from torch import nn
+
+from ..engine.inference import resolve_device
+from ..errors import SequencerError
+from ..hardware import cpu_info
+from ..models.flops import count_macs
+from .benchmark import (AMP_DTYPES, BenchmarkSettings, autocast_ctx, compiled_if_named, measure_peak_memory,
+                        step_peak_memory, time_interleaved)
+
+DEFAULT_REFERENCE = "convnext_tiny"
+DEFAULT_IMG_SIZE = 512
+
+
+class TimmWithFPN(nn.Module):
+    """A timm ``features_only`` model under torchvision's FPN (256 channels, "pool" level), as ``BackboneWithFPN``.
+
+    (B, 3, H, W) -> OrderedDict "0".."n-1", "pool" of (B, 256, H/s, W/s).
+    """
+
+    def __init__(self, body: nn.Module, out_channels: int = 256):
+        super().__init__()
+        from torchvision.ops.feature_pyramid_network import FeaturePyramidNetwork, LastLevelMaxPool
+        self.body = body
+        self.fpn = FeaturePyramidNetwork(body.feature_info.channels(), out_channels, LastLevelMaxPool())
+        self.out_channels = out_channels
+
+    def forward(self, x: torch.Tensor) -> OrderedDict[str, torch.Tensor]:
+        return self.fpn(OrderedDict((str(i), m) for i, m in enumerate(self.body(x))))
+
+
+def build_row_model(impl: str, name: str, reference: str) -> nn.Module:
+    """The model measured in row ``impl`` (see the module docstring), freshly initialised."""
+    base = impl.removesuffix("-compiled")
+    if base == "backbone":
+        from ..models.backbone import create_backbone
+        model = create_backbone(name)
+    elif base == "trunk":
+        from ..models import create_model
+        model = create_model(name, features_only=True)
+    else:
+        import timm
+        model = timm.create_model(reference, pretrained=False, features_only=True)
+        if base.endswith("-fpn"):
+            model = TimmWithFPN(model)
+    return compiled_if_named(model, impl)
+
+
+def _maps(out) -> list[torch.Tensor]:
+    return list(out.values()) if isinstance(out, dict) else list(out)
+
+
+def make_step(model: nn.Module, x: torch.Tensor, mode: str, amp: torch.dtype, device: torch.device):
+    """One inference forward, or one training step (stand-in loss: the sum of the maps' mean squares, AdamW)."""
+    if mode == "infer":
+        model.eval()
+
+        def infer():
+            with torch.inference_mode(), autocast_ctx(device, amp):
+                return model(x)
+        return infer
+    model.train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5)
+
+    def train():
+        optimizer.zero_grad(set_to_none=True)
+        with autocast_ctx(device, amp):
+            loss = sum(m.float().square().mean() for m in _maps(model(x)))
+        loss.backward()
+        optimizer.step()
+        return loss
+    return train
+
+
+def backbone_memory_probe(spec: dict) -> float:
+    """Peak MiB of one row's step (see :func:`sequencer.tools.benchmark.step_peak_memory`); run in a fresh process."""
+    device = torch.device(spec["device"])
+    torch.manual_seed(0)
+    x = torch.randn(spec["batch_size"], 3, spec["img_size"], spec["img_size"], device=device)
+    model = build_row_model(spec["impl"], spec["name"], spec["reference"]).to(device)
+    step = make_step(model, x, spec["mode"], AMP_DTYPES[spec["dtype"]], device)
+    return step_peak_memory(step, device, spec["iters"])
+
+
+def _own(model: nn.Module, mode: str) -> nn.Module:
+    return copy.deepcopy(model) if mode == "train" else model
+
+
+def run_backbone_benchmark(args: BenchmarkSettings) -> dict:
+    """Every row in every mode of ``args`` (see the module docstring) -> a JSON-ready report."""
+    if not args.model:
+        raise SequencerError("--backbone needs --model (the Sequencer to build the backbone from)")
+    if args.num_warmup < 0 or args.memory_iter < 0:
+        raise SequencerError("--num-warmup and --memory-iter must be >= 0")
+    device, amp = resolve_device(args.device), AMP_DTYPES[args.amp_dtype]
+    if amp == torch.float16 and device.type == "cpu":
+        raise SequencerError("--amp-dtype float16 is CUDA only", hint="use bfloat16 on CPU")
+    reference = args.reference_model or DEFAULT_REFERENCE
+    size = args.img_size or DEFAULT_IMG_SIZE
+    impls = ["backbone", "trunk", f"ref-{reference}", f"ref-{reference}-fpn"]
+    if args.torchcompile:
+        impls += [f"{impl}-compiled" for impl in impls]
+    torch.manual_seed(args.seed)
+    models = {impl: build_row_model(impl.removesuffix("-compiled"), args.model, reference).to(device)
+              for impl in impls if not impl.endswith("-compiled")}
+    figures = {impl: dict(params_m=sum(p.numel() for p in m.parameters()) / 1e6,
+                          gmacs=count_macs(m, (3, size, size)) / 1e9) for impl, m in models.items()}
+    x = torch.randn(args.batch_size, 3, size, size, generator=torch.Generator().manual_seed(args.seed)).to(device)
+    modes = ("infer", "train") if args.mode == "both" else (args.mode,)
+    results = []
+    for mode in modes:
+        # training: each row updates its own copy of the weights
+        steps = {impl: make_step(compiled_if_named(_own(models[impl.removesuffix("-compiled")], mode), impl), x,
+                                 mode, amp, device) for impl in impls}
+        times = time_interleaved(steps, device, args.num_warmup, args.num_iter)
+        ours_ms = statistics.median(times["backbone"])
+        for impl, ts in times.items():
+            step_s = statistics.median(ts)
+            row = dict(impl=impl, mode=mode, dtype=args.amp_dtype, batch_size=args.batch_size, img_size=size,
+                       img_per_s=args.batch_size / step_s, step_ms=step_s * 1e3,
+                       step_ms_all=[round(t * 1e3, 2) for t in ts], speed_vs_backbone=ours_ms / step_s,
+                       **figures[impl.removesuffix("-compiled")], peak_memory_mb=None)
+            if args.memory_iter:
+                spec = dict(impl=impl, name=args.model, reference=reference, mode=mode, dtype=args.amp_dtype,
+                            batch_size=args.batch_size, img_size=size, device=device.type, iters=args.memory_iter)
+                row["peak_memory_mb"] = measure_peak_memory(spec, probe=backbone_memory_probe)
+            results.append(row)
+    cpu = cpu_info()
+    return dict(model=args.model, reference=reference, input_size=[3, size, size], batch_size=args.batch_size,
+                amp_dtype=args.amp_dtype, device=device.type,
+                device_name=torch.cuda.get_device_name(device) if device.type == "cuda" else cpu.model,
+                cpu_description=cpu.describe(), threads=torch.get_num_threads(),
+                load_average=list(os.getloadavg()) if hasattr(os, "getloadavg") else None, torch=torch.__version__,
+                num_iter=args.num_iter, num_warmup=args.num_warmup, results=results)
+
+
+def format_backbone_results(report: dict) -> str:
+    lines = [f"backbones at {report['input_size'][-1]} px, batch {report['batch_size']}, {report['amp_dtype']}, on "
+             f"{report['device_name']} ({report['threads']} threads); ratios: this run, interleaved",
+             f"{'impl':<26} {'mode':<6} {'img/s':>8} {'step ms':>9} {'vs backbone':>11} {'peak MiB':>9} "
+             f"{'GMACs/img':>9} {'params M':>8}"]
+    for r in report["results"]:
+        peak = "-" if r["peak_memory_mb"] is None else f"{r['peak_memory_mb']:.0f}"
+        lines.append(f"{r['impl']:<26} {r['mode']:<6} {r['img_per_s']:>8.2f} {r['step_ms']:>9.1f} "
+                     f"{r['speed_vs_backbone']:>10.2f}x {peak:>9} {r['gmacs']:>9.3g} {r['params_m']:>8.2f}")
+    return "\n".join(lines)

@@ -1,0 +1,63 @@
+"""`sequencer benchmark --backbone`: the rows, their figures and their memory probe (timings are never asserted)."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from sequencer.cli import main
+from sequencer.models.flops import count_macs
+from sequencer.tools import backbone_benchmark
+
+
+def test_backbone_rows_beside_a_timm_reference_with_and_without_fpn(tmp_path, capsys):
+    out = tmp_path / "r.json"
+    rc = main(["benchmark", "--backbone", "--model", "sequencer2d_nano", "--img-size", "40", "-b", "1",
+               "--reference-model", "test_convnext", "--mode", "both", "--num-warmup", "0", "--num-iter", "1",
+               "--memory-iter", "0", "--device", "cpu", "--results-file", str(out)])
+    assert rc == 0
+    report = json.loads(out.read_text())
+    rows = {(r["impl"], r["mode"]): r for r in report["results"]}
+    impls = ["backbone", "trunk", "ref-test_convnext", "ref-test_convnext-fpn"]
+    assert list(rows) == [(i, m) for m in ("infer", "train") for i in impls]
+    assert report["input_size"] == [3, 40, 40] and report["reference"] == "test_convnext"
+    backbone = backbone_benchmark.build_row_model("backbone", "sequencer2d_nano", "")
+    assert rows["backbone", "infer"]["gmacs"] == pytest.approx(count_macs(backbone, (3, 40, 40)) / 1e9)
+    assert rows["backbone", "infer"]["params_m"] == pytest.approx(sum(p.numel() for p in backbone.parameters()) / 1e6)
+    # the pyramid costs MACs and parameters on top of the trunk; the FPN on top of the reference
+    for a, b in (("backbone", "trunk"), ("ref-test_convnext-fpn", "ref-test_convnext")):
+        assert rows[a, "infer"]["gmacs"] > rows[b, "infer"]["gmacs"] > 0
+        assert rows[a, "infer"]["params_m"] > rows[b, "infer"]["params_m"]
+    for r in rows.values():
+        assert r["img_per_s"] == pytest.approx(1000 / r["step_ms"])
+        backbone_ms = rows["backbone", r["mode"]]["step_ms"]
+        assert r["speed_vs_backbone"] == pytest.approx(backbone_ms / r["step_ms"])
+        assert r["peak_memory_mb"] is None
+    printed = capsys.readouterr().out
+    assert "ref-test_convnext-fpn" in printed and "vs backbone" in printed
+
+
+def test_timm_reference_under_fpn_gives_torchvisions_levels():
+    model = backbone_benchmark.build_row_model("ref-test_convnext-fpn", "", "test_convnext")
+    with torch.no_grad():
+        maps = model(torch.randn(1, 3, 64, 64))
+    assert [(k, tuple(m.shape[1:])) for k, m in maps.items()] == [
+        ("0", (256, 16, 16)), ("1", (256, 8, 8)), ("2", (256, 4, 4)), ("3", (256, 2, 2)), ("pool", (256, 1, 1))]
+
+
+@pytest.mark.slow
+def test_backbone_memory_probe_reports_training_above_inference():
+    spec = dict(impl="backbone", name="sequencer2d_nano", reference="", dtype="float32", batch_size=2, img_size=64,
+                device="cpu", iters=1)
+    infer = backbone_benchmark.measure_peak_memory(dict(spec, mode="infer"),
+                                                   probe=backbone_benchmark.backbone_memory_probe)
+    train = backbone_benchmark.measure_peak_memory(dict(spec, mode="train"),
+                                                   probe=backbone_benchmark.backbone_memory_probe)
+    assert infer is not None and train is not None
+    assert 0 < infer < train
+
+
+def test_backbone_benchmark_needs_a_model(capsys):
+    assert main(["benchmark", "--backbone", "--device", "cpu"]) == 2
+    assert "--backbone needs --model" in capsys.readouterr().err
