@@ -37,6 +37,12 @@ from ..errors import SequencerError
 from .registry import create_model
 
 
+def ceil_div(a: int, b: int) -> int:
+    """ceil(a / b) for a >= 0, b > 0. Not ``-(-a // b)``: ONNX's integer division truncates where Python's floors,
+    and the ONNX exporter records this arithmetic on traced input sizes."""
+    return (a + b - 1) // b
+
+
 def _layer_norm_2d(channels: int) -> nn.Module:
     from timm.layers import LayerNorm2d  # LayerNorm over the channels of an NCHW map
     return LayerNorm2d(channels, eps=1e-6)
@@ -122,8 +128,8 @@ class SequencerBackbone(nn.Module):
         """The side the trunk runs at for an input ``side``: a multiple of the trunk's stride covering the coarsest
         level's grid (``max(strides)`` times ceil(side / max(strides)))."""
         coarsest = max(self.strides[-1], self.base_stride)
-        covered = coarsest * -(-side // coarsest)
-        return self.trunk_stride * -(-covered // self.trunk_stride)
+        covered = coarsest * ceil_div(side, coarsest)
+        return self.trunk_stride * ceil_div(covered, self.trunk_stride)
 
     def forward_base(self, x: torch.Tensor) -> torch.Tensor:
         """(B, 3, H, W) -> the trunk's last map resampled to ``base_stride``: (B, C, >= H/b, >= W/b)."""
@@ -138,7 +144,7 @@ class SequencerBackbone(nn.Module):
     def forward(self, x: torch.Tensor) -> OrderedDict[str, torch.Tensor]:
         h, w = x.shape[-2:]
         base = self.forward_base(x)
-        maps = [level(base, (-(-h // s), -(-w // s))) for s, level in zip(self.strides, self.levels)]
+        maps = [level(base, (ceil_div(h, s), ceil_div(w, s))) for s, level in zip(self.strides, self.levels)]
         names = [str(i) for i in range(len(maps))]
         if self.extra_blocks is not None:
             maps, names = self.extra_blocks(maps, list(maps), names)
