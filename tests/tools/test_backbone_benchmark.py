@@ -58,6 +58,12 @@ def test_backbone_memory_probe_reports_training_above_inference():
     assert 0 < infer < train
 
 
-def test_backbone_benchmark_needs_a_model(capsys):
-    assert main(["benchmark", "--backbone", "--device", "cpu"]) == 2
-    assert "--backbone needs --model" in capsys.readouterr().err
+@pytest.mark.parametrize("argv, message", [
+    ([], "--backbone needs --model"),
+    (["--model", "sequencer2d_nano", "--compare-timm", "--pretrained"],
+     "--backbone does not take --pretrained, --compare-timm"),
+])
+def test_backbone_benchmark_refuses_what_does_not_apply(argv, message, capsys):
+    assert main(["benchmark", "--backbone", "--device", "cpu", *argv]) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err

@@ -115,6 +115,13 @@ def run_backbone_benchmark(args: BenchmarkSettings) -> dict:
     """Every row in every mode of ``args`` (see the module docstring) -> a JSON-ready report."""
     if not args.model:
         raise SequencerError("--backbone needs --model (the Sequencer to build the backbone from)")
+    unused = [flag for flag, value in (("--checkpoint", args.checkpoint), ("--pretrained", args.pretrained),
+                                       ("--num-classes", args.num_classes), ("--input-size", args.input_size),
+                                       ("--compare-timm", args.compare_timm), ("--optimized", args.optimized),
+                                       ("--onnx", args.onnx), ("--data", args.data)) if value]
+    if unused:
+        raise SequencerError(f"--backbone does not take {', '.join(unused)} (it times freshly initialised "
+                             f"backbones at --img-size)")
     if args.num_warmup < 0 or args.memory_iter < 0:
         raise SequencerError("--num-warmup and --memory-iter must be >= 0")
     device, amp = resolve_device(args.device), AMP_DTYPES[args.amp_dtype]
