@@ -20,6 +20,7 @@ COMMANDS = {
     "train": ("sequencer.commands.train", "train or fine-tune a model (timm-compatible flags)"),
     "validate": ("sequencer.commands.validate", "evaluate a model on a dataset split"),
     "predict": ("sequencer.commands.predict", "classify images"),
+    "segment": ("sequencer.commands.segment", "semantic segmentation: segment train | validate | predict"),
     "erf": ("sequencer.commands.erf", "effective receptive field heat-maps (the paper's, or --mode magnitude)"),
     "robustness": ("sequencer.commands.robustness", "ImageNet-C errors and mCE by the paper's protocol"),
     "resolution-sweep": ("sequencer.commands.resolution", "accuracy across input resolutions"),

@@ -6,6 +6,7 @@ library's (``engine``, ``tools``).
 from __future__ import annotations
 
 import argparse
+import ast
 import contextlib
 import os
 import re
@@ -51,6 +52,24 @@ def positive_int(text: str) -> int:
     if value <= 0:
         raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
     return value
+
+
+def key_value(text: str) -> tuple[str, object]:
+    """'depth=3' -> ('depth', 3): the value as a Python literal where it reads as one, else as text."""
+    key, equals, raw = text.partition("=")
+    if not equals or not key:
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
+    try:
+        return key, ast.literal_eval(raw)
+    except (ValueError, SyntaxError):
+        return key, raw
+
+
+class KeyValues(argparse.Action):
+    """Collects the (key, value) pairs of :func:`key_value` into one dict."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        setattr(namespace, self.dest, dict(values))
 
 
 def add_model_args(parser: argparse.ArgumentParser) -> None:

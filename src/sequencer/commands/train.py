@@ -7,11 +7,10 @@ embedded digits.
 from __future__ import annotations
 
 import argparse
-import ast
 
 from ..engine.config import RunState, config_defaults, resolve_config
 from ..engine.train import run_training
-from .common import add_torchcompile_argument, failure_reported_to_launcher
+from .common import KeyValues, add_torchcompile_argument, failure_reported_to_launcher, key_value
 
 
 def _float_list(n):
@@ -38,7 +37,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--model", "-m", metavar="NAME",
                    help="model name (default: sequencer2d_s; sequencer2d_nano for the demo; a resumed or "
                         "initial checkpoint's own)")
-    g.add_argument("--model-kwargs", nargs="*", type=_key_value, action=_KeyValues, metavar="KEY=VALUE",
+    g.add_argument("--model-kwargs", nargs="*", type=key_value, action=KeyValues, metavar="KEY=VALUE",
                    help="architecture overrides, e.g. layers='(1,1,1)' union=add")
     g.add_argument("--pretrained", action="store_true", help="start from the released ImageNet weights")
     g.add_argument("--initial-checkpoint", metavar="PATH", help="start from these weights")
@@ -167,24 +166,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         if action.help and action.help is not argparse.SUPPRESS and default not in (None, "", False, {}):
             action.help += f" (default: {default})"
         action.default = argparse.SUPPRESS
-
-
-def _key_value(text: str) -> tuple[str, object]:
-    """'depth=3' -> ('depth', 3): the value as a Python literal where it reads as one, else as text."""
-    key, equals, raw = text.partition("=")
-    if not equals or not key:
-        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
-    try:
-        return key, ast.literal_eval(raw)
-    except (ValueError, SyntaxError):
-        return key, raw
-
-
-class _KeyValues(argparse.Action):
-    """Collects the (key, value) pairs of :func:`_key_value` into one dict."""
-
-    def __call__(self, parser, namespace, values, option_string=None):
-        setattr(namespace, self.dest, dict(values))
 
 
 def run(args: argparse.Namespace) -> int:

@@ -378,7 +378,7 @@ def create_loader(dataset, input_size, batch_size: int, is_training: bool = Fals
                   re_mode: str = "pixel", re_count: int = 1, hflip: float | None = None, vflip: float = 0.0,
                   scale=None, ratio=None, color_jitter: float | None = None, drop_last: bool | None = None,
                   seed: int = 0, max_unreadable: float = 0.01, pin_memory: bool | None = None,
-                  normalize_on_device: bool | None = None) -> ImageLoader:
+                  normalize_on_device: bool | None = None, transform=None) -> ImageLoader:
     """Set ``dataset.transform`` (timm's train or eval transform) and wrap it in an `ImageLoader`.
 
     ``hflip``/``scale``/``ratio``/``color_jitter`` left as None take the dataset's ``augment_defaults`` (digits: no
@@ -387,6 +387,8 @@ def create_loader(dataset, input_size, batch_size: int, is_training: bool = Fals
     disjoint, unpadded share. Raises SequencerError when the batch size leaves no batch at all.
     ``normalize_on_device`` (default: on CUDA) sends uint8 batches and normalises and erases them on ``device``
     (`DeviceNormalize`), leaving the CPU workers only decoding and augmenting. Workers persist across passes.
+    ``transform``: a ready transform to use instead of timm's (segmentation's image+mask pairs); ``input_size`` and the
+    augmentation arguments are then unused.
     """
     device = torch.device(device)
     on_device = device.type == "cuda" if normalize_on_device is None else normalize_on_device
@@ -396,7 +398,7 @@ def create_loader(dataset, input_size, batch_size: int, is_training: bool = Fals
     augment.update(getattr(dataset, "augment_defaults", None) or {})
     given = dict(hflip=hflip, scale=scale, ratio=ratio, color_jitter=color_jitter)
     augment.update({k: v for k, v in given.items() if v is not None})
-    dataset.transform = create_transform(
+    dataset.transform = transform if transform is not None else create_transform(
         input_size, is_training, mean=mean, std=std, crop_pct=crop_pct, interpolation=interpolation,
         vflip=vflip, auto_augment=auto_augment, re_prob=re_prob, re_mode=re_mode, re_count=re_count,
         uint8_output=on_device, **augment)

@@ -90,10 +90,11 @@ def read_summary(path: Path) -> list[dict]:
         return list(csv.DictReader(f))
 
 
-def write_summary(path: Path, rows: list[dict]) -> None:
-    """Rewrite summary.csv in full (atomically), so a kill never leaves a partial row."""
+def write_summary(path: Path, rows: list[dict], fields: list[str] = SUMMARY_FIELDS) -> None:
+    """Rewrite summary.csv in full (atomically), so a kill never leaves a partial row. ``fields``: the columns
+    (segmentation's differ)."""
     buf = io.StringIO()
-    w = csv.DictWriter(buf, fieldnames=SUMMARY_FIELDS, extrasaction="ignore")
+    w = csv.DictWriter(buf, fieldnames=fields, extrasaction="ignore")
     w.writeheader()
     w.writerows(rows)
     write_atomically(path, lambda tmp: Path(tmp).write_text(buf.getvalue()))

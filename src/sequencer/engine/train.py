@@ -289,7 +289,7 @@ def build_optimization(cfg, info: dist_utils.DistInfo, model: nn.Module, loaders
         optimizer = create_optimizer_v2(model, **optimizer_kwargs(cfg))
     except (ValueError, AssertionError, KeyError) as e:
         raise SequencerError(f"--opt {cfg.opt}: {e}", hint="see timm.optim.list_optimizers()") from None
-    amp_dtype, scaler = _amp_setup(cfg, info.device)
+    amp_dtype, scaler = amp_setup(cfg, info.device)
     model_ema = None
     if cfg.model_ema:
         model_ema = ModelEmaV3(model, decay=cfg.model_ema_decay, use_warmup=cfg.model_ema_warmup,
@@ -327,8 +327,9 @@ def _build_loss(cfg, num_classes: int, device: torch.device):
     return mixup_fn, loss_fn.to(device)
 
 
-def _amp_setup(cfg, device: torch.device):
-    """(autocast dtype or None, GradScaler) for the flags; float16 scaling only happens on CUDA."""
+def amp_setup(cfg, device: torch.device):
+    """(autocast dtype or None, GradScaler) for ``cfg.amp`` / ``cfg.amp_dtype`` (train's and segment train's policy);
+    float16 scaling only happens on CUDA."""
     if not cfg.amp:
         return None, torch.amp.GradScaler("cuda", enabled=False)
     dtype = torch.bfloat16 if cfg.amp_dtype == "bfloat16" else torch.float16

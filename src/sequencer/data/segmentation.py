@@ -1,0 +1,285 @@
+"""Semantic-segmentation data: Pascal VOC and ADE20K folder layouts, their up-front checks, and image+mask transforms.
+
+Layouts (found by their folders):
+
+- **Pascal VOC**: ``JPEGImages/<id>.jpg``, ``SegmentationClass/<id>.png`` (palette or grayscale PNGs of class
+  indices), ``ImageSets/Segmentation/<split>.txt`` (one id a line). 21 classes by default.
+- **ADE20K** (``ADEChallengeData2016``): ``images/{training,validation}/<name>.jpg`` and
+  ``annotations/{training,validation}/<name>.png``. 150 classes; 0 means "other" and is ignored by
+  ``reduce_zero_label`` (on by default for this layout): 0 -> 255, k -> k-1.
+
+Mask value 255 is ignored everywhere (VOC's object borders). :func:`check_pairs` reads every mask once before a run
+starts, so a bad file is one line naming it before anything is written, not a crash hours later. Transforms are
+torchvision's ``transforms.v2`` on (``tv_tensors.Image``, ``tv_tensors.Mask``) pairs, so geometry applies to both
+and masks are resized with nearest-neighbour and padded with 255.
+"""
+from __future__ import annotations
+
+import os
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from ..errors import SequencerError
+from .class_folders import IMAGE_EXTENSIONS
+from .images import READ_ERRORS, UnreadableImageError, load_image
+
+IGNORE_INDEX = 255
+VOC_CLASSES = ("background", "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow",
+               "diningtable", "dog", "horse", "motorbike", "person", "pottedplant", "sheep", "sofa", "train",
+               "tvmonitor")
+ADE20K_NUM_CLASSES = 150
+LAYOUTS = ("voc", "ade20k")
+_ADE_SPLITS = {"train": "training", "training": "training", "val": "validation", "validation": "validation"}
+MASK_MODES = ("P", "L")  # palette or 8-bit grayscale PNGs of class indices
+
+
+@dataclass
+class SegmentationSplit:
+    """One split of a dataset: its (image, mask) file pairs and how to read their labels.
+
+    ``masks`` is None for a split listed without masks (never the case for the two layouts' train/val splits).
+    """
+    root: Path
+    layout: str
+    split: str
+    images: list[Path]
+    masks: list[Path]
+    num_classes: int
+    reduce_zero_label: bool
+    class_names: list[str]
+
+    @property
+    def description(self) -> str:
+        return f"{self.layout} split {self.split!r} of {self.root}"
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+
+def detect_layout(root: str | os.PathLike) -> str:
+    """"voc" or "ade20k" from the folders under ``root``; SequencerError naming what was expected otherwise."""
+    root = Path(root)
+    if not root.is_dir():
+        raise SequencerError(f"dataset folder {str(root)!r} does not exist")
+    if (root / "JPEGImages").is_dir() and (root / "SegmentationClass").is_dir():
+        return "voc"
+    if (root / "images").is_dir() and (root / "annotations").is_dir():
+        return "ade20k"
+    raise SequencerError(f"{str(root)!r} is neither a Pascal VOC folder (JPEGImages/, SegmentationClass/) nor an "
+                         f"ADE20K one (images/, annotations/)", hint="pass the folder that holds them")
+
+
+def open_split(root: str | os.PathLike, split: str, layout: str = "", num_classes: int | None = None,
+               reduce_zero_label: bool | None = None, class_names: list[str] | None = None) -> SegmentationSplit:
+    """List ``split`` of the dataset at ``root`` (layout detected unless given) and check every pair
+    (:func:`check_pairs`). ``num_classes`` defaults to the layout's (21 / 150); ``reduce_zero_label`` to True for
+    ADE20K only. Raises SequencerError (one line naming the file) for any bad input."""
+    root = Path(root)
+    layout = layout or detect_layout(root)
+    if layout not in LAYOUTS:
+        raise SequencerError(f"unknown dataset layout {layout!r}", hint=f"use one of {', '.join(LAYOUTS)}")
+    reduce = (layout == "ade20k") if reduce_zero_label is None else bool(reduce_zero_label)
+    if num_classes is None:
+        num_classes = ADE20K_NUM_CLASSES if layout == "ade20k" else len(VOC_CLASSES)
+    if not 1 <= num_classes <= IGNORE_INDEX - int(reduce):
+        raise SequencerError(f"--num-classes {num_classes}: must be 1..{IGNORE_INDEX - int(reduce)} (8-bit masks, "
+                             f"{IGNORE_INDEX} is ignored)")
+    images, masks = (_voc_pairs if layout == "voc" else _ade20k_pairs)(root, split)
+    if not images:
+        raise SequencerError(f"{layout} split {split!r} of {str(root)!r} lists no images")
+    names = list(class_names) if class_names else default_class_names(layout, num_classes)
+    if len(names) != num_classes:
+        raise SequencerError(f"{len(names)} class names for {num_classes} classes")
+    out = SegmentationSplit(root, layout, split, images, masks, num_classes, reduce, names)
+    check_pairs(out)
+    return out
+
+
+def default_class_names(layout: str, num_classes: int) -> list[str]:
+    if layout == "voc" and num_classes == len(VOC_CLASSES):
+        return list(VOC_CLASSES)
+    return [f"class_{i}" for i in range(num_classes)]
+
+
+def _voc_pairs(root: Path, split: str) -> tuple[list[Path], list[Path]]:
+    id_list = root / "ImageSets" / "Segmentation" / f"{split}.txt"
+    if not id_list.is_file():
+        raise SequencerError(f"id list {str(id_list)!r} does not exist",
+                             hint="name a split that ImageSets/Segmentation holds")
+    ids = [line.strip() for line in id_list.read_text().splitlines() if line.strip()]
+    images, masks = [], []
+    for image_id in ids:
+        image = _find_image(root / "JPEGImages", image_id)
+        if image is None:
+            raise SequencerError(f"{str(id_list)!r} names image {image_id!r}, but "
+                                 f"{str(root / 'JPEGImages' / image_id)}.jpg does not exist")
+        images.append(image)
+        masks.append(root / "SegmentationClass" / f"{image_id}.png")
+    return images, masks
+
+
+def _find_image(folder: Path, stem: str) -> Path | None:
+    for ext in (".jpg", ".jpeg", ".png"):
+        if (folder / f"{stem}{ext}").is_file():
+            return folder / f"{stem}{ext}"
+    return None
+
+
+def _ade20k_pairs(root: Path, split: str) -> tuple[list[Path], list[Path]]:
+    folder_name = _ADE_SPLITS.get(split, split)
+    folder = root / "images" / folder_name
+    if not folder.is_dir():
+        raise SequencerError(f"ADE20K split folder {str(folder)!r} does not exist",
+                             hint="use --train-split training / --val-split validation")
+    images = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS and not p.name.startswith("."))
+    masks = [root / "annotations" / folder_name / f"{p.stem}.png" for p in images]
+    return images, masks
+
+
+# ------------------------------------------------------------------------------------------------ checks
+def check_pairs(split: SegmentationSplit, threads: int = 8) -> None:
+    """Check every (image, mask) pair before anything runs; SequencerError naming the first bad file (in list order).
+
+    Image sizes come from headers; each mask is decoded once for its values (a 256-bin histogram), in threads.
+    """
+    def problem(index: int) -> str | None:
+        return _pair_problem(split.images[index], split.masks[index], split.num_classes, split.reduce_zero_label)
+
+    with ThreadPoolExecutor(max_workers=max(1, min(threads, len(split)))) as pool:
+        for message in pool.map(problem, range(len(split))):
+            if message:
+                raise SequencerError(message)
+
+
+def _pair_problem(image: Path, mask: Path, num_classes: int, reduce_zero_label: bool) -> str | None:
+    if not image.is_file():
+        return f"image {image} does not exist"
+    if not mask.is_file():
+        return f"mask {mask} does not exist (for image {image.name})"
+    try:
+        with Image.open(image) as img:
+            image_size = img.size
+    except READ_ERRORS as e:
+        return f"image {image} is unreadable ({e})"
+    try:
+        with Image.open(mask) as m:
+            if m.mode not in MASK_MODES:
+                return (f"mask {mask} is {m.mode}, not a palette or grayscale PNG of class indices (convert colour "
+                        f"masks to indices first)")
+            if m.size != image_size:
+                return (f"mask {mask} is {m.size[0]}x{m.size[1]} but its image {image.name} is "
+                        f"{image_size[0]}x{image_size[1]}")
+            counts = m.histogram()
+    except READ_ERRORS as e:
+        return f"mask {mask} is unreadable ({e})"
+    highest = num_classes if reduce_zero_label else num_classes - 1
+    bad = [v for v, n in enumerate(counts) if n and v > highest and v != IGNORE_INDEX]
+    if bad:
+        allowed = f"0..{highest}" + (" (0 = ignored, reduce-zero-label)" if reduce_zero_label else "")
+        return (f"mask {mask} holds value {bad[0]}" + (f" (and {len(bad) - 1} more)" if len(bad) > 1 else "")
+                + f", neither a class ({allowed}) nor {IGNORE_INDEX} (ignored)")
+    return None
+
+
+def read_mask(path: str | os.PathLike, reduce_zero_label: bool) -> np.ndarray:
+    """A mask file as an (H, W) uint8 array of class indices (255 = ignore), zero label reduced when asked."""
+    with Image.open(path) as m:
+        labels = np.array(m, dtype=np.uint8)  # palette PNGs decode to their indices, which are the classes
+    if reduce_zero_label:
+        labels = labels - 1  # uint8: 0 wraps to 255 (ignored); 255 must stay 255, not 254
+        labels[labels == IGNORE_INDEX - 1] = IGNORE_INDEX
+    return labels
+
+
+# ---------------------------------------------------------------------------------------------- datasets
+class SegmentationDataset(torch.utils.data.Dataset):
+    """``(image, mask)`` samples of a :class:`SegmentationSplit` through ``transform`` (see :func:`train_transform`,
+    :func:`eval_transform`): image (3, H, W) float, mask (H', W') int64 with 255 = ignore."""
+
+    def __init__(self, split: SegmentationSplit, transform=None):
+        self.split = split
+        self.transform = transform
+        self.description = split.description
+
+    def __len__(self) -> int:
+        return len(self.split)
+
+    def describe(self, index: int) -> str:
+        return str(self.split.images[index])
+
+    def load(self, index: int) -> tuple[Image.Image, np.ndarray]:
+        path = self.split.images[index]
+        try:
+            image = load_image(path)
+            mask = read_mask(self.split.masks[index], self.split.reduce_zero_label)
+        except READ_ERRORS as e:
+            raise UnreadableImageError(str(path), e) from None
+        return image, mask
+
+    def __getitem__(self, index: int):
+        from torchvision import tv_tensors
+        from torchvision.transforms.v2 import functional as F
+
+        image, mask = self.load(index)
+        pair = tv_tensors.Image(F.pil_to_tensor(image)), tv_tensors.Mask(torch.from_numpy(mask))
+        image_t, mask_t = self.transform(*pair) if self.transform is not None else pair
+        return image_t.as_subclass(torch.Tensor), mask_t.as_subclass(torch.Tensor).long()
+
+
+def train_transform(crop: int, mean, std, scale_range: tuple[float, float] = (0.5, 2.0)):
+    """Training augmentation of an (image, mask) pair: the short side resized to ``crop`` x U(``scale_range``), a
+    random ``crop`` x ``crop`` window (padded with 0 / 255 where the image is smaller), a horizontal flip and
+    photometric distortion (brightness, contrast, saturation, hue), then normalisation."""
+    from torchvision import tv_tensors
+    from torchvision.transforms import v2
+
+    low, high = int(round(crop * scale_range[0])), int(round(crop * scale_range[1]))
+    return v2.Compose([
+        v2.RandomResize(max(1, low), max(low, high) + 1),
+        v2.RandomCrop(crop, pad_if_needed=True, fill={tv_tensors.Image: 0, tv_tensors.Mask: IGNORE_INDEX}),
+        v2.RandomHorizontalFlip(),
+        # mmsegmentation's PhotoMetricDistortion ranges; not v2.RandomPhotometricDistort, which also permutes the
+        # colour channels and so makes a red object blue
+        v2.ColorJitter(brightness=0.125, contrast=0.5, saturation=0.5, hue=0.05),
+        v2.ToDtype({tv_tensors.Image: torch.float32, tv_tensors.Mask: torch.int64}, scale=True),
+        v2.Normalize(mean, std),
+    ])
+
+
+class EvalTransform:
+    """Evaluation: the image's short side resized to ``size`` (aspect kept) and normalised; the mask is left at
+    its own resolution, where metrics are computed (predictions are resized back to it)."""
+
+    def __init__(self, size: int, mean, std):
+        self.size, self.mean, self.std = int(size), tuple(mean), tuple(std)
+
+    def image(self, image: torch.Tensor) -> torch.Tensor:
+        """(3, H, W) uint8 -> (3, h, w) float, normalised."""
+        from torchvision.transforms.v2 import functional as F
+
+        resized = F.resize(image, [self.size], antialias=True)
+        return F.normalize(F.to_dtype(resized, torch.float32, scale=True), self.mean, self.std)
+
+    def __call__(self, image, mask):
+        return self.image(image.as_subclass(torch.Tensor)), mask
+
+
+def voc_palette(n: int = 256) -> list[int]:
+    """The Pascal VOC colour map as a flat [r, g, b, ...] list of ``n`` colours: class bits spread over the high
+    bits of the three channels, so neighbouring classes get distant colours."""
+    palette = []
+    for index in range(n):
+        r = g = b = 0
+        c = index
+        for shift in range(7, -1, -1):
+            r |= (c & 1) << shift
+            g |= ((c >> 1) & 1) << shift
+            b |= ((c >> 2) & 1) << shift
+            c >>= 3
+        palette += [r, g, b]
+    return palette

@@ -1,0 +1,446 @@
+"""Semantic-segmentation training as a library: :func:`train_segmenter` (what ``sequencer segment train`` runs).
+
+It runs on the classification engine's pieces: torchrun/DDP (``distributed``), the experiment folder, its claim,
+``args.yaml`` and ``summary.csv`` (``outputs``), atomic checkpoints with best-N history and RNG state
+(``checkpoint``), ``--resume auto`` (``resume``), SIGTERM/SIGINT recovery checkpoints (``loop.StopRequest``), the
+``--amp`` policy (``train.amp_setup``) and the data loader with seeded workers (``data.create_loader``).
+
+Schedule: AdamW (timm's optimizer factory: no weight decay on norms and biases) with a poly decay per update after
+a linear warmup (``--warmup-iters``), as mmsegmentation's recipes. The length is ``--iters`` updates (the last epoch
+stops part-way) or ``--epochs`` passes. Evaluation every ``--eval-interval`` epochs and after the last; the best
+mIoU is ``model_best.pth.tar``.
+
+Checkpoints hold ``segmenter`` (the model's config), ``class_names``, ``data_config`` (normalisation, crop and
+evaluation settings) beside the engine's usual keys, so ``segment validate`` / ``predict`` need only the file.
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import signal
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..data.segmentation import IGNORE_INDEX, SegmentationDataset, open_split, train_transform
+from ..errors import SequencerError
+from ..models import get_model_entry
+from ..models.segmentation import HEADS, create_segmenter, segmenter_from_config
+from . import distributed as dist_utils
+from .checkpoint import CHECKPOINT_VERSION, get_rng_state, resume_position, set_rng_state
+from .config import RunState
+from .loop import StopRequest, current_lr
+from .outputs import plain, prepare_outputs, read_summary, release_claim, remove_if_empty, run_args, write_summary
+from .resume import locate_resume, read_resume_checkpoint
+from .segmentation_eval import (EVAL_MODES, InferenceSettings, eval_loader, evaluate_segmentation, metrics_row)
+from .train import amp_setup
+
+_logger = logging.getLogger(__name__)
+
+
+@dataclass
+class SegmentConfig:
+    """One ``segment train`` run's settings; each field is the flag of that name (``--img-size`` is ``img_size``).
+    The defaults are the ADE20K UperNet recipe's (docs/segmentation.md) except the length, which has none."""
+    data: str = ""
+    layout: str = ""  # "" = detected: voc or ade20k
+    train_split: str = "train"
+    val_split: str = "val"
+    num_classes: int | None = None  # default: the layout's (21 / 150)
+    reduce_zero_label: bool | None = None  # default: on for ADE20K
+    backbone: str = "sequencer2d_s"
+    backbone_kwargs: dict = field(default_factory=dict)
+    backbone_checkpoint: str = ""
+    pretrained: bool = False
+    head: str = "upernet"
+    head_channels: int = 512
+    out_channels: int = 256
+    img_size: int = 512  # the training crop
+    eval_size: int | None = None  # evaluation short side; default img_size
+    eval_mode: str = "whole"
+    stride: int | None = None  # sliding-window stride; default 2/3 of the crop
+    batch_size: int = 16  # per process
+    epochs: int | None = None
+    iters: int | None = None
+    opt: str = "adamw"
+    lr: float = 6e-5
+    weight_decay: float = 0.01
+    warmup_iters: int = 1500
+    warmup_ratio: float = 1e-6  # the warmup starts at lr * warmup_ratio
+    poly_power: float = 1.0
+    min_lr: float = 0.0
+    clip_grad: float | None = None
+    eval_interval: int = 1  # epochs
+    amp: bool = False
+    amp_dtype: str = "float16"
+    seed: int = 42
+    workers: int = 4
+    device: str | None = None
+    output: str = "./output/segment"
+    experiment: str = ""
+    resume: str = ""
+    checkpoint_hist: int = 3
+    log_interval: int = 50
+    eval_metric: str = "miou"  # the best checkpoint's metric (higher is better)
+
+    @property
+    def model(self) -> str:
+        """The experiment folder's name part (outputs.make_output_dir)."""
+        return f"{self.head}-{self.backbone}"
+
+
+@dataclass
+class SegmentResult:
+    """What a run left: the best mIoU (percent) and its epoch, ``model_best.pth.tar``, the experiment folder, the
+    summary rows (as text) and the exit status (0, or 128 + signal when a signal stopped the run)."""
+    best_miou: float | None
+    best_epoch: int | None
+    checkpoint: Path | None
+    output_dir: Path | None
+    summary: list[dict] = field(default_factory=list)
+    exit_code: int = 0
+
+
+def check_segment_config(cfg: SegmentConfig) -> None:
+    """SequencerError (one line naming the flag) for settings that cannot work, before anything runs."""
+    from .inference import resolve_device
+
+    def bad(flag, value, why):
+        raise SequencerError(f"{flag} {value}: {why}")
+
+    if not cfg.data:
+        raise SequencerError("no dataset folder given", hint="sequencer segment train DATA ...")
+    if (cfg.epochs is None) == (cfg.iters is None):
+        raise SequencerError("give the run's length as --iters N (updates) or --epochs N, one of them")
+    for flag, value in (("--epochs", cfg.epochs), ("--iters", cfg.iters), ("--img-size", cfg.img_size),
+                        ("--batch-size", cfg.batch_size), ("--eval-interval", cfg.eval_interval),
+                        ("--head-channels", cfg.head_channels), ("--out-channels", cfg.out_channels),
+                        ("--log-interval", cfg.log_interval), ("--eval-size", cfg.eval_size),
+                        ("--stride", cfg.stride)):
+        if value is not None and value < 1:
+            bad(flag, value, "must be at least 1")
+    for flag, value in (("--warmup-iters", cfg.warmup_iters), ("--workers", cfg.workers),
+                        ("--checkpoint-hist", cfg.checkpoint_hist)):
+        if value < 0:
+            bad(flag, value, "must not be negative")
+    if not (cfg.lr > 0 and math.isfinite(cfg.lr)):
+        bad("--lr", cfg.lr, "must be a positive number")
+    if cfg.head not in HEADS:
+        bad("--head", cfg.head, f"use one of {', '.join(HEADS)}")
+    if cfg.eval_mode not in EVAL_MODES:
+        bad("--eval-mode", cfg.eval_mode, f"use one of {', '.join(EVAL_MODES)}")
+    if cfg.amp_dtype not in ("float16", "bfloat16"):
+        bad("--amp-dtype", cfg.amp_dtype, "use float16 or bfloat16")
+    if cfg.resume == "auto" and not cfg.experiment:
+        raise SequencerError("--resume auto needs --experiment NAME (the folder it looks in)")
+    get_model_entry(cfg.backbone)
+    resolve_device(cfg.device)
+
+
+def train_segmenter(cfg: SegmentConfig) -> SegmentResult:
+    """Check ``cfg``, then run it in this process or as one rank of a torchrun launch; a failed start leaves no
+    empty experiment folder behind."""
+    check_segment_config(cfg)
+    state = RunState()
+    try:
+        with dist_utils.process_group(cfg.device) as info:
+            return _train(cfg, state, info)
+    except BaseException:
+        release_claim(state)
+        remove_if_empty(state)
+        raise
+    finally:
+        release_claim(state)
+
+
+# ------------------------------------------------------------------------------------------- the run's parts
+@dataclass
+class _Run:
+    cfg: SegmentConfig
+    info: dist_utils.DistInfo
+    model: nn.Module
+    train_model: nn.Module
+    class_names: list[str]
+    data_config: dict
+    train_loader: object
+    eval_loader: object
+    optimizer: torch.optim.Optimizer
+    scheduler: object
+    scaler: torch.amp.GradScaler
+    amp_dtype: torch.dtype | None
+    total_updates: int
+    updates_per_epoch: int
+    num_epochs: int
+    out: object = None  # outputs.Outputs
+    fields: list[str] = field(default_factory=list)  # summary.csv columns
+
+
+def _train(cfg: SegmentConfig, state: RunState, info: dist_utils.DistInfo) -> SegmentResult:
+    """The run, step by step; data, model and settings are all checked before a file or folder is written."""
+    from timm.utils import random_seed
+
+    started = time.time()
+    random_seed(cfg.seed, info.rank)
+    resume_path = locate_resume(cfg, info)
+    resume_ckpt = read_resume_checkpoint(resume_path) if resume_path else None
+    train_split, val_split = _open_splits(cfg, resume_ckpt)
+    model = _build_model(cfg, train_split.num_classes, resume_ckpt, info.device)
+    run = _build_run(cfg, info, model, train_split, val_split)
+    start_epoch = _restore(run, resume_ckpt)
+    if start_epoch >= run.num_epochs:
+        _logger.info("--resume %s: the run already finished its %d epochs; nothing to do", resume_path,
+                     run.num_epochs)
+        return _result(Path(resume_path).parent, None, 0)
+    run.out = prepare_outputs(cfg, state, info, resume_path or None, resume_ckpt, start_epoch, cfg.img_size)
+    if info.is_primary:
+        _log_start(run, train_split, start_epoch)
+    with StopRequest() as stop:
+        for epoch in range(start_epoch, run.num_epochs):
+            epoch_started = time.time()
+            train_loss, stopped_at = _train_one_epoch(run, epoch, stop)
+            if stopped_at is not None:
+                return _result(run.out.folder, run.out.manager, _save_recovery(run, epoch, stopped_at, stop.signum))
+            last = epoch == run.num_epochs - 1
+            metrics = None
+            if last or (epoch + 1) % cfg.eval_interval == 0:
+                metrics = evaluate_segmentation(run.model, run.eval_loader, model.num_classes, run.class_names,
+                                                _inference_settings(run), distributed=info.distributed)
+            _save_epoch(run, epoch, train_loss, metrics, epoch_started)
+            if stop.signum:
+                return _result(run.out.folder, run.out.manager, 128 + stop.signum)
+    if info.is_primary:
+        _logger.info("done in %.0fs; best mIoU %s; checkpoints in %s", time.time() - started,
+                     f"{run.out.manager.best_metric:.2f}" if run.out.manager.best_metric is not None else "n/a",
+                     run.out.folder)
+    return _result(run.out.folder, run.out.manager, 0)
+
+
+def _open_splits(cfg: SegmentConfig, resume_ckpt: dict | None):
+    """The checked training and validation splits (every bad file is one line here, before anything is written)."""
+    saved = (resume_ckpt or {}).get("segmenter") or {}
+    num_classes = cfg.num_classes if cfg.num_classes is not None else saved.get("num_classes")
+    if saved and cfg.num_classes is not None and cfg.num_classes != saved.get("num_classes"):
+        raise SequencerError(f"--resume: --num-classes {cfg.num_classes} vs the checkpoint's "
+                             f"{saved.get('num_classes')}", hint="drop --num-classes when resuming")
+    names = (resume_ckpt or {}).get("class_names")
+    kw = dict(layout=cfg.layout, num_classes=num_classes, reduce_zero_label=cfg.reduce_zero_label, class_names=names)
+    train_split = open_split(cfg.data, cfg.train_split, **kw)
+    val_split = open_split(cfg.data, cfg.val_split, **kw)
+    return train_split, val_split
+
+
+def _build_model(cfg: SegmentConfig, num_classes: int, resume_ckpt: dict | None, device) -> nn.Module:
+    if resume_ckpt is not None:
+        saved = resume_ckpt.get("segmenter")
+        if not isinstance(saved, dict):
+            raise SequencerError(f"--resume {cfg.resume}: not a `sequencer segment train` checkpoint")
+        for key in ("backbone", "head"):
+            if getattr(cfg, key) != saved.get(key):
+                raise SequencerError(f"--resume: --{key} {getattr(cfg, key)} vs the checkpoint's {saved.get(key)}",
+                                     hint=f"pass the run's --{key} when resuming")
+        model = segmenter_from_config(saved)
+        model.load_state_dict(resume_ckpt["state_dict"])
+    else:
+        model = create_segmenter(cfg.backbone, num_classes, head=cfg.head, head_channels=cfg.head_channels,
+                                 out_channels=cfg.out_channels, backbone_checkpoint=cfg.backbone_checkpoint,
+                                 pretrained=cfg.pretrained, backbone_kwargs=cfg.backbone_kwargs)
+    return model.to(device)
+
+
+def _build_run(cfg: SegmentConfig, info, model: nn.Module, train_split, val_split) -> _Run:
+    """Loaders, DDP wrapping, optimizer, poly schedule and AMP."""
+    from timm.optim import create_optimizer_v2
+    from timm.scheduler import PolyLRScheduler
+
+    from ..data import create_loader
+
+    pcfg = get_model_entry(cfg.backbone).pretrained_cfg
+    data_config = dict(mean=list(pcfg["mean"]), std=list(pcfg["std"]), img_size=cfg.img_size,
+                       eval_size=cfg.eval_size or cfg.img_size, eval_mode=cfg.eval_mode, stride=cfg.stride,
+                       layout=train_split.layout, reduce_zero_label=train_split.reduce_zero_label)
+    train_loader = create_loader(SegmentationDataset(train_split), None, cfg.batch_size, is_training=True,
+                                 transform=train_transform(cfg.img_size, data_config["mean"], data_config["std"]),
+                                 num_workers=cfg.workers, distributed=info.distributed, device=info.device,
+                                 seed=cfg.seed, drop_last=True, normalize_on_device=False)
+    evals = eval_loader(val_split, data_config, cfg.workers, info.device, distributed=info.distributed)
+    updates_per_epoch = len(train_loader)
+    total = cfg.iters if cfg.iters is not None else cfg.epochs * updates_per_epoch
+    num_epochs = math.ceil(total / updates_per_epoch)
+    train_model = model
+    if info.distributed:
+        if info.device.type == "cuda":  # batch statistics over the global batch, as the recipes' SyncBN
+            model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+        train_model = nn.parallel.DistributedDataParallel(
+            model, device_ids=[info.device.index] if info.device.type == "cuda" else None)
+    try:
+        optimizer = create_optimizer_v2(model, opt=cfg.opt, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    except (ValueError, AssertionError, KeyError) as e:
+        raise SequencerError(f"--opt {cfg.opt}: {e}", hint="see timm.optim.list_optimizers()") from None
+    warmup = min(cfg.warmup_iters, total - 1)
+    scheduler = PolyLRScheduler(optimizer, t_initial=max(1, total - warmup), power=cfg.poly_power, lr_min=cfg.min_lr,
+                                warmup_t=warmup, warmup_lr_init=cfg.lr * cfg.warmup_ratio, warmup_prefix=True,
+                                t_in_epochs=False)
+    amp_dtype, scaler = amp_setup(cfg, info.device)
+    return _Run(cfg, info, model, train_model, list(train_split.class_names), data_config, train_loader, evals,
+                optimizer, scheduler, scaler, amp_dtype, total, updates_per_epoch, num_epochs,
+                fields=_summary_fields(train_split.class_names))
+
+
+def _summary_fields(class_names: list[str]) -> list[str]:
+    return (["epoch", "train_loss", "eval_miou", "eval_pixel_acc", "eval_macc"]
+            + [f"iou_{name}" for name in class_names] + ["lr", "epoch_seconds"])
+
+
+def _inference_settings(run: _Run) -> InferenceSettings:
+    return InferenceSettings(run.cfg.eval_mode, run.cfg.img_size, run.cfg.stride, run.amp_dtype)
+
+
+def _restore(run: _Run, checkpoint: dict | None) -> int:
+    """Optimizer, scaler and RNG state of a resumed run; the schedule moved to its position. The epoch to start."""
+    from timm.utils import random_seed
+
+    if checkpoint is None:
+        return 0
+    start_epoch = resume_position(checkpoint)
+    if checkpoint.get("optimizer"):
+        run.optimizer.load_state_dict(checkpoint["optimizer"])
+    if checkpoint.get("scaler"):
+        run.scaler.load_state_dict(checkpoint["scaler"])
+    rng = checkpoint.get("rng_state")
+    if isinstance(rng, list) and len(rng) == run.info.world_size:
+        set_rng_state(rng[run.info.rank])
+    else:
+        _logger.warning("--resume: RNG state missing or from another number of processes; reseeding")
+        random_seed(run.cfg.seed + start_epoch, run.info.rank)
+    run.scheduler.step_update(start_epoch * run.updates_per_epoch)
+    return start_epoch
+
+
+# ------------------------------------------------------------------------------------------------ training
+def segmentation_loss(logits: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy over the labelled pixels: logits (N, K, H, W), masks (N, H, W) with 255 ignored. A batch with
+    no labelled pixel gives 0 (not NaN)."""
+    total = F.cross_entropy(logits.float(), masks, ignore_index=IGNORE_INDEX, reduction="sum")
+    return total / (masks != IGNORE_INDEX).sum().clamp(min=1)
+
+
+def _train_one_epoch(run: _Run, epoch: int, stop: StopRequest) -> tuple[float, int | None]:
+    """(mean training loss over ranks, None) after the epoch, or (nan, step) when a stop request ended it."""
+    cfg, info = run.cfg, run.info
+    run.train_loader.set_epoch(epoch)
+    run.train_model.train()
+    updates = epoch * run.updates_per_epoch
+    steps = min(run.updates_per_epoch, run.total_updates - updates)
+    loss_sum, seen, started = 0.0, 0, time.time()
+    autocast = (lambda: torch.autocast(info.device.type, dtype=run.amp_dtype)) if run.amp_dtype else \
+        contextlib.nullcontext
+    for step, (images, masks) in enumerate(run.train_loader):
+        if step >= steps:
+            break
+        with autocast():
+            loss = segmentation_loss(run.train_model(images), masks)
+        value = loss.item()
+        if _must_stop(run, stop, value, epoch, step):
+            return float("nan"), step
+        run.scaler.scale(loss).backward()
+        if cfg.clip_grad is not None:
+            run.scaler.unscale_(run.optimizer)
+            nn.utils.clip_grad_norm_(run.model.parameters(), cfg.clip_grad)
+        run.scaler.step(run.optimizer)
+        run.scaler.update()
+        run.optimizer.zero_grad(set_to_none=True)
+        updates += 1
+        run.scheduler.step_update(updates)
+        loss_sum, seen = loss_sum + value, seen + 1
+        if info.is_primary and (step % cfg.log_interval == 0 or step == steps - 1):
+            _logger.info("segment train: epoch %d [%d/%d] loss %.4f (%.4f) lr %.2e %.1f img/s", epoch, step + 1,
+                         steps, value, loss_sum / seen, current_lr(run.optimizer),
+                         seen * cfg.batch_size * info.world_size / max(time.time() - started, 1e-9))
+    return dist_utils.all_reduce_mean([loss_sum / max(seen, 1)], info)[0], None
+
+
+def _must_stop(run: _Run, stop: StopRequest, loss_value: float, epoch: int, step: int) -> bool:
+    """True when any rank was asked to stop; SequencerError, before the update, when any rank's loss is not finite."""
+    stop_flag, bad = dist_utils.all_reduce_max([float(stop.signum), float(not math.isfinite(loss_value))], run.info)
+    if bad:
+        raise SequencerError(f"loss is not finite ({loss_value}) at epoch {epoch} step {step}; training stopped "
+                             f"before that update", hint="lower --lr, add --clip-grad, or use --amp-dtype bfloat16")
+    if stop_flag:
+        stop.signum = stop.signum or int(stop_flag)
+    return bool(stop_flag)
+
+
+# -------------------------------------------------------------------------------------------------- saving
+def _checkpoint_state(run: _Run, epoch: int, complete: bool, step: int, metric, rng_states) -> dict:
+    return {
+        "version": CHECKPOINT_VERSION,
+        "segmenter": plain(run.model.config),
+        "class_names": list(run.class_names),
+        "data_config": plain(run.data_config),
+        "state_dict": run.model.state_dict(),
+        "optimizer": run.optimizer.state_dict(),
+        "scaler": run.scaler.state_dict(),
+        "epoch": epoch,
+        "epoch_complete": complete,
+        "step": step,
+        "metric": metric,
+        "args": run_args(run.cfg),
+        "rng_state": rng_states,
+        "summary_rows": [{k: str(v) for k, v in r.items()} for r in run.out.rows],
+    }
+
+
+def _save_epoch(run: _Run, epoch: int, train_loss: float, metrics: dict | None, started: float) -> None:
+    """Append the epoch's summary row, then write the checkpoints (best by mIoU) and summary.csv (rank 0)."""
+    row = dict(epoch=epoch, train_loss=f"{train_loss:.6f}", lr=f"{current_lr(run.optimizer):.6e}",
+               epoch_seconds=f"{time.time() - started:.2f}")
+    if metrics is not None:
+        row.update(metrics_row(metrics))
+    run.out.rows.append(row)
+    rng_states = dist_utils.all_gather_object(get_rng_state(), run.info)
+    if not run.info.is_primary:
+        return
+    metric = float(row["eval_miou"]) if metrics is not None and math.isfinite(train_loss) else None
+    state = _checkpoint_state(run, epoch, True, 0, metric, rng_states)
+    is_best = run.out.manager.save_epoch(state, epoch, metric)
+    write_summary(run.out.summary_path, run.out.rows, run.fields)
+    shown = (f" mIoU {row['eval_miou']} pixel acc {row['eval_pixel_acc']}" if metrics is not None else "")
+    _logger.info("segment train: epoch %d train_loss %.4f%s%s", epoch, train_loss, shown,
+                 " *best*" if is_best else "")
+
+
+def _save_recovery(run: _Run, epoch: int, step: int, signum: int) -> int:
+    """``recovery.pth.tar`` (the epoch re-runs on resume); the exit status 128 + signal."""
+    rng_states = dist_utils.all_gather_object(get_rng_state(), run.info)
+    if run.info.is_primary:
+        path = run.out.manager.save_recovery(_checkpoint_state(run, epoch, False, step, None, rng_states))
+        _logger.warning("stopped by %s at epoch %d step %d; recovery checkpoint %s (--resume auto continues)",
+                        signal.Signals(signum).name, epoch, step, path)
+    dist_utils.barrier(run.info)
+    return 128 + signum
+
+
+def _result(folder: Path, manager, exit_code: int) -> SegmentResult:
+    rows = read_summary(folder / "summary.csv")
+    scored = [r for r in rows if r.get("eval_miou")]
+    best_epoch = manager.best_epoch if manager is not None else (
+        int(max(scored, key=lambda r: float(r["eval_miou"]))["epoch"]) if scored else None)
+    best_row = next((r for r in rows if best_epoch is not None and int(r["epoch"]) == best_epoch), None)
+    best = folder / "model_best.pth.tar"
+    return SegmentResult(float(best_row["eval_miou"]) if best_row else None, best_epoch,
+                         best if best.is_file() else None, folder, rows, exit_code)
+
+
+def _log_start(run: _Run, train_split, start_epoch: int) -> None:
+    cfg, info = run.cfg, run.info
+    n_params = sum(p.numel() for p in run.model.parameters())
+    where = f"{info.world_size} processes, " if info.distributed else ""
+    _logger.info("segment train: %s+%s (%.2fM params) on %d images of %s, %d classes, crop %dpx, %s%s; epochs "
+                 "%d..%d (%d updates), batch %d; output %s", cfg.backbone, cfg.head, n_params / 1e6, len(train_split),
+                 train_split.description, train_split.num_classes, cfg.img_size, where, info.device, start_epoch,
+                 run.num_epochs - 1, run.total_updates, cfg.batch_size, run.out.folder)

@@ -1,0 +1,246 @@
+"""Segmentation evaluation: mIoU / per-class IoU / pixel accuracy, whole-image and sliding-window inference, and the
+library calls under ``sequencer segment validate`` and ``sequencer segment predict``.
+
+Metrics come from one confusion matrix of integer pixel counts over the split (ignored pixels, 255, left out),
+summed over ranks under DDP: the numbers are exact and the same however the split is sharded, so a checkpoint
+validates to the mIoU its training logged. Classes that appear neither in the labels nor in the predictions have no
+IoU (NaN) and are left out of the mean, as mmsegmentation does.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..data.segmentation import IGNORE_INDEX, EvalTransform, SegmentationDataset, open_split, voc_palette
+from ..errors import SequencerError
+from ..fileio import write_atomically
+from ..models.loading import read_checkpoint
+from ..models.segmentation import Segmenter, segmenter_from_config
+
+_logger = logging.getLogger(__name__)
+EVAL_MODES = ("whole", "slide")
+
+
+# --------------------------------------------------------------------------------------------------- metrics
+def confusion_matrix(pred: torch.Tensor, target: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """(K, K) int64 counts, rows = label, columns = prediction, of ``pred``/``target`` (any equal shapes);
+    pixels labelled 255 are left out."""
+    valid = target != IGNORE_INDEX
+    index = target[valid].long() * num_classes + pred[valid].long()
+    return torch.bincount(index, minlength=num_classes * num_classes).reshape(num_classes, num_classes)
+
+
+def segmentation_metrics(confusion: torch.Tensor, class_names: list[str]) -> dict:
+    """mIoU, pixel accuracy and mean class accuracy (percent) and per-class IoU from a confusion matrix."""
+    conf = confusion.double()
+    hits = conf.diag()
+    labelled, predicted = conf.sum(1), conf.sum(0)
+    union = labelled + predicted - hits
+    iou = torch.where(union > 0, hits / union.clamp(min=1), torch.full_like(hits, float("nan")))
+    acc = torch.where(labelled > 0, hits / labelled.clamp(min=1), torch.full_like(hits, float("nan")))
+    total = conf.sum().item()
+    return dict(miou=100 * _nanmean(iou), pixel_acc=100 * hits.sum().item() / total if total else float("nan"),
+                macc=100 * _nanmean(acc), pixels=int(total),
+                per_class_iou={name: 100 * float(v) for name, v in zip(class_names, iou.tolist())})
+
+
+def _nanmean(values: torch.Tensor) -> float:
+    kept = values[~values.isnan()]
+    return float(kept.mean()) if kept.numel() else float("nan")
+
+
+# ------------------------------------------------------------------------------------------------ inference
+@dataclass
+class InferenceSettings:
+    """How a segmenter is run on one image: ``mode`` whole or slide (``crop`` windows every ``stride`` pixels,
+    logits averaged where they overlap), ``amp_dtype`` for autocast (None: float32)."""
+    mode: str = "whole"
+    crop: int = 512
+    stride: int | None = None  # default: 2/3 of the crop, as mmsegmentation's 512/341
+    amp_dtype: torch.dtype | None = None
+
+
+def image_logits(model: nn.Module, image: torch.Tensor, settings: InferenceSettings) -> torch.Tensor:
+    """(1, 3, h, w) normalised image -> (1, K, h, w) float32 logits."""
+    autocast = (torch.autocast(image.device.type, dtype=settings.amp_dtype) if settings.amp_dtype
+                else contextlib.nullcontext())
+    with autocast:
+        if settings.mode == "whole":
+            return model(image).float()
+        return _sliding_window(model, image, settings.crop, settings.stride or max(1, settings.crop * 2 // 3))
+
+
+def _sliding_window(model: nn.Module, image: torch.Tensor, crop: int, stride: int) -> torch.Tensor:
+    h, w = image.shape[-2:]
+    total = counts = None
+    for top in _window_starts(h, crop, stride):
+        for left in _window_starts(w, crop, stride):
+            window = image[..., top:top + crop, left:left + crop]
+            logits = model(window).float()
+            if total is None:
+                total = image.new_zeros((1, logits.shape[1], h, w), dtype=torch.float32)
+                counts = image.new_zeros((1, 1, h, w), dtype=torch.float32)
+            total[..., top:top + crop, left:left + crop] += logits
+            counts[..., top:top + crop, left:left + crop] += 1
+    return total / counts
+
+
+def _window_starts(length: int, crop: int, stride: int) -> list[int]:
+    """Window offsets covering ``length``; the last window ends at the edge (windows overhang nothing)."""
+    if length <= crop:
+        return [0]
+    steps = math.ceil((length - crop) / stride)
+    return sorted({min(i * stride, length - crop) for i in range(steps + 1)})
+
+
+def predict_mask(model: nn.Module, image: torch.Tensor, out_size, settings: InferenceSettings) -> torch.Tensor:
+    """(1, 3, h, w) -> (H, W) int64 class indices at ``out_size`` (the original image's (H, W))."""
+    logits = image_logits(model, image, settings)
+    logits = F.interpolate(logits, size=tuple(out_size), mode="bilinear", align_corners=False)
+    return logits.argmax(1)[0]
+
+
+@torch.inference_mode()
+def evaluate_segmentation(model: nn.Module, loader, num_classes: int, class_names: list[str],
+                          settings: InferenceSettings, distributed: bool = False) -> dict:
+    """Metrics of :func:`segmentation_metrics` over ``loader`` (batches of one: image (1, 3, h, w), mask
+    (1, H, W)), plus ``images``; counts all-reduced over ranks with ``distributed``. Puts ``model`` in eval mode."""
+    model.eval()
+    device = next(model.parameters()).device
+    confusion = torch.zeros(num_classes, num_classes, dtype=torch.int64, device=device)
+    images = torch.zeros(1, dtype=torch.int64, device=device)
+    for image, mask in loader:
+        for i in range(image.shape[0]):
+            pred = predict_mask(model, image[i:i + 1].to(device), mask.shape[-2:], settings)
+            confusion += confusion_matrix(pred, mask[i].to(device), num_classes)
+            images += 1
+    if distributed and torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.all_reduce(confusion)
+        torch.distributed.all_reduce(images)
+    metrics = segmentation_metrics(confusion.cpu(), class_names)
+    metrics["images"] = int(images.item())
+    return metrics
+
+
+# ------------------------------------------------------------------------------------------------ checkpoints
+@dataclass
+class LoadedSegmenter:
+    model: Segmenter
+    class_names: list[str]
+    data_config: dict  # mean, std, img_size, eval_size, eval_mode, stride, layout, reduce_zero_label
+    checkpoint: dict
+
+
+def load_segmenter(path: str, device: torch.device | str = "cpu") -> LoadedSegmenter:
+    """A ``sequencer segment train`` checkpoint's model, in eval mode on ``device``, with its class names and data
+    settings; SequencerError (one line) for a file that is not one."""
+    checkpoint = read_checkpoint(path)
+    if not isinstance(checkpoint, dict) or not isinstance(checkpoint.get("segmenter"), dict):
+        raise SequencerError(f"checkpoint {path!r} is not a segmentation checkpoint (written by `sequencer segment "
+                             f"train`)")
+    model = segmenter_from_config(checkpoint["segmenter"])
+    model.load_state_dict(checkpoint["state_dict"])
+    model.to(device).eval()
+    return LoadedSegmenter(model, [str(c) for c in checkpoint["class_names"]], dict(checkpoint["data_config"]),
+                           checkpoint)
+
+
+def inference_settings(data_config: dict, mode: str | None, stride: int | None, amp_dtype) -> InferenceSettings:
+    """The checkpoint's evaluation settings, with ``mode``/``stride`` overriding them when given."""
+    mode = mode or data_config.get("eval_mode", "whole")
+    if mode not in EVAL_MODES:
+        raise SequencerError(f"--eval-mode {mode!r}: use one of {', '.join(EVAL_MODES)}")
+    return InferenceSettings(mode, int(data_config["img_size"]), stride or data_config.get("stride"), amp_dtype)
+
+
+def eval_loader(split, data_config: dict, workers: int, device, distributed: bool = False):
+    """Batches of one (image resized to the eval size, mask at its own size) over ``split``, each rank a share."""
+    from ..data import create_loader
+
+    transform = EvalTransform(data_config["eval_size"], data_config["mean"], data_config["std"])
+    return create_loader(SegmentationDataset(split), None, 1, is_training=False, transform=transform,
+                         num_workers=workers, device=device, distributed=distributed, normalize_on_device=False,
+                         max_unreadable=0.0)
+
+
+def metrics_row(metrics: dict) -> dict:
+    """Metrics as summary.csv / results-file columns (text with 4 decimals): eval_miou, eval_pixel_acc, eval_macc,
+    iou_<class>..."""
+    row = dict(eval_miou=f"{metrics['miou']:.4f}", eval_pixel_acc=f"{metrics['pixel_acc']:.4f}",
+               eval_macc=f"{metrics['macc']:.4f}")
+    row.update({f"iou_{name}": f"{value:.4f}" for name, value in metrics["per_class_iou"].items()})
+    return row
+
+
+def validate_segmenter(checkpoint: str, data: str, split: str = "val", *, eval_mode: str | None = None,
+                       stride: int | None = None, workers: int = 0, device: str | None = None,
+                       amp_dtype: torch.dtype | None = None, results_file: str = "") -> dict:
+    """Evaluate a ``segment train`` checkpoint on ``split`` of ``data`` with its own settings (``eval_mode`` /
+    ``stride`` override them). Returns the metrics (as :func:`evaluate_segmentation`, plus ``checkpoint``); with
+    ``results_file`` (.json) also writes them there."""
+    from .inference import resolve_device
+
+    dev = resolve_device(device)
+    loaded = load_segmenter(checkpoint, dev)
+    cfg = loaded.data_config
+    data_split = open_split(data, split, cfg.get("layout", ""), num_classes=loaded.model.num_classes,
+                            reduce_zero_label=cfg.get("reduce_zero_label"), class_names=loaded.class_names)
+    settings = inference_settings(cfg, eval_mode, stride, amp_dtype)
+    metrics = evaluate_segmentation(loaded.model, eval_loader(data_split, cfg, workers, dev), loaded.model.num_classes,
+                                    loaded.class_names, settings)
+    metrics.update(checkpoint=str(checkpoint), split=split, eval_mode=settings.mode)
+    if results_file:
+        text = json.dumps(metrics, indent=2, allow_nan=True)
+        write_atomically(results_file, lambda tmp: Path(tmp).write_text(text + "\n"), what="results file")
+    return metrics
+
+
+# -------------------------------------------------------------------------------------------------- predict
+def predict_files(checkpoint: str, files: list[Path], output: str, *, overlay: bool = False,
+                  eval_mode: str | None = None, stride: int | None = None, device: str | None = None,
+                  amp_dtype: torch.dtype | None = None, alpha: float = 0.5) -> list[Path]:
+    """Segment each image file; write ``OUTPUT/<stem>.png`` (palette PNG of class indices, VOC colours) and with
+    ``overlay`` ``OUTPUT/<stem>_overlay.jpg`` (the picture with the classes blended over it). Returns the masks
+    written. Unreadable images raise SequencerError naming the file before anything is written for it."""
+    from PIL import Image
+    from torchvision.transforms.v2 import functional as TF
+
+    from ..data.images import READ_ERRORS, load_image
+    from .inference import resolve_device
+
+    dev = resolve_device(device)
+    loaded = load_segmenter(checkpoint, dev)
+    cfg = loaded.data_config
+    settings = inference_settings(cfg, eval_mode, stride, amp_dtype)
+    transform = EvalTransform(cfg["eval_size"], cfg["mean"], cfg["std"])
+    out = Path(output)
+    out.mkdir(parents=True, exist_ok=True)
+    palette = voc_palette()
+    written = []
+    for file in files:
+        try:
+            picture = load_image(file)
+        except READ_ERRORS as e:
+            raise SequencerError(f"image {file} is unreadable ({e})") from None
+        image = transform.image(TF.pil_to_tensor(picture))[None].to(dev)
+        with torch.inference_mode():
+            pred = predict_mask(loaded.model, image, (picture.height, picture.width), settings)
+        mask = Image.fromarray(pred.to(torch.uint8).cpu().numpy())
+        mask.putpalette(palette)  # L -> P: the indices stay, the palette colours them
+        target = out / f"{file.stem}.png"
+        write_atomically(target, lambda tmp: mask.save(tmp, format="PNG"), what="mask")
+        written.append(target)
+        if overlay:
+            blended = Image.blend(picture, mask.convert("RGB"), alpha)
+            write_atomically(out / f"{file.stem}_overlay.jpg",
+                             lambda tmp: blended.save(tmp, format="JPEG", quality=90), what="overlay")
+    return written
+

@@ -1,0 +1,177 @@
+"""Semantic segmentation models: a backbone's feature pyramid (strides 4/8/16/32) and a decode head.
+
+Heads:
+
+- ``upernet`` (Xiao et al., 2018): a pyramid-pooling module on the stride-32 map, a top-down FPN, the four levels
+  fused at stride 4. The standard head of backbone comparisons on ADE20K.
+- ``fpn`` (semantic FPN, Kirillov et al., 2019): a top-down FPN whose levels are each brought to stride 4 by
+  conv + 2x upsampling steps and summed. Lighter.
+
+:func:`create_segmenter` builds backbone + head; :class:`Segmenter` returns logits (N, num_classes, H, W) at the
+input's resolution for any input size. ``segmenter.config`` rebuilds the same model (``segmenter_from_config``);
+training checkpoints store it.
+"""
+from __future__ import annotations
+
+from collections import OrderedDict
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..errors import SequencerError
+
+HEADS = ("upernet", "fpn")
+
+
+class ConvNormAct(nn.Sequential):
+    """Conv (no bias) + BatchNorm + ReLU: (N, C_in, H, W) -> (N, C_out, H, W)."""
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size: int = 1):
+        super().__init__(nn.Conv2d(in_channels, out_channels, kernel_size, padding=kernel_size // 2, bias=False),
+                         nn.BatchNorm2d(out_channels), nn.ReLU(inplace=True))
+
+
+def _resize(x: torch.Tensor, size) -> torch.Tensor:
+    return F.interpolate(x, size=tuple(size), mode="bilinear", align_corners=False)
+
+
+class UperNetHead(nn.Module):
+    """UperNet: [(N, C_i, H/s_i, W/s_i)] for s = 4, 8, 16, 32 -> logits (N, num_classes, H/4, W/4)."""
+
+    def __init__(self, in_channels: list[int], channels: int, num_classes: int, pool_scales=(1, 2, 3, 6),
+                 dropout: float = 0.1):
+        super().__init__()
+        self.pool_scales = tuple(pool_scales)
+        self.pools = nn.ModuleList(nn.Sequential(nn.AdaptiveAvgPool2d(s), ConvNormAct(in_channels[-1], channels))
+                                   for s in self.pool_scales)
+        self.pool_fuse = ConvNormAct(in_channels[-1] + len(self.pool_scales) * channels, channels, 3)
+        self.laterals = nn.ModuleList(ConvNormAct(c, channels) for c in in_channels[:-1])
+        self.smooth = nn.ModuleList(ConvNormAct(channels, channels, 3) for _ in in_channels[:-1])
+        self.fuse = ConvNormAct(len(in_channels) * channels, channels, 3)
+        self.dropout = nn.Dropout2d(dropout)
+        self.classifier = nn.Conv2d(channels, num_classes, 1)
+
+    def _pyramid_pooling(self, x: torch.Tensor) -> torch.Tensor:
+        pooled = [_resize(pool(x), x.shape[-2:]) for pool in self.pools]
+        return self.pool_fuse(torch.cat([x, *pooled], dim=1))
+
+    def forward(self, features: list[torch.Tensor]) -> torch.Tensor:
+        levels = [lateral(f) for lateral, f in zip(self.laterals, features[:-1])]
+        levels.append(self._pyramid_pooling(features[-1]))
+        for i in range(len(levels) - 1, 0, -1):  # top-down: each level gets the coarser one added
+            levels[i - 1] = levels[i - 1] + _resize(levels[i], levels[i - 1].shape[-2:])
+        outs = [smooth(level) for smooth, level in zip(self.smooth, levels[:-1])] + [levels[-1]]
+        size = outs[0].shape[-2:]
+        fused = self.fuse(torch.cat([outs[0]] + [_resize(o, size) for o in outs[1:]], dim=1))
+        return self.classifier(self.dropout(fused))
+
+
+class SemanticFPNHead(nn.Module):
+    """Semantic FPN: [(N, C_i, H/s_i, W/s_i)] for s = 4, 8, 16, 32 -> logits (N, num_classes, H/4, W/4)."""
+
+    def __init__(self, in_channels: list[int], channels: int, num_classes: int, dropout: float = 0.1):
+        super().__init__()
+        self.laterals = nn.ModuleList(nn.Conv2d(c, channels, 1) for c in in_channels)
+        # level i (stride 4 * 2**i) needs i conv + 2x-upsample steps to reach stride 4 (level 0 one conv)
+        self.scale_heads = nn.ModuleList(
+            nn.ModuleList(ConvNormAct(channels, channels, 3) for _ in range(max(1, i)))
+            for i in range(len(in_channels)))
+        self.dropout = nn.Dropout2d(dropout)
+        self.classifier = nn.Conv2d(channels, num_classes, 1)
+
+    def forward(self, features: list[torch.Tensor]) -> torch.Tensor:
+        levels = [lateral(f) for lateral, f in zip(self.laterals, features)]
+        for i in range(len(levels) - 1, 0, -1):
+            levels[i - 1] = levels[i - 1] + _resize(levels[i], levels[i - 1].shape[-2:])
+        size = levels[0].shape[-2:]
+        total = 0
+        for i, (steps, level) in enumerate(zip(self.scale_heads, levels)):
+            x = level
+            for conv in steps:
+                x = conv(x)
+                if i > 0:
+                    x = F.interpolate(x, scale_factor=2.0, mode="bilinear", align_corners=False)
+            total = total + _resize(x, size)  # a no-op resize unless a side was odd
+        return self.classifier(self.dropout(total))
+
+
+class Segmenter(nn.Module):
+    """Backbone (an OrderedDict of 4 maps at strides 4/8/16/32) + decode head.
+
+    forward: images (N, 3, H, W) -> logits (N, num_classes, H, W).
+    """
+
+    def __init__(self, backbone: nn.Module, head: nn.Module, num_classes: int, config: dict):
+        super().__init__()
+        self.backbone = backbone
+        self.head = head
+        self.num_classes = num_classes
+        self.config = dict(config)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        features = self.backbone(images)
+        maps = list(features.values()) if isinstance(features, dict) else list(features)
+        return _resize(self.head(maps), images.shape[-2:])
+
+
+def create_segmenter(backbone: str, num_classes: int, head: str = "upernet", head_channels: int = 512,
+                     out_channels: int = 256, backbone_checkpoint: str = "", pretrained: bool = False,
+                     backbone_kwargs: dict | None = None) -> Segmenter:
+    """A :class:`Segmenter` of ``backbone`` (a registered model name, its pyramid with ``out_channels`` per level)
+    and ``head`` (``upernet`` or ``fpn``, ``head_channels`` wide). ``backbone_checkpoint`` (ours, the release or
+    timm's ImageNet classification weights) or ``pretrained`` initialise the backbone."""
+    if head not in HEADS:
+        raise SequencerError(f"unknown segmentation head {head!r}", hint=f"use one of {', '.join(HEADS)}")
+    config = dict(backbone=backbone, num_classes=int(num_classes), head=head, head_channels=int(head_channels),
+                  out_channels=int(out_channels), backbone_kwargs=dict(backbone_kwargs or {}))
+    net = _create_backbone(backbone, pretrained=pretrained, checkpoint_path=backbone_checkpoint or None,
+                           out_channels=out_channels, **config["backbone_kwargs"])
+    channels = _channels(net.out_channels)
+    head_class = UperNetHead if head == "upernet" else SemanticFPNHead
+    return Segmenter(net, head_class(channels, head_channels, num_classes), num_classes, config)
+
+
+def segmenter_from_config(config: dict) -> Segmenter:
+    """The model a checkpoint's ``segmenter`` config describes, randomly initialised (load its state_dict next)."""
+    try:
+        return create_segmenter(config["backbone"], config["num_classes"], head=config["head"],
+                                head_channels=config["head_channels"], out_channels=config["out_channels"],
+                                backbone_kwargs=config.get("backbone_kwargs") or {})
+    except KeyError as e:
+        raise SequencerError(f"the checkpoint's segmenter config lacks {e.args[0]!r}") from None
+
+
+def _channels(out_channels) -> list[int]:
+    return list(out_channels) if isinstance(out_channels, (list, tuple)) else [int(out_channels)] * 4
+
+
+# ------------------------------------------------------------------------------------------------ backbone
+def _create_backbone(name: str, **kwargs) -> nn.Module:
+    from .. import models
+    create = getattr(models, "create_backbone", None)
+    if create is not None:
+        return create(name, **kwargs)
+    return _StandInBackbone(name, **kwargs)
+
+
+class _StandInBackbone(nn.Module):
+    """Until ``create_backbone`` lands: the last stage's map projected to ``out_channels`` and resampled to strides
+    4/8/16/32 of the input. Same interface (OrderedDict of 4 maps, ``.out_channels``)."""
+
+    def __init__(self, name: str, pretrained: bool = False, checkpoint_path: str | None = None,
+                 out_channels: int = 256, **kwargs):
+        super().__init__()
+        from .registry import create_model
+        self.body = create_model(name, pretrained=pretrained, checkpoint_path=checkpoint_path, features_only=True,
+                                 **kwargs)
+        self.multiple = self.body.model.reduction
+        self.project = nn.Conv2d(self.body.channels()[-1], out_channels, 1)
+        self.out_channels = out_channels
+
+    def forward(self, x: torch.Tensor) -> OrderedDict:
+        h, w = x.shape[-2:]
+        m = self.multiple
+        fitted = _resize(x, (-(-h // m) * m, -(-w // m) * m))
+        last = self.project(self.body(fitted)[-1])
+        return OrderedDict((str(i), _resize(last, (-(-h // s), -(-w // s)))) for i, s in enumerate((4, 8, 16, 32)))

@@ -1,0 +1,145 @@
+"""`sequencer segment train | validate | predict` as a user runs them, on a synthetic VOC-layout set of shapes."""
+from __future__ import annotations
+
+import csv
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from segmentation_helpers import TINY_SEGMENTER, make_voc, palette_png
+from sequencer.cli import main
+
+# a clear margin over the trivial baseline (all background: about 26 % mIoU on this data, computed in the test)
+MIOU_THRESHOLD = 50.0
+
+
+def segment(*args) -> int:
+    return main(["segment", *map(str, args)])
+
+
+def _summary(folder):
+    with open(folder / "summary.csv", newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def _background_only_miou(voc) -> float:
+    """mIoU of predicting background everywhere: IoU background = its share of labelled pixels, others 0."""
+    masks = [np.array(Image.open(p)) for p in sorted((voc / "SegmentationClass").glob("val_*.png"))]
+    labelled = np.concatenate([m[m != 255] for m in masks])
+    return 100 * float((labelled == 0).mean()) / 3
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """One CLI training run (data loaded in the main process; `test_train_with_workers` runs the workers' path)."""
+    root = tmp_path_factory.mktemp("segment")
+    voc = make_voc(root / "voc")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as conftest's one_intra_op_thread, which a module-scoped fixture runs before
+    try:
+        code = segment("train", voc, "--num-classes", 3, *TINY_SEGMENTER, "--img-size", 32, "-b", 8, "--epochs", 12,
+                       "--lr", 6e-3, "--warmup-iters", 4, "--eval-interval", 4, "-j", 0, "--device", "cpu",
+                       "--output", root / "out", "--experiment", "shapes", "--log-interval", 1000)
+    finally:
+        torch.set_num_threads(threads)
+    assert code == 0
+    return voc, root / "out" / "shapes"
+
+
+def test_train_reaches_well_above_chance(trained):
+    voc, folder = trained
+    rows = _summary(folder)
+    assert [r["epoch"] for r in rows] == [str(e) for e in range(12)]
+    assert {"eval_miou", "eval_pixel_acc", "iou_class_0", "iou_class_1", "iou_class_2"} <= set(rows[0])
+    best = max(float(r["eval_miou"]) for r in rows if r["eval_miou"])
+    chance = _background_only_miou(voc)
+    assert 20 < chance < 33
+    assert best >= MIOU_THRESHOLD, (best, chance)
+    assert (folder / "model_best.pth.tar").is_file() and (folder / "last.pth.tar").is_file()
+    assert (folder / "args.yaml").is_file() and not (folder / ".run.lock").exists()
+
+
+def test_validate_reproduces_the_logged_miou_exactly(trained, tmp_path, capsys):
+    voc, folder = trained
+    rows = _summary(folder)
+    best = max((r for r in rows if r["eval_miou"]), key=lambda r: float(r["eval_miou"]))
+    results = tmp_path / "results.json"
+    capsys.readouterr()
+    assert segment("validate", voc, "--checkpoint", folder / "model_best.pth.tar", "-j", 0, "--device", "cpu",
+                   "--results-file", results) == 0
+    out = capsys.readouterr().out
+    metrics = json.loads(results.read_text())
+    assert f"{metrics['miou']:.4f}" == best["eval_miou"]
+    assert f"{metrics['pixel_acc']:.4f}" == best["eval_pixel_acc"]
+    for name, iou in metrics["per_class_iou"].items():
+        assert f"{iou:.4f}" == best[f"iou_{name}"]
+    assert metrics["images"] == 12
+    assert f"mIoU {best['eval_miou']}" in out
+
+
+def test_validate_sliding_window(trained, tmp_path):
+    voc, folder = trained
+    results = tmp_path / "slide.json"
+    assert segment("validate", voc, "--checkpoint", folder / "last.pth.tar", "-j", 0, "--device", "cpu",
+                   "--eval-mode", "slide", "--stride", 16, "--results-file", results) == 0
+    metrics = json.loads(results.read_text())
+    assert metrics["eval_mode"] == "slide" and metrics["miou"] >= MIOU_THRESHOLD - 10
+
+
+def test_predict_writes_palette_masks_and_overlays(trained, tmp_path):
+    voc, folder = trained
+    images = [voc / "JPEGImages" / f"val_{i:03d}.png" for i in range(4)]
+    out = tmp_path / "pred"
+    assert segment("predict", *images, "--checkpoint", folder / "model_best.pth.tar", "--output", out,
+                   "--overlay", "--device", "cpu") == 0
+    agree = total = 0
+    for image in images:
+        mask = Image.open(out / f"{image.stem}.png")
+        overlay = Image.open(out / f"{image.stem}_overlay.jpg")
+        picture = Image.open(image)
+        assert mask.mode == "P" and mask.size == picture.size == overlay.size and overlay.mode == "RGB"
+        pred = np.array(mask)
+        assert set(np.unique(pred)) <= {0, 1, 2}
+        assert mask.getpalette()[3:6] == [128, 0, 0]  # VOC colours: class 1 dark red
+        truth = np.array(Image.open(voc / "SegmentationClass" / f"{image.stem}.png"))
+        labelled = truth != 255
+        agree += int((pred[labelled] == truth[labelled]).sum())
+        total += int(labelled.sum())
+    assert agree / total > 0.8
+
+
+def test_bad_mask_is_one_line_before_anything_is_written(tmp_path, capsys):
+    voc = make_voc(tmp_path / "voc", n_train=4, n_val=2)
+    mask = np.array(Image.open(voc / "SegmentationClass" / "val_001.png"))
+    mask[3, 3] = 9
+    palette_png(mask).save(voc / "SegmentationClass" / "val_001.png")
+    capsys.readouterr()
+    code = segment("train", voc, "--num-classes", 3, *TINY_SEGMENTER, "--img-size", 32, "-b", 2, "--epochs", 1,
+                   "-j", 0, "--device", "cpu", "--output", tmp_path / "out")
+    err = capsys.readouterr().err
+    assert code == 2
+    assert err.count("\n") == 1 and err.startswith("sequencer segment: error: mask ")
+    assert "val_001.png holds value 9" in err
+    assert not (tmp_path / "out").exists()
+
+
+def test_train_with_workers(tmp_path, capsys):
+    """Two data-loader workers for training and evaluation (the default uses workers); validate in the main
+    process gives the same numbers."""
+    voc = make_voc(tmp_path / "voc", n_train=8, n_val=3)
+    assert segment("train", voc, "--num-classes", 3, *TINY_SEGMENTER, "--img-size", 32, "-b", 4, "--epochs", 1,
+                   "-j", 2, "--device", "cpu", "--output", tmp_path / "out", "--experiment", "w") == 0
+    row = _summary(tmp_path / "out" / "w")[0]
+    results = tmp_path / "r.json"
+    assert segment("validate", voc, "--checkpoint", tmp_path / "out" / "w" / "last.pth.tar", "-j", 0,
+                   "--device", "cpu", "--results-file", results) == 0
+    assert f"{json.loads(results.read_text())['miou']:.4f}" == row["eval_miou"]
+
+
+def test_length_is_required():
+    with pytest.raises(SystemExit) as e:
+        segment("train", "somewhere")
+    assert e.value.code == 2

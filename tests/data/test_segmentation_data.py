@@ -1,0 +1,150 @@
+"""Segmentation data: VOC and ADE20K layouts, the up-front checks of bad files, masks through the transforms."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from segmentation_helpers import make_ade20k, make_voc, palette_png
+from sequencer.data.segmentation import (IGNORE_INDEX, EvalTransform, SegmentationDataset, open_split, read_mask,
+                                         train_transform)
+from sequencer.errors import SequencerError
+
+MEAN, STD = (0.5, 0.5, 0.5), (0.5, 0.5, 0.5)
+
+
+@pytest.fixture
+def voc(tmp_path):
+    return make_voc(tmp_path / "voc", n_train=4, n_val=2)
+
+
+def test_voc_split_lists_the_id_list_in_order(voc):
+    split = open_split(voc, "train", num_classes=3)
+    assert split.layout == "voc" and len(split) == 4 and not split.reduce_zero_label
+    assert [p.stem for p in split.images] == [f"train_{i:03d}" for i in range(4)]
+    assert [p.name for p in split.masks] == [f"train_{i:03d}.png" for i in range(4)]
+    assert open_split(voc, "train").class_names[15] == "person"  # 21 classes by default: VOC's names
+
+
+def test_training_pairs_stay_aligned_through_the_augmentation(voc):
+    """Geometry moves image and mask together: after random scale, crop, flip and photometric distortion the pixels
+    labelled red-square are still the reddest (photometric changes keep the ordering of red minus blue)."""
+    torch.manual_seed(0)
+    dataset = SegmentationDataset(open_split(voc, "train", num_classes=3), train_transform(32, MEAN, STD))
+    red_minus_blue = {1: [], 2: []}
+    for _ in range(3):
+        for i in range(len(dataset)):
+            image, mask = dataset[i]
+            assert image.shape == (3, 32, 32) and image.dtype == torch.float32
+            assert mask.shape == (32, 32) and mask.dtype == torch.int64
+            assert set(mask.unique().tolist()) <= {0, 1, 2, IGNORE_INDEX}
+            for label in (1, 2):
+                if (mask == label).any():
+                    red_minus_blue[label].append((image[0] - image[2])[mask == label].mean().item())
+    assert red_minus_blue[1] and red_minus_blue[2]
+    assert min(red_minus_blue[1]) > 0 > max(red_minus_blue[2]), red_minus_blue
+
+
+def test_crop_pads_small_images_with_ignore(voc):
+    torch.manual_seed(0)
+    dataset = SegmentationDataset(open_split(voc, "train", num_classes=3), train_transform(200, MEAN, STD,
+                                                                                          (0.2, 0.2)))
+    image, mask = dataset[0]  # a 48 px image scaled to a 40 px short side, in a 200 px crop: mostly padding
+    assert image.shape == (3, 200, 200)
+    assert (mask == IGNORE_INDEX).float().mean() > 0.8
+
+
+def test_eval_transform_resizes_the_image_and_keeps_the_mask(voc):
+    dataset = SegmentationDataset(open_split(voc, "val", num_classes=3), EvalTransform(24, MEAN, STD))
+    image, mask = dataset[1]  # 40x56 (H x W)
+    assert image.shape == (3, 24, 33) and mask.shape == (40, 56)  # 56 * 24 / 40 = 33.6
+    original = np.array(Image.open(dataset.split.masks[1]))
+    assert torch.equal(mask, torch.from_numpy(original).long())
+
+
+def test_ade20k_layout_reduces_the_zero_label(tmp_path):
+    root = make_ade20k(tmp_path / "ade")
+    split = open_split(root, "training", num_classes=2)
+    assert split.layout == "ade20k" and split.reduce_zero_label and len(split) == 6
+    assert open_split(root, "val", num_classes=2).split == "val"  # train/val name the ADE20K folders
+    raw = np.array(Image.open(split.masks[0]))
+    reduced = read_mask(split.masks[0], reduce_zero_label=True)
+    assert np.array_equal(reduced[raw == 0], np.full((raw == 0).sum(), IGNORE_INDEX, np.uint8))
+    assert np.array_equal(reduced[raw > 0], raw[raw > 0] - 1)
+    _, mask = SegmentationDataset(split)[0]
+    assert set(mask.unique().tolist()) <= {0, 1, IGNORE_INDEX}
+
+
+def test_reduce_zero_label_keeps_255_ignored(tmp_path):
+    path = tmp_path / "m.png"
+    Image.fromarray(np.array([[0, 1, 255, 150]], np.uint8)).save(path)
+    assert read_mask(path, True).tolist() == [[255, 0, 255, 149]]
+    assert read_mask(path, False).tolist() == [[0, 1, 255, 150]]
+
+
+def test_ade20k_label_above_the_classes_is_refused(tmp_path):
+    root = make_ade20k(tmp_path / "ade")
+    with pytest.raises(SequencerError, match=r"mask .*ADE_training_00000000.png holds value 2, neither a class "
+                                             r"\(0..1 \(0 = ignored"):
+        open_split(root, "training", num_classes=1)
+
+
+# ------------------------------------------------------------------------------------------------ bad input
+def _bad(voc, break_it):
+    """open_split after ``break_it(voc)``; returns the one-line message."""
+    break_it(voc)
+    with pytest.raises(SequencerError) as caught:
+        open_split(voc, "train", num_classes=3)
+    message = str(caught.value)
+    assert "\n" not in message
+    return message
+
+
+def test_mask_of_another_size(voc):
+    def shrink(root):
+        palette_png(np.zeros((20, 20), np.uint8)).save(root / "SegmentationClass" / "train_002.png")
+    message = _bad(voc, shrink)
+    assert "SegmentationClass/train_002.png is 20x20 but its image train_002.png is 48x48" in message
+
+
+def test_mask_value_neither_class_nor_ignore(voc):
+    def add_value(root):
+        mask = np.array(Image.open(root / "SegmentationClass" / "train_001.png"))
+        mask[0, 0] = 7
+        palette_png(mask).save(root / "SegmentationClass" / "train_001.png")
+    message = _bad(voc, add_value)
+    assert "train_001.png holds value 7, neither a class (0..2) nor 255" in message
+
+
+def test_missing_mask(voc):
+    message = _bad(voc, lambda root: (root / "SegmentationClass" / "train_003.png").unlink())
+    assert "mask" in message and "SegmentationClass/train_003.png does not exist" in message
+
+
+def test_rgb_mask(voc):
+    def colour(root):
+        path = root / "SegmentationClass" / "train_000.png"
+        Image.open(path).convert("RGB").save(path)
+    message = _bad(voc, colour)
+    assert "SegmentationClass/train_000.png is RGB, not a palette or grayscale PNG" in message
+
+
+def test_id_list_naming_a_missing_image(voc):
+    def add_id(root):
+        with open(root / "ImageSets" / "Segmentation" / "train.txt", "a") as f:
+            f.write("ghost\n")
+    message = _bad(voc, add_id)
+    assert "ImageSets/Segmentation/train.txt' names image 'ghost'" in message and "JPEGImages/ghost" in message
+
+
+def test_grayscale_masks_are_accepted(voc):
+    for path in (voc / "SegmentationClass").iterdir():
+        Image.fromarray(np.array(Image.open(path))).save(path)  # P -> L, same indices
+    assert len(open_split(voc, "train", num_classes=3)) == 4
+
+
+def test_not_a_dataset_folder(tmp_path):
+    with pytest.raises(SequencerError, match="neither a Pascal VOC folder"):
+        open_split(tmp_path, "train")
+

@@ -1,0 +1,149 @@
+"""Segmentation engine: metrics vs hand-computed values, sliding-window inference, the heads under autocast and
+compile, and training runs (resume auto continues a stopped run exactly)."""
+from __future__ import annotations
+
+import math
+import os
+import signal
+
+import pytest
+import torch
+from torch import nn
+
+from segmentation_helpers import make_voc
+from sequencer.engine import segmentation as seg_engine
+from sequencer.engine.segmentation import SegmentConfig, train_segmenter
+from sequencer.engine.segmentation_eval import (InferenceSettings, _window_starts, confusion_matrix, image_logits,
+                                                segmentation_metrics)
+from sequencer.errors import SequencerError
+from sequencer.models.segmentation import create_segmenter
+from sequencer.models.loading import read_checkpoint
+
+TINY_BACKBONE = dict(layers=(1, 1), patch_sizes=(2, 1), embed_dims=(16, 16), hidden_sizes=(4, 4), mlp_ratios=(2, 2))
+
+
+def tiny_config(data, output, **kw) -> SegmentConfig:
+    settings = dict(data=str(data), num_classes=3, backbone="sequencer2d_nano", backbone_kwargs=TINY_BACKBONE,
+                    head_channels=16, out_channels=16, img_size=32, batch_size=8, lr=6e-3, warmup_iters=2,
+                    workers=0, device="cpu", output=str(output), log_interval=1000)
+    settings.update(kw)
+    return SegmentConfig(**settings)
+
+
+# --------------------------------------------------------------------------------------------------- metrics
+def test_metrics_match_hand_computed_values():
+    target = torch.tensor([[0, 0, 1, 1], [2, 2, 255, 0]])
+    pred = torch.tensor([[0, 1, 1, 1], [2, 0, 2, 2]])
+    conf = confusion_matrix(pred, target, 3)
+    assert conf.tolist() == [[1, 1, 1], [0, 2, 0], [1, 0, 1]]  # the 255 pixel is left out
+    m = segmentation_metrics(conf, ["a", "b", "c"])
+    # IoU a = 1 / (3 + 2 - 1), b = 2 / (2 + 3 - 2), c = 1 / (2 + 2 - 1)
+    iou = [1 / 4, 2 / 3, 1 / 3]
+    assert m["per_class_iou"] == pytest.approx({"a": 25.0, "b": 200 / 3, "c": 100 / 3})
+    assert m["miou"] == pytest.approx(100 * sum(iou) / 3)
+    assert m["pixel_acc"] == pytest.approx(100 * 4 / 7)
+    assert m["macc"] == pytest.approx(100 * (1 / 3 + 1 + 1 / 2) / 3)
+    assert m["pixels"] == 7
+
+
+def test_a_class_absent_everywhere_is_left_out_of_the_mean():
+    conf = confusion_matrix(torch.tensor([0, 1, 1]), torch.tensor([0, 1, 1]), 3)
+    m = segmentation_metrics(conf, ["a", "b", "c"])
+    assert math.isnan(m["per_class_iou"]["c"]) and m["miou"] == pytest.approx(100.0)
+
+
+# ------------------------------------------------------------------------------------------------ inference
+@pytest.mark.parametrize("length,crop,stride,expected", [(10, 10, 6, [0]), (8, 10, 6, [0]), (20, 10, 6, [0, 6, 10]),
+                                                          (22, 10, 4, [0, 4, 8, 12]), (16, 10, 6, [0, 6])])
+def test_sliding_windows_cover_the_image(length, crop, stride, expected):
+    assert _window_starts(length, crop, stride) == expected
+
+
+def test_sliding_window_equals_whole_image_for_a_pointwise_model():
+    """A 1x1 convolution sees no context, so averaging overlapping windows must give the whole image's logits."""
+    torch.manual_seed(0)
+    model = nn.Conv2d(3, 4, 1)
+    image = torch.randn(1, 3, 37, 50)
+    whole = image_logits(model, image, InferenceSettings("whole"))
+    slide = image_logits(model, image, InferenceSettings("slide", crop=16, stride=10))
+    assert slide.shape == (1, 4, 37, 50)
+    torch.testing.assert_close(slide, whole)
+
+
+@pytest.mark.parametrize("head", ["upernet", "fpn"])
+def test_segmenter_logits_for_any_size_eager_and_bf16_autocast(head):
+    torch.manual_seed(0)
+    model = create_segmenter("sequencer2d_nano", 3, head=head, head_channels=16, out_channels=16,
+                             backbone_kwargs=TINY_BACKBONE).eval()
+    image = torch.randn(2, 3, 45, 61)
+    with torch.inference_mode():
+        logits = model(image)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            low = model(image)
+    assert logits.shape == low.shape == (2, 3, 45, 61)
+    assert torch.isfinite(low.float()).all()
+    # bf16 keeps ~3 significant digits: compared with a tolerance on the logits' scale, not bitwise
+    assert (low.float() - logits).abs().max() <= 0.1 * logits.abs().max() + 0.05
+
+
+@pytest.mark.parametrize("head", ["upernet", "fpn"])
+def test_heads_compiled_match_eager(head):
+    """The heads traced whole by torch.compile (fullgraph, aot_eager: the graph capture without inductor's C++
+    build, which takes a minute a head on CI's two cores). The backbone's compiled path is the models layer's test."""
+    torch.manual_seed(0)
+    model = create_segmenter("sequencer2d_nano", 3, head=head, head_channels=16, out_channels=16,
+                             backbone_kwargs=TINY_BACKBONE).eval()
+    image = torch.randn(1, 3, 32, 40)
+    with torch.inference_mode():
+        features = list(model.backbone(image).values())
+        eager = model.head(features)
+        compiled = torch.compile(model.head, backend="aot_eager", fullgraph=True)(features)
+    torch.testing.assert_close(compiled, eager, rtol=1e-4, atol=1e-4)
+
+
+# ------------------------------------------------------------------------------------------------- training
+def test_config_needs_one_length(tmp_path):
+    with pytest.raises(SequencerError, match="--iters N .* or --epochs N"):
+        train_segmenter(tiny_config(tmp_path, tmp_path / "out"))
+    with pytest.raises(SequencerError, match="--resume auto needs --experiment"):
+        train_segmenter(tiny_config(tmp_path, tmp_path / "out", epochs=1, resume="auto"))
+
+
+def test_iters_sets_the_length_and_the_poly_schedule_ends_at_min_lr(tmp_path):
+    data = make_voc(tmp_path / "voc", n_train=16, n_val=2)
+    result = train_segmenter(tiny_config(data, tmp_path / "out", iters=5, experiment="it", eval_interval=2))
+    rows = result.summary
+    # 16 images / batch 8 = 2 updates per epoch: 5 updates = epochs 0, 1 and half of 2
+    assert [r["epoch"] for r in rows] == ["0", "1", "2"]
+    assert float(rows[-1]["lr"]) == 0.0
+    # evaluated every second epoch and after the last
+    assert rows[0]["eval_miou"] == "" and rows[1]["eval_miou"] != "" and rows[2]["eval_miou"] != ""
+    ckpt = read_checkpoint(result.checkpoint)
+    assert ckpt["segmenter"]["num_classes"] == 3 and ckpt["data_config"]["img_size"] == 32
+
+
+def test_resume_auto_continues_a_stopped_run_exactly(tmp_path, monkeypatch):
+    """A run stopped by SIGTERM after epoch 1 and continued with --resume auto ends with the weights of a run
+    that was never stopped (same batches, augmentation draws and schedule)."""
+    data = make_voc(tmp_path / "voc", n_train=16, n_val=2)
+    straight = train_segmenter(tiny_config(data, tmp_path / "out", epochs=3, experiment="straight"))
+
+    save_epoch = seg_engine._save_epoch
+
+    def stop_after_epoch_1(run, epoch, *args):
+        save_epoch(run, epoch, *args)
+        if epoch == 1:
+            os.kill(os.getpid(), signal.SIGTERM)  # the run's handler turns it into a stop after this epoch
+
+    monkeypatch.setattr(seg_engine, "_save_epoch", stop_after_epoch_1)
+    stopped = train_segmenter(tiny_config(data, tmp_path / "out", epochs=3, experiment="stopped", resume="auto"))
+    assert stopped.exit_code == 128 + signal.SIGTERM and len(stopped.summary) == 2
+    monkeypatch.setattr(seg_engine, "_save_epoch", save_epoch)
+    resumed = train_segmenter(tiny_config(data, tmp_path / "out", epochs=3, experiment="stopped", resume="auto"))
+    assert resumed.exit_code == 0 and [r["epoch"] for r in resumed.summary] == ["0", "1", "2"]
+    a = read_checkpoint(straight.output_dir / "last.pth.tar")["state_dict"]
+    b = read_checkpoint(resumed.output_dir / "last.pth.tar")["state_dict"]
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+    for column in ("train_loss", "eval_miou", "lr"):
+        assert [r[column] for r in resumed.summary] == [r[column] for r in straight.summary]
