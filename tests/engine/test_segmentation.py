@@ -5,6 +5,8 @@ from __future__ import annotations
 import math
 import os
 import signal
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -17,6 +19,7 @@ from sequencer.engine.segmentation_eval import (InferenceSettings, _window_start
                                                 segmentation_metrics)
 from sequencer.errors import SequencerError
 from sequencer.models.segmentation import create_segmenter
+from sequencer.engine.outputs import read_summary
 from sequencer.models.loading import read_checkpoint
 
 TINY_BACKBONE = dict(layers=(1, 1), patch_sizes=(2, 1), embed_dims=(16, 16), hidden_sizes=(4, 4), mlp_ratios=(2, 2))
@@ -147,3 +150,26 @@ def test_resume_auto_continues_a_stopped_run_exactly(tmp_path, monkeypatch):
         assert torch.equal(a[key], b[key]), key
     for column in ("train_loss", "eval_miou", "lr"):
         assert [r[column] for r in resumed.summary] == [r[column] for r in straight.summary]
+
+
+@pytest.mark.slow
+def test_two_process_gloo_run_and_its_sharded_evaluation(tmp_path):
+    """`segment train` under the launcher distributed_train.sh uses (torchrun): 2 CPU processes, rank 0 writes, and
+    the evaluation sharded over the ranks gives exactly the single-process numbers of `validate`."""
+    from run_helpers import subprocess_env
+    from segmentation_helpers import TINY_SEGMENTER
+    from sequencer.engine.segmentation_eval import validate_segmenter
+
+    data = make_voc(tmp_path / "voc", n_train=8, n_val=5)
+    cmd = [sys.executable, "-m", "sequencer.engine.distributed", "--standalone", "--nproc_per_node", "2",
+           "-m", "sequencer", "segment", "train", str(data), "--num-classes", "3", *TINY_SEGMENTER, "--img-size", "32",
+           "-b", "2", "--epochs", "1", "-j", "0", "--device", "cpu", "--output", str(tmp_path / "out"),
+           "--experiment", "ddp"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=subprocess_env(), cwd=tmp_path, timeout=600)
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
+    assert [p.name for p in (tmp_path / "out").iterdir()] == ["ddp"]
+    ckpt = read_checkpoint(tmp_path / "out" / "ddp" / "last.pth.tar")
+    assert len(ckpt["rng_state"]) == 2 and not any(k.startswith("module.") for k in ckpt["state_dict"])
+    row = read_summary(tmp_path / "out" / "ddp" / "summary.csv")[0]
+    metrics = validate_segmenter(str(tmp_path / "out" / "ddp" / "last.pth.tar"), str(data), device="cpu")
+    assert f"{metrics['miou']:.4f}" == row["eval_miou"] and metrics["images"] == 5
