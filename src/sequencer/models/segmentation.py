@@ -13,13 +13,12 @@ training checkpoints store it.
 """
 from __future__ import annotations
 
-from collections import OrderedDict
-
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from ..errors import SequencerError
+from .backbone import create_backbone
 
 HEADS = ("upernet", "fpn")
 
@@ -125,8 +124,8 @@ def create_segmenter(backbone: str, num_classes: int, head: str = "upernet", hea
         raise SequencerError(f"unknown segmentation head {head!r}", hint=f"use one of {', '.join(HEADS)}")
     config = dict(backbone=backbone, num_classes=int(num_classes), head=head, head_channels=int(head_channels),
                   out_channels=int(out_channels), backbone_kwargs=dict(backbone_kwargs or {}))
-    net = _create_backbone(backbone, pretrained=pretrained, checkpoint_path=backbone_checkpoint or None,
-                           out_channels=out_channels, **config["backbone_kwargs"])
+    net = create_backbone(backbone, pretrained=pretrained, checkpoint_path=backbone_checkpoint or None,
+                          out_channels=out_channels, extra_blocks=None, **config["backbone_kwargs"])
     channels = _channels(net.out_channels)
     head_class = UperNetHead if head == "upernet" else SemanticFPNHead
     return Segmenter(net, head_class(channels, head_channels, num_classes), num_classes, config)
@@ -144,34 +143,3 @@ def segmenter_from_config(config: dict) -> Segmenter:
 
 def _channels(out_channels) -> list[int]:
     return list(out_channels) if isinstance(out_channels, (list, tuple)) else [int(out_channels)] * 4
-
-
-# ------------------------------------------------------------------------------------------------ backbone
-def _create_backbone(name: str, **kwargs) -> nn.Module:
-    from .. import models
-    create = getattr(models, "create_backbone", None)
-    if create is not None:
-        return create(name, **kwargs)
-    return _StandInBackbone(name, **kwargs)
-
-
-class _StandInBackbone(nn.Module):
-    """Until ``create_backbone`` lands: the last stage's map projected to ``out_channels`` and resampled to strides
-    4/8/16/32 of the input. Same interface (OrderedDict of 4 maps, ``.out_channels``)."""
-
-    def __init__(self, name: str, pretrained: bool = False, checkpoint_path: str | None = None,
-                 out_channels: int = 256, **kwargs):
-        super().__init__()
-        from .registry import create_model
-        self.body = create_model(name, pretrained=pretrained, checkpoint_path=checkpoint_path, features_only=True,
-                                 **kwargs)
-        self.multiple = self.body.model.reduction
-        self.project = nn.Conv2d(self.body.channels()[-1], out_channels, 1)
-        self.out_channels = out_channels
-
-    def forward(self, x: torch.Tensor) -> OrderedDict:
-        h, w = x.shape[-2:]
-        m = self.multiple
-        fitted = _resize(x, (-(-h // m) * m, -(-w // m) * m))
-        last = self.project(self.body(fitted)[-1])
-        return OrderedDict((str(i), _resize(last, (-(-h // s), -(-w // s)))) for i, s in enumerate((4, 8, 16, 32)))
