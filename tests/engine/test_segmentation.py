@@ -173,3 +173,38 @@ def test_two_process_gloo_run_and_its_sharded_evaluation(tmp_path):
     row = read_summary(tmp_path / "out" / "ddp" / "summary.csv")[0]
     metrics = validate_segmenter(str(tmp_path / "out" / "ddp" / "last.pth.tar"), str(data), device="cpu")
     assert f"{metrics['miou']:.4f}" == row["eval_miou"] and metrics["images"] == 5
+
+
+def test_amp_bf16_run_validates_to_its_logged_miou(tmp_path):
+    """--amp on the CPU trains and evaluates under bfloat16 autocast; validate evaluates as training did."""
+    from sequencer.engine.segmentation_eval import validate_segmenter
+
+    data = make_voc(tmp_path / "voc", n_train=8, n_val=3)
+    result = train_segmenter(tiny_config(data, tmp_path / "out", epochs=1, experiment="amp", amp=True))
+    ckpt = read_checkpoint(result.checkpoint)
+    assert ckpt["data_config"]["eval_amp_dtype"] == "bfloat16"
+    assert math.isfinite(float(result.summary[0]["train_loss"]))
+    metrics = validate_segmenter(str(result.checkpoint), str(data), device="cpu")
+    assert f"{metrics['miou']:.4f}" == result.summary[0]["eval_miou"]
+
+
+def test_sigterm_mid_epoch_writes_a_recovery_checkpoint_and_resume_auto_finishes(tmp_path, monkeypatch):
+    data = make_voc(tmp_path / "voc", n_train=16, n_val=2)
+    loss, calls = seg_engine.segmentation_loss, []
+
+    def stop_at_third_step(*args):
+        calls.append(1)
+        if len(calls) == 3:  # epoch 1, step 0
+            os.kill(os.getpid(), signal.SIGTERM)
+        return loss(*args)
+
+    monkeypatch.setattr(seg_engine, "segmentation_loss", stop_at_third_step)
+    config = dict(epochs=3, experiment="rec", resume="auto")
+    stopped = train_segmenter(tiny_config(data, tmp_path / "out", **config))
+    assert stopped.exit_code == 128 + signal.SIGTERM
+    recovery = read_checkpoint(tmp_path / "out" / "rec" / "recovery.pth.tar")
+    assert recovery["epoch"] == 1 and recovery["epoch_complete"] is False
+    monkeypatch.setattr(seg_engine, "segmentation_loss", loss)
+    resumed = train_segmenter(tiny_config(data, tmp_path / "out", **config))
+    assert resumed.exit_code == 0 and [r["epoch"] for r in resumed.summary] == ["0", "1", "2"]
+    assert not (tmp_path / "out" / "rec" / "recovery.pth.tar").exists()

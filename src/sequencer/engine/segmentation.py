@@ -37,7 +37,7 @@ from .config import RunState
 from .loop import StopRequest, current_lr
 from .outputs import plain, prepare_outputs, read_summary, release_claim, remove_if_empty, run_args, write_summary
 from .resume import locate_resume, read_resume_checkpoint
-from .segmentation_eval import (EVAL_MODES, InferenceSettings, eval_loader, evaluate_segmentation, metrics_row)
+from .segmentation_eval import EVAL_MODES, eval_loader, evaluate_segmentation, inference_settings, metrics_row
 from .train import amp_setup
 
 _logger = logging.getLogger(__name__)
@@ -208,8 +208,9 @@ def _train(cfg: SegmentConfig, state: RunState, info: dist_utils.DistInfo) -> Se
             last = epoch == run.num_epochs - 1
             metrics = None
             if last or (epoch + 1) % cfg.eval_interval == 0:
+                settings = inference_settings(run.data_config, None, None, info.device)
                 metrics = evaluate_segmentation(run.model, run.eval_loader, model.num_classes, run.class_names,
-                                                _inference_settings(run), distributed=info.distributed)
+                                                settings, distributed=info.distributed)
             _save_epoch(run, epoch, train_loss, metrics, epoch_started)
             if stop.signum:
                 return _result(run.out.folder, run.out.manager, 128 + stop.signum)
@@ -286,6 +287,7 @@ def _build_run(cfg: SegmentConfig, info, model: nn.Module, train_split, val_spli
                                 warmup_t=warmup, warmup_lr_init=cfg.lr * cfg.warmup_ratio, warmup_prefix=True,
                                 t_in_epochs=False)
     amp_dtype, scaler = amp_setup(cfg, info.device)
+    data_config["eval_amp_dtype"] = str(amp_dtype).removeprefix("torch.") if amp_dtype else None
     return _Run(cfg, info, model, train_model, list(train_split.class_names), data_config, train_loader, evals,
                 optimizer, scheduler, scaler, amp_dtype, total, updates_per_epoch, num_epochs,
                 fields=_summary_fields(train_split.class_names))
@@ -294,10 +296,6 @@ def _build_run(cfg: SegmentConfig, info, model: nn.Module, train_split, val_spli
 def _summary_fields(class_names: list[str]) -> list[str]:
     return (["epoch", "train_loss", "eval_miou", "eval_pixel_acc", "eval_macc"]
             + [f"iou_{name}" for name in class_names] + ["lr", "epoch_seconds"])
-
-
-def _inference_settings(run: _Run) -> InferenceSettings:
-    return InferenceSettings(run.cfg.eval_mode, run.cfg.img_size, run.cfg.stride, run.amp_dtype)
 
 
 def _restore(run: _Run, checkpoint: dict | None) -> int:

@@ -153,11 +153,16 @@ def load_segmenter(path: str, device: torch.device | str = "cpu") -> LoadedSegme
                            checkpoint)
 
 
-def inference_settings(data_config: dict, mode: str | None, stride: int | None, amp_dtype) -> InferenceSettings:
-    """The checkpoint's evaluation settings, with ``mode``/``stride`` overriding them when given."""
+def inference_settings(data_config: dict, mode: str | None, stride: int | None,
+                       device: torch.device) -> InferenceSettings:
+    """The checkpoint's evaluation settings (mode, window, and the autocast dtype its training evaluated in, so that
+    a checkpoint validates to the logged numbers), with ``mode``/``stride`` overriding them when given."""
     mode = mode or data_config.get("eval_mode", "whole")
     if mode not in EVAL_MODES:
         raise SequencerError(f"--eval-mode {mode!r}: use one of {', '.join(EVAL_MODES)}")
+    amp_dtype = getattr(torch, data_config["eval_amp_dtype"]) if data_config.get("eval_amp_dtype") else None
+    if device.type == "cpu" and amp_dtype == torch.float16:
+        amp_dtype = torch.bfloat16  # CPU autocast is a bfloat16 feature (the --amp policy)
     return InferenceSettings(mode, int(data_config["img_size"]), stride or data_config.get("stride"), amp_dtype)
 
 
@@ -182,7 +187,7 @@ def metrics_row(metrics: dict) -> dict:
 
 def validate_segmenter(checkpoint: str, data: str, split: str = "val", *, eval_mode: str | None = None,
                        stride: int | None = None, workers: int = 0, device: str | None = None,
-                       amp_dtype: torch.dtype | None = None, results_file: str = "") -> dict:
+                       results_file: str = "") -> dict:
     """Evaluate a ``segment train`` checkpoint on ``split`` of ``data`` with its own settings (``eval_mode`` /
     ``stride`` override them). Returns the metrics (as :func:`evaluate_segmentation`, plus ``checkpoint``); with
     ``results_file`` (.json) also writes them there."""
@@ -193,7 +198,7 @@ def validate_segmenter(checkpoint: str, data: str, split: str = "val", *, eval_m
     cfg = loaded.data_config
     data_split = open_split(data, split, cfg.get("layout", ""), num_classes=loaded.model.num_classes,
                             reduce_zero_label=cfg.get("reduce_zero_label"), class_names=loaded.class_names)
-    settings = inference_settings(cfg, eval_mode, stride, amp_dtype)
+    settings = inference_settings(cfg, eval_mode, stride, dev)
     metrics = evaluate_segmentation(loaded.model, eval_loader(data_split, cfg, workers, dev), loaded.model.num_classes,
                                     loaded.class_names, settings)
     metrics.update(checkpoint=str(checkpoint), split=split, eval_mode=settings.mode)
@@ -206,7 +211,7 @@ def validate_segmenter(checkpoint: str, data: str, split: str = "val", *, eval_m
 # -------------------------------------------------------------------------------------------------- predict
 def predict_files(checkpoint: str, files: list[Path], output: str, *, overlay: bool = False,
                   eval_mode: str | None = None, stride: int | None = None, device: str | None = None,
-                  amp_dtype: torch.dtype | None = None, alpha: float = 0.5) -> list[Path]:
+                  alpha: float = 0.5) -> list[Path]:
     """Segment each image file; write ``OUTPUT/<stem>.png`` (palette PNG of class indices, VOC colours) and with
     ``overlay`` ``OUTPUT/<stem>_overlay.jpg`` (the picture with the classes blended over it). Returns the masks
     written. Unreadable images raise SequencerError naming the file before anything is written for it."""
@@ -219,7 +224,7 @@ def predict_files(checkpoint: str, files: list[Path], output: str, *, overlay: b
     dev = resolve_device(device)
     loaded = load_segmenter(checkpoint, dev)
     cfg = loaded.data_config
-    settings = inference_settings(cfg, eval_mode, stride, amp_dtype)
+    settings = inference_settings(cfg, eval_mode, stride, dev)
     transform = EvalTransform(cfg["eval_size"], cfg["mean"], cfg["std"])
     out = Path(output)
     out.mkdir(parents=True, exist_ok=True)
