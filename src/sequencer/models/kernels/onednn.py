@@ -163,7 +163,13 @@ def native_dtype(dtype: torch.dtype | None, device: torch.device | str, what: st
 
 
 def _under_cpu_bf16_autocast(x: torch.Tensor) -> bool:
-    """Whether CPU autocast to bf16 applies to ``x`` and oneDNN can serve it (its paths then make the casts)."""
+    """Whether CPU autocast to bf16 applies to ``x`` and oneDNN can serve it (its paths then make the casts).
+
+    Never under ``torch.compile``: the oneDNN paths are eager-only (see :func:`_onednn_linear_ok`), and dynamo cannot
+    trace the bf16-support query (a graph break, an error under ``fullgraph=True``).
+    """
+    if torch.compiler.is_compiling():
+        return False
     return (x.device.type == "cpu" and torch.is_autocast_enabled("cpu")
             and torch.get_autocast_dtype("cpu") == torch.bfloat16 and x.dtype in (torch.float32, torch.bfloat16)
             and onednn_bf16_supported())

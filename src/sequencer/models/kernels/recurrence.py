@@ -7,15 +7,20 @@ Backends (model kwarg ``lstm_backend``, else the environment variable ``SEQUENCE
   never called. GRU/RNN layers stay native.
 * ``cpu``: BiLSTM2D's LSTMs run :mod:`.cpu_lstm` (one GEMM for all directions' input projections, one batched
   scan) in CPU inference; where a gradient is needed, or for GRU/RNN/multi-layer LSTMs, the ``native`` kernels run.
-* ``auto`` (default): ``native`` (on a Zen 5 CPU oneDNN's LSTM measured as fast as or faster than ``cpu``, see
-  BENCHMARKS.md "CPU recurrence"; on GPUs until the fused Triton kernel is measured faster there).
+* ``auto`` (default): decided per call by :func:`auto_takes_triton`, from measurements (BENCHMARKS.md "GPU"):
+  ``triton`` for LSTM inference in bf16/fp16 on the GPUs where it was measured faster than cuDNN, else ``native``
+  (cuDNN for GPU training, where Triton's backward measured slower; on a Zen 5 CPU oneDNN's LSTM measured as fast as
+  or faster than ``cpu``, BENCHMARKS.md "CPU recurrence").
 
 Under ``torch.compile`` the native layers run as the opaque custom op ``sequencer::rnn_native`` (dynamo cannot trace
-``nn.LSTM`` and would break the graph at each one); its backward recomputes the layer. TorchScript tracing and ONNX
-export always take the module itself, which their exporters map onto their own RNN ops.
+``nn.LSTM`` and would break the graph at each one); its backward recomputes the layer. Under autocast the op casts
+as ATen's autocast casts ``nn.LSTM`` (:func:`autocast_rnn_dtype`), so compiled and eager mixed precision compute
+the same. TorchScript tracing and ONNX export always take the module itself, which their exporters map onto their
+own RNN ops.
 """
 from __future__ import annotations
 
+import contextlib
 import os
 
 import torch
@@ -79,8 +84,39 @@ def resolve_backend(requested: str | None = None) -> str:
     return name
 
 
+# Where ``auto`` takes the Triton kernel: CUDA compute capabilities on which it was measured faster than cuDNN, and
+# for what. Measured on an H100 80GB (sm_90; torch 2.11.0+cu130, Triton 3.6.0, cuDNN 9.19, the project at 97f2861;
+# BENCHMARKS.md "GPU"), bf16 autocast, sequencer2d_s's mixer: inference 2.02x cuDNN at hidden 48, 2.67x at hidden
+# 96; forward+backward 0.70x (hidden 48) and out of shared memory (hidden 96), so training stays on cuDNN; fp32
+# hidden 96 ran out of shared memory too. fp16 was not timed: it has bf16's element width (same tiles, same traffic)
+# and measured far more accurate than cuDNN's (top-1 agreement with fp32 100% vs 90.6%). Other chips, hidden sizes
+# above 96 (the 2x-hidden ablation) and training keep cuDNN until a GPU session measures them.
+AUTO_TRITON_MEASURED = {"capabilities": {(9, 0)}, "dtypes": {torch.bfloat16, torch.float16}, "max_hidden": 96}
+
+
+def auto_takes_triton(rnn: nn.Module, x: torch.Tensor) -> bool:
+    """Whether ``auto`` runs ``rnn`` on the Triton kernel for input ``x``: where it was measured faster (above)."""
+    if (rnn.mode != "LSTM" or x.device.type != "cuda" or triton_lstm is None or torch.version.hip is not None
+            or rnn.proj_size or not rnn.batch_first or (rnn.dropout and rnn.training)):
+        return False
+    if torch.jit.is_scripting() or torch.jit.is_tracing() or torch.onnx.is_in_onnx_export():
+        return False
+    needs_grad = torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in rnn.parameters()))
+    return (not needs_grad and rnn.hidden_size <= AUTO_TRITON_MEASURED["max_hidden"]
+            and compute_dtype(x, rnn.weight_ih_l0) in AUTO_TRITON_MEASURED["dtypes"]
+            and _device_capability(x.device.index) in AUTO_TRITON_MEASURED["capabilities"])
+
+
+@torch.compiler.assume_constant_result
+def _device_capability(index: int | None) -> tuple[int, int]:
+    """The CUDA device's compute capability, a constant to dynamo (the device does not change under a graph)."""
+    return torch.cuda.get_device_capability(index)
+
+
 def uses_fused_lstm(rnn: nn.Module, backend: str, x: torch.Tensor) -> bool:
-    """Whether ``rnn`` runs the Triton kernel for input ``x`` under ``backend`` (``auto`` keeps cuDNN for now)."""
+    """Whether ``rnn`` runs the Triton kernel for input ``x`` under ``backend``."""
+    if backend == "auto":
+        return auto_takes_triton(rnn, x)
     if backend != "triton" or rnn.mode != "LSTM":
         return False
     if torch.jit.is_scripting() or torch.jit.is_tracing() or torch.onnx.is_in_onnx_export():
@@ -210,22 +246,31 @@ def _(x, weights, mode, num_layers, bidirectional, has_biases, train):
 @torch.library.custom_op("sequencer::rnn_native_backward", mutates_args=())
 def rnn_native_backward(grad: torch.Tensor, x: torch.Tensor, weights: list[torch.Tensor], mode: str,
                         num_layers: int, bidirectional: bool, has_biases: bool) -> list[torch.Tensor]:
-    """[dL/dx, dL/dw for each weight] of :func:`rnn_native`, by recomputing the layer.
+    """[dL/dx, dL/dw for each weight] of :func:`rnn_native`, by recomputing the layer on detached leaves.
 
-    ``torch.func.vjp`` rather than ``torch.autograd.grad``: an op's implementation runs below the autograd
-    dispatch keys, where autograd records nothing, and functorch's transform brings its own autograd level.
+    An op's implementation runs with autograd's dispatch keys excluded, so autograd would record nothing; they are
+    re-admitted around the recomputation (the guard torch.utils.checkpoint uses), and ``torch.autograd.grad`` runs
+    on plain tensors. (``torch.func.vjp`` did this before, but its wrapper tensors cannot reach cuDNN's RNN, which
+    reads the weights' storage: "Cannot access storage of TensorWrapper" on CUDA.)
     """
-    def layer(x, *weights):
-        return _vf_rnn(x, list(weights), mode, num_layers, bidirectional, has_biases, True)
-
-    with torch.enable_grad():
-        _, vjp = torch.func.vjp(layer, x, *weights)
-        grads = list(vjp(grad))
+    leaves = [t.detach().requires_grad_() for t in (x, *weights)]
+    with _autograd_recorded(), torch.enable_grad():
+        out = _vf_rnn(leaves[0], leaves[1:], mode, num_layers, bidirectional, has_biases, True)
+        grads = torch.autograd.grad(out, leaves, grad)
     # Every gradient is returned dense, as the fake kernel promises (ATen's dL/dx of a strided x may come back
     # dense or in x's layout), and no two share memory: an op's outputs may not alias each other, and ATen hands out
     # one tensor for both biases' gradients. The weights' copies are weight-sized, negligible beside the recompute.
     grad_x, *grad_weights = grads
     return [grad_x.contiguous()] + [g.clone(memory_format=torch.contiguous_format) for g in grad_weights]
+
+
+@contextlib.contextmanager
+def _autograd_recorded():
+    """Autograd records again inside an op's implementation (see rnn_native_backward)."""
+    keys = torch._C.DispatchKey
+    with (torch._C._SetExcludeDispatchKeyGuard(keys.AutogradFunctionality, False),
+          torch._C._SetExcludeDispatchKeyGuard(keys.ADInplaceOrView, False)):
+        yield
 
 
 @rnn_native_backward.register_fake
@@ -246,3 +291,48 @@ def _rnn_native_grads(ctx, grad):
 
 
 rnn_native.register_autograd(_rnn_native_grads, setup_context=_save_inputs)
+
+
+def autocast_rnn_dtype(device_type: str, mode: str, weights: list[torch.Tensor]) -> torch.dtype:
+    """The dtype ATen's autocast runs ``nn.LSTM``/``GRU``/``RNN`` in on ``device_type``, which the opaque op follows.
+
+    * CUDA: float16, whichever dtype autocast was asked for. ATen's autocast rule for cuDNN's RNN
+      (aten/src/ATen/cudnn/AutocastRNN.cpp) casts to float16 even under bfloat16 autocast. Followed deliberately:
+      compiled training then computes what eager does (and was measured running, on an H100), cuDNN's RNN is not
+      known to accept bfloat16 from ATen, and float32 would keep compiled runs at float32 speed (compiled cuDNN
+      inference measured at half its eager speed before this rule). Its cost is accuracy: 7.3e-2 worst logit
+      error against fp32 (BENCHMARKS.md "GPU"), which is why ``auto`` runs inference on the Triton kernel
+      (6.2e-3 in bf16), whose h, c and accumulation stay float32.
+    * CPU: the autocast dtype for LSTM (oneDNN's LSTM layer, the default CPU path, is on CPU autocast's
+      lower-precision list) and tanh RNN; GRU is on no list and runs in its weights' dtype (never mixed dtypes,
+      which oneDNN refuses). (oneDNN's LSTM has no float16: under float16 CPU autocast the LSTM fails in eager
+      and compiled alike; ``sequencer train`` runs float16 requests on the CPU as bfloat16.)
+    """
+    if device_type == "cuda":
+        return torch.float16
+    if mode == "gru":
+        return weights[0].dtype
+    return torch.get_autocast_dtype(device_type)
+
+
+def _cast_for_autocast(device_type: str, x: torch.Tensor, weights: list[torch.Tensor], mode: str):
+    dtype = autocast_rnn_dtype(device_type, mode, weights)
+    return [t.to(dtype) if t.is_floating_point() and t.dtype != torch.float64 and t.device.type == device_type
+            else t for t in (x, *weights)]
+
+
+def _autocast_kernel(device_type: str):
+    """``rnn_native``'s kernel at the Autocast dispatch key of ``device_type``: cast (differentiably, so float32
+    parameters get float32 gradients), then run the op with autocast off, as torch.library.register_autocast does
+    for one fixed dtype."""
+    def kernel(x, weights, mode, num_layers, bidirectional, has_biases, train):
+        x, *weights = _cast_for_autocast(device_type, x, weights, mode)
+        with torch.autocast(device_type, enabled=False):
+            return rnn_native(x, weights, mode, num_layers, bidirectional, has_biases, train)
+    return kernel
+
+
+_AUTOCAST_LIB = torch.library.Library("sequencer", "IMPL")  # noqa: the registrations live as long as the module
+for _device_type in ("cpu", "cuda"):
+    _AUTOCAST_LIB.impl("rnn_native", _autocast_kernel(_device_type),
+                       "Autocast" + torch._C._dispatch_key_for_device(_device_type))
