@@ -1,10 +1,10 @@
 """Produce BENCHMARKS.md: ours vs timm's Sequencer2d, side by side in one process, same weights.
 
 For every model x dtype it runs ``sequencer benchmark`` twice (inference at batch 16 with ``--optimized``, and an
-AdamW training step at batch 8), each with ``--compare-timm``, keeps the JSON results under ``--results-dir`` and
-renders the tables. CPU results live in ``benchmarks/results``, CUDA results in ``benchmarks/results-cuda``; each
-run replaces its own device's results, and BENCHMARKS.md always shows both. ``--render-only`` rebuilds it from the
-JSON already there.
+AdamW training step at batch 8), each with ``--compare-timm`` (on CUDA also with the cuDNN, Triton, compiled and
+convnext_tiny rows of ``GPU_ROWS``), keeps the JSON results under ``--results-dir`` and renders the tables. CPU
+results live in ``benchmarks/results``, CUDA results in ``benchmarks/results-cuda``; each run replaces its own
+device's results, and BENCHMARKS.md always shows both. ``--render-only`` rebuilds it from the JSON already there.
 
     python benchmarks/run_benchmarks.py                     # CPU: s, m, l; fp32 and bf16; inference and training
     python benchmarks/run_benchmarks.py --device cuda --dtypes bfloat16 --infer-batch 256 --train-batch 128
@@ -24,6 +24,10 @@ GPU_COMMANDS = [
     "python benchmarks/run_benchmarks.py --device cuda --models sequencer2d_s sequencer2d_m sequencer2d_l "
     "--dtypes bfloat16 --infer-batch 256 --train-batch 128 --num-iter 20",
 ]
+# On CUDA each run also has ours on cuDNN (ours-native) and on the fused Triton kernel (ours-triton) beside "ours"
+# (auto's choice), a torch.compile twin of every row, and timm's convnext_tiny (own weights) as the reference.
+GPU_ROWS = ["--lstm-backend", "native", "--lstm-backend", "triton", "--torchcompile",
+            "--reference-model", "convnext_tiny"]
 RESULTS_DIRS = {"cpu": ROOT / "benchmarks" / "results", "cuda": ROOT / "benchmarks" / "results-cuda"}
 
 
@@ -34,6 +38,8 @@ def run_one(model: str, mode: str, dtype: str, batch: int, args: argparse.Namesp
            "--num-iter", str(args.num_iter), "--memory-iter", str(args.memory_iter), "--results-file", str(out)]
     if mode == "infer":
         cmd.append("--optimized")
+    if args.device == "cuda":
+        cmd += GPU_ROWS
     print("+", " ".join(cmd[1:]), flush=True)
     subprocess.run(cmd, check=True, cwd=ROOT)
     return out

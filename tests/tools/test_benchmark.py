@@ -101,24 +101,27 @@ def test_benchmark_cli_memory_and_bfloat16(tmp_path, capsys):
 @pytest.mark.skipif(not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1",
                     reason="the fused kernel needs CUDA or Triton's interpreter")
 def test_benchmark_cli_lstm_backend_and_reference_rows(tiny_s_checkpoint, tmp_path):
-    """--lstm-backend triton adds ours on the fused kernel (timm's logits), --reference-model a timm model's row."""
+    """--lstm-backend native/triton add ours on cuDNN-or-oneDNN and on the fused kernel (timm's logits), repeatable;
+    --reference-model a timm model's row."""
     out = tmp_path / "r.json"
     rc = main(["benchmark", "--checkpoint", str(tiny_s_checkpoint), "-b", "2", "--img-size", "28", "--compare-timm",
-               "--lstm-backend", "triton", "--reference-model", "resnet10t", "--num-warmup", "0", "--num-iter", "1",
+               "--lstm-backend", "native", "--lstm-backend", "triton", "--reference-model", "resnet10t", "--num-warmup", "0", "--num-iter", "1",
                "--memory-iter", "0", "--gemm-size", "64", "--device", "cpu", "--results-file", str(out)])
     assert rc == 0
     rows = {r["impl"]: r for r in json.loads(out.read_text())["results"]}
-    assert sorted(rows) == ["ours", "ours-triton", "ref-resnet10t", "timm"]
-    assert rows["ours-triton"]["max_rel_diff_vs_timm"] < 1e-5
+    assert sorted(rows) == ["ours", "ours-native", "ours-triton", "ref-resnet10t", "timm"]
+    assert rows["ours-triton"]["max_rel_diff_vs_timm"] < 1e-5 and rows["ours-native"]["max_rel_diff_vs_timm"] < 1e-5
     assert rows["ref-resnet10t"]["gemm_fraction"] is None and rows["ref-resnet10t"]["max_rel_diff_vs_timm"] is None
 
 
 def test_benchmark_torchcompile_adds_a_compiled_twin_of_each_row():
     model = create_model("sequencer2d_s", **TINY_S)
-    args = benchmark.BenchmarkSettings(lstm_backend="triton", torchcompile=True)
+    args = benchmark.BenchmarkSettings(lstm_backends=["native", "triton"], torchcompile=True)
     impls = benchmark.extra_impls({"ours": model, "timm": model}, args, torch.device("cpu"))
-    assert sorted(impls) == ["ours-compiled", "ours-triton", "ours-triton-compiled", "timm-compiled"]
+    assert sorted(impls) == ["ours-compiled", "ours-native", "ours-native-compiled", "ours-triton",
+                             "ours-triton-compiled", "timm-compiled"]
     assert {m.lstm_backend for m in impls["ours-triton"].modules() if hasattr(m, "lstm_backend")} == {"triton"}
+    assert {m.lstm_backend for m in impls["ours-native"].modules() if hasattr(m, "lstm_backend")} == {"native"}
     assert model.stages[0].blocks[0].rnn_tokens.lstm_backend == "auto"  # the original is left as it was
 
 

@@ -27,8 +27,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="also run sequencer.optimize_for_inference(model, dtype) (inference only)")
     parser.add_argument("--torchcompile", action="store_true",
                         help="also run each implementation under torch.compile (rows named <impl>-compiled)")
-    parser.add_argument("--lstm-backend", choices=("native", "auto", "triton", "cpu"), default="native",
-                        help="also run ours with this LSTM backend (row ours-<backend>; default: native only)")
+    parser.add_argument("--lstm-backend", dest="lstm_backends", action="append", default=[],
+                        choices=("native", "auto", "triton", "cpu"),
+                        help="also run ours with this LSTM backend (row ours-<backend>; repeatable; the row "
+                             "'ours' runs the model's own, by default auto)")
     parser.add_argument("--reference-model", default="", metavar="TIMM_NAME",
                         help="also run this timm model (its own weights) as a reference row, e.g. convnext_tiny")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu or cuda")

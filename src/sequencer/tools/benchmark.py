@@ -72,7 +72,7 @@ class BenchmarkSettings:
     compare_timm: bool = False
     optimized: bool = False
     torchcompile: bool = False
-    lstm_backend: str = "native"
+    lstm_backends: list[str] = field(default_factory=list)  # each adds a row ours-<backend>
     reference_model: str = ""
     device: str | None = None
     num_warmup: int = 2
@@ -170,11 +170,12 @@ def with_lstm_backend(model: nn.Module, backend: str) -> nn.Module:
 
 
 def extra_impls(impls: dict[str, nn.Module], args: BenchmarkSettings, device: torch.device) -> dict[str, nn.Module]:
-    """``--lstm-backend triton``: ours on the fused kernel; ``--torchcompile``: a compiled twin of each eager
+    """``--lstm-backend X`` (repeatable): ours on backend X as ``ours-X`` (e.g. ``native``: cuDNN, ``triton``: the
+    fused kernel, beside ``ours``, which runs ``auto``'s choice); ``--torchcompile``: a compiled twin of each eager
     implementation (named ``<impl>-compiled``); ``--reference-model``: timm's model of that name, own weights."""
     extra = {}
-    if args.lstm_backend != "native":
-        extra[f"ours-{args.lstm_backend}"] = with_lstm_backend(impls["ours"], args.lstm_backend)
+    for backend in dict.fromkeys(args.lstm_backends):
+        extra[f"ours-{backend}"] = with_lstm_backend(impls["ours"], backend)
     if args.torchcompile:
         extra.update({f"{n}-compiled": m for n, m in {**impls, **extra}.items() if n != "ours-optimized"})
     if args.reference_model:
