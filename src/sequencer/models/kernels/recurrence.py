@@ -332,7 +332,7 @@ def _autocast_kernel(device_type: str):
     return kernel
 
 
-_AUTOCAST_LIB = torch.library.Library("sequencer", "IMPL")  # noqa: the registrations live as long as the module
+_AUTOCAST_LIB = torch.library.Library("sequencer", "IMPL")  # held: its registrations live as long as it does
 for _device_type in ("cpu", "cuda"):
     _AUTOCAST_LIB.impl("rnn_native", _autocast_kernel(_device_type),
                        "Autocast" + torch._C._dispatch_key_for_device(_device_type))
