@@ -9,8 +9,9 @@ import pytest
 import torch
 from PIL import Image
 
-from segmentation_helpers import TINY_SEGMENTER, make_voc, palette_png
+from segmentation_helpers import TINY_SEGMENTER, make_ade20k, make_voc, palette_png
 from sequencer.cli import main
+from sequencer.models.loading import read_checkpoint
 
 # a clear margin over the trivial baseline (all background: about 26 % mIoU on this data, computed in the test)
 MIOU_THRESHOLD = 60.0
@@ -139,6 +140,27 @@ def test_train_with_workers(tmp_path, capsys):
     assert f"{json.loads(results.read_text())['miou']:.4f}" == row["eval_miou"]
 
 
+def test_ade20k_layout_trains_and_validates_with_reduce_zero_label(tmp_path):
+    ade = make_ade20k(tmp_path / "ade")
+    assert segment("train", ade, "--num-classes", 2, *TINY_SEGMENTER, "--img-size", 32, "-b", 3, "--epochs", 1,
+                   "--train-split", "training", "--val-split", "validation", "-j", 0, "--device", "cpu",
+                   "--output", tmp_path / "out", "--experiment", "ade") == 0
+    folder = tmp_path / "out" / "ade"
+    ckpt = read_checkpoint(folder / "last.pth.tar")
+    assert ckpt["data_config"]["layout"] == "ade20k" and ckpt["data_config"]["reduce_zero_label"] is True
+    assert ckpt["segmenter"]["num_classes"] == 2
+    row = _summary(folder)[0]
+    assert {"iou_class_0", "iou_class_1"} <= set(row) and "iou_class_2" not in row
+    results = tmp_path / "r.json"
+    assert segment("validate", ade, "--checkpoint", folder / "last.pth.tar", "--split", "validation", "-j", 0,
+                   "--device", "cpu", "--results-file", results) == 0
+    metrics = json.loads(results.read_text())
+    assert f"{metrics['miou']:.4f}" == row["eval_miou"]
+    # "other" (0) is ignored: the pixels scored are the shapes' only
+    masks = [np.array(Image.open(p)) for p in (ade / "annotations" / "validation").iterdir()]
+    assert metrics["pixels"] == sum(int((m > 0).sum()) for m in masks)
+
+
 def test_length_is_required():
     with pytest.raises(SystemExit) as e:
         segment("train", "somewhere")
@@ -149,7 +171,6 @@ def test_backbone_checkpoint_starts_from_classification_weights(tmp_path):
     """--backbone-checkpoint takes a classification checkpoint (ours here; the loader is the models layer's, which
     also reads the release's and timm's layouts): the trunk starts from its weights, its classifier is dropped."""
     from sequencer.models import create_model
-    from sequencer.models.loading import read_checkpoint
 
     torch.manual_seed(3)
     classifier = create_model("sequencer2d_nano", num_classes=5, layers=(1, 1), patch_sizes=(2, 1),
