@@ -40,3 +40,34 @@ def test_deployment_script_writes_every_path_and_both_extra_lines(tmp_path):
     rendered = subprocess.run([sys.executable, "benchmarks/deployment.py", "--render-only", "--results",
                                str(results)], cwd=REPO, capture_output=True, text=True, timeout=120)
     assert rendered.returncode == 0 and rendered.stdout.strip() in proc.stdout
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="refuses only without CUDA")
+def test_gpu_lstm_script_refuses_in_one_line_without_cuda(tmp_path):
+    """benchmarks/gpu_lstm.py times only on a GPU: without one it says so in one line and writes nothing."""
+    out = tmp_path / "gpu_lstm.json"
+    proc = subprocess.run([sys.executable, "benchmarks/gpu_lstm.py", "--out", str(out)], cwd=REPO,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode != 0
+    assert proc.stderr.strip() == "gpu_lstm.py times the LSTM on a CUDA GPU, and this machine has none"
+    assert not out.exists()
+
+
+def test_gpu_lstm_table_shows_times_and_crashes():
+    """The markdown table of a GPU run's JSON: a timed row with its speed-up, and a crashed case with its error."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("gpu_lstm", REPO / "benchmarks" / "gpu_lstm.py")
+    gpu_lstm = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(gpu_lstm)
+    shape = dict(batch=128, grid=16, dim=384, hidden=96, mode="train")
+    report = dict(device="GPU", torch="2", triton="3", cudnn=9, iters=20, rounds=5, rows=[
+        dict(case="s2-train", dtype="bf16", native_ms=8.0, triton_ms=4.0, triton_speedup=2.0, rel_diff=1e-3,
+             triton_kernel="fwd held N32 B128 w8 s3", **shape),
+        dict(case="s2-train", dtype="fp32", error="OutOfResources: out of resource: shared memory",
+             triton_kernel="fwd tiled N32 B32 w4 s1", **shape)])
+    table = gpu_lstm.render(report).splitlines()
+    assert table[0].startswith("BiLSTM2D mixer on GPU") and "median of 5 interleaved rounds of 20 steps" in table[0]
+    assert table[4] == ("| s2-train | 128, 16x16, 384, 96 | bf16 | 8.00 | 4.00 | 2.00x | 1.0e-03 | "
+                        "fwd held N32 B128 w8 s3 |")
+    assert "**OutOfResources: out of resource: shared memory**" in table[5]

@@ -28,12 +28,8 @@ GPU_RUN = TINY_MODEL + ["--img-size", "16", "-b", "8", "-j", "0", "--log-interva
 
 
 @pytest.fixture(autouse=True)
-def exact_fp32():
+def exact_fp32(no_tf32):
     """TF32 would make fp32 GPU results differ from the CPU's by ~1e-3; these tests compare fp32 to fp32."""
-    before = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
-    yield
-    torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = before
 
 
 def _with_random_head(model):

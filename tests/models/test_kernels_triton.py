@@ -1,8 +1,11 @@
-"""The fused Triton LSTM against nn.LSTM: outputs, input and weight gradients; the backend switch.
+"""The fused Triton LSTM against nn.LSTM: outputs, input and weight gradients; both kernels (held, tiled); the
+backend switch.
 
 Without CUDA the kernels run under Triton's CPU interpreter (TRITON_INTERPRET=1, set in tests/conftest.py), which
-is slow per operation: the cases below cover the ranges (odd sequence counts, T 1..33, hidden 8..96, both
-directions, one and two layers) with small tensors. With CUDA the same tests run on the GPU.
+is slow per operation: the cases below cover the ranges (odd sequence counts, T 1..33, hidden 8..192, both
+directions, one and two layers) with small tensors. With CUDA the same tests run on the GPU, against references
+computed without TF32 (PyTorch's default lets cuDNN's fp32 LSTM use it, which makes the reference the inexact
+side). Whether each configuration fits each GPU's shared memory is tests/models/test_triton_fits_gpus.py's.
 """
 import os
 
@@ -14,13 +17,26 @@ pytest.importorskip("triton")
 
 from sequencer.errors import SequencerError  # noqa: E402
 from sequencer.models import create_model  # noqa: E402
-from sequencer.models.kernels import recurrence  # noqa: E402
+from sequencer.models.kernels import recurrence, triton_lstm_config  # noqa: E402
 from sequencer.models.sequencer2d import RNN2d  # noqa: E402
 
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 DEVICES = (["cpu"] if INTERPRETED else []) + (["cuda"] if torch.cuda.is_available() and not INTERPRETED else [])
-pytestmark = pytest.mark.skipif(not DEVICES, reason="needs CUDA or TRITON_INTERPRET=1")
+pytestmark = [pytest.mark.skipif(not DEVICES, reason="needs CUDA or TRITON_INTERPRET=1"),
+              pytest.mark.usefixtures("no_tf32")]  # references in true fp32 (tests/conftest.py)
 USE_ONEDNN = False  # reference on PyTorch's plain CPU kernels (see conftest)
+
+
+@pytest.fixture(params=["held", "tiled"])
+def kernel(request, monkeypatch):
+    """Runs the test on one kernel pair: the launcher is told the chip has no shared memory limit (held, where
+    the hidden size allows one) or none at all (tiled, its last resort)."""
+    choose = triton_lstm_config.choose
+    limit = 2**40 if request.param == "held" else 0
+    monkeypatch.setattr(triton_lstm_config, "choose",
+                        lambda direction, num_seqs, hidden, dtype, chip, _limit, interpreted=False:
+                        choose(direction, num_seqs, hidden, dtype, chip, limit, interpreted))
+    return request.param
 
 
 def rel_err(a: torch.Tensor, ref: torch.Tensor) -> float:
@@ -53,7 +69,7 @@ def run(lstm, x, grad, backend, dtype=torch.float32):
 @pytest.mark.parametrize("n, t, c, hidden, bidirectional, num_layers", [
     (5, 1, 6, 8, True, 1),     # a single step
     (3, 33, 4, 8, False, 1),   # the longest sequence, one direction
-    (7, 16, 12, 96, True, 1),  # the largest hidden size, odd sequence count
+    (7, 8, 12, 96, True, 1),   # stage 2's hidden size, odd sequence count
     (17, 9, 10, 24, True, 2),  # two layers, hidden not a power of two, sequences over a block
 ])
 def test_fp32_matches_nn_lstm(device, n, t, c, hidden, bidirectional, num_layers):
@@ -69,7 +85,29 @@ def test_fp32_matches_nn_lstm(device, n, t, c, hidden, bidirectional, num_layers
 
 
 @pytest.mark.parametrize("device", DEVICES)
-def test_bf16_error_no_worse_than_native(device):
+@pytest.mark.parametrize("n, t, hidden, bidirectional", [
+    (3, 4, 8, True),     # under one tile
+    (5, 3, 20, True),    # not a multiple of 16: a padded tile
+    (3, 4, 48, False),   # stage 1's hidden: three 16-wide tiles
+    (4, 3, 96, True),    # stage 2's: three 32-wide tiles, or one 128-wide held block
+    (3, 3, 192, True),   # the 2x-hidden ablation: three 64-wide tiles (too big to hold on any chip)
+])
+def test_fp32_kernels_match_float64(device, kernel, n, t, hidden, bidirectional):
+    """Each kernel pair at Sequencer's hidden sizes and odd ones, output and every gradient, against nn.LSTM in
+    float64: fp32 rounding only."""
+    if kernel == "held" and hidden > 128:
+        pytest.skip("hidden over 128 is only ever tiled")
+    lstm, x, grad = lstm_case(n, t, 6, hidden, bidirectional, 1, device)
+    exact = run(lstm.double(), x.double(), grad.double(), "native", torch.float64)
+    got = run(lstm.float(), x, grad, "triton")
+    names = ["output", "grad input"] + [f"grad {n}" for n, _ in lstm.named_parameters()]
+    for name, a, b in zip(names, got, exact):
+        assert a.dtype == torch.float32
+        assert rel_err(a, b) < 1e-5, name
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_bf16_error_no_worse_than_native(device, kernel):
     """bf16 on both backends, each measured against the fp64 nn.LSTM; the fused one may not be less accurate."""
     lstm, x, grad = lstm_case(9, 12, 16, 32, True, 1, device)
     exact = run(lstm.double(), x.double(), grad.double(), "native", torch.float64)
@@ -102,6 +140,39 @@ def test_bilstm2d_matches_native(device, kwargs):
     assert rel_err(dx_f, dx_n) < 1e-5
     for name, g in g_n.items():
         assert rel_err(g_f[name], g) < 1e-5, name
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_a_held_kernel_that_does_not_fit_falls_back_to_tiled(device, monkeypatch, caplog):
+    """Should Triton refuse a held kernel's launch for its shared memory (a launcher prediction gone stale), the
+    tiled kernel runs instead, with one warning, and the results are the same."""
+    from triton.runtime.errors import OutOfResources
+
+    from sequencer.models.kernels import triton_lstm
+
+    lstm, x, grad = lstm_case(5, 4, 6, 16, True, 1, device)
+    want = run(lstm, x, grad, "triton")
+    wrap = torch.library.wrap_triton
+    refused = []
+
+    class Refuses:
+        def __init__(self, kernel):
+            self.kernel = kernel
+
+        def __getitem__(self, grid):
+            refused.append(self.kernel)
+            raise OutOfResources(300000, 232448, "shared memory")
+
+    held = (triton_lstm.lstm_fwd_held, triton_lstm.lstm_bwd_held)
+    monkeypatch.setattr(torch.library, "wrap_triton", lambda k: Refuses(k) if k in held else wrap(k))
+    monkeypatch.setattr(triton_lstm_config, "SMALLEST_LIMIT", 2**40)  # a chip where held is the choice
+    with caplog.at_level("WARNING", logger="sequencer"):
+        got = run(lstm, x, grad, "triton")
+    assert refused == list(held)
+    assert [r.getMessage().split(":")[0] for r in caplog.records] == [
+        "Triton LSTM fwd, hidden 16, torch.float32", "Triton LSTM bwd, hidden 16, torch.float32"]
+    for a, b in zip(got, want):
+        assert rel_err(a, b) < 1e-6
 
 
 @pytest.fixture
@@ -160,7 +231,7 @@ def test_invalid_backend_names_it(monkeypatch):
 
 
 @pytest.mark.parametrize("device", DEVICES)
-def test_lstm_scan_passes_opcheck(device):
+def test_lstm_scan_passes_opcheck(device, kernel):
     """Schema, autograd registration and the fake implementation agree with the kernel (on CUDA also AOT dispatch;
     the interpreter cannot be traced with fake tensors)."""
     xp = torch.randn(2, 3, 4, 2, 32, device=device, requires_grad=True)
