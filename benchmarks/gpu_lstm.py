@@ -9,10 +9,18 @@ round counts; each row also records the output's difference between the backends
 
     python benchmarks/gpu_lstm.py --out benchmarks/results-cuda/gpu_lstm.json   # table on stdout
     python benchmarks/gpu_lstm.py --render-only --out benchmarks/results-cuda/gpu_lstm.json
+    python benchmarks/gpu_lstm.py --sweep --cases s1-train s2-train --dtypes bf16 --rounds 3 --out /tmp/sweep.json
+
+``--sweep`` times, per case, every variant of the launcher's table that fits this GPU (held or tiled kernel, BLOCK_N
+16/32/64, 4 or 8 warps, the first fitting pipeline depth), each against cuDNN in the same interleaved rounds: the
+measurements ``BLOCK_TABLE`` in ``sequencer/models/kernels/triton_lstm_config.py`` is to be tuned from (up to 12
+variants a case: narrow it with ``--cases`` / ``--dtypes`` to fit a short GPU lease).
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
+import dataclasses
 import json
 import statistics
 import sys
@@ -30,6 +38,34 @@ CASES = [
 ]
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 BACKENDS = ("native", "triton")
+SWEEP = [(kernel, block_n, warps) for kernel in ("held", "tiled") for block_n in (16, 32, 64) for warps in (4, 8)]
+
+
+class DoesNotFit(Exception):
+    """A swept variant needs more shared memory than this GPU has."""
+
+
+@contextlib.contextmanager
+def forced_variant(kernel: str, block_n: int, num_warps: int):
+    """The Triton launcher chooses ``kernel`` with these block sizes (and its first fitting pipeline depth) while
+    inside; :class:`DoesNotFit` where no such configuration fits the device."""
+    from sequencer.models.kernels import triton_lstm_config
+
+    def choose(direction, num_seqs, hidden, dtype, chip, limit, interpreted=False):
+        options = [dataclasses.replace(c, block_n=block_n, num_warps=num_warps)
+                   for c in triton_lstm_config.candidates(direction, hidden, dtype, chip, interpreted)
+                   if c.kernel == kernel]
+        fitting = [c for c in options if triton_lstm_config.shared_memory(c, direction) <= limit]
+        if not fitting:
+            raise DoesNotFit(f"{kernel} N{block_n} w{num_warps} does not fit {direction} at hidden {hidden}")
+        return fitting[0]
+
+    original = triton_lstm_config.choose
+    triton_lstm_config.choose = choose
+    try:
+        yield
+    finally:
+        triton_lstm_config.choose = original
 
 
 def step(module: torch.nn.Module, x: torch.Tensor, mode: str, dtype: torch.dtype) -> torch.Tensor:
@@ -67,13 +103,17 @@ def kernel_choice(batch: int, grid: int, hidden: int, dtype: torch.dtype, mode: 
 
 
 def measure(name: str, batch: int, grid: int, dim: int, hidden: int, mode: str, dtype_name: str,
-            args: argparse.Namespace) -> dict:
-    """One row: median ms per backend, the Triton speed-up, the outputs' max relative difference."""
+            args: argparse.Namespace) -> dict | None:
+    """One row: median ms per backend, the Triton speed-up, the outputs' max relative difference (None: a swept
+    variant that does not fit this GPU)."""
     from sequencer.models.sequencer2d import RNN2d
 
     dtype = DTYPES[dtype_name]
-    row = dict(case=name, batch=batch, grid=grid, dim=dim, hidden=hidden, mode=mode, dtype=dtype_name,
-               triton_kernel=kernel_choice(batch, grid, hidden, dtype, mode))
+    row = dict(case=name, batch=batch, grid=grid, dim=dim, hidden=hidden, mode=mode, dtype=dtype_name)
+    try:
+        row["triton_kernel"] = kernel_choice(batch, grid, hidden, dtype, mode)
+    except DoesNotFit:
+        return None
     torch.manual_seed(0)
     modules = {b: RNN2d(dim, hidden, lstm_backend=b).cuda() for b in BACKENDS}
     modules["triton"].load_state_dict(modules["native"].state_dict())
@@ -105,7 +145,8 @@ def render(report: dict) -> str:
     for r in report["rows"]:
         shape = f"{r['batch']}, {r['grid']}x{r['grid']}, {r['dim']}, {r['hidden']}"
         if "error" in r:
-            lines.append(f"| {r['case']} | {shape} | {r['dtype']} | | | **{r['error']}** | | {r['triton_kernel']} |")
+            lines.append(f"| {r['case']} | {shape} | {r['dtype']} | | | **{r['error']}** | | "
+                         f"{r.get('triton_kernel', '')} |")
             continue
         lines.append(f"| {r['case']} | {shape} | {r['dtype']} | {r['native_ms']:.2f} | {r['triton_ms']:.2f} | "
                      f"{r['triton_speedup']:.2f}x | {r['rel_diff']:.1e} | {r['triton_kernel']} |")
@@ -120,6 +161,7 @@ def main() -> None:
     parser.add_argument("--iters", type=int, default=20, help="steps per timed round")
     parser.add_argument("--rounds", type=int, default=5, help="interleaved rounds per backend; the median counts")
     parser.add_argument("--render-only", action="store_true", help="print the table of --out")
+    parser.add_argument("--sweep", action="store_true", help="time every fitting kernel/BLOCK_N/warps variant")
     args = parser.parse_args()
     if args.render_only:
         print(render(json.loads(Path(args.out).read_text())))
@@ -134,11 +176,15 @@ def main() -> None:
         if name not in args.cases:
             continue
         for dtype_name in args.dtypes:
-            row = measure(name, batch, grid, dim, hidden, mode, dtype_name, args)
-            report["rows"].append(row)
-            print(json.dumps({k: v for k, v in row.items() if not k.endswith("_rounds_ms")}), file=sys.stderr,
-                  flush=True)
-            torch.cuda.empty_cache()
+            for variant in (SWEEP if args.sweep else [None]):
+                with forced_variant(*variant) if variant else contextlib.nullcontext():
+                    row = measure(name, batch, grid, dim, hidden, mode, dtype_name, args)
+                if row is None:
+                    continue
+                report["rows"].append(row)
+                print(json.dumps({k: v for k, v in row.items() if not k.endswith("_rounds_ms")}), file=sys.stderr,
+                      flush=True)
+                torch.cuda.empty_cache()
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(report, indent=1))
     print(render(report))

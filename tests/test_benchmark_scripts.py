@@ -2,6 +2,7 @@
 BENCHMARKS.md quotes; what they measure is not asserted here (speed is never a unit test)."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -53,13 +54,18 @@ def test_gpu_lstm_script_refuses_in_one_line_without_cuda(tmp_path):
     assert not out.exists()
 
 
-def test_gpu_lstm_table_shows_times_and_crashes():
-    """The markdown table of a GPU run's JSON: a timed row with its speed-up, and a crashed case with its error."""
+def load_gpu_lstm():
     import importlib.util
 
     spec = importlib.util.spec_from_file_location("gpu_lstm", REPO / "benchmarks" / "gpu_lstm.py")
     gpu_lstm = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(gpu_lstm)
+    return gpu_lstm
+
+
+def test_gpu_lstm_table_shows_times_and_crashes():
+    """The markdown table of a GPU run's JSON: a timed row with its speed-up, and a crashed case with its error."""
+    gpu_lstm = load_gpu_lstm()
     shape = dict(batch=128, grid=16, dim=384, hidden=96, mode="train")
     report = dict(device="GPU", torch="2", triton="3", cudnn=9, iters=20, rounds=5, rows=[
         dict(case="s2-train", dtype="bf16", native_ms=8.0, triton_ms=4.0, triton_speedup=2.0, rel_diff=1e-3,
@@ -71,3 +77,26 @@ def test_gpu_lstm_table_shows_times_and_crashes():
     assert table[4] == ("| s2-train | 128, 16x16, 384, 96 | bf16 | 8.00 | 4.00 | 2.00x | 1.0e-03 | "
                         "fwd held N32 B128 w8 s3 |")
     assert "**OutOfResources: out of resource: shared memory**" in table[5]
+
+
+def test_gpu_lstm_sweep_forces_each_variant_where_it_fits():
+    """``--sweep``'s variants reach the Triton launcher as asked (kernel, BLOCK_N, warps; the first pipeline depth
+    that fits), one that cannot fit the chip is refused, and the launcher is itself again afterwards."""
+    import torch
+
+    from sequencer.models.kernels import triton_lstm_config
+
+    gpu_lstm = load_gpu_lstm()
+    h100 = ((9, 0), 232448)
+    with gpu_lstm.forced_variant("held", 64, 4):
+        config = triton_lstm_config.choose("bwd", 4096, 96, torch.bfloat16, *h100)
+        assert (config.kernel, config.block_n, config.num_warps) == ("held", 64, 4)
+        deeper = dataclasses.replace(config, num_stages=config.num_stages + 1)
+        assert triton_lstm_config.shared_memory(config, "bwd") <= h100[1] < triton_lstm_config.shared_memory(
+            deeper, "bwd")
+        with pytest.raises(gpu_lstm.DoesNotFit, match="held N64 w4 does not fit fwd at hidden 192"):
+            triton_lstm_config.choose("fwd", 4096, 192, torch.bfloat16, *h100)
+    with gpu_lstm.forced_variant("tiled", 16, 8):
+        config = triton_lstm_config.choose("fwd", 4096, 48, torch.bfloat16, *h100)
+        assert (config.kernel, config.block_n, config.num_warps, config.block) == ("tiled", 16, 8, 16)
+    assert triton_lstm_config.choose("fwd", 4096, 48, torch.bfloat16, *h100).kernel == "held"
