@@ -7,11 +7,14 @@
 - A file is an image by its extension (`IMAGE_EXTENSIONS`, any case).
 - A folder of tar files (``SPLIT/CLASS.tar``): each tar is a class named after the file; its images may sit in any
   folder inside it.
+- Class names are Unicode NFC (`class_name`): a folder from a macOS zip spells "café" decomposed (NFD), and it is the
+  same class as the composed "café" of a class map, a checkpoint or another split.
 """
 from __future__ import annotations
 
 import os
 import tarfile
+import unicodedata
 from typing import Iterator
 
 from ..errors import SequencerError
@@ -37,6 +40,27 @@ def split_aliases(split: str) -> tuple[str, ...]:
     return (split,)
 
 
+def find_split(entries, split: str, where: str, suffixes: tuple[str, ...] = ("",)) -> str | None:
+    """The entry of ``entries`` (folder or member names, ending in one of ``suffixes``) that holds ``split``, or None.
+
+    ``split`` or a synonym, an exact name first: ``--split Val`` reads ``Val/`` even beside ``val/``. Otherwise the
+    one entry equal to it ignoring case; SequencerError naming them when several differ only in case.
+    """
+    for alias in split_aliases(split):
+        wanted = [alias + suffix for suffix in suffixes]
+        exact = [e for e in wanted if e in entries]
+        if exact:
+            return exact[0]
+        folded = {w.lower() for w in wanted}
+        matches = sorted(e for e in entries if e.lower() in folded)
+        if len(matches) > 1:
+            raise SequencerError(f"split {split!r} is ambiguous in {where!r}: {', '.join(matches)} differ only in "
+                                 f"case", hint="pass the split's exact folder name, or rename one of them")
+        if matches:
+            return matches[0]
+    return None
+
+
 def is_hidden(name: str) -> bool:
     """A file or folder name that is not data (dot-files and dot-folders, ``__MACOSX``)."""
     return name.startswith(".") or name in NOT_DATA
@@ -44,6 +68,11 @@ def is_hidden(name: str) -> bool:
 
 def is_image_name(name: str) -> bool:
     return os.path.splitext(name)[1].lower() in IMAGE_EXTENSIONS and not is_hidden(name)
+
+
+def class_name(name) -> str:
+    """A class name as compared everywhere: text in Unicode NFC (macOS writes file names decomposed, NFD)."""
+    return unicodedata.normalize("NFC", str(name))
 
 
 def class_of(relpath: str) -> str | None:
@@ -54,7 +83,7 @@ def class_of(relpath: str) -> str | None:
     parts = [p for p in relpath.split("/") if p not in ("", ".")]
     if not parts or any(is_hidden(p) for p in parts) or not is_image_name(parts[-1]):
         return None
-    return parts[0] if len(parts) > 1 else ""
+    return class_name(parts[0]) if len(parts) > 1 else ""
 
 
 def walk_images(folder: str) -> Iterator[str]:
@@ -89,11 +118,11 @@ def split_prefix_in_tar(names: list[str], split: str, path: str) -> str:
         inner = {n.split("/")[1] for n in names if n.count("/") >= 2}
         if any(t.lower() in SPLIT_NAMES for t in inner):
             wrapper, tops = next(iter(tops)) + "/", inner
-    by_lower = {t.lower(): t for t in tops if not is_hidden(t)}
-    for alias in split_aliases(split):
-        if alias.lower() in by_lower:
-            return f"{wrapper}{by_lower[alias.lower()]}/"
-    found = sorted(t for low, t in by_lower.items() if low in SPLIT_NAMES)
+    visible = [t for t in tops if not is_hidden(t)]
+    found_split = find_split(visible, split, path)
+    if found_split is not None:
+        return f"{wrapper}{found_split}/"
+    found = sorted(t for t in visible if t.lower() in SPLIT_NAMES)
     if found:
         raise SequencerError(f"split {split!r} not found in {path!r}", hint=f"splits found: {', '.join(found)}")
     return ""

@@ -5,6 +5,7 @@ import json
 import os
 
 from ..errors import SequencerError
+from .class_folders import class_name
 
 
 def load_class_map(path: str, root: str | None = None) -> dict[str, int]:
@@ -47,6 +48,7 @@ def load_class_map(path: str, root: str | None = None) -> dict[str, int]:
             pairs = [(line, i) for i, line in enumerate(lines)]
     if not pairs:
         raise SequencerError(f"class map {path!r} is empty", hint="write one class name per line")
+    pairs = [(class_name(n), i) for n, i in pairs]
     names = [n for n, _ in pairs]
     dupes = sorted({n for n in names if names.count(n) > 1})
     if dupes:
@@ -59,6 +61,6 @@ def load_class_map(path: str, root: str | None = None) -> dict[str, int]:
 
 def positions_by_name(names: list[str], into: list[str]) -> list[int | None]:
     """For each of ``names``, its index in ``into`` (None where ``into`` lacks it): the one rule by which a split's
-    classes, or a classifier's rows, follow another list of class names."""
-    index = {name: i for i, name in enumerate(into)}
-    return [index.get(name) for name in names]
+    classes, or a classifier's rows, follow another list of class names (compared in NFC, `class_name`)."""
+    index = {class_name(name): i for i, name in enumerate(into)}
+    return [index.get(class_name(name)) for name in names]

@@ -18,8 +18,8 @@ import torch.utils.data
 from PIL import Image
 
 from ..errors import SequencerError
-from .class_folders import (IMAGE_EXTENSIONS, SPLIT_NAMES, SPLIT_SYNONYMS, class_of,  # noqa: F401  (re-exported)
-                            split_aliases, split_prefix_in_tar, tar_members, walk_images)
+from .class_folders import (IMAGE_EXTENSIONS, SPLIT_NAMES, SPLIT_SYNONYMS, class_name, class_of,  # noqa: F401  (re-exported)
+                            find_split, split_aliases, split_prefix_in_tar, tar_members, walk_images)
 from .class_map import load_class_map, positions_by_name  # noqa: F401  (load_class_map re-exported)
 from .images import READ_ERRORS, UnreadableImageError, load_image, to_rgb  # noqa: F401  (re-exported)
 
@@ -37,7 +37,7 @@ class ClassificationDataset(torch.utils.data.Dataset):
 
     def __init__(self, class_names, description: str, transform: Callable | None = None,
                  target_transform: Callable | None = None, augment_defaults: dict | None = None):
-        self.class_names: list[str] = [str(c) for c in class_names]
+        self.class_names: list[str] = [class_name(c) for c in class_names]
         self.description = description
         self.transform = transform
         self.target_transform = target_transform
@@ -161,7 +161,7 @@ def _tar_folder_entries(folder: str) -> list:
         path = os.path.join(folder, name)
         for m in tar_members(path):
             if class_of("x/" + m.name) is not None:  # any image inside, hidden entries skipped
-                entries.append(((path, m.name, m.offset_data, m.size), name[:-4]))
+                entries.append(((path, m.name, m.offset_data, m.size), class_name(name[:-4])))
     return entries
 
 
@@ -314,13 +314,12 @@ def _create_torchvision(name: str, root: str | None, split: str, download: bool,
 
 def _find_split_folder(root: str, split: str) -> str:
     """The sub-folder (or ``.tar``) of ``root`` holding ``split``; ``root`` itself when it has no split folders."""
-    entries = {e.lower(): e for e in os.listdir(root)}
-    for alias in split_aliases(split):
-        for candidate in (alias.lower(), alias.lower() + ".tar"):
-            if candidate in entries:
-                return os.path.join(root, entries[candidate])
-    found = sorted(e for low, e in entries.items()
-                   if low in SPLIT_NAMES or (low.endswith(".tar") and low[:-4] in SPLIT_NAMES))
+    entries = os.listdir(root)
+    found_split = find_split(entries, split, root, suffixes=("", ".tar"))
+    if found_split is not None:
+        return os.path.join(root, found_split)
+    found = sorted(e for e in entries if e.lower() in SPLIT_NAMES or
+                   (e.lower().endswith(".tar") and e.lower()[:-4] in SPLIT_NAMES))
     if found:
         raise SequencerError(f"split {split!r} not found in {root!r}", hint=f"splits found: {', '.join(found)}")
     return root  # class folders directly
@@ -441,8 +440,10 @@ def map_classes_by_name(dataset: ClassificationDataset, class_names: list[str], 
     SequencerError naming classes of ``dataset`` that ``class_names`` does not have; returns the names of
     ``class_names`` that ``dataset`` lacks (fine: reported by the caller).
     """
-    own = list(dataset.class_names)
-    if own == list(class_names):
+    own = [class_name(n) for n in dataset.class_names]
+    class_names = [class_name(n) for n in class_names]
+    if own == class_names:
+        dataset.class_names = own
         return []
     mapping = positions_by_name(own, list(class_names))
     unknown = [name for name, i in zip(own, mapping) if i is None]
@@ -479,6 +480,7 @@ class _Chain:
 def drop_classes(dataset: ClassificationDataset, names: set[str]) -> int:
     """Remove the images of the classes ``names`` from a folder or tar dataset (as a ``--class-map`` training left
     them out), renumbering the rest; returns how many images were removed."""
+    names = {class_name(n) for n in names}
     keep = [n for n in dataset.class_names if n not in names]
     if len(keep) == len(dataset.class_names) or not hasattr(dataset, "samples"):
         return 0

@@ -1,12 +1,14 @@
-"""Reading image files: any PIL mode to 8-bit RGB, decoded at once so that a bad file fails where it is read."""
+"""Reading image files: any PIL mode to 8-bit RGB, upright as its EXIF orientation says (as a phone shows it),
+decoded at once so that a bad file fails where it is read."""
 from __future__ import annotations
 
 import io
 import os
 
 import numpy as np
-from PIL import Image
+from PIL import Image, ImageOps
 
+EXIF_ORIENTATION = 0x0112  # the EXIF tag saying how the stored pixels must turn to be upright
 READ_ERRORS = (OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError)
 
 
@@ -47,10 +49,14 @@ def to_rgb(img: Image.Image) -> Image.Image:
 
 
 def load_image(source: str | os.PathLike | io.IOBase) -> Image.Image:
-    """Fully decode an image file (path or binary file object) to RGB; raises PIL/OS errors for bad files."""
+    """Fully decode an image file (path or binary file object) to RGB, turned upright by its EXIF orientation (a
+    phone's JPEG stored 64x32 with orientation 6 comes out 32x64, as torchvision's ``decode_image(...,
+    apply_exif_orientation=True)`` gives it); raises PIL/OS errors for bad files."""
     if isinstance(source, (str, os.PathLike)):
         with open(source, "rb") as f:
             return load_image(f)
     img = Image.open(source)
     img.load()  # decode now, so corrupt and truncated files fail here and not inside a transform
+    if img.getexif().get(EXIF_ORIENTATION, 1) != 1:
+        img = ImageOps.exif_transpose(img)
     return to_rgb(img)

@@ -358,7 +358,8 @@ class ImageLoader(DataLoader):
     def _all_unreadable(self) -> tuple[list[str], bool]:
         """Every unreadable file of this pass's indices (checked now, so the count and list are complete) and
         True; or, for a pass too large to check quickly, the ones found so far and False."""
-        indices = list(self.sampler)
+        # a _PassSeededSampler (with workers) yields (index, pass seed, pass number)
+        indices = [key[0] if isinstance(key, tuple) else key for key in self.sampler]
         base = self.dataset.dataset
         if len(indices) > self.SCAN_LIMIT or not hasattr(base, "load"):
             return list(self.skipped), False

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -198,6 +199,12 @@ def resolve_config(explicit: dict, state: RunState | None = None) -> TrainConfig
         from_yaml = {str(k).lstrip("-").replace("-", "_"): v for k, v in from_yaml.items()}
         check_keys(from_yaml, f"--config {config_path!r}", "keys are train's flag names, e.g. drop-path or drop_path")
         from_yaml.pop("config", None)
+    if explicit.get("data") and explicit.get("data_dir") and \
+            os.path.normpath(str(explicit["data"])) != os.path.normpath(str(explicit["data_dir"])):
+        raise SequencerError(f"DATA {explicit['data']!r} and --data-dir {explicit['data_dir']!r} name different "
+                             f"folders", hint="pass the dataset once, as DATA or as --data-dir")
+    if explicit.get("data_dir") and not explicit.get("data"):  # the flag given beats a --config's data
+        explicit = {**explicit, "data": explicit["data_dir"]}
     merged = {**defaults, **from_yaml, **explicit}
     data = merged.get("data") or merged.get("data_dir")
     if (not data and not merged.get("dataset")) or merged.get("dataset") == "digits":
@@ -281,6 +288,9 @@ def _check_sizes_and_files(cfg: TrainConfig) -> None:
     if cfg.resume == "auto" and not cfg.experiment:
         raise SequencerError("--resume auto needs --experiment NAME to know which folder to continue",
                              hint="use the same --output/--experiment for every (re)start")
+    if cfg.experiment and (cfg.experiment in (".", "..") or any(s in cfg.experiment for s in ("/", "\\", os.sep))):
+        raise SequencerError(f"--experiment {cfg.experiment!r}: a folder name inside --output, without a path "
+                             f"separator or '..'", hint="pass --output DIR for where runs go, --experiment NAME")
     if cfg.model:
         get_model_entry(cfg.model)  # unknown names fail before any data is read, with suggestions
     check_library_flags(cfg)

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from ..data import create_dataset, create_loader, create_transform, load_image
-from ..data.class_folders import walk_images
+from ..data.class_folders import class_name, walk_images
 from ..data.datasets import IMAGE_EXTENSIONS, READ_ERRORS, drop_classes, map_classes_by_name
 from ..errors import SequencerError
 from ..models import create_model, get_model_entry
@@ -57,7 +57,7 @@ def load_model(checkpoint: str = "", model: str | None = None, pretrained: bool 
     kwargs = dict(meta.get("model_kwargs") or {}) if meta.get("arch") == name else {}
     for k in ("drop_rate", "drop_path_rate"):
         kwargs.pop(k, None)
-    class_names = list(meta["class_names"]) if meta.get("class_names") else None
+    class_names = [class_name(n) for n in meta["class_names"]] if meta.get("class_names") else None
     if num_classes:
         kwargs["num_classes"] = num_classes
     elif class_names and "num_classes" not in kwargs:
@@ -138,7 +138,7 @@ def label_with_model_classes(dataset, loaded) -> None:
     """
     num_outputs = getattr(loaded.model, "num_classes", None)
     names = list(dataset.class_names)
-    ckpt_names = [str(n) for n in checkpoint_metadata(loaded.checkpoint).get("class_names") or []]
+    ckpt_names = [class_name(n) for n in checkpoint_metadata(loaded.checkpoint).get("class_names") or []]
     _leave_out_ignored_classes(dataset, loaded)
     names = list(dataset.class_names)
     if ckpt_names and (set(names) & set(ckpt_names) or len(names) == len(ckpt_names)):

@@ -16,6 +16,7 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
+from ..data.class_folders import class_name
 from ..errors import SequencerError
 from ..models.loading import read_checkpoint
 from . import distributed as dist_utils
@@ -77,7 +78,7 @@ def apply_resume_contract(cfg: TrainConfig, given: frozenset[str], checkpoint: d
     if "num_classes" in given and cfg.num_classes is not None and head is not None and cfg.num_classes != head:
         raise SequencerError(f"--resume {path}: --num-classes {cfg.num_classes} vs the checkpoint's {head}-class head",
                              hint="drop --num-classes when resuming")
-    class_names = [str(c) for c in checkpoint.get("class_names") or train_classes]
+    class_names = [class_name(c) for c in checkpoint.get("class_names") or train_classes]
     if set(class_names) != set(train_classes):
         raise SequencerError(
             f"--resume {path}: the checkpoint's {len(class_names)} classes ({_names(class_names)}) vs the training "
