@@ -154,3 +154,78 @@ def test_exif_orientation_is_applied_on_every_decode_path(tmp_path, capsys):
     assert rc == 0, err
     scores = [json.loads(line)["predictions"] for line in out.splitlines()]
     assert len(scores) == 2 and scores[0] == scores[1]
+
+
+# ------------------------------------------------------------------------------- item 2: symbolic links
+def test_symlink_loop_counts_each_file_once_and_shared_splits_warn(tmp_path, capsys, caplog, monkeypatch):
+    """`ln -s .. train/cat/up` made 12 images "732", every one reached through cat/up labelled cat; a val/dog
+    that is a link to train/dog evaluated training images as held-out."""
+    import logging
+    import os
+    import warnings
+    monkeypatch.chdir(tmp_path)
+    root = tmp_path / "data"
+    write_images(root, "train", ("cat", "dog"), per_class=6, size=16)
+    write_images(root, "val", ("cat",), per_class=2, size=16)
+    os.symlink("..", root / "train" / "cat" / "up")
+    os.symlink("../dog", root / "train" / "cat" / "more")  # dog's images, inside the split anyway
+    os.symlink("../train/dog", root / "val" / "dog")
+
+    from sequencer.data import create_dataset
+    with caplog.at_level(logging.WARNING):
+        dataset = create_dataset("", root=str(root), split="train")
+    assert len(dataset) == 12 and [t for _, t in dataset.samples] == [0] * 6 + [1] * 6
+    assert caplog.text.count("a loop") == 1 and str(root / "train" / "cat" / "up") in caplog.text
+    assert caplog.text.count("read once, at their own path") == 1
+
+    rc, out, err = cli(capsys, "predict", root / "train", "--checkpoint",
+                       save_training_checkpoint(tmp_path / "c.pth.tar", tiny_model()), "--json", "--device", "cpu")
+    assert rc == 0 and len(out.splitlines()) == 12, err
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        rc, out, err = cli(capsys, "train", root, *TRAIN)
+    assert rc == 0, err
+    assert "on 12 images" in out
+    shared = [str(w.message) for w in caught if "share files" in str(w.message)]
+    assert len(shared) == 1 and str(root / "train" / "dog") in shared[0]
+
+
+# ------------------------------------------------------------------------------- item 6: unusable class folders
+def test_empty_class_folders_are_named_once_each(tmp_path, capsys, caplog, monkeypatch):
+    """An empty class folder in train and val gave "2 classes" with no word."""
+    import logging
+    monkeypatch.chdir(tmp_path)
+    root = tmp_path / "data"
+    write_images(root, "train", ("cat", "dog"), per_class=4, size=16)
+    write_images(root, "val", ("cat", "dog"), per_class=2, size=16)
+    for split in ("train", "val"):
+        (root / split / "bird").mkdir()
+    with caplog.at_level(logging.WARNING):
+        rc, out, err = cli(capsys, "train", root, *TRAIN)
+    assert rc == 0, err
+    assert "2 classes" in out
+    for split in ("train", "val"):
+        assert caplog.text.count(f"ignoring class folder {root / split / 'bird'}: it holds no image files") == 1
+
+
+@pytest.mark.parametrize("archive", ["cat.tar", "cat.zip"])
+def test_an_archive_beside_class_folders_is_refused_naming_the_class(run_cli, tmp_path, archive):  # noqa: F811
+    """train/cat.tar beside train/{dog,bird}/ trained a 2-class model without a word."""
+    root = tmp_path / "data"
+    write_images(root, "train", ("bird", "dog"), per_class=4, size=16)
+    write_images(root, "val", ("bird", "cat", "dog"), per_class=2, size=16)
+    (root / "train" / archive).write_bytes(b"an archive of cat images")
+    run_cli("train", root, *TRAIN, expect=f"{str(root / 'train' / archive)!r} is an archive beside the class "
+                                          f"folders of {str(root / 'train')!r}: class 'cat' would be lost")
+
+
+def test_a_zip_among_class_tars_is_refused(run_cli, tmp_path):  # noqa: F811
+    write_images(tmp_path / "src", "x", ("dog", "bird"), per_class=4, size=16)
+    tars = tmp_path / "tars"
+    tars.mkdir()
+    for name in ("dog", "bird"):
+        with tarfile.open(tars / f"{name}.tar", "w") as tar:
+            tar.add(tmp_path / "src" / "x" / name, arcname=name)
+    (tars / "cat.zip").write_bytes(b"zip")
+    run_cli("train", tars, "--dataset", "tar", *TRAIN, expect="class 'cat' would be lost")

@@ -30,6 +30,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                    help='"" image folders, "tar", "torch/cifar10", "torch/flowers102", ..., "digits"')
     g.add_argument("--train-split", help="training split (folder name)")
     g.add_argument("--val-split", help="validation split (val/validation/test found by name)")
+    g.add_argument("--val-fraction", type=float, metavar="F",
+                   help="hold out this share of each class of the training images (seeded by --seed; the files "
+                        "are listed in the experiment folder's val_files.txt), for data without a held-out split")
     g.add_argument("--dataset-download", action="store_true", help="let torchvision datasets download")
     g.add_argument("--class-map", metavar="FILE", help="class name -> index map file")
 

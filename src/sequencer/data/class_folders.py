@@ -5,6 +5,9 @@
 - Hidden entries are not data: a file or folder whose name starts with "." (``.ipynb_checkpoints``, ``.DS_Store``,
   macOS ``._a.jpg``) and macOS's ``__MACOSX`` folder are skipped, with everything below them.
 - A file is an image by its extension (`IMAGE_EXTENSIONS`, any case).
+- Symbolic links are followed, but each real file counts once, at its own path: a link to what lies inside the split
+  anyway (``cat/more -> ../dog``) and a link back to a folder above it (a loop, ``cat/up -> ..``) are skipped with
+  a warning each (`walk_images`).
 - A folder of tar files (``SPLIT/CLASS.tar``): each tar is a class named after the file; its images may sit in any
   folder inside it.
 - Class names are Unicode NFC (`class_name`): a folder from a macOS zip spells "café" decomposed (NFD), and it is the
@@ -12,12 +15,15 @@
 """
 from __future__ import annotations
 
+import logging
 import os
 import tarfile
 import unicodedata
 from typing import Iterator
 
 from ..errors import SequencerError
+
+_logger = logging.getLogger(__name__)
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm", ".pbm")
 NOT_DATA = ("__MACOSX",)  # folders archive tools add next to the data
@@ -61,6 +67,48 @@ def find_split(entries, split: str, where: str, suffixes: tuple[str, ...] = ("",
     return None
 
 
+def find_split_folder(root: str, split: str) -> str:
+    """The sub-folder (or ``.tar``) of ``root`` holding ``split``; ``root`` itself when it has no split folders."""
+    entries = os.listdir(root)
+    found_split = find_split(entries, split, root, suffixes=("", ".tar"))
+    if found_split is not None:
+        return os.path.join(root, found_split)
+    found = sorted(e for e in entries if e.lower() in SPLIT_NAMES or
+                   (e.lower().endswith(".tar") and e.lower()[:-4] in SPLIT_NAMES))
+    if found:
+        raise SequencerError(f"split {split!r} not found in {root!r}", hint=f"splits found: {', '.join(found)}")
+    return root  # class folders directly
+
+
+def held_out_split(root: str | None, split: str) -> str:
+    """``split``, or "test" when ``split`` means validation and ``root`` has no such folder but a test split.
+
+    A dataset shipped as train/ and test/ (CIFAR-style) then trains and validates without ``--val-split test``.
+    """
+    if not root or not os.path.isdir(os.path.expanduser(str(root))):
+        return split
+    entries = {e.lower() for e in os.listdir(os.path.expanduser(str(root)))}
+
+    def present(name: str) -> bool:
+        return any(a.lower() in entries or a.lower() + ".tar" in entries for a in split_aliases(name))
+
+    is_val = split.lower() in SPLIT_SYNONYMS["val"]
+    return "test" if is_val and not present(split) and present("test") else split
+
+
+def has_split(root: str | None, split: str) -> bool:
+    """Whether the folder or .tar ``root`` holds a split folder (or ``SPLIT.tar``) for ``split`` or a synonym."""
+    root = os.path.expanduser(str(root or ""))
+    if os.path.isdir(root):
+        return find_split(os.listdir(root), split, root, suffixes=("", ".tar")) is not None
+    if os.path.isfile(root) and root.lower().endswith(".tar"):
+        try:
+            return split_prefix_in_tar([m.name for m in tar_members(root)], split, root) != ""
+        except SequencerError:  # split folders, but not this one
+            return False
+    return False
+
+
 def is_hidden(name: str) -> bool:
     """A file or folder name that is not data (dot-files and dot-folders, ``__MACOSX``)."""
     return name.startswith(".") or name in NOT_DATA
@@ -86,14 +134,99 @@ def class_of(relpath: str) -> str | None:
     return class_name(parts[0]) if len(parts) > 1 else ""
 
 
-def walk_images(folder: str) -> Iterator[str]:
-    """The '/'-separated paths (relative to ``folder``) of the image files below it, hidden entries pruned."""
-    for dirpath, dirs, files in os.walk(folder, followlinks=True):
-        dirs[:] = [d for d in dirs if not is_hidden(d)]
-        rel = os.path.relpath(dirpath, folder).replace(os.sep, "/")
-        for f in files:
-            if is_image_name(f):
-                yield f if rel == "." else f"{rel}/{f}"
+def walk_images(folder: str, real_dirs: set[str] | None = None) -> Iterator[str]:
+    """The '/'-separated paths (relative to ``folder``) of the image files below it, hidden entries pruned.
+
+    Symbolic links are followed, but each real file is yielded once: a link to a folder or image that lies inside
+    ``folder`` anyway is skipped (its images count at their own path, under their own class), and a link back to
+    a folder above it (a loop, ``cat/up -> ..``) is skipped; each with one warning. ``real_dirs`` (if given)
+    receives the real path of every folder read (of a linked image: its folder), so that two splits can be checked
+    for shared files.
+    """
+    root = os.path.realpath(folder)
+    visited = {root}
+    pending = [("", root)]  # (path relative to folder, its real path)
+    while pending:
+        rel, real = pending.pop()
+        if real_dirs is not None:
+            real_dirs.add(real)
+        with os.scandir(os.path.join(folder, *rel.split("/")) if rel else folder) as listing:
+            entries = sorted(listing, key=lambda e: e.name, reverse=True)
+        for entry in entries:
+            child = f"{rel}/{entry.name}" if rel else entry.name
+            if is_hidden(entry.name):
+                continue
+            if entry.is_dir():
+                target = _followed_folder(entry, child, folder, real, root, visited)
+                if target is not None:
+                    pending.append((child, target))
+            elif is_image_name(entry.name) and not _counted_elsewhere(entry, child, folder, root, real_dirs):
+                yield child
+
+
+def _inside(path: str, folder: str) -> bool:
+    return path == folder or path.startswith(folder.rstrip(os.sep) + os.sep)
+
+
+def _followed_folder(entry: os.DirEntry, rel: str, folder: str, parent: str, root: str, visited: set) -> str | None:
+    """The real path of the folder ``entry`` to walk into, or None for a link not to follow (warned about)."""
+    if not entry.is_symlink():
+        return os.path.join(parent, entry.name)
+    target = os.path.realpath(entry.path)
+    shown = os.path.join(folder, *rel.split("/"))
+    if _inside(parent, target):
+        _logger.warning("skipped symbolic link %s: it leads back to %s, a folder above it (a loop)", shown, target)
+        return None
+    if _inside(target, root) or target in visited:
+        _logger.warning("skipped symbolic link %s: its images (in %s) are read once, at their own path", shown, target)
+        return None
+    visited.add(target)
+    return target
+
+
+def _counted_elsewhere(entry: os.DirEntry, rel: str, folder: str, root: str, real_dirs: set | None) -> bool:
+    """True for a link to an image that is read at its own path inside ``folder``."""
+    if not entry.is_symlink():
+        return False
+    target = os.path.realpath(entry.path)
+    if _inside(target, root) and os.path.isfile(target) and class_of(os.path.relpath(target, root).replace(os.sep, "/")) is not None:
+        _logger.warning("skipped symbolic link %s: its image %s is read at its own path",
+                        os.path.join(folder, *rel.split("/")), target)
+        return True
+    if real_dirs is not None:
+        real_dirs.add(os.path.dirname(target))
+    return False
+
+
+ARCHIVE_EXTENSIONS = (".tar", ".tar.gz", ".tgz", ".tar.bz2", ".tar.xz", ".zip", ".7z", ".rar")
+
+
+def archive_stem(name: str) -> str | None:
+    """"cat" for an archive file name such as "cat.zip" or "cat.tar.gz"; None for any other name."""
+    low = name.lower()
+    return next((name[:-len(ext)] for ext in ARCHIVE_EXTENSIONS if low.endswith(ext) and len(low) > len(ext)), None)
+
+
+def check_class_entries(folder: str, classes: set[str]) -> None:
+    """Name what a split ``folder`` holds that gives no class: one warning per class folder without image files;
+    SequencerError for an archive beside the class folders whose class has no folder (``train/cat.zip`` beside
+    ``train/dog/``: the class would be lost), a warning where that class has a folder too."""
+    for name in sorted(os.listdir(folder)):
+        path = os.path.join(folder, name)
+        if is_hidden(name):
+            continue
+        if os.path.isdir(path):
+            if class_name(name) not in classes:
+                _logger.warning("ignoring class folder %s: it holds no image files", path)
+            continue
+        stem = archive_stem(name)
+        if stem is not None and class_name(stem) in classes:
+            _logger.warning("ignoring %s beside the class folder %s (archives inside a split are not read)", path,
+                            os.path.join(folder, stem))
+        elif stem is not None:
+            raise SequencerError(f"{path!r} is an archive beside the class folders of {folder!r}: class {stem!r} "
+                                 f"would be lost", hint=f"extract it into {os.path.join(folder, stem)}, or pass a "
+                                                        f"folder holding only CLASS.tar files with --dataset tar")
 
 
 # ------------------------------------------------------------------------------------------------------------ tars

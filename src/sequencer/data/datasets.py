@@ -19,7 +19,8 @@ from PIL import Image
 
 from ..errors import SequencerError
 from .class_folders import (IMAGE_EXTENSIONS, SPLIT_NAMES, SPLIT_SYNONYMS, class_name, class_of,  # noqa: F401  (re-exported)
-                            find_split, split_aliases, split_prefix_in_tar, tar_members, walk_images)
+                            archive_stem, check_class_entries, find_split_folder, has_split, held_out_split,
+                            is_hidden, split_prefix_in_tar, tar_members, walk_images)
 from .class_map import load_class_map, positions_by_name  # noqa: F401  (load_class_map re-exported)
 from .images import READ_ERRORS, UnreadableImageError, load_image, to_rgb  # noqa: F401  (re-exported)
 
@@ -44,6 +45,8 @@ class ClassificationDataset(torch.utils.data.Dataset):
         self.augment_defaults = dict(augment_defaults or {})
         self.skipped: set[str] = set()
         self.ignored_classes: list[str] = []  # class folders left out because the class map does not name them
+        self.whole_root = False  # True when DATA has no split folders: every split is all of it (create_dataset)
+        self.real_dirs: set[str] = set()  # the real folders an image folder's files came from (shared-file checks)
 
     @property
     def num_classes(self) -> int:
@@ -153,15 +156,22 @@ def _tar_file_entries(path: str, split: str) -> tuple[list, str]:
 
 def _tar_folder_entries(folder: str) -> list:
     """[(sample ref, class)] of a folder of per-class tars: the tar's name is the class."""
-    tars = sorted(f for f in os.listdir(folder) if f.lower().endswith(".tar") and not f.startswith("."))
+    names = sorted(f for f in os.listdir(folder) if not is_hidden(f))
+    tars = [f for f in names if f.lower().endswith(".tar")]
     if not tars:
         raise SequencerError(f"no .tar files in {folder!r}", hint="one CLASS.tar per class, or pass a single .tar")
+    other = next((f for f in names if archive_stem(f) is not None and f not in tars), None)
+    if other is not None:  # CLASS.zip beside CLASS.tar files
+        raise SequencerError(f"{os.path.join(folder, other)!r} is not a .tar: class {archive_stem(other)!r} would be "
+                             f"lost", hint="repack it as a .tar (tar cf CLASS.tar ...)")
     entries = []
     for name in tars:
         path = os.path.join(folder, name)
-        for m in tar_members(path):
-            if class_of("x/" + m.name) is not None:  # any image inside, hidden entries skipped
-                entries.append(((path, m.name, m.offset_data, m.size), class_name(name[:-4])))
+        found = [((path, m.name, m.offset_data, m.size), class_name(name[:-4]))
+                 for m in tar_members(path) if class_of("x/" + m.name) is not None]  # any image, hidden skipped
+        if not found:
+            _logger.warning("ignoring %s: it holds no image files", path)
+        entries += found
     return entries
 
 
@@ -312,35 +322,6 @@ def _create_torchvision(name: str, root: str | None, split: str, download: bool,
     return TorchvisionDataset(ds, list(classes), description=f"torch/{key}[{split}]", **kwargs)
 
 
-def _find_split_folder(root: str, split: str) -> str:
-    """The sub-folder (or ``.tar``) of ``root`` holding ``split``; ``root`` itself when it has no split folders."""
-    entries = os.listdir(root)
-    found_split = find_split(entries, split, root, suffixes=("", ".tar"))
-    if found_split is not None:
-        return os.path.join(root, found_split)
-    found = sorted(e for e in entries if e.lower() in SPLIT_NAMES or
-                   (e.lower().endswith(".tar") and e.lower()[:-4] in SPLIT_NAMES))
-    if found:
-        raise SequencerError(f"split {split!r} not found in {root!r}", hint=f"splits found: {', '.join(found)}")
-    return root  # class folders directly
-
-
-def held_out_split(root: str | None, split: str) -> str:
-    """``split``, or "test" when ``split`` means validation and ``root`` has no such folder but a test split.
-
-    A dataset shipped as train/ and test/ (CIFAR-style) then trains and validates without ``--val-split test``.
-    """
-    if not root or not os.path.isdir(os.path.expanduser(str(root))):
-        return split
-    entries = {e.lower() for e in os.listdir(os.path.expanduser(str(root)))}
-
-    def present(name: str) -> bool:
-        return any(a.lower() in entries or a.lower() + ".tar" in entries for a in split_aliases(name))
-
-    is_val = split.lower() in SPLIT_SYNONYMS["val"]
-    return "test" if is_val and not present(split) and present("test") else split
-
-
 def _label_samples(entries: list, class_to_idx: dict | None, where: str):
     """[(ref, target)] sorted by name, class_to_idx and the classes the map leaves out, from [(ref, class)]
     (class "" = loose, None = not data)."""
@@ -415,7 +396,7 @@ def create_dataset(name: str = "", root: str | None = None, split: str = "train"
     if not os.path.exists(root):
         raise SequencerError(f"data folder {root!r} does not exist")
     class_to_idx = load_class_map(class_map, root) if class_map else None
-    path = _find_split_folder(root, split) if os.path.isdir(root) else root
+    path = find_split_folder(root, split) if os.path.isdir(root) else root
     if os.path.isfile(path):
         if not path.lower().endswith(".tar"):
             raise SequencerError(f"{path!r} is a file, not a data folder or .tar")
@@ -423,12 +404,13 @@ def create_dataset(name: str = "", root: str | None = None, split: str = "train"
     elif name.lower() == "tar":
         dataset = TarDataset(path, class_to_idx, split=split, **kwargs)
     else:
-        entries = [(os.path.join(path, *rel.split("/")), class_of(rel)) for rel in walk_images(path)]
+        real_dirs: set[str] = set()
+        entries = [(os.path.join(path, *rel.split("/")), class_of(rel)) for rel in walk_images(path, real_dirs)]
+        check_class_entries(path, {c for _, c in entries if c})
         samples, class_to_idx, ignored = _label_samples(entries, class_to_idx, path)
         dataset = ImageFileDataset(path, samples, sorted(class_to_idx, key=class_to_idx.get), **kwargs)
-        dataset.ignored_classes = ignored
-    if path == root and os.path.isdir(root):
-        _logger.info("%s has no split folders: using all of it as split %r", root, split)
+        dataset.ignored_classes, dataset.real_dirs = ignored, real_dirs
+    dataset.whole_root = path == root and (os.path.isdir(root) or dataset.description == root)
     return dataset
 
 

@@ -6,8 +6,8 @@ previous file intact and no half-written file behind.
 
 Files in an experiment folder (as timm's ``CheckpointSaver`` names them):
   ``last.pth.tar``            end of the latest finished epoch
-  ``model_best.pth.tar``      the epoch with the best ``--eval-metric`` so far
-  ``checkpoint-<E>.pth.tar``  the best ``--checkpoint-hist`` epochs
+  ``model_best.pth.tar``      the epoch with the best ``--eval-metric`` so far (none without a held-out split)
+  ``checkpoint-<E>.pth.tar``  the best ``--checkpoint-hist`` epochs (the latest, without a held-out split)
   ``recovery.pth.tar``        written on SIGTERM/SIGINT in the middle of an epoch (removed once the epoch ends)
 
 Checkpoint dict (contract shared with validate/predict/...; every value is ``weights_only``-loadable):
@@ -124,10 +124,13 @@ def set_rng_state(state: dict) -> None:
 class CheckpointManager:
     """Writes last/best/history/recovery checkpoints of one experiment folder (rank 0 only).
 
-    ``decreasing``: lower metric is better (``--eval-metric loss``).
+    ``decreasing``: lower metric is better (``--eval-metric loss``). ``by_epoch``: a run without a held-out split
+    has no metric: the history keeps the latest epochs and no epoch is best (no ``model_best``).
     """
 
-    def __init__(self, folder: str | os.PathLike, max_history: int = 10, decreasing: bool = False):
+    def __init__(self, folder: str | os.PathLike, max_history: int = 10, decreasing: bool = False,
+                 by_epoch: bool = False):
+        self.by_epoch = by_epoch
         self.folder = Path(folder)
         self.max_history = max_history
         self.decreasing = decreasing
@@ -155,8 +158,10 @@ class CheckpointManager:
         ``state`` is the checkpoint dict without the bookkeeping keys. Returns True when this epoch is the new best.
         A non-finite metric never becomes best, so a diverged model cannot overwrite ``model_best``.
         """
+        if self.by_epoch:  # ranked by recency; never best
+            metric, self.decreasing = float(epoch), False
         usable = metric is not None and np.isfinite(metric)
-        is_best = usable and self._better(metric, self.best_metric)
+        is_best = usable and not self.by_epoch and self._better(metric, self.best_metric)
         if is_best:
             self.best_metric, self.best_epoch = float(metric), epoch
         keep = False

@@ -48,6 +48,7 @@ class TrainConfig:
     dataset: str = ""
     train_split: str = "train"
     val_split: str = "validation"
+    val_fraction: float = 0.0  # > 0: hold out this share of the training images (data without a held-out split)
     dataset_download: bool = False
     class_map: str = ""
     # model
@@ -265,6 +266,8 @@ def _check_numbers(cfg: TrainConfig) -> None:
         bad("--log-interval", cfg.log_interval, "must be at least 1")
     if cfg.recount < 1:
         bad("--recount", cfg.recount, "must be at least 1")
+    if not 0 <= cfg.val_fraction < 1:
+        bad("--val-fraction", cfg.val_fraction, "must be in [0, 1) (e.g. 0.1 holds out a tenth of each class)")
 
 
 def _check_sizes_and_files(cfg: TrainConfig) -> None:

@@ -7,7 +7,9 @@ A checkpoint's ``data`` entry (one of the model-config keys, so ``checkpoint cle
      "root": "/abs/path" | None,                     # train's DATA, made absolute (None for the digits)
      "split": "val"}                                 # the held-out split training evaluated on
 
-A held-out split carved from the training images adds ``"files"``: its image paths relative to ``root``.
+A held-out split carved from the training images (``--val-fraction``) has ``"split"`` the training split it was
+carved from, and adds ``"files"``: its images' keys (`sequencer.data.splits`), relative to ``"files_in"`` (the
+split's folder or tar, absolute). A run without a held-out split records ``"split": None``: it evaluated nothing.
 Checkpoints written before the entry existed are read from their ``args`` (train's flags) instead.
 """
 from __future__ import annotations
@@ -15,6 +17,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 
+from ..data.splits import split_by_keys
 from ..errors import SequencerError
 from ..models.loading import checkpoint_metadata
 
@@ -24,14 +27,20 @@ class RecordedData:
     dataset: str  # "" (image folders or a tar), "digits", "torch/NAME", ...
     root: str | None
     split: str
-    files: list[str] | None = None  # a carved held-out split's images, relative to root
+    files: list[str] | None = None  # a carved held-out split's images, as keys relative to files_in
+    files_in: str | None = None
 
 
-def data_record(cfg) -> dict:
-    """The ``data`` entry of a run's checkpoints, from its TrainConfig (``val_split`` as resolved for the run)."""
-    return {"dataset": cfg.dataset or ("" if cfg.data else "digits"),
-            "root": os.path.abspath(cfg.data) if cfg.data else None,
-            "split": cfg.val_split}
+def data_record(cfg, held_out=None) -> dict:
+    """The ``data`` entry of a run's checkpoints, from its TrainConfig (``val_split`` as resolved for the run) and
+    its held-out dataset ``held_out`` (None: the run had no held-out split)."""
+    record = {"dataset": cfg.dataset or ("" if cfg.data else "digits"),
+              "root": os.path.abspath(cfg.data) if cfg.data else None,
+              "split": cfg.val_split if held_out is not None else None}
+    files = getattr(held_out, "held_out_files", None)
+    if files:
+        record.update(split=cfg.train_split, files=list(files), files_in=os.path.abspath(held_out.root))
+    return record
 
 
 def recorded_data(checkpoint: dict | None, source: str) -> RecordedData:
@@ -42,9 +51,12 @@ def recorded_data(checkpoint: dict | None, source: str) -> RecordedData:
     if not record:
         raise SequencerError(f"{source} does not record the data it was trained on: DATA is needed",
                              hint="sequencer validate DATA --checkpoint ...")
+    if "split" in record and record["split"] is None:
+        raise SequencerError(f"{source} was trained on all of {record.get('root')} (no held-out split): DATA is "
+                             f"needed", hint="sequencer validate DATA --checkpoint ... with images it did not train on")
     found = RecordedData(str(record.get("dataset") or ""), record.get("root"), str(record.get("split") or
                                                                                    "validation"),
-                         list(record["files"]) if record.get("files") else None)
+                         list(record["files"]) if record.get("files") else None, record.get("files_in"))
     if found.dataset != "digits" and (not found.root or not os.path.exists(found.root)):
         raise SequencerError(f"{source} was trained on {found.root or 'a dataset'!s}, which no longer exists "
                              f"here: DATA is needed", hint="sequencer validate DATA --checkpoint ...")
@@ -57,3 +69,33 @@ def _record_from_args(args) -> dict | None:
         return None
     dataset = args.get("dataset") or ("" if args.get("data") else "digits")
     return {"dataset": dataset, "root": args.get("data"), "split": args.get("val_split") or "validation"}
+
+
+def recorded_held_out(checkpoint: dict | None) -> RecordedData | None:
+    """The held-out files a checkpoint's run carved from its training images (``--val-fraction``), or None."""
+    record = checkpoint_metadata(checkpoint).get("data") or {}
+    if not record.get("files"):
+        return None
+    return RecordedData(str(record.get("dataset") or ""), record.get("root"), str(record.get("split")),
+                        list(record["files"]), record.get("files_in"))
+
+
+def _same_folder(a: str | None, b: str | None) -> bool:
+    return bool(a and b and os.path.exists(a) and os.path.exists(b) and os.path.samefile(a, b))
+
+
+def trained_on_all_of(dataset, checkpoint: dict | None) -> bool:
+    """True when ``checkpoint``'s run trained on all of ``dataset`` (its DATA had no held-out split)."""
+    record = checkpoint_metadata(checkpoint).get("data") or {}
+    return "split" in record and record["split"] is None and _same_folder(getattr(dataset, "root", None),
+                                                                           record.get("root"))
+
+
+def keep_held_out_files(dataset, checkpoint: dict | None) -> tuple:
+    """(``dataset`` restricted to the held-out files ``checkpoint`` records, True) when it is the split they were
+    carved from (the run's DATA, or its training split); otherwise (``dataset``, False)."""
+    held_out = recorded_held_out(checkpoint)
+    root = getattr(dataset, "root", None)
+    if held_out is None or not _same_folder(root, held_out.files_in):
+        return dataset, False
+    return split_by_keys(dataset, held_out.files)[1], True

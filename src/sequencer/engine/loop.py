@@ -239,9 +239,12 @@ def current_lr(optimizer) -> float:
 
 # ---------------------------------------------------------------------------------------------- evaluation
 def evaluate_epoch(run: TrainingRun) -> tuple[dict, float | None]:
-    """(metrics of the held-out split, the raw model's top-1 when the metrics are the EMA's, else None)."""
+    """(metrics of the held-out split, the raw model's top-1 when the metrics are the EMA's, else None); (None,
+    None) without a held-out split."""
     from .evaluate import evaluate
 
+    if run.loaders.eval is None:
+        return None, None
     device, opt = run.info.device, run.opt
     metrics = evaluate(run.eval_model, run.loaders.eval, device, amp_dtype=opt.amp_dtype,
                        distributed=run.info.distributed)
@@ -257,13 +260,17 @@ def evaluate_epoch(run: TrainingRun) -> tuple[dict, float | None]:
 
 
 # ------------------------------------------------------------------------------------------------- saving
-def save_epoch(run: TrainingRun, epoch: int, result: EpochResult, metrics: dict, metric: float,
+def save_epoch(run: TrainingRun, epoch: int, result: EpochResult, metrics: dict | None, metric: float | None,
                raw_top1: float | None) -> None:
-    """Append the epoch's summary row, write summary.csv, the checkpoints and summary.png, and log the epoch."""
+    """Append the epoch's summary row, write summary.csv, the checkpoints and summary.png, and log the epoch
+    (``metrics`` None: no held-out split, the eval columns stay empty)."""
     seconds = time.time() - result.started
     rows = run.out.rows
-    rows.append(dict(epoch=epoch, train_loss=f"{result.train_loss:.6f}", eval_loss=f"{metrics['loss']:.6f}",
-                     eval_top1=f"{metrics['top1']:.4f}", eval_top5=f"{metrics['top5']:.4f}",
+    scored = metrics is not None
+    rows.append(dict(epoch=epoch, train_loss=f"{result.train_loss:.6f}",
+                     eval_loss=f"{metrics['loss']:.6f}" if scored else "",
+                     eval_top1=f"{metrics['top1']:.4f}" if scored else "",
+                     eval_top5=f"{metrics['top5']:.4f}" if scored else "",
                      lr=f"{result.lr:.6e}", epoch_seconds=f"{seconds:.2f}"))
     rng_states = dist_utils.all_gather_object(get_rng_state(), run.info)
     if not run.info.is_primary:
@@ -275,14 +282,15 @@ def save_epoch(run: TrainingRun, epoch: int, result: EpochResult, metrics: dict,
     is_best = run.out.manager.save_epoch(state, epoch, metric if math.isfinite(result.train_loss) else None)
     write_summary(run.out.summary_path, rows)
     if run.state.wandb is not None:  # --log-wandb
-        run.state.wandb.log({k: float(v) for k, v in rows[-1].items()}, step=epoch)
+        run.state.wandb.log({k: float(v) for k, v in rows[-1].items() if v != ""}, step=epoch)
     try:
         plot_summary(rows, run.out.folder / "summary.png")
     except Exception as e:  # a plotting problem must never stop training
         warnings.warn(f"could not draw summary.png: {e}")
     ema_note = f" (raw model {raw_top1:.2f})" if raw_top1 is not None else ""
-    print(f"epoch {epoch}: train_loss {result.train_loss:.4f} eval_loss {metrics['loss']:.4f} "
-          f"top1 {metrics['top1']:.2f}{ema_note} top5 {metrics['top5']:.2f} "
+    scores = ("not evaluated (no held-out split)" if metrics is None else
+              f"eval_loss {metrics['loss']:.4f} top1 {metrics['top1']:.2f}{ema_note} top5 {metrics['top5']:.2f}")
+    print(f"epoch {epoch}: train_loss {result.train_loss:.4f} {scores} "
           f"lr {result.lr:.2e} {seconds:.1f}s{' *best*' if is_best else ''}{skipped_note(run.loaders.train)}",
           flush=True)
 
@@ -314,7 +322,7 @@ def checkpoint_state(run: TrainingRun, epoch: int, complete: bool, step: int, me
         "model_kwargs": plain(model.model_kwargs),
         "class_names": list(run.class_names),
         "data_config": plain(run.loaders.data_config),
-        "data": data_record(run.cfg),
+        "data": data_record(run.cfg, getattr(run.loaders.eval, "dataset", None)),
         "state_dict": model.state_dict(),
         "optimizer": opt.optimizer.state_dict(),
         "scheduler": opt.scheduler.state_dict() if opt.scheduler is not None else None,

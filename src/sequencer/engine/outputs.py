@@ -22,6 +22,7 @@ from . import distributed as dist_utils
 from .checkpoint import CheckpointManager
 from .resume import experiment_folder
 
+VAL_FILES = "val_files.txt"  # the held-out files --val-fraction carved, one key per line (sequencer.data.splits)
 SUMMARY_FIELDS = ["epoch", "train_loss", "eval_loss", "eval_top1", "eval_top5", "lr", "epoch_seconds"]
 
 
@@ -39,11 +40,14 @@ class Outputs:
 
 
 def prepare_outputs(cfg, state, info: dist_utils.DistInfo, resume_path: str | None, resume_ckpt: dict | None,
-                    start_epoch: int, img_size: int) -> Outputs:
+                    start_epoch: int, img_size: int, held_out=None, evaluated: bool = True) -> Outputs:
     """Create the experiment folder (nothing is written before this point), take over the resumed run's best
-    checkpoints and summary rows when it continues in the same folder, and write ``args.yaml``."""
+    checkpoints and summary rows when it continues in the same folder, and write ``args.yaml`` (and
+    ``val_files.txt``, the files of a held-out split carved by --val-fraction). Without evaluation (``evaluated``
+    False) the checkpoint history keeps the latest epochs and no epoch is called best."""
     folder = make_output_dir(cfg, state, info, cfg.model, img_size)
-    manager = CheckpointManager(folder, max_history=cfg.checkpoint_hist, decreasing=cfg.eval_metric == "loss")
+    manager = CheckpointManager(folder, max_history=cfg.checkpoint_hist, decreasing=cfg.eval_metric == "loss",
+                                by_epoch=not evaluated)
     if resume_ckpt is not None and Path(resume_path).resolve().parent == folder.resolve():
         # best metric and history belong to this folder's files; a resume into a new folder starts its own
         manager.restore(resume_ckpt)
@@ -59,6 +63,10 @@ def prepare_outputs(cfg, state, info: dist_utils.DistInfo, resume_path: str | No
     if info.is_primary:
         args_yaml = yaml.safe_dump(run_args(cfg), sort_keys=False)
         write_atomically(folder / "args.yaml", lambda tmp: Path(tmp).write_text(args_yaml))
+        files = getattr(held_out, "held_out_files", None)
+        if files:
+            listing = "".join(f"{f}\n" for f in files)
+            write_atomically(folder / VAL_FILES, lambda tmp: Path(tmp).write_text(listing, encoding="utf-8"))
     return outputs
 
 

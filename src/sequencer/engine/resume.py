@@ -3,7 +3,8 @@
 - **From the checkpoint, never changed by a flag:** the model (``--model``, ``--model-kwargs``, ``--in-chans``,
   the head size ``--num-classes``), the classes and their names (the training split must hold the same classes),
   the optimizer and scheduler kind (``--opt``, ``--sched``; both may change with ``--no-resume-opt``), the
-  ``--eval-metric`` that picks the best epoch. A flag that names another value is refused with one line naming both.
+  ``--eval-metric`` that picks the best epoch, the held-out share ``--val-fraction`` (a resume holds out the files
+  its checkpoint lists). A flag that names another value is refused with one line naming both.
 - **From the checkpoint unless a flag (or ``--config``) says otherwise:** every other training setting (epochs,
   lr and schedule shape, batch size, augmentation, EMA, seed, ...). A larger ``--epochs`` extends the run: the
   schedule is rebuilt for the new length and continues from the checkpoint's position.
@@ -27,7 +28,8 @@ _logger = logging.getLogger(__name__)
 
 # settings a resume keeps from its checkpoint: (args key, flag); the first three only with the optimizer state
 KEPT_WITH_STATE = (("opt", "--opt"), ("sched", "--sched"))
-KEPT = (("model_kwargs", "--model-kwargs"), ("in_chans", "--in-chans"), ("eval_metric", "--eval-metric"))
+KEPT = (("model_kwargs", "--model-kwargs"), ("in_chans", "--in-chans"), ("eval_metric", "--eval-metric"),
+        ("val_fraction", "--val-fraction"))
 NOT_INHERITED = {"data", "data_dir", "dataset", "train_split", "val_split", "class_map", "dataset_download", "config",
                  "resume", "experiment", "output", "device", "workers", "log_interval", "start_epoch", "local_rank",
                  "pretrained", "initial_checkpoint", "no_resume_opt"}

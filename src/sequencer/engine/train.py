@@ -50,7 +50,8 @@ from .outputs import plural, prepare_outputs, read_summary, release_claim, remov
 class TrainResult:
     """What a training run left: the best epoch by ``eval_metric`` and its top-1 (percent), the path of
     ``model_best.pth.tar``, the experiment folder, the summary rows (as ``summary.csv`` holds them, as text) and
-    the command's exit status (0, or 128 + signal when a signal stopped the run)."""
+    the command's exit status (0, or 128 + signal when a signal stopped the run). A run without a held-out split
+    has no best: ``best_top1`` and ``best_epoch`` are None and ``checkpoint`` is ``last.pth.tar``."""
     best_top1: float | None
     best_epoch: int | None
     checkpoint: Path | None
@@ -114,7 +115,8 @@ def _train(cfg, state: RunState, info: dist_utils.DistInfo) -> TrainResult:
                                f"{plural(start_epoch, 'epoch')} and this schedule has {plural(opt.num_epochs, 'epoch')}"
                                f"; nothing to do (pass a larger --epochs to extend it)")
         return _result(cfg, Path(data.resume_path).parent, None, 0)
-    out = prepare_outputs(cfg, state, info, data.resume_path, data.resume_ckpt, start_epoch, loaders.img_size)
+    out = prepare_outputs(cfg, state, info, data.resume_path, data.resume_ckpt, start_epoch, loaders.img_size,
+                          held_out=data.eval_set, evaluated=data.eval_set is not None)
     for message in [*state.start_warnings, *timm_habits.notes(cfg, info.device)]:
         if info.is_primary:
             warnings.warn(message)
@@ -124,15 +126,15 @@ def _train(cfg, state: RunState, info: dist_utils.DistInfo) -> TrainResult:
                            ignored_classes=data.ignored_classes, state=state)
     _log_start(training, data, start_epoch)
 
-    metrics = None
+    metrics, finished = None, False
     with StopRequest() as stop:
         for epoch in range(start_epoch, opt.num_epochs):
             result = train_one_epoch(training, epoch, stop)
             if result.stopped_at is not None:
                 return _result(cfg, out.folder, out.manager,
                                save_recovery(training, epoch, result.stopped_at, stop.signum))
-            metrics, raw_top1 = evaluate_epoch(training)
-            metric = float(metrics[cfg.eval_metric])
+            metrics, raw_top1 = evaluate_epoch(training)  # (None, None) without a held-out split
+            metric = float(metrics[cfg.eval_metric]) if metrics is not None else None
             if opt.scheduler is not None:
                 opt.scheduler.step(epoch + 1, metric)
             save_epoch(training, epoch, result, metrics, metric, raw_top1)
@@ -140,7 +142,8 @@ def _train(cfg, state: RunState, info: dist_utils.DistInfo) -> TrainResult:
                 print_on_primary(info, f"stopped by {signal.Signals(stop.signum).name} after epoch {epoch}; resume with "
                            f"--resume {out.folder / 'last.pth.tar'}")
                 return _result(cfg, out.folder, out.manager, 128 + stop.signum)
-    if metrics is not None:
+            finished = True
+    if finished:
         _log_finish(training, metrics, started)
     return _result(cfg, out.folder, out.manager, 0)
 
@@ -148,12 +151,13 @@ def _train(cfg, state: RunState, info: dist_utils.DistInfo) -> TrainResult:
 def _result(cfg, folder: Path, manager, exit_code: int) -> TrainResult:
     """The run's :class:`TrainResult`, read back from what it wrote (``summary.csv``, ``model_best.pth.tar``)."""
     rows = read_summary(folder / "summary.csv") if (folder / "summary.csv").is_file() else []
+    evaluated = [r for r in rows if r.get("eval_top1")]  # none without a held-out split
     best_epoch = manager.best_epoch if manager is not None else None
-    if manager is None and rows:  # a finished run resumed: its best row by the metric it was run with
+    if manager is None and evaluated:  # a finished run resumed: its best row by the metric it was run with
         column, sign = {"top1": ("eval_top1", 1), "top5": ("eval_top5", 1), "loss": ("eval_loss", -1)}[cfg.eval_metric]
-        best_epoch = int(max(rows, key=lambda r: (sign * float(r[column]), -int(r["epoch"])))["epoch"])
-    best_row = next((r for r in rows if int(r["epoch"]) == best_epoch), None)
-    best = folder / "model_best.pth.tar"
+        best_epoch = int(max(evaluated, key=lambda r: (sign * float(r[column]), -int(r["epoch"])))["epoch"])
+    best_row = next((r for r in evaluated if int(r["epoch"]) == best_epoch), None)
+    best = folder / ("model_best.pth.tar" if evaluated or not rows else "last.pth.tar")
     return TrainResult(best_top1=float(best_row["eval_top1"]) if best_row else None, best_epoch=best_epoch,
                        checkpoint=best if best.is_file() else None, output_dir=folder, summary=rows,
                        exit_code=exit_code)
@@ -267,8 +271,9 @@ def build_loaders(cfg, info: dist_utils.DistInfo, model: nn.Module, data: TrainD
         hflip=cfg.hflip if aug else 0.0, scale=cfg.scale if aug else [1.0, 1.0],
         ratio=cfg.ratio if aug else [1.0, 1.0], color_jitter=cfg.color_jitter if aug else 0.0,
         drop_last=True, **loader_kw)
-    eval_loader = create_loader(data.eval_set, data_config["input_size"], cfg.validation_batch_size or cfg.batch_size,
-                                False, interpolation=data_config["interpolation"], **loader_kw)
+    eval_loader = None if data.eval_set is None else create_loader(
+        data.eval_set, data_config["input_size"], cfg.validation_batch_size or cfg.batch_size, False,
+        interpolation=data_config["interpolation"], **loader_kw)
     steps_per_epoch = len(train_loader)
     if steps_per_epoch == 0:
         raise SequencerError(f"--batch-size {cfg.batch_size} leaves no full batch of training data")
@@ -413,7 +418,7 @@ def _log_start(training: TrainingRun, data: TrainData, start_epoch: int) -> None
                f"lr {current_lr(training.opt.optimizer):.3g}, batch {cfg.batch_size}; output {training.out.folder}")
 
 
-def _log_finish(training: TrainingRun, metrics: dict, started: float) -> None:
+def _log_finish(training: TrainingRun, metrics: dict | None, started: float) -> None:
     cfg, manager = training.cfg, training.out.manager
     if not training.info.is_primary:
         return
@@ -425,6 +430,10 @@ def _log_finish(training: TrainingRun, metrics: dict, started: float) -> None:
     # the whole run's time: the epochs of earlier invocations (resumed) plus this one
     earlier = sum(float(r.get("epoch_seconds") or 0) for r in training.out.rows[:training.out.resumed_rows])
     elapsed = earlier + time.time() - started
+    if metrics is None:
+        print(f"{what}: trained {plural(training.opt.num_epochs, 'epoch')} in {elapsed:.0f}s without evaluation "
+              f"(no held-out split); checkpoints in {training.out.folder}", flush=True)
+        return
     print(f"{what}: eval top-1 {metrics['top1']:.2f}% top-5 {metrics['top5']:.2f}% on {metrics['count']} held-out "
           f"images{unreadable} after {plural(training.opt.num_epochs, 'epoch')} in {elapsed:.0f}s{best}; "
           f"checkpoints in {training.out.folder}", flush=True)

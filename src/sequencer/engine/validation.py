@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import io
 import os
+import warnings
 from typing import Callable
 
 import torch
@@ -19,7 +20,7 @@ from ..models import get_model_entry
 from ..models.kernels import native_dtype
 from .distributed import DistInfo, process_group
 from .evaluate import evaluate
-from .data_record import recorded_data
+from .data_record import keep_held_out_files, recorded_data, trained_on_all_of
 from .inference import LoadedModel, check_input_size, label_with_model_classes, load_model
 
 AMP_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -63,6 +64,7 @@ def validate(checkpoint: str | os.PathLike = "", data: str | os.PathLike | None 
             else:  # the data first: a missing folder should not wait for (or download) the model's weights
                 split_set = _dataset(data, dataset, split, class_map, dataset_download, dist_info)
                 loaded = load_the_model()
+            split_set = _held_out_files_only(split_set, loaded, dist_info)
             overrides = dict(mean=mean, std=std, crop_pct=crop_pct, interpolation=interpolation)
             dtype = _amp_dtype(amp, amp_dtype, dist_info.device)
             if prepare is not None:
@@ -88,6 +90,18 @@ def _checkpoint_data(loaded: LoadedModel, checkpoint, split: str, dist_info: Dis
         print(f"note: no DATA given: evaluating on the data {source} was trained on "
               f"({recorded.root or recorded.dataset}, split {split!r})")
     return recorded.root, recorded.dataset, split
+
+
+def _held_out_files_only(split_set, loaded: LoadedModel, dist_info: DistInfo):
+    """The split, or only the held-out files of it when the checkpoint's run carved them from it (--val-fraction)."""
+    split_set, kept = keep_held_out_files(split_set, loaded.checkpoint)
+    if kept and dist_info.is_primary:
+        print(f"note: evaluating the {len(split_set)} images the checkpoint's run held out of "
+              f"{split_set.root} (--val-fraction), not the ones it trained on")
+    if trained_on_all_of(split_set, loaded.checkpoint) and dist_info.is_primary:
+        warnings.warn(f"the checkpoint was trained on all of {split_set.root}: these are its training images, "
+                      f"not held-out ones")
+    return split_set
 
 
 def _dataset(data, dataset: str, split: str, class_map: str, download: bool, dist_info: DistInfo):

@@ -1,0 +1,135 @@
+"""Issue 27 item 1: data without a held-out split is never evaluated on its training images and called held-out;
+``--val-fraction`` carves a seeded, stratified held-out split that ``validate`` and ``--resume`` reuse."""
+from __future__ import annotations
+
+import json
+import tarfile
+import warnings
+
+import pytest
+import torch
+from run_helpers import TINY_RUN, make_image_folder, summary_rows, train_cli
+
+import sequencer
+from sequencer.cli import main
+from sequencer.errors import SequencerError
+
+COLOURS = {"bird": (200, 30, 30), "cat": (30, 200, 30), "dog": (30, 30, 200)}
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    """DATA/{train,val}/{bird,cat,dog}: 8 train and 2 val images per class."""
+    return make_image_folder(tmp_path_factory.mktemp("held_out"), COLOURS, 8, 2, size=16)
+
+
+def _run(capsys, *args) -> tuple[int, str, str]:
+    """`sequencer train ARGS`: (exit status, stdout, stderr with the warnings as the command shows them)."""
+    capsys.readouterr()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        rc = train_cli([*args])
+    out, err = capsys.readouterr()
+    return rc, out, err + "".join(f"warning: {w.message}\n" for w in caught)
+
+
+def test_class_folders_without_split_folders_train_without_evaluation(data, tmp_path, capsys):
+    """`sequencer train DATA/train`: one warning, no evaluation, checkpoints by epoch, nothing called held-out."""
+    rc, out, err = _run(capsys, data / "train", *TINY_RUN, "--epochs", "3", "--checkpoint-hist", "2",
+                        "--output", tmp_path, "--experiment", "e")
+    assert rc == 0, err
+    assert err.count("no held-out split: training without evaluation") == 1 and "warning:" in err
+    assert "held-out images" not in out and "top1" not in out and "eval top-1" not in out
+    assert "trained 3 epochs" in out.splitlines()[-1] and "without evaluation" in out.splitlines()[-1]
+    folder = tmp_path / "e"
+    assert not (folder / "model_best.pth.tar").exists()
+    assert sorted(p.name for p in folder.glob("checkpoint-*")) == ["checkpoint-1.pth.tar", "checkpoint-2.pth.tar"]
+    assert all(r["eval_top1"] == "" and r["eval_loss"] == "" for r in summary_rows(folder))
+    ckpt = torch.load(folder / "last.pth.tar", weights_only=True)
+    assert ckpt["best_metric"] is None and ckpt["best_epoch"] is None and ckpt["data"]["split"] is None
+
+    capsys.readouterr()
+    assert main(["validate", "--checkpoint", str(folder / "last.pth.tar"), "--device", "cpu"]) == 2
+    err = capsys.readouterr().err
+    assert "(no held-out split): DATA is needed" in err and len(err.strip().splitlines()) == 1
+    with pytest.warns(UserWarning, match="these are its training images, not held-out ones"):
+        assert main(["validate", str(data / "train"), "--checkpoint", str(folder / "last.pth.tar"), "--device",
+                     "cpu"]) == 0
+
+
+def test_the_api_reports_no_best_without_a_held_out_split(data, tmp_path):
+    with pytest.warns(UserWarning, match="no held-out split"):
+        result = sequencer.train(data / "train", progress=False, output=str(tmp_path), experiment="api",
+                                 epochs=1, **_api_flags())
+    assert result.best_top1 is None and result.best_epoch is None
+    assert result.checkpoint == tmp_path / "api" / "last.pth.tar"
+
+
+def _api_flags() -> dict:
+    """TINY_RUN as keywords."""
+    flags, i = {}, 0
+    while i < len(TINY_RUN):
+        key = TINY_RUN[i].lstrip("-").replace("-", "_")
+        values = []
+        i += 1
+        while i < len(TINY_RUN) and not TINY_RUN[i].startswith("-"):
+            values.append(TINY_RUN[i])
+            i += 1
+        flags[key] = values if key == "model_kwargs" else values[0]
+    aliases = {"b": "batch_size", "j": "workers"}
+    flags = {aliases.get(k, k): v for k, v in flags.items()}
+    flags["model_kwargs"] = {k: eval(v) for k, v in (kv.split("=") for kv in flags["model_kwargs"])}
+    for key in ("img_size", "batch_size", "workers", "log_interval", "warmup_epochs"):
+        flags[key] = int(flags[key])
+    flags.update(lr=float(flags["lr"]), hflip=float(flags["hflip"]))
+    return flags
+
+
+def test_a_folder_of_class_tars_trains_without_evaluation(data, tmp_path, capsys):
+    tars = tmp_path / "tars"
+    tars.mkdir()
+    for name in COLOURS:
+        with tarfile.open(tars / f"{name}.tar", "w") as tar:
+            tar.add(data / "train" / name, arcname=name)
+    rc, out, err = _run(capsys, tars, "--dataset", "tar", *TINY_RUN, "--epochs", "1", "--output", tmp_path,
+                        "--experiment", "t")
+    assert rc == 0, err
+    assert "no held-out split" in err and "held-out images" not in out
+    assert not (tmp_path / "t" / "model_best.pth.tar").exists()
+
+
+def test_val_fraction_carves_a_stratified_split_that_validate_and_resume_reuse(data, tmp_path, capsys):
+    rc, out, err = _run(capsys, data / "train", *TINY_RUN, "--epochs", "1", "--val-fraction", "0.25", "-j", "2",
+                        "--output", tmp_path, "--experiment", "v")
+    assert rc == 0, err
+    assert "no held-out split" not in err
+    folder = tmp_path / "v"
+    files = (folder / "val_files.txt").read_text().split()
+    assert len(files) == 6 and sorted({f.split("/")[0] for f in files}) == sorted(COLOURS)  # 2 of 8 per class
+    assert all(files.count(f) == 1 for f in files)
+    assert "on 6 held-out images" in out.splitlines()[-1]
+    record = torch.load(folder / "model_best.pth.tar", weights_only=True)["data"]
+    assert record["files"] == files and record["files_in"] == str(data / "train")
+    logged = float(summary_rows(folder)[-1]["eval_top1"])
+
+    # validate without DATA, and with the same DATA, evaluates the held-out files only (default workers)
+    for data_arg in ([], [str(data / "train")]):
+        results = tmp_path / "r.json"
+        assert main(["validate", *data_arg, "--checkpoint", str(folder / "model_best.pth.tar"), "--device", "cpu",
+                     "--results-file", str(results)]) == 0
+        got = json.loads(results.read_text())
+        assert got["count"] == 6 and abs(got["top1"] - logged) < 1e-3
+
+    # a resume (another --seed would carve other files) holds out the same files
+    rc, out, err = _run(capsys, data / "train", *TINY_RUN, "--epochs", "2", "--seed", "7",
+                        "--resume", folder / "last.pth.tar")
+    assert rc == 0, err
+    assert (folder / "val_files.txt").read_text().split() == files
+    assert torch.load(folder / "last.pth.tar", weights_only=True)["data"]["files"] == files
+    assert "on 6 held-out images" in out.splitlines()[-1]
+
+
+def test_val_fraction_is_refused_where_data_has_its_own_held_out_split(data, tmp_path):
+    with pytest.raises(SequencerError, match="has a held-out split of its own"):
+        sequencer.train(data, progress=False, output=str(tmp_path), epochs=1, val_fraction=0.2, **_api_flags())
+    assert not any(tmp_path.iterdir())
