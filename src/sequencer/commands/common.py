@@ -29,6 +29,7 @@ PARAMETER_FLAGS = {
     "root": "DATA", "checkpoint_path": "--checkpoint", "model": "--model", "onnx": "--onnx",
     "num_classes": "--num-classes", "img_size": "--img-size", "input_size": "--input-size", "resume": "--resume",
     "stages": "--stage", "target_cpu": "--target-cpu", "corruptions": "--corruptions",
+    "val_fraction": "--val-fraction",
 }
 _PARAMETER = re.compile(r"`(\w+)(?:=([^`]*))?`")
 

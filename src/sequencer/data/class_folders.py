@@ -226,7 +226,7 @@ def check_class_entries(folder: str, classes: set[str]) -> None:
         elif stem is not None:
             raise SequencerError(f"{path!r} is an archive beside the class folders of {folder!r}: class {stem!r} "
                                  f"would be lost", hint=f"extract it into {os.path.join(folder, stem)}, or pass a "
-                                                        f"folder holding only CLASS.tar files with --dataset tar")
+                                                        f"folder holding only CLASS.tar files with `name=tar`")
 
 
 # ------------------------------------------------------------------------------------------------------------ tars

@@ -339,13 +339,13 @@ class ImageLoader(DataLoader):
 
     def _note_unreadable(self, failed: list[str], total: int) -> None:
         seen = getattr(self.dataset.dataset, "skipped", None)
-        for path in failed:
-            if path not in self.skipped:
-                self.skipped.append(path)
-            if seen is not None and path not in seen:
-                seen.add(path)
-                _logger.warning("skipped unreadable image %s", path)
-        if len(self.skipped) > self.max_unreadable * total:
+        self.skipped += [path for path in dict.fromkeys(failed) if path not in self.skipped]
+        if len(self.skipped) <= self.max_unreadable * total:
+            for path in failed:
+                if seen is not None and path not in seen:
+                    seen.add(path)
+                    _logger.warning("skipped unreadable image %s", path)
+        else:  # the error lists them all, as its one line
             broken, exact = self._all_unreadable()
             shown = ", ".join(broken[:20]) + (f", ... ({len(broken) - 20} more)" if len(broken) > 20 else "")
             count = f"{len(broken)}" if exact else f"at least {len(broken)}"

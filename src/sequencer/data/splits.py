@@ -32,9 +32,9 @@ def carve_held_out(dataset, fraction: float, seed: int) -> list[str]:
     """The keys of a stratified held-out share of ``dataset``: ``round(fraction * n)`` images of each class of n
     (at least one where a class has two or more, never all of it), drawn with ``seed``; sorted."""
     if not 0 < fraction < 1:
-        raise SequencerError(f"--val-fraction {fraction}: must be between 0 and 1 (e.g. 0.1)")
+        raise SequencerError(f"`val_fraction={fraction}`: must be between 0 and 1 (e.g. 0.1)")
     if not hasattr(dataset, "samples"):
-        raise SequencerError(f"--val-fraction: {dataset.description} is not an image folder or tar",
+        raise SequencerError(f"`val_fraction`: {dataset.description} is not an image folder or tar",
                              hint="carving a held-out split needs files (image folders or tars)")
     rng = np.random.default_rng(seed)
     keys = sample_keys(dataset)
@@ -47,7 +47,7 @@ def carve_held_out(dataset, fraction: float, seed: int) -> list[str]:
         n = min(max(int(round(fraction * len(members))), 1 if len(members) > 1 else 0), len(members) - 1)
         held_out += [keys[members[j]] for j in rng.permutation(len(members))[:n]]
     if not held_out:
-        raise SequencerError(f"--val-fraction {fraction} holds out no image of {dataset.description}",
+        raise SequencerError(f"`val_fraction={fraction}` holds out no image of {dataset.description}",
                              hint="use a larger fraction, or more images per class")
     return sorted(held_out)
 
