@@ -15,6 +15,10 @@ from sequencer.cli import main
 from sequencer.errors import SequencerError
 
 COLOURS = {"bird": (200, 30, 30), "cat": (30, 200, 30), "dog": (30, 30, 200)}
+# TINY_RUN as sequencer.train keywords
+TINY_KW = dict(model="sequencer2d_nano", model_kwargs=dict(layers=(1, 1), patch_sizes=(2, 1), embed_dims=(16, 16),
+                                                           hidden_sizes=(4, 4), mlp_ratios=(2, 2)),
+               img_size=16, batch_size=8, workers=0, device="cpu", opt="adamw", lr=3e-3, warmup_epochs=0, hflip=0.0)
 
 
 @pytest.fixture(scope="module")
@@ -60,29 +64,9 @@ def test_class_folders_without_split_folders_train_without_evaluation(data, tmp_
 def test_the_api_reports_no_best_without_a_held_out_split(data, tmp_path):
     with pytest.warns(UserWarning, match="no held-out split"):
         result = sequencer.train(data / "train", progress=False, output=str(tmp_path), experiment="api",
-                                 epochs=1, **_api_flags())
+                                 epochs=1, **TINY_KW)
     assert result.best_top1 is None and result.best_epoch is None
     assert result.checkpoint == tmp_path / "api" / "last.pth.tar"
-
-
-def _api_flags() -> dict:
-    """TINY_RUN as keywords."""
-    flags, i = {}, 0
-    while i < len(TINY_RUN):
-        key = TINY_RUN[i].lstrip("-").replace("-", "_")
-        values = []
-        i += 1
-        while i < len(TINY_RUN) and not TINY_RUN[i].startswith("-"):
-            values.append(TINY_RUN[i])
-            i += 1
-        flags[key] = values if key == "model_kwargs" else values[0]
-    aliases = {"b": "batch_size", "j": "workers"}
-    flags = {aliases.get(k, k): v for k, v in flags.items()}
-    flags["model_kwargs"] = {k: eval(v) for k, v in (kv.split("=") for kv in flags["model_kwargs"])}
-    for key in ("img_size", "batch_size", "workers", "log_interval", "warmup_epochs"):
-        flags[key] = int(flags[key])
-    flags.update(lr=float(flags["lr"]), hflip=float(flags["hflip"]))
-    return flags
 
 
 def test_a_folder_of_class_tars_trains_without_evaluation(data, tmp_path, capsys):
@@ -131,5 +115,5 @@ def test_val_fraction_carves_a_stratified_split_that_validate_and_resume_reuse(d
 
 def test_val_fraction_is_refused_where_data_has_its_own_held_out_split(data, tmp_path):
     with pytest.raises(SequencerError, match="has a held-out split of its own"):
-        sequencer.train(data, progress=False, output=str(tmp_path), epochs=1, val_fraction=0.2, **_api_flags())
+        sequencer.train(data, progress=False, output=str(tmp_path), epochs=1, val_fraction=0.2, **TINY_KW)
     assert not any(tmp_path.iterdir())
