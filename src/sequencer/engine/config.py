@@ -291,14 +291,19 @@ def _check_sizes_and_files(cfg: TrainConfig) -> None:
     if cfg.resume == "auto" and not cfg.experiment:
         raise SequencerError("--resume auto needs --experiment NAME to know which folder to continue",
                              hint="use the same --output/--experiment for every (re)start")
-    if cfg.experiment and (cfg.experiment in (".", "..") or any(s in cfg.experiment for s in ("/", "\\", os.sep))):
-        raise SequencerError(f"--experiment {cfg.experiment!r}: a folder name inside --output, without a path "
-                             f"separator or '..'", hint="pass --output DIR for where runs go, --experiment NAME")
+    check_experiment_name(cfg.experiment)
     if cfg.model:
         get_model_entry(cfg.model)  # unknown names fail before any data is read, with suggestions
     check_library_flags(cfg)
     if cfg.initial_checkpoint and not Path(cfg.initial_checkpoint).is_file():
         raise SequencerError(f"--initial-checkpoint {cfg.initial_checkpoint!r}: no such file")
+
+
+def check_experiment_name(name: str) -> None:
+    """Refuse an ``--experiment`` that is not one folder name inside ``--output`` (``../escaped``, ``a/b``)."""
+    if name and (name in (".", "..") or any(s in name for s in ("/", "\\", os.sep))):
+        raise SequencerError(f"--experiment {name!r}: a folder name inside --output, without a path separator or "
+                             f"'..'", hint="pass --output DIR for where runs go, --experiment NAME")
 
 
 def shorten_warmup(cfg: TrainConfig, state: RunState) -> None:

@@ -22,7 +22,7 @@ from ..errors import SequencerError
 from ..models.loading import read_checkpoint
 from . import distributed as dist_utils
 from .checkpoint import find_auto_resume
-from .config import TrainConfig
+from .config import TrainConfig, check_experiment_name
 
 _logger = logging.getLogger(__name__)
 
@@ -36,7 +36,8 @@ NOT_INHERITED = {"data", "data_dir", "dataset", "train_split", "val_split", "cla
 
 
 def experiment_folder(cfg: TrainConfig) -> Path:
-    """``OUTPUT/EXPERIMENT`` for a run with ``--experiment``."""
+    """``OUTPUT/EXPERIMENT`` for a run with ``--experiment`` (a folder name, never a path out of OUTPUT)."""
+    check_experiment_name(cfg.experiment)
     return Path(cfg.output or "./output/train") / cfg.experiment
 
 
