@@ -21,3 +21,8 @@ class SequencerError(Exception):
 
     def __str__(self) -> str:
         return f"{self.message} (hint: {self.hint})" if self.hint else self.message
+
+
+class ArgumentValueError(SequencerError, ValueError):
+    """A value the caller passed is refused (e.g. a model's ``union="diagonal"``): a user error for the CLI, and a
+    ValueError for Python callers that catch one."""

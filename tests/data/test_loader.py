@@ -228,3 +228,15 @@ def test_uint8_batches_normalised_on_the_device_match_the_cpu_transform(image_fo
     on_device = torch.cat([images for images, _ in uint8])
     assert on_device.dtype == torch.float32
     torch.testing.assert_close(on_device, on_cpu, atol=1e-5, rtol=1e-5)
+
+
+def test_loaders_leave_the_callers_dataset_as_it_was(image_folder):
+    """Two loaders over one dataset each read with their own transform, and the dataset keeps its own
+    (issue 25 item 5: create_loader used to overwrite ``dataset.transform``)."""
+    ds = create_dataset("", root=str(image_folder), split="train")
+    own = ds.transform
+    train = _loader(ds, 2, is_training=True)
+    evaluation = create_loader(ds, (3, 4, 4), 2, False, mean=(0.5,) * 3, std=(0.5,) * 3, crop_pct=1.0)
+    assert ds.transform is own
+    assert next(iter(train))[0].shape[-2:] == (8, 8) and next(iter(evaluation))[0].shape[-2:] == (4, 4)
+    assert ds.transform is own and ds[0][0].size == (8, 8)  # still the caller's PIL images

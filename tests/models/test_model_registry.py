@@ -118,3 +118,38 @@ def test_vanilla_sequencer_refuses_bilstm2d_only_options(override):
     """One LSTM over the tokens has no union or fusing layer: the option is an error, not silently dropped."""
     with pytest.raises(SequencerError, match=next(iter(override))):
         sequencer.create_model("v_sequencer_s", **override)
+
+
+def test_a_models_own_error_keeps_its_type_and_traceback(monkeypatch):
+    """create_model turns only its own argument errors into SequencerError (issue 25 item 5): an error raised
+    inside a model's __init__ by its code propagates as it is."""
+    from sequencer.errors import ArgumentValueError
+    from sequencer.models import sequencer2d
+
+    def broken_init(self, *args, **kwargs):
+        raise TypeError("a bug inside the model")
+
+    with pytest.raises(ArgumentValueError, match="union must be one of") as refused:
+        sequencer.create_model("sequencer2d_nano", union="diagonal")
+    assert isinstance(refused.value, ValueError)  # a refused value: one line on the CLI, a ValueError in Python
+    monkeypatch.setattr(sequencer2d.SequencerStage, "__init__", broken_init)
+    with pytest.raises(TypeError, match="a bug inside the model") as bug:
+        sequencer.create_model("sequencer2d_nano")
+    assert not isinstance(bug.value, SequencerError)
+    assert any(entry.name == "broken_init" for entry in bug.traceback)
+
+
+def test_reset_classifier_records_the_new_head():
+    """model_kwargs and pretrained_cfg follow reset_classifier, so create_model(name, **model_kwargs) rebuilds the
+    model (checkpoints and exports record these); the dicts the old values were are left unchanged."""
+    model = sequencer.create_model("sequencer2d_nano", num_classes=10, img_size=16)
+    old_kwargs, old_cfg = model.model_kwargs, model.pretrained_cfg
+    model.reset_classifier(3)
+    assert model.model_kwargs["num_classes"] == 3 and model.pretrained_cfg["num_classes"] == 3
+    assert old_kwargs["num_classes"] == 10 and old_cfg["num_classes"] == 10
+    rebuilt = sequencer.create_model(model.model_name, **model.model_kwargs)
+    rebuilt.load_state_dict(model.state_dict())
+    assert rebuilt(torch.zeros(1, 3, 16, 16)).shape == (1, 3)
+    model.reset_classifier(0, global_pool="")
+    assert model.model_kwargs["num_classes"] == 0 and model.model_kwargs["global_pool"] == ""
+    assert sequencer.create_model(model.model_name, **model.model_kwargs)(torch.zeros(1, 3, 16, 16)).dim() == 4

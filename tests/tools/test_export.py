@@ -188,3 +188,18 @@ def test_int8_settings_follow_the_cpu_class(flags, cpu_class, seven_bit, monkeyp
         hardware.cpu_info.cache_clear()
     with pytest.raises(SequencerError, match="'sse2' is not a CPU class"):
         int8_settings("sse2")
+
+
+def test_int8_settings_table_is_pinned_for_every_cpu_class():
+    """The whole --quantize int8 table, written out (issue 25 item 7): the 7-bit range exactly where the u8s8
+    kernels saturate (no VNNI), per-channel weights and a float head and stem everywhere."""
+    from sequencer.hardware import CPU_CLASSES
+    from sequencer.tools.export import int8_settings
+    seven_bit = {"baseline": True, "avx2": True, "avx512": True, "avx512-vnni": False, "avx512-bf16": False,
+                 "amx": False}
+    assert list(CPU_CLASSES) == list(seven_bit)
+    for cpu_class, reduce_range in seven_bit.items():
+        for static in (False, True):
+            assert int8_settings(cpu_class, static=static) == dict(
+                cpu_class=cpu_class, static=static, reduce_range=reduce_range, per_channel=True,
+                keep_float=("head", "stem")), cpu_class

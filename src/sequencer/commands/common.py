@@ -28,7 +28,7 @@ PARAMETER_FLAGS = {
     "std": "--std", "interpolation": "--interpolation", "download": "--dataset-download", "name": "--dataset",
     "root": "DATA", "checkpoint_path": "--checkpoint", "model": "--model", "onnx": "--onnx",
     "num_classes": "--num-classes", "img_size": "--img-size", "input_size": "--input-size", "resume": "--resume",
-    "stages": "--stage", "target_cpu": "--target-cpu", "corruptions": "--corruptions",
+    "stages": "--stage", "target_cpu": "--target-cpu", "corruptions": "--corruptions", "amp_dtype": "--amp-dtype",
     "val_fraction": "--val-fraction",
 }
 _PARAMETER = re.compile(r"`(\w+)(?:=([^`]*))?`")

@@ -6,6 +6,7 @@ erasing, ...); the eval transform is resize to ``size / crop_pct`` then centre-c
 """
 from __future__ import annotations
 
+import copy
 import logging
 from collections.abc import Mapping
 
@@ -131,6 +132,14 @@ class DeviceNormalize:
     def __call__(self, images: torch.Tensor) -> torch.Tensor:
         images = images.float().sub_(self.mean).div_(self.std)
         return self.erase(images) if self.erase is not None else images
+
+
+def _with_transform(dataset, transform):
+    """A shallow copy of ``dataset`` reading with ``transform``; the caller's dataset keeps its own transform (and
+    shares its ``skipped`` record: the unreadable files of its images, found through any loader)."""
+    view = copy.copy(dataset)
+    view.transform = transform
+    return view
 
 
 class _SkippingView(torch.utils.data.Dataset):
@@ -380,7 +389,8 @@ def create_loader(dataset, input_size, batch_size: int, is_training: bool = Fals
                   scale=None, ratio=None, color_jitter: float | None = None, drop_last: bool | None = None,
                   seed: int = 0, max_unreadable: float = 0.01, pin_memory: bool | None = None,
                   normalize_on_device: bool | None = None, transform=None) -> ImageLoader:
-    """Set ``dataset.transform`` (timm's train or eval transform) and wrap it in an `ImageLoader`.
+    """An `ImageLoader` over ``dataset`` read with timm's train or eval transform (or ``transform``): a shallow copy
+    of ``dataset`` carries it, so the caller's dataset keeps its own (``loader.dataset.transform`` is the one used).
 
     ``hflip``/``scale``/``ratio``/``color_jitter`` left as None take the dataset's ``augment_defaults`` (digits: no
     flip, mild crops) and then timm's defaults. ``drop_last`` defaults to ``is_training``. With ``distributed``
@@ -399,10 +409,10 @@ def create_loader(dataset, input_size, batch_size: int, is_training: bool = Fals
     augment.update(getattr(dataset, "augment_defaults", None) or {})
     given = dict(hflip=hflip, scale=scale, ratio=ratio, color_jitter=color_jitter)
     augment.update({k: v for k, v in given.items() if v is not None})
-    dataset.transform = transform if transform is not None else create_transform(
+    dataset = _with_transform(dataset, transform if transform is not None else create_transform(
         input_size, is_training, mean=mean, std=std, crop_pct=crop_pct, interpolation=interpolation,
         vflip=vflip, auto_augment=auto_augment, re_prob=re_prob, re_mode=re_mode, re_count=re_count,
-        uint8_output=on_device, **augment)
+        uint8_output=on_device, **augment))
 
     drop_last = is_training if drop_last is None else drop_last
     generator = torch.Generator()

@@ -7,6 +7,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .amp import autocast_dtype
+
 
 @torch.inference_mode()
 def evaluate(model: nn.Module, loader, device: torch.device | str, amp_dtype: torch.dtype | str | None = None,
@@ -17,11 +19,11 @@ def evaluate(model: nn.Module, loader, device: torch.device | str, amp_dtype: to
     float64 and, with ``distributed``, all-reduced over ranks, so the result is exact when each rank sees a disjoint
     share of the data (the eval loader of `sequencer.data.create_loader` gives each rank such a share, unpadded).
     Top-5 counts a hit within the top min(5, classes). ``amp_dtype`` (e.g. torch.bfloat16) runs the forward pass
-    under autocast; the loss is computed in float32. The model is put in eval mode and left there.
+    under autocast, resolved by `sequencer.engine.amp.autocast_dtype`'s rule (a name such as "bfloat16" or "auto"
+    too); the loss is computed in float32. The model is put in eval mode and left there.
     """
     device = torch.device(device)
-    if isinstance(amp_dtype, str):
-        amp_dtype = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": None}[amp_dtype]
+    amp_dtype = autocast_dtype(amp_dtype, device)
     model.eval()
     sums = torch.zeros(4, dtype=torch.float64, device=device)  # loss, top1 hits, top5 hits, count
     start = time.perf_counter()

@@ -37,6 +37,7 @@ from ..models.loading import checkpoint_metadata, extract_state_dict, load_state
 from . import distributed as dist_utils
 from .distributed import print_on_primary
 from . import timm_habits
+from .amp import autocast_dtype
 from .checkpoint import resume_position, set_rng_state
 from .head_by_name import head_rows_by_name
 from .train_data import TrainData, build_data
@@ -337,9 +338,7 @@ def amp_setup(cfg, device: torch.device):
     float16 scaling only happens on CUDA."""
     if not cfg.amp:
         return None, torch.amp.GradScaler("cuda", enabled=False)
-    dtype = torch.bfloat16 if cfg.amp_dtype == "bfloat16" else torch.float16
-    if device.type == "cpu" and dtype == torch.float16:
-        dtype = torch.bfloat16  # CPU autocast is a bfloat16 feature; float16 needs a GPU
+    dtype = autocast_dtype(cfg.amp_dtype, device)  # the one rule (engine/amp.py): float16 off CUDA runs bfloat16
     scaler = torch.amp.GradScaler(device.type, enabled=(dtype == torch.float16 and device.type == "cuda"))
     return dtype, scaler
 

@@ -17,13 +17,12 @@ import torch
 from ..data import create_dataset, create_loader, resolve_data_config
 from ..data.datasets import held_out_split
 from ..models import get_model_entry
-from ..models.kernels import native_dtype
+from .amp import autocast_dtype
 from .distributed import DistInfo, process_group
 from .evaluate import evaluate
 from .data_record import keep_held_out_files, recorded_data, trained_on_all_of
 from .inference import LoadedModel, check_input_size, label_with_model_classes, load_model
 
-AMP_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
 def validate(checkpoint: str | os.PathLike = "", data: str | os.PathLike | None = None, *, model: str | None = None,
@@ -127,9 +126,7 @@ def _pretrained_by_default(model, checkpoint, pretrained: bool, dist_info: DistI
 def _amp_dtype(amp: bool, amp_dtype: str | None, device: torch.device) -> torch.dtype | None:
     if not (amp or amp_dtype):
         return None
-    dtype = native_dtype(AMP_DTYPES[amp_dtype or ("float16" if device.type == "cuda" else "bfloat16")], device,
-                         "--amp-dtype bfloat16")
-    return None if dtype == torch.float32 else dtype
+    return autocast_dtype(amp_dtype or "auto", device)
 
 
 def _evaluate(loaded: LoadedModel, split_set, overrides: dict, batch_size: int, workers: int | None,

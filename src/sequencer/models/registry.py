@@ -7,6 +7,7 @@ from __future__ import annotations
 import copy
 import difflib
 import fnmatch
+import inspect
 from dataclasses import dataclass
 
 from torch import nn
@@ -49,6 +50,29 @@ def get_model_entry(name: str) -> ModelEntry:
         raise SequencerError(f"unknown model {name!r}", hint=hint) from None
 
 
+def _accepted_keywords(cls: type) -> set[str] | None:
+    """The keyword arguments ``cls(...)`` takes, following ``**kwargs`` up to the base classes' ``__init__``;
+    None when some ``__init__`` takes any keyword."""
+    names: set[str] = set()
+    for klass in cls.__mro__:
+        if klass is nn.Module or "__init__" not in vars(klass):
+            continue
+        params = list(inspect.signature(vars(klass)["__init__"]).parameters.values())[1:]  # without self
+        names |= {p.name for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
+        if not any(p.kind is p.VAR_KEYWORD for p in params):
+            return names
+    return None
+
+
+def _check_keywords(name: str, cls: type, kwargs: dict) -> None:
+    """SequencerError naming the keywords model ``name``'s class does not take; raised before it is built."""
+    accepted = _accepted_keywords(cls)
+    unknown = sorted(set(kwargs) - accepted) if accepted is not None else []
+    if unknown:
+        raise SequencerError(f"bad argument for model {name!r}: {cls.__name__} takes no {', '.join(unknown)}",
+                             hint=f"its arguments: {', '.join(sorted(accepted))}")
+
+
 def create_model(
         name: str,
         pretrained: bool = False,
@@ -87,10 +111,8 @@ def create_model(
     else:
         cfg["input_size"] = (in_chans, *cfg["input_size"][1:])
     kwargs = dict(entry.kwargs, **user_kwargs)
-    try:
-        model = entry.cls(**kwargs)
-    except (TypeError, ValueError) as e:  # unknown argument, or an inconsistent architecture override
-        raise SequencerError(f"bad argument for model {name!r}: {e}") from None
+    _check_keywords(name, entry.cls, kwargs)
+    model = entry.cls(**kwargs)  # its refused values raise ArgumentValueError; anything else is a bug: traceback
     if num_classes is not None:
         cfg["num_classes"] = num_classes
     model.pretrained_cfg = model.default_cfg = cfg

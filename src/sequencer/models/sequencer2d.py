@@ -20,7 +20,7 @@ from torch.utils.checkpoint import checkpoint
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import DropPath, lecun_normal_
 
-from ..errors import SequencerError
+from ..errors import ArgumentValueError, SequencerError
 from .features import stage_indices
 from .kernels import (RNN_TYPES, autocast_bf16_copies, cpu_bilstm2d, cpu_lstm_applies, fused_bilstm2d, linear,
                       mix_axes, onednn_linear_ok, onednn_mlp, resolve_backend, run_rnn, under_cpu_bf16_autocast,
@@ -141,9 +141,9 @@ class RNN2d(nn.Module):
         super().__init__()
         self.lstm_backend = resolve_backend(lstm_backend)
         if union not in UNIONS:
-            raise ValueError(f"union must be one of {UNIONS}, got {union!r}")
+            raise ArgumentValueError(f"union must be one of {UNIONS}, got {union!r}")
         if rnn_type not in RNN_TYPES:
-            raise ValueError(f"rnn_type must be one of {sorted(RNN_TYPES)}, got {rnn_type!r}")
+            raise ArgumentValueError(f"rnn_type must be one of {sorted(RNN_TYPES)}, got {rnn_type!r}")
         self.dim = dim
         self.hidden_size = hidden_size
         self.union = union
@@ -160,7 +160,7 @@ class RNN2d(nn.Module):
             self.fc = Linear(mixed, dim)
         else:
             if mixed != dim:
-                raise ValueError(f"without fc the mixed RNN output ({mixed} channels) must equal dim ({dim})")
+                raise ArgumentValueError(f"without fc the mixed RNN output ({mixed} channels) must equal dim ({dim})")
             self.fc = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -275,7 +275,7 @@ class ClassifierHead(nn.Module):
     def __init__(self, dim: int, num_classes: int, global_pool: str = "avg", drop_rate: float = 0.0):
         super().__init__()
         if global_pool not in ("avg", ""):
-            raise ValueError(f"global_pool must be 'avg' or '', got {global_pool!r}")
+            raise ArgumentValueError(f"global_pool must be 'avg' or '', got {global_pool!r}")
         self.global_pool = global_pool
         self.drop = nn.Dropout(drop_rate)
         self.fc = nn.Linear(dim, num_classes) if num_classes > 0 else nn.Identity()
@@ -321,7 +321,7 @@ class Sequencer2d(nn.Module):
     ):
         super().__init__()
         if not len(layers) == len(patch_sizes) == len(embed_dims) == len(hidden_sizes) == len(mlp_ratios):
-            raise ValueError("layers, patch_sizes, embed_dims, hidden_sizes and mlp_ratios need one entry per stage")
+            raise ArgumentValueError("layers, patch_sizes, embed_dims, hidden_sizes and mlp_ratios need one entry per stage")
         norm_layer = partial(nn.LayerNorm, eps=1e-6)
         self.num_classes = num_classes
         self.img_size = img_size
@@ -389,8 +389,16 @@ class Sequencer2d(nn.Module):
                                                               "or `sequencer export --format torchscript` (traced)")
 
     def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
-        """Replace the head with a zero-initialised one for ``num_classes`` (0 gives pooled features)."""
+        """Replace the head with a zero-initialised one for ``num_classes`` (0 gives pooled features); the model's
+        ``model_kwargs`` and ``pretrained_cfg`` (set by `create_model`) then record the new head, so checkpoints and
+        exports rebuild it (both replaced by new dicts: whoever else holds the old ones keeps them unchanged)."""
         self.num_classes = num_classes
+        if isinstance(getattr(self, "model_kwargs", None), dict):
+            self.model_kwargs = dict(self.model_kwargs, num_classes=num_classes)
+            if global_pool is not None:
+                self.model_kwargs["global_pool"] = global_pool
+        if isinstance(getattr(self, "pretrained_cfg", None), dict):
+            self.pretrained_cfg = self.default_cfg = dict(self.pretrained_cfg, num_classes=num_classes)
         pool = self.head.global_pool if global_pool is None else global_pool
         ref = next(self.parameters())
         self.head = ClassifierHead(self.num_features, num_classes, pool, self.drop_rate).to(ref.device, ref.dtype)

@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..errors import ArgumentValueError
 from .kernels import resolve_backend, run_rnn
 from .registry import register_model
 from .sequencer2d import RNN_TYPES, Sequencer2d, _cfg
@@ -29,7 +30,7 @@ class RNN1d(nn.Module):
                                        bidirectional=bidirectional)
         out = hidden_size * (2 if bidirectional else 1)
         if out != dim:
-            raise ValueError(f"RNN output ({out} channels) must equal dim ({dim})")
+            raise ArgumentValueError(f"RNN output ({out} channels) must equal dim ({dim})")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         B, H, W, C = x.shape
@@ -43,7 +44,7 @@ class VanillaSequencer(Sequencer2d):
     def __init__(self, *args, ape: bool = False, **kwargs):
         for name in ("union", "with_fc"):  # BiLSTM2D's options: one LSTM over the tokens has neither
             if name in kwargs:
-                raise ValueError(f"{name!r} does not apply to VanillaSequencer (it mixes tokens with one 1D LSTM)")
+                raise ArgumentValueError(f"{name!r} does not apply to VanillaSequencer (it mixes tokens with one 1D LSTM)")
         super().__init__(*args, **kwargs)
         self.ape = ape
         if ape:

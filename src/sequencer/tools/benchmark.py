@@ -32,13 +32,14 @@ import statistics
 import subprocess
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Callable
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..engine.amp import AMP_DTYPES, autocast_dtype
 from ..engine.inference import check_input_size, load_model, relative_error, resolve_device
 from ..errors import SequencerError
 from ..hardware import cpu_info
@@ -46,7 +47,6 @@ from ..models.kernels import onednn_bf16_supported
 
 _logger = logging.getLogger(__name__)
 
-AMP_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 TIMM_MODELS = ("sequencer2d_s", "sequencer2d_m", "sequencer2d_l")
 # glibc otherwise raises its mmap threshold as blocks are freed and keeps freed heap memory mapped, so the resident
 # peak would depend on allocation history (measured: +-15 MiB between identical runs of a 100 MiB inference); with
@@ -382,6 +382,10 @@ class _Setup:
 
 
 def run_benchmark(args: BenchmarkSettings) -> dict:
+    """Time and measure ``args``' implementations; ``amp_dtype`` follows the one autocast rule
+    (`sequencer.engine.amp.autocast_dtype`), and the report names the dtype that ran."""
+    ran = autocast_dtype(args.amp_dtype, resolve_device(args.device)) or torch.float32
+    args = replace(args, amp_dtype=str(ran).removeprefix("torch."))
     setup = _prepare(args)
     modes = ("infer", "train") if args.mode == "both" else (args.mode,)
     results = [r for mode in modes for r in _measure_mode(setup, mode)]
@@ -401,8 +405,6 @@ def _prepare(args: BenchmarkSettings) -> _Setup:
     """Check the options, load the model, count its MACs, measure the GEMM rate and draw the inputs."""
     device = resolve_device(args.device)
     amp = AMP_DTYPES[args.amp_dtype]
-    if amp == torch.float16 and device.type == "cpu":
-        raise SequencerError("--amp-dtype float16 is CUDA only", hint="use bfloat16 on CPU")
     if args.num_warmup < 0 or args.memory_iter < 0:
         raise SequencerError("--num-warmup and --memory-iter must be >= 0")
     torch.manual_seed(args.seed)

@@ -1,0 +1,45 @@
+"""The one rule for the autocast dtype of training, evaluation and benchmarks (`autocast_dtype`)."""
+from __future__ import annotations
+
+import logging
+
+import torch
+
+from ..errors import SequencerError
+from ..models.kernels import native_dtype
+
+_logger = logging.getLogger(__name__)
+
+AMP_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def autocast_dtype(requested: str | torch.dtype | None, device: torch.device | str,
+                   parameter: str = "amp_dtype") -> torch.dtype | None:
+    """The dtype to autocast to on ``device`` for ``requested``, or None for no autocast (plain float32).
+
+    - None, "float32" or torch.float32: no autocast.
+    - "auto": float16 on CUDA, bfloat16 on any other device.
+    - float16 off CUDA: bfloat16, with a logged warning (CPU autocast's float16 runs PyTorch's slow reference
+      kernels; bfloat16 is the CPU's mixed precision, as timm's ``--amp`` gets on a CPU).
+    - bfloat16 on a CPU without native bf16 kernels (no AVX512-BF16/AMX): no autocast, with a logged warning
+      (`native_dtype`: those kernels are ~6x slower than float32).
+    The result is a fixed point: passing it back in gives it again, without a warning. ``parameter`` names the
+    caller's parameter in the messages. Raises SequencerError for an unknown name.
+    """
+    device = torch.device(device)
+    if isinstance(requested, str):
+        if requested == "auto":
+            requested = torch.float16 if device.type == "cuda" else torch.bfloat16
+        elif requested in AMP_DTYPES:
+            requested = AMP_DTYPES[requested]
+        else:
+            raise SequencerError(f"`{parameter}={requested}`: unknown dtype",
+                                 hint=f"one of auto, {', '.join(AMP_DTYPES)}")
+    if requested is None or requested == torch.float32:
+        return None
+    if requested == torch.float16 and device.type != "cuda":
+        _logger.warning(f"note: `{parameter}=float16`: float16 autocast needs CUDA; running bfloat16 on "
+                        f"{device.type}")
+        requested = torch.bfloat16
+    dtype = native_dtype(requested, device, f"`{parameter}=bfloat16`")
+    return None if dtype == torch.float32 else dtype

@@ -1,0 +1,60 @@
+"""The one autocast rule (engine/amp.py) that training, validation, the eval loop and the benchmark share."""
+import logging
+
+import pytest
+import torch
+
+from sequencer.engine.amp import autocast_dtype
+from sequencer.errors import SequencerError
+
+
+@pytest.fixture
+def native_bf16(monkeypatch):
+    monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: True)
+
+
+@pytest.mark.parametrize("requested, device, expected", [
+    (None, "cpu", None), ("float32", "cpu", None), (torch.float32, "cpu", None),
+    ("auto", "cpu", torch.bfloat16), ("bfloat16", "cpu", torch.bfloat16), (torch.bfloat16, "cpu", torch.bfloat16),
+    ("float16", "cpu", torch.bfloat16), (torch.float16, "cpu", torch.bfloat16),
+    ("auto", "cuda", torch.float16), ("float16", "cuda", torch.float16), ("bfloat16", "cuda", torch.bfloat16),
+])
+def test_the_rule(native_bf16, requested, device, expected, caplog):
+    with caplog.at_level(logging.WARNING, logger="sequencer"):
+        assert autocast_dtype(requested, device) == expected
+        assert autocast_dtype(expected, device) == expected  # a fixed point, passed back in ...
+    notes = [r.getMessage() for r in caplog.records]
+    float16_off_cuda = requested in ("float16", torch.float16) and device == "cpu"
+    assert notes == (["note: `amp_dtype=float16`: float16 autocast needs CUDA; running bfloat16 on cpu"]
+                     if float16_off_cuda else [])  # ... without a second note
+
+
+def test_bfloat16_without_native_kernels_runs_float32_with_a_note(monkeypatch, caplog):
+    monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: False)
+    with caplog.at_level(logging.WARNING, logger="sequencer"):
+        assert autocast_dtype("bfloat16", "cpu", parameter="dtype") is None
+        assert autocast_dtype("float16", "cpu") is None
+        assert autocast_dtype("bfloat16", "cuda") == torch.bfloat16  # the CPU's kernels say nothing about a GPU
+    messages = [r.getMessage() for r in caplog.records]
+    assert len(messages) == 3 and "`dtype=bfloat16`: this CPU has no native bf16 kernels" in messages[0]
+
+
+def test_an_unknown_name_is_refused():
+    with pytest.raises(SequencerError, match="`amp_dtype=half`: unknown dtype"):
+        autocast_dtype("half", "cpu")
+
+
+def test_evaluate_takes_the_rule(native_bf16, monkeypatch):
+    """The eval loop resolves its amp_dtype by the rule: "float16" on the CPU autocasts to bfloat16."""
+    from sequencer.engine import evaluate as evaluate_module
+    seen = []
+
+    class Probe(torch.nn.Module):
+        def forward(self, x):
+            seen.append(torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else None)
+            return x.flatten(1)
+
+    loader = [(torch.randn(2, 3, 1, 1), torch.tensor([0, 1]))]
+    evaluate_module.evaluate(Probe(), loader, "cpu", amp_dtype="float16")
+    evaluate_module.evaluate(Probe(), loader, "cpu", amp_dtype=None)
+    assert seen == [torch.bfloat16, None]

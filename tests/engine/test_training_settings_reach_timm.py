@@ -1,0 +1,85 @@
+"""Settings whose loss no other test would notice (issue 25 item 7): each test here fails for one mutation of the
+training code that every other test let through (the lr one epoch late, mixup's label smoothing dropped or its
+probabilities swapped, EMA warmup forced on, validation of the raw weights instead of the EMA's by default)."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+import sequencer
+from run_helpers import TINY_MODEL, summary_rows, train_cli
+from sequencer.engine.checkpoint import atomic_save
+from sequencer.engine.config import TrainConfig
+from sequencer.engine.distributed import DistInfo
+from sequencer.engine.loop import Loaders
+from sequencer.engine.train import _build_loss, build_optimization
+
+TINY_KWARGS = dict(layers=(1, 1), patch_sizes=(2, 1), embed_dims=(16, 16), hidden_sizes=(4, 4), mlp_ratios=(2, 2))
+
+
+def test_each_epoch_trains_at_its_own_scheduled_lr(image_folder, tmp_path):
+    """--sched step halving every epoch: epochs 0, 1, 2 train at lr, lr/2, lr/4 (the scheduler is stepped to the
+    coming epoch after each one, not to the one that ended)."""
+    assert train_cli([image_folder, *TINY_MODEL, "--img-size", "16", "-b", "16", "-j", "0", "--device", "cpu",
+                      "--log-interval", "1000", "--no-aug", "--epochs", "3", "--warmup-epochs", "0",
+                      "--opt", "sgd", "--lr", "0.08", "--sched", "step", "--decay-epochs", "1",
+                      "--decay-rate", "0.5", "--output", tmp_path, "--experiment", "lr"]) == 0
+    lrs = [float(row["lr"]) for row in summary_rows(tmp_path / "lr")]
+    assert lrs == pytest.approx([0.08, 0.04, 0.02], rel=1e-9)
+
+
+def test_mixup_gets_the_smoothing_and_both_probabilities_in_place():
+    cfg = TrainConfig(mixup=0.8, cutmix=1.0, mixup_prob=0.7, mixup_switch_prob=0.3, smoothing=0.15)
+    mixup, loss = _build_loss(cfg, 10, torch.device("cpu"))
+    assert (mixup.mix_prob, mixup.switch_prob, mixup.label_smoothing) == (0.7, 0.3, 0.15)
+    assert (mixup.mixup_alpha, mixup.cutmix_alpha, mixup.num_classes) == (0.8, 1.0, 10)
+    # behaviour too: with cutmix off, the smoothed soft targets of an unmixed batch (mixup prob 0 never mixes)
+    cfg = TrainConfig(mixup=0.8, cutmix=0.0, mixup_prob=0.0, mixup_switch_prob=1.0, smoothing=0.1)
+    mixup, _ = _build_loss(cfg, 4, torch.device("cpu"))
+    x, target = torch.randn(2, 3, 4, 4), torch.tensor([1, 3])
+    mixed, soft = mixup(x.clone(), target)
+    assert torch.equal(mixed, x)
+    expected = torch.full((2, 4), 0.1 / 4)
+    expected[0, 1] = expected[1, 3] = 1 - 0.1 + 0.1 / 4
+    assert torch.allclose(soft, expected)
+
+
+@pytest.mark.parametrize("warmup", [False, True])
+def test_ema_warmup_only_when_asked(warmup):
+    model = sequencer.create_model("sequencer2d_nano", num_classes=3, img_size=16, **TINY_KWARGS)
+    cfg = TrainConfig(model_ema=True, model_ema_decay=0.9, model_ema_warmup=warmup, lr=0.1, epochs=2,
+                      warmup_epochs=0)
+    loaders = Loaders(None, None, {}, 16, steps_per_epoch=2, updates_per_epoch=2)
+    opt = build_optimization(cfg, DistInfo(), model, loaders, 3)
+    assert opt.model_ema.use_warmup is warmup
+    # behaviour: an EMA update at step 10 after moving the weights averages with the decay asked for, 0.9, or
+    # with warmup a smaller one (timm's ramp)
+    with torch.no_grad():
+        before = opt.model_ema.module.head.fc.bias.clone()
+        model.head.fc.bias.add_(1.0)
+    opt.model_ema.update(model, step=10)
+    at_decay = torch.allclose(opt.model_ema.module.head.fc.bias, before * 0.9 + model.head.fc.bias * 0.1)
+    assert at_decay is not warmup
+
+
+def test_validate_uses_the_ema_weights_by_default(image_folder, tmp_path):
+    """A checkpoint whose EMA head is zero (logits 0, loss ln 3) and whose raw head is not: validate's default, like
+    the CLI's, evaluates the EMA weights; use_ema=False the raw ones."""
+    torch.manual_seed(0)
+    model = sequencer.create_model("sequencer2d_nano", num_classes=3, img_size=16, **TINY_KWARGS)
+    torch.nn.init.normal_(model.head.fc.weight, std=1.0)
+    ema = {k: (torch.zeros_like(v) if k.startswith("head.") else v) for k, v in model.state_dict().items()}
+    path = tmp_path / "ema.pth.tar"
+    atomic_save(dict(version=1, arch="sequencer2d_nano", model_kwargs=dict(model.model_kwargs),
+                     class_names=["blue", "green", "red"], state_dict=model.state_dict(), state_dict_ema=ema,
+                     epoch=0, epoch_complete=True), path)
+
+    def loss(**kw) -> float:
+        result = sequencer.validate(str(path), str(image_folder), split="val", workers=0, device="cpu",
+                                    progress=False, **kw)
+        return result["loss"] if isinstance(result, dict) else result.loss
+
+    assert loss() == pytest.approx(math.log(3), abs=1e-4)  # validate reports 5 decimals
+    assert abs(loss(use_ema=False) - math.log(3)) > 1e-3
