@@ -117,3 +117,18 @@ def test_val_fraction_is_refused_where_data_has_its_own_held_out_split(data, tmp
     with pytest.raises(SequencerError, match="has a held-out split of its own"):
         sequencer.train(data, progress=False, output=str(tmp_path), epochs=1, val_fraction=0.2, **TINY_KW)
     assert not any(tmp_path.iterdir())
+
+
+def test_validate_finds_files_carved_from_a_train_folder(data, tmp_path, capsys):
+    """DATA with only train/: `validate DATA --checkpoint` evaluates the held-out files of train/ (there is no
+    val/ to find by name)."""
+    only_train = tmp_path / "only_train"
+    only_train.mkdir()
+    (only_train / "train").symlink_to(data / "train", target_is_directory=True)
+    rc, _, err = _run(capsys, only_train, *TINY_RUN, "--epochs", "1", "--val-fraction", "0.25", "--output", tmp_path,
+                      "--experiment", "t")
+    assert rc == 0, err
+    results = tmp_path / "r.json"
+    assert main(["validate", str(only_train), "--checkpoint", str(tmp_path / "t" / "last.pth.tar"), "--device", "cpu",
+                 "-j", "0", "--results-file", str(results)]) == 0
+    assert json.loads(results.read_text())["count"] == 6

@@ -91,6 +91,12 @@ def trained_on_all_of(dataset, checkpoint: dict | None) -> bool:
                                                                            record.get("root"))
 
 
+def carved_from(checkpoint: dict | None, data: str) -> str | None:
+    """The split of ``data`` from which ``checkpoint``'s run carved its held-out files, when ``data`` is its DATA."""
+    held_out = recorded_held_out(checkpoint)
+    return held_out.split if held_out is not None and _same_folder(data, held_out.root) else None
+
+
 def keep_held_out_files(dataset, checkpoint: dict | None) -> tuple:
     """(``dataset`` restricted to the held-out files ``checkpoint`` records, True) when it is the split they were
     carved from (the run's DATA, or its training split); otherwise (``dataset``, False)."""

@@ -20,7 +20,7 @@ from ..models import get_model_entry
 from .amp import autocast_dtype
 from .distributed import DistInfo, process_group
 from .evaluate import evaluate
-from .data_record import keep_held_out_files, recorded_data, trained_on_all_of
+from .data_record import carved_from, keep_held_out_files, recorded_data, trained_on_all_of
 from .inference import LoadedModel, check_input_size, label_with_model_classes, load_model
 
 
@@ -59,6 +59,12 @@ def validate(checkpoint: str | os.PathLike = "", data: str | os.PathLike | None 
             if data is None and not dataset:  # the data the checkpoint was trained on, known once it is read
                 loaded = load_the_model()
                 data, dataset, split = _checkpoint_data(loaded, checkpoint, split, dist_info)
+                split_set = _dataset(data, dataset, split, class_map, dataset_download, dist_info)
+            elif checkpoint and load is None and split == "validation" and os.path.exists(data or ""):
+                # a checkpoint file on existing data: read it first, as its run may have carved the held-out split
+                # from the training split of this very DATA (--val-fraction)
+                loaded = load_the_model()
+                split = carved_from(loaded.checkpoint, data) or split
                 split_set = _dataset(data, dataset, split, class_map, dataset_download, dist_info)
             else:  # the data first: a missing folder should not wait for (or download) the model's weights
                 split_set = _dataset(data, dataset, split, class_map, dataset_download, dist_info)
