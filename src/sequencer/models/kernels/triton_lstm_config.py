@@ -94,8 +94,9 @@ def candidates(direction: str, hidden: int, dtype: torch.dtype, chip: tuple[int,
 
 
 def shared_memory(config: KernelConfig, direction: str) -> int:
-    """Bytes of shared memory a block of ``config`` needs, as Triton 3.8 compiles these kernels (exact for the held
-    kernels at every measured size; an upper bound for the tiled ones)."""
+    """Bytes of shared memory a block of ``config`` needs, as Triton 3.8 compiles these kernels: an upper bound.
+    Triton specialises each launch on its sizes (multiples of 16, a unit stride), which moves the held backward's
+    allocation by up to one (BLOCK_N, BLOCK_H) fp32 tile either way; that tile is added."""
     n, b = config.block_n, config.block
     tile = n * b * 4  # one (BLOCK_N, block) fp32 tile
     if config.kernel == "tiled":
@@ -103,11 +104,11 @@ def shared_memory(config: KernelConfig, direction: str) -> int:
     weights = 4 * b * b * (4 if config.upcast else 2)  # the four gate tiles of W_hh
     if direction == "fwd":
         return weights + tile  # + h, converted to the matmul's operand layout
-    # backward: the gate gradients' operand conversion, plus each extra stage's buffered loads (gates, c, c_prev,
-    # dL/dh: 6 fp32 tiles' worth with a half dL/dh, 7 with an fp32 one)
+    # backward: the gate gradients' operand conversion and the specialisation tile, plus each extra stage's
+    # buffered loads (gates, c, c_prev, dL/dh: 6 fp32 tiles' worth with a half dL/dh, 7 with an fp32 one)
     if config.upcast:
-        return weights + 5 * tile + 7 * (config.num_stages - 1) * tile
-    return weights + tile + 6 * (config.num_stages - 1) * tile
+        return weights + 6 * tile + 7 * (config.num_stages - 1) * tile
+    return weights + 2 * tile + 6 * (config.num_stages - 1) * tile
 
 
 def choose(direction: str, num_seqs: int, hidden: int, dtype: torch.dtype, chip: tuple[int, int] | None,
