@@ -105,9 +105,12 @@ def lstm_scan_backward(grad_out: torch.Tensor, out: torch.Tensor, gates: torch.T
 
     _launch("bwd", B * S, H, out, held, tiled)
     # dL/dW_hh[d] = sum over steps of dgates_t^T h_{t-1}, h_{t-1} being the state this direction saw before step t
-    h_prev = torch.zeros((B, S, T, D, H), device=out.device, dtype=torch.float32)
+    # (the zero state before each direction's first step is written alone, not under a zero-filled buffer)
+    h_prev = torch.empty((B, S, T, D, H), device=out.device, dtype=torch.float32)
+    h_prev[:, :, 0, 0] = 0
     h_prev[:, :, 1:, 0] = out[:, :, :-1, 0]
     if D == 2:
+        h_prev[:, :, -1, 1] = 0
         h_prev[:, :, :-1, 1] = out[:, :, 1:, 1]
     grad_w = torch.einsum("ndg,ndh->dgh", grad_xp.reshape(-1, D, 4 * H), h_prev.reshape(-1, D, H))
     return grad_xp.to(out.dtype), grad_w.to(w_hh.dtype)
