@@ -1,8 +1,9 @@
 """Which Triton LSTM kernel runs, with which block sizes: the choice that makes every GPU fit.
 
 A CUDA block may use at most the chip's shared memory per block (opt-in): sm_80 (A100) 163 KB, sm_86/sm_89
-(RTX 30/40) 99 KB, sm_90 (H100) 227 KB. :func:`choose` walks the candidates of :func:`candidates` (fastest first,
-by construction: weights held on chip before weights read per step, more pipeline stages before fewer) and takes
+(RTX 30/40) 99 KB, sm_90 (H100) 227 KB. :func:`choose` walks the candidates of :func:`candidates` (in the order
+expected fastest, not yet measured: weights held on chip before weights read per step, more pipeline stages before
+fewer) and takes
 the first whose shared memory, as :func:`shared_memory` predicts it, fits the limit of the device that runs it. The
 last candidate (the tiled kernels, a few small tiles whatever the hidden size) fits every chip.
 
@@ -72,15 +73,16 @@ def _blocks(chip: tuple[int, int] | None, half: bool, kernel: str, block: int) -
 
 def candidates(direction: str, hidden: int, dtype: torch.dtype, chip: tuple[int, int] | None,
                interpreted: bool = False) -> list[KernelConfig]:
-    """Every configuration for ``direction`` ("fwd" or "bwd") at this hidden size and compute dtype, fastest
-    first. The held kernels pipeline only in backward (forward's held loop has no load worth buffering)."""
+    """Every configuration for ``direction`` ("fwd" or "bwd") at this hidden size and compute dtype, in the order
+    expected fastest. The held kernels pipeline only in backward (forward's held loop has no load worth buffering:
+    its compiled size does not change with the stages)."""
     upcast = interpreted or dtype == torch.float32  # the interpreter's tl.dot is wrong on bf16 operands
     precision = "ieee" if dtype == torch.float32 else "tf32"
     half = not upcast
     block_h = max(16, triton.next_power_of_2(hidden))
     configs = []
-    block_n, warps = _blocks(chip, half, "held", min(block_h, 128)) if block_h <= 128 else (0, 0)
-    if block_h <= 128:
+    if block_h <= 128:  # beyond, four gate tiles of W_hh fit no chip even in half precision
+        block_n, warps = _blocks(chip, half, "held", block_h)
         for stages in (PIPELINE_STAGES if direction == "bwd" else PIPELINE_STAGES[:1]):
             configs.append(KernelConfig("held", block_n, block_h, upcast, precision, warps, stages))
     block_k = tile_width(hidden)
