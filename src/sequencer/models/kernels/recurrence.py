@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ...errors import SequencerError
+from ...errors import ArgumentValueError, SequencerError
 
 try:  # registers the sequencer::lstm_scan ops; without Triton only the native backend exists
     from . import triton_lstm
@@ -80,7 +80,7 @@ def resolve_backend(requested: str | None = None) -> str:
     name = requested if requested is not None else os.environ.get(BACKEND_ENV, "auto")
     if name not in BACKENDS:
         source = "lstm_backend" if requested is not None else BACKEND_ENV
-        raise ValueError(f"{source} must be one of {', '.join(BACKENDS)}, got {name!r}")
+        raise ArgumentValueError(f"{source} must be one of {', '.join(BACKENDS)}, got {name!r}")
     return name
 
 
