@@ -1,22 +1,27 @@
 """Sequencer: deep-LSTM vision backbones (Tatsunami & Taki, NeurIPS 2022).
 
-The library under the ``sequencer`` command: :func:`create_model` builds a model, :func:`train` trains one as
-``sequencer train`` does and :func:`validate` evaluates one as ``sequencer validate`` does; :func:`create_backbone`
-builds a stride 4-32 feature pyramid for torchvision's detectors.
+The library under the ``sequencer`` command: :func:`create_model` builds a model, :func:`train` trains one (a
+registry name or your own ``nn.Module``, on a folder or your own Datasets) as ``sequencer train`` does and
+:func:`validate` evaluates one (a checkpoint or a module in memory) as ``sequencer validate`` does; :func:`create_backbone`
+builds a stride 4-32 feature pyramid for torchvision's detectors. Train and validate are guests
+in your process: they log through the ``"sequencer"`` logger, raise instead of exiting, leave your process group and
+random state as they found them, and Ctrl-C raises ``KeyboardInterrupt`` (:class:`TrainingInterrupted`).
 """
 from .errors import SequencerError
 from .models import create_model, list_models
 
 __version__ = "0.1.0"
-__all__ = ["create_model", "create_backbone", "list_models", "train", "validate", "TrainResult", "TrainConfig", "optimize_for_inference",
-           "SequencerError", "__version__"]
+__all__ = ["create_model", "create_backbone", "list_models", "train", "validate", "TrainResult", "TrainConfig", "TrainingInterrupted",
+           "ValidationResult", "optimize_for_inference", "SequencerError", "__version__"]
 
 # imported on first use: they pull in the training, evaluation and inference tooling
 _LAZY = {
     "train": ("sequencer.engine.train", "train"),
     "TrainResult": ("sequencer.engine.train", "TrainResult"),
     "TrainConfig": ("sequencer.engine.config", "TrainConfig"),
+    "TrainingInterrupted": ("sequencer.engine.train", "TrainingInterrupted"),
     "validate": ("sequencer.engine.validation", "validate"),
+    "ValidationResult": ("sequencer.engine.validation", "ValidationResult"),
     "optimize_for_inference": ("sequencer.tools.optimize", "optimize_for_inference"),
     "create_backbone": ("sequencer.models.backbone", "create_backbone"),
 }

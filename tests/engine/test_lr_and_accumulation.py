@@ -13,7 +13,7 @@ import torch
 
 from run_helpers import TINY_MODEL, make_image_folder, summary_rows, train_cli
 from sequencer.engine.config import TrainConfig
-from sequencer.engine.train import _resolve_lr
+from sequencer.engine.train import resolved_lr
 from sequencer.models.loading import read_checkpoint
 
 # the common flags of these runs: no augmentation or dropout, so the same images give the same gradients
@@ -37,14 +37,13 @@ def small_folder(tmp_path_factory):
 def test_lr_base_scales_with_the_global_batch(opt, scale, world_size, accum, expected):
     cfg = TrainConfig(lr=None, lr_base=0.4, lr_base_size=64, lr_base_scale=scale, opt=opt, batch_size=32,
                       grad_accum_steps=accum)
-    _resolve_lr(cfg, world_size)
-    assert cfg.lr == pytest.approx(expected, rel=1e-12)
+    assert resolved_lr(cfg, world_size) == pytest.approx(expected, rel=1e-12)
+    assert cfg.lr is None  # the setting stays as given: the run holds the resolved value
 
 
 def test_an_explicit_lr_is_kept():
     cfg = TrainConfig(lr=0.123, lr_base=0.4, lr_base_size=64, opt="sgd", batch_size=32, grad_accum_steps=1)
-    _resolve_lr(cfg, 1)
-    assert cfg.lr == 0.123
+    assert resolved_lr(cfg, 1) == 0.123
 
 
 def test_lr_base_reaches_the_optimizer(small_folder, tmp_path):

@@ -186,9 +186,9 @@ def test_a_warmup_filling_the_run_is_shortened(epochs, warmup, on_updates, expec
     from sequencer.engine.config import RunState, TrainConfig, check_config
     cfg = TrainConfig(data="x", epochs=epochs, warmup_epochs=warmup, sched_on_updates=on_updates)
     state = RunState()
-    check_config(cfg, state)  # the note is kept for the start of the run (issue 19: never before a one-line error)
-    assert state.start_warnings[-1].endswith(f"using --warmup-epochs {expected}")
-    assert cfg.warmup_epochs == expected
+    run_cfg = check_config(cfg, state)  # the note is kept for the start of the run (issue 19: never before an error)
+    assert state.start_warnings[-1].endswith(f"using `warmup_epochs={expected}`")
+    assert run_cfg.warmup_epochs == expected and cfg.warmup_epochs == warmup  # a new config; the given one stays
 
 
 @pytest.mark.slow

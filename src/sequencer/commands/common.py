@@ -15,7 +15,8 @@ import tempfile
 
 import torch
 
-from ..engine.distributed import record_own_failure
+from ..engine.config import config_defaults
+from ..engine.distributed import PeerGone, record_own_failure
 from ..engine.inference import LoadedModel, load_model, resolve_device
 from ..errors import SequencerError
 from ..models import get_model_entry
@@ -24,6 +25,8 @@ from ..tools.onnx_runtime import load_onnx, note_other_cpu
 
 # The library's parameters that messages name (in backticks, errors.py) -> the flag that sets them on the command line
 PARAMETER_FLAGS = {
+    # train's settings are TrainConfig's fields, each set by the flag of that name (DATA: the positional argument)
+    **{name: "--" + name.replace("_", "-") for name in config_defaults()}, "data": "DATA", "checkpoint": "--checkpoint",
     "batch_size": "--batch-size", "crop_pct": "--crop-pct", "class_map": "--class-map", "mean": "--mean",
     "std": "--std", "interpolation": "--interpolation", "download": "--dataset-download", "name": "--dataset",
     "root": "DATA", "checkpoint_path": "--checkpoint", "model": "--model", "onnx": "--onnx",
@@ -182,9 +185,12 @@ def load_model_or_onnx(args, device: torch.device | str = "cpu") -> LoadedModel:
 @contextlib.contextmanager
 def failure_reported_to_launcher():
     """Under ``distributed_train.sh``, a user error tells the launcher this rank's exit status (2), so the launch
-    ends with it; the commands that run under torchrun (train, validate) wrap their work in this."""
+    ends with it; the commands that run under torchrun (train, validate) wrap their work in this. A rank that
+    stopped because another failed exits without a traceback of its own (the other says why on its line)."""
     try:
         yield
     except SequencerError:
         record_own_failure(2)
         raise
+    except PeerGone:
+        raise SystemExit(PeerGone.exit_status) from None

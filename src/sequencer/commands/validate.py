@@ -96,7 +96,8 @@ def run(args: argparse.Namespace) -> int:
             interpolation=args.interpolation, num_classes=args.num_classes, img_size=args.img_size,
             input_size=args.input_size, use_ema=args.use_ema, amp=args.amp, amp_dtype=args.amp_dtype,
             device=args.device, torchcompile=args.torchcompile,
-            prepare=(lambda model: optimize_for_inference(model, "auto")) if args.fast else None, load=(lambda device: load_model_or_onnx(args, device)) if args.onnx else None)
+            prepare=(lambda model: optimize_for_inference(model, "auto")) if args.fast else None,
+            load=(lambda device: load_model_or_onnx(args, device)) if args.onnx else None).as_dict()
     if args.onnx:  # the file's path goes after the checkpoint entry
         results = {"model": results.pop("model"), "checkpoint": results.pop("checkpoint"), "onnx": args.onnx,
                    **results}

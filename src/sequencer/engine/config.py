@@ -6,10 +6,16 @@ through :func:`resolve_config` and :func:`check_config`, so they accept and refu
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
+import numbers
 import os
+import types
+import typing
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any, Callable
 
 import yaml
 
@@ -27,7 +33,9 @@ class RunState:
     checkpoint. ``start_warnings``: notes held until the run starts (a later one-line error stays the only line).
     ``quiet``: no progress bar. ``created_dirs``: folders this start created, innermost first, removed again while
     empty when it fails. ``claim``: the experiment folder's claim file while the run holds it. ``wandb``: the
-    ``--log-wandb`` run, if any.
+    ``--log-wandb`` run, if any. ``module``: the caller's ``nn.Module`` to train (None: ``model`` names one);
+    ``datasets``: the caller's ``(train, val)`` Datasets (None: ``data`` names the data); ``callbacks``: called with
+    every epoch's metrics (:func:`sequencer.train`).
     """
     given: frozenset[str] = frozenset()
     start_warnings: list[str] = field(default_factory=list)
@@ -35,12 +43,20 @@ class RunState:
     created_dirs: list[str] = field(default_factory=list)
     claim: str | None = None
     wandb: object | None = None
+    module: Any = None
+    datasets: tuple | None = None
+    callbacks: list[Callable[[dict], Any]] = field(default_factory=list)
 
 
 @dataclass
 class TrainConfig:
     """One training run's settings; each field is the ``sequencer train`` flag of that name (``--drop-path`` is
-    ``drop_path``), with the flag's default."""
+    ``drop_path``), with the flag's default.
+
+    ``sequencer.train(TrainConfig(epochs=3, lr=1e-3))`` counts as given only the fields passed to the constructor
+    (or assigned afterwards) with a value other than None, exactly as keywords would: the others keep the digits
+    demo's defaults and a resume's recorded settings. ``dataclasses.replace`` passes every field, so all count.
+    A run never changes the object it is given."""
     data: str | None = None  # dataset root; None (and no dataset) = the embedded digits demo
     config: str = ""
     # dataset
@@ -155,6 +171,32 @@ class TrainConfig:
     recovery_interval: int = 0
 
 
+_dataclass_init = TrainConfig.__init__
+
+
+@functools.wraps(_dataclass_init)
+def _init_recording_given(self, *args, **kwargs):
+    _dataclass_init(self, *args, **kwargs)
+    names = [f.name for f in dataclasses.fields(TrainConfig)]
+    object.__setattr__(self, "_given", {*names[:len(args)], *kwargs})
+
+
+def _setattr_recording_given(self, name, value):
+    object.__setattr__(self, name, value)
+    if "_given" in self.__dict__:
+        self._given.add(name)
+
+
+TrainConfig.__init__ = _init_recording_given
+TrainConfig.__setattr__ = _setattr_recording_given
+
+
+def given_settings(cfg: TrainConfig) -> dict:
+    """{name: value} of the fields the user set on ``cfg`` (None values mean the default, so they are left out)."""
+    return {name: getattr(cfg, name) for name in sorted(getattr(cfg, "_given", ()))
+            if getattr(cfg, name) is not None}
+
+
 def config_defaults() -> dict:
     """{field name: default} of :class:`TrainConfig` (fresh copies of the list defaults)."""
     return {f.name: getattr(TrainConfig(), f.name) for f in dataclasses.fields(TrainConfig)}
@@ -180,9 +222,12 @@ DIGITS_DEFAULTS = dict(
 
 def resolve_config(explicit: dict, state: RunState | None = None) -> TrainConfig:
     """timm defaults < digits-demo defaults < ``--config`` YAML < ``explicit`` settings (the flags given), as one
-    config; ``state.given`` is set to the settings the user chose (a resume takes every other one from its
-    checkpoint)."""
+    new config; ``state.given`` is set to the settings the user chose (a resume takes every other one from its
+    checkpoint). An ``explicit`` value of None means the default. Every value is type-checked (SequencerError
+    naming the setting and the type it needs); the demo's defaults apply when there is no data (and
+    ``state.datasets`` holds none)."""
     check_keys(explicit, "train", "settings are train's flag names with underscores, e.g. drop_path")
+    explicit = {k: checked_value(k, v, "train") for k, v in explicit.items() if v is not None}
     defaults = config_defaults()
     from_yaml = {}
     config_path = explicit.get("config") or ""
@@ -191,24 +236,27 @@ def resolve_config(explicit: dict, state: RunState | None = None) -> TrainConfig
             with open(config_path) as f:
                 from_yaml = yaml.safe_load(f) or {}
         except OSError as e:
-            raise SequencerError(f"--config {config_path!r}: cannot read it ({e.strerror})") from None
+            raise SequencerError(f"`config={config_path!r}`: cannot read it ({e.strerror})") from None
         except yaml.YAMLError as e:
-            raise SequencerError(f"--config {config_path!r} is not valid YAML ({str(e).splitlines()[0]})") from None
+            raise SequencerError(f"`config={config_path!r}` is not valid YAML ({str(e).splitlines()[0]})") from None
         if not isinstance(from_yaml, dict):
-            raise SequencerError(f"--config {config_path!r} must hold a mapping of flag names to values")
+            raise SequencerError(f"`config={config_path!r}` must hold a mapping of flag names to values")
         # keys may be spelled as the flags are (drop-path) or as args.yaml writes them (drop_path)
         from_yaml = {str(k).lstrip("-").replace("-", "_"): v for k, v in from_yaml.items()}
-        check_keys(from_yaml, f"--config {config_path!r}", "keys are train's flag names, e.g. drop-path or drop_path")
+        check_keys(from_yaml, f"`config={config_path!r}`", "keys are train's flag names, e.g. drop-path or drop_path")
         from_yaml.pop("config", None)
+        from_yaml = {k: checked_value(k, v, f"`config={config_path!r}`", text_numbers=True)
+                     for k, v in from_yaml.items()}
     if explicit.get("data") and explicit.get("data_dir") and \
             os.path.normpath(str(explicit["data"])) != os.path.normpath(str(explicit["data_dir"])):
-        raise SequencerError(f"DATA {explicit['data']!r} and --data-dir {explicit['data_dir']!r} name different "
-                             f"folders", hint="pass the dataset once, as DATA or as --data-dir")
+        raise SequencerError(f"`data={explicit['data']!r}` and `data_dir={explicit['data_dir']!r}` name different "
+                             f"folders", hint="pass the dataset once, as `data` or as `data_dir`")
     if explicit.get("data_dir") and not explicit.get("data"):  # the flag given beats a --config's data
         explicit = {**explicit, "data": explicit["data_dir"]}
     merged = {**defaults, **from_yaml, **explicit}
     data = merged.get("data") or merged.get("data_dir")
-    if (not data and not merged.get("dataset")) or merged.get("dataset") == "digits":
+    user_data = state is not None and state.datasets is not None
+    if not user_data and ((not data and not merged.get("dataset")) or merged.get("dataset") == "digits"):
         merged = {**defaults, **DIGITS_DEFAULTS, **from_yaml, **explicit}
     merged["data"] = merged.get("data") or merged.get("data_dir")
     cfg = TrainConfig(**merged)
@@ -217,96 +265,173 @@ def resolve_config(explicit: dict, state: RunState | None = None) -> TrainConfig
     return cfg
 
 
-def check_config(cfg: TrainConfig, state: RunState) -> None:
-    """Refuse values that cannot work, naming the flag; shorten a warmup that would fill the run (said at the
-    start, through ``state``)."""
+_FIELD_TYPES = typing.get_type_hints(TrainConfig)
+
+
+def checked_value(name: str, value, where: str, text_numbers: bool = False):
+    """``value`` for the setting ``name`` as its field's type holds it (a tuple as a list, a path as text, an int
+    where a float goes); SequencerError naming the setting and the type it needs. ``text_numbers``: a number
+    written as text ("1e-3", as YAML reads it) is taken as the number."""
+    expected = _FIELD_TYPES.get(name)
+    if expected is None:
+        return value
+    if text_numbers and isinstance(value, str):
+        value = _number_from_text(value, expected)
+    try:
+        return _as_type(value, expected)
+    except TypeError:
+        raise SequencerError(f"{where}: `{name}={_shown(value)}` is not {_type_name(expected)}") from None
+
+
+def _shown(value) -> str:
+    """``repr(value)`` where it is short and one line (a message stays one line), else its type."""
+    text = repr(value)
+    return text if len(text) <= 60 and "\n" not in text else f"<{type(value).__name__}>"
+
+
+def _number_from_text(text: str, expected):
+    for kind in (int, float):
+        if kind in _alternatives(expected):
+            try:
+                return kind(text)
+            except ValueError:
+                pass
+    return text
+
+
+def _alternatives(tp) -> tuple:
+    return typing.get_args(tp) if isinstance(tp, types.UnionType) else (tp,)
+
+
+def _as_type(value, tp):
+    """``value`` converted to ``tp`` (a TrainConfig annotation); TypeError when it is not one."""
+    if isinstance(tp, types.UnionType):
+        for alternative in typing.get_args(tp):
+            try:
+                return _as_type(value, alternative)
+            except TypeError:
+                pass
+        raise TypeError
+    origin = typing.get_origin(tp)
+    if tp is type(None) and value is None:
+        return None
+    if tp is bool and isinstance(value, bool):
+        return value
+    if tp is int and isinstance(value, numbers.Integral) and not isinstance(value, bool):
+        return int(value)
+    if tp is float and isinstance(value, numbers.Real) and not isinstance(value, bool):
+        return float(value)
+    if tp is str and isinstance(value, (str, os.PathLike)):
+        return os.fspath(value)
+    if tp is dict and isinstance(value, Mapping):
+        return dict(value)
+    if origin is list and isinstance(value, (list, tuple)):
+        return [_as_type(v, typing.get_args(tp)[0]) for v in value]
+    raise TypeError
+
+
+def _type_name(tp) -> str:
+    if isinstance(tp, types.UnionType):
+        return " or ".join(_type_name(t) for t in typing.get_args(tp))
+    if tp is type(None):
+        return "None"
+    if typing.get_origin(tp) is list:
+        return f"a list of {_type_name(typing.get_args(tp)[0])}"
+    return {bool: "a bool", int: "an int", float: "a number", str: "a str", dict: "a dict"}.get(tp, str(tp))
+
+
+def check_config(cfg: TrainConfig, state: RunState) -> TrainConfig:
+    """Refuse values that cannot work, naming the flag; returns the settings to run: ``cfg``, or a copy with a
+    warmup that would fill the run shortened (said at the start, through ``state``)."""
     resolve_device(cfg.device)
     _check_numbers(cfg)
     _check_sizes_and_files(cfg)
     if not cfg.resume:  # a resume checks it once the checkpoint's settings are known
-        shorten_warmup(cfg, state)
+        cfg = shorten_warmup(cfg, state)
+    return cfg
 
 
-def _bad(flag, value, need):
-    raise SequencerError(f"{flag} {value}: {need}")
+def _bad(name, value, need):
+    raise SequencerError(f"`{name}={value}`: {need}")
 
 
 def _check_numbers(cfg: TrainConfig) -> None:
     bad = _bad
     if cfg.epochs <= 0:
-        bad("--epochs", cfg.epochs, "must be at least 1")
+        bad("epochs", cfg.epochs, "must be at least 1")
     if cfg.batch_size <= 0:
-        bad("--batch-size", cfg.batch_size, "must be at least 1")
+        bad("batch_size", cfg.batch_size, "must be at least 1")
     if cfg.validation_batch_size is not None and cfg.validation_batch_size <= 0:
-        bad("--validation-batch-size", cfg.validation_batch_size, "must be at least 1")
+        bad("validation_batch_size", cfg.validation_batch_size, "must be at least 1")
     if cfg.lr is not None and not (cfg.lr > 0 and math.isfinite(cfg.lr)):
-        bad("--lr", cfg.lr, "must be a positive number")
-    for flag, value in (("--lr-base", cfg.lr_base), ("--warmup-lr", cfg.warmup_lr), ("--min-lr", cfg.min_lr),
-                        ("--weight-decay", cfg.weight_decay), ("--momentum", cfg.momentum),
-                        ("--mixup", cfg.mixup), ("--cutmix", cfg.cutmix), ("--color-jitter", cfg.color_jitter),
-                        ("--warmup-epochs", cfg.warmup_epochs), ("--cooldown-epochs", cfg.cooldown_epochs),
-                        ("--workers", cfg.workers), ("--checkpoint-hist", cfg.checkpoint_hist),
-                        ("--recovery-interval", cfg.recovery_interval)):
+        bad("lr", cfg.lr, "must be a positive number")
+    for flag, value in (("lr_base", cfg.lr_base), ("warmup_lr", cfg.warmup_lr), ("min_lr", cfg.min_lr),
+                        ("weight_decay", cfg.weight_decay), ("momentum", cfg.momentum),
+                        ("mixup", cfg.mixup), ("cutmix", cfg.cutmix), ("color_jitter", cfg.color_jitter),
+                        ("warmup_epochs", cfg.warmup_epochs), ("cooldown_epochs", cfg.cooldown_epochs),
+                        ("workers", cfg.workers), ("checkpoint_hist", cfg.checkpoint_hist),
+                        ("recovery_interval", cfg.recovery_interval)):
         if not value >= 0:
             bad(flag, value, "must not be negative")
-    for flag, value in (("--reprob", cfg.reprob), ("--hflip", cfg.hflip), ("--mixup-prob", cfg.mixup_prob),
-                        ("--mixup-switch-prob", cfg.mixup_switch_prob)):
+    for flag, value in (("reprob", cfg.reprob), ("hflip", cfg.hflip), ("mixup_prob", cfg.mixup_prob),
+                        ("mixup_switch_prob", cfg.mixup_switch_prob)):
         if not 0 <= value <= 1:
             bad(flag, value, "must be a probability in [0, 1]")
-    for flag, value in (("--smoothing", cfg.smoothing), ("--drop", cfg.drop), ("--drop-path", cfg.drop_path or 0)):
+    for flag, value in (("smoothing", cfg.smoothing), ("drop", cfg.drop), ("drop_path", cfg.drop_path or 0)):
         if not 0 <= value < 1:
             bad(flag, value, "must be in [0, 1)")
     if cfg.clip_grad is not None and not cfg.clip_grad > 0:
-        bad("--clip-grad", cfg.clip_grad, "must be positive")
+        bad("clip_grad", cfg.clip_grad, "must be positive")
     if not 0 < cfg.model_ema_decay < 1:
-        bad("--model-ema-decay", cfg.model_ema_decay, "must be in (0, 1)")
+        bad("model_ema_decay", cfg.model_ema_decay, "must be in (0, 1)")
     if cfg.grad_accum_steps < 1:
-        bad("--grad-accum-steps", cfg.grad_accum_steps, "must be at least 1")
+        bad("grad_accum_steps", cfg.grad_accum_steps, "must be at least 1")
     if cfg.log_interval < 1:
-        bad("--log-interval", cfg.log_interval, "must be at least 1")
+        bad("log_interval", cfg.log_interval, "must be at least 1")
     if cfg.recount < 1:
-        bad("--recount", cfg.recount, "must be at least 1")
+        bad("recount", cfg.recount, "must be at least 1")
     if not 0 <= cfg.val_fraction < 1:
-        bad("--val-fraction", cfg.val_fraction, "must be in [0, 1) (e.g. 0.1 holds out a tenth of each class)")
+        bad("val_fraction", cfg.val_fraction, "must be in [0, 1) (e.g. 0.1 holds out a tenth of each class)")
 
 
 def _check_sizes_and_files(cfg: TrainConfig) -> None:
     bad = _bad
-    for flag, value in (("--img-size", cfg.img_size), ("--num-classes", cfg.num_classes),
-                        ("--in-chans", cfg.in_chans)):
+    for flag, value in (("img_size", cfg.img_size), ("num_classes", cfg.num_classes),
+                        ("in_chans", cfg.in_chans)):
         if value is not None and value <= 0:
             bad(flag, value, "must be positive")
     if cfg.input_size is not None and (min(cfg.input_size) <= 0 or cfg.input_size[1] != cfg.input_size[2]):
-        bad("--input-size", " ".join(map(str, cfg.input_size)), "needs positive sides and a square image")
+        bad("input_size", " ".join(map(str, cfg.input_size)), "needs positive sides and a square image")
     if cfg.scale[0] > cfg.scale[1] or not 0 < cfg.scale[1] <= 1 or cfg.scale[0] <= 0:
-        bad("--scale", " ".join(map(str, cfg.scale)), "needs 0 < MIN <= MAX <= 1")
+        bad("scale", " ".join(map(str, cfg.scale)), "needs 0 < MIN <= MAX <= 1")
     if cfg.ratio[0] > cfg.ratio[1] or cfg.ratio[0] <= 0:
-        bad("--ratio", " ".join(map(str, cfg.ratio)), "needs 0 < MIN <= MAX")
+        bad("ratio", " ".join(map(str, cfg.ratio)), "needs 0 < MIN <= MAX")
     mixup_on = cfg.mixup > 0 or cfg.cutmix > 0 or cfg.cutmix_minmax is not None
     if mixup_on and cfg.batch_size % 2:
-        bad("--batch-size", cfg.batch_size, "must be even with --mixup/--cutmix (images are mixed in pairs)")
+        bad("batch_size", cfg.batch_size, "must be even with `mixup`/`cutmix` (images are mixed in pairs)")
     if cfg.resume and cfg.resume != "auto" and not Path(cfg.resume).is_file():
-        raise SequencerError(f"--resume {cfg.resume!r}: no such file",
-                             hint="pass a checkpoint written by `sequencer train`, or --resume auto")
+        raise SequencerError(f"`resume={cfg.resume!r}`: no such file",
+                             hint="pass a checkpoint written by `sequencer train`, or `resume=auto`")
     if cfg.resume == "auto" and not cfg.experiment:
-        raise SequencerError("--resume auto needs --experiment NAME to know which folder to continue",
-                             hint="use the same --output/--experiment for every (re)start")
+        raise SequencerError("`resume=auto` needs `experiment=NAME` to know which folder to continue",
+                             hint="use the same `output`/`experiment` for every (re)start")
     check_experiment_name(cfg.experiment)
     if cfg.model:
         get_model_entry(cfg.model)  # unknown names fail before any data is read, with suggestions
     check_library_flags(cfg)
     if cfg.initial_checkpoint and not Path(cfg.initial_checkpoint).is_file():
-        raise SequencerError(f"--initial-checkpoint {cfg.initial_checkpoint!r}: no such file")
+        raise SequencerError(f"`initial_checkpoint={cfg.initial_checkpoint!r}`: no such file")
 
 
 def check_experiment_name(name: str) -> None:
-    """Refuse an ``--experiment`` that is not one folder name inside ``--output`` (``../escaped``, ``a/b``)."""
+    """Refuse an ``experiment`` that is not one folder name inside ``output`` (``../escaped``, ``a/b``)."""
     if name and (name in (".", "..") or any(s in name for s in ("/", "\\", os.sep))):
-        raise SequencerError(f"--experiment {name!r}: a folder name inside --output, without a path separator or "
-                             f"'..'", hint="pass --output DIR for where runs go, --experiment NAME")
+        raise SequencerError(f"`experiment={name!r}`: a folder name inside `output`, without a path separator or "
+                             f"'..'", hint="pass `output=DIR` for where runs go, `experiment=NAME`")
 
 
-def shorten_warmup(cfg: TrainConfig, state: RunState) -> None:
+def shorten_warmup(cfg: TrainConfig, state: RunState) -> TrainConfig:
+    """``cfg``, or a copy whose warmup ends before the run does."""
     if cfg.warmup_epochs and cfg.warmup_epochs >= cfg.epochs:
         # timm's default 5 warmup epochs would keep a short run below --lr for its whole length. A quarter of the
         # run instead; but stepped per epoch, warmup spends its whole first epoch at --warmup-lr, so a 1-epoch
@@ -315,6 +440,7 @@ def shorten_warmup(cfg: TrainConfig, state: RunState) -> None:
         if shortened < 2 and not cfg.sched_on_updates:
             shortened = 0
         # said once the run starts: a later one-line error must stay the only line (issue 19)
-        state.start_warnings.append(f"--warmup-epochs {cfg.warmup_epochs} is not below --epochs {cfg.epochs}: the "
-                                    f"lr would never leave warmup; using --warmup-epochs {shortened}")
-        cfg.warmup_epochs = shortened
+        state.start_warnings.append(f"`warmup_epochs={cfg.warmup_epochs}` is not below `epochs={cfg.epochs}`: the "
+                                    f"lr would never leave warmup; using `warmup_epochs={shortened}`")
+        return dataclasses.replace(cfg, warmup_epochs=shortened)
+    return cfg

@@ -1,12 +1,15 @@
 """Process-group helpers for ``torchrun`` launches (DDP: NCCL on GPUs, gloo on CPU).
 
-A run is distributed when torchrun's ``WORLD_SIZE`` environment variable is above 1. Multi-node training uses
-torchrun's rendezvous (``--nnodes``, ``--rdzv-backend c10d``, ``--rdzv-endpoint HOST:PORT``); nothing here differs
-between one node and many. Rank 0 is the only process that writes files.
+A run is distributed when the caller already made a process group of more than one process (which is used as it
+is, and left alive), or when torchrun's ``WORLD_SIZE`` environment variable is above 1 (a group is made, and
+destroyed at the end). Multi-node training uses torchrun's rendezvous (``--nnodes``, ``--rdzv-backend c10d``,
+``--rdzv-endpoint HOST:PORT``); nothing here differs between one node and many. Rank 0 is the only process that
+writes files.
 """
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import shutil
 import signal
@@ -17,6 +20,8 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
+_logger = logging.getLogger(__name__)
+
 
 @dataclass
 class DistInfo:
@@ -25,6 +30,7 @@ class DistInfo:
     local_rank: int = 0
     world_size: int = 1
     device: torch.device = torch.device("cpu")
+    owns_group: bool = False  # the group was made here, so it is destroyed here (never the caller's)
 
     @property
     def is_primary(self) -> bool:
@@ -35,13 +41,16 @@ def init_distributed(device: str | None = None) -> DistInfo:
     """Join the process group torchrun describes (if any) and pick this process's device.
 
     ``device`` is "cpu", "cuda" or "cuda:N"; None picks CUDA when available. Under torchrun each process uses
-    ``cuda:LOCAL_RANK``.
+    ``cuda:LOCAL_RANK``. A group the caller made is used as it is (on CUDA, with the caller's current device
+    unless ``device`` names one).
     """
     if device is None:
         device = "cuda" if torch.cuda.is_available() else "cpu"
+    dev = torch.device(device)
+    if dist.is_available() and dist.is_initialized():
+        return _callers_group(dev)
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    dev = torch.device(device)
     if world_size <= 1:
         if dev.type == "cuda" and dev.index is None:
             dev = torch.device("cuda", 0)
@@ -64,27 +73,44 @@ def init_distributed(device: str | None = None) -> DistInfo:
             store, rank, world = next(dist.rendezvous("env://", timeout=timeout))
             dist.init_process_group(backend=backend, store=dist.PrefixStore(f"sequencer/attempt_{attempt}", store),
                                     rank=rank, world_size=world, timeout=timeout)
-    return DistInfo(True, dist.get_rank(), local_rank, dist.get_world_size(), dev)
+    return DistInfo(True, dist.get_rank(), local_rank, dist.get_world_size(), dev, owns_group=True)
+
+
+def _callers_group(dev: torch.device) -> DistInfo:
+    world_size = dist.get_world_size()
+    local_rank = int(os.environ.get("LOCAL_RANK", dist.get_rank()))
+    if dev.type == "cuda" and dev.index is None:
+        dev = torch.device("cuda", torch.cuda.current_device())
+    return DistInfo(world_size > 1, dist.get_rank(), local_rank, world_size, dev)
 
 
 def print_on_primary(info: DistInfo, *msg) -> None:
-    """``print`` on rank 0 only (flushed, so that launcher logs interleave in order)."""
+    """Log ``msg`` (INFO, the "sequencer" logger) on rank 0 only."""
     if info.is_primary:
-        print(*msg, flush=True)
+        _logger.info(" ".join(str(m) for m in msg))
 
 
 def cleanup(info: DistInfo) -> None:
-    if info.distributed and dist.is_initialized():
+    """Destroy the process group if this library made it (a caller's group stays)."""
+    if info.owns_group and dist.is_initialized():
         dist.destroy_process_group()
+
+
+class PeerGone(RuntimeError):
+    """Another rank of the run failed (and says why itself); this rank stops. ``exit_status``: what a command
+    exits with, so that the launch reports the other rank's status."""
+    exit_status = 1
 
 
 @contextlib.contextmanager
 def process_group(device: str | None = None):
-    """``with process_group(device) as info:`` :func:`init_distributed`, torn down on the way out.
+    """``with process_group(device) as info:`` :func:`init_distributed`, torn down on the way out (only a group
+    made here; a caller's group is left as it was).
 
     On a normal exit every rank first waits for the others: a rank that destroyed the group while a peer still
     used it made the peer's gloo threads abort at exit (seen once: SIGABRT, "terminate called without an active
-    exception"). On an exception there is no waiting, since a peer may be gone.
+    exception"). On an exception there is no waiting, since a peer may be gone. A collective that failed because
+    a peer is gone is raised as :class:`PeerGone`.
     """
     info = init_distributed(device)
     try:
@@ -92,16 +118,14 @@ def process_group(device: str | None = None):
     except BaseException as e:
         cleanup(info)
         if info.distributed and _peer_is_gone(e):
-            # another rank failed and has said why on its own line; torchrun ends this one. Exit without a
-            # traceback of our own, whichever of the two comes first.
-            raise SystemExit(PEER_GONE_EXIT) from None
+            raise PeerGone(f"another process of the run stopped ({e})") from None
         raise
     barrier(info)
     cleanup(info)
 
 
 # the exit status of a rank that stopped because another failed: the launch reports the other's status
-PEER_GONE_EXIT = 1
+PEER_GONE_EXIT = PeerGone.exit_status
 # what gloo (and NCCL) say when the rank at the other end of a collective has exited
 _PEER_GONE = ("Connection closed by peer", "Connection reset by peer", "Broken pipe", "Connection refused")
 

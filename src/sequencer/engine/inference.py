@@ -51,6 +51,9 @@ def load_model(checkpoint: str = "", model: str | None = None, pretrained: bool 
     checkpoint = read_checkpoint(path) if path else None
     meta = checkpoint_metadata(checkpoint)
     name = model or meta.get("arch")
+    if not name and checkpoint is not None and checkpoint.get("architecture"):
+        raise SequencerError(f"checkpoint {path!r} holds {checkpoint['architecture']}",
+                             hint="torch.load it (weights_only=True) and call your_module.load_state_dict(ckpt['state_dict'])")
     if not name:
         raise SequencerError("no model given", hint="pass --model NAME, or a --checkpoint written by `sequencer train`")
     get_model_entry(name)  # unknown names fail here with suggestions

@@ -5,11 +5,11 @@
 from __future__ import annotations
 
 import contextlib
+import logging
 import math
 import signal
 import sys
 import time
-import warnings
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -21,7 +21,14 @@ from . import distributed as dist_utils
 from .checkpoint import CHECKPOINT_VERSION, get_rng_state
 from .config import RunState, TrainConfig
 from .data_record import data_record
+from .guest import warn
 from .outputs import Outputs, plain, plot_summary, run_args, write_summary
+from .user_data import architecture_recorded
+
+_logger = logging.getLogger(__name__)
+
+# the data record of a run on the caller's Datasets: nothing to find again, so validate asks for DATA
+CALLERS_DATA = {"dataset": "the Datasets given to sequencer.train", "root": None, "split": "val"}
 
 
 # ------------------------------------------------------------------------------------------- the run's state
@@ -85,8 +92,8 @@ class StopRequest:
         if self.signum and signum == signal.SIGINT:
             raise KeyboardInterrupt
         self.signum = signum
-        print(f"received {signal.Signals(signum).name}: stopping at the next step with a recovery checkpoint",
-              file=sys.stderr, flush=True)
+        _logger.warning(f"received {signal.Signals(signum).name}: stopping at the next step with a recovery "
+                        f"checkpoint")
 
     def __enter__(self):
         for sig in (signal.SIGTERM, signal.SIGINT):
@@ -183,7 +190,7 @@ def _must_stop(run: TrainingRun, stop: StopRequest, loss_value: float, epoch: in
         kept = f"the last good checkpoint is {last}" if last.exists() else "no epoch had finished"
         raise SequencerError(f"loss is not finite ({loss_value}) at epoch {epoch} step {step}; training stopped "
                              f"before that update and {kept}",
-                             hint="lower --lr, add --clip-grad, or use --amp-dtype bfloat16")
+                             hint="lower `lr`, add `clip_grad`, or use `amp_dtype=bfloat16`")
     if stop_flag:
         stop.signum = stop.signum or int(stop_flag)
     return bool(stop_flag)
@@ -225,8 +232,8 @@ class _Progress:
             self.bar.update(1)
             self.bar.set_postfix(loss=f"{mean_loss:.4f}", lr=f"{lr:.2e}", img_s=f"{rate:.0f}")
         elif run.info.is_primary and (step % run.cfg.log_interval == 0 or step == steps - 1):
-            print(f"train: epoch {self.epoch} [{step + 1:>4d}/{steps} {100 * (step + 1) / steps:3.0f}%] "
-                  f"loss {loss_value:.4f} ({mean_loss:.4f}) lr {lr:.2e} {rate:.0f} img/s", flush=True)
+            _logger.info(f"train: epoch {self.epoch} [{step + 1:>4d}/{steps} {100 * (step + 1) / steps:3.0f}%] "
+                         f"loss {loss_value:.4f} ({mean_loss:.4f}) lr {lr:.2e} {rate:.0f} img/s")
 
     def close(self) -> None:
         if self.bar is not None:
@@ -261,12 +268,17 @@ def evaluate_epoch(run: TrainingRun) -> tuple[dict, float | None]:
 
 # ------------------------------------------------------------------------------------------------- saving
 def save_epoch(run: TrainingRun, epoch: int, result: EpochResult, metrics: dict | None, metric: float | None,
-               raw_top1: float | None) -> None:
+               raw_top1: float | None) -> dict:
     """Append the epoch's summary row, write summary.csv, the checkpoints and summary.png, and log the epoch
-    (``metrics`` None: no held-out split, the eval columns stay empty)."""
+    (``metrics`` None: no held-out split, the eval columns stay empty). Returns the row as numbers (what
+    callbacks get; nan where nothing was evaluated)."""
     seconds = time.time() - result.started
-    rows = run.out.rows
     scored = metrics is not None
+    nan = float("nan")
+    row = dict(epoch=epoch, train_loss=result.train_loss, eval_loss=float(metrics["loss"]) if scored else nan,
+               eval_top1=float(metrics["top1"]) if scored else nan, eval_top5=float(metrics["top5"]) if scored else nan,
+               lr=result.lr, epoch_seconds=seconds)
+    rows = run.out.rows
     rows.append(dict(epoch=epoch, train_loss=f"{result.train_loss:.6f}",
                      eval_loss=f"{metrics['loss']:.6f}" if scored else "",
                      eval_top1=f"{metrics['top1']:.4f}" if scored else "",
@@ -274,7 +286,7 @@ def save_epoch(run: TrainingRun, epoch: int, result: EpochResult, metrics: dict 
                      lr=f"{result.lr:.6e}", epoch_seconds=f"{seconds:.2f}"))
     rng_states = dist_utils.all_gather_object(get_rng_state(), run.info)
     if not run.info.is_primary:
-        return
+        return row
     # checkpoint first, holding the rows so far: a row never stands for a checkpoint that is not on disk, and a
     # resume after a kill between the two writes takes the rows from the checkpoint (prepare_outputs)
     state = checkpoint_state(run, epoch, True, 0, metric, rng_states)
@@ -286,13 +298,22 @@ def save_epoch(run: TrainingRun, epoch: int, result: EpochResult, metrics: dict 
     try:
         plot_summary(rows, run.out.folder / "summary.png")
     except Exception as e:  # a plotting problem must never stop training
-        warnings.warn(f"could not draw summary.png: {e}")
+        warn(f"could not draw summary.png: {e}")
     ema_note = f" (raw model {raw_top1:.2f})" if raw_top1 is not None else ""
     scores = ("not evaluated (no held-out split)" if metrics is None else
               f"eval_loss {metrics['loss']:.4f} top1 {metrics['top1']:.2f}{ema_note} top5 {metrics['top5']:.2f}")
-    print(f"epoch {epoch}: train_loss {result.train_loss:.4f} {scores} "
-          f"lr {result.lr:.2e} {seconds:.1f}s{' *best*' if is_best else ''}{skipped_note(run.loaders.train)}",
-          flush=True)
+    _logger.info(f"epoch {epoch}: train_loss {result.train_loss:.4f} {scores} "
+                 f"lr {result.lr:.2e} {seconds:.1f}s{' *best*' if is_best else ''}{skipped_note(run.loaders.train)}")
+    return row
+
+
+def callbacks_ask_to_stop(run: TrainingRun, metrics: dict) -> bool:
+    """Call every callback with the epoch's ``metrics`` (a dict of numbers); True when one returned True on any
+    rank (all ranks agree, so none waits on a peer that stopped)."""
+    if not run.state.callbacks:
+        return False
+    wants = [cb(dict(metrics)) is True for cb in run.state.callbacks]
+    return bool(dist_utils.all_reduce_max([float(any(wants))], run.info)[0])
 
 
 def write_recovery(run: TrainingRun, epoch: int, step: int):
@@ -308,21 +329,23 @@ def save_recovery(run: TrainingRun, epoch: int, step: int, signum: int) -> int:
     path = write_recovery(run, epoch, step)
     if run.info.is_primary:
         name = signal.Signals(signum).name if signum in signal.Signals._value2member_map_ else str(signum)
-        print(f"stopped by {name} at epoch {epoch} step {step}; recovery checkpoint {path} (the epoch re-runs "
-              f"on resume: --resume {path} or --resume auto)", file=sys.stderr, flush=True)
+        _logger.warning(f"stopped by {name} at epoch {epoch} step {step}; recovery checkpoint {path} (the epoch "
+                        f"re-runs on resume: `resume={path}` or `resume=auto`)")
     dist_utils.barrier(run.info)
     return 128 + signum
 
 
 def checkpoint_state(run: TrainingRun, epoch: int, complete: bool, step: int, metric, rng_states) -> dict:
     model, opt = run.model, run.opt
+    recorded = architecture_recorded(model)
     state = {
         "version": CHECKPOINT_VERSION,
-        "arch": model.model_name,
-        "model_kwargs": plain(model.model_kwargs),
+        "arch": model.model_name if recorded else None,
+        "model_kwargs": plain(model.model_kwargs) if recorded else None,
         "class_names": list(run.class_names),
         "data_config": plain(run.loaders.data_config),
-        "data": data_record(run.cfg, getattr(run.loaders.eval, "dataset", None)),
+        "data": (data_record(run.cfg, getattr(run.loaders.eval, "dataset", None)) if run.state.datasets is None
+                 else CALLERS_DATA),
         "state_dict": model.state_dict(),
         "optimizer": opt.optimizer.state_dict(),
         "scheduler": opt.scheduler.state_dict() if opt.scheduler is not None else None,
@@ -334,6 +357,10 @@ def checkpoint_state(run: TrainingRun, epoch: int, complete: bool, step: int, me
         "args": run_args(run.cfg),
         "rng_state": rng_states,
     }
+    if not recorded:  # loading it by name (validate, predict, resume without the module) says so
+        state["architecture"] = (f"the weights of a {type(model).__module__}.{type(model).__qualname__} given to "
+                                 f"sequencer.train; its architecture is not recorded: load state_dict into that "
+                                 f"module")
     if opt.model_ema is not None:
         state["state_dict_ema"] = opt.model_ema.module.state_dict()
     if run.ignored_classes:

@@ -21,6 +21,7 @@ from ..fileio import remove_stale_temporaries, temp_path, write_atomically
 from . import distributed as dist_utils
 from .checkpoint import CheckpointManager
 from .resume import experiment_folder
+from .user_data import module_name
 
 VAL_FILES = "val_files.txt"  # the held-out files --val-fraction carved, one key per line (sequencer.data.splits)
 SUMMARY_FIELDS = ["epoch", "train_loss", "eval_loss", "eval_top1", "eval_top5", "lr", "epoch_seconds"]
@@ -45,7 +46,8 @@ def prepare_outputs(cfg, state, info: dist_utils.DistInfo, resume_path: str | No
     checkpoints and summary rows when it continues in the same folder, and write ``args.yaml`` (and
     ``val_files.txt``, the files of a held-out split carved by --val-fraction). Without evaluation (``evaluated``
     False) the checkpoint history keeps the latest epochs and no epoch is called best."""
-    folder = make_output_dir(cfg, state, info, cfg.model, img_size)
+    module = getattr(state, "module", None)  # a caller's nn.Module (sequencer.train(model=...)) has no model name
+    folder = make_output_dir(cfg, state, info, cfg.model or module_name(module), img_size)
     manager = CheckpointManager(folder, max_history=cfg.checkpoint_hist, decreasing=cfg.eval_metric == "loss",
                                 by_epoch=not evaluated)
     if resume_ckpt is not None and Path(resume_path).resolve().parent == folder.resolve():

@@ -13,18 +13,18 @@ Faults: checkpoints are written atomically; SIGTERM/SIGINT save ``recovery.pth.t
 128+signal (so torchrun ``--max-restarts`` restarts the worker, and ``--resume auto`` continues); a non-finite loss
 stops the run before the bad update, keeping the last good checkpoint.
 
-:func:`_train` reads top to bottom: ``build_data``, ``build_model``, ``build_loaders``, ``build_optimization``,
-``restore``, ``prepare_outputs``, then per epoch ``train_one_epoch``, ``evaluate_epoch`` and ``save_epoch``
-(``engine/loop.py``; the run's files are ``engine/outputs.py``'s).
+:func:`_train` reads top to bottom: ``build_data``, ``build_model`` (``engine/train_model.py``), ``build_loaders``,
+``build_optimization``, ``restore``, ``prepare_outputs``, then per epoch ``train_one_epoch``, ``evaluate_epoch`` and
+``save_epoch`` (``engine/loop.py``; the run's files are ``engine/outputs.py``'s).
 """
 from __future__ import annotations
 
-import contextlib
-import io
+import dataclasses
+import logging
+import math
 import os
 import signal
 import time
-import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -32,59 +32,117 @@ import torch
 from torch import nn
 
 from ..errors import SequencerError
-from ..models import create_model, get_model_entry
-from ..models.loading import checkpoint_metadata, extract_state_dict, load_state_dict_into, read_checkpoint
 from . import distributed as dist_utils
 from .distributed import print_on_primary
 from . import timm_habits
 from .amp import autocast_dtype
 from .checkpoint import resume_position, set_rng_state
-from .head_by_name import head_rows_by_name
+from .guest import caller_rng_kept, console, warn
 from .train_data import TrainData, build_data
-from .config import RunState, TrainConfig, check_config, resolve_config
-from .loop import (Loaders, Optimization, StopRequest, TrainingRun, current_lr, evaluate_epoch, save_epoch,
-                   save_recovery, train_one_epoch)
+from .config import RunState, TrainConfig, check_config, given_settings, resolve_config
+from .loop import (Loaders, Optimization, StopRequest, TrainingRun, callbacks_ask_to_stop, current_lr, evaluate_epoch,
+                   save_epoch, save_recovery, train_one_epoch)
 from .outputs import plural, prepare_outputs, read_summary, release_claim, remove_if_empty, run_args
+from .train_model import build_model, wrap_model
+from .user_data import module_name
+
+_logger = logging.getLogger(__name__)
 
 
 @dataclass
 class TrainResult:
     """What a training run left: the best epoch by ``eval_metric`` and its top-1 (percent), the path of
-    ``model_best.pth.tar``, the experiment folder, the summary rows (as ``summary.csv`` holds them, as text) and
-    the command's exit status (0, or 128 + signal when a signal stopped the run). A run without a held-out split
-    has no best: ``best_top1`` and ``best_epoch`` are None and ``checkpoint`` is ``last.pth.tar``."""
+    ``model_best.pth.tar``, the experiment folder, the summary rows (one dict of numbers per epoch: ``epoch``,
+    ``train_loss``, ``eval_loss``, ``eval_top1``, ``eval_top5``, ``lr``, ``epoch_seconds``), whether a signal
+    (SIGTERM, or SIGINT under the command) stopped the run early, and the command's exit status (0, or 128 + signal).
+    A run without a held-out split has no best: ``best_top1`` and ``best_epoch`` are None, the eval columns are
+    nan and ``checkpoint`` is ``last.pth.tar``."""
     best_top1: float | None
     best_epoch: int | None
     checkpoint: Path | None
     output_dir: Path | None
     summary: list[dict] = field(default_factory=list)
     exit_code: int = 0
+    interrupted: bool = False
 
 
-def train(data: str | os.PathLike | None = None, *, progress: bool = True, **config) -> TrainResult:
+class TrainingInterrupted(KeyboardInterrupt):
+    """Ctrl-C (SIGINT) stopped :func:`train` once its recovery checkpoint was written; ``result`` is the run's
+    :class:`TrainResult` so far. A ``KeyboardInterrupt``, so a loop of runs stops as Python code does."""
+
+    def __init__(self, message: str, result: TrainResult):
+        super().__init__(message)
+        self.result = result
+
+
+def train(config: TrainConfig | None = None, /, *, callbacks=(), progress: bool = True, **settings) -> TrainResult:
     """Train a model as ``sequencer train DATA --flag value ...`` does; returns the run's :class:`TrainResult`.
 
-    ``data=None`` trains on the embedded digits demo, as the command without DATA. Keywords are the command's
-    flags with underscores (``model``, ``epochs``, ``lr``, ``output``, ``experiment``, ``workers``, ``seed``,
-    ``resume``, ...; see :class:`~sequencer.engine.config.TrainConfig`), merged and checked exactly as the flags
-    are; an unknown keyword is a SequencerError naming it. ``progress=False`` silences the log lines the command
-    prints (warnings still show).
+    Settings are a :class:`~sequencer.engine.config.TrainConfig` and/or keywords (which win), named as the
+    command's flags with underscores (``epochs``, ``lr``, ``batch_size``, ``output``, ``experiment``, ``workers``,
+    ``seed``, ``resume``, ...), merged and checked exactly as the flags are. Only the settings given count (None
+    means the default): the rest keep the digits demo's defaults and a resumed run's recorded settings. A wrong
+    type or an unknown keyword is a SequencerError naming it.
+
+    ``model``: a registry name, or an ``nn.Module`` to train in place (one of ours, or any classifier taking
+    (N, C, H, W) images and returning (N, classes) logits; a module we did not build is checkpointed as its
+    ``state_dict``, its architecture not recorded). ``data``: a folder or .tar of class folders, None (the
+    embedded digits), or a ``(train, val)`` pair of map-style Datasets yielding ``(PIL image or (C, H, W) tensor,
+    int label)``: PIL images get the recipe's transforms, tensors are used as given, class names come from
+    ``dataset.classes`` when it exists.
+
+    ``callbacks``: callables, each called on every process after every epoch (once it is saved) with that epoch's
+    metrics as a dict of numbers (the summary row); a callback that returns True stops the run after that epoch.
+
+    ``progress=False`` prints nothing at all; ``progress=True`` logs through the ``"sequencer"`` logger, shown
+    on stdout unless your logging already prints to the console. Ctrl-C writes a recovery checkpoint, then raises
+    :class:`TrainingInterrupted` (a ``KeyboardInterrupt``). The caller's ``random``, ``numpy`` and torch random
+    state is restored on return: the run draws from its own ``seed``.
     """
-    settings = {k: os.fspath(v) if isinstance(v, os.PathLike) else v for k, v in config.items()}
-    if data is not None:
-        settings["data"] = os.fspath(data)
-    state = RunState(quiet=not progress)  # no progress bar either
-    cfg = resolve_config(settings, state)
-    with contextlib.nullcontext() if progress else contextlib.redirect_stdout(io.StringIO()):
-        return run_training(cfg, state)
+    explicit = _explicit_settings(config, settings)
+    state = RunState(quiet=not progress, callbacks=_checked_callbacks(callbacks))
+    state.module = _user_module(explicit)
+    state.datasets = explicit.pop("data") if isinstance(explicit.get("data"), (tuple, list)) else None
+    with console(progress), caller_rng_kept():
+        cfg = resolve_config(explicit, state)
+        result = run_training(cfg, state)
+    if result.interrupted and result.exit_code == 128 + signal.SIGINT:
+        raise TrainingInterrupted(f"training stopped by SIGINT; resume from {result.output_dir}", result)
+    return result
+
+
+def _explicit_settings(config, settings: dict) -> dict:
+    if config is not None and not isinstance(config, TrainConfig):
+        raise SequencerError(f"train() takes a TrainConfig as its only positional argument, not "
+                             f"{type(config).__name__}", hint="pass data=... and the other settings as keywords")
+    return {**(given_settings(config) if config is not None else {}), **settings}
+
+
+def _user_module(explicit: dict) -> nn.Module | None:
+    model = explicit.get("model")
+    if isinstance(model, nn.Module):
+        del explicit["model"]
+        return model
+    if model is not None and not isinstance(model, str):
+        raise SequencerError(f"train: `model={type(model).__name__}` is not a registry name or an nn.Module")
+    return None
+
+
+def _checked_callbacks(callbacks) -> list:
+    callbacks = [callbacks] if callable(callbacks) else list(callbacks or ())
+    for cb in callbacks:
+        if not callable(cb):
+            raise SequencerError(f"train: callbacks holds {cb!r}, which is not callable",
+                                 hint="pass functions taking the epoch's metrics dict")
+    return callbacks
 
 
 def run_training(cfg: TrainConfig, state: RunState | None = None) -> TrainResult:
-    """Check ``cfg``, then run it in this process or as one rank of a torchrun launch; a failed run leaves no
-    empty experiment folder behind. ``state``: from :func:`resolve_config` (without it no setting counts as the
-    user's choice, so a resume takes all of them from its checkpoint)."""
+    """Check ``cfg``, then run it in this process or as one rank of a torchrun launch (or of the caller's process
+    group); a failed run leaves no empty experiment folder behind. ``state``: from :func:`resolve_config`
+    (without it no setting counts as the user's choice, so a resume takes all of them from its checkpoint)."""
     state = state if state is not None else RunState()
-    check_config(cfg, state)
+    cfg = check_config(cfg, state)
     try:
         with dist_utils.process_group(cfg.device) as info:
             return _train(cfg, state, info)
@@ -99,28 +157,30 @@ def run_training(cfg: TrainConfig, state: RunState | None = None) -> TrainResult
 
 
 def _train(cfg, state: RunState, info: dist_utils.DistInfo) -> TrainResult:
-    """The run, step by step. Data, model and settings are all checked before a file or folder is written."""
+    """The run, step by step. Data, model and settings are all checked before a file or folder is written. Each
+    step that derives a setting (the held-out split, the model, the image size, the lr) returns a new config."""
     from timm.utils import random_seed
 
     started = time.time()
     random_seed(cfg.seed, info.rank)
     if cfg.input_size:
-        cfg.in_chans, cfg.img_size = cfg.input_size[0], cfg.input_size[1]
-    data = build_data(cfg, state, info)
-    model = build_model(cfg, data, info.device)
+        cfg = dataclasses.replace(cfg, in_chans=cfg.input_size[0], img_size=cfg.input_size[1])
+    data, cfg = build_data(cfg, state, info)
+    model, cfg = build_model(cfg, state, data, info.device)
     loaders = build_loaders(cfg, info, model, data)
+    cfg = dataclasses.replace(cfg, lr=resolved_lr(cfg, info.world_size))
     opt = build_optimization(cfg, info, model, loaders, data.num_classes)
     start_epoch = restore(cfg, info, data.resume_ckpt, opt, loaders.updates_per_epoch)
     if start_epoch >= opt.num_epochs:
-        print_on_primary(info, f"--resume {data.resume_path}: the run already finished: it ran "
+        print_on_primary(info, f"`resume={data.resume_path}`: the run already finished: it ran "
                                f"{plural(start_epoch, 'epoch')} and this schedule has {plural(opt.num_epochs, 'epoch')}"
-                               f"; nothing to do (pass a larger --epochs to extend it)")
+                               f"; nothing to do (pass a larger `epochs` to extend it)")
         return _result(cfg, Path(data.resume_path).parent, None, 0)
     out = prepare_outputs(cfg, state, info, data.resume_path, data.resume_ckpt, start_epoch, loaders.img_size,
                           held_out=data.eval_set, evaluated=data.eval_set is not None)
     for message in [*state.start_warnings, *timm_habits.notes(cfg, info.device)]:
         if info.is_primary:
-            warnings.warn(message)
+            warn(message)
     state.wandb = timm_habits.start_wandb(cfg, run_args(cfg)) if info.is_primary else None
     train_model, eval_model = wrap_model(cfg, info, model)
     training = TrainingRun(cfg, info, model, train_model, eval_model, data.class_names, loaders, opt, out,
@@ -133,119 +193,45 @@ def _train(cfg, state: RunState, info: dist_utils.DistInfo) -> TrainResult:
             result = train_one_epoch(training, epoch, stop)
             if result.stopped_at is not None:
                 return _result(cfg, out.folder, out.manager,
-                               save_recovery(training, epoch, result.stopped_at, stop.signum))
+                               save_recovery(training, epoch, result.stopped_at, stop.signum), interrupted=True)
             metrics, raw_top1 = evaluate_epoch(training)  # (None, None) without a held-out split
             metric = float(metrics[cfg.eval_metric]) if metrics is not None else None
             if opt.scheduler is not None:
                 opt.scheduler.step(epoch + 1, metric)
-            save_epoch(training, epoch, result, metrics, metric, raw_top1)
+            row = save_epoch(training, epoch, result, metrics, metric, raw_top1)
+            dist_utils.barrier(info)  # every rank's result reads the files rank 0 has written
             if stop.signum:  # the signal arrived during evaluation: the epoch is saved, stop here
-                print_on_primary(info, f"stopped by {signal.Signals(stop.signum).name} after epoch {epoch}; resume with "
-                           f"--resume {out.folder / 'last.pth.tar'}")
-                return _result(cfg, out.folder, out.manager, 128 + stop.signum)
+                if info.is_primary:
+                    _logger.warning(f"stopped by {signal.Signals(stop.signum).name} after epoch {epoch}; resume "
+                                    f"with `resume={out.folder / 'last.pth.tar'}`")
+                return _result(cfg, out.folder, out.manager, 128 + stop.signum, interrupted=True)
             finished = True
+            if callbacks_ask_to_stop(training, row):
+                print_on_primary(info, f"a callback stopped the run after epoch {epoch}")
+                break
     if finished:
-        _log_finish(training, metrics, started)
+        _log_finish(training, metrics, started, epochs_run=epoch + 1)
     return _result(cfg, out.folder, out.manager, 0)
 
 
-def _result(cfg, folder: Path, manager, exit_code: int) -> TrainResult:
+def _result(cfg, folder: Path, manager, exit_code: int, interrupted: bool = False) -> TrainResult:
     """The run's :class:`TrainResult`, read back from what it wrote (``summary.csv``, ``model_best.pth.tar``)."""
-    rows = read_summary(folder / "summary.csv") if (folder / "summary.csv").is_file() else []
-    evaluated = [r for r in rows if r.get("eval_top1")]  # none without a held-out split
+    rows = [_numbers(r) for r in read_summary(folder / "summary.csv")] if (folder / "summary.csv").is_file() else []
+    evaluated = [r for r in rows if not math.isnan(r["eval_top1"])]  # none without a held-out split
     best_epoch = manager.best_epoch if manager is not None else None
     if manager is None and evaluated:  # a finished run resumed: its best row by the metric it was run with
         column, sign = {"top1": ("eval_top1", 1), "top5": ("eval_top5", 1), "loss": ("eval_loss", -1)}[cfg.eval_metric]
-        best_epoch = int(max(evaluated, key=lambda r: (sign * float(r[column]), -int(r["epoch"])))["epoch"])
-    best_row = next((r for r in evaluated if int(r["epoch"]) == best_epoch), None)
+        best_epoch = max(evaluated, key=lambda r: (sign * r[column], -r["epoch"]))["epoch"]
+    best_row = next((r for r in evaluated if r["epoch"] == best_epoch), None)
     best = folder / ("model_best.pth.tar" if evaluated or not rows else "last.pth.tar")
-    return TrainResult(best_top1=float(best_row["eval_top1"]) if best_row else None, best_epoch=best_epoch,
+    return TrainResult(best_top1=best_row["eval_top1"] if best_row else None, best_epoch=best_epoch,
                        checkpoint=best if best.is_file() else None, output_dir=folder, summary=rows,
-                       exit_code=exit_code)
+                       exit_code=exit_code, interrupted=interrupted)
 
 
-# ----------------------------------------------------------------------------------------------------- model
-def build_model(cfg, data: TrainData, device: torch.device) -> nn.Module:
-    """The model on ``device``, with the resumed or initial checkpoint's weights, checked against --img-size."""
-    init_meta = read_checkpoint(cfg.initial_checkpoint) if cfg.initial_checkpoint else None
-    model = _create_model(cfg, data.resume_ckpt, init_meta if init_meta and init_meta.get("arch") else None,
-                          data.num_classes)
-    if init_meta is not None and data.resume_ckpt is None:
-        state = extract_state_dict(init_meta)
-        if not state:
-            raise SequencerError(f"--initial-checkpoint {cfg.initial_checkpoint!r} holds no weights")
-        source = f"--initial-checkpoint {cfg.initial_checkpoint!r}"
-        state = head_rows_by_name(state, checkpoint_metadata(init_meta).get("class_names"), data.class_names,
-                                  model, source)
-        load_state_dict_into(model, state, source=source)
-    if data.resume_ckpt is not None:
-        load_state_dict_into(model, extract_state_dict(data.resume_ckpt, use_ema=False),
-                             source=f"--resume {data.resume_path!r}")
-        data.num_classes = model.num_classes
-        if cfg.img_size is None:
-            cfg.img_size = model.img_size
-    cfg.img_size = cfg.img_size or model.pretrained_cfg["input_size"][-1]
-    try:
-        model.check_input_size(cfg.img_size, cfg.img_size)
-    except ValueError as e:
-        raise SequencerError(f"--img-size {cfg.img_size}: {e}",
-                             hint=f"use a multiple of {model.reduction}") from None
-    if cfg.grad_checkpointing:
-        model.set_grad_checkpointing(True)
-    model.to(device)
-    if cfg.channels_last:
-        model.to(memory_format=torch.channels_last)
-    return model
-
-
-def _create_model(cfg, resume_ckpt: dict | None, init_ckpt_meta: dict | None, num_classes: int):
-    """The model to train; architecture from the resumed checkpoint, else --model (or an initial checkpoint's)."""
-    base = resume_ckpt or init_ckpt_meta or {}
-    if resume_ckpt is not None and cfg.model and base.get("arch") and cfg.model != base["arch"]:
-        raise SequencerError(f"--model {cfg.model} does not match the resumed checkpoint's {base['arch']}",
-                             hint="drop --model when resuming")
-    arch_kwargs = {}
-    if base.get("arch") and (not cfg.model or cfg.model == base["arch"]):
-        cfg.model = base["arch"]
-        arch_kwargs = dict(base.get("model_kwargs") or {})
-        if resume_ckpt is None:  # a new run from these weights: size, classes and regularisation come from flags
-            for k in ("num_classes", "img_size", "in_chans", "drop_rate", "drop_path_rate"):
-                arch_kwargs.pop(k, None)
-    cfg.model = cfg.model or "sequencer2d_s"
-    get_model_entry(cfg.model)
-    kwargs = dict(arch_kwargs, **cfg.model_kwargs)
-    if resume_ckpt is None:
-        kwargs.update(num_classes=num_classes, drop_rate=cfg.drop)
-        if cfg.drop_path is not None:
-            kwargs["drop_path_rate"] = cfg.drop_path
-        if cfg.img_size:
-            kwargs["img_size"] = cfg.img_size
-        if cfg.in_chans:
-            kwargs["in_chans"] = cfg.in_chans
-    try:
-        return create_model(cfg.model, pretrained=cfg.pretrained and not resume_ckpt, **kwargs)
-    except SequencerError as e:
-        if not cfg.pretrained or e.hint is None:
-            raise
-        # the library's hint names the other commands' --checkpoint; train takes the file as --initial-checkpoint
-        message = e.message
-        raise SequencerError(f"--pretrained: {message}",
-                             hint="download the file by other means and pass it with --initial-checkpoint FILE, "
-                                  "or drop --pretrained") from None
-
-
-def wrap_model(cfg, info: dist_utils.DistInfo, model: nn.Module) -> tuple[nn.Module, nn.Module]:
-    """(the model to train: DDP across processes, compiled with --torchcompile; the model to evaluate)."""
-    train_model = model
-    if info.distributed:
-        device = info.device
-        train_model = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda"
-                                                          else None)
-    if cfg.torchcompile:
-        train_model = torch.compile(train_model, backend=cfg.torchcompile, mode=cfg.torchcompile_mode)
-    eval_model = (torch.compile(model, backend=cfg.torchcompile, mode=cfg.torchcompile_mode) if cfg.torchcompile
-                  else model)
-    return train_model, eval_model
+def _numbers(row: dict) -> dict:
+    """A summary.csv row as numbers: ``epoch`` an int, the rest floats (an empty cell: nan)."""
+    return {k: int(v) if k == "epoch" else float(v or "nan") for k, v in row.items()}
 
 
 # --------------------------------------------------------------------------------------------------- loaders
@@ -254,8 +240,9 @@ def build_loaders(cfg, info: dist_utils.DistInfo, model: nn.Module, data: TrainD
     preprocessing unless flags override it."""
     from ..data import create_loader, resolve_data_config
 
+    in_chans = getattr(model, "in_chans", None) or cfg.in_chans or 3
     data_config = resolve_data_config(
-        dict(input_size=(model.in_chans, cfg.img_size, cfg.img_size), mean=cfg.mean, std=cfg.std,
+        dict(input_size=(in_chans, cfg.img_size, cfg.img_size), mean=cfg.mean, std=cfg.std,
              crop_pct=cfg.crop_pct, interpolation=cfg.interpolation or None), model)
     img_size = int(data_config["input_size"][-1])
     recorded = dict(mean=list(data_config["mean"]), std=list(data_config["std"]),
@@ -264,6 +251,8 @@ def build_loaders(cfg, info: dist_utils.DistInfo, model: nn.Module, data: TrainD
     loader_kw = dict(mean=data_config["mean"], std=data_config["std"], crop_pct=data_config["crop_pct"],
                      num_workers=cfg.workers, distributed=info.distributed, device=info.device, seed=cfg.seed,
                      **timm_habits.loader_options(cfg, info.device))
+    if data.tensors:  # the caller's tensors are used as given: no uint8 batches normalised on the device
+        loader_kw["normalize_on_device"] = False
     aug = not cfg.no_aug
     train_loader = create_loader(
         data.train_set, data_config["input_size"], cfg.batch_size, True,
@@ -277,7 +266,7 @@ def build_loaders(cfg, info: dist_utils.DistInfo, model: nn.Module, data: TrainD
         interpolation=data_config["interpolation"], **loader_kw)
     steps_per_epoch = len(train_loader)
     if steps_per_epoch == 0:
-        raise SequencerError(f"--batch-size {cfg.batch_size} leaves no full batch of training data")
+        raise SequencerError(f"`batch_size={cfg.batch_size}` leaves no full batch of training data")
     updates_per_epoch = (steps_per_epoch + cfg.grad_accum_steps - 1) // cfg.grad_accum_steps
     return Loaders(train_loader, eval_loader, recorded, img_size, steps_per_epoch, updates_per_epoch)
 
@@ -290,11 +279,10 @@ def build_optimization(cfg, info: dist_utils.DistInfo, model: nn.Module, loaders
     from timm.scheduler import create_scheduler_v2, scheduler_kwargs
     from timm.utils import ModelEmaV3
 
-    _resolve_lr(cfg, info.world_size)
     try:
         optimizer = create_optimizer_v2(model, **optimizer_kwargs(cfg))
     except (ValueError, AssertionError, KeyError) as e:
-        raise SequencerError(f"--opt {cfg.opt}: {e}", hint="see timm.optim.list_optimizers()") from None
+        raise SequencerError(f"`opt={cfg.opt}`: {e}", hint="see timm.optim.list_optimizers()") from None
     amp_dtype, scaler = amp_setup(cfg, info.device)
     model_ema = None
     if cfg.model_ema:
@@ -305,7 +293,7 @@ def build_optimization(cfg, info: dist_utils.DistInfo, model: nn.Module, loaders
             optimizer, **scheduler_kwargs(cfg, decreasing_metric=cfg.eval_metric == "loss"),
             updates_per_epoch=loaders.updates_per_epoch)
     except ValueError as e:
-        raise SequencerError(f"--sched {cfg.sched}: {e}") from None
+        raise SequencerError(f"`sched={cfg.sched}`: {e}") from None
     mixup_fn, loss_fn = _build_loss(cfg, num_classes, info.device)
     return Optimization(optimizer, scheduler, num_epochs, scaler, amp_dtype, model_ema, mixup_fn, loss_fn)
 
@@ -343,13 +331,15 @@ def amp_setup(cfg, device: torch.device):
     return dtype, scaler
 
 
-def _resolve_lr(cfg, world_size: int) -> None:
+def resolved_lr(cfg, world_size: int) -> float:
+    """``--lr``, or ``--lr-base`` scaled by the global batch over ``--lr-base-size`` (as timm: linear, or sqrt
+    for adaptive optimizers)."""
     if cfg.lr is not None:
-        return
+        return cfg.lr
     global_batch = cfg.batch_size * world_size * cfg.grad_accum_steps
     ratio = global_batch / cfg.lr_base_size
     scale = cfg.lr_base_scale or ("sqrt" if any(o in cfg.opt.lower() for o in ("ada", "lamb")) else "linear")
-    cfg.lr = cfg.lr_base * (ratio ** 0.5 if scale == "sqrt" else ratio)
+    return cfg.lr_base * (ratio ** 0.5 if scale == "sqrt" else ratio)
 
 
 # --------------------------------------------------------------------------------------------------- restore
@@ -379,12 +369,12 @@ def restore(cfg, info: dist_utils.DistInfo, checkpoint: dict | None, opt: Optimi
             if ema_state:
                 model_ema.module.load_state_dict(ema_state)
             else:
-                warnings.warn("--resume: the checkpoint has no EMA weights; the EMA restarts from the model")
+                warn("`resume`: the checkpoint has no EMA weights; the EMA restarts from the model")
         rng = checkpoint.get("rng_state")
         if isinstance(rng, list) and len(rng) == info.world_size:
             set_rng_state(rng[info.rank])
         else:
-            warnings.warn("--resume: RNG state missing or from another number of processes; reseeding")
+            warn("`resume`: RNG state missing or from another number of processes; reseeding")
             random_seed(cfg.seed + start_epoch, info.rank)
     if cfg.start_epoch is not None:
         start_epoch = cfg.start_epoch
@@ -401,8 +391,8 @@ def _load_optimizer_state(optimizer, state: dict, cfg) -> None:
     saved_keys = {k for g in state.get("param_groups", []) for k in g if k != "params"}
     own_keys = {k for g in optimizer.param_groups for k in g if k != "params"}
     if len(state.get("param_groups", [])) != len(optimizer.param_groups) or not own_keys <= saved_keys:
-        raise SequencerError(f"--resume: the checkpoint's optimizer state is not one of --opt {cfg.opt}",
-                             hint="pass the run's --opt, or --no-resume-opt to start a fresh optimizer")
+        raise SequencerError(f"`resume`: the checkpoint's optimizer state is not one of `opt={cfg.opt}`",
+                             hint="pass the run's `opt`, or `no_resume_opt` to start a fresh optimizer")
     optimizer.load_state_dict(state)
 
 
@@ -411,13 +401,17 @@ def _log_start(training: TrainingRun, data: TrainData, start_epoch: int) -> None
     cfg, info = training.cfg, training.info
     n_params = sum(p.numel() for p in training.model.parameters())
     where = f"{info.world_size} processes, " if info.distributed else ""
-    print_on_primary(info, f"train: {cfg.model} ({n_params / 1e6:.2f}M params with a {data.num_classes}-class head) on {len(data.train_set)} images of "
-               f"{cfg.dataset or cfg.data}, {plural(data.num_classes, 'class', 'classes')}, {training.loaders.img_size}px, "
+    source = "the given Datasets" if training.state.datasets is not None else cfg.dataset or cfg.data
+    print_on_primary(info, f"train: {module_name(training.model)} ({n_params / 1e6:.2f}M params with a "
+               f"{data.num_classes}-class head) on {len(data.train_set)} images of {source}, "
+               f"{plural(data.num_classes, 'class', 'classes')}, {training.loaders.img_size}px, "
                f"{where}{info.device}; epochs {start_epoch}..{training.opt.num_epochs - 1}, "
                f"lr {current_lr(training.opt.optimizer):.3g}, batch {cfg.batch_size}; output {training.out.folder}")
 
 
-def _log_finish(training: TrainingRun, metrics: dict | None, started: float) -> None:
+def _log_finish(training: TrainingRun, metrics: dict | None, started: float, epochs_run: int) -> None:
+    """The run's last line; ``epochs_run``: epochs 0.. the last one run (fewer than planned when a callback
+    stopped the run)."""
     cfg, manager = training.cfg, training.out.manager
     if not training.info.is_primary:
         return
@@ -430,9 +424,9 @@ def _log_finish(training: TrainingRun, metrics: dict | None, started: float) -> 
     earlier = sum(float(r.get("epoch_seconds") or 0) for r in training.out.rows[:training.out.resumed_rows])
     elapsed = earlier + time.time() - started
     if metrics is None:
-        print(f"{what}: trained {plural(training.opt.num_epochs, 'epoch')} in {elapsed:.0f}s without evaluation "
-              f"(no held-out split); checkpoints in {training.out.folder}", flush=True)
+        _logger.info(f"{what}: trained {plural(epochs_run, 'epoch')} in {elapsed:.0f}s without evaluation "
+                     f"(no held-out split); checkpoints in {training.out.folder}")
         return
-    print(f"{what}: eval top-1 {metrics['top1']:.2f}% top-5 {metrics['top5']:.2f}% on {metrics['count']} held-out "
-          f"images{unreadable} after {plural(training.opt.num_epochs, 'epoch')} in {elapsed:.0f}s{best}; "
-          f"checkpoints in {training.out.folder}", flush=True)
+    _logger.info(f"{what}: eval top-1 {metrics['top1']:.2f}% top-5 {metrics['top5']:.2f}% on {metrics['count']} "
+                 f"held-out images{unreadable} after {plural(epochs_run, 'epoch')} in {elapsed:.0f}s{best}; "
+                 f"checkpoints in {training.out.folder}")

@@ -6,7 +6,7 @@ resumed run holds out the files its checkpoint lists). DATA without split folder
 none: the run says so in one warning and trains without evaluation (never calling training images held-out)."""
 from __future__ import annotations
 
-import warnings
+import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -17,7 +17,9 @@ from . import distributed as dist_utils
 from .config import shorten_warmup
 from .data_record import recorded_held_out
 from .distributed import print_on_primary
+from .guest import warn
 from .resume import apply_resume_contract, locate_resume, read_resume_checkpoint
+from .user_data import wrap_datasets
 
 
 @dataclass
@@ -29,23 +31,33 @@ class TrainData:
     resume_path: str = ""
     resume_ckpt: dict | None = None
     ignored_classes: list[str] = field(default_factory=list)  # class folders a --class-map left out
+    tensors: bool = False  # the caller's Datasets yield tensors, used as given (no transforms)
 
 
-def build_data(cfg, state, info: dist_utils.DistInfo) -> TrainData:
-    """The training and held-out splits, labelled by the class names (a resumed run's own), and the checkpoint
-    to resume, if any."""
+def build_data(cfg, state, info: dist_utils.DistInfo) -> tuple[TrainData, object]:
+    """The training and held-out splits (ours, or the caller's ``state.datasets``), labelled by the class names (a
+    resumed run's own), and the checkpoint to resume, if any; with the run's settings (a copy of ``cfg`` with what
+    a resume keeps from its checkpoint and the held-out split found)."""
     from ..data import create_dataset
 
     dataset_kw = dict(class_map=cfg.class_map or None, download=cfg.dataset_download)
-    train_set = create_dataset(cfg.dataset, root=cfg.data, split=cfg.train_split, is_training=True, **dataset_kw)
+    user_sets = wrap_datasets(state.datasets) if state.datasets is not None else None
+    train_set = user_sets[0] if user_sets else create_dataset(cfg.dataset, root=cfg.data, split=cfg.train_split,
+                                                              is_training=True, **dataset_kw)
     resume_path = locate_resume(cfg, info)
     resume_ckpt = read_resume_checkpoint(resume_path) if resume_path else None
     class_names = list(train_set.class_names)
     if resume_ckpt is not None:
+        cfg = dataclasses.replace(cfg)  # the resume contract sets what it keeps on the run's own copy
         class_names = apply_resume_contract(cfg, state.given, resume_ckpt, resume_path, class_names)
-        shorten_warmup(cfg, state)
+        cfg = shorten_warmup(cfg, state)
         map_classes_by_name(train_set, class_names, "the training split")
-    train_set, eval_set = _held_out_split(cfg, state, info, dataset_kw, class_names, train_set, resume_ckpt)
+    if user_sets:
+        eval_set = user_sets[1]
+        map_classes_by_name(eval_set, class_names, "the validation Dataset")
+    else:
+        train_set, eval_set, cfg = _held_out_split(cfg, state, info, dataset_kw, class_names, train_set,
+                                                   resume_ckpt)
     num_classes = cfg.num_classes or len(class_names)
     if num_classes < len(class_names):
         raise SequencerError(f"--num-classes {num_classes} is smaller than the {len(class_names)} classes of the "
@@ -58,7 +70,8 @@ def build_data(cfg, state, info: dist_utils.DistInfo) -> TrainData:
             f"--batch-size {cfg.batch_size} is larger than the training split ({len(train_set)} images"
             f"{f' over {info.world_size} processes' if info.distributed else ''})",
             hint=f"use --batch-size {max(1, len(train_set) // info.world_size // 2 * 2)} or less")
-    return TrainData(train_set, eval_set, class_names, num_classes, resume_path, resume_ckpt, ignored)
+    return TrainData(train_set, eval_set, class_names, num_classes, resume_path, resume_ckpt, ignored,
+                     tensors=bool(user_sets and user_sets[0].tensors)), cfg
 
 
 def check_classes(cfg, info, train_set, class_names: list[str], num_classes: int) -> None:
@@ -74,10 +87,10 @@ def check_classes(cfg, info, train_set, class_names: list[str], num_classes: int
     empty = [n for n in class_names if n not in present]
     if empty:
         source = "the class map names" if cfg.class_map else "the model has"
-        warnings.warn(f"the training split has no images of {len(empty)} class(es) {source} "
+        warn(f"the training split has no images of {len(empty)} class(es) {source} "
                       f"({', '.join(empty[:5])}{', ...' if len(empty) > 5 else ''}): their outputs never train")
     if num_classes > len(class_names):
-        warnings.warn(f"--num-classes {num_classes} is larger than the {len(class_names)} classes of the training "
+        warn(f"--num-classes {num_classes} is larger than the {len(class_names)} classes of the training "
                       f"data: outputs {len(class_names)}..{num_classes - 1} never train")
 
 
@@ -88,12 +101,13 @@ def _targets(dataset) -> list[int]:
 
 def _held_out_split(cfg, state, info, dataset_kw: dict, class_names: list[str], train_set,
                     resume_ckpt: dict | None) -> tuple:
-    """(the training split, the held-out split or None): DATA's own held-out split, one carved by --val-fraction
+    """(the training split, the held-out split or None, the settings with the held-out split found): DATA's own
+    held-out split, one carved by --val-fraction
     (or the files a resumed checkpoint held out), or none where DATA has no split folders. Warnings wait in
     ``state.start_warnings`` for the run to start (a later one-line error stays the only line)."""
     carved = recorded_held_out(resume_ckpt)
     if cfg.val_fraction or carved is not None:
-        return _carve(cfg, info, train_set, carved.files if carved is not None else None)
+        return (*_carve(cfg, info, train_set, carved.files if carved is not None else None), cfg)
     if train_set.whole_root:
         if cfg.sched == "plateau":
             raise SequencerError(f"--sched plateau steps on the held-out metric, and {cfg.data} has no held-out split",
@@ -101,8 +115,8 @@ def _held_out_split(cfg, state, info, dataset_kw: dict, class_names: list[str], 
         state.start_warnings.append(f"{cfg.data} has no split folders, so no held-out split: training without "
                                     f"evaluation on all of it, checkpoints by epoch (pass --val-fraction 0.1 to "
                                     f"hold out a tenth)")
-        return train_set, None
-    return train_set, _eval_split(cfg, state, info, dataset_kw, class_names, train_set)
+        return train_set, None, cfg
+    return (train_set, *_eval_split(cfg, state, info, dataset_kw, class_names, train_set))
 
 
 def _carve(cfg, info, train_set, files: list[str] | None) -> tuple:
@@ -122,14 +136,14 @@ def _carve(cfg, info, train_set, files: list[str] | None) -> tuple:
 
 
 def _eval_split(cfg, state, info, dataset_kw: dict, class_names: list[str], train_set):
-    """DATA's held-out split, its labels mapped by name onto the training classes (a missing class is reported);
-    a warning where it shares files with the training split."""
+    """(DATA's held-out split, its labels mapped by name onto the training classes (a missing class is reported);
+    the settings with the split found); a warning where it shares files with the training split."""
     from ..data import create_dataset
     if "val_split" not in state.given and cfg.dataset.lower() in ("", "folder", "image_folder"):
         found = held_out_split(cfg.data, cfg.val_split)
         if found != cfg.val_split:
             print_on_primary(info, f"note: {cfg.data} has no {cfg.val_split!r} split: evaluating on {found!r}")
-        cfg.val_split = found
+        cfg = dataclasses.replace(cfg, val_split=found)
     eval_set = create_dataset(cfg.dataset, root=cfg.data, split=cfg.val_split, is_training=False, **dataset_kw)
     shared = sorted(train_set.real_dirs & eval_set.real_dirs)
     if shared:  # e.g. val/dog -> ../train/dog
@@ -140,4 +154,4 @@ def _eval_split(cfg, state, info, dataset_kw: dict, class_names: list[str], trai
     if missing:
         print_on_primary(info, f"note: split {cfg.val_split!r} has no images of {len(missing)} of the {len(class_names)} "
                    f"training classes ({', '.join(missing[:5])}{', ...' if len(missing) > 5 else ''})")
-    return eval_set
+    return eval_set, cfg

@@ -6,82 +6,138 @@ reproduces the ``eval_top1`` training logged. Under ``torchrun`` each process ev
 """
 from __future__ import annotations
 
-import contextlib
-import io
+import dataclasses
+import logging
 import os
-import warnings
+from dataclasses import dataclass
 from typing import Callable
 
 import torch
+from torch import nn
 
 from ..data import create_dataset, create_loader, resolve_data_config
 from ..data.datasets import held_out_split
+from ..errors import SequencerError
 from ..models import get_model_entry
 from .amp import autocast_dtype
 from .distributed import DistInfo, process_group
 from .evaluate import evaluate
 from .data_record import carved_from, keep_held_out_files, recorded_data, trained_on_all_of
+from .guest import console, warn
 from .inference import LoadedModel, check_input_size, label_with_model_classes, load_model
+from .user_data import module_name, wrap_dataset
+
+_logger = logging.getLogger(__name__)
 
 
 
-def validate(checkpoint: str | os.PathLike = "", data: str | os.PathLike | None = None, *, model: str | None = None,
+@dataclass
+class ValidationResult:
+    """What :func:`validate` measured: top-1/top-5 accuracy and their errors (percent), the mean cross-entropy
+    ``loss``, the ``images`` evaluated (``unreadable`` ones skipped), throughput and how the model ran.
+    ``result["top1"]`` reads a field too; :meth:`as_dict` is what ``--results-file`` holds."""
+    model: str
+    checkpoint: str
+    dataset: str
+    top1: float
+    top1_err: float
+    top5: float
+    top5_err: float
+    loss: float
+    images_per_sec: float
+    param_count: int | None  # None for an ONNX file: onnxruntime holds the weights
+    img_size: int
+    crop_pct: float
+    interpolation: str
+    images: int
+    unreadable: int
+    amp: str
+    device: str
+
+    def __getitem__(self, key: str):
+        return self.as_dict()[key]
+
+    def as_dict(self) -> dict:
+        """The results as ``sequencer validate --results-file`` writes them (``images`` is ``count`` there)."""
+        return {("count" if k == "images" else k): v for k, v in dataclasses.asdict(self).items()}
+
+
+def validate(checkpoint: str | os.PathLike = "", data=None, *, model: str | nn.Module | None = None,
              pretrained: bool = False, dataset: str = "", split: str = "validation", class_map: str = "",
              dataset_download: bool = False, batch_size: int = 256, workers: int | None = None,
              crop_pct: float | None = None, mean=None, std=None, interpolation: str | None = None,
              num_classes: int | None = None, img_size: int | None = None, input_size=None, use_ema: bool = True,
              amp: bool = False, amp_dtype: str | None = None, device: str | None = None,
              torchcompile: str | None = None, progress: bool = True,
-             prepare: Callable[[torch.nn.Module], torch.nn.Module] | None = None, load: Callable[[torch.device], LoadedModel] | None = None) -> dict:
+             prepare: Callable[[torch.nn.Module], torch.nn.Module] | None = None,
+             load: Callable[[torch.device], LoadedModel] | None = None) -> ValidationResult:
     """Top-1/top-5 accuracy (percent), errors, mean loss and throughput of a model on a dataset split, as
-    ``sequencer validate`` computes and prints them; returns the dict its ``--results-file`` holds.
+    ``sequencer validate`` computes and prints them, as a :class:`ValidationResult`.
 
-    Arguments are the command's flags with underscores. ``data=None`` (and no ``dataset``) is the held-out split
-    the checkpoint records it was trained on (its ``data`` entry: the digits for a digits run; a one-line error
-    when it records none or its folder is gone); a folder without ``split`` is evaluated on its held-out split found by name, as training does. A
-    ``model`` name without a checkpoint evaluates its released weights (``pretrained``), as timm's validate.py.
-    ``prepare`` transforms the loaded model before it runs (the command's ``--fast``:
+    Arguments are the command's flags with underscores. ``model``: a registry name, or an ``nn.Module`` in memory
+    (evaluated as it is, on ``device``; its ``img_size``/``pretrained_cfg`` give the preprocessing, else
+    ``img_size`` or 224). ``data``: a folder or .tar, a map-style Dataset of ``(PIL image or (C, H, W) tensor,
+    int)`` (tensors used as given), or None (and no ``dataset``): the held-out split the checkpoint records it was
+    trained on (its ``data`` entry: the digits for a digits run; a one-line error when it records none or its
+    folder is gone). A folder without ``split`` is evaluated on its held-out split found by name, as training
+    does. A ``model`` name without a checkpoint evaluates its released weights (``pretrained``), as timm's
+    validate.py. ``prepare`` transforms the loaded model before it runs (the command's ``--fast``:
     ``sequencer.optimize_for_inference``); ``torchcompile`` names a torch.compile backend to run it with.
     ``progress=False`` prints nothing. ``load`` replaces how the model is built (the command's ``--onnx``).
     """
-    data = os.fspath(data) if data is not None else None
-    with process_group(device) as dist_info:
-        with contextlib.nullcontext() if progress else contextlib.redirect_stdout(io.StringIO()):
-            if load is None:
-                pretrained = _pretrained_by_default(model, checkpoint, pretrained, dist_info)
+    in_memory = isinstance(model, nn.Module)
+    if in_memory and checkpoint:
+        raise SequencerError("validate: pass a checkpoint or a model in memory, not both")
+    user_data = data is not None and not isinstance(data, (str, os.PathLike))
+    data = os.fspath(data) if data is not None and not user_data else data
+    with console(progress), process_group(device) as dist_info:
+        if load is None and not in_memory:
+            pretrained = _pretrained_by_default(model, checkpoint, pretrained, dist_info)
 
-            def load_the_model() -> LoadedModel:
-                if load is not None:
-                    return load(dist_info.device)
-                return load_model(checkpoint, model=model, pretrained=pretrained, num_classes=num_classes,
-                                  img_size=img_size, input_size=input_size, use_ema=use_ema, device=dist_info.device)
+        def load_the_model() -> LoadedModel:
+            if in_memory:
+                return _in_memory(model, img_size, input_size, dist_info.device)
+            if load is not None:
+                return load(dist_info.device)
+            return load_model(checkpoint, model=model, pretrained=pretrained, num_classes=num_classes,
+                              img_size=img_size, input_size=input_size, use_ema=use_ema, device=dist_info.device)
 
-            if data is None and not dataset:  # the data the checkpoint was trained on, known once it is read
-                loaded = load_the_model()
-                data, dataset, split = _checkpoint_data(loaded, checkpoint, split, dist_info)
-                split_set = _dataset(data, dataset, split, class_map, dataset_download, dist_info)
-            elif checkpoint and load is None and split == "validation" and os.path.exists(data or ""):
-                # a checkpoint file on existing data: read it first, as its run may have carved the held-out split
-                # from the training split of this very DATA (--val-fraction)
-                loaded = load_the_model()
-                split = carved_from(loaded.checkpoint, data) or split
-                split_set = _dataset(data, dataset, split, class_map, dataset_download, dist_info)
-            else:  # the data first: a missing folder should not wait for (or download) the model's weights
-                split_set = _dataset(data, dataset, split, class_map, dataset_download, dist_info)
-                loaded = load_the_model()
+        if user_data:
+            split_set = wrap_dataset(data)
+            if in_memory and split_set.tensors and not (img_size or input_size):
+                img_size = int(split_set.dataset[0][0].shape[-1])  # the tensors' own size, used as given
+            loaded = load_the_model()
+        elif data is None and not dataset:  # the data the checkpoint was trained on, known once it is read
+            loaded = load_the_model()
+            data, dataset, split = _checkpoint_data(loaded, checkpoint, split, dist_info)
+            split_set = _dataset(data, dataset, split, class_map, dataset_download, dist_info)
+        elif checkpoint and load is None and split == "validation" and os.path.exists(data or ""):
+            # a checkpoint file on existing data: read it first, as its run may have carved the held-out split
+            # from the training split of this very DATA (--val-fraction)
+            loaded = load_the_model()
+            split = carved_from(loaded.checkpoint, data) or split
+            split_set = _dataset(data, dataset, split, class_map, dataset_download, dist_info)
+        else:  # the data first: a missing folder should not wait for (or download) the model's weights
+            split_set = _dataset(data, dataset, split, class_map, dataset_download, dist_info)
+            loaded = load_the_model()
+        if not user_data:
             split_set = _held_out_files_only(split_set, loaded, dist_info)
-            overrides = dict(mean=mean, std=std, crop_pct=crop_pct, interpolation=interpolation)
-            dtype = _amp_dtype(amp, amp_dtype, dist_info.device)
-            if prepare is not None:
-                loaded.model = prepare(loaded.model)
-            if torchcompile:
-                loaded.model = torch.compile(loaded.model, backend=torchcompile)
-            metrics = _evaluate(loaded, split_set, overrides, batch_size, workers, dtype, dataset, dist_info)
-            results = dict(model=loaded.name,
-                           checkpoint=os.fspath(checkpoint) if checkpoint else ("pretrained" if pretrained else ""),
-                           **metrics)
-            if dist_info.is_primary:
-                print_results(results)
+        overrides = dict(mean=mean, std=std, crop_pct=crop_pct, interpolation=interpolation)
+        dtype = _amp_dtype(amp, amp_dtype, dist_info.device)
+        if prepare is not None:
+            loaded.model = prepare(loaded.model)
+        if torchcompile:
+            loaded.model = torch.compile(loaded.model, backend=torchcompile)
+        was_training = model.training if in_memory else None
+        metrics = _evaluate(loaded, split_set, overrides, batch_size, workers, dtype, dataset, dist_info,
+                            tensors=user_data and split_set.tensors)
+        if was_training is not None:
+            model.train(was_training)  # a caller's module goes back to the mode it was in
+        results = ValidationResult(
+            model=loaded.name, checkpoint=os.fspath(checkpoint) if checkpoint else ("pretrained" if pretrained
+                                                                                   else ""), **metrics)
+        if dist_info.is_primary:
+            log_results(results)
     return results
 
 
@@ -92,8 +148,8 @@ def _checkpoint_data(loaded: LoadedModel, checkpoint, split: str, dist_info: Dis
     recorded = recorded_data(loaded.checkpoint, source)
     split = recorded.split if split == "validation" else split
     if dist_info.is_primary:
-        print(f"note: no DATA given: evaluating on the data {source} was trained on "
-              f"({recorded.root or recorded.dataset}, split {split!r})")
+        _logger.info(f"note: no DATA given: evaluating on the data {source} was trained on "
+                     f"({recorded.root or recorded.dataset}, split {split!r})")
     return recorded.root, recorded.dataset, split
 
 
@@ -101,19 +157,31 @@ def _held_out_files_only(split_set, loaded: LoadedModel, dist_info: DistInfo):
     """The split, or only the held-out files of it when the checkpoint's run carved them from it (--val-fraction)."""
     split_set, kept = keep_held_out_files(split_set, loaded.checkpoint)
     if kept and dist_info.is_primary:
-        print(f"note: evaluating the {len(split_set)} images the checkpoint's run held out of "
-              f"{split_set.root} (--val-fraction), not the ones it trained on")
+        _logger.info(f"note: evaluating the {len(split_set)} images the checkpoint's run held out of "
+                     f"{split_set.root} (`val_fraction`), not the ones it trained on")
     if trained_on_all_of(split_set, loaded.checkpoint) and dist_info.is_primary:
-        warnings.warn(f"the checkpoint was trained on all of {split_set.root}: these are its training images, "
-                      f"not held-out ones")
+        warn(f"the checkpoint was trained on all of {split_set.root}: these are its training images, "
+             f"not held-out ones")
     return split_set
+
+
+def _in_memory(model: nn.Module, img_size: int | None, input_size, device: torch.device) -> LoadedModel:
+    """The caller's module as a :class:`LoadedModel` (moved to ``device`` and put in eval mode, as evaluation
+    does); its input size from the arguments, its own ``img_size``/``pretrained_cfg``, else 224."""
+    cfg = dict(getattr(model, "pretrained_cfg", None) or {})
+    size = (input_size[1] if input_size else img_size) or getattr(model, "img_size", None) or \
+        (cfg.get("input_size") or (0, 0, 224))[-1]
+    in_chans = (input_size[0] if input_size else None) or getattr(model, "in_chans", None) or 3
+    data_config = {k: cfg[k] for k in ("mean", "std", "crop_pct", "interpolation") if k in cfg}
+    model.to(device)
+    return LoadedModel(model, module_name(model), None, (in_chans, int(size), int(size)), data_config)
 
 
 def _dataset(data, dataset: str, split: str, class_map: str, download: bool, dist_info: DistInfo):
     if not dataset:  # as train: a folder with only train/ and test/ is evaluated on test/
         found = held_out_split(data, split)
         if found != split and dist_info.is_primary:
-            print(f"note: {data} has no {split!r} split: evaluating on {found!r}")
+            _logger.info(f"note: {data} has no {split!r} split: evaluating on {found!r}")
         split = found
     return create_dataset(dataset, root=data, split=split, class_map=class_map or None, download=download)
 
@@ -124,8 +192,8 @@ def _pretrained_by_default(model, checkpoint, pretrained: bool, dist_info: DistI
         if get_model_entry(model).pretrained_cfg.get("url"):
             return True
         if dist_info.is_primary:
-            print(f"note: {model} has no released weights and no --checkpoint was given: "
-                  f"evaluating randomly initialised weights")
+            _logger.info(f"note: {model} has no released weights and no `checkpoint` was given: "
+                         f"evaluating randomly initialised weights")
     return pretrained
 
 
@@ -136,9 +204,10 @@ def _amp_dtype(amp: bool, amp_dtype: str | None, device: torch.device) -> torch.
 
 
 def _evaluate(loaded: LoadedModel, split_set, overrides: dict, batch_size: int, workers: int | None,
-              amp_dtype, dataset: str, dist_info: DistInfo) -> dict:
+              amp_dtype, dataset: str, dist_info: DistInfo, tensors: bool = False) -> dict:
     """Evaluate ``loaded`` on ``split_set`` with the checkpoint's preprocessing (what training evaluated with),
-    then the explicit overrides; the results from ``dataset`` on."""
+    then the explicit overrides; the results from ``dataset`` on. ``tensors``: the images are tensors to use as
+    given."""
     device = dist_info.device
     config = dict(loaded.data_config, input_size=loaded.input_size)
     config.update({k: v for k, v in overrides.items() if v is not None})
@@ -150,7 +219,8 @@ def _evaluate(loaded: LoadedModel, split_set, overrides: dict, batch_size: int, 
     loader = create_loader(split_set, config["input_size"], batch_size, is_training=False,
                            mean=config["mean"], std=config["std"], crop_pct=config["crop_pct"],
                            interpolation=config["interpolation"], num_workers=workers,
-                           distributed=dist_info.distributed, device=device)
+                           distributed=dist_info.distributed, device=device,
+                           normalize_on_device=False if tensors else None)
     metrics = evaluate(loaded.model, loader, device, amp_dtype=amp_dtype, distributed=dist_info.distributed)
     return dict(
         dataset=split_set.description,
@@ -162,18 +232,17 @@ def _evaluate(loaded: LoadedModel, split_set, overrides: dict, batch_size: int, 
         img_size=config["input_size"][-1],
         crop_pct=config["crop_pct"],
         interpolation=config["interpolation"],
-        count=metrics["count"],
+        images=metrics["count"],
         unreadable=len(loader.skipped),
         amp=str(amp_dtype).replace("torch.", "") if amp_dtype else "",
         device=str(device),
     )
 
 
-def print_results(results: dict) -> None:
-    print(f" * Acc@1 {results['top1']:.3f} ({results['top1_err']:.3f}) "
-          f"Acc@5 {results['top5']:.3f} ({results['top5_err']:.3f})")
-    size = f"{results['param_count'] / 1e6:.2f}M params" if results["param_count"] else "ONNX"
-    print(f"model {results['model']} ({size}) at "
-          f"{results['img_size']}px on {results['dataset']}: {results['count']} images, "
-          f"loss {results['loss']:.4f}, {results['images_per_sec']:.1f} images/s"
-          + (f", {results['unreadable']} unreadable skipped" if results["unreadable"] else ""))
+def log_results(results: ValidationResult) -> None:
+    _logger.info(f" * Acc@1 {results.top1:.3f} ({results.top1_err:.3f}) "
+                 f"Acc@5 {results.top5:.3f} ({results.top5_err:.3f})")
+    size = f"{results.param_count / 1e6:.2f}M params" if results.param_count else "ONNX"
+    _logger.info(f"model {results.model} ({size}) at {results.img_size}px on {results.dataset}: {results.images} "
+                 f"images, loss {results.loss:.4f}, {results.images_per_sec:.1f} images/s"
+                 + (f", {results.unreadable} unreadable skipped" if results.unreadable else ""))

@@ -1,0 +1,149 @@
+"""The library as a guest in the caller's process: what :func:`sequencer.train` and :func:`sequencer.validate`
+show on the console, and the caller's random state, kept.
+
+Messages are records of the ``"sequencer"`` logger (progress and notes at INFO, problems at WARNING); notes a Python
+user may want to filter are ``warnings.warn`` (:func:`warn`). What :func:`console` changes is undone when the call
+returns and touches only the calling thread's records: a handler on the ``"sequencer"`` logger filtered to that
+thread, or (``progress=False``) a filter on the console handlers that drops that thread's records. The one shared
+change is the ``"sequencer"`` logger's level (INFO while a ``progress=True`` call runs, if the caller set none).
+"""
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import logging
+import sys
+import threading
+import warnings
+
+import torch
+
+from .checkpoint import get_rng_state, set_rng_state
+
+_logger = logging.getLogger(__name__)
+_quiet = contextvars.ContextVar("sequencer_quiet", default=False)
+_level_lock = threading.Lock()
+_level_users = 0  # calls that raised the "sequencer" logger to INFO; the last one to finish restores it
+
+
+def warn(message: str) -> None:
+    """A note for the user: ``warnings.warn`` (filterable as usual), or only a WARNING log record inside a
+    ``progress=False`` call, which prints nothing."""
+    if _quiet.get():
+        _logger.warning(message)
+    else:
+        warnings.warn(message, stacklevel=2)
+
+
+class _ConsoleHandler(logging.Handler):
+    """INFO records on stdout, WARNING and above on stderr, as the message alone, for one thread's records."""
+
+    def __init__(self, thread: int):
+        super().__init__(logging.INFO)
+        self.addFilter(lambda record: record.thread == thread)
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            stream = sys.stderr if record.levelno >= logging.WARNING else sys.stdout
+            stream.write(record.getMessage() + "\n")
+            stream.flush()
+        except Exception:  # noqa: BLE001 -- logging's contract: a failing handler reports and carries on
+            self.handleError(record)
+
+
+class _Silence(logging.Handler):
+    """Swallows one thread's records, so that Python's last-resort handler does not print them on stderr."""
+
+    def __init__(self, thread: int):
+        super().__init__(logging.NOTSET)
+        self.addFilter(lambda record: record.thread == thread)
+
+    def emit(self, record: logging.LogRecord) -> None:
+        pass
+
+
+def _console_handlers(logger: logging.Logger) -> list[logging.Handler]:
+    """The handlers that show ``logger``'s records on stdout/stderr (the CLI's, or the caller's
+    ``logging.basicConfig``), up the hierarchy as records propagate."""
+    consoles = {sys.stdout, sys.stderr, sys.__stdout__, sys.__stderr__}
+    found = []
+    while logger is not None:
+        found += [h for h in logger.handlers if type(h).__name__ == "ConsoleHandler"
+                  or isinstance(h, logging.StreamHandler) and getattr(h, "stream", None) in consoles]
+        logger = logger.parent if logger.propagate else None
+    return found
+
+
+@contextlib.contextmanager
+def console(progress: bool):
+    """The call's console output. ``progress=True``: the log lines on stdout (problems on stderr) unless the
+    caller's logging already prints them; ``progress=False``: nothing on stdout or stderr (the call's records
+    still reach the caller's other handlers, e.g. a log file)."""
+    logger = logging.getLogger("sequencer")
+    thread = threading.get_ident()
+    token = _quiet.set(not progress)
+    consoles = _console_handlers(logger)
+    handler = _Silence(thread) if not progress else _ConsoleHandler(thread) if not consoles else None
+    not_this_thread = _OtherThreads(thread)
+    muted = [] if progress else consoles
+    for h in muted:
+        h.addFilter(not_this_thread)
+    if handler is not None:
+        logger.addHandler(handler)
+    raise_level = progress and handler is not None and _raise_level(logger)
+    try:
+        yield
+    finally:
+        if raise_level:
+            _restore_level(logger)
+        if handler is not None:
+            logger.removeHandler(handler)
+        for h in muted:
+            h.removeFilter(not_this_thread)
+        _quiet.reset(token)
+
+
+class _OtherThreads(logging.Filter):
+    """Lets through the records of every thread but one (a ``progress=False`` call's)."""
+
+    def __init__(self, thread: int):
+        super().__init__()
+        self.thread = thread
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.thread != self.thread
+
+
+def _raise_level(logger: logging.Logger) -> bool:
+    """Let INFO records through ``logger`` unless the caller set its level; True when this call counts as one
+    that raised it."""
+    global _level_users
+    with _level_lock:
+        if logger.level != logging.NOTSET and not _level_users:
+            return False
+        _level_users += 1
+        logger.setLevel(logging.INFO)
+        return True
+
+
+def _restore_level(logger: logging.Logger) -> None:
+    global _level_users
+    with _level_lock:
+        _level_users -= 1
+        if not _level_users:
+            logger.setLevel(logging.NOTSET)
+
+
+@contextlib.contextmanager
+def caller_rng_kept():
+    """Run the body, then give ``random``, ``numpy.random`` and torch's CPU and CUDA generators back the state they
+    had before (CUDA first used inside the body is reseeded with the caller's torch seed)."""
+    saved = get_rng_state()
+    seed = torch.initial_seed()
+    cuda_was_initialized = torch.cuda.is_available() and torch.cuda.is_initialized()
+    try:
+        yield
+    finally:
+        set_rng_state(saved)
+        if not cuda_was_initialized and torch.cuda.is_available() and torch.cuda.is_initialized():
+            torch.cuda.manual_seed_all(seed)

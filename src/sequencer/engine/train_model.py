@@ -1,0 +1,141 @@
+"""The model of a training run: the caller's module or one built by name (a resumed or initial checkpoint's
+architecture), with the checkpoint's weights, checked against the image size, and wrapped for DDP and
+``torch.compile``. Each step returns the settings it derived (model name, image size) as a new config.
+"""
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+from torch import nn
+
+from ..errors import SequencerError
+from ..models import create_model, get_model_entry
+from ..models.loading import checkpoint_metadata, extract_state_dict, load_state_dict_into, read_checkpoint
+from . import distributed as dist_utils
+from .config import RunState, TrainConfig
+from .head_by_name import head_rows_by_name
+from .train_data import TrainData
+from .user_data import module_name
+
+
+def build_model(cfg, state: RunState, data: TrainData, device: torch.device) -> tuple[nn.Module, TrainConfig]:
+    """The model on ``device`` (the caller's ``state.module``, or one built by name), with the resumed or initial
+    checkpoint's weights, checked against the image size; with the settings naming its model and image size."""
+    init_meta = read_checkpoint(cfg.initial_checkpoint) if cfg.initial_checkpoint else None
+    if state.module is not None:
+        model = state.module
+        _check_user_module(model, data)
+    else:
+        model, cfg = _create_model(cfg, data.resume_ckpt, init_meta if init_meta and init_meta.get("arch") else None,
+                                   data.num_classes)
+    if init_meta is not None and data.resume_ckpt is None:
+        weights = extract_state_dict(init_meta)
+        if not weights:
+            raise SequencerError(f"`initial_checkpoint={cfg.initial_checkpoint!r}` holds no weights")
+        source = f"`initial_checkpoint={cfg.initial_checkpoint!r}`"
+        weights = head_rows_by_name(weights, checkpoint_metadata(init_meta).get("class_names"), data.class_names,
+                                    model, source)
+        load_state_dict_into(model, weights, source=source)
+    img_size = cfg.img_size
+    if data.resume_ckpt is not None:
+        load_state_dict_into(model, extract_state_dict(data.resume_ckpt, use_ema=False),
+                             source=f"`resume={data.resume_path!r}`")
+        data.num_classes = getattr(model, "num_classes", data.num_classes)
+        img_size = img_size or getattr(model, "img_size", None)
+    img_size = img_size or _default_img_size(model, data)
+    try:
+        if hasattr(model, "check_input_size"):
+            model.check_input_size(img_size, img_size)
+    except ValueError as e:
+        raise SequencerError(f"`img_size={img_size}`: {e}",
+                             hint=f"use a multiple of {model.reduction}") from None
+    if cfg.grad_checkpointing:
+        if not hasattr(model, "set_grad_checkpointing"):
+            raise SequencerError(f"grad_checkpointing: {module_name(model)} has no set_grad_checkpointing()")
+        model.set_grad_checkpointing(True)
+    model.to(device)
+    if cfg.channels_last:
+        model.to(memory_format=torch.channels_last)
+    return model, dataclasses.replace(cfg, img_size=img_size)
+
+
+def _default_img_size(model: nn.Module, data: TrainData) -> int:
+    """The model's own input size; for a module without one, the size of the caller's tensors, else 224."""
+    cfg = getattr(model, "pretrained_cfg", None) or {}
+    if cfg.get("input_size"):
+        return int(cfg["input_size"][-1])
+    if data.tensors:
+        return int(data.train_set.dataset[0][0].shape[-1])
+    return 224
+
+
+def _check_user_module(model: nn.Module, data: TrainData) -> None:
+    """The caller's module must be able to score every class; one without a ``num_classes`` cannot be checked
+    before its first batch."""
+    if not isinstance(model, nn.Module):
+        raise SequencerError(f"model must be a registry name or an nn.Module, not {type(model).__name__}")
+    heads = getattr(model, "num_classes", None)
+    if isinstance(heads, int) and heads < data.num_classes:
+        raise SequencerError(f"model {module_name(model)} has a {heads}-class head but the data has "
+                             f"{data.num_classes} classes", hint=f"call model.reset_classifier({data.num_classes})")
+    if data.resume_ckpt is not None and data.resume_ckpt.get("arch") and \
+            data.resume_ckpt["arch"] != getattr(model, "model_name", None):
+        raise SequencerError(f"`resume={data.resume_path}`: the checkpoint is a {data.resume_ckpt['arch']}, not "
+                             f"the {module_name(model)} given as model")
+
+
+def _create_model(cfg, resume_ckpt: dict | None, init_ckpt_meta: dict | None,
+                  num_classes: int) -> tuple[nn.Module, TrainConfig]:
+    """The model to train, and the settings naming it; architecture from the resumed checkpoint, else --model
+    (or an initial checkpoint's)."""
+    base = resume_ckpt or init_ckpt_meta or {}
+    if resume_ckpt is not None and not base.get("arch") and base.get("architecture"):
+        raise SequencerError(f"`resume`: {base['architecture']}", hint="pass that module as `model`")
+    if resume_ckpt is not None and cfg.model and base.get("arch") and cfg.model != base["arch"]:
+        raise SequencerError(f"`model={cfg.model}` does not match the resumed checkpoint's {base['arch']}",
+                             hint="drop `model` when resuming")
+    arch_kwargs = {}
+    name = cfg.model
+    if base.get("arch") and (not name or name == base["arch"]):
+        name = base["arch"]
+        arch_kwargs = dict(base.get("model_kwargs") or {})
+        if resume_ckpt is None:  # a new run from these weights: size, classes and regularisation come from flags
+            for k in ("num_classes", "img_size", "in_chans", "drop_rate", "drop_path_rate"):
+                arch_kwargs.pop(k, None)
+    name = name or "sequencer2d_s"
+    get_model_entry(name)
+    kwargs = dict(arch_kwargs, **cfg.model_kwargs)
+    if resume_ckpt is None:
+        kwargs.update(num_classes=num_classes, drop_rate=cfg.drop)
+        if cfg.drop_path is not None:
+            kwargs["drop_path_rate"] = cfg.drop_path
+        if cfg.img_size:
+            kwargs["img_size"] = cfg.img_size
+        if cfg.in_chans:
+            kwargs["in_chans"] = cfg.in_chans
+    try:
+        return create_model(name, pretrained=cfg.pretrained and not resume_ckpt, **kwargs), \
+            dataclasses.replace(cfg, model=name)
+    except SequencerError as e:
+        if not cfg.pretrained or e.hint is None:
+            raise
+        # the library's hint names the other commands' --checkpoint; train takes the file as --initial-checkpoint
+        message = e.message
+        raise SequencerError(f"`pretrained`: {message}",
+                             hint="download the file by other means and pass it with `initial_checkpoint=FILE`, "
+                                  "or drop `pretrained`") from None
+
+
+def wrap_model(cfg, info: dist_utils.DistInfo, model: nn.Module) -> tuple[nn.Module, nn.Module]:
+    """(the model to train: DDP across processes, compiled with --torchcompile; the model to evaluate)."""
+    train_model = model
+    if info.distributed:
+        device = info.device
+        train_model = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda"
+                                                          else None)
+    if cfg.torchcompile:
+        train_model = torch.compile(train_model, backend=cfg.torchcompile, mode=cfg.torchcompile_mode)
+    eval_model = (torch.compile(model, backend=cfg.torchcompile, mode=cfg.torchcompile_mode) if cfg.torchcompile
+                  else model)
+    return train_model, eval_model

@@ -1,0 +1,109 @@
+"""The caller's own data and model in a run: a map-style torch ``Dataset`` of ``(PIL image or CHW tensor, int)``
+seen as our datasets are (:class:`UserDataset`), and the name a module goes by in logs and folders.
+
+PIL images get the recipe's transforms (resize, crop, augmentation, normalisation); tensors are used as given. The
+caller's dataset object is never changed: transforms and label maps are set on the wrapper.
+"""
+from __future__ import annotations
+
+import torch
+from PIL import Image
+
+from ..data.datasets import ClassificationDataset
+from ..errors import SequencerError
+
+
+class UserDataset(ClassificationDataset):
+    """``dataset`` (the caller's) with the attributes the loaders use; ``tensors``: its images are tensors."""
+
+    def __init__(self, dataset, class_names: list[str], description: str, tensors: bool):
+        super().__init__(class_names, description)
+        self.dataset = dataset
+        self.tensors = tensors
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def load(self, index: int):
+        return self.dataset[index]
+
+    def __getitem__(self, index: int):
+        image, target = self.dataset[index]
+        if not isinstance(image, torch.Tensor) and self.transform is not None:
+            image = self.transform(image)
+        target = int(target)
+        if self.target_transform is not None:
+            target = self.target_transform(target)
+        return image, target
+
+
+def wrap_datasets(pair, what: str = "data") -> tuple[UserDataset, UserDataset]:
+    """The caller's ``(train, val)`` datasets as :class:`UserDataset` s labelled alike; SequencerError naming
+    ``what`` for anything else. Class names come from ``train.classes`` (else ``train.targets``, else the labels
+    read once), and the two must hold the same kind of image (PIL or tensor)."""
+    if not (isinstance(pair, (tuple, list)) and len(pair) == 2):
+        raise SequencerError(f"{what} must be a folder, a .tar, None (the digits) or a (train, val) pair of Datasets, "
+                             f"not {type(pair).__name__}")
+    train, val = pair
+    kinds = [_image_kind(ds, f"{what}[{i}]") for i, ds in enumerate(pair)]
+    if kinds[0] != kinds[1]:
+        raise SequencerError(f"{what}: the training Dataset yields {kinds[0]} images but the validation one {kinds[1]}",
+                             hint="give both the same kind")
+    names = class_names_of(train, f"{what}[0]")
+    own = getattr(val, "classes", None)
+    if own is not None and [str(c) for c in own] != names:
+        raise SequencerError(f"{what}: the validation Dataset's classes differ from the training Dataset's",
+                             hint="label both with the same class list")
+    tensors = kinds[0] == "tensor"
+    return (UserDataset(train, names, f"{type(train).__name__} (train)", tensors),
+            UserDataset(val, names, f"{type(val).__name__} (val)", tensors))
+
+
+def wrap_dataset(dataset, what: str = "data") -> UserDataset:
+    """One caller's Dataset (e.g. to validate on) as a :class:`UserDataset`."""
+    kind = _image_kind(dataset, what)
+    return UserDataset(dataset, class_names_of(dataset, what), type(dataset).__name__, kind == "tensor")
+
+
+def _image_kind(dataset, what: str) -> str:
+    """"PIL" or "tensor": the kind of image ``dataset[0]`` holds; SequencerError for anything else."""
+    if not (hasattr(dataset, "__getitem__") and hasattr(dataset, "__len__")):
+        raise SequencerError(f"{what}: {type(dataset).__name__} is not a map-style Dataset (needs __getitem__ and "
+                             f"__len__)")
+    if len(dataset) == 0:
+        raise SequencerError(f"{what}: the Dataset is empty")
+    item = dataset[0]
+    if not (isinstance(item, (tuple, list)) and len(item) == 2):
+        raise SequencerError(f"{what}: items must be (image, label) pairs, got {type(item).__name__}")
+    image, label = item
+    if isinstance(image, Image.Image):
+        return "PIL"
+    if isinstance(image, torch.Tensor) and image.ndim == 3:
+        return "tensor"
+    shape = f" of shape {tuple(image.shape)}" if isinstance(image, torch.Tensor) else ""
+    raise SequencerError(f"{what}: images must be PIL images or CHW tensors, got {type(image).__name__}{shape}")
+
+
+def class_names_of(dataset, what: str) -> list[str]:
+    """``dataset.classes`` as text; without it "0", "1", ... up to the largest label (``dataset.targets`` or every
+    item's label)."""
+    classes = getattr(dataset, "classes", None)
+    if classes is not None:
+        return [str(c) for c in classes]
+    targets = getattr(dataset, "targets", None)
+    if targets is None:
+        targets = [dataset[i][1] for i in range(len(dataset))]
+    labels = [int(t) for t in targets]
+    if min(labels) < 0:
+        raise SequencerError(f"{what}: labels must be class indices from 0, got {min(labels)}")
+    return [str(i) for i in range(max(labels) + 1)]
+
+
+def module_name(model: torch.nn.Module) -> str:
+    """A registry model's name, else the module's class name (a module we did not build)."""
+    return getattr(model, "model_name", None) or type(model).__name__
+
+
+def architecture_recorded(model: torch.nn.Module) -> bool:
+    """Whether a checkpoint of ``model`` can rebuild it by name (a registry model records its constructor)."""
+    return bool(getattr(model, "model_name", None)) and isinstance(getattr(model, "model_kwargs", None), dict)

@@ -1,0 +1,222 @@
+"""`sequencer.train` with the caller's objects: a TrainConfig (only the fields set count, never changed), typed
+settings, the caller's modules and Datasets (tensors and PIL images), callbacks, silence, Ctrl-C, the caller's
+random state; `sequencer.validate` on a module in memory."""
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import random
+import signal
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from torch import nn
+
+import sequencer
+from sequencer import SequencerError, TrainConfig
+from sequencer.engine.config import RunState, given_settings, resolve_config
+from sequencer.models.loading import read_checkpoint
+
+
+class Blobs(torch.utils.data.Dataset):
+    """Two classes told apart by the sign of the mean: (3, 8, 8) tensors, or 12x12 PIL images with ``pil``."""
+
+    def __init__(self, n: int, seed: int, pil: bool = False, classes=("dark", "light")):
+        g = torch.Generator().manual_seed(seed)
+        self.labels = torch.randint(0, 2, (n,), generator=g)
+        self.images = 0.5 * torch.randn(n, 3, 8, 8, generator=g) + (self.labels * 2 - 1)[:, None, None, None]
+        self.pil = pil
+        if classes is not None:
+            self.classes = list(classes)
+
+    def __len__(self):
+        return len(self.labels)
+
+    def __getitem__(self, i):
+        image = self.images[i]
+        if self.pil:
+            grey = int(60 + 130 * self.labels[i])
+            image = Image.new("RGB", (12, 12), (grey, grey, grey))
+        return image, int(self.labels[i])
+
+
+def tiny_net(in_features: int = 3 * 8 * 8) -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Flatten(), nn.Linear(in_features, 2))
+
+
+QUICK = dict(epochs=1, batch_size=16, workers=0, opt="adamw", lr=1e-2, device="cpu")
+
+
+# ------------------------------------------------------------------------------------------------ settings
+def test_a_config_gives_only_the_fields_set():
+    cfg = TrainConfig(epochs=3, model=None, lr=1e-3)
+    assert given_settings(cfg) == {"epochs": 3, "lr": 1e-3}  # None means the default
+    cfg.batch_size = 8
+    assert given_settings(cfg) == {"batch_size": 8, "epochs": 3, "lr": 1e-3}
+    state = RunState()
+    resolved = resolve_config(given_settings(TrainConfig(epochs=3)), state)
+    # the digits demo's defaults stand where the config says nothing (all fields given would make them timm's)
+    assert (resolved.epochs, resolved.batch_size, resolved.model, resolved.opt) == (3, 32, "sequencer2d_nano", "adamw")
+    assert state.given == {"epochs"}
+
+
+@pytest.mark.parametrize("settings, message", [
+    (dict(epochs="3"), "`epochs='3'` is not an int"),
+    (dict(epochs=2.5), "`epochs=2.5` is not an int"),
+    (dict(epochs=True), "`epochs=True` is not an int"),
+    (dict(lr="fast"), "`lr='fast'` is not a number or None"),
+    (dict(scale=(0.5, "x")), "`scale=.*` is not a list of a number"),
+    (dict(lr=nn.Sequential(nn.Linear(1, 1))), "`lr=<Sequential>` is not a number or None"),  # one line
+    (dict(amp=1), "`amp=1` is not a bool"),
+    (dict(model=3), "`model=int` is not a registry name or an nn.Module"),
+    (dict(data=42), "`data=42` is not a str or None"),
+    (dict(callbacks=[1]), "callbacks holds 1, which is not callable"),
+])
+def test_settings_of_the_wrong_type_are_refused_naming_them(settings, message, tmp_path):
+    with pytest.raises(SequencerError, match=message):
+        sequencer.train(output=str(tmp_path), progress=False, **settings)
+    assert not any(tmp_path.iterdir())
+
+
+def test_a_config_of_the_wrong_type_is_refused(tmp_path):
+    with pytest.raises(SequencerError, match="`epochs='3'` is not an int"):
+        sequencer.train(TrainConfig(epochs="3", output=str(tmp_path)), progress=False)
+    with pytest.raises(SequencerError, match="TrainConfig as its only positional argument"):
+        sequencer.train(str(tmp_path))
+
+
+# --------------------------------------------------------------------------------------------- one quick run
+@pytest.fixture(scope="module")
+def config_run(tmp_path_factory):
+    """A TrainConfig run of a foreign module on tensor Datasets, the caller's random state set beforehand."""
+    out = tmp_path_factory.mktemp("cfg")
+    cfg = TrainConfig(**QUICK, output=str(out), experiment="cfg", warmup_epochs=5)
+    before = dataclasses.asdict(cfg)
+    net = tiny_net()
+    random.seed(7)
+    np.random.seed(7)
+    torch.manual_seed(7)
+    expected = (random.getstate(), np.random.get_state()[1].copy(), torch.get_rng_state())
+    result = sequencer.train(cfg, model=net, data=(Blobs(64, 0), Blobs(32, 1)), progress=False)
+    after = (random.getstate(), np.random.get_state()[1].copy(), torch.get_rng_state())
+    return cfg, before, result, expected, after, out
+
+
+def test_the_config_is_not_changed_by_the_run(config_run):
+    cfg, before, result, *_ = config_run
+    assert dataclasses.asdict(cfg) == before  # lr, warmup, model, img_size, val_split: all as given
+    args = read_checkpoint(result.checkpoint)["args"]
+    assert args["warmup_epochs"] == 0 and args["epochs"] == 1  # the run's own settings are derived
+
+
+def test_the_summary_holds_numbers(config_run):
+    result = config_run[2]
+    assert result.summary and all(type(r["epoch"]) is int for r in result.summary)
+    assert all(type(v) is float for r in result.summary for k, v in r.items() if k != "epoch")
+    assert result.best_top1 == result.summary[0]["eval_top1"] and result.interrupted is False
+
+
+def test_the_callers_random_state_is_restored(config_run):
+    _, _, _, expected, after, _ = config_run
+    assert after[0] == expected[0]
+    assert np.array_equal(after[1], expected[1])
+    assert torch.equal(after[2], expected[2])
+
+
+def test_a_foreign_checkpoint_is_refused_by_name_and_by_resume_without_its_module(config_run):
+    out = config_run[5]
+    with pytest.raises(SequencerError, match="architecture is not recorded"):
+        sequencer.validate(out / "cfg" / "last.pth.tar", progress=False)
+    with pytest.raises(SequencerError, match="architecture is not recorded"):
+        sequencer.train(data=(Blobs(64, 0), Blobs(32, 1)), resume=str(out / "cfg" / "last.pth.tar"),
+                        **dict(QUICK, epochs=2), progress=False)
+
+
+# ------------------------------------------------------------------------------------------------ console
+def test_progress_false_prints_nothing_at_all(tmp_path, capfd):
+    """Not a line on stdout or stderr: no progress, no warning (the warmup note), no bf16 note."""
+    sequencer.train(model=tiny_net(), data=(Blobs(64, 0), Blobs(32, 1)), **QUICK, warmup_epochs=5,
+                    output=str(tmp_path), experiment="q", progress=False)
+    sequencer.validate(model=tiny_net(), data=Blobs(32, 1), progress=False, amp=True)
+    assert capfd.readouterr() == ("", "")
+
+
+def test_progress_true_shows_the_log_and_the_notes(tmp_path, capfd):
+    with pytest.warns(UserWarning, match="`warmup_epochs=5` is not below"):
+        sequencer.train(model=tiny_net(), data=(Blobs(64, 0), Blobs(32, 1)), **QUICK, warmup_epochs=5,
+                        output=str(tmp_path), experiment="p")
+    out, _ = capfd.readouterr()
+    assert out.startswith("train: Sequential") and "epoch 0: train_loss" in out and "done: eval top-1" in out
+
+
+# ------------------------------------------------------------------------------------------------ data kinds
+def test_pil_datasets_get_the_recipes_transforms_and_a_registry_module_records_its_architecture(tmp_path):
+    model = sequencer.create_model("sequencer2d_nano", num_classes=2, img_size=16)
+    result = sequencer.train(model=model, data=(Blobs(32, 0, pil=True), Blobs(16, 1, pil=True, classes=None)),
+                             **dict(QUICK, epochs=2, lr=2e-3), output=str(tmp_path), experiment="pil",
+                             progress=False)
+    ckpt = read_checkpoint(result.checkpoint)
+    assert ckpt["arch"] == "sequencer2d_nano" and "architecture" not in ckpt
+    assert ckpt["class_names"] == ["dark", "light"] and ckpt["data_config"]["img_size"] == 16
+    # a registry module's checkpoint validates by name, on the PIL images resized to its 16 px
+    again = sequencer.validate(result.checkpoint, data=Blobs(16, 1, pil=True), progress=False)
+    in_memory = sequencer.validate(model=model, data=Blobs(16, 1, pil=True), progress=False)
+    assert again.img_size == in_memory.img_size == 16
+    assert again.top1 == in_memory.top1 == pytest.approx(result.summary[-1]["eval_top1"], abs=1e-3)
+
+
+def test_a_foreign_module_trains_and_validates_under_bf16_autocast(tmp_path):
+    net = tiny_net()
+    result = sequencer.train(model=net, data=(Blobs(64, 0), Blobs(32, 1)), **QUICK, amp=True, amp_dtype="bfloat16",
+                             output=str(tmp_path), progress=False)
+    assert result.output_dir.name.endswith("-Sequential-8")  # no experiment: named by the module's class
+    row = result.summary[0]
+    assert math.isfinite(row["train_loss"]) and math.isfinite(row["eval_loss"])
+    assert read_checkpoint(result.checkpoint)["args"]["amp"] is True
+    again = sequencer.validate(model=net, data=Blobs(32, 1), amp=True, amp_dtype="bfloat16", progress=False)
+    assert again.images == 32 and math.isfinite(again.loss)
+
+
+def test_validate_leaves_a_module_in_the_mode_it_was_in():
+    net = tiny_net().train()
+    result = sequencer.validate(model=net, data=Blobs(32, 1), progress=False)
+    assert net.training and result.images == 32 and result.img_size == 8
+
+
+def test_a_head_too_small_for_the_classes_is_refused(tmp_path):
+    model = sequencer.create_model("sequencer2d_nano", num_classes=1, img_size=16)
+    with pytest.raises(SequencerError, match="1-class head but the data has 2 classes"):
+        sequencer.train(model=model, data=(Blobs(32, 0), Blobs(16, 1)), **QUICK, output=str(tmp_path),
+                        progress=False)
+
+
+# ------------------------------------------------------------------------------------------------ Ctrl-C
+class InterruptedAt(Blobs):
+    """Sends SIGINT to this process when item ``at`` is read the ``times``-th time (inside an epoch)."""
+
+    def __init__(self, *args, at: int, times: int, **kw):
+        super().__init__(*args, **kw)
+        self.at, self.times, self.seen = at, times, 0
+
+    def __getitem__(self, i):
+        if i == self.at:
+            self.seen += 1
+            if self.seen == self.times:
+                os.kill(os.getpid(), signal.SIGINT)
+        return super().__getitem__(i)
+
+
+def test_ctrl_c_raises_keyboard_interrupt_after_the_recovery_checkpoint(tmp_path):
+    train_set = InterruptedAt(64, 0, at=5, times=2)  # read once per epoch: the signal comes inside epoch 1
+    with pytest.raises(KeyboardInterrupt) as stopped:
+        sequencer.train(model=tiny_net(), data=(train_set, Blobs(32, 1)), **dict(QUICK, epochs=3),
+                        output=str(tmp_path), experiment="c", progress=False)
+    result = stopped.value.result
+    assert result.interrupted and result.exit_code == 130
+    recovery = read_checkpoint(tmp_path / "c" / "recovery.pth.tar")
+    assert recovery["epoch"] == 1 and recovery["epoch_complete"] is False
+    assert [r["epoch"] for r in result.summary] == [0]

@@ -1,0 +1,73 @@
+"""`sequencer.train` and `sequencer.validate` inside the caller's own 2-process gloo group (torch.multiprocessing,
+CPU): the run uses the group, and the group is alive afterwards on both ranks."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+from run_helpers import subprocess_env
+
+# each rank: make a group, train a small module on tensor Datasets in it, validate the module, then use the group
+WORKER = textwrap.dedent('''
+    import json, os, sys
+    import torch, torch.distributed as dist, torch.multiprocessing as mp
+    from torch import nn
+    import sequencer
+
+    class Blobs(torch.utils.data.Dataset):
+        def __init__(self, n, seed):
+            g = torch.Generator().manual_seed(seed)
+            self.labels = torch.randint(0, 2, (n,), generator=g)
+            self.images = 0.5 * torch.randn(n, 3, 8, 8, generator=g) + (self.labels * 2 - 1)[:, None, None, None]
+        def __len__(self):
+            return len(self.labels)
+        def __getitem__(self, i):
+            return self.images[i], int(self.labels[i])
+
+    def rank_main(rank, folder):
+        dist.init_process_group("gloo", init_method=f"file://{folder}/rendezvous", rank=rank, world_size=2)
+        net = nn.Sequential(nn.Flatten(), nn.Linear(192, 2))
+        result = sequencer.train(model=net, data=(Blobs(64, 0), Blobs(32, 1)), epochs=2, batch_size=8, workers=0,
+                                 opt="adamw", lr=1e-2, device="cpu", output=f"{folder}/out", experiment="group",
+                                 progress=False)
+        alive_after_train = dist.is_initialized()
+        top1 = sequencer.validate(model=net, data=Blobs(32, 1), device="cpu", progress=False).top1
+        alive = dist.is_initialized()
+        ranks = torch.tensor([float(rank)])
+        dist.all_reduce(ranks)  # the group still works
+        weights = torch.cat([p.detach().flatten() for p in net.parameters()])
+        gathered = [torch.zeros_like(weights) for _ in range(2)]
+        dist.all_gather(gathered, weights)
+        with open(f"{folder}/rank{rank}.json", "w") as f:
+            json.dump(dict(alive_after_train=alive_after_train, alive=alive, rank_sum=ranks.item(), top1=top1,
+                           same_weights=bool(torch.equal(gathered[0], gathered[1])),
+                           epochs=[r["epoch"] for r in result.summary]), f)
+        dist.destroy_process_group()
+
+    if __name__ == "__main__":
+        mp.spawn(rank_main, args=(sys.argv[1],), nprocs=2)
+''')
+
+
+@pytest.mark.slow
+def test_train_and_validate_leave_the_callers_group_alive(tmp_path):
+    script = tmp_path / "worker.py"
+    script.write_text(WORKER)
+    env = subprocess_env()
+    for name in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(name, None)
+    proc = subprocess.run([sys.executable, str(script), str(tmp_path)], capture_output=True, text=True, env=env,
+                          timeout=300)
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    for got in ranks:
+        assert got["alive_after_train"] and got["alive"] and got["rank_sum"] == 1.0
+        assert got["same_weights"]  # trained as one DDP run: both ranks end with the same weights
+        assert got["epochs"] == [0, 1]
+    assert ranks[0]["top1"] == ranks[1]["top1"]  # validate's shares were reduced over the group
+    assert [p.name for p in (tmp_path / "out").iterdir()] == ["group"]  # rank 0 wrote the one experiment folder
+    assert proc.stdout == "" and proc.stderr == ""  # progress=False on both ranks
