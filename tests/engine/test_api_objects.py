@@ -85,8 +85,8 @@ def test_settings_of_the_wrong_type_are_refused_naming_them(settings, message, t
 def test_a_config_of_the_wrong_type_is_refused(tmp_path):
     with pytest.raises(SequencerError, match="`epochs='3'` is not an int"):
         sequencer.train(TrainConfig(epochs="3", output=str(tmp_path)), progress=False)
-    with pytest.raises(SequencerError, match="TrainConfig as its only positional argument"):
-        sequencer.train(str(tmp_path))
+    with pytest.raises(SequencerError, match="data given twice"):
+        sequencer.train(str(tmp_path), data=str(tmp_path))
 
 
 # --------------------------------------------------------------------------------------------- one quick run

@@ -75,10 +75,12 @@ class TrainingInterrupted(KeyboardInterrupt):
         self.result = result
 
 
-def train(config: TrainConfig | None = None, /, *, callbacks=(), progress: bool = True, **settings) -> TrainResult:
+def train(config: TrainConfig | str | os.PathLike | None = None, /, *, callbacks=(), progress: bool = True,
+          **settings) -> TrainResult:
     """Train a model as ``sequencer train DATA --flag value ...`` does; returns the run's :class:`TrainResult`.
 
-    Settings are a :class:`~sequencer.engine.config.TrainConfig` and/or keywords (which win), named as the
+    Settings are a :class:`~sequencer.engine.config.TrainConfig` (or, positionally, the ``data``) and/or keywords
+    (which win), named as the
     command's flags with underscores (``epochs``, ``lr``, ``batch_size``, ``output``, ``experiment``, ``workers``,
     ``seed``, ``resume``, ...), merged and checked exactly as the flags are. Only the settings given count (None
     means the default): the rest keep the digits demo's defaults and a resumed run's recorded settings. A wrong
@@ -112,10 +114,13 @@ def train(config: TrainConfig | None = None, /, *, callbacks=(), progress: bool 
 
 
 def _explicit_settings(config, settings: dict) -> dict:
-    if config is not None and not isinstance(config, TrainConfig):
-        raise SequencerError(f"train() takes a TrainConfig as its only positional argument, not "
-                             f"{type(config).__name__}", hint="pass data=... and the other settings as keywords")
-    return {**(given_settings(config) if config is not None else {}), **settings}
+    """The settings given: a TrainConfig's fields set, then the keywords; a positional other than a TrainConfig
+    is the data (``train("folder")``)."""
+    if config is None or isinstance(config, TrainConfig):
+        return {**(given_settings(config) if config is not None else {}), **settings}
+    if "data" in settings:
+        raise SequencerError("train: data given twice (positionally and as data=)")
+    return {"data": config, **settings}
 
 
 def _user_module(explicit: dict) -> nn.Module | None:
