@@ -43,7 +43,7 @@ def test_class_map_naming_a_class_without_a_folder_warns(image_folder, tmp_path)
 
 
 def test_num_classes_above_the_folder_count_warns(image_folder, tmp_path):
-    with pytest.warns(UserWarning, match=r"--num-classes 5 is larger than the 3 classes.*outputs 3\.\.4 never"):
+    with pytest.warns(UserWarning, match=r"`num_classes=5` is larger than the 3 classes.*outputs 3\.\.4 never"):
         assert train_cli([image_folder, *TINY_RUN, "--epochs", "1", "--num-classes", "5",
                           "--output", tmp_path / "out", "--experiment", "n"]) == 0
 

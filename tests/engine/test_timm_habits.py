@@ -39,14 +39,15 @@ def test_log_wandb_logs_args_and_every_epoch(image_folder, tmp_path, monkeypatch
 
 def test_log_wandb_without_wandb_is_a_note_and_the_run_goes_on(image_folder, tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "wandb", None)  # import wandb -> ImportError
-    with pytest.warns(UserWarning, match="--log-wandb: wandb is not installed"):
+    with pytest.warns(UserWarning, match="`log_wandb`: wandb is not installed"):
         assert train_cli(run_args(image_folder, tmp_path, "--log-wandb")) == 0
     assert (tmp_path / "out" / "h" / "last.pth.tar").is_file()
 
 
 def test_gpu_only_and_batchnorm_flags_are_notes_on_cpu(image_folder, tmp_path, recwarn):
     assert train_cli(run_args(image_folder, tmp_path, "--pin-mem", "--no-prefetcher", "--dist-bn", "reduce")) == 0
-    notes = [str(w.message) for w in recwarn]
+    from sequencer.commands.common import as_flags
+    notes = [as_flags(str(w.message)) for w in recwarn]  # the library names parameters; the command shows flags
     for flag in ("--pin-mem", "--no-prefetcher", "--dist-bn reduce"):
         assert sum(n.startswith(flag) for n in notes) == 1, notes
 

@@ -19,13 +19,13 @@ def check_library_flags(cfg) -> None:
 
 def _check_compile(backend: str | None, mode: str | None) -> None:
     if mode is not None and mode not in COMPILE_MODES:
-        raise SequencerError(f"--torchcompile-mode {mode}: unknown mode", hint=f"modes: {', '.join(COMPILE_MODES)}")
+        raise SequencerError(f"`torchcompile_mode={mode}`: unknown mode", hint=f"modes: {', '.join(COMPILE_MODES)}")
     if not backend:
         return
     import torch._dynamo
     backends = torch._dynamo.list_backends(exclude_tags=())
     if backend not in backends:
-        raise SequencerError(f"--torchcompile {backend}: unknown torch.compile backend",
+        raise SequencerError(f"`torchcompile={backend}`: unknown torch.compile backend",
                              hint=f"backends: {', '.join(torch._dynamo.list_backends())}")
 
 
@@ -35,21 +35,21 @@ def _check_optimizer(opt: str) -> None:
     for prefix in ("lookahead_",):  # timm's optimizer wrappers, spelled as a prefix
         name = name.removeprefix(prefix)
     if name not in list_optimizers():
-        raise SequencerError(f"--opt {opt}: unknown optimizer", hint="see timm.optim.list_optimizers()")
+        raise SequencerError(f"`opt={opt}`: unknown optimizer", hint="see timm.optim.list_optimizers()")
 
 
 def _check_augment(cfg) -> None:
     from ..data.loader import INTERPOLATIONS
     if cfg.remode not in ERASING_MODES:
-        raise SequencerError(f"--remode {cfg.remode}: unknown random erasing mode",
+        raise SequencerError(f"`remode={cfg.remode}`: unknown random erasing mode",
                              hint=f"modes: {', '.join(ERASING_MODES)}")
     if cfg.train_interpolation not in INTERPOLATIONS:
-        raise SequencerError(f"--train-interpolation {cfg.train_interpolation}: unknown interpolation",
+        raise SequencerError(f"`train_interpolation={cfg.train_interpolation}`: unknown interpolation",
                              hint=f"choices: {', '.join(INTERPOLATIONS)}")
     if cfg.aa:
         from timm.data import create_transform
         try:  # build the policy once, as the loader will: timm parses the string there
             create_transform(32, is_training=True, auto_augment=cfg.aa)
         except (AssertionError, ValueError, KeyError, IndexError, TypeError) as e:
-            raise SequencerError(f"--aa {cfg.aa}: not an augmentation policy timm knows ({e or type(e).__name__})",
+            raise SequencerError(f"`aa={cfg.aa}`: not an augmentation policy timm knows ({e or type(e).__name__})",
                                  hint="e.g. rand-m9-mstd0.5-inc1, augmix-m5-w4-d2, original, v0, 3a") from None

@@ -26,10 +26,9 @@ from .config import TrainConfig, check_experiment_name
 
 _logger = logging.getLogger(__name__)
 
-# settings a resume keeps from its checkpoint: (args key, flag); the first three only with the optimizer state
-KEPT_WITH_STATE = (("opt", "--opt"), ("sched", "--sched"))
-KEPT = (("model_kwargs", "--model-kwargs"), ("in_chans", "--in-chans"), ("eval_metric", "--eval-metric"),
-        ("val_fraction", "--val-fraction"))
+# settings (args keys) a resume keeps from its checkpoint; KEPT_WITH_STATE only with the optimizer state
+KEPT_WITH_STATE = ("opt", "sched")
+KEPT = ("model_kwargs", "in_chans", "eval_metric", "val_fraction")
 NOT_INHERITED = {"data", "data_dir", "dataset", "train_split", "val_split", "class_map", "dataset_download", "config",
                  "resume", "experiment", "output", "device", "workers", "log_interval", "start_epoch", "local_rank",
                  "pretrained", "initial_checkpoint", "no_resume_opt"}
@@ -69,24 +68,24 @@ def apply_resume_contract(cfg: TrainConfig, given: frozenset[str], checkpoint: d
     saved = checkpoint.get("args") if isinstance(checkpoint.get("args"), dict) else {}
     arch = checkpoint.get("arch") or saved.get("model")
     if cfg.model and "model" in given and arch and cfg.model != arch:
-        raise SequencerError(f"--resume {path}: --model {cfg.model} vs the checkpoint's {arch}",
-                             hint="drop --model when resuming (a resume keeps its model)")
+        raise SequencerError(f"`resume={path}`: `model={cfg.model}` vs the checkpoint's {arch}",
+                             hint="drop `model` when resuming (a resume keeps its model)")
     kept = KEPT + (() if cfg.no_resume_opt else KEPT_WITH_STATE)
-    for key, flag in kept:
+    for key in kept:
         if key in given and key in saved and _differs(getattr(cfg, key), saved[key]):
-            extra = " or pass --no-resume-opt to start a fresh optimizer" if key in ("opt", "sched") else ""
-            raise SequencerError(f"--resume {path}: {flag} {_show(getattr(cfg, key))} vs the checkpoint's "
-                                 f"{_show(saved[key])}", hint=f"drop {flag} when resuming{extra}")
+            extra = " or pass `no_resume_opt` to start a fresh optimizer" if key in ("opt", "sched") else ""
+            raise SequencerError(f"`resume={path}`: `{key}={_show(getattr(cfg, key))}` vs the checkpoint's "
+                                 f"{_show(saved[key])}", hint=f"drop `{key}` when resuming{extra}")
     head = (checkpoint.get("model_kwargs") or {}).get("num_classes")
     if "num_classes" in given and cfg.num_classes is not None and head is not None and cfg.num_classes != head:
-        raise SequencerError(f"--resume {path}: --num-classes {cfg.num_classes} vs the checkpoint's {head}-class head",
-                             hint="drop --num-classes when resuming")
+        raise SequencerError(f"`resume={path}`: `num_classes={cfg.num_classes}` vs the checkpoint's {head}-class "
+                             f"head", hint="drop `num_classes` when resuming")
     class_names = [class_name(c) for c in checkpoint.get("class_names") or train_classes]
     if set(class_names) != set(train_classes):
         raise SequencerError(
-            f"--resume {path}: the checkpoint's {len(class_names)} classes ({_names(class_names)}) vs the training "
+            f"`resume={path}`: the checkpoint's {len(class_names)} classes ({_names(class_names)}) vs the training "
             f"split's {len(train_classes)} ({_names(train_classes)})",
-            hint="resume on the data the run was trained on, or start a new run with --initial-checkpoint")
+            hint="resume on the data the run was trained on, or start a new run with `initial_checkpoint`")
     for key, value in saved.items():
         if key not in given and key not in NOT_INHERITED and not key.startswith("_") and hasattr(cfg, key):
             setattr(cfg, key, value)
@@ -116,6 +115,6 @@ def read_resume_checkpoint(path: str) -> dict:
     """The checkpoint to resume; SequencerError for a file that is not a training checkpoint of ours."""
     checkpoint = read_checkpoint(path)
     if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint or "epoch" not in checkpoint:
-        raise SequencerError(f"--resume {path}: not a training checkpoint written by `sequencer train`",
-                             hint="use --initial-checkpoint to start a new run from these weights")
+        raise SequencerError(f"`resume={path}`: not a training checkpoint written by `sequencer train`",
+                             hint="use `initial_checkpoint` to start a new run from these weights")
     return checkpoint

@@ -3,19 +3,19 @@
 line what we do instead; none stops a run. (The flags are defined in ``commands/train.py``.)"""
 from __future__ import annotations
 
-import warnings
+from .guest import warn
 
 
 def notes(cfg, device) -> list[str]:
     """One line per habit flag that has nothing to do on this run."""
     out = []
     if cfg.dist_bn:
-        out.append(f"--dist-bn {cfg.dist_bn}: Sequencer models have no BatchNorm (LayerNorm only), nothing to sync")
+        out.append(f"`dist_bn={cfg.dist_bn}`: Sequencer models have no BatchNorm (LayerNorm only), nothing to sync")
     if device.type != "cuda":
         if cfg.pin_mem:
-            out.append(f"--pin-mem: pinned memory only speeds copies to a GPU; ignored on {device.type}")
+            out.append(f"`pin_mem`: pinned memory only speeds copies to a GPU; ignored on {device.type}")
         if cfg.no_prefetcher:
-            out.append(f"--no-prefetcher: on {device.type} batches are always normalised by the workers already")
+            out.append(f"`no_prefetcher`: on {device.type} batches are always normalised by the workers already")
     return out
 
 
@@ -33,7 +33,7 @@ def start_wandb(cfg, args: dict):
     try:
         import wandb
     except ImportError:
-        warnings.warn("--log-wandb: wandb is not installed, not logging to Weights & Biases (pip install wandb); "
+        warn("`log_wandb`: wandb is not installed, not logging to Weights & Biases (pip install wandb); "
                       "summary.csv has every epoch")
         return None
     return wandb.init(project=cfg.experiment or None, name=cfg.experiment or None, config=args)

@@ -60,16 +60,16 @@ def build_data(cfg, state, info: dist_utils.DistInfo) -> tuple[TrainData, object
                                                    resume_ckpt)
     num_classes = cfg.num_classes or len(class_names)
     if num_classes < len(class_names):
-        raise SequencerError(f"--num-classes {num_classes} is smaller than the {len(class_names)} classes of the "
-                             f"training data", hint=f"use --num-classes {len(class_names)} or drop it")
+        raise SequencerError(f"`num_classes={num_classes}` is smaller than the {len(class_names)} classes of the "
+                             f"training data", hint=f"use `num_classes={len(class_names)}` or drop it")
     check_classes(cfg, info, train_set, class_names, num_classes)
     # the class folders a --class-map left out: checkpoints keep them, so validate leaves them out too
     ignored = sorted(set(train_set.ignored_classes) | set(getattr(eval_set, "ignored_classes", [])))
     if len(train_set) < cfg.batch_size * info.world_size:
         raise SequencerError(
-            f"--batch-size {cfg.batch_size} is larger than the training split ({len(train_set)} images"
+            f"`batch_size={cfg.batch_size}` is larger than the training split ({len(train_set)} images"
             f"{f' over {info.world_size} processes' if info.distributed else ''})",
-            hint=f"use --batch-size {max(1, len(train_set) // info.world_size // 2 * 2)} or less")
+            hint=f"use `batch_size={max(1, len(train_set) // info.world_size // 2 * 2)}` or less")
     return TrainData(train_set, eval_set, class_names, num_classes, resume_path, resume_ckpt, ignored,
                      tensors=bool(user_sets and user_sets[0].tensors)), cfg
 
@@ -90,7 +90,7 @@ def check_classes(cfg, info, train_set, class_names: list[str], num_classes: int
         warn(f"the training split has no images of {len(empty)} class(es) {source} "
                       f"({', '.join(empty[:5])}{', ...' if len(empty) > 5 else ''}): their outputs never train")
     if num_classes > len(class_names):
-        warn(f"--num-classes {num_classes} is larger than the {len(class_names)} classes of the training "
+        warn(f"`num_classes={num_classes}` is larger than the {len(class_names)} classes of the training "
                       f"data: outputs {len(class_names)}..{num_classes - 1} never train")
 
 
@@ -110,10 +110,10 @@ def _held_out_split(cfg, state, info, dataset_kw: dict, class_names: list[str], 
         return (*_carve(cfg, info, train_set, carved.files if carved is not None else None), cfg)
     if train_set.whole_root:
         if cfg.sched == "plateau":
-            raise SequencerError(f"--sched plateau steps on the held-out metric, and {cfg.data} has no held-out split",
-                                 hint="pass --val-fraction 0.1 to hold out a share, or another --sched")
+            raise SequencerError(f"`sched=plateau` steps on the held-out metric, and {cfg.data} has no held-out split",
+                                 hint="pass `val_fraction=0.1` to hold out a share, or another `sched`")
         state.start_warnings.append(f"{cfg.data} has no split folders, so no held-out split: training without "
-                                    f"evaluation on all of it, checkpoints by epoch (pass --val-fraction 0.1 to "
+                                    f"evaluation on all of it, checkpoints by epoch (pass `val_fraction=0.1` to "
                                     f"hold out a tenth)")
         return train_set, None, cfg
     return (train_set, *_eval_split(cfg, state, info, dataset_kw, class_names, train_set))
@@ -125,13 +125,13 @@ def _carve(cfg, info, train_set, files: list[str] | None) -> tuple:
     own = cfg.dataset.lower() not in ("", "folder", "image_folder", "tar") or \
         (not train_set.whole_root and has_split(cfg.data, held_out_split(cfg.data, cfg.val_split)))
     if own:
-        raise SequencerError(f"--val-fraction {cfg.val_fraction}: {cfg.dataset or cfg.data} has a held-out split of "
-                             f"its own", hint="drop --val-fraction (it is for data without a held-out split)")
+        raise SequencerError(f"`val_fraction={cfg.val_fraction}`: {cfg.dataset or cfg.data} has a held-out split of "
+                             f"its own", hint="drop `val_fraction` (it is for data without a held-out split)")
     files = files if files is not None else carve_held_out(train_set, cfg.val_fraction, cfg.seed)
     train_set, eval_set = split_by_keys(train_set, files)
     eval_set.held_out_files = list(files)
     print_on_primary(info, f"note: holding out {len(eval_set)} of the {len(train_set) + len(eval_set)} training "
-                           f"images (--val-fraction {cfg.val_fraction}, seed {cfg.seed}; listed in val_files.txt)")
+                           f"images (`val_fraction={cfg.val_fraction}`, seed {cfg.seed}; listed in val_files.txt)")
     return train_set, eval_set
 
 
