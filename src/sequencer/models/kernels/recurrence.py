@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+from typing import List
 
 import torch
 import torch.nn.functional as F
@@ -216,8 +217,9 @@ def _vf_rnn(x: torch.Tensor, weights: list[torch.Tensor], mode: str, num_layers:
     return fn(x, hx, weights, has_biases, num_layers, 0.0, train, bidirectional, True)[0]
 
 
+# The custom ops' annotations say typing.List: torch < 2.8 infers no schema from PEP 585's list[...]
 @torch.library.custom_op("sequencer::rnn_native", mutates_args=())
-def rnn_native(x: torch.Tensor, weights: list[torch.Tensor], mode: str, num_layers: int, bidirectional: bool,
+def rnn_native(x: torch.Tensor, weights: List[torch.Tensor], mode: str, num_layers: int, bidirectional: bool,
                has_biases: bool, train: bool) -> torch.Tensor:
     """ATen's LSTM/GRU/RNN as one opaque op for ``torch.compile``. x: (N, T, C) -> (N, T, D*H).
 
@@ -244,8 +246,8 @@ def _(x, weights, mode, num_layers, bidirectional, has_biases, train):
 
 
 @torch.library.custom_op("sequencer::rnn_native_backward", mutates_args=())
-def rnn_native_backward(grad: torch.Tensor, x: torch.Tensor, weights: list[torch.Tensor], mode: str,
-                        num_layers: int, bidirectional: bool, has_biases: bool) -> list[torch.Tensor]:
+def rnn_native_backward(grad: torch.Tensor, x: torch.Tensor, weights: List[torch.Tensor], mode: str,
+                        num_layers: int, bidirectional: bool, has_biases: bool) -> List[torch.Tensor]:
     """[dL/dx, dL/dw for each weight] of :func:`rnn_native`, by recomputing the layer on detached leaves.
 
     An op's implementation runs with autograd's dispatch keys excluded, so autograd would record nothing; they are

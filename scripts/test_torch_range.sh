@@ -1,0 +1,54 @@
+#!/usr/bin/env bash
+# The fast model, engine and API tests on the oldest torch pyproject.toml declares (its floor) and on the newest
+# release the package index serves, each in its own virtual environment made from the index: .venvs/torch-<V>.
+# Idempotent as scripts/setup.sh: an environment is made again only when this script or pyproject.toml changed.
+# .ci/run calls it after the suite on the pinned torch; the README says which versions last passed.
+#
+#   bash scripts/test_torch_range.sh                 # both ends of the range
+#   bash scripts/test_torch_range.sh 2.11.0          # a release inside it (one of TORCHVISION's)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PYTHON="${PYTHON:-python3}"
+
+# torch version -> the torchvision built for it (0.29.2 is the newest torchvision and declares torch>=2.14, so it
+# serves 2.15 too). RANGE: pyproject's floor and the newest release; the others were run once (README).
+declare -A TORCHVISION=([2.6.0]=0.21.0 [2.8.0]=0.23.0 [2.11.0]=0.26.0 [2.15.0]=0.29.2)
+RANGE=(2.6.0 2.15.0)
+
+# the fast tests of the models, the engine and the library API (the slow end-to-end runs stay with the pinned
+# suite). The PyPI wheels bring Triton, whose CPU interpreter (a test-only path) fails under them (torch 2.11:
+# wrap_triton refuses interpreted kernels; 2.15: "mask has unsupported dtype"): the fused kernel's tests run on a
+# GPU (benchmarks/gpu_session.sh), and TRITON_INTERPRET=0 skips them here.
+TESTS=(tests/models tests/engine/test_api.py tests/engine/test_amp.py tests/engine/test_evaluate.py
+       tests/engine/test_train.py tests/engine/test_training_settings_reach_timm.py tests/test_cli.py)
+
+make_venv() {  # $1 torch version -> .venvs/torch-$1 with that torch, its torchvision and the package's deps
+    local venv=".venvs/torch-$1" stamp want
+    stamp="$venv/.sequencer-setup"
+    want="$(sha256sum pyproject.toml scripts/test_torch_range.sh | sha256sum | cut -d' ' -f1)"
+    if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ]; then
+        return 0
+    fi
+    echo "making $venv (torch $1 from the package index: a few minutes, ~5 GB with its CUDA libraries)" >&2
+    "$PYTHON" -m venv --clear "$venv"
+    # this machine's pip config caps torch at the locally served release: an empty constraints file lifts the cap
+    PIP_CONSTRAINT=/dev/null "$venv/bin/python" -m pip install -q --disable-pip-version-check \
+        "torch==$1" "torchvision==${TORCHVISION[$1]}" -e ".[test]" 2>&1 \
+        | { grep -v "^WARNING: Location '.*' is ignored" || true; }
+    [ "${PIPESTATUS[0]}" -eq 0 ] || return 1
+    echo "$want" > "$stamp"
+}
+
+status=0
+for version in "${@:-${RANGE[@]}}"; do
+    if [ -z "${TORCHVISION[$version]:-}" ]; then
+        echo "torch $version is not in this script's range (${RANGE[*]})" >&2
+        exit 2
+    fi
+    make_venv "$version"
+    echo "== torch $version: $(".venvs/torch-$version/bin/python" -c 'import torch, torchvision, timm
+print(f"torch {torch.__version__}, torchvision {torchvision.__version__}, timm {timm.__version__}")')" >&2
+    TRITON_INTERPRET=0 ".venvs/torch-$version/bin/python" -m pytest -q -m "not slow" -p no:cacheprovider \
+        "${TESTS[@]}" || status=1
+done
+exit "$status"
