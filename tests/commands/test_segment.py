@@ -127,6 +127,22 @@ def test_bad_mask_is_one_line_before_anything_is_written(tmp_path, capsys):
     assert not (tmp_path / "out").exists()
 
 
+def test_bad_setting_names_the_parameter_in_the_api_and_the_flag_on_the_command_line(tmp_path, capsys):
+    """The library's message names SegmentConfig's field; the command shows the flag that sets it."""
+    from sequencer.engine.segmentation import SegmentConfig, train_segmenter
+    from sequencer.errors import SequencerError
+
+    voc = make_voc(tmp_path / "voc", n_train=4, n_val=2)
+    with pytest.raises(SequencerError, match=r"^`warmup_iters=-1`: must not be negative$"):
+        train_segmenter(SegmentConfig(data=str(voc), epochs=1, warmup_iters=-1, output=str(tmp_path / "out")))
+    capsys.readouterr()
+    code = segment("train", voc, "--epochs", 1, "--warmup-iters", -1, "--output", tmp_path / "out")
+    err = capsys.readouterr().err
+    assert code == 2
+    assert err == "sequencer segment: error: --warmup-iters -1: must not be negative\n"
+    assert not (tmp_path / "out").exists()
+
+
 def test_train_with_workers(tmp_path, capsys):
     """Two data-loader workers for training and evaluation (the default uses workers); validate in the main
     process gives the same numbers."""

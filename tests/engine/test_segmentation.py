@@ -106,9 +106,9 @@ def test_heads_compiled_match_eager(head):
 
 # ------------------------------------------------------------------------------------------------- training
 def test_config_needs_one_length(tmp_path):
-    with pytest.raises(SequencerError, match="--iters N .* or --epochs N"):
+    with pytest.raises(SequencerError, match=r"`iters=N` .* or `epochs=N`"):
         train_segmenter(tiny_config(tmp_path, tmp_path / "out"))
-    with pytest.raises(SequencerError, match="--resume auto needs --experiment"):
+    with pytest.raises(SequencerError, match="`resume=auto` needs `experiment=NAME`"):
         train_segmenter(tiny_config(tmp_path, tmp_path / "out", epochs=1, resume="auto"))
 
 

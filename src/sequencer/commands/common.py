@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import ast
 import contextlib
+import dataclasses
 import os
 import re
 import sys
@@ -18,6 +19,7 @@ import torch
 from ..engine.config import config_defaults
 from ..engine.distributed import PeerGone, record_own_failure
 from ..engine.inference import LoadedModel, load_model, resolve_device
+from ..engine.segmentation import SegmentConfig
 from ..errors import SequencerError
 from ..models import get_model_entry
 from ..tools.onnx_runtime import load_onnx, note_other_cpu
@@ -25,14 +27,16 @@ from ..tools.onnx_runtime import load_onnx, note_other_cpu
 
 # The library's parameters that messages name (in backticks, errors.py) -> the flag that sets them on the command line
 PARAMETER_FLAGS = {
-    # train's settings are TrainConfig's fields, each set by the flag of that name (DATA: the positional argument)
-    **{name: "--" + name.replace("_", "-") for name in config_defaults()}, "data": "DATA", "checkpoint": "--checkpoint",
-    "batch_size": "--batch-size", "crop_pct": "--crop-pct", "class_map": "--class-map", "mean": "--mean",
-    "std": "--std", "interpolation": "--interpolation", "download": "--dataset-download", "name": "--dataset",
-    "root": "DATA", "checkpoint_path": "--checkpoint", "model": "--model", "onnx": "--onnx",
-    "num_classes": "--num-classes", "img_size": "--img-size", "input_size": "--input-size", "resume": "--resume",
-    "stages": "--stage", "target_cpu": "--target-cpu", "corruptions": "--corruptions", "amp_dtype": "--amp-dtype",
-    "val_fraction": "--val-fraction",
+    # train's and segment train's settings are TrainConfig's and SegmentConfig's fields, each set by the flag of that
+    # name (DATA: the positional argument)
+    **{name: "--" + name.replace("_", "-")
+       for name in [*config_defaults(), *(f.name for f in dataclasses.fields(SegmentConfig))]},
+    "data": "DATA", "checkpoint": "--checkpoint", "batch_size": "--batch-size", "crop_pct": "--crop-pct",
+    "class_map": "--class-map", "mean": "--mean", "std": "--std", "interpolation": "--interpolation",
+    "download": "--dataset-download", "name": "--dataset", "root": "DATA", "checkpoint_path": "--checkpoint",
+    "model": "--model", "onnx": "--onnx", "num_classes": "--num-classes", "img_size": "--img-size",
+    "input_size": "--input-size", "resume": "--resume", "stages": "--stage", "target_cpu": "--target-cpu",
+    "corruptions": "--corruptions", "amp_dtype": "--amp-dtype", "val_fraction": "--val-fraction",
 }
 _PARAMETER = re.compile(r"`(\w+)(?:=([^`]*))?`")
 

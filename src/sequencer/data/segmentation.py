@@ -87,7 +87,7 @@ def open_split(root: str | os.PathLike, split: str, layout: str = "", num_classe
     if num_classes is None:
         num_classes = ADE20K_NUM_CLASSES if layout == "ade20k" else len(VOC_CLASSES)
     if not 1 <= num_classes <= IGNORE_INDEX - int(reduce):
-        raise SequencerError(f"--num-classes {num_classes}: must be 1..{IGNORE_INDEX - int(reduce)} (8-bit masks, "
+        raise SequencerError(f"`num_classes={num_classes}`: must be 1..{IGNORE_INDEX - int(reduce)} (8-bit masks, "
                              f"{IGNORE_INDEX} is ignored)")
     images, masks = (_voc_pairs if layout == "voc" else _ade20k_pairs)(root, split)
     if not images:
@@ -135,7 +135,7 @@ def _ade20k_pairs(root: Path, split: str) -> tuple[list[Path], list[Path]]:
     folder = root / "images" / folder_name
     if not folder.is_dir():
         raise SequencerError(f"ADE20K split folder {str(folder)!r} does not exist",
-                             hint="use --train-split training / --val-split validation")
+                             hint="use `train_split=training` / `val_split=validation`")
     images = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS and not p.name.startswith("."))
     masks = [root / "annotations" / folder_name / f"{p.stem}.png" for p in images]
     return images, masks

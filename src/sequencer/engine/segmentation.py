@@ -2,12 +2,12 @@
 
 It runs on the classification engine's pieces: torchrun/DDP (``distributed``), the experiment folder, its claim,
 ``args.yaml`` and ``summary.csv`` (``outputs``), atomic checkpoints with best-N history and RNG state
-(``checkpoint``), ``--resume auto`` (``resume``), SIGTERM/SIGINT recovery checkpoints (``loop.StopRequest``), the
-``--amp`` policy (``train.amp_setup``) and the data loader with seeded workers (``data.create_loader``).
+(``checkpoint``), ``resume="auto"`` (``resume``), SIGTERM/SIGINT recovery checkpoints (``loop.StopRequest``), the
+``amp`` policy (``train.amp_setup``) and the data loader with seeded workers (``data.create_loader``).
 
 Schedule: AdamW (timm's optimizer factory: no weight decay on norms and biases) with a poly decay per update after
-a linear warmup (``--warmup-iters``), as mmsegmentation's recipes. The length is ``--iters`` updates (the last epoch
-stops part-way) or ``--epochs`` passes. Evaluation every ``--eval-interval`` epochs and after the last; the best
+a linear warmup (``warmup_iters``), as mmsegmentation's recipes. The length is ``iters`` updates (the last epoch
+stops part-way) or ``epochs`` passes. Evaluation every ``eval_interval`` epochs and after the last; the best
 mIoU is ``model_best.pth.tar``.
 
 Checkpoints hold ``segmenter`` (the model's config), ``class_names``, ``data_config`` (normalisation, crop and
@@ -107,37 +107,34 @@ class SegmentResult:
 
 
 def check_segment_config(cfg: SegmentConfig) -> None:
-    """SequencerError (one line naming the flag) for settings that cannot work, before anything runs."""
+    """SequencerError (one line naming the setting, `` `lr=0` ``) for settings that cannot work, before anything
+    runs."""
     from .inference import resolve_device
 
-    def bad(flag, value, why):
-        raise SequencerError(f"{flag} {value}: {why}")
+    def bad(name, value, why):
+        raise SequencerError(f"`{name}={value}`: {why}")
 
     if not cfg.data:
-        raise SequencerError("no dataset folder given", hint="sequencer segment train DATA ...")
+        raise SequencerError("no dataset folder given", hint="give `data`, the dataset folder")
     if (cfg.epochs is None) == (cfg.iters is None):
-        raise SequencerError("give the run's length as --iters N (updates) or --epochs N, one of them")
-    for flag, value in (("--epochs", cfg.epochs), ("--iters", cfg.iters), ("--img-size", cfg.img_size),
-                        ("--batch-size", cfg.batch_size), ("--eval-interval", cfg.eval_interval),
-                        ("--head-channels", cfg.head_channels), ("--out-channels", cfg.out_channels),
-                        ("--log-interval", cfg.log_interval), ("--eval-size", cfg.eval_size),
-                        ("--stride", cfg.stride)):
-        if value is not None and value < 1:
-            bad(flag, value, "must be at least 1")
-    for flag, value in (("--warmup-iters", cfg.warmup_iters), ("--workers", cfg.workers),
-                        ("--checkpoint-hist", cfg.checkpoint_hist)):
-        if value < 0:
-            bad(flag, value, "must not be negative")
+        raise SequencerError("give the run's length as `iters=N` (updates) or `epochs=N`, one of them")
+    for name in ("epochs", "iters", "img_size", "batch_size", "eval_interval", "head_channels", "out_channels",
+                 "log_interval", "eval_size", "stride"):
+        if getattr(cfg, name) is not None and getattr(cfg, name) < 1:
+            bad(name, getattr(cfg, name), "must be at least 1")
+    for name in ("warmup_iters", "workers", "checkpoint_hist"):
+        if getattr(cfg, name) < 0:
+            bad(name, getattr(cfg, name), "must not be negative")
     if not (cfg.lr > 0 and math.isfinite(cfg.lr)):
-        bad("--lr", cfg.lr, "must be a positive number")
+        bad("lr", cfg.lr, "must be a positive number")
     if cfg.head not in HEADS:
-        bad("--head", cfg.head, f"use one of {', '.join(HEADS)}")
+        bad("head", cfg.head, f"use one of {', '.join(HEADS)}")
     if cfg.eval_mode not in EVAL_MODES:
-        bad("--eval-mode", cfg.eval_mode, f"use one of {', '.join(EVAL_MODES)}")
+        bad("eval_mode", cfg.eval_mode, f"use one of {', '.join(EVAL_MODES)}")
     if cfg.amp_dtype not in ("float16", "bfloat16"):
-        bad("--amp-dtype", cfg.amp_dtype, "use float16 or bfloat16")
+        bad("amp_dtype", cfg.amp_dtype, "use float16 or bfloat16")
     if cfg.resume == "auto" and not cfg.experiment:
-        raise SequencerError("--resume auto needs --experiment NAME (the folder it looks in)")
+        raise SequencerError("`resume=auto` needs `experiment=NAME` (the folder it looks in)")
     get_model_entry(cfg.backbone)
     resolve_device(cfg.device)
 
@@ -193,7 +190,7 @@ def _train(cfg: SegmentConfig, state: RunState, info: dist_utils.DistInfo) -> Se
     run = _build_run(cfg, info, model, train_split, val_split)
     start_epoch = _restore(run, resume_ckpt)
     if start_epoch >= run.num_epochs:
-        _logger.info("--resume %s: the run already finished its %d epochs; nothing to do", resume_path,
+        _logger.info("`resume=%s`: the run already finished its %d epochs; nothing to do", resume_path,
                      run.num_epochs)
         return _result(Path(resume_path).parent, None, 0)
     run.out = prepare_outputs(cfg, state, info, resume_path or None, resume_ckpt, start_epoch, cfg.img_size)
@@ -226,8 +223,8 @@ def _open_splits(cfg: SegmentConfig, resume_ckpt: dict | None):
     saved = (resume_ckpt or {}).get("segmenter") or {}
     num_classes = cfg.num_classes if cfg.num_classes is not None else saved.get("num_classes")
     if saved and cfg.num_classes is not None and cfg.num_classes != saved.get("num_classes"):
-        raise SequencerError(f"--resume: --num-classes {cfg.num_classes} vs the checkpoint's "
-                             f"{saved.get('num_classes')}", hint="drop --num-classes when resuming")
+        raise SequencerError(f"`resume={cfg.resume}`: `num_classes={cfg.num_classes}` vs the checkpoint's "
+                             f"{saved.get('num_classes')}", hint="leave `num_classes` unset when resuming")
     names = (resume_ckpt or {}).get("class_names")
     kw = dict(layout=cfg.layout, num_classes=num_classes, reduce_zero_label=cfg.reduce_zero_label, class_names=names)
     train_split = open_split(cfg.data, cfg.train_split, **kw)
@@ -239,11 +236,12 @@ def _build_model(cfg: SegmentConfig, num_classes: int, resume_ckpt: dict | None,
     if resume_ckpt is not None:
         saved = resume_ckpt.get("segmenter")
         if not isinstance(saved, dict):
-            raise SequencerError(f"--resume {cfg.resume}: not a `sequencer segment train` checkpoint")
+            raise SequencerError(f"`resume={cfg.resume}`: not a segmentation checkpoint written by "
+                                 "`sequencer segment train`")
         for key in ("backbone", "head"):
             if getattr(cfg, key) != saved.get(key):
-                raise SequencerError(f"--resume: --{key} {getattr(cfg, key)} vs the checkpoint's {saved.get(key)}",
-                                     hint=f"pass the run's --{key} when resuming")
+                raise SequencerError(f"`resume={cfg.resume}`: `{key}={getattr(cfg, key)}` vs the checkpoint's "
+                                     f"{saved.get(key)}", hint=f"pass the run's `{key}` when resuming")
         model = segmenter_from_config(saved)
         model.load_state_dict(resume_ckpt["state_dict"])
     else:
@@ -281,7 +279,7 @@ def _build_run(cfg: SegmentConfig, info, model: nn.Module, train_split, val_spli
     try:
         optimizer = create_optimizer_v2(model, opt=cfg.opt, lr=cfg.lr, weight_decay=cfg.weight_decay)
     except (ValueError, AssertionError, KeyError) as e:
-        raise SequencerError(f"--opt {cfg.opt}: {e}", hint="see timm.optim.list_optimizers()") from None
+        raise SequencerError(f"`opt={cfg.opt}`: {e}", hint="see timm.optim.list_optimizers()") from None
     warmup = min(cfg.warmup_iters, total - 1)
     scheduler = PolyLRScheduler(optimizer, t_initial=max(1, total - warmup), power=cfg.poly_power, lr_min=cfg.min_lr,
                                 warmup_t=warmup, warmup_lr_init=cfg.lr * cfg.warmup_ratio, warmup_prefix=True,
@@ -313,7 +311,8 @@ def _restore(run: _Run, checkpoint: dict | None) -> int:
     if isinstance(rng, list) and len(rng) == run.info.world_size:
         set_rng_state(rng[run.info.rank])
     else:
-        _logger.warning("--resume: RNG state missing or from another number of processes; reseeding")
+        _logger.warning("`resume=%s`: RNG state missing or from another number of processes; reseeding",
+                        run.cfg.resume)
         random_seed(run.cfg.seed + start_epoch, run.info.rank)
     run.scheduler.step_update(start_epoch * run.updates_per_epoch)
     return start_epoch
@@ -367,7 +366,7 @@ def _must_stop(run: _Run, stop: StopRequest, loss_value: float, epoch: int, step
     stop_flag, bad = dist_utils.all_reduce_max([float(stop.signum), float(not math.isfinite(loss_value))], run.info)
     if bad:
         raise SequencerError(f"loss is not finite ({loss_value}) at epoch {epoch} step {step}; training stopped "
-                             f"before that update", hint="lower --lr, add --clip-grad, or use --amp-dtype bfloat16")
+                             f"before that update", hint="lower `lr`, set `clip_grad`, or use `amp_dtype=bfloat16`")
     if stop_flag:
         stop.signum = stop.signum or int(stop_flag)
     return bool(stop_flag)
@@ -417,7 +416,7 @@ def _save_recovery(run: _Run, epoch: int, step: int, signum: int) -> int:
     rng_states = dist_utils.all_gather_object(get_rng_state(), run.info)
     if run.info.is_primary:
         path = run.out.manager.save_recovery(_checkpoint_state(run, epoch, False, step, None, rng_states))
-        _logger.warning("stopped by %s at epoch %d step %d; recovery checkpoint %s (--resume auto continues)",
+        _logger.warning("stopped by %s at epoch %d step %d; recovery checkpoint %s (`resume=auto` continues)",
                         signal.Signals(signum).name, epoch, step, path)
     dist_utils.barrier(run.info)
     return 128 + signum

@@ -159,7 +159,7 @@ def inference_settings(data_config: dict, mode: str | None, stride: int | None,
     a checkpoint validates to the logged numbers), with ``mode``/``stride`` overriding them when given."""
     mode = mode or data_config.get("eval_mode", "whole")
     if mode not in EVAL_MODES:
-        raise SequencerError(f"--eval-mode {mode!r}: use one of {', '.join(EVAL_MODES)}")
+        raise SequencerError(f"`eval_mode={mode}`: use one of {', '.join(EVAL_MODES)}")
     amp_dtype = getattr(torch, data_config["eval_amp_dtype"]) if data_config.get("eval_amp_dtype") else None
     if device.type == "cpu" and amp_dtype == torch.float16:
         amp_dtype = torch.bfloat16  # CPU autocast is a bfloat16 feature (the --amp policy)

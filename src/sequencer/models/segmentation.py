@@ -121,7 +121,7 @@ def create_segmenter(backbone: str, num_classes: int, head: str = "upernet", hea
     and ``head`` (``upernet`` or ``fpn``, ``head_channels`` wide). ``backbone_checkpoint`` (ours, the release or
     timm's ImageNet classification weights) or ``pretrained`` initialise the backbone."""
     if head not in HEADS:
-        raise SequencerError(f"unknown segmentation head {head!r}", hint=f"use one of {', '.join(HEADS)}")
+        raise SequencerError(f"`head={head}`: unknown segmentation head", hint=f"use one of {', '.join(HEADS)}")
     config = dict(backbone=backbone, num_classes=int(num_classes), head=head, head_channels=int(head_channels),
                   out_channels=int(out_channels), backbone_kwargs=dict(backbone_kwargs or {}))
     net = create_backbone(backbone, pretrained=pretrained, checkpoint_path=backbone_checkpoint or None,
