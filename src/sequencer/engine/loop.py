@@ -335,28 +335,39 @@ def save_recovery(run: TrainingRun, epoch: int, step: int, signum: int) -> int:
     return 128 + signum
 
 
-def checkpoint_state(run: TrainingRun, epoch: int, complete: bool, step: int, metric, rng_states) -> dict:
-    model, opt = run.model, run.opt
-    recorded = architecture_recorded(model)
-    state = {
+def training_checkpoint(model: nn.Module, optimizer, scaler, cfg, epoch: int, complete: bool, step: int, metric,
+                        rng_states, **described) -> dict:
+    """The keys every training checkpoint holds, classification's (:func:`checkpoint_state`) and segmentation's:
+    ``version``, what the model is (``described``: e.g. ``arch`` or ``segmenter``, ``class_names``, ``data_config``),
+    the weights, optimizer and scaler state, the position a resume starts from (``epoch``, ``epoch_complete``,
+    ``step``), the epoch's ``metric``, the run's settings (``args``) and every process's ``rng_state``."""
+    return {
         "version": CHECKPOINT_VERSION,
-        "arch": model.model_name if recorded else None,
-        "model_kwargs": plain(model.model_kwargs) if recorded else None,
-        "class_names": list(run.class_names),
-        "data_config": plain(run.loaders.data_config),
-        "data": (data_record(run.cfg, getattr(run.loaders.eval, "dataset", None)) if run.state.datasets is None
-                 else CALLERS_DATA),
+        **described,
         "state_dict": model.state_dict(),
-        "optimizer": opt.optimizer.state_dict(),
-        "scheduler": opt.scheduler.state_dict() if opt.scheduler is not None else None,
-        "scaler": opt.scaler.state_dict(),
+        "optimizer": optimizer.state_dict(),
+        "scaler": scaler.state_dict(),
         "epoch": epoch,
         "epoch_complete": complete,
         "step": step,
         "metric": metric,
-        "args": run_args(run.cfg),
+        "args": run_args(cfg),
         "rng_state": rng_states,
     }
+
+
+def checkpoint_state(run: TrainingRun, epoch: int, complete: bool, step: int, metric, rng_states) -> dict:
+    model, opt = run.model, run.opt
+    recorded = architecture_recorded(model)
+    state = training_checkpoint(
+        model, opt.optimizer, opt.scaler, run.cfg, epoch, complete, step, metric, rng_states,
+        arch=model.model_name if recorded else None,
+        model_kwargs=plain(model.model_kwargs) if recorded else None,
+        class_names=list(run.class_names),
+        data_config=plain(run.loaders.data_config),
+        data=(data_record(run.cfg, getattr(run.loaders.eval, "dataset", None)) if run.state.datasets is None
+              else CALLERS_DATA),
+        scheduler=opt.scheduler.state_dict() if opt.scheduler is not None else None)
     if not recorded:  # loading it by name (validate, predict, resume without the module) says so
         state["architecture"] = (f"the weights of a {type(model).__module__}.{type(model).__qualname__} given to "
                                  f"sequencer.train; its architecture is not recorded: load state_dict into that "

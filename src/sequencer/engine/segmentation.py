@@ -32,10 +32,10 @@ from ..errors import SequencerError
 from ..models import get_model_entry
 from ..models.segmentation import HEADS, create_segmenter, segmenter_from_config
 from . import distributed as dist_utils
-from .checkpoint import CHECKPOINT_VERSION, get_rng_state, resume_position, set_rng_state
+from .checkpoint import get_rng_state, resume_position, set_rng_state
 from .config import RunState
-from .loop import StopRequest, current_lr
-from .outputs import plain, prepare_outputs, read_summary, release_claim, remove_if_empty, run_args, write_summary
+from .loop import StopRequest, current_lr, training_checkpoint
+from .outputs import plain, prepare_outputs, read_summary, release_claim, remove_if_empty, write_summary
 from .resume import locate_resume, read_resume_checkpoint
 from .segmentation_eval import EVAL_MODES, eval_loader, evaluate_segmentation, inference_settings, metrics_row
 from .train import amp_setup
@@ -374,22 +374,10 @@ def _must_stop(run: _Run, stop: StopRequest, loss_value: float, epoch: int, step
 
 # -------------------------------------------------------------------------------------------------- saving
 def _checkpoint_state(run: _Run, epoch: int, complete: bool, step: int, metric, rng_states) -> dict:
-    return {
-        "version": CHECKPOINT_VERSION,
-        "segmenter": plain(run.model.config),
-        "class_names": list(run.class_names),
-        "data_config": plain(run.data_config),
-        "state_dict": run.model.state_dict(),
-        "optimizer": run.optimizer.state_dict(),
-        "scaler": run.scaler.state_dict(),
-        "epoch": epoch,
-        "epoch_complete": complete,
-        "step": step,
-        "metric": metric,
-        "args": run_args(run.cfg),
-        "rng_state": rng_states,
-        "summary_rows": [{k: str(v) for k, v in r.items()} for r in run.out.rows],
-    }
+    return training_checkpoint(run.model, run.optimizer, run.scaler, run.cfg, epoch, complete, step, metric,
+                               rng_states, segmenter=plain(run.model.config), class_names=list(run.class_names),
+                               data_config=plain(run.data_config),
+                               summary_rows=[{k: str(v) for k, v in r.items()} for r in run.out.rows])
 
 
 def _save_epoch(run: _Run, epoch: int, train_loss: float, metrics: dict | None, started: float) -> None:
