@@ -93,6 +93,9 @@ def validate(checkpoint: str | os.PathLike = "", data=None, *, model: str | nn.M
     with console(progress), process_group(device) as dist_info:
         if load is None and not in_memory:
             pretrained = _pretrained_by_default(model, checkpoint, pretrained, dist_info)
+        user_split = wrap_dataset(data) if user_data else None
+        if in_memory and user_split is not None and user_split.tensors and not (img_size or input_size):
+            img_size = int(user_split.dataset[0][0].shape[-1])  # the tensors' own size, used as given
 
         def load_the_model() -> LoadedModel:
             if in_memory:
@@ -102,34 +105,16 @@ def validate(checkpoint: str | os.PathLike = "", data=None, *, model: str | nn.M
             return load_model(checkpoint, model=model, pretrained=pretrained, num_classes=num_classes,
                               img_size=img_size, input_size=input_size, use_ema=use_ema, device=dist_info.device)
 
-        if user_data:
-            split_set = wrap_dataset(data)
-            if in_memory and split_set.tensors and not (img_size or input_size):
-                img_size = int(split_set.dataset[0][0].shape[-1])  # the tensors' own size, used as given
-            loaded = load_the_model()
-        elif data is None and not dataset:  # the data the checkpoint was trained on, known once it is read
-            loaded = load_the_model()
-            data, dataset, split = _checkpoint_data(loaded, checkpoint, split, dist_info)
-            split_set = _dataset(data, dataset, split, class_map, dataset_download, dist_info)
-        elif checkpoint and load is None and split == "validation" and os.path.exists(data or ""):
-            # a checkpoint file on existing data: read it first, as its run may have carved the held-out split
-            # from the training split of this very DATA (--val-fraction)
-            loaded = load_the_model()
-            split = carved_from(loaded.checkpoint, data) or split
-            split_set = _dataset(data, dataset, split, class_map, dataset_download, dist_info)
-        else:  # the data first: a missing folder should not wait for (or download) the model's weights
-            split_set = _dataset(data, dataset, split, class_map, dataset_download, dist_info)
-            loaded = load_the_model()
-        if not user_data:
-            split_set = _held_out_files_only(split_set, loaded, dist_info)
-        overrides = dict(mean=mean, std=std, crop_pct=crop_pct, interpolation=interpolation)
-        dtype = _amp_dtype(amp, amp_dtype, dist_info.device)
-        if prepare is not None:
-            loaded.model = prepare(loaded.model)
-        if torchcompile:
-            loaded.model = torch.compile(loaded.model, backend=torchcompile)
+        def open_split(data, dataset, split):
+            return _dataset(data, dataset, split, class_map, dataset_download, dist_info)
+
+        loaded, split_set, dataset = _model_and_split(load_the_model, open_split, user_split, data, dataset, split,
+                                                      checkpoint, load is None, dist_info)
+        loaded.model = _prepared(loaded.model, prepare, torchcompile)
         was_training = model.training if in_memory else None
-        metrics = _evaluate(loaded, split_set, overrides, batch_size, workers, dtype, dataset, dist_info,
+        overrides = dict(mean=mean, std=std, crop_pct=crop_pct, interpolation=interpolation)
+        metrics = _evaluate(loaded, split_set, overrides, batch_size, workers,
+                            _amp_dtype(amp, amp_dtype, dist_info.device), dataset, dist_info,
                             tensors=user_data and split_set.tensors)
         if was_training is not None:
             model.train(was_training)  # a caller's module goes back to the mode it was in
@@ -139,6 +124,37 @@ def validate(checkpoint: str | os.PathLike = "", data=None, *, model: str | nn.M
         if dist_info.is_primary:
             log_results(results)
     return results
+
+
+def _model_and_split(load_the_model: Callable[[], LoadedModel], open_split, user_split, data, dataset: str,
+                     split: str, checkpoint, reads_checkpoint: bool, dist_info: DistInfo) -> tuple:
+    """(the loaded model, the split to evaluate, ``dataset``), each read in the order that lets a mistake fail
+    before the slow part: a caller's Dataset (``user_split``) is used as given; no data: the data the checkpoint
+    records, known once it is read; a ``checkpoint`` file (``reads_checkpoint``: no ``load``) on an existing
+    folder: the checkpoint first, as its run may have carved the held-out split from the training split of this
+    very folder (``val_fraction``); else the data first, so a missing folder does not wait for (or download) the
+    model's weights. Files the checkpoint's run trained on are left out of a named folder's split."""
+    if user_split is not None:
+        return load_the_model(), user_split, dataset
+    if data is None and not dataset:
+        loaded = load_the_model()
+        data, dataset, split = _checkpoint_data(loaded, checkpoint, split, dist_info)
+        split_set = open_split(data, dataset, split)
+    elif checkpoint and reads_checkpoint and split == "validation" and os.path.exists(data or ""):
+        loaded = load_the_model()
+        split = carved_from(loaded.checkpoint, data) or split
+        split_set = open_split(data, dataset, split)
+    else:
+        split_set = open_split(data, dataset, split)
+        loaded = load_the_model()
+    return loaded, _held_out_files_only(split_set, loaded, dist_info), dataset
+
+
+def _prepared(model: nn.Module, prepare: Callable[[nn.Module], nn.Module] | None, torchcompile: str | None):
+    """The model as it runs: ``prepare`` applied (``--fast``), then compiled with the ``torchcompile`` backend."""
+    if prepare is not None:
+        model = prepare(model)
+    return torch.compile(model, backend=torchcompile) if torchcompile else model
 
 
 def _checkpoint_data(loaded: LoadedModel, checkpoint, split: str, dist_info: DistInfo) -> tuple:
