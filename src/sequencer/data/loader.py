@@ -405,34 +405,17 @@ def create_loader(dataset, input_size, batch_size: int, is_training: bool = Fals
     on_device = device.type == "cuda" if normalize_on_device is None else normalize_on_device
     if batch_size <= 0:
         raise SequencerError(f"`batch_size={batch_size}` must be positive")
-    augment = dict(TIMM_AUGMENT_DEFAULTS)
-    augment.update(getattr(dataset, "augment_defaults", None) or {})
-    given = dict(hflip=hflip, scale=scale, ratio=ratio, color_jitter=color_jitter)
-    augment.update({k: v for k, v in given.items() if v is not None})
+    augment = _augmentation(dataset, dict(hflip=hflip, scale=scale, ratio=ratio, color_jitter=color_jitter))
     dataset = _with_transform(dataset, transform if transform is not None else create_transform(
         input_size, is_training, mean=mean, std=std, crop_pct=crop_pct, interpolation=interpolation,
         vflip=vflip, auto_augment=auto_augment, re_prob=re_prob, re_mode=re_mode, re_count=re_count,
         uint8_output=on_device, **augment))
-
     drop_last = is_training if drop_last is None else drop_last
+    sampler, rank = _sampler(dataset, is_training, distributed, seed)
+    if drop_last:
+        _check_a_batch_fits(dataset, sampler, batch_size)
     generator = torch.Generator()
     generator.manual_seed(seed)
-    rank = 0
-    if distributed and torch.distributed.is_available() and torch.distributed.is_initialized():
-        rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
-        if is_training:
-            sampler = torch.utils.data.DistributedSampler(dataset, world, rank, shuffle=True, seed=seed)
-        else:
-            sampler = _ShardSampler(len(dataset), rank, world)
-    elif is_training:
-        sampler = _EpochRandomSampler(len(dataset), seed)
-    else:
-        sampler = torch.utils.data.SequentialSampler(dataset)
-    if drop_last and len(sampler) < batch_size:
-        name = getattr(dataset, "description", type(dataset).__name__)
-        per = " per process" if len(sampler) != len(dataset) else ""
-        raise SequencerError(f"`batch_size={batch_size}` is larger than the {len(sampler)} images{per} of {name}",
-                             hint=f"use `batch_size={max(1, len(sampler))}` or less")
     normalize = None
     if on_device:
         normalize = DeviceNormalize(mean, std, device, re_prob=re_prob if is_training else 0.0, re_mode=re_mode,
@@ -443,3 +426,34 @@ def create_loader(dataset, input_size, batch_size: int, is_training: bool = Fals
         sampler=_PassSeededSampler(sampler) if num_workers > 0 else sampler, num_workers=num_workers,
         collate_fn=_collate, pin_memory=device.type == "cuda" if pin_memory is None else pin_memory,
         drop_last=drop_last, generator=generator, persistent_workers=num_workers > 0)
+
+
+def _augmentation(dataset, given: dict) -> dict:
+    """timm's augmentation defaults, overridden by the dataset's ``augment_defaults``, then by the ``given`` values
+    that are not None."""
+    augment = dict(TIMM_AUGMENT_DEFAULTS)
+    augment.update(getattr(dataset, "augment_defaults", None) or {})
+    augment.update({k: v for k, v in given.items() if v is not None})
+    return augment
+
+
+def _sampler(dataset, is_training: bool, distributed: bool, seed: int) -> tuple:
+    """(sampler, this process's rank): a seeded shuffle for training, in order for evaluation; across an
+    initialised process group a DistributedSampler for training and a disjoint, unpadded share for evaluation."""
+    if distributed and torch.distributed.is_available() and torch.distributed.is_initialized():
+        rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
+        if is_training:
+            return torch.utils.data.DistributedSampler(dataset, world, rank, shuffle=True, seed=seed), rank
+        return _ShardSampler(len(dataset), rank, world), rank
+    if is_training:
+        return _EpochRandomSampler(len(dataset), seed), 0
+    return torch.utils.data.SequentialSampler(dataset), 0
+
+
+def _check_a_batch_fits(dataset, sampler, batch_size: int) -> None:
+    """SequencerError when dropping the last partial batch would leave no batch at all."""
+    if len(sampler) < batch_size:
+        name = getattr(dataset, "description", type(dataset).__name__)
+        per = " per process" if len(sampler) != len(dataset) else ""
+        raise SequencerError(f"`batch_size={batch_size}` is larger than the {len(sampler)} images{per} of {name}",
+                             hint=f"use `batch_size={max(1, len(sampler))}` or less")
