@@ -2,8 +2,10 @@
 compile, and training runs (resume auto continues a stopped run exactly)."""
 from __future__ import annotations
 
+import logging
 import math
 import os
+import random
 import signal
 import subprocess
 import sys
@@ -110,6 +112,35 @@ def test_config_needs_one_length(tmp_path):
         train_segmenter(tiny_config(tmp_path, tmp_path / "out"))
     with pytest.raises(SequencerError, match="`resume=auto` needs `experiment=NAME`"):
         train_segmenter(tiny_config(tmp_path, tmp_path / "out", epochs=1, resume="auto"))
+
+
+def test_progress_false_prints_nothing_and_keeps_the_callers_random_state(tmp_path, capfd):
+    """A library call with progress=False writes nothing on stdout or stderr (its records still reach the caller's
+    own handlers) and leaves the caller's random state as it was, as sequencer.train."""
+    data = make_voc(tmp_path / "voc", n_train=8, n_val=2)
+    records = []
+    collector = logging.Handler(logging.INFO)
+    collector.emit = records.append
+    logger = logging.getLogger("sequencer")
+    level = logger.level
+    logger.addHandler(collector)
+    logger.setLevel(logging.INFO)
+    torch.manual_seed(7)
+    random.seed(7)
+    expected = (torch.rand(3), random.random())
+    torch.manual_seed(7)
+    random.seed(7)
+    capfd.readouterr()
+    try:
+        result = train_segmenter(tiny_config(data, tmp_path / "out", epochs=1, experiment="quiet", log_interval=1),
+                                 progress=False)
+    finally:
+        logger.removeHandler(collector)
+        logger.setLevel(level)
+    assert capfd.readouterr() == ("", "")
+    assert torch.equal(torch.rand(3), expected[0]) and random.random() == expected[1]
+    assert result.checkpoint.is_file()
+    assert any("segment train: epoch 0 train_loss" in r.getMessage() for r in records)
 
 
 def test_iters_sets_the_length_and_the_poly_schedule_ends_at_min_lr(tmp_path):

@@ -34,6 +34,7 @@ from ..models.segmentation import HEADS, create_segmenter, segmenter_from_config
 from . import distributed as dist_utils
 from .checkpoint import get_rng_state, resume_position, set_rng_state
 from .config import RunState
+from .guest import caller_rng_kept, console, warn
 from .loop import StopRequest, current_lr, training_checkpoint
 from .outputs import plain, prepare_outputs, read_summary, release_claim, remove_if_empty, write_summary
 from .resume import locate_resume, read_resume_checkpoint
@@ -139,20 +140,23 @@ def check_segment_config(cfg: SegmentConfig) -> None:
     resolve_device(cfg.device)
 
 
-def train_segmenter(cfg: SegmentConfig) -> SegmentResult:
+def train_segmenter(cfg: SegmentConfig, *, progress: bool = True) -> SegmentResult:
     """Check ``cfg``, then run it in this process or as one rank of a torchrun launch; a failed start leaves no
-    empty experiment folder behind."""
-    check_segment_config(cfg)
-    state = RunState()
-    try:
-        with dist_utils.process_group(cfg.device) as info:
-            return _train(cfg, state, info)
-    except BaseException:
-        release_claim(state)
-        remove_if_empty(state)
-        raise
-    finally:
-        release_claim(state)
+    empty experiment folder behind. ``progress=False`` prints nothing at all; ``progress=True`` logs through the
+    ``"sequencer"`` logger, shown on stdout unless your logging already prints to the console (as
+    :func:`sequencer.train`). The caller's ``random``, ``numpy`` and torch random state is restored on return."""
+    with console(progress), caller_rng_kept():
+        check_segment_config(cfg)
+        state = RunState(quiet=not progress)
+        try:
+            with dist_utils.process_group(cfg.device) as info:
+                return _train(cfg, state, info)
+        except BaseException:
+            release_claim(state)
+            remove_if_empty(state)
+            raise
+        finally:
+            release_claim(state)
 
 
 # ------------------------------------------------------------------------------------------- the run's parts
@@ -311,8 +315,7 @@ def _restore(run: _Run, checkpoint: dict | None) -> int:
     if isinstance(rng, list) and len(rng) == run.info.world_size:
         set_rng_state(rng[run.info.rank])
     else:
-        _logger.warning("`resume=%s`: RNG state missing or from another number of processes; reseeding",
-                        run.cfg.resume)
+        warn("`resume`: RNG state missing or from another number of processes; reseeding")
         random_seed(run.cfg.seed + start_epoch, run.info.rank)
     run.scheduler.step_update(start_epoch * run.updates_per_epoch)
     return start_epoch
