@@ -102,6 +102,28 @@ def test_the_cli_shows_the_library_log_on_todays_streams(capsys):
     assert capsys.readouterr() == ("", "")
 
 
+def test_a_torchrun_worker_other_than_rank_0_shows_only_errors(capsys, monkeypatch):
+    import logging
+    log = logging.getLogger("sequencer.engine.example")
+    monkeypatch.setenv("RANK", "1")
+    cli.install_console_logging(str)
+    try:
+        log.info("epoch 0: ...")
+        log.warning("note: `amp_dtype=float16`: running bfloat16 on cpu")
+        log.error("rank 1 failed")
+        assert capsys.readouterr() == ("", "rank 1 failed\n")
+        monkeypatch.setenv("RANK", "0")
+        cli.install_console_logging(str)
+        log.warning("rank 0's note")
+        assert capsys.readouterr() == ("", "rank 0's note\n")
+    finally:
+        logger = logging.getLogger("sequencer")
+        for handler in [h for h in logger.handlers if isinstance(h, cli.ConsoleHandler)]:
+            logger.removeHandler(handler)
+        logger.setLevel(logging.NOTSET)
+        logger.propagate = True
+
+
 def test_train_pretrained_failure_keeps_the_library_message_with_trains_own_hint(capsys, tmp_path):
     assert cli.main(["train", "--pretrained", "--model", "sequencer2d_nano", "--epochs", "1", "-j", "0",
                      "--output", str(tmp_path)]) == 2

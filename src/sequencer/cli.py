@@ -58,8 +58,8 @@ class ConsoleHandler(logging.Handler):
     WARNING and above on stderr, each record one line as the library wrote it, with its parameter names written as
     this command's flags. The stream is looked up per record, so a swapped ``sys.stdout`` is honoured."""
 
-    def __init__(self, as_flags):
-        super().__init__(logging.INFO)
+    def __init__(self, as_flags, level: int = logging.INFO):
+        super().__init__(level)
         self.as_flags = as_flags
 
     def emit(self, record: logging.LogRecord) -> None:
@@ -72,11 +72,14 @@ class ConsoleHandler(logging.Handler):
 
 
 def install_console_logging(as_flags) -> None:
-    """The "sequencer" logger's output for this command (replacing an earlier call's handler, e.g. in tests)."""
+    """The "sequencer" logger's output for this command (replacing an earlier call's handler, e.g. in tests).
+    Under torchrun only rank 0 speaks: another rank's console shows errors only, so a note every rank logs (the
+    autocast dtype, the data) appears once, as the launcher's output."""
     logger = logging.getLogger("sequencer")
     for handler in [h for h in logger.handlers if isinstance(h, ConsoleHandler)]:
         logger.removeHandler(handler)
-    logger.addHandler(ConsoleHandler(as_flags))
+    other_rank = int(os.environ.get("RANK", "0") or 0) > 0
+    logger.addHandler(ConsoleHandler(as_flags, logging.ERROR if other_rank else logging.INFO))
     logger.setLevel(logging.INFO)
     logger.propagate = False  # the command's output is these lines, once, whatever the root logger does
 
