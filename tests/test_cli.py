@@ -76,6 +76,16 @@ def test_library_errors_name_parameters_and_the_cli_shows_flags(capsys):
     assert err.splitlines()[-1] == "sequencer validate: error: --crop-pct 5.0 must be in (0, 2] (1.0 = no crop)"
 
 
+def _uninstall_console_logging():
+    """What install_console_logging did to the "sequencer" logger, undone (as a library user's process has it)."""
+    import logging
+    logger = logging.getLogger("sequencer")
+    for handler in [h for h in logger.handlers if isinstance(h, cli.ConsoleHandler)]:
+        logger.removeHandler(handler)
+    logger.setLevel(logging.NOTSET)
+    logger.propagate = True
+
+
 def test_the_cli_shows_the_library_log_on_todays_streams(capsys):
     """INFO (progress, notes about the data) on stdout, WARNING on stderr, as written, with flags for parameters;
     a library user who installs nothing gets no INFO lines."""
@@ -93,11 +103,7 @@ def test_the_cli_shows_the_library_log_on_todays_streams(capsys):
         log.info("once")
         assert capsys.readouterr().out == "once\n"
     finally:
-        logger = logging.getLogger("sequencer")
-        for handler in [h for h in logger.handlers if isinstance(h, cli.ConsoleHandler)]:
-            logger.removeHandler(handler)
-        logger.setLevel(logging.NOTSET)
-        logger.propagate = True
+        _uninstall_console_logging()
     log.info("a library user's process: nothing")
     assert capsys.readouterr() == ("", "")
 
@@ -117,11 +123,7 @@ def test_a_torchrun_worker_other_than_rank_0_shows_only_errors(capsys, monkeypat
         log.warning("rank 0's note")
         assert capsys.readouterr() == ("", "rank 0's note\n")
     finally:
-        logger = logging.getLogger("sequencer")
-        for handler in [h for h in logger.handlers if isinstance(h, cli.ConsoleHandler)]:
-            logger.removeHandler(handler)
-        logger.setLevel(logging.NOTSET)
-        logger.propagate = True
+        _uninstall_console_logging()
 
 
 def test_train_pretrained_failure_keeps_the_library_message_with_trains_own_hint(capsys, tmp_path):
