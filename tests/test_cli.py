@@ -1,6 +1,8 @@
 import subprocess
 import sys
 
+import pytest
+
 from sequencer import cli
 
 
@@ -75,6 +77,119 @@ def test_library_errors_name_parameters_and_the_cli_shows_flags(capsys):
     err = capsys.readouterr().err
     assert err.splitlines()[-1] == "sequencer validate: error: --crop-pct 5.0 must be in (0, 2] (1.0 = no crop)"
 
+
+
+def _message(call) -> str:
+    """The SequencerError message (and hint) ``call()`` raises, or the one warning it gives."""
+    import warnings
+
+    from sequencer.errors import SequencerError
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        try:
+            call()
+        except SequencerError as e:
+            return str(e)
+    assert len(caught) == 1, caught
+    return str(caught[0].message)
+
+
+def _device_nope(tmp):
+    from sequencer.engine.inference import resolve_device
+    resolve_device("nope")
+
+
+def _data_not_recorded(tmp):
+    """validate(checkpoint=...) of a checkpoint that records no data (written here, for the CLI call too)."""
+    import torch
+
+    import sequencer
+    model = sequencer.create_model("sequencer2d_nano", num_classes=2, img_size=16)
+    torch.save({"arch": model.model_name, "model_kwargs": model.model_kwargs, "class_names": ["a", "b"],
+                "state_dict": model.state_dict()}, tmp / "c.pth.tar")
+    sequencer.validate(checkpoint=str(tmp / "c.pth.tar"), device="cpu", workers=0, progress=False)
+
+
+def _not_writable(tmp):
+    import sequencer
+    sequencer.train(output=str(tmp / "file" / "sub"), device="cpu", workers=0, progress=False)
+
+
+def _broken_last_checkpoint(tmp):
+    from sequencer.engine.checkpoint import find_auto_resume
+    find_auto_resume(tmp / "run")
+
+
+def _negative_warmup(tmp):
+    from sequencer.tools.benchmark import BenchmarkSettings, run_benchmark
+    run_benchmark(BenchmarkSettings(model="sequencer2d_nano", device="cpu", num_warmup=-1))
+
+
+def _backbone_without_model(tmp):
+    from sequencer.tools.backbone_benchmark import run_backbone_benchmark
+    from sequencer.tools.benchmark import BenchmarkSettings
+    run_backbone_benchmark(BenchmarkSettings(backbone=True, device="cpu"))
+
+
+def _no_cpu_class(tmp):
+    from sequencer.tools.export import int8_settings
+    int8_settings("sse2")
+
+
+def _missing_onnx(tmp):
+    from sequencer.tools.onnx_runtime import load_onnx
+    load_onnx(tmp / "missing.onnx")
+
+
+# one converted message per library module: the library's text names the parameter, the CLI's the flag (argv None:
+# no cheap command reaches it, the CLI's rewriting of the library's own text is checked instead)
+LIBRARY_VS_CLI = {
+    "engine.inference": (_device_nope, "`device='nope'` is not a device",
+                         ["benchmark", "--model", "sequencer2d_nano", "--device", "nope"],
+                         "--device 'nope' is not a device"),
+    "engine.data_record": (_data_not_recorded, "was trained on: `data` is needed (hint: pass `data`, the images to "
+                                               "evaluate the `checkpoint` on)",
+                           ["validate", "--checkpoint", "{tmp}/c.pth.tar", "--device", "cpu", "-j", "0"],
+                           "was trained on: DATA is needed (hint: pass DATA, the images to evaluate the --checkpoint "
+                           "on)"),
+    "engine.outputs": (_not_writable, "is not writable (Not a directory) (hint: pass `output=DIR` somewhere you can "
+                                      "write)",
+                       ["train", "--output", "{tmp}/file/sub", "--device", "cpu", "-j", "0"],
+                       "is not writable (Not a directory) (hint: pass --output DIR somewhere you can write)"),
+    "engine.checkpoint": (_broken_last_checkpoint, "`resume=auto`: skipping {tmp}/run/last.pth.tar: ", None,
+                          "--resume auto: skipping {tmp}/run/last.pth.tar: "),
+    "tools.benchmark": (_negative_warmup, "`num_warmup` and `memory_iter` must be >= 0",
+                        ["benchmark", "--model", "sequencer2d_nano", "--device", "cpu", "--num-warmup", "-1"],
+                        "--num-warmup and --memory-iter must be >= 0"),
+    "tools.backbone_benchmark": (_backbone_without_model, "`backbone` needs `model`",
+                                 ["benchmark", "--backbone", "--device", "cpu"], "--backbone needs --model"),
+    "tools.export": (_no_cpu_class, "`target_cpu='sse2'` is not a CPU class",
+                     ["export", "--model", "sequencer2d_nano", "-o", "{tmp}/m.onnx", "--quantize", "int8",
+                      "--target-cpu", "sse2"],
+                     "--target-cpu 'sse2' is not a CPU class"),
+    "tools.onnx_runtime": (_missing_onnx, "`onnx='{tmp}/missing.onnx'` does not exist",
+                           ["predict", "{tmp}/file", "--onnx", "{tmp}/missing.onnx"],
+                           "--onnx '{tmp}/missing.onnx' does not exist"),
+}
+
+
+@pytest.mark.parametrize("module", LIBRARY_VS_CLI)
+def test_each_library_module_names_parameters_and_the_cli_its_flags(module, tmp_path, capsys):
+    from sequencer.commands.common import as_flags
+    call, library_text, argv, cli_text = LIBRARY_VS_CLI[module]
+    (tmp_path / "file").write_text("x")
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "last.pth.tar").write_bytes(b"not a checkpoint")
+    library = _message(lambda: call(tmp_path))
+    assert library_text.format(tmp=tmp_path) in library and " --" not in library, library
+    cli_text = cli_text.format(tmp=tmp_path)
+    if argv is None:
+        assert cli_text in as_flags(library)
+        return
+    capsys.readouterr()
+    assert cli.main([a.format(tmp=tmp_path) for a in argv]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith(f"sequencer {argv[0]}: error: ") and cli_text in err[-1], err
 
 def _uninstall_console_logging():
     """What install_console_logging did to the "sequencer" logger, undone (as a library user's process has it)."""

@@ -186,7 +186,7 @@ def test_int8_settings_follow_the_cpu_class(flags, cpu_class, seven_bit, monkeyp
         assert int8_settings(other)["cpu_class"] == other and int8_settings(other)["reduce_range"] is not seven_bit
     finally:
         hardware.cpu_info.cache_clear()
-    with pytest.raises(SequencerError, match="'sse2' is not a CPU class"):
+    with pytest.raises(SequencerError, match="`target_cpu='sse2'` is not a CPU class"):
         int8_settings("sse2")
 
 

@@ -37,6 +37,12 @@ PARAMETER_FLAGS = {
     "model": "--model", "onnx": "--onnx", "num_classes": "--num-classes", "img_size": "--img-size",
     "input_size": "--input-size", "resume": "--resume", "stages": "--stage", "target_cpu": "--target-cpu",
     "corruptions": "--corruptions", "amp_dtype": "--amp-dtype", "val_fraction": "--val-fraction",
+    # benchmark's BenchmarkSettings (its `data` is benchmark's --data, not DATA: those messages name the flag)
+    "compare_timm": "--compare-timm", "num_warmup": "--num-warmup", "memory_iter": "--memory-iter",
+    "optimized": "--optimized",
+    # export's (export_onnx, export_onnx_int8; `quantize` is the command's own switch to export_onnx_int8)
+    "dynamic_batch": "--dynamic-batch", "opset": "--opset", "calibration": "--calibration", "verify": "--verify",
+    "min_agreement": "--min-agreement", "quantize": "--quantize",
 }
 _PARAMETER = re.compile(r"`(\w+)(?:=([^`]*))?`")
 

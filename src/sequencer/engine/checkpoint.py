@@ -88,7 +88,7 @@ def atomic_link_or_copy(src: Path, dst: Path) -> None:
         full = e.errno in (errno.ENOSPC, errno.EDQUOT)
         reason = "the disk is full" if full else (e.strerror or str(e))
         raise SequencerError(f"could not write checkpoint {str(dst)!r}: {reason}; nothing was half-written",
-                             hint=("free some space or " if full else "") + "pass another --output") from None
+                             hint=("free some space or " if full else "") + "pass another `output`") from None
     fsync_dir(dst.parent)
 
 
@@ -211,7 +211,7 @@ def find_auto_resume(folder: str | os.PathLike) -> Path | None:
         try:
             ckpt = read_checkpoint(path)
         except SequencerError as e:  # cannot happen with atomic writes, but a copied-in file might be broken
-            warnings.warn(f"--resume auto: skipping {path}: {e}")
+            warnings.warn(f"`resume=auto`: skipping {path}: {e}")
             continue
         pos = (resume_position(ckpt), int(ckpt.get("step", 0)))
         if best_pos is None or pos > best_pos:

@@ -43,23 +43,26 @@ def data_record(cfg, held_out=None) -> dict:
     return record
 
 
+EVALUATE_ON_DATA = "pass `data`, the images to evaluate the `checkpoint` on"
+
+
 def recorded_data(checkpoint: dict | None, source: str) -> RecordedData:
     """The data ``checkpoint`` (named ``source`` in messages) was trained and evaluated on; SequencerError (one
     line) when it does not say, or when its folder no longer exists."""
     meta = checkpoint_metadata(checkpoint)
     record = meta.get("data") or _record_from_args(meta.get("args"))
     if not record:
-        raise SequencerError(f"{source} does not record the data it was trained on: DATA is needed",
-                             hint="sequencer validate DATA --checkpoint ...")
+        raise SequencerError(f"{source} does not record the data it was trained on: `data` is needed",
+                             hint=EVALUATE_ON_DATA)
     if "split" in record and record["split"] is None:
-        raise SequencerError(f"{source} was trained on all of {record.get('root')} (no held-out split): DATA is "
-                             f"needed", hint="sequencer validate DATA --checkpoint ... with images it did not train on")
+        raise SequencerError(f"{source} was trained on all of {record.get('root')} (no held-out split): `data` is "
+                             f"needed", hint="pass `data`: images the `checkpoint` did not train on")
     found = RecordedData(str(record.get("dataset") or ""), record.get("root"), str(record.get("split") or
                                                                                    "validation"),
                          list(record["files"]) if record.get("files") else None, record.get("files_in"))
     if found.dataset != "digits" and (not found.root or not os.path.exists(found.root)):
         raise SequencerError(f"{source} was trained on {found.root or 'a dataset'!s}, which no longer exists "
-                             f"here: DATA is needed", hint="sequencer validate DATA --checkpoint ...")
+                             f"here: `data` is needed", hint=EVALUATE_ON_DATA)
     return found
 
 

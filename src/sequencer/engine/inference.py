@@ -55,7 +55,7 @@ def load_model(checkpoint: str = "", model: str | None = None, pretrained: bool 
         raise SequencerError(f"checkpoint {path!r} holds {checkpoint['architecture']}",
                              hint="torch.load it (weights_only=True) and call your_module.load_state_dict(ckpt['state_dict'])")
     if not name:
-        raise SequencerError("no model given", hint="pass --model NAME, or a --checkpoint written by `sequencer train`")
+        raise SequencerError("no model given", hint="pass `model=NAME`, or a `checkpoint` written by `sequencer train`")
     get_model_entry(name)  # unknown names fail here with suggestions
     kwargs = dict(meta.get("model_kwargs") or {}) if meta.get("arch") == name else {}
     for k in ("drop_rate", "drop_path_rate"):
@@ -71,7 +71,7 @@ def load_model(checkpoint: str = "", model: str | None = None, pretrained: bool 
             kwargs["num_classes"] = head.shape[0]
     img_size = input_size[1] if input_size else img_size
     if input_size and input_size[1] != input_size[2]:
-        raise SequencerError(f"--input-size {' '.join(map(str, input_size))}: only square inputs are supported")
+        raise SequencerError(f"`input_size={' '.join(map(str, input_size))}`: only square inputs are supported")
     if input_size:
         kwargs["in_chans"] = input_size[0]
     if img_size:
@@ -85,8 +85,8 @@ def load_model(checkpoint: str = "", model: str | None = None, pretrained: bool 
         n_model = getattr(model, "num_classes", None)
         if head is not None and n_model is not None and head.shape[0] != n_model:
             raise SequencerError(
-                f"checkpoint {path!r} has a {head.shape[0]}-class head but --num-classes is {n_model}",
-                hint=f"drop --num-classes or set it to {head.shape[0]}")
+                f"checkpoint {path!r} has a {head.shape[0]}-class head but `num_classes` is {n_model}",
+                hint=f"drop `num_classes` or set it to {head.shape[0]}")
         load_state_dict_into(model, state, source=f"checkpoint {path!r}")
     cfg = dict(model.pretrained_cfg)
     data_config = dict(mean=cfg["mean"], std=cfg["std"], crop_pct=cfg["crop_pct"],
@@ -119,11 +119,11 @@ def resolve_device(text: str | None) -> torch.device:
     try:
         device = torch.device(text)
     except RuntimeError:
-        raise SequencerError(f"--device {text!r} is not a device", hint="use cpu, cuda or cuda:N") from None
+        raise SequencerError(f"`device={text!r}` is not a device", hint="use cpu, cuda or cuda:N") from None
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise SequencerError(f"--device {text}: CUDA is not available on this machine", hint="use --device cpu")
+        raise SequencerError(f"`device={text}`: CUDA is not available on this machine", hint="use `device=cpu`")
     if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
-        raise SequencerError(f"--device {text}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+        raise SequencerError(f"`device={text}`: this machine has {torch.cuda.device_count()} CUDA device(s)")
     return device
 
 
@@ -160,7 +160,7 @@ def label_with_model_classes(dataset, loaded) -> None:
     if num_outputs is not None and num_outputs != len(names):
         raise SequencerError(
             f"model {loaded.name} has a {num_outputs}-class head but {dataset.description} has {len(names)} classes",
-            hint="validate a checkpoint trained on this data, or pass --class-map / --num-classes to match")
+            hint="validate a checkpoint trained on this data, or pass `class_map` / `num_classes` to match")
 
 
 def _leave_out_ignored_classes(dataset, loaded) -> None:

@@ -180,7 +180,7 @@ def make_output_dir(cfg, state, info: dist_utils.DistInfo, model_name: str, img_
         remove_stale_temporaries(folder)  # of a run that was killed mid-write (only once the folder is ours)
         if cfg.experiment and not cfg.resume and _holds_a_run(folder):  # checked under the claim: no race
             raise SequencerError(f"experiment folder {str(folder)!r} already holds a run",
-                                 hint="pass --resume auto to continue it, or another --experiment")
+                                 hint="pass `resume=auto` to continue it, or another `experiment`")
         folder = str(folder)
     return Path(dist_utils.broadcast_object(folder, info))
 
@@ -195,7 +195,7 @@ def _create_and_claim(state, folder: Path) -> None:
     except OSError as e:
         remove_if_empty(state)
         raise SequencerError(f"output folder {str(folder)!r} is not writable ({e.strerror or e})",
-                             hint="pass --output DIR somewhere you can write") from None
+                             hint="pass `output=DIR` somewhere you can write") from None
     claim_folder(state, folder)
 
 
@@ -221,7 +221,7 @@ def claim_folder(state, folder: Path) -> None:
             if host != socket.gethostname() or pid is None or _process_alive(pid):
                 where = f"process {pid}" + ("" if host == socket.gethostname() else f" on {host}")
                 raise FolderInUse(f"experiment folder {str(folder)!r} is in use by another run ({where})",
-                                     hint=f"wait for it, pass another --experiment, or remove {str(path)!r} if "
+                                     hint=f"wait for it, pass another `experiment`, or remove {str(path)!r} if "
                                           f"that run is gone") from None
             path.unlink(missing_ok=True)  # stale: its run was killed
             continue

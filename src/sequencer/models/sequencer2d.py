@@ -386,7 +386,7 @@ class Sequencer2d(nn.Module):
         # torch.jit.script calls this first: refuse in one line instead of an assertion deep inside nn.LSTM
         raise SequencerError(f"{type(self).__name__} cannot be compiled with torch.jit.script (its LSTM kernels "
                              f"are chosen at run time)", hint="use torch.jit.trace(model, example), torch.export, "
-                                                              "or `sequencer export --format torchscript` (traced)")
+                                                              "or sequencer.tools.export.export_torchscript (traced)")
 
     def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
         """Replace the head with a zero-initialised one for ``num_classes`` (0 gives pooled features); the model's

@@ -114,19 +114,20 @@ def _own(model: nn.Module, mode: str) -> nn.Module:
 def run_backbone_benchmark(args: BenchmarkSettings) -> dict:
     """Every row in every mode of ``args`` (see the module docstring) -> a JSON-ready report."""
     if not args.model:
-        raise SequencerError("--backbone needs --model (the Sequencer to build the backbone from)")
-    unused = [flag for flag, value in (("--checkpoint", args.checkpoint), ("--pretrained", args.pretrained),
-                                       ("--num-classes", args.num_classes), ("--input-size", args.input_size),
-                                       ("--compare-timm", args.compare_timm), ("--optimized", args.optimized),
-                                       ("--onnx", args.onnx), ("--data", args.data)) if value]
+        raise SequencerError("`backbone` needs `model` (the Sequencer to build the backbone from)")
+    # `data` is DATA in the other commands (PARAMETER_FLAGS) but benchmark's --data: named as that flag here
+    unused = [name for name, value in (("`checkpoint`", args.checkpoint), ("`pretrained`", args.pretrained),
+                                       ("`num_classes`", args.num_classes), ("`input_size`", args.input_size),
+                                       ("`compare_timm`", args.compare_timm), ("`optimized`", args.optimized),
+                                       ("`onnx`", args.onnx), ("--data", args.data)) if value]
     if unused:
-        raise SequencerError(f"--backbone does not take {', '.join(unused)} (it times freshly initialised "
-                             f"backbones at --img-size)")
+        raise SequencerError(f"`backbone` does not take {', '.join(unused)} (it times freshly initialised "
+                             f"backbones at `img_size`)")
     if args.num_warmup < 0 or args.memory_iter < 0:
-        raise SequencerError("--num-warmup and --memory-iter must be >= 0")
+        raise SequencerError("`num_warmup` and `memory_iter` must be >= 0")
     device, amp = resolve_device(args.device), AMP_DTYPES[args.amp_dtype]
     if amp == torch.float16 and device.type == "cpu":
-        raise SequencerError("--amp-dtype float16 is CUDA only", hint="use bfloat16 on CPU")
+        raise SequencerError("`amp_dtype=float16` is CUDA only", hint="use bfloat16 on CPU")
     reference = args.reference_model or DEFAULT_REFERENCE
     size = args.img_size or DEFAULT_IMG_SIZE
     impls = ["backbone", "trunk", f"ref-{reference}", f"ref-{reference}-fpn"]

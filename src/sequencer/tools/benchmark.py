@@ -148,7 +148,7 @@ def build_timm_twin(model: nn.Module, name: str) -> nn.Module:
     import timm
 
     if name not in TIMM_MODELS:
-        raise SequencerError(f"--compare-timm: timm has no {name!r}", hint=f"use one of {', '.join(TIMM_MODELS)}")
+        raise SequencerError(f"`compare_timm`: timm has no {name!r}", hint=f"use one of {', '.join(TIMM_MODELS)}")
     kwargs = {k: v for k, v in getattr(model, "model_kwargs", {}).items()
               if k in ("num_classes", "in_chans", "img_size") or k in ("layers", "embed_dims", "hidden_sizes",
                                                                      "patch_sizes", "mlp_ratios")}
@@ -156,7 +156,7 @@ def build_timm_twin(model: nn.Module, name: str) -> nn.Module:
         twin = timm.create_model(name, pretrained=False, **kwargs)
         twin.load_state_dict(model.state_dict())
     except (RuntimeError, TypeError) as e:
-        raise SequencerError(f"--compare-timm: timm's {name} does not take these weights: {str(e)[:200]}") from None
+        raise SequencerError(f"`compare_timm`: timm's {name} does not take these weights: {str(e)[:200]}") from None
     return twin
 
 
@@ -359,7 +359,7 @@ def load_onnx_impls(args: BenchmarkSettings) -> dict[str, nn.Module]:
         first = next(iter(impls.values()))
         args.model = first.metadata.get("arch")
         if not args.model:
-            raise SequencerError(f"--onnx {args.onnx[0]!r} names no model", hint="pass --model")
+            raise SequencerError(f"`onnx={args.onnx[0]!r}` names no model", hint="pass `model`")
         args.img_size = args.img_size or first.input_shape[-1]
     return impls
 
@@ -406,21 +406,21 @@ def _prepare(args: BenchmarkSettings) -> _Setup:
     device = resolve_device(args.device)
     amp = AMP_DTYPES[args.amp_dtype]
     if args.num_warmup < 0 or args.memory_iter < 0:
-        raise SequencerError("--num-warmup and --memory-iter must be >= 0")
+        raise SequencerError("`num_warmup` and `memory_iter` must be >= 0")
     torch.manual_seed(args.seed)
     onnx_models = load_onnx_impls(args)
     loaded = load_model(args.checkpoint, model=args.model, pretrained=args.pretrained, num_classes=args.num_classes,
                         img_size=args.img_size, input_size=args.input_size, use_ema=args.use_ema, device=device)
     model, name = loaded.model, loaded.name
     if args.compare_timm and name not in TIMM_MODELS:
-        raise SequencerError(f"--compare-timm: timm has no {name!r}", hint=f"use one of {', '.join(TIMM_MODELS)}")
+        raise SequencerError(f"`compare_timm`: timm has no {name!r}", hint=f"use one of {', '.join(TIMM_MODELS)}")
     input_size = tuple(loaded.input_size)
     check_input_size(loaded, input_size[-1], input_size[-1])
     for impl, onnx_model in onnx_models.items():
         try:
             onnx_model.check_input_size(input_size[-1], input_size[-1])
         except ValueError as e:
-            raise SequencerError(f"--onnx: {e}", hint="benchmark at the file's size (--img-size)") from None
+            raise SequencerError(f"`onnx`: {e}", hint="benchmark at the file's size (`img_size`)") from None
     try:
         from ..models.flops import count_macs
         macs = count_macs(model, input_size)

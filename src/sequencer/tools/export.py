@@ -49,7 +49,7 @@ def _check_close(name: str, actual: torch.Tensor, reference: torch.Tensor, rtol:
     err = relative_error(actual, reference)
     if not err <= rtol:  # also catches NaN
         raise SequencerError(f"{name} export {str(path)!r} does not match PyTorch: relative logit error {err:.2e} "
-                             f"> {rtol:.0e}", hint="report this with the model name; try another --opset")
+                             f"> {rtol:.0e}", hint="report this with the model name; try another `opset`")
     return err
 
 
@@ -117,7 +117,7 @@ def export_onnx(model: nn.Module, path: str | os.PathLike, input_size: tuple[int
         raise
     except Exception as e:  # exporter failures: unsupported op, opset too old, ...
         raise SequencerError(f"ONNX export failed ({type(e).__name__}: {str(e).splitlines()[0][:200]})",
-                             hint="try --opset 17 or newer") from None
+                             hint="try `opset=17` or newer") from None
     return worst
 
 
@@ -208,7 +208,7 @@ def int8_settings(target_cpu: str | None = None, static: bool = False) -> dict:
     """
     cpu_class = target_cpu or cpu_info().cpu_class
     if cpu_class not in CPU_CLASSES:
-        raise SequencerError(f"--target-cpu {cpu_class!r} is not a CPU class",
+        raise SequencerError(f"`target_cpu={cpu_class!r}` is not a CPU class",
                              hint=f"one of {', '.join(CPU_CLASSES)}")
     return dict(cpu_class=cpu_class, static=static, **INT8_BY_CPU_CLASS[cpu_class])
 
@@ -281,8 +281,8 @@ class ImageCalibration:
         batch = fixed_batch or 32
         usable = len(tensors) - len(tensors) % batch if fixed_batch else len(tensors)
         if not usable:
-            raise SequencerError(f"--calibration {folder!r} has {len(tensors)} readable images, fewer than the "
-                                 f"export batch {batch}", hint="add images or export with --dynamic-batch")
+            raise SequencerError(f"`calibration={folder!r}` has {len(tensors)} readable images, fewer than the "
+                                 f"export batch {batch}", hint="add images or export with `dynamic_batch`")
         self.batches = iter([torch.stack(tensors[i:i + batch]).numpy() for i in range(0, usable, batch)])
         self.input_name = loaded.model.input_name
 
@@ -301,7 +301,7 @@ def top1_agreement(fp32_path: Path, int8_path: Path, folder: str) -> dict:
     files = find_images([folder])
     ok, tensors, _ = read_images(files, eval_transform(fp32))
     if not ok:
-        raise SequencerError(f"--verify {folder!r}: no readable images")
+        raise SequencerError(f"`verify={folder!r}`: no readable images")
     preds = {}
     for name, loaded in (("fp32", fp32), ("int8", int8)):
         preds[name] = torch.cat([loaded.model(torch.stack(tensors[i:i + 32])).argmax(-1)
@@ -362,5 +362,5 @@ def _check_agreement(result: dict, min_agreement: float, verify: str) -> None:
     if result["agreement"] < min_agreement:
         raise SequencerError(
             f"int8 model agrees with fp32 on {100 * result['agreement']:.2f}% of {result['count']} "
-            f"images in {verify!r}, below --min-agreement {100 * min_agreement:g}%; nothing written",
-            hint="export fp32 (drop --quantize), add --calibration DIR, or lower --min-agreement")
+            f"images in {verify!r}, below `min_agreement={100 * min_agreement:g}%`; nothing written",
+            hint="export fp32 (drop `quantize`), add `calibration=DIR`, or lower `min_agreement`")

@@ -60,7 +60,7 @@ def _round(loader, batches: int, device: torch.device) -> float:
     del it
     if count == 0:
         raise SequencerError("--data: the train split has too few images for one timed batch",
-                             hint="use a smaller -b or more images")
+                             hint="use a smaller `batch_size` or more images")
     return count / elapsed
 
 

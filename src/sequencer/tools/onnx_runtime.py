@@ -48,7 +48,8 @@ def ort_session(path: str | os.PathLike, threads: int | None = None, memory_aren
     except Exception as e:  # onnxruntime raises its own Fail/InvalidProtobuf/... types
         first = str(e).strip().splitlines()[0][:160] if str(e).strip() else type(e).__name__
         raise SequencerError(f"{str(path)!r} is not an ONNX model onnxruntime can run ({first})",
-                             hint="pass a file written by `sequencer export --format onnx`") from None
+                             hint="pass a file written by `sequencer export` (sequencer.tools.export.export_onnx)"
+                             ) from None
 
 
 class OnnxModel(nn.Module):
@@ -82,7 +83,8 @@ class OnnxModel(nn.Module):
             return self.session.run(None, {self.input_name: images})[0]
         if images.shape[0] % fixed:
             raise SequencerError(f"{str(self.path)!r} was exported for batches of exactly {fixed} and cannot take "
-                                 f"{images.shape[0]} images", hint=f"re-export with --dynamic-batch or use -b {fixed}")
+                                 f"{images.shape[0]} images",
+                                 hint=f"re-export with `dynamic_batch` or use `batch_size={fixed}`")
         return np.concatenate([self.session.run(None, {self.input_name: images[i:i + fixed]})[0]
                                for i in range(0, images.shape[0], fixed)])
 
@@ -106,7 +108,7 @@ def load_onnx(path: str | os.PathLike, threads: int | None = None) -> LoadedMode
     """
     path = Path(path)
     if not path.is_file():
-        raise SequencerError(f"--onnx {str(path)!r} does not exist or is not a file")
+        raise SequencerError(f"`onnx={str(path)!r}` does not exist or is not a file")
     model = OnnxModel(path, threads)
     data_config = dict(mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225), crop_pct=0.875,
                        interpolation="bicubic")
@@ -130,4 +132,4 @@ def note_other_cpu(model: OnnxModel) -> None:
     here = cpu_info().cpu_class
     if made_for and made_for != here:
         _logger.warning(f"note: {model.path.name} was quantised for {made_for} CPUs, this one is {here}; re-export "
-                       f"with `sequencer export --quantize int8` here (or `target_cpu={here}`) for its int8 settings")
+                       f"here (`quantize=int8`, or `target_cpu={here}`) for its int8 settings")
