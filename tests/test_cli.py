@@ -194,8 +194,9 @@ def test_each_library_module_names_parameters_and_the_cli_its_flags(module, tmp_
 def _uninstall_console_logging():
     """What install_console_logging did to the "sequencer" logger, undone (as a library user's process has it)."""
     import logging
+    from sequencer.engine.guest import ConsoleHandler
     logger = logging.getLogger("sequencer")
-    for handler in [h for h in logger.handlers if isinstance(h, cli.ConsoleHandler)]:
+    for handler in [h for h in logger.handlers if isinstance(h, ConsoleHandler) and h.thread is None]:
         logger.removeHandler(handler)
     logger.setLevel(logging.NOTSET)
     logger.propagate = True

@@ -53,33 +53,16 @@ def build_parser(argv_command: str | None = None) -> argparse.ArgumentParser:
     return parser
 
 
-class ConsoleHandler(logging.Handler):
-    """The library's log as the command's output: INFO (progress, results, notes about the data) on stdout,
-    WARNING and above on stderr, each record one line as the library wrote it, with its parameter names written as
-    this command's flags. The stream is looked up per record, so a swapped ``sys.stdout`` is honoured."""
-
-    def __init__(self, as_flags, level: int = logging.INFO):
-        super().__init__(level)
-        self.as_flags = as_flags
-
-    def emit(self, record: logging.LogRecord) -> None:
-        try:
-            stream = sys.stderr if record.levelno >= logging.WARNING else sys.stdout
-            stream.write(self.as_flags(record.getMessage()) + "\n")
-            stream.flush()
-        except Exception:  # noqa: BLE001 -- logging's contract: a failing handler reports and carries on
-            self.handleError(record)
-
-
 def install_console_logging(as_flags) -> None:
     """The "sequencer" logger's output for this command (replacing an earlier call's handler, e.g. in tests).
     Under torchrun only rank 0 speaks: another rank's console shows errors only, so a note every rank logs (the
     autocast dtype, the data) appears once, as the launcher's output."""
+    from .engine.guest import ConsoleHandler  # imported with the command, not for `sequencer --help`
     logger = logging.getLogger("sequencer")
-    for handler in [h for h in logger.handlers if isinstance(h, ConsoleHandler)]:
+    for handler in [h for h in logger.handlers if isinstance(h, ConsoleHandler) and h.thread is None]:
         logger.removeHandler(handler)
     other_rank = int(os.environ.get("RANK", "0") or 0) > 0
-    logger.addHandler(ConsoleHandler(as_flags, logging.ERROR if other_rank else logging.INFO))
+    logger.addHandler(ConsoleHandler(logging.ERROR if other_rank else logging.INFO, rewrite=as_flags))
     logger.setLevel(logging.INFO)
     logger.propagate = False  # the command's output is these lines, once, whatever the root logger does
 

@@ -35,17 +35,23 @@ def warn(message: str) -> None:
         warnings.warn(message, stacklevel=2)
 
 
-class _ConsoleHandler(logging.Handler):
-    """INFO records on stdout, WARNING and above on stderr, as the message alone, for one thread's records."""
+class ConsoleHandler(logging.Handler):
+    """Log records as console lines: INFO on stdout, WARNING and above on stderr, each the message alone, passed
+    through ``rewrite`` (the CLI writes parameters as its flags). The stream is looked up per record, so a swapped
+    ``sys.stdout`` is honoured. ``thread``: only that thread's records (a ``progress=True`` call's own handler);
+    None: every record (the CLI's)."""
 
-    def __init__(self, thread: int):
-        super().__init__(logging.INFO)
-        self.addFilter(lambda record: record.thread == thread)
+    def __init__(self, level: int = logging.INFO, rewrite=str, thread: int | None = None):
+        super().__init__(level)
+        self.rewrite = rewrite
+        self.thread = thread
+        if thread is not None:
+            self.addFilter(lambda record: record.thread == thread)
 
     def emit(self, record: logging.LogRecord) -> None:
         try:
             stream = sys.stderr if record.levelno >= logging.WARNING else sys.stdout
-            stream.write(record.getMessage() + "\n")
+            stream.write(self.rewrite(record.getMessage()) + "\n")
             stream.flush()
         except Exception:  # noqa: BLE001 -- logging's contract: a failing handler reports and carries on
             self.handleError(record)
@@ -68,7 +74,7 @@ def _console_handlers(logger: logging.Logger) -> list[logging.Handler]:
     consoles = {sys.stdout, sys.stderr, sys.__stdout__, sys.__stderr__}
     found = []
     while logger is not None:
-        found += [h for h in logger.handlers if type(h).__name__ == "ConsoleHandler"
+        found += [h for h in logger.handlers if isinstance(h, ConsoleHandler) and h.thread is None
                   or isinstance(h, logging.StreamHandler) and getattr(h, "stream", None) in consoles]
         logger = logger.parent if logger.propagate else None
     return found
@@ -83,7 +89,7 @@ def console(progress: bool):
     thread = threading.get_ident()
     token = _quiet.set(not progress)
     consoles = _console_handlers(logger)
-    handler = _Silence(thread) if not progress else _ConsoleHandler(thread) if not consoles else None
+    handler = _Silence(thread) if not progress else ConsoleHandler(thread=thread) if not consoles else None
     not_this_thread = _OtherThreads(thread)
     muted = [] if progress else consoles
     for h in muted:
