@@ -9,7 +9,11 @@ round counts; each row also records the output's difference between the backends
 
     python benchmarks/gpu_lstm.py --out benchmarks/results-cuda/gpu_lstm.json   # table on stdout
     python benchmarks/gpu_lstm.py --render-only --out benchmarks/results-cuda/gpu_lstm.json
+    python benchmarks/gpu_lstm.py --profile --cases s1-train s2-train --dtypes bf16
     python benchmarks/gpu_lstm.py --sweep --cases s1-train s2-train --dtypes bf16 --rounds 3 --out /tmp/sweep.json
+
+``--profile`` prints, per case and backend, where one step's GPU time goes (the ten costliest kernels, from
+``torch.profiler``): the measurement that says what to make faster.
 
 ``--sweep`` times, per case, every variant of the launcher's table that fits this GPU (held or tiled kernel, BLOCK_N
 16/32/64, 4 or 8 warps, the first fitting pipeline depth), each against cuDNN in the same interleaved rounds: the
@@ -70,7 +74,7 @@ def forced_variant(kernel: str, block_n: int, num_warps: int):
 
 def step(module: torch.nn.Module, x: torch.Tensor, mode: str, dtype: torch.dtype) -> torch.Tensor:
     """One inference (no autograd) or training (forward + backward of a scalar loss) step; returns the output."""
-    with torch.autocast("cuda", dtype=dtype, enabled=dtype != torch.float32):
+    with torch.autocast(x.device.type, dtype=dtype, enabled=dtype != torch.float32):
         if mode == "infer":
             with torch.inference_mode():
                 return module(x)
@@ -136,6 +140,39 @@ def measure(name: str, batch: int, grid: int, dim: int, hidden: int, mode: str, 
     return row
 
 
+def kernel_breakdown(name: str, batch: int, grid: int, dim: int, hidden: int, mode: str, dtype_name: str,
+                     steps: int = 5, top: int = 10, device: str = "cuda") -> list[str]:
+    """Per backend: the ms per step and the ``top`` kernels by GPU time (off CUDA: ops by CPU time) over ``steps``
+    profiled steps."""
+    from sequencer.models.sequencer2d import RNN2d
+
+    dtype = DTYPES[dtype_name]
+    on_gpu = device == "cuda"
+    activities = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA] if on_gpu else [])
+    lines = []
+    for backend in BACKENDS:
+        torch.manual_seed(0)
+        module = RNN2d(dim, hidden, lstm_backend=backend).to(device)
+        x = torch.randn(batch, grid, grid, dim, device=device, requires_grad=mode == "train")
+        for _ in range(3):  # compile and autotune outside the profile
+            step(module, x, mode, dtype)
+        with torch.profiler.profile(activities=activities) as prof:
+            for _ in range(steps):
+                step(module, x, mode, dtype)
+            if on_gpu:
+                torch.cuda.synchronize()
+        per_kernel = {}
+        for event in prof.key_averages():
+            us = event.self_device_time_total if on_gpu else event.self_cpu_time_total
+            if us > 0 and (not on_gpu or event.device_type == torch.autograd.DeviceType.CUDA):
+                per_kernel[event.key] = per_kernel.get(event.key, 0.0) + us
+        total = sum(per_kernel.values())
+        lines.append(f"{name} {dtype_name} {backend}: {total / steps / 1e3:.3f} ms of {device} time per step")
+        for key, us in sorted(per_kernel.items(), key=lambda kv: -kv[1])[:top]:
+            lines.append(f"  {100 * us / total:5.1f}%  {us / steps / 1e3:7.3f} ms  {key[:110]}")
+    return lines
+
+
 def render(report: dict) -> str:
     """The markdown table of BENCHMARKS.md's GPU mixer section."""
     lines = [f"BiLSTM2D mixer on {report['device']} (torch {report['torch']}, Triton {report['triton']}, "
@@ -162,6 +199,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=5, help="interleaved rounds per backend; the median counts")
     parser.add_argument("--render-only", action="store_true", help="print the table of --out")
     parser.add_argument("--sweep", action="store_true", help="time every fitting kernel/BLOCK_N/warps variant")
+    parser.add_argument("--profile", action="store_true", help="print each case's costliest kernels per backend")
     args = parser.parse_args()
     if args.render_only:
         print(render(json.loads(Path(args.out).read_text())))
@@ -170,6 +208,11 @@ def main() -> None:
         sys.exit("gpu_lstm.py times the LSTM on a CUDA GPU, and this machine has none")
     import triton
 
+    if args.profile:
+        for name, batch, grid, dim, hidden, mode in CASES:
+            for dtype_name in (args.dtypes if name in args.cases else ()):
+                print("\n".join(kernel_breakdown(name, batch, grid, dim, hidden, mode, dtype_name)), flush=True)
+        return
     report = dict(device=torch.cuda.get_device_name(), torch=torch.__version__, triton=triton.__version__,
                   cudnn=torch.backends.cudnn.version(), iters=args.iters, rounds=args.rounds, rows=[])
     for name, batch, grid, dim, hidden, mode in CASES:

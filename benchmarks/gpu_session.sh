@@ -1,28 +1,76 @@
 #!/usr/bin/env bash
-# A short GPU lease, most valuable first: the CUDA tests of the LSTM kernels and of training, then the mixer timings
-# (Triton vs cuDNN, which kernel each case got), then the launcher's tuning sweep on the training shapes. Every step
-# has its own time limit and log, so that a lease cut short still leaves the earlier results.
+# A short GPU lease, most valuable first. Runs from the repository root on a machine where the project is not
+# installed: PYTHONPATH=src and the machine's own python3 (its torch, Triton, timm). Every step has its own time
+# limit, and all output goes to one log, so that a lease cut short still leaves the earlier results; the files
+# written are few (session.log plus one JSON per timing step), since a lease may bring back only eight.
 #
-#   bash benchmarks/gpu_session.sh [OUT_DIR]      # from the repository root; logs and JSON in OUT_DIR (gpu-session)
+#   bash benchmarks/gpu_session.sh OUT_DIR [STAGE ...]     # stages, in this order by default: tests mixer model
+#
+#   tests    the Triton kernel tests and tests/engine/test_cuda.py                          (at most 330 s)
+#   mixer    benchmarks/gpu_lstm.py: Triton vs cuDNN at the stage shapes, then the kernel profile (at most 200 s)
+#   model    sequencer2d_s img/s, eager: ours (auto, cuDNN, Triton), timm, convnext_tiny       (at most 100 s)
+#   compiled the same under torch.compile                                                      (at most 300 s)
+#   sweep    the launcher's tuning sweep on the training shapes (BLOCK_TABLE)                   (at most 300 s)
+#
+# The default stages fit one 10-minute call; "compiled" and "sweep" are for a second call if the lease has time.
 set -u
-out=${1:-gpu-session}
+out=${1:?usage: gpu_session.sh OUT_DIR [tests|mixer|model|compiled|sweep ...]}
+shift
+stages=${*:-tests mixer model}
+PY=${PYTHON:-python3}
+export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
+for stage in $stages; do
+    case $stage in tests|mixer|model|compiled|sweep) ;; *)
+        echo "unknown stage $stage (tests, mixer, model, compiled, sweep)" >&2
+        exit 2 ;;
+    esac
+done
 mkdir -p "$out"
-python - > "$out/device.txt" 2>&1 <<'EOF'
-import torch, triton
+log="$out/session.log"
+
+step() {  # step NAME SECONDS COMMAND...: run with a limit, output to the log, report its exit status
+    local name=$1 limit=$2 start=$SECONDS status
+    shift 2
+    echo "=== $name: $*" >> "$log"
+    timeout "$limit" "$@" >> "$log" 2>&1
+    status=$?
+    echo "=== $name: exit $status after $((SECONDS - start)) s" | tee -a "$log"
+}
+
+"$PY" - 2>&1 <<'EOF' | tee -a "$log"
+import torch, triton, timm, sequencer
 props = torch.cuda.get_device_properties(0)
 print(torch.cuda.get_device_name(), f"sm_{props.major}{props.minor}", "torch", torch.__version__, "triton",
-      triton.__version__, "cudnn", torch.backends.cudnn.version(),
-      "shared memory per block (opt-in)", getattr(props, "shared_memory_per_block_optin", "?"))
+      triton.__version__, "cudnn", torch.backends.cudnn.version(), "timm", timm.__version__,
+      "shared memory per block (opt-in)", getattr(props, "shared_memory_per_block_optin", "?"),
+      "sequencer from", sequencer.__file__)
 EOF
-cat "$out/device.txt"
-step() {  # step NAME SECONDS COMMAND...: run with a limit, log to OUT/NAME.log, report its exit status
-    local name=$1 limit=$2
-    shift 2
-    timeout "$limit" "$@" > "$out/$name.log" 2>&1
-    echo "$name: exit $? ($out/$name.log)"
+
+bench() {  # bench NAME MODE BATCH [extra flags]: sequencer2d_s at 224 px in bf16, every comparison row
+    local name=$1 mode=$2 batch=$3
+    shift 3
+    step "$name" "${LIMIT:-100}" "$PY" -m sequencer benchmark --device cuda --model sequencer2d_s --mode "$mode" \
+        -b "$batch" --amp-dtype bfloat16 --compare-timm --lstm-backend native --lstm-backend triton \
+        --reference-model convnext_tiny --num-warmup 3 --num-iter 20 --memory-iter 0 \
+        --results-file "$out/$name.json" "$@"
 }
-step kernel-tests 180 python -m pytest -q -x tests/models/test_kernels_triton.py
-step cuda-tests 300 python -m pytest -q tests/engine/test_cuda.py
-step gpu-lstm 180 python benchmarks/gpu_lstm.py --out "$out/gpu_lstm.json"
-step sweep 240 python benchmarks/gpu_lstm.py --sweep --cases s1-train s2-train --dtypes bf16 --rounds 3 \
-    --out "$out/gpu_lstm_sweep.json"
+
+for stage in $stages; do
+    case $stage in
+    tests)
+        step kernel-tests 120 "$PY" -m pytest -q -p no:cacheprovider tests/models/test_kernels_triton.py
+        step cuda-tests 210 "$PY" -m pytest -q -p no:cacheprovider tests/engine/test_cuda.py ;;
+    mixer)
+        step gpu-lstm 140 "$PY" benchmarks/gpu_lstm.py --rounds 3 --iters 10 --out "$out/gpu_lstm.json"
+        step gpu-profile 60 "$PY" benchmarks/gpu_lstm.py --profile --cases s1-train s2-train --dtypes bf16 ;;
+    model)
+        LIMIT=50 bench model-infer infer 256
+        LIMIT=50 bench model-train train 128 ;;
+    compiled)
+        LIMIT=150 bench compiled-infer infer 256 --torchcompile
+        LIMIT=150 bench compiled-train train 128 --torchcompile ;;
+    sweep)
+        step sweep 300 "$PY" benchmarks/gpu_lstm.py --sweep --cases s1-train s2-train --dtypes bf16 --rounds 3 \
+            --iters 10 --out "$out/gpu_lstm_sweep.json" ;;
+    esac
+done

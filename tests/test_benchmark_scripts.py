@@ -100,3 +100,16 @@ def test_gpu_lstm_sweep_forces_each_variant_where_it_fits():
         config = triton_lstm_config.choose("fwd", 4096, 48, torch.bfloat16, *h100)
         assert (config.kernel, config.block_n, config.num_warps, config.block) == ("tiled", 16, 8, 16)
     assert triton_lstm_config.choose("fwd", 4096, 48, torch.bfloat16, *h100).kernel == "held"
+
+
+def test_gpu_lstm_profile_lists_each_backends_costliest_kernels():
+    """``--profile``'s breakdown, run on the CPU at a tiny size: a total per backend, then its costliest ops, whose
+    shares are percentages of that total in decreasing order."""
+    gpu_lstm = load_gpu_lstm()
+    lines = gpu_lstm.kernel_breakdown("tiny", 2, 4, 8, 8, "train", "fp32", steps=1, top=3, device="cpu")
+    totals = [i for i, line in enumerate(lines) if not line.startswith("  ")]
+    assert [lines[i].split(":")[0] for i in totals] == ["tiny fp32 native", "tiny fp32 triton"]
+    for start, end in zip(totals, totals[1:] + [len(lines)]):
+        assert lines[start].endswith("ms of cpu time per step") and 1 <= end - start - 1 <= 3
+        shares = [float(line.split("%")[0]) for line in lines[start + 1:end]]
+        assert shares == sorted(shares, reverse=True) and 0 < sum(shares) <= 100.01

@@ -121,7 +121,7 @@ def test_benchmark_cli_lstm_backend_and_reference_rows(tiny_s_checkpoint, tmp_pa
 def test_benchmark_torchcompile_adds_a_compiled_twin_of_each_row():
     model = create_model("sequencer2d_s", **TINY_S)
     args = benchmark.BenchmarkSettings(lstm_backends=["native", "triton"], torchcompile=True)
-    impls = benchmark.extra_impls({"ours": model, "timm": model}, args, torch.device("cpu"))
+    impls = benchmark.extra_impls({"ours": model, "timm": model}, args, torch.device("cpu"), (3, 28, 28))
     assert sorted(impls) == ["ours-compiled", "ours-native", "ours-native-compiled", "ours-triton",
                              "ours-triton-compiled", "timm-compiled"]
     assert {m.lstm_backend for m in impls["ours-triton"].modules() if hasattr(m, "lstm_backend")} == {"triton"}
@@ -134,6 +134,11 @@ def test_benchmark_torchcompile_adds_a_compiled_twin_of_each_row():
     (["--model", "sequencer2d_nano", "--device", "cuda"] if not torch.cuda.is_available() else
      ["--model", "sequencer2d_nano", "--device", "tpu"], "--device"),
     (["--model", "no_such_model", "--device", "cpu"], "unknown model"),
+    # the reference row is checked before any timing: a name timm lacks, an input too small for it
+    (["--model", "sequencer2d_nano", "--reference-model", "convnext_tinyy"],
+     "--reference-model convnext_tinyy: timm has no model of that name"),
+    (["--model", "sequencer2d_nano", "--img-size", "28", "--reference-model", "convnext_tiny"],
+     "--reference-model convnext_tiny does not run on a 3x28x28 input: "),
     # refused before any work: a long benchmark must not end in an unwritable results file
     (["--model", "no_such_model", "--results-file", "/no/such/folder/r.json"], "does not exist"),
     (["--model", "sequencer2d_nano", "--results-file", "r.txt"], "unknown format"),

@@ -39,7 +39,7 @@ PARAMETER_FLAGS = {
     "corruptions": "--corruptions", "amp_dtype": "--amp-dtype", "val_fraction": "--val-fraction",
     # benchmark's BenchmarkSettings (its `data` is benchmark's --data, not DATA: those messages name the flag)
     "compare_timm": "--compare-timm", "num_warmup": "--num-warmup", "memory_iter": "--memory-iter",
-    "optimized": "--optimized",
+    "optimized": "--optimized", "reference_model": "--reference-model",
     # export's (export_onnx, export_onnx_int8; `quantize` is the command's own switch to export_onnx_int8)
     "dynamic_batch": "--dynamic-batch", "opset": "--opset", "calibration": "--calibration", "verify": "--verify",
     "min_agreement": "--min-agreement", "quantize": "--quantize",

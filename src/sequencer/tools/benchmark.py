@@ -169,7 +169,8 @@ def with_lstm_backend(model: nn.Module, backend: str) -> nn.Module:
     return model
 
 
-def extra_impls(impls: dict[str, nn.Module], args: BenchmarkSettings, device: torch.device) -> dict[str, nn.Module]:
+def extra_impls(impls: dict[str, nn.Module], args: BenchmarkSettings, device: torch.device,
+                input_size: tuple[int, int, int]) -> dict[str, nn.Module]:
     """``--lstm-backend X`` (repeatable): ours on backend X as ``ours-X`` (e.g. ``native``: cuDNN, ``triton``: the
     fused kernel, beside ``ours``, which runs ``auto``'s choice); ``--torchcompile``: a compiled twin of each eager
     implementation (named ``<impl>-compiled``); ``--reference-model``: timm's model of that name, own weights."""
@@ -179,12 +180,29 @@ def extra_impls(impls: dict[str, nn.Module], args: BenchmarkSettings, device: to
     if args.torchcompile:
         extra.update({f"{n}-compiled": m for n, m in {**impls, **extra}.items() if n != "ours-optimized"})
     if args.reference_model:
-        import timm
-        ref = timm.create_model(args.reference_model, pretrained=False).to(device)
+        ref = reference_model(args.reference_model, input_size, device)
         extra[f"ref-{args.reference_model}"] = ref
         if args.torchcompile:
             extra[f"ref-{args.reference_model}-compiled"] = ref
     return extra
+
+
+def reference_model(name: str, input_size: tuple[int, int, int], device: torch.device) -> nn.Module:
+    """timm's ``name`` with its own fresh weights, checked to run one image of ``input_size`` (C, H, W): an unknown
+    name, or an input too small for the model, is a SequencerError naming `reference_model`, before any timing."""
+    import timm
+
+    if not timm.is_model(name):
+        raise SequencerError(f"`reference_model={name}`: timm has no model of that name",
+                             hint="name one of timm.list_models(), e.g. convnext_tiny")
+    model = timm.create_model(name, pretrained=False).to(device)
+    try:
+        with torch.inference_mode():
+            model.eval()(torch.zeros(1, *input_size, device=device))
+    except RuntimeError as error:
+        raise SequencerError(f"`reference_model={name}` does not run on a {'x'.join(map(str, input_size))} input: "
+                             f"{str(error).splitlines()[0]}", hint="benchmark a larger `img_size`") from None
+    return model
 
 
 def compiled_if_named(model: nn.Module, impl: str) -> nn.Module:
@@ -467,7 +485,7 @@ def _steps(setup: _Setup, mode: str) -> tuple[dict[str, Callable], dict[str, tor
         impls["ours-optimized"] = optimize_for_inference(setup.model, setup.amp)
     if setup.twin is not None:
         impls["timm"] = setup.twin
-    impls.update(extra_impls(impls, setup.args, setup.device))
+    impls.update(extra_impls(impls, setup.args, setup.device, setup.input_size))
     if mode == "infer":
         impls.update(setup.onnx_models)
     steps, outputs = {}, {}
