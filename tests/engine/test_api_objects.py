@@ -1,6 +1,6 @@
 """`sequencer.train` with the caller's objects: a TrainConfig (only the fields set count, never changed), typed
-settings, the caller's modules and Datasets (tensors and PIL images), callbacks, silence, Ctrl-C, the caller's
-random state; `sequencer.validate` on a module in memory."""
+settings, the caller's modules and Datasets (tensors and PIL images), callbacks, silence, Ctrl-C, SIGTERM under
+the caller's own disposition, the caller's random state; `sequencer.validate` on a module in memory."""
 from __future__ import annotations
 
 import dataclasses
@@ -8,6 +8,9 @@ import math
 import os
 import random
 import signal
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -196,17 +199,17 @@ def test_a_head_too_small_for_the_classes_is_refused(tmp_path):
 
 # ------------------------------------------------------------------------------------------------ Ctrl-C
 class InterruptedAt(Blobs):
-    """Sends SIGINT to this process when item ``at`` is read the ``times``-th time (inside an epoch)."""
+    """Sends ``signum`` to this process when item ``at`` is read the ``times``-th time (inside an epoch)."""
 
-    def __init__(self, *args, at: int, times: int, **kw):
+    def __init__(self, *args, at: int, times: int, signum: int = signal.SIGINT, **kw):
         super().__init__(*args, **kw)
-        self.at, self.times, self.seen = at, times, 0
+        self.at, self.times, self.seen, self.signum = at, times, 0, signum
 
     def __getitem__(self, i):
         if i == self.at:
             self.seen += 1
             if self.seen == self.times:
-                os.kill(os.getpid(), signal.SIGINT)
+                os.kill(os.getpid(), self.signum)
         return super().__getitem__(i)
 
 
@@ -220,3 +223,64 @@ def test_ctrl_c_raises_keyboard_interrupt_after_the_recovery_checkpoint(tmp_path
     recovery = read_checkpoint(tmp_path / "c" / "recovery.pth.tar")
     assert recovery["epoch"] == 1 and recovery["epoch_complete"] is False
     assert [r["epoch"] for r in result.summary] == [0]
+
+
+# ------------------------------------------------------------------------------------------------ SIGTERM
+def train_terminated_in_epoch_1(output, experiment: str):
+    """Three epochs of which SIGTERM comes inside epoch 1 (item 5 is read once per epoch)."""
+    train_set = InterruptedAt(64, 0, at=5, times=2, signum=signal.SIGTERM)
+    return sequencer.train(model=tiny_net(), data=(train_set, Blobs(32, 1)), **dict(QUICK, epochs=3),
+                           output=str(output), experiment=experiment, progress=False)
+
+
+def assert_recovery_in_epoch_1(folder: Path) -> None:
+    recovery = read_checkpoint(folder / "recovery.pth.tar")
+    assert recovery["epoch"] == 1 and recovery["epoch_complete"] is False
+    assert not (folder / ".run.lock").exists()  # the run had ended (its claim released) before the signal went on
+
+
+def test_sigterm_with_the_default_disposition_ends_the_process_after_the_recovery_checkpoint(tmp_path):
+    """A preempted job's script ends by SIGTERM as it would without the library, only after the checkpoint: the
+    code after train() never runs (a loop of runs does not start its next one)."""
+    script = (f"import sys; sys.path.insert(0, {str(Path(__file__).parent)!r})\n"
+              f"from test_api_objects import train_terminated_in_epoch_1\n"
+              f"train_terminated_in_epoch_1({str(tmp_path)!r}, 'term')\n"
+              f"print('train returned')\n")
+    from run_helpers import subprocess_env
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=subprocess_env(),
+                          timeout=300)
+    assert proc.returncode == -signal.SIGTERM, proc.stderr[-3000:]
+    assert "train returned" not in proc.stdout
+    assert_recovery_in_epoch_1(tmp_path / "term")
+
+
+@pytest.fixture
+def caller_sigterm():
+    """Lets a test set this process's SIGTERM disposition; the previous one is restored afterwards."""
+    previous = signal.getsignal(signal.SIGTERM)
+    yield
+    signal.signal(signal.SIGTERM, previous)
+
+
+def test_sigterm_runs_the_callers_handler_once_then_returns_the_interrupted_result(tmp_path, caller_sigterm):
+    received = []
+
+    def handler(signum, frame):
+        received.append(signum)
+
+    signal.signal(signal.SIGTERM, handler)
+    result = train_terminated_in_epoch_1(tmp_path, "handled")
+    assert received == [signal.SIGTERM]
+    assert result.interrupted and result.exit_code == 128 + signal.SIGTERM
+    assert [r["epoch"] for r in result.summary] == [0]
+    assert_recovery_in_epoch_1(tmp_path / "handled")
+    assert signal.getsignal(signal.SIGTERM) is handler  # the caller's own, back in place
+
+
+def test_a_sigterm_the_caller_ignores_is_not_caught(tmp_path, caller_sigterm):
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    result = train_terminated_in_epoch_1(tmp_path, "ignored")
+    assert not result.interrupted and result.exit_code == 0
+    assert [r["epoch"] for r in result.summary] == [0, 1, 2]
+    assert not (tmp_path / "ignored" / "recovery.pth.tar").exists()
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_IGN

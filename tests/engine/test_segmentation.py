@@ -170,7 +170,9 @@ def test_resume_auto_continues_a_stopped_run_exactly(tmp_path, monkeypatch):
             os.kill(os.getpid(), signal.SIGTERM)  # the run's handler turns it into a stop after this epoch
 
     monkeypatch.setattr(seg_engine, "_save_epoch", stop_after_epoch_1)
-    stopped = train_segmenter(tiny_config(data, tmp_path / "out", epochs=3, experiment="stopped", resume="auto"))
+    # what `segment train` runs: the SIGTERM becomes its exit status (a library call hands it on to the caller)
+    stopped = seg_engine.run_segmentation(tiny_config(data, tmp_path / "out", epochs=3, experiment="stopped",
+                                                      resume="auto"))
     assert stopped.exit_code == 128 + signal.SIGTERM and len(stopped.summary) == 2
     monkeypatch.setattr(seg_engine, "_save_epoch", save_epoch)
     resumed = train_segmenter(tiny_config(data, tmp_path / "out", epochs=3, experiment="stopped", resume="auto"))
@@ -231,8 +233,13 @@ def test_sigterm_mid_epoch_writes_a_recovery_checkpoint_and_resume_auto_finishes
 
     monkeypatch.setattr(seg_engine, "segmentation_loss", stop_at_third_step)
     config = dict(epochs=3, experiment="rec", resume="auto")
-    stopped = train_segmenter(tiny_config(data, tmp_path / "out", **config))
-    assert stopped.exit_code == 128 + signal.SIGTERM
+    received = []
+    previous = signal.signal(signal.SIGTERM, lambda signum, frame: received.append(signum))
+    try:  # the caller's own handler gets the SIGTERM once the run has written its recovery checkpoint
+        stopped = train_segmenter(tiny_config(data, tmp_path / "out", **config))
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    assert received == [signal.SIGTERM] and stopped.exit_code == 128 + signal.SIGTERM
     recovery = read_checkpoint(tmp_path / "out" / "rec" / "recovery.pth.tar")
     assert recovery["epoch"] == 1 and recovery["epoch_complete"] is False
     monkeypatch.setattr(seg_engine, "segmentation_loss", loss)

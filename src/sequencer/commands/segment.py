@@ -7,7 +7,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 
-from ..engine.segmentation import SegmentConfig, train_segmenter
+from ..engine.segmentation import SegmentConfig, run_segmentation
 from ..engine.segmentation_eval import EVAL_MODES, predict_files, validate_segmenter
 from ..models.segmentation import HEADS
 from .common import (KeyValues, check_device, check_results_file, check_workers, failure_reported_to_launcher, key_value,
@@ -134,7 +134,7 @@ def _train(args) -> int:
     settings = {k: v for k, v in vars(args).items() if k in names}
     settings["eval_mode"] = args.eval_mode or _DEFAULTS.eval_mode
     settings["layout"] = args.layout or ""
-    result = train_segmenter(SegmentConfig(**settings))
+    result = run_segmentation(SegmentConfig(**settings))
     if result.best_miou is not None:
         print(f"best mIoU {result.best_miou:.4f} at epoch {result.best_epoch}: {result.checkpoint}")
     return result.exit_code

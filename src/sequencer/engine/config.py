@@ -35,7 +35,9 @@ class RunState:
     empty when it fails. ``claim``: the experiment folder's claim file while the run holds it. ``wandb``: the
     ``--log-wandb`` run, if any. ``module``: the caller's ``nn.Module`` to train (None: ``model`` names one);
     ``datasets``: the caller's ``(train, val)`` Datasets (None: ``data`` names the data); ``callbacks``: called with
-    every epoch's metrics (:func:`sequencer.train`).
+    every epoch's metrics (:func:`sequencer.train`). ``caller_sigterm``: a library entry point's run, which leaves
+    SIGTERM to the caller's own disposition (``loop.StopRequest``); ``sigterm_caught``: such a run caught one, to be
+    delivered again once it has returned (``loop.hand_sigterm_to_caller``).
     """
     given: frozenset[str] = frozenset()
     start_warnings: list[str] = field(default_factory=list)
@@ -46,6 +48,8 @@ class RunState:
     module: Any = None
     datasets: tuple | None = None
     callbacks: list[Callable[[dict], Any]] = field(default_factory=list)
+    caller_sigterm: bool = False
+    sigterm_caught: bool = False
 
 
 @dataclass

@@ -35,7 +35,7 @@ from . import distributed as dist_utils
 from .checkpoint import get_rng_state, resume_position, set_rng_state
 from .config import RunState
 from .guest import caller_rng_kept, console, warn
-from .loop import StopRequest, current_lr, training_checkpoint
+from .loop import StopRequest, current_lr, hand_sigterm_to_caller, training_checkpoint
 from .outputs import plain, prepare_outputs, read_summary, release_claim, remove_if_empty, write_summary
 from .resume import locate_resume, read_resume_checkpoint
 from .segmentation_eval import EVAL_MODES, eval_loader, evaluate_segmentation, inference_settings, metrics_row
@@ -144,10 +144,22 @@ def train_segmenter(cfg: SegmentConfig, *, progress: bool = True) -> SegmentResu
     """Check ``cfg``, then run it in this process or as one rank of a torchrun launch; a failed start leaves no
     empty experiment folder behind. ``progress=False`` prints nothing at all; ``progress=True`` logs through the
     ``"sequencer"`` logger, shown on stdout unless your logging already prints to the console (as
-    :func:`sequencer.train`). The caller's ``random``, ``numpy`` and torch random state is restored on return."""
-    with console(progress), caller_rng_kept():
+    :func:`sequencer.train`). The caller's ``random``, ``numpy`` and torch random state is restored on return. A
+    SIGTERM keeps the caller's disposition, as with :func:`sequencer.train`: after the recovery checkpoint it is
+    delivered again (the default ends the process; a handler runs, then the result, ``exit_code`` 143, returns);
+    ignored, it is not caught."""
+    state = RunState(quiet=not progress, caller_sigterm=True)
+    try:
+        return run_segmentation(cfg, state)
+    finally:
+        hand_sigterm_to_caller(state)
+
+
+def run_segmentation(cfg: SegmentConfig, state: RunState | None = None) -> SegmentResult:
+    """What ``segment train`` runs: :func:`train_segmenter` with the command's signals (it exits 128 + signal)."""
+    state = state if state is not None else RunState()
+    with console(not state.quiet), caller_rng_kept():
         check_segment_config(cfg)
-        state = RunState(quiet=not progress)
         try:
             with dist_utils.process_group(cfg.device) as info:
                 return _train(cfg, state, info)
@@ -200,7 +212,7 @@ def _train(cfg: SegmentConfig, state: RunState, info: dist_utils.DistInfo) -> Se
     run.out = prepare_outputs(cfg, state, info, resume_path or None, resume_ckpt, start_epoch, cfg.img_size)
     if info.is_primary:
         _log_start(run, train_split, start_epoch)
-    with StopRequest() as stop:
+    with StopRequest(state) as stop:
         for epoch in range(start_epoch, run.num_epochs):
             epoch_started = time.time()
             train_loss, stopped_at = _train_one_epoch(run, epoch, stop)

@@ -9,8 +9,9 @@ nothing downloaded) with defaults tuned for a couple of CPU cores.
 Outputs (rank 0 only), as timm writes them: ``OUTPUT/EXPERIMENT/{args.yaml, summary.csv, summary.png,
 last.pth.tar, model_best.pth.tar, checkpoint-<epoch>.pth.tar}``. Epochs are numbered from 0 as in timm.
 
-Faults: checkpoints are written atomically; SIGTERM/SIGINT save ``recovery.pth.tar`` at the next step and exit with
-128+signal (so torchrun ``--max-restarts`` restarts the worker, and ``--resume auto`` continues); a non-finite loss
+Faults: checkpoints are written atomically; SIGTERM/SIGINT save ``recovery.pth.tar`` at the next step and the command
+exits with 128+signal (so torchrun ``--max-restarts`` restarts the worker, and ``--resume auto`` continues; under
+:func:`train`, SIGTERM then goes to the caller's own disposition, SIGINT raises KeyboardInterrupt); a non-finite loss
 stops the run before the bad update, keeping the last good checkpoint.
 
 :func:`_train` reads top to bottom: ``build_data``, ``build_model`` (``engine/train_model.py``), ``build_loaders``,
@@ -41,7 +42,7 @@ from .guest import caller_rng_kept, console, warn
 from .train_data import TrainData, build_data
 from .config import RunState, TrainConfig, check_config, given_settings, resolve_config
 from .loop import (Loaders, Optimization, StopRequest, TrainingRun, callbacks_ask_to_stop, current_lr, evaluate_epoch,
-                   save_epoch, save_recovery, train_one_epoch)
+                   hand_sigterm_to_caller, save_epoch, save_recovery, train_one_epoch)
 from .outputs import plural, prepare_outputs, read_summary, release_claim, remove_if_empty, run_args
 from .train_model import build_model, wrap_model
 from .user_data import module_name
@@ -98,16 +99,23 @@ def train(config: TrainConfig | str | os.PathLike | None = None, /, *, callbacks
 
     ``progress=False`` prints nothing at all; ``progress=True`` logs through the ``"sequencer"`` logger, shown
     on stdout unless your logging already prints to the console. Ctrl-C writes a recovery checkpoint, then raises
-    :class:`TrainingInterrupted` (a ``KeyboardInterrupt``). The caller's ``random``, ``numpy`` and torch random
-    state is restored on return: the run draws from its own ``seed``.
+    :class:`TrainingInterrupted` (a ``KeyboardInterrupt``). SIGTERM keeps your own disposition: the run writes a
+    recovery checkpoint, restores your handlers and delivers the signal again, so with the default disposition the
+    process ends by SIGTERM (status 143 / -15, as a preempted job should) and with your handler that handler runs,
+    then ``train`` returns the result with ``interrupted=True`` and ``exit_code=143``; a SIGTERM you ignore (SIG_IGN)
+    is not caught, and the run goes on. The caller's ``random``, ``numpy`` and torch random state is restored on
+    return: the run draws from its own ``seed``.
     """
     explicit = _explicit_settings(config, settings)
-    state = RunState(quiet=not progress, callbacks=_checked_callbacks(callbacks))
+    state = RunState(quiet=not progress, callbacks=_checked_callbacks(callbacks), caller_sigterm=True)
     state.module = _user_module(explicit)
     state.datasets = explicit.pop("data") if isinstance(explicit.get("data"), (tuple, list)) else None
-    with console(progress), caller_rng_kept():
-        cfg = resolve_config(explicit, state)
-        result = run_training(cfg, state)
+    try:
+        with console(progress), caller_rng_kept():
+            cfg = resolve_config(explicit, state)
+            result = run_training(cfg, state)
+    finally:
+        hand_sigterm_to_caller(state)
     if result.interrupted and result.exit_code == 128 + signal.SIGINT:
         raise TrainingInterrupted(f"training stopped by SIGINT; resume from {result.output_dir}", result)
     return result
@@ -193,7 +201,7 @@ def _train(cfg, state: RunState, info: dist_utils.DistInfo) -> TrainResult:
     _log_start(training, data, start_epoch)
 
     metrics, finished = None, False
-    with StopRequest() as stop:
+    with StopRequest(state) as stop:
         for epoch in range(start_epoch, opt.num_epochs):
             result = train_one_epoch(training, epoch, stop)
             if result.stopped_at is not None:
