@@ -15,9 +15,10 @@ def test_backbone_rows_beside_a_timm_reference_with_and_without_fpn(tmp_path, ca
     out = tmp_path / "r.json"
     rc = main(["benchmark", "--backbone", "--model", "sequencer2d_nano", "--img-size", "40", "-b", "1",
                "--reference-model", "test_convnext", "--mode", "both", "--num-warmup", "0", "--num-iter", "1",
-               "--memory-iter", "0", "--device", "cpu", "--results-file", str(out)])
+               "--memory-iter", "0", "--gemm-size", "64", "--device", "cpu", "--results-file", str(out)])
     assert rc == 0
     report = json.loads(out.read_text())
+    assert report["gemm_gflops"] > 0
     rows = {(r["impl"], r["mode"]): r for r in report["results"]}
     impls = ["backbone", "trunk", "ref-test_convnext", "ref-test_convnext-fpn"]
     assert list(rows) == [(i, m) for m in ("infer", "train") for i in impls]
@@ -33,9 +34,12 @@ def test_backbone_rows_beside_a_timm_reference_with_and_without_fpn(tmp_path, ca
         assert r["img_per_s"] == pytest.approx(1000 / r["step_ms"])
         backbone_ms = rows["backbone", r["mode"]]["step_ms"]
         assert r["speed_vs_backbone"] == pytest.approx(backbone_ms / r["step_ms"])
+        # the share of the GEMM rate: every forward multiply-add (x3 with backward) per second
+        flops_per_image = 2e9 * r["gmacs"] * (3 if r["mode"] == "train" else 1)
+        assert r["gemm_fraction"] == pytest.approx(flops_per_image * r["img_per_s"] / 1e9 / report["gemm_gflops"])
         assert r["peak_memory_mb"] is None
     printed = capsys.readouterr().out
-    assert "ref-test_convnext-fpn" in printed and "vs backbone" in printed
+    assert "ref-test_convnext-fpn" in printed and "vs backbone" in printed and "GEMM %" in printed
 
 
 def test_timm_reference_under_fpn_gives_torchvisions_levels():

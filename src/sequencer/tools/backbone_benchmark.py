@@ -30,8 +30,8 @@ from ..engine.inference import resolve_device
 from ..errors import SequencerError
 from ..hardware import cpu_info
 from ..models.flops import count_macs
-from .benchmark import (AMP_DTYPES, BenchmarkSettings, autocast_ctx, compiled_if_named, measure_peak_memory,
-                        step_peak_memory, time_interleaved)
+from .benchmark import (AMP_DTYPES, BenchmarkSettings, autocast_ctx, compiled_if_named, gemm_rate,
+                        measure_peak_memory, step_peak_memory, time_interleaved)
 
 DEFAULT_REFERENCE = "convnext_tiny"
 DEFAULT_IMG_SIZE = 512
@@ -139,6 +139,7 @@ def run_backbone_benchmark(args: BenchmarkSettings) -> dict:
     figures = {impl: dict(params_m=sum(p.numel() for p in m.parameters()) / 1e6,
                           gmacs=count_macs(m, (3, size, size)) / 1e9) for impl, m in models.items()}
     x = torch.randn(args.batch_size, 3, size, size, generator=torch.Generator().manual_seed(args.seed)).to(device)
+    rate = gemm_rate(amp, device, args.gemm_size)  # GFLOP/s: what "GEMM %" is a fraction of
     modes = ("infer", "train") if args.mode == "both" else (args.mode,)
     results = []
     for mode in modes:
@@ -153,6 +154,8 @@ def run_backbone_benchmark(args: BenchmarkSettings) -> dict:
                        img_per_s=args.batch_size / step_s, step_ms=step_s * 1e3,
                        step_ms_all=[round(t * 1e3, 2) for t in ts], speed_vs_backbone=ours_ms / step_s,
                        **figures[impl.removesuffix("-compiled")], peak_memory_mb=None)
+            # every multiply-add of the forward (three times that for forward + backward) at the GEMM rate = 100%
+            row["gemm_fraction"] = 2 * row["gmacs"] * (3 if mode == "train" else 1) * row["img_per_s"] / rate
             if args.memory_iter:
                 spec = dict(impl=impl, name=args.model, reference=reference, mode=mode, dtype=args.amp_dtype,
                             batch_size=args.batch_size, img_size=size, device=device.type, iters=args.memory_iter)
@@ -164,16 +167,18 @@ def run_backbone_benchmark(args: BenchmarkSettings) -> dict:
                 device_name=torch.cuda.get_device_name(device) if device.type == "cuda" else cpu.model,
                 cpu_description=cpu.describe(), threads=torch.get_num_threads(),
                 load_average=list(os.getloadavg()) if hasattr(os, "getloadavg") else None, torch=torch.__version__,
-                num_iter=args.num_iter, num_warmup=args.num_warmup, results=results)
+                gemm_gflops=rate, num_iter=args.num_iter, num_warmup=args.num_warmup, results=results)
 
 
 def format_backbone_results(report: dict) -> str:
     lines = [f"backbones at {report['input_size'][-1]} px, batch {report['batch_size']}, {report['amp_dtype']}, on "
-             f"{report['device_name']} ({report['threads']} threads); ratios: this run, interleaved",
+             f"{report['device_name']} ({report['threads']} threads); ratios: this run, interleaved; GEMM rate "
+             f"{report['gemm_gflops']:.0f} GFLOP/s",
              f"{'impl':<26} {'mode':<6} {'img/s':>8} {'step ms':>9} {'vs backbone':>11} {'peak MiB':>9} "
-             f"{'GMACs/img':>9} {'params M':>8}"]
+             f"{'GMACs/img':>9} {'params M':>8} {'GEMM %':>6}"]
     for r in report["results"]:
         peak = "-" if r["peak_memory_mb"] is None else f"{r['peak_memory_mb']:.0f}"
         lines.append(f"{r['impl']:<26} {r['mode']:<6} {r['img_per_s']:>8.2f} {r['step_ms']:>9.1f} "
-                     f"{r['speed_vs_backbone']:>10.2f}x {peak:>9} {r['gmacs']:>9.3g} {r['params_m']:>8.2f}")
+                     f"{r['speed_vs_backbone']:>10.2f}x {peak:>9} {r['gmacs']:>9.3g} {r['params_m']:>8.2f} "
+                     f"{100 * r['gemm_fraction']:>6.1f}")
     return "\n".join(lines)
