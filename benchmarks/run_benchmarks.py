@@ -4,7 +4,11 @@ For every model x dtype it runs ``sequencer benchmark`` twice (inference at batc
 AdamW training step at batch 8), each with ``--compare-timm`` (on CUDA also with the cuDNN, Triton, compiled and
 convnext_tiny rows of ``GPU_ROWS``), keeps the JSON results under ``--results-dir`` and renders the tables. CPU
 results live in ``benchmarks/results``, CUDA results in ``benchmarks/results-cuda``; each run replaces its own
-device's results, and BENCHMARKS.md always shows both. ``--render-only`` rebuilds it from the JSON already there.
+device's results, and BENCHMARKS.md always shows both. ``--render-only`` rebuilds them from the JSON already there.
+
+Only the parts this script generates are rewritten: each lies between ``<!-- run_benchmarks:begin NAME -->`` and
+``<!-- run_benchmarks:end NAME -->`` (NAME: method, cpu, gpu), and every byte outside those markers (hand-written
+sections, notes above a table) is kept; a part whose markers are missing is appended at the end of the file.
 
     python benchmarks/run_benchmarks.py                     # CPU: s, m, l; fp32 and bf16; inference and training
     python benchmarks/run_benchmarks.py --device cuda --dtypes bfloat16 --infer-batch 256 --train-batch 128
@@ -13,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import shlex
 import subprocess
 import sys
@@ -107,11 +112,10 @@ def render_targets(reports: list[dict], model: str = "sequencer2d_s") -> list[st
             "| check | target | measured | GEMM-bound ceiling |", "|---|---|---|---|", *rows, ""]
 
 
-def render(sections: dict[str, tuple[list[dict], str, str]]) -> str:
-    """``sections``: {"cpu"|"cuda": (reports, made-with command, note)}."""
-    lines = [
-        "# Benchmarks",
-        "",
+def render(sections: dict[str, tuple[list[dict], str, str]]) -> dict[str, tuple[str, str]]:
+    """The parts of BENCHMARKS.md this script writes, {name: (the heading a new part goes under, markdown)}.
+    ``sections``: {"cpu"|"cuda": (reports, made-with command, note)}."""
+    method = [
         "Ours (`sequencer.create_model`, eager; `optimize_for_inference` as *ours-optimized*) against timm's "
         "`Sequencer2d` with the same weights, timed **interleaved in one process** (each iteration runs every "
         "implementation once, alternating the order; medians reported). Only the ratios are meaningful on a "
@@ -128,30 +132,62 @@ def render(sections: dict[str, tuple[list[dict], str, str]]) -> str:
         "measured in the same run (fastest of PyTorch's default BLAS and oneDNN).",
         "- rel diff: max |ours - timm| / max |timm| over the logits of the same input.",
         "",
-        "## CPU",
-        "",
     ]
     if "cpu" in sections:
-        lines += render_table(*sections["cpu"])
-        lines += render_targets(sections["cpu"][0])
+        cpu = render_table(*sections["cpu"]) + render_targets(sections["cpu"][0])
     else:
-        lines += ["Not measured yet: `python benchmarks/run_benchmarks.py`.", ""]
-    lines += ["## GPU", ""]
+        cpu = ["Not measured yet: `python benchmarks/run_benchmarks.py`.", ""]
     if "cuda" in sections:
-        lines += render_table(*sections["cuda"])
+        gpu = render_table(*sections["cuda"])
     else:
-        lines += ["Not measured yet (no GPU was available). On a CUDA machine (H100: bf16 inference at batch 256, "
-                  "AMP training at batch 128):", "", "```"] + GPU_COMMANDS + ["```", ""]
-    return "\n".join(lines)
+        gpu = ["Not measured yet (no GPU was available). On a CUDA machine (H100: bf16 inference at batch 256, "
+               "AMP training at batch 128):", "", "```"] + GPU_COMMANDS + ["```", ""]
+    return {"method": ("# Benchmarks", "\n".join(method)), "cpu": ("## CPU", "\n".join(cpu)),
+            "gpu": ("## GPU", "\n".join(gpu))}
 
 
-def load_section(results_dir: Path) -> tuple[list[dict], str, str] | None:
-    files = sorted(results_dir.glob("*.json"))
+def markers(name: str) -> tuple[str, str]:
+    return f"<!-- run_benchmarks:begin {name} -->", f"<!-- run_benchmarks:end {name} -->"
+
+
+def update_markdown(text: str, parts: dict[str, tuple[str, str]]) -> str:
+    """``text`` with each part's markdown between its two marker comments replaced; everything outside the markers
+    stays byte for byte. A part whose markers ``text`` lacks is appended at the end, under its heading."""
+    for name, (heading, markdown) in parts.items():
+        begin, end = markers(name)
+        block = f"{begin}\n\n{markdown}\n{end}"
+        counts = (text.count(begin), text.count(end))
+        if counts == (0, 0):
+            text += ("\n" if text and not text.endswith("\n") else "") + ("\n" if text else "")
+            text += f"{heading}\n\n{block}\n"
+            continue
+        start, stop = text.find(begin), text.find(end)
+        if counts != (1, 1) or stop < start:
+            raise SystemExit(f"BENCHMARKS.md: the markers of {name!r} are not one {begin!r} followed by one "
+                             f"{end!r}; fix them by hand")
+        text = text[:start] + block + text[stop + len(end):]
+    return text
+
+
+def write_markdown(path: Path, sections: dict[str, tuple[list[dict], str, str]]) -> None:
+    """Replace this script's parts of the markdown file at ``path`` (created when missing), keeping the rest."""
+    text = path.read_text() if path.exists() else ""
+    path.write_text(update_markdown(text, render(sections)))
+
+
+def own_results(results_dir: Path, device: str) -> list[Path]:
+    """The JSON results :func:`run_one` writes there (other scripts' results may share the folder)."""
+    return sorted(f for f in results_dir.glob("*.json")
+                  if re.fullmatch(rf".+_(infer|train)_\w+_b\d+_{device}\.json", f.name))
+
+
+def load_section(results_dir: Path, device: str) -> tuple[list[dict], str, str] | None:
+    files = own_results(results_dir, device)
     if not files:
         return None
     meta_path = results_dir / "made_with.json"
     meta = json.loads(meta_path.read_text()) if meta_path.exists() else {}
-    reports = [json.loads(f.read_text()) for f in files if f.name != "made_with.json"]
+    reports = [json.loads(f.read_text()) for f in files]
     order = {name: i for i, name in enumerate(meta.get("models", []))}
     reports.sort(key=lambda r: (order.get(r["model"], len(order)), r["model"], r["amp_dtype"] != "float32",
                                 r["results"][0]["mode"] != "infer"))
@@ -182,7 +218,7 @@ def main() -> int:
     if not args.render_only:
         out_dir = dirs[args.device]
         out_dir.mkdir(parents=True, exist_ok=True)
-        for old in out_dir.glob("*.json"):
+        for old in own_results(out_dir, args.device):
             old.unlink()  # one run per device: no stale results from an earlier, different command
         for model in args.models:
             for dtype in args.dtypes:
@@ -194,8 +230,8 @@ def main() -> int:
         command = args.made_with or "python benchmarks/run_benchmarks.py " + shlex.join(sys.argv[1:])
         (out_dir / "made_with.json").write_text(json.dumps({"command": command, "note": args.note,
                                                             "models": args.models}, indent=1))
-    sections = {device: section for device, d in dirs.items() if (section := load_section(d)) is not None}
-    Path(args.output).write_text(render(sections))
+    sections = {device: section for device, d in dirs.items() if (section := load_section(d, device)) is not None}
+    write_markdown(Path(args.output), sections)
     print(f"wrote {args.output}")
     return 0
 

@@ -54,13 +54,18 @@ def test_gpu_lstm_script_refuses_in_one_line_without_cuda(tmp_path):
     assert not out.exists()
 
 
-def load_gpu_lstm():
+def load_script(name: str):
+    """``benchmarks/NAME.py`` as a module (the folder is no package)."""
     import importlib.util
 
-    spec = importlib.util.spec_from_file_location("gpu_lstm", REPO / "benchmarks" / "gpu_lstm.py")
-    gpu_lstm = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(gpu_lstm)
-    return gpu_lstm
+    spec = importlib.util.spec_from_file_location(name, REPO / "benchmarks" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def load_gpu_lstm():
+    return load_script("gpu_lstm")
 
 
 def test_gpu_lstm_table_shows_times_and_crashes():
@@ -113,3 +118,60 @@ def test_gpu_lstm_profile_lists_each_backends_costliest_kernels():
         assert lines[start].endswith("ms of cpu time per step") and 1 <= end - start - 1 <= 3
         shares = [float(line.split("%")[0]) for line in lines[start + 1:end]]
         assert shares == sorted(shares, reverse=True) and 0 < sum(shares) <= 100.01
+
+
+# ---------------------------------------------------------------------------------------- run_benchmarks.py
+def fake_report(model: str, device: str, img_per_s: float) -> dict:
+    """One ``sequencer benchmark --results-file`` JSON as run_benchmarks.py reads it (figures made up)."""
+    result = dict(mode="infer", dtype="float32", batch_size=16, impl="ours", img_per_s=img_per_s, step_ms=100.0,
+                  speedup_vs_timm=1.0, peak_memory_mb=None, gmacs=1.0, gemm_fraction=0.5, max_rel_diff_vs_timm=None)
+    return dict(model=model, amp_dtype="float32", device=device, device_name=None, threads=2, torch="2",
+                load_average=[0.1, 0.1, 0.1], gemm_gflops=100.0, results=[result])
+
+
+def test_run_benchmarks_rewrites_only_its_own_parts(tmp_path):
+    """BENCHMARKS.md's hand-written text before, between and after the generated parts survives byte for byte;
+    the parts between the markers are replaced; a part whose markers are missing is appended at the end."""
+    script = load_script("run_benchmarks")
+    cpu_begin, cpu_end = script.markers("cpu")
+    method_begin, method_end = script.markers("method")
+    hand = {"before": "# Benchmarks\n\nA hand-written intro.  \n\n", "between": "\n\n## CPU\n\n**CPU: a note**\n\n",
+            "after": "\n\n## Detection backbone\n\n| hand | table |\n|---|---|\n| 1 | 2 |\n"}
+    path = tmp_path / "BENCHMARKS.md"
+    path.write_text(f"{hand['before']}{method_begin}\nstale method\n{method_end}{hand['between']}"
+                    f"{cpu_begin}\n| stale | 1.00 |\n{cpu_end}{hand['after']}")
+    script.write_markdown(path, {"cpu": ([fake_report("seqA", "cpu", 123.45)], "made by a test", "")})
+    text = path.read_text()
+
+    assert text.startswith(hand["before"] + method_begin) and "stale" not in text
+    assert f"{method_end}{hand['between']}{cpu_begin}" in text
+    cpu = text[text.index(cpu_begin):text.index(cpu_end)]
+    assert "Made with: `made by a test`" in cpu and "| seqA | infer | float32 | 16 | ours | 123.45 |" in cpu
+    gpu_begin, gpu_end = script.markers("gpu")  # no gpu markers in the file: appended after the hand-written end
+    assert text.index(cpu_end) < text.index(hand["after"]) < text.index("## GPU") < text.index(gpu_begin)
+    assert text[text.index(cpu_end) + len(cpu_end):].startswith(hand["after"] + "\n## GPU\n\n" + gpu_begin)
+    assert "Not measured yet (no GPU was available)" in text and text.endswith(f"{gpu_end}\n")
+
+    script.write_markdown(path, {"cpu": ([fake_report("seqA", "cpu", 99.0)], "made by a test", "")})
+    again = path.read_text()  # a second run replaces the parts in place: nothing appended twice
+    assert again == text.replace("123.45", "99.00") and again.count(gpu_begin) == 1
+
+
+def test_run_benchmarks_refuses_unpaired_markers(tmp_path):
+    script = load_script("run_benchmarks")
+    path = tmp_path / "BENCHMARKS.md"
+    path.write_text(f"hand\n{script.markers('cpu')[0]}\nno end marker\n")
+    with pytest.raises(SystemExit, match="markers of 'cpu'"):
+        script.write_markdown(path, {})
+    assert path.read_text() == f"hand\n{script.markers('cpu')[0]}\nno end marker\n"
+
+
+def test_run_benchmarks_renders_the_checked_in_results_as_benchmarks_md_shows_them(tmp_path):
+    """--render-only on today's results leaves BENCHMARKS.md as it is (other scripts' JSON beside them is not read
+    as a run's result); so the markers sit exactly around what the script writes."""
+    output = tmp_path / "BENCHMARKS.md"
+    output.write_bytes((REPO / "BENCHMARKS.md").read_bytes())
+    proc = subprocess.run([sys.executable, "benchmarks/run_benchmarks.py", "--render-only", "--output", str(output)],
+                          cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert output.read_bytes() == (REPO / "BENCHMARKS.md").read_bytes()
