@@ -177,6 +177,34 @@ def test_ade20k_layout_trains_and_validates_with_reduce_zero_label(tmp_path):
     assert metrics["pixels"] == sum(int((m > 0).sum()) for m in masks)
 
 
+def test_ctrl_c_exits_130_with_a_recovery_checkpoint(tmp_path, monkeypatch, capsys):
+    """The command returns the stop (the library call raises TrainingInterrupted instead): exit 130, the recovery
+    checkpoint written, the best line of the epoch finished before, no traceback or "interrupted" line."""
+    import os
+    import signal
+
+    from sequencer.engine import segmentation as seg_engine
+
+    loss, calls = seg_engine.segmentation_loss, []
+
+    def interrupted(*args):
+        calls.append(1)
+        if len(calls) == 3:  # epoch 1, step 0 (8 images, batch 4)
+            os.kill(os.getpid(), signal.SIGINT)
+        return loss(*args)
+
+    monkeypatch.setattr(seg_engine, "segmentation_loss", interrupted)
+    voc = make_voc(tmp_path / "voc", n_train=8, n_val=2)
+    capsys.readouterr()
+    code = segment("train", voc, "--num-classes", 3, *TINY_SEGMENTER, "--img-size", 32, "-b", 4, "--epochs", 3,
+                   "-j", 0, "--device", "cpu", "--output", tmp_path / "out", "--experiment", "c")
+    out, err = capsys.readouterr()
+    assert code == 130
+    assert read_checkpoint(tmp_path / "out" / "c" / "recovery.pth.tar")["epoch"] == 1
+    assert "best mIoU " in out and "at epoch 0:" in out
+    assert "Traceback" not in err and "interrupted" not in err
+
+
 def test_length_is_required():
     with pytest.raises(SystemExit) as e:
         segment("train", "somewhere")

@@ -17,6 +17,7 @@ from torch import nn
 from segmentation_helpers import make_voc
 from sequencer.engine import segmentation as seg_engine
 from sequencer.engine.segmentation import SegmentConfig, train_segmenter
+from sequencer.engine.train import TrainingInterrupted
 from sequencer.engine.segmentation_eval import (InferenceSettings, _window_starts, confusion_matrix, image_logits,
                                                 segmentation_metrics)
 from sequencer.errors import SequencerError
@@ -143,15 +144,33 @@ def test_progress_false_prints_nothing_and_keeps_the_callers_random_state(tmp_pa
     assert any("segment train: epoch 0 train_loss" in r.getMessage() for r in records)
 
 
+def assert_summary_is_the_csvs_numbers(result) -> None:
+    """``result.summary``: summary.csv's rows as numbers (epoch an int, the rest floats, nan for an empty cell)."""
+    written = read_summary(result.output_dir / "summary.csv")
+    assert len(result.summary) == len(written) > 0
+    for row, text in zip(result.summary, written):
+        assert list(row) == list(text)
+        assert type(row["epoch"]) is int and row["epoch"] == int(text["epoch"])
+        for key, value in text.items():
+            if key != "epoch":
+                assert type(row[key]) is float, key
+                assert math.isnan(row[key]) if value in ("", "nan") else row[key] == float(value), key
+
+
 def test_iters_sets_the_length_and_the_poly_schedule_ends_at_min_lr(tmp_path):
     data = make_voc(tmp_path / "voc", n_train=16, n_val=2)
     result = train_segmenter(tiny_config(data, tmp_path / "out", iters=5, experiment="it", eval_interval=2))
     rows = result.summary
     # 16 images / batch 8 = 2 updates per epoch: 5 updates = epochs 0, 1 and half of 2
-    assert [r["epoch"] for r in rows] == ["0", "1", "2"]
-    assert float(rows[-1]["lr"]) == 0.0
-    # evaluated every second epoch and after the last
-    assert rows[0]["eval_miou"] == "" and rows[1]["eval_miou"] != "" and rows[2]["eval_miou"] != ""
+    assert [r["epoch"] for r in rows] == [0, 1, 2]
+    assert rows[-1]["lr"] == 0.0
+    # evaluated every second epoch and after the last: the epoch not evaluated has nan there (an empty cell)
+    assert math.isnan(rows[0]["eval_miou"]) and math.isnan(rows[0]["iou_class_0"])
+    assert 0 <= rows[1]["eval_miou"] <= 100 and 0 <= rows[2]["eval_miou"] <= 100
+    assert_summary_is_the_csvs_numbers(result)
+    assert not result.interrupted and result.exit_code == 0
+    best = max((r for r in rows[1:]), key=lambda r: r["eval_miou"])
+    assert result.best_miou == best["eval_miou"] and result.best_epoch == best["epoch"]
     ckpt = read_checkpoint(result.checkpoint)
     assert ckpt["segmenter"]["num_classes"] == 3 and ckpt["data_config"]["img_size"] == 32
 
@@ -173,10 +192,11 @@ def test_resume_auto_continues_a_stopped_run_exactly(tmp_path, monkeypatch):
     # what `segment train` runs: the SIGTERM becomes its exit status (a library call hands it on to the caller)
     stopped = seg_engine.run_segmentation(tiny_config(data, tmp_path / "out", epochs=3, experiment="stopped",
                                                       resume="auto"))
-    assert stopped.exit_code == 128 + signal.SIGTERM and len(stopped.summary) == 2
+    assert stopped.exit_code == 128 + signal.SIGTERM and stopped.interrupted and len(stopped.summary) == 2
     monkeypatch.setattr(seg_engine, "_save_epoch", save_epoch)
     resumed = train_segmenter(tiny_config(data, tmp_path / "out", epochs=3, experiment="stopped", resume="auto"))
-    assert resumed.exit_code == 0 and [r["epoch"] for r in resumed.summary] == ["0", "1", "2"]
+    assert resumed.exit_code == 0 and [r["epoch"] for r in resumed.summary] == [0, 1, 2]
+    assert_summary_is_the_csvs_numbers(resumed)
     a = read_checkpoint(straight.output_dir / "last.pth.tar")["state_dict"]
     b = read_checkpoint(resumed.output_dir / "last.pth.tar")["state_dict"]
     for key in a:
@@ -216,9 +236,9 @@ def test_amp_bf16_run_validates_to_its_logged_miou(tmp_path):
     result = train_segmenter(tiny_config(data, tmp_path / "out", epochs=1, experiment="amp", amp=True))
     ckpt = read_checkpoint(result.checkpoint)
     assert ckpt["data_config"]["eval_amp_dtype"] == "bfloat16"
-    assert math.isfinite(float(result.summary[0]["train_loss"]))
+    assert math.isfinite(result.summary[0]["train_loss"])
     metrics = validate_segmenter(str(result.checkpoint), str(data), device="cpu")
-    assert f"{metrics['miou']:.4f}" == result.summary[0]["eval_miou"]
+    assert round(metrics["miou"], 4) == result.summary[0]["eval_miou"]
 
 
 def test_sigterm_mid_epoch_writes_a_recovery_checkpoint_and_resume_auto_finishes(tmp_path, monkeypatch):
@@ -239,10 +259,41 @@ def test_sigterm_mid_epoch_writes_a_recovery_checkpoint_and_resume_auto_finishes
         stopped = train_segmenter(tiny_config(data, tmp_path / "out", **config))
     finally:
         signal.signal(signal.SIGTERM, previous)
-    assert received == [signal.SIGTERM] and stopped.exit_code == 128 + signal.SIGTERM
+    assert received == [signal.SIGTERM] and stopped.exit_code == 128 + signal.SIGTERM and stopped.interrupted
     recovery = read_checkpoint(tmp_path / "out" / "rec" / "recovery.pth.tar")
     assert recovery["epoch"] == 1 and recovery["epoch_complete"] is False
     monkeypatch.setattr(seg_engine, "segmentation_loss", loss)
     resumed = train_segmenter(tiny_config(data, tmp_path / "out", **config))
-    assert resumed.exit_code == 0 and [r["epoch"] for r in resumed.summary] == ["0", "1", "2"]
+    assert resumed.exit_code == 0 and [r["epoch"] for r in resumed.summary] == [0, 1, 2]
     assert not (tmp_path / "out" / "rec" / "recovery.pth.tar").exists()
+
+
+def sigint_at_third_step(monkeypatch) -> None:
+    """Ctrl-C (SIGINT to this process) in the third training step: epoch 1, step 0 at 2 steps an epoch."""
+    loss, calls = seg_engine.segmentation_loss, []
+
+    def interrupted(*args):
+        calls.append(1)
+        if len(calls) == 3:
+            os.kill(os.getpid(), signal.SIGINT)
+        return loss(*args)
+
+    monkeypatch.setattr(seg_engine, "segmentation_loss", interrupted)
+
+
+def test_ctrl_c_raises_training_interrupted_after_the_recovery_checkpoint(tmp_path, monkeypatch):
+    """As sequencer.train: the library call raises TrainingInterrupted (a KeyboardInterrupt) carrying the result
+    once recovery.pth.tar is written (`segment train` returns 130 instead: tests/commands/test_segment.py)."""
+    data = make_voc(tmp_path / "voc", n_train=16, n_val=2)
+    sigint_at_third_step(monkeypatch)
+    handler = signal.getsignal(signal.SIGINT)
+    with pytest.raises(TrainingInterrupted) as stopped:
+        train_segmenter(tiny_config(data, tmp_path / "out", epochs=3, experiment="c"), progress=False)
+    assert isinstance(stopped.value, KeyboardInterrupt)
+    result = stopped.value.result
+    assert result.interrupted and result.exit_code == 128 + signal.SIGINT
+    recovery = read_checkpoint(tmp_path / "out" / "c" / "recovery.pth.tar")
+    assert recovery["epoch"] == 1 and recovery["epoch_complete"] is False
+    assert [r["epoch"] for r in result.summary] == [0] and result.best_epoch == 0
+    assert_summary_is_the_csvs_numbers(result)
+    assert signal.getsignal(signal.SIGINT) is handler  # the caller's handler is back

@@ -94,10 +94,18 @@ def plain(value):
 
 
 def read_summary(path: Path) -> list[dict]:
+    """summary.csv's rows as written (text); [] when there is no file. :func:`summary_numbers` reads one as
+    numbers."""
     if not path.is_file():
         return []
     with open(path, newline="") as f:
         return list(csv.DictReader(f))
+
+
+def summary_numbers(row: dict) -> dict:
+    """A summary.csv row as numbers: ``epoch`` an int, the rest floats (an empty cell: nan). What the results of
+    :func:`sequencer.train` and ``train_segmenter`` hold."""
+    return {k: int(v) if k == "epoch" else float(v or "nan") for k, v in row.items()}
 
 
 def write_summary(path: Path, rows: list[dict], fields: list[str] = SUMMARY_FIELDS) -> None:

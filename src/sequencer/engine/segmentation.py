@@ -3,7 +3,9 @@
 It runs on the classification engine's pieces: torchrun/DDP (``distributed``), the experiment folder, its claim,
 ``args.yaml`` and ``summary.csv`` (``outputs``), atomic checkpoints with best-N history and RNG state
 (``checkpoint``), ``resume="auto"`` (``resume``), SIGTERM/SIGINT recovery checkpoints (``loop.StopRequest``), the
-``amp`` policy (``train.amp_setup``) and the data loader with seeded workers (``data.create_loader``).
+``amp`` policy (``train.amp_setup``) and the data loader with seeded workers (``data.create_loader``). As with
+:func:`sequencer.train`, Ctrl-C under the library call raises ``TrainingInterrupted`` once the recovery checkpoint is
+written; the command (:func:`run_segmentation`) exits 130 instead.
 
 Schedule: AdamW (timm's optimizer factory: no weight decay on norms and biases) with a poly decay per update after
 a linear warmup (``warmup_iters``), as mmsegmentation's recipes. The length is ``iters`` updates (the last epoch
@@ -36,10 +38,11 @@ from .checkpoint import get_rng_state, resume_position, set_rng_state
 from .config import RunState
 from .guest import caller_rng_kept, console, warn
 from .loop import StopRequest, current_lr, hand_sigterm_to_caller, training_checkpoint
-from .outputs import plain, prepare_outputs, read_summary, release_claim, remove_if_empty, write_summary
+from .outputs import (plain, prepare_outputs, read_summary, release_claim, remove_if_empty, summary_numbers,
+                      write_summary)
 from .resume import locate_resume, read_resume_checkpoint
 from .segmentation_eval import EVAL_MODES, eval_loader, evaluate_segmentation, inference_settings, metrics_row
-from .train import amp_setup
+from .train import TrainingInterrupted, amp_setup
 
 _logger = logging.getLogger(__name__)
 
@@ -97,14 +100,19 @@ class SegmentConfig:
 
 @dataclass
 class SegmentResult:
-    """What a run left: the best mIoU (percent) and its epoch, ``model_best.pth.tar``, the experiment folder, the
-    summary rows (as text) and the exit status (0, or 128 + signal when a signal stopped the run)."""
+    """What a run left: the best mIoU (percent) and its epoch, the path of ``model_best.pth.tar``, the experiment
+    folder, the summary rows (one dict of numbers per epoch, summary.csv's columns: ``epoch`` (int),
+    ``train_loss``, ``eval_miou``, ``eval_pixel_acc``, ``eval_macc``, ``iou_<class>`` per class, ``lr``,
+    ``epoch_seconds``; the eval columns are nan on epochs not evaluated, a class's IoU is nan where it has none),
+    whether a signal (SIGTERM, or SIGINT under the command) stopped the run early, and the command's exit status
+    (0, or 128 + signal). Before any evaluation ``best_miou``, ``best_epoch`` and ``checkpoint`` are None."""
     best_miou: float | None
     best_epoch: int | None
     checkpoint: Path | None
     output_dir: Path | None
     summary: list[dict] = field(default_factory=list)
     exit_code: int = 0
+    interrupted: bool = False
 
 
 def check_segment_config(cfg: SegmentConfig) -> None:
@@ -141,22 +149,29 @@ def check_segment_config(cfg: SegmentConfig) -> None:
 
 
 def train_segmenter(cfg: SegmentConfig, *, progress: bool = True) -> SegmentResult:
-    """Check ``cfg``, then run it in this process or as one rank of a torchrun launch; a failed start leaves no
+    """Train a segmenter as ``sequencer segment train`` does; returns the run's :class:`SegmentResult`.
+
+    Checks ``cfg``, then runs it in this process or as one rank of a torchrun launch; a failed start leaves no
     empty experiment folder behind. ``progress=False`` prints nothing at all; ``progress=True`` logs through the
     ``"sequencer"`` logger, shown on stdout unless your logging already prints to the console (as
-    :func:`sequencer.train`). The caller's ``random``, ``numpy`` and torch random state is restored on return. A
-    SIGTERM keeps the caller's disposition, as with :func:`sequencer.train`: after the recovery checkpoint it is
-    delivered again (the default ends the process; a handler runs, then the result, ``exit_code`` 143, returns);
-    ignored, it is not caught."""
+    :func:`sequencer.train`). Signals as with :func:`sequencer.train`: Ctrl-C writes a recovery checkpoint, then
+    raises ``TrainingInterrupted`` (a ``KeyboardInterrupt``; its ``result`` is the run so far); a SIGTERM keeps the
+    caller's disposition: after the recovery checkpoint it is delivered again (the default ends the process; a
+    handler runs, then the result, ``interrupted``, ``exit_code`` 143, returns); ignored, it is not caught. The
+    caller's ``random``, ``numpy`` and torch random state is restored on return."""
     state = RunState(quiet=not progress, caller_sigterm=True)
     try:
-        return run_segmentation(cfg, state)
+        result = run_segmentation(cfg, state)
     finally:
         hand_sigterm_to_caller(state)
+    if result.interrupted and result.exit_code == 128 + signal.SIGINT:
+        raise TrainingInterrupted(f"segment train stopped by SIGINT; resume from {result.output_dir}", result)
+    return result
 
 
 def run_segmentation(cfg: SegmentConfig, state: RunState | None = None) -> SegmentResult:
-    """What ``segment train`` runs: :func:`train_segmenter` with the command's signals (it exits 128 + signal)."""
+    """What ``segment train`` runs: :func:`train_segmenter` with the command's signals (a signal's stop is returned,
+    ``exit_code`` 128 + signal, never raised or handed on)."""
     state = state if state is not None else RunState()
     with console(not state.quiet), caller_rng_kept():
         check_segment_config(cfg)
@@ -164,7 +179,7 @@ def run_segmentation(cfg: SegmentConfig, state: RunState | None = None) -> Segme
             with dist_utils.process_group(cfg.device) as info:
                 return _train(cfg, state, info)
         except BaseException:
-            release_claim(state)
+            release_claim(state)  # first: the claim file would keep a folder this start made from counting as empty
             remove_if_empty(state)
             raise
         finally:
@@ -217,7 +232,8 @@ def _train(cfg: SegmentConfig, state: RunState, info: dist_utils.DistInfo) -> Se
             epoch_started = time.time()
             train_loss, stopped_at = _train_one_epoch(run, epoch, stop)
             if stopped_at is not None:
-                return _result(run.out.folder, run.out.manager, _save_recovery(run, epoch, stopped_at, stop.signum))
+                return _result(run.out.folder, run.out.manager, _save_recovery(run, epoch, stopped_at, stop.signum),
+                               interrupted=True)
             last = epoch == run.num_epochs - 1
             metrics = None
             if last or (epoch + 1) % cfg.eval_interval == 0:
@@ -225,8 +241,8 @@ def _train(cfg: SegmentConfig, state: RunState, info: dist_utils.DistInfo) -> Se
                 metrics = evaluate_segmentation(run.model, run.eval_loader, model.num_classes, run.class_names,
                                                 settings, distributed=info.distributed)
             _save_epoch(run, epoch, train_loss, metrics, epoch_started)
-            if stop.signum:
-                return _result(run.out.folder, run.out.manager, 128 + stop.signum)
+            if stop.signum:  # the signal arrived during evaluation: the epoch is saved, stop here
+                return _result(run.out.folder, run.out.manager, 128 + stop.signum, interrupted=True)
     if info.is_primary:
         _logger.info("done in %.0fs; best mIoU %s; checkpoints in %s", time.time() - started,
                      f"{run.out.manager.best_metric:.2f}" if run.out.manager.best_metric is not None else "n/a",
@@ -425,15 +441,16 @@ def _save_recovery(run: _Run, epoch: int, step: int, signum: int) -> int:
     return 128 + signum
 
 
-def _result(folder: Path, manager, exit_code: int) -> SegmentResult:
-    rows = read_summary(folder / "summary.csv")
-    scored = [r for r in rows if r.get("eval_miou")]
-    best_epoch = manager.best_epoch if manager is not None else (
-        int(max(scored, key=lambda r: float(r["eval_miou"]))["epoch"]) if scored else None)
-    best_row = next((r for r in rows if best_epoch is not None and int(r["epoch"]) == best_epoch), None)
+def _result(folder: Path, manager, exit_code: int, interrupted: bool = False) -> SegmentResult:
+    """The run's :class:`SegmentResult`, read back from what it wrote (``summary.csv``, ``model_best.pth.tar``)."""
+    rows = [summary_numbers(r) for r in read_summary(folder / "summary.csv")]
+    scored = [r for r in rows if not math.isnan(r["eval_miou"])]
+    best_epoch = manager.best_epoch if manager is not None else (  # a finished run resumed: its best row
+        max(scored, key=lambda r: (r["eval_miou"], -r["epoch"]))["epoch"] if scored else None)
+    best_row = next((r for r in scored if r["epoch"] == best_epoch), None)
     best = folder / "model_best.pth.tar"
-    return SegmentResult(float(best_row["eval_miou"]) if best_row else None, best_epoch,
-                         best if best.is_file() else None, folder, rows, exit_code)
+    return SegmentResult(best_row["eval_miou"] if best_row else None, best_epoch, best if best.is_file() else None,
+                         folder, rows, exit_code, interrupted)
 
 
 def _log_start(run: _Run, train_split, start_epoch: int) -> None:

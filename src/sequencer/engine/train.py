@@ -43,7 +43,8 @@ from .train_data import TrainData, build_data
 from .config import RunState, TrainConfig, check_config, given_settings, resolve_config
 from .loop import (Loaders, Optimization, StopRequest, TrainingRun, callbacks_ask_to_stop, current_lr, evaluate_epoch,
                    hand_sigterm_to_caller, save_epoch, save_recovery, train_one_epoch)
-from .outputs import plural, prepare_outputs, read_summary, release_claim, remove_if_empty, run_args
+from .outputs import (plural, prepare_outputs, read_summary, release_claim, remove_if_empty, run_args,
+                      summary_numbers)
 from .train_model import build_model, wrap_model
 from .user_data import module_name
 
@@ -68,8 +69,9 @@ class TrainResult:
 
 
 class TrainingInterrupted(KeyboardInterrupt):
-    """Ctrl-C (SIGINT) stopped :func:`train` once its recovery checkpoint was written; ``result`` is the run's
-    :class:`TrainResult` so far. A ``KeyboardInterrupt``, so a loop of runs stops as Python code does."""
+    """Ctrl-C (SIGINT) stopped :func:`train` (or ``segmentation.train_segmenter``) once its recovery checkpoint was
+    written; ``result`` is the run's :class:`TrainResult` (``SegmentResult``) so far. A ``KeyboardInterrupt``, so a
+    loop of runs stops as Python code does."""
 
     def __init__(self, message: str, result: TrainResult):
         super().__init__(message)
@@ -229,7 +231,7 @@ def _train(cfg, state: RunState, info: dist_utils.DistInfo) -> TrainResult:
 
 def _result(cfg, folder: Path, manager, exit_code: int, interrupted: bool = False) -> TrainResult:
     """The run's :class:`TrainResult`, read back from what it wrote (``summary.csv``, ``model_best.pth.tar``)."""
-    rows = [_numbers(r) for r in read_summary(folder / "summary.csv")] if (folder / "summary.csv").is_file() else []
+    rows = [summary_numbers(r) for r in read_summary(folder / "summary.csv")]
     evaluated = [r for r in rows if not math.isnan(r["eval_top1"])]  # none without a held-out split
     best_epoch = manager.best_epoch if manager is not None else None
     if manager is None and evaluated:  # a finished run resumed: its best row by the metric it was run with
@@ -240,11 +242,6 @@ def _result(cfg, folder: Path, manager, exit_code: int, interrupted: bool = Fals
     return TrainResult(best_top1=best_row["eval_top1"] if best_row else None, best_epoch=best_epoch,
                        checkpoint=best if best.is_file() else None, output_dir=folder, summary=rows,
                        exit_code=exit_code, interrupted=interrupted)
-
-
-def _numbers(row: dict) -> dict:
-    """A summary.csv row as numbers: ``epoch`` an int, the rest floats (an empty cell: nan)."""
-    return {k: int(v) if k == "epoch" else float(v or "nan") for k, v in row.items()}
 
 
 # --------------------------------------------------------------------------------------------------- loaders
