@@ -6,6 +6,7 @@ model; a model that predicts only background, the trivial baseline, scores backg
 """
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import numpy as np
@@ -78,3 +79,29 @@ def make_ade20k(root: Path, n_train: int = 6, n_val: int = 3, seed: int = 1) -> 
             Image.fromarray(image).save(root / "images" / split / f"ADE_{split}_{i:08d}.jpg")
             Image.fromarray(mask).save(root / "annotations" / split / f"ADE_{split}_{i:08d}.png")
     return root
+
+
+def object_info(root: Path, names: list[str], separator: str = "\t") -> Path:
+    """root/objectInfo150.txt as the challenge ships it: a header, then ``Idx Ratio Train Val Name`` per class
+    (``names`` written as given: synonym lists)."""
+    header = separator.join(["Idx", "Ratio", "Train", "Val", "Name"])
+    rows = [separator.join([str(i), "0.0100", "100", "10", name]) for i, name in enumerate(names, start=1)]
+    path = root / "objectInfo150.txt"
+    path.write_text("\n".join([header, *rows]) + "\n", encoding="utf-8")
+    return path
+
+
+def signal_in_training_step(monkeypatch, signum: int, step: int = 3) -> None:
+    """Send ``signum`` to this process in ``segment train``'s ``step``-th training step (counted over the run from
+    1; the third is epoch 1's first at two steps an epoch), as Ctrl-C or a scheduler's SIGTERM would."""
+    from sequencer.engine import segmentation as seg_engine
+
+    loss, calls = seg_engine.segmentation_loss, []
+
+    def signalled(*args):
+        calls.append(1)
+        if len(calls) == step:
+            os.kill(os.getpid(), signum)
+        return loss(*args)
+
+    monkeypatch.setattr(seg_engine, "segmentation_loss", signalled)

@@ -9,7 +9,7 @@ import pytest
 import torch
 from PIL import Image
 
-from segmentation_helpers import TINY_SEGMENTER, make_ade20k, make_voc, palette_png
+from segmentation_helpers import TINY_SEGMENTER, make_ade20k, make_voc, palette_png, signal_in_training_step
 from sequencer.cli import main
 from sequencer.models.loading import read_checkpoint
 
@@ -177,23 +177,44 @@ def test_ade20k_layout_trains_and_validates_with_reduce_zero_label(tmp_path):
     assert metrics["pixels"] == sum(int((m > 0).sum()) for m in masks)
 
 
+def test_ade20k_names_with_spaces_through_train_resume_validate_and_predict(tmp_path, capsys):
+    """150 classes (ADE20K's default): the SceneParsing names, `chest of drawers` among them, are summary.csv's
+    iou_<name> columns (read back by a resume), the checkpoint's names, validate's table and results-file keys;
+    predict's files are named by the images only."""
+    from sequencer.data.ade20k import ADE20K_CLASSES
+
+    ade = make_ade20k(tmp_path / "ade", n_train=3, n_val=2)
+    common = ["--train-split", "training", "--val-split", "validation", *TINY_SEGMENTER, "--img-size", 32, "-b", 3,
+              "-j", 0, "--device", "cpu", "--output", tmp_path / "out", "--experiment", "ade", "--resume", "auto"]
+    assert segment("train", ade, "--epochs", 1, *common) == 0
+    assert segment("train", ade, "--epochs", 2, *common) == 0  # resumed: reads summary.csv back, rewrites it
+    folder = tmp_path / "out" / "ade"
+    rows = _summary(folder)
+    assert [r["epoch"] for r in rows] == ["0", "1"]
+    assert [k for k in rows[0] if k.startswith("iou_")] == [f"iou_{n}" for n in ADE20K_CLASSES]
+    assert all(r["iou_chest of drawers"] == "nan" and r["iou_wall"] != "nan" for r in rows)  # absent / present
+    assert read_checkpoint(folder / "last.pth.tar")["class_names"] == list(ADE20K_CLASSES)
+    results = tmp_path / "r.json"
+    capsys.readouterr()
+    assert segment("validate", ade, "--checkpoint", folder / "last.pth.tar", "--split", "validation", "-j", 0,
+                   "--device", "cpu", "--results-file", results) == 0
+    out = capsys.readouterr().out
+    assert "\n  chest of drawers: IoU nan\n" in out and "\n  wall: IoU " in out
+    per_class = json.loads(results.read_text())["per_class_iou"]
+    assert list(per_class) == list(ADE20K_CLASSES)
+    assert f"{per_class['wall']:.4f}" == rows[-1]["iou_wall"]
+    image = next((ade / "images" / "validation").iterdir())
+    assert segment("predict", image, "--checkpoint", folder / "last.pth.tar", "--output", tmp_path / "pred",
+                   "--overlay", "--device", "cpu") == 0
+    assert sorted(p.name for p in (tmp_path / "pred").iterdir()) == [f"{image.stem}.png", f"{image.stem}_overlay.jpg"]
+
+
 def test_ctrl_c_exits_130_with_a_recovery_checkpoint(tmp_path, monkeypatch, capsys):
     """The command returns the stop (the library call raises TrainingInterrupted instead): exit 130, the recovery
     checkpoint written, the best line of the epoch finished before, no traceback or "interrupted" line."""
-    import os
     import signal
 
-    from sequencer.engine import segmentation as seg_engine
-
-    loss, calls = seg_engine.segmentation_loss, []
-
-    def interrupted(*args):
-        calls.append(1)
-        if len(calls) == 3:  # epoch 1, step 0 (8 images, batch 4)
-            os.kill(os.getpid(), signal.SIGINT)
-        return loss(*args)
-
-    monkeypatch.setattr(seg_engine, "segmentation_loss", interrupted)
+    signal_in_training_step(monkeypatch, signal.SIGINT)  # epoch 1, step 0 (8 images, batch 4)
     voc = make_voc(tmp_path / "voc", n_train=8, n_val=2)
     capsys.readouterr()
     code = segment("train", voc, "--num-classes", 3, *TINY_SEGMENTER, "--img-size", 32, "-b", 4, "--epochs", 3,

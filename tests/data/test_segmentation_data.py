@@ -6,7 +6,8 @@ import pytest
 import torch
 from PIL import Image
 
-from segmentation_helpers import make_ade20k, make_voc, palette_png
+from segmentation_helpers import make_ade20k, make_voc, object_info, palette_png
+from sequencer.data.ade20k import ADE20K_CLASSES
 from sequencer.data.segmentation import (IGNORE_INDEX, EvalTransform, SegmentationDataset, open_split, read_mask,
                                          train_transform)
 from sequencer.errors import SequencerError
@@ -74,6 +75,47 @@ def test_ade20k_layout_reduces_the_zero_label(tmp_path):
     assert np.array_equal(reduced[raw > 0], raw[raw > 0] - 1)
     _, mask = SegmentationDataset(split)[0]
     assert set(mask.unique().tolist()) <= {0, 1, IGNORE_INDEX}
+
+
+def test_ade20k_has_its_150_scene_parsing_names():
+    assert len(ADE20K_CLASSES) == 150 and len(set(ADE20K_CLASSES)) == 150
+    assert all(n == n.strip() and n and "," not in n and ";" not in n for n in ADE20K_CLASSES)
+    assert (ADE20K_CLASSES[0], ADE20K_CLASSES[12], ADE20K_CLASSES[44], ADE20K_CLASSES[149]) == \
+        ("wall", "person", "chest of drawers", "flag")
+
+
+def test_ade20k_class_names_default_file_and_custom(tmp_path):
+    """150 classes (the layout's default): the folder's objectInfo150.txt names them (first synonym), else the
+    embedded names; another number of classes keeps class_<i>."""
+    root = make_ade20k(tmp_path / "ade", n_train=2, n_val=1)
+    assert open_split(root, "training").class_names == list(ADE20K_CLASSES)
+    assert open_split(root, "training", num_classes=2).class_names == ["class_0", "class_1"]
+    names = ["partition wall", *ADE20K_CLASSES[1:]]
+    object_info(root, [f"{n};{n}s;other" for n in names])  # the challenge's `floor;flooring` lists
+    assert open_split(root, "training").class_names == names
+    object_info(root, [f"{n}, {n}s" for n in names], separator="    ")  # space-separated copies, ',' lists
+    assert open_split(root, "training").class_names == names
+    assert open_split(root, "training", class_names=["a"] * 150).class_names == ["a"] * 150  # given names win
+
+
+@pytest.mark.parametrize("break_it,line,message", [
+    (lambda lines: lines.__setitem__(3, "3\t0.08\t8265\tsky"), 4, "4 columns, expected 5"),
+    (lambda lines: lines.__setitem__(5, lines[5].replace("5", "6", 1)), 6, "Idx '6', expected 5"),
+    (lambda lines: lines.__setitem__(2, "2\t0.1\t1\t1\t;building"), 3, "no class name"),
+    (lambda lines: lines.__setitem__(9, "9\t0.1\t1\t1\tsky;heavens"), 10, "class name 'sky' is also class 3's"),
+    (lambda lines: lines.pop(), 150, "the file ends after 149 classes, 150 expected"),
+    (lambda lines: lines.append("151\t0.1\t1\t1\textra"), 152, "a class beyond the 150"),
+])
+def test_a_malformed_object_info_is_one_line_naming_file_and_line(tmp_path, break_it, line, message):
+    root = make_ade20k(tmp_path / "ade", n_train=2, n_val=1)
+    path = object_info(root, list(ADE20K_CLASSES))
+    lines = path.read_text().splitlines()
+    break_it(lines)
+    path.write_text("\n".join(lines) + "\n")
+    with pytest.raises(SequencerError) as caught:
+        open_split(root, "training")
+    assert str(caught.value).startswith(f"{path} line {line}: {message}")
+    assert "\n" not in str(caught.value)
 
 
 def test_reduce_zero_label_keeps_255_ignored(tmp_path):

@@ -14,7 +14,7 @@ import pytest
 import torch
 from torch import nn
 
-from segmentation_helpers import make_voc
+from segmentation_helpers import make_voc, signal_in_training_step
 from sequencer.engine import segmentation as seg_engine
 from sequencer.engine.segmentation import SegmentConfig, train_segmenter
 from sequencer.engine.train import TrainingInterrupted
@@ -243,15 +243,7 @@ def test_amp_bf16_run_validates_to_its_logged_miou(tmp_path):
 
 def test_sigterm_mid_epoch_writes_a_recovery_checkpoint_and_resume_auto_finishes(tmp_path, monkeypatch):
     data = make_voc(tmp_path / "voc", n_train=16, n_val=2)
-    loss, calls = seg_engine.segmentation_loss, []
-
-    def stop_at_third_step(*args):
-        calls.append(1)
-        if len(calls) == 3:  # epoch 1, step 0
-            os.kill(os.getpid(), signal.SIGTERM)
-        return loss(*args)
-
-    monkeypatch.setattr(seg_engine, "segmentation_loss", stop_at_third_step)
+    signal_in_training_step(monkeypatch, signal.SIGTERM)  # epoch 1, step 0
     config = dict(epochs=3, experiment="rec", resume="auto")
     received = []
     previous = signal.signal(signal.SIGTERM, lambda signum, frame: received.append(signum))
@@ -262,30 +254,17 @@ def test_sigterm_mid_epoch_writes_a_recovery_checkpoint_and_resume_auto_finishes
     assert received == [signal.SIGTERM] and stopped.exit_code == 128 + signal.SIGTERM and stopped.interrupted
     recovery = read_checkpoint(tmp_path / "out" / "rec" / "recovery.pth.tar")
     assert recovery["epoch"] == 1 and recovery["epoch_complete"] is False
-    monkeypatch.setattr(seg_engine, "segmentation_loss", loss)
+    monkeypatch.undo()
     resumed = train_segmenter(tiny_config(data, tmp_path / "out", **config))
     assert resumed.exit_code == 0 and [r["epoch"] for r in resumed.summary] == [0, 1, 2]
     assert not (tmp_path / "out" / "rec" / "recovery.pth.tar").exists()
-
-
-def sigint_at_third_step(monkeypatch) -> None:
-    """Ctrl-C (SIGINT to this process) in the third training step: epoch 1, step 0 at 2 steps an epoch."""
-    loss, calls = seg_engine.segmentation_loss, []
-
-    def interrupted(*args):
-        calls.append(1)
-        if len(calls) == 3:
-            os.kill(os.getpid(), signal.SIGINT)
-        return loss(*args)
-
-    monkeypatch.setattr(seg_engine, "segmentation_loss", interrupted)
 
 
 def test_ctrl_c_raises_training_interrupted_after_the_recovery_checkpoint(tmp_path, monkeypatch):
     """As sequencer.train: the library call raises TrainingInterrupted (a KeyboardInterrupt) carrying the result
     once recovery.pth.tar is written (`segment train` returns 130 instead: tests/commands/test_segment.py)."""
     data = make_voc(tmp_path / "voc", n_train=16, n_val=2)
-    sigint_at_third_step(monkeypatch)
+    signal_in_training_step(monkeypatch, signal.SIGINT)  # epoch 1, step 0
     handler = signal.getsignal(signal.SIGINT)
     with pytest.raises(TrainingInterrupted) as stopped:
         train_segmenter(tiny_config(data, tmp_path / "out", epochs=3, experiment="c"), progress=False)

@@ -5,7 +5,8 @@ Layouts (found by their folders):
 - **Pascal VOC**: ``JPEGImages/<id>.jpg``, ``SegmentationClass/<id>.png`` (palette or grayscale PNGs of class
   indices), ``ImageSets/Segmentation/<split>.txt`` (one id a line). 21 classes by default.
 - **ADE20K** (``ADEChallengeData2016``): ``images/{training,validation}/<name>.jpg`` and
-  ``annotations/{training,validation}/<name>.png``. 150 classes; 0 means "other" and is ignored by
+  ``annotations/{training,validation}/<name>.png``. 150 classes, named by the folder's ``objectInfo150.txt`` or
+  else the same names embedded (:mod:`sequencer.data.ade20k`); 0 means "other" and is ignored by
   ``reduce_zero_label`` (on by default for this layout): 0 -> 255, k -> k-1.
 
 Mask value 255 is ignored everywhere (VOC's object borders). :func:`check_pairs` reads every mask once before a run
@@ -25,6 +26,7 @@ import torch
 from PIL import Image
 
 from ..errors import SequencerError
+from .ade20k import ADE20K_CLASSES, ade20k_class_names
 from .class_folders import IMAGE_EXTENSIONS
 from .images import READ_ERRORS, UnreadableImageError, load_image
 
@@ -32,7 +34,7 @@ IGNORE_INDEX = 255
 VOC_CLASSES = ("background", "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow",
                "diningtable", "dog", "horse", "motorbike", "person", "pottedplant", "sheep", "sofa", "train",
                "tvmonitor")
-ADE20K_NUM_CLASSES = 150
+ADE20K_NUM_CLASSES = len(ADE20K_CLASSES)
 LAYOUTS = ("voc", "ade20k")
 _ADE_SPLITS = {"train": "training", "training": "training", "val": "validation", "validation": "validation"}
 MASK_MODES = ("P", "L")  # palette or 8-bit grayscale PNGs of class indices
@@ -92,7 +94,7 @@ def open_split(root: str | os.PathLike, split: str, layout: str = "", num_classe
     images, masks = (_voc_pairs if layout == "voc" else _ade20k_pairs)(root, split)
     if not images:
         raise SequencerError(f"{layout} split {split!r} of {str(root)!r} lists no images")
-    names = list(class_names) if class_names else default_class_names(layout, num_classes)
+    names = list(class_names) if class_names else default_class_names(layout, num_classes, root)
     if len(names) != num_classes:
         raise SequencerError(f"{len(names)} class names for {num_classes} classes")
     out = SegmentationSplit(root, layout, split, images, masks, num_classes, reduce, names)
@@ -100,9 +102,13 @@ def open_split(root: str | os.PathLike, split: str, layout: str = "", num_classe
     return out
 
 
-def default_class_names(layout: str, num_classes: int) -> list[str]:
+def default_class_names(layout: str, num_classes: int, root: str | os.PathLike) -> list[str]:
+    """The layout's own names when ``num_classes`` is its default (VOC's 21; ADE20K's 150, from
+    ``root/objectInfo150.txt`` when there is one), else ``class_<i>``."""
     if layout == "voc" and num_classes == len(VOC_CLASSES):
         return list(VOC_CLASSES)
+    if layout == "ade20k" and num_classes == ADE20K_NUM_CLASSES:
+        return ade20k_class_names(root)
     return [f"class_{i}" for i in range(num_classes)]
 
 
