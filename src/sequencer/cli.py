@@ -6,6 +6,7 @@ imported only when their command runs, so ``sequencer --help`` stays fast.
 from __future__ import annotations
 
 import argparse
+import functools
 import importlib
 import logging
 import os
@@ -76,13 +77,14 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 0 if not argv or argv[0] in ("-h", "--help") else 2
     from .commands.common import as_flags  # the library names parameters; the command line shows its flags
-    install_console_logging(as_flags)
+    rewrite = functools.partial(as_flags, command=args.command)
+    install_console_logging(rewrite)
     # warnings are messages for the user: one line, without the source line of the code that raised them
-    warnings.formatwarning = lambda message, category, *_args, **_kw: f"warning: {as_flags(str(message))}\n"
+    warnings.formatwarning = lambda message, category, *_args, **_kw: f"warning: {rewrite(str(message))}\n"
     try:
         return int(importlib.import_module(args._module).run(args) or 0)
     except SequencerError as e:
-        print(f"sequencer {args.command}: error: {as_flags(str(e))}", file=sys.stderr)
+        print(f"sequencer {args.command}: error: {rewrite(str(e))}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"sequencer {args.command}: interrupted", file=sys.stderr)

@@ -61,15 +61,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     check_results_file(args.results_file)
     settings = BenchmarkSettings(**{f.name: getattr(args, f.name) for f in dataclasses.fields(BenchmarkSettings)})
-    if args.data:
+    if args.backbone:  # first: it refuses --data (which would otherwise quietly time the loader instead)
+        from ..tools.backbone_benchmark import format_backbone_results, run_backbone_benchmark
+        report = run_backbone_benchmark(settings)
+        print(format_backbone_results(report))
+    elif args.data:
         from ..tools.loader_benchmark import format_loader_results, run_loader_benchmark
         img_size = args.img_size or 224
         report = run_loader_benchmark(settings, resolve_device(args.device), img_size)
         print(format_loader_results(report))
-    elif args.backbone:
-        from ..tools.backbone_benchmark import format_backbone_results, run_backbone_benchmark
-        report = run_backbone_benchmark(settings)
-        print(format_backbone_results(report))
     else:
         report = run_benchmark(settings)
         print(format_results(report))

@@ -37,24 +37,28 @@ PARAMETER_FLAGS = {
     "model": "--model", "onnx": "--onnx", "num_classes": "--num-classes", "img_size": "--img-size",
     "input_size": "--input-size", "resume": "--resume", "stages": "--stage", "target_cpu": "--target-cpu",
     "corruptions": "--corruptions", "amp_dtype": "--amp-dtype", "val_fraction": "--val-fraction",
-    # benchmark's BenchmarkSettings (its `data` is benchmark's --data, not DATA: those messages name the flag)
+    # benchmark's BenchmarkSettings (its `data` is its --data, not DATA: COMMAND_FLAGS)
     "compare_timm": "--compare-timm", "num_warmup": "--num-warmup", "memory_iter": "--memory-iter",
     "optimized": "--optimized", "reference_model": "--reference-model",
     # export's (export_onnx, export_onnx_int8; `quantize` is the command's own switch to export_onnx_int8)
     "dynamic_batch": "--dynamic-batch", "opset": "--opset", "calibration": "--calibration", "verify": "--verify",
     "min_agreement": "--min-agreement", "quantize": "--quantize",
 }
+# A command whose flag for a parameter is not PARAMETER_FLAGS' one: benchmark's `data` is its --data, not DATA
+COMMAND_FLAGS = {"benchmark": {"data": "--data"}}
 _PARAMETER = re.compile(r"`(\w+)(?:=([^`]*))?`")
 
 
-def as_flags(text: str) -> str:
+def as_flags(text: str, command: str | None = None) -> str:
     """``text`` with each backticked library parameter (`` `batch_size=8` ``, `` `class_map` ``) written as the flag
-    that sets it (``--batch-size 8``, ``--class-map``); other backticked text is left as it is."""
+    that sets it in ``command`` (``--batch-size 8``, ``--class-map``); other backticked text is left as it is."""
+    flags = {**PARAMETER_FLAGS, **COMMAND_FLAGS.get(command, {})}
+
     def flag(match: re.Match) -> str:
         name, value = match.groups()
-        if name not in PARAMETER_FLAGS:
+        if name not in flags:
             return match.group(0)
-        return PARAMETER_FLAGS[name] + ("" if value is None else f" {value}")
+        return flags[name] + ("" if value is None else f" {value}")
     return _PARAMETER.sub(flag, text)
 
 

@@ -115,11 +115,10 @@ def run_backbone_benchmark(args: BenchmarkSettings) -> dict:
     """Every row in every mode of ``args`` (see the module docstring) -> a JSON-ready report."""
     if not args.model:
         raise SequencerError("`backbone` needs `model` (the Sequencer to build the backbone from)")
-    # `data` is DATA in the other commands (PARAMETER_FLAGS) but benchmark's --data: named as that flag here
     unused = [name for name, value in (("`checkpoint`", args.checkpoint), ("`pretrained`", args.pretrained),
                                        ("`num_classes`", args.num_classes), ("`input_size`", args.input_size),
                                        ("`compare_timm`", args.compare_timm), ("`optimized`", args.optimized),
-                                       ("`onnx`", args.onnx), ("--data", args.data)) if value]
+                                       ("`onnx`", args.onnx), ("`data`", args.data)) if value]
     if unused:
         raise SequencerError(f"`backbone` does not take {', '.join(unused)} (it times freshly initialised "
                              f"backbones at `img_size`)")

@@ -46,7 +46,7 @@ def _timms(root: str, img_size: int, batch_size: int, workers: int, device: torc
 def _round(loader, batches: int, device: torch.device) -> float:
     """Images per second over ``batches`` batches after the first (untimed) one."""
     it = iter(loader)
-    next(it)
+    next(it)  # there is one: create_loader refuses a batch larger than the split
     count, start = 0, time.perf_counter()
     for _ in range(batches):
         try:
@@ -59,7 +59,7 @@ def _round(loader, batches: int, device: torch.device) -> float:
     elapsed = time.perf_counter() - start
     del it
     if count == 0:
-        raise SequencerError("--data: the train split has too few images for one timed batch",
+        raise SequencerError("`data`: the train split has too few images for one timed batch",
                              hint="use a smaller `batch_size` or more images")
     return count / elapsed
 
