@@ -13,6 +13,8 @@ PYTHON="${PYTHON:-python3}"
 # torch version -> the torchvision built for it (0.29.2 is the newest torchvision and declares torch>=2.14, so it
 # serves 2.15 too). RANGE: pyproject's floor and the newest release; the others were run once (README).
 declare -A TORCHVISION=([2.6.0]=0.21.0 [2.8.0]=0.23.0 [2.11.0]=0.26.0 [2.15.0]=0.29.2)
+# the floor's other ends: the oldest timm pyproject.toml declares goes with the oldest torch (elsewhere pip's newest)
+declare -A TIMM=([2.6.0]=1.0.15)
 RANGE=(2.6.0 2.15.0)
 
 # the fast tests of the models, the engine and the library API (the slow end-to-end runs stay with the pinned
@@ -33,7 +35,7 @@ make_venv() {  # $1 torch version -> .venvs/torch-$1 with that torch, its torchv
     "$PYTHON" -m venv --clear "$venv"
     # this machine's pip config caps torch at the locally served release: an empty constraints file lifts the cap
     PIP_CONSTRAINT=/dev/null "$venv/bin/python" -m pip install -q --disable-pip-version-check \
-        "torch==$1" "torchvision==${TORCHVISION[$1]}" -e ".[test]" 2>&1 \
+        "torch==$1" "torchvision==${TORCHVISION[$1]}" ${TIMM[$1]:+"timm==${TIMM[$1]}"} -e ".[test]" 2>&1 \
         | { grep -v "^WARNING: Location '.*' is ignored" || true; }
     [ "${PIPESTATUS[0]}" -eq 0 ] || return 1
     echo "$want" > "$stamp"

@@ -171,3 +171,27 @@ def test_rgb_stem_adapted_to_grayscale(tmp_path, source, tiny_kwargs):
     x = torch.randn(2, 1, 28, 28)
     with torch.no_grad():
         torch.testing.assert_close(gray(x), source[0](x.expand(-1, 3, -1, -1)), rtol=1e-5, atol=1e-6)
+
+
+def test_grayscale_stem_adapted_to_rgb_or_refused_by_an_old_timm(tmp_path, source, tiny_kwargs):
+    """A stem made for 1 channel loaded into an RGB model: timm 1.0.31+ adapts it (an RGB image whose channels are
+    all the gray image gives the gray model's logits); an older timm, which pyproject's floor allows, only adapts
+    3-channel stems, and the load is refused in one line naming the file and the timm needed."""
+    import inspect
+
+    from timm.models import adapt_input_conv
+
+    torch.save(source[0].state_dict(), tmp_path / "rgb.pth")
+    with pytest.warns(UserWarning):
+        gray = _load(tmp_path / "rgb.pth", tiny_kwargs, in_chans=1)
+    torch.save(gray.state_dict(), tmp_path / "gray.pth")
+    if "base_chans" not in inspect.signature(adapt_input_conv).parameters:
+        with pytest.raises(sequencer.SequencerError, match=r"gray\.pth': adapting a stem made for 1 input channels "
+                                                            r"to 3 needs timm 1\.0\.31 or newer"):
+            _load(tmp_path / "gray.pth", tiny_kwargs)
+        return
+    with pytest.warns(UserWarning, match="1 input channels is adapted to 3"):
+        rgb = _load(tmp_path / "gray.pth", tiny_kwargs)
+    x = torch.randn(2, 1, 28, 28)
+    with torch.no_grad():
+        torch.testing.assert_close(rgb(x.expand(-1, 3, -1, -1)), gray(x), rtol=1e-5, atol=1e-6)

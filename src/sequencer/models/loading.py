@@ -290,10 +290,9 @@ def load_state_dict_into(model: nn.Module, state_dict: dict[str, torch.Tensor], 
     ckpt_stem, own_stem = state_dict.get(stem), own.get(stem)
     if ckpt_stem is not None and own_stem is not None and ckpt_stem.shape[1] != own_stem.shape[1] \
             and ckpt_stem.shape[:1] + ckpt_stem.shape[2:] == own_stem.shape[:1] + own_stem.shape[2:]:
-        from timm.models import adapt_input_conv
         warnings.warn(f"{source}: the stem made for {ckpt_stem.shape[1]} input channels is adapted to "
                       f"{own_stem.shape[1]}", stacklevel=3)
-        state_dict[stem] = adapt_input_conv(own_stem.shape[1], ckpt_stem, base_chans=ckpt_stem.shape[1])
+        state_dict[stem] = _adapted_stem(ckpt_stem, own_stem.shape[1], source)
     pos = state_dict.get("absolute_pos_embed")
     if pos is not None and "absolute_pos_embed" in own and pos.shape != own["absolute_pos_embed"].shape:
         state_dict["absolute_pos_embed"] = torch.nn.functional.interpolate(
@@ -327,3 +326,20 @@ def load_checkpoint(model: nn.Module, path: str | os.PathLike, use_ema: bool = T
         raise SequencerError(f"checkpoint {str(path)!r} holds no weights")
     load_state_dict_into(model, state, source=f"checkpoint {str(path)!r}")
     return checkpoint
+
+
+def _adapted_stem(weight: torch.Tensor, in_chans: int, source: str) -> torch.Tensor:
+    """timm's ``adapt_input_conv``: (out, base, k, k) -> (out, in_chans, k, k). Before timm 1.0.31 it took only
+    3-channel weights (no ``base_chans``), which pyproject's floor (1.0.15) still allows."""
+    import inspect
+
+    import timm
+    from timm.models import adapt_input_conv
+
+    base = weight.shape[1]
+    if base == 3:
+        return adapt_input_conv(in_chans, weight)
+    if "base_chans" not in inspect.signature(adapt_input_conv).parameters:
+        raise SequencerError(f"{source}: adapting a stem made for {base} input channels to {in_chans} needs timm "
+                             f"1.0.31 or newer (this is {timm.__version__})", hint="pip install -U timm")
+    return adapt_input_conv(in_chans, weight, base_chans=base)
