@@ -41,7 +41,8 @@ from sequencer.hardware import cpu_info
 from sequencer.models.flops import count_macs
 from sequencer.models.kernels import onednn_bf16_supported
 from sequencer.models import create_model
-from sequencer.tools.benchmark import make_infer_step, make_train_step, measure_peak_memory, time_interleaved
+from sequencer.tools.benchmark import make_infer_step, make_train_step, memory_probe, time_interleaved
+from sequencer.tools.peak_memory import measure_peak_memory
 from sequencer.tools.export import export_onnx, int8_settings, quantize_int8
 from sequencer.tools.onnx_runtime import OnnxModel
 from sequencer.tools.optimize import optimize_for_inference
@@ -167,7 +168,7 @@ def _time_batch(report: dict, paths: dict, model: torch.nn.Module, batch: int, s
                         batch_size=batch, input_size=[3, size, size], dtype=row["dtype"] if ours else "float32",
                         device="cpu", iters=args.memory_iter, onnx=None if ours else str(paths[impl].path),
                         streams=getattr(paths[impl], "streams", None))
-            row["peak_mib"] = measure_peak_memory(spec)
+            row["peak_mib"] = measure_peak_memory(spec, memory_probe)
 
 
 def _agreement(report: dict, paths: dict, model: torch.nn.Module, size: int, count: int) -> None:

@@ -9,6 +9,7 @@ import torch
 from sequencer.cli import main
 from sequencer.models.flops import count_macs
 from sequencer.tools import backbone_benchmark
+from sequencer.tools.peak_memory import measure_peak_memory
 
 
 def test_backbone_rows_beside_a_timm_reference_with_and_without_fpn(tmp_path, capsys):
@@ -54,10 +55,8 @@ def test_timm_reference_under_fpn_gives_torchvisions_levels():
 def test_backbone_memory_probe_reports_training_above_inference():
     spec = dict(impl="backbone", name="sequencer2d_nano", reference="", dtype="float32", batch_size=2, img_size=64,
                 device="cpu", iters=1)
-    infer = backbone_benchmark.measure_peak_memory(dict(spec, mode="infer"),
-                                                   probe=backbone_benchmark.backbone_memory_probe)
-    train = backbone_benchmark.measure_peak_memory(dict(spec, mode="train"),
-                                                   probe=backbone_benchmark.backbone_memory_probe)
+    infer = measure_peak_memory(dict(spec, mode="infer"), backbone_benchmark.backbone_memory_probe)
+    train = measure_peak_memory(dict(spec, mode="train"), backbone_benchmark.backbone_memory_probe)
     assert infer is not None and train is not None
     assert 0 < infer < train
 

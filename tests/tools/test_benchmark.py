@@ -15,6 +15,7 @@ from sequencer.cli import main
 from sequencer.models import create_model
 from sequencer.models.flops import count_macs
 from sequencer.tools import benchmark
+from sequencer.tools.peak_memory import measure_peak_memory
 
 TINY_S = dict(layers=(1, 1, 1, 1), embed_dims=(16, 32, 32, 32), hidden_sizes=(4, 8, 8, 8), num_classes=3)
 
@@ -48,8 +49,8 @@ def test_gemm_rate_is_a_plausible_rate():
 def test_memory_probe_reports_training_above_inference():
     spec = dict(impl="ours", name="sequencer2d_nano", model_kwargs=dict(num_classes=4), dtype="float32",
                 batch_size=8, input_size=(3, 32, 32), device="cpu", iters=1)
-    infer = benchmark.measure_peak_memory(dict(spec, mode="infer"))
-    train = benchmark.measure_peak_memory(dict(spec, mode="train"))
+    infer = measure_peak_memory(dict(spec, mode="infer"), benchmark.memory_probe)
+    train = measure_peak_memory(dict(spec, mode="train"), benchmark.memory_probe)
     assert infer is not None and train is not None
     assert 0 < infer < train  # training keeps activations, gradients and AdamW state
 

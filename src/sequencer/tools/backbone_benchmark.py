@@ -30,8 +30,8 @@ from ..engine.inference import resolve_device
 from ..errors import SequencerError
 from ..hardware import cpu_info
 from ..models.flops import count_macs
-from .benchmark import (AMP_DTYPES, BenchmarkSettings, autocast_ctx, compiled_if_named, gemm_rate,
-                        measure_peak_memory, step_peak_memory, time_interleaved)
+from .benchmark import AMP_DTYPES, BenchmarkSettings, autocast_ctx, compiled_if_named, gemm_rate, time_interleaved
+from .peak_memory import measure_peak_memory, step_peak_memory
 
 DEFAULT_REFERENCE = "convnext_tiny"
 DEFAULT_IMG_SIZE = 512
@@ -98,7 +98,7 @@ def make_step(model: nn.Module, x: torch.Tensor, mode: str, amp: torch.dtype, de
 
 
 def backbone_memory_probe(spec: dict) -> float:
-    """Peak MiB of one row's step (see :func:`sequencer.tools.benchmark.step_peak_memory`); run in a fresh process."""
+    """Peak MiB of one row's step (see :func:`sequencer.tools.peak_memory.step_peak_memory`); run in a fresh process."""
     device = torch.device(spec["device"])
     torch.manual_seed(0)
     x = torch.randn(spec["batch_size"], 3, spec["img_size"], spec["img_size"], device=device)
@@ -158,7 +158,7 @@ def run_backbone_benchmark(args: BenchmarkSettings) -> dict:
             if args.memory_iter:
                 spec = dict(impl=impl, name=args.model, reference=reference, mode=mode, dtype=args.amp_dtype,
                             batch_size=args.batch_size, img_size=size, device=device.type, iters=args.memory_iter)
-                row["peak_memory_mb"] = measure_peak_memory(spec, probe=backbone_memory_probe)
+                row["peak_memory_mb"] = measure_peak_memory(spec, backbone_memory_probe)
             results.append(row)
     cpu = cpu_info()
     return dict(model=args.model, reference=reference, input_size=[3, size, size], batch_size=args.batch_size,

@@ -5,14 +5,8 @@ Every implementation measured in one run (ours eager, ``--optimized``, and timm'
 implementation once, in alternating order, and the median per implementation is reported. On a shared machine
 this keeps the ratios honest even when the absolute numbers move with the load.
 
-Peak memory: what one more step of the work allocates on top of a warmed-up state (weights, inputs, optimizer
-state, first-call library caches and JIT kernels of one untimed step stay in the baseline), measured the same way
-for every implementation. On CUDA, ``torch.cuda.max_memory_allocated`` over the memory held before the steps. On CPU
-there is no allocator statistic, so each implementation runs in a fresh subprocess whose resident-set high-water
-mark is reset after the untimed step (Linux ``clear_refs``; ``ru_maxrss`` elsewhere), and the number is the peak
-resident set during ``--memory-iter`` steps minus the resident set before them: activations, autograd buffers,
-gradients and oneDNN/MKL workspaces. The subprocess runs with a fixed glibc mmap threshold so that freed memory
-leaves the resident set at once and the number is repeatable (see ``GLIBC_EXACT_RSS``).
+Peak memory: :mod:`.peak_memory` (what one more step of the work allocates, each implementation measured the
+same way; on CPU in a fresh subprocess).
 
 Logits are compared with timm's on the same input; a freshly initialised model's zero head is first given small
 random weights (shared with timm), otherwise every logit would be 0 and the comparison vacuous.
@@ -27,9 +21,7 @@ import copy
 import json
 import logging
 import os
-import resource
 import statistics
-import subprocess
 import sys
 import time
 from dataclasses import asdict, dataclass, field, replace
@@ -44,15 +36,11 @@ from ..engine.inference import check_input_size, load_model, relative_error, res
 from ..errors import SequencerError
 from ..hardware import cpu_info
 from ..models.kernels import onednn_bf16_supported
+from .peak_memory import measure_peak_memory, step_peak_memory
 
 _logger = logging.getLogger(__name__)
 
 TIMM_MODELS = ("sequencer2d_s", "sequencer2d_m", "sequencer2d_l")
-# glibc otherwise raises its mmap threshold as blocks are freed and keeps freed heap memory mapped, so the resident
-# peak would depend on allocation history (measured: +-15 MiB between identical runs of a 100 MiB inference); with
-# a fixed threshold every block above 64 KiB is mapped on allocation and unmapped on free, and the resident set
-# follows the live memory (identical runs then agree within 0.3 MiB)
-GLIBC_EXACT_RSS = {"MALLOC_MMAP_THRESHOLD_": "65536"}
 
 
 @dataclass
@@ -297,70 +285,6 @@ def memory_probe(spec: dict) -> float:
     return step_peak_memory(step, device, spec["iters"])
 
 
-def step_peak_memory(step: Callable, device: torch.device, iters: int) -> float:
-    """MiB that ``iters`` calls of ``step`` allocate on top of the state one untimed call leaves (this process)."""
-    # one step first, on every device: optimizer state, first-call library caches and JIT-compiled kernels belong
-    # to the baseline, so what is reported is the steady-state cost of one more step of the work
-    step()
-    if device.type == "cuda":
-        synchronize(device)
-        base = torch.cuda.memory_allocated(device)
-        torch.cuda.reset_peak_memory_stats(device)
-        for _ in range(iters):
-            step()
-        synchronize(device)
-        return (torch.cuda.max_memory_allocated(device) - base) / 2 ** 20
-    # Linux: reset the resident-set high-water mark (VmHWM) so that model construction's own transient peak does
-    # not hide the work's; elsewhere ru_maxrss (never reset) is the fallback and can under-report small work.
-    if _reset_peak_rss():
-        base = _proc_status_kib("VmRSS")
-        for _ in range(iters):
-            step()
-        return max(_proc_status_kib("VmHWM") - base, 0) / 1024
-    base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    for _ in range(iters):
-        step()
-    scale = 1 if sys.platform == "darwin" else 1024
-    return (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base) * scale / 2 ** 20
-
-
-def _reset_peak_rss() -> bool:
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return _proc_status_kib("VmHWM") >= 0
-    except OSError:
-        return False
-
-
-def _proc_status_kib(field: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    raise OSError(f"{field} not in /proc/self/status")
-
-
-def measure_peak_memory(spec: dict, timeout: float = 900, probe: Callable[[dict], float] = memory_probe
-                        ) -> float | None:
-    """Run ``probe(spec)`` (:func:`memory_probe`, or another module-level probe) in a fresh Python process (CPU) or
-    in this one (CUDA)."""
-    if spec["device"] == "cuda":
-        return probe(spec)
-    code = f"import json,sys; from {probe.__module__} import {probe.__name__} as probe; " \
-           "print(json.dumps(probe(json.loads(sys.argv[1]))))"
-    try:
-        proc = subprocess.run([sys.executable, "-c", code, json.dumps(spec)], capture_output=True, text=True,
-                              timeout=timeout, env=dict(os.environ, OMP_NUM_THREADS=str(torch.get_num_threads()),
-                                                        **GLIBC_EXACT_RSS))
-    except subprocess.TimeoutExpired:
-        return None
-    if proc.returncode != 0:
-        _logger.warning(f"warning: memory probe for {spec['impl']} failed: {proc.stderr.strip().splitlines()[-1:]}")
-        return None
-    return float(proc.stdout.strip().splitlines()[-1])
-
-
 # ---- the command -------------------------------------------------------------------------------------------------
 
 def load_onnx_impls(args: BenchmarkSettings) -> dict[str, nn.Module]:
@@ -519,5 +443,5 @@ def _result(setup: _Setup, mode: str, impl: str, times: list[float]) -> Result:
                     mode=mode, dtype=args.amp_dtype, batch_size=args.batch_size, input_size=setup.input_size,
                     device=setup.device.type, iters=args.memory_iter,
                     onnx=str(setup.onnx_models[impl].path) if impl in setup.onnx_models else None)
-        r.peak_memory_mb = measure_peak_memory(spec)
+        r.peak_memory_mb = measure_peak_memory(spec, memory_probe)
     return r
