@@ -145,9 +145,8 @@ def _validate(args) -> int:
     check_results_file(args.results_file)
     m = validate_segmenter(args.checkpoint, args.data, args.split, eval_mode=args.eval_mode, stride=args.stride,
                            workers=args.workers, device=args.device, results_file=args.results_file)
-    print(f"mIoU {m['miou']:.4f} pixel acc {m['pixel_acc']:.4f} mAcc {m['macc']:.4f} on {m['images']} images "
-          f"({m['eval_mode']})")
-    for name, iou in m["per_class_iou"].items():
+    print(f"mIoU {m.miou:.4f} pixel acc {m.pixel_acc:.4f} mAcc {m.macc:.4f} on {m.images} images ({m.eval_mode})")
+    for name, iou in m.per_class_iou.items():
         print(f"  {name}: IoU {iou:.4f}")
     return 0
 

@@ -2,10 +2,16 @@
 defaults (timm's ``train.py`` defaults), how they merge with the digits demo's defaults and a ``--config`` YAML, and
 the checks that refuse values which cannot work, naming the flag. The command and :func:`sequencer.train` both go
 through :func:`resolve_config` and :func:`check_config`, so they accept and refuse the same settings.
+
+The settings machinery of a library call is shared by every settings dataclass (``TrainConfig``, segmentation's
+``SegmentConfig``): :func:`records_given` (only the fields set count), :func:`explicit_settings` (a config and/or
+keywords), :func:`checked_settings` (unknown names and wrong types refused, one line naming the setting) and
+:func:`checked_callbacks`.
 """
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import functools
 import math
 import numbers
@@ -35,7 +41,7 @@ class RunState:
     empty when it fails. ``claim``: the experiment folder's claim file while the run holds it. ``wandb``: the
     ``--log-wandb`` run, if any. ``module``: the caller's ``nn.Module`` to train (None: ``model`` names one);
     ``datasets``: the caller's ``(train, val)`` Datasets (None: ``data`` names the data); ``callbacks``: called with
-    every epoch's metrics (:func:`sequencer.train`). ``caller_sigterm``: a library entry point's run, which leaves
+    every epoch's metrics (:func:`sequencer.train`, ``train_segmenter``). ``caller_sigterm``: a library entry point's run, which leaves
     SIGTERM to the caller's own disposition (``loop.StopRequest``); ``sigterm_caught``: such a run caught one, to be
     delivered again once it has returned (``loop.hand_sigterm_to_caller``).
     """
@@ -52,6 +58,28 @@ class RunState:
     sigterm_caught: bool = False
 
 
+def records_given(cls):
+    """Class decorator for a settings dataclass: each instance records the fields passed to its constructor or
+    assigned afterwards (:func:`given_settings`), so that only the settings the user chose count."""
+    names = [f.name for f in dataclasses.fields(cls)]
+    dataclass_init = cls.__init__
+
+    @functools.wraps(dataclass_init)
+    def init_recording_given(self, *args, **kwargs):
+        dataclass_init(self, *args, **kwargs)
+        object.__setattr__(self, "_given", {*names[:len(args)], *kwargs})
+
+    def setattr_recording_given(self, name, value):
+        object.__setattr__(self, name, value)
+        if "_given" in self.__dict__:
+            self._given.add(name)
+
+    cls.__init__ = init_recording_given
+    cls.__setattr__ = setattr_recording_given
+    return cls
+
+
+@records_given
 @dataclass
 class TrainConfig:
     """One training run's settings; each field is the ``sequencer train`` flag of that name (``--drop-path`` is
@@ -175,43 +203,55 @@ class TrainConfig:
     recovery_interval: int = 0
 
 
-_dataclass_init = TrainConfig.__init__
-
-
-@functools.wraps(_dataclass_init)
-def _init_recording_given(self, *args, **kwargs):
-    _dataclass_init(self, *args, **kwargs)
-    names = [f.name for f in dataclasses.fields(TrainConfig)]
-    object.__setattr__(self, "_given", {*names[:len(args)], *kwargs})
-
-
-def _setattr_recording_given(self, name, value):
-    object.__setattr__(self, name, value)
-    if "_given" in self.__dict__:
-        self._given.add(name)
-
-
-TrainConfig.__init__ = _init_recording_given
-TrainConfig.__setattr__ = _setattr_recording_given
-
-
-def given_settings(cfg: TrainConfig) -> dict:
-    """{name: value} of the fields the user set on ``cfg`` (None values mean the default, so they are left out)."""
+def given_settings(cfg) -> dict:
+    """{name: value} of the fields the user set on ``cfg`` (a :func:`records_given` dataclass; None values mean the
+    default, so they are left out)."""
     return {name: getattr(cfg, name) for name in sorted(getattr(cfg, "_given", ()))
             if getattr(cfg, name) is not None}
 
 
-def config_defaults() -> dict:
-    """{field name: default} of :class:`TrainConfig` (fresh copies of the list defaults)."""
-    return {f.name: getattr(TrainConfig(), f.name) for f in dataclasses.fields(TrainConfig)}
+def config_defaults(config_class=TrainConfig) -> dict:
+    """{field name: default} of ``config_class`` (fresh copies of the list defaults)."""
+    fresh = config_class()
+    return {f.name: getattr(fresh, f.name) for f in dataclasses.fields(config_class)}
 
 
-def check_keys(keys, where: str, hint: str) -> None:
-    """SequencerError naming the keys that are not train settings (with the closest one), e.g. a typo."""
-    known = config_defaults()
+def check_keys(keys, where: str, hint: str, config_class=TrainConfig) -> None:
+    """SequencerError naming the keys that are not ``config_class``'s settings (with the closest one), e.g. a
+    typo."""
+    known = config_defaults(config_class)
     unknown = sorted(set(keys) - set(known))
     if unknown:
+        close = difflib.get_close_matches(unknown[0], known, n=1)
+        hint = f"did you mean `{close[0]}`? {hint}" if close else hint
         raise SequencerError(f"{where}: unknown key(s) {', '.join(unknown)}", hint=hint)
+
+
+def explicit_settings(config, settings: dict, config_class, where: str) -> dict:
+    """The settings a library call was given: ``config``'s fields set (a ``config_class``), then the keywords
+    (which win); a positional other than a ``config_class`` is the data (``train("folder")``)."""
+    if config is None or isinstance(config, config_class):
+        return {**(given_settings(config) if config is not None else {}), **settings}
+    if "data" in settings:
+        raise SequencerError(f"{where}: data given twice (positionally and as data=)")
+    return {"data": config, **settings}
+
+
+def checked_settings(explicit: dict, where: str, hint: str, config_class=TrainConfig) -> dict:
+    """``explicit`` with each value as its field's type holds it and None values (the default) left out;
+    SequencerError naming an unknown key or a value of the wrong type."""
+    check_keys(explicit, where, hint, config_class)
+    return {k: checked_value(k, v, where, config_class=config_class) for k, v in explicit.items() if v is not None}
+
+
+def checked_callbacks(callbacks, where: str) -> list:
+    """``callbacks`` (one callable or several) as a list; SequencerError for one that is not callable."""
+    callbacks = [callbacks] if callable(callbacks) else list(callbacks or ())
+    for cb in callbacks:
+        if not callable(cb):
+            raise SequencerError(f"{where}: callbacks holds {cb!r}, which is not callable",
+                                 hint="pass functions taking the epoch's metrics dict")
+    return callbacks
 
 
 # Used when no DATA is given (or --dataset digits): sequencer2d_nano on the 8x8 scikit-learn digits, upscaled.
@@ -230,8 +270,7 @@ def resolve_config(explicit: dict, state: RunState | None = None) -> TrainConfig
     checkpoint). An ``explicit`` value of None means the default. Every value is type-checked (SequencerError
     naming the setting and the type it needs); the demo's defaults apply when there is no data (and
     ``state.datasets`` holds none)."""
-    check_keys(explicit, "train", "settings are train's flag names with underscores, e.g. drop_path")
-    explicit = {k: checked_value(k, v, "train") for k, v in explicit.items() if v is not None}
+    explicit = checked_settings(explicit, "train", "settings are train's flag names with underscores, e.g. drop_path")
     defaults = config_defaults()
     from_yaml = {}
     config_path = explicit.get("config") or ""
@@ -269,14 +308,16 @@ def resolve_config(explicit: dict, state: RunState | None = None) -> TrainConfig
     return cfg
 
 
-_FIELD_TYPES = typing.get_type_hints(TrainConfig)
+@functools.cache
+def _field_types(config_class) -> dict:
+    return typing.get_type_hints(config_class)
 
 
-def checked_value(name: str, value, where: str, text_numbers: bool = False):
-    """``value`` for the setting ``name`` as its field's type holds it (a tuple as a list, a path as text, an int
-    where a float goes); SequencerError naming the setting and the type it needs. ``text_numbers``: a number
-    written as text ("1e-3", as YAML reads it) is taken as the number."""
-    expected = _FIELD_TYPES.get(name)
+def checked_value(name: str, value, where: str, text_numbers: bool = False, config_class=TrainConfig):
+    """``value`` for the setting ``name`` as its field's type (in ``config_class``) holds it (a tuple as a list, a
+    path as text, an int where a float goes); SequencerError naming the setting and the type it needs.
+    ``text_numbers``: a number written as text ("1e-3", as YAML reads it) is taken as the number."""
+    expected = _field_types(config_class).get(name)
     if expected is None:
         return value
     if text_numbers and isinstance(value, str):
@@ -308,7 +349,7 @@ def _alternatives(tp) -> tuple:
 
 
 def _as_type(value, tp):
-    """``value`` converted to ``tp`` (a TrainConfig annotation); TypeError when it is not one."""
+    """``value`` converted to ``tp`` (a settings dataclass's annotation); TypeError when it is not one."""
     if isinstance(tp, types.UnionType):
         for alternative in typing.get_args(tp):
             try:

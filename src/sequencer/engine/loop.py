@@ -329,7 +329,8 @@ def save_epoch(run: TrainingRun, epoch: int, result: EpochResult, metrics: dict 
 
 def callbacks_ask_to_stop(run: TrainingRun, metrics: dict) -> bool:
     """Call every callback with the epoch's ``metrics`` (a dict of numbers); True when one returned True on any
-    rank (all ranks agree, so none waits on a peer that stopped)."""
+    rank (all ranks agree, so none waits on a peer that stopped). ``run``: any run with ``state`` (its
+    callbacks) and ``info`` (classification's :class:`TrainingRun`, segmentation's run)."""
     if not run.state.callbacks:
         return False
     wants = [cb(dict(metrics)) is True for cb in run.state.callbacks]

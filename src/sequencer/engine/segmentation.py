@@ -20,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
+import os
 import signal
 import time
 from dataclasses import dataclass, field
@@ -35,22 +36,27 @@ from ..models import get_model_entry
 from ..models.segmentation import HEADS, create_segmenter, segmenter_from_config
 from . import distributed as dist_utils
 from .checkpoint import get_rng_state, resume_position, set_rng_state
-from .config import RunState
+from .config import RunState, checked_callbacks, checked_settings, explicit_settings, records_given
 from .guest import caller_rng_kept, console, warn
-from .loop import StopRequest, current_lr, hand_sigterm_to_caller, training_checkpoint
+from .loop import StopRequest, callbacks_ask_to_stop, current_lr, hand_sigterm_to_caller, training_checkpoint
 from .outputs import (plain, prepare_outputs, read_summary, release_claim, remove_if_empty, summary_numbers,
                       write_summary)
 from .resume import locate_resume, read_resume_checkpoint
-from .segmentation_eval import EVAL_MODES, eval_loader, evaluate_segmentation, inference_settings, metrics_row
+from .segmentation_eval import (EVAL_MODES, eval_loader, evaluate_segmentation, inference_settings, metrics_row,
+                              segment_data_config)
 from .train import TrainingInterrupted, amp_setup
 
 _logger = logging.getLogger(__name__)
 
 
+@records_given
 @dataclass
 class SegmentConfig:
     """One ``segment train`` run's settings; each field is the flag of that name (``--img-size`` is ``img_size``).
-    The defaults are the ADE20K UperNet recipe's (docs/segmentation.md) except the length, which has none."""
+    The defaults are the ADE20K UperNet recipe's (docs/segmentation.md) except the length, which has none.
+
+    As with ``TrainConfig``, :func:`train_segmenter` takes only the fields set (passed to the constructor or
+    assigned afterwards, other than None) and never changes the object it is given."""
     data: str = ""
     layout: str = ""  # "" = detected: voc or ade20k
     train_split: str = "train"
@@ -148,18 +154,33 @@ def check_segment_config(cfg: SegmentConfig) -> None:
     resolve_device(cfg.device)
 
 
-def train_segmenter(cfg: SegmentConfig, *, progress: bool = True) -> SegmentResult:
-    """Train a segmenter as ``sequencer segment train`` does; returns the run's :class:`SegmentResult`.
+def train_segmenter(config: SegmentConfig | str | os.PathLike | None = None, /, *, progress: bool = True,
+                    callbacks=(), **settings) -> SegmentResult:
+    """Train a segmenter as ``sequencer segment train DATA --flag value ...`` does; returns the run's
+    :class:`SegmentResult`.
 
-    Checks ``cfg``, then runs it in this process or as one rank of a torchrun launch; a failed start leaves no
-    empty experiment folder behind. ``progress=False`` prints nothing at all; ``progress=True`` logs through the
+    Settings are a :class:`SegmentConfig` (or, positionally, the ``data`` folder) and/or keywords (which win),
+    named as its fields (``data``, ``backbone``, ``head``, ``epochs`` or ``iters``, ``img_size``, ``batch_size``,
+    ``lr``, ``output``, ``experiment``, ``resume``, ...), checked as the flags are; only the fields set count
+    (None means the default). A wrong type or an unknown keyword is a one-line SequencerError naming it; ``cfg``
+    is never changed.
+
+    ``callbacks``: callables, each called on every process after every epoch (once it is saved) with that epoch's
+    summary row as a dict of numbers (:attr:`SegmentResult.summary`'s; nan on an epoch not evaluated); one that
+    returns True stops the run after that epoch.
+
+    Checks the settings, then runs them in this process or as one rank of a torchrun launch; a failed start leaves
+    no empty experiment folder behind. ``progress=False`` prints nothing at all; ``progress=True`` logs through the
     ``"sequencer"`` logger, shown on stdout unless your logging already prints to the console (as
     :func:`sequencer.train`). Signals as with :func:`sequencer.train`: Ctrl-C writes a recovery checkpoint, then
     raises ``TrainingInterrupted`` (a ``KeyboardInterrupt``; its ``result`` is the run so far); a SIGTERM keeps the
     caller's disposition: after the recovery checkpoint it is delivered again (the default ends the process; a
     handler runs, then the result, ``interrupted``, ``exit_code`` 143, returns); ignored, it is not caught. The
     caller's ``random``, ``numpy`` and torch random state is restored on return."""
-    state = RunState(quiet=not progress, caller_sigterm=True)
+    explicit = explicit_settings(config, settings, SegmentConfig, "train_segmenter")
+    cfg = SegmentConfig(**checked_settings(explicit, "train_segmenter", "settings are SegmentConfig's fields, segment "
+                                           "train's flag names with underscores, e.g. img_size", SegmentConfig))
+    state = RunState(quiet=not progress, callbacks=checked_callbacks(callbacks, "train_segmenter"), caller_sigterm=True)
     try:
         result = run_segmentation(cfg, state)
     finally:
@@ -206,6 +227,7 @@ class _Run:
     num_epochs: int
     out: object = None  # outputs.Outputs
     fields: list[str] = field(default_factory=list)  # summary.csv columns
+    state: RunState = field(default_factory=RunState)  # the callbacks (loop.callbacks_ask_to_stop)
 
 
 def _train(cfg: SegmentConfig, state: RunState, info: dist_utils.DistInfo) -> SegmentResult:
@@ -219,6 +241,7 @@ def _train(cfg: SegmentConfig, state: RunState, info: dist_utils.DistInfo) -> Se
     train_split, val_split = _open_splits(cfg, resume_ckpt)
     model = _build_model(cfg, train_split.num_classes, resume_ckpt, info.device)
     run = _build_run(cfg, info, model, train_split, val_split)
+    run.state = state
     start_epoch = _restore(run, resume_ckpt)
     if start_epoch >= run.num_epochs:
         _logger.info("`resume=%s`: the run already finished its %d epochs; nothing to do", resume_path,
@@ -240,9 +263,13 @@ def _train(cfg: SegmentConfig, state: RunState, info: dist_utils.DistInfo) -> Se
                 settings = inference_settings(run.data_config, None, None, info.device)
                 metrics = evaluate_segmentation(run.model, run.eval_loader, model.num_classes, run.class_names,
                                                 settings, distributed=info.distributed)
-            _save_epoch(run, epoch, train_loss, metrics, epoch_started)
+            row = _save_epoch(run, epoch, train_loss, metrics, epoch_started)
             if stop.signum:  # the signal arrived during evaluation: the epoch is saved, stop here
                 return _result(run.out.folder, run.out.manager, 128 + stop.signum, interrupted=True)
+            if callbacks_ask_to_stop(run, row):
+                if info.is_primary:
+                    _logger.info("a callback stopped the run after epoch %d", epoch)
+                break
     if info.is_primary:
         _logger.info("done in %.0fs; best mIoU %s; checkpoints in %s", time.time() - started,
                      f"{run.out.manager.best_metric:.2f}" if run.out.manager.best_metric is not None else "n/a",
@@ -290,10 +317,8 @@ def _build_run(cfg: SegmentConfig, info, model: nn.Module, train_split, val_spli
 
     from ..data import create_loader
 
-    pcfg = get_model_entry(cfg.backbone).pretrained_cfg
-    data_config = dict(mean=list(pcfg["mean"]), std=list(pcfg["std"]), img_size=cfg.img_size,
-                       eval_size=cfg.eval_size or cfg.img_size, eval_mode=cfg.eval_mode, stride=cfg.stride,
-                       layout=train_split.layout, reduce_zero_label=train_split.reduce_zero_label)
+    data_config = segment_data_config(cfg.backbone, cfg.img_size, cfg.eval_size, cfg.eval_mode, cfg.stride,
+                                      train_split.layout, train_split.reduce_zero_label)
     train_loader = create_loader(SegmentationDataset(train_split), None, cfg.batch_size, is_training=True,
                                  transform=train_transform(cfg.img_size, data_config["mean"], data_config["std"]),
                                  num_workers=cfg.workers, distributed=info.distributed, device=info.device,
@@ -411,16 +436,18 @@ def _checkpoint_state(run: _Run, epoch: int, complete: bool, step: int, metric, 
                                summary_rows=[{k: str(v) for k, v in r.items()} for r in run.out.rows])
 
 
-def _save_epoch(run: _Run, epoch: int, train_loss: float, metrics: dict | None, started: float) -> None:
-    """Append the epoch's summary row, then write the checkpoints (best by mIoU) and summary.csv (rank 0)."""
+def _save_epoch(run: _Run, epoch: int, train_loss: float, metrics: dict | None, started: float) -> dict:
+    """Append the epoch's summary row, then write the checkpoints (best by mIoU) and summary.csv (rank 0). Returns
+    the row as numbers, every column (nan where nothing was evaluated): what callbacks get."""
     row = dict(epoch=epoch, train_loss=f"{train_loss:.6f}", lr=f"{current_lr(run.optimizer):.6e}",
                epoch_seconds=f"{time.time() - started:.2f}")
     if metrics is not None:
         row.update(metrics_row(metrics))
     run.out.rows.append(row)
+    numbers = summary_numbers({name: row.get(name, "") for name in run.fields})
     rng_states = dist_utils.all_gather_object(get_rng_state(), run.info)
     if not run.info.is_primary:
-        return
+        return numbers
     metric = float(row["eval_miou"]) if metrics is not None and math.isfinite(train_loss) else None
     state = _checkpoint_state(run, epoch, True, 0, metric, rng_states)
     is_best = run.out.manager.save_epoch(state, epoch, metric)
@@ -428,6 +455,7 @@ def _save_epoch(run: _Run, epoch: int, train_loss: float, metrics: dict | None, 
     shown = (f" mIoU {row['eval_miou']} pixel acc {row['eval_pixel_acc']}" if metrics is not None else "")
     _logger.info("segment train: epoch %d train_loss %.4f%s%s", epoch, train_loss, shown,
                  " *best*" if is_best else "")
+    return numbers
 
 
 def _save_recovery(run: _Run, epoch: int, step: int, signum: int) -> int:

@@ -9,10 +9,12 @@ IoU (NaN) and are left out of the mean, as mmsegmentation does.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import logging
 import math
-from dataclasses import dataclass
+import os
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -22,6 +24,7 @@ from torch import nn
 from ..data.segmentation import IGNORE_INDEX, EvalTransform, SegmentationDataset, open_split, voc_palette
 from ..errors import SequencerError
 from ..fileio import write_atomically
+from ..models import get_model_entry
 from ..models.loading import read_checkpoint
 from ..models.segmentation import Segmenter, segmenter_from_config
 
@@ -166,6 +169,20 @@ def inference_settings(data_config: dict, mode: str | None, stride: int | None,
     return InferenceSettings(mode, int(data_config["img_size"]), stride or data_config.get("stride"), amp_dtype)
 
 
+def segment_data_config(backbone: str | None, img_size: int, eval_size: int | None, eval_mode: str,
+                        stride: int | None, layout: str, reduce_zero_label: bool) -> dict:
+    """How a segmenter's images are prepared and evaluated, as its checkpoint records it (``data_config``):
+    ``backbone``'s normalisation (ImageNet's when None), the training crop ``img_size`` (the sliding window),
+    ``eval_size`` (short side; default ``img_size``), ``eval_mode``, ``stride``, the dataset ``layout`` and
+    ``reduce_zero_label``."""
+    from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+
+    pcfg = get_model_entry(backbone).pretrained_cfg if backbone else {}
+    return dict(mean=list(pcfg.get("mean", IMAGENET_DEFAULT_MEAN)), std=list(pcfg.get("std", IMAGENET_DEFAULT_STD)),
+                img_size=img_size, eval_size=eval_size or img_size, eval_mode=eval_mode, stride=stride,
+                layout=layout, reduce_zero_label=reduce_zero_label)
+
+
 def eval_loader(split, data_config: dict, workers: int, device, distributed: bool = False):
     """Batches of one (image resized to the eval size, mask at its own size) over ``split``, each rank a share."""
     from ..data import create_loader
@@ -185,27 +202,91 @@ def metrics_row(metrics: dict) -> dict:
     return row
 
 
-def validate_segmenter(checkpoint: str, data: str, split: str = "val", *, eval_mode: str | None = None,
-                       stride: int | None = None, workers: int = 0, device: str | None = None,
-                       results_file: str = "") -> dict:
-    """Evaluate a ``segment train`` checkpoint on ``split`` of ``data`` with its own settings (``eval_mode`` /
-    ``stride`` override them). Returns the metrics (as :func:`evaluate_segmentation`, plus ``checkpoint``); with
-    ``results_file`` (.json) also writes them there."""
+@dataclass
+class SegmentValidationResult:
+    """What :func:`validate_segmenter` measured: ``miou``, ``pixel_acc`` and ``macc`` (mean class accuracy), in
+    percent; ``per_class_iou`` {class name: IoU percent, nan for a class with none}; the labelled ``pixels`` and
+    the ``images`` scored; the ``checkpoint`` ("" for a model in memory), ``split`` and ``eval_mode``.
+    ``result["miou"]`` reads a field too; :meth:`as_dict` is what ``--results-file`` holds."""
+    miou: float
+    pixel_acc: float
+    macc: float
+    pixels: int
+    per_class_iou: dict[str, float] = field(default_factory=dict)
+    images: int = 0
+    checkpoint: str = ""
+    split: str = "val"
+    eval_mode: str = "whole"
+
+    def __getitem__(self, key: str):
+        return self.as_dict()[key]
+
+    def as_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def validate_segmenter(checkpoint: str | os.PathLike = "", data: str | os.PathLike = "", split: str = "val", *,
+                       model: nn.Module | None = None, eval_mode: str | None = None, stride: int | None = None,
+                       eval_size: int | None = None, workers: int = 0, device: str | None = None,
+                       results_file: str = "") -> SegmentValidationResult:
+    """mIoU, pixel accuracy and per-class IoU of a segmenter on ``split`` of the dataset folder ``data``, as
+    ``sequencer segment validate`` computes them, as a :class:`SegmentValidationResult`.
+
+    ``checkpoint``: a ``segment train`` checkpoint, evaluated with its own settings (layout, classes,
+    normalisation, eval size and mode; ``eval_mode`` / ``stride`` / ``eval_size`` override them). Or ``model``: a
+    segmenter in memory (:func:`sequencer.create_segmenter`'s, or any module with ``num_classes`` returning
+    (N, num_classes, H, W) logits), evaluated as it is on its own device (moved to ``device`` when one is given)
+    and put back in the mode it was in; its backbone's normalisation (ImageNet's for another module), ``eval_size``
+    (default 512, also the sliding window), the layout and class names of the folder. With ``results_file``
+    (.json) the results are also written there."""
     from .inference import resolve_device
 
-    dev = resolve_device(device)
-    loaded = load_segmenter(checkpoint, dev)
+    if (model is None) == (not checkpoint):
+        raise SequencerError("validate_segmenter: pass a checkpoint or a model in memory, one of them")
+    if model is not None:
+        loaded, dev = _in_memory(model, device), None
+    else:
+        dev = resolve_device(device)
+        loaded = load_segmenter(os.fspath(checkpoint), dev)
     cfg = loaded.data_config
     data_split = open_split(data, split, cfg.get("layout", ""), num_classes=loaded.model.num_classes,
                             reduce_zero_label=cfg.get("reduce_zero_label"), class_names=loaded.class_names)
+    if model is not None:
+        cfg = segment_data_config(cfg["backbone"], eval_size or 512, None, "whole", None, data_split.layout,
+                                  data_split.reduce_zero_label)
+        loaded.class_names = list(data_split.class_names)
+    elif eval_size:
+        cfg = dict(cfg, eval_size=eval_size)
+    dev = dev or next(loaded.model.parameters()).device
     settings = inference_settings(cfg, eval_mode, stride, dev)
-    metrics = evaluate_segmentation(loaded.model, eval_loader(data_split, cfg, workers, dev), loaded.model.num_classes,
-                                    loaded.class_names, settings)
-    metrics.update(checkpoint=str(checkpoint), split=split, eval_mode=settings.mode)
+    was_training = loaded.model.training
+    try:
+        metrics = evaluate_segmentation(loaded.model, eval_loader(data_split, cfg, workers, dev),
+                                        loaded.model.num_classes, loaded.class_names, settings)
+    finally:
+        if model is not None:
+            model.train(was_training)  # a caller's module goes back to the mode it was in
+    result = SegmentValidationResult(**metrics, checkpoint=os.fspath(checkpoint), split=split,
+                                     eval_mode=settings.mode)
     if results_file:
-        text = json.dumps(metrics, indent=2, allow_nan=True)
+        text = json.dumps(result.as_dict(), indent=2, allow_nan=True)
         write_atomically(results_file, lambda tmp: Path(tmp).write_text(text + "\n"), what="results file")
-    return metrics
+    return result
+
+
+def _in_memory(model: nn.Module, device: str | None) -> LoadedSegmenter:
+    """The caller's segmenter as a :class:`LoadedSegmenter` (moved to ``device`` when one is given); its data
+    settings hold only its backbone's name (the rest come from the call and the folder)."""
+    from .inference import resolve_device
+
+    num_classes = getattr(model, "num_classes", None)
+    if not isinstance(num_classes, int):
+        raise SequencerError(f"validate_segmenter: `model={type(model).__name__}` has no `num_classes`",
+                             hint="pass a segmenter from sequencer.create_segmenter, or set its num_classes")
+    if device is not None:
+        model.to(resolve_device(device))
+    backbone = (getattr(model, "config", None) or {}).get("backbone")
+    return LoadedSegmenter(model, [], {"backbone": backbone}, {})
 
 
 # -------------------------------------------------------------------------------------------------- predict

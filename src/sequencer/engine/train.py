@@ -40,7 +40,7 @@ from .amp import autocast_dtype
 from .checkpoint import resume_position, set_rng_state
 from .guest import caller_rng_kept, console, warn
 from .train_data import TrainData, build_data
-from .config import RunState, TrainConfig, check_config, given_settings, resolve_config
+from .config import RunState, TrainConfig, check_config, checked_callbacks, explicit_settings, resolve_config
 from .loop import (Loaders, Optimization, StopRequest, TrainingRun, callbacks_ask_to_stop, current_lr, evaluate_epoch,
                    hand_sigterm_to_caller, save_epoch, save_recovery, train_one_epoch)
 from .outputs import (plural, prepare_outputs, read_summary, release_claim, remove_if_empty, run_args,
@@ -108,8 +108,8 @@ def train(config: TrainConfig | str | os.PathLike | None = None, /, *, callbacks
     is not caught, and the run goes on. The caller's ``random``, ``numpy`` and torch random state is restored on
     return: the run draws from its own ``seed``.
     """
-    explicit = _explicit_settings(config, settings)
-    state = RunState(quiet=not progress, callbacks=_checked_callbacks(callbacks), caller_sigterm=True)
+    explicit = explicit_settings(config, settings, TrainConfig, "train")
+    state = RunState(quiet=not progress, callbacks=checked_callbacks(callbacks, "train"), caller_sigterm=True)
     state.module = _user_module(explicit)
     state.datasets = explicit.pop("data") if isinstance(explicit.get("data"), (tuple, list)) else None
     try:
@@ -123,16 +123,6 @@ def train(config: TrainConfig | str | os.PathLike | None = None, /, *, callbacks
     return result
 
 
-def _explicit_settings(config, settings: dict) -> dict:
-    """The settings given: a TrainConfig's fields set, then the keywords; a positional other than a TrainConfig
-    is the data (``train("folder")``)."""
-    if config is None or isinstance(config, TrainConfig):
-        return {**(given_settings(config) if config is not None else {}), **settings}
-    if "data" in settings:
-        raise SequencerError("train: data given twice (positionally and as data=)")
-    return {"data": config, **settings}
-
-
 def _user_module(explicit: dict) -> nn.Module | None:
     model = explicit.get("model")
     if isinstance(model, nn.Module):
@@ -141,15 +131,6 @@ def _user_module(explicit: dict) -> nn.Module | None:
     if model is not None and not isinstance(model, str):
         raise SequencerError(f"train: `model={type(model).__name__}` is not a registry name or an nn.Module")
     return None
-
-
-def _checked_callbacks(callbacks) -> list:
-    callbacks = [callbacks] if callable(callbacks) else list(callbacks or ())
-    for cb in callbacks:
-        if not callable(cb):
-            raise SequencerError(f"train: callbacks holds {cb!r}, which is not callable",
-                                 hint="pass functions taking the epoch's metrics dict")
-    return callbacks
 
 
 def run_training(cfg: TrainConfig, state: RunState | None = None) -> TrainResult:
