@@ -141,6 +141,8 @@ def test_validate_a_model_in_memory_as_its_checkpoint(voc, tmp_path):
     assert in_memory.per_class_iou == pytest.approx(from_file.per_class_iou, nan_ok=True)
     with pytest.raises(sequencer.SequencerError, match="a checkpoint or a model in memory"):
         validate_segmenter(result.checkpoint, voc, model=model)
+    with pytest.raises(sequencer.SequencerError, match="no dataset folder given"):
+        validate_segmenter(result.checkpoint)
     with pytest.raises(sequencer.SequencerError, match="has no `num_classes`"):
         validate_segmenter(data=voc, model=torch.nn.Conv2d(3, 3, 1))
 

@@ -239,33 +239,19 @@ def validate_segmenter(checkpoint: str | os.PathLike = "", data: str | os.PathLi
     and put back in the mode it was in; its backbone's normalisation (ImageNet's for another module), ``eval_size``
     (default 512, also the sliding window), the layout and class names of the folder. With ``results_file``
     (.json) the results are also written there."""
-    from .inference import resolve_device
-
     if (model is None) == (not checkpoint):
         raise SequencerError("validate_segmenter: pass a checkpoint or a model in memory, one of them")
-    if model is not None:
-        loaded, dev = _in_memory(model, device), None
-    else:
-        dev = resolve_device(device)
-        loaded = load_segmenter(os.fspath(checkpoint), dev)
-    cfg = loaded.data_config
-    data_split = open_split(data, split, cfg.get("layout", ""), num_classes=loaded.model.num_classes,
-                            reduce_zero_label=cfg.get("reduce_zero_label"), class_names=loaded.class_names)
-    if model is not None:
-        cfg = segment_data_config(cfg["backbone"], eval_size or 512, None, "whole", None, data_split.layout,
-                                  data_split.reduce_zero_label)
-        loaded.class_names = list(data_split.class_names)
-    elif eval_size:
-        cfg = dict(cfg, eval_size=eval_size)
-    dev = dev or next(loaded.model.parameters()).device
+    if not data:
+        raise SequencerError("validate_segmenter: no dataset folder given", hint="give `data`, the dataset folder")
+    loaded, dev = _in_memory(model, device) if model is not None else _from_checkpoint(checkpoint, device)
+    data_split, cfg = _split_and_settings(loaded, data, split, eval_size, in_memory=model is not None)
     settings = inference_settings(cfg, eval_mode, stride, dev)
     was_training = loaded.model.training
     try:
         metrics = evaluate_segmentation(loaded.model, eval_loader(data_split, cfg, workers, dev),
                                         loaded.model.num_classes, loaded.class_names, settings)
     finally:
-        if model is not None:
-            model.train(was_training)  # a caller's module goes back to the mode it was in
+        loaded.model.train(was_training)  # a caller's module goes back to the mode it was in
     result = SegmentValidationResult(**metrics, checkpoint=os.fspath(checkpoint), split=split,
                                      eval_mode=settings.mode)
     if results_file:
@@ -274,9 +260,17 @@ def validate_segmenter(checkpoint: str | os.PathLike = "", data: str | os.PathLi
     return result
 
 
-def _in_memory(model: nn.Module, device: str | None) -> LoadedSegmenter:
-    """The caller's segmenter as a :class:`LoadedSegmenter` (moved to ``device`` when one is given); its data
-    settings hold only its backbone's name (the rest come from the call and the folder)."""
+def _from_checkpoint(checkpoint, device: str | None) -> tuple[LoadedSegmenter, torch.device]:
+    from .inference import resolve_device
+
+    dev = resolve_device(device)
+    return load_segmenter(os.fspath(checkpoint), dev), dev
+
+
+def _in_memory(model: nn.Module, device: str | None) -> tuple[LoadedSegmenter, torch.device]:
+    """The caller's segmenter as a :class:`LoadedSegmenter` and the device it runs on (its own, or ``device``
+    where given: it is moved there); its data settings hold only its backbone's name (the rest come from the call
+    and the folder: :func:`_split_and_settings`)."""
     from .inference import resolve_device
 
     num_classes = getattr(model, "num_classes", None)
@@ -286,7 +280,21 @@ def _in_memory(model: nn.Module, device: str | None) -> LoadedSegmenter:
     if device is not None:
         model.to(resolve_device(device))
     backbone = (getattr(model, "config", None) or {}).get("backbone")
-    return LoadedSegmenter(model, [], {"backbone": backbone}, {})
+    return LoadedSegmenter(model, [], {"backbone": backbone}, {}), next(model.parameters()).device
+
+
+def _split_and_settings(loaded: LoadedSegmenter, data, split: str, eval_size: int | None,
+                        in_memory: bool) -> tuple:
+    """(the checked split, the data settings to evaluate with): a checkpoint's own (``eval_size`` overriding its
+    eval size), or for a model in memory the folder's layout and class names at short side ``eval_size`` (512)."""
+    cfg = loaded.data_config
+    data_split = open_split(data, split, cfg.get("layout", ""), num_classes=loaded.model.num_classes,
+                            reduce_zero_label=cfg.get("reduce_zero_label"), class_names=loaded.class_names or None)
+    if in_memory:
+        loaded.class_names = list(data_split.class_names)
+        return data_split, segment_data_config(cfg["backbone"], eval_size or 512, None, "whole", None,
+                                               data_split.layout, data_split.reduce_zero_label)
+    return data_split, dict(cfg, eval_size=eval_size) if eval_size else cfg
 
 
 # -------------------------------------------------------------------------------------------------- predict
