@@ -74,3 +74,17 @@ def test_gmacs_grow_with_resolution_and_meta_equals_real(tiny_kwargs):
     # every layer is per token here, so MACs scale with the token count (4x the pixels, 4x the tokens)
     head = 32 * 1000
     assert count_macs(model, (3, 112, 112)) - head == 4 * (count_macs(model, (3, 56, 56)) - head)
+
+
+def test_readme_model_table_quotes_the_counts_the_code_gives():
+    """README's table of s/m/l: params (1000-class head) and GMACs @224 as `sequencer models` prints them."""
+    import re
+    from pathlib import Path
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    rows = re.findall(r"^\| (sequencer2d_[sml]) \| [\d, ]+ \| ([\d.]+)M \| ([\d.]+) \|", readme, flags=re.M)
+    assert [name for name, _, _ in rows] == ["sequencer2d_s", "sequencer2d_m", "sequencer2d_l"]
+    for name, params, gmacs in rows:
+        with torch.device("meta"):
+            model = sequencer.create_model(name)
+        assert f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f}" == params, name
+        assert f"{count_macs(model, (3, 224, 224)) / 1e9:.2f}" == gmacs, name
