@@ -49,3 +49,21 @@ def test_rows_of_classes_the_run_lacks_are_dropped_with_a_warning(image_folder, 
     tuned_weight, _ = _head(tmp_path / "b" / "last.pth.tar")
     torch.testing.assert_close(tuned_weight[0], weight[1], atol=1e-6, rtol=0)
     assert tuned_weight[1].abs().max() < 1e-6  # purple: fresh, zero-initialised
+
+
+def test_checkpoint_of_another_width_is_a_mismatch_error_not_a_crash():
+    """`--initial-checkpoint` of a nano run with `--model` of another width and the same class names: the rows are
+    not moved (their width differs), and loading names the mismatch (it was a RuntimeError copying a row)."""
+    import pytest
+
+    import sequencer
+    from sequencer import SequencerError
+    from sequencer.engine.head_by_name import head_rows_by_name
+    from sequencer.models.loading import load_state_dict_into
+    names = ["cat", "dog"]
+    state = sequencer.create_model("sequencer2d_nano", num_classes=2).state_dict()
+    wider = sequencer.create_model("sequencer2d_nano", num_classes=2, embed_dims=(96, 160, 160))
+    moved = head_rows_by_name(state, names, names[::-1], wider, "`initial_checkpoint='a'`")
+    assert moved["head.fc.weight"] is state["head.fc.weight"]
+    with pytest.raises(SequencerError, match=r"`initial_checkpoint='a'` does not fit model .*shape mismatch"):
+        load_state_dict_into(wider, moved, source="`initial_checkpoint='a'`")

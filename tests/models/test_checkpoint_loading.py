@@ -2,6 +2,7 @@
 import argparse
 import os
 import pickle
+import warnings
 
 import pytest
 import torch
@@ -91,6 +92,17 @@ def test_other_mismatch_lists_the_offending_keys(tmp_path, source, tiny_kwargs):
                                              r"\(48,\) vs \(24,\).*\(\+\d+ more\)"):
         sequencer.create_model("sequencer2d_s", checkpoint_path=str(tmp_path / "broken.pth"), num_classes=5,
                                **dict(tiny_kwargs, embed_dims=(8, 32, 32, 32)))
+
+
+def test_mismatch_with_another_head_too_is_one_error_and_no_transfer_warning(tmp_path, source, tiny_kwargs):
+    """Another architecture's checkpoint: the error names the mismatch, with no "head re-initialised (transfer
+    learning)" warning before it (the CLI showed that line and then the error)."""
+    torch.save(source[0].state_dict(), tmp_path / "five.pth")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with pytest.raises(SequencerError, match=r"shape mismatch: .*norm\.weight \(32,\) vs \(48,\)"):
+            sequencer.create_model("sequencer2d_s", checkpoint_path=str(tmp_path / "five.pth"), num_classes=3,
+                                   **dict(tiny_kwargs, embed_dims=(16, 32, 32, 48)))
 
 
 class _RunsCode:

@@ -22,14 +22,16 @@ def head_rows_by_name(state: dict[str, torch.Tensor], checkpoint_names: list[str
     (K,)) placed at the rows of ``class_names`` the model trains; a class the checkpoint lacks keeps the model's
     fresh row, a checkpoint class the run lacks is dropped, and either (or a reorder) is logged as a WARNING.
 
-    Returned unchanged when the checkpoint has no class names, no head, or no class name in common with the run
-    (a new task: the usual transfer rules of ``load_state_dict_into`` apply).
+    Returned unchanged when the checkpoint has no class names, no head, a head of another feature width C (another
+    architecture: ``load_state_dict_into`` names the mismatch), or no class name in common with the run (a new task:
+    the usual transfer rules of ``load_state_dict_into`` apply).
     """
     own = model.state_dict()
     state = checkpoint_filter_fn(state)
     weight, bias = state.get("head.fc.weight"), state.get("head.fc.bias")
-    if not checkpoint_names or weight is None or "head.fc.weight" not in own:
-        return state
+    if not checkpoint_names or weight is None or "head.fc.weight" not in own \
+            or weight.shape[1:] != own["head.fc.weight"].shape[1:]:
+        return state  # another feature width: another architecture, which loading reports
     checkpoint_names = [str(n) for n in checkpoint_names][:weight.shape[0]]
     rows = positions_by_name(list(class_names), checkpoint_names)
     if all(r is None for r in rows):

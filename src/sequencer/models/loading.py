@@ -280,10 +280,6 @@ def load_state_dict_into(model: nn.Module, state_dict: dict[str, torch.Tensor], 
     ckpt_head = tuple(state_dict["head.fc.weight"].shape) if "head.fc.weight" in state_dict else None
     keep_model_head = ckpt_head != model_head
     if keep_model_head:
-        if model_head is not None:
-            what = f"classifier head has shape {ckpt_head}" if ckpt_head else "has no classifier head"
-            warnings.warn(f"{source}: {what}, the model's is {model_head}; the head is re-initialised "
-                          f"(transfer learning)", stacklevel=3)
         for k in _HEAD_KEYS:
             state_dict.pop(k, None)
     stem = "stem.proj.weight"
@@ -315,6 +311,10 @@ def load_state_dict_into(model: nn.Module, state_dict: dict[str, torch.Tensor], 
             parts.append("unexpected: " + _describe(unexpected))
         raise SequencerError(f"{source} does not fit model {arch!r}: " + "; ".join(parts),
                              hint="check `model` matches the architecture the checkpoint was trained with")
+    if keep_model_head and model_head is not None:  # only once the rest fits: no transfer note before an error
+        what = f"classifier head has shape {ckpt_head}" if ckpt_head else "has no classifier head"
+        warnings.warn(f"{source}: {what}, the model's is {model_head}; the head is re-initialised "
+                      f"(transfer learning)", stacklevel=3)
     model.load_state_dict(state_dict, strict=False)
 
 
