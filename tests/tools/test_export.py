@@ -131,6 +131,18 @@ def test_safetensors_round_trip(tiny_checkpoint, tmp_path):
         torch.testing.assert_close(model(x), ref)
 
 
+def test_safetensors_export_keeps_the_data_the_checkpoint_records(tiny_checkpoint, tmp_path):
+    """docs/tools.md: the .safetensors metadata holds `data` too, so `validate --checkpoint m.safetensors` without
+    DATA evaluates what the checkpoint's own validate would (the export used to drop it: "DATA is needed")."""
+    checkpoint = torch.load(tiny_checkpoint, weights_only=True)
+    record = {"dataset": "", "root": str(tmp_path / "data"), "split": "val"}
+    torch.save(dict(checkpoint, data=record, ignored_classes=["bird"]), tmp_path / "run.pth.tar")
+    out = tmp_path / "m.safetensors"
+    assert main(["export", "--checkpoint", str(tmp_path / "run.pth.tar"), "-o", str(out)]) == 0
+    meta = read_checkpoint(out)["__metadata__"]
+    assert json.loads(meta["data"]) == record and json.loads(meta["ignored_classes"]) == ["bird"]
+
+
 def test_export_errors(tmp_path, tiny_checkpoint, capsys):
     assert main(["export", "--output", str(tmp_path / "m.onnx")]) == 2
     assert "no model given" in capsys.readouterr().err

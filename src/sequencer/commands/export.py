@@ -8,6 +8,7 @@ from pathlib import Path
 
 from ..errors import SequencerError
 from ..engine.inference import check_input_size, find_images
+from ..models.loading import model_config
 from ..tools.export import (FORMATS, MAX_OPSET, MIN_OPSET, describe_int8, export_onnx, export_onnx_int8,
                             export_safetensors, export_torchscript, int8_settings)
 from .common import add_model_args, load_model_from_args, positive_int, warn_if_random_weights
@@ -105,7 +106,10 @@ def run(args: argparse.Namespace) -> int:
     model, input_size = loaded.model, loaded.input_size
     check_input_size(loaded, *input_size[1:])
     data_config = dict(loaded.data_config, img_size=input_size[-1])
-    config = {"arch": loaded.name, "model_kwargs": dict(getattr(model, "model_kwargs", {}) or {}),
+    # the checkpoint's record of its training data (`data`, `ignored_classes`) too, so that `validate --checkpoint`
+    # of the .safetensors needs no DATA, as with the checkpoint itself
+    config = {**model_config(loaded.checkpoint), "arch": loaded.name,
+              "model_kwargs": dict(getattr(model, "model_kwargs", {}) or {}),
               "class_names": loaded.class_names, "data_config": data_config}
     meta = {"arch": loaded.name, "class_names": loaded.class_names or [], "data_config": data_config,
             "input_size": list(input_size)}

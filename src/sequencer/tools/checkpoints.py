@@ -3,7 +3,7 @@
 ``average`` takes the mean of the weights of N checkpoints (their EMA weights where present, as the paper's
 ``avg_checkpoints.py``); ``clean`` strips optimizer/scheduler/scaler state and keeps one set of weights. Both write
 a file the loaders understand: a ``.pth`` holding ``{"version", "arch", "model_kwargs", "class_names",
-"data_config", "state_dict"}`` or a ``.safetensors`` whose metadata carries the same model config as JSON strings.
+"data_config", "data", "state_dict"}`` or a ``.safetensors`` whose metadata carries the same model config as JSON strings.
 Every file is written atomically (temporary file, fsync, rename), so an interrupted run leaves no partial output.
 """
 from __future__ import annotations
