@@ -197,3 +197,16 @@ def test_fast_on_two_threads_runs_streams_with_the_same_numbers(tmp_path, monkey
     got = json.loads(results.read_text())
     assert got["top1"] == pytest.approx(ref_top1, abs=1e-3) and got["loss"] == pytest.approx(ref_loss, abs=1e-4)
     assert chunks and all(threads == 1 for _, threads in chunks) and (3, 1) in chunks
+
+
+@pytest.mark.parametrize("command", [["validate", "{tmp}"], ["predict", "{tmp}/a.png"]])
+def test_a_segmentation_checkpoint_is_named_as_such(tmp_path, capsys, command):
+    """`validate`/`predict --checkpoint` of a `segment train` checkpoint said "no model given" (a checkpoint was
+    given): it names the file as a segmentation model and the command that runs it."""
+    Image.new("RGB", (8, 8)).save(tmp_path / "a.png")
+    torch.save({"version": 1, "segmenter": {"backbone": "sequencer2d_nano", "head": "fpn"}, "state_dict": {}},
+               tmp_path / "seg.pth.tar")
+    argv = [a.format(tmp=tmp_path) for a in command] + ["--checkpoint", str(tmp_path / "seg.pth.tar")]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "is a segmentation model" in err and "sequencer segment validate" in err and len(err.splitlines()) == 1

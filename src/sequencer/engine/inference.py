@@ -54,6 +54,10 @@ def load_model(checkpoint: str = "", model: str | None = None, pretrained: bool 
     if not name and checkpoint is not None and checkpoint.get("architecture"):
         raise SequencerError(f"checkpoint {path!r} holds {checkpoint['architecture']}",
                              hint="torch.load it (weights_only=True) and call your_module.load_state_dict(ckpt['state_dict'])")
+    if not name and checkpoint is not None and isinstance(checkpoint.get("segmenter"), dict):
+        raise SequencerError(f"checkpoint {path!r} is a segmentation model (written by `sequencer segment train`), "
+                             "not a classifier", hint="evaluate it with `sequencer segment validate` or "
+                             "`segment predict` (sequencer.engine.segmentation_eval)")
     if not name:
         raise SequencerError("no model given", hint="pass `model=NAME`, or a `checkpoint` written by `sequencer train`")
     get_model_entry(name)  # unknown names fail here with suggestions
