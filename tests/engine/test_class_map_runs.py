@@ -55,3 +55,14 @@ def test_single_class_training_set_is_refused(tmp_path, capsys):
     err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
     assert len(err) == 1 and "has a single class" in err[0], err
     assert not (tmp_path / "out").exists()
+
+
+def test_a_class_map_of_one_class_is_refused_naming_the_map(image_folder, tmp_path, capsys):
+    """The map, not DATA, made the run single-class: the hint says so (it said to point DATA elsewhere)."""
+    (tmp_path / "map.txt").write_text("red\n")
+    capsys.readouterr()
+    assert train_cli([image_folder, *TINY_RUN, "--epochs", "1", "--class-map", tmp_path / "map.txt",
+                      "--output", tmp_path / "out"]) == 2
+    err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert "has a single class (red)" in err[-1] and "list two or more of its classes in --class-map" in err[-1]
+    assert not (tmp_path / "out").exists()

@@ -80,7 +80,8 @@ def check_classes(cfg, info, train_set, class_names: list[str], num_classes: int
     if len(class_names) < 2 and num_classes < 2:
         raise SequencerError(f"the training split ({train_set.description}) has a single class "
                              f"({', '.join(class_names)}): every image would be right",
-                             hint="point DATA at the folder holding one sub-folder per class")
+                             hint="list two or more of its classes in `class_map`" if cfg.class_map
+                             else "point `data` at the folder holding one sub-folder per class")
     if not info.is_primary:
         return
     present = {class_names[t] for t in _targets(train_set)} if hasattr(train_set, "samples") else set(class_names)
