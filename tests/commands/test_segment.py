@@ -251,3 +251,14 @@ def test_backbone_checkpoint_starts_from_classification_weights(tmp_path):
     assert trunk.keys() == source.keys()
     for key, value in source.items():  # one update at lr 1e-12 moves nothing visible
         torch.testing.assert_close(trunk[key], value, rtol=0, atol=1e-6)
+
+
+def test_predict_into_a_file_is_one_line_before_any_work(tmp_path, capsys):
+    """`segment predict ... --output FILE` (a checkpoint named by mistake) was a FileExistsError traceback."""
+    Image.new("RGB", (8, 8)).save(tmp_path / "a.png")
+    (tmp_path / "model.pth.tar").write_bytes(b"not touched")
+    assert segment("predict", tmp_path / "a.png", "--checkpoint", tmp_path / "missing.pth.tar",
+                   "--output", tmp_path / "model.pth.tar") == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--output" in err[0] and "is a file, not a folder" in err[0], err
+    assert (tmp_path / "model.pth.tar").read_bytes() == b"not touched"

@@ -236,7 +236,9 @@ def tar_members(path: str) -> list[tarfile.TarInfo]:
         with tarfile.open(path) as tf:
             return [m for m in tf.getmembers() if m.isfile()]
     except (OSError, EOFError, tarfile.TarError) as e:
-        raise SequencerError(f"cannot read tar dataset {path!r}: {e}") from None
+        # tarfile's "could not be opened" lists every compression it tried, one line each
+        reason = "not a tar archive" if isinstance(e, tarfile.ReadError) and "\n" in str(e) else str(e)
+        raise SequencerError(f"cannot read tar dataset {path!r}: {reason}") from None
 
 
 def split_prefix_in_tar(names: list[str], split: str, path: str) -> str:

@@ -310,13 +310,18 @@ def predict_files(checkpoint: str, files: list[Path], output: str, *, overlay: b
     from ..data.images import READ_ERRORS, load_image
     from .inference import resolve_device
 
+    out = Path(output)
+    if out.exists() and not out.is_dir():  # before any work: the masks go in a folder
+        raise SequencerError(f"`output={output!r}` is a file, not a folder", hint="pass a folder for the masks")
     dev = resolve_device(device)
     loaded = load_segmenter(checkpoint, dev)
     cfg = loaded.data_config
     settings = inference_settings(cfg, eval_mode, stride, dev)
     transform = EvalTransform(cfg["eval_size"], cfg["mean"], cfg["std"])
-    out = Path(output)
-    out.mkdir(parents=True, exist_ok=True)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise SequencerError(f"`output={output!r}`: cannot create the folder ({e.strerror})") from None
     palette = voc_palette()
     written = []
     for file in files:
