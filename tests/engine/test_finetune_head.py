@@ -66,3 +66,15 @@ def test_checkpoint_of_another_width_is_a_mismatch_error_not_a_crash():
     assert moved["head.fc.weight"] is state["head.fc.weight"]
     with pytest.raises(SequencerError, match=r"`initial_checkpoint='a'` does not fit model .*shape mismatch"):
         load_state_dict_into(wider, moved, source="`initial_checkpoint='a'`")
+
+
+def test_a_segmentation_checkpoint_as_initial_checkpoint_is_named_as_such(image_folder, tmp_path, capsys):
+    """It said the file "does not fit model 'sequencer2d_s'" (the default model) with a list of missing keys."""
+    torch.save({"version": 1, "segmenter": {"backbone": "sequencer2d_nano", "head": "fpn"}, "state_dict": {}},
+               tmp_path / "seg.pth.tar")
+    capsys.readouterr()
+    assert train_cli([image_folder, *TINY_RUN, "--epochs", "1", "--initial-checkpoint", tmp_path / "seg.pth.tar",
+                      "--output", tmp_path / "runs", "--experiment", "c"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--initial-checkpoint" in err[0] and "is a segmentation model" in err[0], err
+    assert not (tmp_path / "runs" / "c").exists()

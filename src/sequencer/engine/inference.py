@@ -39,6 +39,15 @@ class LoadedModel:
         return sum(p.numel() for p in self.model.parameters())
 
 
+def refuse_segmentation_checkpoint(checkpoint: dict | None, source: str) -> None:
+    """SequencerError (one line) when ``checkpoint`` was written by ``sequencer segment train``, where a classifier's
+    checkpoint is expected; ``source`` names the file as the caller's message would."""
+    if isinstance(checkpoint, dict) and isinstance(checkpoint.get("segmenter"), dict):
+        raise SequencerError(f"{source} is a segmentation model (written by `sequencer segment train`), not a "
+                             "classifier", hint="evaluate it with `sequencer segment validate` or `segment predict` "
+                             "(sequencer.engine.segmentation_eval); a classifier starts from a classification checkpoint")
+
+
 def load_model(checkpoint: str = "", model: str | None = None, pretrained: bool = False,
                num_classes: int | None = None, img_size: int | None = None,
                input_size: tuple[int, int, int] | None = None, use_ema: bool = True,
@@ -54,10 +63,8 @@ def load_model(checkpoint: str = "", model: str | None = None, pretrained: bool 
     if not name and checkpoint is not None and checkpoint.get("architecture"):
         raise SequencerError(f"checkpoint {path!r} holds {checkpoint['architecture']}",
                              hint="torch.load it (weights_only=True) and call your_module.load_state_dict(ckpt['state_dict'])")
-    if not name and checkpoint is not None and isinstance(checkpoint.get("segmenter"), dict):
-        raise SequencerError(f"checkpoint {path!r} is a segmentation model (written by `sequencer segment train`), "
-                             "not a classifier", hint="evaluate it with `sequencer segment validate` or "
-                             "`segment predict` (sequencer.engine.segmentation_eval)")
+    if not name:
+        refuse_segmentation_checkpoint(checkpoint, f"checkpoint {path!r}")
     if not name:
         raise SequencerError("no model given", hint="pass `model=NAME`, or a `checkpoint` written by `sequencer train`")
     get_model_entry(name)  # unknown names fail here with suggestions

@@ -15,6 +15,7 @@ from ..models.loading import checkpoint_metadata, extract_state_dict, load_state
 from . import distributed as dist_utils
 from .config import RunState, TrainConfig
 from .head_by_name import head_rows_by_name
+from .inference import refuse_segmentation_checkpoint
 from .train_data import TrainData
 from .user_data import module_name
 
@@ -23,6 +24,7 @@ def build_model(cfg, state: RunState, data: TrainData, device: torch.device) -> 
     """The model on ``device`` (the caller's ``state.module``, or one built by name), with the resumed or initial
     checkpoint's weights, checked against the image size; with the settings naming its model and image size."""
     init_meta = read_checkpoint(cfg.initial_checkpoint) if cfg.initial_checkpoint else None
+    refuse_segmentation_checkpoint(init_meta, f"`initial_checkpoint={cfg.initial_checkpoint!r}`")
     if state.module is not None:
         model = state.module
         _check_user_module(model, data)
