@@ -153,3 +153,11 @@ def test_reset_classifier_records_the_new_head():
     model.reset_classifier(0, global_pool="")
     assert model.model_kwargs["num_classes"] == 0 and model.model_kwargs["global_pool"] == ""
     assert sequencer.create_model(model.model_name, **model.model_kwargs)(torch.zeros(1, 3, 16, 16)).dim() == 4
+
+
+@pytest.mark.parametrize("key, value", [("proj_drop_rate", "abc"), ("with_fc", "maybe"), ("num_rnn_layers", "two")])
+def test_text_for_a_number_or_switch_is_named_before_the_model_is_built(key, value):
+    """`--model-kwargs proj_drop_rate=abc` reaches create_model as text: it was a TypeError traceback from deep in
+    the model's __init__ ('<' not supported between instances of 'str' and 'int')."""
+    with pytest.raises(SequencerError, match=rf"`{key}='{value}'` is text, but {key} is a"):
+        sequencer.create_model("sequencer2d_nano", **{key: value})

@@ -50,27 +50,34 @@ def get_model_entry(name: str) -> ModelEntry:
         raise SequencerError(f"unknown model {name!r}", hint=hint) from None
 
 
-def _accepted_keywords(cls: type) -> set[str] | None:
-    """The keyword arguments ``cls(...)`` takes, following ``**kwargs`` up to the base classes' ``__init__``;
-    None when some ``__init__`` takes any keyword."""
-    names: set[str] = set()
+def _accepted_keywords(cls: type) -> dict[str, object] | None:
+    """The keyword arguments ``cls(...)`` takes and their defaults (``inspect.Parameter.empty`` for none), following
+    ``**kwargs`` up to the base classes' ``__init__``; None when some ``__init__`` takes any keyword."""
+    names: dict[str, object] = {}
     for klass in cls.__mro__:
         if klass is nn.Module or "__init__" not in vars(klass):
             continue
         params = list(inspect.signature(vars(klass)["__init__"]).parameters.values())[1:]  # without self
-        names |= {p.name for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
+        names.update({p.name: p.default for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)
+                      and p.name not in names})
         if not any(p.kind is p.VAR_KEYWORD for p in params):
             return names
     return None
 
 
 def _check_keywords(name: str, cls: type, kwargs: dict) -> None:
-    """SequencerError naming the keywords model ``name``'s class does not take; raised before it is built."""
+    """SequencerError naming the keywords model ``name``'s class does not take, or a text value for one whose
+    default is a number or a switch (``--model-kwargs proj_drop_rate=abc``); raised before it is built."""
     accepted = _accepted_keywords(cls)
-    unknown = sorted(set(kwargs) - accepted) if accepted is not None else []
+    unknown = sorted(set(kwargs) - set(accepted)) if accepted is not None else []
     if unknown:
         raise SequencerError(f"bad argument for model {name!r}: {cls.__name__} takes no {', '.join(unknown)}",
                              hint=f"its arguments: {', '.join(sorted(accepted))}")
+    for key, value in kwargs.items():
+        default = (accepted or {}).get(key)
+        if isinstance(value, str) and isinstance(default, (bool, int, float)):
+            raise SequencerError(f"bad argument for model {name!r}: `{key}={value!r}` is text, but {key} is a "
+                                 f"{type(default).__name__} (default {default!r})")
 
 
 def create_model(
