@@ -262,10 +262,22 @@ def test_optimize_features_only_and_other_models():
 def test_optimize_rejects_bad_input():
     with pytest.raises(SequencerError, match="dtype"):
         sequencer.optimize_for_inference(tiny_s(), torch.int8)
-    with pytest.raises(SequencerError, match="float16"):
-        sequencer.optimize_for_inference(tiny_s(), torch.float16)
     with pytest.raises(SequencerError, match="nn.Module"):
         sequencer.optimize_for_inference(lambda x: x)
+
+
+def test_optimize_float16_on_cpu_follows_the_one_rule(caplog):
+    """float16 off CUDA runs bfloat16 with a note, as --amp-dtype float16 does (engine/amp.py autocast_dtype), and
+    gives the bfloat16 copy's logits; float32 where this CPU has no native bf16 kernels."""
+    from sequencer.models.kernels import onednn_bf16_supported
+
+    model, x = tiny_s(), torch.randn(2, 3, 28, 28)
+    with caplog.at_level("WARNING", logger="sequencer"):
+        half = sequencer.optimize_for_inference(model, torch.float16)
+    assert "`dtype=float16`: float16 autocast needs CUDA; running bfloat16 on cpu" in caplog.text
+    ran = torch.bfloat16 if onednn_bf16_supported() else torch.float32
+    assert half.dtype == ran
+    torch.testing.assert_close(half(x), sequencer.optimize_for_inference(model, ran)(x), rtol=0, atol=0)
 
 
 @pytest.fixture

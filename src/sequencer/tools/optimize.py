@@ -20,7 +20,8 @@ What it does, and why (measured on a 2-core AVX-512/BF16 CPU, see BENCHMARKS.md)
   PyTorch's reference path at ~0.17x fp32);
 * CUDA: float32 (not measured here; pass ``torch.bfloat16`` or ``torch.float16`` for autocast).
 
-``dtype=torch.bfloat16`` on a CPU without native bf16 kernels runs float32 with a one-line note.
+``dtype=torch.bfloat16`` on a CPU without native bf16 kernels runs float32, and ``torch.float16`` off CUDA runs
+bfloat16, each with a one-line note (the library's one rule, ``sequencer.engine.amp.autocast_dtype``).
 
 Batches of two or more images on the CPU run as *streams* (OpenVINO's word for it): the batch is cut into as many
 chunks as there are intra-op threads, and each chunk runs the whole model on its own Python thread with one
@@ -46,7 +47,8 @@ from torch import nn
 
 from ..errors import SequencerError
 from ..hardware import cpu_info
-from ..models.kernels import native_dtype, onednn_bf16_supported
+from ..engine.amp import autocast_dtype
+from ..models.kernels import onednn_bf16_supported
 
 SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 BF16_CPU_CLASSES = ("avx512-bf16", "amx")  # CPU classes whose "auto" path is bf16: native bf16 GEMMs and LSTM
@@ -200,8 +202,10 @@ def optimize_for_inference(model: nn.Module, dtype: torch.dtype | str = torch.fl
 
     ``dtype``: ``torch.float32`` (logits equal to the eager model's within float rounding), ``torch.bfloat16``
     (bf16 weights and activations on CPU, bf16 autocast on CUDA; logits within ~5e-2 relative) or
-    ``torch.float16`` (CUDA only), or ``"auto"``: the fastest of these that keeps fp32's top-1 answers on this
-    device (module docstring). bf16 on a CPU without native bf16 kernels runs float32, with a one-line note.
+    ``torch.float16``, or ``"auto"``: the fastest of these that keeps fp32's top-1 answers on this device (module
+    docstring). The library's one rule for a precision a device lacks (``sequencer.engine.amp.autocast_dtype``, as
+    ``--amp-dtype``): float16 off CUDA runs bfloat16, and bf16 on a CPU without native bf16 kernels runs float32,
+    each with a one-line note.
     Works for any model of the library, including ``features_only`` ones. ``streams``: on the CPU, how many
     chunks a batch runs as, each on its own thread (default: one per intra-op thread; 1: off; module docstring).
     """
@@ -214,5 +218,6 @@ def optimize_for_inference(model: nn.Module, dtype: torch.dtype | str = torch.fl
         dtype = auto_dtype(device)
     elif isinstance(dtype, str):
         raise SequencerError(f"optimize_for_inference: dtype must be a torch.dtype or 'auto', got {dtype!r}")
-    dtype = native_dtype(dtype, device, "optimize_for_inference(dtype=torch.bfloat16)")
+    if dtype in (torch.float16, torch.bfloat16):  # the one rule (engine/amp.py): float16 off CUDA runs bfloat16,
+        dtype = autocast_dtype(dtype, device, "dtype") or torch.float32  # bfloat16 without bf16 kernels float32
     return InferenceModel(model, dtype, streams)
