@@ -175,6 +175,23 @@ def test_iters_sets_the_length_and_the_poly_schedule_ends_at_min_lr(tmp_path):
     assert ckpt["segmenter"]["num_classes"] == 3 and ckpt["data_config"]["img_size"] == 32
 
 
+def test_a_warmup_as_long_as_the_run_becomes_a_quarter_of_it_with_a_warning(tmp_path):
+    """The recipes' --warmup-iters 1500 on a short try would warm up throughout: 8 updates get a warmup of 2, said in
+    one warning, and the lr after epoch 0 (4 updates) is the one timm's poly schedule with that warmup gives."""
+    from timm.scheduler import PolyLRScheduler
+
+    data = make_voc(tmp_path / "voc", n_train=16, n_val=2)
+    cfg = tiny_config(data, tmp_path / "out", iters=8, batch_size=4, experiment="w", warmup_iters=1500)
+    with pytest.warns(UserWarning, match=r"`warmup_iters=1500` is not below the run's 8 updates: the lr would never "
+                                         r"leave warmup; using `warmup_iters=2`"):
+        rows = train_segmenter(cfg).summary
+    reference = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=cfg.lr)
+    schedule = PolyLRScheduler(reference, t_initial=6, power=cfg.poly_power, lr_min=cfg.min_lr, warmup_t=2,
+                               warmup_lr_init=cfg.lr * cfg.warmup_ratio, warmup_prefix=True, t_in_epochs=False)
+    schedule.step_update(4)
+    assert rows[0]["lr"] == pytest.approx(reference.param_groups[0]["lr"], rel=1e-5)  # 2/3 lr; 1500: 4/7 lr
+
+
 def test_resume_auto_continues_a_stopped_run_exactly(tmp_path, monkeypatch):
     """A run stopped by SIGTERM after epoch 1 and continued with --resume auto ends with the weights of a run
     that was never stopped (same batches, augmentation draws and schedule)."""

@@ -39,7 +39,7 @@ from .checkpoint import get_rng_state, resume_position, set_rng_state
 from .config import RunState, checked_callbacks, checked_settings, explicit_settings, records_given
 from .guest import caller_rng_kept, console, warn
 from .loop import StopRequest, callbacks_ask_to_stop, current_lr, hand_sigterm_to_caller, training_checkpoint
-from .outputs import (plain, prepare_outputs, read_summary, release_claim, remove_if_empty, summary_numbers,
+from .outputs import (plain, plural, prepare_outputs, read_summary, release_claim, remove_if_empty, summary_numbers,
                       write_summary)
 from .resume import locate_resume, read_resume_checkpoint
 from .segmentation_eval import (EVAL_MODES, eval_loader, evaluate_segmentation, inference_settings, metrics_row,
@@ -337,7 +337,11 @@ def _build_run(cfg: SegmentConfig, info, model: nn.Module, train_split, val_spli
         optimizer = create_optimizer_v2(model, opt=cfg.opt, lr=cfg.lr, weight_decay=cfg.weight_decay)
     except (ValueError, AssertionError, KeyError) as e:
         raise SequencerError(f"`opt={cfg.opt}`: {e}", hint="see timm.optim.list_optimizers()") from None
-    warmup = min(cfg.warmup_iters, total - 1)
+    warmup = cfg.warmup_iters
+    if warmup >= total:  # the recipes' 1500 would keep a short try below `lr` throughout: a quarter, as `train` does
+        warmup = total // 4
+        warn(f"`warmup_iters={cfg.warmup_iters}` is not below the run's {plural(total, 'update')}: the lr would never "
+             f"leave warmup; using `warmup_iters={warmup}`")
     scheduler = PolyLRScheduler(optimizer, t_initial=max(1, total - warmup), power=cfg.poly_power, lr_min=cfg.min_lr,
                                 warmup_t=warmup, warmup_lr_init=cfg.lr * cfg.warmup_ratio, warmup_prefix=True,
                                 t_in_epochs=False)

@@ -1,11 +1,11 @@
 """Peak memory of a benchmark's work: what one more step allocates on top of a warmed-up state (weights, inputs,
 optimizer state, first-call library caches and JIT kernels of one untimed step stay in the baseline), measured the
-same way for every implementation. On CUDA, ``torch.cuda.max_memory_allocated`` over the memory held before the steps. On CPU
-there is no allocator statistic, so each implementation runs in a fresh subprocess whose resident-set high-water
-mark is reset after the untimed step (Linux ``clear_refs``; ``ru_maxrss`` elsewhere), and the number is the peak
-resident set during ``--memory-iter`` steps minus the resident set before them: activations, autograd buffers,
-gradients and oneDNN/MKL workspaces. The subprocess runs with a fixed glibc mmap threshold so that freed memory
-leaves the resident set at once and the number is repeatable (see ``GLIBC_EXACT_RSS``).
+same way for every implementation. On CUDA, ``torch.cuda.max_memory_allocated`` over the memory held before the
+steps. On CPU there is no allocator statistic, so each implementation runs in a fresh subprocess whose resident-set
+high-water mark is reset after the untimed step (Linux ``clear_refs``; ``ru_maxrss`` elsewhere), and the number is
+the peak resident set during ``--memory-iter`` steps minus the resident set before them: activations, autograd
+buffers, gradients and oneDNN/MKL workspaces. The subprocess runs with a fixed glibc mmap threshold so that freed
+memory leaves the resident set at once and the number is repeatable (see ``GLIBC_EXACT_RSS``).
 """
 from __future__ import annotations
 
