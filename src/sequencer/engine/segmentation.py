@@ -38,13 +38,13 @@ from . import distributed as dist_utils
 from .checkpoint import get_rng_state, resume_position, set_rng_state
 from .config import RunState, checked_callbacks, checked_settings, explicit_settings, records_given
 from .guest import caller_rng_kept, console, warn
-from .loop import StopRequest, callbacks_ask_to_stop, current_lr, hand_sigterm_to_caller, training_checkpoint
+from .loop import StopRequest, callbacks_ask_to_stop, current_lr, training_checkpoint
 from .outputs import (plain, plural, prepare_outputs, read_summary, release_claim, remove_if_empty, summary_numbers,
                       write_summary)
 from .resume import locate_resume, read_resume_checkpoint
 from .segmentation_eval import (EVAL_MODES, eval_loader, evaluate_segmentation, inference_settings, metrics_row,
                               segment_data_config)
-from .train import TrainingInterrupted, amp_setup
+from .train import amp_setup, as_library_call
 
 _logger = logging.getLogger(__name__)
 
@@ -181,13 +181,7 @@ def train_segmenter(config: SegmentConfig | str | os.PathLike | None = None, /, 
     cfg = SegmentConfig(**checked_settings(explicit, "train_segmenter", "settings are SegmentConfig's fields, segment "
                                            "train's flag names with underscores, e.g. img_size", SegmentConfig))
     state = RunState(quiet=not progress, callbacks=checked_callbacks(callbacks, "train_segmenter"), caller_sigterm=True)
-    try:
-        result = run_segmentation(cfg, state)
-    finally:
-        hand_sigterm_to_caller(state)
-    if result.interrupted and result.exit_code == 128 + signal.SIGINT:
-        raise TrainingInterrupted(f"segment train stopped by SIGINT; resume from {result.output_dir}", result)
-    return result
+    return as_library_call(lambda: run_segmentation(cfg, state), state, "segment train")
 
 
 def run_segmentation(cfg: SegmentConfig, state: RunState | None = None) -> SegmentResult:

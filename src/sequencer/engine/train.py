@@ -112,14 +112,24 @@ def train(config: TrainConfig | str | os.PathLike | None = None, /, *, callbacks
     state = RunState(quiet=not progress, callbacks=checked_callbacks(callbacks, "train"), caller_sigterm=True)
     state.module = _user_module(explicit)
     state.datasets = explicit.pop("data") if isinstance(explicit.get("data"), (tuple, list)) else None
-    try:
+
+    def run() -> TrainResult:
         with console(progress), caller_rng_kept():
-            cfg = resolve_config(explicit, state)
-            result = run_training(cfg, state)
+            return run_training(resolve_config(explicit, state), state)
+
+    return as_library_call(run, state, "training")
+
+
+def as_library_call(run, state: RunState, what: str):
+    """``run()`` (a run with ``state``, returning its result) as a library entry point ends it: a SIGTERM the run
+    caught goes on to the caller's own disposition (``loop.hand_sigterm_to_caller``), and a run stopped by SIGINT
+    raises :class:`TrainingInterrupted` carrying its result, where the command returns it (exit 130)."""
+    try:
+        result = run()
     finally:
         hand_sigterm_to_caller(state)
     if result.interrupted and result.exit_code == 128 + signal.SIGINT:
-        raise TrainingInterrupted(f"training stopped by SIGINT; resume from {result.output_dir}", result)
+        raise TrainingInterrupted(f"{what} stopped by SIGINT; resume from {result.output_dir}", result)
     return result
 
 
