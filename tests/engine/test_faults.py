@@ -126,3 +126,26 @@ def test_full_disk_during_training_keeps_previous_checkpoint(image_folder, tmp_p
     folder = tmp_path / "full"
     assert assert_loads(folder / "last.pth.tar")["epoch"] == 0
     assert not [p for p in os.listdir(folder) if "tmp" in p]
+
+
+def test_a_forked_data_worker_ignores_the_runs_stop_handler():
+    """Ctrl-C reaches every process of the group, DataLoader workers included, which are forked while the run holds
+    its handler: only the run's own process stops (and says so once); a worker neither flags a stop nor logs (the
+    paper-run check printed "received SIGINT" five times, once per process: rank 0 and its four loader workers)."""
+    import logging
+
+    from sequencer.engine.loop import StopRequest
+
+    with StopRequest() as stop:
+        child = os.fork()
+        if child == 0:  # the worker: count what the handler logs and whether it flagged a stop, as the exit status
+            records = []
+            handler = logging.Handler()
+            handler.emit = records.append
+            logging.getLogger("sequencer").addHandler(handler)
+            os.kill(os.getpid(), signal.SIGINT)
+            os._exit(len(records) + 10 * bool(stop.signum))
+        _, status = os.waitpid(child, 0)
+        assert os.waitstatus_to_exitcode(status) == 0
+        os.kill(os.getpid(), signal.SIGINT)  # the run's own process still stops
+        assert stop.signum == signal.SIGINT

@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
+import os
 import signal
 import sys
 import time
@@ -90,8 +91,14 @@ class StopRequest:
         self.signum = 0
         self._state = state
         self._previous = {}
+        self._pid = os.getpid()
 
     def _handler(self, signum, frame):
+        if os.getpid() != self._pid:
+            # a process forked while the run holds the handler (a DataLoader worker) inherits it; Ctrl-C reaches the
+            # whole process group, and only the run's own process stops (shutting its workers down): each worker
+            # used to repeat the warning below
+            return
         if self.signum and signum == signal.SIGINT:
             raise KeyboardInterrupt
         self.signum = signum
