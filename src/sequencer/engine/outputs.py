@@ -4,6 +4,7 @@ Everything is written atomically; a start that fails before its first write remo
 """
 from __future__ import annotations
 
+import contextlib
 import csv
 import dataclasses
 import io
@@ -272,3 +273,19 @@ def remove_if_empty(state) -> None:
             os.rmdir(folder)  # fails, as it should, when anything was written there
         except OSError:
             return
+
+
+@contextlib.contextmanager
+def claimed_process_group(device: str, state):
+    """The run's process group (:func:`.distributed.process_group`: this process alone, a torchrun rank, or the
+    caller's group), yielding its ``DistInfo``; however the run ends its claim is released, and a run that fails
+    leaves none of the folders this start created empty behind."""
+    try:
+        with dist_utils.process_group(device) as info:
+            yield info
+    except BaseException:
+        release_claim(state)  # first: the claim file would keep a folder this start made from counting as empty
+        remove_if_empty(state)
+        raise
+    finally:
+        release_claim(state)

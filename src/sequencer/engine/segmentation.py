@@ -39,7 +39,7 @@ from .checkpoint import get_rng_state, resume_position, set_rng_state
 from .config import RunState, checked_callbacks, checked_settings, explicit_settings, records_given
 from .guest import caller_rng_kept, console, warn
 from .loop import StopRequest, callbacks_ask_to_stop, current_lr, training_checkpoint
-from .outputs import (plain, plural, prepare_outputs, read_summary, release_claim, remove_if_empty, summary_numbers,
+from .outputs import (claimed_process_group, plain, plural, prepare_outputs, read_summary, summary_numbers,
                       write_summary)
 from .resume import locate_resume, read_resume_checkpoint
 from .segmentation_eval import (EVAL_MODES, eval_loader, evaluate_segmentation, inference_settings, metrics_row,
@@ -190,15 +190,8 @@ def run_segmentation(cfg: SegmentConfig, state: RunState | None = None) -> Segme
     state = state if state is not None else RunState()
     with console(not state.quiet), caller_rng_kept():
         check_segment_config(cfg)
-        try:
-            with dist_utils.process_group(cfg.device) as info:
-                return _train(cfg, state, info)
-        except BaseException:
-            release_claim(state)  # first: the claim file would keep a folder this start made from counting as empty
-            remove_if_empty(state)
-            raise
-        finally:
-            release_claim(state)
+        with claimed_process_group(cfg.device, state) as info:
+            return _train(cfg, state, info)
 
 
 # ------------------------------------------------------------------------------------------- the run's parts

@@ -43,8 +43,7 @@ from .train_data import TrainData, build_data
 from .config import RunState, TrainConfig, check_config, checked_callbacks, explicit_settings, resolve_config
 from .loop import (Loaders, Optimization, StopRequest, TrainingRun, callbacks_ask_to_stop, current_lr, evaluate_epoch,
                    hand_sigterm_to_caller, save_epoch, save_recovery, train_one_epoch)
-from .outputs import (plural, prepare_outputs, read_summary, release_claim, remove_if_empty, run_args,
-                      summary_numbers)
+from .outputs import claimed_process_group, plural, prepare_outputs, read_summary, run_args, summary_numbers
 from .train_model import build_model, wrap_model
 from .user_data import module_name
 
@@ -150,14 +149,9 @@ def run_training(cfg: TrainConfig, state: RunState | None = None) -> TrainResult
     state = state if state is not None else RunState()
     cfg = check_config(cfg, state)
     try:
-        with dist_utils.process_group(cfg.device) as info:
+        with claimed_process_group(cfg.device, state) as info:
             return _train(cfg, state, info)
-    except BaseException:
-        release_claim(state)  # first: the claim file would keep a folder this start made from counting as empty
-        remove_if_empty(state)
-        raise
     finally:
-        release_claim(state)
         if state.wandb is not None:
             state.wandb.finish()
 
