@@ -6,6 +6,10 @@
 #
 #   bash scripts/test_torch_range.sh                 # both ends of the range
 #   bash scripts/test_torch_range.sh 2.11.0          # a release inside it (one of TORCHVISION's)
+#   bash scripts/test_torch_range.sh --discard       # remove each environment once its tests ran (.ci/run: a CI
+#                                                    # disk held .venv and one of these, not a third ~6 GB)
+#   bash scripts/test_torch_range.sh --prefetch      # only make the first environment (.ci/run, while the suite
+#                                                    # runs: pip's downloads wait on the network, not the CPU)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON="${PYTHON:-python3}"
@@ -24,6 +28,11 @@ RANGE=(2.6.0 2.15.0)
 TESTS=(tests/models tests/engine/test_api.py tests/engine/test_amp.py tests/engine/test_evaluate.py
        tests/engine/test_train.py tests/engine/test_training_settings_reach_timm.py tests/test_cli.py)
 
+# what one environment takes while pip makes it: ~6 GB installed plus the ~3 GB of wheels it unpacks
+NEEDED_GB=9
+
+free_gb() { df -Pk .venvs | awk 'NR == 2 { print int($4 / 1048576) }'; }
+
 make_venv() {  # $1 torch version -> .venvs/torch-$1 with that torch, its torchvision and the package's deps
     local venv=".venvs/torch-$1" stamp want
     stamp="$venv/.sequencer-setup"
@@ -31,26 +40,56 @@ make_venv() {  # $1 torch version -> .venvs/torch-$1 with that torch, its torchv
     if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ]; then
         return 0
     fi
-    echo "making $venv (torch $1 from the package index: a few minutes, ~5 GB with its CUDA libraries)" >&2
+    echo "making $venv (torch $1 from the package index: a few minutes, ~6 GB with its CUDA libraries;" \
+         "$(free_gb) GB free)" >&2
     "$PYTHON" -m venv --clear "$venv"
-    # this machine's pip config caps torch at the locally served release: an empty constraints file lifts the cap
-    PIP_CONSTRAINT=/dev/null "$venv/bin/python" -m pip install -q --disable-pip-version-check \
+    # this machine's pip config caps torch at the locally served release: an empty constraints file lifts the cap.
+    # No cache: a second copy of ~3 GB of CUDA wheels per torch is what filled a CI disk.
+    PIP_CONSTRAINT=/dev/null "$venv/bin/python" -m pip install -q --disable-pip-version-check --no-cache-dir \
         "torch==$1" "torchvision==${TORCHVISION[$1]}" ${TIMM[$1]:+"timm==${TIMM[$1]}"} -e ".[test]" 2>&1 \
         | { grep -v "^WARNING: Location '.*' is ignored" || true; }
-    [ "${PIPESTATUS[0]}" -eq 0 ] || return 1
+    if [ "${PIPESTATUS[0]}" -ne 0 ]; then
+        echo "making $venv failed ($(free_gb) GB free now; it needs about $NEEDED_GB GB while pip runs)" >&2
+        rm -rf "$venv"
+        return 1
+    fi
     echo "$want" > "$stamp"
 }
 
+discard=0
+prefetch=0
+versions=()
+for arg in "$@"; do
+    case "$arg" in
+        --discard) discard=1 ;;
+        --prefetch) prefetch=1 ;;
+        *) versions+=("$arg") ;;
+    esac
+done
+[ "${#versions[@]}" -gt 0 ] || versions=("${RANGE[@]}")
+if [ "$prefetch" -eq 1 ]; then
+    mkdir -p .venvs
+    make_venv "${versions[0]}"
+    exit
+fi
+
+mkdir -p .venvs
 status=0
-for version in "${@:-${RANGE[@]}}"; do
+for version in "${versions[@]}"; do
     if [ -z "${TORCHVISION[$version]:-}" ]; then
         echo "torch $version is not in this script's range (${RANGE[*]})" >&2
         exit 2
     fi
-    make_venv "$version"
+    if ! make_venv "$version"; then
+        status=1
+        continue
+    fi
     echo "== torch $version: $(".venvs/torch-$version/bin/python" -c 'import torch, torchvision, timm
 print(f"torch {torch.__version__}, torchvision {torchvision.__version__}, timm {timm.__version__}")')" >&2
     TRITON_INTERPRET=0 ".venvs/torch-$version/bin/python" -m pytest -q -m "not slow" -p no:cacheprovider \
         "${TESTS[@]}" || status=1
+    if [ "$discard" -eq 1 ]; then
+        rm -rf ".venvs/torch-$version"
+    fi
 done
 exit "$status"

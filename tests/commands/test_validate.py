@@ -8,8 +8,9 @@ import torchvision.transforms.functional as TF
 from PIL import Image
 
 from sequencer.cli import main
-from sequencer.data import create_dataset, create_loader
+from sequencer.data import create_dataset, create_loader, resolve_data_config
 from sequencer.engine.evaluate import evaluate
+from sequencer.errors import SequencerError
 from sequencer.models import create_model
 
 TINY = dict(layers=(1, 1, 1), embed_dims=(16, 16, 16), hidden_sizes=(4, 4, 4))
@@ -93,6 +94,28 @@ def test_paper_style_flags_and_csv_results(tmp_path):
     rows = list(csv.DictReader(results.open()))
     assert len(rows) == 1 and rows[0]["count"] == "12" and rows[0]["amp"] == "bfloat16"
     assert 0 <= float(rows[0]["top1"]) <= 100
+
+
+def test_one_channel_input_on_an_rgb_checkpoint_averages_its_recorded_statistics(tmp_path, capsys):
+    """``--input-size 1 H W`` on a checkpoint trained on RGB: the stem is adapted (one warning) and the checkpoint's
+    recorded mean/std, defaults rather than options, are averaged as the model's own would be. This was a second
+    line blaming a --mean the user never gave."""
+    _write_folder(tmp_path / "data" / "val")
+    _write_checkpoint(tmp_path / "ckpt.pth.tar", ["a", "b", "c"])
+    results = tmp_path / "r.json"
+    with pytest.warns(UserWarning, match="the stem made for 3 input channels is adapted to 1"):
+        rc = main(["validate", str(tmp_path / "data"), "--checkpoint", str(tmp_path / "ckpt.pth.tar"), "-j", "0",
+                   "--input-size", "1", "8", "8", "--results-file", str(results)])
+    err = capsys.readouterr().err
+    assert rc == 0, err
+    assert json.loads(results.read_text())["count"] == 12
+    assert "error" not in err and "--mean" not in err
+
+    model = create_model("sequencer2d_nano", num_classes=3, img_size=8, **TINY)
+    got = resolve_data_config({"input_size": (1, 8, 8)}, model, recorded={"mean": MEAN, "std": STD})
+    assert got["mean"] == pytest.approx((sum(MEAN) / 3,)) and got["std"] == pytest.approx((sum(STD) / 3,))
+    with pytest.raises(SequencerError, match="`mean` has 3 values for 1 input channels"):
+        resolve_data_config({"input_size": (1, 8, 8), "mean": MEAN}, model, recorded={"mean": MEAN})
 
 
 def test_validate_defaults_to_embedded_digits(tmp_path):

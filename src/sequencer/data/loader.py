@@ -28,11 +28,14 @@ INTERPOLATIONS = ("bilinear", "bicubic", "nearest", "lanczos", "box", "hamming",
 TIMM_AUGMENT_DEFAULTS = dict(hflip=0.5, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3), color_jitter=0.4)
 
 
-def resolve_data_config(args_or_dict=None, model: torch.nn.Module | None = None) -> dict:
-    """Input size and preprocessing: explicit options first, then the model's ``pretrained_cfg``, then defaults.
+def resolve_data_config(args_or_dict=None, model: torch.nn.Module | None = None, recorded: Mapping | None = None
+                        ) -> dict:
+    """Input size and preprocessing: explicit options first, then what a run ``recorded`` (a checkpoint's
+    ``data_config``), then the model's ``pretrained_cfg``, then defaults.
 
     ``args_or_dict`` (a dict, or an object whose attributes are the options) may hold ``input_size`` (C, H, W), ``img_size``, ``mean``,
     ``std``, ``crop_pct`` and ``interpolation``; None values are ignored. A checkpoint's ``data_config`` works too.
+    Recorded statistics are defaults, not options: for a 1-channel input, RGB ones are averaged as the model's are.
     Returns dict(input_size=(C, H, W), mean, std, crop_pct, interpolation).
     """
     if args_or_dict is None or isinstance(args_or_dict, Mapping):
@@ -42,6 +45,7 @@ def resolve_data_config(args_or_dict=None, model: torch.nn.Module | None = None)
     args = {k: v for k, v in args.items() if v is not None}
     cfg = dict(getattr(model, "pretrained_cfg", None) or {}) if model is not None else {}
     in_chans = int(getattr(model, "in_chans", 0) or (cfg.get("input_size") or (3,))[0])
+    cfg.update({k: v for k, v in (recorded or {}).items() if k in ("mean", "std", "crop_pct", "interpolation")})
 
     if args.get("input_size"):
         input_size = tuple(int(v) for v in args["input_size"])
@@ -67,7 +71,7 @@ def resolve_data_config(args_or_dict=None, model: torch.nn.Module | None = None)
         if len(value) != input_size[0] and not given and input_size[0] == 1:
             value = (sum(value) / len(value),)  # a 1-channel (grayscale) input: the average of the RGB statistics
         if len(value) != input_size[0]:
-            source = f"`{key}`" if given else f"the model's default {key}"
+            source = f"`{key}`" if given else f"the {key} the model or its checkpoint gives"
             raise SequencerError(f"{source} has {len(value)} values for {input_size[0]} input channels",
                                  hint=f"pass `{key}` with {input_size[0]} values")
         return tuple(float(v) for v in value)

@@ -225,9 +225,9 @@ def _evaluate(loaded: LoadedModel, split_set, overrides: dict, batch_size: int, 
     then the explicit overrides; the results from ``dataset`` on. ``tensors``: the images are tensors to use as
     given."""
     device = dist_info.device
-    config = dict(loaded.data_config, input_size=loaded.input_size)
+    config = dict(input_size=loaded.input_size)
     config.update({k: v for k, v in overrides.items() if v is not None})
-    config = resolve_data_config(config, loaded.model)
+    config = resolve_data_config(config, loaded.model, recorded=loaded.data_config)
     check_input_size(loaded, *config["input_size"][1:])
     label_with_model_classes(split_set, loaded)
     if workers is None:

@@ -13,7 +13,8 @@ Backends (model kwarg ``lstm_backend``, else the environment variable ``SEQUENCE
   or faster than ``cpu``, BENCHMARKS.md "CPU recurrence").
 
 Under ``torch.compile`` the native layers run as the opaque custom op ``sequencer::rnn_native`` (dynamo cannot trace
-``nn.LSTM`` and would break the graph at each one); its backward recomputes the layer. Under autocast the op casts
+``nn.LSTM`` and would break the graph at each one); its backward recomputes the layer. CPU training of single-layer
+LSTMs (BiLSTM2D's) takes :mod:`.onednn_lstm` instead, whose backward reads oneDNN's saved workspace, as eager does. Under autocast the op casts
 as ATen's autocast casts ``nn.LSTM`` (:func:`autocast_rnn_dtype`), so compiled and eager mixed precision compute
 the same. TorchScript tracing and ONNX export always take the module itself, which their exporters map onto their
 own RNN ops.
@@ -29,6 +30,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from ...errors import ArgumentValueError, SequencerError
+
+from . import onednn_lstm
 
 try:  # registers the sequencer::lstm_scan ops; without Triton only the native backend exists
     from . import triton_lstm
@@ -202,9 +205,20 @@ def run_rnn(rnn: nn.Module, x: torch.Tensor, backend: str) -> torch.Tensor:
     if uses_fused_lstm(rnn, backend, x):
         return fused_lstm(rnn, x.unsqueeze(0)).squeeze(0)
     if torch.compiler.is_compiling() and not torch.onnx.is_in_onnx_export():
+        if onednn_lstm.applies(rnn, x, _compiled_dtype(rnn, x)):
+            return onednn_lstm.lstm(x, list(rnn._flat_weights), rnn.bidirectional, rnn.bias)
         return rnn_native(x, list(rnn._flat_weights), _VF_MODES[rnn.mode], rnn.num_layers, rnn.bidirectional,
                           rnn.bias, rnn.training)
     return rnn(x)[0]
+
+
+def _compiled_dtype(rnn: nn.Module, x: torch.Tensor) -> torch.dtype | None:
+    """The dtype the compiled layer computes in: autocast's for it (as the ops' autocast kernels cast), else the
+    input's where the weights share it (None where they do not: no oneDNN kernel mixes dtypes)."""
+    weights = list(rnn._flat_weights)
+    if torch.is_autocast_enabled(x.device.type):
+        return autocast_rnn_dtype(x.device.type, _VF_MODES[rnn.mode], weights)
+    return x.dtype if all(w.dtype == x.dtype for w in weights) else None
 
 
 def _vf_rnn(x: torch.Tensor, weights: list[torch.Tensor], mode: str, num_layers: int, bidirectional: bool,
@@ -334,7 +348,15 @@ def _autocast_kernel(device_type: str):
     return kernel
 
 
+def _onednn_lstm_autocast_kernel(x, weights, bidirectional, has_biases):
+    """``onednn_lstm``'s kernel under CPU autocast, cast as ``rnn_native``'s is (the same rule, the same dtype)."""
+    x, *weights = _cast_for_autocast("cpu", x, weights, "lstm")
+    with torch.autocast("cpu", enabled=False):
+        return onednn_lstm.onednn_lstm(x, weights, bidirectional, has_biases)
+
+
 _AUTOCAST_LIB = torch.library.Library("sequencer", "IMPL")  # held: its registrations live as long as it does
 for _device_type in ("cpu", "cuda"):
     _AUTOCAST_LIB.impl("rnn_native", _autocast_kernel(_device_type),
                        "Autocast" + torch._C._dispatch_key_for_device(_device_type))
+_AUTOCAST_LIB.impl("onednn_lstm", _onednn_lstm_autocast_kernel, "AutocastCPU")
