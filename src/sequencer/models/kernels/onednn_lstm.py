@@ -86,7 +86,8 @@ def _(x, weights, bidirectional, has_biases):
     hidden = weights[1].shape[1]
     if all(isinstance(s, int) for s in x.shape):
         workspace = _workspace_bytes(t, n, c, hidden, x.dtype, has_biases)
-    else:  # dynamic shapes: oneDNN's size for them is known only at run time
+    else:  # dynamic shapes: oneDNN's size for them is known only at run time. (Not for static ones too: a size
+        # unknown to inductor measured 8-10% slower compiled training, sequencer2d_s bf16, A/B in one session.)
         workspace = torch.library.get_ctx().new_dynamic_size()
     outputs = []
     for _direction in range(2 if bidirectional else 1):
