@@ -45,7 +45,8 @@ def refuse_segmentation_checkpoint(checkpoint: dict | None, source: str) -> None
     if isinstance(checkpoint, dict) and isinstance(checkpoint.get("segmenter"), dict):
         raise SequencerError(f"{source} is a segmentation model (written by `sequencer segment train`), not a "
                              "classifier", hint="evaluate it with `sequencer segment validate` or `segment predict` "
-                             "(sequencer.engine.segmentation_eval); a classifier starts from a classification checkpoint")
+                             "(sequencer.engine.segmentation_eval); a classifier starts from a classification "
+                             "checkpoint")
 
 
 def load_model(checkpoint: str = "", model: str | None = None, pretrained: bool = False,
@@ -65,7 +66,6 @@ def load_model(checkpoint: str = "", model: str | None = None, pretrained: bool 
                              hint="torch.load it (weights_only=True) and call your_module.load_state_dict(ckpt['state_dict'])")
     if not name:
         refuse_segmentation_checkpoint(checkpoint, f"checkpoint {path!r}")
-    if not name:
         raise SequencerError("no model given", hint="pass `model=NAME`, or a `checkpoint` written by `sequencer train`")
     get_model_entry(name)  # unknown names fail here with suggestions
     kwargs = dict(meta.get("model_kwargs") or {}) if meta.get("arch") == name else {}

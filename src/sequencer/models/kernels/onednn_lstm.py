@@ -25,6 +25,8 @@ from typing import List
 import torch
 from torch.utils._python_dispatch import _disable_current_modes
 
+from .onednn import onednn_bf16_supported
+
 LSTM_MODE = 2  # oneDNN's (ideep's) rnn_kind for an LSTM
 OUTPUTS_PER_DIRECTION = 4  # output (T, N, H), final h (1, N, H), final c (1, N, H), workspace (bytes,)
 
@@ -42,7 +44,7 @@ def trains_in(dtype: torch.dtype) -> bool:
     """Whether oneDNN's LSTM trains in ``dtype`` here: where ATen's eager LSTM would take it."""
     if not (torch.backends.mkldnn.is_available() and torch.backends.mkldnn.enabled):
         return False
-    return dtype == torch.float32 or dtype == torch.bfloat16 and bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    return dtype == torch.float32 or dtype == torch.bfloat16 and onednn_bf16_supported()
 
 
 def lstm(x: torch.Tensor, weights: list[torch.Tensor], bidirectional: bool, has_biases: bool) -> torch.Tensor:

@@ -14,10 +14,10 @@ Backends (model kwarg ``lstm_backend``, else the environment variable ``SEQUENCE
 
 Under ``torch.compile`` the native layers run as the opaque custom op ``sequencer::rnn_native`` (dynamo cannot trace
 ``nn.LSTM`` and would break the graph at each one); its backward recomputes the layer. CPU training of single-layer
-LSTMs (BiLSTM2D's) takes :mod:`.onednn_lstm` instead, whose backward reads oneDNN's saved workspace, as eager does. Under autocast the op casts
-as ATen's autocast casts ``nn.LSTM`` (:func:`autocast_rnn_dtype`), so compiled and eager mixed precision compute
-the same. TorchScript tracing and ONNX export always take the module itself, which their exporters map onto their
-own RNN ops.
+LSTMs (BiLSTM2D's) takes :mod:`.onednn_lstm` instead, whose backward reads oneDNN's saved workspace, as eager does.
+Under autocast the ops cast as ATen's autocast casts ``nn.LSTM`` (:func:`autocast_rnn_dtype`), so compiled and
+eager mixed precision compute the same. TorchScript tracing and ONNX export always take the module itself, which
+their exporters map onto their own RNN ops.
 """
 from __future__ import annotations
 
