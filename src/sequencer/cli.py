@@ -25,7 +25,7 @@ COMMANDS = {
     "erf": ("sequencer.commands.erf", "effective receptive field heat-maps (the paper's, or --mode magnitude)"),
     "robustness": ("sequencer.commands.robustness", "ImageNet-C errors and mCE by the paper's protocol"),
     "resolution-sweep": ("sequencer.commands.resolution", "accuracy across input resolutions"),
-    "export": ("sequencer.commands.export", "export to ONNX, TorchScript or safetensors"),
+    "export": ("sequencer.commands.export", "export to ONNX, TorchScript, torch.export (.pt2) or safetensors"),
     "checkpoint": ("sequencer.commands.checkpoint", "average or clean checkpoints"),
     "benchmark": ("sequencer.commands.benchmark", "throughput, memory and GMACs (optionally vs timm)"),
     "env": ("sequencer.commands.env", "versions, torch build, CPU and matrix ISA, threads, GPUs: for bug reports"),

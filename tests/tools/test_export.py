@@ -1,4 +1,6 @@
 import json
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -9,7 +11,7 @@ from sequencer.cli import main
 from sequencer.engine.inference import load_model, relative_error
 from sequencer.errors import SequencerError
 from sequencer.models import create_model, read_checkpoint
-from sequencer.tools.export import export_onnx, export_torchscript
+from sequencer.tools.export import export_onnx, export_program, export_torchscript
 
 from .conftest import TINY_ARCH, TINY_KWARGS, make_image
 
@@ -78,6 +80,7 @@ def test_torchscript_check_fails_before_the_file_appears(tmp_path, monkeypatch):
     (["--format", "safetensors", "-o", "m.onnx"], "does not end in .safetensors"),
     (["--format", "torchscript", "-o", "m.onnx"], "does not end in .pt or .ts"),
     (["--format", "onnx", "-o", "m.pt"], "does not end in .onnx"),
+    (["--format", "exported-program", "-o", "m.pt"], "does not end in .pt2"),
     (["-o", "m.onnx", "--opset", "99"], "--opset 99 is not supported: the exporter writes opsets 17 to"),
     (["-o", "m.onnx", "--opset", "16"], "--opset 16 is not supported"),
 ])
@@ -110,6 +113,42 @@ def test_torchscript_cli(tiny_checkpoint, tmp_path):
     assert json.loads(extra["config.json"])["class_names"] == ["cat", "dog"]
     x = torch.randn(3, 3, 32, 32)
     assert relative_error(loaded(x), _reference(tiny_checkpoint, x)) < 1e-4
+
+
+def test_exported_program_cli_runs_where_the_package_was_never_imported(tiny_checkpoint, tmp_path, capsys):
+    out = tmp_path / "tiny.pt2"
+    assert main(["export", "--checkpoint", str(tiny_checkpoint), "--output", str(out), "--dynamic-batch"]) == 0
+    assert "torch.export.load's program matches PyTorch" in capsys.readouterr().out
+    x = torch.randn(5, 3, 32, 32)
+    torch.save(x, tmp_path / "x.pt")
+    script = ("import json, sys, torch; p = sys.argv[1]; extra = {'config.json': ''}; "
+              "program = torch.export.load(p + '/tiny.pt2', extra_files=extra); "
+              "out = program.module()(torch.load(p + '/x.pt', weights_only=True)); "
+              "assert 'sequencer' not in sys.modules; torch.save(out, p + '/y.pt'); print(extra['config.json'])")
+    run = subprocess.run([sys.executable, "-c", script, str(tmp_path)], check=True, cwd=tmp_path,
+                         capture_output=True, text=True)
+    assert json.loads(run.stdout)["class_names"] == ["cat", "dog"]
+    reference = _reference(tiny_checkpoint, x)
+    assert relative_error(torch.load(tmp_path / "y.pt", weights_only=True), reference) < 1e-4
+    assert reference.std() > 0
+
+
+def test_exported_program_check_fails_before_the_file_appears(tmp_path, monkeypatch):
+    model = create_model(TINY_ARCH, **TINY_KWARGS).eval()
+    torch.nn.init.normal_(model.head.fc.weight)
+    real_load = torch.export.load
+
+    class Skewed:  # a reloaded program whose logits are off by 1%
+        def __init__(self, program):
+            self.program = program
+
+        def module(self):
+            module = self.program.module()
+            return lambda x: module(x) * 1.01
+    monkeypatch.setattr(torch.export, "load", lambda *a, **k: Skewed(real_load(*a, **k)))
+    with pytest.raises(SequencerError, match="does not match PyTorch"):
+        export_program(model, tmp_path / "bad.pt2", (3, 32, 32))
+    assert not list(tmp_path.iterdir())
 
 
 def test_safetensors_round_trip(tiny_checkpoint, tmp_path):

@@ -1,4 +1,5 @@
-"""`sequencer export`: ONNX (fp32 or int8), TorchScript or safetensors files, checked against the eager model (:mod:`sequencer.tools.export`).
+"""`sequencer export`: ONNX (fp32 or int8), TorchScript, torch.export (.pt2) or safetensors files, checked against the
+eager model (:mod:`sequencer.tools.export`).
 """
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ from ..errors import SequencerError
 from ..engine.inference import check_input_size, find_images
 from ..models.loading import model_config
 from ..tools.export import (FORMATS, MAX_OPSET, MIN_OPSET, describe_int8, export_onnx, export_onnx_int8,
-                            export_safetensors, export_torchscript, int8_settings)
+                            export_program, export_safetensors, export_torchscript, int8_settings)
 from .common import add_model_args, load_model_from_args, positive_int, warn_if_random_weights
 
 
@@ -62,10 +63,10 @@ def _check_image_folder(flag: str, folder: str) -> None:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_model_args(parser)
     parser.add_argument("--format", "-f", choices=sorted(FORMATS), default=None,
-                        help="export format (default: from the --output suffix: .onnx, .pt/.ts, .safetensors); "
+                        help="export format (default: from the --output suffix: .onnx, .pt/.ts, .pt2, .safetensors); "
                              "the suffix must match it")
     parser.add_argument("--output", "-o", required=True, metavar="PATH", help="file to write")
-    parser.add_argument("--dynamic-batch", action="store_true", help="ONNX/TorchScript: variable batch size")
+    parser.add_argument("--dynamic-batch", action="store_true", help="ONNX/TorchScript/exported program: variable batch size")
     parser.add_argument("--batch-size", type=positive_int, default=1, help="batch size of the example input")
     parser.add_argument("--opset", type=positive_int, default=17, help=f"ONNX opset ({MIN_OPSET} to {MAX_OPSET})")
     parser.add_argument("--rtol", type=float, default=1e-4,
@@ -129,6 +130,10 @@ def run(args: argparse.Namespace) -> int:
         err = export_torchscript(model, out, input_size, batch_size=args.batch_size,
                                  dynamic_batch=args.dynamic_batch, rtol=args.rtol, metadata=meta)
         how = f"reloaded trace matches PyTorch (relative error {err:.1e})"
+    elif fmt == "exported-program":
+        err = export_program(model, out, input_size, batch_size=args.batch_size, dynamic_batch=args.dynamic_batch,
+                             rtol=args.rtol, metadata=meta)
+        how = f"torch.export.load's program matches PyTorch (relative error {err:.1e})"
     else:
         err = export_safetensors(model, out, config)
         how = f"model rebuilt from the file matches (relative error {err:.1e})"

@@ -1,4 +1,5 @@
-"""`sequencer export`: ONNX, TorchScript or safetensors, each verified against PyTorch before the command succeeds.
+"""`sequencer export`: ONNX, TorchScript, torch.export or safetensors, each verified against PyTorch before the
+command succeeds.
 
 * ONNX goes through the TorchScript-based exporter (``dynamo=False``), whose LSTM path maps ``nn.LSTM`` onto the
   ONNX ``LSTM`` op; the file is then run under onnxruntime and its logits must match PyTorch's to ``--rtol``
@@ -11,6 +12,9 @@
   ``--verify DIR`` runs both files on DIR's images and writes the int8 file only when their top-1 agree on at least
   ``--min-agreement`` of them (agreement < min-agreement refuses). Every file is checked under a temporary name and
   renamed onto --output only then.
+* An exported program (``.pt2``) is ``torch.export``'s: ATen ops only, loadable with ``torch.export.load`` and no
+  ``import sequencer``, compiled ahead of time by AOTInductor where wanted; reloaded and checked the same way, the
+  config in the extra file ``config.json``.
 * safetensors holds the weights with arch / model_kwargs / class_names / data_config (JSON) in its metadata, so
   ``--checkpoint model.safetensors`` or ``create_model(arch, checkpoint_path=..., **model_kwargs)`` rebuilds it.
 """
@@ -34,7 +38,8 @@ from ..hardware import CPU_CLASSES, cpu_info
 from ..models.loading import save_weights
 from .onnx_runtime import OnnxModel, load_onnx
 
-FORMATS = {"onnx": (".onnx",), "torchscript": (".pt", ".ts", ".torchscript", ".jit"), "safetensors": (".safetensors",)}
+FORMATS = {"onnx": (".onnx",), "torchscript": (".pt", ".ts", ".torchscript", ".jit"), "safetensors": (".safetensors",),
+           "exported-program": (".pt2",)}
 MIN_OPSET = 17  # LayerNormalization
 try:  # the newest opset the TorchScript-based exporter writes
     from torch.onnx._constants import ONNX_TORCHSCRIPT_EXPORTER_MAX_OPSET as MAX_OPSET
@@ -59,7 +64,7 @@ def _quiet_export():
     with warnings.catch_warnings():
         for pattern in ("legacy TorchScript-based ONNX", "The feature will be removed",
                         "Converting a tensor to a Python", "Exporting a model to ONNX with a batch_size other than 1",
-                        r"`torch\.jit\."):
+                        r"`torch\.jit\.", "were assigned during export"):
             warnings.filterwarnings("ignore", message=f".*{pattern}")
         warnings.filterwarnings("ignore", category=torch.jit.TracerWarning)
         yield
@@ -152,6 +157,55 @@ def export_torchscript(model: nn.Module, path: str | os.PathLike, input_size: tu
 
     write_atomically(path, write)
     return worst
+
+
+def export_program(model: nn.Module, path: str | os.PathLike, input_size: tuple[int, int, int], *,
+                   batch_size: int = 1, dynamic_batch: bool = False, rtol: float = 1e-4, metadata: dict | None = None,
+                   sample: torch.Tensor | None = None) -> float:
+    """``torch.export`` ``model`` to an ExportedProgram file at ``path`` (``torch.export.save``, the config as the
+    extra file ``config.json``), reload it and verify its logits (see :func:`export_onnx`).
+
+    The program holds ATen ops only (the recurrent layers as ``aten.lstm``/``gru``/``rnn_tanh``), so
+    ``torch.export.load`` needs no ``import sequencer`` and AOTInductor compiles it for a C++ runtime.
+    """
+    path = Path(path)
+    model = model.eval().cpu()
+    inputs = sample_inputs(input_size, batch_size, dynamic_batch, sample)
+    # torch.export fixes a dynamic axis that it traces at size 1, so a dynamic batch is traced at the larger batch
+    example = max(inputs, key=len) if dynamic_batch else inputs[0]
+    dynamic = ({0: torch.export.Dim("batch", min=1)},) if dynamic_batch else None
+    try:
+        with _quiet_export(), torch.no_grad():
+            program = torch.export.export(model, (example,), dynamic_shapes=dynamic)
+    except Exception as e:  # noqa: BLE001 - the exporter's own failures, as for ONNX
+        raise SequencerError(f"torch.export failed ({type(e).__name__}: {str(e).splitlines()[0][:200]})") from None
+    _check_aten_only(program, path)
+    extra = {"config.json": json.dumps(metadata or {})}
+    worst = 0.0
+
+    def write(tmp: str) -> None:
+        nonlocal worst
+        # as open files: torch warns about a path not ending in .pt2, such as the temporary name
+        with open(tmp, "wb") as f:
+            torch.export.save(program, f, extra_files=extra)
+        with open(tmp, "rb") as f:
+            loaded = torch.export.load(f).module()
+        for x in inputs:  # verified before the rename, as for ONNX
+            with torch.no_grad():
+                worst = max(worst, _check_close("ExportedProgram", loaded(x), model(x), rtol, path))
+
+    write_atomically(path, write)
+    return worst
+
+
+def _check_aten_only(program, path: Path) -> None:
+    """Refuses a program that calls an op outside ATen: it would not load without the package that defines it."""
+    foreign = sorted({str(node.target) for node in program.graph.nodes if node.op == "call_function"
+                      and isinstance(node.target, torch._ops.OpOverload) and node.target.namespace != "aten"})
+    if foreign:
+        raise SequencerError(f"the exported program for {str(path)!r} calls {', '.join(foreign)}, which "
+                             f"torch.export.load cannot run without the package that defines it",
+                             hint="report this with the model name; ONNX and TorchScript exports are unaffected")
 
 
 def export_safetensors(model: nn.Module, path: str | os.PathLike, config: dict, rtol: float = 1e-6) -> float:

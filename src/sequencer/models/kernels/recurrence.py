@@ -16,8 +16,8 @@ Under ``torch.compile`` the native layers run as the opaque custom op ``sequence
 ``nn.LSTM`` and would break the graph at each one); its backward recomputes the layer. CPU training of single-layer
 LSTMs (BiLSTM2D's) takes :mod:`.onednn_lstm` instead, whose backward reads oneDNN's saved workspace, as eager does.
 Under autocast the ops cast as ATen's autocast casts ``nn.LSTM`` (:func:`autocast_rnn_dtype`), so compiled and
-eager mixed precision compute the same. TorchScript tracing and ONNX export always take the module itself, which
-their exporters map onto their own RNN ops.
+eager mixed precision compute the same. TorchScript, ONNX export and ``torch.export`` (:func:`exporting`) always take
+the module itself, so the program they capture holds ATen's own recurrent ops, which their runtimes know.
 """
 from __future__ import annotations
 
@@ -98,12 +98,23 @@ def resolve_backend(requested: str | None = None) -> str:
 AUTO_TRITON_MEASURED = {"capabilities": {(9, 0)}, "dtypes": {torch.bfloat16, torch.float16}, "max_hidden": 96}
 
 
+def exporting() -> bool:
+    """Whether the forward is being captured into a program meant to run without this package: a TorchScript trace
+    or script, an ONNX export, or ``torch.export`` (whose programs AOTInductor compiles for C++). The package's
+    custom ops would tie such a program to ``import sequencer`` in a Python process."""
+    return (torch.jit.is_scripting() or torch.jit.is_tracing() or torch.onnx.is_in_onnx_export()
+            or _torch_exporting())
+
+
+_torch_exporting = getattr(torch.compiler, "is_exporting", lambda: False)
+
+
 def auto_takes_triton(rnn: nn.Module, x: torch.Tensor) -> bool:
     """Whether ``auto`` runs ``rnn`` on the Triton kernel for input ``x``: where it was measured faster (above)."""
     if (rnn.mode != "LSTM" or x.device.type != "cuda" or triton_lstm is None or torch.version.hip is not None
             or rnn.proj_size or not rnn.batch_first or (rnn.dropout and rnn.training)):
         return False
-    if torch.jit.is_scripting() or torch.jit.is_tracing() or torch.onnx.is_in_onnx_export():
+    if exporting():
         return False
     needs_grad = torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in rnn.parameters()))
     return (not needs_grad and rnn.hidden_size <= AUTO_TRITON_MEASURED["max_hidden"]
@@ -123,7 +134,7 @@ def uses_fused_lstm(rnn: nn.Module, backend: str, x: torch.Tensor) -> bool:
         return auto_takes_triton(rnn, x)
     if backend != "triton" or rnn.mode != "LSTM":
         return False
-    if torch.jit.is_scripting() or torch.jit.is_tracing() or torch.onnx.is_in_onnx_export():
+    if exporting():
         return False
     if triton_lstm is None:
         raise SequencerError("lstm_backend 'triton' needs the triton package", hint="pip install triton")
@@ -204,7 +215,7 @@ def run_rnn(rnn: nn.Module, x: torch.Tensor, backend: str) -> torch.Tensor:
     """``rnn`` over (N, T, C) batch-first sequences -> (N, T, D*H), on the chosen backend."""
     if uses_fused_lstm(rnn, backend, x):
         return fused_lstm(rnn, x.unsqueeze(0)).squeeze(0)
-    if torch.compiler.is_compiling() and not torch.onnx.is_in_onnx_export():
+    if torch.compiler.is_compiling() and not exporting():
         if onednn_lstm.applies(rnn, x, _compiled_dtype(rnn, x)):
             return onednn_lstm.lstm(x, list(rnn._flat_weights), rnn.bidirectional, rnn.bias)
         return rnn_native(x, list(rnn._flat_weights), _VF_MODES[rnn.mode], rnn.num_layers, rnn.bidirectional,
