@@ -116,7 +116,7 @@ def test_benchmark_cli_lstm_backend_and_reference_rows(tiny_s_checkpoint, tmp_pa
     rows = {r["impl"]: r for r in json.loads(out.read_text())["results"]}
     assert sorted(rows) == ["ours", "ours-native", "ours-triton", "ref-resnet10t", "timm"]
     assert rows["ours-triton"]["max_rel_diff_vs_timm"] < 1e-5 and rows["ours-native"]["max_rel_diff_vs_timm"] < 1e-5
-    assert rows["ref-resnet10t"]["gemm_fraction"] is None and rows["ref-resnet10t"]["max_rel_diff_vs_timm"] is None
+    assert rows["ref-resnet10t"]["max_rel_diff_vs_timm"] is None
 
 
 def test_benchmark_torchcompile_adds_a_compiled_twin_of_each_row():
@@ -185,6 +185,35 @@ def test_benchmark_onnx_fp32_and_int8_side_by_side(tiny_s_checkpoint, tmp_path):
     assert rows["ort-fp32"]["top1_agreement_vs_ours"] == 1.0
     assert 0 < rows["ort-int8"]["max_rel_diff_vs_timm"] < 0.5
     assert all(r["img_per_s"] > 0 and r["peak_memory_mb"] is not None for r in rows.values())
+    # each row names the precision it ran in; GEMM % only against the rate measured in that dtype (float32 here)
+    assert [rows[i]["dtype"] for i in ("ours", "ort-fp32", "ort-int8")] == ["float32", "float32", "int8"]
+    assert rows["ort-int8"]["gemm_fraction"] is None  # no int8 GEMM rate was measured: no fraction of fp32's
+    ours, ort = rows["ours"], rows["ort-fp32"]
+    assert ort["gemm_fraction"] == pytest.approx(ours["gemm_fraction"] * ort["img_per_s"] / ours["img_per_s"])
+
+
+def test_benchmark_reference_row_reports_its_own_parameters_and_macs(tmp_path):
+    """--reference-model: the row's parameters and GMACs are the reference model's (here timm's resnet10t, its
+    multiply-adds counted independently by torch's FlopCounterMode), not ours."""
+    import timm
+    from torch.utils.flop_counter import FlopCounterMode
+
+    out = tmp_path / "r.json"
+    assert main(["benchmark", "--model", "sequencer2d_nano", "--img-size", "32", "-b", "2", "--device", "cpu",
+                 "--reference-model", "resnet10t", "--num-warmup", "0", "--num-iter", "1", "--memory-iter", "0",
+                 "--gemm-size", "64", "--results-file", str(out)]) == 0
+    rows = {r["impl"]: r for r in json.loads(out.read_text())["results"]}
+    reference = timm.create_model("resnet10t").eval()
+    with FlopCounterMode(display=False) as counter, torch.no_grad():
+        reference(torch.zeros(1, 3, 32, 32))
+    ref = rows["ref-resnet10t"]
+    assert ref["params_m"] == pytest.approx(sum(p.numel() for p in reference.parameters()) / 1e6)
+    assert ref["gmacs"] == pytest.approx(counter.get_total_flops() / 2 / 1e9)
+    assert ref["gemm_fraction"] == pytest.approx(2 * ref["gmacs"] * 1e9 * ref["img_per_s"] /
+                                                 (json.loads(out.read_text())["gemm_gflops"] * 1e9))
+    ours = create_model("sequencer2d_nano")
+    assert rows["ours"]["params_m"] == pytest.approx(sum(p.numel() for p in ours.parameters()) / 1e6)
+    assert rows["ours"]["gmacs"] == pytest.approx(count_macs(ours, (3, 32, 32)) / 1e9)
 
 
 def test_benchmark_onnx_of_another_size_is_refused(tiny_s_checkpoint, tmp_path, capsys):

@@ -13,7 +13,9 @@ random weights (shared with timm), otherwise every logit would be 0 and the comp
 
 GEMM rate: a square matrix product of ``--gemm-size`` in the benchmark's dtype, timed in the same run; on CPU the
 faster of PyTorch's default (MKL for fp32) and oneDNN is taken as the machine's rate. The fraction reached is
-``2 * MACs * images/s / rate`` (training counts 3x the forward MACs: forward, input and weight gradients).
+``2 * MACs * images/s / rate`` (training counts 3x the forward MACs: forward, input and weight gradients), for the
+rows that ran in that dtype: an ``--onnx`` file's row names its own precision (float32, int8) and has no GEMM %
+unless it ran in the measured dtype. A ``--reference-model`` row reports that model's own parameters and MACs.
 """
 from __future__ import annotations
 
@@ -363,11 +365,7 @@ def _prepare(args: BenchmarkSettings) -> _Setup:
             onnx_model.check_input_size(input_size[-1], input_size[-1])
         except ValueError as e:
             raise SequencerError(f"`onnx`: {e}", hint="benchmark at the file's size (`img_size`)") from None
-    try:
-        from ..models.flops import count_macs
-        macs = count_macs(model, input_size)
-    except (ImportError, RuntimeError, ValueError):
-        macs = None
+    macs = _forward_macs(model, input_size)
     head = getattr(getattr(model, "head", None), "fc", None)
     if isinstance(head, nn.Linear) and not head.weight.any():
         # a freshly initialised model has a zero head: every logit would be 0 and the comparison with timm vacuous
@@ -385,9 +383,9 @@ def _prepare(args: BenchmarkSettings) -> _Setup:
 def _measure_mode(setup: _Setup, mode: str) -> list[Result]:
     """Time every implementation in ``mode`` ("infer" or "train") interleaved, and compare each with timm's."""
     args = setup.args
-    steps, outputs = _steps(setup, mode)
+    steps, outputs, modules = _steps(setup, mode)
     times = time_interleaved(steps, setup.device, args.num_warmup, args.num_iter)
-    results = [_result(setup, mode, impl, ts) for impl, ts in times.items()]
+    results = [_result(setup, mode, impl, ts, modules[impl]) for impl, ts in times.items()]
     if mode == "infer":
         for r in results:
             r.top1_agreement_vs_ours = (outputs[r.impl].float().argmax(-1) == outputs["ours"].float().argmax(-1)
@@ -401,8 +399,9 @@ def _measure_mode(setup: _Setup, mode: str) -> list[Result]:
     return results
 
 
-def _steps(setup: _Setup, mode: str) -> tuple[dict[str, Callable], dict[str, torch.Tensor]]:
-    """({implementation: one step of the work}, {implementation: its logits} for inference)."""
+def _steps(setup: _Setup, mode: str) -> tuple[dict[str, Callable], dict[str, torch.Tensor], dict[str, nn.Module]]:
+    """({implementation: one step of the work}, {implementation: its logits} for inference, {implementation: its
+    module})."""
     impls: dict[str, nn.Module] = {"ours": setup.model}
     if mode == "infer" and setup.args.optimized:
         from .optimize import optimize_for_inference
@@ -423,19 +422,19 @@ def _steps(setup: _Setup, mode: str) -> tuple[dict[str, Callable], dict[str, tor
             # each implementation trains its own copy from the same weights
             m = compiled_if_named(copy.deepcopy(m), impl)
             steps[impl] = make_train_step(m, setup.x, setup.target, setup.amp, setup.device)
-    return steps, outputs
+    return steps, outputs, impls
 
 
-def _result(setup: _Setup, mode: str, impl: str, times: list[float]) -> Result:
+def _result(setup: _Setup, mode: str, impl: str, times: list[float], module: nn.Module) -> Result:
     """The figures of one implementation from its step times (and its peak memory, measured now)."""
-    args, macs = setup.args, setup.macs
+    args = setup.args
     step_s = statistics.median(times)
-    r = Result(impl=impl, mode=mode, dtype=args.amp_dtype, batch_size=args.batch_size, img_size=setup.input_size[-1],
+    dtype, params, macs = _row_figures(setup, impl, module)
+    r = Result(impl=impl, mode=mode, dtype=dtype, batch_size=args.batch_size, img_size=setup.input_size[-1],
                img_per_s=args.batch_size / step_s, step_ms=step_s * 1e3,
-               step_ms_all=[round(t * 1e3, 2) for t in times],
-               params_m=sum(p.numel() for p in setup.model.parameters()) / 1e6,
+               step_ms_all=[round(t * 1e3, 2) for t in times], params_m=params / 1e6,
                gmacs=macs / 1e9 if macs is not None else None)
-    if macs is not None and not impl.startswith("ref-"):  # a reference model has other MACs
+    if macs is not None and dtype == args.amp_dtype:  # the GEMM rate was measured in the run's dtype only
         r.achieved_gflops = 2 * macs * (3 if mode == "train" else 1) * r.img_per_s / 1e9
         r.gemm_fraction = r.achieved_gflops / setup.gemm_gflops
     if args.memory_iter:
@@ -445,3 +444,24 @@ def _result(setup: _Setup, mode: str, impl: str, times: list[float]) -> Result:
                     onnx=str(setup.onnx_models[impl].path) if impl in setup.onnx_models else None)
         r.peak_memory_mb = measure_peak_memory(spec, memory_probe)
     return r
+
+
+def _row_figures(setup: _Setup, impl: str, module: nn.Module) -> tuple[str, int, float | None]:
+    """(dtype it ran in, parameters, forward MACs per image) of one row: an ONNX file runs in its own precision
+    (int8 or float32, whatever ``amp_dtype`` says), and a ``ref-`` row is another model with its own counts."""
+    if impl in setup.onnx_models:
+        return ("int8" if module.quantized else "float32"), sum(p.numel() for p in setup.model.parameters()), \
+            setup.macs
+    if impl.startswith("ref-"):
+        return setup.args.amp_dtype, sum(p.numel() for p in module.parameters()), \
+            _forward_macs(module, setup.input_size)
+    return setup.args.amp_dtype, sum(p.numel() for p in setup.model.parameters()), setup.macs
+
+
+def _forward_macs(model: nn.Module, input_size: tuple[int, int, int]) -> int | None:
+    """Multiply-adds of one image's forward (:func:`sequencer.models.flops.count_macs`); None where it cannot count."""
+    from ..models.flops import count_macs
+    try:
+        return count_macs(model, input_size)
+    except (RuntimeError, TypeError, ValueError):
+        return None
