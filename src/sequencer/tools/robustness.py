@@ -7,6 +7,7 @@ corruptions is allowed). The protocol:
 * the corrupted images are already 224 px crops, so they are resized to the model's input size and not cropped
   again (``crop_pct`` 1.0, whatever the model's own eval crop);
 * the 15 standard corruptions (the 4 extra ones, or folders of other names, only when named by ``--corruptions``);
+  standard ones absent from the folder are named in a warning (the mCE is then over those present);
 * for each corruption c the top-1 error E(s, c) at severities s = 1..5, averaged: E_c = mean_s E(s, c);
 * ``CE_c = E_c / E_AlexNet,c`` (the paper's ratio of sums over the five severities) and ``mCE`` = mean CE over the
   corruptions with an AlexNet reference; ``unnormalized_mCE`` = the mean of E_c over the same corruptions.
@@ -100,7 +101,10 @@ def summarize(per_corruption: dict[str, dict], clean_error: float | None = None)
     """The results object: ``corruptions``, ``mCE`` and ``unnormalized_mCE`` (means over the corruptions with an
     AlexNet reference), the protocol followed, and friends."""
     referenced = [c for c in per_corruption.values() if "ce" in c]
-    standard = [per_corruption[n]["ce"] for n in STANDARD_CORRUPTIONS if n in per_corruption]
+    missing_severities = _missing_severities(per_corruption)
+    # the number papers report: all 15 standard corruptions, each at all five severities
+    standard = [per_corruption[n]["ce"] for n in STANDARD_CORRUPTIONS
+                if n in per_corruption and n not in missing_severities]
     results = {
         "corruptions": per_corruption,
         "mCE": _mean(c["ce"] for c in referenced),
@@ -110,7 +114,7 @@ def summarize(per_corruption: dict[str, dict], clean_error: float | None = None)
         "without_ce": sorted(n for n, c in per_corruption.items() if "ce" not in c),
         "protocol": {"crop_pct": PROTOCOL_CROP_PCT, "corruptions": list(per_corruption),
                      "severities": sorted({s for c in per_corruption.values() for s in _severities(c)}),
-                     "missing_severities": _missing_severities(per_corruption), "normaliser": "alexnet"},
+                     "missing_severities": missing_severities, "normaliser": "alexnet"},
     }
     if clean_error is not None:
         results["clean_error"] = clean_error
@@ -153,6 +157,11 @@ def select_corruptions(found: dict[str, Path], requested: list[str] | None, root
     if not standard:
         raise SequencerError(f"none of the 15 standard ImageNet-C corruptions in {root!r}",
                              hint=f"found: {', '.join(found)}; name others with `corruptions`")
+    absent = [n for n in STANDARD_CORRUPTIONS if n not in standard]
+    if absent:
+        _logger.warning(f"warning: {len(absent)} of the 15 standard corruptions are not in {root!r} "
+                        f"({', '.join(absent)}): the mCE is the mean over the {len(standard)} present, not "
+                        f"comparable to a published mCE")
     others = sorted(set(found) - set(standard))
     if others:
         _logger.info(f"note: skipping {', '.join(others)} (not among the 15 standard corruptions; name them with "
