@@ -1,10 +1,11 @@
 """`sequencer erf`: effective receptive field heat maps (Luo et al. 2016), as the Sequencer paper computes them.
 
-The paper's map (the default, ``--mode paper``), following the authors' analysis: for a chosen layer's output
-(B, C, H, W), take the unit at the centre (H // 2, W // 2), pass its C channels through ReLU and sum them; take the
-gradient of that with respect to the input images, keep its positive part (ReLU), and sum it over the images and
-the input channels. The raw (H_in, W_in) sum is saved as ``.npy``; the picture shows ``log10(sum + 1)`` min-max
-scaled to [0, 1].
+The paper's map (the default, ``--mode paper``): for a chosen layer's output (B, C, H, W), take the unit at the
+centre (H // 2, W // 2), pass its C channels through ReLU and sum them; take the gradient of that with respect to
+the input images, keep its positive part (ReLU) (RepLKNet's per-image ERF), and sum it over the images and the input
+channels (the Sequencer authors' aggregation). The raw (H_in, W_in) sum is saved as ``.npy``; the picture shows
+``log10(sum + 1)`` min-max scaled to [0, 1], as the authors' script does. That script differs in two details: no
+ReLU on the centre's channels, and the unit at (H // 2 - 1, W // 2 - 1).
 
 ``--mode magnitude`` (not the paper's): the gradient of the centre's plain channel sum, its absolute value summed
 over input channels and averaged over images, shown as ``log10(1 + 1000 * map / max) / log10(1001)``.
