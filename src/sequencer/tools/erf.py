@@ -11,8 +11,9 @@ ReLU on the centre's channels, and the unit at (H // 2 - 1, W // 2 - 1).
 over input channels and averaged over images, shown as ``log10(1 + 1000 * map / max) / log10(1001)``.
 
 By default the final features (``forward_features``, after the final norm) are analysed; ``--stage K`` picks stage K
-(1-based), ``--stage all`` draws one panel per stage. Also printed: the high-contribution area ratio (RepLKNet,
-Ding et al. 2022), the fraction of the input that holds t of the raw map's total, for t = 20%, 30%, 50% and 99%.
+(1-based), ``--stage all`` draws one panel per stage. Also printed: a high-contribution area ratio, the fraction of
+the input's pixels (largest first) that holds t of the raw map's total, for t = 20%, 30%, 50% and 99%. RepLKNet's
+(Ding et al. 2022) is another number: the smallest centred square holding t of the log10(x + 1)-scaled map.
 """
 from __future__ import annotations
 
