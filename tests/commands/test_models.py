@@ -41,6 +41,16 @@ def test_sizes_and_pretrained_filter(capsys):
     assert set(_rows(capsys.readouterr().out)) == {"sequencer2d_s", "sequencer2d_m", "sequencer2d_l"}
 
 
+def test_gmacs_only_at_sizes_the_model_takes(capsys):
+    """160 px is not a multiple of Sequencer2D-S's patch reduction 14 (validate and benchmark refuse it): no GMACs
+    for it (its forward would drop 6 px), where 168 px is counted (12 x 12 tokens after the stem's 7 x 7 patches)."""
+    assert main(["models", "sequencer2d_s", "--sizes", "160", "168"]) == 0
+    out = capsys.readouterr().out
+    cells = _rows(out)["sequencer2d_s"]
+    assert cells[4] == "-" and float(cells[5]) == pytest.approx(8.334 * (168 / 224) ** 2, rel=1e-3)
+    assert "-: the model does not take that size" in out
+
+
 def test_392_models_refuse_pretrained_weights(capsys):
     # before: they silently loaded the 224 px release; validate --model NAME asks for pretrained weights too
     assert main(["validate", "--model", "sequencer2d_s_392", "--pretrained"]) == 2

@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from sequencer.cli import main
+from sequencer.tools.resolution import default_sizes
 
 from .conftest import reference_inputs, reference_model
 from .png_checks import assert_real_png
@@ -42,3 +43,15 @@ def test_resolution_sweep_errors(image_folder, tiny_checkpoint, tmp_path, capsys
     assert main(["resolution-sweep", str(tmp_path / "empty"), "--sizes", "32", *ck]) == 2
     assert "no images" in capsys.readouterr().err
     assert not (tmp_path / "o" / "resolution.csv").exists()
+
+
+def test_default_sizes_are_ones_the_model_takes(image_folder, tiny_checkpoint, tmp_path):
+    """Without --sizes: half to twice the model's size in quarter steps, each a multiple of its patch reduction (the
+    old fixed 160..320 list was refused by Sequencer2D-S/M/L, whose reduction is 14)."""
+    assert default_sizes(224, 14) == [112, 168, 224, 280, 336, 392, 448]
+    assert all(size % 14 == 0 for size in default_sizes(392, 14))
+    out = tmp_path / "sweep"
+    assert main(["resolution-sweep", str(image_folder), "--output", str(out), "--checkpoint", str(tiny_checkpoint),
+                 "-j", "0", "-b", "6"]) == 0  # the tiny model: 32 px, patch reduction 2
+    with open(out / "resolution.csv") as f:
+        assert [int(r["img_size"]) for r in csv.DictReader(f)] == [16, 24, 32, 40, 48, 56, 64]

@@ -34,7 +34,8 @@ def model_summary(name: str, sizes: tuple[int, ...] = ()) -> dict:
         warnings.simplefilter("ignore")  # init on meta tensors may warn; nothing is computed
         model = create_model(name)
     input_size = tuple(model.pretrained_cfg["input_size"])
-    gmacs_at = {px: count_macs(model, (input_size[0], px, px)) / 1e9 for px in sizes}
+    # None at a size the model refuses elsewhere (validate, benchmark): its forward would crop the input silently
+    gmacs_at = {px: count_macs(model, (input_size[0], px, px)) / 1e9 if _takes(model, px) else None for px in sizes}
     return dict(
         name=name,
         params=sum(p.numel() for p in model.parameters()),
@@ -44,6 +45,15 @@ def model_summary(name: str, sizes: tuple[int, ...] = ()) -> dict:
         pretrained=bool(entry.pretrained_cfg.get("url")),
         gmacs_at=gmacs_at,
     )
+
+
+def _takes(model: torch.nn.Module, px: int) -> bool:
+    """Whether ``model`` takes a ``px`` x ``px`` input (a multiple of its patch reduction)."""
+    try:
+        getattr(model, "check_input_size", lambda h, w: None)(px, px)
+    except ValueError:
+        return False
+    return True
 
 
 def format_table(rows: list[dict], sizes: tuple[int, ...] = ()) -> str:
@@ -56,12 +66,14 @@ def format_table(rows: list[dict], sizes: tuple[int, ...] = ()) -> str:
         count = f"{r['params'] / 1e6:.2f}" + ("" if one_head else f" ({r['head_classes']})")
         lines.append([r["name"], count, f"{r['gmacs']:.2f}",
                       "x".join(str(s) for s in r["input_size"]), "yes" if r["pretrained"] else "no"]
-                     + [f"{r['gmacs_at'][px]:.2f}" for px in sizes])
+                     + ["-" if r["gmacs_at"][px] is None else f"{r['gmacs_at'][px]:.2f}" for px in sizes])
     widths = [max(len(line[i]) for line in lines) for i in range(len(header))]
     # name left-aligned, numbers right-aligned
     out = ["  ".join(c.ljust(w) if i == 0 or i == 4 else c.rjust(w) for i, (c, w) in enumerate(zip(line, widths)))
            .rstrip() for line in lines]
     out.insert(1, "  ".join("-" * w for w in widths))
+    if any(v is None for r in rows for v in r["gmacs_at"].values()):
+        out += ["", "-: the model does not take that size (not a multiple of its patch reduction)"]
     return "\n".join(out)
 
 

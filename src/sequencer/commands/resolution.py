@@ -8,15 +8,17 @@ import os
 from ..data import create_dataset
 from ..engine.inference import check_input_size, default_workers, label_with_model_classes, resolve_device
 from ..errors import SequencerError
-from ..tools.resolution import plot_resolution, prepare_output_dir, resolution_sweep, write_resolution_csv
+from ..tools.resolution import (default_sizes, plot_resolution, prepare_output_dir, resolution_sweep,
+                               write_resolution_csv)
 from .common import add_model_args, check_workers, load_model_from_args, positive_int
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("data", metavar="DATA", help="dataset folder (DATA/SPLIT/CLASS/IMAGE or DATA/CLASS/IMAGE)")
     parser.add_argument("--split", default="val", help="split folder to evaluate (default: val)")
-    parser.add_argument("--sizes", type=positive_int, nargs="+", default=[160, 192, 224, 256, 288, 320],
-                        metavar="PX", help="input sizes to evaluate")
+    parser.add_argument("--sizes", type=positive_int, nargs="+", default=None, metavar="PX",
+                        help="input sizes to evaluate (default: half to twice the model's size in quarter steps, as "
+                             "multiples of its patch reduction: 112 168 224 280 336 392 448 for Sequencer2D at 224)")
     parser.add_argument("--output", "-o", required=True, metavar="DIR", help="folder for resolution.csv/.png")
     parser.add_argument("-b", "--batch-size", type=positive_int, default=64, metavar="N")
     parser.add_argument("-j", "--workers", type=int, default=None, metavar="N", help="data loading processes")
@@ -30,7 +32,7 @@ def run(args: argparse.Namespace) -> int:
     check_workers(args.workers)
     device = resolve_device(args.device)
     loaded = load_model_from_args(args, device)
-    sizes = sorted(set(args.sizes))
+    sizes = sorted(set(args.sizes or default_sizes(loaded.input_size[-1], getattr(loaded.model, "reduction", 1))))
     for size in sizes:  # fail before any evaluation
         check_input_size(loaded, size, size)
     # the data is checked before the output folder is made

@@ -58,6 +58,16 @@ def plot_resolution(rows: list[dict], path: Path, title: str, train_size: int | 
     write_atomically(path, lambda tmp: Path(tmp).write_bytes(buf.getvalue()))
 
 
+# the paper's "double resolution-band": half to twice the native size, in quarter steps
+SWEEP_FACTORS = (0.5, 0.75, 1.0, 1.25, 1.5, 1.75, 2.0)
+
+
+def default_sizes(native: int, reduction: int) -> list[int]:
+    """Half to twice ``native`` px in quarter steps, each rounded to a multiple of the model's patch ``reduction``
+    (the sizes it can take): 112, 168, ..., 448 for a 224 px Sequencer2D (reduction 14)."""
+    return sorted({max(reduction, round(native * f / reduction) * reduction) for f in SWEEP_FACTORS})
+
+
 def resolution_sweep(loaded: LoadedModel, data: str, split: str, sizes: list[int], batch_size: int = 64,
                      workers: int = 0, device="cpu") -> list[dict]:
     """One row per input size (img_size, top1, top5, loss, count) of ``loaded`` on ``data``'s ``split``, each with
