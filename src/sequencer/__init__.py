@@ -6,8 +6,9 @@ registry name or your own ``nn.Module``, on a folder or your own Datasets) as ``
 builds a stride 4-32 feature pyramid for torchvision's detectors. Semantic segmentation is the same pair:
 :func:`create_segmenter` builds a segmenter, :func:`train_segmenter` trains one as ``sequencer segment train`` does and
 :func:`validate_segmenter` evaluates one (mIoU, pixel accuracy, per-class IoU). Train and validate are guests
-in your process: they log through the ``"sequencer"`` logger, raise instead of exiting, leave your process group and
-random state as they found them, and Ctrl-C raises ``KeyboardInterrupt`` (:class:`TrainingInterrupted`).
+in your process: they log through the ``"sequencer"`` logger, raise instead of exiting, leave your process group,
+random state and your module's modes as they found them (validation gives back a module it moved to its device),
+and Ctrl-C raises ``KeyboardInterrupt`` (:class:`TrainingInterrupted`).
 """
 from .errors import SequencerError
 from .models import create_model, list_models

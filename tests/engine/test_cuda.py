@@ -113,6 +113,31 @@ def test_cuda_training_then_validate_reproduces_eval_top1(image_folder, tmp_path
     assert measured["top1"] == pytest.approx(ckpt["metric"], abs=1e-3)
 
 
+@pytest.mark.parametrize("entry", ["validate", "validate_segmenter"])
+def test_cuda_evaluating_a_cpu_module_gives_it_back_on_the_cpu(entry, tmp_path):
+    """``validate`` / ``validate_segmenter`` with ``device="cuda"`` run the caller's CPU module on the GPU, then
+    give it back on the CPU holding its own tensors, in the mode it was in (tests/engine/test_guest_state.py checks
+    the same on the CPU through the 'meta' device)."""
+    import sequencer
+    from segmentation_helpers import make_voc
+    from test_api_objects import Blobs
+
+    if entry == "validate":
+        model = create_model("sequencer2d_nano", num_classes=2, img_size=16).train()
+        run = lambda: sequencer.validate(model=model, data=Blobs(8, 1, pil=True),  # noqa: E731
+                                         device=DEVICE, workers=0, progress=False)
+    else:
+        model = sequencer.create_segmenter("sequencer2d_nano", 3, head_channels=16, out_channels=16).train()
+        voc = make_voc(tmp_path / "voc", n_train=1, n_val=2)
+        run = lambda: sequencer.validate_segmenter(data=voc, model=model, eval_size=32, device=DEVICE)  # noqa: E731
+    tensors = {k: (v, v.clone()) for k, v in model.state_dict(keep_vars=True).items()}
+    result = run()
+    assert result.images in (2, 8)
+    assert model.training and {v.device.type for v in model.state_dict().values()} == {"cpu"}
+    after = model.state_dict(keep_vars=True)
+    assert all(after[k].data_ptr() == t.data_ptr() and torch.equal(after[k], copy) for k, (t, copy) in tensors.items())
+
+
 def test_cuda_distributed_train_sh_on_one_gpu(image_folder, tmp_path):
     proc = subprocess.run(
         ["bash", str(REPO / "distributed_train.sh"), "1", str(image_folder), *map(str, GPU_RUN),

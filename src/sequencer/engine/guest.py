@@ -1,5 +1,5 @@
 """The library as a guest in the caller's process: what :func:`sequencer.train` and :func:`sequencer.validate`
-show on the console, and the caller's random state, kept.
+show on the console, and the caller's random state and modules, kept.
 
 Messages are records of the ``"sequencer"`` logger (progress and notes at INFO, problems at WARNING); notes a Python
 user may want to filter are ``warnings.warn`` (:func:`warn`). What :func:`console` changes is undone when the call
@@ -17,7 +17,9 @@ import threading
 import warnings
 
 import torch
+from torch import nn
 
+from ..models.hub import download_progress
 from .checkpoint import get_rng_state, set_rng_state
 
 _logger = logging.getLogger(__name__)
@@ -83,11 +85,12 @@ def _console_handlers(logger: logging.Logger) -> list[logging.Handler]:
 @contextlib.contextmanager
 def console(progress: bool):
     """The call's console output. ``progress=True``: the log lines on stdout (problems on stderr) unless the
-    caller's logging already prints them; ``progress=False``: nothing on stdout or stderr (the call's records
-    still reach the caller's other handlers, e.g. a log file)."""
+    caller's logging already prints them, and a download's progress bar; ``progress=False``: nothing on stdout or
+    stderr (the call's records still reach the caller's other handlers, e.g. a log file)."""
     logger = logging.getLogger("sequencer")
     thread = threading.get_ident()
     token = _quiet.set(not progress)
+    bar_token = download_progress.set(progress)  # a download's progress bar (released weights) is console output too
     consoles = _console_handlers(logger)
     handler = _Silence(thread) if not progress else ConsoleHandler(thread=thread) if not consoles else None
     not_this_thread = _OtherThreads(thread)
@@ -107,6 +110,7 @@ def console(progress: bool):
         for h in muted:
             h.removeFilter(not_this_thread)
         _quiet.reset(token)
+        download_progress.reset(bar_token)
 
 
 class _OtherThreads(logging.Filter):
@@ -153,3 +157,34 @@ def caller_rng_kept():
         set_rng_state(saved)
         if not cuda_was_initialized and torch.cuda.is_available() and torch.cuda.is_initialized():
             torch.cuda.manual_seed_all(seed)
+
+
+@contextlib.contextmanager
+def caller_module_kept(module: nn.Module | None, tensors: bool = True):
+    """Run the body, then put the caller's ``module`` back as it was: each submodule in the train/eval mode it was
+    in, with its ``grad_checkpointing`` flag (timm's) as it was, and with ``tensors`` each parameter, gradient and
+    buffer holding again the very tensor it held (on its own device, its storage shared with whatever shared it),
+    whatever the body moved (an evaluation's ``module.to(device)``), also when the body raises. For a body that
+    only reads the values (evaluation); training keeps its updates with ``tensors=False``. None: nothing to keep."""
+    if module is None:
+        yield
+        return
+    flags = [(m, name, getattr(m, name)) for m in module.modules() for name in ("training", "grad_checkpointing")
+             if isinstance(getattr(m, name, None), bool)]
+    params = [(m, name, p, p.detach(), p.grad, None if p.grad is None else p.grad.detach())
+              for m in module.modules() for name, p in m.named_parameters(recurse=False)] if tensors else []
+    buffers = [(m, name, b) for m in module.modules() for name, b in m.named_buffers(recurse=False)] if tensors \
+        else []
+    try:
+        yield
+    finally:
+        for m, name, value in flags:
+            setattr(m, name, value)  # per submodule: a caller's frozen (eval-mode) part stays frozen
+        for m, name, param, data, grad, grad_data in params:
+            setattr(m, name, param)  # the same Parameter object: an optimizer holding it still holds it
+            param.data = data
+            if grad is not None:
+                grad.data = grad_data
+            param.grad = grad
+        for m, name, buffer in buffers:
+            setattr(m, name, buffer)

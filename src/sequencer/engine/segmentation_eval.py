@@ -27,6 +27,7 @@ from ..fileio import write_atomically
 from ..models import get_model_entry
 from ..models.loading import read_checkpoint
 from ..models.segmentation import Segmenter, segmenter_from_config
+from .guest import caller_module_kept, caller_rng_kept
 
 _logger = logging.getLogger(__name__)
 EVAL_MODES = ("whole", "slide")
@@ -235,23 +236,22 @@ def validate_segmenter(checkpoint: str | os.PathLike = "", data: str | os.PathLi
     ``checkpoint``: a ``segment train`` checkpoint, evaluated with its own settings (layout, classes,
     normalisation, eval size and mode; ``eval_mode`` / ``stride`` / ``eval_size`` override them). Or ``model``: a
     segmenter in memory (:func:`sequencer.create_segmenter`'s, or any module with ``num_classes`` returning
-    (N, num_classes, H, W) logits), evaluated as it is on its own device (moved to ``device`` when one is given)
-    and put back in the mode it was in; its backbone's normalisation (ImageNet's for another module), ``eval_size``
-    (default 512, also the sliding window), the layout and class names of the folder. With ``results_file``
-    (.json) the results are also written there."""
+    (N, num_classes, H, W) logits), evaluated as it is on its own device (or on ``device`` when one is given),
+    then given back as it was: on its own device, in the mode it was in, each submodule's too, also when
+    evaluation raises; its backbone's normalisation (ImageNet's for another module), ``eval_size`` (default 512,
+    also the sliding window), the layout and class names of the folder. With ``results_file`` (.json) the results
+    are also written there. The caller's ``random``, ``numpy`` and torch random state is restored on return
+    (building a checkpoint's segmenter draws its initial weights from it)."""
     if (model is None) == (not checkpoint):
         raise SequencerError("validate_segmenter: pass a checkpoint or a model in memory, one of them")
     if not data:
         raise SequencerError("validate_segmenter: no dataset folder given", hint="give `data`, the dataset folder")
-    loaded, dev = _in_memory(model, device) if model is not None else _from_checkpoint(checkpoint, device)
-    data_split, cfg = _split_and_settings(loaded, data, split, eval_size, in_memory=model is not None)
-    settings = inference_settings(cfg, eval_mode, stride, dev)
-    was_training = loaded.model.training
-    try:
+    with caller_rng_kept(), caller_module_kept(model):
+        loaded, dev = _in_memory(model, device) if model is not None else _from_checkpoint(checkpoint, device)
+        data_split, cfg = _split_and_settings(loaded, data, split, eval_size, in_memory=model is not None)
+        settings = inference_settings(cfg, eval_mode, stride, dev)
         metrics = evaluate_segmentation(loaded.model, eval_loader(data_split, cfg, workers, dev),
                                         loaded.model.num_classes, loaded.class_names, settings)
-    finally:
-        loaded.model.train(was_training)  # a caller's module goes back to the mode it was in
     result = SegmentValidationResult(**metrics, checkpoint=os.fspath(checkpoint), split=split,
                                      eval_mode=settings.mode)
     if results_file:
@@ -269,8 +269,8 @@ def _from_checkpoint(checkpoint, device: str | None) -> tuple[LoadedSegmenter, t
 
 def _in_memory(model: nn.Module, device: str | None) -> tuple[LoadedSegmenter, torch.device]:
     """The caller's segmenter as a :class:`LoadedSegmenter` and the device it runs on (its own, or ``device``
-    where given: it is moved there); its data settings hold only its backbone's name (the rest come from the call
-    and the folder: :func:`_split_and_settings`)."""
+    where given: it is moved there, and :func:`validate_segmenter` puts it back); its data settings hold only its
+    backbone's name (the rest come from the call and the folder: :func:`_split_and_settings`)."""
     from .inference import resolve_device
 
     num_classes = getattr(model, "num_classes", None)

@@ -38,7 +38,7 @@ from .distributed import print_on_primary
 from . import timm_habits
 from .amp import autocast_dtype
 from .checkpoint import resume_position, set_rng_state
-from .guest import caller_rng_kept, console, warn
+from .guest import caller_module_kept, caller_rng_kept, console, warn
 from .train_data import TrainData, build_data
 from .config import RunState, TrainConfig, check_config, checked_callbacks, explicit_settings, resolve_config
 from .loop import (Loaders, Optimization, StopRequest, TrainingRun, callbacks_ask_to_stop, current_lr, evaluate_epoch,
@@ -90,9 +90,11 @@ def train(config: TrainConfig | str | os.PathLike | None = None, /, *, callbacks
 
     ``model``: a registry name, or an ``nn.Module`` to train in place (one of ours, or any classifier taking
     (N, C, H, W) images and returning (N, classes) logits; a module we did not build is checkpointed as its
-    ``state_dict``, its architecture not recorded). ``data``: a folder or .tar of class folders, None (the
-    embedded digits), or a ``(train, val)`` pair of map-style Datasets yielding ``(PIL image or (C, H, W) tensor,
-    int label)``: PIL images get the recipe's transforms, tensors are used as given, class names come from
+    ``state_dict``, its architecture not recorded). It keeps the trained weights, on ``device``, and comes back in
+    the mode it was given in, each submodule's (an eval-mode part stays so), and its ``grad_checkpointing`` too.
+    ``data``: a folder or .tar of class folders, None (the embedded digits), or a ``(train, val)`` pair of map-style
+    Datasets yielding ``(PIL image or (C, H, W) tensor, int label)``: PIL images get the recipe's transforms,
+    tensors are used as given, class names come from
     ``dataset.classes`` when it exists.
 
     ``callbacks``: callables, each called on every process after every epoch (once it is saved) with that epoch's
@@ -113,7 +115,7 @@ def train(config: TrainConfig | str | os.PathLike | None = None, /, *, callbacks
     state.datasets = explicit.pop("data") if isinstance(explicit.get("data"), (tuple, list)) else None
 
     def run() -> TrainResult:
-        with console(progress), caller_rng_kept():
+        with console(progress), caller_rng_kept(), caller_module_kept(state.module, tensors=False):
             return run_training(resolve_config(explicit, state), state)
 
     return as_library_call(run, state, "training")

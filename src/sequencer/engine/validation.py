@@ -23,7 +23,7 @@ from .amp import autocast_dtype
 from .distributed import DistInfo, process_group
 from .evaluate import evaluate
 from .data_record import carved_from, keep_held_out_files, recorded_data, trained_on_all_of
-from .guest import console, warn
+from .guest import caller_module_kept, caller_rng_kept, console, warn
 from .inference import LoadedModel, check_input_size, label_with_model_classes, load_model
 from .user_data import module_name, wrap_dataset
 
@@ -75,22 +75,26 @@ def validate(checkpoint: str | os.PathLike = "", data=None, *, model: str | nn.M
     ``sequencer validate`` computes and prints them, as a :class:`ValidationResult`.
 
     Arguments are the command's flags with underscores. ``model``: a registry name, or an ``nn.Module`` in memory
-    (evaluated as it is, on ``device``; its ``img_size``/``pretrained_cfg`` give the preprocessing, else
-    ``img_size`` or 224). ``data``: a folder or .tar, a map-style Dataset of ``(PIL image or (C, H, W) tensor,
+    (evaluated as it is, on ``device``, then given back as it was: on its own device, in the mode it was in, each
+    submodule's too, also when evaluation raises; its ``img_size``/``pretrained_cfg`` give the preprocessing,
+    else ``img_size`` or 224). ``data``: a folder or .tar, a map-style Dataset of ``(PIL image or (C, H, W) tensor,
     int)`` (tensors used as given), or None (and no ``dataset``): the held-out split the checkpoint records it was
     trained on (its ``data`` entry: the digits for a digits run; a one-line error when it records none or its
     folder is gone). A folder without ``split`` is evaluated on its held-out split found by name, as training
     does. A ``model`` name without a checkpoint evaluates its released weights (``pretrained``), as timm's
     validate.py. ``prepare`` transforms the loaded model before it runs (the command's ``--fast``:
     ``sequencer.optimize_for_inference``); ``torchcompile`` names a torch.compile backend to run it with.
-    ``progress=False`` prints nothing. ``load`` replaces how the model is built (the command's ``--onnx``).
+    ``progress=False`` prints nothing. ``load`` replaces how the model is built (the command's ``--onnx``). The
+    caller's ``random``, ``numpy`` and torch random state is restored on return (building a model by name draws
+    its initial weights from it).
     """
     in_memory = isinstance(model, nn.Module)
     if in_memory and checkpoint:
         raise SequencerError("validate: pass a checkpoint or a model in memory, not both")
     user_data = data is not None and not isinstance(data, (str, os.PathLike))
     data = os.fspath(data) if data is not None and not user_data else data
-    with console(progress), process_group(device) as dist_info:
+    with console(progress), caller_rng_kept(), caller_module_kept(model if in_memory else None), \
+            process_group(device) as dist_info:
         if load is None and not in_memory:
             pretrained = _pretrained_by_default(model, checkpoint, pretrained, dist_info)
         user_split = wrap_dataset(data) if user_data else None
@@ -111,13 +115,10 @@ def validate(checkpoint: str | os.PathLike = "", data=None, *, model: str | nn.M
         loaded, split_set, dataset = _model_and_split(load_the_model, open_split, user_split, data, dataset, split,
                                                       checkpoint, load is None, dist_info)
         loaded.model = _prepared(loaded.model, prepare, torchcompile)
-        was_training = model.training if in_memory else None
         overrides = dict(mean=mean, std=std, crop_pct=crop_pct, interpolation=interpolation)
         metrics = _evaluate(loaded, split_set, overrides, batch_size, workers,
                             _amp_dtype(amp, amp_dtype, dist_info.device), dataset, dist_info,
                             tensors=user_data and split_set.tensors)
-        if was_training is not None:
-            model.train(was_training)  # a caller's module goes back to the mode it was in
         results = ValidationResult(
             model=loaded.name, checkpoint=os.fspath(checkpoint) if checkpoint else ("pretrained" if pretrained
                                                                                    else ""), **metrics)
@@ -182,8 +183,8 @@ def _held_out_files_only(split_set, loaded: LoadedModel, dist_info: DistInfo):
 
 
 def _in_memory(model: nn.Module, img_size: int | None, input_size, device: torch.device) -> LoadedModel:
-    """The caller's module as a :class:`LoadedModel` (moved to ``device`` and put in eval mode, as evaluation
-    does); its input size from the arguments, its own ``img_size``/``pretrained_cfg``, else 224."""
+    """The caller's module as a :class:`LoadedModel`, moved to ``device`` (:func:`validate` puts it back: its
+    ``caller_module_kept``); its input size from the arguments, its own ``img_size``/``pretrained_cfg``, else 224."""
     cfg = dict(getattr(model, "pretrained_cfg", None) or {})
     size = (input_size[1] if input_size else img_size) or getattr(model, "img_size", None) or \
         (cfg.get("input_size") or (0, 0, 224))[-1]

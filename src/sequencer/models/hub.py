@@ -1,9 +1,10 @@
 """Released weights from the hub: download once into the torch hub cache (atomic, checked against the published
-SHA-256, with a progress bar) and load them into a model. Checkpoint formats and key layouts are
-:mod:`sequencer.models.loading`'s.
+SHA-256, with a progress bar on stderr unless :data:`download_progress` says not) and load them into a model.
+Checkpoint formats and key layouts are :mod:`sequencer.models.loading`'s.
 """
 from __future__ import annotations
 
+import contextvars
 import hashlib
 import http.client
 import os
@@ -21,6 +22,9 @@ from ..errors import SequencerError
 from .loading import extract_state_dict, load_state_dict_into, read_checkpoint
 
 DOWNLOAD_TIMEOUT_S = 60.0
+# whether a download of released weights shows its progress bar: off in a library call made with progress=False
+# (sequencer.engine.guest.console sets it for the calling thread's call), which prints nothing at all
+download_progress = contextvars.ContextVar("sequencer_download_progress", default=True)
 
 
 def _sha256(path: Path) -> str:
@@ -96,7 +100,7 @@ def load_pretrained(model: nn.Module, pretrained_cfg: dict) -> None:
     if not url:
         raise SequencerError(f"no pretrained weights are published for {name!r}",
                              hint="train it, or pass `checkpoint_path`")
-    path = download_weights(url, sha256=pretrained_cfg.get("sha256"))
+    path = download_weights(url, sha256=pretrained_cfg.get("sha256"), progress=download_progress.get())
     try:
         checkpoint = read_checkpoint(path)
     except SequencerError as e:

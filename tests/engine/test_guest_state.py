@@ -1,0 +1,328 @@
+"""The library is a guest in the caller's process. Each public entry point of ``sequencer.__all__`` that does work
+leaves the process as it found it (threads, default dtype, grad / inference / autocast modes, determinism, cuDNN
+and TF32 flags, matmul precision, random state, logging, warning filters, SIGINT/SIGTERM handlers, environment,
+working directory, sys.path), leaves the objects the caller passed as they were (a module's weights, devices,
+dtypes, requires_grad, gradients and submodule modes, unless training them is the call's purpose; configs, dicts,
+lists, Datasets), and prints nothing with ``progress=False``. ``validate`` and ``validate_segmenter`` give back a
+module they moved to their device, also when evaluation raises."""
+from __future__ import annotations
+
+import copy
+import dataclasses
+import logging
+import os
+import random
+import signal
+import sys
+import warnings
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+import sequencer
+from segmentation_helpers import make_voc
+from sequencer.engine import segmentation_eval, validation
+from test_api_objects import Blobs
+
+TINY_BACKBONE = dict(layers=(1, 1), patch_sizes=(2, 1), embed_dims=(16, 16), hidden_sizes=(4, 4), mlp_ratios=(2, 2))
+TINY_SEGMENT = dict(num_classes=3, backbone="sequencer2d_nano", head_channels=16, out_channels=16, img_size=32,
+                    batch_size=2, epochs=1, warmup_iters=0, workers=0, device="cpu", log_interval=1000)
+QUICK = dict(epochs=1, batch_size=4, workers=0, warmup_epochs=0, device="cpu", log_interval=1000)
+
+
+# ------------------------------------------------------------------------------------------------ snapshots
+def process_state() -> dict:
+    """What a guest must leave as it found it, as comparable values."""
+    seq = logging.getLogger("sequencer")
+    return dict(
+        threads=torch.get_num_threads(), interop_threads=torch.get_num_interop_threads(),
+        default_dtype=torch.get_default_dtype(), grad=torch.is_grad_enabled(),
+        inference_mode=torch.is_inference_mode_enabled(),
+        autocast=(torch.is_autocast_enabled("cpu"), torch.is_autocast_enabled("cuda")),
+        deterministic=(torch.are_deterministic_algorithms_enabled(),
+                       torch.is_deterministic_algorithms_warn_only_enabled()),
+        cudnn=(torch.backends.cudnn.enabled, torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic,
+               torch.backends.cudnn.allow_tf32),
+        matmul=(torch.backends.cuda.matmul.allow_tf32, torch.get_float32_matmul_precision()),
+        mkldnn=torch.backends.mkldnn.enabled,
+        torch_rng=torch.get_rng_state(), numpy_rng=frozen(np.random.get_state()), random_rng=random.getstate(),
+        root_logger=(list(logging.root.handlers), logging.root.level, list(logging.root.filters),
+                     logging.root.manager.disable),
+        sequencer_logger=(list(seq.handlers), seq.level, seq.propagate, list(seq.filters), seq.disabled),
+        handler_filters=[list(h.filters) for h in logging.root.handlers],
+        warning_filters=list(warnings.filters),
+        signals=(signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)),
+        environ=dict(os.environ), cwd=os.getcwd(), sys_path=list(sys.path),
+    )
+
+
+def frozen(obj):
+    """``obj`` as plain comparable values (tensors as lists with their device and dtype, objects as their fields)."""
+    if isinstance(obj, nn.Module):
+        raise TypeError("modules are compared by module_state")
+    if isinstance(obj, torch.Tensor):
+        return ("tensor", obj.detach().cpu().tolist(), str(obj.device), obj.dtype, obj.requires_grad)
+    if isinstance(obj, np.ndarray):
+        return ("array", obj.tolist(), obj.dtype)
+    if isinstance(obj, dict):
+        return {k: frozen(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return (type(obj).__name__, [frozen(v) for v in obj])
+    if dataclasses.is_dataclass(obj):
+        return frozen(vars(obj))  # its given-fields record too
+    if hasattr(obj, "__dict__") and not callable(obj):
+        return (type(obj).__name__, frozen(vars(obj)))
+    return obj
+
+
+def module_state(module: nn.Module, trained: bool) -> dict:
+    """A caller's module as the guest must give it back: each submodule's mode and ``grad_checkpointing``, each
+    parameter's ``requires_grad``; unless ``trained`` (training it in place is the call's purpose), each
+    parameter's, gradient's and buffer's values, device and dtype too, and the storage they live in."""
+    state = dict(modes=[(name, m.training, getattr(m, "grad_checkpointing", None))
+                        for name, m in module.named_modules()],
+                 requires_grad=[(name, p.requires_grad) for name, p in module.named_parameters()])
+    if not trained:
+        tensors = [(name, t) for name, t in module.named_parameters()] + \
+                  [(f"{name}.grad", p.grad) for name, p in module.named_parameters() if p.grad is not None] + \
+                  [(name, t) for name, t in module.named_buffers()]
+        state["tensors"] = [(name, frozen(t), t.data_ptr()) for name, t in tensors]
+    return state
+
+
+class Trained:
+    """A module the call trains in place: only its modes and requires_grad must come back."""
+
+    def __init__(self, module: nn.Module):
+        self.module = module
+
+
+def passed_state(passed: dict) -> dict:
+    state = {}
+    for key, obj in passed.items():
+        if isinstance(obj, Trained):
+            state[key] = module_state(obj.module, trained=True)
+        elif isinstance(obj, nn.Module):
+            state[key] = module_state(obj, trained=False)
+        else:
+            state[key] = frozen(obj)
+    return state
+
+
+def caller_module(seed: int = 0) -> nn.Module:
+    """A 16 px sequencer2d_nano as a caller holds it: training, its stem frozen in eval mode with its weights
+    fixed, gradients from a step of the caller's own."""
+    torch.manual_seed(seed)
+    model = sequencer.create_model("sequencer2d_nano", num_classes=2, img_size=16).train()
+    model.stem.eval().requires_grad_(False)
+    model(torch.randn(2, 3, 16, 16)).sum().backward()
+    return model
+
+
+def caller_segmenter() -> nn.Module:
+    torch.manual_seed(0)
+    model = sequencer.create_segmenter("sequencer2d_nano", 3, head_channels=16, out_channels=16,
+                                       backbone_kwargs=TINY_BACKBONE).train()
+    model.backbone.eval()
+    model(torch.randn(2, 3, 32, 32)).sum().backward()
+    return model
+
+
+# ------------------------------------------------------------------------------------------------ the calls
+@pytest.fixture(scope="module")
+def env(tmp_path_factory):
+    """Data and the checkpoints of two quick runs, made before any snapshot."""
+    root = tmp_path_factory.mktemp("guest")
+    voc = make_voc(root / "voc", n_train=4, n_val=2)
+    classifier = sequencer.train(model="sequencer2d_nano", img_size=16, data=(Blobs(8, 0, pil=True),
+                                 Blobs(4, 1, pil=True)), **QUICK, output=str(root), experiment="c", progress=False)
+    segmenter = sequencer.train_segmenter(voc, **TINY_SEGMENT, backbone_kwargs=TINY_BACKBONE, output=str(root),
+                                          experiment="s", progress=False)
+    return dict(root=root, voc=voc, classifier=classifier.checkpoint, segmenter=segmenter.checkpoint)
+
+
+def call_train(env, progress):
+    model = caller_module()
+    mean = [0.5, 0.5, 0.5]
+    config = sequencer.TrainConfig(**QUICK, mean=mean, std=[0.25, 0.25, 0.25], grad_checkpointing=True,
+                                   output=str(env["root"]), experiment=f"train-{progress}")
+    data = (Blobs(8, 0, pil=True), Blobs(4, 1, pil=True))
+    callbacks = [lambda metrics: False]
+    return (lambda: sequencer.train(config, model=model, data=data, callbacks=callbacks, progress=progress),
+            dict(model=Trained(model), config=config, mean=mean, data=data, callbacks=callbacks))
+
+
+def call_train_segmenter(env, progress):
+    backbone_kwargs = copy.deepcopy(TINY_BACKBONE)
+    config = sequencer.SegmentConfig(data=str(env["voc"]), **TINY_SEGMENT, backbone_kwargs=backbone_kwargs,
+                                     output=str(env["root"]), experiment=f"segment-{progress}")
+    return (lambda: sequencer.train_segmenter(config, progress=progress),
+            dict(config=config, backbone_kwargs=backbone_kwargs))
+
+
+def call_validate_module(env, progress):
+    model, mean, data = caller_module(), [0.5, 0.5, 0.5], Blobs(4, 1, pil=True)
+    return (lambda: sequencer.validate(model=model, data=data, mean=mean, batch_size=4, workers=0, amp=True,
+                                       progress=progress),
+            dict(model=model, mean=mean, data=data))
+
+
+def call_validate_checkpoint(env, progress):
+    return (lambda: sequencer.validate(env["classifier"], data=Blobs(4, 1, pil=True), batch_size=4, workers=0,
+                                       progress=progress), {})
+
+
+def call_validate_segmenter_module(env, progress):
+    model = caller_segmenter()
+    return (lambda: sequencer.validate_segmenter(data=env["voc"], model=model, eval_size=32, device="cpu"),
+            dict(model=model))
+
+
+def call_validate_segmenter_checkpoint(env, progress):
+    return (lambda: sequencer.validate_segmenter(env["segmenter"], env["voc"], eval_size=32, device="cpu"), {})
+
+
+def call_optimize_for_inference(env, progress):
+    """The fast copy made and run on a batch cut into streams, one per intra-op thread (each stream thread sets its
+    own thread count)."""
+    model, images = caller_module(), torch.randn(4, 3, 16, 16)
+    torch.set_num_threads(2)  # the autouse fixture puts back the suite's one thread
+
+    def call():
+        fast = sequencer.optimize_for_inference(model, torch.bfloat16)
+        fast(images)
+        fast(images[:1])
+
+    return call, dict(model=model, images=images)
+
+
+def call_create_model(env, progress):
+    kwargs = dict(num_classes=2, img_size=16)
+    return lambda: sequencer.create_model("sequencer2d_nano", **kwargs), dict(kwargs=kwargs)
+
+
+def call_create_backbone(env, progress):
+    strides = [8, 16]
+    return lambda: sequencer.create_backbone("sequencer2d_nano", strides=strides), dict(strides=strides)
+
+
+def call_create_segmenter(env, progress):
+    backbone_kwargs = copy.deepcopy(TINY_BACKBONE)
+    return (lambda: sequencer.create_segmenter("sequencer2d_nano", 3, head="fpn", backbone_kwargs=backbone_kwargs),
+            dict(backbone_kwargs=backbone_kwargs))
+
+
+def call_list_models(env, progress):
+    return lambda: sequencer.list_models("sequencer2d*"), {}
+
+
+CALLS = {  # each public entry point that does work, by how a caller uses it
+    "train": call_train, "train_segmenter": call_train_segmenter,
+    "validate(model=module)": call_validate_module, "validate(checkpoint)": call_validate_checkpoint,
+    "validate_segmenter(model=module)": call_validate_segmenter_module,
+    "validate_segmenter(checkpoint)": call_validate_segmenter_checkpoint,
+    "optimize_for_inference": call_optimize_for_inference, "create_model": call_create_model,
+    "create_backbone": call_create_backbone, "create_segmenter": call_create_segmenter, "list_models": call_list_models,
+}
+WITH_PROGRESS = {"train", "train_segmenter", "validate(model=module)", "validate(checkpoint)"}
+# a new module's initial weights come from torch's generator, as torch.nn's own layers' do
+DRAWS_WEIGHTS = {"create_model", "create_backbone", "create_segmenter"}
+
+
+def test_every_public_entry_point_that_does_work_is_covered():
+    covered = {name.split("(")[0] for name in CALLS}
+    data_only = {"TrainResult", "TrainConfig", "TrainingInterrupted", "ValidationResult", "SequencerError",
+                 "__version__", "SegmentConfig", "SegmentResult", "SegmentValidationResult"}
+    assert set(sequencer.__all__) - data_only == covered
+
+
+@pytest.mark.parametrize("name, progress", [(name, False) for name in CALLS] +
+                         [(name, True) for name in CALLS if name in WITH_PROGRESS])
+def test_a_call_leaves_the_process_and_the_callers_objects_as_they_were(name, progress, env, capfd):
+    call, passed = CALLS[name](env, progress)
+    capfd.readouterr()
+    before, objects_before = process_state(), passed_state(passed)
+    call()
+    after, objects_after = process_state(), passed_state(passed)
+    printed = capfd.readouterr()
+    if name in DRAWS_WEIGHTS:
+        del before["torch_rng"], after["torch_rng"]
+    changed = [key for key in before if not _same(before[key], after[key])]
+    assert not changed, {key: (before[key], after[key]) for key in changed}
+    assert objects_after == objects_before
+    if not progress:
+        assert printed == ("", ""), f"{name} printed with progress=False"
+
+
+def _same(a, b) -> bool:
+    return torch.equal(a, b) if isinstance(a, torch.Tensor) else a == b
+
+
+# ---------------------------------------------------------------------------- a module moved for evaluation
+ELSEWHERE = torch.device("meta")  # a device other than the module's on every machine: the move is observable
+
+
+def fake_classifier_metrics(*args, **kwargs) -> dict:
+    return dict(top1=50.0, top5=100.0, loss=0.7, images_per_sec=1.0, count=4)
+
+
+def fake_segmenter_metrics(*args, **kwargs) -> dict:
+    return dict(miou=50.0, pixel_acc=50.0, macc=50.0, pixels=1, per_class_iou={}, images=1)
+
+
+@pytest.mark.parametrize("fails", [False, True], ids=["returns", "raises"])
+@pytest.mark.parametrize("entry", ["validate", "validate_segmenter"])
+def test_a_module_moved_to_the_evaluation_device_comes_back_as_it_was(entry, fails, env, monkeypatch):
+    """The caller's module is evaluated on ``device`` (here 'meta', whose tensors hold no data: a module moved
+    there and back by ``.to`` would lose its weights), then given back on its own device, holding the very same
+    tensors, each submodule in the mode it was in, also when evaluation raises."""
+    model = caller_module() if entry == "validate" else caller_segmenter()
+    seen = []
+
+    def evaluation(model, *args, **kwargs):
+        seen.append({p.device for p in model.parameters()})
+        if fails:
+            raise RuntimeError("evaluation failed")
+        return fake_classifier_metrics() if entry == "validate" else fake_segmenter_metrics()
+
+    if entry == "validate":
+        monkeypatch.setattr(validation, "evaluate", evaluation)
+        run = lambda: sequencer.validate(model=model, data=Blobs(4, 1, pil=True), device=str(ELSEWHERE),  # noqa: E731
+                                         workers=0, progress=False)
+    else:
+        monkeypatch.setattr(segmentation_eval, "evaluate_segmentation", evaluation)
+        run = lambda: sequencer.validate_segmenter(data=env["voc"], model=model, eval_size=32,  # noqa: E731
+                                                   device=str(ELSEWHERE))
+    before = module_state(model, trained=False)
+    if fails:
+        with pytest.raises(RuntimeError, match="evaluation failed"):
+            run()
+    else:
+        run()
+    assert seen == [{ELSEWHERE}]  # it did run elsewhere
+    assert module_state(model, trained=False) == before
+
+
+# ------------------------------------------------------------------------------------------------ console
+@pytest.mark.parametrize("progress", [False, True])
+def test_downloading_released_weights_shows_a_bar_only_with_progress(progress, tmp_path, monkeypatch, capfd):
+    """``validate(model=NAME)`` evaluates the released weights, downloaded on first use: their progress bar is
+    console output, so a ``progress=False`` call shows none (and a ``progress=True`` one does, on stderr)."""
+    from sequencer.models import get_model_entry
+
+    torch.manual_seed(0)
+    weights = tmp_path / "released-nano.pth"
+    torch.save(sequencer.create_model("sequencer2d_nano", num_classes=2, img_size=16).state_dict(), weights)
+    monkeypatch.setitem(get_model_entry("sequencer2d_nano").pretrained_cfg, "url", weights.as_uri())
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch-home"))  # an empty cache: the file is downloaded
+    capfd.readouterr()
+    result = sequencer.validate(model="sequencer2d_nano", num_classes=2, img_size=16, data=Blobs(4, 1, pil=True),
+                                batch_size=4, workers=0, progress=progress)
+    out, err = capfd.readouterr()
+    assert result.checkpoint == "pretrained"
+    assert (tmp_path / "torch-home" / "hub" / "checkpoints" / weights.name).is_file()  # downloaded in this call
+    assert ("released-nano.pth" in err) is progress
+    if not progress:
+        assert (out, err) == ("", "")
