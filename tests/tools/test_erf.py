@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from sequencer.cli import main
-from sequencer.tools.erf import area_ratios, display_scale, figure_size_px, log_scale
+from sequencer.tools.erf import area_ratios, display_scale, erf_maps, figure_size_px, log_scale
 
 from .conftest import reference_inputs, reference_model
 from .png_checks import assert_real_png
@@ -75,6 +75,28 @@ def test_erf_magnitude_mode_is_the_mean_absolute_gradient(image_folder, tiny_che
         expected += x.grad.abs().sum(1)[0].numpy() / 2
     # batched vs one-image float32 arithmetic: compare relative to the peak
     np.testing.assert_allclose(raw, expected, rtol=0, atol=1e-4 * expected.max())
+
+
+def test_erf_on_cuda_runs_every_batch_without_cudnn(tiny_checkpoint, monkeypatch):
+    """On CUDA each batch runs with cuDNN off (its RNN cannot run backward in eval mode); its context cannot be
+    entered twice, so the second batch failed (AttributeError). CUDA is faked here: the tensors stay on the CPU."""
+    to = torch.Tensor.to
+    monkeypatch.setattr(torch.Tensor, "to", lambda self, *args, **kwargs: to(self, "cpu") if args and
+                        isinstance(args[0], torch.device) and args[0].type == "cuda" else to(self, *args, **kwargs))
+    cudnn_states = []
+    flags = torch.backends.cudnn.flags
+
+    def recording_flags(**kwargs):
+        cudnn_states.append(kwargs["enabled"])
+        return flags(**kwargs)
+
+    monkeypatch.setattr(torch.backends.cudnn, "flags", recording_flags)
+    model = reference_model(tiny_checkpoint)
+    batches = [torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(i)) for i in range(3)]
+    maps, count = erf_maps(model, iter(batches), [2], torch.device("cuda"))
+    assert count == 6 and maps.shape == (1, 32, 32) and cudnn_states == [False] * 3
+    expected, _ = erf_maps(model, iter(batches), [2], "cpu")
+    np.testing.assert_allclose(maps, expected, rtol=1e-6)
 
 
 def test_erf_on_only_unreadable_images_is_one_line(tmp_path, tiny_checkpoint, capsys):

@@ -68,13 +68,10 @@ def erf_maps(model: torch.nn.Module, batches, stages: list[int], device,
     were no images.
     """
     total, count = None, 0
-    # cuDNN's RNN kernels cannot run backward in eval mode; the native ones can (and eval keeps dropout off)
-    cudnn_off = torch.backends.cudnn.flags(enabled=False) if torch.device(device).type == "cuda" \
-        else contextlib.nullcontext()
     model.eval()
     for images in batches:
         x = images.to(device).requires_grad_(True)
-        with cudnn_off, torch.enable_grad():
+        with _without_cudnn(device), torch.enable_grad():
             feats = stage_features(model, x, stages)
             grads = []
             for i, f in enumerate(feats):
@@ -87,6 +84,14 @@ def erf_maps(model: torch.nn.Module, batches, stages: list[int], device,
     if total is None:
         return None, 0
     return (total if mode == "paper" else total / count), count
+
+
+def _without_cudnn(device) -> contextlib.AbstractContextManager:
+    """A fresh context (one per batch: cudnn.flags' context cannot be entered twice) that turns cuDNN off on CUDA:
+    cuDNN's RNN kernels cannot run backward in eval mode, the native ones can (and eval keeps dropout off)."""
+    if torch.device(device).type == "cuda":
+        return torch.backends.cudnn.flags(enabled=False)
+    return contextlib.nullcontext()
 
 
 def display_scale(raw: np.ndarray, mode: str = "paper") -> np.ndarray:
