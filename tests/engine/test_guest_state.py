@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import itertools
 import logging
 import os
 import random
@@ -29,6 +30,7 @@ from test_api_objects import Blobs
 TINY_BACKBONE = dict(layers=(1, 1), patch_sizes=(2, 1), embed_dims=(16, 16), hidden_sizes=(4, 4), mlp_ratios=(2, 2))
 TINY_SEGMENT = dict(num_classes=3, backbone="sequencer2d_nano", head_channels=16, out_channels=16, img_size=32,
                     batch_size=2, epochs=1, warmup_iters=0, workers=0, device="cpu", log_interval=1000)
+RUNS = itertools.count()  # each run its own experiment folder
 QUICK = dict(epochs=1, batch_size=4, workers=0, warmup_epochs=0, device="cpu", log_interval=1000)
 
 
@@ -147,7 +149,7 @@ def call_train(env, progress):
     model = caller_module()
     mean = [0.5, 0.5, 0.5]
     config = sequencer.TrainConfig(**QUICK, mean=mean, std=[0.25, 0.25, 0.25], grad_checkpointing=True,
-                                   output=str(env["root"]), experiment=f"train-{progress}")
+                                   output=str(env["root"]), experiment=f"train-{next(RUNS)}")
     data = (Blobs(8, 0, pil=True), Blobs(4, 1, pil=True))
     callbacks = [lambda metrics: False]
     return (lambda: sequencer.train(config, model=model, data=data, callbacks=callbacks, progress=progress),
@@ -157,7 +159,7 @@ def call_train(env, progress):
 def call_train_segmenter(env, progress):
     backbone_kwargs = copy.deepcopy(TINY_BACKBONE)
     config = sequencer.SegmentConfig(data=str(env["voc"]), **TINY_SEGMENT, backbone_kwargs=backbone_kwargs,
-                                     output=str(env["root"]), experiment=f"segment-{progress}")
+                                     output=str(env["root"]), experiment=f"segment-{next(RUNS)}")
     return (lambda: sequencer.train_segmenter(config, progress=progress),
             dict(config=config, backbone_kwargs=backbone_kwargs))
 
@@ -241,6 +243,32 @@ def test_every_public_entry_point_that_does_work_is_covered():
 @pytest.mark.parametrize("name, progress", [(name, False) for name in CALLS] +
                          [(name, True) for name in CALLS if name in WITH_PROGRESS])
 def test_a_call_leaves_the_process_and_the_callers_objects_as_they_were(name, progress, env, capfd):
+    printed = checked_call(name, progress, env, capfd)
+    if not progress:
+        assert printed == ("", ""), f"{name} printed with progress=False"
+
+
+@pytest.mark.parametrize("progress", [False, True])
+@pytest.mark.parametrize("name", ["train", "train_segmenter", "validate(model=module)"])
+def test_with_the_callers_console_logging_a_call_prints_only_through_it_and_leaves_it_as_it_was(name, progress, env,
+                                                                                                capfd):
+    """A caller whose logging prints to the console (``logging.basicConfig``'s handler on stderr, at INFO):
+    ``progress=True`` shows the call's log through that handler alone (no second copy on stdout), ``progress=False``
+    shows nothing, and the handler comes back without the call's filter."""
+    root, handler = logging.getLogger(), logging.StreamHandler(sys.stderr)
+    level = root.level
+    root.addHandler(handler)
+    root.setLevel(logging.INFO)
+    try:
+        printed = checked_call(name, progress, env, capfd)
+    finally:
+        root.removeHandler(handler)
+        root.setLevel(level)
+    assert printed.out == "" and bool(printed.err) is progress
+
+
+def checked_call(name: str, progress: bool, env, capfd):
+    """Run ``CALLS[name]``; assert the process's state and the caller's objects are as before; what it printed."""
     call, passed = CALLS[name](env, progress)
     capfd.readouterr()
     before, objects_before = process_state(), passed_state(passed)
@@ -252,8 +280,7 @@ def test_a_call_leaves_the_process_and_the_callers_objects_as_they_were(name, pr
     changed = [key for key in before if not _same(before[key], after[key])]
     assert not changed, {key: (before[key], after[key]) for key in changed}
     assert objects_after == objects_before
-    if not progress:
-        assert printed == ("", ""), f"{name} printed with progress=False"
+    return printed
 
 
 def _same(a, b) -> bool:
