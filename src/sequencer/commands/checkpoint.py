@@ -20,13 +20,17 @@ def _check_output(path: str, inputs: list[str], safetensors: bool) -> None:
 
 def cmd_average(args: argparse.Namespace) -> int:
     _check_output(args.output, args.checkpoints, args.safetensors)
-    configs, states = [], []
+    configs, states, ema_count = [], [], 0
     for path in args.checkpoints:
         checkpoint, state, used_ema = read_weights(path, args.use_ema)
         configs.append(model_config(checkpoint))
         states.append(state)
+        ema_count += used_ema
         print(f"{path}: {len(state)} tensors ({'EMA' if used_ema else 'model'} weights)")
     check_same_model(configs, list(args.checkpoints))
+    if 0 < ema_count < len(states):
+        print(f"note: the average mixes the EMA weights of {ema_count} checkpoint(s) with the model weights of "
+              f"{len(states) - ema_count} that have no EMA (--no-ema averages model weights only)")
     averaged = average_state_dicts(states, list(args.checkpoints))
     config = dict(configs[0])
     if any(c.get("data") != config.get("data") for c in configs) and config.pop("data", None):
