@@ -43,6 +43,19 @@ def test_backbone_rows_beside_a_timm_reference_with_and_without_fpn(tmp_path, ca
     assert "ref-test_convnext-fpn" in printed and "vs backbone" in printed and "GEMM %" in printed
 
 
+def test_backbone_benchmark_follows_the_one_precision_rule(tmp_path):
+    """float16 on the CPU runs bfloat16 (float32 where bf16 has no native kernels), as the classification benchmark,
+    training and validation do, and the report names the dtype that ran (it was refused as CUDA-only)."""
+    from sequencer.models.kernels import onednn_bf16_supported
+    out = tmp_path / "r.json"
+    assert main(["benchmark", "--backbone", "--model", "sequencer2d_nano", "--img-size", "32", "-b", "1",
+                 "--reference-model", "test_convnext", "--amp-dtype", "float16", "--num-warmup", "0", "--num-iter",
+                 "1", "--memory-iter", "0", "--gemm-size", "64", "--device", "cpu", "--results-file", str(out)]) == 0
+    report = json.loads(out.read_text())
+    ran = "bfloat16" if onednn_bf16_supported() else "float32"
+    assert report["amp_dtype"] == ran and {r["dtype"] for r in report["results"]} == {ran}
+
+
 def test_timm_reference_under_fpn_gives_torchvisions_levels():
     model = backbone_benchmark.build_row_model("ref-test_convnext-fpn", "", "test_convnext")
     with torch.no_grad():

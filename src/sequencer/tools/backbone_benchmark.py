@@ -22,10 +22,12 @@ import copy
 import os
 import statistics
 from collections import OrderedDict
+from dataclasses import replace
 
 import torch
 from torch import nn
 
+from ..engine.amp import autocast_dtype
 from ..engine.inference import resolve_device
 from ..errors import SequencerError
 from ..hardware import cpu_info
@@ -124,9 +126,11 @@ def run_backbone_benchmark(args: BenchmarkSettings) -> dict:
                              f"backbones at `img_size`)")
     if args.num_warmup < 0 or args.memory_iter < 0:
         raise SequencerError("`num_warmup` and `memory_iter` must be >= 0")
-    device, amp = resolve_device(args.device), AMP_DTYPES[args.amp_dtype]
-    if amp == torch.float16 and device.type == "cpu":
-        raise SequencerError("`amp_dtype=float16` is CUDA only", hint="use bfloat16 on CPU")
+    device = resolve_device(args.device)
+    # the one precision rule (float16 off CUDA runs bfloat16, bf16 without native kernels float32, with a note);
+    # the report names the dtype that ran
+    amp = autocast_dtype(args.amp_dtype, device) or torch.float32
+    args = replace(args, amp_dtype=str(amp).removeprefix("torch."))
     reference = args.reference_model or DEFAULT_REFERENCE
     size = args.img_size or DEFAULT_IMG_SIZE
     impls = ["backbone", "trunk", f"ref-{reference}", f"ref-{reference}-fpn"]
