@@ -171,6 +171,14 @@ def call_validate_module(env, progress):
             dict(model=model, mean=mean, data=data))
 
 
+def call_validate_compiled(env, progress):
+    """As the command's --torchcompile: dynamo traces the caller's module (the eager backend: no code generation)."""
+    model, data = caller_module(), Blobs(4, 1, pil=True)
+    return (lambda: sequencer.validate(model=model, data=data, batch_size=4, workers=0, amp=True,
+                                       torchcompile="eager", progress=progress),
+            dict(model=model, data=data))
+
+
 def call_validate_checkpoint(env, progress):
     return (lambda: sequencer.validate(env["classifier"], data=Blobs(4, 1, pil=True), batch_size=4, workers=0,
                                        progress=progress), {})
@@ -222,7 +230,8 @@ def call_list_models(env, progress):
 
 CALLS = {  # each public entry point that does work, by how a caller uses it
     "train": call_train, "train_segmenter": call_train_segmenter,
-    "validate(model=module)": call_validate_module, "validate(checkpoint)": call_validate_checkpoint,
+    "validate(model=module)": call_validate_module, "validate(model=module, compiled)": call_validate_compiled,
+    "validate(checkpoint)": call_validate_checkpoint,
     "validate_segmenter(model=module)": call_validate_segmenter_module,
     "validate_segmenter(checkpoint)": call_validate_segmenter_checkpoint,
     "optimize_for_inference": call_optimize_for_inference, "create_model": call_create_model,

@@ -57,13 +57,24 @@ def test_count_has_no_side_effects(tiny_kwargs, randomize):
     with torch.no_grad():
         before = model(x)
     model.train()
+    model.stem.eval()  # the caller's frozen part
+    modes = [m.training for m in model.modules()]
     state = {k: v.clone() for k, v in model.state_dict().items()}
     count_macs(model, (3, 28, 28))
-    assert model.training
+    assert [m.training for m in model.modules()] == modes
     assert all(torch.equal(state[k], v) for k, v in model.state_dict().items())
     assert not any(m._forward_hooks or m._forward_pre_hooks or "forward" in vars(m) for m in model.modules())
     with torch.no_grad():
         torch.testing.assert_close(model.eval()(x), before)  # the real recurrent layers run again
+
+
+def test_a_forward_of_the_callers_own_on_a_recurrent_layer_stays(tiny_kwargs):
+    model = sequencer.create_model("sequencer2d_s", **tiny_kwargs)
+    rnn = next(m for m in model.modules() if isinstance(m, nn.RNNBase))
+    own = rnn.forward  # e.g. a wrapper the caller set on the instance
+    rnn.forward = own
+    count_macs(model, (3, 28, 28))
+    assert vars(rnn)["forward"] is own
 
 
 def test_gmacs_grow_with_resolution_and_meta_equals_real(tiny_kwargs):

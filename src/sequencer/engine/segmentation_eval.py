@@ -25,9 +25,10 @@ from ..data.segmentation import IGNORE_INDEX, EvalTransform, SegmentationDataset
 from ..errors import SequencerError
 from ..fileio import write_atomically
 from ..models import get_model_entry
+from ..models.caller_module import caller_module_kept
 from ..models.loading import read_checkpoint
 from ..models.segmentation import Segmenter, segmenter_from_config
-from .guest import caller_module_kept, caller_rng_kept
+from .guest import caller_rng_kept
 
 _logger = logging.getLogger(__name__)
 EVAL_MODES = ("whole", "slide")

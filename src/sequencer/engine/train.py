@@ -33,12 +33,13 @@ import torch
 from torch import nn
 
 from ..errors import SequencerError
+from ..models.caller_module import caller_module_kept
 from . import distributed as dist_utils
 from .distributed import print_on_primary
 from . import timm_habits
 from .amp import autocast_dtype
 from .checkpoint import resume_position, set_rng_state
-from .guest import caller_module_kept, caller_rng_kept, console, warn
+from .guest import caller_rng_kept, console, warn
 from .train_data import TrainData, build_data
 from .config import RunState, TrainConfig, check_config, checked_callbacks, explicit_settings, resolve_config
 from .loop import (Loaders, Optimization, StopRequest, TrainingRun, callbacks_ask_to_stop, current_lr, evaluate_epoch,

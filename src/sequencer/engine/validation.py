@@ -19,11 +19,12 @@ from ..data import create_dataset, create_loader, resolve_data_config
 from ..data.datasets import held_out_split
 from ..errors import SequencerError
 from ..models import get_model_entry
+from ..models.caller_module import caller_module_kept
 from .amp import autocast_dtype
 from .distributed import DistInfo, process_group
 from .evaluate import evaluate
 from .data_record import carved_from, keep_held_out_files, recorded_data, trained_on_all_of
-from .guest import caller_module_kept, caller_rng_kept, console, warn
+from .guest import caller_rng_kept, console, warn
 from .inference import LoadedModel, check_input_size, label_with_model_classes, load_model
 from .user_data import module_name, wrap_dataset
 

@@ -26,6 +26,7 @@ from typing import Sequence
 import torch
 from torch import nn
 
+from .caller_module import caller_module_kept
 from .sequencer2d import Downsample2d, RNN2d
 
 RNN_GATES = {"LSTM": 4, "GRU": 3, "RNN_TANH": 1, "RNN_RELU": 1}  # by nn.RNNBase.mode
@@ -85,7 +86,8 @@ def _sequence_shape(m: nn.RNNBase, x: torch.Tensor) -> tuple[int, int]:
 def count_macs(model: nn.Module, input_size: Sequence[int] = (3, 224, 224)) -> int:
     """Multiply-adds of one forward pass of ``model`` on a single (C, H, W) image; see the module docstring.
 
-    Works for models on any device, including ``meta``. The model's weights, mode and forward are left unchanged.
+    Works for models on any device, including ``meta``. The model's weights, forward and each submodule's mode
+    are left unchanged.
     """
     counts: list[int] = []
     calls: dict[nn.Module, int] = {}
@@ -123,20 +125,22 @@ def count_macs(model: nn.Module, input_size: Sequence[int] = (3, 224, 224)) -> i
         elif isinstance(m, nn.RNNBase):
             _rnn_gates(m)  # fail early on an RNN type we cannot count
             handles.append(m.register_forward_hook(rnn_hook))
+            stubbed.append((m, vars(m).get("forward")))  # a forward of the caller's own on the instance comes back
             m.forward = types.MethodType(_shape_only_rnn_forward, m)  # instance attribute shadows the class's
-            stubbed.append(m)
     param = next(model.parameters(), None)
     x = torch.zeros(1, *input_size, device=param.device if param is not None else "cpu",
                     dtype=param.dtype if param is not None and param.is_floating_point() else torch.float32)
-    was_training = model.training
     try:
-        model.eval()
-        with torch.no_grad():
-            model(x)
+        with caller_module_kept(model, tensors=False):
+            model.eval()
+            with torch.no_grad():
+                model(x)
     finally:
-        model.train(was_training)
         for h in handles:
             h.remove()
-        for m in stubbed:
-            del m.forward
+        for m, own_forward in stubbed:
+            if own_forward is None:
+                del m.forward
+            else:
+                m.forward = own_forward
     return int(sum(counts))
