@@ -127,3 +127,30 @@ def test_outputs_without_a_class_are_labelled_as_such(image_folder, tmp_path, ca
     assert main(["predict", str(image), "--checkpoint", str(tmp_path / "three.pth"), "--num-classes", "5"]) == 2
     err = capsys.readouterr().err
     assert "has a 3-class head but --num-classes is 5" in err and len(err.strip().splitlines()) == 1
+
+
+def test_one_channel_run_of_an_rgb_checkpoint_averages_its_statistics(image_folder, tmp_path, capsys):
+    """``--input-size 1 H W`` on an RGB checkpoint normalises with the average of its recorded mean/std, as validate
+    does (predict, erf, robustness and resolution-sweep crashed: 3 statistics for 1 channel)."""
+    from sequencer.data import create_transform, load_image
+    from tools.conftest import TINY_DATA_CONFIG, save_training_checkpoint, tiny_model
+
+    mean, std = (0.2, 0.5, 0.8), (0.1, 0.2, 0.6)
+    path = save_training_checkpoint(tmp_path / "rgb.pth", tiny_model(seed=0))
+    checkpoint = torch.load(path, weights_only=True)
+    checkpoint["data_config"].update(mean=mean, std=std)
+    torch.save(checkpoint, path)
+    files = sorted(str(p) for p in (image_folder / "val").rglob("*.png"))
+    with pytest.warns(UserWarning, match="adapted to 1"):
+        assert main(["predict", *files, "--checkpoint", str(path), "--input-size", "1", "32", "32", "--json"]) == 0
+    records = [json.loads(line) for line in capsys.readouterr().out.strip().splitlines()]
+    with pytest.warns(UserWarning, match="adapted to 1"):
+        model = create_model(TINY_ARCH, checkpoint_path=str(path), **dict(TINY_KWARGS, in_chans=1)).eval()
+    transform = create_transform((1, 32, 32), False, mean=(0.5,), std=(0.3,), crop_pct=TINY_DATA_CONFIG["crop_pct"],
+                                 interpolation=TINY_DATA_CONFIG["interpolation"])
+    with torch.no_grad():
+        expected = model(torch.stack([transform(load_image(f)) for f in files])).softmax(-1)
+    assert [r["image"] for r in records] == files
+    for r, exp in zip(records, expected):
+        for p in r["predictions"]:
+            assert p["prob"] == pytest.approx(exp[p["index"]].item(), abs=1e-5)

@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..data import create_dataset, create_loader, create_transform, load_image
+from ..data import create_dataset, create_loader, create_transform, load_image, resolve_data_config
 from ..data.class_folders import class_name, walk_images
 from ..data.datasets import IMAGE_EXTENSIONS, READ_ERRORS, drop_classes, map_classes_by_name
 from ..errors import SequencerError
@@ -104,6 +104,10 @@ def load_model(checkpoint: str = "", model: str | None = None, pretrained: bool 
                        interpolation=cfg["interpolation"])
     data_config.update(meta.get("data_config") or {})
     size = img_size or (meta.get("data_config") or {}).get("img_size") or cfg["input_size"][-1]
+    # one value per input channel, as validate resolves them (a 1-channel run of an RGB checkpoint averages its
+    # recorded statistics), so every user of the config (predict, erf, robustness, resolution-sweep) normalises alike
+    channels = resolve_data_config(dict(input_size=(model.in_chans, size, size)), model, recorded=data_config)
+    data_config.update(mean=channels["mean"], std=channels["std"])
     if class_names is None and getattr(model, "num_classes", 0) == 1000:
         from ..data.imagenet_classes import IMAGENET_CLASSES
         class_names = list(IMAGENET_CLASSES)
