@@ -3,8 +3,8 @@ leaves the process as it found it (threads, default dtype, grad / inference / au
 and TF32 flags, matmul precision, random state, logging, warning filters, SIGINT/SIGTERM handlers, environment,
 working directory, sys.path), leaves the objects the caller passed as they were (a module's weights, devices,
 dtypes, requires_grad, gradients and submodule modes, unless training them is the call's purpose; configs, dicts,
-lists, Datasets), and prints nothing with ``progress=False``. ``validate`` and ``validate_segmenter`` give back a
-module they moved to their device, also when evaluation raises."""
+lists, Datasets), and prints nothing with ``progress=False`` (a download's progress bar included). ``validate``
+and ``validate_segmenter`` give back a module they moved to their device, also when evaluation raises."""
 from __future__ import annotations
 
 import copy
