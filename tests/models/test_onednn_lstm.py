@@ -6,6 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from sequencer.errors import SequencerError
 from sequencer.models.kernels import onednn_bf16_supported, onednn_lstm, recurrence
 
 from test_compile import (assert_opcheck_passes_on_calls, fixed_batches, nano_for_training, optimizer_steps,
@@ -40,20 +41,42 @@ def test_ops_give_the_modules_output_and_gradients(bidirectional, bias):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 def test_fake_workspace_is_the_size_onednn_gives(dtype):
-    """The fake kernel's workspace size (learnt from one layer on zeros) is what the real layer gives, in both
-    directions: inductor checks every output's size against it at run time."""
+    """The workspace size learnt from one layer on zeros, which the fake kernel gives, is what the real layer gives,
+    in both directions: inductor checks every output's size against it at run time."""
     if dtype == torch.bfloat16 and not onednn_bf16_supported():
         pytest.skip("no native bf16 kernels on this CPU")
     torch.manual_seed(0)
     layer = recurrence.LSTM(12, 8, batch_first=True, bidirectional=True).to(dtype)
     x = torch.randn(5, 7, 12, dtype=dtype)
-    real = onednn_lstm.onednn_lstm(x, list(layer._flat_weights), True, True)
+    layout = onednn_lstm._workspace_layout(12, 8, dtype, True)
+    real = onednn_lstm.onednn_lstm(x, list(layer._flat_weights), True, True, layout)
     with torch._subclasses.FakeTensorMode() as mode:
         fake = onednn_lstm.onednn_lstm(mode.from_tensor(x), [mode.from_tensor(w) for w in layer._flat_weights],
-                                       True, True)
+                                       True, True, layout)
     assert [tuple(t.shape) for t in fake] == [tuple(t.shape) for t in real]
     assert [t.dtype for t in fake] == [t.dtype for t in real]
     assert real[3].numel() > 0 and real[3].numel() == real[7].numel()
+
+
+def test_the_workspace_layout_is_in_the_graph_and_checked_at_run_time():
+    """A fingerprint of this machine's workspace layout is an argument of the traced op, so inductor's graph cache
+    keys on it (a cache shared with a machine whose oneDNN lays the workspace out otherwise keeps a graph for each);
+    the op refuses a graph made for another layout in one clear line."""
+    torch.manual_seed(0)
+    lstm = recurrence.LSTM(6, 5, batch_first=True, bidirectional=True)
+    x = torch.randn(3, 4, 6)
+    layout = onednn_lstm._workspace_layout(6, 5, torch.float32, True)
+    graphs = []
+
+    def backend(gm, example_inputs):
+        graphs.append(gm)
+        return gm
+    torch._dynamo.reset()
+    torch.compile(lambda t: recurrence.run_rnn(lstm, t, "native"), backend=backend)(x.requires_grad_())
+    calls = [n for g in graphs for n in g.graph.nodes if "onednn_lstm" in str(n.target)]
+    assert [call.args[-1] for call in calls] == [layout] and layout > 0
+    with pytest.raises(SequencerError, match=f"reference size {layout + 64} bytes, here {layout}.*another machine"):
+        onednn_lstm.onednn_lstm(x, list(lstm._flat_weights), True, True, layout + 64)
 
 
 def test_ops_pass_opcheck_with_training_arguments(randomize, monkeypatch):

@@ -9,15 +9,19 @@ import torch
 
 from sequencer.models import create_model, get_model_entry
 
-from conftest import randomize_
 from test_compile import one_block_per_stage_configs, smallest_input
 
+# nn.RNNBase refreshes its _flat_weights list in forward; torch.export warns about it, harmlessly
+pytestmark = pytest.mark.filterwarnings("ignore:The tensor attributes .* were assigned during export")
 
+
+@torch.no_grad()
 def small(name: str, **kwargs) -> torch.nn.Module:
-    """``name``'s configuration at one block per stage, with weights that reach the logits."""
+    """``name``'s configuration at one block per stage, with weights that reach the logits (the head is zero)."""
     stages = len(get_model_entry(name).kwargs.get("layers", (4, 3, 8, 3)))
     model = create_model(name, num_classes=5, img_size=smallest_input(name), layers=(1,) * stages, **kwargs)
-    return randomize_(model).eval()
+    torch.nn.init.normal_(model.get_classifier().weight, std=0.05)
+    return model.eval()
 
 
 def foreign_ops(program) -> set[str]:
@@ -37,7 +41,7 @@ def test_every_configuration_exports_to_aten_ops_with_eager_logits(name):
     assert expected.std() > 0
 
 
-@pytest.mark.parametrize("backend", ["native", "cpu", "triton", "auto"])
+@pytest.mark.parametrize("backend", ["native", "cpu", "triton"])
 def test_every_lstm_backend_exports_the_same_aten_program(backend, monkeypatch):
     """"triton" (on a CPU, where it raises in eager) and "cpu" (BiLSTM2D's own CPU kernel) export as ATen's LSTM."""
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)

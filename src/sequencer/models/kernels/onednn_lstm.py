@@ -11,7 +11,9 @@ ATen's own decomposition of ``aten::lstm`` uses ``mkldnn_rnn_layer`` only in inf
 no workspace (its kernel makes one only with grad mode on, and compiled forwards run with it off), and its meta
 kernel gives it a made-up size. Here the forward turns grad mode on around the call, and the fake kernel learns the
 size oneDNN gives by running the layer once on zeros of the same shapes (cached per shape); under dynamic shapes the
-size is a symbol known at run time.
+size is a symbol known at run time. The graph also holds a fingerprint of this machine's workspace layout
+(:func:`_workspace_layout`, its size at a reference shape), so that inductor's cache keeps apart machines whose
+oneDNN lays it out otherwise.
 
 Taken by :func:`applies`: single-layer LSTMs on the CPU, in training, in a dtype oneDNN trains (float32, or
 bfloat16 with AVX512-BF16/AMX): BiLSTM2D's layers. Everything else keeps ``rnn_native``. The workspace holds
@@ -25,6 +27,7 @@ from typing import List
 import torch
 from torch.utils._python_dispatch import _disable_current_modes
 
+from ...errors import SequencerError
 from .onednn import onednn_bf16_supported
 
 LSTM_MODE = 2  # oneDNN's (ideep's) rnn_kind for an LSTM
@@ -47,10 +50,30 @@ def trains_in(dtype: torch.dtype) -> bool:
     return dtype == torch.float32 or dtype == torch.bfloat16 and onednn_bf16_supported()
 
 
-def lstm(x: torch.Tensor, weights: list[torch.Tensor], bidirectional: bool, has_biases: bool) -> torch.Tensor:
-    """One LSTM layer, batch first: x (N, T, C) -> (N, T, D*H), in (T, N, D*H) memory as ATen's LSTM gives it."""
-    outputs = onednn_lstm(x, weights, bidirectional, has_biases)
+def lstm(x: torch.Tensor, weights: list[torch.Tensor], bidirectional: bool, has_biases: bool,
+         dtype: torch.dtype | None = None) -> torch.Tensor:
+    """One LSTM layer, batch first: x (N, T, C) -> (N, T, D*H), in (T, N, D*H) memory as ATen's LSTM gives it.
+    ``dtype``: the one it computes in, where autocast casts (default: x's)."""
+    layout = _workspace_layout(weights[0].shape[1], weights[1].shape[1], dtype or x.dtype, has_biases)
+    outputs = onednn_lstm(x, weights, bidirectional, has_biases, layout)
     return torch.cat(outputs[::OUTPUTS_PER_DIRECTION], dim=-1).transpose(0, 1)
+
+
+@torch.compiler.assume_constant_result  # run while tracing: a constant of the graph
+def _workspace_layout(channels: int, hidden: int, dtype: torch.dtype, has_biases: bool) -> int:
+    """A number that tells this machine's oneDNN workspace layout for such a layer: its size at a small reference
+    shape (T=3, N=5). The op takes it as an argument so that the traced graph holds it: inductor's graph cache,
+    which knows nothing of the sizes the fake kernel learnt, then keys on it, and a graph compiled on a machine
+    whose oneDNN lays the workspace out otherwise is refused in one line (:func:`_check_layout`)."""
+    return _workspace_bytes(3, 5, channels, hidden, dtype, has_biases)
+
+
+def _check_layout(layout: int, x: torch.Tensor, weights: list[torch.Tensor], has_biases: bool) -> None:
+    here = _workspace_bytes(3, 5, weights[0].shape[1], weights[1].shape[1], x.dtype, has_biases)
+    if layout != here:
+        raise SequencerError(f"this graph was compiled where oneDNN lays out the LSTM workspace otherwise (reference "
+                             f"size {layout} bytes, here {here}): it came from another machine's inductor cache",
+                             hint="clear the shared cache (TORCHINDUCTOR_CACHE_DIR) or give this machine its own")
 
 
 def _direction_weights(weights: list[torch.Tensor], direction: int, has_biases: bool) -> list[torch.Tensor]:
@@ -72,9 +95,11 @@ def _layer(x_tnc: torch.Tensor, weights: list[torch.Tensor], reverse: bool, has_
 
 
 @torch.library.custom_op("sequencer::onednn_lstm", mutates_args=())
-def onednn_lstm(x: torch.Tensor, weights: List[torch.Tensor], bidirectional: bool,
-                has_biases: bool) -> List[torch.Tensor]:
-    """x: (N, T, C) -> per direction [output (T, N, H), h_T (1, N, H), c_T (1, N, H), workspace (bytes,)]."""
+def onednn_lstm(x: torch.Tensor, weights: List[torch.Tensor], bidirectional: bool, has_biases: bool,
+                layout: int) -> List[torch.Tensor]:
+    """x: (N, T, C) -> per direction [output (T, N, H), h_T (1, N, H), c_T (1, N, H), workspace (bytes,)];
+    ``layout``: :func:`_workspace_layout` where the graph was compiled."""
+    _check_layout(layout, x, weights, has_biases)
     x_tnc = x.transpose(0, 1).contiguous()
     outputs = []
     for direction in range(2 if bidirectional else 1):
@@ -83,7 +108,7 @@ def onednn_lstm(x: torch.Tensor, weights: List[torch.Tensor], bidirectional: boo
 
 
 @onednn_lstm.register_fake
-def _(x, weights, bidirectional, has_biases):
+def _(x, weights, bidirectional, has_biases, layout):
     n, t, c = x.shape
     hidden = weights[1].shape[1]
     if all(isinstance(s, int) for s in x.shape):
@@ -146,7 +171,7 @@ def _(grads, x, weights, saved, bidirectional, has_biases):
 
 
 def _save_for_backward(ctx, inputs, output):
-    x, weights, bidirectional, has_biases = inputs
+    x, weights, bidirectional, has_biases, _layout = inputs
     ctx.save_for_backward(x, *weights, *output)
     ctx.weight_count = len(weights)
     ctx.config = (bidirectional, has_biases)
@@ -158,7 +183,7 @@ def _grads(ctx, output_grads):
     # only the outputs' gradients matter: h_T, c_T and the workspace are never used downstream (lstm() drops them)
     grad_x, *grad_weights = onednn_lstm_backward(list(output_grads[::OUTPUTS_PER_DIRECTION]), x, list(weights),
                                                  list(saved), *ctx.config)
-    return grad_x, grad_weights, None, None
+    return grad_x, grad_weights, None, None, None
 
 
 onednn_lstm.register_autograd(_grads, setup_context=_save_for_backward)

@@ -216,8 +216,9 @@ def run_rnn(rnn: nn.Module, x: torch.Tensor, backend: str) -> torch.Tensor:
     if uses_fused_lstm(rnn, backend, x):
         return fused_lstm(rnn, x.unsqueeze(0)).squeeze(0)
     if torch.compiler.is_compiling() and not exporting():
-        if onednn_lstm.applies(rnn, x, _compiled_dtype(rnn, x)):
-            return onednn_lstm.lstm(x, list(rnn._flat_weights), rnn.bidirectional, rnn.bias)
+        dtype = _compiled_dtype(rnn, x)
+        if onednn_lstm.applies(rnn, x, dtype):
+            return onednn_lstm.lstm(x, list(rnn._flat_weights), rnn.bidirectional, rnn.bias, dtype)
         return rnn_native(x, list(rnn._flat_weights), _VF_MODES[rnn.mode], rnn.num_layers, rnn.bidirectional,
                           rnn.bias, rnn.training)
     return rnn(x)[0]
@@ -359,11 +360,11 @@ def _autocast_kernel(device_type: str):
     return kernel
 
 
-def _onednn_lstm_autocast_kernel(x, weights, bidirectional, has_biases):
+def _onednn_lstm_autocast_kernel(x, weights, bidirectional, has_biases, layout):
     """``onednn_lstm``'s kernel under CPU autocast, cast as ``rnn_native``'s is (the same rule, the same dtype)."""
     x, *weights = _cast_for_autocast("cpu", x, weights, "lstm")
     with torch.autocast("cpu", enabled=False):
-        return onednn_lstm.onednn_lstm(x, weights, bidirectional, has_biases)
+        return onednn_lstm.onednn_lstm(x, weights, bidirectional, has_biases, layout)
 
 
 _AUTOCAST_LIB = torch.library.Library("sequencer", "IMPL")  # held: its registrations live as long as it does
