@@ -170,6 +170,9 @@ def test_robustness_errors(tmp_path, tiny_checkpoint, imagenet_c, capsys):
     assert "nope" in capsys.readouterr().err
     assert main(["robustness", str(imagenet_c), "--results-file", str(tmp_path / "r.json")]) == 2
     assert "no model given" in capsys.readouterr().err
+    assert main(["robustness", str(imagenet_c), "-j", "-1", *ck]) == 2  # was DataLoader's traceback
+    err = capsys.readouterr().err
+    assert "-j/--workers -1: must not be negative" in err and "Traceback" not in err
     assert not (tmp_path / "r.json").exists()
 
 

@@ -12,7 +12,7 @@ from ..errors import SequencerError
 from ..fileio import write_atomically
 
 from ..tools.robustness import find_corruptions, mean_corruption_error, select_corruptions
-from .common import add_model_args, check_results_file, load_model_from_args, positive_int
+from .common import add_model_args, check_results_file, check_workers, load_model_from_args, positive_int
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -30,6 +30,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     check_results_file(args.results_file)  # first: it is cheap, the data scan is not
+    check_workers(args.workers)
     corruptions = select_corruptions(find_corruptions(args.data), args.corruptions, args.data)
     if args.clean and not os.path.isdir(args.clean):
         raise SequencerError(f"clean data folder {args.clean!r} does not exist")
