@@ -1,4 +1,5 @@
 import json
+import logging
 import subprocess
 import sys
 
@@ -11,7 +12,8 @@ from sequencer.cli import main
 from sequencer.engine.inference import load_model, relative_error
 from sequencer.errors import SequencerError
 from sequencer.models import create_model, read_checkpoint
-from sequencer.tools.export import export_onnx, export_program, export_torchscript
+from sequencer.tools.export import (export_onnx, export_program, export_safetensors, export_torchscript, int8_settings,
+                                     quantize_int8)
 
 from .conftest import TINY_ARCH, TINY_KWARGS, make_image
 
@@ -149,6 +151,32 @@ def test_exported_program_check_fails_before_the_file_appears(tmp_path, monkeypa
     with pytest.raises(SequencerError, match="does not match PyTorch"):
         export_program(model, tmp_path / "bad.pt2", (3, 32, 32))
     assert not list(tmp_path.iterdir())
+
+
+@pytest.mark.filterwarnings("ignore:`torch.jit.load` is deprecated")
+@pytest.mark.parametrize("export, path", [(export_onnx, "m.onnx"), (export_torchscript, "m.pt"),
+                                          (export_program, "m.pt2"), (export_safetensors, "m.safetensors")])
+def test_exports_give_the_callers_module_back_in_its_mode(export, path, tmp_path):
+    model = create_model(TINY_ARCH, **TINY_KWARGS).train()
+    model.head.eval()  # a frozen part stays frozen
+    weights = [p for p in model.parameters()]
+    config = {"arch": TINY_ARCH, "model_kwargs": TINY_KWARGS, "data_config": {"img_size": 32}}
+    args = (config,) if export is export_safetensors else ((3, 32, 32),)
+    export(model, tmp_path / path, *args)
+    assert model.training and not model.head.training and list(model.parameters()) == weights
+
+
+def test_int8_quantisation_leaves_the_root_logger_as_it_was(tmp_path, monkeypatch, caplog):
+    """onnxruntime's quantiser logs notes through the root logger's ``logging.warning``, which gives a root logger
+    without handlers a console handler: the notes are dropped and the handler taken away again."""
+    model = create_model(TINY_ARCH, **TINY_KWARGS).eval()
+    export_onnx(model, tmp_path / "m.onnx", (3, 32, 32))
+    root = logging.getLogger()
+    monkeypatch.setattr(root, "handlers", [])
+    level, filters = root.level, list(root.filters)
+    quantize_int8(tmp_path / "m.onnx", tmp_path / "m_int8.onnx", {}, int8_settings("avx512-vnni"))
+    assert root.handlers == [] and root.level == level and root.filters == filters
+    assert (tmp_path / "m_int8.onnx").stat().st_size > 0
 
 
 def test_safetensors_round_trip(tiny_checkpoint, tmp_path):

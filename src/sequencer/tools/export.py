@@ -21,7 +21,9 @@ command succeeds.
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
+import logging
 import os
 import tempfile
 import warnings
@@ -35,6 +37,7 @@ from ..engine.inference import eval_transform, find_images, read_images, relativ
 from ..errors import SequencerError
 from ..fileio import write_atomically
 from ..hardware import CPU_CLASSES, cpu_info
+from ..models.caller_module import caller_module_kept
 from ..models.loading import save_weights
 from .onnx_runtime import OnnxModel, load_onnx
 
@@ -45,6 +48,15 @@ try:  # the newest opset the TorchScript-based exporter writes
     from torch.onnx._constants import ONNX_TORCHSCRIPT_EXPORTER_MAX_OPSET as MAX_OPSET
 except ImportError:
     MAX_OPSET = 20
+
+
+def _on_the_cpu_in_eval(export):
+    """``export`` runs the caller's module in eval mode on the CPU and gives it back as it was (mode, device)."""
+    @functools.wraps(export)
+    def wrapper(model: nn.Module, *args, **kwargs):
+        with caller_module_kept(model):
+            return export(model.eval().cpu(), *args, **kwargs)
+    return wrapper
 
 
 def _check_close(name: str, actual: torch.Tensor, reference: torch.Tensor, rtol: float, path: Path) -> float:
@@ -81,6 +93,7 @@ def sample_inputs(input_size: tuple[int, int, int], batch_size: int, dynamic_bat
     return inputs
 
 
+@_on_the_cpu_in_eval
 def export_onnx(model: nn.Module, path: str | os.PathLike, input_size: tuple[int, int, int], *, batch_size: int = 1,
                 dynamic_batch: bool = False, opset: int = 17, rtol: float = 1e-4, metadata: dict | None = None,
                 sample: torch.Tensor | None = None) -> float:
@@ -93,7 +106,6 @@ def export_onnx(model: nn.Module, path: str | os.PathLike, input_size: tuple[int
     import onnxruntime as ort
 
     path = Path(path)
-    model = model.eval().cpu()
     inputs = sample_inputs(input_size, batch_size, dynamic_batch, sample)
     axes = {"input": {0: "batch"}, "logits": {0: "batch"}} if dynamic_batch else None
 
@@ -134,12 +146,12 @@ def set_onnx_metadata(proto, metadata: dict | None) -> None:
                                         for k, v in (metadata or {}).items()})
 
 
+@_on_the_cpu_in_eval
 def export_torchscript(model: nn.Module, path: str | os.PathLike, input_size: tuple[int, int, int], *,
                        batch_size: int = 1, dynamic_batch: bool = False, rtol: float = 1e-4,
                        metadata: dict | None = None, sample: torch.Tensor | None = None) -> float:
     """Trace ``model`` to TorchScript at ``path``, reload it and verify its logits (see :func:`export_onnx`)."""
     path = Path(path)
-    model = model.eval().cpu()
     inputs = sample_inputs(input_size, batch_size, dynamic_batch, sample)
     with _quiet_export(), torch.no_grad():
         traced = torch.jit.trace(model, inputs[0], check_trace=False)  # checked below
@@ -159,6 +171,7 @@ def export_torchscript(model: nn.Module, path: str | os.PathLike, input_size: tu
     return worst
 
 
+@_on_the_cpu_in_eval
 def export_program(model: nn.Module, path: str | os.PathLike, input_size: tuple[int, int, int], *,
                    batch_size: int = 1, dynamic_batch: bool = False, rtol: float = 1e-4, metadata: dict | None = None,
                    sample: torch.Tensor | None = None) -> float:
@@ -169,7 +182,6 @@ def export_program(model: nn.Module, path: str | os.PathLike, input_size: tuple[
     ``torch.export.load`` needs no ``import sequencer`` and AOTInductor compiles it for a C++ runtime.
     """
     path = Path(path)
-    model = model.eval().cpu()
     inputs = sample_inputs(input_size, batch_size, dynamic_batch, sample)
     # torch.export fixes a dynamic axis that it traces at size 1, so a dynamic batch is traced at the larger batch
     example = max(inputs, key=len) if dynamic_batch else inputs[0]
@@ -208,6 +220,7 @@ def _check_aten_only(program, path: Path) -> None:
                              hint="report this with the model name; ONNX and TorchScript exports are unaffected")
 
 
+@_on_the_cpu_in_eval
 def export_safetensors(model: nn.Module, path: str | os.PathLike, config: dict, rtol: float = 1e-6) -> float:
     """Write the weights and model config; rebuild the model from the file alone and compare logits."""
     from ..models import create_model
@@ -216,7 +229,6 @@ def export_safetensors(model: nn.Module, path: str | os.PathLike, config: dict, 
     from safetensors import safe_open
 
     path = Path(path)
-    model = model.eval().cpu()
     x = torch.randn(2, model.in_chans, *(config.get("data_config", {}).get("img_size", 32),) * 2,
                     generator=torch.Generator().manual_seed(0))
     errors = []
@@ -297,7 +309,6 @@ def quantize_int8(fp32_path: str | os.PathLike, out_path: str | os.PathLike, met
     on the MatMul/Gemm/Conv nodes with activation scales from the calibration images, then the LSTMs dynamically.
     LayerNormalization, the residual adds and GELU stay float either way.
     """
-    import logging
 
     import onnx
     from onnxruntime.quantization import QuantFormat, QuantType, quantize_dynamic, quantize_static
@@ -305,9 +316,7 @@ def quantize_int8(fp32_path: str | os.PathLike, out_path: str | os.PathLike, met
     exclude = _float_node_names(onnx.load(str(fp32_path)), settings["keep_float"])
     common = dict(per_channel=settings["per_channel"], reduce_range=settings["reduce_range"],
                   weight_type=QuantType.QInt8, nodes_to_exclude=exclude)
-    quiet = logging.getLogger().level
-    logging.getLogger().setLevel(logging.ERROR)  # "consider pre-processing": shape inference adds nothing here
-    try:
+    with _ort_quantization_quiet():
         if settings["static"]:
             staged = Path(out_path).with_name(Path(out_path).name + ".qdq")
             quantize_static(str(fp32_path), str(staged), calibration, quant_format=QuantFormat.QDQ,
@@ -317,11 +326,30 @@ def quantize_int8(fp32_path: str | os.PathLike, out_path: str | os.PathLike, met
             staged.unlink()
         else:
             quantize_dynamic(str(fp32_path), str(out_path), **common)
-    finally:
-        logging.getLogger().setLevel(quiet)
     proto = onnx.load(str(out_path))
     set_onnx_metadata(proto, dict(metadata, quantization=describe_int8(settings), int8_settings=settings))
     onnx.save(proto, str(out_path))
+
+
+@contextlib.contextmanager
+def _ort_quantization_quiet():
+    """onnxruntime.quantization's notes ("consider pre-processing": shape inference adds nothing here) dropped, and
+    the console handler its root-logger ``logging.warning`` calls install when the root logger has none taken away
+    again; other threads' log records are untouched (raising the root logger's level would silence them too)."""
+    root = logging.getLogger()
+    handlers = list(root.handlers)
+    root.addFilter(_ort_quantization_notes)
+    try:
+        yield
+    finally:
+        root.removeFilter(_ort_quantization_notes)
+        for handler in [h for h in root.handlers if h not in handlers]:
+            root.removeHandler(handler)
+
+
+def _ort_quantization_notes(record: logging.LogRecord) -> bool:
+    """False for onnxruntime's own records below ERROR."""
+    return record.levelno >= logging.ERROR or "onnxruntime" not in record.pathname.replace("\\", "/").split("/")
 
 
 class ImageCalibration:
@@ -371,6 +399,7 @@ def top1_agreement(fp32_path: Path, int8_path: Path, folder: str) -> dict:
     return result
 
 
+@_on_the_cpu_in_eval
 def export_onnx_int8(model: nn.Module, path: str | os.PathLike, input_size: tuple[int, int, int], *,
                      verify: str | None = None, min_agreement: float = 0.99, metadata: dict | None = None,
                      settings: dict | None = None, calibration: str | None = None, **onnx_kwargs) -> dict:
