@@ -53,12 +53,11 @@ def tiny_kwargs():
 
 
 @pytest.fixture
-def hub_dir(tmp_path):
-    """A private torch hub cache for download tests; the previous location is restored afterwards."""
-    old = torch.hub.get_dir()
-    torch.hub.set_dir(str(tmp_path / "hub"))
+def hub_dir(tmp_path, monkeypatch):
+    """A private torch hub cache for download tests; afterwards torch.hub is as it was (no directory set: then
+    $TORCH_HOME decides again, which restoring get_dir()'s value with set_dir would override for good)."""
+    monkeypatch.setattr(torch.hub, "_hub_dir", str(tmp_path / "hub"))
     yield tmp_path / "hub"
-    torch.hub.set_dir(old)
 
 
 @pytest.fixture

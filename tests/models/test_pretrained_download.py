@@ -99,11 +99,12 @@ def test_known_sha256_is_verified(server, hub_dir, release_file, tiny_kwargs):
     with pytest.raises(SequencerError, match=r"/bad\.pth failed their sha256 check"):
         _pretrained(server.url + "/bad.pth", tiny_kwargs, sha256="0" * 64)
     assert not (hub_dir / "checkpoints" / "bad.pth").exists()
-    # a cached file that no longer matches its digest is removed
+    # a cached file that does not match the digest (another tool's of the same name, or tampered with) is kept
+    # beside it for its owner, and the weights are downloaded afresh
     (hub_dir / "checkpoints" / "good.pth").write_bytes(b"tampered")
-    with pytest.raises(SequencerError, match="failed their sha256 check and were removed"):
-        download_weights(server.url + "/good.pth", sha256=good, progress=False)
-    assert not (hub_dir / "checkpoints" / "good.pth").exists()
+    assert download_weights(server.url + "/good.pth", sha256=good, progress=False).read_bytes() == data
+    kept = hub_dir / "checkpoints" / f"good.pth.{hashlib.sha256(b'tampered').hexdigest()[:8]}.rejected"
+    assert kept.read_bytes() == b"tampered"
 
 
 def test_unreachable_url_names_it_and_suggests_checkpoint_path(hub_dir, tiny_kwargs):
@@ -128,11 +129,13 @@ def test_http_error_and_cut_short_download(server, hub_dir, release_file, tiny_k
     assert not list((hub_dir / "checkpoints").iterdir())
 
 
-def test_corrupt_download_is_removed_from_the_cache(server, hub_dir, release_file, tiny_kwargs):
+def test_an_unusable_cached_file_is_set_aside_not_used_or_deleted(server, hub_dir, release_file, tiny_kwargs):
     server.files["/corrupt.pth"] = release_file[1][:-100] + b"\0" * 100  # right length, broken content
-    with pytest.raises(SequencerError, match="unusable and were removed"):
+    with pytest.raises(SequencerError, match=r"unusable \(set aside as corrupt\.pth\.[0-9a-f]{8}\.rejected\)"):
         _pretrained(server.url + "/corrupt.pth", tiny_kwargs)
     assert not (hub_dir / "checkpoints" / "corrupt.pth").exists()
+    (kept,) = (hub_dir / "checkpoints").glob("corrupt.pth.*.rejected")
+    assert kept.read_bytes() == server.files["/corrupt.pth"]  # not destroyed: it may be another tool's file
     server.files["/corrupt.pth"] = release_file[1]  # a later run downloads afresh and works
     assert _same_weights(_pretrained(server.url + "/corrupt.pth", tiny_kwargs), release_file[0])
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextvars
 import hashlib
 import http.client
+import logging
 import os
 import urllib.error
 import urllib.parse
@@ -21,6 +22,7 @@ from tqdm import tqdm
 from ..errors import SequencerError
 from .loading import extract_state_dict, load_state_dict_into, read_checkpoint
 
+_logger = logging.getLogger(__name__)
 DOWNLOAD_TIMEOUT_S = 60.0
 # whether a download of released weights shows its progress bar: off in a library call made with progress=False
 # (sequencer.engine.guest.console sets it for the calling thread's call), which prints nothing at all
@@ -77,20 +79,28 @@ def download_weights(url: str, sha256: str | None = None, progress: bool = True,
 
     The file is streamed to a temporary name in that folder and renamed only when complete (its length matches
     ``Content-Length``) and, if ``sha256`` is given, when its digest matches; a cached file that fails a known
-    ``sha256`` is deleted. ``file://`` URLs take the same path. Network failures raise SequencerError naming the
+    ``sha256`` is set aside (:func:`set_aside`) and downloaded afresh. ``file://`` URLs take the same path. Network failures raise SequencerError naming the
     URL; ``timeout`` (seconds per network operation) keeps an unreachable host from hanging forever.
     """
     filename = os.path.basename(urllib.parse.urlparse(url).path) or "weights.pth"
     cache_dir = Path(torch.hub.get_dir()) / "checkpoints"
     cache_dir.mkdir(parents=True, exist_ok=True)
     dest = cache_dir / filename
+    if dest.exists() and sha256 and _sha256(dest) != sha256:
+        _logger.warning(f"cached weights {dest} fail the sha256 of {url}: set aside as {set_aside(dest).name}, "
+                        f"downloading afresh")
     if not dest.exists():
         _fetch(url, dest, sha256, progress, timeout)
-    elif sha256 and _sha256(dest) != sha256:
-        dest.unlink(missing_ok=True)
-        raise SequencerError(f"cached weights {dest} from {url} failed their sha256 check and were removed",
-                             hint="run again to download them afresh")
     return dest
+
+
+def set_aside(path: Path) -> Path:
+    """Renames a cached file that this package cannot use to ``<name>.<its sha256[:8]>.rejected`` beside it and
+    returns the new path. Deleting it is not this package's call: the torch hub cache is keyed by file name alone,
+    so the file may be another tool's, or the user's."""
+    kept = path.with_name(f"{path.name}.{_sha256(path)[:8]}.rejected")
+    os.replace(path, kept)
+    return kept
 
 
 def load_pretrained(model: nn.Module, pretrained_cfg: dict) -> None:
@@ -104,7 +114,8 @@ def load_pretrained(model: nn.Module, pretrained_cfg: dict) -> None:
     try:
         checkpoint = read_checkpoint(path)
     except SequencerError as e:
-        # a truncated or foreign download must not stay cached and poison every later run
-        path.unlink(missing_ok=True)
-        raise SequencerError(f"downloaded weights {path} from {url} are unusable and were removed: {e}") from None
+        # a truncated or foreign file must not stay under this name and poison every later run
+        kept = set_aside(path)
+        raise SequencerError(f"weights {path} from {url} are unusable (set aside as {kept.name}): {e}",
+                             hint="run again to download them afresh") from None
     load_state_dict_into(model, extract_state_dict(checkpoint), source=f"pretrained weights {url}")
