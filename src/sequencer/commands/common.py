@@ -21,7 +21,7 @@ from ..engine.distributed import PeerGone, record_own_failure
 from ..engine.inference import LoadedModel, load_model, resolve_device
 from ..engine.segmentation import SegmentConfig
 from ..errors import SequencerError
-from ..models import get_model_entry
+from ..models import get_model_entry, has_pretrained_weights
 from ..tools.onnx_runtime import load_onnx, note_other_cpu
 
 
@@ -126,7 +126,7 @@ def check_fast_flags(args: argparse.Namespace) -> None:
 def warn_if_random_weights(args: argparse.Namespace) -> None:
     """One warning line when a model name alone (no --checkpoint, no --pretrained) means random weights."""
     if getattr(args, "model", None) and not args.checkpoint and not args.pretrained:
-        released = get_model_entry(args.model).pretrained_cfg.get("url")
+        released = has_pretrained_weights(get_model_entry(args.model).pretrained_cfg)
         print(f"warning: {args.model} runs with randomly initialised weights (no --checkpoint given"
               + ("; --pretrained loads the released ones)" if released else ", and it has no released ones)"),
               file=sys.stderr)

@@ -109,10 +109,12 @@ def run(args: argparse.Namespace) -> int:
     data_config = dict(loaded.data_config, img_size=input_size[-1])
     # the checkpoint's record of its training data (`data`, `ignored_classes`) too, so that `validate --checkpoint`
     # of the .safetensors needs no DATA, as with the checkpoint itself
-    config = {**model_config(loaded.checkpoint), "arch": loaded.name,
+    # the registered architecture (an hf-hub: name's too): the file rebuilds its model without the Hub
+    arch = getattr(model, "model_name", None) or loaded.name
+    config = {**model_config(loaded.checkpoint), "arch": arch,
               "model_kwargs": dict(getattr(model, "model_kwargs", {}) or {}),
               "class_names": loaded.class_names, "data_config": data_config}
-    meta = {"arch": loaded.name, "class_names": loaded.class_names or [], "data_config": data_config,
+    meta = {"arch": arch, "class_names": loaded.class_names or [], "data_config": data_config,
             "input_size": list(input_size)}
     out = Path(args.output)
     onnx_kwargs = dict(batch_size=args.batch_size, dynamic_batch=args.dynamic_batch, opset=args.opset,

@@ -12,7 +12,7 @@ import torch
 
 from ..errors import SequencerError
 from ..models.flops import count_macs
-from ..models.registry import create_model, get_model_entry, list_models
+from ..models.registry import create_model, get_model_entry, has_pretrained_weights, list_models
 from .common import positive_int
 
 
@@ -42,7 +42,7 @@ def model_summary(name: str, sizes: tuple[int, ...] = ()) -> dict:
         head_classes=getattr(model, "num_classes", None),  # the params include this classifier
         gmacs=count_macs(model, input_size) / 1e9,
         input_size=input_size,
-        pretrained=bool(entry.pretrained_cfg.get("url")),
+        pretrained=has_pretrained_weights(entry.pretrained_cfg),
         gmacs_at=gmacs_at,
     )
 

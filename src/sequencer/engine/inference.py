@@ -108,11 +108,26 @@ def load_model(checkpoint: str = "", model: str | None = None, pretrained: bool 
     # recorded statistics), so every user of the config (predict, erf, robustness, resolution-sweep) normalises alike
     channels = resolve_data_config(dict(input_size=(model.in_chans, size, size)), model, recorded=data_config)
     data_config.update(mean=channels["mean"], std=channels["std"])
+    if class_names is None:
+        class_names = _cfg_class_names(cfg, getattr(model, "num_classes", None))
     if class_names is None and getattr(model, "num_classes", 0) == 1000:
         from ..data.imagenet_classes import IMAGENET_CLASSES
         class_names = list(IMAGENET_CLASSES)
     model.eval().to(device)
     return LoadedModel(model, name, class_names, (model.in_chans, size, size), data_config, checkpoint)
+
+
+def _cfg_class_names(cfg: dict, num_classes: int | None) -> list[str] | None:
+    """The class names a Hugging Face Hub repository's config.json gives its outputs (timm's ``label_names``: a list,
+    or {index: name}), each as ``label_descriptions`` describes it where it does; None when it gives none for
+    exactly these outputs."""
+    names = cfg.get("label_names")
+    if isinstance(names, dict):
+        names = [names.get(str(i), names.get(i)) for i in range(len(names))]
+    if not isinstance(names, (list, tuple)) or len(names) != num_classes or any(n is None for n in names):
+        return None
+    descriptions = cfg.get("label_descriptions") if isinstance(cfg.get("label_descriptions"), dict) else {}
+    return [str(descriptions.get(n, n)) for n in names]
 
 
 def check_input_size(loaded: LoadedModel, height: int, width: int) -> None:

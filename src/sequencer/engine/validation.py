@@ -18,7 +18,7 @@ from torch import nn
 from ..data import create_dataset, create_loader, resolve_data_config
 from ..data.datasets import held_out_split
 from ..errors import SequencerError
-from ..models import get_model_entry
+from ..models import get_model_entry, has_pretrained_weights
 from ..models.caller_module import caller_module_kept
 from .amp import autocast_dtype
 from .distributed import DistInfo, process_group
@@ -207,7 +207,7 @@ def _dataset(data, dataset: str, split: str, class_map: str, download: bool, dis
 def _pretrained_by_default(model, checkpoint, pretrained: bool, dist_info: DistInfo) -> bool:
     """As timm's validate.py: a model name alone means its released weights (random ones prove nothing)."""
     if model and not checkpoint and not pretrained:
-        if get_model_entry(model).pretrained_cfg.get("url"):
+        if has_pretrained_weights(get_model_entry(model).pretrained_cfg):
             return True
         if dist_info.is_primary:
             _logger.info(f"note: {model} has no released weights and no `checkpoint` was given: "

@@ -1,20 +1,22 @@
 """Model registry: ``create_model(name, ...)`` and ``list_models(pattern)``.
 
 Model files register their variants here (``register_model``); this module imports none of them, so the registry
-and the models import one way only (``models/__init__.py`` imports the model files to fill it)."""
+and the models import one way only (``models/__init__.py`` imports the model files to fill it). A name
+``hf-hub:ORG/NAME[@REVISION]`` is a timm repository on the Hugging Face Hub: its config.json names the registered
+architecture, and gives the arguments and pretrained cfg of the weights it holds."""
 from __future__ import annotations
 
 import copy
 import difflib
 import fnmatch
 import inspect
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from torch import nn
 
 from ..errors import SequencerError
 from .features import FeatureExtractor
-from .hub import load_pretrained
+from .hub import HF_HUB_PREFIX, hf_hub_model_config, load_pretrained
 from .loading import load_checkpoint
 
 
@@ -24,6 +26,9 @@ class ModelEntry:
     cls: type
     kwargs: dict
     pretrained_cfg: dict
+    # the arguments the weights of a Hub repository were made with (its config.json): create_model records them in
+    # model_kwargs, so `create_model(model.model_name, **model.model_kwargs)` rebuilds the model without the Hub
+    weights_args: dict = field(default_factory=dict)
 
 
 _REGISTRY: dict[str, ModelEntry] = {}
@@ -35,19 +40,45 @@ def register_model(name: str, cls: type, kwargs: dict, pretrained_cfg: dict) -> 
     _REGISTRY[name] = ModelEntry(name, cls, dict(kwargs), dict(pretrained_cfg, architecture=name))
 
 
+def has_pretrained_weights(pretrained_cfg: dict) -> bool:
+    """Whether released weights exist for a model with this cfg (on GitHub or the Hugging Face Hub)."""
+    return bool(pretrained_cfg.get("url") or pretrained_cfg.get("hf_hub_id"))
+
+
 def list_models(pattern: str = "*", pretrained: bool = False) -> list[str]:
     """Sorted registered names matching the shell-style ``pattern``; ``pretrained`` keeps those with weights."""
     return sorted(n for n, e in _REGISTRY.items()
-                  if fnmatch.fnmatch(n, pattern) and (not pretrained or e.pretrained_cfg.get("url")))
+                  if fnmatch.fnmatch(n, pattern) and (not pretrained or has_pretrained_weights(e.pretrained_cfg)))
 
 
 def get_model_entry(name: str) -> ModelEntry:
+    """The registered model ``name``; for ``hf-hub:ORG/NAME`` the architecture its config.json names, with the
+    repository's cfg and arguments (read through huggingface_hub's cache). SequencerError for unknown names."""
+    if name.startswith(HF_HUB_PREFIX):
+        return _hf_hub_entry(name[len(HF_HUB_PREFIX):])
     try:
         return _REGISTRY[name]
     except KeyError:
         close = difflib.get_close_matches(name, list(_REGISTRY), n=3, cutoff=0.5)
         hint = f"did you mean {', '.join(close)}?" if close else "run `sequencer models` for the list"
         raise SequencerError(f"unknown model {name!r}", hint=hint) from None
+
+
+def _hf_hub_entry(hub_id: str) -> ModelEntry:
+    """The entry of the architecture repository ``hub_id`` holds, its cfg updated by the repository's config.json
+    (``hf_hub_id``, ``source="hf-hub"``: pretrained weights come from that repository)."""
+    architecture, hub_cfg, args = hf_hub_model_config(hub_id)
+    if architecture not in _REGISTRY:
+        raise SequencerError(f"{HF_HUB_PREFIX}{hub_id}: its config.json names architecture {architecture!r}, which "
+                             f"is not a sequencer model", hint="run `sequencer models` for the architectures it builds")
+    entry = _REGISTRY[architecture]
+    accepted = _accepted_keywords(entry.cls)
+    unknown = sorted(set(args) - set(accepted)) if accepted is not None else []
+    if unknown:
+        raise SequencerError(f"{HF_HUB_PREFIX}{hub_id}: its config.json gives {architecture} the model_args "
+                             f"{', '.join(unknown)}, which {entry.cls.__name__} does not take")
+    cfg = dict(entry.pretrained_cfg, **hub_cfg, architecture=architecture, hf_hub_id=hub_id, source="hf-hub")
+    return ModelEntry(architecture, entry.cls, dict(entry.kwargs), cfg, weights_args=args)
 
 
 def _accepted_keywords(cls: type) -> dict[str, object] | None:
@@ -86,7 +117,7 @@ def create_model(
         checkpoint_path: str | None = None,
         num_classes: int | None = None,
         img_size: int | None = None,
-        in_chans: int = 3,
+        in_chans: int | None = None,
         drop_rate: float = 0.0,
         drop_path_rate: float = 0.0,
         features_only: bool = False,
@@ -97,7 +128,13 @@ def create_model(
 ) -> nn.Module:
     """Build a registered model, optionally loading weights.
 
-    ``pretrained`` loads the released ImageNet weights (downloaded once into the torch hub cache);
+    ``name``: a registered name (``sequencer models``) or ``hf-hub:ORG/NAME[@REVISION]``, a timm repository on the
+    Hugging Face Hub (e.g. ``hf-hub:timm/sequencer2d_s.in1k``) whose config.json gives the architecture, its
+    arguments (class count, ...) and preprocessing (``model.pretrained_cfg``), and whose weights ``pretrained``
+    loads. ``in_chans``: input channels (default: the repository's, else 3).
+    ``pretrained`` loads the released ImageNet weights (downloaded once: the authors' GitHub release into the
+    torch hub cache; with ``pretrained_cfg_overlay=dict(source="hf-hub")``, timm's Hugging Face Hub copy named by the
+    cfg's ``hf_hub_id``, into huggingface_hub's cache, which honours HF_ENDPOINT and HF_HUB_OFFLINE);
     ``checkpoint_path`` loads a file in any supported layout (release, timm, our training checkpoints,
     safetensors). A head trained for another class count is dropped and re-initialised with a warning.
     ``use_ema`` picks a training checkpoint's EMA weights when it has them.
@@ -109,7 +146,10 @@ def create_model(
     entry = get_model_entry(name)
     cfg = copy.deepcopy(entry.pretrained_cfg)
     cfg.update(pretrained_cfg_overlay or {})
-    user_kwargs = dict(overrides, in_chans=in_chans, drop_rate=drop_rate, drop_path_rate=drop_path_rate)
+    if in_chans is None:
+        in_chans = int(entry.weights_args.get("in_chans", 3))
+    user_kwargs = dict(entry.weights_args, **overrides, in_chans=in_chans, drop_rate=drop_rate,
+                       drop_path_rate=drop_path_rate)
     if num_classes is not None:
         user_kwargs["num_classes"] = num_classes
     if img_size is not None:
@@ -121,9 +161,12 @@ def create_model(
     _check_keywords(name, entry.cls, kwargs)
     model = entry.cls(**kwargs)  # its refused values raise ArgumentValueError; anything else is a bug: traceback
     if num_classes is not None:
+        if num_classes != cfg.get("num_classes"):  # the weights' class names name another head's outputs
+            cfg.pop("label_names", None)
+            cfg.pop("label_descriptions", None)
         cfg["num_classes"] = num_classes
     model.pretrained_cfg = model.default_cfg = cfg
-    model.model_name = name
+    model.model_name = entry.name
     model.model_kwargs = user_kwargs  # create_model(model.model_name, **model.model_kwargs) rebuilds it
     if pretrained and not checkpoint_path:
         load_pretrained(model, cfg)

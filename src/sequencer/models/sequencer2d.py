@@ -478,9 +478,11 @@ _RELEASE = {
 
 # name -> (model kwargs, pretrained cfg)
 MODEL_CONFIGS: dict[str, tuple[dict, dict]] = {
-    "sequencer2d_s": (_S, _cfg(_RELEASE["sequencer2d_s"])),
-    "sequencer2d_m": (_M, _cfg(_RELEASE["sequencer2d_m"])),
-    "sequencer2d_l": (_L, _cfg(_RELEASE["sequencer2d_l"])),
+    # hf_hub_id: timm's copy of the same weights on the Hugging Face Hub, loaded instead of the release with
+    # pretrained_cfg_overlay=dict(source="hf-hub") (sequencer.models.hub)
+    "sequencer2d_s": (_S, _cfg(_RELEASE["sequencer2d_s"], hf_hub_id="timm/sequencer2d_s.in1k")),
+    "sequencer2d_m": (_M, _cfg(_RELEASE["sequencer2d_m"], hf_hub_id="timm/sequencer2d_m.in1k")),
+    "sequencer2d_l": (_L, _cfg(_RELEASE["sequencer2d_l"], hf_hub_id="timm/sequencer2d_l.in1k")),
     # 392 px variants: no 392 px weights were released, so they have none (pretrained=True refuses); to start
     # from the 224 px release at 392 px, use e.g. sequencer2d_l with --pretrained --img-size 392 --crop-pct 1.0
     "sequencer2d_s_392": (dict(_S, img_size=392), _cfg(input_size=(3, 392, 392), crop_pct=1.0)),
