@@ -34,6 +34,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import SequencerError
+from .features import share_pretrained_cfg
 from .registry import create_model
 
 
@@ -100,6 +101,7 @@ class SequencerBackbone(nn.Module):
         super().__init__()
         self.strides = _check_strides(strides)
         self.trunk = trunk
+        share_pretrained_cfg(self, trunk)  # its normalisation is the pyramid's input's
         self.trunk_stride = trunk.reduction
         self.base_stride = 2 ** round(math.log2(self.trunk_stride))
         self.out_channels = out_channels

@@ -32,6 +32,38 @@ def stage_indices(indices: int | Sequence[int] | None, n: int, what: str) -> lis
         raise SequencerError(f"{what}={tuple(indices)}: list each stage once, in increasing order")
     return take
 
+
+def prune_to_stages(model: nn.Module, indices: int | Sequence[int] | None, prune_norm: bool, prune_head: bool) -> list[int]:
+    """timm's ``prune_intermediate_layers`` for a staged model: drop the stages after the last one ``indices``
+    takes (:func:`stage_indices`), and the final norm and the head where asked or where no longer fed by the last
+    stage (both are sized for, and applied to, the last stage only). Returns the stage positions kept.
+
+    The model's ``forward_intermediates(x, indices)`` then gives what it gave before for those stages;
+    ``num_features`` becomes the width of the new last stage.
+    """
+    n = len(model.stages)
+    take = stage_indices(indices, n, "indices")
+    cut_end = max(take) < n - 1
+    if prune_norm or cut_end:
+        model.norm = nn.Identity()
+    model.stages = model.stages[:max(take) + 1]
+    if cut_end:
+        model.num_features = model.head_hidden_size = model.feature_info[max(take)]["num_chs"]
+        model.feature_info = model.feature_info[:max(take) + 1]
+    if prune_head or cut_end:
+        model.reset_classifier(0, "")
+    return take
+
+
+def share_pretrained_cfg(wrapper: nn.Module, inner: nn.Module) -> None:
+    """Give ``wrapper`` the ``pretrained_cfg`` / ``default_cfg`` of the model it wraps (the same dict), where that has
+    one: timm's ``resolve_model_data_config`` and our loaders read the preprocessing (mean, std, input size, crop,
+    interpolation) from there, and fall back to ImageNet's at 224 px without it."""
+    cfg = getattr(inner, "pretrained_cfg", None)
+    if cfg is not None:
+        wrapper.pretrained_cfg = wrapper.default_cfg = cfg
+
+
 def returned_feature_info(stage_info: Sequence[dict], out_indices: Sequence[int]) -> FeatureInfo:
     """timm's ``FeatureInfo`` for the returned maps, what code written for timm reads (``channels()``,
     ``reduction()``, ``module_name()``, ``get_dicts()``).
@@ -55,6 +87,7 @@ class FeatureExtractor(nn.Module):
         model.reset_classifier(0)
         self.model = model
         self.feature_info = returned_feature_info(model.feature_info, self.out_indices)
+        share_pretrained_cfg(self, model)
 
     def channels(self) -> list[int]:
         return self.feature_info.channels()

@@ -19,6 +19,7 @@ from torch import nn
 
 from ..errors import SequencerError
 from .backbone import create_backbone
+from .features import share_pretrained_cfg
 
 HEADS = ("upernet", "fpn")
 
@@ -104,6 +105,7 @@ class Segmenter(nn.Module):
     def __init__(self, backbone: nn.Module, head: nn.Module, num_classes: int, config: dict):
         super().__init__()
         self.backbone = backbone
+        share_pretrained_cfg(self, backbone)
         self.head = head
         self.num_classes = num_classes
         self.config = dict(config)

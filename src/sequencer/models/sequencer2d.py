@@ -21,7 +21,7 @@ from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import DropPath, lecun_normal_
 
 from ..errors import ArgumentValueError, SequencerError
-from .features import stage_indices
+from .features import prune_to_stages, stage_indices
 from .kernels import (RNN_TYPES, autocast_bf16_copies, cpu_bilstm2d, cpu_lstm_applies, fused_bilstm2d, linear,
                       mix_axes, onednn_linear_ok, onednn_mlp, resolve_backend, run_rnn, under_cpu_bf16_autocast,
                       uses_fused_lstm)
@@ -450,6 +450,11 @@ class Sequencer2d(nn.Module):
             return intermediates
         # after stop_early the last stage run may be an earlier one, whose width the final norm need not match
         return (self.norm(x) if last == n - 1 else x), intermediates
+
+    def prune_intermediate_layers(self, indices: int | Sequence[int] = 1, prune_norm: bool = False,
+                                  prune_head: bool = True) -> list[int]:
+        """As timm's: keep only what ``forward_intermediates(x, indices)`` needs; returns the stages it takes."""
+        return prune_to_stages(self, indices, prune_norm, prune_head)
 
 
 def _cfg(url: str = "", **kwargs) -> dict:

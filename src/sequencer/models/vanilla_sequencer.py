@@ -52,6 +52,17 @@ class VanillaSequencer(Sequencer2d):
             self.absolute_pos_embed = nn.Parameter(torch.zeros(1, grid, grid, self.stem.proj.out_channels))
             nn.init.trunc_normal_(self.absolute_pos_embed, std=0.02, a=-2.0, b=2.0)
 
+    @torch.jit.ignore
+    def group_matcher(self, coarse: bool = False) -> dict:
+        # the position embedding is added to the stem's output: it belongs to the stem's layer (timm's layer-wise
+        # lr decay would otherwise put it, unmatched, with the head at the full learning rate)
+        return dict(super().group_matcher(coarse), stem=r"^(?:stem|absolute_pos_embed)")
+
+    @torch.jit.ignore
+    def no_weight_decay(self) -> set[str]:
+        """Parameters timm's optimizer factory exempts from weight decay beside the 1-D ones (a ViT's pos_embed)."""
+        return {"absolute_pos_embed"} if self.ape else set()
+
     @staticmethod
     def _token_mixer(dim: int, hidden_size: int, rnn_type: str = "lstm", num_layers: int = 1,
                      bidirectional: bool = True, lstm_backend: str | None = None, **_ignored) -> nn.Module:

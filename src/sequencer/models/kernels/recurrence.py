@@ -221,7 +221,17 @@ def run_rnn(rnn: nn.Module, x: torch.Tensor, backend: str) -> torch.Tensor:
             return onednn_lstm.lstm(x, list(rnn._flat_weights), rnn.bidirectional, rnn.bias, dtype)
         return rnn_native(x, list(rnn._flat_weights), _VF_MODES[rnn.mode], rnn.num_layers, rnn.bidirectional,
                           rnn.bias, rnn.training)
-    return rnn(x)[0]
+    return rnn(_eager_input(rnn, x))[0]
+
+
+def _eager_input(rnn: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """``x`` as ``rnn`` can take it. Under float16 CPU autocast ATen sends a float32 input to oneDNN's LSTM, which has
+    no float16 kernel ("could not create a primitive descriptor"); a float16 input takes ATen's own LSTM, which runs
+    the step matmuls in float16 (autocast's) and keeps the state in float32, as the model's other float16 inputs do."""
+    if (rnn.mode == "LSTM" and x.device.type == "cpu" and torch.is_autocast_enabled("cpu")
+            and torch.get_autocast_dtype("cpu") == torch.float16):
+        return x.to(torch.float16)
+    return x
 
 
 def _compiled_dtype(rnn: nn.Module, x: torch.Tensor) -> torch.dtype | None:
@@ -333,8 +343,8 @@ def autocast_rnn_dtype(device_type: str, mode: str, weights: list[torch.Tensor])
       (6.2e-3 in bf16), whose h, c and accumulation stay float32.
     * CPU: the autocast dtype for LSTM (oneDNN's LSTM layer, the default CPU path, is on CPU autocast's
       lower-precision list) and tanh RNN; GRU is on no list and runs in its weights' dtype (never mixed dtypes,
-      which oneDNN refuses). (oneDNN's LSTM has no float16: under float16 CPU autocast the LSTM fails in eager
-      and compiled alike; ``sequencer train`` runs float16 requests on the CPU as bfloat16.)
+      which oneDNN refuses). (oneDNN's LSTM has no float16: eager float16 CPU autocast runs ATen's own LSTM,
+      :func:`_eager_input`; ``sequencer train`` runs float16 requests on the CPU as bfloat16.)
     """
     if device_type == "cuda":
         return torch.float16

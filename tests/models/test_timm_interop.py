@@ -1,0 +1,89 @@
+"""The model objects in a user's own timm and PyTorch code: timm's optimizer factory, data-config resolution, feature
+pruning, and float16 CPU autocast."""
+import pytest
+import torch
+from torch import nn
+
+import sequencer
+
+PE_TINY = dict(layers=(1, 1, 1, 1), embed_dims=(16, 16, 16, 16), hidden_sizes=(8, 8, 8, 8), img_size=28)
+
+
+def test_layer_decay_groups_ascend_from_stem_to_head_and_keep_the_position_embedding_in_the_stem():
+    """timm's ``create_optimizer_v2(..., layer_decay=)`` builds its layers from ``group_matcher``: the lr scale
+    must not decrease from the stem through the stages to the head, each parameter in one group; the position
+    embedding (unmatched, it went with the head at the full lr) is the stem's, and it is not weight-decayed."""
+    from timm.optim import create_optimizer_v2
+
+    model = sequencer.create_model("v_sequencer_s_pe", num_classes=3, **PE_TINY)
+    optimizer = create_optimizer_v2(model, "adamw", lr=1e-3, weight_decay=0.05, layer_decay=0.75)
+    group_of = {}
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            assert id(p) not in group_of, "a parameter in two groups"
+            group_of[id(p)] = group
+    named = list(model.named_parameters())
+    assert len(group_of) == len(named)
+    scales = {name: group_of[id(p)]["lr_scale"] for name, p in named}
+    order = [n for n, _ in named if n != "absolute_pos_embed"]  # stem, stages in order, norm, head
+    assert all(scales[a] <= scales[b] for a, b in zip(order, order[1:]))
+    assert scales["stem.proj.weight"] < scales["stages.0.blocks.0.mlp_channels.fc1.weight"] < 1.0
+    assert scales["head.fc.weight"] == 1.0
+    assert scales["absolute_pos_embed"] == scales["stem.proj.weight"]
+    decay = {name: group_of[id(p)]["weight_decay"] for name, p in named}
+    assert decay["absolute_pos_embed"] == decay["norm.weight"] == decay["stem.proj.bias"] == 0.0
+    assert decay["stem.proj.weight"] == decay["stages.0.blocks.0.rnn_tokens.rnn.weight_ih_l0"] == 0.05
+
+
+def test_prune_intermediate_layers_keeps_what_forward_intermediates_takes(tiny_kwargs, randomize):
+    """timm's contract: stages after the last index taken go, and with them the final norm and the head (sized for
+    the last stage); the kept stages give the same maps."""
+    model = randomize(sequencer.create_model("sequencer2d_s", num_classes=5, **tiny_kwargs)).eval()
+    x = torch.randn(1, 3, 28, 28)
+    expected = model.forward_intermediates(x, indices=[0, 1], intermediates_only=True)
+    assert model.prune_intermediate_layers([0, -3]) == [0, 1]
+    assert len(model.stages) == 2 and isinstance(model.norm, nn.Identity) and model.num_classes == 0
+    assert model.num_features == tiny_kwargs["embed_dims"][1] == model(x).shape[-1]
+    for got, want in zip(model.forward_intermediates(x, indices=2, intermediates_only=True), expected):
+        torch.testing.assert_close(got, want)
+    final, maps = model.forward_intermediates(x, norm=True)  # no norm left to apply
+    torch.testing.assert_close(maps[-1], expected[-1])
+
+
+def test_prune_keeping_the_last_stage_keeps_norm_and_head_unless_asked(tiny_kwargs):
+    model = sequencer.create_model("sequencer2d_s", num_classes=5, **tiny_kwargs)
+    assert model.prune_intermediate_layers(2, prune_head=False) == [2, 3]
+    assert len(model.stages) == 4 and isinstance(model.norm, nn.LayerNorm) and model.num_classes == 5
+    model.prune_intermediate_layers(prune_norm=True)
+    assert isinstance(model.norm, nn.Identity) and model.num_classes == 0
+
+
+def test_features_backbone_and_segmenter_carry_the_models_preprocessing():
+    """timm's resolve_model_data_config reads ``pretrained_cfg``; without one it silently gives ImageNet's mean at
+    224 px, not sequencer2d_nano's 0.5 at 32 px."""
+    from timm.data import resolve_model_data_config
+
+    wrappers = [sequencer.create_model("sequencer2d_nano", features_only=True),
+                sequencer.create_backbone("sequencer2d_nano", out_channels=8),
+                sequencer.create_segmenter("sequencer2d_nano", 3, head_channels=8, out_channels=8)]
+    for module in wrappers:
+        config = resolve_model_data_config(module)
+        assert config["mean"] == (0.5, 0.5, 0.5) and config["input_size"] == (3, 32, 32), type(module).__name__
+        assert module.default_cfg is module.pretrained_cfg
+
+
+def test_float16_cpu_autocast_runs_an_lstm_fed_float32():
+    """v_sequencer_s_pe adds its float32 position embedding, so its LSTMs get float32 under float16 autocast, which
+    ATen hands to oneDNN's LSTM (no float16 kernel: "could not create a primitive descriptor")."""
+    torch.manual_seed(0)
+    model = sequencer.create_model("v_sequencer_s_pe", num_classes=3, **PE_TINY)
+    nn.init.normal_(model.head.fc.weight)
+    x = torch.randn(2, 3, 28, 28)
+    with torch.backends.mkldnn.flags(enabled=True):  # the default CPU path (the suite's fixture turns it off)
+        expected = model(x)
+        with torch.autocast("cpu", dtype=torch.float16):
+            logits = model(x)
+        logits.float().sum().backward()
+    assert logits.dtype == torch.float16
+    torch.testing.assert_close(logits.float(), expected, atol=2e-2 * expected.abs().max().item(), rtol=0)
+    assert model.absolute_pos_embed.grad.dtype == torch.float32 and model.absolute_pos_embed.grad.abs().sum() > 0
