@@ -343,8 +343,9 @@ def autocast_rnn_dtype(device_type: str, mode: str, weights: list[torch.Tensor])
       (6.2e-3 in bf16), whose h, c and accumulation stay float32.
     * CPU: the autocast dtype for LSTM (oneDNN's LSTM layer, the default CPU path, is on CPU autocast's
       lower-precision list) and tanh RNN; GRU is on no list and runs in its weights' dtype (never mixed dtypes,
-      which oneDNN refuses). (oneDNN's LSTM has no float16: eager float16 CPU autocast runs ATen's own LSTM,
-      :func:`_eager_input`; ``sequencer train`` runs float16 requests on the CPU as bfloat16.)
+      which oneDNN refuses). (oneDNN's LSTM has no float16: under float16 CPU autocast ATen's own LSTM runs, in
+      eager (:func:`_eager_input`) and compiled code alike; ``sequencer train`` runs float16 requests on the CPU as
+      bfloat16.)
     """
     if device_type == "cuda":
         return torch.float16
