@@ -18,6 +18,7 @@ from safetensors.torch import save as safetensors_bytes
 
 import sequencer
 from sequencer import SequencerError, cli
+from sequencer.tools.benchmark import BenchmarkSettings, run_benchmark
 
 COMMIT = "0123456789abcdef0123456789abcdef01234567"  # what X-Repo-Commit says: the repositories' one commit
 
@@ -253,6 +254,11 @@ def test_cli_validate_defaults_to_the_hub_weights(hub, tiny_repo, tmp_path, caps
     assert cli.main(["export", "--model", "hf-hub:test/tiny", "--pretrained", "--output", str(tmp_path / "m.safetensors")]) == 0
     meta = sequencer.models.read_checkpoint(tmp_path / "m.safetensors")["__metadata__"]
     assert meta["arch"] == "sequencer2d_s" and json.loads(meta["model_kwargs"])["layers"] == TINY_ARGS["layers"]
+    # benchmark --compare-timm: timm's Sequencer2d of the registered architecture, with the same weights
+    report = run_benchmark(BenchmarkSettings(model="hf-hub:test/tiny", pretrained=True, compare_timm=True,
+                                             batch_size=2, num_warmup=0, num_iter=1, memory_iter=0, gemm_size=64))
+    ours = next(r for r in report["results"] if r["impl"] == "ours")
+    assert report["model"] == "hf-hub:test/tiny" and ours["max_rel_diff_vs_timm"] < 1e-4
     assert cli.main(["predict", str(tmp_path / "data" / "validation" / "c3"), "--model", "hf-hub:test/missing"]) == 2
     error = capsys.readouterr().err.strip().splitlines()
     assert len(error) == 1 and "hf-hub:test/missing: no such repository" in error[0]

@@ -356,8 +356,9 @@ def _prepare(args: BenchmarkSettings) -> _Setup:
     loaded = load_model(args.checkpoint, model=args.model, pretrained=args.pretrained, num_classes=args.num_classes,
                         img_size=args.img_size, input_size=args.input_size, use_ema=args.use_ema, device=device)
     model, name = loaded.model, loaded.name
-    if args.compare_timm and name not in TIMM_MODELS:
-        raise SequencerError(f"`compare_timm`: timm has no {name!r}", hint=f"use one of {', '.join(TIMM_MODELS)}")
+    arch = getattr(model, "model_name", None) or name  # the registered architecture (an hf-hub: name's too)
+    if args.compare_timm and arch not in TIMM_MODELS:
+        raise SequencerError(f"`compare_timm`: timm has no {arch!r}", hint=f"use one of {', '.join(TIMM_MODELS)}")
     input_size = tuple(loaded.input_size)
     check_input_size(loaded, input_size[-1], input_size[-1])
     for impl, onnx_model in onnx_models.items():
@@ -376,7 +377,7 @@ def _prepare(args: BenchmarkSettings) -> _Setup:
     x = torch.randn(args.batch_size, *input_size, generator=gen).to(device)
     num_classes = getattr(model, "num_classes", 0) or 1
     target = torch.randint(0, num_classes, (args.batch_size,), generator=gen).to(device)
-    twin = build_timm_twin(model, name).to(device).eval() if args.compare_timm else None
+    twin = build_timm_twin(model, arch).to(device).eval() if args.compare_timm else None
     return _Setup(args, device, amp, name, model, input_size, macs, rate, x, target, twin, onnx_models)
 
 
