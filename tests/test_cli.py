@@ -258,6 +258,19 @@ def test_the_cli_shows_the_library_log_on_todays_streams(capsys):
     assert capsys.readouterr() == ("", "")
 
 
+def test_main_in_a_callers_process_gives_its_logging_and_warnings_back(capsys):
+    """``main`` run from Python (a notebook, a test) installs the command's console for the command alone: the
+    "sequencer" logger's handlers, level and propagation and ``warnings.formatwarning`` are as before afterwards
+    (they were left set, so that a later library call in the process printed through the CLI's handler)."""
+    import logging
+    import warnings
+    logger = logging.getLogger("sequencer")
+    before = list(logger.handlers), logger.level, logger.propagate, warnings.formatwarning
+    assert cli.main(["models", "sequencer2d_nano"]) == 0
+    assert "sequencer2d_nano" in capsys.readouterr().out
+    assert (list(logger.handlers), logger.level, logger.propagate, warnings.formatwarning) == before
+
+
 def test_a_torchrun_worker_other_than_rank_0_shows_only_errors(capsys, monkeypatch):
     import logging
     log = logging.getLogger("sequencer.engine.example")

@@ -6,6 +6,7 @@ imported only when their command runs, so ``sequencer --help`` stays fast.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import functools
 import importlib
 import logging
@@ -78,9 +79,28 @@ def main(argv: list[str] | None = None) -> int:
         return 0 if not argv or argv[0] in ("-h", "--help") else 2
     from .commands.common import as_flags  # the library names parameters; the command line shows its flags
     rewrite = functools.partial(as_flags, command=args.command)
+    with _command_console(rewrite):
+        return _run_command(args, rewrite)
+
+
+@contextlib.contextmanager
+def _command_console(rewrite):
+    """The command's console for its length: the "sequencer" logger's lines (:func:`install_console_logging`)
+    and warnings as one line each. A caller of ``main`` in its own process (a notebook, a test) gets its logging
+    and warnings back as they were afterwards."""
+    logger = logging.getLogger("sequencer")
+    saved = list(logger.handlers), logger.level, logger.propagate, warnings.formatwarning
     install_console_logging(rewrite)
     # warnings are messages for the user: one line, without the source line of the code that raised them
     warnings.formatwarning = lambda message, category, *_args, **_kw: f"warning: {rewrite(str(message))}\n"
+    try:
+        yield
+    finally:
+        logger.handlers[:], level, logger.propagate, warnings.formatwarning = saved
+        logger.setLevel(level)
+
+
+def _run_command(args: argparse.Namespace, rewrite) -> int:
     try:
         return int(importlib.import_module(args._module).run(args) or 0)
     except SequencerError as e:
