@@ -72,6 +72,33 @@ def test_features_backbone_and_segmenter_carry_the_models_preprocessing():
         assert module.default_cfg is module.pretrained_cfg
 
 
+@pytest.mark.parametrize("make", [
+    lambda: sequencer.create_model("v_sequencer_s_pe", features_only=True, **PE_TINY),
+    lambda: sequencer.create_segmenter("v_sequencer_s_pe", 3, head_channels=8, out_channels=8, backbone_kwargs=PE_TINY),
+], ids=["features_only", "segmenter"])
+def test_layer_decay_reaches_the_trunk_inside_a_wrapper(make):
+    """Without the trunk's ``group_matcher`` timm's factory groups a wrapper's parameters by count, whatever they
+    are; with it the trunk's layers decay as the classifier's do, and the pyramid and decode head get the full rate."""
+    from timm.optim import create_optimizer_v2
+
+    module = make()
+    optimizer = create_optimizer_v2(module, "adamw", lr=1e-3, weight_decay=0.05, layer_decay=0.75)
+    group_of = {id(p): group for group in optimizer.param_groups for p in group["params"]}
+    settings = {name.split("trunk.")[-1].removeprefix("model."): (group_of[id(p)]["lr_scale"],
+                                                                  group_of[id(p)]["weight_decay"])
+                for name, p in module.named_parameters()}
+    assert len(group_of) == len(settings) == len(list(module.parameters()))
+    stem, first_block = settings["stem.proj.weight"], settings["stages.0.blocks.0.mlp_channels.fc1.weight"]
+    assert stem[0] < first_block[0] < settings["stages.3.blocks.0.mlp_channels.fc1.weight"][0]
+    assert len({scale for name, (scale, _) in settings.items() if name.startswith("stages.1.")}) == 1  # one block
+    assert settings["absolute_pos_embed"] == (stem[0], 0.0)
+    if isinstance(module, sequencer.models.segmentation.Segmenter):
+        assert settings["head.classifier.weight"] == settings["backbone.levels.0.project.0.weight"] == (1.0, 0.05)
+    module.set_grad_checkpointing(True)
+    trunk = module.model if hasattr(module, "model") else module.backbone.trunk
+    assert all(stage.grad_checkpointing for stage in trunk.stages)
+
+
 def test_float16_cpu_autocast_runs_an_lstm_fed_float32():
     """v_sequencer_s_pe adds its float32 position embedding, so its LSTMs get float32 under float16 autocast, which
     ATen hands to oneDNN's LSTM (no float16 kernel: "could not create a primitive descriptor")."""

@@ -34,7 +34,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import SequencerError
-from .features import share_pretrained_cfg
+from .features import WrapperFacade
 from .registry import create_model
 
 
@@ -88,20 +88,23 @@ def _check_strides(strides: Sequence[int]) -> tuple[int, ...]:
     return strides
 
 
-class SequencerBackbone(nn.Module):
+class SequencerBackbone(WrapperFacade, nn.Module):
     """A Sequencer trunk with a simple feature pyramid (see the module docstring), torchvision's backbone convention.
 
     Input (B, 3, H, W), any H and W. Output: ``OrderedDict`` of (B, out_channels, ceil(H/s), ceil(W/s)) for each
     ``s`` in ``strides`` under keys "0", "1", ..., then the ``extra_blocks`` levels. ``out_channels`` and ``strides``
-    are attributes; ``trunk`` is the headless classification model.
+    are attributes; ``trunk`` is the headless classification model, whose config and layer groups timm's helpers
+    read through this module (:class:`~sequencer.models.features.WrapperFacade`).
     """
+
+    wrapped = "trunk"
 
     def __init__(self, trunk: nn.Module, out_channels: int = 256, strides: Sequence[int] = (4, 8, 16, 32),
                  extra_blocks: nn.Module | str | None = "pool"):
         super().__init__()
         self.strides = _check_strides(strides)
         self.trunk = trunk
-        share_pretrained_cfg(self, trunk)  # its normalisation is the pyramid's input's
+        self._take_pretrained_cfg()  # the trunk's normalisation is the pyramid's input's (WrapperFacade)
         self.trunk_stride = trunk.reduction
         self.base_stride = 2 ** round(math.log2(self.trunk_stride))
         self.out_channels = out_channels
@@ -121,10 +124,6 @@ class SequencerBackbone(nn.Module):
                 nn.init.kaiming_uniform_(m.weight, a=1)
                 if m.bias is not None:
                     nn.init.zeros_(m.bias)
-
-    @torch.jit.ignore
-    def set_grad_checkpointing(self, enable: bool = True) -> None:
-        self.trunk.set_grad_checkpointing(enable)
 
     def padded_size(self, side: int) -> int:
         """The side the trunk runs at for an input ``side``: a multiple of the trunk's stride covering the coarsest

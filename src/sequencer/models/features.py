@@ -1,6 +1,7 @@
 """``create_model(..., features_only=True)``: a backbone's per-stage feature maps."""
 from __future__ import annotations
 
+import re
 from typing import Sequence
 
 import torch
@@ -55,13 +56,45 @@ def prune_to_stages(model: nn.Module, indices: int | Sequence[int] | None, prune
     return take
 
 
-def share_pretrained_cfg(wrapper: nn.Module, inner: nn.Module) -> None:
-    """Give ``wrapper`` the ``pretrained_cfg`` / ``default_cfg`` of the model it wraps (the same dict), where that has
-    one: timm's ``resolve_model_data_config`` and our loaders read the preprocessing (mean, std, input size, crop,
-    interpolation) from there, and fall back to ImageNet's at 224 px without it."""
-    cfg = getattr(inner, "pretrained_cfg", None)
-    if cfg is not None:
-        wrapper.pretrained_cfg = wrapper.default_cfg = cfg
+class WrapperFacade:
+    """What timm's helpers read from a model, for a module that wraps one in its attribute ``wrapped`` (``"model"``,
+    ``"trunk"``, ``"backbone"``): the wrapped model's ``pretrained_cfg`` (the same dict; timm's
+    ``resolve_model_data_config`` reads the mean, std, size and crop there, and falls back to ImageNet's at 224 px
+    without it), its ``set_grad_checkpointing``, and its ``group_matcher`` / ``no_weight_decay`` under the wrapper's
+    parameter names, so that timm's optimizer factory decays the learning rate stem -> stages (``layer_decay``) and
+    exempts what the model exempts from weight decay. The wrapper's own parameters (pyramid levels, a decode head)
+    match no group: timm gives them the full rate, as a new head's. Call ``_take_pretrained_cfg()`` once the wrapped
+    model is set."""
+
+    wrapped = "model"
+
+    def _take_pretrained_cfg(self) -> None:
+        cfg = getattr(getattr(self, self.wrapped), "pretrained_cfg", None)
+        if cfg is not None:
+            self.pretrained_cfg = self.default_cfg = cfg
+
+    @torch.jit.ignore
+    def group_matcher(self, coarse: bool = False) -> dict:
+        rules = getattr(self, self.wrapped).group_matcher(coarse)
+        return {group: _under(rule, re.escape(self.wrapped + ".")) for group, rule in rules.items()}
+
+    @torch.jit.ignore
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        getattr(self, self.wrapped).set_grad_checkpointing(enable)
+
+    @torch.jit.ignore
+    def no_weight_decay(self) -> set[str]:
+        inner = getattr(self, self.wrapped)
+        return {f"{self.wrapped}.{name}" for name in (inner.no_weight_decay() if hasattr(inner, "no_weight_decay")
+                                                      else ())}
+
+
+def _under(rule, prefix: str):
+    """A ``group_matcher`` rule (a pattern, or a list of (pattern, suffix)) for names below ``prefix``; timm matches
+    patterns at the start of a name, so the anchor is optional."""
+    if isinstance(rule, str):
+        return "^" + prefix + rule.removeprefix("^")
+    return [(_under(pattern, prefix), suffix) for pattern, suffix in rule]
 
 
 def returned_feature_info(stage_info: Sequence[dict], out_indices: Sequence[int]) -> FeatureInfo:
@@ -76,9 +109,9 @@ def returned_feature_info(stage_info: Sequence[dict], out_indices: Sequence[int]
     return FeatureInfo(info, tuple(range(len(info))))
 
 
-class FeatureExtractor(nn.Module):
+class FeatureExtractor(WrapperFacade, nn.Module):
     """``features_only=True`` wrapper: returns a list of NCHW stage maps; ``feature_info`` (timm's FeatureInfo)
-    describes them."""
+    describes them; timm's helpers read the model's config and layer groups (:class:`WrapperFacade`)."""
 
     def __init__(self, model: nn.Module, out_indices: Sequence[int] | None = None):
         super().__init__()
@@ -87,7 +120,7 @@ class FeatureExtractor(nn.Module):
         model.reset_classifier(0)
         self.model = model
         self.feature_info = returned_feature_info(model.feature_info, self.out_indices)
-        share_pretrained_cfg(self, model)
+        self._take_pretrained_cfg()
 
     def channels(self) -> list[int]:
         return self.feature_info.channels()

@@ -19,7 +19,7 @@ from torch import nn
 
 from ..errors import SequencerError
 from .backbone import create_backbone
-from .features import share_pretrained_cfg
+from .features import WrapperFacade
 
 HEADS = ("upernet", "fpn")
 
@@ -96,16 +96,19 @@ class SemanticFPNHead(nn.Module):
         return self.classifier(self.dropout(total))
 
 
-class Segmenter(nn.Module):
+class Segmenter(WrapperFacade, nn.Module):
     """Backbone (an OrderedDict of 4 maps at strides 4/8/16/32) + decode head.
 
-    forward: images (N, 3, H, W) -> logits (N, num_classes, H, W).
+    forward: images (N, 3, H, W) -> logits (N, num_classes, H, W). timm's helpers read the backbone's config and
+    layer groups through it (:class:`~sequencer.models.features.WrapperFacade`).
     """
+
+    wrapped = "backbone"
 
     def __init__(self, backbone: nn.Module, head: nn.Module, num_classes: int, config: dict):
         super().__init__()
         self.backbone = backbone
-        share_pretrained_cfg(self, backbone)
+        self._take_pretrained_cfg()
         self.head = head
         self.num_classes = num_classes
         self.config = dict(config)
