@@ -114,3 +114,18 @@ def test_float16_cpu_autocast_runs_an_lstm_fed_float32():
     assert logits.dtype == torch.float16
     torch.testing.assert_close(logits.float(), expected, atol=2e-2 * expected.abs().max().item(), rtol=0)
     assert model.absolute_pos_embed.grad.dtype == torch.float32 and model.absolute_pos_embed.grad.abs().sum() > 0
+
+
+def test_torch_func_grad_gives_autograds_gradients(tiny_kwargs, randomize):
+    """torch.func transforms (MAML, per-sample gradients) refuse an autograd.Function without ``setup_context``,
+    which the oneDNN paths' are: under a transform the standard ops run."""
+    from torch.func import functional_call, grad
+
+    model = randomize(sequencer.create_model("sequencer2d_s", num_classes=3, **tiny_kwargs)).eval()
+    x, target = torch.randn(2, 3, 28, 28), torch.tensor([0, 2])
+    params = {name: p.detach() for name, p in model.named_parameters()}
+    with torch.backends.mkldnn.flags(enabled=True):  # the default CPU path, where the oneDNN Functions run
+        torch.nn.functional.cross_entropy(model(x), target).backward()
+        got = grad(lambda p: torch.nn.functional.cross_entropy(functional_call(model, p, (x,)), target))(params)
+    for name, p in model.named_parameters():
+        torch.testing.assert_close(got[name], p.grad, atol=1e-5, rtol=1e-4)

@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from ...errors import SequencerError
-from .onednn import linear
+from .onednn import functorch_active, linear
 
 _GATES = 4
 
@@ -35,8 +35,8 @@ def applies(rnns: list[nn.Module], backend: str, x: torch.Tensor) -> bool:
     if x.device.type != "cpu":
         raise SequencerError(f"lstm_backend 'cpu' needs CPU tensors, got {x.device.type}",
                              hint="use SEQUENCER_LSTM_BACKEND=native or auto on this device")
-    if torch.compiler.is_compiling() or torch.jit.is_scripting() or torch.jit.is_tracing():
-        return False
+    if torch.compiler.is_compiling() or torch.jit.is_scripting() or torch.jit.is_tracing() or functorch_active():
+        return False  # (a torch.func transform may differentiate: no backward here)
     if torch.onnx.is_in_onnx_export():
         return False
     if not all(r.mode == "LSTM" and r.num_layers == 1 and not r.proj_size and r.batch_first for r in rnns):
