@@ -40,9 +40,11 @@ def gloo_group(tmp_path):
     dist.destroy_process_group()
 
 
-def test_ddp_sees_no_gradient_of_another_layout(gloo_group):
+@pytest.mark.parametrize("memory_format", [torch.contiguous_format, torch.channels_last])
+def test_ddp_sees_no_gradient_of_another_layout(gloo_group, memory_format):
     # sequencer2d_nano's last downsample is a 1x1 conv: the case that used to make DDP warn and copy every step
-    model = sequencer.create_model("sequencer2d_nano", num_classes=10)
+    # (channels_last: the weights as `channels_last=True` training and timm's --channels-last lay them out)
+    model = sequencer.create_model("sequencer2d_nano", num_classes=10).to(memory_format=memory_format)
     assert any(m.kernel_size == (1, 1) for m in model.modules() if isinstance(m, nn.Conv2d))
     ddp = nn.parallel.DistributedDataParallel(model)
     with warnings.catch_warnings(record=True) as caught:

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
-from timm.layers import DropPath, lecun_normal_
+from timm.layers import DropPath
 
 from ..errors import ArgumentValueError, SequencerError
 from .features import prune_to_stages, stage_indices
@@ -26,53 +26,11 @@ from .kernels import (RNN_TYPES, autocast_bf16_copies, cpu_bilstm2d, cpu_lstm_ap
                       mix_axes, onednn_linear_ok, onednn_mlp, resolve_backend, run_rnn, under_cpu_bf16_autocast,
                       uses_fused_lstm)
 from .registry import register_model
+from .weight_init import init_weights
 
 RELEASE_URL = "https://github.com/okojoalg/sequencer/releases/download/weights/{}.pth"
 
 UNIONS = ("cat", "add", "vertical", "horizontal")
-
-
-def _init_linear(module: nn.Linear, name: str, head_bias: float) -> None:
-    if name.startswith("head"):  # a zero head: every class starts equally likely
-        nn.init.zeros_(module.weight)
-        nn.init.constant_(module.bias, head_bias)
-        return
-    nn.init.xavier_uniform_(module.weight)
-    if module.bias is not None:
-        # the MLPs' biases get a tiny spread rather than exact zeros, as the paper's code (via timm) does
-        nn.init.normal_(module.bias, std=1e-6) if "mlp" in name else nn.init.zeros_(module.bias)
-
-
-def _init_conv(module: nn.Conv2d, name: str, head_bias: float) -> None:
-    lecun_normal_(module.weight)
-    if module.bias is not None:
-        nn.init.zeros_(module.bias)
-
-
-def _init_layer_norm(module: nn.LayerNorm, name: str, head_bias: float) -> None:
-    nn.init.ones_(module.weight)
-    nn.init.zeros_(module.bias)
-
-
-def _init_rnn(module: nn.RNNBase, name: str, head_bias: float) -> None:
-    bound = module.hidden_size ** -0.5  # PyTorch's own RNN default, restated after the other inits
-    for weight in module.parameters():
-        nn.init.uniform_(weight, -bound, bound)
-
-
-# the paper's initialisation, by module type: xavier-uniform linears, LeCun-normal convs, unit LayerNorms,
-# RNN weights uniform in +-1/sqrt(hidden), and a zero head (bias -log(classes) with ``nlhb``)
-_INITIALISERS = ((nn.Linear, _init_linear), (nn.Conv2d, _init_conv), (nn.LayerNorm, _init_layer_norm),
-                 (nn.RNNBase, _init_rnn))
-
-
-def init_weights(root: nn.Module, prefix: str = "", head_bias: float = 0.0) -> None:
-    """Initialise every module under ``root`` (names relative to the model, hence ``prefix`` for a sub-tree)."""
-    for name, module in root.named_modules(prefix=prefix):
-        for kind, initialise in _INITIALISERS:
-            if isinstance(module, kind):
-                initialise(module, name, head_bias)
-                break
 
 
 class Linear(nn.Linear):
@@ -246,8 +204,10 @@ class Downsample2d(nn.Module):
         if self.down.kernel_size == (1, 1):
             # A 1x1 conv over (B, H, W, C) is a matmul over C. Run as a conv on the channels-last view, its weight
             # gradient comes back with channels-last strides the (O, I, 1, 1) weight lacks, and DDP then copies it
-            # into its bucket every step ("Grad strides do not match bucket view strides").
-            return F.linear(x, self.down.weight.flatten(1), self.down.bias)
+            # into its bucket every step ("Grad strides do not match bucket view strides"). The (O, I) matrix is
+            # read along the weight's own strides (channels-last after model.to(memory_format=...)) for the same reason.
+            w = self.down.weight
+            return F.linear(x, w.flatten(1) if w.stride(-1) == 1 else w.permute(0, 2, 3, 1).flatten(1), self.down.bias)
         # a dense (B, H, W, C) input is a channels-last NCHW tensor, so the conv writes channels-last and the
         # permute back is dense again (contiguous() is then free)
         return self.down(x.permute(0, 3, 1, 2)).permute(0, 2, 3, 1).contiguous()
