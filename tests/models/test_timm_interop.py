@@ -129,3 +129,19 @@ def test_torch_func_grad_gives_autograds_gradients(tiny_kwargs, randomize):
         got = grad(lambda p: torch.nn.functional.cross_entropy(functional_call(model, p, (x,)), target))(params)
     for name, p in model.named_parameters():
         torch.testing.assert_close(got[name], p.grad, atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("name", ["v_sequencer_s_pe", "sequencer2d_nano"])
+def test_init_weights_initialises_every_parameter_of_a_meta_built_model(name):
+    """FSDP-style meta-device construction: ``to_empty`` leaves uninitialised memory, ``init_weights()`` must set all
+    of it (it left v_sequencer_s_pe's position embedding as it found it)."""
+    kwargs = PE_TINY if name == "v_sequencer_s_pe" else {}
+    with torch.device("meta"):
+        model = sequencer.create_model(name, num_classes=3, **kwargs)
+    model.to_empty(device="cpu")
+    with torch.no_grad():
+        for p in model.parameters():
+            p.fill_(float("nan"))
+    model.init_weights()
+    assert not [name for name, p in model.named_parameters() if not torch.isfinite(p).all()]
+    assert model(torch.randn(1, 3, 28 if kwargs else 32, 28 if kwargs else 32)).isfinite().all()

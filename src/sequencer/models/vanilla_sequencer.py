@@ -50,6 +50,16 @@ class VanillaSequencer(Sequencer2d):
         if ape:
             grid = self.img_size // self.patch_sizes[0]
             self.absolute_pos_embed = nn.Parameter(torch.zeros(1, grid, grid, self.stem.proj.out_channels))
+            self._init_position_embedding()
+
+    def init_weights(self, nlhb: bool = False) -> None:
+        """Every parameter, the position embedding too (a model built on the meta device and ``to_empty``'d holds
+        uninitialised memory until this runs). The base class calls it before the embedding exists."""
+        super().init_weights(nlhb)
+        self._init_position_embedding()
+
+    def _init_position_embedding(self) -> None:
+        if getattr(self, "absolute_pos_embed", None) is not None:
             nn.init.trunc_normal_(self.absolute_pos_embed, std=0.02, a=-2.0, b=2.0)
 
     @torch.jit.ignore
