@@ -145,3 +145,17 @@ def test_init_weights_initialises_every_parameter_of_a_meta_built_model(name):
     model.init_weights()
     assert not [name for name, p in model.named_parameters() if not torch.isfinite(p).all()]
     assert model(torch.randn(1, 3, 28 if kwargs else 32, 28 if kwargs else 32)).isfinite().all()
+
+
+def test_timm_load_checkpoint_reads_the_release_layout_through_our_filter(tmp_path, tiny_kwargs, randomize):
+    """timm calls ``filter_fn(state_dict, model)``; ours took the state dict alone (TypeError)."""
+    from timm.models import load_checkpoint
+
+    from sequencer.models.loading import checkpoint_filter_fn, to_release_layout
+
+    source = randomize(sequencer.create_model("sequencer2d_s", num_classes=5, **tiny_kwargs)).eval()
+    torch.save(to_release_layout(source.state_dict()), tmp_path / "release.pth")
+    model = sequencer.create_model("sequencer2d_s", num_classes=5, **tiny_kwargs).eval()
+    load_checkpoint(model, str(tmp_path / "release.pth"), filter_fn=checkpoint_filter_fn)
+    x = torch.randn(1, 3, 28, 28)
+    torch.testing.assert_close(model(x), source(x), rtol=0, atol=0)

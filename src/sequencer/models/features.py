@@ -34,7 +34,8 @@ def stage_indices(indices: int | Sequence[int] | None, n: int, what: str) -> lis
     return take
 
 
-def prune_to_stages(model: nn.Module, indices: int | Sequence[int] | None, prune_norm: bool, prune_head: bool) -> list[int]:
+def prune_to_stages(model: nn.Module, indices: int | Sequence[int] | None, prune_norm: bool,
+                    prune_head: bool) -> list[int]:
     """timm's ``prune_intermediate_layers`` for a staged model: drop the stages after the last one ``indices``
     takes (:func:`stage_indices`), and the final norm and the head where asked or where no longer fed by the last
     stage (both are sized for, and applied to, the last stage only). Returns the stage positions kept.

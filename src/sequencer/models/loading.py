@@ -207,8 +207,10 @@ def save_weights(state_dict: dict[str, torch.Tensor], path: str | os.PathLike, c
     return write_atomically(path, lambda tmp: torch.save(obj, tmp))
 
 
-def checkpoint_filter_fn(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Map the authors' release layout onto ours (timm's); other layouts pass through.
+def checkpoint_filter_fn(state_dict: dict[str, torch.Tensor],
+                         model: nn.Module | None = None) -> dict[str, torch.Tensor]:
+    """Map the authors' release layout onto ours (timm's); other layouts pass through. ``model`` is unused: it makes
+    this timm's ``filter_fn`` (``timm.models.load_checkpoint(model, path, filter_fn=checkpoint_filter_fn)``).
 
     Release: ``blocks.<s>.<i>.*`` are blocks, ``blocks.<s>.<layers[s]>.down`` is the downsample *after* stage s,
     which in our layout opens stage s+1; ``head.*`` is the linear head (``head.fc.*`` here).
