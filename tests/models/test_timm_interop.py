@@ -159,3 +159,13 @@ def test_timm_load_checkpoint_reads_the_release_layout_through_our_filter(tmp_pa
     load_checkpoint(model, str(tmp_path / "release.pth"), filter_fn=checkpoint_filter_fn)
     x = torch.randn(1, 3, 28, 28)
     torch.testing.assert_close(model(x), source(x), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("out_indices", [None, (0, 1)])
+def test_every_parameter_of_a_features_only_model_gets_a_gradient(out_indices):
+    """DDP's default (find_unused_parameters=False) fails on the second step when a parameter gets no gradient:
+    the final norm (never applied to the maps) and any stage after the last map returned did not."""
+    model = sequencer.create_model("sequencer2d_nano", features_only=True, out_indices=out_indices)
+    sum(m.square().mean() for m in model(torch.randn(2, 3, 16, 16))).backward()
+    assert not [name for name, p in model.named_parameters() if p.grad is None]
+    assert len(model.model.stages) == (3 if out_indices is None else 2)

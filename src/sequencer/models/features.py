@@ -112,13 +112,18 @@ def returned_feature_info(stage_info: Sequence[dict], out_indices: Sequence[int]
 
 class FeatureExtractor(WrapperFacade, nn.Module):
     """``features_only=True`` wrapper: returns a list of NCHW stage maps; ``feature_info`` (timm's FeatureInfo)
-    describes them; timm's helpers read the model's config and layer groups (:class:`WrapperFacade`)."""
+    describes them; timm's helpers read the model's config and layer groups (:class:`WrapperFacade`).
+
+    The model keeps only what the maps need (:func:`prune_to_stages`: no head, no final norm, no stage after the
+    last one returned), as timm's feature wrappers do: every parameter gets a gradient, which DDP's default
+    (``find_unused_parameters=False``) requires, and none is carried for nothing.
+    """
 
     def __init__(self, model: nn.Module, out_indices: Sequence[int] | None = None):
         super().__init__()
         n = len(model.stages)
         self.out_indices = tuple(stage_indices(out_indices, n, "out_indices"))
-        model.reset_classifier(0)
+        prune_to_stages(model, self.out_indices, prune_norm=True, prune_head=True)
         self.model = model
         self.feature_info = returned_feature_info(model.feature_info, self.out_indices)
         self._take_pretrained_cfg()
