@@ -10,6 +10,8 @@
 #                                                    # disk held .venv and one of these, not a third ~6 GB)
 #   bash scripts/test_torch_range.sh --prefetch      # only make the first environment (.ci/run, while the suite
 #                                                    # runs: pip's downloads wait on the network, not the CPU)
+#   bash scripts/test_torch_range.sh --overlap       # make the next environment while this one's tests run (at
+#                                                    # low CPU priority; two environments on disk at once)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON="${PYTHON:-python3}"
@@ -58,11 +60,13 @@ make_venv() {  # $1 torch version -> .venvs/torch-$1 with that torch, its torchv
 
 discard=0
 prefetch=0
+overlap=0
 versions=()
 for arg in "$@"; do
     case "$arg" in
         --discard) discard=1 ;;
         --prefetch) prefetch=1 ;;
+        --overlap) overlap=1 ;;
         *) versions+=("$arg") ;;
     esac
 done
@@ -74,15 +78,28 @@ if [ "$prefetch" -eq 1 ]; then
 fi
 
 mkdir -p .venvs
-status=0
 for version in "${versions[@]}"; do
     if [ -z "${TORCHVISION[$version]:-}" ]; then
         echo "torch $version is not in this script's range (${RANGE[*]})" >&2
         exit 2
     fi
+done
+status=0
+next_job=""
+for index in "${!versions[@]}"; do
+    version="${versions[$index]}"
+    if [ -n "$next_job" ]; then  # made beside the previous version's tests; if that failed, made again below
+        wait "$next_job" || true
+        next_job=""
+    fi
     if ! make_venv "$version"; then
         status=1
         continue
+    fi
+    next="${versions[$((index + 1))]:-}"
+    if [ "$overlap" -eq 1 ] && [ -n "$next" ]; then
+        ( renice -n 19 -p "$BASHPID" > /dev/null; make_venv "$next" ) &
+        next_job=$!
     fi
     echo "== torch $version: $(".venvs/torch-$version/bin/python" -c 'import torch, torchvision, timm
 print(f"torch {torch.__version__}, torchvision {torchvision.__version__}, timm {timm.__version__}")')" >&2

@@ -106,7 +106,22 @@ def exporting() -> bool:
             or _torch_exporting())
 
 
-_torch_exporting = getattr(torch.compiler, "is_exporting", lambda: False)
+def _exporting_before_2_7() -> bool:
+    """torch.export on a torch without ``torch.compiler.is_exporting`` (2.6): non-strict export runs the forward
+    under make_fx (fx tracing on), strict export under dynamo in its export mode."""
+    return torch.fx._symbolic_trace.is_fx_tracing() or _dynamo_exporting()
+
+
+@torch.compiler.assume_constant_result  # asked while dynamo traces: a constant of the graph
+def _dynamo_exporting() -> bool:
+    try:
+        from torch._dynamo.symbolic_convert import InstructionTranslator
+        return bool(getattr(InstructionTranslator.current_tx(), "export", False))
+    except Exception:  # noqa: BLE001 - not under dynamo (no current frame), or its internals moved: not exporting
+        return False
+
+
+_torch_exporting = getattr(torch.compiler, "is_exporting", _exporting_before_2_7)
 
 
 def auto_takes_triton(rnn: nn.Module, x: torch.Tensor) -> bool:
