@@ -271,6 +271,21 @@ def test_main_in_a_callers_process_gives_its_logging_and_warnings_back(capsys):
     assert (list(logger.handlers), logger.level, logger.propagate, warnings.formatwarning) == before
 
 
+def test_a_command_hides_torchs_no_cuda_runtime_note_and_only_that(capfd):
+    """`--torchcompile` on a CPU machine: torch's first C++ build logs "No CUDA runtime is found, using
+    CUDA_HOME=..." (expected without a GPU); a command's console drops that line alone, for the command alone."""
+    import logging
+    note = logging.getLogger("torch.utils.cpp_extension")
+    with cli._command_console(str):
+        note.warning("No CUDA runtime is found, using CUDA_HOME='%s'", "/usr/local")
+        note.warning("another cpp_extension warning")
+    err = capfd.readouterr().err
+    assert "No CUDA runtime" not in err and "another cpp_extension warning" in err
+    assert not note.filters
+    note.warning("No CUDA runtime is found, using CUDA_HOME='%s'", "/usr/local")  # outside a command: torch's own
+    assert "No CUDA runtime is found" in capfd.readouterr().err
+
+
 def test_a_torchrun_worker_other_than_rank_0_shows_only_errors(capsys, monkeypatch):
     import logging
     log = logging.getLogger("sequencer.engine.example")
