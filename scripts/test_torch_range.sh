@@ -46,8 +46,10 @@ make_venv() {  # $1 torch version -> .venvs/torch-$1 with that torch, its torchv
          "$(free_gb) GB free)" >&2
     "$PYTHON" -m venv --clear "$venv"
     # this machine's pip config caps torch at the locally served release: an empty constraints file lifts the cap.
-    # No cache: a second copy of ~3 GB of CUDA wheels per torch is what filled a CI disk.
+    # No cache: a second copy of ~3 GB of CUDA wheels per torch is what filled a CI disk. No byte-compiling of the
+    # whole install (CPU time taken from the tests running beside it): the modules the tests import compile on use.
     PIP_CONSTRAINT=/dev/null "$venv/bin/python" -m pip install -q --disable-pip-version-check --no-cache-dir \
+        --no-compile \
         "torch==$1" "torchvision==${TORCHVISION[$1]}" ${TIMM[$1]:+"timm==${TIMM[$1]}"} -e ".[test]" 2>&1 \
         | { grep -v "^WARNING: Location '.*' is ignored" || true; }
     if [ "${PIPESTATUS[0]}" -ne 0 ]; then
