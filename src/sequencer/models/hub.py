@@ -87,26 +87,27 @@ def download_weights(url: str, sha256: str | None = None, progress: bool = True,
 
     The file is streamed to a temporary name in that folder and renamed only when complete (its length matches
     ``Content-Length``) and, if ``sha256`` is given, when its digest matches; a cached file that fails a known
-    ``sha256`` is set aside (:func:`set_aside`) and downloaded afresh. ``file://`` URLs take the same path. Network failures raise SequencerError naming the
-    URL; ``timeout`` (seconds per network operation) keeps an unreachable host from hanging forever.
+    ``sha256`` is set aside (:func:`set_aside`) and downloaded afresh. ``file://`` URLs take the same path. Network
+    failures raise SequencerError naming the URL; ``timeout`` (seconds per network operation) keeps an unreachable host from hanging forever.
     """
     filename = os.path.basename(urllib.parse.urlparse(url).path) or "weights.pth"
     cache_dir = Path(torch.hub.get_dir()) / "checkpoints"
     cache_dir.mkdir(parents=True, exist_ok=True)
     dest = cache_dir / filename
-    if dest.exists() and sha256 and _sha256(dest) != sha256:
-        _logger.warning(f"cached weights {dest} fail the sha256 of {url}: set aside as {set_aside(dest).name}, "
-                        f"downloading afresh")
+    digest = _sha256(dest) if dest.exists() and sha256 else None
+    if digest is not None and digest != sha256:
+        _logger.warning(f"cached weights {dest} fail the sha256 of {url}: set aside as "
+                        f"{set_aside(dest, digest).name}, downloading afresh")
     if not dest.exists():
         _fetch(url, dest, sha256, progress, timeout)
     return dest
 
 
-def set_aside(path: Path) -> Path:
+def set_aside(path: Path, digest: str | None = None) -> Path:
     """Renames a cached file that this package cannot use to ``<name>.<its sha256[:8]>.rejected`` beside it and
-    returns the new path. Deleting it is not this package's call: the torch hub cache is keyed by file name alone,
-    so the file may be another tool's, or the user's."""
-    kept = path.with_name(f"{path.name}.{_sha256(path)[:8]}.rejected")
+    returns the new path (``digest``: its sha256 where already known). Deleting it is not this package's call: the
+    torch hub cache is keyed by file name alone, so the file may be another tool's, or the user's."""
+    kept = path.with_name(f"{path.name}.{(digest or _sha256(path))[:8]}.rejected")
     os.replace(path, kept)
     return kept
 
