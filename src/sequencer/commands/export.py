@@ -66,7 +66,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="export format (default: from the --output suffix: .onnx, .pt/.ts, .pt2, .safetensors); "
                              "the suffix must match it")
     parser.add_argument("--output", "-o", required=True, metavar="PATH", help="file to write")
-    parser.add_argument("--dynamic-batch", action="store_true", help="ONNX/TorchScript/exported program: variable batch size")
+    parser.add_argument("--dynamic-batch", action="store_true",
+                        help="ONNX/TorchScript/exported program: variable batch size")
     parser.add_argument("--batch-size", type=positive_int, default=1, help="batch size of the example input")
     parser.add_argument("--opset", type=positive_int, default=17, help=f"ONNX opset ({MIN_OPSET} to {MAX_OPSET})")
     parser.add_argument("--rtol", type=float, default=1e-4,

@@ -70,6 +70,13 @@ def _check_close(name: str, actual: torch.Tensor, reference: torch.Tensor, rtol:
     return err
 
 
+@torch.no_grad()
+def _worst_error(name: str, exported, model: nn.Module, inputs: list[torch.Tensor], rtol: float, path: Path) -> float:
+    """The largest relative logit error of ``exported`` (a callable on an input batch) against ``model`` over
+    ``inputs``; SequencerError (:func:`_check_close`) at the first batch past ``rtol``."""
+    return max(_check_close(name, exported(x), model(x), rtol, path) for x in inputs)
+
+
 @contextlib.contextmanager
 def _quiet_export():
     """The exporters warn about things that do not apply here (legacy exporter, LSTM batch/length notes)."""
@@ -122,11 +129,8 @@ def export_onnx(model: nn.Module, path: str | os.PathLike, input_size: tuple[int
         onnx.save(proto, tmp)
         # verified before the rename: a file that fails the check never appears at ``path``
         session = ort.InferenceSession(tmp, providers=["CPUExecutionProvider"])
-        for x in inputs:
-            with torch.no_grad():
-                reference = model(x)
-            got = torch.from_numpy(session.run(["logits"], {"input": x.numpy()})[0])
-            worst = max(worst, _check_close("ONNX", got, reference, rtol, path))
+        worst = _worst_error("ONNX", lambda x: torch.from_numpy(session.run(["logits"], {"input": x.numpy()})[0]),
+                             model, inputs, rtol, path)
 
     try:
         write_atomically(path, write)
@@ -163,9 +167,7 @@ def export_torchscript(model: nn.Module, path: str | os.PathLike, input_size: tu
         with _quiet_export():
             torch.jit.save(traced, tmp, _extra_files=extra)
             loaded = torch.jit.load(tmp, map_location="cpu")
-        for x in inputs:  # verified before the rename, as for ONNX
-            with torch.no_grad():
-                worst = max(worst, _check_close("TorchScript", loaded(x), model(x), rtol, path))
+        worst = _worst_error("TorchScript", loaded, model, inputs, rtol, path)  # before the rename, as for ONNX
 
     write_atomically(path, write)
     return worst
@@ -202,9 +204,7 @@ def export_program(model: nn.Module, path: str | os.PathLike, input_size: tuple[
             torch.export.save(program, f, extra_files=extra)
         with open(tmp, "rb") as f:
             loaded = torch.export.load(f).module()
-        for x in inputs:  # verified before the rename, as for ONNX
-            with torch.no_grad():
-                worst = max(worst, _check_close("ExportedProgram", loaded(x), model(x), rtol, path))
+        worst = _worst_error("ExportedProgram", loaded, model, inputs, rtol, path)  # before the rename, as for ONNX
 
     write_atomically(path, write)
     return worst
@@ -309,7 +309,6 @@ def quantize_int8(fp32_path: str | os.PathLike, out_path: str | os.PathLike, met
     on the MatMul/Gemm/Conv nodes with activation scales from the calibration images, then the LSTMs dynamically.
     LayerNormalization, the residual adds and GELU stay float either way.
     """
-
     import onnx
     from onnxruntime.quantization import QuantFormat, QuantType, quantize_dynamic, quantize_static
 
