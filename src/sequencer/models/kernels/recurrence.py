@@ -108,8 +108,9 @@ def exporting() -> bool:
 
 def _exporting_before_2_7() -> bool:
     """torch.export on a torch without ``torch.compiler.is_exporting`` (2.6): non-strict export runs the forward
-    under make_fx (fx tracing on), strict export under dynamo in its export mode."""
-    return torch.fx._symbolic_trace.is_fx_tracing() or _dynamo_exporting()
+    under make_fx (fx tracing on), strict export under dynamo in its export mode; both count as compiling, so eager
+    calls (every LSTM of every forward) stop at the first, cheap test."""
+    return torch.compiler.is_compiling() and (torch.fx._symbolic_trace.is_fx_tracing() or _dynamo_exporting())
 
 
 @torch.compiler.assume_constant_result  # asked while dynamo traces: a constant of the graph
