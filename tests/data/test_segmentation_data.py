@@ -190,3 +190,49 @@ def test_not_a_dataset_folder(tmp_path):
     with pytest.raises(SequencerError, match="neither a Pascal VOC folder"):
         open_split(tmp_path, "train")
 
+
+
+# ------------------------------------------------------------------------------------- EXIF-oriented images
+def _tag_orientation(path, orientation: int) -> None:
+    """Re-save an image file with an EXIF orientation tag; its stored pixels stay as they were."""
+    image = Image.open(path)
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    image.save(path, exif=exif.tobytes())
+
+
+@pytest.mark.parametrize("orientation,turn", [(6, lambda a: np.rot90(a, -1)), (8, lambda a: np.rot90(a, 1)),
+                                              (2, lambda a: a[:, ::-1]), (3, lambda a: a[::-1, ::-1])])
+def test_a_mask_labelling_the_stored_pixels_turns_with_its_exif_oriented_image(tmp_path, orientation, turn):
+    """The image is read upright (as a phone shows it); its mask, drawn on the stored pixels, must turn with it, or
+    every pixel is scored against another pixel's label (mIoU 49.7 -> 27.0 on a probe)."""
+    voc = make_voc(tmp_path / "voc", n_train=2, n_val=1, sizes=((40, 56),))
+    image_file = voc / "JPEGImages" / "train_000.png"
+    stored_image = np.array(Image.open(image_file))
+    stored_mask = np.array(Image.open(voc / "SegmentationClass" / "train_000.png"))
+    _tag_orientation(image_file, orientation)
+    image, mask = SegmentationDataset(open_split(voc, "train", num_classes=3))[0]
+    np.testing.assert_array_equal(image.permute(1, 2, 0).numpy(), turn(stored_image))
+    np.testing.assert_array_equal(mask.numpy(), turn(stored_mask))
+
+
+def test_a_mask_drawn_on_the_upright_picture_is_kept(tmp_path):
+    """A labelling tool that shows the photo upright saves the mask at the upright size: it already fits."""
+    voc = make_voc(tmp_path / "voc", n_train=2, n_val=1, sizes=((40, 56),))
+    image_file = voc / "JPEGImages" / "train_000.png"
+    upright_image = np.array(Image.open(image_file))
+    upright_mask = np.array(Image.open(voc / "SegmentationClass" / "train_000.png"))
+    Image.fromarray(np.ascontiguousarray(np.rot90(upright_image, 1))).save(image_file)  # stored turned left,
+    _tag_orientation(image_file, 6)  # tagged "turn right to view"
+    image, mask = SegmentationDataset(open_split(voc, "train", num_classes=3))[0]
+    np.testing.assert_array_equal(image.permute(1, 2, 0).numpy(), upright_image)
+    np.testing.assert_array_equal(mask.numpy(), upright_mask)
+
+
+def test_a_mask_fitting_neither_size_of_an_oriented_image_names_both(voc):
+    def turn_and_shrink(root):
+        _tag_orientation(root / "JPEGImages" / "train_002.png", 6)
+        palette_png(np.zeros((20, 20), np.uint8)).save(root / "SegmentationClass" / "train_002.png")
+    voc = make_voc(voc.parent / "oblong", n_train=4, n_val=1, sizes=((40, 56),))
+    message = _bad(voc, turn_and_shrink)
+    assert "train_002.png is 20x20 but its image train_002.png is 56x40 (40x56 upright, by its EXIF" in message

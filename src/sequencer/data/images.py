@@ -57,6 +57,30 @@ def load_image(source: str | os.PathLike | io.IOBase) -> Image.Image:
             return load_image(f)
     img = Image.open(source)
     img.load()  # decode now, so corrupt and truncated files fail here and not inside a transform
-    if img.getexif().get(EXIF_ORIENTATION, 1) != 1:
+    if exif_orientation(img) != 1:
         img = ImageOps.exif_transpose(img)
     return to_rgb(img)
+
+
+def exif_orientation(img: Image.Image) -> int:
+    """An opened image's EXIF orientation, 1 (stored upright) to 8; 1 without the tag."""
+    return img.getexif().get(EXIF_ORIENTATION, 1)
+
+
+def upright_size(stored_size: tuple[int, int], orientation: int) -> tuple[int, int]:
+    """(width, height) of pixels stored as ``stored_size`` once turned upright: orientations 5-8 turn by 90 degrees."""
+    return stored_size[::-1] if orientation in _QUARTER_TURNS else tuple(stored_size)
+
+
+def turned_upright(img: Image.Image, orientation: int) -> Image.Image:
+    """``img`` turned as EXIF ``orientation`` says (what :func:`load_image` does to a tagged file), for pixels that
+    carry no tag of their own but belong to a tagged image, such as its label mask."""
+    method = _TURNS.get(orientation)
+    return img.transpose(method) if method is not None else img
+
+
+# the EXIF orientations (the TIFF 6.0 / EXIF 2.3 Orientation tag) as the transposition that makes the pixels upright
+_TURNS = {2: Image.Transpose.FLIP_LEFT_RIGHT, 3: Image.Transpose.ROTATE_180, 4: Image.Transpose.FLIP_TOP_BOTTOM,
+          5: Image.Transpose.TRANSPOSE, 6: Image.Transpose.ROTATE_270, 7: Image.Transpose.TRANSVERSE,
+          8: Image.Transpose.ROTATE_90}
+_QUARTER_TURNS = (5, 6, 7, 8)

@@ -28,7 +28,7 @@ from PIL import Image
 from ..errors import SequencerError
 from .ade20k import ADE20K_CLASSES, ade20k_class_names
 from .class_folders import IMAGE_EXTENSIONS
-from .images import READ_ERRORS, UnreadableImageError, load_image
+from .images import READ_ERRORS, UnreadableImageError, exif_orientation, load_image, turned_upright, upright_size
 
 IGNORE_INDEX = 255
 VOC_CLASSES = ("background", "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow",
@@ -168,18 +168,19 @@ def _pair_problem(image: Path, mask: Path, num_classes: int, reduce_zero_label: 
     if not mask.is_file():
         return f"mask {mask} does not exist (for image {image.name})"
     try:
-        with Image.open(image) as img:
-            image_size = img.size
+        stored, orientation = image_header(image)
     except READ_ERRORS as e:
         return f"image {image} is unreadable ({e})"
+    upright = upright_size(stored, orientation)
     try:
         with Image.open(mask) as m:
             if m.mode not in MASK_MODES:
                 return (f"mask {mask} is {m.mode}, not a palette or grayscale PNG of class indices (convert colour "
                         f"masks to indices first)")
-            if m.size != image_size:
+            if m.size not in (stored, upright):
+                turned = f" ({upright[0]}x{upright[1]} upright, by its EXIF orientation)" if upright != stored else ""
                 return (f"mask {mask} is {m.size[0]}x{m.size[1]} but its image {image.name} is "
-                        f"{image_size[0]}x{image_size[1]}")
+                        f"{stored[0]}x{stored[1]}{turned}")
             counts = m.histogram()
     except READ_ERRORS as e:
         return f"mask {mask} is unreadable ({e})"
@@ -192,9 +193,22 @@ def _pair_problem(image: Path, mask: Path, num_classes: int, reduce_zero_label: 
     return None
 
 
-def read_mask(path: str | os.PathLike, reduce_zero_label: bool) -> np.ndarray:
-    """A mask file as an (H, W) uint8 array of class indices (255 = ignore), zero label reduced when asked."""
+def image_header(path: str | os.PathLike) -> tuple[tuple[int, int], int]:
+    """An image file's stored (width, height) and EXIF orientation, from its header."""
+    with Image.open(path) as img:
+        return img.size, exif_orientation(img)
+
+
+def read_mask(path: str | os.PathLike, reduce_zero_label: bool, header: tuple = ((0, 0), 1)) -> np.ndarray:
+    """A mask file as an (H, W) uint8 array of class indices (255 = ignore), zero label reduced when asked.
+
+    ``header``: its image's stored size and EXIF orientation (:func:`image_header`). The image is read
+    upright (:func:`~sequencer.data.images.load_image`), so a mask of the image's stored size, labelling the
+    pixels as stored, is turned with it; a mask of the upright size only (drawn on the upright picture) is kept."""
+    stored, orientation = header
     with Image.open(path) as m:
+        if orientation != 1 and m.size == tuple(stored):
+            m = turned_upright(m, orientation)
         labels = np.array(m, dtype=np.uint8)  # palette PNGs decode to their indices, which are the classes
     if reduce_zero_label:
         labels = labels - 1  # uint8: 0 wraps to 255 (ignored); 255 must stay 255, not 254
@@ -222,7 +236,7 @@ class SegmentationDataset(torch.utils.data.Dataset):
         path = self.split.images[index]
         try:
             image = load_image(path)
-            mask = read_mask(self.split.masks[index], self.split.reduce_zero_label)
+            mask = read_mask(self.split.masks[index], self.split.reduce_zero_label, image_header(path))
         except READ_ERRORS as e:
             raise UnreadableImageError(str(path), e) from None
         return image, mask
