@@ -226,6 +226,7 @@ def _train(cfg: SegmentConfig, state: RunState, info: dist_utils.DistInfo) -> Se
     resume_path = locate_resume(cfg, info)
     resume_ckpt = read_resume_checkpoint(resume_path) if resume_path else None
     train_split, val_split = _open_splits(cfg, resume_ckpt)
+    _check_pooled_batch_norm(cfg, info)
     model = _build_model(cfg, train_split.num_classes, resume_ckpt, info.device)
     run = _build_run(cfg, info, model, train_split, val_split)
     run.state = state
@@ -276,6 +277,18 @@ def _open_splits(cfg: SegmentConfig, resume_ckpt: dict | None):
     train_split = open_split(cfg.data, cfg.train_split, **kw)
     val_split = open_split(cfg.data, cfg.val_split, **kw)
     return train_split, val_split
+
+
+def _check_pooled_batch_norm(cfg: SegmentConfig, info: dist_utils.DistInfo) -> None:
+    """UperNet pools the stride-32 map to 1x1 and batch-normalises it: one image per BatchNorm batch is one value
+    per channel, which BatchNorm refuses in training (a ValueError at the first step otherwise). Under DDP on GPUs the
+    BatchNorms are synchronised, so the batch is every process's."""
+    synced = info.distributed and info.device.type == "cuda"
+    if cfg.head == "upernet" and cfg.batch_size * (info.world_size if synced else 1) < 2:
+        raise SequencerError(f"`batch_size={cfg.batch_size}` with `head=upernet`: its pyramid pooling batch-normalises "
+                             f"a 1x1 map, which needs 2 or more images per batch"
+                             + (" (on each process: the CPU's BatchNorms are not synchronised)" if info.distributed
+                                else ""), hint="use `batch_size=2` or more, or `head=fpn`")
 
 
 def _build_model(cfg: SegmentConfig, num_classes: int, resume_ckpt: dict | None, device) -> nn.Module:
