@@ -19,7 +19,7 @@ from sequencer.engine import segmentation as seg_engine
 from sequencer.engine.segmentation import SegmentConfig, train_segmenter
 from sequencer.engine.train import TrainingInterrupted
 from sequencer.engine.segmentation_eval import (InferenceSettings, _window_starts, confusion_matrix, image_logits,
-                                                segmentation_metrics)
+                                                inference_settings, segmentation_metrics)
 from sequencer.errors import SequencerError
 from sequencer.models.segmentation import create_segmenter
 from sequencer.engine.outputs import read_summary
@@ -74,6 +74,19 @@ def test_sliding_window_equals_whole_image_for_a_pointwise_model():
     slide = image_logits(model, image, InferenceSettings("slide", crop=16, stride=10))
     assert slide.shape == (1, 4, 37, 50)
     torch.testing.assert_close(slide, whole)
+
+
+def test_a_stride_longer_than_the_window_is_refused():
+    """Windows of 32 px every 50 on a 100-px side start at 0, 50 and 68: rows 32..49 got no logits, a 0/0 NaN that
+    argmax read as class 0, silently."""
+    cpu = torch.device("cpu")
+    with pytest.raises(SequencerError, match=r"^`stride=50` is longer than the 32-pixel sliding window: the pixels "
+                                             r"between windows would get no prediction \(hint: use `stride=32`"):
+        inference_settings(dict(img_size=32, stride=50), "slide", None, cpu)
+    with pytest.raises(SequencerError, match=r"^`stride=33` is longer"):
+        inference_settings(dict(img_size=32), "slide", 33, cpu)
+    assert inference_settings(dict(img_size=32, stride=50), "slide", 32, cpu).stride == 32  # the override wins
+    assert inference_settings(dict(img_size=32, stride=50), "whole", None, cpu).mode == "whole"  # no windows
 
 
 @pytest.mark.parametrize("head", ["upernet", "fpn"])

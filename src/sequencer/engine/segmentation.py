@@ -42,8 +42,8 @@ from .loop import StopRequest, callbacks_ask_to_stop, current_lr, training_check
 from .outputs import (claimed_process_group, plain, plural, prepare_outputs, read_summary, summary_numbers,
                       write_summary)
 from .resume import locate_resume, read_resume_checkpoint
-from .segmentation_eval import (EVAL_MODES, eval_loader, evaluate_segmentation, inference_settings, metrics_row,
-                              segment_data_config)
+from .segmentation_eval import (EVAL_MODES, check_stride, eval_loader, evaluate_segmentation, inference_settings,
+                              metrics_row, segment_data_config)
 from .train import amp_setup, as_library_call
 
 _logger = logging.getLogger(__name__)
@@ -146,6 +146,7 @@ def check_segment_config(cfg: SegmentConfig) -> None:
         bad("head", cfg.head, f"use one of {', '.join(HEADS)}")
     if cfg.eval_mode not in EVAL_MODES:
         bad("eval_mode", cfg.eval_mode, f"use one of {', '.join(EVAL_MODES)}")
+    check_stride(cfg.stride, cfg.img_size)
     if cfg.amp_dtype not in ("float16", "bfloat16"):
         bad("amp_dtype", cfg.amp_dtype, "use float16 or bfloat16")
     if cfg.resume == "auto" and not cfg.experiment:

@@ -168,7 +168,18 @@ def inference_settings(data_config: dict, mode: str | None, stride: int | None,
     amp_dtype = getattr(torch, data_config["eval_amp_dtype"]) if data_config.get("eval_amp_dtype") else None
     if device.type == "cpu" and amp_dtype == torch.float16:
         amp_dtype = torch.bfloat16  # CPU autocast is a bfloat16 feature (the --amp policy)
-    return InferenceSettings(mode, int(data_config["img_size"]), stride or data_config.get("stride"), amp_dtype)
+    crop, stride = int(data_config["img_size"]), stride or data_config.get("stride")
+    if mode == "slide":
+        check_stride(stride, crop)
+    return InferenceSettings(mode, crop, stride, amp_dtype)
+
+
+def check_stride(stride: int | None, crop: int) -> None:
+    """SequencerError for a sliding-window ``stride`` longer than the ``crop`` window: the rows and columns between
+    two windows would have no logits (their 0/0 average is NaN, which argmax reads as class 0)."""
+    if stride is not None and stride > crop:
+        raise SequencerError(f"`stride={stride}` is longer than the {crop}-pixel sliding window: the pixels "
+                             f"between windows would get no prediction", hint=f"use `stride={crop}` or less")
 
 
 def segment_data_config(backbone: str | None, img_size: int, eval_size: int | None, eval_mode: str,
