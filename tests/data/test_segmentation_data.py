@@ -191,6 +191,12 @@ def test_not_a_dataset_folder(tmp_path):
         open_split(tmp_path, "train")
 
 
+@pytest.mark.parametrize("layout", ["", "voc", "ade20k"])  # a checkpoint gives its layout
+def test_a_missing_dataset_folder_is_named_as_such(tmp_path, layout):
+    with pytest.raises(SequencerError, match=r"^dataset folder '.*/nowhere' does not exist$"):
+        open_split(tmp_path / "nowhere", "val", layout=layout)
+
+
 
 # ------------------------------------------------------------------------------------- EXIF-oriented images
 def _tag_orientation(path, orientation: int) -> None:

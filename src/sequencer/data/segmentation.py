@@ -82,6 +82,8 @@ def open_split(root: str | os.PathLike, split: str, layout: str = "", num_classe
     (:func:`check_pairs`). ``num_classes`` defaults to the layout's (21 / 150); ``reduce_zero_label`` to True for
     ADE20K only. Raises SequencerError (one line naming the file) for any bad input."""
     root = Path(root)
+    if not root.is_dir():  # also when the layout is given (a checkpoint's): not "id list ... does not exist"
+        raise SequencerError(f"dataset folder {str(root)!r} does not exist")
     layout = layout or detect_layout(root)
     if layout not in LAYOUTS:
         raise SequencerError(f"unknown dataset layout {layout!r}", hint=f"use one of {', '.join(LAYOUTS)}")
