@@ -91,11 +91,25 @@ def test_ade20k_class_names_default_file_and_custom(tmp_path):
     assert open_split(root, "training").class_names == list(ADE20K_CLASSES)
     assert open_split(root, "training", num_classes=2).class_names == ["class_0", "class_1"]
     names = ["partition wall", *ADE20K_CLASSES[1:]]
-    object_info(root, [f"{n};{n}s;other" for n in names])  # the challenge's `floor;flooring` lists
+    object_info(root, [f"{n};{n}s;other" for n in names])  # `floor;flooring` lists
     assert open_split(root, "training").class_names == names
-    object_info(root, [f"{n}, {n}s" for n in names], separator="    ")  # space-separated copies, ',' lists
+    object_info(root, [f"{n}, {n}s" for n in names], separator="    ")  # space-separated copies, ', ' lists
     assert open_split(root, "training").class_names == names
     assert open_split(root, "training", class_names=["a"] * 150).class_names == ["a"] * 150  # given names win
+
+
+def test_ade20k_names_from_an_object_info_shaped_as_the_challenge_devkits(tmp_path):
+    """CSAILVision/sceneparsing's objectInfo150.txt: tabs, ', ' between synonyms, and a few stray spaces (Idx '22 ',
+    names 'bed ' and 'windowpane, window ')."""
+    root = make_ade20k(tmp_path / "ade", n_train=2, n_val=1)
+    lines = ["Idx\tRatio\tTrain\tVal\tName"]
+    for i, name in enumerate(ADE20K_CLASSES, start=1):
+        idx = f"{i} " if 22 <= i <= 27 else str(i)
+        listed = {8: "bed ", 9: "windowpane, window ", 45: "chest of drawers, chest, bureau, dresser"}.get(
+            i, f"{name}, {name}s")
+        lines.append(f"{idx}\t0.0100\t100\t10\t{listed}")
+    (root / "objectInfo150.txt").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    assert open_split(root, "training").class_names == list(ADE20K_CLASSES)
 
 
 @pytest.mark.parametrize("break_it,line,message", [

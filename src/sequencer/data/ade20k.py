@@ -2,9 +2,9 @@
 names embedded here.
 
 ``objectInfo150.txt`` (at the root of ``ADEChallengeData2016``) has a header line, then one line per class:
-``Idx Ratio Train Val Name``, tab-separated, ``Name`` a list of synonyms (``floor;flooring``); a class's name is its
-first synonym, as ``chest of drawers`` (spaces kept).
-"""
+``Idx Ratio Train Val Name``, tab-separated, ``Name`` a list of synonyms (``floor, flooring``; the challenge devkit's
+copy, CSAILVision/sceneparsing, has stray spaces after a few Idx and names); a class's name is its first synonym, as
+``chest of drawers`` (spaces kept)."""
 from __future__ import annotations
 
 import re
@@ -29,7 +29,7 @@ ADE20K_CLASSES = (
     "screen", "blanket", "sculpture", "hood", "sconce", "vase", "traffic light", "tray", "ashcan", "fan", "pier",
     "crt screen", "plate", "monitor", "bulletin board", "shower", "radiator", "glass", "clock", "flag",
 )
-_SYNONYMS = re.compile(r"[;,]")  # the challenge's lists use ';' (some copies of the file ',')
+_SYNONYMS = re.compile(r"[;,]")  # the challenge's lists use ', ' (hand-made copies of the file ';')
 
 
 def ade20k_class_names(root: str | Path) -> list[str]:
