@@ -9,7 +9,12 @@ import textwrap
 
 import pytest
 
+import torch
+from torch import nn
+
 from run_helpers import subprocess_env
+from segmentation_helpers import make_voc
+from sequencer.engine.segmentation_eval import validate_segmenter
 
 # each rank: make a group, train a small module on tensor Datasets in it, validate the module, then use the group
 WORKER = textwrap.dedent('''
@@ -28,6 +33,13 @@ WORKER = textwrap.dedent('''
         def __getitem__(self, i):
             return self.images[i], int(self.labels[i])
 
+    class CountingSegmenter(nn.Conv2d):  # pointwise logits for 3 classes; counts the images it is shown
+        num_classes = 3
+        images_seen = 0
+        def forward(self, x):
+            self.images_seen += x.shape[0]
+            return super().forward(x)
+
     def rank_main(rank, folder):
         dist.init_process_group("gloo", init_method=f"file://{folder}/rendezvous", rank=rank, world_size=2)
         net = nn.Sequential(nn.Flatten(), nn.Linear(192, 2))
@@ -36,6 +48,9 @@ WORKER = textwrap.dedent('''
                                  progress=False)
         alive_after_train = dist.is_initialized()
         top1 = sequencer.validate(model=net, data=Blobs(32, 1), device="cpu", progress=False).top1
+        torch.manual_seed(0)
+        segmenter = CountingSegmenter(3, 3, 1)
+        seg = sequencer.validate_segmenter(data=f"{folder}/voc", model=segmenter, eval_size=32)
         alive = dist.is_initialized()
         ranks = torch.tensor([float(rank)])
         dist.all_reduce(ranks)  # the group still works
@@ -45,7 +60,8 @@ WORKER = textwrap.dedent('''
         with open(f"{folder}/rank{rank}.json", "w") as f:
             json.dump(dict(alive_after_train=alive_after_train, alive=alive, rank_sum=ranks.item(), top1=top1,
                            same_weights=bool(torch.equal(gathered[0], gathered[1])),
-                           epochs=[r["epoch"] for r in result.summary]), f)
+                           epochs=[r["epoch"] for r in result.summary], seg=seg.as_dict(),
+                           seg_images_seen=segmenter.images_seen), f)
         dist.destroy_process_group()
 
     if __name__ == "__main__":
@@ -55,6 +71,9 @@ WORKER = textwrap.dedent('''
 
 @pytest.mark.slow
 def test_train_and_validate_leave_the_callers_group_alive(tmp_path):
+    """... and `validate_segmenter` in the group evaluates a share of the split on each rank (each rank scored all of
+    it before), its counts summed to the single-process numbers."""
+    make_voc(tmp_path / "voc", n_train=1, n_val=5)
     script = tmp_path / "worker.py"
     script.write_text(WORKER)
     env = subprocess_env()
@@ -69,5 +88,14 @@ def test_train_and_validate_leave_the_callers_group_alive(tmp_path):
         assert got["same_weights"]  # trained as one DDP run: both ranks end with the same weights
         assert got["epochs"] == [0, 1]
     assert ranks[0]["top1"] == ranks[1]["top1"]  # validate's shares were reduced over the group
+    torch.manual_seed(0)
+    alone = validate_segmenter(data=tmp_path / "voc", model=_with_classes(nn.Conv2d(3, 3, 1)), eval_size=32).as_dict()
+    assert ranks[0]["seg"] == ranks[1]["seg"] == json.loads(json.dumps(alone))  # as the ranks wrote it
+    assert sorted(got["seg_images_seen"] for got in ranks) == [2, 3]  # shares of the 5 images, not 5 each
     assert [p.name for p in (tmp_path / "out").iterdir()] == ["group"]  # rank 0 wrote the one experiment folder
     assert proc.stdout == "" and proc.stderr == ""  # progress=False on both ranks
+
+
+def _with_classes(module: nn.Module, num_classes: int = 3) -> nn.Module:
+    module.num_classes = num_classes
+    return module

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
 
 from ..engine.segmentation import SegmentConfig, run_segmentation
 from ..engine.segmentation_eval import EVAL_MODES, predict_files, validate_segmenter
@@ -145,6 +146,8 @@ def _validate(args) -> int:
     check_results_file(args.results_file)
     m = validate_segmenter(args.checkpoint, args.data, args.split, eval_mode=args.eval_mode, stride=args.stride,
                            workers=args.workers, device=args.device, results_file=args.results_file)
+    if os.environ.get("RANK", "0") != "0":  # under torchrun every rank holds the summed numbers; rank 0 shows them
+        return 0
     print(f"mIoU {m.miou:.4f} pixel acc {m.pixel_acc:.4f} mAcc {m.macc:.4f} on {m.images} images ({m.eval_mode})")
     for name, iou in m.per_class_iou.items():
         print(f"  {name}: IoU {iou:.4f}")

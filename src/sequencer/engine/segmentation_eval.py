@@ -28,6 +28,7 @@ from ..models import get_model_entry
 from ..models.caller_module import caller_module_kept
 from ..models.loading import read_checkpoint
 from ..models.segmentation import Segmenter, segmenter_from_config
+from .distributed import DistInfo, process_group
 from .guest import caller_rng_kept
 
 _logger = logging.getLogger(__name__)
@@ -252,45 +253,42 @@ def validate_segmenter(checkpoint: str | os.PathLike = "", data: str | os.PathLi
     then given back as it was: on its own device, in the mode it was in, each submodule's too, also when
     evaluation raises; its backbone's normalisation (ImageNet's for another module), ``eval_size`` (default 512,
     also the sliding window), the layout and class names of the folder. With ``results_file`` (.json) the results
-    are also written there. The caller's ``random``, ``numpy`` and torch random state is restored on return
+    are also written there (by rank 0). Under torchrun, or in the caller's process group, call it on every process:
+    each evaluates a share of the split and every rank returns the counts summed over them. The caller's ``random``, ``numpy`` and torch random state is restored on return
     (building a checkpoint's segmenter draws its initial weights from it)."""
+    from .inference import resolve_device
+
     if (model is None) == (not checkpoint):
         raise SequencerError("validate_segmenter: pass a checkpoint or a model in memory, one of them")
     if not data:
         raise SequencerError("validate_segmenter: no dataset folder given", hint="give `data`, the dataset folder")
-    with caller_rng_kept(), caller_module_kept(model):
-        loaded, dev = _in_memory(model, device) if model is not None else _from_checkpoint(checkpoint, device)
+    resolve_device(device)  # a bad `device` is one line before a process group is joined
+    with caller_rng_kept(), caller_module_kept(model), process_group(device) as info:
+        loaded, dev = (_in_memory(model, device, info) if model is not None
+                       else (load_segmenter(os.fspath(checkpoint), info.device), info.device))
         data_split, cfg = _split_and_settings(loaded, data, split, eval_size, in_memory=model is not None)
         settings = inference_settings(cfg, eval_mode, stride, dev)
-        metrics = evaluate_segmentation(loaded.model, eval_loader(data_split, cfg, workers, dev),
-                                        loaded.model.num_classes, loaded.class_names, settings)
+        metrics = evaluate_segmentation(loaded.model, eval_loader(data_split, cfg, workers, dev, info.distributed),
+                                        loaded.model.num_classes, loaded.class_names, settings, info.distributed)
     result = SegmentValidationResult(**metrics, checkpoint=os.fspath(checkpoint), split=split,
                                      eval_mode=settings.mode)
-    if results_file:
+    if results_file and info.is_primary:
         text = json.dumps(result.as_dict(), indent=2, allow_nan=True)
         write_atomically(results_file, lambda tmp: Path(tmp).write_text(text + "\n"), what="results file")
     return result
 
 
-def _from_checkpoint(checkpoint, device: str | None) -> tuple[LoadedSegmenter, torch.device]:
-    from .inference import resolve_device
-
-    dev = resolve_device(device)
-    return load_segmenter(os.fspath(checkpoint), dev), dev
-
-
-def _in_memory(model: nn.Module, device: str | None) -> tuple[LoadedSegmenter, torch.device]:
+def _in_memory(model: nn.Module, device: str | None, info: DistInfo) -> tuple[LoadedSegmenter, torch.device]:
     """The caller's segmenter as a :class:`LoadedSegmenter` and the device it runs on (its own, or ``device``
-    where given: it is moved there, and :func:`validate_segmenter` puts it back); its data settings hold only its
-    backbone's name (the rest come from the call and the folder: :func:`_split_and_settings`)."""
-    from .inference import resolve_device
-
+    where given, this process's under torchrun: it is moved there, and :func:`validate_segmenter` puts it back);
+    its data settings hold only its backbone's name (the rest come from the call and the folder:
+    :func:`_split_and_settings`)."""
     num_classes = getattr(model, "num_classes", None)
     if not isinstance(num_classes, int):
         raise SequencerError(f"validate_segmenter: `model={type(model).__name__}` has no `num_classes`",
                              hint="pass a segmenter from sequencer.create_segmenter, or set its num_classes")
     if device is not None:
-        model.to(resolve_device(device))
+        model.to(info.device)
     backbone = (getattr(model, "config", None) or {}).get("backbone")
     return LoadedSegmenter(model, [], {"backbone": backbone}, {}), next(model.parameters()).device
 
