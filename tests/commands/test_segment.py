@@ -262,3 +262,16 @@ def test_predict_into_a_file_is_one_line_before_any_work(tmp_path, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "--output" in err[0] and "is a file, not a folder" in err[0], err
     assert (tmp_path / "model.pth.tar").read_bytes() == b"not touched"
+
+
+def test_two_images_of_one_mask_name_are_one_line_before_any_work(tmp_path, capsys):
+    """a/x.png and b/x.jpg both became OUTPUT/x.png: one mask silently replaced the other ("wrote 2 masks", 1 file)."""
+    for folder, suffix in (("a", ".png"), ("b", ".jpg")):
+        (tmp_path / folder).mkdir()
+        Image.new("RGB", (8, 8)).save(tmp_path / folder / f"x{suffix}")
+    assert segment("predict", tmp_path / "a", tmp_path / "b", "--checkpoint", tmp_path / "missing.pth.tar",
+                   "--output", tmp_path / "masks") == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and f"images {tmp_path}/a/x.png and {tmp_path}/b/x.jpg would both be written to " \
+        f"{tmp_path}/masks/x.png" in err[0] and "(hint: predict them into separate --output folders" in err[0], err
+    assert not (tmp_path / "masks").exists()

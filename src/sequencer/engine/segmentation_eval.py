@@ -323,6 +323,7 @@ def predict_files(checkpoint: str, files: list[Path], output: str, *, overlay: b
     out = Path(output)
     if out.exists() and not out.is_dir():  # before any work: the masks go in a folder
         raise SequencerError(f"`output={output!r}` is a file, not a folder", hint="pass a folder for the masks")
+    _check_mask_names(files, out)
     dev = resolve_device(device)
     loaded = load_segmenter(checkpoint, dev)
     cfg = loaded.data_config
@@ -353,3 +354,14 @@ def predict_files(checkpoint: str, files: list[Path], output: str, *, overlay: b
                              lambda tmp: blended.save(tmp, format="JPEG", quality=90), what="overlay")
     return written
 
+
+def _check_mask_names(files: list[Path], out: Path) -> None:
+    """SequencerError, before any work, for two images whose masks would have one name (``a/x.jpg``, ``b/x.png``:
+    the second mask replaced the first); names differing only in case count as one, as on macOS and Windows."""
+    first: dict[str, Path] = {}
+    for file in files:
+        name = f"{file.stem}.png"
+        earlier = first.setdefault(name.casefold(), file)
+        if earlier != file:
+            raise SequencerError(f"images {earlier} and {file} would both be written to {out / name}",
+                                 hint="predict them into separate `output` folders, or rename one")
