@@ -269,15 +269,27 @@ def _train(cfg: SegmentConfig, state: RunState, info: dist_utils.DistInfo) -> Se
 def _open_splits(cfg: SegmentConfig, resume_ckpt: dict | None):
     """The checked training and validation splits (every bad file is one line here, before anything is written)."""
     saved = (resume_ckpt or {}).get("segmenter") or {}
-    num_classes = cfg.num_classes if cfg.num_classes is not None else saved.get("num_classes")
-    if saved and cfg.num_classes is not None and cfg.num_classes != saved.get("num_classes"):
-        raise SequencerError(f"`resume={cfg.resume}`: `num_classes={cfg.num_classes}` vs the checkpoint's "
-                             f"{saved.get('num_classes')}", hint="leave `num_classes` unset when resuming")
-    names = (resume_ckpt or {}).get("class_names")
-    kw = dict(layout=cfg.layout, num_classes=num_classes, reduce_zero_label=cfg.reduce_zero_label, class_names=names)
+    saved_data = (resume_ckpt or {}).get("data_config") or {}
+    kw = dict(layout=_resumed(cfg, "layout", saved_data.get("layout"), unset=""),
+              num_classes=_resumed(cfg, "num_classes", saved.get("num_classes")),
+              reduce_zero_label=_resumed(cfg, "reduce_zero_label", saved_data.get("reduce_zero_label")),
+              class_names=(resume_ckpt or {}).get("class_names"))
     train_split = open_split(cfg.data, cfg.train_split, **kw)
     val_split = open_split(cfg.data, cfg.val_split, **kw)
     return train_split, val_split
+
+
+def _resumed(cfg: SegmentConfig, name: str, saved, unset=None):
+    """A label setting of a resumed run: the checkpoint's where ``cfg`` leaves it unset (the run's labels must mean
+    what they meant: a resume of a ``reduce_zero_label=False`` run defaulting to ADE20K's True shifted every class by
+    one), a SequencerError where ``cfg`` sets another value; ``cfg``'s own without a checkpoint value."""
+    given = getattr(cfg, name)
+    if saved is None:
+        return given
+    if given != unset and given != saved:
+        raise SequencerError(f"`resume={cfg.resume}`: `{name}={given}` vs the checkpoint's {saved}",
+                             hint=f"leave `{name}` unset when resuming")
+    return saved
 
 
 def _check_pooled_batch_norm(cfg: SegmentConfig, info: dist_utils.DistInfo) -> None:
