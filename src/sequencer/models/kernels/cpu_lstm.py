@@ -23,7 +23,8 @@ import torch
 from torch import nn
 
 from ...errors import SequencerError
-from .onednn import functorch_active, linear
+from .capture import plain_eager
+from .onednn import linear
 
 _GATES = 4
 
@@ -35,9 +36,7 @@ def applies(rnns: list[nn.Module], backend: str, x: torch.Tensor) -> bool:
     if x.device.type != "cpu":
         raise SequencerError(f"lstm_backend 'cpu' needs CPU tensors, got {x.device.type}",
                              hint="use SEQUENCER_LSTM_BACKEND=native or auto on this device")
-    if torch.compiler.is_compiling() or torch.jit.is_scripting() or torch.jit.is_tracing() or functorch_active():
-        return False  # (a torch.func transform may differentiate: no backward here)
-    if torch.onnx.is_in_onnx_export():
+    if not plain_eager():  # (a torch.func transform may differentiate: no backward here)
         return False
     if not all(r.mode == "LSTM" and r.num_layers == 1 and not r.proj_size and r.batch_first for r in rnns):
         return False

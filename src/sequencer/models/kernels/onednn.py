@@ -10,6 +10,8 @@ import logging
 import torch
 import torch.nn.functional as F
 
+from .capture import plain_eager
+
 _logger = logging.getLogger(__name__)
 
 
@@ -18,23 +20,14 @@ def _onednn_linear_ok(x: torch.Tensor, weight: torch.Tensor) -> bool:
 
     On this project's AMD CPUs oneDNN's fp32 GEMM is 5-20% faster than PyTorch's default (MKL) on the model's
     shapes (measured on 2 Zen 5 cores: 135-221 vs 132-192 GFLOP/s), and it can fuse GELU. The oneDNN path is taken
-    only in plain eager CPU execution in the weights' own dtype: under autocast, tracing, scripting,
-    ``torch.compile``, ONNX export or a ``torch.func`` transform the standard op is used, so exported and compiled graphs see ordinary
-    ``aten.linear``.
+    only in plain eager CPU execution (:func:`.capture.plain_eager`) in the weights' own dtype: under autocast,
+    tracing, scripting, ``torch.compile``, ONNX export or a ``torch.func`` transform the standard op is used, so
+    exported and compiled graphs see ordinary ``aten.linear``.
     """
-    if torch.compiler.is_compiling():  # first: dynamo may not trace the checks below (torch.backends is skipped)
-        return False
-    return (x.device.type == "cpu" and x.dtype == weight.dtype
+    return (plain_eager() and x.device.type == "cpu" and x.dtype == weight.dtype
             and (x.dtype == torch.float32 or x.dtype == torch.bfloat16 and onednn_bf16_supported())
             and x.dim() >= 2 and torch.backends.mkldnn.is_available() and torch.backends.mkldnn.enabled
-            and not torch.is_autocast_enabled("cpu") and not torch.jit.is_scripting() and not torch.jit.is_tracing()
-            and not torch.compiler.is_compiling() and not torch.onnx.is_in_onnx_export() and not functorch_active())
-
-
-def functorch_active() -> bool:
-    """Whether a ``torch.func`` transform (``grad``, ``vmap``, ``jacrev``, ...) is running: the oneDNN paths' autograd
-    Functions have no ``setup_context`` (which those transforms require), so the standard ops run under them."""
-    return torch._C._are_functorch_transforms_active()
+            and not torch.is_autocast_enabled("cpu"))
 
 
 def _onednn_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,

@@ -32,6 +32,7 @@ from torch import nn
 from ...errors import ArgumentValueError, SequencerError
 
 from . import onednn_lstm
+from .capture import exporting
 
 try:  # registers the sequencer::lstm_scan ops; without Triton only the native backend exists
     from . import triton_lstm
@@ -96,33 +97,6 @@ def resolve_backend(requested: str | None = None) -> str:
 # and measured far more accurate than cuDNN's (top-1 agreement with fp32 100% vs 90.6%). Other chips, hidden sizes
 # above 96 (the 2x-hidden ablation) and training keep cuDNN until a GPU session measures them.
 AUTO_TRITON_MEASURED = {"capabilities": {(9, 0)}, "dtypes": {torch.bfloat16, torch.float16}, "max_hidden": 96}
-
-
-def exporting() -> bool:
-    """Whether the forward is being captured into a program meant to run without this package: a TorchScript trace
-    or script, an ONNX export, or ``torch.export`` (whose programs AOTInductor compiles for C++). The package's
-    custom ops would tie such a program to ``import sequencer`` in a Python process."""
-    return (torch.jit.is_scripting() or torch.jit.is_tracing() or torch.onnx.is_in_onnx_export()
-            or _torch_exporting())
-
-
-def _exporting_before_2_7() -> bool:
-    """torch.export on a torch without ``torch.compiler.is_exporting`` (2.6): non-strict export runs the forward
-    under make_fx (fx tracing on), strict export under dynamo in its export mode; both count as compiling, so eager
-    calls (every LSTM of every forward) stop at the first, cheap test."""
-    return torch.compiler.is_compiling() and (torch.fx._symbolic_trace.is_fx_tracing() or _dynamo_exporting())
-
-
-@torch.compiler.assume_constant_result  # asked while dynamo traces: a constant of the graph
-def _dynamo_exporting() -> bool:
-    try:
-        from torch._dynamo.symbolic_convert import InstructionTranslator
-        return bool(getattr(InstructionTranslator.current_tx(), "export", False))
-    except Exception:  # noqa: BLE001 - not under dynamo (no current frame), or its internals moved: not exporting
-        return False
-
-
-_torch_exporting = getattr(torch.compiler, "is_exporting", _exporting_before_2_7)
 
 
 def auto_takes_triton(rnn: nn.Module, x: torch.Tensor) -> bool:

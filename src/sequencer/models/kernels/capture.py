@@ -1,0 +1,56 @@
+"""Whether the forward is running eagerly or being captured, and by what: the one place the kernels ask.
+
+The kernels of this package choose their path from the answer:
+
+* :func:`exporting`: captured into a program meant to run without this package (TorchScript, ONNX, ``torch.export``):
+  only ATen's own ops may appear.
+* :func:`plain_eager`: none of the capturing or transforming modes is on, so the eager-only paths (oneDNN autograd
+  Functions, the ``cpu`` LSTM scan) may run.
+* :func:`functorch_active`: a ``torch.func`` transform is running.
+"""
+from __future__ import annotations
+
+import torch
+
+
+def exporting() -> bool:
+    """Whether the forward is being captured into a program meant to run without this package: a TorchScript trace
+    or script, an ONNX export, or ``torch.export`` (whose programs AOTInductor compiles for C++). The package's
+    custom ops would tie such a program to ``import sequencer`` in a Python process."""
+    return (torch.jit.is_scripting() or torch.jit.is_tracing() or torch.onnx.is_in_onnx_export()
+            or _torch_exporting())
+
+
+def plain_eager() -> bool:
+    """Whether the forward runs eagerly with no capture or transform on: not under ``torch.compile`` (checked first,
+    since dynamo may not trace the other queries), TorchScript, ONNX export or a ``torch.func`` transform."""
+    if torch.compiler.is_compiling():
+        return False
+    return not (torch.jit.is_scripting() or torch.jit.is_tracing() or torch.onnx.is_in_onnx_export()
+                or functorch_active())
+
+
+def functorch_active() -> bool:
+    """Whether a ``torch.func`` transform (``grad``, ``vmap``, ``jacrev``, ...) is running: the eager-only paths'
+    autograd Functions have no ``setup_context`` (which those transforms require), so the standard ops run under
+    them."""
+    return torch._C._are_functorch_transforms_active()
+
+
+def _exporting_before_2_7() -> bool:
+    """torch.export on a torch without ``torch.compiler.is_exporting`` (2.6): non-strict export runs the forward
+    under make_fx (fx tracing on), strict export under dynamo in its export mode; both count as compiling, so eager
+    calls (every LSTM of every forward) stop at the first, cheap test."""
+    return torch.compiler.is_compiling() and (torch.fx._symbolic_trace.is_fx_tracing() or _dynamo_exporting())
+
+
+@torch.compiler.assume_constant_result  # asked while dynamo traces: a constant of the graph
+def _dynamo_exporting() -> bool:
+    try:
+        from torch._dynamo.symbolic_convert import InstructionTranslator
+        return bool(getattr(InstructionTranslator.current_tx(), "export", False))
+    except Exception:  # noqa: BLE001 - not under dynamo (no current frame), or its internals moved: not exporting
+        return False
+
+
+_torch_exporting = getattr(torch.compiler, "is_exporting", _exporting_before_2_7)
