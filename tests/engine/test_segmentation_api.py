@@ -73,6 +73,8 @@ def test_only_the_fields_set_count():
     (dict(epochs=1, img_sise=32), r"^train_segmenter: unknown key\(s\) img_sise \(hint: did you mean `img_size`\?"),
     (dict(epochs=1, warmup_iters=-1), r"^`warmup_iters=-1`: must not be negative$"),
     # UperNet batch-normalises a 1x1 pooled map: one image is one value per channel (a ValueError at step 0 before)
+    # the checkpoint manager read "loss" as lower-is-better: model_best was the epoch of the lowest mIoU
+    (dict(epochs=1, eval_metric="loss"), r"^`eval_metric=loss`: segment train keeps the best checkpoint by mIoU"),
     (dict(epochs=1, stride=600), r"^`stride=600` is longer than the 512-pixel sliding window"),
     (dict(epochs=1, batch_size=1), r"^`batch_size=1` with `head=upernet`: .* needs 2 or more images per batch "
                                    r"\(hint: use `batch_size=2` or more, or `head=fpn`\)$"),

@@ -96,7 +96,7 @@ class SegmentConfig:
     resume: str = ""
     checkpoint_hist: int = 3
     log_interval: int = 50
-    eval_metric: str = "miou"  # the best checkpoint's metric (higher is better)
+    eval_metric: str = "miou"  # the best checkpoint's metric: mIoU only (the engine's checkpoint manager reads it)
 
     @property
     def model(self) -> str:
@@ -147,6 +147,8 @@ def check_segment_config(cfg: SegmentConfig) -> None:
     if cfg.eval_mode not in EVAL_MODES:
         bad("eval_mode", cfg.eval_mode, f"use one of {', '.join(EVAL_MODES)}")
     check_stride(cfg.stride, cfg.img_size)
+    if cfg.eval_metric != "miou":  # the checkpoint manager reads it: "loss" kept the lowest mIoU as the best
+        bad("eval_metric", cfg.eval_metric, "segment train keeps the best checkpoint by mIoU; leave it unset")
     if cfg.amp_dtype not in ("float16", "bfloat16"):
         bad("amp_dtype", cfg.amp_dtype, "use float16 or bfloat16")
     if cfg.resume == "auto" and not cfg.experiment:
