@@ -194,6 +194,18 @@ def test_bf16_autocast_agrees_with_float32(randomize, tiny_backbone):
         torch.testing.assert_close(low[k].float(), ref[k], rtol=0.05, atol=0.1, msg=k)
 
 
+def test_channels_last_agrees_with_contiguous(randomize, tiny_backbone):
+    """A detector converted with `.to(memory_format=torch.channels_last)` (a common GPU habit) feeds NHWC-strided
+    maps: the pyramid's padding, resampling and crops must read them as the same numbers."""
+    backbone = randomize(tiny_backbone(), seed=3).eval()
+    x = torch.randn(2, 3, 45, 62)
+    with torch.no_grad():
+        ref = backbone(x)
+        out = backbone.to(memory_format=torch.channels_last)(x.to(memory_format=torch.channels_last))
+    for k in ref:
+        torch.testing.assert_close(out[k], ref[k], rtol=1e-4, atol=1e-5, msg=k)
+
+
 def test_compiled_forward_agrees_with_eager(randomize, tiny_backbone):
     backbone = randomize(tiny_backbone(layers=(1, 1, 1, 1)), seed=2).eval()  # dynamo traces each block: ~1 s each
     x = torch.randn(1, 3, 45, 70)
