@@ -112,6 +112,19 @@ def test_predict_writes_palette_masks_and_overlays(trained, tmp_path):
     assert agree / total > 0.8
 
 
+def test_predict_files_keeps_the_callers_random_state(trained, tmp_path):
+    """Building the checkpoint's segmenter draws initial weights: a seeded caller's next draws changed."""
+    from sequencer.engine.segmentation_eval import predict_files
+
+    voc, folder = trained
+    torch.manual_seed(5)
+    expected = torch.rand(3)
+    torch.manual_seed(5)
+    predict_files(str(folder / "model_best.pth.tar"), [voc / "JPEGImages" / "val_000.png"], str(tmp_path / "out"),
+                  device="cpu")
+    assert torch.equal(torch.rand(3), expected)
+
+
 def test_bad_mask_is_one_line_before_anything_is_written(tmp_path, capsys):
     voc = make_voc(tmp_path / "voc", n_train=4, n_val=2)
     mask = np.array(Image.open(voc / "SegmentationClass" / "val_001.png"))

@@ -313,7 +313,9 @@ def predict_files(checkpoint: str, files: list[Path], output: str, *, overlay: b
                   alpha: float = 0.5) -> list[Path]:
     """Segment each image file; write ``OUTPUT/<stem>.png`` (palette PNG of class indices, VOC colours) and with
     ``overlay`` ``OUTPUT/<stem>_overlay.jpg`` (the picture with the classes blended over it). Returns the masks
-    written. Unreadable images raise SequencerError naming the file before anything is written for it."""
+    written. Unreadable images raise SequencerError naming the file before anything is written for it. The caller's
+    ``random``, ``numpy`` and torch random state is restored on return (building the segmenter draws its initial
+    weights from it)."""
     from PIL import Image
     from torchvision.transforms.v2 import functional as TF
 
@@ -325,7 +327,8 @@ def predict_files(checkpoint: str, files: list[Path], output: str, *, overlay: b
         raise SequencerError(f"`output={output!r}` is a file, not a folder", hint="pass a folder for the masks")
     _check_mask_names(files, out)
     dev = resolve_device(device)
-    loaded = load_segmenter(checkpoint, dev)
+    with caller_rng_kept():
+        loaded = load_segmenter(checkpoint, dev)
     cfg = loaded.data_config
     settings = inference_settings(cfg, eval_mode, stride, dev)
     transform = EvalTransform(cfg["eval_size"], cfg["mean"], cfg["std"])
