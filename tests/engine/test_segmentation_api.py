@@ -86,6 +86,22 @@ def test_a_bad_setting_is_one_line_naming_it_and_nothing_is_written(voc, tmp_pat
     assert not (tmp_path / "out").exists()
 
 
+def test_a_truncated_validation_image_is_one_line_before_the_run(tmp_path):
+    """Its header reads fine, so the pair check passed it: the run trained, wrote its folder, then stopped at its first
+    evaluation (hours into an ADE20K run with `eval_interval=13`)."""
+    from PIL import Image
+
+    data = make_voc(tmp_path / "voc", n_train=4, n_val=2)
+    png = data / "JPEGImages" / "val_001.png"
+    image = png.with_suffix(".jpg")
+    Image.open(png).save(image, quality=95)
+    png.unlink()
+    image.write_bytes(image.read_bytes()[:image.stat().st_size // 2])  # the header intact, half the scan gone
+    with pytest.raises(sequencer.SequencerError, match=r"^image .*val_001.jpg is unreadable \(image file is truncated"):
+        train_segmenter(data, epochs=1, output=tmp_path / "out", progress=False, **dict(TINY, batch_size=2))
+    assert not (tmp_path / "out").exists()
+
+
 def test_the_data_given_twice_and_a_callback_that_is_not_callable_are_refused(voc):
     with pytest.raises(sequencer.SequencerError, match="data given twice"):
         train_segmenter(voc, data=str(voc), epochs=1)

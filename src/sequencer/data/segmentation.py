@@ -77,10 +77,12 @@ def detect_layout(root: str | os.PathLike) -> str:
 
 
 def open_split(root: str | os.PathLike, split: str, layout: str = "", num_classes: int | None = None,
-               reduce_zero_label: bool | None = None, class_names: list[str] | None = None) -> SegmentationSplit:
+               reduce_zero_label: bool | None = None, class_names: list[str] | None = None,
+               decode_images: bool = False) -> SegmentationSplit:
     """List ``split`` of the dataset at ``root`` (layout detected unless given) and check every pair
-    (:func:`check_pairs`). ``num_classes`` defaults to the layout's (21 / 150); ``reduce_zero_label`` to True for
-    ADE20K only. Raises SequencerError (one line naming the file) for any bad input."""
+    (:func:`check_pairs`; ``decode_images``: the images decoded too). ``num_classes`` defaults to the layout's
+    (21 / 150); ``reduce_zero_label`` to True for ADE20K only. Raises SequencerError (one line naming the file) for
+    any bad input."""
     root = Path(root)
     if not root.is_dir():  # also when the layout is given (a checkpoint's): not "id list ... does not exist"
         raise SequencerError(f"dataset folder {str(root)!r} does not exist")
@@ -100,7 +102,7 @@ def open_split(root: str | os.PathLike, split: str, layout: str = "", num_classe
     if len(names) != num_classes:
         raise SequencerError(f"{len(names)} class names for {num_classes} classes")
     out = SegmentationSplit(root, layout, split, images, masks, num_classes, reduce, names)
-    check_pairs(out)
+    check_pairs(out, decode_images=decode_images)
     return out
 
 
@@ -150,13 +152,16 @@ def _ade20k_pairs(root: Path, split: str) -> tuple[list[Path], list[Path]]:
 
 
 # ------------------------------------------------------------------------------------------------ checks
-def check_pairs(split: SegmentationSplit, threads: int = 8) -> None:
+def check_pairs(split: SegmentationSplit, threads: int = 8, decode_images: bool = False) -> None:
     """Check every (image, mask) pair before anything runs; SequencerError naming the first bad file (in list order).
 
     Image sizes come from headers; each mask is decoded once for its values (a 256-bin histogram), in threads.
+    ``decode_images``: each image is decoded too (a truncated file has a sound header): for a split that must be
+    read whole, such as the one a training run evaluates on, which would otherwise stop at its first evaluation.
     """
     def problem(index: int) -> str | None:
-        return _pair_problem(split.images[index], split.masks[index], split.num_classes, split.reduce_zero_label)
+        return _pair_problem(split.images[index], split.masks[index], split.num_classes, split.reduce_zero_label,
+                             decode_images)
 
     with ThreadPoolExecutor(max_workers=max(1, min(threads, len(split)))) as pool:
         for message in pool.map(problem, range(len(split))):
@@ -164,13 +169,16 @@ def check_pairs(split: SegmentationSplit, threads: int = 8) -> None:
                 raise SequencerError(message)
 
 
-def _pair_problem(image: Path, mask: Path, num_classes: int, reduce_zero_label: bool) -> str | None:
+def _pair_problem(image: Path, mask: Path, num_classes: int, reduce_zero_label: bool,
+                  decode_image: bool = False) -> str | None:
     if not image.is_file():
         return f"image {image} does not exist"
     if not mask.is_file():
         return f"mask {mask} does not exist (for image {image.name})"
     try:
         stored, orientation = image_header(image)
+        if decode_image:
+            load_image(image)
     except READ_ERRORS as e:
         return f"image {image} is unreadable ({e})"
     upright = upright_size(stored, orientation)

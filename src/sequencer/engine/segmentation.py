@@ -277,7 +277,7 @@ def _open_splits(cfg: SegmentConfig, resume_ckpt: dict | None):
               reduce_zero_label=_resumed(cfg, "reduce_zero_label", saved_data.get("reduce_zero_label")),
               class_names=(resume_ckpt or {}).get("class_names"))
     train_split = open_split(cfg.data, cfg.train_split, **kw)
-    val_split = open_split(cfg.data, cfg.val_split, **kw)
+    val_split = open_split(cfg.data, cfg.val_split, decode_images=True, **kw)  # evaluation reads every image
     return train_split, val_split
 
 
