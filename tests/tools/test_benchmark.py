@@ -216,6 +216,33 @@ def test_benchmark_reference_row_reports_its_own_parameters_and_macs(tmp_path):
     assert rows["ours"]["gmacs"] == pytest.approx(count_macs(ours, (3, 32, 32)) / 1e9)
 
 
+def test_benchmark_onnx_alone_runs_the_files_head_and_claims_no_agreement(tmp_path):
+    """--onnx without --checkpoint: ours is the file's architecture with its class count (not a 1000-class head),
+    with random weights, so the file's top-1 agreement with ours is not reported (it would compare with noise)."""
+    torch.manual_seed(0)
+    model = create_model("sequencer2d_nano", num_classes=3)
+    torch.nn.init.normal_(model.head.fc.weight, std=0.5)
+    checkpoint = tmp_path / "nano.pth"
+    torch.save({"version": 1, "arch": "sequencer2d_nano", "model_kwargs": dict(model.model_kwargs),
+                "class_names": ["a", "b", "c"], "state_dict": model.state_dict()}, checkpoint)
+    assert main(["export", "--checkpoint", str(checkpoint), "--img-size", "16", "--dynamic-batch",
+                 "-o", str(tmp_path / "m.onnx")]) == 0
+    out = tmp_path / "r.json"
+    common = ["-b", "2", "--device", "cpu", "--num-warmup", "0", "--num-iter", "1", "--memory-iter", "0",
+              "--gemm-size", "64", "--onnx", str(tmp_path / "m.onnx"), "--results-file", str(out)]
+    assert main(["benchmark", *common]) == 0
+    report = json.loads(out.read_text())
+    rows = {r["impl"]: r for r in report["results"]}
+    assert report["model"] == "sequencer2d_nano" and report["input_size"] == [3, 16, 16]
+    assert report["head_classes"] == 3
+    assert rows["ours"]["params_m"] == pytest.approx(sum(p.numel() for p in model.parameters()) / 1e6)
+    assert rows["ort-fp32"]["top1_agreement_vs_ours"] is None
+    # with the checkpoint the file was exported from, ours holds its weights and the agreement means something
+    assert main(["benchmark", "--checkpoint", str(checkpoint), "--img-size", "16", *common]) == 0
+    rows = {r["impl"]: r for r in json.loads(out.read_text())["results"]}
+    assert rows["ort-fp32"]["top1_agreement_vs_ours"] == 1.0
+
+
 def test_benchmark_onnx_of_another_size_is_refused(tiny_s_checkpoint, tmp_path, capsys):
     assert main(["export", "--checkpoint", str(tiny_s_checkpoint), "--img-size", "28", "-o",
                  str(tmp_path / "m.onnx")]) == 0

@@ -305,7 +305,19 @@ def load_onnx_impls(args: BenchmarkSettings) -> dict[str, nn.Module]:
         if not args.model:
             raise SequencerError(f"`onnx={args.onnx[0]!r}` names no model", hint="pass `model`")
         args.img_size = args.img_size or first.input_shape[-1]
+        if isinstance(first.num_classes, int):  # the file's head, not the registry's 1000 classes
+            args.num_classes = args.num_classes or first.num_classes
+    if impls and not _holds_exported_weights(args):
+        _logger.info(f"note: ours runs random weights (no `checkpoint`): the top-1 agreement of "
+                     f"{', '.join(impls)} with ours is not measured; pass the `checkpoint` the file was exported "
+                     f"from to have it")
     return impls
+
+
+def _holds_exported_weights(args: BenchmarkSettings) -> bool:
+    """Whether ours can hold the weights an --onnx file was exported from: without a checkpoint or the released
+    weights, ours is freshly initialised and its answers say nothing about the file's."""
+    return bool(args.checkpoint or args.pretrained)
 
 
 @dataclass
@@ -389,6 +401,8 @@ def _measure_mode(setup: _Setup, mode: str) -> list[Result]:
     results = [_result(setup, mode, impl, ts, modules[impl]) for impl, ts in times.items()]
     if mode == "infer":
         for r in results:
+            if r.impl in setup.onnx_models and not _holds_exported_weights(args):
+                continue
             r.top1_agreement_vs_ours = (outputs[r.impl].float().argmax(-1) == outputs["ours"].float().argmax(-1)
                                         ).double().mean().item()
     if "timm" in times:
