@@ -56,6 +56,16 @@ def test_lr_base_reaches_the_optimizer(small_folder, tmp_path):
     assert all(g["lr"] == pytest.approx(0.2, rel=1e-12) for g in ckpt["optimizer"]["param_groups"])
 
 
+def test_cooldown_epochs_run_after_epochs_at_min_lr(small_folder, tmp_path):
+    """As timm's scheduler does (docs/training.md, the paper's recipes): --cooldown-epochs adds epochs to --epochs,
+    run at --min-lr."""
+    assert train_cli([small_folder, *PLAIN_RUN, "-b", "8", "--opt", "sgd", "--lr", "0.1", "--min-lr", "1e-6",
+                      "--cooldown-epochs", "1", "--output", tmp_path, "--experiment", "cool"]) == 0
+    rows = summary_rows(tmp_path / "cool")
+    assert [int(r["epoch"]) for r in rows] == [0, 1]
+    assert float(rows[0]["lr"]) == pytest.approx(0.1) and float(rows[1]["lr"]) == pytest.approx(1e-6)
+
+
 def _train(folder, out, name: str, *flags) -> dict:
     assert train_cli([folder, *PLAIN_RUN, *flags, "--output", out, "--experiment", name]) == 0
     return read_checkpoint(out / name / "last.pth.tar")
