@@ -92,6 +92,17 @@ def test_a_config_of_the_wrong_type_is_refused(tmp_path):
         sequencer.train(str(tmp_path), data=str(tmp_path))
 
 
+def test_a_config_passed_as_the_config_keyword_is_used(tmp_path):
+    """README's signature, `train(config=None, *, ...)`: `config=TrainConfig(...)` works as the positional does (a
+    text `config=` stays the --config YAML); its settings reach the checks (here its unknown model)."""
+    for call in (lambda c: sequencer.train(c, progress=False), lambda c: sequencer.train(config=c, progress=False)):
+        with pytest.raises(SequencerError, match="sequencer2d_nanoo"):
+            call(TrainConfig(model="sequencer2d_nanoo", output=str(tmp_path)))
+    with pytest.raises(SequencerError, match="config given twice"):
+        sequencer.train(TrainConfig(), config=TrainConfig())
+    assert not any(tmp_path.iterdir())
+
+
 # --------------------------------------------------------------------------------------------- one quick run
 @pytest.fixture(scope="module")
 def config_run(tmp_path_factory):

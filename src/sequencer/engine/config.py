@@ -229,7 +229,13 @@ def check_keys(keys, where: str, hint: str, config_class=TrainConfig) -> None:
 
 def explicit_settings(config, settings: dict, config_class, where: str) -> dict:
     """The settings a library call was given: ``config``'s fields set (a ``config_class``), then the keywords
-    (which win); a positional other than a ``config_class`` is the data (``train("folder")``)."""
+    (which win); a positional other than a ``config_class`` is the data (``train("folder")``). A ``config_class``
+    given as the ``config`` keyword counts as the positional (the text ``config`` setting is the --config YAML)."""
+    if isinstance(settings.get("config"), config_class):
+        if config is not None:
+            raise SequencerError(f"{where}: config given twice (positionally and as config=)")
+        settings = dict(settings)
+        config = settings.pop("config")
     if config is None or isinstance(config, config_class):
         return {**(given_settings(config) if config is not None else {}), **settings}
     if "data" in settings:
