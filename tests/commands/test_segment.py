@@ -140,6 +140,17 @@ def test_bad_mask_is_one_line_before_anything_is_written(tmp_path, capsys):
     assert not (tmp_path / "out").exists()
 
 
+def test_pretrained_without_published_weights_names_the_backbone_checkpoint_flag(tmp_path, capsys):
+    """The hint named --checkpoint, a flag segment train does not have."""
+    voc = make_voc(tmp_path / "voc", n_train=2, n_val=1)
+    capsys.readouterr()
+    assert segment("train", voc, "--num-classes", 3, *TINY_SEGMENTER, "--pretrained", "--epochs", 1, "--device", "cpu",
+                   "--output", tmp_path / "out") == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "no pretrained weights are published for 'sequencer2d_nano'" in err
+    assert "(hint: train it, or pass --backbone-checkpoint)" in err and not (tmp_path / "out").exists()
+
+
 def test_bad_setting_names_the_parameter_in_the_api_and_the_flag_on_the_command_line(tmp_path, capsys):
     """The library's message names SegmentConfig's field; the command shows the flag that sets it."""
     from sequencer.engine.segmentation import SegmentConfig, train_segmenter

@@ -44,8 +44,9 @@ PARAMETER_FLAGS = {
     "dynamic_batch": "--dynamic-batch", "opset": "--opset", "calibration": "--calibration", "verify": "--verify",
     "min_agreement": "--min-agreement", "quantize": "--quantize",
 }
-# A command whose flag for a parameter is not PARAMETER_FLAGS' one: benchmark's `data` is its --data, not DATA
-COMMAND_FLAGS = {"benchmark": {"data": "--data"}}
+# A command whose flag for a parameter is not PARAMETER_FLAGS' one: benchmark's `data` is its --data, not DATA;
+# segment train loads the backbone's weights (create_model's `checkpoint_path`) from --backbone-checkpoint
+COMMAND_FLAGS = {"benchmark": {"data": "--data"}, "segment": {"checkpoint_path": "--backbone-checkpoint"}}
 _PARAMETER = re.compile(r"`(\w+)(?:=([^`]*))?`")
 
 
