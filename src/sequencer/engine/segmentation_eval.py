@@ -254,8 +254,9 @@ def validate_segmenter(checkpoint: str | os.PathLike = "", data: str | os.PathLi
     evaluation raises; its backbone's normalisation (ImageNet's for another module), ``eval_size`` (default 512,
     also the sliding window), the layout and class names of the folder. With ``results_file`` (.json) the results
     are also written there (by rank 0). Under torchrun, or in the caller's process group, call it on every process:
-    each evaluates a share of the split and every rank returns the counts summed over them. The caller's ``random``, ``numpy`` and torch random state is restored on return
-    (building a checkpoint's segmenter draws its initial weights from it)."""
+    each evaluates a share of the split and every rank returns the counts summed over them. The caller's
+    ``random``, ``numpy`` and torch random state is restored on return (building a checkpoint's segmenter draws its
+    initial weights from it)."""
     from .inference import resolve_device
 
     if (model is None) == (not checkpoint):
