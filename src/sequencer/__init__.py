@@ -31,8 +31,8 @@ _LAZY = {
     "create_backbone": ("sequencer.models.backbone", "create_backbone"),
     "create_segmenter": ("sequencer.models.segmentation", "create_segmenter"),
     "train_segmenter": ("sequencer.engine.segmentation", "train_segmenter"),
-    "SegmentConfig": ("sequencer.engine.segmentation", "SegmentConfig"),
-    "SegmentResult": ("sequencer.engine.segmentation", "SegmentResult"),
+    "SegmentConfig": ("sequencer.engine.segmentation_config", "SegmentConfig"),
+    "SegmentResult": ("sequencer.engine.segmentation_config", "SegmentResult"),
     "validate_segmenter": ("sequencer.engine.segmentation_eval", "validate_segmenter"),
     "SegmentValidationResult": ("sequencer.engine.segmentation_eval", "SegmentValidationResult"),
 }

@@ -72,10 +72,16 @@ def test_only_the_fields_set_count():
     (dict(epochs=1, backbone_kwargs=[1]), r"^train_segmenter: `backbone_kwargs=\[1\]` is not a dict$"),
     (dict(epochs=1, img_sise=32), r"^train_segmenter: unknown key\(s\) img_sise \(hint: did you mean `img_size`\?"),
     (dict(epochs=1, warmup_iters=-1), r"^`warmup_iters=-1`: must not be negative$"),
-    # UperNet batch-normalises a 1x1 pooled map: one image is one value per channel (a ValueError at step 0 before)
+    # numbers the schedule and optimiser took as given: a min_lr above lr made the poly "decay" climb
+    (dict(epochs=1, min_lr=1e-3), r"^`min_lr=0.001`: must be at least 0 and below lr \(6e-05\)$"),
+    (dict(epochs=1, poly_power=float("nan")), r"^`poly_power=nan`: must be a positive number$"),
+    (dict(epochs=1, weight_decay=-0.01), r"^`weight_decay=-0.01`: must be a number, at least 0$"),
+    (dict(epochs=1, warmup_ratio=2.0), r"^`warmup_ratio=2.0`: must be between 0 and 1"),
+    (dict(epochs=1, clip_grad=0.0), r"^`clip_grad=0.0`: must be a positive number$"),
     # the checkpoint manager read "loss" as lower-is-better: model_best was the epoch of the lowest mIoU
     (dict(epochs=1, eval_metric="loss"), r"^`eval_metric=loss`: segment train keeps the best checkpoint by mIoU"),
     (dict(epochs=1, stride=600), r"^`stride=600` is longer than the 512-pixel sliding window"),
+    # UperNet batch-normalises a 1x1 pooled map: one image is one value per channel (a ValueError at step 0 before)
     (dict(epochs=1, batch_size=1), r"^`batch_size=1` with `head=upernet`: .* needs 2 or more images per batch "
                                    r"\(hint: use `batch_size=2` or more, or `head=fpn`\)$"),
 ])

@@ -19,7 +19,7 @@ import torch
 from ..engine.config import config_defaults
 from ..engine.distributed import PeerGone, record_own_failure
 from ..engine.inference import LoadedModel, load_model, resolve_device
-from ..engine.segmentation import SegmentConfig
+from ..engine.segmentation_config import SegmentConfig
 from ..errors import SequencerError
 from ..models import get_model_entry, has_pretrained_weights
 from ..tools.onnx_runtime import load_onnx, note_other_cpu

@@ -8,7 +8,8 @@ import argparse
 import dataclasses
 import os
 
-from ..engine.segmentation import SegmentConfig, run_segmentation
+from ..engine.segmentation import run_segmentation
+from ..engine.segmentation_config import SegmentConfig
 from ..engine.segmentation_eval import EVAL_MODES, predict_files, validate_segmenter
 from ..models.segmentation import HEADS
 from .common import (KeyValues, check_device, check_results_file, check_workers, failure_reported_to_launcher, key_value,

@@ -32,129 +32,20 @@ from torch import nn
 
 from ..data.segmentation import IGNORE_INDEX, SegmentationDataset, open_split, train_transform
 from ..errors import SequencerError
-from ..models import get_model_entry
-from ..models.segmentation import HEADS, create_segmenter, segmenter_from_config
+from ..models.segmentation import create_segmenter, segmenter_from_config
 from . import distributed as dist_utils
 from .checkpoint import get_rng_state, resume_position, set_rng_state
-from .config import RunState, checked_callbacks, checked_settings, explicit_settings, records_given
+from .config import RunState, checked_callbacks, checked_settings, explicit_settings
 from .guest import caller_rng_kept, console, warn
 from .loop import StopRequest, callbacks_ask_to_stop, current_lr, training_checkpoint
 from .outputs import (claimed_process_group, plain, plural, prepare_outputs, read_summary, summary_numbers,
                       write_summary)
 from .resume import locate_resume, read_resume_checkpoint
-from .segmentation_eval import (EVAL_MODES, check_stride, eval_loader, evaluate_segmentation, inference_settings,
-                              metrics_row, segment_data_config)
+from .segmentation_config import SegmentConfig, SegmentResult, check_segment_config
+from .segmentation_eval import eval_loader, evaluate_segmentation, inference_settings, metrics_row, segment_data_config
 from .train import amp_setup, as_library_call
 
 _logger = logging.getLogger(__name__)
-
-
-@records_given
-@dataclass
-class SegmentConfig:
-    """One ``segment train`` run's settings; each field is the flag of that name (``--img-size`` is ``img_size``).
-    The defaults are the ADE20K UperNet recipe's (docs/segmentation.md) except the length, which has none.
-
-    As with ``TrainConfig``, :func:`train_segmenter` takes only the fields set (passed to the constructor or
-    assigned afterwards, other than None) and never changes the object it is given."""
-    data: str = ""
-    layout: str = ""  # "" = detected: voc or ade20k
-    train_split: str = "train"
-    val_split: str = "val"
-    num_classes: int | None = None  # default: the layout's (21 / 150)
-    reduce_zero_label: bool | None = None  # default: on for ADE20K
-    backbone: str = "sequencer2d_s"
-    backbone_kwargs: dict = field(default_factory=dict)
-    backbone_checkpoint: str = ""
-    pretrained: bool = False
-    head: str = "upernet"
-    head_channels: int = 512
-    out_channels: int = 256
-    img_size: int = 512  # the training crop
-    eval_size: int | None = None  # evaluation short side; default img_size
-    eval_mode: str = "whole"
-    stride: int | None = None  # sliding-window stride; default 2/3 of the crop
-    batch_size: int = 16  # per process
-    epochs: int | None = None
-    iters: int | None = None
-    opt: str = "adamw"
-    lr: float = 6e-5
-    weight_decay: float = 0.01
-    warmup_iters: int = 1500
-    warmup_ratio: float = 1e-6  # the warmup starts at lr * warmup_ratio
-    poly_power: float = 1.0
-    min_lr: float = 0.0
-    clip_grad: float | None = None
-    eval_interval: int = 1  # epochs
-    amp: bool = False
-    amp_dtype: str = "float16"
-    seed: int = 42
-    workers: int = 4
-    device: str | None = None
-    output: str = "./output/segment"
-    experiment: str = ""
-    resume: str = ""
-    checkpoint_hist: int = 3
-    log_interval: int = 50
-    eval_metric: str = "miou"  # the best checkpoint's metric: mIoU only (the engine's checkpoint manager reads it)
-
-    @property
-    def model(self) -> str:
-        """The experiment folder's name part (outputs.make_output_dir)."""
-        return f"{self.head}-{self.backbone}"
-
-
-@dataclass
-class SegmentResult:
-    """What a run left: the best mIoU (percent) and its epoch, the path of ``model_best.pth.tar``, the experiment
-    folder, the summary rows (one dict of numbers per epoch, summary.csv's columns: ``epoch`` (int),
-    ``train_loss``, ``eval_miou``, ``eval_pixel_acc``, ``eval_macc``, ``iou_<class>`` per class, ``lr``,
-    ``epoch_seconds``; the eval columns are nan on epochs not evaluated, a class's IoU is nan where it has none),
-    whether a signal (SIGTERM, or SIGINT under the command) stopped the run early, and the command's exit status
-    (0, or 128 + signal). Before any evaluation ``best_miou``, ``best_epoch`` and ``checkpoint`` are None."""
-    best_miou: float | None
-    best_epoch: int | None
-    checkpoint: Path | None
-    output_dir: Path | None
-    summary: list[dict] = field(default_factory=list)
-    exit_code: int = 0
-    interrupted: bool = False
-
-
-def check_segment_config(cfg: SegmentConfig) -> None:
-    """SequencerError (one line naming the setting, `` `lr=0` ``) for settings that cannot work, before anything
-    runs."""
-    from .inference import resolve_device
-
-    def bad(name, value, why):
-        raise SequencerError(f"`{name}={value}`: {why}")
-
-    if not cfg.data:
-        raise SequencerError("no dataset folder given", hint="give `data`, the dataset folder")
-    if (cfg.epochs is None) == (cfg.iters is None):
-        raise SequencerError("give the run's length as `iters=N` (updates) or `epochs=N`, one of them")
-    for name in ("epochs", "iters", "img_size", "batch_size", "eval_interval", "head_channels", "out_channels",
-                 "log_interval", "eval_size", "stride"):
-        if getattr(cfg, name) is not None and getattr(cfg, name) < 1:
-            bad(name, getattr(cfg, name), "must be at least 1")
-    for name in ("warmup_iters", "workers", "checkpoint_hist"):
-        if getattr(cfg, name) < 0:
-            bad(name, getattr(cfg, name), "must not be negative")
-    if not (cfg.lr > 0 and math.isfinite(cfg.lr)):
-        bad("lr", cfg.lr, "must be a positive number")
-    if cfg.head not in HEADS:
-        bad("head", cfg.head, f"use one of {', '.join(HEADS)}")
-    if cfg.eval_mode not in EVAL_MODES:
-        bad("eval_mode", cfg.eval_mode, f"use one of {', '.join(EVAL_MODES)}")
-    check_stride(cfg.stride, cfg.img_size)
-    if cfg.eval_metric != "miou":  # the checkpoint manager reads it: "loss" kept the lowest mIoU as the best
-        bad("eval_metric", cfg.eval_metric, "segment train keeps the best checkpoint by mIoU; leave it unset")
-    if cfg.amp_dtype not in ("float16", "bfloat16"):
-        bad("amp_dtype", cfg.amp_dtype, "use float16 or bfloat16")
-    if cfg.resume == "auto" and not cfg.experiment:
-        raise SequencerError("`resume=auto` needs `experiment=NAME` (the folder it looks in)")
-    get_model_entry(cfg.backbone)
-    resolve_device(cfg.device)
 
 
 def train_segmenter(config: SegmentConfig | str | os.PathLike | None = None, /, *, progress: bool = True,
