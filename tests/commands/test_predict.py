@@ -73,10 +73,13 @@ def test_predict_errors(tmp_path, tiny_checkpoint, capsys):
 
 
 @pytest.mark.filterwarnings("ignore:`torch.jit")
-@pytest.mark.parametrize("command", ["predict", "validate"])
-def test_our_torchscript_export_as_checkpoint_is_named(tiny_checkpoint, tmp_path, capsys, command):
-    """Issue 19 item 7: our own export passed as --checkpoint says what it is and what to pass instead."""
-    ts = tmp_path / "tiny.pt"
+@pytest.mark.parametrize("command, suffix, named", [("predict", ".pt", "is a TorchScript export"),
+                                                    ("validate", ".pt", "is a TorchScript export"),
+                                                    ("predict", ".pt2", "is a torch.export program")])
+def test_our_torchscript_export_as_checkpoint_is_named(tiny_checkpoint, tmp_path, capsys, command, suffix, named):
+    """Issue 19 item 7: our own export passed as --checkpoint says what it is and what to pass instead (an
+    exported program, .pt2, too: it was called corrupt)."""
+    ts = tmp_path / f"tiny{suffix}"
     assert main(["export", "--checkpoint", str(tiny_checkpoint), "--output", str(ts)]) == 0
     (tmp_path / "data" / "cat").mkdir(parents=True)
     Image.new("RGB", (32, 32), "red").save(tmp_path / "data" / "cat" / "a.jpg")
@@ -84,7 +87,7 @@ def test_our_torchscript_export_as_checkpoint_is_named(tiny_checkpoint, tmp_path
     target = [str(tmp_path / "data")] + (["--device", "cpu"] if command == "validate" else [])
     assert main([command, *target, "--checkpoint", str(ts)]) == 2
     err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
-    assert len(err) == 1 and "is a TorchScript export" in err[0] and ".pth.tar" in err[0], err
+    assert len(err) == 1 and named in err[0] and ".pth.tar" in err[0], err
 
 
 def test_predict_fast_gives_the_same_answers(image_folder, tiny_checkpoint, capsys, monkeypatch):

@@ -106,9 +106,12 @@ def read_checkpoint(path: str | os.PathLike) -> dict:
     return obj
 
 
+_EXPORT_HINT = "for sequencer commands pass the training checkpoint (.pth.tar) or a .safetensors export of it"
+
+
 def _refuse_exports(path: Path) -> None:
-    """Name our TorchScript and ONNX exports when one is passed where a checkpoint belongs (torch.load would call
-    a TorchScript file corrupt after a warning)."""
+    """Name our TorchScript, exported-program and ONNX exports when one is passed where a checkpoint belongs
+    (torch.load would call a TorchScript or .pt2 file corrupt)."""
     if path.suffix.lower() == ".onnx":
         raise SequencerError(f"{str(path)!r} is an ONNX export, not a checkpoint",
                              hint=f"pass the .pth.tar / .safetensors it came from (validate, predict and benchmark "
@@ -122,8 +125,10 @@ def _refuse_exports(path: Path) -> None:
         return
     if any(n.endswith("/constants.pkl") or "/code/" in n for n in names):
         raise SequencerError(f"{str(path)!r} is a TorchScript export (a compiled model), not a checkpoint",
-                             hint="run it with torch.jit.load(); for sequencer commands pass the training "
-                                  "checkpoint (.pth.tar) or a .safetensors export of it")
+                             hint=f"run it with torch.jit.load(); {_EXPORT_HINT}")
+    if any(n.endswith("/archive_format") for n in names):  # torch.export.save's package; torch.save has none
+        raise SequencerError(f"{str(path)!r} is a torch.export program (.pt2), not a checkpoint",
+                             hint=f"run it with torch.export.load(); {_EXPORT_HINT}")
 
 
 def extract_state_dict(checkpoint: dict, use_ema: bool = True) -> dict[str, torch.Tensor]:
