@@ -63,3 +63,5 @@ def test_unknown_keyword_is_an_error_naming_it(kwargs, culprit, tmp_path):
 def test_settings_are_checked_as_the_flags_are(tmp_path):
     with pytest.raises(sequencer.SequencerError, match="`epochs=0`: must be at least 1"):
         sequencer.train(epochs=0, output=str(tmp_path))
+    with pytest.raises(sequencer.SequencerError, match="`dist_bn=mean`: is 'reduce'"):  # timm's names only
+        sequencer.train(dist_bn="mean", output=str(tmp_path))

@@ -18,8 +18,9 @@ from sequencer.engine.segmentation_eval import validate_segmenter
 
 # each rank: make a group, train a small module on tensor Datasets in it, validate the module, then use the group
 WORKER = textwrap.dedent('''
-    import json, os, sys
+    import copy, json, os, sys
     import torch, torch.distributed as dist, torch.multiprocessing as mp
+    import torch.nn.functional as F
     from torch import nn
     import sequencer
 
@@ -42,11 +43,19 @@ WORKER = textwrap.dedent('''
 
     def rank_main(rank, folder):
         dist.init_process_group("gloo", init_method=f"file://{folder}/rendezvous", rank=rank, world_size=2)
-        net = nn.Sequential(nn.Flatten(), nn.Linear(192, 2))
-        result = sequencer.train(model=net, data=(Blobs(64, 0), Blobs(32, 1)), epochs=2, batch_size=8, workers=0,
+        torch.manual_seed(0)
+        net = nn.Sequential(nn.Flatten(), nn.BatchNorm1d(192, momentum=0.5), nn.Linear(192, 2))
+        # 21 held-out images: shares of 11 and 10, batches of 8 and 3 / 8 and 2
+        result = sequencer.train(model=net, data=(Blobs(64, 0), Blobs(21, 1)), epochs=2, batch_size=8, workers=0,
                                  opt="adamw", lr=1e-2, device="cpu", output=f"{folder}/out", experiment="group",
-                                 progress=False)
+                                 model_ema=True, model_ema_decay=0.5, progress=False)
         alive_after_train = dist.is_initialized()
+        # the logged eval loss is of the EMA saved in the checkpoint, scored here in one piece by plain torch
+        ema = copy.deepcopy(net).eval()
+        ema.load_state_dict(torch.load(f"{folder}/out/group/last.pth.tar", weights_only=True)["state_dict_ema"])
+        held_out = Blobs(21, 1)
+        with torch.no_grad():
+            ema_loss = F.cross_entropy(ema(held_out.images), held_out.labels).item()
         top1 = sequencer.validate(model=net, data=Blobs(32, 1), device="cpu", progress=False).top1
         torch.manual_seed(0)
         segmenter = CountingSegmenter(3, 3, 1)
@@ -54,13 +63,14 @@ WORKER = textwrap.dedent('''
         alive = dist.is_initialized()
         ranks = torch.tensor([float(rank)])
         dist.all_reduce(ranks)  # the group still works
-        weights = torch.cat([p.detach().flatten() for p in net.parameters()])
+        weights = torch.cat([t.detach().float().flatten() for t in net.state_dict().values()])  # BN's stats too
         gathered = [torch.zeros_like(weights) for _ in range(2)]
         dist.all_gather(gathered, weights)
         with open(f"{folder}/rank{rank}.json", "w") as f:
             json.dump(dict(alive_after_train=alive_after_train, alive=alive, rank_sum=ranks.item(), top1=top1,
                            same_weights=bool(torch.equal(gathered[0], gathered[1])),
                            epochs=[r["epoch"] for r in result.summary], seg=seg.as_dict(),
+                           logged_eval_loss=result.summary[-1]["eval_loss"], ema_loss=ema_loss,
                            seg_images_seen=segmenter.images_seen), f)
         dist.destroy_process_group()
 
@@ -71,7 +81,8 @@ WORKER = textwrap.dedent('''
 
 @pytest.mark.slow
 def test_train_and_validate_leave_the_callers_group_alive(tmp_path):
-    """... and `validate_segmenter` in the group evaluates a share of the split on each rank (each rank scored all of
+    """... with a BatchNorm module (its running statistics made the same on every rank before each evaluation, as
+    timm's ``--dist-bn reduce``), the logged eval loss that of the EMA in the checkpoint; ... and `validate_segmenter` in the group evaluates a share of the split on each rank (each rank scored all of
     it before), its counts summed to the single-process numbers."""
     make_voc(tmp_path / "voc", n_train=1, n_val=5)
     script = tmp_path / "worker.py"
@@ -85,7 +96,11 @@ def test_train_and_validate_leave_the_callers_group_alive(tmp_path):
     ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
     for got in ranks:
         assert got["alive_after_train"] and got["alive"] and got["rank_sum"] == 1.0
-        assert got["same_weights"]  # trained as one DDP run: both ranks end with the same weights
+        # trained as one DDP run: both ranks end with the same weights, and the same BatchNorm statistics (each
+        # rank's own batches gave it its own, so each rank scored its share with another model: the logged loss was
+        # 0.0080 where the checkpoint's model scores 0.0100 on a probe)
+        assert got["same_weights"]
+        assert got["logged_eval_loss"] == pytest.approx(got["ema_loss"], abs=2e-6)
         assert got["epochs"] == [0, 1]
     assert ranks[0]["top1"] == ranks[1]["top1"]  # validate's shares were reduced over the group
     torch.manual_seed(0)

@@ -441,6 +441,8 @@ def _check_numbers(cfg: TrainConfig) -> None:
         bad("log_interval", cfg.log_interval, "must be at least 1")
     if cfg.recount < 1:
         bad("recount", cfg.recount, "must be at least 1")
+    if cfg.dist_bn not in ("", "reduce", "broadcast"):
+        bad("dist_bn", cfg.dist_bn, "is 'reduce' (the mean of the ranks' BatchNorm statistics) or 'broadcast'")
     if not 0 <= cfg.val_fraction < 1:
         bad("val_fraction", cfg.val_fraction, "must be in [0, 1) (e.g. 0.1 holds out a tenth of each class)")
 

@@ -157,6 +157,24 @@ def all_reduce_mean(values: list[float], info: DistInfo) -> list[float]:
     return (t / info.world_size).tolist()
 
 
+def has_running_stats(model: torch.nn.Module) -> bool:
+    """Whether ``model`` keeps running statistics (BatchNorm's ``running_mean``/``running_var``), which each rank
+    updates from its own batches."""
+    return any(name.endswith(("running_mean", "running_var")) for name, _ in model.named_buffers())
+
+
+def sync_running_stats(model: torch.nn.Module, mode: str, info: DistInfo) -> None:
+    """Give every rank the same BatchNorm running statistics before an evaluation (timm's ``--dist-bn``):
+    ``"reduce"`` (also ``""``, timm's default) their mean over the ranks, ``"broadcast"`` rank 0's. DDP keeps the
+    weights equal, not these buffers: without this each rank scores its share of the held-out split with its own
+    statistics, and the logged numbers are of no single model (not of the checkpoint, rank 0's). A no-op outside
+    DDP or without running statistics."""
+    if not info.distributed or not has_running_stats(model):
+        return
+    from timm.utils import distribute_bn
+    distribute_bn(model, info.world_size, reduce=mode != "broadcast")
+
+
 def broadcast_object(obj, info: DistInfo):
     """Rank 0's ``obj`` on every rank (e.g. the experiment folder name, which holds a timestamp)."""
     if not info.distributed:

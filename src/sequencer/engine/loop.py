@@ -280,6 +280,7 @@ def evaluate_epoch(run: TrainingRun) -> tuple[dict, float | None]:
     if run.loaders.eval is None:
         return None, None
     device, opt = run.info.device, run.opt
+    dist_utils.sync_running_stats(run.model, run.cfg.dist_bn, run.info)  # the checkpoint is the model evaluated
     metrics = evaluate(run.eval_model, run.loaders.eval, device, amp_dtype=opt.amp_dtype,
                        distributed=run.info.distributed)
     # an EMA kept on the CPU (--model-ema-force-cpu) while training on a GPU is not evaluated, as in timm:
@@ -288,6 +289,7 @@ def evaluate_epoch(run: TrainingRun) -> tuple[dict, float | None]:
     if ema is None or next(ema.module.parameters()).device != device:
         return metrics, None
     raw_top1 = metrics["top1"]
+    dist_utils.sync_running_stats(ema.module, run.cfg.dist_bn, run.info)  # each rank's EMA took its own statistics
     metrics = evaluate(ema.module, run.loaders.eval, device, amp_dtype=opt.amp_dtype,
                        distributed=run.info.distributed)
     return metrics, raw_top1

@@ -3,14 +3,16 @@
 line what we do instead; none stops a run. (The flags are defined in ``commands/train.py``.)"""
 from __future__ import annotations
 
+from .distributed import has_running_stats
 from .guest import warn
 
 
-def notes(cfg, device) -> list[str]:
-    """One line per habit flag that has nothing to do on this run."""
+def notes(cfg, device, model) -> list[str]:
+    """One line per habit flag that has nothing to do on this run (``model``: the model trained)."""
     out = []
-    if cfg.dist_bn:
-        out.append(f"`dist_bn={cfg.dist_bn}`: Sequencer models have no BatchNorm (LayerNorm only), nothing to sync")
+    if cfg.dist_bn and not has_running_stats(model):
+        out.append(f"`dist_bn={cfg.dist_bn}`: the model has no BatchNorm (Sequencer models: LayerNorm only), "
+                   f"nothing to sync")
     if device.type != "cuda":
         if cfg.pin_mem:
             out.append(f"`pin_mem`: pinned memory only speeds copies to a GPU; ignored on {device.type}")

@@ -181,7 +181,7 @@ def _train(cfg, state: RunState, info: dist_utils.DistInfo) -> TrainResult:
         return _result(cfg, Path(data.resume_path).parent, None, 0)
     out = prepare_outputs(cfg, state, info, data.resume_path, data.resume_ckpt, start_epoch, loaders.img_size,
                           held_out=data.eval_set, evaluated=data.eval_set is not None)
-    for message in [*state.start_warnings, *timm_habits.notes(cfg, info.device)]:
+    for message in [*state.start_warnings, *timm_habits.notes(cfg, info.device, model)]:
         if info.is_primary:
             warn(message)
     state.wandb = timm_habits.start_wandb(cfg, run_args(cfg)) if info.is_primary else None
