@@ -47,6 +47,26 @@ def test_average_equals_mean_of_ema_or_model_weights(three_checkpoints, tmp_path
     torch.testing.assert_close(model.state_dict()["head.fc.weight"], averaged["state_dict"]["head.fc.weight"])
 
 
+def test_a_checkpoint_named_twice_is_averaged_once(three_checkpoints, tmp_path, capsys):
+    """A glob of a run's folder names an epoch twice (its last.pth.tar is a copy of checkpoint-<last>.pth.tar):
+    the copy is counted once, not weighed double (the average was (2a + b + c) / 4)."""
+    copy = tmp_path / "last.pth.tar"
+    copy.write_bytes(three_checkpoints[2].read_bytes())
+    out = tmp_path / "avg.pth"
+    inputs = [*map(str, three_checkpoints), str(copy), str(three_checkpoints[0])]
+    assert main(["checkpoint", "average", *inputs, "--output", str(out)]) == 0
+    sources = [_weights(p) for p in three_checkpoints]
+    averaged = torch.load(out, weights_only=True)
+    for k, v in averaged["state_dict"].items():
+        expected = (sources[0][k].double() + sources[1][k].double() + sources[2][k].double()) / 3
+        torch.testing.assert_close(v, expected.float(), rtol=0, atol=1e-6)
+    assert averaged["averaged_from"] == [str(p) for p in three_checkpoints]
+    printed = capsys.readouterr().out
+    assert f"note: {copy} holds the same weights as {three_checkpoints[2]}" in printed
+    assert f"note: {three_checkpoints[0]} holds the same weights as {three_checkpoints[0]}" in printed
+    assert "averaged 3 checkpoints" in printed
+
+
 def test_average_no_ema_uses_model_weights(three_checkpoints, tmp_path):
     out = tmp_path / "avg.pth"
     assert main(["checkpoint", "average", *map(str, three_checkpoints), "--no-ema", "--output", str(out)]) == 0

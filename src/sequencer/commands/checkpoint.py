@@ -7,7 +7,7 @@ import os
 
 from ..errors import SequencerError
 from ..models.loading import model_config, save_weights
-from ..tools.checkpoints import average_state_dicts, check_same_model, read_weights
+from ..tools.checkpoints import average_state_dicts, check_same_model, read_weights, repeated_weights
 
 
 def _check_output(path: str, inputs: list[str], safetensors: bool) -> None:
@@ -20,24 +20,30 @@ def _check_output(path: str, inputs: list[str], safetensors: bool) -> None:
 
 def cmd_average(args: argparse.Namespace) -> int:
     _check_output(args.output, args.checkpoints, args.safetensors)
-    configs, states, ema_count = [], [], 0
-    for path in args.checkpoints:
+    paths, configs, states, used_emas = list(args.checkpoints), [], [], []
+    for path in paths:
         checkpoint, state, used_ema = read_weights(path, args.use_ema)
         configs.append(model_config(checkpoint))
         states.append(state)
-        ema_count += used_ema
+        used_emas.append(used_ema)
         print(f"{path}: {len(state)} tensors ({'EMA' if used_ema else 'model'} weights)")
-    check_same_model(configs, list(args.checkpoints))
+    check_same_model(configs, paths)
+    repeats = repeated_weights(states)
+    for i, j in repeats.items():
+        print(f"note: {paths[i]} holds the same weights as {paths[j]}: counted once")
+    paths, configs, states, used_emas = ([items[i] for i in range(len(items)) if i not in repeats]
+                                         for items in (paths, configs, states, used_emas))
+    ema_count = sum(used_emas)
     if 0 < ema_count < len(states):
         print(f"note: the average mixes the EMA weights of {ema_count} checkpoint(s) with the model weights of "
               f"{len(states) - ema_count} that have no EMA (--no-ema averages model weights only)")
-    averaged = average_state_dicts(states, list(args.checkpoints))
+    averaged = average_state_dicts(states, paths)
     config = dict(configs[0])
     if any(c.get("data") != config.get("data") for c in configs) and config.pop("data", None):
         print("note: the checkpoints record different training data: the average records none "
               "(validate it with DATA)")
     out = save_weights(averaged, args.output, config, safetensors=args.safetensors or None,
-                       extra={"averaged_from": [str(p) for p in args.checkpoints]})
+                       extra={"averaged_from": [str(p) for p in paths]})
     print(f"averaged {len(states)} checkpoints -> {out}")
     return 0
 

@@ -56,6 +56,22 @@ def _shown(value) -> str:
     return "none" if value is None else str(value)
 
 
+def repeated_weights(state_dicts: list[dict[str, torch.Tensor]]) -> dict[int, int]:
+    """{i: j} for each state dict i that holds exactly the weights of an earlier one j. A run's ``last.pth.tar`` and
+    ``model_best.pth.tar`` are copies of its ``checkpoint-<epoch>.pth.tar`` files, so a glob of the run's folder
+    names some epochs two or three times; averaged as given, those would weigh double."""
+    def same(a: dict, b: dict) -> bool:
+        return a.keys() == b.keys() and all(a[k].shape == b[k].shape and a[k].dtype == b[k].dtype
+                                            and torch.equal(a[k], b[k]) for k in a)
+
+    repeats = {}
+    for i, state in enumerate(state_dicts):
+        earlier = next((j for j in range(i) if j not in repeats and same(state_dicts[j], state)), None)
+        if earlier is not None:
+            repeats[i] = earlier
+    return repeats
+
+
 def average_state_dicts(state_dicts: list[dict[str, torch.Tensor]], names: list[str] | None = None
                         ) -> dict[str, torch.Tensor]:
     """Element-wise mean of floating-point tensors (accumulated in float64); other tensors come from the first.
