@@ -7,6 +7,7 @@ import math
 
 import pytest
 import torch
+from torch.optim.optimizer import register_optimizer_step_pre_hook
 
 import sequencer
 from run_helpers import TINY_MODEL, summary_rows, train_cli
@@ -19,15 +20,28 @@ from sequencer.engine.train import _build_loss, build_optimization
 TINY_KWARGS = dict(layers=(1, 1), patch_sizes=(2, 1), embed_dims=(16, 16), hidden_sizes=(4, 4), mlp_ratios=(2, 2))
 
 
-def test_each_epoch_trains_at_its_own_scheduled_lr(image_folder, tmp_path):
+@pytest.mark.parametrize("on_updates", [[], ["--sched-on-updates"]])
+def test_each_epoch_trains_at_its_own_scheduled_lr(image_folder, tmp_path, on_updates, capsys):
     """--sched step halving every epoch: epochs 0, 1, 2 train at lr, lr/2, lr/4 (the scheduler is stepped to the
-    coming epoch after each one, not to the one that ended)."""
-    assert train_cli([image_folder, *TINY_MODEL, "--img-size", "16", "-b", "16", "-j", "0", "--device", "cpu",
-                      "--log-interval", "1000", "--no-aug", "--epochs", "3", "--warmup-epochs", "0",
-                      "--opt", "sgd", "--lr", "0.08", "--sched", "step", "--decay-epochs", "1",
-                      "--decay-rate", "0.5", "--output", tmp_path, "--experiment", "lr"]) == 0
+    coming epoch after each one, not to the one that ended); the summary row and each step's log line show the lr
+    the update used. With --sched-on-updates (3 updates an epoch) they showed the next update's: rows 0.04, 0.02,
+    0.01, the last one an lr the run never used."""
+    optimizer_lrs = []
+    hook = register_optimizer_step_pre_hook(
+        lambda optimizer, args, kwargs: optimizer_lrs.append(optimizer.param_groups[0]["lr"]))
+    try:
+        assert train_cli([image_folder, *TINY_MODEL, "--img-size", "16", "-b", "16", "-j", "0", "--device", "cpu",
+                          "--log-interval", "1", "--no-aug", "--epochs", "3", "--warmup-epochs", "0",
+                          "--opt", "sgd", "--lr", "0.08", "--sched", "step", "--decay-epochs", "1",
+                          "--decay-rate", "0.5", "--output", tmp_path, "--experiment", "lr", *on_updates]) == 0
+    finally:
+        hook.remove()
+    assert optimizer_lrs == pytest.approx([0.08] * 3 + [0.04] * 3 + [0.02] * 3, rel=1e-9)
     lrs = [float(row["lr"]) for row in summary_rows(tmp_path / "lr")]
     assert lrs == pytest.approx([0.08, 0.04, 0.02], rel=1e-9)
+    logged = [line.rsplit(" lr ", 1)[1].split()[0] for line in capsys.readouterr().out.splitlines()
+              if line.startswith("train: epoch")]
+    assert logged == ["8.00e-02"] * 3 + ["4.00e-02"] * 3 + ["2.00e-02"] * 3
 
 
 def test_mixup_gets_the_smoothing_and_both_probabilities_in_place():

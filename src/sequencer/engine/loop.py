@@ -73,7 +73,7 @@ class TrainingRun:
 @dataclass
 class EpochResult:
     train_loss: float
-    lr: float
+    lr: float  # what the epoch's last update used (with a per-update schedule, not the next one's)
     started: float  # time.time() at the start of the epoch
     stopped_at: int | None = None  # the step at which a stop request (SIGTERM/SIGINT) ended the epoch
 
@@ -150,12 +150,14 @@ def train_one_epoch(run: TrainingRun, epoch: int, stop: StopRequest) -> EpochRes
     last_accum = steps % cfg.grad_accum_steps or cfg.grad_accum_steps  # the last, possibly shorter, accumulation
     num_updates = epoch * loaders.updates_per_epoch
     loss_sum, seen = 0.0, 0
+    lr = current_lr(run.opt.optimizer)
     progress = _Progress(run, epoch, started)
     run.opt.optimizer.zero_grad(set_to_none=True)
     for step, (images, targets) in enumerate(loaders.train):
         accum = last_accum if step >= steps - last_accum else cfg.grad_accum_steps
         need_update = step == steps - 1 or (step + 1) % cfg.grad_accum_steps == 0
         images, targets = _prepare_batch(run, images, targets)
+        lr = current_lr(run.opt.optimizer)  # what this batch's update uses: a per-update schedule moves on after it
         sync = run.train_model.no_sync if info.distributed and not need_update else contextlib.nullcontext
         with sync():
             loss = _forward(run, images, targets)
@@ -171,10 +173,10 @@ def train_one_epoch(run: TrainingRun, epoch: int, stop: StopRequest) -> EpochRes
             _update(run, num_updates, loss_sum / seen)
         if cfg.recovery_interval and (step + 1) % cfg.recovery_interval == 0 and step < steps - 1:
             write_recovery(run, epoch, step)  # --recovery-interval: the epoch re-runs from these weights
-        progress.step(step, loss_value, loss_sum / seen, seen)
+        progress.step(step, loss_value, loss_sum / seen, seen, lr)
     progress.close()
     train_loss = dist_utils.all_reduce_mean([loss_sum / max(seen, 1)], info)[0]
-    return EpochResult(train_loss, current_lr(run.opt.optimizer), started)
+    return EpochResult(train_loss, lr, started)
 
 
 def _set_epoch(run: TrainingRun, epoch: int) -> None:
@@ -251,9 +253,9 @@ class _Progress:
             self.bar = tqdm(total=run.loaders.steps_per_epoch, desc=f"epoch {epoch}/{run.opt.num_epochs - 1}",
                             leave=False, dynamic_ncols=True)
 
-    def step(self, step: int, loss_value: float, mean_loss: float, seen: int) -> None:
+    def step(self, step: int, loss_value: float, mean_loss: float, seen: int, lr: float) -> None:
+        """Show ``step``'s losses and the ``lr`` its update used."""
         run, steps = self.run, self.run.loaders.steps_per_epoch
-        lr = current_lr(run.opt.optimizer)
         rate = seen * run.info.world_size / max(time.time() - self.started, 1e-9)
         if self.bar is not None:
             self.bar.update(1)
