@@ -73,9 +73,30 @@ def _rank_main(rank, world, port, root, out):
         loader = create_loader(ds, (3, 4, 4), 2, False, mean=(0.5,) * 3, std=(0.5,) * 3, crop_pct=1.0,
                                distributed=True)
         metrics = evaluate(_image_model(), loader, "cpu", distributed=True)
-        torch.save(metrics, os.path.join(out, f"rank{rank}.pt"))
+        result = _validate_broken(os.path.join(out, "broken"))
+        torch.save(dict(metrics, validated=(result.images, result.unreadable)), os.path.join(out, f"rank{rank}.pt"))
     finally:
         torch.distributed.destroy_process_group()
+
+
+def _broken_folder(root) -> None:
+    """210 images in 3 class folders, two unreadable: a/0.png and a/1.png, one in each rank's share."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for i in range(210):
+        folder = root / "abc"[i % 3]
+        folder.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(rng.integers(0, 256, (4, 4, 3), dtype=np.uint8)).save(folder / f"{i // 3}.png")
+    for name in ("0.png", "1.png"):
+        (root / "a" / name).write_bytes(b"not an image")
+
+
+def _validate_broken(root):
+    import sequencer
+    return sequencer.validate(model=_image_model(), data=root, img_size=4, batch_size=16, workers=0, device="cpu",
+                              progress=False)
 
 
 def _image_model():
@@ -85,7 +106,8 @@ def _image_model():
 
 @pytest.mark.slow
 def test_distributed_evaluation_is_exact(tmp_path):
-    """Two gloo ranks over 7 images (uneven shares, no padding) give the single-process numbers."""
+    """Two gloo ranks over 7 images (uneven shares, no padding) give the single-process numbers; `validate`'s count
+    of unreadable images is every rank's (it was rank 0's share: 1 of the 2)."""
     import numpy as np
     from PIL import Image
 
@@ -99,6 +121,9 @@ def test_distributed_evaluation_is_exact(tmp_path):
     loader = create_loader(create_dataset("", root=str(tmp_path / "data")), (3, 4, 4), 2, False,
                            mean=(0.5,) * 3, std=(0.5,) * 3, crop_pct=1.0)
     single = evaluate(_image_model(), loader, "cpu")
+    _broken_folder(tmp_path / "broken")
+    alone = _validate_broken(tmp_path / "broken")
+    assert (alone.images, alone.unreadable) == (208, 2)
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
@@ -110,3 +135,4 @@ def test_distributed_evaluation_is_exact(tmp_path):
         assert got["count"] == single["count"] == 7
         assert (got["top1"], got["top5"]) == (single["top1"], single["top5"])
         assert got["loss"] == pytest.approx(single["loss"], rel=1e-6)  # float32 logits, other batching
+        assert got["validated"] == (208, 2)

@@ -53,3 +53,14 @@ def evaluate(model: nn.Module, loader, device: torch.device | str, amp_dtype: to
         return dict(top1=0.0, top5=0.0, loss=float("nan"), images_per_sec=0.0, count=0)
     return dict(top1=100.0 * top1 / count, top5=100.0 * top5 / count, loss=loss_sum / count,
                 images_per_sec=count / max(elapsed.item(), 1e-9), count=int(count))
+
+
+def unreadable_skipped(loader, distributed: bool = False) -> int:
+    """How many distinct unreadable files the latest pass of ``loader`` (an ``ImageLoader``; 0 for another) skipped,
+    counted over every rank of the process group with ``distributed``: each rank's loader knows only its own share."""
+    files = list(getattr(loader, "skipped", None) or [])
+    if distributed and torch.distributed.is_available() and torch.distributed.is_initialized():
+        shares = [None] * torch.distributed.get_world_size()
+        torch.distributed.all_gather_object(shares, files)
+        files = [f for share in shares for f in share]
+    return len(set(files))

@@ -316,6 +316,7 @@ def save_epoch(run: TrainingRun, epoch: int, result: EpochResult, metrics: dict 
                      eval_top5=f"{metrics['top5']:.4f}" if scored else "",
                      lr=f"{result.lr:.6e}", epoch_seconds=f"{seconds:.2f}"))
     rng_states = dist_utils.all_gather_object(get_rng_state(), run.info)
+    skipped = skipped_note(run.loaders.train, run.info)
     if not run.info.is_primary:
         return row
     # checkpoint first, holding the rows so far: a row never stands for a checkpoint that is not on disk, and a
@@ -334,7 +335,7 @@ def save_epoch(run: TrainingRun, epoch: int, result: EpochResult, metrics: dict 
     scores = ("not evaluated (no held-out split)" if metrics is None else
               f"eval_loss {metrics['loss']:.4f} top1 {metrics['top1']:.2f}{ema_note} top5 {metrics['top5']:.2f}")
     _logger.info(f"epoch {epoch}: train_loss {result.train_loss:.4f} {scores} "
-                 f"lr {result.lr:.2e} {seconds:.1f}s{' *best*' if is_best else ''}{skipped_note(run.loaders.train)}")
+                 f"lr {result.lr:.2e} {seconds:.1f}s{' *best*' if is_best else ''}{skipped}")
     return row
 
 
@@ -411,7 +412,10 @@ def checkpoint_state(run: TrainingRun, epoch: int, complete: bool, step: int, me
     return state
 
 
-def skipped_note(loader) -> str:
-    """Unreadable training images of the epoch, for the end of its log line ("" when none)."""
-    skipped = len(getattr(loader, "skipped", None) or [])
+def skipped_note(loader, info: dist_utils.DistInfo) -> str:
+    """Unreadable training images of the epoch (every rank's), for the end of its log line ("" when none); every
+    rank calls it."""
+    from .evaluate import unreadable_skipped
+
+    skipped = unreadable_skipped(loader, info.distributed)
     return f"; skipped {skipped} unreadable training image{'s' if skipped != 1 else ''}" if skipped else ""

@@ -410,13 +410,15 @@ def _log_start(training: TrainingRun, data: TrainData, start_epoch: int) -> None
 def _log_finish(training: TrainingRun, metrics: dict | None, started: float, epochs_run: int) -> None:
     """The run's last line; ``epochs_run``: epochs 0.. the last one run (fewer than planned when a callback
     stopped the run)."""
+    from .evaluate import unreadable_skipped
+
     cfg, manager = training.cfg, training.out.manager
+    skipped = unreadable_skipped(training.loaders.eval, training.info.distributed)  # every rank's share
     if not training.info.is_primary:
         return
     best = (f"; best {cfg.eval_metric} {manager.best_metric:.2f} at epoch {manager.best_epoch}"
             if manager.best_metric is not None else "")
     what = "digits demo" if cfg.dataset == "digits" else "done"
-    skipped = len(getattr(training.loaders.eval, "skipped", None) or [])
     unreadable = f" ({skipped} unreadable skipped)" if skipped else ""
     # the whole run's time: the epochs of earlier invocations (resumed) plus this one
     earlier = sum(float(r.get("epoch_seconds") or 0) for r in training.out.rows[:training.out.resumed_rows])
