@@ -1,6 +1,7 @@
 import argparse
 import os
 import logging
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -140,6 +141,27 @@ def test_unreadable_images_in_training_keep_batches_full(tmp_path):
     loader = _loader(create_dataset("", root=str(tmp_path)), 40, is_training=True)
     sizes = [len(t) for _, t in loader]
     assert sizes == [40] * 5 and sorted(loader.skipped) == sorted(broken)
+
+
+def test_a_ranks_share_counts_its_own_unreadable_files_not_the_replacements_it_tried(tmp_path, monkeypatch):
+    """Rank 0 of 2 (105 of 210 images): one broken file in its share, replaced by the next file, broken too and in
+    rank 1's share. 1 of 105 is within 1%; it was refused as "1 of 105 images are unreadable (more than 1%)" (the
+    replacement counted), where one process reading all 210 accepts both."""
+    write_images(tmp_path, classes=("a", "b"), per_class=105, size=4)
+    monkeypatch.setattr(torch.distributed, "is_initialized", lambda: True)
+    monkeypatch.setattr(torch.distributed, "get_rank", lambda group=None: 0)
+    monkeypatch.setattr(torch.distributed, "get_world_size", lambda group=None: 2)
+    ds = create_dataset("", root=str(tmp_path))
+    loader = _loader(ds, 15, is_training=True, distributed=True)
+    loader.set_epoch(0)
+    share = set(loader.sampler)
+    own = next(i for i in sorted(share) if i + 1 not in share and i + 1 < len(ds))
+    broken = [ds.samples[own][0], ds.samples[own + 1][0]]
+    for path in broken:
+        Path(path).write_bytes(b"")
+    loader.set_epoch(0)
+    assert sum(len(t) for _, t in loader) == 105  # the batches stay full: the next readable file stands in
+    assert sorted(loader.skipped) == sorted(broken)
 
 
 def test_more_than_one_percent_unreadable_aborts_with_the_list(tmp_path):

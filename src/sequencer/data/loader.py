@@ -223,13 +223,16 @@ class _PassSeededSampler(torch.utils.data.Sampler):
 
 
 def _collate(batch):
-    """Default collate of the readable samples, plus the unreadable files: (images | None, targets | None, files)."""
+    """Default collate of the readable samples, plus the unreadable files: (images | None, targets | None, files,
+    own files). An item's own file is the first it failed on; the others are replacements it tried, which under DDP
+    may lie in another rank's share."""
     failed = [path for _, _, paths in batch for path in paths]
+    own = [paths[0] for _, _, paths in batch if paths]
     good = [(img, target) for img, target, _ in batch if img is not None]
     if not good:
-        return None, None, failed
+        return None, None, failed, own
     images, targets = default_collate(good)
-    return images, targets, failed
+    return images, targets, failed, own
 
 
 class _ShardSampler(torch.utils.data.Sampler):
@@ -307,6 +310,7 @@ class ImageLoader(DataLoader):
         self.seed = seed
         self.rank = rank
         self.skipped: list[str] = []
+        self._own_unreadable: set[str] = set()  # the unreadable files of this pass's own indices
         self._last_epoch: int | None = None
         self._explicit_epoch: int | None = None
 
@@ -337,12 +341,12 @@ class ImageLoader(DataLoader):
         if isinstance(self.sampler, _PassSeededSampler):
             self.sampler.pass_seed = pass_seed  # persistent workers reseed from it (_seed_worker_for_pass)
             self.sampler.pass_number += 1
-        self.skipped = []
+        self.skipped, self._own_unreadable = [], set()
         total = len(self.sampler)
         non_blocking = self.device.type == "cuda"
-        for images, targets, failed in _worker_errors_as_one_line(super().__iter__()):
+        for images, targets, failed, own in _worker_errors_as_one_line(super().__iter__()):
             if failed:
-                self._note_unreadable(failed, total)
+                self._note_unreadable(failed, own, total)
             if images is None:
                 continue
             images = images.to(self.device, non_blocking=non_blocking)
@@ -350,10 +354,13 @@ class ImageLoader(DataLoader):
                 images = self.on_device(images)
             yield images, targets.to(self.device, non_blocking=non_blocking)
 
-    def _note_unreadable(self, failed: list[str], total: int) -> None:
+    def _note_unreadable(self, failed: list[str], own: list[str], total: int) -> None:
+        """Record and warn about the unreadable ``failed`` files; raise once the pass's own ones (``own``: of its
+        ``total`` indices, not the replacements tried, which may be another rank's) pass ``max_unreadable``."""
         seen = getattr(self.dataset.dataset, "skipped", None)
         self.skipped += [path for path in dict.fromkeys(failed) if path not in self.skipped]
-        if len(self.skipped) <= self.max_unreadable * total:
+        self._own_unreadable.update(own)
+        if len(self._own_unreadable) <= self.max_unreadable * total:
             for path in failed:
                 if seen is not None and path not in seen:
                     seen.add(path)
