@@ -22,6 +22,11 @@ declare -A TORCHVISION=([2.6.0]=0.21.0 [2.8.0]=0.23.0 [2.11.0]=0.26.0 [2.15.0]=0
 # the floor's other ends: the oldest timm pyproject.toml declares goes with the oldest torch (elsewhere pip's newest)
 declare -A TIMM=([2.6.0]=1.0.15)
 RANGE=(2.6.0 2.15.0)
+# the floor's tests run as on an AVX2-only CPU (the AMD EPYC CI machines without AVX-512 or bf16 kernels): oneDNN,
+# ATen's dispatch and MKL are capped at AVX2, so oneDNN reports no bf16 kernels and the float32 fallbacks run, whatever
+# CPU runs CI; the pinned suite and the newest torch keep the machine's own ISA
+declare -A AS_AVX2_ONLY=([2.6.0]=1)
+AVX2_ONLY_ENV=(ONEDNN_MAX_CPU_ISA=AVX2 ATEN_CPU_CAPABILITY=avx2 MKL_ENABLE_INSTRUCTIONS=AVX2)
 
 # the fast tests of the models, the engine and the library API (the slow end-to-end runs stay with the pinned
 # suite). The PyPI wheels bring Triton, whose CPU interpreter (a test-only path) fails under them (torch 2.11:
@@ -103,10 +108,13 @@ for index in "${!versions[@]}"; do
         ( renice -n 19 -p "$BASHPID" > /dev/null; make_venv "$next" ) &
         next_job=$!
     fi
-    echo "== torch $version: $(".venvs/torch-$version/bin/python" -c 'import torch, torchvision, timm
-print(f"torch {torch.__version__}, torchvision {torchvision.__version__}, timm {timm.__version__}")')" >&2
-    TRITON_INTERPRET=0 ".venvs/torch-$version/bin/python" -m pytest -q -m "not slow" -p no:cacheprovider \
-        "${TESTS[@]}" || status=1
+    isa_env=()
+    [ -n "${AS_AVX2_ONLY[$version]:-}" ] && isa_env=("${AVX2_ONLY_ENV[@]}")
+    echo "== torch $version: $(env "${isa_env[@]}" ".venvs/torch-$version/bin/python" -c 'import torch, torchvision, timm
+print(f"torch {torch.__version__}, torchvision {torchvision.__version__}, timm {timm.__version__}, CPU capability "
+      f"{torch.backends.cpu.get_cpu_capability()}, oneDNN bf16 {torch.ops.mkldnn._is_mkldnn_bf16_supported()}")')" >&2
+    env "${isa_env[@]}" TRITON_INTERPRET=0 ".venvs/torch-$version/bin/python" -m pytest -q -m "not slow" \
+        -p no:cacheprovider "${TESTS[@]}" || status=1
     if [ "$discard" -eq 1 ]; then
         rm -rf ".venvs/torch-$version"
     fi
