@@ -46,15 +46,6 @@ def test_bad_architecture_argument_is_a_user_error():
         sequencer.create_model("sequencer2d_nano", union="diagonal")
 
 
-@pytest.mark.parametrize("name, expected", [
-    ("sequencer2d_s", 27_651_688), ("sequencer2d_m", 38_307_688), ("sequencer2d_l", 54_298_216),
-])
-def test_parameter_counts_match_the_paper(name, expected):
-    with torch.device("meta"):  # counting needs no memory or init
-        model = sequencer.create_model(name)
-    assert sum(p.numel() for p in model.parameters()) == expected
-
-
 def test_nano_is_small():
     model = sequencer.create_model("sequencer2d_nano")
     assert sum(p.numel() for p in model.parameters()) < 2_000_000

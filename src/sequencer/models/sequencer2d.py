@@ -449,7 +449,9 @@ MODEL_CONFIGS: dict[str, tuple[dict, dict]] = {
     "sequencer2d_m": (_M, _cfg(_RELEASE["sequencer2d_m"], hf_hub_id="timm/sequencer2d_m.in1k")),
     "sequencer2d_l": (_L, _cfg(_RELEASE["sequencer2d_l"], hf_hub_id="timm/sequencer2d_l.in1k")),
     # 392 px variants: no 392 px weights were released, so they have none (pretrained=True refuses); to start
-    # from the 224 px release at 392 px, use e.g. sequencer2d_l with --pretrained --img-size 392 --crop-pct 1.0
+    # from the 224 px release at 392 px, use e.g. sequencer2d_l with --pretrained --img-size 392 --crop-pct 1.0.
+    # (The authors' registry gives these their 224 px model's cfg and weights URL; input size and crop here are
+    # those of their README's 392 px fine-tuning command.)
     "sequencer2d_s_392": (dict(_S, img_size=392), _cfg(input_size=(3, 392, 392), crop_pct=1.0)),
     "sequencer2d_m_392": (dict(_M, img_size=392), _cfg(input_size=(3, 392, 392), crop_pct=1.0)),
     "sequencer2d_l_392": (dict(_L, img_size=392), _cfg(input_size=(3, 392, 392), crop_pct=1.0)),
