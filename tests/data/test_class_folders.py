@@ -123,3 +123,18 @@ def test_train_validate_predict_a_tar_with_splits(nested, tmp_path):
     images = sorted(Path(json.loads(line)["image"]).relative_to(nested / "train" / "cat").as_posix()
                     for line in done.stdout.splitlines())
     assert images == ["2019/0.jpg", "2019/1.jpg", "2020/0.jpg", "2020/1.jpg"]
+
+
+def test_class_order_of_names_alike_in_natural_order_is_the_same_in_every_process(tmp_path):
+    """class01/class1 and Dog/dog compare equal in natural order; they were ordered as a set happened to iterate,
+    which the hash seed of each process decides: under torchrun two ranks gave one class two labels. Ties now go by
+    the names themselves."""
+    for name in ("class1", "class01", "dog", "Dog", "class2"):
+        jpeg(tmp_path / "train" / name / "0.jpg", seed=0)
+    expected = ["class01", "class1", "class2", "Dog", "dog"]
+    assert create_dataset("", root=str(tmp_path), split="train").class_names == expected
+    script = f"from sequencer.data import create_dataset; print(create_dataset('', root={str(tmp_path)!r}, split='train').class_names)"
+    env = dict(os.environ, PYTHONHASHSEED="1", PYTHONPATH=os.pathsep.join([str(REPO / "src"),
+                                                                           os.environ.get("PYTHONPATH", "")]))
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=120)
+    assert out.stdout.strip() == str(expected), out.stderr[-2000:]  # seed 1 gave class1, class01, ..., dog, Dog

@@ -342,7 +342,8 @@ def _label_samples(entries: list, class_to_idx: dict | None, where: str):
     classes = {c for _, c in labelled}
     unmapped = []
     if class_to_idx is None:
-        class_to_idx = {c: i for i, c in enumerate(sorted(classes, key=natural_key))}
+        # natural order (timm's), ties (class01/class1, Dog/dog) by the name: a set's order varies per process
+        class_to_idx = {c: i for i, c in enumerate(sorted(classes, key=lambda c: (natural_key(c), c)))}
     else:
         unmapped = sorted(classes - set(class_to_idx))
         if unmapped and len(unmapped) == len(classes):
