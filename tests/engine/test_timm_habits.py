@@ -68,3 +68,19 @@ def test_recovery_interval_writes_recovery_checkpoints_mid_epoch(image_folder, t
     assert train_cli(run_args(image_folder, tmp_path, "--recovery-interval", "2")) == 0
     assert written == [(0, 1, False), (0, 3, False)]
     assert not (tmp_path / "out" / "h" / "recovery.pth.tar").exists()  # the finished epoch supersedes it
+
+
+def test_timms_no_sync_dist_bn_is_accepted_and_the_statistics_are_still_averaged():
+    """timm's ``--dist-bn ''`` (no sync) parses; a model with BatchNorm gets one note saying its ranks' statistics
+    are still averaged (unsynced they would give logged numbers of no single model); a model without, no note."""
+    from sequencer.cli import build_parser
+    from sequencer.engine import timm_habits
+    from sequencer.engine.config import TrainConfig
+
+    assert build_parser("train").parse_args(["train", "data", "--dist-bn", ""]).dist_bn == ""
+    with_bn = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 1), torch.nn.BatchNorm2d(4))
+    given, default = TrainConfig(dist_bn=""), TrainConfig()
+    (note,) = timm_habits.notes(given, torch.device("cpu"), with_bn)
+    assert note.startswith("`dist_bn=''`: timm's no-sync; here the ranks' BatchNorm statistics are still averaged")
+    assert timm_habits.notes(default, torch.device("cpu"), with_bn) == []
+    assert timm_habits.notes(given, torch.device("cpu"), torch.nn.Linear(2, 2)) == []

@@ -155,9 +155,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--pin-mem", action="store_true", help="pin batches in page-locked memory (on by default on CUDA)")
     g.add_argument("--no-prefetcher", action="store_true",
                    help="normalise and erase on the CPU workers, not on the GPU (timm's prefetcher; CUDA only)")
-    g.add_argument("--dist-bn", choices=("reduce", "broadcast"),
+    g.add_argument("--dist-bn", choices=("reduce", "broadcast", ""),
                    help="BatchNorm statistics before each evaluation under DDP: the ranks' mean (reduce, the "
-                        "default) or rank 0's; Sequencer models have none (a note)")
+                        "default) or rank 0's; '' (timm's no sync) averages them too, with a note; Sequencer "
+                        "models have none (a note)")
     g.add_argument("--recovery-interval", type=int, metavar="N",
                    help="also write recovery.pth.tar every N batches (0: only on SIGTERM/SIGINT)")
 

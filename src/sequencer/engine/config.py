@@ -442,7 +442,7 @@ def _check_numbers(cfg: TrainConfig) -> None:
     if cfg.recount < 1:
         bad("recount", cfg.recount, "must be at least 1")
     if cfg.dist_bn not in ("", "reduce", "broadcast"):
-        bad("dist_bn", cfg.dist_bn, "is 'reduce' (the mean of the ranks' BatchNorm statistics) or 'broadcast'")
+        bad("dist_bn", cfg.dist_bn, "is 'reduce' (the mean of the ranks' BatchNorm statistics), 'broadcast' or ''")
     if not 0 <= cfg.val_fraction < 1:
         bad("val_fraction", cfg.val_fraction, "must be in [0, 1) (e.g. 0.1 holds out a tenth of each class)")
 

@@ -3,6 +3,7 @@
 line what we do instead; none stops a run. (The flags are defined in ``commands/train.py``.)"""
 from __future__ import annotations
 
+from .config import given_settings
 from .distributed import has_running_stats
 from .guest import warn
 
@@ -13,6 +14,10 @@ def notes(cfg, device, model) -> list[str]:
     if cfg.dist_bn and not has_running_stats(model):
         out.append(f"`dist_bn={cfg.dist_bn}`: the model has no BatchNorm (Sequencer models: LayerNorm only), "
                    f"nothing to sync")
+    if given_settings(cfg).get("dist_bn") == "" and has_running_stats(model):
+        # timm's "" leaves each rank scoring its share with its own statistics: logged numbers of no single model
+        out.append("`dist_bn=''`: timm's no-sync; here the ranks' BatchNorm statistics are still averaged before "
+                   "each evaluation under DDP (as reduce), so the logged numbers are those of the checkpoint's model")
     if device.type != "cuda":
         if cfg.pin_mem:
             out.append(f"`pin_mem`: pinned memory only speeds copies to a GPU; ignored on {device.type}")
