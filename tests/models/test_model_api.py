@@ -1,4 +1,5 @@
 """The timm-style model API: features, heads, checkpointing, multi-scale outputs, resolutions, init, drop path."""
+import logging
 import math
 
 import pytest
@@ -145,11 +146,15 @@ def test_position_embedding_is_interpolated_for_other_inputs(randomize):
     assert model(x).shape == (1, 4)
 
 
-def test_position_embedding_checkpoint_from_another_grid(tmp_path, randomize):
+def test_position_embedding_checkpoint_from_another_grid(tmp_path, randomize, caplog):
+    """Resized (bicubic) with one note naming both grids, as fine-tuning at another resolution does."""
     source = randomize(sequencer.create_model("v_sequencer_s_pe", num_classes=4, **PE_TINY))
     torch.save(source.state_dict(), tmp_path / "pe224.pth")
-    model = sequencer.create_model("v_sequencer_s_pe", num_classes=4, img_size=112,
-                                   checkpoint_path=str(tmp_path / "pe224.pth"), **PE_TINY)
+    with caplog.at_level(logging.INFO, logger="sequencer"):
+        model = sequencer.create_model("v_sequencer_s_pe", num_classes=4, img_size=112,
+                                       checkpoint_path=str(tmp_path / "pe224.pth"), **PE_TINY)
+    notes = [r.getMessage() for r in caplog.records if "position embedding" in r.getMessage()]
+    assert len(notes) == 1 and "resized from its 16x16 token grid to this model's 8x8 (bicubic)" in notes[0]
     assert model.absolute_pos_embed.shape == (1, 8, 8, 32)
     expected = F.interpolate(source.absolute_pos_embed.detach().permute(0, 3, 1, 2), size=(8, 8), mode="bicubic",
                              align_corners=False).permute(0, 2, 3, 1)

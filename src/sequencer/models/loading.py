@@ -7,6 +7,7 @@ Supported files: the authors' release (``blocks.<stage>.<i>...``, ``head.weight`
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 import warnings
@@ -18,6 +19,8 @@ from torch import nn
 
 from ..errors import SequencerError
 from ..fileio import write_atomically
+
+_logger = logging.getLogger(__name__)
 
 _HEAD_KEYS = ("head.fc.weight", "head.fc.bias")
 
@@ -298,9 +301,11 @@ def load_state_dict_into(model: nn.Module, state_dict: dict[str, torch.Tensor], 
         state_dict[stem] = _adapted_stem(ckpt_stem, own_stem.shape[1], source)
     pos = state_dict.get("absolute_pos_embed")
     if pos is not None and "absolute_pos_embed" in own and pos.shape != own["absolute_pos_embed"].shape:
+        grid = own["absolute_pos_embed"].shape[1:3]
+        _logger.info(f"{source}: position embedding resized from its {pos.shape[1]}x{pos.shape[2]} token grid to "
+                     f"this model's {grid[0]}x{grid[1]} (bicubic)")
         state_dict["absolute_pos_embed"] = torch.nn.functional.interpolate(
-            pos.permute(0, 3, 1, 2), size=own["absolute_pos_embed"].shape[1:3], mode="bicubic",
-            align_corners=False).permute(0, 2, 3, 1)
+            pos.permute(0, 3, 1, 2), size=grid, mode="bicubic", align_corners=False).permute(0, 2, 3, 1)
     missing = set(own) - set(state_dict)
     if keep_model_head:
         missing -= set(_HEAD_KEYS)
