@@ -61,14 +61,23 @@ def test_scratch_recipe_writes_timm_outputs(scratch_run, image_folder):
     assert model.num_classes == 3 and model.model_kwargs["drop_path_rate"] == 0.1
 
 
-def test_validate_reproduces_logged_top1(scratch_run, image_folder, tmp_path):
+def test_validate_reproduces_logged_top1(scratch_run, image_folder, tmp_path, capsys):
+    """... in float32, with a note that the run evaluated under autocast (bf16 on the CPU, where it has the kernels:
+    --native-amp) and how to evaluate as it did; which then gives no note."""
     from sequencer.cli import main
+    from sequencer.models.kernels import onednn_bf16_supported
     results = tmp_path / "r.json"
-    rc = main(["validate", str(image_folder), "--checkpoint", str(scratch_run / "last.pth.tar"), "--split", "val",
-               "-b", "5", "-j", "0", "--device", "cpu", "--results-file", str(results)])
-    assert rc == 0
+    validate = ["validate", str(image_folder), "--checkpoint", str(scratch_run / "last.pth.tar"), "--split", "val",
+                "-b", "5", "-j", "0", "--device", "cpu"]
+    assert main([*validate, "--results-file", str(results)]) == 0
     logged = float(summary_rows(scratch_run)[-1]["eval_top1"])
     assert json.loads(results.read_text())["top1"] == pytest.approx(logged, abs=0.01)
+    note = "note: the checkpoint's run evaluated under bfloat16 autocast"
+    out = capsys.readouterr().out
+    assert (note in out and "--amp-dtype bfloat16 evaluates as the run did" in out) == onednn_bf16_supported()
+    if onednn_bf16_supported():
+        assert main([*validate, "--amp-dtype", "bfloat16"]) == 0
+        assert note not in capsys.readouterr().out
 
 
 def test_finetune_recipe_at_larger_size(scratch_run, image_folder, tmp_path):

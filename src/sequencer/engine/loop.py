@@ -398,6 +398,7 @@ def checkpoint_state(run: TrainingRun, epoch: int, complete: bool, step: int, me
         model_kwargs=plain(model.model_kwargs) if recorded else None,
         class_names=list(run.class_names),
         data_config=plain(run.loaders.data_config),
+        eval_amp_dtype=str(opt.amp_dtype).removeprefix("torch.") if opt.amp_dtype else None,
         data=(data_record(run.cfg, getattr(run.loaders.eval, "dataset", None)) if run.state.datasets is None
               else CALLERS_DATA),
         scheduler=opt.scheduler.state_dict() if opt.scheduler is not None else None)

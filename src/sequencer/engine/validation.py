@@ -117,8 +117,10 @@ def validate(checkpoint: str | os.PathLike = "", data=None, *, model: str | nn.M
                                                       checkpoint, load is None, dist_info)
         loaded.model = _prepared(loaded.model, prepare, torchcompile)
         overrides = dict(mean=mean, std=std, crop_pct=crop_pct, interpolation=interpolation)
-        metrics = _evaluate(loaded, split_set, overrides, batch_size, workers,
-                            _amp_dtype(amp, amp_dtype, dist_info.device), dataset, dist_info,
+        eval_dtype = _amp_dtype(amp, amp_dtype, dist_info.device)
+        if dist_info.is_primary:
+            _note_the_runs_autocast(loaded, eval_dtype)
+        metrics = _evaluate(loaded, split_set, overrides, batch_size, workers, eval_dtype, dataset, dist_info,
                             tensors=user_data and split_set.tensors)
         results = ValidationResult(
             model=loaded.name, checkpoint=os.fspath(checkpoint) if checkpoint else ("pretrained" if pretrained
@@ -219,6 +221,16 @@ def _amp_dtype(amp: bool, amp_dtype: str | None, device: torch.device) -> torch.
     if not (amp or amp_dtype):
         return None
     return autocast_dtype(amp_dtype or "auto", device)
+
+
+def _note_the_runs_autocast(loaded: LoadedModel, eval_dtype: torch.dtype | None) -> None:
+    """One note when the checkpoint's run evaluated under autocast and this evaluation runs in float32: its
+    summary.csv's eval numbers and these then differ in the last digits, which reads as a wrong checkpoint."""
+    trained = (loaded.checkpoint or {}).get("eval_amp_dtype")
+    if trained and eval_dtype is None:
+        _logger.info(f"note: the checkpoint's run evaluated under {trained} autocast (its summary.csv's eval "
+                     f"numbers); this runs in float32, so the numbers may differ a little: `amp_dtype={trained}` "
+                     f"evaluates as the run did")
 
 
 def _evaluate(loaded: LoadedModel, split_set, overrides: dict, batch_size: int, workers: int | None,
