@@ -1,4 +1,5 @@
 import json
+import os
 
 import pytest
 import torch
@@ -157,3 +158,18 @@ def test_one_channel_run_of_an_rgb_checkpoint_averages_its_statistics(image_fold
     for r, exp in zip(records, expected):
         for p in r["predictions"]:
             assert p["prob"] == pytest.approx(exp[p["index"]].item(), abs=1e-5)
+
+
+def test_a_file_name_that_is_not_utf8_is_printed_escaped(tiny_checkpoint, tmp_path, capsys):
+    """A Latin-1 ``caf\\xe9.png`` (from an old zip) ended predict in a UnicodeEncodeError traceback on a UTF-8 stdout
+    (pytest's, like a terminal's, refuses the lone surrogate Python holds for the byte); the JSON output kept it."""
+    name = os.path.join(os.fsencode(tmp_path), b"caf\xe9.png")
+    try:
+        Image.new("RGB", (40, 40), (200, 30, 30)).save(name)
+    except OSError:  # a file system that refuses names that are not UTF-8 (macOS) cannot hold such a file
+        pytest.skip("this file system refuses names that are not UTF-8")
+    assert main(["predict", str(tmp_path), "--checkpoint", str(tiny_checkpoint), "--topk", "1"]) == 0
+    assert capsys.readouterr().out.splitlines()[0] == f"{tmp_path}/caf\\xe9.png:"
+    assert main(["predict", str(tmp_path), "--checkpoint", str(tiny_checkpoint), "--json"]) == 0
+    record = json.loads(capsys.readouterr().out)
+    assert os.fsencode(record["image"]) == name  # the JSON names the file itself

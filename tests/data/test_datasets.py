@@ -83,6 +83,17 @@ def test_class_map_orders_classes_and_filters_folders(image_folder, tmp_path):
         create_dataset("", root=str(image_folder), split="train", class_map=str(none))
 
 
+@pytest.mark.parametrize("ext, content", [(".txt", "\ufeffcat\r\ndog\r\n\r\n"), (".json", '\ufeff["cat", "dog"]')])
+def test_class_map_with_a_byte_order_mark(tmp_path, ext, content):
+    """Notepad's "UTF-8 with BOM": the text map's first class became "\ufeffcat", so the cat folder was left out
+    (2 of 4 images, with a warning); the JSON map was refused as invalid JSON."""
+    path = tmp_path / f"map{ext}"
+    path.write_bytes(content.encode("utf-8"))
+    assert load_class_map(str(path)) == {"cat": 0, "dog": 1}
+    write_images(tmp_path / "data", classes=("cat", "dog"), per_class=2)
+    assert len(create_dataset("", root=str(tmp_path / "data"), class_map=str(path))) == 4
+
+
 @pytest.mark.parametrize("content, message", [
     ("", "is empty"),
     ("a\nb\na\n", "more than once"),
@@ -247,3 +258,25 @@ def test_mode_conversions_to_rgb(tmp_path):
 def test_imagenet_class_names_are_readable_and_unique():
     assert len(IMAGENET_CLASSES) == 1000 == len(set(IMAGENET_CLASSES))
     assert IMAGENET_CLASSES[:2] == ("tench", "goldfish") and IMAGENET_CLASSES[999] == "toilet tissue"
+
+
+def test_transparent_colour_of_grey_and_rgb_pngs_is_composited_onto_white(tmp_path):
+    """A PNG tRNS chunk in a grey or RGB (not palette) PNG marks one colour transparent: its pixels came out as that
+    colour (black here) where every other transparent pixel comes out white."""
+    grey = Image.fromarray(np.array([[0, 100]], dtype=np.uint8), "L")
+    grey.save(tmp_path / "grey.png", transparency=0)
+    rgb = Image.fromarray(np.array([[[0, 0, 0], [10, 20, 30]]], dtype=np.uint8), "RGB")
+    rgb.save(tmp_path / "rgb.png", transparency=(0, 0, 0))
+    assert np.asarray(load_image(tmp_path / "grey.png")).tolist() == [[[255] * 3, [100] * 3]]
+    assert np.asarray(load_image(tmp_path / "rgb.png")).tolist() == [[[255] * 3, [10, 20, 30]]]
+
+
+def test_jfif_files_are_images(tmp_path):
+    """Windows browsers save JPEGs as .jfif (and some cameras .jpe): a class of them was "holds no image files"."""
+    root = tmp_path / "data"
+    write_images(root, classes=("cat",), per_class=2)
+    (root / "dog").mkdir()
+    for i, ext in enumerate((".jfif", ".JPE")):
+        Image.new("RGB", (8, 8), (200, 30, 30)).save(root / "dog" / f"d{i}{ext}", format="JPEG")
+    ds = create_dataset("", root=str(root), split="train")
+    assert ds.class_names == ["cat", "dog"] and [t for _, t in ds.samples].count(1) == 2

@@ -25,7 +25,7 @@ from ..errors import SequencerError
 
 _logger = logging.getLogger(__name__)
 
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm", ".pbm")
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".jfif", ".jpe", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm", ".pbm")
 NOT_DATA = ("__MACOSX",)  # folders archive tools add next to the data
 
 # folder names (lower case) that hold a split, grouped by meaning; the first of a group is the canonical name

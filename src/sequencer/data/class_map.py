@@ -12,7 +12,7 @@ def load_class_map(path: str, root: str | None = None) -> dict[str, int]:
     """Parse a class map file into ``{class name: index}`` (never unpickles anything).
 
     Text files hold one class name per line (index = line order, blank lines ignored), or "name index" on every
-    line. ``.json`` files hold a list of names or a ``{name: index}`` object. Indices must be 0..K-1, each once.
+    line. A UTF-8 byte-order mark (Windows Notepad writes one) is not part of the first name. ``.json`` files hold a list of names or a ``{name: index}`` object. Indices must be 0..K-1, each once.
     """
     if not os.path.isfile(path) and root and os.path.isfile(os.path.join(root, path)):
         path = os.path.join(root, path)
@@ -23,7 +23,7 @@ def load_class_map(path: str, root: str | None = None) -> dict[str, int]:
         raise SequencerError(f"class map {path!r}: pickle files are refused (loading one can run code)",
                              hint="write one class name per line in a .txt file")
     try:
-        with open(path, encoding="utf-8") as f:
+        with open(path, encoding="utf-8-sig") as f:  # -sig: a BOM would glue itself to the first class
             text = f.read()
     except UnicodeDecodeError:
         raise SequencerError(f"class map {path!r} is not a UTF-8 text file",

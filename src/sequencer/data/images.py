@@ -23,11 +23,14 @@ class UnreadableImageError(OSError):
 def to_rgb(img: Image.Image) -> Image.Image:
     """8-bit RGB version of a decoded ``img`` of any PIL mode.
 
-    Grayscale, CMYK and YCbCr convert directly; images with transparency (RGBA, LA, palette with a transparent index)
-    are composited onto white, as a viewer shows them; 16/32-bit integer and float images are rescaled to 8 bits
-    instead of being clipped (PIL's own ``convert`` turns most of a 16-bit image white).
+    Grayscale, CMYK and YCbCr convert directly; images with transparency (RGBA, LA, palette with a transparent index,
+    grey or RGB with a PNG transparent colour) are composited onto white, as a viewer shows them; 16/32-bit integer
+    and float images are rescaled to 8 bits instead of being clipped (PIL's own ``convert`` turns most of a 16-bit
+    image white). An embedded ICC profile is not applied: pixels are taken as sRGB, as timm and torchvision take them.
     """
     mode = img.mode
+    if "transparency" in img.info and mode in ("P", "L", "RGB"):  # a palette index, or a PNG tRNS grey/colour key
+        img, mode = img.convert("RGBA"), "RGBA"
     if mode == "RGB":
         return img
     if mode.startswith("I") or mode == "F":  # I;16, I;16B, I;16L, I (32-bit int), F (float)
@@ -39,8 +42,6 @@ def to_rgb(img: Image.Image) -> Image.Image:
             a = a * 255.0  # float images in [0, 1]
         a = np.clip(np.rint(a), 0, 255).astype(np.uint8)
         return Image.fromarray(a, "L").convert("RGB")
-    if mode == "P" and "transparency" in img.info:
-        img, mode = img.convert("RGBA"), "RGBA"
     if mode in ("RGBA", "LA", "PA", "RGBa", "La"):
         rgba = img.convert("RGBA")
         background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
