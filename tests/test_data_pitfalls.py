@@ -225,3 +225,21 @@ def test_a_zip_among_class_tars_is_refused(run_cli, tmp_path):  # noqa: F811
             tar.add(tmp_path / "src" / "x" / name, arcname=name)
     (tars / "cat.zip").write_bytes(b"zip")
     run_cli("train", tars, "--dataset", "tar", *TRAIN, expect="class 'cat' would be lost")
+
+
+def test_a_class_folder_link_to_nothing_is_refused_and_a_deeper_one_named(run_cli, tmp_path_factory, caplog):  # noqa: F811
+    """``train/bird -> /mnt/usb/birds`` with the drive unmounted trained a 2-class model without a word (the link is
+    neither a folder nor an image); a ``cat/2019 -> ...`` link to nothing lost its images silently."""
+    import os
+    root = tmp_path_factory.mktemp("links") / "data"  # outside run_cli's tmp_path, whose check reads every file
+    write_images(root, "train", ("cat", "dog"), per_class=4, size=16)
+    write_images(root, "val", ("cat", "dog"), per_class=2, size=16)
+    os.symlink(root / "unmounted" / "birds", root / "train" / "bird")
+    run_cli("train", root, *TRAIN, expect=f"{str(root / 'train' / 'bird')!r} is a symbolic link to "
+                                          f"{str(root / 'unmounted' / 'birds')!r}, which does not exist: class 'bird' "
+                                          f"would be lost")
+    os.remove(root / "train" / "bird")
+    os.symlink(root / "unmounted" / "2019", root / "train" / "cat" / "2019")
+    from sequencer.data import create_dataset
+    assert len(create_dataset("", root=str(root), split="train")) == 8
+    assert caplog.text.count(f"skipped symbolic link {root / 'train' / 'cat' / '2019'}: it leads to") == 1

@@ -162,6 +162,9 @@ def walk_images(folder: str, real_dirs: set[str] | None = None) -> Iterator[str]
                     pending.append((child, target))
             elif is_image_name(entry.name) and not _counted_elsewhere(entry, child, folder, root, real_dirs):
                 yield child
+            elif rel and entry.is_symlink() and not os.path.exists(entry.path):  # the split's own: check_class_entries
+                _logger.warning("skipped symbolic link %s: it leads to %s, which does not exist",
+                                os.path.join(folder, *child.split("/")), os.readlink(entry.path))
 
 
 def _inside(path: str, folder: str) -> bool:
@@ -210,11 +213,16 @@ def archive_stem(name: str) -> str | None:
 def check_class_entries(folder: str, classes: set[str]) -> None:
     """Name what a split ``folder`` holds that gives no class: one warning per class folder without image files;
     SequencerError for an archive beside the class folders whose class has no folder (``train/cat.zip`` beside
-    ``train/dog/``: the class would be lost), a warning where that class has a folder too."""
+    ``train/dog/``: the class would be lost), a warning where that class has a folder too; SequencerError for a
+    symbolic link to a folder that does not exist (``train/cat -> /mnt/usb/cats`` with the drive unmounted)."""
     for name in sorted(os.listdir(folder)):
         path = os.path.join(folder, name)
         if is_hidden(name):
             continue
+        if os.path.islink(path) and not os.path.exists(path) and not is_image_name(name):
+            raise SequencerError(f"{path!r} is a symbolic link to {os.readlink(path)!r}, which does not exist: "
+                                 f"class {class_name(name)!r} would be lost",
+                                 hint="mount or restore what it leads to, or remove the link")
         if os.path.isdir(path):
             if class_name(name) not in classes:
                 _logger.warning("ignoring class folder %s: it holds no image files", path)
