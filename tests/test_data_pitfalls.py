@@ -243,3 +243,18 @@ def test_a_class_folder_link_to_nothing_is_refused_and_a_deeper_one_named(run_cl
     from sequencer.data import create_dataset
     assert len(create_dataset("", root=str(root), split="train")) == 8
     assert caplog.text.count(f"skipped symbolic link {root / 'train' / 'cat' / '2019'}: it leads to") == 1
+
+
+def test_a_data_folder_name_that_is_not_utf8_is_logged_escaped(tmp_path, capsys, checkpoint):  # noqa: F811
+    """validate on a Latin-1 ``d\\xe9/`` lost its result line to a '--- Logging error ---' traceback on a UTF-8
+    stdout (pytest's, like a terminal's, refuses the lone surrogate Python holds for the byte)."""
+    import os
+    root = os.path.join(os.fsencode(tmp_path), b"d\xe9")
+    try:
+        os.mkdir(root)
+    except OSError:  # a file system that refuses names that are not UTF-8 (macOS)
+        pytest.skip("this file system refuses names that are not UTF-8")
+    write_images(Path(os.fsdecode(root)), "val", ("cat", "dog"), per_class=1, size=32)
+    rc, out, err = cli(capsys, "validate", os.fsdecode(root), "--checkpoint", checkpoint, "-j", "0", "--device", "cpu")
+    assert rc == 0 and "Logging error" not in err, err
+    assert f"on {tmp_path}/d\\xe9/val: 2 images" in out

@@ -14,6 +14,7 @@ import sys
 
 import torch
 
+from ..engine.guest import printable
 from ..engine.inference import check_input_size, eval_transform, find_images, read_images, resolve_device
 from ..tools.optimize import optimize_for_inference
 from .common import (add_fast_argument, check_fast_flags, add_model_args, add_onnx_argument, load_model_or_onnx, positive_int,
@@ -54,12 +55,6 @@ def _warn_of_unnamed_outputs(names: list[str] | None, num_outputs: int | None) -
               f"'(no class: output N)'", file=sys.stderr)
 
 
-def shown_path(path) -> str:
-    """``path`` printable on any stdout: bytes of a name that is not UTF-8 (a Latin-1 ``caf\xe9.jpg`` from an old
-    zip, which Python holds as a lone surrogate) spelled as ``\xe9``; a UTF-8 terminal refuses the surrogate."""
-    return str(path).encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
-
-
 def run(args: argparse.Namespace) -> int:
     files = find_images(args.inputs)
     device = resolve_device(args.device)
@@ -85,7 +80,7 @@ def run(args: argparse.Namespace) -> int:
             if args.json:
                 print(json.dumps({"image": str(f), "predictions": preds}))
             else:
-                print(f"{shown_path(f)}:")
+                print(printable(f"{f}:"))
                 for rank, pred in enumerate(preds, 1):
                     print(f"  {rank}. {pred['label']} ({pred['index']})  {pred['prob']:.4f}")
         sys.stdout.flush()

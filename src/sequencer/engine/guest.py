@@ -36,6 +36,13 @@ def warn(message: str) -> None:
         warnings.warn(message, stacklevel=2)
 
 
+def printable(text: str) -> str:
+    """``text`` writable on any UTF-8 console: the bytes of a file name that is not UTF-8 (a Latin-1 ``caf\xe9.jpg``
+    from an old zip, which Python holds as a lone surrogate) spelled ``\xe9``; a UTF-8 terminal refuses the
+    surrogate (UnicodeEncodeError)."""
+    return text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+
+
 class ConsoleHandler(logging.Handler):
     """Log records as console lines: INFO on stdout, WARNING and above on stderr, each the message alone, passed
     through ``rewrite`` (the CLI writes parameters as its flags). The stream is looked up per record, so a swapped
@@ -52,7 +59,7 @@ class ConsoleHandler(logging.Handler):
     def emit(self, record: logging.LogRecord) -> None:
         try:
             stream = sys.stderr if record.levelno >= logging.WARNING else sys.stdout
-            stream.write(self.rewrite(record.getMessage()) + "\n")
+            stream.write(printable(self.rewrite(record.getMessage())) + "\n")
             stream.flush()
         except Exception:  # noqa: BLE001 -- logging's contract: a failing handler reports and carries on
             self.handleError(record)
