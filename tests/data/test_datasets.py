@@ -146,6 +146,21 @@ def test_tar_dataset_file_and_split_tar(image_folder, tmp_path):
     assert str(error.value).endswith(": not a tar archive")  # one line (tarfile lists each compression it tried)
 
 
+def test_tar_of_a_folder_with_hard_links_has_the_folder_s_images(image_folder, tmp_path):
+    """``tar cf`` stores a hard-linked file's second name as a link member, which was dropped: the folder's 7 images
+    (b/also_a0.png a hard link of a/a_0.png) were 6 in its tar, a_0.png gone without a word."""
+    os.link(image_folder / "train" / "a" / "a_0.png", image_folder / "train" / "b" / "also_a0.png")
+    with tarfile.open(tmp_path / "data.tar", "w") as tf:
+        tf.add(image_folder, arcname="data")
+        assert sum(m.islnk() for m in tf.getmembers()) == 1  # the tar holds what this test is about
+    folder = create_dataset("", root=str(image_folder), split="train")
+    tar = create_dataset("", root=str(tmp_path / "data.tar"), split="train")
+    assert len(tar) == len(folder) == 7
+    for i in range(7):
+        assert tar.filename(i).endswith(folder.filename(i)) and tar.samples[i][1] == folder.samples[i][1]
+        assert np.array_equal(np.asarray(tar[i][0]), np.asarray(folder[i][0]))
+
+
 # --- torchvision -----------------------------------------------------------------------------------------------------
 
 class _FakeTorchvision:

@@ -15,6 +15,7 @@
 """
 from __future__ import annotations
 
+import copy
 import logging
 import os
 import tarfile
@@ -239,14 +240,31 @@ def check_class_entries(folder: str, classes: set[str]) -> None:
 
 # ------------------------------------------------------------------------------------------------------------ tars
 def tar_members(path: str) -> list[tarfile.TarInfo]:
-    """The regular files in the tar ``path``; SequencerError naming it when it is missing or not a tar."""
+    """The regular files in the tar ``path``; SequencerError naming it when it is missing or not a tar.
+
+    A hard link is a file of its own (named as the link, its target's bytes), as in the folder the tar was made
+    from: ``tar cf`` stores every name of a hard-linked file after the first as a link to it.
+    """
     try:
         with tarfile.open(path) as tf:
-            return [m for m in tf.getmembers() if m.isfile()]
+            return _files_and_hard_links(tf.getmembers())
     except (OSError, EOFError, tarfile.TarError) as e:
         # tarfile's "could not be opened" lists every compression it tried, one line each
         reason = "not a tar archive" if isinstance(e, tarfile.ReadError) and "\n" in str(e) else str(e)
         raise SequencerError(f"cannot read tar dataset {path!r}: {reason}") from None
+
+
+def _files_and_hard_links(members: list[tarfile.TarInfo]) -> list[tarfile.TarInfo]:
+    files = {os.path.normpath(m.name): m for m in members if m.isfile()}
+    found = []
+    for m in members:
+        target = files.get(os.path.normpath(m.linkname)) if m.islnk() else m if m.isfile() else None
+        if target is not None and target is not m:
+            target = copy.copy(target)
+            target.name = m.name
+        if target is not None:
+            found.append(target)
+    return found
 
 
 def split_prefix_in_tar(names: list[str], split: str, path: str) -> str:
