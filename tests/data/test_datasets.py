@@ -2,6 +2,7 @@ import json
 import os
 import pickle
 import tarfile
+import warnings
 
 import numpy as np
 import pytest
@@ -295,3 +296,17 @@ def test_jfif_files_are_images(tmp_path):
         Image.new("RGB", (8, 8), (200, 30, 30)).save(root / "dog" / f"d{i}{ext}", format="JPEG")
     ds = create_dataset("", root=str(root), split="train")
     assert ds.class_names == ["cat", "dog"] and [t for _, t in ds.samples].count(1) == 2
+
+
+def test_float_tiff_with_no_data_pixels_and_wide_32_bit_tiff_keep_their_scale(tmp_path):
+    """One not-a-number pixel (a float TIFF's "no data") made a [0, 1] image all black (its peak was NaN, so it was
+    not scaled by 255, and NaN cast to uint8 with a RuntimeWarning); 32-bit values past 65535 were clipped white
+    (3 of these 4 pixels 255)."""
+    floats = np.full((2, 2), 0.5, np.float32)
+    floats[0, 0] = np.nan
+    Image.fromarray(floats, "F").save(tmp_path / "f.tif")
+    Image.fromarray(np.array([[0, 500000], [1000000, 250000]], np.int32), "I").save(tmp_path / "i.tif")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        assert np.asarray(load_image(tmp_path / "f.tif"))[:, :, 0].tolist() == [[0, 128], [128, 128]]
+    assert np.asarray(load_image(tmp_path / "i.tif"))[:, :, 0].tolist() == [[0, 128], [255, 64]]

@@ -34,19 +34,27 @@ def to_rgb(img: Image.Image) -> Image.Image:
     if mode == "RGB":
         return img
     if mode.startswith("I") or mode == "F":  # I;16, I;16B, I;16L, I (32-bit int), F (float)
-        a = np.asarray(img, dtype=np.float64)
-        peak = float(a.max()) if a.size else 0.0
-        if mode.startswith("I;16") or peak > 255:
-            a = a / 257.0  # 65535 -> 255
-        elif mode == "F" and peak <= 1.0:
-            a = a * 255.0  # float images in [0, 1]
-        a = np.clip(np.rint(a), 0, 255).astype(np.uint8)
-        return Image.fromarray(a, "L").convert("RGB")
+        return Image.fromarray(_to_8_bits(np.asarray(img, dtype=np.float64), mode), "L").convert("RGB")
     if mode in ("RGBA", "LA", "PA", "RGBa", "La"):
         rgba = img.convert("RGBA")
         background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
         return Image.alpha_composite(background, rgba).convert("RGB")
     return img.convert("RGB")
+
+
+def _to_8_bits(a: np.ndarray, mode: str) -> np.ndarray:
+    """uint8 version of the pixels ``a`` of a 16/32-bit integer or float image: 16-bit (and values up to 65535)
+    divided by 257, floats of [0, 1] times 255, 8-bit ranges kept, wider ranges scaled by their peak; not-a-number
+    pixels (a float TIFF's "no data") are black and leave the scale of the rest alone."""
+    finite = np.isfinite(a)
+    peak = float(a[finite].max()) if finite.any() else 0.0
+    if peak > 65535:
+        a = a * (255.0 / peak)
+    elif mode.startswith("I;16") or peak > 255:
+        a = a / 257.0  # 65535 -> 255
+    elif mode == "F" and peak <= 1.0:
+        a = a * 255.0  # float images in [0, 1]
+    return np.clip(np.rint(np.where(finite, a, 0.0)), 0, 255).astype(np.uint8)
 
 
 def load_image(source: str | os.PathLike | io.IOBase) -> Image.Image:
