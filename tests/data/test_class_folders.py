@@ -43,6 +43,9 @@ def nested_dataset(root: Path) -> Path:
     jpeg(root / "train" / "cat" / ".ipynb_checkpoints" / "0-checkpoint.jpg", next(seed))  # not data
     jpeg(root / "train" / "dog" / "._0.jpg", next(seed))  # macOS AppleDouble: not data
     (root / "train" / ".DS_Store").write_bytes(b"\0\0\0\1Bud1")
+    # a Synology NAS's thumbnails of each photo: were a class "@eaDir", and 1 more cat (5)
+    jpeg(root / "train" / "@eaDir" / "SYNOFILE_THUMB_M.jpg", next(seed))
+    jpeg(root / "train" / "cat" / "2019" / "@eaDir" / "0.jpg" / "SYNOPHOTO_THUMB_M.jpg", next(seed))
     for animal in ("cat", "dog", "ship"):
         jpeg(root / "val" / animal / "0.jpg", next(seed))
     return root

@@ -3,7 +3,8 @@
 - A class is a top-level folder of the split (``SPLIT/CLASS/``); an image anywhere below it belongs to it, however
   deep (``train/cat/2019/a.jpg`` is a cat). Sub-folders never become classes of their own.
 - Hidden entries are not data: a file or folder whose name starts with "." (``.ipynb_checkpoints``, ``.DS_Store``,
-  macOS ``._a.jpg``) and macOS's ``__MACOSX`` folder are skipped, with everything below them.
+  macOS ``._a.jpg``), macOS's ``__MACOSX`` folder and a Synology NAS's ``@eaDir`` thumbnail folders are skipped,
+  with everything below them.
 - A file is an image by its extension (`IMAGE_EXTENSIONS`, any case).
 - Symbolic links are followed, but each real file counts once, at its own path: a link to what lies inside the split
   anyway (``cat/more -> ../dog``) and a link back to a folder above it (a loop, ``cat/up -> ..``) are skipped with
@@ -27,7 +28,9 @@ from ..errors import SequencerError
 _logger = logging.getLogger(__name__)
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".jfif", ".jpe", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm", ".pbm")
-NOT_DATA = ("__MACOSX",)  # folders archive tools add next to the data
+# folders tools add next to the data: archivers (macOS zip), a Synology NAS (a thumbnail folder in every folder,
+# `cat/@eaDir/a.jpg/SYNOPHOTO_THUMB_M.jpg`: resized copies of the photos, which would count as more photos)
+NOT_DATA = ("__MACOSX", "@eaDir")
 
 # folder names (lower case) that hold a split, grouped by meaning; the first of a group is the canonical name
 SPLIT_SYNONYMS = {
@@ -111,7 +114,7 @@ def has_split(root: str | None, split: str) -> bool:
 
 
 def is_hidden(name: str) -> bool:
-    """A file or folder name that is not data (dot-files and dot-folders, ``__MACOSX``)."""
+    """A file or folder name that is not data (dot-files and dot-folders, ``__MACOSX``, ``@eaDir``)."""
     return name.startswith(".") or name in NOT_DATA
 
 
