@@ -217,3 +217,11 @@ def test_only_the_standard_corruptions_by_default(tmp_path, colour_checkpoint, c
     assert list(json.loads((tmp_path / "a.json").read_text())["corruptions"]) == ["fog"]
     assert main([*args, "--results-file", str(tmp_path / "b.json"), "--corruptions", "fog", "speckle_noise"]) == 0
     assert json.loads((tmp_path / "b.json").read_text())["protocol"]["corruptions"] == ["fog", "speckle_noise"]
+
+
+def test_hidden_folders_are_not_a_second_copy_of_a_corruption(tmp_path):
+    """ImageNet-C unzipped from a macOS zip has __MACOSX/fog/3/... beside fog/3/...: the run stopped on
+    "corruption 'fog' found twice" (.ipynb_checkpoints/fog/ likewise)."""
+    for top in ("", "__MACOSX/", ".ipynb_checkpoints/"):
+        (tmp_path / f"{top}fog" / "3" / "cat").mkdir(parents=True)
+    assert robustness.find_corruptions(str(tmp_path)) == {"fog": tmp_path / "fog"}

@@ -24,6 +24,7 @@ import logging
 import warnings
 from pathlib import Path
 
+from ..data.class_folders import is_hidden
 from ..engine.evaluate import evaluate
 from ..engine.inference import LoadedModel, eval_loader
 from ..errors import SequencerError
@@ -66,13 +67,18 @@ PROTOCOL_CROP_PCT = 1.0
 
 
 def find_corruptions(root: str) -> dict[str, Path]:
-    """Corruption name -> folder, for every folder under ``root`` (depth <= 2) holding severity folders 1-5."""
+    """Corruption name -> folder, for every folder under ``root`` (depth <= 2) holding severity folders 1-5; hidden
+    folders (``.ipynb_checkpoints``, a macOS zip's ``__MACOSX``: `is_hidden`) are not data."""
     base = Path(root)
     if not base.is_dir():
         raise SequencerError(f"ImageNet-C folder {root!r} does not exist")
+
+    def folders(parent: Path) -> list[Path]:
+        return sorted(p for p in parent.iterdir() if p.is_dir() and not is_hidden(p.name))
+
     found: dict[str, Path] = {}
-    for level1 in sorted(p for p in base.iterdir() if p.is_dir()):
-        candidates = [level1] + sorted(p for p in level1.iterdir() if p.is_dir())
+    for level1 in folders(base):
+        candidates = [level1] + folders(level1)
         for folder in candidates:
             if any((folder / s).is_dir() for s in SEVERITIES):
                 if folder.name in found:
