@@ -27,7 +27,10 @@ from ..errors import SequencerError
 
 _logger = logging.getLogger(__name__)
 
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".jfif", ".jpe", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm", ".pbm")
+# what Pillow reads (.avif where it was built with AVIF: features.check("avif"); elsewhere such a file is named as
+# unreadable, never silently left out)
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".jfif", ".jpe", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".avif", ".ppm",
+                    ".pgm", ".pbm")
 # folders tools add next to the data: archivers (macOS zip), a Synology NAS (a thumbnail folder in every folder,
 # `cat/@eaDir/a.jpg/SYNOPHOTO_THUMB_M.jpg`: resized copies of the photos, which would count as more photos)
 NOT_DATA = ("__MACOSX", "@eaDir")
