@@ -22,7 +22,7 @@ from timm.layers import DropPath
 
 from ..errors import ArgumentValueError, SequencerError
 from .features import prune_to_stages, stage_indices
-from .kernels import (RNN_TYPES, autocast_bf16_copies, cpu_bilstm2d, cpu_lstm_applies, fused_bilstm2d, linear,
+from .kernels import (RNN_TYPES, autocast_bf16_copies, cpu_bilstm2d, cpu_lstm_applies, fused_bilstm2d, hooked, linear,
                       mix_axes, onednn_linear_ok, onednn_mlp, resolve_backend, run_rnn, under_cpu_bf16_autocast,
                       uses_fused_lstm)
 from .registry import register_model
@@ -54,7 +54,7 @@ class Mlp(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         exact_gelu = type(self.act) is nn.GELU and self.act.approximate == "none"
         if (exact_gelu and torch.is_grad_enabled() and (x.requires_grad or self.fc1.weight.requires_grad)
-                and not (self.training and (self.drop1.p > 0 or self.drop2.p > 0))):
+                and not hooked(self.fc1, self.fc2) and not (self.training and (self.drop1.p > 0 or self.drop2.p > 0))):
             out = self._train_on_onednn(x)
             if out is not None:
                 return out
@@ -122,7 +122,9 @@ class RNN2d(nn.Module):
             self.fc = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if any(uses_fused_lstm(r, self.lstm_backend, x) for r in (self.rnn_v, self.rnn_h) if r is not None):
+        if hooked(self.rnn_v, self.rnn_h):  # each layer is called (run_rnn), so its hooks run
+            v_seq, h_seq = self._scan_axes(x)
+        elif any(uses_fused_lstm(r, self.lstm_backend, x) for r in (self.rnn_v, self.rnn_h) if r is not None):
             v_seq, h_seq = fused_bilstm2d(self.rnn_v, self.rnn_h, x)
         elif cpu_lstm_applies([r for r in (self.rnn_v, self.rnn_h) if r is not None], self.lstm_backend, x):
             v_seq, h_seq = cpu_bilstm2d(self.rnn_v, self.rnn_h, x)
@@ -148,7 +150,7 @@ class RNN2d(nn.Module):
     def _mix(self, v_seq: torch.Tensor | None, h_seq: torch.Tensor | None) -> torch.Tensor:
         """Union of the axes' outputs, then ``fc``: (H, B, W, D) and (W, B, H, D) -> (B, H, W, dim)."""
         if (self.union == "cat" and self.fc is not None and v_seq is not None and h_seq is not None
-                and onednn_linear_ok(v_seq, self.fc.weight)):
+                and not hooked(self.fc) and onednn_linear_ok(v_seq, self.fc.weight)):
             # CPU: no concatenation, each half in its own layout (on a GPU the concatenation is cheap, one GEMM wins)
             return mix_axes(v_seq.contiguous(), h_seq.contiguous(), self.fc.weight, self.fc.bias)
         v = v_seq.permute(1, 0, 2, 3) if v_seq is not None else None
@@ -201,7 +203,7 @@ class Downsample2d(nn.Module):
         self.down = nn.Conv2d(dim, dim_out, kernel_size=patch_size, stride=patch_size)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.down.kernel_size == (1, 1):
+        if self.down.kernel_size == (1, 1) and not hooked(self.down):
             # A 1x1 conv over (B, H, W, C) is a matmul over C. Run as a conv on the channels-last view, its weight
             # gradient comes back with channels-last strides the (O, I, 1, 1) weight lacks, and DDP then copies it
             # into its bucket every step ("Grad strides do not match bucket view strides"). The (O, I) matrix is

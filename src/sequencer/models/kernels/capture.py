@@ -7,6 +7,8 @@ The kernels of this package choose their path from the answer:
 * :func:`plain_eager`: none of the capturing or transforming modes is on, so the eager-only paths (oneDNN autograd
   Functions, the ``cpu`` LSTM scan) may run.
 * :func:`functorch_active`: a ``torch.func`` transform is running.
+* :func:`hooked`: a submodule carries the caller's forward hooks (``torch.nn.utils.prune``, the old
+  ``weight_norm``, a feature-capturing hook), so it must be called, not have its weights read by a fused path.
 """
 from __future__ import annotations
 
@@ -35,6 +37,17 @@ def functorch_active() -> bool:
     autograd Functions have no ``setup_context`` (which those transforms require), so the standard ops run under
     them."""
     return torch._C._are_functorch_transforms_active()
+
+
+def hooked(*modules: torch.nn.Module | None) -> bool:
+    """Whether any of ``modules`` has forward (pre-)hooks, its own or global ones. The fused paths read a layer's
+    weights and skip its call: ``torch.nn.utils.prune`` recomputes ``weight`` (= ``weight_orig * mask``) in a pre-hook,
+    so read directly it would be the tensor of the last call (trained no further: ``weight_orig`` got no gradient),
+    and a hook capturing the layer's output would never fire."""
+    from torch.nn.modules import module as nn_module
+    if nn_module._global_forward_pre_hooks or nn_module._global_forward_hooks:
+        return True
+    return any(m is not None and bool(m._forward_pre_hooks or m._forward_hooks) for m in modules)
 
 
 def _exporting_before_2_7() -> bool:

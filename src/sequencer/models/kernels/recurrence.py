@@ -32,7 +32,7 @@ from torch import nn
 from ...errors import ArgumentValueError, SequencerError
 
 from . import onednn_lstm
-from .capture import exporting
+from .capture import exporting, hooked
 
 try:  # registers the sequencer::lstm_scan ops; without Triton only the native backend exists
     from . import triton_lstm
@@ -203,6 +203,8 @@ def _one_layer_bilstm2d(rnn_v: nn.LSTM | None, rnn_h: nn.LSTM | None, x: torch.T
 
 def run_rnn(rnn: nn.Module, x: torch.Tensor, backend: str) -> torch.Tensor:
     """``rnn`` over (N, T, C) batch-first sequences -> (N, T, D*H), on the chosen backend."""
+    if hooked(rnn):  # its hooks (pruning's among them) run only when it is called
+        return rnn(_eager_input(rnn, x))[0]
     if uses_fused_lstm(rnn, backend, x):
         return fused_lstm(rnn, x.unsqueeze(0)).squeeze(0)
     if torch.compiler.is_compiling() and not exporting():

@@ -1,0 +1,60 @@
+"""Plain PyTorch a researcher applies to a model from ``create_model``: pruning and hooks on its layers, deferred
+(meta-device) construction, whole-module pickling, other dtypes, frozen stages, checkpointing with drop path."""
+import copy
+import io
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch.nn.utils import prune
+
+import sequencer
+
+USE_ONEDNN = True  # the fused oneDNN paths (the default CPU path) are the ones that read a layer's weights
+
+# one layer of each kind a fused path reads: the MLP's fc1, the mixer's fc, the 1x1 downsample, an LSTM
+PRUNED = ("stages.0.blocks.0.mlp_channels.fc1", "stages.1.blocks.0.rnn_tokens.fc", "stages.2.downsample.down",
+          "stages.0.blocks.0.rnn_tokens.rnn_v")
+
+
+@pytest.fixture
+def nano(randomize):
+    torch.manual_seed(0)
+    return randomize(sequencer.create_model("sequencer2d_nano", num_classes=5))
+
+
+def batch(n=4, side=32):
+    g = torch.Generator().manual_seed(1)
+    return torch.randn(n, 3, side, side, generator=g), torch.randint(0, 5, (n,), generator=g)
+
+
+def weight_name(module):
+    return "weight_hh_l0" if isinstance(module, torch.nn.RNNBase) else "weight"
+
+
+@pytest.mark.parametrize("amp", [False, True], ids=["fp32", "bf16_autocast"])
+def test_pruned_layers_train_as_pruned_and_their_hooks_fire(nano, amp):
+    """``torch.nn.utils.prune`` makes ``weight`` a tensor its forward pre-hook recomputes from ``weight_orig``. The
+    fused oneDNN paths read ``fc1.weight`` without calling ``fc1``: before, ``weight_orig`` got no gradient (the
+    pruned MLP never trained) and a forward hook on ``fc1`` never fired in training. Now each hooked layer is called:
+    its gradient is the unpruned model's (with the pruned weights) times the mask."""
+    x, y = batch()
+    pruned, plain = copy.deepcopy(nano).train(), copy.deepcopy(nano).train()
+    fired = []
+    for name in PRUNED:
+        layer = pruned.get_submodule(name)
+        prune.l1_unstructured(layer, weight_name(layer), amount=0.5)
+        layer.register_forward_hook(lambda *args, name=name: fired.append(name))
+        with torch.no_grad():
+            getattr(plain.get_submodule(name), weight_name(layer)).copy_(getattr(layer, weight_name(layer)))
+    for model in (pruned, plain):
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=amp):
+            F.cross_entropy(model(x), y).backward()
+    assert sorted(set(fired)) == sorted(PRUNED)
+    for name in PRUNED:
+        layer, reference = pruned.get_submodule(name), plain.get_submodule(name)
+        w = weight_name(layer)
+        expected = getattr(reference, w).grad * getattr(layer, w + "_mask")
+        got = getattr(layer, w + "_orig").grad
+        assert got is not None, name
+        torch.testing.assert_close(got, expected, rtol=2e-2 if amp else 1e-4, atol=1e-4 if amp else 1e-6, msg=name)
