@@ -58,3 +58,30 @@ def test_pruned_layers_train_as_pruned_and_their_hooks_fire(nano, amp):
         got = getattr(layer, w + "_orig").grad
         assert got is not None, name
         torch.testing.assert_close(got, expected, rtol=2e-2 if amp else 1e-4, atol=1e-4 if amp else 1e-6, msg=name)
+
+
+@pytest.mark.parametrize("amp", [False, True], ids=["fp32", "bf16_autocast"])
+def test_compiled_lstm_reads_a_parametrized_weight_as_it_is_now(amp):
+    """``parametrizations.weight_norm`` on an LSTM weight: compiled code read ``rnn._flat_weights``, a cache only the
+    module's own forward refreshes, so it ran the unparametrized original (0.0028 off in nano's logits with the
+    ``cpu`` backend, whose eager path never calls the module) or the weight of the last eager call, and gave the
+    parametrization no gradient. Compiled = eager, outputs and gradients."""
+    from sequencer.models.sequencer2d import RNN2d
+    torch.manual_seed(0)
+    mixer = RNN2d(8, 4, lstm_backend="native")
+    torch.nn.utils.parametrizations.weight_norm(mixer.rnn_v, "weight_hh_l0")
+    with torch.no_grad():
+        mixer.rnn_v.parametrizations.weight_hh_l0.original0.mul_(2)  # the norm doubled after the cache was filled
+    x = torch.randn(2, 3, 5, 8)
+    results = []
+    # compiled first: before, it ran the cache's unparametrized weight (after an eager call: that call's weight, whose
+    # graph was freed by its backward, "Trying to backward through the graph a second time")
+    for run in (torch.compile(mixer, backend="aot_eager", fullgraph=True), mixer):
+        mixer.zero_grad()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=amp):
+            out = run(x)
+        out.float().square().sum().backward()
+        results.append([out.float()] + [p.grad.clone() if p.grad is not None else None for p in mixer.rnn_v.parametrizations.weight_hh_l0.parameters()])
+    torch._dynamo.reset()
+    for compiled, eager in zip(*results):
+        torch.testing.assert_close(compiled, eager, rtol=2e-2 if amp else 1e-5, atol=1e-3 if amp else 1e-6)

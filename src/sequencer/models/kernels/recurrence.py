@@ -208,12 +208,20 @@ def run_rnn(rnn: nn.Module, x: torch.Tensor, backend: str) -> torch.Tensor:
     if uses_fused_lstm(rnn, backend, x):
         return fused_lstm(rnn, x.unsqueeze(0)).squeeze(0)
     if torch.compiler.is_compiling() and not exporting():
-        dtype = _compiled_dtype(rnn, x)
+        weights = current_weights(rnn)
+        dtype = _compiled_dtype(rnn, x, weights)
         if onednn_lstm.applies(rnn, x, dtype):
-            return onednn_lstm.lstm(x, list(rnn._flat_weights), rnn.bidirectional, rnn.bias, dtype)
-        return rnn_native(x, list(rnn._flat_weights), _VF_MODES[rnn.mode], rnn.num_layers, rnn.bidirectional,
-                          rnn.bias, rnn.training)
+            return onednn_lstm.lstm(x, weights, rnn.bidirectional, rnn.bias, dtype)
+        return rnn_native(x, weights, _VF_MODES[rnn.mode], rnn.num_layers, rnn.bidirectional, rnn.bias, rnn.training)
     return rnn(_eager_input(rnn, x))[0]
+
+
+def current_weights(rnn: nn.Module) -> list[torch.Tensor]:
+    """The layer's weights as its attributes give them now, in ATen's order. ``rnn._flat_weights`` is a cache that
+    the module's own forward refreshes: a parametrization (``parametrizations.weight_norm`` of ``weight_hh_l0``)
+    recomputes the weight at every read, and a path that never calls the module (compiled code, the ``cpu`` backend's
+    eager one) would read the weights of the module's last call, or the unparametrized original."""
+    return [getattr(rnn, name) for name in rnn._flat_weights_names]
 
 
 def _eager_input(rnn: nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -226,10 +234,9 @@ def _eager_input(rnn: nn.Module, x: torch.Tensor) -> torch.Tensor:
     return x
 
 
-def _compiled_dtype(rnn: nn.Module, x: torch.Tensor) -> torch.dtype | None:
+def _compiled_dtype(rnn: nn.Module, x: torch.Tensor, weights: list[torch.Tensor]) -> torch.dtype | None:
     """The dtype the compiled layer computes in: autocast's for it (as the ops' autocast kernels cast), else the
     input's where the weights share it (None where they do not: no oneDNN kernel mixes dtypes)."""
-    weights = list(rnn._flat_weights)
     if torch.is_autocast_enabled(x.device.type):
         return autocast_rnn_dtype(x.device.type, _VF_MODES[rnn.mode], weights)
     return x.dtype if all(w.dtype == x.dtype for w in weights) else None
