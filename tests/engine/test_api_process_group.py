@@ -16,6 +16,39 @@ from run_helpers import subprocess_env
 from segmentation_helpers import make_voc
 from sequencer.engine.segmentation_eval import validate_segmenter
 
+# sequencer2d_nano and its SGD steps, the same in the workers (sharded) and in the test (one process, whole batch)
+NANO_STEPS = textwrap.dedent('''
+    import torch
+    import torch.nn.functional as F
+    import sequencer
+
+    def nano_with_random_weights():
+        torch.manual_seed(0)
+        model = sequencer.create_model("sequencer2d_nano", num_classes=5)
+        g = torch.Generator().manual_seed(0)
+        with torch.no_grad():
+            for p in model.parameters():  # the head starts at zero: perturbed so every weight moves
+                p.add_(0.05 * torch.randn(p.shape, generator=g))
+        return model
+
+    def nano_sgd_steps(model, rank=0, world=1, steps=2):
+        """Global batches of 8; rank r trains on its 8 / world images. Returns the global mean loss per step."""
+        g = torch.Generator().manual_seed(1)
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
+        losses = []
+        for _ in range(steps):
+            x, y = torch.randn(8, 3, 32, 32, generator=g), torch.randint(0, 5, (8,), generator=g)
+            loss = F.cross_entropy(model(x.chunk(world)[rank]), y.chunk(world)[rank])
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad()
+            if world > 1:
+                loss = loss.detach().clone()
+                torch.distributed.all_reduce(loss)
+            losses.append(loss.item() / world)
+        return losses
+''')
+
 # each rank: make a group, train a small module on tensor Datasets in it, validate the module, then use the group
 WORKER = textwrap.dedent('''
     import copy, json, os, sys
@@ -41,8 +74,45 @@ WORKER = textwrap.dedent('''
             self.images_seen += x.shape[0]
             return super().forward(x)
 
+    def sharded_steps(rank, folder):
+        """sequencer2d_nano trained 2 SGD steps on this rank's half of each global batch: FSDP1 with flat parameters
+        (the LSTMs' weights are then views into them) and FSDP2, each wrapping every block; rank 0 writes the loss
+        and the full state dict."""
+        import warnings
+        from torch.distributed.fsdp import FullyShardedDataParallel, StateDictType, fully_shard
+        from torch.distributed.fsdp.wrap import ModuleWrapPolicy
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+        from sequencer.models.sequencer2d import SequencerBlock
+
+        def fsdp1(model):
+            return FullyShardedDataParallel(model, auto_wrap_policy=ModuleWrapPolicy({SequencerBlock}),
+                                            device_id=torch.device("cpu"))
+
+        def fsdp2(model):
+            for block in [m for m in model.modules() if isinstance(m, SequencerBlock)]:
+                fully_shard(block)
+            return fully_shard(model)
+
+        def fsdp1_state(model):
+            with FullyShardedDataParallel.state_dict_type(model, StateDictType.FULL_STATE_DICT):
+                return model.state_dict()
+
+        def fsdp2_state(model):
+            return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True))
+
+        results = {}
+        for name, wrap, state in (("fsdp1", fsdp1, fsdp1_state), ("fsdp2", fsdp2, fsdp2_state)):
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # FSDP's notes about CPU devices and deprecated arguments
+                model = wrap(nano_with_random_weights())
+                losses = nano_sgd_steps(model, rank, world=2)
+                results[name] = dict(losses=losses, state={k: v.detach().clone() for k, v in state(model).items()})
+        if rank == 0:
+            torch.save(results, f"{folder}/sharded.pt")
+
     def rank_main(rank, folder):
         dist.init_process_group("gloo", init_method=f"file://{folder}/rendezvous", rank=rank, world_size=2)
+        sharded_steps(rank, folder)
         torch.manual_seed(0)
         net = nn.Sequential(nn.Flatten(), nn.BatchNorm1d(192, momentum=0.5), nn.Linear(192, 2))
         # 21 held-out images: shares of 11 and 10, batches of 8 and 3 / 8 and 2
@@ -86,7 +156,7 @@ def test_train_and_validate_leave_the_callers_group_alive(tmp_path):
     it before), its counts summed to the single-process numbers."""
     make_voc(tmp_path / "voc", n_train=1, n_val=5)
     script = tmp_path / "worker.py"
-    script.write_text(WORKER)
+    script.write_text(NANO_STEPS + WORKER)
     env = subprocess_env()
     for name in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(name, None)
@@ -109,6 +179,23 @@ def test_train_and_validate_leave_the_callers_group_alive(tmp_path):
     assert sorted(got["seg_images_seen"] for got in ranks) == [2, 3]  # shares of the 5 images, not 5 each
     assert [p.name for p in (tmp_path / "out").iterdir()] == ["group"]  # rank 0 wrote the one experiment folder
     assert proc.stdout == "" and proc.stderr == ""  # progress=False on both ranks
+    _sharded_training_is_single_process_training(tmp_path / "sharded.pt")
+
+
+def _sharded_training_is_single_process_training(results_file):
+    """FSDP1 with flat parameters (each LSTM's weights views into a flat shard, swapped in and out around each
+    block) and FSDP2 train nano as one process does on the whole batch, to float32 reordering."""
+    namespace = {}
+    exec(NANO_STEPS, namespace)
+    model = namespace["nano_with_random_weights"]()
+    start = {k: v.clone() for k, v in model.state_dict().items()}
+    losses = namespace["nano_sgd_steps"](model)
+    for name, got in torch.load(results_file, weights_only=True).items():
+        assert got["losses"] == pytest.approx(losses, abs=1e-5), name
+        assert got["state"].keys() == start.keys(), name
+        for key, value in model.state_dict().items():
+            assert not torch.equal(value, start[key]) or "running" in key, key  # every weight trained
+            torch.testing.assert_close(got["state"][key], value, rtol=1e-4, atol=1e-5, msg=f"{name} {key}")
 
 
 def _with_classes(module: nn.Module, num_classes: int = 3) -> nn.Module:

@@ -32,8 +32,9 @@ def weight_name(module):
     return "weight_hh_l0" if isinstance(module, torch.nn.RNNBase) else "weight"
 
 
-@pytest.mark.parametrize("amp", [False, True], ids=["fp32", "bf16_autocast"])
-def test_pruned_layers_train_as_pruned_and_their_hooks_fire(nano, amp):
+@pytest.mark.parametrize("amp,compiled", [(False, False), (True, False), (False, True)],
+                         ids=["fp32", "bf16_autocast", "compiled"])
+def test_pruned_layers_train_as_pruned_and_their_hooks_fire(nano, amp, compiled):
     """``torch.nn.utils.prune`` makes ``weight`` a tensor its forward pre-hook recomputes from ``weight_orig``. The
     fused oneDNN paths read ``fc1.weight`` without calling ``fc1``: before, ``weight_orig`` got no gradient (the
     pruned MLP never trained) and a forward hook on ``fc1`` never fired in training. Now each hooked layer is called:
@@ -47,9 +48,10 @@ def test_pruned_layers_train_as_pruned_and_their_hooks_fire(nano, amp):
         layer.register_forward_hook(lambda *args, name=name: fired.append(name))
         with torch.no_grad():
             getattr(plain.get_submodule(name), weight_name(layer)).copy_(getattr(layer, weight_name(layer)))
-    for model in (pruned, plain):
+    for model in (torch.compile(pruned, backend="aot_eager") if compiled else pruned, plain):
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=amp):
             F.cross_entropy(model(x), y).backward()
+    torch._dynamo.reset()
     assert sorted(set(fired)) == sorted(PRUNED)
     for name in PRUNED:
         layer, reference = pruned.get_submodule(name), plain.get_submodule(name)
@@ -85,3 +87,28 @@ def test_compiled_lstm_reads_a_parametrized_weight_as_it_is_now(amp):
     torch._dynamo.reset()
     for compiled, eager in zip(*results):
         torch.testing.assert_close(compiled, eager, rtol=2e-2 if amp else 1e-5, atol=1e-3 if amp else 1e-6)
+
+
+@pytest.mark.parametrize("backend", ["native", "cpu"])
+def test_a_meta_built_model_loaded_either_way_computes_the_loaded_weights(nano, backend):
+    """``with torch.device("meta")`` then ``load_state_dict(sd, assign=True)`` or ``to_empty`` + ``load_state_dict``:
+    the LSTMs' flat-weight cache must follow the loaded parameters (the ``cpu`` backend reads the attributes). A whole
+    module survives ``torch.save`` and runs float64 through the kernels."""
+    x, _ = batch(2)
+    nano.eval()
+    with torch.no_grad():
+        expected = nano(x)
+    for assign in (True, False):
+        with torch.device("meta"):
+            model = sequencer.create_model("sequencer2d_nano", num_classes=5, lstm_backend=backend)
+        if not assign:
+            model.to_empty(device="cpu")
+        model.load_state_dict(nano.state_dict(), assign=assign)
+        with torch.no_grad():
+            torch.testing.assert_close(model.eval()(x), expected, rtol=1e-5, atol=1e-6)
+    buffer = io.BytesIO()
+    torch.save(model, buffer)
+    buffer.seek(0)
+    restored = torch.load(buffer, weights_only=False).double()  # a whole pickled module: only in a test
+    with torch.no_grad():
+        torch.testing.assert_close(restored(x.double()).float(), expected, rtol=1e-5, atol=1e-6)
