@@ -258,3 +258,21 @@ def test_a_data_folder_name_that_is_not_utf8_is_logged_escaped(tmp_path, capsys,
     rc, out, err = cli(capsys, "validate", os.fsdecode(root), "--checkpoint", checkpoint, "-j", "0", "--device", "cpu")
     assert rc == 0 and "Logging error" not in err, err
     assert f"on {tmp_path}/d\\xe9/val: 2 images" in out
+
+
+def test_val_fraction_lists_a_file_name_that_is_not_utf8_as_its_bytes(tmp_path, capsys, monkeypatch):
+    """`train --val-fraction` on a Latin-1 ``caf\\xe9`` class ended in a UnicodeEncodeError traceback writing
+    val_files.txt, leaving an experiment folder holding only args.yaml."""
+    import os
+    monkeypatch.chdir(tmp_path)
+    root = tmp_path / "data"
+    write_images(root, "x", ("cat", "dog"), per_class=4, size=16)
+    try:
+        os.rename(root / "x" / "cat", os.path.join(os.fsencode(root / "x"), b"caf\xe9"))
+    except OSError:  # a file system that refuses names that are not UTF-8 (macOS)
+        pytest.skip("this file system refuses names that are not UTF-8")
+    rc, out, err = cli(capsys, "train", root / "x", *TRAIN, "--val-fraction", "0.5", "--output", tmp_path / "out")
+    assert rc == 0, err
+    listing, = (tmp_path / "out").glob("*/val_files.txt")
+    held_out = listing.read_bytes().splitlines()
+    assert len(held_out) == 4 and sum(name.startswith(b"caf\xe9/") for name in held_out) == 2

@@ -69,7 +69,9 @@ def prepare_outputs(cfg, state, info: dist_utils.DistInfo, resume_path: str | No
         files = getattr(held_out, "held_out_files", None)
         if files:
             listing = "".join(f"{f}\n" for f in files)
-            write_atomically(folder / VAL_FILES, lambda tmp: Path(tmp).write_text(listing, encoding="utf-8"))
+            # surrogateescape: a file name that is not UTF-8 (Latin-1 caf\xe9.jpg) is listed as its own bytes
+            write_atomically(folder / VAL_FILES, lambda tmp: Path(tmp).write_text(listing, encoding="utf-8",
+                                                                                    errors="surrogateescape"))
     return outputs
 
 
