@@ -10,6 +10,7 @@ import torchvision.datasets
 from PIL import Image
 
 from sequencer.data import DigitsDataset, create_dataset, load_class_map, load_image, to_rgb
+from sequencer.data.images import UnreadableImageError
 from sequencer.data.imagenet_classes import IMAGENET_CLASSES
 from sequencer.errors import SequencerError
 
@@ -319,3 +320,19 @@ def test_float_tiff_with_no_data_pixels_and_wide_32_bit_tiff_keep_their_scale(tm
         warnings.simplefilter("error", RuntimeWarning)
         assert np.asarray(load_image(tmp_path / "f.tif"))[:, :, 0].tolist() == [[0, 128], [128, 128]]
     assert np.asarray(load_image(tmp_path / "i.tif"))[:, :, 0].tolist() == [[0, 128], [255, 64]]
+
+
+def test_an_image_over_pils_pixel_limit_is_named(tmp_path, monkeypatch, caplog):
+    """PIL's decompression-bomb warning (an image over MAX_IMAGE_PIXELS, read anyway) named no file, once per process;
+    twice the limit is refused, and the dataset names it as unreadable."""
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 100)
+    write_images(tmp_path / "data", classes=("cat",), per_class=1, size=12)  # 144 px: over the limit, under twice it
+    Image.new("RGB", (15, 15)).save(tmp_path / "data" / "cat" / "huge.png")  # 225 px: over twice the limit
+    ds = create_dataset("", root=str(tmp_path / "data"))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        assert ds[0][0].size == (12, 12)
+        with pytest.raises(UnreadableImageError, match="huge.png: Image size .* could be decompression bomb"):
+            ds[1]
+    assert f"large image {tmp_path / 'data' / 'cat' / 'cat_0.png'}: 12x12 px, over PIL.Image.MAX_IMAGE_PIXELS (100)" \
+        in caplog.text

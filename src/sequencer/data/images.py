@@ -3,10 +3,13 @@ decoded at once so that a bad file fails where it is read."""
 from __future__ import annotations
 
 import io
+import logging
 import os
 
 import numpy as np
 from PIL import Image, ImageOps
+
+_logger = logging.getLogger(__name__)
 
 EXIF_ORIENTATION = 0x0112  # the EXIF tag saying how the stored pixels must turn to be upright
 READ_ERRORS = (OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError)
@@ -65,10 +68,20 @@ def load_image(source: str | os.PathLike | io.IOBase) -> Image.Image:
         with open(source, "rb") as f:
             return load_image(f)
     img = Image.open(source)
+    _warn_if_huge(img, getattr(source, "name", "an image in a tar"))
     img.load()  # decode now, so corrupt and truncated files fail here and not inside a transform
     if exif_orientation(img) != 1:
         img = ImageOps.exif_transpose(img)
     return to_rgb(img)
+
+
+def _warn_if_huge(img: Image.Image, name: str) -> None:
+    """Name an image over ``PIL.Image.MAX_IMAGE_PIXELS``: PIL's own warning (a possible decompression bomb) names no
+    file, and Python shows it once per process."""
+    limit = Image.MAX_IMAGE_PIXELS
+    if limit and img.width * img.height > limit:
+        _logger.warning("large image %s: %dx%d px, over PIL.Image.MAX_IMAGE_PIXELS (%d); read anyway (twice that "
+                        "is refused as a possible decompression bomb)", name, img.width, img.height, limit)
 
 
 def exif_orientation(img: Image.Image) -> int:
