@@ -286,6 +286,27 @@ def test_a_command_hides_torchs_no_cuda_runtime_note_and_only_that(capfd):
     assert "No CUDA runtime is found" in capfd.readouterr().err
 
 
+def test_a_printed_file_name_that_is_not_utf8_is_escaped_for_the_command_only(monkeypatch):
+    """A Latin-1 name (Python holds its byte as a lone surrogate) printed by any command line is written escaped: a
+    strict UTF-8 console raised UnicodeEncodeError, a traceback after the work was done. Afterwards the streams are
+    strict again."""
+    import io
+    streams = [io.TextIOWrapper(io.BytesIO(), encoding="utf-8", errors="strict") for _ in range(2)]
+    monkeypatch.setattr(sys, "stdout", streams[0])
+    monkeypatch.setattr(sys, "stderr", streams[1])
+    name = b"caf\xe9.png".decode("utf-8", "surrogateescape")
+    with cli._command_console(str):
+        print(f"results written to {name}")
+        print(f"note: {name}", file=sys.stderr)
+    for stream in streams:
+        stream.flush()
+        assert stream.errors == "strict"
+    assert streams[0].buffer.getvalue() == b"results written to caf\\udce9.png\n"
+    assert streams[1].buffer.getvalue() == b"note: caf\\udce9.png\n"
+    with pytest.raises(UnicodeEncodeError):
+        print(name, file=streams[0])
+
+
 def test_a_torchrun_worker_other_than_rank_0_shows_only_errors(capsys, monkeypatch):
     import logging
     log = logging.getLogger("sequencer.engine.example")

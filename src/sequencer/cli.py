@@ -95,12 +95,28 @@ def _command_console(rewrite):
     warnings.formatwarning = lambda message, category, *_args, **_kw: f"warning: {rewrite(str(message))}\n"
     cpp_extension = logging.getLogger("torch.utils.cpp_extension")
     cpp_extension.addFilter(_no_cuda_runtime_note)
+    strict_streams = _escape_unencodable_text()
     try:
         yield
     finally:
+        for stream in strict_streams:
+            stream.reconfigure(errors="strict")
         cpp_extension.removeFilter(_no_cuda_runtime_note)
         logger.handlers[:], level, logger.propagate, warnings.formatwarning = saved
         logger.setLevel(level)
+
+
+def _escape_unencodable_text() -> list:
+    """stdout and stderr write what they cannot encode as escapes for the command's length: a file name that is not
+    UTF-8 (held as a lone surrogate) in any printed line would otherwise end the command in a UnicodeEncodeError
+    traceback after its work is done (the logged lines spell such names already: ``engine.guest.printable``).
+    Returns the streams changed, to be given back their strict errors."""
+    changed = []
+    for stream in (sys.stdout, sys.stderr):
+        if getattr(stream, "errors", None) == "strict" and hasattr(stream, "reconfigure"):
+            stream.reconfigure(errors="backslashreplace")
+            changed.append(stream)
+    return changed
 
 
 def _no_cuda_runtime_note(record: logging.LogRecord) -> bool:
