@@ -116,6 +116,29 @@ def test_float16_cpu_autocast_runs_an_lstm_fed_float32():
     assert model.absolute_pos_embed.grad.dtype == torch.float32 and model.absolute_pos_embed.grad.abs().sum() > 0
 
 
+def test_bfloat16_cpu_autocast_without_bf16_kernels_runs_atens_lstm(monkeypatch):
+    """Under bfloat16 CPU autocast ATen hands a float32 input with bf16 weights to oneDNN's LSTM, which on a CPU
+    without bf16 instructions (AVX2-only) has no kernel ("could not create a primitive descriptor"): there the
+    input is cast as autocast would, so ATen's own LSTM runs it. On this CPU, made to answer as one without bf16
+    kernels, the first LSTM receives bfloat16 (float32 where it has them, as before), and autocast's logits come
+    out."""
+    from sequencer.models.kernels import recurrence
+    torch.manual_seed(0)
+    model = sequencer.create_model("v_sequencer_s_pe", num_classes=3, **PE_TINY)
+    x = torch.randn(2, 3, 28, 28)
+    seen = []
+    for rnn in (m for m in model.modules() if isinstance(m, nn.RNNBase) and m.mode == "LSTM"):
+        rnn.register_forward_pre_hook(lambda module, args: seen.append(args[0].dtype))
+    for has_bf16_kernels in (False, True):
+        monkeypatch.setattr(recurrence, "onednn_bf16_supported", lambda: has_bf16_kernels)
+        seen.clear()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            logits = model(x)
+        assert logits.dtype == torch.bfloat16 and torch.isfinite(logits.float()).all()
+        # the first LSTM is fed float32 (the position embedding's add); later ones get bf16 activations anyway
+        assert seen[0] == (torch.float32 if has_bf16_kernels else torch.bfloat16) and torch.bfloat16 in seen
+
+
 def test_torch_func_grad_gives_autograds_gradients(tiny_kwargs, randomize):
     """torch.func transforms (MAML, per-sample gradients) refuse an autograd.Function without ``setup_context``,
     which the oneDNN paths' are: under a transform the standard ops run."""

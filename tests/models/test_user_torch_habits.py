@@ -59,7 +59,10 @@ def test_pruned_layers_train_as_pruned_and_their_hooks_fire(nano, amp, compiled)
         expected = getattr(reference, w).grad * getattr(layer, w + "_mask")
         got = getattr(layer, w + "_orig").grad
         assert got is not None, name
-        torch.testing.assert_close(got, expected, rtol=2e-2 if amp else 1e-4, atol=1e-4 if amp else 1e-6, msg=name)
+        # bf16: the hooked layer runs as its module (a conv), the plain one as a matmul; their bf16 roundings differ
+        # by CPU (equal with oneDNN's bf16 kernels, 0.6% of the largest gradient on an AVX2-only CPU's)
+        tolerance = dict(rtol=0, atol=2e-2 * expected.abs().max().item()) if amp else dict(rtol=1e-4, atol=1e-6)
+        torch.testing.assert_close(got, expected, **tolerance, msg=name)
 
 
 @pytest.mark.parametrize("amp", [False, True], ids=["fp32", "bf16_autocast"])

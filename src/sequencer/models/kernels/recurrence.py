@@ -32,6 +32,7 @@ from torch import nn
 from ...errors import ArgumentValueError, SequencerError
 
 from . import onednn_lstm
+from .onednn import onednn_bf16_supported
 from .capture import exporting, hooked
 
 try:  # registers the sequencer::lstm_scan ops; without Triton only the native backend exists
@@ -225,12 +226,15 @@ def current_weights(rnn: nn.Module) -> list[torch.Tensor]:
 
 
 def _eager_input(rnn: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """``x`` as ``rnn`` can take it. Under float16 CPU autocast ATen sends a float32 input to oneDNN's LSTM, which has
-    no float16 kernel ("could not create a primitive descriptor"); a float16 input takes ATen's own LSTM, which runs
-    the step matmuls in float16 (autocast's) and keeps the state in float32, as the model's other float16 inputs do."""
-    if (rnn.mode == "LSTM" and x.device.type == "cpu" and torch.is_autocast_enabled("cpu")
-            and torch.get_autocast_dtype("cpu") == torch.float16):
-        return x.to(torch.float16)
+    """``x`` as ``rnn`` can take it. Under CPU autocast ATen sends a float32 input with autocast's weights to oneDNN's
+    LSTM, which has no float16 kernel, nor a bfloat16 one on a CPU without bf16 instructions (AVX2-only: "could not
+    create a primitive descriptor"). An input in autocast's dtype takes ATen's own LSTM there, which runs the step
+    matmuls in that dtype, as the model's other autocast inputs do."""
+    if rnn.mode != "LSTM" or x.device.type != "cpu" or not torch.is_autocast_enabled("cpu"):
+        return x
+    dtype = torch.get_autocast_dtype("cpu")
+    if dtype == torch.float16 or dtype == torch.bfloat16 and not onednn_bf16_supported():
+        return x.to(dtype)
     return x
 
 
