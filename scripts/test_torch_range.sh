@@ -114,7 +114,7 @@ for index in "${!versions[@]}"; do
 print(f"torch {torch.__version__}, torchvision {torchvision.__version__}, timm {timm.__version__}, CPU capability "
       f"{torch.backends.cpu.get_cpu_capability()}, oneDNN bf16 {torch.ops.mkldnn._is_mkldnn_bf16_supported()}")')" >&2
     env "${isa_env[@]}" TRITON_INTERPRET=0 ".venvs/torch-$version/bin/python" -m pytest -q -m "not slow" \
-        -p no:cacheprovider "${TESTS[@]}" || status=1
+        -p no:cacheprovider -n auto --maxprocesses 4 "${TESTS[@]}" || status=1
     if [ "$discard" -eq 1 ]; then
         rm -rf ".venvs/torch-$version"
     fi
