@@ -13,6 +13,11 @@ _logger = logging.getLogger(__name__)
 AMP_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
+def dtype_name(dtype: torch.dtype | None) -> str | None:
+    """An autocast dtype as runs record it, ``AMP_DTYPES``' name ("bfloat16"), or None for none (plain float32)."""
+    return str(dtype).removeprefix("torch.") if dtype is not None else None
+
+
 def autocast_dtype(requested: str | torch.dtype | None, device: torch.device | str,
                    parameter: str = "amp_dtype") -> torch.dtype | None:
     """The dtype to autocast to on ``device`` for ``requested``, or None for no autocast (plain float32).

@@ -19,6 +19,7 @@ from torch import nn
 
 from ..errors import SequencerError
 from . import distributed as dist_utils
+from .amp import dtype_name
 from .checkpoint import CHECKPOINT_VERSION, get_rng_state
 from .config import RunState, TrainConfig
 from .data_record import data_record
@@ -398,7 +399,7 @@ def checkpoint_state(run: TrainingRun, epoch: int, complete: bool, step: int, me
         model_kwargs=plain(model.model_kwargs) if recorded else None,
         class_names=list(run.class_names),
         data_config=plain(run.loaders.data_config),
-        eval_amp_dtype=str(opt.amp_dtype).removeprefix("torch.") if opt.amp_dtype else None,
+        eval_amp_dtype=dtype_name(opt.amp_dtype),
         data=(data_record(run.cfg, getattr(run.loaders.eval, "dataset", None)) if run.state.datasets is None
               else CALLERS_DATA),
         scheduler=opt.scheduler.state_dict() if opt.scheduler is not None else None)

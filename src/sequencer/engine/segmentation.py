@@ -34,6 +34,7 @@ from ..data.segmentation import IGNORE_INDEX, SegmentationDataset, open_split, t
 from ..errors import SequencerError
 from ..models.segmentation import create_segmenter, segmenter_from_config
 from . import distributed as dist_utils
+from .amp import dtype_name
 from .checkpoint import get_rng_state, resume_position, set_rng_state
 from .config import RunState, checked_callbacks, checked_settings, explicit_settings
 from .guest import caller_rng_kept, console, warn
@@ -252,7 +253,7 @@ def _build_run(cfg: SegmentConfig, info, model: nn.Module, train_split, val_spli
                                 warmup_t=warmup, warmup_lr_init=cfg.lr * cfg.warmup_ratio, warmup_prefix=True,
                                 t_in_epochs=False)
     amp_dtype, scaler = amp_setup(cfg, info.device)
-    data_config["eval_amp_dtype"] = str(amp_dtype).removeprefix("torch.") if amp_dtype else None
+    data_config["eval_amp_dtype"] = dtype_name(amp_dtype)
     return _Run(cfg, info, model, train_model, list(train_split.class_names), data_config, train_loader, evals,
                 optimizer, scheduler, scaler, amp_dtype, total, updates_per_epoch, num_epochs,
                 fields=_summary_fields(train_split.class_names))

@@ -20,7 +20,7 @@ from ..data.datasets import held_out_split
 from ..errors import SequencerError
 from ..models import get_model_entry, has_pretrained_weights
 from ..models.caller_module import caller_module_kept
-from .amp import autocast_dtype
+from .amp import autocast_dtype, dtype_name
 from .distributed import DistInfo, process_group
 from .evaluate import evaluate, unreadable_skipped
 from .data_record import carved_from, keep_held_out_files, recorded_data, trained_on_all_of
@@ -264,7 +264,7 @@ def _evaluate(loaded: LoadedModel, split_set, overrides: dict, batch_size: int, 
         interpolation=config["interpolation"],
         images=metrics["count"],
         unreadable=unreadable_skipped(loader, dist_info.distributed),
-        amp=str(amp_dtype).replace("torch.", "") if amp_dtype else "",
+        amp=dtype_name(amp_dtype) or "",
         device=str(device),
     )
 

@@ -27,7 +27,7 @@ from dataclasses import replace
 import torch
 from torch import nn
 
-from ..engine.amp import autocast_dtype
+from ..engine.amp import autocast_dtype, dtype_name
 from ..engine.inference import resolve_device
 from ..errors import SequencerError
 from ..hardware import cpu_info
@@ -130,7 +130,7 @@ def run_backbone_benchmark(args: BenchmarkSettings) -> dict:
     # the one precision rule (float16 off CUDA runs bfloat16, bf16 without native kernels float32, with a note);
     # the report names the dtype that ran
     amp = autocast_dtype(args.amp_dtype, device) or torch.float32
-    args = replace(args, amp_dtype=str(amp).removeprefix("torch."))
+    args = replace(args, amp_dtype=dtype_name(amp))
     reference = args.reference_model or DEFAULT_REFERENCE
     size = args.img_size or DEFAULT_IMG_SIZE
     impls = ["backbone", "trunk", f"ref-{reference}", f"ref-{reference}-fpn"]

@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..engine.amp import AMP_DTYPES, autocast_dtype
+from ..engine.amp import AMP_DTYPES, autocast_dtype, dtype_name
 from ..engine.inference import check_input_size, load_model, relative_error, resolve_device
 from ..errors import SequencerError
 from ..hardware import cpu_info
@@ -341,7 +341,7 @@ def run_benchmark(args: BenchmarkSettings) -> dict:
     """Time and measure ``args``' implementations; ``amp_dtype`` follows the one autocast rule
     (`sequencer.engine.amp.autocast_dtype`), and the report names the dtype that ran."""
     ran = autocast_dtype(args.amp_dtype, resolve_device(args.device)) or torch.float32
-    args = replace(args, amp_dtype=str(ran).removeprefix("torch."))
+    args = replace(args, amp_dtype=dtype_name(ran))
     setup = _prepare(args)
     modes = ("infer", "train") if args.mode == "both" else (args.mode,)
     results = [r for mode in modes for r in _measure_mode(setup, mode)]
