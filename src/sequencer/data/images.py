@@ -64,15 +64,22 @@ def load_image(source: str | os.PathLike | io.IOBase) -> Image.Image:
     """Fully decode an image file (path or binary file object) to RGB, turned upright by its EXIF orientation (a
     phone's JPEG stored 64x32 with orientation 6 comes out 32x64, as torchvision's ``decode_image(...,
     apply_exif_orientation=True)`` gives it); raises PIL/OS errors for bad files."""
+    return load_image_with_header(source)[0]
+
+
+def load_image_with_header(source: str | os.PathLike | io.IOBase) -> tuple[Image.Image, tuple[int, int], int]:
+    """:func:`load_image`'s image, with the file's stored (width, height) and EXIF orientation: what pixels that
+    label the image as stored (a segmentation mask) need to turn with it, read from the one decode."""
     if isinstance(source, (str, os.PathLike)):
         with open(source, "rb") as f:
-            return load_image(f)
+            return load_image_with_header(f)
     img = Image.open(source)
     _warn_if_huge(img, getattr(source, "name", "an image in a tar"))
     img.load()  # decode now, so corrupt and truncated files fail here and not inside a transform
-    if exif_orientation(img) != 1:
+    stored, orientation = img.size, exif_orientation(img)
+    if orientation != 1:
         img = ImageOps.exif_transpose(img)
-    return to_rgb(img)
+    return to_rgb(img), stored, orientation
 
 
 def _warn_if_huge(img: Image.Image, name: str) -> None:

@@ -28,7 +28,8 @@ from PIL import Image
 from ..errors import SequencerError
 from .ade20k import ADE20K_CLASSES, ade20k_class_names
 from .class_folders import IMAGE_EXTENSIONS
-from .images import READ_ERRORS, UnreadableImageError, exif_orientation, load_image, turned_upright, upright_size
+from .images import (READ_ERRORS, UnreadableImageError, exif_orientation, load_image_with_header, turned_upright,
+                     upright_size)
 
 IGNORE_INDEX = 255
 VOC_CLASSES = ("background", "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow",
@@ -176,9 +177,10 @@ def _pair_problem(image: Path, mask: Path, num_classes: int, reduce_zero_label: 
     if not mask.is_file():
         return f"mask {mask} does not exist (for image {image.name})"
     try:
-        stored, orientation = image_header(image)
         if decode_image:
-            load_image(image)
+            _, stored, orientation = load_image_with_header(image)
+        else:
+            stored, orientation = image_header(image)
     except READ_ERRORS as e:
         return f"image {image} is unreadable ({e})"
     upright = upright_size(stored, orientation)
@@ -212,9 +214,10 @@ def image_header(path: str | os.PathLike) -> tuple[tuple[int, int], int]:
 def read_mask(path: str | os.PathLike, reduce_zero_label: bool, header: tuple = ((0, 0), 1)) -> np.ndarray:
     """A mask file as an (H, W) uint8 array of class indices (255 = ignore), zero label reduced when asked.
 
-    ``header``: its image's stored size and EXIF orientation (:func:`image_header`). The image is read
-    upright (:func:`~sequencer.data.images.load_image`), so a mask of the image's stored size, labelling the
-    pixels as stored, is turned with it; a mask of the upright size only (drawn on the upright picture) is kept."""
+    ``header``: its image's stored size and EXIF orientation (:func:`image_header`,
+    :func:`~sequencer.data.images.load_image_with_header`). The image is read upright, so a mask of the image's
+    stored size, labelling the pixels as stored, is turned with it; a mask of the upright size only (drawn on the
+    upright picture) is kept."""
     stored, orientation = header
     with Image.open(path) as m:
         if orientation != 1 and m.size == tuple(stored):
@@ -245,8 +248,8 @@ class SegmentationDataset(torch.utils.data.Dataset):
     def load(self, index: int) -> tuple[Image.Image, np.ndarray]:
         path = self.split.images[index]
         try:
-            image = load_image(path)
-            mask = read_mask(self.split.masks[index], self.split.reduce_zero_label, image_header(path))
+            image, *header = load_image_with_header(path)  # one decode gives the header the mask turns by
+            mask = read_mask(self.split.masks[index], self.split.reduce_zero_label, header)
         except READ_ERRORS as e:
             raise UnreadableImageError(str(path), e) from None
         return image, mask
