@@ -12,7 +12,8 @@ def load_class_map(path: str, root: str | None = None) -> dict[str, int]:
     """Parse a class map file into ``{class name: index}`` (never unpickles anything).
 
     Text files hold one class name per line (index = line order, blank lines ignored), or "name index" on every
-    line. A UTF-8 byte-order mark (Windows Notepad writes one) is not part of the first name. ``.json`` files hold a list of names or a ``{name: index}`` object. Indices must be 0..K-1, each once.
+    line. A UTF-8 byte-order mark (Windows Notepad writes one) is not part of the first name. ``.json`` files hold
+    a list of names or a ``{name: index}`` object. Indices must be 0..K-1, each once.
     """
     if not os.path.isfile(path) and root and os.path.isfile(os.path.join(root, path)):
         path = os.path.join(root, path)

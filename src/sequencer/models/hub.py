@@ -88,7 +88,8 @@ def download_weights(url: str, sha256: str | None = None, progress: bool = True,
     The file is streamed to a temporary name in that folder and renamed only when complete (its length matches
     ``Content-Length``) and, if ``sha256`` is given, when its digest matches; a cached file that fails a known
     ``sha256`` is set aside (:func:`set_aside`) and downloaded afresh. ``file://`` URLs take the same path. Network
-    failures raise SequencerError naming the URL; ``timeout`` (seconds per network operation) keeps an unreachable host from hanging forever.
+    failures raise SequencerError naming the URL; ``timeout`` (seconds per network operation) keeps an unreachable
+    host from hanging forever.
     """
     filename = os.path.basename(urllib.parse.urlparse(url).path) or "weights.pth"
     cache_dir = Path(torch.hub.get_dir()) / "checkpoints"

@@ -29,6 +29,6 @@ from .recurrence import RNN_TYPES, fused_bilstm2d, resolve_backend, run_rnn, use
 mix_axes = _MixAxesFunction.apply
 onednn_mlp = _OneDnnMlpFunction.apply
 
-__all__ = ["RNN_TYPES", "autocast_bf16_copies", "cpu_bilstm2d", "cpu_lstm_applies", "fused_bilstm2d", "hooked", "linear",
-           "mix_axes", "native_dtype", "onednn_bf16_supported", "onednn_linear_ok", "onednn_mlp", "resolve_backend",
-           "run_rnn", "under_cpu_bf16_autocast", "uses_fused_lstm"]
+__all__ = ["RNN_TYPES", "autocast_bf16_copies", "cpu_bilstm2d", "cpu_lstm_applies", "fused_bilstm2d", "hooked",
+           "linear", "mix_axes", "native_dtype", "onednn_bf16_supported", "onednn_linear_ok", "onednn_mlp",
+           "resolve_backend", "run_rnn", "under_cpu_bf16_autocast", "uses_fused_lstm"]
