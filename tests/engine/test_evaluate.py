@@ -79,8 +79,9 @@ def _rank_main(rank, world, port, root, out):
         torch.distributed.destroy_process_group()
 
 
-def _broken_folder(root) -> None:
-    """210 images in 3 class folders, two unreadable: a/0.png and a/1.png, one in each rank's share."""
+def _broken_folder(root, broken=("0.png", "1.png")) -> None:
+    """210 images in 3 class folders; ``broken`` of class a unreadable (a/0.png and a/1.png: one in each rank's
+    share)."""
     import numpy as np
     from PIL import Image
 
@@ -89,7 +90,7 @@ def _broken_folder(root) -> None:
         folder = root / "abc"[i % 3]
         folder.mkdir(parents=True, exist_ok=True)
         Image.fromarray(rng.integers(0, 256, (4, 4, 3), dtype=np.uint8)).save(folder / f"{i // 3}.png")
-    for name in ("0.png", "1.png"):
+    for name in broken:
         (root / "a" / name).write_bytes(b"not an image")
 
 
@@ -136,3 +137,60 @@ def test_distributed_evaluation_is_exact(tmp_path):
         assert (got["top1"], got["top5"]) == (single["top1"], single["top5"])
         assert got["loss"] == pytest.approx(single["loss"], rel=1e-6)  # float32 logits, other batching
         assert got["validated"] == (208, 2)
+
+
+def _clustered_rank_main(rank, world, port, root, out):
+    from sequencer.errors import SequencerError
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    torch.distributed.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        result = _validate_broken(os.path.join(root, "clustered"))
+        try:
+            _validate_broken(os.path.join(root, "too_many"))
+            refused = ""
+        except SequencerError as e:
+            refused = str(e)
+        torch.save(dict(validated=(result.images, result.unreadable), refused=refused),
+                   os.path.join(out, f"clustered{rank}.pt"))
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+def _break_indices(root, indices) -> list[str]:
+    """Overwrite the images at ``indices`` of ``root``'s dataset order with bytes that are no image."""
+    from sequencer.data import create_dataset
+
+    dataset = create_dataset("", root=str(root))
+    paths = [dataset.describe(i) for i in indices]
+    for path in paths:
+        with open(path, "wb") as f:
+            f.write(b"not an image")
+    return paths
+
+
+@pytest.mark.slow
+def test_distributed_unreadable_limit_is_the_whole_passs(tmp_path):
+    """The 1% limit of unreadable images applies to the whole pass under DDP, not to each rank's share: 2 broken of
+    210, both in rank 0's share, pass as they do in one process (rank 0 refused them alone: 2 > 1% of its 105),
+    and 3 broken of 210, two in one share and one in the other (within each share's count of the whole pass's
+    allowance), are refused on every rank as in one process."""
+    from sequencer.errors import SequencerError
+
+    for name, broken in (("clustered", (2, 4)), ("too_many", (2, 4, 3))):
+        _broken_folder(tmp_path / name, broken=())
+        _break_indices(tmp_path / name, broken)
+    alone = _validate_broken(tmp_path / "clustered")
+    assert (alone.images, alone.unreadable) == (208, 2)
+    with pytest.raises(SequencerError, match="3 of 210 images are unreadable"):
+        _validate_broken(tmp_path / "too_many")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.start_processes(_clustered_rank_main, args=(2, port, str(tmp_path), str(tmp_path)), nprocs=2,
+                       start_method="fork")
+    for rank in range(2):
+        got = torch.load(tmp_path / f"clustered{rank}.pt", weights_only=True)
+        assert got["validated"] == (208, 2)
+        assert "3 of 210 images are unreadable" in got["refused"]

@@ -294,21 +294,24 @@ class ImageLoader(DataLoader):
 
     Unreadable images are skipped with a warning naming each file (once per file); ``loader.skipped`` lists the
     files skipped in the current/latest pass (for the epoch log) and ``loader.dataset.skipped`` all seen so far.
-    More than ``max_unreadable`` (a fraction) of a pass unreadable aborts with a SequencerError listing them.
+    More than ``max_unreadable`` (a fraction) of a pass unreadable aborts with a SequencerError listing them. Under
+    DDP (``world_size`` ranks, each loading its share) a rank stops once its own share passes the whole pass's
+    allowance, and `check_unreadable`, given every rank's files at the end of the pass, applies the exact limit.
     Shuffling depends only on ``seed`` and the epoch, the workers' augmentation draws on ``seed``, the epoch, the
     process's ``rank`` and the worker, so no two workers of a run draw alike and a resumed run sees the same
     batches: the epoch is what ``loader.set_epoch(e)`` or ``loader.sampler.set_epoch(e)`` set before the pass,
     otherwise one more than the previous pass's.
     """
 
-    def __init__(self, dataset, *, device, max_unreadable: float, seed: int, rank: int = 0, on_device=None,
-                 **kwargs):
+    def __init__(self, dataset, *, device, max_unreadable: float, seed: int, rank: int = 0, world_size: int = 1,
+                 on_device=None, **kwargs):
         super().__init__(dataset, **kwargs)
         self.on_device = on_device  # uint8 batch -> normalised (and erased) float batch, on the device
         self.device = torch.device(device)
         self.max_unreadable = max_unreadable
         self.seed = seed
         self.rank = rank
+        self.world_size = world_size
         self.skipped: list[str] = []
         self._own_unreadable: set[str] = set()  # the unreadable files of this pass's own indices
         self._last_epoch: int | None = None
@@ -342,11 +345,10 @@ class ImageLoader(DataLoader):
             self.sampler.pass_seed = pass_seed  # persistent workers reseed from it (_seed_worker_for_pass)
             self.sampler.pass_number += 1
         self.skipped, self._own_unreadable = [], set()
-        total = len(self.sampler)
         non_blocking = self.device.type == "cuda"
         for images, targets, failed, own in _worker_errors_as_one_line(super().__iter__()):
             if failed:
-                self._note_unreadable(failed, own, total)
+                self._note_unreadable(failed, own)
             if images is None:
                 continue
             images = images.to(self.device, non_blocking=non_blocking)
@@ -354,24 +356,40 @@ class ImageLoader(DataLoader):
                 images = self.on_device(images)
             yield images, targets.to(self.device, non_blocking=non_blocking)
 
-    def _note_unreadable(self, failed: list[str], own: list[str], total: int) -> None:
-        """Record and warn about the unreadable ``failed`` files; raise once the pass's own ones (``own``: of its
-        ``total`` indices, not the replacements tried, which may be another rank's) pass ``max_unreadable``."""
+    def pass_images(self) -> int:
+        """The images of a whole pass, every rank's (a rank loads about 1/``world_size`` of them)."""
+        return len(self.dataset) if self.world_size > 1 else len(self.sampler)
+
+    def _note_unreadable(self, failed: list[str], own: list[str]) -> None:
+        """Record and warn about the unreadable ``failed`` files; raise once the pass's own ones (``own``: of this
+        rank's indices, not the replacements tried, which may be another rank's) pass ``max_unreadable`` of the
+        whole pass: one rank's count never exceeds the pass's, so no rank refuses what one process accepts."""
         seen = getattr(self.dataset.dataset, "skipped", None)
         self.skipped += [path for path in dict.fromkeys(failed) if path not in self.skipped]
         self._own_unreadable.update(own)
-        if len(self._own_unreadable) <= self.max_unreadable * total:
+        if len(self._own_unreadable) <= self.max_unreadable * self.pass_images():
             for path in failed:
                 if seen is not None and path not in seen:
                     seen.add(path)
                     _logger.warning("skipped unreadable image %s", path)
-        else:  # the error lists them all, as its one line
+        else:
             broken, exact = self._all_unreadable()
-            shown = ", ".join(broken[:20]) + (f", ... ({len(broken) - 20} more)" if len(broken) > 20 else "")
-            count = f"{len(broken)}" if exact else f"at least {len(broken)}"
-            raise SequencerError(
-                f"{count} of {total} images are unreadable (more than {self.max_unreadable:.0%}): {shown}",
-                hint="remove or replace the broken files")
+            raise self._too_many_unreadable(broken, exact and self.world_size == 1)
+
+    def check_unreadable(self, files: list[str]) -> None:
+        """Raise the pass's SequencerError when ``files``, the unreadable files of the whole pass (every rank's,
+        gathered), pass ``max_unreadable``; every rank calls it with the same files, so all of them stop alike."""
+        broken = list(dict.fromkeys(files))
+        if len(broken) > self.max_unreadable * self.pass_images():
+            raise self._too_many_unreadable(broken, exact=True)
+
+    def _too_many_unreadable(self, broken: list[str], exact: bool) -> SequencerError:
+        """The one-line error listing ``broken`` (its first 20); ``exact``: the list is complete, not "at least"."""
+        shown = ", ".join(broken[:20]) + (f", ... ({len(broken) - 20} more)" if len(broken) > 20 else "")
+        count = f"{len(broken)}" if exact else f"at least {len(broken)}"
+        return SequencerError(
+            f"{count} of {self.pass_images()} images are unreadable (more than {self.max_unreadable:.0%}): {shown}",
+            hint="remove or replace the broken files")
 
     SCAN_LIMIT = 20000  # images; a larger pass reports the broken files found before it stopped ("at least")
 
@@ -422,7 +440,7 @@ def create_loader(dataset, input_size, batch_size: int, is_training: bool = Fals
         vflip=vflip, auto_augment=auto_augment, re_prob=re_prob, re_mode=re_mode, re_count=re_count,
         uint8_output=on_device, **augment))
     drop_last = is_training if drop_last is None else drop_last
-    sampler, rank = _sampler(dataset, is_training, distributed, seed)
+    sampler, rank, world_size = _sampler(dataset, is_training, distributed, seed)
     if drop_last:
         _check_a_batch_fits(dataset, sampler, batch_size)
     generator = torch.Generator()
@@ -433,7 +451,7 @@ def create_loader(dataset, input_size, batch_size: int, is_training: bool = Fals
                                     re_count=re_count)
     return ImageLoader(
         _SkippingView(dataset, replace=is_training), device=device, max_unreadable=max_unreadable, seed=seed,
-        rank=rank, on_device=normalize, batch_size=batch_size,
+        rank=rank, world_size=world_size, on_device=normalize, batch_size=batch_size,
         sampler=_PassSeededSampler(sampler) if num_workers > 0 else sampler, num_workers=num_workers,
         collate_fn=_collate, pin_memory=device.type == "cuda" if pin_memory is None else pin_memory,
         drop_last=drop_last, generator=generator, persistent_workers=num_workers > 0)
@@ -449,16 +467,16 @@ def _augmentation(dataset, given: dict) -> dict:
 
 
 def _sampler(dataset, is_training: bool, distributed: bool, seed: int) -> tuple:
-    """(sampler, this process's rank): a seeded shuffle for training, in order for evaluation; across an
-    initialised process group a DistributedSampler for training and a disjoint, unpadded share for evaluation."""
+    """(sampler, this process's rank, world size): a seeded shuffle for training, in order for evaluation; across
+    an initialised process group a DistributedSampler for training and a disjoint, unpadded share for evaluation."""
     if distributed and torch.distributed.is_available() and torch.distributed.is_initialized():
         rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
         if is_training:
-            return torch.utils.data.DistributedSampler(dataset, world, rank, shuffle=True, seed=seed), rank
-        return _ShardSampler(len(dataset), rank, world), rank
+            return torch.utils.data.DistributedSampler(dataset, world, rank, shuffle=True, seed=seed), rank, world
+        return _ShardSampler(len(dataset), rank, world), rank, world
     if is_training:
-        return _EpochRandomSampler(len(dataset), seed), 0
-    return torch.utils.data.SequentialSampler(dataset), 0
+        return _EpochRandomSampler(len(dataset), seed), 0, 1
+    return torch.utils.data.SequentialSampler(dataset), 0, 1
 
 
 def _check_a_batch_fits(dataset, sampler, batch_size: int) -> None:

@@ -48,6 +48,7 @@ def evaluate(model: nn.Module, loader, device: torch.device | str, amp_dtype: to
     if distributed and torch.distributed.is_available() and torch.distributed.is_initialized():
         torch.distributed.all_reduce(sums)
         torch.distributed.all_reduce(elapsed, op=torch.distributed.ReduceOp.MAX)
+        unreadable_skipped(loader, distributed)  # every rank's count against the pass's limit
     loss_sum, top1, top5, count = sums.tolist()
     if count == 0:
         return dict(top1=0.0, top5=0.0, loss=float("nan"), images_per_sec=0.0, count=0)
@@ -57,10 +58,14 @@ def evaluate(model: nn.Module, loader, device: torch.device | str, amp_dtype: to
 
 def unreadable_skipped(loader, distributed: bool = False) -> int:
     """How many distinct unreadable files the latest pass of ``loader`` (an ``ImageLoader``; 0 for another) skipped,
-    counted over every rank of the process group with ``distributed``: each rank's loader knows only its own share."""
+    counted over every rank of the process group with ``distributed``: each rank's loader knows only its own share.
+    Every rank calls it; past the loader's ``max_unreadable`` of the whole pass every rank raises its
+    SequencerError (a rank alone stops only past the whole pass's allowance)."""
     files = list(getattr(loader, "skipped", None) or [])
     if distributed and torch.distributed.is_available() and torch.distributed.is_initialized():
         shares = [None] * torch.distributed.get_world_size()
         torch.distributed.all_gather_object(shares, files)
         files = [f for share in shares for f in share]
+        if hasattr(loader, "check_unreadable"):
+            loader.check_unreadable(files)
     return len(set(files))
