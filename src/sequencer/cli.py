@@ -14,7 +14,8 @@ import os
 import sys
 import warnings
 
-from .errors import SequencerError
+from . import __version__
+from .errors import DISTRIBUTION, SequencerError
 
 # name -> (module, one-line help)
 COMMANDS = {
@@ -46,6 +47,7 @@ class OneLineErrorParser(argparse.ArgumentParser):
 def build_parser(argv_command: str | None = None) -> argparse.ArgumentParser:
     parser = OneLineErrorParser(prog="sequencer", description="Sequencer (deep LSTM) vision backbones")
     parser.command = argv_command
+    parser.add_argument("--version", action="version", version=f"{DISTRIBUTION} {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name, (module_name, help_text) in COMMANDS.items():
         p = sub.add_parser(name, help=help_text, description=help_text)

@@ -8,6 +8,9 @@ Library messages name the library's parameters, written in backticks (`` `batch_
 the command line rewrites those it has a flag for (``--batch-size 8``, ``--class-map``), see
 ``sequencer.commands.common.as_flags``.
 """
+import importlib
+
+DISTRIBUTION = "sequencer-vision"  # what ``pip install`` calls this package (PyPI's "sequencer" is another project)
 
 
 class SequencerError(Exception):
@@ -26,3 +29,19 @@ class SequencerError(Exception):
 class ArgumentValueError(SequencerError, ValueError):
     """A value the caller passed is refused (e.g. a model's ``union="diagonal"``): a user error for the CLI, and a
     ValueError for Python callers that catch one."""
+
+
+def optional_import(module: str, needed_for: str, extra: str | None = None):
+    """``import module`` for a package the core install leaves out (``pyproject.toml``'s optional dependencies), or a
+    SequencerError saying what needs it and what to install: ``pip install 'sequencer-vision[EXTRA]'`` when an extra
+    brings it, else the package itself. Only the module's own absence is turned into that error: a package that is
+    installed but fails to import (a missing dependency of its own, a broken build) keeps its traceback."""
+    try:
+        return importlib.import_module(module)
+    except ModuleNotFoundError as error:
+        missing = (error.name or module).partition(".")[0]
+        if missing != module.partition(".")[0]:
+            raise
+        install = f"pip install '{DISTRIBUTION}[{extra}]'" if extra else f"pip install {missing}"
+        raise SequencerError(f"{needed_for} needs the {missing} package, which is not installed",
+                             hint=install) from None

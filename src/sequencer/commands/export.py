@@ -11,7 +11,7 @@ from ..errors import SequencerError
 from ..engine.inference import check_input_size, find_images
 from ..models.loading import model_config
 from ..tools.export import (FORMATS, MAX_OPSET, MIN_OPSET, describe_int8, export_onnx, export_onnx_int8,
-                            export_program, export_safetensors, export_torchscript, int8_settings)
+                            export_program, export_safetensors, export_torchscript, int8_settings, onnx_packages)
 from .common import add_model_args, load_model_from_args, positive_int, warn_if_random_weights
 
 
@@ -30,6 +30,8 @@ def check_output_format(args: argparse.Namespace) -> str:
 
 def check_export_options(args: argparse.Namespace, fmt: str) -> None:
     """One-line errors for option combinations that cannot work, before the model is loaded."""
+    if fmt == "onnx":
+        onnx_packages()  # installed (the `export` extra)? asked before a model is loaded or downloaded
     if fmt == "onnx" and not MIN_OPSET <= args.opset <= MAX_OPSET:
         raise SequencerError(f"--opset {args.opset} is not supported: the exporter writes opsets {MIN_OPSET} to "
                              f"{MAX_OPSET} (LayerNormalization needs {MIN_OPSET})")

@@ -27,7 +27,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from ..errors import SequencerError
+from ..errors import SequencerError, optional_import
 from .loading import extract_state_dict, load_checkpoint, load_state_dict_into, read_checkpoint
 
 _logger = logging.getLogger(__name__)
@@ -176,11 +176,7 @@ def _hf_hub_file(hub_id: str, filename: str) -> Path:
     huggingface_hub writes a download under a temporary name and renames it once complete: a failure leaves no
     partial file in its cache.
     """
-    try:
-        import huggingface_hub
-    except ImportError:
-        raise SequencerError(f"{HF_HUB_PREFIX}{hub_id}: the Hugging Face Hub needs the huggingface_hub package",
-                             hint="pip install huggingface_hub") from None
+    huggingface_hub = optional_import("huggingface_hub", f"{HF_HUB_PREFIX}{hub_id} (the Hugging Face Hub)")
     repo_id, revision = split_hf_hub_id(hub_id)
     options = {}
     if not download_progress.get() and "tqdm_class" in inspect.signature(huggingface_hub.hf_hub_download).parameters:

@@ -34,7 +34,7 @@ import torch
 from torch import nn
 
 from ..engine.inference import eval_transform, find_images, read_images, relative_error
-from ..errors import SequencerError
+from ..errors import SequencerError, optional_import
 from ..fileio import write_atomically
 from ..hardware import CPU_CLASSES, cpu_info
 from ..models.caller_module import caller_module_kept
@@ -100,6 +100,13 @@ def sample_inputs(input_size: tuple[int, int, int], batch_size: int, dynamic_bat
     return inputs
 
 
+def onnx_packages() -> tuple:
+    """onnx and onnxruntime, which an ONNX export writes and checks its file with; a one-line SequencerError naming
+    the ``export`` extra when either is not installed (``sequencer export`` asks before it loads a model)."""
+    return (optional_import("onnx", "ONNX export", extra="export"),
+            optional_import("onnxruntime", "ONNX export (its check against PyTorch)", extra="export"))
+
+
 @_on_the_cpu_in_eval
 def export_onnx(model: nn.Module, path: str | os.PathLike, input_size: tuple[int, int, int], *, batch_size: int = 1,
                 dynamic_batch: bool = False, opset: int = 17, rtol: float = 1e-4, metadata: dict | None = None,
@@ -109,9 +116,7 @@ def export_onnx(model: nn.Module, path: str | os.PathLike, input_size: tuple[int
     ``sample``: optional (B, C, H, W) input used for the check instead of random data.
     Returns the worst relative logit error; raises SequencerError when above ``rtol``.
     """
-    import onnx
-    import onnxruntime as ort
-
+    onnx, ort = onnx_packages()
     path = Path(path)
     inputs = sample_inputs(input_size, batch_size, dynamic_batch, sample)
     axes = {"input": {0: "batch"}, "logits": {0: "batch"}} if dynamic_batch else None
@@ -144,7 +149,7 @@ def export_onnx(model: nn.Module, path: str | os.PathLike, input_size: tuple[int
 
 def set_onnx_metadata(proto, metadata: dict | None) -> None:
     """Store ``metadata`` as the model's metadata properties (non-string values as JSON)."""
-    import onnx
+    onnx = optional_import("onnx", "ONNX metadata", extra="export")
 
     onnx.helper.set_model_props(proto, {k: v if isinstance(v, str) else json.dumps(v)
                                         for k, v in (metadata or {}).items()})
@@ -309,22 +314,22 @@ def quantize_int8(fp32_path: str | os.PathLike, out_path: str | os.PathLike, met
     on the MatMul/Gemm/Conv nodes with activation scales from the calibration images, then the LSTMs dynamically.
     LayerNormalization, the residual adds and GELU stay float either way.
     """
-    import onnx
-    from onnxruntime.quantization import QuantFormat, QuantType, quantize_dynamic, quantize_static
+    onnx = optional_import("onnx", "int8 quantisation", extra="export")
+    ortq = optional_import("onnxruntime.quantization", "int8 quantisation", extra="export")
 
     exclude = _float_node_names(onnx.load(str(fp32_path)), settings["keep_float"])
     common = dict(per_channel=settings["per_channel"], reduce_range=settings["reduce_range"],
-                  weight_type=QuantType.QInt8, nodes_to_exclude=exclude)
+                  weight_type=ortq.QuantType.QInt8, nodes_to_exclude=exclude)
     with _ort_quantization_quiet():
         if settings["static"]:
             staged = Path(out_path).with_name(Path(out_path).name + ".qdq")
-            quantize_static(str(fp32_path), str(staged), calibration, quant_format=QuantFormat.QDQ,
-                            op_types_to_quantize=list(STATIC_OPS), activation_type=QuantType.QUInt8,
-                            extra_options={"ActivationSymmetric": False}, **common)
-            quantize_dynamic(str(staged), str(out_path), op_types_to_quantize=["LSTM"], **common)
+            ortq.quantize_static(str(fp32_path), str(staged), calibration, quant_format=ortq.QuantFormat.QDQ,
+                                 op_types_to_quantize=list(STATIC_OPS), activation_type=ortq.QuantType.QUInt8,
+                                 extra_options={"ActivationSymmetric": False}, **common)
+            ortq.quantize_dynamic(str(staged), str(out_path), op_types_to_quantize=["LSTM"], **common)
             staged.unlink()
         else:
-            quantize_dynamic(str(fp32_path), str(out_path), **common)
+            ortq.quantize_dynamic(str(fp32_path), str(out_path), **common)
     proto = onnx.load(str(out_path))
     set_onnx_metadata(proto, dict(metadata, quantization=describe_int8(settings), int8_settings=settings))
     onnx.save(proto, str(out_path))

@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from ..engine.inference import LoadedModel
-from ..errors import SequencerError
+from ..errors import SequencerError, optional_import
 from ..hardware import cpu_info
 
 _logger = logging.getLogger(__name__)
@@ -34,8 +34,7 @@ def ort_session(path: str | os.PathLike, threads: int | None = None, memory_aren
     OpenMP threads run (on 2 Zen 5 cores our batch-1 fp32 model ran at 0.55-0.56x onnxruntime beside a spinning
     session and 0.88x beside a sleeping one, onnxruntime itself no slower; BENCHMARKS.md, issue 20).
     """
-    import onnxruntime as ort
-
+    ort = optional_import("onnxruntime", f"running ONNX file {str(path)!r}", extra="export")
     options = ort.SessionOptions()
     options.enable_cpu_mem_arena = memory_arena
     if threads:
