@@ -75,7 +75,7 @@ def test_timms_no_sync_dist_bn_is_accepted_and_the_statistics_are_still_averaged
     are still averaged (unsynced they would give logged numbers of no single model); a model without, no note."""
     from sequencer.cli import build_parser
     from sequencer.engine import timm_habits
-    from sequencer.engine.config import TrainConfig
+    from sequencer.engine.config import TrainConfig, resolve_config
 
     assert build_parser("train").parse_args(["train", "data", "--dist-bn", ""]).dist_bn == ""
     with_bn = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 1), torch.nn.BatchNorm2d(4))
@@ -84,3 +84,7 @@ def test_timms_no_sync_dist_bn_is_accepted_and_the_statistics_are_still_averaged
     assert note.startswith("`dist_bn=''`: timm's no-sync; here the ranks' BatchNorm statistics are still averaged")
     assert timm_habits.notes(default, torch.device("cpu"), with_bn) == []
     assert timm_habits.notes(given, torch.device("cpu"), torch.nn.Linear(2, 2)) == []
+    # a run's resolved config has every setting set: the note was said on every run of a BatchNorm model
+    resolved = resolve_config({})
+    assert timm_habits.notes(resolved, torch.device("cpu"), with_bn, given=frozenset()) == []
+    assert len(timm_habits.notes(resolved, torch.device("cpu"), with_bn, given=frozenset({"dist_bn"}))) == 1

@@ -85,7 +85,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--lr-base", type=float, help="lr for a global batch of --lr-base-size")
     g.add_argument("--lr-base-size", type=int, help="batch size --lr-base refers to")
     g.add_argument("--lr-base-scale", help="linear or sqrt (default: sqrt for ada*/lamb)")
-    g.add_argument("--lr-noise", type=float, nargs="+", metavar="PCT", help="lr noise on/off epochs")
+    g.add_argument("--lr-noise", type=float, nargs="+", metavar="F",
+                   help="lr noise on/off points as fractions of the schedule length, e.g. 0.42 0.9")
     g.add_argument("--lr-noise-pct", type=float, help="lr noise limit")
     g.add_argument("--lr-noise-std", type=float, help="lr noise std")
     g.add_argument("--lr-cycle-mul", type=float, help="cycle length multiplier")

@@ -268,6 +268,7 @@ DIGITS_DEFAULTS = dict(
     scale=[0.75, 1.0], ratio=[0.9, 1.1], color_jitter=0.0, smoothing=0.1, workers=0,
     train_interpolation="bilinear", interpolation="bilinear", log_interval=30, checkpoint_hist=2, val_split="val",
 )
+LR_SCALING = {"lr_base", "lr_base_size", "lr_base_scale"}  # the settings the lr derives from when `lr` is not given
 
 
 def resolve_config(explicit: dict, state: RunState | None = None) -> TrainConfig:
@@ -306,7 +307,9 @@ def resolve_config(explicit: dict, state: RunState | None = None) -> TrainConfig
     data = merged.get("data") or merged.get("data_dir")
     user_data = state is not None and state.datasets is not None
     if not user_data and ((not data and not merged.get("dataset")) or merged.get("dataset") == "digits"):
-        merged = {**defaults, **DIGITS_DEFAULTS, **from_yaml, **explicit}
+        chosen = {**from_yaml, **explicit}  # a `lr_base*` chosen without `lr` derives the lr, not the demo's
+        demo = {k: v for k, v in DIGITS_DEFAULTS.items() if k != "lr" or "lr" in chosen or not LR_SCALING & {*chosen}}
+        merged = {**defaults, **demo, **chosen}
     merged["data"] = merged.get("data") or merged.get("data_dir")
     cfg = TrainConfig(**merged)
     if state is not None:
@@ -443,6 +446,8 @@ def _check_numbers(cfg: TrainConfig) -> None:
         bad("recount", cfg.recount, "must be at least 1")
     if cfg.dist_bn not in ("", "reduce", "broadcast"):
         bad("dist_bn", cfg.dist_bn, "is 'reduce' (the mean of the ranks' BatchNorm statistics), 'broadcast' or ''")
+    if cfg.lr_base_scale not in ("", "linear", "sqrt"):  # anything else used to scale linearly
+        bad("lr_base_scale", cfg.lr_base_scale, "is 'linear' or 'sqrt' ('' picks sqrt for ada*/lamb, else linear)")
     if not 0 <= cfg.val_fraction < 1:
         bad("val_fraction", cfg.val_fraction, "must be in [0, 1) (e.g. 0.1 holds out a tenth of each class)")
 

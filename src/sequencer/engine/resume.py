@@ -6,8 +6,9 @@
   ``--eval-metric`` that picks the best epoch, the held-out share ``--val-fraction`` (a resume holds out the files
   its checkpoint lists). A flag that names another value is refused with one line naming both.
 - **From the checkpoint unless a flag (or ``--config``) says otherwise:** every other training setting (epochs,
-  lr and schedule shape, batch size, augmentation, EMA, seed, ...). A larger ``--epochs`` extends the run: the
-  schedule is rebuilt for the new length and continues from the checkpoint's position.
+  lr and schedule shape, batch size, augmentation, EMA, drop rates, seed, ...). A larger ``--epochs`` extends the
+  run: the schedule is rebuilt for the new length and continues from the checkpoint's position. The lr kept is the
+  one the run derived; a new ``--lr-base*`` without ``--lr`` derives it again.
 - **Never from the checkpoint (this machine's and this start's business):** the data and its splits, the output
   folder and experiment name, the device, ``--workers``, ``--log-interval``, ``--start-epoch``, ``--pretrained`` and
   ``--initial-checkpoint``.
@@ -22,7 +23,7 @@ from ..errors import SequencerError
 from ..models.loading import read_checkpoint
 from . import distributed as dist_utils
 from .checkpoint import find_auto_resume
-from .config import TrainConfig, check_experiment_name
+from .config import LR_SCALING, TrainConfig, check_experiment_name
 
 _logger = logging.getLogger(__name__)
 
@@ -86,8 +87,11 @@ def apply_resume_contract(cfg: TrainConfig, given: frozenset[str], checkpoint: d
             f"`resume={path}`: the checkpoint's {len(class_names)} classes ({_names(class_names)}) vs the training "
             f"split's {len(train_classes)} ({_names(train_classes)})",
             hint="resume on the data the run was trained on, or start a new run with `initial_checkpoint`")
+    # the checkpoint's lr is the one its run derived from `lr_base`; a new `lr_base*` without `lr` derives it again
+    rederive_lr = "lr" not in given and any(key in given for key in LR_SCALING)
     for key, value in saved.items():
-        if key not in given and key not in NOT_INHERITED and not key.startswith("_") and hasattr(cfg, key):
+        if key not in given and key not in NOT_INHERITED and not key.startswith("_") and hasattr(cfg, key) and \
+                not (key == "lr" and rederive_lr):
             setattr(cfg, key, value)
     if arch:
         cfg.model = arch

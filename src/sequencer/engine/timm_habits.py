@@ -8,13 +8,15 @@ from .distributed import has_running_stats
 from .guest import warn
 
 
-def notes(cfg, device, model) -> list[str]:
-    """One line per habit flag that has nothing to do on this run (``model``: the model trained)."""
+def notes(cfg, device, model, given=None) -> list[str]:
+    """One line per habit flag that has nothing to do on this run (``model``: the model trained; ``given``: the
+    settings the user chose, by default the ones set on ``cfg``: a run's resolved config has all of them set)."""
+    given = given_settings(cfg) if given is None else given
     out = []
     if cfg.dist_bn and not has_running_stats(model):
         out.append(f"`dist_bn={cfg.dist_bn}`: the model has no BatchNorm (Sequencer models: LayerNorm only), "
                    f"nothing to sync")
-    if given_settings(cfg).get("dist_bn") == "" and has_running_stats(model):
+    if "dist_bn" in given and cfg.dist_bn == "" and has_running_stats(model):
         # timm's "" leaves each rank scoring its share with its own statistics: logged numbers of no single model
         out.append("`dist_bn=''`: timm's no-sync; here the ranks' BatchNorm statistics are still averaged before "
                    "each evaluation under DDP (as reduce), so the logged numbers are those of the checkpoint's model")

@@ -36,7 +36,7 @@ from ..errors import SequencerError
 from ..models.caller_module import caller_module_kept
 from . import distributed as dist_utils
 from .distributed import print_on_primary
-from . import timm_habits
+from . import inert_flags, timm_habits
 from .amp import autocast_dtype
 from .checkpoint import resume_position, set_rng_state
 from .guest import caller_rng_kept, console, warn
@@ -181,7 +181,8 @@ def _train(cfg, state: RunState, info: dist_utils.DistInfo) -> TrainResult:
         return _result(cfg, Path(data.resume_path).parent, None, 0)
     out = prepare_outputs(cfg, state, info, data.resume_path, data.resume_ckpt, start_epoch, loaders.img_size,
                           held_out=data.eval_set, evaluated=data.eval_set is not None)
-    for message in [*state.start_warnings, *timm_habits.notes(cfg, info.device, model)]:
+    for message in [*state.start_warnings, *timm_habits.notes(cfg, info.device, model, state.given),
+                    *inert_flags.notes(cfg, state.given)]:
         if info.is_primary:
             warn(message)
     state.wandb = timm_habits.start_wandb(cfg, run_args(cfg)) if info.is_primary else None
@@ -254,7 +255,9 @@ def build_loaders(cfg, info: dist_utils.DistInfo, model: nn.Module, data: TrainD
     aug = not cfg.no_aug
     train_loader = create_loader(
         data.train_set, data_config["input_size"], cfg.batch_size, True,
-        interpolation=cfg.train_interpolation, auto_augment=cfg.aa if aug else None,
+        # --no-aug resizes as the eval transform does: a random interpolation is augmentation too (as timm)
+        interpolation=cfg.train_interpolation if aug else data_config["interpolation"],
+        auto_augment=cfg.aa if aug else None,
         re_prob=cfg.reprob if aug else 0.0, re_mode=cfg.remode, re_count=cfg.recount,
         hflip=cfg.hflip if aug else 0.0, scale=cfg.scale if aug else [1.0, 1.0],
         ratio=cfg.ratio if aug else [1.0, 1.0], color_jitter=cfg.color_jitter if aug else 0.0,

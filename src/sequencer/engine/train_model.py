@@ -108,10 +108,14 @@ def _create_model(cfg, resume_ckpt: dict | None, init_ckpt_meta: dict | None,
     name = name or "sequencer2d_s"
     get_model_entry(name)
     kwargs = dict(arch_kwargs, **cfg.model_kwargs)
-    if resume_ckpt is None:
-        kwargs.update(num_classes=num_classes, drop_rate=cfg.drop)
+    if resume_ckpt is None or isinstance(resume_ckpt.get("args"), dict):
+        # the regularisation rates are training settings, not architecture: a resume runs the ones its checkpoint's
+        # args record, or the `drop`/`drop_path` given (neither changes the weights: the state dict still loads)
+        kwargs["drop_rate"] = cfg.drop
         if cfg.drop_path is not None:
             kwargs["drop_path_rate"] = cfg.drop_path
+    if resume_ckpt is None:
+        kwargs["num_classes"] = num_classes
         if cfg.img_size:
             kwargs["img_size"] = cfg.img_size
         if cfg.in_chans:

@@ -1,0 +1,285 @@
+"""Each `sequencer train` flag that changes numbers reaches the object the run builds (issue: no flag silently
+ignored). The reference is timm's own factory given the flag's value by hand (never our mapping of the flags), and
+each case also checks that the flag changes the object, so a flag dropped on the way fails here. Resume-time flags
+(`drop`, `drop_path`, `lr_base`) are checked on a resumed run's checkpoint."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+import sequencer
+from run_helpers import TINY_MODEL, TINY_RUN, train_cli
+from sequencer.data import create_dataset
+from sequencer.engine.config import TrainConfig
+from sequencer.engine.distributed import DistInfo
+from sequencer.engine.loop import Loaders
+from sequencer.engine.train import _build_loss, build_loaders, build_optimization, restore
+from sequencer.engine.train_data import TrainData
+from sequencer.errors import SequencerError
+from sequencer.models.loading import read_checkpoint
+
+TINY_KWARGS = dict(layers=(1, 1), patch_sizes=(2, 1), embed_dims=(16, 16), hidden_sizes=(4, 4), mlp_ratios=(2, 2))
+UPDATES = 3  # updates per epoch of the schedules below
+
+
+def _model(num_classes=3):
+    torch.manual_seed(0)
+    return sequencer.create_model("sequencer2d_nano", num_classes=num_classes, img_size=16, **TINY_KWARGS)
+
+
+def _optimization(**settings):
+    cfg = TrainConfig(**{"lr": 0.1, "epochs": 6, "warmup_epochs": 0, **settings})
+    loaders = Loaders(None, None, {}, 16, steps_per_epoch=UPDATES, updates_per_epoch=UPDATES)
+    return build_optimization(cfg, DistInfo(), _model(), loaders, 3)
+
+
+def _hyperparameters(optimizer) -> list[dict]:
+    # the lr is the schedule's (times each group's lr_scale with --layer-decay), set once a scheduler is built
+    return [{k: v for k, v in g.items() if k not in ("params", "lr", "initial_lr")} for g in optimizer.param_groups]
+
+
+@pytest.mark.parametrize("settings, reference", [
+    (dict(opt="adamw", opt_eps=1e-6, opt_betas=[0.8, 0.95], weight_decay=0.03),
+     dict(opt="adamw", eps=1e-6, betas=(0.8, 0.95), weight_decay=0.03)),
+    (dict(opt="sgd", momentum=0.7, weight_decay=1e-3), dict(opt="sgd", momentum=0.7, weight_decay=1e-3)),
+    (dict(opt="adamw", layer_decay=0.5), dict(opt="adamw", layer_decay=0.5, weight_decay=2e-5)),
+])
+def test_optimizer_flags_reach_the_param_groups(settings, reference):
+    from timm.optim import create_optimizer_v2
+    ours = _hyperparameters(_optimization(**settings).optimizer)
+    theirs = _hyperparameters(create_optimizer_v2(_model(), lr=0.1, **reference))
+    assert ours == theirs
+    default = _hyperparameters(_optimization(opt=settings["opt"]).optimizer)
+    assert ours != default  # the flags changed something
+
+
+SCHEDULES = [  # (train flags, timm's create_scheduler_v2 keywords for the same schedule)
+    (dict(sched="cosine", lr_cycle_mul=2.0, lr_cycle_decay=0.3, lr_cycle_limit=3, lr_k_decay=1.5, min_lr=1e-3,
+          warmup_epochs=1, warmup_lr=1e-2, warmup_prefix=True, cooldown_epochs=2),
+     dict(sched="cosine", cycle_mul=2.0, cycle_decay=0.3, cycle_limit=3, k_decay=1.5, min_lr=1e-3,
+          warmup_epochs=1, warmup_lr=1e-2, warmup_prefix=True, cooldown_epochs=2)),
+    (dict(sched="multistep", decay_milestones=[2, 4], decay_rate=0.3),
+     dict(sched="multistep", decay_milestones=[2, 4], decay_rate=0.3)),
+    (dict(sched="step", decay_epochs=2, decay_rate=0.5), dict(sched="step", decay_epochs=2, decay_rate=0.5)),
+    (dict(sched="cosine", lr_noise=[0.2, 0.9], lr_noise_pct=0.5, lr_noise_std=2.0, seed=7),
+     dict(sched="cosine", noise=[0.2, 0.9], noise_pct=0.5, noise_std=2.0, noise_seed=7)),
+    (dict(sched="poly", decay_rate=2.0, sched_on_updates=True, warmup_epochs=2, warmup_lr=1e-3),
+     dict(sched="poly", decay_rate=2.0, step_on_epochs=False, warmup_epochs=2, warmup_lr=1e-3)),
+    (dict(sched="plateau", patience_epochs=1, decay_rate=0.5), dict(sched="plateau", patience_epochs=1,
+                                                                     decay_rate=0.5, plateau_mode="max")),
+]
+
+
+def _lrs(scheduler, optimizer, num_epochs: int) -> list[float]:
+    """The lr of every update of ``num_epochs`` epochs, stepping as the training loop does (a constant metric)."""
+    lrs, update = [], 0
+    for epoch in range(num_epochs):
+        for _ in range(UPDATES):
+            lrs.append(optimizer.param_groups[0]["lr"])
+            update += 1
+            scheduler.step_update(num_updates=update, metric=1.0)
+        scheduler.step(epoch + 1, 1.0)
+    return lrs
+
+
+@pytest.mark.parametrize("settings, reference", SCHEDULES, ids=[s["sched"] for s, _ in SCHEDULES])
+def test_schedule_flags_match_timms_scheduler(settings, reference):
+    from timm.scheduler import create_scheduler_v2
+    ours = _optimization(**settings)
+    optimizer = torch.optim.SGD(_model().parameters(), lr=0.1)
+    theirs, num_epochs = create_scheduler_v2(optimizer, **{"num_epochs": 6, "warmup_epochs": 0, **reference},
+                                             updates_per_epoch=UPDATES)
+    assert ours.num_epochs == num_epochs
+    got = _lrs(ours.scheduler, ours.optimizer, num_epochs)
+    assert got == pytest.approx(_lrs(theirs, optimizer, num_epochs), rel=1e-12)
+    default = _optimization(sched=settings["sched"])
+    assert got != pytest.approx(_lrs(default.scheduler, default.optimizer, default.num_epochs), rel=1e-9)
+
+
+@pytest.mark.parametrize("settings, kind, fields", [
+    (dict(bce_loss=True, bce_target_thresh=0.3, smoothing=0.2), "BinaryCrossEntropy",
+     dict(smoothing=0.2, target_threshold=0.3)),
+    (dict(bce_loss=True, smoothing=0.2, mixup=0.5), "BinaryCrossEntropy", dict(smoothing=0.0)),  # Mixup smooths
+    (dict(smoothing=0.25), "LabelSmoothingCrossEntropy", dict(smoothing=0.25)),
+    (dict(smoothing=0.0), "CrossEntropyLoss", {}),
+    (dict(cutmix_minmax=[0.2, 0.6], mixup_mode="pair"), "SoftTargetCrossEntropy", {}),
+])
+def test_loss_flags_build_the_loss_asked_for(settings, kind, fields):
+    mixup, loss = _build_loss(TrainConfig(**settings), 3, torch.device("cpu"))
+    assert type(loss).__name__ == kind
+    assert {k: getattr(loss, k) for k in fields} == fields
+    if "cutmix_minmax" in settings:
+        assert (mixup.cutmix_minmax, mixup.mode) == ([0.2, 0.6], "pair")
+    assert (mixup is None) == (kind not in ("SoftTargetCrossEntropy",) and "mixup" not in settings)
+
+
+def test_no_aug_turns_mixup_off():
+    mixup, loss = _build_loss(TrainConfig(mixup=0.8, no_aug=True, smoothing=0.1), 3, torch.device("cpu"))
+    assert mixup is None and type(loss).__name__ == "LabelSmoothingCrossEntropy"
+
+
+@pytest.mark.parametrize("force_cpu", [False, True])
+def test_ema_flags_reach_the_ema(force_cpu):
+    opt = _optimization(model_ema=True, model_ema_decay=0.99, model_ema_force_cpu=force_cpu)
+    assert opt.model_ema.decay == 0.99
+    assert opt.model_ema.device == ("cpu" if force_cpu else None)
+    assert _optimization().model_ema is None
+
+
+@pytest.fixture(scope="module")
+def train_data(image_folder) -> TrainData:
+    train = create_dataset("", root=str(image_folder), split="train", is_training=True)
+    val = create_dataset("", root=str(image_folder), split="val")
+    return TrainData(train, val, list(train.class_names), 3)
+
+
+def _transforms(cfg, data):
+    loaders = build_loaders(cfg, DistInfo(), _model(), data)
+    return loaders, repr(loaders.train.dataset.dataset.transform), repr(loaders.eval.dataset.dataset.transform)
+
+
+STATS = dict(mean=(0.1, 0.2, 0.3), std=(0.4, 0.5, 0.6))
+
+
+def test_augmentation_and_preprocessing_flags_reach_the_transforms(train_data):
+    """The train transform is timm's for the augmentation flags, the eval transform timm's for --crop-pct,
+    --interpolation, --mean and --std (both normalise with them); -vb is the eval batch size."""
+    from timm.data import create_transform
+    cfg = TrainConfig(img_size=16, batch_size=4, validation_batch_size=3, workers=0, device="cpu", hflip=0.25,
+                      scale=[0.3, 0.9], ratio=[0.5, 2.0], color_jitter=0.2, train_interpolation="bilinear",
+                      reprob=0.3, remode="const", recount=2, aa="rand-m3-n1", crop_pct=0.8, interpolation="nearest",
+                      mean=list(STATS["mean"]), std=list(STATS["std"]))
+    loaders, train, val = _transforms(cfg, train_data)
+    assert train == repr(create_transform((3, 16, 16), is_training=True, hflip=0.25, scale=(0.3, 0.9),
+                                          ratio=(0.5, 2.0), color_jitter=0.2, interpolation="bilinear",
+                                          auto_augment="rand-m3-n1", re_prob=0.3, re_mode="const", re_count=2,
+                                          **STATS))
+    assert val == repr(create_transform((3, 16, 16), crop_pct=0.8, interpolation="nearest", **STATS))
+    assert loaders.eval.batch_size == 3 and loaders.train.batch_size == 4
+    assert loaders.data_config == dict(mean=[0.1, 0.2, 0.3], std=[0.4, 0.5, 0.6], crop_pct=0.8,
+                                       interpolation="nearest", img_size=16)  # what checkpoints record
+
+
+def test_no_aug_trains_on_the_eval_resize(train_data):
+    """--no-aug: no flip, jitter, erasing or policy, and the eval interpolation (a random one is augmentation)."""
+    from timm.data import create_transform
+    cfg = TrainConfig(img_size=16, batch_size=4, workers=0, device="cpu", no_aug=True, aa="rand-m3-n1", reprob=0.5,
+                      interpolation="bilinear")
+    loaders, train, _ = _transforms(cfg, train_data)
+    stats = dict(mean=loaders.data_config["mean"], std=loaders.data_config["std"])  # the model's
+    assert train == repr(create_transform((3, 16, 16), is_training=True, hflip=0.0, scale=(1.0, 1.0),
+                                          ratio=(1.0, 1.0), color_jitter=0.0, interpolation="bilinear", **stats))
+
+
+def test_lr_base_scale_other_than_linear_or_sqrt_is_refused(image_folder, tmp_path):
+    """It used to scale linearly whatever it said."""
+    with pytest.raises(SequencerError, match=r"`lr_base_scale=lin`: is 'linear' or 'sqrt'"):
+        sequencer.train(str(image_folder), lr_base_scale="lin", output=str(tmp_path), progress=False)
+    assert not any(tmp_path.iterdir())
+
+
+def test_no_resume_opt_and_start_epoch_reach_the_restore():
+    """--no-resume-opt starts a fresh optimizer state; --start-epoch moves the schedule there."""
+    trained = _optimization(opt="adamw")
+    trained.optimizer.zero_grad()
+    sum(p.sum() for g in trained.optimizer.param_groups for p in g["params"]).backward()
+    trained.optimizer.step()
+    checkpoint = dict(epoch=1, epoch_complete=True, optimizer=trained.optimizer.state_dict(), rng_state=None)
+    for fresh in (False, True):
+        opt = _optimization(opt="adamw")
+        cfg = TrainConfig(opt="adamw", no_resume_opt=fresh)
+        with pytest.warns(UserWarning, match="RNG state missing"):
+            assert restore(cfg, DistInfo(), checkpoint, opt, UPDATES) == 2
+        assert (len(opt.optimizer.state) == 0) is fresh
+    opt = _optimization(sched="step", decay_epochs=1, decay_rate=0.5)
+    assert restore(TrainConfig(start_epoch=3), DistInfo(), None, opt, UPDATES) == 3
+    assert opt.optimizer.param_groups[0]["lr"] == pytest.approx(0.1 * 0.5 ** 3)
+
+
+def test_a_resume_runs_the_drop_rates_and_lr_base_given(image_folder, tmp_path):
+    """`drop`, `drop_path` and `lr_base` given to a resume are the ones it trains with: they used to be recorded in
+    args.yaml while the model kept the checkpoint's rates and the lr the one derived from the old `lr_base`.
+    Without the flags a resume keeps the checkpoint's."""
+    run = [str(a) for a in TINY_RUN]
+    del run[run.index("--lr"):run.index("--lr") + 2]
+    common = [image_folder, *run, "--output", tmp_path, "--experiment", "x"]
+    with pytest.warns(UserWarning, match="`clip_mode=agc` applies only with `clip_grad`"):  # said at the start
+        assert train_cli([*common, "--epochs", "1", "--lr-base", "0.01", "--drop-path", "0.1",
+                          "--clip-mode", "agc"]) == 0
+    first = read_checkpoint(tmp_path / "x" / "last.pth.tar")
+    assert first["args"]["lr"] == pytest.approx(0.01 * (8 / 256) ** 0.5)  # adamw: sqrt scaling
+    assert train_cli([*common, "--resume", "auto", "--epochs", "2"]) == 0
+    kept = read_checkpoint(tmp_path / "x" / "last.pth.tar")
+    assert kept["args"]["lr"] == first["args"]["lr"] and kept["model_kwargs"]["drop_path_rate"] == 0.1
+    assert train_cli([*common, "--resume", "auto", "--epochs", "3", "--lr-base", "0.02", "--drop", "0.2",
+                      "--drop-path", "0.3"]) == 0
+    resumed = read_checkpoint(tmp_path / "x" / "last.pth.tar")
+    assert resumed["args"]["lr"] == pytest.approx(0.02 * (8 / 256) ** 0.5)
+    assert (resumed["model_kwargs"]["drop_rate"], resumed["model_kwargs"]["drop_path_rate"]) == (0.2, 0.3)
+
+
+@pytest.mark.parametrize("settings, note", [
+    (dict(clip_mode="agc"), "`clip_mode=agc` applies only with `clip_grad`"),
+    (dict(bce_target_thresh=0.2), "`bce_target_thresh=0.2` applies only with `bce_loss`"),
+    (dict(model_ema_decay=0.99), "`model_ema_decay=0.99` applies only with `model_ema`"),
+    (dict(amp_dtype="bfloat16"), "`amp_dtype=bfloat16` applies only with `amp` (this run computes in float32)"),
+    (dict(torchcompile_mode="max-autotune"), "`torchcompile_mode=max-autotune` applies only with `torchcompile`"),
+    (dict(mixup_prob=0.5), "`mixup_prob=0.5` applies only with `mixup` or `cutmix`"),
+    (dict(patience_epochs=3), "`patience_epochs=3` is not read by `sched=cosine` (only by plateau)"),
+    (dict(lr=0.1, lr_base=0.5), "`lr_base=0.5` derives an lr, and `lr` is given"),
+    (dict(no_aug=True, reprob=0.25), "`reprob=0.25` is off with `no_aug`"),
+    (dict(warmup_epochs=0, warmup_lr=1e-3), "`warmup_lr=0.001` applies only with `warmup_epochs` above 0"),
+    (dict(sched="none", cooldown_epochs=2), "`cooldown_epochs=2` is not read by `sched=none` (a constant lr)"),
+])
+def test_a_flag_that_does_nothing_in_the_run_is_said(settings, note):
+    from sequencer.engine.inert_flags import notes
+    assert notes(TrainConfig(**settings), frozenset(settings)) == [f"{note}; it has no effect in this run"]
+
+
+def test_flags_that_act_or_keep_their_default_are_not_said():
+    from sequencer.engine.inert_flags import notes
+    acting = dict(clip_grad=1.0, clip_mode="agc", model_ema=True, model_ema_decay=0.99, sched="plateau",
+                  patience_epochs=3, mixup=0.8, mixup_prob=0.5, amp=True, amp_dtype="bfloat16", lr_base=0.5)
+    assert notes(TrainConfig(**acting), frozenset(acting)) == []
+    at_default = dict(clip_mode="norm", remode="pixel", model_ema_decay=0.9998)  # e.g. an args.yaml as --config
+    assert notes(TrainConfig(**at_default), frozenset(at_default)) == []
+    off = dict(no_aug=True, hflip=0.0, reprob=0.0, color_jitter=0.0)  # no augmentation asked for: none unused
+    assert notes(TrainConfig(**off), frozenset(off)) == []
+
+
+def test_mixup_turns_off_from_mixup_off_epoch_also_in_a_resumed_run():
+    from types import SimpleNamespace
+
+    from sequencer.engine.loop import _set_epoch
+    cfg = TrainConfig(mixup=0.8, mixup_off_epoch=2)
+    for start in (0, 3):  # a fresh run, and one resumed past the off epoch (a new Mixup)
+        mixup, _ = _build_loss(cfg, 3, torch.device("cpu"))
+        run = SimpleNamespace(cfg=cfg, opt=SimpleNamespace(mixup_fn=mixup),
+                              loaders=SimpleNamespace(train=SimpleNamespace(set_epoch=lambda epoch: None)))
+        enabled = []
+        for epoch in range(start, 4):
+            _set_epoch(run, epoch)
+            enabled.append(mixup.mixup_enabled)
+        assert enabled == [True, True, False, False][start:]
+
+
+@pytest.mark.parametrize("device, expected", [
+    ("cuda", dict(pin_memory=True, normalize_on_device=False)),
+    ("cpu", dict(pin_memory=None, normalize_on_device=False)),  # no page-locking without a GPU (a note says so)
+])
+def test_pin_mem_and_no_prefetcher_reach_the_loader_options(device, expected):
+    from sequencer.engine import timm_habits
+    cfg = TrainConfig(pin_mem=True, no_prefetcher=True)
+    assert timm_habits.loader_options(cfg, torch.device(device)) == expected
+    assert timm_habits.loader_options(TrainConfig(), torch.device(device)) == dict(pin_memory=None,
+                                                                                  normalize_on_device=None)
+
+
+def test_lr_base_reaches_the_digits_demo():
+    """The demo's own lr (2e-3) used to win over a `lr_base` given without `lr`."""
+    from sequencer.engine.config import resolve_config
+    from sequencer.engine.train import resolved_lr
+    assert resolve_config({}).lr == 2e-3
+    derived = resolve_config({"lr_base": 0.05, "lr_base_scale": "linear"})
+    assert resolved_lr(derived, world_size=2) == pytest.approx(0.05 * 32 * 2 / 256)  # demo batch 32, 2 processes
+    assert resolve_config({"lr_base": 0.05, "lr": 1e-3}).lr == 1e-3
