@@ -208,7 +208,10 @@ def test_a_resume_runs_the_drop_rates_and_lr_base_given(image_folder, tmp_path):
                           "--clip-mode", "agc"]) == 0
     first = read_checkpoint(tmp_path / "x" / "last.pth.tar")
     assert first["args"]["lr"] == pytest.approx(0.01 * (8 / 256) ** 0.5)  # adamw: sqrt scaling
-    assert train_cli([*common, "--resume", "auto", "--epochs", "2"]) == 0
+    init = tmp_path / "init.pth.tar"
+    init.write_bytes((tmp_path / "x" / "last.pth.tar").read_bytes())
+    with pytest.warns(UserWarning, match="`initial_checkpoint=.*` sets a new run's weights; a resume continues"):
+        assert train_cli([*common, "--resume", "auto", "--epochs", "2", "--initial-checkpoint", init]) == 0
     kept = read_checkpoint(tmp_path / "x" / "last.pth.tar")
     assert kept["args"]["lr"] == first["args"]["lr"] and kept["model_kwargs"]["drop_path_rate"] == 0.1
     assert train_cli([*common, "--resume", "auto", "--epochs", "3", "--lr-base", "0.02", "--drop", "0.2",
@@ -234,6 +237,15 @@ def test_a_resume_runs_the_drop_rates_and_lr_base_given(image_folder, tmp_path):
 def test_a_flag_that_does_nothing_in_the_run_is_said(settings, note):
     from sequencer.engine.inert_flags import notes
     assert notes(TrainConfig(**settings), frozenset(settings)) == [f"{note}; it has no effect in this run"]
+
+
+def test_weights_for_a_new_run_are_said_on_a_resume():
+    from sequencer.engine.inert_flags import notes
+    given = dict(initial_checkpoint="w.pth", pretrained=True)
+    assert notes(TrainConfig(**given), frozenset(given)) == []  # a first start (`resume=auto` found nothing)
+    assert notes(TrainConfig(**given), frozenset(given), resuming=True) == [
+        f"`{name}` sets a new run's weights; a resume continues from its checkpoint's; it has no effect in this run"
+        for name in ("initial_checkpoint=w.pth", "pretrained=True")]
 
 
 def test_flags_that_act_or_keep_their_default_are_not_said():

@@ -7,7 +7,7 @@ from __future__ import annotations
 from .config import TrainConfig, config_defaults
 
 _SCHEDULES_WITH = {  # the --sched kinds (timm's create_scheduler_v2) that read each schedule flag
-    "decay_epochs": ("step", "wsd"), "decay_milestones": ("multistep",), "patience_epochs": ("plateau",),
+    "decay_epochs": ("step", "wsd", "rsqrt"), "decay_milestones": ("multistep",), "patience_epochs": ("plateau",),
     "decay_rate": ("step", "multistep", "plateau", "poly"), "lr_k_decay": ("cosine", "poly"),
     **{name: ("cosine", "tanh", "poly") for name in ("lr_cycle_mul", "lr_cycle_decay", "lr_cycle_limit")},
 }
@@ -16,10 +16,13 @@ _AUGMENTATION = ("aa", "reprob", "hflip", "scale", "ratio", "color_jitter", "tra
 _MIXING = ("mixup_prob", "mixup_switch_prob", "mixup_mode", "mixup_off_epoch")
 
 
-def _why_inert(cfg: TrainConfig, given) -> dict[str, str]:
+def _why_inert(cfg: TrainConfig, given, resuming: bool) -> dict[str, str]:
     """{setting: why it does nothing in ``cfg``'s run} for every setting that cannot act in it (``given``: the
-    settings the user chose)."""
+    settings the user chose; ``resuming``: the run continues a checkpoint)."""
     why = {}
+    if resuming:  # `resume=auto` finding nothing starts a new run from them, so they are no error
+        why.update(dict.fromkeys(("initial_checkpoint", "pretrained"),
+                                 "sets a new run's weights; a resume continues from its checkpoint's"))
     if "lr" in given:
         why.update(dict.fromkeys(("lr_base", "lr_base_size", "lr_base_scale"), "derives an lr, and `lr` is given"))
     if cfg.clip_grad is None:
@@ -55,12 +58,12 @@ def _why_inert(cfg: TrainConfig, given) -> dict[str, str]:
     return why
 
 
-def notes(cfg: TrainConfig, given) -> list[str]:
+def notes(cfg: TrainConfig, given, resuming: bool = False) -> list[str]:
     """One line per setting in ``given`` (the settings the user chose) that asks for something and does nothing in
     ``cfg``'s run. A setting at its default (an ``args.yaml`` given as ``--config`` lists them all) or off (0, None,
     False: ``hflip=0`` beside ``no_aug``) asks for nothing that goes unused."""
     defaults = config_defaults()
-    why = _why_inert(cfg, given)
+    why = _why_inert(cfg, given, resuming)
     return [f"`{name}={_shown(getattr(cfg, name))}` {why[name]}; it has no effect in this run"
             for name in sorted(given) if name in why and getattr(cfg, name) not in (defaults[name], 0, None, False)]
 

@@ -182,7 +182,7 @@ def _train(cfg, state: RunState, info: dist_utils.DistInfo) -> TrainResult:
     out = prepare_outputs(cfg, state, info, data.resume_path, data.resume_ckpt, start_epoch, loaders.img_size,
                           held_out=data.eval_set, evaluated=data.eval_set is not None)
     for message in [*state.start_warnings, *timm_habits.notes(cfg, info.device, model, state.given),
-                    *inert_flags.notes(cfg, state.given)]:
+                    *inert_flags.notes(cfg, state.given, resuming=data.resume_ckpt is not None)]:
         if info.is_primary:
             warn(message)
     state.wandb = timm_habits.start_wandb(cfg, run_args(cfg)) if info.is_primary else None
