@@ -71,14 +71,15 @@ SCHEDULES = [  # (train flags, timm's create_scheduler_v2 keywords for the same 
 
 
 def _lrs(scheduler, optimizer, num_epochs: int) -> list[float]:
-    """The lr of every update of ``num_epochs`` epochs, stepping as the training loop does (a constant metric)."""
+    """The lr of every update of ``num_epochs`` epochs, stepping as the training loop does (a falling metric: a
+    loss improving, a top-1 getting worse)."""
     lrs, update = [], 0
     for epoch in range(num_epochs):
         for _ in range(UPDATES):
             lrs.append(optimizer.param_groups[0]["lr"])
             update += 1
             scheduler.step_update(num_updates=update, metric=1.0)
-        scheduler.step(epoch + 1, 1.0)
+        scheduler.step(epoch + 1, 1.0 / (epoch + 1))
     return lrs
 
 
@@ -94,6 +95,14 @@ def test_schedule_flags_match_timms_scheduler(settings, reference):
     assert got == pytest.approx(_lrs(theirs, optimizer, num_epochs), rel=1e-12)
     default = _optimization(sched=settings["sched"])
     assert got != pytest.approx(_lrs(default.scheduler, default.optimizer, default.num_epochs), rel=1e-9)
+    assert len(set(got)) > 1  # the schedule moves within the steps compared
+
+
+def test_eval_metric_loss_is_what_the_plateau_schedule_minimises():
+    """A falling metric is a loss improving (no decay) under `eval_metric=loss`, a top-1 worsening otherwise."""
+    loss, top1 = (_optimization(sched="plateau", patience_epochs=1, eval_metric=metric) for metric in ("loss", "top1"))
+    assert set(_lrs(loss.scheduler, loss.optimizer, 6)) == {0.1}
+    assert min(_lrs(top1.scheduler, top1.optimizer, 6)) < 0.1
 
 
 @pytest.mark.parametrize("settings, kind, fields", [
