@@ -304,3 +304,21 @@ def test_lr_base_reaches_the_digits_demo():
     derived = resolve_config({"lr_base": 0.05, "lr_base_scale": "linear"})
     assert resolved_lr(derived, world_size=2) == pytest.approx(0.05 * 32 * 2 / 256)  # demo batch 32, 2 processes
     assert resolve_config({"lr_base": 0.05, "lr": 1e-3}).lr == 1e-3
+
+
+def test_seed_decides_the_run(image_folder, tmp_path):
+    """The same --seed trains to the same numbers (weights, shuffling, augmentation), another one does not; the
+    loaders draw from it."""
+    settings = dict(model="sequencer2d_nano", model_kwargs=TINY_KWARGS, img_size=16, batch_size=8, workers=0,
+                    device="cpu", opt="adamw", lr=3e-3, warmup_epochs=0, epochs=1, output=str(tmp_path),
+                    progress=False)
+
+    def losses(seed, name):
+        result = sequencer.train(str(image_folder), seed=seed, experiment=name, **settings)
+        return [(row["train_loss"], row["eval_loss"]) for row in result.summary]
+
+    assert losses(3, "a") == losses(3, "b") != losses(4, "c")
+    loaders = build_loaders(TrainConfig(img_size=16, batch_size=4, workers=0, seed=11), DistInfo(), _model(),
+                            TrainData(create_dataset("", root=str(image_folder), split="train", is_training=True),
+                                      None, ["blue", "green", "red"], 3))
+    assert loaders.train.seed == 11
