@@ -189,11 +189,7 @@ def test_lr_base_scale_other_than_linear_or_sqrt_is_refused(image_folder, tmp_pa
 
 def test_no_resume_opt_and_start_epoch_reach_the_restore():
     """--no-resume-opt starts a fresh optimizer state; --start-epoch moves the schedule there."""
-    trained = _optimization(opt="adamw")
-    trained.optimizer.zero_grad()
-    sum(p.sum() for g in trained.optimizer.param_groups for p in g["params"]).backward()
-    trained.optimizer.step()
-    checkpoint = dict(epoch=1, epoch_complete=True, optimizer=trained.optimizer.state_dict(), rng_state=None)
+    checkpoint = dict(_trained_checkpoint(opt="adamw"), epoch=1)
     for fresh in (False, True):
         opt = _optimization(opt="adamw")
         cfg = TrainConfig(opt="adamw", no_resume_opt=fresh)
@@ -322,3 +318,41 @@ def test_seed_decides_the_run(image_folder, tmp_path):
                             TrainData(create_dataset("", root=str(image_folder), split="train", is_training=True),
                                       None, ["blue", "green", "red"], 3))
     assert loaders.train.seed == 11
+
+
+def _trained_checkpoint(**settings) -> dict:
+    """A checkpoint of one optimizer step (its state non-empty) of a run with ``settings``, after epoch 0."""
+    trained = _optimization(**settings)
+    trained.optimizer.zero_grad()
+    sum(p.sum() for g in trained.optimizer.param_groups for p in g["params"]).backward()
+    trained.optimizer.step()
+    return dict(epoch=0, epoch_complete=True, optimizer=trained.optimizer.state_dict(), rng_state=None,
+                args=dict(lr=0.1, **settings))  # no RNG state: restore reseeds, with a warning
+
+
+@pytest.mark.parametrize("sched", ["none", "plateau", "cosine"])
+def test_a_resume_runs_the_optimizer_settings_given(sched):
+    """The optimizer's state is resumed, its hyperparameters are this start's: the saved groups used to win, so a
+    new `lr` (with `sched=none` or `plateau`), `weight_decay`, `opt_betas` or `opt_eps` did nothing."""
+    checkpoint = _trained_checkpoint(opt="adamw", sched=sched)
+    new = dict(opt="adamw", sched=sched, lr=0.02, weight_decay=0.3, opt_betas=[0.8, 0.9], opt_eps=1e-5)
+    opt = _optimization(**new)
+    with pytest.warns(UserWarning, match="RNG state"):
+        restore(TrainConfig(**new), DistInfo(), checkpoint, opt, UPDATES)
+    groups = opt.optimizer.param_groups
+    assert len(opt.optimizer.state) > 0  # the moments are the checkpoint's
+    assert {g["weight_decay"] for g in groups} == {0.0, 0.3} and {g["betas"] for g in groups} == {(0.8, 0.9)}
+    assert {g["eps"] for g in groups} == {1e-5}
+    if sched != "cosine":  # cosine: the schedule's value at epoch 1 of 6
+        assert {g["lr"] for g in groups} == {0.02}
+
+
+def test_a_resumed_plateau_keeps_its_reduced_lr_unless_lr_is_given():
+    checkpoint = _trained_checkpoint(opt="adamw", sched="plateau")
+    for group in checkpoint["optimizer"]["param_groups"]:
+        group["lr"] = 0.01  # reduced by the plateau from the run's 0.1
+    for lr, expected in ((0.1, 0.01), (0.05, 0.05)):
+        opt = _optimization(opt="adamw", sched="plateau", lr=lr)
+        with pytest.warns(UserWarning, match="RNG state"):
+            restore(TrainConfig(opt="adamw", sched="plateau", lr=lr), DistInfo(), checkpoint, opt, UPDATES)
+        assert {g["lr"] for g in opt.optimizer.param_groups} == {expected}
