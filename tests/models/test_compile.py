@@ -95,14 +95,16 @@ def test_compiled_native_layer_matches_eager():
         torch.testing.assert_close(a, b)
 
 
-@pytest.mark.parametrize("mode", ["lstm", "gru", "rnn"])
-def test_native_rnn_op_passes_opcheck(mode):
-    """Schema, autograd, fake implementation (strides included) and AOT dispatch of the op dynamo meets."""
+@pytest.mark.parametrize("mode, step_autocast", [("lstm", None), ("gru", None), ("rnn", None),
+                                                 ("gru", torch.bfloat16)])
+def test_native_rnn_op_passes_opcheck(mode, step_autocast):
+    """Schema, autograd, fake implementation (strides included) and AOT dispatch of the op dynamo meets (a GRU's
+    steps under bf16 autocast too, as the op runs them under CPU autocast)."""
     torch.manual_seed(0)
     layer = recurrence.RNN_TYPES[mode](6, 5, batch_first=True, bidirectional=True)
     x = torch.randn(3, 4, 6, requires_grad=True)
     torch.library.opcheck(torch.ops.sequencer.rnn_native.default,
-                          (x, list(layer._flat_weights), mode, 1, True, True, True))
+                          (x, list(layer._flat_weights), mode, 1, True, True, True, step_autocast))
 
 
 def test_native_backward_gives_the_modules_gradients():
@@ -143,16 +145,36 @@ def test_native_op_follows_cpu_autocast_like_the_module(mode):
     assert rel_err(got[1], want[1]) < 2 ** -8
 
 
-def test_native_gru_op_runs_in_its_weights_dtype_under_autocast():
-    """GRU is on no CPU autocast list: the op casts a bf16 input up to its fp32 weights (never mixed dtypes, which
-    oneDNN refuses) and gives the fp32 layer's output and fp32 gradients."""
+@pytest.mark.parametrize("input_dtype", [torch.float32, torch.bfloat16])
+def test_native_gru_op_follows_cpu_autocast_like_the_module(input_dtype):
+    """ATen's GRU is on no CPU autocast list, but it is made of ops that are: eager, under bf16 autocast its step
+    matmuls run in bf16 while its hidden state keeps the input's dtype (float32 in the model). The compiled op does
+    the same, bit for bit (output, dtype, and every gradient), rather than computing the layer in float32 (which
+    differed from eager by 4e-3 of the largest output, 5e-2 of a weight gradient in gru_sequencer2d_s)."""
     torch.manual_seed(0)
     layer = recurrence.GRU(6, 5, batch_first=True, bidirectional=True)
     x = torch.randn(3, 4, 6)
-    got = autocast_run(torch.compile(lambda t: recurrence.run_rnn(layer, t.to(torch.bfloat16), "native"),
+    got = autocast_run(torch.compile(lambda t: recurrence.run_rnn(layer, t.to(input_dtype), "native"),
                                      backend="aot_eager", fullgraph=True), layer, x)
-    assert got[0].dtype == torch.float32 and all(g.dtype == torch.float32 for g in got[1:])
-    torch.testing.assert_close(got[0], layer(x.to(torch.bfloat16).float())[0], rtol=1e-6, atol=1e-6)
+    want = autocast_run(lambda t: layer(t.to(input_dtype))[0], layer, x)
+    assert got[0].dtype == want[0].dtype == input_dtype
+    for a, b in zip(got, want, strict=True):
+        assert a.dtype == b.dtype and torch.equal(a, b)
+
+
+def test_gru_op_leaves_no_weight_casts_in_the_callers_autocast_region():
+    """The op runs a GRU's steps under autocast inside itself, where autograd records nothing: casts of the weights
+    cached there for the rest of the caller's autocast region would reach the caller's eager GRU calls later in it,
+    whose weights then got no gradient (silently: the step went on without them)."""
+    torch.manual_seed(0)
+    layer = recurrence.GRU(6, 5, batch_first=True, bidirectional=True)
+    compiled = torch.compile(lambda t: recurrence.run_rnn(layer, t, "native"), backend="aot_eager", fullgraph=True)
+    x = torch.randn(3, 4, 6)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        compiled(x).float().sum().backward()
+        layer.zero_grad(set_to_none=True)
+        layer(x)[0].float().sum().backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in layer.parameters())
 
 
 def autocast_run(forward, layer: torch.nn.Module, x: torch.Tensor) -> list[torch.Tensor]:

@@ -15,15 +15,15 @@ Backends (model kwarg ``lstm_backend``, else the environment variable ``SEQUENCE
 Under ``torch.compile`` the native layers run as the opaque custom op ``sequencer::rnn_native`` (dynamo cannot trace
 ``nn.LSTM`` and would break the graph at each one); its backward recomputes the layer. CPU training of single-layer
 LSTMs (BiLSTM2D's) takes :mod:`.onednn_lstm` instead, whose backward reads oneDNN's saved workspace, as eager does.
-Under autocast the ops cast as ATen's autocast casts ``nn.LSTM`` (:func:`autocast_rnn_dtype`), so compiled and
-eager mixed precision compute the same. TorchScript, ONNX export and ``torch.export`` (:func:`exporting`) always take
+Under autocast the ops cast as ATen's autocast casts ``nn.LSTM`` and ``nn.RNN``, and run a CPU GRU's steps under
+autocast as ATen's GRU does (:func:`autocast_rnn_dtype`), so compiled and eager mixed precision compute the same. TorchScript, ONNX export and ``torch.export`` (:func:`exporting`) always take
 the module itself, so the program they capture holds ATen's own recurrent ops, which their runtimes know.
 """
 from __future__ import annotations
 
 import contextlib
 import os
-from typing import List
+from typing import List, Optional
 
 import torch
 import torch.nn.functional as F
@@ -239,33 +239,43 @@ def _eager_input(rnn: nn.Module, x: torch.Tensor) -> torch.Tensor:
 
 
 def _compiled_dtype(rnn: nn.Module, x: torch.Tensor, weights: list[torch.Tensor]) -> torch.dtype | None:
-    """The dtype the compiled layer computes in: autocast's for it (as the ops' autocast kernels cast), else the
-    input's where the weights share it (None where they do not: no oneDNN kernel mixes dtypes)."""
+    """The dtype the compiled layer computes in: autocast's for it (as the ops' autocast kernels cast; None for a CPU
+    GRU, whose steps autocast), else the input's where the weights share it (None where they do not: no oneDNN
+    kernel mixes dtypes)."""
     if torch.is_autocast_enabled(x.device.type):
-        return autocast_rnn_dtype(x.device.type, _VF_MODES[rnn.mode], weights)
+        return autocast_rnn_dtype(x.device.type, _VF_MODES[rnn.mode])
     return x.dtype if all(w.dtype == x.dtype for w in weights) else None
 
 
 def _vf_rnn(x: torch.Tensor, weights: list[torch.Tensor], mode: str, num_layers: int, bidirectional: bool,
-            has_biases: bool, train: bool) -> torch.Tensor:
-    """ATen's recurrent op as nn.LSTM/GRU/RNN(tanh) call it: zero initial state, batch-first (N, T, C)."""
+            has_biases: bool, train: bool, step_autocast: torch.dtype | None = None) -> torch.Tensor:
+    """ATen's recurrent op as nn.LSTM/GRU/RNN(tanh) call it: zero initial state, batch-first (N, T, C).
+    ``step_autocast``: run it under autocast in that dtype (see :func:`autocast_rnn_dtype`, CPU GRU)."""
     hidden = weights[1].shape[1]
     h0 = x.new_zeros((num_layers * (2 if bidirectional else 1), x.shape[0], hidden))
     fn = {"lstm": torch._VF.lstm, "gru": torch._VF.gru, "rnn": torch._VF.rnn_tanh}[mode]
     hx = (h0, torch.zeros_like(h0)) if mode == "lstm" else h0
-    return fn(x, hx, weights, has_biases, num_layers, 0.0, train, bidirectional, True)[0]
+    if step_autocast is not None:
+        # Each weight cast once for all steps, as autocast's cache casts a parameter once in eager code, so that its
+        # gradient sums over the steps in that dtype as eager's does. Not by that cache itself: it keeps its casts
+        # for the rest of the caller's autocast region, and one made here (in an op: no autograd) would reach the
+        # caller's eager code later in the region as a cast without gradient.
+        weights = [w.to(step_autocast) if w.dtype == torch.float32 else w for w in weights]
+    with torch.autocast(x.device.type, dtype=step_autocast, enabled=step_autocast is not None, cache_enabled=False):
+        return fn(x, hx, weights, has_biases, num_layers, 0.0, train, bidirectional, True)[0]
 
 
 # The custom ops' annotations say typing.List: torch < 2.8 infers no schema from PEP 585's list[...]
 @torch.library.custom_op("sequencer::rnn_native", mutates_args=())
 def rnn_native(x: torch.Tensor, weights: List[torch.Tensor], mode: str, num_layers: int, bidirectional: bool,
-               has_biases: bool, train: bool) -> torch.Tensor:
-    """ATen's LSTM/GRU/RNN as one opaque op for ``torch.compile``. x: (N, T, C) -> (N, T, D*H).
+               has_biases: bool, train: bool, step_autocast: Optional[torch.dtype] = None) -> torch.Tensor:
+    """ATen's LSTM/GRU/RNN as one opaque op for ``torch.compile``. x: (N, T, C) -> (N, T, D*H). ``step_autocast``:
+    the autocast dtype the layer's own steps run under, where ATen autocasts them rather than the layer (CPU GRU).
 
     The output always has the layout of :func:`_rnn_native_layout` (what ATen's kernels give in the common case, so
     no copy there): compiled code is built for the fake kernel's strides and checks them at run time.
     """
-    out = _vf_rnn(x, weights, mode, num_layers, bidirectional, has_biases, train)
+    out = _vf_rnn(x, weights, mode, num_layers, bidirectional, has_biases, train, step_autocast)
     expected = _rnn_native_layout(x, weights, bidirectional)
     if out.stride() != expected.stride():
         out = expected.copy_(out)
@@ -280,13 +290,14 @@ def _rnn_native_layout(x: torch.Tensor, weights: list[torch.Tensor], bidirection
 
 
 @rnn_native.register_fake
-def _(x, weights, mode, num_layers, bidirectional, has_biases, train):
+def _(x, weights, mode, num_layers, bidirectional, has_biases, train, step_autocast=None):
     return _rnn_native_layout(x, weights, bidirectional)
 
 
 @torch.library.custom_op("sequencer::rnn_native_backward", mutates_args=())
 def rnn_native_backward(grad: torch.Tensor, x: torch.Tensor, weights: List[torch.Tensor], mode: str,
-                        num_layers: int, bidirectional: bool, has_biases: bool) -> List[torch.Tensor]:
+                        num_layers: int, bidirectional: bool, has_biases: bool,
+                        step_autocast: Optional[torch.dtype] = None) -> List[torch.Tensor]:
     """[dL/dx, dL/dw for each weight] of :func:`rnn_native`, by recomputing the layer on detached leaves.
 
     An op's implementation runs with autograd's dispatch keys excluded, so autograd would record nothing; they are
@@ -296,7 +307,7 @@ def rnn_native_backward(grad: torch.Tensor, x: torch.Tensor, weights: List[torch
     """
     leaves = [t.detach().requires_grad_() for t in (x, *weights)]
     with _autograd_recorded(), torch.enable_grad():
-        out = _vf_rnn(leaves[0], leaves[1:], mode, num_layers, bidirectional, has_biases, True)
+        out = _vf_rnn(leaves[0], leaves[1:], mode, num_layers, bidirectional, has_biases, True, step_autocast)
         grads = torch.autograd.grad(out, leaves, grad)
     # Every gradient is returned dense, as the fake kernel promises (ATen's dL/dx of a strided x may come back
     # dense or in x's layout), and no two share memory: an op's outputs may not alias each other, and ATen hands out
@@ -315,27 +326,28 @@ def _autograd_recorded():
 
 
 @rnn_native_backward.register_fake
-def _(grad, x, weights, mode, num_layers, bidirectional, has_biases):
+def _(grad, x, weights, mode, num_layers, bidirectional, has_biases, step_autocast=None):
     return [x.new_empty(x.shape)] + [w.new_empty(w.shape) for w in weights]
 
 
 def _save_inputs(ctx, inputs, output):
-    x, weights, mode, num_layers, bidirectional, has_biases, _train = inputs
+    x, weights, mode, num_layers, bidirectional, has_biases, _train, *step_autocast = inputs
     ctx.save_for_backward(x, *weights)
-    ctx.config = (mode, num_layers, bidirectional, has_biases)
+    ctx.config = (mode, num_layers, bidirectional, has_biases, *step_autocast)
 
 
 def _rnn_native_grads(ctx, grad):
     x, *weights = ctx.saved_tensors
     grad_x, *grad_weights = rnn_native_backward(grad.contiguous(), x, weights, *ctx.config)
-    return grad_x, grad_weights, None, None, None, None, None
+    return grad_x, grad_weights, None, None, None, None, None, None
 
 
 rnn_native.register_autograd(_rnn_native_grads, setup_context=_save_inputs)
 
 
-def autocast_rnn_dtype(device_type: str, mode: str, weights: list[torch.Tensor]) -> torch.dtype:
-    """The dtype ATen's autocast runs ``nn.LSTM``/``GRU``/``RNN`` in on ``device_type``, which the opaque op follows.
+def autocast_rnn_dtype(device_type: str, mode: str) -> torch.dtype | None:
+    """The dtype ATen's autocast casts ``nn.LSTM``/``GRU``/``RNN`` to on ``device_type``, which the opaque op follows;
+    None where it casts the layer's steps instead (CPU GRU, below).
 
     * CUDA: float16, whichever dtype autocast was asked for. ATen's autocast rule for cuDNN's RNN
       (aten/src/ATen/cudnn/AutocastRNN.cpp) casts to float16 even under bfloat16 autocast. Followed deliberately:
@@ -345,20 +357,20 @@ def autocast_rnn_dtype(device_type: str, mode: str, weights: list[torch.Tensor])
       error against fp32 (BENCHMARKS.md "GPU"), which is why ``auto`` runs inference on the Triton kernel
       (6.2e-3 in bf16), whose h, c and accumulation stay float32.
     * CPU: the autocast dtype for LSTM (oneDNN's LSTM layer, the default CPU path, is on CPU autocast's
-      lower-precision list) and tanh RNN; GRU is on no list and runs in its weights' dtype (never mixed dtypes,
-      which oneDNN refuses). (oneDNN's LSTM has no float16: under float16 CPU autocast ATen's own LSTM runs, in
-      eager (:func:`_eager_input`) and compiled code alike; ``sequencer train`` runs float16 requests on the CPU as
-      bfloat16.)
+      lower-precision list) and tanh RNN. (oneDNN's LSTM has no float16: under float16 CPU autocast ATen's own LSTM
+      runs, in eager (:func:`_eager_input`) and compiled code alike; ``sequencer train`` runs float16 requests on
+      the CPU as bfloat16.) GRU is on no list, but ATen's CPU GRU is made of ops that are: eager, its step matmuls
+      run in the autocast dtype while its hidden state keeps the input's dtype. The op is then given its inputs
+      uncast and runs its steps under autocast (``step_autocast``), computing what eager does, bit for bit.
     """
     if device_type == "cuda":
         return torch.float16
     if mode == "gru":
-        return weights[0].dtype
+        return None
     return torch.get_autocast_dtype(device_type)
 
 
-def _cast_for_autocast(device_type: str, x: torch.Tensor, weights: list[torch.Tensor], mode: str):
-    dtype = autocast_rnn_dtype(device_type, mode, weights)
+def _cast_for_autocast(device_type: str, x: torch.Tensor, weights: list[torch.Tensor], dtype: torch.dtype):
     return [t.to(dtype) if t.is_floating_point() and t.dtype != torch.float64 and t.device.type == device_type
             else t for t in (x, *weights)]
 
@@ -366,17 +378,21 @@ def _cast_for_autocast(device_type: str, x: torch.Tensor, weights: list[torch.Te
 def _autocast_kernel(device_type: str):
     """``rnn_native``'s kernel at the Autocast dispatch key of ``device_type``: cast (differentiably, so float32
     parameters get float32 gradients), then run the op with autocast off, as torch.library.register_autocast does
-    for one fixed dtype."""
-    def kernel(x, weights, mode, num_layers, bidirectional, has_biases, train):
-        x, *weights = _cast_for_autocast(device_type, x, weights, mode)
+    for one fixed dtype; or, where ATen autocasts the layer's steps (CPU GRU), run them under autocast inside."""
+    def kernel(x, weights, mode, num_layers, bidirectional, has_biases, train, step_autocast=None):
+        dtype = autocast_rnn_dtype(device_type, mode)
+        if dtype is None:
+            step_autocast = torch.get_autocast_dtype(device_type)
+        else:
+            x, *weights = _cast_for_autocast(device_type, x, weights, dtype)
         with torch.autocast(device_type, enabled=False):
-            return rnn_native(x, weights, mode, num_layers, bidirectional, has_biases, train)
+            return rnn_native(x, weights, mode, num_layers, bidirectional, has_biases, train, step_autocast)
     return kernel
 
 
 def _onednn_lstm_autocast_kernel(x, weights, bidirectional, has_biases, layout):
     """``onednn_lstm``'s kernel under CPU autocast, cast as ``rnn_native``'s is (the same rule, the same dtype)."""
-    x, *weights = _cast_for_autocast("cpu", x, weights, "lstm")
+    x, *weights = _cast_for_autocast("cpu", x, weights, autocast_rnn_dtype("cpu", "lstm"))
     with torch.autocast("cpu", enabled=False):
         return onednn_lstm.onednn_lstm(x, weights, bidirectional, has_biases, layout)
 
