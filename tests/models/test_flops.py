@@ -5,6 +5,7 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 import sequencer
+from sequencer.models import get_model_entry
 from sequencer.models.flops import count_macs, rnn_macs
 
 
@@ -99,3 +100,40 @@ def test_readme_model_table_quotes_the_counts_the_code_gives():
             model = sequencer.create_model(name)
         assert f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f}" == params, name
         assert f"{count_macs(model, (3, 224, 224)) / 1e9:.2f}" == gmacs, name
+
+
+_GATES = {"lstm": 4, "gru": 3, "rnn": 1}
+
+
+def _macs_by_hand(name: str, side: int) -> int:
+    """The matrix products of a registered model at ``side`` px, from its arguments alone: stem and downsample
+    convs, per block the recurrences (gates * hidden * (input + hidden) per token, step, direction and axis: a
+    GRU has 3 gates, a plain RNN 1, one direction half of two, one axis half of two, and a 1D model's one RNN
+    reads each token once), the fusing fc (from 2 axes * directions * hidden channels, or 1 axis' when added or
+    alone; none without fc) and the MLP, then a 1000-class head."""
+    a = dict(get_model_entry(name).kwargs)
+    directions = 2 if a.get("bidirectional", True) else 1
+    union, vanilla = a.get("union", "cat"), "ape" in a or name.startswith("v_")
+    axes = 1 if vanilla or union in ("vertical", "horizontal") else 2
+    grid, channels, total = side, 3, 0
+    for patch, depth, dim, hidden, ratio in zip(a["patch_sizes"], a["layers"], a["embed_dims"], a["hidden_sizes"],
+                                                a["mlp_ratios"]):
+        grid //= patch
+        tokens = grid * grid
+        total += tokens * channels * dim * patch * patch
+        recurrence = axes * directions * _GATES[a.get("rnn_type", "lstm")] * hidden * (dim + hidden) * tokens
+        mixed = directions * hidden * (2 if union == "cat" else 1)  # what the fusing fc reads
+        fc = 0 if vanilla or not a.get("with_fc", True) else tokens * mixed * dim
+        total += depth * (recurrence + fc + 2 * tokens * dim * int(ratio * dim))
+        channels = dim
+    return total + channels * 1000
+
+
+@pytest.mark.parametrize("name", sorted(n for n in sequencer.list_models() if n != "sequencer2d_nano"))
+def test_every_paper_model_counts_its_own_cells_directions_and_axes(name):
+    """count_macs (what `sequencer models` prints) for each paper model, ablations and 1D models included, equals
+    the count by hand from its arguments: a GRU counted with an LSTM's 4 gates, or both axes counted for a
+    one-axis model, would not."""
+    with torch.device("meta"):
+        model = sequencer.create_model(name)
+    assert count_macs(model, (3, 224, 224)) == _macs_by_hand(name, 224)
