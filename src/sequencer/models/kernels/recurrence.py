@@ -17,7 +17,8 @@ Under ``torch.compile`` the native layers run as the opaque custom op ``sequence
 LSTMs (BiLSTM2D's) takes :mod:`.onednn_lstm` instead, whose backward reads oneDNN's saved workspace, as eager does.
 Under autocast the ops cast as ATen's autocast casts ``nn.LSTM`` and ``nn.RNN``, and run a CPU GRU's steps under
 autocast as ATen's GRU does (:func:`autocast_rnn_dtype`), so compiled and eager mixed precision compute the same.
-TorchScript, ONNX export and ``torch.export`` (:func:`exporting`) always take the module itself, so the program they capture holds ATen's own recurrent ops, which their runtimes know.
+TorchScript, ONNX export and ``torch.export`` (:func:`exporting`) always take the module itself, so the program they
+capture holds ATen's own recurrent ops, which their runtimes know.
 """
 from __future__ import annotations
 
