@@ -1,6 +1,6 @@
 """Every structural variant of the paper (the ablations' cells, directions, unions and missing fc; the 1D models)
-gives the numbers of a plain torch.nn.LSTM/GRU/RNN model (tests/plain_sequencer.py) on each eager path: the LSTM
-backends, training gradients, grad checkpointing, headless models and the feature APIs.
+gives the numbers of a plain torch.nn.LSTM/GRU/RNN model (tests/plain_sequencer.py) on each path: the LSTM
+backends, training gradients, grad checkpointing, headless models, the feature APIs and torch.compile.
 
 The default Sequencer2D is checked against timm elsewhere; this is the matrix for the variants nothing else
 compares (a backend that ran an LSTM for a GRU, dropped an axis or read the rows as columns would show here).
@@ -12,6 +12,7 @@ import pytest
 import torch
 
 import sequencer
+from sequencer.models import get_model_entry
 from plain_sequencer import (VARIANTS, PlainSequencer, logits_and_grads, randomized, rel_err, tiny_variant_kwargs,
                              variant_input, worst_grad_error)
 
@@ -94,3 +95,36 @@ def test_feature_maps_match_the_plain_models_stages(name):
             assert features.feature_info.reduction() == [x.shape[-1] // o.shape[-1] for o in outs]
             for got, s in zip(outs, stages, strict=True):
                 assert rel_err(got, maps[s].permute(0, 3, 1, 2)) <= FP32_TOL
+
+
+# the variants whose compiled code differs: the recurrent op per cell (GRU, RNN; LSTM training on the oneDNN op,
+# one direction), one axis without fc, and the 1D model's raster-order RNN behind a resized position embedding
+COMPILED = ("sequencer2d_s_unidirectional", "sequencer2d_vertical", "gru_sequencer2d_s", "rnn_sequencer2d_s",
+            "v_sequencer_s_pe")
+BF16_TOL = 16 * 2.0 ** -8  # bf16's 8 bits over a dozen matmuls and recurrences (test_reference_paths)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", COMPILED)
+def test_compiled_variants_match_the_plain_model_and_eager_bf16(name):
+    """torch.compile (one graph: fullgraph) in eval and in training, fp32, against the plain model; under CPU bf16
+    autocast against eager under the same autocast (measured equal; the bound is bf16's, for any CPU's kernels).
+    Two stages (dynamo's tracing costs about a second per block); aot_eager (the custom ops and their autograd;
+    inductor's code for the rest is the default model's, compared in test_compile)."""
+    torch._dynamo.reset()  # each model traced afresh, never cut short by the recompile limit
+    two_stages = {k: v[:2] if isinstance(v, tuple) else v for k, v in tiny_variant_kwargs(name).items()}
+    torch.manual_seed(0)
+    model = randomized(sequencer.create_model(name, **two_stages, mlp_ratios=(3.0, 3.0),
+                                              patch_sizes=get_model_entry(name).kwargs["patch_sizes"][:2]))
+    plain = PlainSequencer(model)
+    x = variant_input(name)
+    compiled = torch.compile(model, backend="aot_eager", fullgraph=True)
+    with torch.no_grad():
+        assert rel_err(compiled.eval()(x), plain.eval()(x)) <= FP32_TOL
+    got, want = logits_and_grads(compiled.train(), x), logits_and_grads(plain.train(), x)
+    assert rel_err(got[0], want[0]) <= FP32_TOL and rel_err(got[1], want[1]) <= FP32_TOL
+    assert worst_grad_error(got[2], want[2]) <= FP32_TOL
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got, want = logits_and_grads(compiled, x), logits_and_grads(model, x)
+    assert got[0].dtype == want[0].dtype
+    assert rel_err(got[0], want[0]) <= BF16_TOL and worst_grad_error(got[2], want[2]) <= BF16_TOL
