@@ -25,13 +25,17 @@ VARIANTS = ("sequencer2d_s", "sequencer2d_s_unidirectional", "sequencer2d_s_add"
             "v_sequencer_s", "v_sequencer_s_h", "v_sequencer_s_pe")
 
 
-def tiny_variant_kwargs(name: str, num_classes: int = 5) -> dict:
+def tiny_variant_kwargs(name: str, num_classes: int = 5, stages: int | None = None) -> dict:
     """The registered model's options at one block per stage and its widths scaled down to 16 channels at the first
-    stage (every hidden-to-width ratio kept: the no-fc variants need theirs). Position embeddings for a 4x4 grid."""
+    stage (every hidden-to-width ratio kept: the no-fc variants need theirs). Position embeddings for a 4x4 grid.
+    ``stages``: keep only the first ones (compiling and exporting cost time per block)."""
     kwargs = get_model_entry(name).kwargs
+    stages = stages or len(kwargs["layers"])
     scale = kwargs["embed_dims"][0] // 16
-    tiny = dict(layers=(1,) * len(kwargs["layers"]), embed_dims=tuple(d // scale for d in kwargs["embed_dims"]),
-                hidden_sizes=tuple(h // scale for h in kwargs["hidden_sizes"]), num_classes=num_classes)
+    tiny = dict(layers=(1,) * stages, embed_dims=tuple(d // scale for d in kwargs["embed_dims"][:stages]),
+                hidden_sizes=tuple(h // scale for h in kwargs["hidden_sizes"][:stages]),
+                patch_sizes=tuple(kwargs["patch_sizes"][:stages]), mlp_ratios=tuple(kwargs["mlp_ratios"][:stages]),
+                num_classes=num_classes)
     if kwargs.get("ape"):
         tiny["img_size"] = 4 * kwargs["patch_sizes"][0]
     return tiny

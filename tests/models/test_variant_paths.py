@@ -12,7 +12,6 @@ import pytest
 import torch
 
 import sequencer
-from sequencer.models import get_model_entry
 from plain_sequencer import (VARIANTS, PlainSequencer, logits_and_grads, randomized, rel_err, tiny_variant_kwargs,
                              variant_input, worst_grad_error)
 
@@ -112,10 +111,8 @@ def test_compiled_variants_match_the_plain_model_and_eager_bf16(name):
     Two stages (dynamo's tracing costs about a second per block); aot_eager (the custom ops and their autograd;
     inductor's code for the rest is the default model's, compared in test_compile)."""
     torch._dynamo.reset()  # each model traced afresh, never cut short by the recompile limit
-    two_stages = {k: v[:2] if isinstance(v, tuple) else v for k, v in tiny_variant_kwargs(name).items()}
     torch.manual_seed(0)
-    model = randomized(sequencer.create_model(name, **two_stages, mlp_ratios=(3.0, 3.0),
-                                              patch_sizes=get_model_entry(name).kwargs["patch_sizes"][:2]))
+    model = randomized(sequencer.create_model(name, **tiny_variant_kwargs(name, stages=2)))
     plain = PlainSequencer(model)
     x = variant_input(name)
     compiled = torch.compile(model, backend="aot_eager", fullgraph=True)

@@ -15,6 +15,8 @@ from sequencer.models import create_model, read_checkpoint
 from sequencer.tools.export import (export_onnx, export_program, export_safetensors, export_torchscript, int8_settings,
                                      quantize_int8)
 
+from plain_sequencer import VARIANTS, PlainSequencer, randomized, tiny_variant_kwargs, variant_input
+
 from .conftest import TINY_ARCH, TINY_KWARGS, make_image
 
 
@@ -282,3 +284,35 @@ def test_int8_settings_table_is_pinned_for_every_cpu_class():
             assert int8_settings(cpu_class, static=static) == dict(
                 cpu_class=cpu_class, static=static, reduce_range=reduce_range, per_channel=True,
                 keep_float=("head", "stem")), cpu_class
+
+
+# the default model is exported by the tests above; TorchScript and torch.export run PyTorch's own kernels at load,
+# so beside ONNX (whose runtime has its own GRU, RNN and cubic resize) they take the variants with other ATen ops
+EXPORTED_VARIANTS = [name for name in VARIANTS if name != "sequencer2d_s"]
+OTHER_ATEN_OPS = ("gru_sequencer2d_s", "rnn_sequencer2d_s", "v_sequencer_s_pe")
+
+
+@pytest.mark.parametrize("name", EXPORTED_VARIANTS)
+def test_every_variant_exports_the_plain_models_logits(name, tmp_path):
+    """Each ablation and 1D model (two stages) through ONNX (onnxruntime) and, for those with other ATen ops,
+    TorchScript and torch.export, reloaded from its file: the plain torch.nn model's logits
+    (tests/plain_sequencer.py), at the export batch and another (dynamic batch), on a non-square input (the 1D
+    model's position embedding resized inside the exported graph)."""
+    import onnxruntime as ort
+
+    torch.manual_seed(0)
+    model = randomized(create_model(name, **tiny_variant_kwargs(name, stages=2))).eval()
+    plain = PlainSequencer(model).eval()
+    x, other = variant_input(name), variant_input(name, batch=3, seed=1)
+    exports = (export_onnx, export_torchscript, export_program) if name in OTHER_ATEN_OPS else (export_onnx,)
+    for export in exports:
+        export(model, tmp_path / export.__name__, tuple(x.shape[1:]), batch_size=2, dynamic_batch=True, sample=x)
+    onnx = ort.InferenceSession(str(tmp_path / "export_onnx"), providers=["CPUExecutionProvider"])
+    runs = {"onnx": lambda t: torch.from_numpy(onnx.run(None, {"input": t.numpy()})[0])}
+    if name in OTHER_ATEN_OPS:
+        runs["torchscript"] = torch.jit.load(str(tmp_path / "export_torchscript"))
+        runs["exported-program"] = torch.export.load(str(tmp_path / "export_program")).module()
+    with torch.no_grad():
+        for fmt, run in runs.items():
+            for batch in (x, other):
+                assert relative_error(run(batch), plain(batch)) <= 1e-5, fmt
