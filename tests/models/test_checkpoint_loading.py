@@ -7,10 +7,12 @@ import warnings
 import pytest
 import torch
 from safetensors.torch import save_file
+from timm.models.sequencer import checkpoint_filter_fn as timm_release_filter
 
 import sequencer
 from sequencer import SequencerError
 from sequencer.models.loading import extract_state_dict, read_checkpoint, to_release_layout
+from plain_sequencer import VARIANTS, PlainSequencer, randomized, rel_err, tiny_variant_kwargs, variant_input
 
 
 @pytest.fixture
@@ -207,3 +209,27 @@ def test_grayscale_stem_adapted_to_rgb_or_refused_by_an_old_timm(tmp_path, sourc
     x = torch.randn(2, 1, 28, 28)
     with torch.no_grad():
         torch.testing.assert_close(rgb(x.expand(-1, 3, -1, -1)), gray(x), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("name", VARIANTS)
+@pytest.mark.parametrize("layout", ["release", "timm"])
+def test_every_variant_loads_from_the_authors_and_timms_layouts(name, layout, tmp_path):
+    """Each ablation and 1D model written in the authors' release layout (their vanilla models' too: the 1D mixer's
+    ``rnn``, the position embedding, the downsample after each stage's blocks) or timm's, and loaded by
+    ``checkpoint_path``: timm's own release-layout reader agrees on every key, and the loaded model gives the plain
+    torch.nn model's logits. Two blocks in the first stage, so the downsample's release index is not 1."""
+    kwargs = dict(tiny_variant_kwargs(name), layers=(2, 1, 1, 1))
+    torch.manual_seed(0)
+    source = randomized(sequencer.create_model(name, **kwargs))
+    state = source.state_dict()
+    if layout == "release":
+        state = to_release_layout(state)
+        assert "blocks.0.2.down.weight" in state and "head.weight" in state
+        timm_reading = timm_release_filter(dict(state), source)
+        assert timm_reading.keys() == source.state_dict().keys()
+        assert all(torch.equal(timm_reading[k], v) for k, v in source.state_dict().items())
+    torch.save(state, tmp_path / "weights.pth")
+    model = sequencer.create_model(name, checkpoint_path=str(tmp_path / "weights.pth"), **kwargs).eval()
+    x = variant_input(name)
+    with torch.no_grad():
+        assert rel_err(model(x), PlainSequencer(source).eval()(x)) <= 1e-5
