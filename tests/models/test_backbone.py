@@ -16,6 +16,7 @@ import sequencer
 from sequencer import SequencerError
 from sequencer.models.backbone import SequencerBackbone
 from sequencer.models.loading import to_release_layout
+from plain_sequencer import VARIANTS, PlainSequencer, randomized, rel_err, tiny_variant_kwargs
 
 README = Path(__file__).resolve().parents[2] / "README.md"
 
@@ -41,6 +42,25 @@ def test_levels_are_at_strides_4_to_32_for_any_input_size(name, size, tiny_kwarg
     expect = [(math.ceil(h / s), math.ceil(w / s)) for s in (4, 8, 16, 32)]
     expect.append((math.ceil(expect[-1][0] / 2), math.ceil(expect[-1][1] / 2)))  # torchvision's stride-2 max pool
     assert [tuple(m.shape) for m in out.values()] == [(2, 24, *hw) for hw in expect]
+
+
+@pytest.mark.parametrize("name", VARIANTS)
+def test_every_variant_is_a_backbone_on_its_plain_models_features(name):
+    """Each ablation and 1D model as a backbone: levels at strides 4-32 with the channels it reports, on an input of
+    no multiple of its stride, built on the plain torch.nn model's final features of the padded input."""
+    torch.manual_seed(0)
+    kwargs = {k: v for k, v in tiny_variant_kwargs(name).items() if k != "num_classes"}
+    backbone = sequencer.create_backbone(name, out_channels=8, **kwargs).eval()
+    randomized(backbone.trunk)
+    h, w = 45, 61
+    x = torch.randn(1, 3, h, w)
+    with torch.no_grad():
+        out = backbone(x)
+        padded = torch.nn.functional.pad(x, (0, backbone.padded_size(w) - w, 0, backbone.padded_size(h) - h))
+        trunk = backbone.trunk.forward_features(padded)
+        assert rel_err(trunk, PlainSequencer(backbone.trunk).eval().stage_maps(padded)[1]) <= 1e-5
+    for key, stride in zip("0123", backbone.strides, strict=True):
+        assert out[key].shape == (1, backbone.out_channels, math.ceil(h / stride), math.ceil(w / stride))
 
 
 def test_the_trunk_map_is_resampled_onto_stride_16_cell_centres(tiny_backbone):
