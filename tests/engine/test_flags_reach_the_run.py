@@ -356,3 +356,48 @@ def test_a_resumed_plateau_keeps_its_reduced_lr_unless_lr_is_given():
         with pytest.warns(UserWarning, match="RNG state"):
             restore(TrainConfig(opt="adamw", sched="plateau", lr=lr), DistInfo(), checkpoint, opt, UPDATES)
         assert {g["lr"] for g in opt.optimizer.param_groups} == {expected}
+
+
+RANKS_SCRIPT = '''
+import json, sys
+import torch, torch.distributed as dist, torch.multiprocessing as mp
+from torch import nn
+from sequencer.engine.distributed import DistInfo, broadcast_weights
+
+def rank_main(rank, folder):
+    dist.init_process_group("gloo", init_method=f"file://{folder}/rendezvous", rank=rank, world_size=2)
+    torch.manual_seed(rank)  # as a model built by name under DDP: each rank's own seed
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4)).to(memory_format=torch.channels_last)
+    model[1].running_mean.add_(rank)
+    broadcast_weights(model, DistInfo(distributed=True, rank=rank, world_size=2))
+    flat = torch.cat([t.float().flatten() for t in model.state_dict().values()])
+    gathered = [torch.zeros_like(flat) for _ in range(2)]
+    dist.all_gather(gathered, flat)
+    json.dump(dict(same=bool(torch.equal(*gathered)), channels_last=model[0].weight.is_contiguous(
+        memory_format=torch.channels_last)), open(f"{folder}/rank{rank}.json", "w"))
+    dist.destroy_process_group()
+
+if __name__ == "__main__":
+    mp.spawn(rank_main, args=(sys.argv[1],), nprocs=2)
+'''
+
+
+@pytest.mark.slow  # two spawned processes: about 15 s on 2 busy cores
+def test_every_rank_starts_from_rank_0s_weights(tmp_path):
+    """Under DDP a model built by name was initialised from each rank's seed and the --model-ema copy taken before
+    DDP synced the weights, so each rank evaluated its own EMA; the run now gives every rank rank 0's weights and
+    buffers first (channels-last ones too)."""
+    import json
+    import subprocess
+    import sys
+
+    from run_helpers import subprocess_env
+    script = tmp_path / "ranks.py"
+    script.write_text(RANKS_SCRIPT)
+    env = {k: v for k, v in subprocess_env().items()
+           if k not in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
+    proc = subprocess.run([sys.executable, str(script), str(tmp_path)], capture_output=True, text=True, env=env,
+                          timeout=120)
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
+    for rank in (0, 1):
+        assert json.loads((tmp_path / f"rank{rank}.json").read_text()) == dict(same=True, channels_last=True)

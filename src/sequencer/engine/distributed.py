@@ -175,6 +175,21 @@ def sync_running_stats(model: torch.nn.Module, mode: str, info: DistInfo) -> Non
     distribute_bn(model, info.world_size, reduce=mode != "broadcast")
 
 
+def broadcast_weights(model: torch.nn.Module, info: DistInfo) -> None:
+    """Give every rank rank 0's parameters and buffers of ``model``, in place. A model built by name is initialised
+    from each rank's own seed; DDP syncs the weights it trains only when it wraps them, after the run's EMA copy
+    (``--model-ema``) was taken, which then started from each rank's own weights: the EMA evaluated on a rank's
+    share of the held-out split was not the one the checkpoint saves (rank 0's). A no-op outside DDP."""
+    if not info.distributed:
+        return
+    with torch.no_grad():
+        for tensor in model.state_dict().values():
+            sent = tensor if tensor.is_contiguous() else tensor.contiguous()  # channels-last weights
+            dist.broadcast(sent, src=0)
+            if sent is not tensor:
+                tensor.copy_(sent)
+
+
 def broadcast_object(obj, info: DistInfo):
     """Rank 0's ``obj`` on every rank (e.g. the experiment folder name, which holds a timestamp)."""
     if not info.distributed:

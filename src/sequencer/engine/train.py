@@ -170,6 +170,7 @@ def _train(cfg, state: RunState, info: dist_utils.DistInfo) -> TrainResult:
         cfg = dataclasses.replace(cfg, in_chans=cfg.input_size[0], img_size=cfg.input_size[1])
     data, cfg = build_data(cfg, state, info)
     model, cfg = build_model(cfg, state, data, info.device)
+    dist_utils.broadcast_weights(model, info)  # one start for every rank, before the EMA copy
     loaders = build_loaders(cfg, info, model, data)
     cfg = dataclasses.replace(cfg, lr=resolved_lr(cfg, info.world_size))
     opt = build_optimization(cfg, info, model, loaders, data.num_classes)
