@@ -252,6 +252,24 @@ def test_a_resume_keeps_the_runs_label_mapping(tmp_path):
         train_segmenter(config(epochs=3, resume="auto", reduce_zero_label=True), progress=False)
 
 
+def test_a_resume_trains_with_the_weight_decay_given(tmp_path):
+    """The resumed optimizer's moments are the checkpoint's and its hyperparameters this start's: loading the saved
+    groups as they were kept the first run's weight decay while the run recorded the new one."""
+    data = make_voc(tmp_path / "voc", n_train=4, n_val=2)
+
+    def config(**kw):
+        return tiny_config(data, tmp_path / "out", experiment="e", batch_size=2, **kw)
+    first = train_segmenter(config(epochs=1, weight_decay=0.01), progress=False)
+    saved = read_checkpoint(first.checkpoint)["optimizer"]
+    assert sorted({g["weight_decay"] for g in saved["param_groups"]}) == [0.0, 0.01]
+    resumed = train_segmenter(config(epochs=2, weight_decay=0.5, resume="auto"), progress=False)
+    state = read_checkpoint(resumed.output_dir / "last.pth.tar")["optimizer"]
+    assert sorted({g["weight_decay"] for g in state["param_groups"]}) == [0.0, 0.5]
+    # the moments went on from the checkpoint's: two epochs' updates, not one
+    steps = {float(s["step"]) for s in state["state"].values()}
+    assert steps == {2 * float(s["step"]) for s in saved["state"].values()}
+
+
 @pytest.mark.slow
 def test_two_process_gloo_run_and_its_sharded_evaluation(tmp_path):
     """`segment train` under the launcher distributed_train.sh uses (torchrun): 2 CPU processes, rank 0 writes, and

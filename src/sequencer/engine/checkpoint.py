@@ -217,3 +217,20 @@ def find_auto_resume(folder: str | os.PathLike) -> Path | None:
         if best_pos is None or pos > best_pos:
             best, best_pos = path, pos
     return best
+
+
+def load_optimizer_state(optimizer: torch.optim.Optimizer, state: dict, opt: str, keep_lr: bool = False,
+                         hint: str = "pass the run's `opt`") -> None:
+    """Load a resumed optimizer's state (its moments, step counts) into ``optimizer``, built from this start's
+    settings, keeping their hyperparameters: loading the groups as saved would run a resume's `lr`, `weight_decay`,
+    `momentum`, betas, eps and layer decay at the checkpoint's values whatever was given. ``keep_lr``: the groups'
+    `lr` and `initial_lr` are the checkpoint's (a plateau schedule's reduced lr is its state). A state of another
+    optimizer kind than ``opt`` is refused (``hint`` says what to do) instead of failing later."""
+    saved_keys = {k for g in state.get("param_groups", []) for k in g if k != "params"}
+    own_keys = {k for g in optimizer.param_groups for k in g if k != "params"}
+    if len(state.get("param_groups", [])) != len(optimizer.param_groups) or not own_keys <= saved_keys:
+        raise SequencerError(f"`resume`: the checkpoint's optimizer state is not one of `opt={opt}`", hint=hint)
+    settings = [{k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups]
+    optimizer.load_state_dict(state)
+    for group, own in zip(optimizer.param_groups, settings):
+        group.update({k: v for k, v in own.items() if not (keep_lr and k in ("lr", "initial_lr"))})

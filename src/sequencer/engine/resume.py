@@ -9,7 +9,7 @@
   lr and schedule shape, batch size, augmentation, EMA, drop rates, seed, ...). A larger ``--epochs`` extends the
   run: the schedule is rebuilt for the new length and continues from the checkpoint's position. The lr kept is the
   one the run derived; a new ``--lr-base*`` without ``--lr`` derives it again. The optimizer's state is resumed
-  with this start's hyperparameters (``train._load_optimizer_state``).
+  with this start's hyperparameters (``checkpoint.load_optimizer_state``).
 - **Never from the checkpoint (this machine's and this start's business):** the data and its splits, the output
   folder and experiment name, the device, ``--workers``, ``--log-interval``, ``--start-epoch``, ``--pretrained`` and
   ``--initial-checkpoint``.

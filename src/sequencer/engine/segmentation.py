@@ -35,7 +35,7 @@ from ..errors import SequencerError
 from ..models.segmentation import create_segmenter, segmenter_from_config
 from . import distributed as dist_utils
 from .amp import dtype_name
-from .checkpoint import get_rng_state, resume_position, set_rng_state
+from .checkpoint import get_rng_state, load_optimizer_state, resume_position, set_rng_state
 from .config import RunState, checked_callbacks, checked_settings, explicit_settings
 from .guest import caller_rng_kept, console, warn
 from .loop import StopRequest, callbacks_ask_to_stop, current_lr, training_checkpoint
@@ -272,7 +272,7 @@ def _restore(run: _Run, checkpoint: dict | None) -> int:
         return 0
     start_epoch = resume_position(checkpoint)
     if checkpoint.get("optimizer"):
-        run.optimizer.load_state_dict(checkpoint["optimizer"])
+        load_optimizer_state(run.optimizer, checkpoint["optimizer"], run.cfg.opt)
     if checkpoint.get("scaler"):
         run.scaler.load_state_dict(checkpoint["scaler"])
     rng = checkpoint.get("rng_state")

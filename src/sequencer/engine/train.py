@@ -38,7 +38,7 @@ from . import distributed as dist_utils
 from .distributed import print_on_primary
 from . import inert_flags, timm_habits
 from .amp import autocast_dtype
-from .checkpoint import resume_position, set_rng_state
+from .checkpoint import load_optimizer_state, resume_position, set_rng_state
 from .guest import caller_rng_kept, console, warn
 from .train_data import TrainData, build_data
 from .config import RunState, TrainConfig, check_config, checked_callbacks, explicit_settings, resolve_config
@@ -361,7 +361,10 @@ def restore(cfg, info: dist_utils.DistInfo, checkpoint: dict | None, opt: Optimi
         start_epoch = resume_position(checkpoint)
         if not cfg.no_resume_opt:
             if checkpoint.get("optimizer"):
-                _load_optimizer_state(optimizer, checkpoint["optimizer"], cfg, (checkpoint.get("args") or {}).get("lr"))
+                # the plateau schedule's reduced lr is its state, kept while `lr` is the checkpoint run's
+                keep_lr = cfg.sched == "plateau" and (checkpoint.get("args") or {}).get("lr") == cfg.lr
+                load_optimizer_state(optimizer, checkpoint["optimizer"], cfg.opt, keep_lr=keep_lr,
+                                     hint="pass the run's `opt`, or `no_resume_opt` to start a fresh optimizer")
             if checkpoint.get("scaler"):
                 scaler.load_state_dict(checkpoint["scaler"])
             if scheduler is not None and cfg.sched == "plateau" and checkpoint.get("scheduler"):
@@ -386,24 +389,6 @@ def restore(cfg, info: dist_utils.DistInfo, checkpoint: dict | None, opt: Optimi
         else:
             scheduler.step_update(start_epoch * updates_per_epoch)
     return start_epoch
-
-
-def _load_optimizer_state(optimizer, state: dict, cfg, checkpoint_lr: float | None) -> None:
-    """Load a resumed optimizer's state (its moments, step counts) into ``optimizer``, built from this start's
-    settings, keeping their hyperparameters: loading the groups as saved ran a resume's `lr` (with `sched=none` or
-    `plateau`), `weight_decay`, `momentum`, `opt_betas`, `opt_eps` and `layer_decay` at the checkpoint's values
-    whatever was given. The plateau schedule's reduced lr is its state, kept while `lr` is the checkpoint run's.
-    Another optimizer kind's state is refused instead of failing later."""
-    saved_keys = {k for g in state.get("param_groups", []) for k in g if k != "params"}
-    own_keys = {k for g in optimizer.param_groups for k in g if k != "params"}
-    if len(state.get("param_groups", [])) != len(optimizer.param_groups) or not own_keys <= saved_keys:
-        raise SequencerError(f"`resume`: the checkpoint's optimizer state is not one of `opt={cfg.opt}`",
-                             hint="pass the run's `opt`, or `no_resume_opt` to start a fresh optimizer")
-    settings = [{k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups]
-    optimizer.load_state_dict(state)
-    plateau_lr_kept = cfg.sched == "plateau" and checkpoint_lr == cfg.lr
-    for group, own in zip(optimizer.param_groups, settings):
-        group.update({k: v for k, v in own.items() if not (plateau_lr_kept and k in ("lr", "initial_lr"))})
 
 
 # ------------------------------------------------------------------------------------------------------- log
