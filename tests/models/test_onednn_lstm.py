@@ -153,8 +153,9 @@ def test_other_layers_keep_the_recomputing_op():
 
 
 def test_dynamic_shapes_train_on_the_workspace_ops(monkeypatch):
-    """Compiled with dynamic shapes (the batch size a symbol, as after a smaller last batch), the fake workspace's
-    size is a run-time symbol: inductor runs it at three batch sizes and matches eager's output and gradients."""
+    """Compiled with dynamic shapes (the batch size a symbol, as after a smaller last batch), the fake kernel
+    specializes the sizes (oneDNN's workspace size is no formula of them; a size unknown to the graph broke it at
+    every layer): inductor runs two batch sizes, a graph each, and matches eager's output and gradients."""
     torch.manual_seed(0)
     lstm = recurrence.LSTM(6, 5, batch_first=True, bidirectional=True)
     met = []
@@ -162,13 +163,13 @@ def test_dynamic_shapes_train_on_the_workspace_ops(monkeypatch):
     monkeypatch.setattr(onednn_lstm, "onednn_lstm", lambda *args: met.append("onednn_lstm") or op(*args))
     torch._dynamo.reset()
     compiled = torch.compile(lambda t: recurrence.run_rnn(lstm, t, "native"), dynamic=True)
-    for n in (3, 5, 7):
+    for n in (3, 5):
         x = torch.randn(n, 4, 6)
         got = grads_of(compiled, lstm, x, torch.ones(n, 4, 10))
         want = grads_of(lambda t: lstm(t)[0], lstm, x, torch.ones(n, 4, 10))
         for a, b in zip(got, want):
             torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
-    assert met  # traced once, for every size
+    assert met  # the workspace ops ran
 
 
 def test_bf16_autocast_training_matches_eager_bf16(randomize, monkeypatch):

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import operator
 from functools import partial
 from typing import Callable, Sequence
 
@@ -22,9 +23,9 @@ from timm.layers import DropPath
 
 from ..errors import ArgumentValueError, SequencerError
 from .features import prune_to_stages, stage_indices
-from .kernels import (RNN_TYPES, autocast_bf16_copies, cpu_bilstm2d, cpu_lstm_applies, fused_bilstm2d, hooked, linear,
-                      mix_axes, onednn_linear_ok, onednn_mlp, resolve_backend, run_rnn, under_cpu_bf16_autocast,
-                      uses_fused_lstm)
+from .kernels import (RNN_TYPES, autocast_bf16_copies, cpu_bilstm2d, cpu_lstm_applies, exporting, fused_bilstm2d,
+                      hooked, linear, mix_axes, onednn_linear_ok, onednn_mlp, resolve_backend, run_rnn,
+                      under_cpu_bf16_autocast, uses_fused_lstm)
 from .registry import register_model
 from .weight_init import init_weights
 
@@ -249,6 +250,22 @@ class ClassifierHead(nn.Module):
         return x if pre_logits else self.fc(x)
 
 
+def specialize_image_size(x: torch.Tensor) -> None:
+    """Under ``torch.compile``, where a gradient is computed, make the height and width of ``x`` (B, C, H, W) constants
+    of the graph (with a guard: one graph per image size, up to dynamo's ``recompile_limit``); the batch size may stay
+    symbolic. Elsewhere, nothing.
+
+    Inductor (torch 2.14) cannot lower a training graph in which both sides are symbols: it orders the strides of the
+    activations it saves for backward with plain sympy comparisons, which cannot decide ``16*s27*s53 < 16`` for
+    positive integer symbols ("cannot determine truth value of Relational"). ``dynamic=True`` made them symbols at the
+    first step, the default compile from the second image size on. Inference keeps symbolic sizes (one graph); so do
+    ``torch.export`` and TorchScript captures, which never get here specialized.
+    """
+    if torch.compiler.is_compiling() and torch.is_grad_enabled() and not exporting():
+        operator.index(x.shape[-2])  # a SymInt's __index__ specializes it (dynamo guards on its value)
+        operator.index(x.shape[-1])
+
+
 class Sequencer2d(nn.Module):
     """Sequencer2D: conv stem, stages of Sequencer blocks with conv downsampling, final LN, GAP, linear head.
 
@@ -377,6 +394,7 @@ class Sequencer2d(nn.Module):
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """(B, C, H, W) -> (B, H/r, W/r, num_features), final LayerNorm applied."""
+        specialize_image_size(x)
         x = self._embed(x)
         x = self.stages(x)
         return self.norm(x)
@@ -402,6 +420,7 @@ class Sequencer2d(nn.Module):
         take = stage_indices(indices, n, "indices")
         last = max(take) if stop_early or intermediates_only else n - 1
         intermediates = []
+        specialize_image_size(x)
         x = self._embed(x)
         for i, stage in enumerate(self.stages[:last + 1]):
             x = stage(x)

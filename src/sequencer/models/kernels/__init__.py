@@ -11,6 +11,8 @@ The model files use only the names below; everything else in these modules is th
 * ``under_cpu_bf16_autocast(x)``, ``autocast_bf16_copies(*tensors)``: CPU bfloat16 autocast for the oneDNN paths.
 * ``onednn_bf16_supported()``: whether this CPU has oneDNN bfloat16 kernels; ``native_dtype(dtype, device, what)``:
   float32 with a one-line note where bfloat16 would fall back to PyTorch's slow reference kernels.
+* ``exporting()``: whether the forward is captured for a runtime without this package (TorchScript, ONNX,
+  ``torch.export``).
 * ``hooked(*modules)``: whether a layer carries forward hooks (pruning, a capturing hook): then it is called, never
   read by a fused path.
 * ``RNN_TYPES``, ``resolve_backend``, ``run_rnn``, ``fused_bilstm2d``, ``uses_fused_lstm``: the LSTM backends
@@ -18,7 +20,7 @@ The model files use only the names below; everything else in these modules is th
   of :mod:`.cpu_lstm` (CPU inference).
 """
 from .onednn import _autocast_bf16_copies as autocast_bf16_copies
-from .capture import hooked
+from .capture import exporting, hooked
 from .cpu_lstm import applies as cpu_lstm_applies
 from .cpu_lstm import bilstm2d as cpu_bilstm2d
 from .onednn import _MixAxesFunction, _OneDnnMlpFunction, linear, native_dtype, onednn_bf16_supported
@@ -29,6 +31,6 @@ from .recurrence import RNN_TYPES, fused_bilstm2d, resolve_backend, run_rnn, use
 mix_axes = _MixAxesFunction.apply
 onednn_mlp = _OneDnnMlpFunction.apply
 
-__all__ = ["RNN_TYPES", "autocast_bf16_copies", "cpu_bilstm2d", "cpu_lstm_applies", "fused_bilstm2d", "hooked",
-           "linear", "mix_axes", "native_dtype", "onednn_bf16_supported", "onednn_linear_ok", "onednn_mlp",
+__all__ = ["RNN_TYPES", "autocast_bf16_copies", "cpu_bilstm2d", "cpu_lstm_applies", "exporting", "fused_bilstm2d",
+           "hooked", "linear", "mix_axes", "native_dtype", "onednn_bf16_supported", "onednn_linear_ok", "onednn_mlp",
            "resolve_backend", "run_rnn", "under_cpu_bf16_autocast", "uses_fused_lstm"]

@@ -10,10 +10,10 @@ workspace as an output of the forward op, so that AOTAutograd saves it for the b
 ATen's own decomposition of ``aten::lstm`` uses ``mkldnn_rnn_layer`` only in inference: compiled, the ATen op returns
 no workspace (its kernel makes one only with grad mode on, and compiled forwards run with it off), and its meta
 kernel gives it a made-up size. Here the forward turns grad mode on around the call, and the fake kernel learns the
-size oneDNN gives by running the layer once on zeros of the same shapes (cached per shape); under dynamic shapes the
-size is a symbol known at run time. The graph also holds a fingerprint of this machine's workspace layout
-(:func:`_workspace_layout`, its size at a reference shape), so that inductor's cache keeps apart machines whose
-oneDNN lays it out otherwise.
+size oneDNN gives by running the layer once on zeros of the same shapes (cached per shape); symbolic sizes are
+specialized there (a graph per shape), since the size is no formula of them. The graph also holds a fingerprint of
+this machine's workspace layout (:func:`_workspace_layout`, its size at a reference shape), so that inductor's cache
+keeps apart machines whose oneDNN lays it out otherwise.
 
 Taken by :func:`applies`: single-layer LSTMs on the CPU, in training, in a dtype oneDNN trains (float32, or
 bfloat16 with AVX512-BF16/AMX): BiLSTM2D's layers. Everything else keeps ``rnn_native``. The workspace holds
@@ -25,6 +25,7 @@ import functools
 from typing import List
 
 import torch
+from torch.fx.experimental.symbolic_shapes import guard_int
 from torch.utils._python_dispatch import _disable_current_modes
 
 from ...errors import SequencerError
@@ -109,13 +110,14 @@ def onednn_lstm(x: torch.Tensor, weights: List[torch.Tensor], bidirectional: boo
 
 @onednn_lstm.register_fake
 def _(x, weights, bidirectional, has_biases, layout):
-    n, t, c = x.shape
+    # oneDNN sizes the workspace itself (page-rounded, no formula of the shapes), so symbolic sizes are specialized
+    # here (guard_int: a guard on their values, one graph per batch and image size). A size left unknown to the graph
+    # (new_dynamic_size) made dynamo break the graph at every layer, and each piece after a break took fresh symbolic
+    # sizes, which inductor cannot lower in training (see sequencer2d.specialize_image_size); it also measured 8-10%
+    # slower compiled training where the sizes were static (sequencer2d_s bf16, A/B in one session).
+    n, t, c = (guard_int(size) for size in x.shape)
     hidden = weights[1].shape[1]
-    if all(isinstance(s, int) for s in x.shape):
-        workspace = _workspace_bytes(t, n, c, hidden, x.dtype, has_biases)
-    else:  # dynamic shapes: oneDNN's size for them is known only at run time. (Not for static ones too: a size
-        # unknown to inductor measured 8-10% slower compiled training, sequencer2d_s bf16, A/B in one session.)
-        workspace = torch.library.get_ctx().new_dynamic_size()
+    workspace = _workspace_bytes(t, n, c, hidden, x.dtype, has_biases)
     outputs = []
     for _direction in range(2 if bidirectional else 1):
         outputs += [x.new_empty(t, n, hidden), x.new_empty(1, n, hidden), x.new_empty(1, n, hidden),
