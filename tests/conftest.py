@@ -8,9 +8,9 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-# Inductor's on-disk cache is keyed without custom ops' fake kernels (pytorch#160472): graphs a machine compiled
-# against an older kernel of ours would be reused. Each run of the suite compiles into its own folder, inherited by
-# the subprocesses the tests start, as a fresh CI machine would.
+# Inductor's on-disk cache is keyed without custom ops' Python (pytorch#160472); the package keys its graphs on its
+# kernel sources (kernels/code_key.py), but tests also monkeypatch kernels, which no source hash sees. Each run of the
+# suite compiles into its own folder, inherited by the subprocesses the tests start, as a fresh CI machine would.
 if "TORCHINDUCTOR_CACHE_DIR" not in os.environ:
     import tempfile
 

@@ -18,6 +18,7 @@ import torch.nn.functional as F
 
 from sequencer.models import create_model, get_model_entry, list_models
 from sequencer.models.kernels import onednn_bf16_supported, recurrence
+from sequencer.models.kernels.code_key import KERNEL_CODE
 
 
 def smallest_input(name: str) -> int:
@@ -104,7 +105,7 @@ def test_native_rnn_op_passes_opcheck(mode, step_autocast):
     layer = recurrence.RNN_TYPES[mode](6, 5, batch_first=True, bidirectional=True)
     x = torch.randn(3, 4, 6, requires_grad=True)
     torch.library.opcheck(torch.ops.sequencer.rnn_native.default,
-                          (x, list(layer._flat_weights), mode, 1, True, True, True, step_autocast))
+                          (x, list(layer._flat_weights), mode, 1, True, True, True, KERNEL_CODE, step_autocast))
 
 
 def test_native_backward_gives_the_modules_gradients():
@@ -115,7 +116,7 @@ def test_native_backward_gives_the_modules_gradients():
     x = torch.randn(4, 3, 6).transpose(0, 1).requires_grad_()  # (3, 4, 6) in (T, N, C) memory, as the model gives
     grad = torch.randn(3, 4, 10)
     got = torch.ops.sequencer.rnn_native_backward(grad, x.detach(), [w.detach() for w in layer._flat_weights],
-                                                   "lstm", 2, True, True)
+                                                   "lstm", 2, True, True, KERNEL_CODE)
     want = torch.autograd.grad(layer(x)[0], [x, *layer._flat_weights], grad)
     assert len(got) == len(want) == 1 + len(layer._flat_weights)
     for a, b in zip(got, want):

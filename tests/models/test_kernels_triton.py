@@ -18,6 +18,7 @@ pytest.importorskip("triton")
 from sequencer.errors import SequencerError  # noqa: E402
 from sequencer.models import create_model  # noqa: E402
 from sequencer.models.kernels import recurrence, triton_lstm_config  # noqa: E402
+from sequencer.models.kernels.code_key import KERNEL_CODE  # noqa: E402
 from sequencer.models.sequencer2d import RNN2d  # noqa: E402
 
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
@@ -239,7 +240,7 @@ def test_lstm_scan_passes_opcheck(device, kernel):
     checks = ("test_schema", "test_autograd_registration", "test_faketensor")
     if not INTERPRETED:
         checks += ("test_aot_dispatch_dynamic",)
-    torch.library.opcheck(torch.ops.sequencer.lstm_scan.default, (xp, w_hh, True), test_utils=checks)
+    torch.library.opcheck(torch.ops.sequencer.lstm_scan.default, (xp, w_hh, True, KERNEL_CODE), test_utils=checks)
 
 
 def test_triton_on_cpu_without_the_interpreter_is_one_line(monkeypatch):

@@ -8,6 +8,7 @@ import torch.nn.functional as F
 
 from sequencer.errors import SequencerError
 from sequencer.models.kernels import onednn_bf16_supported, onednn_lstm, recurrence
+from sequencer.models.kernels.code_key import KERNEL_CODE
 
 from test_compile import (assert_opcheck_passes_on_calls, fixed_batches, nano_for_training, optimizer_steps,
                            record_calls, rel_err, training_steps)
@@ -49,10 +50,10 @@ def test_fake_workspace_is_the_size_onednn_gives(dtype):
     layer = recurrence.LSTM(12, 8, batch_first=True, bidirectional=True).to(dtype)
     x = torch.randn(5, 7, 12, dtype=dtype)
     layout = onednn_lstm._workspace_layout(12, 8, dtype, True)
-    real = onednn_lstm.onednn_lstm(x, list(layer._flat_weights), True, True, layout)
+    real = onednn_lstm.onednn_lstm(x, list(layer._flat_weights), True, True, layout, KERNEL_CODE)
     with torch._subclasses.FakeTensorMode() as mode:
         fake = onednn_lstm.onednn_lstm(mode.from_tensor(x), [mode.from_tensor(w) for w in layer._flat_weights],
-                                       True, True, layout)
+                                       True, True, layout, KERNEL_CODE)
     assert [tuple(t.shape) for t in fake] == [tuple(t.shape) for t in real]
     assert [t.dtype for t in fake] == [t.dtype for t in real]
     assert real[3].numel() > 0 and real[3].numel() == real[7].numel()
@@ -74,9 +75,9 @@ def test_the_workspace_layout_is_in_the_graph_and_checked_at_run_time():
     torch._dynamo.reset()
     torch.compile(lambda t: recurrence.run_rnn(lstm, t, "native"), backend=backend)(x.requires_grad_())
     calls = [n for g in graphs for n in g.graph.nodes if "onednn_lstm" in str(n.target)]
-    assert [call.args[-1] for call in calls] == [layout] and layout > 0
+    assert [call.args[-2] for call in calls] == [layout] and layout > 0
     with pytest.raises(SequencerError, match=f"reference size {layout + 64} bytes, here {layout}.*another machine"):
-        onednn_lstm.onednn_lstm(x, list(lstm._flat_weights), True, True, layout + 64)
+        onednn_lstm.onednn_lstm(x, list(lstm._flat_weights), True, True, layout + 64, KERNEL_CODE)
 
 
 def test_ops_pass_opcheck_with_training_arguments(randomize, monkeypatch):

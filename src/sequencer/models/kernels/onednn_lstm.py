@@ -29,6 +29,7 @@ from torch.fx.experimental.symbolic_shapes import guard_int
 from torch.utils._python_dispatch import _disable_current_modes
 
 from ...errors import SequencerError
+from .code_key import KERNEL_CODE
 from .onednn import onednn_bf16_supported
 
 LSTM_MODE = 2  # oneDNN's (ideep's) rnn_kind for an LSTM
@@ -56,7 +57,7 @@ def lstm(x: torch.Tensor, weights: list[torch.Tensor], bidirectional: bool, has_
     """One LSTM layer, batch first: x (N, T, C) -> (N, T, D*H), in (T, N, D*H) memory as ATen's LSTM gives it.
     ``dtype``: the one it computes in, where autocast casts (default: x's)."""
     layout = _workspace_layout(weights[0].shape[1], weights[1].shape[1], dtype or x.dtype, has_biases)
-    outputs = onednn_lstm(x, weights, bidirectional, has_biases, layout)
+    outputs = onednn_lstm(x, weights, bidirectional, has_biases, layout, KERNEL_CODE)
     return torch.cat(outputs[::OUTPUTS_PER_DIRECTION], dim=-1).transpose(0, 1)
 
 
@@ -97,9 +98,10 @@ def _layer(x_tnc: torch.Tensor, weights: list[torch.Tensor], reverse: bool, has_
 
 @torch.library.custom_op("sequencer::onednn_lstm", mutates_args=())
 def onednn_lstm(x: torch.Tensor, weights: List[torch.Tensor], bidirectional: bool, has_biases: bool,
-                layout: int) -> List[torch.Tensor]:
+                layout: int, kernel_code: str) -> List[torch.Tensor]:
     """x: (N, T, C) -> per direction [output (T, N, H), h_T (1, N, H), c_T (1, N, H), workspace (bytes,)];
-    ``layout``: :func:`_workspace_layout` where the graph was compiled."""
+    ``layout``: :func:`_workspace_layout` where the graph was compiled; ``kernel_code``: :data:`.code_key.KERNEL_CODE`,
+    for the compile caches' keys (unused here)."""
     _check_layout(layout, x, weights, has_biases)
     x_tnc = x.transpose(0, 1).contiguous()
     outputs = []
@@ -109,7 +111,7 @@ def onednn_lstm(x: torch.Tensor, weights: List[torch.Tensor], bidirectional: boo
 
 
 @onednn_lstm.register_fake
-def _(x, weights, bidirectional, has_biases, layout):
+def _(x, weights, bidirectional, has_biases, layout, kernel_code):
     # oneDNN sizes the workspace itself (page-rounded, no formula of the shapes), so symbolic sizes are specialized
     # here (guard_int: a guard on their values, one graph per batch and image size). A size left unknown to the graph
     # (new_dynamic_size) made dynamo break the graph at every layer, and each piece after a break took fresh symbolic
@@ -137,10 +139,11 @@ def _workspace_bytes(t: int, n: int, c: int, hidden: int, dtype: torch.dtype, ha
 
 @torch.library.custom_op("sequencer::onednn_lstm_backward", mutates_args=())
 def onednn_lstm_backward(grads: List[torch.Tensor], x: torch.Tensor, weights: List[torch.Tensor],
-                         saved: List[torch.Tensor], bidirectional: bool, has_biases: bool) -> List[torch.Tensor]:
+                         saved: List[torch.Tensor], bidirectional: bool, has_biases: bool,
+                         kernel_code: str) -> List[torch.Tensor]:
     """[dL/dx (N, T, C) in (T, N, C) memory, dL/dw for each weight] of :func:`onednn_lstm`, from each direction's
     dL/d(output) ``grads`` (T, N, H) and the forward's outputs ``saved``; oneDNN's backward reads the workspace, so
-    nothing is recomputed.
+    nothing is recomputed. ``kernel_code``: as :func:`onednn_lstm`'s.
 
     oneDNN also writes scratch into a part of the workspace that no result reads (a second backward from the same
     workspace gives the same gradients, bit for bit). ATen's schema for ``mkldnn_rnn_layer_backward`` declares the
@@ -167,16 +170,16 @@ def onednn_lstm_backward(grads: List[torch.Tensor], x: torch.Tensor, weights: Li
 
 
 @onednn_lstm_backward.register_fake
-def _(grads, x, weights, saved, bidirectional, has_biases):
+def _(grads, x, weights, saved, bidirectional, has_biases, kernel_code):
     n, t, c = x.shape
     return [x.new_empty(t, n, c).transpose(0, 1)] + [w.new_empty(w.shape) for w in weights]
 
 
 def _save_for_backward(ctx, inputs, output):
-    x, weights, bidirectional, has_biases, _layout = inputs
+    x, weights, bidirectional, has_biases, _layout, kernel_code = inputs
     ctx.save_for_backward(x, *weights, *output)
     ctx.weight_count = len(weights)
-    ctx.config = (bidirectional, has_biases)
+    ctx.config = (bidirectional, has_biases, kernel_code)
 
 
 def _grads(ctx, output_grads):
@@ -185,7 +188,7 @@ def _grads(ctx, output_grads):
     # only the outputs' gradients matter: h_T, c_T and the workspace are never used downstream (lstm() drops them)
     grad_x, *grad_weights = onednn_lstm_backward(list(output_grads[::OUTPUTS_PER_DIRECTION]), x, list(weights),
                                                  list(saved), *ctx.config)
-    return grad_x, grad_weights, None, None, None
+    return grad_x, grad_weights, None, None, None, None
 
 
 onednn_lstm.register_autograd(_grads, setup_context=_save_for_backward)

@@ -18,7 +18,8 @@ LSTMs (BiLSTM2D's) takes :mod:`.onednn_lstm` instead, whose backward reads oneDN
 Under autocast the ops cast as ATen's autocast casts ``nn.LSTM`` and ``nn.RNN``, and run a CPU GRU's steps under
 autocast as ATen's GRU does (:func:`autocast_rnn_dtype`), so compiled and eager mixed precision compute the same.
 TorchScript, ONNX export and ``torch.export`` (:func:`exporting`) always take the module itself, so the program they
-capture holds ATen's own recurrent ops, which their runtimes know.
+capture holds ATen's own recurrent ops, which their runtimes know. Every op call carries a fingerprint of this
+package's kernel sources (:mod:`.code_key`), so that inductor's on-disk caches recompile after they change.
 """
 from __future__ import annotations
 
@@ -35,6 +36,7 @@ from ...errors import ArgumentValueError, SequencerError
 from . import onednn_lstm
 from .onednn import onednn_bf16_supported
 from .capture import exporting, hooked
+from .code_key import KERNEL_CODE
 
 try:  # registers the sequencer::lstm_scan ops; without Triton only the native backend exists
     from . import triton_lstm
@@ -214,7 +216,8 @@ def run_rnn(rnn: nn.Module, x: torch.Tensor, backend: str) -> torch.Tensor:
         dtype = _compiled_dtype(rnn, x, weights)
         if onednn_lstm.applies(rnn, x, dtype):
             return onednn_lstm.lstm(x, weights, rnn.bidirectional, rnn.bias, dtype)
-        return rnn_native(x, weights, _VF_MODES[rnn.mode], rnn.num_layers, rnn.bidirectional, rnn.bias, rnn.training)
+        return rnn_native(x, weights, _VF_MODES[rnn.mode], rnn.num_layers, rnn.bidirectional, rnn.bias, rnn.training,
+                          KERNEL_CODE)
     return rnn(_eager_input(rnn, x))[0]
 
 
@@ -269,9 +272,11 @@ def _vf_rnn(x: torch.Tensor, weights: list[torch.Tensor], mode: str, num_layers:
 # The custom ops' annotations say typing.List: torch < 2.8 infers no schema from PEP 585's list[...]
 @torch.library.custom_op("sequencer::rnn_native", mutates_args=())
 def rnn_native(x: torch.Tensor, weights: List[torch.Tensor], mode: str, num_layers: int, bidirectional: bool,
-               has_biases: bool, train: bool, step_autocast: Optional[torch.dtype] = None) -> torch.Tensor:
+               has_biases: bool, train: bool, kernel_code: str,
+               step_autocast: Optional[torch.dtype] = None) -> torch.Tensor:
     """ATen's LSTM/GRU/RNN as one opaque op for ``torch.compile``. x: (N, T, C) -> (N, T, D*H). ``step_autocast``:
     the autocast dtype the layer's own steps run under, where ATen autocasts them rather than the layer (CPU GRU).
+    ``kernel_code``: :data:`.code_key.KERNEL_CODE`, for the compile caches' keys (unused here).
 
     The output always has the layout of :func:`_rnn_native_layout` (what ATen's kernels give in the common case, so
     no copy there): compiled code is built for the fake kernel's strides and checks them at run time.
@@ -291,15 +296,16 @@ def _rnn_native_layout(x: torch.Tensor, weights: list[torch.Tensor], bidirection
 
 
 @rnn_native.register_fake
-def _(x, weights, mode, num_layers, bidirectional, has_biases, train, step_autocast=None):
+def _(x, weights, mode, num_layers, bidirectional, has_biases, train, kernel_code, step_autocast=None):
     return _rnn_native_layout(x, weights, bidirectional)
 
 
 @torch.library.custom_op("sequencer::rnn_native_backward", mutates_args=())
 def rnn_native_backward(grad: torch.Tensor, x: torch.Tensor, weights: List[torch.Tensor], mode: str,
-                        num_layers: int, bidirectional: bool, has_biases: bool,
+                        num_layers: int, bidirectional: bool, has_biases: bool, kernel_code: str,
                         step_autocast: Optional[torch.dtype] = None) -> List[torch.Tensor]:
-    """[dL/dx, dL/dw for each weight] of :func:`rnn_native`, by recomputing the layer on detached leaves.
+    """[dL/dx, dL/dw for each weight] of :func:`rnn_native`, by recomputing the layer on detached leaves
+    (``kernel_code``: as :func:`rnn_native`'s).
 
     An op's implementation runs with autograd's dispatch keys excluded, so autograd would record nothing; they are
     re-admitted around the recomputation (the guard torch.utils.checkpoint uses), and ``torch.autograd.grad`` runs
@@ -327,20 +333,20 @@ def _autograd_recorded():
 
 
 @rnn_native_backward.register_fake
-def _(grad, x, weights, mode, num_layers, bidirectional, has_biases, step_autocast=None):
+def _(grad, x, weights, mode, num_layers, bidirectional, has_biases, kernel_code, step_autocast=None):
     return [x.new_empty(x.shape)] + [w.new_empty(w.shape) for w in weights]
 
 
 def _save_inputs(ctx, inputs, output):
-    x, weights, mode, num_layers, bidirectional, has_biases, _train, *step_autocast = inputs
+    x, weights, mode, num_layers, bidirectional, has_biases, _train, kernel_code, *step_autocast = inputs
     ctx.save_for_backward(x, *weights)
-    ctx.config = (mode, num_layers, bidirectional, has_biases, *step_autocast)
+    ctx.config = (mode, num_layers, bidirectional, has_biases, kernel_code, *step_autocast)
 
 
 def _rnn_native_grads(ctx, grad):
     x, *weights = ctx.saved_tensors
     grad_x, *grad_weights = rnn_native_backward(grad.contiguous(), x, weights, *ctx.config)
-    return grad_x, grad_weights, None, None, None, None, None, None
+    return grad_x, grad_weights, None, None, None, None, None, None, None
 
 
 rnn_native.register_autograd(_rnn_native_grads, setup_context=_save_inputs)
@@ -380,22 +386,23 @@ def _autocast_kernel(device_type: str):
     """``rnn_native``'s kernel at the Autocast dispatch key of ``device_type``: cast (differentiably, so float32
     parameters get float32 gradients), then run the op with autocast off, as torch.library.register_autocast does
     for one fixed dtype; or, where ATen autocasts the layer's steps (CPU GRU), run them under autocast inside."""
-    def kernel(x, weights, mode, num_layers, bidirectional, has_biases, train, step_autocast=None):
+    def kernel(x, weights, mode, num_layers, bidirectional, has_biases, train, kernel_code, step_autocast=None):
         dtype = autocast_rnn_dtype(device_type, mode)
         if dtype is None:
             step_autocast = torch.get_autocast_dtype(device_type)
         else:
             x, *weights = _cast_for_autocast(device_type, x, weights, dtype)
         with torch.autocast(device_type, enabled=False):
-            return rnn_native(x, weights, mode, num_layers, bidirectional, has_biases, train, step_autocast)
+            return rnn_native(x, weights, mode, num_layers, bidirectional, has_biases, train, kernel_code,
+                              step_autocast)
     return kernel
 
 
-def _onednn_lstm_autocast_kernel(x, weights, bidirectional, has_biases, layout):
+def _onednn_lstm_autocast_kernel(x, weights, bidirectional, has_biases, layout, kernel_code):
     """``onednn_lstm``'s kernel under CPU autocast, cast as ``rnn_native``'s is (the same rule, the same dtype)."""
     x, *weights = _cast_for_autocast("cpu", x, weights, autocast_rnn_dtype("cpu", "lstm"))
     with torch.autocast("cpu", enabled=False):
-        return onednn_lstm.onednn_lstm(x, weights, bidirectional, has_biases, layout)
+        return onednn_lstm.onednn_lstm(x, weights, bidirectional, has_biases, layout, kernel_code)
 
 
 _AUTOCAST_LIB = torch.library.Library("sequencer", "IMPL")  # held: its registrations live as long as it does

@@ -25,6 +25,7 @@ import triton
 from triton.runtime.errors import OutOfResources
 
 from . import triton_lstm_config
+from .code_key import KERNEL_CODE
 from .triton_lstm_kernels import lstm_bwd_held, lstm_bwd_tiled, lstm_fwd_held, lstm_fwd_tiled
 
 INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") == "1"
@@ -48,10 +49,12 @@ def _launch(direction: str, num_seqs: int, hidden: int, like: torch.Tensor, held
 
 
 @torch.library.triton_op("sequencer::lstm_scan", mutates_args=())
-def lstm_scan(xp: torch.Tensor, w_hh: torch.Tensor, save: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def lstm_scan(xp: torch.Tensor, w_hh: torch.Tensor, save: bool,
+              kernel_code: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The recurrence over projected inputs. xp: (B, S, T, D, 4H) gate pre-activations with both biases added;
     w_hh: (D, 4H, H). Returns out (B, S, T, D, H) in xp's dtype and, with ``save``, the activated gates
-    (B, S, T, D, 4H) and cells (B, S, T, D, H) in fp32 for backward (else empty)."""
+    (B, S, T, D, 4H) and cells (B, S, T, D, H) in fp32 for backward (else empty). ``kernel_code``:
+    :data:`.code_key.KERNEL_CODE`, for the compile caches' keys (unused here)."""
     B, S, T, D, G = xp.shape
     H = G // 4
     out = xp.new_empty((B, S, T, D, H))
@@ -77,7 +80,7 @@ def lstm_scan(xp: torch.Tensor, w_hh: torch.Tensor, save: bool) -> tuple[torch.T
 
 
 @lstm_scan.register_fake
-def _(xp, w_hh, save):
+def _(xp, w_hh, save, kernel_code):
     B, S, T, D, G = xp.shape
     H = G // 4
     return (xp.new_empty((B, S, T, D, H)), xp.new_empty((B, S, T, D, G) if save else (0,), dtype=torch.float32),
@@ -86,8 +89,9 @@ def _(xp, w_hh, save):
 
 @torch.library.triton_op("sequencer::lstm_scan_backward", mutates_args=())
 def lstm_scan_backward(grad_out: torch.Tensor, out: torch.Tensor, gates: torch.Tensor, cells: torch.Tensor,
-                       w_hh: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Gradients of :func:`lstm_scan` w.r.t. xp (B, S, T, D, 4H) and w_hh (D, 4H, H), from the saved tensors."""
+                       w_hh: torch.Tensor, kernel_code: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Gradients of :func:`lstm_scan` w.r.t. xp (B, S, T, D, 4H) and w_hh (D, 4H, H), from the saved tensors
+    (``kernel_code``: as :func:`lstm_scan`'s)."""
     B, S, T, D, H = out.shape
     grad_xp = torch.empty((B, S, T, D, 4 * H), device=out.device, dtype=torch.float32)
     if out.numel() == 0:
@@ -117,24 +121,25 @@ def lstm_scan_backward(grad_out: torch.Tensor, out: torch.Tensor, gates: torch.T
 
 
 @lstm_scan_backward.register_fake
-def _(grad_out, out, gates, cells, w_hh):
+def _(grad_out, out, gates, cells, w_hh, kernel_code):
     B, S, T, D, H = out.shape
     return out.new_empty((B, S, T, D, 4 * H)), torch.empty_like(w_hh)
 
 
 def _setup_context(ctx, inputs, output):
-    xp, w_hh, save = inputs
+    xp, w_hh, save, kernel_code = inputs
     out, gates, cells = output
     ctx.mark_non_differentiable(gates, cells)
     ctx.save_for_backward(out, gates, cells, w_hh)
+    ctx.kernel_code = kernel_code
 
 
 def _backward(ctx, grad_out, _grad_gates, _grad_cells):
     out, gates, cells, w_hh = ctx.saved_tensors
     if grad_out is None:
         grad_out = torch.zeros_like(out)
-    grad_xp, grad_w = lstm_scan_backward(grad_out, out, gates, cells, w_hh)
-    return grad_xp, grad_w, None
+    grad_xp, grad_w = lstm_scan_backward(grad_out, out, gates, cells, w_hh, ctx.kernel_code)
+    return grad_xp, grad_w, None, None
 
 
 lstm_scan.register_autograd(_backward, setup_context=_setup_context)
@@ -153,4 +158,4 @@ def lstm_layer(x: torch.Tensor, w_ih: torch.Tensor, w_hh: torch.Tensor, bias: to
 def recurrence(xp: torch.Tensor, w_hh: torch.Tensor) -> torch.Tensor:
     """:func:`lstm_scan` saving for backward only when a gradient will be asked. xp: (B, S, T, D, 4H)."""
     save = torch.is_grad_enabled() and (xp.requires_grad or w_hh.requires_grad)
-    return lstm_scan(xp, w_hh, save)[0]
+    return lstm_scan(xp, w_hh, save, KERNEL_CODE)[0]
