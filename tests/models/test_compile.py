@@ -116,7 +116,7 @@ def test_native_backward_gives_the_modules_gradients():
     x = torch.randn(4, 3, 6).transpose(0, 1).requires_grad_()  # (3, 4, 6) in (T, N, C) memory, as the model gives
     grad = torch.randn(3, 4, 10)
     got = torch.ops.sequencer.rnn_native_backward(grad, x.detach(), [w.detach() for w in layer._flat_weights],
-                                                   "lstm", 2, True, True, KERNEL_CODE)
+                                                   "lstm", 2, True, True, KERNEL_CODE, None)
     want = torch.autograd.grad(layer(x)[0], [x, *layer._flat_weights], grad)
     assert len(got) == len(want) == 1 + len(layer._flat_weights)
     for a, b in zip(got, want):

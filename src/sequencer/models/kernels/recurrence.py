@@ -217,7 +217,7 @@ def run_rnn(rnn: nn.Module, x: torch.Tensor, backend: str) -> torch.Tensor:
         if onednn_lstm.applies(rnn, x, dtype):
             return onednn_lstm.lstm(x, weights, rnn.bidirectional, rnn.bias, dtype)
         return rnn_native(x, weights, _VF_MODES[rnn.mode], rnn.num_layers, rnn.bidirectional, rnn.bias, rnn.training,
-                          KERNEL_CODE)
+                          KERNEL_CODE, None)
     return rnn(_eager_input(rnn, x))[0]
 
 
@@ -269,11 +269,13 @@ def _vf_rnn(x: torch.Tensor, weights: list[torch.Tensor], mode: str, num_layers:
         return fn(x, hx, weights, has_biases, num_layers, 0.0, train, bidirectional, True)[0]
 
 
-# The custom ops' annotations say typing.List: torch < 2.8 infers no schema from PEP 585's list[...]
+# The custom ops' annotations say typing.List: torch < 2.8 infers no schema from PEP 585's list[...]. No argument
+# has a default: the dispatcher drops an argument equal to its default before autograd sees the call, and torch < 2.8
+# then wants one gradient fewer than the backward (given the filled-in inputs) returns
 @torch.library.custom_op("sequencer::rnn_native", mutates_args=())
 def rnn_native(x: torch.Tensor, weights: List[torch.Tensor], mode: str, num_layers: int, bidirectional: bool,
                has_biases: bool, train: bool, kernel_code: str,
-               step_autocast: Optional[torch.dtype] = None) -> torch.Tensor:
+               step_autocast: Optional[torch.dtype]) -> torch.Tensor:
     """ATen's LSTM/GRU/RNN as one opaque op for ``torch.compile``. x: (N, T, C) -> (N, T, D*H). ``step_autocast``:
     the autocast dtype the layer's own steps run under, where ATen autocasts them rather than the layer (CPU GRU).
     ``kernel_code``: :data:`.code_key.KERNEL_CODE`, for the compile caches' keys (unused here).
@@ -296,14 +298,14 @@ def _rnn_native_layout(x: torch.Tensor, weights: list[torch.Tensor], bidirection
 
 
 @rnn_native.register_fake
-def _(x, weights, mode, num_layers, bidirectional, has_biases, train, kernel_code, step_autocast=None):
+def _(x, weights, mode, num_layers, bidirectional, has_biases, train, kernel_code, step_autocast):
     return _rnn_native_layout(x, weights, bidirectional)
 
 
 @torch.library.custom_op("sequencer::rnn_native_backward", mutates_args=())
 def rnn_native_backward(grad: torch.Tensor, x: torch.Tensor, weights: List[torch.Tensor], mode: str,
                         num_layers: int, bidirectional: bool, has_biases: bool, kernel_code: str,
-                        step_autocast: Optional[torch.dtype] = None) -> List[torch.Tensor]:
+                        step_autocast: Optional[torch.dtype]) -> List[torch.Tensor]:
     """[dL/dx, dL/dw for each weight] of :func:`rnn_native`, by recomputing the layer on detached leaves
     (``kernel_code``: as :func:`rnn_native`'s).
 
@@ -333,14 +335,14 @@ def _autograd_recorded():
 
 
 @rnn_native_backward.register_fake
-def _(grad, x, weights, mode, num_layers, bidirectional, has_biases, kernel_code, step_autocast=None):
+def _(grad, x, weights, mode, num_layers, bidirectional, has_biases, kernel_code, step_autocast):
     return [x.new_empty(x.shape)] + [w.new_empty(w.shape) for w in weights]
 
 
 def _save_inputs(ctx, inputs, output):
-    x, weights, mode, num_layers, bidirectional, has_biases, _train, kernel_code, *step_autocast = inputs
+    x, weights, mode, num_layers, bidirectional, has_biases, _train, kernel_code, step_autocast = inputs
     ctx.save_for_backward(x, *weights)
-    ctx.config = (mode, num_layers, bidirectional, has_biases, kernel_code, *step_autocast)
+    ctx.config = (mode, num_layers, bidirectional, has_biases, kernel_code, step_autocast)
 
 
 def _rnn_native_grads(ctx, grad):
@@ -386,7 +388,7 @@ def _autocast_kernel(device_type: str):
     """``rnn_native``'s kernel at the Autocast dispatch key of ``device_type``: cast (differentiably, so float32
     parameters get float32 gradients), then run the op with autocast off, as torch.library.register_autocast does
     for one fixed dtype; or, where ATen autocasts the layer's steps (CPU GRU), run them under autocast inside."""
-    def kernel(x, weights, mode, num_layers, bidirectional, has_biases, train, kernel_code, step_autocast=None):
+    def kernel(x, weights, mode, num_layers, bidirectional, has_biases, train, kernel_code, step_autocast):
         dtype = autocast_rnn_dtype(device_type, mode)
         if dtype is None:
             step_autocast = torch.get_autocast_dtype(device_type)
