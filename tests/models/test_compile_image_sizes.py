@@ -123,11 +123,13 @@ def test_compiled_inference_over_image_sizes_stays_one_symbolic_graph(randomize)
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("amp", [False, True], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("amp", [False], ids=["fp32"])
 def test_inductor_training_over_image_sizes_matches_eager(amp, randomize, monkeypatch):
     """Inductor end to end, ``dynamic=True``, over two image sizes on the default oneDNN kernels (tens of seconds
     of C++ compiling per size, hence two sizes and ``slow``; the default compile takes the same static graphs, see
-    above).
+    above). CI runs fp32 only (bf16 cost 80 s more of CI's 2 cores): bf16 takes the same static graphs (the graph
+    checks above) and test_compile's inductor bf16 test holds inductor under autocast to eager; ``amp=True`` runs
+    the bf16 comparison below by hand.
 
     fp32: inductor fuses and reorders the elementwise chains and reductions (LayerNorm, GELU, the loss), while the
     convolutions, matmuls and recurrent layers run eager's kernels; measured over three sizes: losses 1.1e-7 and
