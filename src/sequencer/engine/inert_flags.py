@@ -4,7 +4,7 @@ set that does nothing in it, so a setting never goes unused in silence. timm ign
 (a timm command line keeps working)."""
 from __future__ import annotations
 
-from .config import TrainConfig, config_defaults
+from .config import LR_SCALING, TrainConfig, config_defaults
 
 _SCHEDULES_WITH = {  # the --sched kinds (timm's create_scheduler_v2) that read each schedule flag
     "decay_epochs": ("step", "wsd", "rsqrt"), "decay_milestones": ("multistep",), "patience_epochs": ("plateau",),
@@ -24,7 +24,7 @@ def _why_inert(cfg: TrainConfig, given, resuming: bool) -> dict[str, str]:
         why.update(dict.fromkeys(("initial_checkpoint", "pretrained"),
                                  "sets a new run's weights; a resume continues from its checkpoint's"))
     if "lr" in given:
-        why.update(dict.fromkeys(("lr_base", "lr_base_size", "lr_base_scale"), "derives an lr, and `lr` is given"))
+        why.update(dict.fromkeys(LR_SCALING, "derives an lr, and `lr` is given"))
     if cfg.clip_grad is None:
         why["clip_mode"] = "applies only with `clip_grad`"
     if not cfg.bce_loss:
