@@ -19,6 +19,7 @@ from torch.utils.data import DataLoader, default_collate
 from ..errors import SequencerError
 from .augment import keep_zero_bit_posterize
 from .datasets import READ_ERRORS, UnreadableImageError
+from .loader_workers import track
 
 _logger = logging.getLogger(__name__)
 
@@ -316,6 +317,7 @@ class ImageLoader(DataLoader):
         self._own_unreadable: set[str] = set()  # the unreadable files of this pass's own indices
         self._last_epoch: int | None = None
         self._explicit_epoch: int | None = None
+        track(self)  # its workers end with the library call that made it (loader_workers)
 
     def set_epoch(self, epoch: int) -> None:
         """Fix the shuffle order (and the distributed sampler's) for ``epoch``; call before iterating."""
@@ -426,7 +428,8 @@ def create_loader(dataset, input_size, batch_size: int, is_training: bool = Fals
     (an initialised process group) training shuffles with a DistributedSampler and evaluation gives each rank a
     disjoint, unpadded share. Raises SequencerError when the batch size leaves no batch at all.
     ``normalize_on_device`` (default: on CUDA) sends uint8 batches and normalises and erases them on ``device``
-    (`DeviceNormalize`), leaving the CPU workers only decoding and augmenting. Workers persist across passes.
+    (`DeviceNormalize`), leaving the CPU workers only decoding and augmenting. Workers persist across passes and end with the
+    library call that made the loader (`loader_workers.workers_stopped_on_exit`).
     ``transform``: a ready transform to use instead of timm's (segmentation's image+mask pairs); ``input_size`` and the
     augmentation arguments are then unused.
     """

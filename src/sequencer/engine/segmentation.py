@@ -30,6 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..data.loader_workers import workers_stopped_on_exit
 from ..data.segmentation import IGNORE_INDEX, SegmentationDataset, open_split, train_transform
 from ..errors import SequencerError
 from ..models.segmentation import create_segmenter, segmenter_from_config
@@ -83,7 +84,7 @@ def run_segmentation(cfg: SegmentConfig, state: RunState | None = None) -> Segme
     """What ``segment train`` runs: :func:`train_segmenter` with the command's signals (a signal's stop is returned,
     ``exit_code`` 128 + signal, never raised or handed on)."""
     state = state if state is not None else RunState()
-    with console(not state.quiet), caller_rng_kept():
+    with console(not state.quiet), caller_rng_kept(), workers_stopped_on_exit():
         check_segment_config(cfg)
         with claimed_process_group(cfg.device, state) as info:
             return _train(cfg, state, info)

@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..data.loader_workers import workers_stopped_on_exit
 from ..data.segmentation import IGNORE_INDEX, EvalTransform, SegmentationDataset, open_split, voc_palette
 from ..errors import SequencerError
 from ..fileio import write_atomically
@@ -264,7 +265,7 @@ def validate_segmenter(checkpoint: str | os.PathLike = "", data: str | os.PathLi
     if not data:
         raise SequencerError("validate_segmenter: no dataset folder given", hint="give `data`, the dataset folder")
     resolve_device(device)  # a bad `device` is one line before a process group is joined
-    with caller_rng_kept(), caller_module_kept(model), process_group(device) as info:
+    with caller_rng_kept(), caller_module_kept(model), workers_stopped_on_exit(), process_group(device) as info:
         loaded, dev = (_in_memory(model, device, info) if model is not None
                        else (load_segmenter(os.fspath(checkpoint), info.device), info.device))
         data_split, cfg = _split_and_settings(loaded, data, split, eval_size, in_memory=model is not None)

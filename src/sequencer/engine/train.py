@@ -32,6 +32,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from ..data.loader_workers import workers_stopped_on_exit
 from ..errors import SequencerError
 from ..models.caller_module import caller_module_kept
 from . import distributed as dist_utils
@@ -116,7 +117,8 @@ def train(config: TrainConfig | str | os.PathLike | None = None, /, *, callbacks
     state.datasets = explicit.pop("data") if isinstance(explicit.get("data"), (tuple, list)) else None
 
     def run() -> TrainResult:
-        with console(progress), caller_rng_kept(), caller_module_kept(state.module, tensors=False):
+        with console(progress), caller_rng_kept(), caller_module_kept(state.module, tensors=False), \
+                workers_stopped_on_exit():
             return run_training(resolve_config(explicit, state), state)
 
     return as_library_call(run, state, "training")

@@ -17,6 +17,7 @@ from torch import nn
 
 from ..data import create_dataset, create_loader, resolve_data_config
 from ..data.datasets import held_out_split
+from ..data.loader_workers import workers_stopped_on_exit
 from ..errors import SequencerError
 from ..models import get_model_entry, has_pretrained_weights
 from ..models.caller_module import caller_module_kept
@@ -95,7 +96,7 @@ def validate(checkpoint: str | os.PathLike = "", data=None, *, model: str | nn.M
     user_data = data is not None and not isinstance(data, (str, os.PathLike))
     data = os.fspath(data) if data is not None and not user_data else data
     with console(progress), caller_rng_kept(), caller_module_kept(model if in_memory else None), \
-            process_group(device) as dist_info:
+            workers_stopped_on_exit(), process_group(device) as dist_info:
         if load is None and not in_memory:
             pretrained = _pretrained_by_default(model, checkpoint, pretrained, dist_info)
         user_split = wrap_dataset(data) if user_data else None

@@ -14,6 +14,7 @@ from pathlib import Path
 
 from ..engine.evaluate import evaluate
 from ..engine.inference import LoadedModel, eval_loader
+from ..data.loader_workers import workers_stopped_on_exit
 from ..errors import SequencerError
 from ..fileio import write_atomically
 
@@ -68,6 +69,7 @@ def default_sizes(native: int, reduction: int) -> list[int]:
     return sorted({max(reduction, round(native * f / reduction) * reduction) for f in SWEEP_FACTORS})
 
 
+@workers_stopped_on_exit()
 def resolution_sweep(loaded: LoadedModel, data: str, split: str, sizes: list[int], batch_size: int = 64,
                      workers: int = 0, device="cpu") -> list[dict]:
     """One row per input size (img_size, top1, top5, loss, count) of ``loaded`` on ``data``'s ``split``, each with

@@ -25,6 +25,7 @@ import warnings
 from pathlib import Path
 
 from ..data.class_folders import is_hidden
+from ..data.loader_workers import workers_stopped_on_exit
 from ..engine.evaluate import evaluate
 from ..engine.inference import LoadedModel, eval_loader
 from ..errors import SequencerError
@@ -175,6 +176,7 @@ def select_corruptions(found: dict[str, Path], requested: list[str] | None, root
     return standard
 
 
+@workers_stopped_on_exit()
 def mean_corruption_error(loaded: LoadedModel, corruptions: dict[str, Path], batch_size: int = 64, workers: int = 0,
                           device="cpu", clean: str | None = None, clean_split: str = "val") -> dict:
     """Corruption errors, CEs and mCE of ``loaded`` on ``corruptions`` ({name: folder of severity folders}, e.g.
