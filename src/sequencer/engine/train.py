@@ -117,8 +117,7 @@ def train(config: TrainConfig | str | os.PathLike | None = None, /, *, callbacks
     state.datasets = explicit.pop("data") if isinstance(explicit.get("data"), (tuple, list)) else None
 
     def run() -> TrainResult:
-        with console(progress), caller_rng_kept(), caller_module_kept(state.module, tensors=False), \
-                workers_stopped_on_exit():
+        with console(progress), caller_rng_kept(), caller_module_kept(state.module, tensors=False):
             return run_training(resolve_config(explicit, state), state)
 
     return as_library_call(run, state, "training")
@@ -150,11 +149,12 @@ def _user_module(explicit: dict) -> nn.Module | None:
 def run_training(cfg: TrainConfig, state: RunState | None = None) -> TrainResult:
     """Check ``cfg``, then run it in this process or as one rank of a torchrun launch (or of the caller's process
     group); a failed run leaves no empty experiment folder behind. ``state``: from :func:`resolve_config`
-    (without it no setting counts as the user's choice, so a resume takes all of them from its checkpoint)."""
+    (without it no setting counts as the user's choice, so a resume takes all of them from its checkpoint). The
+    run's data-loader workers end with it, also when it raises (``data.loader_workers``)."""
     state = state if state is not None else RunState()
     cfg = check_config(cfg, state)
     try:
-        with claimed_process_group(cfg.device, state) as info:
+        with claimed_process_group(cfg.device, state) as info, workers_stopped_on_exit():
             return _train(cfg, state, info)
     finally:
         if state.wandb is not None:
