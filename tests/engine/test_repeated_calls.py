@@ -1,15 +1,18 @@
-"""The library in a long-lived process (a notebook, a sweep, a service): what a call leaves behind after it ends,
-also when it raises. A caller keeps an exception (a notebook's ``sys.last_value``, a sweep's list of failures),
-and its traceback holds the call's frames: the data-loader worker processes of the call must have ended all the
-same (test_guest_state.py checks the state one call leaves; this file what calls that fail leave)."""
+"""The library in a long-lived process (a notebook, a sweep, a service), called again and again (test_guest_state.py
+checks the state one call leaves). A caller keeps an exception (a notebook's ``sys.last_value``, a sweep's list of
+failures), and its traceback holds the call's frames: the data-loader worker processes of the call must have ended
+all the same. A second call gives the first one's numbers, and a compiled one reuses the first one's graph."""
 from __future__ import annotations
 
 import multiprocessing
 
 import pytest
+import torch
 from torch import nn
+from torch._dynamo.utils import counters
 
 import sequencer
+from sequencer.models.loading import read_checkpoint
 from test_api_objects import Blobs, tiny_net
 
 WORKERS = dict(workers=2, batch_size=4, device="cpu")
@@ -55,3 +58,36 @@ def test_a_validation_that_raises_mid_pass_leaves_no_worker_processes():
                                                       progress=False, **WORKERS), RuntimeError)
     assert set(multiprocessing.active_children()) == before
     assert "middle of a pass" in str(failure)
+
+
+def test_the_same_run_twice_in_one_process_trains_the_same_weights(tmp_path):
+    """Nothing of a run carries into the next (a dataset, a random generator, an EMA or a schedule): the same settings
+    run again in the same process, after the caller's own random draws, give the same losses and weights, the
+    data-loader workers' augmentation and the EMA included."""
+    runs = []
+    for i in range(2):
+        torch.manual_seed(100 + i)  # the caller's random state differs between the calls
+        runs.append(sequencer.train(model="sequencer2d_nano", img_size=16, epochs=1, warmup_epochs=0, model_ema=True,
+                                    data=(Blobs(8, 0, pil=True), Blobs(4, 1, pil=True)), output=str(tmp_path),
+                                    experiment=f"run{i}", progress=False, **WORKERS))
+    first, second = ([{k: v for k, v in row.items() if k != "epoch_seconds"} for row in run.summary] for run in runs)
+    assert first == second and len(first) == 1
+    weights = [read_checkpoint(run.output_dir / "last.pth.tar") for run in runs]
+    for key in ("state_dict", "state_dict_ema"):
+        assert weights[0][key].keys() == weights[1][key].keys()
+        assert all(torch.equal(weights[0][key][name], weights[1][key][name]) for name in weights[0][key])
+
+
+def test_validating_new_modules_compiled_reuses_the_compiled_graph():
+    """``validate(model=..., torchcompile=...)`` of one module after another (checkpoints of a sweep) compiles once:
+    a call that recompiled would reach dynamo's recompile limit (8) and run the later ones eagerly."""
+    def validate_a_new_module(seed: int):
+        torch.manual_seed(seed)
+        model = sequencer.create_model("sequencer2d_nano", num_classes=2, img_size=16)
+        return sequencer.validate(model=model, data=Blobs(4, 1, pil=True), batch_size=4, workers=0,
+                                  torchcompile="eager", progress=False)
+
+    validate_a_new_module(0)
+    compiled = dict(counters["frames"])
+    validate_a_new_module(1)
+    assert dict(counters["frames"]) == compiled
