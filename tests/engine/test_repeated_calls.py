@@ -13,7 +13,9 @@ from torch._dynamo.utils import counters
 
 import sequencer
 from sequencer.models.loading import read_checkpoint
+from segmentation_helpers import make_voc
 from test_api_objects import Blobs, tiny_net
+from test_guest_state import caller_segmenter
 
 WORKERS = dict(workers=2, batch_size=4, device="cpu")
 
@@ -52,10 +54,25 @@ def test_a_training_that_raises_mid_epoch_leaves_no_worker_processes(error, tmp_
     assert set(multiprocessing.active_children()) == before
 
 
-def test_a_validation_that_raises_mid_pass_leaves_no_worker_processes():
+class SegmenterFailsAtCall(FailsAtCall):
+    """A tiny segmenter (``num_classes`` 3) raising ``error`` on its ``at``-th forward."""
+
+    def __init__(self, error: type[BaseException], at: int):
+        super().__init__(error, at)
+        self.net, self.num_classes = caller_segmenter().eval(), 3
+
+
+@pytest.mark.parametrize("entry", ["validate", "validate_segmenter"])
+def test_a_validation_that_raises_mid_pass_leaves_no_worker_processes(entry, tmp_path):
+    if entry == "validate":
+        call = lambda: sequencer.validate(model=FailsAtCall(RuntimeError, at=2), data=Blobs(16, 1),  # noqa: E731
+                                          progress=False, **WORKERS)
+    else:
+        voc = make_voc(tmp_path / "voc", n_train=1, n_val=4)
+        call = lambda: sequencer.validate_segmenter(data=voc, model=SegmenterFailsAtCall(RuntimeError, at=2),  # noqa: E731
+                                                    eval_size=32, workers=2, device="cpu")
     before = set(multiprocessing.active_children())
-    failure = kept_failure(lambda: sequencer.validate(model=FailsAtCall(RuntimeError, at=2), data=Blobs(16, 1),
-                                                      progress=False, **WORKERS), RuntimeError)
+    failure = kept_failure(call, RuntimeError)
     assert set(multiprocessing.active_children()) == before
     assert "middle of a pass" in str(failure)
 

@@ -150,14 +150,19 @@ def test_benchmark_cli_errors(argv, message, capsys):
     assert err.startswith("sequencer benchmark: error:") and message in err and "Traceback" not in err
 
 
-def test_loader_benchmark_measures_ours_beside_timms_create_loader(tmp_path, capsys):
+def _image_folder(root):
+    """A train split of two classes, six 20x20 JPEGs each."""
     import numpy as np
     from PIL import Image
     for cls in ("a", "b"):
-        (tmp_path / "data" / "train" / cls).mkdir(parents=True)
+        (root / "train" / cls).mkdir(parents=True)
         for i in range(6):
             pixels = np.random.default_rng(i).integers(0, 256, (20, 20, 3), dtype=np.uint8)
-            Image.fromarray(pixels).save(tmp_path / "data" / "train" / cls / f"{i}.jpg")
+            Image.fromarray(pixels).save(root / "train" / cls / f"{i}.jpg")
+
+
+def test_loader_benchmark_measures_ours_beside_timms_create_loader(tmp_path, capsys):
+    _image_folder(tmp_path / "data")
     results = tmp_path / "r.json"
     assert main(["benchmark", "--data", str(tmp_path / "data"), "--compare-timm", "--img-size", "16", "-b", "2",
                  "-j", "1", "--num-iter", "2", "--rounds", "2", "--device", "cpu",
@@ -297,3 +302,27 @@ def test_benchmark_header_and_results_name_the_cpu_and_isa(tmp_path, capsys, mon
     report = json.loads(out.read_text())
     assert (report["cpu"], report["cpu_isa"], report["cpu_class"]) == (info.model, info.matrix_isa, "avx512-vnni")
     assert report["cpu_description"] == info.describe() and report["device_name"] == info.model
+
+
+def test_loader_benchmark_interrupted_in_a_round_leaves_no_worker_processes(tmp_path, monkeypatch):
+    """Ctrl-C in a round of ``run_loader_benchmark``: ours and timm's loaders' workers end, though the kept exception's
+    traceback still holds the loaders."""
+    import multiprocessing
+
+    from sequencer.tools import loader_benchmark
+    _image_folder(tmp_path / "data")
+    timed_round, rounds = loader_benchmark._round, []
+
+    def interrupted_round(loader, batches, device):
+        rounds.append(timed_round(loader, batches, device))
+        if len(rounds) == 2:  # both loaders have started their workers
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(loader_benchmark, "_round", interrupted_round)
+    before = set(multiprocessing.active_children())
+    settings = benchmark.BenchmarkSettings(data=str(tmp_path / "data"), compare_timm=True, batch_size=2, workers=1,
+                                           num_iter=1, rounds=2, device="cpu")
+    with pytest.raises(KeyboardInterrupt) as raised:
+        loader_benchmark.run_loader_benchmark(settings, torch.device("cpu"), 16)
+    assert raised.value.__traceback__ is not None and len(rounds) == 2
+    assert set(multiprocessing.active_children()) == before

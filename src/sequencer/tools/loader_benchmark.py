@@ -66,15 +66,20 @@ def _round(loader, batches: int, device: torch.device) -> float:
 
 def run_loader_benchmark(args: BenchmarkSettings, device: torch.device, img_size: int) -> dict:
     """{'ours': [img/s per round], 'timm': [...]} for ``args.data`` (timm only with ``--compare-timm``)."""
+    from ..data.loader_workers import stop_workers
     makers = {"ours": _ours}
     if args.compare_timm:
         makers["timm"] = _timms
     loaders = {name: make(args.data, img_size, args.batch_size, args.workers, device)
                for name, make in makers.items()}
     rates = {name: [] for name in loaders}
-    for _ in range(args.rounds):
-        for name, loader in loaders.items():
-            rates[name].append(_round(loader, args.num_iter, device))
+    try:
+        for _ in range(args.rounds):
+            for name, loader in loaders.items():
+                rates[name].append(_round(loader, args.num_iter, device))
+    finally:  # also when a round raises (Ctrl-C): the exception's traceback would keep the workers alive
+        for loader in loaders.values():
+            stop_workers(getattr(loader, "loader", loader))  # timm's CUDA PrefetchLoader wraps its DataLoader
     return dict(data=args.data, img_size=img_size, batch_size=args.batch_size, workers=args.workers,
                 device=str(device), rounds=rates)
 
