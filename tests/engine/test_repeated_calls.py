@@ -15,7 +15,7 @@ import sequencer
 from sequencer.models.loading import read_checkpoint
 from segmentation_helpers import make_voc
 from test_api_objects import Blobs, tiny_net
-from test_guest_state import caller_segmenter
+from test_guest_state import TINY_BACKBONE, TINY_SEGMENT, caller_segmenter
 
 WORKERS = dict(workers=2, batch_size=4, device="cpu")
 
@@ -51,6 +51,22 @@ def test_a_training_that_raises_mid_epoch_leaves_no_worker_processes(error, tmp_
                                                      progress=False, **WORKERS), error)
                 for i in range(2)]
     assert len(failures) == 2
+    assert set(multiprocessing.active_children()) == before
+
+
+
+def test_a_segmenter_training_a_callback_interrupts_leaves_no_worker_processes(tmp_path):
+    """A callback raising KeyboardInterrupt after the first of two epochs: the training and held-out loaders' workers
+    are alive then (they persist across epochs), and end with the call."""
+    voc = make_voc(tmp_path / "voc", n_train=4, n_val=2)
+
+    def interrupt(metrics):
+        raise KeyboardInterrupt
+
+    settings = dict(TINY_SEGMENT, epochs=2, workers=2)
+    before = set(multiprocessing.active_children())
+    kept_failure(lambda: sequencer.train_segmenter(voc, **settings, backbone_kwargs=TINY_BACKBONE, callbacks=[interrupt],
+                                                   output=str(tmp_path), progress=False), KeyboardInterrupt)
     assert set(multiprocessing.active_children()) == before
 
 
