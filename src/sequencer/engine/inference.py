@@ -33,6 +33,9 @@ class LoadedModel:
     input_size: tuple[int, int, int]
     data_config: dict = field(default_factory=dict)  # mean, std, crop_pct, interpolation
     checkpoint: dict | None = None
+    # a module in memory: the names its pretrained_cfg gives its outputs (`label_names`, e.g. a checkpoint's class
+    # names that create_model(checkpoint_path=...) put there); a dataset sharing names with them is mapped by name
+    output_names: list[str] | None = None
 
     @property
     def num_params(self) -> int:
@@ -170,15 +173,19 @@ def label_with_model_classes(dataset, loaded) -> None:
     map onto a 1000-class model's outputs; otherwise the class counts must match.
     """
     num_outputs = getattr(loaded.model, "num_classes", None)
-    names = list(dataset.class_names)
     ckpt_names = [class_name(n) for n in checkpoint_metadata(loaded.checkpoint).get("class_names") or []]
     _leave_out_ignored_classes(dataset, loaded)
     names = list(dataset.class_names)
-    if ckpt_names and (set(names) & set(ckpt_names) or len(names) == len(ckpt_names)):
-        missing = map_classes_by_name(dataset, ckpt_names, "the evaluated split")
+    # a module's own output names count only where the data shares some (a Dataset's "0", "1", ... name nothing)
+    known = ckpt_names or [class_name(n) for n in loaded.output_names or []]
+    # ImageNet's readable names in index order (what an export of a 1000-class model without names of its own
+    # records) name the same outputs as ImageNet's synset folders: those go by index below, not by name
+    by_index = len(known) == 1000 and _imagenet_readable(known)
+    if known and (set(names) & set(known) or (len(names) == len(ckpt_names) and not by_index)):
+        missing = map_classes_by_name(dataset, known, "the evaluated split")
         if missing:
-            _logger.info(f"note: {dataset.description} has no images of {len(missing)} of the checkpoint's "
-                        f"{len(ckpt_names)} classes ({', '.join(missing[:5])}{', ...' if len(missing) > 5 else ''})")
+            _logger.info(f"note: {dataset.description} has no images of {len(missing)} of the model's "
+                        f"{len(known)} classes ({', '.join(missing[:5])}{', ...' if len(missing) > 5 else ''})")
         return
     if num_outputs == 1000 and len(names) < 1000 and all(n.startswith("n") and n[1:].isdigit() for n in names):
         from timm.data import ImageNetInfo
@@ -191,6 +198,16 @@ def label_with_model_classes(dataset, loaded) -> None:
         raise SequencerError(
             f"model {loaded.name} has a {num_outputs}-class head but {dataset.description} has {len(names)} classes",
             hint="validate a checkpoint trained on this data, or pass `class_map` / `num_classes` to match")
+
+
+def _imagenet_readable(names: list[str]) -> bool:
+    """Whether ``names`` are ImageNet-1k's readable class names in class-index order: ours (``IMAGENET_CLASSES``,
+    what predict labels a 1000-class model with) or timm's descriptions (a Hub config's ``label_descriptions``)."""
+    from timm.data import ImageNetInfo
+
+    from ..data.imagenet_classes import IMAGENET_CLASSES
+    info = ImageNetInfo()
+    return names == list(IMAGENET_CLASSES) or names == [info.index_to_description(i) for i in range(1000)]
 
 
 def _leave_out_ignored_classes(dataset, loaded) -> None:

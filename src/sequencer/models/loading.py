@@ -182,6 +182,26 @@ def model_config(checkpoint: dict) -> dict:
     return {k: v for k, v in checkpoint_metadata(checkpoint).items() if k in CONFIG_KEYS and v is not None}
 
 
+PREPROCESSING_KEYS = ("mean", "std", "crop_pct", "interpolation")
+
+
+def recorded_cfg(checkpoint: dict | None, num_classes: int | None, in_chans: int) -> dict:
+    """The ``pretrained_cfg`` entries a checkpoint's record gives the model it loads into: its preprocessing
+    (``mean``, ``std``, ``crop_pct``, ``interpolation``; ``input_size`` from its ``img_size``) and, where they name
+    exactly the model's ``num_classes`` outputs, its class names as ``label_names`` (timm's key). {} for a file
+    that records none (the authors' release, timm's weights)."""
+    meta = checkpoint_metadata(checkpoint)
+    data = meta.get("data_config") if isinstance(meta.get("data_config"), dict) else {}
+    cfg = {k: tuple(data[k]) if isinstance(data[k], (list, tuple)) else data[k]
+           for k in PREPROCESSING_KEYS if data.get(k) is not None}
+    if data.get("img_size"):
+        cfg["input_size"] = (in_chans, int(data["img_size"]), int(data["img_size"]))
+    names = meta.get("class_names")
+    if names and len(names) == num_classes:
+        cfg.update(label_names=[str(n) for n in names], num_classes=num_classes)
+    return cfg
+
+
 def jsonable(value):
     """Tuples -> lists, recursively, so a config reads back the same from JSON and from a .pth."""
     if isinstance(value, dict):

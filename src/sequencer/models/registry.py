@@ -17,7 +17,7 @@ from torch import nn
 from ..errors import SequencerError
 from .features import FeatureExtractor
 from .hub import HF_HUB_PREFIX, hf_hub_model_config, load_pretrained
-from .loading import load_checkpoint
+from .loading import load_checkpoint, recorded_cfg
 
 
 @dataclass(frozen=True)
@@ -136,7 +136,11 @@ def create_model(
     torch hub cache; with ``pretrained_cfg_overlay=dict(source="hf-hub")``, timm's Hugging Face Hub copy named by the
     cfg's ``hf_hub_id``, into huggingface_hub's cache, which honours HF_ENDPOINT and HF_HUB_OFFLINE);
     ``checkpoint_path`` loads a file in any supported layout (release, timm, our training checkpoints,
-    safetensors). A head trained for another class count is dropped and re-initialised with a warning.
+    safetensors). A head trained for another class count is dropped and re-initialised with a warning. What the
+    file records (ours: training checkpoints, ``checkpoint clean``, safetensors exports) becomes the model's
+    ``pretrained_cfg``: its mean, std, crop_pct, interpolation and image size, and its class names as
+    ``label_names`` where they name the head's outputs, so timm's ``resolve_data_config(model=model)`` and
+    ``sequencer.validate(model=model)`` preprocess as ``sequencer predict --checkpoint`` does.
     ``use_ema`` picks a training checkpoint's EMA weights when it has them.
     ``features_only`` returns a module giving per-stage NCHW feature maps (``out_indices`` picks stages).
     ``pretrained_cfg_overlay`` replaces fields of the model's ``pretrained_cfg`` (e.g. ``url``, ``sha256``).
@@ -171,7 +175,16 @@ def create_model(
     if pretrained and not checkpoint_path:
         load_pretrained(model, cfg)
     if checkpoint_path:
-        load_checkpoint(model, checkpoint_path, use_ema=use_ema)
+        checkpoint = load_checkpoint(model, checkpoint_path, use_ema=use_ema)
+        # the file's own record of how its weights see images (what `sequencer predict --checkpoint` applies), so
+        # that timm.data.resolve_data_config(model=...) and validate(model=...) preprocess as it does; the
+        # caller's img_size and pretrained_cfg_overlay stay theirs
+        recorded = recorded_cfg(checkpoint, getattr(model, "num_classes", None), in_chans)
+        if img_size is not None:
+            recorded.pop("input_size", None)
+        cfg.update({k: v for k, v in recorded.items() if k not in (pretrained_cfg_overlay or {})})
+        if "label_names" in recorded:  # another head's descriptions (a Hub cfg's) describe other classes
+            cfg.pop("label_descriptions", None)
     if features_only:
         model = FeatureExtractor(model, out_indices)
     return model
