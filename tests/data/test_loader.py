@@ -226,20 +226,28 @@ def test_every_rank_and_worker_draws_its_own_augmentation_and_a_rerun_repeats(tm
 
 
 def test_persistent_workers_repeat_each_epochs_augmentation_on_resume(image_folder):
-    """Workers live across epochs; epoch 2 still draws what a run resumed at epoch 2 draws."""
+    """Workers live across epochs; epoch 2 still draws what a run resumed at epoch 2 draws, with any number of
+    workers, and a pass resumed after its first batches (``set_epoch(e, skip_batches)``) is the rest of the pass,
+    drawn alike (each batch is seeded from its place in the pass, not from the worker that loads it)."""
     ds = create_dataset("", root=str(image_folder), split="train")
 
-    def batches(loader, epoch):
-        loader.set_epoch(epoch)
+    def batches(loader, epoch, skip=0):
+        loader.set_epoch(epoch, skip)
         return torch.cat([images for images, _ in loader])
 
-    kw = dict(num_workers=2, seed=5, auto_augment="rand-m9-mstd0.5-inc1", re_prob=0.5)
-    run = _loader(ds, 2, is_training=True, **kw)
+    kw = dict(seed=5, auto_augment="rand-m9-mstd0.5-inc1", re_prob=0.5)
+    run = _loader(ds, 2, is_training=True, num_workers=2, **kw)
     assert run.persistent_workers
     epochs = [batches(run, e) for e in range(3)]
-    resumed = _loader(ds, 2, is_training=True, **kw)
+    resumed = _loader(ds, 2, is_training=True, num_workers=1, **kw)
     assert torch.equal(batches(resumed, 2), epochs[2])
+    assert torch.equal(batches(resumed, 1, skip=1), epochs[1][2:])  # the first batch (of 2) left out, not loaded
+    assert torch.equal(torch.cat([images for images, _ in resumed]), epochs[2])  # the next pass is whole
     assert not torch.equal(epochs[1], epochs[2])
+    labels = [t for _, t in _loader(ds, 2, is_training=True, num_workers=0, seed=5)]
+    in_process = _loader(ds, 2, is_training=True, num_workers=0, seed=5)
+    in_process.set_epoch(0, skip_batches=1)
+    assert torch.equal(torch.cat([t for _, t in in_process]), torch.cat(labels[1:]))
 
 
 def test_uint8_batches_normalised_on_the_device_match_the_cpu_transform(image_folder):

@@ -81,38 +81,91 @@ def test_rng_state_round_trips_through_a_weights_only_file(tmp_path):
     assert (random.random(), np.random.rand(), torch.rand(1).item()) == expected
 
 
+@pytest.mark.slow
 def test_resume_continues_exactly(image_folder, tmp_path, monkeypatch):
-    """Two epochs in one go == one epoch, SIGTERM, --resume: same weights, EMA, optimizer and summary rows."""
-    common = [image_folder, *TINY_RUN, "--output", tmp_path, "--epochs", "3", "--mixup", "0.5", "--reprob", "0.3",
-              "--aa", "rand-m9-mstd0.5-inc1", "--model-ema", "--model-ema-decay", "0.8", "--sched-on-updates",
-              "--warmup-epochs", "1"]
+    """A run stopped twice (SIGTERM while epoch 0 is evaluated, Ctrl-C in the middle of an accumulation window of
+    epoch 1) and resumed each time, the last time with another -j, is bit for bit the uninterrupted run: weights,
+    EMA, optimizer state, the lr of every update, summary rows. The interrupted epoch went on where its last update
+    left it; it used to re-run from its beginning (3 more optimizer steps here, a rewound lr, other weights)."""
+    import sequencer.engine.evaluate as ev
+    import sequencer.engine.loop as loop
+
+    common = [image_folder, *TINY_RUN, "--output", tmp_path, "--epochs", "2", "-j", "2", "--mixup", "0.5",
+              "--reprob", "0.3", "--aa", "rand-m9-mstd0.5-inc1", "--model-ema", "--model-ema-decay", "0.8",
+              "--sched-on-updates", "--warmup-epochs", "1", "--grad-accum-steps", "2"]  # 6 batches, 3 updates
+    update_lrs = {"straight": [], "split": []}
+    real_update, real_forward, real_evaluate = loop._update, loop._forward, ev.evaluate
+
+    def record_update(run, *a):
+        update_lrs[run.out.folder.name].append(loop.current_lr(run.opt.optimizer))
+        return real_update(run, *a)
+
+    monkeypatch.setattr(loop, "_update", record_update)
     assert train_cli([*common, "--experiment", "straight"]) == 0
 
-    import sequencer.engine.evaluate as ev
-    real_evaluate = ev.evaluate
-    calls = []
-
-    def evaluate_then_preempt(*a, **kw):  # SIGTERM arrives while epoch 1 is being evaluated
-        out = real_evaluate(*a, **kw)
-        calls.append(1)
-        if len(calls) == 3:  # epoch 0: model + EMA, epoch 1: model (+ EMA after)
-            os.kill(os.getpid(), signal.SIGTERM)
-        return out
+    def evaluate_then_preempt(*a, **kw):  # SIGTERM arrives while epoch 0's model is evaluated
+        os.kill(os.getpid(), signal.SIGTERM)
+        return real_evaluate(*a, **kw)
 
     monkeypatch.setattr(ev, "evaluate", evaluate_then_preempt)
     assert train_cli([*common, "--experiment", "split"]) == 128 + signal.SIGTERM
-    assert [int(r["epoch"]) for r in summary_rows(tmp_path / "split")] == [0, 1]
     monkeypatch.setattr(ev, "evaluate", real_evaluate)
-    assert train_cli([*common, "--experiment", "split", "--resume", "auto"]) == 0
+    forwards = []
+
+    def forward_then_interrupt(run, *a):  # Ctrl-C during epoch 1's batch 3, the second of its update's 2
+        forwards.append(1)
+        if len(forwards) == 4:
+            os.kill(os.getpid(), signal.SIGINT)
+        return real_forward(run, *a)
+
+    monkeypatch.setattr(loop, "_forward", forward_then_interrupt)
+    assert train_cli([*common, "--experiment", "split", "--resume", "auto"]) == 128 + signal.SIGINT
+    recovery = read_checkpoint(tmp_path / "split" / "recovery.pth.tar")
+    assert (recovery["epoch"], recovery["epoch_progress"]["batches"]) == (1, 2)
+    monkeypatch.setattr(loop, "_forward", real_forward)
+    assert train_cli([*common, "--experiment", "split", "--resume", "auto", "-j", "1"]) == 0
 
     a = read_checkpoint(tmp_path / "straight" / "last.pth.tar")
     b = read_checkpoint(tmp_path / "split" / "last.pth.tar")
-    assert a["epoch"] == b["epoch"] == 2
+    assert a["epoch"] == b["epoch"] == 1
+    assert update_lrs["split"] == update_lrs["straight"] and len(update_lrs["straight"]) == 6
     for key in ("state_dict", "state_dict_ema"):
         for name, value in a[key].items():
-            torch.testing.assert_close(b[key][name], value, rtol=1e-5, atol=1e-6, msg=f"{key}.{name}")
+            assert torch.equal(b[key][name], value), f"{key}.{name}"
+    for state_a, state_b in zip(a["optimizer"]["state"].values(), b["optimizer"]["state"].values()):
+        for name, value in state_a.items():
+            assert torch.equal(state_b[name], value), name
     rows_a, rows_b = summary_rows(tmp_path / "straight"), summary_rows(tmp_path / "split")
-    assert [r["epoch"] for r in rows_b] == ["0", "1", "2"]
+    assert [r["epoch"] for r in rows_b] == ["0", "1"]
     for ra, rb in zip(rows_a, rows_b):
-        assert float(ra["train_loss"]) == pytest.approx(float(rb["train_loss"]), abs=1e-4)
-        assert ra["eval_top1"] == rb["eval_top1"] and ra["lr"] == rb["lr"]
+        assert [ra[k] for k in ("train_loss", "eval_loss", "eval_top1", "lr")] == \
+            [rb[k] for k in ("train_loss", "eval_loss", "eval_top1", "lr")]
+
+
+@pytest.mark.parametrize("change, note", [(dict(batch_size=4), "batch_size 8 -> 4"),
+                                          (dict(world_size=2), "world_size 1 -> 2"), (None, None)])
+def test_an_interrupted_epoch_goes_on_only_over_the_same_batches(change, note):
+    """A recovery file's epoch goes on after its last update only when this start cuts the data into the same
+    batches; otherwise (another batch size, accumulation or number of processes) it re-runs, and says so."""
+    from sequencer.engine.config import TrainConfig
+    from sequencer.engine.distributed import DistInfo
+    from sequencer.engine.loop import EpochProgress, Loaders
+    from sequencer.engine.train import epoch_progress
+
+    recorded = dict(batches=4, batch_size=8, grad_accum_steps=2, world_size=1, steps_per_epoch=6,
+                    losses=[[3.5, 32]])
+    checkpoint = dict(epoch=1, epoch_complete=False, step=5, epoch_progress=recorded)
+    cfg = TrainConfig(batch_size=8, grad_accum_steps=2)
+    loaders = Loaders(None, None, {}, 16, steps_per_epoch=6, updates_per_epoch=3)
+    info = DistInfo()
+    if change:
+        cfg.batch_size = change.get("batch_size", 8)
+        info = DistInfo(rank=0, world_size=change.get("world_size", 1)) if "world_size" in change else info
+        recorded["losses"] *= info.world_size
+        with pytest.warns(UserWarning, match=f"epoch 1 re-runs from its beginning.*{note}"):
+            assert epoch_progress(cfg, info, checkpoint, loaders) == EpochProgress()
+        return
+    assert epoch_progress(cfg, info, checkpoint, loaders) == EpochProgress(4, 3.5, 32)
+    assert epoch_progress(cfg, info, {**checkpoint, "epoch_complete": True}, loaders) == EpochProgress()
+    del checkpoint["epoch_progress"]  # a recovery file of an older version: the epoch re-runs, as it did
+    assert epoch_progress(cfg, info, checkpoint, loaders) == EpochProgress()

@@ -7,6 +7,7 @@ erasing, ...); the eval transform is resize to ``size / crop_pct`` then centre-c
 from __future__ import annotations
 
 import copy
+import itertools
 import logging
 from collections.abc import Mapping
 
@@ -169,10 +170,10 @@ class _SkippingView(torch.utils.data.Dataset):
         return getattr(self.dataset, name)
 
     def __getitem__(self, key):
-        """``key`` is an index, or ``(index, pass seed, pass number)`` from a `_PassSeededSampler`."""
-        index, *pass_key = key if isinstance(key, tuple) else (key,)
-        if pass_key:
-            _seed_worker_for_pass(*pass_key)
+        """``key`` is an index, or ``(index, batch seed or None)`` from a `_BatchSeededSampler`."""
+        index, *batch_seed = key if isinstance(key, tuple) else (key,)
+        if batch_seed and batch_seed[0] is not None:
+            _seed_worker_for_batch(batch_seed[0])
         failed = []
         for attempt in range(self.MAX_REPLACEMENTS if self.replace else 1):
             try:
@@ -183,33 +184,29 @@ class _SkippingView(torch.utils.data.Dataset):
         return None, -1, failed
 
 
-_worker_pass: tuple | None = None  # in a worker process: the pass it was last seeded for
-
-
-def _seed_worker_for_pass(pass_seed: int, pass_number: int) -> None:
-    """In a data-loader worker, seed random, numpy and torch with ``pass_seed + worker id`` on its first item of
-    a pass. Persistent workers live across epochs, so the DataLoader seeds them only once; this gives each epoch the
-    draws a fresh worker of that epoch would make, so a resumed run repeats them. No-op in the main process."""
+def _seed_worker_for_batch(seed: int) -> None:
+    """In a data-loader worker, seed random, numpy and torch with ``seed`` as a batch begins (its first item). A
+    batch's augmentation then depends on the seed, rank, epoch and its place in the pass only, not on which worker
+    loads it nor on how many there are: a pass resumed after its first batches, with any ``num_workers``, draws
+    what the whole pass drew. No-op in the main process (``num_workers=0`` draws from the process's own state)."""
     import random
 
     import numpy as np
-    global _worker_pass
-    info = torch.utils.data.get_worker_info()
-    if info is None or _worker_pass == (pass_seed, pass_number):
+    if torch.utils.data.get_worker_info() is None:
         return
-    _worker_pass = (pass_seed, pass_number)
-    seed = (pass_seed + info.id) % 2 ** 63
     random.seed(seed)
     np.random.seed(seed % 2 ** 32)
     torch.manual_seed(seed)
 
 
-class _PassSeededSampler(torch.utils.data.Sampler):
-    """``base``'s indices as ``(index, pass_seed, pass_number)``; the loader sets both before each pass."""
+class _BatchSeededSampler(torch.utils.data.Sampler):
+    """``base``'s indices less the first ``skip`` of the pass, each as ``(index, batch seed)`` (``keyed``, for
+    data-loader workers; else plain indices): the seed, ``pass_seed`` plus the batch's number in the pass, goes with a
+    batch's first item, None with the others. The loader sets ``pass_seed`` and ``skip`` before each pass."""
 
-    def __init__(self, base):
-        self.base = base
-        self.pass_seed = self.pass_number = 0
+    def __init__(self, base, batch_size: int, keyed: bool = True):
+        self.base, self.batch_size, self.keyed = base, batch_size, keyed
+        self.pass_seed = self.skip = 0
 
     def __len__(self):
         return len(self.base)
@@ -220,7 +217,14 @@ class _PassSeededSampler(torch.utils.data.Sampler):
         return getattr(self.base, name)
 
     def __iter__(self):
-        return ((index, self.pass_seed, self.pass_number) for index in self.base)
+        kept = itertools.islice(enumerate(self.base), self.skip, None)
+        if not self.keyed:
+            return (index for _, index in kept)
+        return ((index, self._batch_seed(place)) for place, index in kept)
+
+    def _batch_seed(self, place: int) -> int | None:
+        batch, within = divmod(place, self.batch_size)
+        return (self.pass_seed + batch) % 2 ** 63 if within == 0 else None
 
 
 def _collate(batch):
@@ -298,10 +302,10 @@ class ImageLoader(DataLoader):
     More than ``max_unreadable`` (a fraction) of a pass unreadable aborts with a SequencerError listing them. Under
     DDP (``world_size`` ranks, each loading its share) a rank stops once its own share passes the whole pass's
     allowance, and `check_unreadable`, given every rank's files at the end of the pass, applies the exact limit.
-    Shuffling depends only on ``seed`` and the epoch, the workers' augmentation draws on ``seed``, the epoch, the
-    process's ``rank`` and the worker, so no two workers of a run draw alike and a resumed run sees the same
-    batches: the epoch is what ``loader.set_epoch(e)`` or ``loader.sampler.set_epoch(e)`` set before the pass,
-    otherwise one more than the previous pass's.
+    Shuffling depends only on ``seed`` and the epoch, the workers' augmentation of a batch on ``seed``, the epoch,
+    the process's ``rank`` and the batch's place in the pass (not on the worker or ``num_workers``), so no two
+    batches of a run draw alike and a resumed run sees the same batches: the epoch is what ``loader.set_epoch(e)``
+    or ``loader.sampler.set_epoch(e)`` set before the pass, otherwise one more than the previous pass's.
     """
 
     def __init__(self, dataset, *, device, max_unreadable: float, seed: int, rank: int = 0, world_size: int = 1,
@@ -317,13 +321,17 @@ class ImageLoader(DataLoader):
         self._own_unreadable: set[str] = set()  # the unreadable files of this pass's own indices
         self._last_epoch: int | None = None
         self._explicit_epoch: int | None = None
+        self._skip_batches = 0
         track(self)  # its workers end with the library call that made it (loader_workers)
 
-    def set_epoch(self, epoch: int) -> None:
-        """Fix the shuffle order (and the distributed sampler's) for ``epoch``; call before iterating."""
+    def set_epoch(self, epoch: int, skip_batches: int = 0) -> None:
+        """Fix the shuffle order (and the distributed sampler's) for ``epoch``; call before iterating. The next
+        pass leaves out its first ``skip_batches`` batches (an epoch resumed where it was interrupted) without
+        loading them; the rest are the same images in the same batches."""
         if hasattr(self.sampler, "set_epoch"):
             self.sampler.set_epoch(int(epoch))
         self._explicit_epoch = int(epoch)
+        self._skip_batches = int(skip_batches)
 
     def _pass_epoch(self) -> int:
         explicit, self._explicit_epoch = self._explicit_epoch, None
@@ -343,9 +351,8 @@ class ImageLoader(DataLoader):
             # the DataLoader draws its base seed from this generator and gives worker k ``base + k``; the main
             # process (num_workers=0) draws from it too. Mixing in the rank keeps the ranks' workers apart.
             self.generator.manual_seed(pass_seed)
-        if isinstance(self.sampler, _PassSeededSampler):
-            self.sampler.pass_seed = pass_seed  # persistent workers reseed from it (_seed_worker_for_pass)
-            self.sampler.pass_number += 1
+        self.sampler.pass_seed = pass_seed  # the workers seed each batch from it (_seed_worker_for_batch)
+        self.sampler.skip, self._skip_batches = self._skip_batches * self.batch_size, 0
         self.skipped, self._own_unreadable = [], set()
         non_blocking = self.device.type == "cuda"
         for images, targets, failed, own in _worker_errors_as_one_line(super().__iter__()):
@@ -398,7 +405,7 @@ class ImageLoader(DataLoader):
     def _all_unreadable(self) -> tuple[list[str], bool]:
         """Every unreadable file of this pass's indices (checked now, so the count and list are complete) and
         True; or, for a pass too large to check quickly, the ones found so far and False."""
-        # a _PassSeededSampler (with workers) yields (index, pass seed, pass number)
+        # a _BatchSeededSampler (with workers) yields (index, batch seed)
         indices = [key[0] if isinstance(key, tuple) else key for key in self.sampler]
         base = self.dataset.dataset
         if len(indices) > self.SCAN_LIMIT or not hasattr(base, "load"):
@@ -455,7 +462,7 @@ def create_loader(dataset, input_size, batch_size: int, is_training: bool = Fals
     return ImageLoader(
         _SkippingView(dataset, replace=is_training), device=device, max_unreadable=max_unreadable, seed=seed,
         rank=rank, world_size=world_size, on_device=normalize, batch_size=batch_size,
-        sampler=_PassSeededSampler(sampler) if num_workers > 0 else sampler, num_workers=num_workers,
+        sampler=_BatchSeededSampler(sampler, batch_size, keyed=num_workers > 0), num_workers=num_workers,
         collate_fn=_collate, pin_memory=device.type == "cuda" if pin_memory is None else pin_memory,
         drop_last=drop_last, generator=generator, persistent_workers=num_workers > 0)
 

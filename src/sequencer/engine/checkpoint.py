@@ -13,7 +13,9 @@ Files in an experiment folder (as timm's ``CheckpointSaver`` names them):
 Checkpoint dict (contract shared with validate/predict/...; every value is ``weights_only``-loadable):
 ``version, arch, model_kwargs, class_names, data_config, data, state_dict, [state_dict_ema], optimizer,
 scheduler, scaler, epoch, metric, args, rng_state`` (``data``: the dataset trained on, see data_record.py) plus our own bookkeeping: ``epoch_complete`` (False for a recovery
-file: the epoch is re-run on resume), ``step``, ``best_metric``, ``best_epoch``, ``checkpoint_history``.
+file), ``step``, ``best_metric``, ``best_epoch``, ``checkpoint_history``; a recovery file also holds
+``epoch_progress`` (how far the interrupted epoch's updates went: a resume goes on from there, see
+``train.epoch_progress``).
 """
 from __future__ import annotations
 

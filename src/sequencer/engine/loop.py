@@ -5,6 +5,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import math
 import os
@@ -72,11 +73,24 @@ class TrainingRun:
 
 
 @dataclass
+class EpochProgress:
+    """How far an epoch's updates went: its first ``batches`` batches (a whole number of ``--grad-accum-steps``
+    windows) are in the weights, with this process's summed loss over their ``seen`` images and its random state
+    (``checkpoint.get_rng_state``) as the next batch began. A recovery checkpoint records it, and the resumed epoch
+    goes on from there: the rest of its batches, once each, drawing as the interrupted run did."""
+    batches: int = 0
+    loss_sum: float = 0.0
+    seen: int = 0
+    rng: dict | None = None
+
+
+@dataclass
 class EpochResult:
     train_loss: float
     lr: float  # what the epoch's last update used (with a per-update schedule, not the next one's)
     started: float  # time.time() at the start of the epoch
     stopped_at: int | None = None  # the step at which a stop request (SIGTERM/SIGINT) ended the epoch
+    done: EpochProgress = field(default_factory=EpochProgress)  # what the epoch's updates covered
 
 
 # ------------------------------------------------------------------------------------------ stop requests
@@ -137,24 +151,28 @@ def hand_sigterm_to_caller(state: RunState) -> None:
 
 
 # ------------------------------------------------------------------------------------------------ training
-def train_one_epoch(run: TrainingRun, epoch: int, stop: StopRequest) -> EpochResult:
+def train_one_epoch(run: TrainingRun, epoch: int, stop: StopRequest, start: EpochProgress | None = None
+                    ) -> EpochResult:
     """One pass over the training data: forward, backward and, every ``--grad-accum-steps`` batches, an update.
+    ``start``: what a recovery checkpoint's updates already covered of this epoch (its batches are not loaded).
 
     Returns early (``stopped_at`` set) when any rank was asked to stop; raises SequencerError on a non-finite loss,
     before that loss is used for an update.
     """
     cfg, info, loaders = run.cfg, run.info, run.loaders
-    _set_epoch(run, epoch)
+    start = start or EpochProgress()
+    _set_epoch(run, epoch, start.batches)
     started = time.time()
     run.train_model.train()
     steps = loaders.steps_per_epoch
     last_accum = steps % cfg.grad_accum_steps or cfg.grad_accum_steps  # the last, possibly shorter, accumulation
-    num_updates = epoch * loaders.updates_per_epoch
-    loss_sum, seen = 0.0, 0
+    num_updates = epoch * loaders.updates_per_epoch + start.batches // cfg.grad_accum_steps
+    loss_sum, seen = start.loss_sum, start.seen
+    done = dataclasses.replace(start, rng=get_rng_state())
     lr = current_lr(run.opt.optimizer)
-    progress = _Progress(run, epoch, started)
+    progress = _Progress(run, epoch, started, start.seen)
     run.opt.optimizer.zero_grad(set_to_none=True)
-    for step, (images, targets) in enumerate(loaders.train):
+    for step, (images, targets) in enumerate(loaders.train, start=start.batches):
         accum = last_accum if step >= steps - last_accum else cfg.grad_accum_steps
         need_update = step == steps - 1 or (step + 1) % cfg.grad_accum_steps == 0
         images, targets = _prepare_batch(run, images, targets)
@@ -165,26 +183,28 @@ def train_one_epoch(run: TrainingRun, epoch: int, stop: StopRequest) -> EpochRes
             loss_value = loss.item()
             if _must_stop(run, stop, loss_value, epoch, step):
                 progress.close()
-                return EpochResult(float("nan"), current_lr(run.opt.optimizer), started, stopped_at=step)
+                return EpochResult(float("nan"), current_lr(run.opt.optimizer), started, stopped_at=step, done=done)
             run.opt.scaler.scale(loss / accum).backward()
         loss_sum += loss_value * images.shape[0]
         seen += images.shape[0]
         if need_update:
             num_updates += 1
             _update(run, num_updates, loss_sum / seen)
+            done = EpochProgress(step + 1, loss_sum, seen, get_rng_state())  # before the next batch draws
         if cfg.recovery_interval and (step + 1) % cfg.recovery_interval == 0 and step < steps - 1:
-            write_recovery(run, epoch, step)  # --recovery-interval: the epoch re-runs from these weights
+            write_recovery(run, epoch, step, done)  # --recovery-interval: a resume goes on after ``done``
         progress.step(step, loss_value, loss_sum / seen, seen, lr)
     progress.close()
     train_loss = dist_utils.all_reduce_mean([loss_sum / max(seen, 1)], info)[0]
-    return EpochResult(train_loss, lr, started)
+    return EpochResult(train_loss, lr, started, done=done)
 
 
-def _set_epoch(run: TrainingRun, epoch: int) -> None:
-    # shuffling and augmentation seeds depend on the epoch only, so a resumed epoch sees the same batches
+def _set_epoch(run: TrainingRun, epoch: int, skip_batches: int = 0) -> None:
+    # shuffling and augmentation seeds depend on the epoch only, so a resumed epoch sees the same batches; an
+    # epoch resumed where it stopped leaves out the batches already trained (data.ImageLoader.set_epoch)
     loader = run.loaders.train
     if hasattr(loader, "set_epoch"):
-        loader.set_epoch(epoch)
+        loader.set_epoch(epoch, skip_batches) if skip_batches else loader.set_epoch(epoch)
     elif hasattr(loader.sampler, "set_epoch"):
         loader.sampler.set_epoch(epoch)
     mixup_fn = run.opt.mixup_fn
@@ -246,18 +266,18 @@ def _update(run: TrainingRun, num_updates: int, mean_loss: float) -> None:
 class _Progress:
     """A tqdm bar on rank 0's terminal, else a log line every ``--log-interval`` steps (and at the last)."""
 
-    def __init__(self, run: TrainingRun, epoch: int, started: float):
-        self.run, self.epoch, self.started = run, epoch, started
+    def __init__(self, run: TrainingRun, epoch: int, started: float, seen_before: int = 0):
+        self.run, self.epoch, self.started, self.seen_before = run, epoch, started, seen_before
         self.bar = None
         if run.info.is_primary and sys.stderr.isatty() and not run.state.quiet:
             from tqdm import tqdm
             self.bar = tqdm(total=run.loaders.steps_per_epoch, desc=f"epoch {epoch}/{run.opt.num_epochs - 1}",
-                            leave=False, dynamic_ncols=True)
+                            leave=False, dynamic_ncols=True, initial=seen_before // run.cfg.batch_size)
 
     def step(self, step: int, loss_value: float, mean_loss: float, seen: int, lr: float) -> None:
         """Show ``step``'s losses and the ``lr`` its update used."""
         run, steps = self.run, self.run.loaders.steps_per_epoch
-        rate = seen * run.info.world_size / max(time.time() - self.started, 1e-9)
+        rate = (seen - self.seen_before) * run.info.world_size / max(time.time() - self.started, 1e-9)
         if self.bar is not None:
             self.bar.update(1)
             self.bar.set_postfix(loss=f"{mean_loss:.4f}", lr=f"{lr:.2e}", img_s=f"{rate:.0f}")
@@ -350,21 +370,29 @@ def callbacks_ask_to_stop(run: TrainingRun, metrics: dict) -> bool:
     return bool(dist_utils.all_reduce_max([float(any(wants))], run.info)[0])
 
 
-def write_recovery(run: TrainingRun, epoch: int, step: int):
-    """Write ``recovery.pth.tar`` after ``step`` of ``epoch`` (every rank calls; rank 0 writes and gets the path)."""
-    rng_states = dist_utils.all_gather_object(get_rng_state(), run.info)
-    if run.info.is_primary:
-        return run.out.manager.save_recovery(checkpoint_state(run, epoch, False, step, None, rng_states))
-    return None
+def write_recovery(run: TrainingRun, epoch: int, step: int, done: EpochProgress):
+    """Write ``recovery.pth.tar`` after ``step`` of ``epoch``, with what the epoch's updates covered (``done``)
+    (every rank calls; rank 0 writes and gets the path)."""
+    rng_states = dist_utils.all_gather_object(done.rng, run.info)  # a resume draws on from ``done``
+    losses = dist_utils.all_gather_object([done.loss_sum, done.seen], run.info)
+    if not run.info.is_primary:
+        return None
+    state = checkpoint_state(run, epoch, False, step, None, rng_states)
+    # a resume goes on after these batches when it splits the data alike (resume.epoch_progress)
+    state["epoch_progress"] = dict(batches=done.batches, batch_size=run.cfg.batch_size,
+                                   grad_accum_steps=run.cfg.grad_accum_steps, world_size=run.info.world_size,
+                                   steps_per_epoch=run.loaders.steps_per_epoch, losses=losses)
+    return run.out.manager.save_recovery(state)
 
 
-def save_recovery(run: TrainingRun, epoch: int, step: int, signum: int) -> int:
-    """Write ``recovery.pth.tar`` (the epoch re-runs on resume) and return the exit status 128 + signal."""
-    path = write_recovery(run, epoch, step)
+def save_recovery(run: TrainingRun, epoch: int, result: EpochResult, signum: int) -> int:
+    """Write ``recovery.pth.tar`` (a resume goes on after the epoch's last update) and return the exit status
+    128 + signal."""
+    path = write_recovery(run, epoch, result.stopped_at, result.done)
     if run.info.is_primary:
         name = signal.Signals(signum).name if signum in signal.Signals._value2member_map_ else str(signum)
-        _logger.warning(f"stopped by {name} at epoch {epoch} step {step}; recovery checkpoint {path} (the epoch "
-                        f"re-runs on resume: `resume={path}` or `resume=auto`)")
+        _logger.warning(f"stopped by {name} at epoch {epoch} step {result.stopped_at}; recovery checkpoint {path} "
+                        f"(a resume goes on after batch {result.done.batches}: `resume={path}` or `resume=auto`)")
     dist_utils.barrier(run.info)
     return 128 + signum
 

@@ -43,7 +43,7 @@ from .checkpoint import load_optimizer_state, resume_position, set_rng_state
 from .guest import caller_rng_kept, console, warn
 from .train_data import TrainData, build_data
 from .config import RunState, TrainConfig, check_config, checked_callbacks, explicit_settings, resolve_config
-from .loop import (Loaders, Optimization, StopRequest, TrainingRun, callbacks_ask_to_stop, current_lr, evaluate_epoch,
+from .loop import (EpochProgress, Loaders, Optimization, StopRequest, TrainingRun, callbacks_ask_to_stop, current_lr, evaluate_epoch,
                    hand_sigterm_to_caller, save_epoch, save_recovery, train_one_epoch)
 from .outputs import claimed_process_group, plural, prepare_outputs, read_summary, run_args, summary_numbers
 from .train_model import build_model, wrap_model
@@ -176,7 +176,9 @@ def _train(cfg, state: RunState, info: dist_utils.DistInfo) -> TrainResult:
     loaders = build_loaders(cfg, info, model, data)
     cfg = dataclasses.replace(cfg, lr=resolved_lr(cfg, info.world_size))
     opt = build_optimization(cfg, info, model, loaders, data.num_classes)
-    start_epoch = restore(cfg, info, data.resume_ckpt, opt, loaders.updates_per_epoch)
+    resumed_within = epoch_progress(cfg, info, data.resume_ckpt, loaders)  # a recovery file's interrupted epoch
+    start_epoch = restore(cfg, info, data.resume_ckpt, opt, loaders.updates_per_epoch,
+                          updates_within=resumed_within.batches // cfg.grad_accum_steps)
     if start_epoch >= opt.num_epochs:
         print_on_primary(info, f"`resume={data.resume_path}`: the run already finished: it ran "
                                f"{plural(start_epoch, 'epoch')} and this schedule has {plural(opt.num_epochs, 'epoch')}"
@@ -197,10 +199,10 @@ def _train(cfg, state: RunState, info: dist_utils.DistInfo) -> TrainResult:
     metrics, finished = None, False
     with StopRequest(state) as stop:
         for epoch in range(start_epoch, opt.num_epochs):
-            result = train_one_epoch(training, epoch, stop)
+            result = train_one_epoch(training, epoch, stop, resumed_within if epoch == start_epoch else None)
             if result.stopped_at is not None:
-                return _result(cfg, out.folder, out.manager,
-                               save_recovery(training, epoch, result.stopped_at, stop.signum), interrupted=True)
+                return _result(cfg, out.folder, out.manager, save_recovery(training, epoch, result, stop.signum),
+                               interrupted=True)
             metrics, raw_top1 = evaluate_epoch(training)  # (None, None) without a held-out split
             metric = float(metrics[cfg.eval_metric]) if metrics is not None else None
             if opt.scheduler is not None:
@@ -347,8 +349,10 @@ def resolved_lr(cfg, world_size: int) -> float:
 
 
 # --------------------------------------------------------------------------------------------------- restore
-def restore(cfg, info: dist_utils.DistInfo, checkpoint: dict | None, opt: Optimization, updates_per_epoch: int) -> int:
-    """Restore optimizer, scaler, EMA and RNG from ``checkpoint`` (if any); step the schedule to the start epoch.
+def restore(cfg, info: dist_utils.DistInfo, checkpoint: dict | None, opt: Optimization, updates_per_epoch: int,
+            updates_within: int = 0) -> int:
+    """Restore optimizer, scaler, EMA and RNG from ``checkpoint`` (if any); step the schedule to the start epoch
+    (a per-update schedule also past the ``updates_within`` that epoch a recovery checkpoint had made).
 
     The schedule itself is rebuilt from the (possibly new) settings, never restored: a longer ``--epochs`` or a
     new ``--lr`` then continues from the current position instead of replaying the old length (which ends at
@@ -385,12 +389,39 @@ def restore(cfg, info: dist_utils.DistInfo, checkpoint: dict | None, opt: Optimi
             random_seed(cfg.seed + start_epoch, info.rank)
     if cfg.start_epoch is not None:
         start_epoch = cfg.start_epoch
-    if scheduler is not None and start_epoch > 0:
+    if scheduler is not None and (start_epoch > 0 or updates_within):
         if scheduler.t_in_epochs:
             scheduler.step(start_epoch)
         else:
-            scheduler.step_update(start_epoch * updates_per_epoch)
+            scheduler.step_update(start_epoch * updates_per_epoch + updates_within)
     return start_epoch
+
+
+def epoch_progress(cfg, info: dist_utils.DistInfo, checkpoint: dict | None, loaders) -> EpochProgress:
+    """Where the interrupted epoch of a recovery ``checkpoint`` goes on: after the batches its updates covered,
+    when this start splits the data into the same batches (batch size, accumulation, processes and batches per
+    epoch as recorded); otherwise, and for a finished epoch, an older recovery file or ``start_epoch``, at the
+    epoch's beginning. ``loaders``: the run's ``loop.Loaders``."""
+    if checkpoint is None or checkpoint.get("epoch_complete", True) or cfg.start_epoch is not None:
+        return EpochProgress()
+    recorded = checkpoint.get("epoch_progress")
+    if not isinstance(recorded, dict):  # written before interrupted epochs went on: the epoch re-runs
+        return EpochProgress()
+    now = dict(batch_size=cfg.batch_size, grad_accum_steps=cfg.grad_accum_steps, world_size=info.world_size,
+               steps_per_epoch=loaders.steps_per_epoch)
+    changed = [f"{key} {recorded.get(key)} -> {value}" for key, value in now.items() if recorded.get(key) != value]
+    epoch = checkpoint.get("epoch")
+    if changed:
+        if info.is_primary:
+            warn(f"`resume`: the interrupted epoch {epoch} re-runs from its beginning, its batches not being the "
+                 f"interrupted run's ({', '.join(changed)})")
+        return EpochProgress()
+    loss_sum, seen = recorded["losses"][info.rank]
+    done = EpochProgress(int(recorded["batches"]), float(loss_sum), int(seen))
+    if info.is_primary and done.batches:
+        _logger.info(f"`resume`: epoch {epoch} goes on after its first {done.batches} of "
+                     f"{loaders.steps_per_epoch} batches")
+    return done
 
 
 # ------------------------------------------------------------------------------------------------------- log
