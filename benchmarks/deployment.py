@@ -110,9 +110,9 @@ def measure(name: str, args: argparse.Namespace) -> dict:
             dtype = "int8" if impl == "ort-int8" else str(getattr(paths[impl], "dtype", torch.float32))
             report["rows"][impl] = {"file_mib": sizes[impl] / 2**20, "dtype": dtype.replace("torch.", "")}
         for batch in args.batches:
-            _probe_gemm_rates(report)
+            _probe_gemm_rates(report, args.gemm_size)
             _time_batch(report, paths, model, batch, size, args)
-        _probe_gemm_rates(report)
+        _probe_gemm_rates(report, args.gemm_size)
         _add_gemm_shares(report)
         _agreement(report, paths, model, size, args.agreement_images)
         if args.train_batch:
@@ -123,12 +123,12 @@ def measure(name: str, args: argparse.Namespace) -> dict:
         return report
 
 
-def _probe_gemm_rates(report: dict) -> None:
+def _probe_gemm_rates(report: dict, size: int) -> None:
     """Keep the best GEMM rate seen: probed before, between and after the timings (the load moves)."""
     for name, dtype in (("float32", torch.float32), ("bfloat16", torch.bfloat16)):
         if dtype == torch.bfloat16 and not onednn_bf16_supported():
             continue  # PyTorch's reference bf16 GEMM: minutes per probe, and no path here runs it
-        report["gemm_gflops"][name] = max(report["gemm_gflops"][name], gemm_rate(dtype))
+        report["gemm_gflops"][name] = max(report["gemm_gflops"][name], gemm_rate(dtype, size))
 
 
 def _add_gemm_shares(report: dict) -> None:
@@ -270,6 +270,8 @@ def main() -> None:
     parser.add_argument("--num-iter", type=int, default=3)
     parser.add_argument("--memory-iter", type=int, default=1)
     parser.add_argument("--agreement-images", type=int, default=64)
+    parser.add_argument("--gemm-size", type=int, default=2048,
+                        help="side of the square matrices whose product gives the GEMM rate (the tests' quick run: 256)")
     parser.add_argument("--results", default=f"benchmarks/results/deployment-{cpu_info().cpu_class}.json",
                         help="JSON written (default: one file per CPU class)")
     parser.add_argument("--render-only", action="store_true", help="print the table of --results")
