@@ -17,10 +17,21 @@ if "TORCHINDUCTOR_CACHE_DIR" not in os.environ:
     os.environ["TORCHINDUCTOR_CACHE_DIR"] = tempfile.mkdtemp(prefix="sequencer-tests-inductor-")
 
 
+@pytest.fixture(scope="session", autouse=True)
+def one_intra_op_thread_for_shared_fixtures():
+    """One intra-op thread (see below) from the session's start: pytest sets up module- and session-scoped fixtures
+    (a run trained once for several tests) before any function-scoped one, so they trained on every core."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(autouse=True)
 def one_intra_op_thread():
     """Every test uses tiny tensors: one intra-op thread is faster, and far faster on a shared 2-core machine
-    (measured 30x), where OpenMP threads on millisecond-sized ops mostly wait for each other."""
+    (measured 30x), where OpenMP threads on millisecond-sized ops mostly wait for each other. Per test too: a test
+    (or the code it runs) that changes the count leaves the next one the same single thread."""
     before = torch.get_num_threads()
     torch.set_num_threads(1)
     yield
