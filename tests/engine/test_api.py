@@ -1,5 +1,7 @@
 """The Python training API: `sequencer.train` runs what `sequencer train` runs and reports its best epoch, and
 `sequencer.validate` returns what `sequencer validate` prints."""
+import contextlib
+import io
 import json
 
 import pytest
@@ -10,14 +12,17 @@ from sequencer.cli import main
 
 @pytest.fixture(scope="module")
 def demo_run(tmp_path_factory):
+    """Two epochs of the digits demo through the library, as its users call it (``progress=True``, the default):
+    (output folder, result, what it printed). One run that the tests below read, rather than one each."""
     out = tmp_path_factory.mktemp("api")
-    result = sequencer.train(model="sequencer2d_nano", epochs=2, output=out, experiment="demo", workers=0,
-                             progress=False)
-    return out, result
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        result = sequencer.train(model="sequencer2d_nano", epochs=2, output=out, experiment="demo", workers=0)
+    return out, result, printed.getvalue()
 
 
 def test_train_returns_the_best_epoch_and_its_files(demo_run):
-    out, result = demo_run
+    out, result, _ = demo_run
     assert result.exit_code == 0
     assert result.output_dir == out / "demo" and result.checkpoint == out / "demo" / "model_best.pth.tar"
     assert result.checkpoint.is_file() and (out / "demo" / "args.yaml").is_file()
@@ -27,7 +32,7 @@ def test_train_returns_the_best_epoch_and_its_files(demo_run):
 
 
 def test_best_top1_is_what_validate_reports_on_the_checkpoint(demo_run, tmp_path, capsys):
-    _, result = demo_run
+    _, result, _ = demo_run
     results_file = tmp_path / "r.json"
     assert main(["validate", "--checkpoint", str(result.checkpoint), "--results-file", str(results_file)]) == 0
     from_command = json.loads(results_file.read_text())
@@ -39,16 +44,17 @@ def test_best_top1_is_what_validate_reports_on_the_checkpoint(demo_run, tmp_path
         {k: from_command[k] for k in ("top1", "top5", "loss", "count")}
 
 
-def test_progress_is_the_commands_log(tmp_path, capsys):
-    """progress=True prints the command's lines; a run already finished does no work and says so."""
-    sequencer.train(model="sequencer2d_nano", epochs=1, output=str(tmp_path), experiment="p", workers=0)
-    first = capsys.readouterr().out
+def test_progress_is_the_commands_log(demo_run, capsys):
+    """progress=True prints the command's lines; a run already finished does no work and says so, and reports the
+    finished run's best epoch."""
+    out, result, first = demo_run
     assert first.startswith("train: sequencer2d_nano") and "digits demo: eval top-1" in first
-    again = sequencer.train(model="sequencer2d_nano", epochs=1, output=str(tmp_path), experiment="p", workers=0,
+    again = sequencer.train(model="sequencer2d_nano", epochs=2, output=str(out), experiment="demo", workers=0,
                             resume="auto")
     assert "already finished" in capsys.readouterr().out
-    assert again.output_dir == tmp_path / "p" and again.best_epoch == 0 and again.best_top1 is not None
-    quiet = sequencer.train(model="sequencer2d_nano", epochs=1, output=str(tmp_path), experiment="p", workers=0,
+    assert again.output_dir == out / "demo" and again.best_top1 is not None
+    assert (again.best_epoch, again.best_top1) == (result.best_epoch, result.best_top1)
+    quiet = sequencer.train(model="sequencer2d_nano", epochs=2, output=str(out), experiment="demo", workers=0,
                             resume="auto", progress=False)
     assert capsys.readouterr().out == "" and quiet.best_top1 == again.best_top1
 
