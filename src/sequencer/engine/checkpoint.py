@@ -15,7 +15,7 @@ Checkpoint dict (contract shared with validate/predict/...; every value is ``wei
 scheduler, scaler, epoch, metric, args, rng_state`` (``data``: the dataset trained on, see data_record.py) plus our own bookkeeping: ``epoch_complete`` (False for a recovery
 file), ``step``, ``best_metric``, ``best_epoch``, ``checkpoint_history``; a recovery file also holds
 ``epoch_progress`` (how far the interrupted epoch's updates went: a resume goes on from there, see
-``train.epoch_progress``).
+``loop.resumed_progress``).
 """
 from __future__ import annotations
 

@@ -373,16 +373,53 @@ def callbacks_ask_to_stop(run: TrainingRun, metrics: dict) -> bool:
 def write_recovery(run: TrainingRun, epoch: int, step: int, done: EpochProgress):
     """Write ``recovery.pth.tar`` after ``step`` of ``epoch``, with what the epoch's updates covered (``done``)
     (every rank calls; rank 0 writes and gets the path)."""
-    rng_states = dist_utils.all_gather_object(done.rng, run.info)  # a resume draws on from ``done``
-    losses = dist_utils.all_gather_object([done.loss_sum, done.seen], run.info)
+    split = batch_split(run.cfg, run.info, run.loaders.steps_per_epoch, run.cfg.grad_accum_steps)
+    rng_states, progress = recovery_progress(done, run.info, split)
     if not run.info.is_primary:
         return None
     state = checkpoint_state(run, epoch, False, step, None, rng_states)
-    # a resume goes on after these batches when it splits the data alike (resume.epoch_progress)
-    state["epoch_progress"] = dict(batches=done.batches, batch_size=run.cfg.batch_size,
-                                   grad_accum_steps=run.cfg.grad_accum_steps, world_size=run.info.world_size,
-                                   steps_per_epoch=run.loaders.steps_per_epoch, losses=losses)
+    state["epoch_progress"] = progress
     return run.out.manager.save_recovery(state)
+
+
+def batch_split(cfg, info: dist_utils.DistInfo, steps_per_epoch: int, grad_accum_steps: int = 1) -> dict:
+    """How a run cuts its data into batches and updates (``cfg.batch_size``, processes, batches per epoch,
+    batches per update): a recovery checkpoint's epoch goes on only where the resumed run cuts it alike."""
+    return dict(batch_size=cfg.batch_size, grad_accum_steps=grad_accum_steps, world_size=info.world_size,
+                steps_per_epoch=steps_per_epoch)
+
+
+def recovery_progress(done: EpochProgress, info: dist_utils.DistInfo, split: dict) -> tuple[list, dict]:
+    """Every rank's random state at ``done`` (the recovery file's ``rng_state``: a resume draws on from there) and
+    its ``epoch_progress`` entry: ``done``'s batches, every rank's loss sum and count, and the ``batch_split``
+    (read back by `resumed_progress`). Every rank calls (they gather)."""
+    rng_states = dist_utils.all_gather_object(done.rng, info)
+    losses = dist_utils.all_gather_object([done.loss_sum, done.seen], info)
+    return rng_states, dict(batches=done.batches, losses=losses, **split)
+
+
+def resumed_progress(checkpoint: dict | None, info: dist_utils.DistInfo, split: dict) -> EpochProgress:
+    """Where the interrupted epoch of a recovery ``checkpoint`` goes on: after the batches its updates covered
+    (`recovery_progress`), when this start cuts the data alike (``split``, a `batch_split`, as recorded);
+    otherwise (with a warning), and for a finished epoch or an older recovery file, at the epoch's beginning."""
+    if checkpoint is None or checkpoint.get("epoch_complete", True):
+        return EpochProgress()
+    recorded = checkpoint.get("epoch_progress")
+    if not isinstance(recorded, dict):  # written before interrupted epochs went on: the epoch re-runs
+        return EpochProgress()
+    changed = [f"{key} {recorded.get(key)} -> {value}" for key, value in split.items() if recorded.get(key) != value]
+    epoch = checkpoint.get("epoch")
+    if changed:
+        if info.is_primary:
+            warn(f"`resume`: the interrupted epoch {epoch} re-runs from its beginning, its batches not being the "
+                 f"interrupted run's ({', '.join(changed)})")
+        return EpochProgress()
+    loss_sum, seen = recorded["losses"][info.rank]
+    done = EpochProgress(int(recorded["batches"]), float(loss_sum), int(seen))
+    if info.is_primary and done.batches:
+        _logger.info(f"`resume`: epoch {epoch} goes on after its first {done.batches} of "
+                     f"{split['steps_per_epoch']} batches")
+    return done
 
 
 def save_recovery(run: TrainingRun, epoch: int, result: EpochResult, signum: int) -> int:

@@ -10,7 +10,7 @@
   run: the schedule is rebuilt for the new length and continues from the checkpoint's position. The lr kept is the
   one the run derived; a new ``--lr-base*`` without ``--lr`` derives it again. The optimizer's state is resumed
   with this start's hyperparameters (``checkpoint.load_optimizer_state``).
-- **A recovery checkpoint's interrupted epoch goes on after its last update** (``train.epoch_progress``): the rest
+- **A recovery checkpoint's interrupted epoch goes on after its last update** (``loop.resumed_progress``): the rest
   of its batches, once each, when the data is split as before; otherwise the epoch re-runs from its beginning.
 - **Never from the checkpoint (this machine's and this start's business):** the data and its splits, the output
   folder and experiment name, the device, ``--workers``, ``--log-interval``, ``--start-epoch``, ``--pretrained`` and

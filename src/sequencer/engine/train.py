@@ -43,8 +43,9 @@ from .checkpoint import load_optimizer_state, resume_position, set_rng_state
 from .guest import caller_rng_kept, console, warn
 from .train_data import TrainData, build_data
 from .config import RunState, TrainConfig, check_config, checked_callbacks, explicit_settings, resolve_config
-from .loop import (EpochProgress, Loaders, Optimization, StopRequest, TrainingRun, callbacks_ask_to_stop, current_lr, evaluate_epoch,
-                   hand_sigterm_to_caller, save_epoch, save_recovery, train_one_epoch)
+from .loop import (EpochProgress, Loaders, Optimization, StopRequest, TrainingRun, batch_split, callbacks_ask_to_stop,
+                   current_lr, evaluate_epoch, hand_sigterm_to_caller, resumed_progress, save_epoch, save_recovery,
+                   train_one_epoch)
 from .outputs import claimed_process_group, plural, prepare_outputs, read_summary, run_args, summary_numbers
 from .train_model import build_model, wrap_model
 from .user_data import module_name
@@ -398,30 +399,14 @@ def restore(cfg, info: dist_utils.DistInfo, checkpoint: dict | None, opt: Optimi
 
 
 def epoch_progress(cfg, info: dist_utils.DistInfo, checkpoint: dict | None, loaders) -> EpochProgress:
-    """Where the interrupted epoch of a recovery ``checkpoint`` goes on: after the batches its updates covered,
-    when this start splits the data into the same batches (batch size, accumulation, processes and batches per
-    epoch as recorded); otherwise, and for a finished epoch, an older recovery file or ``start_epoch``, at the
-    epoch's beginning. ``loaders``: the run's ``loop.Loaders``."""
-    if checkpoint is None or checkpoint.get("epoch_complete", True) or cfg.start_epoch is not None:
+    """Where the interrupted epoch of a recovery ``checkpoint`` goes on (``loop.resumed_progress``): after the
+    batches its updates covered, when this start cuts the data into the same batches and updates (batch size,
+    accumulation, processes and batches per epoch as recorded); at the epoch's beginning otherwise and with
+    ``start_epoch``. ``loaders``: the run's ``loop.Loaders``."""
+    if cfg.start_epoch is not None:
         return EpochProgress()
-    recorded = checkpoint.get("epoch_progress")
-    if not isinstance(recorded, dict):  # written before interrupted epochs went on: the epoch re-runs
-        return EpochProgress()
-    now = dict(batch_size=cfg.batch_size, grad_accum_steps=cfg.grad_accum_steps, world_size=info.world_size,
-               steps_per_epoch=loaders.steps_per_epoch)
-    changed = [f"{key} {recorded.get(key)} -> {value}" for key, value in now.items() if recorded.get(key) != value]
-    epoch = checkpoint.get("epoch")
-    if changed:
-        if info.is_primary:
-            warn(f"`resume`: the interrupted epoch {epoch} re-runs from its beginning, its batches not being the "
-                 f"interrupted run's ({', '.join(changed)})")
-        return EpochProgress()
-    loss_sum, seen = recorded["losses"][info.rank]
-    done = EpochProgress(int(recorded["batches"]), float(loss_sum), int(seen))
-    if info.is_primary and done.batches:
-        _logger.info(f"`resume`: epoch {epoch} goes on after its first {done.batches} of "
-                     f"{loaders.steps_per_epoch} batches")
-    return done
+    split = batch_split(cfg, info, loaders.steps_per_epoch, cfg.grad_accum_steps)
+    return resumed_progress(checkpoint, info, split)
 
 
 # ------------------------------------------------------------------------------------------------------- log
