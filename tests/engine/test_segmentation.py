@@ -236,6 +236,31 @@ def test_resume_auto_continues_a_stopped_run_exactly(tmp_path, monkeypatch):
         assert [r[column] for r in resumed.summary] == [r[column] for r in straight.summary]
 
 
+@pytest.mark.slow
+def test_ctrl_c_mid_epoch_and_resume_goes_on_where_it_stopped_bit_for_bit(tmp_path, monkeypatch):
+    """Ctrl-C in epoch 0's second step (of three), then resume: the epoch goes on after its two updates (not from its first
+    batch again, as it did: those batches were trained twice and AdamW made two extra steps) and ends with the
+    weights, BatchNorm statistics and optimizer state of a run never stopped, and its loss and lr."""
+    data = make_voc(tmp_path / "voc", n_train=12, n_val=2)
+    config = dict(epochs=1, batch_size=4, workers=1)
+    straight = train_segmenter(tiny_config(data, tmp_path / "out", experiment="straight", **config), progress=False)
+    signal_in_training_step(monkeypatch, signal.SIGINT, step=2)  # noticed once that step's update is made
+    with pytest.raises(TrainingInterrupted):
+        train_segmenter(tiny_config(data, tmp_path / "out", experiment="cut", **config), progress=False)
+    assert read_checkpoint(tmp_path / "out" / "cut" / "recovery.pth.tar")["epoch_progress"]["batches"] == 2
+    monkeypatch.undo()
+    resumed = train_segmenter(tiny_config(data, tmp_path / "out", experiment="cut", resume="auto", **config),
+                              progress=False)
+    a, b = (read_checkpoint(run.output_dir / "last.pth.tar") for run in (straight, resumed))
+    for key in a["state_dict"]:
+        assert torch.equal(a["state_dict"][key], b["state_dict"][key]), key
+    for index, state in a["optimizer"]["state"].items():
+        for name, value in state.items():
+            assert torch.equal(value, b["optimizer"]["state"][index][name]), (index, name)
+    assert [(r["train_loss"], r["lr"]) for r in resumed.summary] == \
+        [(r["train_loss"], r["lr"]) for r in straight.summary]
+
+
 def test_a_resume_keeps_the_runs_label_mapping(tmp_path):
     """Resuming a `reduce_zero_label=False` ADE20K run without the setting took the layout's default, True: every
     class shifted by one for the rest of the run, silently (eval mIoU 13.1 -> 7.1 on a probe)."""

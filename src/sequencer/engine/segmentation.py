@@ -39,7 +39,8 @@ from .amp import dtype_name
 from .checkpoint import get_rng_state, load_optimizer_state, resume_position, set_rng_state
 from .config import RunState, checked_callbacks, checked_settings, explicit_settings
 from .guest import caller_rng_kept, console, warn
-from .loop import StopRequest, callbacks_ask_to_stop, current_lr, training_checkpoint
+from .loop import (EpochProgress, StopRequest, batch_split, callbacks_ask_to_stop, current_lr, recovery_progress,
+                   resumed_progress, training_checkpoint)
 from .outputs import (claimed_process_group, plain, plural, prepare_outputs, read_summary, summary_numbers,
                       write_summary)
 from .resume import locate_resume, read_resume_checkpoint
@@ -126,7 +127,8 @@ def _train(cfg: SegmentConfig, state: RunState, info: dist_utils.DistInfo) -> Se
     model = _build_model(cfg, train_split.num_classes, resume_ckpt, info.device)
     run = _build_run(cfg, info, model, train_split, val_split)
     run.state = state
-    start_epoch = _restore(run, resume_ckpt)
+    resumed_within = resumed_progress(resume_ckpt, info, _batch_split(run))  # a recovery file's interrupted epoch
+    start_epoch = _restore(run, resume_ckpt, resumed_within.batches)
     if start_epoch >= run.num_epochs:
         _logger.info("`resume=%s`: the run already finished its %d epochs; nothing to do", resume_path,
                      run.num_epochs)
@@ -137,10 +139,11 @@ def _train(cfg: SegmentConfig, state: RunState, info: dist_utils.DistInfo) -> Se
     with StopRequest(state) as stop:
         for epoch in range(start_epoch, run.num_epochs):
             epoch_started = time.time()
-            train_loss, stopped_at = _train_one_epoch(run, epoch, stop)
+            train_loss, stopped_at, done = _train_one_epoch(run, epoch, stop,
+                                                            resumed_within if epoch == start_epoch else None)
             if stopped_at is not None:
-                return _result(run.out.folder, run.out.manager, _save_recovery(run, epoch, stopped_at, stop.signum),
-                               interrupted=True)
+                return _result(run.out.folder, run.out.manager,
+                               _save_recovery(run, epoch, stopped_at, done, stop.signum), interrupted=True)
             last = epoch == run.num_epochs - 1
             metrics = None
             if last or (epoch + 1) % cfg.eval_interval == 0:
@@ -265,8 +268,14 @@ def _summary_fields(class_names: list[str]) -> list[str]:
             + [f"iou_{name}" for name in class_names] + ["lr", "epoch_seconds"])
 
 
-def _restore(run: _Run, checkpoint: dict | None) -> int:
-    """Optimizer, scaler and RNG state of a resumed run; the schedule moved to its position. The epoch to start."""
+def _batch_split(run: _Run) -> dict:
+    """How the run cuts its data into batches (one update each): a recovery file's epoch goes on where it matches."""
+    return batch_split(run.cfg, run.info, run.updates_per_epoch)
+
+
+def _restore(run: _Run, checkpoint: dict | None, updates_within: int = 0) -> int:
+    """Optimizer, scaler and RNG state of a resumed run; the schedule moved to its position (past the
+    ``updates_within`` the start epoch a recovery file had made). The epoch to start."""
     from timm.utils import random_seed
 
     if checkpoint is None:
@@ -282,7 +291,7 @@ def _restore(run: _Run, checkpoint: dict | None) -> int:
     else:
         warn("`resume`: RNG state missing or from another number of processes; reseeding")
         random_seed(run.cfg.seed + start_epoch, run.info.rank)
-    run.scheduler.step_update(start_epoch * run.updates_per_epoch)
+    run.scheduler.step_update(start_epoch * run.updates_per_epoch + updates_within)
     return start_epoch
 
 
@@ -294,24 +303,32 @@ def segmentation_loss(logits: torch.Tensor, masks: torch.Tensor) -> torch.Tensor
     return total / (masks != IGNORE_INDEX).sum().clamp(min=1)
 
 
-def _train_one_epoch(run: _Run, epoch: int, stop: StopRequest) -> tuple[float, int | None]:
-    """(mean training loss over ranks, None) after the epoch, or (nan, step) when a stop request ended it."""
+def _train_one_epoch(run: _Run, epoch: int, stop: StopRequest, start: EpochProgress | None = None
+                     ) -> tuple[float, int | None, EpochProgress]:
+    """(mean training loss over ranks, None, what the updates covered) after the epoch, or (nan, step, what the
+    updates covered) when a stop request ended it. ``start``: what a recovery checkpoint's updates already covered
+    of this epoch (its batches are not loaded); every batch is one update, and ``EpochProgress.seen`` counts batches
+    (the loss is a mean over batches)."""
     cfg, info = run.cfg, run.info
-    run.train_loader.set_epoch(epoch)
+    start = start or EpochProgress()
+    run.train_loader.set_epoch(epoch, start.batches)
     run.train_model.train()
-    updates = epoch * run.updates_per_epoch
-    steps = min(run.updates_per_epoch, run.total_updates - updates)
-    loss_sum, seen, started = 0.0, 0, time.time()
+    epoch_updates = epoch * run.updates_per_epoch
+    steps = min(run.updates_per_epoch, run.total_updates - epoch_updates)
+    updates = epoch_updates + start.batches
+    loss_sum, seen, started = start.loss_sum, start.seen, time.time()
+    done = EpochProgress(start.batches, start.loss_sum, start.seen, get_rng_state())
     autocast = (lambda: torch.autocast(info.device.type, dtype=run.amp_dtype)) if run.amp_dtype else \
         contextlib.nullcontext
-    for step, (images, masks) in enumerate(run.train_loader):
+    for step, (images, masks) in enumerate(run.train_loader, start=start.batches):
         if step >= steps:
             break
+        if _stop_requested(run, stop):  # before the forward pass, which moves BatchNorm's running statistics
+            return float("nan"), step, done
         with autocast():
             loss = segmentation_loss(run.train_model(images), masks)
         value = loss.item()
-        if _must_stop(run, stop, value, epoch, step):
-            return float("nan"), step
+        _check_loss(run, value, epoch, step)
         run.scaler.scale(loss).backward()
         if cfg.clip_grad is not None:
             run.scaler.unscale_(run.optimizer)
@@ -322,22 +339,29 @@ def _train_one_epoch(run: _Run, epoch: int, stop: StopRequest) -> tuple[float, i
         updates += 1
         run.scheduler.step_update(updates)
         loss_sum, seen = loss_sum + value, seen + 1
+        done = EpochProgress(step + 1, loss_sum, seen, get_rng_state())  # before the next batch draws
         if info.is_primary and (step % cfg.log_interval == 0 or step == steps - 1):
             _logger.info("segment train: epoch %d [%d/%d] loss %.4f (%.4f) lr %.2e %.1f img/s", epoch, step + 1,
                          steps, value, loss_sum / seen, current_lr(run.optimizer),
-                         seen * cfg.batch_size * info.world_size / max(time.time() - started, 1e-9))
-    return dist_utils.all_reduce_mean([loss_sum / max(seen, 1)], info)[0], None
+                         (seen - start.seen) * cfg.batch_size * info.world_size / max(time.time() - started, 1e-9))
+    return dist_utils.all_reduce_mean([loss_sum / max(seen, 1)], info)[0], None, done
 
 
-def _must_stop(run: _Run, stop: StopRequest, loss_value: float, epoch: int, step: int) -> bool:
-    """True when any rank was asked to stop; SequencerError, before the update, when any rank's loss is not finite."""
-    stop_flag, bad = dist_utils.all_reduce_max([float(stop.signum), float(not math.isfinite(loss_value))], run.info)
-    if bad:
-        raise SequencerError(f"loss is not finite ({loss_value}) at epoch {epoch} step {step}; training stopped "
-                             f"before that update", hint="lower `lr`, set `clip_grad`, or use `amp_dtype=bfloat16`")
+def _stop_requested(run: _Run, stop: StopRequest) -> bool:
+    """True when any rank was asked to stop. Asked before a batch's forward pass: one run after the last update
+    would move BatchNorm's running statistics by a batch that the resumed epoch trains on again."""
+    stop_flag, = dist_utils.all_reduce_max([float(stop.signum)], run.info)
     if stop_flag:
         stop.signum = stop.signum or int(stop_flag)
     return bool(stop_flag)
+
+
+def _check_loss(run: _Run, loss_value: float, epoch: int, step: int) -> None:
+    """SequencerError, before the update, when any rank's loss is not finite."""
+    bad, = dist_utils.all_reduce_max([float(not math.isfinite(loss_value))], run.info)
+    if bad:
+        raise SequencerError(f"loss is not finite ({loss_value}) at epoch {epoch} step {step}; training stopped "
+                             f"before that update", hint="lower `lr`, set `clip_grad`, or use `amp_dtype=bfloat16`")
 
 
 # -------------------------------------------------------------------------------------------------- saving
@@ -370,13 +394,16 @@ def _save_epoch(run: _Run, epoch: int, train_loss: float, metrics: dict | None, 
     return numbers
 
 
-def _save_recovery(run: _Run, epoch: int, step: int, signum: int) -> int:
-    """``recovery.pth.tar`` (the epoch re-runs on resume); the exit status 128 + signal."""
-    rng_states = dist_utils.all_gather_object(get_rng_state(), run.info)
+def _save_recovery(run: _Run, epoch: int, step: int, done: EpochProgress, signum: int) -> int:
+    """``recovery.pth.tar`` (a resume goes on after the epoch's last update, ``done``); the exit status
+    128 + signal."""
+    rng_states, progress = recovery_progress(done, run.info, _batch_split(run))
     if run.info.is_primary:
-        path = run.out.manager.save_recovery(_checkpoint_state(run, epoch, False, step, None, rng_states))
-        _logger.warning("stopped by %s at epoch %d step %d; recovery checkpoint %s (`resume=auto` continues)",
-                        signal.Signals(signum).name, epoch, step, path)
+        state = _checkpoint_state(run, epoch, False, step, None, rng_states)
+        state["epoch_progress"] = progress
+        path = run.out.manager.save_recovery(state)
+        _logger.warning("stopped by %s at epoch %d step %d; recovery checkpoint %s (`resume=auto` goes on after "
+                        "batch %d)", signal.Signals(signum).name, epoch, step, path, done.batches)
     dist_utils.barrier(run.info)
     return 128 + signum
 
