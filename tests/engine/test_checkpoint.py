@@ -169,3 +169,51 @@ def test_an_interrupted_epoch_goes_on_only_over_the_same_batches(change, note):
     assert epoch_progress(cfg, info, {**checkpoint, "epoch_complete": True}, loaders) == EpochProgress()
     del checkpoint["epoch_progress"]  # a recovery file of an older version: the epoch re-runs, as it did
     assert epoch_progress(cfg, info, checkpoint, loaders) == EpochProgress()
+
+
+class _BatchNormNet(torch.nn.Module):
+    """A caller's classifier whose forward moves state: BatchNorm's running statistics."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = torch.nn.Conv2d(3, 4, 3, stride=4)
+        self.norm = torch.nn.BatchNorm2d(4)
+        self.head = torch.nn.Linear(4, 3)
+
+    def forward(self, x):
+        return self.head(self.norm(self.conv(x)).mean((2, 3)))
+
+
+def test_an_interrupted_window_leaves_batchnorm_statistics_as_the_last_update_did(image_folder, tmp_path,
+                                                                                   monkeypatch):
+    """Ctrl-C in the middle of a `grad_accum_steps` window, after that window's first batch went forward: the resumed
+    epoch redoes the window, so the recovery file keeps the running statistics of the last update, not those of the
+    batches forwarded since (they would count twice: 8 tracked batches where the uninterrupted run has 6)."""
+    import sequencer
+    import sequencer.engine.loop as loop
+
+    common = dict(data=image_folder, img_size=16, batch_size=8, epochs=1, workers=0, grad_accum_steps=2,
+                  lr=0.01, warmup_epochs=0, output=str(tmp_path), progress=False)
+    torch.manual_seed(0)
+    straight = _BatchNormNet()
+    sequencer.train(model=straight, experiment="straight", **common)
+    real_forward, forwards = loop._forward, []
+
+    def forward_then_interrupt(run, *a):  # Ctrl-C as batch 4 (the second of the second window) goes forward
+        forwards.append(1)
+        if len(forwards) == 4:
+            os.kill(os.getpid(), signal.SIGINT)
+        return real_forward(run, *a)
+
+    torch.manual_seed(0)
+    split = _BatchNormNet()
+    monkeypatch.setattr(loop, "_forward", forward_then_interrupt)
+    with pytest.raises(sequencer.TrainingInterrupted):
+        sequencer.train(model=split, experiment="split", **common)
+    monkeypatch.setattr(loop, "_forward", real_forward)
+    recovery = read_checkpoint(tmp_path / "split" / "recovery.pth.tar")
+    assert recovery["epoch_progress"]["batches"] == 2
+    assert recovery["state_dict"]["norm.num_batches_tracked"].item() == 2
+    sequencer.train(model=split, experiment="split", resume="auto", **common)
+    for name, value in straight.state_dict().items():
+        assert torch.equal(split.state_dict()[name], value), name

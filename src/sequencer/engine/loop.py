@@ -77,11 +77,14 @@ class EpochProgress:
     """How far an epoch's updates went: its first ``batches`` batches (a whole number of ``--grad-accum-steps``
     windows) are in the weights, with this process's summed loss over their ``seen`` images and its random state
     (``checkpoint.get_rng_state``) as the next batch began. A recovery checkpoint records it, and the resumed epoch
-    goes on from there: the rest of its batches, once each, drawing as the interrupted run did."""
+    goes on from there: the rest of its batches, once each, drawing as the interrupted run did. ``buffers``: the
+    model's buffers as that update left them (`state_buffers`), which later forward passes move (BatchNorm's
+    statistics) although those batches are trained again on resume."""
     batches: int = 0
     loss_sum: float = 0.0
     seen: int = 0
     rng: dict | None = None
+    buffers: dict | None = field(default=None, compare=False)
 
 
 @dataclass
@@ -168,7 +171,7 @@ def train_one_epoch(run: TrainingRun, epoch: int, stop: StopRequest, start: Epoc
     last_accum = steps % cfg.grad_accum_steps or cfg.grad_accum_steps  # the last, possibly shorter, accumulation
     num_updates = epoch * loaders.updates_per_epoch + start.batches // cfg.grad_accum_steps
     loss_sum, seen = start.loss_sum, start.seen
-    done = dataclasses.replace(start, rng=get_rng_state())
+    done = dataclasses.replace(start, rng=get_rng_state(), buffers=state_buffers(run.model))
     lr = current_lr(run.opt.optimizer)
     progress = _Progress(run, epoch, started, start.seen)
     run.opt.optimizer.zero_grad(set_to_none=True)
@@ -190,7 +193,8 @@ def train_one_epoch(run: TrainingRun, epoch: int, stop: StopRequest, start: Epoc
         if need_update:
             num_updates += 1
             _update(run, num_updates, loss_sum / seen)
-            done = EpochProgress(step + 1, loss_sum, seen, get_rng_state())  # before the next batch draws
+            # before the next batch draws and goes forward
+            done = EpochProgress(step + 1, loss_sum, seen, get_rng_state(), state_buffers(run.model))
         if cfg.recovery_interval and (step + 1) % cfg.recovery_interval == 0 and step < steps - 1:
             write_recovery(run, epoch, step, done)  # --recovery-interval: a resume goes on after ``done``
         progress.step(step, loss_value, loss_sum / seen, seen, lr)
@@ -378,8 +382,18 @@ def write_recovery(run: TrainingRun, epoch: int, step: int, done: EpochProgress)
     if not run.info.is_primary:
         return None
     state = checkpoint_state(run, epoch, False, step, None, rng_states)
+    state["state_dict"].update(done.buffers or {})  # the batches forwarded since ``done`` are trained again
     state["epoch_progress"] = progress
     return run.out.manager.save_recovery(state)
+
+
+def state_buffers(model: nn.Module) -> dict | None:
+    """Copies of ``model``'s state-dict buffers (BatchNorm's running statistics, ...), None for a model with none
+    (Sequencer's models: nothing is copied)."""
+    names = {name for name, _ in model.named_buffers()}
+    if not names:
+        return None
+    return {name: value.detach().clone() for name, value in model.state_dict().items() if name in names}
 
 
 def batch_split(cfg, info: dist_utils.DistInfo, steps_per_epoch: int, grad_accum_steps: int = 1) -> dict:
