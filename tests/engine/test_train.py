@@ -198,16 +198,3 @@ def test_a_warmup_filling_the_run_is_shortened(epochs, warmup, on_updates, expec
     run_cfg = check_config(cfg, state)  # the note is kept for the start of the run (issue 19: never before an error)
     assert state.start_warnings[-1].endswith(f"using `warmup_epochs={expected}`")
     assert run_cfg.warmup_epochs == expected and cfg.warmup_epochs == warmup  # a new config; the given one stays
-
-
-@pytest.mark.slow
-def test_torchcompile_run_saves_plain_weights(image_folder, tmp_path):
-    """--torchcompile wraps the training and evaluation models; checkpoints hold the plain module's keys.
-    (aot_eager: quick; inductor on the CPU against eager in test_torchcompile_cli.py, on a GPU in test_cuda.py.)"""
-    assert train_cli([image_folder, *TINY_RUN, "--output", tmp_path, "--experiment", "compiled", "--epochs", "1",
-                      "--torchcompile", "aot_eager"]) == 0
-    ckpt = read_checkpoint(tmp_path / "compiled" / "last.pth.tar")
-    assert not any(k.startswith("_orig_mod.") for k in ckpt["state_dict"])
-    model = create_model(ckpt["arch"], **ckpt["model_kwargs"])
-    model.load_state_dict(ckpt["state_dict"])
-    assert float(summary_rows(tmp_path / "compiled")[0]["eval_top1"]) >= 0
