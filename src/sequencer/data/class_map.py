@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections import Counter
 
 from ..errors import SequencerError
 from .class_folders import class_name
@@ -51,7 +52,7 @@ def load_class_map(path: str, root: str | None = None) -> dict[str, int]:
         raise SequencerError(f"class map {path!r} is empty", hint="write one class name per line")
     pairs = [(class_name(n), i) for n, i in pairs]
     names = [n for n, _ in pairs]
-    dupes = sorted({n for n in names if names.count(n) > 1})
+    dupes = sorted(n for n, count in Counter(names).items() if count > 1)  # names.count: K^2 for ImageNet-21K
     if dupes:
         raise SequencerError(f"class map {path!r} lists {', '.join(map(repr, dupes[:5]))} more than once")
     indices = sorted(i for _, i in pairs)

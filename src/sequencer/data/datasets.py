@@ -23,6 +23,7 @@ from .class_folders import (IMAGE_EXTENSIONS, SPLIT_NAMES, SPLIT_SYNONYMS, class
                             is_hidden, split_prefix_in_tar, tar_members, walk_images)
 from .class_map import load_class_map, positions_by_name  # noqa: F401  (load_class_map re-exported)
 from .images import READ_ERRORS, UnreadableImageError, load_image, to_rgb  # noqa: F401  (re-exported)
+from .packed import PackedSamples
 
 _logger = logging.getLogger(__name__)
 
@@ -82,6 +83,15 @@ class ImageFileDataset(ClassificationDataset):
         super().__init__(class_names, description=root, **kwargs)
         self.root = root
         self.samples = samples
+
+    @property
+    def samples(self) -> PackedSamples:
+        """``[(path, target)]``, packed: no Python object per file for forked workers to copy (`packed`)."""
+        return self._samples
+
+    @samples.setter
+    def samples(self, samples) -> None:
+        self._samples = samples if isinstance(samples, PackedSamples) else PackedSamples(samples)
 
     def __len__(self) -> int:
         return len(self.samples)

@@ -318,6 +318,7 @@ class ImageLoader(DataLoader):
         self.rank = rank
         self.world_size = world_size
         self.skipped: list[str] = []
+        self._skipped_set: set[str] = set()  # the same files, for membership checks
         self._own_unreadable: set[str] = set()  # the unreadable files of this pass's own indices
         self._last_epoch: int | None = None
         self._explicit_epoch: int | None = None
@@ -353,7 +354,7 @@ class ImageLoader(DataLoader):
             self.generator.manual_seed(pass_seed)
         self.sampler.pass_seed = pass_seed  # the workers seed each batch from it (_seed_worker_for_batch)
         self.sampler.skip, self._skip_batches = self._skip_batches * self.batch_size, 0
-        self.skipped, self._own_unreadable = [], set()
+        self.skipped, self._skipped_set, self._own_unreadable = [], set(), set()
         non_blocking = self.device.type == "cuda"
         for images, targets, failed, own in _worker_errors_as_one_line(super().__iter__()):
             if failed:
@@ -374,7 +375,8 @@ class ImageLoader(DataLoader):
         rank's indices, not the replacements tried, which may be another rank's) pass ``max_unreadable`` of the
         whole pass: one rank's count never exceeds the pass's, so no rank refuses what one process accepts."""
         seen = getattr(self.dataset.dataset, "skipped", None)
-        self.skipped += [path for path in dict.fromkeys(failed) if path not in self.skipped]
+        self.skipped += [path for path in dict.fromkeys(failed) if path not in self._skipped_set]
+        self._skipped_set.update(failed)  # a set beside the list: a pass may skip 1% of 1.28M files
         self._own_unreadable.update(own)
         if len(self._own_unreadable) <= self.max_unreadable * self.pass_images():
             for path in failed:

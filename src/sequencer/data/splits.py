@@ -17,7 +17,11 @@ from ..errors import SequencerError
 def sample_key(dataset, ref) -> str:
     """The key of the sample ``ref`` (a path, or a tar's (path, member, offset, size)) of ``dataset``."""
     if isinstance(ref, str):
-        return os.path.relpath(ref, dataset.root).replace(os.sep, "/")
+        # a folder's files are os.path.join(root, ...): cut the root off (relpath makes both absolute first, a
+        # per-file cost that shows at ImageNet's 1.28M files); relpath for a path given otherwise
+        prefix = os.path.join(dataset.root, "")
+        rel = ref[len(prefix):] if ref.startswith(prefix) else os.path.relpath(ref, dataset.root)
+        return rel.replace(os.sep, "/")
     tar, member = ref[:2]
     where = "" if os.path.isfile(dataset.root) else os.path.relpath(tar, dataset.root).replace(os.sep, "/")
     return f"{where}:{member}"
