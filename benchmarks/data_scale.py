@@ -36,27 +36,20 @@ def make_tree(root: str, n_files: int, n_classes: int = CLASSES) -> None:
 
 
 def timed(fn):
-    """(fn(), seconds, peak bytes of Python allocations while it ran)."""
-    gc.collect()
-    tracemalloc.start()
+    """(fn(), seconds); no tracing (tracemalloc slows Python several times over)."""
     start = time.perf_counter()
     value = fn()
-    seconds = time.perf_counter() - start
-    peak = tracemalloc.get_traced_memory()[1]
-    tracemalloc.stop()
-    return value, seconds, peak
+    return value, time.perf_counter() - start
 
 
-def retained_bytes(make):
-    """(make(), the Python bytes it keeps alive once made)."""
-    gc.collect()
+def traced_bytes(make):
+    """(make(), the Python bytes it keeps alive once made, the peak while making it)."""
     tracemalloc.start()
-    before = tracemalloc.get_traced_memory()[0]
     value = make()
     gc.collect()
-    after = tracemalloc.get_traced_memory()[0]
+    kept, peak = tracemalloc.get_traced_memory()
     tracemalloc.stop()
-    return value, after - before
+    return value, kept, peak
 
 
 def private_dirty_bytes() -> int:
@@ -68,7 +61,6 @@ def private_dirty_bytes() -> int:
 def forked_worker_copies(samples) -> int:
     """Bytes a forked child copies by reading every item of ``samples`` once (as a data-loader worker does over an
     epoch): the child touches each item's reference count, and each touched page becomes its own. Linux only."""
-    gc.collect()
     gc.freeze()  # the child's garbage collector would touch every tracked object; workers' collections do too
     read, write = os.pipe()
     pid = os.fork()
@@ -87,17 +79,18 @@ def forked_worker_copies(samples) -> int:
     return copied
 
 
-def measure(n_files: int, workdir: str | None) -> dict:
+def measure(n_files: int, workdir: str | None, n_classes: int = CLASSES) -> dict:
     from sequencer.data import create_dataset
     from sequencer.data.splits import carve_held_out, split_by_keys
 
     root = tempfile.mkdtemp(prefix="data_scale_", dir=workdir)
     try:
-        make_tree(root, n_files)
-        _, scan_s, scan_peak = timed(lambda: create_dataset("", root=root, split="train"))
-        dataset, kept = retained_bytes(lambda: create_dataset("", root=root, split="train"))
-        held_out, carve_s, carve_peak = timed(lambda: carve_held_out(dataset, 0.1, 0))
-        (rest, carved), split_s, _ = timed(lambda: split_by_keys(dataset, held_out))
+        make_tree(root, n_files, n_classes)
+        gc.collect()  # once: a collection with torch imported is slow, and nothing below leaves cycles behind
+        _, scan_s = timed(lambda: create_dataset("", root=root, split="train"))
+        dataset, kept, scan_peak = traced_bytes(lambda: create_dataset("", root=root, split="train"))
+        held_out, carve_s = timed(lambda: carve_held_out(dataset, 0.1, 0))
+        (rest, carved), split_s = timed(lambda: split_by_keys(dataset, held_out))
         pickled = len(pickle.dumps(dataset, protocol=pickle.HIGHEST_PROTOCOL))
         as_tuples = list(dataset.samples)  # the list of (path, target) tuples the dataset held before it packed them
         worker_tuples = forked_worker_copies(as_tuples) if sys.platform == "linux" else None
@@ -106,8 +99,7 @@ def measure(n_files: int, workdir: str | None) -> dict:
         return dict(files=n_files, scan_s=scan_s, scan_peak_bytes=scan_peak, dataset_bytes=kept,
                     dataset_bytes_per_file=kept / n_files, pickled_bytes=pickled,
                     worker_copied_tuples_bytes=worker_tuples, worker_copied_packed_bytes=worker_packed,
-                    carve_s=carve_s,
-                    carve_peak_bytes=carve_peak, split_s=split_s, held_out=len(held_out),
+                    carve_s=carve_s, split_s=split_s, held_out=len(held_out),
                     train_after=len(rest), held_out_after=len(carved))
     finally:
         shutil.rmtree(root, ignore_errors=True)
@@ -116,10 +108,11 @@ def measure(n_files: int, workdir: str | None) -> dict:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--sizes", type=int, nargs="+", default=[10000, 100000, 300000])
+    parser.add_argument("--classes", type=int, default=CLASSES, help="class folders (ImageNet-1K: 1000)")
     parser.add_argument("--workdir", default=None, help="where to build the trees (default: the temp folder)")
     parser.add_argument("--results", default=None, help="write the rows as JSON here")
     args = parser.parse_args(argv)
-    rows = [measure(n, args.workdir) for n in args.sizes]
+    rows = [measure(n, args.workdir, args.classes) for n in args.sizes]
     print("| files | scan s | scan us/file | scan peak B/file | dataset B/file | pickled B/file | "
           "worker copies B/file: tuples, packed | carve+split us/file |")
     print("|---|---|---|---|---|---|---|---|")

@@ -183,3 +183,19 @@ def test_run_benchmarks_renders_the_checked_in_results_as_benchmarks_md_shows_th
                           cwd=REPO, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert output.read_bytes() == (REPO / "BENCHMARKS.md").read_bytes()
+
+
+
+def test_data_scale_script_measures_each_size_and_deletes_its_trees(tmp_path, capsys):
+    """benchmarks/data_scale.py's main at two tiny sizes: a row per size, its trees gone afterwards."""
+    results = tmp_path / "data_scale.json"
+    script = load_script("data_scale")
+    assert script.main(["--sizes", "200", "400", "--classes", "10", "--workdir", str(tmp_path), "--results",
+                        str(results)]) == 0
+    rows = json.loads(results.read_text())["rows"]
+    assert [r["files"] for r in rows] == [200, 400] and [r["held_out"] for r in rows] == [20, 40]
+    assert all(r["train_after"] + r["held_out_after"] == r["files"] and r["dataset_bytes"] > 0 for r in rows)
+    if sys.platform == "linux":  # a forked reader copies the tuples' pages, not the packed arrays'
+        assert all(r["worker_copied_packed_bytes"] < r["worker_copied_tuples_bytes"] for r in rows)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["data_scale.json"]
+    assert "| 400 |" in capsys.readouterr().out
