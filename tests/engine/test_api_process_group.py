@@ -142,6 +142,9 @@ WORKER = textwrap.dedent('''
                            epochs=[r["epoch"] for r in result.summary], seg=seg.as_dict(),
                            logged_eval_loss=result.summary[-1]["eval_loss"], ema_loss=ema_loss,
                            seg_images_seen=segmenter.images_seen), f)
+        # both ranks done before either tears its group down: two of four CI-loaded suite runs saw rank 1 abort
+        # ("terminate called without an active exception") after writing its results, while rank 0 was still alive
+        dist.barrier()
         dist.destroy_process_group()
 
     if __name__ == "__main__":
