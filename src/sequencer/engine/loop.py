@@ -171,7 +171,8 @@ def train_one_epoch(run: TrainingRun, epoch: int, stop: StopRequest, start: Epoc
     last_accum = steps % cfg.grad_accum_steps or cfg.grad_accum_steps  # the last, possibly shorter, accumulation
     num_updates = epoch * loaders.updates_per_epoch + start.batches // cfg.grad_accum_steps
     loss_sum, seen = start.loss_sum, start.seen
-    done = dataclasses.replace(start, rng=get_rng_state(), buffers=state_buffers(run.model))
+    buffers = buffer_names(run.model)  # once: an update copies them only where there are any
+    done = dataclasses.replace(start, rng=get_rng_state(), buffers=state_buffers(run.model, buffers))
     lr = current_lr(run.opt.optimizer)
     progress = _Progress(run, epoch, started, start.seen)
     run.opt.optimizer.zero_grad(set_to_none=True)
@@ -194,7 +195,7 @@ def train_one_epoch(run: TrainingRun, epoch: int, stop: StopRequest, start: Epoc
             num_updates += 1
             _update(run, num_updates, loss_sum / seen)
             # before the next batch draws and goes forward
-            done = EpochProgress(step + 1, loss_sum, seen, get_rng_state(), state_buffers(run.model))
+            done = EpochProgress(step + 1, loss_sum, seen, get_rng_state(), state_buffers(run.model, buffers))
         if cfg.recovery_interval and (step + 1) % cfg.recovery_interval == 0 and step < steps - 1:
             write_recovery(run, epoch, step, done)  # --recovery-interval: a resume goes on after ``done``
         progress.step(step, loss_value, loss_sum / seen, seen, lr)
@@ -387,10 +388,14 @@ def write_recovery(run: TrainingRun, epoch: int, step: int, done: EpochProgress)
     return run.out.manager.save_recovery(state)
 
 
-def state_buffers(model: nn.Module) -> dict | None:
-    """Copies of ``model``'s state-dict buffers (BatchNorm's running statistics, ...), None for a model with none
-    (Sequencer's models: nothing is copied)."""
-    names = {name for name, _ in model.named_buffers()}
+def buffer_names(model: nn.Module) -> set[str]:
+    """The names of ``model``'s buffers (BatchNorm's running statistics, ...); none in Sequencer's models."""
+    return {name for name, _ in model.named_buffers()}
+
+
+def state_buffers(model: nn.Module, names: set[str]) -> dict | None:
+    """Copies of ``model``'s state-dict buffers among ``names`` (`buffer_names`), None where there are none
+    (Sequencer's models: nothing is read or copied, at no cost per update)."""
     if not names:
         return None
     return {name: value.detach().clone() for name, value in model.state_dict().items() if name in names}
