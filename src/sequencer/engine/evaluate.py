@@ -15,7 +15,8 @@ def evaluate(model: nn.Module, loader, device: torch.device | str, amp_dtype: to
              distributed: bool = False) -> dict:
     """Evaluate ``model`` on every batch of ``loader`` (``(images (N, C, H, W), targets (N,))``).
 
-    Returns dict(top1, top5 (percent), loss (mean cross-entropy), images_per_sec, count). Sums are accumulated in
+    Returns dict(top1, top5 (percent), loss (mean cross-entropy), images_per_sec, count, unreadable (the distinct
+    files the loader skipped, every rank's: `unreadable_skipped`)). Sums are accumulated in
     float64 and, with ``distributed``, all-reduced over ranks, so the result is exact when each rank sees a disjoint
     share of the data (the eval loader of `sequencer.data.create_loader` gives each rank such a share, unpadded).
     Top-5 counts a hit within the top min(5, classes). ``amp_dtype`` (e.g. torch.bfloat16) runs the forward pass
@@ -48,12 +49,12 @@ def evaluate(model: nn.Module, loader, device: torch.device | str, amp_dtype: to
     if distributed and torch.distributed.is_available() and torch.distributed.is_initialized():
         torch.distributed.all_reduce(sums)
         torch.distributed.all_reduce(elapsed, op=torch.distributed.ReduceOp.MAX)
-        unreadable_skipped(loader, distributed)  # every rank's count against the pass's limit
+    unreadable = unreadable_skipped(loader, distributed)  # every rank's, checked against the pass's limit
     loss_sum, top1, top5, count = sums.tolist()
     if count == 0:
-        return dict(top1=0.0, top5=0.0, loss=float("nan"), images_per_sec=0.0, count=0)
+        return dict(top1=0.0, top5=0.0, loss=float("nan"), images_per_sec=0.0, count=0, unreadable=unreadable)
     return dict(top1=100.0 * top1 / count, top5=100.0 * top5 / count, loss=loss_sum / count,
-                images_per_sec=count / max(elapsed.item(), 1e-9), count=int(count))
+                images_per_sec=count / max(elapsed.item(), 1e-9), count=int(count), unreadable=unreadable)
 
 
 def unreadable_skipped(loader, distributed: bool = False) -> int:

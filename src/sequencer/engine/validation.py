@@ -23,7 +23,7 @@ from ..models import get_model_entry, has_pretrained_weights
 from ..models.caller_module import caller_module_kept
 from .amp import autocast_dtype, dtype_name
 from .distributed import DistInfo, process_group
-from .evaluate import evaluate, unreadable_skipped
+from .evaluate import evaluate
 from .data_record import carved_from, keep_held_out_files, recorded_data, trained_on_all_of
 from .guest import caller_rng_kept, console, warn
 from .inference import LoadedModel, check_input_size, label_with_model_classes, load_model
@@ -270,7 +270,7 @@ def _evaluate(loaded: LoadedModel, split_set, overrides: dict, batch_size: int, 
         crop_pct=config["crop_pct"],
         interpolation=config["interpolation"],
         images=metrics["count"],
-        unreadable=unreadable_skipped(loader, dist_info.distributed),
+        unreadable=metrics["unreadable"],
         amp=dtype_name(amp_dtype) or "",
         device=str(device),
     )
