@@ -425,10 +425,8 @@ def _log_start(training: TrainingRun, data: TrainData, start_epoch: int) -> None
 def _log_finish(training: TrainingRun, metrics: dict | None, started: float, epochs_run: int) -> None:
     """The run's last line; ``epochs_run``: epochs 0.. the last one run (fewer than planned when a callback
     stopped the run)."""
-    from .evaluate import unreadable_skipped
-
     cfg, manager = training.cfg, training.out.manager
-    skipped = unreadable_skipped(training.loaders.eval, training.info.distributed)  # every rank's share
+    skipped = metrics["unreadable"] if metrics is not None else 0  # every rank's, gathered by `evaluate`
     if not training.info.is_primary:
         return
     best = (f"; best {cfg.eval_metric} {manager.best_metric:.2f} at epoch {manager.best_epoch}"
