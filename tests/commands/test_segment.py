@@ -38,14 +38,9 @@ def trained(tmp_path_factory):
     """One CLI training run (data loaded in the main process; `test_train_with_workers` runs the workers' path)."""
     root = tmp_path_factory.mktemp("segment")
     voc = make_voc(root / "voc")
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # as conftest's one_intra_op_thread, which a module-scoped fixture runs before
-    try:
-        code = segment("train", voc, "--num-classes", 3, *TINY_SEGMENTER, "--img-size", 32, "-b", 8, "--epochs", 16,
-                       "--lr", 8e-3, "--warmup-iters", 4, "--eval-interval", 4, "-j", 0, "--device", "cpu",
-                       "--output", root / "out", "--experiment", "shapes", "--log-interval", 1000)
-    finally:
-        torch.set_num_threads(threads)
+    code = segment("train", voc, "--num-classes", 3, *TINY_SEGMENTER, "--img-size", 32, "-b", 8, "--epochs", 16,
+                   "--lr", 8e-3, "--warmup-iters", 4, "--eval-interval", 4, "-j", 0, "--device", "cpu",
+                   "--output", root / "out", "--experiment", "shapes", "--log-interval", 1000)
     assert code == 0
     return voc, root / "out" / "shapes"
 

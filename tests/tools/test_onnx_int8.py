@@ -46,18 +46,13 @@ def _train(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, epochs: int
     steps_per_epoch = -(-len(y) // 64)
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr)
     schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, lr, total_steps=epochs * steps_per_epoch)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # a tiny model: more threads only contend with each other
-    try:
-        model.train()
-        for _ in range(epochs):
-            for batch in torch.randperm(len(y)).split(64):
-                optimizer.zero_grad()
-                torch.nn.functional.cross_entropy(model(x[batch]), y[batch]).backward()
-                optimizer.step()
-                schedule.step()
-    finally:
-        torch.set_num_threads(threads)
+    model.train()
+    for _ in range(epochs):
+        for batch in torch.randperm(len(y)).split(64):
+            optimizer.zero_grad()
+            torch.nn.functional.cross_entropy(model(x[batch]), y[batch]).backward()
+            optimizer.step()
+            schedule.step()
     model.eval()
 
 
