@@ -128,7 +128,8 @@ def test_an_exception_in_a_data_worker_stops_every_rank_with_one_line(image_fold
 
 
 @pytest.mark.slow
-def test_ctrl_c_under_distributed_train_sh_saves_and_exits_130(image_folder, tmp_path):
+def test_ctrl_c_under_distributed_train_sh_saves_exits_130_and_resumes_where_it_stopped(image_folder, tmp_path):
+    """48 training images, 2 ranks, batch 2: 12 batches per rank and epoch."""
     slow = ["--model", "sequencer2d_nano", "--img-size", "16", "-b", "2", "-j", "0", "--log-interval", "1",
             "--device", "cpu", "--opt", "adamw", "--lr", "1e-3", "--warmup-epochs", "0"]
     log = tmp_path / "log.txt"
@@ -149,7 +150,21 @@ def test_ctrl_c_under_distributed_train_sh_saves_and_exits_130(image_folder, tmp
             os.killpg(proc.pid, signal.SIGKILL)
     text = log.read_text()
     assert "Traceback" not in text, text[-3000:]
-    assert (tmp_path / "run" / "recovery.pth.tar").is_file(), text[-3000:]
+    recovery = read_checkpoint(tmp_path / "run" / "recovery.pth.tar")
+    done = recovery["epoch_progress"]["batches"]
+    assert recovery["epoch"] == 0 and 3 <= done < 12, recovery["epoch_progress"]
+
+    # the resume goes on after the stopped update, under DDP too: every rank's 12 batches of each epoch make one
+    # Adam step each (a resume that re-ran epoch 0 from its start made `done` steps more)
+    resumed = subprocess.run(["bash", str(REPO / "distributed_train.sh"), "2", str(image_folder), *slow,
+                              "--output", str(tmp_path), "--experiment", "run", "--epochs", "3", "--resume", "auto"],
+                             capture_output=True, text=True, env=subprocess_env(), cwd=tmp_path, timeout=300)
+    out = resumed.stdout + resumed.stderr
+    assert resumed.returncode == 0, out[-3000:]
+    assert summary_epochs(tmp_path / "run") == [0, 1, 2], out[-3000:]
+    optimizer = read_checkpoint(tmp_path / "run" / "last.pth.tar")["optimizer"]
+    steps = {int(state["step"]) for state in optimizer["state"].values()}
+    assert steps == {3 * 12}, (steps, out[-3000:])
 
 
 def test_launch_reports_the_rank_that_failed_in_its_own_right(monkeypatch):
