@@ -192,7 +192,8 @@ def test_digits_demo_reaches_96_percent(tmp_path):
 def test_a_warmup_filling_the_run_is_shortened(epochs, warmup, on_updates, expected):
     """timm's default 5 warmup epochs on a short run: a quarter of the run, never a lone per-epoch warmup epoch
     (stepped per epoch, warmup's first epoch runs entirely at --warmup-lr)."""
-    from sequencer.engine.config import RunState, TrainConfig, check_config
+    from sequencer.engine.config import RunState, TrainConfig
+    from sequencer.engine.config_checks import check_config
     cfg = TrainConfig(data="x", epochs=epochs, warmup_epochs=warmup, sched_on_updates=on_updates)
     state = RunState()
     run_cfg = check_config(cfg, state)  # the note is kept for the start of the run (issue 19: never before an error)

@@ -26,7 +26,8 @@ from ..errors import SequencerError
 from ..models.loading import read_checkpoint
 from . import distributed as dist_utils
 from .checkpoint import find_auto_resume
-from .config import LR_SCALING, TrainConfig, check_experiment_name
+from .config import LR_SCALING, TrainConfig
+from .config_checks import check_experiment_name
 
 _logger = logging.getLogger(__name__)
 

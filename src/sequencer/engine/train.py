@@ -42,7 +42,8 @@ from .amp import autocast_dtype
 from .checkpoint import load_optimizer_state, resume_position, set_rng_state
 from .guest import caller_rng_kept, console, warn
 from .train_data import TrainData, build_data
-from .config import RunState, TrainConfig, check_config, checked_callbacks, explicit_settings, resolve_config
+from .config import RunState, TrainConfig, checked_callbacks, explicit_settings, resolve_config
+from .config_checks import check_config
 from .loop import (EpochProgress, Loaders, Optimization, StopRequest, TrainingRun, batch_split, callbacks_ask_to_stop,
                    current_lr, evaluate_epoch, hand_sigterm_to_caller, resumed_progress, save_epoch, save_recovery,
                    train_one_epoch)

@@ -14,7 +14,7 @@ from ..data.datasets import has_split, held_out_split, map_classes_by_name
 from ..data.splits import carve_held_out, split_by_keys
 from ..errors import SequencerError
 from . import distributed as dist_utils
-from .config import shorten_warmup
+from .config_checks import shorten_warmup
 from .data_record import recorded_held_out
 from .distributed import print_on_primary
 from .guest import warn
