@@ -244,6 +244,86 @@ def test_a_flag_that_does_nothing_in_the_run_is_said(settings, note):
     assert notes(TrainConfig(**settings), frozenset(settings)) == [f"{note}; it has no effect in this run"]
 
 
+def test_an_output_a_resume_does_not_use_is_said():
+    """`resume=PATH` without `experiment` continues in PATH's folder: an `output` given beside it does nothing."""
+    from sequencer.engine.inert_flags import notes
+    given = dict(resume="run/last.pth.tar", output="elsewhere")
+    assert notes(TrainConfig(**given), frozenset(given), resuming=True) == [
+        "`output=elsewhere` is not where a resume without `experiment` writes: it continues in its checkpoint's "
+        "folder; it has no effect in this run"]
+    given["experiment"] = "e"  # writes to elsewhere/e
+    assert notes(TrainConfig(**given), frozenset(given), resuming=True) == []
+
+
+def test_input_size_is_in_chans_and_img_size():
+    """`input_size C H W` sets the size the run and a resume train at (a resume used to drop it for its checkpoint's
+    `img_size`); an `img_size` given beside it with another value is refused (timm silently took `input_size`)."""
+    from sequencer.engine.config import RunState, resolve_config
+    from sequencer.engine.config_checks import check_config
+    state = RunState()
+    cfg = check_config(resolve_config({"input_size": [1, 32, 32], "epochs": 4}, state), state)  # the digits: 16 px
+    assert (cfg.in_chans, cfg.img_size) == (1, 32) and {"in_chans", "img_size"} <= state.given
+    state = RunState()
+    with pytest.raises(SequencerError, match=r"^`img_size=48` vs `input_size=3 32 32` \(hint: give one of them"):
+        check_config(resolve_config({"input_size": [3, 32, 32], "img_size": 48}, state), state)
+
+
+def test_a_resume_at_another_size_keeps_a_position_embeddings_grid():
+    """v_sequencer_s_pe's position embedding is sized by `img_size`: a resume at another size keeps the checkpoint's
+    grid (its optimizer moments have that shape), interpolated to the new inputs, and says so; a Sequencer2d (no
+    parameter depends on the size) is rebuilt at the new size."""
+    from sequencer.engine.config import RunState
+    from sequencer.engine.train_model import build_model
+    pe_kwargs = dict(TINY_KWARGS, hidden_sizes=(8, 8))  # a 1D LSTM's output (2 x hidden) is the embedding width
+    for name, kwargs, kept in (("v_sequencer_s_pe", pe_kwargs, 16), ("sequencer2d_nano", TINY_KWARGS, 32)):
+        trained = sequencer.create_model(name, num_classes=3, img_size=16, **kwargs)
+        checkpoint = dict(arch=name, model_kwargs=trained.model_kwargs, state_dict=trained.state_dict(), epoch=0,
+                          args=dict(model=name, model_kwargs=kwargs, img_size=16))
+        cfg, state = TrainConfig(model=name, model_kwargs=kwargs, img_size=32), RunState()
+        data = TrainData(None, None, ["a", "b", "c"], 3, resume_path="run/last.pth.tar", resume_ckpt=checkpoint)
+        model, run_cfg = build_model(cfg, state, data, torch.device("cpu"))
+        assert (model.img_size, run_cfg.img_size, model.model_kwargs["img_size"]) == (kept, 32, kept)
+        assert model(torch.randn(2, 3, 32, 32)).shape == (2, 3)
+        noted = [f"`img_size=32`: {name} keeps the checkpoint's 16 px model (absolute_pos_embed sized for it"]
+        assert [w[:len(noted[0])] for w in state.start_warnings] == (noted if kept == 16 else [])
+
+
+@pytest.mark.parametrize("mode", ["norm", "value", "agc"])
+def test_clip_mode_reaches_the_gradient_clipping(mode):
+    """`clip_grad` with each `clip_mode` clips the update as torch's / timm's own clipping of that kind does (before,
+    only `norm` was checked to reach it); the three kinds clip these gradients differently."""
+    from types import SimpleNamespace
+
+    from timm.utils.agc import adaptive_clip_grad
+    from sequencer.engine.loop import _update
+    reference = {"norm": lambda p: torch.nn.utils.clip_grad_norm_(p, 0.5),
+                 "value": lambda p: torch.nn.utils.clip_grad_value_(p, 0.5),
+                 "agc": lambda p: adaptive_clip_grad(p, 0.5)}
+
+    def gradients_of_one_batch():
+        torch.manual_seed(0)
+        model = torch.nn.Linear(4, 3)
+        (model(torch.randn(8, 4)) * 10).pow(2).mean().backward()
+        return model, torch.optim.SGD(model.parameters(), lr=1.0)
+
+    def flat(model):
+        return torch.cat([p.detach().flatten() for p in model.parameters()])
+
+    def stepped_after(clip):  # the reference: the clipped gradient, stepped by SGD at lr 1
+        model, sgd = gradients_of_one_batch()
+        clip(list(model.parameters()))
+        sgd.step()
+        return flat(model)
+
+    ours, optimizer = gradients_of_one_batch()
+    opt = SimpleNamespace(optimizer=optimizer, scaler=torch.amp.GradScaler("cpu", enabled=False), model_ema=None,
+                          scheduler=None)
+    _update(SimpleNamespace(cfg=TrainConfig(clip_grad=0.5, clip_mode=mode), opt=opt, model=ours), 1, 0.0)
+    expected = {name: stepped_after(clip) for name, clip in reference.items()}
+    assert torch.allclose(flat(ours), expected[mode], atol=1e-6)
+    assert all(not torch.allclose(flat(ours), expected[other], atol=1e-4) for other in expected if other != mode)
+
+
 def test_weights_for_a_new_run_are_said_on_a_resume():
     from sequencer.engine.inert_flags import notes
     given = dict(initial_checkpoint="w.pth", pretrained=True)

@@ -98,12 +98,14 @@ def test_extending_a_finished_run_rebuilds_the_schedule(finished, data, tmp_path
 def test_a_resume_takes_unspecified_settings_from_the_checkpoint(finished, data, tmp_path, capsys):
     """Item 3: without --opt (default sgd) the run's adamw is kept (was KeyError: 'momentum' as a traceback).
     Item 4: `--resume RUN/recovery.pth.tar` without --experiment continues in the run's own folder, also when the
-    run has no summary.csv yet (a stop in its first epoch); it went to a new folder named after sequencer2d_s."""
+    run has no summary.csv yet (a stop in its first epoch); it went to a new folder named after sequencer2d_s. The
+    `--output` it does not use is said (it went unused in silence)."""
     out, folder = _copy_run(finished, tmp_path)
     (folder / "summary.csv").unlink()
     (folder / "last.pth.tar").rename(folder / "recovery.pth.tar")
-    assert train_cli([data, *TEST, "--resume", folder / "recovery.pth.tar", "--epochs", "3", "-j", "0", "--device",
-                      "cpu", "--output", tmp_path / "elsewhere"]) == 0
+    with pytest.warns(UserWarning, match="`output=.*elsewhere` is not where a resume without `experiment` writes"):
+        assert train_cli([data, *TEST, "--resume", folder / "recovery.pth.tar", "--epochs", "3", "-j", "0",
+                          "--device", "cpu", "--output", tmp_path / "elsewhere"]) == 0
     # the rows of epochs 0-1 come back from the checkpoint (issue 19 item 5), epoch 2 is the resumed one
     assert [int(r["epoch"]) for r in summary_rows(folder)] == [0, 1, 2]
     assert not (tmp_path / "elsewhere").exists() and sorted(p.name for p in out.iterdir()) == ["x"]
@@ -198,3 +200,33 @@ def test_log_lines_count_readable_images_and_keep_metrics_together(tmp_path, cap
     assert " top5 " in epoch_line.split(" top1 ")[1].split("skipped")[0]  # no note between top1 and top5
     assert epoch_line.endswith("; skipped 1 unreadable training image")
     assert "on 102 held-out images (1 unreadable skipped)" in lines[-1]
+
+
+@pytest.mark.parametrize("flags", [["--img-size", "32"], ["--input-size", "3", "32", "32"]])
+def test_a_new_image_size_on_resume_is_the_models_too(finished, data, tmp_path, flags):
+    """A resume at another size trains at it and records one size: the model used to keep the checkpoint's
+    model_kwargs (16 px) while the loaders ran at 32 px, and `--input-size` was silently dropped (16 px)."""
+    out, folder = _copy_run(finished, tmp_path)
+    assert train_cli([data, *TEST, "--resume", folder / "last.pth.tar", "--epochs", "3", "-j", "0", "--device", "cpu",
+                      *flags]) == 0
+    resumed = read_checkpoint(folder / "last.pth.tar")
+    assert resumed["epoch"] == 2
+    assert (resumed["model_kwargs"]["img_size"], resumed["data_config"]["img_size"], resumed["args"]["img_size"]) == \
+        (32, 32, 32)
+
+
+def test_a_kept_setting_is_checked_with_the_flags_given(finished, data, tmp_path, capsys):
+    """The checkpoint's `mixup` with a new odd `-b` is refused in one line before anything is written (it was
+    checked before the checkpoint's settings were known: timm's assertion after the folder was claimed)."""
+    from sequencer.engine.checkpoint import atomic_save
+    out, folder = _copy_run(finished, tmp_path)
+    checkpoint = read_checkpoint(folder / "last.pth.tar")
+    checkpoint["args"]["mixup"] = 0.5  # as if the run had been started with `--mixup 0.5`
+    atomic_save(checkpoint, folder / "last.pth.tar")
+    before = _snapshot(folder)
+    capsys.readouterr()
+    assert train_cli([data, *TEST, "--resume", folder / "last.pth.tar", "--epochs", "3", "-j", "0", "--device", "cpu",
+                      "-b", "7"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--batch-size 7: must be even with --mixup" in err[0], err
+    assert _snapshot(folder) == before

@@ -16,14 +16,31 @@ from .library_flags import check_library_flags
 
 
 def check_config(cfg: TrainConfig, state: RunState) -> TrainConfig:
-    """Refuse values that cannot work, naming the flag; returns the settings to run: ``cfg``, or a copy with a
-    warmup that would fill the run shortened (said at the start, through ``state``)."""
+    """Refuse values that cannot work, naming the flag; returns the settings to run: ``cfg``, or a copy with
+    ``input_size`` spelled as ``in_chans`` and ``img_size`` and a warmup that would fill the run shortened (said at the
+    start, through ``state``). A resume runs it again on the checkpoint's settings merged with this start's."""
     resolve_device(cfg.device)
     _check_numbers(cfg)
     _check_sizes_and_files(cfg)
+    cfg = _input_size_as_img_size(cfg, state)
     if not cfg.resume:  # a resume checks it once the checkpoint's settings are known
         cfg = shorten_warmup(cfg, state)
     return cfg
+
+
+def _input_size_as_img_size(cfg: TrainConfig, state: RunState) -> TrainConfig:
+    """``input_size C H W`` (timm's flag) is ``in_chans C`` and ``img_size H``, which the model, the loaders and a
+    resume read: a copy with them set and counted as given (a resume then runs them, not its checkpoint's). An
+    ``img_size`` or ``in_chans`` given beside it with another value is refused (timm silently used ``input_size``)."""
+    if cfg.input_size is None:
+        return cfg
+    in_chans, side = cfg.input_size[0], cfg.input_size[1]
+    for name, value in (("img_size", side), ("in_chans", in_chans)):
+        if name in state.given and getattr(cfg, name) is not None and getattr(cfg, name) != value:
+            raise SequencerError(f"`{name}={getattr(cfg, name)}` vs `input_size={' '.join(map(str, cfg.input_size))}`",
+                                 hint="give one of them (`input_size C H W` sets `in_chans` C and `img_size` H)")
+    state.given = state.given | {"img_size", "in_chans"}
+    return dataclasses.replace(cfg, img_size=side, in_chans=in_chans)
 
 
 def _bad(name, value, need):

@@ -23,6 +23,8 @@ def _why_inert(cfg: TrainConfig, given, resuming: bool) -> dict[str, str]:
     if resuming:  # `resume=auto` finding nothing starts a new run from them, so they are no error
         why.update(dict.fromkeys(("initial_checkpoint", "pretrained"),
                                  "sets a new run's weights; a resume continues from its checkpoint's"))
+        if not cfg.experiment:  # (`resume=auto` needs `experiment`) outputs.make_output_dir
+            why["output"] = "is not where a resume without `experiment` writes: it continues in its checkpoint's folder"
     if "lr" in given:
         why.update(dict.fromkeys(LR_SCALING, "derives an lr, and `lr` is given"))
     if cfg.clip_grad is None:

@@ -6,7 +6,8 @@
   ``--eval-metric`` that picks the best epoch, the held-out share ``--val-fraction`` (a resume holds out the files
   its checkpoint lists). A flag that names another value is refused with one line naming both.
 - **From the checkpoint unless a flag (or ``--config``) says otherwise:** every other training setting (epochs,
-  lr and schedule shape, batch size, augmentation, EMA, drop rates, seed, ...). A larger ``--epochs`` extends the
+  lr and schedule shape, batch size, augmentation, EMA, drop rates, seed, the image size the model is rebuilt at
+  (``train_model``), ...), checked together with the flags given (``config_checks``). A larger ``--epochs`` extends the
   run: the schedule is rebuilt for the new length and continues from the checkpoint's position. The lr kept is the
   one the run derived; a new ``--lr-base*`` without ``--lr`` derives it again. The optimizer's state is resumed
   with this start's hyperparameters (``checkpoint.load_optimizer_state``).
@@ -34,9 +35,10 @@ _logger = logging.getLogger(__name__)
 # settings (args keys) a resume keeps from its checkpoint; KEPT_WITH_STATE only with the optimizer state
 KEPT_WITH_STATE = ("opt", "sched")
 KEPT = ("model_kwargs", "in_chans", "eval_metric", "val_fraction")
+# (``input_size`` is read as ``in_chans`` and ``img_size``, which are kept: a resume's own ``img_size`` then wins)
 NOT_INHERITED = {"data", "data_dir", "dataset", "train_split", "val_split", "class_map", "dataset_download", "config",
                  "resume", "experiment", "output", "device", "workers", "log_interval", "start_epoch", "local_rank",
-                 "pretrained", "initial_checkpoint", "no_resume_opt"}
+                 "pretrained", "initial_checkpoint", "no_resume_opt", "input_size"}
 
 
 def experiment_folder(cfg: TrainConfig) -> Path:
@@ -77,10 +79,11 @@ def apply_resume_contract(cfg: TrainConfig, given: frozenset[str], checkpoint: d
                              hint="drop `model` when resuming (a resume keeps its model)")
     kept = KEPT + (() if cfg.no_resume_opt else KEPT_WITH_STATE)
     for key in kept:
-        if key in given and key in saved and _differs(getattr(cfg, key), saved[key]):
+        recorded = _recorded(key, saved, checkpoint)
+        if key in given and recorded is not None and _differs(getattr(cfg, key), recorded):
             extra = " or pass `no_resume_opt` to start a fresh optimizer" if key in ("opt", "sched") else ""
             raise SequencerError(f"`resume={path}`: `{key}={_show(getattr(cfg, key))}` vs the checkpoint's "
-                                 f"{_show(saved[key])}", hint=f"drop `{key}` when resuming{extra}")
+                                 f"{_show(recorded)}", hint=f"drop `{key}` when resuming{extra}")
     head = (checkpoint.get("model_kwargs") or {}).get("num_classes")
     if "num_classes" in given and cfg.num_classes is not None and head is not None and cfg.num_classes != head:
         raise SequencerError(f"`resume={path}`: `num_classes={cfg.num_classes}` vs the checkpoint's {head}-class "
@@ -100,6 +103,13 @@ def apply_resume_contract(cfg: TrainConfig, given: frozenset[str], checkpoint: d
     if arch:
         cfg.model = arch
     return class_names
+
+
+def _recorded(key: str, saved: dict, checkpoint: dict):
+    """The checkpoint's value of a kept setting: its args', else (``in_chans`` not given to that run) its model's."""
+    if saved.get(key) is None and key == "in_chans":
+        return (checkpoint.get("model_kwargs") or {}).get("in_chans")
+    return saved.get(key)
 
 
 def _differs(a, b) -> bool:

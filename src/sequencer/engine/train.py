@@ -170,8 +170,6 @@ def _train(cfg, state: RunState, info: dist_utils.DistInfo) -> TrainResult:
 
     started = time.time()
     random_seed(cfg.seed, info.rank)
-    if cfg.input_size:
-        cfg = dataclasses.replace(cfg, in_chans=cfg.input_size[0], img_size=cfg.input_size[1])
     data, cfg = build_data(cfg, state, info)
     model, cfg = build_model(cfg, state, data, info.device)
     dist_utils.broadcast_weights(model, info)  # one start for every rank, before the EMA copy

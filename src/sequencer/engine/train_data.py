@@ -14,7 +14,7 @@ from ..data.datasets import has_split, held_out_split, map_classes_by_name
 from ..data.splits import carve_held_out, split_by_keys
 from ..errors import SequencerError
 from . import distributed as dist_utils
-from .config_checks import shorten_warmup
+from .config_checks import check_config, shorten_warmup
 from .data_record import recorded_held_out
 from .distributed import print_on_primary
 from .guest import warn
@@ -50,7 +50,8 @@ def build_data(cfg, state, info: dist_utils.DistInfo) -> tuple[TrainData, object
     if resume_ckpt is not None:
         cfg = dataclasses.replace(cfg)  # the resume contract sets what it keeps on the run's own copy
         class_names = apply_resume_contract(cfg, state.given, resume_ckpt, resume_path, class_names)
-        cfg = shorten_warmup(cfg, state)
+        # the checkpoint's settings beside this start's are checked together (its `mixup` with a new odd `batch_size`)
+        cfg = shorten_warmup(check_config(cfg, state), state)
         map_classes_by_name(train_set, class_names, "the training split")
     if user_sets:
         eval_set = user_sets[1]

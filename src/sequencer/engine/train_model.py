@@ -31,6 +31,8 @@ def build_model(cfg, state: RunState, data: TrainData, device: torch.device) -> 
     else:
         model, cfg = _create_model(cfg, data.resume_ckpt, init_meta if init_meta and init_meta.get("arch") else None,
                                    data.num_classes)
+        if data.resume_ckpt is not None:
+            model = _sized_as_resumed(model, cfg, data.resume_ckpt, state)
     if init_meta is not None and data.resume_ckpt is None:
         weights = extract_state_dict(init_meta)
         if not weights:
@@ -114,10 +116,10 @@ def _create_model(cfg, resume_ckpt: dict | None, init_ckpt_meta: dict | None,
         kwargs["drop_rate"] = cfg.drop
         if cfg.drop_path is not None:
             kwargs["drop_path_rate"] = cfg.drop_path
+    if cfg.img_size:  # a resume's too: the size it trains at (its checkpoint's unless `img_size` changes it)
+        kwargs["img_size"] = cfg.img_size
     if resume_ckpt is None:
         kwargs["num_classes"] = num_classes
-        if cfg.img_size:
-            kwargs["img_size"] = cfg.img_size
         if cfg.in_chans:
             kwargs["in_chans"] = cfg.in_chans
     try:
@@ -131,6 +133,25 @@ def _create_model(cfg, resume_ckpt: dict | None, init_ckpt_meta: dict | None,
         raise SequencerError(f"`pretrained`: {message}",
                              hint="download the file by other means and pass it with `initial_checkpoint=FILE`, "
                                   "or drop `pretrained`") from None
+
+
+def _sized_as_resumed(model: nn.Module, cfg, resume_ckpt: dict, state: RunState) -> nn.Module:
+    """``model`` (built at this start's ``img_size``), or, where that size gives a parameter another shape than the
+    checkpoint's (``v_sequencer_s_pe``'s position embedding: its optimizer state holds that shape), the model at the
+    checkpoint's size, which interpolates the embedding to the inputs' grid, said at the start."""
+    recorded = extract_state_dict(resume_ckpt, use_ema=False)
+    own = model.state_dict()
+    resized = sorted(k for k in own.keys() & recorded.keys() if own[k].shape != recorded[k].shape)
+    if not resized:
+        return model
+    kwargs = dict(model.model_kwargs)
+    kwargs.pop("img_size", None)
+    kwargs.update({k: v for k, v in (resume_ckpt.get("model_kwargs") or {}).items() if k == "img_size"})
+    kept = create_model(model.model_name, **kwargs)
+    state.start_warnings.append(
+        f"`img_size={cfg.img_size}`: {model.model_name} keeps the checkpoint's {kept.img_size} px model ({', '.join(resized)} "
+        f"sized for it, interpolated to {cfg.img_size} px inputs); a new run from it (`initial_checkpoint`) resizes it")
+    return kept
 
 
 def wrap_model(cfg, info: dist_utils.DistInfo, model: nn.Module) -> tuple[nn.Module, nn.Module]:
