@@ -255,17 +255,41 @@ def test_an_output_a_resume_does_not_use_is_said():
     assert notes(TrainConfig(**given), frozenset(given), resuming=True) == []
 
 
-def test_input_size_is_in_chans_and_img_size():
+def test_input_size_is_in_chans_and_img_size(tmp_path):
     """`input_size C H W` sets the size the run and a resume train at (a resume used to drop it for its checkpoint's
-    `img_size`); an `img_size` given beside it with another value is refused (timm silently took `input_size`)."""
+    `img_size`); an `img_size` given beside it with another value is refused (timm silently took `input_size`), and
+    either flag beats the other spelling in a `config` file (an args.yaml's `input_size` used to win over the
+    `img_size` flag)."""
     from sequencer.engine.config import RunState, resolve_config
     from sequencer.engine.config_checks import check_config
-    state = RunState()
-    cfg = check_config(resolve_config({"input_size": [1, 32, 32], "epochs": 4}, state), state)  # the digits: 16 px
-    assert (cfg.in_chans, cfg.img_size) == (1, 32) and {"in_chans", "img_size"} <= state.given
-    state = RunState()
+
+    def run_size(settings):
+        state = RunState()
+        cfg = check_config(resolve_config(dict(settings, epochs=4), state), state)
+        assert {"in_chans", "img_size"} <= state.given
+        return cfg.in_chans, cfg.img_size
+
+    assert run_size({"input_size": [1, 32, 32]}) == (1, 32)  # the digits demo's own img_size is 16
     with pytest.raises(SequencerError, match=r"^`img_size=48` vs `input_size=3 32 32` \(hint: give one of them"):
-        check_config(resolve_config({"input_size": [3, 32, 32], "img_size": 48}, state), state)
+        run_size({"input_size": [3, 32, 32], "img_size": 48})
+    (tmp_path / "args.yaml").write_text("input_size: [3, 16, 16]\nimg_size: 16\nin_chans: 3\n")
+    assert run_size({"config": tmp_path / "args.yaml", "img_size": 48}) == (3, 48)
+    assert run_size({"config": tmp_path / "args.yaml", "input_size": [3, 32, 32]}) == (3, 32)
+    assert run_size({"config": tmp_path / "args.yaml"}) == (3, 16)
+
+
+def test_a_resumes_in_chans_is_compared_with_its_models():
+    """A run started without `in_chans` records None; a resume given 3 (or `input_size 3 ...`) was refused as "vs the
+    checkpoint's None". An args.yaml's `in_chans: null` (as `config`) asks for nothing."""
+    from sequencer.engine.resume import apply_resume_contract
+    checkpoint = dict(arch="sequencer2d_nano", model_kwargs=dict(in_chans=3, num_classes=3), args=dict(in_chans=None),
+                      class_names=["a", "b", "c"])
+    for in_chans in (3, None):
+        apply_resume_contract(TrainConfig(in_chans=in_chans), frozenset({"in_chans"}), checkpoint, "run/last.pth.tar",
+                              ["a", "b", "c"])
+    with pytest.raises(SequencerError, match=r"^`resume=run/last.pth.tar`: `in_chans=1` vs the checkpoint's 3"):
+        apply_resume_contract(TrainConfig(in_chans=1), frozenset({"in_chans"}), checkpoint, "run/last.pth.tar",
+                              ["a", "b", "c"])
 
 
 def test_a_resume_at_another_size_keeps_a_position_embeddings_grid():

@@ -293,6 +293,11 @@ def resolve_config(explicit: dict, state: RunState | None = None) -> TrainConfig
         from_yaml.pop("config", None)
         from_yaml = {k: checked_value(k, v, f"`config={config_path!r}`", text_numbers=True)
                      for k, v in from_yaml.items()}
+        # `input_size` is `in_chans` + `img_size` (config_checks): a flag for one spelling beats the file's other one
+        for flags, spelled_otherwise in ((("input_size",), ("img_size", "in_chans")),
+                                         (("img_size", "in_chans"), ("input_size",))):
+            if any(f in explicit for f in flags):
+                from_yaml = {k: v for k, v in from_yaml.items() if k not in spelled_otherwise}
     if explicit.get("data") and explicit.get("data_dir") and \
             os.path.normpath(str(explicit["data"])) != os.path.normpath(str(explicit["data_dir"])):
         raise SequencerError(f"`data={explicit['data']!r}` and `data_dir={explicit['data_dir']!r}` name different "

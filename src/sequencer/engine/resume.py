@@ -79,8 +79,8 @@ def apply_resume_contract(cfg: TrainConfig, given: frozenset[str], checkpoint: d
                              hint="drop `model` when resuming (a resume keeps its model)")
     kept = KEPT + (() if cfg.no_resume_opt else KEPT_WITH_STATE)
     for key in kept:
-        recorded = _recorded(key, saved, checkpoint)
-        if key in given and recorded is not None and _differs(getattr(cfg, key), recorded):
+        recorded = _recorded(key, saved, checkpoint)  # None given (an args.yaml's `in_chans: null`) asks for nothing
+        if key in given and None not in (getattr(cfg, key), recorded) and _differs(getattr(cfg, key), recorded):
             extra = " or pass `no_resume_opt` to start a fresh optimizer" if key in ("opt", "sched") else ""
             raise SequencerError(f"`resume={path}`: `{key}={_show(getattr(cfg, key))}` vs the checkpoint's "
                                  f"{_show(recorded)}", hint=f"drop `{key}` when resuming{extra}")
