@@ -124,6 +124,20 @@ def test_native_backward_gives_the_modules_gradients():
     assert got[0].is_contiguous()
 
 
+def test_native_op_passes_gradcheck_in_float64():
+    """``torch.autograd.gradcheck`` (finite differences in float64) of ``sequencer::rnn_native`` through its
+    registered backward, for each layer kind: bidirectional LSTM, two-layer GRU, tanh RNN on tiny shapes."""
+    torch.manual_seed(0)
+    for mode, layers, bidirectional in (("lstm", 1, True), ("gru", 2, False), ("rnn", 1, True)):
+        layer = recurrence.RNN_TYPES[mode](3, 2, layers, batch_first=True, bidirectional=bidirectional).double()
+        weights = [w.detach().clone().requires_grad_() for w in layer._flat_weights]
+        x = torch.randn(2, 4, 3, dtype=torch.float64, requires_grad=True)
+
+        def op(x, *weights, mode=mode, layers=layers, bidirectional=bidirectional):
+            return recurrence.rnn_native(x, list(weights), mode, layers, bidirectional, True, True, KERNEL_CODE, None)
+        assert torch.autograd.gradcheck(op, (x, *weights)), mode
+
+
 @pytest.mark.parametrize("mode", ["lstm", "rnn"])
 def test_native_op_follows_cpu_autocast_like_the_module(mode):
     """Under bf16 autocast the op (compiled, aot_eager: the graph's own casts) computes in bf16 as the module does in

@@ -74,3 +74,23 @@ def test_other_devices_are_refused_by_name():
     with pytest.raises(SequencerError, match="lstm_backend 'cpu' needs CPU tensors"):
         cpu_lstm.applies([ours.rnn_v], "cpu", torch.empty(1, 2, 2, 8, device="meta"))
     assert not cpu_lstm.applies([ours.rnn_v], "auto", torch.empty(1, 2, 2, 8))  # auto keeps oneDNN's LSTM
+
+
+def test_the_1d_sequencer_runs_the_cpu_backend(tiny_kwargs, randomize, monkeypatch):
+    """``v_sequencer_s`` with ``lstm_backend="cpu"``: its LSTM over the token raster runs here, never ATen's LSTM
+    (before, the 1D model ignored the backend and ran ATen's silently), with the native model's logits; a gradient
+    keeps the module's kernels."""
+    kwargs = dict(tiny_kwargs, embed_dims=(16,) * 4, hidden_sizes=(8,) * 4)
+    ours = randomize(sequencer.create_model("v_sequencer_s", num_classes=5, lstm_backend="cpu", **kwargs)).eval()
+    native = sequencer.create_model("v_sequencer_s", num_classes=5, lstm_backend="native", **kwargs).eval()
+    native.load_state_dict(ours.state_dict())
+    x = torch.randn(2, 3, 28, 28)
+    with torch.no_grad():
+        expected = native(x)
+
+        def refuse(*args, **kwargs):
+            raise AssertionError("ATen's LSTM was called")
+        monkeypatch.setattr(torch._VF, "lstm", refuse)
+        torch.testing.assert_close(ours(x), expected, rtol=1e-5, atol=1e-6)
+    with pytest.raises(AssertionError, match="ATen's LSTM was called"):
+        ours(x)

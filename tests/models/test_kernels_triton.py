@@ -248,3 +248,15 @@ def test_triton_on_cpu_without_the_interpreter_is_one_line(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     with pytest.raises(SequencerError, match="needs a CUDA device or TRITON_INTERPRET=1, got cpu tensors"):
         model(torch.randn(1, 3, 16, 16))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_float64_is_refused_in_one_line(device):
+    """The kernels compute in float32: a ``.double()`` model (also under autocast, which casts no float64) is refused
+    by name. Before, it ran, its float64 logits 3e-8 off the float64 model's (float32's precision), silently."""
+    model = create_model("sequencer2d_nano", lstm_backend="triton").to(device).double()
+    x = torch.randn(1, 3, 16, 16, device=device, dtype=torch.float64)
+    for autocast in (False, True):
+        with (pytest.raises(SequencerError, match="'triton' computes in float32 at most, not in this model's float64"),
+              torch.autocast(device, dtype=torch.bfloat16, enabled=autocast)):
+            model(x)

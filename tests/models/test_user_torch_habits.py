@@ -115,3 +115,73 @@ def test_a_meta_built_model_loaded_either_way_computes_the_loaded_weights(nano, 
     restored = torch.load(buffer, weights_only=False).double()  # a whole pickled module: only in a test
     with torch.no_grad():
         torch.testing.assert_close(restored(x.double()).float(), expected, rtol=1e-5, atol=1e-6)
+
+
+# bounds on the relative error against the float64 model: several roundings of the dtype (fp16 ~1e-3 and bf16 ~1e-2
+# measured for nano on AVX512-BF16 and AVX2-capped kernels), loose enough for any x86 CPU's rounding
+LOW_PRECISION_BOUNDS = {"float16": 1e-2, "bfloat16": 6e-2, "float16_autocast": 1e-2}
+
+
+@pytest.mark.parametrize("precision", list(LOW_PRECISION_BOUNDS))
+def test_a_half_or_bfloat16_model_or_float16_autocast_trains_near_the_float64_model(nano, precision):
+    """``model.half()`` / ``model.bfloat16()`` compute and train in that dtype (logits and gradients in it);
+    ``torch.autocast("cpu", dtype=torch.float16)`` with ``torch.amp.GradScaler("cpu")`` gives float16 logits and
+    float32 gradients. Each within a few of the dtype's roundings of the float64 model's logits and gradients."""
+    x, y = batch()
+    reference = copy.deepcopy(nano).double()
+    expected = reference(x.double())
+    F.cross_entropy(expected, y).backward()
+    model = copy.deepcopy(nano)
+    if precision == "float16_autocast":
+        scaler, optimizer = torch.amp.GradScaler("cpu"), torch.optim.SGD(model.parameters(), lr=0.0)
+        scales = []
+        while len(scales) < 8 and scaler.get_scale() not in scales:  # a loop's steps until one is taken: the
+            scales.append(scaler.get_scale())  # scaler skips those whose float16 gradients overflow, halving its scale
+            optimizer.zero_grad()
+            with torch.autocast("cpu", dtype=torch.float16):
+                logits = model(x)
+            scaler.scale(F.cross_entropy(logits, y)).backward()
+            scaler.step(optimizer)  # unscales the gradients in place
+            scaler.update()
+        assert scaler.get_scale() == scales[-1]  # this step was taken (lr 0: the weights are unchanged)
+        dtypes = (torch.float16, torch.float32)
+    else:
+        dtype = getattr(torch, precision)
+        model.to(dtype)
+        logits = model(x.to(dtype))
+        F.cross_entropy(logits.float(), y).backward()
+        dtypes = (dtype, dtype)
+    assert (logits.dtype, *{p.grad.dtype for p in model.parameters()}) == dtypes
+    bound = LOW_PRECISION_BOUNDS[precision]
+    assert (logits.double() - expected).abs().max() <= bound * expected.abs().max()
+    grads, expected_grads = [torch.cat([p.grad.double().flatten() for p in m.parameters()]) for m in (model, reference)]
+    assert (grads - expected_grads).norm() <= bound * expected_grads.norm()
+
+
+def test_a_float64_model_stays_float64_under_autocast():
+    """Autocast casts no float64 tensor, so a ``.double()`` model computes in float64 under it, as plain PyTorch
+    does. Before, float16 autocast cast the LSTMs' input to float16 against float64 weights (an ATen dtype error),
+    the ``cpu`` backend ran bfloat16 under bfloat16 autocast (1.2e-3 off, silently), and compiled training under
+    bfloat16 autocast sent float64 to oneDNN's LSTM (a fake-tensor error)."""
+    from sequencer.models.sequencer2d import RNN2d
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 5, 8, dtype=torch.float64)
+    for backend in ("native", "cpu"):
+        mixer = RNN2d(8, 4, lstm_backend=backend).double()
+        with torch.no_grad():
+            expected = mixer(x)
+            for dtype in (torch.float16, torch.bfloat16):
+                with torch.autocast("cpu", dtype=dtype):
+                    got = mixer(x)
+                torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-12, msg=f"{backend} {dtype}")
+    mixer.zero_grad()
+    mixer(x).square().sum().backward()
+    expected = [p.grad.clone() for p in mixer.parameters()]
+    mixer.zero_grad()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = torch.compile(mixer, backend="aot_eager", fullgraph=True)(x)
+    out.square().sum().backward()
+    torch._dynamo.reset()
+    assert out.dtype == torch.float64
+    for got, want in zip([p.grad for p in mixer.parameters()], expected):
+        torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)

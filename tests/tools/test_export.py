@@ -12,8 +12,9 @@ from sequencer.cli import main
 from sequencer.engine.inference import load_model, relative_error
 from sequencer.errors import SequencerError
 from sequencer.models import create_model, read_checkpoint
-from sequencer.tools.export import (export_onnx, export_program, export_safetensors, export_torchscript, int8_settings,
-                                     quantize_int8)
+from sequencer.tools.export import (export_onnx, export_onnx_int8, export_program, export_safetensors,
+                                     export_torchscript, int8_settings, quantize_int8)
+from sequencer.tools.onnx_runtime import OnnxModel
 
 from plain_sequencer import VARIANTS, PlainSequencer, randomized, tiny_variant_kwargs, variant_input
 
@@ -176,9 +177,24 @@ def test_int8_quantisation_leaves_the_root_logger_as_it_was(tmp_path, monkeypatc
     root = logging.getLogger()
     monkeypatch.setattr(root, "handlers", [])
     level, filters = root.level, list(root.filters)
-    quantize_int8(tmp_path / "m.onnx", tmp_path / "m_int8.onnx", {}, int8_settings("avx512-vnni"))
+    assert quantize_int8(tmp_path / "m.onnx", tmp_path / "m_int8.onnx", {}, int8_settings("avx512-vnni")) == []
     assert root.handlers == [] and root.level == level and root.filters == filters
     assert (tmp_path / "m_int8.onnx").stat().st_size > 0
+
+
+def test_int8_says_that_gru_layers_stay_float(tmp_path, caplog):
+    """onnxruntime quantises LSTM layers only: a GRU ablation's int8 file keeps its GRUs float32. Before, its
+    metadata said "float: head, stem" as for an LSTM model; now the metadata, the result and a logged note say it."""
+    model = create_model(TINY_ARCH, **TINY_KWARGS, rnn_type="gru").eval()
+    with caplog.at_level(logging.WARNING, logger="sequencer"):
+        result = export_onnx_int8(model, tmp_path / "m_int8.onnx", (3, 16, 16), settings=int8_settings("avx2"))
+    int8 = OnnxModel(tmp_path / "m_int8.onnx")
+    assert result["float_recurrent"] == ["GRU"]
+    assert int8.quantized == ("int8 dynamic (activations scaled per batch), per-channel 7-bit weights, "
+                              "float: head, stem, GRU layers; for avx2 CPUs")
+    assert [r.getMessage() for r in caplog.records] == [
+        "note: onnxruntime has no int8 GRU kernel: the model's GRU layers stay float32 in the int8 file (the matmuls "
+        "around them are int8)"]
 
 
 def test_safetensors_round_trip(tiny_checkpoint, tmp_path):

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import ArgumentValueError
-from .kernels import resolve_backend, run_rnn
+from .kernels import cpu_lstm1d, cpu_lstm_applies, hooked, resolve_backend, run_rnn
 from .registry import register_model
 from .sequencer2d import RNN_TYPES, Sequencer2d, _cfg
 
@@ -34,7 +34,11 @@ class RNN1d(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         B, H, W, C = x.shape
-        y = run_rnn(self.rnn, x.reshape(B, H * W, C), self.lstm_backend)
+        tokens = x.reshape(B, H * W, C)
+        if not hooked(self.rnn) and cpu_lstm_applies([self.rnn], self.lstm_backend, tokens):
+            y = cpu_lstm1d(self.rnn, tokens)  # lstm_backend="cpu": CPU inference as BiLSTM2D's (RNN2d.forward)
+        else:
+            y = run_rnn(self.rnn, tokens, self.lstm_backend)
         return y.reshape(B, H, W, -1)
 
 

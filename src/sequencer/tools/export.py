@@ -28,6 +28,7 @@ import os
 import tempfile
 import warnings
 from pathlib import Path
+from typing import Sequence
 
 import numpy as np
 import torch
@@ -40,6 +41,8 @@ from ..hardware import CPU_CLASSES, cpu_info
 from ..models.caller_module import caller_module_kept
 from ..models.loading import save_weights
 from .onnx_runtime import OnnxModel, load_onnx
+
+_logger = logging.getLogger(__name__)
 
 FORMATS = {"onnx": (".onnx",), "torchscript": (".pt", ".ts", ".torchscript", ".jit"), "safetensors": (".safetensors",),
            "exported-program": (".pt2",)}
@@ -270,6 +273,7 @@ INT8_BY_CPU_CLASS = {
     "amx": dict(reduce_range=False, per_channel=True, keep_float=("head", "stem")),
 }
 STATIC_OPS = ("MatMul", "Gemm", "Conv")  # LayerNormalization, Add, GELU stay float; LSTM is quantised dynamically
+RECURRENT_OPS = ("LSTM", "GRU", "RNN")  # onnxruntime quantises LSTM only (DynamicQuantizeLSTM): GRU and RNN stay float
 
 
 def int8_settings(target_cpu: str | None = None, static: bool = False) -> dict:
@@ -284,13 +288,20 @@ def int8_settings(target_cpu: str | None = None, static: bool = False) -> dict:
     return dict(cpu_class=cpu_class, static=static, **INT8_BY_CPU_CLASS[cpu_class])
 
 
-def describe_int8(settings: dict) -> str:
-    """One phrase for the metadata's ``quantization`` entry and the command's report."""
+def describe_int8(settings: dict, float_recurrent: Sequence[str] = ()) -> str:
+    """One phrase for the metadata's ``quantization`` entry and the command's report; ``float_recurrent``: the
+    recurrent op types left float (:func:`float_recurrent_ops`)."""
     kind = "static QDQ (calibrated activations)" if settings["static"] else "dynamic (activations scaled per batch)"
     weights = ("per-channel" if settings["per_channel"] else "per-tensor") + \
         (" 7-bit" if settings["reduce_range"] else " 8-bit")
-    kept = ", ".join(settings["keep_float"]) or "nothing"
+    kept = ", ".join([*settings["keep_float"], *(f"{op} layers" for op in float_recurrent)]) or "nothing"
     return f"int8 {kind}, {weights} weights, float: {kept}; for {settings['cpu_class']} CPUs"
+
+
+def float_recurrent_ops(proto) -> list[str]:
+    """The recurrent op types still in float in a quantised graph (e.g. ["GRU"]): onnxruntime has int8 kernels for
+    LSTM only, so a GRU or RNN ablation keeps its recurrences float32 (the matmuls around them are int8)."""
+    return sorted({node.op_type for node in proto.graph.node if node.op_type in RECURRENT_OPS})
 
 
 def _float_node_names(proto, keep_float) -> list[str]:
@@ -305,9 +316,10 @@ def _float_node_names(proto, keep_float) -> list[str]:
 
 
 def quantize_int8(fp32_path: str | os.PathLike, out_path: str | os.PathLike, metadata: dict, settings: dict,
-                  calibration=None) -> None:
+                  calibration=None) -> list[str]:
     """int8 quantisation of an fp32 export with :func:`int8_settings`; ``calibration`` (an onnxruntime
-    ``CalibrationDataReader``) is required when ``settings["static"]``.
+    ``CalibrationDataReader``) is required when ``settings["static"]``. Returns the recurrent op types left float
+    (:func:`float_recurrent_ops`; GRU and RNN layers, with a logged note), which the metadata's description names.
 
     Dynamic: onnxruntime's ``quantize_dynamic`` on every op it quantises (MatMuls of token mixing, MLPs and head,
     the LSTMs' input and recurrent weights, the stem Conv) except ``keep_float``. Static: ``quantize_static`` (QDQ)
@@ -331,8 +343,15 @@ def quantize_int8(fp32_path: str | os.PathLike, out_path: str | os.PathLike, met
         else:
             ortq.quantize_dynamic(str(fp32_path), str(out_path), **common)
     proto = onnx.load(str(out_path))
-    set_onnx_metadata(proto, dict(metadata, quantization=describe_int8(settings), int8_settings=settings))
+    float_recurrent = float_recurrent_ops(proto)
+    if float_recurrent:
+        _logger.warning(f"note: onnxruntime has no int8 {' or '.join(float_recurrent)} kernel: the model's "
+                        f"{'/'.join(float_recurrent)} layers stay float32 in the int8 file (the matmuls around them "
+                        f"are int8)")
+    set_onnx_metadata(proto, dict(metadata, quantization=describe_int8(settings, float_recurrent),
+                                  int8_settings=settings))
     onnx.save(proto, str(out_path))
+    return float_recurrent
 
 
 @contextlib.contextmanager
@@ -413,7 +432,7 @@ def export_onnx_int8(model: nn.Module, path: str | os.PathLike, input_size: tupl
     With ``verify`` (an image folder) both files run on its images and the int8 file is written only when its top-1
     agrees with the fp32 file's on at least ``min_agreement`` of them, i.e. refused when agreement < min_agreement
     (SequencerError, nothing written). Returns the :func:`top1_agreement` dict (None entries without ``verify``) plus
-    ``rel_error`` of the fp32 export and the ``settings`` used.
+    ``rel_error`` of the fp32 export, the ``settings`` used and ``float_recurrent`` (recurrent op types left float).
     """
     path = Path(path)
     settings = settings or int8_settings(static=calibration is not None)
@@ -427,7 +446,7 @@ def export_onnx_int8(model: nn.Module, path: str | os.PathLike, input_size: tupl
             if settings["static"]:
                 fixed = None if onnx_kwargs.get("dynamic_batch") else onnx_kwargs.get("batch_size", 1)
                 reader = ImageCalibration(fp32, calibration, fixed)
-            quantize_int8(fp32, tmp, metadata or {}, settings, reader)
+            result["float_recurrent"] = quantize_int8(fp32, tmp, metadata or {}, settings, reader)
             logits = OnnxModel(tmp).run_numpy(np.zeros((onnx_kwargs.get("batch_size", 1), *input_size), np.float32))
             if not np.isfinite(logits).all():
                 raise SequencerError(f"int8 model {str(path)!r} gives non-finite logits; nothing written")

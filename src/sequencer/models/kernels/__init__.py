@@ -16,13 +16,15 @@ The model files use only the names below; everything else in these modules is th
 * ``hooked(*modules)``: whether a layer carries forward hooks (pruning, a capturing hook): then it is called, never
   read by a fused path.
 * ``RNN_TYPES``, ``resolve_backend``, ``run_rnn``, ``fused_bilstm2d``, ``uses_fused_lstm``: the LSTM backends
-  (native cuDNN/MKL, Triton) of :mod:`.recurrence`; ``cpu_lstm_applies``, ``cpu_bilstm2d``: the ``cpu`` backend
-  of :mod:`.cpu_lstm` (CPU inference).
+  (native cuDNN/MKL, Triton) of :mod:`.recurrence`; ``cpu_lstm_applies``, ``cpu_bilstm2d``, ``cpu_lstm1d``: the
+  ``cpu`` backend of :mod:`.cpu_lstm` (CPU inference; ``cpu_lstm1d``: one LSTM over batch-first sequences, the 1D
+  Sequencer's).
 """
 from .onednn import _autocast_bf16_copies as autocast_bf16_copies
 from .capture import exporting, hooked
 from .cpu_lstm import applies as cpu_lstm_applies
 from .cpu_lstm import bilstm2d as cpu_bilstm2d
+from .cpu_lstm import lstm1d as cpu_lstm1d
 from .onednn import _MixAxesFunction, _OneDnnMlpFunction, linear, native_dtype, onednn_bf16_supported
 from .onednn import _onednn_linear_ok as onednn_linear_ok
 from .onednn import _under_cpu_bf16_autocast as under_cpu_bf16_autocast
@@ -31,6 +33,6 @@ from .recurrence import RNN_TYPES, fused_bilstm2d, resolve_backend, run_rnn, use
 mix_axes = _MixAxesFunction.apply
 onednn_mlp = _OneDnnMlpFunction.apply
 
-__all__ = ["RNN_TYPES", "autocast_bf16_copies", "cpu_bilstm2d", "cpu_lstm_applies", "exporting", "fused_bilstm2d",
-           "hooked", "linear", "mix_axes", "native_dtype", "onednn_bf16_supported", "onednn_linear_ok", "onednn_mlp",
-           "resolve_backend", "run_rnn", "under_cpu_bf16_autocast", "uses_fused_lstm"]
+__all__ = ["RNN_TYPES", "autocast_bf16_copies", "cpu_bilstm2d", "cpu_lstm1d", "cpu_lstm_applies", "exporting",
+           "fused_bilstm2d", "hooked", "linear", "mix_axes", "native_dtype", "onednn_bf16_supported",
+           "onednn_linear_ok", "onednn_mlp", "resolve_backend", "run_rnn", "under_cpu_bf16_autocast", "uses_fused_lstm"]

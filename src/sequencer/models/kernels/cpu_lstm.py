@@ -13,9 +13,10 @@ The ``g`` gate's weights and bias are doubled so that one ``sigmoid`` serves all
 ``tanh(z) = 2 * sigmoid(2z) - 1`` (doubling is exact in floating point). The cell state stays in float32 also for
 bf16 weights. Only inference takes this path: when a gradient is needed the module's own kernels run.
 
-Selected with ``lstm_backend="cpu"`` (or ``SEQUENCER_LSTM_BACKEND=cpu``); ``auto`` keeps oneDNN's LSTM, which on
-a Zen 5 CPU measured as fast or faster (BENCHMARKS.md, "CPU recurrence": it runs near the GEMM rate at one
-thread, so taking the projections out of it gains nothing and the per-step ops and layout copies cost).
+The 1D Sequencer's LSTM over the raster of tokens runs here too (:func:`lstm1d`: its sequences are the rows of a
+one-row grid). Selected with ``lstm_backend="cpu"`` (or ``SEQUENCER_LSTM_BACKEND=cpu``); ``auto`` keeps oneDNN's
+LSTM, which on a Zen 5 CPU measured as fast or faster (BENCHMARKS.md, "CPU recurrence": it runs near the GEMM rate
+at one thread, so taking the projections out of it gains nothing and the per-step ops and layout copies cost).
 """
 from __future__ import annotations
 
@@ -46,8 +47,9 @@ def applies(rnns: list[nn.Module], backend: str, x: torch.Tensor) -> bool:
 
 
 def _compute_dtype(x: torch.Tensor, weight: torch.Tensor) -> torch.dtype:
-    """CPU autocast's dtype for a matmul of ``x`` and ``weight`` when autocast is on, else the weights' dtype."""
-    if torch.is_autocast_enabled("cpu"):
+    """CPU autocast's dtype for a matmul of ``x`` and ``weight`` when autocast is on, else the weights' dtype.
+    Autocast casts no float64 tensor: a ``.double()`` model stays float64 under it (and so takes ATen's LSTM)."""
+    if torch.is_autocast_enabled("cpu") and torch.float64 not in (x.dtype, weight.dtype):
         return torch.get_autocast_dtype("cpu")
     return weight.dtype
 
@@ -65,6 +67,14 @@ def bilstm2d(rnn_v: nn.Module | None, rnn_h: nn.Module | None, x: torch.Tensor):
     v = outs.pop(0) if rnn_v is not None else None
     h = outs.pop(0) if rnn_h is not None else None
     return v, h
+
+
+def lstm1d(rnn: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """One LSTM over batch-first sequences (the 1D Sequencer's, over a raster of tokens): x (N, T, C) ->
+    (N, T, D*Hd), in (T, N, D*Hd) memory as ATen's LSTM gives it. The sequences are one row each of a (N, 1, T, C)
+    grid scanned along its rows."""
+    _, rows = bilstm2d(None, rnn, x.unsqueeze(1))  # (T, N, 1, D*Hd)
+    return rows.squeeze(2).transpose(0, 1)
 
 
 def _directions(rnn: nn.Module) -> list[str]:

@@ -4,9 +4,10 @@ Backends (model kwarg ``lstm_backend``, else the environment variable ``SEQUENCE
 
 * ``native``: the ``nn.LSTM`` / ``nn.GRU`` / ``nn.RNN`` module's own kernels (cuDNN, oneDNN, ATen).
 * ``triton``: LSTMs run :mod:`.triton_lstm` (CUDA, or CPU tensors under ``TRITON_INTERPRET=1``); ATen's LSTM is
-  never called. GRU/RNN layers stay native.
-* ``cpu``: BiLSTM2D's LSTMs run :mod:`.cpu_lstm` (one GEMM for all directions' input projections, one batched
-  scan) in CPU inference; where a gradient is needed, or for GRU/RNN/multi-layer LSTMs, the ``native`` kernels run.
+  never called. GRU/RNN layers stay native. It computes in float32 at most: float64 is refused.
+* ``cpu``: BiLSTM2D's LSTMs (and the 1D Sequencer's) run :mod:`.cpu_lstm` (one GEMM for all directions' input
+  projections, one batched scan) in CPU inference; where a gradient is needed, or for GRU/RNN/multi-layer LSTMs,
+  the ``native`` kernels run.
 * ``auto`` (default): decided per call by :func:`auto_takes_triton`, from measurements (BENCHMARKS.md "GPU"):
   ``triton`` for LSTM inference in bf16/fp16 on the GPUs where it was measured faster than cuDNN, else ``native``
   (cuDNN for GPU training, where Triton's backward measured slower; on a Zen 5 CPU oneDNN's LSTM measured as fast as
@@ -137,6 +138,9 @@ def uses_fused_lstm(rnn: nn.Module, backend: str, x: torch.Tensor) -> bool:
                              f"{x.device.type} tensors", hint=f"use {BACKEND_ENV}=native on this device")
     if rnn.proj_size or (rnn.dropout and rnn.training) or not rnn.batch_first:
         raise SequencerError("lstm_backend 'triton' supports batch_first LSTMs without proj_size or dropout")
+    if compute_dtype(x, rnn.weight_ih_l0) == torch.float64:  # its kernels compute in float32: no silent downcast
+        raise SequencerError("lstm_backend 'triton' computes in float32 at most, not in this model's float64",
+                             hint="use lstm_backend='native' (or 'auto') for float64")
     return True
 
 
@@ -156,8 +160,9 @@ def lstm_weights(rnn: nn.LSTM, layer: int, dtype: torch.dtype) -> tuple[torch.Te
 
 
 def compute_dtype(x: torch.Tensor, weight: torch.Tensor) -> torch.dtype:
-    """The dtype autocast would give a matmul of ``x`` and ``weight`` (else the input's)."""
-    if torch.is_autocast_enabled(x.device.type):
+    """The dtype autocast would give a matmul of ``x`` and ``weight`` (else the input's). Autocast casts no float64
+    tensor (ATen's rule): a ``.double()`` model under autocast computes in float64."""
+    if torch.is_autocast_enabled(x.device.type) and x.dtype != torch.float64:
         return torch.get_autocast_dtype(x.device.type)
     return x.dtype
 
@@ -234,7 +239,8 @@ def _eager_input(rnn: nn.Module, x: torch.Tensor) -> torch.Tensor:
     LSTM, which has no float16 kernel, nor a bfloat16 one on a CPU without bf16 instructions (AVX2-only: "could not
     create a primitive descriptor"). An input in autocast's dtype takes ATen's own LSTM there, which runs the step
     matmuls in that dtype, as the model's other autocast inputs do."""
-    if rnn.mode != "LSTM" or x.device.type != "cpu" or not torch.is_autocast_enabled("cpu"):
+    if (rnn.mode != "LSTM" or x.device.type != "cpu" or not torch.is_autocast_enabled("cpu")
+            or x.dtype == torch.float64):  # autocast casts no float64: a .double() model runs float64 under it
         return x
     dtype = torch.get_autocast_dtype("cpu")
     if dtype == torch.float16 or dtype == torch.bfloat16 and not onednn_bf16_supported():
@@ -246,7 +252,7 @@ def _compiled_dtype(rnn: nn.Module, x: torch.Tensor, weights: list[torch.Tensor]
     """The dtype the compiled layer computes in: autocast's for it (as the ops' autocast kernels cast; None for a CPU
     GRU, whose steps autocast), else the input's where the weights share it (None where they do not: no oneDNN
     kernel mixes dtypes)."""
-    if torch.is_autocast_enabled(x.device.type):
+    if torch.is_autocast_enabled(x.device.type) and x.dtype != torch.float64:  # autocast casts no float64
         return autocast_rnn_dtype(x.device.type, _VF_MODES[rnn.mode])
     return x.dtype if all(w.dtype == x.dtype for w in weights) else None
 
