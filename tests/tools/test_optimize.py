@@ -216,6 +216,19 @@ def test_optimize_float32_same_logits_and_model_untouched():
     assert fast.eval() is fast and not fast.training
 
 
+def test_optimize_a_half_or_double_model_runs_float32():
+    """A ``.half()`` or ``.double()`` model's float32 copy has float32 weights: its logits are the float32 model's
+    of the same weights. Before, the copy kept the model's weights and cast the input to float32 ("Input type
+    (float) and bias type (c10::Half) should be the same")."""
+    x = torch.randn(2, 3, 32, 32)
+    for dtype in (torch.float16, torch.float64):
+        model = tiny_s().to(dtype)
+        with torch.no_grad():
+            expected = copy.deepcopy(model).float()(x)
+        fast = sequencer.optimize_for_inference(model, torch.float32)
+        assert rel(fast(x), expected) < 1e-5 and next(model.parameters()).dtype == dtype
+
+
 @pytest.mark.parametrize("call, what", [
     (lambda fast: fast.train(), "train the original module"),
     (lambda fast: fast.train(True), "train the original module"),

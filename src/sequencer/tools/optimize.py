@@ -126,12 +126,13 @@ class InferenceModel(nn.Module):
         self.streams = streams
         self.device_type = device.type
         # CPU: cast the weights once. CUDA: autocast keeps fp32 master weights and picks cuDNN/tensor-core kernels.
-        self.cast_weights = device.type == "cpu" and dtype != torch.float32
+        # A model whose weights are in another dtype (``.half()``, ``.double()``) has them cast so too.
+        self.weights_dtype = dtype if device.type == "cpu" else torch.float32
         model = copy.deepcopy(model).eval()
         for p in model.parameters():
             p.requires_grad_(False)
-        if self.cast_weights:
-            model = model.to(dtype)
+        if any(p.dtype != self.weights_dtype for p in model.parameters() if p.is_floating_point()):
+            model = model.to(self.weights_dtype)
         for module in model.modules():
             if isinstance(module, nn.RNNBase):
                 module.flatten_parameters()  # a deep copy leaves cuDNN's packed weights split; re-pack once here
@@ -171,14 +172,11 @@ class InferenceModel(nn.Module):
 
     def forward(self, x: torch.Tensor):
         with torch.inference_mode():
-            if self.cast_weights:
-                x = x.to(self.dtype)
-            elif self.dtype == torch.float32:
-                x = x.float()
+            x = x.to(self.weights_dtype)
             streams = self.stream_count(x.shape[0])
             if streams > 1:
                 out = self._forward_streams(x, streams)
-            elif self.dtype != torch.float32 and not self.cast_weights:
+            elif self.dtype != self.weights_dtype:  # CUDA autocast
                 with torch.autocast(self.device_type, dtype=self.dtype):
                     out = self.model(x)
             else:
@@ -206,7 +204,8 @@ def optimize_for_inference(model: nn.Module, dtype: torch.dtype | str = torch.fl
     docstring). The library's one rule for a precision a device lacks (``sequencer.engine.amp.autocast_dtype``, as
     ``--amp-dtype``): float16 off CUDA runs bfloat16, and bf16 on a CPU without native bf16 kernels runs float32,
     each with a one-line note.
-    Works for any model of the library, including ``features_only`` ones. ``streams``: on the CPU, how many
+    A model in another dtype (``.half()``, ``.double()``) runs in ``dtype`` too: its copy's weights are cast to it
+    (on CUDA, to float32 under autocast). Works for any model of the library, including ``features_only`` ones. ``streams``: on the CPU, how many
     chunks a batch runs as, each on its own thread (default: one per intra-op thread; 1: off; module docstring).
     """
     if not isinstance(model, nn.Module):
