@@ -215,6 +215,18 @@ def test_a_new_image_size_on_resume_is_the_models_too(finished, data, tmp_path, 
         (32, 32, 32)
 
 
+def test_a_resume_evaluates_on_the_split_its_run_did(finished, data, tmp_path):
+    """A run evaluated on test/ (`--val-split test`) and resumed without the flag on DATA that also has val/ used to
+    go on evaluating on val/, its best epoch still test/'s; the split names are kept like the other settings."""
+    out, folder = _copy_run(finished, tmp_path)
+    root = tmp_path / "data"
+    shutil.copytree(data, root)
+    shutil.copytree(root / "test", root / "val")
+    assert train_cli([root, "--resume", folder / "last.pth.tar", "--epochs", "3", "-j", "0", "--device", "cpu"]) == 0
+    resumed = read_checkpoint(folder / "last.pth.tar")
+    assert resumed["args"]["val_split"] == "test" and resumed["data"]["split"] == "test"
+
+
 def test_a_kept_setting_is_checked_with_the_flags_given(finished, data, tmp_path, capsys):
     """The checkpoint's `mixup` with a new odd `-b` is refused in one line before anything is written (it was
     checked before the checkpoint's settings were known: timm's assertion after the folder was claimed)."""

@@ -13,9 +13,9 @@
   with this start's hyperparameters (``checkpoint.load_optimizer_state``).
 - **A recovery checkpoint's interrupted epoch goes on after its last update** (``loop.resumed_progress``): the rest
   of its batches, once each, when the data is split as before; otherwise the epoch re-runs from its beginning.
-- **Never from the checkpoint (this machine's and this start's business):** the data and its splits, the output
-  folder and experiment name, the device, ``--workers``, ``--log-interval``, ``--start-epoch``, ``--pretrained`` and
-  ``--initial-checkpoint``.
+- **Never from the checkpoint (this machine's and this start's business):** the data (not its split names: a
+  resume evaluates on the split its best epoch was picked on), the output folder and experiment name, the device,
+  ``--workers``, ``--log-interval``, ``--start-epoch``, ``--pretrained`` and ``--initial-checkpoint``.
 """
 from __future__ import annotations
 
@@ -35,8 +35,9 @@ _logger = logging.getLogger(__name__)
 # settings (args keys) a resume keeps from its checkpoint; KEPT_WITH_STATE only with the optimizer state
 KEPT_WITH_STATE = ("opt", "sched")
 KEPT = ("model_kwargs", "in_chans", "eval_metric", "val_fraction")
-# (``input_size`` is read as ``in_chans`` and ``img_size``, which are kept: a resume's own ``img_size`` then wins)
-NOT_INHERITED = {"data", "data_dir", "dataset", "train_split", "val_split", "class_map", "dataset_download", "config",
+# (``input_size`` is read as ``in_chans`` and ``img_size``, which are kept: a resume's own ``img_size`` then wins;
+# the split names are kept: DATA may move, but a resume evaluating on another split would mix its best epoch's)
+NOT_INHERITED = {"data", "data_dir", "dataset", "class_map", "dataset_download", "config",
                  "resume", "experiment", "output", "device", "workers", "log_interval", "start_epoch", "local_rank",
                  "pretrained", "initial_checkpoint", "no_resume_opt", "input_size"}
 
