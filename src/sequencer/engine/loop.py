@@ -125,6 +125,14 @@ class StopRequest:
         _logger.warning(f"received {signal.Signals(signum).name}: stopping at the next step with a recovery "
                         f"checkpoint")
 
+    def agreed(self, info: dist_utils.DistInfo) -> int:
+        """The signal any rank was asked to stop by (0: none), adopted by this rank; every rank calls it at the
+        same point, so all stop there together, also when the signal reached one node only (its torchrun agent
+        was stopped): the others would go on and wait for it in the next collective."""
+        asked, = dist_utils.all_reduce_max([float(self.signum)], info)
+        self.signum = self.signum or int(asked)
+        return self.signum
+
     def __enter__(self):
         for sig in (signal.SIGTERM, signal.SIGINT):
             if sig == signal.SIGTERM and self._caller_ignores_sigterm():

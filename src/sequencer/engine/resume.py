@@ -20,6 +20,8 @@
 from __future__ import annotations
 
 import logging
+import os
+import stat
 from pathlib import Path
 
 from ..data.class_folders import class_name
@@ -59,6 +61,39 @@ def locate_resume(cfg: TrainConfig, info: dist_utils.DistInfo) -> str:
         _logger.info(f"`resume=auto`: {'continuing from ' + str(found) if found else 'nothing to resume, starting'}")
     found = dist_utils.broadcast_object(str(found) if found else "", info)
     return found
+
+
+def resume_checkpoint(cfg: TrainConfig, info: dist_utils.DistInfo) -> tuple[str, dict | None]:
+    """(the checkpoint to resume, "" for none; its contents) on every rank: the file rank 0 found
+    (:func:`locate_resume`), as :func:`read_on_every_rank` reads it."""
+    path = locate_resume(cfg, info)
+    return path, read_on_every_rank(path, info) if path else None
+
+
+def read_on_every_rank(path: str, info: dist_utils.DistInfo) -> dict:
+    """Rank 0's training checkpoint at ``path`` (:func:`read_resume_checkpoint`), on every rank.
+
+    Where every rank sees rank 0's file (a shared filesystem: the same size and modification time), each reads it
+    itself. Otherwise rank 0 reads it and sends it to the others: on nodes without a shared filesystem only rank
+    0's node holds the run's checkpoints (it alone writes them), and another node has no file at that path (it
+    failed: "does not exist"), or an older run's file of that name, which would resume another position.
+    """
+    if not info.distributed:
+        return read_resume_checkpoint(path)
+    stamps = dist_utils.all_gather_object(_file_stamp(path), info)
+    if stamps[0] is not None and all(stamp == stamps[0] for stamp in stamps):
+        return read_resume_checkpoint(path)
+    checkpoint = read_resume_checkpoint(path) if info.is_primary else None  # an error on rank 0 stops every rank
+    return dist_utils.broadcast_object(checkpoint, info)
+
+
+def _file_stamp(path: str) -> tuple[int, int] | None:
+    """(size, modification time in ns) of the file at ``path``; None where there is none."""
+    try:
+        found = os.stat(path)
+    except OSError:
+        return None
+    return (found.st_size, found.st_mtime_ns) if stat.S_ISREG(found.st_mode) else None
 
 
 def _names(names: list[str]) -> str:

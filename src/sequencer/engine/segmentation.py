@@ -43,7 +43,7 @@ from .loop import (EpochProgress, StopRequest, batch_split, callbacks_ask_to_sto
                    resumed_progress, training_checkpoint)
 from .outputs import (claimed_process_group, plain, plural, prepare_outputs, read_summary, summary_numbers,
                       write_summary)
-from .resume import locate_resume, read_resume_checkpoint
+from .resume import resume_checkpoint
 from .segmentation_config import SegmentConfig, SegmentResult, check_segment_config
 from .segmentation_eval import eval_loader, evaluate_segmentation, inference_settings, metrics_row, segment_data_config
 from .train import amp_setup, as_library_call
@@ -120,8 +120,7 @@ def _train(cfg: SegmentConfig, state: RunState, info: dist_utils.DistInfo) -> Se
 
     started = time.time()
     random_seed(cfg.seed, info.rank)
-    resume_path = locate_resume(cfg, info)
-    resume_ckpt = read_resume_checkpoint(resume_path) if resume_path else None
+    resume_path, resume_ckpt = resume_checkpoint(cfg, info)
     train_split, val_split = _open_splits(cfg, resume_ckpt)
     _check_pooled_batch_norm(cfg, info)
     model = _build_model(cfg, train_split.num_classes, resume_ckpt, info.device)
@@ -132,7 +131,7 @@ def _train(cfg: SegmentConfig, state: RunState, info: dist_utils.DistInfo) -> Se
     if start_epoch >= run.num_epochs:
         _logger.info("`resume=%s`: the run already finished its %d epochs; nothing to do", resume_path,
                      run.num_epochs)
-        return _result(Path(resume_path).parent, None, 0)
+        return _result(info, Path(resume_path).parent, None, 0)
     run.out = prepare_outputs(cfg, state, info, resume_path or None, resume_ckpt, start_epoch, cfg.img_size)
     if info.is_primary:
         _log_start(run, train_split, start_epoch)
@@ -142,7 +141,7 @@ def _train(cfg: SegmentConfig, state: RunState, info: dist_utils.DistInfo) -> Se
             train_loss, stopped_at, done = _train_one_epoch(run, epoch, stop,
                                                             resumed_within if epoch == start_epoch else None)
             if stopped_at is not None:
-                return _result(run.out.folder, run.out.manager,
+                return _result(info, run.out.folder, run.out.manager,
                                _save_recovery(run, epoch, stopped_at, done, stop.signum), interrupted=True)
             last = epoch == run.num_epochs - 1
             metrics = None
@@ -151,8 +150,8 @@ def _train(cfg: SegmentConfig, state: RunState, info: dist_utils.DistInfo) -> Se
                 metrics = evaluate_segmentation(run.model, run.eval_loader, model.num_classes, run.class_names,
                                                 settings, distributed=info.distributed)
             row = _save_epoch(run, epoch, train_loss, metrics, epoch_started)
-            if stop.signum:  # the signal arrived during evaluation: the epoch is saved, stop here
-                return _result(run.out.folder, run.out.manager, 128 + stop.signum, interrupted=True)
+            if stop.agreed(info):  # a signal (to any rank) arrived during evaluation: the epoch is saved, stop here
+                return _result(info, run.out.folder, run.out.manager, 128 + stop.signum, interrupted=True)
             if callbacks_ask_to_stop(run, row):
                 if info.is_primary:
                     _logger.info("a callback stopped the run after epoch %d", epoch)
@@ -161,7 +160,7 @@ def _train(cfg: SegmentConfig, state: RunState, info: dist_utils.DistInfo) -> Se
         _logger.info("done in %.0fs; best mIoU %s; checkpoints in %s", time.time() - started,
                      f"{run.out.manager.best_metric:.2f}" if run.out.manager.best_metric is not None else "n/a",
                      run.out.folder)
-    return _result(run.out.folder, run.out.manager, 0)
+    return _result(info, run.out.folder, run.out.manager, 0)
 
 
 def _open_splits(cfg: SegmentConfig, resume_ckpt: dict | None):
@@ -350,10 +349,7 @@ def _train_one_epoch(run: _Run, epoch: int, stop: StopRequest, start: EpochProgr
 def _stop_requested(run: _Run, stop: StopRequest) -> bool:
     """True when any rank was asked to stop. Asked before a batch's forward pass: one run after the last update
     would move BatchNorm's running statistics by a batch that the resumed epoch trains on again."""
-    stop_flag, = dist_utils.all_reduce_max([float(stop.signum)], run.info)
-    if stop_flag:
-        stop.signum = stop.signum or int(stop_flag)
-    return bool(stop_flag)
+    return bool(stop.agreed(run.info))
 
 
 def _check_loss(run: _Run, loss_value: float, epoch: int, step: int) -> None:
@@ -408,7 +404,15 @@ def _save_recovery(run: _Run, epoch: int, step: int, done: EpochProgress, signum
     return 128 + signum
 
 
-def _result(folder: Path, manager, exit_code: int, interrupted: bool = False) -> SegmentResult:
+def _result(info: dist_utils.DistInfo, folder: Path, manager, exit_code: int,
+            interrupted: bool = False) -> SegmentResult:
+    """The run's :class:`SegmentResult`, rank 0's on every rank (every rank calls): rank 0 alone wrote the files
+    and kept the best epoch, and another node may not see its files (no shared filesystem)."""
+    result = _read_result(folder, manager, exit_code, interrupted) if info.is_primary else None
+    return dist_utils.broadcast_object(result, info)
+
+
+def _read_result(folder: Path, manager, exit_code: int, interrupted: bool) -> SegmentResult:
     """The run's :class:`SegmentResult`, read back from what it wrote (``summary.csv``, ``model_best.pth.tar``)."""
     rows = [summary_numbers(r) for r in read_summary(folder / "summary.csv")]
     scored = [r for r in rows if not math.isnan(r["eval_miou"])]

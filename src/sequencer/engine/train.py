@@ -183,7 +183,7 @@ def _train(cfg, state: RunState, info: dist_utils.DistInfo) -> TrainResult:
         print_on_primary(info, f"`resume={data.resume_path}`: the run already finished: it ran "
                                f"{plural(start_epoch, 'epoch')} and this schedule has {plural(opt.num_epochs, 'epoch')}"
                                f"; nothing to do (pass a larger `epochs` to extend it)")
-        return _result(cfg, Path(data.resume_path).parent, None, 0)
+        return _result(cfg, info, Path(data.resume_path).parent, None, 0)
     out = prepare_outputs(cfg, state, info, data.resume_path, data.resume_ckpt, start_epoch, loaders.img_size,
                           held_out=data.eval_set, evaluated=data.eval_set is not None)
     for message in [*state.start_warnings, *timm_habits.notes(cfg, info.device, model, state.given),
@@ -201,29 +201,38 @@ def _train(cfg, state: RunState, info: dist_utils.DistInfo) -> TrainResult:
         for epoch in range(start_epoch, opt.num_epochs):
             result = train_one_epoch(training, epoch, stop, resumed_within if epoch == start_epoch else None)
             if result.stopped_at is not None:
-                return _result(cfg, out.folder, out.manager, save_recovery(training, epoch, result, stop.signum),
+                return _result(cfg, info, out.folder, out.manager, save_recovery(training, epoch, result, stop.signum),
                                interrupted=True)
             metrics, raw_top1 = evaluate_epoch(training)  # (None, None) without a held-out split
             metric = float(metrics[cfg.eval_metric]) if metrics is not None else None
             if opt.scheduler is not None:
                 opt.scheduler.step(epoch + 1, metric)
             row = save_epoch(training, epoch, result, metrics, metric, raw_top1)
-            dist_utils.barrier(info)  # every rank's result reads the files rank 0 has written
-            if stop.signum:  # the signal arrived during evaluation: the epoch is saved, stop here
+            # every rank waits here for rank 0's files of the epoch; a signal that reached any rank (one node's agent)
+            # during evaluation stops them all: the epoch is saved, stop here
+            if stop.agreed(info):
                 if info.is_primary:
                     _logger.warning(f"stopped by {signal.Signals(stop.signum).name} after epoch {epoch}; resume "
                                     f"with `resume={out.folder / 'last.pth.tar'}`")
-                return _result(cfg, out.folder, out.manager, 128 + stop.signum, interrupted=True)
+                return _result(cfg, info, out.folder, out.manager, 128 + stop.signum, interrupted=True)
             finished = True
             if callbacks_ask_to_stop(training, row):
                 print_on_primary(info, f"a callback stopped the run after epoch {epoch}")
                 break
     if finished:
         _log_finish(training, metrics, started, epochs_run=epoch + 1)
-    return _result(cfg, out.folder, out.manager, 0)
+    return _result(cfg, info, out.folder, out.manager, 0)
 
 
-def _result(cfg, folder: Path, manager, exit_code: int, interrupted: bool = False) -> TrainResult:
+def _result(cfg, info: dist_utils.DistInfo, folder: Path, manager, exit_code: int,
+            interrupted: bool = False) -> TrainResult:
+    """The run's :class:`TrainResult`, rank 0's on every rank (every rank calls): rank 0 alone wrote the files
+    and kept the best epoch, and another node may not see its files (no shared filesystem)."""
+    result = _read_result(cfg, folder, manager, exit_code, interrupted) if info.is_primary else None
+    return dist_utils.broadcast_object(result, info)
+
+
+def _read_result(cfg, folder: Path, manager, exit_code: int, interrupted: bool) -> TrainResult:
     """The run's :class:`TrainResult`, read back from what it wrote (``summary.csv``, ``model_best.pth.tar``)."""
     rows = [summary_numbers(r) for r in read_summary(folder / "summary.csv")]
     evaluated = [r for r in rows if not math.isnan(r["eval_top1"])]  # none without a held-out split

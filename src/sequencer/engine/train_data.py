@@ -18,7 +18,7 @@ from .config_checks import check_config, shorten_warmup
 from .data_record import recorded_held_out
 from .distributed import print_on_primary
 from .guest import warn
-from .resume import apply_resume_contract, locate_resume, read_resume_checkpoint
+from .resume import apply_resume_contract, resume_checkpoint
 from .user_data import wrap_datasets
 
 
@@ -44,8 +44,7 @@ def build_data(cfg, state, info: dist_utils.DistInfo) -> tuple[TrainData, object
     user_sets = wrap_datasets(state.datasets) if state.datasets is not None else None
     train_set = user_sets[0] if user_sets else create_dataset(cfg.dataset, root=cfg.data, split=cfg.train_split,
                                                               is_training=True, **dataset_kw)
-    resume_path = locate_resume(cfg, info)
-    resume_ckpt = read_resume_checkpoint(resume_path) if resume_path else None
+    resume_path, resume_ckpt = resume_checkpoint(cfg, info)
     class_names = list(train_set.class_names)
     if resume_ckpt is not None:
         cfg = dataclasses.replace(cfg)  # the resume contract sets what it keeps on the run's own copy

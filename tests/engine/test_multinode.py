@@ -1,0 +1,100 @@
+"""Multi-node training on one machine: two processes that each are LOCAL_RANK 0 of their own "node" (as torchrun
+--nnodes 2 --nproc_per_node 1 starts them), each in its own working directory with a relative output folder, so
+that rank 1's "node" cannot see the files rank 0 writes (no shared filesystem)."""
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+import sequencer
+from run_helpers import REPO, subprocess_env
+from sequencer.models.loading import read_checkpoint
+
+TINY = dict(model="sequencer2d_nano", model_kwargs=dict(layers=(1, 1), patch_sizes=(2, 1), embed_dims=(16, 16),
+                                                        hidden_sizes=(4, 4), mlp_ratios=(2, 2)),
+            img_size=16, batch_size=8, workers=0, device="cpu", opt="adamw", lr=3e-3, warmup_epochs=0, hflip=0.0,
+            experiment="mn", progress=False)
+
+# one rank of the job: resume the run (rank 0's node holds it), while rank 1's node is stopped by SIGTERM during its
+# first evaluation (a preempted machine: its torchrun agent signals its own workers only)
+RANK = textwrap.dedent('''
+    import json, os, signal, sys
+    import sequencer
+    from sequencer.engine import evaluate as evaluate_module
+
+    settings = json.loads(sys.argv[1])
+    if os.environ["RANK"] == "1":
+        real, calls = evaluate_module.evaluate, []
+        def evaluate(*args, **kwargs):
+            calls.append(1)
+            if len(calls) == 1:
+                os.kill(os.getpid(), signal.SIGTERM)
+            return real(*args, **kwargs)
+        evaluate_module.evaluate = evaluate
+    signal.signal(signal.SIGTERM, lambda *_: None)  # the caller's own handler: train returns the result
+    run = sequencer.train(**settings)
+    print(json.dumps(dict(summary=[r["epoch"] for r in run.summary], best_top1=run.best_top1,
+                          best_epoch=run.best_epoch, checkpoint=str(run.checkpoint), exit_code=run.exit_code,
+                          interrupted=run.interrupted)))
+''')
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_two_nodes_without_a_shared_filesystem_resume_and_stop_together(image_folder, tmp_path):
+    nodes = [tmp_path / "node0", tmp_path / "node1"]
+    for node in nodes:
+        node.mkdir()
+    sequencer.train(data=str(image_folder), epochs=1, output=str(nodes[0] / "out"), **TINY)  # epoch 0, on node 0
+    settings = json.dumps(dict(TINY, data=str(image_folder), epochs=3, output="out", resume="auto"))
+    port = _free_port()
+    procs = []
+    for rank, node in enumerate(nodes):
+        env = dict(subprocess_env(), RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK="0", LOCAL_WORLD_SIZE="1",
+                   GROUP_RANK=str(rank), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+        procs.append(subprocess.Popen([sys.executable, "-c", RANK, settings], cwd=node, env=env, text=True,
+                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE))
+    try:
+        outputs = [p.communicate(timeout=120) for p in procs]  # a rank left waiting for its peer hangs: killed
+    finally:
+        for proc in procs:
+            proc.kill()
+    for proc, (out, err) in zip(procs, outputs):
+        assert proc.returncode == 0, err[-3000:]
+    results = [json.loads(out.splitlines()[-1]) for out, _ in outputs]
+    # node 1 read the checkpoint rank 0 found (its own disk has none), the signal to node 1 stopped both after
+    # epoch 1, and node 1's result is rank 0's (it cannot read rank 0's summary.csv)
+    assert results[0] == results[1]
+    assert results[0]["summary"] == [0, 1] and results[0]["interrupted"] and results[0]["exit_code"] == 143
+    assert results[0]["best_epoch"] is not None and results[0]["best_top1"] is not None
+    assert read_checkpoint(nodes[0] / "out" / "mn" / "last.pth.tar")["epoch"] == 1
+    assert os.listdir(nodes[1]) == []  # only global rank 0 writes, not node 1's LOCAL_RANK 0
+
+
+def test_distributed_train_sh_takes_torchrun_arguments_for_several_nodes(tmp_path):
+    """TORCHRUN_ARGS replaces --standalone (one node) with this node's place in a multi-node job."""
+    python = tmp_path / "python"
+    python.write_text("#!/bin/sh\nprintf '%s\\n' \"$@\"\n")  # prints the command line it was given
+    python.chmod(0o755)
+
+    def launched(**env):
+        proc = subprocess.run(["bash", str(REPO / "distributed_train.sh"), "8", "/data", "--epochs", "3"],
+                              env=dict(os.environ, PYTHON=str(python), **env), capture_output=True, text=True,
+                              check=True)
+        return proc.stdout.split()
+
+    node = "--nnodes 2 --node_rank 1 --master_addr 10.0.0.1 --master_port 29500"
+    assert launched(TORCHRUN_ARGS=node) == ["-m", "sequencer.engine.distributed", *node.split(),
+                                            "--nproc_per_node=8", "-m", "sequencer", "train", "/data", "--epochs", "3"]
+    assert launched()[2:4] == ["--standalone", "--nproc_per_node=8"]
