@@ -40,7 +40,7 @@ from __future__ import annotations
 import copy
 import os
 import threading
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 
 import torch
 from torch import nn
@@ -82,12 +82,16 @@ class _StreamPool:
 _STREAMS = _StreamPool()
 
 
-def _run_stream(model: nn.Module, x: torch.Tensor, threads: int):
-    """``model(x)`` on this worker thread with ``threads`` intra-op threads (the count is per thread)."""
-    if torch.get_num_threads() != threads:
+def _run_stream(model: nn.Module, x: torch.Tensor, threads: int) -> tuple:
+    """(``model(x)`` on this worker thread with ``threads`` intra-op threads, whether it set that count here).
+
+    The count is per thread, but ``torch.set_num_threads`` also makes it the process's default, which every thread
+    that starts later takes (`InferenceModel._forward_streams` puts the default back)."""
+    set_here = torch.get_num_threads() != threads
+    if set_here:
         torch.set_num_threads(threads)
     with torch.inference_mode():
-        return model(x)
+        return model(x), set_here
 
 
 def _concat(outputs: list):
@@ -191,7 +195,12 @@ class InferenceModel(nn.Module):
         shares = [max(1, threads // streams + (i < threads % streams)) for i in range(streams)]
         futures = [_STREAMS.submit(streams, _run_stream, self.model, chunk, share)
                    for chunk, share in zip(chunks, shares)]
-        return _concat([f.result() for f in futures])
+        wait(futures)  # every stream, also when one failed: none sets a thread count after the default is back
+        if any(f.exception() is not None or f.result()[1] for f in futures):
+            # a worker's count became the process's default: without this, a thread started after the first
+            # batch (a web server's next request thread) ran on one thread, and on one stream
+            torch.set_num_threads(threads)  # this thread's own count, unchanged
+        return _concat([f.result()[0] for f in futures])
 
 
 def optimize_for_inference(model: nn.Module, dtype: torch.dtype | str = torch.float32,
