@@ -208,6 +208,22 @@ def test_a_head_too_small_for_the_classes_is_refused(tmp_path):
                         progress=False)
 
 
+def test_a_module_cast_to_another_dtype_is_refused_in_one_line(tmp_path):
+    """A ``.half()`` / ``.bfloat16()`` / ``.double()`` module fed the run's float32 images: one line naming its
+    dtype, nothing written (before, ATen's "mat1 and mat2 must have the same dtype" from deep in the first batch);
+    the module is as given."""
+    for dtype in (torch.float16, torch.bfloat16, torch.float64):
+        net = tiny_net().to(dtype)
+        name = str(dtype).removeprefix("torch.")
+        with pytest.raises(SequencerError, match=f"train: `model` Sequential holds {name} weights"):
+            sequencer.train(model=net, data=(Blobs(32, 0), Blobs(16, 1)), **QUICK, output=str(tmp_path),
+                            progress=False)
+        with pytest.raises(SequencerError, match=f"validate: `model` Sequential holds {name} weights"):
+            sequencer.validate(model=net, data=Blobs(16, 1), progress=False)
+        assert {p.dtype for p in net.parameters()} == {dtype}
+    assert list(tmp_path.iterdir()) == []
+
+
 # ------------------------------------------------------------------------------------------------ Ctrl-C
 class InterruptedAt(Blobs):
     """Sends ``signum`` to this process when item ``at`` is read the ``times``-th time (inside an epoch)."""

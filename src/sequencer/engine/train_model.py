@@ -17,7 +17,7 @@ from .config import RunState, TrainConfig
 from .head_by_name import head_rows_by_name
 from .inference import refuse_segmentation_checkpoint
 from .train_data import TrainData
-from .user_data import module_name
+from .user_data import check_float32_weights, module_name
 
 
 def build_model(cfg, state: RunState, data: TrainData, device: torch.device) -> tuple[nn.Module, TrainConfig]:
@@ -79,6 +79,7 @@ def _check_user_module(model: nn.Module, data: TrainData) -> None:
     before its first batch."""
     if not isinstance(model, nn.Module):
         raise SequencerError(f"model must be a registry name or an nn.Module, not {type(model).__name__}")
+    check_float32_weights(model, "train")
     heads = getattr(model, "num_classes", None)
     if isinstance(heads, int) and heads < data.num_classes:
         raise SequencerError(f"model {module_name(model)} has a {heads}-class head but the data has "

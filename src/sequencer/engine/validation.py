@@ -27,7 +27,7 @@ from .evaluate import evaluate
 from .data_record import carved_from, keep_held_out_files, recorded_data, trained_on_all_of
 from .guest import caller_rng_kept, console, warn
 from .inference import LoadedModel, check_input_size, label_with_model_classes, load_model
-from .user_data import module_name, wrap_dataset
+from .user_data import check_float32_weights, module_name, wrap_dataset
 
 _logger = logging.getLogger(__name__)
 
@@ -94,6 +94,8 @@ def validate(checkpoint: str | os.PathLike = "", data=None, *, model: str | nn.M
     in_memory = isinstance(model, nn.Module)
     if in_memory and checkpoint:
         raise SequencerError("validate: pass a checkpoint or a model in memory, not both")
+    if in_memory:
+        check_float32_weights(model, "validate")
     user_data = data is not None and not isinstance(data, (str, os.PathLike))
     data = os.fspath(data) if data is not None and not user_data else data
     with console(progress), caller_rng_kept(), caller_module_kept(model if in_memory else None), \
