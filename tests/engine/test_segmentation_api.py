@@ -173,6 +173,8 @@ def test_validate_a_model_in_memory_as_its_checkpoint(voc, tmp_path):
         validate_segmenter(result.checkpoint)
     with pytest.raises(sequencer.SequencerError, match="has no `num_classes`"):
         validate_segmenter(data=voc, model=torch.nn.Conv2d(3, 3, 1))
+    with pytest.raises(sequencer.SequencerError, match="`model` Segmenter holds float16 weights"):
+        validate_segmenter(data=voc, model=model.half())  # (ATen's dtype error from the first batch before)
 
 
 # ---------------------------------------------------------------------------------------------------- docs

@@ -31,6 +31,7 @@ from ..models.loading import read_checkpoint
 from ..models.segmentation import Segmenter, segmenter_from_config
 from .distributed import DistInfo, process_group
 from .guest import caller_rng_kept
+from .user_data import check_float32_weights
 
 _logger = logging.getLogger(__name__)
 EVAL_MODES = ("whole", "slide")
@@ -265,6 +266,8 @@ def validate_segmenter(checkpoint: str | os.PathLike = "", data: str | os.PathLi
     if not data:
         raise SequencerError("validate_segmenter: no dataset folder given", hint="give `data`, the dataset folder")
     resolve_device(device)  # a bad `device` is one line before a process group is joined
+    if model is not None:
+        check_float32_weights(model, "validate_segmenter")
     with caller_rng_kept(), caller_module_kept(model), workers_stopped_on_exit(), process_group(device) as info:
         loaded, dev = (_in_memory(model, device, info) if model is not None
                        else (load_segmenter(os.fspath(checkpoint), info.device), info.device))
