@@ -167,6 +167,9 @@ def test_exports_give_the_callers_module_back_in_its_mode(export, path, tmp_path
     args = (config,) if export is export_safetensors else ((3, 32, 32),)
     export(model, tmp_path / path, *args)
     assert model.training and not model.head.training and list(model.parameters()) == weights
+    with pytest.raises(SequencerError, match=f"{export.__name__}: `model` {TINY_ARCH} holds float16 weights"):
+        export(model.half(), tmp_path / ("half_" + path), *args)  # (ATen's dtype error from the check's input before)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [path]
 
 
 def test_int8_quantisation_leaves_the_root_logger_as_it_was(tmp_path, monkeypatch, caplog):

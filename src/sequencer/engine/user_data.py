@@ -99,15 +99,16 @@ def class_names_of(dataset, what: str) -> list[str]:
     return [str(i) for i in range(max(labels) + 1)]
 
 
-def check_float32_weights(model: torch.nn.Module, call: str) -> None:
-    """A caller's module cast to one other dtype (``.half()``, ``.bfloat16()``, ``.double()``) is refused in one line:
-    the run feeds it float32 images (reduced precision is ``amp``'s, over float32 weights), on which its first layer
-    would fail with ATen's dtype error. A module mixing dtypes is its own business and passes."""
+def check_float32_weights(model: torch.nn.Module, call: str,
+                          hint: str = "pass model.float(); for mixed precision add `amp=True`") -> None:
+    """A caller's module cast to one other dtype (``.half()``, ``.bfloat16()``, ``.double()``) is refused in one line
+    naming ``call``: the call feeds it float32 images (reduced precision is ``amp``'s, over float32 weights), on
+    which its first layer would fail with ATen's dtype error. A module mixing dtypes is its own business and passes."""
     dtypes = {p.dtype for p in model.parameters() if p.is_floating_point()}
     if len(dtypes) == 1 and torch.float32 not in dtypes:
         name = str(dtypes.pop()).removeprefix("torch.")
-        raise SequencerError(f"{call}: `model` {module_name(model)} holds {name} weights, and the run feeds it "
-                             f"float32 images", hint="pass model.float(); for mixed precision add `amp=True`")
+        raise SequencerError(f"{call}: `model` {module_name(model)} holds {name} weights, and {call} feeds it "
+                             f"float32 images", hint=hint)
 
 
 def module_name(model: torch.nn.Module) -> str:

@@ -35,6 +35,7 @@ import torch
 from torch import nn
 
 from ..engine.inference import eval_transform, find_images, read_images, relative_error
+from ..engine.user_data import check_float32_weights
 from ..errors import SequencerError, optional_import
 from ..fileio import write_atomically
 from ..hardware import CPU_CLASSES, cpu_info
@@ -54,9 +55,12 @@ except ImportError:
 
 
 def _on_the_cpu_in_eval(export):
-    """``export`` runs the caller's module in eval mode on the CPU and gives it back as it was (mode, device)."""
+    """``export`` runs the caller's module in eval mode on the CPU and gives it back as it was (mode, device); a
+    module cast whole to another dtype is refused in one line (the exports and their checks are float32)."""
     @functools.wraps(export)
     def wrapper(model: nn.Module, *args, **kwargs):
+        check_float32_weights(model, export.__name__,
+                              hint="pass model.float(): the exported files are float32 (int8: export_onnx_int8)")
         with caller_module_kept(model):
             return export(model.eval().cpu(), *args, **kwargs)
     return wrapper
