@@ -122,3 +122,23 @@ def test_imagenet_synset_folders_label_an_export_of_a_1000_class_model(names):
     some = ClassificationDataset([synsets[7], synsets[500]], "imagenet/val")
     label_with_model_classes(some, loaded)
     assert [some.target_transform(0), some.target_transform(1)] == [7, 500]
+
+
+def test_a_module_loaded_from_the_checkpoint_leaves_out_its_ignored_classes(trained, tmp_path):
+    """A class-map run records the class folders it left out (`ignored_classes`): validate --checkpoint leaves them
+    out; validate(model=create_model(checkpoint_path=...)) refused the folder ("classes the model was not trained
+    on") before create_model kept that record on the module."""
+    import shutil
+
+    checkpoint = torch.load(trained.checkpoint, weights_only=True)
+    checkpoint["ignored_classes"] = ["d"]
+    torch.save(checkpoint, tmp_path / "mapped.pth.tar")
+    shutil.copytree(trained.data, tmp_path / "data")
+    shutil.copytree(tmp_path / "data" / "val" / "a", tmp_path / "data" / "val" / "d")  # a folder the map left out
+    from_file = sequencer.validate(tmp_path / "mapped.pth.tar", tmp_path / "data", workers=0, progress=False)
+    model = sequencer.create_model("sequencer2d_nano", checkpoint_path=str(tmp_path / "mapped.pth.tar"),
+                                   **checkpoint["model_kwargs"])
+    in_memory = sequencer.validate(model=model, data=tmp_path / "data", workers=0, progress=False)
+    assert (in_memory.images, in_memory.top1, in_memory.loss) == (from_file.images, from_file.top1, from_file.loss)
+    assert from_file.images == len(trained.files)
+    assert model.ignored_classes == ["d"] and "ignored_classes" not in model.pretrained_cfg  # timm refuses the key

@@ -80,7 +80,8 @@ def validate(checkpoint: str | os.PathLike = "", data=None, *, model: str | nn.M
     (evaluated as it is, on ``device``, then given back as it was: on its own device, in the mode it was in, each
     submodule's too, also when evaluation raises; its ``img_size``/``pretrained_cfg`` give the preprocessing,
     else ``img_size`` or 224, and a dataset sharing class names with its ``pretrained_cfg["label_names"]`` is
-    labelled by name, as a checkpoint's class names label it). ``data``: a folder or .tar, a map-style Dataset of ``(PIL image or (C, H, W) tensor,
+    labelled by name, as a checkpoint's class names label it, and its ``ignored_classes`` are left out
+    of it, as the checkpoint's own path does). ``data``: a folder or .tar, a map-style Dataset of ``(PIL image or (C, H, W) tensor,
     int)`` (tensors used as given), or None (and no ``dataset``): the held-out split the checkpoint records it was
     trained on (its ``data`` entry: the digits for a digits run; a one-line error when it records none or its
     folder is gone). A folder without ``split`` is evaluated on its held-out split found by name, as training
@@ -192,7 +193,8 @@ def _held_out_files_only(split_set, loaded: LoadedModel, dist_info: DistInfo):
 def _in_memory(model: nn.Module, img_size: int | None, input_size, device: torch.device) -> LoadedModel:
     """The caller's module as a :class:`LoadedModel`, moved to ``device`` (:func:`validate` puts it back: its
     ``caller_module_kept``); its input size from the arguments, its ``pretrained_cfg`` (a loaded checkpoint's record:
-    create_model(checkpoint_path=...)), its own ``img_size``, else 224."""
+    create_model(checkpoint_path=...)), its own ``img_size``, else 224; its ``ignored_classes`` (the same call's)
+    stand in for the checkpoint's record of them."""
     cfg = dict(getattr(model, "pretrained_cfg", None) or {})
     size = (input_size[1] if input_size else img_size) or (cfg.get("input_size") or (0, 0, None))[-1] or \
         getattr(model, "img_size", None) or 224
@@ -201,9 +203,13 @@ def _in_memory(model: nn.Module, img_size: int | None, input_size, device: torch
     names = cfg.get("label_names")
     names = list(names) if isinstance(names, (list, tuple)) and len(names) == getattr(model, "num_classes", None) \
         else None
+    # what create_model(checkpoint_path=...) kept of the file's record besides the pretrained_cfg: the class folders
+    # its training left out, which the checkpoint's own path leaves out of the evaluated split too
+    ignored = getattr(model, "ignored_classes", None)
+    record = {"ignored_classes": list(ignored)} if isinstance(ignored, (list, tuple)) and ignored else None
     model.to(device)
     return LoadedModel(model, module_name(model), None, (in_chans, int(size), int(size)), data_config,
-                       output_names=names)
+                       checkpoint=record, output_names=names)
 
 
 def _dataset(data, dataset: str, split: str, class_map: str, download: bool, dist_info: DistInfo):

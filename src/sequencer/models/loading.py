@@ -202,6 +202,12 @@ def recorded_cfg(checkpoint: dict | None, num_classes: int | None, in_chans: int
     return cfg
 
 
+def recorded_ignored_classes(checkpoint: dict | None) -> list[str]:
+    """The class folders a checkpoint's training left out (its class map did not name them); [] when it records
+    none. Evaluation leaves them out too, as training did."""
+    return [str(n) for n in checkpoint_metadata(checkpoint).get("ignored_classes") or []]
+
+
 def jsonable(value):
     """Tuples -> lists, recursively, so a config reads back the same from JSON and from a .pth."""
     if isinstance(value, dict):

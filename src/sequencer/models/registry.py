@@ -17,7 +17,7 @@ from torch import nn
 from ..errors import SequencerError
 from .features import FeatureExtractor
 from .hub import HF_HUB_PREFIX, hf_hub_model_config, load_pretrained
-from .loading import load_checkpoint, recorded_cfg
+from .loading import load_checkpoint, recorded_cfg, recorded_ignored_classes
 
 
 @dataclass(frozen=True)
@@ -140,7 +140,10 @@ def create_model(
     file records (ours: training checkpoints, ``checkpoint clean``, safetensors exports) becomes the model's
     ``pretrained_cfg``: its mean, std, crop_pct, interpolation and image size, and its class names as
     ``label_names`` where they name the head's outputs, so timm's ``resolve_data_config(model=model)`` and
-    ``sequencer.validate(model=model)`` preprocess as ``sequencer predict --checkpoint`` does.
+    ``sequencer.validate(model=model)`` preprocess as ``sequencer predict --checkpoint`` does; the class folders its
+    training's class map left out, as ``model.ignored_classes`` (not in ``pretrained_cfg``: timm's ``PretrainedCfg``
+    has no such field and refuses unknown ones), so that ``validate(model=model)`` leaves them out as
+    ``validate --checkpoint`` does.
     ``use_ema`` picks a training checkpoint's EMA weights when it has them.
     ``features_only`` returns a module giving per-stage NCHW feature maps (``out_indices`` picks stages).
     ``pretrained_cfg_overlay`` replaces fields of the model's ``pretrained_cfg`` (e.g. ``url``, ``sha256``).
@@ -185,6 +188,9 @@ def create_model(
         cfg.update({k: v for k, v in recorded.items() if k not in (pretrained_cfg_overlay or {})})
         if "label_names" in recorded:  # another head's descriptions (a Hub cfg's) describe other classes
             cfg.pop("label_descriptions", None)
+        ignored = recorded_ignored_classes(checkpoint)
+        if ignored:
+            model.ignored_classes = ignored
     if features_only:
         model = FeatureExtractor(model, out_indices)
     return model
