@@ -200,6 +200,34 @@ def test_int8_says_that_gru_layers_stay_float(tmp_path, caplog):
         "around them are int8)"]
 
 
+def test_static_int8_leaves_no_stage_behind_when_quantising_fails(tmp_path, monkeypatch):
+    """The static path's QDQ stage was ``<output>.qdq`` beside the output: left there when the LSTM step raised, and
+    a file of that name (the user's) overwritten. The stage lives in a folder of ours now, removed either way."""
+    import onnx
+    import onnxruntime.quantization as ortq
+
+    graph = onnx.helper.make_graph(
+        [onnx.helper.make_node("MatMul", ["x", "w"], ["y"], name="head")], "g",
+        [onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1, 2])],
+        [onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [1, 2])],
+        [onnx.numpy_helper.from_array(np.eye(2, dtype=np.float32), "w")])
+    onnx.save(onnx.helper.make_model(graph), tmp_path / "m.onnx")
+    (tmp_path / "q.onnx.qdq").write_bytes(b"the user's")
+    staged = []
+    monkeypatch.setattr(ortq, "quantize_static", lambda src, dst, *a, **k: staged.append(dst) or
+                        open(dst, "wb").write(open(src, "rb").read()))
+
+    def lstm_step_fails(src, dst, **kwargs):
+        raise RuntimeError("unsupported op")
+
+    monkeypatch.setattr(ortq, "quantize_dynamic", lstm_step_fails)
+    with pytest.raises(RuntimeError, match="unsupported op"):
+        quantize_int8(tmp_path / "m.onnx", tmp_path / "q.onnx", {}, int8_settings(static=True), calibration=object())
+    assert len(staged) == 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.onnx", "q.onnx.qdq"]
+    assert (tmp_path / "q.onnx.qdq").read_bytes() == b"the user's"
+
+
 def test_safetensors_round_trip(tiny_checkpoint, tmp_path):
     out = tmp_path / "tiny.safetensors"
     assert main(["export", "--checkpoint", str(tiny_checkpoint), "--format", "safetensors", "--output", str(out)]) == 0

@@ -338,12 +338,14 @@ def quantize_int8(fp32_path: str | os.PathLike, out_path: str | os.PathLike, met
                   weight_type=ortq.QuantType.QInt8, nodes_to_exclude=exclude)
     with _ort_quantization_quiet():
         if settings["static"]:
-            staged = Path(out_path).with_name(Path(out_path).name + ".qdq")
-            ortq.quantize_static(str(fp32_path), str(staged), calibration, quant_format=ortq.QuantFormat.QDQ,
-                                 op_types_to_quantize=list(STATIC_OPS), activation_type=ortq.QuantType.QUInt8,
-                                 extra_options={"ActivationSymmetric": False}, **common)
-            ortq.quantize_dynamic(str(staged), str(out_path), op_types_to_quantize=["LSTM"], **common)
-            staged.unlink()
+            # the QDQ stage in a folder of our own, gone however the second step ends (a fixed name beside
+            # ``out_path`` stayed behind when it raised, and was another file's name)
+            with tempfile.TemporaryDirectory(prefix=".sequencer-quantize-", dir=Path(out_path).parent) as scratch:
+                staged = Path(scratch) / "qdq.onnx"
+                ortq.quantize_static(str(fp32_path), str(staged), calibration, quant_format=ortq.QuantFormat.QDQ,
+                                     op_types_to_quantize=list(STATIC_OPS), activation_type=ortq.QuantType.QUInt8,
+                                     extra_options={"ActivationSymmetric": False}, **common)
+                ortq.quantize_dynamic(str(staged), str(out_path), op_types_to_quantize=["LSTM"], **common)
         else:
             ortq.quantize_dynamic(str(fp32_path), str(out_path), **common)
     proto = onnx.load(str(out_path))
