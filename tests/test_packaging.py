@@ -71,7 +71,13 @@ def test_the_wheel_holds_every_module_and_the_typing_marker_and_nothing_else(bui
 def test_the_metadata_declares_the_license_python_and_the_tested_floors(built):
     meta = wheel_metadata(built["wheel"])
     assert meta["Name"] == "sequencer-vision" and meta["Version"] == sequencer.__version__
-    assert meta["License-Expression"] == "Apache-2.0"
+    assert meta["License-Expression"] == "Apache-2.0" and meta.get_all("License-File") == ["LICENSE"]
+    with zipfile.ZipFile(built["wheel"]) as z:
+        text = z.read(next(n for n in z.namelist() if n.endswith(".dist-info/licenses/LICENSE"))).decode()
+    assert text == (REPO / "LICENSE").read_text() and "Apache License\n                           Version 2.0" in text
+    # the README is the index's page: a relative link (docs/x.md) would lead nowhere there
+    links = re.findall(r"\]\(([^)]+)\)", meta.get_payload())
+    assert not [link for link in links if not link.startswith(("https://", "http://", "#"))], links
     assert meta["Requires-Python"] == ">=3.10"
     requires = meta.get_all("Requires-Dist")
     floors = dict(re.fullmatch(r"([\w-]+)>=([\d.]+)", r).groups() for r in requires if ";" not in r)
@@ -91,7 +97,7 @@ def test_the_metadata_declares_the_license_python_and_the_tested_floors(built):
 def test_the_sdist_holds_no_partial_test_suite_and_builds_the_same_wheel(built):
     with tarfile.open(built["sdist"]) as archive:
         names = {n.split("/", 1)[1] for n in archive.getnames() if "/" in n}
-    assert {"pyproject.toml", "README.md", "docs/package.md", "src/sequencer/__init__.py"} <= names
+    assert {"pyproject.toml", "README.md", "LICENSE", "docs/package.md", "src/sequencer/__init__.py"} <= names
     assert not [n for n in names if n.startswith(("tests", "benchmarks", "scripts")) or "__pycache__" in n]
 
     def contents(wheel):
@@ -181,6 +187,14 @@ def test_running_an_onnx_file_without_onnxruntime_is_one_line_naming_the_extra(c
     assert cli.main([command, str(tmp_path / "images"), "--onnx", str(onnx_file)]) == 2
     err = one_line_error(capsys)
     assert "needs the onnxruntime package" in err and EXPORT_EXTRA in err
+
+
+def test_an_hf_hub_name_without_huggingface_hub_is_one_line_naming_it(monkeypatch):
+    """huggingface_hub is a declared dependency (timm's too), imported on first use: one a user removed is named."""
+    hide(monkeypatch, "huggingface_hub")
+    with pytest.raises(sequencer.SequencerError, match=r"^hf-hub:org/name \(the Hugging Face Hub\) needs the "
+                                                       r"huggingface_hub package.*\(hint: pip install huggingface_hub\)$"):
+        sequencer.create_model("hf-hub:org/name")
 
 
 def test_onnx_export_needs_no_onnxscript(tmp_path, monkeypatch):
