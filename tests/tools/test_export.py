@@ -183,6 +183,7 @@ def test_int8_quantisation_leaves_the_root_logger_as_it_was(tmp_path, monkeypatc
     assert quantize_int8(tmp_path / "m.onnx", tmp_path / "m_int8.onnx", {}, int8_settings("avx512-vnni")) == []
     assert root.handlers == [] and root.level == level and root.filters == filters
     assert (tmp_path / "m_int8.onnx").stat().st_size > 0
+    assert sorted(f.name for f in tmp_path.iterdir()) == ["m.onnx", "m_int8.onnx"]  # no temporary left beside them
 
 
 def test_int8_says_that_gru_layers_stay_float(tmp_path, caplog):
