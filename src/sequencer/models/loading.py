@@ -129,7 +129,9 @@ def _refuse_exports(path: Path) -> None:
     if any(n.endswith("/constants.pkl") or "/code/" in n for n in names):
         raise SequencerError(f"{str(path)!r} is a TorchScript export (a compiled model), not a checkpoint",
                              hint=f"run it with torch.jit.load(); {_EXPORT_HINT}")
-    if any(n.endswith("/archive_format") for n in names):  # torch.export.save's package; torch.save has none
+    # torch.export.save's package (torch >= 2.7: <name>/archive_format; 2.6: serialized_exported_program.json at the
+    # top); torch.save writes neither
+    if any(n.endswith("/archive_format") or n.endswith("serialized_exported_program.json") for n in names):
         raise SequencerError(f"{str(path)!r} is a torch.export program (.pt2), not a checkpoint",
                              hint=f"run it with torch.export.load(); {_EXPORT_HINT}")
 
