@@ -19,8 +19,12 @@ PYTHON="${PYTHON:-python3}"
 # torch version -> the torchvision built for it (0.29.2 is the newest torchvision and declares torch>=2.14, so it
 # serves 2.15 too). RANGE: pyproject's floor and the newest release; the others were run once (README).
 declare -A TORCHVISION=([2.6.0]=0.21.0 [2.8.0]=0.23.0 [2.11.0]=0.26.0 [2.15.0]=0.29.2)
-# the floor's other ends: the oldest timm pyproject.toml declares goes with the oldest torch (elsewhere pip's newest)
-declare -A TIMM=([2.6.0]=1.0.15)
+# the floor's other ends: the oldest release of every other dependency pyproject.toml declares, the export extra's
+# (which the tests import) included, goes with the oldest torch (elsewhere pip's newest). numpy 1.24.2: the oldest
+# that onnxruntime 1.18.0 installs with (numpy 1.24.0, the declared floor, passed tests/models, tests/data and the
+# API tests without onnx on 2026-12-06; the README lists what passed)
+declare -A FLOOR_PINS=([2.6.0]="timm==1.0.15 numpy==1.24.2 pillow==10.0.0 pyyaml==6.0 tqdm==4.66.0 matplotlib==3.8.0 \
+safetensors==0.4.0 scikit-learn==1.3.0 huggingface-hub==0.23.0 onnx==1.16.0 onnxruntime==1.18.0")
 RANGE=(2.6.0 2.15.0)
 # the floor's tests run as on an AVX2-only CPU (the AMD EPYC CI machines without AVX-512 or bf16 kernels): oneDNN,
 # ATen's dispatch and MKL are capped at AVX2, so oneDNN reports no bf16 kernels and the float32 fallbacks run, whatever
@@ -55,7 +59,7 @@ make_venv() {  # $1 torch version -> .venvs/torch-$1 with that torch, its torchv
     # whole install (CPU time taken from the tests running beside it): the modules the tests import compile on use.
     PIP_CONSTRAINT=/dev/null "$venv/bin/python" -m pip install -q --disable-pip-version-check --no-cache-dir \
         --no-compile \
-        "torch==$1" "torchvision==${TORCHVISION[$1]}" ${TIMM[$1]:+"timm==${TIMM[$1]}"} -e ".[test]" 2>&1 \
+        "torch==$1" "torchvision==${TORCHVISION[$1]}" ${FLOOR_PINS[$1]:-} -e ".[test]" 2>&1 \
         | { grep -v "^WARNING: Location '.*' is ignored" || true; }
     if [ "${PIPESTATUS[0]}" -ne 0 ]; then
         echo "making $venv failed ($(free_gb) GB free now; it needs about $NEEDED_GB GB while pip runs)" >&2

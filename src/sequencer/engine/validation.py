@@ -80,10 +80,10 @@ def validate(checkpoint: str | os.PathLike = "", data=None, *, model: str | nn.M
     (evaluated as it is, on ``device``, then given back as it was: on its own device, in the mode it was in, each
     submodule's too, also when evaluation raises; its ``img_size``/``pretrained_cfg`` give the preprocessing,
     else ``img_size`` or 224, and a dataset sharing class names with its ``pretrained_cfg["label_names"]`` is
-    labelled by name, as a checkpoint's class names label it, and its ``ignored_classes`` are left out
-    of it, as the checkpoint's own path does). ``data``: a folder or .tar, a map-style Dataset of ``(PIL image or (C, H, W) tensor,
-    int)`` (tensors used as given), or None (and no ``dataset``): the held-out split the checkpoint records it was
-    trained on (its ``data`` entry: the digits for a digits run; a one-line error when it records none or its
+    labelled by name, as a checkpoint's class names label it, and its ``ignored_classes`` are left out of it, as
+    the checkpoint's own path does). ``data``: a folder or .tar, a map-style Dataset of ``(PIL image or (C, H, W)
+    tensor, int)`` (tensors used as given), or None (and no ``dataset``): the held-out split the checkpoint records
+    it was trained on (its ``data`` entry: the digits for a digits run; a one-line error when it records none or its
     folder is gone). A folder without ``split`` is evaluated on its held-out split found by name, as training
     does. A ``model`` name without a checkpoint evaluates its released weights (``pretrained``), as timm's
     validate.py. ``prepare`` transforms the loaded model before it runs (the command's ``--fast``:
