@@ -238,16 +238,19 @@ def test_resume_auto_continues_a_stopped_run_exactly(tmp_path, monkeypatch):
 
 @pytest.mark.slow
 def test_ctrl_c_mid_epoch_and_resume_goes_on_where_it_stopped_bit_for_bit(tmp_path, monkeypatch):
-    """Ctrl-C in epoch 0's second step (of three), then resume: the epoch goes on after its two updates (not from its first
-    batch again, as it did: those batches were trained twice and AdamW made two extra steps) and ends with the
-    weights, BatchNorm statistics and optimizer state of a run never stopped, and its loss and lr."""
+    """Ctrl-C in epoch 0's second step (of three), then resume: the stop is taken after that step's forward pass
+    (with its loss, in one all-reduce), so the epoch goes on after its one update (not from its first batch again, as
+    it did: those batches were trained twice and AdamW made extra steps) and ends with the weights, BatchNorm
+    statistics and optimizer state of a run never stopped, and its loss and lr. The stopped step's forward moved
+    BatchNorm's statistics: the recovery checkpoint keeps them as the update left them (else the resumed run counts
+    that batch twice)."""
     data = make_voc(tmp_path / "voc", n_train=12, n_val=2)
     config = dict(epochs=1, batch_size=4, workers=1)
     straight = train_segmenter(tiny_config(data, tmp_path / "out", experiment="straight", **config), progress=False)
     signal_in_training_step(monkeypatch, signal.SIGINT, step=2)  # noticed once that step's update is made
     with pytest.raises(TrainingInterrupted):
         train_segmenter(tiny_config(data, tmp_path / "out", experiment="cut", **config), progress=False)
-    assert read_checkpoint(tmp_path / "out" / "cut" / "recovery.pth.tar")["epoch_progress"]["batches"] == 2
+    assert read_checkpoint(tmp_path / "out" / "cut" / "recovery.pth.tar")["epoch_progress"]["batches"] == 1
     monkeypatch.undo()
     resumed = train_segmenter(tiny_config(data, tmp_path / "out", experiment="cut", resume="auto", **config),
                               progress=False)
@@ -259,6 +262,43 @@ def test_ctrl_c_mid_epoch_and_resume_goes_on_where_it_stopped_bit_for_bit(tmp_pa
             assert torch.equal(value, b["optimizer"]["state"][index][name]), (index, name)
     assert [(r["train_loss"], r["lr"]) for r in resumed.summary] == \
         [(r["train_loss"], r["lr"]) for r in straight.summary]
+
+
+def test_a_ddp_step_makes_one_all_reduce_and_a_non_finite_loss_stops_before_its_update(tmp_path, monkeypatch):
+    """Under DDP each training step agrees on any rank's stop request and non-finite loss in one all-reduce, as
+    classification's (it made two: the stop flag before the forward pass, the loss's after); the epoch adds one,
+    its mean loss. Counted in a 1-process gloo group that the run takes for a DDP group (DDP's own gradient
+    reduction is not a `torch.distributed.all_reduce` call)."""
+    import torch.distributed as dist
+    from sequencer.engine import distributed as dist_utils
+
+    data = make_voc(tmp_path / "voc", n_train=6, n_val=1)
+    config = dict(epochs=1, batch_size=2, head="fpn")  # 3 steps
+    monkeypatch.setattr(dist_utils, "_callers_group", lambda device: dist_utils.DistInfo(True, 0, 0, 1, device))
+    all_reduce, train_one_epoch, per_epoch = dist.all_reduce, seg_engine._train_one_epoch, []
+
+    def counted_epoch(*args, **kwargs):
+        calls = []
+        monkeypatch.setattr(dist, "all_reduce", lambda *a, **k: calls.append(1) or all_reduce(*a, **k))
+        try:
+            return train_one_epoch(*args, **kwargs)
+        finally:
+            monkeypatch.setattr(dist, "all_reduce", all_reduce)
+            per_epoch.append(len(calls))
+
+    monkeypatch.setattr(seg_engine, "_train_one_epoch", counted_epoch)
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path}/rendezvous", rank=0, world_size=1)
+    try:
+        train_segmenter(tiny_config(data, tmp_path / "out", experiment="ddp", **config), progress=False)
+        assert per_epoch == [3 + 1]
+        loss = seg_engine.segmentation_loss
+        monkeypatch.setattr(seg_engine, "segmentation_loss", lambda *a: loss(*a) * float("nan"))
+        with pytest.raises(SequencerError, match=r"^loss is not finite \(nan\) at epoch 0 step 0; training stopped "
+                                                 r"before that update and no epoch had finished"):
+            train_segmenter(tiny_config(data, tmp_path / "out", experiment="nan", **config), progress=False)
+        assert per_epoch == [4, 1]
+    finally:
+        dist.destroy_process_group()
 
 
 def test_a_resume_keeps_the_runs_label_mapping(tmp_path):

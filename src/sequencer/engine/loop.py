@@ -193,7 +193,7 @@ def train_one_epoch(run: TrainingRun, epoch: int, stop: StopRequest, start: Epoc
         with sync():
             loss = _forward(run, images, targets)
             loss_value = loss.item()
-            if _must_stop(run, stop, loss_value, epoch, step):
+            if must_stop(run, stop, loss_value, epoch, step):
                 progress.close()
                 return EpochResult(float("nan"), current_lr(run.opt.optimizer), started, stopped_at=step, done=done)
             run.opt.scaler.scale(loss / accum).backward()
@@ -243,8 +243,12 @@ def _forward(run: TrainingRun, images: torch.Tensor, targets: torch.Tensor) -> t
         return run.opt.loss_fn(run.train_model(images), targets)
 
 
-def _must_stop(run: TrainingRun, stop: StopRequest, loss_value: float, epoch: int, step: int) -> bool:
-    """True when any rank was asked to stop; SequencerError when any rank's loss is not finite."""
+def must_stop(run, stop: StopRequest, loss_value: float, epoch: int, step: int) -> bool:
+    """True when any rank was asked to stop; SequencerError when any rank's loss is not finite: one all-reduce for
+    both, after the step's forward pass and before its backward. ``run``: any run with ``info`` and ``out``
+    (classification's :class:`TrainingRun`, segmentation's run). The forward pass of a step that stops moved the
+    model's buffers (BatchNorm's statistics): the recovery checkpoint takes them from the last update's
+    `state_buffers` (`recovery_state`)."""
     # all ranks agree before any backward, so a stop never leaves DDP waiting on a peer
     stop_flag, bad_flag = dist_utils.all_reduce_max([float(stop.signum), float(not math.isfinite(loss_value))],
                                                     run.info)
@@ -391,9 +395,16 @@ def write_recovery(run: TrainingRun, epoch: int, step: int, done: EpochProgress)
     if not run.info.is_primary:
         return None
     state = checkpoint_state(run, epoch, False, step, None, rng_states)
-    state["state_dict"].update(done.buffers or {})  # the batches forwarded since ``done`` are trained again
+    return run.out.manager.save_recovery(recovery_state(state, done, progress))
+
+
+def recovery_state(state: dict, done: EpochProgress, progress: dict) -> dict:
+    """``state`` (a training checkpoint of the interrupted epoch) made a recovery checkpoint, in place: the
+    model's buffers as ``done``'s update left them (the batches forwarded since are trained again on resume, and
+    must not have moved BatchNorm's statistics) and ``progress`` (`recovery_progress`'s ``epoch_progress``)."""
+    state["state_dict"].update(done.buffers or {})
     state["epoch_progress"] = progress
-    return run.out.manager.save_recovery(state)
+    return state
 
 
 def buffer_names(model: nn.Module) -> set[str]:

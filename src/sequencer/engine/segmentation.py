@@ -18,6 +18,7 @@ evaluation settings) beside the engine's usual keys, so ``segment validate`` / `
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import math
 import os
@@ -39,8 +40,8 @@ from .amp import dtype_name
 from .checkpoint import get_rng_state, load_optimizer_state, resume_position, set_rng_state
 from .config import RunState, checked_callbacks, checked_settings, explicit_settings
 from .guest import caller_rng_kept, console, warn
-from .loop import (EpochProgress, StopRequest, batch_split, callbacks_ask_to_stop, current_lr, recovery_progress,
-                   resumed_progress, training_checkpoint)
+from .loop import (EpochProgress, StopRequest, batch_split, buffer_names, callbacks_ask_to_stop, current_lr,
+                   must_stop, recovery_progress, recovery_state, resumed_progress, state_buffers, training_checkpoint)
 from .outputs import (claimed_process_group, plain, plural, prepare_outputs, read_summary, summary_numbers,
                       write_summary)
 from .resume import resume_checkpoint
@@ -307,7 +308,8 @@ def _train_one_epoch(run: _Run, epoch: int, stop: StopRequest, start: EpochProgr
     """(mean training loss over ranks, None, what the updates covered) after the epoch, or (nan, step, what the
     updates covered) when a stop request ended it. ``start``: what a recovery checkpoint's updates already covered
     of this epoch (its batches are not loaded); every batch is one update, and ``EpochProgress.seen`` counts batches
-    (the loss is a mean over batches)."""
+    (the loss is a mean over batches). Under DDP a step makes one all-reduce of its own (`loop.must_stop`: the stop
+    request and the loss's finiteness together), as classification's."""
     cfg, info = run.cfg, run.info
     start = start or EpochProgress()
     run.train_loader.set_epoch(epoch, start.batches)
@@ -316,18 +318,20 @@ def _train_one_epoch(run: _Run, epoch: int, stop: StopRequest, start: EpochProgr
     steps = min(run.updates_per_epoch, run.total_updates - epoch_updates)
     updates = epoch_updates + start.batches
     loss_sum, seen, started = start.loss_sum, start.seen, time.time()
-    done = EpochProgress(start.batches, start.loss_sum, start.seen, get_rng_state())
+    buffers = buffer_names(run.model)  # once: an update copies them only where there are any
+    done = dataclasses.replace(start, rng=get_rng_state(), buffers=state_buffers(run.model, buffers))
     autocast = (lambda: torch.autocast(info.device.type, dtype=run.amp_dtype)) if run.amp_dtype else \
         contextlib.nullcontext
     for step, (images, masks) in enumerate(run.train_loader, start=start.batches):
         if step >= steps:
             break
-        if _stop_requested(run, stop):  # before the forward pass, which moves BatchNorm's running statistics
-            return float("nan"), step, done
         with autocast():
             loss = segmentation_loss(run.train_model(images), masks)
         value = loss.item()
-        _check_loss(run, value, epoch, step)
+        # one all-reduce for any rank's stop request or non-finite loss; a stop keeps this forward's move of
+        # BatchNorm's statistics out of the recovery checkpoint (``done`` holds the last update's)
+        if must_stop(run, stop, value, epoch, step):
+            return float("nan"), step, done
         run.scaler.scale(loss).backward()
         if cfg.clip_grad is not None:
             run.scaler.unscale_(run.optimizer)
@@ -338,26 +342,13 @@ def _train_one_epoch(run: _Run, epoch: int, stop: StopRequest, start: EpochProgr
         updates += 1
         run.scheduler.step_update(updates)
         loss_sum, seen = loss_sum + value, seen + 1
-        done = EpochProgress(step + 1, loss_sum, seen, get_rng_state())  # before the next batch draws
+        # before the next batch draws and goes forward
+        done = EpochProgress(step + 1, loss_sum, seen, get_rng_state(), state_buffers(run.model, buffers))
         if info.is_primary and (step % cfg.log_interval == 0 or step == steps - 1):
             _logger.info("segment train: epoch %d [%d/%d] loss %.4f (%.4f) lr %.2e %.1f img/s", epoch, step + 1,
                          steps, value, loss_sum / seen, current_lr(run.optimizer),
                          (seen - start.seen) * cfg.batch_size * info.world_size / max(time.time() - started, 1e-9))
     return dist_utils.all_reduce_mean([loss_sum / max(seen, 1)], info)[0], None, done
-
-
-def _stop_requested(run: _Run, stop: StopRequest) -> bool:
-    """True when any rank was asked to stop. Asked before a batch's forward pass: one run after the last update
-    would move BatchNorm's running statistics by a batch that the resumed epoch trains on again."""
-    return bool(stop.agreed(run.info))
-
-
-def _check_loss(run: _Run, loss_value: float, epoch: int, step: int) -> None:
-    """SequencerError, before the update, when any rank's loss is not finite."""
-    bad, = dist_utils.all_reduce_max([float(not math.isfinite(loss_value))], run.info)
-    if bad:
-        raise SequencerError(f"loss is not finite ({loss_value}) at epoch {epoch} step {step}; training stopped "
-                             f"before that update", hint="lower `lr`, set `clip_grad`, or use `amp_dtype=bfloat16`")
 
 
 # -------------------------------------------------------------------------------------------------- saving
@@ -396,8 +387,7 @@ def _save_recovery(run: _Run, epoch: int, step: int, done: EpochProgress, signum
     rng_states, progress = recovery_progress(done, run.info, _batch_split(run))
     if run.info.is_primary:
         state = _checkpoint_state(run, epoch, False, step, None, rng_states)
-        state["epoch_progress"] = progress
-        path = run.out.manager.save_recovery(state)
+        path = run.out.manager.save_recovery(recovery_state(state, done, progress))
         _logger.warning("stopped by %s at epoch %d step %d; recovery checkpoint %s (`resume=auto` goes on after "
                         "batch %d)", signal.Signals(signum).name, epoch, step, path, done.batches)
     dist_utils.barrier(run.info)
