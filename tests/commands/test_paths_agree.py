@@ -142,3 +142,30 @@ def test_a_module_loaded_from_the_checkpoint_leaves_out_its_ignored_classes(trai
     assert (in_memory.images, in_memory.top1, in_memory.loss) == (from_file.images, from_file.top1, from_file.loss)
     assert from_file.images == len(trained.files)
     assert model.ignored_classes == ["d"] and "ignored_classes" not in model.pretrained_cfg  # timm refuses the key
+
+
+def test_a_module_loaded_from_a_val_fraction_checkpoint_evaluates_its_held_out_images(trained, tmp_path):
+    """A `--val-fraction` run records the images it held out of its training folder: validate --checkpoint, given
+    that folder or no data, evaluates those; validate(model=create_model(checkpoint_path=...)) refused both (a folder
+    with only train/: "split 'validation' not found"; no data: "does not record the data") before create_model kept
+    the record."""
+    import shutil
+
+    from sequencer.data import create_dataset
+    from sequencer.data.splits import sample_keys
+
+    shutil.copytree(trained.data / "val", tmp_path / "data" / "train")
+    held_out = sample_keys(create_dataset("", root=str(tmp_path / "data")))[::3]  # one image of each class
+    checkpoint = torch.load(trained.checkpoint, weights_only=True)
+    checkpoint["data"] = {"dataset": "", "root": str(tmp_path / "data"), "split": "train", "files": held_out,
+                          "files_in": str(tmp_path / "data" / "train")}
+    torch.save(checkpoint, tmp_path / "carved.pth.tar")
+    from_file = sequencer.validate(tmp_path / "carved.pth.tar", tmp_path / "data", workers=0, progress=False)
+    assert from_file.images == len(held_out) == 3
+    model = sequencer.create_model("sequencer2d_nano", checkpoint_path=str(tmp_path / "carved.pth.tar"),
+                                   **checkpoint["model_kwargs"])
+    for data in (tmp_path / "data", None):
+        in_memory = sequencer.validate(model=model, data=data, workers=0, progress=False)
+        assert (in_memory.images, in_memory.top1, in_memory.loss) == (from_file.images, from_file.top1,
+                                                                      from_file.loss), data
+    assert model.training_data == checkpoint["data"]

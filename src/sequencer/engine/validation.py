@@ -119,7 +119,8 @@ def validate(checkpoint: str | os.PathLike = "", data=None, *, model: str | nn.M
             return _dataset(data, dataset, split, class_map, dataset_download, dist_info)
 
         loaded, split_set, dataset = _model_and_split(load_the_model, open_split, user_split, data, dataset, split,
-                                                      checkpoint, load is None, dist_info)
+                                                      checkpoint, bool(checkpoint) and load is None or in_memory,
+                                                      dist_info)
         loaded.model = _prepared(loaded.model, prepare, torchcompile)
         overrides = dict(mean=mean, std=std, crop_pct=crop_pct, interpolation=interpolation)
         eval_dtype = _amp_dtype(amp, amp_dtype, dist_info.device)
@@ -136,20 +137,21 @@ def validate(checkpoint: str | os.PathLike = "", data=None, *, model: str | nn.M
 
 
 def _model_and_split(load_the_model: Callable[[], LoadedModel], open_split, user_split, data, dataset: str,
-                     split: str, checkpoint, reads_checkpoint: bool, dist_info: DistInfo) -> tuple:
+                     split: str, checkpoint, model_first: bool, dist_info: DistInfo) -> tuple:
     """(the loaded model, the split to evaluate, ``dataset``), each read in the order that lets a mistake fail
     before the slow part: a caller's Dataset (``user_split``) is used as given; no data: the data the checkpoint
-    records, known once it is read; a ``checkpoint`` file (``reads_checkpoint``: no ``load``) on an existing
-    folder: the checkpoint first, as its run may have carved the held-out split from the training split of this
-    very folder (``val_fraction``); else the data first, so a missing folder does not wait for (or download) the
-    model's weights. Files the checkpoint's run trained on are left out of a named folder's split."""
+    records, known once it is read; ``model_first`` (a ``checkpoint`` file, or a module in memory carrying its
+    checkpoint's record) on an existing folder: the model first, as its run may have carved the held-out split from
+    the training split of this very folder (``val_fraction``); else the data first, so a missing folder does not
+    wait for (or download) the model's weights. Files the checkpoint's run trained on are left out of a named
+    folder's split."""
     if user_split is not None:
         return load_the_model(), user_split, dataset
     if data is None and not dataset:
         loaded = load_the_model()
         data, dataset, split = _checkpoint_data(loaded, checkpoint, split, dist_info)
         split_set = open_split(data, dataset, split)
-    elif checkpoint and reads_checkpoint and split == "validation" and os.path.exists(data or ""):
+    elif model_first and split == "validation" and os.path.exists(data or ""):
         loaded = load_the_model()
         split = carved_from(loaded.checkpoint, data) or split
         split_set = open_split(data, dataset, split)
@@ -193,8 +195,8 @@ def _held_out_files_only(split_set, loaded: LoadedModel, dist_info: DistInfo):
 def _in_memory(model: nn.Module, img_size: int | None, input_size, device: torch.device) -> LoadedModel:
     """The caller's module as a :class:`LoadedModel`, moved to ``device`` (:func:`validate` puts it back: its
     ``caller_module_kept``); its input size from the arguments, its ``pretrained_cfg`` (a loaded checkpoint's record:
-    create_model(checkpoint_path=...)), its own ``img_size``, else 224; its ``ignored_classes`` (the same call's)
-    stand in for the checkpoint's record of them."""
+    create_model(checkpoint_path=...)), its own ``img_size``, else 224; what the same call kept of the file's record
+    stands in for the checkpoint (`_record_kept_on`)."""
     cfg = dict(getattr(model, "pretrained_cfg", None) or {})
     size = (input_size[1] if input_size else img_size) or (cfg.get("input_size") or (0, 0, None))[-1] or \
         getattr(model, "img_size", None) or 224
@@ -203,13 +205,24 @@ def _in_memory(model: nn.Module, img_size: int | None, input_size, device: torch
     names = cfg.get("label_names")
     names = list(names) if isinstance(names, (list, tuple)) and len(names) == getattr(model, "num_classes", None) \
         else None
-    # what create_model(checkpoint_path=...) kept of the file's record besides the pretrained_cfg: the class folders
-    # its training left out, which the checkpoint's own path leaves out of the evaluated split too
-    ignored = getattr(model, "ignored_classes", None)
-    record = {"ignored_classes": list(ignored)} if isinstance(ignored, (list, tuple)) and ignored else None
     model.to(device)
     return LoadedModel(model, module_name(model), None, (in_chans, int(size), int(size)), data_config,
-                       checkpoint=record, output_names=names)
+                       checkpoint=_record_kept_on(model), output_names=names)
+
+
+def _record_kept_on(model: nn.Module) -> dict | None:
+    """What create_model(checkpoint_path=...) kept of the file's record besides the pretrained_cfg, as the
+    checkpoint's own path reads it: the class folders its training left out (``ignored_classes``) and the data it
+    trained on (``data``: the held-out split, the files ``--val-fraction`` carved out), so that the same folders and
+    files are left out of the evaluated split."""
+    ignored = getattr(model, "ignored_classes", None)
+    trained_on = getattr(model, "training_data", None)
+    record = {}
+    if isinstance(ignored, (list, tuple)) and ignored:
+        record["ignored_classes"] = list(ignored)
+    if isinstance(trained_on, dict) and trained_on:
+        record["data"] = dict(trained_on)
+    return record or None
 
 
 def _dataset(data, dataset: str, split: str, class_map: str, download: bool, dist_info: DistInfo):

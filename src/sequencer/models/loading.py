@@ -210,6 +210,13 @@ def recorded_ignored_classes(checkpoint: dict | None) -> list[str]:
     return [str(n) for n in checkpoint_metadata(checkpoint).get("ignored_classes") or []]
 
 
+def recorded_training_data(checkpoint: dict | None) -> dict | None:
+    """The data a checkpoint's run trained and evaluated on (its ``data`` entry: root, held-out split, the files
+    carved out by ``--val-fraction``; see `sequencer.engine.data_record`), or None when it records none."""
+    record = checkpoint_metadata(checkpoint).get("data")
+    return dict(record) if isinstance(record, dict) and record else None
+
+
 def jsonable(value):
     """Tuples -> lists, recursively, so a config reads back the same from JSON and from a .pth."""
     if isinstance(value, dict):

@@ -17,7 +17,7 @@ from torch import nn
 from ..errors import SequencerError
 from .features import FeatureExtractor
 from .hub import HF_HUB_PREFIX, hf_hub_model_config, load_pretrained
-from .loading import load_checkpoint, recorded_cfg, recorded_ignored_classes
+from .loading import load_checkpoint, recorded_cfg, recorded_ignored_classes, recorded_training_data
 
 
 @dataclass(frozen=True)
@@ -143,7 +143,9 @@ def create_model(
     ``sequencer.validate(model=model)`` preprocess as ``sequencer predict --checkpoint`` does; the class folders its
     training's class map left out, as ``model.ignored_classes`` (not in ``pretrained_cfg``: timm's ``PretrainedCfg``
     has no such field and refuses unknown ones), so that ``validate(model=model)`` leaves them out as
-    ``validate --checkpoint`` does.
+    ``validate --checkpoint`` does; and the data its run trained on, as ``model.training_data``, so that
+    ``validate(model=model)`` evaluates (without ``data``) the held-out split the run evaluated, and (given the run's
+    own folder) only the images a ``--val-fraction`` run held out, as ``validate --checkpoint`` does.
     ``use_ema`` picks a training checkpoint's EMA weights when it has them.
     ``features_only`` returns a module giving per-stage NCHW feature maps (``out_indices`` picks stages).
     ``pretrained_cfg_overlay`` replaces fields of the model's ``pretrained_cfg`` (e.g. ``url``, ``sha256``).
@@ -191,6 +193,9 @@ def create_model(
         ignored = recorded_ignored_classes(checkpoint)
         if ignored:
             model.ignored_classes = ignored
+        trained_on = recorded_training_data(checkpoint)
+        if trained_on:
+            model.training_data = trained_on
     if features_only:
         model = FeatureExtractor(model, out_indices)
     return model
