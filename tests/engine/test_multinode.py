@@ -98,3 +98,19 @@ def test_distributed_train_sh_takes_torchrun_arguments_for_several_nodes(tmp_pat
     assert launched(TORCHRUN_ARGS=node) == ["-m", "sequencer.engine.distributed", *node.split(),
                                             "--nproc_per_node=8", "-m", "sequencer", "train", "/data", "--epochs", "3"]
     assert launched()[2:4] == ["--standalone", "--nproc_per_node=8"]
+
+
+def test_every_rank_of_a_start_makes_its_group_under_the_same_prefix():
+    """torchrun's TORCHELASTIC_RESTART_COUNT differs between nodes after one node's worker failed (its node counts
+    a restart, the other node's agent restarts its healthy workers without counting), so the ranks of one start
+    made their groups under different prefixes and never met. Each rank's own count of its starts agrees."""
+    from torch.distributed import HashStore
+
+    from sequencer.engine.distributed import start_prefix
+
+    store = HashStore()  # torchrun's store outlives the starts
+    first = [start_prefix(store, rank, 2) for rank in (0, 1)]
+    restarted = [start_prefix(store, rank, 2) for rank in (1, 0)]  # whichever rank comes first
+    grown = [start_prefix(store, rank, 3) for rank in (2, 0, 1)]  # an elastic job with another node
+    assert len(set(first)) == len(set(restarted)) == len(set(grown)) == 1
+    assert len({first[0], restarted[0], grown[0]}) == 3

@@ -62,18 +62,29 @@ def init_distributed(device: str | None = None) -> DistInfo:
         backend = "nccl" if dev.type == "cuda" else "gloo"
         timeout = timedelta(minutes=30)
         # env:// reads MASTER_ADDR/MASTER_PORT (or the rendezvous torchrun set up)
-        attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
-        if attempt == "0":
+        if "TORCHELASTIC_RESTART_COUNT" not in os.environ:  # not torchrun's: no earlier start left keys
             dist.init_process_group(backend=backend, timeout=timeout)
         else:
-            # After torchrun --max-restarts restarts the workers, its store still holds the previous attempt's
-            # keys, and the new ranks read each other's dead addresses (measured: gloo's connectFullMesh fails
-            # with "Connection refused"; NCCL reports the same, pytorch/pytorch#167288). A prefix per attempt
-            # gives every attempt its own keys.
             store, rank, world = next(dist.rendezvous("env://", timeout=timeout))
-            dist.init_process_group(backend=backend, store=dist.PrefixStore(f"sequencer/attempt_{attempt}", store),
+            dist.init_process_group(backend=backend, store=dist.PrefixStore(start_prefix(store, rank, world), store),
                                     rank=rank, world_size=world, timeout=timeout)
     return DistInfo(True, dist.get_rank(), local_rank, dist.get_world_size(), dev, owns_group=True)
+
+
+def start_prefix(store: dist.Store, rank: int, world_size: int) -> str:
+    """The key prefix under which this start of the workers of a torchrun job makes its process group, the same
+    on every rank of the start: its number among the starts of ``world_size`` ranks.
+
+    After torchrun (--max-restarts) restarts the workers, its store still holds the keys of the previous start, and
+    the new ranks read each other's dead addresses (measured: gloo's connectFullMesh fails with "Connection
+    refused"; NCCL reports the same, pytorch/pytorch#167288), so each start needs keys of its own. torchrun's
+    ``TORCHELASTIC_RESTART_COUNT`` does not tell starts apart across nodes: a node whose workers failed counts a
+    restart, and a node whose healthy workers its agent restarted for the new round does not (measured on two c10d
+    nodes, one worker killed: restart counts 1 and 0, and the ranks never met, or met only after a restart more).
+    Every start of the job starts each rank once, so each rank's own count of its starts is the same on every rank.
+    """
+    starts = store.add(f"sequencer/starts/world_{world_size}/rank_{rank}", 1)
+    return f"sequencer/world_{world_size}/start_{starts}"
 
 
 def _callers_group(dev: torch.device) -> DistInfo:
