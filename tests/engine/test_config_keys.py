@@ -37,3 +37,24 @@ def test_model_kwargs_pairs():
         {"layers": (1, 1), "union": "add", "note": "a=b"}
     with pytest.raises(SystemExit):
         _parse(["--model-kwargs", "layers"])
+
+
+def test_a_switch_a_resume_keeps_can_be_turned_off(capsys):
+    """Each on/off flag a resume keeps from its checkpoint has an off form that counts as given (a `store_true` flag
+    had none, so `--resume` could not turn off the run's `--amp` or `--model-ema`), while the on forms, the paper's
+    `--native-amp` and timm's `--no-aug` keep their meaning."""
+    from sequencer.engine.config import RunState
+    off = ["--no-amp", "--no-model-ema", "--no-model-ema-warmup", "--no-model-ema-force-cpu", "--no-channels-last",
+           "--no-grad-checkpointing", "--no-sched-on-updates", "--no-warmup-prefix", "--aug", "--no-bce-loss",
+           "--no-log-wandb", "--prefetcher", "--no-torchcompile"]
+    state = RunState()
+    cfg = resolve_config(vars(_parse(off)), state)
+    switches = ("amp", "model_ema", "model_ema_warmup", "model_ema_force_cpu", "channels_last", "grad_checkpointing",
+                "sched_on_updates", "warmup_prefix", "no_aug", "bce_loss", "log_wandb", "no_prefetcher")
+    assert {name: getattr(cfg, name) for name in switches} == dict.fromkeys(switches, False)
+    assert cfg.torchcompile == "" and set(switches) | {"torchcompile"} <= state.given
+    on = vars(_parse(["--native-amp", "--model-ema", "--no-aug", "--no-prefetcher", "--torchcompile"]))
+    assert on == dict(amp=True, model_ema=True, no_aug=True, no_prefetcher=True, torchcompile="inductor")
+    with pytest.raises(SystemExit):
+        _parse(["--help"])
+    assert "--amp, --native-amp, --no-amp\n" in capsys.readouterr().out

@@ -91,6 +91,18 @@ class KeyValues(argparse.Action):
         setattr(namespace, self.dest, dict(values))
 
 
+class Switch(argparse.Action):
+    """An on/off flag: its on spellings store True, its ``off`` spelling (``--no-amp``) False, so a resume can turn
+    off what its checkpoint's run had on (a plain ``store_true`` flag has no way to say "off")."""
+
+    def __init__(self, option_strings, dest, off: str, **kwargs):
+        super().__init__([*option_strings, off], dest, nargs=0, **kwargs)
+        self.off = off
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        setattr(namespace, self.dest, option_string != self.off)
+
+
 def add_model_args(parser: argparse.ArgumentParser) -> None:
     g = parser.add_argument_group("model")
     g.add_argument("--model", "-m", default=None, help="model name (default: the checkpoint's own)")

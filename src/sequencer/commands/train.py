@@ -10,7 +10,7 @@ import argparse
 
 from ..engine.config import RunState, config_defaults, resolve_config
 from ..engine.train import run_training
-from .common import KeyValues, add_torchcompile_argument, failure_reported_to_launcher, key_value
+from .common import KeyValues, Switch, add_torchcompile_argument, failure_reported_to_launcher, key_value
 
 
 def _float_list(n):
@@ -59,10 +59,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--interpolation", help="validation resize interpolation")
     g.add_argument("-b", "--batch-size", type=int, help="batch size per process")
     g.add_argument("-vb", "--validation-batch-size", type=int, help="validation batch size")
-    g.add_argument("--channels-last", action="store_true", help="channels-last memory layout")
+    g.add_argument("--channels-last", action=Switch, off="--no-channels-last", help="channels-last memory layout")
     g.add_argument("--grad-accum-steps", type=int, help="micro-batches per optimizer step")
-    g.add_argument("--grad-checkpointing", action="store_true", help="activation checkpointing per block")
+    g.add_argument("--grad-checkpointing", action=Switch, off="--no-grad-checkpointing",
+                   help="activation checkpointing per block")
     add_torchcompile_argument(g)
+    g.add_argument("--no-torchcompile", dest="torchcompile", action="store_const", const="",
+                   help="run eager (turns off the --torchcompile a resumed run was started with)")
     g.add_argument("--torchcompile-mode", metavar="MODE",
                    help="torch.compile mode (default, reduce-overhead, max-autotune, ...)")
     g.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda if available)")
@@ -79,7 +82,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
     g = parser.add_argument_group("learning-rate schedule")
     g.add_argument("--sched", help="cosine, tanh, step, multistep, plateau, poly or none")
-    g.add_argument("--sched-on-updates", action="store_true", help="step the schedule every update")
+    g.add_argument("--sched-on-updates", action=Switch, off="--no-sched-on-updates",
+                   help="step the schedule every update")
     g.add_argument("--lr", type=float,
                    help="learning rate (default: --lr-base scaled by the global batch size)")
     g.add_argument("--lr-base", type=float, help="lr for a global batch of --lr-base-size")
@@ -101,13 +105,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                    help="multistep milestones")
     g.add_argument("--decay-epochs", type=float, help="epochs between step decays")
     g.add_argument("--warmup-epochs", type=int, help="warmup epochs")
-    g.add_argument("--warmup-prefix", action="store_true", help="warmup is not part of the decay length")
+    g.add_argument("--warmup-prefix", action=Switch, off="--no-warmup-prefix",
+                   help="warmup is not part of the decay length")
     g.add_argument("--cooldown-epochs", type=int, help="epochs at --min-lr after the schedule")
     g.add_argument("--patience-epochs", type=int, help="plateau patience")
     g.add_argument("--decay-rate", "--dr", type=float, help="step/plateau decay factor")
 
     g = parser.add_argument_group("augmentation and regularisation")
-    g.add_argument("--no-aug", action="store_true", help="no training augmentation")
+    g.add_argument("--no-aug", action=Switch, off="--aug", help="no training augmentation (--aug: with it)")
     g.add_argument("--scale", **_float_list(2), help="random-resized-crop area range")
     g.add_argument("--ratio", **_float_list(2), help="random-resized-crop aspect range")
     g.add_argument("--hflip", type=float, help="horizontal flip probability")
@@ -125,24 +130,27 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--mixup-mode", choices=("batch", "pair", "elem"), help="mixup granularity")
     g.add_argument("--mixup-off-epoch", type=int, help="turn mixup off from this epoch (0 = never)")
     g.add_argument("--smoothing", type=float, help="label smoothing")
-    g.add_argument("--bce-loss", action="store_true", help="binary cross-entropy loss")
+    g.add_argument("--bce-loss", action=Switch, off="--no-bce-loss", help="binary cross-entropy loss")
     g.add_argument("--bce-target-thresh", type=float, help="BCE target binarisation threshold")
     g.add_argument("--train-interpolation", help="training resize interpolation")
     g.add_argument("--drop", type=float, help="dropout before the head")
     g.add_argument("--drop-path", type=float, help="stochastic depth rate")
 
     g = parser.add_argument_group("model EMA")
-    g.add_argument("--model-ema", action="store_true", help="keep an exponential moving average of the weights")
-    g.add_argument("--model-ema-force-cpu", action="store_true", help="keep the EMA on the CPU")
+    g.add_argument("--model-ema", action=Switch, off="--no-model-ema",
+                   help="keep an exponential moving average of the weights")
+    g.add_argument("--model-ema-force-cpu", action=Switch, off="--no-model-ema-force-cpu",
+                   help="keep the EMA on the CPU")
     g.add_argument("--model-ema-decay", type=float, help="EMA decay")
-    g.add_argument("--model-ema-warmup", action="store_true", help="EMA decay warmup")
+    g.add_argument("--model-ema-warmup", action=Switch, off="--no-model-ema-warmup", help="EMA decay warmup")
 
     g = parser.add_argument_group("run")
     g.add_argument("--seed", type=int, help="random seed")
     g.add_argument("--log-interval", type=int, help="batches between log lines")
     g.add_argument("--checkpoint-hist", type=int, help="best epochs to keep as checkpoint-<E>.pth.tar")
     g.add_argument("-j", "--workers", type=int, help="data loading processes per training process")
-    g.add_argument("--amp", "--native-amp", dest="amp", action="store_true", help="mixed precision (autocast)")
+    g.add_argument("--amp", "--native-amp", dest="amp", action=Switch, off="--no-amp",
+                   help="mixed precision (autocast)")
     g.add_argument("--amp-dtype", choices=("float16", "bfloat16"),
                    help="AMP dtype (on the CPU bfloat16 is used)")
     g.add_argument("--output", metavar="DIR", help="output root (default ./output/train)")
@@ -151,10 +159,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--local-rank", "--local_rank", type=int, help=argparse.SUPPRESS)
 
     g = parser.add_argument_group("timm habits")
-    g.add_argument("--log-wandb", action="store_true",
+    g.add_argument("--log-wandb", action=Switch, off="--no-log-wandb",
                    help="log args and every epoch's summary row to Weights & Biases (when wandb is installed)")
     g.add_argument("--pin-mem", action="store_true", help="pin batches in page-locked memory (on by default on CUDA)")
-    g.add_argument("--no-prefetcher", action="store_true",
+    g.add_argument("--no-prefetcher", action=Switch, off="--prefetcher",
                    help="normalise and erase on the CPU workers, not on the GPU (timm's prefetcher; CUDA only)")
     g.add_argument("--dist-bn", choices=("reduce", "broadcast", ""),
                    help="BatchNorm statistics before each evaluation under DDP: the ranks' mean (reduce, the "
