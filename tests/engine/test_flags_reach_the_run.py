@@ -4,6 +4,8 @@ each case also checks that the flag changes the object, so a flag dropped on the
 (`drop`, `drop_path`, `lr_base`) are checked on a resumed run's checkpoint."""
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
@@ -462,6 +464,35 @@ def test_a_resumed_plateau_keeps_its_reduced_lr_unless_lr_is_given():
         assert {g["lr"] for g in opt.optimizer.param_groups} == {expected}
 
 
+def test_what_counts_as_evaluating_otherwise():
+    """Other weights or another split count (a split's synonyms do not, nor weights when nothing is evaluated); a
+    checkpoint written before `evaluated_weights` was recorded is read from its `model_ema` flag."""
+    from sequencer.engine.resume import evaluation_change
+    val, ema = dict(data=dict(split="val"), evaluated_weights="ema"), "the EMA weights on split 'val'"
+    assert evaluation_change(val, "ema", dict(split="validation")) is None
+    assert evaluation_change(val, "model", dict(split="val")) == (ema, "the raw model weights on split 'val'")
+    assert evaluation_change(val, "ema", dict(split="test")) == (ema, "the EMA weights on split 'test'")
+    assert evaluation_change(val, "ema", dict(split=None)) == (ema, "nothing (no held-out split)")
+    assert evaluation_change(dict(data=dict(split=None), evaluated_weights="ema"), "model", dict(split=None)) is None
+    assert evaluation_change(dict(args=dict(model_ema=True)), "model", dict(split="val"))[0] == ema
+    carved = dict(split="train", files=["a/1.png", "b/2.png"])
+    assert evaluation_change(dict(data=carved, evaluated_weights="model"), "ema", carved) == (
+        "the raw model weights on the 2 images held out of 'train'", "the EMA weights on the 2 images held out of "
+        "'train'")
+
+
+def test_a_resume_evaluating_otherwise_restarts_the_plateaus_best():
+    """The plateau schedule's best metric is the checkpoint's (`fresh_metric` False), unless the resume evaluates other
+    weights or data (`resume.evaluation_change`): it starts again, as the run's best epoch does."""
+    checkpoint = dict(_trained_checkpoint(opt="adamw", sched="plateau"), scheduler={"best": 91.0, "last_epoch": 1})
+    for fresh, best in ((False, 91.0), (True, -math.inf)):
+        opt = _optimization(opt="adamw", sched="plateau")
+        with pytest.warns(UserWarning, match="RNG state"):
+            restore(TrainConfig(opt="adamw", sched="plateau", lr=0.1), DistInfo(), checkpoint, opt, UPDATES,
+                    fresh_metric=fresh)
+        assert opt.scheduler.state_dict()["best"] == best
+
+
 RANKS_SCRIPT = '''
 import json, sys
 import torch, torch.distributed as dist, torch.multiprocessing as mp
@@ -505,3 +536,21 @@ def test_every_rank_starts_from_rank_0s_weights(tmp_path):
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
     for rank in (0, 1):
         assert json.loads((tmp_path / f"rank{rank}.json").read_text()) == dict(same=True, channels_last=True)
+
+
+def test_a_val_fraction_runs_split_name_is_fixed_on_resume():
+    """A run that held out files of its training images evaluates on them when resumed: a `val_split` naming another
+    split did nothing in silence; it is refused like `val_fraction`. Its own value (an args.yaml as `config`) passes."""
+    from sequencer.engine.resume import apply_resume_contract
+    checkpoint = dict(arch="sequencer2d_nano", model_kwargs=dict(num_classes=2), class_names=["a", "b"],
+                      args=dict(val_split="validation", val_fraction=0.5),
+                      data=dict(dataset="", root="/d", split="train", files=["a/1.png", "b/1.png"], files_in="/d"))
+    apply_resume_contract(TrainConfig(val_split="validation"), frozenset({"val_split"}), checkpoint, "r/last.pth.tar",
+                          ["a", "b"])
+    with pytest.raises(SequencerError, match=r"^`resume=r/last.pth.tar`: `val_split=test` vs the checkpoint's "
+                                             r"validation \(hint: drop `val_split` when resuming \(its run evaluates"):
+        apply_resume_contract(TrainConfig(val_split="test"), frozenset({"val_split"}), checkpoint, "r/last.pth.tar",
+                              ["a", "b"])
+    del checkpoint["data"]["files"]  # a run evaluated on a split of its own: another one is a resume's choice
+    apply_resume_contract(TrainConfig(val_split="test"), frozenset({"val_split"}), checkpoint, "r/last.pth.tar",
+                          ["a", "b"])

@@ -5,12 +5,15 @@ either fails before training (checked to write nothing) or runs one or two more 
 """
 from __future__ import annotations
 
+import csv
 import math
 import shutil
+import warnings
 
 import pytest
 import yaml
 
+import sequencer
 from run_helpers import TINY_RUN, make_image_folder, summary_rows, train_cli
 from sequencer.models.loading import read_checkpoint
 
@@ -217,14 +220,76 @@ def test_a_new_image_size_on_resume_is_the_models_too(finished, data, tmp_path, 
 
 def test_a_resume_evaluates_on_the_split_its_run_did(finished, data, tmp_path):
     """A run evaluated on test/ (`--val-split test`) and resumed without the flag on DATA that also has val/ used to
-    go on evaluating on val/, its best epoch still test/'s; the split names are kept like the other settings."""
+    go on evaluating on val/, its best epoch still test/'s; the split names are kept like the other settings, and
+    the best goes on from the checkpoint's (nothing is said about the evaluation)."""
+    from sequencer.engine.checkpoint import atomic_save
     out, folder = _copy_run(finished, tmp_path)
     root = tmp_path / "data"
     shutil.copytree(data, root)
     shutil.copytree(root / "test", root / "val")
-    assert train_cli([root, "--resume", folder / "last.pth.tar", "--epochs", "3", "-j", "0", "--device", "cpu"]) == 0
+    checkpoint = read_checkpoint(folder / "last.pth.tar")
+    atomic_save(dict(checkpoint, best_metric=100.0), folder / "last.pth.tar")  # a best no resumed epoch beats
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert train_cli([root, "--resume", folder / "last.pth.tar", "--epochs", "3", "-j", "0", "--device",
+                          "cpu"]) == 0
+    assert not [w for w in caught if "were evaluated on" in str(w.message)]
     resumed = read_checkpoint(folder / "last.pth.tar")
     assert resumed["args"]["val_split"] == "test" and resumed["data"]["split"] == "test"
+    assert resumed["best_epoch"] == checkpoint["best_epoch"] < 2  # compared with the checkpoint's best, not restarted
+
+
+def _as_if_started_with_ema_and_amp(folder):
+    """The copied run's checkpoint made one of `--model-ema --amp`, whose best no later epoch reaches (top-1 100), so
+    that only a restarted best can pick a resumed epoch."""
+    from sequencer.engine.checkpoint import atomic_save
+    checkpoint = read_checkpoint(folder / "last.pth.tar")
+    checkpoint["args"].update(model_ema=True, amp=True, amp_dtype="bfloat16")
+    checkpoint.update(evaluated_weights="ema", state_dict_ema=checkpoint["state_dict"], best_metric=100.0)
+    atomic_save(checkpoint, folder / "last.pth.tar")
+    return checkpoint["best_epoch"]
+
+
+@pytest.mark.parametrize("flags, before, now", [
+    (["--no-model-ema", "--no-amp"], "the EMA weights on split 'test'", "the raw model weights on split 'test'"),
+    (["--val-split", "val"], "the EMA weights on split 'test'", "the EMA weights on split 'val'"),
+])
+def test_a_resume_evaluating_otherwise_picks_its_best_again(finished, data, tmp_path, flags, before, now):
+    """`--no-model-ema` and `--no-amp` turn off what the run had on (a `store_true` flag could not), and the resume
+    trains without EMA, in float32. Metrics of other weights (`--no-model-ema`) or of another split (`--val-split`)
+    do not compare with the checkpoint's best: one line says what was evaluated before and now, the best is picked
+    again from the resumed epoch, and the earlier best's checkpoint stays (made from model_best when the history had
+    not kept it). A finished run resumed reports that best, not the row with the highest top-1."""
+    out, folder = _copy_run(finished, tmp_path)
+    root = tmp_path / "data"
+    shutil.copytree(data, root)
+    shutil.copytree(root / "test", root / "val")
+    earlier = _as_if_started_with_ema_and_amp(folder)
+    (folder / f"checkpoint-{earlier}.pth.tar").unlink()  # as with `--checkpoint-hist 0`
+    said = rf"epochs 0\.\.1 were evaluated on {before}, this run evaluates {now}: .* starts again at epoch 2; " \
+           rf"the earlier best, top1 100\.00 at epoch {earlier}, stays as checkpoint-{earlier}\.pth\.tar"
+    with pytest.warns(UserWarning, match=said):
+        assert train_cli([root, "--resume", folder / "last.pth.tar", "--epochs", "3", "-j", "0", "--device", "cpu",
+                          *flags]) == 0
+    resumed = read_checkpoint(folder / "last.pth.tar")
+    assert (resumed["best_epoch"], read_checkpoint(folder / "model_best.pth.tar")["epoch"]) == (2, 2)
+    assert read_checkpoint(folder / f"checkpoint-{earlier}.pth.tar")["epoch"] == earlier
+    if "--no-model-ema" in flags:
+        assert (resumed["args"]["model_ema"], resumed["args"]["amp"]) == (False, False)
+        assert "state_dict_ema" not in resumed and resumed["evaluated_weights"] == "model"
+        assert resumed["eval_amp_dtype"] is None  # no autocast: float32
+        rows = summary_rows(folder)  # as if the earlier epochs' evaluation had been the easier one
+        for row in rows[:2]:
+            row["eval_top1"] = "100.0"
+        with open(folder / "summary.csv", "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+            writer.writeheader()
+            writer.writerows(rows)
+        result = sequencer.train(str(root), resume=str(folder / "last.pth.tar"), epochs=3, device="cpu", workers=0,
+                                 progress=False)
+        assert result.best_epoch == 2
+    else:
+        assert resumed["data"]["split"] == "val" and resumed["evaluated_weights"] == "ema"
 
 
 def test_a_kept_setting_is_checked_with_the_flags_given(finished, data, tmp_path, capsys):

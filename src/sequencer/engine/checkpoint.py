@@ -13,7 +13,8 @@ Files in an experiment folder (as timm's ``CheckpointSaver`` names them):
 Checkpoint dict (contract shared with validate/predict/...; every value is ``weights_only``-loadable):
 ``version, arch, model_kwargs, class_names, data_config, data, state_dict, [state_dict_ema], optimizer,
 scheduler, scaler, epoch, metric, args, rng_state`` (``data``: the dataset trained on, see data_record.py) plus our own bookkeeping: ``epoch_complete`` (False for a recovery
-file), ``step``, ``best_metric``, ``best_epoch``, ``checkpoint_history``; a recovery file also holds
+file), ``step``, ``best_metric``, ``best_epoch``, ``checkpoint_history``, ``evaluated_weights`` ("ema" or "model": the
+weights ``metric`` and the best were measured on); a recovery file also holds
 ``epoch_progress`` (how far the interrupted epoch's updates went: a resume goes on from there, see
 ``loop.resumed_progress``).
 """
@@ -149,6 +150,20 @@ class CheckpointManager:
         self.best_epoch = checkpoint.get("best_epoch")
         self.history = [(int(e), float(m)) for e, m in checkpoint.get("checkpoint_history") or []
                         if (self.folder / f"checkpoint-{int(e)}.pth.tar").exists()]
+
+    def restart_best(self, write: bool = True) -> Path | None:
+        """Forget the best metric and the history's ranking: the epochs so far were measured on another evaluation
+        (``resume.evaluation_change``), which later metrics cannot be compared with. Their ``checkpoint-<E>.pth.tar``
+        files stay, outside the ranking, and the earlier best's is made from ``model_best`` where the history had not
+        kept it (``write``: on rank 0), before the next best replaces ``model_best``. Returns that file (None without
+        an earlier best)."""
+        kept = None
+        if self.best_epoch is not None and (self.folder / BEST).is_file():
+            kept = self.folder / f"checkpoint-{self.best_epoch}.pth.tar"
+            if write and not kept.is_file():
+                atomic_link_or_copy(self.folder / BEST, kept)
+        self.best_metric, self.best_epoch, self.history = None, None, []
+        return kept
 
     def bookkeeping(self) -> dict:
         return {"best_metric": self.best_metric, "best_epoch": self.best_epoch,

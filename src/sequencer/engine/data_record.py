@@ -10,7 +10,8 @@ A checkpoint's ``data`` entry (one of the model-config keys, so ``checkpoint cle
 A held-out split carved from the training images (``--val-fraction``) has ``"split"`` the training split it was
 carved from, and adds ``"files"``: its images' keys (`sequencer.data.splits`), relative to ``"files_in"`` (the
 split's folder or tar, absolute). A run without a held-out split records ``"split": None``: it evaluated nothing.
-Checkpoints written before the entry existed are read from their ``args`` (train's flags) instead.
+Checkpoints written before the entry existed are read from their ``args`` (train's flags) instead. Beside it a
+checkpoint records ``evaluated_weights``: whether its metrics are the EMA weights' (`evaluated_weights`).
 """
 from __future__ import annotations
 
@@ -41,6 +42,23 @@ def data_record(cfg, held_out=None) -> dict:
     if files:
         record.update(split=cfg.train_split, files=list(files), files_in=os.path.abspath(held_out.root))
     return record
+
+
+# the data record of a run on the caller's Datasets: nothing to find again, so validate asks for DATA
+CALLERS_DATA = {"dataset": "the Datasets given to sequencer.train", "root": None, "split": "val"}
+
+
+def evaluated_weights(opt, device: torch.device) -> str:
+    """Whose held-out metrics the run's are (the best epoch is picked by them): "ema", the EMA weights' with
+    ``model_ema``, else "model". An EMA kept on the CPU (``model_ema_force_cpu``) while training on a GPU is not
+    evaluated, as in timm: the batches and the ranks' reductions live on the GPU."""
+    ema = opt.model_ema
+    return "ema" if ema is not None and next(ema.module.parameters()).device == device else "model"
+
+
+def evaluated_data(cfg, state, eval_loader) -> dict:
+    """The ``data`` record of the run's checkpoints (``data_record``): the held-out split it evaluates on."""
+    return data_record(cfg, getattr(eval_loader, "dataset", None)) if state.datasets is None else CALLERS_DATA
 
 
 EVALUATE_ON_DATA = "pass `data`, the images to evaluate the `checkpoint` on"

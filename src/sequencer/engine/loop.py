@@ -23,15 +23,12 @@ from . import distributed as dist_utils
 from .amp import dtype_name
 from .checkpoint import CHECKPOINT_VERSION, get_rng_state
 from .config import RunState, TrainConfig
-from .data_record import data_record
+from .data_record import evaluated_data, evaluated_weights
 from .guest import warn
 from .outputs import Outputs, plain, plot_summary, run_args, write_summary
 from .user_data import architecture_recorded
 
 _logger = logging.getLogger(__name__)
-
-# the data record of a run on the caller's Datasets: nothing to find again, so validate asks for DATA
-CALLERS_DATA = {"dataset": "the Datasets given to sequencer.train", "root": None, "split": "val"}
 
 
 # ------------------------------------------------------------------------------------------- the run's state
@@ -323,11 +320,9 @@ def evaluate_epoch(run: TrainingRun) -> tuple[dict, float | None]:
     dist_utils.sync_running_stats(run.model, run.cfg.dist_bn, run.info)  # the checkpoint is the model evaluated
     metrics = evaluate(run.eval_model, run.loaders.eval, device, amp_dtype=opt.amp_dtype,
                        distributed=run.info.distributed)
-    # an EMA kept on the CPU (--model-ema-force-cpu) while training on a GPU is not evaluated, as in timm:
-    # the batches and the ranks' reductions live on the GPU
-    ema = opt.model_ema
-    if ema is None or next(ema.module.parameters()).device != device:
+    if evaluated_weights(opt, device) == "model":
         return metrics, None
+    ema = opt.model_ema
     raw_top1 = metrics["top1"]
     dist_utils.sync_running_stats(ema.module, run.cfg.dist_bn, run.info)  # each rank's EMA took its own statistics
     metrics = evaluate(ema.module, run.loaders.eval, device, amp_dtype=opt.amp_dtype,
@@ -503,8 +498,7 @@ def checkpoint_state(run: TrainingRun, epoch: int, complete: bool, step: int, me
         class_names=list(run.class_names),
         data_config=plain(run.loaders.data_config),
         eval_amp_dtype=dtype_name(opt.amp_dtype),
-        data=(data_record(run.cfg, getattr(run.loaders.eval, "dataset", None)) if run.state.datasets is None
-              else CALLERS_DATA),
+        data=evaluated_data(run.cfg, run.state, run.loaders.eval),
         scheduler=opt.scheduler.state_dict() if opt.scheduler is not None else None)
     if not recorded:  # loading it by name (validate, predict, resume without the module) says so
         state["architecture"] = (f"the weights of a {type(model).__module__}.{type(model).__qualname__} given to "
@@ -512,6 +506,7 @@ def checkpoint_state(run: TrainingRun, epoch: int, complete: bool, step: int, me
                                  f"module")
     if opt.model_ema is not None:
         state["state_dict_ema"] = opt.model_ema.module.state_dict()
+    state["evaluated_weights"] = evaluated_weights(opt, run.info.device)  # a resume says when this changes
     if run.ignored_classes:
         state["ignored_classes"] = list(run.ignored_classes)
     return state

@@ -42,11 +42,13 @@ class Outputs:
 
 
 def prepare_outputs(cfg, state, info: dist_utils.DistInfo, resume_path: str | None, resume_ckpt: dict | None,
-                    start_epoch: int, img_size: int, held_out=None, evaluated: bool = True) -> Outputs:
+                    start_epoch: int, img_size: int, held_out=None, evaluated: bool = True,
+                    evaluation_change: tuple[str, str] | None = None) -> Outputs:
     """Create the experiment folder (nothing is written before this point), take over the resumed run's best
     checkpoints and summary rows when it continues in the same folder, and write ``args.yaml`` (and
     ``val_files.txt``, the files of a held-out split carved by --val-fraction). Without evaluation (``evaluated``
-    False) the checkpoint history keeps the latest epochs and no epoch is called best."""
+    False) the checkpoint history keeps the latest epochs and no epoch is called best. ``evaluation_change``
+    (``resume.evaluation_change``): the resumed epochs were evaluated otherwise, so the best is picked again."""
     module = getattr(state, "module", None)  # a caller's nn.Module (sequencer.train(model=...)) has no model name
     folder = make_output_dir(cfg, state, info, cfg.model or module_name(module), img_size)
     manager = CheckpointManager(folder, max_history=cfg.checkpoint_hist, decreasing=cfg.eval_metric == "loss",
@@ -55,6 +57,9 @@ def prepare_outputs(cfg, state, info: dist_utils.DistInfo, resume_path: str | No
         # best metric and history belong to this folder's files; a resume into a new folder starts its own
         manager.restore(resume_ckpt)
         manager.history = [(e, m) for e, m in manager.history if e < start_epoch]
+        if evaluation_change and start_epoch > 0:  # epochs were evaluated the other way
+            state.start_warnings.append(_best_restarted(cfg, info, manager, resume_path, start_epoch,
+                                                        evaluation_change))
     outputs = Outputs(folder, manager, rows=[])
     if resume_ckpt is not None:
         outputs.rows = [r for r in read_summary(outputs.summary_path) if int(r["epoch"]) < start_epoch]
@@ -73,6 +78,20 @@ def prepare_outputs(cfg, state, info: dist_utils.DistInfo, resume_path: str | No
             write_atomically(folder / VAL_FILES, lambda tmp: Path(tmp).write_text(listing, encoding="utf-8",
                                                                                     errors="surrogateescape"))
     return outputs
+
+
+def _best_restarted(cfg, info: dist_utils.DistInfo, manager: CheckpointManager, resume_path: str, start_epoch: int,
+                    change: tuple[str, str]) -> str:
+    """Restart the best-epoch tracking of ``manager`` (``CheckpointManager.restart_best``) and say so: the line names
+    what was evaluated before and now (``change``), and where the earlier best stays."""
+    earlier = manager.best_metric, manager.best_epoch
+    kept = manager.restart_best(write=info.is_primary)
+    plateau = ", the plateau schedule's" if cfg.sched == "plateau" else ""
+    stays = (f"; the earlier best, {cfg.eval_metric} {earlier[0]:.2f} at epoch {earlier[1]}, stays as {kept.name}"
+             if kept is not None else "")
+    return (f"`resume={resume_path}`: epochs 0..{start_epoch - 1} were evaluated on {change[0]}, this run evaluates "
+            f"{change[1]}: their metrics do not compare, so the best epoch (model_best.pth.tar, the checkpoint "
+            f"history{plateau}) starts again at epoch {start_epoch}{stays}")
 
 
 def plural(n: int, word: str, words: str | None = None) -> str:

@@ -4,7 +4,8 @@
   the head size ``--num-classes``), the classes and their names (the training split must hold the same classes),
   the optimizer and scheduler kind (``--opt``, ``--sched``; both may change with ``--no-resume-opt``), the
   ``--eval-metric`` that picks the best epoch, the held-out share ``--val-fraction`` (a resume holds out the files
-  its checkpoint lists). A flag that names another value is refused with one line naming both.
+  its checkpoint lists, so such a run's ``--val-split`` is fixed too). A flag that names another value is refused
+  with one line naming both.
 - **From the checkpoint unless a flag (or ``--config``) says otherwise:** every other training setting (epochs,
   lr and schedule shape, batch size, augmentation, EMA, drop rates, seed, the image size the model is rebuilt at
   (``train_model``), ...), checked together with the flags given (``config_checks``). A larger ``--epochs`` extends the
@@ -13,6 +14,9 @@
   with this start's hyperparameters (``checkpoint.load_optimizer_state``).
 - **A recovery checkpoint's interrupted epoch goes on after its last update** (``loop.resumed_progress``): the rest
   of its batches, once each, when the data is split as before; otherwise the epoch re-runs from its beginning.
+- **A resume that evaluates otherwise** (other weights: ``--model-ema`` switched; another held-out split) picks
+  its best epoch again from the resumed epoch on, with a warning naming both (``evaluation_change``,
+  ``outputs.prepare_outputs``).
 - **Never from the checkpoint (this machine's and this start's business):** the data (not its split names: a
   resume evaluates on the split its best epoch was picked on), the output folder and experiment name, the device,
   ``--workers``, ``--log-interval``, ``--start-epoch``, ``--pretrained`` and ``--initial-checkpoint``.
@@ -24,13 +28,14 @@ import os
 import stat
 from pathlib import Path
 
-from ..data.class_folders import class_name
+from ..data.class_folders import class_name, split_aliases
 from ..errors import SequencerError
 from ..models.loading import read_checkpoint
 from . import distributed as dist_utils
 from .checkpoint import find_auto_resume
 from .config import LR_SCALING, TrainConfig
 from .config_checks import check_experiment_name
+from .data_record import recorded_held_out
 
 _logger = logging.getLogger(__name__)
 
@@ -39,6 +44,8 @@ KEPT_WITH_STATE = ("opt", "sched")
 KEPT = ("model_kwargs", "in_chans", "eval_metric", "val_fraction")
 # (``input_size`` is read as ``in_chans`` and ``img_size``, which are kept: a resume's own ``img_size`` then wins;
 # the split names are kept: DATA may move, but a resume evaluating on another split would mix its best epoch's)
+_KEPT_HINTS = {**dict.fromkeys(KEPT_WITH_STATE, " or pass `no_resume_opt` to start a fresh optimizer"),
+               "val_split": " (its run evaluates on the files it held out by `val_fraction`)"}
 NOT_INHERITED = {"data", "data_dir", "dataset", "class_map", "dataset_download", "config",
                  "resume", "experiment", "output", "device", "workers", "log_interval", "start_epoch", "local_rank",
                  "pretrained", "initial_checkpoint", "no_resume_opt", "input_size"}
@@ -113,11 +120,13 @@ def apply_resume_contract(cfg: TrainConfig, given: frozenset[str], checkpoint: d
     if cfg.model and "model" in given and arch and cfg.model != arch:
         raise SequencerError(f"`resume={path}`: `model={cfg.model}` vs the checkpoint's {arch}",
                              hint="drop `model` when resuming (a resume keeps its model)")
-    kept = KEPT + (() if cfg.no_resume_opt else KEPT_WITH_STATE)
+    # a run that held out files of its training images (`val_fraction`) evaluates on them: no split name applies
+    carved = ("val_split",) if recorded_held_out(checkpoint) is not None else ()
+    kept = KEPT + (() if cfg.no_resume_opt else KEPT_WITH_STATE) + carved
     for key in kept:
         recorded = _recorded(key, saved, checkpoint)  # None given (an args.yaml's `in_chans: null`) asks for nothing
         if key in given and None not in (getattr(cfg, key), recorded) and _differs(getattr(cfg, key), recorded):
-            extra = " or pass `no_resume_opt` to start a fresh optimizer" if key in ("opt", "sched") else ""
+            extra = _KEPT_HINTS.get(key, "")
             raise SequencerError(f"`resume={path}`: `{key}={_show(getattr(cfg, key))}` vs the checkpoint's "
                                  f"{_show(recorded)}", hint=f"drop `{key}` when resuming{extra}")
     head = (checkpoint.get("model_kwargs") or {}).get("num_classes")
@@ -163,6 +172,38 @@ def _normal(value):
 
 def _show(value) -> str:
     return " ".join(map(str, value)) if isinstance(value, (list, tuple)) else str(value)
+
+
+def evaluation_change(checkpoint: dict | None, weights: str, record: dict) -> tuple[str, str] | None:
+    """(what the resumed run's epochs were evaluated on, what this run evaluates) where the two differ, so that their
+    metrics cannot be compared: the EMA's weights or the model's own (``model_ema`` turned on or off), another
+    held-out split (``val_split``), or a held-out split where there was none (or the reverse). ``weights``:
+    ``data_record.evaluated_weights``; ``record``: this run's ``data`` record (``data_record.evaluated_data``). None
+    when they are the same, when nothing was or is evaluated, and for the split of a checkpoint that records no
+    ``data``."""
+    if checkpoint is None:
+        return None
+    saved = checkpoint.get("args") if isinstance(checkpoint.get("args"), dict) else {}
+    weights_before = checkpoint.get("evaluated_weights") or ("ema" if saved.get("model_ema") else "model")
+    record_before = checkpoint.get("data") if isinstance(checkpoint.get("data"), dict) else record
+    if _held_out(record_before) == _held_out(record) and (weights_before == weights or record.get("split") is None):
+        return None
+    return _evaluated(weights_before, record_before), _evaluated(weights, record)
+
+
+def _held_out(record: dict) -> tuple:
+    """The held-out split of a ``data`` record: its name (None: nothing evaluated; its synonyms count as one:
+    "validation" finds val/ as "val" does) and whether it was carved."""
+    split = record.get("split")
+    return split and frozenset(name.lower() for name in split_aliases(split)), bool(record.get("files"))
+
+
+def _evaluated(weights: str, record: dict) -> str:
+    split, carved = record.get("split"), bool(record.get("files"))
+    if split is None:
+        return "nothing (no held-out split)"
+    images = f"the {len(record['files'])} images held out of {split!r}" if carved else f"split {split!r}"
+    return f"the {'EMA' if weights == 'ema' else 'raw model'} weights on {images}"
 
 
 def read_resume_checkpoint(path: str) -> dict:

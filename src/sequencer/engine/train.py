@@ -42,12 +42,14 @@ from .amp import autocast_dtype
 from .checkpoint import load_optimizer_state, resume_position, set_rng_state
 from .guest import caller_rng_kept, console, warn
 from .train_data import TrainData, build_data
+from .data_record import evaluated_data, evaluated_weights
 from .config import RunState, TrainConfig, checked_callbacks, explicit_settings, resolve_config
 from .config_checks import check_config
 from .loop import (EpochProgress, Loaders, Optimization, StopRequest, TrainingRun, batch_split, callbacks_ask_to_stop,
                    current_lr, evaluate_epoch, hand_sigterm_to_caller, resumed_progress, save_epoch, save_recovery,
                    train_one_epoch)
 from .outputs import claimed_process_group, plural, prepare_outputs, read_summary, run_args, summary_numbers
+from .resume import evaluation_change
 from .train_model import build_model, wrap_model
 from .user_data import module_name
 
@@ -177,15 +179,19 @@ def _train(cfg, state: RunState, info: dist_utils.DistInfo) -> TrainResult:
     cfg = dataclasses.replace(cfg, lr=resolved_lr(cfg, info.world_size))
     opt = build_optimization(cfg, info, model, loaders, data.num_classes)
     resumed_within = epoch_progress(cfg, info, data.resume_ckpt, loaders)  # a recovery file's interrupted epoch
+    # the resumed epochs' metrics, measured on other weights (`model_ema` switched) or data, compare with none of ours
+    changed = evaluation_change(data.resume_ckpt, evaluated_weights(opt, info.device),
+                                evaluated_data(cfg, state, loaders.eval))
     start_epoch = restore(cfg, info, data.resume_ckpt, opt, loaders.updates_per_epoch,
-                          updates_within=resumed_within.batches // cfg.grad_accum_steps)
+                          updates_within=resumed_within.batches // cfg.grad_accum_steps, fresh_metric=bool(changed))
     if start_epoch >= opt.num_epochs:
         print_on_primary(info, f"`resume={data.resume_path}`: the run already finished: it ran "
                                f"{plural(start_epoch, 'epoch')} and this schedule has {plural(opt.num_epochs, 'epoch')}"
                                f"; nothing to do (pass a larger `epochs` to extend it)")
-        return _result(cfg, info, Path(data.resume_path).parent, None, 0)
+        return _result(cfg, info, Path(data.resume_path).parent, None, 0,
+                       best_epoch=data.resume_ckpt.get("best_epoch"))
     out = prepare_outputs(cfg, state, info, data.resume_path, data.resume_ckpt, start_epoch, loaders.img_size,
-                          held_out=data.eval_set, evaluated=data.eval_set is not None)
+                          held_out=data.eval_set, evaluated=data.eval_set is not None, evaluation_change=changed)
     for message in [*state.start_warnings, *timm_habits.notes(cfg, info.device, model, state.given),
                     *inert_flags.notes(cfg, state.given, resuming=data.resume_ckpt is not None)]:
         if info.is_primary:
@@ -225,19 +231,23 @@ def _train(cfg, state: RunState, info: dist_utils.DistInfo) -> TrainResult:
 
 
 def _result(cfg, info: dist_utils.DistInfo, folder: Path, manager, exit_code: int,
-            interrupted: bool = False) -> TrainResult:
+            interrupted: bool = False, best_epoch: int | None = None) -> TrainResult:
     """The run's :class:`TrainResult`, rank 0's on every rank (every rank calls): rank 0 alone wrote the files
-    and kept the best epoch, and another node may not see its files (no shared filesystem)."""
-    result = _read_result(cfg, folder, manager, exit_code, interrupted) if info.is_primary else None
+    and kept the best epoch, and another node may not see its files (no shared filesystem). ``best_epoch``: without
+    a ``manager`` (a finished run resumed), the one its checkpoint records."""
+    result = _read_result(cfg, folder, manager, exit_code, interrupted, best_epoch) if info.is_primary else None
     return dist_utils.broadcast_object(result, info)
 
 
-def _read_result(cfg, folder: Path, manager, exit_code: int, interrupted: bool) -> TrainResult:
+def _read_result(cfg, folder: Path, manager, exit_code: int, interrupted: bool,
+                 best_epoch: int | None = None) -> TrainResult:
     """The run's :class:`TrainResult`, read back from what it wrote (``summary.csv``, ``model_best.pth.tar``)."""
     rows = [summary_numbers(r) for r in read_summary(folder / "summary.csv")]
     evaluated = [r for r in rows if not math.isnan(r["eval_top1"])]  # none without a held-out split
-    best_epoch = manager.best_epoch if manager is not None else None
-    if manager is None and evaluated:  # a finished run resumed: its best row by the metric it was run with
+    best_epoch = manager.best_epoch if manager is not None else best_epoch
+    # a finished run resumed whose checkpoint records no best: its best row by the metric it was run with (the
+    # recorded one counts only the epochs since its evaluation last changed: `resume.evaluation_change`)
+    if manager is None and best_epoch is None and evaluated:
         column, sign = {"top1": ("eval_top1", 1), "top5": ("eval_top5", 1), "loss": ("eval_loss", -1)}[cfg.eval_metric]
         best_epoch = max(evaluated, key=lambda r: (sign * r[column], -r["epoch"]))["epoch"]
     best_row = next((r for r in evaluated if r["epoch"] == best_epoch), None)
@@ -359,9 +369,11 @@ def resolved_lr(cfg, world_size: int) -> float:
 
 # --------------------------------------------------------------------------------------------------- restore
 def restore(cfg, info: dist_utils.DistInfo, checkpoint: dict | None, opt: Optimization, updates_per_epoch: int,
-            updates_within: int = 0) -> int:
+            updates_within: int = 0, fresh_metric: bool = False) -> int:
     """Restore optimizer, scaler, EMA and RNG from ``checkpoint`` (if any); step the schedule to the start epoch
     (a per-update schedule also past the ``updates_within`` that epoch a recovery checkpoint had made).
+    ``fresh_metric``: the checkpoint's metrics were measured otherwise (``resume.evaluation_change``), so the plateau
+    schedule's best and patience start again (the lr it reduced to is kept).
 
     The schedule itself is rebuilt from the (possibly new) settings, never restored: a longer ``--epochs`` or a
     new ``--lr`` then continues from the current position instead of replaying the old length (which ends at
@@ -382,7 +394,7 @@ def restore(cfg, info: dist_utils.DistInfo, checkpoint: dict | None, opt: Optimi
                                      hint="pass the run's `opt`, or `no_resume_opt` to start a fresh optimizer")
             if checkpoint.get("scaler"):
                 scaler.load_state_dict(checkpoint["scaler"])
-            if scheduler is not None and cfg.sched == "plateau" and checkpoint.get("scheduler"):
+            if scheduler is not None and cfg.sched == "plateau" and checkpoint.get("scheduler") and not fresh_metric:
                 scheduler.load_state_dict(checkpoint["scheduler"])
         if model_ema is not None:
             ema_state = checkpoint.get("state_dict_ema")
