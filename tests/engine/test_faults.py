@@ -134,7 +134,7 @@ def test_a_forked_data_worker_ignores_the_runs_stop_handler():
     paper-run check printed "received SIGINT" five times, once per process: rank 0 and its four loader workers)."""
     import logging
 
-    from sequencer.engine.loop import StopRequest
+    from sequencer.engine.stop_request import StopRequest
 
     with StopRequest() as stop:
         child = os.fork()

@@ -133,7 +133,8 @@ def _linear_run(batches, accum: int, tmp_path):
 def test_each_update_descends_the_mean_loss_of_its_own_micro_batches(accum, tmp_path):
     """5 micro-batches of 2: groups of ``accum`` (the last one shorter), each update the gradient of the mean loss
     over exactly its group's samples; the schedule is stepped once per update, counted across epochs."""
-    from sequencer.engine.loop import StopRequest, train_one_epoch
+    from sequencer.engine.loop import train_one_epoch
+    from sequencer.engine.stop_request import StopRequest
 
     g = torch.Generator().manual_seed(1)
     batches = [(torch.randn(2, 3, generator=g), torch.randint(0, 4, (2,), generator=g)) for _ in range(5)]

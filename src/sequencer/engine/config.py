@@ -38,8 +38,8 @@ class RunState:
     ``--log-wandb`` run, if any. ``module``: the caller's ``nn.Module`` to train (None: ``model`` names one);
     ``datasets``: the caller's ``(train, val)`` Datasets (None: ``data`` names the data); ``callbacks``: called with
     every epoch's metrics (:func:`sequencer.train`, ``train_segmenter``). ``caller_sigterm``: a library entry point's run, which leaves
-    SIGTERM to the caller's own disposition (``loop.StopRequest``); ``sigterm_caught``: such a run caught one, to be
-    delivered again once it has returned (``loop.hand_sigterm_to_caller``).
+    SIGTERM to the caller's own disposition (``stop_request.StopRequest``); ``sigterm_caught``: such a run caught one, to be
+    delivered again once it has returned (``stop_request.hand_sigterm_to_caller``).
     """
     given: frozenset[str] = frozenset()
     start_warnings: list[str] = field(default_factory=list)

@@ -2,7 +2,7 @@
 
 It runs on the classification engine's pieces: torchrun/DDP (``distributed``), the experiment folder, its claim,
 ``args.yaml`` and ``summary.csv`` (``outputs``), atomic checkpoints with best-N history and RNG state
-(``checkpoint``), ``resume="auto"`` (``resume``), SIGTERM/SIGINT recovery checkpoints (``loop.StopRequest``), the
+(``checkpoint``), ``resume="auto"`` (``resume``), SIGTERM/SIGINT recovery checkpoints (``stop_request.StopRequest``), the
 ``amp`` policy (``train.amp_setup``) and the data loader with seeded workers (``data.create_loader``). As with
 :func:`sequencer.train`, Ctrl-C under the library call raises ``TrainingInterrupted`` once the recovery checkpoint is
 written; the command (:func:`run_segmentation`) exits 130 instead.
@@ -40,13 +40,14 @@ from .amp import dtype_name
 from .checkpoint import get_rng_state, load_optimizer_state, resume_position, set_rng_state
 from .config import RunState, checked_callbacks, checked_settings, explicit_settings
 from .guest import caller_rng_kept, console, warn
-from .loop import (EpochProgress, StopRequest, batch_split, buffer_names, callbacks_ask_to_stop, current_lr,
-                   must_stop, recovery_progress, recovery_state, resumed_progress, state_buffers, training_checkpoint)
+from .loop import (EpochProgress, batch_split, buffer_names, callbacks_ask_to_stop, current_lr, must_stop,
+                   recovery_progress, recovery_state, resumed_progress, state_buffers, training_checkpoint)
 from .outputs import (claimed_process_group, plain, plural, prepare_outputs, read_summary, summary_numbers,
                       write_summary)
 from .resume import resume_checkpoint
 from .segmentation_config import SegmentConfig, SegmentResult, check_segment_config
 from .segmentation_eval import eval_loader, evaluate_segmentation, inference_settings, metrics_row, segment_data_config
+from .stop_request import StopRequest
 from .train import amp_setup, as_library_call
 
 _logger = logging.getLogger(__name__)

@@ -45,11 +45,11 @@ from .train_data import TrainData, build_data
 from .data_record import evaluated_data, evaluated_weights
 from .config import RunState, TrainConfig, checked_callbacks, explicit_settings, resolve_config
 from .config_checks import check_config
-from .loop import (EpochProgress, Loaders, Optimization, StopRequest, TrainingRun, batch_split, callbacks_ask_to_stop,
-                   current_lr, evaluate_epoch, hand_sigterm_to_caller, resumed_progress, save_epoch, save_recovery,
-                   train_one_epoch)
+from .loop import (EpochProgress, Loaders, Optimization, TrainingRun, batch_split, callbacks_ask_to_stop, current_lr,
+                   evaluate_epoch, resumed_progress, save_epoch, save_recovery, train_one_epoch)
 from .outputs import claimed_process_group, plural, prepare_outputs, read_summary, run_args, summary_numbers
 from .resume import evaluation_change
+from .stop_request import StopRequest, hand_sigterm_to_caller
 from .train_model import build_model, wrap_model
 from .user_data import module_name
 
@@ -129,7 +129,7 @@ def train(config: TrainConfig | str | os.PathLike | None = None, /, *, callbacks
 
 def as_library_call(run, state: RunState, what: str):
     """``run()`` (a run with ``state``, returning its result) as a library entry point ends it: a SIGTERM the run
-    caught goes on to the caller's own disposition (``loop.hand_sigterm_to_caller``), and a run stopped by SIGINT
+    caught goes on to the caller's own disposition (``stop_request.hand_sigterm_to_caller``), and a run stopped by SIGINT
     raises :class:`TrainingInterrupted` carrying its result, where the command returns it (exit 130)."""
     try:
         result = run()

@@ -1,0 +1,77 @@
+"""Stop requests of a training run: SIGTERM/SIGINT noted as a flag that the training loop reads at its next step
+(it saves a recovery checkpoint and exits), agreed by every rank, and a library call's SIGTERM handed back to the
+caller."""
+from __future__ import annotations
+
+import logging
+import os
+import signal
+
+from . import distributed as dist_utils
+from .config import RunState
+
+_logger = logging.getLogger(__name__)
+
+
+class StopRequest:
+    """SIGTERM/SIGINT set a flag; the training loop saves a recovery checkpoint at the next step and exits.
+
+    A second SIGINT while stopping raises KeyboardInterrupt as usual (atomic writes keep files intact). A library
+    entry point's run (``state.caller_sigterm``) leaves SIGTERM to the caller: ignored (SIG_IGN) it is not caught,
+    and one caught is noted in ``state.sigterm_caught`` for :func:`hand_sigterm_to_caller`.
+    """
+
+    def __init__(self, state: RunState | None = None):
+        self.signum = 0
+        self._state = state
+        self._previous = {}
+        self._pid = os.getpid()
+
+    def _handler(self, signum, frame):
+        if os.getpid() != self._pid:
+            # a process forked while the run holds the handler (a DataLoader worker) inherits it; Ctrl-C reaches the
+            # whole process group, and only the run's own process stops (shutting its workers down): each worker
+            # used to repeat the warning below
+            return
+        if self.signum and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.signum = signum
+        if signum == signal.SIGTERM and self._state is not None:
+            self._state.sigterm_caught = True
+        _logger.warning(f"received {signal.Signals(signum).name}: stopping at the next step with a recovery "
+                        f"checkpoint")
+
+    def agreed(self, info: dist_utils.DistInfo) -> int:
+        """The signal any rank was asked to stop by (0: none), adopted by this rank; every rank calls it at the
+        same point, so all stop there together, also when the signal reached one node only (its torchrun agent
+        was stopped): the others would go on and wait for it in the next collective."""
+        asked, = dist_utils.all_reduce_max([float(self.signum)], info)
+        self.signum = self.signum or int(asked)
+        return self.signum
+
+    def __enter__(self):
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            if sig == signal.SIGTERM and self._caller_ignores_sigterm():
+                continue
+            try:
+                self._previous[sig] = signal.signal(sig, self._handler)
+            except ValueError:  # not the main thread (e.g. called from a worker thread): no handler
+                pass
+        return self
+
+    def __exit__(self, *exc):
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+    def _caller_ignores_sigterm(self) -> bool:
+        return (self._state is not None and self._state.caller_sigterm
+                and signal.getsignal(signal.SIGTERM) is signal.SIG_IGN)
+
+
+def hand_sigterm_to_caller(state: RunState) -> None:
+    """Deliver the SIGTERM a library call's run caught again, to the caller's own disposition (restored by now):
+    the default one ends the process by SIGTERM, after the recovery checkpoint; a handler of the caller's runs.
+    The library's entry points call it last; the command instead exits with 128 + signal (torchrun restarts)."""
+    if state.sigterm_caught:
+        state.sigterm_caught = False
+        signal.raise_signal(signal.SIGTERM)
