@@ -8,6 +8,7 @@ import os
 import random
 import signal
 import subprocess
+import re
 import sys
 
 import pytest
@@ -315,6 +316,12 @@ def test_a_resume_keeps_the_runs_label_mapping(tmp_path):
     with pytest.raises(SequencerError, match=r"^`resume=auto`: `reduce_zero_label=True` vs the checkpoint's False "
                                              r"\(hint: leave `reduce_zero_label` unset when resuming\)$"):
         train_segmenter(config(epochs=3, resume="auto", reduce_zero_label=True), progress=False)
+    # the model is the checkpoint's: another architecture given was recorded in args.yaml but not built
+    for key, value, shown in [("head_channels", 8, "8` vs the checkpoint's 16"),
+                              ("backbone_kwargs", {**TINY_BACKBONE, "hidden_sizes": (2, 2)}, ".*` vs the checkpoint's")]:
+        with pytest.raises(SequencerError, match=rf"^`resume=auto`: `{key}={shown}.*\(hint: pass the run's `{key}` "
+                                                 rf"when resuming\)$"):
+            train_segmenter(config(epochs=3, resume="auto", **{key: value}), progress=False)
 
 
 def test_a_resume_trains_with_the_weight_decay_given(tmp_path):
@@ -333,6 +340,44 @@ def test_a_resume_trains_with_the_weight_decay_given(tmp_path):
     # the moments went on from the checkpoint's: two epochs' updates, not one
     steps = {float(s["step"]) for s in state["state"].values()}
     assert steps == {2 * float(s["step"]) for s in saved["state"].values()}
+
+
+def test_a_resume_evaluating_otherwise_picks_its_best_again(tmp_path, caplog):
+    """An unchanged resume keeps its best and says nothing. Sliding windows instead of whole images measure another
+    mIoU: one line names both evaluations, the best is picked again from the resumed epoch (model_best was compared
+    with the earlier evaluation's best in silence) and the earlier best stays as its checkpoint-<E> file."""
+    data = make_voc(tmp_path / "voc", n_train=4, n_val=2)
+
+    def config(**kw):
+        return tiny_config(data, tmp_path / "out", experiment="e", batch_size=2, checkpoint_hist=0, **kw)
+    train_segmenter(config(epochs=1), progress=False)
+    caplog.set_level(logging.WARNING, logger="sequencer")
+    assert train_segmenter(config(epochs=2, resume="auto"), progress=False).best_epoch in (0, 1)
+    assert "starts again" not in caplog.text
+    earlier = read_checkpoint(tmp_path / "out" / "e" / "model_best.pth.tar")["epoch"]
+    result = train_segmenter(config(epochs=3, resume="auto", eval_mode="slide"), progress=False)
+    said = [r.getMessage() for r in caplog.records if "starts again" in r.getMessage()]
+    assert len(said) == 1 and re.match(
+        rf"`resume=.*last.pth.tar`: epochs 0\.\.1 were evaluated on split 'val', whole images at short side 32, this "
+        rf"run evaluates split 'val', 32-px sliding windows 21 px apart at short side 32: .* starts again at epoch 2; "
+        rf"the earlier best, .* at epoch {earlier}, stays as checkpoint-{earlier}\.pth\.tar$", said[0]), said
+    assert result.best_epoch == 2 and read_checkpoint(result.checkpoint)["epoch"] == 2
+    assert read_checkpoint(result.output_dir / f"checkpoint-{earlier}.pth.tar")["epoch"] == earlier
+
+
+def test_a_resume_with_another_batch_size_counts_on_from_the_updates_made(tmp_path):
+    """`iters` count updates: resumed with another batch size, the run still makes its 8 and the poly lr goes on
+    from update 4 (it restarted from update `epoch * updates per epoch`: 2 here, so the lr climbed back and the run
+    made 10 updates; with a smaller batch it found the run finished after 4)."""
+    data = make_voc(tmp_path / "voc", n_train=16, n_val=1)
+    config = dict(iters=8, warmup_iters=2, eval_interval=10, head="fpn", experiment="e")
+    first = train_segmenter(tiny_config(data, tmp_path / "out", **config), callbacks=[lambda row: row["epoch"] == 1],
+                            progress=False)  # batch 8: 2 updates an epoch, stopped after update 4
+    assert [r["lr"] for r in first.summary] == pytest.approx([6e-3, 4e-3])
+    resumed = train_segmenter(tiny_config(data, tmp_path / "out", batch_size=16, resume="auto", **config),
+                              progress=False)  # 1 update an epoch
+    assert [r["lr"] for r in resumed.summary] == pytest.approx([6e-3, 4e-3, 3e-3, 2e-3, 1e-3, 0.0])
+    assert read_checkpoint(resumed.output_dir / "last.pth.tar")["updates"] == 8
 
 
 @pytest.mark.slow

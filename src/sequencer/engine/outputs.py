@@ -48,7 +48,8 @@ def prepare_outputs(cfg, state, info: dist_utils.DistInfo, resume_path: str | No
     checkpoints and summary rows when it continues in the same folder, and write ``args.yaml`` (and
     ``val_files.txt``, the files of a held-out split carved by --val-fraction). Without evaluation (``evaluated``
     False) the checkpoint history keeps the latest epochs and no epoch is called best. ``evaluation_change``
-    (``resume.evaluation_change``): the resumed epochs were evaluated otherwise, so the best is picked again."""
+    (``resume.evaluation_change``, ``segmentation_eval.resumed_evaluation_change``): the resumed epochs were
+    evaluated otherwise, so the best is picked again."""
     module = getattr(state, "module", None)  # a caller's nn.Module (sequencer.train(model=...)) has no model name
     folder = make_output_dir(cfg, state, info, cfg.model or module_name(module), img_size)
     manager = CheckpointManager(folder, max_history=cfg.checkpoint_hist, decreasing=cfg.eval_metric == "loss",
@@ -86,7 +87,7 @@ def _best_restarted(cfg, info: dist_utils.DistInfo, manager: CheckpointManager, 
     what was evaluated before and now (``change``), and where the earlier best stays."""
     earlier = manager.best_metric, manager.best_epoch
     kept = manager.restart_best(write=info.is_primary)
-    plateau = ", the plateau schedule's" if cfg.sched == "plateau" else ""
+    plateau = ", the plateau schedule's" if getattr(cfg, "sched", None) == "plateau" else ""  # segment train: none
     stays = (f"; the earlier best, {cfg.eval_metric} {earlier[0]:.2f} at epoch {earlier[1]}, stays as {kept.name}"
              if kept is not None else "")
     return (f"`resume={resume_path}`: epochs 0..{start_epoch - 1} were evaluated on {change[0]}, this run evaluates "

@@ -13,7 +13,8 @@ stops part-way) or ``epochs`` passes. Evaluation every ``eval_interval`` epochs 
 mIoU is ``model_best.pth.tar``.
 
 Checkpoints hold ``segmenter`` (the model's config), ``class_names``, ``data_config`` (normalisation, crop and
-evaluation settings) beside the engine's usual keys, so ``segment validate`` / ``predict`` need only the file.
+evaluation settings) and ``updates`` (the optimizer updates made before a resume's start epoch) beside the engine's
+usual keys, so ``segment validate`` / ``predict`` need only the file.
 """
 from __future__ import annotations
 
@@ -46,7 +47,8 @@ from .outputs import (claimed_process_group, plain, plural, prepare_outputs, rea
                       write_summary)
 from .resume import resume_checkpoint
 from .segmentation_config import SegmentConfig, SegmentResult, check_segment_config
-from .segmentation_eval import eval_loader, evaluate_segmentation, inference_settings, metrics_row, segment_data_config
+from .segmentation_eval import (eval_loader, evaluate_segmentation, inference_settings, metrics_row,
+                                resumed_evaluation_change, segment_data_config)
 from .stop_request import StopRequest
 from .train import amp_setup, as_library_call
 
@@ -111,6 +113,7 @@ class _Run:
     total_updates: int
     updates_per_epoch: int
     num_epochs: int
+    first_update: int = 0  # the updates made before epoch 0's place: epoch e starts after first_update + e * per epoch
     out: object = None  # outputs.Outputs
     fields: list[str] = field(default_factory=list)  # summary.csv columns
     state: RunState = field(default_factory=RunState)  # the callbacks (loop.callbacks_ask_to_stop)
@@ -126,16 +129,21 @@ def _train(cfg: SegmentConfig, state: RunState, info: dist_utils.DistInfo) -> Se
     train_split, val_split = _open_splits(cfg, resume_ckpt)
     _check_pooled_batch_norm(cfg, info)
     model = _build_model(cfg, train_split.num_classes, resume_ckpt, info.device)
-    run = _build_run(cfg, info, model, train_split, val_split)
+    run = _build_run(cfg, info, model, train_split, val_split, resume_ckpt)
     run.state = state
     resumed_within = resumed_progress(resume_ckpt, info, _batch_split(run))  # a recovery file's interrupted epoch
     start_epoch = _restore(run, resume_ckpt, resumed_within.batches)
     if start_epoch >= run.num_epochs:
         _logger.info("`resume=%s`: the run already finished its %d epochs; nothing to do", resume_path,
                      run.num_epochs)
-        return _result(info, Path(resume_path).parent, None, 0)
-    run.out = prepare_outputs(cfg, state, info, resume_path or None, resume_ckpt, start_epoch, cfg.img_size)
+        return _result(info, Path(resume_path).parent, None, 0, best_epoch=resume_ckpt.get("best_epoch"))
+    # the resumed epochs' mIoUs, measured on another split, size, mode or window, compare with none of ours
+    changed = resumed_evaluation_change(resume_ckpt, run.data_config, cfg.val_split)
+    run.out = prepare_outputs(cfg, state, info, resume_path or None, resume_ckpt, start_epoch, cfg.img_size,
+                              evaluation_change=changed)
     if info.is_primary:
+        for message in state.start_warnings:
+            warn(message)
         _log_start(run, train_split, start_epoch)
     with StopRequest(state) as stop:
         for epoch in range(start_epoch, run.num_epochs):
@@ -203,14 +211,18 @@ def _check_pooled_batch_norm(cfg: SegmentConfig, info: dist_utils.DistInfo) -> N
                                 else ""), hint="use `batch_size=2` or more, or `head=fpn`")
 
 
+# the settings that make the model (``Segmenter.config``); a resume must give the checkpoint's
+ARCHITECTURE = ("backbone", "backbone_kwargs", "head", "head_channels", "out_channels")
+
+
 def _build_model(cfg: SegmentConfig, num_classes: int, resume_ckpt: dict | None, device) -> nn.Module:
     if resume_ckpt is not None:
         saved = resume_ckpt.get("segmenter")
         if not isinstance(saved, dict):
             raise SequencerError(f"`resume={cfg.resume}`: not a segmentation checkpoint written by "
                                  "`sequencer segment train`")
-        for key in ("backbone", "head"):
-            if getattr(cfg, key) != saved.get(key):
+        for key in ARCHITECTURE:  # the model is the checkpoint's: another value given would be recorded, not used
+            if plain(getattr(cfg, key)) != plain(saved.get(key)):
                 raise SequencerError(f"`resume={cfg.resume}`: `{key}={getattr(cfg, key)}` vs the checkpoint's "
                                      f"{saved.get(key)}", hint=f"pass the run's `{key}` when resuming")
         model = segmenter_from_config(saved)
@@ -222,8 +234,9 @@ def _build_model(cfg: SegmentConfig, num_classes: int, resume_ckpt: dict | None,
     return model.to(device)
 
 
-def _build_run(cfg: SegmentConfig, info, model: nn.Module, train_split, val_split) -> _Run:
-    """Loaders, DDP wrapping, optimizer, poly schedule and AMP."""
+def _build_run(cfg: SegmentConfig, info, model: nn.Module, train_split, val_split, resume_ckpt: dict | None) -> _Run:
+    """Loaders, DDP wrapping, optimizer, poly schedule (over the run's length, counted on from a resumed
+    checkpoint's updates: :func:`_schedule_length`) and AMP."""
     from timm.optim import create_optimizer_v2
     from timm.scheduler import PolyLRScheduler
 
@@ -237,8 +250,7 @@ def _build_run(cfg: SegmentConfig, info, model: nn.Module, train_split, val_spli
                                  seed=cfg.seed, drop_last=True, normalize_on_device=False)
     evals = eval_loader(val_split, data_config, cfg.workers, info.device, distributed=info.distributed)
     updates_per_epoch = len(train_loader)
-    total = cfg.iters if cfg.iters is not None else cfg.epochs * updates_per_epoch
-    num_epochs = math.ceil(total / updates_per_epoch)
+    total, first_update, num_epochs = _schedule_length(cfg, updates_per_epoch, resume_ckpt)
     train_model = model
     if info.distributed:
         if info.device.type == "cuda":  # batch statistics over the global batch, as the recipes' SyncBN
@@ -260,8 +272,25 @@ def _build_run(cfg: SegmentConfig, info, model: nn.Module, train_split, val_spli
     amp_dtype, scaler = amp_setup(cfg, info.device)
     data_config["eval_amp_dtype"] = dtype_name(amp_dtype)
     return _Run(cfg, info, model, train_model, list(train_split.class_names), data_config, train_loader, evals,
-                optimizer, scheduler, scaler, amp_dtype, total, updates_per_epoch, num_epochs,
+                optimizer, scheduler, scaler, amp_dtype, total, updates_per_epoch, num_epochs, first_update,
                 fields=_summary_fields(train_split.class_names))
+
+
+def _schedule_length(cfg: SegmentConfig, updates_per_epoch: int, checkpoint: dict | None) -> tuple[int, int, int]:
+    """(the run's updates, the update count before epoch 0's place, its epochs). A resume counts on from the updates
+    its checkpoint made (``updates``; older files: its epochs at this run's updates per epoch). With another batch
+    size or number of processes they are not ``start_epoch * updates_per_epoch``, which a resume counted from: an
+    ``iters`` run found itself finished half-way, or ran past its length with the poly lr set back. ``iters`` stay
+    the run's length in updates, ``epochs`` the epoch it ends after, each now of ``updates_per_epoch``."""
+    start = resume_position(checkpoint) if checkpoint is not None else 0
+    done = int(checkpoint.get("updates", start * updates_per_epoch)) if checkpoint is not None else 0
+    total = cfg.iters if cfg.iters is not None else done + (cfg.epochs - start) * updates_per_epoch
+    return total, done - start * updates_per_epoch, start + max(0, math.ceil((total - done) / updates_per_epoch))
+
+
+def _updates_before(run: _Run, epoch: int) -> int:
+    """The updates made before ``epoch`` starts (the run's ``total_updates`` at most)."""
+    return min(run.total_updates, run.first_update + epoch * run.updates_per_epoch)
 
 
 def _summary_fields(class_names: list[str]) -> list[str]:
@@ -292,7 +321,10 @@ def _restore(run: _Run, checkpoint: dict | None, updates_within: int = 0) -> int
     else:
         warn("`resume`: RNG state missing or from another number of processes; reseeding")
         random_seed(run.cfg.seed + start_epoch, run.info.rank)
-    run.scheduler.step_update(start_epoch * run.updates_per_epoch + updates_within)
+    if run.first_update and run.info.is_primary:  # another batch size or number of processes than the checkpoint's
+        _logger.info("`resume`: epoch %d starts after update %d of %d (%d updates an epoch now)", start_epoch,
+                     _updates_before(run, start_epoch), run.total_updates, run.updates_per_epoch)
+    run.scheduler.step_update(_updates_before(run, start_epoch) + updates_within)
     return start_epoch
 
 
@@ -315,7 +347,7 @@ def _train_one_epoch(run: _Run, epoch: int, stop: StopRequest, start: EpochProgr
     start = start or EpochProgress()
     run.train_loader.set_epoch(epoch, start.batches)
     run.train_model.train()
-    epoch_updates = epoch * run.updates_per_epoch
+    epoch_updates = _updates_before(run, epoch)
     steps = min(run.updates_per_epoch, run.total_updates - epoch_updates)
     updates = epoch_updates + start.batches
     loss_sum, seen, started = start.loss_sum, start.seen, time.time()
@@ -357,6 +389,7 @@ def _checkpoint_state(run: _Run, epoch: int, complete: bool, step: int, metric, 
     return training_checkpoint(run.model, run.optimizer, run.scaler, run.cfg, epoch, complete, step, metric,
                                rng_states, segmenter=plain(run.model.config), class_names=list(run.class_names),
                                data_config=plain(run.data_config),
+                               updates=_updates_before(run, epoch + complete),  # before a resume's start epoch
                                summary_rows=[{k: str(v) for k, v in r.items()} for r in run.out.rows])
 
 
@@ -395,20 +428,25 @@ def _save_recovery(run: _Run, epoch: int, step: int, done: EpochProgress, signum
     return 128 + signum
 
 
-def _result(info: dist_utils.DistInfo, folder: Path, manager, exit_code: int,
-            interrupted: bool = False) -> SegmentResult:
+def _result(info: dist_utils.DistInfo, folder: Path, manager, exit_code: int, interrupted: bool = False,
+            best_epoch: int | None = None) -> SegmentResult:
     """The run's :class:`SegmentResult`, rank 0's on every rank (every rank calls): rank 0 alone wrote the files
-    and kept the best epoch, and another node may not see its files (no shared filesystem)."""
-    result = _read_result(folder, manager, exit_code, interrupted) if info.is_primary else None
+    and kept the best epoch, and another node may not see its files (no shared filesystem). ``best_epoch``: without
+    a ``manager`` (a finished run resumed), the one its checkpoint records."""
+    result = _read_result(folder, manager, exit_code, interrupted, best_epoch) if info.is_primary else None
     return dist_utils.broadcast_object(result, info)
 
 
-def _read_result(folder: Path, manager, exit_code: int, interrupted: bool) -> SegmentResult:
+def _read_result(folder: Path, manager, exit_code: int, interrupted: bool,
+                 best_epoch: int | None = None) -> SegmentResult:
     """The run's :class:`SegmentResult`, read back from what it wrote (``summary.csv``, ``model_best.pth.tar``)."""
     rows = [summary_numbers(r) for r in read_summary(folder / "summary.csv")]
     scored = [r for r in rows if not math.isnan(r["eval_miou"])]
-    best_epoch = manager.best_epoch if manager is not None else (  # a finished run resumed: its best row
-        max(scored, key=lambda r: (r["eval_miou"], -r["epoch"]))["epoch"] if scored else None)
+    best_epoch = manager.best_epoch if manager is not None else best_epoch
+    # a finished run resumed whose checkpoint records no best: its best row (the recorded one counts only the epochs
+    # since its evaluation last changed: `segmentation_eval.resumed_evaluation_change`)
+    if manager is None and best_epoch is None and scored:
+        best_epoch = max(scored, key=lambda r: (r["eval_miou"], -r["epoch"]))["epoch"]
     best_row = next((r for r in scored if r["epoch"] == best_epoch), None)
     best = folder / "model_best.pth.tar"
     return SegmentResult(best_row["eval_miou"] if best_row else None, best_epoch, best if best.is_file() else None,

@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..data.class_folders import split_aliases
 from ..data.loader_workers import workers_stopped_on_exit
 from ..data.segmentation import IGNORE_INDEX, EvalTransform, SegmentationDataset, open_split, voc_palette
 from ..errors import SequencerError
@@ -83,7 +84,12 @@ def image_logits(model: nn.Module, image: torch.Tensor, settings: InferenceSetti
     with autocast:
         if settings.mode == "whole":
             return model(image).float()
-        return _sliding_window(model, image, settings.crop, settings.stride or max(1, settings.crop * 2 // 3))
+        return _sliding_window(model, image, settings.crop, window_stride(settings.crop, settings.stride))
+
+
+def window_stride(crop: int, stride: int | None) -> int:
+    """The sliding windows' stride: ``stride``, by default 2/3 of the ``crop`` (mmsegmentation's 512/341)."""
+    return stride or max(1, crop * 2 // 3)
 
 
 def _sliding_window(model: nn.Module, image: torch.Tensor, crop: int, stride: int) -> torch.Tensor:
@@ -197,6 +203,32 @@ def segment_data_config(backbone: str | None, img_size: int, eval_size: int | No
     return dict(mean=list(pcfg.get("mean", IMAGENET_DEFAULT_MEAN)), std=list(pcfg.get("std", IMAGENET_DEFAULT_STD)),
                 img_size=img_size, eval_size=eval_size or img_size, eval_mode=eval_mode, stride=stride,
                 layout=layout, reduce_zero_label=reduce_zero_label)
+
+
+def resumed_evaluation_change(checkpoint: dict | None, data_config: dict, val_split: str) -> tuple[str, str] | None:
+    """(how a resumed run's epochs were evaluated, how this run evaluates, in words) where their mIoUs do not compare:
+    another validation split (its synonyms are one split: ``validation`` is ``val``), evaluation size, mode or
+    sliding window (its crop, ``img_size``, and stride). None for the same evaluation and without a checkpoint.
+    ``data_config``: :func:`segment_data_config`'s, as the checkpoints record it."""
+    if checkpoint is None:
+        return None
+    saved = checkpoint.get("args") if isinstance(checkpoint.get("args"), dict) else {}
+    (before, said_before), (now, said_now) = (_evaluation(checkpoint.get("data_config") or {},
+                                                          saved.get("val_split") or val_split),
+                                              _evaluation(data_config, val_split))
+    return None if before == now else (said_before, said_now)
+
+
+def _evaluation(data_config: dict, split: str) -> tuple[tuple, str]:
+    """(what decides an evaluation's metrics, compared; the same in words) for a ``data_config`` and split."""
+    size, mode = data_config.get("eval_size") or data_config.get("img_size"), data_config.get("eval_mode", "whole")
+    split_key = frozenset(name.lower() for name in split_aliases(split))
+    if mode != "slide":
+        return (split_key, size, mode), f"split {split!r}, whole images at short side {size}"
+    crop = int(data_config["img_size"])
+    stride = window_stride(crop, data_config.get("stride"))
+    return ((split_key, size, mode, crop, stride),
+            f"split {split!r}, {crop}-px sliding windows {stride} px apart at short side {size}")
 
 
 def eval_loader(split, data_config: dict, workers: int, device, distributed: bool = False):
