@@ -114,3 +114,21 @@ def test_every_rank_of_a_start_makes_its_group_under_the_same_prefix():
     grown = [start_prefix(store, rank, 3) for rank in (2, 0, 1)]  # an elastic job with another node
     assert len(set(first)) == len(set(restarted)) == len(set(grown)) == 1
     assert len({first[0], restarted[0], grown[0]}) == 3
+
+
+def test_a_resume_path_is_rank_0s_file_only(tmp_path, monkeypatch):
+    """`resume=PATH` names rank 0's file: a node without a shared filesystem gets the checkpoint from rank 0
+    (`resume.read_on_every_rank`), so only rank 0 refuses a path it does not have. Another node's ranks stopped the
+    job with "no such file" before joining the group (rank 0 then waited for them), as docs/training.md's
+    "Resuming (`--resume auto` or `--resume PATH`)" says they do not (checked by hand with the two processes above)."""
+    from sequencer.engine.config import RunState, TrainConfig
+    from sequencer.engine.config_checks import check_config
+    from sequencer.errors import SequencerError
+
+    monkeypatch.chdir(tmp_path)  # a node whose out/ holds nothing
+    cfg = TrainConfig(device="cpu", resume="out/mn/last.pth.tar")
+    monkeypatch.setenv("RANK", "1")
+    check_config(cfg, RunState())
+    monkeypatch.setenv("RANK", "0")
+    with pytest.raises(SequencerError, match=r"`resume='out/mn/last.pth.tar'`: no such file"):
+        check_config(cfg, RunState())

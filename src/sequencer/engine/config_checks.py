@@ -11,6 +11,7 @@ from pathlib import Path
 from ..errors import SequencerError
 from ..models import get_model_entry
 from .config import RunState, TrainConfig
+from .distributed import rank_before_joining
 from .inference import resolve_device
 from .library_flags import check_library_flags
 
@@ -105,7 +106,8 @@ def _check_sizes_and_files(cfg: TrainConfig) -> None:
     mixup_on = cfg.mixup > 0 or cfg.cutmix > 0 or cfg.cutmix_minmax is not None
     if mixup_on and cfg.batch_size % 2:
         bad("batch_size", cfg.batch_size, "must be even with `mixup`/`cutmix` (images are mixed in pairs)")
-    if cfg.resume and cfg.resume != "auto" and not Path(cfg.resume).is_file():
+    # rank 0's file: another node (no shared filesystem) gets the checkpoint from rank 0 (`resume.read_on_every_rank`)
+    if cfg.resume and cfg.resume != "auto" and rank_before_joining() == 0 and not Path(cfg.resume).is_file():
         raise SequencerError(f"`resume={cfg.resume!r}`: no such file",
                              hint="pass a checkpoint written by `sequencer train`, or `resume=auto`")
     if cfg.resume == "auto" and not cfg.experiment:

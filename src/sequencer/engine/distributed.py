@@ -87,6 +87,14 @@ def start_prefix(store: dist.Store, rank: int, world_size: int) -> str:
     return f"sequencer/world_{world_size}/start_{starts}"
 
 
+def rank_before_joining() -> int:
+    """This process's global rank, known before the run joins its process group: the caller's group's, else
+    torchrun's ``RANK``, else 0 (one process)."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank()
+    return int(os.environ.get("RANK", "0") or 0)
+
+
 def _callers_group(dev: torch.device) -> DistInfo:
     world_size = dist.get_world_size()
     local_rank = int(os.environ.get("LOCAL_RANK", dist.get_rank()))
