@@ -100,6 +100,24 @@ def test_nonfinite_loss_stops_and_keeps_last_good_checkpoint(image_folder, tmp_p
     assert assert_loads(folder / "model_best.pth.tar")["epoch"] == 0
 
 
+def test_a_rank_whose_own_loss_is_finite_does_not_call_it_not_finite(tmp_path, monkeypatch):
+    """Under DDP every rank stops when any rank's loss is not finite (`loop.must_stop`, one all-reduce), and every
+    rank's console shows its error: one whose own loss was finite said "loss is not finite (2.3)"."""
+    from types import SimpleNamespace
+
+    from sequencer.engine import distributed as dist_utils
+    from sequencer.engine.loop import must_stop
+    from sequencer.engine.stop_request import StopRequest
+    from sequencer.errors import SequencerError
+
+    run = SimpleNamespace(info=dist_utils.DistInfo(True, 0, 0, 2), out=SimpleNamespace(folder=tmp_path))
+    monkeypatch.setattr(dist_utils, "all_reduce_max", lambda values, info: [values[0], 1.0])  # another rank's nan
+    with pytest.raises(SequencerError, match=r"^loss is not finite \(on another process\) at epoch 1 step 2; "):
+        must_stop(run, StopRequest(), 2.3, 1, 2)
+    with pytest.raises(SequencerError, match=r"^loss is not finite \(nan\) at epoch 1 step 2; "):
+        must_stop(run, StopRequest(), float("nan"), 1, 2)
+
+
 def test_huge_lr_diverges_with_a_clear_error(image_folder, tmp_path, capsys):
     rc = train_cli([image_folder, *TINY_RUN, "--opt", "sgd", "--lr", "1e30", "--output", tmp_path, "--epochs", "2"])
     assert rc == 2

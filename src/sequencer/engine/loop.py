@@ -187,7 +187,9 @@ def must_stop(run, stop: StopRequest, loss_value: float, epoch: int, step: int) 
     if bad_flag:
         last = run.out.folder / "last.pth.tar"
         kept = f"the last good checkpoint is {last}" if last.exists() else "no epoch had finished"
-        raise SequencerError(f"loss is not finite ({loss_value}) at epoch {epoch} step {step}; training stopped "
+        # every rank raises: one whose own loss is finite names the process that had none, not its own number
+        whose = f"({loss_value})" if not math.isfinite(loss_value) else "(on another process)"
+        raise SequencerError(f"loss is not finite {whose} at epoch {epoch} step {step}; training stopped "
                              f"before that update and {kept}",
                              hint="lower `lr`, add `clip_grad`, or use `amp_dtype=bfloat16`")
     if stop_flag:
