@@ -42,9 +42,10 @@ def in_threads(work) -> list:
 
 @pytest.fixture
 def two_threads():
+    before = torch.get_num_threads()
     torch.set_num_threads(2)  # streams need two intra-op threads (the suite runs on one)
     yield
-    torch.set_num_threads(1)
+    torch.set_num_threads(before)
 
 
 def test_four_threads_get_the_outputs_of_sequential_calls(tiny_checkpoint, image_folder):
