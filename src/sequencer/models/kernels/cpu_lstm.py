@@ -25,7 +25,7 @@ from torch import nn
 
 from ...errors import SequencerError
 from .capture import plain_eager
-from .onednn import linear
+from .onednn import autocast_applies_to, linear
 
 _GATES = 4
 
@@ -49,7 +49,7 @@ def applies(rnns: list[nn.Module], backend: str, x: torch.Tensor) -> bool:
 def _compute_dtype(x: torch.Tensor, weight: torch.Tensor) -> torch.dtype:
     """CPU autocast's dtype for a matmul of ``x`` and ``weight`` when autocast is on, else the weights' dtype.
     Autocast casts no float64 tensor: a ``.double()`` model stays float64 under it (and so takes ATen's LSTM)."""
-    if torch.is_autocast_enabled("cpu") and torch.float64 not in (x.dtype, weight.dtype):
+    if autocast_applies_to(x, weight):
         return torch.get_autocast_dtype("cpu")
     return weight.dtype
 

@@ -174,6 +174,13 @@ def _under_cpu_bf16_autocast(x: torch.Tensor) -> bool:
             and onednn_bf16_supported())
 
 
+def autocast_applies_to(*tensors: torch.Tensor) -> bool:
+    """Whether autocast is on for the device of ``tensors`` (the first's) and casts them: it casts no float64 tensor
+    (ATen's rule), so a ``.double()`` model computes in float64 under it."""
+    return (torch.is_autocast_enabled(tensors[0].device.type)
+            and all(t.dtype != torch.float64 for t in tensors))
+
+
 def _autocast_bf16_copies(*tensors: torch.Tensor | None) -> list[torch.Tensor | None]:
     """The bf16 casts autocast would make; differentiable, so fp32 weights still get fp32 gradients."""
     return [t.to(torch.bfloat16) if t is not None else None for t in tensors]

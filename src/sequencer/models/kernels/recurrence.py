@@ -35,7 +35,7 @@ from torch import nn
 from ...errors import ArgumentValueError, SequencerError
 
 from . import onednn_lstm
-from .onednn import onednn_bf16_supported
+from .onednn import autocast_applies_to, onednn_bf16_supported
 from .capture import exporting, hooked
 from .code_key import KERNEL_CODE
 
@@ -162,7 +162,7 @@ def lstm_weights(rnn: nn.LSTM, layer: int, dtype: torch.dtype) -> tuple[torch.Te
 def compute_dtype(x: torch.Tensor, weight: torch.Tensor) -> torch.dtype:
     """The dtype autocast would give a matmul of ``x`` and ``weight`` (else the input's). Autocast casts no float64
     tensor (ATen's rule): a ``.double()`` model under autocast computes in float64."""
-    if torch.is_autocast_enabled(x.device.type) and x.dtype != torch.float64:
+    if autocast_applies_to(x):
         return torch.get_autocast_dtype(x.device.type)
     return x.dtype
 
@@ -239,8 +239,7 @@ def _eager_input(rnn: nn.Module, x: torch.Tensor) -> torch.Tensor:
     LSTM, which has no float16 kernel, nor a bfloat16 one on a CPU without bf16 instructions (AVX2-only: "could not
     create a primitive descriptor"). An input in autocast's dtype takes ATen's own LSTM there, which runs the step
     matmuls in that dtype, as the model's other autocast inputs do."""
-    if (rnn.mode != "LSTM" or x.device.type != "cpu" or not torch.is_autocast_enabled("cpu")
-            or x.dtype == torch.float64):  # autocast casts no float64: a .double() model runs float64 under it
+    if rnn.mode != "LSTM" or x.device.type != "cpu" or not autocast_applies_to(x):
         return x
     dtype = torch.get_autocast_dtype("cpu")
     if dtype == torch.float16 or dtype == torch.bfloat16 and not onednn_bf16_supported():
@@ -252,7 +251,7 @@ def _compiled_dtype(rnn: nn.Module, x: torch.Tensor, weights: list[torch.Tensor]
     """The dtype the compiled layer computes in: autocast's for it (as the ops' autocast kernels cast; None for a CPU
     GRU, whose steps autocast), else the input's where the weights share it (None where they do not: no oneDNN
     kernel mixes dtypes)."""
-    if torch.is_autocast_enabled(x.device.type) and x.dtype != torch.float64:  # autocast casts no float64
+    if autocast_applies_to(x):
         return autocast_rnn_dtype(x.device.type, _VF_MODES[rnn.mode])
     return x.dtype if all(w.dtype == x.dtype for w in weights) else None
 
