@@ -182,8 +182,7 @@ def must_stop(run, stop: StopRequest, loss_value: float, epoch: int, step: int) 
     model's buffers (BatchNorm's statistics): the recovery checkpoint takes them from the last update's
     `state_buffers` (`recovery_state`)."""
     # all ranks agree before any backward, so a stop never leaves DDP waiting on a peer
-    stop_flag, bad_flag = dist_utils.all_reduce_max([float(stop.signum), float(not math.isfinite(loss_value))],
-                                                    run.info)
+    signum, bad_flag = stop.agreed_with(run.info, not math.isfinite(loss_value))
     if bad_flag:
         last = run.out.folder / "last.pth.tar"
         kept = f"the last good checkpoint is {last}" if last.exists() else "no epoch had finished"
@@ -192,9 +191,7 @@ def must_stop(run, stop: StopRequest, loss_value: float, epoch: int, step: int) 
         raise SequencerError(f"loss is not finite {whose} at epoch {epoch} step {step}; training stopped "
                              f"before that update and {kept}",
                              hint="lower `lr`, add `clip_grad`, or use `amp_dtype=bfloat16`")
-    if stop_flag:
-        stop.signum = stop.signum or int(stop_flag)
-    return bool(stop_flag)
+    return bool(signum)
 
 
 def _update(run: TrainingRun, num_updates: int, mean_loss: float) -> None:
@@ -363,8 +360,8 @@ def recovery_progress(done: EpochProgress, info: dist_utils.DistInfo, split: dic
     """Every rank's random state at ``done`` (the recovery file's ``rng_state``: a resume draws on from there) and
     its ``epoch_progress`` entry: ``done``'s batches, every rank's loss sum and count, and the ``batch_split``
     (read back by `resumed_progress`). Every rank calls (they gather)."""
-    rng_states = dist_utils.all_gather_object(done.rng, info)
-    losses = dist_utils.all_gather_object([done.loss_sum, done.seen], info)
+    gathered = dist_utils.all_gather_object((done.rng, [done.loss_sum, done.seen]), info)
+    rng_states, losses = [rng for rng, _ in gathered], [loss for _, loss in gathered]
     return rng_states, dict(batches=done.batches, losses=losses, **split)
 
 

@@ -45,9 +45,14 @@ class StopRequest:
         """The signal any rank was asked to stop by (0: none), adopted by this rank; every rank calls it at the
         same point, so all stop there together, also when the signal reached one node only (its torchrun agent
         was stopped): the others would go on and wait for it in the next collective."""
-        asked, = dist_utils.all_reduce_max([float(self.signum)], info)
+        return self.agreed_with(info)[0]
+
+    def agreed_with(self, info: dist_utils.DistInfo, *flags: bool) -> tuple[int, ...]:
+        """:meth:`agreed`, and whether any rank raised each of ``flags``, in the same one all-reduce:
+        (signal, flag, ...)."""
+        asked, *raised = dist_utils.all_reduce_max([float(self.signum), *map(float, flags)], info)
         self.signum = self.signum or int(asked)
-        return self.signum
+        return (self.signum, *(bool(r) for r in raised))
 
     def __enter__(self):
         for sig in (signal.SIGTERM, signal.SIGINT):
