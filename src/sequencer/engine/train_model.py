@@ -145,9 +145,10 @@ def _sized_as_resumed(model: nn.Module, cfg, resume_ckpt: dict, state: RunState)
     resized = sorted(k for k in own.keys() & recorded.keys() if own[k].shape != recorded[k].shape)
     if not resized:
         return model
-    kwargs = dict(model.model_kwargs)
-    kwargs.pop("img_size", None)
-    kwargs.update({k: v for k, v in (resume_ckpt.get("model_kwargs") or {}).items() if k == "img_size"})
+    kwargs = {k: v for k, v in model.model_kwargs.items() if k != "img_size"}
+    recorded_size = (resume_ckpt.get("model_kwargs") or {}).get("img_size")
+    if recorded_size is not None:
+        kwargs["img_size"] = recorded_size
     kept = create_model(model.model_name, **kwargs)
     state.start_warnings.append(
         f"`img_size={cfg.img_size}`: {model.model_name} keeps the checkpoint's {kept.img_size} px model ({', '.join(resized)} "

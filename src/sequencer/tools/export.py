@@ -59,9 +59,7 @@ def _on_the_cpu_in_eval(export):
     module cast whole to another dtype is refused in one line (the exports and their checks are float32)."""
     @functools.wraps(export)
     def wrapper(model: nn.Module, *args, **kwargs):
-        smaller = "" if export.__name__ == "export_onnx_int8" else " (int8: export_onnx_int8)"
-        check_float32_weights(model, export.__name__,
-                              hint=f"pass model.float(): the exported files are float32{smaller}")
+        check_float32_weights(model, export.__name__, hint="pass model.float(): the exports start from float32 weights")
         with caller_module_kept(model):
             return export(model.eval().cpu(), *args, **kwargs)
     return wrapper
