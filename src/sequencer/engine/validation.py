@@ -80,9 +80,9 @@ def validate(checkpoint: str | os.PathLike = "", data=None, *, model: str | nn.M
     (evaluated as it is, on ``device``, then given back as it was: on its own device, in the mode it was in, each
     submodule's too, also when evaluation raises; its ``img_size``/``pretrained_cfg`` give the preprocessing,
     else ``img_size`` or 224, and a dataset sharing class names with its ``pretrained_cfg["label_names"]`` is
-    labelled by name, as a checkpoint's class names label it, and its ``ignored_classes`` are left out of it, as
-    the checkpoint's own path does). ``data``: a folder or .tar, a map-style Dataset of ``(PIL image or (C, H, W)
-    tensor, int)`` (tensors used as given), or None (and no ``dataset``): the held-out split the checkpoint records
+    labelled by name, as a checkpoint's class names label it; its ``ignored_classes`` and ``training_data`` (the
+    same call's record) leave out what the checkpoint's own path leaves out). ``data``: a folder or .tar, a
+    map-style Dataset of ``(PIL image or (C, H, W) tensor, int)`` (tensors used as given), or None (and no ``dataset``): the held-out split the checkpoint records
     it was trained on (its ``data`` entry: the digits for a digits run; a one-line error when it records none or its
     folder is gone). A folder without ``split`` is evaluated on its held-out split found by name, as training
     does. A ``model`` name without a checkpoint evaluates its released weights (``pretrained``), as timm's
@@ -119,7 +119,7 @@ def validate(checkpoint: str | os.PathLike = "", data=None, *, model: str | nn.M
             return _dataset(data, dataset, split, class_map, dataset_download, dist_info)
 
         loaded, split_set, dataset = _model_and_split(load_the_model, open_split, user_split, data, dataset, split,
-                                                      checkpoint, bool(checkpoint) and load is None or in_memory,
+                                                      checkpoint, (bool(checkpoint) and load is None) or in_memory,
                                                       dist_info)
         loaded.model = _prepared(loaded.model, prepare, torchcompile)
         overrides = dict(mean=mean, std=std, crop_pct=crop_pct, interpolation=interpolation)
