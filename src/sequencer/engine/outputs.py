@@ -8,6 +8,7 @@ import contextlib
 import csv
 import dataclasses
 import io
+import math
 import os
 import socket
 import tempfile
@@ -129,6 +130,41 @@ def summary_numbers(row: dict) -> dict:
     """A summary.csv row as numbers: ``epoch`` an int, the rest floats (an empty cell: nan). What the results of
     :func:`sequencer.train` and ``train_segmenter`` hold."""
     return {k: int(v) if k == "epoch" else float(v or "nan") for k, v in row.items()}
+
+
+@dataclass
+class ReadBack:
+    """What a run's result is made of, read back from its folder (:func:`read_back`)."""
+    rows: list[dict]  # summary.csv's rows as numbers
+    best_epoch: int | None
+    best_row: dict | None  # the best epoch's row; None without one
+    checkpoint: Path | None  # model_best.pth.tar (or last.pth.tar, see read_back); None where there is no file
+
+
+def read_back(folder: Path, manager: CheckpointManager | None, scored: str, metric: str, higher_is_better: bool,
+              best_epoch: int | None = None, last_without_evaluation: bool = False) -> ReadBack:
+    """A run's :class:`ReadBack` from what it wrote (``summary.csv``, ``model_best.pth.tar``): ``sequencer.train``'s
+    and ``train_segmenter``'s results. ``scored``: the column that is nan on an epoch not evaluated; ``metric`` (and
+    ``higher_is_better``): the column that picks the best epoch of a finished run resumed (``manager`` None) whose
+    checkpoint records no ``best_epoch``: its best row (the recorded one counts only the epochs since its evaluation
+    last changed: ``resume.evaluation_change``). ``last_without_evaluation``: a run with rows but none evaluated
+    (no held-out split) points at ``last.pth.tar``."""
+    rows = [summary_numbers(r) for r in read_summary(folder / "summary.csv")]
+    evaluated = [r for r in rows if not math.isnan(r[scored])]
+    best_epoch = manager.best_epoch if manager is not None else best_epoch
+    if manager is None and best_epoch is None and evaluated:
+        sign = 1 if higher_is_better else -1
+        best_epoch = max(evaluated, key=lambda r: (sign * r[metric], -r["epoch"]))["epoch"]
+    best_row = next((r for r in evaluated if r["epoch"] == best_epoch), None)
+    last = last_without_evaluation and rows and not evaluated
+    best = folder / ("last.pth.tar" if last else "model_best.pth.tar")
+    return ReadBack(rows, best_epoch, best_row, best if best.is_file() else None)
+
+
+def primary_result(info: dist_utils.DistInfo, read):
+    """``read()`` on rank 0, its result on every rank (every rank calls): rank 0 alone wrote a run's files and kept
+    its best epoch, and another node may not see its files (no shared filesystem)."""
+    return dist_utils.broadcast_object(read() if info.is_primary else None, info)
 
 
 def write_summary(path: Path, rows: list[dict], fields: list[str] = SUMMARY_FIELDS) -> None:

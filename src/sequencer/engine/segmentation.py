@@ -43,8 +43,8 @@ from .config import RunState, checked_callbacks, checked_settings, explicit_sett
 from .guest import caller_rng_kept, console, warn
 from .loop import (EpochProgress, batch_split, buffer_names, callbacks_ask_to_stop, current_lr, must_stop,
                    recovery_progress, recovery_state, resumed_progress, state_buffers, training_checkpoint)
-from .outputs import (claimed_process_group, plain, plural, prepare_outputs, read_summary, summary_numbers,
-                      write_summary)
+from .outputs import (claimed_process_group, plain, plural, prepare_outputs, primary_result, read_back,
+                      summary_numbers, write_summary)
 from .resume import resume_checkpoint
 from .segmentation_config import SegmentConfig, SegmentResult, check_segment_config
 from .segmentation_eval import (eval_loader, evaluate_segmentation, inference_settings, metrics_row,
@@ -430,27 +430,14 @@ def _save_recovery(run: _Run, epoch: int, step: int, done: EpochProgress, signum
 
 def _result(info: dist_utils.DistInfo, folder: Path, manager, exit_code: int, interrupted: bool = False,
             best_epoch: int | None = None) -> SegmentResult:
-    """The run's :class:`SegmentResult`, rank 0's on every rank (every rank calls): rank 0 alone wrote the files
-    and kept the best epoch, and another node may not see its files (no shared filesystem). ``best_epoch``: without
-    a ``manager`` (a finished run resumed), the one its checkpoint records."""
-    result = _read_result(folder, manager, exit_code, interrupted, best_epoch) if info.is_primary else None
-    return dist_utils.broadcast_object(result, info)
-
-
-def _read_result(folder: Path, manager, exit_code: int, interrupted: bool,
-                 best_epoch: int | None = None) -> SegmentResult:
-    """The run's :class:`SegmentResult`, read back from what it wrote (``summary.csv``, ``model_best.pth.tar``)."""
-    rows = [summary_numbers(r) for r in read_summary(folder / "summary.csv")]
-    scored = [r for r in rows if not math.isnan(r["eval_miou"])]
-    best_epoch = manager.best_epoch if manager is not None else best_epoch
-    # a finished run resumed whose checkpoint records no best: its best row (the recorded one counts only the epochs
-    # since its evaluation last changed: `segmentation_eval.resumed_evaluation_change`)
-    if manager is None and best_epoch is None and scored:
-        best_epoch = max(scored, key=lambda r: (r["eval_miou"], -r["epoch"]))["epoch"]
-    best_row = next((r for r in scored if r["epoch"] == best_epoch), None)
-    best = folder / "model_best.pth.tar"
-    return SegmentResult(best_row["eval_miou"] if best_row else None, best_epoch, best if best.is_file() else None,
-                         folder, rows, exit_code, interrupted)
+    """The run's :class:`SegmentResult`, rank 0's on every rank (``outputs.primary_result``; every rank calls), read
+    back from what it wrote (``outputs.read_back``). ``best_epoch``: without a ``manager`` (a finished run resumed),
+    the one its checkpoint records; where it records none, its best row."""
+    def read() -> SegmentResult:
+        got = read_back(folder, manager, "eval_miou", "eval_miou", True, best_epoch)
+        return SegmentResult(got.best_row["eval_miou"] if got.best_row else None, got.best_epoch, got.checkpoint,
+                             folder, got.rows, exit_code, interrupted)
+    return primary_result(info, read)
 
 
 def _log_start(run: _Run, train_split, start_epoch: int) -> None:

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import math
 import os
 import signal
 import time
@@ -47,7 +46,7 @@ from .config import RunState, TrainConfig, checked_callbacks, explicit_settings,
 from .config_checks import check_config
 from .loop import (EpochProgress, Loaders, Optimization, TrainingRun, batch_split, callbacks_ask_to_stop, current_lr,
                    evaluate_epoch, resumed_progress, save_epoch, save_recovery, train_one_epoch)
-from .outputs import claimed_process_group, plural, prepare_outputs, read_summary, run_args, summary_numbers
+from .outputs import claimed_process_group, plural, prepare_outputs, primary_result, read_back, run_args
 from .resume import evaluation_change
 from .stop_request import StopRequest, hand_sigterm_to_caller
 from .train_model import build_model, wrap_model
@@ -232,29 +231,16 @@ def _train(cfg, state: RunState, info: dist_utils.DistInfo) -> TrainResult:
 
 def _result(cfg, info: dist_utils.DistInfo, folder: Path, manager, exit_code: int,
             interrupted: bool = False, best_epoch: int | None = None) -> TrainResult:
-    """The run's :class:`TrainResult`, rank 0's on every rank (every rank calls): rank 0 alone wrote the files
-    and kept the best epoch, and another node may not see its files (no shared filesystem). ``best_epoch``: without
-    a ``manager`` (a finished run resumed), the one its checkpoint records."""
-    result = _read_result(cfg, folder, manager, exit_code, interrupted, best_epoch) if info.is_primary else None
-    return dist_utils.broadcast_object(result, info)
-
-
-def _read_result(cfg, folder: Path, manager, exit_code: int, interrupted: bool,
-                 best_epoch: int | None = None) -> TrainResult:
-    """The run's :class:`TrainResult`, read back from what it wrote (``summary.csv``, ``model_best.pth.tar``)."""
-    rows = [summary_numbers(r) for r in read_summary(folder / "summary.csv")]
-    evaluated = [r for r in rows if not math.isnan(r["eval_top1"])]  # none without a held-out split
-    best_epoch = manager.best_epoch if manager is not None else best_epoch
-    # a finished run resumed whose checkpoint records no best: its best row by the metric it was run with (the
-    # recorded one counts only the epochs since its evaluation last changed: `resume.evaluation_change`)
-    if manager is None and best_epoch is None and evaluated:
-        column, sign = {"top1": ("eval_top1", 1), "top5": ("eval_top5", 1), "loss": ("eval_loss", -1)}[cfg.eval_metric]
-        best_epoch = max(evaluated, key=lambda r: (sign * r[column], -r["epoch"]))["epoch"]
-    best_row = next((r for r in evaluated if r["epoch"] == best_epoch), None)
-    best = folder / ("model_best.pth.tar" if evaluated or not rows else "last.pth.tar")
-    return TrainResult(best_top1=best_row["eval_top1"] if best_row else None, best_epoch=best_epoch,
-                       checkpoint=best if best.is_file() else None, output_dir=folder, summary=rows,
-                       exit_code=exit_code, interrupted=interrupted)
+    """The run's :class:`TrainResult`, rank 0's on every rank (``outputs.primary_result``; every rank calls), read
+    back from what it wrote (``outputs.read_back``). ``best_epoch``: without a ``manager`` (a finished run resumed),
+    the one its checkpoint records; where it records none, its best row by the metric the run was run with."""
+    def read() -> TrainResult:
+        got = read_back(folder, manager, "eval_top1", f"eval_{cfg.eval_metric}", cfg.eval_metric != "loss",
+                        best_epoch, last_without_evaluation=True)  # without a held-out split: last.pth.tar
+        return TrainResult(best_top1=got.best_row["eval_top1"] if got.best_row else None, best_epoch=got.best_epoch,
+                           checkpoint=got.checkpoint, output_dir=folder, summary=got.rows, exit_code=exit_code,
+                           interrupted=interrupted)
+    return primary_result(info, read)
 
 
 # --------------------------------------------------------------------------------------------------- loaders
