@@ -199,14 +199,18 @@ def test_ade20k_layout_trains_and_validates_with_reduce_zero_label(tmp_path):
 def test_ade20k_names_with_spaces_through_train_resume_validate_and_predict(tmp_path, capsys):
     """150 classes (ADE20K's default): the SceneParsing names, `chest of drawers` among them, are summary.csv's
     iou_<name> columns (read back by a resume), the checkpoint's names, validate's table and results-file keys;
-    predict's files are named by the images only."""
+    predict's files are named by the images only. The resume builds the checkpoint's model without its flags (it
+    built the defaults' and was refused), and says that `--pretrained` does nothing there (it was silent)."""
     from sequencer.data.ade20k import ADE20K_CLASSES
 
     ade = make_ade20k(tmp_path / "ade", n_train=3, n_val=2)
-    common = ["--train-split", "training", "--val-split", "validation", *TINY_SEGMENTER, "--img-size", 32, "-b", 3,
+    common = ["--train-split", "training", "--val-split", "validation", "--img-size", 32, "-b", 3,
               "-j", 0, "--device", "cpu", "--output", tmp_path / "out", "--experiment", "ade", "--resume", "auto"]
-    assert segment("train", ade, "--epochs", 1, *common) == 0
-    assert segment("train", ade, "--epochs", 2, *common) == 0  # resumed: reads summary.csv back, rewrites it
+    assert segment("train", ade, "--epochs", 1, *TINY_SEGMENTER, *common) == 0
+    with pytest.warns(UserWarning) as said:
+        assert segment("train", ade, "--epochs", 2, "--pretrained", *common) == 0  # resumed: reads summary.csv back
+    assert ["`pretrained=True` sets a new run's weights; a resume continues from its checkpoint's; it has no effect "
+            "in this run"] == [str(w.message) for w in said if "pretrained" in str(w.message)]
     folder = tmp_path / "out" / "ade"
     rows = _summary(folder)
     assert [r["epoch"] for r in rows] == ["0", "1"]

@@ -319,8 +319,8 @@ def test_a_resume_keeps_the_runs_label_mapping(tmp_path):
     # the model is the checkpoint's: another architecture given was recorded in args.yaml but not built
     for key, value, shown in [("head_channels", 8, "8` vs the checkpoint's 16"),
                               ("backbone_kwargs", {**TINY_BACKBONE, "hidden_sizes": (2, 2)}, ".*` vs the checkpoint's")]:
-        with pytest.raises(SequencerError, match=rf"^`resume=auto`: `{key}={shown}.*\(hint: pass the run's `{key}` "
-                                                 rf"when resuming\)$"):
+        with pytest.raises(SequencerError, match=rf"^`resume=auto`: `{key}={shown}.*\(hint: drop `{key}` when "
+                                                 rf"resuming \(a resume keeps its model\)\)$"):
             train_segmenter(config(epochs=3, resume="auto", **{key: value}), progress=False)
 
 

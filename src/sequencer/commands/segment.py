@@ -39,17 +39,17 @@ def _add_train(p: argparse.ArgumentParser) -> None:
     g.add_argument("--num-classes", type=positive_int, help="classes (default: 21 for VOC, 150 for ADE20K)")
     g.add_argument("--reduce-zero-label", action=argparse.BooleanOptionalAction, default=None,
                    help="label 0 is 'other' and ignored, k becomes k-1 (default: on for ADE20K only)")
-    g = p.add_argument_group("model")
-    g.add_argument("--backbone", default=_DEFAULTS.backbone, help="Sequencer model name" + _default("backbone"))
-    g.add_argument("--backbone-kwargs", nargs="*", type=key_value, default={}, action=KeyValues,
+    # the architecture flags default to "not given", so that a resume takes its checkpoint's (engine/segmentation.py)
+    g = p.add_argument_group("model", "a resume builds its checkpoint's model: leave these out (or give its values)")
+    g.add_argument("--backbone", help="Sequencer model name" + _default("backbone"))
+    g.add_argument("--backbone-kwargs", nargs="*", type=key_value, action=KeyValues,
                    metavar="KEY=VALUE", help="backbone architecture overrides, e.g. layers='(1,1)'")
     g.add_argument("--backbone-checkpoint", default="", metavar="PATH",
                    help="ImageNet classification weights for the backbone (ours, timm's or the release)")
     g.add_argument("--pretrained", action="store_true", help="start the backbone from the released weights")
-    g.add_argument("--head", choices=HEADS, default=_DEFAULTS.head, help="decode head" + _default("head"))
-    g.add_argument("--head-channels", type=positive_int, default=_DEFAULTS.head_channels,
-                   help="head width" + _default("head_channels"))
-    g.add_argument("--out-channels", type=positive_int, default=_DEFAULTS.out_channels,
+    g.add_argument("--head", choices=HEADS, help="decode head" + _default("head"))
+    g.add_argument("--head-channels", type=positive_int, help="head width" + _default("head_channels"))
+    g.add_argument("--out-channels", type=positive_int,
                    help="channels of each backbone pyramid level" + _default("out_channels"))
     g = p.add_argument_group("schedule")
     length = g.add_mutually_exclusive_group(required=True)
@@ -133,7 +133,7 @@ def run(args: argparse.Namespace) -> int:
 def _train(args) -> int:
     check_workers(args.workers)
     names = {f.name for f in dataclasses.fields(SegmentConfig)}
-    settings = {k: v for k, v in vars(args).items() if k in names}
+    settings = {k: v for k, v in vars(args).items() if k in names and v is not None}  # None: not given
     settings["eval_mode"] = args.eval_mode or _DEFAULTS.eval_mode
     settings["layout"] = args.layout or ""
     result = run_segmentation(SegmentConfig(**settings))

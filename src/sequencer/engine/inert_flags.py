@@ -16,13 +16,15 @@ _AUGMENTATION = ("aa", "reprob", "hflip", "scale", "ratio", "color_jitter", "tra
 _MIXING = ("mixup_prob", "mixup_switch_prob", "mixup_mode", "mixup_off_epoch")
 
 
+NEW_RUN_WEIGHTS = "sets a new run's weights; a resume continues from its checkpoint's"
+
+
 def _why_inert(cfg: TrainConfig, given, resuming: bool) -> dict[str, str]:
     """{setting: why it does nothing in ``cfg``'s run} for every setting that cannot act in it (``given``: the
     settings the user chose; ``resuming``: the run continues a checkpoint)."""
     why = {}
     if resuming:  # `resume=auto` finding nothing starts a new run from them, so they are no error
-        why.update(dict.fromkeys(("initial_checkpoint", "pretrained"),
-                                 "sets a new run's weights; a resume continues from its checkpoint's"))
+        why.update(dict.fromkeys(("initial_checkpoint", "pretrained"), NEW_RUN_WEIGHTS))
         if not cfg.experiment:  # (`resume=auto` needs `experiment`) outputs.make_output_dir
             why["output"] = "is not where a resume without `experiment` writes: it continues in its checkpoint's folder"
     if "lr" in given:
@@ -66,8 +68,13 @@ def notes(cfg: TrainConfig, given, resuming: bool = False) -> list[str]:
     False: ``hflip=0`` beside ``no_aug``) asks for nothing that goes unused."""
     defaults = config_defaults()
     why = _why_inert(cfg, given, resuming)
-    return [f"`{name}={_shown(getattr(cfg, name))}` {why[name]}; it has no effect in this run"
+    return [inert_note(name, getattr(cfg, name), why[name])
             for name in sorted(given) if name in why and getattr(cfg, name) not in (defaults[name], 0, None, False)]
+
+
+def inert_note(name: str, value, why: str) -> str:
+    """The one line that says a setting given does nothing in the run (``train``'s and ``segment train``'s)."""
+    return f"`{name}={_shown(value)}` {why}; it has no effect in this run"
 
 
 def _shown(value) -> str:

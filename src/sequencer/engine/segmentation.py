@@ -39,8 +39,9 @@ from ..models.segmentation import create_segmenter, segmenter_from_config
 from . import distributed as dist_utils
 from .amp import dtype_name
 from .checkpoint import get_rng_state, load_optimizer_state, resume_position, set_rng_state
-from .config import RunState, checked_callbacks, checked_settings, explicit_settings
+from .config import RunState, checked_callbacks, checked_settings, explicit_settings, given_settings
 from .guest import caller_rng_kept, console, warn
+from .inert_flags import NEW_RUN_WEIGHTS, inert_note
 from .loop import (EpochProgress, batch_split, buffer_names, callbacks_ask_to_stop, current_lr, must_stop,
                    recovery_progress, recovery_state, resumed_progress, state_buffers, training_checkpoint)
 from .outputs import (claimed_process_group, plain, plural, prepare_outputs, primary_result, read_back,
@@ -126,6 +127,7 @@ def _train(cfg: SegmentConfig, state: RunState, info: dist_utils.DistInfo) -> Se
     started = time.time()
     random_seed(cfg.seed, info.rank)
     resume_path, resume_ckpt = resume_checkpoint(cfg, info)
+    cfg = _resumed_architecture(cfg, resume_ckpt, state)
     train_split, val_split = _open_splits(cfg, resume_ckpt)
     _check_pooled_batch_norm(cfg, info)
     model = _build_model(cfg, train_split.num_classes, resume_ckpt, info.device)
@@ -211,21 +213,41 @@ def _check_pooled_batch_norm(cfg: SegmentConfig, info: dist_utils.DistInfo) -> N
                                 else ""), hint="use `batch_size=2` or more, or `head=fpn`")
 
 
-# the settings that make the model (``Segmenter.config``); a resume must give the checkpoint's
+# the settings that make the model (``Segmenter.config``): a resume takes the checkpoint's
 ARCHITECTURE = ("backbone", "backbone_kwargs", "head", "head_channels", "out_channels")
+_NEW_RUN_WEIGHTS = ("pretrained", "backbone_checkpoint")  # a new run's backbone weights
+
+
+def _resumed_architecture(cfg: SegmentConfig, resume_ckpt: dict | None, state: RunState) -> SegmentConfig:
+    """``cfg`` with a resumed checkpoint's architecture (``ARCHITECTURE``, from its ``segmenter`` config, as
+    ``sequencer train`` takes its model from the checkpoint): a resume need not repeat the flags (without them it
+    built the defaults' model and stopped on the checkpoint's weights, or was refused). A setting given with another
+    value is refused in one line; ``pretrained``/``backbone_checkpoint`` given are said to do nothing (a note at the
+    start, through ``state``)."""
+    if resume_ckpt is None:
+        return cfg
+    saved = resume_ckpt.get("segmenter")
+    if not isinstance(saved, dict):
+        raise SequencerError(f"`resume={cfg.resume}`: not a segmentation checkpoint written by `sequencer segment "
+                             f"train`")
+    missing = [key for key in ARCHITECTURE if key not in saved and key != "backbone_kwargs"]
+    if missing:
+        raise SequencerError(f"`resume={cfg.resume}`: the checkpoint's segmenter config lacks {missing[0]!r}")
+    architecture = {**{key: saved[key] for key in ARCHITECTURE if key in saved},
+                    "backbone_kwargs": saved.get("backbone_kwargs") or {}}
+    given = given_settings(cfg)
+    for key, value in architecture.items():
+        if key in given and plain(given[key]) != plain(value):
+            raise SequencerError(f"`resume={cfg.resume}`: `{key}={given[key]}` vs the checkpoint's {value}",
+                                 hint=f"drop `{key}` when resuming (a resume keeps its model)")
+    state.start_warnings.extend(inert_note(key, given[key], NEW_RUN_WEIGHTS) for key in _NEW_RUN_WEIGHTS
+                                if given.get(key))
+    return dataclasses.replace(cfg, **architecture)
 
 
 def _build_model(cfg: SegmentConfig, num_classes: int, resume_ckpt: dict | None, device) -> nn.Module:
-    if resume_ckpt is not None:
-        saved = resume_ckpt.get("segmenter")
-        if not isinstance(saved, dict):
-            raise SequencerError(f"`resume={cfg.resume}`: not a segmentation checkpoint written by "
-                                 "`sequencer segment train`")
-        for key in ARCHITECTURE:  # the model is the checkpoint's: another value given would be recorded, not used
-            if plain(getattr(cfg, key)) != plain(saved.get(key)):
-                raise SequencerError(f"`resume={cfg.resume}`: `{key}={getattr(cfg, key)}` vs the checkpoint's "
-                                     f"{saved.get(key)}", hint=f"pass the run's `{key}` when resuming")
-        model = segmenter_from_config(saved)
+    if resume_ckpt is not None:  # its architecture is cfg's (_resumed_architecture)
+        model = segmenter_from_config(resume_ckpt["segmenter"])
         model.load_state_dict(resume_ckpt["state_dict"])
     else:
         model = create_segmenter(cfg.backbone, num_classes, head=cfg.head, head_channels=cfg.head_channels,
