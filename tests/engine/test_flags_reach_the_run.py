@@ -475,6 +475,14 @@ def test_what_counts_as_evaluating_otherwise():
     assert evaluation_change(val, "ema", dict(split=None)) == (ema, "nothing (no held-out split)")
     assert evaluation_change(dict(data=dict(split=None), evaluated_weights="ema"), "model", dict(split=None)) is None
     assert evaluation_change(dict(args=dict(model_ema=True)), "model", dict(split="val"))[0] == ema
+    # ... except an EMA kept on the CPU by a GPU run (`model_ema_force_cpu`), which evaluated the raw model: its
+    # `device`, or where it was left to the run, CUDA's RNG state in the file (it was read as the EMA's)
+    raw = "the raw model weights on split 'val'"
+    forced = dict(model_ema=True, model_ema_force_cpu=True)
+    for device, rng, before in (("cuda:1", [{}], raw), (None, [{"cuda": []}], raw), (None, [{}], ema),
+                                ("cpu", [{"cuda": []}], ema)):
+        old = dict(args=dict(forced, device=device), rng_state=rng)
+        assert evaluation_change(old, "ema", dict(split="val")) == (None if before == ema else (raw, ema))
     carved = dict(split="train", files=["a/1.png", "b/2.png"])
     assert evaluation_change(dict(data=carved, evaluated_weights="model"), "ema", carved) == (
         "the raw model weights on the 2 images held out of 'train'", "the EMA weights on the 2 images held out of "
