@@ -483,6 +483,20 @@ def test_what_counts_as_evaluating_otherwise():
                                 ("cpu", [{"cuda": []}], ema)):
         old = dict(args=dict(forced, device=device), rng_state=rng)
         assert evaluation_change(old, "ema", dict(split="val")) == (None if before == ema else (raw, ema))
+    # the caller's validation Dataset (`sequencer.train(data=(train, val))`) is told apart by its length: another
+    # one, or a split where there was one, kept a stale best; a checkpoint from before the length was recorded is not
+    from types import SimpleNamespace
+    from sequencer.engine.config import RunState
+    from sequencer.engine.data_record import CALLERS_DATA, evaluated_data
+    callers = evaluated_data(None, RunState(datasets=([], [])), SimpleNamespace(dataset=range(40)))
+    assert callers == dict(CALLERS_DATA, images=40)
+    given = dict(data=callers, evaluated_weights="ema")
+    assert evaluation_change(given, "ema", dict(callers)) is None
+    assert evaluation_change(dict(given, data=CALLERS_DATA), "ema", dict(callers)) is None
+    assert evaluation_change(given, "ema", dict(callers, images=50)) == (
+        "the EMA weights on the validation Dataset of 40 images given to sequencer.train",
+        "the EMA weights on the validation Dataset of 50 images given to sequencer.train")
+    assert evaluation_change(val, "ema", callers)[1] == evaluation_change(given, "ema", dict(split="val"))[0]
     carved = dict(split="train", files=["a/1.png", "b/2.png"])
     assert evaluation_change(dict(data=carved, evaluated_weights="model"), "ema", carved) == (
         "the raw model weights on the 2 images held out of 'train'", "the EMA weights on the 2 images held out of "

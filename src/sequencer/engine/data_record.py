@@ -57,8 +57,12 @@ def evaluated_weights(opt, device: torch.device) -> str:
 
 
 def evaluated_data(cfg, state, eval_loader) -> dict:
-    """The ``data`` record of the run's checkpoints (``data_record``): the held-out split it evaluates on."""
-    return data_record(cfg, getattr(eval_loader, "dataset", None)) if state.datasets is None else CALLERS_DATA
+    """The ``data`` record of the run's checkpoints (``data_record``): the held-out split it evaluates on; on the
+    caller's Datasets, :data:`CALLERS_DATA` with ``images``, the validation Dataset's length (all a resume can tell
+    another Dataset by: ``resume.evaluation_change``)."""
+    if state.datasets is None:
+        return data_record(cfg, getattr(eval_loader, "dataset", None))
+    return {**CALLERS_DATA, "images": len(eval_loader.dataset)}
 
 
 EVALUATE_ON_DATA = "pass `data`, the images to evaluate the `checkpoint` on"

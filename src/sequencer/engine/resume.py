@@ -35,7 +35,7 @@ from . import distributed as dist_utils
 from .checkpoint import find_auto_resume
 from .config import LR_SCALING, TrainConfig
 from .config_checks import check_experiment_name
-from .data_record import recorded_held_out
+from .data_record import CALLERS_DATA, recorded_held_out
 
 _logger = logging.getLogger(__name__)
 
@@ -177,7 +177,8 @@ def _show(value) -> str:
 def evaluation_change(checkpoint: dict | None, weights: str, record: dict) -> tuple[str, str] | None:
     """(what the resumed run's epochs were evaluated on, what this run evaluates) where the two differ, so that their
     metrics cannot be compared: the EMA's weights or the model's own (``model_ema`` turned on or off), another
-    held-out split (``val_split``), or a held-out split where there was none (or the reverse). ``weights``:
+    held-out split (``val_split``), a held-out split where there was none (or the reverse), the caller's validation
+    Dataset where a split was evaluated (or the reverse), or one of another length. ``weights``:
     ``data_record.evaluated_weights``; ``record``: this run's ``data`` record (``data_record.evaluated_data``). None
     when they are the same, when nothing was or is evaluated, and for the split of a checkpoint that records no
     ``data``."""
@@ -185,7 +186,8 @@ def evaluation_change(checkpoint: dict | None, weights: str, record: dict) -> tu
         return None
     weights_before = _weights_evaluated(checkpoint)
     record_before = checkpoint.get("data") if isinstance(checkpoint.get("data"), dict) else record
-    if _held_out(record_before) == _held_out(record) and (weights_before == weights or record.get("split") is None):
+    if _held_out(record_before, record) == _held_out(record, record_before) and \
+            (weights_before == weights or record.get("split") is None):
         return None
     return _evaluated(weights_before, record_before), _evaluated(weights, record)
 
@@ -208,18 +210,26 @@ def _weights_evaluated(checkpoint: dict) -> str:
     return "ema" if device.split(":")[0] == "cpu" else "model"
 
 
-def _held_out(record: dict) -> tuple:
-    """The held-out split of a ``data`` record: its name (None: nothing evaluated; its synonyms count as one:
-    "validation" finds val/ as "val" does) and whether it was carved."""
+def _held_out(record: dict, other: dict) -> tuple:
+    """The held-out split of a ``data`` record, as compared with ``other``'s: its name (None: nothing evaluated; its
+    synonyms count as one: "validation" finds val/ as "val" does), whether it was carved, and whether it is the
+    caller's validation Dataset, with its length where both records have one (older checkpoints have none)."""
     split = record.get("split")
-    return split and frozenset(name.lower() for name in split_aliases(split)), bool(record.get("files"))
+    callers = record.get("dataset") == CALLERS_DATA["dataset"]
+    images = record.get("images") if callers and "images" in other else None
+    return (split and frozenset(name.lower() for name in split_aliases(split)), bool(record.get("files")), callers,
+            images)
 
 
 def _evaluated(weights: str, record: dict) -> str:
     split, carved = record.get("split"), bool(record.get("files"))
     if split is None:
         return "nothing (no held-out split)"
-    images = f"the {len(record['files'])} images held out of {split!r}" if carved else f"split {split!r}"
+    if record.get("dataset") == CALLERS_DATA["dataset"]:
+        count = f" of {record['images']} images" if record.get("images") is not None else ""
+        images = f"the validation Dataset{count} given to sequencer.train"
+    else:
+        images = f"the {len(record['files'])} images held out of {split!r}" if carved else f"split {split!r}"
     return f"the {'EMA' if weights == 'ema' else 'raw model'} weights on {images}"
 
 
