@@ -118,6 +118,34 @@ def test_bad_arguments_are_one_line_errors(tiny_backbone):
         tiny_backbone(extra_blocks="p6p7")
 
 
+@pytest.mark.parametrize("bad, message", [
+    (dict(strides=(4.5, 8)), r"strides=\(4.5, 8\): give a sequence of ints"),  # was read as (4, 8)
+    (dict(strides="48"), r"strides='48': give a sequence of ints"),  # was read as (4, 8)
+    (dict(strides=32), r"strides=32: give a sequence of ints"),
+    (dict(out_channels=0), r"out_channels=0: must be a positive integer"),
+    (dict(out_channels=[16] * 4), r"out_channels=\[16, 16, 16, 16\]: must be a positive integer"),
+    (dict(extra_blocks=torch.nn.ReLU()), r"extra_blocks=ReLU\(\): use 'pool', None or a torchvision ExtraFPNBlock"),
+], ids=["float", "text", "int", "zero", "list", "module"])
+def test_bad_pyramid_arguments_are_refused_before_the_trunk_is_built(bad, message, monkeypatch):
+    """Refused in one line, not truncated into other strides nor left to fail in the first forward; before the trunk
+    (whose weights may be a download) is built."""
+    import sequencer.models.backbone as backbone_module
+    monkeypatch.setattr(backbone_module, "create_model", lambda *a, **k: pytest.fail("the trunk was built"))
+    with pytest.raises(ValueError, match=message) as caught:
+        sequencer.create_backbone("sequencer2d_s", **bad)
+    assert isinstance(caught.value, SequencerError)
+
+
+def test_a_trunk_with_a_head_or_a_segmenter_of_no_classes_is_refused(tiny_kwargs):
+    """A classifier head would ride along unused (DDP's default refuses parameters without gradients); a segmenter's
+    zero classes or channels failed only in its first forward."""
+    with pytest.raises(SequencerError, match="the trunk has a 5-class head"):
+        SequencerBackbone(sequencer.create_model("sequencer2d_s", num_classes=5, **tiny_kwargs))
+    for bad in (dict(num_classes=0), dict(num_classes=3, head_channels=0)):
+        with pytest.raises(SequencerError, match=f"{list(bad)[-1]}=0: must be a positive integer"):
+            sequencer.create_segmenter("sequencer2d_s", backbone_kwargs=tiny_kwargs, **bad)
+
+
 def boxes_on_noise(n: int, size: int = 64, seed: int = 0):
     """``n`` noise images with one bright rectangle each (label 1) and its box target."""
     g = torch.Generator().manual_seed(seed)

@@ -26,6 +26,7 @@ and costs one cheap interpolation. Measured cost: docs/detection.md.
 from __future__ import annotations
 
 import math
+import operator
 from collections import OrderedDict
 from typing import Sequence
 
@@ -33,7 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..errors import SequencerError
+from ..errors import ArgumentValueError, SequencerError
 from .features import WrapperFacade
 from .registry import create_model
 
@@ -82,10 +83,43 @@ class PyramidLevel(nn.Module):
 
 
 def _check_strides(strides: Sequence[int]) -> tuple[int, ...]:
-    strides = tuple(int(s) for s in strides)
+    """``strides`` as a tuple of ints; ArgumentValueError (one line) unless they are increasing powers of two. A
+    float or a text is refused, not truncated: ``(4.5, 8)`` or ``"48"`` would otherwise be read as (4, 8)."""
+    try:
+        if isinstance(strides, (str, bytes)):
+            raise TypeError
+        strides = tuple(operator.index(s) for s in strides)
+    except TypeError:
+        raise ArgumentValueError(f"strides={strides!r}: give a sequence of ints, e.g. (4, 8, 16, 32)") from None
     if not strides or any(s < 1 or s & (s - 1) for s in strides) or list(strides) != sorted(set(strides)):
-        raise SequencerError(f"strides={strides}: give increasing powers of two, e.g. (4, 8, 16, 32)")
+        raise ArgumentValueError(f"strides={strides}: give increasing powers of two, e.g. (4, 8, 16, 32)")
     return strides
+
+
+def positive_int(name: str, value) -> int:
+    """``value`` as an int >= 1, else ArgumentValueError (one line) naming ``name``; a float, a text or a bool is
+    refused, not converted."""
+    try:
+        if isinstance(value, bool):
+            raise TypeError
+        number = operator.index(value)
+    except TypeError:
+        number = None
+    if number is None or number < 1:
+        raise ArgumentValueError(f"{name}={value!r}: must be a positive integer")
+    return number
+
+
+def _check_extra_blocks(extra_blocks):
+    """torchvision's LastLevelMaxPool for "pool", None, or the caller's ExtraFPNBlock (the pyramid calls it as
+    torchvision's FPN does); anything else is ArgumentValueError (one line), before the first forward."""
+    from torchvision.ops.feature_pyramid_network import ExtraFPNBlock, LastLevelMaxPool
+    if extra_blocks == "pool":
+        return LastLevelMaxPool()
+    if extra_blocks is not None and not isinstance(extra_blocks, ExtraFPNBlock):
+        raise ArgumentValueError(f"extra_blocks={extra_blocks!r}: use 'pool', None or a torchvision ExtraFPNBlock "
+                                 "(e.g. LastLevelP6P7(out_channels, out_channels))")
+    return extra_blocks
 
 
 class SequencerBackbone(WrapperFacade, nn.Module):
@@ -103,6 +137,11 @@ class SequencerBackbone(WrapperFacade, nn.Module):
                  extra_blocks: nn.Module | str | None = "pool"):
         super().__init__()
         self.strides = _check_strides(strides)
+        out_channels = positive_int("out_channels", out_channels)
+        extra_blocks = _check_extra_blocks(extra_blocks)
+        if getattr(trunk, "num_classes", 0):
+            raise ArgumentValueError(f"the trunk has a {trunk.num_classes}-class head, which the backbone would "
+                                     "carry unused: build it with num_classes=0 (or call reset_classifier(0))")
         self.trunk = trunk
         self._take_pretrained_cfg()  # the trunk's normalisation is the pyramid's input's (WrapperFacade)
         self.trunk_stride = trunk.reduction
@@ -110,12 +149,7 @@ class SequencerBackbone(WrapperFacade, nn.Module):
         self.out_channels = out_channels
         self.levels = nn.ModuleList(PyramidLevel(trunk.num_features, out_channels, self.base_stride / s)
                                     for s in self.strides)
-        if extra_blocks == "pool":
-            from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
-            extra_blocks = LastLevelMaxPool()
-        elif isinstance(extra_blocks, str):
-            raise SequencerError(f"extra_blocks={extra_blocks!r}: use 'pool', None or a torchvision ExtraFPNBlock")
-        self.extra_blocks = extra_blocks
+        self.extra_blocks = extra_blocks  # after the levels: the parameter order earlier versions saved
         self._init_pyramid()
 
     def _init_pyramid(self) -> None:
@@ -168,5 +202,8 @@ def create_backbone(name: str, pretrained: bool = False, checkpoint_path: str | 
         if key in kwargs:
             raise SequencerError(f"create_backbone does not take {key}= (the backbone has no head and returns "
                                  f"its pyramid levels; pick them with strides=)")
+    # the pyramid's arguments are checked before the trunk's weights are downloaded or read
+    strides, out_channels = _check_strides(strides), positive_int("out_channels", out_channels)
+    extra_blocks = _check_extra_blocks(extra_blocks)
     trunk = create_model(name, pretrained=pretrained, checkpoint_path=checkpoint_path, num_classes=0, **kwargs)
     return SequencerBackbone(trunk, out_channels=out_channels, strides=strides, extra_blocks=extra_blocks)

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import SequencerError
-from .backbone import create_backbone
+from .backbone import create_backbone, positive_int
 from .features import WrapperFacade
 
 HEADS = ("upernet", "fpn")
@@ -127,13 +127,14 @@ def create_segmenter(backbone: str, num_classes: int, head: str = "upernet", hea
     timm's ImageNet classification weights) or ``pretrained`` initialise the backbone."""
     if head not in HEADS:
         raise SequencerError(f"`head={head}`: unknown segmentation head", hint=f"use one of {', '.join(HEADS)}")
-    config = dict(backbone=backbone, num_classes=int(num_classes), head=head, head_channels=int(head_channels),
-                  out_channels=int(out_channels), backbone_kwargs=dict(backbone_kwargs or {}))
+    config = dict(backbone=backbone, num_classes=positive_int("num_classes", num_classes), head=head,
+                  head_channels=positive_int("head_channels", head_channels),
+                  out_channels=positive_int("out_channels", out_channels), backbone_kwargs=dict(backbone_kwargs or {}))
     net = create_backbone(backbone, pretrained=pretrained, checkpoint_path=backbone_checkpoint or None,
                           out_channels=out_channels, extra_blocks=None, **config["backbone_kwargs"])
-    channels = _channels(net.out_channels)
     head_class = UperNetHead if head == "upernet" else SemanticFPNHead
-    return Segmenter(net, head_class(channels, head_channels, num_classes), num_classes, config)
+    head_module = head_class([net.out_channels] * len(net.strides), config["head_channels"], config["num_classes"])
+    return Segmenter(net, head_module, config["num_classes"], config)
 
 
 def segmenter_from_config(config: dict) -> Segmenter:
@@ -145,6 +146,3 @@ def segmenter_from_config(config: dict) -> Segmenter:
     except KeyError as e:
         raise SequencerError(f"the checkpoint's segmenter config lacks {e.args[0]!r}") from None
 
-
-def _channels(out_channels) -> list[int]:
-    return list(out_channels) if isinstance(out_channels, (list, tuple)) else [int(out_channels)] * 4
