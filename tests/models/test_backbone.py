@@ -300,18 +300,23 @@ def test_macs_count_the_pyramid_as_torch_flop_counter_does(tiny_backbone):
     assert macs > count_macs(backbone.trunk, (3, 70, 98))  # the trunk runs on the padded input
 
 
-def test_onnx_export_matches_eager_at_an_odd_size(tiny_backbone, randomize, tmp_path):
+def test_onnx_export_matches_eager_at_odd_sizes(tiny_backbone, randomize, tmp_path):
     """The peers' scan kernels do not export; this backbone does (the exporter the project uses, dynamo=False).
-    The exporter records the size arithmetic on the input: Python's floor division would be ONNX's truncation."""
+    The exporter records the size arithmetic on the input: Python's floor division would be ONNX's truncation. With
+    dynamic axes one file serves other batch and image sizes, whose padding and crops differ from the traced one's."""
     import onnxruntime as ort
     backbone = randomize(tiny_backbone(), seed=4).eval()
     x = torch.randn(1, 3, 45, 70)
     with torch.no_grad():
-        ref = backbone(x)
+        names = [f"level_{k}" for k in backbone(x)]
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # the tracer's notes on RNNs and Python ints
             torch.onnx.export(backbone, (x,), tmp_path / "b.onnx", dynamo=False, opset_version=17,
-                              input_names=["input"], output_names=[f"level_{k}" for k in ref])
+                              input_names=["input"], output_names=names,
+                              dynamic_axes={"input": {0: "batch", 2: "height", 3: "width"}})
     session = ort.InferenceSession(str(tmp_path / "b.onnx"), providers=["CPUExecutionProvider"])
-    for (k, r), out in zip(ref.items(), session.run(None, {"input": x.numpy()})):
-        torch.testing.assert_close(torch.from_numpy(out), r, rtol=1e-4, atol=1e-5, msg=k)
+    for x in (x, torch.randn(2, 3, 100, 33)):
+        with torch.no_grad():
+            ref = backbone(x)
+        for (k, r), out in zip(ref.items(), session.run(None, {"input": x.numpy()}), strict=True):
+            torch.testing.assert_close(torch.from_numpy(out), r, rtol=1e-4, atol=1e-5, msg=k)
