@@ -136,14 +136,19 @@ def test_bad_pyramid_arguments_are_refused_before_the_trunk_is_built(bad, messag
     assert isinstance(caught.value, SequencerError)
 
 
-def test_a_trunk_with_a_head_or_a_segmenter_of_no_classes_is_refused(tiny_kwargs):
+def test_a_trunk_with_a_head_or_a_bad_segmenter_is_refused(tiny_kwargs):
     """A classifier head would ride along unused (DDP's default refuses parameters without gradients); a segmenter's
-    zero classes or channels failed only in its first forward."""
+    zero classes or channels failed only in its first forward; a backbone_kwargs key the segmenter sets itself (from
+    `segment train --backbone-kwargs out_channels=8` too) was a TypeError's traceback."""
     with pytest.raises(SequencerError, match="the trunk has a 5-class head"):
         SequencerBackbone(sequencer.create_model("sequencer2d_s", num_classes=5, **tiny_kwargs))
     for bad in (dict(num_classes=0), dict(num_classes=3, head_channels=0)):
         with pytest.raises(SequencerError, match=f"{list(bad)[-1]}=0: must be a positive integer"):
             sequencer.create_segmenter("sequencer2d_s", backbone_kwargs=tiny_kwargs, **bad)
+    for key, instead in [("out_channels", "out_channels="), ("checkpoint_path", "backbone_checkpoint="),
+                         ("extra_blocks", "the head takes the pyramid's levels only")]:
+        with pytest.raises(SequencerError, match=f"backbone_kwargs: {key}=8 is set by the segmenter: .*{instead}"):
+            sequencer.create_segmenter("sequencer2d_s", 3, backbone_kwargs={**tiny_kwargs, key: 8})
 
 
 def boxes_on_noise(n: int, size: int = 64, seed: int = 0):

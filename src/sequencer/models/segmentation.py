@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..errors import SequencerError
+from ..errors import ArgumentValueError, SequencerError
 from .backbone import create_backbone, positive_int
 from .features import WrapperFacade
 
@@ -127,6 +127,7 @@ def create_segmenter(backbone: str, num_classes: int, head: str = "upernet", hea
     timm's ImageNet classification weights) or ``pretrained`` initialise the backbone."""
     if head not in HEADS:
         raise SequencerError(f"`head={head}`: unknown segmentation head", hint=f"use one of {', '.join(HEADS)}")
+    _check_backbone_kwargs(backbone_kwargs or {})
     config = dict(backbone=backbone, num_classes=positive_int("num_classes", num_classes), head=head,
                   head_channels=positive_int("head_channels", head_channels),
                   out_channels=positive_int("out_channels", out_channels), backbone_kwargs=dict(backbone_kwargs or {}))
@@ -135,6 +136,22 @@ def create_segmenter(backbone: str, num_classes: int, head: str = "upernet", hea
     head_class = UperNetHead if head == "upernet" else SemanticFPNHead
     head_module = head_class([net.out_channels] * len(net.strides), config["head_channels"], config["num_classes"])
     return Segmenter(net, head_module, config["num_classes"], config)
+
+
+# create_backbone's arguments that create_segmenter sets itself, and where to give each instead
+_SET_BY_SEGMENTER = {"name": "backbone", "out_channels": "out_channels", "pretrained": "pretrained",
+                     "checkpoint_path": "backbone_checkpoint", "extra_blocks": None}
+
+
+def _check_backbone_kwargs(backbone_kwargs: dict) -> None:
+    """ArgumentValueError (one line) for a ``backbone_kwargs`` key that :func:`create_segmenter` passes to
+    :func:`create_backbone` itself (it would be a TypeError there), naming the argument to use instead."""
+    for key, instead in _SET_BY_SEGMENTER.items():
+        if key in backbone_kwargs:
+            where = (f"give it as create_segmenter's {instead}= (segment's --{instead.replace('_', '-')})" if instead
+                     else "the head takes the pyramid's levels only")
+            raise ArgumentValueError(f"backbone_kwargs: {key}={backbone_kwargs[key]!r} is set by the segmenter: "
+                                     f"{where}")
 
 
 def segmenter_from_config(config: dict) -> Segmenter:
