@@ -92,6 +92,38 @@ def test_compiled_lstm_reads_a_parametrized_weight_as_it_is_now(amp):
         torch.testing.assert_close(compiled, eager, rtol=2e-2 if amp else 1e-5, atol=1e-3 if amp else 1e-6)
 
 
+@pytest.mark.parametrize("backend", ["auto", "cpu"])
+def test_frozen_stages_stay_as_they_were_and_the_rest_trains_as_unfrozen(randomize, backend):
+    """Stem and first stage frozen with ``requires_grad_(False)`` (the fused oneDNN and ``cpu`` LSTM paths read their
+    weights directly), trained in train mode by two AdamW steps with weight decay: the frozen weights get no gradient
+    and stay bit for bit, their flags stay off, and every other weight gets the unfrozen model's gradient."""
+    x, y = batch()
+    models = []
+    for _ in range(2):
+        torch.manual_seed(0)
+        models.append(randomize(sequencer.create_model("sequencer2d_nano", num_classes=5, lstm_backend=backend)))
+    frozen, plain = models
+    frozen.stem.requires_grad_(False)
+    frozen.stages[0].requires_grad_(False)
+    kept = {k: v.clone() for k, v in frozen.state_dict().items() if k.startswith(("stem.", "stages.0."))}
+    optimizer = torch.optim.AdamW(frozen.parameters(), lr=1e-2, weight_decay=0.1)
+    for _ in range(2):
+        frozen.zero_grad(set_to_none=True)
+        plain.zero_grad(set_to_none=True)
+        F.cross_entropy(frozen.train()(x), y).backward()
+        F.cross_entropy(plain.train()(x), y).backward()
+        for name, p in frozen.named_parameters():
+            if name.startswith(("stem.", "stages.0.")):
+                assert p.grad is None and not p.requires_grad, name
+            else:
+                torch.testing.assert_close(p.grad, plain.get_parameter(name).grad, rtol=1e-4, atol=1e-6, msg=name)
+        optimizer.step()
+        with torch.no_grad():
+            plain.load_state_dict(frozen.state_dict())  # the next comparison starts from the stepped weights
+    for k, v in kept.items():
+        assert torch.equal(frozen.state_dict()[k], v), k
+
+
 @pytest.mark.parametrize("backend", ["native", "cpu"])
 def test_a_meta_built_model_loaded_either_way_computes_the_loaded_weights(nano, backend):
     """``with torch.device("meta")`` then ``load_state_dict(sd, assign=True)`` or ``to_empty`` + ``load_state_dict``:
