@@ -16,7 +16,8 @@
   of its batches, once each, when the data is split as before; otherwise the epoch re-runs from its beginning.
 - **A resume that evaluates otherwise** (other weights: ``--model-ema`` switched; another held-out split) picks
   its best epoch again from the resumed epoch on, with a warning naming both (``evaluation_change``,
-  ``outputs.prepare_outputs``).
+  ``outputs.prepare_outputs``). Another autocast (``--amp`` switched) does not count: bf16 and float32 validation
+  differ by an image or two, in no direction (measured: docs/training.md, "What a resume keeps").
 - **Never from the checkpoint (this machine's and this start's business):** the data (not its split names: a
   resume evaluates on the split its best epoch was picked on), the output folder and experiment name, the device,
   ``--workers``, ``--log-interval``, ``--start-epoch``, ``--pretrained`` and ``--initial-checkpoint``.
