@@ -225,3 +225,31 @@ def test_hidden_folders_are_not_a_second_copy_of_a_corruption(tmp_path):
     for top in ("", "__MACOSX/", ".ipynb_checkpoints/"):
         (tmp_path / f"{top}fog" / "3" / "cat").mkdir(parents=True)
     assert robustness.find_corruptions(str(tmp_path)) == {"fog": tmp_path / "fog"}
+
+
+def test_class_folders_named_like_severities(tmp_path):
+    """Class folders named 1, 2, ... (CIFAR-10-C saved by class index): two corruptions stopped on "corruption '1'
+    found twice", one on "the images in 'fog/1/1' are not in class sub-folders" (the severity's class "1" was taken
+    for its split); the errors are now the hand-computed ones."""
+    names = ["1", "2"]
+    rng = np.random.default_rng(0)
+    for corruption in ("fog", "noise/gaussian_noise"):
+        for severity in range(1, 6):
+            for label, name in enumerate(names):
+                (tmp_path / "c" / corruption / str(severity) / name).mkdir(parents=True)
+                make_image(rng, label if severity < 4 else 1 - label).save(
+                    tmp_path / "c" / corruption / str(severity) / name / "0.png")
+    checkpoint = save_training_checkpoint(tmp_path / "m.pth", tiny_model(seed=0), class_names=names)
+    found = robustness.find_corruptions(str(tmp_path / "c"))
+    assert found == {"fog": tmp_path / "c" / "fog", "gaussian_noise": tmp_path / "c" / "noise" / "gaussian_noise"}
+    assert main(["robustness", str(tmp_path / "c"), "--results-file", str(tmp_path / "r.json"),
+                 "--checkpoint", str(checkpoint), "-j", "0", "--device", "cpu"]) == 0
+    model = reference_model(checkpoint)
+    for corruption, folder in found.items():
+        for severity in "12345":
+            files = sorted((folder / severity).rglob("*.png"))
+            labels = torch.tensor([names.index(f.parent.name) for f in files])
+            with torch.no_grad():
+                expected = (model(_inputs(files, 1.0)).argmax(-1) != labels).float().mean().item()
+            errors = json.loads((tmp_path / "r.json").read_text())["corruptions"][corruption]["errors"]
+            assert errors[severity] == pytest.approx(expected)

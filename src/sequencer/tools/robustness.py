@@ -77,11 +77,15 @@ def find_corruptions(root: str) -> dict[str, Path]:
     def folders(parent: Path) -> list[Path]:
         return sorted(p for p in parent.iterdir() if p.is_dir() and not is_hidden(p.name))
 
+    def holds_severities(folder: Path) -> bool:
+        return any((folder / s).is_dir() for s in SEVERITIES)
+
     found: dict[str, Path] = {}
     for level1 in folders(base):
-        candidates = [level1] + folders(level1)
+        # a corruption's own sub-folders are its severities: classes named 1-5 below them are not corruptions
+        candidates = [level1] if holds_severities(level1) else folders(level1)
         for folder in candidates:
-            if any((folder / s).is_dir() for s in SEVERITIES):
+            if holds_severities(folder):
                 if folder.name in found:
                     raise SequencerError(f"corruption {folder.name!r} found twice: {found[folder.name]} and {folder}")
                 found[folder.name] = folder
@@ -196,7 +200,8 @@ def mean_corruption_error(loaded: LoadedModel, corruptions: dict[str, Path], bat
         _logger.info(f"clean: error {clean_error:.4f}")
     per_corruption = {}
     for name, folder in corruptions.items():
-        severity_errors = {s: error_of(str(folder / s), s, PROTOCOL_CROP_PCT) for s in SEVERITIES
+        # the corruption folder's splits are its severities (a class folder named 1-5 is no split)
+        severity_errors = {s: error_of(str(folder), s, PROTOCOL_CROP_PCT) for s in SEVERITIES
                            if (folder / s).is_dir()}
         if len(severity_errors) < len(SEVERITIES):
             warnings.warn(f"{name}: only severities {', '.join(severity_errors)} present; its CE is not comparable "
