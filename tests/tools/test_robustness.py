@@ -253,3 +253,21 @@ def test_class_folders_named_like_severities(tmp_path):
                 expected = (model(_inputs(files, 1.0)).argmax(-1) != labels).float().mean().item()
             errors = json.loads((tmp_path / "r.json").read_text())["corruptions"][corruption]["errors"]
             assert errors[severity] == pytest.approx(expected)
+
+
+def test_the_printed_mce_says_whether_it_is_the_published_kind(capsys):
+    """The printed mCE named only a count of corruptions: with speckle_noise added it was the mean over 16, with a
+    severity missing a mean over fewer severities, each printed as plainly as the published 15-corruption mCE."""
+    from sequencer.commands.robustness import _print_summary
+
+    standard = {n: robustness.corruption_summary({s: 0.5 for s in "12345"}, n) for n in list(ALEXNET_ERRORS)[:15]}
+    published = sum(0.5 / ALEXNET_ERRORS[n] for n in standard) / 15
+    cases = [(standard, "(the 15 standard corruptions, all five severities)"),
+             (dict(standard, speckle_noise=robustness.corruption_summary({s: 0.1 for s in "12345"}, "speckle_noise")),
+              f"over the 15 standard corruptions alone (the published mCE): {published:.4f}"),
+             (dict(standard, fog=robustness.corruption_summary({s: 0.5 for s in "1245"}, "fog")),
+              "not comparable to a published mCE (15 of the 15 standard corruptions; fog lacking severities)")]
+    for per_corruption, expected in cases:
+        results = summarize(per_corruption)
+        _print_summary(results, len(per_corruption))
+        assert capsys.readouterr().out.rstrip().endswith(expected)
