@@ -139,7 +139,9 @@ def test_clean_strips_training_state(tiny_checkpoint, tmp_path, suffix):
     cleaned = read_checkpoint(out)
     ema = _weights(tiny_checkpoint)
     if suffix == ".pth":
-        assert set(cleaned) == {"version", "arch", "model_kwargs", "class_names", "data_config", "state_dict"}
+        assert set(cleaned) == {"version", "arch", "model_kwargs", "class_names", "data_config", "weights",
+                                "state_dict"}
+        assert cleaned["weights"] == "ema"
         weights = cleaned["state_dict"]
     else:
         weights = {k: v for k, v in cleaned.items() if k != "__metadata__"}
@@ -160,6 +162,22 @@ def test_clean_no_ema_and_safetensors_flag(tiny_checkpoint, tmp_path):
     assert main(["checkpoint", "clean", str(tiny_checkpoint), "--no-ema", "--safetensors", "-o", str(out)]) == 0
     cleaned = read_checkpoint(out)
     torch.testing.assert_close(cleaned["head.fc.weight"], _weights(tiny_checkpoint, use_ema=False)["head.fc.weight"])
+
+
+def test_a_cleaned_ema_file_is_averaged_as_ema_weights(three_checkpoints, tmp_path, capsys):
+    """`clean` keeps the EMA weights as the file's only weights; averaged beside checkpoints' EMA weights they were
+    called "model weights" and the average said it mixed EMA with model weights (the mean itself was right)."""
+    cleaned = tmp_path / "ema.safetensors"
+    assert main(["checkpoint", "clean", str(three_checkpoints[2]), "-o", str(cleaned)]) == 0
+    capsys.readouterr()
+    out = tmp_path / "avg.pth"
+    assert main(["checkpoint", "average", str(three_checkpoints[0]), str(cleaned), "-o", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert f"{cleaned}: 88 tensors (EMA weights)" in printed and "mixes" not in printed
+    averaged = torch.load(out, weights_only=True)
+    assert averaged["weights"] == "ema"
+    expected = (_weights(three_checkpoints[0])["head.fc.weight"] + _weights(three_checkpoints[2])["head.fc.weight"]) / 2
+    torch.testing.assert_close(averaged["state_dict"]["head.fc.weight"], expected)
 
 
 def test_bad_inputs_give_one_line_errors(tmp_path, tiny_checkpoint, capsys):

@@ -42,8 +42,9 @@ def cmd_average(args: argparse.Namespace) -> int:
     if any(c.get("data") != config.get("data") for c in configs) and config.pop("data", None):
         print("note: the checkpoints record different training data: the average records none "
               "(validate it with DATA)")
+    weights = {len(states): {"weights": "ema"}, 0: {"weights": "model"}}.get(ema_count, {})  # none when mixed
     out = save_weights(averaged, args.output, config, safetensors=args.safetensors or None,
-                       extra={"averaged_from": [str(p) for p in paths]})
+                       extra={"averaged_from": [str(p) for p in paths], **weights})
     print(f"averaged {len(states)} checkpoints -> {out}")
     return 0
 
@@ -51,7 +52,8 @@ def cmd_average(args: argparse.Namespace) -> int:
 def cmd_clean(args: argparse.Namespace) -> int:
     _check_output(args.output, [args.checkpoint], args.safetensors)
     checkpoint, state, used_ema = read_weights(args.checkpoint, args.use_ema)
-    out = save_weights(state, args.output, model_config(checkpoint), safetensors=args.safetensors or None)
+    out = save_weights(state, args.output, model_config(checkpoint), safetensors=args.safetensors or None,
+                       extra={"weights": "ema" if used_ema else "model"})
     size_in, size_out = os.path.getsize(args.checkpoint), os.path.getsize(out)
     print(f"{args.checkpoint} ({size_in / 2**20:.1f} MiB) -> {out} ({size_out / 2**20:.1f} MiB), "
           f"{'EMA' if used_ema else 'model'} weights, {len(state)} tensors")
