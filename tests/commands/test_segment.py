@@ -298,3 +298,29 @@ def test_two_images_of_one_mask_name_are_one_line_before_any_work(tmp_path, caps
     assert len(err) == 1 and f"images {tmp_path}/a/x.png and {tmp_path}/b/x.jpg would both be written to " \
         f"{tmp_path}/masks/x.png" in err[0] and "(hint: predict them into separate --output folders" in err[0], err
     assert not (tmp_path / "masks").exists()
+
+
+def test_a_new_run_without_the_model_flags_gets_the_documented_model(monkeypatch):
+    """The model flags default to "not given" so that a resume takes its checkpoint's; a new run still gets
+    SegmentConfig's documented model (the --help defaults), recorded as not given, and what a flag gives is taken."""
+    import sequencer.commands.segment as segment_command
+    from sequencer.engine.segmentation_config import SegmentConfig
+
+    got = []
+    monkeypatch.setattr(segment_command, "run_segmentation", lambda cfg: got.append(cfg) or _stop())
+    model = ("backbone", "backbone_kwargs", "head", "head_channels", "out_channels")
+    for flags, expected in [((), {}), (("--head", "fpn", "--backbone-kwargs", "layers=(1,1)"),
+                                       dict(head="fpn", backbone_kwargs={"layers": (1, 1)}))]:
+        with pytest.raises(_Stopped):
+            segment("train", "somewhere", "--epochs", 1, *flags)
+        cfg = got.pop()
+        assert {k: getattr(cfg, k) for k in model} == {**{k: getattr(SegmentConfig(), k) for k in model}, **expected}
+        assert set(cfg._given) & set(model) == set(expected)
+
+
+class _Stopped(Exception):
+    pass
+
+
+def _stop():
+    raise _Stopped
