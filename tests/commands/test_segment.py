@@ -304,10 +304,13 @@ def test_a_new_run_without_the_model_flags_gets_the_documented_model(monkeypatch
     """The model flags default to "not given" so that a resume takes its checkpoint's; a new run still gets
     SegmentConfig's documented model (the --help defaults), recorded as not given, and what a flag gives is taken."""
     import sequencer.commands.segment as segment_command
+    import sequencer.engine.segmentation as segment_engine
     from sequencer.engine.segmentation_config import SegmentConfig
 
     got = []
-    monkeypatch.setattr(segment_command, "run_segmentation", lambda cfg: got.append(cfg) or _stop())
+    for module in (segment_engine, segment_command):  # the command imports it at its top, or inside its run
+        monkeypatch.setattr(module, "run_segmentation", lambda cfg: got.append(cfg) or _stop(),
+                            raising=module is segment_engine)
     model = ("backbone", "backbone_kwargs", "head", "head_channels", "out_channels")
     for flags, expected in [((), {}), (("--head", "fpn", "--backbone-kwargs", "layers=(1,1)"),
                                        dict(head="fpn", backbone_kwargs={"layers": (1, 1)}))]:
