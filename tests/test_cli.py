@@ -25,6 +25,27 @@ def test_every_command_module_has_the_cli_contract():
         assert callable(module.add_arguments) and callable(module.run), module_name
 
 
+_NO_TORCH_FOR_HELP = """
+import sys
+import sequencer
+assert "torch" not in sys.modules, "import sequencer"
+from sequencer import cli
+for argv in (["--help"], ["--version"], ["no-such-command"]):
+    try:
+        cli.main(argv)
+    except SystemExit:
+        pass
+    assert "torch" not in sys.modules, argv
+"""
+
+
+def test_help_and_argument_errors_import_no_torch():
+    """`sequencer --help`, `--version` and an unknown command (an argparse error) import neither torch nor timm:
+    the command line answers them from its argument tables, without seconds of imports."""
+    r = subprocess.run([sys.executable, "-c", _NO_TORCH_FOR_HELP], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+
+
 def test_user_error_is_one_line_without_traceback():
     r = subprocess.run([sys.executable, "-m", "sequencer", "validate", "--model", "sequencer2d_ss"],
                        capture_output=True, text=True)

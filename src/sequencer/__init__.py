@@ -10,8 +10,9 @@ in your process: they log through the ``"sequencer"`` logger, raise instead of e
 random state and your module's modes as they found them (validation gives back a module it moved to its device),
 and Ctrl-C raises ``KeyboardInterrupt`` (:class:`TrainingInterrupted`).
 """
+from typing import TYPE_CHECKING
+
 from .errors import SequencerError
-from .models import create_model, list_models
 
 __version__ = "0.1.0"
 __all__ = ["create_model", "create_backbone", "list_models", "train", "validate", "TrainResult", "TrainConfig", "TrainingInterrupted",
@@ -19,8 +20,11 @@ __all__ = ["create_model", "create_backbone", "list_models", "train", "validate"
            "create_segmenter", "train_segmenter", "validate_segmenter", "SegmentConfig", "SegmentResult",
            "SegmentValidationResult"]
 
-# imported on first use: they pull in the training, evaluation and inference tooling
+# imported on first use, so that `import sequencer` (and the command line's `--help` and argument errors) costs no
+# import of torch, timm or the training, evaluation and inference tooling
 _LAZY = {
+    "create_model": ("sequencer.models", "create_model"),
+    "list_models": ("sequencer.models", "list_models"),
     "train": ("sequencer.engine.train", "train"),
     "TrainResult": ("sequencer.engine.train", "TrainResult"),
     "TrainConfig": ("sequencer.engine.config", "TrainConfig"),
@@ -37,10 +41,28 @@ _LAZY = {
     "SegmentValidationResult": ("sequencer.engine.segmentation_eval", "SegmentValidationResult"),
 }
 
+if TYPE_CHECKING:  # what type checkers and IDEs see: the names _LAZY imports on first use
+    from .engine.config import TrainConfig
+    from .engine.segmentation import train_segmenter
+    from .engine.segmentation_config import SegmentConfig, SegmentResult
+    from .engine.segmentation_eval import SegmentValidationResult, validate_segmenter
+    from .engine.train import TrainingInterrupted, TrainResult, train
+    from .engine.validation import ValidationResult, validate
+    from .models import create_model, list_models
+    from .models.backbone import create_backbone
+    from .models.segmentation import create_segmenter
+    from .tools.optimize import optimize_for_inference
+
 
 def __getattr__(name):
     if name in _LAZY:
         import importlib
         module, attr = _LAZY[name]
-        return getattr(importlib.import_module(module), attr)
-    raise AttributeError(name)
+        value = getattr(importlib.import_module(module), attr)
+        globals()[name] = value  # later look-ups find it without coming here
+        return value
+    raise AttributeError(f"module 'sequencer' has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted(set(globals()) | set(_LAZY))
