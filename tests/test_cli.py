@@ -30,7 +30,10 @@ import sys
 import sequencer
 assert "torch" not in sys.modules, "import sequencer"
 from sequencer import cli
-for argv in (["--help"], ["--version"], ["no-such-command"]):
+calls = [["--help"], ["--version"], ["no-such-command"]]
+calls += [[name, "--help"] for name in cli.COMMANDS] + [[name, "--no-such-flag"] for name in cli.COMMANDS]
+calls += [["segment", "train", "--help"], ["segment", "train", "--head", "no-such-head"]]
+for argv in calls:
     try:
         cli.main(argv)
     except SystemExit:
@@ -40,8 +43,9 @@ for argv in (["--help"], ["--version"], ["no-such-command"]):
 
 
 def test_help_and_argument_errors_import_no_torch():
-    """`sequencer --help`, `--version` and an unknown command (an argparse error) import neither torch nor timm:
-    the command line answers them from its argument tables, without seconds of imports."""
+    """`sequencer --help`, `sequencer COMMAND --help` and an argparse error (an unknown command or flag, a bad choice)
+    import neither torch nor timm: the command line answers them from its argument tables, without seconds of
+    imports."""
     r = subprocess.run([sys.executable, "-c", _NO_TORCH_FOR_HELP], capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
 

@@ -7,11 +7,8 @@ import dataclasses
 import json
 from pathlib import Path
 
-import torch
-
-from ..engine.inference import resolve_device
+from ..choices import AMP_DTYPE_NAMES
 from ..fileio import write_atomically
-from ..tools.benchmark import AMP_DTYPES, BenchmarkSettings, run_benchmark
 from .common import add_model_args, check_results_file, positive_int
 
 
@@ -19,7 +16,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_model_args(parser)
     parser.add_argument("-b", "--batch-size", type=positive_int, default=16, help="images per step (default 16)")
     parser.add_argument("--mode", choices=("infer", "train", "both"), default="infer")
-    parser.add_argument("--amp-dtype", choices=tuple(AMP_DTYPES), default="float32",
+    parser.add_argument("--amp-dtype", choices=AMP_DTYPE_NAMES, default="float32",
                         help="compute dtype: autocast for eager models, weight dtype for --optimized on CPU")
     parser.add_argument("--compare-timm", action="store_true",
                         help="also run timm's Sequencer2d, same weights, interleaved in this process")
@@ -33,7 +30,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "'ours' runs the model's own, by default auto)")
     parser.add_argument("--reference-model", default="", metavar="TIMM_NAME",
                         help="also run this timm model (its own weights) as a reference row, e.g. convnext_tiny")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu or cuda")
+    parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     parser.add_argument("--num-warmup", type=int, default=2, help="untimed steps per implementation (default 2)")
     parser.add_argument("--num-iter", type=positive_int, default=10, help="timed steps per implementation")
     parser.add_argument("--memory-iter", type=int, default=2,
@@ -60,12 +57,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     check_results_file(args.results_file)
+    from ..tools.benchmark import BenchmarkSettings, run_benchmark
+
     settings = BenchmarkSettings(**{f.name: getattr(args, f.name) for f in dataclasses.fields(BenchmarkSettings)})
     if args.backbone:  # first: it refuses --data (which would otherwise quietly time the loader instead)
         from ..tools.backbone_benchmark import format_backbone_results, run_backbone_benchmark
         report = run_backbone_benchmark(settings)
         print(format_backbone_results(report))
     elif args.data:
+        from ..engine.inference import resolve_device
         from ..tools.loader_benchmark import format_loader_results, run_loader_benchmark
         img_size = args.img_size or 224
         report = run_loader_benchmark(settings, resolve_device(args.device), img_size)

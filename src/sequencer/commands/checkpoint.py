@@ -6,8 +6,6 @@ import argparse
 import os
 
 from ..errors import SequencerError
-from ..models.loading import model_config, save_weights
-from ..tools.checkpoints import average_state_dicts, check_same_model, read_weights, repeated_weights
 
 
 def _check_output(path: str, inputs: list[str], safetensors: bool) -> None:
@@ -20,6 +18,9 @@ def _check_output(path: str, inputs: list[str], safetensors: bool) -> None:
 
 def cmd_average(args: argparse.Namespace) -> int:
     _check_output(args.output, args.checkpoints, args.safetensors)
+    from ..models.loading import model_config, save_weights
+    from ..tools.checkpoints import average_state_dicts, check_same_model, read_weights, repeated_weights
+
     paths, configs, states, used_emas = list(args.checkpoints), [], [], []
     for path in paths:
         checkpoint, state, used_ema = read_weights(path, args.use_ema)
@@ -51,6 +52,9 @@ def cmd_average(args: argparse.Namespace) -> int:
 
 def cmd_clean(args: argparse.Namespace) -> int:
     _check_output(args.output, [args.checkpoint], args.safetensors)
+    from ..models.loading import model_config, save_weights
+    from ..tools.checkpoints import read_weights
+
     checkpoint, state, used_ema = read_weights(args.checkpoint, args.use_ema)
     out = save_weights(state, args.output, model_config(checkpoint), safetensors=args.safetensors or None,
                        extra={"weights": "ema" if used_ema else "model"})

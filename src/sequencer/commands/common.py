@@ -1,7 +1,8 @@
 """The one home of what several commands share: the model flags and the model they load, ``--onnx``, flag types
 and the checks of ``--device``, ``--workers`` and ``--results-file``, and the library's parameter names as the
 flags that set them (`as_flags`). Commands import these from here, never from one another; the work itself is the
-library's (``engine``, ``tools``).
+library's (``engine``, ``tools``). Like every command module, it imports no torch at its top: ``sequencer COMMAND
+--help`` and a bad flag are answered from the argument tables alone; the helpers that do the work import it.
 """
 from __future__ import annotations
 
@@ -13,16 +14,16 @@ import os
 import re
 import sys
 import tempfile
-
-import torch
+from typing import TYPE_CHECKING
 
 from ..engine.config import config_defaults
-from ..engine.distributed import PeerGone, record_own_failure
-from ..engine.inference import LoadedModel, load_model, resolve_device
 from ..engine.segmentation_config import SegmentConfig
 from ..errors import SequencerError
-from ..models import get_model_entry, has_pretrained_weights
-from ..tools.onnx_runtime import load_onnx, note_other_cpu
+
+if TYPE_CHECKING:
+    import torch
+
+    from ..engine.inference import LoadedModel
 
 
 # The library's parameters that messages name (in backticks, errors.py) -> the flag that sets them on the command line
@@ -139,6 +140,7 @@ def check_fast_flags(args: argparse.Namespace) -> None:
 def warn_if_random_weights(args: argparse.Namespace) -> None:
     """One warning line when a model name alone (no --checkpoint, no --pretrained) means random weights."""
     if getattr(args, "model", None) and not args.checkpoint and not args.pretrained:
+        from ..models import get_model_entry, has_pretrained_weights
         released = has_pretrained_weights(get_model_entry(args.model).pretrained_cfg)
         print(f"warning: {args.model} runs with randomly initialised weights (no --checkpoint given"
               + ("; --pretrained loads the released ones)" if released else ", and it has no released ones)"),
@@ -147,6 +149,7 @@ def warn_if_random_weights(args: argparse.Namespace) -> None:
 
 def load_model_from_args(args: argparse.Namespace, device: torch.device | str = "cpu") -> LoadedModel:
     """The model the model flags (:func:`add_model_args`) describe, in eval mode on ``device``."""
+    from ..engine.inference import load_model
     return load_model(args.checkpoint, model=args.model, pretrained=args.pretrained, num_classes=args.num_classes,
                       img_size=getattr(args, "img_size", None), input_size=getattr(args, "input_size", None),
                       use_ema=getattr(args, "use_ema", True), device=device)
@@ -154,6 +157,7 @@ def load_model_from_args(args: argparse.Namespace, device: torch.device | str = 
 
 def check_device(text: str | None) -> None:
     """SequencerError for a ``--device`` that is not a device, or names CUDA where there is none."""
+    from ..engine.inference import resolve_device
     resolve_device(text)
 
 
@@ -198,6 +202,7 @@ def load_model_or_onnx(args, device: torch.device | str = "cpu") -> LoadedModel:
              if value]
     if given:
         raise SequencerError(f"--onnx {args.onnx!r} carries its own model and weights; drop {', '.join(given)}")
+    from ..tools.onnx_runtime import load_onnx, note_other_cpu
     loaded = load_onnx(args.onnx)
     size = args.input_size[1:] if args.input_size else (args.img_size,) * 2 if args.img_size else None
     if size:
@@ -214,6 +219,7 @@ def failure_reported_to_launcher():
     """Under ``distributed_train.sh``, a user error tells the launcher this rank's exit status (2), so the launch
     ends with it; the commands that run under torchrun (train, validate) wrap their work in this. A rank that
     stopped because another failed exits without a traceback of its own (the other says why on its line)."""
+    from ..engine.distributed import PeerGone, record_own_failure
     try:
         yield
     except SequencerError:

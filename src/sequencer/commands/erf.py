@@ -7,9 +7,8 @@ import random
 from pathlib import Path
 
 
-from ..engine.inference import check_input_size, find_images, resolve_device
+from ..choices import ERF_MODES
 from ..errors import SequencerError
-from ..tools.erf import MODES, area_ratios, erf_map, plot_erf, save_raw_maps
 from .common import add_model_args, load_model_from_args, positive_int
 
 
@@ -32,7 +31,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--output", "-o", default="erf.png", metavar="PNG", help="heat map; the raw map goes to .npy")
     parser.add_argument("--stage", type=_parse_stage, default=None, metavar="K|all",
                         help="stage K (1-based) or 'all' (one panel each); default: the final features")
-    parser.add_argument("--mode", choices=MODES, default="paper",
+    parser.add_argument("--mode", choices=ERF_MODES, default="paper",
                         help="paper: the Sequencer paper's ERF (ReLU'd centre, positive gradient summed, log10(x+1) "
                              "min-max scaled); magnitude: |gradient| of the plain centre sum, averaged (not the "
                              "paper's)")
@@ -48,6 +47,9 @@ def run(args: argparse.Namespace) -> int:
         raise SequencerError(f"--output {args.output!r} must be a .png file")
     if not output.parent.is_dir():
         raise SequencerError(f"output folder {str(output.parent)!r} does not exist")
+    from ..engine.inference import check_input_size, find_images, resolve_device
+    from ..tools.erf import area_ratios, erf_map, plot_erf, save_raw_maps
+
     files = find_images([args.data])
     device = resolve_device(args.device)
     loaded = load_model_from_args(args, device)

@@ -7,20 +7,17 @@ import argparse
 import sys
 from pathlib import Path
 
+from ..choices import EXPORT_FORMATS, MIN_OPSET
 from ..errors import SequencerError
-from ..engine.inference import check_input_size, find_images
-from ..models.loading import model_config
-from ..tools.export import (FORMATS, MAX_OPSET, MIN_OPSET, describe_int8, export_onnx, export_onnx_int8,
-                            export_program, export_safetensors, export_torchscript, int8_settings, onnx_packages)
 from .common import add_model_args, load_model_from_args, positive_int, warn_if_random_weights
 
 
 def check_output_format(args: argparse.Namespace) -> str:
     """The export format; the --output suffix must be one of its suffixes (checked before anything is written)."""
     suffix = Path(args.output).suffix.lower()
-    inferred = next((name for name, suffixes in FORMATS.items() if suffix in suffixes), None)
+    inferred = next((name for name, suffixes in EXPORT_FORMATS.items() if suffix in suffixes), None)
     if args.format and inferred != args.format:
-        raise SequencerError(f"--output {args.output!r} does not end in {' or '.join(FORMATS[args.format])}, "
+        raise SequencerError(f"--output {args.output!r} does not end in {' or '.join(EXPORT_FORMATS[args.format])}, "
                              f"the suffix of --format {args.format}", hint="name the file after its format")
     if not args.format and inferred is None:
         raise SequencerError(f"cannot tell the export format from {args.output!r}",
@@ -30,6 +27,8 @@ def check_output_format(args: argparse.Namespace) -> str:
 
 def check_export_options(args: argparse.Namespace, fmt: str) -> None:
     """One-line errors for option combinations that cannot work, before the model is loaded."""
+    from ..tools.export import MAX_OPSET, int8_settings, onnx_packages
+
     if fmt == "onnx":
         onnx_packages()  # installed (the `export` extra)? asked before a model is loaded or downloaded
     if fmt == "onnx" and not MIN_OPSET <= args.opset <= MAX_OPSET:
@@ -54,6 +53,8 @@ def check_export_options(args: argparse.Namespace, fmt: str) -> None:
 
 
 def _check_image_folder(flag: str, folder: str) -> None:
+    from ..engine.inference import find_images
+
     if not Path(folder).is_dir():
         raise SequencerError(f"{flag} {folder!r} is not a folder of images")
     try:
@@ -64,14 +65,15 @@ def _check_image_folder(flag: str, folder: str) -> None:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_model_args(parser)
-    parser.add_argument("--format", "-f", choices=sorted(FORMATS), default=None,
+    parser.add_argument("--format", "-f", choices=sorted(EXPORT_FORMATS), default=None,
                         help="export format (default: from the --output suffix: .onnx, .pt/.ts, .pt2, .safetensors); "
                              "the suffix must match it")
     parser.add_argument("--output", "-o", required=True, metavar="PATH", help="file to write")
     parser.add_argument("--dynamic-batch", action="store_true",
                         help="ONNX/TorchScript/exported program: variable batch size")
     parser.add_argument("--batch-size", type=positive_int, default=1, help="batch size of the example input")
-    parser.add_argument("--opset", type=positive_int, default=17, help=f"ONNX opset ({MIN_OPSET} to {MAX_OPSET})")
+    parser.add_argument("--opset", type=positive_int, default=17,
+                        help=f"ONNX opset ({MIN_OPSET} up to the newest the installed torch exports)")
     parser.add_argument("--rtol", type=float, default=1e-4,
                         help="allowed max |exported - PyTorch| / max |PyTorch| of the logits")
     g = parser.add_argument_group("int8 (ONNX)")
@@ -91,6 +93,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _report_int8(result: dict, verify: str | None) -> str:
+    from ..tools.export import describe_int8
+
     settings = describe_int8(result["settings"], result["float_recurrent"])
     if not verify:
         print("warning: int8 accuracy not checked; pass --verify DIR (a folder of images) to measure it",
@@ -106,6 +110,11 @@ def run(args: argparse.Namespace) -> int:
     fmt = check_output_format(args)
     check_export_options(args, fmt)
     warn_if_random_weights(args)
+    from ..engine.inference import check_input_size
+    from ..models.loading import model_config
+    from ..tools.export import (export_onnx, export_onnx_int8, export_program, export_safetensors, export_torchscript,
+                                int8_settings)
+
     loaded = load_model_from_args(args, "cpu")
     model, input_size = loaded.model, loaded.input_size
     check_input_size(loaded, *input_size[1:])

@@ -7,13 +7,13 @@ from __future__ import annotations
 
 import argparse
 import warnings
-
-import torch
+from typing import TYPE_CHECKING
 
 from ..errors import SequencerError
-from ..models.flops import count_macs
-from ..models.registry import create_model, get_model_entry, has_pretrained_weights, list_models
 from .common import positive_int
+
+if TYPE_CHECKING:
+    import torch
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -29,6 +29,11 @@ def model_summary(name: str, sizes: tuple[int, ...] = ()) -> dict:
 
     The model is built on the meta device, so this is cheap even for the large models.
     """
+    import torch
+
+    from ..models.flops import count_macs
+    from ..models.registry import create_model, get_model_entry, has_pretrained_weights
+
     entry = get_model_entry(name)
     with torch.device("meta"), warnings.catch_warnings():
         warnings.simplefilter("ignore")  # init on meta tensors may warn; nothing is computed
@@ -78,6 +83,8 @@ def format_table(rows: list[dict], sizes: tuple[int, ...] = ()) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
+    from ..models.registry import list_models
+
     names = list_models(args.pattern, pretrained=args.pretrained)
     if not names:
         raise SequencerError(f"no model matches {args.pattern!r}" + (" with released weights" if args.pretrained

@@ -11,21 +11,22 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from typing import TYPE_CHECKING
 
-import torch
-
-from ..engine.guest import printable
-from ..engine.inference import check_input_size, eval_transform, find_images, read_images, resolve_device
-from ..tools.optimize import optimize_for_inference
 from .common import (add_fast_argument, check_fast_flags, add_model_args, add_onnx_argument, load_model_or_onnx, positive_int,
                      warn_if_random_weights)
 
+if TYPE_CHECKING:
+    import torch
 
-@torch.inference_mode()
+
 def predict(model: torch.nn.Module, images: torch.Tensor, topk: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(B, C, H, W) -> (probabilities (B, k), class indices (B, k)), most likely first."""
-    probs = model(images).float().softmax(dim=-1)
-    return probs.topk(min(topk, probs.shape[-1]), dim=-1)
+    import torch
+
+    with torch.inference_mode():
+        probs = model(images).float().softmax(dim=-1)
+        return probs.topk(min(topk, probs.shape[-1]), dim=-1)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -56,6 +57,12 @@ def _warn_of_unnamed_outputs(names: list[str] | None, num_outputs: int | None) -
 
 
 def run(args: argparse.Namespace) -> int:
+    import torch
+
+    from ..engine.guest import printable
+    from ..engine.inference import check_input_size, eval_transform, find_images, read_images, resolve_device
+    from ..tools.optimize import optimize_for_inference
+
     files = find_images(args.inputs)
     device = resolve_device(args.device)
     warn_if_random_weights(args)

@@ -5,11 +5,7 @@ from __future__ import annotations
 import argparse
 import os
 
-from ..data import create_dataset
-from ..engine.inference import check_input_size, default_workers, label_with_model_classes, resolve_device
 from ..errors import SequencerError
-from ..tools.resolution import (default_sizes, plot_resolution, prepare_output_dir, resolution_sweep,
-                               write_resolution_csv)
 from .common import add_model_args, check_workers, load_model_from_args, positive_int
 
 
@@ -30,6 +26,11 @@ def run(args: argparse.Namespace) -> int:
     if not os.path.isdir(args.data):
         raise SequencerError(f"data folder {args.data!r} does not exist")
     check_workers(args.workers)
+    from ..data import create_dataset
+    from ..engine.inference import check_input_size, default_workers, label_with_model_classes, resolve_device
+    from ..tools.resolution import (default_sizes, plot_resolution, prepare_output_dir, resolution_sweep,
+                                   write_resolution_csv)
+
     device = resolve_device(args.device)
     loaded = load_model_from_args(args, device)
     sizes = sorted(set(args.sizes or default_sizes(loaded.input_size[-1], getattr(loaded.model, "reduction", 1))))

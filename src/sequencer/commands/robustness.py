@@ -7,11 +7,8 @@ import json
 import os
 from pathlib import Path
 
-from ..engine.inference import check_input_size, default_workers, resolve_device
 from ..errors import SequencerError
 from ..fileio import write_atomically
-
-from ..tools.robustness import STANDARD_CORRUPTIONS, find_corruptions, mean_corruption_error, select_corruptions
 from .common import add_model_args, check_results_file, check_workers, load_model_from_args, positive_int
 
 
@@ -31,6 +28,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     check_results_file(args.results_file)  # first: it is cheap, the data scan is not
     check_workers(args.workers)
+    from ..engine.inference import check_input_size, default_workers, resolve_device
+    from ..tools.robustness import find_corruptions, mean_corruption_error, select_corruptions
+
     corruptions = select_corruptions(find_corruptions(args.data), args.corruptions, args.data)
     if args.clean and not os.path.isdir(args.clean):
         raise SequencerError(f"clean data folder {args.clean!r} does not exist")
@@ -61,6 +61,8 @@ def _print_summary(results: dict, n_ce: int) -> None:
     elif standard15 is not None:
         caveat = f"; over the 15 standard corruptions alone (the published mCE): {standard15:.4f}"
     else:
+        from ..tools.robustness import STANDARD_CORRUPTIONS
+
         present = sum(n in STANDARD_CORRUPTIONS for n in results["corruptions"])
         short = sorted(results["protocol"]["missing_severities"])
         caveat = (f"; not comparable to a published mCE ({present} of the 15 standard corruptions"

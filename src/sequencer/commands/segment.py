@@ -8,10 +8,8 @@ import argparse
 import dataclasses
 import os
 
-from ..engine.segmentation import run_segmentation
+from ..choices import EVAL_MODES, HEADS
 from ..engine.segmentation_config import SegmentConfig
-from ..engine.segmentation_eval import EVAL_MODES, predict_files, validate_segmenter
-from ..models.segmentation import HEADS
 from .common import (KeyValues, check_device, check_results_file, check_workers, failure_reported_to_launcher, key_value,
                      positive_int)
 
@@ -131,6 +129,8 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _train(args) -> int:
+    from ..engine.segmentation import run_segmentation
+
     check_workers(args.workers)
     names = {f.name for f in dataclasses.fields(SegmentConfig)}
     settings = {k: v for k, v in vars(args).items() if k in names and v is not None}  # None: not given
@@ -143,6 +143,8 @@ def _train(args) -> int:
 
 
 def _validate(args) -> int:
+    from ..engine.segmentation_eval import validate_segmenter
+
     check_workers(args.workers)
     check_results_file(args.results_file)
     m = validate_segmenter(args.checkpoint, args.data, args.split, eval_mode=args.eval_mode, stride=args.stride,
@@ -157,6 +159,7 @@ def _validate(args) -> int:
 
 def _predict(args) -> int:
     from ..engine.inference import find_images
+    from ..engine.segmentation_eval import predict_files
 
     files = find_images(args.images)
     written = predict_files(args.checkpoint, files, args.output, overlay=args.overlay, eval_mode=args.eval_mode,

@@ -9,7 +9,6 @@ from __future__ import annotations
 import argparse
 
 from ..engine.config import RunState, config_defaults, resolve_config
-from ..engine.train import run_training
 from .common import KeyValues, Switch, add_torchcompile_argument, failure_reported_to_launcher, key_value
 
 
@@ -184,6 +183,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from ..engine.train import run_training
+
     with failure_reported_to_launcher():
         explicit = {k: v for k, v in vars(args).items() if k not in ("_module", "command")}
         state = RunState()

@@ -17,11 +17,9 @@ import csv
 import json
 import os
 
-from ..data.loader import INTERPOLATIONS
-from ..engine.validation import validate
+from ..choices import INTERPOLATIONS
 from ..errors import SequencerError
 from ..fileio import write_atomically
-from ..tools.optimize import optimize_for_inference
 from .common import (add_fast_argument, check_fast_flags, add_model_args, add_onnx_argument, add_torchcompile_argument, check_device, check_results_file, check_workers,
                      failure_reported_to_launcher, load_model_or_onnx, positive_int)
 
@@ -88,6 +86,9 @@ def run(args: argparse.Namespace) -> int:
     check_device(args.device)
     check_workers(args.workers)
     check_onnx_flags(args)
+    from ..engine.validation import validate
+    from ..tools.optimize import optimize_for_inference
+
     with failure_reported_to_launcher():
         results = validate(
             args.checkpoint, args.data, model=args.model, pretrained=args.pretrained, dataset=args.dataset,

@@ -17,6 +17,7 @@ from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.data import create_transform as timm_create_transform
 from torch.utils.data import DataLoader, default_collate
 
+from ..choices import INTERPOLATIONS
 from ..errors import SequencerError
 from .augment import keep_zero_bit_posterize
 from .datasets import READ_ERRORS, UnreadableImageError
@@ -24,7 +25,6 @@ from .loader_workers import track
 
 _logger = logging.getLogger(__name__)
 
-INTERPOLATIONS = ("bilinear", "bicubic", "nearest", "lanczos", "box", "hamming", "random")
 
 # timm's training-augmentation defaults, used unless the caller or the dataset (``augment_defaults``) says otherwise
 TIMM_AUGMENT_DEFAULTS = dict(hflip=0.5, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3), color_jitter=0.4)

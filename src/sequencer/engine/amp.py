@@ -5,12 +5,13 @@ import logging
 
 import torch
 
+from ..choices import AMP_DTYPE_NAMES
 from ..errors import SequencerError
 from ..models.kernels import native_dtype
 
 _logger = logging.getLogger(__name__)
 
-AMP_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+AMP_DTYPES = {name: getattr(torch, name) for name in AMP_DTYPE_NAMES}
 
 
 def dtype_name(dtype: torch.dtype | None) -> str | None:

@@ -39,7 +39,7 @@ def _check_optimizer(opt: str) -> None:
 
 
 def _check_augment(cfg) -> None:
-    from ..data.loader import INTERPOLATIONS
+    from ..choices import INTERPOLATIONS
     if cfg.remode not in ERASING_MODES:
         raise SequencerError(f"`remode={cfg.remode}`: unknown random erasing mode",
                              hint=f"modes: {', '.join(ERASING_MODES)}")

@@ -6,11 +6,9 @@ import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ..choices import EVAL_MODES, HEADS
 from ..errors import SequencerError
-from ..models import get_model_entry
-from ..models.segmentation import HEADS
 from .config import records_given
-from .segmentation_eval import EVAL_MODES, check_stride
 
 
 @records_given
@@ -88,7 +86,9 @@ class SegmentResult:
 def check_segment_config(cfg: SegmentConfig) -> None:
     """SequencerError (one line naming the setting, `` `lr=0` ``) for settings that cannot work, before anything
     runs."""
+    from ..models import get_model_entry  # here, not above: SegmentConfig is imported by the command line's tables
     from .inference import resolve_device
+    from .segmentation_eval import check_stride
 
     def bad(name, value, why):
         raise SequencerError(f"`{name}={value}`: {why}")

@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..choices import EVAL_MODES
 from ..data.class_folders import split_aliases
 from ..data.loader_workers import workers_stopped_on_exit
 from ..data.segmentation import IGNORE_INDEX, EvalTransform, SegmentationDataset, open_split, voc_palette
@@ -35,7 +36,6 @@ from .guest import caller_rng_kept
 from .user_data import check_float32_weights
 
 _logger = logging.getLogger(__name__)
-EVAL_MODES = ("whole", "slide")
 
 
 # --------------------------------------------------------------------------------------------------- metrics

@@ -17,11 +17,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..choices import HEADS
 from ..errors import ArgumentValueError, SequencerError
 from .backbone import create_backbone, positive_int
 from .features import WrapperFacade
-
-HEADS = ("upernet", "fpn")
 
 
 class ConvNormAct(nn.Sequential):

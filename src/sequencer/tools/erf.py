@@ -32,7 +32,6 @@ _logger = logging.getLogger(__name__)
 
 PANEL_IN, COLORBAR_IN, HEIGHT_IN, DPI = 3.6, 1.0, 3.6, 100  # figure of n panels: (3.6 n + 1) x 3.6 in at 100 dpi
 AREA_THRESHOLDS = (0.2, 0.3, 0.5, 0.99)
-MODES = ("paper", "magnitude")
 
 
 def figure_size_px(panels: int) -> tuple[int, int]:

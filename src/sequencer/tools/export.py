@@ -45,9 +45,6 @@ from .onnx_runtime import OnnxModel, load_onnx
 
 _logger = logging.getLogger(__name__)
 
-FORMATS = {"onnx": (".onnx",), "torchscript": (".pt", ".ts", ".torchscript", ".jit"), "safetensors": (".safetensors",),
-           "exported-program": (".pt2",)}
-MIN_OPSET = 17  # LayerNormalization
 try:  # the newest opset the TorchScript-based exporter writes
     from torch.onnx._constants import ONNX_TORCHSCRIPT_EXPORTER_MAX_OPSET as MAX_OPSET
 except ImportError:
