@@ -16,11 +16,6 @@ import sys
 import threading
 import warnings
 
-import torch
-
-from ..models.hub import download_progress
-from .checkpoint import get_rng_state, set_rng_state
-
 _logger = logging.getLogger(__name__)
 _quiet = contextvars.ContextVar("sequencer_quiet", default=False)
 _level_lock = threading.Lock()
@@ -93,6 +88,8 @@ def console(progress: bool):
     """The call's console output. ``progress=True``: the log lines on stdout (problems on stderr) unless the
     caller's logging already prints them, and a download's progress bar; ``progress=False``: nothing on stdout or
     stderr (the call's records still reach the caller's other handlers, e.g. a log file)."""
+    from ..models.hub import download_progress  # here: the command line's console handler needs no torch
+
     logger = logging.getLogger("sequencer")
     thread = threading.get_ident()
     token = _quiet.set(not progress)
@@ -154,6 +151,10 @@ def _restore_level(logger: logging.Logger) -> None:
 def caller_rng_kept():
     """Run the body, then give ``random``, ``numpy.random`` and torch's CPU and CUDA generators back the state they
     had before (CUDA first used inside the body is reseeded with the caller's torch seed)."""
+    import torch
+
+    from .checkpoint import get_rng_state, set_rng_state
+
     saved = get_rng_state()
     seed = torch.initial_seed()
     cuda_was_initialized = torch.cuda.is_available() and torch.cuda.is_initialized()
