@@ -33,6 +33,8 @@ from sequencer import cli
 calls = [["--help"], ["--version"], ["no-such-command"]]
 calls += [[name, "--help"] for name in cli.COMMANDS] + [[name, "--no-such-flag"] for name in cli.COMMANDS]
 calls += [["segment", "train", "--help"], ["segment", "train", "--head", "no-such-head"]]
+# a command's own checks of the files it is given come before the library loads
+calls += [["predict", "/no/such.jpg"], ["erf", "/no/such"], ["resolution-sweep", "/no/such", "-o", "out"]]
 for argv in calls:
     try:
         cli.main(argv)
@@ -43,9 +45,9 @@ for argv in calls:
 
 
 def test_help_and_argument_errors_import_no_torch():
-    """`sequencer --help`, `sequencer COMMAND --help` and an argparse error (an unknown command or flag, a bad choice)
-    import neither torch nor timm: the command line answers them from its argument tables, without seconds of
-    imports."""
+    """`sequencer --help`, `sequencer COMMAND --help`, an argparse error (an unknown command or flag, a bad choice)
+    and a missing input file of predict, erf and resolution-sweep import neither torch nor timm: the command line
+    answers them from its argument tables and its own file checks, without seconds of imports."""
     r = subprocess.run([sys.executable, "-c", _NO_TORCH_FOR_HELP], capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
 

@@ -8,6 +8,7 @@ from pathlib import Path
 
 
 from ..choices import ERF_MODES
+from ..data.class_folders import find_images
 from ..errors import SequencerError
 from .common import add_model_args, load_model_from_args, positive_int
 
@@ -47,10 +48,10 @@ def run(args: argparse.Namespace) -> int:
         raise SequencerError(f"--output {args.output!r} must be a .png file")
     if not output.parent.is_dir():
         raise SequencerError(f"output folder {str(output.parent)!r} does not exist")
-    from ..engine.inference import check_input_size, find_images, resolve_device
+    files = find_images([args.data])
+    from ..engine.inference import check_input_size, resolve_device
     from ..tools.erf import area_ratios, erf_map, plot_erf, save_raw_maps
 
-    files = find_images([args.data])
     device = resolve_device(args.device)
     loaded = load_model_from_args(args, device)
     check_input_size(loaded, *loaded.input_size[1:])

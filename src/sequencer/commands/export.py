@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 from ..choices import EXPORT_FORMATS, MIN_OPSET
+from ..data.class_folders import find_images
 from ..errors import SequencerError
 from .common import add_model_args, load_model_from_args, positive_int, warn_if_random_weights
 
@@ -53,8 +54,6 @@ def check_export_options(args: argparse.Namespace, fmt: str) -> None:
 
 
 def _check_image_folder(flag: str, folder: str) -> None:
-    from ..engine.inference import find_images
-
     if not Path(folder).is_dir():
         raise SequencerError(f"{flag} {folder!r} is not a folder of images")
     try:

@@ -13,6 +13,7 @@ import json
 import sys
 from typing import TYPE_CHECKING
 
+from ..data.class_folders import find_images
 from .common import (add_fast_argument, check_fast_flags, add_model_args, add_onnx_argument, load_model_or_onnx, positive_int,
                      warn_if_random_weights)
 
@@ -57,13 +58,13 @@ def _warn_of_unnamed_outputs(names: list[str] | None, num_outputs: int | None) -
 
 
 def run(args: argparse.Namespace) -> int:
+    files = find_images(args.inputs)  # first: a missing file is named before the library loads
     import torch
 
     from ..engine.guest import printable
-    from ..engine.inference import check_input_size, eval_transform, find_images, read_images, resolve_device
+    from ..engine.inference import check_input_size, eval_transform, read_images, resolve_device
     from ..tools.optimize import optimize_for_inference
 
-    files = find_images(args.inputs)
     device = resolve_device(args.device)
     warn_if_random_weights(args)
     check_fast_flags(args)

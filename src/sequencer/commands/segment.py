@@ -9,6 +9,7 @@ import dataclasses
 import os
 
 from ..choices import EVAL_MODES, HEADS
+from ..data.class_folders import find_images
 from ..engine.segmentation_config import SegmentConfig
 from .common import (KeyValues, check_device, check_results_file, check_workers, failure_reported_to_launcher, key_value,
                      positive_int)
@@ -158,7 +159,6 @@ def _validate(args) -> int:
 
 
 def _predict(args) -> int:
-    from ..engine.inference import find_images
     from ..engine.segmentation_eval import predict_files
 
     files = find_images(args.images)

@@ -21,6 +21,7 @@ import logging
 import os
 import tarfile
 import unicodedata
+from pathlib import Path
 from typing import Iterator
 
 from ..errors import SequencerError
@@ -172,6 +173,26 @@ def walk_images(folder: str, real_dirs: set[str] | None = None) -> Iterator[str]
             elif rel and entry.is_symlink() and not os.path.exists(entry.path):  # the split's own: check_class_entries
                 _logger.warning("skipped symbolic link %s: it leads to %s, which does not exist",
                                 os.path.join(folder, *child.split("/")), os.readlink(entry.path))
+
+
+def find_images(paths: list[str]) -> list[Path]:
+    """The files named plus the image files under the folders named (recursively, sorted); duplicates dropped.
+
+    Raises SequencerError for a path that does not exist or when no image is found at all.
+    """
+    found: dict[Path, None] = {}
+    for p in map(Path, paths):
+        if p.is_file():
+            found[p] = None
+        elif p.is_dir():
+            for rel in sorted(walk_images(str(p))):  # hidden entries below a folder are not data
+                found[p / rel] = None
+        else:
+            raise SequencerError(f"{str(p)!r} does not exist")
+    if not found:
+        raise SequencerError(f"no image files found in {', '.join(map(repr, paths))}",
+                             hint=f"expected files ending in {', '.join(IMAGE_EXTENSIONS)}")
+    return list(found)
 
 
 def _inside(path: str, folder: str) -> bool:

@@ -16,8 +16,8 @@ import torch
 from torch import nn
 
 from ..data import create_dataset, create_loader, create_transform, load_image, resolve_data_config
-from ..data.class_folders import class_name, walk_images
-from ..data.datasets import IMAGE_EXTENSIONS, READ_ERRORS, drop_classes, map_classes_by_name
+from ..data.class_folders import class_name
+from ..data.datasets import READ_ERRORS, drop_classes, map_classes_by_name
 from ..errors import SequencerError
 from ..models import create_model, get_model_entry
 from ..models.loading import checkpoint_metadata, extract_state_dict, load_state_dict_into, read_checkpoint
@@ -222,26 +222,6 @@ def _leave_out_ignored_classes(dataset, loaded) -> None:
 
 
 # ------------------------------------------------------------------------------------- images and evaluation data
-def find_images(paths: list[str]) -> list[Path]:
-    """The files named plus the image files under the folders named (recursively, sorted); duplicates dropped.
-
-    Raises SequencerError for a path that does not exist or when no image is found at all.
-    """
-    found: dict[Path, None] = {}
-    for p in map(Path, paths):
-        if p.is_file():
-            found[p] = None
-        elif p.is_dir():
-            for rel in sorted(walk_images(str(p))):  # hidden entries below a folder are not data
-                found[p / rel] = None
-        else:
-            raise SequencerError(f"{str(p)!r} does not exist")
-    if not found:
-        raise SequencerError(f"no image files found in {', '.join(map(repr, paths))}",
-                             hint=f"expected files ending in {', '.join(IMAGE_EXTENSIONS)}")
-    return list(found)
-
-
 def eval_transform(loaded: LoadedModel, input_size=None):
     """The model's eval preprocessing (resize to size/crop_pct, centre crop, normalise) as a PIL -> tensor callable."""
     cfg = loaded.data_config

@@ -34,7 +34,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..engine.inference import eval_transform, find_images, read_images, relative_error
+from ..data.class_folders import find_images
+from ..engine.inference import eval_transform, read_images, relative_error
 from ..engine.user_data import check_float32_weights
 from ..errors import SequencerError, optional_import
 from ..fileio import write_atomically
