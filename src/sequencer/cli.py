@@ -1,7 +1,8 @@
 """`sequencer` command line: one sub-command per workflow.
 
 Each sub-command lives in its own module of :mod:`sequencer.commands`, exposing ``add_arguments(parser)`` and ``run(args) -> int``; modules are
-imported only when their command runs, so ``sequencer --help`` stays fast.
+imported only when their command runs, and import the library (torch) only inside ``run``, so ``sequencer --help``,
+``sequencer COMMAND --help`` and a bad flag answer without loading torch (``tests/test_cli.py`` checks it).
 """
 from __future__ import annotations
 
