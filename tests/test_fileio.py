@@ -91,8 +91,10 @@ def test_benchmark_results_file_is_written_atomically(tmp_path, monkeypatch):
     import json
 
     from sequencer.commands import benchmark
+    from sequencer.tools import benchmark as measuring
     report = {"results": [{"impl": "ours", "ms": 1.0}]}
-    monkeypatch.setattr(benchmark, "run_benchmark", lambda args: report)  # the measuring is tested elsewhere
+    # the measuring is tested elsewhere; the command imports it inside its run
+    monkeypatch.setattr(measuring, "run_benchmark", lambda args: report)
     monkeypatch.setattr(benchmark, "format_results", lambda r: "")
     path = tmp_path / "b.json"
     parser = argparse.ArgumentParser()
