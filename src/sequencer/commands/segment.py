@@ -134,9 +134,7 @@ def _train(args) -> int:
 
     check_workers(args.workers)
     names = {f.name for f in dataclasses.fields(SegmentConfig)}
-    settings = {k: v for k, v in vars(args).items() if k in names and v is not None}  # None: not given
-    settings["eval_mode"] = args.eval_mode or _DEFAULTS.eval_mode
-    settings["layout"] = args.layout or ""
+    settings = {k: v for k, v in vars(args).items() if k in names and v is not None}  # None: SegmentConfig's default
     result = run_segmentation(SegmentConfig(**settings))
     if result.best_miou is not None:
         print(f"best mIoU {result.best_miou:.4f} at epoch {result.best_epoch}: {result.checkpoint}")
