@@ -96,7 +96,7 @@ def _check_strides(strides: Sequence[int]) -> tuple[int, ...]:
     return strides
 
 
-def positive_int(name: str, value) -> int:
+def checked_positive_int(name: str, value) -> int:
     """``value`` as an int >= 1, else ArgumentValueError (one line) naming ``name``; a float, a text or a bool is
     refused, not converted."""
     try:
@@ -137,7 +137,7 @@ class SequencerBackbone(WrapperFacade, nn.Module):
                  extra_blocks: nn.Module | str | None = "pool"):
         super().__init__()
         self.strides = _check_strides(strides)
-        out_channels = positive_int("out_channels", out_channels)
+        out_channels = checked_positive_int("out_channels", out_channels)
         extra_blocks = _check_extra_blocks(extra_blocks)
         if getattr(trunk, "num_classes", 0):
             raise ArgumentValueError(f"the trunk has a {trunk.num_classes}-class head, which the backbone would "
@@ -203,7 +203,7 @@ def create_backbone(name: str, pretrained: bool = False, checkpoint_path: str | 
             raise SequencerError(f"create_backbone does not take {key}= (the backbone has no head and returns "
                                  f"its pyramid levels; pick them with strides=)")
     # the pyramid's arguments are checked before the trunk's weights are downloaded or read
-    strides, out_channels = _check_strides(strides), positive_int("out_channels", out_channels)
+    strides, out_channels = _check_strides(strides), checked_positive_int("out_channels", out_channels)
     extra_blocks = _check_extra_blocks(extra_blocks)
     trunk = create_model(name, pretrained=pretrained, checkpoint_path=checkpoint_path, num_classes=0, **kwargs)
     return SequencerBackbone(trunk, out_channels=out_channels, strides=strides, extra_blocks=extra_blocks)

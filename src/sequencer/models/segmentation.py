@@ -19,7 +19,7 @@ from torch import nn
 
 from ..choices import HEADS
 from ..errors import ArgumentValueError, SequencerError
-from .backbone import create_backbone, positive_int
+from .backbone import checked_positive_int, create_backbone
 from .features import WrapperFacade
 
 
@@ -127,9 +127,10 @@ def create_segmenter(backbone: str, num_classes: int, head: str = "upernet", hea
     if head not in HEADS:
         raise SequencerError(f"`head={head}`: unknown segmentation head", hint=f"use one of {', '.join(HEADS)}")
     _check_backbone_kwargs(backbone_kwargs or {})
-    config = dict(backbone=backbone, num_classes=positive_int("num_classes", num_classes), head=head,
-                  head_channels=positive_int("head_channels", head_channels),
-                  out_channels=positive_int("out_channels", out_channels), backbone_kwargs=dict(backbone_kwargs or {}))
+    config = dict(backbone=backbone, num_classes=checked_positive_int("num_classes", num_classes), head=head,
+                  head_channels=checked_positive_int("head_channels", head_channels),
+                  out_channels=checked_positive_int("out_channels", out_channels),
+                  backbone_kwargs=dict(backbone_kwargs or {}))
     net = create_backbone(backbone, pretrained=pretrained, checkpoint_path=backbone_checkpoint or None,
                           out_channels=out_channels, extra_blocks=None, **config["backbone_kwargs"])
     head_class = UperNetHead if head == "upernet" else SemanticFPNHead
