@@ -22,7 +22,8 @@ class StopRequest:
     """
 
     def __init__(self, state: RunState | None = None):
-        self.signum = 0
+        self.received = 0  # the signal this process's handler took
+        self.signum = 0  # the signal every rank agreed to stop by (`agreed`): what the run stops and exits by
         self._state = state
         self._previous = {}
         self._pid = os.getpid()
@@ -33,9 +34,9 @@ class StopRequest:
             # whole process group, and only the run's own process stops (shutting its workers down): each worker
             # used to repeat the warning below
             return
-        if self.signum and signum == signal.SIGINT:
+        if self.received and signum == signal.SIGINT:
             raise KeyboardInterrupt
-        self.signum = signum
+        self.received = signum
         if signum == signal.SIGTERM and self._state is not None:
             self._state.sigterm_caught = True
         _logger.warning(f"received {signal.Signals(signum).name}: stopping at the next step with a recovery "
@@ -50,7 +51,10 @@ class StopRequest:
     def agreed_with(self, info: dist_utils.DistInfo, *flags: bool) -> tuple[int, ...]:
         """:meth:`agreed`, and whether any rank raised each of ``flags``, in the same one all-reduce:
         (signal, flag, ...)."""
-        asked, *raised = dist_utils.all_reduce_max([float(self.signum), *map(float, flags)], info)
+        asked, *raised = dist_utils.all_reduce_max([float(self.received), *map(float, flags)], info)
+        # the all-reduced value alone decides: a signal handled while this rank waited in the collective (or since)
+        # was not in the value it sent, and deciding on it here made this rank stop while its peers went on into
+        # DDP's backward, each waiting for the other until torchrun killed both (no recovery checkpoint)
         self.signum = self.signum or int(asked)
         return (self.signum, *(bool(r) for r in raised))
 
