@@ -39,24 +39,19 @@ SIZE_ARGUMENTS = {"N", "S", "T", "H", "sxb", "sxs", "sxt", "sxd"}
 ASSEMBLED = (9, 0)  # the chip whose compilations go on to a cubin; the others' stop once ``shared`` is known
 
 
-class SharedMemoryKnown(Exception):
-    """Raised instead of a compilation's PTX stage, with the metadata its LLVM IR stage filled in."""
-
-    def __init__(self, metadata: dict):
-        super().__init__("stopped before PTX")
-        self.metadata = metadata
-
-
-def stop_before_ptx(backend=None, stages=None, *options):
-    """Triton's ``knobs.runtime.add_stages_inspection_hook``: with no arguments ``triton.compile`` asks for a cache
-    key suffix (these compilations never reach its cache: they raise); the backend passes itself and its stages,
-    and the PTX stage, which runs after the LLVM IR stage has set ``metadata["shared"]``, is replaced."""
+def skip_assembly(backend=None, stages=None, *options):
+    """Triton's ``knobs.runtime.add_stages_inspection_hook``: with no arguments ``triton.compile`` asks for a suffix
+    of its cache key (these compilations are cached apart from assembled ones); the backend passes itself and its
+    stages, and the PTX and cubin stages, which run after the LLVM IR stage has set ``metadata["shared"]``, are
+    replaced by empty ones (the kernel is never launched)."""
     if stages is None:
-        return "stop-before-ptx", "stop-before-ptx"
+        return "no-assembly", "no-assembly"
 
-    def stop(src, metadata):
-        raise SharedMemoryKnown(metadata)
-    stages["ptx"] = stop
+    def no_ptx(src, metadata):
+        metadata["name"] = "not assembled"  # PTX's stage names the kernel, which Triton's metadata needs
+        return ""
+    stages["ptx"] = no_ptx
+    stages["cubin"] = lambda src, metadata: b""
 
 
 def compiled_shared_memory(job: dict) -> int:
@@ -89,12 +84,9 @@ def compiled_shared_memory(job: dict) -> int:
              if name in aligned and name not in constexprs}
     source = ASTSource(kernel, signature, constexprs=constexprs, attrs=attrs)
     major, minor = job["capability"]
-    knobs.runtime.add_stages_inspection_hook = None if tuple(job["capability"]) == ASSEMBLED else stop_before_ptx
-    try:
-        compiled = triton_compile(source, target=GPUTarget("cuda", major * 10 + minor, 32),
-                                  options={"num_warps": config.num_warps, "num_stages": config.num_stages})
-    except SharedMemoryKnown as known:
-        return known.metadata["shared"]
+    knobs.runtime.add_stages_inspection_hook = None if tuple(job["capability"]) == ASSEMBLED else skip_assembly
+    compiled = triton_compile(source, target=GPUTarget("cuda", major * 10 + minor, 32),
+                              options={"num_warps": config.num_warps, "num_stages": config.num_stages})
     return compiled.metadata.shared
 
 
