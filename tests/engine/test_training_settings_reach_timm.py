@@ -1,6 +1,6 @@
 """Settings whose loss no other test would notice (issue 25 item 7): each test here fails for one mutation of the
 training code that every other test let through (the lr one epoch late, mixup's label smoothing dropped or its
-probabilities swapped, EMA warmup forced on, validation of the raw weights instead of the EMA's by default)."""
+probabilities swapped, EMA warmup forced on, validation of other weights than the ones the run evaluated by default)."""
 from __future__ import annotations
 
 import math
@@ -78,22 +78,67 @@ def test_ema_warmup_only_when_asked(warmup):
     assert at_decay is not warmup
 
 
-def test_validate_uses_the_ema_weights_by_default(image_folder, tmp_path):
-    """A checkpoint whose EMA head is zero (logits 0, loss ln 3) and whose raw head is not: validate's default, like
-    the CLI's, evaluates the EMA weights; use_ema=False the raw ones."""
+def test_every_loader_takes_the_weights_the_run_evaluated(image_folder, tmp_path, capsys):
+    """A checkpoint whose EMA head is zero (logits 0, loss ln 3) and whose raw head is not. Its run evaluated the EMA
+    weights (recorded, or an older file's `model_ema`): validate's default, like the CLI's, evaluates them;
+    use_ema=False the raw ones. Its run evaluated the raw model (an EMA kept on the CPU by a GPU run: recorded, or
+    read from an older file's settings): validate, load_model, create_model, `checkpoint clean`/`average` and an
+    initial checkpoint take the raw weights, as the logged top-1 was measured, and say so; use_ema=True the EMA's."""
+    from sequencer.cli import main
+    from sequencer.engine.config import RunState
+    from sequencer.engine.inference import load_model
+    from sequencer.engine.train_data import TrainData
+    from sequencer.engine.train_model import build_model
+    from sequencer.tools.checkpoints import read_weights
+
     torch.manual_seed(0)
     model = sequencer.create_model("sequencer2d_nano", num_classes=3, img_size=16, **TINY_KWARGS)
     torch.nn.init.normal_(model.head.fc.weight, std=1.0)
     ema = {k: (torch.zeros_like(v) if k.startswith("head.") else v) for k, v in model.state_dict().items()}
-    path = tmp_path / "ema.pth.tar"
-    atomic_save(dict(version=1, arch="sequencer2d_nano", model_kwargs=dict(model.model_kwargs),
-                     class_names=["blue", "green", "red"], state_dict=model.state_dict(), state_dict_ema=ema,
-                     epoch=0, epoch_complete=True), path)
+    forced = dict(model_ema=True, model_ema_force_cpu=True)
+    records = {"ema": dict(evaluated_weights="ema"), "ema-old": dict(args=dict(model_ema=True)),
+               "model": dict(evaluated_weights="model"), "model-old": dict(args=dict(forced, device="cuda:0"))}
+    for name, record in records.items():
+        atomic_save(dict(version=1, arch="sequencer2d_nano", model_kwargs=dict(model.model_kwargs),
+                         class_names=["blue", "green", "red"], state_dict=model.state_dict(), state_dict_ema=ema,
+                         epoch=0, epoch_complete=True, **record), tmp_path / f"{name}.pth.tar")
 
-    def loss(**kw) -> float:
-        result = sequencer.validate(str(path), str(image_folder), split="val", workers=0, device="cpu",
-                                    progress=False, **kw)
-        return result["loss"] if isinstance(result, dict) else result.loss
+    def loss(name, **kw) -> float:
+        return sequencer.validate(str(tmp_path / f"{name}.pth.tar"), str(image_folder), split="val", workers=0,
+                                  device="cpu", progress=False, **kw).loss
 
-    assert loss() == pytest.approx(math.log(3), abs=1e-4)  # validate reports 5 decimals
-    assert abs(loss(use_ema=False) - math.log(3)) > 1e-3
+    def zero_head(module) -> bool:
+        return not module.head.fc.weight.detach().any()
+
+    for name in ("ema", "ema-old"):
+        assert loss(name) == pytest.approx(math.log(3), abs=1e-4)  # validate reports 5 decimals
+        assert abs(loss(name, use_ema=False) - math.log(3)) > 1e-3
+    for name in ("model", "model-old"):
+        assert abs(loss(name) - math.log(3)) > 1e-3
+        assert loss(name, use_ema=True) == pytest.approx(math.log(3), abs=1e-4)
+    path = str(tmp_path / "model.pth.tar")
+    loaded = load_model(path)
+    assert not zero_head(loaded.model) and loaded.weights == "model"
+    assert not zero_head(sequencer.create_model("sequencer2d_nano", checkpoint_path=path, **model.model_kwargs))
+    assert zero_head(sequencer.create_model("sequencer2d_nano", checkpoint_path=path, use_ema=True,
+                                        **model.model_kwargs))
+    _, state, took_ema = read_weights(path, None)
+    assert state["head.fc.weight"].any() and not took_ema and read_weights(path, True)[2]
+    for flags, weights in (([], "model"), (["--use-ema"], "ema")):  # a cleaned file names the weights it holds
+        assert main(["checkpoint", "clean", path, *flags, "-o", str(tmp_path / f"{weights}.pth")]) == 0
+        cleaned = load_model(str(tmp_path / f"{weights}.pth"))
+        assert cleaned.weights == weights and zero_head(cleaned.model) is (weights == "ema")
+    cfg = TrainConfig(initial_checkpoint=path, img_size=16)
+    start, _ = build_model(cfg, RunState(), TrainData(None, None, ["blue", "green", "red"], 3), torch.device("cpu"))
+    assert not zero_head(start)
+
+    # the command says which weights it took: a note where they are not the EMA's, and the result line names them
+    capsys.readouterr()
+    for flags, named in (([], "raw model weights"), (["--use-ema"], "EMA weights")):
+        assert main(["validate", str(image_folder), "--split", "val", "--checkpoint", path, "-j", "0", "--device",
+                     "cpu", *flags]) == 0
+        out = capsys.readouterr()
+        assert "sequencer2d_nano (" in out.out and f"M params, {named}) at 16px" in out.out
+        note = ("loading its raw model weights, the ones its run evaluated and logged, not its EMA weights; "
+                "--use-ema takes its EMA weights")
+        assert (note in out.out + out.err) is not bool(flags)

@@ -41,7 +41,7 @@ def test_average_equals_mean_of_ema_or_model_weights(three_checkpoints, tmp_path
         torch.testing.assert_close(v, expected.float(), rtol=0, atol=1e-6)
     printed = capsys.readouterr().out
     assert "model weights" in printed
-    assert "note: the average mixes the EMA weights of 2 checkpoint(s) with the model weights of 1" in printed
+    assert "note: the average mixes the EMA weights of 2 checkpoint(s) with the raw model weights of 1" in printed
     # the averaged file loads back through the usual model options
     model = create_model(TINY_ARCH, checkpoint_path=str(out), **TINY_KWARGS)
     torch.testing.assert_close(model.state_dict()["head.fc.weight"], averaged["state_dict"]["head.fc.weight"])

@@ -6,6 +6,7 @@ import argparse
 import os
 
 from ..errors import SequencerError
+from .common import add_ema_arguments
 
 
 def _check_output(path: str, inputs: list[str], safetensors: bool) -> None:
@@ -36,8 +37,9 @@ def cmd_average(args: argparse.Namespace) -> int:
                                          for items in (paths, configs, states, used_emas))
     ema_count = sum(used_emas)
     if 0 < ema_count < len(states):
-        print(f"note: the average mixes the EMA weights of {ema_count} checkpoint(s) with the model weights of "
-              f"{len(states) - ema_count} that have no EMA (--no-ema averages model weights only)")
+        print(f"note: the average mixes the EMA weights of {ema_count} checkpoint(s) with the raw model weights of "
+              f"{len(states) - ema_count} (the weights each run evaluated, or a file's only ones; --no-ema averages "
+              f"raw model weights only)")
     averaged = average_state_dicts(states, paths)
     config = dict(configs[0])
     if any(c.get("data") != config.get("data") for c in configs) and config.pop("data", None):
@@ -66,8 +68,9 @@ def cmd_clean(args: argparse.Namespace) -> int:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     sub = parser.add_subparsers(dest="action", metavar="ACTION", required=True)
-    avg = sub.add_parser("average", help="average the weights of several checkpoints (EMA weights where present)",
-                         description="Average the weights of several checkpoints (EMA weights where present).")
+    avg = sub.add_parser("average", help="average the weights of several checkpoints (the weights each run evaluated)",
+                         description="Average the weights of several checkpoints (by default the ones each run "
+                                     "evaluated).")
     avg.add_argument("checkpoints", nargs="+", metavar="CKPT", help="checkpoint files (same architecture)")
     clean = sub.add_parser("clean", help="strip optimizer state, keep EMA or model weights",
                            description="Strip optimizer/scheduler state and keep only one set of weights.")
@@ -77,10 +80,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                        help="output file (.pth, or .safetensors)")
         p.add_argument("--safetensors", action="store_true",
                        help="write safetensors (the output must end in .safetensors)")
-        ema = p.add_mutually_exclusive_group()
-        ema.add_argument("--use-ema", dest="use_ema", action="store_true", default=True,
-                         help="take the EMA weights where a checkpoint has them (default)")
-        ema.add_argument("--no-ema", dest="use_ema", action="store_false", help="take the raw model weights")
+        add_ema_arguments(p)
 
 
 def run(args: argparse.Namespace) -> int:

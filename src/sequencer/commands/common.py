@@ -44,6 +44,8 @@ PARAMETER_FLAGS = {
     # export's (export_onnx, export_onnx_int8; `quantize` is the command's own switch to export_onnx_int8)
     "dynamic_batch": "--dynamic-batch", "opset": "--opset", "calibration": "--calibration", "verify": "--verify",
     "min_agreement": "--min-agreement", "quantize": "--quantize",
+    # the model flags' (add_model_args): `use_ema=True` is --use-ema
+    "use_ema": "--use-ema",
 }
 # A command whose flag for a parameter is not PARAMETER_FLAGS' one: benchmark's `data` is its --data, not DATA;
 # segment train loads the backbone's weights (create_model's `checkpoint_path`) from --backbone-checkpoint
@@ -52,15 +54,16 @@ _PARAMETER = re.compile(r"`(\w+)(?:=([^`]*))?`")
 
 
 def as_flags(text: str, command: str | None = None) -> str:
-    """``text`` with each backticked library parameter (`` `batch_size=8` ``, `` `class_map` ``) written as the flag
-    that sets it in ``command`` (``--batch-size 8``, ``--class-map``); other backticked text is left as it is."""
+    """``text`` with each backticked library parameter (`` `batch_size=8` ``, `` `class_map` ``, `` `amp=True` ``)
+    written as the flag that sets it in ``command`` (``--batch-size 8``, ``--class-map``, ``--amp``); other
+    backticked text is left as it is."""
     flags = {**PARAMETER_FLAGS, **COMMAND_FLAGS.get(command, {})}
 
     def flag(match: re.Match) -> str:
         name, value = match.groups()
         if name not in flags:
             return match.group(0)
-        return flags[name] + ("" if value is None else f" {value}")
+        return flags[name] + ("" if value in (None, "True") else f" {value}")
     return _PARAMETER.sub(flag, text)
 
 
@@ -113,8 +116,17 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--img-size", type=positive_int, default=None, help="square input size")
     g.add_argument("--input-size", type=positive_int, nargs=3, default=None, metavar=("C", "H", "W"),
                    help="input size C H W (overrides --img-size)")
-    g.add_argument("--no-ema", dest="use_ema", action="store_false",
-                   help="load a checkpoint's raw weights even when it has EMA weights")
+    add_ema_arguments(g)
+
+
+def add_ema_arguments(group) -> None:
+    """``--use-ema`` / ``--no-ema``: which weights of a checkpoint with both to take (default: the ones its run
+    evaluated, ``models.loading.picked_weights``)."""
+    ema = group.add_mutually_exclusive_group()
+    ema.add_argument("--use-ema", dest="use_ema", action="store_true", default=None,
+                     help="take a checkpoint's EMA weights (default: the weights its run evaluated and logged)")
+    ema.add_argument("--no-ema", dest="use_ema", action="store_false",
+                     help="take a checkpoint's raw model weights even when its run evaluated its EMA weights")
 
 
 def add_torchcompile_argument(group) -> None:
@@ -152,7 +164,7 @@ def load_model_from_args(args: argparse.Namespace, device: torch.device | str = 
     from ..engine.inference import load_model
     return load_model(args.checkpoint, model=args.model, pretrained=args.pretrained, num_classes=args.num_classes,
                       img_size=getattr(args, "img_size", None), input_size=getattr(args, "input_size", None),
-                      use_ema=getattr(args, "use_ema", True), device=device)
+                      use_ema=getattr(args, "use_ema", None), device=device)
 
 
 def check_device(text: str | None) -> None:

@@ -20,7 +20,8 @@ from ..data.class_folders import class_name
 from ..data.datasets import READ_ERRORS, drop_classes, map_classes_by_name
 from ..errors import SequencerError
 from ..models import create_model, get_model_entry
-from ..models.loading import checkpoint_metadata, extract_state_dict, load_state_dict_into, read_checkpoint
+from ..models.loading import (checkpoint_metadata, extract_state_dict, load_state_dict_into, read_checkpoint,
+                              weights_to_load)
 
 _logger = logging.getLogger(__name__)
 
@@ -36,6 +37,9 @@ class LoadedModel:
     # a module in memory: the names its pretrained_cfg gives its outputs (`label_names`, e.g. a checkpoint's class
     # names that create_model(checkpoint_path=...) put there); a dataset sharing names with them is mapped by name
     output_names: list[str] | None = None
+    # which of the checkpoint's weights it holds: "ema", "model", or None where the file does not say
+    # (models.loading.picked_weights)
+    weights: str | None = None
 
     @property
     def num_params(self) -> int:
@@ -54,12 +58,13 @@ def refuse_segmentation_checkpoint(checkpoint: dict | None, source: str) -> None
 
 def load_model(checkpoint: str = "", model: str | None = None, pretrained: bool = False,
                num_classes: int | None = None, img_size: int | None = None,
-               input_size: tuple[int, int, int] | None = None, use_ema: bool = True,
+               input_size: tuple[int, int, int] | None = None, use_ema: bool | None = None,
                device: torch.device | str = "cpu") -> LoadedModel:
     """The model a checkpoint (ours, the release's, timm's or .safetensors) and/or a model name describe, in eval
     mode on ``device``, with its class names and preprocessing; SequencerError (one line) on bad input. The
-    arguments are the model flags of ``sequencer validate``, ``predict``, ``export``... (``--no-ema`` is
-    ``use_ema=False``)."""
+    arguments are the model flags of ``sequencer validate``, ``predict``, ``export``... (``--use-ema`` /
+    ``--no-ema`` are ``use_ema=True`` / ``False``; by default a checkpoint's weights are those its run evaluated:
+    ``models.loading.picked_weights``)."""
     path = str(checkpoint or "")
     checkpoint = read_checkpoint(path) if path else None
     meta = checkpoint_metadata(checkpoint)
@@ -80,7 +85,8 @@ def load_model(checkpoint: str = "", model: str | None = None, pretrained: bool 
     elif class_names and "num_classes" not in kwargs:
         kwargs["num_classes"] = len(class_names)
     elif checkpoint is not None and "num_classes" not in kwargs:
-        head = extract_state_dict(checkpoint).get("head.fc.weight", extract_state_dict(checkpoint).get("head.weight"))
+        state = extract_state_dict(checkpoint, use_ema=use_ema)
+        head = state.get("head.fc.weight", state.get("head.weight"))
         if head is not None:
             kwargs["num_classes"] = head.shape[0]
     img_size = input_size[1] if input_size else img_size
@@ -91,10 +97,9 @@ def load_model(checkpoint: str = "", model: str | None = None, pretrained: bool 
     if img_size:
         kwargs["img_size"] = img_size
     model = create_model(name, pretrained=bool(pretrained and checkpoint is None), **kwargs)
+    weights = None
     if checkpoint is not None:
-        state = extract_state_dict(checkpoint, use_ema=use_ema)
-        if not state:
-            raise SequencerError(f"checkpoint {path!r} holds no weights")
+        state, weights = weights_to_load(checkpoint, f"checkpoint {path!r}", use_ema)
         head = state.get("head.fc.weight", state.get("head.weight"))
         n_model = getattr(model, "num_classes", None)
         if head is not None and n_model is not None and head.shape[0] != n_model:
@@ -117,7 +122,8 @@ def load_model(checkpoint: str = "", model: str | None = None, pretrained: bool 
         from ..data.imagenet_classes import IMAGENET_CLASSES
         class_names = list(IMAGENET_CLASSES)
     model.eval().to(device)
-    return LoadedModel(model, name, class_names, (model.in_chans, size, size), data_config, checkpoint)
+    return LoadedModel(model, name, class_names, (model.in_chans, size, size), data_config, checkpoint,
+                       weights=weights)
 
 
 def _cfg_class_names(cfg: dict, num_classes: int | None) -> list[str] | None:

@@ -31,7 +31,7 @@ from pathlib import Path
 
 from ..data.class_folders import class_name, split_aliases
 from ..errors import SequencerError
-from ..models.loading import read_checkpoint
+from ..models.loading import evaluated_weights_of, read_checkpoint
 from . import distributed as dist_utils
 from .checkpoint import find_auto_resume
 from .config import LR_SCALING, TrainConfig
@@ -185,30 +185,12 @@ def evaluation_change(checkpoint: dict | None, weights: str, record: dict) -> tu
     ``data``."""
     if checkpoint is None:
         return None
-    weights_before = _weights_evaluated(checkpoint)
+    weights_before = evaluated_weights_of(checkpoint)
     record_before = checkpoint.get("data") if isinstance(checkpoint.get("data"), dict) else record
     if _held_out(record_before, record) == _held_out(record, record_before) and \
             (weights_before == weights or record.get("split") is None):
         return None
     return _evaluated(weights_before, record_before), _evaluated(weights, record)
-
-
-def _weights_evaluated(checkpoint: dict) -> str:
-    """Whose metrics a checkpoint's epochs are: its ``evaluated_weights``; in a file from before they were recorded,
-    the EMA's with ``model_ema``, except an EMA kept on the CPU (``model_ema_force_cpu``) by a run on another
-    device, which evaluated the raw model (``data_record.evaluated_weights``): its ``device``, or where that was
-    left to the run (CUDA when available), CUDA where the RNG state the run saved holds CUDA's."""
-    if checkpoint.get("evaluated_weights"):
-        return checkpoint["evaluated_weights"]
-    saved = checkpoint.get("args") if isinstance(checkpoint.get("args"), dict) else {}
-    if not saved.get("model_ema"):
-        return "model"
-    if not saved.get("model_ema_force_cpu"):
-        return "ema"
-    rng = checkpoint.get("rng_state")
-    ran_with_cuda = isinstance(rng, list) and bool(rng) and isinstance(rng[0], dict) and "cuda" in rng[0]
-    device = str(saved.get("device") or ("cuda" if ran_with_cuda else "cpu"))
-    return "ema" if device.split(":")[0] == "cpu" else "model"
 
 
 def _held_out(record: dict, other: dict) -> tuple:

@@ -11,7 +11,8 @@ from torch import nn
 
 from ..errors import SequencerError
 from ..models import create_model, get_model_entry
-from ..models.loading import checkpoint_metadata, extract_state_dict, load_state_dict_into, read_checkpoint
+from ..models.loading import (checkpoint_metadata, extract_state_dict, load_state_dict_into, read_checkpoint,
+                              weights_to_load)
 from . import distributed as dist_utils
 from .config import RunState, TrainConfig
 from .head_by_name import head_rows_by_name
@@ -34,10 +35,9 @@ def build_model(cfg, state: RunState, data: TrainData, device: torch.device) -> 
         if data.resume_ckpt is not None:
             model = _sized_as_resumed(model, cfg, data.resume_ckpt, state)
     if init_meta is not None and data.resume_ckpt is None:
-        weights = extract_state_dict(init_meta)
-        if not weights:
-            raise SequencerError(f"`initial_checkpoint={cfg.initial_checkpoint!r}` holds no weights")
         source = f"`initial_checkpoint={cfg.initial_checkpoint!r}`"
+        weights, _ = weights_to_load(init_meta, source, other="`sequencer checkpoint clean --use-ema` writes its "
+                                                              "EMA weights to a file of their own")
         weights = head_rows_by_name(weights, checkpoint_metadata(init_meta).get("class_names"), data.class_names,
                                     model, source)
         load_state_dict_into(model, weights, source=source)

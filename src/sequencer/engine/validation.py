@@ -55,6 +55,9 @@ class ValidationResult:
     unreadable: int
     amp: str
     device: str
+    # which of the checkpoint's weights were evaluated: "ema", "model", or None where the file does not say
+    # (``use_ema``; by default the ones its run evaluated)
+    weights: str | None = None
 
     def __getitem__(self, key: str):
         return self.as_dict()[key]
@@ -68,8 +71,8 @@ def validate(checkpoint: str | os.PathLike = "", data=None, *, model: str | nn.M
              pretrained: bool = False, dataset: str = "", split: str = "validation", class_map: str = "",
              dataset_download: bool = False, batch_size: int = 256, workers: int | None = None,
              crop_pct: float | None = None, mean=None, std=None, interpolation: str | None = None,
-             num_classes: int | None = None, img_size: int | None = None, input_size=None, use_ema: bool = True,
-             amp: bool = False, amp_dtype: str | None = None, device: str | None = None,
+             num_classes: int | None = None, img_size: int | None = None, input_size=None,
+             use_ema: bool | None = None, amp: bool = False, amp_dtype: str | None = None, device: str | None = None,
              torchcompile: str | None = None, progress: bool = True,
              prepare: Callable[[torch.nn.Module], torch.nn.Module] | None = None,
              load: Callable[[torch.device], LoadedModel] | None = None) -> ValidationResult:
@@ -130,7 +133,8 @@ def validate(checkpoint: str | os.PathLike = "", data=None, *, model: str | nn.M
                             tensors=user_data and split_set.tensors)
         results = ValidationResult(
             model=loaded.name, checkpoint=os.fspath(checkpoint) if checkpoint else ("pretrained" if pretrained
-                                                                                   else ""), **metrics)
+                                                                                   else ""), **metrics,
+            weights=loaded.weights)
         if dist_info.is_primary:
             log_results(results)
     return results
@@ -301,6 +305,7 @@ def log_results(results: ValidationResult) -> None:
     _logger.info(f" * Acc@1 {results.top1:.3f} ({results.top1_err:.3f}) "
                  f"Acc@5 {results.top5:.3f} ({results.top5_err:.3f})")
     size = f"{results.param_count / 1e6:.2f}M params" if results.param_count else "ONNX"
+    size += {"ema": ", EMA weights", "model": ", raw model weights"}.get(results.weights, "")
     _logger.info(f"model {results.model} ({size}) at {results.img_size}px on {results.dataset}: {results.images} "
                  f"images, loss {results.loss:.4f}, {results.images_per_sec:.1f} images/s"
                  + (f", {results.unreadable} unreadable skipped" if results.unreadable else ""))

@@ -28,7 +28,7 @@ from torch import nn
 from tqdm import tqdm
 
 from ..errors import SequencerError, optional_import
-from .loading import extract_state_dict, load_checkpoint, load_state_dict_into, read_checkpoint
+from .loading import load_checkpoint, load_state_dict_into, read_checkpoint, weights_to_load
 
 _logger = logging.getLogger(__name__)
 DOWNLOAD_TIMEOUT_S = 60.0
@@ -136,7 +136,8 @@ def load_pretrained(model: nn.Module, pretrained_cfg: dict) -> None:
         kept = set_aside(path)
         raise SequencerError(f"weights {path} from {url} are unusable (set aside as {kept.name}): {e}",
                              hint="run again to download them afresh") from None
-    load_state_dict_into(model, extract_state_dict(checkpoint), source=f"pretrained weights {url}")
+    load_state_dict_into(model, weights_to_load(checkpoint, f"pretrained weights {url}")[0],
+                         source=f"pretrained weights {url}")
 
 
 # ---- the Hugging Face Hub ----------------------------------------------------------------------------------------

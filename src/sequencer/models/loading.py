@@ -2,7 +2,8 @@
 
 Supported files: the authors' release (``blocks.<stage>.<i>...``, ``head.weight``), timm's port
 (``stages.<s>...``, ``head.fc``), our own training checkpoints (a dict with ``state_dict`` and maybe
-``state_dict_ema``), and ``.safetensors``. Pickles are only ever read with ``weights_only=True``.
+``state_dict_ema``), and ``.safetensors``. Pickles are only ever read with ``weights_only=True``. Every loader
+takes a checkpoint's weights as :func:`picked_weights` picks them: by default the ones its run evaluated.
 """
 from __future__ import annotations
 
@@ -136,12 +137,57 @@ def _refuse_exports(path: Path) -> None:
                              hint=f"run it with torch.export.load(); {_EXPORT_HINT}")
 
 
-def extract_state_dict(checkpoint: dict, use_ema: bool = True) -> dict[str, torch.Tensor]:
-    """The weights of a checkpoint dict: EMA weights first (if asked and present), then ``state_dict``/``model``."""
-    for key in (("state_dict_ema", "model_ema") if use_ema else ()) + ("state_dict", "model"):
-        if isinstance(checkpoint.get(key), dict) and checkpoint[key]:
-            checkpoint = checkpoint[key]
-            break
+# where training scripts store the two sets of weights: ours and timm's train.py (state_dict, state_dict_ema); DeiT's
+# (model, model_ema)
+_EMA_KEYS = ("state_dict_ema", "model_ema")
+_MODEL_KEYS = ("state_dict", "model")
+
+
+def _weights_entry(checkpoint: dict, keys: tuple[str, ...]) -> str | None:
+    return next((k for k in keys if isinstance(checkpoint.get(k), dict) and checkpoint[k]), None)
+
+
+def evaluated_weights_of(checkpoint: dict) -> str:
+    """Whose held-out metrics a training checkpoint's are (its run logged them and picked its best epoch by them):
+    "ema" or "model", as its ``evaluated_weights`` records. A file from before that was recorded: "model" without
+    ``model_ema``; the EMA's with it, except an EMA kept on the CPU (``model_ema_force_cpu``) by a run on another
+    device, which evaluated the raw model: its ``device``, or where that was left to the run (CUDA when
+    available), CUDA where the RNG state the run saved holds CUDA's. A file whose settings do not say (timm's,
+    the authors'): its EMA weights where it has them."""
+    if checkpoint.get("evaluated_weights") in ("ema", "model"):
+        return checkpoint["evaluated_weights"]
+    saved = checkpoint.get("args") if isinstance(checkpoint.get("args"), dict) else {}
+    if "model_ema" not in saved:
+        return "ema" if _weights_entry(checkpoint, _EMA_KEYS) else "model"
+    if not saved["model_ema"]:
+        return "model"
+    if not saved.get("model_ema_force_cpu"):
+        return "ema"
+    rng = checkpoint.get("rng_state")
+    ran_with_cuda = isinstance(rng, list) and bool(rng) and isinstance(rng[0], dict) and "cuda" in rng[0]
+    device = str(saved.get("device") or ("cuda" if ran_with_cuda else "cpu"))
+    return "ema" if device.split(":")[0] == "cpu" else "model"
+
+
+def picked_weights(checkpoint: dict, use_ema: bool | None = None) -> str | None:
+    """Which weights of a checkpoint every loader takes: "ema" or "model" (None: a file of one set of weights that
+    does not say whose, as a run's without EMA, the authors' release and timm's weights). ``use_ema=None``: the ones
+    its run evaluated (:func:`evaluated_weights_of`), so that validating it reproduces the metrics it logged; True:
+    its EMA weights where it has them; False: its raw model's. A file of one set (``sequencer checkpoint clean`` /
+    ``average``) holds the weights its ``weights`` entry names."""
+    if _weights_entry(checkpoint, _EMA_KEYS):
+        return "ema" if (evaluated_weights_of(checkpoint) == "ema" if use_ema is None else use_ema) else "model"
+    recorded = checkpoint.get("weights", (checkpoint.get("__metadata__") or {}).get("weights"))
+    return recorded if recorded in ("ema", "model") else None
+
+
+def extract_state_dict(checkpoint: dict, use_ema: bool | None = None) -> dict[str, torch.Tensor]:
+    """The weights of a checkpoint dict that :func:`picked_weights` picks (``state_dict_ema`` / ``model_ema`` or
+    ``state_dict`` / ``model``; a plain state dict as it is), without DDP's and torch.compile's key prefixes."""
+    ema = _weights_entry(checkpoint, _EMA_KEYS)
+    key = ema if ema and picked_weights(checkpoint, use_ema) == "ema" else _weights_entry(checkpoint, _MODEL_KEYS)
+    if key is not None:
+        checkpoint = checkpoint[key]
     state = {}
     for k, v in checkpoint.items():
         if not isinstance(v, torch.Tensor):
@@ -365,12 +411,27 @@ def load_state_dict_into(model: nn.Module, state_dict: dict[str, torch.Tensor], 
     model.load_state_dict(state_dict, strict=False)
 
 
-def load_checkpoint(model: nn.Module, path: str | os.PathLike, use_ema: bool = True) -> dict:
-    """Load the weights of ``path`` into ``model``; returns the raw checkpoint dict (for its metadata)."""
-    checkpoint = read_checkpoint(path)
+def weights_to_load(checkpoint: dict, source: str, use_ema: bool | None = None,
+                    other: str = "`use_ema=True` takes its EMA weights") -> tuple[dict[str, torch.Tensor], str | None]:
+    """(the weights every loader takes from ``checkpoint``, which they are: :func:`picked_weights`); SequencerError
+    naming ``source`` when it holds none. Where the default takes the raw model's weights of a file that also holds
+    EMA weights (the run evaluated and logged the raw ones), a note says so, ending with ``other``: how to take the
+    EMA weights instead."""
     state = extract_state_dict(checkpoint, use_ema=use_ema)
     if not state:
-        raise SequencerError(f"checkpoint {str(path)!r} holds no weights")
+        raise SequencerError(f"{source} holds no weights")
+    weights = picked_weights(checkpoint, use_ema)
+    if use_ema is None and weights == "model" and picked_weights(checkpoint, True) == "ema":
+        _logger.info(f"note: {source}: loading its raw model weights, the ones its run evaluated and logged, not its "
+                     f"EMA weights" + (f"; {other}" if other else ""))
+    return state, weights
+
+
+def load_checkpoint(model: nn.Module, path: str | os.PathLike, use_ema: bool | None = None) -> dict:
+    """Load the weights of ``path`` into ``model`` (:func:`weights_to_load`: by default the ones its run
+    evaluated); returns the raw checkpoint dict (for its metadata)."""
+    checkpoint = read_checkpoint(path)
+    state, _ = weights_to_load(checkpoint, f"checkpoint {str(path)!r}", use_ema)
     load_state_dict_into(model, state, source=f"checkpoint {str(path)!r}")
     return checkpoint
 

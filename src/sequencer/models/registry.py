@@ -123,7 +123,7 @@ def create_model(
         features_only: bool = False,
         out_indices=None,
         pretrained_cfg_overlay: dict | None = None,
-        use_ema: bool = True,
+        use_ema: bool | None = None,
         **overrides,
 ) -> nn.Module:
     """Build a registered model, optionally loading weights.
@@ -146,7 +146,8 @@ def create_model(
     ``validate --checkpoint`` does; and the data its run trained on, as ``model.training_data``, so that
     ``validate(model=model)`` evaluates (without ``data``) the held-out split the run evaluated, and (given the run's
     own folder) only the images a ``--val-fraction`` run held out, as ``validate --checkpoint`` does.
-    ``use_ema`` picks a training checkpoint's EMA weights when it has them.
+    ``use_ema`` picks a training checkpoint's weights (``loading.picked_weights``): None (default) the ones its run
+    evaluated and logged, True its EMA weights where it has them, False its raw model's.
     ``features_only`` returns a module giving per-stage NCHW feature maps (``out_indices`` picks stages).
     ``pretrained_cfg_overlay`` replaces fields of the model's ``pretrained_cfg`` (e.g. ``url``, ``sha256``).
     ``overrides`` replace architecture arguments (e.g. ``union="add"``, ``proj_drop_rate=0.1``).

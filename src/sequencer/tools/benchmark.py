@@ -55,7 +55,7 @@ class BenchmarkSettings:
     num_classes: int | None = None
     img_size: int | None = None
     input_size: tuple[int, int, int] | None = None
-    use_ema: bool = True
+    use_ema: bool | None = None
     batch_size: int = 16
     mode: str = "infer"  # infer, train or both
     amp_dtype: str = "float32"

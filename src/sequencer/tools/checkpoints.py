@@ -1,9 +1,10 @@
 """`sequencer checkpoint average|clean`: the paper's checkpoint averaging and release-ready weight files.
 
-``average`` takes the mean of the weights of N checkpoints (their EMA weights where present, as the paper's
-``avg_checkpoints.py``); ``clean`` strips optimizer/scheduler/scaler state and keeps one set of weights. Both write
-a file the loaders understand: a ``.pth`` holding ``{"version", "arch", "model_kwargs", "class_names",
-"data_config", "data", "weights", "state_dict"}`` (``weights``: "ema" or "model") or a ``.safetensors`` whose metadata carries the same model config as JSON strings.
+``average`` takes the mean of the weights of N checkpoints (by default the ones each run evaluated: its EMA
+weights where it evaluated them, as with the paper's ``avg_checkpoints.py``); ``clean`` strips
+optimizer/scheduler/scaler state and keeps one set of weights. Both write a file the loaders understand: a ``.pth``
+holding ``{"version", "arch", "model_kwargs", "class_names", "data_config", "data", "weights", "state_dict"}``
+(``weights``: "ema" or "model") or a ``.safetensors`` whose metadata carries the same model config as JSON strings.
 Every file is written atomically (temporary file, fsync, rename), so an interrupted run leaves no partial output.
 """
 from __future__ import annotations
@@ -12,26 +13,16 @@ from __future__ import annotations
 import torch
 
 from ..errors import SequencerError
-from ..models.loading import extract_state_dict, jsonable, read_checkpoint
+from ..models.loading import jsonable, read_checkpoint, weights_to_load
 
 
-def read_weights(path: str, use_ema: bool) -> tuple[dict, dict[str, torch.Tensor], bool]:
-    """(checkpoint, the weights to use, whether they are EMA weights): its EMA weights when ``use_ema`` and it has
-    them, or its only weights when its record says they are EMA weights (a `clean` or `average` output's
-    ``weights``)."""
+def read_weights(path: str, use_ema: bool | None) -> tuple[dict, dict[str, torch.Tensor], bool]:
+    """(checkpoint, the weights to use, whether they are EMA weights): the ones every loader picks
+    (``models.loading.picked_weights``: by default those its run evaluated; ``use_ema`` True or False: its EMA or
+    raw weights where it has both)."""
     checkpoint = read_checkpoint(path)
-    took_ema = use_ema and any(isinstance(checkpoint.get(k), dict) and checkpoint[k]
-                               for k in ("state_dict_ema", "model_ema"))
-    state = extract_state_dict(checkpoint, use_ema=use_ema)
-    if not state:
-        raise SequencerError(f"checkpoint {path!r} holds no weights")
-    return checkpoint, state, took_ema or recorded_weights(checkpoint) == "ema"
-
-
-def recorded_weights(checkpoint: dict) -> str | None:
-    """"ema" or "model": which weights a file of `clean` or `average` holds (None where it does not say)."""
-    value = checkpoint.get("weights", (checkpoint.get("__metadata__") or {}).get("weights"))
-    return value if value in ("ema", "model") else None
+    state, weights = weights_to_load(checkpoint, f"checkpoint {path!r}", use_ema)
+    return checkpoint, state, weights == "ema"
 
 
 # what must agree for an average to be one model: the architecture and its shape, the classes its rows stand for,
