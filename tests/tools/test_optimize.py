@@ -3,7 +3,9 @@ from __future__ import annotations
 
 import copy
 import logging
+import re
 
+import numpy as np
 import pytest
 import timm
 import torch
@@ -455,5 +457,11 @@ def test_stream_pool_is_made_again_after_a_fork(two_threads, monkeypatch):
 
 @pytest.mark.parametrize("streams", [0, -1, 1.5, True, "2"])
 def test_streams_must_be_a_positive_integer(streams):
-    with pytest.raises(SequencerError, match="streams must be a positive integer"):
+    """Checked as every positive-int argument is (models.backbone.checked_positive_int): the one-line error names
+    the value."""
+    with pytest.raises(SequencerError, match=re.escape(f"streams={streams!r}: must be a positive integer")):
         sequencer.optimize_for_inference(tiny_s(), torch.float32, streams=streams)
+
+
+def test_streams_may_be_an_integer_of_numpy():
+    assert sequencer.optimize_for_inference(tiny_s(), torch.float32, streams=np.int64(2)).streams == 2

@@ -48,6 +48,7 @@ from torch import nn
 from ..errors import SequencerError
 from ..hardware import cpu_info
 from ..engine.amp import autocast_dtype
+from ..models.backbone import checked_positive_int
 from ..models.kernels import onednn_bf16_supported
 
 SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -117,9 +118,7 @@ class InferenceModel(nn.Module):
 
     def __init__(self, model: nn.Module, dtype: torch.dtype = torch.float32, streams: int | None = None):
         super().__init__()
-        if streams is not None and (isinstance(streams, bool) or not isinstance(streams, int) or streams < 1):
-            raise SequencerError(f"optimize_for_inference: streams must be a positive integer or None, got "
-                                 f"{streams!r}")
+        streams = None if streams is None else checked_positive_int("streams", streams)
         if dtype not in SUPPORTED_DTYPES:
             raise SequencerError(f"optimize_for_inference: unsupported dtype {dtype}",
                                  hint="use torch.float32 or torch.bfloat16 (float16: CUDA only)")
