@@ -118,10 +118,13 @@ WORKER = textwrap.dedent('''
         sharded_steps(rank, folder)
         torch.manual_seed(0)
         net = nn.Sequential(nn.Flatten(), nn.BatchNorm1d(192, momentum=0.5), nn.Linear(192, 2))
-        # 21 held-out images: shares of 11 and 10, batches of 8 and 3 / 8 and 2
+        # 21 held-out images: shares of 11 and 10, batches of 8 and 3 / 8 and 2. A callback on rank 0 only (rank 1
+        # once skipped their agreement's all-reduce, and both ranks hung)
+        rows = []
         result = sequencer.train(model=net, data=(Blobs(64, 0), Blobs(21, 1)), epochs=2, batch_size=8, workers=0,
                                  opt="adamw", lr=1e-2, device="cpu", output=f"{folder}/out", experiment="group",
-                                 model_ema=True, model_ema_decay=0.5, progress=False)
+                                 model_ema=True, model_ema_decay=0.5, progress=False,
+                                 callbacks=[rows.append] if rank == 0 else [])
         alive_after_train = dist.is_initialized()
         # the logged eval loss is of the EMA saved in the checkpoint, scored here in one piece by plain torch
         ema = copy.deepcopy(net).eval()
@@ -143,6 +146,7 @@ WORKER = textwrap.dedent('''
             json.dump(dict(alive_after_train=alive_after_train, alive=alive, rank_sum=ranks.item(), top1=top1,
                            same_weights=bool(torch.equal(gathered[0], gathered[1])),
                            epochs=[r["epoch"] for r in result.summary], seg=seg.as_dict(),
+                           callback_epochs=[r["epoch"] for r in rows],
                            logged_eval_loss=result.summary[-1]["eval_loss"], ema_loss=ema_loss,
                            seg_images_seen=segmenter.images_seen), f)
         # both ranks done before either tears its group down: two of four CI-loaded suite runs saw rank 1 abort
@@ -181,6 +185,7 @@ def test_train_and_validate_leave_the_callers_group_alive(tmp_path):
         assert got["same_weights"]
         assert got["logged_eval_loss"] == pytest.approx(got["ema_loss"], abs=2e-6)
         assert got["epochs"] == [0, 1]
+    assert [got["callback_epochs"] for got in ranks] == [[0, 1], []]
     assert ranks[0]["top1"] == ranks[1]["top1"]  # validate's shares were reduced over the group
     torch.manual_seed(0)
     alone = validate_segmenter(data=tmp_path / "voc", model=_with_classes(nn.Conv2d(3, 3, 1)), eval_size=32).as_dict()

@@ -309,9 +309,11 @@ def save_epoch(run: TrainingRun, epoch: int, result: EpochResult, metrics: dict 
 def callbacks_ask_to_stop(run: TrainingRun, metrics: dict) -> bool:
     """Call every callback with the epoch's ``metrics`` (a dict of numbers); True when one returned True on any
     rank (all ranks agree, so none waits on a peer that stopped). ``run``: any run with ``state`` (its
-    callbacks) and ``info`` (classification's :class:`TrainingRun`, segmentation's run)."""
-    if not run.state.callbacks:
-        return False
+    callbacks) and ``info`` (classification's :class:`TrainingRun`, segmentation's run).
+
+    Under DDP every rank takes part in the agreement, also one given no callbacks: a script that passes its
+    callbacks on rank 0 only made rank 0 all-reduce here while the others went on to the next step's all-reduce
+    of another size, and gloo waited 30 minutes for the rest of both before failing (a no-op outside DDP)."""
     wants = [cb(dict(metrics)) is True for cb in run.state.callbacks]
     return bool(dist_utils.all_reduce_max([float(any(wants))], run.info)[0])
 
