@@ -20,6 +20,8 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
+from ..errors import SequencerError
+
 _logger = logging.getLogger(__name__)
 
 
@@ -225,6 +227,36 @@ def all_gather_object(obj, info: DistInfo) -> list:
     out = [None] * info.world_size
     dist.all_gather_object(out, obj)
     return out
+
+
+def check_same_data(info: DistInfo, train_images: int, held_out_images: int | None, class_names: list[str]) -> None:
+    """SequencerError on every rank where a rank's copy of the data differs from rank 0's (one all-gather; a no-op
+    outside DDP). Every rank reads the data itself, and on nodes without a shared filesystem each reads its own
+    copy: one with other files cut the epoch into another number of batches, and its rank went on to its next
+    all-reduce while the others had ended the epoch (both waiting out gloo's 30 minutes); one with a class folder
+    more or less labelled the images by other classes, training without a word. ``held_out_images``: None without
+    a held-out split."""
+    if not info.distributed:
+        return
+    mine = (train_images, held_out_images, list(class_names))
+    found = all_gather_object(mine, info)
+    for rank, theirs in enumerate(found):
+        if theirs != found[0]:
+            raise SequencerError(f"the processes read different data: {_data_difference(found[0], theirs, rank)}",
+                                 hint="give every node the same copy of the data")
+
+
+def _data_difference(first: tuple, other: tuple, rank: int) -> str:
+    """What differs between rank 0's data and rank ``rank``'s (``check_same_data``'s tuples), in words."""
+    names = ("training images", "held-out images")
+    counts = [f"{a} {name} on rank 0, {b} on rank {rank}" for name, a, b in zip(names, first, other) if a != b]
+    classes, theirs = first[2], other[2]
+    if len(classes) != len(theirs):
+        counts.append(f"{len(classes)} classes on rank 0, {len(theirs)} on rank {rank}")
+    elif classes != theirs:
+        i = next(i for i, (a, b) in enumerate(zip(classes, theirs)) if a != b)
+        counts.append(f"class {i} is {classes[i]!r} on rank 0, {theirs[i]!r} on rank {rank}")
+    return "; ".join(counts)
 
 
 # Set by launch() for its workers. The first rank to fail in its own right writes its exit status there: torchrun

@@ -129,6 +129,7 @@ def _train(cfg: SegmentConfig, state: RunState, info: dist_utils.DistInfo) -> Se
     resume_path, resume_ckpt = resume_checkpoint(cfg, info)
     cfg = _resumed_architecture(cfg, resume_ckpt, state)
     train_split, val_split = _open_splits(cfg, resume_ckpt)
+    dist_utils.check_same_data(info, len(train_split), len(val_split), list(train_split.class_names))
     _check_pooled_batch_norm(cfg, info)
     model = _build_model(cfg, train_split.num_classes, resume_ckpt, info.device)
     run = _build_run(cfg, info, model, train_split, val_split, resume_ckpt)

@@ -58,6 +58,7 @@ def build_data(cfg, state, info: dist_utils.DistInfo) -> tuple[TrainData, object
     else:
         train_set, eval_set, cfg = _held_out_split(cfg, state, info, dataset_kw, class_names, train_set,
                                                    resume_ckpt)
+    dist_utils.check_same_data(info, len(train_set), len(eval_set) if eval_set is not None else None, class_names)
     num_classes = cfg.num_classes or len(class_names)
     if num_classes < len(class_names):
         raise SequencerError(f"`num_classes={num_classes}` is smaller than the {len(class_names)} classes of the "
