@@ -66,7 +66,7 @@ def test_two_nodes_without_a_shared_filesystem_resume_and_stop_together(image_fo
         procs.append(subprocess.Popen([sys.executable, "-c", RANK, settings], cwd=node, env=env, text=True,
                                       stdout=subprocess.PIPE, stderr=subprocess.PIPE))
     try:
-        outputs = [p.communicate(timeout=120) for p in procs]  # a rank left waiting for its peer hangs: killed
+        outputs = [p.communicate(timeout=300) for p in procs]  # a rank left waiting for its peer hangs: killed
     finally:
         for proc in procs:
             proc.kill()
