@@ -69,7 +69,8 @@ def train_segmenter(config: SegmentConfig | str | os.PathLike | None = None, /, 
 
     ``callbacks``: callables, each called on every process after every epoch (once it is saved) with that epoch's
     summary row as a dict of numbers (:attr:`SegmentResult.summary`'s; nan on an epoch not evaluated); one that
-    returns True stops the run after that epoch.
+    returns True stops the run after that epoch, on every process. Under DDP each process may be given its own
+    callbacks, or none (a logger on rank 0 only).
 
     Checks the settings, then runs them in this process or as one rank of a torchrun launch; a failed start leaves
     no empty experiment folder behind. ``progress=False`` prints nothing at all; ``progress=True`` logs through the

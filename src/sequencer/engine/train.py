@@ -103,7 +103,8 @@ def train(config: TrainConfig | str | os.PathLike | None = None, /, *, callbacks
     ``dataset.classes`` when it exists.
 
     ``callbacks``: callables, each called on every process after every epoch (once it is saved) with that epoch's
-    metrics as a dict of numbers (the summary row); a callback that returns True stops the run after that epoch.
+    metrics as a dict of numbers (the summary row); a callback that returns True stops the run after that epoch,
+    on every process. Under DDP each process may be given its own callbacks, or none (a logger on rank 0 only).
 
     ``progress=False`` prints nothing at all; ``progress=True`` logs through the ``"sequencer"`` logger, shown
     on stdout unless your logging already prints to the console. Ctrl-C writes a recovery checkpoint, then raises
