@@ -52,6 +52,17 @@ def subprocess_env() -> dict:
     return env
 
 
+def env_with_site(tmp_path: Path, code: str) -> dict:
+    """`subprocess_env` with ``code`` run at the start of every Python process (its sitecustomize, in
+    ``tmp_path/site``): a fault or a probe a test puts into the processes of a launch."""
+    site = tmp_path / "site"
+    site.mkdir()
+    (site / "sitecustomize.py").write_text(code)
+    env = subprocess_env()
+    env["PYTHONPATH"] = f"{site}{os.pathsep}{env['PYTHONPATH']}"
+    return env
+
+
 def start_train(args: list[str], log: Path) -> subprocess.Popen:
     """`python -m sequencer train ARGS` as a child process, stdout+stderr into ``log``."""
     out = open(log, "w")

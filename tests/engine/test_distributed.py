@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from run_helpers import REPO, TINY_RUN, subprocess_env, summary_epochs
+from run_helpers import REPO, TINY_RUN, env_with_site, subprocess_env, summary_epochs
 from sequencer.models.loading import read_checkpoint
 
 
@@ -38,16 +38,6 @@ def _children(pid: int) -> list[int]:
         return [int(p) for p in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
     except OSError:
         return []
-
-
-def _env_with_site(tmp_path, code: str) -> dict:
-    """The launch's environment with ``code`` run at the start of every Python process (its sitecustomize)."""
-    site = tmp_path / "site"
-    site.mkdir()
-    (site / "sitecustomize.py").write_text(code)
-    env = subprocess_env()
-    env["PYTHONPATH"] = f"{site}{os.pathsep}{env['PYTHONPATH']}"
-    return env
 
 
 # every worker of the first start waits after step 2 of epoch EPOCH (the log line "[   3/") for a signal: a signal
@@ -85,7 +75,7 @@ def test_torchrun_restarts_a_killed_worker_and_resumes(image_folder, tmp_path):
            "--experiment", "run", "--epochs", "2", "--resume", "auto"]
     with open(log, "w") as out:  # the kill lands in epoch 1 (PAUSE): the restart resumes it
         proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, cwd=tmp_path,
-                                env=_env_with_site(tmp_path, PAUSE.replace("EPOCH", "1")))
+                                env=env_with_site(tmp_path, PAUSE.replace("EPOCH", "1")))
     try:
         deadline = time.time() + 300
         while "train: epoch 1 [   3/" not in log.read_text():
@@ -145,7 +135,7 @@ datasets.ImageFileDataset.__getitem__ = _failing
 
 @pytest.mark.slow
 def test_an_exception_in_a_data_worker_stops_every_rank_with_one_line(image_folder, tmp_path):
-    proc = _launch(image_folder, tmp_path / "out", ["-j", "1"], env=_env_with_site(tmp_path, WORKER_FAULT))
+    proc = _launch(image_folder, tmp_path / "out", ["-j", "1"], env=env_with_site(tmp_path, WORKER_FAULT))
     out = (proc.stdout + proc.stderr).strip()
     assert proc.returncode == 2, out
     errors = [line for line in out.splitlines() if "error:" in line]
@@ -164,7 +154,7 @@ def test_ctrl_c_under_distributed_train_sh_saves_exits_130_and_resumes_where_it_
         proc = subprocess.Popen(["bash", str(REPO / "distributed_train.sh"), "2", str(image_folder), *slow,
                                  "--output", str(tmp_path), "--experiment", "run", "--epochs", "3"],
                                 stdout=out, stderr=subprocess.STDOUT, cwd=tmp_path, start_new_session=True,
-                                env=_env_with_site(tmp_path, PAUSE.replace("EPOCH", "0")))
+                                env=env_with_site(tmp_path, PAUSE.replace("EPOCH", "0")))
     try:
         deadline = time.time() + 300
         while "train: epoch 0 [   3/" not in log.read_text():

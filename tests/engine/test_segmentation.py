@@ -380,11 +380,28 @@ def test_a_resume_with_another_batch_size_counts_on_from_the_updates_made(tmp_pa
     assert read_checkpoint(resumed.output_dir / "last.pth.tar")["updates"] == 8
 
 
+# each rank keeps the BatchNorm statistics its model evaluates with
+BN_AT_EVALUATION = """
+import os
+if "RANK" in os.environ:
+    import torch
+    from sequencer.engine import segmentation
+    evaluate = segmentation.evaluate_segmentation
+    def kept(model, *args, **kwargs):
+        torch.save({n: b for n, b in model.named_buffers() if n.endswith(("running_mean", "running_var"))},
+                   f"bn{os.environ['RANK']}.pt")
+        return evaluate(model, *args, **kwargs)
+    segmentation.evaluate_segmentation = kept
+"""
+
+
 @pytest.mark.slow
 def test_two_process_gloo_run_and_its_sharded_evaluation(tmp_path):
     """`segment train` under the launcher distributed_train.sh uses (torchrun): 2 CPU processes, rank 0 writes, and
-    the evaluation sharded over the ranks gives exactly the single-process numbers of `validate`."""
-    from run_helpers import subprocess_env
+    the evaluation sharded over the ranks gives exactly the single-process numbers of `validate`: every rank
+    evaluates with the checkpoint's BatchNorm statistics (rank 1 used the ones its own batches had moved: no
+    SyncBatchNorm on the CPU)."""
+    from run_helpers import env_with_site
     from segmentation_helpers import TINY_SEGMENTER
     from sequencer.engine.segmentation_eval import validate_segmenter
 
@@ -393,10 +410,15 @@ def test_two_process_gloo_run_and_its_sharded_evaluation(tmp_path):
            "-m", "sequencer", "segment", "train", str(data), "--num-classes", "3", *TINY_SEGMENTER, "--img-size", "32",
            "-b", "2", "--epochs", "1", "-j", "0", "--device", "cpu", "--output", str(tmp_path / "out"),
            "--experiment", "ddp"]
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=subprocess_env(), cwd=tmp_path, timeout=600)
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env_with_site(tmp_path, BN_AT_EVALUATION),
+                          cwd=tmp_path, timeout=600)
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
     assert [p.name for p in (tmp_path / "out").iterdir()] == ["ddp"]
     ckpt = read_checkpoint(tmp_path / "out" / "ddp" / "last.pth.tar")
+    evaluated = [torch.load(tmp_path / f"bn{rank}.pt", weights_only=True) for rank in (0, 1)]
+    assert evaluated[0] and evaluated[0].keys() == evaluated[1].keys()
+    for name, stats in evaluated[0].items():
+        assert torch.equal(stats, evaluated[1][name]) and torch.equal(stats, ckpt["state_dict"][name]), name
     assert len(ckpt["rng_state"]) == 2 and not any(k.startswith("module.") for k in ckpt["state_dict"])
     row = read_summary(tmp_path / "out" / "ddp" / "summary.csv")[0]
     metrics = validate_segmenter(str(tmp_path / "out" / "ddp" / "last.pth.tar"), str(data), device="cpu")
