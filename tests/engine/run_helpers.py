@@ -63,11 +63,38 @@ def env_with_site(tmp_path: Path, code: str) -> dict:
     return env
 
 
-def start_train(args: list[str], log: Path) -> subprocess.Popen:
-    """`python -m sequencer train ARGS` as a child process, stdout+stderr into ``log``."""
+def held_after_batch_3(epoch: int) -> str:
+    """Code for `env_with_site`: each `sequencer train` process (a launch's workers too, but only of its first
+    start: a restart runs on) waits after the update of batch 3 of ``epoch`` (its log line "[   3/") until it is
+    sent a signal, 120 s at most. A signal a test sends once it reads that line then lands there, however slowly a
+    loaded machine runs the steps (the run could reach the epoch's end first, or the next epoch); one that came
+    earlier ends the wait at once."""
+    return f"""
+import os, sys
+argv = sys.orig_argv
+if "-m" in argv[:-1] and argv[argv.index("-m") + 1] == "sequencer" and \\
+        os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") == "0":
+    import time
+    from sequencer.engine import loop, stop_request
+    received, handle, step = [], stop_request.StopRequest._handler, loop._Progress.step
+    def noted(self, signum, frame):
+        received.append(signum)
+        return handle(self, signum, frame)
+    def step_then_wait(self, index, *args):
+        step(self, index, *args)
+        deadline = time.monotonic() + 120
+        while self.epoch == {epoch} and index == 2 and not received and time.monotonic() < deadline:
+            time.sleep(0.01)
+    stop_request.StopRequest._handler, loop._Progress.step = noted, step_then_wait
+"""
+
+
+def start_train(args: list[str], log: Path, env: dict | None = None) -> subprocess.Popen:
+    """`python -m sequencer train ARGS` as a child process, stdout+stderr into ``log``; ``env``: the environment
+    (`subprocess_env`'s when None)."""
     out = open(log, "w")
     return subprocess.Popen([sys.executable, "-m", "sequencer", "train", *map(str, args)], stdout=out,
-                            stderr=subprocess.STDOUT, env=subprocess_env(), cwd=REPO)
+                            stderr=subprocess.STDOUT, env=env or subprocess_env(), cwd=REPO)
 
 
 def summary_epochs(folder: Path) -> list[int]:

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from run_helpers import REPO, TINY_RUN, env_with_site, subprocess_env, summary_epochs
+from run_helpers import REPO, TINY_RUN, env_with_site, held_after_batch_3, subprocess_env, summary_epochs
 from sequencer.models.loading import read_checkpoint
 
 
@@ -40,27 +40,6 @@ def _children(pid: int) -> list[int]:
         return []
 
 
-# every worker of the first start waits after step 2 of epoch EPOCH (the log line "[   3/") for a signal: a signal
-# the test sends once it reads that line lands there, however slowly a loaded machine runs the steps (it reached
-# the epoch's end first, or the next epoch, and the test failed); a signal that came earlier ends the wait at once
-PAUSE = """
-import os
-if "RANK" in os.environ and os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") == "0":  # a worker, not torchrun
-    import time
-    from sequencer.engine import loop, stop_request
-    received, handle, step = [], stop_request.StopRequest._handler, loop._Progress.step
-    def noted(self, signum, frame):
-        received.append(signum)
-        return handle(self, signum, frame)
-    def step_then_wait(self, index, *args):
-        step(self, index, *args)
-        deadline = time.monotonic() + 120
-        while self.epoch == EPOCH and index == 2 and not received and time.monotonic() < deadline:
-            time.sleep(0.01)
-    stop_request.StopRequest._handler, loop._Progress.step = noted, step_then_wait
-"""
-
-
 @pytest.mark.slow
 @pytest.mark.skipif(not Path("/proc/self/task").exists(), reason="finds the worker processes through /proc")
 def test_torchrun_restarts_a_killed_worker_and_resumes(image_folder, tmp_path):
@@ -73,9 +52,9 @@ def test_torchrun_restarts_a_killed_worker_and_resumes(image_folder, tmp_path):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
            "--max-restarts", "1", "-m", "sequencer", "train", str(image_folder), *slow, "--output", str(tmp_path),
            "--experiment", "run", "--epochs", "2", "--resume", "auto"]
-    with open(log, "w") as out:  # the kill lands in epoch 1 (PAUSE): the restart resumes it
+    with open(log, "w") as out:  # the kill lands in epoch 1 (held_after_batch_3): the restart resumes it
         proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, cwd=tmp_path,
-                                env=env_with_site(tmp_path, PAUSE.replace("EPOCH", "1")))
+                                env=env_with_site(tmp_path, held_after_batch_3(epoch=1)))
     try:
         deadline = time.time() + 300
         while "train: epoch 1 [   3/" not in log.read_text():
@@ -154,7 +133,7 @@ def test_ctrl_c_under_distributed_train_sh_saves_exits_130_and_resumes_where_it_
         proc = subprocess.Popen(["bash", str(REPO / "distributed_train.sh"), "2", str(image_folder), *slow,
                                  "--output", str(tmp_path), "--experiment", "run", "--epochs", "3"],
                                 stdout=out, stderr=subprocess.STDOUT, cwd=tmp_path, start_new_session=True,
-                                env=env_with_site(tmp_path, PAUSE.replace("EPOCH", "0")))
+                                env=env_with_site(tmp_path, held_after_batch_3(epoch=0)))
     try:
         deadline = time.time() + 300
         while "train: epoch 0 [   3/" not in log.read_text():
@@ -169,7 +148,7 @@ def test_ctrl_c_under_distributed_train_sh_saves_exits_130_and_resumes_where_it_
     assert "Traceback" not in text, text[-3000:]
     recovery = read_checkpoint(tmp_path / "run" / "recovery.pth.tar")
     done = recovery["epoch_progress"]["batches"]
-    # the workers waited after batch 3 (PAUSE) for the signal, and stopped at the next step's agreement
+    # the workers waited after batch 3 (held_after_batch_3) for the signal, and stopped at the next step's agreement
     assert recovery["epoch"] == 0 and done == 3, recovery["epoch_progress"]
 
     # the resume goes on after the stopped update, under DDP too: every rank's 12 batches of each epoch make one

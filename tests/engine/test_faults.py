@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from run_helpers import TINY_RUN, start_train, summary_epochs, train_cli
+from run_helpers import TINY_RUN, env_with_site, held_after_batch_3, start_train, summary_epochs, train_cli
 from sequencer.models import create_model
 from sequencer.models.loading import read_checkpoint
 
@@ -42,7 +42,7 @@ def assert_loads(path: Path) -> dict:
 def test_sigkill_mid_epoch_then_resume_keeps_every_epoch_once(image_folder, tmp_path):
     args = [image_folder, *SLOW_RUN, "--output", tmp_path, "--experiment", "run", "--epochs", "2"]
     log = tmp_path / "log.txt"
-    proc = start_train(args, log)
+    proc = start_train(args, log, env_with_site(tmp_path, held_after_batch_3(epoch=1)))  # killed in epoch 1
     wait_for(log, "train: epoch 1 [   3/", proc)
     proc.send_signal(signal.SIGKILL)
     proc.wait(timeout=30)
@@ -61,7 +61,7 @@ def test_sigkill_mid_epoch_then_resume_keeps_every_epoch_once(image_folder, tmp_
 def test_sigterm_saves_recovery_and_auto_resume_finishes(image_folder, tmp_path):
     args = [image_folder, *SLOW_RUN, "--output", tmp_path, "--experiment", "run", "--epochs", "2"]
     log = tmp_path / "log.txt"
-    proc = start_train(args, log)
+    proc = start_train(args, log, env_with_site(tmp_path, held_after_batch_3(epoch=0)))  # it lands after batch 3
     wait_for(log, "train: epoch 0 [   3/", proc)
     proc.send_signal(signal.SIGTERM)
     assert proc.wait(timeout=120) == 128 + signal.SIGTERM
@@ -69,7 +69,7 @@ def test_sigterm_saves_recovery_and_auto_resume_finishes(image_folder, tmp_path)
     assert "recovery checkpoint" in text and "Traceback" not in text
     folder = tmp_path / "run"
     recovery = assert_loads(folder / "recovery.pth.tar")
-    assert recovery["epoch"] == 0 and recovery["epoch_complete"] is False and recovery["step"] >= 3
+    assert recovery["epoch"] == 0 and recovery["epoch_complete"] is False and recovery["step"] == 3
     assert recovery["optimizer"]["state"], "optimizer state must be saved"
     assert not (folder / "last.pth.tar").exists()
 
