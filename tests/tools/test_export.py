@@ -12,6 +12,7 @@ from sequencer.cli import main
 from sequencer.engine.inference import load_model, relative_error
 from sequencer.errors import SequencerError
 from sequencer.models import create_model, read_checkpoint
+from sequencer.tools.checkpoints import read_weights
 from sequencer.tools.export import (export_onnx, export_onnx_int8, export_program, export_safetensors,
                                      export_torchscript, int8_settings, quantize_int8)
 from sequencer.tools.onnx_runtime import OnnxModel
@@ -235,6 +236,11 @@ def test_safetensors_round_trip(tiny_checkpoint, tmp_path):
     meta = read_checkpoint(out)["__metadata__"]
     assert meta["arch"] == TINY_ARCH and json.loads(meta["class_names"]) == ["cat", "dog"]
     assert json.loads(meta["data_config"])["img_size"] == 32
+    # which weights the file holds, so `checkpoint average` of it does not call EMA weights model weights
+    assert meta["weights"] == "ema" and read_weights(str(out), None)[2]
+    raw = tmp_path / "raw.safetensors"
+    assert main(["export", "--checkpoint", str(tiny_checkpoint), "--no-ema", "--output", str(raw)]) == 0
+    assert read_checkpoint(raw)["__metadata__"]["weights"] == "model" and not read_weights(str(raw), None)[2]
     x = torch.randn(2, 3, 32, 32)
     ref = _reference(tiny_checkpoint, x)
     # 1. `--checkpoint x.safetensors` alone (arch, kwargs, class names from the metadata)

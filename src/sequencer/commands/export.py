@@ -148,7 +148,7 @@ def run(args: argparse.Namespace) -> int:
                              rtol=args.rtol, metadata=meta)
         how = f"torch.export.load's program matches PyTorch (relative error {err:.1e})"
     else:
-        err = export_safetensors(model, out, config)
+        err = export_safetensors(model, out, config, weights=loaded.weights)
         how = f"model rebuilt from the file matches (relative error {err:.1e})"
     size = out.stat().st_size / 2**20
     print(f"exported {loaded.name} ({loaded.num_params / 1e6:.2f}M params, input {'x'.join(map(str, input_size))}) "

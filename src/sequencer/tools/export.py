@@ -230,8 +230,11 @@ def _check_aten_only(program, path: Path) -> None:
 
 
 @_on_the_cpu_in_eval
-def export_safetensors(model: nn.Module, path: str | os.PathLike, config: dict, rtol: float = 1e-6) -> float:
-    """Write the weights and model config; rebuild the model from the file alone and compare logits."""
+def export_safetensors(model: nn.Module, path: str | os.PathLike, config: dict, rtol: float = 1e-6,
+                       weights: str | None = None) -> float:
+    """Write the weights and model config; rebuild the model from the file alone and compare logits. ``weights``:
+    "ema" or "model", which of a checkpoint's weights they are (recorded, as `sequencer checkpoint clean` does, for
+    `checkpoint average` and the loaders: ``models.loading.picked_weights``)."""
     from ..models import create_model
     from ..models.loading import load_state_dict_into, model_config
 
@@ -243,7 +246,8 @@ def export_safetensors(model: nn.Module, path: str | os.PathLike, config: dict, 
     errors = []
 
     def write(tmp: str) -> None:
-        save_weights(model.state_dict(), tmp, config, safetensors=True)
+        save_weights(model.state_dict(), tmp, config, safetensors=True,
+                     extra={"weights": weights} if weights else None)
         with safe_open(tmp, framework="pt") as f:  # verified before the rename, as for ONNX
             stored = {k: f.get_tensor(k) for k in f.keys()}
             stored["__metadata__"] = f.metadata() or {}
