@@ -20,6 +20,11 @@ TINY_MODEL = ["--model", "sequencer2d_nano", "--model-kwargs", "layers=(1,1)", "
 # the common part of every test run: CPU, no workers, quiet logs
 TINY_RUN = TINY_MODEL + ["--img-size", "16", "-b", "8", "-j", "0", "--log-interval", "1000", "--device", "cpu",
                          "--opt", "adamw", "--lr", "3e-3", "--warmup-epochs", "0", "--hflip", "0"]
+# the runs a test signals (SIGKILL, SIGTERM, Ctrl-C) mid-epoch: batch 2 (24 batches of the 48 training images, 12
+# per rank of two) and a log line per batch, where `held_after_batch_3` holds each process until the signal arrives.
+# The tiny model: the hold, not slow steps (the full nano's once), puts the signal inside the epoch
+HELD_RUN = TINY_MODEL + ["--img-size", "16", "-b", "2", "-j", "0", "--log-interval", "1", "--device", "cpu",
+                         "--opt", "adamw", "--lr", "1e-3", "--warmup-epochs", "0", "--hflip", "0"]
 
 REPO = Path(__file__).resolve().parents[2]
 

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from run_helpers import REPO, TINY_RUN, env_with_site, held_after_batch_3, subprocess_env, summary_epochs
+from run_helpers import HELD_RUN, REPO, TINY_RUN, env_with_site, held_after_batch_3, subprocess_env, summary_epochs
 from sequencer.models.loading import read_checkpoint
 
 
@@ -45,12 +45,9 @@ def _children(pid: int) -> list[int]:
 def test_torchrun_restarts_a_killed_worker_and_resumes(image_folder, tmp_path):
     """A worker dies mid-run (SIGKILL, as an OOM kill would): torchrun --max-restarts restarts the group and
     --resume auto continues from the last finished epoch; every epoch appears once."""
-    # batch 2 and the full nano model: slow enough steps for the kill to land inside epoch 1
-    slow = ["--model", "sequencer2d_nano", "--img-size", "16", "-b", "2", "-j", "0", "--log-interval", "1",
-            "--device", "cpu", "--opt", "adamw", "--lr", "1e-3", "--warmup-epochs", "0", "--hflip", "0"]
     log = tmp_path / "log.txt"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           "--max-restarts", "1", "-m", "sequencer", "train", str(image_folder), *slow, "--output", str(tmp_path),
+           "--max-restarts", "1", "-m", "sequencer", "train", str(image_folder), *HELD_RUN, "--output", str(tmp_path),
            "--experiment", "run", "--epochs", "2", "--resume", "auto"]
     with open(log, "w") as out:  # the kill lands in epoch 1 (held_after_batch_3): the restart resumes it
         proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, cwd=tmp_path,
@@ -126,12 +123,10 @@ def test_an_exception_in_a_data_worker_stops_every_rank_with_one_line(image_fold
 @pytest.mark.slow
 def test_ctrl_c_under_distributed_train_sh_saves_exits_130_and_resumes_where_it_stopped(image_folder, tmp_path):
     """48 training images, 2 ranks, batch 2: 12 batches per rank and epoch."""
-    slow = ["--model", "sequencer2d_nano", "--img-size", "16", "-b", "2", "-j", "0", "--log-interval", "1",
-            "--device", "cpu", "--opt", "adamw", "--lr", "1e-3", "--warmup-epochs", "0"]
     log = tmp_path / "log.txt"
     with open(log, "w") as out:
-        proc = subprocess.Popen(["bash", str(REPO / "distributed_train.sh"), "2", str(image_folder), *slow,
-                                 "--output", str(tmp_path), "--experiment", "run", "--epochs", "3"],
+        proc = subprocess.Popen(["bash", str(REPO / "distributed_train.sh"), "2", str(image_folder), *HELD_RUN,
+                                 "--output", str(tmp_path), "--experiment", "run", "--epochs", "2"],
                                 stdout=out, stderr=subprocess.STDOUT, cwd=tmp_path, start_new_session=True,
                                 env=env_with_site(tmp_path, held_after_batch_3(epoch=0)))
     try:
@@ -153,15 +148,15 @@ def test_ctrl_c_under_distributed_train_sh_saves_exits_130_and_resumes_where_it_
 
     # the resume goes on after the stopped update, under DDP too: every rank's 12 batches of each epoch make one
     # Adam step each (a resume that re-ran epoch 0 from its start made `done` steps more)
-    resumed = subprocess.run(["bash", str(REPO / "distributed_train.sh"), "2", str(image_folder), *slow,
-                              "--output", str(tmp_path), "--experiment", "run", "--epochs", "3", "--resume", "auto"],
+    resumed = subprocess.run(["bash", str(REPO / "distributed_train.sh"), "2", str(image_folder), *HELD_RUN,
+                              "--output", str(tmp_path), "--experiment", "run", "--epochs", "2", "--resume", "auto"],
                              capture_output=True, text=True, env=subprocess_env(), cwd=tmp_path, timeout=300)
     out = resumed.stdout + resumed.stderr
     assert resumed.returncode == 0, out[-3000:]
-    assert summary_epochs(tmp_path / "run") == [0, 1, 2], out[-3000:]
+    assert summary_epochs(tmp_path / "run") == [0, 1], out[-3000:]
     optimizer = read_checkpoint(tmp_path / "run" / "last.pth.tar")["optimizer"]
     steps = {int(state["step"]) for state in optimizer["state"].values()}
-    assert steps == {3 * 12}, (steps, out[-3000:])
+    assert steps == {2 * 12}, (steps, out[-3000:])
 
 
 def test_launch_reports_the_rank_that_failed_in_its_own_right(monkeypatch):

@@ -10,13 +10,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from run_helpers import TINY_RUN, env_with_site, held_after_batch_3, start_train, summary_epochs, train_cli
+from run_helpers import HELD_RUN, TINY_RUN, env_with_site, held_after_batch_3, start_train, summary_epochs, train_cli
 from sequencer.models import create_model
 from sequencer.models.loading import read_checkpoint
 
-# slower steps than TINY_RUN (the full sequencer2d_nano, batch 2) so a signal can land in the middle of an epoch
-SLOW_RUN = ["--model", "sequencer2d_nano", "--img-size", "16", "-b", "2", "-j", "0", "--log-interval", "1",
-            "--device", "cpu", "--opt", "adamw", "--lr", "1e-3", "--warmup-epochs", "0", "--hflip", "0"]
 
 
 def wait_for(log: Path, text: str, proc, timeout: float = 240) -> None:
@@ -40,7 +37,7 @@ def assert_loads(path: Path) -> dict:
 
 @pytest.mark.slow
 def test_sigkill_mid_epoch_then_resume_keeps_every_epoch_once(image_folder, tmp_path):
-    args = [image_folder, *SLOW_RUN, "--output", tmp_path, "--experiment", "run", "--epochs", "2"]
+    args = [image_folder, *HELD_RUN, "--output", tmp_path, "--experiment", "run", "--epochs", "2"]
     log = tmp_path / "log.txt"
     proc = start_train(args, log, env_with_site(tmp_path, held_after_batch_3(epoch=1)))  # killed in epoch 1
     wait_for(log, "train: epoch 1 [   3/", proc)
@@ -59,7 +56,7 @@ def test_sigkill_mid_epoch_then_resume_keeps_every_epoch_once(image_folder, tmp_
 
 @pytest.mark.slow
 def test_sigterm_saves_recovery_and_auto_resume_finishes(image_folder, tmp_path):
-    args = [image_folder, *SLOW_RUN, "--output", tmp_path, "--experiment", "run", "--epochs", "2"]
+    args = [image_folder, *HELD_RUN, "--output", tmp_path, "--experiment", "run", "--epochs", "2"]
     log = tmp_path / "log.txt"
     proc = start_train(args, log, env_with_site(tmp_path, held_after_batch_3(epoch=0)))  # it lands after batch 3
     wait_for(log, "train: epoch 0 [   3/", proc)
