@@ -36,7 +36,7 @@ def assert_loads(path: Path) -> dict:
 
 
 @pytest.mark.slow
-def test_sigkill_mid_epoch_then_resume_keeps_every_epoch_once(image_folder, tmp_path):
+def test_sigkill_mid_epoch_then_resume_keeps_every_epoch_once(image_folder, tmp_path, capsys):
     args = [image_folder, *HELD_RUN, "--output", tmp_path, "--experiment", "run", "--epochs", "2"]
     log = tmp_path / "log.txt"
     proc = start_train(args, log, env_with_site(tmp_path, held_after_batch_3(epoch=1)))  # killed in epoch 1
@@ -47,7 +47,11 @@ def test_sigkill_mid_epoch_then_resume_keeps_every_epoch_once(image_folder, tmp_
     assert assert_loads(folder / "last.pth.tar")["epoch"] == 0  # the previous checkpoint survived the kill
     assert summary_epochs(folder) == [0]
 
+    capsys.readouterr()
     assert train_cli([*args, "--resume", "auto"]) == 0
+    said = "".join(capsys.readouterr())
+    # a run that started over would also leave epochs [0, 1]: the resume must name the file it went on from
+    assert f"--resume auto: continuing from {folder / 'last.pth.tar'}" in said
     assert summary_epochs(folder) == [0, 1]
     ckpt = assert_loads(folder / "last.pth.tar")
     assert ckpt["epoch"] == 1 and ckpt["epoch_complete"]
@@ -55,7 +59,7 @@ def test_sigkill_mid_epoch_then_resume_keeps_every_epoch_once(image_folder, tmp_
 
 
 @pytest.mark.slow
-def test_sigterm_saves_recovery_and_auto_resume_finishes(image_folder, tmp_path):
+def test_sigterm_saves_recovery_and_auto_resume_finishes(image_folder, tmp_path, capsys):
     args = [image_folder, *HELD_RUN, "--output", tmp_path, "--experiment", "run", "--epochs", "2"]
     log = tmp_path / "log.txt"
     proc = start_train(args, log, env_with_site(tmp_path, held_after_batch_3(epoch=0)))  # it lands after batch 3
@@ -70,7 +74,11 @@ def test_sigterm_saves_recovery_and_auto_resume_finishes(image_folder, tmp_path)
     assert recovery["optimizer"]["state"], "optimizer state must be saved"
     assert not (folder / "last.pth.tar").exists()
 
+    capsys.readouterr()
     assert train_cli([*args, "--resume", "auto"]) == 0
+    said = "".join(capsys.readouterr())
+    assert f"--resume auto: continuing from {folder / 'recovery.pth.tar'}" in said
+    assert "--resume: epoch 0 goes on after its first 3 of " in said
     assert summary_epochs(folder) == [0, 1]
     assert not (folder / "recovery.pth.tar").exists()  # superseded by the finished epochs
     assert assert_loads(folder / "last.pth.tar")["epoch"] == 1
