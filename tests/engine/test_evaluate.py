@@ -1,6 +1,5 @@
 import math
 import os
-import socket
 
 import pytest
 import torch
@@ -63,10 +62,15 @@ def test_bfloat16_autocast_stays_close():
     assert evaluate(model, batches, "cpu", amp_dtype="bfloat16")["loss"] == pytest.approx(half["loss"])
 
 
-def _rank_main(rank, world, port, root, out):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+def _join(rank, world, out):
+    """Join the gloo group of the test's processes through a file in ``out``: no port to pick, so none another
+    process can take first (a port found free and bound later by rank 0 could be, on a busy machine)."""
     torch.set_num_threads(1)
-    torch.distributed.init_process_group("gloo", rank=rank, world_size=world)
+    torch.distributed.init_process_group("gloo", init_method=f"file://{out}/rendezvous", rank=rank, world_size=world)
+
+
+def _rank_main(rank, world, root, out):
+    _join(rank, world, out)
     try:
         from sequencer.data import create_dataset, create_loader
         ds = create_dataset("", root=root)
@@ -125,11 +129,8 @@ def test_distributed_evaluation_is_exact(tmp_path):
     _broken_folder(tmp_path / "broken")
     alone = _validate_broken(tmp_path / "broken")
     assert (alone.images, alone.unreadable) == (208, 2)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
     # fork: no re-import of torch per rank (CPU-only processes, so forking is safe)
-    mp.start_processes(_rank_main, args=(2, port, str(tmp_path / "data"), str(tmp_path)), nprocs=2,
+    mp.start_processes(_rank_main, args=(2, str(tmp_path / "data"), str(tmp_path)), nprocs=2,
                        start_method="fork")
     for rank in range(2):
         got = torch.load(tmp_path / f"rank{rank}.pt", weights_only=True)
@@ -139,12 +140,10 @@ def test_distributed_evaluation_is_exact(tmp_path):
         assert got["validated"] == (208, 2)
 
 
-def _clustered_rank_main(rank, world, port, root, out):
+def _clustered_rank_main(rank, world, root, out):
     from sequencer.errors import SequencerError
 
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    torch.set_num_threads(1)
-    torch.distributed.init_process_group("gloo", rank=rank, world_size=world)
+    _join(rank, world, out)
     try:
         result = _validate_broken(os.path.join(root, "clustered"))
         try:
@@ -185,10 +184,7 @@ def test_distributed_unreadable_limit_is_the_whole_passs(tmp_path):
     assert (alone.images, alone.unreadable) == (208, 2)
     with pytest.raises(SequencerError, match="3 of 210 images are unreadable"):
         _validate_broken(tmp_path / "too_many")
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    mp.start_processes(_clustered_rank_main, args=(2, port, str(tmp_path), str(tmp_path)), nprocs=2,
+    mp.start_processes(_clustered_rank_main, args=(2, str(tmp_path), str(tmp_path)), nprocs=2,
                        start_method="fork")
     for rank in range(2):
         got = torch.load(tmp_path / f"clustered{rank}.pt", weights_only=True)

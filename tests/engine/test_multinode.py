@@ -5,12 +5,12 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 import textwrap
 
 import pytest
+from torch.distributed import TCPStore
 
 import sequencer
 from run_helpers import REPO, subprocess_env
@@ -45,12 +45,6 @@ RANK = textwrap.dedent('''
 ''')
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.slow
 def test_two_nodes_without_a_shared_filesystem_resume_and_stop_together(image_folder, tmp_path):
     nodes = [tmp_path / "node0", tmp_path / "node1"]
@@ -58,11 +52,14 @@ def test_two_nodes_without_a_shared_filesystem_resume_and_stop_together(image_fo
         node.mkdir()
     sequencer.train(data=str(image_folder), epochs=1, output=str(nodes[0] / "out"), **TINY)  # epoch 0, on node 0
     settings = json.dumps(dict(TINY, data=str(image_folder), epochs=3, output="out", resume="auto"))
-    port = _free_port()
+    # the job's store, which torchrun's agent on the first node holds: bound here to a port the system picks (a port
+    # found free and bound later by rank 0 could be taken in between on a busy machine)
+    store = TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False)
     procs = []
     for rank, node in enumerate(nodes):
         env = dict(subprocess_env(), RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK="0", LOCAL_WORLD_SIZE="1",
-                   GROUP_RANK=str(rank), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+                   GROUP_RANK=str(rank), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(store.port),
+                   TORCHELASTIC_USE_AGENT_STORE="True", TORCHELASTIC_RESTART_COUNT="0")
         procs.append(subprocess.Popen([sys.executable, "-c", RANK, settings], cwd=node, env=env, text=True,
                                       stdout=subprocess.PIPE, stderr=subprocess.PIPE))
     try:
