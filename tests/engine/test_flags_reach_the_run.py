@@ -5,6 +5,7 @@ each case also checks that the flag changes the object, so a flag dropped on the
 from __future__ import annotations
 
 import math
+import warnings
 
 import pytest
 import torch
@@ -198,6 +199,11 @@ def test_no_resume_opt_and_start_epoch_reach_the_restore():
         with pytest.warns(UserWarning, match="RNG state missing"):
             assert restore(cfg, DistInfo(), checkpoint, opt, UPDATES) == 2
         assert (len(opt.optimizer.state) == 0) is fresh
+    with warnings.catch_warnings():  # rank 1 of 2 reseeds too, and leaves the note to rank 0 (each rank said it)
+        warnings.simplefilter("error")
+        assert restore(TrainConfig(opt="adamw"), DistInfo(True, 1, 1, 2), checkpoint, _optimization(opt="adamw"),
+                       UPDATES) == 2
+    assert torch.initial_seed() == TrainConfig().seed + 2 + 1  # timm's random_seed(seed + start epoch, rank)
     opt = _optimization(sched="step", decay_epochs=1, decay_rate=0.5)
     assert restore(TrainConfig(start_epoch=3), DistInfo(), None, opt, UPDATES) == 3
     assert opt.optimizer.param_groups[0]["lr"] == pytest.approx(0.1 * 0.5 ** 3)

@@ -22,13 +22,17 @@ TINY = dict(model="sequencer2d_nano", model_kwargs=dict(layers=(1, 1), patch_siz
             experiment="mn", progress=False)
 
 # one rank of the job: resume the run (rank 0's node holds it), while rank 1's node is stopped by SIGTERM during its
-# first evaluation (a preempted machine: its torchrun agent signals its own workers only)
+# first evaluation (a preempted machine: its torchrun agent signals its own workers only); the warnings each rank
+# logged are kept
 RANK = textwrap.dedent('''
-    import json, os, signal, sys
+    import json, logging, os, signal, sys
     import sequencer
     from sequencer.engine import evaluate as evaluate_module
 
     settings = json.loads(sys.argv[1])
+    warned = logging.Handler(logging.WARNING)
+    warned.messages, warned.emit = [], lambda record: warned.messages.append(record.getMessage())
+    logging.getLogger("sequencer").addHandler(warned)
     if os.environ["RANK"] == "1":
         real, calls = evaluate_module.evaluate, []
         def evaluate(*args, **kwargs):
@@ -41,7 +45,7 @@ RANK = textwrap.dedent('''
     run = sequencer.train(**settings)
     print(json.dumps(dict(summary=[r["epoch"] for r in run.summary], best_top1=run.best_top1,
                           best_epoch=run.best_epoch, checkpoint=str(run.checkpoint), exit_code=run.exit_code,
-                          interrupted=run.interrupted)))
+                          interrupted=run.interrupted, warnings=warned.messages)))
 ''')
 
 
@@ -70,6 +74,11 @@ def test_two_nodes_without_a_shared_filesystem_resume_and_stop_together(image_fo
     for proc, (out, err) in zip(procs, outputs):
         assert proc.returncode == 0, err[-3000:]
     results = [json.loads(out.splitlines()[-1]) for out, _ in outputs]
+    # a note on the run is rank 0's alone (the 1-process checkpoint's RNG state: every rank reseeds), a rank's own
+    # problem that rank's (rank 1 was the one signalled); each rank said the first
+    warned = [result.pop("warnings") for result in results]
+    assert any("RNG state missing" in w for w in warned[0]) and not any("received" in w for w in warned[0])
+    assert warned[1] == ["received SIGTERM: stopping at the next step with a recovery checkpoint"], warned
     # node 1 read the checkpoint rank 0 found (its own disk has none), the signal to node 1 stopped both after
     # epoch 1, and node 1's result is rank 0's (it cannot read rank 0's summary.csv)
     assert results[0] == results[1]

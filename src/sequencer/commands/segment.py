@@ -136,7 +136,7 @@ def _train(args) -> int:
     names = {f.name for f in dataclasses.fields(SegmentConfig)}
     settings = {k: v for k, v in vars(args).items() if k in names and v is not None}  # None: SegmentConfig's default
     result = run_segmentation(SegmentConfig(**settings))
-    if result.best_miou is not None:
+    if result.best_miou is not None and os.environ.get("RANK", "0") == "0":  # every rank holds rank 0's result
         print(f"best mIoU {result.best_miou:.4f} at epoch {result.best_epoch}: {result.checkpoint}")
     return result.exit_code
 

@@ -38,7 +38,7 @@ from ..errors import SequencerError
 from ..models.segmentation import create_segmenter, segmenter_from_config
 from . import distributed as dist_utils
 from .amp import dtype_name
-from .checkpoint import get_rng_state, load_optimizer_state, resume_position, set_rng_state
+from .checkpoint import get_rng_state, load_optimizer_state, resume_position
 from .config import RunState, checked_callbacks, checked_settings, explicit_settings, given_settings
 from .guest import caller_rng_kept, console, warn
 from .inert_flags import NEW_RUN_WEIGHTS, inert_note
@@ -46,7 +46,7 @@ from .loop import (EpochProgress, batch_split, buffer_names, callbacks_ask_to_st
                    recovery_progress, recovery_state, resumed_progress, state_buffers, training_checkpoint)
 from .outputs import (claimed_process_group, plain, plural, prepare_outputs, primary_result, read_back,
                       summary_numbers, write_summary)
-from .resume import resume_checkpoint
+from .resume import reseed_unless_resumed, resume_checkpoint
 from .segmentation_config import SegmentConfig, SegmentResult, check_segment_config
 from .segmentation_eval import (eval_loader, evaluate_segmentation, inference_settings, metrics_row,
                                 resumed_evaluation_change, segment_data_config)
@@ -133,13 +133,12 @@ def _train(cfg: SegmentConfig, state: RunState, info: dist_utils.DistInfo) -> Se
     dist_utils.check_same_data(info, len(train_split), len(val_split), list(train_split.class_names))
     _check_pooled_batch_norm(cfg, info)
     model = _build_model(cfg, train_split.num_classes, resume_ckpt, info.device)
-    run = _build_run(cfg, info, model, train_split, val_split, resume_ckpt)
-    run.state = state
+    run = _build_run(cfg, state, info, model, train_split, val_split, resume_ckpt)
     resumed_within = resumed_progress(resume_ckpt, info, _batch_split(run))  # a recovery file's interrupted epoch
     start_epoch = _restore(run, resume_ckpt, resumed_within.batches)
     if start_epoch >= run.num_epochs:
-        _logger.info("`resume=%s`: the run already finished its %d epochs; nothing to do", resume_path,
-                     run.num_epochs)
+        dist_utils.print_on_primary(info, f"`resume={resume_path}`: the run already finished its "
+                                          f"{plural(run.num_epochs, 'epoch')}; nothing to do")
         return _result(info, Path(resume_path).parent, None, 0, best_epoch=resume_ckpt.get("best_epoch"))
     # the resumed epochs' mIoUs, measured on another split, size, mode or window, compare with none of ours
     changed = resumed_evaluation_change(resume_ckpt, run.data_config, cfg.val_split)
@@ -261,9 +260,11 @@ def _build_model(cfg: SegmentConfig, num_classes: int, resume_ckpt: dict | None,
     return model.to(device)
 
 
-def _build_run(cfg: SegmentConfig, info, model: nn.Module, train_split, val_split, resume_ckpt: dict | None) -> _Run:
+def _build_run(cfg: SegmentConfig, state: RunState, info, model: nn.Module, train_split, val_split,
+               resume_ckpt: dict | None) -> _Run:
     """Loaders, DDP wrapping, optimizer, poly schedule (over the run's length, counted on from a resumed
-    checkpoint's updates: :func:`_schedule_length`) and AMP."""
+    checkpoint's updates: :func:`_schedule_length`; a warmup shortened is said at the start, through ``state``)
+    and AMP."""
     from timm.optim import create_optimizer_v2
     from timm.scheduler import PolyLRScheduler
 
@@ -291,8 +292,9 @@ def _build_run(cfg: SegmentConfig, info, model: nn.Module, train_split, val_spli
     warmup = cfg.warmup_iters
     if warmup >= total:  # the recipes' 1500 would keep a short try below `lr` throughout: a quarter, as `train` does
         warmup = total // 4
-        warn(f"`warmup_iters={cfg.warmup_iters}` is not below the run's {plural(total, 'update')}: the lr would never "
-             f"leave warmup; using `warmup_iters={warmup}`")
+        state.start_warnings.append(f"`warmup_iters={cfg.warmup_iters}` is not below the run's "
+                                    f"{plural(total, 'update')}: the lr would never leave warmup; using "
+                                    f"`warmup_iters={warmup}`")
     scheduler = PolyLRScheduler(optimizer, t_initial=max(1, total - warmup), power=cfg.poly_power, lr_min=cfg.min_lr,
                                 warmup_t=warmup, warmup_lr_init=cfg.lr * cfg.warmup_ratio, warmup_prefix=True,
                                 t_in_epochs=False)
@@ -300,7 +302,7 @@ def _build_run(cfg: SegmentConfig, info, model: nn.Module, train_split, val_spli
     data_config["eval_amp_dtype"] = dtype_name(amp_dtype)
     return _Run(cfg, info, model, train_model, list(train_split.class_names), data_config, train_loader, evals,
                 optimizer, scheduler, scaler, amp_dtype, total, updates_per_epoch, num_epochs, first_update,
-                fields=_summary_fields(train_split.class_names))
+                fields=_summary_fields(train_split.class_names), state=state)
 
 
 def _schedule_length(cfg: SegmentConfig, updates_per_epoch: int, checkpoint: dict | None) -> tuple[int, int, int]:
@@ -333,8 +335,6 @@ def _batch_split(run: _Run) -> dict:
 def _restore(run: _Run, checkpoint: dict | None, updates_within: int = 0) -> int:
     """Optimizer, scaler and RNG state of a resumed run; the schedule moved to its position (past the
     ``updates_within`` the start epoch a recovery file had made). The epoch to start."""
-    from timm.utils import random_seed
-
     if checkpoint is None:
         return 0
     start_epoch = resume_position(checkpoint)
@@ -342,12 +342,7 @@ def _restore(run: _Run, checkpoint: dict | None, updates_within: int = 0) -> int
         load_optimizer_state(run.optimizer, checkpoint["optimizer"], run.cfg.opt)
     if checkpoint.get("scaler"):
         run.scaler.load_state_dict(checkpoint["scaler"])
-    rng = checkpoint.get("rng_state")
-    if isinstance(rng, list) and len(rng) == run.info.world_size:
-        set_rng_state(rng[run.info.rank])
-    else:
-        warn("`resume`: RNG state missing or from another number of processes; reseeding")
-        random_seed(run.cfg.seed + start_epoch, run.info.rank)
+    reseed_unless_resumed(checkpoint, run.cfg.seed + start_epoch, run.info)
     if run.first_update and run.info.is_primary:  # another batch size or number of processes than the checkpoint's
         _logger.info("`resume`: epoch %d starts after update %d of %d (%d updates an epoch now)", start_epoch,
                      _updates_before(run, start_epoch), run.total_updates, run.updates_per_epoch)

@@ -38,7 +38,7 @@ from . import distributed as dist_utils
 from .distributed import print_on_primary
 from . import inert_flags, timm_habits
 from .amp import autocast_dtype
-from .checkpoint import load_optimizer_state, resume_position, set_rng_state
+from .checkpoint import load_optimizer_state, resume_position
 from .guest import caller_rng_kept, console, warn
 from .train_data import TrainData, build_data
 from .data_record import evaluated_data, evaluated_weights
@@ -47,7 +47,7 @@ from .config_checks import check_config
 from .loop import (EpochProgress, Loaders, Optimization, TrainingRun, batch_split, callbacks_ask_to_stop, current_lr,
                    evaluate_epoch, resumed_progress, save_epoch, save_recovery, train_one_epoch)
 from .outputs import claimed_process_group, plural, prepare_outputs, primary_result, read_back, run_args
-from .resume import evaluation_change
+from .resume import evaluation_change, reseed_unless_resumed
 from .stop_request import StopRequest, hand_sigterm_to_caller
 from .train_model import build_model, wrap_model
 from .user_data import module_name
@@ -367,8 +367,6 @@ def restore(cfg, info: dist_utils.DistInfo, checkpoint: dict | None, opt: Optimi
     ``--min-lr``). Only the plateau scheduler keeps state (its best metric and patience), which is restored.
     Returns the epoch to start at.
     """
-    from timm.utils import random_seed
-
     optimizer, scaler, scheduler, model_ema = opt.optimizer, opt.scaler, opt.scheduler, opt.model_ema
     start_epoch = 0
     if checkpoint is not None:
@@ -387,14 +385,9 @@ def restore(cfg, info: dist_utils.DistInfo, checkpoint: dict | None, opt: Optimi
             ema_state = checkpoint.get("state_dict_ema")
             if ema_state:
                 model_ema.module.load_state_dict(ema_state)
-            else:
+            elif info.is_primary:  # every rank resumes rank 0's checkpoint: its notes are the run's, said once
                 warn("`resume`: the checkpoint has no EMA weights; the EMA restarts from the model")
-        rng = checkpoint.get("rng_state")
-        if isinstance(rng, list) and len(rng) == info.world_size:
-            set_rng_state(rng[info.rank])
-        else:
-            warn("`resume`: RNG state missing or from another number of processes; reseeding")
-            random_seed(cfg.seed + start_epoch, info.rank)
+        reseed_unless_resumed(checkpoint, cfg.seed + start_epoch, info)
     if cfg.start_epoch is not None:
         start_epoch = cfg.start_epoch
     if scheduler is not None and (start_epoch > 0 or updates_within):
