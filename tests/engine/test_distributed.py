@@ -177,3 +177,34 @@ def test_launch_reports_the_rank_that_failed_in_its_own_right(monkeypatch):
     monkeypatch.setattr(torchrun, "run", run_two_ranks)
     assert distributed.launch(["--nproc_per_node", "2", "-m", "sequencer", "train"]) == 2
     assert distributed.FAILURE_FILE_ENV not in os.environ
+
+
+def _leave_at_once_or_wait_at_the_end(rank, folder):
+    """Rank 1 joins the group and is gone; rank 0's run ends normally, in process_group's last wait for its peers."""
+    import torch
+    import torch.distributed as dist
+
+    from sequencer.engine.distributed import process_group
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{folder}/rendezvous", rank=rank, world_size=2)
+    if rank == 1:
+        os._exit(0)
+    try:
+        with process_group("cpu"):
+            pass
+        got = "no error"
+    except BaseException as e:  # noqa: BLE001 -- what the wait raised, whatever it is, for the test to read
+        got = f"{type(e).__module__}.{type(e).__name__}: {e}"
+    (Path(folder) / "rank0.txt").write_text(got)
+
+
+def test_a_peer_gone_at_the_last_wait_is_peer_gone(tmp_path):
+    """The wait for every rank at the end of a run that went well fails when a peer is gone: the rank stops with
+    PeerGone's one line (the command exits 1, the launch reporting the other rank's status), as in every other
+    collective; it raised gloo's own RuntimeError, which a command shows as an internal error with a traceback."""
+    import torch.multiprocessing as mp
+
+    mp.start_processes(_leave_at_once_or_wait_at_the_end, args=(str(tmp_path),), nprocs=2, start_method="fork")
+    got = (tmp_path / "rank0.txt").read_text()
+    assert got.startswith("sequencer.engine.distributed.PeerGone: another process of the run stopped ("), got

@@ -131,17 +131,17 @@ def process_group(device: str | None = None):
     On a normal exit every rank first waits for the others: a rank that destroyed the group while a peer still
     used it made the peer's gloo threads abort at exit (seen once: SIGABRT, "terminate called without an active
     exception"). On an exception there is no waiting, since a peer may be gone. A collective that failed because
-    a peer is gone is raised as :class:`PeerGone`.
+    a peer is gone, that last wait included, is raised as :class:`PeerGone`.
     """
     info = init_distributed(device)
     try:
         yield info
+        barrier(info)
     except BaseException as e:
         cleanup(info)
         if info.distributed and _peer_is_gone(e):
             raise PeerGone(f"another process of the run stopped ({e})") from None
         raise
-    barrier(info)
     cleanup(info)
 
 
