@@ -380,18 +380,23 @@ def test_a_resume_with_another_batch_size_counts_on_from_the_updates_made(tmp_pa
     assert read_checkpoint(resumed.output_dir / "last.pth.tar")["updates"] == 8
 
 
-# each rank keeps the BatchNorm statistics its model evaluates with
+# each rank keeps the BatchNorm statistics its own batches left (own{rank}.pt) and the ones its model evaluates with
 BN_AT_EVALUATION = """
 import os
 if "RANK" in os.environ:
     import torch
-    from sequencer.engine import segmentation
-    evaluate = segmentation.evaluate_segmentation
+    from sequencer.engine import distributed, segmentation
+    evaluate, sync = segmentation.evaluate_segmentation, distributed.sync_running_stats
+    def keep(model, name):
+        torch.save({n: b.clone() for n, b in model.named_buffers() if n.endswith(("running_mean", "running_var"))},
+                   f"{name}{os.environ['RANK']}.pt")
     def kept(model, *args, **kwargs):
-        torch.save({n: b for n, b in model.named_buffers() if n.endswith(("running_mean", "running_var"))},
-                   f"bn{os.environ['RANK']}.pt")
+        keep(model, "bn")
         return evaluate(model, *args, **kwargs)
-    segmentation.evaluate_segmentation = kept
+    def synced(model, *args, **kwargs):
+        keep(model, "own")
+        return sync(model, *args, **kwargs)
+    segmentation.evaluate_segmentation, distributed.sync_running_stats = kept, synced
 """
 
 
@@ -399,8 +404,8 @@ if "RANK" in os.environ:
 def test_two_process_gloo_run_and_its_sharded_evaluation(tmp_path):
     """`segment train` under the launcher distributed_train.sh uses (torchrun): 2 CPU processes, rank 0 writes, and
     the evaluation sharded over the ranks gives exactly the single-process numbers of `validate`: every rank
-    evaluates with the checkpoint's BatchNorm statistics (rank 1 used the ones its own batches had moved: no
-    SyncBatchNorm on the CPU)."""
+    evaluates with the checkpoint's BatchNorm statistics, the ranks' mean by default as in `train` (rank 1 used the
+    ones its own batches had moved: no SyncBatchNorm on the CPU)."""
     from run_helpers import env_with_site
     from segmentation_helpers import TINY_SEGMENTER
     from sequencer.engine.segmentation_eval import validate_segmenter
@@ -420,9 +425,13 @@ def test_two_process_gloo_run_and_its_sharded_evaluation(tmp_path):
     assert [p.name for p in (tmp_path / "out").iterdir()] == ["ddp"]
     ckpt = read_checkpoint(tmp_path / "out" / "ddp" / "last.pth.tar")
     evaluated = [torch.load(tmp_path / f"bn{rank}.pt", weights_only=True) for rank in (0, 1)]
+    own = [torch.load(tmp_path / f"own{rank}.pt", weights_only=True) for rank in (0, 1)]
     assert evaluated[0] and evaluated[0].keys() == evaluated[1].keys()
     for name, stats in evaluated[0].items():
         assert torch.equal(stats, evaluated[1][name]) and torch.equal(stats, ckpt["state_dict"][name]), name
+        # --dist-bn reduce, train's default: the ranks' mean (it was rank 0's alone)
+        assert not torch.equal(own[0][name], own[1][name]), name
+        torch.testing.assert_close(stats, (own[0][name] + own[1][name]) / 2)
     assert len(ckpt["rng_state"]) == 2 and not any(k.startswith("module.") for k in ckpt["state_dict"])
     row = read_summary(tmp_path / "out" / "ddp" / "summary.csv")[0]
     metrics = validate_segmenter(str(tmp_path / "out" / "ddp" / "last.pth.tar"), str(data), device="cpu")

@@ -81,6 +81,8 @@ def test_only_the_fields_set_count():
     # the checkpoint manager read "loss" as lower-is-better: model_best was the epoch of the lowest mIoU
     (dict(epochs=1, eval_metric="loss"), r"^`eval_metric=loss`: segment train keeps the best checkpoint by mIoU"),
     (dict(epochs=1, stride=600), r"^`stride=600` is longer than the 512-pixel sliding window"),
+    (dict(epochs=1, dist_bn="none"), r"^`dist_bn=none`: use reduce \(the ranks' mean BatchNorm statistics\) or "
+                                     r"broadcast \(rank 0's\)$"),
     # UperNet batch-normalises a 1x1 pooled map: one image is one value per channel (a ValueError at step 0 before)
     (dict(epochs=1, batch_size=1), r"^`batch_size=1` with `head=upernet`: .* needs 2 or more images per batch "
                                    r"\(hint: use `batch_size=2` or more, or `head=fpn`\)$"),

@@ -77,6 +77,9 @@ def _add_train(p: argparse.ArgumentParser) -> None:
     g.add_argument("--eval-size", type=positive_int, help="evaluation short side (default: --img-size)")
     g.add_argument("--eval-interval", type=positive_int, default=_DEFAULTS.eval_interval,
                    help="evaluate every N epochs (and after the last)" + _default("eval_interval"))
+    g.add_argument("--dist-bn", choices=("reduce", "broadcast"), default=_DEFAULTS.dist_bn,
+                   help="BatchNorm statistics before each evaluation under DDP: the ranks' mean (reduce) or rank "
+                        "0's, as `sequencer train --dist-bn`" + _default("dist_bn"))
     g = p.add_argument_group("run")
     g.add_argument("--output", default=_DEFAULTS.output, help="root of experiment folders" + _default("output"))
     g.add_argument("--experiment", default="", help="experiment folder name (default: date-head-backbone-size)")

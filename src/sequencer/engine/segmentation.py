@@ -159,9 +159,9 @@ def _train(cfg: SegmentConfig, state: RunState, info: dist_utils.DistInfo) -> Se
             last = epoch == run.num_epochs - 1
             metrics = None
             if last or (epoch + 1) % cfg.eval_interval == 0:
-                # every rank scores its share with rank 0's BatchNorm statistics, the checkpoint's: without
-                # SyncBatchNorm (the CPU's gloo) each rank's last forward passes had moved its own
-                dist_utils.sync_running_stats(run.model, "broadcast", info)
+                # every rank scores its share with the same BatchNorm statistics, the checkpoint's (`dist_bn`, as
+                # train's): without SyncBatchNorm (the CPU's gloo) each rank's last forward passes had moved its own
+                dist_utils.sync_running_stats(run.model, cfg.dist_bn, info)
                 settings = inference_settings(run.data_config, None, None, info.device)
                 metrics = evaluate_segmentation(run.model, run.eval_loader, model.num_classes, run.class_names,
                                                 settings, distributed=info.distributed)

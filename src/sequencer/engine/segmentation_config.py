@@ -48,6 +48,7 @@ class SegmentConfig:
     min_lr: float = 0.0
     clip_grad: float | None = None
     eval_interval: int = 1  # epochs
+    dist_bn: str = "reduce"  # BatchNorm statistics before each evaluation under DDP: the ranks' mean, or rank 0's
     amp: bool = False
     amp_dtype: str = "float16"
     seed: int = 42
@@ -116,6 +117,8 @@ def check_segment_config(cfg: SegmentConfig) -> None:
         bad("eval_metric", cfg.eval_metric, "segment train keeps the best checkpoint by mIoU; leave it unset")
     if cfg.amp_dtype not in ("float16", "bfloat16"):
         bad("amp_dtype", cfg.amp_dtype, "use float16 or bfloat16")
+    if cfg.dist_bn not in ("reduce", "broadcast"):
+        bad("dist_bn", cfg.dist_bn, "use reduce (the ranks' mean BatchNorm statistics) or broadcast (rank 0's)")
     if cfg.resume == "auto" and not cfg.experiment:
         raise SequencerError("`resume=auto` needs `experiment=NAME` (the folder it looks in)")
     get_model_entry(cfg.backbone)
