@@ -40,6 +40,7 @@ from __future__ import annotations
 import copy
 import os
 import threading
+from collections.abc import Mapping
 from concurrent.futures import Future, ThreadPoolExecutor, wait
 
 import torch
@@ -96,10 +97,13 @@ def _run_stream(model: nn.Module, x: torch.Tensor, threads: int) -> tuple:
 
 
 def _concat(outputs: list):
-    """The streams' outputs joined along the batch: tensors, or lists / tuples of them (``features_only``)."""
+    """The streams' outputs joined along the batch: tensors, lists / tuples of them (``features_only``), or
+    mappings of them in their keys' order (``create_backbone``'s OrderedDict of pyramid levels)."""
     first = outputs[0]
     if isinstance(first, torch.Tensor):
         return torch.cat(outputs)
+    if isinstance(first, Mapping):
+        return type(first)((key, torch.cat([out[key] for out in outputs])) for key in first)
     return type(first)(torch.cat(parts) for parts in zip(*outputs))
 
 
@@ -110,10 +114,11 @@ _INFERENCE_ONLY = ("is inference-only (a frozen copy, its weights maybe cast to 
 class InferenceModel(nn.Module):
     """A frozen, eval-mode copy of a model for fast inference, and nothing else.
 
-    ``forward(x)``: x (B, C, H, W) in any float dtype -> the wrapped model's output (logits (B, num_classes), or
-    a list of feature maps for ``features_only`` models), in float32, with no autograd graph. ``eval()`` /
-    ``train(False)`` work; ``train()``, ``state_dict()`` and ``load_state_dict()`` raise SequencerError (one
-    line) pointing at the original module, whose weights and modes this copy does not follow.
+    ``forward(x)``: x (B, C, H, W) in any float dtype -> the wrapped model's output (logits (B, num_classes), a
+    list of feature maps for ``features_only`` models, ``create_backbone``'s OrderedDict of levels), in float32,
+    with no autograd graph. ``eval()`` / ``train(False)`` work; ``train()``, ``state_dict()`` and
+    ``load_state_dict()`` raise SequencerError (one line) pointing at the original module, whose weights and modes
+    this copy does not follow.
     """
 
     def __init__(self, model: nn.Module, dtype: torch.dtype = torch.float32, streams: int | None = None):
@@ -164,6 +169,8 @@ class InferenceModel(nn.Module):
             return out.float()
         if isinstance(out, (list, tuple)):
             return type(out)(InferenceModel._to_float32(o) for o in out)
+        if isinstance(out, Mapping):
+            return type(out)((key, InferenceModel._to_float32(o)) for key, o in out.items())
         return out
 
     def stream_count(self, batch: int) -> int:
@@ -213,8 +220,9 @@ def optimize_for_inference(model: nn.Module, dtype: torch.dtype | str = torch.fl
     ``--amp-dtype``): float16 off CUDA runs bfloat16, and bf16 on a CPU without native bf16 kernels runs float32,
     each with a one-line note.
     A model in another dtype (``.half()``, ``.double()``) runs in ``dtype`` too: its copy's weights are cast to it
-    (on CUDA, to float32 under autocast). Works for any model of the library, including ``features_only`` ones. ``streams``: on the CPU, how many
-    chunks a batch runs as, each on its own thread (default: one per intra-op thread; 1: off; module docstring).
+    (on CUDA, to float32 under autocast). Works for any model of the library, including ``features_only`` ones
+    and ``create_backbone``'s pyramids. ``streams``: on the CPU, how many chunks a batch runs as, each on its own
+    thread (default: one per intra-op thread; 1: off; module docstring).
     """
     if not isinstance(model, nn.Module):
         raise SequencerError(f"optimize_for_inference expects an nn.Module, got {type(model).__name__}")
