@@ -293,7 +293,8 @@ def test_optimize_features_only_and_other_models():
 
 def test_optimize_a_detection_backbone_on_streams_gives_its_levels_in_float32(two_threads):
     """create_backbone returns an OrderedDict of levels: batch 3 on 2 streams crashed joining the streams' dicts
-    (TypeError: torch.cat of the keys), and in bf16 the levels came back in bf16, not the float32 promised."""
+    (TypeError: torch.cat of the keys), and in bf16 the levels came back in bf16, not the float32 promised; the copy
+    lacked the ``out_channels`` a torchvision detector reads."""
     torch.manual_seed(0)
     backbone = sequencer.create_backbone("sequencer2d_nano", out_channels=8, layers=(1, 1, 1), embed_dims=(8, 16, 16),
                                          hidden_sizes=(2, 4, 4)).eval()
@@ -301,7 +302,9 @@ def test_optimize_a_detection_backbone_on_streams_gives_its_levels_in_float32(tw
     with torch.no_grad():
         expected = backbone(x)
     for dtype, tol in ((torch.float32, 1e-5), (torch.bfloat16, 0.1)):
-        levels = sequencer.optimize_for_inference(backbone, dtype)(x)
+        fast = sequencer.optimize_for_inference(backbone, dtype)
+        assert (fast.out_channels, fast.strides) == (8, (4, 8, 16, 32))  # what torchvision's detectors read
+        levels = fast(x)
         assert type(levels) is type(expected) and list(levels) == list(expected) == ["0", "1", "2", "3", "pool"]
         for key, level in levels.items():
             assert level.dtype == torch.float32 and level.shape == expected[key].shape

@@ -145,7 +145,8 @@ class InferenceModel(nn.Module):
             if isinstance(module, nn.RNNBase):
                 module.flatten_parameters()  # a deep copy leaves cuDNN's packed weights split; re-pack once here
         self.model = model
-        for attr in ("pretrained_cfg", "default_cfg", "model_name", "model_kwargs", "num_classes", "feature_info"):
+        for attr in ("pretrained_cfg", "default_cfg", "model_name", "model_kwargs", "num_classes", "feature_info",
+                     "out_channels", "strides"):  # the last two: a backbone's, which torchvision's detectors read
             if hasattr(model, attr):
                 setattr(self, attr, getattr(model, attr))
         super().train(False)
