@@ -180,6 +180,46 @@ def test_a_cleaned_ema_file_is_averaged_as_ema_weights(three_checkpoints, tmp_pa
     torch.testing.assert_close(averaged["state_dict"]["head.fc.weight"], expected)
 
 
+def _segmentation_checkpoint(path, seed, head_channels=8):
+    """A checkpoint with the entries `sequencer segment train` writes (its model's config as plain lists)."""
+    from sequencer.engine.outputs import plain
+    from sequencer.engine.segmentation_eval import segment_data_config
+    from sequencer.models.segmentation import create_segmenter
+
+    torch.manual_seed(seed)
+    model = create_segmenter(TINY_ARCH, 3, head="fpn", head_channels=head_channels, out_channels=8,
+                             backbone_kwargs={k: v for k, v in TINY_KWARGS.items() if k != "num_classes"})
+    torch.save({"version": 1, "segmenter": plain(model.config), "class_names": ["background", "cat", "dog"],
+                "data_config": segment_data_config(TINY_ARCH, 32, None, "whole", None, "voc", False),
+                "state_dict": model.state_dict(), "epoch": 3}, path)
+    return path
+
+
+def test_average_and_clean_of_segmentation_checkpoints_load_in_segment_validate(tmp_path, capsys):
+    """The written file kept only a classifier's config: the segmenter's (backbone, head, widths) was dropped, and
+    `segment validate` refused the average or cleaned file as "not a segmentation checkpoint"."""
+    from sequencer.engine.segmentation_eval import load_segmenter
+
+    first, second = (_segmentation_checkpoint(tmp_path / f"seg{seed}.pth", seed) for seed in (0, 1))
+    averaged, cleaned = tmp_path / "avg.pth", tmp_path / "clean.safetensors"
+    assert main(["checkpoint", "average", str(first), str(second), "-o", str(averaged)]) == 0
+    assert main(["checkpoint", "clean", str(first), "-o", str(cleaned)]) == 0
+    states = [torch.load(p, weights_only=True)["state_dict"] for p in (first, second)]
+    for path, expected in ((averaged, {k: (states[0][k].double() + states[1][k]).div(2).to(v.dtype)
+                                       if v.is_floating_point() else v for k, v in states[0].items()}),
+                           (cleaned, states[0])):
+        loaded = load_segmenter(str(path))
+        assert loaded.class_names == ["background", "cat", "dog"] and loaded.data_config["img_size"] == 32
+        got = loaded.model.state_dict()
+        assert got.keys() == expected.keys()
+        for key, value in expected.items():
+            torch.testing.assert_close(got[key], value)
+    other = _segmentation_checkpoint(tmp_path / "other.pth", 2, head_channels=16)
+    capsys.readouterr()
+    assert main(["checkpoint", "average", str(first), str(other), "-o", str(tmp_path / "mixed.pth")]) == 2
+    assert "segmentation model" in capsys.readouterr().err
+
+
 def test_bad_inputs_give_one_line_errors(tmp_path, tiny_checkpoint, capsys):
     assert main(["checkpoint", "clean", str(tmp_path / "missing.pth"), "-o", str(tmp_path / "o.pth")]) == 2
     assert "missing.pth" in capsys.readouterr().err

@@ -49,7 +49,7 @@ class LoadedModel:
 def refuse_segmentation_checkpoint(checkpoint: dict | None, source: str) -> None:
     """SequencerError (one line) when ``checkpoint`` was written by ``sequencer segment train``, where a classifier's
     checkpoint is expected; ``source`` names the file as the caller's message would."""
-    if isinstance(checkpoint, dict) and isinstance(checkpoint.get("segmenter"), dict):
+    if isinstance(checkpoint, dict) and isinstance(checkpoint_metadata(checkpoint).get("segmenter"), dict):
         raise SequencerError(f"{source} is a segmentation model (written by `sequencer segment train`), not a "
                              "classifier", hint="evaluate it with `sequencer segment validate` or `segment predict` "
                              "(sequencer.engine.segmentation_eval); a classifier starts from a classification "

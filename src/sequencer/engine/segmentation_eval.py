@@ -29,7 +29,7 @@ from ..errors import SequencerError
 from ..fileio import write_atomically
 from ..models import get_model_entry
 from ..models.caller_module import caller_module_kept
-from ..models.loading import read_checkpoint
+from ..models.loading import checkpoint_metadata, extract_state_dict, read_checkpoint
 from ..models.segmentation import Segmenter, segmenter_from_config
 from .distributed import DistInfo, process_group
 from .guest import caller_rng_kept
@@ -154,17 +154,18 @@ class LoadedSegmenter:
 
 
 def load_segmenter(path: str, device: torch.device | str = "cpu") -> LoadedSegmenter:
-    """A ``sequencer segment train`` checkpoint's model, in eval mode on ``device``, with its class names and data
+    """A ``sequencer segment train`` checkpoint's model (or that of a ``sequencer checkpoint average`` / ``clean`` of
+    such checkpoints, ``.pth`` or ``.safetensors``), in eval mode on ``device``, with its class names and data
     settings; SequencerError (one line) for a file that is not one."""
     checkpoint = read_checkpoint(path)
-    if not isinstance(checkpoint, dict) or not isinstance(checkpoint.get("segmenter"), dict):
+    meta = checkpoint_metadata(checkpoint) if isinstance(checkpoint, dict) else {}
+    if not isinstance(meta.get("segmenter"), dict):
         raise SequencerError(f"checkpoint {path!r} is not a segmentation checkpoint (written by `sequencer segment "
                              f"train`)")
-    model = segmenter_from_config(checkpoint["segmenter"])
-    model.load_state_dict(checkpoint["state_dict"])
+    model = segmenter_from_config(meta["segmenter"])
+    model.load_state_dict(extract_state_dict(checkpoint))
     model.to(device).eval()
-    return LoadedSegmenter(model, [str(c) for c in checkpoint["class_names"]], dict(checkpoint["data_config"]),
-                           checkpoint)
+    return LoadedSegmenter(model, [str(c) for c in meta["class_names"]], dict(meta["data_config"]), checkpoint)
 
 
 def inference_settings(data_config: dict, mode: str | None, stride: int | None,

@@ -200,8 +200,10 @@ def extract_state_dict(checkpoint: dict, use_ema: bool | None = None) -> dict[st
 
 
 # The model config a checkpoint carries besides its weights (training contract); all JSON-serialisable.
-# ``data``: the dataset it was trained and evaluated on (sequencer.engine.data_record).
-CONFIG_KEYS = ("arch", "model_kwargs", "class_names", "data_config", "ignored_classes", "data")
+# ``data``: the dataset it was trained and evaluated on (sequencer.engine.data_record); ``segmenter``: a segmentation
+# checkpoint's model (backbone, head, widths: sequencer.models.segmentation.segmenter_from_config), so that
+# `checkpoint average` / `clean` of one write a file `segment validate` loads.
+CONFIG_KEYS = ("arch", "model_kwargs", "class_names", "data_config", "ignored_classes", "data", "segmenter")
 
 
 def checkpoint_metadata(checkpoint: dict | None) -> dict:

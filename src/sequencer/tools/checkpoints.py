@@ -4,8 +4,9 @@
 weights where it evaluated them, as with the paper's ``avg_checkpoints.py``); ``clean`` strips
 optimizer/scheduler/scaler state and keeps one set of weights. Both write a file the loaders understand: a ``.pth``
 holding ``{"version", "arch", "model_kwargs", "class_names", "data_config", "data", "weights", "state_dict"}``
-(``weights``: "ema" or "model") or a ``.safetensors`` whose metadata carries the same model config as JSON strings.
-Every file is written atomically (temporary file, fsync, rename), so an interrupted run leaves no partial output.
+(``weights``: "ema" or "model"; a segmentation checkpoint's also ``segmenter``, its model config) or a
+``.safetensors`` whose metadata carries the same model config as JSON strings. Every file is written atomically
+(temporary file, fsync, rename), so an interrupted run leaves no partial output.
 """
 from __future__ import annotations
 
@@ -25,10 +26,11 @@ def read_weights(path: str, use_ema: bool | None) -> tuple[dict, dict[str, torch
     return checkpoint, state, weights == "ema"
 
 
-# what must agree for an average to be one model: the architecture and its shape, the classes its rows stand for,
-# the preprocessing (image size included) it was trained with; regularisation (drop rates) may differ
-_SAME_FOR_AVERAGE = (("arch", "model"), ("model_kwargs", "model arguments"), ("class_names", "class names"),
-                     ("data_config", "data config"))
+# what must agree for an average to be one model: the architecture and its shape (a segmentation checkpoint's:
+# backbone, head and widths), the classes its rows stand for, the preprocessing (image size included) it was
+# trained with; regularisation (drop rates) may differ
+_SAME_FOR_AVERAGE = (("arch", "model"), ("model_kwargs", "model arguments"), ("segmenter", "segmentation model"),
+                     ("class_names", "class names"), ("data_config", "data config"))
 _REGULARISATION = ("drop_rate", "drop_path_rate")
 
 
