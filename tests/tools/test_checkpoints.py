@@ -180,15 +180,16 @@ def test_a_cleaned_ema_file_is_averaged_as_ema_weights(three_checkpoints, tmp_pa
     torch.testing.assert_close(averaged["state_dict"]["head.fc.weight"], expected)
 
 
-def _segmentation_checkpoint(path, seed, head_channels=8):
+def _segmentation_checkpoint(path, seed, head_channels=8, drop_path_rate=0.0):
     """A checkpoint with the entries `sequencer segment train` writes (its model's config as plain lists)."""
     from sequencer.engine.outputs import plain
     from sequencer.engine.segmentation_eval import segment_data_config
     from sequencer.models.segmentation import create_segmenter
 
     torch.manual_seed(seed)
+    backbone_kwargs = {k: v for k, v in TINY_KWARGS.items() if k != "num_classes"}
     model = create_segmenter(TINY_ARCH, 3, head="fpn", head_channels=head_channels, out_channels=8,
-                             backbone_kwargs={k: v for k, v in TINY_KWARGS.items() if k != "num_classes"})
+                             backbone_kwargs=dict(backbone_kwargs, drop_path_rate=drop_path_rate))
     torch.save({"version": 1, "segmenter": plain(model.config), "class_names": ["background", "cat", "dog"],
                 "data_config": segment_data_config(TINY_ARCH, 32, None, "whole", None, "voc", False),
                 "state_dict": model.state_dict(), "epoch": 3}, path)
@@ -200,7 +201,9 @@ def test_average_and_clean_of_segmentation_checkpoints_load_in_segment_validate(
     `segment validate` refused the average or cleaned file as "not a segmentation checkpoint"."""
     from sequencer.engine.segmentation_eval import load_segmenter
 
-    first, second = (_segmentation_checkpoint(tmp_path / f"seg{seed}.pth", seed) for seed in (0, 1))
+    # runs may differ in regularisation (drop rates), as a classifier's may
+    first, second = (_segmentation_checkpoint(tmp_path / f"seg{seed}.pth", seed, drop_path_rate=0.1 * seed)
+                     for seed in (0, 1))
     averaged, cleaned = tmp_path / "avg.pth", tmp_path / "clean.safetensors"
     assert main(["checkpoint", "average", str(first), str(second), "-o", str(averaged)]) == 0
     assert main(["checkpoint", "clean", str(first), "-o", str(cleaned)]) == 0

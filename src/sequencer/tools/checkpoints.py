@@ -37,10 +37,15 @@ _REGULARISATION = ("drop_rate", "drop_path_rate")
 def check_same_model(configs: list[dict], names: list[str]) -> None:
     """SequencerError (one line, naming the file) unless the model configs (``model_config`` of each checkpoint)
     agree on model, model arguments, class names and data config; a key no file has is not compared."""
+    def without_regularisation(kwargs):
+        return {k: v for k, v in kwargs.items() if k not in _REGULARISATION} if isinstance(kwargs, dict) else kwargs
+
     def comparable(config: dict, key: str):
         value = config.get(key)
-        if key == "model_kwargs" and isinstance(value, dict):
-            value = {k: v for k, v in value.items() if k not in _REGULARISATION}
+        if key == "model_kwargs":
+            value = without_regularisation(value)
+        elif key == "segmenter" and isinstance(value, dict):
+            value = dict(value, backbone_kwargs=without_regularisation(value.get("backbone_kwargs") or {}))
         return jsonable(value)
 
     for key, what in _SAME_FOR_AVERAGE:
