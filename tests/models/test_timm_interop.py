@@ -1,5 +1,9 @@
 """The model objects in a user's own timm and PyTorch code: timm's optimizer factory, data-config resolution, feature
-pruning, and float16 CPU autocast."""
+pruning, and float16 CPU autocast; the pieces of timm the models own (so that building one imports no timm) against
+timm's own."""
+import subprocess
+import sys
+
 import pytest
 import torch
 from torch import nn
@@ -192,3 +196,66 @@ def test_every_parameter_of_a_features_only_model_gets_a_gradient(out_indices):
     sum(m.square().mean() for m in model(torch.randn(2, 3, 16, 16))).backward()
     assert not [name for name, p in model.named_parameters() if p.grad is None]
     assert len(model.model.stages) == (3 if out_indices is None else 2)
+
+
+def test_own_init_drop_path_and_statistics_are_timms():
+    """LeCun-normal init, DropPath and ImageNet's mean/std are the package's own, so that building a model imports no
+    timm: the same draws from the same seed as timm's, the same arithmetic, the same values."""
+    from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+    from timm.layers import DropPath as TimmDropPath
+    from timm.layers import lecun_normal_ as timm_lecun_normal_
+
+    from sequencer.models.sequencer2d import IMAGENET_MEAN, IMAGENET_STD, DropPath
+    from sequencer.models.weight_init import lecun_normal_
+    for shape in [(192, 3, 7, 7), (384, 192, 2, 2), (10, 7)]:
+        ours, timms = torch.empty(shape), torch.empty(shape)
+        torch.manual_seed(0)
+        lecun_normal_(ours)
+        torch.manual_seed(0)
+        timm_lecun_normal_(timms)
+        assert torch.equal(ours, timms), shape
+    x = torch.randn(64, 3, 3, 8)
+    for rate in (0.3, 1.0):
+        torch.manual_seed(1)
+        ours = DropPath(rate).train()(x)
+        torch.manual_seed(1)
+        assert torch.equal(ours, TimmDropPath(rate).train()(x)), rate
+    assert repr(DropPath(0.25)) == repr(TimmDropPath(0.25)).replace("TimmDropPath", "DropPath")
+    assert (IMAGENET_MEAN, IMAGENET_STD) == (IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD)
+
+
+def test_kernels_mark_constant_results_as_torchs_decorator_does():
+    """The kernels set dynamo's constant-result mark themselves (torch's decorator imports torch._dynamo to set it):
+    it must still be exactly what torch.compiler.assume_constant_result sets."""
+    from sequencer.models.kernels.capture import assume_constant_result
+
+    def ours():
+        return 1
+
+    def torchs():
+        return 1
+    assert assume_constant_result(ours) is ours and torch.compiler.assume_constant_result(torchs) is torchs
+    assert vars(ours) == vars(torchs) and vars(ours)
+
+
+# what building, training and running a plain model on the CPU never needs (timm's import brings torchvision and
+# torch._dynamo; the Triton backend's brings Triton and torch._inductor): seconds of imports for a caller
+_NOT_FOR_A_PLAIN_MODEL = ("timm", "torchvision", "torch._dynamo", "torch._inductor", "triton", "sympy", "onnx",
+                          "onnxruntime", "matplotlib", "sklearn")
+_BUILD_AND_RUN = f"""
+import sys
+import torch
+import sequencer
+torch.set_num_threads(1)
+model = sequencer.create_model("sequencer2d_nano", drop_path_rate=0.1)
+model(torch.randn(2, 3, 16, 16)).sum().backward()
+with torch.no_grad():
+    model.eval()(torch.randn(1, 3, 16, 16))
+print(",".join(m for m in {_NOT_FOR_A_PLAIN_MODEL!r} if m in sys.modules))
+"""
+
+
+def test_building_and_running_a_model_imports_no_timm_compiler_or_export_tooling():
+    r = subprocess.run([sys.executable, "-c", _BUILD_AND_RUN], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == "", f"imported: {r.stdout.strip()}"

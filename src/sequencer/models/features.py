@@ -2,11 +2,13 @@
 from __future__ import annotations
 
 import re
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
 import torch
-from timm.models import FeatureInfo
 from torch import nn
+
+if TYPE_CHECKING:
+    from timm.models import FeatureInfo
 
 from ..errors import SequencerError
 
@@ -106,6 +108,7 @@ def returned_feature_info(stage_info: Sequence[dict], out_indices: Sequence[int]
     ``len()``, indexing and iteration still give one dict per returned map, as the plain list this replaced did;
     an ``idx`` passed to its accessors counts returned maps. Each dict's ``index`` is its stage's position.
     """
+    from timm.models import FeatureInfo  # imported here: a plain model is built without importing timm
     info = [dict(stage_info[i], index=i) for i in out_indices]
     return FeatureInfo(info, tuple(range(len(info))))
 

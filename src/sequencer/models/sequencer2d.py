@@ -18,8 +18,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
-from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
-from timm.layers import DropPath
 
 from ..errors import ArgumentValueError, SequencerError
 from .features import prune_to_stages, stage_indices
@@ -161,6 +159,26 @@ class RNN2d(nn.Module):
         else:
             x = v if v is not None else h
         return self.fc(x.contiguous()) if self.fc is not None else x.contiguous()
+
+
+class DropPath(nn.Module):
+    """Stochastic depth in training: the whole branch of a sample is zeroed with probability ``drop_prob`` and the
+    kept ones are scaled by ``1 / (1 - drop_prob)``; the identity in eval. The same draws and arithmetic as timm's
+    ``DropPath``, owned here so that building a model does not import timm."""
+
+    def __init__(self, drop_prob: float):
+        super().__init__()
+        self.drop_prob = drop_prob
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training or self.drop_prob == 0.0:
+            return x
+        keep = 1.0 - self.drop_prob
+        kept = x.new_empty((x.shape[0],) + (1,) * (x.ndim - 1)).bernoulli_(keep)  # one draw per sample
+        return x * (kept.div_(keep) if keep > 0.0 else kept)  # rate 1: every sample dropped, no 0/0
+
+    def extra_repr(self) -> str:
+        return f"drop_prob={self.drop_prob:.3f}"
 
 
 class SequencerBlock(nn.Module):
@@ -438,11 +456,17 @@ class Sequencer2d(nn.Module):
         return prune_to_stages(self, indices, prune_norm, prune_head)
 
 
+# ImageNet's per-channel RGB mean and standard deviation (timm's IMAGENET_DEFAULT_MEAN / _STD), written out so that
+# building a model does not import timm
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
 def _cfg(url: str = "", **kwargs) -> dict:
     return {
         "url": url, "num_classes": 1000, "input_size": (3, 224, 224), "pool_size": None,
         "crop_pct": 0.875, "interpolation": "bicubic", "fixed_input_size": False,
-        "mean": IMAGENET_DEFAULT_MEAN, "std": IMAGENET_DEFAULT_STD,
+        "mean": IMAGENET_MEAN, "std": IMAGENET_STD,
         "first_conv": "stem.proj", "classifier": "head.fc", **kwargs,
     }
 

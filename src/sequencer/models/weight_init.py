@@ -1,8 +1,35 @@
 """The paper's weight initialisation for Sequencer models, by module type (see :func:`init_weights`)."""
 from __future__ import annotations
 
-from timm.layers import lecun_normal_
+import math
+
+import torch
 from torch import nn
+
+_CUT = 2.0  # LeCun-normal's truncation, in standard deviations
+
+
+def _normal_cdf(z: float) -> float:
+    return (1 + math.erf(z / math.sqrt(2))) / 2
+
+
+# the standard deviation of a unit normal cut to [-2, 2]: the root of 1 - 2 * 2 * pdf(2) / (cdf(2) - cdf(-2))
+_CUT_NORMAL_STD = math.sqrt(1 - 2 * _CUT * math.exp(-_CUT ** 2 / 2) / math.sqrt(2 * math.pi)
+                            / (_normal_cdf(_CUT) - _normal_cdf(-_CUT)))
+
+
+def lecun_normal_(weight: torch.Tensor) -> None:
+    """LeCun-normal in place: a normal cut at two standard deviations, scaled to variance 1 / fan-in.
+
+    Drawn by inverting the CDF (uniform over the cut's share of erf's range, then erfinv), as timm's
+    ``lecun_normal_`` draws it: the same weights from the same seed on every torch (torch 2.14's own ``trunc_normal_``
+    rejection-samples, other draws). Owned here so that building a model imports no timm.
+    """
+    fan_in = weight[0].numel()  # (out, in, *kernel): what one output unit sums over
+    with torch.no_grad():
+        weight.uniform_(2 * _normal_cdf(-_CUT) - 1, 2 * _normal_cdf(_CUT) - 1)
+        weight.erfinv_().mul_(math.sqrt(2)).clamp_(-_CUT, _CUT)
+        weight.mul_(math.sqrt(1 / fan_in) / _CUT_NORMAL_STD)
 
 
 def _init_linear(module: nn.Linear, name: str, head_bias: float) -> None:

@@ -7,12 +7,22 @@ The kernels of this package choose their path from the answer:
 * :func:`plain_eager`: none of the capturing or transforming modes is on, so the eager-only paths (oneDNN autograd
   Functions, the ``cpu`` LSTM scan) may run.
 * :func:`functorch_active`: a ``torch.func`` transform is running.
+* :func:`assume_constant_result`: ``torch.compiler.assume_constant_result`` without importing ``torch._dynamo``.
 * :func:`hooked`: a submodule carries the caller's forward hooks (``torch.nn.utils.prune``, the old
   ``weight_norm``, a feature-capturing hook), so it must be called, not have its weights read by a fused path.
 """
 from __future__ import annotations
 
 import torch
+
+
+def assume_constant_result(fn):
+    """``torch.compiler.assume_constant_result``: dynamo runs ``fn`` while tracing and puts its result in the graph as
+    a constant. torch's decorator imports ``torch._dynamo`` (a second or more, and Triton with it) only to set this
+    mark, so the kernels set it themselves and building a model costs no dynamo; a test checks that torch's decorator
+    still sets exactly this."""
+    fn._dynamo_marked_constant = True
+    return fn
 
 
 def exporting() -> bool:
@@ -57,7 +67,7 @@ def _exporting_before_2_7() -> bool:
     return torch.compiler.is_compiling() and (torch.fx._symbolic_trace.is_fx_tracing() or _dynamo_exporting())
 
 
-@torch.compiler.assume_constant_result  # asked while dynamo traces: a constant of the graph
+@assume_constant_result
 def _dynamo_exporting() -> bool:
     try:
         from torch._dynamo.symbolic_convert import InstructionTranslator

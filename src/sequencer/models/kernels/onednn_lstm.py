@@ -25,10 +25,10 @@ import functools
 from typing import List
 
 import torch
-from torch.fx.experimental.symbolic_shapes import guard_int
 from torch.utils._python_dispatch import _disable_current_modes
 
 from ...errors import SequencerError
+from .capture import assume_constant_result
 from .code_key import KERNEL_CODE
 from .onednn import onednn_bf16_supported
 
@@ -44,7 +44,7 @@ def applies(rnn: torch.nn.Module, x: torch.Tensor, dtype: torch.dtype) -> bool:
     return needs_grad and trains_in(dtype)
 
 
-@torch.compiler.assume_constant_result
+@assume_constant_result
 def trains_in(dtype: torch.dtype) -> bool:
     """Whether oneDNN's LSTM trains in ``dtype`` here: where ATen's eager LSTM would take it."""
     if not (torch.backends.mkldnn.is_available() and torch.backends.mkldnn.enabled):
@@ -61,7 +61,7 @@ def lstm(x: torch.Tensor, weights: list[torch.Tensor], bidirectional: bool, has_
     return torch.cat(outputs[::OUTPUTS_PER_DIRECTION], dim=-1).transpose(0, 1)
 
 
-@torch.compiler.assume_constant_result  # run while tracing: a constant of the graph
+@assume_constant_result  # run while tracing: a constant of the graph
 def _workspace_layout(channels: int, hidden: int, dtype: torch.dtype, has_biases: bool) -> int:
     """A number that tells this machine's oneDNN workspace layout for such a layer: its size at a small reference
     shape (T=3, N=5). The op takes it as an argument so that the traced graph holds it: inductor's graph cache,
@@ -117,6 +117,7 @@ def _(x, weights, bidirectional, has_biases, layout, kernel_code):
     # (new_dynamic_size) made dynamo break the graph at every layer, and each piece after a break took fresh symbolic
     # sizes, which inductor cannot lower in training (see sequencer2d.specialize_image_size); it also measured 8-10%
     # slower compiled training where the sizes were static (sequencer2d_s bf16, A/B in one session).
+    from torch.fx.experimental.symbolic_shapes import guard_int  # sympy's import: here, under a tracer, not at ours
     n, t, c = (guard_int(size) for size in x.shape)
     hidden = weights[1].shape[1]
     workspace = _workspace_bytes(t, n, c, hidden, x.dtype, has_biases)

@@ -36,13 +36,36 @@ from ...errors import ArgumentValueError, SequencerError
 
 from . import onednn_lstm
 from .onednn import autocast_applies_to, onednn_bf16_supported
-from .capture import exporting, hooked
+from .capture import assume_constant_result, exporting, hooked
 from .code_key import KERNEL_CODE
 
-try:  # registers the sequencer::lstm_scan ops; without Triton only the native backend exists
-    from . import triton_lstm
-except ImportError:
-    triton_lstm = None
+_UNLOADED = object()
+
+
+def _triton_lstm():
+    """:mod:`.triton_lstm` (which registers the ``sequencer::lstm_scan`` ops), imported on the first ask; None without
+    Triton, where only the native backends exist. Its import takes Triton and ``torch._inductor`` (a second or more),
+    which building a model, or running one on the CPU, never needs. Held as this module's ``triton_lstm``."""
+    module = globals().get("triton_lstm", _UNLOADED)
+    if module is _UNLOADED:
+        try:
+            from . import triton_lstm as module
+        except ImportError:
+            module = None
+        globals()["triton_lstm"] = module
+    return module
+
+
+@assume_constant_result  # under dynamo: asked eagerly, a constant of the graph
+def triton_installed() -> bool:
+    """Whether the Triton backend exists here (imports it on the first ask)."""
+    return _triton_lstm() is not None
+
+
+def __getattr__(name: str):
+    if name == "triton_lstm":  # the module or None, imported on first use (:func:`_triton_lstm`)
+        return _triton_lstm()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 BACKENDS = ("auto", "triton", "native", "cpu")
 BACKEND_ENV = "SEQUENCER_LSTM_BACKEND"
@@ -106,7 +129,7 @@ AUTO_TRITON_MEASURED = {"capabilities": {(9, 0)}, "dtypes": {torch.bfloat16, tor
 
 def auto_takes_triton(rnn: nn.Module, x: torch.Tensor) -> bool:
     """Whether ``auto`` runs ``rnn`` on the Triton kernel for input ``x``: where it was measured faster (above)."""
-    if (rnn.mode != "LSTM" or x.device.type != "cuda" or triton_lstm is None or torch.version.hip is not None
+    if (rnn.mode != "LSTM" or x.device.type != "cuda" or not triton_installed() or torch.version.hip is not None
             or rnn.proj_size or not rnn.batch_first or (rnn.dropout and rnn.training)):
         return False
     if exporting():
@@ -117,7 +140,7 @@ def auto_takes_triton(rnn: nn.Module, x: torch.Tensor) -> bool:
             and _device_capability(x.device.index) in AUTO_TRITON_MEASURED["capabilities"])
 
 
-@torch.compiler.assume_constant_result
+@assume_constant_result
 def _device_capability(index: int | None) -> tuple[int, int]:
     """The CUDA device's compute capability, a constant to dynamo (the device does not change under a graph)."""
     return torch.cuda.get_device_capability(index)
@@ -131,7 +154,7 @@ def uses_fused_lstm(rnn: nn.Module, backend: str, x: torch.Tensor) -> bool:
         return False
     if exporting():
         return False
-    if triton_lstm is None:
+    if not triton_installed():
         raise SequencerError("lstm_backend 'triton' needs the triton package", hint="pip install triton")
     if x.device.type != "cuda" and os.environ.get("TRITON_INTERPRET", "0") != "1":
         raise SequencerError(f"lstm_backend 'triton' needs a CUDA device or TRITON_INTERPRET=1, got "
@@ -169,6 +192,7 @@ def compute_dtype(x: torch.Tensor, weight: torch.Tensor) -> torch.dtype:
 
 def fused_lstm(rnn: nn.LSTM, x: torch.Tensor) -> torch.Tensor:
     """All layers of ``rnn`` on the Triton kernel. x: (B, S, T, C), B*S sequences of T steps -> (B, S, T, D*H)."""
+    from . import triton_lstm  # imported already: uses_fused_lstm asked triton_installed()
     dtype = compute_dtype(x, rnn.weight_ih_l0)
     x = x.to(dtype)
     with torch.autocast(x.device.type, enabled=False):
@@ -194,6 +218,7 @@ def fused_bilstm2d(rnn_v: nn.LSTM | None, rnn_h: nn.LSTM | None, x: torch.Tensor
 
 def _one_layer_bilstm2d(rnn_v: nn.LSTM | None, rnn_h: nn.LSTM | None, x: torch.Tensor):
     """(B, H, W, C) -> columns (B, W, H, D*Hd), rows (B, H, W, D*Hd): one GEMM, then one scan per axis."""
+    from . import triton_lstm  # imported already: uses_fused_lstm asked triton_installed()
     rnns = [r for r in (rnn_v, rnn_h) if r is not None]
     dtype = compute_dtype(x, rnns[0].weight_ih_l0)
     weights = [lstm_weights(r, 0, dtype) for r in rnns]
