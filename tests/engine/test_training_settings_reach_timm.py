@@ -3,6 +3,7 @@ training code that every other test let through (the lr one epoch late, mixup's 
 probabilities swapped, EMA warmup forced on, validation of other weights than the ones the run evaluated by default)."""
 from __future__ import annotations
 
+import logging
 import math
 
 import pytest
@@ -78,13 +79,13 @@ def test_ema_warmup_only_when_asked(warmup):
     assert at_decay is not warmup
 
 
-def test_every_loader_takes_the_weights_the_run_evaluated(image_folder, tmp_path, capsys):
+def test_every_loader_takes_the_weights_the_run_evaluated(image_folder, tmp_path, capsys, caplog):
     """A checkpoint whose EMA head is zero (logits 0, loss ln 3) and whose raw head is not. Its run evaluated the EMA
     weights (recorded, or an older file's `model_ema`): validate's default, like the CLI's, evaluates them;
     use_ema=False the raw ones. Its run evaluated the raw model (an EMA kept on the CPU by a GPU run: recorded, or
     read from an older file's settings): validate, load_model, create_model, `checkpoint clean`/`average` and an
     initial checkpoint take the raw weights, as the logged top-1 was measured, and say so; use_ema=True the EMA's."""
-    from sequencer.cli import main
+    from sequencer.cli import build_parser, main
     from sequencer.engine.config import RunState
     from sequencer.engine.inference import load_model
     from sequencer.engine.train_data import TrainData
@@ -128,9 +129,18 @@ def test_every_loader_takes_the_weights_the_run_evaluated(image_folder, tmp_path
         assert main(["checkpoint", "clean", path, *flags, "-o", str(tmp_path / f"{weights}.pth")]) == 0
         cleaned = load_model(str(tmp_path / f"{weights}.pth"))
         assert cleaned.weights == weights and zero_head(cleaned.model) is (weights == "ema")
-    cfg = TrainConfig(initial_checkpoint=path, img_size=16)
-    start, _ = build_model(cfg, RunState(), TrainData(None, None, ["blue", "green", "red"], 3), torch.device("cpu"))
-    assert not zero_head(start)
+    def start(name, caplog, **choice) -> bool:  # whether train starts from the EMA (zero) head
+        cfg = TrainConfig(initial_checkpoint=str(tmp_path / f"{name}.pth.tar"), img_size=16, **choice)
+        data = TrainData(None, None, ["blue", "green", "red"], 3)
+        with caplog.at_level(logging.INFO, logger="sequencer"):
+            return zero_head(build_model(cfg, RunState(), data, torch.device("cpu"))[0])
+
+    assert not start("model", caplog) and "`initial_checkpoint_ema=True` starts from its EMA weights" in caplog.text
+    assert start("model", caplog, initial_checkpoint_ema=True) and start("ema", caplog)
+    assert not start("ema", caplog, initial_checkpoint_ema=False)
+    parse = build_parser("train").parse_args
+    assert [vars(parse(["train", "d", *flag])).get("initial_checkpoint_ema") for flag in
+            ([], ["--initial-checkpoint-ema"], ["--no-initial-checkpoint-ema"])] == [None, True, False]
 
     # the command says which weights it took: a note where they are not the EMA's, and the result line names them
     capsys.readouterr()

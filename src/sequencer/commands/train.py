@@ -43,6 +43,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                    help="architecture overrides, e.g. layers='(1,1,1)' union=add")
     g.add_argument("--pretrained", action="store_true", help="start from the released ImageNet weights")
     g.add_argument("--initial-checkpoint", metavar="PATH", help="start from these weights")
+    initial_ema = g.add_mutually_exclusive_group()
+    initial_ema.add_argument("--initial-checkpoint-ema", dest="initial_checkpoint_ema", action="store_true",
+                             default=None, help="start from the initial checkpoint's EMA weights (default: the "
+                                                "weights its run evaluated and logged)")
+    initial_ema.add_argument("--no-initial-checkpoint-ema", dest="initial_checkpoint_ema", action="store_false",
+                             help="start from the initial checkpoint's raw model weights even when its run "
+                                  "evaluated its EMA weights")
     g.add_argument("--resume", metavar="PATH|auto",
                    help="resume model, optimizer, scheduler, EMA, scaler, epoch and RNG state; 'auto' = the "
                         "experiment folder's recovery/last checkpoint if any (needs --experiment)")

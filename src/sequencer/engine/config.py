@@ -100,6 +100,7 @@ class TrainConfig:
     model_kwargs: dict = field(default_factory=dict)
     pretrained: bool = False
     initial_checkpoint: str = ""
+    initial_checkpoint_ema: bool | None = None  # its weights: None those its run evaluated, True its EMA, False raw
     resume: str = ""
     no_resume_opt: bool = False
     num_classes: int | None = None

@@ -24,7 +24,7 @@ def _why_inert(cfg: TrainConfig, given, resuming: bool) -> dict[str, str]:
     settings the user chose; ``resuming``: the run continues a checkpoint)."""
     why = {}
     if resuming:  # `resume=auto` finding nothing starts a new run from them, so they are no error
-        why.update(dict.fromkeys(("initial_checkpoint", "pretrained"), NEW_RUN_WEIGHTS))
+        why.update(dict.fromkeys(("initial_checkpoint", "initial_checkpoint_ema", "pretrained"), NEW_RUN_WEIGHTS))
         if not cfg.experiment:  # (`resume=auto` needs `experiment`) outputs.make_output_dir
             why["output"] = "is not where a resume without `experiment` writes: it continues in its checkpoint's folder"
     if "lr" in given:
@@ -42,6 +42,8 @@ def _why_inert(cfg: TrainConfig, given, resuming: bool) -> dict[str, str]:
         why["amp_dtype"] = "applies only with `amp` (this run computes in float32)"
     if not cfg.resume:
         why["no_resume_opt"] = "applies only with `resume`"
+    if not cfg.initial_checkpoint:
+        why["initial_checkpoint_ema"] = "applies only with `initial_checkpoint`"
     if cfg.lr_noise is None:
         why.update(dict.fromkeys(("lr_noise_pct", "lr_noise_std"), "applies only with `lr_noise`"))
     if not cfg.warmup_epochs:

@@ -50,7 +50,8 @@ _KEPT_HINTS = {**dict.fromkeys(KEPT_WITH_STATE, " or pass `no_resume_opt` to sta
                "val_split": " (its run evaluates on the files it held out by `val_fraction`)"}
 NOT_INHERITED = {"data", "data_dir", "dataset", "class_map", "dataset_download", "config",
                  "resume", "experiment", "output", "device", "workers", "log_interval", "start_epoch", "local_rank",
-                 "pretrained", "initial_checkpoint", "no_resume_opt", "input_size"}
+                 "pretrained", "initial_checkpoint", "initial_checkpoint_ema", "no_resume_opt",
+                 "input_size"}
 
 
 def experiment_folder(cfg: TrainConfig) -> Path:

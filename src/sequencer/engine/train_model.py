@@ -36,8 +36,8 @@ def build_model(cfg, state: RunState, data: TrainData, device: torch.device) -> 
             model = _sized_as_resumed(model, cfg, data.resume_ckpt, state)
     if init_meta is not None and data.resume_ckpt is None:
         source = f"`initial_checkpoint={cfg.initial_checkpoint!r}`"
-        weights, _ = weights_to_load(init_meta, source, other="`sequencer checkpoint clean --use-ema` writes its "
-                                                              "EMA weights to a file of their own")
+        weights, _ = weights_to_load(init_meta, source, cfg.initial_checkpoint_ema,
+                                     other="`initial_checkpoint_ema=True` starts from its EMA weights")
         weights = head_rows_by_name(weights, checkpoint_metadata(init_meta).get("class_names"), data.class_names,
                                     model, source)
         load_state_dict_into(model, weights, source=source)
