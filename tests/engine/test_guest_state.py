@@ -1,20 +1,29 @@
-"""The library is a guest in the caller's process. Each public entry point of ``sequencer.__all__`` that does work
-leaves the process as it found it (threads, default dtype, grad / inference / autocast modes, determinism, cuDNN
-and TF32 flags, matmul precision, random state, logging, warning filters, SIGINT/SIGTERM handlers, environment,
-working directory, sys.path), leaves the objects the caller passed as they were (a module's weights, devices,
-dtypes, requires_grad, gradients and submodule modes, unless training them is the call's purpose; configs, dicts,
-lists, Datasets), and prints nothing with ``progress=False`` (a download's progress bar included). ``validate``
-and ``validate_segmenter`` give back a module they moved to their device, also when evaluation raises."""
+"""The library is a guest in the caller's process. Each public entry point of ``sequencer.__all__`` that does work,
+and the documented loaders and exports beside them (``create_model(checkpoint_path=)``, ``engine.inference.load_model``,
+``tools.export``'s functions), leaves the process as it found it (threads, default dtype, grad / inference / autocast
+modes and dtypes, anomaly detection, determinism, cuDNN, TF32, reduced-precision and SDPA flags, matmul and fp32
+precisions, torch's mode stacks, random state, every existing logger, warning filters and ``showwarning``,
+SIGINT/SIGTERM handlers, exception hooks, multiprocessing start method and sharing strategy, environment, working
+directory, sys.path, the open files and standard streams), leaves the objects the caller passed as they were (a
+module's weights, devices, dtypes, requires_grad, gradients and submodule modes, unless training them is the call's
+purpose; configs, dicts, lists, Datasets), and prints nothing with ``progress=False`` (a download's progress bar
+included). ``validate`` and ``validate_segmenter`` give back a module they moved to their device, also when evaluation
+raises."""
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
+import faulthandler
+import gc
 import itertools
 import logging
+import multiprocessing
 import os
 import random
 import signal
 import sys
+import threading
 import warnings
 
 import numpy as np
@@ -57,7 +66,57 @@ def process_state() -> dict:
         warning_filters=list(warnings.filters),
         signals=(signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)),
         environ=dict(os.environ), cwd=os.getcwd(), sys_path=list(sys.path),
+        # beside the flags above: torch's other numerics and mode switches, the dispatcher's mode stacks (a
+        # `torch.set_default_device`, a `with torch.device(...)` or any other mode left entered), the precision knobs
+        # of torch >= 2.9
+        reduced_precision=(torch.backends.cuda.matmul.allow_fp16_reduced_precision_reduction,
+                           torch.backends.cuda.matmul.allow_bf16_reduced_precision_reduction),
+        sdp=(torch.backends.cuda.flash_sdp_enabled(), torch.backends.cuda.mem_efficient_sdp_enabled(),
+             torch.backends.cuda.math_sdp_enabled()),
+        fp32_precision=[_attribute(torch.backends, path) for path in _FP32_PRECISIONS],
+        autocast_dtypes=(torch.get_autocast_dtype("cpu"), torch.get_autocast_dtype("cuda")),
+        anomaly=torch.is_anomaly_enabled(),  # (a default device, set or entered, is a mode on the stack below)
+        mode_stacks=(torch._C._len_torch_function_stack(), torch._C._len_torch_dispatch_stack()),
+        opt_einsum=torch.backends.opt_einsum.enabled,
+        # every logger that exists before the call (timm's, torch's, the caller's own), as the root above; but
+        # torch's structured-trace logger, whose lazy handler torch itself drops at a process's first torch.compile
+        loggers={name: (list(lg.handlers), lg.level, lg.propagate, list(lg.filters), lg.disabled)
+                 for name, lg in logging.root.manager.loggerDict.items()
+                 if isinstance(lg, logging.Logger) and name != "torch.__trace"},
+        showwarning=warnings.showwarning,
+        hooks=(sys.excepthook, threading.excepthook, sys.getrecursionlimit(), sys.getswitchinterval(), gc.isenabled(),
+               faulthandler.is_enabled()),
+        multiprocessing=(multiprocessing.get_start_method(allow_none=True),
+                         torch.multiprocessing.get_sharing_strategy()),
+        # the caller's open files: each descriptor open before the call still open, on the same file, and the
+        # standard streams the same objects, open
+        open_files=_open_files(),
+        streams=[(stream, stream.closed) for stream in (sys.stdin, sys.stdout, sys.stderr)],
     )
+
+
+_FP32_PRECISIONS = ("fp32_precision", "cuda.matmul.fp32_precision", "cudnn.conv.fp32_precision",
+                    "cudnn.rnn.fp32_precision", "mkldnn.matmul.fp32_precision", "mkldnn.conv.fp32_precision",
+                    "mkldnn.rnn.fp32_precision")
+EXISTING_ONLY = ("loggers", "open_files")  # compared for what existed before the call (a call may add its own)
+
+
+def _attribute(root, path: str):
+    """``root.a.b.c`` for ``path`` "a.b.c"; None where this torch has no such setting."""
+    for name in path.split("."):
+        root = getattr(root, name, None)
+    return root
+
+
+def _open_files() -> dict[int, tuple[int, int]]:
+    """{descriptor: (device, inode)} of the process's open files."""
+    found = {}
+    listed = "/proc/self/fd"  # Linux; elsewhere none are compared
+    for fd in (int(name) for name in (os.listdir(listed) if os.path.isdir(listed) else ())):
+        with contextlib.suppress(OSError):  # the listing's own descriptor, closed by now
+            st = os.fstat(fd)
+            found[fd] = (st.st_dev, st.st_ino)
+    return found
 
 
 def frozen(obj):
@@ -224,6 +283,35 @@ def call_create_segmenter(env, progress):
             dict(backbone_kwargs=backbone_kwargs))
 
 
+def call_create_model_checkpoint(env, progress):
+    """A checkpoint's weights loaded by name (the loaders' path: safe reading, weights picked, keys adapted)."""
+    kwargs = dict(num_classes=2, img_size=16)
+    return (lambda: sequencer.create_model("sequencer2d_nano", checkpoint_path=str(env["classifier"]), **kwargs),
+            dict(kwargs=kwargs))
+
+
+def call_load_model(env, progress):
+    """The predict command's loader, documented for a caller's own serving threads (README)."""
+    from sequencer.engine.inference import load_model
+    return lambda: load_model(str(env["classifier"])), {}
+
+
+def call_export(env, progress):
+    """``sequencer.tools.export``'s functions, documented for Python callers (docs/tools.md): the caller's module
+    traced to TorchScript and written as safetensors, each file reloaded and checked (ONNX, 3 s more, is left out)."""
+    from sequencer.tools.export import export_safetensors, export_torchscript
+    model, folder = caller_module(), env["root"] / f"export-{next(RUNS)}"
+    config = dict(arch="sequencer2d_nano", model_kwargs=dict(model.model_kwargs), class_names=["a", "b"],
+                  data_config=dict(img_size=16))
+
+    def call():
+        folder.mkdir()
+        export_torchscript(model, folder / "m.pt", (3, 16, 16), metadata=config)
+        export_safetensors(model, folder / "m.safetensors", config)
+
+    return call, dict(model=model, config=config)
+
+
 def call_list_models(env, progress):
     return lambda: sequencer.list_models("sequencer2d*"), {}
 
@@ -236,17 +324,20 @@ CALLS = {  # each public entry point that does work, by how a caller uses it
     "validate_segmenter(checkpoint)": call_validate_segmenter_checkpoint,
     "optimize_for_inference": call_optimize_for_inference, "create_model": call_create_model,
     "create_backbone": call_create_backbone, "create_segmenter": call_create_segmenter, "list_models": call_list_models,
+    # beside sequencer.__all__: the documented loaders and exports
+    "create_model(checkpoint)": call_create_model_checkpoint, "load_model": call_load_model, "export": call_export,
 }
+BEYOND_ALL = {"load_model", "export"}
 WITH_PROGRESS = {"train", "train_segmenter", "validate(model=module)", "validate(checkpoint)"}
 # a new module's initial weights come from torch's generator, as torch.nn's own layers' do
-DRAWS_WEIGHTS = {"create_model", "create_backbone", "create_segmenter"}
+DRAWS_WEIGHTS = {"create_model", "create_backbone", "create_segmenter", "create_model(checkpoint)", "load_model"}
 
 
 def test_every_public_entry_point_that_does_work_is_covered():
     covered = {name.split("(")[0] for name in CALLS}
     data_only = {"TrainResult", "TrainConfig", "TrainingInterrupted", "ValidationResult", "SequencerError",
                  "__version__", "SegmentConfig", "SegmentResult", "SegmentValidationResult"}
-    assert set(sequencer.__all__) - data_only == covered
+    assert set(sequencer.__all__) - data_only == covered - BEYOND_ALL
 
 
 @pytest.mark.parametrize("name, progress", [(name, False) for name in CALLS] +
@@ -286,6 +377,8 @@ def checked_call(name: str, progress: bool, env, capfd):
     printed = capfd.readouterr()
     if name in DRAWS_WEIGHTS:
         del before["torch_rng"], after["torch_rng"]
+    for key in EXISTING_ONLY:
+        after[key] = {name: after[key].get(name) for name in before[key]}
     changed = [key for key in before if not _same(before[key], after[key])]
     assert not changed, {key: (before[key], after[key]) for key in changed}
     assert objects_after == objects_before
