@@ -1,5 +1,6 @@
 """The one autocast rule (engine/amp.py) that training, validation, the eval loop and the benchmark share."""
 import logging
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -58,3 +59,27 @@ def test_evaluate_takes_the_rule(native_bf16, monkeypatch):
     evaluate_module.evaluate(Probe(), loader, "cpu", amp_dtype="float16")
     evaluate_module.evaluate(Probe(), loader, "cpu", amp_dtype=None)
     assert seen == [torch.bfloat16, None]
+
+
+def test_runs_say_the_rules_notes_once_under_ddp(native_bf16, caplog):
+    """The notes go where the caller asks: train and segment train hold them with their start warnings, which rank 0
+    alone says; validate logs them on rank 0 only. Every rank of a DDP run logged them (8 copies on 8 ranks)."""
+    from sequencer.engine.distributed import DistInfo
+    from sequencer.engine.train import amp_setup
+    from sequencer.engine.validation import _amp_dtype
+
+    notes = []
+    with caplog.at_level(logging.WARNING, logger="sequencer"):
+        dtype, _ = amp_setup(SimpleNamespace(amp=True, amp_dtype="float16"), torch.device("cpu"), notes)
+        assert [_amp_dtype(True, "float16", DistInfo(True, rank, rank, 2)) for rank in (0, 1)] == [dtype] * 2
+    assert dtype == torch.bfloat16
+    assert notes == ["`amp_dtype=float16`: float16 autocast needs CUDA; running bfloat16 on cpu"]
+    assert [r.getMessage() for r in caplog.records] == [f"note: {notes[0]}"]  # validate's, from rank 0 alone
+
+
+def test_the_no_native_bf16_note_goes_to_the_callers_notes(monkeypatch, caplog):
+    monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: False)
+    notes = []
+    with caplog.at_level(logging.WARNING, logger="sequencer"):
+        assert autocast_dtype("bfloat16", "cpu", notes=notes) is None
+    assert not caplog.records and len(notes) == 1 and "no native bf16 kernels" in notes[0]

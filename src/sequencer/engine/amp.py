@@ -20,7 +20,7 @@ def dtype_name(dtype: torch.dtype | None) -> str | None:
 
 
 def autocast_dtype(requested: str | torch.dtype | None, device: torch.device | str,
-                   parameter: str = "amp_dtype") -> torch.dtype | None:
+                   parameter: str = "amp_dtype", notes: list[str] | None = None) -> torch.dtype | None:
     """The dtype to autocast to on ``device`` for ``requested``, or None for no autocast (plain float32).
 
     - None, "float32" or torch.float32: no autocast.
@@ -30,7 +30,8 @@ def autocast_dtype(requested: str | torch.dtype | None, device: torch.device | s
     - bfloat16 on a CPU without native bf16 kernels (no AVX512-BF16/AMX): no autocast, with a logged warning
       (`native_dtype`: those kernels are ~6x slower than float32).
     The result is a fixed point: passing it back in gives it again, without a warning. ``parameter`` names the
-    caller's parameter in the messages. Raises SequencerError for an unknown name.
+    caller's parameter in the messages. With ``notes``, the warnings are appended to it instead of logged: a run
+    under DDP says them once, on rank 0. Raises SequencerError for an unknown name.
     """
     device = torch.device(device)
     if isinstance(requested, str):
@@ -44,8 +45,11 @@ def autocast_dtype(requested: str | torch.dtype | None, device: torch.device | s
     if requested is None or requested == torch.float32:
         return None
     if requested == torch.float16 and device.type != "cuda":
-        _logger.warning(f"note: `{parameter}=float16`: float16 autocast needs CUDA; running bfloat16 on "
-                        f"{device.type}")
+        note = f"`{parameter}=float16`: float16 autocast needs CUDA; running bfloat16 on {device.type}"
+        if notes is not None:
+            notes.append(note)
+        else:
+            _logger.warning(f"note: {note}")
         requested = torch.bfloat16
-    dtype = native_dtype(requested, device, f"`{parameter}=bfloat16`")
+    dtype = native_dtype(requested, device, f"`{parameter}=bfloat16`", notes)
     return None if dtype == torch.float32 else dtype

@@ -298,7 +298,7 @@ def _build_run(cfg: SegmentConfig, state: RunState, info, model: nn.Module, trai
     scheduler = PolyLRScheduler(optimizer, t_initial=max(1, total - warmup), power=cfg.poly_power, lr_min=cfg.min_lr,
                                 warmup_t=warmup, warmup_lr_init=cfg.lr * cfg.warmup_ratio, warmup_prefix=True,
                                 t_in_epochs=False)
-    amp_dtype, scaler = amp_setup(cfg, info.device)
+    amp_dtype, scaler = amp_setup(cfg, info.device, state.start_warnings)
     data_config["eval_amp_dtype"] = dtype_name(amp_dtype)
     return _Run(cfg, info, model, train_model, list(train_split.class_names), data_config, train_loader, evals,
                 optimizer, scheduler, scaler, amp_dtype, total, updates_per_epoch, num_epochs, first_update,

@@ -177,7 +177,7 @@ def _train(cfg, state: RunState, info: dist_utils.DistInfo) -> TrainResult:
     dist_utils.broadcast_weights(model, info)  # one start for every rank, before the EMA copy
     loaders = build_loaders(cfg, info, model, data)
     cfg = dataclasses.replace(cfg, lr=resolved_lr(cfg, info.world_size))
-    opt = build_optimization(cfg, info, model, loaders, data.num_classes)
+    opt = build_optimization(cfg, info, model, loaders, data.num_classes, state.start_warnings)
     resumed_within = epoch_progress(cfg, info, data.resume_ckpt, loaders)  # a recovery file's interrupted epoch
     # the resumed epochs' metrics, measured on other weights (`model_ema` switched) or data, compare with none of ours
     changed = evaluation_change(data.resume_ckpt, evaluated_weights(opt, info.device),
@@ -285,8 +285,9 @@ def build_loaders(cfg, info: dist_utils.DistInfo, model: nn.Module, data: TrainD
 
 # ---------------------------------------------------------------------------------------------- optimization
 def build_optimization(cfg, info: dist_utils.DistInfo, model: nn.Module, loaders: Loaders,
-                       num_classes: int) -> Optimization:
-    """Optimizer, lr schedule, AMP, EMA, Mixup/CutMix and the loss, from timm's factories."""
+                       num_classes: int, notes: list[str] | None = None) -> Optimization:
+    """Optimizer, lr schedule, AMP, EMA, Mixup/CutMix and the loss, from timm's factories; the AMP rule's notes go to
+    ``notes`` (:func:`amp_setup`)."""
     from timm.optim import create_optimizer_v2, optimizer_kwargs
     from timm.scheduler import create_scheduler_v2, scheduler_kwargs
     from timm.utils import ModelEmaV3
@@ -295,7 +296,7 @@ def build_optimization(cfg, info: dist_utils.DistInfo, model: nn.Module, loaders
         optimizer = create_optimizer_v2(model, **optimizer_kwargs(cfg))
     except (ValueError, AssertionError, KeyError) as e:
         raise SequencerError(f"`opt={cfg.opt}`: {e}", hint="see timm.optim.list_optimizers()") from None
-    amp_dtype, scaler = amp_setup(cfg, info.device)
+    amp_dtype, scaler = amp_setup(cfg, info.device, notes)
     model_ema = None
     if cfg.model_ema:
         model_ema = ModelEmaV3(model, decay=cfg.model_ema_decay, use_warmup=cfg.model_ema_warmup,
@@ -333,12 +334,13 @@ def _build_loss(cfg, num_classes: int, device: torch.device):
     return mixup_fn, loss_fn.to(device)
 
 
-def amp_setup(cfg, device: torch.device):
+def amp_setup(cfg, device: torch.device, notes: list[str] | None = None):
     """(autocast dtype or None, GradScaler) for ``cfg.amp`` / ``cfg.amp_dtype`` (train's and segment train's policy);
-    float16 scaling only happens on CUDA."""
+    float16 scaling only happens on CUDA. The rule's notes go to ``notes`` (a run's start warnings, which rank 0
+    alone says), or to the log."""
     if not cfg.amp:
         return None, torch.amp.GradScaler("cuda", enabled=False)
-    dtype = autocast_dtype(cfg.amp_dtype, device)  # the one rule (engine/amp.py): float16 off CUDA runs bfloat16
+    dtype = autocast_dtype(cfg.amp_dtype, device, notes=notes)  # the one rule (engine/amp.py): float16 off CUDA runs bfloat16
     scaler = torch.amp.GradScaler(device.type, enabled=(dtype == torch.float16 and device.type == "cuda"))
     return dtype, scaler
 

@@ -126,7 +126,7 @@ def validate(checkpoint: str | os.PathLike = "", data=None, *, model: str | nn.M
                                                       dist_info)
         loaded.model = _prepared(loaded.model, prepare, torchcompile)
         overrides = dict(mean=mean, std=std, crop_pct=crop_pct, interpolation=interpolation)
-        eval_dtype = _amp_dtype(amp, amp_dtype, dist_info.device)
+        eval_dtype = _amp_dtype(amp, amp_dtype, dist_info)
         if dist_info.is_primary:
             _note_the_runs_autocast(loaded, eval_dtype)
         metrics = _evaluate(loaded, split_set, overrides, batch_size, workers, eval_dtype, dataset, dist_info,
@@ -249,10 +249,14 @@ def _pretrained_by_default(model, checkpoint, pretrained: bool, dist_info: DistI
     return pretrained
 
 
-def _amp_dtype(amp: bool, amp_dtype: str | None, device: torch.device) -> torch.dtype | None:
+def _amp_dtype(amp: bool, amp_dtype: str | None, dist_info: DistInfo) -> torch.dtype | None:
     if not (amp or amp_dtype):
         return None
-    return autocast_dtype(amp_dtype or "auto", device)
+    notes = []
+    dtype = autocast_dtype(amp_dtype or "auto", dist_info.device, notes=notes)
+    for note in notes if dist_info.is_primary else ():  # the same on every rank: said once
+        _logger.warning(f"note: {note}")
+    return dtype
 
 
 def _note_the_runs_autocast(loaded: LoadedModel, eval_dtype: torch.dtype | None) -> None:

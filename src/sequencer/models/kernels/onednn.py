@@ -148,16 +148,21 @@ def onednn_bf16_supported() -> bool:
     return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
 
 
-def native_dtype(dtype: torch.dtype | None, device: torch.device | str, what: str) -> torch.dtype | None:
+def native_dtype(dtype: torch.dtype | None, device: torch.device | str, what: str,
+                 notes: list[str] | None = None) -> torch.dtype | None:
     """``dtype``, except bfloat16 on a CPU without native bf16 kernels, which becomes float32 with a logged warning.
 
     Without AVX512-BF16 or AMX, PyTorch runs bf16 matmuls and LSTMs on its reference kernels, ~6x slower than fp32
     (BENCHMARKS.md, CPU deployment): asking for bf16 there is never what a user wants. ``what`` names the request in
-    the note (e.g. "--amp-dtype bfloat16").
+    the note (e.g. "--amp-dtype bfloat16"); with ``notes``, the note is appended to it instead of logged.
     """
     if dtype != torch.bfloat16 or torch.device(device).type != "cpu" or onednn_bf16_supported():
         return dtype
-    _logger.warning(f"note: {what}: this CPU has no native bf16 kernels (no AVX512-BF16/AMX), running float32 instead")
+    note = f"{what}: this CPU has no native bf16 kernels (no AVX512-BF16/AMX), running float32 instead"
+    if notes is not None:
+        notes.append(note)
+    else:
+        _logger.warning(f"note: {note}")
     return torch.float32
 
 
