@@ -48,9 +48,11 @@ def test_backbone_benchmark_follows_the_one_precision_rule(tmp_path):
     training and validation do, and the report names the dtype that ran (it was refused as CUDA-only)."""
     from sequencer.models.kernels import onednn_bf16_supported
     out = tmp_path / "r.json"
+    rng = torch.get_rng_state()
     assert main(["benchmark", "--backbone", "--model", "sequencer2d_nano", "--img-size", "32", "-b", "1",
                  "--reference-model", "test_convnext", "--amp-dtype", "float16", "--num-warmup", "0", "--num-iter",
                  "1", "--memory-iter", "0", "--gemm-size", "64", "--device", "cpu", "--results-file", str(out)]) == 0
+    assert torch.equal(torch.get_rng_state(), rng)  # it seeds and draws: the caller's generator is kept
     report = json.loads(out.read_text())
     ran = "bfloat16" if onednn_bf16_supported() else "float32"
     assert report["amp_dtype"] == ran and {r["dtype"] for r in report["results"]} == {ran}

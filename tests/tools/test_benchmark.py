@@ -92,10 +92,12 @@ def test_benchmark_cli_memory_and_bfloat16(tmp_path, capsys):
     dtype that ran (float32 on a CPU without native bf16 kernels)."""
     from sequencer.models.kernels import onednn_bf16_supported
     out = tmp_path / "r.json"
+    rng = torch.get_rng_state()
     rc = main(["benchmark", "--model", "sequencer2d_nano", "-b", "4", "--img-size", "32", "--mode", "infer",
                "--amp-dtype", "float16", "--optimized", "--num-warmup", "0", "--num-iter", "1",
                "--memory-iter", "1", "--gemm-size", "128", "--device", "cpu", "--results-file", str(out)])
     assert rc == 0
+    assert torch.equal(torch.get_rng_state(), rng)  # run_benchmark seeds and draws: the caller's generator is kept
     assert "note: --amp-dtype float16: float16 autocast needs CUDA; running bfloat16 on cpu" in capsys.readouterr().err
     rows = json.loads(out.read_text())["results"]
     assert [r["impl"] for r in rows] == ["ours", "ours-optimized"]

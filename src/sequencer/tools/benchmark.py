@@ -34,6 +34,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..engine.amp import AMP_DTYPES, autocast_dtype, dtype_name
+from ..engine.guest import caller_rng_kept
 from ..engine.inference import check_input_size, load_model, relative_error, resolve_device
 from ..errors import SequencerError
 from ..hardware import cpu_info
@@ -337,6 +338,7 @@ class _Setup:
     onnx_models: dict[str, nn.Module]  # --onnx files, {"ort-fp32" / "ort-int8": OnnxModel}
 
 
+@caller_rng_kept()  # it seeds and draws its models and inputs: the caller's generators are given back their state
 def run_benchmark(args: BenchmarkSettings) -> dict:
     """Time and measure ``args``' implementations; ``amp_dtype`` follows the one autocast rule
     (`sequencer.engine.amp.autocast_dtype`), and the report names the dtype that ran."""
