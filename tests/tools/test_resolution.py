@@ -4,9 +4,10 @@ import pytest
 import torch
 
 from sequencer.cli import main
+from sequencer.models import create_model
 from sequencer.tools.resolution import default_sizes
 
-from .conftest import reference_inputs, reference_model
+from .conftest import reference_inputs, reference_model, save_training_checkpoint
 from .png_checks import assert_real_png
 
 
@@ -55,3 +56,42 @@ def test_default_sizes_are_ones_the_model_takes(image_folder, tiny_checkpoint, t
                  "-j", "0", "-b", "6"]) == 0  # the tiny model: 32 px, patch reduction 2
     with open(out / "resolution.csv") as f:
         assert [int(r["img_size"]) for r in csv.DictReader(f)] == [16, 24, 32, 40, 48, 56, 64]
+
+
+PE_KWARGS = dict(layers=(1, 1, 1, 1), patch_sizes=(4, 1, 1, 1), embed_dims=(16,) * 4, hidden_sizes=(8,) * 4,
+                 num_classes=2, img_size=32)
+
+
+def test_img_size_leaves_the_native_size_and_the_weights_as_trained(image_folder, tmp_path, capsys, monkeypatch):
+    """`--img-size 48` on a checkpoint trained at 32 px: the native size marked (plot, console) is 32, and a
+    position-embedding model (v_sequencer_s_pe) gives, at 32 px and at 48 px, the logits of the model built at 32 px
+    (its embedding interpolated once from the checkpoint's own grid, not resized at load and again in forward)."""
+    from sequencer.engine.inference import load_model
+    from sequencer.tools import resolution
+
+    torch.manual_seed(0)
+    source = create_model("v_sequencer_s_pe", **PE_KWARGS)
+    for p in source.parameters():
+        torch.nn.init.normal_(p, std=0.3)
+    ckpt = save_training_checkpoint(tmp_path / "pe.pth.tar", source.eval())
+    reference = reference_model(ckpt)
+    loaded = load_model(str(ckpt), img_size=48)
+    assert loaded.input_size == (3, 48, 48) and loaded.trained_size == 32
+    with torch.no_grad():
+        for px in (32, 48):
+            x = torch.randn(2, 3, px, px)
+            torch.testing.assert_close(loaded.model(x), reference(x), rtol=0, atol=0)
+    marked = []
+    monkeypatch.setattr(resolution, "plot_resolution", lambda rows, path, title, train_size: marked.append(train_size))
+    out = tmp_path / "sweep"
+    assert main(["resolution-sweep", str(image_folder), "--sizes", "32", "48", "--img-size", "48", "--output",
+                 str(out), "--checkpoint", str(ckpt), "-j", "0", "-b", "6"]) == 0
+    assert marked == [32] and "(native size 32 px)" in capsys.readouterr().out
+    files = sorted((image_folder / "val").rglob("*.png"))
+    labels = torch.tensor([0 if f.parent.name == "cat" else 1 for f in files])
+    with open(out / "resolution.csv") as f:
+        for row in csv.DictReader(f):
+            with torch.no_grad():
+                logits = reference(reference_inputs(files, int(row["img_size"])))
+            loss = torch.nn.functional.cross_entropy(logits, labels).item()
+            assert float(row["loss"]) == pytest.approx(loss, abs=2e-5), row["img_size"]

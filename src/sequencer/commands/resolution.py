@@ -13,8 +13,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("data", metavar="DATA", help="dataset folder (DATA/SPLIT/CLASS/IMAGE or DATA/CLASS/IMAGE)")
     parser.add_argument("--split", default="val", help="split folder to evaluate (default: val)")
     parser.add_argument("--sizes", type=positive_int, nargs="+", default=None, metavar="PX",
-                        help="input sizes to evaluate (default: half to twice the model's size in quarter steps, as "
-                             "multiples of its patch reduction: 112 168 224 280 336 392 448 for Sequencer2D at 224)")
+                        help="input sizes to evaluate (default: half to twice the model's input size, --img-size or "
+                             "else the size its checkpoint was trained at, in quarter steps, as multiples of its patch "
+                             "reduction: 112 168 224 280 336 392 448 for Sequencer2D at 224); the plot marks the "
+                             "native size, the one its weights were trained at, whatever --img-size says")
     parser.add_argument("--output", "-o", required=True, metavar="DIR", help="folder for resolution.csv/.png")
     parser.add_argument("-b", "--batch-size", type=positive_int, default=64, metavar="N")
     parser.add_argument("-j", "--workers", type=int, default=None, metavar="N", help="data loading processes")
@@ -44,6 +46,6 @@ def run(args: argparse.Namespace) -> int:
                             device=device)
     write_resolution_csv(rows, out / "resolution.csv")
     plot_resolution(rows, out / "resolution.png", f"{loaded.name}: accuracy vs input resolution",
-                    train_size=(loaded.model.pretrained_cfg.get("input_size") or loaded.input_size)[-1])
-    print(f"wrote {out / 'resolution.csv'} and {out / 'resolution.png'}")
+                    train_size=loaded.trained_size)
+    print(f"wrote {out / 'resolution.csv'} and {out / 'resolution.png'} (native size {loaded.trained_size} px)")
     return 0

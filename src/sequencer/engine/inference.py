@@ -20,8 +20,8 @@ from ..data.class_folders import class_name
 from ..data.datasets import READ_ERRORS, drop_classes, map_classes_by_name
 from ..errors import SequencerError
 from ..models import create_model, get_model_entry
-from ..models.loading import (checkpoint_metadata, extract_state_dict, load_state_dict_into, read_checkpoint,
-                              weights_to_load)
+from ..models.loading import (checkpoint_metadata, embedding_img_size, extract_state_dict, load_state_dict_into,
+                              read_checkpoint, weights_to_load)
 
 _logger = logging.getLogger(__name__)
 
@@ -40,6 +40,9 @@ class LoadedModel:
     # which of the checkpoint's weights it holds: "ema", "model", or None where the file does not say
     # (models.loading.picked_weights)
     weights: str | None = None
+    # the input size its weights were trained and evaluated at (`input_size` is the one it runs at); None for a
+    # model that does not say (an ONNX file)
+    trained_size: int | None = None
 
     @property
     def num_params(self) -> int:
@@ -90,6 +93,10 @@ def load_model(checkpoint: str = "", model: str | None = None, pretrained: bool 
         if head is not None:
             kwargs["num_classes"] = head.shape[0]
     img_size = input_size[1] if input_size else img_size
+    # the size the weights' run trained and evaluated at (the file's record, else the one its model was built at,
+    # else the registry's): what a run without `img_size` uses
+    trained_size = int((meta.get("data_config") or {}).get("img_size") or kwargs.get("img_size")
+                       or get_model_entry(name).pretrained_cfg["input_size"][-1])
     if input_size and input_size[1] != input_size[2]:
         raise SequencerError(f"`input_size={' '.join(map(str, input_size))}`: only square inputs are supported")
     if input_size:
@@ -106,12 +113,16 @@ def load_model(checkpoint: str = "", model: str | None = None, pretrained: bool 
             raise SequencerError(
                 f"checkpoint {path!r} has a {head.shape[0]}-class head but `num_classes` is {n_model}",
                 hint=f"drop `num_classes` or set it to {head.shape[0]}")
+        kept = embedding_img_size(model, state, (meta.get("model_kwargs") or {}).get("img_size"),
+                                  f"checkpoint {path!r}")
+        if kept:
+            model = create_model(name, **dict(kwargs, img_size=kept))
         load_state_dict_into(model, state, source=f"checkpoint {path!r}")
     cfg = dict(model.pretrained_cfg)
     data_config = dict(mean=cfg["mean"], std=cfg["std"], crop_pct=cfg["crop_pct"],
                        interpolation=cfg["interpolation"])
     data_config.update(meta.get("data_config") or {})
-    size = img_size or (meta.get("data_config") or {}).get("img_size") or cfg["input_size"][-1]
+    size = img_size or trained_size
     # one value per input channel, as validate resolves them (a 1-channel run of an RGB checkpoint averages its
     # recorded statistics), so every user of the config (predict, erf, robustness, resolution-sweep) normalises alike
     channels = resolve_data_config(dict(input_size=(model.in_chans, size, size)), model, recorded=data_config)
@@ -123,7 +134,7 @@ def load_model(checkpoint: str = "", model: str | None = None, pretrained: bool 
         class_names = list(IMAGENET_CLASSES)
     model.eval().to(device)
     return LoadedModel(model, name, class_names, (model.in_chans, size, size), data_config, checkpoint,
-                       weights=weights)
+                       weights=weights, trained_size=trained_size)
 
 
 def _cfg_class_names(cfg: dict, num_classes: int | None) -> list[str] | None:

@@ -413,6 +413,26 @@ def load_state_dict_into(model: nn.Module, state_dict: dict[str, torch.Tensor], 
     model.load_state_dict(state_dict, strict=False)
 
 
+def embedding_img_size(model: nn.Module, state_dict: dict[str, torch.Tensor], recorded: int | None = None,
+                       source: str = "checkpoint") -> int | None:
+    """The ``img_size`` to build ``model``'s architecture at so that it holds ``state_dict``'s position embedding
+    (``v_sequencer_s_pe``'s ``absolute_pos_embed``) on the checkpoint's own token grid, where ``model``'s grid is
+    another one (said in a note naming ``source``); None where it fits (or neither has one, or their widths differ:
+    ``load_state_dict_into`` names that mismatch). ``recorded``: the size the file records, taken where it gives
+    that grid. A model built so interpolates the embedding once, in its forward, to each input's grid: at the
+    checkpoint's size it runs exactly the checkpoint's weights, at any other size one bicubic resample of them, as a
+    model built at the checkpoint's size does (resizing at load, then again in forward, would resample twice)."""
+    own = getattr(model, "absolute_pos_embed", None)
+    pos = checkpoint_filter_fn(state_dict).get("absolute_pos_embed") if own is not None else None
+    if pos is None or pos.dim() != 4 or pos.shape[3] != own.shape[3] or pos.shape[1:3] == own.shape[1:3]:
+        return None
+    patch = int(model.patch_sizes[0])
+    size = int(recorded) if recorded and int(recorded) // patch == pos.shape[1] else int(pos.shape[1]) * patch
+    _logger.info(f"{source}: position embedding kept on its {pos.shape[1]}x{pos.shape[2]} token grid (a {size} px "
+                 f"model), interpolated (bicubic) to each input's grid")
+    return size
+
+
 def weights_to_load(checkpoint: dict, source: str, use_ema: bool | None = None,
                     other: str = "`use_ema=True` takes its EMA weights") -> tuple[dict[str, torch.Tensor], str | None]:
     """(the weights every loader takes from ``checkpoint``, which they are: :func:`picked_weights`); SequencerError

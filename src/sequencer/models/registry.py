@@ -17,7 +17,8 @@ from torch import nn
 from ..errors import SequencerError
 from .features import FeatureExtractor
 from .hub import HF_HUB_PREFIX, hf_hub_model_config, load_pretrained
-from .loading import load_checkpoint, recorded_cfg, recorded_ignored_classes, recorded_training_data
+from .loading import (checkpoint_metadata, embedding_img_size, load_state_dict_into, read_checkpoint, recorded_cfg,
+                      recorded_ignored_classes, recorded_training_data, weights_to_load)
 
 
 @dataclass(frozen=True)
@@ -136,7 +137,10 @@ def create_model(
     torch hub cache; with ``pretrained_cfg_overlay=dict(source="hf-hub")``, timm's Hugging Face Hub copy named by the
     cfg's ``hf_hub_id``, into huggingface_hub's cache, which honours HF_ENDPOINT and HF_HUB_OFFLINE);
     ``checkpoint_path`` loads a file in any supported layout (release, timm, our training checkpoints,
-    safetensors). A head trained for another class count is dropped and re-initialised with a warning. What the
+    safetensors). A head trained for another class count is dropped and re-initialised with a warning. A position
+    embedding (``v_sequencer_s_pe``) for another token grid than ``img_size``'s keeps its own: the model is built at
+    the file's size (``model_kwargs["img_size"]``; ``pretrained_cfg["input_size"]`` stays ``img_size``) and
+    interpolates it once, in forward, to each input's grid, with a note. What the
     file records (ours: training checkpoints, ``checkpoint clean``, safetensors exports) becomes the model's
     ``pretrained_cfg``: its mean, std, crop_pct, interpolation and image size, and its class names as
     ``label_names`` where they name the head's outputs, so timm's ``resolve_data_config(model=model)`` and
@@ -170,6 +174,15 @@ def create_model(
     kwargs = dict(entry.kwargs, **user_kwargs)
     _check_keywords(name, entry.cls, kwargs)
     model = entry.cls(**kwargs)  # its refused values raise ArgumentValueError; anything else is a bug: traceback
+    if checkpoint_path:
+        source = f"checkpoint {str(checkpoint_path)!r}"
+        checkpoint = read_checkpoint(checkpoint_path)
+        state, _ = weights_to_load(checkpoint, source, use_ema)
+        kept = embedding_img_size(model, state, (checkpoint_metadata(checkpoint).get("model_kwargs") or {})
+                                  .get("img_size"), source)
+        if kept:  # built at the checkpoint's size; `input_size` below stays the size asked for
+            user_kwargs["img_size"] = kwargs["img_size"] = kept
+            model = entry.cls(**kwargs)
     if num_classes is not None:
         if num_classes != cfg.get("num_classes"):  # the weights' class names name another head's outputs
             cfg.pop("label_names", None)
@@ -181,7 +194,7 @@ def create_model(
     if pretrained and not checkpoint_path:
         load_pretrained(model, cfg)
     if checkpoint_path:
-        checkpoint = load_checkpoint(model, checkpoint_path, use_ema=use_ema)
+        load_state_dict_into(model, state, source=source)
         # the file's own record of how its weights see images (what `sequencer predict --checkpoint` applies), so
         # that timm.data.resolve_data_config(model=...) and validate(model=...) preprocess as it does; the
         # caller's img_size and pretrained_cfg_overlay stay theirs
