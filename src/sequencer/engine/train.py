@@ -340,7 +340,8 @@ def amp_setup(cfg, device: torch.device, notes: list[str] | None = None):
     alone says), or to the log."""
     if not cfg.amp:
         return None, torch.amp.GradScaler("cuda", enabled=False)
-    dtype = autocast_dtype(cfg.amp_dtype, device, notes=notes)  # the one rule (engine/amp.py): float16 off CUDA runs bfloat16
+    # the one rule (engine/amp.py): float16 off CUDA runs bfloat16
+    dtype = autocast_dtype(cfg.amp_dtype, device, notes=notes)
     scaler = torch.amp.GradScaler(device.type, enabled=(dtype == torch.float16 and device.type == "cuda"))
     return dtype, scaler
 
