@@ -17,7 +17,6 @@ from typing import Callable, Sequence
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.checkpoint import checkpoint
 
 from ..errors import ArgumentValueError, SequencerError
 from .features import prune_to_stages, stage_indices
@@ -244,6 +243,7 @@ class SequencerStage(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.downsample(x)
         if self.grad_checkpointing and torch.is_grad_enabled() and not torch.jit.is_scripting():
+            from torch.utils.checkpoint import checkpoint  # here: on torch 2.6 its import takes sympy (a second)
             for block in self.blocks:
                 x = checkpoint(block, x, use_reentrant=False)
             return x
