@@ -120,17 +120,18 @@ def test_the_build_uses_no_deprecated_setting(built):
 def test_the_installed_wheel_runs_outside_the_repository(built, tmp_path):
     """pip installs the wheel (not editable) into a fresh environment that sees this one's dependencies; its
     command and its package run from a folder outside the repository, with nothing of src/ on the path."""
+    # nothing of src/ on the path of any step: with PYTHONPATH=src, pip took the checkout for the installed wheel
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     venv = tmp_path / "venv"
-    subprocess.run([sys.executable, "-m", "venv", "--without-pip", venv], check=True, timeout=120)
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", venv], check=True, timeout=120, env=env)
     python = venv / "bin" / "python"
     site = Path(subprocess.run([python, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
-                               capture_output=True, text=True, check=True).stdout.strip())
+                               capture_output=True, text=True, check=True, env=env).stdout.strip())
     # a plain path line: this environment's packages, but not the editable install's own .pth hook to src/
     (site / "dependencies.pth").write_text("\n".join(dict.fromkeys(
         sysconfig.get_paths()[key] for key in ("purelib", "platlib"))) + "\n")
     subprocess.run([sys.executable, "-m", "pip", "--python", python, "install", "-q", "--no-deps", "--no-index",
-                    "--no-compile", "--disable-pip-version-check", built["wheel"]], check=True, timeout=300)
-    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+                    "--no-compile", "--disable-pip-version-check", built["wheel"]], check=True, timeout=300, env=env)
     image = tmp_path / "work" / "image.png"
     image.parent.mkdir()
     Image.new("RGB", (20, 20), (200, 30, 30)).save(image)
