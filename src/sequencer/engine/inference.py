@@ -20,8 +20,8 @@ from ..data.class_folders import class_name
 from ..data.datasets import READ_ERRORS, drop_classes, map_classes_by_name
 from ..errors import SequencerError
 from ..models import create_model, get_model_entry
-from ..models.loading import (checkpoint_metadata, embedding_img_size, extract_state_dict, load_state_dict_into,
-                              read_checkpoint, weights_to_load)
+from ..models.loading import (checkpoint_metadata, embedding_img_size, load_state_dict_into, read_checkpoint,
+                              weights_to_load)
 
 _logger = logging.getLogger(__name__)
 
@@ -79,6 +79,10 @@ def load_model(checkpoint: str = "", model: str | None = None, pretrained: bool 
         refuse_segmentation_checkpoint(checkpoint, f"checkpoint {path!r}")
         raise SequencerError("no model given", hint="pass `model=NAME`, or a `checkpoint` written by `sequencer train`")
     get_model_entry(name)  # unknown names fail here with suggestions
+    state, weights = {}, None
+    if checkpoint is not None:  # read once: the head's rows size the model, then the weights load into it
+        state, weights = weights_to_load(checkpoint, f"checkpoint {path!r}", use_ema)
+    head = state.get("head.fc.weight", state.get("head.weight"))
     kwargs = dict(meta.get("model_kwargs") or {}) if meta.get("arch") == name else {}
     for k in ("drop_rate", "drop_path_rate"):
         kwargs.pop(k, None)
@@ -87,11 +91,8 @@ def load_model(checkpoint: str = "", model: str | None = None, pretrained: bool 
         kwargs["num_classes"] = num_classes
     elif class_names and "num_classes" not in kwargs:
         kwargs["num_classes"] = len(class_names)
-    elif checkpoint is not None and "num_classes" not in kwargs:
-        state = extract_state_dict(checkpoint, use_ema=use_ema)
-        head = state.get("head.fc.weight", state.get("head.weight"))
-        if head is not None:
-            kwargs["num_classes"] = head.shape[0]
+    elif head is not None and "num_classes" not in kwargs:
+        kwargs["num_classes"] = head.shape[0]
     img_size = input_size[1] if input_size else img_size
     # the size the weights' run trained and evaluated at (the file's record, else the one its model was built at,
     # else the registry's): what a run without `img_size` uses
@@ -104,10 +105,7 @@ def load_model(checkpoint: str = "", model: str | None = None, pretrained: bool 
     if img_size:
         kwargs["img_size"] = img_size
     model = create_model(name, pretrained=bool(pretrained and checkpoint is None), **kwargs)
-    weights = None
     if checkpoint is not None:
-        state, weights = weights_to_load(checkpoint, f"checkpoint {path!r}", use_ema)
-        head = state.get("head.fc.weight", state.get("head.weight"))
         n_model = getattr(model, "num_classes", None)
         if head is not None and n_model is not None and head.shape[0] != n_model:
             raise SequencerError(
