@@ -62,11 +62,12 @@ def install_console_logging(as_flags) -> None:
     """The "sequencer" logger's output for this command (replacing an earlier call's handler, e.g. in tests).
     Under torchrun only rank 0 speaks: another rank's console shows errors only, so a note every rank logs (the
     autocast dtype, the data) appears once, as the launcher's output."""
+    from .commands.common import speaks_for_the_launch
     from .engine.guest import ConsoleHandler  # imported with the command, not for `sequencer --help`
     logger = logging.getLogger("sequencer")
     for handler in [h for h in logger.handlers if isinstance(h, ConsoleHandler) and h.thread is None]:
         logger.removeHandler(handler)
-    other_rank = int(os.environ.get("RANK", "0") or 0) > 0
+    other_rank = not speaks_for_the_launch()
     logger.addHandler(ConsoleHandler(logging.ERROR if other_rank else logging.INFO, rewrite=as_flags))
     logger.setLevel(logging.INFO)
     logger.propagate = False  # the command's output is these lines, once, whatever the root logger does

@@ -226,6 +226,12 @@ def load_model_or_onnx(args, device: torch.device | str = "cpu") -> LoadedModel:
     return loaded
 
 
+def speaks_for_the_launch() -> bool:
+    """Whether this process prints a command's results: outside torchrun, or its rank 0 (every rank of a launch
+    holds the same numbers, and only rank 0's console shows notes)."""
+    return int(os.environ.get("RANK", "0") or 0) == 0
+
+
 @contextlib.contextmanager
 def failure_reported_to_launcher():
     """Under ``distributed_train.sh``, a user error tells the launcher this rank's exit status (2), so the launch

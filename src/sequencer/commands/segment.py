@@ -6,12 +6,11 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import os
 
 from ..choices import EVAL_MODES, HEADS
 from ..data.class_folders import find_images
 from ..engine.segmentation_config import SegmentConfig
-from .common import (KeyValues, check_device, check_results_file, check_workers, failure_reported_to_launcher, key_value,
+from .common import (KeyValues, speaks_for_the_launch, check_device, check_results_file, check_workers, failure_reported_to_launcher, key_value,
                      positive_int)
 
 _DEFAULTS = SegmentConfig()
@@ -139,7 +138,7 @@ def _train(args) -> int:
     names = {f.name for f in dataclasses.fields(SegmentConfig)}
     settings = {k: v for k, v in vars(args).items() if k in names and v is not None}  # None: SegmentConfig's default
     result = run_segmentation(SegmentConfig(**settings))
-    if result.best_miou is not None and os.environ.get("RANK", "0") == "0":  # every rank holds rank 0's result
+    if result.best_miou is not None and speaks_for_the_launch():
         print(f"best mIoU {result.best_miou:.4f} at epoch {result.best_epoch}: {result.checkpoint}")
     return result.exit_code
 
@@ -151,7 +150,7 @@ def _validate(args) -> int:
     check_results_file(args.results_file)
     m = validate_segmenter(args.checkpoint, args.data, args.split, eval_mode=args.eval_mode, stride=args.stride,
                            workers=args.workers, device=args.device, results_file=args.results_file)
-    if os.environ.get("RANK", "0") != "0":  # under torchrun every rank holds the summed numbers; rank 0 shows them
+    if not speaks_for_the_launch():
         return 0
     print(f"mIoU {m.miou:.4f} pixel acc {m.pixel_acc:.4f} mAcc {m.macc:.4f} on {m.images} images ({m.eval_mode})")
     for name, iou in m.per_class_iou.items():

@@ -15,12 +15,11 @@ from __future__ import annotations
 import argparse
 import csv
 import json
-import os
 
 from ..choices import INTERPOLATIONS
 from ..errors import SequencerError
 from ..fileio import write_atomically
-from .common import (add_fast_argument, check_fast_flags, add_model_args, add_onnx_argument, add_torchcompile_argument, check_device, check_results_file, check_workers,
+from .common import (add_fast_argument, speaks_for_the_launch, check_fast_flags, add_model_args, add_onnx_argument, add_torchcompile_argument, check_device, check_results_file, check_workers,
                      failure_reported_to_launcher, load_model_or_onnx, positive_int)
 
 RESULT_FORMATS = (".json", ".csv")
@@ -102,7 +101,7 @@ def run(args: argparse.Namespace) -> int:
     if args.onnx:  # the file's path goes after the checkpoint entry
         results = {"model": results.pop("model"), "checkpoint": results.pop("checkpoint"), "onnx": args.onnx,
                    **results}
-    if args.results_file and os.environ.get("RANK", "0") == "0":  # under torchrun, rank 0 writes it
+    if args.results_file and speaks_for_the_launch():
         write_results(args.results_file, results)
         print(f"results written to {args.results_file}")
     return 0
