@@ -57,6 +57,21 @@ def test_single_class_training_set_is_refused(tmp_path, capsys):
     assert not (tmp_path / "out").exists()
 
 
+def test_top5_as_the_best_metric_of_a_five_class_head_is_refused(image_folder, tmp_path, capsys):
+    """The top 5 of 3 (or 5) classes hold every class: every epoch scored 100, so model_best stayed epoch 0 (and a
+    plateau schedule decayed). Refused before anything is written; a larger head's top-5 means something."""
+    capsys.readouterr()
+    assert train_cli([image_folder, *TINY_RUN, "--epochs", "1", "--eval-metric", "top5",
+                      "--output", tmp_path / "out"]) == 2
+    err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert len(err) == 1 and "--eval-metric top5 with a 3-class head" in err[0], err
+    assert "use --eval-metric top1 or --eval-metric loss" in err[0] and not (tmp_path / "out").exists()
+    from sequencer.engine.train_data import check_classes
+    from sequencer.engine.config import TrainConfig
+    from sequencer.engine.distributed import DistInfo
+    check_classes(TrainConfig(eval_metric="top5"), DistInfo(rank=1), None, ["a", "b", "c"], 6)  # 6 outputs: fine
+
+
 def test_a_class_map_of_one_class_is_refused_naming_the_map(image_folder, tmp_path, capsys):
     """The map, not DATA, made the run single-class: the hint says so (it said to point DATA elsewhere)."""
     (tmp_path / "map.txt").write_text("red\n")
