@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import statistics
 
 import pytest
 import torch
@@ -175,6 +176,9 @@ def test_loader_benchmark_measures_ours_beside_timms_create_loader(tmp_path, cap
     assert all(len(r) == 2 and min(r) > 0 for r in report["rounds"].values())
     out = capsys.readouterr().out
     assert "training input pipeline" in out and "timm" in out
+    for name, rates in report["rounds"].items():  # the median of 2 rounds is their mean (it printed the larger)
+        line = next(line for line in out.splitlines() if line.startswith(name + " "))
+        assert line.endswith(f"median {statistics.median(rates):.1f}"), line
 
 
 def test_benchmark_onnx_fp32_and_int8_side_by_side(tiny_s_checkpoint, tmp_path):

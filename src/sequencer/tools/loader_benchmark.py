@@ -10,6 +10,7 @@ workers' start-up).
 """
 from __future__ import annotations
 
+import statistics
 import time
 from typing import TYPE_CHECKING
 
@@ -89,5 +90,5 @@ def format_loader_results(report: dict) -> str:
              f"{report['workers']} workers, to {report['device']} (img/s per round)"]
     for name, rates in report["rounds"].items():
         lines.append(f"{name:<6} " + " ".join(f"{r:8.1f}" for r in rates)
-                     + f"   median {sorted(rates)[len(rates) // 2]:.1f}")
+                     + f"   median {statistics.median(rates):.1f}")
     return "\n".join(lines)
