@@ -76,19 +76,13 @@ def build_data(cfg, state, info: dist_utils.DistInfo) -> tuple[TrainData, object
 
 
 def check_classes(cfg, info, train_set, class_names: list[str], num_classes: int) -> None:
-    """Refuse a one-class training set, and `eval_metric=top5` for a head of 5 classes or fewer; warn about head
-    outputs no image trains (a map naming classes without a folder, --num-classes above the class count)."""
+    """Refuse a one-class training set; warn about head outputs no image trains (a map naming classes without a
+    folder, --num-classes above the class count)."""
     if len(class_names) < 2 and num_classes < 2:
         raise SequencerError(f"the training split ({train_set.description}) has a single class "
                              f"({', '.join(class_names)}): every image would be right",
                              hint="list two or more of its classes in `class_map`" if cfg.class_map
                              else "point `data` at the folder holding one sub-folder per class")
-    if cfg.eval_metric == "top5" and num_classes <= 5:
-        # the top 5 of a 5-class head hold every class: each epoch scores 100, so the first stayed model_best
-        # and a plateau schedule decayed the lr as if nothing improved
-        raise SequencerError(f"`eval_metric=top5` with a {num_classes}-class head: its top 5 hold every class, so "
-                             f"every epoch scores 100% and the best checkpoint would stay the first epoch",
-                             hint="use `eval_metric=top1` or `eval_metric=loss`")
     if not info.is_primary:
         return
     present = {class_names[t] for t in _targets(train_set)} if hasattr(train_set, "samples") else set(class_names)
