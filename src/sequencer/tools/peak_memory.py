@@ -4,7 +4,8 @@ same way for every implementation. On CUDA, ``torch.cuda.max_memory_allocated`` 
 steps. On CPU there is no allocator statistic, so each implementation runs in a fresh subprocess whose resident-set
 high-water mark is reset after the untimed step (Linux ``clear_refs``; ``ru_maxrss`` elsewhere), and the number is
 the peak resident set during ``--memory-iter`` steps minus the resident set before them: activations, autograd
-buffers, gradients and oneDNN/MKL workspaces. The subprocess runs with a fixed glibc mmap threshold so that freed
+buffers, gradients (a training step frees them after its update, as training does, so none are held before a step)
+and oneDNN/MKL workspaces. The subprocess runs with a fixed glibc mmap threshold so that freed
 memory leaves the resident set at once and the number is repeatable (see ``GLIBC_EXACT_RSS``).
 """
 from __future__ import annotations
