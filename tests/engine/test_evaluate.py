@@ -53,6 +53,21 @@ def test_top5_with_fewer_than_five_classes_and_empty_loader():
     assert empty["count"] == 0 and math.isnan(empty["loss"])
 
 
+def test_logits_that_are_not_numbers_give_no_accuracy(caplog):
+    """topk ranks NaN first: a model whose outputs are all NaN scored chance level (10% top-1, 50% top-5 of 10
+    classes) beside its NaN loss. One image of 23 with an inf is enough to say so."""
+    batches, x, y = _batches()
+    broken = nn.Sequential(_model(), nn.Threshold(10.0, float("nan")))  # every logit below 10 becomes NaN
+    metrics = evaluate(broken, batches, "cpu")
+    assert math.isnan(metrics["top1"]) and math.isnan(metrics["top5"]) and math.isnan(metrics["loss"])
+    assert metrics["nonfinite"] == metrics["count"] == 23 and "23 of 23 images gave logits that are not finite" in \
+        caplog.text
+    one_inf = [(images.clone(), targets) for images, targets in batches]
+    one_inf[2][0][1] = float("inf")
+    assert evaluate(_model(), one_inf, "cpu")["nonfinite"] == 1
+    assert evaluate(_model(), batches, "cpu")["nonfinite"] == 0
+
+
 def test_bfloat16_autocast_stays_close():
     batches, _, _ = _batches(n=40)
     model = _model()

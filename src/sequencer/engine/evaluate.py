@@ -1,6 +1,7 @@
 """Top-1/top-5 accuracy and loss of a classifier over a loader; the one eval loop of `train` and `validate`."""
 from __future__ import annotations
 
+import logging
 import time
 
 import torch
@@ -9,6 +10,7 @@ from torch import nn
 
 from .amp import autocast_dtype
 
+_logger = logging.getLogger(__name__)
 
 @torch.inference_mode()
 def evaluate(model: nn.Module, loader, device: torch.device | str, amp_dtype: torch.dtype | str | None = None,
@@ -16,7 +18,9 @@ def evaluate(model: nn.Module, loader, device: torch.device | str, amp_dtype: to
     """Evaluate ``model`` on every batch of ``loader`` (``(images (N, C, H, W), targets (N,))``).
 
     Returns dict(top1, top5 (percent), loss (mean cross-entropy), images_per_sec, count, unreadable (the distinct
-    files the loader skipped, every rank's: `unreadable_skipped`)). Sums are accumulated in
+    files the loader skipped, every rank's: `unreadable_skipped`), nonfinite (images whose logits hold a NaN or an
+    infinity: then top-1, top-5 and loss are NaN, with a warning; a ranking of NaNs is no accuracy)). Sums are
+    accumulated in
     float64 and, with ``distributed``, all-reduced over ranks, so the result is exact when each rank sees a disjoint
     share of the data (the eval loader of `sequencer.data.create_loader` gives each rank such a share, unpadded).
     Top-5 counts a hit within the top min(5, classes). ``amp_dtype`` (e.g. torch.bfloat16) runs the forward pass
@@ -26,7 +30,7 @@ def evaluate(model: nn.Module, loader, device: torch.device | str, amp_dtype: to
     device = torch.device(device)
     amp_dtype = autocast_dtype(amp_dtype, device)
     model.eval()
-    sums = torch.zeros(4, dtype=torch.float64, device=device)  # loss, top1 hits, top5 hits, count
+    sums = torch.zeros(5, dtype=torch.float64, device=device)  # loss, top1 hits, top5 hits, count, non-finite
     start = time.perf_counter()
     for images, targets in loader:
         images = images.to(device, non_blocking=True)
@@ -42,6 +46,7 @@ def evaluate(model: nn.Module, loader, device: torch.device | str, amp_dtype: to
             hits[:, 0].sum().double(),
             hits.any(dim=-1).sum().double(),
             torch.tensor(float(targets.numel()), dtype=torch.float64, device=device),
+            (~logits.isfinite()).any(dim=-1).sum().double(),
         ])
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -50,11 +55,17 @@ def evaluate(model: nn.Module, loader, device: torch.device | str, amp_dtype: to
         torch.distributed.all_reduce(sums)
         torch.distributed.all_reduce(elapsed, op=torch.distributed.ReduceOp.MAX)
     unreadable = unreadable_skipped(loader, distributed)  # every rank's, checked against the pass's limit
-    loss_sum, top1, top5, count = sums.tolist()
+    loss_sum, top1, top5, count, nonfinite = sums.tolist()
     if count == 0:
-        return dict(top1=0.0, top5=0.0, loss=float("nan"), images_per_sec=0.0, count=0, unreadable=unreadable)
+        return dict(top1=0.0, top5=0.0, loss=float("nan"), images_per_sec=0.0, count=0, unreadable=unreadable,
+                    nonfinite=0)
+    if nonfinite:  # topk ranks NaN first: an all-NaN model read as chance level (10% top-1 of 10 classes)
+        _logger.warning(f"warning: {int(nonfinite)} of {int(count)} images gave logits that are not finite (NaN or "
+                        f"inf): top-1, top-5 and loss are NaN")
+        top1 = top5 = loss_sum = float("nan")
     return dict(top1=100.0 * top1 / count, top5=100.0 * top5 / count, loss=loss_sum / count,
-                images_per_sec=count / max(elapsed.item(), 1e-9), count=int(count), unreadable=unreadable)
+                images_per_sec=count / max(elapsed.item(), 1e-9), count=int(count), unreadable=unreadable,
+                nonfinite=int(nonfinite))
 
 
 def unreadable_skipped(loader, distributed: bool = False) -> int:
