@@ -60,12 +60,14 @@ def test_logits_that_are_not_numbers_give_no_accuracy(caplog):
     broken = nn.Sequential(_model(), nn.Threshold(10.0, float("nan")))  # every logit below 10 becomes NaN
     metrics = evaluate(broken, batches, "cpu")
     assert math.isnan(metrics["top1"]) and math.isnan(metrics["top5"]) and math.isnan(metrics["loss"])
-    assert metrics["nonfinite"] == metrics["count"] == 23 and "23 of 23 images gave logits that are not finite" in \
+    assert metrics["nonfinite"] == metrics["count"] == 23 and "23 of 23 images gave logits that are NaN or +inf" in \
         caplog.text
     one_inf = [(images.clone(), targets) for images, targets in batches]
     one_inf[2][0][1] = float("inf")
     assert evaluate(_model(), one_inf, "cpu")["nonfinite"] == 1
-    assert evaluate(_model(), batches, "cpu")["nonfinite"] == 0
+    masked = nn.Sequential(_model(), nn.Threshold(-0.5, float("-inf")))  # -inf: a class ruled out, not a fault
+    ruled_out = evaluate(masked, batches, "cpu")
+    assert ruled_out["nonfinite"] == 0 and math.isfinite(ruled_out["top1"])
 
 
 def test_bfloat16_autocast_stays_close():

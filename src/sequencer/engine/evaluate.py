@@ -18,11 +18,11 @@ def evaluate(model: nn.Module, loader, device: torch.device | str, amp_dtype: to
     """Evaluate ``model`` on every batch of ``loader`` (``(images (N, C, H, W), targets (N,))``).
 
     Returns dict(top1, top5 (percent), loss (mean cross-entropy), images_per_sec, count, unreadable (the distinct
-    files the loader skipped, every rank's: `unreadable_skipped`), nonfinite (images whose logits hold a NaN or an
-    infinity: then top-1, top-5 and loss are NaN, with a warning; a ranking of NaNs is no accuracy)). Sums are
-    accumulated in
-    float64 and, with ``distributed``, all-reduced over ranks, so the result is exact when each rank sees a disjoint
-    share of the data (the eval loader of `sequencer.data.create_loader` gives each rank such a share, unpadded).
+    files the loader skipped, every rank's: `unreadable_skipped`), nonfinite (images whose logits hold a NaN or a
+    +inf; -inf is a probability of 0: then top-1, top-5 and loss are NaN, with a warning, as a ranking of NaNs is
+    no accuracy)). Sums are accumulated in float64 and, with ``distributed``, all-reduced over ranks, so the result
+    is exact when each rank sees a disjoint share of the data (the eval loader of `sequencer.data.create_loader`
+    gives each rank such a share, unpadded).
     Top-5 counts a hit within the top min(5, classes). ``amp_dtype`` (e.g. torch.bfloat16) runs the forward pass
     under autocast, resolved by `sequencer.engine.amp.autocast_dtype`'s rule (a name such as "bfloat16" or "auto"
     too); the loss is computed in float32. The model is put in eval mode and left there.
@@ -46,7 +46,7 @@ def evaluate(model: nn.Module, loader, device: torch.device | str, amp_dtype: to
             hits[:, 0].sum().double(),
             hits.any(dim=-1).sum().double(),
             torch.tensor(float(targets.numel()), dtype=torch.float64, device=device),
-            (~logits.isfinite()).any(dim=-1).sum().double(),
+            (logits.isnan() | logits.isposinf()).any(dim=-1).sum().double(),  # -inf is a probability of 0
         ])
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -60,8 +60,8 @@ def evaluate(model: nn.Module, loader, device: torch.device | str, amp_dtype: to
         return dict(top1=0.0, top5=0.0, loss=float("nan"), images_per_sec=0.0, count=0, unreadable=unreadable,
                     nonfinite=0)
     if nonfinite:  # topk ranks NaN first: an all-NaN model read as chance level (10% top-1 of 10 classes)
-        _logger.warning(f"warning: {int(nonfinite)} of {int(count)} images gave logits that are not finite (NaN or "
-                        f"inf): top-1, top-5 and loss are NaN")
+        _logger.warning(f"warning: {int(nonfinite)} of {int(count)} images gave logits that are NaN or +inf: "
+                        f"top-1, top-5 and loss are NaN")
         top1 = top5 = loss_sum = float("nan")
     return dict(top1=100.0 * top1 / count, top5=100.0 * top5 / count, loss=loss_sum / count,
                 images_per_sec=count / max(elapsed.item(), 1e-9), count=int(count), unreadable=unreadable,
