@@ -60,6 +60,22 @@ def test_a_class_absent_everywhere_is_left_out_of_the_mean():
     assert math.isnan(m["per_class_iou"]["c"]) and m["miou"] == pytest.approx(100.0)
 
 
+def test_logits_that_are_not_numbers_give_no_miou(caplog):
+    """argmax reads NaN as the top class: a model whose logits are all NaN scored the mIoU of a constant mask."""
+    masks = [torch.tensor([[[0, 0, 1], [2, 2, 1]]]), torch.tensor([[[1, 0], [2, 255]]])]
+    loader = [(torch.randn(1, 3, *m.shape[-2:]), m) for m in masks]
+    torch.manual_seed(0)
+    model = nn.Conv2d(3, 3, 1)
+    good = seg_engine.evaluate_segmentation(model, loader, 3, ["a", "b", "c"], InferenceSettings("whole"))
+    assert good["nonfinite"] == 0 and math.isfinite(good["miou"]) and good["images"] == 2
+    with torch.no_grad():
+        model.bias[1] = float("nan")
+    broken = seg_engine.evaluate_segmentation(model, loader, 3, ["a", "b", "c"], InferenceSettings("whole"))
+    assert broken["nonfinite"] == 2 and all(math.isnan(broken[k]) for k in ("miou", "pixel_acc", "macc"))
+    assert all(math.isnan(v) for v in broken["per_class_iou"].values())
+    assert "2 of 2 images gave logits that are NaN or +inf" in caplog.text
+
+
 # ------------------------------------------------------------------------------------------------ inference
 @pytest.mark.parametrize("length,crop,stride,expected", [(10, 10, 6, [0]), (8, 10, 6, [0]), (20, 10, 6, [0, 6, 10]),
                                                           (22, 10, 4, [0, 4, 8, 12]), (16, 10, 6, [0, 6])])

@@ -117,7 +117,11 @@ def _window_starts(length: int, crop: int, stride: int) -> list[int]:
 
 def predict_mask(model: nn.Module, image: torch.Tensor, out_size, settings: InferenceSettings) -> torch.Tensor:
     """(1, 3, h, w) -> (H, W) int64 class indices at ``out_size`` (the original image's (H, W))."""
-    logits = image_logits(model, image, settings)
+    return mask_from_logits(image_logits(model, image, settings), out_size)
+
+
+def mask_from_logits(logits: torch.Tensor, out_size) -> torch.Tensor:
+    """(1, K, h, w) logits -> (H, W) int64 class indices at ``out_size``."""
     logits = F.interpolate(logits, size=tuple(out_size), mode="bilinear", align_corners=False)
     return logits.argmax(1)[0]
 
@@ -126,21 +130,30 @@ def predict_mask(model: nn.Module, image: torch.Tensor, out_size, settings: Infe
 def evaluate_segmentation(model: nn.Module, loader, num_classes: int, class_names: list[str],
                           settings: InferenceSettings, distributed: bool = False) -> dict:
     """Metrics of :func:`segmentation_metrics` over ``loader`` (batches of one: image (1, 3, h, w), mask
-    (1, H, W)), plus ``images``; counts all-reduced over ranks with ``distributed``. Puts ``model`` in eval mode."""
+    (1, H, W)), plus ``images`` and ``nonfinite`` (images whose logits hold a NaN or a +inf: then mIoU, pixel and
+    class accuracy are NaN, with a warning, as argmax reads NaN as the top class); counts all-reduced over ranks
+    with ``distributed``. Puts ``model`` in eval mode."""
     model.eval()
     device = next(model.parameters()).device
     confusion = torch.zeros(num_classes, num_classes, dtype=torch.int64, device=device)
-    images = torch.zeros(1, dtype=torch.int64, device=device)
+    counts = torch.zeros(2, dtype=torch.int64, device=device)  # images, images with NaN or +inf logits
     for image, mask in loader:
         for i in range(image.shape[0]):
-            pred = predict_mask(model, image[i:i + 1].to(device), mask.shape[-2:], settings)
-            confusion += confusion_matrix(pred, mask[i].to(device), num_classes)
-            images += 1
+            logits = image_logits(model, image[i:i + 1].to(device), settings)
+            counts[1] += (logits.isnan() | logits.isposinf()).any()
+            confusion += confusion_matrix(mask_from_logits(logits, mask.shape[-2:]), mask[i].to(device), num_classes)
+            counts[0] += 1
     if distributed and torch.distributed.is_available() and torch.distributed.is_initialized():
         torch.distributed.all_reduce(confusion)
-        torch.distributed.all_reduce(images)
+        torch.distributed.all_reduce(counts)
     metrics = segmentation_metrics(confusion.cpu(), class_names)
-    metrics["images"] = int(images.item())
+    images, nonfinite = counts.tolist()
+    if nonfinite:
+        _logger.warning(f"warning: {nonfinite} of {images} images gave logits that are NaN or +inf: mIoU, pixel and "
+                        f"class accuracy are NaN")
+        metrics.update(miou=float("nan"), pixel_acc=float("nan"), macc=float("nan"),
+                       per_class_iou=dict.fromkeys(metrics["per_class_iou"], float("nan")))
+    metrics.update(images=images, nonfinite=nonfinite)
     return metrics
 
 
@@ -263,6 +276,7 @@ class SegmentValidationResult:
     pixels: int
     per_class_iou: dict[str, float] = field(default_factory=dict)
     images: int = 0
+    nonfinite: int = 0  # images whose logits held a NaN or a +inf (the metrics are then NaN)
     checkpoint: str = ""
     split: str = "val"
     eval_mode: str = "whole"
