@@ -230,6 +230,18 @@ def test_ade20k_names_with_spaces_through_train_resume_validate_and_predict(tmp_
     assert segment("predict", image, "--checkpoint", folder / "last.pth.tar", "--output", tmp_path / "pred",
                    "--overlay", "--device", "cpu") == 0
     assert sorted(p.name for p in (tmp_path / "pred").iterdir()) == [f"{image.stem}.png", f"{image.stem}_overlay.jpg"]
+    # the mask holds ADE20K's own label ids, as its annotations: the model's class k (0 = wall) is id k + 1 (it
+    # wrote k, so every class read as the one before it, wall as "other")
+    from sequencer.data.segmentation import EvalTransform
+    from sequencer.engine.segmentation_eval import inference_settings, load_segmenter, predict_mask
+    from torchvision.transforms.v2 import functional as TF
+    loaded = load_segmenter(str(folder / "last.pth.tar"))
+    cfg, picture = loaded.data_config, Image.open(image).convert("RGB")
+    with torch.inference_mode():
+        classes = predict_mask(loaded.model, EvalTransform(cfg["eval_size"], cfg["mean"], cfg["std"]).image(
+            TF.pil_to_tensor(picture))[None], (picture.height, picture.width),
+            inference_settings(cfg, None, None, torch.device("cpu")))
+    assert np.array_equal(np.array(Image.open(tmp_path / "pred" / f"{image.stem}.png")), classes.numpy() + 1)
 
 
 def test_ctrl_c_exits_130_with_a_recovery_checkpoint(tmp_path, monkeypatch, capsys):

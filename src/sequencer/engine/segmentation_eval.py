@@ -363,8 +363,9 @@ def _split_and_settings(loaded: LoadedSegmenter, data, split: str, eval_size: in
 def predict_files(checkpoint: str, files: list[Path], output: str, *, overlay: bool = False,
                   eval_mode: str | None = None, stride: int | None = None, device: str | None = None,
                   alpha: float = 0.5) -> list[Path]:
-    """Segment each image file; write ``OUTPUT/<stem>.png`` (palette PNG of class indices, VOC colours) and with
-    ``overlay`` ``OUTPUT/<stem>_overlay.jpg`` (the picture with the classes blended over it). Returns the masks
+    """Segment each image file; write ``OUTPUT/<stem>.png`` (palette PNG of the dataset's label ids, VOC colours:
+    class indices, or for a reduce-zero-label model such as ADE20K's class k as id k + 1, as its masks have it)
+    and with ``overlay`` ``OUTPUT/<stem>_overlay.jpg`` (the picture with the classes blended over it). Returns the masks
     written. Unreadable images raise SequencerError naming the file before anything is written for it. The caller's
     ``random``, ``numpy`` and torch random state is restored on return (building the segmenter draws its initial
     weights from it)."""
@@ -398,6 +399,9 @@ def predict_files(checkpoint: str, files: list[Path], output: str, *, overlay: b
         image = transform.image(TF.pil_to_tensor(picture))[None].to(dev)
         with torch.inference_mode():
             pred = predict_mask(loaded.model, image, (picture.height, picture.width), settings)
+        # in the label ids of the dataset's own masks: a reduce-zero-label model's class k is id k + 1 (ADE20K: 0 is
+        # "other"), as its annotation files and the benchmark's submissions have it
+        pred = pred + 1 if cfg.get("reduce_zero_label") else pred
         mask = Image.fromarray(pred.to(torch.uint8).cpu().numpy())
         mask.putpalette(palette)  # L -> P: the indices stay, the palette colours them
         target = out / f"{file.stem}.png"
