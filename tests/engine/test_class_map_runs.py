@@ -70,8 +70,13 @@ def test_top5_as_the_best_metric_of_a_five_class_head_is_refused(image_folder, t
 
     from sequencer.engine.config import TrainConfig
     from sequencer.engine.train_model import _check_top5_metric
+    top5, state = TrainConfig(eval_metric="top5"), SimpleNamespace(start_warnings=[])
     six_outputs = SimpleNamespace(num_classes=6)  # e.g. the caller's module with a larger head: its top 5 can miss
-    _check_top5_metric(TrainConfig(eval_metric="top5"), six_outputs, SimpleNamespace(num_classes=3))
+    _check_top5_metric(top5, state, six_outputs, SimpleNamespace(num_classes=3, resume_ckpt=None))
+    # an older run of that kind keeps its metric on a resume (a new one is refused): it goes on, with a warning
+    _check_top5_metric(top5, state, SimpleNamespace(num_classes=3), SimpleNamespace(num_classes=3, resume_ckpt={}))
+    assert state.start_warnings == ["`eval_metric=top5` with a 3-class head: its top 5 hold every class, so every "
+                                    "epoch scores 100% and the best checkpoint stays the first epoch"]
 
 
 def test_a_class_map_of_one_class_is_refused_naming_the_map(image_folder, tmp_path, capsys):

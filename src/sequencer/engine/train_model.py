@@ -47,7 +47,7 @@ def build_model(cfg, state: RunState, data: TrainData, device: torch.device) -> 
                              source=f"`resume={data.resume_path!r}`")
         data.num_classes = getattr(model, "num_classes", data.num_classes)
         img_size = img_size or getattr(model, "img_size", None)
-    _check_top5_metric(cfg, model, data)
+    _check_top5_metric(cfg, state, model, data)
     img_size = img_size or _default_img_size(model, data)
     try:
         if hasattr(model, "check_input_size"):
@@ -65,15 +65,18 @@ def build_model(cfg, state: RunState, data: TrainData, device: torch.device) -> 
     return model, dataclasses.replace(cfg, img_size=img_size)
 
 
-def _check_top5_metric(cfg, model: nn.Module, data: TrainData) -> None:
+def _check_top5_metric(cfg, state: RunState, model: nn.Module, data: TrainData) -> None:
     """SequencerError for `eval_metric=top5` where the model has 5 outputs or fewer: its top 5 hold every class,
     so every epoch scored 100, the first stayed the best checkpoint and a plateau schedule decayed the lr as if
-    nothing improved."""
+    nothing improved. A resume of such a run (which keeps its metric) goes on, with a warning."""
     heads = getattr(model, "num_classes", data.num_classes)
-    if cfg.eval_metric == "top5" and isinstance(heads, int) and heads <= 5:
-        raise SequencerError(f"`eval_metric=top5` with a {heads}-class head: its top 5 hold every class, so every "
-                             f"epoch scores 100% and the best checkpoint would stay the first epoch",
-                             hint="use `eval_metric=top1` or `eval_metric=loss`")
+    if cfg.eval_metric != "top5" or not isinstance(heads, int) or heads > 5:
+        return
+    said = (f"`eval_metric=top5` with a {heads}-class head: its top 5 hold every class, so every epoch scores 100% "
+            f"and the best checkpoint {'stays' if data.resume_ckpt is not None else 'would stay'} the first epoch")
+    if data.resume_ckpt is None:
+        raise SequencerError(said, hint="use `eval_metric=top1` or `eval_metric=loss`")
+    state.start_warnings.append(said)
 
 
 def _default_img_size(model: nn.Module, data: TrainData) -> int:
