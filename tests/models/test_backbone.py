@@ -292,6 +292,32 @@ def test_readme_detection_example_runs(monkeypatch, tiny_kwargs):
     assert ((detections["boxes"] >= 0) & (detections["boxes"] <= torch.tensor([640, 480, 640, 480]))).all()
 
 
+def test_detection_doc_example_builds_each_detector(monkeypatch, tiny_kwargs):
+    """docs/detection.md's block, as written, with the tiny trunk in place of the downloaded Sequencer2D-S (its
+    256 pyramid channels kept: LastLevelP6P7(256, 256) is written for them); then one small forward of each."""
+    text = (README.parent / "docs" / "detection.md").read_text()
+    block = re.search(r"```python\n(.*?)```", text, re.S).group(1)
+    real = sequencer.create_backbone
+
+    def tiny_instead(name, pretrained=False, **kwargs):
+        assert name == "sequencer2d_s"
+        return real(name, **tiny_kwargs, **kwargs)
+
+    monkeypatch.setattr(sequencer, "create_backbone", tiny_instead, raising=False)
+    scope = {}
+    exec(compile(block, "docs/detection.md", "exec"), scope)
+    image = [torch.rand(3, 70, 90)]
+    for name in ("faster", "mask", "retina"):
+        detector = scope[name].eval()
+        detector.transform.min_size, detector.transform.max_size = (64,), 96
+        with torch.no_grad():
+            assert set(detector(image)[0]) >= {"boxes", "labels", "scores"}, name
+    with torch.no_grad():
+        levels = scope["levels"].eval()(torch.randn(1, 3, 70, 90))
+    assert list(levels) == ["0", "1", "2", "3"] and levels["0"].shape == (1, 256, 18, 23)
+    assert list(scope["retina"].backbone(torch.randn(1, 3, 64, 64))) == ["0", "1", "2", "p6", "p7"]
+
+
 def test_macs_count_the_pyramid_as_torch_flop_counter_does(tiny_backbone):
     """count_macs (the GMACs `sequencer benchmark` and docs/detection.md report) includes the transposed convs."""
     from torch.utils.flop_counter import FlopCounterMode

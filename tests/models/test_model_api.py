@@ -242,3 +242,37 @@ def test_torch_jit_script_is_refused_in_one_line_and_trace_works(tiny):
     x = torch.randn(1, 3, 56, 56)
     traced = torch.jit.trace(tiny.eval(), x)
     torch.testing.assert_close(traced(x), tiny(x))
+
+
+def test_readme_library_example_runs(monkeypatch, tiny_kwargs):
+    """The README's "Library" block, as written, with Sequencer2D-S at tiny widths; its training lines reach the
+    same keyword check `sequencer.train` makes (a renamed setting fails) in place of a two-epoch run on the digits,
+    which the API tests make."""
+    import re
+    from pathlib import Path
+    from types import SimpleNamespace
+
+    from sequencer.engine.config import checked_settings
+    readme = Path(__file__).resolve().parents[2] / "README.md"
+    text = readme.read_text()
+    block = re.search(r"```python\n(.*?)```", text[text.index("## Library"):], re.S).group(1)
+    real, calls = sequencer.create_model, []
+
+    def tiny_instead(name, **kwargs):
+        return real(name, **({**tiny_kwargs, **kwargs} if name == "sequencer2d_s" else kwargs))
+
+    def train(**settings):
+        calls.append(checked_settings(settings, "train", ""))
+        return SimpleNamespace(best_top1=50.0, best_epoch=1, checkpoint="runs/demo/model_best.pth.tar")
+
+    monkeypatch.setattr(sequencer, "create_model", tiny_instead, raising=False)
+    monkeypatch.setattr(sequencer, "train", train, raising=False)
+    monkeypatch.setattr(sequencer, "validate", lambda checkpoint: SimpleNamespace(top1=50.0), raising=False)
+    scope = {}
+    exec(compile(block, str(readme), "exec"), scope)
+    assert scope["logits"].shape == (2, 1000) and scope["features"].shape == (2, 16, 16, 32)
+    assert [m.shape[1:] for m in scope["maps"]] == [(16, 32, 32), (32, 16, 16), (32, 16, 16), (32, 16, 16)]
+    torch.testing.assert_close(scope["fast"](scope["x"]), scope["model"](scope["x"]), rtol=0.1, atol=0.05)
+    with pytest.raises(sequencer.SequencerError):
+        scope["fast"].train()
+    assert calls == [dict(model="sequencer2d_nano", epochs=2, output="runs", experiment="demo", workers=0)]
