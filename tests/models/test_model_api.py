@@ -276,3 +276,18 @@ def test_readme_library_example_runs(monkeypatch, tiny_kwargs):
     with pytest.raises(sequencer.SequencerError):
         scope["fast"].train()
     assert calls == [dict(model="sequencer2d_nano", epochs=2, output="runs", experiment="demo", workers=0)]
+
+
+def test_a_head_of_the_users_own_is_called_with_the_feature_map_alone(tiny):
+    """``model.head = MyHead()`` as with timm's models: forward calls it with the (B, H, W, C) map only."""
+    class MaxPoolHead(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(32, 3)
+
+        def forward(self, x):
+            return self.fc(x.amax(dim=(1, 2)))
+
+    x = torch.randn(2, 3, 56, 56)
+    tiny.head = MaxPoolHead()
+    torch.testing.assert_close(tiny(x), tiny.head.fc(tiny.forward_features(x).amax(dim=(1, 2))))

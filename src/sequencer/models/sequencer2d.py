@@ -418,7 +418,9 @@ class Sequencer2d(nn.Module):
         return self.norm(x)
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
-        return self.head(x, pre_logits=pre_logits)
+        # as timm calls it: a head of the user's own (``model.head = MyHead()``, fed the (B, H, W, C) map) needs
+        # no ``pre_logits`` argument
+        return self.head(x, pre_logits=True) if pre_logits else self.head(x)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.forward_head(self.forward_features(x))
