@@ -149,6 +149,15 @@ def test_file_url(tmp_path, hub_dir, release_file, tiny_kwargs):
     assert (hub_dir / "checkpoints" / "sequencer2d_x.pth").is_file()
 
 
+def test_a_cfg_file_is_read_before_the_url_as_timm_reads_it(tmp_path, server, hub_dir, release_file, tiny_kwargs):
+    """timm's ``pretrained_cfg_overlay=dict(file=...)``: that file's weights, not the url's (a cached release
+    loaded in its place would be another model), and nothing downloaded."""
+    (tmp_path / "mine.pth").write_bytes(release_file[1])
+    server.files["/sequencer2d_s.pth"] = b"not these"
+    model = _pretrained(server.url + "/sequencer2d_s.pth", tiny_kwargs, file=str(tmp_path / "mine.pth"))
+    assert _same_weights(model, release_file[0]) and server.requests == []
+
+
 def test_model_without_released_weights(hub_dir):
     with pytest.raises(SequencerError, match="no pretrained weights are published for 'sequencer2d_s_add'"):
         sequencer.create_model("sequencer2d_s_add", pretrained=True)

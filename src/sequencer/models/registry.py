@@ -153,13 +153,16 @@ def create_model(
     ``use_ema`` picks a training checkpoint's weights (``loading.picked_weights``): None (default) the ones its run
     evaluated and logged, True its EMA weights where it has them, False its raw model's.
     ``features_only`` returns a module giving per-stage NCHW feature maps (``out_indices`` picks stages).
-    ``pretrained_cfg_overlay`` replaces fields of the model's ``pretrained_cfg`` (e.g. ``url``, ``sha256``).
+    ``pretrained_cfg_overlay`` replaces fields of the model's ``pretrained_cfg`` (e.g. ``url``, ``sha256``); with
+    ``pretrained``, its ``file`` (timm's local copy of the weights) is read as ``checkpoint_path`` would be.
     ``overrides`` replace architecture arguments (e.g. ``union="add"``, ``proj_drop_rate=0.1``).
     Bad names and arguments raise SequencerError.
     """
     entry = get_model_entry(name)
     cfg = copy.deepcopy(entry.pretrained_cfg)
     cfg.update(pretrained_cfg_overlay or {})
+    if pretrained and not checkpoint_path and cfg.get("file") and cfg.get("source") != "hf-hub":
+        checkpoint_path = cfg["file"]  # timm's local copy of the weights, which it reads before any url
     if in_chans is None:
         in_chans = int(entry.weights_args.get("in_chans", 3))
     user_kwargs = dict(entry.weights_args, **overrides, in_chans=in_chans, drop_rate=drop_rate,
