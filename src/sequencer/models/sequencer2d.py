@@ -242,7 +242,9 @@ class SequencerStage(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.downsample(x)
-        if self.grad_checkpointing and torch.is_grad_enabled() and not torch.jit.is_scripting():
+        # not in a captured program (a TorchScript trace keeps no checkpoints, and torch.jit.trace's check of its
+        # graph failed with them)
+        if self.grad_checkpointing and torch.is_grad_enabled() and not exporting():
             from torch.utils.checkpoint import checkpoint  # here: on torch 2.6 its import takes sympy (a second)
             for block in self.blocks:
                 x = checkpoint(block, x, use_reentrant=False)
