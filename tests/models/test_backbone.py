@@ -125,7 +125,9 @@ def test_bad_arguments_are_one_line_errors(tiny_backbone):
     (dict(out_channels=0), r"out_channels=0: must be a positive integer"),
     (dict(out_channels=[16] * 4), r"out_channels=\[16, 16, 16, 16\]: must be a positive integer"),
     (dict(extra_blocks=torch.nn.ReLU()), r"extra_blocks=ReLU\(\): use 'pool', None or a torchvision ExtraFPNBlock"),
-], ids=["float", "text", "int", "zero", "list", "module"])
+    # torchvision's ResNet recipe reads C5 (2048 channels); here P6 reads the pyramid's levels: failed in forward
+    (dict(extra_blocks=LastLevelP6P7(2048, 256)), r"give LastLevelP6P7\(256, 256\)"),
+], ids=["float", "text", "int", "zero", "list", "module", "p6p7-from-c5"])
 def test_bad_pyramid_arguments_are_refused_before_the_trunk_is_built(bad, message, monkeypatch):
     """Refused in one line, not truncated into other strides nor left to fail in the first forward; before the trunk
     (whose weights may be a download) is built."""

@@ -110,15 +110,22 @@ def checked_positive_int(name: str, value) -> int:
     return number
 
 
-def _check_extra_blocks(extra_blocks):
+def _check_extra_blocks(extra_blocks, out_channels: int):
     """torchvision's LastLevelMaxPool for "pool", None, or the caller's ExtraFPNBlock (the pyramid calls it as
-    torchvision's FPN does); anything else is ArgumentValueError (one line), before the first forward."""
-    from torchvision.ops.feature_pyramid_network import ExtraFPNBlock, LastLevelMaxPool
+    torchvision's FPN does); anything else is ArgumentValueError (one line), before the first forward. So is a
+    LastLevelP6P7 whose P6 expects other than ``out_channels`` channels: its inputs here are the pyramid's levels
+    (there is no C5 of a ResNet's width, which torchvision's ``LastLevelP6P7(2048, 256)`` reads)."""
+    from torchvision.ops.feature_pyramid_network import ExtraFPNBlock, LastLevelMaxPool, LastLevelP6P7
     if extra_blocks == "pool":
         return LastLevelMaxPool()
     if extra_blocks is not None and not isinstance(extra_blocks, ExtraFPNBlock):
         raise ArgumentValueError(f"extra_blocks={extra_blocks!r}: use 'pool', None or a torchvision ExtraFPNBlock "
                                  "(e.g. LastLevelP6P7(out_channels, out_channels))")
+    if isinstance(extra_blocks, LastLevelP6P7) and extra_blocks.p6.in_channels != out_channels:
+        raise ArgumentValueError(f"extra_blocks=LastLevelP6P7({extra_blocks.p6.in_channels}, "
+                                 f"{extra_blocks.p6.out_channels}): its P6 is computed from the pyramid's "
+                                 f"{out_channels}-channel levels here: give LastLevelP6P7({out_channels}, "
+                                 f"{out_channels})")
     return extra_blocks
 
 
@@ -138,7 +145,7 @@ class SequencerBackbone(WrapperFacade, nn.Module):
         super().__init__()
         self.strides = _check_strides(strides)
         out_channels = checked_positive_int("out_channels", out_channels)
-        extra_blocks = _check_extra_blocks(extra_blocks)
+        extra_blocks = _check_extra_blocks(extra_blocks, out_channels)
         if getattr(trunk, "num_classes", 0):
             raise ArgumentValueError(f"the trunk has a {trunk.num_classes}-class head, which the backbone would "
                                      "carry unused: build it with num_classes=0 (or call reset_classifier(0))")
@@ -204,6 +211,6 @@ def create_backbone(name: str, pretrained: bool = False, checkpoint_path: str | 
                                  f"its pyramid levels; pick them with strides=)")
     # the pyramid's arguments are checked before the trunk's weights are downloaded or read
     strides, out_channels = _check_strides(strides), checked_positive_int("out_channels", out_channels)
-    extra_blocks = _check_extra_blocks(extra_blocks)
+    extra_blocks = _check_extra_blocks(extra_blocks, out_channels)
     trunk = create_model(name, pretrained=pretrained, checkpoint_path=checkpoint_path, num_classes=0, **kwargs)
     return SequencerBackbone(trunk, out_channels=out_channels, strides=strides, extra_blocks=extra_blocks)
