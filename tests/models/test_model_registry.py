@@ -146,6 +146,19 @@ def test_reset_classifier_records_the_new_head():
     assert sequencer.create_model(model.model_name, **model.model_kwargs)(torch.zeros(1, 3, 16, 16)).dim() == 4
 
 
+def test_reset_classifier_forgets_the_old_heads_class_names():
+    """A checkpoint's class names (``label_names``, which validate(model=...) maps a dataset's folders by) name the
+    old head's outputs; after reset_classifier, also to the same count, they named the new head's too, so a model
+    fine-tuned on folders b, c, d was refused for class d "the model was not trained on"."""
+    from sequencer.engine.validation import _in_memory
+    model = sequencer.create_model("sequencer2d_nano", num_classes=3, img_size=16,
+                                   pretrained_cfg_overlay=dict(num_classes=3, label_names=["a", "b", "c"]))
+    assert _in_memory(model, None, None, torch.device("cpu")).output_names == ["a", "b", "c"]
+    model.reset_classifier(3)
+    assert "label_names" not in model.pretrained_cfg
+    assert _in_memory(model, None, None, torch.device("cpu")).output_names is None
+
+
 @pytest.mark.parametrize("key, value", [("proj_drop_rate", "abc"), ("with_fc", "maybe"), ("num_rnn_layers", "two")])
 def test_text_for_a_number_or_switch_is_named_before_the_model_is_built(key, value):
     """`--model-kwargs proj_drop_rate=abc` reaches create_model as text: it was a TypeError traceback from deep in

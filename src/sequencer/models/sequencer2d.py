@@ -390,14 +390,17 @@ class Sequencer2d(nn.Module):
     def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
         """Replace the head with a zero-initialised one for ``num_classes`` (0 gives pooled features); the model's
         ``model_kwargs`` and ``pretrained_cfg`` (set by `create_model`) then record the new head, so checkpoints and
-        exports rebuild it (both replaced by new dicts: whoever else holds the old ones keeps them unchanged)."""
+        exports rebuild it, and the cfg drops the old head's ``label_names`` (both replaced by new dicts: whoever else
+        holds the old ones keeps them unchanged)."""
         self.num_classes = num_classes
         if isinstance(getattr(self, "model_kwargs", None), dict):
             self.model_kwargs = dict(self.model_kwargs, num_classes=num_classes)
             if global_pool is not None:
                 self.model_kwargs["global_pool"] = global_pool
         if isinstance(getattr(self, "pretrained_cfg", None), dict):
-            self.pretrained_cfg = self.default_cfg = dict(self.pretrained_cfg, num_classes=num_classes)
+            # the old head's class names name none of the new one's outputs (validate(model=...) maps by them)
+            cfg = {k: v for k, v in self.pretrained_cfg.items() if k not in ("label_names", "label_descriptions")}
+            self.pretrained_cfg = self.default_cfg = dict(cfg, num_classes=num_classes)
         pool = self.head.global_pool if global_pool is None else global_pool
         ref = next(self.parameters())
         self.head = ClassifierHead(self.num_features, num_classes, pool, self.drop_rate).to(ref.device, ref.dtype)
