@@ -35,7 +35,8 @@ _log = logging.getLogger(__name__)
 def _launch(direction: str, num_seqs: int, hidden: int, like: torch.Tensor, held, tiled) -> None:
     """Run ``held(config)`` or ``tiled(config)``, as :func:`.triton_lstm_config.choose_for` decides for ``like``'s
     device and dtype. Should a held kernel still not fit (Triton allocating more than the launcher predicts, e.g. a
-    newer version), the tiled one runs instead: Triton refuses such a launch before it starts."""
+    newer version), the tiled one runs instead: Triton refuses such a launch before it starts. In eager runs only:
+    under ``torch.compile`` this body is traced, no kernel launches here, and inductor launches the choice itself."""
     config = triton_lstm_config.choose_for(direction, num_seqs, hidden, like.dtype, like.device, INTERPRETED)
     if config.kernel == "held":
         try:
