@@ -17,7 +17,7 @@ pytest.importorskip("triton")
 
 from sequencer.errors import SequencerError  # noqa: E402
 from sequencer.models import create_model  # noqa: E402
-from sequencer.models.kernels import recurrence, triton_lstm_config  # noqa: E402
+from sequencer.models.kernels import recurrence, triton_lstm_config, triton_lstm_kernels  # noqa: E402
 from sequencer.models.kernels.code_key import KERNEL_CODE  # noqa: E402
 from sequencer.models.sequencer2d import RNN2d  # noqa: E402
 
@@ -26,6 +26,33 @@ DEVICES = (["cpu"] if INTERPRETED else []) + (["cuda"] if torch.cuda.is_availabl
 pytestmark = [pytest.mark.skipif(not DEVICES, reason="needs CUDA or TRITON_INTERPRET=1"),
               pytest.mark.usefixtures("no_tf32")]  # references in true fp32 (tests/conftest.py)
 USE_ONEDNN = False  # reference on PyTorch's plain CPU kernels (see conftest)
+
+
+@pytest.fixture(autouse=True)
+def interpreter_on_older_releases(monkeypatch):
+    """Under the interpreter, what newer releases do themselves is done here for torch 2.11 and its Triton 3.6, so
+    that the kernels' math is checked on the CPU with the Triton that torch 2.11 brings (a GPU gets neither patch):
+    torch 2.11's ``wrap_triton`` refuses the interpreter's kernels (they are not JITFunctions), where 2.14's hands
+    them back to be launched as they are; Triton 3.6's interpreter takes a loop bound as ``int()`` of a
+    one-element array, which numpy 2.4 refuses, where 3.7's squeezes the array first."""
+    if not INTERPRETED:
+        return
+    import triton
+    from triton.runtime import interpreter
+
+    wrap = torch.library.wrap_triton
+    try:
+        wrap(triton_lstm_kernels.lstm_fwd_held)
+    except RuntimeError:
+        monkeypatch.setattr(torch.library, "wrap_triton", lambda kernel: kernel if isinstance(
+            kernel, interpreter.InterpretedFunction) else wrap(kernel))
+    if tuple(int(part) for part in triton.__version__.split(".")[:2]) < (3, 7):
+        patch_tensor = interpreter._patch_lang_tensor
+
+        def squeezed_index(tensor, scope):
+            patch_tensor(tensor, scope)
+            scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.squeeze()))
+        monkeypatch.setattr(interpreter, "_patch_lang_tensor", squeezed_index)
 
 
 @pytest.fixture(params=["held", "tiled"])
