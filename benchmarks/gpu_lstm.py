@@ -190,7 +190,7 @@ def render(report: dict) -> str:
     return "\n".join(lines)
 
 
-def main() -> None:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default="benchmarks/results-cuda/gpu_lstm.json", help="JSON results file")
     parser.add_argument("--cases", nargs="+", choices=[c[0] for c in CASES], default=[c[0] for c in CASES])
@@ -200,7 +200,11 @@ def main() -> None:
     parser.add_argument("--render-only", action="store_true", help="print the table of --out")
     parser.add_argument("--sweep", action="store_true", help="time every fitting kernel/BLOCK_N/warps variant")
     parser.add_argument("--profile", action="store_true", help="print each case's costliest kernels per backend")
-    args = parser.parse_args()
+    return parser
+
+
+def main() -> None:
+    args = build_parser().parse_args()
     if args.render_only:
         print(render(json.loads(Path(args.out).read_text())))
         return

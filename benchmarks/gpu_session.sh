@@ -11,17 +11,26 @@
 #   model    sequencer2d_s img/s, eager: ours (auto, cuDNN, Triton), timm, convnext_tiny       (at most 100 s)
 #   compiled the same under torch.compile                                                      (at most 300 s)
 #   sweep    the launcher's tuning sweep on the training shapes (BLOCK_TABLE)                   (at most 300 s)
+#   reference issue 24's own tools, as they are, for its figures: gpu_lstm_bench.py (the mixer table) and
+#            gpu_profile.py (cuDNN training, Triton inference), from $REFERENCE_TOOLS (at most 270 s)
 #
 # The default stages fit one 10-minute call; "compiled" and "sweep" are for a second call if the lease has time.
+# The GPU machine gets only the checkout: for "reference", copy the tools into an ignored folder and carry it, e.g.
+#   mkdir -p .issue-tools && cp ../shared/tools/gpu_lstm_bench.py ../shared/tools/gpu_profile.py .issue-tools/
+#   echo /.issue-tools/ >> .git/info/exclude      # then the device call carries .issue-tools
+# GPU_SESSION_DRY_RUN=1 writes each step's command to the log without running it (tests/test_benchmark_scripts.py
+# parses them on a CPU).
 set -u
 out=${1:?usage: gpu_session.sh OUT_DIR [tests|mixer|model|compiled|sweep ...]}
 shift
 stages=${*:-tests mixer model}
 PY=${PYTHON:-python3}
+tools=${REFERENCE_TOOLS:-.issue-tools}
+dry_run=${GPU_SESSION_DRY_RUN:-}
 export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 for stage in $stages; do
-    case $stage in tests|mixer|model|compiled|sweep) ;; *)
-        echo "unknown stage $stage (tests, mixer, model, compiled, sweep)" >&2
+    case $stage in tests|mixer|model|compiled|sweep|reference) ;; *)
+        echo "unknown stage $stage (tests, mixer, model, compiled, sweep, reference)" >&2
         exit 2 ;;
     esac
 done
@@ -32,12 +41,13 @@ step() {  # step NAME SECONDS COMMAND...: run with a limit, output to the log, r
     local name=$1 limit=$2 start=$SECONDS status
     shift 2
     echo "=== $name: $*" >> "$log"
+    [ -z "$dry_run" ] || return 0
     timeout "$limit" "$@" >> "$log" 2>&1
     status=$?
     echo "=== $name: exit $status after $((SECONDS - start)) s" | tee -a "$log"
 }
 
-"$PY" - 2>&1 <<'EOF' | tee -a "$log"
+[ -n "$dry_run" ] || "$PY" - 2>&1 <<'EOF' | tee -a "$log"
 import torch, triton, timm, sequencer
 props = torch.cuda.get_device_properties(0)
 print(torch.cuda.get_device_name(), f"sm_{props.major}{props.minor}", "torch", torch.__version__, "triton",
@@ -72,5 +82,13 @@ for stage in $stages; do
     sweep)
         step sweep 300 "$PY" benchmarks/gpu_lstm.py --sweep --cases s1-train s2-train --dtypes bf16 --rounds 3 \
             --iters 10 --out "$out/gpu_lstm_sweep.json" ;;
+    reference)
+        if [ -z "$dry_run" ] && ! [ -f "$tools/gpu_lstm_bench.py" ] && ! [ -f "$tools/gpu_profile.py" ]; then
+            echo "=== reference: skipped, $tools/ holds neither gpu_lstm_bench.py nor gpu_profile.py" | tee -a "$log"
+            continue
+        fi
+        step reference-mixer 150 "$PY" "$tools/gpu_lstm_bench.py" --json "$out/gpu_lstm_bench.json"
+        step reference-profile-train 60 "$PY" "$tools/gpu_profile.py" --backend native --mode train --batch 128
+        step reference-profile-infer 60 "$PY" "$tools/gpu_profile.py" --backend triton --mode infer --batch 256 ;;
     esac
 done

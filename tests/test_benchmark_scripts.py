@@ -76,6 +76,35 @@ def load_gpu_lstm():
     return load_script("gpu_lstm")
 
 
+def test_gpu_session_steps_parse_their_command_lines(tmp_path):
+    """Every step of benchmarks/gpu_session.sh, all stages, as the script would run it (GPU_SESSION_DRY_RUN=1 logs
+    the commands without running them): its test files exist, and ``sequencer benchmark`` and gpu_lstm.py accept
+    its flags. A GPU lease is minutes, once: a step that dies on its own command line wastes its share."""
+    from sequencer import cli
+
+    stages = ["tests", "mixer", "model", "compiled", "sweep", "reference"]
+    proc = subprocess.run(["bash", "benchmarks/gpu_session.sh", str(tmp_path), *stages], cwd=REPO, text=True,
+                          env=dict(os.environ, GPU_SESSION_DRY_RUN="1", PYTHON="python3"), capture_output=True,
+                          timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    steps = dict(line[4:].split(": ", 1) for line in (tmp_path / "session.log").read_text().splitlines())
+    assert list(steps) == ["kernel-tests", "cuda-tests", "gpu-lstm", "gpu-profile", "model-infer", "model-train",
+                           "compiled-infer", "compiled-train", "sweep", "reference-mixer", "reference-profile-train",
+                           "reference-profile-infer"]
+    gpu_lstm = load_gpu_lstm()
+    for name, command in steps.items():
+        python, *argv = command.split()
+        assert python == "python3", name
+        if argv[:2] == ["-m", "pytest"]:
+            assert (REPO / argv[-1]).is_file(), name
+        elif argv[:2] == ["-m", "sequencer"]:
+            assert cli.build_parser(argv[2]).parse_args(argv[2:]).device == "cuda", name
+        elif argv[0] == "benchmarks/gpu_lstm.py":
+            gpu_lstm.build_parser().parse_args(argv[1:])
+        else:  # issue 24's tools, copied in for the lease (not in the repository)
+            assert argv[0].startswith(".issue-tools/gpu_"), name
+
+
 def test_gpu_lstm_table_shows_times_and_crashes():
     """The markdown table of a GPU run's JSON: a timed row with its speed-up, and a crashed case with its error."""
     gpu_lstm = load_gpu_lstm()
