@@ -14,7 +14,8 @@
 #   reference issue 24's own tools, as they are, for its figures: gpu_lstm_bench.py (the mixer table) and
 #            gpu_profile.py (cuDNN training, Triton inference), from $REFERENCE_TOOLS (at most 270 s)
 #
-# The default stages fit one 10-minute call; "compiled" and "sweep" are for a second call if the lease has time.
+# The default stages are for one 10-minute call (their limits add to 630 s: only a run where every step takes its
+# whole limit loses the end of model-train); "compiled" and "sweep" are for a second call if the lease has time.
 # The GPU machine gets only the checkout: for "reference", copy the tools into an ignored folder and carry it, e.g.
 #   mkdir -p .issue-tools && cp ../shared/tools/gpu_lstm_bench.py ../shared/tools/gpu_profile.py .issue-tools/
 #   echo /.issue-tools/ >> .git/info/exclude      # then the device call carries .issue-tools
