@@ -126,8 +126,9 @@ def render(sections: dict[str, tuple[list[dict], str, str]]) -> dict[str, tuple[
         "- Training: one AdamW step (forward, cross-entropy, backward, update), autocast in the dtype.",
         "- Peak memory: CPU: peak resident set of a fresh subprocess during the steps (high-water mark reset "
         "before them, glibc's mmap threshold fixed so that freed memory leaves the resident set) minus its "
-        "resident set before them, i.e. on top of weights and inputs (activations, gradients, optimizer state, "
-        "library workspaces); CUDA: `max_memory_allocated` over the baseline.",
+        "resident set before them, i.e. on top of weights, inputs and the optimizer's state (made by an untimed "
+        "first step): activations, gradients, the optimizer's temporaries, library workspaces; CUDA: "
+        "`max_memory_allocated` over the baseline.",
         "- GEMM %: 2 x MACs x images/s (x3 for training) over the rate of a 2048^3 matrix product in the same dtype "
         "measured in the same run (fastest of PyTorch's default BLAS and oneDNN).",
         "- rel diff: max |ours - timm| / max |timm| over the logits of the same input.",
