@@ -95,3 +95,42 @@ def test_img_size_leaves_the_native_size_and_the_weights_as_trained(image_folder
                 logits = reference(reference_inputs(files, int(row["img_size"])))
             loss = torch.nn.functional.cross_entropy(logits, labels).item()
             assert float(row["loss"]) == pytest.approx(loss, abs=2e-5), row["img_size"]
+
+
+def test_an_export_at_another_size_keeps_the_size_its_weights_were_trained_at(image_folder, tiny_checkpoint,
+                                                                              tmp_path, capsys, monkeypatch):
+    """`export --img-size 48` of a checkpoint trained at 32 px: the file runs at 48 px (predict, validate, the ONNX
+    graph) and still says its weights were trained at 32 px, so resolution-sweep marks 32 as native, also after a
+    second export of the export; a file that records no trained size (older exports) reads its img_size, as before."""
+    import json
+
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    from sequencer.engine.inference import load_model
+    from sequencer.tools import resolution
+    from sequencer.tools.onnx_runtime import load_onnx
+
+    first, second = tmp_path / "at48.safetensors", tmp_path / "at40.safetensors"
+    assert main(["export", "--checkpoint", str(tiny_checkpoint), "--img-size", "48", "-o", str(first)]) == 0
+    assert main(["export", "--checkpoint", str(first), "--img-size", "40", "-o", str(second)]) == 0
+    for path, size in ((first, 48), (second, 40)):
+        loaded = load_model(str(path))
+        assert (loaded.input_size, loaded.trained_size) == ((3, size, size), 32)
+        assert loaded.data_config["img_size"] == size
+    marked = []
+    monkeypatch.setattr(resolution, "plot_resolution", lambda rows, path, title, train_size: marked.append(train_size))
+    assert main(["resolution-sweep", str(image_folder), "--sizes", "32", "40", "--output", str(tmp_path / "sweep"),
+                 "--checkpoint", str(second), "-j", "0", "-b", "6"]) == 0
+    assert marked == [32] and "(native size 32 px)" in capsys.readouterr().out
+    onnx_file = tmp_path / "at40.onnx"
+    assert main(["export", "--checkpoint", str(first), "--img-size", "40", "-o", str(onnx_file)]) == 0
+    loaded = load_onnx(onnx_file)
+    assert (loaded.input_size, loaded.trained_size, loaded.data_config["img_size"]) == ((3, 40, 40), 32, 40)
+    # an older export: no `trained_size` entry; it loads, and its img_size stands for both, as it did
+    with safe_open(str(second), framework="pt") as f:
+        tensors, meta = {k: f.get_tensor(k) for k in f.keys()}, dict(f.metadata())
+    assert json.loads(meta.pop("trained_size")) == 32
+    save_file(tensors, str(tmp_path / "old.safetensors"), metadata=meta)
+    loaded = load_model(str(tmp_path / "old.safetensors"))
+    assert (loaded.input_size, loaded.trained_size) == ((3, 40, 40), 40)

@@ -117,6 +117,7 @@ def run(args: argparse.Namespace) -> int:
     loaded = load_model_from_args(args, "cpu")
     model, input_size = loaded.model, loaded.input_size
     check_input_size(loaded, *input_size[1:])
+    # img_size: the size the file is for (its graph's, its preprocessing's); trained_size: its weights' training size
     data_config = dict(loaded.data_config, img_size=input_size[-1])
     # the checkpoint's record of its training data (`data`, `ignored_classes`) too, so that `validate --checkpoint`
     # of the .safetensors needs no DATA, as with the checkpoint itself
@@ -124,9 +125,9 @@ def run(args: argparse.Namespace) -> int:
     arch = getattr(model, "model_name", None) or loaded.name
     config = {**model_config(loaded.checkpoint), "arch": arch,
               "model_kwargs": dict(getattr(model, "model_kwargs", {}) or {}),
-              "class_names": loaded.class_names, "data_config": data_config}
+              "class_names": loaded.class_names, "data_config": data_config, "trained_size": loaded.trained_size}
     meta = {"arch": arch, "class_names": loaded.class_names or [], "data_config": data_config,
-            "input_size": list(input_size)}
+            "input_size": list(input_size), "trained_size": loaded.trained_size}
     out = Path(args.output)
     onnx_kwargs = dict(batch_size=args.batch_size, dynamic_batch=args.dynamic_batch, opset=args.opset,
                        rtol=args.rtol, metadata=meta)

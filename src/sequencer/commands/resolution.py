@@ -14,7 +14,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--split", default="val", help="split folder to evaluate (default: val)")
     parser.add_argument("--sizes", type=positive_int, nargs="+", default=None, metavar="PX",
                         help="input sizes to evaluate (default: half to twice the model's input size, --img-size or "
-                             "else the size its checkpoint was trained at, in quarter steps, as multiples of its patch "
+                             "else the size its file records (a checkpoint's training size, an export's export size), "
+                             "in quarter steps, as multiples of its patch "
                              "reduction: 112 168 224 280 336 392 448 for Sequencer2D at 224); the plot marks the "
                              "native size, the one its weights were trained at, whatever --img-size says")
     parser.add_argument("--output", "-o", required=True, metavar="DIR", help="folder for resolution.csv/.png")

@@ -41,7 +41,7 @@ class LoadedModel:
     # (models.loading.picked_weights)
     weights: str | None = None
     # the input size its weights were trained and evaluated at (`input_size` is the one it runs at); None for a
-    # model that does not say (an ONNX file)
+    # model that does not say (an ONNX file from before `sequencer export` recorded it, a module in memory)
     trained_size: int | None = None
 
     @property
@@ -94,9 +94,11 @@ def load_model(checkpoint: str = "", model: str | None = None, pretrained: bool 
     elif head is not None and "num_classes" not in kwargs:
         kwargs["num_classes"] = head.shape[0]
     img_size = input_size[1] if input_size else img_size
-    # the size the weights' run trained and evaluated at (the file's record, else the one its model was built at,
-    # else the registry's): what a run without `img_size` uses
-    trained_size = int((meta.get("data_config") or {}).get("img_size") or kwargs.get("img_size")
+    # the size the weights' run trained and evaluated at: an export's `trained_size`, else the file's data config's
+    # (a training checkpoint's, or an export's from before `trained_size`), else the one its model was built at,
+    # else the registry's
+    recorded_size = (meta.get("data_config") or {}).get("img_size")
+    trained_size = int(meta.get("trained_size") or recorded_size or kwargs.get("img_size")
                        or get_model_entry(name).pretrained_cfg["input_size"][-1])
     if input_size and input_size[1] != input_size[2]:
         raise SequencerError(f"`input_size={' '.join(map(str, input_size))}`: only square inputs are supported")
@@ -120,7 +122,7 @@ def load_model(checkpoint: str = "", model: str | None = None, pretrained: bool 
     data_config = dict(mean=cfg["mean"], std=cfg["std"], crop_pct=cfg["crop_pct"],
                        interpolation=cfg["interpolation"])
     data_config.update(meta.get("data_config") or {})
-    size = img_size or trained_size
+    size = img_size or int(recorded_size or trained_size)  # by default the size the file's preprocessing is for
     # one value per input channel, as validate resolves them (a 1-channel run of an RGB checkpoint averages its
     # recorded statistics), so every user of the config (predict, erf, robustness, resolution-sweep) normalises alike
     channels = resolve_data_config(dict(input_size=(model.in_chans, size, size)), model, recorded=data_config)

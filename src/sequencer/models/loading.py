@@ -203,7 +203,11 @@ def extract_state_dict(checkpoint: dict, use_ema: bool | None = None) -> dict[st
 # ``data``: the dataset it was trained and evaluated on (sequencer.engine.data_record); ``segmenter``: a segmentation
 # checkpoint's model (backbone, head, widths: sequencer.models.segmentation.segmenter_from_config), so that
 # `checkpoint average` / `clean` of one write a file `segment validate` loads.
-CONFIG_KEYS = ("arch", "model_kwargs", "class_names", "data_config", "ignored_classes", "data", "segmenter")
+# `data_config["img_size"]` is the size a file's preprocessing expects (a training checkpoint's: the size it trained
+# at; an export's: the size it was exported at); `trained_size`, written by `sequencer export`, the size its weights
+# were trained at, which the export size need not be (a file without it: its img_size is both)
+CONFIG_KEYS = ("arch", "model_kwargs", "class_names", "data_config", "trained_size", "ignored_classes", "data",
+               "segmenter")
 
 
 def checkpoint_metadata(checkpoint: dict | None) -> dict:
