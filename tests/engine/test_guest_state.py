@@ -92,7 +92,17 @@ def process_state() -> dict:
         # standard streams the same objects, open
         open_files=_open_files(),
         streams=[(stream, stream.closed) for stream in (sys.stdin, sys.stdout, sys.stderr)],
+        # the TorchScript-based ONNX exporter's module-level settings (opset, export type, shape inference), which
+        # torch.onnx.export sets for its export and leaves set
+        onnx_exporter=_onnx_exporter_settings(),
     )
+
+
+def _onnx_exporter_settings() -> dict | None:
+    """torch.onnx's exporter settings (its ``GLOBALS``), None before torch.onnx's exporter is imported."""
+    exporter = sys.modules.get("torch.onnx._internal.torchscript_exporter._globals",  # torch >= 2.9
+                               sys.modules.get("torch.onnx._globals"))
+    return dict(vars(exporter.GLOBALS)) if exporter is not None else None
 
 
 _FP32_PRECISIONS = ("fp32_precision", "cuda.matmul.fp32_precision", "cudnn.conv.fp32_precision",
@@ -298,7 +308,7 @@ def call_load_model(env, progress):
 
 def call_export(env, progress):
     """``sequencer.tools.export``'s functions, documented for Python callers (docs/tools.md): the caller's module
-    traced to TorchScript and written as safetensors, each file reloaded and checked (ONNX, 3 s more, is left out)."""
+    traced to TorchScript and written as safetensors, each file reloaded and checked (ONNX: `call_export_onnx`)."""
     from sequencer.tools.export import export_safetensors, export_torchscript
     model, folder = caller_module(), env["root"] / f"export-{next(RUNS)}"
     config = dict(arch="sequencer2d_nano", model_kwargs=dict(model.model_kwargs), class_names=["a", "b"],
@@ -310,6 +320,26 @@ def call_export(env, progress):
         export_safetensors(model, folder / "m.safetensors", config)
 
     return call, dict(model=model, config=config)
+
+
+def call_export_onnx(env, progress):
+    """``export_onnx_int8`` with calibration images and ``verify``: the fp32 ONNX export checked under onnxruntime,
+    onnxruntime's static and dynamic quantisers, its sessions on the images (the `export` extra; 2 s of CPU)."""
+    pytest.importorskip("onnxruntime")
+    import onnxruntime.quantization  # noqa: F401 - before the snapshot: importing it appends to sys.path itself
+    from PIL import Image
+
+    from sequencer.tools.export import export_onnx_int8
+    model, folder = caller_module(), env["root"] / f"export-onnx-{next(RUNS)}"
+    images = folder / "images"
+    images.mkdir(parents=True)
+    for i, colour in enumerate(("red", "blue")):
+        Image.new("RGB", (20, 20), colour).save(images / f"{i}.png")
+    metadata = dict(arch="sequencer2d_nano", class_names=["a", "b"], input_size=[3, 16, 16],
+                    data_config=dict(img_size=16, mean=[0.5] * 3, std=[0.5] * 3, crop_pct=1.0, interpolation="bicubic"))
+    return (lambda: export_onnx_int8(model, folder / "m.onnx", (3, 16, 16), metadata=metadata, dynamic_batch=True,
+                                     calibration=str(images), verify=str(images), min_agreement=0.0),
+            dict(model=model, metadata=metadata))
 
 
 def call_list_models(env, progress):
@@ -326,6 +356,7 @@ CALLS = {  # each public entry point that does work, by how a caller uses it
     "create_backbone": call_create_backbone, "create_segmenter": call_create_segmenter, "list_models": call_list_models,
     # beside sequencer.__all__: the documented loaders and exports
     "create_model(checkpoint)": call_create_model_checkpoint, "load_model": call_load_model, "export": call_export,
+    "export(onnx int8)": call_export_onnx,
 }
 BEYOND_ALL = {"load_model", "export"}
 WITH_PROGRESS = {"train", "train_segmenter", "validate(model=module)", "validate(checkpoint)"}

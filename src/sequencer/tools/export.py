@@ -94,6 +94,27 @@ def _quiet_export():
         yield
 
 
+@contextlib.contextmanager
+def _onnx_exporter_settings_kept():
+    """torch.onnx.export leaves its module-level settings (``GLOBALS``: opset, export type, shape inference) as its
+    last export set them, which torch.onnx's symbolic helpers read outside an export too; they are put back. The
+    module moved in torch 2.9; where neither place has it there is nothing to put back."""
+    import importlib
+
+    for name in ("torch.onnx._internal.torchscript_exporter._globals", "torch.onnx._globals"):
+        with contextlib.suppress(ImportError):
+            settings = importlib.import_module(name).GLOBALS
+            break
+    else:
+        yield
+        return
+    saved = dict(vars(settings))
+    try:
+        yield
+    finally:
+        vars(settings).update(saved)
+
+
 def sample_inputs(input_size: tuple[int, int, int], batch_size: int, dynamic_batch: bool,
                   sample: torch.Tensor | None = None) -> list[torch.Tensor]:
     """Verification inputs: the export batch, plus another batch size when the batch axis is dynamic."""
@@ -130,7 +151,7 @@ def export_onnx(model: nn.Module, path: str | os.PathLike, input_size: tuple[int
 
     def write(tmp: str) -> None:
         nonlocal worst
-        with _quiet_export(), torch.no_grad():
+        with _quiet_export(), _onnx_exporter_settings_kept(), torch.no_grad():
             torch.onnx.export(model, (inputs[0],), tmp, dynamo=False, opset_version=opset, input_names=["input"],
                               output_names=["logits"], dynamic_axes=axes, do_constant_folding=True)
         proto = onnx.load(tmp)
