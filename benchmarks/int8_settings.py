@@ -50,11 +50,19 @@ def digits(split: str, size: int) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def train(x: torch.Tensor, y: torch.Tensor, epochs: int, seed: int = 0) -> torch.nn.Module:
+    """sequencer2d_nano (10 classes, seeded with ``seed``) trained on ``x``, ``y`` for ``epochs``."""
     torch.manual_seed(seed)
-    model = create_model("sequencer2d_nano", num_classes=10)
+    return fit(create_model("sequencer2d_nano", num_classes=10), x, y, epochs, lr=2e-3, weight_decay=0.05)
+
+
+def fit(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, epochs: int, lr: float,
+        weight_decay: float) -> torch.nn.Module:
+    """``model`` trained in place on the whole of ``x``, ``y`` (batches of 64 in torch's random order; AdamW, a
+    one-cycle schedule peaking at ``lr``), given back in eval mode: the digits models of this script, of
+    deployment.py and of tests/tools/test_onnx_int8.py."""
     steps = epochs * -(-len(y) // 64)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=2e-3, weight_decay=0.05)
-    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, 2e-3, total_steps=steps)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
+    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, lr, total_steps=steps)
     model.train()
     for _ in range(epochs):
         for batch in torch.randperm(len(y)).split(64):

@@ -12,6 +12,8 @@ from sequencer.cli import main
 from sequencer.data import create_transform
 from sequencer.data.datasets import DigitsDataset
 
+from test_benchmark_scripts import load_script
+
 from .conftest import TINY_ARCH, TINY_DATA_CONFIG, TINY_KWARGS, reference_inputs, reference_model
 
 # Four digits that scikit-learn's scans keep apart; the fixture's model gets every val image right but one and its
@@ -42,20 +44,6 @@ def _digit_tensors(pairs: list[tuple]) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.stack([transform(im) for im in images]), torch.tensor(labels)
 
 
-def _train(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, epochs: int = 20, lr: float = 5e-3) -> None:
-    steps_per_epoch = -(-len(y) // 64)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=lr)
-    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, lr, total_steps=epochs * steps_per_epoch)
-    model.train()
-    for _ in range(epochs):
-        for batch in torch.randperm(len(y)).split(64):
-            optimizer.zero_grad()
-            torch.nn.functional.cross_entropy(model(x[batch]), y[batch]).backward()
-            optimizer.step()
-            schedule.step()
-    model.eval()
-
-
 @pytest.fixture(scope="module")
 def digits_model(tmp_path_factory):
     """(checkpoint, root with root/val/<digit>/*.png): a small model trained 20 epochs on four digits (~99% top-1,
@@ -64,7 +52,9 @@ def digits_model(tmp_path_factory):
     torch.manual_seed(0)
     from sequencer.models import create_model
     model = create_model(TINY_ARCH, **DIGITS_KWARGS)
-    _train(model, *_digit_tensors(_digit_images("train")))
+    # benchmarks/int8_settings.py's training, the one its measurements of the int8 settings used
+    load_script("int8_settings").fit(model, *_digit_tensors(_digit_images("train")), epochs=20, lr=5e-3,
+                                     weight_decay=0.01)
     checkpoint = root / "digits.pth"
     torch.save({"version": 1, "arch": TINY_ARCH, "model_kwargs": dict(model.model_kwargs), "class_names": DIGITS,
                 "data_config": DIGITS_DATA_CONFIG, "state_dict": model.state_dict()}, checkpoint)
