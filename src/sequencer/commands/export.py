@@ -38,6 +38,12 @@ def check_export_options(args: argparse.Namespace, fmt: str) -> None:
     if args.quantize and fmt != "onnx":
         raise SequencerError(f"--quantize {args.quantize} is for ONNX exports, not {fmt}",
                              hint="use --format onnx and an .onnx --output")
+    if args.dtype != "float32" and fmt != "onnx":
+        raise SequencerError(f"--dtype {args.dtype} is for ONNX exports; a {fmt} file holds the float32 weights",
+                             hint="drop --dtype, or use --format onnx and an .onnx --output")
+    if args.dtype != "float32" and args.quantize:
+        raise SequencerError(f"--dtype {args.dtype} and --quantize {args.quantize}: int8 quantisation starts from "
+                             "the float32 graph", hint="drop one of them")
     int8_only = [flag for flag, given in (("--verify", args.verify), ("--min-agreement", args.min_agreement is not None),
                                           ("--target-cpu", args.target_cpu), ("--calibration", args.calibration))
                  if given]
@@ -73,8 +79,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch-size", type=positive_int, default=1, help="batch size of the example input")
     parser.add_argument("--opset", type=positive_int, default=17,
                         help=f"ONNX opset ({MIN_OPSET} up to the newest the installed torch exports)")
-    parser.add_argument("--rtol", type=float, default=1e-4,
-                        help="allowed max |exported - PyTorch| / max |PyTorch| of the logits")
+    parser.add_argument("--rtol", type=float, default=None,
+                        help="allowed max |exported - PyTorch| / max |PyTorch| of the logits (default 1e-4; 5e-3 "
+                             "with --dtype float16)")
+    parser.add_argument("--dtype", choices=("float32", "float16"), default="float32",
+                        help="ONNX: float16 writes a graph whose weights, input, computation and logits are float16 "
+                             "(for GPU runtimes), checked against the float32 model under onnxruntime's CPU provider")
     g = parser.add_argument_group("int8 (ONNX)")
     g.add_argument("--quantize", choices=("int8",), default=None,
                    help="int8 quantisation through onnxruntime, with settings for the CPU it will run on (dynamic: "
@@ -111,8 +121,10 @@ def run(args: argparse.Namespace) -> int:
     warn_if_random_weights(args)
     from ..engine.inference import check_input_size
     from ..models.loading import model_config
-    from ..tools.export import (export_onnx, export_onnx_int8, export_program, export_safetensors, export_torchscript,
-                                int8_settings)
+    import torch
+
+    from ..tools.export import (ONNX_DTYPES, export_onnx, export_onnx_int8, export_program, export_safetensors,
+                                export_torchscript, int8_settings)
 
     loaded = load_model_from_args(args, "cpu")
     model, input_size = loaded.model, loaded.input_size
@@ -129,8 +141,10 @@ def run(args: argparse.Namespace) -> int:
     meta = {"arch": arch, "class_names": loaded.class_names or [], "data_config": data_config,
             "input_size": list(input_size), "trained_size": loaded.trained_size}
     out = Path(args.output)
+    dtype = getattr(torch, args.dtype)
+    rtol = ONNX_DTYPES[dtype] if args.rtol is None else args.rtol
     onnx_kwargs = dict(batch_size=args.batch_size, dynamic_batch=args.dynamic_batch, opset=args.opset,
-                       rtol=args.rtol, metadata=meta)
+                       rtol=rtol, metadata=meta)
     if fmt == "onnx" and args.quantize:
         result = export_onnx_int8(model, out, input_size, verify=args.verify,
                                   min_agreement=0.99 if args.min_agreement is None else args.min_agreement,
@@ -138,15 +152,16 @@ def run(args: argparse.Namespace) -> int:
                                   calibration=args.calibration, **onnx_kwargs)
         fmt, how = "onnx int8", _report_int8(result, args.verify)
     elif fmt == "onnx":
-        err = export_onnx(model, out, input_size, **onnx_kwargs)
-        how = f"onnxruntime logits match PyTorch (relative error {err:.1e})"
+        err = export_onnx(model, out, input_size, dtype=dtype, **onnx_kwargs)
+        how = f"onnxruntime logits match PyTorch's float32 ones (relative error {err:.1e})"
+        fmt = "onnx float16" if dtype == torch.float16 else fmt
     elif fmt == "torchscript":
         err = export_torchscript(model, out, input_size, batch_size=args.batch_size,
-                                 dynamic_batch=args.dynamic_batch, rtol=args.rtol, metadata=meta)
+                                 dynamic_batch=args.dynamic_batch, rtol=rtol, metadata=meta)
         how = f"reloaded trace matches PyTorch (relative error {err:.1e})"
     elif fmt == "exported-program":
         err = export_program(model, out, input_size, batch_size=args.batch_size, dynamic_batch=args.dynamic_batch,
-                             rtol=args.rtol, metadata=meta)
+                             rtol=rtol, metadata=meta)
         how = f"torch.export.load's program matches PyTorch (relative error {err:.1e})"
     else:
         err = export_safetensors(model, out, config, weights=loaded.weights)

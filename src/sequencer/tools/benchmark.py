@@ -81,7 +81,7 @@ class BenchmarkSettings:
 @dataclass
 class Result:
     # "ours" (eager), "ours-optimized", "timm", "ours-triton", "<impl>-compiled", "ref-<timm name>",
-    # "ort-fp32" / "ort-int8" (--onnx)
+    # "ort-fp32" / "ort-fp16" / "ort-int8" (--onnx)
     impl: str
     mode: str  # "infer" or "train"
     dtype: str
@@ -294,14 +294,15 @@ def memory_probe(spec: dict) -> float:
 # ---- the command -------------------------------------------------------------------------------------------------
 
 def load_onnx_impls(args: BenchmarkSettings) -> dict[str, nn.Module]:
-    """The --onnx files as ``{"ort-fp32" / "ort-int8": OnnxModel}``; the model options default to the first file's."""
+    """The --onnx files as ``{"ort-fp32" / "ort-fp16" / "ort-int8": OnnxModel}``; the model options default to the
+    first file's."""
     from .onnx_runtime import OnnxModel
 
     impls = {}
     for path in args.onnx:
         # timed interleaved with PyTorch paths in this process: no busy-waiting threads left behind (ort_session)
         onnx_model = OnnxModel(path, threads=torch.get_num_threads(), spin_wait=False)
-        impl = "ort-int8" if onnx_model.quantized else "ort-fp32"
+        impl = {"int8": "ort-int8", "float16": "ort-fp16"}.get(onnx_model.precision, "ort-fp32")
         impls[impl if impl not in impls else f"{impl}-{len(impls)}"] = onnx_model
     if impls and not args.model and not args.checkpoint:
         first = next(iter(impls.values()))
@@ -338,7 +339,7 @@ class _Setup:
     x: torch.Tensor  # (B, C, H, W)
     target: torch.Tensor  # (B,) class indices
     twin: nn.Module | None  # timm's Sequencer2d with the same weights (--compare-timm)
-    onnx_models: dict[str, nn.Module]  # --onnx files, {"ort-fp32" / "ort-int8": OnnxModel}
+    onnx_models: dict[str, nn.Module]  # --onnx files, {"ort-fp32" / "ort-fp16" / "ort-int8": OnnxModel}
 
 
 @caller_rng_kept()  # it seeds and draws its models and inputs: the caller's generators are given back their state
@@ -468,9 +469,9 @@ def _result(setup: _Setup, mode: str, impl: str, times: list[float], module: nn.
 
 def _row_figures(setup: _Setup, impl: str, module: nn.Module) -> tuple[str, int, float | None]:
     """(dtype it ran in, parameters, forward MACs per image) of one row: an ONNX file runs in its own precision
-    (int8 or float32, whatever ``amp_dtype`` says), and a ``ref-`` row is another model with its own counts."""
+    (int8, float16 or float32, whatever ``amp_dtype`` says), and a ``ref-`` row is another model with its own counts."""
     if impl in setup.onnx_models:
-        return ("int8" if module.quantized else "float32"), sum(p.numel() for p in setup.model.parameters()), \
+        return module.precision, sum(p.numel() for p in setup.model.parameters()), \
             setup.macs
     if impl.startswith("ref-"):
         return setup.args.amp_dtype, sum(p.numel() for p in module.parameters()), \

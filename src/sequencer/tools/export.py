@@ -21,6 +21,7 @@ command succeeds.
 from __future__ import annotations
 
 import contextlib
+import copy
 import functools
 import json
 import logging
@@ -133,35 +134,52 @@ def onnx_packages() -> tuple:
             optional_import("onnxruntime", "ONNX export (its check against PyTorch)", extra="export"))
 
 
+# the ONNX file's dtype -> the default --rtol of its check against the float32 model. float16: 5e-3, 5 float16 steps
+# (2^-10 each) of the largest logit; measured 4.9e-4 (the tests' tiny model), 6.5e-4 (sequencer2d_nano and
+# gru_sequencer2d_s, random weights, 224 px) and 7.5e-4 (sequencer2d_s) on onnxruntime's CPU provider, AMD Zen 5
+ONNX_DTYPES = {torch.float32: 1e-4, torch.float16: 5e-3}
+
+
 @_on_the_cpu_in_eval
 def export_onnx(model: nn.Module, path: str | os.PathLike, input_size: tuple[int, int, int], *, batch_size: int = 1,
-                dynamic_batch: bool = False, opset: int = 17, rtol: float = 1e-4, metadata: dict | None = None,
-                sample: torch.Tensor | None = None) -> float:
+                dynamic_batch: bool = False, opset: int = 17, rtol: float | None = None, metadata: dict | None = None,
+                sample: torch.Tensor | None = None, dtype: torch.dtype = torch.float32) -> float:
     """Export ``model`` (eval, CPU) to ONNX at ``path`` and verify it under onnxruntime.
 
+    ``dtype``: torch.float32, or torch.float16 for a graph whose weights, input, computation and logits are float16
+    (exported from a float16 copy of ``model``; the caller's stays float32), checked against the float32 model.
     ``sample``: optional (B, C, H, W) input used for the check instead of random data.
-    Returns the worst relative logit error; raises SequencerError when above ``rtol``.
+    Returns the worst relative logit error; raises SequencerError when above ``rtol`` (default by ``dtype``:
+    :data:`ONNX_DTYPES`).
     """
     onnx, ort = onnx_packages()
+    if dtype not in ONNX_DTYPES:
+        raise SequencerError(f"`dtype={dtype}`: an ONNX export is torch.float32 or torch.float16")
+    rtol = ONNX_DTYPES[dtype] if rtol is None else rtol
     path = Path(path)
     inputs = sample_inputs(input_size, batch_size, dynamic_batch, sample)
     axes = {"input": {0: "batch"}, "logits": {0: "batch"}} if dynamic_batch else None
+    exported = model if dtype == torch.float32 else copy.deepcopy(model).to(dtype)
+    numpy_dtype = torch.empty(0, dtype=dtype).numpy().dtype
+
+    def run(session, x: torch.Tensor) -> torch.Tensor:
+        return torch.from_numpy(session.run(["logits"], {"input": x.numpy().astype(numpy_dtype)})[0]).float()
 
     worst = 0.0
 
     def write(tmp: str) -> None:
         nonlocal worst
         with _quiet_export(), _onnx_exporter_settings_kept(), torch.no_grad():
-            torch.onnx.export(model, (inputs[0],), tmp, dynamo=False, opset_version=opset, input_names=["input"],
-                              output_names=["logits"], dynamic_axes=axes, do_constant_folding=True)
+            torch.onnx.export(exported, (inputs[0].to(dtype),), tmp, dynamo=False, opset_version=opset,
+                              input_names=["input"], output_names=["logits"], dynamic_axes=axes,
+                              do_constant_folding=True)
         proto = onnx.load(tmp)
         onnx.checker.check_model(proto)
-        set_onnx_metadata(proto, metadata)
+        set_onnx_metadata(proto, dict(metadata or {}, dtype=str(dtype).removeprefix("torch.")))
         onnx.save(proto, tmp)
         # verified before the rename: a file that fails the check never appears at ``path``
         session = ort.InferenceSession(tmp, providers=["CPUExecutionProvider"])
-        worst = _worst_error("ONNX", lambda x: torch.from_numpy(session.run(["logits"], {"input": x.numpy()})[0]),
-                             model, inputs, rtol, path)
+        worst = _worst_error("ONNX", functools.partial(run, session), model, inputs, rtol, path)
 
     try:
         write_atomically(path, write)

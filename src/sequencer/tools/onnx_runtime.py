@@ -64,9 +64,13 @@ class OnnxModel(nn.Module):
         self.session = ort_session(path, threads, memory_arena, spin_wait)
         self.input_name = self.session.get_inputs()[0].name
         self.input_shape = list(self.session.get_inputs()[0].shape)  # [batch or "batch", C, H, W]
+        # what the graph takes: float32, or float16 for an `export --dtype float16` file (images are cast to it)
+        self.input_dtype = np.float16 if self.session.get_inputs()[0].type == "tensor(float16)" else np.float32
         self.num_classes = self.session.get_outputs()[0].shape[-1]
         self.metadata = self.session.get_modelmeta().custom_metadata_map
         self.quantized = self.metadata.get("quantization", "")
+        # the precision it computes in, as the benchmarks name it
+        self.precision = "int8" if self.quantized else "float16" if self.input_dtype == np.float16 else "float32"
 
     def check_input_size(self, height: int, width: int) -> None:
         """ValueError when the file was exported for another input size."""
@@ -76,16 +80,18 @@ class OnnxModel(nn.Module):
                              f"not {height}x{width}")
 
     def run_numpy(self, images: np.ndarray) -> np.ndarray:
-        """(B, C, H, W) float32 -> (B, num_classes) float32 logits; a fixed export batch runs in chunks."""
+        """(B, C, H, W) float32 -> (B, num_classes) float32 logits (a float16 file's cast both ways); a fixed
+        export batch runs in chunks."""
         fixed = self.input_shape[0] if isinstance(self.input_shape[0], int) else None
+        images = images.astype(self.input_dtype, copy=False)
         if fixed is None or images.shape[0] == fixed:
-            return self.session.run(None, {self.input_name: images})[0]
+            return self.session.run(None, {self.input_name: images})[0].astype(np.float32, copy=False)
         if images.shape[0] % fixed:
             raise SequencerError(f"{str(self.path)!r} was exported for batches of exactly {fixed} and cannot take "
                                  f"{images.shape[0]} images",
                                  hint=f"re-export with `dynamic_batch` or use `batch_size={fixed}`")
         return np.concatenate([self.session.run(None, {self.input_name: images[i:i + fixed]})[0]
-                               for i in range(0, images.shape[0], fixed)])
+                               for i in range(0, images.shape[0], fixed)]).astype(np.float32, copy=False)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         self.check_input_size(*images.shape[-2:])
