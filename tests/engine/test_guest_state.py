@@ -29,6 +29,7 @@ import warnings
 import numpy as np
 import pytest
 import torch
+import torch.backends.opt_einsum  # noqa: F401 - read below; torch < 2.9 imports it only at a first einsum
 from torch import nn
 
 import sequencer
