@@ -104,7 +104,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def _report_int8(result: dict, verify: str | None) -> str:
     from ..tools.export import describe_int8
 
-    settings = describe_int8(result["settings"], result["float_recurrent"])
+    settings = describe_int8(result["settings"], result["float_ops"])
     if not verify:
         print("warning: int8 accuracy not checked; pass --verify DIR (a folder of images) to measure it",
               file=sys.stderr)

@@ -320,6 +320,9 @@ INT8_BY_CPU_CLASS = {
 }
 STATIC_OPS = ("MatMul", "Gemm", "Conv")  # LayerNormalization, Add, GELU stay float; LSTM is quantised dynamically
 RECURRENT_OPS = ("LSTM", "GRU", "RNN")  # onnxruntime quantises LSTM only (DynamicQuantizeLSTM): GRU and RNN stay float
+# the first onnxruntime whose CPU provider runs ConvInteger (a dynamically quantised Conv) with int8 weights: 1.18.0
+# to 1.23.2 refuse such a file when a session loads it (the downsampling Convs of every Sequencer2D); 1.24.4 runs it
+INT8_CONV_ORT = (1, 24)
 
 
 def int8_settings(target_cpu: str | None = None, static: bool = False) -> dict:
@@ -334,13 +337,13 @@ def int8_settings(target_cpu: str | None = None, static: bool = False) -> dict:
     return dict(cpu_class=cpu_class, static=static, **INT8_BY_CPU_CLASS[cpu_class])
 
 
-def describe_int8(settings: dict, float_recurrent: Sequence[str] = ()) -> str:
-    """One phrase for the metadata's ``quantization`` entry and the command's report; ``float_recurrent``: the
-    recurrent op types left float (:func:`float_recurrent_ops`)."""
+def describe_int8(settings: dict, float_ops: Sequence[str] = ()) -> str:
+    """One phrase for the metadata's ``quantization`` entry and the command's report; ``float_ops``: the op types
+    left float besides ``keep_float`` (:func:`float_recurrent_ops`; Conv where onnxruntime has no int8 ConvInteger)."""
     kind = "static QDQ (calibrated activations)" if settings["static"] else "dynamic (activations scaled per batch)"
     weights = ("per-channel" if settings["per_channel"] else "per-tensor") + \
         (" 7-bit" if settings["reduce_range"] else " 8-bit")
-    kept = ", ".join([*settings["keep_float"], *(f"{op} layers" for op in float_recurrent)]) or "nothing"
+    kept = ", ".join([*settings["keep_float"], *(f"{op} layers" for op in float_ops)]) or "nothing"
     return f"int8 {kind}, {weights} weights, float: {kept}; for {settings['cpu_class']} CPUs"
 
 
@@ -364,8 +367,9 @@ def _float_node_names(proto, keep_float) -> list[str]:
 def quantize_int8(fp32_path: str | os.PathLike, out_path: str | os.PathLike, metadata: dict, settings: dict,
                   calibration=None) -> list[str]:
     """int8 quantisation of an fp32 export with :func:`int8_settings`; ``calibration`` (an onnxruntime
-    ``CalibrationDataReader``) is required when ``settings["static"]``. Returns the recurrent op types left float
-    (:func:`float_recurrent_ops`; GRU and RNN layers, with a logged note), which the metadata's description names.
+    ``CalibrationDataReader``) is required when ``settings["static"]``. Returns the op types left float besides
+    ``keep_float``, which the metadata's description names, each with a logged note: GRU and RNN layers
+    (:func:`float_recurrent_ops`), and Conv where this onnxruntime has no int8 ConvInteger (dynamic only).
 
     Dynamic: onnxruntime's ``quantize_dynamic`` on every op it quantises (MatMuls of token mixing, MLPs and head,
     the LSTMs' input and recurrent weights, the stem Conv) except ``keep_float``. Static: ``quantize_static`` (QDQ)
@@ -375,7 +379,10 @@ def quantize_int8(fp32_path: str | os.PathLike, out_path: str | os.PathLike, met
     onnx = optional_import("onnx", "int8 quantisation", extra="export")
     ortq = optional_import("onnxruntime.quantization", "int8 quantisation", extra="export")
 
-    exclude = _float_node_names(onnx.load(str(fp32_path)), settings["keep_float"])
+    fp32_proto = onnx.load(str(fp32_path))
+    exclude = _float_node_names(fp32_proto, settings["keep_float"])
+    float_convs = [] if settings["static"] else _convs_this_onnxruntime_cannot_run(fp32_proto, exclude)
+    exclude += float_convs
     common = dict(per_channel=settings["per_channel"], reduce_range=settings["reduce_range"],
                   weight_type=ortq.QuantType.QInt8, nodes_to_exclude=exclude)
     with _ort_quantization_quiet():
@@ -396,10 +403,25 @@ def quantize_int8(fp32_path: str | os.PathLike, out_path: str | os.PathLike, met
         _logger.warning(f"note: onnxruntime has no int8 {' or '.join(float_recurrent)} kernel: the model's "
                         f"{'/'.join(float_recurrent)} layers stay float32 in the int8 file (the matmuls around them "
                         f"are int8)")
-    set_onnx_metadata(proto, dict(metadata, quantization=describe_int8(settings, float_recurrent),
+    float_ops = [*float_recurrent, *(["Conv"] if float_convs else [])]
+    set_onnx_metadata(proto, dict(metadata, quantization=describe_int8(settings, float_ops),
                                   int8_settings=settings))
     onnx.save(proto, str(out_path))
-    return float_recurrent
+    return float_ops
+
+
+def _convs_this_onnxruntime_cannot_run(proto, exclude: Sequence[str]) -> list[str]:
+    """Names of the Conv nodes (besides ``exclude``) that dynamic quantisation would make int8 ConvIntegers, where
+    this onnxruntime cannot run those (before :data:`INT8_CONV_ORT`): they stay float, with a logged note, rather
+    than give a file no session of this onnxruntime loads."""
+    ort = optional_import("onnxruntime", "int8 quantisation", extra="export")
+    version = tuple(int(part) for part in ort.__version__.split(".")[:2] if part.isdigit())
+    convs = [n.name for n in proto.graph.node if n.op_type == "Conv" and n.name not in exclude]
+    if version >= INT8_CONV_ORT or not convs:
+        return []
+    _logger.warning(f"note: onnxruntime {ort.__version__} has no int8 ConvInteger kernel (it came in "
+                    f"{'.'.join(map(str, INT8_CONV_ORT))}): the model's Conv layers stay float32 in the int8 file")
+    return convs
 
 
 @contextlib.contextmanager
@@ -480,7 +502,8 @@ def export_onnx_int8(model: nn.Module, path: str | os.PathLike, input_size: tupl
     With ``verify`` (an image folder) both files run on its images and the int8 file is written only when its top-1
     agrees with the fp32 file's on at least ``min_agreement`` of them, i.e. refused when agreement < min_agreement
     (SequencerError, nothing written). Returns the :func:`top1_agreement` dict (None entries without ``verify``) plus
-    ``rel_error`` of the fp32 export, the ``settings`` used and ``float_recurrent`` (recurrent op types left float).
+    ``rel_error`` of the fp32 export, the ``settings`` used and ``float_ops`` (op types left float:
+    :func:`quantize_int8`).
     """
     path = Path(path)
     settings = settings or int8_settings(static=calibration is not None)
@@ -494,7 +517,7 @@ def export_onnx_int8(model: nn.Module, path: str | os.PathLike, input_size: tupl
             if settings["static"]:
                 fixed = None if onnx_kwargs.get("dynamic_batch") else onnx_kwargs.get("batch_size", 1)
                 reader = ImageCalibration(fp32, calibration, fixed)
-            result["float_recurrent"] = quantize_int8(fp32, tmp, metadata or {}, settings, reader)
+            result["float_ops"] = quantize_int8(fp32, tmp, metadata or {}, settings, reader)
             logits = OnnxModel(tmp).run_numpy(np.zeros((onnx_kwargs.get("batch_size", 1), *input_size), np.float32))
             if not np.isfinite(logits).all():
                 raise SequencerError(f"int8 model {str(path)!r} gives non-finite logits; nothing written")
