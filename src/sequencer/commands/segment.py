@@ -10,8 +10,8 @@ import dataclasses
 from ..choices import EVAL_MODES, HEADS
 from ..data.class_folders import find_images
 from ..engine.segmentation_config import SegmentConfig
-from .common import (KeyValues, speaks_for_the_launch, check_device, check_results_file, check_workers, failure_reported_to_launcher, key_value,
-                     positive_int)
+from .common import (KeyValues, check_device, check_results_file, check_workers, failure_reported_to_launcher,
+                     key_value, positive_int, speaks_for_the_launch)
 
 _DEFAULTS = SegmentConfig()
 

@@ -19,8 +19,9 @@ import json
 from ..choices import INTERPOLATIONS
 from ..errors import SequencerError
 from ..fileio import write_atomically
-from .common import (add_fast_argument, speaks_for_the_launch, check_fast_flags, add_model_args, add_onnx_argument, add_torchcompile_argument, check_device, check_results_file, check_workers,
-                     failure_reported_to_launcher, load_model_or_onnx, positive_int)
+from .common import (add_fast_argument, add_model_args, add_onnx_argument, add_torchcompile_argument, check_device,
+                     check_fast_flags, check_results_file, check_workers, failure_reported_to_launcher,
+                     load_model_or_onnx, positive_int, speaks_for_the_launch)
 
 RESULT_FORMATS = (".json", ".csv")
 

@@ -12,6 +12,7 @@ from .amp import autocast_dtype
 
 _logger = logging.getLogger(__name__)
 
+
 @torch.inference_mode()
 def evaluate(model: nn.Module, loader, device: torch.device | str, amp_dtype: torch.dtype | str | None = None,
              distributed: bool = False) -> dict:
