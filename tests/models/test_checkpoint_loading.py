@@ -24,8 +24,8 @@ def source(tiny_kwargs, randomize):
 
 
 def _load(path, tiny_kwargs, **kwargs):
-    return sequencer.create_model("sequencer2d_s", checkpoint_path=str(path), **tiny_kwargs,
-                                  **{"num_classes": 5, **kwargs}).eval()
+    """The file loaded as the model: its head's class count and stem's channels are the file's."""
+    return sequencer.create_model("sequencer2d_s", checkpoint_path=str(path), **tiny_kwargs, **kwargs).eval()
 
 
 def _assert_same_logits(model, source):
@@ -34,19 +34,32 @@ def _assert_same_logits(model, source):
         torch.testing.assert_close(model(x), ref(x), rtol=0, atol=0)
 
 
-def test_timm_layout_state_dict(tmp_path, source, tiny_kwargs):
-    torch.save(source[0].state_dict(), tmp_path / "timm.pth")
-    _assert_same_logits(_load(tmp_path / "timm.pth", tiny_kwargs), source)
+def _written(layout, state, path):
+    """``state`` saved as ``layout`` has it (each read by create_model and load_model alike)."""
+    if layout == "timm":
+        torch.save(state, path)
+    elif layout == "release":
+        torch.save(to_release_layout(state), path)
+    elif layout == "release_under_model":
+        torch.save({"model": to_release_layout(state)}, path)
+    elif layout == "ddp":  # a DDP module's keys
+        torch.save({"epoch": 1, "state_dict": {f"module.{k}": v for k, v in state.items()}}, path)
+    elif layout == "compiled":  # torch.compile's wrapper's keys (a compiled model's state_dict)
+        torch.save({"state_dict": {f"_orig_mod.{k}": v for k, v in state.items()}}, path)
+    else:
+        save_file({k: v.contiguous() for k, v in state.items()}, str(path), metadata={"arch": "sequencer2d_s"})
+    return path
 
 
-def test_release_layout_state_dict(tmp_path, source, tiny_kwargs):
-    torch.save(to_release_layout(source[0].state_dict()), tmp_path / "release.pth")
-    _assert_same_logits(_load(tmp_path / "release.pth", tiny_kwargs), source)
-
-
-def test_release_layout_under_model_key(tmp_path, source, tiny_kwargs):
-    torch.save({"model": to_release_layout(source[0].state_dict())}, tmp_path / "release_model.pth")
-    _assert_same_logits(_load(tmp_path / "release_model.pth", tiny_kwargs), source)
+@pytest.mark.parametrize("layout", ["timm", "release", "release_under_model", "ddp", "compiled", "safetensors"])
+def test_every_layout_loads_as_the_model(tmp_path, source, tiny_kwargs, layout):
+    """No num_classes given: the head is the file's 5-class one (it was a fresh 1000-class head, with a warning)."""
+    path = _written(layout, source[0].state_dict(), tmp_path / f"w.{layout}")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        model = _load(path, tiny_kwargs)
+    _assert_same_logits(model, source)
+    assert model.model_kwargs["num_classes"] == model.pretrained_cfg["num_classes"] == 5
 
 
 def test_training_checkpoint_prefers_ema(tmp_path, source, tiny_kwargs, randomize):
@@ -68,17 +81,30 @@ def test_timm_train_checkpoint_with_namespace_args_and_module_prefix(tmp_path, s
     _assert_same_logits(_load(tmp_path / "ddp.pth.tar", tiny_kwargs), source)
 
 
-def test_safetensors(tmp_path, source, tiny_kwargs):
-    save_file({k: v.contiguous() for k, v in source[0].state_dict().items()}, str(tmp_path / "w.safetensors"),
-              metadata={"arch": "sequencer2d_s"})
-    _assert_same_logits(_load(tmp_path / "w.safetensors", tiny_kwargs), source)
+def test_a_checkpoint_with_another_head_than_num_classes_is_refused(tmp_path, source, tiny_kwargs):
+    """The file is the model: a num_classes of another count is one line naming both (create_model re-initialised
+    the head with a warning, load_model refused: now the same line from both), and the hint says how to start a new
+    head from its weights instead. timm's create_model(checkpoint_path=, num_classes=) refuses it too."""
+    from sequencer.engine.inference import load_model
+
+    torch.save({"arch": "sequencer2d_s", "model_kwargs": dict(tiny_kwargs, num_classes=5),
+                "state_dict": source[0].state_dict()}, tmp_path / "five.pth")
+    line = r"five\.pth' has a 5-class head but `num_classes` is 3"
+    with pytest.raises(SequencerError, match=line) as raised:
+        _load(tmp_path / "five.pth", tiny_kwargs, num_classes=3)
+    assert "pretrained_cfg_overlay=dict(file=" in raised.value.hint
+    with pytest.raises(SequencerError, match=line):
+        load_model(str(tmp_path / "five.pth"), model="sequencer2d_s", num_classes=3)
 
 
-def test_head_of_another_class_count_is_reinitialised_with_a_warning(tmp_path, source, tiny_kwargs):
+def test_pretrained_weights_with_another_head_start_a_new_head_with_a_warning(tmp_path, source, tiny_kwargs):
+    """timm's create_model(pretrained=True, num_classes=N, pretrained_cfg_overlay=dict(file=...)): the weights
+    start a model with a fresh N-class head, said in a warning; the trunk is the file's."""
     torch.save(source[0].state_dict(), tmp_path / "five.pth")
     with pytest.warns(UserWarning, match=r"classifier head has shape \(5, 32\).*re-initialised"):
-        model = _load(tmp_path / "five.pth", tiny_kwargs, num_classes=3)
-    assert torch.count_nonzero(model.get_classifier().weight) == 0
+        model = sequencer.create_model("sequencer2d_s", pretrained=True, num_classes=3, **tiny_kwargs,
+                                       pretrained_cfg_overlay=dict(file=str(tmp_path / "five.pth"))).eval()
+    assert torch.count_nonzero(model.get_classifier().weight) == 0 and model.num_classes == 3
     torch.testing.assert_close(model.forward_features(source[1]), source[0].forward_features(source[1]))
 
 
@@ -202,10 +228,11 @@ def test_grayscale_stem_adapted_to_rgb_or_refused_by_an_old_timm(tmp_path, sourc
     if "base_chans" not in inspect.signature(adapt_input_conv).parameters:
         with pytest.raises(sequencer.SequencerError, match=r"gray\.pth': adapting a stem made for 1 input channels "
                                                             r"to 3 needs timm 1\.0\.31 or newer"):
-            _load(tmp_path / "gray.pth", tiny_kwargs)
+            _load(tmp_path / "gray.pth", tiny_kwargs, in_chans=3)
         return
+    assert _load(tmp_path / "gray.pth", tiny_kwargs).in_chans == 1  # the file's stem, as it is
     with pytest.warns(UserWarning, match="1 input channels is adapted to 3"):
-        rgb = _load(tmp_path / "gray.pth", tiny_kwargs)
+        rgb = _load(tmp_path / "gray.pth", tiny_kwargs, in_chans=3)
     x = torch.randn(2, 1, 28, 28)
     with torch.no_grad():
         torch.testing.assert_close(rgb(x.expand(-1, 3, -1, -1)), gray(x), rtol=1e-5, atol=1e-6)

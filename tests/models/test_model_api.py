@@ -1,4 +1,5 @@
 """The timm-style model API: features, heads, checkpointing, multi-scale outputs, resolutions, init, drop path."""
+import functools
 import logging
 import math
 
@@ -146,24 +147,65 @@ def test_position_embedding_is_interpolated_for_other_inputs(randomize):
     assert model(x).shape == (1, 4)
 
 
-def test_position_embedding_checkpoint_from_another_grid(tmp_path, randomize, caplog):
+def test_position_embedding_checkpoint_from_another_grid(tmp_path, randomize, caplog, monkeypatch):
     """create_model(checkpoint_path=, img_size=) at another size keeps the file's embedding on its own 16x16 grid
     (a model built at its 224 px, said in one note) and interpolates it once, in forward: at the asked 112 px and at
     the trained 224 px its logits are the ones the checkpoint's own model gives (resizing it at load, then again in
-    forward at 224 px, changed them)."""
+    forward at 224 px, changed them). The model is built once (it was built at 112 px, then again at 224 px), by
+    create_model and by load_model (`validate --checkpoint --img-size 112`) alike."""
+    from sequencer.engine.inference import load_model
+    from sequencer.models.vanilla_sequencer import VanillaSequencer
+
     source = randomize(sequencer.create_model("v_sequencer_s_pe", num_classes=4, **PE_TINY)).eval()
-    torch.save(source.state_dict(), tmp_path / "pe224.pth")
+    torch.save({"arch": "v_sequencer_s_pe", "model_kwargs": dict(PE_TINY, num_classes=4),
+                "state_dict": source.state_dict()}, tmp_path / "pe224.pth")
+    built, init = [], VanillaSequencer.__init__
+
+    @functools.wraps(init)
+    def counted(self, *args, **kwargs):
+        built.append(kwargs)
+        init(self, *args, **kwargs)
+
+    monkeypatch.setattr(VanillaSequencer, "__init__", counted)
     with caplog.at_level(logging.INFO, logger="sequencer"):
-        model = sequencer.create_model("v_sequencer_s_pe", num_classes=4, img_size=112,
+        model = sequencer.create_model("v_sequencer_s_pe", img_size=112,
                                        checkpoint_path=str(tmp_path / "pe224.pth"), **PE_TINY).eval()
+        loaded = load_model(str(tmp_path / "pe224.pth"), img_size=112).model
     notes = [r.getMessage() for r in caplog.records if "position embedding" in r.getMessage()]
-    assert len(notes) == 1 and "kept on its 16x16 token grid (a 224 px model)" in notes[0]
+    assert len(notes) == 2 and "kept on its 16x16 token grid (a 224 px model)" in notes[0]
+    assert [k["img_size"] for k in built] == [224, 224]
+    torch.testing.assert_close(loaded.absolute_pos_embed, source.absolute_pos_embed, rtol=0, atol=0)
     assert model.pretrained_cfg["input_size"] == (3, 112, 112) and model.model_kwargs["img_size"] == 224
     torch.testing.assert_close(model.absolute_pos_embed, source.absolute_pos_embed, rtol=0, atol=0)
     with torch.no_grad():
         for px in (112, 224):
             x = torch.randn(1, 3, px, px)
             torch.testing.assert_close(model(x), source(x), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("px", [112, 280])
+def test_pretrained_weights_resample_the_position_embedding_as_timm_does(tmp_path, randomize, px, caplog):
+    """pretrained=True at another img_size (here timm's pretrained_cfg_overlay=dict(file=...), the path every
+    pretrained source takes) starts a model at that size: its embedding resampled as the weights load, with
+    timm's numbers (timm.layers.resample_abs_pos_embed: bicubic, antialiased; no class token here), down to 8x8
+    and up to 20x20 (the plain bicubic used before differed from timm's by 8% of the embedding's largest value
+    upwards, and by all of it downwards, on these random weights); the rest loads as it is."""
+    from timm.layers import resample_abs_pos_embed
+
+    source = randomize(sequencer.create_model("v_sequencer_s_pe", num_classes=4, **PE_TINY)).eval()
+    torch.save(source.state_dict(), tmp_path / "pe224.pth")
+    with caplog.at_level(logging.INFO, logger="sequencer"):
+        model = sequencer.create_model("v_sequencer_s_pe", pretrained=True, num_classes=4, img_size=px, **PE_TINY,
+                                       pretrained_cfg_overlay=dict(file=str(tmp_path / "pe224.pth")))
+    grid = px // 14
+    pos = source.absolute_pos_embed.detach()
+    expected = resample_abs_pos_embed(pos.reshape(1, 256, 32), new_size=[grid, grid], num_prefix_tokens=0)
+    assert model.model_kwargs["img_size"] == model.img_size == px
+    torch.testing.assert_close(model.absolute_pos_embed.detach(), expected.reshape(1, grid, grid, 32),
+                               rtol=0, atol=1e-6)
+    torch.testing.assert_close(model.stem.proj.weight, source.stem.proj.weight, rtol=0, atol=0)
+    assert any(f"resized from its 16x16 token grid to this model's {grid}x{grid}" in r.getMessage()
+               for r in caplog.records)
 
 
 def test_weight_init_follows_the_paper():

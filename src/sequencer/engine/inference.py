@@ -20,8 +20,8 @@ from ..data.class_folders import class_name
 from ..data.datasets import READ_ERRORS, drop_classes, map_classes_by_name
 from ..errors import SequencerError
 from ..models import create_model, get_model_entry
-from ..models.loading import (checkpoint_metadata, embedding_img_size, load_state_dict_into, read_checkpoint,
-                              weights_to_load)
+from ..models.loading import checkpoint_metadata, picked_weights, read_checkpoint
+from ..models.registry import ReadCheckpoint
 
 _logger = logging.getLogger(__name__)
 
@@ -79,10 +79,6 @@ def load_model(checkpoint: str = "", model: str | None = None, pretrained: bool 
         refuse_segmentation_checkpoint(checkpoint, f"checkpoint {path!r}")
         raise SequencerError("no model given", hint="pass `model=NAME`, or a `checkpoint` written by `sequencer train`")
     get_model_entry(name)  # unknown names fail here with suggestions
-    state, weights = {}, None
-    if checkpoint is not None:  # read once: the head's rows size the model, then the weights load into it
-        state, weights = weights_to_load(checkpoint, f"checkpoint {path!r}", use_ema)
-    head = state.get("head.fc.weight", state.get("head.weight"))
     kwargs = dict(meta.get("model_kwargs") or {}) if meta.get("arch") == name else {}
     for k in ("drop_rate", "drop_path_rate"):
         kwargs.pop(k, None)
@@ -91,8 +87,6 @@ def load_model(checkpoint: str = "", model: str | None = None, pretrained: bool 
         kwargs["num_classes"] = num_classes
     elif class_names and "num_classes" not in kwargs:
         kwargs["num_classes"] = len(class_names)
-    elif head is not None and "num_classes" not in kwargs:
-        kwargs["num_classes"] = head.shape[0]
     img_size = input_size[1] if input_size else img_size
     # the size the weights' run trained and evaluated at: an export's `trained_size`, else the file's data config's
     # (a training checkpoint's, or an export's from before `trained_size`), else the one its model was built at,
@@ -106,18 +100,11 @@ def load_model(checkpoint: str = "", model: str | None = None, pretrained: bool 
         kwargs["in_chans"] = input_size[0]
     if img_size:
         kwargs["img_size"] = img_size
-    model = create_model(name, pretrained=bool(pretrained and checkpoint is None), **kwargs)
-    if checkpoint is not None:
-        n_model = getattr(model, "num_classes", None)
-        if head is not None and n_model is not None and head.shape[0] != n_model:
-            raise SequencerError(
-                f"checkpoint {path!r} has a {head.shape[0]}-class head but `num_classes` is {n_model}",
-                hint=f"drop `num_classes` or set it to {head.shape[0]}")
-        kept = embedding_img_size(model, state, (meta.get("model_kwargs") or {}).get("img_size"),
-                                  f"checkpoint {path!r}")
-        if kept:
-            model = create_model(name, **dict(kwargs, img_size=kept))
-        load_state_dict_into(model, state, source=f"checkpoint {path!r}")
+    # one flow with create_model(checkpoint_path=...): the file (read once, above) is the model
+    read = ReadCheckpoint(checkpoint, f"checkpoint {path!r}") if checkpoint is not None else None
+    model = create_model(name, pretrained=bool(pretrained and checkpoint is None), checkpoint_path=read,
+                         use_ema=use_ema, **kwargs)
+    weights = picked_weights(checkpoint, use_ema) if checkpoint is not None else None
     cfg = dict(model.pretrained_cfg)
     data_config = dict(mean=cfg["mean"], std=cfg["std"], crop_pct=cfg["crop_pct"],
                        interpolation=cfg["interpolation"])

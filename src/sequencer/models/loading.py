@@ -360,14 +360,41 @@ def _describe(keys, limit: int = 6) -> str:
     return ", ".join(keys[:limit]) + more
 
 
-def load_state_dict_into(model: nn.Module, state_dict: dict[str, torch.Tensor], source: str = "checkpoint") -> None:
-    """Load weights in any supported layout into ``model``, adapting what transfer learning needs:
+def head_rows(state_dict: dict[str, torch.Tensor]) -> int | None:
+    """The class count of a state dict's classifier head (any supported layout), None when it has none."""
+    weight = state_dict.get("head.fc.weight", state_dict.get("head.weight"))
+    return int(weight.shape[0]) if weight is not None and weight.dim() == 2 else None
+
+
+def stem_channels(state_dict: dict[str, torch.Tensor]) -> int | None:
+    """The input channels a state dict's stem takes, None when it has no patch-embedding stem."""
+    weight = state_dict.get("stem.proj.weight")
+    return int(weight.shape[1]) if weight is not None and weight.dim() == 4 else None
+
+
+def resample_position_embedding(pos: torch.Tensor, grid) -> torch.Tensor:
+    """A (1, H, W, C) position embedding resampled to ``grid`` (rows, columns) as timm resamples a ViT's when its
+    weights load at another image size (``timm.layers.resample_abs_pos_embed``: bicubic, antialiased, computed in
+    float32, here without class tokens); the same tensor where the grid is its own."""
+    grid = (int(grid[0]), int(grid[1]))
+    if tuple(pos.shape[1:3]) == grid:
+        return pos
+    out = torch.nn.functional.interpolate(pos.float().permute(0, 3, 1, 2), size=grid, mode="bicubic",
+                                          align_corners=False, antialias=True)
+    return out.permute(0, 2, 3, 1).to(pos.dtype)
+
+
+def load_state_dict_into(model: nn.Module, state_dict: dict[str, torch.Tensor], source: str = "checkpoint",
+                         new_head: bool = True) -> None:
+    """Load weights in any supported layout into ``model``, adapting what starting from pretrained weights needs:
 
     * a classifier head of another class count (or none in the checkpoint) keeps the model's fresh zero-initialised
-      head, with a warning; a model without a head (``num_classes=0``) ignores the checkpoint's;
+      head, with a warning; with ``new_head=False`` (the file is the model: ``create_model(checkpoint_path=...)``,
+      ``sequencer validate --checkpoint``) another class count is an error instead; a model without a head
+      (``num_classes=0``) ignores the checkpoint's;
     * a stem for another number of input channels is adapted as timm does (summed for 1 channel, repeated and
       rescaled otherwise), with a warning;
-    * a position embedding for another token grid is interpolated (bicubic).
+    * a position embedding for another token grid is resampled to the model's (:func:`resample_position_embedding`).
 
     Any other mismatch raises SequencerError naming the offending keys.
     """
@@ -375,41 +402,31 @@ def load_state_dict_into(model: nn.Module, state_dict: dict[str, torch.Tensor], 
     own = model.state_dict()
     model_head = tuple(own["head.fc.weight"].shape) if "head.fc.weight" in own else None
     ckpt_head = tuple(state_dict["head.fc.weight"].shape) if "head.fc.weight" in state_dict else None
-    keep_model_head = ckpt_head != model_head
+    keep_model_head = ckpt_head != model_head and (new_head or model_head is None or ckpt_head is None)
     if keep_model_head:
         for k in _HEAD_KEYS:
             state_dict.pop(k, None)
-    stem = "stem.proj.weight"
-    ckpt_stem, own_stem = state_dict.get(stem), own.get(stem)
-    if ckpt_stem is not None and own_stem is not None and ckpt_stem.shape[1] != own_stem.shape[1] \
-            and ckpt_stem.shape[:1] + ckpt_stem.shape[2:] == own_stem.shape[:1] + own_stem.shape[2:]:
-        warnings.warn(f"{source}: the stem made for {ckpt_stem.shape[1]} input channels is adapted to "
-                      f"{own_stem.shape[1]}", stacklevel=3)
-        state_dict[stem] = _adapted_stem(ckpt_stem, own_stem.shape[1], source)
+    _adapt_stem(state_dict, own, source)
     pos = state_dict.get("absolute_pos_embed")
-    if pos is not None and "absolute_pos_embed" in own and pos.shape != own["absolute_pos_embed"].shape:
+    if pos is not None and "absolute_pos_embed" in own and pos.dim() == 4 \
+            and pos.shape[3] == own["absolute_pos_embed"].shape[3] and pos.shape != own["absolute_pos_embed"].shape:
         grid = own["absolute_pos_embed"].shape[1:3]
         _logger.info(f"{source}: position embedding resized from its {pos.shape[1]}x{pos.shape[2]} token grid to "
-                     f"this model's {grid[0]}x{grid[1]} (bicubic)")
-        state_dict["absolute_pos_embed"] = torch.nn.functional.interpolate(
-            pos.permute(0, 3, 1, 2), size=grid, mode="bicubic", align_corners=False).permute(0, 2, 3, 1)
+                     f"this model's {grid[0]}x{grid[1]} (bicubic, antialiased)")
+        state_dict["absolute_pos_embed"] = resample_position_embedding(pos, grid)
     missing = set(own) - set(state_dict)
     if keep_model_head:
         missing -= set(_HEAD_KEYS)
     unexpected = set(state_dict) - set(own)
     wrong_shape = {k for k in set(own) & set(state_dict) if own[k].shape != state_dict[k].shape}
+    if wrong_shape and not missing and not unexpected and wrong_shape <= set(_HEAD_KEYS):
+        raise SequencerError(f"{source} has a {ckpt_head[0]}-class head but `num_classes` is {model_head[0]}",
+                             hint=f"drop `num_classes` or set it to {ckpt_head[0]}; a new {model_head[0]}-class head "
+                                  f"starts from its weights as pretrained weights (`sequencer train "
+                                  f"--initial-checkpoint PATH`, `create_model(name, pretrained=True, "
+                                  f"pretrained_cfg_overlay=dict(file=PATH))`)")
     if missing or unexpected or wrong_shape:
-        arch = getattr(model, "model_name", type(model).__name__)
-        parts = []
-        if wrong_shape:
-            parts.append("shape mismatch: " + _describe(
-                f"{k} {tuple(state_dict[k].shape)} vs {tuple(own[k].shape)}" for k in wrong_shape))
-        if missing:
-            parts.append("missing: " + _describe(missing))
-        if unexpected:
-            parts.append("unexpected: " + _describe(unexpected))
-        raise SequencerError(f"{source} does not fit model {arch!r}: " + "; ".join(parts),
-                             hint="check `model` matches the architecture the checkpoint was trained with")
+        _refuse_mismatch(model, state_dict, own, missing, unexpected, wrong_shape, source)
     if keep_model_head and model_head is not None:  # only once the rest fits: no transfer note before an error
         what = f"classifier head has shape {ckpt_head}" if ckpt_head else "has no classifier head"
         warnings.warn(f"{source}: {what}, the model's is {model_head}; the head is re-initialised "
@@ -417,20 +434,47 @@ def load_state_dict_into(model: nn.Module, state_dict: dict[str, torch.Tensor], 
     model.load_state_dict(state_dict, strict=False)
 
 
-def embedding_img_size(model: nn.Module, state_dict: dict[str, torch.Tensor], recorded: int | None = None,
+def _adapt_stem(state_dict: dict, own: dict, source: str) -> None:
+    """A stem made for another number of input channels, adapted in ``state_dict`` (with a warning)."""
+    stem = "stem.proj.weight"
+    ckpt_stem, own_stem = state_dict.get(stem), own.get(stem)
+    if ckpt_stem is not None and own_stem is not None and ckpt_stem.shape[1] != own_stem.shape[1] \
+            and ckpt_stem.shape[:1] + ckpt_stem.shape[2:] == own_stem.shape[:1] + own_stem.shape[2:]:
+        warnings.warn(f"{source}: the stem made for {ckpt_stem.shape[1]} input channels is adapted to "
+                      f"{own_stem.shape[1]}", stacklevel=4)
+        state_dict[stem] = _adapted_stem(ckpt_stem, own_stem.shape[1], source)
+
+
+def _refuse_mismatch(model, state_dict, own, missing, unexpected, wrong_shape, source) -> None:
+    arch = getattr(model, "model_name", type(model).__name__)
+    parts = []
+    if wrong_shape:
+        parts.append("shape mismatch: " + _describe(
+            f"{k} {tuple(state_dict[k].shape)} vs {tuple(own[k].shape)}" for k in wrong_shape))
+    if missing:
+        parts.append("missing: " + _describe(missing))
+    if unexpected:
+        parts.append("unexpected: " + _describe(unexpected))
+    raise SequencerError(f"{source} does not fit model {arch!r}: " + "; ".join(parts),
+                         hint="check `model` matches the architecture the checkpoint was trained with")
+
+
+def embedding_img_size(model_kwargs: dict, state_dict: dict[str, torch.Tensor], recorded: int | None = None,
                        source: str = "checkpoint") -> int | None:
-    """The ``img_size`` to build ``model``'s architecture at so that it holds ``state_dict``'s position embedding
-    (``v_sequencer_s_pe``'s ``absolute_pos_embed``) on the checkpoint's own token grid, where ``model``'s grid is
-    another one (said in a note naming ``source``); None where it fits (or neither has one, or their widths differ:
-    ``load_state_dict_into`` names that mismatch). ``recorded``: the size the file records, taken where it gives
-    that grid. A model built so interpolates the embedding once, in its forward, to each input's grid: at the
-    checkpoint's size it runs exactly the checkpoint's weights, at any other size one bicubic resample of them, as a
-    model built at the checkpoint's size does (resizing at load, then again in forward, would resample twice)."""
-    own = getattr(model, "absolute_pos_embed", None)
-    pos = checkpoint_filter_fn(state_dict).get("absolute_pos_embed") if own is not None else None
-    if pos is None or pos.dim() != 4 or pos.shape[3] != own.shape[3] or pos.shape[1:3] == own.shape[1:3]:
+    """The ``img_size`` to build a model of ``model_kwargs`` (every argument, defaults included) at so that it holds
+    ``state_dict``'s position embedding (``v_sequencer_s_pe``'s ``absolute_pos_embed``) on the checkpoint's own
+    token grid, where the asked size gives another one (said in a note naming ``source``); None where it fits (or
+    neither has one, or their widths differ: ``load_state_dict_into`` names that mismatch). ``recorded``: the size
+    the file records, taken where it gives that grid. A model built so interpolates the embedding once, in its
+    forward, to each input's grid: at the checkpoint's size it runs exactly the checkpoint's weights, at any other
+    size one bicubic resample of them, as a model built at the checkpoint's size does (resizing at load, then again
+    in forward, would resample twice)."""
+    pos = checkpoint_filter_fn(state_dict).get("absolute_pos_embed") if model_kwargs.get("ape") else None
+    if pos is None or pos.dim() != 4 or pos.shape[3] != model_kwargs["embed_dims"][0]:
         return None
-    patch = int(model.patch_sizes[0])
+    patch = int(model_kwargs["patch_sizes"][0])
+    if int(model_kwargs["img_size"]) // patch == pos.shape[1] == pos.shape[2]:
+        return None
     size = int(recorded) if recorded and int(recorded) // patch == pos.shape[1] else int(pos.shape[1]) * patch
     _logger.info(f"{source}: position embedding kept on its {pos.shape[1]}x{pos.shape[2]} token grid (a {size} px "
                  f"model), interpolated (bicubic) to each input's grid")

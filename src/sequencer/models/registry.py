@@ -10,15 +10,18 @@ import copy
 import difflib
 import fnmatch
 import inspect
+import os
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 from torch import nn
 
 from ..errors import SequencerError
 from .features import FeatureExtractor
 from .hub import HF_HUB_PREFIX, hf_hub_model_config, load_pretrained
-from .loading import (checkpoint_metadata, embedding_img_size, load_state_dict_into, read_checkpoint, recorded_cfg,
-                      recorded_ignored_classes, recorded_training_data, weights_to_load)
+from .loading import (checkpoint_metadata, embedding_img_size, head_rows, load_state_dict_into, read_checkpoint,
+                      recorded_cfg, recorded_ignored_classes, recorded_training_data, stem_channels,
+                      weights_to_load)
 
 
 @dataclass(frozen=True)
@@ -112,10 +115,18 @@ def _check_keywords(name: str, cls: type, kwargs: dict) -> None:
                                  f"{type(default).__name__} (default {default!r})")
 
 
+class ReadCheckpoint(NamedTuple):
+    """A checkpoint file already read (``loading.read_checkpoint``), passed as ``create_model``'s
+    ``checkpoint_path`` by a caller that read it for its metadata first, so that the file is read once;
+    ``source`` names it in messages."""
+    checkpoint: dict
+    source: str
+
+
 def create_model(
         name: str,
         pretrained: bool = False,
-        checkpoint_path: str | None = None,
+        checkpoint_path: str | os.PathLike | ReadCheckpoint | None = None,
         num_classes: int | None = None,
         img_size: int | None = None,
         in_chans: int | None = None,
@@ -132,87 +143,130 @@ def create_model(
     ``name``: a registered name (``sequencer models``) or ``hf-hub:ORG/NAME[@REVISION]``, a timm repository on the
     Hugging Face Hub (e.g. ``hf-hub:timm/sequencer2d_s.in1k``) whose config.json gives the architecture, its
     arguments (class count, ...) and preprocessing (``model.pretrained_cfg``), and whose weights ``pretrained``
-    loads. ``in_chans``: input channels (default: the repository's, else 3).
-    ``pretrained`` loads the released ImageNet weights (downloaded once: the authors' GitHub release into the
-    torch hub cache; with ``pretrained_cfg_overlay=dict(source="hf-hub")``, timm's Hugging Face Hub copy named by the
-    cfg's ``hf_hub_id``, into huggingface_hub's cache, which honours HF_ENDPOINT and HF_HUB_OFFLINE);
-    ``checkpoint_path`` loads a file in any supported layout (release, timm, our training checkpoints,
-    safetensors). A head trained for another class count is dropped and re-initialised with a warning. A position
-    embedding (``v_sequencer_s_pe``) for another token grid than ``img_size``'s keeps its own: the model is built at
-    the file's size (``model_kwargs["img_size"]``; ``pretrained_cfg["input_size"]`` stays ``img_size``) and
-    interpolates it once, in forward, to each input's grid, with a note. What the
+    loads. ``in_chans``: input channels (default: a ``checkpoint_path`` file's stem's, else the repository's, else
+    3).
+
+    Two kinds of weights, as in timm. ``pretrained`` loads released weights as the start of a model of the
+    arguments given (downloaded once: the authors' GitHub release into the torch hub cache; with
+    ``pretrained_cfg_overlay=dict(source="hf-hub")``, timm's Hugging Face Hub copy named by the cfg's
+    ``hf_hub_id``, into huggingface_hub's cache, which honours HF_ENDPOINT and HF_HUB_OFFLINE; with
+    ``pretrained_cfg_overlay=dict(file=PATH)``, timm's local copy, the file PATH in any layout below): a head
+    trained for another ``num_classes`` is re-initialised with a warning, and a position embedding
+    (``v_sequencer_s_pe``) for another token grid than ``img_size``'s is resampled to it as the weights load
+    (bicubic, antialiased: ``timm.layers.resample_abs_pos_embed``'s numbers).
+    ``checkpoint_path`` loads a file that is the model, in any supported layout (the authors' release, timm's,
+    our training checkpoints, safetensors): the head takes the file's class count (the stem its input channels),
+    and a ``num_classes`` of another count is an error (a new head starts from it as pretrained weights, above); a position embedding for
+    another token grid than ``img_size``'s keeps its own: the model is built at the file's size
+    (``model_kwargs["img_size"]``; ``pretrained_cfg["input_size"]`` stays ``img_size``) and interpolates it once,
+    in forward, to each input's grid, with a note. A model without a head (``num_classes=0``) ignores a file's
+    head; a file without one leaves the model's fresh head, with a warning. What the
     file records (ours: training checkpoints, ``checkpoint clean``, safetensors exports) becomes the model's
     ``pretrained_cfg``: its mean, std, crop_pct, interpolation and image size, and its class names as
     ``label_names`` where they name the head's outputs, so timm's ``resolve_data_config(model=model)`` and
-    ``sequencer.validate(model=model)`` preprocess as ``sequencer predict --checkpoint`` does; the class folders its
-    training's class map left out, as ``model.ignored_classes`` (not in ``pretrained_cfg``: timm's ``PretrainedCfg``
-    has no such field and refuses unknown ones), so that ``validate(model=model)`` leaves them out as
-    ``validate --checkpoint`` does; and the data its run trained on, as ``model.training_data``, so that
-    ``validate(model=model)`` evaluates (without ``data``) the held-out split the run evaluated, and (given the run's
-    own folder) only the images a ``--val-fraction`` run held out, as ``validate --checkpoint`` does.
+    ``sequencer.validate(model=model)`` preprocess as ``sequencer predict --checkpoint`` does; for
+    ``checkpoint_path``, also the class folders its training's class map left out, as ``model.ignored_classes``
+    (not in ``pretrained_cfg``: timm's ``PretrainedCfg`` has no such field and refuses unknown ones), so that
+    ``validate(model=model)`` leaves them out as ``validate --checkpoint`` does; and the data its run trained on,
+    as ``model.training_data``, so that ``validate(model=model)`` evaluates (without ``data``) the held-out split
+    the run evaluated, and (given the run's own folder) only the images a ``--val-fraction`` run held out, as
+    ``validate --checkpoint`` does.
     ``use_ema`` picks a training checkpoint's weights (``loading.picked_weights``): None (default) the ones its run
     evaluated and logged, True its EMA weights where it has them, False its raw model's.
     ``features_only`` returns a module giving per-stage NCHW feature maps (``out_indices`` picks stages).
-    ``pretrained_cfg_overlay`` replaces fields of the model's ``pretrained_cfg`` (e.g. ``url``, ``sha256``); with
-    ``pretrained``, its ``file`` (timm's local copy of the weights) is read as ``checkpoint_path`` would be.
+    ``pretrained_cfg_overlay`` replaces fields of the model's ``pretrained_cfg`` (e.g. ``url``, ``sha256``).
     ``overrides`` replace architecture arguments (e.g. ``union="add"``, ``proj_drop_rate=0.1``).
     Bad names and arguments raise SequencerError.
     """
     entry = get_model_entry(name)
     cfg = copy.deepcopy(entry.pretrained_cfg)
     cfg.update(pretrained_cfg_overlay or {})
-    if pretrained and not checkpoint_path and cfg.get("file") and cfg.get("source") != "hf-hub":
-        checkpoint_path = cfg["file"]  # timm's local copy of the weights, which it reads before any url
+    local = cfg.get("file") if pretrained and not checkpoint_path and cfg.get("source") != "hf-hub" else None
+    weights = _read_weights(checkpoint_path or local, use_ema, "pretrained weights" if local else "checkpoint")
+    the_model = bool(weights) and not local  # the file is the model: its head's, stem's and embedding's sizes
     if in_chans is None:
-        in_chans = int(entry.weights_args.get("in_chans", 3))
+        in_chans = (the_model and stem_channels(weights.state)) or int(entry.weights_args.get("in_chans", 3))
     user_kwargs = dict(entry.weights_args, **overrides, in_chans=in_chans, drop_rate=drop_rate,
                        drop_path_rate=drop_path_rate)
     if num_classes is not None:
         user_kwargs["num_classes"] = num_classes
+    elif the_model and head_rows(weights.state) is not None:
+        user_kwargs["num_classes"] = head_rows(weights.state)
     if img_size is not None:
         user_kwargs["img_size"] = int(img_size)
         cfg["input_size"] = (in_chans, int(img_size), int(img_size))
     else:
         cfg["input_size"] = (in_chans, *cfg["input_size"][1:])
+    if the_model:
+        kept = _file_img_size(entry, dict(entry.kwargs, **user_kwargs), weights)
+        if kept:
+            user_kwargs["img_size"] = kept
     kwargs = dict(entry.kwargs, **user_kwargs)
     _check_keywords(name, entry.cls, kwargs)
     model = entry.cls(**kwargs)  # its refused values raise ArgumentValueError; anything else is a bug: traceback
-    if checkpoint_path:
-        source = f"checkpoint {str(checkpoint_path)!r}"
-        checkpoint = read_checkpoint(checkpoint_path)
-        state, _ = weights_to_load(checkpoint, source, use_ema)
-        kept = embedding_img_size(model, state, (checkpoint_metadata(checkpoint).get("model_kwargs") or {})
-                                  .get("img_size"), source)
-        if kept:  # built at the checkpoint's size; `input_size` below stays the size asked for
-            user_kwargs["img_size"] = kwargs["img_size"] = kept
-            model = entry.cls(**kwargs)
-    if num_classes is not None:
-        if num_classes != cfg.get("num_classes"):  # the weights' class names name another head's outputs
-            cfg.pop("label_names", None)
-            cfg.pop("label_descriptions", None)
-        cfg["num_classes"] = num_classes
+    classes = user_kwargs.get("num_classes")
+    if classes is not None and classes != cfg.get("num_classes"):
+        cfg.pop("label_names", None)  # the weights' class names name another head's outputs
+        cfg.pop("label_descriptions", None)
+    if classes is not None:
+        cfg["num_classes"] = classes
     model.pretrained_cfg = model.default_cfg = cfg
     model.model_name = entry.name
     model.model_kwargs = user_kwargs  # create_model(model.model_name, **model.model_kwargs) rebuilds it
-    if pretrained and not checkpoint_path:
+    if pretrained and not weights:
         load_pretrained(model, cfg)
-    if checkpoint_path:
-        load_state_dict_into(model, state, source=source)
-        # the file's own record of how its weights see images (what `sequencer predict --checkpoint` applies), so
-        # that timm.data.resolve_data_config(model=...) and validate(model=...) preprocess as it does; the
-        # caller's img_size and pretrained_cfg_overlay stay theirs
-        recorded = recorded_cfg(checkpoint, getattr(model, "num_classes", None), in_chans)
-        if img_size is not None:
-            recorded.pop("input_size", None)
-        cfg.update({k: v for k, v in recorded.items() if k not in (pretrained_cfg_overlay or {})})
-        if "label_names" in recorded:  # another head's descriptions (a Hub cfg's) describe other classes
-            cfg.pop("label_descriptions", None)
-        ignored = recorded_ignored_classes(checkpoint)
-        if ignored:
-            model.ignored_classes = ignored
-        trained_on = recorded_training_data(checkpoint)
-        if trained_on:
-            model.training_data = trained_on
+    if weights:
+        load_state_dict_into(model, weights.state, source=weights.source, new_head=bool(local))
+        _take_the_files_record(model, weights.checkpoint, in_chans, img_size is not None, pretrained_cfg_overlay,
+                               the_model)
     if features_only:
         model = FeatureExtractor(model, out_indices)
     return model
+
+
+class _Weights(NamedTuple):
+    checkpoint: dict
+    state: dict
+    source: str
+
+
+def _read_weights(path, use_ema: bool | None, kind: str) -> _Weights | None:
+    """The file's checkpoint and the weights every loader takes from it (``loading.weights_to_load``)."""
+    if not path:
+        return None
+    if isinstance(path, ReadCheckpoint):
+        checkpoint, source = path
+    else:
+        checkpoint, source = read_checkpoint(path), f"{kind} {str(path)!r}"
+    return _Weights(checkpoint, weights_to_load(checkpoint, source, use_ema)[0], source)
+
+
+def _file_img_size(entry: ModelEntry, kwargs: dict, weights: _Weights) -> int | None:
+    """The ``img_size`` a file that is the model sets where its position embedding is on another token grid than
+    ``kwargs``' (``loading.embedding_img_size``); None where it fits."""
+    defaults = {k: v for k, v in (_accepted_keywords(entry.cls) or {}).items() if v is not inspect.Parameter.empty}
+    recorded = (checkpoint_metadata(weights.checkpoint).get("model_kwargs") or {}).get("img_size")
+    return embedding_img_size(dict(defaults, **kwargs), weights.state, recorded, weights.source)
+
+
+def _take_the_files_record(model: nn.Module, checkpoint: dict, in_chans: int, size_given: bool,
+                           overlay: dict | None, the_model: bool) -> None:
+    """The file's own record of how its weights see images (what `sequencer predict --checkpoint` applies), so
+    that timm.data.resolve_data_config(model=...) and validate(model=...) preprocess as it does; the caller's
+    img_size and pretrained_cfg_overlay stay theirs. A file that is the model also gives the classes its training
+    left out and the data it trained on."""
+    cfg = model.pretrained_cfg
+    recorded = recorded_cfg(checkpoint, getattr(model, "num_classes", None), in_chans)
+    if size_given:
+        recorded.pop("input_size", None)
+    cfg.update({k: v for k, v in recorded.items() if k not in (overlay or {})})
+    if "label_names" in recorded:  # another head's descriptions (a Hub cfg's) describe other classes
+        cfg.pop("label_descriptions", None)
+    if not the_model:
+        return
+    ignored = recorded_ignored_classes(checkpoint)
+    if ignored:
+        model.ignored_classes = ignored
+    trained_on = recorded_training_data(checkpoint)
+    if trained_on:
+        model.training_data = trained_on
