@@ -81,6 +81,39 @@ def test_timm_train_checkpoint_with_namespace_args_and_module_prefix(tmp_path, s
     _assert_same_logits(_load(tmp_path / "ddp.pth.tar", tiny_kwargs), source)
 
 
+def test_a_timm_train_checkpoint_names_its_model_through_its_args(tmp_path, tiny_kwargs, randomize):
+    """A checkpoint as timm's train.py saves it (timm's CheckpointSaver: `arch`, `args` an argparse.Namespace,
+    `state_dict`, `state_dict_ema`, `optimizer`, `metric`), read safely (weights_only, the Namespace allow-listed),
+    rebuilds its model without `model=` as our checkpoints do: --model-kwargs, --num-classes, --in-chans,
+    --img-size, --crop-pct and --interpolation come from its args (they were ignored: the default architecture did
+    not fit the weights), and the EMA weights are taken. A file that names no model is refused in one line."""
+    from timm.utils import CheckpointSaver, ModelEmaV3
+
+    from sequencer.engine.inference import load_model
+
+    model = randomize(sequencer.create_model("sequencer2d_s", num_classes=4, in_chans=1, **tiny_kwargs), seed=1)
+    ema = ModelEmaV3(model)
+    randomize(ema.module, seed=2)
+    args = argparse.Namespace(model="sequencer2d_s", model_kwargs=dict(tiny_kwargs), num_classes=4, in_chans=1,
+                              input_size=None, img_size=56, mean=None, std=None, crop_pct=0.9,
+                              interpolation="bilinear", model_ema=True, model_ema_force_cpu=False, lr=0.1)
+    saver = CheckpointSaver(model, torch.optim.SGD(model.parameters(), lr=0.1), args=args, model_ema=ema,
+                            checkpoint_dir=str(tmp_path), recovery_dir=str(tmp_path))
+    saver.save_checkpoint(epoch=0, metric=0.5)
+    loaded = load_model(str(tmp_path / "last.pth.tar"))
+    assert (loaded.name, loaded.input_size, loaded.weights) == ("sequencer2d_s", (1, 56, 56), "ema")
+    assert (loaded.data_config["crop_pct"], loaded.data_config["interpolation"]) == (0.9, "bilinear")
+    x = torch.randn(2, 1, 56, 56)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded.model(x), ema.module.eval()(x), rtol=0, atol=0)
+    unnamed = read_checkpoint(tmp_path / "last.pth.tar")
+    del unnamed["arch"]
+    unnamed["args"].model = None
+    torch.save(unnamed, tmp_path / "unnamed.pth.tar")
+    with pytest.raises(SequencerError, match=r"unnamed\.pth\.tar' does not name its model .*args\.model"):
+        load_model(str(tmp_path / "unnamed.pth.tar"))
+
+
 def test_a_checkpoint_with_another_head_than_num_classes_is_refused(tmp_path, source, tiny_kwargs):
     """The file is the model: a num_classes of another count is one line naming both (create_model re-initialised
     the head with a warning, load_model refused: now the same line from both), and the hint says how to start a new

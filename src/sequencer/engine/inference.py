@@ -77,8 +77,17 @@ def load_model(checkpoint: str = "", model: str | None = None, pretrained: bool 
                              hint="torch.load it (weights_only=True) and call your_module.load_state_dict(ckpt['state_dict'])")
     if not name:
         refuse_segmentation_checkpoint(checkpoint, f"checkpoint {path!r}")
+        if checkpoint is not None:
+            raise SequencerError(f"checkpoint {path!r} does not name its model (no `arch` entry, as ours have, nor "
+                                 f"timm train.py's `args.model`)", hint="pass `model=NAME`")
         raise SequencerError("no model given", hint="pass `model=NAME`, or a `checkpoint` written by `sequencer train`")
-    get_model_entry(name)  # unknown names fail here with suggestions
+    try:
+        get_model_entry(name)  # unknown names fail here with suggestions
+    except SequencerError as e:
+        if model or not e.message.startswith("unknown model"):
+            raise
+        raise SequencerError(f"checkpoint {path!r} names the model {name!r}, which is not one of ours "
+                             f"({e.hint or e.message})", hint="pass `model=NAME`") from None
     kwargs = dict(meta.get("model_kwargs") or {}) if meta.get("arch") == name else {}
     for k in ("drop_rate", "drop_path_rate"):
         kwargs.pop(k, None)

@@ -7,6 +7,7 @@ takes a checkpoint's weights as :func:`picked_weights` picks them: by default th
 """
 from __future__ import annotations
 
+import argparse
 import json
 import logging
 import os
@@ -29,8 +30,6 @@ _HEAD_KEYS = ("head.fc.weight", "head.fc.bias")
 def _safe_metadata_globals() -> list:
     """Harmless non-tensor types found in checkpoints written by timm's train.py (``args`` is an
     ``argparse.Namespace``, metrics may be numpy scalars); allow-listed so such files load with weights_only."""
-    import argparse
-
     import numpy as np
     np_core = np._core if hasattr(np, "_core") else np.core
     dtypes = [type(np.dtype(t)) for t in (np.float64, np.float32, np.float16, np.int64, np.int32, np.bool_)]
@@ -156,7 +155,7 @@ def evaluated_weights_of(checkpoint: dict) -> str:
     the authors'): its EMA weights where it has them."""
     if checkpoint.get("evaluated_weights") in ("ema", "model"):
         return checkpoint["evaluated_weights"]
-    saved = checkpoint.get("args") if isinstance(checkpoint.get("args"), dict) else {}
+    saved = _saved_args(checkpoint)
     if "model_ema" not in saved:
         return "ema" if _weights_entry(checkpoint, _EMA_KEYS) else "model"
     if not saved["model_ema"]:
@@ -167,6 +166,15 @@ def evaluated_weights_of(checkpoint: dict) -> str:
     ran_with_cuda = isinstance(rng, list) and bool(rng) and isinstance(rng[0], dict) and "cuda" in rng[0]
     device = str(saved.get("device") or ("cuda" if ran_with_cuda else "cpu"))
     return "ema" if device.split(":")[0] == "cpu" else "model"
+
+
+def _saved_args(checkpoint: dict) -> dict:
+    """A training checkpoint's settings: ours (a dict) or timm's train.py's (an ``argparse.Namespace``); {} for
+    none."""
+    args = checkpoint.get("args")
+    if isinstance(args, argparse.Namespace):
+        return dict(vars(args))
+    return args if isinstance(args, dict) else {}
 
 
 def picked_weights(checkpoint: dict, use_ema: bool | None = None) -> str | None:
@@ -220,6 +228,8 @@ def checkpoint_metadata(checkpoint: dict | None) -> dict:
         return {}
     meta = checkpoint.get("__metadata__")
     if not isinstance(meta, dict):
+        if isinstance(checkpoint.get("args"), argparse.Namespace) and "model_kwargs" not in checkpoint:
+            return {**_timm_train_record(vars(checkpoint["args"])), **checkpoint}
         return checkpoint
     out = {}
     for key in CONFIG_KEYS:
@@ -229,6 +239,34 @@ def checkpoint_metadata(checkpoint: dict | None) -> dict:
             except ValueError:
                 raise SequencerError(f"safetensors metadata entry {key!r} is not valid JSON") from None
     return out
+
+
+def _timm_train_record(args: dict) -> dict:
+    """What a checkpoint of timm's train.py records in its ``args`` (an ``argparse.Namespace``), as our checkpoints'
+    entries: ``arch`` (``--model``), ``model_kwargs`` (what train.py built it with: ``--model-kwargs``,
+    ``--num-classes``, ``--in-chans`` or ``--input-size``'s channels, ``--gp``) and ``data_config`` (``--img-size``
+    or ``--input-size``, ``--mean``, ``--std``, ``--crop-pct``, ``--interpolation``, where given). Values of
+    another type than timm gives them are left out."""
+    def given(key, types):
+        value = args.get(key)
+        return value if isinstance(value, types) and not isinstance(value, bool) and value != "" else None
+
+    input_size = given("input_size", (list, tuple))
+    input_size = input_size if input_size and len(input_size) == 3 else None
+    kwargs = dict(args["model_kwargs"]) if isinstance(args.get("model_kwargs"), dict) else {}
+    for key, value in (("num_classes", given("num_classes", int)),
+                       ("in_chans", given("in_chans", int) or (int(input_size[0]) if input_size else None)),
+                       ("global_pool", given("gp", str))):
+        if value is not None:
+            kwargs[key] = value
+    data = {"img_size": int(input_size[-1]) if input_size else given("img_size", int)}
+    for key in ("mean", "std"):
+        data[key] = list(given(key, (list, tuple)) or []) or None
+    data.update(crop_pct=given("crop_pct", float), interpolation=given("interpolation", str))
+    record = {"model_kwargs": kwargs, "data_config": {k: v for k, v in data.items() if v is not None}}
+    if given("model", str):
+        record["arch"] = args["model"]
+    return record
 
 
 def model_config(checkpoint: dict) -> dict:
