@@ -155,6 +155,16 @@ def test_other_mismatch_lists_the_offending_keys(tmp_path, source, tiny_kwargs):
                                **dict(tiny_kwargs, embed_dims=(8, 32, 32, 32)))
 
 
+def test_a_wrapping_modules_weights_are_named_by_their_prefix(tmp_path, source, tiny_kwargs):
+    """The state dict of an nn.Sequential holding the model (keys `1.stem...`) passed as the model's: the hint
+    names the prefix and how to take the model's weights (it said to check the architecture)."""
+    wrapped = torch.nn.Sequential(torch.nn.Identity(), source[0], torch.nn.Linear(5, 2))
+    save_file({k: v.contiguous() for k, v in wrapped.state_dict().items()}, str(tmp_path / "seq.safetensors"))
+    with pytest.raises(SequencerError, match=r"unexpected: 1\.") as raised:
+        _load(tmp_path / "seq.safetensors", tiny_kwargs)
+    assert "under '1.' (the state dict of a module that holds the model" in raised.value.hint
+
+
 def test_mismatch_with_another_head_too_is_one_error_and_no_transfer_warning(tmp_path, source, tiny_kwargs):
     """Another architecture's checkpoint: the error names the mismatch, with no "head re-initialised (transfer
     learning)" warning before it (the CLI showed that line and then the error)."""

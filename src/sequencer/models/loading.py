@@ -493,8 +493,24 @@ def _refuse_mismatch(model, state_dict, own, missing, unexpected, wrong_shape, s
         parts.append("missing: " + _describe(missing))
     if unexpected:
         parts.append("unexpected: " + _describe(unexpected))
-    raise SequencerError(f"{source} does not fit model {arch!r}: " + "; ".join(parts),
-                         hint="check `model` matches the architecture the checkpoint was trained with")
+    prefix = _wrapper_prefix(unexpected, set(own))
+    hint = (f"its model's weights are under {prefix!r} (the state dict of a module that holds the model, as "
+            f"nn.Sequential's): load the file into that module, or save {{k[{len(prefix)}:]: v for k, v in "
+            f"sd.items() if k.startswith({prefix!r})}} as the model's weights") if prefix else \
+        "check `model` matches the architecture the checkpoint was trained with"
+    raise SequencerError(f"{source} does not fit model {arch!r}: " + "; ".join(parts), hint=hint)
+
+
+def _wrapper_prefix(unexpected: set[str], own: set[str]) -> str | None:
+    """The key prefix under which ``unexpected`` holds every one of the model's keys but its head's (a state dict
+    of a module wrapping the model: ``1.`` in an nn.Sequential, ``backbone.``...); None when there is none."""
+    counts: dict[str, int] = {}
+    for key in unexpected:
+        for i, ch in enumerate(key):
+            if ch == "." and key[i + 1:] in own:
+                counts[key[:i + 1]] = counts.get(key[:i + 1], 0) + 1
+    needed = len(own - set(_HEAD_KEYS))
+    return next((p for p, n in sorted(counts.items(), key=lambda kv: -kv[1]) if n >= needed), None)
 
 
 def embedding_img_size(model_kwargs: dict, state_dict: dict[str, torch.Tensor], recorded: int | None = None,
