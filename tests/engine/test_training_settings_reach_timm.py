@@ -138,6 +138,12 @@ def test_every_loader_takes_the_weights_the_run_evaluated(image_folder, tmp_path
     assert not start("model", caplog) and "`initial_checkpoint_ema=True` starts from its EMA weights" in caplog.text
     assert start("model", caplog, initial_checkpoint_ema=True) and start("ema", caplog)
     assert not start("ema", caplog, initial_checkpoint_ema=False)
+    # a .safetensors file of ours names its model in its metadata: a new run from it without `model` builds that
+    # one (it built the default sequencer2d_s, which refused the weights)
+    assert main(["checkpoint", "clean", path, "-o", str(tmp_path / "clean.safetensors")]) == 0
+    cfg = TrainConfig(initial_checkpoint=str(tmp_path / "clean.safetensors"), img_size=16)
+    built = build_model(cfg, RunState(), TrainData(None, None, ["blue", "green", "red"], 3), torch.device("cpu"))
+    assert built[0].model_name == built[1].model == "sequencer2d_nano"
     parse = build_parser("train").parse_args
     assert [vars(parse(["train", "d", *flag])).get("initial_checkpoint_ema") for flag in
             ([], ["--initial-checkpoint-ema"], ["--no-initial-checkpoint-ema"])] == [None, True, False]

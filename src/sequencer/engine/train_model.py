@@ -30,7 +30,9 @@ def build_model(cfg, state: RunState, data: TrainData, device: torch.device) -> 
         model = state.module
         _check_user_module(model, data)
     else:
-        model, cfg = _create_model(cfg, data.resume_ckpt, init_meta if init_meta and init_meta.get("arch") else None,
+        # the model the file records (ours in its entries or a .safetensors' metadata, timm's train.py in its args)
+        recorded = checkpoint_metadata(init_meta)
+        model, cfg = _create_model(cfg, data.resume_ckpt, recorded if recorded.get("arch") else None,
                                    data.num_classes)
         if data.resume_ckpt is not None:
             model = _sized_as_resumed(model, cfg, data.resume_ckpt, state)
