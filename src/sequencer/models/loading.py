@@ -1,8 +1,8 @@
 """Reading checkpoints safely, mapping foreign layouts onto ours, and writing release-ready weight files.
 
 Supported files: the authors' release (``blocks.<stage>.<i>...``, ``head.weight``), timm's port
-(``stages.<s>...``, ``head.fc``), our own training checkpoints (a dict with ``state_dict`` and maybe
-``state_dict_ema``), and ``.safetensors``. Pickles are only ever read with ``weights_only=True``. Every loader
+(``stages.<s>...``, ``head.fc``), our own training checkpoints and timm train.py's (a dict with ``state_dict``
+and maybe ``state_dict_ema``; timm's names its model in ``args``), and ``.safetensors``. Pickles are only ever read with ``weights_only=True``. Every loader
 takes a checkpoint's weights as :func:`picked_weights` picks them: by default the ones its run evaluated.
 """
 from __future__ import annotations
