@@ -20,6 +20,7 @@ from PIL import Image
 
 import sequencer
 from sequencer import cli
+from sequencer.versions import release
 
 REPO = Path(__file__).resolve().parents[1]
 PACKAGE = REPO / "src" / "sequencer"
@@ -92,7 +93,7 @@ def test_the_metadata_declares_the_license_python_and_the_tested_floors(built):
               **dict(pin.split("==") for pin in pins.split())}
     assert set(tested) == set(floors), "a declared dependency without its floor pinned in the range script"
     for name, version in tested.items():
-        assert version.split(".")[:len(floors[name].split("."))] == floors[name].split("."), \
+        assert release(version)[:len(release(floors[name]))] == release(floors[name]), \
             f"{name}>={floors[name]} declared, {version} tested"
     # the export extra is what the ONNX paths import (torch's TorchScript-based exporter needs no onnxscript)
     export = {r.split(">=")[0] for r in requires if r.endswith('extra == "export"')}

@@ -20,6 +20,7 @@ from sequencer.models import create_model  # noqa: E402
 from sequencer.models.kernels import recurrence, triton_lstm_config, triton_lstm_kernels  # noqa: E402
 from sequencer.models.kernels.code_key import KERNEL_CODE  # noqa: E402
 from sequencer.models.sequencer2d import RNN2d  # noqa: E402
+from sequencer.versions import release  # noqa: E402
 
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 DEVICES = (["cpu"] if INTERPRETED else []) + (["cuda"] if torch.cuda.is_available() and not INTERPRETED else [])
@@ -46,7 +47,7 @@ def interpreter_on_older_releases(monkeypatch):
     except RuntimeError:
         monkeypatch.setattr(torch.library, "wrap_triton", lambda kernel: kernel if isinstance(
             kernel, interpreter.InterpretedFunction) else wrap(kernel))
-    if tuple(int(part) for part in triton.__version__.split(".")[:2]) < (3, 7):
+    if release(triton.__version__) < (3, 7):
         patch_tensor = interpreter._patch_lang_tensor
 
         def squeezed_index(tensor, scope):

@@ -44,6 +44,7 @@ from ..fileio import write_atomically
 from ..hardware import CPU_CLASSES, cpu_info
 from ..models.caller_module import caller_module_kept
 from ..models.loading import save_weights
+from ..versions import release
 from .onnx_runtime import OnnxModel, load_onnx
 
 _logger = logging.getLogger(__name__)
@@ -415,9 +416,8 @@ def _convs_this_onnxruntime_cannot_run(proto, exclude: Sequence[str]) -> list[st
     this onnxruntime cannot run those (before :data:`INT8_CONV_ORT`): they stay float, with a logged note, rather
     than give a file no session of this onnxruntime loads."""
     ort = optional_import("onnxruntime", "int8 quantisation", extra="export")
-    version = tuple(int(part) for part in ort.__version__.split(".")[:2] if part.isdigit())
     convs = [n.name for n in proto.graph.node if n.op_type == "Conv" and n.name not in exclude]
-    if version >= INT8_CONV_ORT or not convs:
+    if release(ort.__version__) >= INT8_CONV_ORT or not convs:
         return []
     _logger.warning(f"note: onnxruntime {ort.__version__} has no int8 ConvInteger kernel (it came in "
                     f"{'.'.join(map(str, INT8_CONV_ORT))}): the model's Conv layers stay float32 in the int8 file")
