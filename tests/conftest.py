@@ -3,10 +3,22 @@ import os
 import pytest
 import torch
 
-# Without a GPU, Triton kernels run under Triton's CPU interpreter; it must be chosen before any kernel is defined
-# (sequencer.models.kernels), so here, before a test module imports the package. With CUDA they run on the GPU.
+
+def _interpreter_runs_the_kernels() -> bool:
+    """Whether this Triton's CPU interpreter has what the kernels use: Triton 3.2's (torch 2.6's) has no int1 type
+    (``InterpreterBuilder.get_int1_ty``), so every interpreted launch of them failed there."""
+    try:
+        from triton.runtime.interpreter import InterpreterBuilder
+    except ImportError:
+        return False
+    return hasattr(InterpreterBuilder, "get_int1_ty")
+
+
+# Without a GPU, Triton kernels run under Triton's CPU interpreter where it can run them (else their tests skip); it
+# must be chosen before any kernel is defined (sequencer.models.kernels), so here, before a test module imports the
+# package. With CUDA they run on the GPU.
 if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")
+    os.environ.setdefault("TRITON_INTERPRET", "1" if _interpreter_runs_the_kernels() else "0")
 
 # Inductor's on-disk cache is keyed without custom ops' Python (pytorch#160472); the package keys its graphs on its
 # kernel sources (kernels/code_key.py), but tests also monkeypatch kernels, which no source hash sees. Each run of the
