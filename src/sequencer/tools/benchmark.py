@@ -493,13 +493,19 @@ def reference_macs(name: str, input_size: tuple[int, int, int]) -> int | None:
     attention's batched products, recurrent layers), counted by torch's FlopCounterMode on a weightless (meta) copy,
     where an LSTM runs as matrix products the counter sees. `count_macs` hooks only Conv2d, Linear and RNN modules,
     so it would miss a transformer's attention products (ViT-Ti at 224 px: 1.08 of 1.25 GMACs); None where it
-    cannot count."""
+    cannot count. A model whose construction reads a tensor's value (timm 1.0.15's ViT: its drop-path rates by
+    ``.item()``, which a meta tensor refuses) is built on the CPU and then moved to meta."""
     import timm
     from torch.utils.flop_counter import FlopCounterMode
 
     try:
-        with torch.device("meta"):
-            model = timm.create_model(name, pretrained=False).eval()
+        try:
+            with torch.device("meta"):
+                model = timm.create_model(name, pretrained=False)
+        except (RuntimeError, NotImplementedError):
+            with caller_rng_kept():  # its random init draws no numbers from the caller's generators
+                model = timm.create_model(name, pretrained=False).to("meta")
+        model.eval()
         counter = FlopCounterMode(display=False)
         with counter, torch.no_grad():
             model(torch.zeros(1, *input_size, device="meta"))
