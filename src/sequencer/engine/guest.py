@@ -147,6 +147,32 @@ def _restore_level(logger: logging.Logger) -> None:
             logger.setLevel(logging.NOTSET)
 
 
+def _dynamos_filter(entry: tuple) -> bool:
+    """Whether a ``warnings.filters`` entry is the one torch 2.6's dynamo adds (torch.distributed's UserWarnings
+    ignored)."""
+    action, _, category, module, _ = entry
+    return action == "ignore" and category is UserWarning and getattr(module, "pattern", None) == "torch.distributed"
+
+
+@contextlib.contextmanager
+def compile_warning_filter_undone():
+    """Run the body (which may torch.compile the caller's module), then take out of the process's warning filters the
+    one torch 2.6's dynamo puts there at every frame it compiles, process-wide (ignore torch.distributed's
+    UserWarnings; torch 2.7 on scopes it to the compile). Where the caller had it before, it keeps its place."""
+    before = list(warnings.filters)
+    try:
+        yield
+    finally:
+        after = list(warnings.filters)
+        if after != before and any(_dynamos_filter(f) for f in after):
+            kept = [f for f in after if not _dynamos_filter(f)]
+            for index, entry in enumerate(before):
+                if _dynamos_filter(entry):
+                    kept.insert(index, entry)
+            warnings.resetwarnings()  # public, and it tells the warnings module its filters changed
+            warnings.filters[:] = kept
+
+
 @contextlib.contextmanager
 def caller_rng_kept():
     """Run the body, then give ``random``, ``numpy.random`` and torch's CPU and CUDA generators back the state they
