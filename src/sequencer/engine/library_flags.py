@@ -14,6 +14,7 @@ def check_library_flags(cfg) -> None:
     --train-interpolation that the library would refuse (or silently treat as something else)."""
     _check_compile(cfg.torchcompile, cfg.torchcompile_mode)
     _check_optimizer(cfg.opt)
+    _check_schedule(cfg.sched)
     _check_augment(cfg)
 
 
@@ -36,6 +37,22 @@ def _check_optimizer(opt: str) -> None:
         name = name.removeprefix(prefix)
     if name not in list_optimizers():
         raise SequencerError(f"`opt={opt}`: unknown optimizer", hint="see timm.optim.list_optimizers()")
+
+
+def _check_schedule(sched: str) -> None:
+    """timm's factory is asked, as the run will ask it: newer timm refuses an unknown name, timm 1.0.15 (the floor)
+    returned no schedule, so that a typo trained at a constant `lr`."""
+    import torch
+    from timm.scheduler import create_scheduler_v2
+
+    optimizer = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.1)
+    try:
+        scheduler, _ = create_scheduler_v2(optimizer, sched=sched, num_epochs=2, updates_per_epoch=1)
+    except ValueError:
+        scheduler = None
+    if scheduler is None and sched != "none":
+        raise SequencerError(f"`sched={sched}`: unknown schedule",
+                             hint="cosine, tanh, step, multistep, plateau, poly, none, or another of timm's")
 
 
 def _check_augment(cfg) -> None:

@@ -293,8 +293,11 @@ def build_optimization(cfg, info: dist_utils.DistInfo, model: nn.Module, loaders
     from timm.scheduler import create_scheduler_v2, scheduler_kwargs
     from timm.utils import ModelEmaV3
 
+    kwargs = optimizer_kwargs(cfg)
+    if kwargs.get("betas") is not None:  # torch's type; timm 1.0.15 (the floor) passed the flag's list on as it was
+        kwargs["betas"] = tuple(kwargs["betas"])
     try:
-        optimizer = create_optimizer_v2(model, **optimizer_kwargs(cfg))
+        optimizer = create_optimizer_v2(model, **kwargs)
     except (ValueError, AssertionError, KeyError) as e:
         raise SequencerError(f"`opt={cfg.opt}`: {e}", hint="see timm.optim.list_optimizers()") from None
     amp_dtype, scaler = amp_setup(cfg, info.device, notes)
@@ -308,8 +311,24 @@ def build_optimization(cfg, info: dist_utils.DistInfo, model: nn.Module, loaders
             updates_per_epoch=loaders.updates_per_epoch)
     except ValueError as e:
         raise SequencerError(f"`sched={cfg.sched}`: {e}") from None
+    if cfg.sched == "plateau":
+        _plateau_stepped_with_a_metric_only(scheduler)
     mixup_fn, loss_fn = _build_loss(cfg, num_classes, info.device)
     return Optimization(optimizer, scheduler, num_epochs, scaler, amp_dtype, model_ema, mixup_fn, loss_fn)
+
+
+def _plateau_stepped_with_a_metric_only(scheduler) -> None:
+    """timm 1.0.15 (pyproject's floor) steps torch's ReduceLROnPlateau also without a metric, where newer timm does
+    not: a resume's positioning step past the warmup, or an epoch without a held-out split, raised TypeError there
+    (``float(None)``). Its own instance steps as newer timm's do (timm's ``state_dict`` keeps only ``best`` and
+    ``last_epoch``, so the checkpoint is as before)."""
+    plateau = scheduler.lr_scheduler
+    step = plateau.step
+
+    def step_with_a_metric(metrics=None, epoch=None):
+        if metrics is not None:
+            step(metrics)
+    plateau.step = step_with_a_metric
 
 
 def _build_loss(cfg, num_classes: int, device: torch.device):
