@@ -128,7 +128,9 @@ def plot_erf(maps: np.ndarray, titles: list[str], path: Path, suptitle: str, mod
 
     n = len(maps)
     width, height = figure_size_px(n)
-    fig = plt.figure(figsize=(width / DPI, height / DPI), dpi=DPI)
+    # a billionth of an inch over: 4.6 in x 100 dpi is 459.99... in floats, which matplotlib 3.8 (the floor) truncated
+    # to 459 px (newer releases round)
+    fig = plt.figure(figsize=(width / DPI + 1e-9, height / DPI + 1e-9), dpi=DPI)
     # panels on the left, one shared colour bar at the right
     axes = [fig.add_axes([(0.1 + PANEL_IN * i) / (width / DPI), 0.06, (PANEL_IN - 0.2) / (width / DPI), 0.8])
             for i in range(n)]
