@@ -5,18 +5,24 @@ import torch
 
 
 def _interpreter_runs_the_kernels() -> bool:
-    """Whether this Triton's CPU interpreter has what the kernels use: Triton 3.2's (torch 2.6's) has no int1 type
-    (``InterpreterBuilder.get_int1_ty``), so every interpreted launch of them failed there."""
+    """Whether this Triton's CPU interpreter runs the package's kernels: the releases from 3.6 (torch 2.11's, with
+    test_kernels_triton.py's patches) to 3.8 (the pinned torch's). 3.2's (torch 2.6's) has no int1 type
+    (``InterpreterBuilder.get_int1_ty``: the tiled kernel fails) and 3.9's (torch 2.15's) calls no ``@triton.jit``
+    function of ``triton.language`` ("Cannot call @triton.jit'd outside of the scope of a kernel" at ``tl.zeros`` and
+    ``tl.sigmoid``). Read from the installed metadata: Triton is not imported here. A newer Triton: try it, move the
+    bound."""
+    from importlib import metadata
+
+    from sequencer.versions import release
     try:
-        from triton.runtime.interpreter import InterpreterBuilder
-    except ImportError:
+        return (3, 6) <= release(metadata.version("triton")) < (3, 9)
+    except metadata.PackageNotFoundError:
         return False
-    return hasattr(InterpreterBuilder, "get_int1_ty")
 
 
-# Without a GPU, Triton kernels run under Triton's CPU interpreter where it can run them (else their tests skip); it
-# must be chosen before any kernel is defined (sequencer.models.kernels), so here, before a test module imports the
-# package. With CUDA they run on the GPU.
+# Without a GPU, Triton kernels run under Triton's CPU interpreter where it runs them (elsewhere their tests skip; a GPU
+# runs them: benchmarks/gpu_session.sh); it must be chosen before any kernel is defined (sequencer.models.kernels), so
+# here, before a test module imports the package. With CUDA they run on the GPU.
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1" if _interpreter_runs_the_kernels() else "0")
 
