@@ -33,12 +33,12 @@ declare -A AS_AVX2_ONLY=([2.6.0]=1)
 AVX2_ONLY_ENV=(ONEDNN_MAX_CPU_ISA=AVX2 ATEN_CPU_CAPABILITY=avx2 MKL_ENABLE_INSTRUCTIONS=AVX2)
 
 # the fast tests of the models, the engine and the library API (the slow end-to-end runs stay with the pinned
-# suite). The PyPI wheels bring Triton, whose CPU interpreter (a test-only path) fails under them (torch 2.11:
-# wrap_triton refuses interpreted kernels; 2.15: "mask has unsupported dtype"): the fused kernel's tests run on a
-# GPU (benchmarks/gpu_session.sh), and TRITON_INTERPRET=0 skips them here. At the versions in INTERPRETED_KERNELS
-# the kernel tests then run under the interpreter (test_kernels_triton.py patches what 2.11 and its Triton 3.6
-# refuse; ~40 s on 2 cores): the kernels' math checked with the Triton a GPU machine on that torch has.
-declare -A INTERPRETED_KERNELS=([2.11.0]=1)
+# suite). The PyPI wheels bring Triton, whose CPU interpreter (a test-only path) is slow, so TRITON_INTERPRET=0
+# skips the tests that run the fused kernel (a GPU runs them: benchmarks/gpu_session.sh). At the versions in
+# INTERPRETED_KERNELS the kernel tests then run under the interpreter: the kernels' math checked with the Triton a
+# GPU machine on that torch has (2.11: Triton 3.6, whose wrap_triton and loop bounds test_kernels_triton.py patches;
+# 2.15: Triton 3.9, whose interpreter refuses a mask that is not boolean; ~20-40 s each on 2 cores).
+declare -A INTERPRETED_KERNELS=([2.11.0]=1 [2.15.0]=1)
 TESTS=(tests/models tests/engine/test_api.py tests/engine/test_amp.py tests/engine/test_evaluate.py
        tests/engine/test_train.py tests/engine/test_training_settings_reach_timm.py)
 

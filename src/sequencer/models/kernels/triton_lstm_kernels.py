@@ -120,7 +120,9 @@ def lstm_bwd_held(dout_ptr, gates_ptr, cells_ptr, w_ptr, dxp_ptr, N, T, H, D,
         g = tl.load(gate_ptrs + 2 * H, mask=mask, other=0.0)
         o = tl.load(gate_ptrs + 3 * H, mask=mask, other=0.0)
         c = tl.load(cells_ptr + cell * H + col[None, :], mask=mask, other=0.0)
-        c_prev = tl.load(cells_ptr + cell_prev * H + col[None, :], mask=mask & (fwd_step > 0), other=0.0)
+        # tl.where, not ``mask & (fwd_step > 0)``: Triton's interpreter splats a scalar comparison to int32, a mask
+        # 3.9's refuses ("mask has unsupported dtype"); on a GPU both are the same predicate
+        c_prev = tl.load(cells_ptr + cell_prev * H + col[None, :], mask=tl.where(fwd_step > 0, mask, False), other=0.0)
         dh = tl.load(dout_ptr + cell * H + col[None, :], mask=mask, other=0.0).to(tl.float32) + dh_next
         tanh_c = _tanh(c)
         dc = dc + dh * o * (1.0 - tanh_c * tanh_c)
@@ -240,7 +242,8 @@ def lstm_bwd_tiled(dout_ptr, gates_ptr, cells_ptr, w_ptr, dxp_ptr, state_ptr, N,
             g = tl.load(gate_ptrs + 2 * H, mask=mask, other=0.0)
             o = tl.load(gate_ptrs + 3 * H, mask=mask, other=0.0)
             c = tl.load(cells_ptr + cell * H + col, mask=mask, other=0.0)
-            c_prev = tl.load(cells_ptr + cell_prev * H + col, mask=mask & (fwd_step > 0), other=0.0)
+            c_prev = tl.load(cells_ptr + cell_prev * H + col, mask=tl.where(fwd_step > 0, mask, False),
+                             other=0.0)  # tl.where: as in lstm_bwd_held
             tanh_c = _tanh(c)
             dc = tl.load(dc_next_ptrs + col, mask=mask & (back > 0), other=0.0) + dh * o * (1.0 - tanh_c * tanh_c)
             tl.store(dc_ptrs + col, dc * f, mask=mask)
