@@ -84,12 +84,14 @@ def lstm_case(n, t, c, hidden, bidirectional, num_layers, device, seed=0):
 
 
 def run(lstm, x, grad, backend, dtype=torch.float32):
-    """Output, dL/dx and dL/dparams (in nn.LSTM's parameter order) of ``lstm`` on ``backend``, in ``dtype``."""
+    """Output, dL/dx and dL/dparams (in nn.LSTM's parameter order) of ``lstm`` on ``backend``, in ``dtype``. ``x``
+    is the caller's: a leaf of its own here (``x.to(dtype)`` is ``x`` itself when the dtype is the same, and two runs
+    on one ``x`` then returned one ``x.grad``, both runs' sum, so that dL/dx was compared with itself)."""
     layer = recurrence.LSTM(lstm.input_size, lstm.hidden_size, lstm.num_layers, batch_first=True,
                             bidirectional=lstm.bidirectional).to(x.device)
     layer.load_state_dict(lstm.state_dict())
     layer.to(dtype)
-    x = x.to(dtype).requires_grad_()
+    x = x.detach().to(dtype).requires_grad_()
     out = recurrence.run_rnn(layer, x, backend)
     out.backward(grad.to(dtype))
     return [out, x.grad] + [p.grad for p in layer.parameters()]
