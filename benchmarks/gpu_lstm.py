@@ -219,6 +219,7 @@ def main() -> None:
         return
     report = dict(device=torch.cuda.get_device_name(), torch=torch.__version__, triton=triton.__version__,
                   cudnn=torch.backends.cudnn.version(), iters=args.iters, rounds=args.rounds, rows=[])
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     for name, batch, grid, dim, hidden, mode in CASES:
         if name not in args.cases:
             continue
@@ -229,11 +230,10 @@ def main() -> None:
                 if row is None:
                     continue
                 report["rows"].append(row)
+                Path(args.out).write_text(json.dumps(report, indent=1))  # row by row: a run cut short keeps its rows
                 print(json.dumps({k: v for k, v in row.items() if not k.endswith("_rounds_ms")}), file=sys.stderr,
                       flush=True)
                 torch.cuda.empty_cache()
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(report, indent=1))
     print(render(report))
 
 
