@@ -6,16 +6,14 @@ import torch
 
 def _interpreter_runs_the_kernels() -> bool:
     """Whether this Triton's CPU interpreter runs the package's kernels: the releases from 3.6 (torch 2.11's, with
-    test_kernels_triton.py's patches) to 3.8 (the pinned torch's). 3.2's (torch 2.6's) has no int1 type
-    (``InterpreterBuilder.get_int1_ty``: the tiled kernel fails) and 3.9's (torch 2.15's) calls no ``@triton.jit``
-    function of ``triton.language`` ("Cannot call @triton.jit'd outside of the scope of a kernel" at ``tl.zeros`` and
-    ``tl.sigmoid``). Read from the installed metadata: Triton is not imported here. A newer Triton: try it, move the
-    bound."""
+    test_kernels_triton.py's patches) to 3.9 (torch 2.15's: tests/models passed under it, 2026-12-07). 3.2's (torch
+    2.6's) has no int1 type (``InterpreterBuilder.get_int1_ty``: the tiled kernel fails). Read from the installed
+    metadata: Triton is not imported here. A newer Triton: try it, move the bound."""
     from importlib import metadata
 
     from sequencer.versions import release
     try:
-        return (3, 6) <= release(metadata.version("triton")) < (3, 9)
+        return (3, 6) <= release(metadata.version("triton")) < (3, 10)
     except metadata.PackageNotFoundError:
         return False
 

@@ -25,7 +25,7 @@ from sequencer.versions import release  # noqa: E402
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 DEVICES = (["cpu"] if INTERPRETED else []) + (["cuda"] if torch.cuda.is_available() and not INTERPRETED else [])
 pytestmark = [pytest.mark.skipif(not DEVICES, reason="needs CUDA, or TRITON_INTERPRET=1 where the interpreter runs "
-                                    "the kernels (Triton 3.6-3.8: tests/conftest.py)"),
+                                    "the kernels (Triton 3.6-3.9: tests/conftest.py)"),
               pytest.mark.usefixtures("no_tf32")]  # references in true fp32 (tests/conftest.py)
 USE_ONEDNN = False  # reference on PyTorch's plain CPU kernels (see conftest)
 
