@@ -195,6 +195,28 @@ def test_a_foreign_module_trains_and_validates_under_bf16_autocast(tmp_path):
     assert again.images == 32 and math.isfinite(again.loss)
 
 
+def test_a_compiled_module_is_checkpointed_with_its_own_keys(tmp_path):
+    """sequencer.train(model=torch.compile(m)) writes m's own keys (the model's and the EMA's), which a plain
+    load_state_dict takes (they were prefixed `_orig_mod.`); a file from before, with the prefix, still resumes."""
+    net = tiny_net()
+    compiled = torch.compile(net, backend="eager")
+    result = sequencer.train(model=compiled, data=(Blobs(32, 0), Blobs(16, 1)), **QUICK, model_ema=True,
+                             output=str(tmp_path), progress=False)
+    assert result.output_dir.name.endswith("-Sequential-8")  # named by the module inside the wrapper
+    last = result.output_dir / "last.pth.tar"
+    checkpoint = torch.load(last, weights_only=True)
+    for key in ("state_dict", "state_dict_ema"):
+        assert list(checkpoint[key]) == ["1.weight", "1.bias"]
+        tiny_net().load_state_dict(checkpoint[key])
+    assert torch.equal(checkpoint["state_dict"]["1.weight"], net[1].weight.detach())  # the trained weights
+    for key in ("state_dict", "state_dict_ema"):  # as written before
+        checkpoint[key] = {f"_orig_mod.{k}": v for k, v in checkpoint[key].items()}
+    torch.save(checkpoint, last)
+    resumed = sequencer.train(model=compiled, data=(Blobs(32, 0), Blobs(16, 1)), **dict(QUICK, epochs=2),
+                              model_ema=True, resume=str(last), progress=False)
+    assert [row["epoch"] for row in resumed.summary] == [0, 1]
+
+
 def test_validate_leaves_a_module_in_the_mode_it_was_in():
     net = tiny_net().train()
     result = sequencer.validate(model=net, data=Blobs(32, 1), progress=False)

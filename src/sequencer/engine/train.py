@@ -34,6 +34,7 @@ from torch import nn
 from ..data.loader_workers import workers_stopped_on_exit
 from ..errors import SequencerError
 from ..models.caller_module import caller_module_kept
+from ..models.loading import extract_state_dict
 from . import distributed as dist_utils
 from .distributed import print_on_primary
 from . import inert_flags, timm_habits
@@ -95,8 +96,10 @@ def train(config: TrainConfig | str | os.PathLike | None = None, /, *, callbacks
 
     ``model``: a registry name, or an ``nn.Module`` to train in place (one of ours, or any classifier taking
     (N, C, H, W) images and returning (N, classes) logits; a module we did not build is checkpointed as its
-    ``state_dict``, its architecture not recorded). It keeps the trained weights, on ``device``, and comes back in
-    the mode it was given in, each submodule's (an eval-mode part stays so), and its ``grad_checkpointing`` too.
+    ``state_dict``, its architecture not recorded; a ``torch.compile`` wrapper runs the forward passes and the
+    checkpoints hold the module's own keys, without ``_orig_mod.``). It keeps the trained weights, on ``device``, and
+    comes back in the mode it was given in, each submodule's (an eval-mode part stays so), and its
+    ``grad_checkpointing`` too.
     ``data``: a folder or .tar of class folders, None (the embedded digits), or a ``(train, val)`` pair of map-style
     Datasets yielding ``(PIL image or (C, H, W) tensor, int label)``: PIL images get the recipe's transforms,
     tensors are used as given, class names come from
@@ -198,7 +201,7 @@ def _train(cfg, state: RunState, info: dist_utils.DistInfo) -> TrainResult:
         if info.is_primary:
             warn(message)
     state.wandb = timm_habits.start_wandb(cfg, run_args(cfg)) if info.is_primary else None
-    train_model, eval_model = wrap_model(cfg, info, model)
+    train_model, eval_model = wrap_model(cfg, info, model, runs=state.module)
     training = TrainingRun(cfg, info, model, train_model, eval_model, data.class_names, loaders, opt, out,
                            ignored_classes=data.ignored_classes, state=state)
     _log_start(training, data, start_epoch)
@@ -406,8 +409,8 @@ def restore(cfg, info: dist_utils.DistInfo, checkpoint: dict | None, opt: Optimi
                 scheduler.load_state_dict(checkpoint["scheduler"])
         if model_ema is not None:
             ema_state = checkpoint.get("state_dict_ema")
-            if ema_state:
-                model_ema.module.load_state_dict(ema_state)
+            if ema_state:  # without the `_orig_mod.` prefix of a compiled module's (before 2026-12-07)
+                model_ema.module.load_state_dict(extract_state_dict(ema_state))
             elif info.is_primary:  # every rank resumes rank 0's checkpoint: its notes are the run's, said once
                 warn("`resume`: the checkpoint has no EMA weights; the EMA restarts from the model")
         reseed_unless_resumed(checkpoint, cfg.seed + start_epoch, info)

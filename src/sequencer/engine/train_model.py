@@ -18,16 +18,18 @@ from .config import RunState, TrainConfig
 from .head_by_name import head_rows_by_name
 from .inference import refuse_segmentation_checkpoint
 from .train_data import TrainData
-from .user_data import check_float32_weights, module_name
+from .user_data import check_float32_weights, compiled_module, module_name
 
 
 def build_model(cfg, state: RunState, data: TrainData, device: torch.device) -> tuple[nn.Module, TrainConfig]:
-    """The model on ``device`` (the caller's ``state.module``, or one built by name), with the resumed or initial
-    checkpoint's weights, checked against the image size; with the settings naming its model and image size."""
+    """The model on ``device`` (the caller's ``state.module``, the module inside it where it is a ``torch.compile``
+    wrapper, whose forward passes :func:`wrap_model` runs: the checkpoints hold the module's own keys; or one built
+    by name), with the resumed or initial checkpoint's weights, checked against the image size; with the settings
+    naming its model and image size."""
     init_meta = read_checkpoint(cfg.initial_checkpoint) if cfg.initial_checkpoint else None
     refuse_segmentation_checkpoint(init_meta, f"`initial_checkpoint={cfg.initial_checkpoint!r}`")
     if state.module is not None:
-        model = state.module
+        model = compiled_module(state.module)
         _check_user_module(model, data)
     else:
         # the model the file records (ours in its entries or a .safetensors' metadata, timm's train.py in its args)
@@ -173,15 +175,18 @@ def _sized_as_resumed(model: nn.Module, cfg, resume_ckpt: dict, state: RunState)
     return kept
 
 
-def wrap_model(cfg, info: dist_utils.DistInfo, model: nn.Module) -> tuple[nn.Module, nn.Module]:
-    """(the model to train: DDP across processes, compiled with --torchcompile; the model to evaluate)."""
-    train_model = model
+def wrap_model(cfg, info: dist_utils.DistInfo, model: nn.Module, runs: nn.Module | None = None
+               ) -> tuple[nn.Module, nn.Module]:
+    """(the model to train: DDP across processes, compiled with --torchcompile; the model to evaluate). ``runs``:
+    what runs ``model``'s forward passes where it is not ``model`` itself (the caller's ``torch.compile`` wrapper)."""
+    runs = model if runs is None else runs
+    train_model = runs
     if info.distributed:
         device = info.device
-        train_model = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda"
+        train_model = nn.parallel.DistributedDataParallel(runs, device_ids=[device.index] if device.type == "cuda"
                                                           else None)
     if cfg.torchcompile:
         train_model = torch.compile(train_model, backend=cfg.torchcompile, mode=cfg.torchcompile_mode)
-    eval_model = (torch.compile(model, backend=cfg.torchcompile, mode=cfg.torchcompile_mode) if cfg.torchcompile
-                  else model)
+    eval_model = (torch.compile(runs, backend=cfg.torchcompile, mode=cfg.torchcompile_mode) if cfg.torchcompile
+                  else runs)
     return train_model, eval_model

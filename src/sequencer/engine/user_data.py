@@ -111,9 +111,17 @@ def check_float32_weights(model: torch.nn.Module, call: str,
                              f"float32 images", hint=hint)
 
 
+def compiled_module(model: torch.nn.Module) -> torch.nn.Module:
+    """The module a ``torch.compile`` wrapper runs (its ``_orig_mod``), else ``model`` itself: its state dict has the
+    module's own keys, where the wrapper's are prefixed ``_orig_mod.`` (which a plain ``load_state_dict`` refuses)."""
+    inner = getattr(model, "_orig_mod", None)
+    return inner if isinstance(inner, torch.nn.Module) else model
+
+
 def module_name(model: torch.nn.Module) -> str:
-    """A registry model's name, else the module's class name (a module we did not build)."""
-    return getattr(model, "model_name", None) or type(model).__name__
+    """A registry model's name, else the module's class name (a module we did not build; a ``torch.compile``
+    wrapper's: the module's inside it)."""
+    return getattr(model, "model_name", None) or type(compiled_module(model)).__name__
 
 
 def architecture_recorded(model: torch.nn.Module) -> bool:
