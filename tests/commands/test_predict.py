@@ -173,3 +173,42 @@ def test_a_file_name_that_is_not_utf8_is_printed_escaped(tiny_checkpoint, tmp_pa
     assert main(["predict", str(tmp_path), "--checkpoint", str(tiny_checkpoint), "--json"]) == 0
     record = json.loads(capsys.readouterr().out)
     assert os.fsencode(record["image"]) == name  # the JSON names the file itself
+
+
+def test_a_bce_trained_model_gets_each_class_sigmoid(image_folder, tmp_path, capsys):
+    """--bce-loss trains one sigmoid per class: predict printed the softmax of the logits (0.79 for a class whose
+    sigmoid is 0.0006). A training checkpoint (here an older one, whose run's settings say bce_loss) and its cleaned
+    file give each class's sigmoid, with a note (test_export: an ONNX export records it); a cleaned file from before
+    it was recorded gets softmax, with a note saying the file does not say."""
+    from tools.conftest import save_training_checkpoint, tiny_model
+
+    model = tiny_model()
+    checkpoint = save_training_checkpoint(tmp_path / "bce.pth", model)
+    record = torch.load(checkpoint, weights_only=True)
+    record["args"]["bce_loss"] = True
+    torch.save(record, checkpoint)
+    image = image_folder / "val" / "cat" / "cat_0.png"
+    with torch.no_grad():
+        logits = model(reference_inputs([image]))[0]
+    cleaned = tmp_path / "clean.pth"
+    assert main(["checkpoint", "clean", str(checkpoint), "--no-ema", "-o", str(cleaned)]) == 0
+    capsys.readouterr()
+    for source in (checkpoint, cleaned):
+        assert main(["predict", str(image), "--checkpoint", str(source), "--json"]) == 0
+        captured = capsys.readouterr()
+        for p in json.loads(captured.out)["predictions"]:
+            assert p["prob"] == pytest.approx(logits.sigmoid()[p["index"]].item(), abs=1e-6)
+        assert "trained with a binary cross-entropy loss (--bce-loss): each probability is its class's sigmoid" in \
+            captured.err
+    old = torch.load(cleaned, weights_only=True)
+    del old["probabilities"]
+    torch.save(old, cleaned)
+    assert main(["predict", str(image), "--checkpoint", str(cleaned), "--json"]) == 0
+    captured = capsys.readouterr()
+    for p in json.loads(captured.out)["predictions"]:
+        assert p["prob"] == pytest.approx(logits.softmax(-1)[p["index"]].item(), abs=1e-6)
+    assert "does not record whether its run trained with --bce-loss" in captured.err
+    # timm train.py's checkpoints record their flags as an argparse.Namespace
+    import argparse
+    from sequencer.models.loading import recorded_probabilities
+    assert recorded_probabilities({"args": argparse.Namespace(model=TINY_ARCH, bce_loss=True)}) == "sigmoid"

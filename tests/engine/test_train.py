@@ -54,6 +54,7 @@ def test_scratch_recipe_writes_timm_outputs(scratch_run, image_folder):
     assert ckpt["data_config"]["img_size"] == 16 and set(ckpt["data_config"]) >= {"mean", "std", "crop_pct",
                                                                                   "interpolation"}
     assert "state_dict_ema" in ckpt and isinstance(ckpt["rng_state"], list)
+    assert ckpt["probabilities"] == "softmax"  # cross-entropy trained (predict's softmax; sigmoid for --bce-loss)
     assert ckpt["metric"] == pytest.approx(float(rows[-1]["eval_top1"]), abs=1e-3)
     # the checkpoint alone rebuilds the model
     model = create_model(ckpt["arch"], **ckpt["model_kwargs"])

@@ -63,7 +63,8 @@ def save_training_checkpoint(path: Path, model: torch.nn.Module, ema: torch.nn.M
         "version": 1, "arch": model.model_name, "model_kwargs": dict(model.model_kwargs),
         "class_names": list(class_names), "data_config": dict(TINY_DATA_CONFIG),
         "state_dict": model.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": {"last_epoch": epoch},
-        "scaler": None, "epoch": epoch, "metric": 50.0, "args": {"lr": 0.1, "model": model.model_name},
+        "scaler": None, "epoch": epoch, "metric": 50.0,
+        "args": {"lr": 0.1, "model": model.model_name, "bce_loss": False},
         "rng_state": {"torch": torch.get_rng_state()},
     }
     if ema is not None:

@@ -124,6 +124,56 @@ def test_average_refuses_checkpoints_of_other_classes_or_data(tmp_path, capsys, 
     assert not out.exists()
 
 
+def _as_a_run_wrote_it(path, bce_loss: bool, eval_amp_dtype: str | None, seed: int = 0):
+    """A training checkpoint (model and EMA weights) of a run with ``bce_loss`` that evaluated under
+    ``eval_amp_dtype`` autocast, as `sequencer train` records them."""
+    save_training_checkpoint(path, tiny_model(seed), ema=tiny_model(seed + 1))
+    checkpoint = torch.load(path, weights_only=True)
+    checkpoint["args"]["bce_loss"] = bce_loss
+    checkpoint.update(eval_amp_dtype=eval_amp_dtype, probabilities="sigmoid" if bce_loss else "softmax")
+    torch.save(checkpoint, path)
+    return path
+
+
+def test_an_averaged_file_validates_and_predicts_as_its_checkpoint(image_folder, tmp_path, capsys):
+    """What validate and predict read of a training checkpoint besides its model reaches `checkpoint average`'s
+    file: the average of one checkpoint (its own weights) prints every line its checkpoint does, and the same
+    results. The file dropped `eval_amp_dtype` (validate's note that the run evaluated under autocast was missing)
+    and how its logits become probabilities (a --bce-loss run's sigmoids were printed as a softmax)."""
+    import json
+
+    run = _as_a_run_wrote_it(tmp_path / "run.pth.tar", bce_loss=True, eval_amp_dtype="bfloat16")
+    image = str(image_folder / "val" / "cat" / "cat_0.png")
+    said, results = [], []
+    for path in (run, tmp_path / "avg.pth", tmp_path / "avg.safetensors"):
+        if path != run:
+            assert main(["checkpoint", "average", str(run), "-o", str(path)]) == 0
+        capsys.readouterr()
+        assert main(["validate", str(image_folder), "--split", "val", "--checkpoint", str(path), "-j", "0",
+                     "--device", "cpu", "--results-file", str(tmp_path / "r.json")]) == 0
+        assert main(["predict", image, "--checkpoint", str(path), "--json"]) == 0
+        captured = capsys.readouterr()
+        lines = (captured.out + captured.err).replace(str(path), "FILE").splitlines()
+        said.append([re.sub(r"[\d.]+ images/s", "", line) for line in lines if "results written" not in line])
+        result = json.loads((tmp_path / "r.json").read_text())
+        results.append({k: v for k, v in result.items() if k not in ("checkpoint", "images_per_sec")})
+    assert said[1] == said[0] and said[2] == said[0] and results[1] == results[0] and results[2] == results[0]
+    printed = "\n".join(said[0])
+    assert "the checkpoint's run evaluated under bfloat16 autocast" in printed and "sigmoid" in printed
+
+
+def test_an_average_of_runs_that_differ_in_loss_or_autocast_records_neither(tmp_path, capsys):
+    out = tmp_path / "avg.pth"
+    bce = _as_a_run_wrote_it(tmp_path / "bce.pth", bce_loss=True, eval_amp_dtype="bfloat16")
+    ce = _as_a_run_wrote_it(tmp_path / "ce.pth", bce_loss=False, eval_amp_dtype=None, seed=5)
+    assert main(["checkpoint", "average", str(bce), str(ce), "-o", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "note: the checkpoints record different losses (--bce-loss or not): the average records none" in printed
+    assert "note: the checkpoints record different evaluation autocast: the average records none" in printed
+    averaged = torch.load(out, weights_only=True)
+    assert "probabilities" not in averaged and "eval_amp_dtype" not in averaged
+
+
 def main_run(argv):
     """Run a command like the CLI does but let SequencerError propagate (to check its message)."""
     from sequencer.cli import build_parser
@@ -140,7 +190,8 @@ def test_clean_strips_training_state(tiny_checkpoint, tmp_path, suffix):
     ema = _weights(tiny_checkpoint)
     if suffix == ".pth":
         assert set(cleaned) == {"version", "arch", "model_kwargs", "class_names", "data_config", "weights",
-                                "state_dict"}
+                                "probabilities", "state_dict"}
+        assert cleaned["probabilities"] == "softmax"  # from its run's settings (bce_loss False)
         assert cleaned["weights"] == "ema"
         weights = cleaned["state_dict"]
     else:

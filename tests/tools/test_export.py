@@ -15,7 +15,7 @@ from sequencer.models import create_model, read_checkpoint
 from sequencer.tools.checkpoints import read_weights
 from sequencer.tools.export import (export_onnx, export_onnx_int8, export_program, export_safetensors,
                                      export_torchscript, int8_settings, quantize_int8)
-from sequencer.tools.onnx_runtime import OnnxModel
+from sequencer.tools.onnx_runtime import OnnxModel, load_onnx
 from sequencer.versions import release
 
 from plain_sequencer import VARIANTS, PlainSequencer, randomized, tiny_variant_kwargs, variant_input
@@ -43,6 +43,8 @@ def test_onnx_cli_dynamic_batch_matches_pytorch(tiny_checkpoint, tmp_path, capsy
     assert "onnxruntime logits match" in capsys.readouterr().out
     props = {p.key: p.value for p in onnx.load(str(out)).metadata_props}
     assert props["arch"] == TINY_ARCH and json.loads(props["class_names"]) == ["cat", "dog"]
+    assert props["probabilities"] == "softmax"  # its run's loss (bce_loss False): predict --onnx reads it
+    assert load_onnx(str(out)).probabilities == "softmax"
     session = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
     x = torch.randn(5, 3, 32, 32)
     got = session.run(None, {"input": x.numpy()})[0]

@@ -57,7 +57,8 @@ def digits_model(tmp_path_factory):
                                      weight_decay=0.01)
     checkpoint = root / "digits.pth"
     torch.save({"version": 1, "arch": TINY_ARCH, "model_kwargs": dict(model.model_kwargs), "class_names": DIGITS,
-                "data_config": DIGITS_DATA_CONFIG, "state_dict": model.state_dict()}, checkpoint)
+                "data_config": DIGITS_DATA_CONFIG, "probabilities": "softmax", "state_dict": model.state_dict()},
+               checkpoint)
     for i, (image, label) in enumerate(_digit_images("val")):
         (root / "val" / DIGITS[label]).mkdir(parents=True, exist_ok=True)
         image.save(root / "val" / DIGITS[label] / f"{i}.png")

@@ -17,6 +17,13 @@ def _check_output(path: str, inputs: list[str], safetensors: bool) -> None:
         raise SequencerError(f"--output {path!r} is also an input; refusing to overwrite it")
 
 
+# what a run records beside its model and may differ between the averaged files (another run's, or a resume's with
+# other settings): kept where every file records the same, else none, with a note
+_RECORDED_BY_RUN = (("data", "training data", "validate it with DATA"),
+                    ("probabilities", "losses (--bce-loss or not)", "predict gives softmax probabilities"),
+                    ("eval_amp_dtype", "evaluation autocast", "validate notes none"))
+
+
 def cmd_average(args: argparse.Namespace) -> int:
     _check_output(args.output, args.checkpoints, args.safetensors)
     from ..models.loading import model_config, save_weights
@@ -42,9 +49,9 @@ def cmd_average(args: argparse.Namespace) -> int:
               f"raw model weights only)")
     averaged = average_state_dicts(states, paths)
     config = dict(configs[0])
-    if any(c.get("data") != config.get("data") for c in configs) and config.pop("data", None):
-        print("note: the checkpoints record different training data: the average records none "
-              "(validate it with DATA)")
+    for key, what, then in _RECORDED_BY_RUN:
+        if any(c.get(key) != config.get(key) for c in configs) and config.pop(key, None):
+            print(f"note: the checkpoints record different {what}: the average records none ({then})")
     weights = {len(states): {"weights": "ema"}, 0: {"weights": "model"}}.get(ema_count, {})  # none when mixed
     out = save_weights(averaged, args.output, config, safetensors=args.safetensors or None,
                        extra={"averaged_from": [str(p) for p in paths], **weights})

@@ -140,6 +140,8 @@ def run(args: argparse.Namespace) -> int:
               "class_names": loaded.class_names, "data_config": data_config, "trained_size": loaded.trained_size}
     meta = {"arch": arch, "class_names": loaded.class_names or [], "data_config": data_config,
             "input_size": list(input_size), "trained_size": loaded.trained_size}
+    if loaded.probabilities:  # predict --onnx turns the logits into probabilities as predict --checkpoint does
+        meta["probabilities"] = config["probabilities"] = loaded.probabilities
     out = Path(args.output)
     dtype = getattr(torch, args.dtype)
     rtol = ONNX_DTYPES[dtype] if args.rtol is None else args.rtol

@@ -1,10 +1,11 @@
 """`sequencer predict`: top-k classes and probabilities for image files and folders.
 
 Labels are the checkpoint's own class names, ImageNet's readable names for a 1000-class model without them, else
-the class index. ``--onnx PATH`` classifies with an exported ONNX file (fp32 or int8) under onnxruntime instead,
-with the preprocessing and class names stored in the file. Folders are searched recursively for image files. An
-unreadable image is reported on stderr (naming the file) and skipped; the command then exits with status 1 after
-classifying the rest.
+the class index. Probabilities are the softmax of the logits, or each class's sigmoid for a model trained with
+``--bce-loss`` (its checkpoint's ``probabilities``). ``--onnx PATH`` classifies with an exported ONNX file (fp32 or
+int8) under onnxruntime instead, with the preprocessing and class names stored in the file. Folders are searched
+recursively for image files. An unreadable image is reported on stderr (naming the file) and skipped; the command
+then exits with status 1 after classifying the rest.
 """
 from __future__ import annotations
 
@@ -21,13 +22,29 @@ if TYPE_CHECKING:
     import torch
 
 
-def predict(model: torch.nn.Module, images: torch.Tensor, topk: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(B, C, H, W) -> (probabilities (B, k), class indices (B, k)), most likely first."""
+def predict(model: torch.nn.Module, images: torch.Tensor, topk: int, probabilities: str = "softmax"
+            ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B, C, H, W) -> (probabilities (B, k), class indices (B, k)), most likely first. ``probabilities``: "softmax"
+    (a model trained with cross-entropy) or "sigmoid" (with a binary cross-entropy loss: each class's own)."""
     import torch
 
     with torch.inference_mode():
-        probs = model(images).float().softmax(dim=-1)
+        logits = model(images).float()
+        probs = logits.sigmoid() if probabilities == "sigmoid" else logits.softmax(dim=-1)
         return probs.topk(min(topk, probs.shape[-1]), dim=-1)
+
+
+def _probabilities(loaded, source: str) -> str:
+    """How the loaded model's logits become probabilities, said on stderr where it is not the usual softmax or the
+    file does not say."""
+    if loaded.probabilities == "sigmoid":
+        print(f"note: {source} was trained with a binary cross-entropy loss (--bce-loss): each probability is its "
+              f"class's sigmoid (they need not sum to 1)", file=sys.stderr)
+    elif loaded.probabilities is None:
+        print(f"note: {source} does not record whether its run trained with --bce-loss (a file cleaned, averaged or "
+              f"exported before it was recorded): probabilities are softmax, which is wrong for a --bce-loss model",
+              file=sys.stderr)
+    return loaded.probabilities or "softmax"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -75,13 +92,14 @@ def run(args: argparse.Namespace) -> int:
     transform = eval_transform(loaded)
     names = loaded.class_names
     _warn_of_unnamed_outputs(names, getattr(loaded.model, "num_classes", None))
+    probabilities = _probabilities(loaded, repr(args.onnx or args.checkpoint or loaded.name))
     failed_total = 0
     for start in range(0, len(files), args.batch_size):
         ok, tensors, failed = read_images(files[start:start + args.batch_size], transform)
         failed_total += len(failed)
         if not ok:
             continue
-        probs, indices = predict(loaded.model, torch.stack(tensors).to(device), args.topk)
+        probs, indices = predict(loaded.model, torch.stack(tensors).to(device), args.topk, probabilities)
         for f, p_row, i_row in zip(ok, probs.tolist(), indices.tolist()):
             preds = [{"label": output_label(names, i), "index": i, "prob": round(p, 6)}
                      for p, i in zip(p_row, i_row)]

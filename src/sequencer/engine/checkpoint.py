@@ -14,7 +14,9 @@ Checkpoint dict (contract shared with validate/predict/...; every value is ``wei
 ``version, arch, model_kwargs, class_names, data_config, data, state_dict, [state_dict_ema], optimizer,
 scheduler, scaler, epoch, metric, args, rng_state`` (``data``: the dataset trained on, see data_record.py) plus our own bookkeeping: ``epoch_complete`` (False for a recovery
 file), ``step``, ``best_metric``, ``best_epoch``, ``checkpoint_history``, ``evaluated_weights`` ("ema" or "model": the
-weights ``metric`` and the best were measured on); a recovery file also holds
+weights ``metric`` and the best were measured on), ``probabilities`` ("sigmoid" for a ``bce_loss`` run, else
+"softmax": how predict turns its logits into probabilities), ``eval_amp_dtype`` (the autocast it evaluated under); a
+recovery file also holds
 ``epoch_progress`` (how far the interrupted epoch's updates went: a resume goes on from there, see
 ``loop.resumed_progress``).
 """

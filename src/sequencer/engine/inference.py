@@ -20,7 +20,7 @@ from ..data.class_folders import class_name
 from ..data.datasets import READ_ERRORS, drop_classes, map_classes_by_name
 from ..errors import SequencerError
 from ..models import create_model, get_model_entry
-from ..models.loading import checkpoint_metadata, picked_weights, read_checkpoint
+from ..models.loading import checkpoint_metadata, picked_weights, read_checkpoint, recorded_probabilities
 from ..models.registry import ReadCheckpoint
 
 _logger = logging.getLogger(__name__)
@@ -43,6 +43,9 @@ class LoadedModel:
     # the input size its weights were trained and evaluated at (`input_size` is the one it runs at); None for a
     # model that does not say (an ONNX file from before `sequencer export` recorded it, a module in memory)
     trained_size: int | None = None
+    # how its logits become probabilities: "softmax", or "sigmoid" for a run trained with a binary cross-entropy loss
+    # (`bce_loss`); None for a file of ours that does not say (cleaned, averaged or exported before it was recorded)
+    probabilities: str | None = "softmax"
 
     @property
     def num_params(self) -> int:
@@ -72,8 +75,8 @@ def load_model(checkpoint: str = "", model: str | None = None, pretrained: bool 
     checkpoint = read_checkpoint(path) if path else None
     meta = checkpoint_metadata(checkpoint)
     name = model or meta.get("arch")
-    if not name and checkpoint is not None and checkpoint.get("architecture"):
-        raise SequencerError(f"checkpoint {path!r} holds {checkpoint['architecture']}",
+    if not name and checkpoint is not None and meta.get("architecture"):
+        raise SequencerError(f"checkpoint {path!r} holds {meta['architecture']}",
                              hint="torch.load it (weights_only=True) and call your_module.load_state_dict(ckpt['state_dict'])")
     if not name:
         refuse_segmentation_checkpoint(checkpoint, f"checkpoint {path!r}")
@@ -129,8 +132,10 @@ def load_model(checkpoint: str = "", model: str | None = None, pretrained: bool 
         from ..data.imagenet_classes import IMAGENET_CLASSES
         class_names = list(IMAGENET_CLASSES)
     model.eval().to(device)
+    # a file that records no model config (the authors' release, timm's weights) is cross-entropy trained
+    probabilities = recorded_probabilities(checkpoint) or (None if meta.get("arch") else "softmax")
     return LoadedModel(model, name, class_names, (model.in_chans, size, size), data_config, checkpoint,
-                       weights=weights, trained_size=trained_size)
+                       weights=weights, trained_size=trained_size, probabilities=probabilities)
 
 
 def _cfg_class_names(cfg: dict, num_classes: int | None) -> list[str] | None:

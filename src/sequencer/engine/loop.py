@@ -434,6 +434,7 @@ def checkpoint_state(run: TrainingRun, epoch: int, complete: bool, step: int, me
         class_names=list(run.class_names),
         data_config=plain(run.loaders.data_config),
         eval_amp_dtype=dtype_name(opt.amp_dtype),
+        probabilities="sigmoid" if run.cfg.bce_loss else "softmax",  # the loss it trains: predict's probabilities
         data=evaluated_data(run.cfg, run.state, run.loaders.eval),
         scheduler=opt.scheduler.state_dict() if opt.scheduler is not None else None)
     if not recorded:  # loading it by name (validate, predict, resume without the module) says so

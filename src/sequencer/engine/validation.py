@@ -21,6 +21,7 @@ from ..data.loader_workers import workers_stopped_on_exit
 from ..errors import SequencerError
 from ..models import get_model_entry, has_pretrained_weights
 from ..models.caller_module import caller_module_kept
+from ..models.loading import checkpoint_metadata
 from .amp import autocast_dtype, dtype_name
 from .distributed import DistInfo, process_group
 from .evaluate import evaluate
@@ -262,7 +263,7 @@ def _amp_dtype(amp: bool, amp_dtype: str | None, dist_info: DistInfo) -> torch.d
 def _note_the_runs_autocast(loaded: LoadedModel, eval_dtype: torch.dtype | None) -> None:
     """One note when the checkpoint's run evaluated under autocast and this evaluation runs in float32: its
     summary.csv's eval numbers and these then differ in the last digits, which reads as a wrong checkpoint."""
-    trained = (loaded.checkpoint or {}).get("eval_amp_dtype")
+    trained = checkpoint_metadata(loaded.checkpoint).get("eval_amp_dtype")
     if trained and eval_dtype is None:
         _logger.info(f"note: the checkpoint's run evaluated under {trained} autocast (its summary.csv's eval "
                      f"numbers); this runs in float32, so the numbers may differ a little: `amp_dtype={trained}` "

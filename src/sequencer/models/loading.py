@@ -213,9 +213,12 @@ def extract_state_dict(checkpoint: dict, use_ema: bool | None = None) -> dict[st
 # `checkpoint average` / `clean` of one write a file `segment validate` loads.
 # `data_config["img_size"]` is the size a file's preprocessing expects (a training checkpoint's: the size it trained
 # at; an export's: the size it was exported at); `trained_size`, written by `sequencer export`, the size its weights
-# were trained at, which the export size need not be (a file without it: its img_size is both)
+# were trained at, which the export size need not be (a file without it: its img_size is both); `probabilities`: how
+# the logits become probabilities (:func:`recorded_probabilities`); `eval_amp_dtype`: the autocast its run evaluated
+# under; `architecture`: what a run of a caller's module (no `arch`) holds, in words
 CONFIG_KEYS = ("arch", "model_kwargs", "class_names", "data_config", "trained_size", "ignored_classes", "data",
-               "segmenter")
+               "segmenter", "probabilities", "eval_amp_dtype", "architecture")
+PROBABILITIES = ("softmax", "sigmoid")
 
 
 def checkpoint_metadata(checkpoint: dict | None) -> dict:
@@ -270,8 +273,27 @@ def _timm_train_record(args: dict) -> dict:
 
 
 def model_config(checkpoint: dict) -> dict:
-    """The ``arch``/``model_kwargs``/``class_names``/``data_config`` entries a checkpoint has (JSON-safe)."""
-    return {k: v for k, v in checkpoint_metadata(checkpoint).items() if k in CONFIG_KEYS and v is not None}
+    """The :data:`CONFIG_KEYS` entries a checkpoint has (JSON-safe), ``probabilities`` also where its run's settings
+    say it (a training checkpoint from before it was recorded)."""
+    config = {k: v for k, v in checkpoint_metadata(checkpoint).items() if k in CONFIG_KEYS and v is not None}
+    probabilities = recorded_probabilities(checkpoint)
+    return dict(config, probabilities=probabilities) if probabilities else config
+
+
+def recorded_probabilities(checkpoint: dict | None) -> str | None:
+    """How a checkpoint's logits become probabilities: "sigmoid" where its run trained with a binary cross-entropy
+    loss (``bce_loss``: one sigmoid per class), "softmax" where it trained with cross-entropy. Its
+    ``probabilities`` entry, else (a training checkpoint from before it was recorded, or timm train.py's) its run's
+    ``args``; None for a file that says neither (a cleaned, averaged or exported file from before, the authors'
+    release, timm's weights)."""
+    recorded = checkpoint_metadata(checkpoint).get("probabilities")
+    if recorded in PROBABILITIES:
+        return recorded
+    args = (checkpoint or {}).get("args")
+    args = vars(args) if isinstance(args, argparse.Namespace) else args
+    if isinstance(args, dict) and isinstance(args.get("bce_loss"), bool):
+        return "sigmoid" if args["bce_loss"] else "softmax"
+    return None
 
 
 PREPROCESSING_KEYS = ("mean", "std", "crop_pct", "interpolation")

@@ -22,7 +22,7 @@ from ..hardware import cpu_info
 
 _logger = logging.getLogger(__name__)
 
-METADATA_KEYS = ("arch", "class_names", "data_config", "input_size", "trained_size")
+METADATA_KEYS = ("arch", "class_names", "data_config", "input_size", "trained_size", "probabilities")
 
 
 def ort_session(path: str | os.PathLike, threads: int | None = None, memory_arena: bool = True,
@@ -128,9 +128,11 @@ def load_onnx(path: str | os.PathLike, threads: int | None = None) -> LoadedMode
     name = model.metadata.get("arch") or path.stem
     # the class names stand in for a checkpoint's, so validate maps a dataset's class folders onto them
     trained_size = _metadata_json(model, "trained_size")  # None in files written before it was recorded
+    # None in an export of ours from before it was recorded; a file not written by `sequencer export`: softmax
+    probabilities = model.metadata.get("probabilities") or (None if "arch" in model.metadata else "softmax")
     return LoadedModel(model, name, class_names, tuple(input_size), data_config,
                        {"class_names": class_names} if class_names else None,
-                       trained_size=int(trained_size) if trained_size else None)
+                       trained_size=int(trained_size) if trained_size else None, probabilities=probabilities)
 
 
 def note_other_cpu(model: OnnxModel) -> None:
