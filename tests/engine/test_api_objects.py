@@ -217,6 +217,17 @@ def test_a_compiled_module_is_checkpointed_with_its_own_keys(tmp_path):
     assert [row["epoch"] for row in resumed.summary] == [0, 1]
 
 
+def test_validate_counts_the_images_whose_logits_are_not_finite():
+    """The result holds the evaluator's count of NaN/+inf-logit images (a `nonfinite` field, as segmentation's),
+    which --results-file writes; it had only the warning and the NaN metrics."""
+    net = tiny_net()
+    with torch.no_grad():
+        net[1].bias[0] = float("nan")
+    result = sequencer.validate(model=net, data=Blobs(16, 1), progress=False)
+    assert result.nonfinite == 16 and result.as_dict()["nonfinite"] == 16 and math.isnan(result.top1)
+    assert sequencer.validate(model=tiny_net(), data=Blobs(16, 1), progress=False).nonfinite == 0
+
+
 def test_validate_leaves_a_module_in_the_mode_it_was_in():
     net = tiny_net().train()
     result = sequencer.validate(model=net, data=Blobs(32, 1), progress=False)

@@ -426,7 +426,7 @@ ELSEWHERE = torch.device("meta")  # a device other than the module's on every ma
 
 
 def fake_classifier_metrics(*args, **kwargs) -> dict:
-    return dict(top1=50.0, top5=100.0, loss=0.7, images_per_sec=1.0, count=4, unreadable=0)
+    return dict(top1=50.0, top5=100.0, loss=0.7, images_per_sec=1.0, count=4, unreadable=0, nonfinite=0)
 
 
 def fake_segmenter_metrics(*args, **kwargs) -> dict:

@@ -37,7 +37,8 @@ _logger = logging.getLogger(__name__)
 @dataclass
 class ValidationResult:
     """What :func:`validate` measured: top-1/top-5 accuracy and their errors (percent), the mean cross-entropy
-    ``loss``, the ``images`` evaluated (``unreadable`` ones skipped), throughput and how the model ran.
+    ``loss``, the ``images`` evaluated (``unreadable`` ones skipped; ``nonfinite``: those whose logits held a NaN
+    or a +inf, which make the metrics NaN), throughput and how the model ran.
     ``result["top1"]`` reads a field too; :meth:`as_dict` is what ``--results-file`` holds."""
     model: str
     checkpoint: str
@@ -59,6 +60,7 @@ class ValidationResult:
     # which of the checkpoint's weights were evaluated: "ema", "model", or None where the file does not say
     # (``use_ema``; by default the ones its run evaluated)
     weights: str | None = None
+    nonfinite: int = 0  # images whose logits held a NaN or a +inf (top-1, top-5 and loss are then NaN)
 
     def __getitem__(self, key: str):
         return self.as_dict()[key]
@@ -301,6 +303,7 @@ def _evaluate(loaded: LoadedModel, split_set, overrides: dict, batch_size: int, 
         interpolation=config["interpolation"],
         images=metrics["count"],
         unreadable=metrics["unreadable"],
+        nonfinite=metrics["nonfinite"],
         amp=dtype_name(amp_dtype) or "",
         device=str(device),
     )
