@@ -8,8 +8,8 @@ from PIL import Image
 
 from segmentation_helpers import make_ade20k, make_voc, object_info, palette_png
 from sequencer.data.ade20k import ADE20K_CLASSES
-from sequencer.data.segmentation import (IGNORE_INDEX, EvalTransform, SegmentationDataset, open_split, read_mask,
-                                         train_transform)
+from sequencer.data.segmentation import (IGNORE_INDEX, EvalTransform, SegmentationDataset, eval_size_of, open_split,
+                                         read_mask, train_transform)
 from sequencer.errors import SequencerError
 
 MEAN, STD = (0.5, 0.5, 0.5), (0.5, 0.5, 0.5)
@@ -59,9 +59,21 @@ def test_crop_pads_small_images_with_ignore(voc):
 def test_eval_transform_resizes_the_image_and_keeps_the_mask(voc):
     dataset = SegmentationDataset(open_split(voc, "val", num_classes=3), EvalTransform(24, MEAN, STD))
     image, mask = dataset[1]  # 40x56 (H x W)
-    assert image.shape == (3, 24, 33) and mask.shape == (40, 56)  # 56 * 24 / 40 = 33.6
+    assert image.shape == (3, 24, 34) and mask.shape == (40, 56)  # 56 * 24 / 40 = 33.6, rounded as mmcv does
     original = np.array(Image.open(dataset.split.masks[1]))
     assert torch.equal(mask, torch.from_numpy(original).long())
+
+
+def test_eval_resize_caps_the_long_side_at_four_times_the_size():
+    """mmsegmentation's ADE20K/VOC test resize, scale (2048, 512) with keep_ratio: the factor is
+    min(2048 / long, 512 / short), so an image wider than 4:1 is scaled by its long side (its short side was set to
+    the eval size whatever the long side became); another eval size keeps the 4:1 cap."""
+    assert eval_size_of(375, 500, 512) == (512, 683)  # ADE20K's usual shapes: the short side (683 by rounding)
+    assert eval_size_of(512, 2048, 512) == (512, 2048)  # 4:1 exactly
+    assert eval_size_of(512, 2560, 512) == (410, 2048) and eval_size_of(2560, 512, 512) == (2048, 410)
+    assert eval_size_of(300, 3000, 640) == (256, 2560)
+    wide = EvalTransform(24, MEAN, STD).image(torch.zeros(3, 40, 200, dtype=torch.uint8))
+    assert wide.shape == (3, 19, 96)  # factor min(96 / 200, 24 / 40) = 0.48; was (24, 120)
 
 
 def test_ade20k_layout_reduces_the_zero_label(tmp_path):

@@ -73,7 +73,8 @@ def _add_train(p: argparse.ArgumentParser) -> None:
     g.add_argument("--seed", type=int, default=_DEFAULTS.seed, help="random seed" + _default("seed"))
     g = p.add_argument_group("evaluation")
     _add_eval_flags(g)
-    g.add_argument("--eval-size", type=positive_int, help="evaluation short side (default: --img-size)")
+    g.add_argument("--eval-size", type=positive_int,
+                   help="evaluation short side, the long side at most 4x (default: --img-size)")
     g.add_argument("--eval-interval", type=positive_int, default=_DEFAULTS.eval_interval,
                    help="evaluate every N epochs (and after the last)" + _default("eval_interval"))
     g.add_argument("--dist-bn", choices=("reduce", "broadcast"), default=_DEFAULTS.dist_bn,

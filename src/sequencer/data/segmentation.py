@@ -284,9 +284,23 @@ def train_transform(crop: int, mean, std, scale_range: tuple[float, float] = (0.
     ])
 
 
+# the evaluation's long side is at most this many times its short side: mmsegmentation's test resize of ADE20K and
+# Pascal VOC, scale (2048, 512) with keep_ratio, at other sizes (4 * size, size)
+LONG_SIDE_CAP = 4
+
+
+def eval_size_of(height: int, width: int, size: int) -> tuple[int, int]:
+    """(h, w) an image of ``height`` x ``width`` is evaluated at: scaled, aspect kept, so that its short side is
+    ``size`` and its long side at most ``LONG_SIDE_CAP * size`` (an image wider than 4:1 gets a shorter short side),
+    each side rounded to the nearest pixel, as mmcv's ``imrescale`` does with mmsegmentation's scale (2048, 512)."""
+    scale = min(size / min(height, width), LONG_SIDE_CAP * size / max(height, width))
+    return int(height * scale + 0.5), int(width * scale + 0.5)
+
+
 class EvalTransform:
-    """Evaluation: the image's short side resized to ``size`` (aspect kept) and normalised; the mask is left at
-    its own resolution, where metrics are computed (predictions are resized back to it)."""
+    """Evaluation: the image resized, aspect kept, to short side ``size`` with its long side at most 4 x ``size``
+    (:func:`eval_size_of`), and normalised; the mask is left at its own resolution, where metrics are computed
+    (predictions are resized back to it)."""
 
     def __init__(self, size: int, mean, std):
         self.size, self.mean, self.std = int(size), tuple(mean), tuple(std)
@@ -295,7 +309,7 @@ class EvalTransform:
         """(3, H, W) uint8 -> (3, h, w) float, normalised."""
         from torchvision.transforms.v2 import functional as F
 
-        resized = F.resize(image, [self.size], antialias=True)
+        resized = F.resize(image, list(eval_size_of(*image.shape[-2:], self.size)), antialias=True)
         return F.normalize(F.to_dtype(resized, torch.float32, scale=True), self.mean, self.std)
 
     def __call__(self, image, mask):

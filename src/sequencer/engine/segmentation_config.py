@@ -33,7 +33,7 @@ class SegmentConfig:
     head_channels: int = 512
     out_channels: int = 256
     img_size: int = 512  # the training crop
-    eval_size: int | None = None  # evaluation short side; default img_size
+    eval_size: int | None = None  # evaluation short side (the long side at most 4x); default img_size
     eval_mode: str = "whole"
     stride: int | None = None  # sliding-window stride; default 2/3 of the crop
     batch_size: int = 16  # per process
