@@ -41,7 +41,8 @@ from sequencer.hardware import cpu_info
 from sequencer.models.flops import count_macs
 from sequencer.models.kernels import onednn_bf16_supported
 from sequencer.models import create_model
-from sequencer.tools.benchmark import make_infer_step, make_train_step, memory_probe, time_interleaved
+from sequencer.tools.benchmark import time_interleaved
+from sequencer.tools.benchmark_steps import make_infer_step, make_train_step, memory_probe
 from sequencer.tools.peak_memory import measure_peak_memory
 from sequencer.tools.export import export_onnx, int8_settings, quantize_int8
 from sequencer.tools.onnx_runtime import OnnxModel

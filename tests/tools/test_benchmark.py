@@ -8,6 +8,8 @@ from __future__ import annotations
 import json
 import os
 import statistics
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -16,7 +18,7 @@ from torch import nn
 from sequencer.cli import main
 from sequencer.models import create_model
 from sequencer.models.flops import count_macs
-from sequencer.tools import benchmark
+from sequencer.tools import benchmark, benchmark_steps
 from sequencer.tools.benchmark import reference_macs
 from sequencer.tools.peak_memory import measure_peak_memory
 
@@ -52,10 +54,21 @@ def test_gemm_rate_is_a_plausible_rate():
 def test_memory_probe_reports_training_above_inference():
     spec = dict(impl="ours", name="sequencer2d_nano", model_kwargs=dict(num_classes=4), dtype="float32",
                 batch_size=8, input_size=(3, 32, 32), device="cpu", iters=1)
-    infer = measure_peak_memory(dict(spec, mode="infer"), benchmark.memory_probe)
-    train = measure_peak_memory(dict(spec, mode="train"), benchmark.memory_probe)
+    infer = measure_peak_memory(dict(spec, mode="infer"), benchmark_steps.memory_probe)
+    train = measure_peak_memory(dict(spec, mode="train"), benchmark_steps.memory_probe)
     assert infer is not None and train is not None
     assert 0 < infer < train  # training keeps activations and gradients
+
+
+def test_memory_probe_process_imports_neither_timm_nor_torchvision():
+    """What a probe's fresh process imports to run ours or an --onnx file (measure_peak_memory imports the probe's
+    module there): not the data pipeline, whose timm and torchvision imports took 2.5 s of CPU of every probe."""
+    from sequencer.tools.onnx_runtime import OnnxModel
+
+    code = (f"import sys; import {benchmark_steps.memory_probe.__module__}, {OnnxModel.__module__}; "
+            "print(sorted({'timm', 'torchvision', 'sequencer.data'} & set(sys.modules)))")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert result.stdout.strip() == "[]", result.stdout
 
 
 def test_a_training_step_frees_its_gradients_so_its_peak_memory_counts_them():
@@ -65,7 +78,7 @@ def test_a_training_step_frees_its_gradients_so_its_peak_memory_counts_them():
 
     model = nn.Sequential(nn.Flatten(), nn.Linear(12, 3))
     x, target = torch.randn(2, 3, 2, 2), torch.tensor([0, 2])
-    steps = (benchmark.make_train_step(model, x, target, torch.float32, torch.device("cpu")),
+    steps = (benchmark_steps.make_train_step(model, x, target, torch.float32, torch.device("cpu")),
              backbone_benchmark.make_step(model, x, "train", torch.float32, torch.device("cpu")))
     for step in steps:
         before = [p.detach().clone() for p in model.parameters()]

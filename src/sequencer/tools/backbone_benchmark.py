@@ -33,7 +33,8 @@ from ..engine.inference import resolve_device
 from ..errors import SequencerError
 from ..hardware import cpu_info
 from ..models.flops import count_macs
-from .benchmark import AMP_DTYPES, BenchmarkSettings, autocast_ctx, compiled_if_named, gemm_rate, time_interleaved
+from .benchmark import AMP_DTYPES, BenchmarkSettings, gemm_rate, time_interleaved
+from .benchmark_steps import autocast_ctx, compiled_if_named
 from .peak_memory import measure_peak_memory, step_peak_memory
 
 DEFAULT_REFERENCE = "convnext_tiny"

@@ -30,7 +30,6 @@ from dataclasses import asdict, dataclass, field, replace
 from typing import Callable
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from ..engine.amp import AMP_DTYPES, autocast_dtype, dtype_name
@@ -39,11 +38,12 @@ from ..engine.inference import check_input_size, load_model, relative_error, res
 from ..errors import SequencerError
 from ..hardware import cpu_info
 from ..models.kernels import onednn_bf16_supported
-from .peak_memory import measure_peak_memory, step_peak_memory
+from .benchmark_steps import (TIMM_MODELS, build_timm_twin, compiled_if_named, make_infer_step, make_train_step,
+                              memory_probe, with_lstm_backend)
+from .peak_memory import measure_peak_memory
 
 _logger = logging.getLogger(__name__)
 
-TIMM_MODELS = ("sequencer2d_s", "sequencer2d_m", "sequencer2d_l")
 
 
 @dataclass
@@ -105,11 +105,6 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def autocast_ctx(device: torch.device, dtype: torch.dtype):
-    """Autocast in ``dtype`` (a no-op context for float32)."""
-    return torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
-
-
 def gemm_rate(dtype: torch.dtype, device: torch.device, size: int = 2048, iters: int = 5) -> float:
     """The machine's matrix-multiply rate in GFLOP/s for ``dtype``: median of ``iters`` size^3 products."""
     a = torch.randn(size, size, device=device).to(dtype)
@@ -132,32 +127,6 @@ def gemm_rate(dtype: torch.dtype, device: torch.device, size: int = 2048, iters:
                 times.append(time.perf_counter() - t0)
             best = max(best, 2 * size ** 3 / statistics.median(times) / 1e9)
     return best
-
-
-def build_timm_twin(model: nn.Module, name: str) -> nn.Module:
-    """timm's ``Sequencer2d`` with ``model``'s architecture and weights (our layout is timm's)."""
-    import timm
-
-    if name not in TIMM_MODELS:
-        raise SequencerError(f"`compare_timm`: timm has no {name!r}", hint=f"use one of {', '.join(TIMM_MODELS)}")
-    kwargs = {k: v for k, v in getattr(model, "model_kwargs", {}).items()
-              if k in ("num_classes", "in_chans", "img_size") or k in ("layers", "embed_dims", "hidden_sizes",
-                                                                     "patch_sizes", "mlp_ratios")}
-    try:
-        twin = timm.create_model(name, pretrained=False, **kwargs)
-        twin.load_state_dict(model.state_dict())
-    except (RuntimeError, TypeError) as e:
-        raise SequencerError(f"`compare_timm`: timm's {name} does not take these weights: {str(e)[:200]}") from None
-    return twin
-
-
-def with_lstm_backend(model: nn.Module, backend: str) -> nn.Module:
-    """A copy of ``model`` whose token mixers run their LSTMs on ``backend`` (same weights)."""
-    model = copy.deepcopy(model)
-    for module in model.modules():
-        if hasattr(module, "lstm_backend"):
-            module.lstm_backend = backend
-    return model
 
 
 def extra_impls(impls: dict[str, nn.Module], args: BenchmarkSettings, device: torch.device,
@@ -196,38 +165,6 @@ def reference_model(name: str, input_size: tuple[int, int, int], device: torch.d
     return model
 
 
-def compiled_if_named(model: nn.Module, impl: str) -> nn.Module:
-    return torch.compile(model) if impl.endswith("-compiled") else model
-
-
-def make_infer_step(model: nn.Module, x: torch.Tensor, amp: torch.dtype, device: torch.device) -> Callable:
-    def step():
-        with torch.inference_mode(), autocast_ctx(device, amp):
-            return model(x)
-    return step
-
-
-def make_train_step(model: nn.Module, x: torch.Tensor, target: torch.Tensor, amp: torch.dtype,
-                    device: torch.device) -> Callable:
-    """One AdamW training step (forward, cross-entropy, backward, update, gradients freed) under autocast in
-    ``amp``. The gradients are freed after the update, as the training loop frees them (`engine.loop`), so they
-    are part of a step's peak memory and not of the state it starts from (zeroed at the start, they stayed from
-    one step to the next and the peak left them out)."""
-    model.train()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5, weight_decay=0.05)
-    scaler = torch.amp.GradScaler(device.type, enabled=amp == torch.float16)
-
-    def step():
-        with autocast_ctx(device, amp):
-            loss = F.cross_entropy(model(x), target)
-        scaler.scale(loss).backward()
-        scaler.step(optimizer)
-        scaler.update()
-        optimizer.zero_grad(set_to_none=True)
-        return loss
-    return step
-
-
 def time_interleaved(steps: dict[str, Callable], device: torch.device, num_warmup: int,
                      num_iter: int) -> dict[str, list[float]]:
     """Seconds per call of each step; every iteration runs all steps, alternating their order."""
@@ -245,50 +182,6 @@ def time_interleaved(steps: dict[str, Callable], device: torch.device, num_warmu
             synchronize(device)
             times[n].append(time.perf_counter() - t0)
     return times
-
-
-# ---- peak memory -------------------------------------------------------------------------------------------------
-
-def _probe_model(spec: dict) -> nn.Module:
-    from ..models import create_model
-
-    impl = spec["impl"].removesuffix("-compiled")
-    if impl.startswith("ref-"):
-        import timm
-        return compiled_if_named(timm.create_model(impl[4:], pretrained=False), spec["impl"])
-    model = create_model(spec["name"], **spec["model_kwargs"])
-    if impl == "timm":
-        model = build_timm_twin(model, spec["name"])
-    elif impl.startswith("ours-") and impl != "ours-optimized":
-        model = with_lstm_backend(model, impl[len("ours-"):])
-    return compiled_if_named(model, spec["impl"])
-
-
-def memory_probe(spec: dict) -> float:
-    """Peak memory in MiB that ``spec``'s work allocates on top of weights and inputs (see module docstring)."""
-    device = torch.device(spec["device"])
-    amp = AMP_DTYPES[spec["dtype"]]
-    torch.manual_seed(0)
-    x = torch.randn(spec["batch_size"], *spec["input_size"], device=device)
-    if spec.get("onnx"):
-        from .onnx_runtime import OnnxModel
-        # no memory arena: the resident set then follows onnxruntime's live memory, as glibc's for PyTorch
-        session = OnnxModel(spec["onnx"], threads=torch.get_num_threads(), memory_arena=False)
-        images = x.numpy()
-        step = lambda: session.run_numpy(images)  # noqa: E731
-    elif spec["mode"] == "train":
-        model = _probe_model(spec).to(device)
-        target = torch.randint(0, max(getattr(model, "num_classes", 1), 1), (spec["batch_size"],), device=device)
-        step = make_train_step(model, x, target, amp, device)
-    else:
-        model = _probe_model(spec).to(device).eval()
-        if spec["impl"] == "ours-optimized":
-            from .optimize import optimize_for_inference
-            model = optimize_for_inference(model, amp, streams=spec.get("streams"))
-            step = make_infer_step(model, x, torch.float32, device)
-        else:
-            step = make_infer_step(model, x, amp, device)
-    return step_peak_memory(step, device, spec["iters"])
 
 
 # ---- the command -------------------------------------------------------------------------------------------------

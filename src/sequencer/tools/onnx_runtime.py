@@ -11,14 +11,17 @@ import json
 import logging
 import os
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 from torch import nn
 
-from ..engine.inference import LoadedModel
 from ..errors import SequencerError, optional_import
 from ..hardware import cpu_info
+
+if TYPE_CHECKING:
+    from ..engine.inference import LoadedModel
 
 _logger = logging.getLogger(__name__)
 
@@ -111,6 +114,10 @@ def load_onnx(path: str | os.PathLike, threads: int | None = None) -> LoadedMode
 
     Files without our metadata fall back to ImageNet preprocessing at the graph's input size.
     """
+    # here, not at the top: a memory probe's process runs an OnnxModel and needs none of the engine's data
+    # pipeline (timm, torchvision) that the engine's inference imports
+    from ..engine.inference import LoadedModel
+
     path = Path(path)
     if not path.is_file():
         raise SequencerError(f"`onnx={str(path)!r}` does not exist or is not a file")

@@ -74,7 +74,7 @@ def _proc_status_kib(field: str) -> int:
 
 
 def measure_peak_memory(spec: dict, probe: Callable[[dict], float], timeout: float = 900) -> float | None:
-    """Run ``probe(spec)`` (a module-level function, e.g. :func:`.benchmark.memory_probe`, that builds the work and
+    """Run ``probe(spec)`` (a module-level function, e.g. :func:`.benchmark_steps.memory_probe`, that builds the work and
     returns :func:`step_peak_memory` of it) in a fresh Python process (CPU) or in this one (CUDA); None if the
     probe fails or times out (a warning says why)."""
     if spec["device"] == "cuda":
