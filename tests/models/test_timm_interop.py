@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 import sequencer
+from sequencer.models.segmentation import Segmenter
 
 PE_TINY = dict(layers=(1, 1, 1, 1), embed_dims=(16, 16, 16, 16), hidden_sizes=(8, 8, 8, 8), img_size=28)
 
@@ -96,7 +97,7 @@ def test_layer_decay_reaches_the_trunk_inside_a_wrapper(make):
     assert stem[0] < first_block[0] < settings["stages.3.blocks.0.mlp_channels.fc1.weight"][0]
     assert len({scale for name, (scale, _) in settings.items() if name.startswith("stages.1.")}) == 1  # one block
     assert settings["absolute_pos_embed"] == (stem[0], 0.0)
-    if isinstance(module, sequencer.models.segmentation.Segmenter):
+    if isinstance(module, Segmenter):
         assert settings["head.classifier.weight"] == settings["backbone.levels.0.project.0.weight"] == (1.0, 0.05)
     module.set_grad_checkpointing(True)
     trunk = module.model if hasattr(module, "model") else module.backbone.trunk
