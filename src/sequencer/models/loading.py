@@ -2,8 +2,9 @@
 
 Supported files: the authors' release (``blocks.<stage>.<i>...``, ``head.weight``), timm's port
 (``stages.<s>...``, ``head.fc``), our own training checkpoints and timm train.py's (a dict with ``state_dict``
-and maybe ``state_dict_ema``; timm's names its model in ``args``), and ``.safetensors``. Pickles are only ever read with ``weights_only=True``. Every loader
-takes a checkpoint's weights as :func:`picked_weights` picks them: by default the ones its run evaluated.
+and maybe ``state_dict_ema``; timm's names its model in ``args``), and ``.safetensors``. Pickles are only ever
+read with ``weights_only=True``. Every loader takes a checkpoint's weights as :func:`picked_weights` picks them:
+by default the ones its run evaluated.
 """
 from __future__ import annotations
 
@@ -289,10 +290,9 @@ def recorded_probabilities(checkpoint: dict | None) -> str | None:
     recorded = checkpoint_metadata(checkpoint).get("probabilities")
     if recorded in PROBABILITIES:
         return recorded
-    args = (checkpoint or {}).get("args")
-    args = vars(args) if isinstance(args, argparse.Namespace) else args
-    if isinstance(args, dict) and isinstance(args.get("bce_loss"), bool):
-        return "sigmoid" if args["bce_loss"] else "softmax"
+    bce_loss = _saved_args(checkpoint or {}).get("bce_loss")
+    if isinstance(bce_loss, bool):
+        return "sigmoid" if bce_loss else "softmax"
     return None
 
 

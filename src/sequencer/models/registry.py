@@ -156,8 +156,8 @@ def create_model(
     (bicubic, antialiased: ``timm.layers.resample_abs_pos_embed``'s numbers).
     ``checkpoint_path`` loads a file that is the model, in any supported layout (the authors' release, timm's,
     our training checkpoints, safetensors): the head takes the file's class count (the stem its input channels),
-    and a ``num_classes`` of another count is an error (a new head starts from it as pretrained weights, above); a position embedding for
-    another token grid than ``img_size``'s keeps its own: the model is built at the file's size
+    and a ``num_classes`` of another count is an error (a new head starts from it as pretrained weights, above); a
+    position embedding for another token grid than ``img_size``'s keeps its own: the model is built at the file's size
     (``model_kwargs["img_size"]``; ``pretrained_cfg["input_size"]`` stays ``img_size``) and interpolates it once,
     in forward, to each input's grid, with a note. A model without a head (``num_classes=0``) ignores a file's
     head; a file without one leaves the model's fresh head, with a warning. What the
