@@ -1,6 +1,8 @@
 """Segmentation data: VOC and ADE20K layouts, the up-front checks of bad files, masks through the transforms."""
 from __future__ import annotations
 
+import colorsys
+
 import numpy as np
 import pytest
 import torch
@@ -8,8 +10,8 @@ from PIL import Image
 
 from segmentation_helpers import make_ade20k, make_voc, object_info, palette_png
 from sequencer.data.ade20k import ADE20K_CLASSES
-from sequencer.data.segmentation import (IGNORE_INDEX, EvalTransform, SegmentationDataset, eval_size_of, open_split,
-                                         read_mask, train_transform)
+from sequencer.data.segmentation import (IGNORE_INDEX, EvalTransform, SegmentationDataset, TrainTransform,
+                                         eval_size_of, open_split, read_mask, scaled_saturation)
 from sequencer.errors import SequencerError
 
 MEAN, STD = (0.5, 0.5, 0.5), (0.5, 0.5, 0.5)
@@ -32,7 +34,7 @@ def test_training_pairs_stay_aligned_through_the_augmentation(voc):
     """Geometry moves image and mask together: after random scale, crop, flip and photometric distortion the pixels
     labelled red-square are still the reddest (photometric changes keep the ordering of red minus blue)."""
     torch.manual_seed(0)
-    dataset = SegmentationDataset(open_split(voc, "train", num_classes=3), train_transform(32, MEAN, STD))
+    dataset = SegmentationDataset(open_split(voc, "train", num_classes=3), TrainTransform(32, MEAN, STD))
     red_minus_blue = {1: [], 2: []}
     for _ in range(3):
         for i in range(len(dataset)):
@@ -49,8 +51,8 @@ def test_training_pairs_stay_aligned_through_the_augmentation(voc):
 
 def test_crop_pads_small_images_with_ignore(voc):
     torch.manual_seed(0)
-    dataset = SegmentationDataset(open_split(voc, "train", num_classes=3), train_transform(200, MEAN, STD,
-                                                                                          (0.2, 0.2)))
+    dataset = SegmentationDataset(open_split(voc, "train", num_classes=3), TrainTransform(200, MEAN, STD,
+                                                                                         (0.2, 0.2)))
     image, mask = dataset[0]  # a 48 px image scaled to a 40 px short side, in a 200 px crop: mostly padding
     assert image.shape == (3, 200, 200)
     assert (mask == IGNORE_INDEX).float().mean() > 0.8
@@ -74,6 +76,84 @@ def test_eval_resize_caps_the_long_side_at_four_times_the_size():
     assert eval_size_of(300, 3000, 640) == (256, 2560)
     wide = EvalTransform(24, MEAN, STD).image(torch.zeros(3, 40, 200, dtype=torch.uint8))
     assert wide.shape == (3, 19, 96)  # factor min(96 / 200, 24 / 40) = 0.48; was (24, 120)
+
+
+def test_eval_resize_is_bilinear_without_antialiasing():
+    """As mmsegmentation's OpenCV resize (and the training resize): a 4x reduction samples between source columns
+    4x + 1 and 4x + 2 only. Columns 1 and 2 of every 4 at 200, the rest 0: each output is 200; antialiasing (used
+    before) averaged over ~8 columns, ~100."""
+    image = torch.zeros(3, 8, 32, dtype=torch.uint8)
+    image[..., 1::4] = image[..., 2::4] = 200
+    out = EvalTransform(2, (0, 0, 0), (1, 1, 1)).image(image)
+    assert out.shape == (3, 2, 8)
+    assert torch.allclose(out, torch.full_like(out, 200 / 255), atol=1 / 255), out[0]
+
+
+def test_training_resize_caps_the_long_side_as_evaluation_does():
+    """mmsegmentation's RandomResize(scale=(2048, 512), ratio_range, keep_ratio): a 10:1 image at ratio 1 is scaled
+    to a long side of 4 x crop (eval_size_of's rule), not to a short side of crop (which made it 32 x 320 before).
+    The rest of the crop is padding: 0 in the normalised image (the mean colour, as the peers pad, and as the
+    backbone pads its input; black before) and ignored in the mask."""
+    torch.manual_seed(0)
+    image, mask = TrainTransform(32, MEAN, STD, (1.0, 1.0))(torch.full((3, 40, 400), 255, dtype=torch.uint8),
+                                                            torch.ones(40, 400, dtype=torch.uint8))
+    rows = eval_size_of(40, 400, 32)[0]
+    assert rows == 13 and image.shape == (3, 32, 32) and mask.shape == (32, 32)
+    assert (mask[:rows] == 1).all() and (mask[rows:] == IGNORE_INDEX).all()
+    assert (image[:, rows:] == 0).all() and (image[:, :rows] > 0).all()
+
+
+def test_training_crop_redraws_windows_where_one_class_covers_most():
+    """RandomCrop(cat_max_ratio=0.75): a 32-px window of a 128-px wide mask, class 2 only in columns 56..71, is
+    redrawn (up to 10 times) until no class covers 75% of it; one draw passes in ~1 of 3, so without the redraws
+    about a third of the crops would hold both classes in proportion."""
+    mask = torch.ones(32, 128, dtype=torch.uint8)
+    mask[:, 56:72] = 2
+    mask[:, :8] = IGNORE_INDEX  # ignored pixels count for no class
+    transform = TrainTransform(32, MEAN, STD, (1.0, 1.0))
+    torch.manual_seed(0)
+    balanced = 0
+    for _ in range(30):
+        _, crop = transform(torch.zeros(3, 32, 128, dtype=torch.uint8), mask)
+        counts = torch.bincount(crop.flatten(), minlength=IGNORE_INDEX + 1)[:IGNORE_INDEX]
+        balanced += int((counts > 0).sum() > 1 and counts.max() < 0.75 * counts.sum())
+    assert balanced >= 27, balanced
+
+
+def test_photometric_distortion_is_mmsegmentations():
+    """PhotoMetricDistortion's operations: brightness adds U(-32, 32) (a black image brightens evenly, which a
+    multiplying factor never does), each step with probability 0.5 (most black images stay black), and hue
+    moves by whole steps of OpenCV's 180 (2 degrees), up to 36 degrees (ColorJitter(hue=0.05): 18 at most)."""
+    transform = TrainTransform(4, (0, 0, 0), (1, 1, 1), (1.0, 1.0))
+    mask = torch.ones(4, 4, dtype=torch.uint8)
+    torch.manual_seed(0)
+    black = [transform(torch.zeros(3, 4, 4, dtype=torch.uint8), mask)[0] for _ in range(100)]
+    assert all(torch.equal(b, torch.full_like(b, float(b[0, 0, 0]))) for b in black)  # one value added everywhere
+    # black stays black without a brightness step or with a darkening one: 3 in 4
+    assert 60 <= sum(float(b.max()) == 0 for b in black) <= 90
+    assert 24 / 255 < max(float(b.max()) for b in black) <= 32 * 1.5 / 255  # and a contrast step
+    dark_red = torch.zeros(3, 4, 4, dtype=torch.uint8)
+    dark_red[0] = 100  # clipped by none of the steps: brightness and contrast keep its hue
+    shifts = []
+    for _ in range(100):
+        r, g, b = (transform(dark_red, mask)[0][:, 0, 0] * 255).tolist()
+        hue = colorsys.rgb_to_hsv(r / 255, g / 255, b / 255)[0] * 360
+        shifts.append(hue - 360 if hue > 180 else hue)
+    assert all(abs(s / 2 - round(s / 2)) < 0.05 for s in shifts), shifts
+    assert max(abs(s) for s in shifts) > 20 and -36.01 < min(shifts) and max(shifts) < 34.01
+
+
+@pytest.mark.parametrize("factor", [0.5, 1.3, 3.0])
+def test_saturation_scales_hsv_saturation_keeping_hue_and_value(factor):
+    """PhotoMetricDistortion's saturation step multiplies HSV's S (capped at 1); torchvision's adjust_saturation blends
+    with grey instead, which changes the value too. Reference: the standard library's colorsys."""
+    pixels = torch.tensor([[200.0, 100, 50], [10, 250, 120], [90, 90, 90], [30, 0, 255]])
+    out = scaled_saturation(pixels.T.reshape(3, 4, 1), factor).reshape(3, 4).T
+    for before, after in zip(pixels.tolist(), out.tolist()):
+        h, s, v = colorsys.rgb_to_hsv(*(c / 255 for c in before))
+        h2, s2, v2 = colorsys.rgb_to_hsv(*(c / 255 for c in after))
+        assert (round(v2, 6), round(s2, 6)) == (round(v, 6), round(min(1.0, s * factor), 6)), (before, after)
+        assert s == 0 or abs(h2 - h) < 1e-6, (before, after)
 
 
 def test_ade20k_layout_reduces_the_zero_label(tmp_path):

@@ -10,9 +10,9 @@ Layouts (found by their folders):
   ``reduce_zero_label`` (on by default for this layout): 0 -> 255, k -> k-1.
 
 Mask value 255 is ignored everywhere (VOC's object borders). :func:`check_pairs` reads every mask once before a run
-starts, so a bad file is one line naming it before anything is written, not a crash hours later. Transforms are
-torchvision's ``transforms.v2`` on (``tv_tensors.Image``, ``tv_tensors.Mask``) pairs, so geometry applies to both
-and masks are resized with nearest-neighbour and padded with 255.
+starts, so a bad file is one line naming it before anything is written, not a crash hours later. The transforms
+(:class:`TrainTransform`, :class:`EvalTransform`) follow mmsegmentation's ADE20K / Pascal VOC pipelines, the numbers
+peers report: geometry applies to image and mask together, masks are resized nearest-neighbour and padded with 255.
 """
 from __future__ import annotations
 
@@ -231,8 +231,8 @@ def read_mask(path: str | os.PathLike, reduce_zero_label: bool, header: tuple = 
 
 # ---------------------------------------------------------------------------------------------- datasets
 class SegmentationDataset(torch.utils.data.Dataset):
-    """``(image, mask)`` samples of a :class:`SegmentationSplit` through ``transform`` (see :func:`train_transform`,
-    :func:`eval_transform`): image (3, H, W) float, mask (H', W') int64 with 255 = ignore."""
+    """``(image, mask)`` samples of a :class:`SegmentationSplit` through ``transform`` (see :class:`TrainTransform`,
+    :class:`EvalTransform`): image (3, H, W) float, mask (H', W') int64 with 255 = ignore."""
 
     def __init__(self, split: SegmentationSplit, transform=None):
         self.split = split
@@ -264,43 +264,31 @@ class SegmentationDataset(torch.utils.data.Dataset):
         return image_t.as_subclass(torch.Tensor), mask_t.as_subclass(torch.Tensor).long()
 
 
-def train_transform(crop: int, mean, std, scale_range: tuple[float, float] = (0.5, 2.0)):
-    """Training augmentation of an (image, mask) pair: the short side resized to ``crop`` x U(``scale_range``), a
-    random ``crop`` x ``crop`` window (padded with 0 / 255 where the image is smaller), a horizontal flip and
-    photometric distortion (brightness, contrast, saturation, hue), then normalisation."""
-    from torchvision import tv_tensors
-    from torchvision.transforms import v2
-
-    low, high = int(round(crop * scale_range[0])), int(round(crop * scale_range[1]))
-    return v2.Compose([
-        v2.RandomResize(max(1, low), max(low, high) + 1),
-        v2.RandomCrop(crop, pad_if_needed=True, fill={tv_tensors.Image: 0, tv_tensors.Mask: IGNORE_INDEX}),
-        v2.RandomHorizontalFlip(),
-        # mmsegmentation's PhotoMetricDistortion ranges; not v2.RandomPhotometricDistort, which also permutes the
-        # colour channels and so makes a red object blue
-        v2.ColorJitter(brightness=0.125, contrast=0.5, saturation=0.5, hue=0.05),
-        v2.ToDtype({tv_tensors.Image: torch.float32, tv_tensors.Mask: torch.int64}, scale=True),
-        v2.Normalize(mean, std),
-    ])
-
-
-# the evaluation's long side is at most this many times its short side: mmsegmentation's test resize of ADE20K and
-# Pascal VOC, scale (2048, 512) with keep_ratio, at other sizes (4 * size, size)
+# the long side is at most this many times the short side, in training (times the ratio drawn) and evaluation:
+# mmsegmentation's ADE20K and Pascal VOC scale (2048, 512) with keep_ratio, at other sizes (4 * size, size)
 LONG_SIDE_CAP = 4
 
 
+def rescaled_size(height: int, width: int, short: int, long: int) -> tuple[int, int]:
+    """(h, w) of an image of ``height`` x ``width`` scaled, aspect kept, so that its short side is ``short`` and its
+    long side at most ``long`` (an image more elongated than ``long / short`` gets a shorter short side), each side
+    rounded to the nearest pixel (1 at least): mmcv's ``imrescale`` with scale (``long``, ``short``)."""
+    scale = min(short / min(height, width), long / max(height, width))
+    return max(1, int(height * scale + 0.5)), max(1, int(width * scale + 0.5))
+
+
 def eval_size_of(height: int, width: int, size: int) -> tuple[int, int]:
-    """(h, w) an image of ``height`` x ``width`` is evaluated at: scaled, aspect kept, so that its short side is
-    ``size`` and its long side at most ``LONG_SIDE_CAP * size`` (an image wider than 4:1 gets a shorter short side),
-    each side rounded to the nearest pixel, as mmcv's ``imrescale`` does with mmsegmentation's scale (2048, 512)."""
-    scale = min(size / min(height, width), LONG_SIDE_CAP * size / max(height, width))
-    return int(height * scale + 0.5), int(width * scale + 0.5)
+    """(h, w) an image of ``height`` x ``width`` is evaluated at: short side ``size``, long side at most
+    ``LONG_SIDE_CAP * size`` (:func:`rescaled_size`; mmsegmentation's test resize, scale (2048, 512))."""
+    return rescaled_size(height, width, size, LONG_SIDE_CAP * size)
 
 
 class EvalTransform:
     """Evaluation: the image resized, aspect kept, to short side ``size`` with its long side at most 4 x ``size``
-    (:func:`eval_size_of`), and normalised; the mask is left at its own resolution, where metrics are computed
-    (predictions are resized back to it)."""
+    (:func:`eval_size_of`), bilinear without antialiasing (as mmsegmentation's OpenCV resize, and as
+    :class:`TrainTransform` resizes: the model is scored on images made as its training images were; antialiased
+    before 2026-12-07), and normalised; the mask is left at its own resolution, where metrics are computed (logits
+    are resized back to it, bilinear, before the argmax, as mmsegmentation does)."""
 
     def __init__(self, size: int, mean, std):
         self.size, self.mean, self.std = int(size), tuple(mean), tuple(std)
@@ -309,11 +297,126 @@ class EvalTransform:
         """(3, H, W) uint8 -> (3, h, w) float, normalised."""
         from torchvision.transforms.v2 import functional as F
 
-        resized = F.resize(image, list(eval_size_of(*image.shape[-2:], self.size)), antialias=True)
+        resized = F.resize(image, list(eval_size_of(*image.shape[-2:], self.size)), antialias=False)
         return F.normalize(F.to_dtype(resized, torch.float32, scale=True), self.mean, self.std)
 
     def __call__(self, image, mask):
         return self.image(image.as_subclass(torch.Tensor)), mask
+
+
+class TrainTransform:
+    """Training augmentation of an (image, mask) pair, mmsegmentation's ADE20K / Pascal VOC train pipeline:
+
+    1. resize, aspect kept, by a ratio r ~ U(``scale_range``): short side ``int(crop * r)``, long side at most
+       ``int(LONG_SIDE_CAP * crop * r)`` (:func:`rescaled_size`, the evaluation's rule; mmsegmentation's
+       ``RandomResize(scale=(2048, 512), ratio_range=(0.5, 2.0), keep_ratio=True)`` at crop 512), the image bilinear
+       without antialiasing (as OpenCV resizes there), the mask nearest-neighbour;
+    2. a random window of at most ``crop`` x ``crop``, drawn again (10 times at most, then the last draw is kept)
+       while one class covers ``cat_max_ratio`` or more of its labelled pixels, or it holds fewer than two classes
+       (``RandomCrop(cat_max_ratio=0.75)``; ignored pixels do not count);
+    3. a horizontal flip with probability 0.5;
+    4. :class:`PhotometricDistortion`;
+    5. normalisation, then padding on the right and bottom to ``crop`` x ``crop`` with 0 (the mean colour: the
+       peers pad the normalised image, as the backbone pads its input) and 255 (ignored) in the mask.
+
+    Called on (3, H, W) uint8 and (H, W) integer tensors (``tv_tensors`` too); returns (3, crop, crop) float32 and
+    (crop, crop) int64. Its random numbers are torch's (seeded per loader worker)."""
+
+    def __init__(self, crop: int, mean, std, scale_range: tuple[float, float] = (0.5, 2.0),
+                 cat_max_ratio: float = 0.75):
+        self.crop, self.mean, self.std = int(crop), tuple(mean), tuple(std)
+        self.scale_range, self.cat_max_ratio = tuple(scale_range), float(cat_max_ratio)
+        self.photometric = PhotometricDistortion()
+
+    def resized(self, image: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        from torchvision.transforms.v2 import InterpolationMode
+        from torchvision.transforms.v2 import functional as F
+
+        low, high = self.scale_range
+        ratio = low + (high - low) * float(torch.rand(()))
+        size = list(rescaled_size(*image.shape[-2:], max(1, int(self.crop * ratio)),
+                                  max(1, int(LONG_SIDE_CAP * self.crop * ratio))))
+        return (F.resize_image(image, size, InterpolationMode.BILINEAR, antialias=False),
+                F.resize_mask(mask[None], size)[0])
+
+    def window(self, mask: torch.Tensor) -> tuple[int, int, int, int]:
+        """(top, left, height, width) of the crop, drawn as step 2 says."""
+        height, width = mask.shape
+        h, w = min(self.crop, height), min(self.crop, width)
+        for attempt in range(11):
+            top = int(torch.randint(height - h + 1, ()))
+            left = int(torch.randint(width - w + 1, ()))
+            if self.cat_max_ratio >= 1 or attempt == 10:
+                break
+            counts = torch.bincount(mask[top:top + h, left:left + w].flatten().long(), minlength=IGNORE_INDEX + 1)
+            counts = counts[torch.arange(counts.numel()) != IGNORE_INDEX]
+            if (counts > 0).sum() > 1 and counts.max() < self.cat_max_ratio * counts.sum():
+                break
+        return top, left, h, w
+
+    def __call__(self, image: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        from torchvision.transforms.v2 import functional as F
+
+        image, mask = self.resized(image.as_subclass(torch.Tensor), mask.as_subclass(torch.Tensor))
+        top, left, h, w = self.window(mask)
+        image, mask = image[:, top:top + h, left:left + w], mask[top:top + h, left:left + w]
+        if torch.rand(()) < 0.5:
+            image, mask = image.flip(-1), mask.flip(-1)
+        image = F.normalize(self.photometric(image) / 255, self.mean, self.std)
+        pad = (0, self.crop - w, 0, self.crop - h)
+        return (torch.nn.functional.pad(image, pad, value=0.0),
+                torch.nn.functional.pad(mask.long(), pad, value=IGNORE_INDEX))
+
+
+class PhotometricDistortion:
+    """mmsegmentation's ``PhotoMetricDistortion`` (its defaults), on a (3, H, W) uint8 image -> float32 in 0..255.
+
+    Each step applies with probability 0.5: brightness, a value U(-32, 32) *added* to every channel; contrast, the
+    channels *multiplied* by U(0.5, 1.5) (about 0, not about the mean), either second or last (a coin); saturation,
+    HSV saturation times U(0.5, 1.5), capped at 1, hue and value kept (:func:`scaled_saturation`); hue, shifted by an
+    integer k in [-18, 17] of OpenCV's 180 hue steps, k / 180 of the colour circle (up to 36 degrees; torchvision's
+    ``ColorJitter(hue=0.05)``, used here before 2026-12-07, reached 18). Every step clips to 0..255. The same
+    operations and ranges, not the same pixels: computed in float, where mmsegmentation rounds down to uint8 after
+    each step and goes through OpenCV's 8-bit HSV. No channel swap (torchvision's ``RandomPhotometricDistort`` also
+    permutes the channels, which makes a red object blue)."""
+
+    brightness_delta = 32.0
+    contrast_range = (0.5, 1.5)
+    saturation_range = (0.5, 1.5)
+    hue_delta = 18  # of OpenCV's 180 hue steps
+
+    def __call__(self, image: torch.Tensor) -> torch.Tensor:
+        from torchvision.transforms.v2 import functional as F
+
+        def coin() -> bool:
+            return bool(torch.rand(()) < 0.5)
+
+        def uniform(low: float, high: float) -> float:
+            return low + (high - low) * float(torch.rand(()))
+
+        x = image.float()
+        if coin():
+            x = (x + uniform(-self.brightness_delta, self.brightness_delta)).clamp(0, 255)
+        contrast_first = coin()
+        if contrast_first and coin():
+            x = (x * uniform(*self.contrast_range)).clamp(0, 255)
+        if coin():
+            x = scaled_saturation(x, uniform(*self.saturation_range))
+        if coin():
+            steps = int(torch.randint(-self.hue_delta, self.hue_delta, ()))
+            x = F.adjust_hue(x / 255, steps / 180) * 255
+        if not contrast_first and coin():
+            x = (x * uniform(*self.contrast_range)).clamp(0, 255)
+        return x
+
+
+def scaled_saturation(image: torch.Tensor, factor: float) -> torch.Tensor:
+    """A (3, H, W) float RGB image with each pixel's HSV saturation times ``factor`` (capped at 1), its hue and value
+    kept: every channel's distance below the pixel's maximum is scaled by the same number."""
+    value = image.amax(0, keepdim=True)
+    chroma = value - image.amin(0, keepdim=True)
+    cap = torch.where(chroma > 0, value / chroma.clamp(min=1e-12), torch.full_like(value, factor))
+    return value - torch.minimum(cap, torch.full_like(cap, factor)) * (value - image)
 
 
 def voc_palette(n: int = 256) -> list[int]:

@@ -33,7 +33,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..data.loader_workers import workers_stopped_on_exit
-from ..data.segmentation import IGNORE_INDEX, SegmentationDataset, open_split, train_transform
+from ..data.segmentation import IGNORE_INDEX, SegmentationDataset, TrainTransform, open_split
 from ..errors import SequencerError
 from ..models.segmentation import create_segmenter, segmenter_from_config
 from . import distributed as dist_utils
@@ -273,7 +273,7 @@ def _build_run(cfg: SegmentConfig, state: RunState, info, model: nn.Module, trai
     data_config = segment_data_config(cfg.backbone, cfg.img_size, cfg.eval_size, cfg.eval_mode, cfg.stride,
                                       train_split.layout, train_split.reduce_zero_label)
     train_loader = create_loader(SegmentationDataset(train_split), None, cfg.batch_size, is_training=True,
-                                 transform=train_transform(cfg.img_size, data_config["mean"], data_config["std"]),
+                                 transform=TrainTransform(cfg.img_size, data_config["mean"], data_config["std"]),
                                  num_workers=cfg.workers, distributed=info.distributed, device=info.device,
                                  seed=cfg.seed, drop_last=True, normalize_on_device=False)
     evals = eval_loader(val_split, data_config, cfg.workers, info.device, distributed=info.distributed)
