@@ -269,10 +269,12 @@ def test_reference_macs_count_attention_products():
 
 
 def test_benchmark_onnx_alone_runs_the_files_head_and_claims_no_agreement(tmp_path):
-    """--onnx without --checkpoint: ours is the file's architecture with its class count (not a 1000-class head),
-    with random weights, so the file's top-1 agreement with ours is not reported (it would compare with noise)."""
+    """--onnx without --checkpoint: ours is the file's model, its architecture with the arguments it records (here
+    narrower than the registry's sequencer2d_nano, which the rows' parameters and GMACs gave: 0.58M for 0.02M) and its
+    class count (not a 1000-class head), with random weights, so the file's top-1 agreement with ours is not
+    reported (it would compare with noise)."""
     torch.manual_seed(0)
-    model = create_model("sequencer2d_nano", num_classes=3)
+    model = create_model("sequencer2d_nano", num_classes=3, embed_dims=(16, 24, 24), hidden_sizes=(4, 6, 6))
     torch.nn.init.normal_(model.head.fc.weight, std=0.5)
     checkpoint = tmp_path / "nano.pth"
     torch.save({"version": 1, "arch": "sequencer2d_nano", "model_kwargs": dict(model.model_kwargs),
@@ -287,7 +289,9 @@ def test_benchmark_onnx_alone_runs_the_files_head_and_claims_no_agreement(tmp_pa
     rows = {r["impl"]: r for r in report["results"]}
     assert report["model"] == "sequencer2d_nano" and report["input_size"] == [3, 16, 16]
     assert report["head_classes"] == 3
-    assert rows["ours"]["params_m"] == pytest.approx(sum(p.numel() for p in model.parameters()) / 1e6)
+    params, gmacs = sum(p.numel() for p in model.parameters()) / 1e6, count_macs(model, (3, 16, 16)) / 1e9
+    for row in rows.values():
+        assert (row["params_m"], row["gmacs"]) == (pytest.approx(params), pytest.approx(gmacs))
     assert rows["ort-fp32"]["top1_agreement_vs_ours"] is None
     # with the checkpoint the file was exported from, ours holds its weights and the agreement means something
     assert main(["benchmark", "--checkpoint", str(checkpoint), "--img-size", "16", *common]) == 0

@@ -138,8 +138,9 @@ def run(args: argparse.Namespace) -> int:
     config = {**model_config(loaded.checkpoint), "arch": arch,
               "model_kwargs": dict(getattr(model, "model_kwargs", {}) or {}),
               "class_names": loaded.class_names, "data_config": data_config, "trained_size": loaded.trained_size}
-    meta = {"arch": arch, "class_names": loaded.class_names or [], "data_config": data_config,
-            "input_size": list(input_size), "trained_size": loaded.trained_size}
+    # model_kwargs: what `benchmark --onnx` builds the file's model with, beside it
+    meta = {"arch": arch, "model_kwargs": config["model_kwargs"], "class_names": loaded.class_names or [],
+            "data_config": data_config, "input_size": list(input_size), "trained_size": loaded.trained_size}
     if loaded.probabilities:  # predict --onnx turns the logits into probabilities as predict --checkpoint does
         meta["probabilities"] = config["probabilities"] = loaded.probabilities
     out = Path(args.output)

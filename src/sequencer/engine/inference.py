@@ -65,12 +65,13 @@ def refuse_segmentation_checkpoint(checkpoint: dict | None, source: str) -> None
 def load_model(checkpoint: str = "", model: str | None = None, pretrained: bool = False,
                num_classes: int | None = None, img_size: int | None = None,
                input_size: tuple[int, int, int] | None = None, use_ema: bool | None = None,
-               device: torch.device | str = "cpu") -> LoadedModel:
+               device: torch.device | str = "cpu", model_kwargs: dict | None = None) -> LoadedModel:
     """The model a checkpoint (ours, the release's, timm's or .safetensors) and/or a model name describe, in eval
     mode on ``device``, with its class names and preprocessing; SequencerError (one line) on bad input. The
     arguments are the model flags of ``sequencer validate``, ``predict``, ``export``... (``--use-ema`` /
     ``--no-ema`` are ``use_ema=True`` / ``False``; by default a checkpoint's weights are those its run evaluated:
-    ``models.loading.picked_weights``)."""
+    ``models.loading.picked_weights``). ``model_kwargs``: the architecture arguments of a model built by name
+    without a checkpoint (what an ONNX file of ours records, for ``benchmark --onnx``)."""
     path = str(checkpoint or "")
     checkpoint = read_checkpoint(path) if path else None
     meta = checkpoint_metadata(checkpoint)
@@ -92,6 +93,8 @@ def load_model(checkpoint: str = "", model: str | None = None, pretrained: bool 
         raise SequencerError(f"checkpoint {path!r} names the model {name!r}, which is not one of ours "
                              f"({e.hint or e.message})", hint="pass `model=NAME`") from None
     kwargs = dict(meta.get("model_kwargs") or {}) if meta.get("arch") == name else {}
+    if checkpoint is None:
+        kwargs = dict(model_kwargs or {})
     for k in ("drop_rate", "drop_path_rate"):
         kwargs.pop(k, None)
     class_names = [class_name(n) for n in meta["class_names"]] if meta.get("class_names") else None

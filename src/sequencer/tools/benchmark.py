@@ -212,6 +212,40 @@ def load_onnx_impls(args: BenchmarkSettings) -> dict[str, nn.Module]:
     return impls
 
 
+def files_model_kwargs(args: BenchmarkSettings, impls: dict[str, nn.Module]) -> dict | None:
+    """The architecture arguments ours is built with where it is the first --onnx file's model (no `checkpoint`
+    nor `pretrained`; the file's `model`): the ones the file records, so that ours, its parameters and GMACs are the
+    file's model's and not the registry's defaults of its name (a run's `model_kwargs`: other layers or widths).
+    None otherwise, with a note for a file that records none (an export from before they were recorded)."""
+    from .onnx_runtime import metadata_json
+
+    first = next(iter(impls.values()), None)
+    if first is None or args.checkpoint or args.pretrained or first.metadata.get("arch") != args.model:
+        return None
+    kwargs = metadata_json(first, "model_kwargs")
+    if not isinstance(kwargs, dict):
+        _logger.info(f"note: {first.path.name} does not record its model's arguments (exported before they were "
+                     f"recorded): ours is the registry's {args.model}, whose parameters and GMACs the rows give; "
+                     f"pass the `checkpoint` the file was exported from to have the file's")
+        return None
+    return kwargs
+
+
+def _file_figures(setup: _Setup, onnx_model) -> tuple[int, float | None]:
+    """(parameters, forward MACs per image) of the model an --onnx file records (its `arch` and `model_kwargs`,
+    built on the meta device), which need not be ours (a `checkpoint` of another model); ours' for a file that
+    records no model arguments."""
+    from ..models import create_model
+    from .onnx_runtime import metadata_json
+
+    arch, kwargs = onnx_model.metadata.get("arch"), metadata_json(onnx_model, "model_kwargs")
+    if not arch or not isinstance(kwargs, dict):
+        return sum(p.numel() for p in setup.model.parameters()), setup.macs
+    with torch.device("meta"):
+        model = create_model(arch, **kwargs).eval()
+    return sum(p.numel() for p in model.parameters()), _forward_macs(model, setup.input_size)
+
+
 def _holds_exported_weights(args: BenchmarkSettings) -> bool:
     """Whether ours can hold the weights an --onnx file was exported from: without a checkpoint or the released
     weights, ours is freshly initialised and its answers say nothing about the file's."""
@@ -265,7 +299,8 @@ def _prepare(args: BenchmarkSettings) -> _Setup:
     torch.manual_seed(args.seed)
     onnx_models = load_onnx_impls(args)
     loaded = load_model(args.checkpoint, model=args.model, pretrained=args.pretrained, num_classes=args.num_classes,
-                        img_size=args.img_size, input_size=args.input_size, use_ema=args.use_ema, device=device)
+                        img_size=args.img_size, input_size=args.input_size, use_ema=args.use_ema, device=device,
+                        model_kwargs=files_model_kwargs(args, onnx_models))
     model, name = loaded.model, loaded.name
     arch = getattr(model, "model_name", None) or name  # the registered architecture (an hf-hub: name's too)
     if args.compare_timm and arch not in TIMM_MODELS:
@@ -362,10 +397,10 @@ def _result(setup: _Setup, mode: str, impl: str, times: list[float], module: nn.
 
 def _row_figures(setup: _Setup, impl: str, module: nn.Module) -> tuple[str, int, float | None]:
     """(dtype it ran in, parameters, forward MACs per image) of one row: an ONNX file runs in its own precision
-    (int8, float16 or float32, whatever ``amp_dtype`` says), and a ``ref-`` row is another model with its own counts."""
+    (int8, float16 or float32, whatever ``amp_dtype`` says) and counts the model it records (:func:`_file_figures`),
+    and a ``ref-`` row is another model with its own counts."""
     if impl in setup.onnx_models:
-        return module.precision, sum(p.numel() for p in setup.model.parameters()), \
-            setup.macs
+        return (module.precision, *_file_figures(setup, module))
     if impl.startswith("ref-"):
         return setup.args.amp_dtype, sum(p.numel() for p in module.parameters()), \
             reference_macs(setup.args.reference_model, setup.input_size)

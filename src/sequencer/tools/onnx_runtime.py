@@ -25,7 +25,7 @@ if TYPE_CHECKING:
 
 _logger = logging.getLogger(__name__)
 
-METADATA_KEYS = ("arch", "class_names", "data_config", "input_size", "trained_size", "probabilities")
+METADATA_KEYS = ("arch", "model_kwargs", "class_names", "data_config", "input_size", "trained_size", "probabilities")
 
 
 def ort_session(path: str | os.PathLike, threads: int | None = None, memory_arena: bool = True,
@@ -102,7 +102,8 @@ class OnnxModel(nn.Module):
         return torch.from_numpy(self.run_numpy(array)).to(images.device)
 
 
-def _metadata_json(model: OnnxModel, key: str):
+def metadata_json(model: OnnxModel, key: str):
+    """The JSON value of ``model``'s metadata entry ``key`` (None where it has none)."""
     try:
         return json.loads(model.metadata[key]) if key in model.metadata else None
     except ValueError:
@@ -124,17 +125,17 @@ def load_onnx(path: str | os.PathLike, threads: int | None = None) -> LoadedMode
     model = OnnxModel(path, threads)
     data_config = dict(mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225), crop_pct=0.875,
                        interpolation="bicubic")
-    data_config.update(_metadata_json(model, "data_config") or {})
-    input_size = _metadata_json(model, "input_size") or model.input_shape[1:]
+    data_config.update(metadata_json(model, "data_config") or {})
+    input_size = metadata_json(model, "input_size") or model.input_shape[1:]
     if not all(isinstance(d, int) for d in input_size):
         raise SequencerError(f"{str(path)!r} has no fixed input size", hint="export it with `sequencer export`")
-    class_names = _metadata_json(model, "class_names") or None
+    class_names = metadata_json(model, "class_names") or None
     if class_names is None and model.num_classes == 1000:
         from ..data.imagenet_classes import IMAGENET_CLASSES
         class_names = list(IMAGENET_CLASSES)
     name = model.metadata.get("arch") or path.stem
     # the class names stand in for a checkpoint's, so validate maps a dataset's class folders onto them
-    trained_size = _metadata_json(model, "trained_size")  # None in files written before it was recorded
+    trained_size = metadata_json(model, "trained_size")  # None in files written before it was recorded
     # None in an export of ours from before it was recorded; a file not written by `sequencer export`: softmax
     probabilities = model.metadata.get("probabilities") or (None if "arch" in model.metadata else "softmax")
     return LoadedModel(model, name, class_names, tuple(input_size), data_config,
@@ -144,7 +145,7 @@ def load_onnx(path: str | os.PathLike, threads: int | None = None) -> LoadedMode
 
 def note_other_cpu(model: OnnxModel) -> None:
     """A logged warning when an int8 file was quantised for another CPU class than this one's."""
-    made_for = (_metadata_json(model, "int8_settings") or {}).get("cpu_class")
+    made_for = (metadata_json(model, "int8_settings") or {}).get("cpu_class")
     here = cpu_info().cpu_class
     if made_for and made_for != here:
         _logger.warning(f"note: {model.path.name} was quantised for {made_for} CPUs, this one is {here}; re-export "
