@@ -33,6 +33,15 @@ def test_validate_without_data_uses_the_checkpoints_folder(tmp_path, capsys):
     assert abs(got["top1"] - logged) < 1e-3
     assert abs(sequencer.validate(ckpt, progress=False)["top1"] - logged) < 1e-3
 
+    # a checkpoint from before the entry was recorded (its data only in its run's args): `checkpoint average`
+    # keeps the record the args give, so its average too is evaluated on that data (it was refused: no record)
+    older = {k: v for k, v in torch.load(ckpt, weights_only=True).items() if k != "data"}
+    torch.save(older, tmp_path / "older.pth.tar")
+    assert main(["checkpoint", "average", str(tmp_path / "older.pth.tar"), str(folder / "last.pth.tar"),
+                 "-o", str(tmp_path / "avg.pth")]) == 0
+    assert main(["validate", "--checkpoint", str(tmp_path / "avg.pth"), "--results-file", str(results)]) == 0
+    assert abs(json.loads(results.read_text())["top1"] - logged) < 1e-3
+
     data.rename(tmp_path / "moved")
     capsys.readouterr()
     assert main(["validate", "--checkpoint", str(ckpt)]) == 2

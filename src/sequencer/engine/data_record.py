@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 from ..data.splits import split_by_keys
 from ..errors import SequencerError
-from ..models.loading import checkpoint_metadata
+from ..models.loading import checkpoint_metadata, recorded_training_data
 
 
 @dataclass
@@ -71,8 +71,7 @@ EVALUATE_ON_DATA = "pass `data`, the images to evaluate the `checkpoint` on"
 def recorded_data(checkpoint: dict | None, source: str) -> RecordedData:
     """The data ``checkpoint`` (named ``source`` in messages) was trained and evaluated on; SequencerError (one
     line) when it does not say, or when its folder no longer exists."""
-    meta = checkpoint_metadata(checkpoint)
-    record = meta.get("data") or _record_from_args(meta.get("args"))
+    record = recorded_training_data(checkpoint)
     if not record:
         raise SequencerError(f"{source} does not record the data it was trained on: `data` is needed",
                              hint=EVALUATE_ON_DATA)
@@ -86,14 +85,6 @@ def recorded_data(checkpoint: dict | None, source: str) -> RecordedData:
         raise SequencerError(f"{source} was trained on {found.root or 'a dataset'!s}, which no longer exists "
                              f"here: `data` is needed", hint=EVALUATE_ON_DATA)
     return found
-
-
-def _record_from_args(args) -> dict | None:
-    """The record of a checkpoint written before checkpoints had one: its training flags (DATA as given)."""
-    if not isinstance(args, dict) or not ("data" in args or "dataset" in args):
-        return None
-    dataset = args.get("dataset") or ("" if args.get("data") else "digits")
-    return {"dataset": dataset, "root": args.get("data"), "split": args.get("val_split") or "validation"}
 
 
 def recorded_held_out(checkpoint: dict | None) -> RecordedData | None:

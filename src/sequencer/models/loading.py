@@ -274,11 +274,14 @@ def _timm_train_record(args: dict) -> dict:
 
 
 def model_config(checkpoint: dict) -> dict:
-    """The :data:`CONFIG_KEYS` entries a checkpoint has (JSON-safe), ``probabilities`` also where its run's settings
-    say it (a training checkpoint from before it was recorded)."""
+    """The :data:`CONFIG_KEYS` entries a checkpoint has (JSON-safe), ``probabilities`` and ``data`` also where its
+    run's settings say them (a training checkpoint from before they were recorded), so that a cleaned or averaged
+    file keeps them."""
     config = {k: v for k, v in checkpoint_metadata(checkpoint).items() if k in CONFIG_KEYS and v is not None}
     probabilities = recorded_probabilities(checkpoint)
-    return dict(config, probabilities=probabilities) if probabilities else config
+    trained_on = recorded_training_data(checkpoint)  # an older checkpoint's from its run's settings too
+    return dict(config, **({"probabilities": probabilities} if probabilities else {}),
+                **({"data": trained_on} if trained_on else {}))
 
 
 def recorded_probabilities(checkpoint: dict | None) -> str | None:
@@ -324,9 +327,18 @@ def recorded_ignored_classes(checkpoint: dict | None) -> list[str]:
 
 def recorded_training_data(checkpoint: dict | None) -> dict | None:
     """The data a checkpoint's run trained and evaluated on (its ``data`` entry: root, held-out split, the files
-    carved out by ``--val-fraction``; see `sequencer.engine.data_record`), or None when it records none."""
-    record = checkpoint_metadata(checkpoint).get("data")
-    return dict(record) if isinstance(record, dict) and record else None
+    carved out by ``--val-fraction``; see `sequencer.engine.data_record`), or None when it records none. A training
+    checkpoint of ours from before the entry was recorded: the record its run's settings (``args``) give, DATA as
+    it was given."""
+    meta = checkpoint_metadata(checkpoint)
+    record = meta.get("data")
+    if isinstance(record, dict) and record:
+        return dict(record)
+    args = meta.get("args")
+    if not isinstance(args, dict) or not ("data" in args or "dataset" in args):
+        return None
+    return {"dataset": args.get("dataset") or ("" if args.get("data") else "digits"), "root": args.get("data"),
+            "split": args.get("val_split") or "validation"}
 
 
 def jsonable(value):
