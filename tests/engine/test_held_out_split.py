@@ -130,7 +130,8 @@ def test_val_fraction_is_refused_where_data_has_its_own_held_out_split(data, tmp
 
 def test_validate_finds_files_carved_from_a_train_folder(data, tmp_path, capsys):
     """DATA with only train/: `validate DATA --checkpoint` evaluates the held-out files of train/ (there is no
-    val/ to find by name)."""
+    val/ to find by name); so does `validate --onnx` of its export, with DATA or without (given train/, it
+    evaluated all 24 images, 18 of them training images, with no word of it; given DATA, it refused)."""
     only_train = tmp_path / "only_train"
     only_train.mkdir()
     (only_train / "train").symlink_to(data / "train", target_is_directory=True)
@@ -140,4 +141,11 @@ def test_validate_finds_files_carved_from_a_train_folder(data, tmp_path, capsys)
     results = tmp_path / "r.json"
     assert main(["validate", str(only_train), "--checkpoint", str(tmp_path / "t" / "last.pth.tar"), "--device", "cpu",
                  "-j", "0", "--results-file", str(results)]) == 0
-    assert json.loads(results.read_text())["count"] == 6
+    got = json.loads(results.read_text())
+    assert got["count"] == 6
+    onnx = tmp_path / "t.onnx"
+    assert main(["export", "--checkpoint", str(tmp_path / "t" / "last.pth.tar"), "-o", str(onnx)]) == 0
+    for data_arg in ([str(only_train / "train")], [str(only_train)], []):
+        assert main(["validate", *data_arg, "--onnx", str(onnx), "-j", "0", "--results-file", str(results)]) == 0
+        from_onnx = json.loads(results.read_text())
+        assert from_onnx["count"] == 6 and abs(from_onnx["top1"] - got["top1"]) < 1e-3

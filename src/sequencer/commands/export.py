@@ -138,9 +138,12 @@ def run(args: argparse.Namespace) -> int:
     config = {**model_config(loaded.checkpoint), "arch": arch,
               "model_kwargs": dict(getattr(model, "model_kwargs", {}) or {}),
               "class_names": loaded.class_names, "data_config": data_config, "trained_size": loaded.trained_size}
-    # model_kwargs: what `benchmark --onnx` builds the file's model with, beside it
+    # model_kwargs: what `benchmark --onnx` builds the file's model with, beside it; the record of the training data
+    # (`data`, `ignored_classes`), so that `validate --onnx` leaves out what `validate --checkpoint` leaves out (the
+    # images a --val-fraction run trained on, the folders its class map left out)
     meta = {"arch": arch, "model_kwargs": config["model_kwargs"], "class_names": loaded.class_names or [],
-            "data_config": data_config, "input_size": list(input_size), "trained_size": loaded.trained_size}
+            "data_config": data_config, "input_size": list(input_size), "trained_size": loaded.trained_size,
+            **{k: config[k] for k in ("data", "ignored_classes") if config.get(k)}}
     if loaded.probabilities:  # predict --onnx turns the logits into probabilities as predict --checkpoint does
         meta["probabilities"] = config["probabilities"] = loaded.probabilities
     out = Path(args.output)

@@ -125,7 +125,7 @@ def validate(checkpoint: str | os.PathLike = "", data=None, *, model: str | nn.M
             return _dataset(data, dataset, split, class_map, dataset_download, dist_info)
 
         loaded, split_set, dataset = _model_and_split(load_the_model, open_split, user_split, data, dataset, split,
-                                                      checkpoint, (bool(checkpoint) and load is None) or in_memory,
+                                                      checkpoint, bool(checkpoint) or load is not None or in_memory,
                                                       dist_info)
         loaded.model = _prepared(loaded.model, prepare, torchcompile)
         overrides = dict(mean=mean, std=std, crop_pct=crop_pct, interpolation=interpolation)
@@ -147,8 +147,8 @@ def _model_and_split(load_the_model: Callable[[], LoadedModel], open_split, user
                      split: str, checkpoint, model_first: bool, dist_info: DistInfo) -> tuple:
     """(the loaded model, the split to evaluate, ``dataset``), each read in the order that lets a mistake fail
     before the slow part: a caller's Dataset (``user_split``) is used as given; no data: the data the checkpoint
-    records, known once it is read; ``model_first`` (a ``checkpoint`` file, or a module in memory carrying its
-    checkpoint's record) on an existing folder: the model first, as its run may have carved the held-out split from
+    records, known once it is read; ``model_first`` (a ``checkpoint`` file, an exported file ``load`` reads, or a
+    module in memory carrying its checkpoint's record) on an existing folder: the model first, as its run may have carved the held-out split from
     the training split of this very folder (``val_fraction``); else the data first, so a missing folder does not
     wait for (or download) the model's weights. Files the checkpoint's run trained on are left out of a named
     folder's split."""

@@ -25,7 +25,8 @@ if TYPE_CHECKING:
 
 _logger = logging.getLogger(__name__)
 
-METADATA_KEYS = ("arch", "model_kwargs", "class_names", "data_config", "input_size", "trained_size", "probabilities")
+METADATA_KEYS = ("arch", "model_kwargs", "class_names", "data_config", "input_size", "trained_size", "probabilities",
+                 "data", "ignored_classes")
 
 
 def ort_session(path: str | os.PathLike, threads: int | None = None, memory_arena: bool = True,
@@ -134,12 +135,14 @@ def load_onnx(path: str | os.PathLike, threads: int | None = None) -> LoadedMode
         from ..data.imagenet_classes import IMAGENET_CLASSES
         class_names = list(IMAGENET_CLASSES)
     name = model.metadata.get("arch") or path.stem
-    # the class names stand in for a checkpoint's, so validate maps a dataset's class folders onto them
+    # the class names stand in for a checkpoint's, so validate maps a dataset's class folders onto them; the record of
+    # the data its run trained on too, so validate evaluates that data and leaves out what the checkpoint's path does
+    record = {"class_names": class_names} if class_names else {}
+    record.update({key: value for key in ("data", "ignored_classes") if (value := metadata_json(model, key))})
     trained_size = metadata_json(model, "trained_size")  # None in files written before it was recorded
     # None in an export of ours from before it was recorded; a file not written by `sequencer export`: softmax
     probabilities = model.metadata.get("probabilities") or (None if "arch" in model.metadata else "softmax")
-    return LoadedModel(model, name, class_names, tuple(input_size), data_config,
-                       {"class_names": class_names} if class_names else None,
+    return LoadedModel(model, name, class_names, tuple(input_size), data_config, record or None,
                        trained_size=int(trained_size) if trained_size else None, probabilities=probabilities)
 
 
