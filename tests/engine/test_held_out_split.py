@@ -112,6 +112,11 @@ def test_val_fraction_carves_a_stratified_split_that_validate_and_resume_reuse(d
                      "--results-file", str(results)]) == 0
         got = json.loads(results.read_text())
         assert got["count"] == 6 and abs(got["top1"] - logged) < 1e-3
+    # so does the resolution sweep at its size (it evaluated all 24 images, 18 of them training images)
+    assert main(["resolution-sweep", str(data / "train"), "--checkpoint", str(folder / "model_best.pth.tar"),
+                 "--sizes", "16", "-j", "0", "--device", "cpu", "-o", str(tmp_path / "sweep")]) == 0
+    row = (tmp_path / "sweep" / "resolution.csv").read_text().splitlines()[1].split(",")
+    assert int(row[-1]) == 6 and abs(float(row[1]) - logged) < 1e-3
 
     # a resume (another --seed would carve other files) holds out the same files
     rc, out, err = _run(capsys, data / "train", *TINY_RUN, "--epochs", "2", "--seed", "7",

@@ -22,6 +22,8 @@ from ..errors import SequencerError
 from ..models import create_model, get_model_entry
 from ..models.loading import checkpoint_metadata, picked_weights, read_checkpoint, recorded_probabilities
 from ..models.registry import ReadCheckpoint
+from .data_record import keep_held_out_files, trained_on_all_of
+from .guest import warn
 
 _logger = logging.getLogger(__name__)
 
@@ -264,17 +266,32 @@ def read_images(files: list[Path], transform) -> tuple[list[Path], list[torch.Te
 
 
 def eval_loader(root: str, split: str, loaded: LoadedModel, input_size, batch_size: int, workers: int, device,
-                crop_pct: float | None = None):
+                crop_pct: float | None = None, notes: bool = True):
     """Eval loader over ``root``'s ``split`` (or its class folders) with the model's preprocessing at
     ``input_size`` (``crop_pct`` replaces the model's); the split is labelled with the model's classes (by name where
-    the checkpoint has names)."""
-    dataset = create_dataset("", root=root, split=split)
+    the checkpoint has names), and only its held-out files are kept where the checkpoint's run carved them from it
+    (:func:`held_out_files_only`, which says so unless ``notes=False``), as validate keeps them."""
+    dataset = held_out_files_only(create_dataset("", root=root, split=split), loaded, notes)
     label_with_model_classes(dataset, loaded)
     cfg = loaded.data_config
     return create_loader(dataset, tuple(input_size), batch_size, is_training=False, mean=cfg["mean"], std=cfg["std"],
                          crop_pct=cfg["crop_pct"] if crop_pct is None else crop_pct,
                          interpolation=cfg["interpolation"], num_workers=workers,
                          device=device)
+
+
+def held_out_files_only(split_set, loaded: LoadedModel, notes: bool = True):
+    """The split, or only the held-out files of it when the checkpoint's run carved them from it (`val_fraction`),
+    with a note; a warning where its run trained on all of it (no held-out split). ``notes=False`` (a rank other
+    than the first) says nothing."""
+    split_set, kept = keep_held_out_files(split_set, loaded.checkpoint)
+    if kept and notes:
+        _logger.info(f"note: evaluating the {len(split_set)} images the checkpoint's run held out of "
+                     f"{split_set.root} (`val_fraction`), not the ones it trained on")
+    if trained_on_all_of(split_set, loaded.checkpoint) and notes:
+        warn(f"the checkpoint was trained on all of {split_set.root}: these are its training images, "
+             f"not held-out ones")
+    return split_set
 
 
 def relative_error(actual: torch.Tensor, reference: torch.Tensor) -> float:

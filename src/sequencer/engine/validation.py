@@ -25,9 +25,9 @@ from ..models.loading import checkpoint_metadata
 from .amp import autocast_dtype, dtype_name
 from .distributed import DistInfo, process_group
 from .evaluate import evaluate
-from .data_record import carved_from, keep_held_out_files, recorded_data, trained_on_all_of
-from .guest import caller_rng_kept, compile_warning_filter_undone, console, warn
-from .inference import LoadedModel, check_input_size, label_with_model_classes, load_model
+from .data_record import carved_from, recorded_data
+from .guest import caller_rng_kept, compile_warning_filter_undone, console
+from .inference import LoadedModel, check_input_size, held_out_files_only, label_with_model_classes, load_model
 from .user_data import check_float32_weights, module_name, wrap_dataset
 
 _logger = logging.getLogger(__name__)
@@ -165,7 +165,7 @@ def _model_and_split(load_the_model: Callable[[], LoadedModel], open_split, user
     else:
         split_set = open_split(data, dataset, split)
         loaded = load_the_model()
-    return loaded, _held_out_files_only(split_set, loaded, dist_info), dataset
+    return loaded, held_out_files_only(split_set, loaded, dist_info.is_primary), dataset
 
 
 def _prepared(model: nn.Module, prepare: Callable[[nn.Module], nn.Module] | None, torchcompile: str | None):
@@ -185,18 +185,6 @@ def _checkpoint_data(loaded: LoadedModel, checkpoint, split: str, dist_info: Dis
         _logger.info(f"note: no DATA given: evaluating on the data {source} was trained on "
                      f"({recorded.root or recorded.dataset}, split {split!r})")
     return recorded.root, recorded.dataset, split
-
-
-def _held_out_files_only(split_set, loaded: LoadedModel, dist_info: DistInfo):
-    """The split, or only the held-out files of it when the checkpoint's run carved them from it (--val-fraction)."""
-    split_set, kept = keep_held_out_files(split_set, loaded.checkpoint)
-    if kept and dist_info.is_primary:
-        _logger.info(f"note: evaluating the {len(split_set)} images the checkpoint's run held out of "
-                     f"{split_set.root} (`val_fraction`), not the ones it trained on")
-    if trained_on_all_of(split_set, loaded.checkpoint) and dist_info.is_primary:
-        warn(f"the checkpoint was trained on all of {split_set.root}: these are its training images, "
-             f"not held-out ones")
-    return split_set
 
 
 def _in_memory(model: nn.Module, img_size: int | None, input_size, device: torch.device) -> LoadedModel:

@@ -76,7 +76,8 @@ def resolution_sweep(loaded: LoadedModel, data: str, split: str, sizes: list[int
     the model's eval preprocessing at that size; logs a line per size (INFO)."""
     rows = []
     for size in sizes:
-        loader = eval_loader(data, split, loaded, (loaded.input_size[0], size, size), batch_size, workers, device)
+        loader = eval_loader(data, split, loaded, (loaded.input_size[0], size, size), batch_size, workers, device,
+                             notes=size == sizes[0])
         m = evaluate(loaded.model, loader, device)
         rows.append(dict(img_size=size, top1=round(m["top1"], 3), top5=round(m["top5"], 3),
                          loss=round(m["loss"], 5), count=m["count"]))
