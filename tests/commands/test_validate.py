@@ -97,6 +97,10 @@ def test_paper_style_flags_and_csv_results(tmp_path):
     assert len(rows) == 1 and rows[0]["count"] == "12"
     assert rows[0]["amp"] == ("bfloat16" if onednn_bf16_supported() else "")
     assert 0 <= float(rows[0]["top1"]) <= 100
+    # so does --fast, which runs a bfloat16 copy there (its results said "", a float32 evaluation)
+    assert main(["validate", str(tmp_path / "data"), "--checkpoint", str(tmp_path / "ckpt.pth.tar"), "--fast",
+                 "--input-size", "3", "8", "8", "--split", "val", "-j", "0", "--results-file", str(results)]) == 0
+    assert list(csv.DictReader(results.open()))[0]["amp"] == ("bfloat16" if onednn_bf16_supported() else "")
 
 
 def test_one_channel_input_on_an_rgb_checkpoint_averages_its_recorded_statistics(tmp_path, capsys):

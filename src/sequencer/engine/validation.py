@@ -55,7 +55,7 @@ class ValidationResult:
     interpolation: str
     images: int
     unreadable: int
-    amp: str
+    amp: str  # the reduced precision it computed in: autocast's dtype, or a bfloat16 `prepare` (--fast); "" float32
     device: str
     # which of the checkpoint's weights were evaluated: "ema", "model", or None where the file does not say
     # (``use_ema``; by default the ones its run evaluated)
@@ -134,6 +134,7 @@ def validate(checkpoint: str | os.PathLike = "", data=None, *, model: str | nn.M
             _note_the_runs_autocast(loaded, eval_dtype)
         metrics = _evaluate(loaded, split_set, overrides, batch_size, workers, eval_dtype, dataset, dist_info,
                             tensors=user_data and split_set.tensors)
+        metrics["amp"] = metrics["amp"] or _reduced_precision(loaded.model)
         results = ValidationResult(
             model=loaded.name, checkpoint=os.fspath(checkpoint) if checkpoint else ("pretrained" if pretrained
                                                                                    else ""), **metrics,
@@ -173,6 +174,14 @@ def _prepared(model: nn.Module, prepare: Callable[[nn.Module], nn.Module] | None
     if prepare is not None:
         model = prepare(model)
     return torch.compile(model, backend=torchcompile) if torchcompile else model
+
+
+def _reduced_precision(model: nn.Module) -> str:
+    """The reduced precision a prepared model computes in without autocast, by name (``prepare``'s
+    ``optimize_for_inference`` copy in bfloat16: its ``dtype``; ``--fast`` on a CPU with bf16 kernels); "" for
+    float32."""
+    dtype = getattr(model, "dtype", None)
+    return dtype_name(dtype) if isinstance(dtype, torch.dtype) and dtype != torch.float32 else ""
 
 
 def _checkpoint_data(loaded: LoadedModel, checkpoint, split: str, dist_info: DistInfo) -> tuple:
@@ -302,6 +311,7 @@ def log_results(results: ValidationResult) -> None:
                  f"Acc@5 {results.top5:.3f} ({results.top5_err:.3f})")
     size = f"{results.param_count / 1e6:.2f}M params" if results.param_count else "ONNX"
     size += {"ema": ", EMA weights", "model": ", raw model weights"}.get(results.weights, "")
+    size += f", {results.amp}" if results.amp else ""
     _logger.info(f"model {results.model} ({size}) at {results.img_size}px on {results.dataset}: {results.images} "
                  f"images, loss {results.loss:.4f}, {results.images_per_sec:.1f} images/s"
                  + (f", {results.unreadable} unreadable skipped" if results.unreadable else ""))
