@@ -249,6 +249,8 @@ def test_validate_onnx_equals_validate_checkpoint(digits_model, digits_onnx, tmp
     # int8 keeps every confident answer (first test) and at most 1% of the images are not confident
     assert abs(int8["top1"] - ckpt["top1"]) <= 1.0 + 1e-9 and fp32["onnx"] == str(fp32_path)
     assert fp32["param_count"] is None and ckpt["param_count"] > 0  # not "0.00M params" (issue 19)
+    # each names the precision it ran in (the int8 file's said "", a float32 evaluation)
+    assert (ckpt["amp"], fp32["amp"], int8["amp"]) == ("", "", "int8")
 
 
 def test_predict_onnx_matches_checkpoint(digits_model, digits_onnx, capsys):

@@ -55,7 +55,7 @@ class ValidationResult:
     interpolation: str
     images: int
     unreadable: int
-    amp: str  # the reduced precision it computed in: autocast's dtype, or a bfloat16 `prepare` (--fast); "" float32
+    amp: str  # the reduced precision it ran in: autocast's, a bfloat16 `prepare`'s (--fast), an ONNX file's; "": fp32
     device: str
     # which of the checkpoint's weights were evaluated: "ema", "model", or None where the file does not say
     # (``use_ema``; by default the ones its run evaluated)
@@ -178,10 +178,13 @@ def _prepared(model: nn.Module, prepare: Callable[[nn.Module], nn.Module] | None
 
 def _reduced_precision(model: nn.Module) -> str:
     """The reduced precision a prepared model computes in without autocast, by name (``prepare``'s
-    ``optimize_for_inference`` copy in bfloat16: its ``dtype``; ``--fast`` on a CPU with bf16 kernels); "" for
-    float32."""
+    ``optimize_for_inference`` copy in bfloat16: its ``dtype``; ``--fast`` on a CPU with bf16 kernels; an ONNX file
+    of float16 or int8: its ``precision``); "" for float32."""
     dtype = getattr(model, "dtype", None)
-    return dtype_name(dtype) if isinstance(dtype, torch.dtype) and dtype != torch.float32 else ""
+    if isinstance(dtype, torch.dtype):
+        return dtype_name(dtype) if dtype != torch.float32 else ""
+    precision = getattr(model, "precision", None)
+    return precision if isinstance(precision, str) and precision != "float32" else ""
 
 
 def _checkpoint_data(loaded: LoadedModel, checkpoint, split: str, dist_info: DistInfo) -> tuple:
