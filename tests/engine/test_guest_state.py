@@ -343,6 +343,23 @@ def call_export_onnx(env, progress):
             dict(model=model, metadata=metadata))
 
 
+def call_validate_segmenter_compiled(env, progress):
+    """The caller's module with a part it compiled itself (its head; dynamo traces it, with the eager backend)."""
+    model = caller_segmenter()
+    model.head = torch.compile(model.head, backend="eager")
+    return (lambda: sequencer.validate_segmenter(data=env["voc"], model=model, eval_size=32, device="cpu"),
+            dict(model=model))
+
+
+def call_benchmark_compiled(env, progress):
+    """``run_benchmark`` with ``torchcompile`` (its twins compiled with the eager backend here: no code generation),
+    a module documented for Python callers beside the command (docs/package.md)."""
+    from sequencer.tools.benchmark import BenchmarkSettings, run_benchmark
+    settings = BenchmarkSettings(model="sequencer2d_nano", img_size=16, batch_size=2, torchcompile=True, device="cpu",
+                                 num_warmup=0, num_iter=1, memory_iter=0, gemm_size=32)
+    return lambda: run_benchmark(settings), dict(settings=settings)
+
+
 def call_list_models(env, progress):
     return lambda: sequencer.list_models("sequencer2d*"), {}
 
@@ -358,8 +375,12 @@ CALLS = {  # each public entry point that does work, by how a caller uses it
     # beside sequencer.__all__: the documented loaders and exports
     "create_model(checkpoint)": call_create_model_checkpoint, "load_model": call_load_model, "export": call_export,
     "export(onnx int8)": call_export_onnx,
+    "benchmark(compiled)": call_benchmark_compiled,
+    "validate_segmenter(model=module, compiled)": call_validate_segmenter_compiled,
 }
-BEYOND_ALL = {"load_model", "export"}
+BEYOND_ALL = {"load_model", "export", "benchmark"}
+# calls in which dynamo traces a module (torch.compile, torch.export): torch 2.6's adds a warning filter there
+TRACED = {"validate(model=module, compiled)", "validate_segmenter(model=module, compiled)", "benchmark(compiled)"}
 WITH_PROGRESS = {"train", "train_segmenter", "validate(model=module)", "validate(checkpoint)"}
 # a new module's initial weights come from torch's generator, as torch.nn's own layers' do
 DRAWS_WEIGHTS = {"create_model", "create_backbone", "create_segmenter", "create_model(checkpoint)", "load_model"}
@@ -372,12 +393,39 @@ def test_every_public_entry_point_that_does_work_is_covered():
     assert set(sequencer.__all__) - data_only == covered - BEYOND_ALL
 
 
+@pytest.fixture
+def dynamo_of_torch_2_6(monkeypatch):
+    """Dynamo as torch 2.6's (the declared floor): each frame it looks at adds ``ignore`` for torch.distributed's
+    UserWarnings to the process's warning filters (torch 2.7 on adds it only while it looks); torch.compile's
+    default backend is the eager one (no code generated). The frames it looked at."""
+    from torch._dynamo import convert_frame
+
+    looked_at, looks = [], convert_frame.has_tensor_in_frame
+
+    def has_tensor_in_frame(frame):
+        warnings.filterwarnings("ignore", category=UserWarning, module="torch.distributed")
+        looked_at.append(frame)
+        return looks(frame)
+
+    monkeypatch.setattr(convert_frame, "has_tensor_in_frame", has_tensor_in_frame)
+    compiles = torch.compile
+
+    def compile(model, **kwargs):  # the eager backend: dynamo traces, nothing is generated
+        return compiles(model, **{"backend": "eager", **kwargs})
+
+    monkeypatch.setattr(torch, "compile", compile)
+    torch._dynamo.reset()  # frames compiled by earlier tests are looked at again
+    return looked_at
+
+
 @pytest.mark.parametrize("name, progress", [(name, False) for name in CALLS] +
                          [(name, True) for name in CALLS if name in WITH_PROGRESS])
-def test_a_call_leaves_the_process_and_the_callers_objects_as_they_were(name, progress, env, capfd):
+def test_a_call_leaves_the_process_and_the_callers_objects_as_they_were(name, progress, env, capfd,
+                                                                       dynamo_of_torch_2_6):
     printed = checked_call(name, progress, env, capfd)
     if not progress:
         assert printed == ("", ""), f"{name} printed with progress=False"
+    assert bool(dynamo_of_torch_2_6) == (name in TRACED)  # where dynamo traced, its filter was added
 
 
 @pytest.mark.parametrize("progress", [False, True])

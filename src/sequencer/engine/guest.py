@@ -1,5 +1,6 @@
 """The library as a guest in the caller's process: what :func:`sequencer.train` and :func:`sequencer.validate`
-show on the console, and the caller's random state, kept (its modules: :mod:`sequencer.models.caller_module`).
+show on the console, and the caller's random state and warning filters, kept (its modules:
+:mod:`sequencer.models.caller_module`).
 
 Messages are records of the ``"sequencer"`` logger (progress and notes at INFO, problems at WARNING); notes a Python
 user may want to filter are ``warnings.warn`` (:func:`warn`). What :func:`console` changes is undone when the call
@@ -155,28 +156,11 @@ def _dynamos_filter(entry: tuple) -> bool:
 
 
 @contextlib.contextmanager
-def compile_warning_filter_undone():
-    """Run the body (which may torch.compile the caller's module), then take out of the process's warning filters the
-    one torch 2.6's dynamo puts there at every frame it compiles, process-wide (ignore torch.distributed's
-    UserWarnings; torch 2.7 on scopes it to the compile). Where the caller had it before, it keeps its place."""
-    before = list(warnings.filters)
-    try:
-        yield
-    finally:
-        after = list(warnings.filters)
-        if after != before and any(_dynamos_filter(f) for f in after):
-            kept = [f for f in after if not _dynamos_filter(f)]
-            for index, entry in enumerate(before):
-                if _dynamos_filter(entry):
-                    kept.insert(index, entry)
-            warnings.resetwarnings()  # public, and it tells the warnings module its filters changed
-            warnings.filters[:] = kept
-
-
-@contextlib.contextmanager
-def caller_rng_kept():
-    """Run the body, then give ``random``, ``numpy.random`` and torch's CPU and CUDA generators back the state they
-    had before (CUDA first used inside the body is reseeded with the caller's torch seed)."""
+def caller_state_kept():
+    """Run the body (a library entry point's work), then give back the process state it may change on the way: the
+    state of ``random``, ``numpy.random`` and torch's CPU and CUDA generators (CUDA first used inside the body is
+    reseeded with the caller's torch seed), and the warning filters as far as dynamo changed them
+    (:func:`_dynamos_filter_undone`: the body may torch.compile or torch.export a module, ours or the caller's)."""
     import torch
 
     from .checkpoint import get_rng_state, set_rng_state
@@ -184,9 +168,26 @@ def caller_rng_kept():
     saved = get_rng_state()
     seed = torch.initial_seed()
     cuda_was_initialized = torch.cuda.is_available() and torch.cuda.is_initialized()
+    filters = list(warnings.filters)
     try:
         yield
     finally:
         set_rng_state(saved)
         if not cuda_was_initialized and torch.cuda.is_available() and torch.cuda.is_initialized():
             torch.cuda.manual_seed_all(seed)
+        _dynamos_filter_undone(filters)
+
+
+def _dynamos_filter_undone(before: list) -> None:
+    """Take out of the process's warning filters the one torch 2.6's dynamo puts there at every frame it traces
+    (torch.compile's and torch.export's), process-wide (ignore torch.distributed's UserWarnings; torch 2.7 on scopes
+    it to the trace), unless the caller had it in ``before`` (the filters when the call began), where it keeps its
+    place."""
+    after = list(warnings.filters)
+    if after != before and any(_dynamos_filter(f) for f in after):
+        kept = [f for f in after if not _dynamos_filter(f)]
+        for index, entry in enumerate(before):
+            if _dynamos_filter(entry):
+                kept.insert(index, entry)
+        warnings.resetwarnings()  # public, and it tells the warnings module its filters changed
+        warnings.filters[:] = kept

@@ -40,7 +40,7 @@ from . import distributed as dist_utils
 from .amp import dtype_name
 from .checkpoint import get_rng_state, load_optimizer_state, resume_position
 from .config import RunState, checked_callbacks, checked_settings, explicit_settings, given_settings
-from .guest import caller_rng_kept, console, warn
+from .guest import caller_state_kept, console, warn
 from .inert_flags import NEW_RUN_WEIGHTS, inert_note
 from .loop import (EpochProgress, batch_split, buffer_names, callbacks_ask_to_stop, current_lr, must_stop,
                    recovery_progress, recovery_state, resumed_progress, state_buffers, training_checkpoint)
@@ -91,7 +91,7 @@ def run_segmentation(cfg: SegmentConfig, state: RunState | None = None) -> Segme
     """What ``segment train`` runs: :func:`train_segmenter` with the command's signals (a signal's stop is returned,
     ``exit_code`` 128 + signal, never raised or handed on)."""
     state = state if state is not None else RunState()
-    with console(not state.quiet), caller_rng_kept(), workers_stopped_on_exit():
+    with console(not state.quiet), caller_state_kept(), workers_stopped_on_exit():
         check_segment_config(cfg)
         with claimed_process_group(cfg.device, state) as info:
             return _train(cfg, state, info)

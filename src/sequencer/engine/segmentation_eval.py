@@ -32,7 +32,7 @@ from ..models.caller_module import caller_module_kept
 from ..models.loading import checkpoint_metadata, extract_state_dict, read_checkpoint
 from ..models.segmentation import Segmenter, segmenter_from_config
 from .distributed import DistInfo, process_group
-from .guest import caller_rng_kept
+from .guest import caller_state_kept
 from .user_data import check_float32_weights
 
 _logger = logging.getLogger(__name__)
@@ -315,7 +315,7 @@ def validate_segmenter(checkpoint: str | os.PathLike = "", data: str | os.PathLi
     resolve_device(device)  # a bad `device` is one line before a process group is joined
     if model is not None:
         check_float32_weights(model, "validate_segmenter")
-    with caller_rng_kept(), caller_module_kept(model), workers_stopped_on_exit(), process_group(device) as info:
+    with caller_state_kept(), caller_module_kept(model), workers_stopped_on_exit(), process_group(device) as info:
         loaded, dev = (_in_memory(model, device, info) if model is not None
                        else (load_segmenter(os.fspath(checkpoint), info.device), info.device))
         data_split, cfg = _split_and_settings(loaded, data, split, eval_size, in_memory=model is not None)
@@ -380,7 +380,7 @@ def predict_files(checkpoint: str, files: list[Path], output: str, *, overlay: b
         raise SequencerError(f"`output={output!r}` is a file, not a folder", hint="pass a folder for the masks")
     _check_mask_names(files, out)
     dev = resolve_device(device)
-    with caller_rng_kept():
+    with caller_state_kept():
         loaded = load_segmenter(checkpoint, dev)
     cfg = loaded.data_config
     settings = inference_settings(cfg, eval_mode, stride, dev)

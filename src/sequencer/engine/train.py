@@ -40,7 +40,7 @@ from .distributed import print_on_primary
 from . import inert_flags, timm_habits
 from .amp import autocast_dtype
 from .checkpoint import load_optimizer_state, resume_position
-from .guest import caller_rng_kept, compile_warning_filter_undone, console, warn
+from .guest import caller_state_kept, console, warn
 from .train_data import TrainData, build_data
 from .data_record import evaluated_data, evaluated_weights
 from .config import RunState, TrainConfig, checked_callbacks, explicit_settings, resolve_config
@@ -124,8 +124,7 @@ def train(config: TrainConfig | str | os.PathLike | None = None, /, *, callbacks
     state.datasets = explicit.pop("data") if isinstance(explicit.get("data"), (tuple, list)) else None
 
     def run() -> TrainResult:
-        with console(progress), caller_rng_kept(), caller_module_kept(state.module, tensors=False), \
-                compile_warning_filter_undone():
+        with console(progress), caller_state_kept(), caller_module_kept(state.module, tensors=False):
             return run_training(resolve_config(explicit, state), state)
 
     return as_library_call(run, state, "training")

@@ -28,7 +28,7 @@ import torch
 from torch import nn
 
 from ..engine.amp import autocast_dtype, dtype_name
-from ..engine.guest import caller_rng_kept
+from ..engine.guest import caller_state_kept
 from ..engine.inference import resolve_device
 from ..errors import SequencerError
 from ..hardware import cpu_info
@@ -115,7 +115,7 @@ def _own(model: nn.Module, mode: str) -> nn.Module:
     return copy.deepcopy(model) if mode == "train" else model
 
 
-@caller_rng_kept()  # it seeds and draws its models and inputs: the caller's generators are given back their state
+@caller_state_kept()  # it seeds and draws its models and inputs, and compiles twins: the caller's state is given back
 def run_backbone_benchmark(args: BenchmarkSettings) -> dict:
     """Every row in every mode of ``args`` (see the module docstring) -> a JSON-ready report."""
     if not args.model:

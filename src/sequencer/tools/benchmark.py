@@ -33,7 +33,7 @@ import torch
 from torch import nn
 
 from ..engine.amp import AMP_DTYPES, autocast_dtype, dtype_name
-from ..engine.guest import caller_rng_kept
+from ..engine.guest import caller_state_kept
 from ..engine.inference import check_input_size, load_model, relative_error, resolve_device
 from ..errors import SequencerError
 from ..hardware import cpu_info
@@ -269,7 +269,7 @@ class _Setup:
     onnx_models: dict[str, nn.Module]  # --onnx files, {"ort-fp32" / "ort-fp16" / "ort-int8": OnnxModel}
 
 
-@caller_rng_kept()  # it seeds and draws its models and inputs: the caller's generators are given back their state
+@caller_state_kept()  # it seeds and draws its models and inputs, and compiles twins: the caller's state is given back
 def run_benchmark(args: BenchmarkSettings) -> dict:
     """Time and measure ``args``' implementations; ``amp_dtype`` follows the one autocast rule
     (`sequencer.engine.amp.autocast_dtype`), and the report names the dtype that ran."""
@@ -431,7 +431,7 @@ def reference_macs(name: str, input_size: tuple[int, int, int]) -> int | None:
             with torch.device("meta"):
                 model = timm.create_model(name, pretrained=False)
         except (RuntimeError, NotImplementedError):
-            with caller_rng_kept():  # its random init draws no numbers from the caller's generators
+            with caller_state_kept():  # its random init draws no numbers from the caller's generators
                 model = timm.create_model(name, pretrained=False).to("meta")
         model.eval()
         counter = FlopCounterMode(display=False)

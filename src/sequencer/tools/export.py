@@ -36,7 +36,7 @@ import torch
 from torch import nn
 
 from ..data.class_folders import find_images
-from ..engine.guest import caller_rng_kept
+from ..engine.guest import caller_state_kept
 from ..engine.inference import eval_transform, read_images, relative_error
 from ..engine.user_data import check_float32_weights
 from ..errors import SequencerError, optional_import
@@ -293,7 +293,7 @@ def export_safetensors(model: nn.Module, path: str | os.PathLike, config: dict, 
             stored = {k: f.get_tensor(k) for k in f.keys()}
             stored["__metadata__"] = f.metadata() or {}
         meta = model_config(stored)
-        with caller_rng_kept():  # its initial weights, overwritten below, are drawn from none of the caller's draws
+        with caller_state_kept():  # its initial weights, overwritten below, are drawn from none of the caller's draws
             rebuilt = create_model(meta["arch"], **meta.get("model_kwargs", {})).eval()
         load_state_dict_into(rebuilt, {k: v for k, v in stored.items() if k != "__metadata__"}, source=str(path))
         with torch.no_grad():
