@@ -141,6 +141,35 @@ def test_pretrained_weights_with_another_head_start_a_new_head_with_a_warning(tm
     torch.testing.assert_close(model.forward_features(source[1]), source[0].forward_features(source[1]))
 
 
+def test_an_overlays_num_classes_and_input_size_describe_the_weights_as_in_timm(tmp_path, source, tiny_kwargs):
+    """timm's pretrained_cfg_overlay describes the weights: its ``num_classes`` is the model's class count when
+    the call names none (the file's 5-class head loaded; it was a 1000-class model with a fresh head and a cfg saying
+    5), ``-1`` a head that is never loaded, even one of the model's shape; its ``input_size`` gives the input
+    channels (a 1-channel stem built, not one adapted to 3). Malformed values are refused in one line."""
+    torch.save(source[0].state_dict(), tmp_path / "five.pth")
+    overlay = dict(file=str(tmp_path / "five.pth"))
+    model = sequencer.create_model("sequencer2d_s", pretrained=True, **tiny_kwargs,
+                                   pretrained_cfg_overlay=dict(overlay, num_classes=5)).eval()
+    assert model.num_classes == 5 and model.pretrained_cfg["num_classes"] == 5
+    _assert_same_logits(model, source)
+    fresh = sequencer.create_model("sequencer2d_s", pretrained=True, num_classes=5, **tiny_kwargs,
+                                   pretrained_cfg_overlay=dict(overlay, num_classes=-1))
+    assert fresh.num_classes == 5 and torch.count_nonzero(fresh.get_classifier().weight) == 0
+    assert fresh.pretrained_cfg["num_classes"] == 5
+    torch.manual_seed(0)
+    gray = sequencer.create_model("sequencer2d_s", in_chans=1, num_classes=5, **tiny_kwargs)
+    torch.save(gray.state_dict(), tmp_path / "gray.pth")
+    loaded = sequencer.create_model("sequencer2d_s", pretrained=True, **tiny_kwargs, pretrained_cfg_overlay=dict(
+        file=str(tmp_path / "gray.pth"), num_classes=5, input_size=(1, 28, 28)))
+    assert loaded.pretrained_cfg["input_size"] == (1, 28, 28)
+    torch.testing.assert_close(loaded.stem.proj.weight, gray.stem.proj.weight, rtol=0, atol=0)
+    for bad, line in ((dict(num_classes="5"), "`num_classes='5'` is not a whole number"),
+                      (dict(input_size=224), r"`input_size=224` is not \(channels, height, width\)")):
+        with pytest.raises(SequencerError, match=line):
+            sequencer.create_model("sequencer2d_s", pretrained=True, **tiny_kwargs,
+                                   pretrained_cfg_overlay=dict(overlay, **bad))
+
+
 def test_other_mismatch_lists_the_offending_keys(tmp_path, source, tiny_kwargs):
     state = source[0].state_dict()
     del state["norm.weight"]

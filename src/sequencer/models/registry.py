@@ -174,24 +174,29 @@ def create_model(
     ``use_ema`` picks a training checkpoint's weights (``loading.picked_weights``): None (default) the ones its run
     evaluated and logged, True its EMA weights where it has them, False its raw model's.
     ``features_only`` returns a module giving per-stage NCHW feature maps (``out_indices`` picks stages).
-    ``pretrained_cfg_overlay`` replaces fields of the model's ``pretrained_cfg`` (e.g. ``url``, ``sha256``).
+    ``pretrained_cfg_overlay`` replaces fields of the model's ``pretrained_cfg`` (e.g. ``url``, ``sha256``); as in
+    timm, its ``num_classes`` and ``input_size`` describe the weights, and give the model its class count and input
+    channels where the arguments give none (a negative ``num_classes``: the weights' head is never loaded).
     ``overrides`` replace architecture arguments (e.g. ``union="add"``, ``proj_drop_rate=0.1``).
     Bad names and arguments raise SequencerError.
     """
     entry = get_model_entry(name)
     cfg = copy.deepcopy(entry.pretrained_cfg)
     cfg.update(pretrained_cfg_overlay or {})
+    overlay_chans, overlay_classes = _overlay_defaults(pretrained_cfg_overlay or {})
     local = cfg.get("file") if pretrained and not checkpoint_path and cfg.get("source") != "hf-hub" else None
     weights = _read_weights(checkpoint_path or local, use_ema, "pretrained weights" if local else "checkpoint")
     the_model = bool(weights) and not local  # the file is the model: its head's, stem's and embedding's sizes
     if in_chans is None:
-        in_chans = (the_model and stem_channels(weights.state)) or int(entry.weights_args.get("in_chans", 3))
+        in_chans = ((the_model and stem_channels(weights.state)) or overlay_chans
+                    or int(entry.weights_args.get("in_chans", 3)))
     user_kwargs = dict(entry.weights_args, **overrides, in_chans=in_chans, drop_rate=drop_rate,
                        drop_path_rate=drop_path_rate)
+    if num_classes is None:
+        num_classes = head_rows(weights.state) if the_model else None
+    num_classes = overlay_classes if num_classes is None else num_classes
     if num_classes is not None:
         user_kwargs["num_classes"] = num_classes
-    elif the_model and head_rows(weights.state) is not None:
-        user_kwargs["num_classes"] = head_rows(weights.state)
     if img_size is not None:
         user_kwargs["img_size"] = int(img_size)
         cfg["input_size"] = (in_chans, int(img_size), int(img_size))
@@ -204,7 +209,7 @@ def create_model(
     kwargs = dict(entry.kwargs, **user_kwargs)
     _check_keywords(name, entry.cls, kwargs)
     model = entry.cls(**kwargs)  # its refused values raise ArgumentValueError; anything else is a bug: traceback
-    classes = user_kwargs.get("num_classes")
+    classes = getattr(model, "num_classes", user_kwargs.get("num_classes"))
     if classes is not None and classes != cfg.get("num_classes"):
         cfg.pop("label_names", None)  # the weights' class names name another head's outputs
         cfg.pop("label_descriptions", None)
@@ -219,9 +224,24 @@ def create_model(
         load_state_dict_into(model, weights.state, source=weights.source, new_head=bool(local))
         _take_the_files_record(model, weights.checkpoint, in_chans, img_size is not None, pretrained_cfg_overlay,
                                the_model)
+    if pretrained and not the_model and (pretrained_cfg_overlay or {}).get("num_classes", 0) < 0 and classes:
+        model.reset_classifier(classes)  # as timm: weights whose head is no class count's never give theirs
     if features_only:
         model = FeatureExtractor(model, out_indices)
     return model
+
+
+def _overlay_defaults(overlay: dict) -> tuple[int | None, int | None]:
+    """(input channels, class count) that a ``pretrained_cfg_overlay`` gives the model where the caller names
+    neither, as timm's: its ``input_size``'s channels, its ``num_classes`` (the weights' own; a negative count, a
+    head that is no class count's, gives none). SequencerError for a value of another kind."""
+    size, classes = overlay.get("input_size"), overlay.get("num_classes")
+    if size is not None and not (isinstance(size, (tuple, list)) and len(size) == 3
+                                 and all(isinstance(v, int) and v > 0 for v in size)):
+        raise SequencerError(f"pretrained_cfg_overlay: `input_size={size!r}` is not (channels, height, width)")
+    if classes is not None and (isinstance(classes, bool) or not isinstance(classes, int)):
+        raise SequencerError(f"pretrained_cfg_overlay: `num_classes={classes!r}` is not a whole number")
+    return (size[0] if size else None), (classes if classes is not None and classes >= 0 else None)
 
 
 class _Weights(NamedTuple):
