@@ -212,7 +212,8 @@ def env(tmp_path_factory):
                                  Blobs(4, 1, pil=True)), **QUICK, output=str(root), experiment="c", progress=False)
     segmenter = sequencer.train_segmenter(voc, **TINY_SEGMENT, backbone_kwargs=TINY_BACKBONE, output=str(root),
                                           experiment="s", progress=False)
-    return dict(root=root, voc=voc, classifier=classifier.checkpoint, segmenter=segmenter.checkpoint)
+    return dict(root=root, voc=voc, classifier=classifier.checkpoint, segmenter=segmenter.checkpoint,
+                segmenter_loss=segmenter.summary[0]["train_loss"])
 
 
 def call_train(env, progress):
@@ -467,6 +468,49 @@ def checked_call(name: str, progress: bool, env, capfd):
 
 def _same(a, b) -> bool:
     return torch.equal(a, b) if isinstance(a, torch.Tensor) else a == b
+
+
+# ---------------------------------------------------------------------------- the caller's modes
+@contextlib.contextmanager
+def callers_modes():
+    """A caller's thread-local modes around the call: inference mode (no gradients) and bfloat16 autocast."""
+    with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16):
+        yield
+
+
+class Spy(nn.Module):
+    """A classifier that records, per forward, (training, gradients on, its logits' dtype)."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(3 * 16 * 16, 2)
+        self.seen = set()
+
+    def forward(self, x):
+        logits = self.fc(x.flatten(1))
+        self.seen.add((self.training, torch.is_grad_enabled(), logits.dtype))
+        return logits
+
+
+def test_a_training_runs_as_its_settings_say_inside_the_callers_no_grad_and_autocast(env):
+    """``train`` and ``train_segmenter`` called inside the caller's ``torch.inference_mode()`` (or ``no_grad``) and
+    ``torch.autocast`` blocks train as their own settings say: with gradients (their backward raised 'element 0 of
+    tensors does not require grad'), in float32 without ``amp`` (the caller's autocast trained in bfloat16)."""
+    torch.manual_seed(0)
+    model = Spy()
+    with callers_modes():
+        sequencer.train(model=model, data=(Blobs(8, 0, pil=True), Blobs(4, 1, pil=True)), img_size=16, **QUICK,
+                        output=str(env["root"]), experiment=f"modes-{next(RUNS)}", progress=False)
+        segmented = sequencer.train_segmenter(env["voc"], **TINY_SEGMENT, backbone_kwargs=TINY_BACKBONE,
+                                              output=str(env["root"]), experiment=f"modes-{next(RUNS)}",
+                                              progress=False)
+    assert model.seen == {(True, True, torch.float32), (False, False, torch.float32)}
+    assert segmented.summary[0]["train_loss"] == env["segmenter_loss"]  # the same run as outside the blocks
+    segmenter, dtypes = caller_segmenter().eval(), []
+    segmenter.head.register_forward_hook(lambda module, args, out: dtypes.append(out.dtype))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        sequencer.validate_segmenter(data=env["voc"], model=segmenter, eval_size=32, device="cpu")
+    assert set(dtypes) == {torch.float32}
 
 
 # ---------------------------------------------------------------------------- a module moved for evaluation

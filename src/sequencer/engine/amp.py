@@ -1,4 +1,5 @@
-"""The one rule for the autocast dtype of training, evaluation and benchmarks (`autocast_dtype`)."""
+"""The one rule for the autocast dtype of training, evaluation and benchmarks (`autocast_dtype`), and the autocast
+that training and evaluation run under (`autocast`)."""
 from __future__ import annotations
 
 import logging
@@ -17,6 +18,12 @@ AMP_DTYPES = {name: getattr(torch, name) for name in AMP_DTYPE_NAMES}
 def dtype_name(dtype: torch.dtype | None) -> str | None:
     """An autocast dtype as runs record it, ``AMP_DTYPES``' name ("bfloat16"), or None for none (plain float32)."""
     return str(dtype).removeprefix("torch.") if dtype is not None else None
+
+
+def autocast(device_type: str, dtype: torch.dtype | None):
+    """The run's autocast: to ``dtype`` (``autocast_dtype``'s result), or none at all for None, plain float32 also
+    inside a caller's own ``torch.autocast`` block (a library call keeps to its own ``amp`` setting)."""
+    return torch.autocast(device_type, dtype=dtype or torch.float32, enabled=dtype is not None)
 
 
 def autocast_dtype(requested: str | torch.dtype | None, device: torch.device | str,

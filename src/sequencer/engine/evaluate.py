@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .amp import autocast_dtype
+from .amp import autocast, autocast_dtype
 
 _logger = logging.getLogger(__name__)
 
@@ -36,7 +36,7 @@ def evaluate(model: nn.Module, loader, device: torch.device | str, amp_dtype: to
     for images, targets in loader:
         images = images.to(device, non_blocking=True)
         targets = targets.to(device, non_blocking=True)
-        with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
+        with autocast(device.type, amp_dtype):
             logits = model(images)
         logits = logits.float()
         k = min(5, logits.shape[-1])

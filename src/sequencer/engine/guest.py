@@ -156,6 +156,20 @@ def _dynamos_filter(entry: tuple) -> bool:
 
 
 @contextlib.contextmanager
+def own_modes():
+    """Run the body (a library entry point's work) in its own modes, whatever the calling thread's: gradients on,
+    outside inference mode, no autocast (the work autocasts where its ``amp`` says: ``engine.amp.autocast``). A
+    caller's ``torch.no_grad()``, ``torch.inference_mode()`` or ``torch.autocast`` block reached the whole run: a
+    training's backward raised, a run without ``amp`` (its data transforms too) ran in bfloat16. Thread-local, as
+    the caller's own blocks: they are theirs again on return."""
+    import torch
+
+    with torch.enable_grad(), torch.inference_mode(False), torch.autocast("cpu", enabled=False), \
+            torch.autocast("cuda", enabled=False):
+        yield
+
+
+@contextlib.contextmanager
 def caller_state_kept():
     """Run the body (a library entry point's work), then give back the process state it may change on the way: the
     state of ``random``, ``numpy.random`` and torch's CPU and CUDA generators (CUDA first used inside the body is

@@ -19,7 +19,7 @@ from torch import nn
 
 from ..errors import SequencerError
 from . import distributed as dist_utils
-from .amp import dtype_name
+from .amp import autocast, dtype_name
 from .checkpoint import CHECKPOINT_VERSION, get_rng_state
 from .config import RunState, TrainConfig
 from .data_record import evaluated_data, evaluated_weights
@@ -169,9 +169,7 @@ def _prepare_batch(run: TrainingRun, images: torch.Tensor, targets: torch.Tensor
 
 
 def _forward(run: TrainingRun, images: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    amp_dtype = run.opt.amp_dtype
-    autocast = torch.autocast(run.info.device.type, dtype=amp_dtype) if amp_dtype else contextlib.nullcontext()
-    with autocast:
+    with autocast(run.info.device.type, run.opt.amp_dtype):
         return run.opt.loss_fn(run.train_model(images), targets)
 
 

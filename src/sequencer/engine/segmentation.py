@@ -18,7 +18,6 @@ usual keys, so ``segment validate`` / ``predict`` need only the file.
 """
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import logging
 import math
@@ -37,7 +36,7 @@ from ..data.segmentation import IGNORE_INDEX, SegmentationDataset, TrainTransfor
 from ..errors import SequencerError
 from ..models.segmentation import create_segmenter, segmenter_from_config
 from . import distributed as dist_utils
-from .amp import dtype_name
+from .amp import autocast, dtype_name
 from .checkpoint import get_rng_state, load_optimizer_state, resume_position
 from .config import RunState, checked_callbacks, checked_settings, explicit_settings, given_settings
 from .guest import caller_state_kept, console, warn
@@ -375,12 +374,10 @@ def _train_one_epoch(run: _Run, epoch: int, stop: StopRequest, start: EpochProgr
     loss_sum, seen, started = start.loss_sum, start.seen, time.time()
     buffers = buffer_names(run.model)  # once: an update copies them only where there are any
     done = dataclasses.replace(start, rng=get_rng_state(), buffers=state_buffers(run.model, buffers))
-    autocast = (lambda: torch.autocast(info.device.type, dtype=run.amp_dtype)) if run.amp_dtype else \
-        contextlib.nullcontext
     for step, (images, masks) in enumerate(run.train_loader, start=start.batches):
         if step >= steps:
             break
-        with autocast():
+        with autocast(info.device.type, run.amp_dtype):
             loss = segmentation_loss(run.train_model(images), masks)
         value = loss.item()
         # one all-reduce for any rank's stop request or non-finite loss; a stop keeps this forward's move of

@@ -8,7 +8,6 @@ IoU (NaN) and are left out of the mean, as mmsegmentation does.
 """
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import json
 import logging
@@ -31,8 +30,9 @@ from ..models import get_model_entry
 from ..models.caller_module import caller_module_kept
 from ..models.loading import checkpoint_metadata, extract_state_dict, read_checkpoint
 from ..models.segmentation import Segmenter, segmenter_from_config
+from .amp import autocast
 from .distributed import DistInfo, process_group
-from .guest import caller_state_kept
+from .guest import caller_state_kept, own_modes
 from .user_data import check_float32_weights
 
 _logger = logging.getLogger(__name__)
@@ -79,9 +79,7 @@ class InferenceSettings:
 
 def image_logits(model: nn.Module, image: torch.Tensor, settings: InferenceSettings) -> torch.Tensor:
     """(1, 3, h, w) normalised image -> (1, K, h, w) float32 logits."""
-    autocast = (torch.autocast(image.device.type, dtype=settings.amp_dtype) if settings.amp_dtype
-                else contextlib.nullcontext())
-    with autocast:
+    with autocast(image.device.type, settings.amp_dtype):
         if settings.mode == "whole":
             return model(image).float()
         return _sliding_window(model, image, settings.crop, window_stride(settings.crop, settings.stride))
@@ -315,7 +313,8 @@ def validate_segmenter(checkpoint: str | os.PathLike = "", data: str | os.PathLi
     resolve_device(device)  # a bad `device` is one line before a process group is joined
     if model is not None:
         check_float32_weights(model, "validate_segmenter")
-    with caller_state_kept(), caller_module_kept(model), workers_stopped_on_exit(), process_group(device) as info:
+    with own_modes(), caller_state_kept(), caller_module_kept(model), workers_stopped_on_exit(), \
+            process_group(device) as info:
         loaded, dev = (_in_memory(model, device, info) if model is not None
                        else (load_segmenter(os.fspath(checkpoint), info.device), info.device))
         data_split, cfg = _split_and_settings(loaded, data, split, eval_size, in_memory=model is not None)

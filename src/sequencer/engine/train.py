@@ -40,7 +40,7 @@ from .distributed import print_on_primary
 from . import inert_flags, timm_habits
 from .amp import autocast_dtype
 from .checkpoint import load_optimizer_state, resume_position
-from .guest import caller_state_kept, console, warn
+from .guest import caller_state_kept, console, own_modes, warn
 from .train_data import TrainData, build_data
 from .data_record import evaluated_data, evaluated_weights
 from .config import RunState, TrainConfig, checked_callbacks, explicit_settings, resolve_config
@@ -131,11 +131,13 @@ def train(config: TrainConfig | str | os.PathLike | None = None, /, *, callbacks
 
 
 def as_library_call(run, state: RunState, what: str):
-    """``run()`` (a run with ``state``, returning its result) as a library entry point ends it: a SIGTERM the run
-    caught goes on to the caller's own disposition (``stop_request.hand_sigterm_to_caller``), and a run stopped by SIGINT
-    raises :class:`TrainingInterrupted` carrying its result, where the command returns it (exit 130)."""
+    """``run()`` (a run with ``state``, returning its result) as a library entry point runs it, in its own modes
+    (:func:`~.guest.own_modes`), and ends it: a SIGTERM the run caught goes on to the caller's own disposition
+    (``stop_request.hand_sigterm_to_caller``), and a run stopped by SIGINT raises :class:`TrainingInterrupted`
+    carrying its result, where the command returns it (exit 130)."""
     try:
-        result = run()
+        with own_modes():
+            result = run()
     finally:
         hand_sigterm_to_caller(state)
     if result.interrupted and result.exit_code == 128 + signal.SIGINT:

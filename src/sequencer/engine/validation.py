@@ -26,7 +26,7 @@ from .amp import autocast_dtype, dtype_name
 from .distributed import DistInfo, process_group
 from .evaluate import evaluate
 from .data_record import carved_from, recorded_data
-from .guest import caller_state_kept, console
+from .guest import caller_state_kept, console, own_modes
 from .inference import LoadedModel, check_input_size, held_out_files_only, label_with_model_classes, load_model
 from .user_data import check_float32_weights, module_name, wrap_dataset
 
@@ -105,7 +105,7 @@ def validate(checkpoint: str | os.PathLike = "", data=None, *, model: str | nn.M
         check_float32_weights(model, "validate")
     user_data = data is not None and not isinstance(data, (str, os.PathLike))
     data = os.fspath(data) if data is not None and not user_data else data
-    with console(progress), caller_state_kept(), caller_module_kept(model if in_memory else None), \
+    with console(progress), own_modes(), caller_state_kept(), caller_module_kept(model if in_memory else None), \
             workers_stopped_on_exit(), process_group(device) as dist_info:
         if load is None and not in_memory:
             pretrained = _pretrained_by_default(model, checkpoint, pretrained, dist_info)
