@@ -345,9 +345,10 @@ def call_export_onnx(env, progress):
 
 
 def call_validate_segmenter_compiled(env, progress):
-    """The caller's module with a part it compiled itself (its head; dynamo traces it, with the eager backend)."""
+    """The caller's module with a part it compiled itself (its head's classifier; dynamo traces it, with the eager
+    backend)."""
     model = caller_segmenter()
-    model.head = torch.compile(model.head, backend="eager")
+    model.head.classifier = torch.compile(model.head.classifier, backend="eager")
     return (lambda: sequencer.validate_segmenter(data=env["voc"], model=model, eval_size=32, device="cpu"),
             dict(model=model))
 
