@@ -83,9 +83,13 @@ def run_recipe(data: Path, recipe: list[str], tmp_path: Path, extra_env: dict | 
 def test_from_scratch_recipe(tmp_path):
     folder, out, _ = run_recipe(write_jpeg_folder(tmp_path / "imagenet"), FROM_SCRATCH + [], tmp_path)
     assert "2 processes" in out and "Grad strides" not in out
+    assert out.count("epoch 1: train_loss") == 1  # only rank 0 logs epochs
+    assert [p.name for p in (tmp_path / "out").iterdir()] == ["recipe"]  # only rank 0 writes, one experiment folder
     assert summary_epochs(folder) == [0, 1]
     ckpt = read_checkpoint(folder / "last.pth.tar")
     assert ckpt["args"]["aa"] == "rand-m9-mstd0.5-inc1" and ckpt["args"]["amp"] is True
+    assert not any(k.startswith("module.") for k in ckpt["state_dict"])  # saved unwrapped from DDP
+    assert len(ckpt["rng_state"]) == 2 and ckpt["args"]["batch_size"] == 4  # one RNG state per rank
 
 
 @pytest.mark.slow
