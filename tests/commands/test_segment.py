@@ -323,9 +323,10 @@ def test_a_new_run_without_the_model_flags_gets_the_documented_model(monkeypatch
     for module in (segment_engine, segment_command):  # the command imports it at its top, or inside its run
         monkeypatch.setattr(module, "run_segmentation", lambda cfg: got.append(cfg) or _stop(),
                             raising=module is segment_engine)
-    model = ("backbone", "backbone_kwargs", "head", "head_channels", "out_channels")
+    model = ("backbone", "backbone_kwargs", "head", "head_channels", "out_channels", "aux_head")
     for flags, expected in [((), {}), (("--head", "fpn", "--backbone-kwargs", "layers=(1,1)"),
-                                       dict(head="fpn", backbone_kwargs={"layers": (1, 1)}))]:
+                                       dict(head="fpn", backbone_kwargs={"layers": (1, 1)})),
+                            (("--no-aux-head",), dict(aux_head=False))]:
         with pytest.raises(_Stopped):
             segment("train", "somewhere", "--epochs", 1, *flags)
         cfg = got.pop()

@@ -138,6 +138,86 @@ def test_heads_compiled_match_eager(head):
     torch.testing.assert_close(compiled, eager, rtol=1e-4, atol=1e-4)
 
 
+# --------------------------------------------------------------------------------- auxiliary head, FPN convs
+def test_upernet_trains_with_the_auxiliary_head_and_infers_without_it():
+    """mmsegmentation's UperNet recipe: an FCN head on the stride-16 map adds 0.4 x its cross-entropy in training
+    (every parameter gets a gradient, as DDP needs); the plain call (evaluation, predict) runs none of it."""
+    from timm.optim import create_optimizer_v2
+
+    torch.manual_seed(0)
+    model = create_segmenter("sequencer2d_nano", 3, head="upernet", head_channels=16, out_channels=16,
+                             backbone_kwargs=TINY_BACKBONE)
+    assert model.config["aux_head"] is True
+    conv, _, classifier = model.aux_head[0][0], model.aux_head[1], model.aux_head[2]
+    assert (conv.in_channels, conv.out_channels, conv.kernel_size, classifier.out_channels) == (16, 256, (3, 3), 3)
+    images, masks = torch.randn(2, 3, 32, 24), torch.randint(0, 3, (2, 32, 24))
+    masks[:, :4] = 255
+    calls = []
+    model.aux_head.register_forward_hook(lambda module, args, out: calls.append(args[0].shape[-2:]))
+    model.train()
+    logits, aux = model(images, aux=True)
+    assert calls == [(2, 2)] and aux.shape == logits.shape == (2, 3, 32, 24)  # the stride-16 map, resized
+    loss = seg_engine.segmentation_loss(logits, masks, aux)
+    by_hand = (nn.functional.cross_entropy(logits, masks, ignore_index=255)
+               + 0.4 * nn.functional.cross_entropy(aux, masks, ignore_index=255))
+    torch.testing.assert_close(loss, by_hand)
+    loss.backward()
+    assert [n for n, p in model.named_parameters() if p.grad is None] == []
+    optimizer = create_optimizer_v2(model, opt="adamw", lr=1e-3, weight_decay=0.01, layer_decay=0.9)
+    grouped = [id(p) for group in optimizer.param_groups for p in group["params"]]
+    assert sorted(grouped) == sorted(id(p) for p in model.parameters())  # each once, the aux head's included
+    model.eval()
+    with torch.no_grad():
+        assert model(images).shape == (2, 3, 32, 24)
+        image_logits(model, images[:1], InferenceSettings("whole", 32))
+        image_logits(model, images[:1], InferenceSettings("slide", 16, 8))  # validate's and predict's call
+    assert len(calls) == 1  # the training forward's only
+    no_aux = create_segmenter("sequencer2d_nano", 3, head="upernet", head_channels=16, out_channels=16,
+                              backbone_kwargs=TINY_BACKBONE, aux_head=False)
+    assert no_aux.aux_head is None and no_aux.config["aux_head"] is False
+    assert not any(k.startswith("aux_head.") for k in no_aux.state_dict())
+    assert no_aux.train()(images, aux=True)[1] is None
+
+
+def test_semantic_fpn_has_the_fpn_necks_output_convs():
+    torch.manual_seed(0)
+    model = create_segmenter("sequencer2d_nano", 3, head="fpn", head_channels=16, out_channels=16,
+                             backbone_kwargs=TINY_BACKBONE).eval()
+    assert model.config["fpn_convs"] is True and model.config["aux_head"] is False and model.aux_head is None
+    convs = model.head.fpn_convs
+    shapes = [(c.in_channels, c.out_channels, c.kernel_size, c.padding) for c in convs]
+    assert shapes == [(16, 16, (3, 3), (1, 1))] * 4
+    seen = []
+    for conv in convs:
+        conv.register_forward_hook(lambda module, args, out: seen.append(tuple(args[0].shape[-2:])))
+    with torch.no_grad():
+        model(torch.randn(1, 3, 32, 32))
+    assert seen == [(8, 8), (4, 4), (2, 2), (1, 1)]  # each merged level, strides 4..32
+
+
+@pytest.mark.parametrize("head", ["upernet", "fpn"])
+def test_a_checkpoint_from_before_the_aux_head_and_fpn_convs_loads_as_it_was_trained(head, tmp_path):
+    """A config without ``aux_head`` / ``fpn_convs`` (checkpoints before 2026-12-07) builds the head those had: its
+    state_dict loads strictly and gives the same logits, in validate/predict and in a resume."""
+    from sequencer.engine.segmentation_eval import load_segmenter
+
+    torch.manual_seed(0)
+    old = create_segmenter("sequencer2d_nano", 3, head=head, head_channels=16, out_channels=16,
+                           backbone_kwargs=TINY_BACKBONE, aux_head=False, fpn_convs=False).eval()
+    config = {k: v for k, v in old.config.items() if k not in ("aux_head", "fpn_convs")}
+    state = old.state_dict()
+    assert not any(".fpn_convs." in k or k.startswith("aux_head.") for k in state)
+    path = tmp_path / "old.pth.tar"
+    torch.save(dict(state_dict=state, segmenter=config, class_names=["a", "b", "c"], data_config={}), path)
+    loaded = load_segmenter(str(path)).model  # load_state_dict is strict
+    image = torch.randn(1, 3, 32, 40)
+    with torch.no_grad():
+        assert torch.equal(loaded(image), old(image))
+    cfg = seg_engine._resumed_architecture(SegmentConfig(data="d", epochs=1, resume=str(path)),
+                                           dict(segmenter=config), seg_engine.RunState())
+    assert cfg.aux_head is False
+
+
 # ------------------------------------------------------------------------------------------------- training
 def test_config_needs_one_length(tmp_path):
     with pytest.raises(SequencerError, match=r"`iters=N` .* or `epochs=N`"):
@@ -188,9 +268,17 @@ def assert_summary_is_the_csvs_numbers(result) -> None:
                 assert math.isnan(row[key]) if value in ("", "nan") else row[key] == float(value), key
 
 
-def test_iters_sets_the_length_and_the_poly_schedule_ends_at_min_lr(tmp_path):
+def test_iters_sets_the_length_and_the_poly_schedule_ends_at_min_lr(tmp_path, monkeypatch):
+    """(And a UperNet run's every update has the auxiliary head's loss; its evaluations run none of the head.)"""
+    from sequencer.models import segmentation as seg_models
+
     data = make_voc(tmp_path / "voc", n_train=16, n_val=2)
+    loss, aux_forward, given, aux_calls = seg_engine.segmentation_loss, seg_models.AuxFCNHead.forward, [], []
+    monkeypatch.setattr(seg_engine, "segmentation_loss", lambda *a: given.append(a[2] is not None) or loss(*a))
+    monkeypatch.setattr(seg_models.AuxFCNHead, "forward",
+                        lambda self, x: aux_calls.append(self.training) or aux_forward(self, x))
     result = train_segmenter(tiny_config(data, tmp_path / "out", iters=5, experiment="it", eval_interval=2))
+    assert given == aux_calls == [True] * 5
     rows = result.summary
     # 16 images / batch 8 = 2 updates per epoch: 5 updates = epochs 0, 1 and half of 2
     assert [r["epoch"] for r in rows] == [0, 1, 2]
@@ -204,6 +292,7 @@ def test_iters_sets_the_length_and_the_poly_schedule_ends_at_min_lr(tmp_path):
     assert result.best_miou == best["eval_miou"] and result.best_epoch == best["epoch"]
     ckpt = read_checkpoint(result.checkpoint)
     assert ckpt["segmenter"]["num_classes"] == 3 and ckpt["data_config"]["img_size"] == 32
+    assert ckpt["segmenter"]["aux_head"] is True and "aux_head.2.weight" in ckpt["state_dict"]
 
 
 def test_a_warmup_as_long_as_the_run_becomes_a_quarter_of_it_with_a_warning(tmp_path):

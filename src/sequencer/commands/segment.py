@@ -46,6 +46,9 @@ def _add_train(p: argparse.ArgumentParser) -> None:
                    help="ImageNet classification weights for the backbone (ours, timm's or the release)")
     g.add_argument("--pretrained", action="store_true", help="start the backbone from the released weights")
     g.add_argument("--head", choices=HEADS, help="decode head" + _default("head"))
+    g.add_argument("--aux-head", action=argparse.BooleanOptionalAction, default=None,
+                   help="train with the auxiliary FCN head on the stride-16 map (loss weight 0.4; not used in "
+                        "evaluation), as mmsegmentation's UperNet configs (default: on for upernet only)")
     g.add_argument("--head-channels", type=positive_int, help="head width" + _default("head_channels"))
     g.add_argument("--out-channels", type=positive_int,
                    help="channels of each backbone pyramid level" + _default("out_channels"))

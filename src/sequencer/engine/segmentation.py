@@ -34,7 +34,7 @@ from torch import nn
 from ..data.loader_workers import workers_stopped_on_exit
 from ..data.segmentation import IGNORE_INDEX, SegmentationDataset, TrainTransform, open_split
 from ..errors import SequencerError
-from ..models.segmentation import create_segmenter, segmenter_from_config
+from ..models.segmentation import AUX_LOSS_WEIGHT, create_segmenter, segmenter_from_config
 from . import distributed as dist_utils
 from .amp import autocast, dtype_name
 from .checkpoint import get_rng_state, load_optimizer_state, resume_position
@@ -217,7 +217,8 @@ def _check_pooled_batch_norm(cfg: SegmentConfig, info: dist_utils.DistInfo) -> N
 
 
 # the settings that make the model (``Segmenter.config``): a resume takes the checkpoint's
-ARCHITECTURE = ("backbone", "backbone_kwargs", "head", "head_channels", "out_channels")
+ARCHITECTURE = ("backbone", "backbone_kwargs", "head", "head_channels", "out_channels", "aux_head")
+_ADDED_LATER = {"backbone_kwargs": {}, "aux_head": False}  # what a checkpoint written before the key was had
 _NEW_RUN_WEIGHTS = ("pretrained", "backbone_checkpoint")  # a new run's backbone weights
 
 
@@ -233,11 +234,11 @@ def _resumed_architecture(cfg: SegmentConfig, resume_ckpt: dict | None, state: R
     if not isinstance(saved, dict):
         raise SequencerError(f"`resume={cfg.resume}`: not a segmentation checkpoint written by `sequencer segment "
                              f"train`")
-    missing = [key for key in ARCHITECTURE if key not in saved and key != "backbone_kwargs"]
+    missing = [key for key in ARCHITECTURE if key not in saved and key not in _ADDED_LATER]
     if missing:
         raise SequencerError(f"`resume={cfg.resume}`: the checkpoint's segmenter config lacks {missing[0]!r}")
     architecture = {**{key: saved[key] for key in ARCHITECTURE if key in saved},
-                    "backbone_kwargs": saved.get("backbone_kwargs") or {}}
+                    **{key: saved.get(key) or empty for key, empty in _ADDED_LATER.items()}}
     given = given_settings(cfg)
     for key, value in architecture.items():
         if key in given and plain(given[key]) != plain(value):
@@ -255,7 +256,8 @@ def _build_model(cfg: SegmentConfig, num_classes: int, resume_ckpt: dict | None,
     else:
         model = create_segmenter(cfg.backbone, num_classes, head=cfg.head, head_channels=cfg.head_channels,
                                  out_channels=cfg.out_channels, backbone_checkpoint=cfg.backbone_checkpoint,
-                                 pretrained=cfg.pretrained, backbone_kwargs=cfg.backbone_kwargs)
+                                 pretrained=cfg.pretrained, backbone_kwargs=cfg.backbone_kwargs,
+                                 aux_head=cfg.aux_head)
     return model.to(device)
 
 
@@ -350,11 +352,17 @@ def _restore(run: _Run, checkpoint: dict | None, updates_within: int = 0) -> int
 
 
 # ------------------------------------------------------------------------------------------------ training
-def segmentation_loss(logits: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
-    """Cross-entropy over the labelled pixels: logits (N, K, H, W), masks (N, H, W) with 255 ignored. A batch with
-    no labelled pixel gives 0 (not NaN)."""
-    total = F.cross_entropy(logits.float(), masks, ignore_index=IGNORE_INDEX, reduction="sum")
-    return total / (masks != IGNORE_INDEX).sum().clamp(min=1)
+def segmentation_loss(logits: torch.Tensor, masks: torch.Tensor, aux_logits: torch.Tensor | None = None
+                      ) -> torch.Tensor:
+    """Cross-entropy over the labelled pixels: logits (N, K, H, W), masks (N, H, W) with 255 ignored; plus
+    ``AUX_LOSS_WEIGHT`` times the auxiliary head's (``aux_logits``, the same shape) where given. A batch with no
+    labelled pixel gives 0 (not NaN)."""
+    labelled = (masks != IGNORE_INDEX).sum().clamp(min=1)
+    total = F.cross_entropy(logits.float(), masks, ignore_index=IGNORE_INDEX, reduction="sum") / labelled
+    if aux_logits is not None:
+        aux = F.cross_entropy(aux_logits.float(), masks, ignore_index=IGNORE_INDEX, reduction="sum") / labelled
+        total = total + AUX_LOSS_WEIGHT * aux
+    return total
 
 
 def _train_one_epoch(run: _Run, epoch: int, stop: StopRequest, start: EpochProgress | None = None
@@ -378,7 +386,8 @@ def _train_one_epoch(run: _Run, epoch: int, stop: StopRequest, start: EpochProgr
         if step >= steps:
             break
         with autocast(info.device.type, run.amp_dtype):
-            loss = segmentation_loss(run.train_model(images), masks)
+            logits, aux_logits = run.train_model(images, aux=True)  # the auxiliary head in every training step
+            loss = segmentation_loss(logits, masks, aux_logits)
         value = loss.item()
         # one all-reduce for any rank's stop request or non-finite loss; a stop keeps this forward's move of
         # BatchNorm's statistics out of the recovery checkpoint (``done`` holds the last update's)
@@ -463,7 +472,8 @@ def _log_start(run: _Run, train_split, start_epoch: int) -> None:
     cfg, info = run.cfg, run.info
     n_params = sum(p.numel() for p in run.model.parameters())
     where = f"{info.world_size} processes, " if info.distributed else ""
-    _logger.info("segment train: %s+%s (%.2fM params) on %d images of %s, %d classes, crop %dpx, %s%s; epochs "
-                 "%d..%d (%d updates), batch %d; output %s", cfg.backbone, cfg.head, n_params / 1e6, len(train_split),
+    _logger.info("segment train: %s+%s%s (%.2fM params) on %d images of %s, %d classes, crop %dpx, %s%s; epochs "
+                 "%d..%d (%d updates), batch %d; output %s", cfg.backbone, cfg.head,
+                 "+aux" if run.model.config.get("aux_head") else "", n_params / 1e6, len(train_split),
                  train_split.description, train_split.num_classes, cfg.img_size, where, info.device, start_epoch,
                  run.num_epochs - 1, run.total_updates, cfg.batch_size, run.out.folder)

@@ -30,6 +30,7 @@ class SegmentConfig:
     backbone_checkpoint: str = ""
     pretrained: bool = False
     head: str = "upernet"
+    aux_head: bool | None = None  # the training-only auxiliary FCN head; default: on for upernet
     head_channels: int = 512
     out_channels: int = 256
     img_size: int = 512  # the training crop

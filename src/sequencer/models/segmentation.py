@@ -4,12 +4,17 @@ Heads:
 
 - ``upernet`` (Xiao et al., 2018): a pyramid-pooling module on the stride-32 map, a top-down FPN, the four levels
   fused at stride 4. The standard head of backbone comparisons on ADE20K.
-- ``fpn`` (semantic FPN, Kirillov et al., 2019): a top-down FPN whose levels are each brought to stride 4 by
-  conv + 2x upsampling steps and summed. Lighter.
+- ``fpn`` (semantic FPN, Kirillov et al., 2019): a top-down FPN (a 3x3 output convolution on each merged level, as
+  mmsegmentation's FPN neck) whose levels are each brought to stride 4 by conv + 2x upsampling steps and summed.
+  Lighter.
+
+UperNet models also get mmsegmentation's auxiliary FCN head on the stride-16 map (:class:`AuxFCNHead`): training
+adds ``AUX_LOSS_WEIGHT`` times its cross-entropy to the loss; inference never runs it.
 
 :func:`create_segmenter` builds backbone + head; :class:`Segmenter` returns logits (N, num_classes, H, W) at the
 input's resolution for any input size. ``segmenter.config`` rebuilds the same model (``segmenter_from_config``);
-training checkpoints store it.
+training checkpoints store it. A config from before a key existed (``aux_head``, ``fpn_convs``) builds the model
+it was trained as: without that part.
 """
 from __future__ import annotations
 
@@ -69,9 +74,13 @@ class UperNetHead(nn.Module):
 class SemanticFPNHead(nn.Module):
     """Semantic FPN: [(N, C_i, H/s_i, W/s_i)] for s = 4, 8, 16, 32 -> logits (N, num_classes, H/4, W/4)."""
 
-    def __init__(self, in_channels: list[int], channels: int, num_classes: int, dropout: float = 0.1):
+    def __init__(self, in_channels: list[int], channels: int, num_classes: int, dropout: float = 0.1,
+                 output_convs: bool = True):
         super().__init__()
         self.laterals = nn.ModuleList(nn.Conv2d(c, channels, 1) for c in in_channels)
+        # the FPN neck's 3x3 convolution on each merged level (none in checkpoints from before 2026-12-07)
+        self.fpn_convs = (nn.ModuleList(nn.Conv2d(channels, channels, 3, padding=1) for _ in in_channels)
+                          if output_convs else None)
         # level i (stride 4 * 2**i) needs i conv + 2x-upsample steps to reach stride 4 (level 0 one conv)
         self.scale_heads = nn.ModuleList(
             nn.ModuleList(ConvNormAct(channels, channels, 3) for _ in range(max(1, i)))
@@ -83,6 +92,8 @@ class SemanticFPNHead(nn.Module):
         levels = [lateral(f) for lateral, f in zip(self.laterals, features)]
         for i in range(len(levels) - 1, 0, -1):
             levels[i - 1] = levels[i - 1] + _resize(levels[i], levels[i - 1].shape[-2:])
+        if self.fpn_convs is not None:
+            levels = [conv(level) for conv, level in zip(self.fpn_convs, levels)]
         size = levels[0].shape[-2:]
         total = 0
         for i, (steps, level) in enumerate(zip(self.scale_heads, levels)):
@@ -95,47 +106,80 @@ class SemanticFPNHead(nn.Module):
         return self.classifier(self.dropout(total))
 
 
-class Segmenter(WrapperFacade, nn.Module):
-    """Backbone (an OrderedDict of 4 maps at strides 4/8/16/32) + decode head.
+AUX_LOSS_WEIGHT = 0.4  # the auxiliary head's cross-entropy in the training loss (mmsegmentation's UperNet configs)
+AUX_LEVEL = 2  # the pyramid level it reads: stride 16
+AUX_CHANNELS = 256
 
-    forward: images (N, 3, H, W) -> logits (N, num_classes, H, W). timm's helpers read the backbone's config and
-    layer groups through it (:class:`~sequencer.models.features.WrapperFacade`).
+
+class AuxFCNHead(nn.Sequential):
+    """The training-only auxiliary head of mmsegmentation's UperNet configs (its FCNHead: one conv, no concatenated
+    input): (N, C, h, w) -> logits (N, num_classes, h, w) by a 3x3 conv-BN-ReLU, dropout 0.1 and a 1x1 classifier."""
+
+    def __init__(self, in_channels: int, num_classes: int, channels: int = AUX_CHANNELS, dropout: float = 0.1):
+        super().__init__(ConvNormAct(in_channels, channels, 3), nn.Dropout2d(dropout),
+                         nn.Conv2d(channels, num_classes, 1))
+
+
+class Segmenter(WrapperFacade, nn.Module):
+    """Backbone (an OrderedDict of 4 maps at strides 4/8/16/32) + decode head (+ an optional training-only
+    :class:`AuxFCNHead`, ``aux_head``, on level ``AUX_LEVEL``).
+
+    forward: images (N, 3, H, W) -> logits (N, num_classes, H, W); with ``aux=True`` (the training loss's call) a
+    pair (logits, the auxiliary head's logits at the same size, or None without one). timm's helpers read the
+    backbone's config and layer groups through it (:class:`~sequencer.models.features.WrapperFacade`).
     """
 
     wrapped = "backbone"
 
-    def __init__(self, backbone: nn.Module, head: nn.Module, num_classes: int, config: dict):
+    def __init__(self, backbone: nn.Module, head: nn.Module, num_classes: int, config: dict,
+                 aux_head: nn.Module | None = None):
         super().__init__()
         self.backbone = backbone
         self._take_pretrained_cfg()
         self.head = head
+        self.aux_head = aux_head
         self.num_classes = num_classes
         self.config = dict(config)
 
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
+    def forward(self, images: torch.Tensor, aux: bool = False):
         features = self.backbone(images)
         maps = list(features.values()) if isinstance(features, dict) else list(features)
-        return _resize(self.head(maps), images.shape[-2:])
+        logits = _resize(self.head(maps), images.shape[-2:])
+        if not aux:
+            return logits
+        aux_logits = None if self.aux_head is None else _resize(self.aux_head(maps[AUX_LEVEL]), images.shape[-2:])
+        return logits, aux_logits
 
 
 def create_segmenter(backbone: str, num_classes: int, head: str = "upernet", head_channels: int = 512,
                      out_channels: int = 256, backbone_checkpoint: str = "", pretrained: bool = False,
-                     backbone_kwargs: dict | None = None) -> Segmenter:
+                     backbone_kwargs: dict | None = None, aux_head: bool | None = None,
+                     fpn_convs: bool = True) -> Segmenter:
     """A :class:`Segmenter` of ``backbone`` (a registered model name, its pyramid with ``out_channels`` per level)
     and ``head`` (``upernet`` or ``fpn``, ``head_channels`` wide). ``backbone_checkpoint`` (ours, the release or
-    timm's ImageNet classification weights) or ``pretrained`` initialise the backbone."""
+    timm's ImageNet classification weights) or ``pretrained`` initialise the backbone. ``aux_head``: the
+    training-only auxiliary FCN head (default: with ``upernet``, as mmsegmentation's configs). ``fpn_convs``
+    (``fpn`` only): the FPN's 3x3 output convolutions; False builds the head of checkpoints from before them."""
     if head not in HEADS:
         raise SequencerError(f"`head={head}`: unknown segmentation head", hint=f"use one of {', '.join(HEADS)}")
     _check_backbone_kwargs(backbone_kwargs or {})
     config = dict(backbone=backbone, num_classes=checked_positive_int("num_classes", num_classes), head=head,
                   head_channels=checked_positive_int("head_channels", head_channels),
                   out_channels=checked_positive_int("out_channels", out_channels),
-                  backbone_kwargs=dict(backbone_kwargs or {}))
+                  backbone_kwargs=dict(backbone_kwargs or {}),
+                  aux_head=bool(head == "upernet" if aux_head is None else aux_head))
+    if head == "fpn":
+        config["fpn_convs"] = bool(fpn_convs)
     net = create_backbone(backbone, pretrained=pretrained, checkpoint_path=backbone_checkpoint or None,
                           out_channels=out_channels, extra_blocks=None, **config["backbone_kwargs"])
-    head_class = UperNetHead if head == "upernet" else SemanticFPNHead
-    head_module = head_class([net.out_channels] * len(net.strides), config["head_channels"], config["num_classes"])
-    return Segmenter(net, head_module, config["num_classes"], config)
+    in_channels = [net.out_channels] * len(net.strides)
+    if head == "upernet":
+        head_module = UperNetHead(in_channels, config["head_channels"], config["num_classes"])
+    else:
+        head_module = SemanticFPNHead(in_channels, config["head_channels"], config["num_classes"],
+                                      output_convs=config["fpn_convs"])
+    aux_module = AuxFCNHead(in_channels[AUX_LEVEL], config["num_classes"]) if config["aux_head"] else None
+    return Segmenter(net, head_module, config["num_classes"], config, aux_head=aux_module)
 
 
 # create_backbone's arguments that create_segmenter sets itself, and where to give each instead
@@ -155,11 +199,14 @@ def _check_backbone_kwargs(backbone_kwargs: dict) -> None:
 
 
 def segmenter_from_config(config: dict) -> Segmenter:
-    """The model a checkpoint's ``segmenter`` config describes, randomly initialised (load its state_dict next)."""
+    """The model a checkpoint's ``segmenter`` config describes, randomly initialised (load its state_dict next). A
+    config without ``aux_head`` / ``fpn_convs`` (written before they existed) builds the model without them."""
     try:
         return create_segmenter(config["backbone"], config["num_classes"], head=config["head"],
                                 head_channels=config["head_channels"], out_channels=config["out_channels"],
-                                backbone_kwargs=config.get("backbone_kwargs") or {})
+                                backbone_kwargs=config.get("backbone_kwargs") or {},
+                                aux_head=bool(config.get("aux_head", False)),
+                                fpn_convs=bool(config.get("fpn_convs", False)))
     except KeyError as e:
         raise SequencerError(f"the checkpoint's segmenter config lacks {e.args[0]!r}") from None
 
