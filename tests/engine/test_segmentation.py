@@ -146,7 +146,7 @@ def test_upernet_trains_with_the_auxiliary_head_and_infers_without_it():
 
     torch.manual_seed(0)
     model = create_segmenter("sequencer2d_nano", 3, head="upernet", head_channels=16, out_channels=16,
-                             backbone_kwargs=TINY_BACKBONE)
+                             backbone_kwargs=TINY_BACKBONE, aux_head=True)
     assert model.config["aux_head"] is True
     conv, _, classifier = model.aux_head[0][0], model.aux_head[1], model.aux_head[2]
     assert (conv.in_channels, conv.out_channels, conv.kernel_size, classifier.out_channels) == (16, 256, (3, 3), 3)
@@ -172,8 +172,9 @@ def test_upernet_trains_with_the_auxiliary_head_and_infers_without_it():
         image_logits(model, images[:1], InferenceSettings("whole", 32))
         image_logits(model, images[:1], InferenceSettings("slide", 16, 8))  # validate's and predict's call
     assert len(calls) == 1  # the training forward's only
+    # the library's default: a plain forward uses every parameter (a caller's own DDP loop); segment train adds it
     no_aux = create_segmenter("sequencer2d_nano", 3, head="upernet", head_channels=16, out_channels=16,
-                              backbone_kwargs=TINY_BACKBONE, aux_head=False)
+                              backbone_kwargs=TINY_BACKBONE)
     assert no_aux.aux_head is None and no_aux.config["aux_head"] is False
     assert not any(k.startswith("aux_head.") for k in no_aux.state_dict())
     assert no_aux.train()(images, aux=True)[1] is None

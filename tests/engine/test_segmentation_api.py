@@ -162,7 +162,7 @@ def test_validate_a_model_in_memory_as_its_checkpoint(voc, tmp_path):
     assert list(from_file.per_class_iou) == ["class_0", "class_1", "class_2"]
     assert json.loads((tmp_path / "r.json").read_text()) == json.loads(json.dumps(from_file.as_dict()))
     model = create_segmenter("sequencer2d_nano", 3, head="upernet", head_channels=16, out_channels=16,
-                             backbone_kwargs=TINY_BACKBONE)
+                             backbone_kwargs=TINY_BACKBONE, aux_head=True)  # segment train's upernet has one
     model.load_state_dict(_state_dict(result.checkpoint))
     in_memory = validate_segmenter(data=voc, model=model, eval_size=32)
     assert model.training  # put back in train mode, as it was given

@@ -257,7 +257,7 @@ def _build_model(cfg: SegmentConfig, num_classes: int, resume_ckpt: dict | None,
         model = create_segmenter(cfg.backbone, num_classes, head=cfg.head, head_channels=cfg.head_channels,
                                  out_channels=cfg.out_channels, backbone_checkpoint=cfg.backbone_checkpoint,
                                  pretrained=cfg.pretrained, backbone_kwargs=cfg.backbone_kwargs,
-                                 aux_head=cfg.aux_head)
+                                 aux_head=cfg.head == "upernet" if cfg.aux_head is None else cfg.aux_head)
     return model.to(device)
 
 

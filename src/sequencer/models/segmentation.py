@@ -153,12 +153,14 @@ class Segmenter(WrapperFacade, nn.Module):
 
 def create_segmenter(backbone: str, num_classes: int, head: str = "upernet", head_channels: int = 512,
                      out_channels: int = 256, backbone_checkpoint: str = "", pretrained: bool = False,
-                     backbone_kwargs: dict | None = None, aux_head: bool | None = None,
+                     backbone_kwargs: dict | None = None, aux_head: bool = False,
                      fpn_convs: bool = True) -> Segmenter:
     """A :class:`Segmenter` of ``backbone`` (a registered model name, its pyramid with ``out_channels`` per level)
     and ``head`` (``upernet`` or ``fpn``, ``head_channels`` wide). ``backbone_checkpoint`` (ours, the release or
     timm's ImageNet classification weights) or ``pretrained`` initialise the backbone. ``aux_head``: the
-    training-only auxiliary FCN head (default: with ``upernet``, as mmsegmentation's configs). ``fpn_convs``
+    training-only auxiliary FCN head, run by ``forward(images, aux=True)`` only (off by default here, so that a plain
+    forward uses every parameter, as a caller's own DDP loop needs; ``segment train`` turns it on for ``upernet``, as
+    mmsegmentation's configs). ``fpn_convs``
     (``fpn`` only): the FPN's 3x3 output convolutions; False builds the head of checkpoints from before them."""
     if head not in HEADS:
         raise SequencerError(f"`head={head}`: unknown segmentation head", hint=f"use one of {', '.join(HEADS)}")
@@ -167,7 +169,7 @@ def create_segmenter(backbone: str, num_classes: int, head: str = "upernet", hea
                   head_channels=checked_positive_int("head_channels", head_channels),
                   out_channels=checked_positive_int("out_channels", out_channels),
                   backbone_kwargs=dict(backbone_kwargs or {}),
-                  aux_head=bool(head == "upernet" if aux_head is None else aux_head))
+                  aux_head=bool(aux_head))
     if head == "fpn":
         config["fpn_convs"] = bool(fpn_convs)
     net = create_backbone(backbone, pretrained=pretrained, checkpoint_path=backbone_checkpoint or None,
