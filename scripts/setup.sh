@@ -4,8 +4,19 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON="${PYTHON:-python3}"
+# one setup at a time (the README's two commands started at once in two terminals): a second pip running while the
+# first one made .venv found no pyvenv.cfg yet, so .venv/bin/python was the base interpreter and pip installed there
+if command -v flock >/dev/null 2>&1; then
+    exec 9<scripts/setup.sh
+    flock 9
+fi
 if [ ! -x .venv/bin/python ]; then
     "$PYTHON" -m venv .venv
+fi
+if ! .venv/bin/python -c 'import sys; sys.exit(sys.prefix == sys.base_prefix)'; then
+    echo "setup.sh: .venv/bin/python is not a virtual environment's (no .venv/pyvenv.cfg?): remove .venv and run" \
+        "this again; nothing was installed" >&2
+    exit 1
 fi
 stamp=.venv/.sequencer-setup
 want="$(sha256sum pyproject.toml scripts/setup.sh | sha256sum | cut -d' ' -f1)"

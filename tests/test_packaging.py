@@ -265,3 +265,37 @@ def test_import_needs_no_optional_package_is_light_and_changes_nothing(tmp_path)
     # itself: no matplotlib, scikit-learn, onnx, ...
     assert set(seen["new"]) - set(sys.stdlib_module_names) <= {"sequencer", "torch"} and "sequencer" in seen["new"]
     assert seen["lazy"] == []  # training, evaluation and tools load on first use
+
+
+def _setup_copy(tmp_path: Path) -> Path:
+    """A folder holding setup.sh and pyproject.toml, with a .venv/bin/python that is the base interpreter (a
+    .venv whose pyvenv.cfg is missing, as while another setup is making it)."""
+    (tmp_path / "scripts").mkdir()
+    shutil.copy(REPO / "scripts" / "setup.sh", tmp_path / "scripts")
+    shutil.copy(REPO / "pyproject.toml", tmp_path)
+    (tmp_path / ".venv" / "bin").mkdir(parents=True)
+    (tmp_path / ".venv" / "bin" / "python").symlink_to(Path(sys.base_prefix) / "bin" / "python3")
+    return tmp_path
+
+
+# should setup.sh reach pip all the same, it finds nothing to install: the base interpreter stays as it was
+NO_PACKAGES = {**os.environ, "PIP_CONFIG_FILE": os.devnull, "PIP_NO_INDEX": "1", "PIP_FIND_LINKS": ""}
+
+
+def test_setup_refuses_a_venv_that_is_not_one_and_installs_nothing(tmp_path):
+    root = _setup_copy(tmp_path)
+    r = subprocess.run(["bash", "scripts/setup.sh"], cwd=root, capture_output=True, text=True, timeout=60,
+                       env=NO_PACKAGES)
+    assert r.returncode == 1 and "is not a virtual environment's" in r.stderr and "setting up" not in r.stderr
+    assert r.stderr.count("\n") == 1 and not (root / ".venv" / ".sequencer-setup").exists()
+
+
+@pytest.mark.skipif(shutil.which("flock") is None, reason="no flock(1) here: setup.sh runs unlocked")
+def test_a_second_setup_waits_for_the_first(tmp_path):
+    import fcntl
+
+    root = _setup_copy(tmp_path)
+    with open(root / "scripts" / "setup.sh") as held:
+        fcntl.flock(held, fcntl.LOCK_EX)  # the first setup, still running
+        with pytest.raises(subprocess.TimeoutExpired):
+            subprocess.run(["bash", "scripts/setup.sh"], cwd=root, capture_output=True, timeout=1.5, env=NO_PACKAGES)
