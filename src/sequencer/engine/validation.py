@@ -149,10 +149,10 @@ def _model_and_split(load_the_model: Callable[[], LoadedModel], open_split, user
     """(the loaded model, the split to evaluate, ``dataset``), each read in the order that lets a mistake fail
     before the slow part: a caller's Dataset (``user_split``) is used as given; no data: the data the checkpoint
     records, known once it is read; ``model_first`` (a ``checkpoint`` file, an exported file ``load`` reads, or a
-    module in memory carrying its checkpoint's record) on an existing folder: the model first, as its run may have carved the held-out split from
-    the training split of this very folder (``val_fraction``); else the data first, so a missing folder does not
-    wait for (or download) the model's weights. Files the checkpoint's run trained on are left out of a named
-    folder's split."""
+    module in memory carrying its checkpoint's record) on an existing folder: the model first, as its run may have
+    carved the held-out split from the training split of this very folder (``val_fraction``); else the data first,
+    so a missing folder does not wait for (or download) the model's weights. Files the checkpoint's run trained on
+    are left out of a named folder's split."""
     if user_split is not None:
         return load_the_model(), user_split, dataset
     if data is None and not dataset:
