@@ -21,9 +21,11 @@ def dtype_name(dtype: torch.dtype | None) -> str | None:
 
 
 def autocast(device_type: str, dtype: torch.dtype | None):
-    """The run's autocast: to ``dtype`` (``autocast_dtype``'s result), or none at all for None, plain float32 also
-    inside a caller's own ``torch.autocast`` block (a library call keeps to its own ``amp`` setting)."""
-    return torch.autocast(device_type, dtype=dtype or torch.float32, enabled=dtype is not None)
+    """The run's autocast: to ``dtype`` (``autocast_dtype``'s result), or none at all for None or float32 (a
+    benchmark row's plain precision), plain float32 also inside a caller's own ``torch.autocast`` block (a library
+    call keeps to its own ``amp`` setting)."""
+    enabled = dtype is not None and dtype != torch.float32
+    return torch.autocast(device_type, dtype=dtype if enabled else torch.float32, enabled=enabled)
 
 
 def autocast_dtype(requested: str | torch.dtype | None, device: torch.device | str,

@@ -27,14 +27,14 @@ from dataclasses import replace
 import torch
 from torch import nn
 
-from ..engine.amp import autocast_dtype, dtype_name
+from ..engine.amp import autocast, autocast_dtype, dtype_name
 from ..engine.guest import caller_state_kept
 from ..engine.inference import resolve_device
 from ..errors import SequencerError
 from ..hardware import cpu_info
 from ..models.flops import count_macs
 from .benchmark import AMP_DTYPES, BenchmarkSettings, gemm_rate, time_interleaved
-from .benchmark_steps import autocast_ctx, compiled_if_named
+from .benchmark_steps import compiled_if_named
 from .peak_memory import measure_peak_memory, step_peak_memory
 
 DEFAULT_REFERENCE = "convnext_tiny"
@@ -85,14 +85,14 @@ def make_step(model: nn.Module, x: torch.Tensor, mode: str, amp: torch.dtype, de
         model.eval()
 
         def infer():
-            with torch.inference_mode(), autocast_ctx(device, amp):
+            with torch.inference_mode(), autocast(device.type, amp):
                 return model(x)
         return infer
     model.train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5)
 
     def train():  # the gradients are freed after the update, as in training: part of the step's peak memory
-        with autocast_ctx(device, amp):
+        with autocast(device.type, amp):
             loss = sum(m.float().square().mean() for m in _maps(model(x)))
         loss.backward()
         optimizer.step()

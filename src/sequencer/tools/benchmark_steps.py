@@ -13,16 +13,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..engine.amp import AMP_DTYPES
+from ..engine.amp import AMP_DTYPES, autocast
 from ..errors import SequencerError
 from .peak_memory import step_peak_memory
 
 TIMM_MODELS = ("sequencer2d_s", "sequencer2d_m", "sequencer2d_l")
-
-
-def autocast_ctx(device: torch.device, dtype: torch.dtype):
-    """Autocast in ``dtype`` (a no-op context for float32)."""
-    return torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
 
 
 def build_timm_twin(model: nn.Module, name: str) -> nn.Module:
@@ -57,7 +52,7 @@ def compiled_if_named(model: nn.Module, impl: str) -> nn.Module:
 
 def make_infer_step(model: nn.Module, x: torch.Tensor, amp: torch.dtype, device: torch.device) -> Callable:
     def step():
-        with torch.inference_mode(), autocast_ctx(device, amp):
+        with torch.inference_mode(), autocast(device.type, amp):
             return model(x)
     return step
 
@@ -73,7 +68,7 @@ def make_train_step(model: nn.Module, x: torch.Tensor, target: torch.Tensor, amp
     scaler = torch.amp.GradScaler(device.type, enabled=amp == torch.float16)
 
     def step():
-        with autocast_ctx(device, amp):
+        with autocast(device.type, amp):
             loss = F.cross_entropy(model(x), target)
         scaler.scale(loss).backward()
         scaler.step(optimizer)
