@@ -77,26 +77,11 @@ def load_model(checkpoint: str = "", model: str | None = None, pretrained: bool 
     path = str(checkpoint or "")
     checkpoint = read_checkpoint(path) if path else None
     meta = checkpoint_metadata(checkpoint)
-    name = model or meta.get("arch")
-    if not name and checkpoint is not None and meta.get("architecture"):
-        raise SequencerError(f"checkpoint {path!r} holds {meta['architecture']}",
-                             hint="torch.load it (weights_only=True) and call your_module.load_state_dict(ckpt['state_dict'])")
-    if not name:
-        refuse_segmentation_checkpoint(checkpoint, f"checkpoint {path!r}")
-        if checkpoint is not None:
-            raise SequencerError(f"checkpoint {path!r} does not name its model (no `arch` entry, as ours have, nor "
-                                 f"timm train.py's `args.model`)", hint="pass `model=NAME`")
-        raise SequencerError("no model given", hint="pass `model=NAME`, or a `checkpoint` written by `sequencer train`")
-    try:
-        get_model_entry(name)  # unknown names fail here with suggestions
-    except SequencerError as e:
-        if model or not e.message.startswith("unknown model"):
-            raise
-        raise SequencerError(f"checkpoint {path!r} names the model {name!r}, which is not one of ours "
-                             f"({e.hint or e.message})", hint="pass `model=NAME`") from None
-    kwargs = dict(meta.get("model_kwargs") or {}) if meta.get("arch") == name else {}
+    name = _model_name(model, checkpoint, meta, path)
     if checkpoint is None:
         kwargs = dict(model_kwargs or {})
+    else:
+        kwargs = dict(meta.get("model_kwargs") or {}) if meta.get("arch") == name else {}
     for k in ("drop_rate", "drop_path_rate"):
         kwargs.pop(k, None)
     class_names = [class_name(n) for n in meta["class_names"]] if meta.get("class_names") else None
@@ -141,6 +126,29 @@ def load_model(checkpoint: str = "", model: str | None = None, pretrained: bool 
     probabilities = recorded_probabilities(checkpoint) or (None if meta.get("arch") else "softmax")
     return LoadedModel(model, name, class_names, (model.in_chans, size, size), data_config, checkpoint,
                        weights=weights, trained_size=trained_size, probabilities=probabilities)
+
+
+def _model_name(model: str | None, checkpoint: dict | None, meta: dict, path: str) -> str:
+    """The registered model ``load_model`` builds: ``model``, else the one the checkpoint (read from ``path``) names;
+    SequencerError (one line) where there is none or it is not one of ours."""
+    name = model or meta.get("arch")
+    if not name and checkpoint is not None and meta.get("architecture"):
+        raise SequencerError(f"checkpoint {path!r} holds {meta['architecture']}",
+                             hint="torch.load it (weights_only=True) and call your_module.load_state_dict(ckpt['state_dict'])")
+    if not name:
+        refuse_segmentation_checkpoint(checkpoint, f"checkpoint {path!r}")
+        if checkpoint is not None:
+            raise SequencerError(f"checkpoint {path!r} does not name its model (no `arch` entry, as ours have, nor "
+                                 f"timm train.py's `args.model`)", hint="pass `model=NAME`")
+        raise SequencerError("no model given", hint="pass `model=NAME`, or a `checkpoint` written by `sequencer train`")
+    try:
+        get_model_entry(name)  # unknown names fail here with suggestions
+    except SequencerError as e:
+        if model or not e.message.startswith("unknown model"):
+            raise
+        raise SequencerError(f"checkpoint {path!r} names the model {name!r}, which is not one of ours "
+                             f"({e.hint or e.message})", hint="pass `model=NAME`") from None
+    return name
 
 
 def _cfg_class_names(cfg: dict, num_classes: int | None) -> list[str] | None:
