@@ -154,3 +154,13 @@ def test_validate_finds_files_carved_from_a_train_folder(data, tmp_path, capsys)
         assert main(["validate", *data_arg, "--onnx", str(onnx), "-j", "0", "--results-file", str(results)]) == 0
         from_onnx = json.loads(results.read_text())
         assert from_onnx["count"] == 6 and abs(from_onnx["top1"] - got["top1"]) < 1e-3
+    # export --verify scores its top-1 on the same 6 held-out files, DATA or train/ given (it scored all 24, 18 of
+    # them training images); the agreement is over all 24
+    capsys.readouterr()
+    assert main(["export", "--checkpoint", str(tmp_path / "t" / "last.pth.tar"), "-o", str(tmp_path / "t8.onnx"),
+                 "--quantize", "int8", "--verify", str(only_train)]) == 0
+    assert "of 24 images (top-1 on 6 of them: fp32 " in capsys.readouterr().out
+    from sequencer.tools.export import top1_agreement
+    verified = top1_agreement(onnx, onnx, str(only_train / "train"))
+    assert verified["count"] == 24 and verified["scored"] == 6
+    assert abs(100 * verified["fp32_top1"] - got["top1"]) < 1e-3

@@ -96,7 +96,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                    help="static int8 (QDQ): fixed activation scales measured on the images under DIR")
     g.add_argument("--verify", default=None, metavar="DIR",
                    help="run fp32 and int8 on the images under DIR; report top-1 agreement (and top-1 where DIR "
-                        "has class subfolders)")
+                        "has class subfolders, on the images the checkpoint's run did not train on)")
     g.add_argument("--min-agreement", type=float, default=None, metavar="FRACTION",
                    help="with --verify: write nothing unless int8 agrees with fp32 on this fraction (default 0.99)")
 
@@ -111,7 +111,8 @@ def _report_int8(result: dict, verify: str | None) -> str:
         return f"fp32 graph matches PyTorch (relative error {result['rel_error']:.1e}), quantised: {settings}"
     text = f"{settings}; int8 agrees with fp32 on {100 * result['agreement']:.2f}% of {result['count']} images"
     if result["fp32_top1"] is not None:
-        text += f" (top-1 fp32 {100 * result['fp32_top1']:.2f}%, int8 {100 * result['int8_top1']:.2f}%)"
+        text += (f" (top-1 on {result['scored']} of them: fp32 {100 * result['fp32_top1']:.2f}%, "
+                 f"int8 {100 * result['int8_top1']:.2f}%)")
     return text
 
 

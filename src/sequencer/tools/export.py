@@ -35,9 +35,11 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..data.class_folders import find_images
+from ..data.class_folders import find_images, find_split_folder
+from ..data.datasets import ImageFileDataset
+from ..engine.data_record import carved_from
 from ..engine.guest import caller_state_kept
-from ..engine.inference import eval_transform, read_images, relative_error
+from ..engine.inference import eval_transform, held_out_files_only, read_images, relative_error
 from ..engine.user_data import check_float32_weights
 from ..errors import SequencerError, optional_import
 from ..fileio import write_atomically
@@ -469,8 +471,9 @@ class ImageCalibration:
 def top1_agreement(fp32_path: Path, int8_path: Path, folder: str) -> dict:
     """Run both ONNX files on the images of ``folder`` (preprocessing from the fp32 file's metadata).
 
-    Returns dict(count, agreement, fp32_top1, int8_top1); the top-1s (fractions) are None unless ``folder`` holds
-    class subfolders named like the model's classes.
+    Returns dict(count, agreement, scored, fp32_top1, int8_top1): the agreement over all ``count`` readable images;
+    the top-1s (fractions) over the ``scored`` ones the checkpoint's run did not train on (:func:`_not_trained_on`),
+    None (``scored`` 0) unless ``folder`` holds class subfolders named like the model's classes.
     """
     fp32, int8 = load_onnx(fp32_path), load_onnx(int8_path)
     files = find_images([folder])
@@ -481,15 +484,29 @@ def top1_agreement(fp32_path: Path, int8_path: Path, folder: str) -> dict:
     for name, loaded in (("fp32", fp32), ("int8", int8)):
         preds[name] = torch.cat([loaded.model(torch.stack(tensors[i:i + 32])).argmax(-1)
                                  for i in range(0, len(tensors), 32)])
-    result = dict(count=len(ok), agreement=(preds["fp32"] == preds["int8"]).double().mean().item(),
+    result = dict(count=len(ok), agreement=(preds["fp32"] == preds["int8"]).double().mean().item(), scored=0,
                   fp32_top1=None, int8_top1=None)
     names = fp32.class_names or []
     labels = [f.parent.name for f in ok]
     if names and all(label in names for label in labels) and Path(folder) not in {f.parent for f in ok}:
-        targets = torch.tensor([names.index(label) for label in labels])
-        result["fp32_top1"] = (preds["fp32"] == targets).double().mean().item()
-        result["int8_top1"] = (preds["int8"] == targets).double().mean().item()
+        scored = _not_trained_on(folder, fp32, ok)
+        keep = torch.tensor([f in scored for f in ok])
+        targets = torch.tensor([names.index(label) for label in labels])[keep]
+        result["scored"] = len(targets)
+        if len(targets):
+            result["fp32_top1"] = (preds["fp32"][keep] == targets).double().mean().item()
+            result["int8_top1"] = (preds["int8"][keep] == targets).double().mean().item()
     return result
+
+
+def _not_trained_on(folder: str, loaded, files: list[Path]) -> set[Path]:
+    """The ones of ``files`` (images under ``folder``) that ``loaded``'s checkpoint did not train on, by validate's
+    rule (``engine.inference.held_out_files_only``, which says so): only the held-out files where its run carved
+    them from this folder (`val_fraction`; ``folder`` the run's DATA or the split they were carved from)."""
+    split = carved_from(loaded.checkpoint, folder)
+    root = find_split_folder(folder, split) if split else folder
+    kept = held_out_files_only(ImageFileDataset(root, [(str(f), 0) for f in files], []), loaded)
+    return {Path(path) for path, _ in kept.samples}
 
 
 @_on_the_cpu_in_eval
