@@ -278,7 +278,18 @@ def test_onnx_bad_inputs_one_line_each(digits_model, digits_onnx, tmp_path, caps
     not_onnx.write_bytes(b"\x00\x01 this is not a protobuf")
     empty = tmp_path / "empty"
     empty.mkdir()
+    import onnx
+    proto = onnx.load(str(fp32_path))  # an export that records no training data (of a model by name, say)
+    kept = {p.key: p.value for p in proto.metadata_props if p.key != "data"}
+    del proto.metadata_props[:]
+    onnx.helper.set_model_props(proto, kept)
+    unrecorded = tmp_path / "unrecorded.onnx"
+    onnx.save(proto, str(unrecorded))
     cases = [
+        # its hint named --checkpoint, which an ONNX file has none of
+        (["validate", "--onnx", str(unrecorded)], f"ONNX file {str(unrecorded)!r} does not record the data it was "
+                                                  "trained on: DATA is needed (hint: pass DATA, the images to "
+                                                  "evaluate it on)"),
         (["predict", image, "--onnx", str(not_onnx)], "is not an ONNX model"),
         (["validate", str(root), "--split", "val", "--onnx", str(not_onnx)], "is not an ONNX model"),
         (["predict", image, "--onnx", str(tmp_path / "missing.onnx")], "does not exist"),
@@ -305,7 +316,7 @@ def test_onnx_bad_inputs_one_line_each(digits_model, digits_onnx, tmp_path, caps
         assert main(argv) == 2, argv
         err = capsys.readouterr().err
         assert message in err and err.count("\n") == 1 and "Traceback" not in err, (argv, err)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["empty", "weights.onnx"] and not list(empty.iterdir())
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["empty", "unrecorded.onnx", "weights.onnx"] and not list(empty.iterdir())
 
 
 def test_random_weights_warned_by_predict_and_export(tmp_path, capsys):

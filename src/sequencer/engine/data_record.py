@@ -65,25 +65,23 @@ def evaluated_data(cfg, state, eval_loader) -> dict:
     return {**CALLERS_DATA, "images": len(eval_loader.dataset)}
 
 
-EVALUATE_ON_DATA = "pass `data`, the images to evaluate the `checkpoint` on"
-
-
-def recorded_data(checkpoint: dict | None, source: str) -> RecordedData:
+def recorded_data(checkpoint: dict | None, source: str, evaluated: str = "the `checkpoint`") -> RecordedData:
     """The data ``checkpoint`` (named ``source`` in messages) was trained and evaluated on; SequencerError (one
-    line) when it does not say, or when its folder no longer exists."""
+    line) when it does not say, or when its folder no longer exists; its hint names what is ``evaluated`` as the
+    caller gave it ("the `checkpoint`"; "it": ``source``, an ONNX file or a model by name)."""
     record = recorded_training_data(checkpoint)
+    on_data = f"pass `data`, the images to evaluate {evaluated} on"
     if not record:
-        raise SequencerError(f"{source} does not record the data it was trained on: `data` is needed",
-                             hint=EVALUATE_ON_DATA)
+        raise SequencerError(f"{source} does not record the data it was trained on: `data` is needed", hint=on_data)
     if "split" in record and record["split"] is None:
         raise SequencerError(f"{source} was trained on all of {record.get('root')} (no held-out split): `data` is "
-                             f"needed", hint="pass `data`: images the `checkpoint` did not train on")
+                             f"needed", hint=f"pass `data`: images {evaluated} did not train on")
     found = RecordedData(str(record.get("dataset") or ""), record.get("root"), str(record.get("split") or
                                                                                    "validation"),
                          list(record["files"]) if record.get("files") else None, record.get("files_in"))
     if found.dataset != "digits" and (not found.root or not os.path.exists(found.root)):
         raise SequencerError(f"{source} was trained on {found.root or 'a dataset'!s}, which no longer exists "
-                             f"here: `data` is needed", hint=EVALUATE_ON_DATA)
+                             f"here: `data` is needed", hint=on_data)
     return found
 
 

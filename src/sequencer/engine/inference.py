@@ -48,6 +48,9 @@ class LoadedModel:
     # how its logits become probabilities: "softmax", or "sigmoid" for a run trained with a binary cross-entropy loss
     # (`bce_loss`); None for a file of ours that does not say (cleaned, averaged or exported before it was recorded)
     probabilities: str | None = "softmax"
+    # how messages name the file it was read from where that is not a `checkpoint` (an ONNX file's "ONNX file
+    # 'm.onnx'"); None otherwise
+    source: str | None = None
 
     @property
     def num_params(self) -> int:

@@ -190,8 +190,8 @@ def _reduced_precision(model: nn.Module) -> str:
 def _checkpoint_data(loaded: LoadedModel, checkpoint, split: str, dist_info: DistInfo) -> tuple:
     """(DATA, --dataset, --split) of the data the loaded checkpoint records (its held-out split unless ``split``
     names another)."""
-    source = f"checkpoint {os.fspath(checkpoint)!r}" if checkpoint else f"model {loaded.name}"
-    recorded = recorded_data(loaded.checkpoint, source)
+    source = f"checkpoint {os.fspath(checkpoint)!r}" if checkpoint else loaded.source or f"model {loaded.name}"
+    recorded = recorded_data(loaded.checkpoint, source, "the `checkpoint`" if checkpoint else "it")
     split = recorded.split if split == "validation" else split
     if dist_info.is_primary:
         _logger.info(f"note: no DATA given: evaluating on the data {source} was trained on "

@@ -143,7 +143,8 @@ def load_onnx(path: str | os.PathLike, threads: int | None = None) -> LoadedMode
     # None in an export of ours from before it was recorded; a file not written by `sequencer export`: softmax
     probabilities = model.metadata.get("probabilities") or (None if "arch" in model.metadata else "softmax")
     return LoadedModel(model, name, class_names, tuple(input_size), data_config, record or None,
-                       trained_size=int(trained_size) if trained_size else None, probabilities=probabilities)
+                       trained_size=int(trained_size) if trained_size else None, probabilities=probabilities,
+                       source=f"ONNX file {str(path)!r}")
 
 
 def note_other_cpu(model: OnnxModel) -> None:
