@@ -296,6 +296,11 @@ def test_onnx_bad_inputs_one_line_each(digits_model, digits_onnx, tmp_path, caps
         (["predict", image, "--onnx", str(fp32_path), "--img-size", "48"], "exported for 16x16 inputs, not 48x48"),
         (["validate", str(root), "--split", "val", "--onnx", str(fp32_path), "--img-size", "48"], "not 48x48"),
         (["predict", image, "--onnx", str(fp32_path), "--checkpoint", str(checkpoint)], "drop --checkpoint"),
+        # the file's stem and weights are fixed: a grey run and --no-ema ran RGB and the exported weights in silence
+        (["validate", str(root), "--split", "val", "--onnx", str(fp32_path), "--input-size", "1", "16", "16"],
+         "was exported for 3-channel inputs, not 1"),
+        (["predict", image, "--onnx", str(fp32_path), "--input-size", "1", "16", "16"], "3-channel inputs, not 1"),
+        (["predict", image, "--onnx", str(fp32_path), "--no-ema"], "carries its own model and weights; drop --no-ema"),
         (["validate", str(root), "--split", "val", "--onnx", str(fp32_path), "--amp"], "--amp does not apply"),
         (["export", "--checkpoint", str(checkpoint), "-o", str(tmp_path / "m.pt"), "--quantize", "int8"],
          "--quantize int8 is for ONNX exports, not torchscript"),

@@ -209,13 +209,19 @@ def load_model_or_onnx(args, device: torch.device | str = "cpu") -> LoadedModel:
     """``--onnx PATH`` when given (no model options allowed beside it), else the PyTorch model the options name."""
     if not getattr(args, "onnx", None):
         return load_model_from_args(args, device)
+    ema = getattr(args, "use_ema", None)
     given = [flag for flag, value in (("--model", args.model), ("--checkpoint", args.checkpoint),
-                                      ("--pretrained", args.pretrained), ("--num-classes", args.num_classes))
+                                      ("--pretrained", args.pretrained), ("--num-classes", args.num_classes),
+                                      ("--use-ema" if ema else "--no-ema", ema is not None))
              if value]
     if given:
         raise SequencerError(f"--onnx {args.onnx!r} carries its own model and weights; drop {', '.join(given)}")
     from ..tools.onnx_runtime import load_onnx, note_other_cpu
     loaded = load_onnx(args.onnx)
+    if args.input_size and args.input_size[0] != loaded.input_size[0]:  # the file's stem is fixed: nothing adapts it
+        raise SequencerError(f"--onnx {args.onnx!r} was exported for {loaded.input_size[0]}-channel inputs, not "
+                             f"{args.input_size[0]}", hint=f"use --input-size {loaded.input_size[0]} H W, or export "
+                             f"the checkpoint with --input-size {args.input_size[0]} H W")
     size = args.input_size[1:] if args.input_size else (args.img_size,) * 2 if args.img_size else None
     if size:
         try:
