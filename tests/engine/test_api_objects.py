@@ -234,6 +234,13 @@ def test_validate_leaves_a_module_in_the_mode_it_was_in():
     assert net.training and result.images == 32 and result.img_size == 8
 
 
+def test_an_input_size_of_other_channels_than_a_modules_stem_is_refused_in_one_line():
+    """validate(model=an RGB module, input_size=(1, H, W)) ended in the conv's RuntimeError."""
+    model = sequencer.create_model("sequencer2d_nano", num_classes=2, img_size=16)
+    with pytest.raises(SequencerError, match="`input_size` has 1 channels but `model` sequencer2d_nano takes 3"):
+        sequencer.validate(model=model, data=Blobs(4, 1), input_size=(1, 16, 16), progress=False)
+
+
 def test_a_head_too_small_for_the_classes_is_refused(tmp_path):
     model = sequencer.create_model("sequencer2d_nano", num_classes=1, img_size=16)
     with pytest.raises(SequencerError, match="1-class head but the data has 2 classes"):

@@ -208,6 +208,11 @@ def _in_memory(model: nn.Module, img_size: int | None, input_size, device: torch
     size = (input_size[1] if input_size else img_size) or (cfg.get("input_size") or (0, 0, None))[-1] or \
         getattr(model, "img_size", None) or 224
     in_chans = (input_size[0] if input_size else None) or getattr(model, "in_chans", None) or 3
+    stem = getattr(model, "in_chans", None)
+    if isinstance(stem, int) and in_chans != stem:  # its stem is as built: nothing adapts it here
+        raise SequencerError(f"validate: `input_size` has {in_chans} channels but `model` {module_name(model)} "
+                             f"takes {stem}", hint=f"build it with in_chans={in_chans} (create_model(..., "
+                             f"checkpoint_path=..., in_chans={in_chans}) adapts a checkpoint's stem)")
     data_config = {k: cfg[k] for k in ("mean", "std", "crop_pct", "interpolation") if k in cfg}
     names = cfg.get("label_names")
     names = list(names) if isinstance(names, (list, tuple)) and len(names) == getattr(model, "num_classes", None) \
