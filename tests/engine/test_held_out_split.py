@@ -164,3 +164,12 @@ def test_validate_finds_files_carved_from_a_train_folder(data, tmp_path, capsys)
     verified = top1_agreement(onnx, onnx, str(only_train / "train"))
     assert verified["count"] == 24 and verified["scored"] == 6
     assert abs(100 * verified["fp32_top1"] - got["top1"]) < 1e-3
+    # a run's DATA with split folders: its top-1 is on the 6 images of the split it evaluated on (it scored
+    # train/'s 24 besides them)
+    import onnx as onnx_package
+    proto = onnx_package.load(str(onnx))
+    onnx_package.helper.set_model_props(proto, {**{p.key: p.value for p in proto.metadata_props},
+                                                "data": json.dumps({"dataset": "", "root": str(data), "split": "val"})})
+    onnx_package.save(proto, str(tmp_path / "plain_run.onnx"))
+    verified = top1_agreement(tmp_path / "plain_run.onnx", tmp_path / "plain_run.onnx", str(data))
+    assert verified["count"] == 30 and verified["scored"] == 6

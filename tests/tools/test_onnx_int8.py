@@ -280,9 +280,7 @@ def test_onnx_bad_inputs_one_line_each(digits_model, digits_onnx, tmp_path, caps
     empty.mkdir()
     import onnx
     proto = onnx.load(str(fp32_path))  # an export that records no training data (of a model by name, say)
-    kept = {p.key: p.value for p in proto.metadata_props if p.key != "data"}
-    del proto.metadata_props[:]
-    onnx.helper.set_model_props(proto, kept)
+    onnx.helper.set_model_props(proto, {p.key: p.value for p in proto.metadata_props if p.key != "data"})
     unrecorded = tmp_path / "unrecorded.onnx"
     onnx.save(proto, str(unrecorded))
     cases = [

@@ -107,8 +107,15 @@ def trained_on_all_of(dataset, checkpoint: dict | None) -> bool:
 
 def carved_from(checkpoint: dict | None, data: str) -> str | None:
     """The split of ``data`` from which ``checkpoint``'s run carved its held-out files, when ``data`` is its DATA."""
-    held_out = recorded_held_out(checkpoint)
-    return held_out.split if held_out is not None and _same_folder(data, held_out.root) else None
+    return evaluated_split(checkpoint, data) if recorded_held_out(checkpoint) is not None else None
+
+
+def evaluated_split(checkpoint: dict | None, data: str) -> str | None:
+    """When ``data`` is the DATA of ``checkpoint``'s run, the split of it that holds the images the run evaluated
+    on: its held-out split, or the training split its `val_fraction` carved them from (:func:`carved_from`); None
+    otherwise, and for a run without a held-out split."""
+    record = checkpoint_metadata(checkpoint).get("data") or {}
+    return record.get("split") if _same_folder(data, record.get("root")) else None
 
 
 def keep_held_out_files(dataset, checkpoint: dict | None) -> tuple:

@@ -37,7 +37,7 @@ from torch import nn
 
 from ..data.class_folders import find_images, find_split_folder
 from ..data.datasets import ImageFileDataset
-from ..engine.data_record import carved_from
+from ..engine.data_record import evaluated_split
 from ..engine.guest import caller_state_kept
 from ..engine.inference import eval_transform, held_out_files_only, read_images, relative_error
 from ..engine.user_data import check_float32_weights
@@ -500,12 +500,14 @@ def top1_agreement(fp32_path: Path, int8_path: Path, folder: str) -> dict:
 
 
 def _not_trained_on(folder: str, loaded, files: list[Path]) -> set[Path]:
-    """The ones of ``files`` (images under ``folder``) that ``loaded``'s checkpoint did not train on, by validate's
-    rule (``engine.inference.held_out_files_only``, which says so): only the held-out files where its run carved
-    them from this folder (`val_fraction`; ``folder`` the run's DATA or the split they were carved from)."""
-    split = carved_from(loaded.checkpoint, folder)
+    """The ones of ``files`` (images under ``folder``) that ``loaded``'s checkpoint did not train on, as validate
+    picks them: where ``folder`` is its run's DATA, those of the split it evaluated on; of that split, or of the
+    folder given, only the held-out files where its run carved them from it (`val_fraction`:
+    ``engine.inference.held_out_files_only``, which says so)."""
+    split = evaluated_split(loaded.checkpoint, folder)
     root = find_split_folder(folder, split) if split else folder
-    kept = held_out_files_only(ImageFileDataset(root, [(str(f), 0) for f in files], []), loaded)
+    under = [f for f in files if f.is_relative_to(root)]
+    kept = held_out_files_only(ImageFileDataset(root, [(str(f), 0) for f in under], []), loaded)
     return {Path(path) for path, _ in kept.samples}
 
 
