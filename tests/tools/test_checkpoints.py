@@ -229,6 +229,12 @@ def test_a_cleaned_ema_file_is_averaged_as_ema_weights(three_checkpoints, tmp_pa
     assert averaged["weights"] == "ema"
     expected = (_weights(three_checkpoints[0])["head.fc.weight"] + _weights(three_checkpoints[2])["head.fc.weight"]) / 2
     torch.testing.assert_close(averaged["state_dict"]["head.fc.weight"], expected)
+    # --no-ema cannot take raw weights from it: said, where the average took its EMA weights in silence (and the
+    # mixing note said --no-ema averages raw model weights only)
+    assert main(["checkpoint", "average", str(three_checkpoints[0]), str(cleaned), "--no-ema", "-o",
+                 str(tmp_path / "raw.pth")]) == 0
+    assert (f"note: checkpoint {str(cleaned)!r} holds only its EMA weights: --no-ema cannot pick raw model weights"
+            in capsys.readouterr().err)
 
 
 def _segmentation_checkpoint(path, seed, head_channels=8, drop_path_rate=0.0):

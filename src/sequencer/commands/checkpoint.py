@@ -45,8 +45,8 @@ def cmd_average(args: argparse.Namespace) -> int:
     ema_count = sum(used_emas)
     if 0 < ema_count < len(states):
         print(f"note: the average mixes the EMA weights of {ema_count} checkpoint(s) with the raw model weights of "
-              f"{len(states) - ema_count} (the weights each run evaluated, or a file's only ones; --no-ema averages "
-              f"raw model weights only)")
+              f"{len(states) - ema_count} (the weights each run evaluated, or a file's only ones; --no-ema takes "
+              f"raw model weights where a file has them)")
     averaged = average_state_dicts(states, paths)
     config = dict(configs[0])
     for key, what, then in _RECORDED_BY_RUN:

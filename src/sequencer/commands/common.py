@@ -50,6 +50,8 @@ PARAMETER_FLAGS = {
 # A command whose flag for a parameter is not PARAMETER_FLAGS' one: benchmark's `data` is its --data, not DATA;
 # segment train loads the backbone's weights (create_model's `checkpoint_path`) from --backbone-checkpoint
 COMMAND_FLAGS = {"benchmark": {"data": "--data"}, "segment": {"checkpoint_path": "--backbone-checkpoint"}}
+# the flag that sets a parameter False where it is not PARAMETER_FLAGS' flag given a value (`use_ema=False`: --no-ema)
+OFF_FLAGS = {"use_ema": "--no-ema"}
 _PARAMETER = re.compile(r"`(\w+)(?:=([^`]*))?`")
 
 
@@ -63,6 +65,8 @@ def as_flags(text: str, command: str | None = None) -> str:
         name, value = match.groups()
         if name not in flags:
             return match.group(0)
+        if value == "False" and name in OFF_FLAGS:
+            return OFF_FLAGS[name]
         return flags[name] + ("" if value in (None, "True") else f" {value}")
     return _PARAMETER.sub(flag, text)
 

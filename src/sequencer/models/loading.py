@@ -582,6 +582,11 @@ def weights_to_load(checkpoint: dict, source: str, use_ema: bool | None = None,
     if use_ema is None and weights == "model" and picked_weights(checkpoint, True) == "ema":
         _logger.info(f"note: {source}: loading its raw model weights, the ones its run evaluated and logged, not its "
                      f"EMA weights" + (f"; {other}" if other else ""))
+    if (use_ema is True and weights != "ema") or (use_ema is False and weights == "ema"):  # a file of one set
+        held = {"ema": "holds only its EMA weights", "model": "holds only its raw model weights"}.get(
+            weights, "holds no EMA weights")
+        _logger.warning(f"note: {source} {held}: `use_ema={use_ema}` cannot pick "
+                        f"{'EMA' if use_ema else 'raw model'} weights; loading the ones it holds")
     return state, weights
 
 
