@@ -219,6 +219,35 @@ def test_a_checkpoint_from_before_the_aux_head_and_fpn_convs_loads_as_it_was_tra
     assert cfg.aux_head is False
 
 
+@pytest.mark.parametrize("head,aux_head", [("upernet", True), ("fpn", False), ("fpn", True)])
+def test_the_batch_norm_maps_the_check_reads_are_the_ones_a_training_step_normalises(head, aux_head):
+    """``batch_norm_maps`` (what ``segment train`` checks before the run) gives each part's smallest BatchNorm map as
+    a training forward has it, and a one-image step fails exactly where it says a map has one cell."""
+    from sequencer.models.segmentation import batch_norm_maps
+
+    torch.manual_seed(0)
+    model = create_segmenter("sequencer2d_nano", 3, head=head, head_channels=8, out_channels=8,
+                             backbone_kwargs=TINY_BACKBONE, aux_head=aux_head).train()
+    seen = {}
+    for name, module in model.named_modules():
+        if isinstance(module, nn.BatchNorm2d):
+            part = "aux_head=True" if name.startswith("aux_head.") else f"head={head}"
+            module.register_forward_pre_hook(
+                lambda m, args, part=part: seen.setdefault(part, []).append(args[0][0, 0].numel()))
+    for crop in (16, 17, 32, 33):
+        seen.clear()
+        model(torch.randn(2, 3, crop, crop), aux=True)
+        expected = batch_norm_maps(head, aux_head, crop)
+        assert {part: min(cells) for part, cells in seen.items()} == {m.part: m.cells for m in expected}, crop
+        one_cell = any(m.cells < 2 for m in expected)
+        assert one_cell == (head == "upernet" or crop <= 32)
+        if one_cell:
+            with pytest.raises(ValueError, match="Expected more than 1 value per channel"):
+                model(torch.randn(1, 3, crop, crop), aux=True)
+        else:
+            model(torch.randn(1, 3, crop, crop), aux=True)
+
+
 # ------------------------------------------------------------------------------------------------- training
 def test_config_needs_one_length(tmp_path):
     with pytest.raises(SequencerError, match=r"`iters=N` .* or `epochs=N`"):

@@ -86,6 +86,13 @@ def test_only_the_fields_set_count():
     # UperNet batch-normalises a 1x1 pooled map: one image is one value per channel (a ValueError at step 0 before)
     (dict(epochs=1, batch_size=1), r"^`batch_size=1` with `head=upernet`: .* needs 2 or more images per batch "
                                    r"\(hint: use `batch_size=2` or more, or `head=fpn`\)$"),
+    # so does the FPN head its stride-32 level at a crop of 32 px or less (the auxiliary head too, at 16): a
+    # ValueError at the first step, after the experiment folder was made
+    (dict(epochs=1, batch_size=1, head="fpn", aux_head=True, img_size=16),
+     r"^`batch_size=1` and `img_size=16` with `head=fpn`: its stride-32 level \(1x1 at a 16-px crop\) is "
+     r"batch-normalised in training, .* \(hint: use `batch_size=2` or more, or `img_size=33` or more\)$"),
+    (dict(epochs=1, batch_size=1, head="fpn", img_size=32), r"^`batch_size=1` and `img_size=32` with `head=fpn`: "),
+    (dict(epochs=1, batch_size=1, img_size=32), r"\(hint: use `batch_size=2` or more\)$"),  # fpn would fail too
 ])
 def test_a_bad_setting_is_one_line_naming_it_and_nothing_is_written(voc, tmp_path, settings, message):
     with pytest.raises(sequencer.SequencerError) as caught:

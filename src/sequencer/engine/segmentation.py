@@ -34,7 +34,7 @@ from torch import nn
 from ..data.loader_workers import workers_stopped_on_exit
 from ..data.segmentation import IGNORE_INDEX, SegmentationDataset, TrainTransform, open_split
 from ..errors import SequencerError
-from ..models.segmentation import AUX_LOSS_WEIGHT, create_segmenter, segmenter_from_config
+from ..models.segmentation import AUX_LOSS_WEIGHT, batch_norm_maps, create_segmenter, segmenter_from_config
 from . import distributed as dist_utils
 from .amp import autocast, dtype_name
 from .checkpoint import get_rng_state, load_optimizer_state, resume_position
@@ -130,7 +130,7 @@ def _train(cfg: SegmentConfig, state: RunState, info: dist_utils.DistInfo) -> Se
     cfg = _resumed_architecture(cfg, resume_ckpt, state)
     train_split, val_split = _open_splits(cfg, resume_ckpt)
     dist_utils.check_same_data(info, len(train_split), len(val_split), list(train_split.class_names))
-    _check_pooled_batch_norm(cfg, info)
+    _check_batch_norm_maps(cfg, info)
     model = _build_model(cfg, train_split.num_classes, resume_ckpt, info.device)
     run = _build_run(cfg, state, info, model, train_split, val_split, resume_ckpt)
     resumed_within = resumed_progress(resume_ckpt, info, _batch_split(run))  # a recovery file's interrupted epoch
@@ -204,16 +204,35 @@ def _resumed(cfg: SegmentConfig, name: str, saved, unset=None):
     return saved
 
 
-def _check_pooled_batch_norm(cfg: SegmentConfig, info: dist_utils.DistInfo) -> None:
-    """UperNet pools the stride-32 map to 1x1 and batch-normalises it: one image per BatchNorm batch is one value
-    per channel, which BatchNorm refuses in training (a ValueError at the first step otherwise). Under DDP on GPUs the
+def _check_batch_norm_maps(cfg: SegmentConfig, info: dist_utils.DistInfo) -> None:
+    """SequencerError (one line naming the settings) where a BatchNorm of the model would train on one value per
+    channel: one image of a 1x1 map (UperNet's pooled map at any crop, the FPN's stride-32 level at a crop of 32 px
+    or less, the auxiliary head's stride-16 map at 16 px or less), which BatchNorm refuses in training (a
+    ValueError at the first step otherwise; mmsegmentation's heads fail the same way). Under DDP on GPUs the
     BatchNorms are synchronised, so the batch is every process's."""
     synced = info.distributed and info.device.type == "cuda"
-    if cfg.head == "upernet" and cfg.batch_size * (info.world_size if synced else 1) < 2:
-        raise SequencerError(f"`batch_size={cfg.batch_size}` with `head=upernet`: its pyramid pooling batch-normalises "
-                             f"a 1x1 map, which needs 2 or more images per batch"
-                             + (" (on each process: the CPU's BatchNorms are not synchronised)" if info.distributed
-                                else ""), hint="use `batch_size=2` or more, or `head=fpn`")
+    images = cfg.batch_size * (info.world_size if synced else 1)
+    too_small = [m for m in batch_norm_maps(cfg.head, _aux_head(cfg), cfg.img_size) if images * m.cells < 2]
+    if not too_small:
+        return
+    first = too_small[0]
+    crops = [m.min_crop for m in too_small]
+    fixes = ["`batch_size=2` or more"]
+    if None not in crops:
+        fixes.append(f"`img_size={max(crops)}` or more")
+    elif all(m.cells >= 2 for m in batch_norm_maps("fpn", bool(cfg.aux_head), cfg.img_size)):
+        fixes.append("`head=fpn`")  # UperNet's pooled map is 1x1 at any crop; the FPN's levels grow with it
+    crop = f" and `img_size={cfg.img_size}`" if first.min_crop else ""
+    raise SequencerError(f"`batch_size={cfg.batch_size}`{crop} with `{first.part}`: {first.what} is batch-normalised "
+                         f"in training, which needs 2 or more images per batch"
+                         + (" (on each process: the CPU's BatchNorms are not synchronised)" if info.distributed
+                            else ""), hint=f"use {', or '.join(fixes)}")
+
+
+def _aux_head(cfg: SegmentConfig) -> bool:
+    """Whether the run trains the auxiliary head: ``aux_head`` where set (a resume's is its checkpoint's), else on
+    for UperNet, as mmsegmentation's configs."""
+    return cfg.head == "upernet" if cfg.aux_head is None else cfg.aux_head
 
 
 # the settings that make the model (``Segmenter.config``): a resume takes the checkpoint's
@@ -257,7 +276,7 @@ def _build_model(cfg: SegmentConfig, num_classes: int, resume_ckpt: dict | None,
         model = create_segmenter(cfg.backbone, num_classes, head=cfg.head, head_channels=cfg.head_channels,
                                  out_channels=cfg.out_channels, backbone_checkpoint=cfg.backbone_checkpoint,
                                  pretrained=cfg.pretrained, backbone_kwargs=cfg.backbone_kwargs,
-                                 aux_head=cfg.head == "upernet" if cfg.aux_head is None else cfg.aux_head)
+                                 aux_head=_aux_head(cfg))
     return model.to(device)
 
 

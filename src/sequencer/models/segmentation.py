@@ -18,13 +18,15 @@ it was trained as: without that part.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from ..choices import HEADS
 from ..errors import ArgumentValueError, SequencerError
-from .backbone import checked_positive_int, create_backbone
+from .backbone import ceil_div, checked_positive_int, create_backbone
 from .features import WrapperFacade
 
 
@@ -43,7 +45,9 @@ def _resize(x: torch.Tensor, size) -> torch.Tensor:
 class UperNetHead(nn.Module):
     """UperNet: [(N, C_i, H/s_i, W/s_i)] for s = 4, 8, 16, 32 -> logits (N, num_classes, H/4, W/4)."""
 
-    def __init__(self, in_channels: list[int], channels: int, num_classes: int, pool_scales=(1, 2, 3, 6),
+    POOL_SCALES = (1, 2, 3, 6)
+
+    def __init__(self, in_channels: list[int], channels: int, num_classes: int, pool_scales=POOL_SCALES,
                  dropout: float = 0.1):
         super().__init__()
         self.pool_scales = tuple(pool_scales)
@@ -106,6 +110,7 @@ class SemanticFPNHead(nn.Module):
         return self.classifier(self.dropout(total))
 
 
+PYRAMID_STRIDES = (4, 8, 16, 32)  # the backbone's levels that the heads read
 AUX_LOSS_WEIGHT = 0.4  # the auxiliary head's cross-entropy in the training loss (mmsegmentation's UperNet configs)
 AUX_LEVEL = 2  # the pyramid level it reads: stride 16
 AUX_CHANNELS = 256
@@ -173,7 +178,8 @@ def create_segmenter(backbone: str, num_classes: int, head: str = "upernet", hea
     if head == "fpn":
         config["fpn_convs"] = bool(fpn_convs)
     net = create_backbone(backbone, pretrained=pretrained, checkpoint_path=backbone_checkpoint or None,
-                          out_channels=out_channels, extra_blocks=None, **config["backbone_kwargs"])
+                          out_channels=out_channels, strides=PYRAMID_STRIDES, extra_blocks=None,
+                          **config["backbone_kwargs"])
     in_channels = [net.out_channels] * len(net.strides)
     if head == "upernet":
         head_module = UperNetHead(in_channels, config["head_channels"], config["num_classes"])
@@ -182,6 +188,35 @@ def create_segmenter(backbone: str, num_classes: int, head: str = "upernet", hea
                                       output_convs=config["fpn_convs"])
     aux_module = AuxFCNHead(in_channels[AUX_LEVEL], config["num_classes"]) if config["aux_head"] else None
     return Segmenter(net, head_module, config["num_classes"], config, aux_head=aux_module)
+
+
+@dataclass(frozen=True)
+class NormalisedMap:
+    """A map that a segmenter's BatchNorm normalises in training: its ``cells`` per image, the setting whose part
+    normalises it (``part``: ``head=fpn``, ``aux_head=True``), the map in words (``what``) and the smallest crop at
+    which it has 2 cells or more (``min_crop``; None for a map of a fixed size)."""
+    cells: int
+    part: str
+    what: str
+    min_crop: int | None
+
+
+def batch_norm_maps(head: str, aux_head: bool, crop: int) -> list[NormalisedMap]:
+    """The smallest map each part of a ``head`` segmenter (with the auxiliary head where ``aux_head``) batch-normalises
+    when it trains on ``crop`` x ``crop`` images (the training crops are padded to that size). BatchNorm in training
+    needs 2 or more values per channel, batch x cells: one image of a 1x1 map is a ValueError at the first step."""
+    def level(part: str, stride: int, what: str) -> NormalisedMap:
+        side = ceil_div(crop, stride)
+        return NormalisedMap(side * side, part, f"{what} ({side}x{side} at a {crop}-px crop)", stride + 1)
+
+    if head == "upernet":  # its smallest: the pooled maps, s x s whatever the crop
+        scale = min(UperNetHead.POOL_SCALES)
+        maps = [NormalisedMap(scale * scale, "head=upernet", f"its pyramid pooling's {scale}x{scale} pooled map", None)]
+    else:  # fpn's smallest: the stride-32 level, which its first scale-head convolution reads
+        maps = [level(f"head={head}", PYRAMID_STRIDES[-1], "its stride-32 level")]
+    if aux_head:
+        maps.append(level("aux_head=True", PYRAMID_STRIDES[AUX_LEVEL], "the auxiliary head's stride-16 map"))
+    return maps
 
 
 # create_backbone's arguments that create_segmenter sets itself, and where to give each instead
