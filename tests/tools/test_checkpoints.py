@@ -110,7 +110,7 @@ def _three_class_checkpoint(path, class_names, img_size=32):
 
 @pytest.mark.parametrize("other_names, other_size, message", [
     (["1", "2", "10"], 32, r"'.*other.pth' has class names \(1, 2, 10\) but '.*birds.pth' has \(bird, cat, dog\)"),
-    (["bird", "cat", "dog"], 16, r"'.*other.pth' has data config .*'img_size': 16.* but '.*birds.pth' has"),
+    (["bird", "cat", "dog"], 16, r"'.*other.pth' has data config img_size=16 but '.*birds.pth' has img_size=32 "),
 ])
 def test_average_refuses_checkpoints_of_other_classes_or_data(tmp_path, capsys, other_names, other_size, message):
     """Runs of other classes or image sizes (same architecture and shapes) are not averaged into one file carrying
@@ -237,17 +237,27 @@ def test_a_cleaned_ema_file_is_averaged_as_ema_weights(three_checkpoints, tmp_pa
             in capsys.readouterr().err)
 
 
-def _segmentation_checkpoint(path, seed, head_channels=8, drop_path_rate=0.0):
-    """A checkpoint with the entries `sequencer segment train` writes (its model's config as plain lists)."""
+def _segmentation_checkpoint(path, seed, head_channels=8, drop_path_rate=0.0, head="fpn", before_keys=False,
+                             **parts):
+    """A checkpoint with the entries `sequencer segment train` writes (its model's config as plain lists).
+    ``parts``: create_segmenter's ``aux_head`` / ``fpn_convs``; ``before_keys``: its config as written before those
+    keys were (2026-12-07), without them."""
     from sequencer.engine.outputs import plain
     from sequencer.engine.segmentation_eval import segment_data_config
     from sequencer.models.segmentation import create_segmenter
 
     torch.manual_seed(seed)
     backbone_kwargs = {k: v for k, v in TINY_KWARGS.items() if k != "num_classes"}
-    model = create_segmenter(TINY_ARCH, 3, head="fpn", head_channels=head_channels, out_channels=8,
-                             backbone_kwargs=dict(backbone_kwargs, drop_path_rate=drop_path_rate))
-    torch.save({"version": 1, "segmenter": plain(model.config), "class_names": ["background", "cat", "dog"],
+    model = create_segmenter(TINY_ARCH, 3, head=head, head_channels=head_channels, out_channels=8,
+                             backbone_kwargs=dict(backbone_kwargs, drop_path_rate=drop_path_rate), **parts)
+    with torch.no_grad():  # BatchNorm statistics of a trained model, not their initial 0 and 1
+        for name, buffer in model.named_buffers():
+            if buffer.is_floating_point():
+                buffer.add_(torch.rand_like(buffer))
+    config = plain(model.config)
+    if before_keys:
+        config = {k: v for k, v in config.items() if k not in ("aux_head", "fpn_convs")}
+    torch.save({"version": 1, "segmenter": config, "class_names": ["background", "cat", "dog"],
                 "data_config": segment_data_config(TINY_ARCH, 32, None, "whole", None, "voc", False),
                 "state_dict": model.state_dict(), "epoch": 3}, path)
     return path
@@ -278,6 +288,50 @@ def test_average_and_clean_of_segmentation_checkpoints_load_in_segment_validate(
     capsys.readouterr()
     assert main(["checkpoint", "average", str(first), str(other), "-o", str(tmp_path / "mixed.pth")]) == 2
     assert "segmentation model" in capsys.readouterr().err
+
+
+def _independent_mean(paths) -> dict:
+    states = [torch.load(p, weights_only=True)["state_dict"] for p in paths]
+    return {k: sum(s[k].double() for s in states).div(len(states)).to(v.dtype) if v.is_floating_point() else v
+            for k, v in states[0].items()}
+
+
+@pytest.mark.parametrize("head", ["fpn", "upernet"])
+def test_a_runs_checkpoints_from_before_and_after_the_aux_head_keys_average_when_they_are_one_model(
+        head, tmp_path, capsys):
+    """A run resumed from a checkpoint written before ``aux_head`` / ``fpn_convs`` existed goes on as the model it
+    was (neither part), but its later checkpoints' configs spell those keys out: the average refused to mix the two
+    as "another segmentation model", printing both whole configs. One model averages to the exact mean (the aux
+    head's weights and BatchNorm statistics included); another model, one with the parts, is one line naming the
+    files and the settings that differ."""
+    from sequencer.engine.segmentation_eval import load_segmenter
+
+    before = _segmentation_checkpoint(tmp_path / "before.pth", 0, head=head, before_keys=True, aux_head=False,
+                                      fpn_convs=False)
+    resumed = _segmentation_checkpoint(tmp_path / "resumed.pth", 1, head=head, aux_head=False, fpn_convs=False)
+    out = tmp_path / "avg.pth"
+    assert main(["checkpoint", "average", str(before), str(resumed), "-o", str(out)]) == 0
+    got, expected = load_segmenter(str(out)).model.state_dict(), _independent_mean([before, resumed])
+    assert got.keys() == expected.keys()
+    for key, value in expected.items():
+        assert torch.equal(got[key], value), key
+    with_parts = _segmentation_checkpoint(tmp_path / "with_parts.pth", 2, head=head, aux_head=True)
+    capsys.readouterr()
+    assert main(["checkpoint", "average", str(before), str(with_parts), "-o", str(tmp_path / "x.pth")]) == 2
+    err = capsys.readouterr().err
+    differing = "aux_head=True, fpn_convs=True" if head == "fpn" else "aux_head=True"
+    assert re.fullmatch(rf"sequencer checkpoint: error: cannot average: '.*with_parts.pth' has segmentation model "
+                        rf"{differing} but '.*before.pth' has {differing.replace('True', 'False')} \(hint: .*\)\n",
+                        err), err
+    assert not (tmp_path / "x.pth").exists()
+    # two checkpoints with the auxiliary head (an UperNet run's): the exact mean, its weights included
+    aux_pair = [_segmentation_checkpoint(tmp_path / f"aux{seed}.pth", seed, head=head, aux_head=True)
+                for seed in (3, 4)]
+    assert main(["checkpoint", "average", *map(str, aux_pair), "-o", str(out)]) == 0
+    got, expected = load_segmenter(str(out)).model.state_dict(), _independent_mean(aux_pair)
+    assert any(k.startswith("aux_head.") for k in expected) and got.keys() == expected.keys()
+    for key, value in expected.items():
+        assert torch.equal(got[key], value), key
 
 
 def test_bad_inputs_give_one_line_errors(tmp_path, tiny_checkpoint, capsys):

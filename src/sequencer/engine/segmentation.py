@@ -34,7 +34,8 @@ from torch import nn
 from ..data.loader_workers import workers_stopped_on_exit
 from ..data.segmentation import IGNORE_INDEX, SegmentationDataset, TrainTransform, open_split
 from ..errors import SequencerError
-from ..models.segmentation import AUX_LOSS_WEIGHT, batch_norm_maps, create_segmenter, segmenter_from_config
+from ..models.segmentation import (AUX_LOSS_WEIGHT, batch_norm_maps, complete_config, create_segmenter,
+                                   segmenter_from_config)
 from . import distributed as dist_utils
 from .amp import autocast, dtype_name
 from .checkpoint import get_rng_state, load_optimizer_state, resume_position
@@ -237,7 +238,6 @@ def _aux_head(cfg: SegmentConfig) -> bool:
 
 # the settings that make the model (``Segmenter.config``): a resume takes the checkpoint's
 ARCHITECTURE = ("backbone", "backbone_kwargs", "head", "head_channels", "out_channels", "aux_head")
-_ADDED_LATER = {"backbone_kwargs": {}, "aux_head": False}  # what a checkpoint written before the key was had
 _NEW_RUN_WEIGHTS = ("pretrained", "backbone_checkpoint")  # a new run's backbone weights
 
 
@@ -253,11 +253,11 @@ def _resumed_architecture(cfg: SegmentConfig, resume_ckpt: dict | None, state: R
     if not isinstance(saved, dict):
         raise SequencerError(f"`resume={cfg.resume}`: not a segmentation checkpoint written by `sequencer segment "
                              f"train`")
-    missing = [key for key in ARCHITECTURE if key not in saved and key not in _ADDED_LATER]
+    saved = complete_config(saved)  # what a checkpoint written before a key was had
+    missing = [key for key in ARCHITECTURE if key not in saved]
     if missing:
         raise SequencerError(f"`resume={cfg.resume}`: the checkpoint's segmenter config lacks {missing[0]!r}")
-    architecture = {**{key: saved[key] for key in ARCHITECTURE if key in saved},
-                    **{key: saved.get(key) or empty for key, empty in _ADDED_LATER.items()}}
+    architecture = {key: saved[key] for key in ARCHITECTURE}
     given = given_settings(cfg)
     for key, value in architecture.items():
         if key in given and plain(given[key]) != plain(value):

@@ -235,15 +235,26 @@ def _check_backbone_kwargs(backbone_kwargs: dict) -> None:
                                      f"{where}")
 
 
+def complete_config(config: dict) -> dict:
+    """A checkpoint's ``segmenter`` config with the keys added since checkpoints were first written set to the model
+    a config without them stands for: ``backbone_kwargs`` none, ``aux_head`` False and, for ``fpn``, ``fpn_convs``
+    False (checkpoints before 2026-12-07 had neither part). Two configs that complete to one dict are one model."""
+    full = dict(config, backbone_kwargs=dict(config.get("backbone_kwargs") or {}),
+                aux_head=bool(config.get("aux_head", False)))
+    if full.get("head") == "fpn":
+        full["fpn_convs"] = bool(config.get("fpn_convs", False))
+    return full
+
+
 def segmenter_from_config(config: dict) -> Segmenter:
     """The model a checkpoint's ``segmenter`` config describes, randomly initialised (load its state_dict next). A
-    config without ``aux_head`` / ``fpn_convs`` (written before they existed) builds the model without them."""
+    config without ``aux_head`` / ``fpn_convs`` (written before they existed) builds the model without them
+    (:func:`complete_config`)."""
+    full = complete_config(config)
     try:
-        return create_segmenter(config["backbone"], config["num_classes"], head=config["head"],
-                                head_channels=config["head_channels"], out_channels=config["out_channels"],
-                                backbone_kwargs=config.get("backbone_kwargs") or {},
-                                aux_head=bool(config.get("aux_head", False)),
-                                fpn_convs=bool(config.get("fpn_convs", False)))
+        return create_segmenter(full["backbone"], full["num_classes"], head=full["head"],
+                                head_channels=full["head_channels"], out_channels=full["out_channels"],
+                                backbone_kwargs=full["backbone_kwargs"], aux_head=full["aux_head"],
+                                fpn_convs=full.get("fpn_convs", False))
     except KeyError as e:
         raise SequencerError(f"the checkpoint's segmenter config lacks {e.args[0]!r}") from None
-

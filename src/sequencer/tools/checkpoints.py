@@ -15,6 +15,7 @@ import torch
 
 from ..errors import SequencerError
 from ..models.loading import jsonable, read_checkpoint, weights_to_load
+from ..models.segmentation import complete_config
 
 
 def read_weights(path: str, use_ema: bool | None) -> tuple[dict, dict[str, torch.Tensor], bool]:
@@ -44,8 +45,9 @@ def check_same_model(configs: list[dict], names: list[str]) -> None:
         value = config.get(key)
         if key == "model_kwargs":
             value = without_regularisation(value)
-        elif key == "segmenter" and isinstance(value, dict):
-            value = dict(value, backbone_kwargs=without_regularisation(value.get("backbone_kwargs") or {}))
+        elif key == "segmenter" and isinstance(value, dict):  # a config from before a key: the model it stands for
+            value = complete_config(value)
+            value = dict(value, backbone_kwargs=without_regularisation(value["backbone_kwargs"]))
         return jsonable(value)
 
     for key, what in _SAME_FOR_AVERAGE:
@@ -53,8 +55,18 @@ def check_same_model(configs: list[dict], names: list[str]) -> None:
         for name, config in zip(names[1:], configs[1:]):
             other = comparable(config, key)
             if other != first:
-                raise SequencerError(f"cannot average: {name!r} has {what} {_shown(other)} but {names[0]!r} has "
-                                     f"{_shown(first)}", hint="average checkpoints of one training run")
+                theirs, ours = _differences(other, first)
+                raise SequencerError(f"cannot average: {name!r} has {what} {theirs} but {names[0]!r} has {ours}",
+                                     hint="average checkpoints of one training run")
+
+
+def _differences(a, b) -> tuple[str, str]:
+    """Two differing values in words: for two dicts (model arguments, a segmenter config) only the entries that differ
+    (``aux_head=True, fpn_convs=True`` vs ``aux_head=False, fpn_convs=False``), an absent one as ``none``."""
+    if not (isinstance(a, dict) and isinstance(b, dict)):
+        return _shown(a), _shown(b)
+    keys = [k for k in {**a, **b} if a.get(k) != b.get(k)]
+    return tuple(", ".join(f"{k}={_shown(side.get(k))}" for k in keys) for side in (a, b))
 
 
 def _shown(value) -> str:
