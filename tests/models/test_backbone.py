@@ -90,6 +90,25 @@ def test_grad_checkpointing_gives_the_same_gradients(tiny_backbone):
     torch.testing.assert_close(grads[0], grads[1])
 
 
+def test_frozen_stages_stay_put_and_no_norm_statistics_move(tiny_backbone):
+    """docs/detection.md's freezing, mmdetection's ``frozen_stages=2``: stem and stages 0-1 ``requires_grad_(False)``
+    and in eval mode, the whole backbone given to AdamW with weight decay; the frozen weights stay bit for bit, the
+    rest trains. There is no BatchNorm whose statistics would still move (mmdetection's ``norm_eval``): the
+    backbone's norms are LayerNorms. (That the rest gets the unfrozen model's gradients, on each LSTM path:
+    tests/models/test_user_torch_habits.py.)"""
+    backbone = tiny_backbone().train()
+    assert not [m for m in backbone.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+    for part in (backbone.trunk.stem, *backbone.trunk.stages[:2]):
+        part.requires_grad_(False).eval()
+    before = {k: v.clone() for k, v in backbone.state_dict().items()}
+    optimizer = torch.optim.AdamW(backbone.parameters(), lr=1e-2, weight_decay=0.1)
+    sum(m.square().mean() for m in backbone(torch.randn(2, 3, 45, 61)).values()).backward()
+    optimizer.step()
+    changed = {k for k, v in backbone.state_dict().items() if not torch.equal(v, before[k])}
+    frozen = ("trunk.stem.", "trunk.stages.0.", "trunk.stages.1.")
+    assert changed == {k for k, _ in backbone.named_parameters() if not k.startswith(frozen)}
+
+
 @pytest.mark.parametrize("layout", ["ours", "release"])
 def test_loads_a_classification_checkpoint_and_drops_its_head_quietly(tmp_path, randomize, layout, tiny_kwargs):
     source = randomize(sequencer.create_model("sequencer2d_s", num_classes=5, **tiny_kwargs), seed=3)
