@@ -76,13 +76,28 @@ def test_validate_reproduces_the_logged_miou_exactly(trained, tmp_path, capsys):
     assert f"mIoU {best['eval_miou']}" in out
 
 
-def test_validate_sliding_window(trained, tmp_path):
+def test_validate_sliding_window_scores_what_predict_writes(trained, tmp_path):
+    """validate's mIoU is the one computed here, independently, from the masks `segment predict` writes for the
+    split's images in the same mode (the PNGs read back, a confusion matrix of their pixels against the labels)."""
     voc, folder = trained
     results = tmp_path / "slide.json"
-    assert segment("validate", voc, "--checkpoint", folder / "last.pth.tar", "-j", 0, "--device", "cpu",
-                   "--eval-mode", "slide", "--stride", 16, "--results-file", results) == 0
+    flags = ["--checkpoint", folder / "last.pth.tar", "--device", "cpu", "--eval-mode", "slide", "--stride", 16]
+    assert segment("validate", voc, "-j", 0, "--results-file", results, *flags) == 0
     metrics = json.loads(results.read_text())
     assert metrics["eval_mode"] == "slide" and metrics["miou"] >= MIOU_THRESHOLD - 10
+    ids = (voc / "ImageSets" / "Segmentation" / "val.txt").read_text().split()
+    assert segment("predict", *(voc / "JPEGImages" / f"{i}.png" for i in ids), "--output", tmp_path / "pred",
+                   *flags) == 0
+    confusion = np.zeros((3, 3), np.int64)
+    for i in ids:
+        truth = np.array(Image.open(voc / "SegmentationClass" / f"{i}.png")).astype(np.int64)
+        pred = np.array(Image.open(tmp_path / "pred" / f"{i}.png")).astype(np.int64)
+        labelled = truth != 255
+        np.add.at(confusion, (truth[labelled], pred[labelled]), 1)
+    hits, union = np.diag(confusion), confusion.sum(0) + confusion.sum(1) - np.diag(confusion)
+    assert metrics["pixels"] == confusion.sum() and metrics["images"] == len(ids)
+    assert metrics["miou"] == pytest.approx(100 * np.mean(hits[union > 0] / union[union > 0]), abs=1e-9)
+    assert metrics["pixel_acc"] == pytest.approx(100 * hits.sum() / confusion.sum(), abs=1e-9)
 
 
 def test_predict_writes_palette_masks_and_overlays(trained, tmp_path):
