@@ -238,7 +238,7 @@ def test_a_cleaned_ema_file_is_averaged_as_ema_weights(three_checkpoints, tmp_pa
 
 
 def _segmentation_checkpoint(path, seed, head_channels=8, drop_path_rate=0.0, head="fpn", before_keys=False,
-                             **parts):
+                             eval_amp_dtype=None, **parts):
     """A checkpoint with the entries `sequencer segment train` writes (its model's config as plain lists).
     ``parts``: create_segmenter's ``aux_head`` / ``fpn_convs``; ``before_keys``: its config as written before those
     keys were (2026-12-07), without them."""
@@ -258,7 +258,8 @@ def _segmentation_checkpoint(path, seed, head_channels=8, drop_path_rate=0.0, he
     if before_keys:
         config = {k: v for k, v in config.items() if k not in ("aux_head", "fpn_convs")}
     torch.save({"version": 1, "segmenter": config, "class_names": ["background", "cat", "dog"],
-                "data_config": segment_data_config(TINY_ARCH, 32, None, "whole", None, "voc", False),
+                "data_config": dict(segment_data_config(TINY_ARCH, 32, None, "whole", None, "voc", False),
+                                    eval_amp_dtype=eval_amp_dtype),
                 "state_dict": model.state_dict(), "epoch": 3}, path)
     return path
 
@@ -301,17 +302,25 @@ def test_a_runs_checkpoints_from_before_and_after_the_aux_head_keys_average_when
         head, tmp_path, capsys):
     """A run resumed from a checkpoint written before ``aux_head`` / ``fpn_convs`` existed goes on as the model it
     was (neither part), but its later checkpoints' configs spell those keys out: the average refused to mix the two
-    as "another segmentation model", printing both whole configs. One model averages to the exact mean (the aux
+    as "another segmentation model", printing both whole configs (and, resumed with --amp, as "another data config":
+    the evaluation's autocast, which a classifier's average records as none, with a note). One model averages to the exact mean (the aux
     head's weights and BatchNorm statistics included); another model, one with the parts, is one line naming the
     files and the settings that differ."""
     from sequencer.engine.segmentation_eval import load_segmenter
 
     before = _segmentation_checkpoint(tmp_path / "before.pth", 0, head=head, before_keys=True, aux_head=False,
                                       fpn_convs=False)
-    resumed = _segmentation_checkpoint(tmp_path / "resumed.pth", 1, head=head, aux_head=False, fpn_convs=False)
+    # resumed with --amp, which evaluates under autocast from then on
+    resumed = _segmentation_checkpoint(tmp_path / "resumed.pth", 1, head=head, aux_head=False, fpn_convs=False,
+                                       eval_amp_dtype="bfloat16")
     out = tmp_path / "avg.pth"
+    capsys.readouterr()
     assert main(["checkpoint", "average", str(before), str(resumed), "-o", str(out)]) == 0
-    got, expected = load_segmenter(str(out)).model.state_dict(), _independent_mean([before, resumed])
+    assert "note: the checkpoints record different evaluation autocast: the average records none" in \
+        capsys.readouterr().out
+    loaded = load_segmenter(str(out))
+    assert "eval_amp_dtype" not in loaded.data_config and loaded.data_config["img_size"] == 32
+    got, expected = loaded.model.state_dict(), _independent_mean([before, resumed])
     assert got.keys() == expected.keys()
     for key, value in expected.items():
         assert torch.equal(got[key], value), key

@@ -27,7 +27,8 @@ _RECORDED_BY_RUN = (("data", "training data", "validate it with DATA"),
 def cmd_average(args: argparse.Namespace) -> int:
     _check_output(args.output, args.checkpoints, args.safetensors)
     from ..models.loading import model_config, save_weights
-    from ..tools.checkpoints import average_state_dicts, check_same_model, read_weights, repeated_weights
+    from ..tools.checkpoints import (average_state_dicts, averaged_data_config, check_same_model, read_weights,
+                                     repeated_weights)
 
     paths, configs, states, used_emas = list(args.checkpoints), [], [], []
     for path in paths:
@@ -52,6 +53,10 @@ def cmd_average(args: argparse.Namespace) -> int:
     for key, what, then in _RECORDED_BY_RUN:
         if any(c.get(key) != config.get(key) for c in configs) and config.pop(key, None):
             print(f"note: the checkpoints record different {what}: the average records none ({then})")
+    config["data_config"], differing = averaged_data_config(configs)  # a segmentation checkpoint's evaluation autocast
+    if differing:
+        print(f"note: the checkpoints record different evaluation autocast: the average records none (segment "
+              f"validate evaluates it in float32)")
     weights = {len(states): {"weights": "ema"}, 0: {"weights": "model"}}.get(ema_count, {})  # none when mixed
     out = save_weights(averaged, args.output, config, safetensors=args.safetensors or None,
                        extra={"averaged_from": [str(p) for p in paths], **weights})

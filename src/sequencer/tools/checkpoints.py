@@ -33,6 +33,10 @@ def read_weights(path: str, use_ema: bool | None) -> tuple[dict, dict[str, torch
 _SAME_FOR_AVERAGE = (("arch", "model"), ("model_kwargs", "model arguments"), ("segmenter", "segmentation model"),
                      ("class_names", "class names"), ("data_config", "data config"))
 _REGULARISATION = ("drop_rate", "drop_path_rate")
+# what a segmentation checkpoint's data config records of its run's evaluation, not of the model: the autocast
+# (`--amp`; a resume may add or drop it), which an average of files that differ records as none
+# (:func:`averaged_data_config`), as a classifier's top-level ``eval_amp_dtype``
+_EVALUATION_ONLY = ("eval_amp_dtype",)
 
 
 def check_same_model(configs: list[dict], names: list[str]) -> None:
@@ -45,6 +49,8 @@ def check_same_model(configs: list[dict], names: list[str]) -> None:
         value = config.get(key)
         if key == "model_kwargs":
             value = without_regularisation(value)
+        elif key == "data_config" and isinstance(value, dict):
+            value = {k: v for k, v in value.items() if k not in _EVALUATION_ONLY}
         elif key == "segmenter" and isinstance(value, dict):  # a config from before a key: the model it stands for
             value = complete_config(value)
             value = dict(value, backbone_kwargs=without_regularisation(value["backbone_kwargs"]))
@@ -58,6 +64,17 @@ def check_same_model(configs: list[dict], names: list[str]) -> None:
                 theirs, ours = _differences(other, first)
                 raise SequencerError(f"cannot average: {name!r} has {what} {theirs} but {names[0]!r} has {ours}",
                                      hint="average checkpoints of one training run")
+
+
+def averaged_data_config(configs: list[dict]) -> tuple[dict | None, list[str]]:
+    """(the data config an average records: the first file's, without an evaluation-only entry the files differ in;
+    those entries' names) for configs that :func:`check_same_model` passed."""
+    data_config = configs[0].get("data_config")
+    if not isinstance(data_config, dict):
+        return data_config, []
+    differing = [k for k in _EVALUATION_ONLY
+                 if any((c.get("data_config") or {}).get(k) != data_config.get(k) for c in configs)]
+    return {k: v for k, v in data_config.items() if k not in differing}, differing
 
 
 def _differences(a, b) -> tuple[str, str]:
