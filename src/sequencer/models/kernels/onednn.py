@@ -33,7 +33,15 @@ def _onednn_linear_ok(x: torch.Tensor, weight: torch.Tensor) -> bool:
 def _onednn_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
                    gelu: bool = False) -> torch.Tensor:
     """oneDNN's ``x @ weight^T + bias`` (then exact GELU, fused, with ``gelu=True``). x: (..., in), weight: (out, in)
-    dense (oneDNN's path for strided weights is ~100x slower)."""
+    dense (oneDNN's path for strided weights is ~100x slower).
+
+    Where autograd records (a backward run with ``create_graph=True``: a gradient penalty, double backward) the plain
+    ops run instead, so that the gradient of this gradient is computed: oneDNN's op has no autograd formula, and
+    torch would treat it as a constant (second-order gradients silently wrong, with only a warning).
+    """
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, weight, bias)):
+        y = F.linear(x, weight, bias)
+        return F.gelu(y) if gelu else y
     if gelu:
         return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "gelu", [], "none")
     return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
@@ -118,12 +126,17 @@ class _OneDnnMlpFunction(torch.autograd.Function):
         y = _onednn_linear(x, w1, b1)
         out = _onednn_linear(F.gelu(y), w2, b2)
         ctx.save_for_backward(x, y, w1, w2)
+        ctx.b1 = b1  # for a double backward only (below); a parameter (or autocast's copy of it), kept alive anyway
         ctx.has_bias = b1 is not None, b2 is not None
         return out
 
     @staticmethod
     def backward(ctx, grad):
         x, y, w1, w2 = ctx.saved_tensors
+        if torch.is_grad_enabled():
+            # create_graph=True (double backward): the saved pre-activation has no history, so it is recomputed
+            # from the inputs, and the gradients below (plain ops, see _onednn_linear) differentiate through it
+            y = F.linear(x, w1, ctx.b1)
         grad = grad.contiguous()
         g_out = grad.reshape(-1, grad.shape[-1])  # (N, C)
         grad_x = grad_w1 = grad_b1 = grad_w2 = grad_b2 = None
