@@ -234,3 +234,27 @@ def test_a_gradient_penalty_trains_the_float32_model_as_the_float64_one(nano):
         grads[dtype] = torch.cat([p.grad.double().flatten() for p in model.parameters()])
     assert grads[torch.float64].norm() > 0
     assert (grads[torch.float32] - grads[torch.float64]).norm() <= 1e-4 * grads[torch.float64].norm()
+
+
+def test_forward_mode_ad_through_a_frozen_block_gives_the_float64_tangent(nano):
+    """``torch.autograd.forward_ad`` (a dual input, frozen weights, so that no gradient is needed) gets the float64
+    tangent (float64 runs ATen's ops only) through a block's MLP, the fused oneDNN matmul's place, and the ``cpu``
+    LSTM backend's in-place scan steps aside for ATen's LSTM. Before, both dropped the tangent silently (the MLP's
+    output had none, nano's with the ``cpu`` backend was 80% off). (The model as a whole is not run: the first
+    forward-mode pass through ATen's LSTM imports 900 modules, seconds of CPU; oneDNN's LSTM, the default, has no
+    forward derivative and torch says so.)"""
+    from torch.autograd import forward_ad
+    from sequencer.models.kernels import cpu_lstm_applies
+
+    block = copy.deepcopy(nano.stages[0].blocks[0]).eval().requires_grad_(False)
+    x = torch.randn(2, 8, 8, block.norm1.normalized_shape[0], generator=torch.Generator().manual_seed(2))
+    t = torch.randn(x.shape, generator=torch.Generator().manual_seed(3))
+    mixer = block.rnn_tokens
+    with forward_ad.dual_level():
+        assert not cpu_lstm_applies([mixer.rnn_v, mixer.rnn_h], "cpu", forward_ad.make_dual(x, t))
+        got = forward_ad.unpack_dual(block.mlp_channels(forward_ad.make_dual(x, t))).tangent
+        expected = forward_ad.unpack_dual(block.mlp_channels.double()(
+            forward_ad.make_dual(x.double(), t.double()))).tangent
+    assert cpu_lstm_applies([mixer.rnn_v, mixer.rnn_h], "cpu", x)  # outside forward AD: inference takes it
+    assert got is not None and expected.norm() > 0
+    assert (got.double() - expected).norm() <= 1e-5 * expected.norm()

@@ -6,7 +6,7 @@ The kernels of this package choose their path from the answer:
   only ATen's own ops may appear.
 * :func:`plain_eager`: none of the capturing or transforming modes is on, so the eager-only paths (oneDNN autograd
   Functions, the ``cpu`` LSTM scan) may run.
-* :func:`functorch_active`: a ``torch.func`` transform is running.
+* :func:`functorch_active`: a ``torch.func`` transform is running; :func:`forward_ad_active`: forward-mode AD is on.
 * :func:`assume_constant_result`: ``torch.compiler.assume_constant_result`` without importing ``torch._dynamo``.
 * :func:`hooked`: a submodule carries the caller's forward hooks (``torch.nn.utils.prune``, the old
   ``weight_norm``, a feature-capturing hook), so it must be called, not have its weights read by a fused path.
@@ -35,11 +35,19 @@ def exporting() -> bool:
 
 def plain_eager() -> bool:
     """Whether the forward runs eagerly with no capture or transform on: not under ``torch.compile`` (checked first,
-    since dynamo may not trace the other queries), TorchScript, ONNX export or a ``torch.func`` transform."""
+    since dynamo may not trace the other queries), TorchScript, ONNX export, a ``torch.func`` transform or forward-mode
+    AD."""
     if torch.compiler.is_compiling():
         return False
     return not (torch.jit.is_scripting() or torch.jit.is_tracing() or torch.onnx.is_in_onnx_export()
-                or functorch_active())
+                or functorch_active() or forward_ad_active())
+
+
+def forward_ad_active() -> bool:
+    """Whether forward-mode AD (``torch.autograd.forward_ad.dual_level``) is on: the eager-only paths' oneDNN ops and
+    in-place scans have no forward derivative, and tangents (of a dual input, or of frozen weights' duals) through them
+    would be dropped silently, so the standard ops run. torch exposes the level only as this module global."""
+    return getattr(torch.autograd.forward_ad, "_current_level", -1) >= 0
 
 
 def functorch_active() -> bool:

@@ -36,7 +36,7 @@ from ...errors import ArgumentValueError, SequencerError
 
 from . import onednn_lstm
 from .onednn import autocast_applies_to, onednn_bf16_supported
-from .capture import assume_constant_result, exporting, hooked
+from .capture import assume_constant_result, exporting, forward_ad_active, hooked
 from .code_key import KERNEL_CODE
 
 _UNLOADED = object()
@@ -132,7 +132,7 @@ def auto_takes_triton(rnn: nn.Module, x: torch.Tensor) -> bool:
     if (rnn.mode != "LSTM" or x.device.type != "cuda" or not triton_installed() or torch.version.hip is not None
             or rnn.proj_size or not rnn.batch_first or (rnn.dropout and rnn.training)):
         return False
-    if exporting():
+    if exporting() or forward_ad_active():  # (the kernel has no forward derivative)
         return False
     needs_grad = torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in rnn.parameters()))
     return (not needs_grad and rnn.hidden_size <= AUTO_TRITON_MEASURED["max_hidden"]
