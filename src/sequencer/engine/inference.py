@@ -208,7 +208,7 @@ def label_with_model_classes(dataset, loaded) -> None:
     """
     num_outputs = getattr(loaded.model, "num_classes", None)
     ckpt_names = [class_name(n) for n in checkpoint_metadata(loaded.checkpoint).get("class_names") or []]
-    _leave_out_ignored_classes(dataset, loaded)
+    leave_out_ignored_classes(dataset, loaded)
     names = list(dataset.class_names)
     # a module's own output names count only where the data shares some (a Dataset's "0", "1", ... name nothing)
     known = ckpt_names or [class_name(n) for n in loaded.output_names or []]
@@ -244,7 +244,7 @@ def _imagenet_readable(names: list[str]) -> bool:
     return names == list(IMAGENET_CLASSES) or names == [info.index_to_description(i) for i in range(1000)]
 
 
-def _leave_out_ignored_classes(dataset, loaded) -> None:
+def leave_out_ignored_classes(dataset, loaded) -> None:
     """Drop the class folders the checkpoint's training left out (its --class-map), as training did."""
     ignored = set(checkpoint_metadata(loaded.checkpoint).get("ignored_classes") or [])
     removed = drop_classes(dataset, ignored) if ignored else 0

@@ -39,7 +39,8 @@ from ..data.class_folders import find_images, find_split_folder
 from ..data.datasets import ImageFileDataset
 from ..engine.data_record import evaluated_split
 from ..engine.guest import caller_state_kept
-from ..engine.inference import eval_transform, held_out_files_only, read_images, relative_error
+from ..engine.inference import (eval_transform, held_out_files_only, leave_out_ignored_classes, read_images,
+                                relative_error)
 from ..engine.user_data import check_float32_weights
 from ..errors import SequencerError, optional_import
 from ..fileio import write_atomically
@@ -472,8 +473,8 @@ def top1_agreement(fp32_path: Path, int8_path: Path, folder: str) -> dict:
     """Run both ONNX files on the images of ``folder`` (preprocessing from the fp32 file's metadata).
 
     Returns dict(count, agreement, scored, fp32_top1, int8_top1): the agreement over all ``count`` readable images;
-    the top-1s (fractions) over the ``scored`` ones the checkpoint's run did not train on (:func:`_not_trained_on`),
-    None (``scored`` 0) unless ``folder`` holds class subfolders named like the model's classes.
+    the top-1s (fractions) over the ``scored`` ones that validate would score (:func:`_scored_images`), None
+    (``scored`` 0) unless ``folder`` holds class subfolders named like the model's classes.
     """
     fp32, int8 = load_onnx(fp32_path), load_onnx(int8_path)
     files = find_images([folder])
@@ -487,28 +488,32 @@ def top1_agreement(fp32_path: Path, int8_path: Path, folder: str) -> dict:
     result = dict(count=len(ok), agreement=(preds["fp32"] == preds["int8"]).double().mean().item(), scored=0,
                   fp32_top1=None, int8_top1=None)
     names = fp32.class_names or []
-    labels = [f.parent.name for f in ok]
-    if names and all(label in names for label in labels) and Path(folder) not in {f.parent for f in ok}:
-        scored = _not_trained_on(folder, fp32, ok)
-        keep = torch.tensor([f in scored for f in ok])
-        targets = torch.tensor([names.index(label) for label in labels])[keep]
+    if not names or Path(folder) in {f.parent for f in ok}:  # images outside class subfolders: no labels
+        return result
+    scored = _scored_images(folder, fp32, ok)
+    keep = torch.tensor([f in scored for f in ok])
+    labels = [f.parent.name for f in ok if f in scored]
+    if labels and all(label in names for label in labels):
+        targets = torch.tensor([names.index(label) for label in labels])
         result["scored"] = len(targets)
-        if len(targets):
-            result["fp32_top1"] = (preds["fp32"][keep] == targets).double().mean().item()
-            result["int8_top1"] = (preds["int8"][keep] == targets).double().mean().item()
+        result["fp32_top1"] = (preds["fp32"][keep] == targets).double().mean().item()
+        result["int8_top1"] = (preds["int8"][keep] == targets).double().mean().item()
     return result
 
 
-def _not_trained_on(folder: str, loaded, files: list[Path]) -> set[Path]:
-    """The ones of ``files`` (images under ``folder``) that ``loaded``'s checkpoint did not train on, as validate
-    picks them: where ``folder`` is its run's DATA, those of the split it evaluated on; of that split, or of the
-    folder given, only the held-out files where its run carved them from it (`val_fraction`:
-    ``engine.inference.held_out_files_only``, which says so)."""
+def _scored_images(folder: str, loaded, files: list[Path]) -> set[Path]:
+    """The ones of ``files`` (images under ``folder``, labelled by their class folders) that validate would score
+    for ``loaded``'s checkpoint: where ``folder`` is its run's DATA, those of the split it evaluated on; of that
+    split, or of the folder given, only the held-out files where its run carved them from it (`val_fraction`:
+    ``engine.inference.held_out_files_only``) and none of the classes its training left out (its class map:
+    ``leave_out_ignored_classes``), each said in a note."""
     split = evaluated_split(loaded.checkpoint, folder)
     root = find_split_folder(folder, split) if split else folder
     under = [f for f in files if f.is_relative_to(root)]
-    kept = held_out_files_only(ImageFileDataset(root, [(str(f), 0) for f in under], []), loaded)
-    return {Path(path) for path, _ in kept.samples}
+    classes = sorted({f.parent.name for f in under})
+    dataset = ImageFileDataset(root, [(str(f), classes.index(f.parent.name)) for f in under], classes)
+    leave_out_ignored_classes(dataset, loaded)
+    return {Path(path) for path, _ in held_out_files_only(dataset, loaded).samples}
 
 
 @_on_the_cpu_in_eval
