@@ -148,6 +148,22 @@ def test_validate_finds_files_carved_from_a_train_folder(data, tmp_path, capsys)
                  "-j", "0", "--results-file", str(results)]) == 0
     got = json.loads(results.read_text())
     assert got["count"] == 6
+    # so do the resolution sweep and the relative mCE's clean error without a split named (both looked for val/
+    # and stopped: "split 'val' not found")
+    assert main(["resolution-sweep", str(only_train), "--checkpoint", str(tmp_path / "t" / "last.pth.tar"),
+                 "--sizes", "16", "-j", "0", "--device", "cpu", "-o", str(tmp_path / "sweep")]) == 0
+    row = (tmp_path / "sweep" / "resolution.csv").read_text().splitlines()[1].split(",")
+    assert int(row[-1]) == 6 and abs(float(row[1]) - got["top1"]) < 1e-3
+    from sequencer.engine.inference import load_model
+    from sequencer.tools.robustness import mean_corruption_error
+    loaded = load_model(checkpoint=str(tmp_path / "t" / "last.pth.tar"), device="cpu")
+    corrupted = tmp_path / "corrupted" / "fog" / "3"
+    corrupted.parent.mkdir(parents=True)
+    corrupted.symlink_to(data / "val", target_is_directory=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # one severity of five: not comparable, as it warns
+        summary = mean_corruption_error(loaded, {"fog": corrupted.parent}, clean=str(only_train))
+    assert abs(100 * (1 - summary["clean_error"]) - got["top1"]) < 1e-3
     onnx = tmp_path / "t.onnx"
     assert main(["export", "--checkpoint", str(tmp_path / "t" / "last.pth.tar"), "-o", str(onnx)]) == 0
     for data_arg in ([str(only_train / "train")], [str(only_train)], []):

@@ -11,7 +11,9 @@ from .common import add_model_args, check_workers, load_model_from_args, positiv
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("data", metavar="DATA", help="dataset folder (DATA/SPLIT/CLASS/IMAGE or DATA/CLASS/IMAGE)")
-    parser.add_argument("--split", default="val", help="split folder to evaluate (default: val)")
+    parser.add_argument("--split", default=None,
+                        help="split folder to evaluate (default: val, or as validate: the training split a "
+                             "--val-fraction run carved its held-out images from, where DATA is its DATA)")
     parser.add_argument("--sizes", type=positive_int, nargs="+", default=None, metavar="PX",
                         help="input sizes to evaluate (default: half to twice the model's input size, --img-size or "
                              "else the size its file records (a checkpoint's training size, an export's export size), "
@@ -30,7 +32,8 @@ def run(args: argparse.Namespace) -> int:
         raise SequencerError(f"data folder {args.data!r} does not exist")
     check_workers(args.workers)
     from ..data import create_dataset
-    from ..engine.inference import check_input_size, default_workers, label_with_model_classes, resolve_device
+    from ..engine.inference import (check_input_size, default_workers, label_with_model_classes, resolve_device,
+                                    split_to_evaluate)
     from ..tools.resolution import (default_sizes, plot_resolution, prepare_output_dir, resolution_sweep,
                                    write_resolution_csv)
 
@@ -40,10 +43,11 @@ def run(args: argparse.Namespace) -> int:
     for size in sizes:  # fail before any evaluation
         check_input_size(loaded, size, size)
     # the data is checked before the output folder is made
-    label_with_model_classes(create_dataset("", root=args.data, split=args.split), loaded)
+    split = split_to_evaluate(loaded, args.data, args.split)
+    label_with_model_classes(create_dataset("", root=args.data, split=split), loaded)
     out = prepare_output_dir(args.output)
     workers = default_workers() if args.workers is None else args.workers
-    rows = resolution_sweep(loaded, args.data, args.split, sizes, batch_size=args.batch_size, workers=workers,
+    rows = resolution_sweep(loaded, args.data, split, sizes, batch_size=args.batch_size, workers=workers,
                             device=device)
     write_resolution_csv(rows, out / "resolution.csv")
     plot_resolution(rows, out / "resolution.png", f"{loaded.name}: accuracy vs input resolution",

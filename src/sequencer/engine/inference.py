@@ -22,7 +22,7 @@ from ..errors import SequencerError
 from ..models import create_model, get_model_entry
 from ..models.loading import checkpoint_metadata, picked_weights, read_checkpoint, recorded_probabilities
 from ..models.registry import ReadCheckpoint
-from .data_record import keep_held_out_files, trained_on_all_of
+from .data_record import carved_from, keep_held_out_files, trained_on_all_of
 from .guest import warn
 
 _logger = logging.getLogger(__name__)
@@ -289,6 +289,12 @@ def eval_loader(root: str, split: str, loaded: LoadedModel, input_size, batch_si
                          crop_pct=cfg["crop_pct"] if crop_pct is None else crop_pct,
                          interpolation=cfg["interpolation"], num_workers=workers,
                          device=device)
+
+
+def split_to_evaluate(loaded: LoadedModel, root: str, split: str | None) -> str:
+    """``split``, or where none is given the split of ``root`` that validate evaluates without one: the training
+    split its checkpoint's run carved its held-out files from (`val_fraction`, ``root`` the run's DATA), else val."""
+    return split or carved_from(loaded.checkpoint, root) or "val"
 
 
 def held_out_files_only(split_set, loaded: LoadedModel, notes: bool = True):

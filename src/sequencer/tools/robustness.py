@@ -27,7 +27,7 @@ from pathlib import Path
 from ..data.class_folders import is_hidden
 from ..data.loader_workers import workers_stopped_on_exit
 from ..engine.evaluate import evaluate
-from ..engine.inference import LoadedModel, eval_loader
+from ..engine.inference import LoadedModel, eval_loader, split_to_evaluate
 from ..errors import SequencerError
 
 _logger = logging.getLogger(__name__)
@@ -182,10 +182,11 @@ def select_corruptions(found: dict[str, Path], requested: list[str] | None, root
 
 @workers_stopped_on_exit()
 def mean_corruption_error(loaded: LoadedModel, corruptions: dict[str, Path], batch_size: int = 64, workers: int = 0,
-                          device="cpu", clean: str | None = None, clean_split: str = "val") -> dict:
+                          device="cpu", clean: str | None = None, clean_split: str | None = None) -> dict:
     """Corruption errors, CEs and mCE of ``loaded`` on ``corruptions`` ({name: folder of severity folders}, e.g.
     :func:`select_corruptions`), by the paper's protocol (resize, no crop); with ``clean`` (a dataset folder, its
-    ``clean_split`` evaluated with the model's own preprocessing) also the relative mCE. Logs one line per
+    ``clean_split`` evaluated with the model's own preprocessing; by default the split validate evaluates:
+    :func:`~sequencer.engine.inference.split_to_evaluate`) also the relative mCE. Logs one line per
     corruption (INFO); returns :func:`summarize`'s dict."""
     def error_of(folder: str, split: str, crop_pct: float | None) -> float:
         loader = eval_loader(folder, split, loaded, loaded.input_size, batch_size, workers, device, crop_pct)
@@ -196,7 +197,7 @@ def mean_corruption_error(loaded: LoadedModel, corruptions: dict[str, Path], bat
 
     clean_error = None
     if clean:
-        clean_error = error_of(clean, clean_split, None)  # clean images: the model's own preprocessing
+        clean_error = error_of(clean, split_to_evaluate(loaded, clean, clean_split), None)  # clean images: the model's own preprocessing
         _logger.info(f"clean: error {clean_error:.4f}")
     per_corruption = {}
     for name, folder in corruptions.items():
