@@ -140,12 +140,27 @@ def test_tar_dataset_file_and_split_tar(image_folder, tmp_path):
     img, target = ds[2]
     expected = np.asarray(Image.open(image_folder / "validation" / "b" / "b_0.png").convert("RGB"))
     assert target == 1 and np.array_equal(np.asarray(img), expected)
+    # the tar is not held open once read: the dataset kept it until the garbage collector reached it, so a library
+    # call on a tar left the caller's process a file to close inside its next call (tests/engine/test_guest_state.py)
+    assert str(root / "val.tar") not in open_paths()
     assert len(create_dataset("", root=str(root), split="validation")) == 4  # root/val.tar found as the split
     bad = tmp_path / "bad.tar"
     bad.write_bytes(b"this is not a tar file at all" * 30)
     with pytest.raises(SequencerError, match="cannot read tar dataset") as error:
         create_dataset("", root=str(bad))
     assert str(error.value).endswith(": not a tar archive")  # one line (tarfile lists each compression it tried)
+
+
+def open_paths() -> set[str]:
+    """What this process's open file descriptors refer to (Linux's /proc; elsewhere none are seen)."""
+    fds = os.listdir("/proc/self/fd") if os.path.isdir("/proc/self/fd") else ()
+    found = set()
+    for fd in fds:
+        try:
+            found.add(os.readlink(f"/proc/self/fd/{fd}"))
+        except OSError:  # the listing's own descriptor, closed by now
+            pass
+    return found
 
 
 def test_tar_of_a_folder_with_hard_links_has_the_folder_s_images(image_folder, tmp_path):

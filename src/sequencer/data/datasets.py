@@ -114,7 +114,9 @@ class TarDataset(ClassificationDataset):
     """Images inside a tar file (``CLASS/...`` or ``SPLIT/CLASS/...`` inside), or a folder of per-class tars.
 
     Labels follow `class_folders` (top-level class folder, hidden entries skipped); members are read by offset, so
-    no tar object crosses into DataLoader workers.
+    no tar object crosses into DataLoader workers. Each read opens and closes the tar (as a folder's image is): an
+    open kept per process outlived the library call that made the dataset, closed only when the garbage collector
+    reached it, perhaps inside the caller's next call.
     """
 
     def __init__(self, root: str, class_to_idx: dict | None = None, split: str = "train", **kwargs):
@@ -127,22 +129,16 @@ class TarDataset(ClassificationDataset):
         self.ignored_classes = ignored
         self.root = root
         self.samples = samples  # [((tar path, member name, data offset, size), target)]
-        self._files: dict = {}
 
     def __len__(self):
         return len(self.samples)
 
-    def __getstate__(self):
-        return {**self.__dict__, "_files": {}}  # open files stay in the process that opened them
-
     def load(self, index):
         (tar, _, offset, size), target = self.samples[index]
-        key = (os.getpid(), tar)
-        if key not in self._files:
-            self._files[key] = open(tar, "rb")
-        f = self._files[key]
-        f.seek(offset)
-        return load_image(io.BytesIO(f.read(size))), target
+        with open(tar, "rb") as f:
+            f.seek(offset)
+            data = f.read(size)
+        return load_image(io.BytesIO(data)), target
 
     def describe(self, index):
         tar, name = self.samples[index][0][:2]
