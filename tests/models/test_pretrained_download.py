@@ -1,7 +1,10 @@
 """pretrained=True: the real download code against a local HTTP server (no internet), file:// URLs, failures."""
+import contextlib
 import hashlib
+import os
 import socket
 import threading
+import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
@@ -127,6 +130,36 @@ def test_http_error_and_cut_short_download(server, hub_dir, release_file, tiny_k
     with pytest.raises(SequencerError, match=r"short\.pth"):
         _pretrained(server.url + "/short.pth", tiny_kwargs)
     assert not list((hub_dir / "checkpoints").iterdir())
+
+
+def test_a_download_failed_or_done_leaves_no_socket_or_thread_behind(server, hub_dir, monkeypatch):
+    """The library is a guest: a failed download's error, held by the caller (a notebook's last error, a sweep's
+    list of failures), held the response's socket open; the progress bar's first use (shown or not) started tqdm's
+    monitor thread, which ran until the process exited."""
+    import tqdm
+
+    if tqdm.tqdm.monitor is not None:  # one an earlier test left: a bar's first use would reuse it, not start one
+        tqdm.tqdm.monitor.exit()
+        monkeypatch.setattr(tqdm.tqdm, "monitor", None)
+    server.files["/w.pth"] = b"weights"
+    sockets, threads = _sockets(), set(threading.enumerate())
+    with pytest.raises(SequencerError, match="HTTP 404") as failed:
+        download_weights(server.url + "/missing.pth", progress=False)
+    assert download_weights(server.url + "/w.pth", progress=False).read_bytes() == b"weights"
+    deadline = time.monotonic() + 2  # the server's threads close their side and end on their own
+    while (_sockets() - sockets or set(threading.enumerate()) - threads) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert (_sockets() - sockets, set(threading.enumerate()) - threads) == (set(), set()), failed.value
+
+
+def _sockets() -> set[str]:
+    """This process's open sockets, as /proc names them (Linux; elsewhere none)."""
+    fds = os.listdir("/proc/self/fd") if os.path.isdir("/proc/self/fd") else ()
+    found = set()
+    for fd in fds:
+        with contextlib.suppress(OSError):  # the listing's own descriptor, closed by now
+            found.add(os.readlink(f"/proc/self/fd/{fd}"))
+    return {name for name in found if name.startswith("socket:")}
 
 
 def test_an_unusable_cached_file_is_set_aside_not_used_or_deleted(server, hub_dir, release_file, tiny_kwargs):

@@ -216,8 +216,8 @@ class _Progress:
         self.run, self.epoch, self.started, self.seen_before = run, epoch, started, seen_before
         self.bar = None
         if run.info.is_primary and sys.stderr.isatty() and not run.state.quiet:
-            from tqdm import tqdm
-            self.bar = tqdm(total=run.loaders.steps_per_epoch, desc=f"epoch {epoch}/{run.opt.num_epochs - 1}",
+            from ..models.hub import ProgressBar
+            self.bar = ProgressBar(total=run.loaders.steps_per_epoch, desc=f"epoch {epoch}/{run.opt.num_epochs - 1}",
                             leave=False, dynamic_ncols=True, initial=seen_before // run.cfg.batch_size)
 
     def step(self, step: int, loss_value: float, mean_loss: float, seen: int, lr: float) -> None:

@@ -37,6 +37,14 @@ DOWNLOAD_TIMEOUT_S = 60.0
 download_progress = contextvars.ContextVar("sequencer_download_progress", default=True)
 
 
+class ProgressBar(tqdm):
+    """A tqdm bar without tqdm's monitor thread, which the first bar of a process starts (shown or not) and which
+    runs until the process exits: a library call leaves no thread behind. (The monitor refreshes a bar whose
+    updates slowed; these bars update at each step or chunk.)"""
+
+    monitor_interval = 0
+
+
 def _sha256(path: Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
@@ -54,7 +62,7 @@ def _fetch(url: str, dest: Path, sha256: str | None, progress: bool, timeout: fl
         with urllib.request.urlopen(request, timeout=timeout) as response, open(partial, "wb") as f:
             length = response.headers.get("Content-Length")
             expected = int(length) if length and length.isdigit() else None
-            with tqdm(total=expected, unit="B", unit_scale=True, unit_divisor=1024, desc=dest.name,
+            with ProgressBar(total=expected, unit="B", unit_scale=True, unit_divisor=1024, desc=dest.name,
                       disable=not progress) as bar:
                 while chunk := response.read(1 << 20):
                     f.write(chunk)
@@ -72,6 +80,7 @@ def _fetch(url: str, dest: Path, sha256: str | None, progress: bool, timeout: fl
     except (urllib.error.URLError, http.client.HTTPException, OSError, ValueError) as e:
         if isinstance(e, urllib.error.HTTPError):
             reason = f"HTTP {e.code} {e.reason}"
+            e.close()  # its response's socket: the error raised below keeps ``e`` (its __context__) as long as it lives
         else:
             reason = getattr(e, "reason", None) or str(e) or type(e).__name__
         raise SequencerError(f"could not download pretrained weights from {url} ({reason})",
