@@ -469,10 +469,11 @@ def test_stream_pool_is_made_again_after_a_fork(two_threads, monkeypatch):
     from sequencer.tools import optimize
     fast = sequencer.optimize_for_inference(_Recorder(), torch.float32)
     fast(torch.randn(2, 3, 2, 2))
-    before = optimize._STREAMS._executor
-    monkeypatch.setattr(optimize._STREAMS, "_pid", -1)  # as in a child process: the parent's threads are gone
+    pool = optimize._streams_of(fast)
+    before = pool._executor
+    monkeypatch.setattr(pool, "_pid", -1)  # as in a child process: the parent's threads are gone
     fast(torch.randn(2, 3, 2, 2))
-    assert optimize._STREAMS._executor is not before and len(fast.model.calls) == 4
+    assert pool._executor is not before and len(fast.model.calls) == 4
 
 
 @pytest.mark.parametrize("streams", [0, -1, 1.5, True, "2"])

@@ -11,7 +11,6 @@ import torch
 
 import sequencer
 from sequencer.engine.inference import eval_transform, load_model, read_images
-from sequencer.tools import optimize
 
 from .conftest import TINY_ARCH, TINY_KWARGS, tiny_model
 
@@ -103,10 +102,9 @@ def test_four_threads_get_the_outputs_of_sequential_calls(tiny_checkpoint, image
     assert not model.training
 
 
-def test_streamed_calls_leave_later_threads_the_callers_thread_count(two_threads, monkeypatch):
+def test_streamed_calls_leave_later_threads_the_callers_thread_count(two_threads):
     """torch.set_num_threads on a stream's worker also set the process's default count: every thread started after
     the first batch (a web server's next request thread) ran torch on one thread, and its batches on one stream."""
-    monkeypatch.setattr(optimize, "_STREAMS", optimize._StreamPool())  # workers that start with 2 threads
 
     def count_on_a_new_thread():
         counts = []

@@ -40,6 +40,7 @@ from __future__ import annotations
 import copy
 import os
 import threading
+import weakref
 from collections.abc import Mapping
 from concurrent.futures import Future, ThreadPoolExecutor, wait
 
@@ -62,8 +63,10 @@ def auto_dtype(device: torch.device) -> torch.dtype:
 
 
 class _StreamPool:
-    """Worker threads for :class:`InferenceModel`'s streams, shared by every model, made again after a fork (the
-    child process has none of the parent's threads)."""
+    """Worker threads for one :class:`InferenceModel`'s streams (:func:`_streams_of`), made again after a fork (the
+    child process has none of the parent's threads). They end when the model is freed: its pool goes with it, and
+    the idle workers of a ThreadPoolExecutor that is garbage exit. (One pool shared by every model left its threads
+    running in the caller's process for good.)"""
 
     def __init__(self):
         self._lock = threading.Lock()
@@ -81,7 +84,14 @@ class _StreamPool:
             return self._executor.submit(fn, *args)
 
 
-_STREAMS = _StreamPool()
+_POOLS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # InferenceModel -> its _StreamPool
+_POOLS_LOCK = threading.Lock()
+
+
+def _streams_of(model: nn.Module) -> _StreamPool:
+    """``model``'s stream pool, made at its first streamed batch (kept beside the model, which stays picklable)."""
+    with _POOLS_LOCK:
+        return _POOLS.setdefault(model, _StreamPool())
 
 
 def _run_stream(model: nn.Module, x: torch.Tensor, threads: int) -> tuple:
@@ -200,7 +210,8 @@ class InferenceModel(nn.Module):
         threads = torch.get_num_threads()
         chunks = x.tensor_split(streams)
         shares = [max(1, threads // streams + (i < threads % streams)) for i in range(streams)]
-        futures = [_STREAMS.submit(streams, _run_stream, self.model, chunk, share)
+        pool = _streams_of(self)
+        futures = [pool.submit(streams, _run_stream, self.model, chunk, share)
                    for chunk, share in zip(chunks, shares)]
         wait(futures)  # every stream, also when one failed: none sets a thread count after the default is back
         if any(f.exception() is not None or f.result()[1] for f in futures):
