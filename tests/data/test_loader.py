@@ -1,4 +1,5 @@
 import argparse
+import gc
 import os
 import logging
 from pathlib import Path
@@ -271,3 +272,31 @@ def test_loaders_leave_the_callers_dataset_as_it_was(image_folder):
     assert ds.transform is own
     assert next(iter(train))[0].shape[-2:] == (8, 8) and next(iter(evaluation))[0].shape[-2:] == (4, 4)
     assert ds.transform is own and ds[0][0].size == (8, 8)  # still the caller's PIL images
+
+
+def test_a_workers_error_kept_by_the_caller_keeps_none_of_the_loaders_files(image_folder, monkeypatch):
+    """A library call's loader whose worker failed: its workers end with the call (``workers_stopped_on_exit``), and
+    the one-line error it raises, kept by the caller (a notebook's last error, a sweep's list of failures), held
+    the loader's pipes and its batches' shared memory open through its traceback (8 descriptors)."""
+    from sequencer.data.loader_workers import workers_stopped_on_exit
+
+    ds = create_dataset("", root=str(image_folder), split="train")
+    calls = iter(range(1000))
+    monkeypatch.setattr(ds, "load", lambda index, load=ds.load: load(index) if next(calls) < 4 else 1 / 0)
+    before = _open_files()
+    with pytest.raises(SequencerError, match="worker failed: ZeroDivisionError") as failed:
+        with workers_stopped_on_exit():
+            list(_loader(ds, 2, num_workers=1))
+    gc.collect()  # a pipe of the iterator's that multiprocessing frees only with a collection, as on success
+    assert _open_files() - before == set(), failed.value
+
+
+def _open_files() -> set[str]:
+    """What this process's open descriptors refer to, each as ``FD -> TARGET`` (Linux's /proc; elsewhere none)."""
+    found = set()
+    for fd in os.listdir("/proc/self/fd") if os.path.isdir("/proc/self/fd") else ():
+        try:
+            found.add(f"{fd} -> {os.readlink(f'/proc/self/fd/{fd}')}")
+        except OSError:  # the listing's own descriptor, closed by now
+            pass
+    return found

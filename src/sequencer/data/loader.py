@@ -279,13 +279,18 @@ def _worker_errors_as_one_line(batches):
     """
     try:
         yield from batches
+        return
     except Exception as e:
         text = str(e)
         if not text.startswith("Caught ") or "DataLoader worker" not in text:
             raise
         last = [line for line in text.splitlines() if line.strip()][-1].strip()
-        raise SequencerError(f"a data-loader worker failed: {last}",
-                             hint="run with -j 0 to see the full traceback") from None
+        e.__traceback__ = None  # it and the frame that raised it hold each other: freed now, not at a collection
+    # raised out here, with no context, and ``batches`` let go: the worker's error, whose traceback runs through the
+    # DataLoader's iterator, and this frame, held that iterator (its pipes, its batches' shared memory) for as long
+    # as the caller kept the error
+    batches = None  # noqa: F841
+    raise SequencerError(f"a data-loader worker failed: {last}", hint="run with -j 0 to see the full traceback")
 
 
 def augmentation_seed(seed: int, rank: int, epoch: int) -> int:
@@ -356,15 +361,19 @@ class ImageLoader(DataLoader):
         self.sampler.skip, self._skip_batches = self._skip_batches * self.batch_size, 0
         self.skipped, self._skipped_set, self._own_unreadable = [], set(), set()
         non_blocking = self.device.type == "cuda"
-        for images, targets, failed, own in _worker_errors_as_one_line(super().__iter__()):
-            if failed:
-                self._note_unreadable(failed, own)
-            if images is None:
-                continue
-            images = images.to(self.device, non_blocking=non_blocking)
-            if self.on_device is not None:
-                images = self.on_device(images)
-            yield images, targets.to(self.device, non_blocking=non_blocking)
+        try:
+            for images, targets, failed, own in _worker_errors_as_one_line(super().__iter__()):
+                if failed:
+                    self._note_unreadable(failed, own)
+                if images is None:
+                    continue
+                images = images.to(self.device, non_blocking=non_blocking)
+                if self.on_device is not None:
+                    images = self.on_device(images)
+                yield images, targets.to(self.device, non_blocking=non_blocking)
+        except BaseException:
+            images = targets = None  # the batch in hand (shared memory under workers): an error's traceback holds us
+            raise
 
     def pass_images(self) -> int:
         """The images of a whole pass, every rank's (a rank loads about 1/``world_size`` of them)."""
