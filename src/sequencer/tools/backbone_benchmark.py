@@ -21,94 +21,25 @@ from __future__ import annotations
 import copy
 import os
 import statistics
-from collections import OrderedDict
 from dataclasses import replace
 
 import torch
 from torch import nn
 
-from ..engine.amp import autocast, autocast_dtype, dtype_name
+from ..engine.amp import autocast_dtype, dtype_name
 from ..engine.guest import caller_state_kept
 from ..engine.inference import resolve_device
 from ..errors import SequencerError
 from ..hardware import cpu_info
 from ..models.flops import count_macs
-from .benchmark import AMP_DTYPES, BenchmarkSettings, gemm_rate, time_interleaved
-from .benchmark_steps import compiled_if_named
-from .peak_memory import measure_peak_memory, step_peak_memory
+from .benchmark import BenchmarkSettings, gemm_rate, time_interleaved
+# the rows' models and steps, and the memory probe, live with the classification benchmark's: the probe's fresh
+# process imports that light module, not this one (which imports the engine's inference and its data pipeline)
+from .benchmark_steps import backbone_memory_probe, build_row_model, compiled_if_named, make_step
+from .peak_memory import measure_peak_memory
 
 DEFAULT_REFERENCE = "convnext_tiny"
 DEFAULT_IMG_SIZE = 512
-
-
-class TimmWithFPN(nn.Module):
-    """A timm ``features_only`` model under torchvision's FPN (256 channels, "pool" level), as ``BackboneWithFPN``.
-
-    (B, 3, H, W) -> OrderedDict "0".."n-1", "pool" of (B, 256, H/s, W/s).
-    """
-
-    def __init__(self, body: nn.Module, out_channels: int = 256):
-        super().__init__()
-        from torchvision.ops.feature_pyramid_network import FeaturePyramidNetwork, LastLevelMaxPool
-        self.body = body
-        self.fpn = FeaturePyramidNetwork(body.feature_info.channels(), out_channels, LastLevelMaxPool())
-        self.out_channels = out_channels
-
-    def forward(self, x: torch.Tensor) -> OrderedDict[str, torch.Tensor]:
-        return self.fpn(OrderedDict((str(i), m) for i, m in enumerate(self.body(x))))
-
-
-def build_row_model(impl: str, name: str, reference: str) -> nn.Module:
-    """The model measured in row ``impl`` (see the module docstring), freshly initialised."""
-    base = impl.removesuffix("-compiled")
-    if base == "backbone":
-        from ..models.backbone import create_backbone
-        model = create_backbone(name)
-    elif base == "trunk":
-        from ..models import create_model
-        model = create_model(name, features_only=True)
-    else:
-        import timm
-        model = timm.create_model(reference, pretrained=False, features_only=True)
-        if base.endswith("-fpn"):
-            model = TimmWithFPN(model)
-    return compiled_if_named(model, impl)
-
-
-def _maps(out) -> list[torch.Tensor]:
-    return list(out.values()) if isinstance(out, dict) else list(out)
-
-
-def make_step(model: nn.Module, x: torch.Tensor, mode: str, amp: torch.dtype, device: torch.device):
-    """One inference forward, or one training step (stand-in loss: the sum of the maps' mean squares, AdamW)."""
-    if mode == "infer":
-        model.eval()
-
-        def infer():
-            with torch.inference_mode(), autocast(device.type, amp):
-                return model(x)
-        return infer
-    model.train()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5)
-
-    def train():  # the gradients are freed after the update, as in training: part of the step's peak memory
-        with autocast(device.type, amp):
-            loss = sum(m.float().square().mean() for m in _maps(model(x)))
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        return loss
-    return train
-
-
-def backbone_memory_probe(spec: dict) -> float:
-    """Peak MiB of one row's step (see :func:`sequencer.tools.peak_memory.step_peak_memory`); run in a fresh process."""
-    device = torch.device(spec["device"])
-    torch.manual_seed(0)
-    x = torch.randn(spec["batch_size"], 3, spec["img_size"], spec["img_size"], device=device)
-    model = build_row_model(spec["impl"], spec["name"], spec["reference"]).to(device)
-    step = make_step(model, x, spec["mode"], AMP_DTYPES[spec["dtype"]], device)
-    return step_peak_memory(step, device, spec["iters"])
 
 
 def _own(model: nn.Module, mode: str) -> nn.Module:

@@ -1,12 +1,13 @@
 """What one row of `sequencer benchmark` runs, and the memory probe that builds it again in a fresh process
 (:mod:`.peak_memory`): the inference and training steps, ours on another LSTM backend, timm's twin of ours, a
-compiled twin. Apart from :mod:`.benchmark` so that the probe's process imports the models and not the rest of the
+compiled twin; the same for a row of `sequencer benchmark --backbone` (:mod:`.backbone_benchmark`). Apart from :mod:`.benchmark` so that the probe's process imports the models and not the rest of the
 package: timm only for a row that runs a timm model, and not the engine's inference, whose data pipeline imports
 timm and through it torchvision (measured: 2.5 s of the 4.3 s it took to import the probe).
 """
 from __future__ import annotations
 
 import copy
+from collections import OrderedDict
 from typing import Callable
 
 import torch
@@ -117,4 +118,75 @@ def memory_probe(spec: dict) -> float:
             step = make_infer_step(model, x, torch.float32, device)
         else:
             step = make_infer_step(model, x, amp, device)
+    return step_peak_memory(step, device, spec["iters"])
+
+
+# --- `sequencer benchmark --backbone` (tools/backbone_benchmark.py): its rows and its memory probe
+class TimmWithFPN(nn.Module):
+    """A timm ``features_only`` model under torchvision's FPN (256 channels, "pool" level), as ``BackboneWithFPN``.
+
+    (B, 3, H, W) -> OrderedDict "0".."n-1", "pool" of (B, 256, H/s, W/s).
+    """
+
+    def __init__(self, body: nn.Module, out_channels: int = 256):
+        super().__init__()
+        from torchvision.ops.feature_pyramid_network import FeaturePyramidNetwork, LastLevelMaxPool
+        self.body = body
+        self.fpn = FeaturePyramidNetwork(body.feature_info.channels(), out_channels, LastLevelMaxPool())
+        self.out_channels = out_channels
+
+    def forward(self, x: torch.Tensor) -> OrderedDict[str, torch.Tensor]:
+        return self.fpn(OrderedDict((str(i), m) for i, m in enumerate(self.body(x))))
+
+
+def build_row_model(impl: str, name: str, reference: str) -> nn.Module:
+    """The model measured in row ``impl`` (see the module docstring), freshly initialised."""
+    base = impl.removesuffix("-compiled")
+    if base == "backbone":
+        from ..models.backbone import create_backbone
+        model = create_backbone(name)
+    elif base == "trunk":
+        from ..models import create_model
+        model = create_model(name, features_only=True)
+    else:
+        import timm
+        model = timm.create_model(reference, pretrained=False, features_only=True)
+        if base.endswith("-fpn"):
+            model = TimmWithFPN(model)
+    return compiled_if_named(model, impl)
+
+
+def _maps(out) -> list[torch.Tensor]:
+    return list(out.values()) if isinstance(out, dict) else list(out)
+
+
+def make_step(model: nn.Module, x: torch.Tensor, mode: str, amp: torch.dtype, device: torch.device):
+    """One inference forward, or one training step (stand-in loss: the sum of the maps' mean squares, AdamW)."""
+    if mode == "infer":
+        model.eval()
+
+        def infer():
+            with torch.inference_mode(), autocast(device.type, amp):
+                return model(x)
+        return infer
+    model.train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5)
+
+    def train():  # the gradients are freed after the update, as in training: part of the step's peak memory
+        with autocast(device.type, amp):
+            loss = sum(m.float().square().mean() for m in _maps(model(x)))
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return loss
+    return train
+
+
+def backbone_memory_probe(spec: dict) -> float:
+    """Peak MiB of one row's step (see :func:`sequencer.tools.peak_memory.step_peak_memory`); run in a fresh process."""
+    device = torch.device(spec["device"])
+    torch.manual_seed(0)
+    x = torch.randn(spec["batch_size"], 3, spec["img_size"], spec["img_size"], device=device)
+    model = build_row_model(spec["impl"], spec["name"], spec["reference"]).to(device)
+    step = make_step(model, x, spec["mode"], AMP_DTYPES[spec["dtype"]], device)
     return step_peak_memory(step, device, spec["iters"])
