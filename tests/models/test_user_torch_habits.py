@@ -258,3 +258,12 @@ def test_forward_mode_ad_through_a_frozen_block_gives_the_float64_tangent(nano):
     assert cpu_lstm_applies([mixer.rnn_v, mixer.rnn_h], "cpu", x)  # outside forward AD: inference takes it
     assert got is not None and expected.norm() > 0
     assert (got.double() - expected).norm() <= 1e-5 * expected.norm()
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning", "ignore::UserWarning", "ignore::FutureWarning")
+def test_torch_ao_dynamic_quantization_finds_only_the_head_as_the_readme_says(nano):
+    """README: ``torch.ao.quantization.quantize_dynamic`` matches layer types exactly, and the model's LSTMs and
+    block linears are subclasses; if this changes (torch, or the model's classes), the README's note must too."""
+    quantized = torch.ao.quantization.quantize_dynamic(copy.deepcopy(nano).eval())
+    assert [name for name, m in quantized.named_modules()
+            if type(m).__module__.startswith("torch.ao.nn.quantized.dynamic")] == ["head.fc"]
