@@ -218,7 +218,7 @@ class _Progress:
         if run.info.is_primary and sys.stderr.isatty() and not run.state.quiet:
             from ..models.hub import ProgressBar
             self.bar = ProgressBar(total=run.loaders.steps_per_epoch, desc=f"epoch {epoch}/{run.opt.num_epochs - 1}",
-                            leave=False, dynamic_ncols=True, initial=seen_before // run.cfg.batch_size)
+                                   leave=False, dynamic_ncols=True, initial=seen_before // run.cfg.batch_size)
 
     def step(self, step: int, loss_value: float, mean_loss: float, seen: int, lr: float) -> None:
         """Show ``step``'s losses and the ``lr`` its update used."""

@@ -63,7 +63,7 @@ def _fetch(url: str, dest: Path, sha256: str | None, progress: bool, timeout: fl
             length = response.headers.get("Content-Length")
             expected = int(length) if length and length.isdigit() else None
             with ProgressBar(total=expected, unit="B", unit_scale=True, unit_divisor=1024, desc=dest.name,
-                      disable=not progress) as bar:
+                             disable=not progress) as bar:
                 while chunk := response.read(1 << 20):
                     f.write(chunk)
                     digest.update(chunk)
