@@ -1,8 +1,10 @@
 """What one row of `sequencer benchmark` runs, and the memory probe that builds it again in a fresh process
 (:mod:`.peak_memory`): the inference and training steps, ours on another LSTM backend, timm's twin of ours, a
-compiled twin; the same for a row of `sequencer benchmark --backbone` (:mod:`.backbone_benchmark`). Apart from :mod:`.benchmark` so that the probe's process imports the models and not the rest of the
-package: timm only for a row that runs a timm model, and not the engine's inference, whose data pipeline imports
-timm and through it torchvision (measured: 2.5 s of the 4.3 s it took to import the probe).
+compiled twin; the same for a row of `sequencer benchmark --backbone` (:mod:`.backbone_benchmark`).
+
+Apart from :mod:`.benchmark` so that the probe's process imports the models and not the rest of the package: timm
+only for a row that runs a timm model, and not the engine's inference, whose data pipeline imports timm and through
+it torchvision (measured: 2.5 s of the 4.3 s it took to import the probe).
 """
 from __future__ import annotations
 
