@@ -165,12 +165,7 @@ def _maps(out) -> list[torch.Tensor]:
 def make_step(model: nn.Module, x: torch.Tensor, mode: str, amp: torch.dtype, device: torch.device):
     """One inference forward, or one training step (stand-in loss: the sum of the maps' mean squares, AdamW)."""
     if mode == "infer":
-        model.eval()
-
-        def infer():
-            with torch.inference_mode(), autocast(device.type, amp):
-                return model(x)
-        return infer
+        return make_infer_step(model.eval(), x, amp, device)
     model.train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5)
 
