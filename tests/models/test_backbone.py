@@ -42,6 +42,17 @@ def test_levels_are_at_strides_4_to_32_for_any_input_size(name, size, tiny_kwarg
     expect = [(math.ceil(h / s), math.ceil(w / s)) for s in (4, 8, 16, 32)]
     expect.append((math.ceil(expect[-1][0] / 2), math.ceil(expect[-1][1] / 2)))  # torchvision's stride-2 max pool
     assert [tuple(m.shape) for m in out.values()] == [(2, 24, *hw) for hw in expect]
+    assert_feature_info_describes(backbone, out, [4, 8, 16, 32, 64])
+
+
+def assert_feature_info_describes(backbone, out, strides):
+    """timm's FeatureInfo, as a features_only model has: one dict per returned level, in the OrderedDict's order,
+    each naming its key, width, stride and a module of the backbone."""
+    from timm.models import FeatureInfo
+    info = backbone.feature_info
+    assert isinstance(info, FeatureInfo) and [d["key"] for d in info] == list(out)
+    assert info.channels() == [m.shape[1] for m in out.values()] and info.reduction() == strides
+    assert all(isinstance(backbone.get_submodule(name), torch.nn.Module) for name in info.module_name())
 
 
 @pytest.mark.parametrize("name", VARIANTS)
@@ -246,6 +257,9 @@ def test_retina_net_on_strides_8_to_128(tiny_backbone):
     with torch.no_grad():
         out = backbone(x)
     assert [(k, m.shape[-1]) for k, m in out.items()] == [("0", 8), ("1", 4), ("2", 2), ("p6", 1), ("p7", 1)]
+    assert_feature_info_describes(backbone, out, [8, 16, 32, 64, 128])
+    assert_feature_info_describes(tiny_backbone(extra_blocks=None), out={str(i): torch.zeros(1, 16) for i in range(4)},
+                                  strides=[4, 8, 16, 32])
     anchors = AnchorGenerator(sizes=tuple((16 * 2 ** i,) for i in range(5)), aspect_ratios=((1.0,),) * 5)
     detector = RetinaNet(backbone, num_classes=2, anchor_generator=anchors, min_size=64, max_size=64)
     images, targets = boxes_on_noise(2)

@@ -28,14 +28,17 @@ from __future__ import annotations
 import math
 import operator
 from collections import OrderedDict
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+if TYPE_CHECKING:
+    from timm.models import FeatureInfo
+
 from ..errors import ArgumentValueError, SequencerError
-from .features import WrapperFacade
+from .features import WrapperFacade, returned_feature_info
 from .registry import create_model
 
 
@@ -129,13 +132,29 @@ def _check_extra_blocks(extra_blocks, out_channels: int):
     return extra_blocks
 
 
+def _level_info(strides: Sequence[int], out_channels: int, extra_blocks) -> FeatureInfo:
+    """timm's ``FeatureInfo`` of the returned levels, in the OrderedDict's order: each dict's ``key`` (``"0"``,
+    ``"pool"``, ...), ``num_chs``, ``reduction`` (its stride) and ``module`` (whose output it is). The extra levels
+    of torchvision's LastLevelMaxPool and LastLevelP6P7 are listed; another ``ExtraFPNBlock``'s are not known before
+    it runs, so only the ``strides`` levels are."""
+    from torchvision.ops.feature_pyramid_network import LastLevelMaxPool, LastLevelP6P7
+    info = [dict(key=str(i), num_chs=out_channels, reduction=s, module=f"levels.{i}") for i, s in enumerate(strides)]
+    if isinstance(extra_blocks, LastLevelMaxPool):
+        info.append(dict(key="pool", num_chs=out_channels, reduction=2 * strides[-1], module="extra_blocks"))
+    elif isinstance(extra_blocks, LastLevelP6P7):
+        info += [dict(key=name, num_chs=extra_blocks.p6.out_channels, reduction=2 ** k * strides[-1],
+                      module=f"extra_blocks.{name}") for k, name in ((1, "p6"), (2, "p7"))]
+    return returned_feature_info(info, range(len(info)))
+
+
 class SequencerBackbone(WrapperFacade, nn.Module):
     """A Sequencer trunk with a simple feature pyramid (see the module docstring), torchvision's backbone convention.
 
     Input (B, 3, H, W), any H and W. Output: ``OrderedDict`` of (B, out_channels, ceil(H/s), ceil(W/s)) for each
     ``s`` in ``strides`` under keys "0", "1", ..., then the ``extra_blocks`` levels. ``out_channels`` and ``strides``
-    are attributes; ``trunk`` is the headless classification model, whose config and layer groups timm's helpers
-    read through this module (:class:`~sequencer.models.features.WrapperFacade`).
+    are attributes, ``feature_info`` timm's description of the levels (:func:`_level_info`); ``trunk`` is the
+    headless classification model, whose config and layer groups timm's helpers read through this module
+    (:class:`~sequencer.models.features.WrapperFacade`).
     """
 
     wrapped = "trunk"
@@ -158,6 +177,7 @@ class SequencerBackbone(WrapperFacade, nn.Module):
                                     for s in self.strides)
         self.extra_blocks = extra_blocks  # after the levels: the parameter order earlier versions saved
         self._init_pyramid()
+        self.feature_info = _level_info(self.strides, out_channels, extra_blocks)
 
     def _init_pyramid(self) -> None:
         for m in self.levels.modules():  # as torchvision's FPN
