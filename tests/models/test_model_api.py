@@ -79,6 +79,9 @@ def test_features_only(tiny_kwargs):
     assert backbone.reduction() == [7, 14, 14]
     maps = backbone(torch.randn(2, 3, 56, 56))
     assert [tuple(m.shape) for m in maps] == [(2, 16, 8, 8), (2, 32, 4, 4), (2, 32, 4, 4)]
+    # docs/detection.md: floor(side / r) cells, as timm's (what torchvision's AnchorGenerator infers strides from)
+    odd = backbone(torch.randn(1, 3, 60, 71))
+    assert [tuple(m.shape[-2:]) for m in odd] == [(8, 10), (4, 5), (4, 5)]
     full = sequencer.create_model("sequencer2d_s", features_only=True)
     assert full.channels() == [192, 384, 384, 384] and full.reduction() == [7, 14, 14, 14]
 
