@@ -304,6 +304,7 @@ def test_optimize_a_detection_backbone_on_streams_gives_its_levels_in_float32(tw
     for dtype, tol in ((torch.float32, 1e-5), (torch.bfloat16, 0.1)):
         fast = sequencer.optimize_for_inference(backbone, dtype)
         assert (fast.out_channels, fast.strides) == (8, (4, 8, 16, 32))  # what torchvision's detectors read
+        assert fast.feature_info.reduction() == [4, 8, 16, 32, 64]  # timm's description of the levels, too
         levels = fast(x)
         assert type(levels) is type(expected) and list(levels) == list(expected) == ["0", "1", "2", "3", "pool"]
         for key, level in levels.items():
