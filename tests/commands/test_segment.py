@@ -355,3 +355,23 @@ class _Stopped(Exception):
 
 def _stop():
     raise _Stopped
+
+
+def test_validate_without_workers_uses_the_cpus_this_process_may_run_on(monkeypatch):
+    """`segment validate` without -j gets classification validate's default: at most 4 workers, no more than the
+    CPUs in this process's affinity (torch's DataLoader warns past it); before, the training default 4 always."""
+    import os
+
+    import sequencer.engine.segmentation_eval as segment_eval
+
+    got = []
+    monkeypatch.setattr(segment_eval, "validate_segmenter", lambda *a, **kw: got.append(kw["workers"]) or _stop())
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0}, raising=False)
+    for flags, expected in [((), 1), (("-j", 3), 3)]:
+        with pytest.raises(_Stopped):
+            segment("validate", "somewhere", "--checkpoint", "c.pth", *flags)
+        assert got.pop() == expected
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(16)))
+    with pytest.raises(_Stopped):
+        segment("validate", "somewhere", "--checkpoint", "c.pth")
+    assert got.pop() == 4

@@ -92,7 +92,7 @@ def _add_train(p: argparse.ArgumentParser) -> None:
                    help="best checkpoints kept" + _default("checkpoint_hist"))
     g.add_argument("--log-interval", type=positive_int, default=_DEFAULTS.log_interval,
                    help="log every N steps" + _default("log_interval"))
-    _add_run_flags(g)
+    _add_run_flags(g, training=True)
 
 
 def _add_eval_flags(g) -> None:
@@ -101,9 +101,10 @@ def _add_eval_flags(g) -> None:
     g.add_argument("--stride", type=positive_int, default=None, help="sliding-window stride (default: 2/3 crop)")
 
 
-def _add_run_flags(g) -> None:
-    g.add_argument("-j", "--workers", type=int, default=_DEFAULTS.workers,
-                   help="data-loading processes" + _default("workers"))
+def _add_run_flags(g, training: bool) -> None:
+    g.add_argument("-j", "--workers", type=int, default=_DEFAULTS.workers if training else None,
+                   help="data-loading processes" + (_default("workers") if training else
+                                                    " (default: the CPUs this process may use, at most 4)"))
     g.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda when available)")
 
 
@@ -113,7 +114,7 @@ def _add_validate(p: argparse.ArgumentParser) -> None:
     p.add_argument("--split", default="val", help="split to evaluate (default: val)")
     _add_eval_flags(p)
     p.add_argument("--results-file", default="", metavar="FILE.json", help="also write the metrics here")
-    _add_run_flags(p)
+    _add_run_flags(p, training=False)
 
 
 def _add_predict(p: argparse.ArgumentParser) -> None:
@@ -148,12 +149,14 @@ def _train(args) -> int:
 
 
 def _validate(args) -> int:
+    from ..engine.inference import default_workers
     from ..engine.segmentation_eval import validate_segmenter
 
     check_workers(args.workers)
     check_results_file(args.results_file)
+    workers = default_workers() if args.workers is None else args.workers
     m = validate_segmenter(args.checkpoint, args.data, args.split, eval_mode=args.eval_mode, stride=args.stride,
-                           workers=args.workers, device=args.device, results_file=args.results_file)
+                           workers=workers, device=args.device, results_file=args.results_file)
     if not speaks_for_the_launch():
         return 0
     print(f"mIoU {m.miou:.4f} pixel acc {m.pixel_acc:.4f} mAcc {m.macc:.4f} on {m.images} images ({m.eval_mode})")

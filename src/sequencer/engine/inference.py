@@ -195,8 +195,11 @@ def resolve_device(text: str | None) -> torch.device:
 
 
 def default_workers() -> int:
-    """Data-loading processes when ``--workers`` is not given."""
-    return min(4, os.cpu_count() or 1)
+    """Data-loading processes when ``--workers`` is not given: up to 4, no more than the CPUs this process may run
+    on (its affinity, as torch's DataLoader counts them: more workers than that drew its "suggested max number of
+    worker" warning)."""
+    usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return min(4, usable or 1)
 
 
 def label_with_model_classes(dataset, loaded) -> None:

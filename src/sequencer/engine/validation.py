@@ -27,7 +27,8 @@ from .distributed import DistInfo, process_group
 from .evaluate import evaluate
 from .data_record import carved_from, recorded_data
 from .guest import caller_state_kept, console, own_modes
-from .inference import LoadedModel, check_input_size, held_out_files_only, label_with_model_classes, load_model
+from .inference import (LoadedModel, check_input_size, default_workers, held_out_files_only, label_with_model_classes,
+                        load_model)
 from .user_data import check_float32_weights, module_name, wrap_dataset
 
 _logger = logging.getLogger(__name__)
@@ -289,7 +290,7 @@ def _evaluate(loaded: LoadedModel, split_set, overrides: dict, batch_size: int, 
     check_input_size(loaded, *config["input_size"][1:])
     label_with_model_classes(split_set, loaded)
     if workers is None:
-        workers = 0 if dataset == "digits" else min(4, os.cpu_count() or 1)
+        workers = 0 if dataset == "digits" else default_workers()
     loader = create_loader(split_set, config["input_size"], batch_size, is_training=False,
                            mean=config["mean"], std=config["std"], crop_pct=config["crop_pct"],
                            interpolation=config["interpolation"], num_workers=workers,
