@@ -134,3 +134,37 @@ def test_an_export_at_another_size_keeps_the_size_its_weights_were_trained_at(im
     save_file(tensors, str(tmp_path / "old.safetensors"), metadata=meta)
     loaded = load_model(str(tmp_path / "old.safetensors"))
     assert (loaded.input_size, loaded.trained_size) == ((3, 40, 40), 40)
+
+
+def test_train_and_test_only_data_is_evaluated_on_test_by_every_tool(image_folder, tiny_checkpoint, tmp_path,
+                                                                     capsys):
+    """DATA of train/ and test/ only (CIFAR-style): validate evaluates test/, as training does; the resolution sweep
+    and robustness's clean error, without a split named, evaluate the same images (they looked for val/ and stopped:
+    "split 'val' not found")."""
+    import json
+    import warnings
+
+    from sequencer.engine.inference import load_model
+    from sequencer.tools.robustness import mean_corruption_error
+
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "train").symlink_to(image_folder / "train", target_is_directory=True)
+    (data / "test").symlink_to(image_folder / "val", target_is_directory=True)
+    results = tmp_path / "r.json"
+    assert main(["validate", str(data), "--checkpoint", str(tiny_checkpoint), "-j", "0",
+                 "--results-file", str(results)]) == 0
+    got = json.loads(results.read_text())
+    assert got["count"] == len(list((image_folder / "val").rglob("*.png")))
+    assert main(["resolution-sweep", str(data), "--sizes", "32", "-j", "0", "--checkpoint", str(tiny_checkpoint),
+                 "-o", str(tmp_path / "sweep")]) == 0
+    row = next(csv.DictReader(open(tmp_path / "sweep" / "resolution.csv")))
+    assert int(row["count"]) == got["count"] and float(row["top1"]) == pytest.approx(got["top1"], abs=1e-3)
+    corrupted = tmp_path / "c" / "fog"
+    corrupted.mkdir(parents=True)
+    (corrupted / "3").symlink_to(image_folder / "val", target_is_directory=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # one severity of five: not comparable, as it warns
+        summary = mean_corruption_error(load_model(checkpoint=str(tiny_checkpoint), device="cpu"),
+                                        {"fog": corrupted}, clean=str(data))
+    assert 100 * (1 - summary["clean_error"]) == pytest.approx(got["top1"], abs=1e-3)

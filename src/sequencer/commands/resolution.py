@@ -12,8 +12,9 @@ from .common import add_model_args, check_workers, load_model_from_args, positiv
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("data", metavar="DATA", help="dataset folder (DATA/SPLIT/CLASS/IMAGE or DATA/CLASS/IMAGE)")
     parser.add_argument("--split", default=None,
-                        help="split folder to evaluate (default: val, or as validate: the training split a "
-                             "--val-fraction run carved its held-out images from, where DATA is its DATA)")
+                        help="split folder to evaluate (default: the one validate evaluates: val, test where DATA has train/ "
+                             "and test/ only, or the training split a --val-fraction run carved its held-out "
+                             "images from, where DATA is its DATA)")
     parser.add_argument("--sizes", type=positive_int, nargs="+", default=None, metavar="PX",
                         help="input sizes to evaluate (default: half to twice the model's input size, --img-size or "
                              "else the size its file records (a checkpoint's training size, an export's export size), "
@@ -43,7 +44,7 @@ def run(args: argparse.Namespace) -> int:
     for size in sizes:  # fail before any evaluation
         check_input_size(loaded, size, size)
     # the data is checked before the output folder is made
-    split = split_to_evaluate(loaded, args.data, args.split)
+    split = split_to_evaluate(loaded.checkpoint, args.data, args.split)
     label_with_model_classes(create_dataset("", root=args.data, split=split), loaded)
     out = prepare_output_dir(args.output)
     workers = default_workers() if args.workers is None else args.workers

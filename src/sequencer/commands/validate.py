@@ -33,7 +33,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g = parser.add_argument_group("data")
     g.add_argument("--dataset", default="", metavar="NAME",
                    help="'' image folders or tar, 'digits', or torch/NAME (torch/cifar10, torch/flowers102, ...)")
-    g.add_argument("--split", default="validation", help="split to evaluate (val/validation/test/train...)")
+    g.add_argument("--split", default=None,
+                   help="split to evaluate (val/validation/test/train...; default: DATA's validation split, its "
+                        "test split where it has train/ and test/ only, or the training split a --val-fraction run "
+                        "carved its held-out images from, where DATA is its DATA)")
     g.add_argument("--class-map", default="", metavar="FILE", help="class names, one per line (or 'name index')")
     g.add_argument("--dataset-download", action="store_true", help="let torchvision datasets download themselves")
     g.add_argument("-b", "--batch-size", type=positive_int, default=256, metavar="N")

@@ -17,7 +17,7 @@ from torch import nn
 
 from ..data import create_dataset, create_loader, create_transform, load_image, resolve_data_config
 from ..data.class_folders import class_name
-from ..data.datasets import READ_ERRORS, drop_classes, map_classes_by_name
+from ..data.datasets import READ_ERRORS, drop_classes, held_out_split, map_classes_by_name
 from ..errors import SequencerError
 from ..models import create_model, get_model_entry
 from ..models.loading import checkpoint_metadata, picked_weights, read_checkpoint, recorded_probabilities
@@ -294,10 +294,20 @@ def eval_loader(root: str, split: str, loaded: LoadedModel, input_size, batch_si
                          device=device)
 
 
-def split_to_evaluate(loaded: LoadedModel, root: str, split: str | None) -> str:
-    """``split``, or where none is given the split of ``root`` that validate evaluates without one: the training
-    split its checkpoint's run carved its held-out files from (`val_fraction`, ``root`` the run's DATA), else val."""
-    return split or carved_from(loaded.checkpoint, root) or "val"
+def split_to_evaluate(checkpoint: dict | None, root, split: str | None, dataset: str = "",
+                      notes: bool = True) -> str:
+    """The split of ``root`` (a --dataset ``dataset``'s DATA) that validate, resolution-sweep and robustness
+    evaluate: ``split``, or where none is given the training split ``checkpoint``'s run carved its held-out files
+    from (`val_fraction`, ``root`` the run's DATA), else "validation". Image folders (no ``dataset``) find it as
+    training does: a validation split that ``root`` lacks is its test split where it has one (train/ and test/
+    only), with a note (``notes=False``: none)."""
+    split = split or carved_from(checkpoint, root) or "validation"
+    if not dataset:
+        found = held_out_split(root, split)
+        if found != split and notes:
+            _logger.info(f"note: {root} has no {split!r} split: evaluating on {found!r}")
+        split = found
+    return split
 
 
 def held_out_files_only(split_set, loaded: LoadedModel, notes: bool = True):

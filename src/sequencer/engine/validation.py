@@ -16,7 +16,6 @@ import torch
 from torch import nn
 
 from ..data import create_dataset, create_loader, resolve_data_config
-from ..data.datasets import held_out_split
 from ..data.loader_workers import workers_stopped_on_exit
 from ..errors import SequencerError
 from ..models import get_model_entry, has_pretrained_weights
@@ -25,10 +24,10 @@ from ..models.loading import checkpoint_metadata
 from .amp import autocast_dtype, dtype_name
 from .distributed import DistInfo, process_group
 from .evaluate import evaluate
-from .data_record import carved_from, recorded_data
+from .data_record import recorded_data
 from .guest import caller_state_kept, console, own_modes
 from .inference import (LoadedModel, check_input_size, default_workers, held_out_files_only, label_with_model_classes,
-                        load_model)
+                        load_model, split_to_evaluate)
 from .user_data import check_float32_weights, module_name, wrap_dataset
 
 _logger = logging.getLogger(__name__)
@@ -72,7 +71,7 @@ class ValidationResult:
 
 
 def validate(checkpoint: str | os.PathLike = "", data=None, *, model: str | nn.Module | None = None,
-             pretrained: bool = False, dataset: str = "", split: str = "validation", class_map: str = "",
+             pretrained: bool = False, dataset: str = "", split: str | None = None, class_map: str = "",
              dataset_download: bool = False, batch_size: int = 256, workers: int | None = None,
              crop_pct: float | None = None, mean=None, std=None, interpolation: str | None = None,
              num_classes: int | None = None, img_size: int | None = None, input_size=None,
@@ -122,8 +121,10 @@ def validate(checkpoint: str | os.PathLike = "", data=None, *, model: str | nn.M
             return load_model(checkpoint, model=model, pretrained=pretrained, num_classes=num_classes,
                               img_size=img_size, input_size=input_size, use_ema=use_ema, device=dist_info.device)
 
-        def open_split(data, dataset, split):
-            return _dataset(data, dataset, split, class_map, dataset_download, dist_info)
+        def open_split(data, dataset, split, checkpoint=None):
+            split = split_to_evaluate(checkpoint, data, split, dataset, notes=dist_info.is_primary)
+            return create_dataset(dataset, root=data, split=split, class_map=class_map or None,
+                                  download=dataset_download)
 
         loaded, split_set, dataset = _model_and_split(load_the_model, open_split, user_split, data, dataset, split,
                                                       checkpoint, bool(checkpoint) or load is not None or in_memory,
@@ -146,7 +147,7 @@ def validate(checkpoint: str | os.PathLike = "", data=None, *, model: str | nn.M
 
 
 def _model_and_split(load_the_model: Callable[[], LoadedModel], open_split, user_split, data, dataset: str,
-                     split: str, checkpoint, model_first: bool, dist_info: DistInfo) -> tuple:
+                     split: str | None, checkpoint, model_first: bool, dist_info: DistInfo) -> tuple:
     """(the loaded model, the split to evaluate, ``dataset``), each read in the order that lets a mistake fail
     before the slow part: a caller's Dataset (``user_split``) is used as given; no data: the data the checkpoint
     records, known once it is read; ``model_first`` (a ``checkpoint`` file, an exported file ``load`` reads, or a
@@ -160,10 +161,9 @@ def _model_and_split(load_the_model: Callable[[], LoadedModel], open_split, user
         loaded = load_the_model()
         data, dataset, split = _checkpoint_data(loaded, checkpoint, split, dist_info)
         split_set = open_split(data, dataset, split)
-    elif model_first and split == "validation" and os.path.exists(data or ""):
+    elif model_first and split is None and os.path.exists(data or ""):
         loaded = load_the_model()
-        split = carved_from(loaded.checkpoint, data) or split
-        split_set = open_split(data, dataset, split)
+        split_set = open_split(data, dataset, split, loaded.checkpoint)
     else:
         split_set = open_split(data, dataset, split)
         loaded = load_the_model()
@@ -188,12 +188,12 @@ def _reduced_precision(model: nn.Module) -> str:
     return precision if isinstance(precision, str) and precision != "float32" else ""
 
 
-def _checkpoint_data(loaded: LoadedModel, checkpoint, split: str, dist_info: DistInfo) -> tuple:
+def _checkpoint_data(loaded: LoadedModel, checkpoint, split: str | None, dist_info: DistInfo) -> tuple:
     """(DATA, --dataset, --split) of the data the loaded checkpoint records (its held-out split unless ``split``
     names another)."""
     source = f"checkpoint {os.fspath(checkpoint)!r}" if checkpoint else loaded.source or f"model {loaded.name}"
     recorded = recorded_data(loaded.checkpoint, source, "the `checkpoint`" if checkpoint else "it")
-    split = recorded.split if split == "validation" else split
+    split = split or recorded.split
     if dist_info.is_primary:
         _logger.info(f"note: no DATA given: evaluating on the data {source} was trained on "
                      f"({recorded.root or recorded.dataset}, split {split!r})")
@@ -236,15 +236,6 @@ def _record_kept_on(model: nn.Module) -> dict | None:
     if isinstance(trained_on, dict) and trained_on:
         record["data"] = dict(trained_on)
     return record or None
-
-
-def _dataset(data, dataset: str, split: str, class_map: str, download: bool, dist_info: DistInfo):
-    if not dataset:  # as train: a folder with only train/ and test/ is evaluated on test/
-        found = held_out_split(data, split)
-        if found != split and dist_info.is_primary:
-            _logger.info(f"note: {data} has no {split!r} split: evaluating on {found!r}")
-        split = found
-    return create_dataset(dataset, root=data, split=split, class_map=class_map or None, download=download)
 
 
 def _pretrained_by_default(model, checkpoint, pretrained: bool, dist_info: DistInfo) -> bool:

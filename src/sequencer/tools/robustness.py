@@ -198,7 +198,7 @@ def mean_corruption_error(loaded: LoadedModel, corruptions: dict[str, Path], bat
     clean_error = None
     if clean:
         # clean images: the model's own preprocessing
-        clean_error = error_of(clean, split_to_evaluate(loaded, clean, clean_split), None)
+        clean_error = error_of(clean, split_to_evaluate(loaded.checkpoint, clean, clean_split), None)
         _logger.info(f"clean: error {clean_error:.4f}")
     per_corruption = {}
     for name, folder in corruptions.items():
