@@ -155,3 +155,30 @@ def test_each_update_descends_the_mean_loss_of_its_own_micro_batches(accum, tmp_
     assert run.opt.scheduler.updates == list(range(1, 2 * updates + 1))
     for got, want in zip(run.model.parameters(), expected.parameters()):
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+
+
+def test_the_start_line_names_the_lr_a_warmup_climbs_to():
+    """The run's first line gives the lr it starts at and, inside a warmup, the lr it warms up to: the paper's
+    --lr 2e-3 --warmup-lr 1e-6 read "lr 1e-06" alone. Both as the run logs every lr: the mean over parameter groups,
+    each scaled by its --layer-decay lr_scale."""
+    from types import SimpleNamespace
+
+    from timm.scheduler import create_scheduler_v2
+
+    from sequencer.engine.train import starting_lr
+
+    def opt(groups, **sched):
+        optimizer = torch.optim.SGD([dict(params=[torch.zeros(1, requires_grad=True)], **g) for g in groups], lr=2e-3)
+        scheduler, _ = create_scheduler_v2(optimizer, num_epochs=10, warmup_lr=1e-6, updates_per_epoch=4, **sched)
+        return SimpleNamespace(optimizer=optimizer, scheduler=scheduler)
+
+    assert starting_lr(opt([{}], warmup_epochs=2), 0, 4) == "lr 1e-06 (warmup to 0.002)"
+    assert starting_lr(opt([{}], warmup_epochs=0), 0, 4) == "lr 0.002"
+    resumed = opt([{}], warmup_epochs=2)
+    resumed.scheduler.step(2)  # a resume at epoch 2 starts past the warmup
+    assert starting_lr(resumed, 2, 4) == f"lr {resumed.optimizer.param_groups[0]['lr']:.3g}"
+    on_updates = opt([{}], warmup_epochs=2, step_on_epochs=False)  # a warmup of 8 updates
+    on_updates.scheduler.step_update(4)
+    assert starting_lr(on_updates, 1, 4) == f"lr {1e-6 + (2e-3 - 1e-6) / 2:.3g} (warmup to 0.002)"
+    layered = opt([dict(lr_scale=1.0), dict(lr_scale=0.5)], warmup_epochs=2)
+    assert starting_lr(layered, 0, 4) == "lr 7.5e-07 (warmup to 0.0015)"

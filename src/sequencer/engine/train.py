@@ -446,7 +446,22 @@ def _log_start(training: TrainingRun, data: TrainData, start_epoch: int) -> None
                f"{data.num_classes}-class head) on {len(data.train_set)} images of {source}, "
                f"{plural(data.num_classes, 'class', 'classes')}, {training.loaders.img_size}px, "
                f"{where}{info.device}; epochs {start_epoch}..{training.opt.num_epochs - 1}, "
-               f"lr {current_lr(training.opt.optimizer):.3g}, batch {cfg.batch_size}; output {training.out.folder}")
+               f"{starting_lr(training.opt, start_epoch, training.loaders.updates_per_epoch)}, batch {cfg.batch_size}; "
+               f"output {training.out.folder}")
+
+
+def starting_lr(opt: Optimization, start_epoch: int, updates_per_epoch: int) -> str:
+    """"lr X": the lr the run starts at, with the lr its warmup climbs to where it starts inside a warmup ("lr 1e-06
+    (warmup to 0.002)"): the paper's --lr 2e-3 --warmup-lr 1e-6 read "lr 1e-06" alone, as if --lr had not reached
+    the run. Both are means over the parameter groups, each group's lr scaled by its ``lr_scale`` (--layer-decay)
+    as timm's schedules scale it, as every lr the run logs (``loop.current_lr``)."""
+    lr, scheduler, groups = current_lr(opt.optimizer), opt.scheduler, opt.optimizer.param_groups
+    position = start_epoch if getattr(scheduler, "t_in_epochs", True) else start_epoch * updates_per_epoch
+    peak = getattr(scheduler, "base_values", None)
+    if not peak or position >= getattr(scheduler, "warmup_t", 0):
+        return f"lr {lr:.3g}"
+    scaled = [base * group.get("lr_scale", 1.0) for base, group in zip(peak, groups)]
+    return f"lr {lr:.3g} (warmup to {sum(scaled) / len(scaled):.3g})"
 
 
 def _log_finish(training: TrainingRun, metrics: dict | None, started: float, epochs_run: int) -> None:
