@@ -471,7 +471,9 @@ def _log_finish(training: TrainingRun, metrics: dict | None, started: float, epo
     skipped = metrics["unreadable"] if metrics is not None else 0  # every rank's, gathered by `evaluate`
     if not training.info.is_primary:
         return
-    best = (f"; best {cfg.eval_metric} {manager.best_metric:.2f} at epoch {manager.best_epoch}"
+    # a loss to the epoch lines' 4 decimals: at 2, a best loss of 0.004 read 0.00
+    digits = 4 if cfg.eval_metric == "loss" else 2
+    best = (f"; best {cfg.eval_metric} {manager.best_metric:.{digits}f} at epoch {manager.best_epoch}"
             if manager.best_metric is not None else "")
     what = "digits demo" if cfg.dataset == "digits" else "done"
     unreadable = f" ({skipped} unreadable skipped)" if skipped else ""
