@@ -144,8 +144,10 @@ class PlainSequencer(nn.Module):
     def stage_maps(self, x: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor]:
         x = self.stem.proj(x).permute(0, 2, 3, 1)
         if self.absolute_pos_embed is not None:
+            # timm's resample, as its ViTs run at another input size (bicubic, antialiased)
             pos = self.absolute_pos_embed.permute(0, 3, 1, 2)
-            x = x + F.interpolate(pos, size=x.shape[1:3], mode="bicubic", align_corners=False).permute(0, 2, 3, 1)
+            x = x + F.interpolate(pos, size=x.shape[1:3], mode="bicubic", align_corners=False,
+                                  antialias=True).permute(0, 2, 3, 1)
         maps = []
         for stage in self.stages:
             if stage.downsample is not None:

@@ -12,9 +12,9 @@ from .common import add_model_args, check_workers, load_model_from_args, positiv
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("data", metavar="DATA", help="dataset folder (DATA/SPLIT/CLASS/IMAGE or DATA/CLASS/IMAGE)")
     parser.add_argument("--split", default=None,
-                        help="split folder to evaluate (default: the one validate evaluates: val, test where DATA has train/ "
-                             "and test/ only, or the training split a --val-fraction run carved its held-out "
-                             "images from, where DATA is its DATA)")
+                        help="split folder to evaluate (default: the one validate evaluates: val, test where DATA "
+                             "has train/ and test/ only, or the training split a --val-fraction run carved its "
+                             "held-out images from, where DATA is its DATA)")
     parser.add_argument("--sizes", type=positive_int, nargs="+", default=None, metavar="PX",
                         help="input sizes to evaluate (default: half to twice the model's input size, --img-size or "
                              "else the size its file records (a checkpoint's training size, an export's export size), "

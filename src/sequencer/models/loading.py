@@ -9,6 +9,7 @@ by default the ones its run evaluated.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import logging
 import os
@@ -445,15 +446,40 @@ def stem_channels(state_dict: dict[str, torch.Tensor]) -> int | None:
 
 
 def resample_position_embedding(pos: torch.Tensor, grid) -> torch.Tensor:
-    """A (1, H, W, C) position embedding resampled to ``grid`` (rows, columns) as timm resamples a ViT's when its
-    weights load at another image size (``timm.layers.resample_abs_pos_embed``: bicubic, antialiased, computed in
-    float32, here without class tokens); the same tensor where the grid is its own."""
+    """A (1, H, W, C) position embedding resampled to ``grid`` (rows, columns) as timm resamples a ViT's, when its
+    weights load at another image size and in its forward at another input size
+    (``timm.layers.resample_abs_pos_embed``: bicubic, antialiased, in float32, here without class tokens); the same
+    tensor where the grid is its own. Computed as two products with :func:`_antialiased_bicubic` weights, which
+    every exporter takes (ONNX has no antialiased bicubic resize)."""
     grid = (int(grid[0]), int(grid[1]))
     if tuple(pos.shape[1:3]) == grid:
         return pos
-    out = torch.nn.functional.interpolate(pos.float().permute(0, 3, 1, 2), size=grid, mode="bicubic",
-                                          align_corners=False, antialias=True)
-    return out.permute(0, 2, 3, 1).to(pos.dtype)
+    rows, cols = (torch.tensor(_antialiased_bicubic(int(old), new), dtype=torch.float32, device=pos.device)
+                  for old, new in zip(pos.shape[1:3], grid))
+    return torch.einsum("ih,bhwc,jw->bijc", rows, pos.float(), cols).to(pos.dtype)
+
+
+@functools.lru_cache(maxsize=64)
+def _antialiased_bicubic(old: int, new: int) -> tuple:
+    """The (new, old) weights by which torch's ``interpolate(mode="bicubic", antialias=True, align_corners=False)``
+    resamples a length ``old`` to ``new`` (PIL's filter: the cubic with a = -0.5, widened by the scale when
+    shrinking, each row normalised), as nested tuples of floats."""
+    def cubic(x: float, a: float = -0.5) -> float:
+        x = abs(x)
+        if x < 1:
+            return ((a + 2) * x - (a + 3)) * x * x + 1
+        return (((x - 5) * x + 8) * x - 4) * a if x < 2 else 0.0
+
+    scale = old / new
+    support, inv = (2.0 * scale, 1.0 / scale) if scale >= 1 else (2.0, 1.0)
+    rows = []
+    for i in range(new):
+        center = scale * (i + 0.5)
+        first, last = max(int(center - support + 0.5), 0), min(int(center + support + 0.5), old)
+        weights = [cubic((j - center + 0.5) * inv) for j in range(first, last)]
+        total = sum(weights)
+        rows.append(tuple(weights[j - first] / total if first <= j < last else 0.0 for j in range(old)))
+    return tuple(rows)
 
 
 def load_state_dict_into(model: nn.Module, state_dict: dict[str, torch.Tensor], source: str = "checkpoint",

@@ -1,17 +1,17 @@
 """Vanilla (1D) Sequencer of the paper's appendix: one BiLSTM over all tokens in raster order.
 
 ``v_sequencer_s`` is ViT-like (14 px patches, one resolution); ``v_sequencer_s_h`` is hierarchical like
-Sequencer2D-S; ``v_sequencer_s_pe`` adds absolute position embeddings, bicubically interpolated when the token
-grid differs from the one at ``img_size``.
+Sequencer2D-S; ``v_sequencer_s_pe`` adds absolute position embeddings, resampled when the token grid differs from
+the one at ``img_size`` as loading its weights at that size resamples them (bicubic, antialiased, as timm's ViTs).
 """
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from ..errors import ArgumentValueError
 from .kernels import cpu_lstm1d, cpu_lstm_applies, hooked, resolve_backend, run_rnn
+from .loading import resample_position_embedding
 from .registry import register_model
 from .sequencer2d import RNN_TYPES, Sequencer2d, _cfg
 
@@ -85,12 +85,8 @@ class VanillaSequencer(Sequencer2d):
 
     def _embed(self, x: torch.Tensor) -> torch.Tensor:
         x = self.stem(x)
-        if self.ape:
-            pos = self.absolute_pos_embed
-            if pos.shape[1:3] != x.shape[1:3]:
-                pos = F.interpolate(pos.permute(0, 3, 1, 2), size=x.shape[1:3], mode="bicubic",
-                                    align_corners=False).permute(0, 2, 3, 1)
-            x = x + pos
+        if self.ape:  # at another size, resampled as weights loaded at that size resample it (antialiased)
+            x = x + resample_position_embedding(self.absolute_pos_embed, x.shape[1:3])
         return x
 
 
