@@ -258,7 +258,7 @@ def env(tmp_path_factory):
     segmenter = sequencer.train_segmenter(voc, **TINY_SEGMENT, backbone_kwargs=TINY_BACKBONE, output=str(root),
                                           experiment="s", progress=False)
     return dict(root=root, voc=voc, classifier=classifier.checkpoint, segmenter=segmenter.checkpoint,
-                segmenter_loss=segmenter.summary[0]["train_loss"])
+                classifier_loss=classifier.summary[0]["train_loss"], segmenter_loss=segmenter.summary[0]["train_loss"])
 
 
 def call_train(env, progress):
@@ -580,6 +580,34 @@ def test_a_training_runs_as_its_settings_say_inside_the_callers_no_grad_and_auto
     with torch.autocast("cpu", dtype=torch.bfloat16):
         sequencer.validate_segmenter(data=env["voc"], model=segmenter, eval_size=32, device="cpu")
     assert set(dtypes) == {torch.float32}
+
+
+@pytest.fixture
+def callers_default_dtype():
+    """A caller who set ``torch.set_default_dtype(torch.float64)`` (scientific code does), put back after the test."""
+    torch.set_default_dtype(torch.float64)
+    yield
+    torch.set_default_dtype(torch.float32)
+
+
+def test_a_call_runs_in_float32_whatever_the_callers_default_dtype(env, callers_default_dtype):
+    """Under the caller's float64 default dtype a run is the float32 run the same settings give (its model built by
+    name trained in float32 with the same numbers, checkpointed in float32), and a float32 module gets float32
+    images in ``train`` and ``validate``; the caller's default dtype comes back. Each followed the caller's default:
+    a name trained in float64 (another loss, a checkpoint twice the size, ``amp`` inert since autocast casts no
+    float64), and the images came as float64 (ATen's dtype error in a float32 module's first layer)."""
+    run = sequencer.train(model="sequencer2d_nano", img_size=16, data=(Blobs(8, 0, pil=True), Blobs(4, 1, pil=True)),
+                          **QUICK, output=str(env["root"]), experiment=f"float64-{next(RUNS)}", progress=False)
+    assert torch.get_default_dtype() == torch.float64
+    assert run.summary[0]["train_loss"] == env["classifier_loss"]
+    weights = torch.load(run.checkpoint, map_location="cpu", weights_only=False)["state_dict"].values()
+    assert {t.dtype for t in weights if t.is_floating_point()} == {torch.float32}
+    model = Spy().float()  # built in float64 under that default: the caller's float32 module
+    sequencer.train(model=model, data=(Blobs(8, 0, pil=True), Blobs(4, 1, pil=True)), img_size=16, **QUICK,
+                    output=str(env["root"]), experiment=f"float64-{next(RUNS)}", progress=False)
+    sequencer.validate(model=model, data=Blobs(4, 1, pil=True), img_size=16, workers=0, progress=False)
+    assert model.seen == {(True, True, torch.float32), (False, False, torch.float32)}
+    assert torch.get_default_dtype() == torch.float64
 
 
 # ---------------------------------------------------------------------------- a module moved for evaluation

@@ -5,8 +5,9 @@ show on the console, and the caller's random state and warning filters, kept (it
 Messages are records of the ``"sequencer"`` logger (progress and notes at INFO, problems at WARNING); notes a Python
 user may want to filter are ``warnings.warn`` (:func:`warn`). What :func:`console` changes is undone when the call
 returns and touches only the calling thread's records: a handler on the ``"sequencer"`` logger filtered to that
-thread, or (``progress=False``) a filter on the console handlers that drops that thread's records. The one shared
-change is the ``"sequencer"`` logger's level (INFO while a ``progress=True`` call runs, if the caller set none).
+thread, or (``progress=False``) a filter on the console handlers that drops that thread's records. Two changes are
+shared by every thread: the ``"sequencer"`` logger's level (INFO while a ``progress=True`` call runs, if the caller
+set none) and torch's default dtype (float32 while a call runs, where the caller set another: :func:`own_modes`).
 """
 from __future__ import annotations
 
@@ -21,6 +22,9 @@ _logger = logging.getLogger(__name__)
 _quiet = contextvars.ContextVar("sequencer_quiet", default=False)
 _level_lock = threading.Lock()
 _level_users = 0  # calls that raised the "sequencer" logger to INFO; the last one to finish restores it
+_dtype_lock = threading.Lock()
+_dtype_users = 0  # calls running under the float32 default they set; the last one to finish restores the caller's
+_callers_dtype = None
 
 
 def warn(message: str) -> None:
@@ -158,15 +162,44 @@ def _dynamos_filter(entry: tuple) -> bool:
 @contextlib.contextmanager
 def own_modes():
     """Run the body (a library entry point's work) in its own modes, whatever the calling thread's: gradients on,
-    outside inference mode, no autocast (the work autocasts where its ``amp`` says: ``engine.amp.autocast``). A
-    caller's ``torch.no_grad()``, ``torch.inference_mode()`` or ``torch.autocast`` block reached the whole run: a
-    training's backward raised, a run without ``amp`` (its data transforms too) ran in bfloat16. Thread-local, as
-    the caller's own blocks: they are theirs again on return."""
+    outside inference mode, no autocast (the work autocasts where its ``amp`` says: ``engine.amp.autocast``), float32
+    as the default dtype (:func:`_float32_default`). A caller's ``torch.no_grad()``, ``torch.inference_mode()`` or
+    ``torch.autocast`` block reached the whole run: a training's backward raised, a run without ``amp`` (its data
+    transforms too) ran in bfloat16. Thread-local, as the caller's own blocks, save the default dtype: they are the
+    caller's again on return."""
     import torch
 
     with torch.enable_grad(), torch.inference_mode(False), torch.autocast("cpu", enabled=False), \
-            torch.autocast("cuda", enabled=False):
+            torch.autocast("cuda", enabled=False), _float32_default():
         yield
+
+
+@contextlib.contextmanager
+def _float32_default():
+    """The body with torch's default dtype float32. A caller's ``torch.set_default_dtype(torch.float64)`` reached
+    the whole run: a model built by name trained in float64 (another run than the seed's, ``amp`` inert, checkpoints
+    twice the size) and the images came as float64 (``ToTensor``, normalisation, soft targets follow the default),
+    which a float32 module refused with ATen's dtype error. torch's default dtype is process-wide (no per-thread
+    one): with float32 already the default, nothing is changed; otherwise the caller's other threads see float32
+    until the last such call returns, which puts the caller's default back."""
+    import torch
+
+    global _dtype_users, _callers_dtype
+    with _dtype_lock:
+        counted = _dtype_users > 0 or torch.get_default_dtype() != torch.float32
+        if counted:
+            if not _dtype_users:
+                _callers_dtype = torch.get_default_dtype()
+                torch.set_default_dtype(torch.float32)
+            _dtype_users += 1
+    try:
+        yield
+    finally:
+        if counted:
+            with _dtype_lock:
+                _dtype_users -= 1
+                if not _dtype_users:
+                    torch.set_default_dtype(_callers_dtype)
 
 
 @contextlib.contextmanager
