@@ -477,6 +477,24 @@ def test_stream_pool_is_made_again_after_a_fork(two_threads, monkeypatch):
     assert pool._executor is not before and len(fast.model.calls) == 4
 
 
+def test_a_models_stream_pool_is_made_once(two_threads, monkeypatch):
+    """Its first streamed batch makes the model's pool, later batches find it: none is built and thrown away per
+    batch (``setdefault``'s default was made at every call)."""
+    from sequencer.tools import optimize
+    made = []
+
+    class Counted(optimize._StreamPool):
+        def __init__(self):
+            super().__init__()
+            made.append(self)
+
+    monkeypatch.setattr(optimize, "_StreamPool", Counted)
+    fast = sequencer.optimize_for_inference(_Recorder(), torch.float32)
+    for _ in range(3):
+        fast(torch.randn(2, 3, 2, 2))
+    assert len(made) == 1 and len(fast.model.calls) == 6
+
+
 @pytest.mark.parametrize("streams", [0, -1, 1.5, True, "2"])
 def test_streams_must_be_a_positive_integer(streams):
     """Checked as every positive-int argument is (models.backbone.checked_positive_int): the one-line error names

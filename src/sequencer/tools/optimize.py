@@ -91,7 +91,10 @@ _POOLS_LOCK = threading.Lock()
 def _streams_of(model: nn.Module) -> _StreamPool:
     """``model``'s stream pool, made at its first streamed batch (kept beside the model, which stays picklable)."""
     with _POOLS_LOCK:
-        return _POOLS.setdefault(model, _StreamPool())
+        pool = _POOLS.get(model)
+        if pool is None:
+            pool = _POOLS[model] = _StreamPool()
+        return pool
 
 
 def _run_stream(model: nn.Module, x: torch.Tensor, threads: int) -> tuple:
