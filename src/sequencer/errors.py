@@ -8,7 +8,10 @@ Library messages name the library's parameters, written in backticks (`` `batch_
 the command line rewrites those it has a flag for (``--batch-size 8``, ``--class-map``), see
 ``sequencer.commands.common.as_flags``.
 """
+import contextlib
 import importlib
+import threading
+import warnings
 
 DISTRIBUTION = "sequencer-vision"  # what ``pip install`` calls this package (PyPI's "sequencer" is another project)
 
@@ -45,3 +48,23 @@ def optional_import(module: str, needed_for: str, extra: str | None = None):
         install = f"pip install '{DISTRIBUTION}[{extra}]'" if extra else f"pip install {missing}"
         raise SequencerError(f"{needed_for} needs the {missing} package, which is not installed",
                              hint=install) from None
+
+
+_filters_lock = threading.RLock()  # the package's own changes to the process's warning filters, one at a time
+
+
+@contextlib.contextmanager
+def warnings_ignored(messages: tuple[str, ...] = (), categories: tuple[type[Warning], ...] = ()):
+    """The body with the warnings ignored whose message matches one of ``messages`` (regular expressions, matched at
+    its start) or whose class is one of ``categories``; the process's warning filters put back after it.
+
+    ``warnings.catch_warnings`` swaps the filter list of the whole process and puts back the list it found. Two such
+    blocks in the caller's threads (checkpoints read by a server's threads) that overlapped put back each other's
+    lists: the one that ended last restored the list holding the other's filter, left in the caller's process for
+    good. The package's blocks take turns."""
+    with _filters_lock, warnings.catch_warnings():
+        for message in messages:
+            warnings.filterwarnings("ignore", message=message)
+        for category in categories:
+            warnings.filterwarnings("ignore", category=category)
+        yield

@@ -1,7 +1,9 @@
 """checkpoint_path in every supported form, the head rule, clear mismatches, and refusal of code-carrying pickles."""
 import argparse
+import contextlib
 import os
 import pickle
+import threading
 import warnings
 
 import pytest
@@ -332,3 +334,41 @@ def test_every_variant_loads_from_the_authors_and_timms_layouts(name, layout, tm
     x = variant_input(name)
     with torch.no_grad():
         assert rel_err(model(x), PlainSequencer(source).eval()(x)) <= 1e-5
+
+
+def test_checkpoints_read_in_the_callers_threads_leave_its_warning_filters_alone(tmp_path, monkeypatch):
+    """Two threads reading a checkpoint at once (a server's threads loading models): the process's warning filters
+    are the caller's after both, and torch's note on a pickle protocol other than 2 stays hidden. Each read
+    swapped the process-wide list (``warnings.catch_warnings``) and put back the one it found: overlapping, the
+    read that ended last put back the list holding the other's filter, left in the process for good."""
+    path = tmp_path / "protocol3.pth"
+    torch.save({"state_dict": {"w": torch.ones(2)}}, path, pickle_protocol=3)
+    loads, overlap, first_read, entered = torch.load, threading.Barrier(2, timeout=0.5), threading.Event(), []
+
+    def load_side_by_side(*args, **kwargs):
+        # each load waits (up to 0.5 s) for the other to be inside one too; the second then ends after the first read
+        entered.append(None)
+        second = len(entered) == 2
+        with contextlib.suppress(threading.BrokenBarrierError):
+            overlap.wait()
+        if second:
+            first_read.wait(0.5)
+        return loads(*args, **kwargs)
+
+    def reader():
+        read.append(read_checkpoint(path))
+        first_read.set()
+
+    monkeypatch.setattr(torch, "load", load_side_by_side)
+    filters, read = list(warnings.filters), []
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        threads = [threading.Thread(target=reader) for _ in range(2)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        inside = list(warnings.filters)
+    assert [torch.equal(r["state_dict"]["w"], torch.ones(2)) for r in read] == [True, True]
+    assert inside == [("always", None, Warning, None, 0)] + filters and list(warnings.filters) == filters
+    assert [str(w.message) for w in caught] == []

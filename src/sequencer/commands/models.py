@@ -6,10 +6,9 @@ Models are built on the ``meta`` device (no memory, no weight init) and their mu
 from __future__ import annotations
 
 import argparse
-import warnings
 from typing import TYPE_CHECKING
 
-from ..errors import SequencerError
+from ..errors import SequencerError, warnings_ignored
 from .common import positive_int
 
 if TYPE_CHECKING:
@@ -35,8 +34,7 @@ def model_summary(name: str, sizes: tuple[int, ...] = ()) -> dict:
     from ..models.registry import create_model, get_model_entry, has_pretrained_weights
 
     entry = get_model_entry(name)
-    with torch.device("meta"), warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # init on meta tensors may warn; nothing is computed
+    with torch.device("meta"), warnings_ignored(categories=(Warning,)):  # init on meta tensors may warn
         model = create_model(name)
     input_size = tuple(model.pretrained_cfg["input_size"])
     # None at a size the model refuses elsewhere (validate, benchmark): its forward would crop the input silently

@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..errors import SequencerError
+from ..errors import SequencerError, warnings_ignored
 from ..fileio import write_atomically
 
 _logger = logging.getLogger(__name__)
@@ -90,8 +90,8 @@ def read_checkpoint(path: str | os.PathLike) -> dict:
         return out
     _refuse_exports(path)
     try:
-        with torch.serialization.safe_globals(_safe_metadata_globals()), warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message="Detected pickle protocol")  # refused below if unsafe
+        with torch.serialization.safe_globals(_safe_metadata_globals()), \
+                warnings_ignored(("Detected pickle protocol",)):  # refused below if unsafe
             obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # torch raises UnpicklingError, RuntimeError, KeyError, ... for foreign content
         blocked = re.search(r"GLOBAL ([\w.]+)", str(e))

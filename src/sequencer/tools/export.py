@@ -27,7 +27,6 @@ import json
 import logging
 import os
 import tempfile
-import warnings
 from pathlib import Path
 from typing import Sequence
 
@@ -42,7 +41,7 @@ from ..engine.guest import caller_state_kept
 from ..engine.inference import (eval_transform, held_out_files_only, leave_out_ignored_classes, read_images,
                                 relative_error)
 from ..engine.user_data import check_float32_weights
-from ..errors import SequencerError, optional_import
+from ..errors import SequencerError, optional_import, warnings_ignored
 from ..fileio import write_atomically
 from ..hardware import CPU_CLASSES, cpu_info
 from ..models.caller_module import caller_module_kept
@@ -90,12 +89,10 @@ def _worst_error(name: str, exported, model: nn.Module, inputs: list[torch.Tenso
 @contextlib.contextmanager
 def _quiet_export():
     """The exporters warn about things that do not apply here (legacy exporter, LSTM batch/length notes)."""
-    with warnings.catch_warnings():
-        for pattern in ("legacy TorchScript-based ONNX", "The feature will be removed",
-                        "Converting a tensor to a Python", "Exporting a model to ONNX with a batch_size other than 1",
-                        r"`torch\.jit\.", "were assigned during export"):
-            warnings.filterwarnings("ignore", message=f".*{pattern}")
-        warnings.filterwarnings("ignore", category=torch.jit.TracerWarning)
+    patterns = ("legacy TorchScript-based ONNX", "The feature will be removed", "Converting a tensor to a Python",
+                "Exporting a model to ONNX with a batch_size other than 1", r"`torch\.jit\.",
+                "were assigned during export")
+    with warnings_ignored(tuple(f".*{pattern}" for pattern in patterns), (torch.jit.TracerWarning,)):
         yield
 
 
