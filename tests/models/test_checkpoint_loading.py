@@ -238,6 +238,19 @@ def test_corrupt_or_foreign_file_is_a_clear_error(tmp_path, tiny_kwargs, content
         _load(path, tiny_kwargs)
 
 
+@pytest.mark.parametrize("zipped", [True, False], ids=["zip", "legacy"])
+def test_weights_saved_with_a_pickle_protocol_torch_cannot_read_safely_are_named_so(tmp_path, tiny_kwargs, zipped):
+    """``torch.save(..., pickle_protocol=4)`` (torch's safe loader stops at protocol 4's frames): the refusal names
+    the protocol, not a corrupt file; protocol 3 loads."""
+    path = tmp_path / "p4.pth"
+    torch.save({"w": torch.zeros(1)}, path, pickle_protocol=4, _use_new_zipfile_serialization=zipped)
+    with pytest.raises(SequencerError, match=r"p4\.pth' was written with pickle protocol 4, .*cannot read") as error:
+        _load(path, tiny_kwargs)
+    assert "corrupt" not in str(error.value)
+    torch.save({"w": torch.ones(1)}, path, pickle_protocol=3, _use_new_zipfile_serialization=zipped)
+    assert torch.equal(read_checkpoint(path)["w"], torch.ones(1))
+
+
 def test_truncated_file_is_a_clear_error(tmp_path, source, tiny_kwargs):
     torch.save(source[0].state_dict(), tmp_path / "ok.pth")
     data = (tmp_path / "ok.pth").read_bytes()

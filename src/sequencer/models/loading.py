@@ -69,6 +69,22 @@ def _pickled_global(path: Path) -> str | None:
     return None
 
 
+def _pickle_protocol(path: Path) -> int | None:
+    """The pickle protocol a ``torch.save`` file was written with (``pickle_protocol``; 2 by default), read from its
+    pickle's first opcode; None where there is none to read."""
+    try:
+        if zipfile.is_zipfile(path):
+            with zipfile.ZipFile(path) as archive:
+                name = next((n for n in archive.namelist() if n.endswith("data.pkl")), None)
+                head = archive.open(name).read(2) if name else b""
+        else:
+            with open(path, "rb") as f:
+                head = f.read(2)
+    except (OSError, zipfile.BadZipFile):
+        return None
+    return head[1] if len(head) == 2 and head[0] == 0x80 else None  # PROTO opcode, then its number
+
+
 def read_checkpoint(path: str | os.PathLike) -> dict:
     """Load a checkpoint file into a dict without executing any code it may carry.
 
@@ -105,6 +121,13 @@ def read_checkpoint(path: str | os.PathLike) -> dict:
         # torch's message opens with generic advice; the specific reason follows "WeightsUnpickler error:"
         text = str(e).split("WeightsUnpickler error:")[-1].strip()
         reason = text.splitlines()[0][:160] if text and not isinstance(e, LookupError) else "unrecognised content"
+        protocol = _pickle_protocol(path)
+        if protocol not in (None, 2) and reason.startswith("Unsupported operand"):
+            raise SequencerError(
+                f"checkpoint {str(path)!r} was written with pickle protocol {protocol}, which torch's safe loader "
+                f"(torch.load with weights_only=True) cannot read ({reason})",
+                hint="save it again with torch.save's default protocol (no `pickle_protocol`), or as safetensors"
+            ) from None
         raise SequencerError(f"checkpoint {str(path)!r} is corrupt or not a PyTorch file ({reason})") from None
     if not isinstance(obj, dict):
         raise SequencerError(f"checkpoint {str(path)!r} holds a {type(obj).__name__}, not a state dict")
