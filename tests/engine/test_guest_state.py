@@ -592,10 +592,11 @@ def callers_default_dtype():
 
 def test_a_call_runs_in_float32_whatever_the_callers_default_dtype(env, callers_default_dtype):
     """Under the caller's float64 default dtype a run is the float32 run the same settings give (its model built by
-    name trained in float32 with the same numbers, checkpointed in float32), and a float32 module gets float32
-    images in ``train`` and ``validate``; the caller's default dtype comes back. Each followed the caller's default:
-    a name trained in float64 (another loss, a checkpoint twice the size, ``amp`` inert since autocast casts no
-    float64), and the images came as float64 (ATen's dtype error in a float32 module's first layer)."""
+    name trained in float32 with the same numbers, checkpointed in float32), a float32 module gets float32
+    images in ``train`` and ``validate`` and is exported (its checks' inputs and rebuilt model float32); the
+    caller's default dtype comes back. Each followed the caller's default: a name trained in float64 (another loss,
+    a checkpoint twice the size, ``amp`` inert since autocast casts no float64), and the images and export inputs
+    came as float64 (ATen's dtype error in a float32 module's first layer)."""
     run = sequencer.train(model="sequencer2d_nano", img_size=16, data=(Blobs(8, 0, pil=True), Blobs(4, 1, pil=True)),
                           **QUICK, output=str(env["root"]), experiment=f"float64-{next(RUNS)}", progress=False)
     assert torch.get_default_dtype() == torch.float64
@@ -607,6 +608,12 @@ def test_a_call_runs_in_float32_whatever_the_callers_default_dtype(env, callers_
                     output=str(env["root"]), experiment=f"float64-{next(RUNS)}", progress=False)
     sequencer.validate(model=model, data=Blobs(4, 1, pil=True), img_size=16, workers=0, progress=False)
     assert model.seen == {(True, True, torch.float32), (False, False, torch.float32)}
+    from sequencer.tools.export import export_safetensors, export_torchscript
+    net, folder = caller_module().float(), env["root"] / f"export-{next(RUNS)}"
+    folder.mkdir()
+    config = dict(arch="sequencer2d_nano", model_kwargs=dict(net.model_kwargs), data_config=dict(img_size=16))
+    assert export_torchscript(net, folder / "m.pt", (3, 16, 16), metadata=config) < 1e-5  # its check's error
+    assert export_safetensors(net, folder / "m.safetensors", config) < 1e-5
     assert torch.get_default_dtype() == torch.float64
 
 

@@ -163,20 +163,21 @@ def _dynamos_filter(entry: tuple) -> bool:
 def own_modes():
     """Run the body (a library entry point's work) in its own modes, whatever the calling thread's: gradients on,
     outside inference mode, no autocast (the work autocasts where its ``amp`` says: ``engine.amp.autocast``), float32
-    as the default dtype (:func:`_float32_default`). A caller's ``torch.no_grad()``, ``torch.inference_mode()`` or
+    as the default dtype (:func:`float32_default`). A caller's ``torch.no_grad()``, ``torch.inference_mode()`` or
     ``torch.autocast`` block reached the whole run: a training's backward raised, a run without ``amp`` (its data
     transforms too) ran in bfloat16. Thread-local, as the caller's own blocks, save the default dtype: they are the
     caller's again on return."""
     import torch
 
     with torch.enable_grad(), torch.inference_mode(False), torch.autocast("cpu", enabled=False), \
-            torch.autocast("cuda", enabled=False), _float32_default():
+            torch.autocast("cuda", enabled=False), float32_default():
         yield
 
 
 @contextlib.contextmanager
-def _float32_default():
-    """The body with torch's default dtype float32. A caller's ``torch.set_default_dtype(torch.float64)`` reached
+def float32_default():
+    """The body with torch's default dtype float32 (the library calls' and the exports': they make float32 images
+    and inputs, and build float32 models). A caller's ``torch.set_default_dtype(torch.float64)`` reached
     the whole run: a model built by name trained in float64 (another run than the seed's, ``amp`` inert, checkpoints
     twice the size) and the images came as float64 (``ToTensor``, normalisation, soft targets follow the default),
     which a float32 module refused with ATen's dtype error. torch's default dtype is process-wide (no per-thread
