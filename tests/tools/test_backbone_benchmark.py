@@ -58,6 +58,28 @@ def test_backbone_benchmark_follows_the_one_precision_rule(tmp_path):
     assert report["amp_dtype"] == ran and {r["dtype"] for r in report["results"]} == {ran}
 
 
+def test_backbone_rows_under_the_callers_float64_default_dtype_are_float32(monkeypatch):
+    """Called where the caller set ``torch.set_default_dtype(torch.float64)``, each row times a float32 model on
+    float32 images, as its report says (they were built and drawn in float64); the caller's default comes back."""
+    from sequencer.tools.benchmark import BenchmarkSettings
+    seen, make_step = set(), backbone_benchmark.make_step
+
+    def recorded(model, x, *args):
+        seen.add((x.dtype, *{p.dtype for p in model.parameters()}))
+        return make_step(model, x, *args)
+
+    monkeypatch.setattr(backbone_benchmark, "make_step", recorded)
+    settings = BenchmarkSettings(model="sequencer2d_nano", img_size=32, batch_size=1, reference_model="test_convnext",
+                                 num_warmup=0, num_iter=1, memory_iter=0, gemm_size=64, device="cpu", backbone=True)
+    torch.set_default_dtype(torch.float64)
+    try:
+        report = backbone_benchmark.run_backbone_benchmark(settings)
+        assert torch.get_default_dtype() == torch.float64
+    finally:
+        torch.set_default_dtype(torch.float32)
+    assert seen == {(torch.float32, torch.float32)} and {r["dtype"] for r in report["results"]} == {"float32"}
+
+
 def test_timm_reference_under_fpn_gives_torchvisions_levels():
     model = backbone_benchmark.build_row_model("ref-test_convnext-fpn", "", "test_convnext")
     with torch.no_grad():
