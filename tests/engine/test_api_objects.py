@@ -264,6 +264,28 @@ def test_a_module_cast_to_another_dtype_is_refused_in_one_line(tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
+class TensorsOf(Blobs):
+    """Blobs whose image tensors are ``dtype`` (numpy's float64, as ``torch.from_numpy`` gives them; uint8 pixels)."""
+
+    def __init__(self, *args, dtype: torch.dtype, **kw):
+        super().__init__(*args, **kw)
+        self.images = self.images.to(dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.uint8, torch.float16])
+def test_image_tensors_of_another_dtype_than_float32_are_refused_in_one_line(dtype, tmp_path):
+    """Image tensors are used as given: a Dataset's float64 (``torch.from_numpy``), uint8 or float16 tensors are
+    refused naming the Dataset and the dtype, before anything is written (it was ATen's "Input type (double) and bias
+    type (float) should be the same" from the first batch, after the experiment folder was made)."""
+    name = str(dtype).removeprefix("torch.")
+    with pytest.raises(SequencerError, match=rf"data\[0\]: image tensors .* must be float32, got {name}"):
+        sequencer.train(model=tiny_net(), data=(TensorsOf(32, 0, dtype=dtype), Blobs(16, 1)), **QUICK,
+                        output=str(tmp_path), progress=False)
+    with pytest.raises(SequencerError, match=rf"data: image tensors .* must be float32, got {name}"):
+        sequencer.validate(model=tiny_net(), data=TensorsOf(16, 1, dtype=dtype), progress=False)
+    assert list(tmp_path.iterdir()) == []
+
+
 # ------------------------------------------------------------------------------------------------ Ctrl-C
 class InterruptedAt(Blobs):
     """Sends ``signum`` to this process when item ``at`` is read the ``times``-th time (inside an epoch)."""

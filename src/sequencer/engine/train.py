@@ -101,7 +101,7 @@ def train(config: TrainConfig | str | os.PathLike | None = None, /, *, callbacks
     comes back in the mode it was given in, each submodule's (an eval-mode part stays so), and its
     ``grad_checkpointing`` too.
     ``data``: a folder or .tar of class folders, None (the embedded digits), or a ``(train, val)`` pair of map-style
-    Datasets yielding ``(PIL image or (C, H, W) tensor, int label)``: PIL images get the recipe's transforms,
+    Datasets yielding ``(PIL image or (C, H, W) float32 tensor, int label)``: PIL images get the recipe's transforms,
     tensors are used as given, class names come from
     ``dataset.classes`` when it exists.
 

@@ -1,8 +1,8 @@
 """The caller's own data and model in a run: a map-style torch ``Dataset`` of ``(PIL image or CHW tensor, int)``
 seen as our datasets are (:class:`UserDataset`), and the name a module goes by in logs and folders.
 
-PIL images get the recipe's transforms (resize, crop, augmentation, normalisation); tensors are used as given. The
-caller's dataset object is never changed: transforms and label maps are set on the wrapper.
+PIL images get the recipe's transforms (resize, crop, augmentation, normalisation); float32 tensors are used as
+given. The caller's dataset object is never changed: transforms and label maps are set on the wrapper.
 """
 from __future__ import annotations
 
@@ -66,7 +66,7 @@ def wrap_dataset(dataset, what: str = "data") -> UserDataset:
 
 
 def _image_kind(dataset, what: str) -> str:
-    """"PIL" or "tensor": the kind of image ``dataset[0]`` holds; SequencerError for anything else."""
+    """"PIL" or "tensor" (float32): the kind of image ``dataset[0]`` holds; SequencerError for anything else."""
     if not (hasattr(dataset, "__getitem__") and hasattr(dataset, "__len__")):
         raise SequencerError(f"{what}: {type(dataset).__name__} is not a map-style Dataset (needs __getitem__ and "
                              f"__len__)")
@@ -79,6 +79,11 @@ def _image_kind(dataset, what: str) -> str:
     if isinstance(image, Image.Image):
         return "PIL"
     if isinstance(image, torch.Tensor) and image.ndim == 3:
+        if image.dtype != torch.float32:  # ATen's dtype error in the model's first layer, once the run had begun
+            raise SequencerError(f"{what}: image tensors are fed to the model as given and must be float32, got "
+                                 f"{str(image.dtype).removeprefix('torch.')}",
+                                 hint="convert them in the Dataset: image.float() (uint8 pixels: image.float() / 255, "
+                                      "normalised as the model expects)")
         return "tensor"
     shape = f" of shape {tuple(image.shape)}" if isinstance(image, torch.Tensor) else ""
     raise SequencerError(f"{what}: images must be PIL images or CHW tensors, got {type(image).__name__}{shape}")
