@@ -62,3 +62,12 @@ def no_tf32():
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
     yield
     torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = before
+
+
+@pytest.fixture
+def callers_float64_default():
+    """A caller who set ``torch.set_default_dtype(torch.float64)`` (scientific code does) before the test's calls;
+    the test asserts the calls gave it back, and the suite's float32 default is restored after it."""
+    torch.set_default_dtype(torch.float64)
+    yield
+    torch.set_default_dtype(torch.float32)

@@ -582,15 +582,7 @@ def test_a_training_runs_as_its_settings_say_inside_the_callers_no_grad_and_auto
     assert set(dtypes) == {torch.float32}
 
 
-@pytest.fixture
-def callers_default_dtype():
-    """A caller who set ``torch.set_default_dtype(torch.float64)`` (scientific code does), put back after the test."""
-    torch.set_default_dtype(torch.float64)
-    yield
-    torch.set_default_dtype(torch.float32)
-
-
-def test_a_call_runs_in_float32_whatever_the_callers_default_dtype(env, callers_default_dtype):
+def test_a_call_runs_in_float32_whatever_the_callers_default_dtype(env, callers_float64_default):
     """Under the caller's float64 default dtype a run is the float32 run the same settings give (its model built by
     name trained in float32 with the same numbers, checkpointed in float32), a float32 module gets float32
     images in ``train`` and ``validate`` and is exported (its checks' inputs and rebuilt model float32); the

@@ -58,7 +58,7 @@ def test_backbone_benchmark_follows_the_one_precision_rule(tmp_path):
     assert report["amp_dtype"] == ran and {r["dtype"] for r in report["results"]} == {ran}
 
 
-def test_backbone_rows_under_the_callers_float64_default_dtype_are_float32(monkeypatch):
+def test_backbone_rows_under_the_callers_float64_default_dtype_are_float32(monkeypatch, callers_float64_default):
     """Called where the caller set ``torch.set_default_dtype(torch.float64)``, each row times a float32 model on
     float32 images, as its report says (they were built and drawn in float64); the caller's default comes back."""
     from sequencer.tools.benchmark import BenchmarkSettings
@@ -71,12 +71,8 @@ def test_backbone_rows_under_the_callers_float64_default_dtype_are_float32(monke
     monkeypatch.setattr(backbone_benchmark, "make_step", recorded)
     settings = BenchmarkSettings(model="sequencer2d_nano", img_size=32, batch_size=1, reference_model="test_convnext",
                                  num_warmup=0, num_iter=1, memory_iter=0, gemm_size=64, device="cpu", backbone=True)
-    torch.set_default_dtype(torch.float64)
-    try:
-        report = backbone_benchmark.run_backbone_benchmark(settings)
-        assert torch.get_default_dtype() == torch.float64
-    finally:
-        torch.set_default_dtype(torch.float32)
+    report = backbone_benchmark.run_backbone_benchmark(settings)
+    assert torch.get_default_dtype() == torch.float64
     assert seen == {(torch.float32, torch.float32)} and {r["dtype"] for r in report["results"]} == {"float32"}
 
 

@@ -156,7 +156,7 @@ def test_benchmark_cli_lstm_backend_and_reference_rows(tiny_s_checkpoint, tmp_pa
     assert rows["ref-resnet10t"]["max_rel_diff_vs_timm"] is None
 
 
-def test_a_benchmark_under_the_callers_float64_default_dtype_measures_float32(monkeypatch):
+def test_a_benchmark_under_the_callers_float64_default_dtype_measures_float32(monkeypatch, callers_float64_default):
     """``run_benchmark`` called where the caller set ``torch.set_default_dtype(torch.float64)``: its model and
     inputs are the float32 its report names (they were float64, timed and reported as float32), and the caller's
     default is back after it."""
@@ -164,12 +164,8 @@ def test_a_benchmark_under_the_callers_float64_default_dtype_measures_float32(mo
     monkeypatch.setattr(benchmark, "_prepare", lambda args: prepared.append(prepare(args)) or prepared[-1])
     settings = benchmark.BenchmarkSettings(model="sequencer2d_nano", img_size=16, batch_size=2, device="cpu",
                                            num_warmup=0, num_iter=1, memory_iter=0, gemm_size=32)
-    torch.set_default_dtype(torch.float64)
-    try:
-        report = benchmark.run_benchmark(settings)
-        assert torch.get_default_dtype() == torch.float64
-    finally:
-        torch.set_default_dtype(torch.float32)
+    report = benchmark.run_benchmark(settings)
+    assert torch.get_default_dtype() == torch.float64
     setup, = prepared
     assert report["amp_dtype"] == "float32"
     assert (setup.x.dtype, {p.dtype for p in setup.model.parameters()}) == (torch.float32, {torch.float32})
