@@ -24,11 +24,17 @@ import torch
 import triton
 from triton.runtime.errors import OutOfResources
 
+from ...errors import SequencerError
 from . import triton_lstm_config
 from .code_key import KERNEL_CODE
 from .triton_lstm_kernels import lstm_bwd_held, lstm_bwd_tiled, lstm_fwd_held, lstm_fwd_tiled
 
 INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") == "1"
+# On a GPU the ops are ``triton_op``s, which torch.compile traces into and inductor launches itself. The interpreter's
+# kernels cannot be traced (they read the tensors' data, which fake tensors have none of: compiled code failed with
+# "Attempted to access the data pointer on an invalid python storage"), so there the ops are opaque custom ops: the
+# compiled graph calls them, and their fake implementations stand in while it is traced.
+_kernel_op = torch.library.custom_op if INTERPRETED else torch.library.triton_op
 _log = logging.getLogger(__name__)
 
 
@@ -49,7 +55,7 @@ def _launch(direction: str, num_seqs: int, hidden: int, like: torch.Tensor, held
     tiled(config)
 
 
-@torch.library.triton_op("sequencer::lstm_scan", mutates_args=())
+@_kernel_op("sequencer::lstm_scan", mutates_args=())
 def lstm_scan(xp: torch.Tensor, w_hh: torch.Tensor, save: bool,
               kernel_code: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The recurrence over projected inputs. xp: (B, S, T, D, 4H) gate pre-activations with both biases added;
@@ -88,7 +94,7 @@ def _(xp, w_hh, save, kernel_code):
             xp.new_empty((B, S, T, D, H) if save else (0,), dtype=torch.float32))
 
 
-@torch.library.triton_op("sequencer::lstm_scan_backward", mutates_args=())
+@_kernel_op("sequencer::lstm_scan_backward", mutates_args=())
 def lstm_scan_backward(grad_out: torch.Tensor, out: torch.Tensor, gates: torch.Tensor, cells: torch.Tensor,
                        w_hh: torch.Tensor, kernel_code: str) -> tuple[torch.Tensor, torch.Tensor]:
     """Gradients of :func:`lstm_scan` w.r.t. xp (B, S, T, D, 4H) and w_hh (D, 4H, H), from the saved tensors
@@ -144,6 +150,17 @@ def _backward(ctx, grad_out, _grad_gates, _grad_cells):
 
 
 lstm_scan.register_autograd(_backward, setup_context=_setup_context)
+
+
+def _no_second_derivative(ctx, *grads):
+    """A gradient of the gradient (``create_graph=True`` and a second backward, as a gradient penalty takes) is
+    refused by name. No formula here could be right: the backward reads the forward's saved gates and cells, which
+    carry no history. (Without this, torch's own error named the op and asked for an autograd formula.)"""
+    raise SequencerError("lstm_backend 'triton' has no second derivative (a gradient of a gradient, as a gradient "
+                         "penalty takes)", hint="use lstm_backend='native' for double backward")
+
+
+lstm_scan_backward.register_autograd(_no_second_derivative)
 
 
 def lstm_layer(x: torch.Tensor, w_ih: torch.Tensor, w_hh: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
