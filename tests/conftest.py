@@ -3,26 +3,65 @@ import os
 import pytest
 import torch
 
+# The first and last Triton releases (any patch release) whose CPU interpreter runs the package's kernels: 3.6 (torch
+# 2.11's, with test_kernels_triton.py's patches) to 3.9 (torch 2.15's: tests/models passed under it, 2026-12-07).
+# 3.2's (torch 2.6's) has no int1 type (``InterpreterBuilder.get_int1_ty``: the tiled kernel fails). A newer Triton:
+# try it (TRITON_INTERPRET=1), move the bound.
+INTERPRETER_RUNS_THE_KERNELS = ((3, 6), (3, 9))
 
-def _interpreter_runs_the_kernels() -> bool:
-    """Whether this Triton's CPU interpreter runs the package's kernels: the releases from 3.6 (torch 2.11's, with
-    test_kernels_triton.py's patches) to 3.9 (torch 2.15's: tests/models passed under it, 2026-12-07). 3.2's (torch
-    2.6's) has no int1 type (``InterpreterBuilder.get_int1_ty``: the tiled kernel fails). Read from the installed
-    metadata: Triton is not imported here. A newer Triton: try it, move the bound."""
+
+def _triton_version() -> str | None:
+    """The installed Triton's version, read from its metadata (PyPI's ``triton``, or the nightly wheels'
+    ``pytorch-triton``): Triton is not imported here. None without one."""
     from importlib import metadata
 
+    for distribution in ("triton", "pytorch-triton"):
+        try:
+            return metadata.version(distribution)
+        except metadata.PackageNotFoundError:
+            pass
+    return None
+
+
+def _interpreter_runs_the_kernels(version: str | None) -> bool:
     from sequencer.versions import release
-    try:
-        return (3, 6) <= release(metadata.version("triton")) < (3, 10)
-    except metadata.PackageNotFoundError:
-        return False
+
+    first, last = INTERPRETER_RUNS_THE_KERNELS
+    return version is not None and first <= release(version)[:2] <= last
+
+
+def triton_kernel_tests(version: str | None, cuda: bool, interpret: str | None) -> str:
+    """Where the Triton kernel tests run, or why they skip, in a line: a Triton outside the interpreter's known range
+    skips them all, and the skips' own reasons do not say which Triton was found."""
+    known = "-".join(".".join(map(str, bound)) for bound in INTERPRETER_RUNS_THE_KERNELS) + " do"
+    if cuda:
+        return "Triton kernel tests: on CUDA"
+    if version is None:
+        return "Triton kernel tests: skipped, Triton is not installed"
+    if interpret == "1":
+        return f"Triton kernel tests: under Triton {version}'s CPU interpreter"
+    if _interpreter_runs_the_kernels(version):
+        return f"Triton kernel tests: skipped, TRITON_INTERPRET={interpret} (Triton {version}'s interpreter runs them)"
+    from sequencer.versions import release
+
+    if release(version) < INTERPRETER_RUNS_THE_KERNELS[0]:
+        return f"Triton kernel tests: skipped, Triton {version}'s CPU interpreter cannot run the kernels ({known})"
+    return (f"Triton kernel tests: skipped, Triton {version}'s CPU interpreter is untried with the kernels ({known}): "
+            "TRITON_INTERPRET=1 tries it; move the bound in tests/conftest.py")
+
+
+def pytest_terminal_summary(terminalreporter):
+    """The line above at the end of a run where the kernel tests skipped (also under ``-q``)."""
+    line = triton_kernel_tests(_triton_version(), torch.cuda.is_available(), os.environ.get("TRITON_INTERPRET"))
+    if "skipped" in line:
+        terminalreporter.write_line(line)
 
 
 # Without a GPU, Triton kernels run under Triton's CPU interpreter where it runs them (elsewhere their tests skip; a GPU
 # runs them: benchmarks/gpu_session.sh); it must be chosen before any kernel is defined (sequencer.models.kernels), so
 # here, before a test module imports the package. With CUDA they run on the GPU.
 if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1" if _interpreter_runs_the_kernels() else "0")
+    os.environ.setdefault("TRITON_INTERPRET", "1" if _interpreter_runs_the_kernels(_triton_version()) else "0")
 
 # Inductor's on-disk cache is keyed without custom ops' Python (pytorch#160472); the package keys its graphs on its
 # kernel sources (kernels/code_key.py), but tests also monkeypatch kernels, which no source hash sees. Each run of the
