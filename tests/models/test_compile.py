@@ -160,6 +160,24 @@ def test_native_op_follows_cpu_autocast_like_the_module(mode):
     assert rel_err(got[1], want[1]) < 2 ** -8
 
 
+@pytest.mark.parametrize("mode", ["lstm", "gru", "rnn"])
+def test_native_op_follows_cpu_float16_autocast_like_eager(mode):
+    """Under CPU fp16 autocast (``torch.autocast("cpu", dtype=torch.float16)``; ``sequencer train`` runs bf16 there)
+    the compiled layer computes what eager ``run_rnn`` does, bit for bit: LSTM and tanh RNN in fp16 on ATen's own
+    kernels (oneDNN's LSTM has none in fp16, and the module itself fails there: "could not create a primitive
+    descriptor"), GRU's steps under autocast. dL/dx of the RNN is summed over the directions in another order."""
+    torch.manual_seed(0)
+    layer = recurrence.RNN_TYPES[mode](6, 5, batch_first=True, bidirectional=True)
+    x = torch.randn(3, 4, 6)
+    with torch.backends.mkldnn.flags(enabled=True):  # the default CPU path (this module turns oneDNN off)
+        got = autocast_run(torch.compile(lambda t: recurrence.run_rnn(layer, t, "native"), backend="aot_eager",
+                                         fullgraph=True), layer, x, torch.float16)
+        want = autocast_run(lambda t: recurrence.run_rnn(layer, t, "native"), layer, x, torch.float16)
+    assert got[0].dtype == want[0].dtype == (torch.float32 if mode == "gru" else torch.float16)
+    for i, (a, b) in enumerate(zip(got, want, strict=True)):
+        assert a.dtype == b.dtype and (torch.equal(a, b) or i == 1 and rel_err(a, b) < 2 ** -10), i
+
+
 @pytest.mark.parametrize("input_dtype", [torch.float32, torch.bfloat16])
 def test_native_gru_op_follows_cpu_autocast_like_the_module(input_dtype):
     """ATen's GRU is on no CPU autocast list, but it is made of ops that are: eager, under bf16 autocast its step
@@ -192,11 +210,11 @@ def test_gru_op_leaves_no_weight_casts_in_the_callers_autocast_region():
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in layer.parameters())
 
 
-def autocast_run(forward, layer: torch.nn.Module, x: torch.Tensor) -> list[torch.Tensor]:
-    """[output, dL/dx, dL/dw...] of ``forward`` under CPU bf16 autocast, L = sum(output^2)."""
+def autocast_run(forward, layer: torch.nn.Module, x: torch.Tensor, dtype=torch.bfloat16) -> list[torch.Tensor]:
+    """[output, dL/dx, dL/dw...] of ``forward`` under CPU autocast to ``dtype``, L = sum(output^2)."""
     layer.zero_grad()
     x = x.clone().requires_grad_()
-    with torch.autocast("cpu", dtype=torch.bfloat16):
+    with torch.autocast("cpu", dtype=dtype):
         out = forward(x)
     out.float().square().sum().backward()
     return [out.detach(), x.grad] + [p.grad.clone() for p in layer.parameters()]
