@@ -675,3 +675,38 @@ def test_downloading_released_weights_shows_a_bar_only_with_progress(progress, t
     assert ("released-nano.pth" in err) is progress
     if not progress:
         assert (out, err) == ("", "")
+
+
+# ---------------------------------------------------------------------------- settings shared by overlapping calls
+def test_overlapping_calls_share_the_default_dtype_and_log_level_and_the_last_to_end_gives_them_back(
+        callers_float64_default):
+    """torch's default dtype and the "sequencer" logger's level are process-wide: calls overlapping in two threads,
+    or nested in one, keep float32 and INFO until the last of them ends, which puts back the caller's float64 and
+    unset level; a level the caller set is never changed."""
+    from sequencer.engine.guest import console, float32_default
+
+    logger = logging.getLogger("sequencer")
+    seen, entered, release = [], threading.Barrier(2), threading.Event()
+
+    def first():
+        with float32_default(), console(progress=True):
+            entered.wait()
+            release.wait()
+
+    thread = threading.Thread(target=first)
+    thread.start()
+    with float32_default(), console(progress=True):
+        entered.wait()
+        with float32_default():  # nested in this thread
+            pass
+        release.set()
+        thread.join()  # the other call has ended; this one still runs
+        seen.append((torch.get_default_dtype(), logger.level))
+    seen.append((torch.get_default_dtype(), logger.level))
+    logger.setLevel(logging.WARNING)
+    try:
+        with console(progress=True):
+            seen.append(logger.level)
+    finally:
+        logger.setLevel(logging.NOTSET)
+    assert seen == [(torch.float32, logging.INFO), (torch.float64, logging.NOTSET), logging.WARNING]

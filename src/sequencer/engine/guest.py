@@ -20,11 +20,39 @@ import warnings
 
 _logger = logging.getLogger(__name__)
 _quiet = contextvars.ContextVar("sequencer_quiet", default=False)
-_level_lock = threading.Lock()
-_level_users = 0  # calls that raised the "sequencer" logger to INFO; the last one to finish restores it
-_dtype_lock = threading.Lock()
-_dtype_users = 0  # calls running under the float32 default they set; the last one to finish restores the caller's
-_callers_dtype = None
+
+
+class _SharedOverride:
+    """A process-wide setting that the calls running at once (in any thread, nested or overlapping) override
+    together: the first that finds ``needed()`` saves the caller's value and sets the call's, each later one while
+    any runs is counted too, and the last to finish puts the caller's value back (one overlapping call's end does
+    not undo the setting under another still running)."""
+
+    def __init__(self, read, write, ours, needed):
+        """``read()``: the current value; ``write(value)`` sets it; ``ours()``: the calls' value; ``needed(current)``:
+        whether a call that finds ``current`` (with none running) overrides it."""
+        self._read, self._write, self._ours, self._needed = read, write, ours, needed
+        self._lock = threading.Lock()
+        self._users = 0
+        self._callers = None
+
+    @contextlib.contextmanager
+    def __call__(self):
+        with self._lock:
+            counted = self._users > 0 or self._needed(self._read())
+            if counted:
+                if not self._users:
+                    self._callers = self._read()
+                    self._write(self._ours())
+                self._users += 1
+        try:
+            yield
+        finally:
+            if counted:
+                with self._lock:
+                    self._users -= 1
+                    if not self._users:
+                        self._write(self._callers)
 
 
 def warn(message: str) -> None:
@@ -107,12 +135,10 @@ def console(progress: bool):
         h.addFilter(not_this_thread)
     if handler is not None:
         logger.addHandler(handler)
-    raise_level = progress and handler is not None and _raise_level(logger)
     try:
-        yield
+        with _info_level() if progress and handler is not None else contextlib.nullcontext():
+            yield
     finally:
-        if raise_level:
-            _restore_level(logger)
         if handler is not None:
             logger.removeHandler(handler)
         for h in muted:
@@ -132,24 +158,10 @@ class _OtherThreads(logging.Filter):
         return record.thread != self.thread
 
 
-def _raise_level(logger: logging.Logger) -> bool:
-    """Let INFO records through ``logger`` unless the caller set its level; True when this call counts as one
-    that raised it."""
-    global _level_users
-    with _level_lock:
-        if logger.level != logging.NOTSET and not _level_users:
-            return False
-        _level_users += 1
-        logger.setLevel(logging.INFO)
-        return True
-
-
-def _restore_level(logger: logging.Logger) -> None:
-    global _level_users
-    with _level_lock:
-        _level_users -= 1
-        if not _level_users:
-            logger.setLevel(logging.NOTSET)
+# the "sequencer" logger at INFO (its records shown by the call's handler) unless the caller set its level
+_info_level = _SharedOverride(read=lambda: logging.getLogger("sequencer").level,
+                              write=lambda level: logging.getLogger("sequencer").setLevel(level),
+                              ours=lambda: logging.INFO, needed=lambda level: level == logging.NOTSET)
 
 
 def _dynamos_filter(entry: tuple) -> bool:
@@ -183,24 +195,30 @@ def float32_default():
     which a float32 module refused with ATen's dtype error. torch's default dtype is process-wide (no per-thread
     one): with float32 already the default, nothing is changed; otherwise the caller's other threads see float32
     until the last such call returns, which puts the caller's default back."""
+    with _float32_default():
+        yield
+
+
+def _default_dtype():
+    import torch  # here: the command line's console handler needs no torch
+
+    return torch.get_default_dtype()
+
+
+def _set_default_dtype(dtype) -> None:
     import torch
 
-    global _dtype_users, _callers_dtype
-    with _dtype_lock:
-        counted = _dtype_users > 0 or torch.get_default_dtype() != torch.float32
-        if counted:
-            if not _dtype_users:
-                _callers_dtype = torch.get_default_dtype()
-                torch.set_default_dtype(torch.float32)
-            _dtype_users += 1
-    try:
-        yield
-    finally:
-        if counted:
-            with _dtype_lock:
-                _dtype_users -= 1
-                if not _dtype_users:
-                    torch.set_default_dtype(_callers_dtype)
+    torch.set_default_dtype(dtype)
+
+
+def _float32():
+    import torch
+
+    return torch.float32
+
+
+_float32_default = _SharedOverride(read=_default_dtype, write=_set_default_dtype, ours=_float32,
+                                   needed=lambda dtype: dtype != _float32())
 
 
 @contextlib.contextmanager
