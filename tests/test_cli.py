@@ -25,6 +25,24 @@ def test_every_command_module_has_the_cli_contract():
         assert callable(module.add_arguments) and callable(module.run), module_name
 
 
+@pytest.mark.parametrize("command", [["resolution-sweep"], ["robustness"], ["validate"], ["segment", "validate"]])
+def test_evaluating_commands_say_one_workers_default(command, monkeypatch):
+    """-j/--workers not given is the CPUs this process may use, at most 4, and each evaluating command's --help says
+    so (resolution-sweep and robustness said only "data loading processes")."""
+    import argparse
+    import os
+
+    from sequencer.commands.common import data_workers
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1}, raising=False)
+    assert (data_workers(None), data_workers(0), data_workers(7)) == (2, 0, 7)
+    parser = cli.build_parser(command[0])
+    subparser = parser._subparsers._group_actions[0].choices[command[0]]
+    if len(command) > 1:
+        subparser = next(a for a in subparser._actions if isinstance(a, argparse._SubParsersAction)).choices[command[1]]
+    workers = next(a for a in subparser._actions if a.dest == "workers")
+    assert workers.default is None and "the CPUs this process may use, at most 4" in workers.help
+
+
 _NO_TORCH_FOR_HELP = """
 import sys
 import sequencer

@@ -177,9 +177,28 @@ def check_device(text: str | None) -> None:
     resolve_device(text)
 
 
+# what an evaluating command's -j/--workers is when not given (engine.inference.default_workers)
+DEFAULT_WORKERS = "the CPUs this process may use, at most 4"
+
+
+def add_workers_argument(group, default: str = DEFAULT_WORKERS) -> None:
+    """``-j/--workers N`` of the evaluating commands: not given, it is :func:`data_workers`' default (``default``
+    says it in --help where the command's own differs)."""
+    group.add_argument("-j", "--workers", type=int, default=None, metavar="N",
+                       help=f"data loading processes (default: {default})")
+
+
 def check_workers(workers: int | None) -> None:
     if workers is not None and workers < 0:
         raise SequencerError(f"-j/--workers {workers}: must not be negative", hint="0 loads data in the main process")
+
+
+def data_workers(workers: int | None) -> int:
+    """The data-loading processes ``-j/--workers`` asks for (refused when negative), or when not given as many as
+    the CPUs this process may use, at most 4 (``engine.inference.default_workers``)."""
+    check_workers(workers)
+    from ..engine.inference import default_workers
+    return default_workers() if workers is None else workers
 
 
 def check_results_file(path: str, formats: tuple[str, ...] = (".json",)) -> None:

@@ -6,7 +6,7 @@ import argparse
 import os
 
 from ..errors import SequencerError
-from .common import add_model_args, check_workers, load_model_from_args, positive_int
+from .common import add_model_args, add_workers_argument, data_workers, load_model_from_args, positive_int
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -23,7 +23,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "native size, the one its weights were trained at, whatever --img-size says")
     parser.add_argument("--output", "-o", required=True, metavar="DIR", help="folder for resolution.csv/.png")
     parser.add_argument("-b", "--batch-size", type=positive_int, default=64, metavar="N")
-    parser.add_argument("-j", "--workers", type=int, default=None, metavar="N", help="data loading processes")
+    add_workers_argument(parser)
     parser.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda when available)")
     add_model_args(parser)
 
@@ -31,9 +31,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     if not os.path.isdir(args.data):
         raise SequencerError(f"data folder {args.data!r} does not exist")
-    check_workers(args.workers)
+    workers = data_workers(args.workers)
     from ..data import create_dataset
-    from ..engine.inference import (check_input_size, default_workers, label_with_model_classes, resolve_device,
+    from ..engine.inference import (check_input_size, label_with_model_classes, resolve_device,
                                     split_to_evaluate)
     from ..tools.resolution import (default_sizes, plot_resolution, prepare_output_dir, resolution_sweep,
                                    write_resolution_csv)
@@ -47,7 +47,6 @@ def run(args: argparse.Namespace) -> int:
     split = split_to_evaluate(loaded.checkpoint, args.data, args.split)
     label_with_model_classes(create_dataset("", root=args.data, split=split), loaded)
     out = prepare_output_dir(args.output)
-    workers = default_workers() if args.workers is None else args.workers
     rows = resolution_sweep(loaded, args.data, split, sizes, batch_size=args.batch_size, workers=workers,
                             device=device)
     write_resolution_csv(rows, out / "resolution.csv")

@@ -9,7 +9,8 @@ from pathlib import Path
 
 from ..errors import SequencerError
 from ..fileio import write_atomically
-from .common import add_model_args, check_results_file, check_workers, load_model_from_args, positive_int
+from .common import (add_model_args, add_workers_argument, check_results_file, data_workers, load_model_from_args,
+                     positive_int)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -23,15 +24,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--corruptions", nargs="+", default=None, metavar="NAME",
                         help="exactly these corruptions (default: the 15 standard ones present)")
     parser.add_argument("-b", "--batch-size", type=positive_int, default=64, metavar="N")
-    parser.add_argument("-j", "--workers", type=int, default=None, metavar="N", help="data loading processes")
+    add_workers_argument(parser)
     parser.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda when available)")
     add_model_args(parser)
 
 
 def run(args: argparse.Namespace) -> int:
     check_results_file(args.results_file)  # first: it is cheap, the data scan is not
-    check_workers(args.workers)
-    from ..engine.inference import check_input_size, default_workers, resolve_device
+    workers = data_workers(args.workers)
+    from ..engine.inference import check_input_size, resolve_device
     from ..tools.robustness import find_corruptions, mean_corruption_error, select_corruptions
 
     corruptions = select_corruptions(find_corruptions(args.data), args.corruptions, args.data)
@@ -40,7 +41,6 @@ def run(args: argparse.Namespace) -> int:
     device = resolve_device(args.device)
     loaded = load_model_from_args(args, device)
     check_input_size(loaded, *loaded.input_size[1:])
-    workers = default_workers() if args.workers is None else args.workers
     summary = mean_corruption_error(loaded, corruptions, batch_size=args.batch_size, workers=workers, device=device,
                                     clean=args.clean, clean_split=args.clean_split)
     results = dict(model=loaded.name, checkpoint=args.checkpoint or ("pretrained" if args.pretrained else ""),

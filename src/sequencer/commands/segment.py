@@ -10,8 +10,8 @@ import dataclasses
 from ..choices import EVAL_MODES, HEADS
 from ..data.class_folders import find_images
 from ..engine.segmentation_config import SegmentConfig
-from .common import (KeyValues, check_device, check_results_file, check_workers, failure_reported_to_launcher,
-                     key_value, positive_int, speaks_for_the_launch)
+from .common import (KeyValues, add_workers_argument, check_device, check_results_file, check_workers, data_workers,
+                     failure_reported_to_launcher, key_value, positive_int, speaks_for_the_launch)
 
 _DEFAULTS = SegmentConfig()
 
@@ -102,9 +102,11 @@ def _add_eval_flags(g) -> None:
 
 
 def _add_run_flags(g, training: bool) -> None:
-    g.add_argument("-j", "--workers", type=int, default=_DEFAULTS.workers if training else None,
-                   help="data-loading processes" + (_default("workers") if training else
-                                                    " (default: the CPUs this process may use, at most 4)"))
+    if training:
+        g.add_argument("-j", "--workers", type=int, default=_DEFAULTS.workers,
+                       help="data loading processes" + _default("workers"))
+    else:
+        add_workers_argument(g)
     g.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda when available)")
 
 
@@ -149,12 +151,10 @@ def _train(args) -> int:
 
 
 def _validate(args) -> int:
-    from ..engine.inference import default_workers
     from ..engine.segmentation_eval import validate_segmenter
 
-    check_workers(args.workers)
+    workers = data_workers(args.workers)
     check_results_file(args.results_file)
-    workers = default_workers() if args.workers is None else args.workers
     m = validate_segmenter(args.checkpoint, args.data, args.split, eval_mode=args.eval_mode, stride=args.stride,
                            workers=workers, device=args.device, results_file=args.results_file)
     if not speaks_for_the_launch():

@@ -19,9 +19,9 @@ import json
 from ..choices import INTERPOLATIONS
 from ..errors import SequencerError
 from ..fileio import write_atomically
-from .common import (add_fast_argument, add_model_args, add_onnx_argument, add_torchcompile_argument, check_device,
-                     check_fast_flags, check_results_file, check_workers, failure_reported_to_launcher,
-                     load_model_or_onnx, positive_int, speaks_for_the_launch)
+from .common import (DEFAULT_WORKERS, add_fast_argument, add_model_args, add_onnx_argument, add_torchcompile_argument,
+                     add_workers_argument, check_device, check_fast_flags, check_results_file, check_workers,
+                     failure_reported_to_launcher, load_model_or_onnx, positive_int, speaks_for_the_launch)
 
 RESULT_FORMATS = (".json", ".csv")
 
@@ -40,8 +40,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--class-map", default="", metavar="FILE", help="class names, one per line (or 'name index')")
     g.add_argument("--dataset-download", action="store_true", help="let torchvision datasets download themselves")
     g.add_argument("-b", "--batch-size", type=positive_int, default=256, metavar="N")
-    g.add_argument("-j", "--workers", type=int, default=None, metavar="N",
-                   help="data loading processes (default: 0 for digits, else min(4, CPUs))")
+    add_workers_argument(g, default=f"0 for digits, else {DEFAULT_WORKERS}")  # the engine's choice, not data_workers
     g.add_argument("--crop-pct", type=float, default=None, help="centre-crop fraction (default: the model's)")
     g.add_argument("--mean", type=float, nargs="+", default=None, metavar="MEAN")
     g.add_argument("--std", type=float, nargs="+", default=None, metavar="STD")
