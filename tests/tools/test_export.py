@@ -20,7 +20,7 @@ from sequencer.versions import release
 
 from plain_sequencer import VARIANTS, PlainSequencer, randomized, tiny_variant_kwargs, variant_input
 
-from .conftest import TINY_ARCH, TINY_KWARGS, make_image
+from .conftest import TINY_ARCH, TINY_KWARGS, make_image, write_class_folders
 
 
 def _model_args(checkpoint):
@@ -442,3 +442,28 @@ def test_every_variant_exports_the_plain_models_logits(name, tmp_path):
         for fmt, run in runs.items():
             for batch in (x, other):
                 assert relative_error(run(batch), plain(batch)) <= 1e-5, fmt
+
+
+def test_verify_top1_is_validates_on_the_same_folder(tiny_checkpoint, tmp_path):
+    """int8 --verify's top-1 is the one validate gives on the folder: its validation split's. It scored every image
+    of a folder other than its run's DATA (train/, val/ and test/: 18 images, 8 of them training ones), and on its
+    run's DATA the split training evaluated (test/ here) where validate DATA evaluates val/."""
+    import onnx
+
+    from sequencer.tools.export import top1_agreement
+    data = tmp_path / "data"
+    for split, per_class, seed in (("train", 4, 0), ("val", 3, 1), ("test", 2, 2)):
+        write_class_folders(data / split, per_class=per_class, seed=seed)
+    exported = tmp_path / "m.onnx"
+    assert main(["export", "--checkpoint", str(tiny_checkpoint), "-o", str(exported)]) == 0
+    proto = onnx.load(str(exported))
+    onnx.helper.set_model_props(proto, {**{p.key: p.value for p in proto.metadata_props},
+                                        "data": json.dumps({"dataset": "", "root": str(data), "split": "test"})})
+    onnx.save(proto, str(tmp_path / "run_on_data.onnx"))
+    for model in (exported, tmp_path / "run_on_data.onnx"):
+        assert main(["validate", str(data), "--onnx", str(model), "-j", "0",
+                     "--results-file", str(tmp_path / "r.json")]) == 0
+        validated = json.loads((tmp_path / "r.json").read_text())
+        verified = top1_agreement(model, model, str(data))
+        assert verified["count"] == 18 and verified["scored"] == validated["count"] == 6
+        assert verified["fp32_top1"] * 100 == pytest.approx(validated["top1"], abs=1e-3)

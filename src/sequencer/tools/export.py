@@ -36,10 +36,9 @@ from torch import nn
 
 from ..data.class_folders import find_images, find_split_folder
 from ..data.datasets import ImageFileDataset
-from ..engine.data_record import evaluated_split
 from ..engine.guest import caller_state_kept, float32_default
 from ..engine.inference import (eval_transform, held_out_files_only, leave_out_ignored_classes, read_images,
-                                relative_error)
+                                relative_error, split_to_evaluate)
 from ..engine.user_data import check_float32_weights
 from ..errors import SequencerError, optional_import, warnings_ignored
 from ..fileio import write_atomically
@@ -501,13 +500,17 @@ def top1_agreement(fp32_path: Path, int8_path: Path, folder: str) -> dict:
 
 
 def _scored_images(folder: str, loaded, files: list[Path]) -> set[Path]:
-    """The ones of ``files`` (images under ``folder``, labelled by their class folders) that validate would score
-    for ``loaded``'s checkpoint: where ``folder`` is its run's DATA, those of the split it evaluated on; of that
-    split, or of the folder given, only the held-out files where its run carved them from it (`val_fraction`:
-    ``engine.inference.held_out_files_only``) and none of the classes its training left out (its class map:
-    ``leave_out_ignored_classes``), each said in a note."""
-    split = evaluated_split(loaded.checkpoint, folder)
-    root = find_split_folder(folder, split) if split else folder
+    """The ones of ``files`` (images under ``folder``, labelled by their class folders) that ``validate folder``
+    would score for ``loaded``'s checkpoint: those of the split it picks (``split_to_evaluate``: the validation
+    split of a folder with split folders, none when it has none); of that split only the held-out files where the
+    checkpoint's run carved them from it (`val_fraction`: ``engine.inference.held_out_files_only``) and none of the
+    classes its training left out (its class map: ``leave_out_ignored_classes``), each said in a note."""
+    split = split_to_evaluate(loaded.checkpoint, folder, None)
+    try:
+        root = find_split_folder(folder, split)
+    except SequencerError as e:  # validate refuses such a folder; the agreement over its images still holds
+        _logger.warning(f"no top-1: {e}")
+        return set()
     under = [f for f in files if f.is_relative_to(root)]
     classes = sorted({f.parent.name for f in under})
     dataset = ImageFileDataset(root, [(str(f), classes.index(f.parent.name)) for f in under], classes)
