@@ -62,7 +62,7 @@ def test_evaluate_takes_the_rule(native_bf16, monkeypatch):
 
 
 def test_runs_say_the_rules_notes_once_under_ddp(native_bf16, caplog):
-    """The notes go where the caller asks: train and segment train hold them with their start warnings, which rank 0
+    """The notes go where the caller asks: train and segment train hold them with their start warnings (RunState.amp_notes), which rank 0
     alone says; validate logs them on rank 0 only. Every rank of a DDP run logged them (8 copies on 8 ranks)."""
     from sequencer.engine.distributed import DistInfo
     from sequencer.engine.train import amp_setup
@@ -83,3 +83,30 @@ def test_the_no_native_bf16_note_goes_to_the_callers_notes(monkeypatch, caplog):
     with caplog.at_level(logging.WARNING, logger="sequencer"):
         assert autocast_dtype("bfloat16", "cpu", notes=notes) is None
     assert not caplog.records and len(notes) == 1 and "no native bf16 kernels" in notes[0]
+
+
+def test_train_and_validate_say_the_float16_note_alike(native_bf16, tmp_path, capsys, monkeypatch):
+    """`--amp --amp-dtype float16` on the CPU: train and validate say the rule's note in the same line. train said it
+    as "warning: ..." (a Python warning, with its start warnings), validate as "note: ..."."""
+    import numpy as np
+    from PIL import Image
+
+    from sequencer.cli import main
+    rng = np.random.default_rng(0)
+    for split in ("train", "val"):
+        for name in ("a", "b"):
+            (tmp_path / "data" / split / name).mkdir(parents=True)
+            for i in range(2):
+                Image.fromarray(rng.integers(0, 255, (16, 16, 3), dtype=np.uint8)).save(
+                    tmp_path / "data" / split / name / f"{i}.png")
+    monkeypatch.chdir(tmp_path)
+    amp = ["--amp", "--amp-dtype", "float16", "-j", "0", "--device", "cpu"]
+    assert main(["train", "data", "--model", "sequencer2d_nano", "--model-kwargs", "layers=(1,1)",
+                 "patch_sizes=(2,1)", "embed_dims=(16,16)", "hidden_sizes=(4,4)", "mlp_ratios=(2,2)", "--img-size",
+                 "16", "-b", "2", "--epochs", "1", "--warmup-epochs", "0", "--output", "out", "--experiment", "e",
+                 *amp]) == 0
+    said_by_train = [line for line in capsys.readouterr().err.splitlines() if "float16" in line]
+    assert main(["validate", "data", "--checkpoint", "out/e/last.pth.tar", *amp]) == 0
+    said_by_validate = [line for line in capsys.readouterr().err.splitlines() if "float16" in line]
+    assert said_by_train == said_by_validate == [
+        "note: --amp-dtype float16: float16 autocast needs CUDA; running bfloat16 on cpu"]

@@ -20,6 +20,13 @@ def dtype_name(dtype: torch.dtype | None) -> str | None:
     return str(dtype).removeprefix("torch.") if dtype is not None else None
 
 
+def say_notes(notes: list[str]) -> None:
+    """The rule's notes (`autocast_dtype`'s ``notes``) as every run and command says them: one ``note:`` line each,
+    a WARNING record (train said them as ``warning:`` lines, validate and the benchmarks as ``note:`` ones)."""
+    for note in notes:
+        _logger.warning(f"note: {note}")
+
+
 def autocast(device_type: str, dtype: torch.dtype | None):
     """The run's autocast: to ``dtype`` (``autocast_dtype``'s result), or none at all for None or float32 (a
     benchmark row's plain precision), plain float32 also inside a caller's own ``torch.autocast`` block (a library
@@ -40,7 +47,7 @@ def autocast_dtype(requested: str | torch.dtype | None, device: torch.device | s
       (`native_dtype`: those kernels are ~6x slower than float32).
     The result is a fixed point: passing it back in gives it again, without a warning. ``parameter`` names the
     caller's parameter in the messages. With ``notes``, the warnings are appended to it instead of logged: a run
-    under DDP says them once, on rank 0. Raises SequencerError for an unknown name.
+    under DDP says them once, on rank 0, with `say_notes`. Raises SequencerError for an unknown name.
     """
     device = torch.device(device)
     if isinstance(requested, str):
@@ -58,7 +65,7 @@ def autocast_dtype(requested: str | torch.dtype | None, device: torch.device | s
         if notes is not None:
             notes.append(note)
         else:
-            _logger.warning(f"note: {note}")
+            say_notes([note])
         requested = torch.bfloat16
     dtype = native_dtype(requested, device, f"`{parameter}=bfloat16`", notes)
     return None if dtype == torch.float32 else dtype

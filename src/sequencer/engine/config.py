@@ -32,7 +32,8 @@ class RunState:
     """What one training run keeps beside its settings (never written to args.yaml or checkpoints).
 
     ``given``: the settings the user chose (flags, keywords or ``--config``); a resume takes every other one from its
-    checkpoint. ``start_warnings``: notes held until the run starts (a later one-line error stays the only line).
+    checkpoint. ``start_warnings``: notes held until the run starts (a later one-line error stays the only line);
+    ``amp_notes``: the autocast rule's, held with them and said as validate says them (``amp.say_notes``).
     ``quiet``: no progress bar. ``created_dirs``: folders this start created, innermost first, removed again while
     empty when it fails. ``claim``: the experiment folder's claim file while the run holds it. ``wandb``: the
     ``--log-wandb`` run, if any. ``module``: the caller's ``nn.Module`` to train (None: ``model`` names one);
@@ -43,6 +44,7 @@ class RunState:
     """
     given: frozenset[str] = frozenset()
     start_warnings: list[str] = field(default_factory=list)
+    amp_notes: list[str] = field(default_factory=list)
     quiet: bool = False
     created_dirs: list[str] = field(default_factory=list)
     claim: str | None = None

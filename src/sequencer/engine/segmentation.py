@@ -37,7 +37,7 @@ from ..errors import SequencerError
 from ..models.segmentation import (AUX_LOSS_WEIGHT, batch_norm_maps, complete_config, create_segmenter,
                                    segmenter_from_config)
 from . import distributed as dist_utils
-from .amp import autocast, dtype_name
+from .amp import autocast, dtype_name, say_notes
 from .checkpoint import get_rng_state, load_optimizer_state, resume_position
 from .config import RunState, checked_callbacks, checked_settings, explicit_settings, given_settings
 from .guest import caller_state_kept, console, warn
@@ -147,6 +147,7 @@ def _train(cfg: SegmentConfig, state: RunState, info: dist_utils.DistInfo) -> Se
     if info.is_primary:
         for message in state.start_warnings:
             warn(message)
+        say_notes(state.amp_notes)
         _log_start(run, train_split, start_epoch)
     with StopRequest(state) as stop:
         for epoch in range(start_epoch, run.num_epochs):
@@ -318,7 +319,7 @@ def _build_run(cfg: SegmentConfig, state: RunState, info, model: nn.Module, trai
     scheduler = PolyLRScheduler(optimizer, t_initial=max(1, total - warmup), power=cfg.poly_power, lr_min=cfg.min_lr,
                                 warmup_t=warmup, warmup_lr_init=cfg.lr * cfg.warmup_ratio, warmup_prefix=True,
                                 t_in_epochs=False)
-    amp_dtype, scaler = amp_setup(cfg, info.device, state.start_warnings)
+    amp_dtype, scaler = amp_setup(cfg, info.device, state.amp_notes)
     data_config["eval_amp_dtype"] = dtype_name(amp_dtype)
     return _Run(cfg, info, model, train_model, list(train_split.class_names), data_config, train_loader, evals,
                 optimizer, scheduler, scaler, amp_dtype, total, updates_per_epoch, num_epochs, first_update,

@@ -38,7 +38,7 @@ from ..models.loading import extract_state_dict
 from . import distributed as dist_utils
 from .distributed import print_on_primary
 from . import inert_flags, timm_habits
-from .amp import autocast_dtype
+from .amp import autocast_dtype, say_notes
 from .checkpoint import load_optimizer_state, resume_position
 from .guest import caller_state_kept, console, own_modes, warn
 from .train_data import TrainData, build_data
@@ -182,7 +182,7 @@ def _train(cfg, state: RunState, info: dist_utils.DistInfo) -> TrainResult:
     dist_utils.broadcast_weights(model, info)  # one start for every rank, before the EMA copy
     loaders = build_loaders(cfg, info, model, data)
     cfg = dataclasses.replace(cfg, lr=resolved_lr(cfg, info.world_size))
-    opt = build_optimization(cfg, info, model, loaders, data.num_classes, state.start_warnings)
+    opt = build_optimization(cfg, info, model, loaders, data.num_classes, state.amp_notes)
     resumed_within = epoch_progress(cfg, info, data.resume_ckpt, loaders)  # a recovery file's interrupted epoch
     # the resumed epochs' metrics, measured on other weights (`model_ema` switched) or data, compare with none of ours
     changed = evaluation_change(data.resume_ckpt, evaluated_weights(opt, info.device),
@@ -201,6 +201,8 @@ def _train(cfg, state: RunState, info: dist_utils.DistInfo) -> TrainResult:
                     *inert_flags.notes(cfg, state.given, resuming=data.resume_ckpt is not None)]:
         if info.is_primary:
             warn(message)
+    if info.is_primary:
+        say_notes(state.amp_notes)
     state.wandb = timm_habits.start_wandb(cfg, run_args(cfg)) if info.is_primary else None
     train_model, eval_model = wrap_model(cfg, info, model, runs=state.module)
     training = TrainingRun(cfg, info, model, train_model, eval_model, data.class_names, loaders, opt, out,
@@ -360,8 +362,8 @@ def _build_loss(cfg, num_classes: int, device: torch.device):
 
 def amp_setup(cfg, device: torch.device, notes: list[str] | None = None):
     """(autocast dtype or None, GradScaler) for ``cfg.amp`` / ``cfg.amp_dtype`` (train's and segment train's policy);
-    float16 scaling only happens on CUDA. The rule's notes go to ``notes`` (a run's start warnings, which rank 0
-    alone says), or to the log."""
+    float16 scaling only happens on CUDA. The rule's notes go to ``notes`` (a run's ``amp_notes``, which rank 0
+    alone says at its start), or to the log."""
     if not cfg.amp:
         return None, torch.amp.GradScaler("cuda", enabled=False)
     # the one rule (engine/amp.py): float16 off CUDA runs bfloat16

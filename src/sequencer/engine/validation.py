@@ -21,7 +21,7 @@ from ..errors import SequencerError
 from ..models import get_model_entry, has_pretrained_weights
 from ..models.caller_module import caller_module_kept
 from ..models.loading import checkpoint_metadata
-from .amp import autocast_dtype, dtype_name
+from .amp import autocast_dtype, dtype_name, say_notes
 from .distributed import DistInfo, process_group
 from .evaluate import evaluate
 from .data_record import recorded_data
@@ -254,8 +254,8 @@ def _amp_dtype(amp: bool, amp_dtype: str | None, dist_info: DistInfo) -> torch.d
         return None
     notes = []
     dtype = autocast_dtype(amp_dtype or "auto", dist_info.device, notes=notes)
-    for note in notes if dist_info.is_primary else ():  # the same on every rank: said once
-        _logger.warning(f"note: {note}")
+    if dist_info.is_primary:  # the same on every rank: said once
+        say_notes(notes)
     return dtype
 
 
