@@ -609,6 +609,53 @@ def test_a_call_runs_in_float32_whatever_the_callers_default_dtype(env, callers_
     assert torch.get_default_dtype() == torch.float64
 
 
+@contextlib.contextmanager
+def meta_default_device(how: str):
+    """A caller's default device 'meta' (deferred initialisation), set process-wide or entered as a block."""
+    if how == "set_default_device":
+        torch.set_default_device("meta")
+        try:
+            yield
+        finally:
+            torch.set_default_device(None)
+    else:
+        with torch.device("meta"):
+            yield
+
+
+@pytest.mark.parametrize("how", ["set_default_device", "with torch.device"])
+def test_the_callers_meta_default_device_builds_a_model_by_name_there_and_reaches_no_run(how, env):
+    """Under the caller's ``torch.set_default_device("meta")`` (or ``with torch.device("meta")``): ``create_model``
+    by name builds there, as torch's layers and timm do; one with weights to load is refused in one line (they
+    were copied into meta tensors, a no-op, with a UserWarning per tensor); ``load_model``, ``validate``, ``train``
+    and the exports work on their own devices, with the numbers they give outside it. Each failed deep in torch
+    ('Cannot copy out of meta tensor; no data!')."""
+    from sequencer.engine.inference import load_model
+    from sequencer.tools.export import export_safetensors
+
+    train_data, val_data = (Blobs(8, 0, pil=True), Blobs(4, 1, pil=True)), Blobs(4, 1, pil=True)
+    expected = sequencer.validate(env["classifier"], data=val_data, workers=0, progress=False)
+    net, folder = caller_module(), env["root"] / f"export-meta-{next(RUNS)}"
+    folder.mkdir()
+    config = dict(arch="sequencer2d_nano", model_kwargs=dict(net.model_kwargs), data_config=dict(img_size=16))
+    with meta_default_device(how), warnings.catch_warnings():
+        warnings.simplefilter("error")  # no warning per tensor of a load that did nothing
+        assert next(sequencer.create_model("sequencer2d_nano", num_classes=2).parameters()).is_meta
+        with pytest.raises(sequencer.SequencerError, match="weights cannot be loaded into a model built on the meta"):
+            sequencer.create_model("sequencer2d_nano", checkpoint_path=str(env["classifier"]))
+        loaded = load_model(str(env["classifier"]))
+        validated = sequencer.validate(env["classifier"], data=val_data, workers=0, progress=False)
+        run = sequencer.train(model="sequencer2d_nano", img_size=16, data=train_data, **QUICK, output=str(env["root"]),
+                              experiment=f"meta-{next(RUNS)}", progress=False)
+        exported = export_safetensors(net, folder / "m.safetensors", config)
+        assert torch.get_default_device() == torch.device("meta")  # the caller's, still
+    weights = torch.load(env["classifier"], map_location="cpu", weights_only=False)["state_dict"]
+    assert all(torch.equal(t, weights[k]) for k, t in loaded.model.state_dict().items())
+    assert (validated.top1, validated.loss) == (expected.top1, expected.loss)
+    assert run.summary[0]["train_loss"] == env["classifier_loss"]
+    assert exported < 1e-5
+
+
 # ---------------------------------------------------------------------------- a module moved for evaluation
 ELSEWHERE = torch.device("meta")  # a device other than the module's on every machine: the move is observable
 

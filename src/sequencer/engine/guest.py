@@ -175,14 +175,28 @@ def _dynamos_filter(entry: tuple) -> bool:
 def own_modes():
     """Run the body (a library entry point's work) in its own modes, whatever the calling thread's: gradients on,
     outside inference mode, no autocast (the work autocasts where its ``amp`` says: ``engine.amp.autocast``), float32
-    as the default dtype (:func:`float32_default`). A caller's ``torch.no_grad()``, ``torch.inference_mode()`` or
-    ``torch.autocast`` block reached the whole run: a training's backward raised, a run without ``amp`` (its data
-    transforms too) ran in bfloat16. Thread-local, as the caller's own blocks, save the default dtype: they are the
-    caller's again on return."""
+    as the default dtype (:func:`float32_default`), the CPU as the default device (:func:`cpu_default_device`). A
+    caller's ``torch.no_grad()``, ``torch.inference_mode()`` or ``torch.autocast`` block reached the whole run: a
+    training's backward raised, a run without ``amp`` (its data transforms too) ran in bfloat16. Thread-local, as the
+    caller's own blocks, save the default dtype: they are the caller's again on return."""
     import torch
 
     with torch.enable_grad(), torch.inference_mode(False), torch.autocast("cpu", enabled=False), \
-            torch.autocast("cuda", enabled=False), float32_default():
+            torch.autocast("cuda", enabled=False), float32_default(), cpu_default_device():
+        yield
+
+
+@contextlib.contextmanager
+def cpu_default_device():
+    """The body with torch's default device the CPU, as in a fresh process (the library's work names the devices it
+    means: ``device=``, ``.to(device)``). A caller's ``torch.set_default_device("meta")`` (deferred init) or ``with
+    torch.device("cuda")`` reached the whole run: a checkpoint's weights were copied into meta tensors (a no-op, a
+    UserWarning per tensor) and a run failed deep in torch ('Tensor.item() cannot be called on meta tensors').
+    Thread-local, as the caller's setting: theirs again on return. Nothing entered where the CPU is already the
+    default (a device mode sees every torch call)."""
+    import torch
+
+    with contextlib.nullcontext() if torch.get_default_device() == torch.device("cpu") else torch.device("cpu"):
         yield
 
 

@@ -23,7 +23,7 @@ from ..models import create_model, get_model_entry
 from ..models.loading import checkpoint_metadata, picked_weights, read_checkpoint, recorded_probabilities
 from ..models.registry import ReadCheckpoint
 from .data_record import carved_from, keep_held_out_files, trained_on_all_of
-from .guest import warn
+from .guest import cpu_default_device, warn
 
 _logger = logging.getLogger(__name__)
 
@@ -107,8 +107,9 @@ def load_model(checkpoint: str = "", model: str | None = None, pretrained: bool 
         kwargs["img_size"] = img_size
     # one flow with create_model(checkpoint_path=...): the file (read once, above) is the model
     read = ReadCheckpoint(checkpoint, f"checkpoint {path!r}") if checkpoint is not None else None
-    model = create_model(name, pretrained=bool(pretrained and checkpoint is None), checkpoint_path=read,
-                         use_ema=use_ema, **kwargs)
+    with cpu_default_device():  # then moved to `device`: a caller's default device (meta: no weights) is not it
+        model = create_model(name, pretrained=bool(pretrained and checkpoint is None), checkpoint_path=read,
+                             use_ema=use_ema, **kwargs)
     weights = picked_weights(checkpoint, use_ema) if checkpoint is not None else None
     cfg = dict(model.pretrained_cfg)
     data_config = dict(mean=cfg["mean"], std=cfg["std"], crop_pct=cfg["crop_pct"],

@@ -14,6 +14,7 @@ import os
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
+import torch
 from torch import nn
 
 from ..errors import SequencerError
@@ -208,6 +209,11 @@ def create_model(
             user_kwargs["img_size"] = kept
     kwargs = dict(entry.kwargs, **user_kwargs)
     _check_keywords(name, entry.cls, kwargs)
+    if (pretrained or weights) and torch.get_default_device().type == "meta":
+        raise SequencerError(f"create_model({entry.name!r}): weights cannot be loaded into a model built on the meta "
+                             "device (torch's default device here: torch.set_default_device or `with torch.device`)",
+                             hint="build it outside that, or build it there and load the weights with "
+                                  "load_state_dict(..., assign=True)")
     model = entry.cls(**kwargs)  # its refused values raise ArgumentValueError; anything else is a bug: traceback
     classes = getattr(model, "num_classes", user_kwargs.get("num_classes"))
     if classes is not None and classes != cfg.get("num_classes"):

@@ -27,7 +27,7 @@ import torch
 from torch import nn
 
 from ..engine.amp import autocast_dtype, dtype_name
-from ..engine.guest import caller_state_kept, float32_default
+from ..engine.guest import caller_state_kept, cpu_default_device, float32_default
 from ..engine.inference import resolve_device
 from ..errors import SequencerError
 from ..hardware import cpu_info
@@ -48,6 +48,7 @@ def _own(model: nn.Module, mode: str) -> nn.Module:
 
 @caller_state_kept()  # it seeds and draws its models and inputs, and compiles twins: the caller's state is given back
 @float32_default()  # its rows are float32 (or autocast over float32) also under the caller's float64 default dtype
+@cpu_default_device()  # its models and inputs are made where its `device` says, whatever the caller's default device
 def run_backbone_benchmark(args: BenchmarkSettings) -> dict:
     """Every row in every mode of ``args`` (see the module docstring) -> a JSON-ready report."""
     if not args.model:

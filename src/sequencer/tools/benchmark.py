@@ -33,7 +33,7 @@ import torch
 from torch import nn
 
 from ..engine.amp import AMP_DTYPES, autocast_dtype, dtype_name
-from ..engine.guest import caller_state_kept, float32_default
+from ..engine.guest import caller_state_kept, cpu_default_device, float32_default
 from ..engine.inference import check_input_size, load_model, relative_error, resolve_device
 from ..errors import SequencerError
 from ..hardware import cpu_info
@@ -271,6 +271,7 @@ class _Setup:
 
 @caller_state_kept()  # it seeds and draws its models and inputs, and compiles twins: the caller's state is given back
 @float32_default()  # its rows are float32 (or autocast over float32) also under the caller's float64 default dtype
+@cpu_default_device()  # its models and inputs are made where its `device` says, whatever the caller's default device
 def run_benchmark(args: BenchmarkSettings) -> dict:
     """Time and measure ``args``' implementations; ``amp_dtype`` follows the one autocast rule
     (`sequencer.engine.amp.autocast_dtype`), and the report names the dtype that ran."""

@@ -36,7 +36,7 @@ from torch import nn
 
 from ..data.class_folders import find_images, find_split_folder
 from ..data.datasets import ImageFileDataset
-from ..engine.guest import caller_state_kept, float32_default
+from ..engine.guest import caller_state_kept, cpu_default_device, float32_default
 from ..engine.inference import (eval_transform, held_out_files_only, leave_out_ignored_classes, read_images,
                                 relative_error, split_to_evaluate)
 from ..engine.user_data import check_float32_weights
@@ -60,11 +60,11 @@ def _on_the_cpu_in_eval(export):
     """``export`` runs the caller's module in eval mode on the CPU and gives it back as it was (mode, device); a
     module cast whole to another dtype is refused in one line (the exports and their checks are float32, also under
     the caller's ``torch.set_default_dtype(torch.float64)``, where their sample inputs and the safetensors check's
-    rebuilt model came as float64: ATen's dtype error)."""
+    rebuilt model came as float64: ATen's dtype error), on the CPU also under the caller's default device."""
     @functools.wraps(export)
     def wrapper(model: nn.Module, *args, **kwargs):
         check_float32_weights(model, export.__name__, hint="pass model.float(): the exports start from float32 weights")
-        with caller_module_kept(model), float32_default():
+        with caller_module_kept(model), float32_default(), cpu_default_device():
             return export(model.eval().cpu(), *args, **kwargs)
     return wrapper
 
