@@ -7,7 +7,6 @@ release's file name, as a user without network places the real download (docs/tr
 """
 from __future__ import annotations
 
-import pickle
 import subprocess
 import time
 from pathlib import Path
@@ -17,6 +16,7 @@ import pytest
 import torch
 from PIL import Image
 
+from cifar_files import write_cifar10
 from run_helpers import REPO, subprocess_env, summary_epochs
 from sequencer.models import create_model
 from sequencer.models.loading import read_checkpoint
@@ -104,25 +104,6 @@ def test_fine_tune_recipe_from_weights_in_the_hub_cache(tmp_path):
     # fine-tuning at lr 5e-5 for 6 steps moves the stem only a little from the placed weights
     moved = (ckpt["state_dict"]["stem.proj.weight"] - released["stem.proj.weight"]).abs().max()
     assert 0 < moved < 0.05
-
-
-def write_cifar10(root: Path, n_train=24, n_test=8) -> Path:
-    """root/cifar-10-batches-py in torchvision's own pickled layout (data_batch_1..5, test_batch, batches.meta)."""
-    folder = root / "cifar-10-batches-py"
-    folder.mkdir(parents=True)
-    rng = np.random.default_rng(0)
-
-    def batch(n):
-        labels = [i % 10 for i in range(n)]
-        data = rng.integers(0, 256, (n, 3 * 32 * 32), dtype=np.uint8)
-        return {"data": data, "labels": labels}
-
-    for i in range(1, 6):
-        (folder / f"data_batch_{i}").write_bytes(pickle.dumps(batch(n_train // 5 + (i == 1) * (n_train % 5))))
-    (folder / "test_batch").write_bytes(pickle.dumps(batch(n_test)))
-    names = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
-    (folder / "batches.meta").write_bytes(pickle.dumps({"label_names": names}))
-    return root
 
 
 # torchvision checks the md5 of each CIFAR file against the real release's; the test's files cannot match, so the

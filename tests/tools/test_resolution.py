@@ -168,3 +168,35 @@ def test_train_and_test_only_data_is_evaluated_on_test_by_every_tool(image_folde
         summary = mean_corruption_error(load_model(checkpoint=str(tiny_checkpoint), device="cpu"),
                                         {"fog": corrupted}, clean=str(data))
     assert 100 * (1 - summary["clean_error"]) == pytest.approx(got["top1"], abs=1e-3)
+
+
+def test_resolution_sweep_reads_a_torchvision_dataset_as_validate_does(tmp_path, capsys, monkeypatch):
+    """`--dataset torch/cifar10` on torchvision's own files (no download): each size's top-1 is validate's at that
+    size on the same split (resolution-sweep had no --dataset: it read DATA as image folders only)."""
+    import json
+    import os
+
+    import torchvision.datasets.cifar as cifar
+
+    from cifar_files import write_cifar10
+    # the hand-made files cannot match the real release's md5s, which torchvision checks
+    monkeypatch.setattr(cifar, "check_integrity", lambda fpath, md5=None: os.path.isfile(fpath))
+    root = write_cifar10(tmp_path / "cifar", n_test=12)
+    names = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
+    torch.manual_seed(0)
+    model = create_model("sequencer2d_nano", num_classes=10, img_size=32, layers=(1, 1), patch_sizes=(2, 1),
+                         embed_dims=(16, 16), hidden_sizes=(4, 4), mlp_ratios=(2, 2))
+    torch.nn.init.normal_(model.head.fc.weight, std=2.0)
+    checkpoint = tmp_path / "c.pth.tar"
+    torch.save({"version": 1, "arch": model.model_name, "model_kwargs": model.model_kwargs, "class_names": names,
+                "state_dict": model.state_dict()}, checkpoint)
+    common = [str(root), "--dataset", "torch/cifar10", "--checkpoint", str(checkpoint), "-j", "0", "-b", "5"]
+    assert main(["resolution-sweep", *common, "--sizes", "16", "32", "-o", str(tmp_path / "sweep")]) == 0
+    with open(tmp_path / "sweep" / "resolution.csv") as f:
+        rows = {int(r["img_size"]): r for r in csv.DictReader(f)}
+    for size in (16, 32):
+        results = tmp_path / f"v{size}.json"
+        assert main(["validate", *common, "--img-size", str(size), "--results-file", str(results)]) == 0
+        validated = json.loads(results.read_text())
+        assert int(rows[size]["count"]) == validated["count"] == 12
+        assert float(rows[size]["top1"]) == pytest.approx(validated["top1"], abs=1e-3)

@@ -133,6 +133,15 @@ def add_ema_arguments(group) -> None:
                      help="take a checkpoint's raw model weights even when its run evaluated its EMA weights")
 
 
+def add_dataset_arguments(group) -> None:
+    """``--dataset NAME`` and ``--dataset-download`` of the evaluating commands (validate, resolution-sweep): which
+    kind of data DATA holds, as ``create_dataset``'s ``name`` and ``download``."""
+    group.add_argument("--dataset", default="", metavar="NAME",
+                       help="'' image folders or tar, 'digits', or torch/NAME (torch/cifar10, torch/flowers102, ...) "
+                            "with DATA its torchvision root")
+    group.add_argument("--dataset-download", action="store_true", help="let torchvision datasets download themselves")
+
+
 def add_torchcompile_argument(group) -> None:
     """``--torchcompile [BACKEND]``, as timm's scripts have it (train and validate)."""
     group.add_argument("--torchcompile", nargs="?", const="inductor", default=None, metavar="BACKEND",

@@ -6,11 +6,13 @@ import argparse
 import os
 
 from ..errors import SequencerError
-from .common import add_model_args, add_workers_argument, data_workers, load_model_from_args, positive_int
+from .common import add_dataset_arguments, add_model_args, add_workers_argument, data_workers, load_model_from_args, positive_int
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("data", metavar="DATA", help="dataset folder (DATA/SPLIT/CLASS/IMAGE or DATA/CLASS/IMAGE)")
+    parser.add_argument("data", metavar="DATA", help="dataset folder (DATA/SPLIT/CLASS/IMAGE or DATA/CLASS/IMAGE), "
+                                                     ".tar, or torchvision root (--dataset torch/NAME)")
+    add_dataset_arguments(parser)
     parser.add_argument("--split", default=None,
                         help="split folder to evaluate (default: the one validate evaluates: val, test where DATA "
                              "has train/ and test/ only, or the training split a --val-fraction run carved its "
@@ -29,7 +31,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    if not os.path.isdir(args.data):
+    if not args.dataset_download and not os.path.exists(args.data):
         raise SequencerError(f"data folder {args.data!r} does not exist")
     workers = data_workers(args.workers)
     from ..data import create_dataset
@@ -44,11 +46,12 @@ def run(args: argparse.Namespace) -> int:
     for size in sizes:  # fail before any evaluation
         check_input_size(loaded, size, size)
     # the data is checked before the output folder is made
-    split = split_to_evaluate(loaded.checkpoint, args.data, args.split)
-    label_with_model_classes(create_dataset("", root=args.data, split=split), loaded)
+    split = split_to_evaluate(loaded.checkpoint, args.data, args.split, args.dataset)
+    label_with_model_classes(create_dataset(args.dataset, root=args.data, split=split,
+                                            download=args.dataset_download), loaded)  # what downloads, once
     out = prepare_output_dir(args.output)
     rows = resolution_sweep(loaded, args.data, split, sizes, batch_size=args.batch_size, workers=workers,
-                            device=device)
+                            device=device, dataset=args.dataset)
     write_resolution_csv(rows, out / "resolution.csv")
     plot_resolution(rows, out / "resolution.png", f"{loaded.name}: accuracy vs input resolution",
                     train_size=loaded.trained_size)

@@ -19,7 +19,7 @@ import json
 from ..choices import INTERPOLATIONS
 from ..errors import SequencerError
 from ..fileio import write_atomically
-from .common import (DEFAULT_WORKERS, add_fast_argument, add_model_args, add_onnx_argument, add_torchcompile_argument,
+from .common import (DEFAULT_WORKERS, add_dataset_arguments, add_fast_argument, add_model_args, add_onnx_argument, add_torchcompile_argument,
                      add_workers_argument, check_device, check_fast_flags, check_results_file, check_workers,
                      failure_reported_to_launcher, load_model_or_onnx, positive_int, speaks_for_the_launch)
 
@@ -31,14 +31,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="dataset folder (DATA/SPLIT/CLASS/IMAGE), .tar, or torchvision root "
                              "(default: the data the checkpoint was trained on)")
     g = parser.add_argument_group("data")
-    g.add_argument("--dataset", default="", metavar="NAME",
-                   help="'' image folders or tar, 'digits', or torch/NAME (torch/cifar10, torch/flowers102, ...)")
+    add_dataset_arguments(g)
     g.add_argument("--split", default=None,
                    help="split to evaluate (val/validation/test/train...; default: DATA's validation split, its "
                         "test split where it has train/ and test/ only, or the training split a --val-fraction run "
                         "carved its held-out images from, where DATA is its DATA)")
     g.add_argument("--class-map", default="", metavar="FILE", help="class names, one per line (or 'name index')")
-    g.add_argument("--dataset-download", action="store_true", help="let torchvision datasets download themselves")
     g.add_argument("-b", "--batch-size", type=positive_int, default=256, metavar="N")
     add_workers_argument(g, default=f"0 for digits, else {DEFAULT_WORKERS}")  # the engine's choice, not data_workers
     g.add_argument("--crop-pct", type=float, default=None, help="centre-crop fraction (default: the model's)")

@@ -281,12 +281,13 @@ def read_images(files: list[Path], transform) -> tuple[list[Path], list[torch.Te
 
 
 def eval_loader(root: str, split: str, loaded: LoadedModel, input_size, batch_size: int, workers: int, device,
-                crop_pct: float | None = None, notes: bool = True):
-    """Eval loader over ``root``'s ``split`` (or its class folders) with the model's preprocessing at
-    ``input_size`` (``crop_pct`` replaces the model's); the split is labelled with the model's classes (by name where
-    the checkpoint has names), and only its held-out files are kept where the checkpoint's run carved them from it
+                crop_pct: float | None = None, notes: bool = True, dataset: str = ""):
+    """Eval loader over ``root``'s ``split`` (or its class folders; ``dataset``: what ``root`` holds, as
+    ``create_dataset``'s ``name``, e.g. "torch/cifar10") with the model's preprocessing at ``input_size``
+    (``crop_pct`` replaces the model's); the split is labelled with the model's classes (by name where the checkpoint
+    has names), and only its held-out files are kept where the checkpoint's run carved them from it
     (:func:`held_out_files_only`, which says so unless ``notes=False``), as validate keeps them."""
-    dataset = held_out_files_only(create_dataset("", root=root, split=split), loaded, notes)
+    dataset = held_out_files_only(create_dataset(dataset, root=root, split=split), loaded, notes)
     label_with_model_classes(dataset, loaded)
     cfg = loaded.data_config
     return create_loader(dataset, tuple(input_size), batch_size, is_training=False, mean=cfg["mean"], std=cfg["std"],

@@ -71,13 +71,14 @@ def default_sizes(native: int, reduction: int) -> list[int]:
 
 @workers_stopped_on_exit()
 def resolution_sweep(loaded: LoadedModel, data: str, split: str, sizes: list[int], batch_size: int = 64,
-                     workers: int = 0, device="cpu") -> list[dict]:
-    """One row per input size (img_size, top1, top5, loss, count) of ``loaded`` on ``data``'s ``split``, each with
-    the model's eval preprocessing at that size; logs a line per size (INFO)."""
+                     workers: int = 0, device="cpu", dataset: str = "") -> list[dict]:
+    """One row per input size (img_size, top1, top5, loss, count) of ``loaded`` on ``data``'s ``split`` (``dataset``:
+    what ``data`` holds, as validate's, e.g. "torch/cifar10" for torchvision's files), each with the model's eval
+    preprocessing at that size; logs a line per size (INFO)."""
     rows = []
     for size in sizes:
         loader = eval_loader(data, split, loaded, (loaded.input_size[0], size, size), batch_size, workers, device,
-                             notes=size == sizes[0])
+                             notes=size == sizes[0], dataset=dataset)
         m = evaluate(loaded.model, loader, device)
         rows.append(dict(img_size=size, top1=round(m["top1"], 3), top5=round(m["top5"], 3),
                          loss=round(m["loss"], 5), count=m["count"]))
