@@ -374,3 +374,37 @@ def test_cli_entry_point_runs(tiny_checkpoint, tmp_path):
                         "-o", str(out)], capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr
     assert out.is_file()
+
+
+def test_an_average_of_runs_holding_out_other_images_keeps_only_those_all_held_out(image_folder, tmp_path, capsys):
+    """Runs that carved their held-out files with other seeds (`--val-fraction`) each trained on images another held
+    out: their average records the files all of them held out, and validate scores those. It recorded no data and
+    said "validate it with DATA": validate DATA/train then scored all 8 images, 6 of them training images of a run,
+    without a word."""
+    import json
+
+    train = image_folder / "train"
+    record = {"dataset": "", "root": str(image_folder), "split": "train", "files_in": str(train)}
+    runs = []
+    for seed, held_out in enumerate((["cat/cat_0.png", "dog/dog_1.png"], ["cat/cat_0.png", "dog/dog_2.png"])):
+        path = save_training_checkpoint(tmp_path / f"run{seed}.pth.tar", tiny_model(seed))
+        checkpoint = torch.load(path, weights_only=True)
+        checkpoint["data"] = dict(record, files=held_out)
+        torch.save(checkpoint, path)
+        runs.append(str(path))
+    out = tmp_path / "avg.pth"
+    assert main(["checkpoint", "average", *runs, "-o", str(out)]) == 0
+    assert f"held out different images of {train} (--val-fraction): the average records the 1 that every run held " \
+           f"out" in capsys.readouterr().out
+    assert torch.load(out, weights_only=True)["data"] == dict(record, files=["cat/cat_0.png"])
+    assert main(["validate", str(train), "--checkpoint", str(out), "-j", "0", "--device", "cpu",
+                 "--results-file", str(tmp_path / "r.json")]) == 0
+    assert json.loads((tmp_path / "r.json").read_text())["count"] == 1
+    # no image held out by both: nothing recorded, and the note says what to validate on
+    checkpoint = torch.load(runs[1], weights_only=True)
+    checkpoint["data"]["files"] = ["dog/dog_2.png"]
+    torch.save(checkpoint, runs[1])
+    assert main(["checkpoint", "average", *runs, "-o", str(out)]) == 0
+    assert "no image that every run held out: validate it on images none of them trained on" in \
+           capsys.readouterr().out
+    assert "data" not in torch.load(out, weights_only=True)

@@ -6,7 +6,7 @@ import argparse
 import os
 
 from ..errors import SequencerError
-from .common import add_ema_arguments
+from .common import add_ema_arguments, as_flags
 
 
 def _check_output(path: str, inputs: list[str], safetensors: bool) -> None:
@@ -19,16 +19,15 @@ def _check_output(path: str, inputs: list[str], safetensors: bool) -> None:
 
 # what a run records beside its model and may differ between the averaged files (another run's, or a resume's with
 # other settings): kept where every file records the same, else none, with a note
-_RECORDED_BY_RUN = (("data", "training data", "validate it with DATA"),
-                    ("probabilities", "losses (--bce-loss or not)", "predict gives softmax probabilities"),
+_RECORDED_BY_RUN = (("probabilities", "losses (--bce-loss or not)", "predict gives softmax probabilities"),
                     ("eval_amp_dtype", "evaluation autocast", "validate notes none"))
 
 
 def cmd_average(args: argparse.Namespace) -> int:
     _check_output(args.output, args.checkpoints, args.safetensors)
     from ..models.loading import model_config, save_weights
-    from ..tools.checkpoints import (average_state_dicts, averaged_data_config, check_same_model, read_weights,
-                                     repeated_weights)
+    from ..tools.checkpoints import (average_state_dicts, averaged_data_config, averaged_data_record,
+                                     check_same_model, read_weights, repeated_weights)
 
     paths, configs, states, used_emas = list(args.checkpoints), [], [], []
     for path in paths:
@@ -53,6 +52,12 @@ def cmd_average(args: argparse.Namespace) -> int:
     for key, what, then in _RECORDED_BY_RUN:
         if any(c.get(key) != config.get(key) for c in configs) and config.pop(key, None):
             print(f"note: the checkpoints record different {what}: the average records none ({then})")
+    config.pop("data", None)
+    data, note = averaged_data_record(configs)  # the held-out images validate finds for the average
+    if data is not None:
+        config["data"] = data
+    if note:
+        print(f"note: {as_flags(note)}")
     config["data_config"], differing = averaged_data_config(configs)  # a segmentation checkpoint's evaluation autocast
     if differing:
         print(f"note: the checkpoints record different evaluation autocast: the average records none (segment "

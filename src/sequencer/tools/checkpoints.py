@@ -10,6 +10,7 @@ holding ``{"version", "arch", "model_kwargs", "class_names", "data_config", "dat
 """
 from __future__ import annotations
 
+import json
 
 import torch
 
@@ -75,6 +76,28 @@ def averaged_data_config(configs: list[dict]) -> tuple[dict | None, list[str]]:
     differing = [k for k in _EVALUATION_ONLY
                  if any((c.get("data_config") or {}).get(k) != data_config.get(k) for c in configs)]
     return {k: v for k, v in data_config.items() if k not in differing}, differing
+
+
+def averaged_data_record(configs: list[dict]) -> tuple[dict | None, str | None]:
+    """(the ``data`` record an average keeps, None for none; a note on it, or None) from the files' model configs:
+    the files' record where they agree. Where their runs carved their held-out files from one split with other seeds
+    (`val_fraction`), each trained on images another held out: the average keeps only the files every run held out
+    (none where no file was), so that validate scores no image one of the averaged weights trained on."""
+    records = [config.get("data") for config in configs]
+    first = records[0]
+    if all(record == first for record in records):
+        return first, None
+    if all(isinstance(record, dict) and record.get("files") for record in records) and \
+            len({json.dumps({k: v for k, v in record.items() if k != "files"}, sort_keys=True)
+                 for record in records}) == 1:
+        held_out_by_all = sorted(set.intersection(*(set(record["files"]) for record in records)))
+        where = f"the checkpoints' runs held out different images of {first.get('files_in')} (`val_fraction`)"
+        if held_out_by_all:
+            return dict(first, files=held_out_by_all), (f"{where}: the average records the {len(held_out_by_all)} "
+                                                        f"that every run held out, which validate evaluates")
+        return None, f"{where} and no image that every run held out: validate it on images none of them trained on"
+    return None, ("the checkpoints record different training data: the average records none (validate it with "
+                  "`data`, images none of their runs trained on)")
 
 
 def _differences(a, b) -> tuple[str, str]:
