@@ -121,33 +121,50 @@ def run(args: argparse.Namespace) -> int:
     check_export_options(args, fmt)
     warn_if_random_weights(args)
     from ..engine.inference import check_input_size
-    from ..models.loading import model_config
-    import torch
-
-    from ..tools.export import (ONNX_DTYPES, export_onnx, export_onnx_int8, export_program, export_safetensors,
-                                export_torchscript, int8_settings)
 
     loaded = load_model_from_args(args, "cpu")
+    check_input_size(loaded, *loaded.input_size[1:])
+    config, meta = _file_records(loaded)
+    written, how = _write_export(args, fmt, loaded, config, meta)
+    out = Path(args.output)
+    print(f"exported {loaded.name} ({loaded.num_params / 1e6:.2f}M params, input "
+          f"{'x'.join(map(str, loaded.input_size))}) to {written}: {out} ({out.stat().st_size / 2**20:.1f} MiB); "
+          f"{how}")
+    return 0
+
+
+def _file_records(loaded) -> tuple[dict, dict]:
+    """(the safetensors file's config, the other formats' metadata): what rebuilds and describes the model without
+    its checkpoint. Both carry the registered architecture (an hf-hub: name's too: the file rebuilds its model
+    without the Hub), its ``model_kwargs`` (what ``benchmark --onnx`` builds the file's model with, beside it), the
+    class names, the preprocessing at the file's size (``img_size``: its graph's; ``trained_size``: its weights'
+    training size) and the checkpoint's record of its training data (``data``, ``ignored_classes``), so that
+    ``validate`` of the file needs no DATA and leaves out what ``validate --checkpoint`` leaves out (the images a
+    --val-fraction run trained on, the folders its class map left out)."""
+    from ..models.loading import model_config
+
     model, input_size = loaded.model, loaded.input_size
-    check_input_size(loaded, *input_size[1:])
-    # img_size: the size the file is for (its graph's, its preprocessing's); trained_size: its weights' training size
     data_config = dict(loaded.data_config, img_size=input_size[-1])
-    # the checkpoint's record of its training data (`data`, `ignored_classes`) too, so that `validate --checkpoint`
-    # of the .safetensors needs no DATA, as with the checkpoint itself
-    # the registered architecture (an hf-hub: name's too): the file rebuilds its model without the Hub
     arch = getattr(model, "model_name", None) or loaded.name
     config = {**model_config(loaded.checkpoint), "arch": arch,
               "model_kwargs": dict(getattr(model, "model_kwargs", {}) or {}),
               "class_names": loaded.class_names, "data_config": data_config, "trained_size": loaded.trained_size}
-    # model_kwargs: what `benchmark --onnx` builds the file's model with, beside it; the record of the training data
-    # (`data`, `ignored_classes`), so that `validate --onnx` leaves out what `validate --checkpoint` leaves out (the
-    # images a --val-fraction run trained on, the folders its class map left out)
     meta = {"arch": arch, "model_kwargs": config["model_kwargs"], "class_names": loaded.class_names or [],
             "data_config": data_config, "input_size": list(input_size), "trained_size": loaded.trained_size,
             **{k: config[k] for k in ("data", "ignored_classes") if config.get(k)}}
     if loaded.probabilities:  # predict --onnx turns the logits into probabilities as predict --checkpoint does
         meta["probabilities"] = config["probabilities"] = loaded.probabilities
-    out = Path(args.output)
+    return config, meta
+
+
+def _write_export(args: argparse.Namespace, fmt: str, loaded, config: dict, meta: dict) -> tuple[str, str]:
+    """Writes ``args.output`` in ``fmt``, checked against the eager model; (the format written, how it was checked)."""
+    import torch
+
+    from ..tools.export import (ONNX_DTYPES, export_onnx, export_onnx_int8, export_program, export_safetensors,
+                                export_torchscript, int8_settings)
+
+    model, input_size, out = loaded.model, loaded.input_size, Path(args.output)
     dtype = getattr(torch, args.dtype)
     rtol = ONNX_DTYPES[dtype] if args.rtol is None else args.rtol
     onnx_kwargs = dict(batch_size=args.batch_size, dynamic_batch=args.dynamic_batch, opset=args.opset,
@@ -157,23 +174,18 @@ def run(args: argparse.Namespace) -> int:
                                   min_agreement=0.99 if args.min_agreement is None else args.min_agreement,
                                   settings=int8_settings(args.target_cpu, static=args.calibration is not None),
                                   calibration=args.calibration, **onnx_kwargs)
-        fmt, how = "onnx int8", _report_int8(result, args.verify)
-    elif fmt == "onnx":
+        return "onnx int8", _report_int8(result, args.verify)
+    if fmt == "onnx":
         err = export_onnx(model, out, input_size, dtype=dtype, **onnx_kwargs)
-        how = f"onnxruntime logits match PyTorch's float32 ones (relative error {err:.1e})"
-        fmt = "onnx float16" if dtype == torch.float16 else fmt
-    elif fmt == "torchscript":
+        return ("onnx float16" if dtype == torch.float16 else fmt,
+                f"onnxruntime logits match PyTorch's float32 ones (relative error {err:.1e})")
+    if fmt == "torchscript":
         err = export_torchscript(model, out, input_size, batch_size=args.batch_size,
                                  dynamic_batch=args.dynamic_batch, rtol=rtol, metadata=meta)
-        how = f"reloaded trace matches PyTorch (relative error {err:.1e})"
-    elif fmt == "exported-program":
+        return fmt, f"reloaded trace matches PyTorch (relative error {err:.1e})"
+    if fmt == "exported-program":
         err = export_program(model, out, input_size, batch_size=args.batch_size, dynamic_batch=args.dynamic_batch,
                              rtol=rtol, metadata=meta)
-        how = f"torch.export.load's program matches PyTorch (relative error {err:.1e})"
-    else:
-        err = export_safetensors(model, out, config, weights=loaded.weights)
-        how = f"model rebuilt from the file matches (relative error {err:.1e})"
-    size = out.stat().st_size / 2**20
-    print(f"exported {loaded.name} ({loaded.num_params / 1e6:.2f}M params, input {'x'.join(map(str, input_size))}) "
-          f"to {fmt}: {out} ({size:.1f} MiB); {how}")
-    return 0
+        return fmt, f"torch.export.load's program matches PyTorch (relative error {err:.1e})"
+    err = export_safetensors(model, out, config, weights=loaded.weights)
+    return fmt, f"model rebuilt from the file matches (relative error {err:.1e})"
