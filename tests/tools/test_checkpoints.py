@@ -110,7 +110,9 @@ def _three_class_checkpoint(path, class_names, img_size=32):
 
 @pytest.mark.parametrize("other_names, other_size, message", [
     (["1", "2", "10"], 32, r"'.*other.pth' has class names \(1, 2, 10\) but '.*birds.pth' has \(bird, cat, dog\)"),
-    (["bird", "cat", "dog"], 16, r"'.*other.pth' has data config img_size=16 but '.*birds.pth' has img_size=32 "),
+    (["bird", "cat", "dog"], 16, r"'.*other.pth' has data config img_size=16 but '.*birds.pth' has img_size=32 "
+                                 r"\(hint: average checkpoints written with the same preprocessing \(a resume with "
+                                 r"another image size"),
 ])
 def test_average_refuses_checkpoints_of_other_classes_or_data(tmp_path, capsys, other_names, other_size, message):
     """Runs of other classes or image sizes (same architecture and shapes) are not averaged into one file carrying

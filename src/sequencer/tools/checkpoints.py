@@ -34,6 +34,10 @@ def read_weights(path: str, use_ema: bool | None) -> tuple[dict, dict[str, torch
 _SAME_FOR_AVERAGE = (("arch", "model"), ("model_kwargs", "model arguments"), ("segmenter", "segmentation model"),
                      ("class_names", "class names"), ("data_config", "data config"))
 _REGULARISATION = ("drop_rate", "drop_path_rate")
+# a resumed run may change its preprocessing (--img-size, --crop-pct, ...): its checkpoints are of one run but not
+# of one data config
+_ONE_MODEL_HINTS = {"data_config": "average checkpoints written with the same preprocessing (a resume with another "
+                                   "image size, crop or interpolation changes it)"}
 # what a segmentation checkpoint's data config records of its run's evaluation, not of the model: the autocast
 # (`--amp`; a resume may add or drop it), which an average of files that differ records as none
 # (:func:`averaged_data_config`), as a classifier's top-level ``eval_amp_dtype``
@@ -64,7 +68,7 @@ def check_same_model(configs: list[dict], names: list[str]) -> None:
             if other != first:
                 theirs, ours = _differences(other, first)
                 raise SequencerError(f"cannot average: {name!r} has {what} {theirs} but {names[0]!r} has {ours}",
-                                     hint="average checkpoints of one training run")
+                                     hint=_ONE_MODEL_HINTS.get(key, "average checkpoints of one training run"))
 
 
 def averaged_data_config(configs: list[dict]) -> tuple[dict | None, list[str]]:
