@@ -40,6 +40,25 @@ def test_reset_classifier(tiny):
     assert tiny(torch.randn(1, 3, 28, 28)).shape == (1, 32)  # pooled features
 
 
+def test_a_negative_class_count_is_refused_not_scored_as_features(tiny, tmp_path):
+    """num_classes=-1 (timm's "no head" for a pretrained_cfg_overlay, not for a model) is refused in one line: it
+    built a model without a head, and validate(checkpoint=..., num_classes=-1) scored the 32 pooled features as class
+    logits (a top-1 of 8.333% on 3 classes, a loss of 5.196). A refused reset_classifier changes nothing."""
+    from sequencer.engine.inference import load_model
+    from sequencer.errors import ArgumentValueError
+    with pytest.raises(ArgumentValueError, match=r"num_classes must be >= 0 \(0: no head\), got -1"):
+        sequencer.create_model("sequencer2d_nano", num_classes=-1)
+    torch.save({"arch": tiny.model_name, "model_kwargs": tiny.model_kwargs, "state_dict": tiny.state_dict()},
+               tmp_path / "tiny.pth")
+    with pytest.raises(ArgumentValueError, match="got -1"):
+        load_model(str(tmp_path / "tiny.pth"), num_classes=-1)
+    before = tiny.get_classifier()
+    with pytest.raises(ArgumentValueError, match="got -2"):
+        tiny.reset_classifier(-2)
+    assert tiny.get_classifier() is before and tiny.num_classes == before.out_features
+    assert tiny.model_kwargs.get("num_classes", before.out_features) == before.out_features
+
+
 def test_grad_checkpointing_gives_identical_grads(tiny):
     tiny.train()  # dropout/drop path are 0: training mode is deterministic here
     x = torch.randn(2, 3, 28, 28)

@@ -259,6 +259,9 @@ class ClassifierHead(nn.Module):
         super().__init__()
         if global_pool not in ("avg", ""):
             raise ArgumentValueError(f"global_pool must be 'avg' or '', got {global_pool!r}")
+        if num_classes < 0:
+            # a negative count built no head: the pooled features were scored as if they were class logits
+            raise ArgumentValueError(f"num_classes must be >= 0 (0: no head), got {num_classes!r}")
         self.global_pool = global_pool
         self.drop = nn.Dropout(drop_rate)
         self.fc = nn.Linear(dim, num_classes) if num_classes > 0 else nn.Identity()
@@ -392,6 +395,10 @@ class Sequencer2d(nn.Module):
         ``model_kwargs`` and ``pretrained_cfg`` (set by `create_model`) then record the new head, so checkpoints and
         exports rebuild it, and the cfg drops the old head's ``label_names`` (both replaced by new dicts: whoever else
         holds the old ones keeps them unchanged)."""
+        pool = self.head.global_pool if global_pool is None else global_pool
+        ref = next(self.parameters())
+        head = ClassifierHead(self.num_features, num_classes, pool, self.drop_rate).to(ref.device, ref.dtype)
+        init_weights(head, "head")  # built first: a refused count changes nothing
         self.num_classes = num_classes
         if isinstance(getattr(self, "model_kwargs", None), dict):
             self.model_kwargs = dict(self.model_kwargs, num_classes=num_classes)
@@ -401,10 +408,7 @@ class Sequencer2d(nn.Module):
             # the old head's class names name none of the new one's outputs (validate(model=...) maps by them)
             cfg = {k: v for k, v in self.pretrained_cfg.items() if k not in ("label_names", "label_descriptions")}
             self.pretrained_cfg = self.default_cfg = dict(cfg, num_classes=num_classes)
-        pool = self.head.global_pool if global_pool is None else global_pool
-        ref = next(self.parameters())
-        self.head = ClassifierHead(self.num_features, num_classes, pool, self.drop_rate).to(ref.device, ref.dtype)
-        init_weights(self.head, "head")
+        self.head = head
 
     def check_input_size(self, height: int, width: int) -> None:
         r = self.reduction
