@@ -195,3 +195,28 @@ def test_validate_finds_files_carved_from_a_train_folder(data, tmp_path, capsys)
     onnx_package.save(proto, str(tmp_path / "plain_run.onnx"))
     verified = top1_agreement(tmp_path / "plain_run.onnx", tmp_path / "plain_run.onnx", str(data))
     assert verified["count"] == 30 and verified["scored"] == 4
+
+
+def test_a_torchvision_dataset_at_a_carved_runs_folder_is_read_as_itself(tmp_path, monkeypatch):
+    """validate DATA --dataset torch/cifar10, DATA also the image-folder DATA a --val-fraction run carved its
+    held-out files from (train/): the CIFAR split evaluated is its validation one (its 12 test images). The carved
+    run's "train" was taken for it, and CIFAR's 24 training images were scored as held-out ones."""
+    import os
+
+    import torchvision.datasets.cifar as cifar
+    from cifar_files import write_cifar10
+
+    monkeypatch.setattr(cifar, "check_integrity", lambda fpath, md5=None: os.path.isfile(fpath))
+    root = write_cifar10(tmp_path / "data", n_train=24, n_test=12)
+    names = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
+    model = sequencer.create_model("sequencer2d_nano", num_classes=10, **TINY_KW["model_kwargs"])
+    carved = {"dataset": "", "root": str(root), "split": "train", "files": ["cat/1.png"],
+              "files_in": str(root / "train")}
+    torch.save({"version": 1, "arch": model.model_name, "model_kwargs": model.model_kwargs, "class_names": names,
+                "data_config": {"img_size": 16}, "data": carved, "state_dict": model.state_dict()},
+               tmp_path / "c.pth.tar")
+    results = tmp_path / "r.json"
+    assert main(["validate", str(root), "--dataset", "torch/cifar10", "--checkpoint", str(tmp_path / "c.pth.tar"),
+                 "-j", "0", "--device", "cpu", "--results-file", str(results)]) == 0
+    got = json.loads(results.read_text())
+    assert got["count"] == 12 and got["dataset"] == "torch/cifar10[validation]"

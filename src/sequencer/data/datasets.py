@@ -367,6 +367,12 @@ def _ref_name(ref) -> str:
     return ref if isinstance(ref, str) else ref[1]
 
 
+def reads_files(name: str | None) -> bool:
+    """Whether ``create_dataset``'s ``name`` reads DATA's own files (image folders or tars), not a torchvision
+    dataset's or the digits."""
+    return (name or "").lower() in ("", "folder", "image_folder", "tar")
+
+
 def create_dataset(name: str = "", root: str | None = None, split: str = "train", is_training: bool = False,
                    class_map: str | None = None, download: bool = False, **kwargs) -> ClassificationDataset:
     """Create a dataset by name.
@@ -394,7 +400,7 @@ def create_dataset(name: str = "", root: str | None = None, split: str = "train"
         if class_map:
             raise SequencerError(f"`class_map` is not supported with {name}")
         return _create_torchvision(name.split("/", 1)[1], root, split, download, **kwargs)
-    if name.lower() not in ("", "folder", "image_folder", "tar"):
+    if not reads_files(name):
         raise SequencerError(f"unknown dataset {name!r}",
                              hint="use '' (image folders), 'tar', 'digits' or 'torch/NAME' (e.g. torch/cifar10)")
     if not root:

@@ -18,6 +18,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 
+from ..data.datasets import reads_files
 from ..data.splits import split_by_keys
 from ..errors import SequencerError
 from ..models.loading import checkpoint_metadata, recorded_training_data
@@ -105,17 +106,14 @@ def trained_on_all_of(dataset, checkpoint: dict | None) -> bool:
                                                                            record.get("root"))
 
 
-def carved_from(checkpoint: dict | None, data: str) -> str | None:
-    """The split of ``data`` from which ``checkpoint``'s run carved its held-out files, when ``data`` is its DATA."""
-    return evaluated_split(checkpoint, data) if recorded_held_out(checkpoint) is not None else None
-
-
-def evaluated_split(checkpoint: dict | None, data: str) -> str | None:
-    """When ``data`` is the DATA of ``checkpoint``'s run, the split of it that holds the images the run evaluated
-    on: its held-out split, or the training split its `val_fraction` carved them from (:func:`carved_from`); None
-    otherwise, and for a run without a held-out split."""
-    record = checkpoint_metadata(checkpoint).get("data") or {}
-    return record.get("split") if _same_folder(data, record.get("root")) else None
+def carved_from(checkpoint: dict | None, data: str, dataset: str = "") -> str | None:
+    """The split of ``data`` from which ``checkpoint``'s run carved its held-out files (`val_fraction`), when
+    ``data`` is its DATA read as it read it: as files (``dataset`` "" or "tar"), not as the torchvision dataset a
+    download folder beside its image folders holds (whose split of that name is other images). None otherwise."""
+    held_out = recorded_held_out(checkpoint)
+    if held_out is None or not reads_files(dataset) or not _same_folder(data, held_out.root):
+        return None
+    return held_out.split
 
 
 def keep_held_out_files(dataset, checkpoint: dict | None) -> tuple:

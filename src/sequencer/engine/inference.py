@@ -303,7 +303,7 @@ def split_to_evaluate(checkpoint: dict | None, root, split: str | None, dataset:
     from (`val_fraction`, ``root`` the run's DATA), else "validation". Image folders (no ``dataset``) find it as
     training does: a validation split that ``root`` lacks is its test split where it has one (train/ and test/
     only), with a note (``notes=False``: none)."""
-    split = split or carved_from(checkpoint, root) or "validation"
+    split = split or carved_from(checkpoint, root, dataset) or "validation"
     if not dataset:
         found = held_out_split(root, split)
         if found != split and notes:

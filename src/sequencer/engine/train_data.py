@@ -10,7 +10,7 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..data.datasets import has_split, held_out_split, map_classes_by_name
+from ..data.datasets import has_split, held_out_split, map_classes_by_name, reads_files
 from ..data.splits import carve_held_out, split_by_keys
 from ..errors import SequencerError
 from . import distributed as dist_utils
@@ -124,7 +124,7 @@ def _held_out_split(cfg, state, info, dataset_kw: dict, class_names: list[str], 
 def _carve(cfg, info, train_set, files: list[str] | None) -> tuple:
     """(training split without the held-out files, the held-out files): ``files`` (a resumed run's), else a
     stratified ``--val-fraction`` share drawn with ``--seed``."""
-    own = cfg.dataset.lower() not in ("", "folder", "image_folder", "tar") or \
+    own = not reads_files(cfg.dataset) or \
         (not train_set.whole_root and has_split(cfg.data, held_out_split(cfg.data, cfg.val_split)))
     if own:
         raise SequencerError(f"`val_fraction={cfg.val_fraction}`: {cfg.dataset or cfg.data} has a held-out split of "
