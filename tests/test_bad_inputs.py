@@ -289,3 +289,11 @@ def test_warmup_note_does_not_precede_a_one_line_error(run_cli, data, recwarn):
     # --warmup-epochs 5 >= --epochs 1 would be shortened with a warning; the batch larger than the data fails later
     run_cli("train", data, *TRAIN, "--warmup-epochs", "5", "-b", "1000", expect="--batch-size 1000")
     assert not [w for w in recwarn if "warmup" in str(w.message)]  # pytest keeps warnings off stderr: check here
+
+
+# ------------------------------------------------------------------------ an output that is one of the inputs
+def test_checkpoint_average_onto_an_input_named_through_a_link(run_cli, finished_run, tmp_path):
+    """The output was compared with the inputs by spelling: through a link it replaced the input."""
+    (tmp_path / "link.pth.tar").symlink_to(finished_run / "last.pth.tar")
+    run_cli("checkpoint", "average", tmp_path / "link.pth.tar", "-o", finished_run / "last.pth.tar",
+            expect="is also an input; refusing to overwrite it")

@@ -1,4 +1,5 @@
-"""Atomic file writes: every file a command produces is complete or absent, never half-written."""
+"""Atomic file writes: every file a command produces is complete or absent, never half-written; and none replaces a
+file the command reads (`input_overwritten`)."""
 from __future__ import annotations
 
 import errno
@@ -88,3 +89,23 @@ def current_umask() -> int:
     mask = os.umask(0o022)  # no read-only query elsewhere: restore at once
     os.umask(mask)
     return mask
+
+
+def input_overwritten(outputs, inputs) -> tuple[Path, Path] | None:
+    """(output, input) for the first of ``outputs`` that is one of ``inputs`` (the same file by any name: another
+    spelling, a link), which writing it would replace; None where none is. An output not yet there is no input."""
+    found = {}
+    for path in inputs:
+        try:
+            stat = os.stat(path)
+        except OSError:  # not there (yet): no output replaces it
+            continue
+        found.setdefault((stat.st_dev, stat.st_ino), Path(path))
+    for path in outputs:
+        try:
+            stat = os.stat(path)
+        except OSError:
+            continue
+        if (stat.st_dev, stat.st_ino) in found:
+            return Path(path), found[(stat.st_dev, stat.st_ino)]
+    return None

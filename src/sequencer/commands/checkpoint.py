@@ -6,15 +6,14 @@ import argparse
 import os
 
 from ..errors import SequencerError
-from .common import add_ema_arguments, as_flags
+from .common import add_ema_arguments, as_flags, check_not_an_input
 
 
 def _check_output(path: str, inputs: list[str], safetensors: bool) -> None:
     # the loaders tell safetensors from a pickle by the suffix, so the name must say what the file is
     if safetensors and not path.endswith(".safetensors"):
         raise SequencerError(f"--output {path!r}: a --safetensors file must end in .safetensors")
-    if any(os.path.abspath(path) == os.path.abspath(p) for p in inputs):
-        raise SequencerError(f"--output {path!r} is also an input; refusing to overwrite it")
+    check_not_an_input("--output", path, inputs)
 
 
 # what a run records beside its model and may differ between the averaged files (another run's, or a resume's with

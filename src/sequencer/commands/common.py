@@ -210,6 +210,14 @@ def data_workers(workers: int | None) -> int:
     return default_workers() if workers is None else workers
 
 
+def check_not_an_input(flag: str, path: str | os.PathLike, inputs, what: str = "an input") -> None:
+    """Refuse an output ``path`` that is one of the files the command reads (``inputs``, by any name), before any
+    work: writing it would replace what the user had."""
+    from ..fileio import input_overwritten
+    if input_overwritten([path], inputs):
+        raise SequencerError(f"{flag} {os.fspath(path)!r} is also {what}; refusing to overwrite it")
+
+
 def check_results_file(path: str, formats: tuple[str, ...] = (".json",)) -> None:
     """Refuse a ``--results-file`` that could not be written, before any work is done (one-line errors)."""
     if not path:
