@@ -297,3 +297,11 @@ def test_checkpoint_average_onto_an_input_named_through_a_link(run_cli, finished
     (tmp_path / "link.pth.tar").symlink_to(finished_run / "last.pth.tar")
     run_cli("checkpoint", "average", tmp_path / "link.pth.tar", "-o", finished_run / "last.pth.tar",
             expect="is also an input; refusing to overwrite it")
+
+
+def test_export_onto_its_own_safetensors_checkpoint(run_cli, finished_run, tmp_path):
+    """`export --checkpoint m.safetensors -o ./m.safetensors` rewrote the user's file in place (exit 0)."""
+    weights = tmp_path / "m.safetensors"
+    assert main(["export", "--checkpoint", str(finished_run / "last.pth.tar"), "-o", str(weights)]) == 0
+    run_cli("export", "--checkpoint", weights, "-o", tmp_path / "." / "m.safetensors",
+            expect="is also the --checkpoint file; refusing to overwrite it")
