@@ -305,3 +305,9 @@ def test_export_onto_its_own_safetensors_checkpoint(run_cli, finished_run, tmp_p
     assert main(["export", "--checkpoint", str(finished_run / "last.pth.tar"), "-o", str(weights)]) == 0
     run_cli("export", "--checkpoint", weights, "-o", tmp_path / "." / "m.safetensors",
             expect="is also the --checkpoint file; refusing to overwrite it")
+
+
+def test_erf_onto_one_of_its_images(run_cli, data, finished_run):
+    """`erf DATA -o DATA/.../0.png` replaced the user's image with the heat map (and wrote 0.npy beside it)."""
+    run_cli("erf", data / "train", "--checkpoint", finished_run / "last.pth.tar", "-n", 2, "--device", "cpu",
+            "-o", data / "train" / "blue" / "0.png", expect="is also one of the images it reads")

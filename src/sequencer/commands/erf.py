@@ -10,7 +10,7 @@ from pathlib import Path
 from ..choices import ERF_MODES
 from ..data.class_folders import find_images
 from ..errors import SequencerError
-from .common import add_model_args, load_model_from_args, positive_int
+from .common import add_model_args, check_not_an_input, load_model_from_args, positive_int
 
 
 def _parse_stage(text: str) -> str | int:
@@ -49,6 +49,7 @@ def run(args: argparse.Namespace) -> int:
     if not output.parent.is_dir():
         raise SequencerError(f"output folder {str(output.parent)!r} does not exist")
     files = find_images([args.data])
+    check_not_an_input("--output", output, files, "one of the images it reads")
     from ..engine.inference import check_input_size, resolve_device
     from ..tools.erf import area_ratios, erf_map, plot_erf, save_raw_maps
 
