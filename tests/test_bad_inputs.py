@@ -311,3 +311,17 @@ def test_erf_onto_one_of_its_images(run_cli, data, finished_run):
     """`erf DATA -o DATA/.../0.png` replaced the user's image with the heat map (and wrote 0.npy beside it)."""
     run_cli("erf", data / "train", "--checkpoint", finished_run / "last.pth.tar", "-n", 2, "--device", "cpu",
             "-o", data / "train" / "blue" / "0.png", expect="is also one of the images it reads")
+
+
+@pytest.mark.parametrize("overlay", [[], ["--overlay"]])
+def test_segment_predict_into_the_folder_of_its_images(run_cli, tmp_path, overlay):
+    """A mask is <stem>.png in --output: predicting x.png into its own folder would replace it (said before the
+    checkpoint is read). With --overlay, x_overlay.jpg's would be replaced by x's overlay."""
+    folder = tmp_path / "images"
+    write_images(folder, "", ["x"], per_class=1)
+    image = folder / "x" / ("0.png" if not overlay else "0_overlay.jpg")
+    if overlay:
+        (folder / "x" / "0.png").rename(folder / "x" / "0.jpg")
+        Image.open(folder / "x" / "0.jpg").save(image)  # the image 0.jpg and another, 0_overlay.jpg
+    run_cli("segment", "predict", folder / "x", "--checkpoint", tmp_path / "none.pth.tar", "--output", folder / "x",
+            *overlay, expect=f"would replace the image {image}")

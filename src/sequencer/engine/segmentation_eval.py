@@ -25,7 +25,7 @@ from ..data.class_folders import split_aliases
 from ..data.loader_workers import workers_stopped_on_exit
 from ..data.segmentation import IGNORE_INDEX, EvalTransform, SegmentationDataset, open_split, voc_palette
 from ..errors import SequencerError
-from ..fileio import write_atomically
+from ..fileio import input_overwritten, write_atomically
 from ..models import get_model_entry
 from ..models.caller_module import caller_module_kept
 from ..models.loading import checkpoint_metadata, extract_state_dict, read_checkpoint
@@ -378,6 +378,7 @@ def predict_files(checkpoint: str, files: list[Path], output: str, *, overlay: b
     if out.exists() and not out.is_dir():  # before any work: the masks go in a folder
         raise SequencerError(f"`output={output!r}` is a file, not a folder", hint="pass a folder for the masks")
     _check_mask_names(files, out)
+    _check_no_image_replaced(files, out, overlay)
     dev = resolve_device(device)
     with caller_state_kept():
         loaded = load_segmenter(checkpoint, dev)
@@ -411,6 +412,17 @@ def predict_files(checkpoint: str, files: list[Path], output: str, *, overlay: b
             write_atomically(out / f"{file.stem}_overlay.jpg",
                              lambda tmp: blended.save(tmp, format="JPEG", quality=90), what="overlay")
     return written
+
+
+def _check_no_image_replaced(files: list[Path], out: Path, overlay: bool) -> None:
+    """SequencerError, before any work, where a mask or overlay would be written over one of the images (an
+    ``output`` folder holding them: ``x.png``'s mask is ``x.png``)."""
+    written = [out / f"{file.stem}{end}" for file in files for end in (".png", "_overlay.jpg")[:1 + overlay]]
+    clash = input_overwritten(written, files)
+    if clash:
+        what = "overlay" if clash[0].name.endswith("_overlay.jpg") else "mask"
+        raise SequencerError(f"the {what} {clash[0]} would replace the image {clash[1]}",
+                             hint="pass another `output` folder")
 
 
 def _check_mask_names(files: list[Path], out: Path) -> None:
