@@ -757,3 +757,37 @@ def test_overlapping_calls_share_the_default_dtype_and_log_level_and_the_last_to
     finally:
         logger.setLevel(logging.NOTSET)
     assert seen == [(torch.float32, logging.INFO), (torch.float64, logging.NOTSET), logging.WARNING]
+
+
+def test_calls_overlapping_in_two_threads_give_back_the_callers_random_state():
+    """The generators are process-wide: two calls overlapping in two threads (the first ends while the second runs)
+    leave ``random``, ``numpy`` and torch's generators as the caller had them, and a call nested in one gives back
+    the state it found. Each call gave back the state it found: the second one found the first's draws and left the
+    caller that state (torch's generator 16 draws on)."""
+    from sequencer.engine.guest import caller_state_kept
+
+    torch.manual_seed(3), np.random.seed(3), random.seed(3)
+    callers = torch.get_rng_state(), np.random.get_state()[1].copy(), random.getstate()
+    first_drew, second_began, first_ended = threading.Event(), threading.Event(), threading.Event()
+
+    def first():
+        with caller_state_kept():
+            torch.rand(16), np.random.rand(16), random.random()
+            first_drew.set()
+            second_began.wait()
+        first_ended.set()
+
+    thread = threading.Thread(target=first)
+    thread.start()
+    first_drew.wait()
+    with caller_state_kept():
+        second_began.set()
+        first_ended.wait()
+        torch.rand(4)
+        inside = torch.get_rng_state()
+        with caller_state_kept():  # nested: its own draws are not seen after it
+            torch.rand(4)
+        assert torch.equal(torch.get_rng_state(), inside)
+    thread.join()
+    assert torch.equal(torch.get_rng_state(), callers[0])
+    assert (np.random.get_state()[1] == callers[1]).all() and random.getstate() == callers[2]

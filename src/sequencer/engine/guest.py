@@ -29,8 +29,9 @@ class _SharedOverride:
     not undo the setting under another still running)."""
 
     def __init__(self, read, write, ours, needed):
-        """``read()``: the current value; ``write(value)`` sets it; ``ours()``: the calls' value; ``needed(current)``:
-        whether a call that finds ``current`` (with none running) overrides it."""
+        """``read()``: the current value; ``write(value)`` sets it; ``ours()``: the calls' value (None: the calls set
+        none, only the caller's is put back); ``needed(current)``: whether a call that finds ``current`` (with none
+        running) overrides it."""
         self._read, self._write, self._ours, self._needed = read, write, ours, needed
         self._lock = threading.Lock()
         self._users = 0
@@ -43,7 +44,8 @@ class _SharedOverride:
             if counted:
                 if not self._users:
                     self._callers = self._read()
-                    self._write(self._ours())
+                    if self._ours is not None:
+                        self._write(self._ours())
                 self._users += 1
         try:
             yield
@@ -239,23 +241,49 @@ _float32_default = _SharedOverride(read=_default_dtype, write=_set_default_dtype
 def caller_state_kept():
     """Run the body (a library entry point's work), then give back the process state it may change on the way: the
     state of ``random``, ``numpy.random`` and torch's CPU and CUDA generators (CUDA first used inside the body is
-    reseeded with the caller's torch seed), and the warning filters as far as dynamo changed them
+    reseeded with the caller's torch seed; calls overlapping in several threads: when the last ends), and the warning
+    filters as far as dynamo changed them
     (:func:`_dynamos_filter_undone`: the body may torch.compile or torch.export a module, ours or the caller's)."""
     import torch
 
     from .checkpoint import get_rng_state, set_rng_state
 
-    saved = get_rng_state()
+    depth = getattr(_kept_in_this_thread, "depth", 0)
+    saved = get_rng_state() if depth else None
     seed = torch.initial_seed()
     cuda_was_initialized = torch.cuda.is_available() and torch.cuda.is_initialized()
     filters = list(warnings.filters)
+    _kept_in_this_thread.depth = depth + 1
     try:
-        yield
+        with _callers_random_state():
+            yield
     finally:
-        set_rng_state(saved)
+        _kept_in_this_thread.depth = depth
+        if depth:  # nested in this thread's call (its own draws kept from what follows): the state it found
+            set_rng_state(saved)
         if not cuda_was_initialized and torch.cuda.is_available() and torch.cuda.is_initialized():
             torch.cuda.manual_seed_all(seed)
         _dynamos_filter_undone(filters)
+
+
+def _random_state() -> dict:
+    from .checkpoint import get_rng_state
+
+    return get_rng_state()
+
+
+def _set_random_state(state: dict) -> None:
+    from .checkpoint import set_rng_state
+
+    set_rng_state(state)
+
+
+# the generators are process-wide: calls overlapping in several threads give back the state the first found when the
+# last ends (each giving back its own put the first's state mid-run under the other, and left the caller the
+# other's); a call nested in one of them gives back its own (:func:`caller_state_kept`)
+_callers_random_state = _SharedOverride(read=_random_state, write=_set_random_state, ours=None,
+                                        needed=lambda state: True)
+_kept_in_this_thread = threading.local()  # .depth: the caller_state_kept calls running in this thread
 
 
 def _dynamos_filter_undone(before: list) -> None:
