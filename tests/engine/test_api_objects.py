@@ -92,6 +92,20 @@ def test_a_config_of_the_wrong_type_is_refused(tmp_path):
         sequencer.train(str(tmp_path), data=str(tmp_path))
 
 
+@pytest.mark.parametrize("data", [{}, dict(data="folder")], ids=["alone", "with data="])
+def test_a_dict_of_settings_passed_positionally_is_refused_naming_the_keywords_way(data, tmp_path):
+    """A caller's dict of settings (a loaded YAML, a sweep's) as the positional: one line saying how to pass it.
+    It was taken for the data: 'data given twice' beside ``data=``, else 'data must be a folder ..., not dict'."""
+    settings = dict(model="sequencer2d_nano", epochs=1, output=str(tmp_path))
+    with pytest.raises(SequencerError, match=r"train: the positional is a TrainConfig or the data, not a dict.*"
+                                             r"train\(\*\*settings\)"):
+        sequencer.train(settings, progress=False, **data)
+    with pytest.raises(SequencerError, match=r"train_segmenter: the positional is a SegmentConfig or the data"):
+        sequencer.train_segmenter(settings, progress=False, **data)
+    assert settings == dict(model="sequencer2d_nano", epochs=1, output=str(tmp_path))
+    assert not any(tmp_path.iterdir())
+
+
 def test_a_config_passed_as_the_config_keyword_is_used(tmp_path):
     """README's signature, `train(config=None, *, ...)`: `config=TrainConfig(...)` works as the positional does (a
     text `config=` stays the --config YAML); its settings reach the checks (here its unknown model)."""

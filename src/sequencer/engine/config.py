@@ -237,6 +237,10 @@ def explicit_settings(config, settings: dict, config_class, where: str) -> dict:
         config = settings.pop("config")
     if config is None or isinstance(config, config_class):
         return {**(given_settings(config) if config is not None else {}), **settings}
+    if isinstance(config, Mapping):  # a dict of settings (a loaded YAML, a sweep's) was taken for the data
+        raise SequencerError(f"{where}: the positional is a {config_class.__name__} or the data, not a dict",
+                             hint=f"pass a dict of settings as keywords, {where}(**settings), or as "
+                                  f"{config_class.__name__}(**settings)")
     if "data" in settings:
         raise SequencerError(f"{where}: data given twice (positionally and as data=)")
     return {"data": config, **settings}
