@@ -375,3 +375,29 @@ def test_validate_without_workers_uses_the_cpus_this_process_may_run_on(monkeypa
     with pytest.raises(_Stopped):
         segment("validate", "somewhere", "--checkpoint", "c.pth")
     assert got.pop() == 4
+
+
+@pytest.mark.slow
+def test_torchcompile_trains_compiled_and_validates_to_the_logged_miou(tmp_path, capsys):
+    """`--torchcompile BACKEND`, as `sequencer train` has it (it was an unrecognized argument here): the training
+    steps run through torch.compile (aot_eager: its graph capture without inductor's C++ build) with eager's loss;
+    evaluation stays eager, so `segment validate` gives the logged mIoU. An unknown backend is one line before
+    anything is written."""
+    voc = make_voc(tmp_path / "voc", n_train=4, n_val=2)
+    flags = ("--num-classes", 3, *TINY_SEGMENTER, "--img-size", 32, "-b", 2, "--epochs", 1, "--warmup-iters", 1,
+             "-j", 0, "--device", "cpu", "--output", tmp_path / "out")
+    assert segment("train", voc, *flags, "--torchcompile", "nosuch", "--experiment", "bad") == 2
+    assert capsys.readouterr().err.startswith("sequencer segment: error: --torchcompile nosuch: unknown "
+                                              "torch.compile backend (hint: backends: ")
+    assert not (tmp_path / "out").exists()
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    assert segment("train", voc, *flags, "--torchcompile", "aot_eager", "--experiment", "compiled") == 0
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] > 0  # the steps ran compiled graphs
+    assert segment("train", voc, *flags, "--experiment", "eager") == 0
+    compiled, eager = (_summary(tmp_path / "out" / name)[0] for name in ("compiled", "eager"))
+    assert float(compiled["train_loss"]) == pytest.approx(float(eager["train_loss"]), rel=1e-4)
+    results = tmp_path / "r.json"
+    assert segment("validate", voc, "--checkpoint", tmp_path / "out" / "compiled" / "last.pth.tar", "-j", 0,
+                   "--device", "cpu", "--results-file", results) == 0
+    assert f"{json.loads(results.read_text())['miou']:.4f}" == compiled["eval_miou"]

@@ -10,8 +10,9 @@ import dataclasses
 from ..choices import EVAL_MODES, HEADS
 from ..data.class_folders import find_images
 from ..engine.segmentation_config import SegmentConfig
-from .common import (KeyValues, add_workers_argument, check_device, check_results_file, check_workers, data_workers,
-                     failure_reported_to_launcher, key_value, positive_int, speaks_for_the_launch)
+from .common import (KeyValues, add_torchcompile_argument, add_workers_argument, check_device, check_results_file,
+                     check_workers, data_workers, failure_reported_to_launcher, key_value, positive_int,
+                     speaks_for_the_launch)
 
 _DEFAULTS = SegmentConfig()
 
@@ -73,6 +74,7 @@ def _add_train(p: argparse.ArgumentParser) -> None:
     g.add_argument("--amp", action="store_true", help="mixed precision (autocast)")
     g.add_argument("--amp-dtype", choices=("float16", "bfloat16"), default=_DEFAULTS.amp_dtype,
                    help="autocast dtype (float16 needs a GPU; the CPU uses bfloat16)")
+    add_torchcompile_argument(g)
     g.add_argument("--seed", type=int, default=_DEFAULTS.seed, help="random seed" + _default("seed"))
     g = p.add_argument_group("evaluation")
     _add_eval_flags(g)

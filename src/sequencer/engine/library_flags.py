@@ -12,13 +12,15 @@ ERASING_MODES = ("const", "rand", "pixel")
 def check_library_flags(cfg) -> None:
     """Raise SequencerError for a value of --torchcompile(-mode), --opt, --sched, --aa, --remode or
     --train-interpolation that the library would refuse (or silently treat as something else)."""
-    _check_compile(cfg.torchcompile, cfg.torchcompile_mode)
+    check_compile(cfg.torchcompile, cfg.torchcompile_mode)
     _check_optimizer(cfg.opt)
     _check_schedule(cfg.sched)
     _check_augment(cfg)
 
 
-def _check_compile(backend: str | None, mode: str | None) -> None:
+def check_compile(backend: str | None, mode: str | None) -> None:
+    """SequencerError for a torch.compile ``backend`` or ``mode`` that torch does not have (``backend`` None or
+    "": eager)."""
     if mode is not None and mode not in COMPILE_MODES:
         raise SequencerError(f"`torchcompile_mode={mode}`: unknown mode", hint=f"modes: {', '.join(COMPILE_MODES)}")
     if not backend:

@@ -283,9 +283,9 @@ def _build_model(cfg: SegmentConfig, num_classes: int, resume_ckpt: dict | None,
 
 def _build_run(cfg: SegmentConfig, state: RunState, info, model: nn.Module, train_split, val_split,
                resume_ckpt: dict | None) -> _Run:
-    """Loaders, DDP wrapping, optimizer, poly schedule (over the run's length, counted on from a resumed
-    checkpoint's updates: :func:`_schedule_length`; a warmup shortened is said at the start, through ``state``)
-    and AMP."""
+    """Loaders, DDP wrapping, ``torchcompile``, optimizer, poly schedule (over the run's length, counted on from a
+    resumed checkpoint's updates: :func:`_schedule_length`; a warmup shortened is said at the start, through
+    ``state``) and AMP."""
     from timm.optim import create_optimizer_v2
     from timm.scheduler import PolyLRScheduler
 
@@ -306,6 +306,9 @@ def _build_run(cfg: SegmentConfig, state: RunState, info, model: nn.Module, trai
             model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
         train_model = nn.parallel.DistributedDataParallel(
             model, device_ids=[info.device.index] if info.device.type == "cuda" else None)
+    if cfg.torchcompile:  # the training steps only: evaluation runs eager, as `segment validate` does, on images of
+        # every size (each would be a recompile), so that the checkpoint validates to the mIoU logged
+        train_model = torch.compile(train_model, backend=cfg.torchcompile)
     try:
         optimizer = create_optimizer_v2(model, opt=cfg.opt, lr=cfg.lr, weight_decay=cfg.weight_decay)
     except (ValueError, AssertionError, KeyError) as e:

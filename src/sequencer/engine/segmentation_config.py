@@ -52,6 +52,7 @@ class SegmentConfig:
     dist_bn: str = "reduce"  # BatchNorm statistics before each evaluation under DDP: the ranks' mean, or rank 0's
     amp: bool = False
     amp_dtype: str = "float16"
+    torchcompile: str | None = None  # a torch.compile backend for the training steps; None or "": eager
     seed: int = 42
     workers: int = 4
     device: str | None = None
@@ -90,6 +91,7 @@ def check_segment_config(cfg: SegmentConfig) -> None:
     runs."""
     from ..models import get_model_entry  # here, not above: SegmentConfig is imported by the command line's tables
     from .inference import resolve_device
+    from .library_flags import check_compile
     from .segmentation_eval import check_stride
 
     def bad(name, value, why):
@@ -118,6 +120,7 @@ def check_segment_config(cfg: SegmentConfig) -> None:
         bad("eval_metric", cfg.eval_metric, "segment train keeps the best checkpoint by mIoU; leave it unset")
     if cfg.amp_dtype not in ("float16", "bfloat16"):
         bad("amp_dtype", cfg.amp_dtype, "use float16 or bfloat16")
+    check_compile(cfg.torchcompile, None)
     if cfg.dist_bn not in ("reduce", "broadcast"):
         bad("dist_bn", cfg.dist_bn, "use reduce (the ranks' mean BatchNorm statistics) or broadcast (rank 0's)")
     if cfg.resume == "auto" and not cfg.experiment:
