@@ -3,8 +3,13 @@ changes what the caller passed beyond a call's purpose (training changes the wei
 from __future__ import annotations
 
 import contextlib
+import threading
+import weakref
 
 from torch import nn
+
+_module_locks: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # {caller's module: the lock its calls hold}
+_module_locks_lock = threading.Lock()
 
 
 @contextlib.contextmanager
@@ -17,6 +22,24 @@ def caller_module_kept(module: nn.Module | None, tensors: bool = True):
     if module is None:
         yield
         return
+    with _lock_of(module):
+        yield from _kept(module, tensors)
+
+
+def _lock_of(module: nn.Module) -> threading.RLock:
+    """The lock the calls given ``module`` hold while they use it, so that calls from several threads (two
+    validations of one module) use it one after another: overlapping, the first to end put its train mode back
+    under the second's evaluation (dropout on, BatchNorm's running statistics updated in place, another loss) and
+    the second left the module in eval mode, the mode it found. Re-entrant: a call inside another's (a callback's
+    validation) goes on."""
+    with _module_locks_lock:
+        lock = _module_locks.get(module)
+        if lock is None:
+            lock = _module_locks[module] = threading.RLock()
+        return lock
+
+
+def _kept(module: nn.Module, tensors: bool):
     flags = [(m, name, getattr(m, name)) for m in module.modules() for name in ("training", "grad_checkpointing")
              if isinstance(getattr(m, name, None), bool)]
     params = [(m, name, p, p.detach(), p.grad, None if p.grad is None else p.grad.detach())
