@@ -325,3 +325,22 @@ def test_segment_predict_into_the_folder_of_its_images(run_cli, tmp_path, overla
         Image.open(folder / "x" / "0.jpg").save(image)  # the image 0.jpg and another, 0_overlay.jpg
     run_cli("segment", "predict", folder / "x", "--checkpoint", tmp_path / "none.pth.tar", "--output", folder / "x",
             *overlay, expect=f"would replace the image {image}")
+
+
+# ------------------------------------------------------------------------------------------ data without images
+@pytest.mark.parametrize("kind", ["folders", "tars"])
+def test_class_folders_or_tars_without_images_are_one_line(run_cli, tmp_path, finished_run, kind):
+    """A split whose every class folder (or CLASS.tar) is empty: one warning per class ("ignoring class folder ...:
+    it holds no image files") came before the error that said it all."""
+    import tarfile
+    for name in ("blue", "green", "red"):
+        (tmp_path / "empty" / "val" / name).mkdir(parents=True)
+    data = tmp_path / "empty"
+    if kind == "tars":
+        data = tmp_path / "tars"
+        data.mkdir()
+        for name in ("blue", "green", "red"):
+            with tarfile.open(data / f"{name}.tar", "w") as tar:
+                tar.add(tmp_path / "empty" / "val" / name, arcname=name)
+    run_cli("validate", data, *(["--dataset", "tar"] if kind == "tars" else []), "--checkpoint",
+            finished_run / "last.pth.tar", "-j", 0, "--device", "cpu", expect="no images found")

@@ -239,7 +239,8 @@ def archive_stem(name: str) -> str | None:
 
 
 def check_class_entries(folder: str, classes: set[str]) -> None:
-    """Name what a split ``folder`` holds that gives no class: one warning per class folder without image files;
+    """Name what a split ``folder`` holds that gives no class: one warning per class folder without image files
+    (none where no folder holds any: the caller's one-line "no images found" says it all);
     SequencerError for an archive beside the class folders whose class has no folder (``train/cat.zip`` beside
     ``train/dog/``: the class would be lost), a warning where that class has a folder too; SequencerError for a
     symbolic link to a folder that does not exist (``train/cat -> /mnt/usb/cats`` with the drive unmounted)."""
@@ -252,7 +253,7 @@ def check_class_entries(folder: str, classes: set[str]) -> None:
                                  f"class {class_name(name)!r} would be lost",
                                  hint="mount or restore what it leads to, or remove the link")
         if os.path.isdir(path):
-            if class_name(name) not in classes:
+            if classes and class_name(name) not in classes:
                 _logger.warning("ignoring class folder %s: it holds no image files", path)
             continue
         stem = archive_stem(name)

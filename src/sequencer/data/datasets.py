@@ -170,14 +170,15 @@ def _tar_folder_entries(folder: str) -> list:
     if other is not None:  # CLASS.zip beside CLASS.tar files
         raise SequencerError(f"{os.path.join(folder, other)!r} is not a .tar: class {archive_stem(other)!r} would be "
                              f"lost", hint="repack it as a .tar (tar cf CLASS.tar ...)")
-    entries = []
+    entries, empty = [], []
     for name in tars:
         path = os.path.join(folder, name)
         found = [((path, m.name, m.offset_data, m.size), class_name(name[:-4]))
                  for m in tar_members(path) if class_of("x/" + m.name) is not None]  # any image, hidden skipped
-        if not found:
-            _logger.warning("ignoring %s: it holds no image files", path)
+        empty += [] if found else [path]
         entries += found
+    for path in empty if entries else ():  # none at all: the caller's one-line "no images found" says it
+        _logger.warning("ignoring %s: it holds no image files", path)
     return entries
 
 
