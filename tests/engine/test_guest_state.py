@@ -656,6 +656,41 @@ def test_the_callers_meta_default_device_builds_a_model_by_name_there_and_reache
     assert exported < 1e-5
 
 
+def test_the_builders_follow_the_callers_default_dtype_as_timm_and_torch_layers_do(env, tmp_path):
+    """The documented split: under the caller's float64 default, ``create_model`` (by name or with a checkpoint)
+    and ``load_model`` build in float64, as timm's ``create_model`` and torch's layers do, and ``load_model``'s
+    preprocessing gives float64 images, so its model predicts what the float32 one does (to float32's rounding);
+    the runs (``train``, ``validate``) are float32 (the test above)."""
+    import timm
+    from PIL import Image
+
+    from sequencer.engine.inference import eval_transform, load_model, read_images
+
+    Image.new("RGB", (20, 20), "red").save(tmp_path / "red.png")
+
+    def predicted():
+        loaded = load_model(str(env["classifier"]))
+        _, images, _ = read_images([tmp_path / "red.png"], eval_transform(loaded))
+        with torch.no_grad():
+            return next(loaded.model.parameters()).dtype, images[0].dtype, loaded.model(torch.stack(images))
+
+    in_float32 = predicted()
+    torch.set_default_dtype(torch.float64)
+    try:
+        timms = next(timm.create_model("resnet10t").parameters()).dtype
+        by_name = next(sequencer.create_model("sequencer2d_nano", num_classes=2).parameters()).dtype
+        from_file = sequencer.create_model("sequencer2d_nano", checkpoint_path=str(env["classifier"]))
+        in_float64 = predicted()
+    finally:
+        torch.set_default_dtype(torch.float32)
+    weights = torch.load(env["classifier"], map_location="cpu", weights_only=False)["state_dict"]
+    assert timms == by_name == torch.float64
+    assert all(t.dtype == torch.float64 and torch.equal(t, weights[k].double())
+               for k, t in from_file.state_dict().items() if t.is_floating_point())
+    assert in_float32[:2] == (torch.float32, torch.float32) and in_float64[:2] == (torch.float64, torch.float64)
+    torch.testing.assert_close(in_float64[2].float(), in_float32[2], rtol=1e-5, atol=1e-6)
+
+
 # ---------------------------------------------------------------------------- a module moved for evaluation
 ELSEWHERE = torch.device("meta")  # a device other than the module's on every machine: the move is observable
 
