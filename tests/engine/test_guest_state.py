@@ -872,3 +872,21 @@ def test_two_threads_validating_one_module_get_the_evaluation_and_give_it_back_a
     first.join(), second.join()
     assert [(r.loss, r.top1) for r in results.values()] == [(expected.loss, expected.top1)] * 2
     assert model.training and model.bn.training and torch.equal(model.bn.running_mean, statistics)
+
+
+def test_a_quiet_call_inside_a_progress_call_prints_nothing(env, capfd):
+    """``validate(progress=False)`` in the callback of a ``train(progress=True)`` (an extra metric per epoch) prints
+    nothing: the training's own console handler showed the validation's lines (' * Acc@1 100.000 ...', 'model
+    sequencer2d_nano ... images/s'), which printed only the training's."""
+    model, data = caller_module(), (Blobs(8, 0, pil=True), Blobs(4, 1, pil=True))
+    accuracies = []
+
+    def callback(metrics):
+        accuracies.append(sequencer.validate(model=model, data=data[1], img_size=16, workers=0, progress=False).top1)
+
+    capfd.readouterr()
+    sequencer.train(model=model, data=data, **QUICK, output=str(env["root"]), experiment=f"quiet-{next(RUNS)}",
+                    callbacks=callback)
+    out, err = capfd.readouterr()
+    assert len(accuracies) == 1 and "epoch 0: train_loss" in out
+    assert "Acc@1" not in out + err and "images/s" not in out + err

@@ -106,13 +106,14 @@ class _Silence(logging.Handler):
         pass
 
 
-def _console_handlers(logger: logging.Logger) -> list[logging.Handler]:
-    """The handlers that show ``logger``'s records on stdout/stderr (the CLI's, or the caller's
-    ``logging.basicConfig``), up the hierarchy as records propagate."""
+def _console_handlers(logger: logging.Logger, thread: int) -> list[logging.Handler]:
+    """The handlers that show ``thread``'s records of ``logger`` on stdout/stderr (the CLI's, the caller's
+    ``logging.basicConfig``, or the handler of a ``progress=True`` call this one runs inside: a validation in a
+    training's callback), up the hierarchy as records propagate."""
     consoles = {sys.stdout, sys.stderr, sys.__stdout__, sys.__stderr__}
     found = []
     while logger is not None:
-        found += [h for h in logger.handlers if isinstance(h, ConsoleHandler) and h.thread is None
+        found += [h for h in logger.handlers if isinstance(h, ConsoleHandler) and h.thread in (None, thread)
                   or isinstance(h, logging.StreamHandler) and getattr(h, "stream", None) in consoles]
         logger = logger.parent if logger.propagate else None
     return found
@@ -129,7 +130,7 @@ def console(progress: bool):
     thread = threading.get_ident()
     token = _quiet.set(not progress)
     bar_token = download_progress.set(progress)  # a download's progress bar (released weights) is console output too
-    consoles = _console_handlers(logger)
+    consoles = _console_handlers(logger, thread)
     handler = _Silence(thread) if not progress else ConsoleHandler(thread=thread) if not consoles else None
     not_this_thread = _OtherThreads(thread)
     muted = [] if progress else consoles
