@@ -3,6 +3,7 @@ import math
 
 import pytest
 import torch
+from torch import nn
 
 import sequencer
 from sequencer import SequencerError
@@ -37,6 +38,14 @@ def test_unknown_name_suggests_close_names():
     assert "sequencer2d_s" in str(e.value) and "did you mean" in str(e.value)
     with pytest.raises(SequencerError, match="sequencer models"):  # nothing close: point at the list
         sequencer.create_model("resnet50")
+
+
+@pytest.mark.parametrize("name", [None, nn.Identity()], ids=["None", "a module"])
+def test_a_name_that_is_not_text_is_refused_in_one_line(name):
+    """``create_model(model)`` with the model itself, or None (an unset variable): one line naming what came; it
+    failed as AttributeError "'NoneType' object has no attribute 'startswith'"."""
+    with pytest.raises(SequencerError, match=rf"a model name is a registered name \(text\), not {type(name).__name__}"):
+        sequencer.create_model(name)
 
 
 def test_bad_architecture_argument_is_a_user_error():

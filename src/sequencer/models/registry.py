@@ -59,6 +59,9 @@ def list_models(pattern: str = "*", pretrained: bool = False) -> list[str]:
 def get_model_entry(name: str) -> ModelEntry:
     """The registered model ``name``; for ``hf-hub:ORG/NAME`` the architecture its config.json names, with the
     repository's cfg and arguments (read through huggingface_hub's cache). SequencerError for unknown names."""
+    if not isinstance(name, str):  # a module or None passed as the name failed as "'NoneType' has no 'startswith'"
+        raise SequencerError(f"a model name is a registered name (text), not {type(name).__name__}",
+                             hint="run `sequencer models` for the list")
     if name.startswith(HF_HUB_PREFIX):
         return _hf_hub_entry(name[len(HF_HUB_PREFIX):])
     try:
