@@ -240,3 +240,24 @@ def test_a_segmentation_checkpoint_is_named_as_such(tmp_path, capsys, command):
     assert main(argv) == 2
     err = capsys.readouterr().err
     assert "is a segmentation model" in err and "sequencer segment validate" in err and len(err.splitlines()) == 1
+
+
+@pytest.mark.parametrize("command", ["validate", "predict"])
+def test_released_weights_with_another_class_count_are_refused_before_loading(tmp_path, monkeypatch, capsys,
+                                                                            command):
+    """--pretrained (or --model alone) with --num-classes 3: the released 1000-class head would be replaced by an
+    untrained one, and validate scored its all-equal logits (66.667% top-1: every image read as the first class,
+    two thirds of them of it) behind a warning about transfer learning. One line, and nothing is downloaded."""
+    import sequencer.models.hub as hub
+
+    def no_download(*args, **kwargs):
+        raise AssertionError("downloaded")
+
+    monkeypatch.setattr(hub, "download_weights", no_download)
+    _write_folder(tmp_path / "data" / "val")
+    data = [str(tmp_path / "data")] if command == "validate" else [str(next((tmp_path / "data").rglob("*.png")))]
+    capsys.readouterr()
+    assert main([command, *data, "--model", "sequencer2d_s", "--pretrained", "--num-classes", "3"]) == 2
+    err = capsys.readouterr().err
+    assert "--pretrained with --num-classes 3: sequencer2d_s's released weights have a 1000-class head, so a " \
+           "3-class one would be untrained" in err and len(err.strip().splitlines()) == 1

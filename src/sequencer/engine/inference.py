@@ -19,7 +19,7 @@ from ..data import create_dataset, create_loader, create_transform, load_image, 
 from ..data.class_folders import class_name
 from ..data.datasets import READ_ERRORS, drop_classes, held_out_split, map_classes_by_name
 from ..errors import SequencerError
-from ..models import create_model, get_model_entry
+from ..models import create_model, get_model_entry, has_pretrained_weights
 from ..models.loading import checkpoint_metadata, picked_weights, read_checkpoint, recorded_probabilities
 from ..models.registry import ReadCheckpoint
 from .data_record import carved_from, keep_held_out_files, trained_on_all_of
@@ -81,6 +81,8 @@ def load_model(checkpoint: str = "", model: str | None = None, pretrained: bool 
     checkpoint = read_checkpoint(path) if path else None
     meta = checkpoint_metadata(checkpoint)
     name = _model_name(model, checkpoint, meta, path)
+    if pretrained and checkpoint is None and num_classes:
+        _check_released_head(name, num_classes)
     if checkpoint is None:
         kwargs = dict(model_kwargs or {})
     else:
@@ -130,6 +132,19 @@ def load_model(checkpoint: str = "", model: str | None = None, pretrained: bool 
     probabilities = recorded_probabilities(checkpoint) or (None if meta.get("arch") else "softmax")
     return LoadedModel(model, name, class_names, (model.in_chans, size, size), data_config, checkpoint,
                        weights=weights, trained_size=trained_size, probabilities=probabilities)
+
+
+def _check_released_head(name: str, num_classes: int) -> None:
+    """SequencerError where the released weights' head has another class count than ``num_classes``: the model
+    would get a new, untrained head (a warning meant for fine-tuning), and validate scored its all-equal logits
+    (every image its first class: 66.667% top-1 where two thirds of the images were of it)."""
+    cfg = get_model_entry(name).pretrained_cfg
+    released = cfg.get("num_classes") if has_pretrained_weights(cfg) else None
+    if released and num_classes != released:
+        raise SequencerError(f"`pretrained=True` with `num_classes={num_classes}`: {name}'s released weights have a "
+                             f"{released}-class head, so a {num_classes}-class one would be untrained",
+                             hint=f"fine-tune one first (train with `pretrained=True` and `num_classes={num_classes}`) "
+                                  f"and pass its checkpoint, or drop `num_classes`")
 
 
 def _model_name(model: str | None, checkpoint: dict | None, meta: dict, path: str) -> str:
