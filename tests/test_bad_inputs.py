@@ -344,3 +344,25 @@ def test_class_folders_or_tars_without_images_are_one_line(run_cli, tmp_path, fi
                 tar.add(tmp_path / "empty" / "val" / name, arcname=name)
     run_cli("validate", data, *(["--dataset", "tar"] if kind == "tars" else []), "--checkpoint",
             finished_run / "last.pth.tar", "-j", 0, "--device", "cpu", expect="no images found")
+
+
+# ------------------------------------------------------------------------ a failure after the output folder is made
+def test_resolution_sweep_of_unreadable_images_leaves_no_output_folder(run_cli, tmp_path, finished_run):
+    """The folders of -o were made before the sweep, which then failed on the images: they stayed, empty."""
+    for name in ("blue", "green", "red"):
+        (tmp_path / "broken" / "val" / name).mkdir(parents=True)
+        (tmp_path / "broken" / "val" / name / "0.png").write_bytes(b"not an image")
+    run_cli("resolution-sweep", tmp_path / "broken", "--checkpoint", finished_run / "last.pth.tar", "--sizes", 16,
+            "-j", 0, "--device", "cpu", "-o", tmp_path / "sweeps" / "broken", expect="unreadable")
+
+
+def test_segment_predict_of_an_unreadable_first_image_leaves_no_output_folder(run_cli, tmp_path):
+    from sequencer.models.segmentation import create_segmenter
+    model = create_segmenter("sequencer2d_nano", 3, head="fpn", head_channels=8, out_channels=8,
+                             backbone_kwargs=TINY_KWARGS)
+    torch.save(dict(state_dict=model.state_dict(), segmenter=model.config, class_names=["a", "b", "c"],
+                    data_config=dict(img_size=32, eval_size=32, mean=(0.5,) * 3, std=(0.5,) * 3)),
+               tmp_path / "seg.pth.tar")
+    (tmp_path / "x.png").write_bytes(b"not an image")
+    run_cli("segment", "predict", tmp_path / "x.png", "--checkpoint", tmp_path / "seg.pth.tar", "--device", "cpu",
+            "--output", tmp_path / "masks" / "x", expect="x.png is unreadable")

@@ -2,11 +2,12 @@
 file the command reads (`input_overwritten`)."""
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import tempfile
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 from .errors import SequencerError
 
@@ -50,6 +51,30 @@ def write_atomically(path: str | os.PathLike, write: Callable[[str], None], what
         raise
     fsync_dir(parent)
     return path
+
+
+@contextlib.contextmanager
+def output_folder(path: str | os.PathLike, what: str = "output folder") -> Iterator[Path]:
+    """The folder ``path``, created with its missing parents for the block's writes; when the block fails (an error,
+    Ctrl-C) the folders this created are removed again while they are empty, so a failed command leaves no debris.
+    Raises SequencerError naming it (``what``) when it cannot be created or written in."""
+    folder = Path(path)
+    created = [f for f in (folder, *folder.parents) if not f.exists()]  # innermost first
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise SequencerError(f"cannot create {what} {str(folder)!r} ({e.strerror or e})") from None
+    try:
+        if not os.access(folder, os.W_OK):
+            raise SequencerError(f"{what} {str(folder)!r} is not writable")
+        yield folder
+    except BaseException:
+        for made in created:
+            try:
+                os.rmdir(made)  # fails, as it should, once anything was written there
+            except OSError:
+                break
+        raise
 
 
 def fsync_dir(folder: str | os.PathLike) -> None:

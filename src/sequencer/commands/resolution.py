@@ -6,7 +6,8 @@ import argparse
 import os
 
 from ..errors import SequencerError
-from .common import add_dataset_arguments, add_model_args, add_workers_argument, data_workers, load_model_from_args, positive_int
+from .common import (add_dataset_arguments, add_model_args, add_workers_argument, data_workers, load_model_from_args,
+                     positive_int)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -37,8 +38,8 @@ def run(args: argparse.Namespace) -> int:
     from ..data import create_dataset
     from ..engine.inference import (check_input_size, label_with_model_classes, resolve_device,
                                     split_to_evaluate)
-    from ..tools.resolution import (default_sizes, plot_resolution, prepare_output_dir, resolution_sweep,
-                                   write_resolution_csv)
+    from ..fileio import output_folder
+    from ..tools.resolution import default_sizes, plot_resolution, resolution_sweep, write_resolution_csv
 
     device = resolve_device(args.device)
     loaded = load_model_from_args(args, device)
@@ -49,11 +50,11 @@ def run(args: argparse.Namespace) -> int:
     split = split_to_evaluate(loaded.checkpoint, args.data, args.split, args.dataset)
     label_with_model_classes(create_dataset(args.dataset, root=args.data, split=split,
                                             download=args.dataset_download), loaded)  # what downloads, once
-    out = prepare_output_dir(args.output)
-    rows = resolution_sweep(loaded, args.data, split, sizes, batch_size=args.batch_size, workers=workers,
-                            device=device, dataset=args.dataset)
-    write_resolution_csv(rows, out / "resolution.csv")
-    plot_resolution(rows, out / "resolution.png", f"{loaded.name}: accuracy vs input resolution",
-                    train_size=loaded.trained_size)
+    with output_folder(args.output) as out:  # a sweep that fails leaves no empty folder behind
+        rows = resolution_sweep(loaded, args.data, split, sizes, batch_size=args.batch_size, workers=workers,
+                                device=device, dataset=args.dataset)
+        write_resolution_csv(rows, out / "resolution.csv")
+        plot_resolution(rows, out / "resolution.png", f"{loaded.name}: accuracy vs input resolution",
+                        train_size=loaded.trained_size)
     print(f"wrote {out / 'resolution.csv'} and {out / 'resolution.png'} (native size {loaded.trained_size} px)")
     return 0

@@ -25,7 +25,7 @@ from ..data.class_folders import split_aliases
 from ..data.loader_workers import workers_stopped_on_exit
 from ..data.segmentation import IGNORE_INDEX, EvalTransform, SegmentationDataset, open_split, voc_palette
 from ..errors import SequencerError
-from ..fileio import input_overwritten, write_atomically
+from ..fileio import input_overwritten, output_folder, write_atomically
 from ..models import get_model_entry
 from ..models.caller_module import caller_module_kept
 from ..models.loading import checkpoint_metadata, extract_state_dict, read_checkpoint
@@ -385,32 +385,29 @@ def predict_files(checkpoint: str, files: list[Path], output: str, *, overlay: b
     cfg = loaded.data_config
     settings = inference_settings(cfg, eval_mode, stride, dev)
     transform = EvalTransform(cfg["eval_size"], cfg["mean"], cfg["std"])
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise SequencerError(f"`output={output!r}`: cannot create the folder ({e.strerror})") from None
-    palette = voc_palette()
-    written = []
-    for file in files:
-        try:
-            picture = load_image(file)
-        except READ_ERRORS as e:
-            raise SequencerError(f"image {file} is unreadable ({e})") from None
-        image = transform.image(TF.pil_to_tensor(picture))[None].to(dev)
-        with torch.inference_mode():
-            pred = predict_mask(loaded.model, image, (picture.height, picture.width), settings)
-        # in the label ids of the dataset's own masks: a reduce-zero-label model's class k is id k + 1 (ADE20K: 0 is
-        # "other"), as its annotation files and the benchmark's submissions have it
-        pred = pred + 1 if cfg.get("reduce_zero_label") else pred
-        mask = Image.fromarray(pred.to(torch.uint8).cpu().numpy())
-        mask.putpalette(palette)  # L -> P: the indices stay, the palette colours them
-        target = out / f"{file.stem}.png"
-        write_atomically(target, lambda tmp: mask.save(tmp, format="PNG"), what="mask")
-        written.append(target)
-        if overlay:
-            blended = Image.blend(picture, mask.convert("RGB"), alpha)
-            write_atomically(out / f"{file.stem}_overlay.jpg",
-                             lambda tmp: blended.save(tmp, format="JPEG", quality=90), what="overlay")
+    with output_folder(out, "`output` folder"):  # a first image that fails leaves no empty folder behind
+        palette = voc_palette()
+        written = []
+        for file in files:
+            try:
+                picture = load_image(file)
+            except READ_ERRORS as e:
+                raise SequencerError(f"image {file} is unreadable ({e})") from None
+            image = transform.image(TF.pil_to_tensor(picture))[None].to(dev)
+            with torch.inference_mode():
+                pred = predict_mask(loaded.model, image, (picture.height, picture.width), settings)
+            # in the label ids of the dataset's own masks: a reduce-zero-label model's class k is id k + 1 (ADE20K: 0
+            # is "other"), as its annotation files and the benchmark's submissions have it
+            pred = pred + 1 if cfg.get("reduce_zero_label") else pred
+            mask = Image.fromarray(pred.to(torch.uint8).cpu().numpy())
+            mask.putpalette(palette)  # L -> P: the indices stay, the palette colours them
+            target = out / f"{file.stem}.png"
+            write_atomically(target, lambda tmp: mask.save(tmp, format="PNG"), what="mask")
+            written.append(target)
+            if overlay:
+                blended = Image.blend(picture, mask.convert("RGB"), alpha)
+                write_atomically(out / f"{file.stem}_overlay.jpg",
+                                 lambda tmp: blended.save(tmp, format="JPEG", quality=90), what="overlay")
     return written
 
 

@@ -9,29 +9,16 @@ from __future__ import annotations
 import csv
 import io
 import logging
-import os
 from pathlib import Path
 
 from ..engine.evaluate import evaluate
 from ..engine.inference import LoadedModel, eval_loader
 from ..data.loader_workers import workers_stopped_on_exit
-from ..errors import SequencerError
 from ..fileio import write_atomically
 
 _logger = logging.getLogger(__name__)
 
 PLOT_SIZE_IN, PLOT_DPI = (6.4, 4.0), 100  # -> 640 x 400 px
-
-
-def prepare_output_dir(path: str) -> Path:
-    out = Path(path)
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise SequencerError(f"cannot create output folder {str(out)!r} ({e.strerror or e})") from None
-    if not os.access(out, os.W_OK):
-        raise SequencerError(f"output folder {str(out)!r} is not writable")
-    return out
 
 
 def plot_resolution(rows: list[dict], path: Path, title: str, train_size: int | None = None) -> None:
