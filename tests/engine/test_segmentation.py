@@ -515,6 +515,25 @@ def test_a_resume_with_another_batch_size_counts_on_from_the_updates_made(tmp_pa
     assert read_checkpoint(resumed.output_dir / "last.pth.tar")["updates"] == 8
 
 
+
+def test_a_resume_with_more_epochs_goes_on_as_a_run_of_that_length(tmp_path):
+    """A 2-epoch run stopped after epoch 0 and resumed with `epochs=3` trains as a 3-epoch run from the start would
+    (the warmup, 2 updates, is epoch 0 in both): the poly lr is rebuilt over 6 updates and goes on from update 2, so
+    the losses, lrs and final weights are the straight run's."""
+    data = make_voc(tmp_path / "voc", n_train=16, n_val=1)
+
+    def config(**kw):
+        return tiny_config(data, tmp_path / "out", head="fpn", eval_interval=10, **kw)
+    straight = train_segmenter(config(epochs=3, experiment="straight"), progress=False)
+    train_segmenter(config(epochs=2, experiment="longer"), callbacks=[lambda row: row["epoch"] == 0], progress=False)
+    resumed = train_segmenter(config(epochs=3, experiment="longer", resume="auto"), progress=False)
+    assert [(r["train_loss"], r["lr"]) for r in resumed.summary] == \
+        [(r["train_loss"], r["lr"]) for r in straight.summary]
+    assert [r["lr"] for r in straight.summary] == pytest.approx([6e-3, 3e-3, 0.0])
+    a, b = (read_checkpoint(run.output_dir / "last.pth.tar")["state_dict"] for run in (straight, resumed))
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+
 # each rank keeps the BatchNorm statistics its own batches left (own{rank}.pt) and the ones its model evaluates with
 BN_AT_EVALUATION = """
 import os
