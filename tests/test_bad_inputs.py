@@ -165,6 +165,12 @@ def test_validate_negative_workers(run_cli, data, finished_run):
     run_cli("validate", data, "--checkpoint", finished_run / "last.pth.tar", "-j", "-1", expect="-j/--workers -1")
 
 
+def test_benchmark_data_negative_workers(run_cli, data):
+    """`benchmark --data DIR -j -1` was torch's DataLoader ValueError traceback."""
+    run_cli("benchmark", "--data", data, "--model", "sequencer2d_nano", "--img-size", "16", "-b", "2", "-j", "-1",
+            "--rounds", "1", "--num-iter", "1", "--device", "cpu", expect="-j/--workers -1: must not be negative")
+
+
 def test_benchmark_image_size_the_model_cannot_take(run_cli):
     """Item 7: `benchmark --img-size 33` was a ValueError traceback."""
     run_cli("benchmark", "--model", "sequencer2d_nano", "--img-size", "33", "--device", "cpu",

@@ -9,7 +9,7 @@ from pathlib import Path
 
 from ..choices import AMP_DTYPE_NAMES
 from ..fileio import write_atomically
-from .common import add_model_args, check_results_file, positive_int
+from .common import add_model_args, check_results_file, check_workers, positive_int
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -57,6 +57,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     check_results_file(args.results_file)
+    check_workers(args.workers)
     from ..tools.benchmark import BenchmarkSettings, run_benchmark
 
     settings = BenchmarkSettings(**{f.name: getattr(args, f.name) for f in dataclasses.fields(BenchmarkSettings)})
