@@ -329,7 +329,8 @@ def test_readme_detection_example_runs(monkeypatch, tiny_kwargs):
 
 def test_detection_doc_example_builds_each_detector(monkeypatch, tiny_kwargs):
     """docs/detection.md's block, as written, with the tiny trunk in place of the downloaded Sequencer2D-S (its
-    256 pyramid channels kept: LastLevelP6P7(256, 256) is written for them); then one small forward of each."""
+    256 pyramid channels kept: LastLevelP6P7(256, 256) is written for them); then one training step of each, on
+    the detectors' own default anchors and RoI pooling (a gradient reaches the trunk), and one small forward."""
     text = (README.parent / "docs" / "detection.md").read_text()
     block = re.search(r"```python\n(.*?)```", text, re.S).group(1)
     real = sequencer.create_backbone
@@ -342,9 +343,15 @@ def test_detection_doc_example_builds_each_detector(monkeypatch, tiny_kwargs):
     scope = {}
     exec(compile(block, "docs/detection.md", "exec"), scope)
     image = [torch.rand(3, 70, 90)]
+    images, targets = boxes_on_noise(2)
     for name in ("faster", "mask", "retina"):
-        detector = scope[name].eval()
+        detector = scope[name].train()
         detector.transform.min_size, detector.transform.max_size = (64,), 96
+        given = targets if name == "mask" else [{k: t[k] for k in ("boxes", "labels")} for t in targets]
+        loss = sum(detector(images, given).values())
+        loss.backward()
+        assert loss.isfinite() and detector.backbone.trunk.stem.proj.weight.grad.abs().sum() > 0, name
+        detector.eval()
         with torch.no_grad():
             assert set(detector(image)[0]) >= {"boxes", "labels", "scores"}, name
     with torch.no_grad():
