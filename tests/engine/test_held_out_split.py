@@ -220,3 +220,28 @@ def test_a_torchvision_dataset_at_a_carved_runs_folder_is_read_as_itself(tmp_pat
                  "-j", "0", "--device", "cpu", "--results-file", str(results)]) == 0
     got = json.loads(results.read_text())
     assert got["count"] == 12 and got["dataset"] == "torch/cifar10[validation]"
+
+
+def test_held_out_files_moved_away_are_said_not_scored_as_zero(tmp_path, capsys):
+    """A --val-fraction run's held-out images since moved or renamed: validate said 'Acc@1 0.000' on 0 images (exit
+    0) where none is left; now one line says so. Where some are gone, a warning says how many, and the top-1 is on
+    the rest."""
+    only_train = make_image_folder(tmp_path / "data", {"cat": (30, 200, 30), "dog": (30, 30, 200)}, 3, 0)
+    model = sequencer.create_model("sequencer2d_nano", num_classes=2, **TINY_KW["model_kwargs"])
+    record = {"dataset": "", "root": str(only_train), "split": "train", "files_in": str(only_train / "train")}
+    checkpoint = tmp_path / "c.pth.tar"
+    for files, rc in ((["cat/0.png", "dog/0.png", "dog/gone.png"], 0), (["cat/gone.png"], 2)):
+        torch.save({"version": 1, "arch": model.model_name, "model_kwargs": model.model_kwargs,
+                    "class_names": ["cat", "dog"], "data_config": {"img_size": 16}, "data": dict(record, files=files),
+                    "state_dict": model.state_dict()}, checkpoint)
+        capsys.readouterr()
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            assert main(["validate", "--checkpoint", str(checkpoint), "-j", "0", "--device", "cpu",
+                         "--results-file", str(tmp_path / "r.json")]) == rc
+        said = capsys.readouterr().err + "".join(str(w.message) for w in caught)
+        if rc == 0:
+            assert json.loads((tmp_path / "r.json").read_text())["count"] == 2
+            assert "1 of the 3 images the checkpoint's run held out of" in said and "on the 2 left" in said
+        else:
+            assert "none of the 1 images the checkpoint's run held out of" in said and "is there any more" in said

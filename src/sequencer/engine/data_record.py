@@ -117,10 +117,16 @@ def carved_from(checkpoint: dict | None, data: str, dataset: str = "") -> str | 
 
 
 def keep_held_out_files(dataset, checkpoint: dict | None) -> tuple:
-    """(``dataset`` restricted to the held-out files ``checkpoint`` records, True) when it is the split they were
-    carved from (the run's DATA, or its training split); otherwise (``dataset``, False)."""
+    """(``dataset`` restricted to the held-out files ``checkpoint`` records, how many it records) when it is the
+    split they were carved from (the run's DATA, or its training split); otherwise (``dataset``, 0). SequencerError
+    where none of them is in it any more (moved or renamed: its top-1 was 0.000 on 0 images)."""
     held_out = recorded_held_out(checkpoint)
     root = getattr(dataset, "root", None)
     if held_out is None or not _same_folder(root, held_out.files_in):
-        return dataset, False
-    return split_by_keys(dataset, held_out.files)[1], True
+        return dataset, 0
+    kept = split_by_keys(dataset, held_out.files)[1]
+    if not len(kept):
+        raise SequencerError(f"none of the {len(held_out.files)} images the checkpoint's run held out of {root} "
+                             f"(`val_fraction`) is there any more (moved or renamed?)",
+                             hint="put them back, or pass `data`: images the run did not train on")
+    return kept, len(held_out.files)

@@ -331,10 +331,13 @@ def held_out_files_only(split_set, loaded: LoadedModel, notes: bool = True):
     """The split, or only the held-out files of it when the checkpoint's run carved them from it (`val_fraction`),
     with a note; a warning where its run trained on all of it (no held-out split). ``notes=False`` (a rank other
     than the first) says nothing."""
-    split_set, kept = keep_held_out_files(split_set, loaded.checkpoint)
-    if kept and notes:
+    split_set, held_out = keep_held_out_files(split_set, loaded.checkpoint)
+    if held_out and notes:
         _logger.info(f"note: evaluating the {len(split_set)} images the checkpoint's run held out of "
                      f"{split_set.root} (`val_fraction`), not the ones it trained on")
+    if len(split_set) < held_out and notes:
+        warn(f"{held_out - len(split_set)} of the {held_out} images the checkpoint's run held out of "
+             f"{split_set.root} are not there any more: its top-1 is on the {len(split_set)} left")
     if trained_on_all_of(split_set, loaded.checkpoint) and notes:
         warn(f"the checkpoint was trained on all of {split_set.root}: these are its training images, "
              f"not held-out ones")
