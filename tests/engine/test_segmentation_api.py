@@ -206,3 +206,57 @@ def test_the_docs_example_runs_as_written(tmp_path, monkeypatch, capsys):
     assert scores.miou == pytest.approx(result.best_miou, abs=5e-5)
     assert set(scores.per_class_iou) == {"class_0", "class_1", "class_2"}
     assert ns["untrained"].images == 3 and ns["model"].training
+
+
+class _ChannelArgmax(torch.nn.Module):
+    """A segmenter in memory whose class at a pixel is the largest of its three normalised colour channels; its
+    fourth class is never predicted."""
+
+    num_classes = 4
+
+    def __init__(self):
+        super().__init__()
+        self.unused = torch.nn.Parameter(torch.zeros(1))  # where the evaluation reads the device
+
+    def forward(self, images):
+        return torch.cat([images, torch.full_like(images[:, :1], -1e4)], dim=1)
+
+
+def test_validate_scores_ade20k_as_a_numpy_confusion_matrix_does(tmp_path):
+    """mIoU, pixel accuracy, mean class accuracy and per-class IoU of `validate_segmenter` on an ADE20K folder are
+    those of a numpy confusion matrix over the masks as the benchmark reads them: label 0 ("other") and 255 left out
+    (reduce-zero-label: label k is class k - 1), class 3 (label 4) in neither the labels nor the predictions without
+    an IoU and out of the means, a class predicted but never labelled (class 2) at IoU 0. The images' short side is
+    the evaluation size, so that no resize stands between the model's logits and the masks."""
+    import numpy as np
+    from PIL import Image
+    from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+
+    rng = np.random.default_rng(0)
+    root = tmp_path / "ade"
+    confusion = np.zeros((4, 4), np.int64)
+    for split in ("training", "validation"):
+        (root / "images" / split).mkdir(parents=True)
+        (root / "annotations" / split).mkdir(parents=True)
+        for i, (h, w) in enumerate([(40, 53), (61, 40), (40, 40)]):
+            image = rng.integers(0, 256, (h, w, 3), dtype=np.uint8)
+            labels = rng.choice(np.array([0, 1, 2, 255], np.uint8), size=(h, w), p=[0.2, 0.35, 0.35, 0.1])
+            Image.fromarray(image).save(root / "images" / split / f"{i}.png")
+            Image.fromarray(labels).save(root / "annotations" / split / f"{i}.png")
+            if split == "validation":
+                normalised = (image / 255.0 - IMAGENET_DEFAULT_MEAN) / IMAGENET_DEFAULT_STD
+                pred = normalised.argmax(-1)
+                scored = (labels != 0) & (labels != 255)
+                np.add.at(confusion, (labels[scored].astype(np.int64) - 1, pred[scored]), 1)
+    hits, labelled, predicted = np.diag(confusion), confusion.sum(1), confusion.sum(0)
+    with np.errstate(invalid="ignore"):
+        iou, accuracy = hits / (labelled + predicted - hits), hits / labelled
+    assert np.isnan(iou[3]) and iou[2] == 0 and labelled[2] == 0 < predicted[2]  # the cases the test is for
+
+    result = validate_segmenter(data=root, split="validation", model=_ChannelArgmax(), eval_size=40)
+    assert result.pixels == confusion.sum() and result.images == 3
+    assert result.miou == pytest.approx(100 * np.nanmean(iou), abs=1e-9)
+    assert result.pixel_acc == pytest.approx(100 * hits.sum() / confusion.sum(), abs=1e-9)
+    assert result.macc == pytest.approx(100 * np.nanmean(accuracy), abs=1e-9)
+    assert [result.per_class_iou[f"class_{k}"] for k in range(3)] == pytest.approx(list(100 * iou[:3]), abs=1e-9)
+    assert math.isnan(result.per_class_iou["class_3"])
