@@ -372,3 +372,12 @@ def test_segment_predict_of_an_unreadable_first_image_leaves_no_output_folder(ru
     (tmp_path / "x.png").write_bytes(b"not an image")
     run_cli("segment", "predict", tmp_path / "x.png", "--checkpoint", tmp_path / "seg.pth.tar", "--device", "cpu",
             "--output", tmp_path / "masks" / "x", expect="x.png is unreadable")
+
+
+# ------------------------------------------------------------------------------------------------ conflicting flags
+@pytest.mark.parametrize("command", [["validate", "DATA", "-j", "0", "--device", "cpu"], ["predict", "DATA"],
+                                     ["export", "-o", "m.safetensors"], ["erf", "DATA", "-o", "erf.png"]])
+def test_checkpoint_and_pretrained_together(run_cli, data, finished_run, command):
+    """--pretrained beside --checkpoint was ignored without a word: the checkpoint's weights ran."""
+    run_cli(*[data if c == "DATA" else c for c in command], "--checkpoint", finished_run / "last.pth.tar",
+            "--pretrained", expect="--pretrained and --checkpoint")

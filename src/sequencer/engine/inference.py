@@ -78,6 +78,9 @@ def load_model(checkpoint: str = "", model: str | None = None, pretrained: bool 
     ``models.loading.picked_weights``). ``model_kwargs``: the architecture arguments of a model built by name
     without a checkpoint (what an ONNX file of ours records, for ``benchmark --onnx``)."""
     path = str(checkpoint or "")
+    if pretrained and path:  # one of them would be ignored
+        raise SequencerError(f"`pretrained=True` and `checkpoint={path}` name two sets of weights",
+                             hint="pass one: `pretrained=True` loads the released weights, `checkpoint` a file")
     checkpoint = read_checkpoint(path) if path else None
     meta = checkpoint_metadata(checkpoint)
     name = _model_name(model, checkpoint, meta, path)
