@@ -410,3 +410,20 @@ def test_an_average_of_runs_holding_out_other_images_keeps_only_those_all_held_o
     assert "no image that every run held out: validate it on images none of them trained on" in \
            capsys.readouterr().out
     assert "data" not in torch.load(out, weights_only=True)
+
+
+def test_validating_an_average_does_not_point_at_a_summary_of_its_numbers(image_folder, tmp_path, capsys):
+    """The runs of the averaged files evaluated under bf16 autocast: validate on the average said "the checkpoint's
+    run evaluated under bfloat16 autocast (its summary.csv's eval numbers) ... the numbers may differ a little", as
+    if some run had logged the average's accuracy; now it says no run evaluated it, in the .pth and the
+    .safetensors file alike (an average of one file is that file's weights: its note stays the run's)."""
+    runs = [str(_as_a_run_wrote_it(tmp_path / f"run{seed}.pth", bce_loss=False, eval_amp_dtype="bfloat16",
+                                   seed=seed)) for seed in (0, 5)]
+    for out, flags in ((tmp_path / "avg.pth", []), (tmp_path / "avg.safetensors", ["--safetensors"])):
+        assert main(["checkpoint", "average", *runs, "-o", str(out), *flags]) == 0
+        capsys.readouterr()
+        assert main(["validate", str(image_folder), "--checkpoint", str(out), "-j", "0", "--device", "cpu"]) == 0
+        said = capsys.readouterr()
+        said = said.out + said.err
+        assert "note: the averaged checkpoints' runs evaluated under bfloat16 autocast; no run evaluated their " \
+               "average" in said and "summary.csv's eval numbers" not in said

@@ -262,8 +262,13 @@ def _amp_dtype(amp: bool, amp_dtype: str | None, dist_info: DistInfo) -> torch.d
 def _note_the_runs_autocast(loaded: LoadedModel, eval_dtype: torch.dtype | None) -> None:
     """One note when the checkpoint's run evaluated under autocast and this evaluation runs in float32: its
     summary.csv's eval numbers and these then differ in the last digits, which reads as a wrong checkpoint."""
-    trained = checkpoint_metadata(loaded.checkpoint).get("eval_amp_dtype")
-    if trained and eval_dtype is None:
+    meta = checkpoint_metadata(loaded.checkpoint)
+    trained = meta.get("eval_amp_dtype")
+    if trained and eval_dtype is None and len(meta.get("averaged_from") or []) > 1:
+        _logger.info(f"note: the averaged checkpoints' runs evaluated under {trained} autocast; no run evaluated "
+                     f"their average (no summary.csv holds its numbers), and this runs in float32: "
+                     f"`amp_dtype={trained}` evaluates it as they evaluated theirs")
+    elif trained and eval_dtype is None:
         _logger.info(f"note: the checkpoint's run evaluated under {trained} autocast (its summary.csv's eval "
                      f"numbers); this runs in float32, so the numbers may differ a little: `amp_dtype={trained}` "
                      f"evaluates as the run did")

@@ -240,9 +240,10 @@ def extract_state_dict(checkpoint: dict, use_ema: bool | None = None) -> dict[st
 # at; an export's: the size it was exported at); `trained_size`, written by `sequencer export`, the size its weights
 # were trained at, which the export size need not be (a file without it: its img_size is both); `probabilities`: how
 # the logits become probabilities (:func:`recorded_probabilities`); `eval_amp_dtype`: the autocast its run evaluated
-# under; `architecture`: what a run of a caller's module (no `arch`) holds, in words
+# under; `architecture`: what a run of a caller's module (no `arch`) holds, in words; `averaged_from`: the files a
+# `checkpoint average` averaged (a clean of the average keeps it: no run evaluated those weights)
 CONFIG_KEYS = ("arch", "model_kwargs", "class_names", "data_config", "trained_size", "ignored_classes", "data",
-               "segmenter", "probabilities", "eval_amp_dtype", "architecture")
+               "segmenter", "probabilities", "eval_amp_dtype", "architecture", "averaged_from")
 PROBABILITIES = ("softmax", "sigmoid")
 
 
