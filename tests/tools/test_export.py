@@ -444,7 +444,7 @@ def test_every_variant_exports_the_plain_models_logits(name, tmp_path):
                 assert relative_error(run(batch), plain(batch)) <= 1e-5, fmt
 
 
-def test_verify_top1_is_validates_on_the_same_folder(tiny_checkpoint, tmp_path):
+def test_verify_top1_is_validates_on_the_same_folder(tiny_checkpoint, tmp_path, caplog):
     """int8 --verify's top-1 is the one validate gives on the folder: its validation split's. It scored every image
     of a folder other than its run's DATA (train/, val/ and test/: 18 images, 8 of them training ones), and on its
     run's DATA the split training evaluated (test/ here) where validate DATA evaluates val/."""
@@ -467,3 +467,10 @@ def test_verify_top1_is_validates_on_the_same_folder(tiny_checkpoint, tmp_path):
         verified = top1_agreement(model, model, str(data))
         assert verified["count"] == 18 and verified["scored"] == validated["count"] == 6
         assert verified["fp32_top1"] * 100 == pytest.approx(validated["top1"], abs=1e-3)
+    # split folders without a validation split: validate refuses the folder; the agreement stands, without a top-1
+    (data / "val").rename(tmp_path / "val")
+    (data / "test").rename(tmp_path / "test")
+    with caplog.at_level(logging.WARNING, logger="sequencer"):
+        verified = top1_agreement(exported, exported, str(data))
+    assert verified["count"] == 8 and verified["scored"] == 0 and verified["fp32_top1"] is None
+    assert f"warning: no top-1, as validate would refuse {data}: split 'validation' not found" in caplog.text

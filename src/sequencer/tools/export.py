@@ -509,7 +509,7 @@ def _scored_images(folder: str, loaded, files: list[Path]) -> set[Path]:
     try:
         root = find_split_folder(folder, split)
     except SequencerError as e:  # validate refuses such a folder; the agreement over its images still holds
-        _logger.warning(f"no top-1: {e}")
+        _logger.warning(f"warning: no top-1, as validate would refuse {folder}: {e}")
         return set()
     under = [f for f in files if f.is_relative_to(root)]
     classes = sorted({f.parent.name for f in under})
