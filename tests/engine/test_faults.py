@@ -192,3 +192,27 @@ def test_a_forked_data_worker_ignores_the_runs_stop_handler():
         assert os.waitstatus_to_exitcode(status) == 0
         os.kill(os.getpid(), signal.SIGINT)  # the run's own process still stops
         assert stop.received == signal.SIGINT
+
+
+def test_a_signal_during_evaluation_says_the_run_stops_once_the_epoch_is_saved(image_folder, tmp_path, monkeypatch,
+                                                                              capsys):
+    """SIGINT while epoch 0 is evaluated: the run finishes and saves the epoch, then stops with no recovery file.
+    It used to say "stopping at the next step with a recovery checkpoint" there too."""
+    from sequencer.engine import train as train_engine
+
+    evaluate_epoch = train_engine.evaluate_epoch
+
+    def signalled_evaluation(run):
+        os.kill(os.getpid(), signal.SIGINT)
+        return evaluate_epoch(run)
+
+    monkeypatch.setattr(train_engine, "evaluate_epoch", signalled_evaluation)
+    args = [image_folder, *TINY_RUN, "--output", tmp_path, "--experiment", "run", "--epochs", "2"]
+    assert train_cli(args) == 128 + signal.SIGINT
+    said = "".join(capsys.readouterr())
+    assert ("received SIGINT: stopping once epoch 0 is finished and saved in last.pth.tar (no recovery checkpoint)"
+            in said)
+    assert "next step" not in said
+    folder = tmp_path / "run"
+    assert not (folder / "recovery.pth.tar").exists()
+    assert assert_loads(folder / "last.pth.tar")["epoch"] == 0 and summary_epochs(folder) == [0]

@@ -78,7 +78,8 @@ def test_two_nodes_without_a_shared_filesystem_resume_and_stop_together(image_fo
     # problem that rank's (rank 1 was the one signalled); each rank said the first
     warned = [result.pop("warnings") for result in results]
     assert any("RNG state missing" in w for w in warned[0]) and not any("received" in w for w in warned[0])
-    assert warned[1] == ["received SIGTERM: stopping at the next step with a recovery checkpoint"], warned
+    assert warned[1] == ["received SIGTERM: stopping once epoch 1 is finished and saved in last.pth.tar (no recovery "
+                         "checkpoint)"], warned
     # node 1 read the checkpoint rank 0 found (its own disk has none), the signal to node 1 stopped both after
     # epoch 1, and node 1's result is rank 0's (it cannot read rank 0's summary.csv)
     assert results[0] == results[1]

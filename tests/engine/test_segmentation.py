@@ -641,3 +641,25 @@ def test_ctrl_c_raises_training_interrupted_after_the_recovery_checkpoint(tmp_pa
     assert [r["epoch"] for r in result.summary] == [0] and result.best_epoch == 0
     assert_summary_is_the_csvs_numbers(result)
     assert signal.getsignal(signal.SIGINT) is handler  # the caller's handler is back
+
+
+def test_a_signal_during_evaluation_says_the_run_stops_once_the_epoch_is_saved(tmp_path, monkeypatch, caplog):
+    """SIGINT while epoch 0 is evaluated: the epoch is saved, no recovery file written, and the run says so, then
+    where a resume goes on (it said "stopping at the next step with a recovery checkpoint", then nothing)."""
+    evaluate = seg_engine.evaluate_segmentation
+
+    def signalled_evaluation(*args, **kwargs):
+        os.kill(os.getpid(), signal.SIGINT)
+        return evaluate(*args, **kwargs)
+
+    monkeypatch.setattr(seg_engine, "evaluate_segmentation", signalled_evaluation)
+    caplog.set_level(logging.WARNING, logger="sequencer")
+    data = make_voc(tmp_path / "voc", n_train=16, n_val=2)
+    stopped = seg_engine.run_segmentation(tiny_config(data, tmp_path / "out", epochs=2, experiment="e"))
+    assert stopped.exit_code == 128 + signal.SIGINT and stopped.interrupted
+    folder = tmp_path / "out" / "e"
+    assert ("received SIGINT: stopping once epoch 0 is finished and saved in last.pth.tar (no recovery checkpoint)"
+            in caplog.text)
+    assert f"stopped by SIGINT after epoch 0; resume with `resume={folder / 'last.pth.tar'}`" in caplog.text
+    assert not (folder / "recovery.pth.tar").exists()
+    assert read_checkpoint(folder / "last.pth.tar")["epoch"] == 0 and len(stopped.summary) == 1

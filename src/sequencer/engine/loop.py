@@ -125,7 +125,7 @@ def train_one_epoch(run: TrainingRun, epoch: int, stop: StopRequest, start: Epoc
         with sync():
             loss = _forward(run, images, targets)
             loss_value = loss.item()
-            if must_stop(run, stop, loss_value, epoch, step):
+            if must_stop(run, stop, loss_value, epoch, step, last=step == steps - 1):
                 progress.close()
                 return EpochResult(float("nan"), current_lr(run.opt.optimizer), started, stopped_at=step, done=done)
             run.opt.scaler.scale(loss / accum).backward()
@@ -173,14 +173,17 @@ def _forward(run: TrainingRun, images: torch.Tensor, targets: torch.Tensor) -> t
         return run.opt.loss_fn(run.train_model(images), targets)
 
 
-def must_stop(run, stop: StopRequest, loss_value: float, epoch: int, step: int) -> bool:
+def must_stop(run, stop: StopRequest, loss_value: float, epoch: int, step: int, last: bool = False) -> bool:
     """True when any rank was asked to stop; SequencerError when any rank's loss is not finite: one all-reduce for
     both, after the step's forward pass and before its backward. ``run``: any run with ``info`` and ``out``
     (classification's :class:`TrainingRun`, segmentation's run). The forward pass of a step that stops moved the
     model's buffers (BatchNorm's statistics): the recovery checkpoint takes them from the last update's
-    `state_buffers` (`recovery_state`)."""
+    `state_buffers` (`recovery_state`). Past the epoch's ``last`` step a signal stops the run only after the epoch's
+    checkpoint (``stop.finishing_epoch``)."""
     # all ranks agree before any backward, so a stop never leaves DDP waiting on a peer
     signum, bad_flag = stop.agreed_with(run.info, not math.isfinite(loss_value))
+    if last and not signum:
+        stop.finishing_epoch = epoch
     if bad_flag:
         last = run.out.folder / "last.pth.tar"
         kept = f"the last good checkpoint is {last}" if last.exists() else "no epoch had finished"

@@ -168,7 +168,11 @@ def _train(cfg: SegmentConfig, state: RunState, info: dist_utils.DistInfo) -> Se
                                                 settings, distributed=info.distributed)
             row = _save_epoch(run, epoch, train_loss, metrics, epoch_started)
             if stop.agreed(info):  # a signal (to any rank) arrived during evaluation: the epoch is saved, stop here
+                if info.is_primary:  # it said nothing: the run ended with 130 and no word of where a resume goes on
+                    _logger.warning("stopped by %s after epoch %d; resume with `resume=%s`",
+                                    signal.Signals(stop.signum).name, epoch, run.out.folder / "last.pth.tar")
                 return _result(info, run.out.folder, run.out.manager, 128 + stop.signum, interrupted=True)
+            stop.finishing_epoch = None
             if callbacks_ask_to_stop(run, row):
                 if info.is_primary:
                     _logger.info("a callback stopped the run after epoch %d", epoch)
@@ -414,7 +418,7 @@ def _train_one_epoch(run: _Run, epoch: int, stop: StopRequest, start: EpochProgr
         value = loss.item()
         # one all-reduce for any rank's stop request or non-finite loss; a stop keeps this forward's move of
         # BatchNorm's statistics out of the recovery checkpoint (``done`` holds the last update's)
-        if must_stop(run, stop, value, epoch, step):
+        if must_stop(run, stop, value, epoch, step, last=step == steps - 1):
             return float("nan"), step, done
         run.scaler.scale(loss).backward()
         if cfg.clip_grad is not None:

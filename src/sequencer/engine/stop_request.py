@@ -1,5 +1,5 @@
 """Stop requests of a training run: SIGTERM/SIGINT noted as a flag that the training loop reads at its next step
-(it saves a recovery checkpoint and exits), agreed by every rank, and a library call's SIGTERM handed back to the
+(it saves a recovery checkpoint and exits), or, past an epoch's last step, once that epoch is saved, agreed by every rank, and a library call's SIGTERM handed back to the
 caller."""
 from __future__ import annotations
 
@@ -14,7 +14,8 @@ _logger = logging.getLogger(__name__)
 
 
 class StopRequest:
-    """SIGTERM/SIGINT set a flag; the training loop saves a recovery checkpoint at the next step and exits.
+    """SIGTERM/SIGINT set a flag; the training loop saves a recovery checkpoint at the next step and exits, or, once
+    the epoch's last step has passed (``finishing_epoch``: its evaluation), exits after the epoch's checkpoint.
 
     A second SIGINT while stopping raises KeyboardInterrupt as usual (atomic writes keep files intact). A library
     entry point's run (``state.caller_sigterm``) leaves SIGTERM to the caller: ignored (SIG_IGN) it is not caught,
@@ -24,6 +25,10 @@ class StopRequest:
     def __init__(self, state: RunState | None = None):
         self.received = 0  # the signal this process's handler took
         self.signum = 0  # the signal every rank agreed to stop by (`agreed`): what the run stops and exits by
+        # the epoch whose training steps have all passed their stop check (the loops set it, None again once its
+        # checkpoint is written): a signal now stops the run after that epoch's evaluation and checkpoint, not at a
+        # step with a recovery checkpoint
+        self.finishing_epoch: int | None = None
         self._state = state
         self._previous = {}
         self._pid = os.getpid()
@@ -39,8 +44,15 @@ class StopRequest:
         self.received = signum
         if signum == signal.SIGTERM and self._state is not None:
             self._state.sigterm_caught = True
-        _logger.warning(f"received {signal.Signals(signum).name}: stopping at the next step with a recovery "
-                        f"checkpoint")
+        _logger.warning(f"received {signal.Signals(signum).name}: {self._what_happens_next()}")
+
+    def _what_happens_next(self) -> str:
+        if self.finishing_epoch is None:
+            return "stopping at the next step with a recovery checkpoint"
+        # the signal was said to stop "at the next step with a recovery checkpoint" here too (during evaluation),
+        # though the run finished the epoch, saved it and wrote no recovery file
+        return (f"stopping once epoch {self.finishing_epoch} is finished and saved in last.pth.tar (no recovery "
+                f"checkpoint)")
 
     def agreed(self, info: dist_utils.DistInfo) -> int:
         """The signal any rank was asked to stop by (0: none), adopted by this rank; every rank calls it at the

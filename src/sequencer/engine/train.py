@@ -228,6 +228,7 @@ def _train(cfg, state: RunState, info: dist_utils.DistInfo) -> TrainResult:
                     _logger.warning(f"stopped by {signal.Signals(stop.signum).name} after epoch {epoch}; resume "
                                     f"with `resume={out.folder / 'last.pth.tar'}`")
                 return _result(cfg, info, out.folder, out.manager, 128 + stop.signum, interrupted=True)
+            stop.finishing_epoch = None
             finished = True
             if callbacks_ask_to_stop(training, row):
                 print_on_primary(info, f"a callback stopped the run after epoch {epoch}")
