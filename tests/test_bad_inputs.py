@@ -286,6 +286,11 @@ def test_library_flag_typo_in_a_config_file(run_cli, data, tmp_path):
     run_cli("train", data, *TRAIN, "--config", tmp_path / "c.yaml", expect="--torchcompile nosuch")
 
 
+def test_config_that_is_a_binary_file(run_cli, data, finished_run):
+    """A checkpoint passed as --config (for the args.yaml beside it) was yaml's UnicodeDecodeError traceback."""
+    run_cli("train", data, *TRAIN, "--config", finished_run / "last.pth.tar", expect="is not a YAML text file")
+
+
 # ---------------------------------------------------------------------------------------- issue 19 item 9
 def test_unknown_flag_points_to_the_subcommand_help(run_cli, data):
     run_cli("predict", data, "--nosuch", expect="unrecognized arguments: --nosuch (see `sequencer predict --help`)")

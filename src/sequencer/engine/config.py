@@ -292,6 +292,10 @@ def resolve_config(explicit: dict, state: RunState | None = None) -> TrainConfig
             raise SequencerError(f"`config={config_path!r}`: cannot read it ({e.strerror})") from None
         except yaml.YAMLError as e:
             raise SequencerError(f"`config={config_path!r}` is not valid YAML ({str(e).splitlines()[0]})") from None
+        except UnicodeDecodeError as e:  # a binary file (a checkpoint passed for its args.yaml)
+            raise SequencerError(f"`config={config_path!r}` is not a YAML text file (byte {e.start} is not "
+                                 f"{e.encoding})", hint="pass a run's args.yaml or a YAML file of flag values"
+                                 ) from None
         if not isinstance(from_yaml, dict):
             raise SequencerError(f"`config={config_path!r}` must hold a mapping of flag names to values")
         # keys may be spelled as the flags are (drop-path) or as args.yaml writes them (drop_path)
