@@ -291,6 +291,12 @@ def test_config_that_is_a_binary_file(run_cli, data, finished_run):
     run_cli("train", data, *TRAIN, "--config", finished_run / "last.pth.tar", expect="is not a YAML text file")
 
 
+def test_class_map_that_is_a_folder(run_cli, data, finished_run):
+    """--class-map DIR said "class map DIR does not exist" of a folder that does."""
+    run_cli("validate", data, "--checkpoint", finished_run / "last.pth.tar", "--class-map", data, "-j", 0,
+            "--device", "cpu", expect="is a folder, not a file")
+
+
 # ---------------------------------------------------------------------------------------- issue 19 item 9
 def test_unknown_flag_points_to_the_subcommand_help(run_cli, data):
     run_cli("predict", data, "--nosuch", expect="unrecognized arguments: --nosuch (see `sequencer predict --help`)")

@@ -18,6 +18,9 @@ def load_class_map(path: str, root: str | None = None) -> dict[str, int]:
     """
     if not os.path.isfile(path) and root and os.path.isfile(os.path.join(root, path)):
         path = os.path.join(root, path)
+    if os.path.isdir(path):
+        raise SequencerError(f"class map {path!r} is a folder, not a file",
+                             hint="pass a text file of class names, one per line")
     if not os.path.isfile(path):
         raise SequencerError(f"class map {path!r} does not exist")
     ext = os.path.splitext(path)[1].lower()
