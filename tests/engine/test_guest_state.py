@@ -24,6 +24,7 @@ import random
 import signal
 import sys
 import threading
+import tempfile
 import time
 import warnings
 
@@ -890,3 +891,24 @@ def test_a_quiet_call_inside_a_progress_call_prints_nothing(env, capfd):
     out, err = capfd.readouterr()
     assert len(accuracies) == 1 and "epoch 0: train_loss" in out
     assert "Acc@1" not in out + err and "images/s" not in out + err
+
+
+def test_a_training_callback_may_validate_the_module_in_threads_of_its_own():
+    """A callback of ``train(model=module)`` evaluating the module on two datasets in a thread pool and waiting for
+    them gets both evaluations (the training's own, 8 images, not among them), and the module trains on."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    model, data, seen = caller_module(), (Blobs(8, 0, pil=True), Blobs(4, 1, pil=True)), []
+
+    def callback(metrics):
+        pool = ThreadPoolExecutor(2)
+        try:
+            runs = [pool.submit(sequencer.validate, model=model, data=d, img_size=16, workers=0, progress=False)
+                    for d in (Blobs(4, 1, pil=True), Blobs(6, 2, pil=True))]
+            seen.extend(run.result(timeout=30).images for run in runs)
+        finally:
+            pool.shutdown(wait=False)  # a deadlocked pool: the callback's TimeoutError fails the test, no hang
+
+    with tempfile.TemporaryDirectory() as output:
+        run = sequencer.train(model=model, data=data, **QUICK, output=output, callbacks=callback, progress=False)
+    assert seen == [4, 6] and not run.interrupted and model.training

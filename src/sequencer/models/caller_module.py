@@ -22,16 +22,17 @@ def caller_module_kept(module: nn.Module | None, tensors: bool = True):
     if module is None:
         yield
         return
-    with _lock_of(module):
+    with _lock_of(module) if tensors else contextlib.nullcontext():
         yield from _kept(module, tensors)
 
 
 def _lock_of(module: nn.Module) -> threading.RLock:
-    """The lock the calls given ``module`` hold while they use it, so that calls from several threads (two
-    validations of one module) use it one after another: overlapping, the first to end put its train mode back
-    under the second's evaluation (dropout on, BatchNorm's running statistics updated in place, another loss) and
-    the second left the module in eval mode, the mode it found. Re-entrant: a call inside another's (a callback's
-    validation) goes on."""
+    """The lock the calls that read ``module`` (evaluations, exports: ``tensors``) hold while they use it, so that
+    such calls from several threads (two validations of one module) use it one after another: overlapping, the
+    first to end put its train mode back under the second's evaluation (dropout on, BatchNorm's running statistics
+    updated in place, another loss) and the second left the module in eval mode, the mode it found. Re-entrant: a
+    call inside another's goes on. A training holds none: its callbacks may evaluate the module in threads of their
+    own and wait for them (a thread pool's validations on several datasets), which a held lock deadlocked."""
     with _module_locks_lock:
         lock = _module_locks.get(module)
         if lock is None:
