@@ -912,3 +912,22 @@ def test_a_training_callback_may_validate_the_module_in_threads_of_its_own():
     with tempfile.TemporaryDirectory() as output:
         run = sequencer.train(model=model, data=data, **QUICK, output=output, callbacks=callback, progress=False)
     assert seen == [4, 6] and not run.interrupted and model.training
+
+
+def test_the_poly_schedules_cosine_note_is_dropped_in_the_block_only_and_timms_other_records_pass(caplog):
+    from sequencer.engine.guest import poly_schedule_note_dropped
+
+    timm_poly = logging.getLogger("timm.scheduler.poly_lr")
+    note = "Cosine annealing scheduler will have no effect on the learning rate since t_initial = t_mul = eta_mul = 1."
+    caplog.set_level(logging.WARNING)
+    filters = list(timm_poly.filters)
+    with poly_schedule_note_dropped():
+        timm_poly.warning(note)
+        timm_poly.warning("another of timm's notes")
+        thread = threading.Thread(target=timm_poly.warning, args=(note + " (another thread)",))
+        thread.start()
+        thread.join()
+    timm_poly.warning(note + " (after)")
+    assert [r.getMessage() for r in caplog.records] == [
+        "another of timm's notes", note + " (another thread)", note + " (after)"]
+    assert timm_poly.filters == filters

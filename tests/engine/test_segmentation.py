@@ -663,3 +663,14 @@ def test_a_signal_during_evaluation_says_the_run_stops_once_the_epoch_is_saved(t
     assert f"stopped by SIGINT after epoch 0; resume with `resume={folder / 'last.pth.tar'}`" in caplog.text
     assert not (folder / "recovery.pth.tar").exists()
     assert read_checkpoint(folder / "last.pth.tar")["epoch"] == 0 and len(stopped.summary) == 1
+
+
+def test_a_poly_schedule_of_one_update_after_warmup_shows_no_cosine_note(tmp_path, caplog):
+    """3 updates with 2 of warmup leave the poly schedule one: timm logged "Cosine annealing scheduler will have no
+    effect on the learning rate since t_initial = t_mul = eta_mul = 1", the run's first line, though it is no cosine
+    schedule and has none of those settings."""
+    caplog.set_level(logging.WARNING)
+    data = make_voc(tmp_path / "voc", n_train=16, n_val=2)
+    result = train_segmenter(tiny_config(data, tmp_path / "out", iters=3, warmup_iters=2, experiment="p"))
+    assert result.exit_code == 0 and len(result.summary) == 2
+    assert "Cosine annealing" not in caplog.text

@@ -40,7 +40,7 @@ from . import distributed as dist_utils
 from .amp import autocast, dtype_name, say_notes
 from .checkpoint import get_rng_state, load_optimizer_state, resume_position
 from .config import RunState, checked_callbacks, checked_settings, explicit_settings, given_settings
-from .guest import caller_state_kept, console, warn
+from .guest import caller_state_kept, console, poly_schedule_note_dropped, warn
 from .inert_flags import NEW_RUN_WEIGHTS, inert_note
 from .loop import (EpochProgress, batch_split, buffer_names, callbacks_ask_to_stop, current_lr, must_stop,
                    recovery_progress, recovery_state, resumed_progress, state_buffers, training_checkpoint)
@@ -323,9 +323,10 @@ def _build_run(cfg: SegmentConfig, state: RunState, info, model: nn.Module, trai
         state.start_warnings.append(f"`warmup_iters={cfg.warmup_iters}` is not below the run's "
                                     f"{plural(total, 'update')}: the lr would never leave warmup; using "
                                     f"`warmup_iters={warmup}`")
-    scheduler = PolyLRScheduler(optimizer, t_initial=max(1, total - warmup), power=cfg.poly_power, lr_min=cfg.min_lr,
-                                warmup_t=warmup, warmup_lr_init=cfg.lr * cfg.warmup_ratio, warmup_prefix=True,
-                                t_in_epochs=False)
+    with poly_schedule_note_dropped():
+        scheduler = PolyLRScheduler(optimizer, t_initial=max(1, total - warmup), power=cfg.poly_power,
+                                    lr_min=cfg.min_lr, warmup_t=warmup, warmup_lr_init=cfg.lr * cfg.warmup_ratio,
+                                    warmup_prefix=True, t_in_epochs=False)
     amp_dtype, scaler = amp_setup(cfg, info.device, state.amp_notes)
     data_config["eval_amp_dtype"] = dtype_name(amp_dtype)
     return _Run(cfg, info, model, train_model, list(train_split.class_names), data_config, train_loader, evals,

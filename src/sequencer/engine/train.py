@@ -40,7 +40,7 @@ from .distributed import print_on_primary
 from . import inert_flags, timm_habits
 from .amp import autocast_dtype, say_notes
 from .checkpoint import load_optimizer_state, resume_position
-from .guest import caller_state_kept, console, own_modes, warn
+from .guest import caller_state_kept, console, own_modes, poly_schedule_note_dropped, warn
 from .train_data import TrainData, build_data
 from .data_record import evaluated_data, evaluated_weights
 from .config import RunState, TrainConfig, checked_callbacks, explicit_settings, resolve_config
@@ -313,9 +313,10 @@ def build_optimization(cfg, info: dist_utils.DistInfo, model: nn.Module, loaders
         model_ema = ModelEmaV3(model, decay=cfg.model_ema_decay, use_warmup=cfg.model_ema_warmup,
                                device="cpu" if cfg.model_ema_force_cpu else None)
     try:
-        scheduler, num_epochs = create_scheduler_v2(
-            optimizer, **scheduler_kwargs(cfg, decreasing_metric=cfg.eval_metric == "loss"),
-            updates_per_epoch=loaders.updates_per_epoch)
+        with poly_schedule_note_dropped():  # `sched=poly` of one epoch (cosine's own note is true: kept)
+            scheduler, num_epochs = create_scheduler_v2(
+                optimizer, **scheduler_kwargs(cfg, decreasing_metric=cfg.eval_metric == "loss"),
+                updates_per_epoch=loaders.updates_per_epoch)
     except ValueError as e:
         raise SequencerError(f"`sched={cfg.sched}`: {e}") from None
     if cfg.sched == "plateau":
