@@ -748,6 +748,7 @@ def test_downloading_released_weights_shows_a_bar_only_with_progress(progress, t
     weights = tmp_path / "released-nano.pth"
     torch.save(sequencer.create_model("sequencer2d_nano", num_classes=2, img_size=16).state_dict(), weights)
     monkeypatch.setitem(get_model_entry("sequencer2d_nano").pretrained_cfg, "url", weights.as_uri())
+    monkeypatch.setitem(get_model_entry("sequencer2d_nano").pretrained_cfg, "num_classes", 2)  # the file's head
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch-home"))  # an empty cache: the file is downloaded
     capfd.readouterr()
     result = sequencer.validate(model="sequencer2d_nano", num_classes=2, img_size=16, data=Blobs(4, 1, pil=True),
