@@ -392,3 +392,12 @@ def test_checkpoint_and_pretrained_together(run_cli, data, finished_run, command
     """--pretrained beside --checkpoint was ignored without a word: the checkpoint's weights ran."""
     run_cli(*[data if c == "DATA" else c for c in command], "--checkpoint", finished_run / "last.pth.tar",
             "--pretrained", expect="--pretrained and --checkpoint")
+
+
+@pytest.mark.parametrize("command, output", [(["export"], "m.onnx"), (["erf", "DATA"], "erf.png")])
+def test_output_file_that_is_a_folder(run_cli, tmp_path, data, finished_run, command, output):
+    """An --output naming a folder was found only when the file was written, after the model was loaded and exported
+    (or every image's gradient computed)."""
+    (tmp_path / output).mkdir()
+    run_cli(*[data if c == "DATA" else c for c in command], "--checkpoint", finished_run / "last.pth.tar", "-o",
+            tmp_path / output, expect=f"--output '{tmp_path / output}' is a folder")

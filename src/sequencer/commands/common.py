@@ -224,19 +224,24 @@ def check_results_file(path: str, formats: tuple[str, ...] = (".json",)) -> None
         return
     if os.path.splitext(path)[1].lower() not in formats:
         raise SequencerError(f"--results-file {path!r}: unknown format", hint=f"use a {' or '.join(formats)} file name")
+    check_output_file("--results-file", path, example="results.json")
+
+
+def check_output_file(flag: str, path: str, example: str) -> None:
+    """Refuse an output file ``path`` that could not be written (a missing folder, a folder of that name, no
+    permission), before any work is done; ``example`` names a file the hint suggests inside such a folder."""
     folder = os.path.dirname(os.path.abspath(path))
     if not os.path.isdir(folder):
-        raise SequencerError(f"--results-file {path!r}: folder {folder!r} does not exist")
+        raise SequencerError(f"{flag} {path!r}: folder {folder!r} does not exist")
     if os.path.isdir(path):
-        raise SequencerError(f"--results-file {path!r} is a folder", hint="name a file inside it, e.g. results.json")
+        raise SequencerError(f"{flag} {path!r} is a folder", hint=f"name a file inside it, e.g. {example}")
     if os.path.exists(path) and not os.access(path, os.W_OK):
-        raise SequencerError(f"--results-file {path!r} is not writable (no permission)")
+        raise SequencerError(f"{flag} {path!r} is not writable (no permission)")
     try:  # a real write probe: os.access cannot see read-only mounts, ACLs or quotas
         with tempfile.NamedTemporaryFile(dir=folder, prefix=".results-probe-"):
             pass
     except OSError as e:
-        raise SequencerError(f"--results-file {path!r}: cannot write in folder {folder!r} ({e.strerror or e})"
-                             ) from None
+        raise SequencerError(f"{flag} {path!r}: cannot write in folder {folder!r} ({e.strerror or e})") from None
 
 
 def add_onnx_argument(parser) -> None:

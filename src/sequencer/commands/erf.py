@@ -10,7 +10,7 @@ from pathlib import Path
 from ..choices import ERF_MODES
 from ..data.class_folders import find_images
 from ..errors import SequencerError
-from .common import add_model_args, check_not_an_input, load_model_from_args, positive_int
+from .common import add_model_args, check_not_an_input, check_output_file, load_model_from_args, positive_int
 
 
 def _parse_stage(text: str) -> str | int:
@@ -46,8 +46,7 @@ def run(args: argparse.Namespace) -> int:
     output = Path(args.output)
     if output.suffix.lower() != ".png":
         raise SequencerError(f"--output {args.output!r} must be a .png file")
-    if not output.parent.is_dir():
-        raise SequencerError(f"output folder {str(output.parent)!r} does not exist")
+    check_output_file("--output", args.output, example="erf.png")
     files = find_images([args.data])
     check_not_an_input("--output", output, files, "one of the images it reads")
     from ..engine.inference import check_input_size, resolve_device

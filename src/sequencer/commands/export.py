@@ -10,7 +10,8 @@ from pathlib import Path
 from ..choices import EXPORT_FORMATS, MIN_OPSET
 from ..data.class_folders import find_images
 from ..errors import SequencerError
-from .common import add_model_args, check_not_an_input, load_model_from_args, positive_int, warn_if_random_weights
+from .common import (add_model_args, check_not_an_input, check_output_file, load_model_from_args, positive_int,
+                     warn_if_random_weights)
 
 
 def check_output_format(args: argparse.Namespace) -> str:
@@ -118,6 +119,7 @@ def _report_int8(result: dict, verify: str | None) -> str:
 
 def run(args: argparse.Namespace) -> int:
     fmt = check_output_format(args)
+    check_output_file("--output", args.output, example=f"model{Path(args.output).suffix}")
     check_not_an_input("--output", args.output, [args.checkpoint] if args.checkpoint else [], "the --checkpoint file")
     check_export_options(args, fmt)
     warn_if_random_weights(args)
