@@ -674,3 +674,23 @@ def test_a_poly_schedule_of_one_update_after_warmup_shows_no_cosine_note(tmp_pat
     result = train_segmenter(tiny_config(data, tmp_path / "out", iters=3, warmup_iters=2, experiment="p"))
     assert result.exit_code == 0 and len(result.summary) == 2
     assert "Cosine annealing" not in caplog.text
+
+
+def test_each_step_line_shows_the_lr_its_update_used(tmp_path, caplog):
+    """3 updates, 2 of warmup: the step lines show the lrs timm's poly schedule gives updates 0, 1 and 2 (the last
+    the peak `lr`); each showed the next update's (the last 0.00e+00, the lr after the run)."""
+    from timm.scheduler import PolyLRScheduler
+
+    caplog.set_level(logging.INFO, logger="sequencer")
+    data = make_voc(tmp_path / "voc", n_train=16, n_val=2)
+    cfg = tiny_config(data, tmp_path / "out", iters=3, warmup_iters=2, log_interval=1, experiment="lr")
+    assert train_segmenter(cfg).exit_code == 0
+    shown = [float(m) for m in re.findall(r"segment train: epoch \d \[\d/\d\] .* lr (\S+) ", caplog.text)]
+    reference = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=cfg.lr)
+    schedule = PolyLRScheduler(reference, t_initial=1, power=cfg.poly_power, lr_min=cfg.min_lr, warmup_t=2,
+                               warmup_lr_init=cfg.lr * cfg.warmup_ratio, warmup_prefix=True, t_in_epochs=False)
+    used = []
+    for update in range(3):
+        schedule.step_update(update)
+        used.append(float(f"{reference.param_groups[0]['lr']:.2e}"))
+    assert shown == used and used[-1] == float(f"{cfg.lr:.2e}")

@@ -422,6 +422,7 @@ def _train_one_epoch(run: _Run, epoch: int, stop: StopRequest, start: EpochProgr
         if must_stop(run, stop, value, epoch, step, last=step == steps - 1):
             return float("nan"), step, done
         run.scaler.scale(loss).backward()
+        lr = current_lr(run.optimizer)  # what this update uses (the log line showed the next update's)
         if cfg.clip_grad is not None:
             run.scaler.unscale_(run.optimizer)
             nn.utils.clip_grad_norm_(run.model.parameters(), cfg.clip_grad)
@@ -435,7 +436,7 @@ def _train_one_epoch(run: _Run, epoch: int, stop: StopRequest, start: EpochProgr
         done = EpochProgress(step + 1, loss_sum, seen, get_rng_state(), state_buffers(run.model, buffers))
         if info.is_primary and (step % cfg.log_interval == 0 or step == steps - 1):
             _logger.info("segment train: epoch %d [%d/%d] loss %.4f (%.4f) lr %.2e %.1f img/s", epoch, step + 1,
-                         steps, value, loss_sum / seen, current_lr(run.optimizer),
+                         steps, value, loss_sum / seen, lr,
                          (seen - start.seen) * cfg.batch_size * info.world_size / max(time.time() - started, 1e-9))
     return dist_utils.all_reduce_mean([loss_sum / max(seen, 1)], info)[0], None, done
 
