@@ -297,6 +297,13 @@ def test_class_map_that_is_a_folder(run_cli, data, finished_run):
             "--device", "cpu", expect="is a folder, not a file")
 
 
+def test_robustness_data_that_is_a_file(run_cli, tmp_path, finished_run):
+    """DATA_C naming a file said "ImageNet-C folder ... does not exist" of a file that does."""
+    (tmp_path / "c.tar").write_bytes(b"not a folder")
+    run_cli("robustness", tmp_path / "c.tar", "--checkpoint", finished_run / "last.pth.tar", "--results-file",
+            tmp_path / "r.json", expect="is a file, not a folder")
+
+
 # ---------------------------------------------------------------------------------------- issue 19 item 9
 def test_unknown_flag_points_to_the_subcommand_help(run_cli, data):
     run_cli("predict", data, "--nosuch", expect="unrecognized arguments: --nosuch (see `sequencer predict --help`)")

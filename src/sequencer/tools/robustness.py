@@ -71,6 +71,9 @@ def find_corruptions(root: str) -> dict[str, Path]:
     """Corruption name -> folder, for every folder under ``root`` (depth <= 2) holding severity folders 1-5; hidden
     folders (``.ipynb_checkpoints``, a macOS zip's ``__MACOSX``: `is_hidden`) are not data."""
     base = Path(root)
+    if base.exists() and not base.is_dir():
+        raise SequencerError(f"ImageNet-C folder {root!r} is a file, not a folder",
+                             hint="pass the folder that holds CORRUPTION/SEVERITY/CLASS/IMAGE")
     if not base.is_dir():
         raise SequencerError(f"ImageNet-C folder {root!r} does not exist")
 
