@@ -2,6 +2,7 @@
 compile, and training runs (resume auto continues a stopped run exactly)."""
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import os
@@ -643,9 +644,8 @@ def test_ctrl_c_raises_training_interrupted_after_the_recovery_checkpoint(tmp_pa
     assert signal.getsignal(signal.SIGINT) is handler  # the caller's handler is back
 
 
-def test_a_signal_during_evaluation_says_the_run_stops_once_the_epoch_is_saved(tmp_path, monkeypatch, caplog):
-    """SIGINT while epoch 0 is evaluated: the epoch is saved, no recovery file written, and the run says so, then
-    where a resume goes on (it said "stopping at the next step with a recovery checkpoint", then nothing)."""
+def signal_during_evaluation(monkeypatch):
+    """SIGINT reaches the run as each evaluation begins; returns the evaluation it wraps."""
     evaluate = seg_engine.evaluate_segmentation
 
     def signalled_evaluation(*args, **kwargs):
@@ -653,6 +653,13 @@ def test_a_signal_during_evaluation_says_the_run_stops_once_the_epoch_is_saved(t
         return evaluate(*args, **kwargs)
 
     monkeypatch.setattr(seg_engine, "evaluate_segmentation", signalled_evaluation)
+    return evaluate
+
+
+def test_a_signal_during_evaluation_says_the_run_stops_once_the_epoch_is_saved(tmp_path, monkeypatch, caplog):
+    """SIGINT while epoch 0 is evaluated: the epoch is saved, no recovery file written, and the run says so, then
+    where a resume goes on (it said "stopping at the next step with a recovery checkpoint", then nothing)."""
+    signal_during_evaluation(monkeypatch)
     caplog.set_level(logging.WARNING, logger="sequencer")
     data = make_voc(tmp_path / "voc", n_train=16, n_val=2)
     stopped = seg_engine.run_segmentation(tiny_config(data, tmp_path / "out", epochs=2, experiment="e"))
@@ -663,6 +670,23 @@ def test_a_signal_during_evaluation_says_the_run_stops_once_the_epoch_is_saved(t
     assert f"stopped by SIGINT after epoch 0; resume with `resume={folder / 'last.pth.tar'}`" in caplog.text
     assert not (folder / "recovery.pth.tar").exists()
     assert read_checkpoint(folder / "last.pth.tar")["epoch"] == 0 and len(stopped.summary) == 1
+
+
+def test_a_signal_during_the_last_epochs_evaluation_says_the_run_is_finished(tmp_path, monkeypatch, caplog):
+    """It said "resume with `resume=.../last.pth.tar`", and that resume found nothing to do."""
+    evaluate = signal_during_evaluation(monkeypatch)
+    caplog.set_level(logging.INFO, logger="sequencer")
+    data = make_voc(tmp_path / "voc", n_train=16, n_val=2)
+    cfg = tiny_config(data, tmp_path / "out", epochs=1, experiment="e")
+    stopped = seg_engine.run_segmentation(cfg)
+    folder = tmp_path / "out" / "e"
+    assert stopped.exit_code == 128 + signal.SIGINT and len(stopped.summary) == 1
+    assert (f"stopped by SIGINT after epoch 0, the run's last: the run is finished; checkpoints in {folder}"
+            in caplog.text) and "resume with" not in caplog.text
+    monkeypatch.setattr(seg_engine, "evaluate_segmentation", evaluate)
+    caplog.clear()
+    assert seg_engine.run_segmentation(dataclasses.replace(cfg, resume=str(folder / "last.pth.tar"))).exit_code == 0
+    assert "the run already finished its 1 epoch; nothing to do" in caplog.text
 
 
 def test_a_poly_schedule_of_one_update_after_warmup_shows_no_cosine_note(tmp_path, caplog):

@@ -50,7 +50,7 @@ from .resume import reseed_unless_resumed, resume_checkpoint
 from .segmentation_config import SegmentConfig, SegmentResult, check_segment_config
 from .segmentation_eval import (eval_loader, evaluate_segmentation, inference_settings, metrics_row,
                                 resumed_evaluation_change, segment_data_config)
-from .stop_request import StopRequest
+from .stop_request import StopRequest, stopped_after_epoch
 from .train import amp_setup, as_library_call
 
 _logger = logging.getLogger(__name__)
@@ -169,8 +169,7 @@ def _train(cfg: SegmentConfig, state: RunState, info: dist_utils.DistInfo) -> Se
             row = _save_epoch(run, epoch, train_loss, metrics, epoch_started)
             if stop.agreed(info):  # a signal (to any rank) arrived during evaluation: the epoch is saved, stop here
                 if info.is_primary:  # it said nothing: the run ended with 130 and no word of where a resume goes on
-                    _logger.warning("stopped by %s after epoch %d; resume with `resume=%s`",
-                                    signal.Signals(stop.signum).name, epoch, run.out.folder / "last.pth.tar")
+                    _logger.warning(stopped_after_epoch(stop.signum, epoch, run.num_epochs, run.out.folder))
                 return _result(info, run.out.folder, run.out.manager, 128 + stop.signum, interrupted=True)
             stop.finishing_epoch = None
             if callbacks_ask_to_stop(run, row):

@@ -6,6 +6,7 @@ from __future__ import annotations
 import logging
 import os
 import signal
+from pathlib import Path
 
 from . import distributed as dist_utils
 from .config import RunState
@@ -87,6 +88,15 @@ class StopRequest:
     def _caller_ignores_sigterm(self) -> bool:
         return (self._state is not None and self._state.caller_sigterm
                 and signal.getsignal(signal.SIGTERM) is signal.SIG_IGN)
+
+
+def stopped_after_epoch(signum: int, epoch: int, num_epochs: int, folder: Path) -> str:
+    """The line of a run that a signal stopped once ``epoch`` was saved: where a resume goes on, or, the epoch being
+    the run's last, that nothing is left (it said "resume with ...", and the resume found nothing to do)."""
+    name = signal.Signals(signum).name
+    if epoch == num_epochs - 1:
+        return f"stopped by {name} after epoch {epoch}, the run's last: the run is finished; checkpoints in {folder}"
+    return f"stopped by {name} after epoch {epoch}; resume with `resume={folder / 'last.pth.tar'}`"
 
 
 def hand_sigterm_to_caller(state: RunState) -> None:

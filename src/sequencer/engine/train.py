@@ -49,7 +49,7 @@ from .loop import (EpochProgress, Loaders, Optimization, TrainingRun, batch_spli
                    evaluate_epoch, resumed_progress, save_epoch, save_recovery, train_one_epoch)
 from .outputs import claimed_process_group, plural, prepare_outputs, primary_result, read_back, run_args
 from .resume import evaluation_change, reseed_unless_resumed
-from .stop_request import StopRequest, hand_sigterm_to_caller
+from .stop_request import StopRequest, hand_sigterm_to_caller, stopped_after_epoch
 from .train_model import build_model, wrap_model
 from .user_data import module_name
 
@@ -225,8 +225,7 @@ def _train(cfg, state: RunState, info: dist_utils.DistInfo) -> TrainResult:
             # during evaluation stops them all: the epoch is saved, stop here
             if stop.agreed(info):
                 if info.is_primary:
-                    _logger.warning(f"stopped by {signal.Signals(stop.signum).name} after epoch {epoch}; resume "
-                                    f"with `resume={out.folder / 'last.pth.tar'}`")
+                    _logger.warning(stopped_after_epoch(stop.signum, epoch, opt.num_epochs, out.folder))
                 return _result(cfg, info, out.folder, out.manager, 128 + stop.signum, interrupted=True)
             stop.finishing_epoch = None
             finished = True
