@@ -304,6 +304,18 @@ def test_robustness_data_that_is_a_file(run_cli, tmp_path, finished_run):
             tmp_path / "r.json", expect="is a file, not a folder")
 
 
+@pytest.mark.parametrize("clean", ["missing", "file"])
+def test_robustness_clean_that_is_no_folder(run_cli, tmp_path, finished_run, clean):
+    """--clean was checked after the corruption folders were scanned, whose warning (14 of the 15 standard
+    corruptions missing) came first; a file was said not to exist."""
+    write_images(tmp_path / "c" / "gaussian_noise", "1", ("blue", "green", "red"), per_class=1)
+    if clean == "file":
+        (tmp_path / clean).write_bytes(b"not a folder")
+    run_cli("robustness", tmp_path / "c", "--checkpoint", finished_run / "last.pth.tar", "--results-file",
+            tmp_path / "r.json", "--clean", tmp_path / clean,
+            expect="is a file, not a folder" if clean == "file" else "does not exist")
+
+
 # ---------------------------------------------------------------------------------------- issue 19 item 9
 def test_unknown_flag_points_to_the_subcommand_help(run_cli, data):
     run_cli("predict", data, "--nosuch", expect="unrecognized arguments: --nosuch (see `sequencer predict --help`)")

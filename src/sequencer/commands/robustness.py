@@ -35,9 +35,10 @@ def run(args: argparse.Namespace) -> int:
     from ..engine.inference import check_input_size, resolve_device
     from ..tools.robustness import find_corruptions, mean_corruption_error, select_corruptions
 
+    if args.clean and not os.path.isdir(args.clean):  # before the corruptions' scan, which may warn
+        raise SequencerError(f"clean data folder {args.clean!r} "
+                             + ("is a file, not a folder" if os.path.exists(args.clean) else "does not exist"))
     corruptions = select_corruptions(find_corruptions(args.data), args.corruptions, args.data)
-    if args.clean and not os.path.isdir(args.clean):
-        raise SequencerError(f"clean data folder {args.clean!r} does not exist")
     device = resolve_device(args.device)
     loaded = load_model_from_args(args, device)
     check_input_size(loaded, *loaded.input_size[1:])
