@@ -10,6 +10,7 @@ the command line rewrites those it has a flag for (``--batch-size 8``, ``--class
 """
 import contextlib
 import importlib
+import operator
 import threading
 import warnings
 
@@ -32,6 +33,20 @@ class SequencerError(Exception):
 class ArgumentValueError(SequencerError, ValueError):
     """A value the caller passed is refused (e.g. a model's ``union="diagonal"``): a user error for the CLI, and a
     ValueError for Python callers that catch one."""
+
+
+def checked_positive_int(name: str, value) -> int:
+    """``value`` as an int >= 1, else ArgumentValueError (one line) naming ``name``; a float, a text or a bool is
+    refused, not converted."""
+    try:
+        if isinstance(value, bool):
+            raise TypeError
+        number = operator.index(value)
+    except TypeError:
+        number = None
+    if number is None or number < 1:
+        raise ArgumentValueError(f"{name}={value!r}: must be a positive integer")
+    return number
 
 
 def optional_import(module: str, needed_for: str, extra: str | None = None):

@@ -59,6 +59,23 @@ def test_a_negative_class_count_is_refused_not_scored_as_features(tiny, tmp_path
     assert tiny.model_kwargs.get("num_classes", before.out_features) == before.out_features
 
 
+@pytest.mark.parametrize("img_size", [0, -16, True, 16.5, "16", (16, 16)])
+def test_an_img_size_that_is_not_a_positive_integer_is_refused_in_one_line(img_size, tmp_path):
+    """create_model built a model for img_size 0, -16, True, 16.5 (cut to 16) or "16", recording an input size of
+    (3, 0, 0) or (3, -16, -16) in its pretrained_cfg that failed only later, inside validate; load_model the same."""
+    from sequencer.engine.inference import load_model
+    from sequencer.errors import ArgumentValueError
+    with pytest.raises(ArgumentValueError, match=r"img_size=.*: must be a positive integer"):
+        sequencer.create_model("sequencer2d_nano", img_size=img_size)
+    model = sequencer.create_model("sequencer2d_nano", num_classes=3)
+    torch.save({"arch": model.model_name, "model_kwargs": model.model_kwargs, "state_dict": model.state_dict()},
+               tmp_path / "nano.pth")
+    with pytest.raises(ArgumentValueError, match=r"img_size=.*: must be a positive integer"):
+        load_model(str(tmp_path / "nano.pth"), img_size=img_size)
+    assert sequencer.create_model("sequencer2d_nano", img_size=torch.tensor(24).numpy()).pretrained_cfg[
+        "input_size"] == (3, 24, 24)  # an integer of another kind (numpy's) is one
+
+
 def test_grad_checkpointing_gives_identical_grads(tiny):
     tiny.train()  # dropout/drop path are 0: training mode is deterministic here
     x = torch.randn(2, 3, 28, 28)

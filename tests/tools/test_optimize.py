@@ -497,7 +497,7 @@ def test_a_models_stream_pool_is_made_once(two_threads, monkeypatch):
 
 @pytest.mark.parametrize("streams", [0, -1, 1.5, True, "2"])
 def test_streams_must_be_a_positive_integer(streams):
-    """Checked as every positive-int argument is (models.backbone.checked_positive_int): the one-line error names
+    """Checked as every positive-int argument is (errors.checked_positive_int): the one-line error names
     the value."""
     with pytest.raises(SequencerError, match=re.escape(f"streams={streams!r}: must be a positive integer")):
         sequencer.optimize_for_inference(tiny_s(), torch.float32, streams=streams)

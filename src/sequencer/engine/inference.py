@@ -108,7 +108,7 @@ def load_model(checkpoint: str = "", model: str | None = None, pretrained: bool 
         raise SequencerError(f"`input_size={' '.join(map(str, input_size))}`: only square inputs are supported")
     if input_size:
         kwargs["in_chans"] = input_size[0]
-    if img_size:
+    if img_size is not None:  # 0 too: create_model refuses it, not taken for 'not given'
         kwargs["img_size"] = img_size
     # one flow with create_model(checkpoint_path=...): the file (read once, above) is the model
     read = ReadCheckpoint(checkpoint, f"checkpoint {path!r}") if checkpoint is not None else None

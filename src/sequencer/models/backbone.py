@@ -37,7 +37,7 @@ from torch import nn
 if TYPE_CHECKING:
     from timm.models import FeatureInfo
 
-from ..errors import ArgumentValueError, SequencerError
+from ..errors import ArgumentValueError, SequencerError, checked_positive_int
 from .features import WrapperFacade, returned_feature_info
 from .registry import create_model
 
@@ -97,20 +97,6 @@ def _check_strides(strides: Sequence[int]) -> tuple[int, ...]:
     if not strides or any(s < 1 or s & (s - 1) for s in strides) or list(strides) != sorted(set(strides)):
         raise ArgumentValueError(f"strides={strides}: give increasing powers of two, e.g. (4, 8, 16, 32)")
     return strides
-
-
-def checked_positive_int(name: str, value) -> int:
-    """``value`` as an int >= 1, else ArgumentValueError (one line) naming ``name``; a float, a text or a bool is
-    refused, not converted."""
-    try:
-        if isinstance(value, bool):
-            raise TypeError
-        number = operator.index(value)
-    except TypeError:
-        number = None
-    if number is None or number < 1:
-        raise ArgumentValueError(f"{name}={value!r}: must be a positive integer")
-    return number
 
 
 def _check_extra_blocks(extra_blocks, out_channels: int):

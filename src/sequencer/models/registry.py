@@ -17,7 +17,7 @@ from typing import NamedTuple
 import torch
 from torch import nn
 
-from ..errors import SequencerError
+from ..errors import SequencerError, checked_positive_int
 from .features import FeatureExtractor
 from .hub import HF_HUB_PREFIX, hf_hub_model_config, load_pretrained
 from .loading import (checkpoint_metadata, embedding_img_size, head_rows, load_state_dict_into, read_checkpoint,
@@ -202,8 +202,8 @@ def create_model(
     if num_classes is not None:
         user_kwargs["num_classes"] = num_classes
     if img_size is not None:
-        user_kwargs["img_size"] = int(img_size)
-        cfg["input_size"] = (in_chans, int(img_size), int(img_size))
+        img_size = user_kwargs["img_size"] = checked_positive_int("img_size", img_size)
+        cfg["input_size"] = (in_chans, img_size, img_size)
     else:
         cfg["input_size"] = (in_chans, *cfg["input_size"][1:])
     if the_model:

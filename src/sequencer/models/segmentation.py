@@ -25,8 +25,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..choices import HEADS
-from ..errors import ArgumentValueError, SequencerError
-from .backbone import ceil_div, checked_positive_int, create_backbone
+from ..errors import ArgumentValueError, SequencerError, checked_positive_int
+from .backbone import ceil_div, create_backbone
 from .features import WrapperFacade
 
 

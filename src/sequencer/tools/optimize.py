@@ -47,10 +47,9 @@ from concurrent.futures import Future, ThreadPoolExecutor, wait
 import torch
 from torch import nn
 
-from ..errors import SequencerError
+from ..errors import SequencerError, checked_positive_int
 from ..hardware import cpu_info
 from ..engine.amp import autocast_dtype
-from ..models.backbone import checked_positive_int
 from ..models.kernels import onednn_bf16_supported
 
 SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
