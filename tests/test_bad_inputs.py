@@ -316,6 +316,13 @@ def test_robustness_clean_that_is_no_folder(run_cli, tmp_path, finished_run, cle
             expect="is a file, not a folder" if clean == "file" else "does not exist")
 
 
+def test_segment_train_data_that_is_a_file(run_cli, tmp_path):
+    """DATA naming a file said "dataset folder ... does not exist" of a file that does."""
+    (tmp_path / "voc.tar").write_bytes(b"not a folder")
+    run_cli("segment", "train", tmp_path / "voc.tar", "--epochs", 1, "-j", 0, "--device", "cpu", "--output",
+            tmp_path / "out", expect="is a file, not a folder")
+
+
 # ---------------------------------------------------------------------------------------- issue 19 item 9
 def test_unknown_flag_points_to_the_subcommand_help(run_cli, data):
     run_cli("predict", data, "--nosuch", expect="unrecognized arguments: --nosuch (see `sequencer predict --help`)")

@@ -64,11 +64,20 @@ class SegmentationSplit:
         return len(self.images)
 
 
-def detect_layout(root: str | os.PathLike) -> str:
-    """"voc" or "ade20k" from the folders under ``root``; SequencerError naming what was expected otherwise."""
+def _dataset_folder(root: str | os.PathLike) -> Path:
+    """``root`` as a Path; SequencerError where it is not a folder (a file, or nothing there)."""
     root = Path(root)
+    if root.exists() and not root.is_dir():
+        raise SequencerError(f"dataset folder {str(root)!r} is a file, not a folder",
+                             hint="pass the Pascal VOC or ADE20K folder")
     if not root.is_dir():
         raise SequencerError(f"dataset folder {str(root)!r} does not exist")
+    return root
+
+
+def detect_layout(root: str | os.PathLike) -> str:
+    """"voc" or "ade20k" from the folders under ``root``; SequencerError naming what was expected otherwise."""
+    root = _dataset_folder(root)
     if (root / "JPEGImages").is_dir() and (root / "SegmentationClass").is_dir():
         return "voc"
     if (root / "images").is_dir() and (root / "annotations").is_dir():
@@ -84,9 +93,7 @@ def open_split(root: str | os.PathLike, split: str, layout: str = "", num_classe
     (:func:`check_pairs`; ``decode_images``: the images decoded too). ``num_classes`` defaults to the layout's
     (21 / 150); ``reduce_zero_label`` to True for ADE20K only. Raises SequencerError (one line naming the file) for
     any bad input."""
-    root = Path(root)
-    if not root.is_dir():  # also when the layout is given (a checkpoint's): not "id list ... does not exist"
-        raise SequencerError(f"dataset folder {str(root)!r} does not exist")
+    root = _dataset_folder(root)  # also when the layout is given (a checkpoint's): not "id list ... does not exist"
     layout = layout or detect_layout(root)
     if layout not in LAYOUTS:
         raise SequencerError(f"unknown dataset layout {layout!r}", hint=f"use one of {', '.join(LAYOUTS)}")
