@@ -343,9 +343,10 @@ def test_a_warmup_as_long_as_the_run_becomes_a_quarter_of_it_with_a_warning(tmp_
     assert rows[0]["lr"] == pytest.approx(reference.param_groups[0]["lr"], rel=1e-5)  # 2/3 lr; 1500: 4/7 lr
 
 
-def test_resume_auto_continues_a_stopped_run_exactly(tmp_path, monkeypatch):
+def test_resume_auto_continues_a_stopped_run_exactly(tmp_path, monkeypatch, caplog):
     """A run stopped by SIGTERM after epoch 1 and continued with --resume auto ends with the weights of a run
-    that was never stopped (same batches, augmentation draws and schedule)."""
+    that was never stopped (same batches, augmentation draws and schedule), and says it makes the updates left (it
+    said "epochs 2..2 (6 updates)", the whole run's)."""
     data = make_voc(tmp_path / "voc", n_train=16, n_val=2)
     straight = train_segmenter(tiny_config(data, tmp_path / "out", epochs=3, experiment="straight"))
 
@@ -362,8 +363,11 @@ def test_resume_auto_continues_a_stopped_run_exactly(tmp_path, monkeypatch):
                                                       resume="auto"))
     assert stopped.exit_code == 128 + signal.SIGTERM and stopped.interrupted and len(stopped.summary) == 2
     monkeypatch.setattr(seg_engine, "_save_epoch", save_epoch)
+    caplog.set_level(logging.INFO, logger="sequencer")
+    caplog.clear()
     resumed = train_segmenter(tiny_config(data, tmp_path / "out", epochs=3, experiment="stopped", resume="auto"))
     assert resumed.exit_code == 0 and [r["epoch"] for r in resumed.summary] == [0, 1, 2]
+    assert "; epochs 2..2 (2 of the run's 6 updates), batch 8;" in caplog.text
     assert_summary_is_the_csvs_numbers(resumed)
     a = read_checkpoint(straight.output_dir / "last.pth.tar")["state_dict"]
     b = read_checkpoint(resumed.output_dir / "last.pth.tar")["state_dict"]

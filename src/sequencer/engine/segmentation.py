@@ -148,7 +148,7 @@ def _train(cfg: SegmentConfig, state: RunState, info: dist_utils.DistInfo) -> Se
         for message in state.start_warnings:
             warn(message)
         say_notes(state.amp_notes)
-        _log_start(run, train_split, start_epoch)
+        _log_start(run, train_split, start_epoch, resumed_within.batches)
     with StopRequest(state) as stop:
         for epoch in range(start_epoch, run.num_epochs):
             epoch_started = time.time()
@@ -496,12 +496,17 @@ def _result(info: dist_utils.DistInfo, folder: Path, manager, exit_code: int, in
     return primary_result(info, read)
 
 
-def _log_start(run: _Run, train_split, start_epoch: int) -> None:
+def _log_start(run: _Run, train_split, start_epoch: int, updates_within: int = 0) -> None:
+    """``updates_within``: what a recovery file had made of the start epoch."""
     cfg, info = run.cfg, run.info
     n_params = sum(p.numel() for p in run.model.parameters())
     where = f"{info.world_size} processes, " if info.distributed else ""
+    # a resume's epochs make only the updates left: "epochs 2..3 (8 updates)" named the whole run's 8 for its last 4
+    made = _updates_before(run, start_epoch) + updates_within
+    updates = f"{run.total_updates - made} of the run's {run.total_updates} updates" if made else \
+        f"{run.total_updates} updates"
     _logger.info("segment train: %s+%s%s (%.2fM params) on %d images of %s, %d classes, crop %dpx, %s%s; epochs "
-                 "%d..%d (%d updates), batch %d; output %s", cfg.backbone, cfg.head,
+                 "%d..%d (%s), batch %d; output %s", cfg.backbone, cfg.head,
                  "+aux" if run.model.config.get("aux_head") else "", n_params / 1e6, len(train_split),
                  train_split.description, train_split.num_classes, cfg.img_size, where, info.device, start_epoch,
-                 run.num_epochs - 1, run.total_updates, cfg.batch_size, run.out.folder)
+                 run.num_epochs - 1, updates, cfg.batch_size, run.out.folder)
