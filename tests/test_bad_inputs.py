@@ -427,3 +427,10 @@ def test_output_file_that_is_a_folder(run_cli, tmp_path, data, finished_run, com
     (tmp_path / output).mkdir()
     run_cli(*[data if c == "DATA" else c for c in command], "--checkpoint", finished_run / "last.pth.tar", "-o",
             tmp_path / output, expect=f"--output '{tmp_path / output}' is a folder")
+
+
+def test_validate_results_file_that_is_its_class_map(run_cli, data, finished_run):
+    """A .json class map given as --results-file too was replaced by the results."""
+    (data / "classes.json").write_text('["blue", "green", "red"]')
+    run_cli("validate", data, "--checkpoint", finished_run / "last.pth.tar", "--class-map", data / "classes.json",
+            "--results-file", data / "classes.json", "-j", 0, "--device", "cpu", expect="the --class-map file")

@@ -19,9 +19,10 @@ import json
 from ..choices import INTERPOLATIONS
 from ..errors import SequencerError
 from ..fileio import write_atomically
-from .common import (DEFAULT_WORKERS, add_dataset_arguments, add_fast_argument, add_model_args, add_onnx_argument, add_torchcompile_argument,
-                     add_workers_argument, check_device, check_fast_flags, check_results_file, check_workers,
-                     failure_reported_to_launcher, load_model_or_onnx, positive_int, speaks_for_the_launch)
+from .common import (DEFAULT_WORKERS, add_dataset_arguments, add_fast_argument, add_model_args, add_onnx_argument,
+                     add_torchcompile_argument, add_workers_argument, check_device, check_fast_flags,
+                     check_not_an_input, check_results_file, check_workers, failure_reported_to_launcher,
+                     load_model_or_onnx, positive_int, speaks_for_the_launch)
 
 RESULT_FORMATS = (".json", ".csv")
 
@@ -83,6 +84,8 @@ def check_onnx_flags(args: argparse.Namespace) -> None:
 
 def run(args: argparse.Namespace) -> int:
     check_results_file(args.results_file, RESULT_FORMATS)
+    check_not_an_input("--results-file", args.results_file, [args.class_map] if args.class_map else [],
+                       "the --class-map file")
     check_device(args.device)
     check_workers(args.workers)
     check_onnx_flags(args)
