@@ -722,3 +722,17 @@ def test_each_step_line_shows_the_lr_its_update_used(tmp_path, caplog):
         schedule.step_update(update)
         used.append(float(f"{reference.param_groups[0]['lr']:.2e}"))
     assert shown == used and used[-1] == float(f"{cfg.lr:.2e}")
+
+
+def test_the_finish_line_of_a_resumed_run_counts_its_earlier_epochs_time(tmp_path, caplog):
+    """As train's: a resume's "done in" said this invocation's seconds alone (epoch 0 is set to have taken 5000 s)."""
+    data = make_voc(tmp_path / "voc", n_train=16, n_val=2)
+    assert train_segmenter(tiny_config(data, tmp_path / "out", epochs=1, experiment="t")).exit_code == 0
+    summary = tmp_path / "out" / "t" / "summary.csv"
+    header, row = summary.read_text().splitlines()
+    summary.write_text(f"{header}\n{row.rsplit(',', 1)[0]},5000.00\n")
+    caplog.set_level(logging.INFO, logger="sequencer")
+    caplog.clear()
+    assert train_segmenter(tiny_config(data, tmp_path / "out", epochs=2, experiment="t", resume="auto")).exit_code == 0
+    seconds = int(re.search(r"done in (\d+)s;", caplog.text).group(1))
+    assert 5000 <= seconds < 5000 + 120

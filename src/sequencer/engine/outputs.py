@@ -12,6 +12,7 @@ import math
 import os
 import socket
 import tempfile
+import time
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
@@ -40,6 +41,11 @@ class Outputs:
     @property
     def summary_path(self) -> Path:
         return self.folder / "summary.csv"
+
+    def run_seconds(self, started: float) -> float:
+        """The whole run's time for its finish line: the epochs of earlier invocations (resumed) plus this one's
+        since ``started``."""
+        return sum(float(r.get("epoch_seconds") or 0) for r in self.rows[:self.resumed_rows]) + time.time() - started
 
 
 def prepare_outputs(cfg, state, info: dist_utils.DistInfo, resume_path: str | None, resume_ckpt: dict | None,

@@ -177,7 +177,8 @@ def _train(cfg: SegmentConfig, state: RunState, info: dist_utils.DistInfo) -> Se
                     _logger.info("a callback stopped the run after epoch %d", epoch)
                 break
     if info.is_primary:
-        _logger.info("done in %.0fs; best mIoU %s; checkpoints in %s", time.time() - started,
+        # the whole run's time, as train's: it counted this invocation's alone after a resume
+        _logger.info("done in %.0fs; best mIoU %s; checkpoints in %s", run.out.run_seconds(started),
                      f"{run.out.manager.best_metric:.2f}" if run.out.manager.best_metric is not None else "n/a",
                      run.out.folder)
     return _result(info, run.out.folder, run.out.manager, 0)

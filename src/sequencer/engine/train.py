@@ -480,9 +480,7 @@ def _log_finish(training: TrainingRun, metrics: dict | None, started: float, epo
             if manager.best_metric is not None else "")
     what = "digits demo" if cfg.dataset == "digits" else "done"
     unreadable = f" ({skipped} unreadable skipped)" if skipped else ""
-    # the whole run's time: the epochs of earlier invocations (resumed) plus this one
-    earlier = sum(float(r.get("epoch_seconds") or 0) for r in training.out.rows[:training.out.resumed_rows])
-    elapsed = earlier + time.time() - started
+    elapsed = training.out.run_seconds(started)
     if metrics is None:
         _logger.info(f"{what}: trained {plural(epochs_run, 'epoch')} in {elapsed:.0f}s without evaluation "
                      f"(no held-out split); checkpoints in {training.out.folder}")
