@@ -5,7 +5,8 @@ It runs on the classification engine's pieces: torchrun/DDP (``distributed``), t
 (``checkpoint``), ``resume="auto"`` (``resume``), SIGTERM/SIGINT recovery checkpoints (``stop_request.StopRequest``), the
 ``amp`` policy (``train.amp_setup``) and the data loader with seeded workers (``data.create_loader``). As with
 :func:`sequencer.train`, Ctrl-C under the library call raises ``TrainingInterrupted`` once the recovery checkpoint is
-written; the command (:func:`run_segmentation`) exits 130 instead.
+written (during an evaluation: once the epoch's checkpoint is); the command (:func:`run_segmentation`) exits 130
+instead.
 
 Schedule: AdamW (timm's optimizer factory: no weight decay on norms and biases) with a poly decay per update after
 a linear warmup (``warmup_iters``), as mmsegmentation's recipes. The length is ``iters`` updates (the last epoch

@@ -9,8 +9,9 @@ nothing downloaded) with defaults tuned for a couple of CPU cores.
 Outputs (rank 0 only), as timm writes them: ``OUTPUT/EXPERIMENT/{args.yaml, summary.csv, summary.png,
 last.pth.tar, model_best.pth.tar, checkpoint-<epoch>.pth.tar}``. Epochs are numbered from 0 as in timm.
 
-Faults: checkpoints are written atomically; SIGTERM/SIGINT save ``recovery.pth.tar`` at the next step and the command
-exits with 128+signal (so torchrun ``--max-restarts`` restarts the worker, and ``--resume auto`` continues; under
+Faults: checkpoints are written atomically; SIGTERM/SIGINT save ``recovery.pth.tar`` at the next step (during an
+epoch's evaluation: once the epoch is saved, with no recovery file) and the command exits with 128+signal (so
+torchrun ``--max-restarts`` restarts the worker, and ``--resume auto`` continues; under
 :func:`train`, SIGTERM then goes to the caller's own disposition, SIGINT raises KeyboardInterrupt); a non-finite loss
 stops the run before the bad update, keeping the last good checkpoint.
 
@@ -75,8 +76,8 @@ class TrainResult:
 
 class TrainingInterrupted(KeyboardInterrupt):
     """Ctrl-C (SIGINT) stopped :func:`train` (or ``segmentation.train_segmenter``) once its recovery checkpoint was
-    written; ``result`` is the run's :class:`TrainResult` (``SegmentResult``) so far. A ``KeyboardInterrupt``, so a
-    loop of runs stops as Python code does."""
+    written (during an evaluation: once the epoch's checkpoint was); ``result`` is the run's :class:`TrainResult`
+    (``SegmentResult``) so far. A ``KeyboardInterrupt``, so a loop of runs stops as Python code does."""
 
     def __init__(self, message: str, result: TrainResult):
         super().__init__(message)
