@@ -216,3 +216,35 @@ def test_a_signal_during_evaluation_says_the_run_stops_once_the_epoch_is_saved(i
     folder = tmp_path / "run"
     assert not (folder / "recovery.pth.tar").exists()
     assert assert_loads(folder / "last.pth.tar")["epoch"] == 0 and summary_epochs(folder) == [0]
+
+
+def tiny_library_run(image_folder, tmp_path, **settings) -> dict:
+    """`sequencer.train`'s settings of TINY_RUN's run (tiny model, 16 px, CPU, no workers)."""
+    return dict(data=str(image_folder), model="sequencer2d_nano", img_size=16, batch_size=8, workers=0,
+                device="cpu", opt="adamw", lr=3e-3, warmup_epochs=0, hflip=0.0, output=str(tmp_path),
+                experiment="run", progress=False,
+                model_kwargs=dict(layers=(1, 1), patch_sizes=(2, 1), embed_dims=(16, 16), hidden_sizes=(4, 4),
+                                  mlp_ratios=(2, 2)), **settings)
+
+
+def test_ctrl_c_during_the_last_epochs_evaluation_raises_that_the_run_is_finished(image_folder, tmp_path,
+                                                                                 monkeypatch):
+    """sequencer.train raised "training stopped by SIGINT; resume from ...", and that resume found nothing to do;
+    the run has all its epochs: ``interrupted`` False, the exit status still 130 (a Ctrl-C ends a loop of runs)."""
+    import sequencer
+    from sequencer.engine import train as train_engine
+
+    evaluate_epoch = train_engine.evaluate_epoch
+
+    def signalled_evaluation(run):
+        os.kill(os.getpid(), signal.SIGINT)
+        return evaluate_epoch(run)
+
+    monkeypatch.setattr(train_engine, "evaluate_epoch", signalled_evaluation)
+    with pytest.raises(sequencer.TrainingInterrupted) as stopped:
+        sequencer.train(**tiny_library_run(image_folder, tmp_path, epochs=1))
+    folder = tmp_path / "run"
+    assert str(stopped.value) == f"training stopped by SIGINT; the run had finished its epochs; checkpoints in {folder}"
+    result = stopped.value.result
+    assert not result.interrupted and result.exit_code == 128 + signal.SIGINT and len(result.summary) == 1
+

@@ -684,7 +684,8 @@ def test_a_signal_during_the_last_epochs_evaluation_says_the_run_is_finished(tmp
     cfg = tiny_config(data, tmp_path / "out", epochs=1, experiment="e")
     stopped = seg_engine.run_segmentation(cfg)
     folder = tmp_path / "out" / "e"
-    assert stopped.exit_code == 128 + signal.SIGINT and len(stopped.summary) == 1
+    # the run is finished: not `interrupted` (sequencer.train_segmenter raised "resume from" the folder)
+    assert stopped.exit_code == 128 + signal.SIGINT and not stopped.interrupted and len(stopped.summary) == 1
     assert (f"stopped by SIGINT after epoch 0, the run's last: the run is finished; checkpoints in {folder}"
             in caplog.text) and "resume with" not in caplog.text
     monkeypatch.setattr(seg_engine, "evaluate_segmentation", evaluate)

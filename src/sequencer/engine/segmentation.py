@@ -171,7 +171,8 @@ def _train(cfg: SegmentConfig, state: RunState, info: dist_utils.DistInfo) -> Se
             if stop.agreed(info):  # a signal (to any rank) arrived during evaluation: the epoch is saved, stop here
                 if info.is_primary:  # it said nothing: the run ended with 130 and no word of where a resume goes on
                     _logger.warning(stopped_after_epoch(stop.signum, epoch, run.num_epochs, run.out.folder))
-                return _result(info, run.out.folder, run.out.manager, 128 + stop.signum, interrupted=True)
+                return _result(info, run.out.folder, run.out.manager, 128 + stop.signum,
+                               interrupted=epoch < run.num_epochs - 1)
             stop.finishing_epoch = None
             if callbacks_ask_to_stop(run, row):
                 if info.is_primary:

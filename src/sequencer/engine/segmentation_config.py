@@ -75,8 +75,9 @@ class SegmentResult:
     folder, the summary rows (one dict of numbers per epoch, summary.csv's columns: ``epoch`` (int),
     ``train_loss``, ``eval_miou``, ``eval_pixel_acc``, ``eval_macc``, ``iou_<class>`` per class, ``lr``,
     ``epoch_seconds``; the eval columns are nan on epochs not evaluated, a class's IoU is nan where it has none),
-    whether a signal (SIGTERM, or SIGINT under the command) stopped the run early, and the command's exit status
-    (0, or 128 + signal). Before any evaluation ``best_miou``, ``best_epoch`` and ``checkpoint`` are None."""
+    whether a signal (SIGTERM, or SIGINT under the command) stopped the run early (with epochs left to resume: one
+    after the last epoch's training steps leaves the run finished, not interrupted), and the command's exit status
+    (0, or 128 + signal, also for a run that a signal ended once finished). Before any evaluation ``best_miou``, ``best_epoch`` and ``checkpoint`` are None."""
     best_miou: float | None
     best_epoch: int | None
     checkpoint: Path | None

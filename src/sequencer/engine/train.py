@@ -62,7 +62,9 @@ class TrainResult:
     """What a training run left: the best epoch by ``eval_metric`` and its top-1 (percent), the path of
     ``model_best.pth.tar``, the experiment folder, the summary rows (one dict of numbers per epoch: ``epoch``,
     ``train_loss``, ``eval_loss``, ``eval_top1``, ``eval_top5``, ``lr``, ``epoch_seconds``), whether a signal
-    (SIGTERM, or SIGINT under the command) stopped the run early, and the command's exit status (0, or 128 + signal).
+    (SIGTERM, or SIGINT under the command) stopped the run early (with epochs left to resume: one after the last
+    epoch's training steps leaves the run finished, not interrupted), and the command's exit status (0, or 128 +
+    signal, also for a run that a signal ended once finished).
     A run without a held-out split has no best: ``best_top1`` and ``best_epoch`` are None, the eval columns are
     nan and ``checkpoint`` is ``last.pth.tar``."""
     best_top1: float | None
@@ -76,8 +78,8 @@ class TrainResult:
 
 class TrainingInterrupted(KeyboardInterrupt):
     """Ctrl-C (SIGINT) stopped :func:`train` (or ``segmentation.train_segmenter``) once its recovery checkpoint was
-    written (during an evaluation: once the epoch's checkpoint was); ``result`` is the run's :class:`TrainResult`
-    (``SegmentResult``) so far. A ``KeyboardInterrupt``, so a loop of runs stops as Python code does."""
+    written (during an evaluation: once the epoch's checkpoint was; during the last epoch's evaluation the run is
+    finished, and the message says so); ``result`` is the run's :class:`TrainResult` (``SegmentResult``) so far. A ``KeyboardInterrupt``, so a loop of runs stops as Python code does."""
 
     def __init__(self, message: str, result: TrainResult):
         super().__init__(message)
@@ -141,8 +143,12 @@ def as_library_call(run, state: RunState, what: str):
             result = run()
     finally:
         hand_sigterm_to_caller(state)
-    if result.interrupted and result.exit_code == 128 + signal.SIGINT:
-        raise TrainingInterrupted(f"{what} stopped by SIGINT; resume from {result.output_dir}", result)
+    if result.exit_code == 128 + signal.SIGINT:
+        # a signal after the last epoch's training steps leaves the run finished (`interrupted` False): there was
+        # nothing to resume, yet it said "resume from" the folder
+        where = (f"resume from {result.output_dir}" if result.interrupted
+                 else f"the run had finished its epochs; checkpoints in {result.output_dir}")
+        raise TrainingInterrupted(f"{what} stopped by SIGINT; {where}", result)
     return result
 
 
@@ -227,7 +233,8 @@ def _train(cfg, state: RunState, info: dist_utils.DistInfo) -> TrainResult:
             if stop.agreed(info):
                 if info.is_primary:
                     _logger.warning(stopped_after_epoch(stop.signum, epoch, opt.num_epochs, out.folder))
-                return _result(cfg, info, out.folder, out.manager, 128 + stop.signum, interrupted=True)
+                return _result(cfg, info, out.folder, out.manager, 128 + stop.signum,
+                               interrupted=epoch < opt.num_epochs - 1)
             stop.finishing_epoch = None
             finished = True
             if callbacks_ask_to_stop(training, row):
