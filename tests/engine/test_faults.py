@@ -248,3 +248,22 @@ def test_ctrl_c_during_the_last_epochs_evaluation_raises_that_the_run_is_finishe
     result = stopped.value.result
     assert not result.interrupted and result.exit_code == 128 + signal.SIGINT and len(result.summary) == 1
 
+
+def test_a_signal_during_the_last_epochs_callbacks_stops_the_finished_run_as_it_says(image_folder, tmp_path, capsys,
+                                                                                   caplog):
+    """SIGINT while a callback takes the last epoch's row: it said "stopping at the next step with a recovery
+    checkpoint", and the run ended with status 0 (the Ctrl-C swallowed, no recovery file). It says the epoch is
+    saved, and the run stops by it once finished (exit 130, TrainingInterrupted)."""
+    import logging
+    import sequencer
+
+    caplog.set_level(logging.INFO, logger="sequencer")
+    with pytest.raises(sequencer.TrainingInterrupted) as stopped:
+        sequencer.train(**tiny_library_run(image_folder, tmp_path, epochs=2),
+                        callbacks=[lambda row: row["epoch"] == 1 and os.kill(os.getpid(), signal.SIGINT)])
+    folder = tmp_path / "run"
+    assert ("received SIGINT: stopping once epoch 1 is finished and saved in last.pth.tar (no recovery checkpoint)"
+            in caplog.text) and "next step" not in caplog.text
+    assert f"stopped by SIGINT after epoch 1, the run's last: the run is finished; checkpoints in {folder}" in caplog.text
+    assert stopped.value.result.exit_code == 128 + signal.SIGINT and not stopped.value.result.interrupted
+    assert summary_epochs(folder) == [0, 1] and not (folder / "recovery.pth.tar").exists()

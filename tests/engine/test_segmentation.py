@@ -694,6 +694,24 @@ def test_a_signal_during_the_last_epochs_evaluation_says_the_run_is_finished(tmp
     assert "the run already finished its 1 epoch; nothing to do" in caplog.text
 
 
+def test_a_signal_during_the_last_epochs_callbacks_ends_the_finished_run_as_it_says(tmp_path, caplog):
+    """As sequencer.train: SIGINT while a callback takes the last epoch's row said "stopping at the next step with a
+    recovery checkpoint", and the run returned status 0; the library then said "resume from" a finished run. It
+    says the epoch is saved, and raises that the run had finished its epochs (``interrupted`` False, status 130)."""
+    caplog.set_level(logging.WARNING, logger="sequencer")
+    data = make_voc(tmp_path / "voc", n_train=16, n_val=2)
+    with pytest.raises(TrainingInterrupted) as stopped:
+        train_segmenter(tiny_config(data, tmp_path / "out", epochs=1, experiment="e"), progress=False,
+                        callbacks=[lambda row: os.kill(os.getpid(), signal.SIGINT)])
+    folder = tmp_path / "out" / "e"
+    assert str(stopped.value) == (f"segment train stopped by SIGINT; the run had finished its epochs; checkpoints "
+                                  f"in {folder}")
+    assert ("received SIGINT: stopping once epoch 0 is finished and saved in last.pth.tar (no recovery checkpoint)"
+            in caplog.text) and "next step" not in caplog.text
+    result = stopped.value.result
+    assert result.exit_code == 128 + signal.SIGINT and not result.interrupted and len(result.summary) == 1
+
+
 def test_a_poly_schedule_of_one_update_after_warmup_shows_no_cosine_note(tmp_path, caplog):
     """3 updates with 2 of warmup leave the poly schedule one: timm logged "Cosine annealing scheduler will have no
     effect on the learning rate since t_initial = t_mul = eta_mul = 1", the run's first line, though it is no cosine

@@ -307,6 +307,24 @@ def save_epoch(run: TrainingRun, epoch: int, result: EpochResult, metrics: dict 
     return row
 
 
+def epoch_ends_run(run, stop: StopRequest, epoch: int, num_epochs: int, row: dict) -> bool:
+    """After ``epoch`` is saved (its summary ``row``): call the callbacks, then whether the run ends here, on every
+    rank: the run's last epoch, a callback's stop, or a signal to any rank since the epoch's last training step (its
+    evaluation, saving or callbacks). Until the run goes on, a signal stops it after this epoch
+    (``stop.finishing_epoch``, read back by ``stop_request.stopped_after_epochs`` once the handlers are restored): a
+    signal during the last epoch's callbacks said "stopping at the next step with a recovery checkpoint", and the
+    run ended with status 0. ``run``: any run with ``state``, ``info`` (classification's :class:`TrainingRun`,
+    segmentation's run)."""
+    if callbacks_ask_to_stop(run, row):
+        if run.info.is_primary:
+            _logger.info(f"a callback stopped the run after epoch {epoch}")
+        return True
+    if epoch == num_epochs - 1 or stop.agreed(run.info):
+        return True
+    stop.finishing_epoch = None
+    return False
+
+
 def callbacks_ask_to_stop(run: TrainingRun, metrics: dict) -> bool:
     """Call every callback with the epoch's ``metrics`` (a dict of numbers); True when one returned True on any
     rank (all ranks agree, so none waits on a peer that stopped). ``run``: any run with ``state`` (its

@@ -43,7 +43,7 @@ from .checkpoint import get_rng_state, load_optimizer_state, resume_position
 from .config import RunState, checked_callbacks, checked_settings, explicit_settings, given_settings
 from .guest import caller_state_kept, console, poly_schedule_note_dropped, warn
 from .inert_flags import NEW_RUN_WEIGHTS, inert_note
-from .loop import (EpochProgress, batch_split, buffer_names, callbacks_ask_to_stop, current_lr, must_stop,
+from .loop import (EpochProgress, batch_split, buffer_names, current_lr, epoch_ends_run, must_stop,
                    recovery_progress, recovery_state, resumed_progress, state_buffers, training_checkpoint)
 from .outputs import (claimed_process_group, plain, plural, prepare_outputs, primary_result, read_back,
                       summary_numbers, write_summary)
@@ -51,7 +51,7 @@ from .resume import reseed_unless_resumed, resume_checkpoint
 from .segmentation_config import SegmentConfig, SegmentResult, check_segment_config
 from .segmentation_eval import (eval_loader, evaluate_segmentation, inference_settings, metrics_row,
                                 resumed_evaluation_change, segment_data_config)
-from .stop_request import StopRequest, stopped_after_epoch
+from .stop_request import StopRequest, stopped_after_epochs
 from .train import amp_setup, as_library_call
 
 _logger = logging.getLogger(__name__)
@@ -119,7 +119,7 @@ class _Run:
     first_update: int = 0  # the updates made before epoch 0's place: epoch e starts after first_update + e * per epoch
     out: object = None  # outputs.Outputs
     fields: list[str] = field(default_factory=list)  # summary.csv columns
-    state: RunState = field(default_factory=RunState)  # the callbacks (loop.callbacks_ask_to_stop)
+    state: RunState = field(default_factory=RunState)  # the callbacks (loop.epoch_ends_run)
 
 
 def _train(cfg: SegmentConfig, state: RunState, info: dist_utils.DistInfo) -> SegmentResult:
@@ -168,16 +168,11 @@ def _train(cfg: SegmentConfig, state: RunState, info: dist_utils.DistInfo) -> Se
                 metrics = evaluate_segmentation(run.model, run.eval_loader, model.num_classes, run.class_names,
                                                 settings, distributed=info.distributed)
             row = _save_epoch(run, epoch, train_loss, metrics, epoch_started)
-            if stop.agreed(info):  # a signal (to any rank) arrived during evaluation: the epoch is saved, stop here
-                if info.is_primary:  # it said nothing: the run ended with 130 and no word of where a resume goes on
-                    _logger.warning(stopped_after_epoch(stop.signum, epoch, run.num_epochs, run.out.folder))
-                return _result(info, run.out.folder, run.out.manager, 128 + stop.signum,
-                               interrupted=epoch < run.num_epochs - 1)
-            stop.finishing_epoch = None
-            if callbacks_ask_to_stop(run, row):
-                if info.is_primary:
-                    _logger.info("a callback stopped the run after epoch %d", epoch)
+            if epoch_ends_run(run, stop, epoch, run.num_epochs, row):
                 break
+    signalled = stopped_after_epochs(stop, info, epoch, run.num_epochs, run.out.folder)
+    if signalled:
+        return _result(info, run.out.folder, run.out.manager, signalled, interrupted=epoch < run.num_epochs - 1)
     if info.is_primary:
         # the whole run's time, as train's: it counted this invocation's alone after a resume
         _logger.info("done in %.0fs; best mIoU %s; checkpoints in %s", run.out.run_seconds(started),

@@ -16,7 +16,8 @@ _logger = logging.getLogger(__name__)
 
 class StopRequest:
     """SIGTERM/SIGINT set a flag; the training loop saves a recovery checkpoint at the next step and exits, or, once
-    the epoch's last step has passed (``finishing_epoch``: its evaluation), exits after the epoch's checkpoint.
+    the epoch's last step has passed (``finishing_epoch``: its evaluation, saving, callbacks), exits after the epoch's
+    checkpoint (:func:`stopped_after_epochs`).
 
     A second SIGINT while stopping raises KeyboardInterrupt as usual (atomic writes keep files intact). A library
     entry point's run (``state.caller_sigterm``) leaves SIGTERM to the caller: ignored (SIG_IGN) it is not caught,
@@ -26,9 +27,9 @@ class StopRequest:
     def __init__(self, state: RunState | None = None):
         self.received = 0  # the signal this process's handler took
         self.signum = 0  # the signal every rank agreed to stop by (`agreed`): what the run stops and exits by
-        # the epoch whose training steps have all passed their stop check (the loops set it, None again once its
-        # checkpoint is written): a signal now stops the run after that epoch's evaluation and checkpoint, not at a
-        # step with a recovery checkpoint
+        # the epoch whose training steps have all passed their stop check (the loops set it, None again once the
+        # run goes on to the next epoch, `loop.epoch_ends_run`): a signal now stops the run after that epoch's
+        # evaluation, checkpoint and callbacks, not at a step with a recovery checkpoint
         self.finishing_epoch: int | None = None
         self._state = state
         self._previous = {}
@@ -90,13 +91,24 @@ class StopRequest:
                 and signal.getsignal(signal.SIGTERM) is signal.SIG_IGN)
 
 
-def stopped_after_epoch(signum: int, epoch: int, num_epochs: int, folder: Path) -> str:
-    """The line of a run that a signal stopped once ``epoch`` was saved: where a resume goes on, or, the epoch being
-    the run's last, that nothing is left (it said "resume with ...", and the resume found nothing to do)."""
-    name = signal.Signals(signum).name
-    if epoch == num_epochs - 1:
-        return f"stopped by {name} after epoch {epoch}, the run's last: the run is finished; checkpoints in {folder}"
-    return f"stopped by {name} after epoch {epoch}; resume with `resume={folder / 'last.pth.tar'}`"
+def stopped_after_epochs(stop: StopRequest, info: dist_utils.DistInfo, epoch: int, num_epochs: int,
+                         folder: Path) -> int:
+    """Once the run's epochs ended at ``epoch`` (saved) and ``stop``'s handlers are restored: 128 + the signal any
+    rank took since that epoch's last training step, saying where a resume goes on, or, the epoch being the run's
+    last, that nothing is left (it said "resume with ...", and the resume found nothing to do); 0 without one. Every
+    rank calls (they agree). A later signal is the caller's, as it would be without the run."""
+    signum = stop.agreed(info)
+    if not signum:
+        return 0
+    if info.is_primary:
+        name = signal.Signals(signum).name
+        if epoch == num_epochs - 1:
+            _logger.warning(f"stopped by {name} after epoch {epoch}, the run's last: the run is finished; "
+                            f"checkpoints in {folder}")
+        else:
+            _logger.warning(f"stopped by {name} after epoch {epoch}; resume with "
+                            f"`resume={folder / 'last.pth.tar'}`")
+    return 128 + signum
 
 
 def hand_sigterm_to_caller(state: RunState) -> None:

@@ -46,11 +46,11 @@ from .train_data import TrainData, build_data
 from .data_record import evaluated_data, evaluated_weights
 from .config import RunState, TrainConfig, checked_callbacks, explicit_settings, resolve_config
 from .config_checks import check_config
-from .loop import (EpochProgress, Loaders, Optimization, TrainingRun, batch_split, callbacks_ask_to_stop, current_lr,
+from .loop import (EpochProgress, Loaders, Optimization, TrainingRun, batch_split, current_lr, epoch_ends_run,
                    evaluate_epoch, resumed_progress, save_epoch, save_recovery, train_one_epoch)
 from .outputs import claimed_process_group, plural, prepare_outputs, primary_result, read_back, run_args
 from .resume import evaluation_change, reseed_unless_resumed
-from .stop_request import StopRequest, hand_sigterm_to_caller, stopped_after_epoch
+from .stop_request import StopRequest, hand_sigterm_to_caller, stopped_after_epochs
 from .train_model import build_model, wrap_model
 from .user_data import module_name
 
@@ -216,7 +216,6 @@ def _train(cfg, state: RunState, info: dist_utils.DistInfo) -> TrainResult:
                            ignored_classes=data.ignored_classes, state=state)
     _log_start(training, data, start_epoch)
 
-    metrics, finished = None, False
     with StopRequest(state) as stop:
         for epoch in range(start_epoch, opt.num_epochs):
             result = train_one_epoch(training, epoch, stop, resumed_within if epoch == start_epoch else None)
@@ -228,20 +227,12 @@ def _train(cfg, state: RunState, info: dist_utils.DistInfo) -> TrainResult:
             if opt.scheduler is not None:
                 opt.scheduler.step(epoch + 1, metric)
             row = save_epoch(training, epoch, result, metrics, metric, raw_top1)
-            # every rank waits here for rank 0's files of the epoch; a signal that reached any rank (one node's agent)
-            # during evaluation stops them all: the epoch is saved, stop here
-            if stop.agreed(info):
-                if info.is_primary:
-                    _logger.warning(stopped_after_epoch(stop.signum, epoch, opt.num_epochs, out.folder))
-                return _result(cfg, info, out.folder, out.manager, 128 + stop.signum,
-                               interrupted=epoch < opt.num_epochs - 1)
-            stop.finishing_epoch = None
-            finished = True
-            if callbacks_ask_to_stop(training, row):
-                print_on_primary(info, f"a callback stopped the run after epoch {epoch}")
+            if epoch_ends_run(training, stop, epoch, opt.num_epochs, row):
                 break
-    if finished:
-        _log_finish(training, metrics, started, epochs_run=epoch + 1)
+    signalled = stopped_after_epochs(stop, info, epoch, opt.num_epochs, out.folder)
+    if signalled:
+        return _result(cfg, info, out.folder, out.manager, signalled, interrupted=epoch < opt.num_epochs - 1)
+    _log_finish(training, metrics, started, epochs_run=epoch + 1)
     return _result(cfg, info, out.folder, out.manager, 0)
 
 
