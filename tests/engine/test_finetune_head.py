@@ -78,3 +78,20 @@ def test_a_segmentation_checkpoint_as_initial_checkpoint_is_named_as_such(image_
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "--initial-checkpoint" in err[0] and "is a segmentation model" in err[0], err
     assert not (tmp_path / "runs" / "c").exists()
+
+
+def test_a_segmentation_run_resumed_by_train_is_named_as_such(image_folder, tmp_path, capsys):
+    """`--resume auto` in a `segment train` experiment folder refused its last.pth.tar for its classes (the
+    checkpoint's 3 vs the split's) or, with as many classes, with a page of the weights' missing keys."""
+    folder = tmp_path / "runs" / "seg"
+    folder.mkdir(parents=True)
+    torch.save({"version": 1, "segmenter": {"backbone": "sequencer2d_nano", "head": "fpn"}, "state_dict": {},
+                "epoch": 0, "class_names": ["a", "b"]}, folder / "last.pth.tar")
+    capsys.readouterr()
+    assert train_cli([image_folder, *TINY_RUN, "--epochs", "2", "--resume", "auto", "--output", tmp_path / "runs",
+                      "--experiment", "seg"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"sequencer train: error: --resume {folder / 'last.pth.tar'} is a segmentation model (written by "
+                   f"`sequencer segment train`), not a classifier (hint: resume it with `sequencer segment train` "
+                   f"(train_segmenter))"], err
+    assert sorted(p.name for p in folder.iterdir()) == ["last.pth.tar"]

@@ -57,14 +57,15 @@ class LoadedModel:
         return sum(p.numel() for p in self.model.parameters())
 
 
-def refuse_segmentation_checkpoint(checkpoint: dict | None, source: str) -> None:
+def refuse_segmentation_checkpoint(checkpoint: dict | None, source: str, hint: str = "") -> None:
     """SequencerError (one line) when ``checkpoint`` was written by ``sequencer segment train``, where a classifier's
-    checkpoint is expected; ``source`` names the file as the caller's message would."""
+    checkpoint is expected; ``source`` names the file as the caller's message would, ``hint`` what to do instead
+    (by default: the segment commands that evaluate it)."""
     if isinstance(checkpoint, dict) and isinstance(checkpoint_metadata(checkpoint).get("segmenter"), dict):
         raise SequencerError(f"{source} is a segmentation model (written by `sequencer segment train`), not a "
-                             "classifier", hint="evaluate it with `sequencer segment validate` or `segment predict` "
-                             "(sequencer.engine.segmentation_eval); a classifier starts from a classification "
-                             "checkpoint")
+                             "classifier", hint=hint or "evaluate it with `sequencer segment validate` or `segment "
+                             "predict` (sequencer.engine.segmentation_eval); a classifier starts from a "
+                             "classification checkpoint")
 
 
 def load_model(checkpoint: str = "", model: str | None = None, pretrained: bool = False,
