@@ -442,6 +442,20 @@ def test_a_ddp_step_makes_one_all_reduce_and_a_non_finite_loss_stops_before_its_
         dist.destroy_process_group()
 
 
+def test_a_file_it_cannot_resume_is_refused_with_segment_trains_own_setting(tmp_path):
+    """It said "not a training checkpoint written by `sequencer train`" and hinted `initial_checkpoint`, a setting
+    segment train does not have."""
+    data = make_voc(tmp_path / "voc", n_train=8, n_val=1)
+    torch.save({"state_dict": {}}, tmp_path / "weights.pth")
+    with pytest.raises(SequencerError) as refused:
+        train_segmenter(tiny_config(data, tmp_path / "out", epochs=1, resume=str(tmp_path / "weights.pth")),
+                        progress=False)
+    assert str(refused.value) == (f"`resume={tmp_path / 'weights.pth'}`: not a training checkpoint written by "
+                                  f"`sequencer segment train` (hint: use `backbone_checkpoint` to start a new run "
+                                  f"from these weights)")
+    assert not (tmp_path / "out").exists()
+
+
 def test_a_resume_keeps_the_runs_label_mapping(tmp_path):
     """Resuming a `reduce_zero_label=False` ADE20K run without the setting took the layout's default, True: every
     class shifted by one for the rest of the run, silently (eval mIoU 13.1 -> 7.1 on a probe)."""

@@ -73,14 +73,15 @@ def locate_resume(cfg: TrainConfig, info: dist_utils.DistInfo) -> str:
     return found
 
 
-def resume_checkpoint(cfg: TrainConfig, info: dist_utils.DistInfo) -> tuple[str, dict | None]:
+def resume_checkpoint(cfg: TrainConfig, info: dist_utils.DistInfo, command: str = "train"
+                      ) -> tuple[str, dict | None]:
     """(the checkpoint to resume, "" for none; its contents) on every rank: the file rank 0 found
-    (:func:`locate_resume`), as :func:`read_on_every_rank` reads it."""
+    (:func:`locate_resume`), as :func:`read_on_every_rank` reads it for ``command`` ("train" or "segment train")."""
     path = locate_resume(cfg, info)
-    return path, read_on_every_rank(path, info) if path else None
+    return path, read_on_every_rank(path, info, command) if path else None
 
 
-def read_on_every_rank(path: str, info: dist_utils.DistInfo) -> dict:
+def read_on_every_rank(path: str, info: dist_utils.DistInfo, command: str = "train") -> dict:
     """Rank 0's training checkpoint at ``path`` (:func:`read_resume_checkpoint`), on every rank.
 
     Where every rank sees rank 0's file (a shared filesystem: the same size and modification time), each reads it
@@ -89,11 +90,11 @@ def read_on_every_rank(path: str, info: dist_utils.DistInfo) -> dict:
     failed: "does not exist"), or an older run's file of that name, which would resume another position.
     """
     if not info.distributed:
-        return read_resume_checkpoint(path)
+        return read_resume_checkpoint(path, command)
     stamps = dist_utils.all_gather_object(_file_stamp(path), info)
     if stamps[0] is not None and all(stamp == stamps[0] for stamp in stamps):
-        return read_resume_checkpoint(path)
-    checkpoint = read_resume_checkpoint(path) if info.is_primary else None  # an error on rank 0 stops every rank
+        return read_resume_checkpoint(path, command)
+    checkpoint = read_resume_checkpoint(path, command) if info.is_primary else None  # an error on rank 0 stops every rank
     return dist_utils.broadcast_object(checkpoint, info)
 
 
@@ -218,12 +219,18 @@ def _evaluated(weights: str, record: dict) -> str:
     return f"the {'EMA' if weights == 'ema' else 'raw model'} weights on {images}"
 
 
-def read_resume_checkpoint(path: str) -> dict:
-    """The checkpoint to resume; SequencerError for a file that is not a training checkpoint of ours."""
+# the setting that starts a new run of each command from weights a resume cannot take
+_STARTS_FROM_WEIGHTS = {"train": "initial_checkpoint", "segment train": "backbone_checkpoint"}
+
+
+def read_resume_checkpoint(path: str, command: str = "train") -> dict:
+    """The checkpoint to resume; SequencerError for a file that is not a training checkpoint of ours, naming
+    ``command`` ("train" or "segment train": `segment train` named `sequencer train` and its `initial_checkpoint`,
+    a setting it does not have)."""
     checkpoint = read_checkpoint(path)
     if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint or "epoch" not in checkpoint:
-        raise SequencerError(f"`resume={path}`: not a training checkpoint written by `sequencer train`",
-                             hint="use `initial_checkpoint` to start a new run from these weights")
+        raise SequencerError(f"`resume={path}`: not a training checkpoint written by `sequencer {command}`",
+                             hint=f"use `{_STARTS_FROM_WEIGHTS[command]}` to start a new run from these weights")
     return checkpoint
 
 

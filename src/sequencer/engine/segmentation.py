@@ -128,7 +128,7 @@ def _train(cfg: SegmentConfig, state: RunState, info: dist_utils.DistInfo) -> Se
 
     started = time.time()
     random_seed(cfg.seed, info.rank)
-    resume_path, resume_ckpt = resume_checkpoint(cfg, info)
+    resume_path, resume_ckpt = resume_checkpoint(cfg, info, "segment train")
     cfg = _resumed_architecture(cfg, resume_ckpt, state)
     train_split, val_split = _open_splits(cfg, resume_ckpt)
     dist_utils.check_same_data(info, len(train_split), len(val_split), list(train_split.class_names))
