@@ -245,3 +245,42 @@ def test_held_out_files_moved_away_are_said_not_scored_as_zero(tmp_path, capsys)
             assert "1 of the 3 images the checkpoint's run held out of" in said and "on the 2 left" in said
         else:
             assert "none of the 1 images the checkpoint's run held out of" in said and "is there any more" in said
+
+
+def test_validate_on_a_runs_own_data_evaluates_the_split_it_evaluated_on(data, tmp_path, capsys):
+    """A run of `--val-split test` on DATA with train/, val/ and test/: `validate DATA --checkpoint` (DATA by another
+    path too) evaluates test/, reproducing the logged top-1 (it evaluated val/'s 6 images, not test/'s 3); an
+    explicit --split wins; the resolution sweep picks the same split."""
+    root = tmp_path / "data"
+    root.mkdir()
+    for split in ("train", "val"):
+        (root / split).symlink_to(data / split, target_is_directory=True)
+    (root / "test").symlink_to(make_image_folder(tmp_path / "other", COLOURS, 0, 1, size=16, seed=1) / "val",
+                               target_is_directory=True)
+    rc, _, err = _run(capsys, root, *TINY_RUN, "--epochs", "1", "--val-split", "test", "--output", tmp_path,
+                      "--experiment", "t")
+    assert rc == 0, err
+    checkpoint = tmp_path / "t" / "last.pth.tar"
+    logged = float(summary_rows(tmp_path / "t")[-1]["eval_top1"])
+    results = tmp_path / "r.json"
+
+    def validate(*args) -> tuple[dict, str]:
+        capsys.readouterr()
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            assert main(["validate", *map(str, args), "-j", "0", "--device", "cpu", "--results-file",
+                         str(results)]) == 0
+        return json.loads(results.read_text()), "".join(f"{w.message}\n" for w in caught)
+
+    link = tmp_path / "link"
+    link.symlink_to(root, target_is_directory=True)
+    for spelling in (root, link, f"{tmp_path}/./data/"):
+        got, warned = validate(spelling, "--checkpoint", checkpoint)
+        assert got["count"] == 3 and abs(got["top1"] - logged) < 1e-3 and not warned
+    got, _ = validate(root, "--checkpoint", checkpoint, "--split", "val")
+    assert got["count"] == 6
+    # the sweep picks the same split
+    assert main(["resolution-sweep", str(link), "--checkpoint", str(checkpoint), "--sizes", "16", "-j", "0",
+                 "--device", "cpu", "-o", str(tmp_path / "sweep")]) == 0
+    row = (tmp_path / "sweep" / "resolution.csv").read_text().splitlines()[1].split(",")
+    assert int(row[-1]) == 3 and abs(float(row[1]) - logged) < 1e-3

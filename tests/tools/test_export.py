@@ -446,8 +446,8 @@ def test_every_variant_exports_the_plain_models_logits(name, tmp_path):
 
 def test_verify_top1_is_validates_on_the_same_folder(tiny_checkpoint, tmp_path, caplog):
     """int8 --verify's top-1 is the one validate gives on the folder: its validation split's. It scored every image
-    of a folder other than its run's DATA (train/, val/ and test/: 18 images, 8 of them training ones), and on its
-    run's DATA the split training evaluated (test/ here) where validate DATA evaluates val/."""
+    of a folder other than its run's DATA (train/, val/ and test/: 18 images, 8 of them training ones); on its run's
+    DATA both score the split training evaluated (test/ here: its logged top-1)."""
     import onnx
 
     from sequencer.tools.export import top1_agreement
@@ -460,12 +460,12 @@ def test_verify_top1_is_validates_on_the_same_folder(tiny_checkpoint, tmp_path, 
     onnx.helper.set_model_props(proto, {**{p.key: p.value for p in proto.metadata_props},
                                         "data": json.dumps({"dataset": "", "root": str(data), "split": "test"})})
     onnx.save(proto, str(tmp_path / "run_on_data.onnx"))
-    for model in (exported, tmp_path / "run_on_data.onnx"):
+    for model, split_images in ((exported, 6), (tmp_path / "run_on_data.onnx", 4)):
         assert main(["validate", str(data), "--onnx", str(model), "-j", "0",
                      "--results-file", str(tmp_path / "r.json")]) == 0
         validated = json.loads((tmp_path / "r.json").read_text())
         verified = top1_agreement(model, model, str(data))
-        assert verified["count"] == 18 and verified["scored"] == validated["count"] == 6
+        assert verified["count"] == 18 and verified["scored"] == validated["count"] == split_images
         assert verified["fp32_top1"] * 100 == pytest.approx(validated["top1"], abs=1e-3)
     # split folders without a validation split: validate refuses the folder; the agreement stands, without a top-1
     (data / "val").rename(tmp_path / "val")

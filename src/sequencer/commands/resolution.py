@@ -15,9 +15,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                                                      ".tar, or torchvision root (--dataset torch/NAME)")
     add_dataset_arguments(parser)
     parser.add_argument("--split", default=None,
-                        help="split folder to evaluate (default: the one validate evaluates: val, test where DATA "
-                             "has train/ and test/ only, or the training split a --val-fraction run carved its "
-                             "held-out images from, where DATA is its DATA)")
+                        help="split folder to evaluate (default: the one validate evaluates: the split the "
+                             "checkpoint's run evaluated on where DATA is its DATA (a --val-fraction run: its "
+                             "held-out images), else val, or test where DATA has train/ and test/ only)")
     parser.add_argument("--sizes", type=positive_int, nargs="+", default=None, metavar="PX",
                         help="input sizes to evaluate (default: half to twice the model's input size, --img-size or "
                              "else the size its file records (a checkpoint's training size, an export's export size), "

@@ -18,9 +18,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--results-file", required=True, metavar="R.json", help="where to write the results (JSON)")
     parser.add_argument("--clean", default=None, metavar="DATA", help="clean dataset, for the relative mCE")
     parser.add_argument("--clean-split", default=None,
-                        help="split of --clean to evaluate (default: the one validate evaluates: val, test where "
-                             "--clean has train/ and test/ only, or the training split a --val-fraction run carved "
-                             "its held-out images from, where --clean is its DATA)")
+                        help="split of --clean to evaluate (default: the one validate evaluates: the split the "
+                             "checkpoint's run evaluated on where --clean is its DATA (a --val-fraction run: its "
+                             "held-out images), else val, or test where --clean has train/ and test/ only)")
     parser.add_argument("--corruptions", nargs="+", default=None, metavar="NAME",
                         help="exactly these corruptions (default: the 15 standard ones present)")
     parser.add_argument("-b", "--batch-size", type=positive_int, default=64, metavar="N")

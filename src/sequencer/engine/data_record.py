@@ -106,14 +106,25 @@ def trained_on_all_of(dataset, checkpoint: dict | None) -> bool:
                                                                            record.get("root"))
 
 
-def carved_from(checkpoint: dict | None, data: str, dataset: str = "") -> str | None:
-    """The split of ``data`` from which ``checkpoint``'s run carved its held-out files (`val_fraction`), when
-    ``data`` is its DATA read as it read it: as files (``dataset`` "" or "tar"), not as the torchvision dataset a
-    download folder beside its image folders holds (whose split of that name is other images). None otherwise."""
-    held_out = recorded_held_out(checkpoint)
-    if held_out is None or not reads_files(dataset) or not _same_folder(data, held_out.root):
+def _read_as_the_run_did(record: dict, data, dataset: str) -> bool:
+    """Whether ``data`` (a --dataset ``dataset``'s DATA) is the run's DATA (its ``data`` ``record``) read as it read
+    it: as files by both (``dataset`` "" or "tar"), or as the same dataset (never the torchvision dataset a download
+    folder beside its image folders holds, whose split of the same name is other images)."""
+    ran_on = str(record.get("dataset") or "")
+    if ran_on.lower() == "digits" or (dataset or "").lower() == "digits":
+        return ran_on.lower() == (dataset or "").lower()
+    same_reader = reads_files(dataset) and reads_files(ran_on) or (dataset or "").lower() == ran_on.lower()
+    return same_reader and _same_folder(os.fspath(data) if data else None, record.get("root"))
+
+
+def evaluated_split_of(checkpoint: dict | None, data, dataset: str = "") -> str | None:
+    """The split of ``data`` that ``checkpoint``'s run evaluated on when ``data`` is its DATA read as it read it (a
+    carved held-out split (`val_fraction`): the training split it was carved from); None otherwise, and where the
+    run evaluated nothing or records nothing."""
+    record = recorded_training_data(checkpoint)
+    if not record or not record.get("split") or not _read_as_the_run_did(record, data, dataset):
         return None
-    return held_out.split
+    return str(record["split"])
 
 
 def keep_held_out_files(dataset, checkpoint: dict | None) -> tuple:

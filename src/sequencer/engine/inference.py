@@ -22,7 +22,7 @@ from ..errors import SequencerError
 from ..models import create_model, get_model_entry, has_pretrained_weights
 from ..models.loading import checkpoint_metadata, picked_weights, read_checkpoint, recorded_probabilities
 from ..models.registry import ReadCheckpoint
-from .data_record import carved_from, keep_held_out_files, trained_on_all_of
+from .data_record import evaluated_split_of, keep_held_out_files, trained_on_all_of
 from .guest import cpu_default_device, warn
 
 _logger = logging.getLogger(__name__)
@@ -317,12 +317,13 @@ def eval_loader(root: str, split: str, loaded: LoadedModel, input_size, batch_si
 
 def split_to_evaluate(checkpoint: dict | None, root, split: str | None, dataset: str = "",
                       notes: bool = True) -> str:
-    """The split of ``root`` (a --dataset ``dataset``'s DATA) that validate, resolution-sweep and robustness
-    evaluate: ``split``, or where none is given the training split ``checkpoint``'s run carved its held-out files
-    from (`val_fraction`, ``root`` the run's DATA), else "validation". Image folders (no ``dataset``) find it as
-    training does: a validation split that ``root`` lacks is its test split where it has one (train/ and test/
-    only), with a note (``notes=False``: none)."""
-    split = split or carved_from(checkpoint, root, dataset) or "validation"
+    """The split of ``root`` (a --dataset ``dataset``'s DATA) that validate, resolution-sweep, robustness and
+    export --verify evaluate: ``split``, or where none is given and ``root`` is the DATA ``checkpoint``'s run
+    trained on, the split it evaluated on (so its logged top-1 is reproduced; for held-out files carved by
+    `val_fraction`, the training split they were carved from), else "validation". Image folders (no ``dataset``)
+    find it as training does: a validation split that ``root`` lacks is its test split where it has one (train/ and
+    test/ only), with a note (``notes=False``: none)."""
+    split = split or evaluated_split_of(checkpoint, root, dataset) or "validation"
     if not dataset:
         found = held_out_split(root, split)
         if found != split and notes:

@@ -90,13 +90,13 @@ def validate(checkpoint: str | os.PathLike = "", data=None, *, model: str | nn.M
     same call's record) leave out what the checkpoint's own path leaves out). ``data``: a folder or .tar, a
     map-style Dataset of ``(PIL image or (C, H, W) tensor, int)`` (tensors used as given), or None (and no ``dataset``): the held-out split the checkpoint records
     it was trained on (its ``data`` entry: the digits for a digits run; a one-line error when it records none or its
-    folder is gone). A folder without ``split`` is evaluated on its held-out split found by name, as training
-    does. A ``model`` name without a checkpoint evaluates its released weights (``pretrained``), as timm's
-    validate.py. ``prepare`` transforms the loaded model before it runs (the command's ``--fast``:
-    ``sequencer.optimize_for_inference``); ``torchcompile`` names a torch.compile backend to run it with.
-    ``progress=False`` prints nothing. ``load`` replaces how the model is built (the command's ``--onnx``). The
-    caller's ``random``, ``numpy`` and torch random state is restored on return (building a model by name draws
-    its initial weights from it).
+    folder is gone). A folder without ``split`` is evaluated on the split the checkpoint's run evaluated on when it
+    is the run's own DATA, else on its held-out split found by name, as training does. A ``model`` name without a
+    checkpoint evaluates its released weights (``pretrained``), as timm's validate.py. ``prepare`` transforms the
+    loaded model before it runs (the command's ``--fast``: ``sequencer.optimize_for_inference``); ``torchcompile``
+    names a torch.compile backend to run it with. ``progress=False`` prints nothing. ``load`` replaces how the model
+    is built (the command's ``--onnx``). The caller's ``random``, ``numpy`` and torch random state is restored on
+    return (building a model by name draws its initial weights from it).
     """
     in_memory = isinstance(model, nn.Module)
     if in_memory and checkpoint:
@@ -151,10 +151,10 @@ def _model_and_split(load_the_model: Callable[[], LoadedModel], open_split, user
     """(the loaded model, the split to evaluate, ``dataset``), each read in the order that lets a mistake fail
     before the slow part: a caller's Dataset (``user_split``) is used as given; no data: the data the checkpoint
     records, known once it is read; ``model_first`` (a ``checkpoint`` file, an exported file ``load`` reads, or a
-    module in memory carrying its checkpoint's record) on an existing folder: the model first, as its run may have
-    carved the held-out split from the training split of this very folder (``val_fraction``); else the data first,
-    so a missing folder does not wait for (or download) the model's weights. Files the checkpoint's run trained on
-    are left out of a named folder's split."""
+    module in memory carrying its checkpoint's record) on an existing folder: the model first, as its record says
+    which split of its run's own DATA to evaluate (``split_to_evaluate``: the one the run evaluated on, or carved
+    from the training split with ``val_fraction``); else the data first, so a missing folder does not wait for (or download) the model's weights. Files the checkpoint's run
+    trained on are left out of a named folder's split."""
     if user_split is not None:
         return load_the_model(), user_split, dataset
     if data is None and not dataset:
