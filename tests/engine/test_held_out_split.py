@@ -148,6 +148,11 @@ def test_validate_finds_files_carved_from_a_train_folder(data, tmp_path, capsys)
                  "-j", "0", "--results-file", str(results)]) == 0
     got = json.loads(results.read_text())
     assert got["count"] == 6
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # its held-out files alone, named train/: no word of training images
+        assert main(["validate", str(only_train), "--split", "train", "--checkpoint", str(tmp_path / "t" /
+                     "last.pth.tar"), "--device", "cpu", "-j", "0", "--results-file", str(results)]) == 0
+    assert json.loads(results.read_text())["count"] == 6
     # so do the resolution sweep and the relative mCE's clean error without a split named (both looked for val/
     # and stopped: "split 'val' not found")
     assert main(["resolution-sweep", str(only_train), "--checkpoint", str(tmp_path / "t" / "last.pth.tar"),
@@ -250,7 +255,8 @@ def test_held_out_files_moved_away_are_said_not_scored_as_zero(tmp_path, capsys)
 def test_validate_on_a_runs_own_data_evaluates_the_split_it_evaluated_on(data, tmp_path, capsys):
     """A run of `--val-split test` on DATA with train/, val/ and test/: `validate DATA --checkpoint` (DATA by another
     path too) evaluates test/, reproducing the logged top-1 (it evaluated val/'s 6 images, not test/'s 3); an
-    explicit --split wins; the resolution sweep picks the same split."""
+    explicit --split wins; --split train (by any name) warns that these are the run's training images (it said
+    nothing), from an older checkpoint's `args` too, and nothing where nothing records the training split."""
     root = tmp_path / "data"
     root.mkdir()
     for split in ("train", "val"):
@@ -277,8 +283,25 @@ def test_validate_on_a_runs_own_data_evaluates_the_split_it_evaluated_on(data, t
     for spelling in (root, link, f"{tmp_path}/./data/"):
         got, warned = validate(spelling, "--checkpoint", checkpoint)
         assert got["count"] == 3 and abs(got["top1"] - logged) < 1e-3 and not warned
-    got, _ = validate(root, "--checkpoint", checkpoint, "--split", "val")
-    assert got["count"] == 6
+    got, warned = validate(root, "--checkpoint", checkpoint, "--split", "val")
+    assert got["count"] == 6 and not warned
+    for split in ("train", "Training"):
+        got, warned = validate(root, "--checkpoint", checkpoint, "--split", split)
+        assert got["count"] == 24 and "is the one the checkpoint's run trained on: these are its training images" \
+            in warned
+    got, warned = validate("--checkpoint", checkpoint, "--split", "train")
+    assert got["count"] == 24 and "its training images" in warned
+    # an older checkpoint: no `train_split` in its `data` entry, the one its `args` record; none at all: no word
+    ckpt = torch.load(checkpoint, weights_only=True)
+    del ckpt["data"]["train_split"]
+    torch.save(ckpt, tmp_path / "older.pth.tar")
+    assert "its training images" in validate(root, "--checkpoint", tmp_path / "older.pth.tar", "--split", "train")[1]
+    del ckpt["args"]
+    torch.save(ckpt, tmp_path / "bare.pth.tar")
+    got, warned = validate(root, "--checkpoint", tmp_path / "bare.pth.tar", "--split", "train")
+    assert got["count"] == 24 and not warned
+    got, _ = validate(root, "--checkpoint", tmp_path / "bare.pth.tar")
+    assert got["count"] == 3
     # the sweep picks the same split
     assert main(["resolution-sweep", str(link), "--checkpoint", str(checkpoint), "--sizes", "16", "-j", "0",
                  "--device", "cpu", "-o", str(tmp_path / "sweep")]) == 0

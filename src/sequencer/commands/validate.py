@@ -37,7 +37,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                    help="split to evaluate (val/validation/test/train...; always wins; default: where DATA is the "
                         "checkpoint's run's DATA, the split the run evaluated on (for a --val-fraction run, its "
                         "held-out images), so its logged top-1 is reproduced; else DATA's validation split, its test "
-                        "split where it has train/ and test/ only)")
+                        "split where it has train/ and test/ only). A warning names the run's training split")
     g.add_argument("--class-map", default="", metavar="FILE", help="class names, one per line (or 'name index')")
     g.add_argument("-b", "--batch-size", type=positive_int, default=256, metavar="N")
     add_workers_argument(g, default=f"0 for digits, else {DEFAULT_WORKERS}")  # the engine's choice, not data_workers

@@ -5,7 +5,8 @@ A checkpoint's ``data`` entry (one of the model-config keys, so ``checkpoint cle
 
     {"dataset": "" | "digits" | "torch/NAME" | ...,  # train's --dataset ("" = image folders or a tar)
      "root": "/abs/path" | None,                     # train's DATA, made absolute (None for the digits)
-     "split": "val"}                                 # the held-out split training evaluated on
+     "split": "val",                                 # the held-out split training evaluated on
+     "train_split": "train"}                         # the split it trained on (absent in older checkpoints)
 
 A held-out split carved from the training images (``--val-fraction``) has ``"split"`` the training split it was
 carved from, and adds ``"files"``: its images' keys (`sequencer.data.splits`), relative to ``"files_in"`` (the
@@ -18,6 +19,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 
+from ..data.class_folders import split_aliases
 from ..data.datasets import reads_files
 from ..data.splits import split_by_keys
 from ..errors import SequencerError
@@ -38,7 +40,7 @@ def data_record(cfg, held_out=None) -> dict:
     its held-out dataset ``held_out`` (None: the run had no held-out split)."""
     record = {"dataset": cfg.dataset or ("" if cfg.data else "digits"),
               "root": os.path.abspath(cfg.data) if cfg.data else None,
-              "split": cfg.val_split if held_out is not None else None}
+              "split": cfg.val_split if held_out is not None else None, "train_split": cfg.train_split}
     files = getattr(held_out, "held_out_files", None)
     if files:
         record.update(split=cfg.train_split, files=list(files), files_in=os.path.abspath(held_out.root))
@@ -125,6 +127,20 @@ def evaluated_split_of(checkpoint: dict | None, data, dataset: str = "") -> str 
     if not record or not record.get("split") or not _read_as_the_run_did(record, data, dataset):
         return None
     return str(record["split"])
+
+
+def trained_on_split(checkpoint: dict | None, data, dataset: str, split: str) -> bool:
+    """True when ``split`` of ``data`` is the split ``checkpoint``'s run trained on, as far as it records it: its
+    ``data`` record's ``train_split``, else its ``args``' (a training checkpoint from before). False where the run
+    carved its held-out files from it (they alone are evaluated) or trained on all of DATA (`trained_on_all_of`
+    says so)."""
+    record = recorded_training_data(checkpoint)
+    if not record or not record.get("split") or record.get("files"):
+        return False
+    args = checkpoint_metadata(checkpoint).get("args")
+    trained = record.get("train_split") or (args.get("train_split") if isinstance(args, dict) else None)
+    return bool(trained) and split.lower() in {a.lower() for a in split_aliases(str(trained))} and \
+        _read_as_the_run_did(record, data, dataset)
 
 
 def keep_held_out_files(dataset, checkpoint: dict | None) -> tuple:

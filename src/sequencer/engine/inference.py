@@ -22,7 +22,7 @@ from ..errors import SequencerError
 from ..models import create_model, get_model_entry, has_pretrained_weights
 from ..models.loading import checkpoint_metadata, picked_weights, read_checkpoint, recorded_probabilities
 from ..models.registry import ReadCheckpoint
-from .data_record import evaluated_split_of, keep_held_out_files, trained_on_all_of
+from .data_record import evaluated_split_of, keep_held_out_files, trained_on_all_of, trained_on_split
 from .guest import cpu_default_device, warn
 
 _logger = logging.getLogger(__name__)
@@ -322,13 +322,16 @@ def split_to_evaluate(checkpoint: dict | None, root, split: str | None, dataset:
     trained on, the split it evaluated on (so its logged top-1 is reproduced; for held-out files carved by
     `val_fraction`, the training split they were carved from), else "validation". Image folders (no ``dataset``)
     find it as training does: a validation split that ``root`` lacks is its test split where it has one (train/ and
-    test/ only), with a note (``notes=False``: none)."""
+    test/ only), with a note. A warning where it is the split the run trained on. ``notes=False``: neither."""
     split = split or evaluated_split_of(checkpoint, root, dataset) or "validation"
     if not dataset:
         found = held_out_split(root, split)
         if found != split and notes:
             _logger.info(f"note: {root} has no {split!r} split: evaluating on {found!r}")
         split = found
+    if notes and trained_on_split(checkpoint, root, dataset, split):
+        warn(f"split {split!r} of {root} is the one the checkpoint's run trained on: these are its training "
+             f"images, not held-out ones")
     return split
 
 

@@ -153,15 +153,16 @@ def _model_and_split(load_the_model: Callable[[], LoadedModel], open_split, user
     records, known once it is read; ``model_first`` (a ``checkpoint`` file, an exported file ``load`` reads, or a
     module in memory carrying its checkpoint's record) on an existing folder: the model first, as its record says
     which split of its run's own DATA to evaluate (``split_to_evaluate``: the one the run evaluated on, or carved
-    from the training split with ``val_fraction``); else the data first, so a missing folder does not wait for (or download) the model's weights. Files the checkpoint's run
+    from the training split with ``val_fraction``) and whether a named one is its training split; else the data
+    first, so a missing folder does not wait for (or download) the model's weights. Files the checkpoint's run
     trained on are left out of a named folder's split."""
     if user_split is not None:
         return load_the_model(), user_split, dataset
     if data is None and not dataset:
         loaded = load_the_model()
         data, dataset, split = _checkpoint_data(loaded, checkpoint, split, dist_info)
-        split_set = open_split(data, dataset, split)
-    elif model_first and split is None and os.path.exists(data or ""):
+        split_set = open_split(data, dataset, split, loaded.checkpoint)
+    elif model_first and os.path.exists(data or ""):
         loaded = load_the_model()
         split_set = open_split(data, dataset, split, loaded.checkpoint)
     else:
