@@ -456,6 +456,22 @@ def test_a_file_it_cannot_resume_is_refused_with_segment_trains_own_setting(tmp_
     assert not (tmp_path / "out").exists()
 
 
+def test_resume_auto_in_a_train_folder_names_the_classifier_it_found(tmp_path):
+    """It said "`resume=auto`: not a segmentation checkpoint ...", naming no file."""
+    data = make_voc(tmp_path / "voc", n_train=8, n_val=1)
+    folder = tmp_path / "out" / "cls"
+    folder.mkdir(parents=True)
+    torch.save({"arch": "sequencer2d_nano", "state_dict": {}, "epoch": 0}, folder / "last.pth.tar")
+    with pytest.raises(SequencerError) as refused:
+        train_segmenter(tiny_config(data, tmp_path / "out", epochs=1, experiment="cls", resume="auto"),
+                        progress=False)
+    assert str(refused.value) == (f"`resume={folder / 'last.pth.tar'}`: not a segmentation checkpoint written by "
+                                  f"`sequencer segment train` but a classifier of `sequencer train` (hint: resume it "
+                                  f"with `sequencer train`; `backbone_checkpoint` starts a new segmenter from its "
+                                  f"backbone)")
+    assert sorted(p.name for p in folder.iterdir()) == ["last.pth.tar"]
+
+
 def test_a_resume_keeps_the_runs_label_mapping(tmp_path):
     """Resuming a `reduce_zero_label=False` ADE20K run without the setting took the layout's default, True: every
     class shifted by one for the rest of the run, silently (eval mIoU 13.1 -> 7.1 on a probe)."""

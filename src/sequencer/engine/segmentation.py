@@ -129,7 +129,7 @@ def _train(cfg: SegmentConfig, state: RunState, info: dist_utils.DistInfo) -> Se
     started = time.time()
     random_seed(cfg.seed, info.rank)
     resume_path, resume_ckpt = resume_checkpoint(cfg, info, "segment train")
-    cfg = _resumed_architecture(cfg, resume_ckpt, state)
+    cfg = _resumed_architecture(cfg, resume_path, resume_ckpt, state)
     train_split, val_split = _open_splits(cfg, resume_ckpt)
     dist_utils.check_same_data(info, len(train_split), len(val_split), list(train_split.class_names))
     _check_batch_norm_maps(cfg, info)
@@ -243,7 +243,8 @@ ARCHITECTURE = ("backbone", "backbone_kwargs", "head", "head_channels", "out_cha
 _NEW_RUN_WEIGHTS = ("pretrained", "backbone_checkpoint")  # a new run's backbone weights
 
 
-def _resumed_architecture(cfg: SegmentConfig, resume_ckpt: dict | None, state: RunState) -> SegmentConfig:
+def _resumed_architecture(cfg: SegmentConfig, resume_path: str, resume_ckpt: dict | None,
+                          state: RunState) -> SegmentConfig:
     """``cfg`` with a resumed checkpoint's architecture (``ARCHITECTURE``, from its ``segmenter`` config, as
     ``sequencer train`` takes its model from the checkpoint): a resume need not repeat the flags (without them it
     built the defaults' model and stopped on the checkpoint's weights, or was refused). A setting given with another
@@ -252,9 +253,12 @@ def _resumed_architecture(cfg: SegmentConfig, resume_ckpt: dict | None, state: R
     if resume_ckpt is None:
         return cfg
     saved = resume_ckpt.get("segmenter")
-    if not isinstance(saved, dict):
-        raise SequencerError(f"`resume={cfg.resume}`: not a segmentation checkpoint written by `sequencer segment "
-                             f"train`")
+    if not isinstance(saved, dict):  # `resume=auto` said "`resume=auto`: not a segmentation checkpoint", no file
+        classifier = isinstance(resume_ckpt.get("arch"), str)
+        raise SequencerError(f"`resume={resume_path}`: not a segmentation checkpoint written by `sequencer segment "
+                             f"train`{' but a classifier of `sequencer train`' if classifier else ''}",
+                             hint="resume it with `sequencer train`; `backbone_checkpoint` starts a new segmenter "
+                                  "from its backbone" if classifier else "")
     saved = complete_config(saved)  # what a checkpoint written before a key was had
     missing = [key for key in ARCHITECTURE if key not in saved]
     if missing:
