@@ -79,7 +79,8 @@ def train_segmenter(config: SegmentConfig | str | os.PathLike | None = None, /, 
     :func:`sequencer.train`). Signals as with :func:`sequencer.train`: Ctrl-C writes a recovery checkpoint, then
     raises ``TrainingInterrupted`` (a ``KeyboardInterrupt``; its ``result`` is the run so far); a SIGTERM keeps the
     caller's disposition: after the recovery checkpoint it is delivered again (the default ends the process; a
-    handler runs, then the result, ``interrupted``, ``exit_code`` 143, returns); ignored, it is not caught. The
+    handler runs, then the result, ``interrupted`` (False once the last epoch's training steps had passed: the run
+    is finished), ``exit_code`` 143, returns); ignored, it is not caught. The
     caller's ``random``, ``numpy`` and torch random state is restored on return."""
     explicit = explicit_settings(config, settings, SegmentConfig, "train_segmenter")
     cfg = SegmentConfig(**checked_settings(explicit, "train_segmenter", "settings are SegmentConfig's fields, segment "

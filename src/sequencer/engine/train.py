@@ -117,8 +117,9 @@ def train(config: TrainConfig | str | os.PathLike | None = None, /, *, callbacks
     :class:`TrainingInterrupted` (a ``KeyboardInterrupt``). SIGTERM keeps your own disposition: the run writes a
     recovery checkpoint, restores your handlers and delivers the signal again, so with the default disposition the
     process ends by SIGTERM (status 143 / -15, as a preempted job should) and with your handler that handler runs,
-    then ``train`` returns the result with ``interrupted=True`` and ``exit_code=143``; a SIGTERM you ignore (SIG_IGN)
-    is not caught, and the run goes on. The caller's ``random``, ``numpy`` and torch random state is restored on
+    then ``train`` returns the result with ``interrupted=True`` and ``exit_code=143`` (``interrupted`` False where the
+    signal came after the last epoch's training steps: the run is finished); a SIGTERM you ignore (SIG_IGN) is not
+    caught, and the run goes on. The caller's ``random``, ``numpy`` and torch random state is restored on
     return: the run draws from its own ``seed``.
     """
     explicit = explicit_settings(config, settings, TrainConfig, "train")
