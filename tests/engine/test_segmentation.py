@@ -721,7 +721,8 @@ def test_a_signal_during_the_last_epochs_evaluation_says_the_run_is_finished(tmp
     monkeypatch.setattr(seg_engine, "evaluate_segmentation", evaluate)
     caplog.clear()
     assert seg_engine.run_segmentation(dataclasses.replace(cfg, resume=str(folder / "last.pth.tar"))).exit_code == 0
-    assert "the run already finished its 1 epoch; nothing to do" in caplog.text
+    assert ("the run already finished: it made 2 updates in 1 epoch and this run has 2 updates; nothing to do (pass a "
+            "larger `epochs` or `iters` to extend it)") in caplog.text
 
 
 def test_a_signal_during_the_last_epochs_callbacks_ends_the_finished_run_as_it_says(tmp_path, caplog):

@@ -139,8 +139,12 @@ def _train(cfg: SegmentConfig, state: RunState, info: dist_utils.DistInfo) -> Se
     resumed_within = resumed_progress(resume_ckpt, info, _batch_split(run))  # a recovery file's interrupted epoch
     start_epoch = _restore(run, resume_ckpt, resumed_within.batches)
     if start_epoch >= run.num_epochs:
-        dist_utils.print_on_primary(info, f"`resume={resume_path}`: the run already finished its "
-                                          f"{plural(run.num_epochs, 'epoch')}; nothing to do")
+        # as train's: "finished its 3 epochs" named neither length where `iters=3` was below the 6 updates made
+        made = run.first_update + start_epoch * run.updates_per_epoch
+        dist_utils.print_on_primary(info, f"`resume={resume_path}`: the run already finished: it made "
+                                          f"{plural(made, 'update')} in {plural(start_epoch, 'epoch')} and this run "
+                                          f"has {plural(run.total_updates, 'update')}; nothing to do (pass a larger "
+                                          f"`epochs` or `iters` to extend it)")
         return _result(info, Path(resume_path).parent, None, 0, best_epoch=resume_ckpt.get("best_epoch"))
     # the resumed epochs' mIoUs, measured on another split, size, mode or window, compare with none of ours
     changed = resumed_evaluation_change(resume_ckpt, run.data_config, cfg.val_split)
