@@ -355,6 +355,29 @@ def test_bad_inputs_give_one_line_errors(tmp_path, tiny_checkpoint, capsys):
     assert "also an input" in capsys.readouterr().err
 
 
+def test_weights_foreign_to_the_model_named_are_refused_before_anything_is_written(tmp_path, tiny_checkpoint, capsys):
+    """clean (and average) of a file naming its model with weights of other keys or shapes: one line naming them,
+    nothing written (clean wrote a file, exit 0, that validate and load_model then refused: 'does not fit model');
+    a file naming no model is cleaned as it is (it loads with --model NAME)."""
+    from safetensors.torch import save_file
+    from sequencer.models.loading import model_config, save_weights
+    from sequencer.tools.checkpoints import read_weights
+
+    checkpoint, state, _ = read_weights(str(tiny_checkpoint), None)
+    named = model_config(checkpoint)
+    foreign = save_weights({**state, "foo.weight": torch.zeros(3)}, tmp_path / "foreign.safetensors", named)
+    wrong_shape = save_weights({**state, "norm.weight": torch.zeros(7)}, tmp_path / "shape.pth", named)
+    for path, culprit in ((foreign, "unexpected: foo.weight"), (wrong_shape, "norm.weight (7,) vs (24,)")):
+        for action in (["clean", str(path)], ["average", str(path), str(tiny_checkpoint)]):
+            capsys.readouterr()
+            assert main(["checkpoint", *action, "-o", str(tmp_path / "out.safetensors")]) == 2
+            err = capsys.readouterr().err
+            assert f"does not fit model {TINY_ARCH!r}" in err and culprit in err and err.count("\n") == 1, err
+            assert not (tmp_path / "out.safetensors").exists()
+    save_file({"foo.weight": torch.zeros(3)}, str(tmp_path / "unnamed.safetensors"))
+    assert main(["checkpoint", "clean", str(tmp_path / "unnamed.safetensors"), "-o", str(tmp_path / "o.pth")]) == 0
+
+
 def test_write_atomically_leaves_previous_file_on_failure(tmp_path):
     target = tmp_path / "weights.pth"
     target.write_bytes(b"old")

@@ -26,7 +26,7 @@ def cmd_average(args: argparse.Namespace) -> int:
     _check_output(args.output, args.checkpoints, args.safetensors)
     from ..models.loading import model_config, save_weights
     from ..tools.checkpoints import (average_state_dicts, averaged_data_config, averaged_data_record,
-                                     check_same_model, read_weights, repeated_weights)
+                                     check_fits_its_model, check_same_model, read_weights, repeated_weights)
 
     paths, configs, states, used_emas = list(args.checkpoints), [], [], []
     for path in paths:
@@ -36,6 +36,7 @@ def cmd_average(args: argparse.Namespace) -> int:
         used_emas.append(used_ema)
         print(f"{path}: {len(state)} tensors ({'EMA' if used_ema else 'model'} weights)")
     check_same_model(configs, paths)
+    check_fits_its_model(configs[0], states[0], f"checkpoint {paths[0]!r}")  # the others have its keys and shapes
     repeats = repeated_weights(states)
     for i, j in repeats.items():
         print(f"note: {paths[i]} holds the same weights as {paths[j]}: counted once")
@@ -71,9 +72,10 @@ def cmd_average(args: argparse.Namespace) -> int:
 def cmd_clean(args: argparse.Namespace) -> int:
     _check_output(args.output, [args.checkpoint], args.safetensors)
     from ..models.loading import model_config, save_weights
-    from ..tools.checkpoints import read_weights
+    from ..tools.checkpoints import check_fits_its_model, read_weights
 
     checkpoint, state, used_ema = read_weights(args.checkpoint, args.use_ema)
+    check_fits_its_model(model_config(checkpoint), state, f"checkpoint {args.checkpoint!r}")
     out = save_weights(state, args.output, model_config(checkpoint), safetensors=args.safetensors or None,
                        extra={"weights": "ema" if used_ema else "model"})
     size_in, size_out = os.path.getsize(args.checkpoint), os.path.getsize(out)

@@ -14,8 +14,11 @@ import json
 
 import torch
 
+from ..engine.guest import cpu_default_device
 from ..errors import SequencerError
-from ..models.loading import jsonable, read_checkpoint, weights_to_load
+from ..models import create_model
+from ..models.loading import (head_rows, jsonable, load_state_dict_into, read_checkpoint, stem_channels,
+                              weights_to_load)
 from ..models.segmentation import complete_config
 
 
@@ -26,6 +29,27 @@ def read_weights(path: str, use_ema: bool | None) -> tuple[dict, dict[str, torch
     checkpoint = read_checkpoint(path)
     state, weights = weights_to_load(checkpoint, f"checkpoint {path!r}", use_ema)
     return checkpoint, state, weights == "ema"
+
+
+def check_fits_its_model(config: dict, state: dict[str, torch.Tensor], source: str) -> None:
+    """SequencerError (one line, naming the keys) where ``config`` names a classifier (``arch``) that ``state``
+    does not fit (another model's keys or shapes): the file clean or average would write, promised to load with
+    ``--checkpoint`` alone, is refused by validate and load_model, which build that model and load it the same way
+    (its head's class count and stem's channels from the weights). A file naming no model (loaded with ``--model
+    NAME``) and a segmentation checkpoint's weights are left to their loaders."""
+    arch = config.get("arch")
+    if not arch or config.get("segmenter"):
+        return
+    kwargs = {k: v for k, v in (config.get("model_kwargs") or {}).items() if k not in _REGULARISATION}
+    kwargs.update(num_classes=head_rows(state) or kwargs.get("num_classes", 0),
+                  in_chans=stem_channels(state) or kwargs.get("in_chans", 3))
+    with cpu_default_device():
+        model = create_model(arch, **kwargs)
+    try:
+        load_state_dict_into(model, dict(state), source=source, new_head=False)
+    except SequencerError as e:
+        raise SequencerError(e.message, hint=f"its weights are not those of the {arch!r} it names: validate and "
+                                             f"load_model would refuse the file written from it") from None
 
 
 # what must agree for an average to be one model: the architecture and its shape (a segmentation checkpoint's:
