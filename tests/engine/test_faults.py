@@ -267,3 +267,28 @@ def test_a_signal_during_the_last_epochs_callbacks_stops_the_finished_run_as_it_
     assert f"stopped by SIGINT after epoch 1, the run's last: the run is finished; checkpoints in {folder}" in caplog.text
     assert stopped.value.result.exit_code == 128 + signal.SIGINT and not stopped.value.result.interrupted
     assert summary_epochs(folder) == [0, 1] and not (folder / "recovery.pth.tar").exists()
+
+
+def test_the_recovery_line_says_which_batches_a_resume_trains(image_folder, tmp_path, monkeypatch, caplog):
+    """Ctrl-C as step 3 goes forward: "stopped ... at epoch 0 step 3" (steps count from 0) went on "(a resume goes
+    on after batch 3 ...)", as if step 3 were trained; the resume trains it first."""
+    import logging
+    import sequencer
+    from sequencer.engine import loop
+
+    forward, forwards = loop._forward, []
+
+    def forward_then_interrupt(run, *args):
+        forwards.append(1)
+        if len(forwards) == 4:
+            os.kill(os.getpid(), signal.SIGINT)
+        return forward(run, *args)
+
+    monkeypatch.setattr(loop, "_forward", forward_then_interrupt)
+    caplog.set_level(logging.INFO, logger="sequencer")
+    with pytest.raises(sequencer.TrainingInterrupted):
+        sequencer.train(**tiny_library_run(image_folder, tmp_path, epochs=1))
+    recovery = tmp_path / "run" / "recovery.pth.tar"
+    assert (f"stopped by SIGINT at epoch 0 step 3; recovery checkpoint {recovery} (a resume goes on after the epoch's "
+            f"first 3 batches: `resume={recovery}` or `resume=auto`)") in caplog.text
+    assert read_checkpoint(recovery)["epoch_progress"]["batches"] == 3

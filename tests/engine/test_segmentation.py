@@ -660,7 +660,7 @@ def test_sigterm_mid_epoch_writes_a_recovery_checkpoint_and_resume_auto_finishes
     assert not (tmp_path / "out" / "rec" / "recovery.pth.tar").exists()
 
 
-def test_ctrl_c_raises_training_interrupted_after_the_recovery_checkpoint(tmp_path, monkeypatch):
+def test_ctrl_c_raises_training_interrupted_after_the_recovery_checkpoint(tmp_path, monkeypatch, caplog):
     """As sequencer.train: the library call raises TrainingInterrupted (a KeyboardInterrupt) carrying the result
     once recovery.pth.tar is written (`segment train` returns 130 instead: tests/commands/test_segment.py)."""
     data = make_voc(tmp_path / "voc", n_train=16, n_val=2)
@@ -676,6 +676,8 @@ def test_ctrl_c_raises_training_interrupted_after_the_recovery_checkpoint(tmp_pa
     assert [r["epoch"] for r in result.summary] == [0] and result.best_epoch == 0
     assert_summary_is_the_csvs_numbers(result)
     assert signal.getsignal(signal.SIGINT) is handler  # the caller's handler is back
+    # no batch of epoch 1 was trained: it said "goes on after batch 0"
+    assert "recovery.pth.tar (`resume=auto` goes on from the epoch's beginning)" in caplog.text
 
 
 def signal_during_evaluation(monkeypatch):

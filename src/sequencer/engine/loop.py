@@ -24,7 +24,7 @@ from .checkpoint import CHECKPOINT_VERSION, get_rng_state
 from .config import RunState, TrainConfig
 from .data_record import evaluated_data, evaluated_weights
 from .guest import warn
-from .outputs import Outputs, plain, plot_summary, run_args, write_summary
+from .outputs import Outputs, plain, plot_summary, plural, run_args, write_summary
 from .stop_request import StopRequest
 from .user_data import architecture_recorded
 
@@ -417,9 +417,16 @@ def save_recovery(run: TrainingRun, epoch: int, result: EpochResult, signum: int
     if run.info.is_primary:
         name = signal.Signals(signum).name if signum in signal.Signals._value2member_map_ else str(signum)
         _logger.warning(f"stopped by {name} at epoch {epoch} step {result.stopped_at}; recovery checkpoint {path} "
-                        f"(a resume goes on after batch {result.done.batches}: `resume={path}` or `resume=auto`)")
+                        f"(a resume goes on {resume_point(result.done.batches)}: `resume={path}` or `resume=auto`)")
     dist_utils.barrier(run.info)
     return 128 + signum
+
+
+def resume_point(batches: int) -> str:
+    """Where a recovery file's resume goes on in its epoch, ``batches`` trained (`EpochProgress.batches`): "after
+    batch 3" after "stopped ... at epoch 0 step 3" (steps count from 0) read as if step 3 were trained, and it is the
+    first batch the resume trains."""
+    return f"after the epoch's first {plural(batches, 'batch', 'batches')}" if batches else "from the epoch's beginning"
 
 
 def training_checkpoint(model: nn.Module, optimizer, scaler, cfg, epoch: int, complete: bool, step: int, metric,

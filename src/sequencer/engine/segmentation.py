@@ -44,7 +44,8 @@ from .config import RunState, checked_callbacks, checked_settings, explicit_sett
 from .guest import caller_state_kept, console, poly_schedule_note_dropped, warn
 from .inert_flags import NEW_RUN_WEIGHTS, inert_note
 from .loop import (EpochProgress, batch_split, buffer_names, current_lr, epoch_ends_run, must_stop,
-                   recovery_progress, recovery_state, resumed_progress, state_buffers, training_checkpoint)
+                   recovery_progress, recovery_state, resume_point, resumed_progress, state_buffers,
+                   training_checkpoint)
 from .outputs import (claimed_process_group, plain, plural, prepare_outputs, primary_result, read_back,
                       summary_numbers, write_summary)
 from .resume import reseed_unless_resumed, resume_checkpoint
@@ -485,8 +486,8 @@ def _save_recovery(run: _Run, epoch: int, step: int, done: EpochProgress, signum
     if run.info.is_primary:
         state = _checkpoint_state(run, epoch, False, step, None, rng_states)
         path = run.out.manager.save_recovery(recovery_state(state, done, progress))
-        _logger.warning("stopped by %s at epoch %d step %d; recovery checkpoint %s (`resume=auto` goes on after "
-                        "batch %d)", signal.Signals(signum).name, epoch, step, path, done.batches)
+        _logger.warning("stopped by %s at epoch %d step %d; recovery checkpoint %s (`resume=auto` goes on %s)",
+                        signal.Signals(signum).name, epoch, step, path, resume_point(done.batches))
     dist_utils.barrier(run.info)
     return 128 + signum
 
