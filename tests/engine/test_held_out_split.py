@@ -255,8 +255,8 @@ def test_held_out_files_moved_away_are_said_not_scored_as_zero(tmp_path, capsys)
 def test_validate_on_a_runs_own_data_evaluates_the_split_it_evaluated_on(data, tmp_path, capsys):
     """A run of `--val-split test` on DATA with train/, val/ and test/: `validate DATA --checkpoint` (DATA by another
     path too) evaluates test/, reproducing the logged top-1 (it evaluated val/'s 6 images, not test/'s 3); an
-    explicit --split wins; --split train (by any name) warns that these are the run's training images (it said
-    nothing), from an older checkpoint's `args` too, and nothing where nothing records the training split."""
+    explicit --split wins; --split train (by any name) or DATA/train warns that these are the run's training images
+    (it said nothing), from an older checkpoint's `args` too, and nothing where nothing records the training split."""
     root = tmp_path / "data"
     root.mkdir()
     for split in ("train", "val"):
@@ -287,10 +287,15 @@ def test_validate_on_a_runs_own_data_evaluates_the_split_it_evaluated_on(data, t
     assert got["count"] == 6 and not warned
     for split in ("train", "Training"):
         got, warned = validate(root, "--checkpoint", checkpoint, "--split", split)
-        assert got["count"] == 24 and "is the one the checkpoint's run trained on: these are its training images" \
+        assert got["count"] == 24 and "is the split the checkpoint's run trained on: these are its training images" \
             in warned
     got, warned = validate("--checkpoint", checkpoint, "--split", "train")
     assert got["count"] == 24 and "its training images" in warned
+    # its training split's folder given as DATA (it said nothing); another split's says nothing
+    got, warned = validate(link / "train", "--checkpoint", checkpoint)
+    assert got["count"] == 24 and f"{link / 'train'} is the split the checkpoint's run trained on" in warned
+    got, warned = validate(root / "val", "--checkpoint", checkpoint)
+    assert got["count"] == 6 and not warned
     # an older checkpoint: no `train_split` in its `data` entry, the one its `args` record; none at all: no word
     ckpt = torch.load(checkpoint, weights_only=True)
     del ckpt["data"]["train_split"]

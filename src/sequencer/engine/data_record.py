@@ -19,7 +19,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 
-from ..data.class_folders import split_aliases
+from ..data.class_folders import find_split_folder, split_aliases
 from ..data.datasets import reads_files
 from ..data.splits import split_by_keys
 from ..errors import SequencerError
@@ -129,18 +129,36 @@ def evaluated_split_of(checkpoint: dict | None, data, dataset: str = "") -> str 
     return str(record["split"])
 
 
-def trained_on_split(checkpoint: dict | None, data, dataset: str, split: str) -> bool:
-    """True when ``split`` of ``data`` is the split ``checkpoint``'s run trained on, as far as it records it: its
-    ``data`` record's ``train_split``, else its ``args``' (a training checkpoint from before). False where the run
-    carved its held-out files from it (they alone are evaluated) or trained on all of DATA (`trained_on_all_of`
-    says so)."""
+def training_split_evaluated(checkpoint: dict | None, data, dataset: str, split: str) -> str | None:
+    """What names the images, for a warning, where ``split`` of ``data`` ("split 'train' of DATA"), or ``data``
+    itself (the folder of that split given as DATA: "DATA/train"), is the split ``checkpoint``'s run trained on, as
+    far as it records it: its ``data`` record's ``train_split``, else its ``args``' (a training checkpoint from
+    before). None otherwise, and where the run carved its held-out files from it (they alone are evaluated) or
+    trained on all of DATA (`trained_on_all_of` says so)."""
     record = recorded_training_data(checkpoint)
     if not record or not record.get("split") or record.get("files"):
-        return False
+        return None
     args = checkpoint_metadata(checkpoint).get("args")
     trained = record.get("train_split") or (args.get("train_split") if isinstance(args, dict) else None)
-    return bool(trained) and split.lower() in {a.lower() for a in split_aliases(str(trained))} and \
-        _read_as_the_run_did(record, data, dataset)
+    if not trained:
+        return None
+    if split.lower() in {a.lower() for a in split_aliases(str(trained))} and _read_as_the_run_did(record, data,
+                                                                                                   dataset):
+        return f"split {split!r} of {data}"
+    folder = _split_folder(record.get("root"), str(trained))
+    read_as_files = reads_files(dataset) and reads_files(str(record.get("dataset") or ""))
+    return str(data) if read_as_files and _same_folder(os.fspath(data) if data else None, folder) else None
+
+
+def _split_folder(root: str | None, split: str) -> str | None:
+    """The folder (or .tar) of ``split`` in the folder ``root``; None where it has none or ``root`` is no folder."""
+    if not root or not os.path.isdir(root):
+        return None
+    try:
+        folder = find_split_folder(root, split)
+    except SequencerError:
+        return None
+    return folder if folder != root else None
 
 
 def keep_held_out_files(dataset, checkpoint: dict | None) -> tuple:

@@ -22,7 +22,7 @@ from ..errors import SequencerError
 from ..models import create_model, get_model_entry, has_pretrained_weights
 from ..models.loading import checkpoint_metadata, picked_weights, read_checkpoint, recorded_probabilities
 from ..models.registry import ReadCheckpoint
-from .data_record import evaluated_split_of, keep_held_out_files, trained_on_all_of, trained_on_split
+from .data_record import evaluated_split_of, keep_held_out_files, trained_on_all_of, training_split_evaluated
 from .guest import cpu_default_device, warn
 
 _logger = logging.getLogger(__name__)
@@ -329,9 +329,10 @@ def split_to_evaluate(checkpoint: dict | None, root, split: str | None, dataset:
         if found != split and notes:
             _logger.info(f"note: {root} has no {split!r} split: evaluating on {found!r}")
         split = found
-    if notes and trained_on_split(checkpoint, root, dataset, split):
-        warn(f"split {split!r} of {root} is the one the checkpoint's run trained on: these are its training "
-             f"images, not held-out ones")
+    training_images = training_split_evaluated(checkpoint, root, dataset, split) if notes else None
+    if training_images:
+        warn(f"{training_images} is the split the checkpoint's run trained on: these are its training images, "
+             f"not held-out ones")
     return split
 
 
