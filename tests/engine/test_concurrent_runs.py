@@ -78,3 +78,21 @@ def test_runs_without_experiment_in_the_same_second_get_their_own_folders(tmp_pa
     outputs.release_claim(first_state)
     outputs.release_claim(second_state)
     assert not (folder / outputs.CLAIM_NAME).exists() and not (other / outputs.CLAIM_NAME).exists()
+
+
+def test_resume_auto_that_cannot_read_the_runs_checkpoint_leaves_the_run_as_it_was(image_folder, tmp_path, capsys):
+    """A truncated last.pth.tar: `--resume auto` skipped it, found nothing and started a new run in the folder,
+    writing over the old run's model_best.pth.tar, checkpoint history and summary.csv (a new run without
+    `--resume` is refused there)."""
+    args = [image_folder, *TINY_RUN, "--epochs", "2", "--output", tmp_path, "--experiment", "e"]
+    assert train_cli(args) == 0
+    folder = tmp_path / "e"
+    last = folder / "last.pth.tar"
+    last.write_bytes(last.read_bytes()[:100])
+    before = {path.name: path.read_bytes() for path in folder.iterdir()}
+    capsys.readouterr()
+    assert train_cli([*args, "--resume", "auto"]) == 2
+    err = capsys.readouterr().err
+    assert (f"error: experiment folder '{folder}' holds a run, but --resume auto found no checkpoint there to "
+            f"continue (last.pth.tar and recovery.pth.tar missing or unreadable)") in err, err
+    assert {path.name: path.read_bytes() for path in folder.iterdir()} == before

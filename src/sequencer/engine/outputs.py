@@ -58,7 +58,8 @@ def prepare_outputs(cfg, state, info: dist_utils.DistInfo, resume_path: str | No
     (``resume.evaluation_change``, ``segmentation_eval.resumed_evaluation_change``): the resumed epochs were
     evaluated otherwise, so the best is picked again."""
     module = getattr(state, "module", None)  # a caller's nn.Module (sequencer.train(model=...)) has no model name
-    folder = make_output_dir(cfg, state, info, cfg.model or module_name(module), img_size)
+    folder = make_output_dir(cfg, state, info, cfg.model or module_name(module), img_size,
+                             resumed=resume_ckpt is not None)
     manager = CheckpointManager(folder, max_history=cfg.checkpoint_hist, decreasing=cfg.eval_metric == "loss",
                                 by_epoch=not evaluated)
     if resume_ckpt is not None and Path(resume_path).resolve().parent == folder.resolve():
@@ -222,8 +223,10 @@ def _holds_a_run(folder: Path) -> bool:
     return bool(read_summary(folder / "summary.csv"))
 
 
-def make_output_dir(cfg, state, info: dist_utils.DistInfo, model_name: str, img_size: int) -> Path:
-    """Pick (rank 0), create and claim the experiment folder; every rank gets the same path.
+def make_output_dir(cfg, state, info: dist_utils.DistInfo, model_name: str, img_size: int,
+                    resumed: bool = False) -> Path:
+    """Pick (rank 0), create and claim the experiment folder; every rank gets the same path. ``resumed``: the run
+    continues a checkpoint; a new run (also one whose ``resume=auto`` found none) never writes over another's files.
 
     ``state.created_dirs`` (a :class:`~sequencer.engine.config.RunState`) lists the folders this call created
     (innermost first), so that a start that fails later can remove them again while they are empty. The claim
@@ -251,7 +254,13 @@ def make_output_dir(cfg, state, info: dist_utils.DistInfo, model_name: str, img_
                     raise
                 folder, n = root / f"{stem}-{n}", n + 1  # a run started in the same second took this name
         remove_stale_temporaries(folder)  # of a run that was killed mid-write (only once the folder is ours)
-        if cfg.experiment and not cfg.resume and _holds_a_run(folder):  # checked under the claim: no race
+        if cfg.experiment and not resumed and _holds_a_run(folder):  # checked under the claim: no race
+            if cfg.resume == "auto":  # its last.pth.tar unreadable: a new run wrote over model_best, history, summary
+                raise SequencerError(f"experiment folder {str(folder)!r} holds a run, but `resume=auto` found no "
+                                     f"checkpoint there to continue (last.pth.tar and recovery.pth.tar missing or "
+                                     f"unreadable)",
+                                     hint="pass `resume=PATH` of one of its checkpoint-<epoch>.pth.tar, or another "
+                                          "`experiment`")
             raise SequencerError(f"experiment folder {str(folder)!r} already holds a run",
                                  hint="pass `resume=auto` to continue it, or another `experiment`")
         folder = str(folder)
