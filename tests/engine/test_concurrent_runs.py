@@ -92,7 +92,8 @@ def test_resume_auto_that_cannot_read_the_runs_checkpoint_leaves_the_run_as_it_w
     before = {path.name: path.read_bytes() for path in folder.iterdir()}
     capsys.readouterr()
     assert train_cli([*args, "--resume", "auto"]) == 2
-    err = capsys.readouterr().err
+    out, err = capsys.readouterr()
+    assert f"--resume auto: nothing to resume in {folder}" in out and "starting" not in out, out
     assert (f"error: experiment folder '{folder}' holds a run, but --resume auto found no checkpoint there to "
             f"continue (last.pth.tar and recovery.pth.tar missing or unreadable)") in err, err
     assert {path.name: path.read_bytes() for path in folder.iterdir()} == before

@@ -68,7 +68,8 @@ def locate_resume(cfg: TrainConfig, info: dist_utils.DistInfo) -> str:
     if info.is_primary:
         folder = experiment_folder(cfg)
         found = find_auto_resume(folder) if folder.is_dir() else None
-        _logger.info(f"`resume=auto`: {'continuing from ' + str(found) if found else 'nothing to resume, starting'}")
+        # "nothing to resume, starting" was said before a folder holding a run is refused (outputs.make_output_dir)
+        _logger.info(f"`resume=auto`: {'continuing from ' + str(found) if found else f'nothing to resume in {folder}'}")
     found = dist_utils.broadcast_object(str(found) if found else "", info)
     return found
 
