@@ -312,3 +312,17 @@ def test_validate_on_a_runs_own_data_evaluates_the_split_it_evaluated_on(data, t
                  "--device", "cpu", "-o", str(tmp_path / "sweep")]) == 0
     row = (tmp_path / "sweep" / "resolution.csv").read_text().splitlines()[1].split(",")
     assert int(row[-1]) == 3 and abs(float(row[1]) - logged) < 1e-3
+
+
+def test_validate_warns_of_the_digits_training_split(tmp_path, caplog):
+    """A digits run validated on --dataset digits --split train warns that these are its training images (it said
+    nothing: the digits were read before the checkpoint that says so); its validation split says nothing."""
+    result = sequencer.train(progress=False, output=str(tmp_path), experiment="d", epochs=1, **TINY_KW)
+    for split, count, warned in (("train", 1437, True), (None, 360, False)):
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="sequencer"):
+            got = sequencer.validate(result.checkpoint, dataset="digits", split=split, workers=0, progress=False)
+        assert got.images == count
+        said = [r.getMessage() for r in caplog.records if "training images" in r.getMessage()]
+        assert said == (["split 'train' of digits is the split the checkpoint's run trained on: these are its "
+                         "training images, not held-out ones"] if warned else []), said

@@ -144,7 +144,7 @@ def training_split_evaluated(checkpoint: dict | None, data, dataset: str, split:
         return None
     if split.lower() in {a.lower() for a in split_aliases(str(trained))} and _read_as_the_run_did(record, data,
                                                                                                    dataset):
-        return f"split {split!r} of {data}"
+        return f"split {split!r} of {data or dataset}"
     folder = _split_folder(record.get("root"), str(trained))
     read_as_files = reads_files(dataset) and reads_files(str(record.get("dataset") or ""))
     return str(data) if read_as_files and _same_folder(os.fspath(data) if data else None, folder) else None

@@ -151,18 +151,18 @@ def _model_and_split(load_the_model: Callable[[], LoadedModel], open_split, user
     """(the loaded model, the split to evaluate, ``dataset``), each read in the order that lets a mistake fail
     before the slow part: a caller's Dataset (``user_split``) is used as given; no data: the data the checkpoint
     records, known once it is read; ``model_first`` (a ``checkpoint`` file, an exported file ``load`` reads, or a
-    module in memory carrying its checkpoint's record) on an existing folder: the model first, as its record says
-    which split of its run's own DATA to evaluate (``split_to_evaluate``: the one the run evaluated on, or carved
-    from the training split with ``val_fraction``) and whether a named one is its training split; else the data
-    first, so a missing folder does not wait for (or download) the model's weights. Files the checkpoint's run
-    trained on are left out of a named folder's split."""
+    module in memory carrying its checkpoint's record) on an existing folder or a ``dataset`` without one (the
+    digits): the model first, as its record says which split of its run's own DATA to evaluate
+    (``split_to_evaluate``: the one the run evaluated on, or carved from the training split with ``val_fraction``)
+    and whether a named one is its training split; else the data first, so a missing folder does not wait for (or
+    download) the model's weights. Files the checkpoint's run trained on are left out of a named folder's split."""
     if user_split is not None:
         return load_the_model(), user_split, dataset
     if data is None and not dataset:
         loaded = load_the_model()
         data, dataset, split = _checkpoint_data(loaded, checkpoint, split, dist_info)
         split_set = open_split(data, dataset, split, loaded.checkpoint)
-    elif model_first and os.path.exists(data or ""):
+    elif model_first and (data is None or os.path.exists(data)):
         loaded = load_the_model()
         split_set = open_split(data, dataset, split, loaded.checkpoint)
     else:
