@@ -132,6 +132,19 @@ def test_a_checkpoint_with_another_head_than_num_classes_is_refused(tmp_path, so
         load_model(str(tmp_path / "five.pth"), model="sequencer2d_s", num_classes=3)
 
 
+def test_a_head_bias_of_another_length_than_its_weight_is_named(tmp_path, source, tiny_kwargs):
+    """A file whose head's bias does not match its own weight's rows: the shape mismatch, named (it said 'has a
+    5-class head but `num_classes` is 5')."""
+    from sequencer.engine.inference import load_model
+
+    state = dict(source[0].state_dict(), **{"head.fc.bias": torch.zeros(7)})
+    torch.save({"arch": "sequencer2d_s", "model_kwargs": dict(tiny_kwargs, num_classes=5), "state_dict": state},
+               tmp_path / "bias.pth")
+    with pytest.raises(SequencerError, match=r"does not fit model 'sequencer2d_s': shape mismatch: head\.fc\.bias "
+                                             r"\(7,\) vs \(5,\)"):
+        load_model(str(tmp_path / "bias.pth"))
+
+
 def test_pretrained_weights_with_another_head_start_a_new_head_with_a_warning(tmp_path, source, tiny_kwargs):
     """timm's create_model(pretrained=True, num_classes=N, pretrained_cfg_overlay=dict(file=...)): the weights
     start a model with a fresh N-class head, said in a warning; the trunk is the file's."""
