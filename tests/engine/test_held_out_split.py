@@ -255,8 +255,9 @@ def test_held_out_files_moved_away_are_said_not_scored_as_zero(tmp_path, capsys)
 def test_validate_on_a_runs_own_data_evaluates_the_split_it_evaluated_on(data, tmp_path, capsys):
     """A run of `--val-split test` on DATA with train/, val/ and test/: `validate DATA --checkpoint` (DATA by another
     path too) evaluates test/, reproducing the logged top-1 (it evaluated val/'s 6 images, not test/'s 3); an
-    explicit --split wins; --split train (by any name) or DATA/train warns that these are the run's training images
-    (it said nothing), from an older checkpoint's `args` too, and nothing where nothing records the training split."""
+    explicit --split wins; a copy of DATA evaluates its val/ with a note naming the run's split (it said nothing);
+    --split train (by any name) or DATA/train warns that these are the run's training images (it said nothing),
+    from an older checkpoint's `args` too, and nothing where nothing records the training split."""
     root = tmp_path / "data"
     root.mkdir()
     for split in ("train", "val"):
@@ -285,6 +286,14 @@ def test_validate_on_a_runs_own_data_evaluates_the_split_it_evaluated_on(data, t
         assert got["count"] == 3 and abs(got["top1"] - logged) < 1e-3 and not warned
     got, warned = validate(root, "--checkpoint", checkpoint, "--split", "val")
     assert got["count"] == 6 and not warned
+    # a copy of DATA is not the run's: its val/, with a note naming the split the run evaluated on (it said nothing)
+    copy = tmp_path / "copy"
+    copy.mkdir()
+    for split in ("train", "val", "test"):
+        (copy / split).symlink_to(root / split, target_is_directory=True)
+    got, _ = validate(copy, "--checkpoint", checkpoint)
+    assert got["count"] == 6 and f"note: the checkpoint's run evaluated on split 'test' of {root}, not {copy}: " \
+        "evaluating its 'validation' (--split test for that split of it)" in "".join(capsys.readouterr())
     for split in ("train", "Training"):
         got, warned = validate(root, "--checkpoint", checkpoint, "--split", split)
         assert got["count"] == 24 and "is the split the checkpoint's run trained on: these are its training images" \

@@ -19,7 +19,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 
-from ..data.class_folders import find_split_folder, split_aliases
+from ..data.class_folders import find_split_folder, has_split, split_aliases
 from ..data.datasets import reads_files
 from ..data.splits import split_by_keys
 from ..errors import SequencerError
@@ -148,6 +148,21 @@ def training_split_evaluated(checkpoint: dict | None, data, dataset: str, split:
     folder = _split_folder(record.get("root"), str(trained))
     read_as_files = reads_files(dataset) and reads_files(str(record.get("dataset") or ""))
     return str(data) if read_as_files and _same_folder(os.fspath(data) if data else None, folder) else None
+
+
+def split_evaluated_elsewhere(checkpoint: dict | None, data, dataset: str, split: str) -> tuple[str, str] | None:
+    """(the split, its DATA) ``checkpoint``'s run evaluated on, where ``data`` is not that DATA but holds a split
+    of that name other than ``split`` (a copy of the run's DATA, say, whose ``split`` is not what the run logged);
+    None otherwise, and for held-out files carved by `val_fraction` (no other folder holds them)."""
+    record = recorded_training_data(checkpoint)
+    if not record or not record.get("split") or record.get("files") or not reads_files(dataset) or \
+            not reads_files(str(record.get("dataset") or "")):
+        return None
+    ran = str(record["split"])
+    if split.lower() in {a.lower() for a in split_aliases(ran)} or _same_folder(data, record.get("root")) or \
+            not has_split(data, ran):
+        return None
+    return ran, str(record.get("root"))
 
 
 def _split_folder(root: str | None, split: str) -> str | None:

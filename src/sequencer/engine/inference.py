@@ -22,7 +22,8 @@ from ..errors import SequencerError
 from ..models import create_model, get_model_entry, has_pretrained_weights
 from ..models.loading import checkpoint_metadata, picked_weights, read_checkpoint, recorded_probabilities
 from ..models.registry import ReadCheckpoint
-from .data_record import evaluated_split_of, keep_held_out_files, trained_on_all_of, training_split_evaluated
+from .data_record import (evaluated_split_of, keep_held_out_files, split_evaluated_elsewhere, trained_on_all_of,
+                          training_split_evaluated)
 from .guest import cpu_default_device, warn
 
 _logger = logging.getLogger(__name__)
@@ -322,13 +323,19 @@ def split_to_evaluate(checkpoint: dict | None, root, split: str | None, dataset:
     trained on, the split it evaluated on (so its logged top-1 is reproduced; for held-out files carved by
     `val_fraction`, the training split they were carved from), else "validation". Image folders (no ``dataset``)
     find it as training does: a validation split that ``root`` lacks is its test split where it has one (train/ and
-    test/ only), with a note. A warning where it is the split the run trained on. ``notes=False``: neither."""
-    split = split or evaluated_split_of(checkpoint, root, dataset) or "validation"
+    test/ only), with a note; a note too where ``root`` is another folder (a copy of the run's DATA, say) holding
+    the split the run evaluated on under its name. A warning where it is the split the run trained on.
+    ``notes=False``: none of them."""
+    given, split = split, split or evaluated_split_of(checkpoint, root, dataset) or "validation"
     if not dataset:
         found = held_out_split(root, split)
         if found != split and notes:
             _logger.info(f"note: {root} has no {split!r} split: evaluating on {found!r}")
         split = found
+    elsewhere = split_evaluated_elsewhere(checkpoint, root, dataset, split) if notes and not given else None
+    if elsewhere:
+        _logger.info(f"note: the checkpoint's run evaluated on split {elsewhere[0]!r} of {elsewhere[1]}, not "
+                     f"{root}: evaluating its {split!r} (--split {elsewhere[0]} for that split of it)")
     training_images = training_split_evaluated(checkpoint, root, dataset, split) if notes else None
     if training_images:
         warn(f"{training_images} is the split the checkpoint's run trained on: these are its training images, "
