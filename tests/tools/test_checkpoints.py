@@ -450,3 +450,16 @@ def test_validating_an_average_does_not_point_at_a_summary_of_its_numbers(image_
         said = said.out + said.err
         assert "note: the averaged checkpoints' runs evaluated under bfloat16 autocast; no run evaluated their " \
                "average" in said and "summary.csv's eval numbers" not in said
+
+
+def test_an_average_across_the_train_split_record_keeps_the_runs_data():
+    """A run resumed across the version that added `train_split` to the data record: its earlier checkpoints lack it,
+    the later ones have it; the average keeps their record, less `train_split` (it recorded none and said the
+    checkpoints record different training data)."""
+    from sequencer.tools.checkpoints import averaged_data_record
+
+    before = {"dataset": "", "root": "/d", "split": "test"}
+    after = dict(before, train_split="train")
+    assert averaged_data_record([{"data": before}, {"data": after}]) == (before, None)
+    assert averaged_data_record([{"data": after}, {"data": after}]) == (after, None)
+    assert averaged_data_record([{"data": after}, {"data": dict(after, split="val")}])[0] is None

@@ -112,6 +112,9 @@ def averaged_data_record(configs: list[dict]) -> tuple[dict | None, str | None]:
     (`val_fraction`), each trained on images another held out: the average keeps only the files every run held out
     (none where no file was), so that validate scores no image one of the averaged weights trained on."""
     records = [config.get("data") for config in configs]
+    if not all(isinstance(record, dict) and "train_split" in record for record in records):  # some from before it
+        records = [{k: v for k, v in record.items() if k != "train_split"} if isinstance(record, dict) else record
+                   for record in records]
     first = records[0]
     if all(record == first for record in records):
         return first, None
