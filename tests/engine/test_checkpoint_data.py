@@ -23,7 +23,8 @@ def test_validate_without_data_uses_the_checkpoints_folder(tmp_path, capsys):
     folder = tmp_path / "runs" / "e"
     ckpt = folder / "model_best.pth.tar"
     record = torch.load(ckpt, weights_only=True)["data"]
-    assert record == {"dataset": "", "root": str(data), "split": "validation"}  # val/ by the split rules
+    # val/ by the split rules
+    assert record == {"dataset": "", "root": str(data), "split": "validation", "train_split": "train"}
     logged = float(summary_rows(folder)[-1]["eval_top1"])
 
     results = tmp_path / "r.json"
