@@ -40,10 +40,11 @@ class _SharedOverride:
     @contextlib.contextmanager
     def __call__(self):
         with self._lock:
-            counted = self._users > 0 or self._needed(self._read())
+            current = None if self._users else self._read()  # read once: for the random state it is a full copy
+            counted = self._users > 0 or self._needed(current)
             if counted:
                 if not self._users:
-                    self._callers = self._read()
+                    self._callers = current
                     if self._ours is not None:
                         self._write(self._ours())
                 self._users += 1
