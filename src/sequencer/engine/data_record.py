@@ -97,7 +97,7 @@ def recorded_held_out(checkpoint: dict | None) -> RecordedData | None:
                         list(record["files"]), record.get("files_in"))
 
 
-def _same_folder(a: str | None, b: str | None) -> bool:
+def _same_folder(a: str | os.PathLike | None, b: str | os.PathLike | None) -> bool:
     return bool(a and b and os.path.exists(a) and os.path.exists(b) and os.path.samefile(a, b))
 
 
@@ -115,8 +115,18 @@ def _read_as_the_run_did(record: dict, data, dataset: str) -> bool:
     ran_on = str(record.get("dataset") or "")
     if ran_on.lower() == "digits" or (dataset or "").lower() == "digits":
         return ran_on.lower() == (dataset or "").lower()
-    same_reader = reads_files(dataset) and reads_files(ran_on) or (dataset or "").lower() == ran_on.lower()
-    return same_reader and _same_folder(os.fspath(data) if data else None, record.get("root"))
+    same_reader = _both_read_files(record, dataset) or (dataset or "").lower() == ran_on.lower()
+    return same_reader and _same_folder(data, record.get("root"))
+
+
+def _both_read_files(record: dict, dataset: str) -> bool:
+    """Whether the run (its ``data`` ``record``) and a --dataset ``dataset`` both read DATA's own files."""
+    return reads_files(dataset) and reads_files(record.get("dataset"))
+
+
+def _names_split(split: str, name: str) -> bool:
+    """Whether ``split`` names the split ``name`` (one of its synonyms, in any case)."""
+    return split.lower() in {alias.lower() for alias in split_aliases(name)}
 
 
 def evaluated_split_of(checkpoint: dict | None, data, dataset: str = "") -> str | None:
@@ -142,12 +152,10 @@ def training_split_evaluated(checkpoint: dict | None, data, dataset: str, split:
     trained = record.get("train_split") or (args.get("train_split") if isinstance(args, dict) else None)
     if not trained:
         return None
-    if split.lower() in {a.lower() for a in split_aliases(str(trained))} and _read_as_the_run_did(record, data,
-                                                                                                   dataset):
+    if _names_split(split, str(trained)) and _read_as_the_run_did(record, data, dataset):
         return f"split {split!r} of {data or dataset}"
     folder = _split_folder(record.get("root"), str(trained))
-    read_as_files = reads_files(dataset) and reads_files(str(record.get("dataset") or ""))
-    return str(data) if read_as_files and _same_folder(os.fspath(data) if data else None, folder) else None
+    return str(data) if _both_read_files(record, dataset) and _same_folder(data, folder) else None
 
 
 def split_evaluated_elsewhere(checkpoint: dict | None, data, dataset: str, split: str) -> tuple[str, str] | None:
@@ -155,11 +163,10 @@ def split_evaluated_elsewhere(checkpoint: dict | None, data, dataset: str, split
     of that name other than ``split`` (a copy of the run's DATA, say, whose ``split`` is not what the run logged);
     None otherwise, and for held-out files carved by `val_fraction` (no other folder holds them)."""
     record = recorded_training_data(checkpoint)
-    if not record or not record.get("split") or record.get("files") or not reads_files(dataset) or \
-            not reads_files(str(record.get("dataset") or "")):
+    if not record or not record.get("split") or record.get("files") or not _both_read_files(record, dataset):
         return None
     ran = str(record["split"])
-    if split.lower() in {a.lower() for a in split_aliases(ran)} or _same_folder(data, record.get("root")) or \
+    if _names_split(split, ran) or _same_folder(data, record.get("root")) or \
             not has_split(data, ran):
         return None
     return ran, str(record.get("root"))
