@@ -75,8 +75,9 @@ def cmd_clean(args: argparse.Namespace) -> int:
     from ..tools.checkpoints import check_fits_its_model, read_weights
 
     checkpoint, state, used_ema = read_weights(args.checkpoint, args.use_ema)
-    check_fits_its_model(model_config(checkpoint), state, f"checkpoint {args.checkpoint!r}")
-    out = save_weights(state, args.output, model_config(checkpoint), safetensors=args.safetensors or None,
+    config = model_config(checkpoint)
+    check_fits_its_model(config, state, f"checkpoint {args.checkpoint!r}")
+    out = save_weights(state, args.output, config, safetensors=args.safetensors or None,
                        extra={"weights": "ema" if used_ema else "model"})
     size_in, size_out = os.path.getsize(args.checkpoint), os.path.getsize(out)
     print(f"{args.checkpoint} ({size_in / 2**20:.1f} MiB) -> {out} ({size_out / 2**20:.1f} MiB), "
