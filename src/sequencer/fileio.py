@@ -53,6 +53,17 @@ def write_atomically(path: str | os.PathLike, write: Callable[[str], None], what
     return path
 
 
+def existing_folder(path: str | os.PathLike, what: str, hint: str | None = None) -> Path:
+    """``path`` as a Path; SequencerError naming it (``what``) where it is a file (with ``hint``) or nothing is
+    there."""
+    folder = Path(path)
+    if folder.exists() and not folder.is_dir():
+        raise SequencerError(f"{what} {os.fspath(path)!r} is a file, not a folder", hint=hint)
+    if not folder.is_dir():
+        raise SequencerError(f"{what} {os.fspath(path)!r} does not exist")
+    return folder
+
+
 @contextlib.contextmanager
 def output_folder(path: str | os.PathLike, what: str = "output folder") -> Iterator[Path]:
     """The folder ``path``, created with its missing parents for the block's writes; when the block fails (an error,

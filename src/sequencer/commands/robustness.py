@@ -4,11 +4,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 from pathlib import Path
 
-from ..errors import SequencerError
-from ..fileio import write_atomically
+from ..fileio import existing_folder, write_atomically
 from .common import (add_model_args, add_workers_argument, check_results_file, data_workers, load_model_from_args,
                      positive_int)
 
@@ -35,9 +33,8 @@ def run(args: argparse.Namespace) -> int:
     from ..engine.inference import check_input_size, resolve_device
     from ..tools.robustness import find_corruptions, mean_corruption_error, select_corruptions
 
-    if args.clean and not os.path.isdir(args.clean):  # before the corruptions' scan, which may warn
-        raise SequencerError(f"clean data folder {args.clean!r} "
-                             + ("is a file, not a folder" if os.path.exists(args.clean) else "does not exist"))
+    if args.clean:  # before the corruptions' scan, which may warn
+        existing_folder(args.clean, "clean data folder")
     corruptions = select_corruptions(find_corruptions(args.data), args.corruptions, args.data)
     device = resolve_device(args.device)
     loaded = load_model_from_args(args, device)

@@ -26,6 +26,7 @@ import torch
 from PIL import Image
 
 from ..errors import SequencerError
+from ..fileio import existing_folder
 from .ade20k import ADE20K_CLASSES, ade20k_class_names
 from .class_folders import IMAGE_EXTENSIONS
 from .images import (READ_ERRORS, UnreadableImageError, exif_orientation, load_image_with_header, turned_upright,
@@ -66,13 +67,7 @@ class SegmentationSplit:
 
 def _dataset_folder(root: str | os.PathLike) -> Path:
     """``root`` as a Path; SequencerError where it is not a folder (a file, or nothing there)."""
-    root = Path(root)
-    if root.exists() and not root.is_dir():
-        raise SequencerError(f"dataset folder {str(root)!r} is a file, not a folder",
-                             hint="pass the Pascal VOC or ADE20K folder")
-    if not root.is_dir():
-        raise SequencerError(f"dataset folder {str(root)!r} does not exist")
-    return root
+    return existing_folder(root, "dataset folder", hint="pass the Pascal VOC or ADE20K folder")
 
 
 def detect_layout(root: str | os.PathLike) -> str:

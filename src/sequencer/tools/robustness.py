@@ -29,6 +29,7 @@ from ..data.loader_workers import workers_stopped_on_exit
 from ..engine.evaluate import evaluate
 from ..engine.inference import LoadedModel, eval_loader, split_to_evaluate
 from ..errors import SequencerError
+from ..fileio import existing_folder
 
 _logger = logging.getLogger(__name__)
 
@@ -70,12 +71,7 @@ PROTOCOL_CROP_PCT = 1.0
 def find_corruptions(root: str) -> dict[str, Path]:
     """Corruption name -> folder, for every folder under ``root`` (depth <= 2) holding severity folders 1-5; hidden
     folders (``.ipynb_checkpoints``, a macOS zip's ``__MACOSX``: `is_hidden`) are not data."""
-    base = Path(root)
-    if base.exists() and not base.is_dir():
-        raise SequencerError(f"ImageNet-C folder {root!r} is a file, not a folder",
-                             hint="pass the folder that holds CORRUPTION/SEVERITY/CLASS/IMAGE")
-    if not base.is_dir():
-        raise SequencerError(f"ImageNet-C folder {root!r} does not exist")
+    base = existing_folder(root, "ImageNet-C folder", hint="pass the folder that holds CORRUPTION/SEVERITY/CLASS/IMAGE")
 
     def folders(parent: Path) -> list[Path]:
         return sorted(p for p in parent.iterdir() if p.is_dir() and not is_hidden(p.name))
