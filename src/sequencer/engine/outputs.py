@@ -22,7 +22,9 @@ import yaml
 from ..errors import SequencerError
 from ..fileio import remove_stale_temporaries, temp_path, write_atomically
 from . import distributed as dist_utils
+from .amp import say_notes
 from .checkpoint import CheckpointManager
+from .guest import warn
 from .resume import experiment_folder
 from .user_data import module_name
 
@@ -87,6 +89,16 @@ def prepare_outputs(cfg, state, info: dist_utils.DistInfo, resume_path: str | No
             write_atomically(folder / VAL_FILES, lambda tmp: Path(tmp).write_text(listing, encoding="utf-8",
                                                                                     errors="surrogateescape"))
     return outputs
+
+
+def say_start_notes(state, info: dist_utils.DistInfo, more: list[str] = ()) -> None:
+    """What a training run (train's, segment train's) says once its folder is ready, on rank 0 only: the notes held
+    until the run starts (``state.start_warnings``, then ``more``), then the autocast rule's (``state.amp_notes``)."""
+    if not info.is_primary:
+        return
+    for message in [*state.start_warnings, *more]:
+        warn(message)
+    say_notes(state.amp_notes)
 
 
 def _best_restarted(cfg, info: dist_utils.DistInfo, manager: CheckpointManager, resume_path: str, start_epoch: int,

@@ -38,15 +38,15 @@ from ..errors import SequencerError
 from ..models.segmentation import (AUX_LOSS_WEIGHT, batch_norm_maps, complete_config, create_segmenter,
                                    segmenter_from_config)
 from . import distributed as dist_utils
-from .amp import autocast, dtype_name, say_notes
+from .amp import autocast, dtype_name
 from .checkpoint import get_rng_state, load_optimizer_state, resume_position
 from .config import RunState, checked_callbacks, checked_settings, explicit_settings, given_settings
-from .guest import caller_state_kept, console, poly_schedule_note_dropped, warn
+from .guest import caller_state_kept, console, poly_schedule_note_dropped
 from .inert_flags import NEW_RUN_WEIGHTS, inert_note
 from .loop import (EpochProgress, batch_split, buffer_names, current_lr, epoch_ends_run, must_stop,
                    recovery_progress, recovery_state, resume_point, resumed_progress, state_buffers,
                    training_checkpoint)
-from .outputs import (claimed_process_group, plain, plural, prepare_outputs, primary_result, read_back,
+from .outputs import (claimed_process_group, plain, plural, prepare_outputs, primary_result, read_back, say_start_notes,
                       summary_numbers, write_summary)
 from .resume import reseed_unless_resumed, resume_checkpoint
 from .segmentation_config import SegmentConfig, SegmentResult, check_segment_config
@@ -151,10 +151,8 @@ def _train(cfg: SegmentConfig, state: RunState, info: dist_utils.DistInfo) -> Se
     changed = resumed_evaluation_change(resume_ckpt, run.data_config, cfg.val_split)
     run.out = prepare_outputs(cfg, state, info, resume_path or None, resume_ckpt, start_epoch, cfg.img_size,
                               evaluation_change=changed)
+    say_start_notes(state, info)
     if info.is_primary:
-        for message in state.start_warnings:
-            warn(message)
-        say_notes(state.amp_notes)
         _log_start(run, train_split, start_epoch, resumed_within.batches)
     with StopRequest(state) as stop:
         for epoch in range(start_epoch, run.num_epochs):
@@ -176,9 +174,9 @@ def _train(cfg: SegmentConfig, state: RunState, info: dist_utils.DistInfo) -> Se
             row = _save_epoch(run, epoch, train_loss, metrics, epoch_started)
             if epoch_ends_run(run, stop, epoch, run.num_epochs, row):
                 break
-    signalled = stopped_after_epochs(stop, info, epoch, run.num_epochs, run.out.folder)
+    signalled, interrupted = stopped_after_epochs(stop, info, epoch, run.num_epochs, run.out.folder)
     if signalled:
-        return _result(info, run.out.folder, run.out.manager, signalled, interrupted=epoch < run.num_epochs - 1)
+        return _result(info, run.out.folder, run.out.manager, signalled, interrupted=interrupted)
     if info.is_primary:
         # the whole run's time, as train's: it counted this invocation's alone after a resume
         _logger.info("done in %.0fs; best mIoU %s; checkpoints in %s", run.out.run_seconds(started),

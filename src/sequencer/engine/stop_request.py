@@ -92,14 +92,15 @@ class StopRequest:
 
 
 def stopped_after_epochs(stop: StopRequest, info: dist_utils.DistInfo, epoch: int, num_epochs: int,
-                         folder: Path) -> int:
-    """Once the run's epochs ended at ``epoch`` (saved) and ``stop``'s handlers are restored: 128 + the signal any
-    rank took since that epoch's last training step, saying where a resume goes on, or, the epoch being the run's
-    last, that nothing is left (it said "resume with ...", and the resume found nothing to do); 0 without one. Every
-    rank calls (they agree). A later signal is the caller's, as it would be without the run."""
+                         folder: Path) -> tuple[int, bool]:
+    """Once the run's epochs ended at ``epoch`` (saved) and ``stop``'s handlers are restored: (128 + the signal any
+    rank took since that epoch's last training step, whether epochs are left to resume), saying where a resume goes
+    on, or, the epoch being the run's last, that nothing is left (it said "resume with ...", and the resume found
+    nothing to do); (0, False) without one. Every rank calls (they agree). A later signal is the caller's, as it
+    would be without the run."""
     signum = stop.agreed(info)
     if not signum:
-        return 0
+        return 0, False
     if info.is_primary:
         name = signal.Signals(signum).name
         if epoch == num_epochs - 1:
@@ -108,7 +109,7 @@ def stopped_after_epochs(stop: StopRequest, info: dist_utils.DistInfo, epoch: in
         else:
             _logger.warning(f"stopped by {name} after epoch {epoch}; resume with "
                             f"`resume={folder / 'last.pth.tar'}`")
-    return 128 + signum
+    return 128 + signum, epoch < num_epochs - 1
 
 
 def hand_sigterm_to_caller(state: RunState) -> None:

@@ -39,7 +39,7 @@ from ..models.loading import extract_state_dict
 from . import distributed as dist_utils
 from .distributed import print_on_primary
 from . import inert_flags, timm_habits
-from .amp import autocast_dtype, say_notes
+from .amp import autocast_dtype
 from .checkpoint import load_optimizer_state, resume_position
 from .guest import caller_state_kept, console, own_modes, poly_schedule_note_dropped, warn
 from .train_data import TrainData, build_data
@@ -48,7 +48,7 @@ from .config import RunState, TrainConfig, checked_callbacks, explicit_settings,
 from .config_checks import check_config
 from .loop import (EpochProgress, Loaders, Optimization, TrainingRun, batch_split, current_lr, epoch_ends_run,
                    evaluate_epoch, resumed_progress, save_epoch, save_recovery, train_one_epoch)
-from .outputs import claimed_process_group, plural, prepare_outputs, primary_result, read_back, run_args
+from .outputs import claimed_process_group, plural, prepare_outputs, primary_result, read_back, run_args, say_start_notes
 from .resume import evaluation_change, reseed_unless_resumed
 from .stop_request import StopRequest, hand_sigterm_to_caller, stopped_after_epochs
 from .train_model import build_model, wrap_model
@@ -205,12 +205,8 @@ def _train(cfg, state: RunState, info: dist_utils.DistInfo) -> TrainResult:
                        best_epoch=data.resume_ckpt.get("best_epoch"))
     out = prepare_outputs(cfg, state, info, data.resume_path, data.resume_ckpt, start_epoch, loaders.img_size,
                           held_out=data.eval_set, evaluated=data.eval_set is not None, evaluation_change=changed)
-    for message in [*state.start_warnings, *timm_habits.notes(cfg, info.device, model, state.given),
-                    *inert_flags.notes(cfg, state.given, resuming=data.resume_ckpt is not None)]:
-        if info.is_primary:
-            warn(message)
-    if info.is_primary:
-        say_notes(state.amp_notes)
+    say_start_notes(state, info, [*timm_habits.notes(cfg, info.device, model, state.given),
+                                  *inert_flags.notes(cfg, state.given, resuming=data.resume_ckpt is not None)])
     state.wandb = timm_habits.start_wandb(cfg, run_args(cfg)) if info.is_primary else None
     train_model, eval_model = wrap_model(cfg, info, model, runs=state.module)
     training = TrainingRun(cfg, info, model, train_model, eval_model, data.class_names, loaders, opt, out,
@@ -230,9 +226,9 @@ def _train(cfg, state: RunState, info: dist_utils.DistInfo) -> TrainResult:
             row = save_epoch(training, epoch, result, metrics, metric, raw_top1)
             if epoch_ends_run(training, stop, epoch, opt.num_epochs, row):
                 break
-    signalled = stopped_after_epochs(stop, info, epoch, opt.num_epochs, out.folder)
+    signalled, interrupted = stopped_after_epochs(stop, info, epoch, opt.num_epochs, out.folder)
     if signalled:
-        return _result(cfg, info, out.folder, out.manager, signalled, interrupted=epoch < opt.num_epochs - 1)
+        return _result(cfg, info, out.folder, out.manager, signalled, interrupted=interrupted)
     _log_finish(training, metrics, started, epochs_run=epoch + 1)
     return _result(cfg, info, out.folder, out.manager, 0)
 
