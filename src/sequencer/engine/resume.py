@@ -38,6 +38,7 @@ from .config import LR_SCALING, TrainConfig
 from .config_checks import check_experiment_name
 from .data_record import CALLERS_DATA, recorded_held_out
 from .guest import warn
+from .inference import refuse_segmentation_checkpoint
 
 _logger = logging.getLogger(__name__)
 
@@ -225,14 +226,30 @@ _STARTS_FROM_WEIGHTS = {"train": "initial_checkpoint", "segment train": "backbon
 
 
 def read_resume_checkpoint(path: str, command: str = "train") -> dict:
-    """The checkpoint to resume; SequencerError for a file that is not a training checkpoint of ours, naming
-    ``command`` ("train" or "segment train": `segment train` named `sequencer train` and its `initial_checkpoint`,
-    a setting it does not have)."""
+    """The checkpoint to resume; SequencerError for a file that is not a training checkpoint of ``command``'s
+    ("train" or "segment train": `segment train` named `sequencer train` and its `initial_checkpoint`, a setting it
+    does not have), the other command's one included."""
     checkpoint = read_checkpoint(path)
     if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint or "epoch" not in checkpoint:
         raise SequencerError(f"`resume={path}`: not a training checkpoint written by `sequencer {command}`",
                              hint=f"use `{_STARTS_FROM_WEIGHTS[command]}` to start a new run from these weights")
+    _check_command(checkpoint, path, command)
     return checkpoint
+
+
+def _check_command(checkpoint: dict, path: str, command: str) -> None:
+    """SequencerError (one line) where the training ``checkpoint`` at ``path`` is the other command's: a segmenter
+    (``segmenter`` config) to resume with `sequencer train`, a classifier to resume with `segment train`."""
+    if command == "train":
+        # it was refused for its classes, or for its weights' keys, a page of names
+        refuse_segmentation_checkpoint(checkpoint, f"`resume={path}`",
+                                       hint="resume it with `sequencer segment train` (train_segmenter)")
+    elif not isinstance(checkpoint.get("segmenter"), dict):  # `resume=auto` said "`resume=auto`: ...", no file
+        classifier = isinstance(checkpoint.get("arch"), str)
+        raise SequencerError(f"`resume={path}`: not a segmentation checkpoint written by `sequencer segment "
+                             f"train`{' but a classifier of `sequencer train`' if classifier else ''}",
+                             hint="resume it with `sequencer train`; `backbone_checkpoint` starts a new segmenter "
+                                  "from its backbone" if classifier else "")
 
 
 def reseed_unless_resumed(checkpoint: dict, seed: int, info: dist_utils.DistInfo) -> None:

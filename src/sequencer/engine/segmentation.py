@@ -256,14 +256,7 @@ def _resumed_architecture(cfg: SegmentConfig, resume_path: str, resume_ckpt: dic
     start, through ``state``)."""
     if resume_ckpt is None:
         return cfg
-    saved = resume_ckpt.get("segmenter")
-    if not isinstance(saved, dict):  # `resume=auto` said "`resume=auto`: not a segmentation checkpoint", no file
-        classifier = isinstance(resume_ckpt.get("arch"), str)
-        raise SequencerError(f"`resume={resume_path}`: not a segmentation checkpoint written by `sequencer segment "
-                             f"train`{' but a classifier of `sequencer train`' if classifier else ''}",
-                             hint="resume it with `sequencer train`; `backbone_checkpoint` starts a new segmenter "
-                                  "from its backbone" if classifier else "")
-    saved = complete_config(saved)  # what a checkpoint written before a key was had
+    saved = complete_config(resume_ckpt["segmenter"])  # what a checkpoint written before a key was had
     missing = [key for key in ARCHITECTURE if key not in saved]
     if missing:
         raise SequencerError(f"`resume={cfg.resume}`: the checkpoint's segmenter config lacks {missing[0]!r}")

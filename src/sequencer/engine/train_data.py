@@ -18,7 +18,6 @@ from .config_checks import check_config, shorten_warmup
 from .data_record import recorded_held_out
 from .distributed import print_on_primary
 from .guest import warn
-from .inference import refuse_segmentation_checkpoint
 from .resume import apply_resume_contract, resume_checkpoint
 from .user_data import wrap_datasets
 
@@ -46,9 +45,6 @@ def build_data(cfg, state, info: dist_utils.DistInfo) -> tuple[TrainData, object
     train_set = user_sets[0] if user_sets else create_dataset(cfg.dataset, root=cfg.data, split=cfg.train_split,
                                                               is_training=True, **dataset_kw)
     resume_path, resume_ckpt = resume_checkpoint(cfg, info)
-    # it was refused for its classes, or for its weights' keys, a page of names
-    refuse_segmentation_checkpoint(resume_ckpt, f"`resume={resume_path}`",
-                                   hint="resume it with `sequencer segment train` (train_segmenter)")
     class_names = list(train_set.class_names)
     if resume_ckpt is not None:
         cfg = dataclasses.replace(cfg)  # the resume contract sets what it keeps on the run's own copy
