@@ -17,8 +17,8 @@ import torch
 from ..engine.guest import cpu_default_device
 from ..errors import SequencerError
 from ..models import create_model
-from ..models.loading import (head_rows, jsonable, load_state_dict_into, read_checkpoint, stem_channels,
-                              weights_to_load)
+from ..models.loading import jsonable, read_checkpoint, weights_to_load
+from ..models.registry import ReadCheckpoint
 from ..models.segmentation import complete_config
 
 
@@ -41,12 +41,10 @@ def check_fits_its_model(config: dict, state: dict[str, torch.Tensor], source: s
     if not arch or config.get("segmenter"):
         return
     kwargs = {k: v for k, v in (config.get("model_kwargs") or {}).items() if k not in _REGULARISATION}
-    kwargs.update(num_classes=head_rows(state) or kwargs.get("num_classes", 0),
-                  in_chans=stem_channels(state) or kwargs.get("in_chans", 3))
-    with cpu_default_device():
-        model = create_model(arch, **kwargs)
+    written = ReadCheckpoint(dict(config, state_dict=state), source)  # the file as it will be written
     try:
-        load_state_dict_into(model, dict(state), source=source, new_head=False)
+        with cpu_default_device():
+            create_model(arch, checkpoint_path=written, **kwargs)
     except SequencerError as e:
         raise SequencerError(e.message, hint=f"its weights are not those of the {arch!r} it names: validate and "
                                              f"load_model would refuse the file written from it") from None
