@@ -178,6 +178,35 @@ def test_tar_of_a_folder_with_hard_links_has_the_folder_s_images(image_folder, t
         assert np.array_equal(np.asarray(tar[i][0]), np.asarray(folder[i][0]))
 
 
+def test_tar_of_a_folder_of_symbolic_links_keeps_their_images_or_names_the_lost_one(tmp_path):
+    """``tar cf`` of a folder whose images are symbolic links (a subset made with ``ln -s``) stores the links, which
+    were dropped without a word: train/cat/ of two links beside train/dog/ of two files read as one class 'dog' (2
+    images) where the folder has cat and dog (4). A link to a file in the tar reads that file; one leading out of
+    the tar (a linked class folder) is refused, naming it."""
+    write_images(tmp_path / "store", classes=("kept",), per_class=2)
+    data = tmp_path / "data"
+    write_images(data / "train", classes=("dog",), per_class=2, seed=1)
+    (data / "train" / "cat").mkdir()
+    for i in range(2):
+        os.symlink(f"../../store/kept/kept_{i}.png", data / "train" / "cat" / f"cat_{i}.png")
+    with tarfile.open(tmp_path / "data.tar", "w") as tf:
+        tf.add(data / "train", arcname="train")
+        tf.add(tmp_path / "store", arcname="store")
+        assert sum(m.issym() for m in tf.getmembers()) == 2  # the tar holds what this test is about
+    tar = create_dataset("", root=str(tmp_path / "data.tar"), split="train")
+    assert tar.class_names == ["cat", "dog"] and [t for _, t in tar.samples] == [0, 0, 1, 1]
+    expected = np.asarray(Image.open(tmp_path / "store" / "kept" / "kept_1.png").convert("RGB"))
+    assert tar.filename(1) == "train/cat/cat_1.png" and np.array_equal(np.asarray(tar[1][0]), expected)
+
+    os.symlink(tmp_path / "store" / "kept", data / "train" / "bird")  # a class folder linked from outside
+    with tarfile.open(tmp_path / "out.tar", "w") as tf:
+        tf.add(data / "train", arcname="train")
+    with pytest.raises(SequencerError, match=r"member 'train/bird' is a symbolic link to .*which is not a file in the "
+                                             r"tar: its images would be lost") as error:
+        create_dataset("", root=str(tmp_path / "out.tar"), split="train")
+    assert "tar -h" in error.value.hint and "\n" not in str(error.value)
+
+
 # --- torchvision -----------------------------------------------------------------------------------------------------
 
 class _FakeTorchvision:

@@ -19,6 +19,7 @@ from __future__ import annotations
 import copy
 import logging
 import os
+import posixpath
 import tarfile
 import unicodedata
 from pathlib import Path
@@ -271,28 +272,62 @@ def tar_members(path: str) -> list[tarfile.TarInfo]:
     """The regular files in the tar ``path``; SequencerError naming it when it is missing or not a tar.
 
     A hard link is a file of its own (named as the link, its target's bytes), as in the folder the tar was made
-    from: ``tar cf`` stores every name of a hard-linked file after the first as a link to it.
+    from: ``tar cf`` stores every name of a hard-linked file after the first as a link to it. So is a symbolic link
+    to a file the tar holds (``tar cf`` of a folder of links stores the links); one that may be data (an image's name,
+    or a folder's) leading to nothing in the tar is refused, naming it: its images would be lost.
     """
     try:
         with tarfile.open(path) as tf:
-            return _files_and_hard_links(tf.getmembers())
+            members = tf.getmembers()
     except (OSError, EOFError, tarfile.TarError) as e:
         # tarfile's "could not be opened" lists every compression it tried, one line each
         reason = "not a tar archive" if isinstance(e, tarfile.ReadError) and "\n" in str(e) else str(e)
         raise SequencerError(f"cannot read tar dataset {path!r}: {reason}") from None
+    return _files_and_links(members, path)
 
 
-def _files_and_hard_links(members: list[tarfile.TarInfo]) -> list[tarfile.TarInfo]:
-    files = {os.path.normpath(m.name): m for m in members if m.isfile()}
+def _files_and_links(members: list[tarfile.TarInfo], path: str) -> list[tarfile.TarInfo]:
+    files = {posixpath.normpath(m.name): m for m in members if m.isfile()}
+    links = {posixpath.normpath(m.name): m for m in members if m.issym()}
     found = []
     for m in members:
-        target = files.get(os.path.normpath(m.linkname)) if m.islnk() else m if m.isfile() else None
+        target = files.get(posixpath.normpath(m.linkname)) if m.islnk() else m if m.isfile() else None
+        if m.issym():
+            target = _linked_file(m, files, links)
+            if target is None and _may_be_data(m.name):
+                raise SequencerError(f"cannot read tar dataset {path!r}: its member {m.name!r} is a symbolic link to "
+                                     f"{m.linkname!r}, which is not a file in the tar: its images would be lost",
+                                     hint="make the tar with `tar -h` (--dereference), which stores the files that "
+                                          "links lead to")
         if target is not None and target is not m:
             target = copy.copy(target)
             target.name = m.name
         if target is not None:
             found.append(target)
     return found
+
+
+def _linked_file(link: tarfile.TarInfo, files: dict, links: dict) -> tarfile.TarInfo | None:
+    """The file member the symbolic link member ``link`` leads to (through other links), or None."""
+    seen = set()
+    while link.issym():
+        if link.linkname.startswith("/"):
+            return None
+        name = posixpath.normpath(posixpath.join(posixpath.dirname(posixpath.normpath(link.name)), link.linkname))
+        if name in seen:
+            return None
+        seen.add(name)
+        link = files.get(name) or links.get(name)
+        if link is None:
+            return None
+    return link
+
+
+def _may_be_data(name: str) -> bool:
+    """Whether a tar member ``name`` may hold images: an image's name, or a folder's (no extension), none hidden."""
+    parts = [p for p in posixpath.normpath(name).split("/") if p not in ("", ".")]
+    return bool(parts) and not any(is_hidden(p) for p in parts) and (
+        is_image_name(parts[-1]) or not posixpath.splitext(parts[-1])[1])
 
 
 def split_prefix_in_tar(names: list[str], split: str, path: str) -> str:
