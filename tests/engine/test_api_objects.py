@@ -278,6 +278,32 @@ def test_a_module_cast_to_another_dtype_is_refused_in_one_line(tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
+def test_a_module_on_the_meta_device_is_refused_in_one_line(tmp_path):
+    """A module built under ``torch.device("meta")`` and not yet materialised holds no values: train, validate,
+    validate_segmenter, the exports and optimize_for_inference refuse it in one line naming the call and its first
+    tensor, nothing written (before: torch's NotImplementedError 'Cannot copy out of meta tensor; no data!', and
+    optimize_for_inference returned a copy whose first call failed 'Tensor on device meta is not on the expected
+    device cpu!'); the module is as given."""
+    from sequencer.tools.export import export_torchscript
+    with torch.device("meta"):
+        net = tiny_net()
+        segmenter = sequencer.create_segmenter("sequencer2d_nano", 2, head_channels=16, out_channels=16)
+    calls = {
+        "train": lambda: sequencer.train(model=net, data=(Blobs(32, 0), Blobs(16, 1)), **QUICK, output=str(tmp_path),
+                                         progress=False),
+        "validate": lambda: sequencer.validate(model=net, data=Blobs(16, 1), progress=False),
+        "validate_segmenter": lambda: sequencer.validate_segmenter(data=str(tmp_path), model=segmenter),
+        "export_torchscript": lambda: export_torchscript(net, tmp_path / "m.pt", (3, 8, 8)),
+        "optimize_for_inference": lambda: sequencer.optimize_for_inference(net),
+    }
+    for call, run in calls.items():
+        first = "backbone.trunk.stem.proj.weight" if call == "validate_segmenter" else "1.weight"
+        with pytest.raises(SequencerError, match=f"{call}: `model` .* meta device \\(no data\\), {first} the first"):
+            run()
+    assert all(p.is_meta for p in net.parameters())
+    assert list(tmp_path.iterdir()) == []
+
+
 class TensorsOf(Blobs):
     """Blobs whose image tensors are ``dtype`` (numpy's float64, as ``torch.from_numpy`` gives them; uint8 pixels)."""
 

@@ -6,6 +6,8 @@ given. The caller's dataset object is never changed: transforms and label maps a
 """
 from __future__ import annotations
 
+import itertools
+
 import torch
 from PIL import Image
 
@@ -108,12 +110,27 @@ def check_float32_weights(model: torch.nn.Module, call: str,
                           hint: str = "pass model.float(); for mixed precision add `amp=True`") -> None:
     """A caller's module cast to one other dtype (``.half()``, ``.bfloat16()``, ``.double()``) is refused in one line
     naming ``call``: the call feeds it float32 images (reduced precision is ``amp``'s, over float32 weights), on
-    which its first layer would fail with ATen's dtype error. A module mixing dtypes is its own business and passes."""
+    which its first layer would fail with ATen's dtype error. A module mixing dtypes is its own business and passes.
+    Its weights must hold data first (:func:`check_weights_hold_data`)."""
+    check_weights_hold_data(model, call)
     dtypes = {p.dtype for p in model.parameters() if p.is_floating_point()}
     if len(dtypes) == 1 and torch.float32 not in dtypes:
         name = str(dtypes.pop()).removeprefix("torch.")
         raise SequencerError(f"{call}: `model` {module_name(model)} holds {name} weights, and {call} feeds it "
                              f"float32 images", hint=hint)
+
+
+def check_weights_hold_data(model: torch.nn.Module, call: str) -> None:
+    """A caller's module with weights on the meta device (built under ``torch.device("meta")`` for deferred
+    initialisation, not yet materialised) is refused in one line naming ``call``: its tensors hold no values to
+    run, train or copy, and each call failed deep in torch ('Cannot copy out of meta tensor; no data!', or from
+    optimize_for_inference's copy at its first batch: 'Tensor on device meta is not on the expected device cpu!')."""
+    on_meta = [name for name, t in itertools.chain(model.named_parameters(), model.named_buffers()) if t.is_meta]
+    if on_meta:
+        raise SequencerError(f"{call}: `model` {module_name(model)} has {len(on_meta)} tensors on the meta device "
+                             f"(no data), {on_meta[0]} the first",
+                             hint="materialise it first: model.to_empty(device='cpu'), then load its weights "
+                                  "(or load_state_dict(weights, assign=True))")
 
 
 def compiled_module(model: torch.nn.Module) -> torch.nn.Module:

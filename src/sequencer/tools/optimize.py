@@ -50,6 +50,7 @@ from torch import nn
 from ..errors import SequencerError, checked_positive_int
 from ..hardware import cpu_info
 from ..engine.amp import autocast_dtype
+from ..engine.user_data import check_weights_hold_data
 from ..models.kernels import onednn_bf16_supported
 
 SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -242,6 +243,7 @@ def optimize_for_inference(model: nn.Module, dtype: torch.dtype | str = torch.fl
         raise SequencerError(f"optimize_for_inference expects an nn.Module, got {type(model).__name__}")
     if next(model.parameters(), None) is None:
         raise SequencerError("optimize_for_inference: the model has no parameters")
+    check_weights_hold_data(model, "optimize_for_inference")
     device = next(model.parameters()).device
     if dtype == "auto":
         dtype = auto_dtype(device)
