@@ -125,6 +125,26 @@ def test_segmenter_logits_for_any_size_eager_and_bf16_autocast(head):
 
 
 @pytest.mark.parametrize("head", ["upernet", "fpn"])
+def test_logits_at_a_side_off_the_stride_are_the_padded_images_cropped(head):
+    """The backbone pads the input at the right and bottom, so a 65 x 49 image and it zero-padded to 68 x 52 give one
+    set of maps (17 x 13 cells at stride 4); the logits must then be the padded image's, cropped. Resizing the 17
+    stride-4 cells (68 px) onto 65 px stretched them: the last row read 3 px off (fpn: 864 of 3,185 pixels' classes
+    changed)."""
+    torch.manual_seed(0)
+    model = create_segmenter("sequencer2d_nano", 3, head=head, head_channels=16, out_channels=16,
+                             backbone_kwargs=TINY_BACKBONE, aux_head=head == "upernet").eval()
+    image = torch.randn(1, 3, 65, 49)
+    padded = nn.functional.pad(image, (0, 3, 0, 3))
+    with torch.no_grad():
+        logits, aux = model(image, aux=True)
+        padded_logits, padded_aux = model(padded, aux=True)
+    assert logits.shape == (1, 3, 65, 49)
+    torch.testing.assert_close(logits, padded_logits[..., :65, :49], rtol=0, atol=1e-6)
+    if aux is not None:  # the auxiliary head's stride-16 logits alike
+        torch.testing.assert_close(aux, padded_aux[..., :65, :49], rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("head", ["upernet", "fpn"])
 def test_heads_compiled_match_eager(head):
     """The heads traced whole by torch.compile (fullgraph, aot_eager: the graph capture without inductor's C++
     build, which takes a minute a head on CI's two cores). The backbone's compiled path is the models layer's test."""

@@ -42,6 +42,15 @@ def _resize(x: torch.Tensor, size) -> torch.Tensor:
     return F.interpolate(x, size=tuple(size), mode="bilinear", align_corners=False)
 
 
+def _upsample(x: torch.Tensor, factor: int, size) -> torch.Tensor:
+    """A stride-``s`` map (N, C, ceil(H/s), ceil(W/s)) at stride ``s / factor``, cropped to ``size``: cell i covers
+    pixels i*s..(i+1)*s - 1 (the backbone pads at the right and bottom), so the map is scaled by exactly ``factor``
+    and its overhang cut. Resizing it to ``size`` instead stretches it wherever a side is no multiple of ``s``: at
+    65 px the stride-4 logits' 17 cells (68 px) were squeezed onto 65, the last row read 3 px off."""
+    x = F.interpolate(x, scale_factor=factor, mode="bilinear", align_corners=False, recompute_scale_factor=False)
+    return x[..., :size[0], :size[1]]
+
+
 class UperNetHead(nn.Module):
     """UperNet: [(N, C_i, H/s_i, W/s_i)] for s = 4, 8, 16, 32 -> logits (N, num_classes, H/4, W/4)."""
 
@@ -149,10 +158,12 @@ class Segmenter(WrapperFacade, nn.Module):
     def forward(self, images: torch.Tensor, aux: bool = False):
         features = self.backbone(images)
         maps = list(features.values()) if isinstance(features, dict) else list(features)
-        logits = _resize(self.head(maps), images.shape[-2:])
+        size = images.shape[-2:]
+        logits = _upsample(self.head(maps), PYRAMID_STRIDES[0], size)
         if not aux:
             return logits
-        aux_logits = None if self.aux_head is None else _resize(self.aux_head(maps[AUX_LEVEL]), images.shape[-2:])
+        aux_logits = (None if self.aux_head is None
+                      else _upsample(self.aux_head(maps[AUX_LEVEL]), PYRAMID_STRIDES[AUX_LEVEL], size))
         return logits, aux_logits
 
 
