@@ -145,6 +145,23 @@ def test_logits_at_a_side_off_the_stride_are_the_padded_images_cropped(head):
 
 
 @pytest.mark.parametrize("head", ["upernet", "fpn"])
+def test_a_head_brings_each_level_to_the_finer_ones_cells_without_stretching(head):
+    """Level maps of a 228-px side (57, 29, 15 and 8 cells at strides 4..32) are the first cells of a 256-px side's
+    (64, 32, 16, 8): the logits' first 40 cells (160 px, out of reach of the crop's edge through the 3x3
+    convolutions) must be the larger maps'. Resizing a coarser level onto a finer one's cells stretched it where
+    the two are not exactly 2x (29 -> 57; fpn's stride-32 level, 8 cells doubled to 64, squeezed onto 57)."""
+    torch.manual_seed(0)
+    model = create_segmenter("sequencer2d_nano", 3, head=head, head_channels=16, out_channels=16,
+                             backbone_kwargs=TINY_BACKBONE).eval()
+    large = [torch.randn(1, 16, 256 // s, 256 // s) for s in (4, 8, 16, 32)]
+    cropped = [level[..., :-(-228 // s), :-(-228 // s)] for level, s in zip(large, (4, 8, 16, 32))]
+    with torch.no_grad():
+        logits, reference = model.head(cropped), model.head(large)
+    assert logits.shape[-2:] == (57, 57)
+    torch.testing.assert_close(logits[..., :40, :40], reference[..., :40, :40], rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("head", ["upernet", "fpn"])
 def test_heads_compiled_match_eager(head):
     """The heads traced whole by torch.compile (fullgraph, aot_eager: the graph capture without inductor's C++
     build, which takes a minute a head on CI's two cores). The backbone's compiled path is the models layer's test."""

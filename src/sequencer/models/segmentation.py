@@ -77,10 +77,11 @@ class UperNetHead(nn.Module):
         levels = [lateral(f) for lateral, f in zip(self.laterals, features[:-1])]
         levels.append(self._pyramid_pooling(features[-1]))
         for i in range(len(levels) - 1, 0, -1):  # top-down: each level gets the coarser one added
-            levels[i - 1] = levels[i - 1] + _resize(levels[i], levels[i - 1].shape[-2:])
+            levels[i - 1] = levels[i - 1] + _upsample(levels[i], 2, levels[i - 1].shape[-2:])
         outs = [smooth(level) for smooth, level in zip(self.smooth, levels[:-1])] + [levels[-1]]
         size = outs[0].shape[-2:]
-        fused = self.fuse(torch.cat([outs[0]] + [_resize(o, size) for o in outs[1:]], dim=1))
+        fused = self.fuse(torch.cat([outs[0]] + [_upsample(o, 2 ** i, size) for i, o in enumerate(outs[1:], 1)],
+                                    dim=1))
         return self.classifier(self.dropout(fused))
 
 
@@ -104,18 +105,17 @@ class SemanticFPNHead(nn.Module):
     def forward(self, features: list[torch.Tensor]) -> torch.Tensor:
         levels = [lateral(f) for lateral, f in zip(self.laterals, features)]
         for i in range(len(levels) - 1, 0, -1):
-            levels[i - 1] = levels[i - 1] + _resize(levels[i], levels[i - 1].shape[-2:])
+            levels[i - 1] = levels[i - 1] + _upsample(levels[i], 2, levels[i - 1].shape[-2:])
         if self.fpn_convs is not None:
             levels = [conv(level) for conv, level in zip(self.fpn_convs, levels)]
-        size = levels[0].shape[-2:]
         total = 0
         for i, (steps, level) in enumerate(zip(self.scale_heads, levels)):
             x = level
-            for conv in steps:
+            for step, conv in enumerate(steps):
                 x = conv(x)
-                if i > 0:
-                    x = F.interpolate(x, scale_factor=2.0, mode="bilinear", align_corners=False)
-            total = total + _resize(x, size)  # a no-op resize unless a side was odd
+                if i > 0:  # each step one level finer, at that level's cells
+                    x = _upsample(x, 2, levels[i - step - 1].shape[-2:])
+            total = total + x
         return self.classifier(self.dropout(total))
 
 
