@@ -2,7 +2,9 @@ import json
 import os
 import pickle
 import tarfile
+import threading
 import warnings
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import numpy as np
 import pytest
@@ -251,6 +253,41 @@ def test_torchvision_routing_flags_splits_and_download(monkeypatch, tmp_path):
 def test_torchvision_missing_files_suggest_download(tmp_path):
     with pytest.raises(SequencerError, match="torch/country211 not found.*`download`"):
         create_dataset("torch/country211", root=str(tmp_path), split="val")
+
+
+def test_torchvision_download_cut_short_says_so_and_leaves_nothing_of_its_own(monkeypatch, tmp_path):
+    """CIFAR-10 from a 127.0.0.1 server that announces 100 kB and sends 5: the run said 'torch/cifar10 not found
+    ...: File not found or corrupted.' with the hint to pass `download`, which it had, and left the 5 kB partial
+    archive in the folder it made; now it says the download is cut short, and only what was there before is left."""
+    class CutShort(BaseHTTPRequestHandler):
+        def do_GET(self):
+            self.send_response(200)
+            self.send_header("Content-Length", "100000")
+            self.end_headers()
+            self.wfile.write(b"x" * 5000)
+
+        def log_message(self, *args):
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), CutShort)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    monkeypatch.setattr(torchvision.datasets.CIFAR10, "url",
+                        f"http://127.0.0.1:{server.server_address[1]}/cifar-10-python.tar.gz")
+    for name in ("http_proxy", "HTTP_PROXY", "all_proxy", "ALL_PROXY"):
+        monkeypatch.delenv(name, raising=False)
+    kept = tmp_path / "kept"
+    kept.mkdir()
+    (kept / "notes.txt").write_text("mine")
+    try:
+        for root in (tmp_path / "new", kept):
+            with pytest.raises(SequencerError, match=r"the download of torch/cifar10 into .* is cut short or "
+                                                     r"corrupted") as error:
+                create_dataset("torch/cifar10", root=str(root), download=True)
+            assert "`download`" not in error.value.hint
+        assert not (tmp_path / "new").exists() and os.listdir(kept) == ["notes.txt"]
+    finally:
+        server.shutdown()
+        server.server_close()
 
 
 def test_torchvision_dataset_reading_real_files(tmp_path):

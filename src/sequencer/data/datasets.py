@@ -307,16 +307,20 @@ def _create_torchvision(name: str, root: str | None, split: str, download: bool,
     cls_name, splits, num_classes = _TORCHVISION[key]
     cls = getattr(torchvision.datasets, cls_name)
     root = root or os.path.join(os.path.expanduser("~"), ".cache", "torchvision", key)
-    root_existed = os.path.exists(root)
+    before = set(os.listdir(root)) if os.path.isdir(root) else None
     try:
         ds = cls(root=root, download=download, **_torchvision_split(key, split, splits))
-    except RuntimeError as e:  # torchvision's "Dataset not found or corrupted"
+    except RuntimeError as e:  # torchvision's "Dataset not found or corrupted", or a download failing its md5
+        if download:
+            _remove_what_the_download_left(root, before)
+            raise SequencerError(f"the download of torch/{name} into {root!r} is cut short or corrupted ({e})",
+                                 hint="run again to download it afresh, or place torchvision's files for it in that "
+                                      "folder") from None
         raise SequencerError(f"torch/{name} not found in {root!r}: {e}",
                              hint="pass `download` to fetch it, or point DATA at torchvision's files for "
                                   "it (not an image folder)") from None
     except OSError as e:  # the download failed (offline, refused, cut short): leave no half-made folder behind
-        if not root_existed:
-            shutil.rmtree(root, ignore_errors=True)
+        _remove_what_the_download_left(root, before)
         reason = getattr(e, "reason", None) or e.strerror or e
         raise SequencerError(f"could not download torch/{name} into {root!r} ({reason})",
                              hint="without network, place torchvision's files for it in that folder") from None
@@ -327,6 +331,20 @@ def _create_torchvision(name: str, root: str | None, split: str, download: bool,
         targets = getattr(ds, "targets", None) or getattr(ds, "_labels", None) or getattr(ds, "labels", None)
         classes = [str(i) for i in range(int(max(targets)) + 1)]
     return TorchvisionDataset(ds, list(classes), description=f"torch/{key}[{split}]", **kwargs)
+
+
+def _remove_what_the_download_left(root: str, before: set[str] | None) -> None:
+    """Remove what a failed download made in ``root``: the folder, where it did not exist (``before`` None), else
+    the entries it added (a partial archive); what was there before is left alone."""
+    if before is None:
+        shutil.rmtree(root, ignore_errors=True)
+        return
+    for entry in set(os.listdir(root)) - before:
+        path = os.path.join(root, entry)
+        if os.path.isdir(path) and not os.path.islink(path):
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            os.remove(path)
 
 
 def _label_samples(entries: list, class_to_idx: dict | None, where: str):
