@@ -290,6 +290,14 @@ def test_torchvision_download_cut_short_says_so_and_leaves_nothing_of_its_own(mo
         server.server_close()
 
 
+def test_torchvision_dataset_that_torchvision_cannot_download_is_one_line(tmp_path):
+    """torch/stanford_cars with `download`: torchvision raises ValueError ('The original URL is broken ...'), which
+    ended validate in a traceback; now one line saying it cannot be downloaded, and no folder is made."""
+    with pytest.raises(SequencerError, match=r"torch/stanford_cars cannot be downloaded: The original URL is broken"):
+        create_dataset("torch/stanford_cars", root=str(tmp_path / "cars"), split="test", download=True)
+    assert not (tmp_path / "cars").exists()
+
+
 def test_torchvision_dataset_reading_real_files(tmp_path):
     """Country211 reads plain image folders, so a tiny fake copy exercises the real torchvision class offline."""
     write_images(tmp_path / "country211" / "valid", classes=("AD", "AE"), per_class=2)

@@ -324,6 +324,12 @@ def _create_torchvision(name: str, root: str | None, split: str, download: bool,
         reason = getattr(e, "reason", None) or e.strerror or e
         raise SequencerError(f"could not download torch/{name} into {root!r} ({reason})",
                              hint="without network, place torchvision's files for it in that folder") from None
+    except ValueError as e:  # torchvision refusing to download at all (StanfordCars: "The original URL is broken")
+        if not download:
+            raise
+        _remove_what_the_download_left(root, before)
+        raise SequencerError(f"torch/{name} cannot be downloaded: {e}",
+                             hint=f"place torchvision's files for it in {root!r} and drop `download`") from None
     classes = getattr(ds, "classes", None)
     if not classes:
         classes = [str(i) for i in range(num_classes)] if num_classes else None
