@@ -300,3 +300,17 @@ def _open_files() -> set[str]:
         except OSError:  # the listing's own descriptor, closed by now
             pass
     return found
+
+
+
+def test_loader_workers_leave_an_unchosen_start_method_unchosen(image_folder, monkeypatch):
+    """A loader's workers start in the platform's default start method where the caller chose none, and leave it
+    unchosen: the DataLoader's own default fixed it for the process, so that the caller's later
+    ``multiprocessing.set_start_method("forkserver")`` raised 'context has already been set'."""
+    import multiprocessing
+    # a fresh process's state (earlier tests' loaders chose it here): monkeypatch gives back this one's
+    monkeypatch.setattr(multiprocessing.context._default_context, "_actual_context", None)
+    loader = _loader(create_dataset("", root=str(image_folder), split="validation"), 2, num_workers=2)
+    assert sum(len(images) for images, _ in loader) == 4
+    assert loader.multiprocessing_context.get_start_method() == multiprocessing.get_all_start_methods()[0]
+    assert multiprocessing.get_start_method(allow_none=True) is None

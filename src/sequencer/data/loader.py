@@ -9,6 +9,7 @@ from __future__ import annotations
 import copy
 import itertools
 import logging
+import multiprocessing
 from collections.abc import Mapping
 
 import torch
@@ -299,6 +300,15 @@ def augmentation_seed(seed: int, rank: int, epoch: int) -> int:
     return int(np.random.SeedSequence([seed, rank, epoch]).generate_state(2, np.uint64)[0] >> np.uint64(1))
 
 
+def _callers_start_method() -> multiprocessing.context.BaseContext:
+    """The context the workers start in: the caller's start method, else the platform's default, taken without
+    fixing it for the process. The DataLoader's own default (``multiprocessing``'s module functions) fixed it: after
+    a call with workers, the caller's ``multiprocessing.set_start_method("spawn")`` raised 'context has already been
+    set'."""
+    method = multiprocessing.get_start_method(allow_none=True) or multiprocessing.get_all_start_methods()[0]
+    return multiprocessing.get_context(method)
+
+
 class ImageLoader(DataLoader):
     """A DataLoader yielding ``(images (N, C, H, W) float, targets (N,) long)`` already on ``device``.
 
@@ -315,6 +325,8 @@ class ImageLoader(DataLoader):
 
     def __init__(self, dataset, *, device, max_unreadable: float, seed: int, rank: int = 0, world_size: int = 1,
                  on_device=None, **kwargs):
+        if kwargs.get("num_workers", 0) > 0 and kwargs.get("multiprocessing_context") is None:
+            kwargs["multiprocessing_context"] = _callers_start_method()
         super().__init__(dataset, **kwargs)
         self.on_device = on_device  # uint8 batch -> normalised (and erased) float batch, on the device
         self.device = torch.device(device)
