@@ -197,12 +197,15 @@ def must_stop(run, stop: StopRequest, loss_value: float, epoch: int, step: int, 
 
 def _update(run: TrainingRun, num_updates: int, mean_loss: float) -> None:
     """Clip, step the optimizer (through the scaler), then the EMA and the per-update schedule."""
+    from timm.models import model_parameters
     from timm.utils import dispatch_clip_grad
 
     cfg, opt = run.cfg, run.opt
     if cfg.clip_grad is not None:
         opt.scaler.unscale_(opt.optimizer)
-        dispatch_clip_grad(run.model.parameters(), value=cfg.clip_grad, mode=cfg.clip_mode)
+        # as timm's train.py: adaptive clipping leaves the classifier (the last two parameters) out
+        clipped = model_parameters(run.model, exclude_head="agc" in cfg.clip_mode)
+        dispatch_clip_grad(clipped, value=cfg.clip_grad, mode=cfg.clip_mode)
     opt.scaler.step(opt.optimizer)
     opt.scaler.update()
     opt.optimizer.zero_grad(set_to_none=True)
