@@ -337,7 +337,9 @@ def assert_summary_is_the_csvs_numbers(result) -> None:
 
 
 def test_iters_sets_the_length_and_the_poly_schedule_ends_at_min_lr(tmp_path, monkeypatch):
-    """(And a UperNet run's every update has the auxiliary head's loss; its evaluations run none of the head.)"""
+    """(And a UperNet run's every update has the auxiliary head's loss; its evaluations run none of the head.) Each
+    row's lr is the one its epoch's last update used, as train's: the last row said 0.0, the lr after the run, which
+    no update used."""
     from sequencer.models import segmentation as seg_models
 
     data = make_voc(tmp_path / "voc", n_train=16, n_val=2)
@@ -350,7 +352,10 @@ def test_iters_sets_the_length_and_the_poly_schedule_ends_at_min_lr(tmp_path, mo
     rows = result.summary
     # 16 images / batch 8 = 2 updates per epoch: 5 updates = epochs 0, 1 and half of 2
     assert [r["epoch"] for r in rows] == [0, 1, 2]
-    assert rows[-1]["lr"] == 0.0
+    # warmup 2, then poly (power 1) over 3 updates: the epochs end with updates 1, 3 and 4
+    assert [r["lr"] for r in rows] == pytest.approx([3e-3, 4e-3, 2e-3], rel=1e-5)
+    after_the_run = read_checkpoint(result.output_dir / "last.pth.tar")["optimizer"]["param_groups"][0]["lr"]
+    assert after_the_run == 0.0  # the schedule ends at min_lr
     # evaluated every second epoch and after the last: the epoch not evaluated has nan there (an empty cell)
     assert math.isnan(rows[0]["eval_miou"]) and math.isnan(rows[0]["iou_class_0"])
     assert 0 <= rows[1]["eval_miou"] <= 100 and 0 <= rows[2]["eval_miou"] <= 100
@@ -365,7 +370,8 @@ def test_iters_sets_the_length_and_the_poly_schedule_ends_at_min_lr(tmp_path, mo
 
 def test_a_warmup_as_long_as_the_run_becomes_a_quarter_of_it_with_a_warning(tmp_path):
     """The recipes' --warmup-iters 1500 on a short try would warm up throughout: 8 updates get a warmup of 2, said in
-    one warning, and the lr after epoch 0 (4 updates) is the one timm's poly schedule with that warmup gives."""
+    one warning, and the lr of epoch 0's last update (its 4th) is the one timm's poly schedule with that warmup
+    gives."""
     from timm.scheduler import PolyLRScheduler
 
     data = make_voc(tmp_path / "voc", n_train=16, n_val=2)
@@ -376,8 +382,8 @@ def test_a_warmup_as_long_as_the_run_becomes_a_quarter_of_it_with_a_warning(tmp_
     reference = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=cfg.lr)
     schedule = PolyLRScheduler(reference, t_initial=6, power=cfg.poly_power, lr_min=cfg.min_lr, warmup_t=2,
                                warmup_lr_init=cfg.lr * cfg.warmup_ratio, warmup_prefix=True, t_in_epochs=False)
-    schedule.step_update(4)
-    assert rows[0]["lr"] == pytest.approx(reference.param_groups[0]["lr"], rel=1e-5)  # 2/3 lr; 1500: 4/7 lr
+    schedule.step_update(3)
+    assert rows[0]["lr"] == pytest.approx(reference.param_groups[0]["lr"], rel=1e-5)  # 5/6 lr; 1500: 3/1500 lr
 
 
 def test_resume_auto_continues_a_stopped_run_exactly(tmp_path, monkeypatch, caplog):
@@ -580,10 +586,10 @@ def test_a_resume_with_another_batch_size_counts_on_from_the_updates_made(tmp_pa
     config = dict(iters=8, warmup_iters=2, eval_interval=10, head="fpn", experiment="e")
     first = train_segmenter(tiny_config(data, tmp_path / "out", **config), callbacks=[lambda row: row["epoch"] == 1],
                             progress=False)  # batch 8: 2 updates an epoch, stopped after update 4
-    assert [r["lr"] for r in first.summary] == pytest.approx([6e-3, 4e-3])
+    assert [r["lr"] for r in first.summary] == pytest.approx([3e-3, 5e-3], rel=1e-5)  # updates 1 and 3
     resumed = train_segmenter(tiny_config(data, tmp_path / "out", batch_size=16, resume="auto", **config),
                               progress=False)  # 1 update an epoch
-    assert [r["lr"] for r in resumed.summary] == pytest.approx([6e-3, 4e-3, 3e-3, 2e-3, 1e-3, 0.0])
+    assert [r["lr"] for r in resumed.summary] == pytest.approx([3e-3, 5e-3, 4e-3, 3e-3, 2e-3, 1e-3], rel=1e-5)
     assert read_checkpoint(resumed.output_dir / "last.pth.tar")["updates"] == 8
 
 
@@ -601,7 +607,7 @@ def test_a_resume_with_more_epochs_goes_on_as_a_run_of_that_length(tmp_path):
     resumed = train_segmenter(config(epochs=3, experiment="longer", resume="auto"), progress=False)
     assert [(r["train_loss"], r["lr"]) for r in resumed.summary] == \
         [(r["train_loss"], r["lr"]) for r in straight.summary]
-    assert [r["lr"] for r in straight.summary] == pytest.approx([6e-3, 3e-3, 0.0])
+    assert [r["lr"] for r in straight.summary] == pytest.approx([3e-3, 4.5e-3, 1.5e-3], rel=1e-5)  # updates 1, 3, 5
     a, b = (read_checkpoint(run.output_dir / "last.pth.tar")["state_dict"] for run in (straight, resumed))
     for key in a:
         assert torch.equal(a[key], b[key]), key

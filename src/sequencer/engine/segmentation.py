@@ -43,7 +43,7 @@ from .checkpoint import get_rng_state, load_optimizer_state, resume_position
 from .config import RunState, checked_callbacks, checked_settings, explicit_settings, given_settings
 from .guest import caller_state_kept, console, poly_schedule_note_dropped
 from .inert_flags import NEW_RUN_WEIGHTS, inert_note
-from .loop import (EpochProgress, batch_split, buffer_names, current_lr, epoch_ends_run, must_stop,
+from .loop import (EpochProgress, EpochResult, batch_split, buffer_names, current_lr, epoch_ends_run, must_stop,
                    recovery_progress, recovery_state, resume_point, resumed_progress, state_buffers,
                    training_checkpoint)
 from .outputs import (claimed_process_group, plain, plural, prepare_outputs, primary_result, read_back, say_start_notes,
@@ -156,12 +156,11 @@ def _train(cfg: SegmentConfig, state: RunState, info: dist_utils.DistInfo) -> Se
         _log_start(run, train_split, start_epoch, resumed_within.batches)
     with StopRequest(state) as stop:
         for epoch in range(start_epoch, run.num_epochs):
-            epoch_started = time.time()
-            train_loss, stopped_at, done = _train_one_epoch(run, epoch, stop,
-                                                            resumed_within if epoch == start_epoch else None)
-            if stopped_at is not None:
+            result = _train_one_epoch(run, epoch, stop, resumed_within if epoch == start_epoch else None)
+            if result.stopped_at is not None:
                 return _result(info, run.out.folder, run.out.manager,
-                               _save_recovery(run, epoch, stopped_at, done, stop.signum), interrupted=True)
+                               _save_recovery(run, epoch, result.stopped_at, result.done, stop.signum),
+                               interrupted=True)
             last = epoch == run.num_epochs - 1
             metrics = None
             if last or (epoch + 1) % cfg.eval_interval == 0:
@@ -171,7 +170,7 @@ def _train(cfg: SegmentConfig, state: RunState, info: dist_utils.DistInfo) -> Se
                 settings = inference_settings(run.data_config, None, None, info.device)
                 metrics = evaluate_segmentation(run.model, run.eval_loader, model.num_classes, run.class_names,
                                                 settings, distributed=info.distributed)
-            row = _save_epoch(run, epoch, train_loss, metrics, epoch_started)
+            row = _save_epoch(run, epoch, result, metrics)
             if epoch_ends_run(run, stop, epoch, run.num_epochs, row):
                 break
     signalled, interrupted = stopped_after_epochs(stop, info, epoch, run.num_epochs, run.out.folder)
@@ -391,10 +390,10 @@ def segmentation_loss(logits: torch.Tensor, masks: torch.Tensor, aux_logits: tor
     return total
 
 
-def _train_one_epoch(run: _Run, epoch: int, stop: StopRequest, start: EpochProgress | None = None
-                     ) -> tuple[float, int | None, EpochProgress]:
-    """(mean training loss over ranks, None, what the updates covered) after the epoch, or (nan, step, what the
-    updates covered) when a stop request ended it. ``start``: what a recovery checkpoint's updates already covered
+def _train_one_epoch(run: _Run, epoch: int, stop: StopRequest, start: EpochProgress | None = None) -> EpochResult:
+    """The epoch's ``loop.EpochResult``: the mean training loss over ranks, the lr of its last update, and what the
+    updates covered; ``stopped_at`` the step where a stop request ended it (the loss nan). ``start``: what a recovery
+    checkpoint's updates already covered
     of this epoch (its batches are not loaded); every batch is one update, and ``EpochProgress.seen`` counts batches
     (the loss is a mean over batches). Under DDP a step makes one all-reduce of its own (`loop.must_stop`: the stop
     request and the loss's finiteness together), as classification's."""
@@ -405,7 +404,7 @@ def _train_one_epoch(run: _Run, epoch: int, stop: StopRequest, start: EpochProgr
     epoch_updates = _updates_before(run, epoch)
     steps = min(run.updates_per_epoch, run.total_updates - epoch_updates)
     updates = epoch_updates + start.batches
-    loss_sum, seen, started = start.loss_sum, start.seen, time.time()
+    loss_sum, seen, started, lr = start.loss_sum, start.seen, time.time(), current_lr(run.optimizer)
     buffers = buffer_names(run.model)  # once: an update copies them only where there are any
     done = dataclasses.replace(start, rng=get_rng_state(), buffers=state_buffers(run.model, buffers))
     for step, (images, masks) in enumerate(run.train_loader, start=start.batches):
@@ -418,7 +417,7 @@ def _train_one_epoch(run: _Run, epoch: int, stop: StopRequest, start: EpochProgr
         # one all-reduce for any rank's stop request or non-finite loss; a stop keeps this forward's move of
         # BatchNorm's statistics out of the recovery checkpoint (``done`` holds the last update's)
         if must_stop(run, stop, value, epoch, step, last=step == steps - 1):
-            return float("nan"), step, done
+            return EpochResult(float("nan"), lr, started, stopped_at=step, done=done)
         run.scaler.scale(loss).backward()
         lr = current_lr(run.optimizer)  # what this update uses (the log line showed the next update's)
         if cfg.clip_grad is not None:
@@ -436,7 +435,7 @@ def _train_one_epoch(run: _Run, epoch: int, stop: StopRequest, start: EpochProgr
             _logger.info("segment train: epoch %d [%d/%d] loss %.4f (%.4f) lr %.2e %.1f img/s", epoch, step + 1,
                          steps, value, loss_sum / seen, lr,
                          (seen - start.seen) * cfg.batch_size * info.world_size / max(time.time() - started, 1e-9))
-    return dist_utils.all_reduce_mean([loss_sum / max(seen, 1)], info)[0], None, done
+    return EpochResult(dist_utils.all_reduce_mean([loss_sum / max(seen, 1)], info)[0], lr, started, done=done)
 
 
 # -------------------------------------------------------------------------------------------------- saving
@@ -448,11 +447,13 @@ def _checkpoint_state(run: _Run, epoch: int, complete: bool, step: int, metric, 
                                summary_rows=[{k: str(v) for k, v in r.items()} for r in run.out.rows])
 
 
-def _save_epoch(run: _Run, epoch: int, train_loss: float, metrics: dict | None, started: float) -> dict:
-    """Append the epoch's summary row, then write the checkpoints (best by mIoU) and summary.csv (rank 0). Returns
-    the row as numbers, every column (nan where nothing was evaluated): what callbacks get."""
-    row = dict(epoch=epoch, train_loss=f"{train_loss:.6f}", lr=f"{current_lr(run.optimizer):.6e}",
-               epoch_seconds=f"{time.time() - started:.2f}")
+def _save_epoch(run: _Run, epoch: int, result: EpochResult, metrics: dict | None) -> dict:
+    """Append the epoch's summary row (its ``lr``: the one the epoch's last update used, as train's), then write the
+    checkpoints (best by mIoU) and summary.csv (rank 0). Returns the row as numbers, every column (nan where nothing
+    was evaluated): what callbacks get."""
+    train_loss = result.train_loss
+    row = dict(epoch=epoch, train_loss=f"{train_loss:.6f}", lr=f"{result.lr:.6e}",
+               epoch_seconds=f"{time.time() - result.started:.2f}")
     if metrics is not None:
         row.update(metrics_row(metrics))
     run.out.rows.append(row)
