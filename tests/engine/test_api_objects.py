@@ -106,6 +106,22 @@ def test_a_dict_of_settings_passed_positionally_is_refused_naming_the_keywords_w
     assert not any(tmp_path.iterdir())
 
 
+@pytest.mark.parametrize("data", [{}, dict(data="folder")], ids=["alone", "with data="])
+def test_an_argparse_namespace_passed_positionally_is_refused_naming_the_keywords_way(data, tmp_path):
+    """A script's parsed flags as the positional: one line naming the Namespace and how to pass it. It was taken
+    for the data: 'data given twice (positionally and as data=)' beside ``data=``, else '`data=<Namespace>` is
+    not a str or None'."""
+    import argparse
+    args = argparse.Namespace(model="sequencer2d_nano", epochs=1, output=str(tmp_path))
+    with pytest.raises(SequencerError, match=r"train: the positional is a TrainConfig or the data, not an argparse "
+                                             r"Namespace.*train\(\*\*vars\(args\)\)"):
+        sequencer.train(args, progress=False, **data)
+    with pytest.raises(SequencerError, match=r"train_segmenter: the positional is a SegmentConfig or the data, not an"):
+        sequencer.train_segmenter(args, progress=False, **data)
+    assert vars(args) == dict(model="sequencer2d_nano", epochs=1, output=str(tmp_path))
+    assert not any(tmp_path.iterdir())
+
+
 def test_a_config_passed_as_the_config_keyword_is_used(tmp_path):
     """README's signature, `train(config=None, *, ...)`: `config=TrainConfig(...)` works as the positional does (a
     text `config=` stays the --config YAML); its settings reach the checks (here its unknown model)."""

@@ -11,6 +11,7 @@ keywords), :func:`checked_settings` (unknown names and wrong types refused, one 
 """
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import difflib
 import functools
@@ -241,6 +242,9 @@ def explicit_settings(config, settings: dict, config_class, where: str) -> dict:
         raise SequencerError(f"{where}: the positional is a {config_class.__name__} or the data, not a dict",
                              hint=f"pass a dict of settings as keywords, {where}(**settings), or as "
                                   f"{config_class.__name__}(**settings)")
+    if isinstance(config, argparse.Namespace):  # a script's parsed flags, likewise
+        raise SequencerError(f"{where}: the positional is a {config_class.__name__} or the data, not an argparse "
+                             f"Namespace", hint=f"pass its settings as keywords, {where}(**vars(args))")
     if "data" in settings:
         raise SequencerError(f"{where}: data given twice (positionally and as data=)")
     return {"data": config, **settings}
