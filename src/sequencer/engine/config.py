@@ -11,7 +11,6 @@ keywords), :func:`checked_settings` (unknown names and wrong types refused, one 
 """
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import difflib
 import functools
@@ -242,7 +241,8 @@ def explicit_settings(config, settings: dict, config_class, where: str) -> dict:
         raise SequencerError(f"{where}: the positional is a {config_class.__name__} or the data, not a dict",
                              hint=f"pass a dict of settings as keywords, {where}(**settings), or as "
                                   f"{config_class.__name__}(**settings)")
-    if isinstance(config, argparse.Namespace):  # a script's parsed flags, likewise
+    # a script's parsed flags, likewise (argparse is the commands' alone: known by its type's name)
+    if (type(config).__module__, type(config).__name__) == ("argparse", "Namespace"):
         raise SequencerError(f"{where}: the positional is a {config_class.__name__} or the data, not an argparse "
                              f"Namespace", hint=f"pass its settings as keywords, {where}(**vars(args))")
     if "data" in settings:
