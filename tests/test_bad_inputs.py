@@ -275,6 +275,7 @@ def test_every_command_refuses_bad_input_in_one_line(run_cli, data, args, expect
 # ---------------------------------------------------------------------------------------- issue 19 item 4
 @pytest.mark.parametrize("flag, value", [("--torchcompile", "nosuch"), ("--torchcompile-mode", "fastest"),
                                          ("--opt", "adamz"), ("--sched", "cosin"), ("--aa", "rand-augment-9"),
+                                         ("--aa", "rand-m9-mstd0.5-incl"),  # timm read it without inc1
                                          ("--remode", "constant"), ("--train-interpolation", "cubic")])
 def test_library_flag_typos_fail_before_anything_is_written(run_cli, data, flag, value):
     line = run_cli("train", data, *TRAIN, "--output", "out", "--experiment", "e", flag, value, expect=flag)

@@ -72,3 +72,16 @@ def _check_augment(cfg) -> None:
         except (AssertionError, ValueError, KeyError, IndexError, TypeError) as e:
             raise SequencerError(f"`aa={cfg.aa}`: not an augmentation policy timm knows ({e or type(e).__name__})",
                                  hint="e.g. rand-m9-mstd0.5-inc1, augmix-m5-w4-d2, original, v0, 3a") from None
+        skipped = _sections_timm_skips(cfg.aa)
+        if skipped:
+            raise SequencerError(f"`aa={cfg.aa}`: timm would skip {', '.join(map(repr, skipped))} without a word: each "
+                                 f"section after the policy's name is a key and a number", hint="e.g. m9, mstd0.5, "
+                                 "inc1 (rand-m9-mstd0.5-inc1 is the paper's policy)")
+
+
+def _sections_timm_skips(policy: str) -> list[str]:
+    """The sections of an augmentation policy string that timm's parser passes over: one without a digit (``incl``
+    typed for ``inc1`` trained with the plain ops instead of the increasing ones, ``mX`` at magnitude 10), other than
+    RandAugment's ``t`` section naming its ops."""
+    name, *sections = policy.split("-")
+    return [s for s in sections if not any(c.isdigit() for c in s) and not (name == "rand" and s.startswith("t"))]
