@@ -217,3 +217,40 @@ def test_an_interrupted_window_leaves_batchnorm_statistics_as_the_last_update_di
     sequencer.train(model=split, experiment="split", resume="auto", **common)
     for name, value in straight.state_dict().items():
         assert torch.equal(split.state_dict()[name], value), name
+
+
+def test_a_resume_from_an_earlier_checkpoint_makes_model_best_its_best_epoch_again(tmp_path):
+    """A resume from checkpoint-<N> of a run that went past N abandons its later epochs: model_best.pth.tar was
+    left as the abandoned best (epoch 3 here) while the run named its best epoch 1 (a real run said "best loss 0.7315
+    at epoch 1" and validate of model_best gave 0.7102, epoch 3's). It is made epoch 1's again from
+    checkpoint-1.pth.tar; where no file holds that epoch, the best is picked again, with a note."""
+    from sequencer.engine.config import RunState, TrainConfig
+    from sequencer.engine.distributed import DistInfo
+    from sequencer.engine.outputs import prepare_outputs, release_claim
+
+    folder = tmp_path / "e"
+    folder.mkdir()
+    manager = ck.CheckpointManager(folder)
+    for epoch, top1 in enumerate([50.0, 60.0, 55.0, 70.0]):
+        manager.save_epoch({"epoch": epoch, "epoch_complete": True, "state_dict": {}}, epoch, top1)
+    assert read_checkpoint(folder / ck.BEST)["epoch"] == 3
+
+    def resume_from(epoch: int):
+        state, path = RunState(), folder / f"checkpoint-{epoch}.pth.tar"
+        cfg = TrainConfig(output=str(tmp_path), experiment="e", model="sequencer2d_nano")
+        try:
+            out = prepare_outputs(cfg, state, DistInfo(False, 0, 0, 1, torch.device("cpu")), str(path),
+                                  read_checkpoint(path), epoch + 1, 16)
+        finally:
+            release_claim(state)
+        return out.manager, state.start_warnings
+
+    best, notes = resume_from(2)
+    assert (best.best_epoch, best.best_metric, read_checkpoint(folder / ck.BEST)["epoch"], notes) == (1, 60.0, 1, [])
+    (folder / "checkpoint-1.pth.tar").unlink()
+    ck.atomic_save({"epoch": 3, "epoch_complete": True, "state_dict": {}}, folder / ck.BEST)
+    best, notes = resume_from(2)
+    assert (best.best_epoch, best.best_metric) == (None, None)
+    assert notes == [f"model_best.pth.tar held epoch 3, which this resume from {folder / 'checkpoint-2.pth.tar'} "
+                     f"trains again, and no file holds the best epoch before it (1): the best is picked again from "
+                     f"the resumed epoch on"]

@@ -153,6 +153,25 @@ class CheckpointManager:
         self.history = [(int(e), float(m)) for e, m in checkpoint.get("checkpoint_history") or []
                         if (self.folder / f"checkpoint-{int(e)}.pth.tar").exists()]
 
+    def best_of_the_epochs_kept(self, resumed: Path) -> str | None:
+        """After :meth:`restore` from ``resumed`` (rank 0): make ``model_best`` the restored best epoch's again where
+        it is a later epoch's, one the resume abandons (a resume from ``checkpoint-<N>`` of a run that went past
+        N): it stayed there while the run named its best epoch, and validate scored the abandoned epoch. It is
+        taken from ``checkpoint-<best>`` or the ``resumed`` file where one holds that epoch; otherwise the best is
+        picked again from the resumed epoch on, and the returned note says so (None where nothing was wrong)."""
+        best = self.folder / BEST
+        abandoned = _epoch_of(best) if self.best_epoch is not None and best.is_file() else self.best_epoch
+        if abandoned == self.best_epoch:
+            return None
+        for source in (self.folder / f"checkpoint-{self.best_epoch}.pth.tar", Path(resumed)):
+            if source.is_file() and _epoch_of(source, complete=True) == self.best_epoch:
+                atomic_link_or_copy(source, best)
+                return None
+        note = (f"{BEST} held epoch {abandoned}, which this resume from {resumed} trains again, and no file holds "
+                f"the best epoch before it ({self.best_epoch}): the best is picked again from the resumed epoch on")
+        self.best_metric, self.best_epoch = None, None
+        return note
+
     def restart_best(self, write: bool = True) -> Path | None:
         """Forget the best metric and the history's ranking: the epochs so far were measured on another evaluation
         (``resume.evaluation_change``), which later metrics cannot be compared with. Their ``checkpoint-<E>.pth.tar``
@@ -208,6 +227,18 @@ class CheckpointManager:
         path = self.folder / RECOVERY
         atomic_save(dict(state, **self.bookkeeping()), path)
         return path
+
+
+def _epoch_of(path: Path, complete: bool = False) -> int | None:
+    """The ``epoch`` a training checkpoint of this folder records (its tensors mapped, not read); with
+    ``complete``, None for an epoch it holds unfinished (a recovery file)."""
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception:  # torch's own errors for a file that is not one of ours; it stands for no epoch
+        return None
+    if not isinstance(checkpoint, dict) or (complete and not checkpoint.get("epoch_complete", True)):
+        return None
+    return checkpoint.get("epoch")
 
 
 def resume_position(checkpoint: dict) -> int:

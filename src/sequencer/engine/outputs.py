@@ -68,6 +68,9 @@ def prepare_outputs(cfg, state, info: dist_utils.DistInfo, resume_path: str | No
         # best metric and history belong to this folder's files; a resume into a new folder starts its own
         manager.restore(resume_ckpt)
         manager.history = [(e, m) for e, m in manager.history if e < start_epoch]
+        abandoned = manager.best_of_the_epochs_kept(Path(resume_path)) if info.is_primary else None
+        if abandoned:
+            state.start_warnings.append(abandoned)
         if evaluation_change and start_epoch > 0:  # epochs were evaluated the other way
             state.start_warnings.append(_best_restarted(cfg, info, manager, resume_path, start_epoch,
                                                         evaluation_change))
