@@ -474,3 +474,28 @@ def test_verify_top1_is_validates_on_the_same_folder(tiny_checkpoint, tmp_path, 
         verified = top1_agreement(exported, exported, str(data))
     assert verified["count"] == 8 and verified["scored"] == 0 and verified["fp32_top1"] is None
     assert f"warning: no top-1, as validate would refuse {data}: split 'validation' not found" in caplog.text
+
+
+def test_a_fixed_batch_export_runs_any_number_of_images(tiny_checkpoint, image_folder, tmp_path, capsys):
+    """A file exported without --dynamic-batch (--batch-size 4) runs a last batch of fewer images (the 6 of val/ in
+    batches of 4; 7 images at once): validate, predict and export --verify gave 'was exported for batches of exactly
+    4 and cannot take 2 images' with the hint '--batch-size 4' that was given. The logits are PyTorch's, the top-1
+    validate --checkpoint's; benchmark still refuses a batch that is no multiple of the file's."""
+    exported = tmp_path / "fixed4.onnx"
+    assert main(["export", "--checkpoint", str(tiny_checkpoint), "--batch-size", "4", "-o", str(exported)]) == 0
+    onnx_model = OnnxModel(exported)
+    x = torch.randn(7, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    reference = _reference(tiny_checkpoint, x)
+    assert reference.std() > 0 and relative_error(onnx_model(x), reference) < 1e-4
+    top1 = {}
+    for weights in (["--onnx", str(exported)], ["--checkpoint", str(tiny_checkpoint)]):
+        assert main(["validate", str(image_folder), *weights, "-b", "4", "-j", "0",
+                     "--results-file", str(tmp_path / "r.json")]) == 0
+        result = json.loads((tmp_path / "r.json").read_text())
+        top1[weights[0]] = result["count"], result["top1"]
+    assert top1["--onnx"] == top1["--checkpoint"] and top1["--onnx"][0] == 6
+    assert main(["predict", str(image_folder / "val"), "--onnx", str(exported), "-b", "4"]) == 0
+    assert capsys.readouterr().out.count("1. ") == 6
+    assert main(["benchmark", "--onnx", str(exported), "--checkpoint", str(tiny_checkpoint), "-b", "6",
+                 "--device", "cpu", "--memory-iter", "0"]) == 2
+    assert "was exported for batches of exactly 4, not --batch-size 6" in capsys.readouterr().err

@@ -314,6 +314,10 @@ def _prepare(args: BenchmarkSettings) -> _Setup:
             onnx_model.check_input_size(input_size[-1], input_size[-1])
         except ValueError as e:
             raise SequencerError(f"`onnx`: {e}", hint="benchmark at the file's size (`img_size`)") from None
+        if onnx_model.fixed_batch and args.batch_size % onnx_model.fixed_batch:  # its row would time filled-up batches
+            raise SequencerError(f"`onnx`: {str(onnx_model.path)!r} was exported for batches of exactly "
+                                 f"{onnx_model.fixed_batch}, not `batch_size={args.batch_size}`",
+                                 hint="benchmark a multiple of its batch, or re-export it with `dynamic_batch`")
     macs = _forward_macs(model, input_size)
     head = getattr(getattr(model, "head", None), "fc", None)
     if isinstance(head, nn.Linear) and not head.weight.any():

@@ -71,6 +71,8 @@ class OnnxModel(nn.Module):
         # what the graph takes: float32, or float16 for an `export --dtype float16` file (images are cast to it)
         self.input_dtype = np.float16 if self.session.get_inputs()[0].type == "tensor(float16)" else np.float32
         self.num_classes = self.session.get_outputs()[0].shape[-1]
+        # the batch a file exported without a dynamic batch axis takes (None: any)
+        self.fixed_batch = self.input_shape[0] if isinstance(self.input_shape[0], int) else None
         self.metadata = self.session.get_modelmeta().custom_metadata_map
         self.quantized = self.metadata.get("quantization", "")
         # the precision it computes in, as the benchmarks name it
@@ -84,18 +86,20 @@ class OnnxModel(nn.Module):
                              f"not {height}x{width}")
 
     def run_numpy(self, images: np.ndarray) -> np.ndarray:
-        """(B, C, H, W) float32 -> (B, num_classes) float32 logits (a float16 file's cast both ways); a fixed
-        export batch runs in chunks."""
-        fixed = self.input_shape[0] if isinstance(self.input_shape[0], int) else None
+        """(B, C, H, W) float32 -> (B, num_classes) float32 logits (a float16 file's cast both ways). A file of a
+        fixed export batch runs any B in chunks of that batch, the last one filled up with copies of its last image
+        whose logits are dropped: the images do not interact, and repeated images leave an int8 file's dynamic
+        (per-batch) activation ranges as they are."""
+        fixed = self.fixed_batch
         images = images.astype(self.input_dtype, copy=False)
         if fixed is None or images.shape[0] == fixed:
             return self.session.run(None, {self.input_name: images})[0].astype(np.float32, copy=False)
-        if images.shape[0] % fixed:
-            raise SequencerError(f"{str(self.path)!r} was exported for batches of exactly {fixed} and cannot take "
-                                 f"{images.shape[0]} images",
-                                 hint=f"re-export with `dynamic_batch` or use `batch_size={fixed}`")
-        return np.concatenate([self.session.run(None, {self.input_name: images[i:i + fixed]})[0]
-                               for i in range(0, images.shape[0], fixed)]).astype(np.float32, copy=False)
+        logits = []
+        for start in range(0, images.shape[0], fixed):
+            chunk = images[start:start + fixed]
+            filled = np.concatenate([chunk, np.repeat(chunk[-1:], fixed - len(chunk), axis=0)])
+            logits.append(self.session.run(None, {self.input_name: filled})[0][:len(chunk)])
+        return np.concatenate(logits).astype(np.float32, copy=False)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         self.check_input_size(*images.shape[-2:])
