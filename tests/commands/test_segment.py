@@ -120,6 +120,11 @@ def test_predict_writes_palette_masks_and_overlays(trained, tmp_path):
         agree += int((pred[labelled] == truth[labelled]).sum())
         total += int(labelled.sum())
     assert agree / total > 0.8
+    first = (out / f"{images[0].stem}.png").read_bytes()
+    # a second run into the folder replaces its own masks and overlays (their files say predict wrote them)
+    assert segment("predict", *images, "--checkpoint", folder / "model_best.pth.tar", "--output", out,
+                   "--overlay", "--device", "cpu") == 0
+    assert (out / f"{images[0].stem}.png").read_bytes() == first and len(list(out.iterdir())) == 8
 
 
 def test_predict_files_keeps_the_callers_random_state(trained, tmp_path):
@@ -325,6 +330,24 @@ def test_two_images_of_one_mask_name_are_one_line_before_any_work(tmp_path, caps
     assert len(err) == 1 and f"images {tmp_path}/a/x.png and {tmp_path}/b/x.jpg would both be written to " \
         f"{tmp_path}/masks/x.png" in err[0] and "(hint: predict them into separate --output folders" in err[0], err
     assert not (tmp_path / "masks").exists()
+
+
+@pytest.mark.parametrize("existing", ["x.png", "x_overlay.jpg"])
+def test_a_file_no_predict_wrote_is_not_replaced(tmp_path, capsys, existing):
+    """Predicting VOC's JPEGImages/x.jpg into its SegmentationClass/ replaced the ground-truth x.png with the
+    prediction, exit 0; so did an overlay a user's x_overlay.jpg. Refused before the checkpoint is read."""
+    (tmp_path / "images").mkdir()
+    (tmp_path / "truth").mkdir()
+    Image.new("RGB", (8, 8)).save(tmp_path / "images" / "x.jpg")
+    Image.new("L", (8, 8)).save(tmp_path / "truth" / existing)
+    before = (tmp_path / "truth" / existing).read_bytes()
+    assert segment("predict", tmp_path / "images", "--checkpoint", tmp_path / "missing.pth.tar", "--overlay",
+                   "--output", tmp_path / "truth") == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and f"{tmp_path}/truth/{existing} exists and is no mask or overlay written by `sequencer " \
+        "segment predict`; refusing to replace it" in err[0], err
+    assert (tmp_path / "truth" / existing).read_bytes() == before
+    assert sorted(p.name for p in (tmp_path / "truth").iterdir()) == [existing]
 
 
 def test_a_new_run_without_the_model_flags_gets_the_documented_model(monkeypatch):

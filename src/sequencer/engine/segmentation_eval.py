@@ -364,8 +364,9 @@ def predict_files(checkpoint: str, files: list[Path], output: str, *, overlay: b
                   alpha: float = 0.5) -> list[Path]:
     """Segment each image file; write ``OUTPUT/<stem>.png`` (palette PNG of the dataset's label ids, VOC colours:
     class indices, or for a reduce-zero-label model such as ADE20K's class k as id k + 1, as its masks have it)
-    and with ``overlay`` ``OUTPUT/<stem>_overlay.jpg`` (the picture with the classes blended over it). Returns the masks
-    written. Unreadable images raise SequencerError naming the file before anything is written for it. The caller's
+    and with ``overlay`` ``OUTPUT/<stem>_overlay.jpg`` (the picture with the classes blended over it), each marked as
+    this function's (:data:`PREDICT_MARK`); a file of that name that is not marked (a folder's ground-truth mask of
+    that name) is not replaced: SequencerError before any work. Returns the masks written. Unreadable images raise SequencerError naming the file before anything is written for it. The caller's
     ``random``, ``numpy`` and torch random state is restored on return (building the segmenter draws its initial
     weights from it)."""
     from PIL import Image
@@ -379,6 +380,7 @@ def predict_files(checkpoint: str, files: list[Path], output: str, *, overlay: b
         raise SequencerError(f"`output={output!r}` is a file, not a folder", hint="pass a folder for the masks")
     _check_mask_names(files, out)
     _check_no_image_replaced(files, out, overlay)
+    _check_only_predictions_replaced(files, out, overlay)
     dev = resolve_device(device)
     with caller_state_kept():
         loaded = load_segmenter(checkpoint, dev)
@@ -402,20 +404,56 @@ def predict_files(checkpoint: str, files: list[Path], output: str, *, overlay: b
             mask = Image.fromarray(pred.to(torch.uint8).cpu().numpy())
             mask.putpalette(palette)  # L -> P: the indices stay, the palette colours them
             target = out / f"{file.stem}.png"
-            write_atomically(target, lambda tmp: mask.save(tmp, format="PNG"), what="mask")
+            write_atomically(target, lambda tmp: mask.save(tmp, format="PNG", pnginfo=_png_mark()), what="mask")
             written.append(target)
             if overlay:
                 blended = Image.blend(picture, mask.convert("RGB"), alpha)
                 write_atomically(out / f"{file.stem}_overlay.jpg",
-                                 lambda tmp: blended.save(tmp, format="JPEG", quality=90), what="overlay")
+                                 lambda tmp: blended.save(tmp, format="JPEG", quality=90, comment=PREDICT_MARK),
+                                 what="overlay")
     return written
+
+
+# what marks a mask (PNG text "Software") or an overlay (JPEG comment) as written by predict_files: a later run may
+# replace those, and nothing else
+PREDICT_MARK = "sequencer segment predict"
+
+
+def _png_mark():
+    from PIL.PngImagePlugin import PngInfo
+    info = PngInfo()
+    info.add_text("Software", PREDICT_MARK)
+    return info
+
+
+def _outputs(files: list[Path], out: Path, overlay: bool) -> list[Path]:
+    """The files :func:`predict_files` writes for ``files``: each one's mask, then with ``overlay`` its overlay."""
+    return [out / f"{file.stem}{end}" for file in files for end in (".png", "_overlay.jpg")[:1 + overlay]]
+
+
+def _written_by_predict(path: Path) -> bool:
+    from PIL import Image, UnidentifiedImageError
+    try:
+        with Image.open(path) as image:
+            mark = image.info.get("Software") or image.info.get("comment")
+    except (OSError, UnidentifiedImageError):
+        return False
+    return mark in (PREDICT_MARK, PREDICT_MARK.encode())
+
+
+def _check_only_predictions_replaced(files: list[Path], out: Path, overlay: bool) -> None:
+    """SequencerError, before any work, where a mask or overlay would replace a file that no earlier predict wrote
+    (predicting VOC's JPEGImages/x.jpg into its SegmentationClass/ replaced the ground-truth x.png)."""
+    for target in _outputs(files, out, overlay):
+        if os.path.lexists(target) and not _written_by_predict(target):
+            raise SequencerError(f"{target} exists and is no mask or overlay written by `sequencer segment "
+                                 f"predict`; refusing to replace it", hint="pass another `output` folder")
 
 
 def _check_no_image_replaced(files: list[Path], out: Path, overlay: bool) -> None:
     """SequencerError, before any work, where a mask or overlay would be written over one of the images (an
     ``output`` folder holding them: ``x.png``'s mask is ``x.png``)."""
-    written = [out / f"{file.stem}{end}" for file in files for end in (".png", "_overlay.jpg")[:1 + overlay]]
-    clash = input_overwritten(written, files)
+    clash = input_overwritten(_outputs(files, out, overlay), files)
     if clash:
         what = "overlay" if clash[0].name.endswith("_overlay.jpg") else "mask"
         raise SequencerError(f"the {what} {clash[0]} would replace the image {clash[1]}",
