@@ -173,15 +173,7 @@ def test_train_and_validate_leave_the_callers_group_alive(tmp_path):
     timm's ``--dist-bn reduce``), the logged eval loss that of the EMA in the checkpoint; ... and `validate_segmenter` in the group evaluates a share of the split on each rank (each rank scored all of
     it before), its counts summed to the single-process numbers."""
     make_voc(tmp_path / "voc", n_train=1, n_val=5)
-    script = tmp_path / "worker.py"
-    script.write_text(NANO_STEPS + WORKER)
-    env = subprocess_env()
-    for name in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
-        env.pop(name, None)
-    proc = subprocess.run([sys.executable, str(script), str(tmp_path)], capture_output=True, text=True, env=env,
-                          timeout=300)
-    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
-    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    proc, ranks = _two_ranks(NANO_STEPS + WORKER, tmp_path)
     for got in ranks:
         assert got["alive_after_train"] and got["alive"] and got["rank_sum"] == 1.0
         # trained as one DDP run: both ranks end with the same weights, and the same BatchNorm statistics (each
@@ -199,6 +191,20 @@ def test_train_and_validate_leave_the_callers_group_alive(tmp_path):
     assert [p.name for p in (tmp_path / "out").iterdir()] == ["group"]  # rank 0 wrote the one experiment folder
     assert proc.stdout == "" and proc.stderr == ""  # progress=False on both ranks
     _sharded_training_is_single_process_training(tmp_path / "sharded.pt")
+
+
+def _two_ranks(code: str, folder) -> tuple:
+    """Run ``code`` (a script spawning 2 ranks, each writing ``folder/rank{r}.json``) outside any torchrun
+    environment; the finished process and the ranks' records."""
+    script = folder / "worker.py"
+    script.write_text(code)
+    env = subprocess_env()
+    for name in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(name, None)
+    proc = subprocess.run([sys.executable, str(script), str(folder)], capture_output=True, text=True, env=env,
+                          timeout=300)
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
+    return proc, [json.loads((folder / f"rank{r}.json").read_text()) for r in (0, 1)]
 
 
 def _sharded_training_is_single_process_training(results_file):
@@ -220,3 +226,52 @@ def _sharded_training_is_single_process_training(results_file):
 def _with_classes(module: nn.Module, num_classes: int = 3) -> nn.Module:
     module.num_classes = num_classes
     return module
+
+
+# each rank: train in the caller's group, rank 1's callback raising after the first epoch; then the caller's own
+# all-reduce, and each rank writes what it saw
+FAILING_CALLBACK = textwrap.dedent('''
+    import datetime, faulthandler, json, os, sys
+    faulthandler.enable(all_threads=True)
+    import torch, torch.distributed as dist, torch.multiprocessing as mp
+    from torch import nn
+    import sequencer
+
+    def fails(metrics):
+        raise ValueError("the caller's callback failed")
+
+    def rank_main(rank, folder):
+        dist.init_process_group("gloo", init_method=f"file://{folder}/rendezvous", rank=rank, world_size=2,
+                                timeout=datetime.timedelta(seconds=60))
+        torch.manual_seed(0)
+        data = [(torch.randn(3, 4, 4), i % 2) for i in range(16)]
+        try:
+            sequencer.train(model=nn.Sequential(nn.Flatten(), nn.Linear(48, 2)), data=(data, data[:8]), epochs=2,
+                            batch_size=4, workers=0, device="cpu", output=f"{folder}/out", progress=False,
+                            callbacks=[fails] if rank == 1 else [])
+            raised = None
+        except Exception as e:
+            raised = f"{type(e).__name__}: {e}"
+        ranks = torch.tensor([float(rank)])
+        dist.all_reduce(ranks)  # the caller's own collective, right after
+        with open(f"{folder}/rank{rank}.json", "w") as f:
+            json.dump(dict(raised=raised, rank_sum=ranks.item()), f)
+        dist.barrier()  # then out without the interpreter's teardown, as WORKER (its comment says why)
+        dist.destroy_process_group()
+        os._exit(0)
+
+    if __name__ == "__main__":
+        mp.spawn(rank_main, (sys.argv[1],), 2)
+''')
+
+
+@pytest.mark.slow
+def test_a_callback_raising_on_one_rank_stops_every_rank_and_leaves_the_callers_group_in_step(tmp_path):
+    """In the caller's 2-process gloo group, a callback raising on rank 1 raises there and stops rank 0 with
+    PeerGone naming it, both at the callbacks' agreement, so the caller's next all-reduce meets on both ranks.
+    Rank 1 left, rank 0 waited in the agreement, and rank 1's all-reduce met it: gloo aborted rank 1 ('Received
+    data size doesn't match expected size. 8 vs 4', SIGABRT)."""
+    _, ranks = _two_ranks(FAILING_CALLBACK, tmp_path)
+    assert ranks == [dict(raised="PeerGone: another process of the run stopped (rank 1's callback raised)",
+                          rank_sum=1.0),
+                     dict(raised="ValueError: the caller's callback failed", rank_sum=1.0)]

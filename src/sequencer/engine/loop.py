@@ -335,9 +335,26 @@ def callbacks_ask_to_stop(run: TrainingRun, metrics: dict) -> bool:
 
     Under DDP every rank takes part in the agreement, also one given no callbacks: a script that passes its
     callbacks on rank 0 only made rank 0 all-reduce here while the others went on to the next step's all-reduce
-    of another size, and gloo waited 30 minutes for the rest of both before failing (a no-op outside DDP)."""
-    wants = [cb(dict(metrics)) is True for cb in run.state.callbacks]
-    return bool(dist_utils.all_reduce_max([float(any(wants))], run.info)[0])
+    of another size, and gloo waited 30 minutes for the rest of both before failing (a no-op outside DDP).
+
+    A callback that raises on one rank raises there after the agreement, and the other ranks stop with
+    :class:`~.distributed.PeerGone` naming it, all at this one point: in the caller's own process group the failing
+    rank left the others waiting here, and its next collective of the caller's own met theirs (gloo aborted the
+    process: 'Received data size doesn't match expected size')."""
+    wants, failure = [], None
+    for cb in run.state.callbacks:
+        try:
+            wants.append(cb(dict(metrics)) is True)
+        except BaseException as e:  # noqa: BLE001 -- raised below, once every rank knows
+            failure = e
+            break
+    stop, failed = dist_utils.all_reduce_max([float(any(wants)), float(run.info.rank + 1 if failure else 0)],
+                                             run.info)
+    if failure is not None:
+        raise failure
+    if failed:
+        raise dist_utils.PeerGone(f"another process of the run stopped (rank {int(failed) - 1}'s callback raised)")
+    return bool(stop)
 
 
 def write_recovery(run: TrainingRun, epoch: int, step: int, done: EpochProgress):
