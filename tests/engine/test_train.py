@@ -148,6 +148,7 @@ def test_config_replays_a_run_and_flags_override(scratch_run, image_folder, tmp_
     (["--mixup", "0.8", "-b", "7"], "must be even"),
     (["--scale", "0.9", "0.1"], "--scale"),
     (["--cutmix-minmax", "0.9", "0.2"], "--cutmix-minmax 0.9 0.2: needs two values"),  # was timm's traceback
+    (["--interpolation", "random"], "--interpolation random: the evaluation resize"),  # was timm's KeyError
     (["--model-ema-decay", "1.5"], "--model-ema-decay"),
     (["--resume", "auto"], "--experiment"),
     (["--resume", "/nonexistent/last.pth.tar"], "no such file"),

@@ -87,8 +87,12 @@ def resolve_data_config(args_or_dict=None, model: torch.nn.Module | None = None,
     if not 0 < crop_pct <= 2:
         raise SequencerError(f"`crop_pct={crop_pct}` must be in (0, 2] (1.0 = no crop)")
     interpolation = str(args.get("interpolation", cfg.get("interpolation", "bicubic"))) or "bicubic"
+    one_each = [name for name in INTERPOLATIONS if name != "random"]  # the eval resize is one interpolation
+    if interpolation == "random":
+        raise SequencerError("`interpolation=random`: the evaluation resize takes one interpolation ('random' is "
+                             "for `train_interpolation`)", hint=f"one of {', '.join(one_each)}")
     if interpolation not in INTERPOLATIONS:
-        raise SequencerError(f"unknown `interpolation={interpolation}`", hint=f"one of {', '.join(INTERPOLATIONS)}")
+        raise SequencerError(f"unknown `interpolation={interpolation}`", hint=f"one of {', '.join(one_each)}")
     return dict(input_size=input_size, mean=mean, std=std, crop_pct=crop_pct, interpolation=interpolation)
 
 
