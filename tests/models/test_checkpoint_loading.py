@@ -275,6 +275,18 @@ def test_truncated_file_is_a_clear_error(tmp_path, source, tiny_kwargs):
         _load(tmp_path / "cut.safetensors", tiny_kwargs)
 
 
+@pytest.mark.parametrize("path", [5, ["m.pth"]])
+def test_a_checkpoint_path_that_is_no_path_is_refused_in_one_line(path):
+    """``create_model(checkpoint_path=5)`` and ``validate_segmenter(5, DATA)`` name the value: they failed with
+    pathlib's / os.fspath's TypeError 'expected str, bytes or os.PathLike object, not int'."""
+    with pytest.raises(SequencerError, match=r"checkpoint .*: a file path \(str or os.PathLike\), not "):
+        read_checkpoint(path)
+    with pytest.raises(SequencerError, match=r"checkpoint .*: a file path"):
+        sequencer.create_model("sequencer2d_nano", checkpoint_path=path)
+    with pytest.raises(SequencerError, match=r"checkpoint .*: a file path"):
+        sequencer.validate_segmenter(path, "voc")
+
+
 def test_missing_file_and_empty_checkpoint(tmp_path, tiny_kwargs):
     with pytest.raises(SequencerError, match="does not exist"):
         _load(tmp_path / "nope.pth", tiny_kwargs)

@@ -164,15 +164,15 @@ class LoadedSegmenter:
     checkpoint: dict
 
 
-def load_segmenter(path: str, device: torch.device | str = "cpu") -> LoadedSegmenter:
+def load_segmenter(path: str | os.PathLike, device: torch.device | str = "cpu") -> LoadedSegmenter:
     """A ``sequencer segment train`` checkpoint's model (or that of a ``sequencer checkpoint average`` / ``clean`` of
     such checkpoints, ``.pth`` or ``.safetensors``), in eval mode on ``device``, with its class names and data
     settings; SequencerError (one line) for a file that is not one."""
     checkpoint = read_checkpoint(path)
     meta = checkpoint_metadata(checkpoint) if isinstance(checkpoint, dict) else {}
     if not isinstance(meta.get("segmenter"), dict):
-        raise SequencerError(f"checkpoint {path!r} is not a segmentation checkpoint (written by `sequencer segment "
-                             f"train`)")
+        raise SequencerError(f"checkpoint {os.fspath(path)!r} is not a segmentation checkpoint (written by "
+                             f"`sequencer segment train`)")
     model = segmenter_from_config(meta["segmenter"])
     model.load_state_dict(extract_state_dict(checkpoint))
     model.to(device).eval()
@@ -316,7 +316,7 @@ def validate_segmenter(checkpoint: str | os.PathLike = "", data: str | os.PathLi
     with own_modes(), caller_state_kept(), caller_module_kept(model), workers_stopped_on_exit(), \
             process_group(device) as info:
         loaded, dev = (_in_memory(model, device, info) if model is not None
-                       else (load_segmenter(os.fspath(checkpoint), info.device), info.device))
+                       else (load_segmenter(checkpoint, info.device), info.device))
         data_split, cfg = _split_and_settings(loaded, data, split, eval_size, in_memory=model is not None)
         settings = inference_settings(cfg, eval_mode, stride, dev)
         metrics = evaluate_segmentation(loaded.model, eval_loader(data_split, cfg, workers, dev, info.distributed),

@@ -88,8 +88,11 @@ def _pickle_protocol(path: Path) -> int | None:
 def read_checkpoint(path: str | os.PathLike) -> dict:
     """Load a checkpoint file into a dict without executing any code it may carry.
 
-    Raises SequencerError for a missing, unreadable or unsafe file.
+    Raises SequencerError for a missing, unreadable or unsafe file, and for a ``path`` that is no path (a caller's
+    ``checkpoint_path=5`` failed in pathlib with 'expected str, bytes or os.PathLike object, not int').
     """
+    if not isinstance(path, (str, os.PathLike)):
+        raise SequencerError(f"checkpoint {path!r}: a file path (str or os.PathLike), not {type(path).__name__}")
     path = Path(path)
     if not path.is_file():
         raise SequencerError(f"checkpoint {str(path)!r} does not exist or is not a file")
