@@ -120,6 +120,37 @@ def test_vanilla_sequencer_refuses_bilstm2d_only_options(override):
         sequencer.create_model("v_sequencer_s", **override)
 
 
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(patch_sizes=(0, 2, 1)), r"patch_sizes=\(0, 2, 1\): each entry must be an integer >= 1"),  # ZeroDivisionError
+    (dict(layers=3), r"layers=3: give one entry per stage"),  # TypeError: object of type 'int' has no len()
+    (dict(embed_dims=(96, 128, 0)), r"embed_dims=\(96, 128, 0\): each entry must be an integer >= 1"),
+    (dict(hidden_sizes=(0, 32, 32)), r"hidden_sizes=\(0, 32, 32\): each entry"),
+    (dict(layers=(1, -1, 1)), r"layers=\(1, -1, 1\): each entry must be an integer >= 0"),
+    (dict(mlp_ratios=(0, 3, 3)), r"mlp_ratios=\(0, 3, 3\): each entry must be a positive number"),  # built, then forward
+    (dict(in_chans=0), r"in_chans=0: must be a positive integer"),  # ZeroDivisionError
+    (dict(num_rnn_layers=0), r"num_rnn_layers=0: must be a positive integer"),
+    (dict(drop_path_rate=1.5), r"drop_path_rate=1.5: must be a number in \[0, 1\]"),  # built, then bernoulli_ failed
+    (dict(proj_drop_rate=2.0), r"proj_drop_rate=2.0: must be a number in \[0, 1\]"),
+    (dict(num_classes=2.5), r"num_classes must be a whole number \(0: no head\), got 2.5"),  # TypeError in nn.Linear
+])
+def test_architecture_values_no_network_is_built_from_are_refused_in_one_line(kwargs, message):
+    """`--model-kwargs patch_sizes=(0,2,1)` (or create_model(..., patch_sizes=...)) ended in a traceback from deep in
+    the build, and some values built a model that failed at its first (training) forward; now one ArgumentValueError
+    line before any layer is built, which `sequencer train` prints as its error (exit 2)."""
+    from sequencer.errors import ArgumentValueError
+    with pytest.raises(ArgumentValueError, match=message):
+        sequencer.create_model("sequencer2d_nano", **kwargs)
+
+
+def test_the_edges_of_the_architecture_values_still_build():
+    """A stage without blocks, numpy integers, a list for a tuple, rate 1 and an MLP ratio giving one channel."""
+    import numpy as np
+    model = sequencer.create_model("sequencer2d_nano", layers=[1, 0, np.int64(1)], drop_path_rate=1.0,
+                                   mlp_ratios=(1 / 96, 3, 3.0), num_classes=np.int64(3))
+    assert model.stages[0].blocks[0].mlp_channels.fc1.out_features == 1
+    assert model(torch.randn(2, 3, 32, 32)).shape == (2, 3)
+
+
 def test_a_models_own_error_keeps_its_type_and_traceback(monkeypatch):
     """create_model turns only its own argument errors into SequencerError (issue 25 item 5): an error raised
     inside a model's __init__ by its code propagates as it is."""

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import numbers
 import operator
 from functools import partial
 from typing import Callable, Sequence
@@ -259,6 +260,8 @@ class ClassifierHead(nn.Module):
         super().__init__()
         if global_pool not in ("avg", ""):
             raise ArgumentValueError(f"global_pool must be 'avg' or '', got {global_pool!r}")
+        if isinstance(num_classes, bool) or not isinstance(num_classes, numbers.Integral):
+            raise ArgumentValueError(f"num_classes must be a whole number (0: no head), got {num_classes!r}")
         if num_classes < 0:
             # a negative count built no head: the pooled features were scored as if they were class logits
             raise ArgumentValueError(f"num_classes must be >= 0 (0: no head), got {num_classes!r}")
@@ -287,6 +290,41 @@ def specialize_image_size(x: torch.Tensor) -> None:
     if torch.compiler.is_compiling() and torch.is_grad_enabled() and not exporting():
         operator.index(x.shape[-2])  # a SymInt's __index__ specializes it (dynamo guards on its value)
         operator.index(x.shape[-1])
+
+
+def _is_count(value, least: int) -> bool:
+    """Whether ``value`` is a whole number (not a switch) of at least ``least``."""
+    try:
+        return not isinstance(value, bool) and operator.index(value) >= least
+    except TypeError:
+        return False
+
+
+def _check_architecture(stages: dict, **settings) -> None:
+    """ArgumentValueError (one line naming the argument) for values no network is built from, before any layer is:
+    the per-stage lists (``layers``: block counts, may be 0; ``patch_sizes``, ``embed_dims``, ``hidden_sizes``:
+    positive integers; ``mlp_ratios``: positive numbers giving an MLP of at least one channel), ``in_chans`` and
+    ``num_rnn_layers`` (positive integers) and the drop rates (in [0, 1]). They ended in tracebacks from deep in the
+    build (``patch_sizes=(0, 2, 1)``: ZeroDivisionError in the weight init; ``layers=3``: TypeError) or in the first
+    forward (``mlp_ratios=(0, 3, 3)``; ``drop_path_rate=1.5`` at the first training step)."""
+    for name, values in stages.items():
+        if not isinstance(values, (list, tuple)):
+            raise ArgumentValueError(f"{name}={values!r}: give one entry per stage (a list or tuple)")
+    if len({len(values) for values in stages.values()}) != 1:
+        raise ArgumentValueError("layers, patch_sizes, embed_dims, hidden_sizes and mlp_ratios need one entry per stage")
+    for name, least in (("layers", 0), ("patch_sizes", 1), ("embed_dims", 1), ("hidden_sizes", 1)):
+        if not all(_is_count(v, least) for v in stages[name]):
+            raise ArgumentValueError(f"{name}={tuple(stages[name])!r}: each entry must be an integer >= {least}")
+    if not all(isinstance(r, numbers.Real) and not isinstance(r, bool) and _is_count(int(r * d), 1)
+               for r, d in zip(stages["mlp_ratios"], stages["embed_dims"])):
+        raise ArgumentValueError(f"mlp_ratios={tuple(stages['mlp_ratios'])!r}: each entry must be a positive number "
+                                 f"(the MLP's width is ratio x the stage's embed_dim, at least 1)")
+    for name, value in settings.items():
+        if name.endswith("_rate"):
+            if not (isinstance(value, numbers.Real) and not isinstance(value, bool) and 0 <= value <= 1):
+                raise ArgumentValueError(f"{name}={value!r}: must be a number in [0, 1]")
+        elif not _is_count(value, 1):
+            raise ArgumentValueError(f"{name}={value!r}: must be a positive integer")
 
 
 class Sequencer2d(nn.Module):
@@ -322,8 +360,10 @@ class Sequencer2d(nn.Module):
             lstm_backend: str | None = None,
     ):
         super().__init__()
-        if not len(layers) == len(patch_sizes) == len(embed_dims) == len(hidden_sizes) == len(mlp_ratios):
-            raise ArgumentValueError("layers, patch_sizes, embed_dims, hidden_sizes and mlp_ratios need one entry per stage")
+        _check_architecture(dict(layers=layers, patch_sizes=patch_sizes, embed_dims=embed_dims,
+                                 hidden_sizes=hidden_sizes, mlp_ratios=mlp_ratios),
+                            in_chans=in_chans, num_rnn_layers=num_rnn_layers, drop_rate=drop_rate,
+                            proj_drop_rate=proj_drop_rate, drop_path_rate=drop_path_rate)
         norm_layer = partial(nn.LayerNorm, eps=1e-6)
         self.num_classes = num_classes
         self.img_size = img_size
