@@ -145,6 +145,19 @@ def test_a_head_bias_of_another_length_than_its_weight_is_named(tmp_path, source
         load_model(str(tmp_path / "bias.pth"))
 
 
+def test_a_head_weight_of_another_width_than_the_features_is_named(tmp_path, source, tiny_kwargs):
+    """A file whose head has the model's class count but reads another number of features: the shape mismatch,
+    named (it said 'has a 5-class head but `num_classes` is 5', with the hint to set num_classes to 5)."""
+    from sequencer.engine.inference import load_model
+
+    state = dict(source[0].state_dict(), **{"head.fc.weight": torch.zeros(5, 7)})
+    torch.save({"arch": "sequencer2d_s", "model_kwargs": dict(tiny_kwargs, num_classes=5), "state_dict": state},
+               tmp_path / "wide.pth")
+    with pytest.raises(SequencerError, match=r"does not fit model 'sequencer2d_s': shape mismatch: head\.fc\.weight "
+                                             r"\(5, 7\) vs \(5, 32\)"):
+        load_model(str(tmp_path / "wide.pth"))
+
+
 def test_pretrained_weights_with_another_head_start_a_new_head_with_a_warning(tmp_path, source, tiny_kwargs):
     """timm's create_model(pretrained=True, num_classes=N, pretrained_cfg_overlay=dict(file=...)): the weights
     start a model with a fresh N-class head, said in a warning; the trunk is the file's."""

@@ -544,7 +544,8 @@ def load_state_dict_into(model: nn.Module, state_dict: dict[str, torch.Tensor], 
         missing -= set(_HEAD_KEYS)
     unexpected = set(state_dict) - set(own)
     wrong_shape = {k for k in set(own) & set(state_dict) if own[k].shape != state_dict[k].shape}
-    if wrong_shape and not missing and not unexpected and wrong_shape <= set(_HEAD_KEYS) and ckpt_head != model_head:
+    if (wrong_shape and not missing and not unexpected and wrong_shape <= set(_HEAD_KEYS)
+            and ckpt_head[0] != model_head[0]):  # another class count (a head of other in-features is named below)
         raise SequencerError(f"{source} has a {ckpt_head[0]}-class head but `num_classes` is {model_head[0]}",
                              hint=f"drop `num_classes` or set it to {ckpt_head[0]}; a new {model_head[0]}-class head "
                                   f"starts from its weights as pretrained weights (`sequencer train "
