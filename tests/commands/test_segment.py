@@ -344,8 +344,8 @@ def test_a_file_no_predict_wrote_is_not_replaced(tmp_path, capsys, existing):
     assert segment("predict", tmp_path / "images", "--checkpoint", tmp_path / "missing.pth.tar", "--overlay",
                    "--output", tmp_path / "truth") == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and f"{tmp_path}/truth/{existing} exists and is no mask or overlay written by `sequencer " \
-        "segment predict`; refusing to replace it" in err[0], err
+    assert len(err) == 1 and f"{tmp_path}/truth/{existing} exists and is not marked as written by `sequencer " \
+        "segment predict` (nor are its files from before 2026-12-07); refusing to replace it" in err[0], err
     assert (tmp_path / "truth" / existing).read_bytes() == before
     assert sorted(p.name for p in (tmp_path / "truth").iterdir()) == [existing]
 

@@ -446,8 +446,9 @@ def _check_only_predictions_replaced(files: list[Path], out: Path, overlay: bool
     (predicting VOC's JPEGImages/x.jpg into its SegmentationClass/ replaced the ground-truth x.png)."""
     for target in _outputs(files, out, overlay):
         if os.path.lexists(target) and not _written_by_predict(target):
-            raise SequencerError(f"{target} exists and is no mask or overlay written by `sequencer segment "
-                                 f"predict`; refusing to replace it", hint="pass another `output` folder")
+            raise SequencerError(f"{target} exists and is not marked as written by `sequencer segment predict` "
+                                 f"(nor are its files from before 2026-12-07); refusing to replace it",
+                                 hint="pass another `output` folder, or remove the file")
 
 
 def _check_no_image_replaced(files: list[Path], out: Path, overlay: bool) -> None:
