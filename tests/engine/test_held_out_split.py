@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import tarfile
 import warnings
 
@@ -335,3 +336,22 @@ def test_validate_warns_of_the_digits_training_split(tmp_path, caplog):
         said = [r.getMessage() for r in caplog.records if "training images" in r.getMessage()]
         assert said == (["split 'train' of digits is the split the checkpoint's run trained on: these are its "
                          "training images, not held-out ones"] if warned else []), said
+
+
+def test_training_on_the_split_a_named_dataset_evaluates_is_said(capsys, tmp_path, monkeypatch):
+    """--train-split test on torch/cifar10 (whose validation split is its test set; or --train-split val on the
+    digits) trained on the 8 test images it then evaluated as held-out, with no word: a folder's splits sharing
+    files are warned about. Now the same warning names what both read."""
+    import torchvision.datasets.cifar as cifar
+    from cifar_files import write_cifar10
+
+    from sequencer.data import create_dataset
+    monkeypatch.setattr(cifar, "check_integrity", lambda path, md5=None: os.path.isfile(path))  # hand-written files
+    root = write_cifar10(tmp_path / "cifar")
+    train, val = (create_dataset("torch/cifar10", root=str(root), split=s) for s in ("train", "validation"))
+    assert train.real_dirs and not train.real_dirs & val.real_dirs  # the usual run shares nothing
+    rc, out, err = _run(capsys, root, "--dataset", "torch/cifar10", "--train-split", "test", *TINY_RUN,
+                        "--epochs", "1", "-b", "4", "--output", tmp_path / "out")
+    assert rc == 0, err
+    assert (f"the training split and split 'validation' share files (both read {os.path.realpath(root)} (CIFAR10 "
+            f"train=False)): its top-1 is not held-out") in err

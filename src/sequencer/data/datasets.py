@@ -47,7 +47,9 @@ class ClassificationDataset(torch.utils.data.Dataset):
         self.skipped: set[str] = set()
         self.ignored_classes: list[str] = []  # class folders left out because the class map does not name them
         self.whole_root = False  # True when DATA has no split folders: every split is all of it (create_dataset)
-        self.real_dirs: set[str] = set()  # the real folders an image folder's files came from (shared-file checks)
+        # the real folders an image folder's files came from, or what a torchvision dataset or the digits read:
+        # two splits sharing one hold the same images (train_data's shared-file check)
+        self.real_dirs: set[str] = set()
 
     @property
     def num_classes(self) -> int:
@@ -240,6 +242,7 @@ class DigitsDataset(ClassificationDataset):
         super().__init__([str(i) for i in range(10)], description=f"digits/{canonical}",
                          augment_defaults=defaults, **kwargs)
         self.split = canonical
+        self.real_dirs = {f"digits/{canonical}"}
 
     def __len__(self):
         return len(self.targets)
@@ -308,8 +311,9 @@ def _create_torchvision(name: str, root: str | None, split: str, download: bool,
     cls = getattr(torchvision.datasets, cls_name)
     root = root or os.path.join(os.path.expanduser("~"), ".cache", "torchvision", key)
     before = set(os.listdir(root)) if os.path.isdir(root) else None
+    chosen = _torchvision_split(key, split, splits)
     try:
-        ds = cls(root=root, download=download, **_torchvision_split(key, split, splits))
+        ds = cls(root=root, download=download, **chosen)
     except RuntimeError as e:  # torchvision's "Dataset not found or corrupted", or a download failing its md5
         if download:
             _remove_what_the_download_left(root, before)
@@ -336,7 +340,10 @@ def _create_torchvision(name: str, root: str | None, split: str, download: bool,
     if not classes:
         targets = getattr(ds, "targets", None) or getattr(ds, "_labels", None) or getattr(ds, "labels", None)
         classes = [str(i) for i in range(int(max(targets)) + 1)]
-    return TorchvisionDataset(ds, list(classes), description=f"torch/{key}[{split}]", **kwargs)
+    dataset = TorchvisionDataset(ds, list(classes), description=f"torch/{key}[{split}]", **kwargs)
+    # what it reads: --train-split test and the default validation split are both CIFAR-10's train=False images
+    dataset.real_dirs = {f"{os.path.realpath(root)} ({cls_name} {', '.join(f'{k}={v}' for k, v in chosen.items())})"}
+    return dataset
 
 
 def _remove_what_the_download_left(root: str, before: set[str] | None) -> None:
