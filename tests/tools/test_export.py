@@ -20,7 +20,7 @@ from sequencer.versions import release
 
 from plain_sequencer import VARIANTS, PlainSequencer, randomized, tiny_variant_kwargs, variant_input
 
-from .conftest import TINY_ARCH, TINY_KWARGS, make_image, write_class_folders
+from .conftest import TINY_ARCH, TINY_KWARGS, make_image, tiny_model, write_class_folders
 
 
 def _model_args(checkpoint):
@@ -233,7 +233,7 @@ def test_int8_quantisation_leaves_the_root_logger_as_it_was(tmp_path, monkeypatc
 def test_int8_says_that_gru_layers_stay_float(tmp_path, caplog):
     """onnxruntime quantises LSTM layers only: a GRU ablation's int8 file keeps its GRUs float32. Before, its
     metadata said "float: head, stem" as for an LSTM model; now the metadata, the result and a logged note say it."""
-    model = create_model(TINY_ARCH, **TINY_KWARGS, rnn_type="gru").eval()
+    model = randomized(create_model(TINY_ARCH, **TINY_KWARGS, rnn_type="gru")).eval()
     with caplog.at_level(logging.WARNING, logger="sequencer"):
         result = export_onnx_int8(model, tmp_path / "m_int8.onnx", (3, 16, 16), settings=int8_settings("avx2"))
     int8 = OnnxModel(tmp_path / "m_int8.onnx")
@@ -252,8 +252,8 @@ def test_int8_keeps_convs_float_where_onnxruntime_has_no_int8_conv(tmp_path, mon
     import onnx
     import onnxruntime
 
-    model = create_model("sequencer2d_s", layers=(1, 1, 1, 1), embed_dims=(16, 32, 32, 32), hidden_sizes=(4, 8, 8, 8),
-                         num_classes=3).eval()
+    model = randomized(create_model("sequencer2d_s", layers=(1, 1, 1, 1), embed_dims=(16, 32, 32, 32),
+                                    hidden_sizes=(4, 8, 8, 8), num_classes=3)).eval()
     monkeypatch.setattr(onnxruntime, "__version__", "1.23.2")
     with caplog.at_level(logging.WARNING, logger="sequencer"):
         result = export_onnx_int8(model, tmp_path / "m_int8.onnx", (3, 28, 28), settings=int8_settings("avx2"))
@@ -499,3 +499,22 @@ def test_a_fixed_batch_export_runs_any_number_of_images(tiny_checkpoint, image_f
     assert main(["benchmark", "--onnx", str(exported), "--checkpoint", str(tiny_checkpoint), "-b", "6",
                  "--device", "cpu", "--memory-iter", "0"]) == 2
     assert "was exported for batches of exactly 4, not --batch-size 6" in capsys.readouterr().err
+
+
+def test_an_export_check_of_an_untrained_head_says_it_compares_nothing_before_it(tmp_path, caplog):
+    """A fresh model's head is all zeros, so every input's logits are 0 and any graph ending in that head matches
+    them: 'export --model NAME' said 'onnxruntime logits match PyTorch's float32 ones (relative error 0.0e+00)' and
+    nothing else. A warning now says what was compared; a model whose logits vary gets none."""
+    untrained = create_model(TINY_ARCH, **TINY_KWARGS)
+    with caplog.at_level(logging.WARNING, logger="sequencer"):
+        assert export_onnx(untrained, tmp_path / "u.onnx", (3, 32, 32), dynamic_batch=True) == 0.0
+        assert export_safetensors(untrained, tmp_path / "u.safetensors", dict(arch=TINY_ARCH, model_kwargs=TINY_KWARGS,
+                                  data_config=dict(img_size=32))) == 0.0
+    said = [r.getMessage() for r in caplog.records]
+    assert sum("the model gives every input the same logits (0; an untrained model's head is all zeros): the "
+               f"{name} check compares those, not the layers before the head" in m for m in said
+               for name in ("ONNX", "safetensors")) == 2, said
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="sequencer"):
+        export_onnx(tiny_model(), tmp_path / "t.onnx", (3, 32, 32), dynamic_batch=True)
+    assert not caplog.records

@@ -83,8 +83,18 @@ def _check_close(name: str, actual: torch.Tensor, reference: torch.Tensor, rtol:
 @torch.no_grad()
 def _worst_error(name: str, exported, model: nn.Module, inputs: list[torch.Tensor], rtol: float, path: Path) -> float:
     """The largest relative logit error of ``exported`` (a callable on an input batch) against ``model`` over
-    ``inputs``; SequencerError (:func:`_check_close`) at the first batch past ``rtol``."""
-    return max(_check_close(name, exported(x), model(x), rtol, path) for x in inputs)
+    ``inputs``; SequencerError (:func:`_check_close`) at the first batch past ``rtol``. A warning where the model
+    gives every image the same logits (an untrained model's all-zero head): any graph with that head matches them."""
+    worst, varied = 0.0, False
+    for x in inputs:
+        reference = model(x)
+        worst = max(worst, _check_close(name, exported(x), reference, rtol, path))
+        varied = varied or bool((reference != reference.flatten()[0]).any())
+    if not varied:
+        _logger.warning(f"warning: the model gives every input the same logits ({reference.flatten()[0].item():.3g}; "
+                        f"an untrained model's head is all zeros): the {name} check compares those, not the layers "
+                        f"before the head")
+    return worst
 
 
 @contextlib.contextmanager
@@ -298,7 +308,7 @@ def export_safetensors(model: nn.Module, path: str | os.PathLike, config: dict, 
             rebuilt = create_model(meta["arch"], **meta.get("model_kwargs", {})).eval()
         load_state_dict_into(rebuilt, {k: v for k, v in stored.items() if k != "__metadata__"}, source=str(path))
         with torch.no_grad():
-            errors.append(_check_close("safetensors", rebuilt(x), model(x), rtol, path))
+            errors.append(_worst_error("safetensors", rebuilt, model, [x], rtol, path))
 
     write_atomically(path, write)
     return errors[0]
