@@ -76,6 +76,16 @@ def test_an_img_size_that_is_not_a_positive_integer_is_refused_in_one_line(img_s
         "input_size"] == (3, 24, 24)  # an integer of another kind (numpy's) is one
 
 
+@pytest.mark.parametrize("in_chans", [0, -3, 2.5, True])
+def test_an_in_chans_that_is_not_a_positive_integer_is_refused_in_one_line(in_chans):
+    """create_model failed deep in torch's layers for in_chans 0 (ZeroDivisionError 'division by zero'), -3
+    ('Trying to create tensor with negative dimension -3') and 2.5 ('in_channels must be divisible by groups'), and
+    built a 1-channel stem for True."""
+    from sequencer.errors import ArgumentValueError
+    with pytest.raises(ArgumentValueError, match=rf"in_chans={in_chans}: must be a positive integer"):
+        sequencer.create_model("sequencer2d_nano", in_chans=in_chans)
+
+
 def test_grad_checkpointing_gives_identical_grads(tiny):
     tiny.train()  # dropout/drop path are 0: training mode is deterministic here
     x = torch.randn(2, 3, 28, 28)

@@ -187,6 +187,9 @@ def create_model(
     entry = get_model_entry(name)
     cfg = copy.deepcopy(entry.pretrained_cfg)
     cfg.update(pretrained_cfg_overlay or {})
+    # 0, -3, 2.5 or True failed deep in torch's layers (ZeroDivisionError, 'negative dimension', 'divisible by
+    # groups'), or built a 1-channel stem
+    in_chans = None if in_chans is None else checked_positive_int("in_chans", in_chans)
     overlay_chans, overlay_classes = _overlay_defaults(pretrained_cfg_overlay or {})
     local = cfg.get("file") if pretrained and not checkpoint_path and cfg.get("source") != "hf-hub" else None
     weights = _read_weights(checkpoint_path or local, use_ema, "pretrained weights" if local else "checkpoint")
