@@ -313,8 +313,16 @@ def test_missing_file_and_empty_checkpoint(tmp_path, tiny_kwargs):
 
 def test_extract_state_dict_strips_wrapper_prefixes():
     w = torch.zeros(1)
-    out = extract_state_dict({"state_dict": {"module.a": w, "_orig_mod.b": w, "module._orig_mod.c": w, "n": 1}})
-    assert sorted(out) == ["a", "b", "c"]
+    out = extract_state_dict({"state_dict": {"module.a": w, "_orig_mod.b": w, "module._orig_mod.c": w, "n": 1,
+                                             "_orig_mod.module.d": w}})  # torch.compile(DDP(model))'s: was module.d
+    assert sorted(out) == ["a", "b", "c", "d"]
+
+
+def test_the_weights_of_a_compiled_ddp_model_load(tmp_path, source, tiny_kwargs):
+    """torch.compile(DDP(model)).state_dict() (keys `_orig_mod.module.<key>`) was refused as the weights of a module
+    holding the model under 'module.'; they load as the model."""
+    torch.save({f"_orig_mod.module.{k}": v for k, v in source[0].state_dict().items()}, tmp_path / "compiled_ddp.pth")
+    _assert_same_logits(_load(tmp_path / "compiled_ddp.pth", tiny_kwargs), source)
 
 
 def test_checkpoint_without_head_keeps_the_models_head(tmp_path, source, tiny_kwargs):

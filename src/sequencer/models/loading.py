@@ -228,9 +228,10 @@ def extract_state_dict(checkpoint: dict, use_ema: bool | None = None) -> dict[st
     for k, v in checkpoint.items():
         if not isinstance(v, torch.Tensor):
             continue
-        for prefix in ("module.", "_orig_mod."):  # DDP and torch.compile wrappers
-            if k.startswith(prefix):
-                k = k[len(prefix):]
+        # DDP's and torch.compile's wrappers, in either order: torch.compile(DDP(model)), the order torch's DDP
+        # documentation compiles in, saves `_orig_mod.module.<key>`
+        while k.startswith(("module.", "_orig_mod.")):
+            k = k.split(".", 1)[1]
         state[k] = v
     return state
 
