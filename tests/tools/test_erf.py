@@ -136,3 +136,8 @@ def test_erf_errors(tmp_path, tiny_checkpoint, image_folder, capsys):
     assert main(["erf", str(image_folder), "-o", str(tmp_path / "e.png")]) == 2
     assert "no model given" in capsys.readouterr().err
     assert not list(tmp_path.glob("e.*"))
+    # the raw map's name a folder: refused before the work (it computed every gradient, wrote e.png, then failed)
+    (tmp_path / "e.npy").mkdir()
+    assert main(["erf", str(image_folder), "-o", str(tmp_path / "e.png"), *ck]) == 2
+    assert f"its raw map would be {str(tmp_path / 'e.npy')!r}, which is a folder" in capsys.readouterr().err
+    assert not (tmp_path / "e.png").exists()

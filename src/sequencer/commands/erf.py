@@ -47,6 +47,10 @@ def run(args: argparse.Namespace) -> int:
     if output.suffix.lower() != ".png":
         raise SequencerError(f"--output {args.output!r} must be a .png file")
     check_output_file("--output", args.output, example="erf.png")
+    npy = output.with_suffix(".npy")  # the raw map's file, written beside the picture
+    if npy.is_dir():
+        raise SequencerError(f"--output {args.output!r}: its raw map would be {str(npy)!r}, which is a folder",
+                             hint="choose another --output name")
     files = find_images([args.data])
     check_not_an_input("--output", output, files, "one of the images it reads")
     from ..engine.inference import check_input_size, resolve_device
@@ -75,7 +79,6 @@ def run(args: argparse.Namespace) -> int:
     titles = ["final features" if final else f"stage {s + 1}" for s in stages]
     size = "x".join(map(str, loaded.input_size[1:]))
     plot_erf(maps, titles, output, f"ERF ({args.mode}) of {loaded.name} at {size} px, {count} images", args.mode)
-    npy = output.with_suffix(".npy")
     save_raw_maps(npy, maps)
     for title, m in zip(titles, maps):
         ratios = area_ratios(m)
