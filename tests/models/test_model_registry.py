@@ -32,6 +32,13 @@ def test_list_models_pattern_and_pretrained_filter():
     assert "sequencer2d_s_add" not in with_weights
 
 
+@pytest.mark.parametrize("pattern", [5, None, ["sequencer2d*"]])
+def test_list_models_refuses_a_pattern_that_is_not_text_in_one_line(pattern):
+    """It failed in fnmatch with TypeError 'expected str, bytes or os.PathLike object, not int'."""
+    with pytest.raises(SequencerError, match=r"list_models: `pattern=.*` is not text"):
+        sequencer.list_models(pattern)
+
+
 def test_unknown_name_suggests_close_names():
     with pytest.raises(SequencerError, match="unknown model 'sequencer2d_ss'") as e:
         sequencer.create_model("sequencer2d_ss")

@@ -52,6 +52,9 @@ def has_pretrained_weights(pretrained_cfg: dict) -> bool:
 
 def list_models(pattern: str = "*", pretrained: bool = False) -> list[str]:
     """Sorted registered names matching the shell-style ``pattern``; ``pretrained`` keeps those with weights."""
+    if not isinstance(pattern, str):  # fnmatch's TypeError 'expected str, bytes or os.PathLike object, not int'
+        raise SequencerError(f"list_models: `pattern={pattern!r}` is not text",
+                             hint="a shell-style pattern, e.g. 'sequencer2d*'")
     return sorted(n for n, e in _REGISTRY.items()
                   if fnmatch.fnmatch(n, pattern) and (not pretrained or has_pretrained_weights(e.pretrained_cfg)))
 
