@@ -139,6 +139,29 @@ def test_fp32_kernels_match_float64(device, kernel, n, t, hidden, bidirectional)
 
 
 @pytest.mark.parametrize("device", DEVICES)
+def test_sequences_over_several_programs(device, kernel, monkeypatch):
+    """More sequences than one program's BLOCK_N, the last block partial, through the mixer's strided column view
+    (sequence s of image b read at b * stride + s * stride): output and every gradient against float64. Every other
+    test here fits its sequences in one program (the interpreter's block grows to 128 sequences, a GPU's is 32), so a
+    kernel that read or wrote the wrong sequences in every program but the first passed them all."""
+    monkeypatch.setattr(triton_lstm_config, "INTERPRETER_BLOCK_N", 16)  # a GPU's is the table's 32
+    torch.manual_seed(0)
+    exact = RNN2d(8, 12, union="vertical", lstm_backend="native").double()  # the columns alone: the strided view
+    fused = RNN2d(8, 12, union="vertical", lstm_backend="triton").to(device)
+    fused.load_state_dict(exact.state_dict())
+    x = torch.randn(5, 3, 14, 8, dtype=torch.float64)  # columns: 5 * 14 = 70 sequences of 3 steps (16*4+6, 32*2+6)
+    results = []
+    for module, xi in ((exact, x), (fused, x.float().to(device))):
+        xi = xi.clone().requires_grad_()
+        out = module(xi)
+        out.square().sum().backward()
+        results.append([out, xi.grad] + [p.grad for p in module.parameters()])
+    names = ["output", "grad input"] + [n for n, _ in exact.named_parameters()]
+    for name, got, want in zip(names, *reversed(results), strict=True):
+        assert rel_err(got.cpu(), want) < 1e-5, name
+
+
+@pytest.mark.parametrize("device", DEVICES)
 def test_bf16_error_no_worse_than_native(device, kernel):
     """bf16 on both backends, each measured against the fp64 nn.LSTM; the fused one may not be less accurate."""
     lstm, x, grad = lstm_case(9, 12, 16, 32, True, 1, device)
