@@ -50,6 +50,16 @@ def test_release_layout_round_trip(tiny_kwargs, randomize):
     _assert_same_state(sequencer.models.checkpoint_filter_fn(release), model.state_dict())
 
 
+def test_release_layout_round_trip_of_a_stage_without_blocks(randomize):
+    """layers=(1, 0, 1): the downsample into stage 2 is the only entry of stage 1 (to_release_layout raised
+    KeyError: 1)."""
+    model = randomize(sequencer.create_model("sequencer2d_nano", layers=(1, 0, 1), num_classes=5))
+    release = to_release_layout(model.state_dict())
+    assert "blocks.0.1.down.weight" in release and "blocks.1.0.down.weight" in release
+    _assert_same_state(timm_release_filter(dict(release), model), model.state_dict())
+    _assert_same_state(sequencer.models.checkpoint_filter_fn(release), model.state_dict())
+
+
 def _assert_same_state(got: dict, expected: dict) -> None:
     assert got.keys() == expected.keys()
     assert all(torch.equal(got[k], v) for k, v in expected.items())

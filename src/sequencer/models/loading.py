@@ -447,7 +447,7 @@ def to_release_layout(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Te
         m = re.match(r"stages\.(\d+)\.downsample\.(.*)", k)
         if m:
             s = int(m.group(1))
-            k = f"blocks.{s - 1}.{depth[s - 1]}.{m.group(2)}"
+            k = f"blocks.{s - 1}.{depth.get(s - 1, 0)}.{m.group(2)}"  # a stage without blocks: index 0
         else:
             k = re.sub(r"^stages\.(\d+)\.blocks\.", r"blocks.\1.", k)
             k = re.sub(r"^head\.fc\.", "head.", k)
