@@ -176,6 +176,21 @@ def test_robustness_errors(tmp_path, tiny_checkpoint, imagenet_c, capsys):
     assert not (tmp_path / "r.json").exists()
 
 
+def test_an_empty_severity_folder_is_refused_before_anything_is_evaluated(tmp_path, tiny_checkpoint, imagenet_c,
+                                                                          capsys):
+    # it was found when fog's turn came, after gaussian_noise had been evaluated (hours, on ImageNet-C)
+    data = tmp_path / "imagenet_c"
+    shutil.copytree(imagenet_c, data)
+    for image in (data / "fog" / "2").rglob("*.png"):
+        image.unlink()
+    results = tmp_path / "r.json"
+    code = main(["robustness", str(data), "--corruptions", "gaussian_noise", "fog", "--checkpoint",
+                 str(tiny_checkpoint), "--results-file", str(results)])
+    out, err = capsys.readouterr()
+    assert code == 2 and f"no images found in {str(data / 'fog' / '2')!r}" in err and "Traceback" not in err
+    assert "gaussian_noise: error" not in out + err and not results.exists()
+
+
 def test_corrupted_images_are_resized_not_cropped(tmp_path, colour_checkpoint, monkeypatch):
     """A probe whose 4 px red border a 0.875 crop would cut reaches the model whole, resized to 32 px."""
     pixels = np.full((40, 40, 3), 128, np.uint8)

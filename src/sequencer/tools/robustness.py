@@ -24,7 +24,7 @@ import logging
 import warnings
 from pathlib import Path
 
-from ..data.class_folders import is_hidden
+from ..data.class_folders import is_hidden, walk_images
 from ..data.loader_workers import workers_stopped_on_exit
 from ..engine.evaluate import evaluate
 from ..engine.inference import LoadedModel, eval_loader, split_to_evaluate
@@ -179,6 +179,17 @@ def select_corruptions(found: dict[str, Path], requested: list[str] | None, root
     return standard
 
 
+def _check_every_severity_holds_images(corruptions: dict[str, Path]) -> None:
+    """SequencerError naming the first severity folder without an image, before anything is evaluated: it was
+    found only when its turn came, after every corruption before it (hours, on ImageNet-C)."""
+    for folder in corruptions.values():
+        for severity in SEVERITIES:
+            if (folder / severity).is_dir() and next(walk_images(str(folder / severity)), None) is None:
+                raise SequencerError(f"no images found in {str(folder / severity)!r}",
+                                     hint="every severity folder holds CLASS/IMAGE files; remove an empty one to "
+                                          "evaluate the severities present")
+
+
 @workers_stopped_on_exit()
 def mean_corruption_error(loaded: LoadedModel, corruptions: dict[str, Path], batch_size: int = 64, workers: int = 0,
                           device="cpu", clean: str | None = None, clean_split: str | None = None) -> dict:
@@ -194,6 +205,7 @@ def mean_corruption_error(loaded: LoadedModel, corruptions: dict[str, Path], bat
             raise SequencerError(f"no readable images in {folder!r}")
         return 1.0 - metrics["top1"] / 100.0
 
+    _check_every_severity_holds_images(corruptions)
     clean_error = None
     if clean:
         # clean images: the model's own preprocessing
