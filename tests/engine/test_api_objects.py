@@ -342,6 +342,18 @@ def test_image_tensors_of_another_dtype_than_float32_are_refused_in_one_line(dty
     assert list(tmp_path.iterdir()) == []
 
 
+def test_a_label_outside_the_datasets_classes_is_refused_in_one_line_naming_the_item(tmp_path):
+    """A Dataset whose ``classes`` name 2 classes but whose labels reach 2: one line naming the Dataset, the item and
+    the label (it was torch's "IndexError: Target 2 is out of bounds." from the loss in validate, and in train
+    "index 3 is out of bounds for dimension 1 with size 2")."""
+    blobs = Blobs(16, 1)
+    blobs.labels[5] = 2
+    with pytest.raises(SequencerError, match=r"Blobs: item 5 has label 2, outside its 2 classes \['dark', 'light'\]"):
+        sequencer.validate(model=tiny_net(), data=blobs, progress=False)
+    with pytest.raises(SequencerError, match=r"Blobs \(train\): item 5 has label 2, outside its 2 classes"):
+        sequencer.train(model=tiny_net(), data=(blobs, Blobs(16, 1)), **QUICK, output=str(tmp_path), progress=False)
+
+
 # ------------------------------------------------------------------------------------------------ Ctrl-C
 class InterruptedAt(Blobs):
     """Sends ``signum`` to this process when item ``at`` is read the ``times``-th time (inside an epoch)."""

@@ -22,6 +22,7 @@ class UserDataset(ClassificationDataset):
         super().__init__(class_names, description)
         self.dataset = dataset
         self.tensors = tensors
+        self.labels = list(self.class_names)  # what its own labels index (class_names may be remapped to a model's)
 
     def __len__(self) -> int:
         return len(self.dataset)
@@ -34,6 +35,10 @@ class UserDataset(ClassificationDataset):
         if not isinstance(image, torch.Tensor) and self.transform is not None:
             image = self.transform(image)
         target = int(target)
+        if not 0 <= target < len(self.labels):  # torch's 'Target 2 is out of bounds.' from the loss, else
+            raise SequencerError(f"{self.description}: item {index} has label {target}, outside its "
+                                 f"{len(self.labels)} classes {self.labels[:4]}",
+                                 hint="labels are indices into the Dataset's `classes`")
         if self.target_transform is not None:
             target = self.target_transform(target)
         return image, target
