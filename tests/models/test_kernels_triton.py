@@ -86,13 +86,17 @@ def lstm_case(n, t, c, hidden, bidirectional, num_layers, device, seed=0):
 def run(lstm, x, grad, backend, dtype=torch.float32):
     """Output, dL/dx and dL/dparams (in nn.LSTM's parameter order) of ``lstm`` on ``backend``, in ``dtype``. ``x``
     is the caller's: a leaf of its own here (``x.to(dtype)`` is ``x`` itself when the dtype is the same, and two runs
-    on one ``x`` then returned one ``x.grad``, both runs' sum, so that dL/dx was compared with itself)."""
+    on one ``x`` then returned one ``x.grad``, both runs' sum, so that dL/dx was compared with itself). With ``grad``
+    None: the output alone, computed without autograd (inference, where the kernels save nothing for backward)."""
     layer = recurrence.LSTM(lstm.input_size, lstm.hidden_size, lstm.num_layers, batch_first=True,
                             bidirectional=lstm.bidirectional).to(x.device)
     layer.load_state_dict(lstm.state_dict())
     layer.to(dtype)
-    x = x.detach().to(dtype).requires_grad_()
-    out = recurrence.run_rnn(layer, x, backend)
+    x = x.detach().to(dtype).requires_grad_(grad is not None)
+    with torch.set_grad_enabled(grad is not None):
+        out = recurrence.run_rnn(layer, x, backend)
+    if grad is None:
+        return [out]
     out.backward(grad.to(dtype))
     return [out, x.grad] + [p.grad for p in layer.parameters()]
 
@@ -125,15 +129,17 @@ def test_fp32_matches_nn_lstm(device, n, t, c, hidden, bidirectional, num_layers
     (3, 3, 192, True),   # the 2x-hidden ablation: three 64-wide tiles (too big to hold on any chip)
 ])
 def test_fp32_kernels_match_float64(device, kernel, n, t, hidden, bidirectional):
-    """Each kernel pair at Sequencer's hidden sizes and odd ones, output and every gradient, against nn.LSTM in
-    float64: fp32 rounding only."""
+    """Each kernel pair at Sequencer's hidden sizes and odd ones, output and every gradient, and the output of
+    inference (nothing saved: the tiled kernel keeps c in two state slots, used in turn), against nn.LSTM in float64:
+    fp32 rounding only."""
     if kernel == "held" and hidden > 128:
         pytest.skip("hidden over 128 is only ever tiled")
     lstm, x, grad = lstm_case(n, t, 6, hidden, bidirectional, 1, device)
     exact = run(lstm.double(), x.double(), grad.double(), "native", torch.float64)
-    got = run(lstm.float(), x, grad, "triton")
-    names = ["output", "grad input"] + [f"grad {n}" for n, _ in lstm.named_parameters()]
-    for name, a, b in zip(names, got, exact):
+    got = run(lstm.float(), x, grad, "triton") + run(lstm.float(), x, None, "triton")
+    exact.append(exact[0])
+    names = ["output", "grad input"] + [f"grad {n}" for n, _ in lstm.named_parameters()] + ["output, inference"]
+    for name, a, b in zip(names, got, exact, strict=True):
         assert a.dtype == torch.float32
         assert rel_err(a, b) < 1e-5, name
 
