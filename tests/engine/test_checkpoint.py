@@ -245,8 +245,9 @@ def test_a_resume_from_an_earlier_checkpoint_makes_model_best_its_best_epoch_aga
             release_claim(state)
         return out.manager, state.start_warnings
 
-    best, notes = resume_from(2)
-    assert (best.best_epoch, best.best_metric, read_checkpoint(folder / ck.BEST)["epoch"], notes) == (1, 60.0, 1, [])
+    best, notes = resume_from(2)  # its one note: checkpoint-3 set aside (the test below)
+    assert (best.best_epoch, best.best_metric, read_checkpoint(folder / ck.BEST)["epoch"]) == (1, 60.0, 1)
+    assert len(notes) == 1
     (folder / "checkpoint-1.pth.tar").unlink()
     ck.atomic_save({"epoch": 3, "epoch_complete": True, "state_dict": {}}, folder / ck.BEST)
     best, notes = resume_from(2)
@@ -254,3 +255,44 @@ def test_a_resume_from_an_earlier_checkpoint_makes_model_best_its_best_epoch_aga
     assert notes == [f"model_best.pth.tar held epoch 3, which this resume from {folder / 'checkpoint-2.pth.tar'} "
                      f"trains again, and no file holds the best epoch before it (1): the best is picked again from "
                      f"the resumed epoch on"]
+
+
+def test_a_resume_from_an_earlier_checkpoint_sets_the_abandoned_epochs_checkpoints_aside(tmp_path):
+    """A resume from checkpoint-<N> of a run that went past N left the later epochs' checkpoint-<E>.pth.tar under
+    their names: where the resumed run wrote no epoch E of its own (a diverged epoch here, one not good enough for
+    the history, or a shorter run: a real `--epochs 3` resume from checkpoint-1 left checkpoint-3 of the first run,
+    loss 0.8208, beside its own checkpoint-1 and -2), `checkpoint average checkpoint-*.pth.tar` mixed both runs.
+    They are renamed abandoned-checkpoint-<E>.pth.tar (never over an earlier one), with a note."""
+    from sequencer.engine.config import RunState, TrainConfig
+    from sequencer.engine.distributed import DistInfo
+    from sequencer.engine.outputs import prepare_outputs, release_claim
+
+    folder = tmp_path / "e"
+    folder.mkdir()
+    manager = ck.CheckpointManager(folder, max_history=3)
+    for epoch, top1 in enumerate([50.0, 60.0, 55.0, 70.0]):
+        manager.save_epoch({"epoch": epoch, "epoch_complete": True, "state_dict": {}}, epoch, top1)
+    ck.atomic_save({"epoch": 3, "older": True}, folder / "abandoned-checkpoint-3.pth.tar")  # an earlier resume's
+    state, path = RunState(), folder / "checkpoint-1.pth.tar"
+    cfg = TrainConfig(output=str(tmp_path), experiment="e", model="sequencer2d_nano", checkpoint_hist=3)
+    try:
+        out = prepare_outputs(cfg, state, DistInfo(False, 0, 0, 1, torch.device("cpu")), str(path),
+                              read_checkpoint(path), 2, 16)
+    finally:
+        release_claim(state)
+    out.manager.save_epoch({"epoch": 2, "epoch_complete": True, "state_dict": {}, "resumed": True}, 2, 58.0)
+    out.manager.save_epoch({"epoch": 3, "epoch_complete": True, "state_dict": {}, "resumed": True}, 3, float("nan"))
+
+    def epochs(pattern: str) -> dict[str, tuple]:
+        return {f.name: (read_checkpoint(f)["epoch"], read_checkpoint(f).get("resumed", False))
+                for f in sorted(folder.glob(pattern))}
+
+    assert epochs("checkpoint-*.pth.tar") == {"checkpoint-1.pth.tar": (1, False), "checkpoint-2.pth.tar": (2, True)}
+    assert epochs("abandoned-*") == {"abandoned-checkpoint-2.pth.tar": (2, False),
+                                     "abandoned-checkpoint-3.1.pth.tar": (3, False),
+                                     "abandoned-checkpoint-3.pth.tar": (3, False)}
+    assert read_checkpoint(folder / "abandoned-checkpoint-3.pth.tar")["older"]
+    assert state.start_warnings == [
+        f"this resume from {path} trains the epochs from 2 on again: renamed the earlier run's checkpoint-2.pth.tar "
+        f"to abandoned-checkpoint-2.pth.tar, checkpoint-3.pth.tar to abandoned-checkpoint-3.1.pth.tar, so that no "
+        f"checkpoint-<E>.pth.tar mixes them with this run's epochs"]

@@ -9,6 +9,7 @@ Files in an experiment folder (as timm's ``CheckpointSaver`` names them):
   ``model_best.pth.tar``      the epoch with the best ``--eval-metric`` so far (none without a held-out split)
   ``checkpoint-<E>.pth.tar``  the best ``--checkpoint-hist`` epochs (the latest, without a held-out split)
   ``recovery.pth.tar``        written on SIGTERM/SIGINT in the middle of an epoch (removed once the epoch ends)
+  ``abandoned-checkpoint-<E>.pth.tar``  epochs a resume from an earlier epoch trains again (the earlier trajectory's)
 
 Checkpoint dict (contract shared with validate/predict/...; every value is ``weights_only``-loadable):
 ``version, arch, model_kwargs, class_names, data_config, data, state_dict, [state_dict_ema], optimizer,
@@ -25,6 +26,7 @@ from __future__ import annotations
 import errno
 import os
 import random
+import re
 import warnings
 from pathlib import Path
 
@@ -171,6 +173,28 @@ class CheckpointManager:
                 f"the best epoch before it ({self.best_epoch}): the best is picked again from the resumed epoch on")
         self.best_metric, self.best_epoch = None, None
         return note
+
+    def set_aside_abandoned(self, start_epoch: int) -> list[tuple[Path, Path]]:
+        """After a resume at ``start_epoch`` (rank 0): rename the ``checkpoint-<E>.pth.tar`` of epochs from
+        ``start_epoch`` on, the run's abandoned epochs, to ``abandoned-checkpoint-<E>.pth.tar`` (``.<k>`` added where
+        that name is taken). Left under their names they passed for this run's epochs wherever it did not write
+        its own (an epoch the history did not keep, one it has not reached, a shorter run), so ``checkpoint
+        average checkpoint-*.pth.tar`` mixed two runs' weights. Renamed, not deleted: they are the user's. Returns
+        the (old, new) names."""
+        moved = []
+        for path in sorted(self.folder.glob("checkpoint-*.pth.tar")):
+            match = re.fullmatch(r"checkpoint-(\d+)\.pth\.tar", path.name)
+            if match is None or int(match.group(1)) < start_epoch:
+                continue
+            aside, k = self.folder / f"abandoned-{path.name}", 0
+            while aside.exists():
+                k += 1
+                aside = self.folder / f"abandoned-checkpoint-{match.group(1)}.{k}.pth.tar"
+            os.rename(path, aside)
+            moved.append((path, aside))
+        if moved:
+            fsync_dir(self.folder)
+        return moved
 
     def restart_best(self, write: bool = True) -> Path | None:
         """Forget the best metric and the history's ranking: the epochs so far were measured on another evaluation

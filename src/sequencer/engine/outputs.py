@@ -71,6 +71,12 @@ def prepare_outputs(cfg, state, info: dist_utils.DistInfo, resume_path: str | No
         abandoned = manager.best_of_the_epochs_kept(Path(resume_path)) if info.is_primary else None
         if abandoned:
             state.start_warnings.append(abandoned)
+        moved = manager.set_aside_abandoned(start_epoch) if info.is_primary else []
+        if moved:
+            state.start_warnings.append(
+                f"this resume from {resume_path} trains the epochs from {start_epoch} on again: renamed the earlier "
+                f"run's {', '.join(f'{old.name} to {new.name}' for old, new in moved)}, so that no "
+                f"checkpoint-<E>.pth.tar mixes them with this run's epochs")
         if evaluation_change and start_epoch > 0:  # epochs were evaluated the other way
             state.start_warnings.append(_best_restarted(cfg, info, manager, resume_path, start_epoch,
                                                         evaluation_change))
