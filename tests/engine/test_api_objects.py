@@ -354,6 +354,16 @@ def test_a_label_outside_the_datasets_classes_is_refused_in_one_line_naming_the_
         sequencer.train(model=tiny_net(), data=(blobs, Blobs(16, 1)), **QUICK, output=str(tmp_path), progress=False)
 
 
+def test_a_module_with_fewer_outputs_than_the_datas_classes_is_refused_by_validate_in_one_line():
+    """A module without ``num_classes`` (nothing to check before its first batch) giving 2 logits for Blobs of 3
+    classes: one line naming both counts (it was torch's "IndexError: Target 2 is out of bounds." from the loss; a
+    module with ``num_classes`` is refused so before its first batch)."""
+    blobs = Blobs(16, 1, classes=("dark", "light", "grey"))
+    blobs.labels[5] = 2
+    with pytest.raises(SequencerError, match=r"the model gives 2 logits per image, but the data has 3 classes"):
+        sequencer.validate(model=tiny_net(), data=blobs, progress=False)
+
+
 # ------------------------------------------------------------------------------------------------ Ctrl-C
 class InterruptedAt(Blobs):
     """Sends ``signum`` to this process when item ``at`` is read the ``times``-th time (inside an epoch)."""

@@ -8,9 +8,19 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..errors import SequencerError
 from .amp import autocast, autocast_dtype
 
 _logger = logging.getLogger(__name__)
+
+
+def _class_count(loader) -> int | None:
+    """The classes the loader's labels index (its dataset's ``class_names``), None where it does not say. A module
+    without ``num_classes`` and fewer outputs than that failed in the loss: 'IndexError: Target 2 is out of
+    bounds.'"""
+    dataset = getattr(loader, "dataset", None)  # a loader, or any iterable of batches
+    names = getattr(getattr(dataset, "dataset", dataset), "class_names", None)
+    return len(names) if isinstance(names, (list, tuple)) else None
 
 
 @torch.inference_mode()
@@ -32,6 +42,7 @@ def evaluate(model: nn.Module, loader, device: torch.device | str, amp_dtype: to
     amp_dtype = autocast_dtype(amp_dtype, device)
     model.eval()
     sums = torch.zeros(5, dtype=torch.float64, device=device)  # loss, top1 hits, top5 hits, count, non-finite
+    classes = _class_count(loader)
     start = time.perf_counter()
     for images, targets in loader:
         images = images.to(device, non_blocking=True)
@@ -39,6 +50,9 @@ def evaluate(model: nn.Module, loader, device: torch.device | str, amp_dtype: to
         with autocast(device.type, amp_dtype):
             logits = model(images)
         logits = logits.float()
+        if classes is not None and logits.shape[-1] < classes:
+            raise SequencerError(f"the model gives {logits.shape[-1]} logits per image, but the data has {classes} "
+                                 f"classes", hint=f"give the model a head of {classes} outputs")
         k = min(5, logits.shape[-1])
         top = logits.topk(k, dim=-1).indices
         hits = top.eq(targets[:, None])
