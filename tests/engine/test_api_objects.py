@@ -354,6 +354,15 @@ def test_a_label_outside_the_datasets_classes_is_refused_in_one_line_naming_the_
         sequencer.train(model=tiny_net(), data=(blobs, Blobs(16, 1)), **QUICK, output=str(tmp_path), progress=False)
 
 
+def test_a_module_with_fewer_outputs_than_the_datas_classes_is_refused_by_train_at_its_first_step(tmp_path):
+    """As validate (below): train's first step failed with torch's 'index 2 is out of bounds for dimension 1 with
+    size 2' from the loss."""
+    blobs = Blobs(16, 1, classes=("dark", "light", "grey"))
+    blobs.labels[:] = torch.arange(16) % 3
+    with pytest.raises(SequencerError, match=r"the model gives 2 logits per image, but the data has 3 classes"):
+        sequencer.train(model=tiny_net(), data=(blobs, blobs), **QUICK, output=str(tmp_path), progress=False)
+
+
 def test_a_module_with_fewer_outputs_than_the_datas_classes_is_refused_by_validate_in_one_line():
     """A module without ``num_classes`` (nothing to check before its first batch) giving 2 logits for Blobs of 3
     classes: one line naming both counts (it was torch's "IndexError: Target 2 is out of bounds." from the loss; a

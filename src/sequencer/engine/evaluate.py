@@ -14,13 +14,20 @@ from .amp import autocast, autocast_dtype
 _logger = logging.getLogger(__name__)
 
 
-def _class_count(loader) -> int | None:
-    """The classes the loader's labels index (its dataset's ``class_names``), None where it does not say. A module
-    without ``num_classes`` and fewer outputs than that failed in the loss: 'IndexError: Target 2 is out of
-    bounds.'"""
+def class_count(loader) -> int | None:
+    """The classes the loader's labels index (its dataset's ``class_names``), None where it does not say."""
     dataset = getattr(loader, "dataset", None)  # a loader, or any iterable of batches
     names = getattr(getattr(dataset, "dataset", dataset), "class_names", None)
     return len(names) if isinstance(names, (list, tuple)) else None
+
+
+def check_head_covers(logits: torch.Tensor, classes: int | None) -> None:
+    """SequencerError where a batch's ``logits`` have fewer columns than the data's ``classes`` (a module without
+    ``num_classes``, which nothing checks before its first batch): the loss failed in torch ('IndexError: Target 2
+    is out of bounds.' evaluating, 'index 3 is out of bounds for dimension 1 with size 2' training)."""
+    if classes is not None and logits.shape[-1] < classes:
+        raise SequencerError(f"the model gives {logits.shape[-1]} logits per image, but the data has {classes} "
+                             f"classes", hint=f"give the model a head of {classes} outputs")
 
 
 @torch.inference_mode()
@@ -42,7 +49,7 @@ def evaluate(model: nn.Module, loader, device: torch.device | str, amp_dtype: to
     amp_dtype = autocast_dtype(amp_dtype, device)
     model.eval()
     sums = torch.zeros(5, dtype=torch.float64, device=device)  # loss, top1 hits, top5 hits, count, non-finite
-    classes = _class_count(loader)
+    classes = class_count(loader)
     start = time.perf_counter()
     for images, targets in loader:
         images = images.to(device, non_blocking=True)
@@ -50,9 +57,7 @@ def evaluate(model: nn.Module, loader, device: torch.device | str, amp_dtype: to
         with autocast(device.type, amp_dtype):
             logits = model(images)
         logits = logits.float()
-        if classes is not None and logits.shape[-1] < classes:
-            raise SequencerError(f"the model gives {logits.shape[-1]} logits per image, but the data has {classes} "
-                                 f"classes", hint=f"give the model a head of {classes} outputs")
+        check_head_covers(logits, classes)
         k = min(5, logits.shape[-1])
         top = logits.topk(k, dim=-1).indices
         hits = top.eq(targets[:, None])

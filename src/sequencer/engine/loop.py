@@ -23,6 +23,7 @@ from .amp import autocast, dtype_name
 from .checkpoint import CHECKPOINT_VERSION, get_rng_state
 from .config import RunState, TrainConfig
 from .data_record import evaluated_data, evaluated_weights
+from .evaluate import check_head_covers, class_count
 from .guest import warn
 from .outputs import Outputs, plain, plot_summary, plural, run_args, write_summary
 from .stop_request import StopRequest
@@ -170,7 +171,9 @@ def _prepare_batch(run: TrainingRun, images: torch.Tensor, targets: torch.Tensor
 
 def _forward(run: TrainingRun, images: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     with autocast(run.info.device.type, run.opt.amp_dtype):
-        return run.opt.loss_fn(run.train_model(images), targets)
+        logits = run.train_model(images)
+        check_head_covers(logits, class_count(run.loaders.train))
+        return run.opt.loss_fn(logits, targets)
 
 
 def must_stop(run, stop: StopRequest, loss_value: float, epoch: int, step: int, last: bool = False) -> bool:
