@@ -20,12 +20,12 @@ def test_a_rank_without_callbacks_still_takes_part_in_their_agreement(monkeypatc
 
     def all_reduce_max(values, info):
         reduced.append(list(values))
-        return [1.0]  # rank 0's callback returned True
+        return [1.0, 0.0]  # rank 0's callback returned True; no rank's raised
 
     monkeypatch.setattr(dist_utils, "all_reduce_max", all_reduce_max)
     rank_1 = SimpleNamespace(info=dist_utils.DistInfo(True, 1, 1, 2), state=RunState(callbacks=[]))
     assert callbacks_ask_to_stop(rank_1, {"epoch": 0}) is True
-    assert reduced == [[0.0]]
+    assert reduced == [[0.0, 0.0]]
 
 
 def _as_rank_1_of_2(monkeypatch, rank_0_has):
