@@ -159,6 +159,14 @@ def test_bad_flag_values_fail_cleanly(flags, culprit, capsys, tmp_path):
     assert err.startswith("sequencer train: error:") and culprit in err and "Traceback" not in err
 
 
+@pytest.mark.parametrize("minmax", [(0.0, 1.0), (0.2, 0.6)])
+def test_cutmix_minmax_timm_draws_from_passes_the_checks(minmax):
+    """A box side from 0 (timm's numpy randint draws from it; the check refused 0.0 1.0 as 'needs 0 < MIN')."""
+    from sequencer.engine.config import RunState, TrainConfig
+    from sequencer.engine.config_checks import check_config
+    assert check_config(TrainConfig(data="x", cutmix_minmax=minmax, batch_size=2), RunState()).cutmix_minmax == minmax
+
+
 def test_user_errors_name_the_culprit(image_folder, tmp_path, capsys):
     (tmp_path / "file").write_text("x")
     cases = [

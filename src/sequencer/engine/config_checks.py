@@ -104,9 +104,10 @@ def _check_sizes_and_files(cfg: TrainConfig) -> None:
     if cfg.ratio[0] > cfg.ratio[1] or cfg.ratio[0] <= 0:
         bad("ratio", " ".join(map(str, cfg.ratio)), "needs 0 < MIN <= MAX")
     minmax = cfg.cutmix_minmax
-    if minmax is not None and (len(minmax) != 2 or not 0 < minmax[0] < minmax[1] <= 1):
-        # timm draws the box side between the two (numpy's randint): MIN >= MAX failed at the first batch
-        bad("cutmix_minmax", " ".join(map(str, minmax)), "needs two values, 0 < MIN < MAX <= 1")
+    if minmax is not None and (len(minmax) != 2 or not 0 <= minmax[0] < minmax[1] <= 1):
+        # timm draws the box side between the two (numpy's randint): MIN >= MAX failed at the first batch; MIN 0
+        # (boxes down to none) is timm's to draw
+        bad("cutmix_minmax", " ".join(map(str, minmax)), "needs two values, 0 <= MIN < MAX <= 1")
     mixup_on = cfg.mixup > 0 or cfg.cutmix > 0 or cfg.cutmix_minmax is not None
     if mixup_on and cfg.batch_size % 2:
         bad("batch_size", cfg.batch_size, "must be even with `mixup`/`cutmix` (images are mixed in pairs)")
