@@ -203,10 +203,32 @@ def test_tar_of_a_folder_of_symbolic_links_keeps_their_images_or_names_the_lost_
     os.symlink(tmp_path / "store" / "kept", data / "train" / "bird")  # a class folder linked from outside
     with tarfile.open(tmp_path / "out.tar", "w") as tf:
         tf.add(data / "train", arcname="train")
-    with pytest.raises(SequencerError, match=r"member 'train/bird' is a symbolic link to .*which is not a file in the "
-                                             r"tar: its images would be lost") as error:
+    with pytest.raises(SequencerError, match=r"member 'train/bird' is a symbolic link to .*which is not a file or "
+                                             r"folder in the tar: its images would be lost") as error:
         create_dataset("", root=str(tmp_path / "out.tar"), split="train")
     assert "tar -h" in error.value.hint and "\n" not in str(error.value)
+
+
+def test_tar_link_to_a_folder_it_holds_reads_that_folder(tmp_path):
+    """A link to a folder inside the tar (a split alias val -> validation, a class folder linked from another split)
+    reads that folder's images under its own name, as the folder does: the whole tar was refused ('which is not a
+    file in the tar'), where before the link it was read."""
+    data = tmp_path / "data"
+    write_images(data / "validation", classes=("cat", "dog"), per_class=2)
+    write_images(data / "train", classes=("dog",), per_class=2, seed=1)
+    os.symlink("validation", data / "val")
+    os.symlink("../validation/cat", data / "train" / "cat")
+    with tarfile.open(tmp_path / "data.tar", "w") as tf:
+        tf.add(data, arcname="data")
+        assert sum(m.issym() for m in tf.getmembers()) == 2  # the tar holds what this test is about
+    for split, classes, count in (("val", ["cat", "dog"], 4), ("validation", ["cat", "dog"], 4),
+                                  ("train", ["cat", "dog"], 4)):
+        tar = create_dataset("", root=str(tmp_path / "data.tar"), split=split)
+        folder = create_dataset("", root=str(data), split=split)
+        assert tar.class_names == folder.class_names == classes and len(tar) == len(folder) == count, split
+    tar = create_dataset("", root=str(tmp_path / "data.tar"), split="train")
+    expected = np.asarray(Image.open(data / "validation" / "cat" / "cat_1.png").convert("RGB"))
+    assert tar.filename(1) == "data/train/cat/cat_1.png" and np.array_equal(np.asarray(tar[1][0]), expected)
 
 
 # --- torchvision -----------------------------------------------------------------------------------------------------

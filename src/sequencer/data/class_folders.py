@@ -273,7 +273,8 @@ def tar_members(path: str) -> list[tarfile.TarInfo]:
 
     A hard link is a file of its own (named as the link, its target's bytes), as in the folder the tar was made
     from: ``tar cf`` stores every name of a hard-linked file after the first as a link to it. So is a symbolic link
-    to a file the tar holds (``tar cf`` of a folder of links stores the links); one that may be data (an image's name,
+    to a file the tar holds (``tar cf`` of a folder of links stores the links), and a link to a folder it holds
+    holds that folder's files under its own name; one that may be data (an image's name,
     or a folder's) leading to nothing in the tar is refused, naming it: its images would be lost.
     """
     try:
@@ -289,26 +290,39 @@ def tar_members(path: str) -> list[tarfile.TarInfo]:
 def _files_and_links(members: list[tarfile.TarInfo], path: str) -> list[tarfile.TarInfo]:
     files = {posixpath.normpath(m.name): m for m in members if m.isfile()}
     links = {posixpath.normpath(m.name): m for m in members if m.issym()}
-    found = []
+    found, folder_links = [], []
     for m in members:
         target = files.get(posixpath.normpath(m.linkname)) if m.islnk() else m if m.isfile() else None
         if m.issym():
-            target = _linked_file(m, files, links)
+            end = _link_end(m, links)
+            target = files.get(end)
+            if target is None and end is not None and any(name.startswith(end + "/") for name in files):
+                folder_links.append((m.name, end))  # a folder the tar holds (a split alias: val -> validation)
+                continue
             if target is None and _may_be_data(m.name):
                 raise SequencerError(f"cannot read tar dataset {path!r}: its member {m.name!r} is a symbolic link to "
-                                     f"{m.linkname!r}, which is not a file in the tar: its images would be lost",
-                                     hint="make the tar with `tar -h` (--dereference), which stores the files that "
-                                          "links lead to")
-        if target is not None and target is not m:
-            target = copy.copy(target)
-            target.name = m.name
+                                     f"{m.linkname!r}, which is not a file or folder in the tar: its images would be "
+                                     f"lost", hint="make the tar with `tar -h` (--dereference), which stores the files "
+                                                   "that links lead to")
         if target is not None:
-            found.append(target)
-    return found
+            found.append(_named(target, m.name))
+    # a link to a folder holds that folder's files under its own name, as the folder read through the link does
+    return found + [_named(f, link + posixpath.normpath(f.name)[len(end):])
+                    for link, end in folder_links for f in found if posixpath.normpath(f.name).startswith(end + "/")]
 
 
-def _linked_file(link: tarfile.TarInfo, files: dict, links: dict) -> tarfile.TarInfo | None:
-    """The file member the symbolic link member ``link`` leads to (through other links), or None."""
+def _named(member: tarfile.TarInfo, name: str) -> tarfile.TarInfo:
+    """``member`` read under ``name`` (a copy, where that is not its own)."""
+    if member.name == name:
+        return member
+    member = copy.copy(member)
+    member.name = name
+    return member
+
+
+def _link_end(link: tarfile.TarInfo, links: dict) -> str | None:
+    """The member name the symbolic link member ``link`` leads to (through other links); None for an absolute
+    target or a loop."""
     seen = set()
     while link.issym():
         if link.linkname.startswith("/"):
@@ -317,10 +331,10 @@ def _linked_file(link: tarfile.TarInfo, files: dict, links: dict) -> tarfile.Tar
         if name in seen:
             return None
         seen.add(name)
-        link = files.get(name) or links.get(name)
-        if link is None:
-            return None
-    return link
+        if name not in links:
+            return name
+        link = links[name]
+    return None
 
 
 def _may_be_data(name: str) -> bool:
