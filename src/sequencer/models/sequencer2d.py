@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..errors import ArgumentValueError, SequencerError
+from ..errors import ArgumentValueError, SequencerError, checked_positive_int
 from .features import prune_to_stages, stage_indices
 from .kernels import (RNN_TYPES, autocast_bf16_copies, cpu_bilstm2d, cpu_lstm_applies, exporting, fused_bilstm2d,
                       hooked, linear, mix_axes, onednn_linear_ok, onednn_mlp, resolve_backend, run_rnn,
@@ -323,8 +323,8 @@ def _check_architecture(stages: dict, **settings) -> None:
         if name.endswith("_rate"):
             if not (isinstance(value, numbers.Real) and not isinstance(value, bool) and 0 <= value <= 1):
                 raise ArgumentValueError(f"{name}={value!r}: must be a number in [0, 1]")
-        elif not _is_count(value, 1):
-            raise ArgumentValueError(f"{name}={value!r}: must be a positive integer")
+        else:
+            checked_positive_int(name, value)
 
 
 class Sequencer2d(nn.Module):
