@@ -262,7 +262,10 @@ def test_a_resume_from_an_earlier_checkpoint_sets_the_abandoned_epochs_checkpoin
     their names: where the resumed run wrote no epoch E of its own (a diverged epoch here, one not good enough for
     the history, or a shorter run: a real `--epochs 3` resume from checkpoint-1 left checkpoint-3 of the first run,
     loss 0.8208, beside its own checkpoint-1 and -2), `checkpoint average checkpoint-*.pth.tar` mixed both runs.
-    They are renamed abandoned-checkpoint-<E>.pth.tar (never over an earlier one), with a note."""
+    They are renamed abandoned-checkpoint-<E>.pth.tar (never over an earlier one), with a note. So are the abandoned
+    run's last.pth.tar (epoch 3) and recovery.pth.tar, and last.pth.tar becomes the resumed epoch: they stayed until
+    the first resumed epoch ended, and a real run SIGKILLed in it was continued by `--resume auto` from that last
+    ("the run already finished: it ran 4 epochs"), the abandoned run, not the one resumed from checkpoint-1."""
     from sequencer.engine.config import RunState, TrainConfig
     from sequencer.engine.distributed import DistInfo
     from sequencer.engine.outputs import prepare_outputs, release_claim
@@ -273,6 +276,7 @@ def test_a_resume_from_an_earlier_checkpoint_sets_the_abandoned_epochs_checkpoin
     for epoch, top1 in enumerate([50.0, 60.0, 55.0, 70.0]):
         manager.save_epoch({"epoch": epoch, "epoch_complete": True, "state_dict": {}}, epoch, top1)
     ck.atomic_save({"epoch": 3, "older": True}, folder / "abandoned-checkpoint-3.pth.tar")  # an earlier resume's
+    ck.atomic_save({"epoch": 3, "epoch_complete": False, "step": 7, "state_dict": {}}, folder / ck.RECOVERY)
     state, path = RunState(), folder / "checkpoint-1.pth.tar"
     cfg = TrainConfig(output=str(tmp_path), experiment="e", model="sequencer2d_nano", checkpoint_hist=3)
     try:
@@ -280,6 +284,8 @@ def test_a_resume_from_an_earlier_checkpoint_sets_the_abandoned_epochs_checkpoin
                               read_checkpoint(path), 2, 16)
     finally:
         release_claim(state)
+    assert (ck.find_auto_resume(folder), read_checkpoint(folder / ck.LAST)["epoch"]) == (folder / ck.LAST, 1)
+    assert [read_checkpoint(folder / f"abandoned-{name}")["epoch"] for name in (ck.LAST, ck.RECOVERY)] == [3, 3]
     out.manager.save_epoch({"epoch": 2, "epoch_complete": True, "state_dict": {}, "resumed": True}, 2, 58.0)
     out.manager.save_epoch({"epoch": 3, "epoch_complete": True, "state_dict": {}, "resumed": True}, 3, float("nan"))
 
@@ -288,11 +294,12 @@ def test_a_resume_from_an_earlier_checkpoint_sets_the_abandoned_epochs_checkpoin
                 for f in sorted(folder.glob(pattern))}
 
     assert epochs("checkpoint-*.pth.tar") == {"checkpoint-1.pth.tar": (1, False), "checkpoint-2.pth.tar": (2, True)}
-    assert epochs("abandoned-*") == {"abandoned-checkpoint-2.pth.tar": (2, False),
+    assert epochs("abandoned-checkpoint-*") == {"abandoned-checkpoint-2.pth.tar": (2, False),
                                      "abandoned-checkpoint-3.1.pth.tar": (3, False),
                                      "abandoned-checkpoint-3.pth.tar": (3, False)}
     assert read_checkpoint(folder / "abandoned-checkpoint-3.pth.tar")["older"]
     assert state.start_warnings == [
         f"this resume from {path} trains the epochs from 2 on again: renamed the earlier run's checkpoint-2.pth.tar "
-        f"to abandoned-checkpoint-2.pth.tar, checkpoint-3.pth.tar to abandoned-checkpoint-3.1.pth.tar, so that no "
-        f"checkpoint-<E>.pth.tar mixes them with this run's epochs"]
+        f"to abandoned-checkpoint-2.pth.tar, checkpoint-3.pth.tar to abandoned-checkpoint-3.1.pth.tar, last.pth.tar "
+        f"to abandoned-last.pth.tar, recovery.pth.tar to abandoned-recovery.pth.tar, so that no checkpoint-<E>.pth.tar "
+        f"mixes them with this run's epochs and `--resume auto` continues this run"]

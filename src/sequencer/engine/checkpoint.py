@@ -10,6 +10,7 @@ Files in an experiment folder (as timm's ``CheckpointSaver`` names them):
   ``checkpoint-<E>.pth.tar``  the best ``--checkpoint-hist`` epochs (the latest, without a held-out split)
   ``recovery.pth.tar``        written on SIGTERM/SIGINT in the middle of an epoch (removed once the epoch ends)
   ``abandoned-checkpoint-<E>.pth.tar``  epochs a resume from an earlier epoch trains again (the earlier trajectory's)
+  ``abandoned-last.pth.tar``  (and ``abandoned-recovery.pth.tar``) where that trajectory had gone
 
 Checkpoint dict (contract shared with validate/predict/...; every value is ``weights_only``-loadable):
 ``version, arch, model_kwargs, class_names, data_config, data, state_dict, [state_dict_ema], optimizer,
@@ -174,24 +175,26 @@ class CheckpointManager:
         self.best_metric, self.best_epoch = None, None
         return note
 
-    def set_aside_abandoned(self, start_epoch: int) -> list[tuple[Path, Path]]:
-        """After a resume at ``start_epoch`` (rank 0): rename the ``checkpoint-<E>.pth.tar`` of epochs from
-        ``start_epoch`` on, the run's abandoned epochs, to ``abandoned-checkpoint-<E>.pth.tar`` (``.<k>`` added where
-        that name is taken). Left under their names they passed for this run's epochs wherever it did not write
-        its own (an epoch the history did not keep, one it has not reached, a shorter run), so ``checkpoint
-        average checkpoint-*.pth.tar`` mixed two runs' weights. Renamed, not deleted: they are the user's. Returns
-        the (old, new) names."""
+    def set_aside_abandoned(self, start_epoch: int, resumed: Path, checkpoint: dict) -> list[tuple[Path, Path]]:
+        """After a resume at ``start_epoch`` from ``resumed`` (its contents ``checkpoint``; rank 0): rename the
+        ``checkpoint-<E>.pth.tar`` of epochs from ``start_epoch`` on, the run's abandoned epochs, to
+        ``abandoned-checkpoint-<E>.pth.tar`` (``.<k>`` added where that name is taken). Left under their names they
+        passed for this run's epochs wherever it did not write its own (an epoch the history did not keep, one it has
+        not reached, a shorter run), so ``checkpoint average checkpoint-*.pth.tar`` mixed two runs' weights. A
+        ``last``/``recovery`` further on than ``resumed`` is the abandoned run's too: until this run's first epoch
+        ended, a kill left it for ``--resume auto`` to continue; it becomes ``abandoned-last``/``abandoned-recovery``
+        and ``last`` the resumed epoch. Renamed, not deleted: they are the user's. Returns the (old, new) names."""
         moved = []
         for path in sorted(self.folder.glob("checkpoint-*.pth.tar")):
             match = re.fullmatch(r"checkpoint-(\d+)\.pth\.tar", path.name)
-            if match is None or int(match.group(1)) < start_epoch:
-                continue
-            aside, k = self.folder / f"abandoned-{path.name}", 0
-            while aside.exists():
-                k += 1
-                aside = self.folder / f"abandoned-checkpoint-{match.group(1)}.{k}.pth.tar"
-            os.rename(path, aside)
-            moved.append((path, aside))
+            if match is not None and int(match.group(1)) >= start_epoch:
+                moved.append((path, _set_aside(path)))
+        position = (resume_position(checkpoint), int(checkpoint.get("step", 0)))
+        for path in (self.folder / LAST, self.folder / RECOVERY):
+            if path.is_file() and not path.samefile(resumed) and (_position_of(path) or position) > position:
+                moved.append((path, _set_aside(path)))
+        if any(old.name == LAST for old, _ in moved) and checkpoint.get("epoch_complete", True):
+            atomic_link_or_copy(Path(resumed), self.folder / LAST)
         if moved:
             fsync_dir(self.folder)
         return moved
@@ -253,16 +256,39 @@ class CheckpointManager:
         return path
 
 
-def _epoch_of(path: Path, complete: bool = False) -> int | None:
-    """The ``epoch`` a training checkpoint of this folder records (its tensors mapped, not read); with
-    ``complete``, None for an epoch it holds unfinished (a recovery file)."""
+def _mapped(path: Path) -> dict | None:
+    """The training checkpoint at ``path`` with its tensors mapped, not read; None for a file that is not one of
+    ours."""
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except Exception:  # torch's own errors for a file that is not one of ours; it stands for no epoch
+    except Exception:  # torch's own errors for a file that is not one of ours; it stands for no checkpoint
         return None
-    if not isinstance(checkpoint, dict) or (complete and not checkpoint.get("epoch_complete", True)):
+    return checkpoint if isinstance(checkpoint, dict) else None
+
+
+def _epoch_of(path: Path, complete: bool = False) -> int | None:
+    """The ``epoch`` a training checkpoint of this folder records; with ``complete``, None for an epoch it holds
+    unfinished (a recovery file)."""
+    checkpoint = _mapped(path)
+    if checkpoint is None or (complete and not checkpoint.get("epoch_complete", True)):
         return None
     return checkpoint.get("epoch")
+
+
+def _position_of(path: Path) -> tuple[int, int] | None:
+    """How far the training checkpoint at ``path`` went, as ``find_auto_resume`` ranks files."""
+    checkpoint = _mapped(path)
+    return None if checkpoint is None else (resume_position(checkpoint), int(checkpoint.get("step", 0)))
+
+
+def _set_aside(path: Path) -> Path:
+    """Rename ``path`` to ``abandoned-<name>`` (``.<k>`` before ``.pth.tar`` where that name is taken); the new name."""
+    aside, k = path.with_name(f"abandoned-{path.name}"), 0
+    while aside.exists():
+        k += 1
+        aside = path.with_name(f"abandoned-{path.name.removesuffix('.pth.tar')}.{k}.pth.tar")
+    os.rename(path, aside)
+    return aside
 
 
 def resume_position(checkpoint: dict) -> int:

@@ -23,7 +23,7 @@ from ..errors import SequencerError
 from ..fileio import remove_stale_temporaries, temp_path, write_atomically
 from . import distributed as dist_utils
 from .amp import say_notes
-from .checkpoint import CheckpointManager
+from .checkpoint import LAST, RECOVERY, CheckpointManager
 from .guest import warn
 from .resume import experiment_folder
 from .user_data import module_name
@@ -71,12 +71,14 @@ def prepare_outputs(cfg, state, info: dist_utils.DistInfo, resume_path: str | No
         abandoned = manager.best_of_the_epochs_kept(Path(resume_path)) if info.is_primary else None
         if abandoned:
             state.start_warnings.append(abandoned)
-        moved = manager.set_aside_abandoned(start_epoch) if info.is_primary else []
+        moved = manager.set_aside_abandoned(start_epoch, Path(resume_path), resume_ckpt) if info.is_primary else []
         if moved:
+            auto_resumable = any(old.name in (LAST, RECOVERY) for old, _ in moved)  # --resume auto picked them
+            auto = " and `--resume auto` continues this run" if auto_resumable else ""
             state.start_warnings.append(
                 f"this resume from {resume_path} trains the epochs from {start_epoch} on again: renamed the earlier "
                 f"run's {', '.join(f'{old.name} to {new.name}' for old, new in moved)}, so that no "
-                f"checkpoint-<E>.pth.tar mixes them with this run's epochs")
+                f"checkpoint-<E>.pth.tar mixes them with this run's epochs{auto}")
         if evaluation_change and start_epoch > 0:  # epochs were evaluated the other way
             state.start_warnings.append(_best_restarted(cfg, info, manager, resume_path, start_epoch,
                                                         evaluation_change))
