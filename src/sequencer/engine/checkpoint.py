@@ -189,7 +189,7 @@ class CheckpointManager:
             match = re.fullmatch(r"checkpoint-(\d+)\.pth\.tar", path.name)
             if match is not None and int(match.group(1)) >= start_epoch:
                 moved.append((path, _set_aside(path)))
-        position = (resume_position(checkpoint), int(checkpoint.get("step", 0)))
+        position = _progress(checkpoint)
         for path in (self.folder / LAST, self.folder / RECOVERY):
             if path.is_file() and not path.samefile(resumed) and (_position_of(path) or position) > position:
                 moved.append((path, _set_aside(path)))
@@ -276,9 +276,15 @@ def _epoch_of(path: Path, complete: bool = False) -> int | None:
 
 
 def _position_of(path: Path) -> tuple[int, int] | None:
-    """How far the training checkpoint at ``path`` went, as ``find_auto_resume`` ranks files."""
+    """:func:`_progress` of the training checkpoint at ``path``; None for a file that is not one of ours."""
     checkpoint = _mapped(path)
-    return None if checkpoint is None else (resume_position(checkpoint), int(checkpoint.get("step", 0)))
+    return None if checkpoint is None else _progress(checkpoint)
+
+
+def _progress(checkpoint: dict) -> tuple[int, int]:
+    """How far a training checkpoint went, as ``--resume auto`` ranks files (:func:`find_auto_resume`): the epoch a
+    resume starts at, then the batches of it already done."""
+    return resume_position(checkpoint), int(checkpoint.get("step", 0))
 
 
 def _set_aside(path: Path) -> Path:
@@ -313,7 +319,7 @@ def find_auto_resume(folder: str | os.PathLike) -> Path | None:
         except SequencerError as e:  # cannot happen with atomic writes, but a copied-in file might be broken
             warnings.warn(f"`resume=auto`: skipping {path}: {e}")
             continue
-        pos = (resume_position(ckpt), int(ckpt.get("step", 0)))
+        pos = _progress(ckpt)
         if best_pos is None or pos > best_pos:
             best, best_pos = path, pos
     return best
