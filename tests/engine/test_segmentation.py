@@ -252,7 +252,7 @@ def test_a_checkpoint_from_before_the_aux_head_and_fpn_convs_loads_as_it_was_tra
     image = torch.randn(1, 3, 32, 40)
     with torch.no_grad():
         assert torch.equal(loaded(image), old(image))
-    cfg = seg_engine._resumed_architecture(SegmentConfig(data="d", epochs=1, resume=str(path)), str(path),
+    cfg = seg_engine._resumed_architecture(SegmentConfig(data="d", epochs=1, resume=str(path)),
                                            dict(segmenter=config), seg_engine.RunState())
     assert cfg.aux_head is False
 

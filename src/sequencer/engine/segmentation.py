@@ -131,7 +131,7 @@ def _train(cfg: SegmentConfig, state: RunState, info: dist_utils.DistInfo) -> Se
     started = time.time()
     random_seed(cfg.seed, info.rank)
     resume_path, resume_ckpt = resume_checkpoint(cfg, info, "segment train")
-    cfg = _resumed_architecture(cfg, resume_path, resume_ckpt, state)
+    cfg = _resumed_architecture(cfg, resume_ckpt, state)
     train_split, val_split = _open_splits(cfg, resume_ckpt)
     dist_utils.check_same_data(info, len(train_split), len(val_split), list(train_split.class_names))
     _check_batch_norm_maps(cfg, info)
@@ -246,8 +246,7 @@ ARCHITECTURE = ("backbone", "backbone_kwargs", "head", "head_channels", "out_cha
 _NEW_RUN_WEIGHTS = ("pretrained", "backbone_checkpoint")  # a new run's backbone weights
 
 
-def _resumed_architecture(cfg: SegmentConfig, resume_path: str, resume_ckpt: dict | None,
-                          state: RunState) -> SegmentConfig:
+def _resumed_architecture(cfg: SegmentConfig, resume_ckpt: dict | None, state: RunState) -> SegmentConfig:
     """``cfg`` with a resumed checkpoint's architecture (``ARCHITECTURE``, from its ``segmenter`` config, as
     ``sequencer train`` takes its model from the checkpoint): a resume need not repeat the flags (without them it
     built the defaults' model and stopped on the checkpoint's weights, or was refused). A setting given with another
