@@ -132,30 +132,21 @@ def test_a_checkpoint_with_another_head_than_num_classes_is_refused(tmp_path, so
         load_model(str(tmp_path / "five.pth"), model="sequencer2d_s", num_classes=3)
 
 
-def test_a_head_bias_of_another_length_than_its_weight_is_named(tmp_path, source, tiny_kwargs):
-    """A file whose head's bias does not match its own weight's rows: the shape mismatch, named (it said 'has a
-    5-class head but `num_classes` is 5')."""
+@pytest.mark.parametrize("key,tensor,mismatch", [
+    ("head.fc.bias", torch.zeros(7), r"head\.fc\.bias \(7,\) vs \(5,\)"),  # bias rows other than its weight's
+    ("head.fc.weight", torch.zeros(5, 7), r"head\.fc\.weight \(5, 7\) vs \(5, 32\)"),  # reads other features
+])
+def test_a_head_of_the_class_count_but_another_shape_is_named(tmp_path, source, tiny_kwargs, key, tensor, mismatch):
+    """A file whose head does not fit although its class count does (a bias whose length is not its weight's rows,
+    or a weight reading another number of features): the shape mismatch, named (it said 'has a 5-class head but
+    `num_classes` is 5', with the hint to set num_classes to 5)."""
     from sequencer.engine.inference import load_model
 
-    state = dict(source[0].state_dict(), **{"head.fc.bias": torch.zeros(7)})
+    state = dict(source[0].state_dict(), **{key: tensor})
     torch.save({"arch": "sequencer2d_s", "model_kwargs": dict(tiny_kwargs, num_classes=5), "state_dict": state},
-               tmp_path / "bias.pth")
-    with pytest.raises(SequencerError, match=r"does not fit model 'sequencer2d_s': shape mismatch: head\.fc\.bias "
-                                             r"\(7,\) vs \(5,\)"):
-        load_model(str(tmp_path / "bias.pth"))
-
-
-def test_a_head_weight_of_another_width_than_the_features_is_named(tmp_path, source, tiny_kwargs):
-    """A file whose head has the model's class count but reads another number of features: the shape mismatch,
-    named (it said 'has a 5-class head but `num_classes` is 5', with the hint to set num_classes to 5)."""
-    from sequencer.engine.inference import load_model
-
-    state = dict(source[0].state_dict(), **{"head.fc.weight": torch.zeros(5, 7)})
-    torch.save({"arch": "sequencer2d_s", "model_kwargs": dict(tiny_kwargs, num_classes=5), "state_dict": state},
-               tmp_path / "wide.pth")
-    with pytest.raises(SequencerError, match=r"does not fit model 'sequencer2d_s': shape mismatch: head\.fc\.weight "
-                                             r"\(5, 7\) vs \(5, 32\)"):
-        load_model(str(tmp_path / "wide.pth"))
+               tmp_path / "head.pth")
+    with pytest.raises(SequencerError, match=r"does not fit model 'sequencer2d_s': shape mismatch: " + mismatch):
+        load_model(str(tmp_path / "head.pth"))
 
 
 def test_pretrained_weights_with_another_head_start_a_new_head_with_a_warning(tmp_path, source, tiny_kwargs):
