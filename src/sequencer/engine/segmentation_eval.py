@@ -366,9 +366,9 @@ def predict_files(checkpoint: str, files: list[Path], output: str, *, overlay: b
     class indices, or for a reduce-zero-label model such as ADE20K's class k as id k + 1, as its masks have it)
     and with ``overlay`` ``OUTPUT/<stem>_overlay.jpg`` (the picture with the classes blended over it), each marked as
     this function's (:data:`PREDICT_MARK`); a file of that name that is not marked (a folder's ground-truth mask of
-    that name) is not replaced: SequencerError before any work. Returns the masks written. Unreadable images raise SequencerError naming the file before anything is written for it. The caller's
-    ``random``, ``numpy`` and torch random state is restored on return (building the segmenter draws its initial
-    weights from it)."""
+    that name) is not replaced: SequencerError before any work. Returns the masks written. Unreadable images raise
+    SequencerError naming the file before anything is written for it. The caller's ``random``, ``numpy`` and torch
+    random state is restored on return (building the segmenter draws its initial weights from it)."""
     from PIL import Image
     from torchvision.transforms.v2 import functional as TF
 
